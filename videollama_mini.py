@@ -1,0 +1,1056 @@
+"""
+VideoLLaMA-Mini: a video captioner in one file, after Video-LLaMA and BLIP-2, small enough to train on a laptop CPU.
+
+    frames (B, F, 3, S, S)
+      -> CNN frame encoder, adaptive-average-pooled to a coarse grid -> one embedding per frame   (B, F, D)
+      -> temporal position encoding + temporal Transformer encoder  -> visual tokens             (B, F, D)
+      -> Q-Former: Q learned queries, self-attention + cross-attention to the visual tokens     (B, Q, D)
+      -> causal Transformer decoder over GPT-2 tokens, cross-attending to the Q-Former output   (B, L, V)
+
+Papers: BLIP-2 (https://arxiv.org/abs/2301.12597), Video-LLaMA (https://arxiv.org/abs/2306.02858).
+
+How the decoder sees the video: by cross-attention, not as a prefix. Each decoder layer has causal self-attention over
+the caption, then cross-attention to the Q-Former output. That keeps the decoded sequence to the caption alone (the KV
+cache holds only text; the video's keys/values are computed once at prefill), and it lets both Q-Former variants share
+one decoder. `qformer_mode` picks the variant:
+  "queries" (default, BLIP-2): Q learned queries read the visual tokens; the decoder reads the Q queries.
+  "text"    (the seed's original): the text tokens themselves are the queries and the visual tokens the keys/values,
+            i.e. the decoder's cross-attention reads the F visual tokens directly and there are no learned queries.
+
+The built-in world: one or two coloured shapes (6 colours x 3 shapes) moving left/right/up/down over a grey background,
+written as real mp4 clips. A caption names colour, shape and motion of each object, left-most object first:
+"a red circle moves left and a blue square moves up". Direction needs more than one frame; to make it easy for the
+model, the frame encoder also sees the difference to the previous frame, and pooling keeps a coarse grid so that
+position (and therefore motion) survives. Split `novel` holds (colour, shape) pairs never seen in training.
+
+Text: GPT-2 tokens from tiktoken, but the embedding / output table covers only the GPT-2 ids that occur in the
+training captions (plus <|endoftext|>, which is both BOS and EOS): the 50257-way layer would dominate a tiny model.
+
+Shape legend: B batch, F frames, S frame side, Q learned queries, L text tokens, D width, H heads, V vocabulary.
+
+Commands:
+    python videollama_mini.py --train                         # data + training + evaluation on CPU
+    python videollama_mini.py --train --qformer_mode text     # the seed's variant, same budget
+    python videollama_mini.py --eval                          # re-evaluate out/videollama_mini
+    python videollama_mini.py --generate --video clip.mp4     # caption any video (or a folder of frames)
+    python videollama_mini.py --bench                         # training samples/s, captions/s with/without cache
+    torchrun --nproc_per_node=2 videollama_mini.py --train    # DDP (gloo on CPU, nccl on CUDA)
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import tiktoken
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+SCRIPT = "videollama_mini"
+
+
+class UserError(Exception):
+    """A problem with the user's input: main() prints it as one line and exits with status 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    # data
+    data: str = ""  # annotation file of user data (format in the README); "" = the built-in synthetic world
+    test_data: str = ""  # optional annotation file for evaluation on user data; else 10% of --data is held out
+    data_dir: str = "data/videollama_mini"  # where the synthetic world is written
+    out_dir: str = "out/videollama_mini"  # checkpoint, eval.json, pictures
+    n_train: int = 4000  # synthetic clips per split
+    n_val: int = 200
+    n_test: int = 300
+    n_novel: int = 300
+    n_frames: int = 8  # frames sampled uniformly from each clip
+    img_size: int = 32  # frames are centre-cropped to a square and resized to this side
+    # model
+    d_model: int = 128
+    n_head: int = 4
+    cnn_width: int = 32  # channels of the first conv; later convs use 2x
+    grid: int = 4  # adaptive pooling keeps a grid x grid map so that position (and so motion) survives pooling
+    frame_diff: bool = True  # also feed frame[t] - frame[t-1] to the CNN: motion made explicit
+    n_temporal_layer: int = 2
+    qformer_mode: str = "queries"  # "queries" (BLIP-2 learned queries) or "text" (the seed: text tokens as queries)
+    n_query: int = 8
+    n_qformer_layer: int = 2
+    n_dec_layer: int = 2
+    max_len: int = 32  # longest caption in tokens, BOS/EOS included
+    dropout: float = 0.1
+    compact_vocab: bool = True  # output table over the GPT-2 ids seen in training (False: all 50257)
+    # training
+    batch_size: int = 32  # micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * world size)
+    max_steps: int = 1200
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup: int = 100
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    dtype: str = "bfloat16"  # autocast dtype: float32, bfloat16 or float16 (float16 only on CUDA)
+    device: str = "auto"  # auto = cuda > mps > cpu
+    compile: bool = False
+    seed: int = 1337
+    log_interval: int = 50
+    eval_interval: int = 400  # validation loss every this many steps (and a checkpoint)
+    stop_after: int = 0  # stop (and save) after this many steps, as if interrupted; --resume continues
+    # generation
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    beam: int = 1  # beam width; >1 = beam search (deterministic)
+    max_new_tokens: int = 30
+
+
+PRESETS = {
+    "default": {},
+    # seconds, for the tests
+    "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, n_frames=4, img_size=16, d_model=32, n_head=2,
+                 cnn_width=8, grid=2, n_temporal_layer=1, n_query=4, n_qformer_layer=1, n_dec_layer=1,
+                 batch_size=8, max_steps=6, warmup=2, log_interval=2, eval_interval=4, dtype="float32"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: synthetic world, video loader, annotation files, tokenizer
+
+COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
+           "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
+SHAPES = ["circle", "square", "triangle"]
+MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+# (colour, shape) pairs never shown in training: each colour loses one shape, each shape is held out twice.
+NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),
+               ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}
+RENDER, CLIP_LEN, HALF, TRAVEL = 64, 16, 9, 26  # written frame side, frames per clip, shape half-size, pixels moved
+
+
+def draw_shape(img, shape, colour, cx, cy):
+    c = COLOURS[colour]
+    if shape == "circle":
+        cv2.circle(img, (cx, cy), HALF, c, -1, cv2.LINE_AA)
+    elif shape == "square":
+        cv2.rectangle(img, (cx - HALF + 1, cy - HALF + 1), (cx + HALF - 1, cy + HALF - 1), c, -1)
+    else:
+        pts = np.array([[cx, cy - HALF], [cx - HALF, cy + HALF - 1], [cx + HALF, cy + HALF - 1]], np.int32)
+        cv2.fillPoly(img, [pts], c, cv2.LINE_AA)
+
+
+def caption_for(objects, verb):
+    """objects: [(colour, shape, motion, x0, y0)] -> 'a red circle moves left and ...', left-most object first."""
+    objects = sorted(objects, key=lambda o: o[3])
+    return " and ".join(f"a {c} {s} {verb} {m}" for c, s, m, _, _ in objects)
+
+
+def sample_objects(rng, split):
+    """Draw one or two objects whose (colour, shape) pairs fit the split; two objects start >= 2*HALF apart in x."""
+    n = 1 if rng.random() < 0.4 else 2
+    while True:
+        objs, colours = [], rng.sample(list(COLOURS), n)
+        for colour in colours:
+            shape, motion = rng.choice(SHAPES), rng.choice(list(MOTIONS))
+            dx, dy = MOTIONS[motion]
+            lo, hi = HALF + 1, RENDER - HALF - 2
+            # the start leaves room for the whole path inside the frame
+            x0 = rng.randint(lo + (TRAVEL if dx < 0 else 0), hi - (TRAVEL if dx > 0 else 0))
+            y0 = rng.randint(lo + (TRAVEL if dy < 0 else 0), hi - (TRAVEL if dy > 0 else 0))
+            objs.append((colour, shape, motion, x0, y0))
+        novel = [(c, s) in NOVEL_PAIRS for c, s, *_ in objs]
+        if (any(novel) if split == "novel" else not any(novel)):
+            if n == 1 or abs(objs[0][3] - objs[1][3]) >= 2 * HALF:
+                return objs
+
+
+def write_clip(path, objects):
+    """Render CLIP_LEN frames of RENDER x RENDER and write them as an mp4v mp4."""
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 8, (RENDER, RENDER))
+    for t in range(CLIP_LEN):
+        img = np.full((RENDER, RENDER, 3), 60, np.uint8)
+        frac = t / (CLIP_LEN - 1)
+        for colour, shape, motion, x0, y0 in objects:
+            dx, dy = MOTIONS[motion]
+            draw_shape(img, shape, colour, round(x0 + dx * TRAVEL * frac), round(y0 + dy * TRAVEL * frac))
+        writer.write(img)
+    writer.release()
+
+
+def build_world(cfg):
+    """Write data_dir/<split>/*.mp4 and data_dir/<split>.txt once (deterministic from the seed); return the paths."""
+    sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "novel": cfg.n_novel}
+    stamp = os.path.join(cfg.data_dir, "world.json")
+    want = dict(sizes, seed=cfg.seed, version=1)
+    files = {s: os.path.join(cfg.data_dir, f"{s}.txt") for s in sizes}
+    if os.path.exists(stamp) and json.load(open(stamp)) == want:
+        return files
+    for offset, (split, n) in enumerate(sizes.items()):
+        rng = random.Random(cfg.seed * 10 + offset)
+        os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
+        lines = []
+        for i in range(n):
+            objs = sample_objects(rng, split)
+            name = f"{split}/{i:05d}.mp4"
+            write_clip(os.path.join(cfg.data_dir, name), objs)
+            # two references per clip, as captioning datasets have several
+            lines += [name, caption_for(objs, "moves"), caption_for(objs, "goes"), ""]
+        with open(files[split], "w") as f:
+            f.write("\n".join(lines))
+    json.dump(want, open(stamp, "w"))
+    return files
+
+
+def sample_indices(n_total, n_frames):
+    """Uniform frame indices: the centre of each of n_frames equal segments (short clips repeat indices)."""
+    if n_total <= 0:
+        raise UserError("video has no frames")
+    return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
+
+
+def _square(img, size):
+    h, w = img.shape[:2]
+    s = min(h, w)
+    img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]  # centre crop
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def load_video(path, n_frames, size):
+    """Video file (any container/codec OpenCV reads) or a folder of frame images -> uint8 (F, size, size, 3) RGB."""
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
+        frames = []
+        for n in names:
+            img = cv2.imread(os.path.join(path, n))
+            if img is None:
+                raise UserError(f"{os.path.join(path, n)}: cannot read this image")
+            frames.append(_square(img, size))
+    else:
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such video file or folder of frames")
+        cap = cv2.VideoCapture(path)
+        if not cap.isOpened():
+            raise UserError(f"{path}: OpenCV cannot open this video (corrupt or unknown format)")
+        frames = []
+        while True:
+            ok, img = cap.read()
+            if not ok:
+                break
+            frames.append(_square(img, size))  # shrink at once: a long 720p clip never sits in memory
+        cap.release()
+    if not frames:
+        raise UserError(f"{path}: video has no frames")
+    idx = sample_indices(len(frames), n_frames)
+    return np.stack([frames[i][:, :, ::-1] for i in idx])  # BGR -> RGB, (F, S, S, 3)
+
+
+def read_annotations(path):
+    """The seed's format: a video path line, one or more caption lines, a blank line between entries.
+    Paths are relative to the annotation file. Returns [(video_path, [captions])]."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: annotation file not found")
+    entries, cur, start = [], [], 0
+    lines = open(path, encoding="utf-8").read().split("\n") + [""]
+    for no, line in enumerate(lines, 1):
+        line = line.strip()
+        if line:
+            if not cur:
+                start = no
+            cur.append(line)
+            continue
+        if cur:
+            if len(cur) < 2:
+                raise UserError(f"{path}:{start}: entry '{cur[0]}' has a video path but no caption line")
+            video = os.path.join(os.path.dirname(os.path.abspath(path)), cur[0])
+            if not os.path.exists(video):
+                raise UserError(f"{path}:{start}: video '{cur[0]}' not found")
+            entries.append((video, cur[1:]))
+            cur = []
+    if not entries:
+        raise UserError(f"{path}: no entries (expected a video path line followed by caption lines)")
+    return entries
+
+
+def load_split(entries, cfg):
+    """Decode every clip once into a uint8 tensor (N, F, S, S, 3): epochs never re-decode."""
+    return torch.from_numpy(np.stack([load_video(v, cfg.n_frames, cfg.img_size) for v, _ in entries]))
+
+
+class Tokenizer:
+    """GPT-2 BPE (tiktoken) with a compact table: model ids index `ids`, the GPT-2 ids seen in training.
+    Model id 0 is <|endoftext|>, used as BOS and EOS."""
+
+    def __init__(self, ids):
+        self.enc = tiktoken.get_encoding("gpt2")
+        self.ids = list(ids)
+        self.to_model = {g: i for i, g in enumerate(self.ids)}
+        self.eos = 0
+
+    @classmethod
+    def from_captions(cls, captions, compact=True):
+        enc = tiktoken.get_encoding("gpt2")
+        if not compact:
+            return cls([enc.eot_token] + [i for i in range(enc.n_vocab) if i != enc.eot_token])
+        seen = sorted({t for c in captions for t in enc.encode(c)})
+        return cls([enc.eot_token] + seen)
+
+    def encode(self, text):
+        """Caption -> [BOS, ..., EOS] in model ids; GPT-2 ids absent from the table are dropped (said in README)."""
+        return [self.eos] + [self.to_model[t] for t in self.enc.encode(text) if t in self.to_model] + [self.eos]
+
+    def decode(self, ids):
+        return self.enc.decode([self.ids[i] for i in ids if i != self.eos]).strip()
+
+
+def normalise(text):
+    return " ".join(text.lower().strip().rstrip(".").split())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def sinusoid(n, d):
+    """Classic sinusoidal position table (n, d) (Vaswani et al.)."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+    table = torch.zeros(n, d)
+    table[:, 0::2], table[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+    return table
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when ctx is None, else cross-attention to ctx.
+    `cache` (a dict per layer) holds past keys/values for self-attention and the context's keys/values for
+    cross-attention, so a decode step computes only the new token. Set `record = True` to keep the weights."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.h, self.dropout = cfg.n_head, cfg.dropout
+        self.q, self.k, self.v = (nn.Linear(cfg.d_model, cfg.d_model) for _ in range(3))
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.record, self.weights = False, None
+
+    def split(self, x):  # (B, T, D) -> (B, H, T, D/H)
+        return x.view(x.shape[0], x.shape[1], self.h, -1).transpose(1, 2)
+
+    def forward(self, x, ctx=None, causal=False, cache=None):
+        q = self.split(self.q(x))
+        if ctx is None:  # self-attention: append the new keys/values to the cache
+            k, v = self.split(self.k(x)), self.split(self.v(x))
+            if cache is not None:
+                if "k" in cache:
+                    assert x.shape[1] == 1, "cached decoding feeds one token at a time"
+                    k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+                    causal = False  # one new query may see every cached key
+                cache["k"], cache["v"] = k, v
+        elif cache is not None and "ck" in cache:  # cross-attention: the video's keys/values were computed at prefill
+            k, v = cache["ck"], cache["cv"]
+        else:
+            k, v = self.split(self.k(ctx)), self.split(self.v(ctx))
+            if cache is not None:
+                cache["ck"], cache["cv"] = k, v
+        if self.record:  # explicit softmax only to draw the attention maps
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            if causal:
+                att = att.masked_fill(torch.ones_like(att, dtype=torch.bool).triu(1), float("-inf"))
+            self.weights = att.softmax(-1).float().mean(1).detach()  # (B, Lq, Lk), averaged over heads
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(x.shape))  # (B, T, D)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm Transformer block: self-attention (optionally causal), optional cross-attention, GELU MLP.
+    The temporal encoder uses (self), the Q-Former (self + cross), the caption decoder (causal self + cross)."""
+
+    def __init__(self, cfg, causal=False, cross=False):
+        super().__init__()
+        self.causal = causal
+        self.ln1, self.attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
+        self.ln2, self.xattn = (nn.LayerNorm(cfg.d_model), Attention(cfg)) if cross else (None, None)
+        self.ln3 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(),
+                                 nn.Linear(4 * cfg.d_model, cfg.d_model), nn.Dropout(cfg.dropout))
+
+    def forward(self, x, ctx=None, cache=None):
+        x = x + self.attn(self.ln1(x), causal=self.causal, cache=cache)
+        if self.xattn is not None:
+            x = x + self.xattn(self.ln2(x), ctx=ctx, cache=cache)
+        return x + self.mlp(self.ln3(x))
+
+
+class FrameEncoder(nn.Module):
+    """(B, F, 3, S, S) -> (B, F, D): a small CNN per frame, adaptive average pooling to a grid x grid map (a 1x1
+    pool would erase where the object is, and with it the motion), flattened and projected to one vector per frame."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        w, c_in = cfg.cnn_width, 6 if cfg.frame_diff else 3
+        self.frame_diff = cfg.frame_diff
+        self.cnn = nn.Sequential(
+            nn.Conv2d(c_in, w, 3, 2, 1), nn.GELU(),
+            nn.Conv2d(w, 2 * w, 3, 2, 1), nn.GELU(),
+            nn.Conv2d(2 * w, 2 * w, 3, 1, 1), nn.GELU(),
+            nn.AdaptiveAvgPool2d(cfg.grid))
+        self.proj = nn.Linear(2 * w * cfg.grid * cfg.grid, cfg.d_model)
+
+    def forward(self, x):
+        B, Fr = x.shape[:2]
+        if self.frame_diff:
+            diff = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], 1)  # (B, F, 3, S, S)
+            x = torch.cat([x, diff], 2)  # (B, F, 6, S, S)
+        feat = self.cnn(x.flatten(0, 1))  # (B*F, 2w, grid, grid)
+        return self.proj(feat.flatten(1)).view(B, Fr, -1)  # (B, F, D)
+
+
+class VideoLLaMAMini(nn.Module):
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.cfg = cfg
+        self.frames = FrameEncoder(cfg)
+        self.register_buffer("time_pos", sinusoid(cfg.n_frames, cfg.d_model), persistent=False)
+        self.temporal = nn.ModuleList(Block(cfg) for _ in range(cfg.n_temporal_layer))
+        self.ln_vis = nn.LayerNorm(cfg.d_model)
+        if cfg.qformer_mode == "queries":
+            self.query = nn.Parameter(torch.randn(1, cfg.n_query, cfg.d_model) * 0.02)
+            self.qformer = nn.ModuleList(Block(cfg, cross=True) for _ in range(cfg.n_qformer_layer))
+            self.ln_q = nn.LayerNorm(cfg.d_model)
+        self.tok = nn.Embedding(vocab_size, cfg.d_model)
+        self.register_buffer("text_pos", sinusoid(cfg.max_len, cfg.d_model), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.decoder = nn.ModuleList(Block(cfg, causal=True, cross=True) for _ in range(cfg.n_dec_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.head.weight = self.tok.weight  # tied input/output table
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual output projections by depth
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * (cfg.n_dec_layer + cfg.n_qformer_layer)))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def encode(self, video):
+        """uint8 (B, F, S, S, 3) -> the decoder's memory: (B, Q, D) for "queries", (B, F, D) for "text"."""
+        x = video.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # (B, F, 3, S, S) in [-1, 1]
+        vis = self.frames(x) + self.time_pos[: x.shape[1]]  # (B, F, D)
+        for blk in self.temporal:
+            vis = blk(vis)
+        vis = self.ln_vis(vis)
+        if self.cfg.qformer_mode == "text":
+            return vis
+        q = self.query.expand(vis.shape[0], -1, -1)  # (B, Q, D)
+        for blk in self.qformer:
+            q = blk(q, ctx=vis)
+        return self.ln_q(q)
+
+    def decode(self, idx, memory, cache=None, pos=0, last_only=False):
+        """idx (B, L) model ids at positions pos.. -> logits (B, L, V) (or (B, 1, V) with last_only)."""
+        x = self.drop(self.tok(idx) + self.text_pos[pos: pos + idx.shape[1]])  # (B, L, D)
+        for i, blk in enumerate(self.decoder):
+            x = blk(x, ctx=memory, cache=None if cache is None else cache[i])
+        x = self.ln_f(x[:, -1:] if last_only else x)
+        return self.head(x)
+
+    def forward(self, video, idx, targets=None):
+        logits = self.decode(idx, self.encode(video))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def record_attention(self, on):
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.record, m.weights = on, None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint I/O: out_dir/model.safetensors + config.json (+ the token table) + train_state.pt
+
+
+def atomic(path, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)  # a crash never leaves a half-written file
+
+
+def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "head.weight"}
+    atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
+    meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
+    atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
+    if opt is not None:
+        ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
+        atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
+
+
+def load_checkpoint(out_dir, overrides=None):
+    """-> (model, tokenizer, cfg). Refuses a missing checkpoint or one written by another script."""
+    cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
+    if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
+        raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
+    try:
+        meta = json.load(open(cpath))
+    except json.JSONDecodeError:
+        raise UserError(f"{cpath}: not valid JSON")
+    if meta.get("script") != SCRIPT:
+        raise UserError(f"{out_dir}: checkpoint was written by '{meta.get('script')}', not {SCRIPT}.py")
+    cfg = Config(**{**meta["config"], **(overrides or {})})
+    tok = Tokenizer(meta["vocab"])
+    model = VideoLLaMAMini(cfg, len(tok.ids))
+    state = load_file(wpath)
+    state["head.weight"] = state["tok.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{wpath}: keys do not match the model (missing {missing}, unexpected {unexpected})")
+    return model, tok, cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics: exact match, corpus BLEU-4, CIDEr-D (plain Python, tested on hand-computed cases)
+
+
+def ngrams(words, n):
+    out = {}
+    for i in range(len(words) - n + 1):
+        g = tuple(words[i:i + n])
+        out[g] = out.get(g, 0) + 1
+    return out
+
+
+def exact_match(preds, refs):
+    return sum(normalise(p) in {normalise(r) for r in rs} for p, rs in zip(preds, refs)) / max(1, len(preds))
+
+
+def bleu4(preds, refs):
+    """Corpus BLEU-4 (Papineni et al.): clipped n-gram precision over the corpus, brevity penalty against the
+    reference closest in length (the shorter one on ties). No smoothing: one empty n-gram order gives 0."""
+    match, total, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0
+    for p, rs in zip(preds, refs):
+        h, rws = normalise(p).split(), [normalise(r).split() for r in rs]
+        hyp_len += len(h)
+        ref_len += min((abs(len(r) - len(h)), len(r)) for r in rws)[1]
+        for n in range(1, 5):
+            hc = ngrams(h, n)
+            best = {}
+            for r in rws:
+                for g, c in ngrams(r, n).items():
+                    best[g] = max(best.get(g, 0), c)
+            match[n - 1] += sum(min(c, best.get(g, 0)) for g, c in hc.items())
+            total[n - 1] += max(0, len(h) - n + 1)
+    if min(match) == 0:
+        return 0.0
+    log_p = sum(math.log(m / t) for m, t in zip(match, total)) / 4
+    bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / max(hyp_len, 1))
+    return bp * math.exp(log_p)
+
+
+def cider_d(preds, refs, sigma=6.0):
+    """CIDEr-D (Vedantam et al.): TF-IDF n-gram vectors (n=1..4, IDF from the evaluated set's references), cosine
+    with clipped hypothesis counts, a Gaussian penalty on the length difference (sigma=6), averaged over references
+    and n, times 10."""
+    ref_words = [[normalise(r).split() for r in rs] for rs in refs]
+    df = {}
+    for rws in ref_words:
+        for g in {g for r in rws for n in range(1, 5) for g in ngrams(r, n)}:
+            df[g] = df.get(g, 0) + 1
+    log_n = math.log(float(len(refs)))
+
+    def vec(words):
+        v = [{}, {}, {}, {}]
+        for n in range(1, 5):
+            for g, c in ngrams(words, n).items():
+                v[n - 1][g] = c * (log_n - math.log(max(1.0, df.get(g, 0.0))))
+        return v, [math.sqrt(sum(x * x for x in d.values())) for d in v], len(words)
+
+    scores = []
+    for p, rws in zip(preds, ref_words):
+        hv, hn, hl = vec(normalise(p).split())
+        total = 0.0
+        for r in rws:
+            rv, rn, rl = vec(r)
+            for n in range(4):
+                val = sum(min(x, rv[n].get(g, 0.0)) * rv[n].get(g, 0.0) for g, x in hv[n].items())
+                if hn[n] and rn[n]:
+                    val /= hn[n] * rn[n]
+                total += val * math.exp(-((hl - rl) ** 2) / (2 * sigma ** 2))
+        scores.append(total / 4 / len(rws) * 10.0)
+    return sum(scores) / max(1, len(scores))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def pick_device(name):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def autocast(cfg, device):
+    if cfg.dtype == "float32":
+        return torch.autocast(device.split(":")[0], enabled=False)
+    return torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype))
+
+
+def pad_batch(seqs, max_len):
+    """Token lists -> (inputs, targets), right-padded; pad targets are -100 (ignored by the loss).
+    Right padding needs no attention mask: under the causal mask a pad never influences an earlier position."""
+    L = min(max_len, max(len(s) for s in seqs)) - 1
+    inp = torch.zeros(len(seqs), L, dtype=torch.long)
+    tgt = torch.full((len(seqs), L), -100, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        s = s[: L + 1]
+        inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
+    return inp, tgt
+
+
+def lr_at(step, cfg):
+    """Linear warmup, then cosine decay to min_lr."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
+
+
+def global_batch(step, n, size, seed):
+    """Indices of the global batch of a step: a fresh permutation per epoch, shared by every rank."""
+    per_epoch = max(1, n // size)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    return perm[k * size:(k + 1) * size]
+
+
+def prepare_data(cfg, rank):
+    """-> {split: (entries, uint8 clips)}; the synthetic world is built by rank 0 only."""
+    if cfg.data:
+        entries = read_annotations(cfg.data)
+        if cfg.test_data:
+            test = read_annotations(cfg.test_data)
+        else:  # hold out every 10th entry for evaluation
+            test, entries = entries[::10], [e for i, e in enumerate(entries) if i % 10]
+        splits = {"train": entries, "val": test[: max(1, len(test) // 2)], "test": test}
+    else:
+        if rank == 0:
+            build_world(cfg)
+        if dist.is_initialized():
+            dist.barrier()
+        splits = {s: read_annotations(os.path.join(cfg.data_dir, f"{s}.txt")) for s in ("train", "val", "test", "novel")}
+    return {s: (e, load_split(e, cfg)) for s, e in splits.items()}
+
+
+def train(cfg, resume=False):
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    device = pick_device(cfg.device)
+    if device == "cuda" and ddp:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    data = prepare_data(cfg, rank)
+    train_entries, train_clips = data["train"]
+    say(f"data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" clips ({time.time() - t0:.1f}s)")
+
+    if resume:
+        if not os.path.isfile(os.path.join(cfg.out_dir, "train_state.pt")):
+            raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
+        model, tok, saved = load_checkpoint(cfg.out_dir)
+        if saved.qformer_mode != cfg.qformer_mode or saved.d_model != cfg.d_model:
+            raise UserError(f"{cfg.out_dir}: checkpoint has another architecture than this config")
+    else:
+        tok = Tokenizer.from_captions([c for _, cs in train_entries for c in cs], cfg.compact_vocab)
+        model = VideoLLaMAMini(cfg, len(tok.ids))
+    model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"parameters: {n_params / 1e6:.2f}M total, {n_params / 1e6:.2f}M trainable, 0 frozen; vocab {len(tok.ids)}")
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "query" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "query" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    step = 0
+    if resume:
+        ts = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
+        opt.load_state_dict(ts["optimizer"])
+        step = ts["step"]
+        torch.set_rng_state(ts["rng"])
+        say(f"resumed from step {step}")
+    raw = model
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+    fwd = torch.compile(model) if cfg.compile else model
+    scaler = torch.amp.GradScaler(enabled=cfg.dtype == "float16")
+    train_tokens = [[tok.encode(c) for c in cs] for _, cs in train_entries]
+    val_entries, val_clips = data["val"]
+    caption_rng = random.Random(cfg.seed)
+    gsize = cfg.batch_size * cfg.grad_accum * world
+    last_val, t_log = float("nan"), time.time()
+    while step < cfg.max_steps:
+        idx = global_batch(step, len(train_entries), gsize, cfg.seed)
+        caption_rng.seed(cfg.seed * 100003 + step)  # which reference each clip shows: a function of the step
+        seqs = [caption_rng.choice(train_tokens[i]) for i in idx.tolist()]
+        inp_all, tgt_all = pad_batch(seqs, cfg.max_len)
+        n_tok = (tgt_all != -100).sum().item()  # loss is a mean over the global batch's tokens, whatever the split
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        model.train()
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            rows = slice((micro * world + rank) * cfg.batch_size, (micro * world + rank + 1) * cfg.batch_size)
+            video, inp, tgt = train_clips[idx[rows]].to(device), inp_all[rows].to(device), tgt_all[rows].to(device)
+            sync = (not ddp) or micro == cfg.grad_accum - 1
+            ctx = model.no_sync() if not sync else torch.enable_grad()
+            with ctx, autocast(cfg, device):
+                logits, _ = fwd(video, inp)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100,
+                                       reduction="sum") / n_tok * world  # DDP averages over ranks
+            scaler.scale(loss).backward()
+            total += loss.item() / world
+        if not math.isfinite(total):
+            raise UserError(f"loss became {total} at step {step}; stopped, the last good checkpoint in "
+                            f"{cfg.out_dir} is kept (try a lower --lr)")
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            if master:
+                last_val = evaluate_loss(raw, tok, val_entries, val_clips, cfg, device)
+                save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
+        if master and (step % cfg.log_interval == 0 or step == cfg.max_steps):
+            dt = (time.time() - t_log) / cfg.log_interval
+            eta = dt * (cfg.max_steps - step)
+            say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {last_val:.3f} | lr {lr_at(step - 1, cfg):.1e}"
+                f" | {dt * 1000:.0f} ms | {gsize / dt:.0f} samples/s | eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+            t_log = time.time()
+        if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
+            if master:
+                save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
+                say(f"stopped after step {step} as asked; continue with --resume")
+            break
+    train_seconds = time.time() - t0
+    if ddp:
+        dist.barrier()
+    if master and step >= cfg.max_steps:
+        say(f"trained in {train_seconds:.0f}s (data included)")
+        evaluate(raw, tok, cfg, device, data, train_seconds)
+    if ddp:
+        dist.destroy_process_group()
+    return raw, tok
+
+
+@torch.no_grad()
+def evaluate_loss(model, tok, entries, clips, cfg, device):
+    model.eval()
+    inp, tgt = pad_batch([tok.encode(cs[0]) for _, cs in entries], cfg.max_len)
+    with autocast(cfg, device):
+        _, loss = model(clips.to(device), inp.to(device), tgt.to(device))
+    return loss.item()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation and evaluation
+
+
+def filter_logits(logits, top_k, top_p):
+    """Keep the top_k largest and the smallest set whose probability reaches top_p; the rest -> -inf."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens after the nucleus is already full
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(model, video, cfg, use_cache=True, generator=None):
+    """Batched captioning from BOS until EOS (per row) or max_new_tokens. Greedy when temperature == 0, else
+    temperature / top-k / top-p sampling from `generator`; beam search when cfg.beam > 1. -> list of id lists."""
+    if cfg.beam > 1:
+        return beam_search(model, video, cfg)
+    model.eval()
+    B, eos = video.shape[0], 0
+    memory = model.encode(video)  # the video is encoded once
+    cache = [{} for _ in model.decoder] if use_cache else None
+    seq = torch.full((B, 1), eos, dtype=torch.long, device=video.device)
+    done = torch.zeros(B, dtype=torch.bool, device=video.device)
+    steps = min(cfg.max_new_tokens, cfg.max_len - 1)
+    for t in range(steps):
+        if use_cache:
+            logits = model.decode(seq[:, -1:], memory, cache, pos=t)[:, -1].float()
+        else:  # the reference path: re-run the whole prefix
+            logits = model.decode(seq, memory, last_only=True)[:, -1].float()
+        if cfg.temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        nxt = nxt.masked_fill(done, eos)
+        seq = torch.cat([seq, nxt[:, None]], 1)
+        done |= nxt == eos
+        if done.all():
+            break
+    return [[i for i in row[1:] if i != eos] for row in seq.tolist()]
+
+
+@torch.no_grad()
+def beam_search(model, video, cfg, length_penalty=1.0):
+    """Beam search with the KV cache: B*beam rows; the cache is re-ordered by each step's surviving beams.
+    A finished hypothesis scores its log-probability / length**length_penalty."""
+    model.eval()
+    B, K, eos = video.shape[0], cfg.beam, 0
+    memory = model.encode(video).repeat_interleave(K, 0)  # (B*K, Q, D)
+    cache = [{} for _ in model.decoder]
+    seq = torch.full((B * K, 1), eos, dtype=torch.long, device=video.device)
+    score = torch.zeros(B, K, device=video.device)
+    score[:, 1:] = float("-inf")  # all beams start identical: keep one
+    finished = [[] for _ in range(B)]
+    steps = min(cfg.max_new_tokens, cfg.max_len - 1)
+    for t in range(steps):
+        logp = model.decode(seq[:, -1:], memory, cache, pos=t)[:, -1].float().log_softmax(-1)  # (B*K, V)
+        V = logp.shape[-1]
+        cand = (score.view(-1, 1) + logp).view(B, K * V)
+        top, pos = cand.topk(2 * K, -1)  # 2K so that K live beams remain after removing finished ones
+        new_rows, new_tok, new_score = [], [], []
+        for b in range(B):
+            keep = []
+            for s, p in zip(top[b].tolist(), pos[b].tolist()):
+                beam, token = divmod(p, V)
+                if s == float("-inf"):
+                    break
+                if token == eos:
+                    finished[b].append((s / (t + 1) ** length_penalty, seq[b * K + beam, 1:].tolist()))
+                else:
+                    keep.append((s, b * K + beam, token))
+                if len(keep) == K:
+                    break
+            keep += [(float("-inf"), b * K, eos)] * (K - len(keep))
+            for s, row, token in keep:
+                new_rows.append(row), new_tok.append(token), new_score.append(s)
+        rows = torch.tensor(new_rows, device=video.device)
+        for layer in cache:  # re-order the self-attention cache (the cross-attention K/V are equal across beams)
+            layer["k"], layer["v"] = layer["k"][rows], layer["v"][rows]
+        seq = torch.cat([seq[rows], torch.tensor(new_tok, device=video.device)[:, None]], 1)
+        score = torch.tensor(new_score, device=video.device).view(B, K)
+        best_live = score.max(-1).values / (t + 2) ** length_penalty
+        if all(finished[b] and max(f[0] for f in finished[b]) >= best_live[b] for b in range(B)):
+            break
+    out = []
+    for b in range(B):
+        if not finished[b]:  # nothing ended before max length: take the best live beam
+            finished[b].append((score[b].max().item(), seq[b * K + score[b].argmax().item(), 1:].tolist()))
+        out.append(max(finished[b])[1])
+    return out
+
+
+@torch.no_grad()
+def caption_clips(model, tok, clips, cfg, device, batch=128):
+    preds = []
+    for i in range(0, len(clips), batch):
+        with autocast(cfg, device):
+            preds += [tok.decode(ids) for ids in generate(model, clips[i:i + batch].to(device), cfg)]
+    return preds
+
+
+def attention_png(model, clip, tok, cfg, device, path):
+    """Where the queries (or, in "text" mode, the caption tokens) look: a heat map over frames, one row per query,
+    averaged over heads, from the last Q-Former (decoder) layer, under a strip of the frames."""
+    model.eval()
+    model.record_attention(True)
+    with torch.no_grad():
+        ids = generate(model, clip[None].to(device), dataclasses.replace(cfg, beam=1, temperature=0.0))[0]
+        if cfg.qformer_mode == "text":  # re-run the caption to collect decoder cross-attention
+            model.decode(torch.tensor([[0] + ids], device=device), model.encode(clip[None].to(device)))
+    layer = model.decoder[-1] if cfg.qformer_mode == "text" else model.qformer[-1]
+    w = layer.xattn.weights[0].cpu().numpy()  # (Q or L, F)
+    model.record_attention(False)
+    cell = 48
+    heat = cv2.applyColorMap((255 * w / max(w.max(), 1e-9)).astype(np.uint8), cv2.COLORMAP_VIRIDIS)
+    heat = cv2.resize(heat, (w.shape[1] * cell, w.shape[0] * cell // 3), interpolation=cv2.INTER_NEAREST)
+    strip = np.concatenate([cv2.resize(f[:, :, ::-1], (cell, cell), interpolation=cv2.INTER_NEAREST)
+                            for f in clip.numpy()], 1)
+    title = np.zeros((24, strip.shape[1], 3), np.uint8)
+    cv2.putText(title, tok.decode(ids)[: strip.shape[1] // 7], (2, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
+                (255, 255, 255), 1, cv2.LINE_AA)
+    cv2.imwrite(path, np.concatenate([title, strip, heat], 0))
+
+
+def evaluate(model, tok, cfg, device, data, train_seconds=None):
+    """Caption every clip of test (and novel), score, print a table and samples, write eval.json and a PNG."""
+    result = {}
+    for split in ("test", "novel"):
+        if split not in data:
+            continue
+        entries, clips = data[split]
+        preds = caption_clips(model, tok, clips, cfg, device)
+        refs = [cs for _, cs in entries]
+        result[split] = {"n": len(preds), "exact_match": exact_match(preds, refs), "bleu4": bleu4(preds, refs),
+                         "cider": cider_d(preds, refs),
+                         "samples": [{"video": os.path.relpath(v), "prediction": p, "references": r}
+                                     for (v, r), p in list(zip(entries, preds))[:8]]}
+    result["train_seconds"] = train_seconds
+    print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")
+    for split in ("test", "novel"):
+        if split in result:
+            r = result[split]
+            print(f"{split:8s} {r['n']:5d} {r['exact_match']:7.3f} {r['bleu4']:7.3f} {r['cider']:8.3f}")
+    for s in result["test"]["samples"][:4]:
+        print(f"  pred: {s['prediction']!r}\n  refs: {s['references']}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
+    attention_png(model, data["test"][1][0], tok, cfg, device, os.path.join(cfg.out_dir, "attention.png"))
+    print(f"wrote {cfg.out_dir}/eval.json and {cfg.out_dir}/attention.png")
+    return result
+
+
+def bench(cfg):
+    """Training samples/s and captions/s with and without the KV cache, on random clips of the configured size."""
+    device = pick_device(cfg.device)
+    torch.manual_seed(0)
+    tok = Tokenizer.from_captions([caption_for([(c, s, m, i, 0) for i, (c, s, m) in enumerate(
+        zip(COLOURS, SHAPES * 2, list(MOTIONS) * 2))], v) for v in ("moves", "goes")])
+    model = VideoLLaMAMini(cfg, len(tok.ids)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    B = cfg.batch_size
+    video = torch.randint(0, 255, (B, cfg.n_frames, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8, device=device)
+    inp = torch.randint(0, len(tok.ids), (B, 20), device=device)
+    for label, dt in (("float32", "float32"), (cfg.dtype, cfg.dtype)) if cfg.dtype != "float32" else (("float32", "float32"),):
+        c = dataclasses.replace(cfg, dtype=dt)
+        times = []
+        for i in range(8):
+            t = time.time()
+            with autocast(c, device):
+                _, loss = model(video, inp, inp)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            times.append(time.time() - t)
+        print(f"train  ({label:8s}): {B / np.median(times[2:]):8.1f} samples/s  (batch {B}, median of 6 steps)")
+    gen_cfg = dataclasses.replace(cfg, max_new_tokens=20)
+    model.eval()
+    for use_cache in (True, False):
+        t = time.time()
+        n = 0
+        for _ in range(3):
+            with autocast(cfg, device):
+                # a fixed 20 decode steps: an untrained model would otherwise stop at random places
+                generate_fixed(model, video, gen_cfg, use_cache)
+            n += B
+        print(f"caption (cache {'on ' if use_cache else 'off'}): {n / (time.time() - t):8.1f} captions/s "
+              f"(batch {B}, 20 tokens each, {cfg.dtype})")
+
+
+@torch.no_grad()
+def generate_fixed(model, video, cfg, use_cache):
+    """generate() without EOS stopping, so that the benchmark always decodes max_new_tokens steps."""
+    memory, cache = model.encode(video), [{} for _ in model.decoder] if use_cache else None
+    seq = torch.zeros(video.shape[0], 1, dtype=torch.long, device=video.device)
+    for t in range(cfg.max_new_tokens):
+        logits = model.decode(seq[:, -1:], memory, cache, pos=t) if use_cache else model.decode(seq, memory, last_only=True)
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="VideoLLaMA-Mini: train, evaluate and caption videos on a CPU.")
+    p.add_argument("--train", action="store_true", help="build data (if needed), train, evaluate")
+    p.add_argument("--resume", action="store_true", help="with --train: continue from out_dir/train_state.pt")
+    p.add_argument("--eval", action="store_true", help="evaluate the checkpoint in out_dir on test and novel")
+    p.add_argument("--generate", action="store_true", help="caption --video with the checkpoint in out_dir")
+    p.add_argument("--bench", action="store_true", help="print training samples/s and captions/s")
+    p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
+    p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
+    for f in dataclasses.fields(Config):
+        if f.type is bool or isinstance(f.default, bool):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), default=None)
+    args = p.parse_args(argv)
+    if args.preset not in PRESETS:
+        raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    cfg = Config(**{**PRESETS[args.preset], **overrides})
+    if cfg.qformer_mode not in ("queries", "text"):
+        raise UserError(f"--qformer_mode {cfg.qformer_mode}: choose 'queries' or 'text'")
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype {cfg.dtype}: choose float32, bfloat16 or float16")
+    return args, cfg, overrides
+
+
+def main(argv=None):
+    args, cfg, overrides = parse_args(argv)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("config:", json.dumps(dataclasses.asdict(cfg)))
+    if args.train:
+        train(cfg, resume=args.resume)
+    elif args.eval:
+        model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
+        device = pick_device(cfg.device)
+        model.to(device)
+        data = prepare_data(cfg, 0)
+        evaluate(model, tok, cfg, device, data)
+    elif args.generate:
+        if not args.video:
+            raise UserError("--generate needs --video PATH (a video file or a folder of frames)")
+        # generation settings come from the command line; the architecture from the checkpoint
+        gen = {k: v for k, v in overrides.items() if k in ("temperature", "top_k", "top_p", "beam", "max_new_tokens",
+                                                           "device", "dtype", "seed", "out_dir")}
+        model, tok, cfg = load_checkpoint(cfg.out_dir, gen)
+        device = pick_device(cfg.device)
+        model.to(device)
+        clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None].to(device)
+        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        with autocast(cfg, device):
+            ids = generate(model, clip, cfg, generator=g)[0]
+        print(tok.decode(ids))
+    elif args.bench:
+        bench(cfg)
+    else:
+        print("nothing to do: pass --train, --eval, --generate --video PATH, or --bench (see --help)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
