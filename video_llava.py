@@ -1,0 +1,1419 @@
+"""
+Video-LLaVA in one file: a LLaMA decoder that reads CLIP features of images and videos, faithful to the Hugging Face
+checkpoint `LanguageBind/Video-LLaVA-7B-hf`, plus a tiny Video-LLaVA trained from scratch on a laptop CPU.
+
+    image (N, 3, S, S) -> image_tower (CLIP ViT, output of layer L-1, CLS dropped)  -> (N, P, Dv)
+    video (B, F, 3, S, S) -> video_tower, run per frame (CLIP ViT, layer L-1, CLS kept) -> (B*F, P+1, Dv)
+      -> multi_modal_projector: Linear -> GELU -> Linear                              -> (.., .., D)
+      -> written over the <image> / <video> placeholder embeddings, in order, of the prompt
+      -> LLaMA decoder (RMSNorm, rotate_half RoPE, grouped-query attention, SwiGLU) -> lm_head -> (B, L, V)
+
+Paper: Video-LLaVA, Lin et al. 2023 (https://arxiv.org/abs/2311.10122); LLaVA (https://arxiv.org/abs/2304.08485).
+Reference implementation: transformers `VideoLlavaForConditionalGeneration` (the tests compare logits and greedy
+tokens with it on tiny random checkpoints; transformers is a test-only dependency, only `--bench` imports it).
+
+Modules are named after the hub checkpoint keys (`language_model.model.layers.0.self_attn.q_proj.weight`,
+`image_tower.vision_model.encoder.layers.0.mlp.fc1.weight`, `multi_modal_projector.linear_1.weight`), so loading is
+the identity map plus `canonical_key`, which folds the two other layouts transformers writes onto it.
+
+Shape legend: B batch, N images, F frames, P patches per frame, L text tokens, T keys (cache + new), D width,
+Dv vision width, H heads, K kv heads, E head dim, V vocabulary.
+
+Commands:
+    python video_llava.py --train                              # tiny Video-LLaVA from scratch (synthetic world, CPU)
+    python video_llava.py --train --freeze vision,llm --from_pretrained out/video_llava   # projector only (stage 1)
+    python video_llava.py --eval                               # re-evaluate out/video_llava on test / novel
+    python video_llava.py --generate --video clip.mp4 --prompt "Which way does the red circle move?"
+    python video_llava.py --generate --from_pretrained DIR --video clip.mp4 --prompt "What happens?"  # HF checkpoint
+    python video_llava.py --generate --from_pretrained DIR --image cat.png --prompt "What is this?"
+    python video_llava.py --inspect DIR --n_frames 8           # parameter counts, bytes, key alignment, memory
+    python video_llava.py --bench                              # decode tokens/s vs transformers, bandwidth floor
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SCRIPT = "video_llava"
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+class UserError(Exception):
+    """A problem with the user's input: main() prints it as one line and exits with status 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    # data (the synthetic world) and output
+    data_dir: str = "data/video_llava"
+    out_dir: str = "out/video_llava"
+    n_train: int = 3000  # synthetic images and as many clips in train (3 questions per image, 1 per clip)
+    n_test: int = 200  # images and clips in each of val / test / novel
+    n_frames: int = 4  # frames sampled uniformly per video (the 7B checkpoint was trained on 8)
+    # architecture: field names follow the HF config.json (text_config / vision_config) so from_pretrained maps 1:1
+    vocab_size: int = 0  # 0 = set from the tokenizer table at --train
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2  # < heads = grouped-query attention (the 7B has 32 = 32, plain multi-head)
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 512  # the context: longer prompts are refused
+    tie_word_embeddings: bool = False
+    v_hidden_size: int = 64  # vision tower width
+    v_intermediate_size: int = 256
+    v_num_hidden_layers: int = 3  # feature layer -2 reads the output of layer 2 of 3
+    v_num_attention_heads: int = 4
+    v_layer_norm_eps: float = 1e-5
+    image_size: int = 48  # square input side of both CLIP towers
+    patch_size: int = 12  # -> (48/12)^2 = 16 patches + CLS per frame
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"  # "default" drops CLS for images, "full" keeps it
+    image_token_index: int = -1  # -1 = set from the tokenizer table
+    video_token_index: int = -1
+    bos_token_id: int = 0
+    eos_token_id: int = 0
+    pad_token_id: int = 0
+    # training
+    from_pretrained: str = ""  # start from this checkpoint (HF folder or an out_dir of this script)
+    freeze: str = ""  # comma list of towers to freeze: "vision", "llm" ("vision,llm" = LLaVA stage 1, projector only)
+    batch_size: int = 32
+    max_steps: int = 1500
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup: int = 100
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    dtype: str = "bfloat16"  # autocast dtype for training; weights dtype for --generate on HF checkpoints
+    device: str = "auto"  # auto = cuda > mps > cpu
+    seed: int = 1337
+    log_interval: int = 50
+    eval_interval: int = 500
+    # generation
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+
+
+PRESETS = {
+    "default": {},
+    "tiny": dict(n_train=48, n_test=6, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, v_hidden_size=16, v_intermediate_size=32,
+                 v_num_hidden_layers=2, v_num_attention_heads=2, batch_size=8, max_steps=6, warmup=2,
+                 log_interval=2, eval_interval=4, dtype="float32", max_new_tokens=6),
+}
+
+
+def config_from_hf(hf, path):
+    """HF Video-LLaVA config.json -> Config, filling the transformers defaults for keys the file leaves out."""
+    if hf.get("model_type") != "video_llava":
+        raise UserError(f"{path}: model_type is '{hf.get('model_type')}', not 'video_llava' (another architecture)")
+    t, v = hf.get("text_config") or {}, hf.get("vision_config") or {}
+    if t.get("model_type", "llama") != "llama" or v.get("model_type", "clip_vision_model") != "clip_vision_model":
+        raise UserError(f"{path}: only a LLaMA text model with CLIP vision towers is supported")
+    if v.get("hidden_act", "quick_gelu") != "quick_gelu" or t.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{path}: unsupported activation (need quick_gelu vision, silu text)")
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise UserError(f"{path}: rope scaling '{rope.get('rope_type')}' is not supported")
+    if isinstance(hf.get("vision_feature_layer", -2), list):
+        raise UserError(f"{path}: a list of vision_feature_layer is not supported")
+    heads = t.get("num_attention_heads", 32)
+    hidden = t.get("hidden_size", 4096)
+    if t.get("head_dim") not in (None, hidden // heads):
+        raise UserError(f"{path}: head_dim != hidden_size / num_attention_heads is not supported")
+    return dict(
+        vocab_size=t.get("vocab_size", 32000), hidden_size=hidden, intermediate_size=t.get("intermediate_size", 11008),
+        num_hidden_layers=t.get("num_hidden_layers", 32), num_attention_heads=heads,
+        num_key_value_heads=t.get("num_key_value_heads") or heads, rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", t.get("rope_theta", 10000.0)),
+        max_position_embeddings=t.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
+        v_hidden_size=v.get("hidden_size", 1024), v_intermediate_size=v.get("intermediate_size", 4096),
+        v_num_hidden_layers=v.get("num_hidden_layers", 24), v_num_attention_heads=v.get("num_attention_heads", 16),
+        v_layer_norm_eps=v.get("layer_norm_eps", 1e-5), image_size=v.get("image_size", 224),
+        patch_size=v.get("patch_size", 14), vision_feature_layer=hf.get("vision_feature_layer", -2),
+        vision_feature_select_strategy=hf.get("vision_feature_select_strategy", "default"),
+        image_token_index=hf.get("image_token_index", 32000), video_token_index=hf.get("video_token_index", 32001),
+        bos_token_id=t.get("bos_token_id", 1), eos_token_id=t.get("eos_token_id", 2),
+        pad_token_id=hf.get("pad_token_id", t.get("pad_token_id", 0)) or 0)
+
+
+def hf_config_dict(cfg):
+    """Config -> an HF-style config.json, so checkpoints trained here load with the same from_pretrained."""
+    return {"model_type": "video_llava", "architectures": ["VideoLlavaForConditionalGeneration"],
+            "image_token_index": cfg.image_token_index, "video_token_index": cfg.video_token_index,
+            "pad_token_id": cfg.pad_token_id, "vision_feature_layer": cfg.vision_feature_layer,
+            "vision_feature_select_strategy": cfg.vision_feature_select_strategy, "projector_hidden_act": "gelu",
+            "tie_word_embeddings": cfg.tie_word_embeddings,
+            "text_config": {"model_type": "llama", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+                            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+                            "num_attention_heads": cfg.num_attention_heads,
+                            "num_key_value_heads": cfg.num_key_value_heads, "rms_norm_eps": cfg.rms_norm_eps,
+                            "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_position_embeddings,
+                            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id},
+            "vision_config": {"model_type": "clip_vision_model", "hidden_size": cfg.v_hidden_size,
+                              "intermediate_size": cfg.v_intermediate_size,
+                              "num_hidden_layers": cfg.v_num_hidden_layers,
+                              "num_attention_heads": cfg.v_num_attention_heads, "image_size": cfg.image_size,
+                              "patch_size": cfg.patch_size, "layer_norm_eps": cfg.v_layer_norm_eps}}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: synthetic world, media loaders + CLIP preprocessing, tokenizers, prompt template
+
+COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
+           "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
+SHAPES = ["circle", "square", "triangle"]
+MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+NUMBERS = ["one", "two", "three"]
+# (colour, shape) pairs never shown in training: each colour loses one shape, each shape is held out twice
+NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),
+               ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}
+SIDE, CELL, HALF, CLIP_LEN, TRAVEL = 48, 12, 5, 16, 24  # picture side, grid cell, shape half-size, frames, px moved
+
+
+def draw_shape(img, shape, colour, cx, cy):
+    c = COLOURS[colour]
+    if shape == "circle":
+        cv2.circle(img, (cx, cy), HALF, c, -1, cv2.LINE_AA)
+    elif shape == "square":
+        cv2.rectangle(img, (cx - HALF + 1, cy - HALF + 1), (cx + HALF - 1, cy + HALF - 1), c, -1)
+    else:
+        pts = np.array([[cx, cy - HALF], [cx - HALF, cy + HALF - 1], [cx + HALF, cy + HALF - 1]], np.int32)
+        cv2.fillPoly(img, [pts], c, cv2.LINE_AA)
+
+
+def sample_pair(rng, split):
+    """A (colour, shape) pair that fits the split: novel pairs only in `novel`, never elsewhere."""
+    while True:
+        pair = (rng.choice(list(COLOURS)), rng.choice(SHAPES))
+        if (pair in NOVEL_PAIRS) == (split == "novel"):
+            return pair
+
+
+def make_image(rng, split):
+    """1-3 copies of one coloured shape in distinct cells of a 4x4 grid -> (BGR image, [(question, answer)])."""
+    colour, shape = sample_pair(rng, split)
+    n = rng.randint(1, 3)
+    img = np.full((SIDE, SIDE, 3), 60, np.uint8)
+    for cell in rng.sample(range(16), n):
+        cx, cy = (cell % 4) * CELL + CELL // 2 + rng.randint(-1, 1), (cell // 4) * CELL + CELL // 2 + rng.randint(-1, 1)
+        draw_shape(img, shape, colour, cx, cy)
+    qa = [("What colour are the shapes?", colour), ("What shape are they?", shape),
+          ("How many shapes are there?", NUMBERS[n - 1])]
+    return img, qa
+
+
+def make_clip(rng, split, n_frames):
+    """A 16-frame clip -> (list of BGR frames, (question, answer)). Two kinds, both need more than one frame:
+    motion (one shape crosses the picture: its direction) and order (two shapes appear one after the other)."""
+    frames = [np.full((SIDE, SIDE, 3), 60, np.uint8) for _ in range(CLIP_LEN)]
+    if rng.random() < 0.5:
+        colour, shape = sample_pair(rng, split)
+        motion = rng.choice(list(MOTIONS))
+        dx, dy = MOTIONS[motion]
+        lo, hi = HALF + 2, SIDE - HALF - 3
+        x0 = rng.randint(lo + (TRAVEL if dx < 0 else 0), hi - (TRAVEL if dx > 0 else 0))
+        y0 = rng.randint(lo + (TRAVEL if dy < 0 else 0), hi - (TRAVEL if dy > 0 else 0))
+        for t, img in enumerate(frames):
+            f = t / (CLIP_LEN - 1)
+            draw_shape(img, shape, colour, round(x0 + dx * TRAVEL * f), round(y0 + dy * TRAVEL * f))
+        return frames, (f"Which way does the {colour} {shape} move?", motion)
+    while True:  # two objects with different colours; the novel split needs at least one novel pair
+        a, b = sample_pair(rng, split), sample_pair(rng, "train" if rng.random() < 0.5 else split)
+        if a[0] != b[0] and ((a in NOVEL_PAIRS or b in NOVEL_PAIRS) == (split == "novel")):
+            break
+    # appearance times in units of the sampled-frame step, so that no single fixed frame always tells the order:
+    # the first object shows up in sampled slot 1 or 2, the second in a later slot
+    step = CLIP_LEN // n_frames
+    s1 = rng.randint(1, n_frames - 2)
+    s2 = rng.randint(s1 + 1, n_frames - 1)
+    t1, t2 = s1 * step - rng.randint(0, step - 1), s2 * step - rng.randint(0, step - 1)
+    cells = rng.sample(range(16), 2)
+    for (colour, shape), cell, t0 in zip((a, b), cells, (t1, t2)):
+        cx, cy = (cell % 4) * CELL + CELL // 2, (cell // 4) * CELL + CELL // 2
+        for img in frames[t0:]:
+            draw_shape(img, shape, colour, cx, cy)
+    if rng.random() < 0.5:
+        return frames, ("Which shape appears first?", f"{a[0]} {a[1]}")
+    return frames, ("Which shape appears last?", f"{b[0]} {b[1]}")
+
+
+def build_world(cfg):
+    """Write data_dir/<split>/*.png|mp4 and data_dir/<split>.jsonl once (deterministic from the seed)."""
+    sizes = {"train": cfg.n_train, "val": cfg.n_test, "test": cfg.n_test, "novel": cfg.n_test}
+    stamp = os.path.join(cfg.data_dir, "world.json")
+    want = dict(sizes, seed=cfg.seed, n_frames=cfg.n_frames, version=1)
+    files = {s: os.path.join(cfg.data_dir, f"{s}.jsonl") for s in sizes}
+    if os.path.exists(stamp) and json.load(open(stamp)) == want:
+        return files
+    for offset, (split, n) in enumerate(sizes.items()):
+        rng = random.Random(cfg.seed * 10 + offset)
+        os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
+        lines = []
+        for i in range(n):
+            img, qa = make_image(rng, split)
+            name = f"{split}/img_{i:05d}.png"
+            cv2.imwrite(os.path.join(cfg.data_dir, name), img)
+            lines += [{"image": name, "question": q, "answer": a} for q, a in qa]
+            frames, (q, a) = make_clip(rng, split, cfg.n_frames)
+            name = f"{split}/clip_{i:05d}.mp4"
+            writer = cv2.VideoWriter(os.path.join(cfg.data_dir, name), cv2.VideoWriter_fourcc(*"mp4v"), 8, (SIDE, SIDE))
+            for fr in frames:
+                writer.write(fr)
+            writer.release()
+            lines.append({"video": name, "question": q, "answer": a})
+        with open(files[split], "w") as f:
+            f.write("".join(json.dumps(x) + "\n" for x in lines))
+    json.dump(want, open(stamp, "w"))
+    return files
+
+
+def read_annotations(path):
+    """JSON lines {"image"|"video": relative path, "question": str, "answer": str} -> list of dicts (paths absolute)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: annotation file not found")
+    out, base = [], os.path.dirname(os.path.abspath(path))
+    for no, line in enumerate(open(path, encoding="utf-8"), 1):
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{no}: not a JSON object")
+        if not isinstance(e, dict) or ("image" in e) == ("video" in e) or not all(
+                isinstance(e.get(k), str) and e.get(k) for k in ("question", "answer")):
+            raise UserError(f"{path}:{no}: need exactly one of 'image'/'video' plus non-empty 'question' and 'answer'")
+        kind = "image" if "image" in e else "video"
+        media = os.path.join(base, e[kind])
+        if not os.path.exists(media):
+            raise UserError(f"{path}:{no}: {kind} '{e[kind]}' not found")
+        out.append({"kind": kind, "path": media, "question": e["question"], "answer": e["answer"]})
+    if not out:
+        raise UserError(f"{path}: no entries")
+    return out
+
+
+def clip_transform(rgb, size):
+    """uint8 (H, W, 3) RGB -> float32 (3, size, size): shortest edge to `size` (bicubic), centre crop, CLIP mean/std.
+    OpenCV's bicubic has no antialiasing, so a big shrink first goes through INTER_AREA to twice the target."""
+    h, w = rgb.shape[:2]
+    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    if min(h, w) > 2 * size:
+        rgb = cv2.resize(rgb, (2 * nw, 2 * nh), interpolation=cv2.INTER_AREA)
+    if rgb.shape[:2] != (nh, nw):
+        rgb = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_CUBIC)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = rgb[top:top + size, left:left + size].astype(np.float32) / 255.0
+    return ((x - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)  # (3, size, size)
+
+
+def load_image(path, size):
+    img = cv2.imread(path) if os.path.isfile(path) else None
+    if img is None:
+        raise UserError(f"{path}: cannot read this image (missing or corrupt)")
+    return clip_transform(img[:, :, ::-1], size)
+
+
+def frame_indices(n_total, n_frames):
+    """The HF docs' uniform sampling: arange(0, total, total/n) as ints; short clips repeat indices."""
+    if n_total <= 0:
+        raise UserError("video has no frames")
+    return np.arange(0, n_total, n_total / n_frames).astype(int)[:n_frames].tolist()
+
+
+def load_video(path, n_frames, size):
+    """Video file (any container/codec OpenCV reads) or a folder of frame images -> float32 (F, 3, size, size)."""
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
+        if not names:
+            raise UserError(f"{path}: folder has no frame images")
+        idx = frame_indices(len(names), n_frames)
+        return np.stack([load_image(os.path.join(path, names[i]), size) for i in idx])
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such video file or folder of frames")
+    cap = cv2.VideoCapture(path)
+    if not cap.isOpened():
+        raise UserError(f"{path}: OpenCV cannot open this video (corrupt or unknown format)")
+    frames = []
+    while True:  # decode all (frame counts in headers lie); keep only the small transformed frames
+        ok, img = cap.read()
+        if not ok:
+            break
+        frames.append(clip_transform(img[:, :, ::-1], size))
+    cap.release()
+    if not frames:
+        raise UserError(f"{path}: video has no frames (corrupt or empty)")
+    return np.stack([frames[i] for i in frame_indices(len(frames), n_frames)])  # (F, 3, S, S)
+
+
+class SentencePieceBPE:
+    """LLaMA's tokenizer from tokenizer.json, as transformers 5 rebuilds it: added tokens split first; each remaining
+    section gets spaces -> '▁' and, only if it starts the text, a leading '▁' (Metaspace prepend_scheme='first');
+    then one BPE word per section (split=False), merges by rank, unknown characters -> <0xNN> byte tokens."""
+
+    def __init__(self, folder):
+        path = os.path.join(folder, "tokenizer.json")
+        try:
+            tj = json.load(open(path, encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            raise UserError(f"{path}: missing or not valid JSON (the checkpoint's tokenizer is needed)")
+        model = tj.get("model", {})
+        if model.get("type") != "BPE":
+            raise UserError(f"{path}: tokenizer model is '{model.get('type')}', expected BPE")
+        self.vocab = dict(model["vocab"])
+        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.byte_fallback, self.unk = model.get("byte_fallback", False), model.get("unk_token")
+        self.added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+        self.vocab.update(self.added)
+        self.inv = {i: s for s, i in self.vocab.items()}
+        tc_path = os.path.join(folder, "tokenizer_config.json")
+        tc = json.load(open(tc_path)) if os.path.isfile(tc_path) else {}
+        name = lambda t, d: (t.get("content") if isinstance(t, dict) else t) or d
+        self.bos_id = self.vocab.get(name(tc.get("bos_token"), "<s>"))
+        self.eos_id = self.vocab.get(name(tc.get("eos_token"), "</s>"))
+        self.pad_id = self.vocab.get(name(tc.get("pad_token"), "<pad>"), 0)
+        self.add_bos = tc.get("add_bos_token", True)
+        self.prefix = tc.get("add_prefix_space", True) is not False
+        self.split_re = re.compile("(" + "|".join(re.escape(s) for s in sorted(self.added, key=len, reverse=True)) + ")")
+
+    def _bpe(self, word):
+        syms = []
+        for ch in word:  # initial symbols: characters in the vocabulary, else their UTF-8 bytes
+            if ch in self.vocab or not self.byte_fallback:
+                syms.append(ch)
+            else:
+                syms += [f"<0x{b:02X}>" for b in ch.encode("utf-8")]
+        while len(syms) > 1:
+            pairs = [(self.ranks.get((a, b), math.inf), i) for i, (a, b) in enumerate(zip(syms, syms[1:]))]
+            rank = min(pairs)[0]
+            if rank == math.inf:
+                break
+            out, i = [], 0
+            while i < len(syms):  # merge every non-overlapping occurrence of the best pair, left to right
+                if i + 1 < len(syms) and self.ranks.get((syms[i], syms[i + 1])) == rank:
+                    out.append(syms[i] + syms[i + 1])
+                    i += 2
+                else:
+                    out.append(syms[i])
+                    i += 1
+            syms = out
+        ids, unk = [], self.vocab.get(self.unk)
+        for s in syms:
+            if s in self.vocab:
+                ids.append(self.vocab[s])
+            elif not ids or ids[-1] != unk:  # fuse_unk: a run of unknowns is one <unk>
+                ids.append(unk)
+        return ids
+
+    def encode(self, text, add_bos=None):
+        ids = [self.bos_id] if (self.add_bos if add_bos is None else add_bos) else []
+        parts = self.split_re.split(text) if self.added else [text]
+        for i, part in enumerate(parts):
+            if i % 2 == 1:
+                ids.append(self.added[part])
+            elif part:
+                part = part.replace(" ", "▁")
+                if i == 0 and self.prefix and not part.startswith("▁"):
+                    part = "▁" + part
+                ids += self._bpe(part)
+        return ids
+
+    def decode(self, ids, skip_special=True):
+        specials = set(self.added.values()) if skip_special else set()
+        out, first = bytearray(), True
+        for i in ids:
+            if i in specials:
+                continue
+            s = self.inv.get(int(i), "")
+            if re.fullmatch(r"<0x[0-9A-F]{2}>", s):
+                out += bytes([int(s[3:5], 16)])
+            else:
+                s = s.replace("▁", " ")
+                if first and self.prefix and s.startswith(" "):
+                    s = s[1:]  # the Strip decoder: drop the space the pre-tokenizer prepended
+                out += s.encode("utf-8")
+            first = False
+        return out.decode("utf-8", errors="replace")
+
+
+class GPT2Table:
+    """GPT-2 BPE (tiktoken) over a compact table of the ids seen in training, plus <image> and <video>.
+    Model id 0 is <|endoftext|> (BOS, EOS and pad); the last two ids are the placeholders."""
+
+    def __init__(self, ids):
+        import tiktoken  # only the trained-from-scratch model needs it
+        self.enc = tiktoken.get_encoding("gpt2")
+        self.ids = list(ids)
+        self.to_model = {g: i for i, g in enumerate(self.ids)}
+        self.added = {"<image>": len(self.ids), "<video>": len(self.ids) + 1}
+        self.bos_id = self.eos_id = self.pad_id = 0
+        self.split_re = re.compile("(<image>|<video>)")
+
+    @classmethod
+    def from_texts(cls, texts):
+        import tiktoken
+        enc = tiktoken.get_encoding("gpt2")
+        return cls([enc.eot_token] + sorted({t for s in texts for p in re.split("<image>|<video>", s)
+                                             for t in enc.encode(p)}))
+
+    def __len__(self):
+        return len(self.ids) + 2
+
+    def encode(self, text, add_bos=True):
+        ids = [self.bos_id] if add_bos else []
+        for i, part in enumerate(self.split_re.split(text)):
+            if i % 2 == 1:
+                ids.append(self.added[part])
+            else:  # GPT-2 ids outside the table are dropped (the README says so)
+                ids += [self.to_model[t] for t in self.enc.encode(part) if t in self.to_model]
+        return ids
+
+    def decode(self, ids, skip_special=True):
+        return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])
+
+
+def load_tokenizer(folder):
+    meta = json.load(open(os.path.join(folder, "config.json")))
+    if "gpt2_table" in meta:
+        return GPT2Table(meta["gpt2_table"])
+    return SentencePieceBPE(folder)
+
+
+def prompt_text(question, kind):
+    """The Video-LLaVA template: 'USER: <video>\\n{question} ASSISTANT:' ('<image>' for images, none for text)."""
+    return f"USER: {'<' + kind + '>' + chr(10) if kind else ''}{question} ASSISTANT:"
+
+
+def expand_placeholders(ids, cfg, n_frames):
+    """What the HF processor does on the string: each <image> -> P copies (P+1 with the 'full' strategy),
+    each <video> -> (P+1)*F copies (CLS kept per frame)."""
+    p = (cfg.image_size // cfg.patch_size) ** 2
+    n_img = p + (cfg.vision_feature_select_strategy == "full")
+    out = []
+    for i in ids:
+        if i == cfg.image_token_index:
+            out += [i] * n_img
+        elif i == cfg.video_token_index:
+            out += [i] * ((p + 1) * n_frames)
+        else:
+            out.append(i)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model: LLaMA primitives -> CLIP tower -> projector -> VideoLlava
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+
+    def forward(self, x):
+        h = x.float()  # in float32 whatever the activation dtype, then back: as LLaMA (and HF) do
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate_half(x):
+    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), -1)
+
+
+class KVCache:
+    """Preallocated per-layer keys/values (B, K, T_max, E); `offset` = tokens already stored (the RoPE position
+    offset is separate: it comes from the attention mask, so left-padded rows count from their first real token)."""
+
+    def __init__(self, cfg, batch, max_len, dtype, device):
+        e = cfg.hidden_size // cfg.num_attention_heads
+        shape = (batch, cfg.num_key_value_heads, max_len, e)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.offset = 0
+
+    def update(self, layer, k, v):
+        n = self.offset + k.shape[2]
+        self.k[layer][:, :, self.offset:n], self.v[layer][:, :, self.offset:n] = k, v
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.h, self.kv, self.e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.e, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv * self.e, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv * self.e, bias=False)
+        self.o_proj = nn.Linear(self.h * self.e, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.h, self.e).transpose(1, 2)  # (B, H, L, E)
+        k = self.k_proj(x).view(B, L, self.kv, self.e).transpose(1, 2)  # (B, K, L, E)
+        v = self.v_proj(x).view(B, L, self.kv, self.e).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # HF weights are already permuted
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, K, T, E)
+        if self.kv != self.h:  # grouped-query: kv head j serves q heads j*H/K .. (j+1)*H/K-1
+            k, v = k.repeat_interleave(self.h // self.kv, 1), v.repeat_interleave(self.h // self.kv, 1)
+        if isinstance(mask, str):  # "causal" (no padding, prefill) or "none" (no padding, one new token)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal")
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, self.h * self.e))  # (B, L, D)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.self_attn, self.mlp = LlamaAttention(cfg), LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d, n = cfg.v_hidden_size, (cfg.image_size // cfg.patch_size) ** 2
+        self.class_embedding = nn.Parameter(torch.zeros(d))
+        self.patch_embedding = nn.Conv2d(3, d, cfg.patch_size, cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(n + 1, d)
+
+    def forward(self, pixels):  # (N, 3, S, S)
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)  # (N, P, Dv)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (N, 1, Dv)
+        return torch.cat([cls, x], 1) + self.position_embedding.weight  # (N, P+1, Dv)
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d, self.h = cfg.v_hidden_size, cfg.v_num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        N, P, D = x.shape
+        q, k, v = (p(x).view(N, P, self.h, D // self.h).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # (N, H, P, E): bidirectional, no mask
+        return self.out_proj(y.transpose(1, 2).reshape(N, P, D))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.v_hidden_size, cfg.v_intermediate_size)
+        self.fc2 = nn.Linear(cfg.v_intermediate_size, cfg.v_hidden_size)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu, as OpenAI CLIP was trained
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.self_attn, self.mlp = CLIPAttention(cfg), CLIPMLP(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)
+        self.layer_norm2 = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.v_num_hidden_layers))
+
+
+class CLIPVisionTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)  # sic: the checkpoint's name
+        self.encoder = CLIPEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)  # loaded, never used here
+        fl, n = cfg.vision_feature_layer, cfg.v_num_hidden_layers
+        self.n_run = fl if fl >= 0 else n + 1 + fl  # hidden_states[fl]: [0] = embeddings, [k] = after layer k
+
+    def forward(self, pixels):  # (N, 3, S, S) -> (N, P+1, Dv), the hidden state of the feature layer
+        x = self.pre_layrnorm(self.embeddings(pixels))
+        for layer in self.encoder.layers[: self.n_run]:  # layers past the feature layer are never computed
+            x = layer(x)
+        return x
+
+
+class CLIPVisionModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.vision_model = CLIPVisionTransformer(cfg)
+
+
+class VideoLlavaMultiModalProjector(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.linear_1 = nn.Linear(cfg.v_hidden_size, cfg.hidden_size)
+        self.linear_2 = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(x)))  # exact (erf) GELU
+
+
+class VideoLlava(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.language_model = LlamaForCausalLM(cfg)
+        self.image_tower, self.video_tower = CLIPVisionModel(cfg), CLIPVisionModel(cfg)
+        self.multi_modal_projector = VideoLlavaMultiModalProjector(cfg)
+        self._rope = {}
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        for n, p in self.named_parameters():
+            if n.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight", "fc2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.num_hidden_layers))  # residual outputs
+            if "class_embedding" in n:
+                nn.init.normal_(p, std=0.02)
+
+    # -- vision
+    def image_features(self, pixels):  # (N, 3, S, S) -> (N, P, D) (P+1 with the "full" strategy)
+        h = self.image_tower.vision_model(pixels)
+        if self.cfg.vision_feature_select_strategy == "default":
+            h = h[:, 1:]  # drop CLS
+        return self.multi_modal_projector(h)
+
+    def video_features(self, videos):  # (B, F, 3, S, S) -> (B*F, P+1, D): each frame alone, CLS kept
+        B, Fr = videos.shape[:2]
+        h = self.video_tower.vision_model(videos.flatten(0, 1))  # (B*F, P+1, Dv)
+        return self.multi_modal_projector(h)
+
+    def _place(self, x, input_ids, token, feats, what):
+        """Write the features over the placeholder embeddings, row-major across the batch (masked_scatter)."""
+        mask = input_ids == token
+        n, need = int(mask.sum()), feats.shape[0] * feats.shape[1]
+        if n != need:
+            raise UserError(f"the prompt has {n} {what} placeholder tokens but the {what}s give {need} features "
+                            f"({feats.shape[0]} x {feats.shape[1]}); use one {what} tag per {what} and "
+                            f"expand_placeholders, as the processor does")
+        return x.masked_scatter(mask[..., None].expand_as(x), feats.to(x.dtype))
+
+    def _rope_table(self, pos, dtype):
+        e = self.cfg.hidden_size // self.cfg.num_attention_heads
+        key = pos.device
+        if key not in self._rope:  # same arithmetic as HF: int64 arange -> float, fp32 angles
+            self._rope[key] = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, e, 2, dtype=torch.int64,
+                                                                           device=pos.device).float() / e))
+        freqs = pos.float()[..., None] * self._rope[key]  # (B, L, E/2)
+        emb = torch.cat((freqs, freqs), -1)[:, None]  # (B, 1, L, E)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, input_ids, attention_mask=None, pixel_values_images=None, pixel_values_videos=None,
+                targets=None, cache=None, last_only=False):
+        """input_ids (B, L); attention_mask (B, T) over cache + new tokens (1 = real, 0 = left pad) or None;
+        targets (B, L) already shifted (-100 = ignored). Returns (logits (B, L or 1, V), loss or None)."""
+        cfg, lm = self.cfg, self.language_model.model
+        B, L = input_ids.shape
+        offset = cache.offset if cache is not None else 0
+        if offset + L > cfg.max_position_embeddings:
+            raise UserError(f"prompt + generation is {offset + L} tokens, longer than the context "
+                            f"({cfg.max_position_embeddings}); shorten the prompt, use fewer frames or --max_new_tokens")
+        x = lm.embed_tokens(input_ids)  # (B, L, D)
+        if pixel_values_images is not None:
+            x = self._place(x, input_ids, cfg.image_token_index, self.image_features(pixel_values_images), "image")
+        elif (input_ids == cfg.image_token_index).any():
+            raise UserError("the prompt has <image> placeholders but no image was given")
+        if pixel_values_videos is not None:
+            x = self._place(x, input_ids, cfg.video_token_index, self.video_features(pixel_values_videos), "video")
+        elif (input_ids == cfg.video_token_index).any():
+            raise UserError("the prompt has <video> placeholders but no video was given")
+        T = offset + L
+        if attention_mask is None or bool(attention_mask.all()):
+            pos = torch.arange(offset, T, device=x.device)[None].expand(B, L)
+            mask = "causal" if offset == 0 else ("none" if L == 1 else None)
+            if mask is None:  # several new tokens on top of a cache: explicit causal mask with offset
+                mask = torch.ones(L, T, dtype=torch.bool, device=x.device).tril(offset)
+        else:
+            am = attention_mask.bool()
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, offset:T]  # (B, L): pads do not count
+            q_idx = torch.arange(offset, T, device=x.device)
+            mask = am[:, None, :] & (torch.arange(T, device=x.device)[None, None, :] <= q_idx[None, :, None])
+            mask = mask | (torch.arange(T, device=x.device)[None, None, :] == q_idx[None, :, None])  # a pad sees itself:
+            mask = mask[:, None]  # (B, 1, L, T); no all-masked row, so no NaN in pad rows
+        cos, sin = self._rope_table(pos, x.dtype)
+        for i, layer in enumerate(lm.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.offset = T
+        x = lm.norm(x)
+        if last_only:
+            x = x[:, -1:]  # at inference only the last position is projected
+        head = lm.embed_tokens.weight if cfg.tie_word_embeddings else self.language_model.lm_head.weight
+        logits = F.linear(x, head)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    # -- checkpoint loading
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu"):
+        return load_pretrained(path, dtype, device)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint I/O: HF folders (three key layouts, sharded or not) and this script's own out_dir (same format)
+
+
+def canonical_key(k):
+    """Any of the three layouts of hf_spec §1.2 -> the hub layout, which is this module's own naming.
+    hub:    language_model.model.*, language_model.lm_head.*, image_tower.vision_model.*, multi_modal_projector.*
+    saved by transformers 5 from a config: the same without `vision_model.` in the towers
+    in memory in transformers 5: model.language_model.*, lm_head.*, model.image_tower.*, model.multi_modal_projector.*"""
+    if k.startswith("model.language_model."):
+        k = "language_model.model." + k[len("model.language_model."):]
+    elif k.startswith("lm_head."):
+        k = "language_model." + k
+    elif k.startswith("model."):
+        k = k[len("model."):]
+    for tower in ("image_tower.", "video_tower."):
+        if k.startswith(tower) and not k.startswith(tower + "vision_model."):
+            k = tower + "vision_model." + k[len(tower):]
+    return k
+
+
+def weight_files(path):
+    """-> {checkpoint key: file} from model.safetensors or model.safetensors.index.json."""
+    index, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        try:
+            wm = json.load(open(index))["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise UserError(f"{index}: not a safetensors index (no weight_map)")
+        for f in set(wm.values()):
+            if not os.path.isfile(os.path.join(path, f)):
+                raise UserError(f"{index}: shard '{f}' is missing from {path}")
+        return {k: os.path.join(path, f) for k, f in wm.items()}
+    if os.path.isfile(single):
+        with safe_open(single, "pt") as f:
+            return {k: single for k in f.keys()}
+    raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json (not a checkpoint folder)")
+
+
+def read_config(path):
+    cpath = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: no such checkpoint folder")
+    if not os.path.isfile(cpath):
+        raise UserError(f"{path}: no config.json (not a checkpoint folder)")
+    try:
+        return json.load(open(cpath))
+    except json.JSONDecodeError:
+        raise UserError(f"{cpath}: not valid JSON")
+
+
+def load_pretrained(path, dtype=None, device="cpu", base=None):
+    """Build on the meta device, check every key and shape first (nothing is read yet), then assign tensors read
+    one at a time with safe_open: peak memory stays near the size of the weights. -> (model, cfg, report)."""
+    hf = read_config(path)
+    cfg = Config(**{**dataclasses.asdict(base or Config()), **config_from_hf(hf, path)})
+    files = weight_files(path)
+    with torch.device("meta"):
+        model = VideoLlava(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied_optional = {"language_model.lm_head.weight"} if cfg.tie_word_embeddings else set()
+    found, unexpected, misshaped, layouts = {}, [], [], set()
+    handles = {f: safe_open(f, "pt", device="cpu") for f in set(files.values())}
+    for key, f in files.items():
+        ck = canonical_key(key)
+        layouts.add("memory" if key.startswith(("model.", "lm_head.")) else
+                    "hub" if ".vision_model." in key else "transformers-save" if "_tower." in key else "any")
+        if ck not in expected:
+            unexpected.append(key)
+            continue
+        shape = tuple(handles[f].get_slice(key).get_shape())
+        if shape != expected[ck]:
+            misshaped.append(f"{key} {list(shape)} (model wants {list(expected[ck])})")
+        found[ck] = (key, f)
+    missing = [k for k in expected if k not in found and k not in tied_optional]
+    if missing or unexpected or misshaped:
+        raise UserError(f"{path}: checkpoint does not match the config: missing {missing}, unexpected {unexpected}, "
+                        f"mis-shaped {misshaped}")
+    for ck, (key, f) in found.items():
+        t = handles[f].get_tensor(key)
+        t = t.to(device=device, dtype=dtype or t.dtype)
+        mod_name, _, name = ck.rpartition(".")
+        model.get_submodule(mod_name)._parameters[name] = nn.Parameter(t, requires_grad=True)
+    if "language_model.lm_head.weight" not in found:  # tied: the head is the embedding
+        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    report = {"layouts": sorted(layouts - {"any"}) or ["hub"], "keys": len(files),
+              "files": len(set(files.values())), "renamed": sum(canonical_key(k) != k for k in files)}
+    return model, cfg, report
+
+
+def atomic(path, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)  # a crash never leaves a half-written file
+
+
+def save_checkpoint(model, cfg, tok, opt=None, step=0):
+    """out_dir/model.safetensors (hub key layout) + config.json (HF style, plus the training config and token
+    table) + train_state.pt: from_pretrained loads it like any HF folder."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
+    meta = {**hf_config_dict(cfg), "script": SCRIPT, "train_config": dataclasses.asdict(cfg),
+            "gpt2_table": tok.ids}
+    atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
+    if opt is not None:
+        ts = {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state()}
+        atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def normalise(text):
+    return " ".join(text.lower().strip().rstrip(".").split())
+
+
+def exact_match(preds, refs):
+    """Fraction of predictions equal to their reference after lower-casing, trimming and dropping a final '.'."""
+    return sum(normalise(p) == normalise(r) for p, r in zip(preds, refs)) / max(1, len(refs))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def pick_device(name):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def autocast(dtype, device):
+    if dtype == "float32":
+        return torch.autocast(device.split(":")[0], enabled=False)
+    return torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+def lr_at(step, cfg):
+    """Linear warmup, then cosine decay to min_lr."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
+
+
+class Examples:
+    """Annotation entries with their media decoded once (float32 CLIP-normalised) and their token ids."""
+
+    def __init__(self, entries, cfg, tok):
+        self.entries, cache = entries, {}
+        for e in entries:
+            if e["path"] not in cache:
+                cache[e["path"]] = (load_image(e["path"], cfg.image_size) if e["kind"] == "image"
+                                    else load_video(e["path"], cfg.n_frames, cfg.image_size))
+        self.media = [torch.from_numpy(cache[e["path"]]) for e in entries]
+        self.prompts = [expand_placeholders(tok.encode(prompt_text(e["question"], e["kind"])), cfg, cfg.n_frames)
+                        for e in entries]
+        self.answers = [tok.encode(" " + e["answer"], add_bos=False) + [tok.eos_id] for e in entries]
+
+    def batch(self, idx, with_answer=True, left_pad=False):
+        """-> dict of model inputs. Training rows are prompt + answer, right-padded, targets only on the answer
+        (and its EOS); generation rows are prompts only, left-padded with an attention mask."""
+        rows = [self.prompts[i] + (self.answers[i] if with_answer else []) for i in idx]
+        L = max(map(len, rows))
+        ids = torch.zeros(len(rows), L, dtype=torch.long)
+        mask = torch.zeros(len(rows), L, dtype=torch.long)
+        tgt = torch.full((len(rows), L), -100, dtype=torch.long)
+        for r, (i, row) in enumerate(zip(idx, rows)):
+            s = L - len(row) if left_pad else 0
+            ids[r, s:s + len(row)], mask[r, s:s + len(row)] = torch.tensor(row), 1
+            if with_answer:  # position t predicts token t+1: targets are the answer tokens, shifted left by one
+                p = len(self.prompts[i])
+                tgt[r, s + p - 1:s + len(row) - 1] = torch.tensor(self.answers[i])
+        imgs = [self.media[i] for i in idx if self.entries[i]["kind"] == "image"]
+        vids = [self.media[i] for i in idx if self.entries[i]["kind"] == "video"]
+        return dict(input_ids=ids, attention_mask=mask if left_pad else None, targets=tgt if with_answer else None,
+                    pixel_values_images=torch.stack(imgs) if imgs else None,
+                    pixel_values_videos=torch.stack(vids) if vids else None)
+
+
+def apply_freeze(model, freeze):
+    """Freeze for real: requires_grad off once, eval mode kept by `train_mode`, run without building a graph."""
+    parts = {p for p in freeze.split(",") if p}
+    bad = parts - {"vision", "llm"}
+    if bad:
+        raise UserError(f"--freeze {freeze}: unknown part(s) {sorted(bad)}; use 'vision', 'llm' or 'vision,llm'")
+    frozen = ([model.image_tower, model.video_tower] if "vision" in parts else []) + \
+             ([model.language_model] if "llm" in parts else [])
+    for m in frozen:
+        m.requires_grad_(False)
+    return frozen
+
+
+def train(cfg):
+    device = pick_device(cfg.device)
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    files = build_world(cfg)
+    entries = {s: read_annotations(f) for s, f in files.items()}
+    if cfg.from_pretrained:
+        model, loaded, _ = load_pretrained(cfg.from_pretrained, torch.float32, "cpu", base=cfg)
+        if "gpt2_table" not in read_config(cfg.from_pretrained):
+            raise UserError(f"{cfg.from_pretrained}: --train on the synthetic world needs a checkpoint of this "
+                            "script (its GPT-2 token table); HF checkpoints are for --generate / --inspect")
+        tok = load_tokenizer(cfg.from_pretrained)
+        cfg = dataclasses.replace(cfg, **{f: getattr(loaded, f) for f in config_from_hf(hf_config_dict(loaded), "")})
+    else:
+        texts = [prompt_text(e["question"], e["kind"]) + " " + e["answer"] for s in ("train", "val") for e in entries[s]]
+        tok = GPT2Table.from_texts(texts)
+        cfg = dataclasses.replace(cfg, vocab_size=len(tok), image_token_index=tok.added["<image>"],
+                                  video_token_index=tok.added["<video>"])
+        model = VideoLlava(cfg)
+        model._init_weights()
+    data = {s: Examples(e, cfg, tok) for s, e in entries.items()}
+    print("data: " + ", ".join(f"{s} {len(e)} questions" for s, e in entries.items()) + f" ({time.time() - t0:.1f}s)")
+    frozen = apply_freeze(model, cfg.freeze)
+    model.to(device)
+    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"parameters: {n_all / 1e6:.2f}M total, {n_train / 1e6:.2f}M trainable, {(n_all - n_train) / 1e6:.2f}M "
+          f"frozen; vocab {cfg.vocab_size} (compact GPT-2 table)")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError(f"--freeze {cfg.freeze}: nothing left to train")
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95))
+    tr = data["train"]
+    n, t_log, last_val = len(tr.entries), time.time(), float("nan")
+    for step in range(cfg.max_steps):
+        epoch, k = divmod(step, max(1, n // cfg.batch_size))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        b = tr.batch(perm[k * cfg.batch_size:(k + 1) * cfg.batch_size].tolist())
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        model.train()
+        for m in frozen:
+            m.eval()
+        with autocast(cfg.dtype, device):
+            _, loss = model(**{k: (v.to(device) if v is not None else None) for k, v in b.items()})
+        if not math.isfinite(loss.item()):
+            raise UserError(f"loss became {loss.item()} at step {step}; stopped, the last checkpoint in "
+                            f"{cfg.out_dir} is kept (try a lower --lr)")
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_steps:
+            last_val = eval_loss(model, data["val"], cfg, device)
+            save_checkpoint(model, cfg, tok, opt, step + 1)
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
+            dt = (time.time() - t_log) / cfg.log_interval
+            eta = dt * (cfg.max_steps - step - 1)
+            print(f"step {step + 1}/{cfg.max_steps} | loss {loss.item():.3f} | val {last_val:.3f} | "
+                  f"lr {lr_at(step, cfg):.1e} | {dt * 1000:.0f} ms | {cfg.batch_size / dt:.0f} samples/s | "
+                  f"eta {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
+            t_log = time.time()
+    train_seconds = time.time() - t0
+    print(f"trained in {train_seconds:.0f}s (data included)")
+    return evaluate(model, tok, cfg, device, data, train_seconds)
+
+
+@torch.no_grad()
+def eval_loss(model, ex, cfg, device):
+    model.eval()
+    losses = []
+    for s in range(0, len(ex.entries), 64):
+        b = ex.batch(list(range(s, min(len(ex.entries), s + 64))))
+        with autocast(cfg.dtype, device):
+            losses.append(model(**{k: (v.to(device) if v is not None else None) for k, v in b.items()})[1].item())
+    return sum(losses) / len(losses)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation and evaluation
+
+
+def sample_next(logits, temperature, top_k, top_p, generator):
+    """(B, V) logits -> (B,) ids: argmax when temperature is 0, else temperature / top-k / top-p sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_l, order = logits.sort(-1, descending=True)
+        cum = sorted_l.softmax(-1).cumsum(-1)
+        drop = cum - sorted_l.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pixel_values_videos=None,
+             max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0,
+             generator=None, use_cache=True, on_token=None):
+    """Batched, left-padded generation -> (B, n) new ids (rows that stopped are filled with pad_token_id).
+    The media are encoded once at prefill; each later step feeds one token through the KV cache."""
+    model.eval()
+    B, L = input_ids.shape
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    dtype = model.language_model.model.embed_tokens.weight.dtype
+    dev_type = input_ids.device.type
+    if torch.is_autocast_enabled(dev_type):  # keys/values come out of autocast matmuls in its dtype
+        dtype = torch.get_autocast_dtype(dev_type)
+    if L + max_new_tokens > model.cfg.max_position_embeddings:
+        raise UserError(f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
+                        f"({model.cfg.max_position_embeddings}); shorten the prompt or lower --max_new_tokens")
+    cache = KVCache(model.cfg, B, L + max_new_tokens, dtype, input_ids.device) if use_cache else None
+    logits, _ = model(input_ids, mask, pixel_values_images, pixel_values_videos, cache=cache, last_only=True)
+    seq, out = input_ids, []
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+        out.append(nxt)
+        if on_token is not None:
+            on_token(nxt)
+        if eos_token_id is not None:
+            done = done | (nxt == eos_token_id)
+        if bool(done.all()) or len(out) == max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        if use_cache:
+            logits, _ = model(nxt[:, None], mask, cache=cache, last_only=True)
+        else:  # the naive path: the whole sequence again, media re-encoded (tests compare it with the cache path)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+            logits, _ = model(seq, mask, pixel_values_images, pixel_values_videos, last_only=True)
+    return torch.stack(out, 1)
+
+
+def answer_batch(model, tok, ex, idx, cfg, device):
+    b = ex.batch(idx, with_answer=False, left_pad=True)
+    with autocast(cfg.dtype, device):
+        out = generate(model, b["input_ids"].to(device), b["attention_mask"].to(device),
+                       None if b["pixel_values_images"] is None else b["pixel_values_images"].to(device),
+                       None if b["pixel_values_videos"] is None else b["pixel_values_videos"].to(device),
+                       max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    return [tok.decode([t for t in row.tolist() if t != tok.eos_id]).strip() for row in out]
+
+
+def evaluate(model, tok, cfg, device, data, train_seconds=None):
+    """Greedy answers on test and novel -> exact match per medium and per question kind; writes eval.json."""
+    model.eval()
+    result = {}
+    for split in ("test", "novel"):
+        ex = data[split]
+        preds = []
+        for s in range(0, len(ex.entries), 64):
+            preds += answer_batch(model, tok, ex, list(range(s, min(len(ex.entries), s + 64))), cfg, device)
+        result[split] = {}
+        for kind in ("image", "video"):
+            rows = [i for i, e in enumerate(ex.entries) if e["kind"] == kind]
+            if not rows:
+                continue
+            refs = [ex.entries[i]["answer"] for i in rows]
+            r = {"n": len(rows), "exact_match": exact_match([preds[i] for i in rows], refs), "by_question": {}}
+            for q in sorted({ex.entries[i]["question"].split(" the ")[0].split(" are ")[0] for i in rows}):
+                sub = [i for i in rows if ex.entries[i]["question"].startswith(q)]
+                r["by_question"][q] = exact_match([preds[i] for i in sub], [ex.entries[i]["answer"] for i in sub])
+            r["samples"] = [{"question": ex.entries[i]["question"], "prediction": preds[i],
+                             "reference": ex.entries[i]["answer"]} for i in rows[:4]]
+            result[split][kind] = r
+    result["train_seconds"] = train_seconds
+    print(f"{'split':8s} {'medium':7s} {'n':>5s} {'exact':>7s}")
+    for split in ("test", "novel"):
+        for kind, r in result[split].items():
+            print(f"{split:8s} {kind:7s} {r['n']:5d} {r['exact_match']:7.3f}   " +
+                  ", ".join(f"{q}: {v:.2f}" for q, v in r["by_question"].items()))
+    for s in result["test"].get("video", {}).get("samples", [])[:3] + result["test"].get("image", {}).get("samples", [])[:3]:
+        print(f"  Q: {s['question']}  ->  {s['prediction']!r}  (ref {s['reference']!r})")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inspection and benchmarks
+
+
+def inspect(path, n_frames, n_tokens):
+    """Parameter counts per tower, bytes by dtype, key alignment, estimated memory for n_frames and n_tokens."""
+    hf = read_config(path)
+    cfg = Config(**{**dataclasses.asdict(Config()), **config_from_hf(hf, path)})
+    files = weight_files(path)
+    with torch.device("meta"):
+        model = VideoLlava(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    towers, by_dtype, n_bytes = {}, {}, 0
+    missing, unexpected, renamed, layouts = set(expected), [], 0, set()
+    for key, f in files.items():
+        with safe_open(f, "pt") as h:
+            sl = h.get_slice(key)
+            shape, dt = sl.get_shape(), sl.get_dtype()
+        numel = math.prod(shape)
+        size = numel * {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8}.get(dt, 4)
+        by_dtype[dt] = by_dtype.get(dt, 0) + size
+        n_bytes += size
+        ck = canonical_key(key)
+        renamed += ck != key
+        layouts.add("in-memory (transformers 5)" if key.startswith(("model.", "lm_head.")) else
+                    "hub" if ".vision_model." in key else "transformers-5 save" if "_tower." in key else None)
+        tower = ck.split(".")[0]
+        towers[tower] = towers.get(tower, 0) + numel
+        if ck in expected:
+            missing.discard(ck)
+        else:
+            unexpected.append(key)
+    if cfg.tie_word_embeddings:
+        missing.discard("language_model.lm_head.weight")
+    print(f"checkpoint {path}: {len(files)} tensors in {len(set(files.values()))} file(s), "
+          f"layout {sorted(l for l in layouts if l)}, {renamed} keys renamed to the hub layout")
+    for t, n in towers.items():
+        print(f"  {t:24s} {n / 1e6:12.2f}M parameters")
+    print(f"  {'total':24s} {sum(towers.values()) / 1e6:12.2f}M parameters, {n_bytes / 2**30:.2f} GiB")
+    for dt, b in by_dtype.items():
+        print(f"  bytes {dt:6s} {b / 2**30:.3f} GiB")
+    print(f"key alignment: {len(expected) - len(missing)}/{len(expected)} model tensors found, missing "
+          f"{sorted(missing) or 'none'}, unexpected {unexpected or 'none'}")
+    p = (cfg.image_size // cfg.patch_size) ** 2
+    seq = (p + 1) * n_frames + n_tokens
+    e = cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * e * seq * 2  # bfloat16 cache
+    vis = n_frames * (p + 1) * (cfg.v_hidden_size * 4 + cfg.v_intermediate_size) * 2 + \
+        n_frames * cfg.v_num_attention_heads * (p + 1) ** 2 * 4
+    act = seq * (cfg.hidden_size * 4 + cfg.intermediate_size * 3) * 2 + seq * cfg.vocab_size * 4 * 0
+    print(f"estimate for one video of {n_frames} frames + {n_tokens} text tokens = {seq} positions, bfloat16: "
+          f"weights {n_bytes / 2**30:.2f} GiB (as stored), KV cache {kv / 2**20:.1f} MiB, vision activations "
+          f"{vis / 2**20:.1f} MiB, decoder activations per layer {act / 2**20:.1f} MiB")
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        print(f"CUDA: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB; allocated by this process "
+              f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB")
+    return {"parameters": sum(towers.values()), "bytes": n_bytes, "missing": sorted(missing), "unexpected": unexpected}
+
+
+def bench(cfg):
+    """Decode tokens/s at batch 1, greedy, float32, against transformers' generate on the same weights (tokens must
+    be identical), and the bandwidth floor: weight bytes / measured matrix-vector bandwidth."""
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("--bench compares with transformers: pip install -r requirements-dev.txt")
+    import tempfile
+    torch.manual_seed(0)
+    # the floor: time y = W x for a matrix far bigger than the caches, i.e. memory bandwidth as matvec sees it
+    W, x = torch.randn(8192, 8192), torch.randn(8192)
+    for _ in range(3):
+        W @ x
+    t = time.perf_counter()
+    for _ in range(20):
+        W @ x
+    bw = 20 * W.numel() * 4 / (time.perf_counter() - t)
+    print(f"threads {torch.get_num_threads()}; matrix-vector bandwidth {bw / 1e9:.1f} GB/s (float32)")
+    del W
+    sizes = {"~20M": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=4),
+             "~130M": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                           num_key_value_heads=12)}
+    tc = dict(vocab_size=32064, max_position_embeddings=1024)
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+              patch_size=14)
+    for name, s in sizes.items():
+        hcfg = transformers.VideoLlavaConfig(text_config={"model_type": "llama", **tc, **s}, vision_config=vc)
+        ref = transformers.VideoLlavaForConditionalGeneration(hcfg).eval()
+        with tempfile.TemporaryDirectory() as d:
+            ref.save_pretrained(d)
+            ours = VideoLlava.from_pretrained(d, torch.float32).eval()
+        n_lm = sum(p.numel() for p in ours.language_model.parameters())
+        ids = torch.randint(3, 32000, (1, 16))
+        new = cfg.max_new_tokens if cfg.max_new_tokens > 32 else 128
+        times = {}
+        for who in ("transformers", "video_llava", "transformers", "video_llava"):  # interleaved, best of two
+            t = time.perf_counter()
+            if who == "transformers":
+                out = ref.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)[0, 16:]
+            else:
+                out = generate(ours, ids, max_new_tokens=new)[0]
+            times[who] = min(times.get(who, 1e9), time.perf_counter() - t)
+            outs = times.setdefault("_out_" + who, out)
+        same = torch.equal(times["_out_transformers"], times["_out_video_llava"])
+        floor = bw / (n_lm * 4)
+        tps = {k: new / v for k, v in times.items() if not k.startswith("_")}
+        print(f"{name}: LLaMA {n_lm / 1e6:.1f}M params, {new} new tokens, identical tokens: {same} | transformers "
+              f"{tps['transformers']:.1f} tok/s | video_llava {tps['video_llava']:.1f} tok/s "
+              f"({tps['video_llava'] / tps['transformers']:.2f}x) | bandwidth floor {floor:.1f} tok/s "
+              f"({tps['video_llava'] / floor:.0%} of it)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Video-LLaVA: HF-faithful inference and a tiny model trained on a CPU.")
+    p.add_argument("--train", action="store_true", help="build the synthetic world (if needed), train, evaluate")
+    p.add_argument("--eval", action="store_true", help="evaluate the checkpoint in out_dir on test and novel")
+    p.add_argument("--generate", action="store_true", help="answer --prompt about --video / --image")
+    p.add_argument("--inspect", default="", metavar="DIR", help="report on the checkpoint in DIR")
+    p.add_argument("--bench", action="store_true", help="decode tokens/s vs transformers, bandwidth floor")
+    p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
+    p.add_argument("--image", default="", help="image file, for --generate")
+    p.add_argument("--prompt", default="", help="the question, for --generate")
+    p.add_argument("--n_tokens", type=int, default=64, help="text tokens assumed by --inspect's memory estimate")
+    p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
+    for f in dataclasses.fields(Config):
+        if isinstance(f.default, bool):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), default=None)
+    args = p.parse_args(argv)
+    if args.preset not in PRESETS:
+        raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    cfg = Config(**{**PRESETS[args.preset], **overrides})
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype {cfg.dtype}: choose float32, bfloat16 or float16")
+    return args, cfg, overrides
+
+
+def run_generate(args, cfg, overrides):
+    path = cfg.from_pretrained or cfg.out_dir
+    if not args.prompt:
+        raise UserError("--generate needs --prompt TEXT (and --video PATH or --image PATH)")
+    if args.video and args.image:
+        raise UserError("--generate takes --video or --image, not both")
+    device = pick_device(cfg.device)
+    hf = read_config(path)
+    dtype = None if "gpt2_table" in hf else getattr(torch, overrides.get("dtype", "bfloat16"))  # big ones: bf16
+    model, mcfg, _ = load_pretrained(path, dtype, device)
+    model.eval()
+    tok = load_tokenizer(path)
+    kind = "video" if args.video else "image" if args.image else ""
+    n_frames = overrides.get("n_frames", hf.get("train_config", {}).get("n_frames", 8))
+    imgs = vids = None
+    if kind == "image":
+        imgs = torch.from_numpy(load_image(args.image, mcfg.image_size))[None].to(device)  # (1, 3, S, S)
+    elif kind == "video":
+        vids = torch.from_numpy(load_video(args.video, n_frames, mcfg.image_size))[None].to(device)  # (1, F, 3, S, S)
+    text = args.prompt if "<image>" in args.prompt or "<video>" in args.prompt else prompt_text(args.prompt, kind)
+    ids = torch.tensor([expand_placeholders(tok.encode(text), mcfg, n_frames)], device=device)
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    shown, got = "", []
+
+    def stream(tok_id):  # print the new text as it comes (decoding the whole answer keeps multi-byte chars whole)
+        nonlocal shown
+        got.append(int(tok_id[0]))
+        text = tok.decode([t for t in got if t != tok.eos_id])
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+
+    generate(model, ids, None, imgs, vids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+             top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=g,
+             on_token=stream)
+    print()
+
+
+def main(argv=None):
+    args, cfg, overrides = parse_args(argv)
+    if args.train:
+        print("config:", json.dumps(dataclasses.asdict(cfg)))
+        train(cfg)
+    elif args.eval:
+        device = pick_device(cfg.device)
+        saved = read_config(cfg.out_dir).get("train_config")
+        if saved is None:
+            raise UserError(f"{cfg.out_dir}: not a checkpoint of this script (no train_config); --eval needs one")
+        base = Config(**{**saved, **{k: v for k, v in overrides.items() if k in ("device", "dtype", "out_dir")}})
+        model, mcfg, _ = load_pretrained(cfg.out_dir, torch.float32, device, base=base)
+        tok = load_tokenizer(cfg.out_dir)
+        files = build_world(mcfg)
+        data = {s: Examples(read_annotations(files[s]), mcfg, tok) for s in ("test", "novel")}
+        evaluate(model, tok, mcfg, device, data)
+    elif args.generate:
+        run_generate(args, cfg, overrides)
+    elif args.inspect:
+        inspect(args.inspect, cfg.n_frames if "n_frames" in overrides else 8, args.n_tokens)
+    elif args.bench:
+        bench(cfg)
+    else:
+        print("nothing to do: pass --train, --eval, --generate, --inspect DIR or --bench (see --help)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
