@@ -1,0 +1,1166 @@
+"""
+vit_caption: a ViT image encoder + LLaMA-style decoder image captioner in one file, small enough to train on a CPU.
+
+    image (B, S, S, 3) uint8
+      -> ViT: patch embedding (conv, stride = patch), learned position embeddings, pre-LayerNorm blocks with
+         GELU MLPs and dropout, final LayerNorm                                        -> (B, P, E) patch tokens
+      -> pooled to the visual prefix: "cls" (a learned CLS token's output, (B, 1, E), the seed's single image vector),
+         "mean" (mean of the patch tokens, (B, 1, E)) or "patches" (all P patch tokens, (B, P, E))
+      -> linear projection E -> D                                                       -> (B, N, D)
+      -> LLaMA-style decoder over [visual prefix, <|endoftext|> (BOS), caption tokens]: RMSNorm, rotary positions
+         (rotate_half), causal SDPA self-attention with a KV cache, SwiGLU MLP (SiLU)   -> (B, L, V)
+
+The seed ("Vision Language Model (From Scratch)") trained exactly this model, with a LLaMA tokenizer of 32,000 pieces,
+on 16 image-caption pairs and could only memorise them. Here the text is GPT-2 BPE from tiktoken, not LLaMA's
+tokenizer; the embedding and output table cover only the GPT-2 ids that occur in the training captions (plus
+<|endoftext|>, both BOS and EOS), because a 50257-way layer would dominate a small model on a CPU. `--no-compact_vocab`
+keeps all 50257 rows (`--preset seed` does, so that its parameter count is that of a real full-vocabulary model).
+
+The built-in world: PNG images of one or two shapes (6 colours x 3 shapes x 2 sizes) on a grey background. Captions
+name size, colour and shape of each object and, for two objects, their spatial relation:
+"a small red circle above a large blue square". A two-object image has two references, one from each object's point
+of view ("... above ..." and "... below ..."): exact match accepts either. Split `novel` holds (colour, shape) pairs
+never seen in training; `test` holds new images whose pairs all occur in training.
+
+Shape legend: B batch, S image side, P patches, E ViT width, N visual prefix tokens (1 or P), L text tokens,
+D decoder width, H heads, V vocabulary, K beams.
+
+Commands:
+    python vit_caption.py --train                            # data + training + evaluation on CPU
+    python vit_caption.py --train --max_train 16             # the seed's experiment: memorise 16 pairs
+    python vit_caption.py --train --preset seed              # the seed's exact sizes: a few steps, samples/s
+    python vit_caption.py --eval                             # re-evaluate out/vit_caption
+    python vit_caption.py --generate --image photo.jpg       # caption any image (+ attention PNG)
+    python vit_caption.py --bench                            # training samples/s, captions/s with/without cache
+    torchrun --nproc_per_node=2 vit_caption.py --train       # DDP (gloo on CPU, nccl on CUDA)
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import tiktoken
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+SCRIPT = "vit_caption"
+
+
+class UserError(Exception):
+    """A problem with the user's input: main() prints it as one line and exits with status 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    # data
+    data: str = ""  # captions file of user data (format in the README); "" = the built-in synthetic world
+    test_data: str = ""  # optional captions file for evaluation on user data; else every 10th image is held out
+    data_dir: str = "data/vit_caption"  # where the synthetic world is written
+    out_dir: str = "out/vit_caption"  # checkpoint, eval.json, pictures
+    n_train: int = 6000  # synthetic images per split
+    n_val: int = 200
+    n_test: int = 500
+    n_novel: int = 500
+    max_train: int = 0  # >0: train on only the first max_train pairs (the seed trained on 16) and report train EM
+    img_size: int = 48  # images are letterboxed to a square and resized to this side
+    # ViT
+    patch: int = 8
+    vit_dim: int = 128  # E
+    vit_layers: int = 3
+    vit_heads: int = 4
+    vit_mlp: int = 512
+    vit_dropout: float = 0.0
+    pool: str = "patches"  # visual prefix: "cls", "mean" (one vector, as the seed) or "patches" (all P tokens)
+    # decoder
+    d_model: int = 128  # D
+    n_layer: int = 2
+    n_head: int = 4
+    mlp_dim: int = 384  # SwiGLU hidden width
+    max_len: int = 24  # longest caption in tokens, BOS/EOS included
+    rope_theta: float = 10000.0
+    dropout: float = 0.0  # decoder dropout (residual branches)
+    compact_vocab: bool = True  # output table over the GPT-2 ids seen in training (False: all 50257)
+    # training
+    batch_size: int = 64  # micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * world size)
+    max_steps: int = 1200
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup: int = 60
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    dtype: str = "bfloat16"  # autocast dtype: float32, bfloat16 or float16 (float16 only on CUDA)
+    device: str = "auto"  # auto = cuda > mps > cpu
+    compile: bool = False
+    seed: int = 1337
+    log_interval: int = 50
+    eval_interval: int = 400  # validation loss every this many steps (and a checkpoint)
+    stop_after: int = 0  # stop (and save) after this many steps, as if interrupted; --resume continues
+    # generation
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    beam: int = 1  # beam width; >1 = beam search (deterministic)
+    max_new_tokens: int = 23
+
+
+PRESETS = {
+    "default": {},
+    # seconds, for the tests
+    "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, img_size=16, patch=8, vit_dim=32, vit_layers=1,
+                 vit_heads=2, vit_mlp=64, d_model=32, n_layer=1, n_head=2, mlp_dim=64, batch_size=8, max_steps=6,
+                 warmup=2, log_interval=2, eval_interval=4, dtype="float32"),
+    # the seed's exact sizes (its 4 attention heads of 32 and the GPT-2 table are our choices: the seed names neither)
+    "seed": dict(img_size=96, patch=16, vit_dim=512, vit_layers=16, vit_heads=8, vit_mlp=2048, vit_dropout=0.4,
+                 pool="cls", d_model=128, n_layer=8, n_head=4, mlp_dim=11008, compact_vocab=False, batch_size=16,
+                 max_steps=6, warmup=2, lr=3e-4, log_interval=1, eval_interval=1000, dtype="float32"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: synthetic world, image loader, captions files, tokenizer
+
+COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
+           "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
+SHAPES = ["circle", "square", "triangle"]
+SIZES = {"small": 8, "large": 15}  # half-size in pixels of the written RENDER x RENDER image
+# (colour, shape) pairs never shown in training: each colour loses one shape, each shape is held out twice.
+NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),
+               ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}
+RELATIONS = {"above": "below", "below": "above", "to the left of": "to the right of", "to the right of": "to the left of"}
+RENDER = 96  # side of the written PNG (the seed's input size); the model resizes to img_size
+
+
+def draw_shape(img, shape, colour, size, cx, cy):
+    c, h = COLOURS[colour], SIZES[size]
+    if shape == "circle":
+        cv2.circle(img, (cx, cy), h, c, -1, cv2.LINE_AA)
+    elif shape == "square":
+        cv2.rectangle(img, (cx - h + 2, cy - h + 2), (cx + h - 2, cy + h - 2), c, -1)  # same area feel as a circle
+    else:
+        pts = np.array([[cx, cy - h], [cx - h, cy + h - 1], [cx + h, cy + h - 1]], np.int32)
+        cv2.fillPoly(img, [pts], c, cv2.LINE_AA)
+
+
+def describe(obj):
+    return f"a {obj[2]} {obj[0]} {obj[1]}"  # obj = (colour, shape, size, cx, cy)
+
+
+def captions_for(objs, relation):
+    """One object: its description. Two: "A <relation> B" and the same fact from B's side ("B <inverse> A")."""
+    if len(objs) == 1:
+        return [describe(objs[0])]
+    a, b = objs
+    return [f"{describe(a)} {relation} {describe(b)}", f"{describe(b)} {RELATIONS[relation]} {describe(a)}"]
+
+
+def sample_scene(rng, split):
+    """-> (objects, relation). Two objects sit in opposite halves (top/bottom or left/right) with jitter, so the
+    relation is unambiguous; the split decides whether a held-out (colour, shape) pair must / must not appear."""
+    while True:
+        n = 1 if rng.random() < 0.3 else 2
+        attrs = [(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(SIZES))) for _ in range(n)]
+        novel = [(c, s) in NOVEL_PAIRS for c, s, _ in attrs]
+        if not (any(novel) if split == "novel" else not any(novel)):
+            continue
+        if n == 2 and attrs[0] == attrs[1]:
+            continue  # two identical objects would make "a X above a X": allowed but uninformative
+        q = RENDER // 4  # centre of a half along the split axis
+        if n == 1:
+            m = SIZES[attrs[0][2]] + 2
+            return [(*attrs[0], rng.randint(m, RENDER - m), rng.randint(m, RENDER - m))], None
+        relation = rng.choice(list(RELATIONS))
+        along = [q, 3 * q] if relation in ("above", "to the left of") else [3 * q, q]  # first object's side first
+        objs = []
+        for (c, s, z), a in zip(attrs, along):
+            m = SIZES[z] + 2
+            a += rng.randint(-(q - m), q - m) if q > m else 0  # jitter inside its half
+            other = rng.randint(m, RENDER - m)  # free along the other axis
+            cx, cy = (other, a) if relation in ("above", "below") else (a, other)
+            objs.append((c, s, z, cx, cy))
+        return objs, relation
+
+
+def write_image(path, objs, rng):
+    img = np.full((RENDER, RENDER, 3), rng.randint(50, 90), np.uint8)  # background grey varies a little
+    for c, s, z, cx, cy in objs:
+        draw_shape(img, s, c, z, cx, cy)
+    if not cv2.imwrite(path, img):
+        raise UserError(f"{path}: cannot write (is {os.path.dirname(path)} writable?)")
+
+
+def build_world(cfg):
+    """Write data_dir/<split>/*.png and data_dir/<split>.txt once (deterministic from the seed); return the paths."""
+    sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "novel": cfg.n_novel}
+    stamp = os.path.join(cfg.data_dir, "world.json")
+    want = dict(sizes, seed=cfg.seed, version=1)
+    files = {s: os.path.join(cfg.data_dir, f"{s}.txt") for s in sizes}
+    if os.path.exists(stamp) and json.load(open(stamp)) == want:
+        return files
+    for offset, (split, n) in enumerate(sizes.items()):
+        rng = random.Random(cfg.seed * 10 + offset)
+        os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
+        lines = []
+        for i in range(n):
+            objs, relation = sample_scene(rng, split)
+            name = f"{split}/{i:05d}.png"
+            write_image(os.path.join(cfg.data_dir, name), objs, rng)
+            lines += [f"{name} | {c}" for c in captions_for(objs, relation)]
+        with open(files[split], "w") as f:
+            f.write("\n".join(lines) + "\n")
+    json.dump(want, open(stamp, "w"))
+    return files
+
+
+def load_image(path, size):
+    """Any image OpenCV reads, any size -> uint8 (size, size, 3) RGB. Letterboxed (edge pixels repeated) rather than
+    cropped or stretched: a crop could cut an object away and a stretch turns circles into ellipses."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: image not found")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path}: image file is empty (0 bytes); replace it with a real image")
+    img = cv2.imread(path, cv2.IMREAD_COLOR)  # BGR, 8-bit, 3 channels whatever the file holds
+    if img is None or img.size == 0:
+        raise UserError(f"{path}: OpenCV cannot decode this image (corrupt or unknown format)")
+    h, w = img.shape[:2]
+    s = max(h, w)
+    top, left = (s - h) // 2, (s - w) // 2
+    img = cv2.copyMakeBorder(img, top, s - h - top, left, s - w - left, cv2.BORDER_REPLICATE)  # (s, s, 3)
+    img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if s > size else cv2.INTER_LINEAR)
+    return np.ascontiguousarray(img[:, :, ::-1])  # BGR -> RGB
+
+
+def read_captions(path):
+    """Captions file: one `image path | caption` per line, paths relative to the file; an image may appear on several
+    lines (several references). Blank lines and lines starting with # are skipped. -> [(image_path, [captions])]."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: captions file not found")
+    try:
+        text = open(path, encoding="utf-8").read()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file (expected lines 'image.png | a caption')")
+    base, order, caps = os.path.dirname(os.path.abspath(path)), [], {}
+    for no, line in enumerate(text.split("\n"), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "|" not in line:
+            raise UserError(f"{path}:{no}: expected 'image path | caption', found no '|' in {line[:60]!r}")
+        name, caption = (x.strip() for x in line.split("|", 1))
+        if not name or not caption:
+            raise UserError(f"{path}:{no}: empty {'image path' if not name else 'caption'} in {line[:60]!r}")
+        image = os.path.join(base, name)
+        if image not in caps:
+            if not os.path.isfile(image):
+                raise UserError(f"{path}:{no}: image '{name}' not found (paths are relative to the captions file)")
+            order.append(image)
+            caps[image] = []
+        caps[image].append(caption)
+    if not order:
+        raise UserError(f"{path}: no entries (expected lines 'image.png | a caption')")
+    return [(im, caps[im]) for im in order]
+
+
+def load_split(entries, cfg):
+    """Decode every image once into a uint8 tensor (N, S, S, 3): epochs never re-decode."""
+    return torch.from_numpy(np.stack([load_image(p, cfg.img_size) for p, _ in entries]))
+
+
+class Tokenizer:
+    """GPT-2 BPE (tiktoken) with a compact table: model ids index `ids`, the GPT-2 ids seen in training.
+    Model id 0 is <|endoftext|>, used as BOS and EOS."""
+
+    def __init__(self, ids):
+        self.enc = tiktoken.get_encoding("gpt2")
+        self.ids = list(ids)
+        self.to_model = {g: i for i, g in enumerate(self.ids)}
+        self.eos = 0
+
+    @classmethod
+    def from_captions(cls, captions, compact=True):
+        enc = tiktoken.get_encoding("gpt2")
+        if not compact:
+            return cls([enc.eot_token] + [i for i in range(enc.n_vocab) if i != enc.eot_token])
+        return cls([enc.eot_token] + sorted({t for c in captions for t in enc.encode(c)}))
+
+    def encode(self, text):
+        """Caption -> [BOS, ..., EOS] in model ids; GPT-2 ids absent from the table are dropped (said in README)."""
+        return [self.eos] + [self.to_model[t] for t in self.enc.encode(text) if t in self.to_model] + [self.eos]
+
+    def decode(self, ids):
+        return self.enc.decode([self.ids[i] for i in ids if i != self.eos]).strip()
+
+
+def normalise(text):
+    return " ".join(text.lower().strip().rstrip(".").split())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model: primitives -> ViT -> decoder -> captioner
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        xf = x.float()  # the mean square in float32, as LLaMA does, then back to the working dtype
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(n, head_dim, theta):
+    """cos/sin (n, head_dim) for rotary positions in the rotate_half layout (HF LLaMA): the two halves of a head
+    share frequencies, cos = cat(freqs, freqs)."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv)  # (n, head_dim/2)
+    emb = torch.cat([freqs, freqs], -1)  # (n, head_dim)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat([-x2, x1], -1)
+
+
+def apply_rope(x, cos, sin):  # x (B, H, T, hd); cos/sin (T, hd)
+    return (x * cos + rotate_half(x) * sin).type_as(x)
+
+
+class ViTBlock(nn.Module):
+    """Pre-LayerNorm Transformer encoder block: bidirectional multi-head attention, GELU MLP, dropout."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.h, self.p = cfg.vit_heads, cfg.vit_dropout
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.vit_dim), nn.LayerNorm(cfg.vit_dim)
+        self.qkv, self.proj = nn.Linear(cfg.vit_dim, 3 * cfg.vit_dim), nn.Linear(cfg.vit_dim, cfg.vit_dim)
+        self.mlp = nn.Sequential(nn.Linear(cfg.vit_dim, cfg.vit_mlp), nn.GELU(), nn.Dropout(cfg.vit_dropout),
+                                 nn.Linear(cfg.vit_mlp, cfg.vit_dim))
+        self.drop = nn.Dropout(cfg.vit_dropout)
+        self.record, self.weights = False, None
+
+    def forward(self, x):
+        B, T, E = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.h, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, E/H)
+        if self.record:  # explicit softmax only to draw the attention maps
+            self.weights = ((q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])).softmax(-1).mean(1).detach()
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0)
+        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, T, E)))  # (B, T, E)
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class ViT(nn.Module):
+    """(B, 3, S, S) float -> visual tokens (B, N, E): N = 1 for "cls"/"mean", N = P for "patches"."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.img_size % cfg.patch:
+            raise UserError(f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}")
+        self.pool, n_patch = cfg.pool, (cfg.img_size // cfg.patch) ** 2
+        self.patch_embed = nn.Conv2d(3, cfg.vit_dim, cfg.patch, cfg.patch)  # a linear map of each patch
+        # a CLS token only where it is read: an unused parameter would stall DDP
+        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.vit_dim)) if cfg.pool == "cls" else None
+        self.pos = nn.Parameter(torch.zeros(1, n_patch + (cfg.pool == "cls"), cfg.vit_dim))
+        self.drop = nn.Dropout(cfg.vit_dropout)
+        self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.vit_layers))
+        self.ln = nn.LayerNorm(cfg.vit_dim)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, E, S/p, S/p) -> (B, P, E), row-major patches
+        if self.cls is not None:
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)  # (B, 1+P, E)
+        x = self.drop(x + self.pos)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.ln(x)
+        if self.pool == "cls":
+            return x[:, :1]  # (B, 1, E)
+        if self.pool == "mean":
+            return x.mean(1, keepdim=True)  # (B, 1, E)
+        return x  # (B, P, E)
+
+
+class Attention(nn.Module):
+    """LLaMA causal self-attention: q/k/v/o without bias, RoPE on q and k, SDPA. `cache` (a dict per layer) holds
+    past keys/values; a call with a filled cache appends the new positions. `record = True` keeps the weights."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.h, self.p = cfg.n_head, cfg.dropout
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+                                                              for _ in range(4))
+        self.record, self.weights = False, None
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, D = x.shape
+        q, k, v = (m(x).view(B, T, self.h, -1).transpose(1, 2) for m in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, D/H), rotated at their own positions
+        past = 0
+        if cache is not None:
+            if "k" in cache:
+                past = cache["k"].shape[2]
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)  # (B, H, past+T, D/H)
+            cache["k"], cache["v"] = k, v
+        # causal over the whole [prefix, text] sequence; with `past` cached keys a new query i sees keys <= past+i
+        mask = None
+        if T > 1:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        if self.record:  # explicit softmax only to draw the attention maps
+            att = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            self.weights = att.softmax(-1).mean(1).detach()  # (B, T, past+T), averaged over heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.mlp_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_dim, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm, self.self_attn = RMSNorm(cfg.d_model), Attention(cfg)
+        self.post_attention_layernorm, self.mlp = RMSNorm(cfg.d_model), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, cache))
+        return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+
+
+class ViTCaptioner(nn.Module):
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.cfg = cfg
+        self.vit = ViT(cfg)
+        self.proj = nn.Linear(cfg.vit_dim, cfg.d_model)  # E -> D: the image in the decoder's embedding space
+        self.n_prefix = 1 if cfg.pool in ("cls", "mean") else (cfg.img_size // cfg.patch) ** 2  # N
+        self.embed_tokens = nn.Embedding(vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)  # untied, as in LLaMA
+        cos, sin = rope_tables(self.n_prefix + cfg.max_len, cfg.d_model // cfg.n_head, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("pix_mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pix_std", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
+        self.apply(self._init_weights)
+        nn.init.normal_(self.vit.pos, 0.0, 0.02)
+        if self.vit.cls is not None:
+            nn.init.normal_(self.vit.cls, 0.0, 0.02)
+        for name, p in self.named_parameters():  # GPT-2: residual output projections scaled down by depth
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+            elif name.startswith("vit.blocks") and name.endswith((".proj.weight", "mlp.3.weight")):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.vit_layers))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def part_counts(self):
+        """Parameter count of each part, for the start-up print."""
+        n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {"vit": n(self.vit), "projection": n(self.proj), "embedding": n(self.embed_tokens),
+                "decoder layers": n(self.layers) + n(self.norm), "lm_head": n(self.lm_head)}
+
+    def encode(self, images):
+        """uint8 (B, S, S, 3) -> visual prefix (B, N, D)."""
+        x = images.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, S, S) in [0, 1]
+        return self.proj(self.vit((x - self.pix_mean) / self.pix_std))
+
+    def decode(self, x, cache=None, pos=0, last_only=False):
+        """Embedded sequence x (B, T, D) at positions pos.. -> logits (B, T, V) (or (B, 1, V) with last_only)."""
+        T = x.shape[1]
+        if pos + T > self.rope_cos.shape[0]:
+            raise UserError(f"sequence of {pos + T} positions exceeds the context {self.rope_cos.shape[0]} "
+                            f"(visual prefix {self.n_prefix} + max_len {self.cfg.max_len}); raise --max_len")
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if cache is None else cache[i])
+        return self.lm_head(self.norm(x[:, -1:] if last_only else x))
+
+    def forward(self, images, idx, targets=None):
+        """images uint8 (B, S, S, 3), idx (B, L) -> logits (B, L, V) at the text positions only, and the loss."""
+        prefix = self.encode(images)  # (B, N, D)
+        x = torch.cat([prefix, self.embed_tokens(idx)], 1)  # (B, N+L, D)
+        T = x.shape[1]
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        logits = self.lm_head(self.norm(x[:, self.n_prefix:]))  # the head only where a token is predicted
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def record_attention(self, on):
+        for m in self.modules():
+            if isinstance(m, (Attention, ViTBlock)):
+                m.record, m.weights = on, None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint I/O: out_dir/model.safetensors + config.json (+ the token table) + train_state.pt
+
+
+def atomic(path, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)  # a crash never leaves a half-written file
+
+
+def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
+    meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
+    atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
+    if opt is not None:
+        ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
+        atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
+
+
+ARCH = ("img_size", "patch", "vit_dim", "vit_layers", "vit_heads", "vit_mlp", "pool", "d_model", "n_layer", "n_head",
+        "mlp_dim", "max_len", "rope_theta", "compact_vocab")
+
+
+def load_checkpoint(out_dir, overrides=None):
+    """-> (model, tokenizer, cfg). Refuses a missing checkpoint, one written by another script, or mismatched keys.
+    The architecture always comes from the checkpoint; overrides may change only the rest (generation, device...)."""
+    cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
+    if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
+        raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
+    try:
+        meta = json.load(open(cpath))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{cpath}: not valid JSON (checkpoint damaged; retrain or pass another --out_dir)")
+    if not isinstance(meta, dict) or meta.get("script") != SCRIPT:
+        who = meta.get("script") if isinstance(meta, dict) else None
+        raise UserError(f"{out_dir}: checkpoint was written by '{who}', not {SCRIPT}.py; pass --out_dir of a "
+                        f"{SCRIPT} checkpoint")
+    known = {f.name for f in dataclasses.fields(Config)}
+    saved = {k: v for k, v in meta["config"].items() if k in known}
+    cfg = Config(**{**saved, **{k: v for k, v in (overrides or {}).items() if k not in ARCH}})
+    tok = Tokenizer(meta["vocab"])
+    model = ViTCaptioner(cfg, len(tok.ids))
+    try:
+        state = load_file(wpath)
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise UserError(f"{wpath}: cannot read weights ({str(e)[:80]}); retrain or pass another --out_dir")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        raise UserError(f"{wpath}: keys do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                        f"mis-shaped {shapes[:5]})")
+    model.load_state_dict(state)
+    return model, tok, cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics: exact match, corpus BLEU-4, CIDEr-D (plain Python, tested on hand-computed cases)
+
+
+def ngrams(words, n):
+    out = {}
+    for i in range(len(words) - n + 1):
+        g = tuple(words[i:i + n])
+        out[g] = out.get(g, 0) + 1
+    return out
+
+
+def exact_match(preds, refs):
+    return sum(normalise(p) in {normalise(r) for r in rs} for p, rs in zip(preds, refs)) / max(1, len(preds))
+
+
+def bleu4(preds, refs):
+    """Corpus BLEU-4 (Papineni et al.): clipped n-gram precision over the corpus, brevity penalty against the
+    reference closest in length (the shorter one on ties). No smoothing: one empty n-gram order gives 0."""
+    match, total, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0
+    for p, rs in zip(preds, refs):
+        h, rws = normalise(p).split(), [normalise(r).split() for r in rs]
+        hyp_len += len(h)
+        ref_len += min((abs(len(r) - len(h)), len(r)) for r in rws)[1]
+        for n in range(1, 5):
+            best = {}
+            for r in rws:
+                for g, c in ngrams(r, n).items():
+                    best[g] = max(best.get(g, 0), c)
+            match[n - 1] += sum(min(c, best.get(g, 0)) for g, c in ngrams(h, n).items())
+            total[n - 1] += max(0, len(h) - n + 1)
+    if min(match) == 0:
+        return 0.0
+    log_p = sum(math.log(m / t) for m, t in zip(match, total)) / 4
+    bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / max(hyp_len, 1))
+    return bp * math.exp(log_p)
+
+
+def cider_d(preds, refs, sigma=6.0):
+    """CIDEr-D (Vedantam et al.): TF-IDF n-gram vectors (n=1..4, IDF from the evaluated set's references), cosine
+    with clipped hypothesis counts, a Gaussian penalty on the length difference (sigma=6), averaged over references
+    and n, times 10."""
+    ref_words = [[normalise(r).split() for r in rs] for rs in refs]
+    df = {}
+    for rws in ref_words:
+        for g in {g for r in rws for n in range(1, 5) for g in ngrams(r, n)}:
+            df[g] = df.get(g, 0) + 1
+    log_n = math.log(float(len(refs)))
+
+    def vec(words):
+        v = [{}, {}, {}, {}]
+        for n in range(1, 5):
+            for g, c in ngrams(words, n).items():
+                v[n - 1][g] = c * (log_n - math.log(max(1.0, df.get(g, 0.0))))
+        return v, [math.sqrt(sum(x * x for x in d.values())) for d in v], len(words)
+
+    scores = []
+    for p, rws in zip(preds, ref_words):
+        hv, hn, hl = vec(normalise(p).split())
+        total = 0.0
+        for r in rws:
+            rv, rn, rl = vec(r)
+            for n in range(4):
+                val = sum(min(x, rv[n].get(g, 0.0)) * rv[n].get(g, 0.0) for g, x in hv[n].items())
+                if hn[n] and rn[n]:
+                    val /= hn[n] * rn[n]
+                total += val * math.exp(-((hl - rl) ** 2) / (2 * sigma ** 2))
+        scores.append(total / 4 / len(rws) * 10.0)
+    return sum(scores) / max(1, len(scores))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def pick_device(name):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def autocast(cfg, device):
+    if cfg.dtype == "float32":
+        return torch.autocast(device.split(":")[0], enabled=False)
+    return torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype))
+
+
+def pad_batch(seqs, max_len):
+    """Token lists -> (inputs, targets), right-padded; pad targets are -100 (ignored by the loss).
+    Right padding needs no attention mask: under the causal mask a pad never influences an earlier position."""
+    L = min(max_len, max(len(s) for s in seqs)) - 1
+    inp = torch.zeros(len(seqs), L, dtype=torch.long)
+    tgt = torch.full((len(seqs), L), -100, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        s = s[: L + 1]
+        inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
+    return inp, tgt
+
+
+def lr_at(step, cfg):
+    """Linear warmup, then cosine decay to min_lr."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
+
+
+def global_batch(step, n, size, seed):
+    """Indices of the global batch of a step: a fresh permutation per epoch, shared by every rank. A set smaller
+    than the batch (--max_train 16) is repeated to fill it, so every step sees a full batch."""
+    reps = -(-size // n)
+    n_all = n * reps
+    per_epoch = max(1, n_all // size)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n_all, generator=torch.Generator().manual_seed(seed + epoch)) % n
+    return perm[k * size:(k + 1) * size]
+
+
+def prepare_data(cfg, rank):
+    """-> {split: (entries, uint8 images)}; the synthetic world is built by rank 0 only."""
+    if cfg.data:
+        entries = read_captions(cfg.data)
+        if cfg.test_data:
+            test = read_captions(cfg.test_data)
+        else:  # hold out every 10th image for evaluation
+            test, entries = entries[::10], [e for i, e in enumerate(entries) if i % 10]
+            if not entries:
+                raise UserError(f"{cfg.data}: too few images to hold out a test set; add images or pass --test_data")
+        splits = {"train": entries, "val": test[: max(1, len(test) // 2)], "test": test}
+    else:
+        if rank == 0:
+            build_world(cfg)
+        if dist.is_initialized():
+            dist.barrier()
+        splits = {s: read_captions(os.path.join(cfg.data_dir, f"{s}.txt")) for s in ("train", "val", "test", "novel")}
+    if cfg.max_train > 0:
+        splits["train"] = splits["train"][: cfg.max_train]
+    return {s: (e, load_split(e, cfg)) for s, e in splits.items()}
+
+
+def train(cfg, resume=False):
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    device = pick_device(cfg.device)
+    if device == "cuda" and ddp:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    data = prepare_data(cfg, rank)
+    train_entries, train_imgs = data["train"]
+    say("data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" images ({time.time() - t0:.1f}s)")
+
+    if resume:
+        if not os.path.isfile(os.path.join(cfg.out_dir, "train_state.pt")):
+            raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
+        model, tok, saved = load_checkpoint(cfg.out_dir)
+        if any(getattr(saved, k) != getattr(cfg, k) for k in ARCH):
+            raise UserError(f"{cfg.out_dir}: checkpoint has another architecture than this config (same --preset?)")
+    else:
+        tok = Tokenizer.from_captions([c for _, cs in train_entries for c in cs], cfg.compact_vocab)
+        model = ViTCaptioner(cfg, len(tok.ids))
+    model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"parameters: {n_params / 1e6:.2f}M total, {n_params / 1e6:.2f}M trainable, 0 frozen; vocab {len(tok.ids)}; "
+        + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in model.part_counts().items()))
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "vit.pos" not in n and "vit.cls" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "vit.pos" not in n
+                                                                and "vit.cls" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    step = 0
+    if resume:
+        ts = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
+        opt.load_state_dict(ts["optimizer"])
+        step = ts["step"]
+        torch.set_rng_state(ts["rng"])
+        say(f"resumed from step {step}")
+    raw = model
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+    fwd = torch.compile(model) if cfg.compile else model
+    scaler = torch.amp.GradScaler(enabled=cfg.dtype == "float16")
+    train_tokens = [[tok.encode(c) for c in cs] for _, cs in train_entries]
+    val_entries, val_imgs = data["val"]
+    caption_rng = random.Random(cfg.seed)
+    gsize = cfg.batch_size * cfg.grad_accum * world
+    last_val, t_log, t_train = float("nan"), time.time(), time.time()
+    step0 = step
+    while step < cfg.max_steps:
+        idx = global_batch(step, len(train_entries), gsize, cfg.seed)
+        caption_rng.seed(cfg.seed * 100003 + step)  # which reference each image shows: a function of the step
+        seqs = [caption_rng.choice(train_tokens[i]) for i in idx.tolist()]
+        inp_all, tgt_all = pad_batch(seqs, cfg.max_len)
+        n_tok = (tgt_all != -100).sum().item()  # loss is a mean over the global batch's tokens, whatever the split
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        model.train()
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            rows = slice((micro * world + rank) * cfg.batch_size, (micro * world + rank + 1) * cfg.batch_size)
+            img, inp, tgt = train_imgs[idx[rows]].to(device), inp_all[rows].to(device), tgt_all[rows].to(device)
+            sync = (not ddp) or micro == cfg.grad_accum - 1
+            ctx = model.no_sync() if not sync else torch.enable_grad()
+            with ctx, autocast(cfg, device):
+                logits, _ = fwd(img, inp)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100,
+                                       reduction="sum") / n_tok * world  # DDP averages over ranks
+            scaler.scale(loss).backward()
+            total += loss.item() / world
+        if not math.isfinite(total):
+            raise UserError(f"loss became {total} at step {step}; stopped, the last good checkpoint in "
+                            f"{cfg.out_dir} is kept (try a lower --lr)")
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            if master:
+                last_val = evaluate_loss(raw, tok, val_entries, val_imgs, cfg, device)
+                save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
+        if master and (step % cfg.log_interval == 0 or step == cfg.max_steps):
+            n_steps = (step - step0) % cfg.log_interval or cfg.log_interval
+            dt = (time.time() - t_log) / n_steps
+            eta = dt * (cfg.max_steps - step)
+            say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {last_val:.3f} | lr {lr_at(step - 1, cfg):.1e}"
+                f" | {dt * 1000:.0f} ms | {gsize / dt:.0f} samples/s | eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+            t_log = time.time()
+        if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
+            if master:
+                save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
+                say(f"stopped after step {step} as asked; continue with --resume")
+            break
+    train_seconds = time.time() - t0
+    if ddp:
+        dist.barrier()
+    if master and step >= cfg.max_steps:
+        if step > step0:
+            say(f"training: {(step - step0) * gsize / (time.time() - t_train):.1f} samples/s over "
+                f"{step - step0} steps; {train_seconds:.0f}s so far (data included)")
+        evaluate(raw, tok, cfg, device, data, train_seconds)
+    if ddp:
+        dist.destroy_process_group()
+    return raw, tok
+
+
+@torch.no_grad()
+def evaluate_loss(model, tok, entries, images, cfg, device):
+    model.eval()
+    inp, tgt = pad_batch([tok.encode(cs[0]) for _, cs in entries], cfg.max_len)
+    with autocast(cfg, device):
+        _, loss = model(images.to(device), inp.to(device), tgt.to(device))
+    return loss.item()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation and evaluation
+
+
+def filter_logits(logits, top_k, top_p):
+    """Keep the top_k largest and the smallest set whose probability reaches top_p; the rest -> -inf."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # tokens after the nucleus is already full
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def prefill_input(model, images):
+    """[visual prefix, BOS] embedded: (B, N+1, D). Every row has the same length, so a batch needs no padding."""
+    bos = torch.zeros(images.shape[0], 1, dtype=torch.long, device=images.device)
+    return torch.cat([model.encode(images), model.embed_tokens(bos)], 1)
+
+
+@torch.no_grad()
+def generate(model, images, cfg, use_cache=True, generator=None):
+    """Batched captioning from BOS until EOS (per row) or max_new_tokens. Greedy when temperature == 0, else
+    temperature / top-k / top-p sampling from `generator`; beam search when cfg.beam > 1. -> list of id lists."""
+    if cfg.beam > 1:
+        return beam_search(model, images, cfg)
+    model.eval()
+    B, eos, N = images.shape[0], 0, model.n_prefix
+    x = prefill_input(model, images)  # the image is encoded once, (B, N+1, D)
+    cache = [{} for _ in model.layers] if use_cache else None
+    seq = torch.zeros(B, 0, dtype=torch.long, device=images.device)
+    done = torch.zeros(B, dtype=torch.bool, device=images.device)
+    logits = model.decode(x, cache, pos=0, last_only=True)[:, -1].float()  # prefill
+    for t in range(min(cfg.max_new_tokens, cfg.max_len - 1)):
+        if cfg.temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        nxt = nxt.masked_fill(done, eos)
+        seq = torch.cat([seq, nxt[:, None]], 1)
+        done |= nxt == eos
+        if done.all() or t == min(cfg.max_new_tokens, cfg.max_len - 1) - 1:
+            break
+        if use_cache:  # one new position at N+1+t
+            logits = model.decode(model.embed_tokens(nxt[:, None]), cache, pos=N + 1 + t)[:, -1].float()
+        else:  # the reference path: re-run the whole sequence
+            logits = model.decode(torch.cat([x, model.embed_tokens(seq)], 1), last_only=True)[:, -1].float()
+    return [[i for i in row if i != eos] for row in seq.tolist()]
+
+
+@torch.no_grad()
+def beam_search(model, images, cfg, length_penalty=1.0):
+    """Beam search with the KV cache: B*K rows; the cache is re-ordered by each step's surviving beams.
+    A finished hypothesis scores its log-probability / length**length_penalty."""
+    model.eval()
+    B, K, eos, N = images.shape[0], cfg.beam, 0, model.n_prefix
+    x = prefill_input(model, images).repeat_interleave(K, 0)  # (B*K, N+1, D)
+    cache = [{} for _ in model.layers]
+    logp = model.decode(x, cache, pos=0, last_only=True)[:, -1].float().log_softmax(-1)  # (B*K, V)
+    seq = torch.zeros(B * K, 0, dtype=torch.long, device=images.device)
+    score = torch.zeros(B, K, device=images.device)
+    score[:, 1:] = float("-inf")  # all beams start identical: keep one
+    finished = [[] for _ in range(B)]
+    steps = min(cfg.max_new_tokens, cfg.max_len - 1)
+    for t in range(steps):
+        V = logp.shape[-1]
+        top, pos = (score.view(-1, 1) + logp).view(B, K * V).topk(2 * K, -1)  # 2K: K live beams survive EOS ends
+        new_rows, new_tok, new_score = [], [], []
+        for b in range(B):
+            keep = []
+            for s, p in zip(top[b].tolist(), pos[b].tolist()):
+                beam, token = divmod(p, V)
+                if s == float("-inf"):
+                    break
+                if token == eos:
+                    finished[b].append((s / (t + 1) ** length_penalty, seq[b * K + beam].tolist()))
+                else:
+                    keep.append((s, b * K + beam, token))
+                if len(keep) == K:
+                    break
+            keep += [(float("-inf"), b * K, eos)] * (K - len(keep))
+            for s, row, token in keep:
+                new_rows.append(row), new_tok.append(token), new_score.append(s)
+        rows = torch.tensor(new_rows, device=images.device)
+        for layer in cache:  # re-order the cache to follow the surviving beams
+            layer["k"], layer["v"] = layer["k"][rows], layer["v"][rows]
+        tok = torch.tensor(new_tok, device=images.device)
+        seq = torch.cat([seq[rows], tok[:, None]], 1)
+        score = torch.tensor(new_score, device=images.device).view(B, K)
+        best_live = score.max(-1).values / (t + 2) ** length_penalty
+        if t == steps - 1 or all(finished[b] and max(f[0] for f in finished[b]) >= best_live[b] for b in range(B)):
+            break
+        logp = model.decode(model.embed_tokens(tok[:, None]), cache, pos=N + 1 + t)[:, -1].float().log_softmax(-1)
+    out = []
+    for b in range(B):
+        if not finished[b]:  # nothing ended before max length: take the best live beam
+            finished[b].append((score[b].max().item(), seq[b * K + score[b].argmax().item()].tolist()))
+        out.append(max(finished[b])[1])
+    return out
+
+
+@torch.no_grad()
+def caption_images(model, tok, images, cfg, device, batch=256):
+    preds = []
+    for i in range(0, len(images), batch):
+        with autocast(cfg, device):
+            preds += [tok.decode(ids) for ids in generate(model, images[i:i + batch].to(device), cfg)]
+    return preds
+
+
+def attention_png(model, image, tok, cfg, device, path, show=None):
+    """The image with its caption, and one heat map per caption token: where the decoder (last layer, mean over
+    heads) looked among the patches while it wrote that token. With pool "cls"/"mean" the decoder sees one image
+    vector, so there is nothing spatial in its attention: the tiles then show the ViT's last-layer attention of the
+    CLS token (or, for "mean", of the average patch) over the patches, the same for every token."""
+    model.eval()
+    model.record_attention(True)
+    with torch.no_grad(), autocast(cfg, device):
+        ids = generate(model, image[None].to(device), dataclasses.replace(cfg, beam=1, temperature=0.0))[0]
+        x = torch.cat([prefill_input(model, image[None].to(device)),
+                       model.embed_tokens(torch.tensor([ids], dtype=torch.long, device=device))], 1)
+        model.decode(x)  # re-run the caption to collect the weights
+    w = model.layers[-1].self_attn.weights[0].float().cpu()  # (T, T)
+    vit_w = model.vit.blocks[-1].weights[0].float().cpu() if model.vit.blocks else None  # (1+P or P, same)
+    model.record_attention(False)
+    N, g = model.n_prefix, cfg.img_size // cfg.patch
+    caption = tok.decode(ids)
+    big = 192
+    pic = cv2.resize((show if show is not None else image.numpy())[:, :, ::-1], (big, big),
+                     interpolation=cv2.INTER_NEAREST)
+    tiles = []
+    for j, t in enumerate(ids[:12]):
+        row = w[N + j, :N].numpy()  # position N+j (BOS at N) is the one that predicted token j
+        if N == 1 and vit_w is not None:
+            row = (vit_w[0, 1:] if cfg.pool == "cls" else vit_w.mean(0)).numpy()  # (P,) see the docstring
+        elif N == 1:
+            row = np.ones(g * g)
+        heat = (255 * row / max(row.max(), 1e-9)).reshape(g, g).astype(np.uint8)
+        heat = cv2.resize(cv2.applyColorMap(heat, cv2.COLORMAP_VIRIDIS), (96, 96), interpolation=cv2.INTER_NEAREST)
+        tile = cv2.addWeighted(cv2.resize(pic, (96, 96)), 0.4, heat, 0.6, 0)
+        cv2.putText(tile, tok.decode([t]).strip()[:10], (2, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1,
+                    cv2.LINE_AA)
+        tiles.append(tile)
+    while len(tiles) % 4:
+        tiles.append(np.zeros((96, 96, 3), np.uint8))
+    grid = np.concatenate([np.concatenate(tiles[i:i + 4], 1) for i in range(0, len(tiles), 4)], 0)  # (rows*96, 384)
+    left = np.zeros((max(big, grid.shape[0]), big, 3), np.uint8)
+    left[:big] = pic
+    right = np.zeros((left.shape[0], grid.shape[1], 3), np.uint8)
+    right[:grid.shape[0]] = grid
+    title = np.zeros((24, big + grid.shape[1], 3), np.uint8)
+    cv2.putText(title, caption[:80], (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+    cv2.imwrite(path, np.concatenate([title, np.concatenate([left, right], 1)], 0))
+    return caption
+
+
+def evaluate(model, tok, cfg, device, data, train_seconds=None):
+    """Caption every image of test (and novel, and the train subset with --max_train), score, print a table and
+    samples, write eval.json and an attention PNG."""
+    result = {}
+    splits = ["test", "novel"] + (["train"] if cfg.max_train > 0 else [])
+    for split in splits:
+        if split not in data:
+            continue
+        entries, images = data[split]
+        preds = caption_images(model, tok, images, cfg, device)
+        refs = [cs for _, cs in entries]
+        result[split] = {"n": len(preds), "exact_match": exact_match(preds, refs), "bleu4": bleu4(preds, refs),
+                         "cider": cider_d(preds, refs),
+                         "samples": [{"image": os.path.relpath(p), "prediction": pr, "references": r}
+                                     for (p, r), pr in list(zip(entries, preds))[:8]]}
+    result["train_seconds"] = train_seconds
+    print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")
+    for split in splits:
+        if split in result:
+            r = result[split]
+            print(f"{split:8s} {r['n']:5d} {r['exact_match']:7.3f} {r['bleu4']:7.3f} {r['cider']:8.3f}")
+    for s in result["test"]["samples"][:4]:
+        print(f"  pred: {s['prediction']!r}\n  refs: {s['references']}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
+    attention_png(model, data["test"][1][0], tok, cfg, device, os.path.join(cfg.out_dir, "attention.png"))
+    print(f"wrote {cfg.out_dir}/eval.json and {cfg.out_dir}/attention.png")
+    return result
+
+
+def bench(cfg):
+    """Training samples/s (float32 and the configured dtype) and captions/s with and without the KV cache."""
+    device = pick_device(cfg.device)
+    torch.manual_seed(0)
+    vocab = 50257 if not cfg.compact_vocab else 40  # about the synthetic world's caption table
+    model = ViTCaptioner(cfg, vocab).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    B = cfg.batch_size
+    img = torch.randint(0, 255, (B, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8, device=device)
+    inp = torch.randint(0, vocab, (B, 16), device=device)
+    print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M; "
+          + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in model.part_counts().items()))
+    for dt in ("float32",) + ((cfg.dtype,) if cfg.dtype != "float32" else ()):
+        c = dataclasses.replace(cfg, dtype=dt)
+        model.train()
+        times = []
+        for i in range(8):
+            t = time.time()
+            with autocast(c, device):
+                _, loss = model(img, inp, inp)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            times.append(time.time() - t)
+        print(f"train  ({dt:8s}): {B / np.median(times[2:]):8.1f} samples/s  (batch {B}, median of 6 steps)")
+    model.eval()
+    for use_cache in (True, False):
+        t = time.time()
+        for _ in range(3):
+            with torch.no_grad(), autocast(cfg, device):
+                generate_fixed(model, img, 16, use_cache)
+        print(f"caption (cache {'on ' if use_cache else 'off'}): {3 * B / (time.time() - t):8.1f} captions/s "
+              f"(batch {B}, 16 tokens each, {cfg.dtype})")
+
+
+def generate_fixed(model, images, n, use_cache):
+    """Greedy decoding without EOS stopping, so that the benchmark always decodes n steps."""
+    x, N = prefill_input(model, images), model.n_prefix
+    cache = [{} for _ in model.layers] if use_cache else None
+    seq = model.decode(x, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+    for t in range(n - 1):
+        if use_cache:
+            logits = model.decode(model.embed_tokens(seq[:, -1:]), cache, pos=N + 1 + t)
+        else:
+            logits = model.decode(torch.cat([x, model.embed_tokens(seq)], 1), last_only=True)
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="vit_caption: train, evaluate and caption images on a CPU.")
+    p.add_argument("--train", action="store_true", help="build data (if needed), train, evaluate")
+    p.add_argument("--resume", action="store_true", help="with --train: continue from out_dir/train_state.pt")
+    p.add_argument("--eval", action="store_true", help="evaluate the checkpoint in out_dir on test and novel")
+    p.add_argument("--generate", action="store_true", help="caption --image with the checkpoint in out_dir")
+    p.add_argument("--bench", action="store_true", help="print training samples/s and captions/s")
+    p.add_argument("--image", default="", help="image file, for --generate")
+    p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
+    for f in dataclasses.fields(Config):
+        if isinstance(f.default, bool):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), default=None)
+    args = p.parse_args(argv)
+    if args.preset not in PRESETS:
+        raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    cfg = Config(**{**PRESETS[args.preset], **overrides})
+    if cfg.pool not in ("cls", "mean", "patches"):
+        raise UserError(f"--pool {cfg.pool}: choose cls, mean or patches")
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype {cfg.dtype}: choose float32, bfloat16 or float16")
+    if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.vit_heads:
+        raise UserError("--d_model must split into --n_head even-sized heads and --vit_dim into --vit_heads")
+    return args, cfg, overrides
+
+
+def main(argv=None):
+    args, cfg, overrides = parse_args(argv)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("config:", json.dumps(dataclasses.asdict(cfg)))
+    if args.train:
+        train(cfg, resume=args.resume)
+    elif args.eval:
+        model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
+        device = pick_device(cfg.device)
+        model.to(device)
+        evaluate(model, tok, cfg, device, prepare_data(cfg, 0))
+    elif args.generate:
+        if not args.image:
+            raise UserError("--generate needs --image PATH")
+        model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
+        device = pick_device(cfg.device)
+        model.to(device)
+        image = torch.from_numpy(load_image(args.image, cfg.img_size))
+        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        with autocast(cfg, device):
+            ids = generate(model, image[None].to(device), cfg, generator=g)[0]
+        print(tok.decode(ids))
+        name = os.path.splitext(os.path.basename(args.image))[0]
+        path = os.path.join(cfg.out_dir, f"caption_{name}.png")
+        attention_png(model, image, tok, cfg, device, path, show=load_image(args.image, 192))
+        print(f"wrote {path} (greedy caption + attention of each caption token over the patches)")
+    elif args.bench:
+        bench(cfg)
+    else:
+        print("nothing to do: pass --train, --eval, --generate --image PATH, or --bench (see --help)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
