@@ -397,7 +397,15 @@ class SentencePieceBPE:
         self.bos_id = self.vocab.get(name(tc.get("bos_token"), "<s>"))
         self.eos_id = self.vocab.get(name(tc.get("eos_token"), "</s>"))
         self.pad_id = self.vocab.get(name(tc.get("pad_token"), "<pad>"), 0)
-        self.add_bos = tc.get("add_bos_token", True)
+        # BOS/EOS around the text: transformers 5 takes the post-processor template from tokenizer.json
+        pp = tj.get("post_processor") or {}
+        single = pp.get("single") if pp.get("type") == "TemplateProcessing" else None
+        if single:
+            at = [i for i, p in enumerate(single) if "Sequence" in p][0]
+            sid = lambda p: pp["special_tokens"][p["SpecialToken"]["id"]]["ids"][0]
+            self.prefix_ids, self.suffix_ids = [sid(p) for p in single[:at]], [sid(p) for p in single[at + 1:]]
+        else:
+            self.prefix_ids, self.suffix_ids = [self.bos_id] if tc.get("add_bos_token", True) else [], []
         self.prefix = tc.get("add_prefix_space", True) is not False
         self.split_re = re.compile("(" + "|".join(re.escape(s) for s in sorted(self.added, key=len, reverse=True)) + ")")
 
@@ -430,8 +438,8 @@ class SentencePieceBPE:
                 ids.append(unk)
         return ids
 
-    def encode(self, text, add_bos=None):
-        ids = [self.bos_id] if (self.add_bos if add_bos is None else add_bos) else []
+    def encode(self, text, add_bos=True):
+        ids = list(self.prefix_ids) if add_bos else []
         parts = self.split_re.split(text) if self.added else [text]
         for i, part in enumerate(parts):
             if i % 2 == 1:
@@ -441,7 +449,7 @@ class SentencePieceBPE:
                 if i == 0 and self.prefix and not part.startswith("▁"):
                     part = "▁" + part
                 ids += self._bpe(part)
-        return ids
+        return ids + (list(self.suffix_ids) if add_bos else [])
 
     def decode(self, ids, skip_special=True):
         specials = set(self.added.values()) if skip_special else set()
@@ -1054,11 +1062,19 @@ def train(cfg):
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
     tr = data["train"]
-    n, t_log, last_val = len(tr.entries), time.time(), float("nan")
+    # half of every batch is image questions, half video questions: images carry 3 questions each and would
+    # otherwise fill 3/4 of the batches, starving the harder temporal questions
+    pools = [torch.tensor([i for i, e in enumerate(tr.entries) if e["kind"] == k]) for k in ("image", "video")]
+    pools = [p for p in pools if len(p)]
+    per = [cfg.batch_size // len(pools) + (j < cfg.batch_size % len(pools)) for j in range(len(pools))]
+    t_log, last_val = time.time(), float("nan")
     for step in range(cfg.max_steps):
-        epoch, k = divmod(step, max(1, n // cfg.batch_size))
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        b = tr.batch(perm[k * cfg.batch_size:(k + 1) * cfg.batch_size].tolist())
+        idx = []
+        for j, (pool, m) in enumerate(zip(pools, per)):  # a fresh permutation of each pool per epoch of that pool
+            epoch, k = divmod(step, max(1, len(pool) // m))
+            perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed + 7919 * j + epoch))
+            idx += pool[perm[k * m:(k + 1) * m]].tolist()
+        b = tr.batch(idx)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         model.train()
@@ -1184,8 +1200,9 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
                 continue
             refs = [ex.entries[i]["answer"] for i in rows]
             r = {"n": len(rows), "exact_match": exact_match([preds[i] for i in rows], refs), "by_question": {}}
-            for q in sorted({ex.entries[i]["question"].split(" the ")[0].split(" are ")[0] for i in rows}):
-                sub = [i for i in rows if ex.entries[i]["question"].startswith(q)]
+            kinds = {i: " ".join(ex.entries[i]["question"].split()[:3]) for i in rows}  # e.g. "Which way does"
+            for q in sorted(set(kinds.values())):
+                sub = [i for i in rows if kinds[i] == q]
                 r["by_question"][q] = exact_match([preds[i] for i in sub], [ex.entries[i]["answer"] for i in sub])
             r["samples"] = [{"question": ex.entries[i]["question"], "prediction": preds[i],
                              "reference": ex.entries[i]["answer"]} for i in rows[:4]]
@@ -1395,7 +1412,7 @@ def main(argv=None):
         saved = read_config(cfg.out_dir).get("train_config")
         if saved is None:
             raise UserError(f"{cfg.out_dir}: not a checkpoint of this script (no train_config); --eval needs one")
-        base = Config(**{**saved, **{k: v for k, v in overrides.items() if k in ("device", "dtype", "out_dir")}})
+        base = Config(**{**saved, **{k: v for k, v in overrides.items() if k in ("device", "dtype", "out_dir", "data_dir")}})
         model, mcfg, _ = load_pretrained(cfg.out_dir, torch.float32, device, base=base)
         tok = load_tokenizer(cfg.out_dir)
         files = build_world(mcfg)
