@@ -1,0 +1,1482 @@
+"""
+Mark 1: a video multiple-choice answerer that also points at the frames supporting its answer, in one file.
+
+    video (B, F, 3, S, S)
+      -> V-JEPA 2 encoder (Conv3d tubelets 2x16x16, pre-LN blocks, 3D RoPE, final LayerNorm)      (B, T*G*G, Dv)
+      -> bridge: Linear Dv->D, N visual + M temporal learned queries cross-attend to the video tokens   (B, N+M, D)
+                 one BERT-style layer (post-LN, GELU) over [queries; question token embeddings]          (B, N+M+Lq, D)
+                 visual queries -> LLM prefix                                                           (B, N, D)
+                 temporal queries -> residual MLP head -> one logit per sampled frame, max over M       (B, F)
+      -> Qwen3 LLM over [prefix; prompt tokens] -> the answer "C. ..."                                  (B, L, V)
+
+Upstream: V-JEPA 2 (https://arxiv.org/abs/2506.09985), Qwen3 (https://arxiv.org/abs/2505.09388), BLIP-2's learned
+queries (https://arxiv.org/abs/2301.12597). The encoder and the LLM load the HF checkpoints (facebook/vjepa2-*,
+Qwen/Qwen3-*) and match transformers to float precision (see the tests); the design follows the seed project "Mark-1".
+
+Two ways to run it:
+  * with checkpoints (--vision_ckpt DIR --llm_ckpt DIR): both towers are frozen, only the bridge trains, encoder
+    features are computed once per clip and cached, and Qwen3's own tokenizer (tokenizer.json as a tiktoken.Encoding)
+    with its chat template is used;
+  * without (the default, nothing pretrained is reachable offline): a tiny V-JEPA-2-architecture encoder and a tiny
+    Qwen3-architecture LLM are trained from scratch together with the bridge, on GPT-2 tokens from tiktoken, restricted
+    to a compact table of the ids that occur in the training text.
+
+The built-in world: 48x48 mp4 clips, 16 frames at 8 fps, two coloured shapes; inside a time window one event happens to
+the named shape: it appears, turns another colour, stops, or meets the other shape. Question "What happens to the red
+circle?", four options "A. it appears" ... "D. it meets the blue square", answer "C. it stops", support = the event's
+frames. Split `novel` holds (colour, event) pairs that never occur in training.
+
+Shape legend: B batch, F sampled frames, T tubelets (F/2), G patch grid side, P = T*G*G video tokens, N visual queries,
+M temporal queries, Lq question tokens, L text tokens, D LLM width, Dv video width, H heads, K kv heads, E head dim,
+V vocabulary.
+
+Commands:
+    python mark1.py --train                                  # data + training + evaluation on CPU (~10 min)
+    python mark1.py --eval                                   # re-evaluate out/mark1 on test and novel
+    python mark1.py --predict --video clip.mp4 --question "What happens to the red circle?" \\
+        --choices "A. it appears|B. it stops|C. it turns blue|D. it meets the green square"
+    python mark1.py --bench                                  # feature cache: epoch 2 vs epoch 1 with a frozen encoder
+    python mark1.py --train --vision_ckpt vjepa2/ --llm_ckpt qwen3/ --data my.json   # frozen towers, bridge only
+    python mark1.py --train --device_map vision=cuda:0,bridge=cuda:0,llm=cuda:1     # split over two GPUs
+    torchrun --nproc_per_node=2 mark1.py --train             # DDP (gloo on CPU, nccl on CUDA)
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+import unicodedata
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import tiktoken
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+SCRIPT = "mark1"
+
+
+class UserError(Exception):
+    """A problem with the user's input: main() prints it as one line and exits with status 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    # data
+    data: str = ""  # user annotation JSON for training (format in the README); "" = the built-in synthetic world
+    test_data: str = ""  # user annotation JSON for evaluation; else every 10th entry of --data is held out
+    data_dir: str = "data/mark1"
+    out_dir: str = "out/mark1"
+    n_train: int = 4000
+    n_val: int = 100
+    n_test: int = 300
+    n_novel: int = 300
+    n_frames: int = 16  # frames sampled uniformly from each clip (also the length of the saliency vector)
+    crop: int = 32  # V-JEPA 2 preprocessing: shortest edge -> int(crop*256/224), centre crop `crop`
+    # vision tower (V-JEPA 2 architecture; replaced by the checkpoint's config when --vision_ckpt is given)
+    vision_ckpt: str = ""
+    v_width: int = 96
+    v_layers: int = 3
+    v_heads: int = 2  # head dim 48 -> RoPE split 16/16/16
+    v_patch: int = 8  # 16 in the real model; 8 keeps a 4x4 grid on 32-pixel frames
+    v_tubelet: int = 2
+    v_mlp_ratio: float = 4.0
+    # LLM (Qwen3 architecture; replaced by the checkpoint's config when --llm_ckpt is given)
+    llm_ckpt: str = ""
+    l_width: int = 128
+    l_layers: int = 3
+    l_heads: int = 4
+    l_kv_heads: int = 2  # grouped-query attention: 2 q heads per kv head, as in Qwen3-0.6B
+    l_head_dim: int = 32
+    l_inter: int = 384
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    compact_vocab: bool = True  # GPT-2 mode: output table over the ids seen in training (False: all 50257)
+    # bridge
+    n_visual_query: int = 8  # N (32 in the seed)
+    n_temporal_query: int = 5  # M (5 in the seed)
+    bridge_heads: int = 4
+    bert_heads: int = 4
+    bert_inter: int = 512
+    temporal_blocks: int = 2  # residual MLP blocks in the temporal head
+    lam: float = 2.0  # weight of the frame BCE loss (seed: 2.0)
+    pos_weight: float = 3.0  # BCE positive weight; the seed used 10, our world has 4 positives in 16 frames (3:1)
+    freeze_vision: bool = False  # a --vision_ckpt always freezes the encoder
+    freeze_llm: bool = False  # a --llm_ckpt always freezes the LLM
+    feature_cache: bool = True  # frozen encoder: compute features once per clip and keep them
+    device_map: str = ""  # e.g. vision=cuda:0,bridge=cuda:0,llm=cuda:1 ("" = everything on --device)
+    # training
+    batch_size: int = 32  # micro-batch per process
+    grad_accum: int = 1
+    max_steps: int = 1500
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup_frac: float = 0.1  # linear warmup over this fraction of the steps, then cosine (as the seed)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    dtype: str = "bfloat16"  # autocast dtype: float32, bfloat16 or float16 (float16 only on CUDA)
+    device: str = "auto"
+    seed: int = 1337
+    log_interval: int = 50
+    eval_interval: int = 500
+    stop_after: int = 0  # stop (and save) after this many steps, as if interrupted; --resume continues
+    # generation
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    threshold: float = 0.5  # a frame is "support" when sigmoid(saliency) exceeds this
+
+
+PRESETS = {
+    "default": {},
+    "tiny": dict(n_train=48, n_val=8, n_test=12, n_novel=12, n_frames=8, v_width=32, v_layers=1, v_heads=2,
+                 l_width=32, l_layers=1, l_heads=2, l_kv_heads=1, l_head_dim=16, l_inter=64, n_visual_query=4,
+                 n_temporal_query=2, bridge_heads=2, bert_heads=2, bert_inter=64, batch_size=8, max_steps=6,
+                 log_interval=2, eval_interval=4, dtype="float32"),
+    # the seed's bridge sizes (video width 1408 and LLM width 1024 come from the checkpoints)
+    "seed": dict(n_visual_query=32, n_temporal_query=5, bridge_heads=8, bert_heads=16, bert_inter=4096,
+                 lam=2.0, pos_weight=10.0, lr=5e-5, n_frames=16, crop=256),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: the synthetic world (real mp4 files), the video loader, the annotation file, tokenizers
+
+COLOURS = {"red": (40, 40, 230), "green": (60, 200, 60), "blue": (230, 90, 40), "yellow": (40, 220, 230),
+           "purple": (200, 60, 170)}  # BGR, as OpenCV draws
+SHAPES = ["circle", "square", "triangle"]
+EVENTS = ["appears", "turns", "stops", "meets"]
+HELD_OUT = {("red", "appears"), ("green", "turns"), ("blue", "stops"), ("yellow", "meets")}  # the `novel` split
+SIDE, RADIUS, FPS, N_CLIP = 48, 6, 8, 16  # frame side, shape radius, frames per second, frames per clip
+
+
+def draw_shape(img, shape, bgr, x, y):
+    x, y, r = int(round(x)), int(round(y)), RADIUS
+    if shape == "circle":
+        cv2.circle(img, (x, y), r, bgr, -1)
+    elif shape == "square":
+        cv2.rectangle(img, (x - r + 1, y - r + 1), (x + r - 1, y + r - 1), bgr, -1)
+    else:
+        cv2.fillConvexPoly(img, np.array([[x, y - r], [x - r, y + r - 1], [x + r, y + r - 1]], np.int32), bgr)
+
+
+def bounce(x0, v, t, lo=10, hi=SIDE - 10):
+    """Position at frame t of a point moving at v px/frame between walls lo and hi (reflecting)."""
+    span = hi - lo
+    p = (x0 - lo + v * t) % (2 * span)
+    return lo + (p if p <= span else 2 * span - p)
+
+
+def sample_event(rng, split):
+    """One clip's story: -> (per-frame draw list, annotation dict without the video path)."""
+    while True:
+        colour, event = rng.choice(list(COLOURS)), rng.choice(EVENTS)
+        if ((colour, event) in HELD_OUT) == (split == "novel"):
+            break
+    other_colour = rng.choice([c for c in COLOURS if c != colour])
+    shape, other_shape = rng.choice(SHAPES), rng.choice(SHAPES)
+    new_colour = rng.choice([c for c in COLOURS if c not in (colour, other_colour)])
+    e = rng.randint(2, 12)  # first support frame; support = 4 frames
+    speed = lambda: rng.choice([-1, 1]) * rng.uniform(1.5, 2.5)
+    xa, xb, va, vb = rng.uniform(12, 36), rng.uniform(12, 36), speed(), speed()
+    ya, yb = (rng.uniform(11, 19), rng.uniform(29, 37)) if rng.random() < 0.5 else (rng.uniform(29, 37), rng.uniform(11, 19))
+    frames = []
+    for t in range(N_CLIP):
+        a = dict(shape=shape, colour=colour, x=bounce(xa, va, t), y=ya)  # the named object
+        b = dict(shape=other_shape, colour=other_colour, x=bounce(xb, vb, t), y=yb)  # the other, always moving
+        if event == "appears" and t < e:
+            a = None
+        elif event == "turns" and t >= e:
+            a["colour"] = new_colour
+        elif event == "stops" and t >= e:
+            a["x"] = bounce(xa, va, e)
+        elif event == "meets":
+            # both on one row, closing in at 0.9 px/frame each, touching at frame e+1, then moving apart again
+            side = 1 if xa < xb else -1
+            off = RADIUS + 0.9 * abs(t - (e + 1))
+            a.update(x=24 - side * off, y=24)
+            b.update(x=24 + side * off, y=24)
+        frames.append([o for o in (a, b) if o is not None])
+    support = list(range(e, e + 4))
+    options = ["it appears", f"it turns {new_colour}", "it stops", f"it meets the {other_colour} {other_shape}"]
+    answer_text = options[EVENTS.index(event)]
+    rng.shuffle(options)
+    letters = "ABCD"
+    choices = [f"{letters[i]}. {o}" for i, o in enumerate(options)]
+    ann = dict(question=f"What happens to the {colour} {shape}?", choices=choices,
+               answer=choices[options.index(answer_text)], support_times=[round(f / FPS, 4) for f in support],
+               event=event, colour=colour)
+    return frames, ann
+
+
+def write_clip(path, frames):
+    w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), FPS, (SIDE, SIDE))
+    for objs in frames:
+        img = np.full((SIDE, SIDE, 3), 128, np.uint8)
+        for o in objs:
+            draw_shape(img, o["shape"], COLOURS[o["colour"]], o["x"], o["y"])
+        w.write(img)
+    w.release()
+
+
+def build_world(cfg):
+    """Write train/val/test/novel clips + annotation JSON under data_dir (skipped when already complete)."""
+    sizes = dict(train=cfg.n_train, val=cfg.n_val, test=cfg.n_test, novel=cfg.n_novel)
+    stamp = os.path.join(cfg.data_dir, "world.json")
+    if os.path.isfile(stamp) and json.load(open(stamp)) == sizes:
+        return
+    for si, (split, n) in enumerate(sizes.items()):
+        rng = random.Random(1000 * si + 7)
+        os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
+        anns = []
+        for i in range(n):
+            frames, ann = sample_event(rng, split)
+            rel = os.path.join(split, f"{i:05d}.mp4")
+            write_clip(os.path.join(cfg.data_dir, rel), frames)
+            anns.append({"video": rel, **ann})
+        json.dump(anns, open(os.path.join(cfg.data_dir, f"{split}.json"), "w"), indent=0)
+    json.dump(sizes, open(stamp, "w"))
+
+
+def sample_indices(n_total, n_frames):
+    """Uniform frame indices (the centre of each of n_frames equal bins); short clips repeat indices."""
+    if n_total <= 0:
+        raise ValueError("zero frames")
+    return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
+
+
+def preprocess(img, crop):
+    """V-JEPA 2's video processor on one RGB uint8 frame: shortest edge -> int(crop*256/224) (area filter, the
+    antialiased resize of torchvision), centre crop. Normalisation happens later in float (normalize())."""
+    short = int(crop * 256 / 224)
+    h, w = img.shape[:2]
+    nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+    img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if nh < h else cv2.INTER_LINEAR)
+    top, left = int((nh - crop) / 2), int((nw - crop) / 2)
+    return img[top:top + crop, left:left + crop]
+
+
+def load_video(path, n_frames, crop):
+    """Video file (any container OpenCV reads) or a folder of frame images -> (uint8 (F, crop, crop, 3) RGB,
+    sampled frame times in seconds (F,), clip duration in seconds)."""
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
+        imgs, fps = [cv2.imread(os.path.join(path, n)) for n in names], float(FPS)
+        if any(i is None for i in imgs):
+            raise UserError(f"{path}: a frame image could not be read; check the folder holds valid images")
+    else:
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: video not found; check the path")
+        cap = cv2.VideoCapture(path)
+        fps = cap.get(cv2.CAP_PROP_FPS) or FPS
+        fps = fps if 0 < fps < 1000 else FPS
+        imgs = []
+        while True:
+            ok, img = cap.read()
+            if not ok:
+                break
+            imgs.append(preprocess(img, crop))  # crop at once: long clips keep only small frames in memory
+        cap.release()
+    if not imgs:
+        raise UserError(f"{path}: no frames could be decoded (empty, corrupt or unsupported video); re-encode it")
+    idx = sample_indices(len(imgs), n_frames)
+    clip = np.stack([cv2.cvtColor(preprocess(imgs[i], crop) if imgs[i].shape[0] != crop or imgs[i].shape[1] != crop
+                                  else imgs[i], cv2.COLOR_BGR2RGB) for i in idx])  # (F, S, S, 3)
+    return clip, np.array(idx, np.float64) / fps, len(imgs) / fps
+
+
+MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # V-JEPA 2 (ImageNet)
+
+
+def normalize(clips):
+    """uint8 (B, F, S, S, 3) -> float (B, F, 3, S, S), HF's pixel_values_videos layout; one fused op like HF."""
+    x = clips.permute(0, 1, 4, 2, 3).float()
+    return (x - MEAN.view(1, 1, 3, 1, 1) * 255) / (STD.view(1, 1, 3, 1, 1) * 255)
+
+
+CHOICE_RE = re.compile(r"^([A-Z])\. \S")
+
+
+def read_annotations(path, base=None):
+    """User JSON: a list of {video, question, choices, answer, support_times}; validated, errors name the entry."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: annotation file not found")
+    try:
+        items = json.load(open(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})")
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{path}: expected a non-empty JSON list of entries")
+    base = base or os.path.dirname(os.path.abspath(path))
+    out = []
+    for i, it in enumerate(items):
+        where = f"{path} entry {i}"
+        if not isinstance(it, dict) or any(k not in it for k in ("video", "question", "choices", "answer")):
+            raise UserError(f"{where}: needs keys video, question, choices, answer (support_times optional)")
+        check_choices(it["choices"], where)
+        if it["answer"] not in it["choices"]:
+            raise UserError(f"{where}: answer {it['answer']!r} is not one of the choices")
+        st = it.get("support_times", [])
+        if not isinstance(st, list) or not all(isinstance(t, (int, float)) for t in st):
+            raise UserError(f"{where}: support_times must be a list of seconds")
+        video = it["video"] if os.path.isabs(it["video"]) else os.path.join(base, it["video"])
+        out.append({**it, "video": video, "support_times": st, "where": where})
+    return out
+
+
+def check_choices(choices, where):
+    if not isinstance(choices, list) or len(choices) < 2 or any(not isinstance(c, str) for c in choices):
+        raise UserError(f"{where}: choices must be a list of at least two strings like 'A. ...'")
+    for k, c in enumerate(choices):
+        if not CHOICE_RE.match(c) or c[0] != "ABCDEFGHIJ"[k]:
+            raise UserError(f"{where}: choice {c!r} is not in the form '{'ABCDEFGHIJ'[k]}. text' (A, B, C, ... in order)")
+
+
+def frame_labels(support_times, times, duration, where):
+    """Per sampled frame 0/1: the sampled frame nearest each support time is positive (the seed's rule)."""
+    lab = np.zeros(len(times), np.float32)
+    for t in support_times:
+        if not 0 <= t <= duration:
+            raise UserError(f"{where}: support time {t}s is outside the clip (0..{duration:.2f}s)")
+        lab[int(np.argmin(np.abs(times - t)))] = 1
+    return lab
+
+
+def load_split(entries, cfg):
+    """-> dict of uint8 clips (N, F, S, S, 3), frame labels (N, F), frame times (N, F), durations (N,)."""
+    clips, labs, times, durs = [], [], [], []
+    for e in entries:
+        clip, t, dur = load_video(e["video"], cfg.n_frames, cfg.crop)
+        clips.append(clip), times.append(t), durs.append(dur)
+        labs.append(frame_labels(e["support_times"], t, dur, e["where"]))
+    return dict(clips=torch.from_numpy(np.stack(clips)), labels=torch.from_numpy(np.stack(labs)),
+                times=np.stack(times), durations=np.array(durs))
+
+
+class GPT2Tokenizer:
+    """GPT-2 tokens (tiktoken); the model's table holds only `ids` (GPT-2 ids seen in training, <|endoftext|> first,
+    then an <unk> row for ids never seen). compact=False keeps all 50257."""
+
+    def __init__(self, ids=None):
+        self.enc = tiktoken.get_encoding("gpt2")
+        self.ids = ids if ids is not None else list(range(self.enc.n_vocab))
+        self.index = {g: i for i, g in enumerate(self.ids)}
+        self.eos, self.unk = self.index[self.enc.eot_token], self.index.get(-1, 0)
+
+    @staticmethod
+    def build(texts, compact):
+        enc = tiktoken.get_encoding("gpt2")
+        if not compact:
+            return GPT2Tokenizer()
+        seen = sorted({t for s in texts for t in enc.encode(s)} - {enc.eot_token})
+        return GPT2Tokenizer([enc.eot_token, -1] + seen)
+
+    def encode(self, s):
+        return [self.index.get(t, self.unk) for t in self.enc.encode(s)]
+
+    def decode(self, ids):
+        return self.enc.decode([self.ids[i] for i in ids if i != self.eos and self.ids[i] >= 0])
+
+    def question(self, q):
+        return self.encode(q)
+
+    def prompt(self, q, choices):
+        return self.encode(q + "\n" + "\n".join(choices) + "\nAnswer:")
+
+    def target(self, answer):
+        return self.encode(" " + answer) + [self.eos]
+
+
+def bytes_to_unicode():
+    """GPT-2's byte <-> printable-character table, which byte-level BPE vocabularies (Qwen's too) are written in."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b), cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+QWEN_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+            r"|\s+(?!\S)|\s+")
+
+
+class QwenTokenizer:
+    """Qwen3's byte-level BPE from its tokenizer.json as a tiktoken.Encoding: the ranks are the vocabulary ids (Qwen's
+    ids are in merge order, so rank-greedy merging equals the merge list), the split regex is the pre-tokenizer's,
+    every added token is a special token, and the text is NFC-normalised first, as HF does. No BOS is added."""
+
+    def __init__(self, path):
+        try:
+            j = json.load(open(path, encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{path}: cannot read the tokenizer ({e}); the Qwen3 checkpoint folder needs tokenizer.json")
+        if j.get("model", {}).get("type") != "BPE":
+            raise UserError(f"{path}: not a byte-level BPE tokenizer (Qwen3's tokenizer.json expected)")
+        dec = {c: b for b, c in bytes_to_unicode().items()}
+        ranks = {bytes(dec[c] for c in tok): i for tok, i in j["model"]["vocab"].items()}
+        specials = {t["content"]: t["id"] for t in j.get("added_tokens", [])}
+        pat = QWEN_PAT
+        pre = j.get("pre_tokenizer") or {}
+        for p in pre.get("pretokenizers", [pre]):
+            if p.get("type") == "Split" and "Regex" in p.get("pattern", {}):
+                pat = p["pattern"]["Regex"]
+        self.enc = tiktoken.Encoding("qwen3", pat_str=pat, mergeable_ranks=ranks, special_tokens=specials)
+        self.eos = specials.get("<|im_end|>", specials.get("<|endoftext|>"))
+        self.ids = None  # the full table: nothing to save
+
+    def encode(self, s):
+        return self.enc.encode(unicodedata.normalize("NFC", s), allowed_special="all")
+
+    def decode(self, ids):
+        return self.enc.decode([i for i in ids if i != self.eos])
+
+    @staticmethod
+    def chat(content):
+        """hf_spec 2.4: one user turn, generation prompt, thinking disabled."""
+        return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+    def question(self, q):
+        return self.encode(q)
+
+    def prompt(self, q, choices):
+        return self.encode(self.chat(q + "\n" + "\n".join(choices) + "\nAnswer with the option's letter and text."))
+
+    def target(self, answer):
+        return self.encode(answer) + [self.eos]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model: V-JEPA 2 encoder, Qwen3 LLM, bridge
+
+
+class VJEPA2Attention(nn.Module):
+    """Non-causal self-attention with separate query/key/value/proj and V-JEPA 2's 3D RoPE (hf_spec 3.3)."""
+
+    def __init__(self, d, n_head, grid, qkv_bias=True):
+        super().__init__()
+        self.n_head, self.hd, self.grid = n_head, d // n_head, grid
+        self.query, self.key, self.value = (nn.Linear(d, d, bias=qkv_bias) for _ in range(3))
+        self.proj = nn.Linear(d, d)
+        self.sub = 2 * ((self.hd // 3) // 2)  # rotated dims per axis (20 for head dim 64); the rest pass through
+
+    @staticmethod
+    def rotate(x, pos):
+        """The upstream rotation, kept exactly: frequencies tiled (cat(f, f)) but partners interleaved (-x1, x0, ...),
+        angles built in the activation dtype. x (B, H, P, n), pos (P,)."""
+        n = x.shape[-1]
+        omega = torch.arange(n // 2, dtype=x.dtype, device=x.device)
+        omega = 1.0 / 10000 ** (omega / (n / 2.0))  # (n/2,)
+        freq = pos.unsqueeze(-1) * omega  # (P, n/2)
+        cos, sin = freq.cos().repeat(1, 2), freq.sin().repeat(1, 2)  # (P, n)
+        y = x.unflatten(-1, (-1, 2))  # (B, H, P, n/2, 2)
+        y = torch.stack((-y[..., 1], y[..., 0]), dim=-1).flatten(-2)  # (B, H, P, n)
+        return x * cos + y * sin
+
+    def rope(self, x):
+        P, g, s = x.shape[2], self.grid, self.sub
+        i = torch.arange(P, device=x.device)
+        t, h, w = i // (g * g), (i % (g * g)) // g, i % g  # positions from the config grid, not the input size
+        parts = [self.rotate(x[..., k * s:(k + 1) * s], pos) for k, pos in enumerate((t, h, w))]
+        return torch.cat(parts + [x[..., 3 * s:]], dim=-1)
+
+    def forward(self, x):
+        B, P, D = x.shape
+        q, k, v = (m(x).view(B, P, self.n_head, self.hd).transpose(1, 2) for m in (self.query, self.key, self.value))
+        q, k = self.rope(q), self.rope(k)  # (B, H, P, E)
+        y = F.scaled_dot_product_attention(q, k, v)  # scale E^-0.5, no mask
+        return self.proj(y.transpose(1, 2).reshape(B, P, D))
+
+
+class VJEPA2MLP(nn.Module):
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
+
+
+class VJEPA2Layer(nn.Module):
+    def __init__(self, d, n_head, mlp_ratio, grid, eps):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
+        self.attention = VJEPA2Attention(d, n_head, grid)
+        self.mlp = VJEPA2MLP(d, int(d * mlp_ratio))
+
+    def forward(self, x):
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed3D(nn.Module):
+    def __init__(self, d, patch, tubelet):
+        super().__init__()
+        self.proj = nn.Conv3d(3, d, kernel_size=(tubelet, patch, patch), stride=(tubelet, patch, patch))
+
+
+class VJEPA2Embeddings(nn.Module):
+    def __init__(self, d, patch, tubelet):
+        super().__init__()
+        self.tubelet = tubelet
+        self.patch_embeddings = PatchEmbed3D(d, patch, tubelet)
+
+    def forward(self, video):
+        x = video.permute(0, 2, 1, 3, 4)  # (B, 3, F, S, S)
+        if x.shape[2] < self.tubelet:  # a single image: repeat it to one tubelet
+            x = x.repeat(1, 1, self.tubelet, 1, 1)
+        x = self.patch_embeddings.proj(x.to(self.patch_embeddings.proj.weight.dtype))  # (B, Dv, T, G, G); odd F drops the last frame
+        return x.flatten(2).transpose(1, 2)  # (B, P, Dv), (t, h, w) raster order
+
+
+class VJEPA2Encoder(nn.Module):
+    """Module names follow the HF checkpoint (`encoder.` prefix stripped): embeddings.patch_embeddings.proj,
+    layer.N.{norm1,attention.{query,key,value,proj},norm2,mlp.fc1,mlp.fc2}, layernorm."""
+
+    def __init__(self, width, layers, heads, patch, tubelet, crop, mlp_ratio=4.0, eps=1e-6):
+        super().__init__()
+        self.width, self.patch, self.tubelet, self.crop = width, patch, tubelet, crop
+        self.embeddings = VJEPA2Embeddings(width, patch, tubelet)
+        self.layer = nn.ModuleList(VJEPA2Layer(width, heads, mlp_ratio, crop // patch, eps) for _ in range(layers))
+        self.layernorm = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, video):  # (B, F, 3, S, S) normalised -> (B, P, Dv), == HF get_vision_features
+        x = self.embeddings(video)
+        for blk in self.layer:
+            x = blk(x)
+        return self.layernorm(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)  # HF order: normalise in fp32, cast back, then scale
+
+
+def rope_cos_sin(pos, dim, theta, dtype):
+    """LLaMA/Qwen rotate_half RoPE tables: pos (B, L) -> cos, sin (B, 1, L, E), computed in fp32, cast to dtype."""
+    inv = 1.0 / theta ** (torch.arange(0, dim, 2, device=pos.device, dtype=torch.float) / dim)  # (E/2,)
+    f = pos.float()[..., None] * inv  # (B, L, E/2)
+    emb = torch.cat((f, f), dim=-1)[:, None]  # (B, 1, L, E)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, d, n_head, n_kv, hd, eps, bias=False):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = n_head, n_kv, hd
+        self.q_proj, self.o_proj = nn.Linear(d, n_head * hd, bias=bias), nn.Linear(n_head * hd, d, bias=bias)
+        self.k_proj, self.v_proj = nn.Linear(d, n_kv * hd, bias=bias), nn.Linear(d, n_kv * hd, bias=bias)
+        self.q_norm, self.k_norm = RMSNorm(hd, eps), RMSNorm(hd, eps)  # per head, before RoPE
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, L, self.n_head, self.hd)).transpose(1, 2)  # (B, H, L, E)
+        k = self.k_norm(self.k_proj(x).view(B, L, self.n_kv, self.hd)).transpose(1, 2)  # (B, K, L, E)
+        v = self.v_proj(x).view(B, L, self.n_kv, self.hd).transpose(1, 2)  # (B, K, L, E)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # cache: a dict per layer holding the keys/values of earlier positions
+            if "k" in cache:
+                k, v = torch.cat((cache["k"], k), 2), torch.cat((cache["v"], v), 2)
+            cache["k"], cache["v"] = k, v
+        rep = self.n_head // self.n_kv  # kv head j serves q heads rep*j .. rep*j+rep-1
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # (B, H, Lk, E)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, self.n_head * self.hd))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, d, inter):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(d, inter, bias=False), nn.Linear(d, inter, bias=False)
+        self.down_proj = nn.Linear(inter, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Qwen3Layer(nn.Module):
+    def __init__(self, d, n_head, n_kv, hd, inter, eps):
+        super().__init__()
+        self.self_attn, self.mlp = Qwen3Attention(d, n_head, n_kv, hd, eps), Qwen3MLP(d, inter)
+        self.input_layernorm, self.post_attention_layernorm = RMSNorm(d, eps), RMSNorm(d, eps)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3Body(nn.Module):
+    def __init__(self, vocab, d, layers, n_head, n_kv, hd, inter, eps):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(Qwen3Layer(d, n_head, n_kv, hd, inter, eps) for _ in range(layers))
+        self.norm = RMSNorm(d, eps)
+
+
+class Qwen3LM(nn.Module):
+    """Qwen3ForCausalLM: names as the checkpoint (model.embed_tokens, model.layers.N..., model.norm, lm_head)."""
+
+    def __init__(self, vocab, d, layers, n_head, n_kv, hd, inter, theta=1e6, eps=1e-6, tie=True):
+        super().__init__()
+        self.hd, self.theta, self.tie = hd, theta, tie
+        self.model = Qwen3Body(vocab, d, layers, n_head, n_kv, hd, inter, eps)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        if tie:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, x, pos=None, valid=None, cache=None, last_only=False):
+        """x (B, L, D) input embeddings; pos (B, L) positions (default arange); valid (B, Lk) False at padded keys
+        (Lk = cached + L); cache a list of per-layer dicts. -> logits (B, L or 1, V)."""
+        B, L, _ = x.shape
+        past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
+        if pos is None:
+            pos = torch.arange(past, past + L, device=x.device).expand(B, L)
+        cos, sin = rope_cos_sin(pos, self.hd, self.theta, x.dtype)
+        mask = None
+        if valid is not None:  # causal AND key not padding; a query always sees itself, so pad rows stay finite
+            qi = torch.arange(past, past + L, device=x.device)[:, None]
+            ki = torch.arange(past + L, device=x.device)[None]
+            mask = ((ki <= qi)[None] & valid[:, None, :]) | (ki == qi)[None]  # (B, L, Lk)
+            mask = mask[:, None]  # (B, 1, L, Lk)
+        elif past:
+            mask = torch.ones(1, 1, L, past + L, dtype=torch.bool, device=x.device).tril(past)
+        for i, blk in enumerate(self.model.layers):
+            x = blk(x, cos, sin, mask, cache[i] if cache is not None else None)
+        x = self.model.norm(x)
+        return self.lm_head(x[:, -1:] if last_only else x)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, d, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.q, self.kv, self.out = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+
+    def forward(self, x, ctx, key_valid=None):
+        B, Lq, D = x.shape
+        H, E = self.n_head, D // self.n_head
+        q = self.q(x).view(B, Lq, H, E).transpose(1, 2)  # (B, H, Lq, E)
+        k, v = self.kv(ctx).view(B, -1, 2, H, E).permute(2, 0, 3, 1, 4)  # 2 x (B, H, Lk, E)
+        mask = key_valid[:, None, None, :] if key_valid is not None else None  # (B, 1, 1, Lk)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(B, Lq, D))
+
+
+class BertLayer(nn.Module):
+    """BERT's encoder layer: post-LayerNorm, GELU, padding mask."""
+
+    def __init__(self, d, n_head, inter):
+        super().__init__()
+        self.attn = CrossAttention(d, n_head)  # self-attention = cross-attention to itself
+        self.ln1, self.ln2 = nn.LayerNorm(d, eps=1e-12), nn.LayerNorm(d, eps=1e-12)
+        self.fc1, self.fc2 = nn.Linear(d, inter), nn.Linear(inter, d)
+
+    def forward(self, x, valid):
+        x = self.ln1(x + self.attn(x, x, valid))
+        return self.ln2(x + self.fc2(F.gelu(self.fc1(x))))
+
+
+class Bridge(nn.Module):
+    """The trainable part. The V-JEPA 2 encoder carries no absolute position (RoPE only), and cross-attention is blind to
+    token order, so the bridge adds a learned (tubelet, row, column) embedding to the projected video tokens: without
+    it the temporal queries could not tell *when* anything happened."""
+
+    def __init__(self, cfg, v_width, d, n_tubelet, grid):
+        super().__init__()
+        N, M = cfg.n_visual_query, cfg.n_temporal_query
+        self.N, self.M, self.grid = N, M, grid
+        self.proj = nn.Linear(v_width, d)
+        self.time_emb = nn.Parameter(torch.zeros(n_tubelet, d))
+        self.space_emb = nn.Parameter(torch.zeros(grid * grid, d))
+        self.queries = nn.Parameter(torch.randn(N + M, d) * 0.02)
+        self.ln_q, self.ln_v = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.xattn = CrossAttention(d, cfg.bridge_heads)
+        self.bert = BertLayer(d, cfg.bert_heads, cfg.bert_inter)
+        self.head = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+                                  for _ in range(cfg.temporal_blocks))
+        self.frame_out = nn.Linear(d, cfg.n_frames)
+
+    def forward(self, feats, q_emb, q_valid):
+        """feats (B, P, Dv); q_emb (B, Lq, D) question embeddings from the LLM table; q_valid (B, Lq).
+        -> prefix (B, N, D), frame logits (B, F)."""
+        B, P, _ = feats.shape
+        v = self.proj(feats)  # (B, P, D)
+        T = P // (self.grid * self.grid)
+        pos = self.time_emb[:T, None, :] + self.space_emb[None, :, :]  # (T, G*G, D)
+        v = self.ln_v(v + pos.reshape(T * self.grid * self.grid, -1)[:P])
+        q = self.queries.expand(B, -1, -1)  # (B, N+M, D)
+        q = q + self.xattn(self.ln_q(q), v)
+        x = torch.cat((q, q_emb.to(q.dtype)), 1)  # (B, N+M+Lq, D)
+        valid = torch.cat((torch.ones(B, self.N + self.M, dtype=torch.bool, device=q.device), q_valid), 1)
+        x = self.bert(x, valid)
+        prefix, t = x[:, :self.N], x[:, self.N:self.N + self.M]  # (B, N, D), (B, M, D)
+        for blk in self.head:
+            t = t + blk(t)  # residual MLP blocks
+        return prefix, self.frame_out(t).amax(1)  # (B, M, F) -> max over the M temporal queries -> (B, F)
+
+
+class Mark1(nn.Module):
+    def __init__(self, cfg, vocab, vision=None, llm=None):
+        super().__init__()
+        self.vision = vision or VJEPA2Encoder(cfg.v_width, cfg.v_layers, cfg.v_heads, cfg.v_patch, cfg.v_tubelet,
+                                              cfg.crop, cfg.v_mlp_ratio)
+        self.llm = llm or Qwen3LM(vocab, cfg.l_width, cfg.l_layers, cfg.l_heads, cfg.l_kv_heads, cfg.l_head_dim,
+                                  cfg.l_inter, cfg.rope_theta, tie=cfg.tie_embeddings)
+        grid = self.vision.crop // self.vision.patch
+        d = self.llm.model.embed_tokens.weight.shape[1]
+        self.bridge = Bridge(cfg, self.vision.width, d, max(1, cfg.n_frames // self.vision.tubelet), grid)
+        self.frozen = set()
+        self.cfg, self.devices = cfg, dict(vision="cpu", bridge="cpu", llm="cpu")
+        for part, loaded in (("vision", vision), ("llm", llm), ("bridge", None)):
+            if loaded is None:  # towers loaded from a checkpoint keep their weights
+                getattr(self, part).apply(self._init_weights)
+        nn.init.normal_(self.bridge.queries, std=0.02)
+
+    @staticmethod
+    def _init_weights(m):
+        """GPT-style init (std 0.02, zero biases), LayerNorm/RMSNorm to identity."""
+        if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv3d)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def freeze(self, part):
+        """Frozen for real: no grads, and eval mode that a later .train() cannot undo (see train())."""
+        getattr(self, part).requires_grad_(False).eval()
+        self.frozen.add(part)
+
+    def train(self, mode=True):
+        super().train(mode)
+        for p in self.frozen:
+            getattr(self, p).eval()
+        return self
+
+    def place(self, devices):
+        self.devices = devices
+        for part in ("vision", "bridge", "llm"):
+            getattr(self, part).to(devices[part])
+        return self
+
+    def encode(self, clips):
+        """uint8 (B, F, S, S, 3) -> (B, P, Dv); no graph when the encoder is frozen."""
+        x = normalize(clips).to(self.devices["vision"])
+        with torch.no_grad() if "vision" in self.frozen else torch.enable_grad():
+            return self.vision(x)
+
+    def embed(self, ids):
+        return self.llm.model.embed_tokens(ids.to(self.devices["llm"]))
+
+    def fuse(self, feats, q_ids, q_valid):
+        """-> prefix on the LLM's device (B, N, D), frame logits (B, F) on the bridge's."""
+        dev = self.devices["bridge"]
+        q_emb = self.embed(q_ids).to(dev)  # the LLM's own embeddings of the question tokens
+        prefix, frame_logits = self.bridge(feats.to(dev), q_emb, q_valid.to(dev))
+        return prefix.to(self.devices["llm"]), frame_logits
+
+    def forward(self, feats, q_ids, q_valid, inp, tgt=None, labels=None):
+        """Training forward on right-padded text. inp/tgt (B, L): prompt+answer tokens and their next-token targets
+        (-100 on prompt and pad). -> (logits (B, L, V), loss)."""
+        prefix, frame_logits = self.fuse(feats, q_ids, q_valid)
+        x = torch.cat((prefix, self.embed(inp).to(prefix.dtype)), 1)  # (B, N+L, D)
+        logits = self.llm(x)[:, prefix.shape[1]:]  # (B, L, V); under the causal mask right padding needs no mask
+        if tgt is None:
+            return logits, None, frame_logits
+        ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.to(logits.device).flatten(), ignore_index=-100)
+        pw = torch.tensor(self.cfg.pos_weight, device=frame_logits.device)
+        bce = F.binary_cross_entropy_with_logits(frame_logits.float(), labels.to(frame_logits.device), pos_weight=pw)
+        return logits, ce + self.cfg.lam * bce.to(ce.device), frame_logits
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint I/O: own format (out_dir/model.safetensors + config.json + train_state.pt) and the HF loaders
+
+
+def atomic(path, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)  # a crash never leaves a half-written file
+
+
+def read_hf_dir(path, want):
+    """-> (config dict, {key: (file, dtype/shape-less handle)}) of an HF folder, safetensors read lazily."""
+    cpath = os.path.join(path, "config.json")
+    if not os.path.isfile(cpath):
+        raise UserError(f"{path}: no config.json here; pass a Hugging Face checkpoint folder")
+    conf = json.load(open(cpath))
+    if conf.get("model_type") != want:
+        raise UserError(f"{path}: checkpoint is model_type {conf.get('model_type')!r}, expected {want!r}")
+    idx = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(idx):
+        files = sorted(set(json.load(open(idx))["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    keys = {}
+    for f in files:
+        try:
+            with safe_open(os.path.join(path, f), "pt") as h:
+                keys.update({k: f for k in h.keys()})
+        except Exception as e:
+            raise UserError(f"{os.path.join(path, f)}: unreadable safetensors file ({e})")
+    return conf, keys
+
+
+def assign_strict(module, path, keys, mapping, skip_prefixes=()):
+    """Check file keys against the module's (mapping: file key -> module key or None to ignore), list every missing,
+    unexpected and mis-shaped key, then read tensors lazily and assign them (the module lives on `meta`)."""
+    want = {k: v.shape for k, v in module.state_dict().items()}
+    if getattr(module, "tie", False):
+        want.pop("lm_head.weight", None)
+    plan, unexpected, shaped = {}, [], []
+    for fk, f in keys.items():
+        mk = mapping(fk)
+        if mk is None:
+            continue
+        if mk not in want and not (mk == "lm_head.weight" and getattr(module, "tie", False)):
+            unexpected.append(fk)
+        else:
+            plan[fk] = mk
+    missing = sorted(set(want) - set(plan.values()))
+    handles = {}
+    state = {}
+    for fk, mk in plan.items():
+        f = keys[fk]
+        if f not in handles:
+            handles[f] = safe_open(os.path.join(path, f), "pt")
+        sl = handles[f].get_slice(fk)
+        shape = tuple(sl.get_shape())
+        target = want.get(mk, module.model.embed_tokens.weight.shape if mk == "lm_head.weight" else None)
+        if tuple(target) != shape:
+            shaped.append(f"{fk} {list(shape)} (model {list(target)})")
+            continue
+        state[mk] = handles[f].get_tensor(fk)
+    if missing or unexpected or shaped:
+        raise UserError(f"{path}: checkpoint does not fit: missing {missing}, unexpected {sorted(unexpected)}, "
+                        f"mis-shaped {shaped}")
+    return state
+
+
+def load_vjepa2(path):
+    """HF V-JEPA 2 folder (VJEPA2Model `encoder.*`, or a classifier's `vjepa2.encoder.*`) -> frozen VJEPA2Encoder.
+    Predictor, pooler and classifier weights are ignored on purpose: Mark 1 only needs the encoder's features."""
+    conf, keys = read_hf_dir(path, "vjepa2")
+    if conf.get("hidden_act", "gelu") != "gelu":
+        raise UserError(f"{path}: hidden_act {conf['hidden_act']!r} is not supported (gelu expected)")
+    with torch.device("meta"):
+        enc = VJEPA2Encoder(conf.get("hidden_size", 1024), conf.get("num_hidden_layers", 24),
+                            conf.get("num_attention_heads", 16), conf.get("patch_size", 16), conf.get("tubelet_size", 2),
+                            conf.get("crop_size", 256), conf.get("mlp_ratio", 4.0), conf.get("layer_norm_eps", 1e-6))
+    ignored = [k for k in keys if not k.removeprefix("vjepa2.").startswith("encoder.")]
+
+    def mapping(k):
+        k = k.removeprefix("vjepa2.")
+        return k[len("encoder."):] if k.startswith("encoder.") else None
+
+    state = assign_strict(enc, path, keys, mapping)
+    enc.load_state_dict(state, strict=True, assign=True)
+    if ignored:
+        print(f"{path}: ignoring {len(ignored)} non-encoder tensors (predictor/pooler/classifier), on purpose")
+    return enc
+
+
+def load_qwen3(path):
+    """HF Qwen3 folder -> Qwen3LM. The file's lm_head.weight is used when present (untied), embed_tokens otherwise."""
+    conf, keys = read_hf_dir(path, "qwen3")
+    theta = conf.get("rope_theta") or (conf.get("rope_parameters") or {}).get("rope_theta", 1e6)
+    tie = conf.get("tie_word_embeddings", True) and "lm_head.weight" not in keys
+    if conf.get("tie_word_embeddings", True) and "lm_head.weight" in keys:
+        tie = False  # an lm_head in the file wins (transformers unties when it differs; using it is always right)
+    d, nh = conf["hidden_size"], conf["num_attention_heads"]
+    with torch.device("meta"):
+        lm = Qwen3LM(conf["vocab_size"], d, conf["num_hidden_layers"], nh, conf.get("num_key_value_heads", nh),
+                     conf.get("head_dim", d // nh), conf["intermediate_size"], theta, conf.get("rms_norm_eps", 1e-6), tie)
+    state = assign_strict(lm, path, keys, lambda k: k)
+    if tie:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    lm.load_state_dict(state, strict=True, assign=True)
+    if tie:
+        lm.lm_head.weight = lm.model.embed_tokens.weight  # assign=True replaced the Parameter: tie again
+    return lm
+
+
+def build_model(cfg, tok):
+    vision = load_vjepa2(cfg.vision_ckpt) if cfg.vision_ckpt else None
+    llm = load_qwen3(cfg.llm_ckpt) if cfg.llm_ckpt else None
+    vocab = len(tok.ids) if tok.ids is not None else None
+    torch.manual_seed(cfg.seed)
+    model = Mark1(cfg, vocab, vision, llm)
+    if cfg.vision_ckpt or cfg.freeze_vision:
+        model.freeze("vision")
+    if cfg.llm_ckpt or cfg.freeze_llm:
+        model.freeze("llm")
+    return model
+
+
+def make_tokenizer(cfg, texts=None, ids=None):
+    if cfg.llm_ckpt:
+        return QwenTokenizer(os.path.join(cfg.llm_ckpt, "tokenizer.json"))
+    return GPT2Tokenizer(ids) if ids is not None else GPT2Tokenizer.build(texts, cfg.compact_vocab)
+
+
+def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
+    """Weights of every part that did not come from an HF folder (those are reloaded from their folder)."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    skip = tuple(p + "." for p, c in (("vision", cfg.vision_ckpt), ("llm", cfg.llm_ckpt)) if c)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if not k.startswith(skip) and not (k == "llm.lm_head.weight" and model.llm.tie)}
+    atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
+    meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
+    atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
+    if opt is not None:
+        ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
+        atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
+
+
+def load_checkpoint(out_dir, overrides=None):
+    cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
+    if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
+        raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
+    try:
+        meta = json.load(open(cpath))
+    except json.JSONDecodeError:
+        raise UserError(f"{cpath}: not valid JSON; the checkpoint is damaged, retrain or restore it")
+    if meta.get("script") != SCRIPT:
+        raise UserError(f"{out_dir}: checkpoint was written by {meta.get('script')!r}, not {SCRIPT}.py")
+    cfg = Config(**{**meta["config"], **(overrides or {})})
+    tok = make_tokenizer(cfg, ids=meta["vocab"])
+    model = build_model(cfg, tok)
+    state = load_file(wpath)
+    own = {k for k in model.state_dict() if k in state or not k.startswith(("vision.", "llm."))}
+    missing = sorted(k for k in own if k not in state and k != "llm.lm_head.weight")
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise UserError(f"{wpath}: keys do not match the model (missing {missing}, unexpected {unexpected})")
+    model.load_state_dict(state, strict=False)  # towers from HF folders are already loaded; the rest is checked above
+    return model, tok, cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics (plain Python, tested on hand-computed cases)
+
+ANSWER_RE = re.compile(r"^\s*([A-J])\.(\s|$)")
+
+
+def extract_option(text):
+    """Strict: the answer must begin with an option letter and a full stop ("C." or "C. it stops"); else None."""
+    m = ANSWER_RE.match(text)
+    return m.group(1) if m else None
+
+
+def mcq_accuracy(preds, answers):
+    ok = [extract_option(p) is not None and extract_option(p) == extract_option(a) for p, a in zip(preds, answers)]
+    return sum(ok) / max(1, len(ok))
+
+
+def frame_f1(pred, gold):
+    """Micro F1 over every (clip, frame) pair: pred and gold are lists of 0/1 lists."""
+    tp = sum(p and g for ps, gs in zip(pred, gold) for p, g in zip(ps, gs))
+    fp = sum(p and not g for ps, gs in zip(pred, gold) for p, g in zip(ps, gs))
+    fn = sum(g and not p for ps, gs in zip(pred, gold) for p, g in zip(ps, gs))
+    return 2 * tp / max(1, 2 * tp + fp + fn)
+
+
+def segment_from_scores(scores, times, duration, threshold):
+    """Saliency of the sampled frames -> one (start, end) in seconds: the longest run of frames above threshold (the
+    best frame alone when none is), each frame covering [its time, its time + duration/F)."""
+    best, run, start = None, 0, 0
+    for i, s in enumerate(scores):
+        if s > threshold:
+            if run == 0:
+                start = i
+            run += 1
+            if best is None or run > best[1] - best[0] + 1:
+                best = (start, i)
+        else:
+            run = 0
+    if best is None:
+        i = max(range(len(scores)), key=lambda k: scores[k])
+        best = (i, i)
+    dt = duration / len(times)
+    return float(times[best[0]]), float(min(duration, times[best[1]] + dt))
+
+
+def temporal_iou(a, b):
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    union = max(a[1], b[1]) - min(a[0], b[0])
+    return inter / union if union > 0 else 0.0
+
+
+def grounding_metrics(pred_segs, gold_segs):
+    ious = [temporal_iou(p, g) for p, g in zip(pred_segs, gold_segs)]
+    n = max(1, len(ious))
+    out = {f"r1_iou{t}": sum(i >= t for i in ious) / n for t in (0.3, 0.5, 0.7)}
+    out["miou"] = sum(ious) / n
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def pick_device(name):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def check_device(dev, what):
+    kind, _, idx = dev.partition(":")
+    ok = kind == "cpu" or (kind == "cuda" and torch.cuda.is_available() and (not idx or int(idx) < torch.cuda.device_count())) \
+        or (kind == "mps" and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available())
+    if not ok or (idx and not idx.isdigit()):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise UserError(f"{what}: device {dev!r} does not exist here ({n} CUDA devices); use cpu or an existing cuda:N")
+    return dev
+
+
+def parse_device_map(cfg):
+    dev = check_device(pick_device(cfg.device), "--device")
+    out = dict(vision=dev, bridge=dev, llm=dev)
+    for part in filter(None, cfg.device_map.split(",")):
+        k, _, v = part.partition("=")
+        if k not in out or not v:
+            raise UserError(f"--device_map {cfg.device_map!r}: expected vision=DEV,bridge=DEV,llm=DEV")
+        out[k] = check_device(v, f"--device_map {k}")
+    return out
+
+
+def autocast(cfg, device):
+    kind = device.split(":")[0]
+    if cfg.dtype == "float32":
+        return torch.autocast(kind, enabled=False)
+    return torch.autocast(kind, dtype=getattr(torch, cfg.dtype))
+
+
+def lr_at(step, cfg):
+    warm = max(1, int(cfg.warmup_frac * cfg.max_steps))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = min(1.0, (step - warm) / max(1, cfg.max_steps - warm))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
+
+
+def global_batch(step, n, size, seed):
+    """Indices of the global batch of a step: a fresh permutation per epoch, shared by every rank."""
+    per_epoch = max(1, n // size)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    return perm[k * size:(k + 1) * size]
+
+
+def pad_left(seqs, pad):
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+    valid = torch.zeros(len(seqs), L, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s):], valid[i, L - len(s):] = torch.tensor(s, dtype=torch.long), True
+    return ids, valid
+
+
+def text_batch(items, tok, with_answer=True):
+    """items: dicts with question/choices/answer -> question ids + mask (B, Lq), and right-padded prompt+answer
+    inputs/targets (B, L) with -100 on prompt and pad positions."""
+    q_ids, q_valid = pad_left([tok.question(it["question"]) or [tok.eos] for it in items], tok.eos)
+    seqs = [(tok.prompt(it["question"], it["choices"]), tok.target(it["answer"]) if with_answer else []) for it in items]
+    L = max(len(p) + len(a) for p, a in seqs) - 1
+    inp = torch.full((len(items), L), tok.eos, dtype=torch.long)
+    tgt = torch.full((len(items), L), -100, dtype=torch.long)
+    for i, (p, a) in enumerate(seqs):
+        s = p + a
+        inp[i, :len(s) - 1] = torch.tensor(s[:-1])
+        tgt[i, len(p) - 1:len(s) - 1] = torch.tensor(a)  # only the answer tokens are learned
+    return q_ids, q_valid, inp, tgt
+
+
+class FeatureCache:
+    """Frozen encoder: features computed once per clip (keyed by split and index), kept in memory in bf16/fp32."""
+
+    def __init__(self, model, enabled):
+        self.model, self.on, self.store = model, enabled and "vision" in model.frozen, {}
+
+    def __call__(self, split, idx, clips):
+        if not self.on:
+            return self.model.encode(clips[idx])
+        todo = [i for i in idx.tolist() if (split, i) not in self.store]
+        if todo:
+            feats = self.model.encode(clips[torch.tensor(todo)]).detach()
+            for i, f in zip(todo, feats):
+                self.store[(split, i)] = f.cpu()
+        return torch.stack([self.store[(split, i)] for i in idx.tolist()])
+
+
+def prepare_data(cfg, rank=0):
+    if cfg.data:
+        train = read_annotations(cfg.data)
+        if cfg.test_data:
+            test = read_annotations(cfg.test_data)
+        else:
+            test, train = train[::10], [e for i, e in enumerate(train) if i % 10]
+        splits = {"train": train, "val": test[:max(1, len(test) // 2)], "test": test}
+    else:
+        if rank == 0:
+            build_world(cfg)
+        if dist.is_initialized():
+            dist.barrier()
+        splits = {s: read_annotations(os.path.join(cfg.data_dir, f"{s}.json")) for s in ("train", "val", "test", "novel")}
+    return {s: (e, load_split(e, cfg)) for s, e in splits.items()}
+
+
+def count_params(model):
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    train = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+    return total, train
+
+
+def train(cfg, resume=False):
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    t0 = time.time()
+    devices = parse_device_map(cfg)
+    data = prepare_data(cfg, rank)
+    entries, tr = data["train"]
+    tok = make_tokenizer(cfg, texts=[e["question"] + "\n" + "\n".join(e["choices"]) + "\nAnswer: " + e["answer"]
+                                     for e in entries])
+    model = build_model(cfg, tok).place(devices)
+    total, trainable = count_params(model)
+    say(f"data ready in {time.time() - t0:.1f}s | params: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, "
+        f"{(total - trainable) / 1e6:.2f}M frozen | vocab {len(tok.ids) if tok.ids else 'full'}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    nodecay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": nodecay, "weight_decay": 0}],
+                            lr=cfg.lr, betas=(0.9, 0.95))
+    step = 0
+    if resume:
+        path = os.path.join(cfg.out_dir, "train_state.pt")
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: nothing to resume (train without --resume first)")
+        model, _, _ = load_checkpoint(cfg.out_dir, {k: getattr(cfg, k) for k in ("max_steps", "stop_after", "out_dir")})
+        model.place(devices)
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay, nodecay = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": nodecay, "weight_decay": 0}], lr=cfg.lr, betas=(0.9, 0.95))
+        ts = torch.load(path, weights_only=True)
+        opt.load_state_dict(ts["optimizer"])
+        step = ts["step"]
+        torch.set_rng_state(ts["rng"])
+        say(f"resumed at step {step}")
+    cache = FeatureCache(model, cfg.feature_cache)
+    gbatch = cfg.batch_size * cfg.grad_accum * world
+    model.train()
+    t_log, losses = time.time(), []
+    end = min(cfg.max_steps, cfg.stop_after) if cfg.stop_after else cfg.max_steps
+    while step < end:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        idx = global_batch(step, len(entries), gbatch, cfg.seed)
+        opt.zero_grad(set_to_none=True)
+        for a in range(cfg.grad_accum):
+            mb = idx[(a * world + rank) * cfg.batch_size:(a * world + rank + 1) * cfg.batch_size]
+            if len(mb) == 0:
+                continue
+            q_ids, q_valid, inp, tgt = text_batch([entries[i] for i in mb], tok)
+            with autocast(cfg, devices["llm"]):
+                feats = cache("train", mb, tr["clips"])
+                _, loss, _ = model(feats, q_ids, q_valid, inp, tgt, tr["labels"][mb])
+            if not torch.isfinite(loss):
+                raise UserError(f"loss became {loss.item()} at step {step}; lower --lr or use --dtype float32")
+            (loss * len(mb) / (gbatch / world)).backward()
+            losses.append(loss.item())
+        if ddp:
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        step += 1
+        if step % cfg.log_interval == 0 or step == end:
+            dt = (time.time() - t_log) / cfg.log_interval
+            eta = dt * (end - step)
+            say(f"step {step}/{cfg.max_steps} | loss {sum(losses) / len(losses):.4f} | lr {lr_at(step - 1, cfg):.2e} | "
+                f"{dt * 1000:.0f} ms | {gbatch / dt:.0f} samples/s | eta {eta / 60:.0f}m{eta % 60:02.0f}s")
+            t_log, losses = time.time(), []
+        if rank == 0 and (step % cfg.eval_interval == 0 or step == end):
+            save_checkpoint(model, tok, cfg, opt, step, torch.get_rng_state())
+    train_seconds = time.time() - t0
+    if rank == 0 and step >= cfg.max_steps:
+        evaluate(model, tok, cfg, data, train_seconds, cache)
+    if ddp:
+        dist.destroy_process_group()
+    return model, tok
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation, evaluation, prediction, bench
+
+
+def filter_logits(logits, top_k, top_p):
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        srt, order = logits.sort(-1, descending=True)
+        drop = srt.softmax(-1).cumsum(-1) - srt.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):
+    """Batched answers: [prefix; prompt] rows left-padded, positions from the mask, KV cache, per-row EOS stop.
+    -> (list of answer token lists, frame logits (B, F))."""
+    q_ids, q_valid = pad_left([tok.question(it["question"]) or [tok.eos] for it in items], tok.eos)
+    prefix, frame_logits = model.fuse(feats, q_ids, q_valid)
+    dev = model.devices["llm"]
+    rows = [torch.cat((prefix[i], model.embed(torch.tensor(tok.prompt(it["question"], it["choices"])))), 0)
+            for i, it in enumerate(items)]  # (N + Lp_i, D) each
+    L = max(r.shape[0] for r in rows)
+    x = prefix.new_zeros(len(rows), L, prefix.shape[-1])
+    valid = torch.zeros(len(rows), L, dtype=torch.bool, device=dev)
+    for i, r in enumerate(rows):
+        x[i, L - r.shape[0]:], valid[i, L - r.shape[0]:] = r, True
+    pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, L): positions count real tokens only
+    cache = [dict() for _ in model.llm.model.layers] if use_cache else None
+    out = [[] for _ in rows]
+    done = torch.zeros(len(rows), dtype=torch.bool, device=dev)
+    step_x, step_pos = x, pos
+    for _ in range(cfg.max_new_tokens):
+        if use_cache:
+            logits = model.llm(step_x, step_pos, valid, cache, last_only=True)[:, -1].float()
+        else:
+            logits = model.llm(x, pos, valid, last_only=True)[:, -1].float()
+        if cfg.temperature > 0:
+            probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(dev)
+        else:
+            nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, tok.eos), nxt)
+        for i in range(len(rows)):
+            if not done[i]:
+                out[i].append(int(nxt[i]))
+        done |= nxt == tok.eos
+        if done.all():
+            break
+        emb = model.embed(nxt[:, None]).to(x.dtype)  # (B, 1, D)
+        new_pos = pos[:, -1:] + 1
+        valid = torch.cat((valid, torch.ones(len(rows), 1, dtype=torch.bool, device=dev)), 1)
+        x, pos = torch.cat((x, emb), 1), torch.cat((pos, new_pos), 1)
+        step_x, step_pos = emb, new_pos
+    return [[t for t in o if t != tok.eos] for o in out], frame_logits
+
+
+def answer_split(model, tok, cfg, entries, split, data_split, cache=None, batch=64):
+    """-> predictions, frame saliency (sigmoid) per clip."""
+    model.eval()
+    preds, sal = [], []
+    for s in range(0, len(entries), batch):
+        idx = torch.arange(s, min(len(entries), s + batch))
+        with autocast(cfg, model.devices["llm"]):
+            feats = cache(split, idx, data_split["clips"]) if cache else model.encode(data_split["clips"][idx])
+            ids, fl = generate(model, feats, [entries[i] for i in idx], tok, cfg)
+        preds += [tok.decode(i).strip() for i in ids]
+        sal += torch.sigmoid(fl.float()).cpu().tolist()
+    return preds, sal
+
+
+def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):
+    cache = cache or FeatureCache(model, cfg.feature_cache)
+    result = {}
+    for split in ("test", "novel"):
+        if split not in data:
+            continue
+        entries, ds = data[split]
+        preds, sal = answer_split(model, tok, cfg, entries, split, ds, cache)
+        gold = ds["labels"].int().tolist()
+        pred_lab = [[int(s > cfg.threshold) for s in row] for row in sal]
+        segs = [segment_from_scores(row, ds["times"][i], ds["durations"][i], cfg.threshold) for i, row in enumerate(sal)]
+        gsegs = [segment_from_scores(g, ds["times"][i], ds["durations"][i], 0.5) for i, g in enumerate(gold)]
+        m = dict(n=len(entries), mcq_accuracy=mcq_accuracy(preds, [e["answer"] for e in entries]),
+                 exact_match=sum(p == e["answer"] for p, e in zip(preds, entries)) / len(entries),
+                 frame_f1=frame_f1(pred_lab, gold), **grounding_metrics(segs, gsegs))
+        m["samples"] = [dict(question=e["question"], choices=e["choices"], answer=e["answer"], prediction=p,
+                             support=[round(a, 3) for a in g], predicted_span=[round(a, 3) for a in s])
+                        for e, p, g, s in list(zip(entries, preds, gsegs, segs))[:5]]
+        result[split] = m
+        print(f"{split:6s} n={m['n']} | mcq {m['mcq_accuracy']:.3f} | exact {m['exact_match']:.3f} | frame F1 "
+              f"{m['frame_f1']:.3f} | mIoU {m['miou']:.3f} | R@1 0.3/0.5/0.7 {m['r1_iou0.3']:.3f}/{m['r1_iou0.5']:.3f}/"
+              f"{m['r1_iou0.7']:.3f}")
+        for smp in m["samples"][:3]:
+            print(f"   {smp['question']} {' '.join(smp['choices'])} -> {smp['prediction']!r} (ref {smp['answer']!r}), "
+                  f"span {smp['predicted_span']} (ref {smp['support']})")
+    if train_seconds is not None:
+        result["train_seconds"] = round(train_seconds, 1)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
+    return result
+
+
+def frame_strip(clip, sal, gold, path, title):
+    """PNG: the sampled frames side by side (scaled up), a saliency bar under each (green = above threshold)."""
+    F_, S = clip.shape[0], 64
+    img = np.full((S + 40, F_ * (S + 2), 3), 255, np.uint8)
+    for i in range(F_):
+        fr = cv2.resize(cv2.cvtColor(clip[i], cv2.COLOR_RGB2BGR), (S, S), interpolation=cv2.INTER_NEAREST)
+        x = i * (S + 2)
+        img[:S, x:x + S] = fr
+        h = int(round(30 * sal[i]))
+        cv2.rectangle(img, (x + 4, S + 34 - h), (x + S - 4, S + 34), (60, 180, 60) if sal[i] > 0.5 else (150, 150, 150), -1)
+        if gold is not None and gold[i]:
+            cv2.rectangle(img, (x, S + 36), (x + S, S + 39), (40, 40, 220), -1)
+    cv2.putText(img, title[:F_ * 10], (2, S + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
+    cv2.imwrite(path, img)
+
+
+def predict(cfg, overrides, video, question, choices):
+    if not video or not question or not choices:
+        raise UserError("--predict needs --video PATH --question TEXT --choices 'A. ...|B. ...|C. ...|D. ...'")
+    choice_list = [c.strip() for c in choices.split("|")]
+    check_choices(choice_list, "--choices")
+    model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
+    model.place(parse_device_map(cfg))
+    model.eval()
+    clip, times, dur = load_video(video, cfg.n_frames, cfg.crop)
+    item = dict(question=question, choices=choice_list)
+    with autocast(cfg, model.devices["llm"]):
+        ids, fl = generate(model, model.encode(torch.from_numpy(clip)[None]), [item], tok, cfg)
+    sal = torch.sigmoid(fl.float())[0].tolist()
+    span = segment_from_scores(sal, times, dur, cfg.threshold)
+    answer = tok.decode(ids[0]).strip()
+    print(f"answer: {answer}")
+    print(f"support: {span[0]:.2f}s - {span[1]:.2f}s | saliency per frame: {' '.join(f'{s:.2f}' for s in sal)}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    path = os.path.join(cfg.out_dir, "predict.png")
+    frame_strip(clip, sal, None, path, answer)
+    print(f"frame strip: {path}")
+    return answer, span, sal
+
+
+def bench(cfg):
+    """Frozen encoder: epoch 1 computes features, epoch 2 reads the cache. Uses a V-JEPA-2-ViT-S-sized encoder on
+    64-pixel frames (random weights: the cost, not the values, matters here) unless --vision_ckpt is given."""
+    cfg = dataclasses.replace(cfg, freeze_vision=True, n_train=min(cfg.n_train, 256), batch_size=32)
+    if not cfg.vision_ckpt:
+        cfg = dataclasses.replace(cfg, v_width=384, v_layers=12, v_heads=6, v_patch=16, crop=64, data_dir=cfg.data_dir + "_bench")
+    devices = parse_device_map(cfg)
+    data = prepare_data(cfg)
+    entries, tr = data["train"]
+    tok = make_tokenizer(cfg, texts=[e["question"] + "\n".join(e["choices"]) + e["answer"] for e in entries])
+    model = build_model(cfg, tok).place(devices).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    cache = FeatureCache(model, True)
+    times = []
+    for epoch in range(2):
+        t = time.time()
+        for s in range(0, len(entries), cfg.batch_size):
+            mb = torch.arange(s, min(len(entries), s + cfg.batch_size))
+            q_ids, q_valid, inp, tgt = text_batch([entries[i] for i in mb], tok)
+            with autocast(cfg, devices["llm"]):
+                _, loss, _ = model(cache("train", mb, tr["clips"]), q_ids, q_valid, inp, tgt, tr["labels"][mb])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        times.append(time.time() - t)
+        print(f"epoch {epoch + 1}: {times[-1]:.2f}s for {len(entries)} clips ({len(entries) / times[-1]:.1f} clips/s)")
+    print(f"feature cache speedup (epoch 1 / epoch 2): {times[0] / times[1]:.1f}x")
+    return times
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Mark 1: video MCQ answering with temporal localisation.")
+    p.add_argument("--train", action="store_true", help="build data (if needed), train, evaluate")
+    p.add_argument("--resume", action="store_true", help="with --train: continue from out_dir/train_state.pt")
+    p.add_argument("--eval", action="store_true", help="evaluate the checkpoint in out_dir on test and novel")
+    p.add_argument("--predict", action="store_true", help="answer --question about --video with the checkpoint")
+    p.add_argument("--bench", action="store_true", help="feature-cache speedup with a frozen encoder")
+    p.add_argument("--video", default="", help="video file or folder of frames, for --predict")
+    p.add_argument("--question", default="")
+    p.add_argument("--choices", default="", help="'A. ...|B. ...|C. ...|D. ...'")
+    p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
+    for f in dataclasses.fields(Config):
+        if isinstance(f.default, bool):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), default=None)
+    args = p.parse_args(argv)
+    if args.preset not in PRESETS:
+        raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    cfg = Config(**{**PRESETS[args.preset], **overrides})
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype {cfg.dtype}: choose float32, bfloat16 or float16")
+    return args, cfg, overrides
+
+
+def main(argv=None):
+    args, cfg, overrides = parse_args(argv)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("config:", json.dumps(dataclasses.asdict(cfg)))
+    torch.manual_seed(cfg.seed)
+    if args.train:
+        train(cfg, resume=args.resume)
+    elif args.eval:
+        model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
+        model.place(parse_device_map(cfg))
+        evaluate(model, tok, cfg, prepare_data(cfg))
+    elif args.predict:
+        gen = {k: v for k, v in overrides.items() if k in ("temperature", "top_k", "top_p", "max_new_tokens", "device",
+                                                           "dtype", "seed", "out_dir", "threshold", "device_map")}
+        predict(cfg, gen, args.video, args.question, args.choices)
+    elif args.bench:
+        bench(cfg)
+    else:
+        print("nothing to do: pass --train, --eval, --predict, or --bench (see --help)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
