@@ -149,6 +149,8 @@ PRESETS = {
                  n_temporal_query=2, bridge_heads=2, bert_heads=2, bert_inter=64, batch_size=8, max_steps=6,
                  log_interval=2, eval_interval=4, dtype="float32"),
     # the seed's bridge sizes (video width 1408 and LLM width 1024 come from the checkpoints)
+    # --bench: a V-JEPA-2-ViT-S-sized frozen encoder on 64-pixel frames (random weights: the cost is what matters)
+    "bench": dict(v_width=384, v_layers=12, v_heads=6, v_patch=16, crop=64, n_train=256, data_dir="data/mark1/bench"),
     "seed": dict(n_visual_query=32, n_temporal_query=5, bridge_heads=8, bert_heads=16, bert_inter=4096,
                  lam=2.0, pos_weight=10.0, lr=5e-5, n_frames=16, crop=256),
 }
@@ -1148,6 +1150,8 @@ def prepare_data(cfg, rank=0):
             test = read_annotations(cfg.test_data)
         else:
             test, train = train[::10], [e for i, e in enumerate(train) if i % 10]
+        if not train:
+            raise UserError(f"{cfg.data}: too few entries to hold out a test set; add entries or pass --test_data")
         splits = {"train": train, "val": test[:max(1, len(test) // 2)], "test": test}
     else:
         if rank == 0:
@@ -1264,47 +1268,62 @@ def filter_logits(logits, top_k, top_p):
 
 
 @torch.no_grad()
-def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):
-    """Batched answers: [prefix; prompt] rows left-padded, positions from the mask, KV cache, per-row EOS stop.
-    -> (list of answer token lists, frame logits (B, F))."""
-    q_ids, q_valid = pad_left([tok.question(it["question"]) or [tok.eos] for it in items], tok.eos)
-    prefix, frame_logits = model.fuse(feats, q_ids, q_valid)
-    dev = model.devices["llm"]
-    rows = [torch.cat((prefix[i], model.embed(torch.tensor(tok.prompt(it["question"], it["choices"])))), 0)
-            for i, it in enumerate(items)]  # (N + Lp_i, D) each
-    L = max(r.shape[0] for r in rows)
-    x = prefix.new_zeros(len(rows), L, prefix.shape[-1])
-    valid = torch.zeros(len(rows), L, dtype=torch.bool, device=dev)
-    for i, r in enumerate(rows):
-        x[i, L - r.shape[0]:], valid[i, L - r.shape[0]:] = r, True
+def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, use_cache=True,
+                 generator=None):
+    """Decode from left-padded input embeddings x (B, L, D) with valid (B, L): positions from the mask, KV cache (or a
+    full recompute each step), per-row stop on EOS. embed(ids) gives the embeddings of new tokens. -> token lists."""
+    dev = x.device
     pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, L): positions count real tokens only
-    cache = [dict() for _ in model.llm.model.layers] if use_cache else None
-    out = [[] for _ in rows]
-    done = torch.zeros(len(rows), dtype=torch.bool, device=dev)
+    cache = [dict() for _ in llm.model.layers] if use_cache else None
+    out = [[] for _ in range(x.shape[0])]
+    done = torch.zeros(x.shape[0], dtype=torch.bool, device=dev)
     step_x, step_pos = x, pos
-    for _ in range(cfg.max_new_tokens):
-        if use_cache:
-            logits = model.llm(step_x, step_pos, valid, cache, last_only=True)[:, -1].float()
+    for _ in range(max_new_tokens):
+        if use_cache:  # prefill once, then one position per step against the cached keys/values
+            logits = llm(step_x, step_pos, valid, cache, last_only=True)[:, -1].float()
         else:
-            logits = model.llm(x, pos, valid, last_only=True)[:, -1].float()
-        if cfg.temperature > 0:
-            probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+            logits = llm(x, pos, valid, last_only=True)[:, -1].float()
+        if temperature > 0:
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
             nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(dev)
         else:
             nxt = logits.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, tok.eos), nxt)
-        for i in range(len(rows)):
+        nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+        for i in range(len(out)):
             if not done[i]:
                 out[i].append(int(nxt[i]))
-        done |= nxt == tok.eos
+        done |= nxt == eos
         if done.all():
             break
-        emb = model.embed(nxt[:, None]).to(x.dtype)  # (B, 1, D)
-        new_pos = pos[:, -1:] + 1
-        valid = torch.cat((valid, torch.ones(len(rows), 1, dtype=torch.bool, device=dev)), 1)
-        x, pos = torch.cat((x, emb), 1), torch.cat((pos, new_pos), 1)
-        step_x, step_pos = emb, new_pos
-    return [[t for t in o if t != tok.eos] for o in out], frame_logits
+        step_x = embed(nxt[:, None]).to(x.dtype)  # (B, 1, D)
+        step_pos = pos[:, -1:] + 1
+        valid = torch.cat((valid, torch.ones(len(out), 1, dtype=torch.bool, device=dev)), 1)
+        x, pos = torch.cat((x, step_x), 1), torch.cat((pos, step_pos), 1)
+    return [[t for t in o if t != eos] for o in out]
+
+
+def left_pad_rows(rows, dev):
+    """list of (L_i, D) -> x (B, L, D) left-padded with zeros, valid (B, L)."""
+    L = max(r.shape[0] for r in rows)
+    x = rows[0].new_zeros(len(rows), L, rows[0].shape[-1])
+    valid = torch.zeros(len(rows), L, dtype=torch.bool, device=dev)
+    for i, r in enumerate(rows):
+        x[i, L - r.shape[0]:], valid[i, L - r.shape[0]:] = r, True
+    return x, valid
+
+
+@torch.no_grad()
+def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):
+    """Batched answers: [prefix; prompt] rows left-padded, the video fused once, then llm_generate.
+    -> (list of answer token lists, frame logits (B, F))."""
+    q_ids, q_valid = pad_left([tok.question(it["question"]) or [tok.eos] for it in items], tok.eos)
+    prefix, frame_logits = model.fuse(feats, q_ids, q_valid)
+    rows = [torch.cat((prefix[i], model.embed(torch.tensor(tok.prompt(it["question"], it["choices"]))).to(prefix.dtype)), 0)
+            for i, it in enumerate(items)]  # (N + Lp_i, D) each
+    x, valid = left_pad_rows(rows, model.devices["llm"])
+    ids = llm_generate(model.llm, model.embed, x, valid, tok.eos, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                       cfg.top_p, use_cache, generator)
+    return ids, frame_logits
 
 
 def answer_split(model, tok, cfg, entries, split, data_split, cache=None, batch=64):
@@ -1394,11 +1413,9 @@ def predict(cfg, overrides, video, question, choices):
 
 
 def bench(cfg):
-    """Frozen encoder: epoch 1 computes features, epoch 2 reads the cache. Uses a V-JEPA-2-ViT-S-sized encoder on
-    64-pixel frames (random weights: the cost, not the values, matters here) unless --vision_ckpt is given."""
-    cfg = dataclasses.replace(cfg, freeze_vision=True, n_train=min(cfg.n_train, 256), batch_size=32)
-    if not cfg.vision_ckpt:
-        cfg = dataclasses.replace(cfg, v_width=384, v_layers=12, v_heads=6, v_patch=16, crop=64, data_dir=cfg.data_dir + "_bench")
+    """Frozen encoder: epoch 1 computes features and fills the cache, epoch 2 reads it; same bridge/LLM work in both.
+    `--bench` alone uses the `bench` preset (a ViT-S-sized encoder); --vision_ckpt benchmarks a real one."""
+    cfg = dataclasses.replace(cfg, freeze_vision=True)
     devices = parse_device_map(cfg)
     data = prepare_data(cfg)
     entries, tr = data["train"]
@@ -1455,6 +1472,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args, cfg, overrides = parse_args(argv)
+    if args.bench and args.preset == "default":
+        cfg = Config(**{**PRESETS["bench"], **overrides})
     if int(os.environ.get("RANK", "0")) == 0:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
