@@ -141,6 +141,10 @@ def test_vc_cache_equals_no_cache(pool):
     for t in range(4, x.shape[1]):
         parts.append(model.decode(x[:, t:t + 1], cache, pos=t))
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-10)
+    # training forward (last layer queries only the text positions) == the full decode at the text positions
+    idx = torch.randint(0, 23, (3, 6))
+    x = torch.cat([model.encode(images), model.embed_tokens(idx)], 1)
+    assert torch.allclose(model(images, idx)[0], model.decode(x)[:, model.n_prefix:], atol=1e-10)
     # generation: greedy with the cache == greedy re-running the whole sequence
     cfg = dataclasses.replace(cfg, max_new_tokens=10)
     assert vc.generate(model, images, cfg, use_cache=True) == vc.generate(model, images, cfg, use_cache=False)

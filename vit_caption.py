@@ -411,12 +411,16 @@ class Attention(nn.Module):
                                                               for _ in range(4))
         self.record, self.weights = False, None
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, cache=None, q_from=0):
+        """x (B, T, D) -> (B, T - q_from, D): with q_from > 0 only positions q_from.. ask (their keys see all T)."""
         B, T, D = x.shape
-        q, k, v = (m(x).view(B, T, self.h, -1).transpose(1, 2) for m in (self.q_proj, self.k_proj, self.v_proj))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, D/H), rotated at their own positions
-        past = 0
+        k, v = (m(x).view(B, T, self.h, -1).transpose(1, 2) for m in (self.k_proj, self.v_proj))  # (B, H, T, D/H)
+        q = self.q_proj(x[:, q_from:]).view(B, T - q_from, self.h, -1).transpose(1, 2)  # (B, H, T-q_from, D/H)
+        q, k = apply_rope(q, cos[q_from:], sin[q_from:]), apply_rope(k, cos, sin)  # rotated at their own positions
+        past = q_from  # q_from plays the part of cached keys: query i sits at position q_from + i
+        T -= q_from
         if cache is not None:
+            assert q_from == 0, "q_from is a training shortcut, not for cached decoding"
             if "k" in cache:
                 past = cache["k"].shape[2]
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)  # (B, H, past+T, D/H)
@@ -457,9 +461,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm, self.mlp = RMSNorm(cfg.d_model), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, cache))
-        return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+    def forward(self, x, cos, sin, cache=None, q_from=0):
+        x = x[:, q_from:] + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, cache, q_from))
+        return x + self.drop(self.mlp(self.post_attention_layernorm(x)))  # (B, T - q_from, D)
 
 
 class ViTCaptioner(nn.Module):
@@ -523,9 +527,11 @@ class ViTCaptioner(nn.Module):
         x = torch.cat([prefix, self.embed_tokens(idx)], 1)  # (B, N+L, D)
         T = x.shape[1]
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        logits = self.lm_head(self.norm(x[:, self.n_prefix:]))  # the head only where a token is predicted
+        for i, layer in enumerate(self.layers):
+            # the last layer's outputs at the prefix positions would only feed the (skipped) prefix logits: run its
+            # queries and MLP on the text positions alone; the prefix still serves as keys/values. ~20% less work.
+            x = layer(x, cos, sin, q_from=self.n_prefix if i == len(self.layers) - 1 else 0)
+        logits = self.lm_head(self.norm(x))  # (B, L, V): the head only where a token is predicted
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
