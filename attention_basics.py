@@ -1,0 +1,1302 @@
+"""
+attention_basics.py: a runnable tour of the building blocks of vision LLMs, then the two ways to wire one, trained
+side by side on a CPU.
+
+Read it top to bottom. The tour (`python attention_basics.py`) prints, section by section, what each block does with
+real tensor shapes and checks every claim as it goes:
+
+    attention   softmax(QK^T/sqrt(d))V written out: heads, padding mask with a finite minimum, max subtraction;
+                equal to F.scaled_dot_product_attention; a causal mask as the contrast
+    cross       cross-attention between two sequences of different lengths (the "fused representation")
+    patchify    ViT: image -> patches -> linear projection; patches -> the image again, exactly
+    clip        CLIP: image + text encoders, normalised embeddings, symmetric InfoNCE, learnable temperature
+    video       video as frames: frame-rate sub-sampling (every 8th frame of 24 fps = 3 fps), fixed-length clips
+    perceiver   Perceiver resampler: learned latents attend to [frame tokens; latents] (+ time embeddings) and give
+                the same fixed number of visual tokens (64) for any number of frames
+    flamingo    gated cross-attention dense block: tanh gates start at zero (the LM is unchanged at init) and media
+                masking (each text token attends only to the latest preceding image/video)
+
+Train mode (`--train`) then
+  1. trains a tiny CLIP on synthetic PNG images + captions and reports zero-shot accuracy on new images, the classes
+     given as text prompts (test: colour/shape pairs seen in training, novel: pairs CLIP never saw);
+  2. trains the two vision-LLM variants on one synthetic mp4 captioning task ("a red circle moves left": the direction
+     needs more than one frame), same budget, both starting from the CLIP image encoder:
+       unified  visual tokens projected and placed in the decoder's input sequence (LLaVA-style prefix);
+       cross    Perceiver resampler + Flamingo gated cross-attention layers inside the decoder;
+  3. prints a side-by-side table (parameters, train time, exact match test/novel, generation tokens/s), writes
+     attention heat maps (text tokens over frames, latents over frames) and out/attention_basics/eval.json.
+
+Papers: Attention (https://arxiv.org/abs/1706.03762), ViT (https://arxiv.org/abs/2010.11929), CLIP
+(https://arxiv.org/abs/2103.00020), Perceiver (https://arxiv.org/abs/2103.03206), Flamingo
+(https://arxiv.org/abs/2204.14198); overview: https://cameronrwolfe.substack.com/p/vision-llms
+
+Here the attention math is spelled out on purpose (the house exception to "always SDPA"): `attention()` below is the
+one place it happens; every module can switch to F.scaled_dot_product_attention (`--sdpa`, the default for
+training) and the tour and tests check that both give the same numbers.
+
+Shape legend: B batch, F frames, P tokens per frame (patches + CLS), Q latents, M media items, L text tokens,
+N keys, D width, H heads, E joint CLIP embedding, V vocabulary.
+
+Commands:
+    python attention_basics.py                              # the whole tour (seconds)
+    python attention_basics.py --section perceiver          # one section
+    python attention_basics.py --train                      # CLIP + both variants + table + heat maps (CPU)
+    python attention_basics.py --train --preset tiny        # seconds, what the tests run
+    python attention_basics.py --eval                       # re-evaluate the checkpoints in out/attention_basics
+    python attention_basics.py --generate --video clip.mp4 --variant cross   # caption any video / frame folder
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+SCRIPT = "attention_basics"
+
+
+class UserError(Exception):
+    """A problem with the user's input: main() prints it as one line and exits with status 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    data_dir: str = "data/attention_basics"  # synthetic PNG images and mp4 clips are written here
+    out_dir: str = "out/attention_basics"  # checkpoints (clip/, unified/, cross/), eval.json, heat maps
+    # synthetic world
+    n_img_train: int = 3000  # CLIP training images
+    n_img_test: int = 300  # new images of colour/shape pairs seen in training
+    n_img_novel: int = 300  # images of pairs CLIP never saw
+    n_train: int = 2000  # training clips for the captioners
+    n_test: int = 200
+    n_novel: int = 200
+    img_size: int = 32  # images and frames are resized to this side
+    patch: int = 8  # ViT patch side: (32/8)^2 = 16 patches + 1 CLS token per image
+    n_frames: int = 4  # frames sampled uniformly from each clip
+    # model
+    d_model: int = 64  # width of every tower (ViT, text encoder, decoder)
+    n_head: int = 4
+    n_vit_layer: int = 2
+    n_text_layer: int = 2
+    n_dec_layer: int = 2
+    d_embed: int = 64  # CLIP joint embedding width E
+    n_latents: int = 64  # Perceiver resampler output size (Flamingo uses 64)
+    n_perceiver_layer: int = 1
+    max_frames: int = 64  # time embeddings the resampler has: the longest clip it takes
+    max_len: int = 12  # longest caption in tokens, BOS/EOS included
+    sdpa: bool = True  # attention through F.scaled_dot_product_attention (False: the written-out math)
+    # training (both captioners get exactly the same budget)
+    clip_steps: int = 400
+    steps: int = 500
+    batch_size: int = 32
+    lr: float = 2e-3
+    vision_lr: float = 5e-4  # the CLIP image encoder is fine-tuned gently
+    warmup: int = 50
+    weight_decay: float = 0.05
+    dtype: str = "bfloat16"  # autocast dtype on CPU/GPU: float32 or bfloat16
+    device: str = "auto"  # auto = cuda > mps > cpu
+    seed: int = 1337
+    threads: int = 0  # torch CPU threads; 0 = PyTorch's default. Tiny models on a busy 2-core machine run far
+    #                   faster on 1 thread (OpenMP threads spin-wait for each other when a core is taken)
+    log_interval: int = 50
+    # tour
+    section: str = "all"  # with no mode: which tour section to run
+    variant: str = "cross"  # --generate: which captioner to use (unified or cross)
+
+
+PRESETS = {
+    "default": {},
+    "tiny": dict(n_img_train=48, n_img_test=12, n_img_novel=12, n_train=32, n_test=8, n_novel=8, img_size=16,
+                 patch=8, n_frames=3, d_model=32, n_head=2, n_vit_layer=1, n_text_layer=1, n_dec_layer=1, d_embed=16,
+                 n_latents=8, clip_steps=4, steps=4, batch_size=8, warmup=2, log_interval=2, dtype="float32",
+                 threads=1),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: synthetic world (PNG images, mp4 clips), loaders, annotation files, tokenizer
+
+COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
+           "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
+SHAPES = ["circle", "square", "triangle"]
+MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+# (colour, shape) pairs held out of all training: each colour loses one shape, each shape is held out twice.
+NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),
+               ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}
+CLASSES = [(c, s) for c in COLOURS for s in SHAPES]  # the 18 zero-shot classes
+RENDER, CLIP_LEN, TRAVEL = 64, 16, 26  # written side, frames per clip, pixels an object moves in a clip
+MEAN, STD = 0.45, 0.25  # pixel normalisation, roughly the statistics of this world
+
+
+def draw_shape(img, shape, colour, cx, cy, half):
+    c = COLOURS[colour]
+    if shape == "circle":
+        cv2.circle(img, (cx, cy), half, c, -1, cv2.LINE_AA)
+    elif shape == "square":
+        cv2.rectangle(img, (cx - half + 1, cy - half + 1), (cx + half - 1, cy + half - 1), c, -1)
+    else:
+        pts = np.array([[cx, cy - half], [cx - half, cy + half - 1], [cx + half, cy + half - 1]], np.int32)
+        cv2.fillPoly(img, [pts], c, cv2.LINE_AA)
+
+
+def pick_pair(rng, split):
+    while True:
+        pair = rng.choice(CLASSES)
+        if (pair in NOVEL_PAIRS) == (split == "novel"):
+            return pair
+
+
+def write_image(path, rng, colour, shape):
+    """One object of random size and position on a background of random grey: a still image for CLIP."""
+    img = np.full((RENDER, RENDER, 3), rng.randint(40, 90), np.uint8)
+    half = rng.randint(8, 12)
+    draw_shape(img, shape, colour, rng.randint(half + 1, RENDER - half - 2), rng.randint(half + 1, RENDER - half - 2),
+               half)
+    cv2.imwrite(path, img)
+
+
+def write_clip(path, rng, colour, shape, motion):
+    """CLIP_LEN frames, one object moving TRAVEL pixels in one direction, as an mp4v mp4."""
+    half, (dx, dy) = 9, MOTIONS[motion]
+    lo, hi = half + 1, RENDER - half - 2
+    x0 = rng.randint(lo + (TRAVEL if dx < 0 else 0), hi - (TRAVEL if dx > 0 else 0))  # the path stays in frame
+    y0 = rng.randint(lo + (TRAVEL if dy < 0 else 0), hi - (TRAVEL if dy > 0 else 0))
+    grey = rng.randint(40, 90)
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 8, (RENDER, RENDER))
+    for t in range(CLIP_LEN):
+        img = np.full((RENDER, RENDER, 3), grey, np.uint8)
+        frac = t / (CLIP_LEN - 1)
+        draw_shape(img, shape, colour, round(x0 + dx * TRAVEL * frac), round(y0 + dy * TRAVEL * frac), half)
+        writer.write(img)
+    writer.release()
+
+
+def build_world(cfg):
+    """Write data_dir/{images,videos}/<split>/ and one annotation file per split, once (deterministic from the seed).
+    Annotation format (also for user data): one `relative/path<TAB>caption` per line."""
+    want = dict(img=[cfg.n_img_train, cfg.n_img_test, cfg.n_img_novel], vid=[cfg.n_train, cfg.n_test, cfg.n_novel],
+                seed=cfg.seed, version=1)
+    stamp = os.path.join(cfg.data_dir, "world.json")
+    if os.path.exists(stamp) and json.load(open(stamp)) == want:
+        return
+    for kind, sizes in (("images", want["img"]), ("videos", want["vid"])):
+        for offset, (split, n) in enumerate(zip(("train", "test", "novel"), sizes)):
+            rng = random.Random(cfg.seed * 100 + offset + (10 if kind == "videos" else 0))
+            os.makedirs(os.path.join(cfg.data_dir, kind, split), exist_ok=True)
+            lines = []
+            for i in range(n):
+                colour, shape = pick_pair(rng, split)
+                if kind == "images":
+                    name = f"{kind}/{split}/{i:05d}.png"
+                    write_image(os.path.join(cfg.data_dir, name), rng, colour, shape)
+                    lines.append(f"{name}\ta {colour} {shape}")
+                else:
+                    motion = rng.choice(list(MOTIONS))
+                    name = f"{kind}/{split}/{i:05d}.mp4"
+                    write_clip(os.path.join(cfg.data_dir, name), rng, colour, shape, motion)
+                    lines.append(f"{name}\ta {colour} {shape} moves {motion}")
+            with open(os.path.join(cfg.data_dir, f"{kind}_{split}.txt"), "w") as f:
+                f.write("\n".join(lines) + "\n")
+    json.dump(want, open(stamp, "w"))
+
+
+def read_annotations(path):
+    """`path<TAB>caption` lines (paths relative to the file) -> [(abs_path, caption)]; errors name the line."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: annotation file not found")
+    out = []
+    for no, line in enumerate(open(path, encoding="utf-8"), 1):
+        if not line.strip():
+            continue
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) != 2 or not parts[1].strip():
+            raise UserError(f"{path}:{no}: expected 'path<TAB>caption', got {line.strip()[:60]!r}")
+        full = os.path.join(os.path.dirname(os.path.abspath(path)), parts[0])
+        if not os.path.exists(full):
+            raise UserError(f"{path}:{no}: file '{parts[0]}' not found")
+        out.append((full, parts[1].strip()))
+    if not out:
+        raise UserError(f"{path}: no entries (expected 'path<TAB>caption' lines)")
+    return out
+
+
+def _square(img, size):
+    h, w = img.shape[:2]
+    s = min(h, w)
+    img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]  # centre crop
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def load_image(path, size):
+    img = cv2.imread(path)
+    if img is None:
+        raise UserError(f"{path}: cannot read this image")
+    return _square(img, size)[:, :, ::-1].copy()  # BGR -> RGB, (S, S, 3) uint8
+
+
+def sample_indices(n_total, n_frames):
+    """Uniform frame indices: the centre of each of n_frames equal segments (short clips repeat indices)."""
+    if n_total <= 0:
+        raise UserError("video has no frames")
+    return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
+
+
+def subsample(n_total, fps, target_fps):
+    """Frame-rate sub-sampling: keep every (fps/target_fps)-th frame, e.g. every 8th of 24 fps simulates 3 fps."""
+    step = max(1, round(fps / target_fps))
+    return list(range(0, n_total, step))
+
+
+def fixed_clips(indices, clip_len):
+    """Cut a frame list into clips of exactly clip_len (a mini-batch needs equal lengths); the last clip is padded by
+    repeating its last frame, so no frame is dropped."""
+    clips = [indices[i:i + clip_len] for i in range(0, len(indices), clip_len)]
+    clips[-1] = clips[-1] + [clips[-1][-1]] * (clip_len - len(clips[-1]))
+    return clips
+
+
+def load_video(path, n_frames, size):
+    """Video file (any container/codec OpenCV reads) or folder of frame images -> uint8 (F, S, S, 3) RGB."""
+    frames = []
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
+        frames = [load_image(os.path.join(path, n), size) for n in names]
+    else:
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such video file or folder of frames")
+        cap = cv2.VideoCapture(path)
+        if not cap.isOpened():
+            raise UserError(f"{path}: OpenCV cannot open this video (corrupt or unknown format)")
+        while True:
+            ok, img = cap.read()
+            if not ok:
+                break
+            frames.append(_square(img, size)[:, :, ::-1])  # shrink at once, BGR -> RGB
+        cap.release()
+    if not frames:
+        raise UserError(f"{path}: video has no frames")
+    return np.stack([frames[i] for i in sample_indices(len(frames), n_frames)])
+
+
+def gpt2():
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # offline with no cached files: say how to fix it, no traceback
+        raise UserError(f"tiktoken could not load the GPT-2 encoding ({type(e).__name__}); offline, point "
+                        f"TIKTOKEN_CACHE_DIR at a folder holding its two files") from None
+
+
+class Tokenizer:
+    """GPT-2 BPE (tiktoken) with a compact table: model id i is GPT-2 id `ids[i]`, the ids seen in training text
+    (the 50257-way layer would dominate these tiny models). Model id 0 is <|endoftext|>: BOS, EOS and padding."""
+
+    def __init__(self, ids):
+        self.enc = gpt2()
+        self.ids = list(ids)
+        self.to_model = {g: i for i, g in enumerate(self.ids)}
+        self.eos = 0
+
+    @classmethod
+    def from_texts(cls, texts):
+        enc = gpt2()
+        return cls([enc.eot_token] + sorted({t for c in texts for t in enc.encode(c)}))
+
+    def encode(self, text):
+        """Text -> [BOS, ..., EOS] in model ids; GPT-2 ids absent from the table are dropped (said in the README)."""
+        return [self.eos] + [self.to_model[t] for t in self.enc.encode(text) if t in self.to_model] + [self.eos]
+
+    def decode(self, ids):
+        return self.enc.decode([self.ids[i] for i in ids if i != self.eos]).strip()
+
+
+def pad_batch(seqs, max_len):
+    """Token lists -> (ids, lengths), right-padded with EOS (id 0) to the longest, cut at max_len."""
+    seqs = [s[:max_len] for s in seqs]
+    ids = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+    return ids, torch.tensor([len(s) for s in seqs])
+
+
+def to_pixels(x):
+    """uint8 (..., S, S, 3) -> normalised float (..., 3, S, S)."""
+    return (x.float().div(255).sub(MEAN).div(STD)).movedim(-1, -3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model: attention written out -> blocks -> ViT / text encoder / CLIP -> Perceiver resampler -> Flamingo gated
+# cross-attention -> decoder -> the two captioners
+
+
+def attention(q, k, v, mask=None, causal=False):
+    """softmax(Q K^T / sqrt(d)) V, spelled out. q (B, H, L, d), k/v (B, H, N, d), mask bool broadcastable to
+    (B, H, L, N) with True = may attend. Returns (out (B, H, L, d), weights (B, H, L, N))."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, L, N): every query against every key
+    # Masked scores get the dtype's most negative *finite* value, not -inf: a row with every key masked then still
+    # gives finite (uniform) weights instead of 0/0 = NaN; callers zero such rows (see GatedCrossAttention).
+    neg = torch.finfo(scores.dtype).min
+    if causal:  # position i sees keys 0..i only (top-left aligned, as SDPA's is_causal)
+        keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, neg)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, neg)
+    # Subtracting the row maximum changes nothing mathematically (softmax is shift-invariant) but keeps exp() <= 1:
+    # no overflow however large the scores grow.
+    scores = scores - scores.amax(-1, keepdim=True)
+    w = scores.exp()
+    w = w / w.sum(-1, keepdim=True)  # (B, H, L, N), rows sum to 1
+    return w @ v, w
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention when ctx is None, cross-attention (queries from x, keys/values from ctx) otherwise.
+    H heads each attend in a d = D/H subspace; their outputs are concatenated and projected back to D."""
+
+    def __init__(self, d, n_head, d_ctx=None, sdpa=True):
+        super().__init__()
+        self.h, self.sdpa = n_head, sdpa
+        self.q = nn.Linear(d, d, bias=False)
+        self.kv = nn.Linear(d_ctx or d, 2 * d, bias=False)
+        self.proj = nn.Linear(d, d)
+        self.record, self.weights = False, None  # record=True keeps the weights (heat maps); uses the written path
+
+    def forward(self, x, ctx=None, mask=None, causal=False):
+        ctx = x if ctx is None else ctx
+        (B, L, D), N = x.shape, ctx.size(1)
+        q = self.q(x).view(B, L, self.h, D // self.h).transpose(1, 2)  # (B, H, L, d)
+        k, v = self.kv(ctx).view(B, N, 2, self.h, D // self.h).permute(2, 0, 3, 1, 4)  # 2 x (B, H, N, d)
+        if mask is not None and mask.dim() == 3:
+            mask = mask[:, None]  # (B, 1, L, N): one mask for every head
+        if self.sdpa and not self.record:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        else:
+            out, w = attention(q, k, v, mask, causal)
+            if self.record:
+                self.weights = w.detach().float().mean(1)  # (B, L, N), averaged over heads
+        return self.proj(out.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)). causal=True makes it a decoder block."""
+
+    def __init__(self, d, n_head, causal=False, sdpa=True):
+        super().__init__()
+        self.causal = causal
+        self.ln1, self.attn = nn.LayerNorm(d), MultiHeadAttention(d, n_head, sdpa=sdpa)
+        self.ln2, self.mlp = nn.LayerNorm(d), MLP(d)
+
+    def forward(self, x, mask=None):
+        x = x + self.attn(self.ln1(x), mask=mask, causal=self.causal)
+        return x + self.mlp(self.ln2(x))
+
+
+def patchify(img, p):
+    """(B, 3, S, S) -> (B, (S/p)^2, 3*p*p): non-overlapping p x p patches, row by row, each flattened."""
+    B, C, S, _ = img.shape
+    n = S // p
+    x = img.reshape(B, C, n, p, n, p)  # (B, C, row, py, col, px)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, n * n, C * p * p)  # (B, rows*cols, C*p*p)
+
+
+def unpatchify(x, p, channels=3):
+    """The inverse of patchify: (B, P, 3*p*p) -> (B, 3, S, S)."""
+    B, P, _ = x.shape
+    n = math.isqrt(P)
+    x = x.reshape(B, n, n, channels, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, row, py, col, px)
+    return x.reshape(B, channels, n * p, n * p)
+
+
+class ViT(nn.Module):
+    """Image -> patches -> linear projection -> [CLS; patches] + position embeddings -> bidirectional blocks.
+    Returns every token (B, 1+P', D); token 0 (CLS) summarises the image for CLIP."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.p = cfg.patch
+        n_patch = (cfg.img_size // cfg.patch) ** 2
+        self.embed = nn.Linear(3 * cfg.patch ** 2, cfg.d_model)
+        self.cls = nn.Parameter(torch.randn(1, 1, cfg.d_model) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, 1 + n_patch, cfg.d_model) * 0.02)
+        self.blocks = nn.ModuleList([Block(cfg.d_model, cfg.n_head, sdpa=cfg.sdpa) for _ in range(cfg.n_vit_layer)])
+        self.ln = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, img):
+        x = self.embed(patchify(img, self.p))  # (B, P', D)
+        x = torch.cat([self.cls.expand(x.size(0), -1, -1), x], 1) + self.pos  # (B, 1+P', D)
+        for b in self.blocks:
+            x = b(x)
+        return self.ln(x)
+
+
+class TextEncoder(nn.Module):
+    """CLIP's text tower: causal blocks over the tokens; the feature at the EOS token (last real position) is the
+    sentence embedding, so padding after it never matters."""
+
+    def __init__(self, cfg, vocab):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, cfg.d_model)
+        self.pos = nn.Parameter(torch.randn(1, cfg.max_len, cfg.d_model) * 0.02)
+        self.blocks = nn.ModuleList([Block(cfg.d_model, cfg.n_head, causal=True, sdpa=cfg.sdpa)
+                                     for _ in range(cfg.n_text_layer)])
+        self.ln = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, ids, lengths):
+        x = self.tok(ids) + self.pos[:, :ids.size(1)]  # (B, L, D)
+        for b in self.blocks:
+            x = b(x)
+        return self.ln(x)[torch.arange(ids.size(0)), lengths - 1]  # (B, D) at each row's EOS
+
+
+def clip_loss(img_emb, txt_emb, logit_scale, same=None):
+    """Symmetric InfoNCE. Embeddings are L2-normalised, so img @ txt^T is a cosine-similarity matrix (B, B); times
+    exp(logit_scale) = 1/temperature (learned, clamped at 100 as in CLIP). Row i should pick column i (image->text)
+    and column i row i (text->image); the loss is the mean of both cross-entropies.
+    same (B, B) bool, optional: pairs that share a caption. Synthetic batches repeat captions, and calling an identical
+    caption a negative is a false negative; with `same` the target spreads evenly over all matching entries."""
+    img, txt = F.normalize(img_emb, dim=-1), F.normalize(txt_emb, dim=-1)
+    logits = logit_scale.exp().clamp(max=100) * img @ txt.t()  # (B, B)
+    if same is None:
+        target = torch.arange(len(img), device=img.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    target = same.float() / same.float().sum(-1, keepdim=True)  # (B, B), rows sum to 1 (same is symmetric)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg, vocab):
+        super().__init__()
+        self.vision, self.text = ViT(cfg), TextEncoder(cfg, vocab)
+        self.img_proj = nn.Linear(cfg.d_model, cfg.d_embed, bias=False)
+        self.txt_proj = nn.Linear(cfg.d_model, cfg.d_embed, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature 0.07
+
+    def encode_image(self, img):
+        return F.normalize(self.img_proj(self.vision(img)[:, 0]), dim=-1)  # (B, E), the CLS token
+
+    def encode_text(self, ids, lengths):
+        return F.normalize(self.txt_proj(self.text(ids, lengths)), dim=-1)  # (B, E)
+
+    def forward(self, img, ids, lengths, same=None):
+        return clip_loss(self.img_proj(self.vision(img)[:, 0]), self.txt_proj(self.text(ids, lengths)),
+                         self.logit_scale, same)
+
+
+class PerceiverResampler(nn.Module):
+    """Flamingo's resampler: Q learned latents read a variable number of frame tokens and return Q tokens.
+    Each layer's keys/values are [frame tokens; latents] (the latents also see each other), its queries the latents
+    alone, so the output size is Q whatever F is. A learned time embedding per frame tells frames apart."""
+
+    def __init__(self, d, n_head, n_latents, n_layer, max_frames, sdpa=True):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(n_latents, d) * 0.02)
+        self.time = nn.Parameter(torch.randn(max_frames, 1, d) * 0.02)  # (F_max, 1, D): broadcast over a frame
+        self.layers = nn.ModuleList([nn.ModuleDict(dict(
+            ln_x=nn.LayerNorm(d), ln_q=nn.LayerNorm(d), attn=MultiHeadAttention(d, n_head, sdpa=sdpa),
+            ln_ff=nn.LayerNorm(d), ff=MLP(d))) for _ in range(n_layer)])
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, x):
+        B, Fr, P, D = x.shape  # (B, F, P, D) frame tokens
+        if Fr > self.time.size(0):
+            raise UserError(f"video has {Fr} frames, the resampler has time embeddings for {self.time.size(0)} "
+                            f"(raise --max_frames or sample fewer frames)")
+        x = (x + self.time[:Fr]).reshape(B, Fr * P, D)  # (B, F*P, D): time added, frames flattened into one set
+        lat = self.latents.expand(B, -1, -1)  # (B, Q, D)
+        for layer in self.layers:
+            kv = torch.cat([layer.ln_x(x), layer.ln_q(lat)], 1)  # (B, F*P+Q, D)
+            lat = lat + layer.attn(layer.ln_q(lat), kv)  # (B, Q, D)
+            lat = lat + layer.ff(layer.ln_ff(lat))
+        return self.ln(lat)  # (B, Q, D)
+
+
+def media_attention_mask(media_locations, n_latents):
+    """Flamingo's media masking. media_locations (B, L) bool marks where an <image>/<video> token sits in the text.
+    text_time[i] = number of media at or before token i, so token i may attend only to the latents of media number
+    text_time[i] (its latest preceding media), never to an earlier or later one. -> (B, L, M*Q) bool, True = attend;
+    rows of tokens before any media are all False (GatedCrossAttention zeroes their output)."""
+    text_time = media_locations.long().cumsum(-1)  # (B, L), 0 = no media yet
+    M = max(1, int(media_locations.sum(-1).max()))
+    media_id = torch.arange(1, M + 1, device=media_locations.device).repeat_interleave(n_latents)  # (M*Q,)
+    return text_time[:, :, None] == media_id[None, None, :]  # (B, L, M*Q)
+
+
+class GatedCrossAttention(nn.Module):
+    """Flamingo's GATED XATTN-DENSE block, inserted before an LM block:
+        x = x + tanh(a) * xattn(ln(x), media)      x = x + tanh(b) * ff(ln(x))
+    a = b = 0 at init, and tanh(0) * anything finite is exactly 0, so the LM computes exactly what it did
+    without the block; training opens the gates gradually."""
+
+    def __init__(self, d, d_media, n_head, sdpa=True):
+        super().__init__()
+        self.ln, self.attn = nn.LayerNorm(d), MultiHeadAttention(d, n_head, d_ctx=d_media, sdpa=sdpa)
+        self.ln_ff, self.ff = nn.LayerNorm(d), MLP(d)
+        self.attn_gate = nn.Parameter(torch.zeros(()))
+        self.ff_gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, media, mask):
+        # media (B, M*Q, Dm), mask (B, L, M*Q). A fully masked row would attend uniformly (finite minimum), so
+        # tokens with no media yet get a zero update instead.
+        out = self.attn(self.ln(x), media, mask=mask)  # (B, L, D)
+        out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+        x = x + self.attn_gate.tanh() * out
+        return x + self.ff_gate.tanh() * self.ff(self.ln_ff(x))
+
+
+class Decoder(nn.Module):
+    """A small causal LM. `prefix` (B, Np, D) is prepended to the token embeddings (unified embedding);
+    `media` (B, M*Q, Dm) + `media_mask` go through a gated cross-attention layer before every block (Flamingo);
+    `xattn=False` builds the plain LM. forward -> (logits (B, L, V) over the text positions, loss or None)."""
+
+    def __init__(self, cfg, vocab, n_pos, xattn=False):
+        super().__init__()
+        d = cfg.d_model
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(1, n_pos, d) * 0.02)
+        self.blocks = nn.ModuleList([Block(d, cfg.n_head, causal=True, sdpa=cfg.sdpa) for _ in range(cfg.n_dec_layer)])
+        self.xattn = nn.ModuleList([GatedCrossAttention(d, d, cfg.n_head, sdpa=cfg.sdpa)
+                                    for _ in range(cfg.n_dec_layer)]) if xattn else None
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.tok.weight  # tied input/output embeddings
+
+    def forward(self, ids, prefix=None, media=None, media_mask=None, targets=None):
+        x = self.tok(ids)  # (B, L, D)
+        n_prefix = 0 if prefix is None else prefix.size(1)
+        if prefix is not None:
+            x = torch.cat([prefix, x], 1)  # (B, Np+L, D)
+        x = x + self.pos[:, :x.size(1)]
+        for i, block in enumerate(self.blocks):
+            if media is not None and self.xattn is not None:
+                x = self.xattn[i](x, media, media_mask)
+            x = block(x)
+        logits = self.head(self.ln(x[:, n_prefix:]))  # (B, L, V): text positions only
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+
+class Captioner(nn.Module):
+    """Video -> caption, two ways. Frames go one by one through the (CLIP) ViT: (B, F, P, D) frame tokens. Then
+      unified: + a time embedding per frame, a linear projection, placed before the text in the decoder input;
+      cross:   Perceiver resampler -> Q latents, read by gated cross-attention layers inside the decoder."""
+
+    def __init__(self, cfg, vocab, variant):
+        super().__init__()
+        self.variant, d = variant, cfg.d_model
+        self.vision = ViT(cfg)
+        P = (cfg.img_size // cfg.patch) ** 2 + 1
+        if variant == "unified":
+            self.time = nn.Parameter(torch.randn(cfg.max_frames, 1, d) * 0.02)
+            self.proj = nn.Linear(d, d)
+            self.decoder = Decoder(cfg, vocab, cfg.n_frames * P + cfg.max_len)
+        else:
+            self.resampler = PerceiverResampler(d, cfg.n_head, cfg.n_latents, cfg.n_perceiver_layer, cfg.max_frames,
+                                                cfg.sdpa)
+            self.decoder = Decoder(cfg, vocab, cfg.max_len, xattn=True)
+
+    def encode(self, frames):
+        """uint8 (B, F, S, S, 3) -> visual input: prefix (B, F*P, D) or latents (B, Q, D)."""
+        B, Fr = frames.shape[:2]
+        tokens = self.vision(to_pixels(frames.flatten(0, 1)))  # (B*F, P, D): each frame alone
+        tokens = tokens.view(B, Fr, *tokens.shape[1:])  # (B, F, P, D)
+        if self.variant == "unified":
+            return self.proj(tokens + self.time[:Fr]).flatten(1, 2)  # (B, F*P, D)
+        return self.resampler(tokens)  # (B, Q, D)
+
+    def forward(self, visual, ids, targets=None):
+        if self.variant == "unified":
+            return self.decoder(ids, prefix=visual, targets=targets)
+        # one video per caption, "placed" before the first token: every token's latest media is media 1
+        loc = torch.zeros_like(ids, dtype=torch.bool)
+        loc[:, 0] = True
+        mask = media_attention_mask(loc, visual.size(1))  # (B, L, Q), all True here
+        return self.decoder(ids, media=visual, media_mask=mask, targets=targets)
+
+
+def _init_weights(module):
+    """Explicit init: linear/embedding weights N(0, 0.02), biases 0, LayerNorm identity. Learned queries, position
+    and time embeddings are created with std 0.02 where they are defined; gates stay at 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
+
+
+def set_record(model, on):
+    for m in model.modules():
+        if isinstance(m, MultiHeadAttention):
+            m.record, m.weights = on, None
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The tour: each section prints real shapes and checks its claims (an AssertionError here is a bug, not user error)
+
+
+def check(ok, claim):
+    if not ok:
+        raise AssertionError(f"tour check failed: {claim}")
+    print(f"  ok  {claim}")
+
+
+def tour_attention(cfg):
+    print("== attention: softmax(Q K^T / sqrt(d)) V, written out ==")
+    g = torch.Generator().manual_seed(0)
+    B, H, L, d = 2, 4, 6, 8
+    q, k, v = (torch.randn(B, H, L, d, generator=g, dtype=torch.float64) for _ in range(3))
+    out, w = attention(q, k, v)
+    print(f"  q, k, v {tuple(q.shape)} (B, H, L, d) -> scores/weights {tuple(w.shape)} (B, H, L, L) -> out "
+          f"{tuple(out.shape)}")
+    check(torch.allclose(w.sum(-1), torch.ones(B, H, L, dtype=torch.float64)), "every row of weights sums to 1")
+    check(torch.allclose(out, F.scaled_dot_product_attention(q, k, v), atol=1e-12),
+          "bidirectional attention == F.scaled_dot_product_attention (float64, 1e-12)")
+    big = attention(q * 1e3, k * 1e3, v)[0]
+    check(bool(torch.isfinite(big).all()), "scores of 1e6 stay finite thanks to the max subtraction")
+    # padding: row 1 has only 4 real keys; the mask hides keys 4, 5 from every query
+    lengths = torch.tensor([6, 4])
+    keep = (torch.arange(L)[None] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, N)
+    out_m, w_m = attention(q, k, v, keep)
+    print(f"  padding mask {tuple(keep.shape)} (B, 1, 1, N), True = real key; masked scores get "
+          f"finfo.min = {torch.finfo(torch.float64).min:.3g}, not -inf")
+    check(bool((w_m[1, :, :, 4:] == 0).all()), "padded keys get weight exactly 0")
+    check(torch.allclose(out_m, F.scaled_dot_product_attention(q, k, v, attn_mask=keep), atol=1e-12),
+          "masked attention == SDPA with the same boolean mask")
+    v2 = v.clone()
+    v2[1, :, 4:] = 1e6
+    check(torch.equal(attention(q, k, v2, keep)[0][1], out_m[1]), "changing padded values changes nothing")
+    fully = attention(q, k, v, torch.zeros(B, 1, 1, L, dtype=torch.bool))[0]
+    check(bool(torch.isfinite(fully).all()), "a fully masked row gives finite numbers (uniform), never NaN")
+    out_c, w_c = attention(q, k, v, causal=True)
+    print("  causal weights of head 0, batch 0 (row = query, column = key):")
+    for row in w_c[0, 0]:
+        print("    " + " ".join(f"{x:.2f}" for x in row.tolist()))
+    check(bool((w_c.triu(1) == 0).all()), "causal: query i gives key j > i weight exactly 0")
+    check(torch.allclose(out_c, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-12),
+          "causal attention == SDPA(is_causal=True)")
+    check(not torch.allclose(out_c, out), "causal differs from bidirectional (only the last row agrees)")
+    check(torch.allclose(out_c[..., -1, :], out[..., -1, :]), "the last query sees all keys in both")
+    mha = _init_weights(MultiHeadAttention(32, 4, sdpa=False)).double()
+    x = torch.randn(2, 5, 32, generator=g, dtype=torch.float64)
+    y1 = mha(x)
+    mha.sdpa = True
+    check(torch.allclose(y1, mha(x), atol=1e-12), f"MultiHeadAttention {tuple(x.shape)} -> {tuple(y1.shape)}: "
+          "written path == SDPA path")
+
+
+def tour_cross(cfg):
+    print("== cross: text tokens (queries) read a different sequence (keys/values) ==")
+    g = torch.Generator().manual_seed(1)
+    text, image = torch.randn(2, 7, 32, generator=g), torch.randn(2, 17, 48, generator=g)
+    xa = _init_weights(MultiHeadAttention(32, 4, d_ctx=48, sdpa=False))
+    xa.record = True
+    fused = xa(text, image)
+    print(f"  text {tuple(text.shape)} (B, L, D) x image {tuple(image.shape)} (B, N, Dm) -> weights "
+          f"{tuple(xa.weights.shape)} (B, L, N) -> fused {tuple(fused.shape)} (B, L, D)")
+    check(fused.shape == text.shape, "the output has the text's length and width: one fused vector per text token")
+    check(torch.allclose(xa.weights.sum(-1), torch.ones(2, 7)), "each text token's weights over 17 image tokens sum "
+          "to 1")
+    image2 = image.clone()
+    image2[1] += 1.0
+    check(torch.equal(xa(text, image2)[0], fused[0]) and not torch.allclose(xa(text, image2)[1], fused[1]),
+          "changing batch 1's image changes batch 1's output only")
+    xa.record, xa.sdpa = False, True
+    check(torch.allclose(xa(text, image), fused, atol=1e-5), "cross-attention written out == SDPA (float32)")
+
+
+def tour_patchify(cfg):
+    print("== patchify: a ViT sees an image as a sequence of patches ==")
+    S, p = cfg.img_size, cfg.patch
+    img = torch.rand(2, 3, S, S, generator=torch.Generator().manual_seed(2))
+    patches = patchify(img, p)
+    print(f"  image {tuple(img.shape)} (B, 3, S, S) -> patches {tuple(patches.shape)} (B, (S/p)^2, 3*p*p) with p={p}")
+    check(torch.equal(unpatchify(patches, p), img), "patches -> image is exact (bit for bit)")
+    check(torch.equal(patches[0, 1], img[0, :, :p, p:2 * p].reshape(-1)), "patch 1 is the top row's second p x p "
+          "square, channels first")
+    vit = _init_weights(ViT(cfg))
+    tokens = vit(img)
+    print(f"  linear projection {tuple(vit.embed.weight.shape[::-1])} -> + CLS + positions -> ViT tokens "
+          f"{tuple(tokens.shape)} (B, 1+P, D)")
+    check(tokens.shape == (2, 1 + (S // p) ** 2, cfg.d_model), "one token per patch plus the CLS token")
+
+
+def tour_clip(cfg):
+    print("== clip: two encoders, one embedding space, symmetric InfoNCE ==")
+    tok = Tokenizer.from_texts([f"a {c} {s}" for c, s in CLASSES])
+    clip = _init_weights(CLIP(cfg, len(tok.ids)))
+    caps = ["a red circle", "a blue square", "a white triangle"]
+    ids, lengths = pad_batch([tok.encode(c) for c in caps], cfg.max_len)
+    img = torch.rand(3, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(3))
+    ie, te = clip.encode_image(img), clip.encode_text(ids, lengths)
+    print(f"  images {tuple(img.shape)} -> {tuple(ie.shape)} (B, E);  texts {tuple(ids.shape)} (B, L) -> "
+          f"{tuple(te.shape)} (B, E)")
+    check(torch.allclose(ie.norm(dim=-1), torch.ones(3)) and torch.allclose(te.norm(dim=-1), torch.ones(3)),
+          "embeddings are unit vectors, so img @ txt^T holds cosine similarities")
+    # hand-computed InfoNCE on a 2x2 case: cosines [[1, 0], [0, 1]] at temperature 1 (logit_scale 0)
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    hand = -math.log(math.e / (math.e + 1))
+    check(abs(clip_loss(a, a, torch.tensor(0.0)).item() - hand) < 1e-6,
+          f"InfoNCE on orthogonal pairs at T=1 equals -log(e/(e+1)) = {hand:.4f}")
+    check(clip_loss(a, a, torch.tensor(math.log(10.0))).item() < hand, "a lower temperature (scale 10) sharpens it")
+    loss = clip(img, ids, lengths)
+    loss.backward()
+    print(f"  loss at init {loss.item():.4f} (chance: ln 3 = {math.log(3):.4f}); temperature = 1/exp(logit_scale) = "
+          f"{1 / clip.logit_scale.exp().item():.3f}")
+    check(clip.logit_scale.grad is not None and clip.logit_scale.grad.abs() > 0, "the temperature is learned: it "
+          "gets a gradient")
+
+
+def tour_video(cfg):
+    print("== video: ordered frames, sub-sampled, cut into fixed-length clips ==")
+    fps, seconds = 24, 3
+    idx = subsample(fps * seconds, fps, 3)
+    print(f"  {seconds} s at {fps} fps = {fps * seconds} frames; every 8th -> {len(idx)} frames at 3 fps: {idx}")
+    check(idx == list(range(0, 72, 8)), "every 8th frame of 24 fps simulates 3 fps")
+    clips = fixed_clips(idx, 4)
+    print(f"  clips of 4 frames: {clips}")
+    check(all(len(c) == 4 for c in clips) and sorted(set(sum(clips, []))) == idx,
+          "every clip has 4 frames (the last repeats its final frame) and no frame is lost")
+    batch = torch.zeros(len(clips), 4, 3, cfg.img_size, cfg.img_size)
+    print(f"  a mini-batch of clips: {tuple(batch.shape)} (B, F, 3, S, S); each frame goes through the image encoder "
+          f"as its own image: {tuple(batch.flatten(0, 1).shape)} (B*F, 3, S, S)")
+    check(sample_indices(5, 8) == [0, 0, 1, 2, 2, 3, 4, 4], "a short clip repeats indices to fill a fixed count")
+
+
+def tour_perceiver(cfg):
+    print("== perceiver: any number of frames -> a fixed set of latents ==")
+    d, Q = cfg.d_model, cfg.n_latents
+    res = _init_weights(PerceiverResampler(d, cfg.n_head, Q, cfg.n_perceiver_layer, cfg.max_frames, sdpa=False))
+    P = (cfg.img_size // cfg.patch) ** 2 + 1
+    outs = []
+    for Fr in (1, 3, 8, 24):
+        x = torch.randn(2, Fr, P, d, generator=torch.Generator().manual_seed(Fr))
+        set_record(res, True)
+        y = res(x)
+        w = res.layers[-1].attn.weights
+        print(f"  frames {tuple(x.shape)} (B, F, P, D) = {Fr * P:4d} tokens -> latents {tuple(y.shape)} (B, Q, D); "
+              f"attention {tuple(w.shape)} (B, Q, F*P+Q)")
+        outs.append(y.shape)
+    set_record(res, False)
+    check(len(set(outs)) == 1 and outs[0][1] == Q, f"always {Q} visual tokens, whatever the frame count")
+    x = torch.randn(1, 2, P, d)
+    swapped = x.flip(1)
+    check(not torch.allclose(res(x), res(swapped)), "time embeddings make frame order matter (swapping 2 frames "
+          "changes the latents)")
+    res.time.data.zero_()
+    check(torch.allclose(res(x), res(swapped), atol=1e-5), "without them the resampler sees a set: order would not "
+          "matter")
+
+
+def tour_flamingo(cfg):
+    print("== flamingo: gated cross-attention dense blocks and media masking ==")
+    torch.manual_seed(4)
+    tok_n, d, Q = 20, cfg.d_model, 4
+    lm = _init_weights(Decoder(dataclasses.replace(cfg, sdpa=False), tok_n, 16, xattn=True)).eval()
+    ids = torch.randint(0, tok_n, (2, 10))
+    media = torch.randn(2, 2 * Q, d)  # (B, M*Q, D): two media items, Q latents each
+    loc = torch.zeros(2, 10, dtype=torch.bool)
+    loc[:, 2], loc[:, 6] = True, True  # <image> tokens at positions 2 and 6
+    loc[1, 6] = False  # row 1 has a single image
+    mask = media_attention_mask(loc, Q)
+    print(f"  text {tuple(ids.shape)}, media {tuple(media.shape)} (B, M*Q, D), media mask {tuple(mask.shape)} "
+          f"(B, L, M*Q)")
+    print("  row 0: token -> media it may see: " + " ".join(
+        f"{i}:{(mask[0, i].nonzero()[0].item() // Q + 1) if mask[0, i].any() else '-'}" for i in range(10)))
+    check(not mask[0, :2].any() and bool(mask[0, 2:6, :Q].all()) and not mask[0, 2:6, Q:].any()
+          and bool(mask[0, 6:, Q:].all()) and not mask[0, 6:, :Q].any(),
+          "tokens before any media see nothing; 2..5 see image 1 only; 6.. see image 2 only")
+    with torch.no_grad():
+        plain, _ = lm(ids)  # the LM alone: the gated layers are skipped
+        gated, _ = lm(ids, media=media, media_mask=mask)
+    print(f"  gates tanh(0) = 0: logits {tuple(plain.shape)} with and without the media")
+    check(torch.equal(plain, gated), "at init the gated model's logits equal the plain LM's bit for bit")
+    for blk in lm.xattn:
+        blk.attn_gate.data.fill_(1.0)
+        blk.ff_gate.data.fill_(1.0)
+    with torch.no_grad():
+        opened, _ = lm(ids, media=media, media_mask=mask)
+        media2 = media.clone()
+        media2[:, :Q] += 1.0  # change image 1 only
+        opened2, _ = lm(ids, media=media2, media_mask=mask)
+    check(not torch.allclose(opened, plain), "opened gates (tanh(1) = 0.76) let the media change the logits")
+    # The mask acts inside each gated block; one block alone shows it without the LM's self-attention mixing
+    # positions afterwards (in the full LM a later token may still read an earlier token that saw image 1).
+    blk = lm.xattn[0]
+    x = torch.randn(2, 10, d)
+    with torch.no_grad():
+        y, y2 = blk(x, media, mask), blk(x, media2, mask)
+        y3 = blk(x, torch.randn_like(media), mask)
+    check(torch.equal(y[:, :2], y3[:, :2]), "tokens before the first image ignore the media entirely")
+    check(torch.equal(y[0, 6:], y2[0, 6:]) and not torch.allclose(y[0, 2:6], y2[0, 2:6]),
+          "changing image 1 changes tokens 2..5 only: token 6 onwards sees its latest media, image 2")
+    check(not torch.allclose(y[1, 6:], y2[1, 6:]), "in row 1 (a single image) every later token sees image 1")
+
+
+SECTIONS = {"attention": tour_attention, "cross": tour_cross, "patchify": tour_patchify, "clip": tour_clip,
+            "video": tour_video, "perceiver": tour_perceiver, "flamingo": tour_flamingo}
+
+
+def tour(cfg):
+    names = list(SECTIONS) if cfg.section == "all" else [cfg.section]
+    t0 = time.time()
+    for name in names:
+        SECTIONS[name](cfg)
+        print()
+    print(f"tour: {len(names)} section(s), every check passed, {time.time() - t0:.1f} s")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint I/O: out_dir/<name>/model.safetensors + config.json (the dataclass, the token table, the train time)
+
+
+def atomic(path, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)  # a crash never leaves a half-written file
+
+
+def save_model(model, tok, cfg, name, train_seconds):
+    d = os.path.join(cfg.out_dir, name)
+    os.makedirs(d, exist_ok=True)
+    # the decoder's output layer is tied to its embedding: store the tensor once
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.endswith("head.weight")}
+    atomic(os.path.join(d, "model.safetensors"), lambda p: save_file(state, p))
+    meta = {"script": SCRIPT, "model": name, "config": dataclasses.asdict(cfg), "vocab": tok.ids,
+            "train_seconds": train_seconds}
+    atomic(os.path.join(d, "config.json"), lambda p: json.dump(meta, open(p, "w"), indent=1))
+
+
+def load_model(out_dir, name, overrides=None):
+    """-> (model, tokenizer, cfg, train_seconds); refuses a missing checkpoint or one from another script/model."""
+    d = os.path.join(out_dir, name)
+    cpath, wpath = os.path.join(d, "config.json"), os.path.join(d, "model.safetensors")
+    if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
+        raise UserError(f"{d}: no checkpoint here (run --train first, or pass --out_dir)")
+    try:
+        meta = json.load(open(cpath))
+    except json.JSONDecodeError:
+        raise UserError(f"{cpath}: not valid JSON (re-run --train)") from None
+    if meta.get("script") != SCRIPT or meta.get("model") != name:
+        raise UserError(f"{d}: checkpoint was written by {meta.get('script')}/{meta.get('model')}, "
+                        f"not {SCRIPT}/{name}")
+    cfg = Config(**{**meta["config"], **(overrides or {})})
+    tok = Tokenizer(meta["vocab"])
+    model = CLIP(cfg, len(tok.ids)) if name == "clip" else Captioner(cfg, len(tok.ids), name)
+    state = load_file(wpath)
+    if name != "clip":
+        state["decoder.head.weight"] = state["decoder.tok.weight"]
+    want = model.state_dict()
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    shapes = [k for k in want if k in state and want[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        raise UserError(f"{wpath}: does not fit the model (missing {missing}, unexpected {unexpected}, "
+                        f"mis-shaped {shapes})")
+    model.load_state_dict(state)
+    return model, tok, cfg, meta.get("train_seconds")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def normalise(text):
+    return " ".join(text.lower().strip().rstrip(".").split())
+
+
+def exact_match(preds, refs):
+    """Fraction of predictions equal to their reference after lower-casing and whitespace normalisation."""
+    return sum(normalise(p) == normalise(r) for p, r in zip(preds, refs)) / max(1, len(refs))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Train: CLIP first, then the two captioners from its image encoder, same budget
+
+
+def pick_device(name):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def autocast(cfg, device):
+    if cfg.dtype == "float32" or device == "mps":
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype))
+
+
+def lr_at(step, total, base, cfg):
+    """Linear warmup, then cosine decay to a tenth of the base rate."""
+    if step < cfg.warmup:
+        return base * (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
+    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
+
+
+def make_optimizer(groups, cfg):
+    """AdamW; weight decay only on matrices (not on biases, norms, gates or the temperature)."""
+    out = []
+    for params, lr in groups:
+        params = [p for p in params if p.requires_grad]
+        out += [dict(params=[p for p in params if p.dim() >= 2], lr=lr, base_lr=lr, weight_decay=cfg.weight_decay),
+                dict(params=[p for p in params if p.dim() < 2], lr=lr, base_lr=lr, weight_decay=0.0)]
+    return torch.optim.AdamW(out, betas=(0.9, 0.95))
+
+
+def fit(model, opt, total, batch_fn, cfg, name):
+    """The shared loop: batch_fn(step) -> loss. Prints one line per log_interval; a NaN loss is a user error."""
+    model.train()
+    t0 = time.time()
+    for step in range(total):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, g["base_lr"], cfg)
+        loss = batch_fn(step)
+        if not torch.isfinite(loss):
+            raise UserError(f"{name}: loss became {loss.item()} at step {step} (lower --lr or use --dtype float32)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % cfg.log_interval == 0 or step == total - 1:
+            el = time.time() - t0
+            eta = el / (step + 1) * (total - step - 1)
+            print(f"{name} step {step + 1}/{total} | loss {loss.item():.4f} | lr {opt.param_groups[0]['lr']:.2e} | "
+                  f"{1000 * el / (step + 1):.0f} ms/step | {cfg.batch_size * (step + 1) / el:.0f} samples/s | "
+                  f"eta {eta:.0f}s", flush=True)
+    model.eval()
+    return time.time() - t0
+
+
+def prepare_data(cfg):
+    """Build the world if needed and decode everything once: {kind: {split: (captions, uint8 array)}} + tokenizer."""
+    build_world(cfg)
+    data = {"images": {}, "videos": {}}
+    for split in ("train", "test", "novel"):
+        ents = read_annotations(os.path.join(cfg.data_dir, f"images_{split}.txt"))
+        data["images"][split] = ([c for _, c in ents],
+                                 torch.from_numpy(np.stack([load_image(p, cfg.img_size) for p, _ in ents])))
+        ents = read_annotations(os.path.join(cfg.data_dir, f"videos_{split}.txt"))
+        data["videos"][split] = ([c for _, c in ents], torch.from_numpy(
+            np.stack([load_video(p, cfg.n_frames, cfg.img_size) for p, _ in ents])))  # (N, F, S, S, 3)
+    tok = Tokenizer.from_texts(data["images"]["train"][0] + data["videos"]["train"][0])
+    return data, tok
+
+
+def train_clip(cfg, data, tok, device):
+    torch.manual_seed(cfg.seed)
+    model = _init_weights(CLIP(cfg, len(tok.ids))).to(device)
+    caps, imgs = data["images"]["train"]
+    classes = sorted(set(caps))
+    label = torch.tensor([classes.index(c) for c in caps])
+    ids, lengths = pad_batch([tok.encode(c) for c in classes], cfg.max_len)  # one row per distinct caption
+    opt = make_optimizer([(model.parameters(), cfg.lr)], cfg)
+    g = torch.Generator().manual_seed(cfg.seed)
+    print(f"clip: {n_params(model):,} parameters, {len(caps)} images, {len(classes)} distinct captions")
+
+    def batch(step):
+        idx = torch.randint(0, len(caps), (cfg.batch_size,), generator=g)
+        lab = label[idx]
+        same = (lab[:, None] == lab[None, :]).to(device)  # (B, B): pairs sharing a caption are both positives
+        with autocast(cfg, device):
+            return model(to_pixels(imgs[idx]).to(device), ids[lab].to(device), lengths[lab].to(device), same)
+
+    seconds = fit(model, opt, cfg.clip_steps, batch, cfg, "clip")
+    return model, seconds
+
+
+@torch.no_grad()
+def zero_shot(model, tok, cfg, imgs, caps, device):
+    """Classify each image among the 18 class prompts 'a <colour> <shape>' by cosine similarity."""
+    prompts = [f"a {c} {s}" for c, s in CLASSES]
+    ids, lengths = pad_batch([tok.encode(p) for p in prompts], cfg.max_len)
+    with autocast(cfg, device):
+        txt = model.encode_text(ids.to(device), lengths.to(device)).float()  # (18, E)
+        pred = torch.cat([(model.encode_image(to_pixels(imgs[i:i + 256]).to(device)).float() @ txt.t()).argmax(-1)
+                          for i in range(0, len(imgs), 256)]).cpu()
+    acc = sum(prompts[p] == c for p, c in zip(pred.tolist(), caps)) / len(caps)
+    return {"n": len(caps), "zero_shot_accuracy": acc,
+            "samples": [{"pred": prompts[p], "ref": c} for p, c in list(zip(pred.tolist(), caps))[:3]]}
+
+
+def caption_batch(tok, caps, cfg):
+    """Captions -> (inputs, targets): targets are inputs shifted by one, -100 after each row's EOS."""
+    ids, lengths = pad_batch([tok.encode(c) for c in caps], cfg.max_len)
+    inp, tgt = ids[:, :-1], ids[:, 1:].clone()
+    tgt[torch.arange(tgt.size(1))[None] >= (lengths[:, None] - 1)] = -100
+    return inp, tgt
+
+
+def train_captioner(cfg, variant, vision_state, data, tok, device):
+    torch.manual_seed(cfg.seed)
+    model = _init_weights(Captioner(cfg, len(tok.ids), variant))
+    model.vision.load_state_dict(vision_state)  # start from the CLIP image encoder
+    model.to(device)
+    caps, clips = data["videos"]["train"]
+    inp, tgt = caption_batch(tok, caps, cfg)
+    rest = [p for n, p in model.named_parameters() if not n.startswith("vision.")]
+    opt = make_optimizer([(model.vision.parameters(), cfg.vision_lr), (rest, cfg.lr)], cfg)
+    g = torch.Generator().manual_seed(cfg.seed)  # both variants see the very same batches
+    print(f"{variant}: {n_params(model):,} parameters ({n_params(model.vision):,} in the CLIP image encoder)")
+
+    def batch(step):
+        idx = torch.randint(0, len(caps), (cfg.batch_size,), generator=g)
+        with autocast(cfg, device):
+            return model(model.encode(clips[idx].to(device)), inp[idx].to(device), tgt[idx].to(device))[1]
+
+    seconds = fit(model, opt, cfg.steps, batch, cfg, variant)
+    return model, seconds
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generate and evaluate
+
+
+@torch.no_grad()
+def generate(model, frames, cfg, device):
+    """Greedy captions for uint8 clips (B, F, S, S, 3). The video is encoded once; each step re-runs the decoder on
+    the whole sequence (no KV cache: captions here are ~6 tokens). -> list of token-id lists, EOS excluded."""
+    model.eval()
+    with autocast(cfg, device):
+        visual = model.encode(frames.to(device))
+        ids = torch.zeros(len(frames), 1, dtype=torch.long, device=device)  # BOS
+        done = torch.zeros(len(frames), dtype=torch.bool, device=device)
+        for _ in range(cfg.max_len - 1):
+            nxt = model(visual, ids)[0][:, -1].argmax(-1)  # (B,)
+            nxt = nxt.masked_fill(done, 0)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            done |= nxt == 0
+            if done.all():
+                break
+    out = []
+    for row in ids[:, 1:].tolist():
+        out.append(row[:row.index(0)] if 0 in row else row)
+    return out
+
+
+def caption_all(model, tok, clips, cfg, device, batch=64):
+    """-> (captions, generated tokens per second)."""
+    preds, n_tok, t0 = [], 0, time.time()
+    for i in range(0, len(clips), batch):
+        for ids in generate(model, clips[i:i + batch], cfg, device):
+            preds.append(tok.decode(ids))
+            n_tok += len(ids) + 1  # + the EOS it produced
+    return preds, n_tok / (time.time() - t0)
+
+
+def heat_png(path, w, frames, labels, title):
+    """A heat map (rows x frames) under a strip of the frames, row labels on the left, as a PNG."""
+    cell, row_h, lab_w = 40, (14 if len(labels) > 16 else 20), 90
+    w = w / np.maximum(w.max(1, keepdims=True), 1e-9)  # each row scaled to its own maximum
+    heat = cv2.applyColorMap((255 * w).astype(np.uint8), cv2.COLORMAP_VIRIDIS)
+    heat = cv2.resize(heat, (w.shape[1] * cell, w.shape[0] * row_h), interpolation=cv2.INTER_NEAREST)
+    left = np.zeros((heat.shape[0], lab_w, 3), np.uint8)
+    for i, lab in enumerate(labels):
+        cv2.putText(left, lab[:12], (2, i * row_h + row_h - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1)
+    strip = np.concatenate([cv2.resize(f[:, :, ::-1], (cell, cell), interpolation=cv2.INTER_NEAREST)
+                            for f in frames], 1)
+    top = np.concatenate([np.zeros((cell, lab_w, 3), np.uint8), strip], 1)
+    head = np.zeros((20, top.shape[1], 3), np.uint8)
+    cv2.putText(head, title[:top.shape[1] // 6], (2, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (255, 255, 255), 1)
+    cv2.imwrite(path, np.concatenate([head, top, np.concatenate([left, heat], 1)], 0))
+
+
+@torch.no_grad()
+def attention_maps(model, tok, clip, cfg, device):
+    """Heat maps for one clip, from the written-out attention (record mode), averaged over heads:
+       unified: caption tokens over frames (last decoder layer, weights on each frame's tokens summed);
+       cross:   latents over frames (last resampler layer), and caption tokens over frames composed through the
+                latents (text -> latent weights of the last gated layer @ latent -> frame weights)."""
+    ids = generate(model, clip[None], cfg, device)[0]
+    seq = torch.tensor([[0] + ids], device=device)
+    labels = ["<bos>"] + [tok.enc.decode([tok.ids[i]]) for i in ids]
+    Fr = clip.size(0)
+    set_record(model, True)
+    model(model.encode(clip[None].to(device)), seq)
+    maps = {}
+    if model.variant == "unified":
+        w = model.decoder.blocks[-1].attn.weights[0]  # (Np+L, Np+L)
+        Np = w.size(0) - seq.size(1)
+        maps["text_over_frames"] = (w[Np:, :Np].reshape(len(labels), Fr, -1).sum(-1), labels)  # (L, F)
+    else:
+        wl = model.resampler.layers[-1].attn.weights[0]  # (Q, F*P+Q)
+        lat = wl[:, :-cfg.n_latents].reshape(cfg.n_latents, Fr, -1).sum(-1)  # (Q, F)
+        maps["latents_over_frames"] = (lat, [f"latent {i}" for i in range(cfg.n_latents)])
+        wt = model.decoder.xattn[-1].attn.weights[0]  # (L, Q)
+        maps["text_over_frames"] = (wt @ (lat / lat.sum(-1, keepdim=True)), labels)  # (L, F)
+    set_record(model, False)
+    return {k: (v.float().cpu().numpy(), lab) for k, (v, lab) in maps.items()}, tok.decode(ids)
+
+
+def evaluate(models, clip_model, tok, cfg, device, data, seconds):
+    """Score CLIP zero-shot and both captioners on test and novel; print the table and samples; write eval.json and
+    the heat maps."""
+    res = {"test": {}, "novel": {}}
+    for split in res:
+        res[split]["clip"] = zero_shot(clip_model, tok, cfg, data["images"][split][1], data["images"][split][0], device)
+    speed = {}
+    for name, model in models.items():
+        for split in ("test", "novel"):
+            caps, clips = data["videos"][split]
+            preds, tps = caption_all(model, tok, clips, cfg, device)
+            res[split][name] = {"n": len(caps), "exact_match": exact_match(preds, caps),
+                                "samples": [{"pred": p, "ref": r} for p, r in list(zip(preds, caps))[:4]]}
+            if split == "test":
+                speed[name] = tps
+    res["train_seconds"] = sum(seconds.values())
+    res["variants"] = {n: {"params": n_params(m), "train_seconds": seconds[n], "gen_tokens_per_s": speed[n]}
+                       for n, m in models.items()}
+    res["clip"] = {"params": n_params(clip_model), "train_seconds": seconds["clip"]}
+    print(f"\nCLIP zero-shot over {len(CLASSES)} prompts: test {res['test']['clip']['zero_shot_accuracy']:.1%} "
+          f"(n={res['test']['clip']['n']}), novel pairs {res['novel']['clip']['zero_shot_accuracy']:.1%} "
+          f"(n={res['novel']['clip']['n']})")
+    print(f"\n{'variant':<10} {'params':>9} {'train s':>8} {'EM test':>8} {'EM novel':>9} {'gen tok/s':>10}")
+    for n in models:
+        v = res["variants"][n]
+        print(f"{n:<10} {v['params']:>9,} {v['train_seconds']:>8.1f} {res['test'][n]['exact_match']:>8.1%} "
+              f"{res['novel'][n]['exact_match']:>9.1%} {v['gen_tokens_per_s']:>10.0f}")
+    for n in models:
+        for s in res["test"][n]["samples"][:2] + res["novel"][n]["samples"][:2]:
+            print(f"  {n:<8} pred: {s['pred']!r:<32} ref: {s['ref']!r}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(res, open(p, "w"), indent=1))
+    clip = data["videos"]["test"][1][0]
+    for name, model in models.items():
+        maps, caption = attention_maps(model, tok, clip, cfg, device)
+        for kind, (w, labels) in maps.items():
+            path = os.path.join(cfg.out_dir, f"attn_{name}_{kind}.png")
+            heat_png(path, w, clip.numpy(), labels, f"{name}: {caption}")
+            print(f"wrote {path}")
+    print(f"wrote {os.path.join(cfg.out_dir, 'eval.json')}")
+    return res
+
+
+def train(cfg):
+    device = pick_device(cfg.device)
+    t0 = time.time()
+    data, tok = prepare_data(cfg)
+    print(f"data ready in {time.time() - t0:.1f} s: {len(tok.ids)} token table entries, "
+          f"{len(data['images']['train'][0])} train images, {len(data['videos']['train'][0])} train clips")
+    clip_model, seconds = train_clip(cfg, data, tok, device)
+    save_model(clip_model, tok, cfg, "clip", seconds)
+    times, models = {"clip": seconds}, {}
+    vision = {k: v.detach().clone() for k, v in clip_model.vision.state_dict().items()}
+    for variant in ("unified", "cross"):
+        models[variant], times[variant] = train_captioner(cfg, variant, vision, data, tok, device)
+        save_model(models[variant], tok, cfg, variant, times[variant])
+    res = evaluate(models, clip_model, tok, cfg, device, data, times)
+    print(f"train mode: {time.time() - t0:.0f} s wall in all")
+    return res
+
+
+def evaluate_saved(cfg, overrides):
+    keep = {k: v for k, v in overrides.items() if k in ("device", "dtype", "out_dir", "data_dir")}
+    clip_model, tok, cfg, t_clip = load_model(cfg.out_dir, "clip", keep)
+    device = pick_device(cfg.device)
+    models, times = {}, {"clip": t_clip}
+    for v in ("unified", "cross"):
+        models[v], _, _, times[v] = load_model(cfg.out_dir, v, keep)
+        models[v].to(device)
+    data, _ = prepare_data(cfg)
+    return evaluate(models, clip_model.to(device), tok, cfg, device, data, times)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="A runnable tour of attention, ViT, CLIP, Perceiver and Flamingo, then "
+                                            "two vision-LLM variants trained side by side.")
+    p.add_argument("--train", action="store_true", help="build data, train CLIP and both captioners, evaluate")
+    p.add_argument("--eval", action="store_true", help="re-evaluate the checkpoints in out_dir")
+    p.add_argument("--generate", action="store_true", help="caption --video with the --variant checkpoint")
+    p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
+    p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
+    for f in dataclasses.fields(Config):
+        if isinstance(f.default, bool):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), default=None)
+    args = p.parse_args(argv)
+    if args.preset not in PRESETS:
+        raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    cfg = Config(**{**PRESETS[args.preset], **overrides})
+    if cfg.section != "all" and cfg.section not in SECTIONS:
+        raise UserError(f"--section {cfg.section}: unknown section, choose one of {list(SECTIONS)} (or all)")
+    if cfg.variant not in ("unified", "cross"):
+        raise UserError(f"--variant {cfg.variant}: choose 'unified' or 'cross'")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise UserError(f"--dtype {cfg.dtype}: choose float32 or bfloat16")
+    if cfg.img_size % cfg.patch:
+        raise UserError(f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}")
+    if cfg.d_model % cfg.n_head:
+        raise UserError(f"--d_model {cfg.d_model} is not a multiple of --n_head {cfg.n_head}")
+    return args, cfg, overrides
+
+
+def main(argv=None):
+    args, cfg, overrides = parse_args(argv)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    if args.train or args.eval or args.generate:
+        print("config:", json.dumps(dataclasses.asdict(cfg)))
+    if args.train:
+        train(cfg)
+    elif args.eval:
+        evaluate_saved(cfg, overrides)
+    elif args.generate:
+        if not args.video:
+            raise UserError("--generate needs --video PATH (a video file or a folder of frames)")
+        keep = {k: v for k, v in overrides.items() if k in ("device", "dtype", "out_dir")}
+        model, tok, cfg, _ = load_model(cfg.out_dir, cfg.variant, keep)
+        device = pick_device(cfg.device)
+        model.to(device)
+        clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None]
+        print(tok.decode(generate(model, clip, cfg, device)[0]))
+    else:
+        tour(cfg)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
