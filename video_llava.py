@@ -99,7 +99,7 @@ class Config:
     from_pretrained: str = ""  # start from this checkpoint (HF folder or an out_dir of this script)
     freeze: str = ""  # comma list of towers to freeze: "vision", "llm" ("vision,llm" = LLaVA stage 1, projector only)
     batch_size: int = 32
-    max_steps: int = 1500
+    max_steps: int = 2400
     lr: float = 2e-3
     min_lr: float = 1e-4
     warmup: int = 100
@@ -109,7 +109,7 @@ class Config:
     device: str = "auto"  # auto = cuda > mps > cpu
     seed: int = 1337
     log_interval: int = 50
-    eval_interval: int = 500
+    eval_interval: int = 800
     # generation
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0
@@ -1333,6 +1333,51 @@ def bench(cfg):
               f"({tps['video_llava'] / floor:.0%} of it)")
 
 
+def bench_load(gb):
+    """Peak resident memory and time to load a sharded bfloat16 checkpoint of about `gb` GB, ours vs transformers,
+    each in a fresh process (peak RSS minus the RSS after imports, so torch itself is not counted)."""
+    import subprocess
+    import tempfile
+    hidden, inter = 2048, 5504
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter
+    layers = max(1, int((gb * 1e9 / 2 - 2 * 32064 * hidden) // per_layer))
+    cfg = Config(vocab_size=32064, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                 num_attention_heads=16, num_key_value_heads=16, v_hidden_size=32, v_intermediate_size=64,
+                 v_num_hidden_layers=2, v_num_attention_heads=2, image_size=28, patch_size=14,
+                 image_token_index=32000, video_token_index=32001, max_position_embeddings=2048)
+    with tempfile.TemporaryDirectory() as d:
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in VideoLlava(cfg).state_dict().items()}
+        keys, wm, n_bytes = sorted(shapes), {}, 0
+        for s in range(3):  # three shards, as the hub has; written one at a time so this process stays small
+            name = f"model-{s + 1:05d}-of-00003.safetensors"
+            part = {k: (torch.randn(shapes[k]) * 0.02).to(torch.bfloat16) for k in keys[s::3]}
+            n_bytes += sum(t.numel() * 2 for t in part.values())
+            save_file(part, os.path.join(d, name))
+            wm.update({k: name for k in part})
+            del part
+        json.dump({"metadata": {}, "weight_map": wm}, open(os.path.join(d, "model.safetensors.index.json"), "w"))
+        json.dump(hf_config_dict(cfg), open(os.path.join(d, "config.json"), "w"))
+        probe = ("import resource, sys, time, torch; sys.path.insert(0, {here!r}); {imp}; "
+                 "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; t = time.perf_counter(); m = {load}; "
+                 "dt = time.perf_counter() - t; peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+                 "print(dt, (peak - base) * 1024)")
+        here = os.path.dirname(os.path.abspath(__file__))
+        runs = {"video_llava": ("import video_llava", f"video_llava.VideoLlava.from_pretrained({d!r})"),
+                "transformers": ("import transformers",
+                                 f"transformers.VideoLlavaForConditionalGeneration.from_pretrained({d!r}, "
+                                 "dtype=torch.bfloat16)")}
+        print(f"sharded load: {n_bytes / 1e9:.2f} GB of bfloat16 weights in 3 shards ({layers} LLaMA layers)")
+        for who, (imp, load) in runs.items():
+            p = subprocess.run([sys.executable, "-c", probe.format(here=here, imp=imp, load=load)],
+                               capture_output=True, text=True)
+            if p.returncode:
+                print(f"  {who}: failed: {p.stderr.strip().splitlines()[-1:]}")
+                continue
+            dt, rss = map(float, p.stdout.split()[-2:])
+            print(f"  {who:12s} load {dt:5.1f} s | peak RSS growth {rss / 1e9:.2f} GB = {rss / n_bytes:.2f}x weights")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -1347,6 +1392,7 @@ def parse_args(argv=None):
     p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
     p.add_argument("--image", default="", help="image file, for --generate")
     p.add_argument("--prompt", default="", help="the question, for --generate")
+    p.add_argument("--load_gb", type=float, default=2.0, help="--bench: size of the sharded-load test (0 = skip)")
     p.add_argument("--n_tokens", type=int, default=64, help="text tokens assumed by --inspect's memory estimate")
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
     for f in dataclasses.fields(Config):
@@ -1424,6 +1470,8 @@ def main(argv=None):
         inspect(args.inspect, cfg.n_frames if "n_frames" in overrides else 8, args.n_tokens)
     elif args.bench:
         bench(cfg)
+        if args.load_gb > 0:
+            bench_load(args.load_gb)
     else:
         print("nothing to do: pass --train, --eval, --generate, --inspect DIR or --bench (see --help)")
 
