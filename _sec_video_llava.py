@@ -351,3 +351,19 @@ def test_vl_bad_inputs(vl_ckpt, tmp_path):
     bad.write_text('{"image": "x.png", "question": "q", "answer": "a"}\n{"video": "v.mp4"}\n')
     with pytest.raises(vl.UserError, match="bad.jsonl:2"):
         vl.read_annotations(str(bad))
+
+
+def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, tmp_path):
+    """--freeze vision,llm on top of an HF checkpoint: its own tokenizer, only multi_modal_projector.* changes."""
+    src = vl_ckpt[1]["t5save"]
+    out = str(tmp_path / "out")
+    proc = run_script("video_llava.py", "--train", "--preset", "tiny", "--from_pretrained", src, "--freeze",
+                      "vision,llm", "--max_steps", "2", "--data_dir", str(tmp_path / "data"), "--out_dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = {vl.canonical_key(k): v for k, v in load_file(os.path.join(src, "model.safetensors")).items()}
+    after = load_file(os.path.join(out, "model.safetensors"))
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]) != k.startswith("multi_modal_projector."), k
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+    assert json.load(open(os.path.join(out, "eval.json")))["test"]["video"]["n"] > 0

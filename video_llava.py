@@ -384,7 +384,7 @@ class SentencePieceBPE:
         model = tj.get("model", {})
         if model.get("type") != "BPE":
             raise UserError(f"{path}: tokenizer model is '{model.get('type')}', expected BPE")
-        self.vocab = dict(model["vocab"])
+        self.folder, self.vocab = folder, dict(model["vocab"])
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.byte_fallback, self.unk = model.get("byte_fallback", False), model.get("unk_token")
@@ -930,8 +930,15 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0):
     os.makedirs(cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
-    meta = {**hf_config_dict(cfg), "script": SCRIPT, "train_config": dataclasses.asdict(cfg),
-            "gpt2_table": tok.ids}
+    meta = {**hf_config_dict(cfg), "script": SCRIPT, "train_config": dataclasses.asdict(cfg)}
+    if isinstance(tok, GPT2Table):
+        meta["gpt2_table"] = tok.ids
+    else:  # started from an HF checkpoint: its tokenizer files travel with the weights
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            src = os.path.join(tok.folder, name)
+            if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(os.path.join(cfg.out_dir, name)):
+                data = open(src, "rb").read()
+                atomic(os.path.join(cfg.out_dir, name), lambda p: open(p, "wb").write(data))
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
     if opt is not None:
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state()}
@@ -1035,10 +1042,7 @@ def train(cfg):
     entries = {s: read_annotations(f) for s, f in files.items()}
     if cfg.from_pretrained:
         model, loaded, _ = load_pretrained(cfg.from_pretrained, torch.float32, "cpu", base=cfg)
-        if "gpt2_table" not in read_config(cfg.from_pretrained):
-            raise UserError(f"{cfg.from_pretrained}: --train on the synthetic world needs a checkpoint of this "
-                            "script (its GPT-2 token table); HF checkpoints are for --generate / --inspect")
-        tok = load_tokenizer(cfg.from_pretrained)
+        tok = load_tokenizer(cfg.from_pretrained)  # an HF checkpoint keeps its own tokenizer and vocabulary
         cfg = dataclasses.replace(cfg, **{f: getattr(loaded, f) for f in config_from_hf(hf_config_dict(loaded), "")})
     else:
         texts = [prompt_text(e["question"], e["kind"]) + " " + e["answer"] for s in ("train", "val") for e in entries[s]]
