@@ -839,7 +839,7 @@ def train(cfg, resume=False):
             dt = (time.time() - t_log) / n_steps
             eta = dt * (cfg.max_steps - step)
             say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {last_val:.3f} | lr {lr_at(step - 1, cfg):.1e}"
-                f" | {dt * 1000:.0f} ms | {gsize / dt:.0f} samples/s | eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+                f" | {dt * 1000:.0f} ms | {gsize / dt:.3g} samples/s | eta {eta // 60:.0f}m{eta % 60:02.0f}s")
             t_log = time.time()
         if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
             if master:
