@@ -751,7 +751,6 @@ class VideoLlava(nn.Module):
         return self.multi_modal_projector(h)
 
     def video_features(self, videos):  # (B, F, 3, S, S) -> (B*F, P+1, D): each frame alone, CLS kept
-        B, Fr = videos.shape[:2]
         h = self.video_tower.vision_model(videos.flatten(0, 1))  # (B*F, P+1, Dv)
         return self.multi_modal_projector(h)
 
@@ -1273,7 +1272,7 @@ def inspect(path, n_frames, n_tokens):
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * e * seq * 2  # bfloat16 cache
     vis = n_frames * (p + 1) * (cfg.v_hidden_size * 4 + cfg.v_intermediate_size) * 2 + \
         n_frames * cfg.v_num_attention_heads * (p + 1) ** 2 * 4
-    act = seq * (cfg.hidden_size * 4 + cfg.intermediate_size * 3) * 2 + seq * cfg.vocab_size * 4 * 0
+    act = seq * (cfg.hidden_size * 4 + cfg.intermediate_size * 3) * 2
     print(f"estimate for one video of {n_frames} frames + {n_tokens} text tokens = {seq} positions, bfloat16: "
           f"weights {n_bytes / 2**30:.2f} GiB (as stored), KV cache {kv / 2**20:.1f} MiB, vision activations "
           f"{vis / 2**20:.1f} MiB, decoder activations per layer {act / 2**20:.1f} MiB")
@@ -1327,7 +1326,7 @@ def bench(cfg):
             else:
                 out = generate(ours, ids, max_new_tokens=new)[0]
             times[who] = min(times.get(who, 1e9), time.perf_counter() - t)
-            outs = times.setdefault("_out_" + who, out)
+            times.setdefault("_out_" + who, out)  # first run's tokens, compared below
         same = torch.equal(times["_out_transformers"], times["_out_video_llava"])
         floor = bw / (n_lm * 4)
         tps = {k: new / v for k, v in times.items() if not k.startswith("_")}
@@ -1362,10 +1361,13 @@ def bench_load(gb):
             del part
         json.dump({"metadata": {}, "weight_map": wm}, open(os.path.join(d, "model.safetensors.index.json"), "w"))
         json.dump(hf_config_dict(cfg), open(os.path.join(d, "config.json"), "w"))
-        probe = ("import resource, sys, time, torch; sys.path.insert(0, {here!r}); {imp}; "
-                 "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; t = time.perf_counter(); m = {load}; "
-                 "dt = time.perf_counter() - t; peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-                 "print(dt, (peak - base) * 1024)")
+        # VmHWM/VmRSS of the child itself (ru_maxrss would carry this parent's peak across fork + exec)
+        probe = ("import sys, time, torch; sys.path.insert(0, {here!r}); {imp}; "
+                 "kb = lambda f: int(open('/proc/self/status').read().split(f + ':')[1].split()[0]); "
+                 "base = kb('VmRSS'); t = time.perf_counter(); m = {load}; "
+                 "dt = time.perf_counter() - t; "
+                 "[p.detach().reshape(-1)[::1024].float().sum() for p in m.parameters()]; "  # page in every weight
+                 "print(dt, (kb('VmHWM') - base) * 1024)")
         here = os.path.dirname(os.path.abspath(__file__))
         runs = {"video_llava": ("import video_llava", f"video_llava.VideoLlava.from_pretrained({d!r})"),
                 "transformers": ("import transformers",
