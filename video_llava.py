@@ -586,6 +586,13 @@ class LlamaAttention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # HF weights are already permuted
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, T, E)
+        if L == 1:  # decode: one query. SDPA's CPU kernel costs ~2 ms a call here; two small matmuls do not.
+            G = self.h // self.kv  # grouped-query: kv head j serves q heads j*G .. j*G+G-1, no copy of the cache
+            att = q.view(B, self.kv, G, self.e) @ k.transpose(-2, -1) * self.e ** -0.5  # (B, K, G, T)
+            if isinstance(mask, torch.Tensor):
+                att = att.masked_fill(~mask, -math.inf)  # mask (B, 1, 1, T)
+            y = (att.softmax(-1, dtype=torch.float32).to(v.dtype) @ v).view(B, self.h, 1, self.e)  # (B, H, 1, E)
+            return self.o_proj(y.transpose(1, 2).reshape(B, L, self.h * self.e))
         if self.kv != self.h:  # grouped-query: kv head j serves q heads j*H/K .. (j+1)*H/K-1
             k, v = k.repeat_interleave(self.h // self.kv, 1), v.repeat_interleave(self.h // self.kv, 1)
         if isinstance(mask, str):  # "causal" (no padding, prefill) or "none" (no padding, one new token)
