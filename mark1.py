@@ -110,6 +110,7 @@ class Config:
     n_visual_query: int = 8  # N (32 in the seed)
     n_temporal_query: int = 5  # M (5 in the seed)
     bridge_heads: int = 4
+    bridge_layers: int = 2  # cross-attention blocks of the queries over the video tokens (the seed used one)
     bert_heads: int = 4
     bert_inter: int = 512
     temporal_blocks: int = 2  # residual MLP blocks in the temporal head
@@ -208,9 +209,9 @@ def sample_event(rng, split):
         elif event == "stops" and t >= e:
             a["x"] = bounce(xa, va, e)
         elif event == "meets":
-            # both on one row, closing in at 0.9 px/frame each, touching at frame e+1, then moving apart again
+            # both on one row, closing in at 1.5 px/frame each, touching at frame e+1, then moving apart again
             side = 1 if xa < xb else -1
-            off = RADIUS + 0.9 * abs(t - (e + 1))
+            off = min(14.0, RADIUS + 1.5 * abs(t - (e + 1)))  # far apart they wait at the edges
             a.update(x=24 - side * off, y=24)
             b.update(x=24 + side * off, y=24)
         frames.append([o for o in (a, b) if o is not None])
@@ -238,11 +239,11 @@ def write_clip(path, frames):
 
 def build_world(cfg):
     """Write train/val/test/novel clips + annotation JSON under data_dir (skipped when already complete)."""
-    sizes = dict(train=cfg.n_train, val=cfg.n_val, test=cfg.n_test, novel=cfg.n_novel)
+    sizes = dict(train=cfg.n_train, val=cfg.n_val, test=cfg.n_test, novel=cfg.n_novel, version=2)
     stamp = os.path.join(cfg.data_dir, "world.json")
     if os.path.isfile(stamp) and json.load(open(stamp)) == sizes:
         return
-    for si, (split, n) in enumerate(sizes.items()):
+    for si, (split, n) in enumerate(list(sizes.items())[:4]):
         rng = random.Random(1000 * si + 7)
         os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
         anns = []
@@ -718,8 +719,12 @@ class Bridge(nn.Module):
         self.time_emb = nn.Parameter(torch.zeros(n_tubelet, d))
         self.space_emb = nn.Parameter(torch.zeros(grid * grid, d))
         self.queries = nn.Parameter(torch.randn(N + M, d) * 0.02)
-        self.ln_q, self.ln_v = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.xattn = CrossAttention(d, cfg.bridge_heads)
+        self.ln_v = nn.LayerNorm(d)
+        # queries read the video through a few pre-LN blocks (cross-attention, then an MLP), as a Q-Former does
+        self.xattn = nn.ModuleList(CrossAttention(d, cfg.bridge_heads) for _ in range(cfg.bridge_layers))
+        self.xmlp = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+                                  for _ in range(cfg.bridge_layers))
+        self.ln_q = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg.bridge_layers))
         self.bert = BertLayer(d, cfg.bert_heads, cfg.bert_inter)
         self.head = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
                                   for _ in range(cfg.temporal_blocks))
@@ -734,7 +739,9 @@ class Bridge(nn.Module):
         pos = self.time_emb[:T, None, :] + self.space_emb[None, :, :]  # (T, G*G, D)
         v = self.ln_v(v + pos.reshape(T * self.grid * self.grid, -1)[:P])
         q = self.queries.expand(B, -1, -1)  # (B, N+M, D)
-        q = q + self.xattn(self.ln_q(q), v)
+        for ln, att, mlp in zip(self.ln_q, self.xattn, self.xmlp):
+            q = q + att(ln(q), v)
+            q = q + mlp(q)
         x = torch.cat((q, q_emb.to(q.dtype)), 1)  # (B, N+M+Lq, D)
         valid = torch.cat((torch.ones(B, self.N + self.M, dtype=torch.bool, device=q.device), q_valid), 1)
         x = self.bert(x, valid)
@@ -813,6 +820,7 @@ class Mark1(nn.Module):
         ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.to(logits.device).flatten(), ignore_index=-100)
         pw = torch.tensor(self.cfg.pos_weight, device=frame_logits.device)
         bce = F.binary_cross_entropy_with_logits(frame_logits.float(), labels.to(frame_logits.device), pos_weight=pw)
+        self.parts = (ce.item(), bce.item())  # for the log line
         return logits, ce + self.cfg.lam * bce.to(ce.device), frame_logits
 
 
