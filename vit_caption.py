@@ -584,7 +584,7 @@ def load_checkpoint(out_dir, overrides=None):
                         f"{SCRIPT} checkpoint")
     known = {f.name for f in dataclasses.fields(Config)}
     saved = {k: v for k, v in meta["config"].items() if k in known}
-    cfg = Config(**{**saved, **{k: v for k, v in (overrides or {}).items() if k not in ARCH}})
+    cfg = Config(**{**saved, **{k: v for k, v in (overrides or {}).items() if k not in ARCH}, "out_dir": out_dir})
     tok = Tokenizer(meta["vocab"])
     model = ViTCaptioner(cfg, len(tok.ids))
     try:
