@@ -1235,7 +1235,7 @@ def train(cfg, resume=False):
             if not torch.isfinite(loss):
                 raise UserError(f"loss became {loss.item()} at step {step}; lower --lr or use --dtype float32")
             (loss * len(mb) / (gbatch / world)).backward()
-            losses.append(loss.item())
+            losses.append((loss.item(), *model.parts))
         if ddp:
             for p in params:
                 if p.grad is not None:
@@ -1247,7 +1247,8 @@ def train(cfg, resume=False):
         if step % cfg.log_interval == 0 or step == end:
             dt = (time.time() - t_log) / cfg.log_interval
             eta = dt * (end - step)
-            say(f"step {step}/{cfg.max_steps} | loss {sum(losses) / len(losses):.4f} | lr {lr_at(step - 1, cfg):.2e} | "
+            lo, ce, bce = (sum(x[k] for x in losses) / len(losses) for k in range(3))
+            say(f"step {step}/{cfg.max_steps} | loss {lo:.4f} (ce {ce:.3f}, bce {bce:.3f}) | lr {lr_at(step - 1, cfg):.2e} | "
                 f"{dt * 1000:.0f} ms | {gbatch / dt:.0f} samples/s | eta {eta / 60:.0f}m{eta % 60:02.0f}s")
             t_log, losses = time.time(), []
         if rank == 0 and (step % cfg.eval_interval == 0 or step == end):
