@@ -398,6 +398,11 @@ def test_mk_checkpoint_round_trip(mk_trained, tmp_path):
     for k, v in state.items():
         assert torch.equal(model.state_dict()[k], v)
     assert model.llm.lm_head.weight is model.llm.model.embed_tokens.weight
+    shutil.copytree(d / "out", tmp_path / "cut")
+    state.pop("vision.layernorm.weight")
+    save_file(state, str(tmp_path / "cut" / "model.safetensors"))
+    with pytest.raises(mk.UserError, match="vision.layernorm.weight"):
+        mk.load_checkpoint(str(tmp_path / "cut"))
     (tmp_path / "other").mkdir()
     json.dump({"script": "vit_caption", "config": {}}, open(tmp_path / "other" / "config.json", "w"))
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other" / "model.safetensors"))

@@ -984,8 +984,9 @@ def load_checkpoint(out_dir, overrides=None):
     tok = make_tokenizer(cfg, ids=meta["vocab"])
     model = build_model(cfg, tok)
     state = load_file(wpath)
-    own = {k for k in model.state_dict() if k in state or not k.startswith(("vision.", "llm."))}
-    missing = sorted(k for k in own if k not in state and k != "llm.lm_head.weight")
+    skip = tuple(p + "." for p, c in (("vision", cfg.vision_ckpt), ("llm", cfg.llm_ckpt)) if c)  # from HF folders
+    own = {k for k in model.state_dict() if not k.startswith(skip) and not (k == "llm.lm_head.weight" and model.llm.tie)}
+    missing = sorted(own - set(state))
     unexpected = sorted(set(state) - set(model.state_dict()))
     if missing or unexpected:
         raise UserError(f"{wpath}: keys do not match the model (missing {missing}, unexpected {unexpected})")
