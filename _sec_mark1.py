@@ -508,3 +508,16 @@ def test_mk_device_map_cpu(tmp_path):
     assert mk.parse_device_map(cfg) == dict(vision="cpu", bridge="cpu", llm="cpu")
     with pytest.raises(mk.UserError, match="expected vision=DEV"):
         mk.parse_device_map(_mk_tiny_cfg(tmp_path, device="cpu", device_map="encoder=cpu"))
+
+
+def test_mk_train_with_frozen_hf_checkpoints_cli(mk_hf, mk_trained, tmp_path):
+    d, _ = mk_trained
+    p = run_script("mark1.py", "--train", "--preset", "tiny", "--max_steps", "2", "--data_dir", d / "data",
+                   "--out_dir", tmp_path / "o", "--vision_ckpt", mk_hf["root"] / "vjepa2", "--llm_ckpt",
+                   mk_hf["root"] / "qwen3")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "frozen" in p.stdout and (tmp_path / "o" / "eval.json").is_file()
+    saved = load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert saved and all(k.startswith("bridge.") for k in saved)  # the towers are reloaded from their folders
+    model, tok, cfg = mk.load_checkpoint(str(tmp_path / "o"))
+    assert isinstance(tok, mk.QwenTokenizer) and model.frozen == {"vision", "llm"}
