@@ -521,3 +521,18 @@ def test_mk_train_with_frozen_hf_checkpoints_cli(mk_hf, mk_trained, tmp_path):
     assert saved and all(k.startswith("bridge.") for k in saved)  # the towers are reloaded from their folders
     model, tok, cfg = mk.load_checkpoint(str(tmp_path / "o"))
     assert isinstance(tok, mk.QwenTokenizer) and model.frozen == {"vision", "llm"}
+
+
+def test_mk_qwen3_sharded_checkpoint(mk_hf, tmp_path):
+    src = mk_hf["root"] / "qwen3"
+    state = load_file(str(src / "model.safetensors"))
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in shards.items():
+        save_file({k: state[k] for k in ks}, str(tmp_path / name))
+    json.dump({"weight_map": {k: n for n, ks in shards.items() for k in ks}}, open(tmp_path / "model.safetensors.index.json", "w"))
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    lm = mk.load_qwen3(str(tmp_path))
+    ids = torch.randint(0, 151936, (1, 7))
+    with torch.no_grad():
+        assert (lm(lm.model.embed_tokens(ids)) - mk_hf["qwen3"](ids).logits).abs().max() < 1e-4
