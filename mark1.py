@@ -123,8 +123,8 @@ class Config:
     # training
     batch_size: int = 32  # micro-batch per process
     grad_accum: int = 1
-    max_steps: int = 1500
-    lr: float = 2e-3
+    max_steps: int = 1200
+    lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_frac: float = 0.1  # linear warmup over this fraction of the steps, then cosine (as the seed)
     weight_decay: float = 0.01
