@@ -33,3 +33,1890 @@ def assert_user_error(proc, *needles):
     last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
     for n in needles:
         assert n in last, (n, last)
+
+
+# ====================================================================================================================
+# 1. videollama_mini.py
+# ====================================================================================================================
+import dataclasses
+import os
+import subprocess
+import sys
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import videollama_mini as vm
+
+
+def _vm_cfg(tmp, **kw):
+    """The tiny preset, writing under tmp; dropout off unless a test wants it."""
+    base = dict(vm.PRESETS["tiny"], data_dir=str(tmp / "data"), out_dir=str(tmp / "out"), dropout=0.0)
+    return vm.Config(**{**base, **kw})
+
+
+def _vm_model(mode="queries", vocab=23, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = vm.Config(**{**vm.PRESETS["tiny"], "dropout": 0.0, "qformer_mode": mode, **kw})
+    return vm.VideoLLaMAMini(cfg, vocab).eval(), cfg
+
+
+def _vm_video(b, cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, cfg.n_frames, cfg.img_size, cfg.img_size, 3), generator=g, dtype=torch.uint8)
+
+
+def _vm_weights(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("mode", ["queries", "text"])
+def test_vm_shapes_for_several_frame_counts(mode):
+    for frames in (1, 3, 4, 7):
+        model, cfg = _vm_model(mode, n_frames=frames)
+        video, idx = _vm_video(2, cfg), torch.randint(0, 23, (2, 5))
+        memory = model.encode(video)
+        assert memory.shape == ((2, cfg.n_query, cfg.d_model) if mode == "queries" else (2, frames, cfg.d_model))
+        logits, loss = model(video, idx, idx)
+        assert logits.shape == (2, 5, 23) and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("mode", ["queries", "text"])
+def test_vm_causal_mask(mode):
+    model, cfg = _vm_model(mode)
+    video, idx = _vm_video(1, cfg), torch.randint(0, 23, (1, 8))
+    changed = idx.clone()
+    changed[0, 5:] = (changed[0, 5:] + 1) % 23
+    a, _ = model(video, idx)
+    b, _ = model(video, changed)
+    assert torch.equal(a[:, :5], b[:, :5])  # earlier positions never see a later token
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_vm_motion_reaches_the_memory():
+    """Reversing time must change the video's memory: the model can tell left from right."""
+    model, cfg = _vm_model()
+    video = _vm_video(1, cfg)
+    assert not torch.allclose(model.encode(video), model.encode(video.flip(1)))
+
+
+def test_vm_overfits_one_batch():
+    model, cfg = _vm_model(vocab=19)
+    model.train()
+    video, idx = _vm_video(4, cfg), torch.randint(1, 19, (4, 9))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = model(video, idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, loss.item()
+
+
+@pytest.mark.parametrize("mode", ["queries", "text"])
+def test_vm_cache_equals_no_cache_and_batch_equals_rows(mode):
+    model, cfg = _vm_model(mode, seed=3)
+    cfg = dataclasses.replace(cfg, max_new_tokens=12)
+    video = _vm_video(3, cfg, seed=1)
+    cached = vm.generate(model, video, cfg, use_cache=True)
+    assert cached == vm.generate(model, video, cfg, use_cache=False)
+    assert cached == [vm.generate(model, video[i:i + 1], cfg)[0] for i in range(3)]
+    # the cached logits themselves, step by step, equal a full re-run
+    memory, cache = model.encode(video), [{} for _ in model.decoder]
+    seq = torch.randint(0, 23, (3, 6))
+    full = model.decode(seq, memory)
+    steps = torch.cat([model.decode(seq[:, t:t + 1], memory, cache, pos=t) for t in range(6)], 1)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+
+
+def test_vm_beam_search_batch_equals_rows_and_finds_a_likely_caption():
+    model, cfg = _vm_model(seed=5)
+    cfg = dataclasses.replace(cfg, beam=3, max_new_tokens=8)
+    video = _vm_video(3, cfg, seed=2)
+    beams = vm.generate(model, video, cfg)
+    assert beams == [vm.generate(model, video[i:i + 1], cfg)[0] for i in range(3)]
+    assert all(isinstance(b, list) and all(isinstance(t, int) for t in b) for b in beams)
+
+
+def test_vm_sampler_filters():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, -1.0]])
+    kept = torch.isfinite(vm.filter_logits(logits, top_k=2, top_p=1.0))
+    assert kept.tolist() == [[False, True, True, False, False]]
+    p = logits.softmax(-1)[0]  # sorted: 0.6364 (id 1), 0.2341 (id 2), 0.0861 (id 0), ...
+    kept = torch.isfinite(vm.filter_logits(logits, top_k=0, top_p=0.5))[0]
+    assert kept.tolist() == [False, True, False, False, False]  # the top token alone already holds 0.64 > 0.5
+    kept = torch.isfinite(vm.filter_logits(logits, top_k=0, top_p=float(p[1] + p[2]) + 1e-3))[0]
+    assert kept.tolist() == [True, True, True, False, False]
+    # seeded sampling is reproducible; temperature sampling with top_k=1 is greedy
+    model, cfg = _vm_model(seed=4)
+    video = _vm_video(2, cfg)
+    hot = dataclasses.replace(cfg, temperature=1.0, max_new_tokens=6)
+    a = vm.generate(model, video, hot, generator=torch.Generator().manual_seed(7))
+    b = vm.generate(model, video, hot, generator=torch.Generator().manual_seed(7))
+    assert a == b
+    greedy = vm.generate(model, video, dataclasses.replace(cfg, max_new_tokens=6))
+    top1 = vm.generate(model, video, dataclasses.replace(hot, top_k=1), generator=torch.Generator().manual_seed(1))
+    assert top1 == greedy
+
+
+def test_vm_metrics_hand_computed():
+    refs = [["a red circle moves left", "a red circle goes left"], ["a blue square moves up"]]
+    assert vm.exact_match(["A red circle goes left.", "a blue square moves down"], refs) == 0.5
+    assert vm.bleu4(["a red circle moves left", "a blue square moves up"], refs) == pytest.approx(1.0)
+    # hyp "a red circle moves" vs refs above (1 pair): 1-4 gram precisions 4/4, 3/3, 2/2, 1/1; closest ref length 5
+    assert vm.bleu4(["a red circle moves"], refs[:1]) == pytest.approx(math.exp(1 - 5 / 4))
+    # 2-gram precision 3/4 for "a red circle goes up": a red, red circle, circle goes (not goes up), ...
+    h = "a red circle goes up"
+    p = [4 / 5, 3 / 4, 2 / 3, 1 / 2]
+    assert vm.bleu4([h], refs[:1]) == pytest.approx(math.exp(sum(map(math.log, p)) / 4))
+    assert vm.bleu4(["purple"], refs[:1]) == 0.0
+    # CIDEr-D: with a single evaluated clip every n-gram has IDF log(1/1) = 0, so the score is 0 whatever the text;
+    # with two clips, a caption equal to its only reference scores exactly 10 (cosine 1, no length penalty).
+    assert vm.cider_d(["a red circle moves left"], refs[:1]) == 0.0
+    two = [["a red circle moves left"], ["a blue square moves up"]]
+    assert vm.cider_d(["a red circle moves left", "a blue square moves up"], two) == pytest.approx(10.0)
+    assert vm.cider_d(["a red circle moves left", "a red circle moves left"], two) == pytest.approx(5.0)
+
+
+def test_vm_sample_indices():
+    assert vm.sample_indices(16, 4) == [2, 6, 10, 14]
+    assert vm.sample_indices(2, 4) == [0, 0, 1, 1]  # short clips repeat frames
+    with pytest.raises(vm.UserError):
+        vm.sample_indices(0, 4)
+
+
+def test_vm_mp4_round_trip_and_frame_folder(tmp_path):
+    path = str(tmp_path / "clip.mp4")
+    vm.write_clip(path, [("red", "square", "right", 20, 32)])
+    clip = vm.load_video(path, 4, 32)  # (F, S, S, 3) RGB
+    assert clip.shape == (4, 32, 32, 3) and clip.dtype == np.uint8
+    # the red square (RGB ~ (230, 40, 40)) moves right: its red mass's centre of x grows frame by frame
+    red = (clip[..., 0].astype(int) - clip[..., 2].astype(int)) > 100
+    xs = [np.nonzero(f)[1].mean() for f in red]
+    assert all(b > a for a, b in zip(xs, xs[1:])), xs
+    # the same frames as PNG files in a folder give (nearly) the same clip: lossy mp4 aside, exactly the same pipeline
+    cap, folder = cv2.VideoCapture(path), tmp_path / "frames"
+    folder.mkdir()
+    n = 0
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        cv2.imwrite(str(folder / f"{n:03d}.png"), img)
+        n += 1
+    assert np.array_equal(vm.load_video(str(folder), 4, 32), clip)
+    # any resolution: a wide 1280x720 H.264-sized clip is centre-cropped and resized
+    wide = str(tmp_path / "wide.mp4")
+    w = cv2.VideoWriter(wide, cv2.VideoWriter_fourcc(*"mp4v"), 24, (1280, 720))
+    for t in range(5):
+        w.write(np.full((720, 1280, 3), 40 * t, np.uint8))
+    w.release()
+    assert vm.load_video(wide, 8, 32).shape == (8, 32, 32, 3)
+
+
+def test_vm_annotations_and_bad_files(tmp_path):
+    vm.write_clip(str(tmp_path / "a.mp4"), [("red", "square", "right", 20, 32)])
+    good = tmp_path / "ann.txt"
+    good.write_text("a.mp4\na red square moves right\na red square goes right\n\na.mp4\nsecond entry\n")
+    entries = vm.read_annotations(str(good))
+    assert [len(c) for _, c in entries] == [2, 1] and entries[0][0].endswith("a.mp4")
+    cases = {"missing.txt": ("a.mp4\ncaption\n\nnope.mp4\ncaption\n", "missing.txt:4", "nope.mp4"),
+             "nocap.txt": ("a.mp4\ncaption\n\n\na.mp4\n", "nocap.txt:5", "no caption"),
+             "empty.txt": ("\n\n", "no entries", "")}
+    for name, (text, *needles) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(vm.UserError) as e:
+            vm.read_annotations(str(tmp_path / name))
+        for n in needles:
+            assert n in str(e.value), (name, str(e.value))
+
+
+@pytest.fixture(scope="module")
+def _vm_trained(tmp_path_factory):
+    """One tiny --train run through the command line, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("vm")
+    proc = run_script("videollama_mini.py", "--train", "--preset", "tiny", "--data_dir", tmp / "data",
+                      "--out_dir", tmp / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, proc
+
+
+def test_vm_train_cli_writes_checkpoint_and_eval(_vm_trained):
+    tmp, proc = _vm_trained
+    assert "step 6/6" in proc.stdout and "exact" in proc.stdout
+    ev = json.load(open(tmp / "out" / "eval.json"))
+    for split in ("test", "novel"):
+        assert ev[split]["n"] == 12 and 0.0 <= ev[split]["exact_match"] <= 1.0
+        assert {"bleu4", "cider", "samples"} <= set(ev[split])
+    assert ev["train_seconds"] > 0
+    assert cv2.imread(str(tmp / "out" / "attention.png")) is not None
+    for f in ("model.safetensors", "config.json", "train_state.pt"):
+        assert (tmp / "out" / f).is_file()
+    # the split files are in the user format and reload through the same loader
+    assert len(vm.read_annotations(str(tmp / "data" / "novel.txt"))) == 12
+
+
+def test_vm_generate_cli_on_video_and_frame_folder(_vm_trained, tmp_path):
+    tmp, _ = _vm_trained
+    clip = tmp / "data" / "test" / "00000.mp4"
+    model, tok, cfg = vm.load_checkpoint(str(tmp / "out"))
+    want = tok.decode(vm.generate(model, torch.from_numpy(vm.load_video(str(clip), cfg.n_frames, cfg.img_size))[None],
+                                  cfg)[0])
+    proc = run_script("videollama_mini.py", "--generate", "--video", clip, "--out_dir", tmp / "out")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == want
+    proc = run_script("videollama_mini.py", "--generate", "--video", clip, "--out_dir", tmp / "out", "--beam", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_vm_bad_input_cli(_vm_trained, tmp_path):
+    tmp, _ = _vm_trained
+    out = str(tmp / "out")
+    assert_user_error(run_script("videollama_mini.py", "--generate", "--video", tmp_path / "nope.mp4", "--out_dir", out),
+                      "nope.mp4")
+    (tmp_path / "corrupt.mp4").write_bytes(b"\x00not a video" * 100)
+    assert_user_error(run_script("videollama_mini.py", "--generate", "--video", tmp_path / "corrupt.mp4", "--out_dir",
+                                 out), "corrupt.mp4")
+    (tmp_path / "zero.mp4").write_bytes(b"")
+    assert_user_error(run_script("videollama_mini.py", "--generate", "--video", tmp_path / "zero.mp4", "--out_dir",
+                                 out), "zero.mp4")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run_script("videollama_mini.py", "--generate", "--video", tmp_path / "empty", "--out_dir", out),
+                      "no frames")
+    clip = tmp / "data" / "test" / "00000.mp4"
+    assert_user_error(run_script("videollama_mini.py", "--generate", "--video", clip, "--out_dir", tmp_path / "none"),
+                      "no checkpoint")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"script": "vit_caption", "config": {}}))
+    (other / "model.safetensors").write_bytes(b"")
+    assert_user_error(run_script("videollama_mini.py", "--generate", "--video", clip, "--out_dir", other),
+                      "vit_caption")
+    assert_user_error(run_script("videollama_mini.py", "--train", "--resume", "--preset", "tiny", "--out_dir",
+                                 tmp_path / "fresh", "--data_dir", tmp / "data"), "nothing to resume")
+    bad = tmp_path / "bad.txt"
+    bad.write_text(f"{clip}\na caption\n\nmissing.mp4\na caption\n")
+    assert_user_error(run_script("videollama_mini.py", "--train", "--preset", "tiny", "--data", bad, "--out_dir",
+                                 tmp_path / "o2"), "bad.txt:4", "missing.mp4")
+    assert_user_error(run_script("videollama_mini.py", "--train", "--preset", "nope"), "nope")
+
+
+def test_vm_nan_loss_stops_and_keeps_checkpoint(_vm_trained, tmp_path):
+    tmp, _ = _vm_trained
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ("model.safetensors", "config.json", "train_state.pt"):
+        (out / f).write_bytes((tmp / "out" / f).read_bytes())
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    proc = run_script("videollama_mini.py", "--train", "--preset", "tiny", "--data_dir", tmp / "data", "--out_dir", out,
+                      "--lr", "1e30", "--warmup", "1")
+    assert_user_error(proc, "loss became")  # an absurd learning rate blows the weights up within a few steps
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # nothing saved was touched
+
+
+def test_vm_user_data_trains(tmp_path, _vm_trained):
+    tmp, _ = _vm_trained
+    ann = tmp_path / "mine.txt"
+    entries = vm.read_annotations(str(tmp / "data" / "train.txt"))[:20]
+    ann.write_text("\n\n".join("\n".join([v] + caps) for v, caps in entries) + "\n")
+    proc = run_script("videollama_mini.py", "--train", "--preset", "tiny", "--data", ann, "--out_dir", tmp_path / "o")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ev = json.load(open(tmp_path / "o" / "eval.json"))
+    assert ev["test"]["n"] == 2 and "novel" not in ev  # every 10th entry held out; no novel split for user data
+
+
+def test_vm_grad_accumulation_and_exact_resume(tmp_path):
+    """batch 8 == 2 x 4 accumulated (same weights up to float noise); stop + resume == uninterrupted, bit for bit."""
+    cfg = _vm_cfg(tmp_path, max_steps=4, eval_interval=100)
+    one, _ = vm.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "a")))
+    two, _ = vm.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "b"), batch_size=4, grad_accum=2))
+    torch.testing.assert_close(_vm_weights(one), _vm_weights(two), atol=2e-5, rtol=1e-4)
+    drop = dataclasses.replace(cfg, dropout=0.2)  # dropout makes the RNG state part of what must be restored
+    full, _ = vm.train(dataclasses.replace(drop, out_dir=str(tmp_path / "c")))
+    vm.train(dataclasses.replace(drop, out_dir=str(tmp_path / "d"), stop_after=2))
+    resumed, _ = vm.train(dataclasses.replace(drop, out_dir=str(tmp_path / "d")), resume=True)
+    assert torch.equal(_vm_weights(full), _vm_weights(resumed))
+    # and the checkpoint on disk reloads to the same model
+    loaded, _, _ = vm.load_checkpoint(str(tmp_path / "d"))
+    assert torch.equal(_vm_weights(loaded), _vm_weights(resumed))
+
+
+def test_vm_ddp_two_processes_match_one(tmp_path):
+    """torchrun with 2 gloo processes of batch 4 follows the same curve as one process of batch 8."""
+    cfg = _vm_cfg(tmp_path, max_steps=3, eval_interval=100)
+    single, _ = vm.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "one")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+           os.path.join(ROOT, "videollama_mini.py"), "--train", "--preset", "tiny", "--max_steps", "3",
+           "--eval_interval", "100", "--dropout", "0", "--batch_size", "4", "--data_dir", cfg.data_dir,
+           "--out_dir", tmp_path / "ddp", "--device", "cpu"]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("step 3/3") == 1  # rank 0 alone prints
+    ddp, _, _ = vm.load_checkpoint(str(tmp_path / "ddp"))
+    torch.testing.assert_close(_vm_weights(ddp), _vm_weights(single), atol=2e-5, rtol=1e-4)
+
+
+# ====================================================================================================================
+# 2. vit_caption.py
+# ====================================================================================================================
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import vit_caption as vc
+
+
+@pytest.fixture
+def _vc_one_thread():
+    """These tiny models run fastest on one thread; on a shared 2-core machine two threads can spin-wait against
+    another process and run 100x slower. Restored afterwards, so other sections keep their setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+_vc_1t = pytest.mark.usefixtures("_vc_one_thread")
+
+def _vc_cfg(tmp, **kw):
+    """The tiny preset, writing under tmp."""
+    base = dict(vc.PRESETS["tiny"], data_dir=str(tmp / "data"), out_dir=str(tmp / "out"))
+    return vc.Config(**{**base, **kw})
+
+
+def _vc_model(pool="patches", vocab=23, seed=0, dtype=torch.float32, **kw):
+    torch.manual_seed(seed)
+    cfg = vc.Config(**{**vc.PRESETS["tiny"], "pool": pool, **kw})
+    return vc.ViTCaptioner(cfg, vocab).to(dtype).eval(), cfg
+
+
+def _vc_images(b, cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, cfg.img_size, cfg.img_size, 3), generator=g, dtype=torch.uint8)
+
+
+def _vc_weights(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _vc_trained_checkpoint(tmp):
+    """Train the tiny preset in-process (a few seconds) and return its config."""
+    cfg = _vc_cfg(tmp)
+    vc.train(cfg)
+    return cfg
+
+
+@_vc_1t
+@pytest.mark.parametrize("pool", ["cls", "mean", "patches"])
+def test_vc_shapes(pool):
+    for size, patch in ((16, 8), (32, 8), (24, 4)):
+        model, cfg = _vc_model(pool, img_size=size, patch=patch)
+        images, idx = _vc_images(2, cfg), torch.randint(0, 23, (2, 5))
+        prefix = model.encode(images)
+        n = 1 if pool != "patches" else (size // patch) ** 2
+        assert prefix.shape == (2, n, cfg.d_model) and model.n_prefix == n
+        logits, loss = model(images, idx, idx)
+        assert logits.shape == (2, 5, 23) and torch.isfinite(loss)
+
+
+@_vc_1t
+@pytest.mark.parametrize("pool", ["cls", "patches"])
+def test_vc_causal_mask(pool):
+    model, cfg = _vc_model(pool)
+    images, idx = _vc_images(1, cfg), torch.randint(0, 23, (1, 8))
+    changed = idx.clone()
+    changed[0, 5:] = (changed[0, 5:] + 1) % 23
+    a, _ = model(images, idx)
+    b, _ = model(images, changed)
+    assert torch.equal(a[:, :5], b[:, :5])  # earlier positions never see a later token
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+    other, _ = model(_vc_images(1, cfg, seed=1), idx)  # ...but every text position sees the image
+    assert not torch.allclose(a[:, 0], other[:, 0])
+
+
+@_vc_1t
+def test_vc_rope_rotate_half_matches_complex_rotation():
+    """rotate_half RoPE == rotating each (i, i + hd/2) pair by angle pos * theta^(-2i/hd), in float64."""
+    hd, T = 8, 5
+    cos, sin = vc.rope_tables(T, hd, 10000.0)
+    x = torch.randn(1, 1, T, hd, dtype=torch.float64)
+    got = vc.apply_rope(x, cos.double(), sin.double())
+    inv = 1.0 / 10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv  # (T, hd/2)
+    z = torch.complex(x[..., : hd // 2], x[..., hd // 2:]) * torch.polar(torch.ones_like(ang), ang)
+    assert torch.allclose(got, torch.cat([z.real, z.imag], -1), atol=1e-6)
+
+
+@_vc_1t
+def test_vc_rmsnorm_and_swiglu_by_hand():
+    norm = vc.RMSNorm(4)
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    assert torch.allclose(norm(x), x / math.sqrt((1 + 4 + 9 + 16) / 4 + 1e-6))
+    _, cfg = _vc_model()
+    mlp = vc.MLP(cfg)
+    x = torch.randn(3, cfg.d_model)
+    ref = mlp.down_proj.weight @ (torch.nn.functional.silu(mlp.gate_proj.weight @ x.T) * (mlp.up_proj.weight @ x.T))
+    assert torch.allclose(mlp(x), ref.T, atol=1e-6)
+
+
+@_vc_1t
+def test_vc_overfit_one_batch():
+    torch.manual_seed(0)
+    cfg = vc.Config(**{**vc.PRESETS["tiny"], "d_model": 64, "mlp_dim": 128})
+    model = vc.ViTCaptioner(cfg, 12)
+    images = _vc_images(4, cfg)
+    seqs = [[0, 1 + i, 5 + i, 9, 0] for i in range(4)]  # each image its own caption
+    inp, tgt = vc.pad_batch(seqs, cfg.max_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(150):
+        _, loss = model(images, inp, tgt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    out = vc.generate(model, images, cfg)
+    assert out == [s[1:-1] for s in seqs]
+
+
+@_vc_1t
+@pytest.mark.parametrize("pool", ["cls", "patches"])
+def test_vc_cache_equals_no_cache(pool):
+    model, cfg = _vc_model(pool, dtype=torch.float64)
+    images = _vc_images(3, cfg)
+    # logits: a step through the cache == the full forward at that position, to float64 precision
+    x = torch.cat([vc.prefill_input(model, images), model.embed_tokens(torch.randint(0, 23, (3, 6)))], 1)
+    full = model.decode(x)
+    cache = [{} for _ in model.layers]
+    parts = [model.decode(x[:, :4], cache, pos=0)]
+    for t in range(4, x.shape[1]):
+        parts.append(model.decode(x[:, t:t + 1], cache, pos=t))
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-10)
+    # training forward (last layer queries only the text positions) == the full decode at the text positions
+    idx = torch.randint(0, 23, (3, 6))
+    x = torch.cat([model.encode(images), model.embed_tokens(idx)], 1)
+    assert torch.allclose(model(images, idx)[0], model.decode(x)[:, model.n_prefix:], atol=1e-10)
+    # generation: greedy with the cache == greedy re-running the whole sequence
+    cfg = dataclasses.replace(cfg, max_new_tokens=10)
+    assert vc.generate(model, images, cfg, use_cache=True) == vc.generate(model, images, cfg, use_cache=False)
+
+
+@_vc_1t
+def test_vc_batch_equals_rows():
+    model, cfg = _vc_model(dtype=torch.float64)
+    images = _vc_images(4, cfg)
+    cfg = dataclasses.replace(cfg, max_new_tokens=8)
+    batch = vc.generate(model, images, cfg)
+    assert batch == [vc.generate(model, images[i:i + 1], cfg)[0] for i in range(4)]
+    beam = dataclasses.replace(cfg, beam=3)
+    assert vc.generate(model, images, beam) == [vc.generate(model, images[i:i + 1], beam)[0] for i in range(4)]
+
+
+def _vc_logprob(model, image, ids):
+    """Sum of log-probabilities of ids followed by EOS (the beam search's score before length normalisation)."""
+    x = torch.cat([vc.prefill_input(model, image[None]), model.embed_tokens(torch.tensor([ids], dtype=torch.long))], 1)
+    logp = model.decode(x)[0, model.n_prefix:].double().log_softmax(-1)
+    return sum(logp[i, t].item() for i, t in enumerate(ids + [0]))
+
+
+@_vc_1t
+def test_vc_beam_search_finds_best_of_brute_force():
+    """On a 4-token vocabulary and 3 steps, beam search (wide enough to be exhaustive) must return the sequence that
+    maximises log p / length over every sequence brute force enumerates."""
+    model, cfg = _vc_model(vocab=4, dtype=torch.float64, max_len=4)
+    image = _vc_images(1, cfg)[0]
+    cfg = dataclasses.replace(cfg, beam=16, max_new_tokens=3)
+    got = vc.generate(model, image[None], cfg)[0]
+    cands = [[]] + [[a] for a in (1, 2, 3)] + [[a, b] for a in (1, 2, 3) for b in (1, 2, 3)]
+    best = max(cands, key=lambda s: _vc_logprob(model, image, s) / (len(s) + 1))
+    assert got == best
+
+
+@_vc_1t
+def test_vc_sampler_properties():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    assert torch.isfinite(vc.filter_logits(logits, 2, 1.0)).sum() == 2
+    p = logits.softmax(-1)[0]  # top_p keeps the smallest prefix whose mass reaches p
+    assert torch.isfinite(vc.filter_logits(logits, 0, float(p[0]) - 1e-3)).sum() == 1
+    assert torch.isfinite(vc.filter_logits(logits, 0, float(p[0] + p[1]) + 1e-3)).sum() == 3
+    model, cfg = _vc_model()
+    images = _vc_images(3, cfg)
+    hot = dataclasses.replace(cfg, temperature=1.5, top_k=5, max_new_tokens=8)
+    a = vc.generate(model, images, hot, generator=torch.Generator().manual_seed(1))
+    b = vc.generate(model, images, hot, generator=torch.Generator().manual_seed(1))
+    c = vc.generate(model, images, hot, generator=torch.Generator().manual_seed(2))
+    assert a == b and a != c  # seeded: reproducible, and the seed matters
+    # top_k=1 sampling is greedy whatever the temperature
+    assert vc.generate(model, images, dataclasses.replace(hot, top_k=1), generator=torch.Generator()) == \
+        vc.generate(model, images, dataclasses.replace(cfg, max_new_tokens=8))
+    # sampled token frequencies follow softmax(logits / T)
+    g = torch.Generator().manual_seed(0)
+    probs = vc.filter_logits(logits / 2.0, 0, 1.0).softmax(-1)
+    draws = torch.multinomial(probs.expand(20000, -1), 1, generator=g)[:, 0]
+    assert torch.allclose(torch.bincount(draws, minlength=5) / 20000.0, probs[0], atol=0.015)
+
+
+@_vc_1t
+def test_vc_metrics_hand_computed():
+    assert vc.exact_match(["A red circle.", "a blue square"], [["a red circle"], ["a red square"]]) == 0.5
+    assert vc.bleu4(["a b c d e"], [["a b c d e"]]) == pytest.approx(1.0)
+    # precisions 4/5, 3/4, 2/3, 1/2 and no brevity penalty
+    assert vc.bleu4(["a b c d e"], [["a b c d f"]]) == pytest.approx((4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25)
+    # hypothesis 4 words, closest reference 6: brevity penalty exp(1 - 6/4)
+    assert vc.bleu4(["a b c d"], [["a b c d e f", "q"]]) == pytest.approx(math.exp(1 - 6 / 4))
+    assert vc.bleu4(["x y z"], [["a b c d"]]) == 0.0
+    # CIDEr-D: two images, x y vs reference x y z; every n-gram of image 1 has idf log 2
+    got = vc.cider_d(["x y", "p q"], [["x y z"], ["p q"]])
+    first = (2 / math.sqrt(6) + 1 / math.sqrt(2)) / 4 * 10 * math.exp(-1 / 72)
+    second = (1 + 1) / 4 * 10  # unigrams and the bigram match exactly; no 3/4-grams
+    assert got == pytest.approx((first + second) / 2)
+
+
+@_vc_1t
+def test_vc_grad_accumulation_equals_big_batch(tmp_path):
+    a, _ = vc.train(_vc_cfg(tmp_path / "a", batch_size=8, grad_accum=1, max_steps=3))
+    b, _ = vc.train(_vc_cfg(tmp_path / "b", batch_size=4, grad_accum=2, max_steps=3))
+    assert torch.allclose(_vc_weights(a), _vc_weights(b), atol=1e-5)
+
+
+@_vc_1t
+def test_vc_checkpoint_round_trip_and_exact_resume(tmp_path):
+    full, _ = vc.train(_vc_cfg(tmp_path, out_dir=str(tmp_path / "full"), vit_dropout=0.2, dropout=0.1))
+    cfg = _vc_cfg(tmp_path, out_dir=str(tmp_path / "cut"), vit_dropout=0.2, dropout=0.1, stop_after=3)
+    vc.train(cfg)
+    resumed, _ = vc.train(dataclasses.replace(cfg, stop_after=0), resume=True)
+    assert torch.equal(_vc_weights(full), _vc_weights(resumed))  # dropout RNG and optimizer state restored
+    loaded, tok, lcfg = vc.load_checkpoint(str(tmp_path / "full"))
+    assert torch.equal(_vc_weights(loaded), _vc_weights(full)) and lcfg.vit_dim == cfg.vit_dim
+    ev = json.load(open(tmp_path / "full" / "eval.json"))
+    assert set(ev) == {"test", "novel", "train_seconds"} and ev["test"]["n"] == 12
+    assert 0 <= ev["test"]["exact_match"] <= 1 and ev["test"]["samples"]
+    assert cv2.imread(str(tmp_path / "full" / "attention.png")) is not None
+
+
+@_vc_1t
+def test_vc_world_splits_and_captions(tmp_path):
+    cfg = _vc_cfg(tmp_path, n_train=60, n_novel=30)
+    files = vc.build_world(cfg)
+    pairs = lambda cap: {(w[i + 1], w[i + 2]) for w in [cap.split()] for i in range(len(w) - 2)  # noqa: E731
+                         if w[i] in vc.SIZES}
+    train = vc.read_captions(files["train"])
+    novel = vc.read_captions(files["novel"])
+    assert all(not (pairs(c) & vc.NOVEL_PAIRS) for _, cs in train for c in cs)
+    assert all(pairs(cs[0]) & vc.NOVEL_PAIRS for _, cs in novel)
+    assert {len(cs) for _, cs in train} == {1, 2}  # one object: one caption; two: both points of view
+    # the pixels agree with the caption: in "A above B" A's colour sits higher in the image
+    for path, cs in train:
+        w = cs[0].split()
+        if "above" in w:
+            img = cv2.imread(path)
+            rows = [np.nonzero((np.abs(img.astype(int) - vc.COLOURS[c]).sum(-1) < 30).any(1))[0].mean()
+                    for c in (w[2], w[-2])]
+            if w[2] != w[-2]:
+                assert rows[0] < rows[1], (path, cs[0])
+
+
+@_vc_1t
+def test_vc_image_loader_any_size(tmp_path):
+    img = np.zeros((37, 100, 3), np.uint8)
+    img[:, :, 2] = 255  # BGR red
+    cv2.imwrite(str(tmp_path / "wide.jpg"), img)
+    out = vc.load_image(str(tmp_path / "wide.jpg"), 16)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8 and out[8, 8, 0] > 200 and out[8, 8, 2] < 50  # RGB
+    cv2.imwrite(str(tmp_path / "grey.png"), np.full((5, 7), 128, np.uint8))
+    assert vc.load_image(str(tmp_path / "grey.png"), 16).shape == (16, 16, 3)
+
+
+@_vc_1t
+def test_vc_max_train_and_small_sets(tmp_path):
+    data = vc.prepare_data(_vc_cfg(tmp_path, max_train=16), 0)
+    assert len(data["train"][0]) == 16 and data["train"][1].shape[0] == 16
+    idx = vc.global_batch(0, 5, 12, 0)  # a batch larger than the set: every image, repeated
+    assert len(idx) == 12 and set(idx.tolist()) == set(range(5))
+
+
+@_vc_1t
+def test_vc_seed_preset_sizes():
+    cfg = vc.Config(**vc.PRESETS["seed"])
+    with torch.device("meta"):
+        model = vc.ViTCaptioner(cfg, 50257)
+    parts = model.part_counts()
+    E, D, M = 512, 128, 11008
+    block = 4 * E * E + 4 * E + 2 * E * 2048 + 2048 + E + 4 * E  # qkv+proj, MLP, two LayerNorms
+    assert parts["vit"] == 3 * 16 * 16 * E + E + E + 37 * E + 16 * block + 2 * E
+    assert parts["projection"] == E * D + D
+    assert parts["decoder layers"] == 8 * (4 * D * D + 3 * D * M + 2 * D) + D
+    assert parts["embedding"] == parts["lm_head"] == 50257 * D
+
+
+def test_vc_train_eval_generate_cli(tmp_path):
+    out, data = str(tmp_path / "out"), str(tmp_path / "data")
+    p = run_script("vit_caption.py", "--train", "--preset", "tiny", "--data_dir", data, "--out_dir", out)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "exact" in p.stdout and os.path.isfile(os.path.join(out, "eval.json"))
+    p = run_script("vit_caption.py", "--eval", "--preset", "tiny", "--data_dir", data, "--out_dir", out)
+    assert p.returncode == 0 and "novel" in p.stdout, p.stderr[-2000:]
+    img = np.random.default_rng(0).integers(0, 255, (300, 131, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "odd.jpg"), img)
+    p = run_script("vit_caption.py", "--generate", "--image", tmp_path / "odd.jpg", "--out_dir", out,
+                   "--temperature", "0.8", "--top_p", "0.9")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert cv2.imread(os.path.join(out, "caption_odd.png")) is not None
+    # bad inputs: one line, exit status 2, nothing saved lost
+    before = open(os.path.join(out, "model.safetensors"), "rb").read()
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "junk.png").write_bytes(b"not a png at all")
+    for args, needle in ((["--image", tmp_path / "missing.png"], "missing.png"),
+                         (["--image", tmp_path / "empty.png"], "empty"),
+                         (["--image", tmp_path / "junk.png"], "junk.png"),
+                         ([], "--image")):
+        assert_user_error(run_script("vit_caption.py", "--generate", "--out_dir", out, *args), needle)
+    assert open(os.path.join(out, "model.safetensors"), "rb").read() == before
+
+
+def test_vc_bad_inputs(tmp_path):
+    (tmp_path / "a.png").write_bytes(cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+    (tmp_path / "missing.txt").write_text("a.png | a small red circle\n\nb.png | a large blue square\n")
+    (tmp_path / "malformed.txt").write_text("# comment\na.png | a small red circle\na.png a caption without bar\n")
+    (tmp_path / "empty_cap.txt").write_text("a.png |   \n")
+    for name, needles in (("missing.txt", ["missing.txt:3", "b.png"]), ("malformed.txt", ["malformed.txt:3"]),
+                          ("empty_cap.txt", ["empty_cap.txt:1", "caption"]), ("nope.txt", ["nope.txt"])):
+        p = run_script("vit_caption.py", "--train", "--preset", "tiny", "--data", tmp_path / name,
+                       "--out_dir", tmp_path / "o")
+        assert_user_error(p, *needles)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"script": "videollama_mini", "config": {}}))
+    (other / "model.safetensors").write_bytes(b"x")
+    assert_user_error(run_script("vit_caption.py", "--eval", "--out_dir", other), "videollama_mini")
+    assert_user_error(run_script("vit_caption.py", "--train", "--preset", "huge"), "--preset huge")
+
+
+@_vc_1t
+def test_vc_user_data_training(tmp_path):
+    """A folder of images + captions file, several captions per image, trains and evaluates in-process."""
+    for i, (colour, bgr) in enumerate((("red", (0, 0, 255)), ("blue", (255, 0, 0)), ("green", (0, 255, 0)))):
+        for j in range(4):
+            img = np.full((20 + 3 * j, 30, 3), 40, np.uint8)
+            img[5:15, 5:15] = bgr
+            cv2.imwrite(str(tmp_path / f"{colour}{j}.png"), img)
+    lines = [f"{c}{j}.png | a {c} patch\n{c}{j}.png | the {c} patch" for c in ("red", "blue", "green") for j in range(4)]
+    (tmp_path / "caps.txt").write_text("\n".join(lines) + "\n")
+    cfg = _vc_cfg(tmp_path, data=str(tmp_path / "caps.txt"), max_steps=4)
+    data = vc.prepare_data(cfg, 0)
+    assert len(data["train"][0]) == 10 and len(data["test"][0]) == 2 and len(data["train"][0][0][1]) == 2
+    vc.train(cfg)
+    assert json.load(open(tmp_path / "out" / "eval.json"))["test"]["n"] == 2
+
+
+@_vc_1t
+def test_vc_ddp_two_processes_match_one(tmp_path):
+    """2-process gloo DDP (batch 4 per rank) ends at the same weights as one process with batch 8."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    common = ["--preset", "tiny", "--data_dir", str(tmp_path / "data"), "--max_steps", "3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
+           os.path.join(ROOT, "vit_caption.py"), "--train", *common, "--batch_size", "4", "--out_dir",
+           str(tmp_path / "ddp")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("step 2/3") == 1  # rank 0 alone prints
+    single, _ = vc.train(_vc_cfg(tmp_path, out_dir=str(tmp_path / "one"), max_steps=3, batch_size=8))
+    ddp, _, _ = vc.load_checkpoint(str(tmp_path / "ddp"))
+    assert torch.allclose(_vc_weights(ddp), _vc_weights(single), atol=1e-5)
+
+
+# ====================================================================================================================
+# 3. video_llava.py
+# ====================================================================================================================
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import video_llava as vl
+
+# a tiny random Video-LLaVA: vocab keeps the real placeholder ids (32000 <image>, 32001 <video>); 28 px / patch 14
+# -> 4 patches, so 4 tokens per image and 5 per frame; GQA (4 heads, 2 kv heads) so the repeat path is checked too
+_VL_TEXT = dict(model_type="llama", vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+_VL_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
+                  patch_size=14)
+
+
+def _vl_tokenizer(folder):
+    """A toy SentencePiece-style BPE (Metaspace, byte fallback) trained offline with `tokenizers`, wrapped as the
+    transformers LlamaTokenizer the hub uses, with <image>/<video>/<pad> at 32000..32002 as in the real file."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+    corpus = ["USER: What colour are the shapes? ASSISTANT: red", "Which way does the circle move? left right",
+              "the quick brown fox jumps over the lazy dog", "hello world, hello there!  two  spaces\nnew line"] * 20
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    m = json.loads(t.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for s, _ in sorted(m["vocab"].items(), key=lambda x: x[1]):
+        vocab.setdefault(s, len(vocab))
+    for i in range(len(vocab), 32000):  # filler up to the real placeholder ids
+        vocab[f"<extra_{i}>"] = i
+    merges = [tuple(x) if isinstance(x, list) else tuple(x.split(" ")) for x in m["merges"]]
+    tok = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.save_pretrained(folder)
+    return tok
+
+
+def _vl_write(folder, state, config, shards=1):
+    """state dict -> folder in the safetensors layout given by its keys; shards > 1 writes an index."""
+    os.makedirs(folder, exist_ok=True)
+    json.dump(config, open(os.path.join(folder, "config.json"), "w"))
+    keys = sorted(state)
+    if shards == 1:
+        save_file({k: state[k].contiguous() for k in keys}, os.path.join(folder, "model.safetensors"))
+        return folder
+    wm = {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[s::shards]
+        save_file({k: state[k].contiguous() for k in part}, os.path.join(folder, name))
+        wm.update({k: name for k in part})
+    json.dump({"metadata": {}, "weight_map": wm}, open(os.path.join(folder, "model.safetensors.index.json"), "w"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vl_ckpt(tmp_path_factory):
+    """transformers builds the reference; it is written in every key layout of hf_spec §1.2, fp32 and bf16, sharded."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.VideoLlavaConfig(text_config=_VL_TEXT, vision_config=_VL_VISION)
+    ref = transformers.VideoLlavaForConditionalGeneration(cfg).eval()
+    root = tmp_path_factory.mktemp("vl")
+    ref.save_pretrained(root / "t5save")  # transformers 5 layout: towers without `vision_model.`
+    _vl_tokenizer(root / "t5save")
+    config = json.load(open(root / "t5save" / "config.json"))
+    saved = load_file(str(root / "t5save" / "model.safetensors"))
+    assert any(k.startswith("image_tower.encoder.") for k in saved)  # the hybrid layout, as hf_spec says
+    hub = {vl.canonical_key(k): v for k, v in saved.items()}
+    assert any(k.startswith("image_tower.vision_model.encoder.") for k in hub)
+    memory = {k: v.detach() for k, v in ref.state_dict().items()}
+    assert any(k.startswith("model.language_model.") for k in memory)
+    dirs = {"t5save": str(root / "t5save"),
+            "hub": _vl_write(str(root / "hub"), hub, config),
+            "memory": _vl_write(str(root / "memory"), memory, config),
+            "hub_sharded": _vl_write(str(root / "hub_sharded"), hub, config, shards=3),
+            "memory_sharded_bf16": _vl_write(str(root / "bf16"), {k: v.bfloat16() for k, v in memory.items()},
+                                             config, shards=2)}
+    return ref, dirs
+
+
+def _vl_inputs(seed=0):
+    """A left-padded mixed batch: row 0 text only, row 1 one image, row 2 two images + a 3-frame video."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(3, 31999, (9,), generator=g).tolist(),
+            [1, 5] + [32000] * 4 + torch.randint(3, 31999, (6,), generator=g).tolist(),
+            [1] + [32000] * 4 + [7] + [32001] * 15 + [9] + [32000] * 4 + [11, 12]]
+    L = max(map(len, rows))
+    ids = torch.zeros(3, L, dtype=torch.long)
+    mask = torch.zeros(3, L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):], mask[i, L - len(r):] = torch.tensor(r), 1
+    imgs = torch.randn(3, 3, 28, 28, generator=g)
+    vids = torch.randn(1, 3, 3, 28, 28, generator=g)
+    return ids, mask, imgs, vids
+
+
+@pytest.mark.parametrize("layout", ["t5save", "hub", "memory", "hub_sharded", "memory_sharded_bf16"])
+def test_vl_logit_parity_every_layout(vl_ckpt, layout):
+    ref, dirs = vl_ckpt
+    ours = vl.VideoLlava.from_pretrained(dirs[layout], dtype=torch.float32).eval()
+    if "bf16" in layout:  # same rounding on the reference side
+        ref = type(ref)(ref.config).eval()
+        ref.load_state_dict({k: v.bfloat16().float() for k, v in vl_ckpt[0].state_dict().items()})
+    ids, mask, imgs, vids = _vl_inputs()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, pixel_values_images=imgs, pixel_values_videos=vids).logits
+        got, _ = ours(ids, mask, imgs, vids)
+        assert ((want - got).abs() * mask[..., None]).max() < 1e-4
+        # no padding, no mask: text only, image only, video only
+        for a, b in ((ids[:1, :], {}), (ids[1:2, 1:], {"pixel_values_images": imgs[:1]}),):
+            w = ref(input_ids=a, **b).logits
+            o, _ = ours(a, **b)
+            assert (w - o).abs().max() < 1e-4
+        v_ids = torch.tensor([[1, 4] + [32001] * 15 + [8, 9]])
+        w = ref(input_ids=v_ids, pixel_values_videos=vids).logits
+        o, _ = ours(v_ids, pixel_values_videos=vids)
+        assert (w - o).abs().max() < 1e-4
+
+
+def test_vl_greedy_matches_transformers_generate(vl_ckpt):
+    ref, dirs = vl_ckpt
+    ours = vl.VideoLlava.from_pretrained(dirs["hub"], dtype=torch.float32).eval()
+    ids, mask, imgs, vids = _vl_inputs(1)
+    want = ref.generate(input_ids=ids, attention_mask=mask, pixel_values_images=imgs, pixel_values_videos=vids,
+                        max_new_tokens=12, do_sample=False)[:, ids.shape[1]:]
+    got = vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=12)
+    assert torch.equal(want, got)
+    # the cache changes nothing; a batch equals its rows run one by one
+    assert torch.equal(got, vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=12, use_cache=False))
+    row1 = vl.generate(ours, ids[1:2, mask[1].argmax():], None, imgs[:1], None, max_new_tokens=12)
+    assert torch.equal(row1[0], got[1])
+
+
+def test_vl_tokenizer_matches_hf(tmp_path):
+    from transformers import AutoTokenizer
+    _vl_tokenizer(tmp_path)
+    hf, ours = AutoTokenizer.from_pretrained(str(tmp_path)), vl.SentencePieceBPE(str(tmp_path))
+    assert ours.added["<image>"] == 32000 and ours.added["<video>"] == 32001
+    for s in ["USER: <video>\nWhich way does the circle move? ASSISTANT:", "hello world", " leading space",
+              "<image>hi", "naïve 日本 🙂 done", "two  spaces and\ttabs\n\nlines", "", "ASSISTANT: red</s>",
+              "a<video><video>b <image> c", "zzzqqq unseen words"]:
+        want = hf(s).input_ids
+        assert ours.encode(s) == want, s
+        assert ours.decode(want) == hf.decode(want, skip_special_tokens=True), s
+
+
+def test_vl_placeholder_count_mismatch(vl_ckpt):
+    ours = vl.VideoLlava.from_pretrained(vl_ckpt[1]["hub"], dtype=torch.float32)
+    ids = torch.tensor([[1, 32000, 32000, 32000, 5]])  # 3 placeholders, an image gives 4 features
+    with pytest.raises(vl.UserError, match="3 image placeholder tokens but the images give 4"):
+        ours(ids, pixel_values_images=torch.randn(1, 3, 28, 28))
+    with pytest.raises(vl.UserError, match="no video was given"):
+        ours(torch.tensor([[1, 32001, 5]]))
+
+
+def test_vl_strict_loading_lists_every_bad_key(vl_ckpt, tmp_path):
+    dirs = vl_ckpt[1]
+    config = json.load(open(os.path.join(dirs["hub"], "config.json")))
+    state = load_file(os.path.join(dirs["hub"], "model.safetensors"))
+    del state["multi_modal_projector.linear_1.bias"], state["language_model.model.norm.weight"]
+    state["image_tower.vision_model.extra.weight"] = torch.zeros(2)
+    state["language_model.lm_head.weight"] = torch.zeros(10, 64)
+    _vl_write(str(tmp_path / "bad"), state, config)
+    with pytest.raises(vl.UserError) as e:
+        vl.VideoLlava.from_pretrained(str(tmp_path / "bad"))
+    msg = str(e.value)
+    for needle in ("multi_modal_projector.linear_1.bias", "language_model.model.norm.weight",
+                   "image_tower.vision_model.extra.weight", "language_model.lm_head.weight [10, 64]"):
+        assert needle in msg
+    proc = run_script("video_llava.py", "--inspect", str(tmp_path / "bad"))  # inspection reports, does not fail
+    assert proc.returncode == 0 and "language_model.model.norm.weight" in proc.stdout
+    proc = run_script("video_llava.py", "--generate", "--from_pretrained", str(tmp_path / "bad"), "--prompt", "hi")
+    assert_user_error(proc, "bad", "missing")
+
+
+def test_vl_inspect(vl_ckpt):
+    proc = run_script("video_llava.py", "--inspect", vl_ckpt[1]["hub_sharded"], "--n_frames", "8")
+    assert proc.returncode == 0, proc.stderr
+    n = sum(v.numel() for v in vl_ckpt[0].state_dict().values())
+    assert f"{n / 1e6:.2f}M parameters" in proc.stdout
+    assert "3 file(s)" in proc.stdout and "missing none" in proc.stdout and "8 frames" in proc.stdout
+
+
+def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_path):
+    """End to end: mp4 -> OpenCV preprocessing -> our tokenizer + expansion -> CLI stream; the same inputs through
+    transformers give the same text."""
+    ref, dirs = vl_ckpt
+    from transformers import AutoTokenizer
+    clip = str(tmp_path / "clip.mp4")
+    w = cv2.VideoWriter(clip, cv2.VideoWriter_fourcc(*"mp4v"), 8, (64, 48))
+    for t in range(10):
+        img = np.full((48, 64, 3), 40, np.uint8)
+        cv2.circle(img, (8 + 5 * t, 24), 6, (0, 0, 255), -1)
+        w.write(img)
+    w.release()
+    proc = run_script("video_llava.py", "--generate", "--from_pretrained", dirs["t5save"], "--video", clip,
+                      "--prompt", "What happens?", "--dtype", "float32", "--max_new_tokens", "8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours = vl.VideoLlava.from_pretrained(dirs["t5save"], torch.float32)
+    tok = vl.SentencePieceBPE(dirs["t5save"])
+    ids = torch.tensor([vl.expand_placeholders(tok.encode(vl.prompt_text("What happens?", "video")), ours.cfg, 8)])
+    assert (ids == 32001).sum() == 8 * 5
+    vids = torch.from_numpy(vl.load_video(clip, 8, 28))[None]
+    out = ref.generate(input_ids=ids, pixel_values_videos=vids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
+    want = AutoTokenizer.from_pretrained(dirs["t5save"]).decode(out, skip_special_tokens=True)
+    assert proc.stdout.strip() == want.strip()
+
+
+def test_vl_preprocessing():
+    assert vl.frame_indices(10, 8) == [0, 1, 2, 3, 5, 6, 7, 8]  # np.arange(0, 10, 1.25).astype(int)
+    assert vl.frame_indices(3, 8) == [0, 0, 0, 1, 1, 1, 2, 2]  # short clips repeat frames
+    with pytest.raises(vl.UserError):
+        vl.frame_indices(0, 8)
+    rgb = np.zeros((30, 50, 3), np.uint8)
+    rgb[:, :, 0], rgb[:, 10:, 1] = 255, 128  # a left strip (x < 10) lies outside the centre crop
+    x = vl.clip_transform(rgb, 20)  # shortest edge 30 -> 20, long side int(20*50/30) = 33, crop left (33-20)//2 = 6
+    assert x.shape == (3, 20, 20)
+    assert np.allclose(x[0], (1.0 - vl.CLIP_MEAN[0]) / vl.CLIP_STD[0], atol=1e-5)
+    assert np.allclose(x[1, :, 3:], (128 / 255 - vl.CLIP_MEAN[1]) / vl.CLIP_STD[1], atol=1e-5)
+    cfg = vl.Config(image_size=28, patch_size=14, image_token_index=7, video_token_index=8)
+    assert vl.expand_placeholders([1, 7, 2, 8, 3], cfg, 3) == [1] + [7] * 4 + [2] + [8] * 15 + [3]
+    assert vl.prompt_text("Why?", "video") == "USER: <video>\nWhy? ASSISTANT:"
+
+
+def test_vl_video_roundtrip_and_frame_folder(tmp_path):
+    path = str(tmp_path / "c.mp4")
+    w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 8, (40, 40))
+    frames = []
+    for t in range(6):
+        img = np.full((40, 40, 3), 20 * t, np.uint8)
+        frames.append(img)
+        w.write(img)
+    w.release()
+    v = vl.load_video(path, 4, 20)
+    assert v.shape == (4, 3, 20, 20)
+    grey = v[:, 0].mean((1, 2)) * vl.CLIP_STD[0] + vl.CLIP_MEAN[0]  # back to [0, 1]
+    assert np.allclose(grey * 255, [0, 20, 60, 80], atol=4)  # frames 0, 1, 3, 4 = arange(0, 6, 1.5)
+    os.makedirs(tmp_path / "frames")
+    for i, f in enumerate(frames):
+        cv2.imwrite(str(tmp_path / "frames" / f"{i:03d}.png"), f)
+    assert np.allclose(vl.load_video(str(tmp_path / "frames"), 4, 20), v, atol=0.1)
+
+
+def test_vl_sampler_and_metrics():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    g = torch.Generator().manual_seed(0)
+    assert vl.sample_next(logits, 0.0, 0, 1.0, g).item() == 1
+    assert all(vl.sample_next(logits, 1.0, 1, 1.0, g).item() == 1 for _ in range(20))  # top-k 1 = argmax
+    assert all(vl.sample_next(logits, 1.0, 0, 0.01, g).item() == 1 for _ in range(20))  # tiny top-p = argmax
+    draws = {vl.sample_next(logits, 1.0, 2, 1.0, g).item() for _ in range(200)}
+    assert draws == {1, 3}  # top-k 2 keeps exactly the two best
+    a = [vl.sample_next(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(5)).item() for _ in range(3)]
+    assert len(set(a)) == 1  # a seeded generator reproduces
+    assert vl.exact_match(["Red.", "left ", "two"], ["red", "left", "three"]) == pytest.approx(2 / 3)
+
+
+def test_vl_causal_and_loss_mask():
+    cfg = vl.Config(**{**vl.PRESETS["tiny"], "vocab_size": 20, "image_token_index": 18, "video_token_index": 19})
+    torch.manual_seed(0)
+    m = vl.VideoLlava(cfg)
+    m._init_weights()
+    ids = torch.randint(0, 18, (2, 10))
+    a, _ = m(ids)
+    ids2 = ids.clone()
+    ids2[:, 6:] = (ids2[:, 6:] + 1) % 18
+    b, _ = m(ids2)
+    assert torch.allclose(a[:, :6], b[:, :6], atol=1e-6) and not torch.allclose(a[:, 6:], b[:, 6:])
+    tgt = torch.full((2, 10), -100)
+    tgt[:, 7:] = ids[:, 7:]
+    _, loss = m(ids, targets=tgt)
+    want = torch.nn.functional.cross_entropy(a[:, 7:].reshape(-1, 20), ids[:, 7:].reshape(-1))
+    assert torch.allclose(loss, want, atol=1e-6)
+
+
+def test_vl_train_tiny_eval_generate_freeze(tmp_path):
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    proc = run_script("video_llava.py", "--train", "--preset", "tiny", "--data_dir", data, "--out_dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ev = json.load(open(os.path.join(out, "eval.json")))
+    for split in ("test", "novel"):
+        for kind in ("image", "video"):
+            assert 0.0 <= ev[split][kind]["exact_match"] <= 1.0 and ev[split][kind]["n"] > 0
+    assert ev["train_seconds"] > 0
+    lines = [json.loads(x) for x in open(os.path.join(data, "train.jsonl"))]
+    assert {("image" in x) for x in lines} == {True, False}
+    assert os.path.isfile(os.path.join(data, lines[0].get("image", lines[0].get("video"))))
+    # the trained folder loads with the same strict loader as an HF checkpoint
+    m = vl.VideoLlava.from_pretrained(out)
+    assert m.cfg.vocab_size == len(vl.load_tokenizer(out))
+    proc = run_script("video_llava.py", "--eval", "--out_dir", out, "--data_dir", data)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    clip = os.path.join(data, "test", "clip_00000.mp4")
+    proc = run_script("video_llava.py", "--generate", "--out_dir", out, "--video", clip, "--prompt",
+                      "Which way does the red circle move?")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # LLaVA stage 1: only the projector moves
+    before = load_file(os.path.join(out, "model.safetensors"))
+    out2 = str(tmp_path / "out2")
+    proc = run_script("video_llava.py", "--train", "--preset", "tiny", "--data_dir", data, "--out_dir", out2,
+                      "--from_pretrained", out, "--freeze", "vision,llm", "--max_steps", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "frozen" in proc.stdout
+    after = load_file(os.path.join(out2, "model.safetensors"))
+    assert before.keys() == after.keys()
+    for k in before:
+        same = torch.equal(before[k], after[k])
+        assert same != k.startswith("multi_modal_projector."), k
+
+
+def test_vl_bad_inputs(vl_ckpt, tmp_path):
+    dirs = vl_ckpt[1]
+    hub = dirs["hub"]
+    gen = lambda *a: run_script("video_llava.py", "--generate", "--dtype", "float32", *a)
+    os.makedirs(tmp_path / "empty")
+    assert_user_error(gen("--from_pretrained", str(tmp_path / "empty"), "--prompt", "hi"), "no config.json")
+    os.makedirs(tmp_path / "noweights")
+    json.dump(json.load(open(os.path.join(hub, "config.json"))), open(tmp_path / "noweights" / "config.json", "w"))
+    assert_user_error(gen("--from_pretrained", str(tmp_path / "noweights"), "--prompt", "hi"), "no model.safetensors")
+    os.makedirs(tmp_path / "qwen")
+    json.dump({"model_type": "qwen3"}, open(tmp_path / "qwen" / "config.json", "w"))
+    assert_user_error(gen("--from_pretrained", str(tmp_path / "qwen"), "--prompt", "hi"), "qwen3", "another architecture")
+    img = str(tmp_path / "x.png")
+    cv2.imwrite(img, np.zeros((30, 30, 3), np.uint8))
+    # two <image> tags for one image
+    assert_user_error(gen("--from_pretrained", dirs["t5save"], "--image", img, "--prompt", "USER: <image><image> hi"),
+                      "8 image placeholder tokens but the images give 4")
+    # the same checks in-process (each CLI call costs a torch import): the loaders and generate raise UserError
+    with pytest.raises(vl.UserError, match="nope.mp4"):
+        vl.load_video(str(tmp_path / "nope.mp4"), 8, 28)
+    open(tmp_path / "corrupt.mp4", "wb").write(b"not a video at all" * 10)
+    with pytest.raises(vl.UserError, match="corrupt.mp4"):
+        vl.load_video(str(tmp_path / "corrupt.mp4"), 8, 28)
+    w = cv2.VideoWriter(str(tmp_path / "zero.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 8, (32, 32))
+    w.release()
+    with pytest.raises(vl.UserError, match="zero.mp4"):
+        vl.load_video(str(tmp_path / "zero.mp4"), 8, 28)
+    model = vl.VideoLlava.from_pretrained(dirs["t5save"])
+    with pytest.raises(vl.UserError, match="context"):  # > 256 positions of the tiny config
+        vl.generate(model, torch.ones(1, 250, dtype=torch.long), max_new_tokens=10)
+    with pytest.raises(vl.UserError, match="eyes"):
+        vl.apply_freeze(model, "eyes")
+    # and one of them through the CLI, as a user meets it
+    assert_user_error(gen("--from_pretrained", dirs["t5save"], "--video", str(tmp_path / "zero.mp4"), "--prompt", "q"),
+                      "zero.mp4")
+    assert_user_error(run_script("video_llava.py", "--train", "--preset", "huge"), "huge")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "x.png", "question": "q", "answer": "a"}\n{"video": "v.mp4"}\n')
+    with pytest.raises(vl.UserError, match="bad.jsonl:2"):
+        vl.read_annotations(str(bad))
+
+
+def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, tmp_path):
+    """--freeze vision,llm on top of an HF checkpoint: its own tokenizer, only multi_modal_projector.* changes."""
+    src = vl_ckpt[1]["t5save"]
+    out = str(tmp_path / "out")
+    proc = run_script("video_llava.py", "--train", "--preset", "tiny", "--from_pretrained", src, "--freeze",
+                      "vision,llm", "--max_steps", "2", "--data_dir", str(tmp_path / "data"), "--out_dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = {vl.canonical_key(k): v for k, v in load_file(os.path.join(src, "model.safetensors")).items()}
+    after = load_file(os.path.join(out, "model.safetensors"))
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]) != k.startswith("multi_modal_projector."), k
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+    assert json.load(open(os.path.join(out, "eval.json")))["test"]["video"]["n"] > 0
+
+
+# ====================================================================================================================
+# 4. mark1.py
+# ====================================================================================================================
+import json
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mark1 as mk
+
+
+def _mk_tiny_cfg(tmp_path, **kw):
+    return mk.Config(**{**mk.PRESETS["tiny"], "data_dir": str(tmp_path / "data"), "out_dir": str(tmp_path / "out"), **kw})
+
+
+@pytest.fixture(scope="module")
+def mk_hf(tmp_path_factory):
+    """Tiny random V-JEPA 2 and Qwen3 checkpoints (tied and untied) + a toy Qwen3 tokenizer, built offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen3Config, Qwen3ForCausalLM, VJEPA2Config, VJEPA2Model
+    root = tmp_path_factory.mktemp("mk_hf")
+    torch.manual_seed(0)
+    vc = VJEPA2Config(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, crop_size=32, patch_size=16,
+                      tubelet_size=2, frames_per_clip=4, pred_hidden_size=64, pred_num_hidden_layers=1,
+                      pred_num_attention_heads=2)  # head dim 64: RoPE split 20/20/20 + 4 pass-through
+    hv = VJEPA2Model(vc).eval()
+    hv.save_pretrained(root / "vjepa2")
+    out = {"root": root, "vjepa2": hv}
+    for name, tie in (("qwen3", True), ("qwen3_untied", False)):
+        qc = Qwen3Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=tie,
+                         rope_theta=1e6, eos_token_id=151645)
+        hq = Qwen3ForCausalLM(qc).eval()
+        hq.save_pretrained(root / name)
+        out[name] = hq
+    # a toy byte-level BPE with Qwen3's pre-tokenizer, padded so that the special tokens keep their real ids
+    tk = Tokenizer(models.BPE())
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(mk.QWEN_PAT), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    texts = ["What happens to the red circle? A. it appears B. it stops C. it turns blue D. it meets the green square",
+             "Hello world's 12345 test!!\n\n  foo", "héllo wörld café naïve 東京 I'LL"] * 50
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    j = json.loads(tk.to_str())
+    vocab = j["model"]["vocab"]
+    for i in range(len(vocab), 151643):
+        vocab[f"<dummy_{i}>"] = i  # unreachable fillers: no merge forms them
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(151646, 151667)] \
+        + ["<think>", "</think>"]
+    j["added_tokens"] = [dict(id=151643 + i, content=s, single_word=False, lstrip=False, rstrip=False, normalized=False,
+                              special=not s.endswith("think>")) for i, s in enumerate(specials)]
+    # a stand-in for Qwen3's chat template that renders one user turn as hf_spec 2.4 says
+    tmpl = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not "
+            "enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+    for name in ("qwen3", "qwen3_untied"):
+        json.dump(j, open(root / name / "tokenizer.json", "w"))
+        json.dump({"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                   "bos_token": None, "unk_token": None}, open(root / name / "tokenizer_config.json", "w"))
+        open(root / name / "chat_template.jinja", "w").write(tmpl)
+    return out
+
+
+# ---- faithfulness against transformers
+
+
+@pytest.mark.parametrize("n_frames", [1, 3, 4])
+def test_mk_vjepa2_features_match_transformers(mk_hf, n_frames):
+    enc = mk.load_vjepa2(str(mk_hf["root"] / "vjepa2"))
+    assert not any(p.is_meta for p in enc.parameters())
+    x = torch.randn(2, n_frames, 3, 32, 32)
+    with torch.no_grad():
+        ref = mk_hf["vjepa2"].get_vision_features(x)
+        ours = enc(x)
+    assert ours.shape == ref.shape == (2, max(1, n_frames // 2) * 4, 128)
+    assert (ours - ref).abs().max() < 1e-4
+
+
+def test_mk_vjepa2_rope_split_and_partner():
+    att = mk.VJEPA2Attention(128, 2, grid=2)
+    assert att.sub == 20  # head dim 64 -> 20/20/20 + 4 unrotated
+    x = torch.randn(1, 2, 8, 64)
+    y = att.rope(x)
+    assert torch.equal(y[..., 60:], x[..., 60:])  # pass-through dims
+    assert torch.equal(y[:, :, 0, :20], x[:, :, 0, :20])  # time position 0: no rotation of the time block
+    # hand check of one element pair: position t=1 at dims (0, 1) uses frequencies omega_0 and omega_1 (tiled)
+    om = 1.0 / 10000 ** (torch.arange(10).float() / 10)
+    i = 4  # token 4 -> t=1, h=0, w=0
+    x0, x1 = x[0, 0, i, 0], x[0, 0, i, 1]
+    assert torch.allclose(y[0, 0, i, 0], x0 * torch.cos(om[0]) - x1 * torch.sin(om[0]), atol=1e-6)
+    assert torch.allclose(y[0, 0, i, 1], x1 * torch.cos(om[1]) + x0 * torch.sin(om[1]), atol=1e-6)
+
+
+def test_mk_vjepa2_classifier_prefix_and_predictor_ignored(mk_hf, tmp_path, capsys):
+    src = mk_hf["root"] / "vjepa2"
+    dst = tmp_path / "cls"
+    dst.mkdir()
+    state = load_file(str(src / "model.safetensors"))
+    state = {("vjepa2." + k): v for k, v in state.items()}
+    state["classifier.weight"] = torch.zeros(3, 128)
+    save_file(state, str(dst / "model.safetensors"))
+    shutil.copy(src / "config.json", dst / "config.json")
+    enc = mk.load_vjepa2(str(dst))
+    assert "ignoring" in capsys.readouterr().out
+    x = torch.randn(1, 4, 3, 32, 32)
+    with torch.no_grad():
+        assert (enc(x) - mk_hf["vjepa2"].get_vision_features(x)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_untied"])
+def test_mk_qwen3_logits_match_transformers(mk_hf, name):
+    lm = mk.load_qwen3(str(mk_hf["root"] / name))
+    assert lm.tie == (name == "qwen3")
+    ids = torch.randint(0, 151936, (2, 11))
+    with torch.no_grad():
+        ref = mk_hf[name](ids).logits
+        ours = lm(lm.model.embed_tokens(ids))
+    assert (ours - ref).abs().max() < 1e-4
+
+
+def test_mk_qwen3_greedy_generation_matches_transformers(mk_hf):
+    lm, hq = mk.load_qwen3(str(mk_hf["root"] / "qwen3")), mk_hf["qwen3"]
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 151936, (n,)).tolist() for n in (5, 9)]
+    ours = [mk.llm_generate(lm, lm.model.embed_tokens, lm.model.embed_tokens(torch.tensor(p))[None],
+                            torch.ones(1, len(p), dtype=torch.bool), 151645, 12)[0] for p in prompts]
+    for p, o in zip(prompts, ours):
+        ref = hq.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=151645,
+                          pad_token_id=151643)[0, len(p):].tolist()
+        ref = [t for t in ref if t != 151645]
+        assert o == ref[:len(o)] and len(o) == len(ref)
+    # batch (left-padded) == rows, cache == no cache
+    rows = [lm.model.embed_tokens(torch.tensor(p)) for p in prompts]
+    x, valid = mk.left_pad_rows(rows, "cpu")
+    with torch.no_grad():
+        batch = mk.llm_generate(lm, lm.model.embed_tokens, x, valid, 151645, 12)
+        nocache = mk.llm_generate(lm, lm.model.embed_tokens, x, valid, 151645, 12, use_cache=False)
+    assert batch == ours == nocache
+
+
+def test_mk_qwen3_tokenizer_and_chat_template_match_hf(mk_hf):
+    from transformers import AutoTokenizer
+    path = str(mk_hf["root"] / "qwen3")
+    ht, qt = AutoTokenizer.from_pretrained(path), mk.QwenTokenizer(os.path.join(path, "tokenizer.json"))
+    for s in ["Hello world's 12345 test!!\n\n  foo", "cafe\u0301 東京 naïve  \t x\r\n", "I'LL we'RE <|im_end|>x",
+              "What happens to the red circle?\nA. it appears\nB. it stops"]:
+        assert qt.encode(s) == ht(s)["input_ids"], s
+        assert qt.decode(qt.encode(s)) == ht.decode(ht(s)["input_ids"]).replace("<|im_end|>", "")
+    content = "What happens to the red circle?\nA. it appears\nB. it stops"
+    ref = ht.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                 enable_thinking=False, tokenize=False)
+    assert mk.QwenTokenizer.chat(content) == ref
+    assert qt.encode(mk.QwenTokenizer.chat(content)) == ht(ref)["input_ids"]
+    assert qt.eos == 151645
+
+
+def test_mk_hf_loader_errors(mk_hf, tmp_path):
+    src = mk_hf["root"] / "qwen3"
+    with pytest.raises(mk.UserError, match="model_type 'qwen3', expected 'vjepa2'"):
+        mk.load_vjepa2(str(src))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(src / "config.json", bad / "config.json")
+    state = load_file(str(src / "model.safetensors"))
+    state.pop("model.norm.weight")
+    state["model.layers.0.mlp.up_proj.weight"] = torch.zeros(5, 64)
+    state["model.extra.weight"] = torch.zeros(2)
+    save_file(state, str(bad / "model.safetensors"))
+    with pytest.raises(mk.UserError) as e:
+        mk.load_qwen3(str(bad))
+    msg = str(e.value)
+    assert "model.norm.weight" in msg and "model.extra.weight" in msg and "up_proj" in msg
+
+
+def test_mk_frozen_towers_with_checkpoints(mk_hf, tmp_path):
+    cfg = _mk_tiny_cfg(tmp_path, vision_ckpt=str(mk_hf["root"] / "vjepa2"), llm_ckpt=str(mk_hf["root"] / "qwen3"),
+                       n_frames=4)
+    tok = mk.make_tokenizer(cfg)
+    model = mk.build_model(cfg, tok).train()
+    assert model.frozen == {"vision", "llm"} and not model.vision.training and not model.llm.training
+    assert all(not p.requires_grad for p in model.vision.parameters())
+    assert all(p.requires_grad for p in model.bridge.parameters())
+    cache = mk.FeatureCache(model, True)
+    clips = torch.randint(0, 255, (3, 4, 32, 32, 3), dtype=torch.uint8)
+    f1 = cache("x", torch.tensor([0, 2]), clips)
+    assert len(cache.store) == 2 and not f1.requires_grad
+    assert torch.equal(cache("x", torch.tensor([2, 0]), clips), f1.flip(0))
+    item = dict(question="What happens to the red circle?", choices=["A. it stops", "B. it appears"], answer="B. it appears")
+    q_ids, q_valid, inp, tgt = mk.text_batch([item], tok)
+    assert inp[0, :len(tok.prompt(item["question"], item["choices"]))].tolist()[:2] == [151644, tok.encode("user")[0]]
+    _, loss, fl = model(f1[:1], q_ids, q_valid, inp, tgt, torch.zeros(1, 4))
+    loss.backward()
+    assert fl.shape == (1, 4) and model.bridge.queries.grad is not None
+    assert model.llm.model.embed_tokens.weight.grad is None
+
+
+# ---- the tiny model: shapes, masks, cache, batching, training invariants
+
+
+def _mk_model(cfg, n_vocab_texts=("What happens to the red circle?\nA. it appears\nB. it stops\nAnswer: A. it appears",)):
+    tok = mk.GPT2Tokenizer.build(list(n_vocab_texts), True)
+    return mk.build_model(cfg, tok), tok
+
+
+@pytest.mark.parametrize("n_frames", [2, 4, 8])
+def test_mk_shapes_for_several_frame_counts(tmp_path, n_frames):
+    cfg = _mk_tiny_cfg(tmp_path, n_frames=n_frames)
+    model, tok = _mk_model(cfg)
+    clips = torch.randint(0, 255, (2, n_frames, 32, 32, 3), dtype=torch.uint8)
+    feats = model.encode(clips)
+    assert feats.shape == (2, n_frames // 2 * 16, cfg.v_width)  # T tubelets x 4x4 patches
+    item = dict(question="What happens to the red circle?", choices=["A. it appears", "B. it stops"], answer="A. it appears")
+    q_ids, q_valid, inp, tgt = mk.text_batch([item, item], tok)
+    logits, loss, fl = model(feats, q_ids, q_valid, inp, tgt, torch.zeros(2, n_frames))
+    assert logits.shape == (2, inp.shape[1], len(tok.ids)) and fl.shape == (2, n_frames) and torch.isfinite(loss)
+
+
+def test_mk_label_masking_only_answer_tokens(tmp_path):
+    tok = mk.GPT2Tokenizer.build(["What happens?\nA. x\nB. y\nAnswer: B. y"], True)
+    item = dict(question="What happens?", choices=["A. x", "B. y"], answer="B. y")
+    _, _, inp, tgt = mk.text_batch([item], tok)
+    p, a = tok.prompt(item["question"], item["choices"]), tok.target(item["answer"])
+    assert (tgt[0] != -100).sum() == len(a) and tgt[0, len(p) - 1:len(p) - 1 + len(a)].tolist() == a
+    assert tok.decode(a) == " B. y" and a[-1] == tok.eos
+
+
+def test_mk_causal_mask(tmp_path):
+    model, tok = _mk_model(_mk_tiny_cfg(tmp_path))
+    x = torch.randn(1, 10, 32)
+    y = x.clone()
+    y[0, 7] += 1.0
+    with torch.no_grad():
+        a, b = model.llm(x), model.llm(y)
+    assert torch.allclose(a[0, :7], b[0, :7], atol=1e-6) and not torch.allclose(a[0, 7:], b[0, 7:])
+
+
+def test_mk_generate_cache_and_batch_equivalence(tmp_path):
+    cfg = _mk_tiny_cfg(tmp_path, max_new_tokens=6)
+    model, tok = _mk_model(cfg)
+    model.eval()
+    clips = torch.randint(0, 255, (2, cfg.n_frames, 32, 32, 3), dtype=torch.uint8)
+    items = [dict(question="What happens to the red circle?", choices=["A. it appears", "B. it stops"]),
+             dict(question="What happens?", choices=["A. it stops", "B. it appears", "C. it appears"])]
+    feats = model.encode(clips)
+    batch, fl = mk.generate(model, feats, items, tok, cfg)
+    nocache, _ = mk.generate(model, feats, items, tok, cfg, use_cache=False)
+    rows = [mk.generate(model, feats[i:i + 1], items[i:i + 1], tok, cfg)[0][0] for i in range(2)]
+    assert batch == nocache == rows and len(batch[0]) > 0
+    # sampling is reproducible from a seeded generator
+    scfg = mk.Config(**{**cfg.__dict__, "temperature": 1.0, "top_k": 5, "top_p": 0.9})
+    s1 = mk.generate(model, feats, items, tok, scfg, generator=torch.Generator().manual_seed(3))[0]
+    s2 = mk.generate(model, feats, items, tok, scfg, generator=torch.Generator().manual_seed(3))[0]
+    assert s1 == s2
+
+
+def test_mk_filter_logits():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(mk.filter_logits(logits, 2, 1.0)).tolist() == [[True, False, False, True]]
+    p = torch.tensor([[0.6, 0.3, 0.1]]).log()
+    assert torch.isinf(mk.filter_logits(p, 0, 0.7)).tolist() == [[False, False, True]]
+
+
+def test_mk_overfit_one_batch(tmp_path):
+    cfg = _mk_tiny_cfg(tmp_path, l_width=64, l_head_dim=32)
+    texts = ["What happens to the red circle?\nA. it appears\nB. it stops\nAnswer: A. it appears B. it stops"]
+    model, tok = _mk_model(cfg, texts)
+    items = [dict(question="What happens to the red circle?", choices=["A. it appears", "B. it stops"], answer=a)
+             for a in ("A. it appears", "B. it stops")]
+    torch.manual_seed(0)
+    clips = torch.randint(0, 255, (2, cfg.n_frames, 32, 32, 3), dtype=torch.uint8)
+    labels = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1, 1, 0]], dtype=torch.float)
+    q_ids, q_valid, inp, tgt = mk.text_batch(items, tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(120):
+        _, loss, fl = model(model.encode(clips), q_ids, q_valid, inp, tgt, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    model.eval()
+    ids, fl = mk.generate(model, model.encode(clips), items, tok, cfg)
+    assert [tok.decode(i).strip() for i in ids] == ["A. it appears", "B. it stops"]
+    assert ((fl > 0).float() == labels).all()
+
+
+def test_mk_grad_accumulation_equals_big_batch(tmp_path):
+    cfg = _mk_tiny_cfg(tmp_path)
+    model, tok = _mk_model(cfg)
+    items = [dict(question=q, choices=["A. it appears", "B. it stops"], answer=a)
+             for q, a in (("What happens?", "A. it appears"), ("What happens to the red circle?", "B. it stops"))] * 2
+    clips = torch.randint(0, 255, (4, cfg.n_frames, 32, 32, 3), dtype=torch.uint8)
+    labels = torch.randint(0, 2, (4, cfg.n_frames)).float()
+
+    def grads(groups):
+        model.zero_grad()
+        for g in groups:
+            q_ids, q_valid, inp, tgt = mk.text_batch([items[i] for i in g], tok)
+            _, loss, _ = model(model.encode(clips[g]), q_ids, q_valid, inp, tgt, labels[g])
+            (loss * len(g) / 4).backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    # same answer lengths in each half, so the mean over answer tokens splits evenly
+    big, acc = grads([[0, 1, 2, 3]]), grads([[0, 1], [2, 3]])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(big, acc))
+
+
+# ---- data, video loading, metrics
+
+
+def test_mk_sample_indices():
+    assert mk.sample_indices(16, 8) == [1, 3, 5, 7, 9, 11, 13, 15]
+    assert mk.sample_indices(3, 6) == [0, 0, 1, 1, 2, 2]  # short clips repeat
+    assert all(0 <= i < 100 for i in mk.sample_indices(100, 16)) and mk.sample_indices(100, 16) == sorted(mk.sample_indices(100, 16))
+    with pytest.raises(ValueError):
+        mk.sample_indices(0, 4)
+
+
+def test_mk_mp4_round_trip_and_frame_folder(tmp_path):
+    rng = __import__("random").Random(0)
+    frames, ann = mk.sample_event(rng, "train")
+    path = str(tmp_path / "c.mp4")
+    mk.write_clip(path, frames)
+    clip, times, dur = mk.load_video(path, 8, 32)
+    assert clip.shape == (8, 32, 32, 3) and clip.dtype == np.uint8 and dur == pytest.approx(2.0)
+    assert times.tolist() == [i / 8 for i in mk.sample_indices(16, 8)]
+    assert abs(clip.astype(float).mean() - 128) < 30  # grey background survived the codec
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    cap = cv2.VideoCapture(path)
+    for i in range(16):
+        ok, img = cap.read()
+        cv2.imwrite(str(folder / f"{i:03d}.png"), img)
+    clip2, _, _ = mk.load_video(str(folder), 8, 32)
+    assert np.abs(clip2.astype(int) - clip.astype(int)).max() <= 1
+    lab = mk.frame_labels(ann["support_times"], times, dur, "x")
+    assert lab.sum() >= 2 and len(ann["choices"]) == 4 and ann["answer"] in ann["choices"]
+
+
+def test_mk_world_splits_hold_out_combinations():
+    rng = __import__("random").Random(1)
+    train = [mk.sample_event(rng, "train")[1] for _ in range(200)]
+    novel = [mk.sample_event(rng, "novel")[1] for _ in range(50)]
+    assert not any((a["colour"], a["event"]) in mk.HELD_OUT for a in train)
+    assert all((a["colour"], a["event"]) in mk.HELD_OUT for a in novel)
+    assert {a["answer"][0] for a in train} == set("ABCD") and {a["event"] for a in train} == set(mk.EVENTS)
+
+
+def test_mk_metrics_hand_computed():
+    assert mk.extract_option("C. it stops") == "C" and mk.extract_option("C.") == "C"
+    assert mk.extract_option("it stops") is None and mk.extract_option("CC. x") is None and mk.extract_option("C it") is None
+    assert mk.mcq_accuracy(["A. x", "B. y", "the answer is C", "D."], ["A. x", "C. z", "C. z", "D. w"]) == 0.5
+    # frames: tp=3, fp=1, fn=1 -> F1 = 6/8
+    assert mk.frame_f1([[1, 1, 0, 0], [0, 1, 1, 0]], [[1, 1, 0, 0], [0, 0, 1, 1]]) == 0.75
+    assert mk.temporal_iou((0, 2), (1, 3)) == pytest.approx(1 / 3) and mk.temporal_iou((0, 1), (2, 3)) == 0
+    g = mk.grounding_metrics([(0, 2), (0, 1), (5, 6)], [(1, 3), (0, 1), (0, 1)])  # IoUs 1/3, 1, 0
+    assert g["r1_iou0.3"] == pytest.approx(2 / 3) and g["r1_iou0.5"] == pytest.approx(1 / 3)
+    assert g["r1_iou0.7"] == pytest.approx(1 / 3) and g["miou"] == pytest.approx(4 / 9)
+    times = np.arange(8) / 4  # 8 frames over 2 s
+    assert mk.segment_from_scores([0, 0.9, 0.2, 0.8, 0.9, 0.7, 0, 0], times, 2.0, 0.5) == (0.75, 1.5)
+    assert mk.segment_from_scores([0.1, 0.3, 0.2, 0, 0, 0, 0, 0], times, 2.0, 0.5) == (0.25, 0.5)
+
+
+# ---- command line: train, resume, eval, predict, bench, DDP, bad input
+
+
+@pytest.fixture(scope="module")
+def mk_trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mk_run")
+    proc = run_script("mark1.py", "--train", "--preset", "tiny", "--data_dir", d / "data", "--out_dir", d / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return d, proc
+
+
+def test_mk_train_tiny_writes_checkpoint_and_eval(mk_trained):
+    d, proc = mk_trained
+    for f in ("model.safetensors", "config.json", "train_state.pt", "eval.json"):
+        assert (d / "out" / f).is_file()
+    ev = json.load(open(d / "out" / "eval.json"))
+    for split in ("test", "novel"):
+        for k in ("n", "mcq_accuracy", "frame_f1", "miou", "r1_iou0.3", "r1_iou0.5", "r1_iou0.7", "samples"):
+            assert k in ev[split]
+        assert 0 <= ev[split]["mcq_accuracy"] <= 1 and ev[split]["n"] == 12
+    assert "train_seconds" in ev and "step 6/6" in proc.stdout
+    anns = json.load(open(d / "data" / "train.json"))
+    assert len(anns) == 48 and os.path.isfile(d / "data" / anns[0]["video"])
+
+
+def test_mk_checkpoint_round_trip(mk_trained, tmp_path):
+    d, _ = mk_trained
+    model, tok, cfg = mk.load_checkpoint(str(d / "out"))
+    state = load_file(str(d / "out" / "model.safetensors"))
+    for k, v in state.items():
+        assert torch.equal(model.state_dict()[k], v)
+    assert model.llm.lm_head.weight is model.llm.model.embed_tokens.weight
+    shutil.copytree(d / "out", tmp_path / "cut")
+    state.pop("vision.layernorm.weight")
+    save_file(state, str(tmp_path / "cut" / "model.safetensors"))
+    with pytest.raises(mk.UserError, match="vision.layernorm.weight"):
+        mk.load_checkpoint(str(tmp_path / "cut"))
+    (tmp_path / "other").mkdir()
+    json.dump({"script": "vit_caption", "config": {}}, open(tmp_path / "other" / "config.json", "w"))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other" / "model.safetensors"))
+    with pytest.raises(mk.UserError, match="vit_caption"):
+        mk.load_checkpoint(str(tmp_path / "other"))
+
+
+def test_mk_exact_resume(mk_trained, tmp_path):
+    d, _ = mk_trained
+    args = ["--train", "--preset", "tiny", "--data_dir", d / "data", "--out_dir", tmp_path / "r"]
+    p1 = run_script("mark1.py", *args, "--stop_after", "3")
+    assert p1.returncode == 0, p1.stderr[-2000:]
+    p2 = run_script("mark1.py", *args, "--resume")
+    assert p2.returncode == 0 and "resumed at step 3" in p2.stdout, p2.stderr[-2000:]
+    a, b = load_file(str(d / "out" / "model.safetensors")), load_file(str(tmp_path / "r" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mk_eval_and_predict_cli(mk_trained):
+    d, _ = mk_trained
+    out = d / "out"
+    p = run_script("mark1.py", "--eval", "--out_dir", out, "--data_dir", d / "data")
+    assert p.returncode == 0 and "mcq" in p.stdout, p.stderr[-2000:]
+    video = d / "data" / json.load(open(d / "data" / "test.json"))[0]["video"]
+    p = run_script("mark1.py", "--predict", "--out_dir", out, "--video", video, "--question",
+                   "What happens to the red circle?", "--choices", "A. it appears|B. it stops|C. it turns blue|D. it meets the green square")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "answer:" in p.stdout and "support:" in p.stdout
+    img = cv2.imread(str(out / "predict.png"))
+    assert img is not None and img.shape[1] == 8 * 66
+
+
+def test_mk_ddp_two_processes_gloo(mk_trained, tmp_path):
+    import subprocess
+    import sys
+    import socket
+    d, _ = mk_trained
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           os.path.join(ROOT, "mark1.py"), "--train", "--preset", "tiny", "--max_steps", "2", "--data_dir",
+           str(d / "data"), "--out_dir", str(tmp_path / "ddp")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "ddp" / "eval.json").is_file() and p.stdout.count("step 2/2") == 1
+
+
+def test_mk_bad_inputs(mk_trained, tmp_path):
+    d, _ = mk_trained
+    out = d / "out"
+    ch = "A. it appears|B. it stops"
+    assert_user_error(run_script("mark1.py", "--predict", "--out_dir", out, "--video", tmp_path / "none.mp4",
+                                 "--question", "q", "--choices", ch), "none.mp4")
+    (tmp_path / "zero.mp4").write_bytes(b"not a video at all")
+    assert_user_error(run_script("mark1.py", "--predict", "--out_dir", out, "--video", tmp_path / "zero.mp4",
+                                 "--question", "q", "--choices", ch), "zero.mp4", "no frames")
+    video = d / "data" / "test" / "00000.mp4"
+    assert_user_error(run_script("mark1.py", "--predict", "--out_dir", out, "--video", video, "--question", "q",
+                                 "--choices", "it appears|it stops"), "--choices", "A. text")
+    assert_user_error(run_script("mark1.py", "--train", "--preset", "nope"), "--preset nope")
+    assert_user_error(run_script("mark1.py", "--train", "--preset", "tiny", "--device_map", "vision=cuda:7",
+                                 "--out_dir", tmp_path / "o"), "cuda:7", "does not exist")
+    assert_user_error(run_script("mark1.py", "--eval", "--out_dir", tmp_path / "empty"), "no checkpoint")
+    assert_user_error(run_script("mark1.py", "--train", "--preset", "tiny", "--vision_ckpt", out,
+                                 "--out_dir", tmp_path / "o"), "model_type", "vjepa2")
+    # user annotation files: support time outside the clip, malformed choices, bad JSON
+    ann = [dict(video=str(video), question="q?", choices=["A. x", "B. y"], answer="A. x", support_times=[0.5])] * 2
+    ann[1] = {**ann[1], "support_times": [9.5]}
+    json.dump(ann, open(tmp_path / "a.json", "w"))
+    assert_user_error(run_script("mark1.py", "--train", "--preset", "tiny", "--data", tmp_path / "a.json",
+                                 "--out_dir", tmp_path / "o"), "entry 1", "outside the clip")
+    ann[0] = {**ann[0], "choices": ["A. x", "C. y"]}
+    json.dump(ann, open(tmp_path / "b.json", "w"))
+    assert_user_error(run_script("mark1.py", "--train", "--preset", "tiny", "--data", tmp_path / "b.json",
+                                 "--out_dir", tmp_path / "o"), "entry 0", "B. text")
+    (tmp_path / "c.json").write_text("[{")
+    assert_user_error(run_script("mark1.py", "--train", "--preset", "tiny", "--data", tmp_path / "c.json",
+                                 "--out_dir", tmp_path / "o"), "not valid JSON")
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+    assert (out / "model.safetensors").is_file()  # nothing already saved was lost
+
+
+def test_mk_user_data_training_and_bench(mk_trained, tmp_path):
+    d, _ = mk_trained
+    anns = json.load(open(d / "data" / "train.json"))[:20]
+    for a in anns:
+        a["video"] = str(d / "data" / a["video"])
+    json.dump(anns, open(tmp_path / "u.json", "w"))
+    p = run_script("mark1.py", "--train", "--preset", "tiny", "--data", tmp_path / "u.json", "--out_dir", tmp_path / "o",
+                   "--max_steps", "2")
+    assert p.returncode == 0, p.stderr[-2000:]
+    ev = json.load(open(tmp_path / "o" / "eval.json"))
+    assert ev["test"]["n"] == 2 and "novel" not in ev
+    p = run_script("mark1.py", "--bench", "--preset", "tiny", "--n_train", "16", "--data_dir", tmp_path / "bd",
+                   "--v_width", "32", "--v_layers", "1", "--v_heads", "2", "--crop", "32", "--v_patch", "8")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "epoch 2" in p.stdout and "speedup" in p.stdout
+
+
+def test_mk_device_map_cpu(tmp_path):
+    cfg = _mk_tiny_cfg(tmp_path, device="cpu", device_map="vision=cpu,bridge=cpu,llm=cpu")
+    assert mk.parse_device_map(cfg) == dict(vision="cpu", bridge="cpu", llm="cpu")
+    with pytest.raises(mk.UserError, match="expected vision=DEV"):
+        mk.parse_device_map(_mk_tiny_cfg(tmp_path, device="cpu", device_map="encoder=cpu"))
+
+
+def test_mk_train_with_frozen_hf_checkpoints_cli(mk_hf, mk_trained, tmp_path):
+    d, _ = mk_trained
+    p = run_script("mark1.py", "--train", "--preset", "tiny", "--max_steps", "2", "--data_dir", d / "data",
+                   "--out_dir", tmp_path / "o", "--vision_ckpt", mk_hf["root"] / "vjepa2", "--llm_ckpt",
+                   mk_hf["root"] / "qwen3")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "frozen" in p.stdout and (tmp_path / "o" / "eval.json").is_file()
+    saved = load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert saved and all(k.startswith("bridge.") for k in saved)  # the towers are reloaded from their folders
+    model, tok, cfg = mk.load_checkpoint(str(tmp_path / "o"))
+    assert isinstance(tok, mk.QwenTokenizer) and model.frozen == {"vision", "llm"}
+
+
+def test_mk_qwen3_sharded_checkpoint(mk_hf, tmp_path):
+    src = mk_hf["root"] / "qwen3"
+    state = load_file(str(src / "model.safetensors"))
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in shards.items():
+        save_file({k: state[k] for k in ks}, str(tmp_path / name))
+    json.dump({"weight_map": {k: n for n, ks in shards.items() for k in ks}}, open(tmp_path / "model.safetensors.index.json", "w"))
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    lm = mk.load_qwen3(str(tmp_path))
+    ids = torch.randint(0, 151936, (1, 7))
+    with torch.no_grad():
+        assert (lm(lm.model.embed_tokens(ids)) - mk_hf["qwen3"](ids).logits).abs().max() < 1e-4
+
+
+# ====================================================================================================================
+# 5. attention_basics.py
+# ====================================================================================================================
+import json
+import math
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attention_basics as ab
+
+
+def _ab_tiny(tmp_path, **kw):
+    return ab.Config(**{**ab.PRESETS["tiny"], "data_dir": str(tmp_path / "data"), "out_dir": str(tmp_path / "out"),
+                        **kw})
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_ab_manual_attention_equals_sdpa_float64(causal):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 7, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(3, 4, 7, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    out, w = ab.attention(q, k, v, causal=causal)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert torch.allclose(out, ref, atol=1e-12, rtol=0)
+    assert torch.allclose(w.sum(-1), torch.ones_like(w.sum(-1)), atol=1e-12)
+    # a random boolean mask (every row keeps at least one key), against SDPA with the same mask
+    keep = torch.rand(3, 1, 7, 7, generator=g) > 0.4
+    keep[..., 0] = True
+    assert torch.allclose(ab.attention(q, k, v, keep)[0], F.scaled_dot_product_attention(q, k, v, attn_mask=keep),
+                          atol=1e-12, rtol=0)
+    # the module: written path == SDPA path, self- and cross-attention
+    for d_ctx in (None, 24):
+        m = ab._init_weights(ab.MultiHeadAttention(32, 4, d_ctx=d_ctx, sdpa=False)).double()
+        x = torch.randn(2, 5, 32, dtype=torch.float64)
+        ctx = None if d_ctx is None else torch.randn(2, 9, 24, dtype=torch.float64)
+        y = m(x, ctx, causal=causal and d_ctx is None)
+        m.sdpa = True
+        assert torch.allclose(y, m(x, ctx, causal=causal and d_ctx is None), atol=1e-12, rtol=0)
+
+
+def test_ab_padding_mask_never_leaks():
+    """Padded keys get weight exactly 0 and changing their keys/values (even to huge numbers) changes nothing,
+    neither in the written attention nor in a text encoder that pools at the EOS position."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 6, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    keep = (torch.arange(6)[None] < torch.tensor([6, 3])[:, None])[:, None, None, :]  # (B, 1, 1, N)
+    out, w = ab.attention(q, k, v, keep)
+    assert (w[1, ..., 3:] == 0).all()
+    k2, v2 = k.clone(), v.clone()
+    k2[1, :, 3:], v2[1, :, 3:] = 1e8, -1e8
+    out2 = ab.attention(q, k2, v2, keep)[0]
+    assert torch.equal(out2[1], out[1]) and torch.isfinite(out2).all()
+    # float32 and bfloat16 too: the finite minimum of each dtype
+    for dt in (torch.float32, torch.bfloat16):
+        o = ab.attention(q.to(dt), k2.to(dt), v2.to(dt), keep)[0]
+        assert torch.isfinite(o).all()
+        assert torch.allclose(o[1].double(), out[1], atol=0.05)
+    # a fully masked row is finite, not NaN
+    assert torch.isfinite(ab.attention(q, k, v, torch.zeros(2, 1, 1, 6, dtype=torch.bool))[0]).all()
+    # padding after EOS never changes the CLIP text embedding
+    cfg = ab.Config(**ab.PRESETS["tiny"])
+    enc = ab._init_weights(ab.TextEncoder(cfg, 20)).eval()
+    ids = torch.tensor([[0, 5, 6, 0, 0, 0], [0, 7, 8, 9, 4, 0]])
+    lengths = torch.tensor([4, 6])
+    a = enc(ids, lengths)
+    ids2 = ids.clone()
+    ids2[0, 4:] = torch.tensor([11, 12])
+    assert torch.equal(enc(ids2, lengths)[0], a[0])
+
+
+def test_ab_patchify_round_trip():
+    for S, p in ((32, 8), (16, 4), (12, 3)):
+        img = torch.randn(2, 3, S, S)
+        patches = ab.patchify(img, p)
+        assert patches.shape == (2, (S // p) ** 2, 3 * p * p)
+        assert torch.equal(ab.unpatchify(patches, p), img)
+        # patch (row 1, col 0) is the square img[:, :, p:2p, 0:p], channels first
+        assert torch.equal(patches[:, S // p], img[:, :, p:2 * p, :p].reshape(2, -1))
+
+
+def test_ab_infonce_hand_computed():
+    # 2 pairs, embeddings already unit length: cosines [[1, 0.6], [0.8, 0.6]]... built from explicit vectors
+    img = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    txt = torch.tensor([[0.8, 0.6], [0.0, 1.0]])
+    scale = 2.0
+    s = [[scale * sum(a * b for a, b in zip(i, t)) for t in txt.tolist()] for i in img.tolist()]  # logits by hand
+    i2t = [-math.log(math.exp(s[r][r]) / (math.exp(s[r][0]) + math.exp(s[r][1]))) for r in range(2)]
+    t2i = [-math.log(math.exp(s[c][c]) / (math.exp(s[0][c]) + math.exp(s[1][c]))) for c in range(2)]
+    hand = (sum(i2t) / 2 + sum(t2i) / 2) / 2
+    got = ab.clip_loss(img * 3.0, txt * 0.5, torch.tensor(math.log(scale)))  # norms do not matter
+    assert abs(got.item() - hand) < 1e-6
+    # duplicate-aware targets with no duplicates == the plain loss
+    assert torch.allclose(ab.clip_loss(img, txt, torch.tensor(math.log(scale)), torch.eye(2, dtype=torch.bool)), got)
+    # the temperature is learnable: a gradient reaches logit_scale
+    ls = torch.tensor(0.0, requires_grad=True)
+    ab.clip_loss(img, txt, ls).backward()
+    assert ls.grad is not None and ls.grad != 0
+
+
+def test_ab_resampler_size_independent_of_frames():
+    torch.manual_seed(0)
+    res = ab._init_weights(ab.PerceiverResampler(32, 4, 64, 2, 16, sdpa=True))
+    shapes = {res(torch.randn(2, f, 5, 32)).shape for f in (1, 2, 7, 16)}
+    assert shapes == {torch.Size([2, 64, 32])}
+    with pytest.raises(ab.UserError):
+        res(torch.randn(1, 17, 5, 32))  # more frames than time embeddings: a clear error, not an index crash
+    # time embeddings make the order of frames matter
+    x = torch.randn(1, 3, 5, 32)
+    assert not torch.allclose(res(x), res(x.flip(1)))
+
+
+def test_ab_zero_gate_leaves_lm_unchanged_bit_for_bit():
+    torch.manual_seed(0)
+    cfg = ab.Config(**ab.PRESETS["tiny"])
+    lm = ab._init_weights(ab.Decoder(cfg, 30, 12, xattn=True)).eval()
+    ids = torch.randint(0, 30, (3, 9))
+    media = torch.randn(3, 16, cfg.d_model) * 100
+    loc = torch.zeros(3, 9, dtype=torch.bool)
+    loc[:, 0], loc[:, 4] = True, True
+    mask = ab.media_attention_mask(loc, 8)
+    with torch.no_grad():
+        plain, _ = lm(ids)
+        gated, _ = lm(ids, media=media, media_mask=mask)
+    assert torch.equal(plain, gated)
+    # a plain LM with the same weights (built without the gated layers) gives the same logits too
+    plain_lm = ab.Decoder(cfg, 30, 12, xattn=False).eval()
+    plain_lm.load_state_dict({k: v for k, v in lm.state_dict().items() if not k.startswith("xattn.")})
+    with torch.no_grad():
+        assert torch.equal(plain_lm(ids)[0], plain)
+    # and the gates do matter once opened
+    lm.xattn[0].attn_gate.data.fill_(0.5)
+    with torch.no_grad():
+        assert not torch.allclose(lm(ids, media=media, media_mask=mask)[0], plain)
+
+
+def test_ab_media_mask_latest_media_only():
+    Q = 3
+    loc = torch.tensor([[0, 1, 0, 0, 1, 0, 1, 0], [1, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    mask = ab.media_attention_mask(loc, Q)  # (B, L, M*Q) with M = 3
+    assert mask.shape == (2, 8, 9)
+    latest = [[0, 1, 1, 1, 2, 2, 3, 3], [1] * 8]  # hand-written: the latest media at or before each token
+    for b in range(2):
+        for i in range(8):
+            want = torch.zeros(9, dtype=torch.bool)
+            if latest[b][i]:
+                want[(latest[b][i] - 1) * Q:latest[b][i] * Q] = True
+            assert torch.equal(mask[b, i], want), (b, i)
+    # inside a gated block: a token's output depends on its latest media only, and not at all before the first
+    torch.manual_seed(0)
+    blk = ab._init_weights(ab.GatedCrossAttention(16, 16, 2, sdpa=False))
+    blk.attn_gate.data.fill_(1.0)
+    x, media = torch.randn(2, 8, 16), torch.randn(2, 9, 16)
+    y = blk(x, media, mask)
+    for m in range(3):
+        media2 = media.clone()
+        media2[:, m * Q:(m + 1) * Q] += 5.0
+        changed = ~torch.isclose(blk(x, media2, mask), y).all(-1)  # (B, L)
+        assert torch.equal(changed[0], torch.tensor(latest[0]) == m + 1), m
+
+
+def test_ab_sampling_helpers_and_metric():
+    assert ab.subsample(72, 24, 3) == list(range(0, 72, 8))
+    assert ab.fixed_clips([0, 8, 16, 24, 32], 2) == [[0, 8], [16, 24], [32, 32]]
+    assert ab.sample_indices(16, 4) == [2, 6, 10, 14]
+    assert ab.sample_indices(2, 4) == [0, 0, 1, 1]
+    with pytest.raises(ab.UserError):
+        ab.sample_indices(0, 4)
+    assert ab.exact_match(["a red circle moves left", "A blue  square moves up."],
+                          ["a red circle moves left", "a blue square moves down"]) == 0.5
+
+
+def test_ab_tour_runs():
+    proc = run_script("attention_basics.py")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ab.SECTIONS:
+        assert f"== {name}" in proc.stdout
+    assert "every check passed" in proc.stdout and "tour check failed" not in proc.stdout
+    one = run_script("attention_basics.py", "--section", "perceiver")
+    assert one.returncode == 0 and "== perceiver" in one.stdout and "== clip" not in one.stdout
+
+
+def test_ab_train_tiny_runs(tmp_path):
+    """--train --preset tiny end to end: real PNG/mp4 files, three checkpoints, eval.json in the house shape,
+    heat maps; then --eval and --generate from the checkpoints."""
+    args = ["--preset", "tiny", "--data_dir", tmp_path / "data", "--out_dir", tmp_path / "out"]
+    proc = run_script("attention_basics.py", "--train", *args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "EM test" in proc.stdout
+    clip = tmp_path / "data" / "videos" / "test" / "00000.mp4"
+    assert cv2.VideoCapture(str(clip)).read()[0]
+    assert cv2.imread(str(tmp_path / "data" / "images" / "train" / "00000.png")) is not None
+    res = json.load(open(tmp_path / "out" / "eval.json"))
+    assert 0 <= res["test"]["clip"]["zero_shot_accuracy"] <= 1 and res["test"]["clip"]["n"] == 12
+    for split in ("test", "novel"):
+        for v in ("unified", "cross"):
+            assert 0 <= res[split][v]["exact_match"] <= 1 and res[split][v]["n"] == 8
+    assert res["train_seconds"] > 0 and set(res["variants"]) == {"unified", "cross"}
+    for name in ("attn_unified_text_over_frames", "attn_cross_latents_over_frames", "attn_cross_text_over_frames"):
+        assert cv2.imread(str(tmp_path / "out" / f"{name}.png")) is not None
+    for name in ("clip", "unified", "cross"):
+        assert (tmp_path / "out" / name / "model.safetensors").exists()
+    ev = run_script("attention_basics.py", "--eval", *args)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert json.load(open(tmp_path / "out" / "eval.json"))["test"]["cross"] == res["test"]["cross"]
+    gen = run_script("attention_basics.py", "--generate", "--video", clip, "--variant", "unified", *args)
+    assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr[-2000:]
+
+
+def test_ab_checkpoint_round_trip(tmp_path):
+    cfg = _ab_tiny(tmp_path)
+    tok = ab.Tokenizer.from_texts(["a red circle moves left", "a blue square moves up"])
+    for variant in ("unified", "cross"):
+        torch.manual_seed(0)
+        m = ab._init_weights(ab.Captioner(cfg, len(tok.ids), variant)).eval()
+        for blk in getattr(m.decoder, "xattn", None) or []:
+            blk.attn_gate.data.fill_(0.3)  # non-zero so the media matters
+        ab.save_model(m, tok, cfg, variant, 1.0)
+        m2, tok2, cfg2, secs = ab.load_model(cfg.out_dir, variant)
+        frames = torch.randint(0, 255, (2, cfg.n_frames, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8)
+        ids = torch.tensor([tok.encode("a red circle")[:-1]] * 2)
+        with torch.no_grad():
+            assert torch.equal(m(m.encode(frames), ids)[0], m2.eval()(m2.encode(frames), ids)[0])
+        assert tok2.ids == tok.ids and secs == 1.0
+        assert ab.generate(m, frames, cfg, "cpu") == ab.generate(m2, frames, cfg, "cpu")
+
+
+def test_ab_bad_inputs(tmp_path):
+    assert_user_error(run_script("attention_basics.py", "--section", "nope"), "--section nope")
+    assert_user_error(run_script("attention_basics.py", "--preset", "huge"), "--preset huge")
+    assert_user_error(run_script("attention_basics.py", "--variant", "both"), "--variant both")
+    assert_user_error(run_script("attention_basics.py", "--eval", "--out_dir", tmp_path / "none"), "no checkpoint")
+    other = tmp_path / "other" / "cross"
+    other.mkdir(parents=True)
+    (other / "config.json").write_text(json.dumps({"script": "vit_caption"}))
+    (other / "model.safetensors").write_bytes(b"x")
+    assert_user_error(run_script("attention_basics.py", "--generate", "--video", "x.mp4", "--out_dir",
+                                 tmp_path / "other"), "vit_caption")
+    # a video that is not a video, and an empty folder of frames
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    with pytest.raises(ab.UserError, match="bad.mp4"):
+        ab.load_video(str(bad), 4, 16)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ab.UserError, match="no frames"):
+        ab.load_video(str(tmp_path / "empty"), 4, 16)
+    # malformed annotation lines name the line
+    ann = tmp_path / "ann.txt"
+    ann.write_text("a.png\ta red circle\njust-a-path\n")
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(ab.UserError, match=r"ann.txt:2"):
+        ab.read_annotations(str(ann))
+    # a NaN loss stops training with a clear line
+    cfg = _ab_tiny(tmp_path)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for g in opt.param_groups:
+        g["base_lr"] = 0.1
+    with pytest.raises(ab.UserError, match="loss became nan"):
+        ab.fit(model, opt, 3, lambda step: model(torch.full((1, 2), float("nan"))).sum(), cfg, "probe")

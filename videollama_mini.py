@@ -13,8 +13,8 @@ How the decoder sees the video: by cross-attention, not as a prefix. Each decode
 the caption, then cross-attention to the Q-Former output. That keeps the decoded sequence to the caption alone (the KV
 cache holds only text; the video's keys/values are computed once at prefill), and it lets both Q-Former variants share
 one decoder. `qformer_mode` picks the variant:
-  "queries" (default, BLIP-2): Q learned queries read the visual tokens; the decoder reads the Q queries.
-  "text"    (the seed's original): the text tokens themselves are the queries and the visual tokens the keys/values,
+  "queries" (BLIP-2): Q learned queries read the visual tokens; the decoder reads the Q queries.
+  "text"    (default, the seed's original): the text tokens themselves are the queries and the visual tokens the keys/values,
             i.e. the decoder's cross-attention reads the F visual tokens directly and there are no learned queries.
 
 The built-in world: one or two coloured shapes (6 colours x 3 shapes) moving left/right/up/down over a grey background,
@@ -30,7 +30,7 @@ Shape legend: B batch, F frames, S frame side, Q learned queries, L text tokens,
 
 Commands:
     python videollama_mini.py --train                         # data + training + evaluation on CPU
-    python videollama_mini.py --train --qformer_mode text     # the seed's variant, same budget
+    python videollama_mini.py --train --qformer_mode queries --out_dir out/videollama_mini_queries  # BLIP-2 queries
     python videollama_mini.py --eval                          # re-evaluate out/videollama_mini
     python videollama_mini.py --generate --video clip.mp4     # caption any video (or a folder of frames)
     python videollama_mini.py --bench                         # training samples/s, captions/s with/without cache
@@ -87,7 +87,10 @@ class Config:
     grid: int = 4  # adaptive pooling keeps a grid x grid map so that position (and so motion) survives pooling
     frame_diff: bool = True  # also feed frame[t] - frame[t-1] to the CNN: motion made explicit
     n_temporal_layer: int = 2
-    qformer_mode: str = "queries"  # "queries" (BLIP-2 learned queries) or "text" (the seed: text tokens as queries)
+    # "text" (the seed: the caption tokens query the F visual tokens) or "queries" (BLIP-2: Q learned queries read the
+    # visual tokens, the decoder reads the queries). "text" is the default because it learned faster on this CPU
+    # budget: 75.0% vs 34.7% exact match on test after the same 1200 steps (README).
+    qformer_mode: str = "text"
     n_query: int = 8
     n_qformer_layer: int = 2
     n_dec_layer: int = 2
@@ -97,7 +100,7 @@ class Config:
     # training
     batch_size: int = 32  # micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * world size)
-    max_steps: int = 1200
+    max_steps: int = 2400
     lr: float = 2e-3
     min_lr: float = 1e-4
     warmup: int = 100
@@ -399,20 +402,32 @@ class FrameEncoder(nn.Module):
         super().__init__()
         w, c_in = cfg.cnn_width, 6 if cfg.frame_diff else 3
         self.frame_diff = cfg.frame_diff
+        # GroupNorm (batch-independent, so DDP ranks and batch sizes see the same function) keeps each conv's
+        # output at unit scale: the raw colour and motion signal reaches the transformer strongly from step one.
         self.cnn = nn.Sequential(
-            nn.Conv2d(c_in, w, 3, 2, 1), nn.GELU(),
-            nn.Conv2d(w, 2 * w, 3, 2, 1), nn.GELU(),
-            nn.Conv2d(2 * w, 2 * w, 3, 1, 1), nn.GELU(),
-            nn.AdaptiveAvgPool2d(cfg.grid))
-        self.proj = nn.Linear(2 * w * cfg.grid * cfg.grid, cfg.d_model)
+            nn.Conv2d(c_in, w, 3, 2, 1), nn.GroupNorm(8, w), nn.GELU(),
+            nn.Conv2d(w, 2 * w, 3, 2, 1), nn.GroupNorm(8, 2 * w), nn.GELU(),
+            nn.Conv2d(2 * w, 2 * w, 3, 1, 1), nn.GroupNorm(8, 2 * w), nn.GELU())
+        self.grid = cfg.grid
+        self.proj = nn.Linear(2 * w * (cfg.grid * cfg.grid + 1), cfg.d_model)
+        # LayerNorm brings the frame embedding to unit scale, the scale of the sinusoidal time code added next:
+        # without it the small initial CNN features drown under the time code and the decoder learns to ignore them.
+        self.ln = nn.LayerNorm(cfg.d_model)
 
     def forward(self, x):
         B, Fr = x.shape[:2]
+        # Subtract each frame's mean colour: the background then reads as ~0 and the small objects carry the
+        # signal. Without it every clip's embedding is "mostly background", nearly the same vector for all clips,
+        # and the decoder sits for hundreds of steps on the caption prior before it finds the video (measured).
+        x = x - x.mean((-2, -1), keepdim=True)  # (B, F, 3, S, S)
         if self.frame_diff:
             diff = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], 1)  # (B, F, 3, S, S)
             x = torch.cat([x, diff], 2)  # (B, F, 6, S, S)
-        feat = self.cnn(x.flatten(0, 1))  # (B*F, 2w, grid, grid)
-        return self.proj(feat.flatten(1)).view(B, Fr, -1)  # (B, F, D)
+        feat = self.cnn(x.flatten(0, 1))  # (B*F, 2w, S/4, S/4)
+        feat = feat - feat.mean((-2, -1), keepdim=True)  # what stands out from the frame's average, nothing else
+        where = F.adaptive_avg_pool2d(feat, self.grid).flatten(1)  # (B*F, 2w*grid*grid): what is where
+        what = feat.amax((-2, -1))  # (B*F, 2w): the strongest response anywhere, the same wherever the object is
+        return self.ln(self.proj(torch.cat([where, what], 1))).view(B, Fr, -1)  # (B, F, D)
 
 
 class VideoLLaMAMini(nn.Module):
@@ -427,16 +442,23 @@ class VideoLLaMAMini(nn.Module):
             self.query = nn.Parameter(torch.randn(1, cfg.n_query, cfg.d_model) * 0.02)
             self.qformer = nn.ModuleList(Block(cfg, cross=True) for _ in range(cfg.n_qformer_layer))
             self.ln_q = nn.LayerNorm(cfg.d_model)
+            # a per-query output scale and shift (identity at first; set from data by init_from_data)
+            self.q_scale = nn.Parameter(torch.ones(1, cfg.n_query, cfg.d_model))
+            self.q_shift = nn.Parameter(torch.zeros(1, cfg.n_query, cfg.d_model))
         self.tok = nn.Embedding(vocab_size, cfg.d_model)
         self.register_buffer("text_pos", sinusoid(cfg.max_len, cfg.d_model), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.decoder = nn.ModuleList(Block(cfg, causal=True, cross=True) for _ in range(cfg.n_dec_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
+        # Untied output table: the input table is scaled up (below) to meet the position code at unit scale, which
+        # a tied head would turn into huge initial logits. With the compact vocabulary it costs a few thousand weights.
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
-        self.head.weight = self.tok.weight  # tied input/output table
         self.apply(self._init_weights)
+        # Vaswani et al.: token vectors of std D^-0.5 scaled up by sqrt(D) in decode(), so a token enters at the same
+        # unit scale as the sinusoidal position code; at GPT-2's std 0.02 the position code would drown the word.
+        nn.init.normal_(self.tok.weight, 0.0, cfg.d_model ** -0.5)
         for name, p in self.named_parameters():  # GPT-2: scale residual output projections by depth
-            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * (cfg.n_dec_layer + cfg.n_qformer_layer)))
 
     @staticmethod
@@ -448,23 +470,45 @@ class VideoLLaMAMini(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, 0.02)
 
-    def encode(self, video):
+    @torch.no_grad()
+    def init_from_data(self, video):
+        """Data-dependent initialisation (Salimans & Kingma, 2016) of two LayerNorms' affine parameters.
+        Every clip is mostly the same background, so at random init every clip's embedding is nearly the same
+        vector: the per-clip part is a few percent of it and the decoder learns the caption prior for hundreds of
+        steps before it finds the video. Folding one batch's per-feature mean and std into the LayerNorm after the
+        frame encoder, the one after the temporal encoder and the one after the Q-Former makes their outputs zero-mean, unit-variance *across clips*
+        at step 0. It is a one-off change of initial weights: the model stays a per-clip function (no batch
+        statistics in training or inference), so batch == rows, gradient accumulation and DDP are unaffected."""
+        def fold(ln, x):  # x: (B, T, D), the output of ln for this batch
+            m, s = x.mean((0, 1)), x.std((0, 1)) + 1e-3
+            ln.weight.div_(s)
+            ln.bias.sub_(m).div_(s)
+        x = video.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # (B, F, 3, S, S)
+        fold(self.frames.ln, self.frames(x))
+        fold(self.ln_vis, self.encode(video, queries=False))
+        if self.cfg.qformer_mode == "queries":  # each query has its own constant part: centre per query
+            q = self.encode(video)  # (B, Q, D)
+            m, s = q.mean(0, keepdim=True), q.std(0, keepdim=True) + 1e-3
+            self.q_scale.div_(s)
+            self.q_shift.sub_(m).div_(s)
+
+    def encode(self, video, queries=True):
         """uint8 (B, F, S, S, 3) -> the decoder's memory: (B, Q, D) for "queries", (B, F, D) for "text"."""
         x = video.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # (B, F, 3, S, S) in [-1, 1]
         vis = self.frames(x) + self.time_pos[: x.shape[1]]  # (B, F, D)
         for blk in self.temporal:
             vis = blk(vis)
         vis = self.ln_vis(vis)
-        if self.cfg.qformer_mode == "text":
+        if self.cfg.qformer_mode == "text" or not queries:
             return vis
         q = self.query.expand(vis.shape[0], -1, -1)  # (B, Q, D)
         for blk in self.qformer:
             q = blk(q, ctx=vis)
-        return self.ln_q(q)
+        return self.ln_q(q) * self.q_scale + self.q_shift  # (B, Q, D)
 
     def decode(self, idx, memory, cache=None, pos=0, last_only=False):
         """idx (B, L) model ids at positions pos.. -> logits (B, L, V) (or (B, 1, V) with last_only)."""
-        x = self.drop(self.tok(idx) + self.text_pos[pos: pos + idx.shape[1]])  # (B, L, D)
+        x = self.drop(self.tok(idx) * math.sqrt(self.cfg.d_model) + self.text_pos[pos: pos + idx.shape[1]])  # (B, L, D)
         for i, blk in enumerate(self.decoder):
             x = blk(x, ctx=memory, cache=None if cache is None else cache[i])
         x = self.ln_f(x[:, -1:] if last_only else x)
@@ -495,7 +539,7 @@ def atomic(path, write):
 
 def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
     os.makedirs(cfg.out_dir, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "head.weight"}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
@@ -518,11 +562,18 @@ def load_checkpoint(out_dir, overrides=None):
     cfg = Config(**{**meta["config"], **(overrides or {})})
     tok = Tokenizer(meta["vocab"])
     model = VideoLLaMAMini(cfg, len(tok.ids))
-    state = load_file(wpath)
-    state["head.weight"] = state["tok.weight"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{wpath}: keys do not match the model (missing {missing}, unexpected {unexpected})")
+    try:
+        state = load_file(wpath)
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise UserError(f"{wpath}: not a readable safetensors file ({e})")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    misshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or misshaped:
+        raise UserError(f"{wpath}: keys do not match the model (missing {missing}, unexpected {unexpected}, "
+                        f"mis-shaped {misshaped})")
+    model.load_state_dict(state)
     return model, tok, cfg
 
 
@@ -691,6 +742,9 @@ def train(cfg, resume=False):
     else:
         tok = Tokenizer.from_captions([c for _, cs in train_entries for c in cs], cfg.compact_vocab)
         model = VideoLLaMAMini(cfg, len(tok.ids))
+        # every rank draws the same clips from the seed, so every rank folds in the same statistics
+        init_idx = torch.randperm(len(train_entries), generator=torch.Generator().manual_seed(cfg.seed))[:256]
+        model.init_from_data(train_clips[init_idx])
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"parameters: {n_params / 1e6:.2f}M total, {n_params / 1e6:.2f}M trainable, 0 frozen; vocab {len(tok.ids)}")
