@@ -89,7 +89,7 @@ class Config:
     n_temporal_layer: int = 2
     # "text" (the seed: the caption tokens query the F visual tokens) or "queries" (BLIP-2: Q learned queries read the
     # visual tokens, the decoder reads the queries). "text" is the default because it learned faster on this CPU
-    # budget: 75.0% vs 34.7% exact match on test after the same 1200 steps (README).
+    # budget: 97.0% vs 70.0% exact match on test after the same 2400 steps (README).
     qformer_mode: str = "text"
     n_query: int = 8
     n_qformer_layer: int = 2
