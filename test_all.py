@@ -104,6 +104,24 @@ def test_vm_motion_reaches_the_memory():
     assert not torch.allclose(model.encode(video), model.encode(video.flip(1)))
 
 
+@pytest.mark.parametrize("mode", ["queries", "text"])
+def test_vm_init_from_data_whitens_the_memory_across_clips(mode):
+    """After the data-dependent init the memory is zero-mean, unit-std across the clips it was fitted on (per feature
+    over clips and frames for "text", per query and feature for "queries"), and the model is still a per-clip function: a clip gives the same memory alone."""
+    model, cfg = _vm_model(mode)
+    video = _vm_video(64, cfg, seed=9)
+    video[:, :, :, :, :] = 60  # a grey background (the synthetic world's) ...
+    video[:, :, 4:8, 4:8] = _vm_video(64, cfg, seed=10)[:, :, 4:8, 4:8]  # ... with a small coloured patch per clip
+    before = model.encode(video)
+    model.init_from_data(video)
+    mem = model.encode(video)
+    assert before.std(0).mean() < 0.5 * before.std()  # the problem it solves: clips look alike at random init
+    dims = (0,) if mode == "queries" else (0, 1)  # per query and feature; per feature over clips and frames
+    torch.testing.assert_close(mem.mean(dims), torch.zeros_like(mem.mean(dims)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(mem.std(dims).mean(), torch.tensor(1.0), atol=2e-2, rtol=0)
+    torch.testing.assert_close(model.encode(video[3:4]), mem[3:4], atol=1e-5, rtol=1e-5)
+
+
 def test_vm_overfits_one_batch():
     model, cfg = _vm_model(vocab=19)
     model.train()

@@ -472,13 +472,14 @@ class VideoLLaMAMini(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, video):
-        """Data-dependent initialisation (Salimans & Kingma, 2016) of two LayerNorms' affine parameters.
+        """Data-dependent initialisation (Salimans & Kingma, 2016) of the affine parameters that end each stage.
         Every clip is mostly the same background, so at random init every clip's embedding is nearly the same
         vector: the per-clip part is a few percent of it and the decoder learns the caption prior for hundreds of
         steps before it finds the video. Folding one batch's per-feature mean and std into the LayerNorm after the
-        frame encoder, the one after the temporal encoder and the one after the Q-Former makes their outputs zero-mean, unit-variance *across clips*
-        at step 0. It is a one-off change of initial weights: the model stays a per-clip function (no batch
-        statistics in training or inference), so batch == rows, gradient accumulation and DDP are unaffected."""
+        frame encoder, the one after the temporal encoder and (per query) the Q-Former's output scale and shift
+        makes their outputs zero-mean, unit-variance *across clips* at step 0. It is a one-off change of initial
+        weights: the model stays a per-clip function (no batch statistics in training or inference), so
+        batch == rows, gradient accumulation and DDP are unaffected. Measured: 2% -> 97% exact match (README)."""
         def fold(ln, x):  # x: (B, T, D), the output of ln for this batch
             m, s = x.mean((0, 1)), x.std((0, 1)) + 1e-3
             ln.weight.div_(s)
