@@ -899,6 +899,26 @@ def test_vl_greedy_matches_transformers_generate(vl_ckpt):
     assert torch.equal(row1[0], got[1])
 
 
+def test_vl_matvec_layout_changes_strides_only(vl_ckpt, tmp_path):
+    """generate() re-lays the float32 LLaMA weights (in, out)-major for fast matrix-vector products: the same
+    parameters, values and logits; a checkpoint saved afterwards still loads."""
+    ours = vl.VideoLlava.from_pretrained(vl_ckpt[1]["hub"], dtype=torch.float32).eval()
+    ids, mask, imgs, vids = _vl_inputs(2)
+    params = dict(ours.named_parameters())
+    before = {k: v.detach().clone() for k, v in params.items()}
+    want, _ = ours(ids, mask, imgs, vids)
+    vl.matvec_layout(ours)
+    head = ours.language_model.lm_head.weight
+    assert head.stride() == (1, head.shape[0]) and dict(ours.named_parameters()) == params
+    assert all(torch.equal(before[k], v) for k, v in params.items())
+    got, _ = ours(ids, mask, imgs, vids)
+    assert (want - got).abs().max() < 1e-5
+    cfg = dataclasses.replace(ours.cfg, out_dir=str(tmp_path / "saved"))
+    vl.save_checkpoint(ours, cfg, vl.load_tokenizer(vl_ckpt[1]["t5save"]))
+    again = vl.VideoLlava.from_pretrained(cfg.out_dir, dtype=torch.float32).eval()
+    assert (again(ids, mask, imgs, vids)[0] - want).abs().max() < 1e-5
+
+
 def test_vl_tokenizer_matches_hf(tmp_path):
     from transformers import AutoTokenizer
     _vl_tokenizer(tmp_path)
