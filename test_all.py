@@ -759,8 +759,12 @@ def test_vc_ddp_two_processes_match_one(tmp_path):
 # ====================================================================================================================
 # 3. video_llava.py
 # ====================================================================================================================
+import dataclasses
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -1093,6 +1097,106 @@ def test_vl_train_tiny_eval_generate_freeze(tmp_path):
     for k in before:
         same = torch.equal(before[k], after[k])
         assert same != k.startswith("multi_modal_projector."), k
+
+
+@pytest.fixture(scope="module")
+def vl_tiny_run(tmp_path_factory):
+    """One in-process tiny run (batch 8, 3 steps, float32) that the accumulation and DDP tests compare against; its
+    data_dir holds the tiny synthetic world, reused by the resume tests."""
+    root = tmp_path_factory.mktemp("vl_tiny")
+    cfg = vl.Config(**{**vl.PRESETS["tiny"], "data_dir": str(root / "data"), "out_dir": str(root / "b8"),
+                       "max_steps": 3, "eval_interval": 100})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as _vc_one_thread: tiny models, a shared machine
+    try:
+        vl.train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    return cfg, load_file(os.path.join(cfg.out_dir, "model.safetensors"))
+
+
+@_vc_1t
+def test_vl_grad_accumulation_equals_big_batch(vl_tiny_run, tmp_path):
+    """batch 4 x grad_accum 2 = batch 8 (the loss is a mean over the global batch's answer tokens, whose rows split
+    unevenly between micro-batches): the same weights after 3 steps, up to float noise."""
+    cfg, big = vl_tiny_run
+    vl.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "acc"), batch_size=4, grad_accum=2))
+    acc = load_file(str(tmp_path / "acc" / "model.safetensors"))
+    assert acc.keys() == big.keys()
+    for k in big:
+        torch.testing.assert_close(acc[k], big[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@_vc_1t
+def test_vl_exact_resume(vl_tiny_run, tmp_path, capsys):
+    """--stop_after 3, then --resume (config, token table, optimizer, step and RNG from out_dir) ends bit for bit
+    where an uninterrupted 6-step run ends."""
+    data = vl_tiny_run[0].data_dir
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    common = ["--train", "--preset", "tiny", "--max_steps", "6", "--data_dir", data]
+    vl.main(common + ["--out_dir", full])
+    vl.main(common + ["--out_dir", cut, "--stop_after", "3"])
+    assert torch.load(os.path.join(cut, "train_state.pt"), weights_only=True)["step"] == 3
+    assert not os.path.exists(os.path.join(cut, "eval.json"))  # interrupted: no final evaluation yet
+    capsys.readouterr()
+    vl.main(["--train", "--resume", "--out_dir", cut])  # everything else comes from cut/config.json
+    out = capsys.readouterr().out
+    assert "resumed from step 3" in out and "step 4/6" in out and "step 2/6" not in out
+    a, b = load_file(os.path.join(full, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca, cb = json.load(open(os.path.join(full, "config.json"))), json.load(open(os.path.join(cut, "config.json")))
+    assert ca["gpt2_table"] == cb["gpt2_table"] and cb["train_config"]["stop_after"] == 0
+    assert os.path.isfile(os.path.join(cut, "eval.json"))
+
+
+def test_vl_ddp_two_processes_gloo(vl_tiny_run, tmp_path):
+    """torchrun, 2 gloo processes of batch 4: finishes, rank 0 alone prints and writes eval.json, and the weights are
+    those of one process with batch 8 (each rank computed a distinct half of every global batch)."""
+    import socket
+    cfg, single = vl_tiny_run
+    with socket.socket() as s:  # a free port: other runs may share this machine
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", f"--master_port={port}",
+           os.path.join(ROOT, "video_llava.py"), "--train", "--preset", "tiny", "--batch_size", "4", "--max_steps", "3",
+           "--eval_interval", "100", "--device", "cpu", "--data_dir", cfg.data_dir, "--out_dir", out]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("step 3/3") == 1 and proc.stdout.count("config:") == 1  # rank 0 alone prints
+    assert json.load(open(out / "eval.json"))["test"]["video"]["n"] > 0
+    ddp = load_file(str(out / "model.safetensors"))  # the unwrapped module's keys (no `module.` prefix)
+    assert ddp.keys() == single.keys()
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_vl_resume_refuses_foreign_folders(vl_tiny_run, tmp_path):
+    """--resume needs an out_dir this script's --train wrote, with train_state.pt: else one line, exit status 2."""
+    other = tmp_path / "other"
+    os.makedirs(other)
+    json.dump({"script": "vit_caption", "train_config": {}}, open(other / "config.json", "w"))
+    assert_user_error(run_script("video_llava.py", "--train", "--resume", "--out_dir", other),
+                      str(other), "not written by video_llava.py --train", "vit_caption")
+    # the other cases in-process (each CLI call costs a torch import)
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(vl.UserError, match="nothing to resume"):
+        vl.main(["--train", "--resume", "--out_dir", str(tmp_path / "empty")])
+    hf = tmp_path / "hf"
+    os.makedirs(hf)
+    json.dump({"model_type": "video_llava"}, open(hf / "config.json", "w"))  # an HF folder: no run to continue
+    with pytest.raises(vl.UserError, match="not written by video_llava.py --train"):
+        vl.main(["--train", "--resume", "--out_dir", str(hf)])
+    done = tmp_path / "no_state"
+    shutil.copytree(vl_tiny_run[0].out_dir, done)
+    os.remove(done / "train_state.pt")
+    with pytest.raises(vl.UserError, match="no train_state.pt"):
+        vl.main(["--train", "--resume", "--out_dir", str(done)])
+    with pytest.raises(vl.UserError, match="another architecture"):
+        vl.main(["--train", "--resume", "--out_dir", vl_tiny_run[0].out_dir, "--hidden_size", "64"])
+    with pytest.raises(vl.UserError, match="with --train"):
+        vl.main(["--eval", "--resume", "--out_dir", vl_tiny_run[0].out_dir])
 
 
 def test_vl_bad_inputs(vl_ckpt, tmp_path):

@@ -21,6 +21,9 @@ Dv vision width, H heads, K kv heads, E head dim, V vocabulary.
 
 Commands:
     python video_llava.py --train                              # tiny Video-LLaVA from scratch (synthetic world, CPU)
+    python video_llava.py --train --stop_after 500 && python video_llava.py --train --resume   # exact resume
+    python video_llava.py --train --batch_size 16 --grad_accum 2   # the same global batch of 32 in two micro-batches
+    torchrun --nproc_per_node=2 video_llava.py --train --batch_size 16   # DDP (gloo on CPU, nccl on CUDA), batch 32
     python video_llava.py --train --freeze vision,llm --from_pretrained out/video_llava   # projector only (stage 1)
     python video_llava.py --eval                               # re-evaluate out/video_llava on test / novel
     python video_llava.py --generate --video clip.mp4 --prompt "Which way does the red circle move?"
@@ -31,6 +34,7 @@ Commands:
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -40,10 +44,12 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from itertools import zip_longest
 
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -98,7 +104,8 @@ class Config:
     # training
     from_pretrained: str = ""  # start from this checkpoint (HF folder or an out_dir of this script)
     freeze: str = ""  # comma list of towers to freeze: "vision", "llm" ("vision,llm" = LLaVA stage 1, projector only)
-    batch_size: int = 32
+    batch_size: int = 32  # questions per micro-batch and process
+    grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * world size)
     balance_media: bool = False  # batches half image, half video questions (else uniform over all questions)
     max_steps: int = 2000
     lr: float = 2e-3
@@ -111,6 +118,7 @@ class Config:
     seed: int = 1337
     log_interval: int = 50
     eval_interval: int = 1000
+    stop_after: int = 0  # stop (and save) after this many steps, as if interrupted; --resume continues
     # generation
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0
@@ -931,9 +939,10 @@ def atomic(path, write):
     os.replace(tmp, path)  # a crash never leaves a half-written file
 
 
-def save_checkpoint(model, cfg, tok, opt=None, step=0):
+def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
     """out_dir/model.safetensors (hub key layout) + config.json (HF style, plus the training config and token
-    table) + train_state.pt: from_pretrained loads it like any HF folder."""
+    table) + train_state.pt (what --resume needs beyond the weights: optimizer, step, RNG, seconds trained so far):
+    from_pretrained loads it like any HF folder. `model` is the raw module, never the DDP wrapper."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
@@ -948,8 +957,32 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0):
                 atomic(os.path.join(cfg.out_dir, name), lambda p: open(p, "wb").write(data))
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
     if opt is not None:
-        ts = {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state()}
+        ts = {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(), "seconds": seconds}
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
+
+
+def read_resumable(out_dir):
+    """-> config.json of a folder that this script's --train wrote, with its train_state.pt; else a UserError.
+    An HF folder or another script's out_dir has no `script: video_llava` stamp and no train_config."""
+    cpath, tpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "train_state.pt")
+    if not os.path.isfile(cpath) and not os.path.isfile(tpath):
+        raise UserError(f"{out_dir}: nothing to resume (no config.json / train_state.pt); run --train without "
+                        f"--resume first, or pass the --out_dir of an interrupted run")
+    try:
+        meta = json.load(open(cpath))
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("script") != SCRIPT or not isinstance(meta.get("train_config"), dict):
+        meta = meta if isinstance(meta, dict) else {}
+        what = (f"config.json was written by '{meta['script']}'" if meta.get("script") else
+                f"config.json describes a '{meta['model_type']}' model but no run" if meta.get("model_type")
+                else "config.json is missing or unreadable")
+        raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train ({what}); --resume needs the --out_dir of "
+                        f"a run of this script")
+    if not os.path.isfile(tpath):
+        raise UserError(f"{out_dir}: no train_state.pt, so there is no optimizer state to resume from; "
+                        f"drop --resume to start afresh (or --from_pretrained {out_dir} to fine-tune its weights)")
+    return meta
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1041,13 +1074,65 @@ def apply_freeze(model, freeze):
     return frozen
 
 
-def train(cfg):
+def batch_indices(step, pools, size, seed):
+    """Rows of the global batch of a step: a function of (step, seed) alone, shared by every rank, so that a resumed
+    run and any split into micro-batches and ranks see the same rows. Each pool (all questions, or image and video
+    questions with --balance_media) gives its share of `size` from a fresh permutation per epoch of that pool (a pool
+    smaller than its share is repeated to fill it); the pools' rows are interleaved so every shard gets its share."""
+    per = [size // len(pools) + (j < size % len(pools)) for j in range(len(pools))]
+    parts = []
+    for j, (pool, m) in enumerate(zip(pools, per)):
+        if m == 0:
+            continue
+        reps = -(-m // len(pool))
+        epoch, k = divmod(step, max(1, len(pool) * reps // m))
+        perm = torch.randperm(len(pool) * reps, generator=torch.Generator().manual_seed(seed + 7919 * j + epoch))
+        parts.append(pool[perm[k * m:(k + 1) * m] % len(pool)].tolist())
+    return [i for row in zip_longest(*parts) for i in row if i is not None]
+
+
+def resume_config(cfg, overrides):
+    """--resume: the config saved in out_dir (it holds the vocabulary size and placeholder ids of the saved token
+    table), with the flags typed on this command line on top. A typed architecture flag must agree with the
+    checkpoint; --stop_after only applies to the command that types it."""
+    saved = read_resumable(cfg.out_dir)["train_config"]
+    base = Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
+    arch = config_from_hf(hf_config_dict(base), cfg.out_dir)
+    clash = [f"--{k} {overrides[k]} (checkpoint: {v})" for k, v in arch.items() if overrides.get(k, v) != v]
+    if clash:
+        raise UserError(f"{cfg.out_dir}: cannot resume with another architecture: {', '.join(clash)}; drop those "
+                        f"flags")
+    return dataclasses.replace(base, **{"stop_after": 0, **overrides})
+
+
+def train(cfg, resume=False):
+    """Train (from scratch, from --from_pretrained, or from out_dir with resume=True), evaluate, save. Under torchrun
+    every process runs this: each computes its shard of every global batch; rank 0 alone prints, evaluates, saves."""
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
     device = pick_device(cfg.device)
+    if device == "cuda" and ddp:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
     t0 = time.time()
     torch.manual_seed(cfg.seed)
+    if master:  # one writer: the other ranks wait, then find the world's stamp and only read
+        build_world(cfg)
+    if ddp:
+        dist.barrier()
     files = build_world(cfg)
     entries = {s: read_annotations(f) for s, f in files.items()}
-    if cfg.from_pretrained:
+    if resume:  # the weights, the token table and the architecture all come from out_dir, never rebuilt
+        read_resumable(cfg.out_dir)
+        model, loaded, _ = load_pretrained(cfg.out_dir, torch.float32, "cpu", base=cfg)
+        tok = load_tokenizer(cfg.out_dir)
+        cfg = dataclasses.replace(cfg, **{f: getattr(loaded, f) for f in config_from_hf(hf_config_dict(loaded), "")})
+    elif cfg.from_pretrained:
         model, loaded, _ = load_pretrained(cfg.from_pretrained, torch.float32, "cpu", base=cfg)
         tok = load_tokenizer(cfg.from_pretrained)  # an HF checkpoint keeps its own tokenizer and vocabulary
         cfg = dataclasses.replace(cfg, **{f: getattr(loaded, f) for f in config_from_hf(hf_config_dict(loaded), "")})
@@ -1059,19 +1144,31 @@ def train(cfg):
         model = VideoLlava(cfg)
         model._init_weights()
     data = {s: Examples(e, cfg, tok) for s, e in entries.items()}
-    print("data: " + ", ".join(f"{s} {len(e)} questions" for s, e in entries.items()) + f" ({time.time() - t0:.1f}s)")
+    say("data: " + ", ".join(f"{s} {len(e)} questions" for s, e in entries.items()) + f" ({time.time() - t0:.1f}s)")
     frozen = apply_freeze(model, cfg.freeze)
     model.to(device)
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"parameters: {n_all / 1e6:.2f}M total, {n_train / 1e6:.2f}M trainable, {(n_all - n_train) / 1e6:.2f}M "
-          f"frozen; vocab {cfg.vocab_size} (compact GPT-2 table)")
+    say(f"parameters: {n_all / 1e6:.2f}M total, {n_train / 1e6:.2f}M trainable, {(n_all - n_train) / 1e6:.2f}M "
+        f"frozen; vocab {cfg.vocab_size} ({'compact GPT-2 table' if isinstance(tok, GPT2Table) else 'checkpoint'})")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError(f"--freeze {cfg.freeze}: nothing left to train")
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
+    step, seconds0 = 0, 0.0
+    if resume:  # AdamW moments, the step (data order and lr are functions of it) and the RNG, as they were saved
+        ts = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
+        opt.load_state_dict(ts["optimizer"])
+        step, seconds0 = ts["step"], ts.get("seconds", 0.0)
+        torch.set_rng_state(ts["rng"])
+        say(f"resumed from step {step} of {cfg.out_dir}")
+    raw = model
+    if ddp:  # unused parameters are normal here: a shard with no image leaves the image tower out of the graph, and
+        # layers past vision_feature_layer / post_layernorm never run (globally unused ones keep grad None, as alone)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
+                                                    find_unused_parameters=True)
     tr = data["train"]
     # --balance_media: half of every batch is image questions, half video questions (images carry 3 questions
     # each and fill 3/4 of uniform batches); measured, it did not help the temporal questions (README)
@@ -1080,42 +1177,69 @@ def train(cfg):
         pools = [p for p in pools if len(p)]
     else:
         pools = [torch.arange(len(tr.entries))]
-    per = [cfg.batch_size // len(pools) + (j < cfg.batch_size % len(pools)) for j in range(len(pools))]
-    t_log, last_val = time.time(), float("nan")
-    for step in range(cfg.max_steps):
-        idx = []
-        for j, (pool, m) in enumerate(zip(pools, per)):  # a fresh permutation of each pool per epoch of that pool
-            epoch, k = divmod(step, max(1, len(pool) // m))
-            perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed + 7919 * j + epoch))
-            idx += pool[perm[k * m:(k + 1) * m]].tolist()
-        b = tr.batch(idx)
+    gsize = cfg.batch_size * cfg.grad_accum * world
+    t_log, step0, last_val = time.time(), step, float("nan")
+    while step < cfg.max_steps:
+        idx = batch_indices(step, pools, gsize, cfg.seed)
+        # the loss is a mean over the answer tokens of the whole global batch, however it is split: each micro-batch
+        # scales its own mean by its share of those tokens (x world: DDP averages the ranks' gradients)
+        n_tok = sum(len(tr.answers[i]) for i in idx)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         model.train()
         for m in frozen:
             m.eval()
-        with autocast(cfg.dtype, device):
-            _, loss = model(**{k: (v.to(device) if v is not None else None) for k, v in b.items()})
-        if not math.isfinite(loss.item()):
-            raise UserError(f"loss became {loss.item()} at step {step}; stopped, the last checkpoint in "
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            b = tr.batch(idx[(micro * world + rank) * cfg.batch_size:(micro * world + rank + 1) * cfg.batch_size])
+            share = (b["targets"] != -100).sum().item() * world / n_tok
+            sync = not ddp or micro == cfg.grad_accum - 1  # DDP all-reduces only after the last micro-batch
+            with model.no_sync() if not sync else contextlib.nullcontext(), autocast(cfg.dtype, device):
+                _, loss = model(**{k: (v.to(device) if v is not None else None) for k, v in b.items()})
+                loss = loss * share
+            loss.backward()
+            total += loss.item() / world
+        if ddp:  # the logged loss is the global batch's, and every rank sees the same NaN and stops together
+            t = torch.tensor([total], device=device)
+            dist.all_reduce(t)
+            total = t.item()
+        if not math.isfinite(total):
+            raise UserError(f"loss became {total} at step {step}; stopped, the last checkpoint in "
                             f"{cfg.out_dir} is kept (try a lower --lr)")
-        loss.backward()
         nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_steps:
-            last_val = eval_loss(model, data["val"], cfg, device)
-            save_checkpoint(model, cfg, tok, opt, step + 1)
-        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
-            dt = (time.time() - t_log) / cfg.log_interval
-            eta = dt * (cfg.max_steps - step - 1)
-            print(f"step {step + 1}/{cfg.max_steps} | loss {loss.item():.3f} | val {last_val:.3f} | "
-                  f"lr {lr_at(step, cfg):.1e} | {dt * 1000:.0f} ms | {cfg.batch_size / dt:.0f} samples/s | "
-                  f"eta {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
+        step += 1
+        seconds = seconds0 + time.time() - t0
+        saved = False
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            if master:
+                last_val = eval_loss(raw, data["val"], cfg, device)
+                save_checkpoint(raw, cfg, tok, opt, step, seconds)
+            saved = True
+        if master and (step % cfg.log_interval == 0 or step == cfg.max_steps):
+            dt = (time.time() - t_log) / ((step - step0) % cfg.log_interval or cfg.log_interval)
+            eta = dt * (cfg.max_steps - step)
+            say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {last_val:.3f} | "
+                f"lr {lr_at(step - 1, cfg):.1e} | {dt * 1000:.0f} ms | {gsize / dt:.0f} samples/s | "
+                f"eta {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
             t_log = time.time()
-    train_seconds = time.time() - t0
-    print(f"trained in {train_seconds:.0f}s (data included)")
-    return evaluate(model, tok, cfg, device, data, train_seconds)
+        if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
+            if master and not saved:
+                save_checkpoint(raw, cfg, tok, opt, step, seconds)
+            say(f"stopped after step {step} as asked; continue with --train --resume --out_dir {cfg.out_dir}")
+            break
+    train_seconds = seconds0 + time.time() - t0
+    if ddp:
+        dist.barrier()
+    result = None
+    if master and step >= cfg.max_steps:
+        say(f"trained in {train_seconds:.0f}s (data included" + (f"; {seconds0:.0f}s of it before --resume)"
+                                                                  if seconds0 else ")"))
+        result = evaluate(raw, tok, cfg, device, data, train_seconds)
+    if ddp:
+        dist.destroy_process_group()
+    return result
 
 
 @torch.no_grad()
@@ -1417,6 +1541,8 @@ def bench_load(gb):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Video-LLaVA: HF-faithful inference and a tiny model trained on a CPU.")
     p.add_argument("--train", action="store_true", help="build the synthetic world (if needed), train, evaluate")
+    p.add_argument("--resume", action="store_true", help="with --train: continue the run saved in out_dir exactly "
+                   "(its config.json is the config; flags typed here override it, architecture flags must match)")
     p.add_argument("--eval", action="store_true", help="evaluate the checkpoint in out_dir on test and novel")
     p.add_argument("--generate", action="store_true", help="answer --prompt about --video / --image")
     p.add_argument("--inspect", default="", metavar="DIR", help="report on the checkpoint in DIR")
@@ -1439,6 +1565,10 @@ def parse_args(argv=None):
     cfg = Config(**{**PRESETS[args.preset], **overrides})
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype {cfg.dtype}: choose float32, bfloat16 or float16")
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise UserError(f"--batch_size {cfg.batch_size} --grad_accum {cfg.grad_accum}: both must be at least 1")
+    if args.resume and not args.train:
+        raise UserError("--resume continues a training run: use it with --train")
     return args, cfg, overrides
 
 
@@ -1483,8 +1613,11 @@ def run_generate(args, cfg, overrides):
 def main(argv=None):
     args, cfg, overrides = parse_args(argv)
     if args.train:
-        print("config:", json.dumps(dataclasses.asdict(cfg)))
-        train(cfg)
+        if args.resume:
+            cfg = resume_config(cfg, overrides)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone prints
+            print("config:", json.dumps(dataclasses.asdict(cfg)))
+        train(cfg, resume=args.resume)
     elif args.eval:
         device = pick_device(cfg.device)
         saved = read_config(cfg.out_dir).get("train_config")
