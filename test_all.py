@@ -1064,6 +1064,29 @@ def test_vl_causal_and_loss_mask():
     assert torch.allclose(loss, want, atol=1e-6)
 
 
+def test_vl_init_from_data_centres_the_visual_tokens():
+    """The data-dependent init changes initial weights only: afterwards the fixed batch's visual tokens have zero mean
+    and the text embeddings' std per feature (they were mostly one shared vector), and each medium still goes through
+    the same faithful forward."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(vl.Config(), **vl.PRESETS["tiny"], vocab_size=40, image_token_index=38,
+                              video_token_index=39)
+    m = vl.VideoLlava(cfg)
+    m._init_weights()
+    imgs, vids = torch.randn(6, 3, 48, 48), torch.randn(5, cfg.n_frames, 3, 48, 48)
+    imgs[:, :, :24] = vids[:, :, :, :24] = 0.3  # a shared background: the tokens of that half coincide
+    with torch.no_grad():
+        m.init_from_data(imgs, vids)
+        f = torch.cat([m.image_features(imgs).flatten(0, 1), m.video_features(vids).flatten(0, 1)])
+        std = m.language_model.model.embed_tokens.weight.std()
+        assert f.mean(0).abs().max() < 1e-3 * std.item()
+        assert torch.allclose(f.std(0), std.expand(f.shape[1]), rtol=1e-3)
+        for tower, pix in ((m.image_tower, imgs), (m.video_tower, vids.flatten(0, 1))):
+            vm = tower.vision_model
+            h = vm.pre_layrnorm(vm.embeddings(pix)).flatten(0, 1)
+            assert h.mean(0).abs().max() < 1e-4 and (h.std(0) - 1).abs().max() < 1e-3
+
+
 def test_vl_train_tiny_eval_generate_freeze(tmp_path):
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
     proc = run_script("video_llava.py", "--train", "--preset", "tiny", "--data_dir", data, "--out_dir", out)
