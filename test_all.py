@@ -1572,6 +1572,24 @@ def test_mk_overfit_one_batch(tmp_path):
     assert ((fl > 0).float() == labels).all()
 
 
+@pytest.mark.parametrize("head", ["keys", "linear"])
+def test_mk_frame_heads(tmp_path, head):
+    """Both frame heads give one finite logit per sampled frame: the default "keys" (the queries score one key per
+    frame, made from the video tokens) and the seed's "linear" (a fixed Linear(D, F) on each query)."""
+    cfg = _mk_tiny_cfg(tmp_path, frame_head=head)
+    model, tok = _mk_model(cfg)
+    items = [dict(question="What happens?", choices=["A. it appears", "B. it stops"], answer="A. it appears")] * 2
+    q_ids, q_valid, inp, tgt = mk.text_batch(items, tok)
+    torch.manual_seed(0)
+    clips = torch.randint(0, 255, (2, cfg.n_frames, 32, 32, 3), dtype=torch.uint8)
+    _, loss, fl = model(model.encode(clips), q_ids, q_valid, inp, tgt, torch.zeros(2, cfg.n_frames))
+    assert fl.shape == (2, cfg.n_frames) and torch.isfinite(loss)
+    if head == "keys":
+        assert not hasattr(model.bridge, "frame_out") and model.bridge.frame_key.out_features == 2 * cfg.l_width
+    else:
+        assert not hasattr(model.bridge, "frame_key")
+
+
 def test_mk_grad_accumulation_equals_big_batch(tmp_path):
     cfg = _mk_tiny_cfg(tmp_path)
     model, tok = _mk_model(cfg)
