@@ -6,7 +6,8 @@ Mark 1: a video multiple-choice answerer that also points at the frames supporti
       -> bridge: Linear Dv->D, N visual + M temporal learned queries cross-attend to the video tokens   (B, N+M, D)
                  one BERT-style layer (post-LN, GELU) over [queries; question token embeddings]          (B, N+M+Lq, D)
                  visual queries -> LLM prefix                                                           (B, N, D)
-                 temporal queries -> residual MLP head -> one logit per sampled frame, max over M       (B, F)
+                 temporal queries -> residual MLP head -> dot product with one key per frame, made from
+                   each tubelet's space-pooled video tokens minus the clip's mean; max over M          (B, F)
       -> Qwen3 LLM over [prefix; prompt tokens] -> the answer "C. ..."                                  (B, L, V)
 
 Upstream: V-JEPA 2 (https://arxiv.org/abs/2506.09985), Qwen3 (https://arxiv.org/abs/2505.09388), BLIP-2's learned
