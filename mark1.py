@@ -737,9 +737,12 @@ class Bridge(nn.Module):
         if cfg.frame_head == "linear":  # the seed's: a fixed map from each query to F logits
             self.frame_out = nn.Linear(d, cfg.n_frames)
         else:
-            self.per = -(-cfg.n_frames // n_tubelet)  # frames per tubelet
-            self.frame_key = nn.Linear(d, self.per * d)
+            per = max(1, cfg.n_frames // n_tubelet)  # frames per tubelet (the Conv3d drops leftover frames)
+            self.frame_key = nn.Linear(d, per * d)
             self.frame_bias = nn.Parameter(torch.zeros(cfg.n_frames))  # the per-frame prior
+            # frame f -> key f (tubelet f // per, its frame f % per); leftover frames take the last tubelet's last key
+            self.register_buffer("frame_to_key", torch.arange(cfg.n_frames).clamp(max=n_tubelet * per - 1),
+                                 persistent=False)
         # per-query output scale and shift (identity at first; set from data by Mark1.init_from_data)
         self.q_scale = nn.Parameter(torch.ones(N + M, d))
         self.q_shift = nn.Parameter(torch.zeros(N + M, d))
@@ -767,7 +770,7 @@ class Bridge(nn.Module):
         c = v.reshape(B, P // (self.grid * self.grid), -1, D).mean(2)  # (B, T, D)
         k = self.frame_key(c - c.mean(1, keepdim=True)).reshape(B, -1, D)  # (B, T*per, D): frame f = (f//per, f%per)
         s = (t @ k.transpose(1, 2)).amax(1) / math.sqrt(D)  # (B, M, T*per) -> max over the M queries -> (B, T*per)
-        return s[:, :self.frame_bias.shape[0]] + self.frame_bias  # (B, F)
+        return s[:, self.frame_to_key] + self.frame_bias  # (B, F)
 
     def video_tokens(self, feats):
         P = feats.shape[1]
@@ -799,7 +802,8 @@ class Mark1(nn.Module):
         self.bridge = Bridge(cfg, self.vision.width, d, max(1, cfg.n_frames // self.vision.tubelet), grid)
         self.frozen = set()
         self.cfg, self.devices = cfg, dict(vision="cpu", bridge="cpu", llm="cpu")
-        self.centre = cfg.centre_frames and vision is None  # never for a checkpoint encoder (it expects HF input)
+        self.scratch_vision = vision is None  # a checkpoint encoder keeps its HF input and its weights
+        self.centre = cfg.centre_frames and self.scratch_vision
         for part, loaded in (("vision", vision), ("llm", llm), ("bridge", None)):
             if loaded is None:  # towers loaded from a checkpoint keep their weights
                 getattr(self, part).apply(self._init_weights)
@@ -847,17 +851,18 @@ class Mark1(nn.Module):
         ln_v) and, per query, into the bridge's output scale/shift: zero mean, unit variance *across clips* at step 0.
         A one-off change of initial weights; the model stays a per-sample function (no batch statistics)."""
         def fold(ln_w, ln_b, x, dims):
-            m, s = x.float().mean(dims), x.float().std(dims) + 1e-3
+            m, s = x.float().mean(dims), x.float().std(dims, correction=0) + 1e-3  # (a batch of 1 is fine)
             ln_w.div_(s)
             ln_b.sub_(m).div_(s)
-        if "vision" not in self.frozen and self.centre:
+        if "vision" not in self.frozen and self.scratch_vision:
             feats = self.encode(clips)
             fold(self.vision.layernorm.weight, self.vision.layernorm.bias, feats, (0, 1))
         dev, b = self.devices["bridge"], self.bridge
         feats = self.encode(clips).to(dev)
         fold(b.ln_v.weight, b.ln_v.bias, b.video_tokens(feats), (0, 1))
-        q = b.read(b.video_tokens(feats), self.embed(q_ids).to(dev), q_valid.to(dev))  # (B, N+M, D): each query has its own constant
-        fold(b.q_scale, b.q_shift, q, 0)
+        q = b.read(b.video_tokens(feats), self.embed(q_ids).to(dev), q_valid.to(dev))  # (B, N+M, D)
+        if q.shape[0] > 1:  # a spread across clips needs two clips
+            fold(b.q_scale, b.q_shift, q, 0)
 
     def embed(self, ids):
         return self.llm.model.embed_tokens(ids.to(self.devices["llm"]))

@@ -1590,6 +1590,49 @@ def test_mk_frame_heads(tmp_path, head):
         assert not hasattr(model.bridge, "frame_key")
 
 
+def test_mk_init_from_data_and_centring(tmp_path):
+    """The data-dependent init folds one batch's statistics into initial weights: afterwards the bridge's video tokens
+    are zero-mean / unit-variance per feature across clips and tokens, and each query row has zero mean across clips.
+    A batch of one clip leaves the per-query fold alone (no spread to measure) instead of making NaN."""
+    cfg = _mk_tiny_cfg(tmp_path)
+    model, tok = _mk_model(cfg)
+    assert model.centre and model.scratch_vision
+    items = [dict(question="What happens to the red circle?", choices=["A. it appears", "B. it stops"],
+                  answer="A. it appears")] * 6
+    q_ids, q_valid, _, _ = mk.text_batch(items, tok)
+    torch.manual_seed(0)
+    clips = torch.full((6, cfg.n_frames, 32, 32, 3), 128, dtype=torch.uint8)
+    clips[:, :, 8:20, 8:20] = torch.randint(0, 255, (6, cfg.n_frames, 1, 1, 3), dtype=torch.uint8)  # one object
+    model.init_from_data(clips, q_ids, q_valid)
+    b = model.bridge
+    with torch.no_grad():
+        v = b.video_tokens(model.encode(clips)).flatten(0, 1)  # (B*P, D)
+        assert v.mean(0).abs().max() < 1e-3 and (v.std(0, correction=0) - 1).abs().max() < 0.05
+        q = b.read(b.video_tokens(model.encode(clips)), model.embed(q_ids), q_valid) * b.q_scale + b.q_shift
+        assert q.mean(0).abs().max() < 1e-3
+    one, _ = _mk_model(cfg)
+    one.init_from_data(clips[:1], q_ids[:1], q_valid[:1])
+    assert all(torch.isfinite(p).all() for p in one.parameters())
+
+
+def test_mk_checkpoint_encoder_is_not_centred(mk_hf, tmp_path):
+    """Centring and the encoder fold are for the from-scratch encoder only: a loaded V-JEPA 2 sees HF's input."""
+    cfg = _mk_tiny_cfg(tmp_path, vision_ckpt=str(mk_hf["root"] / "vjepa2"))
+    model, _ = _mk_model(cfg)
+    assert not model.centre and not model.scratch_vision
+    clips = torch.randint(0, 255, (2, cfg.n_frames, 32, 32, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        ref = mk_hf["vjepa2"].get_vision_features(mk.normalize(clips))
+    assert (model.encode(clips) - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("n_frames,want", [(8, [0, 1, 2, 3, 4, 5, 6, 7]), (5, [0, 1, 2, 3, 3]), (9, list(range(8)) + [7])])
+def test_mk_frame_to_key_map(tmp_path, n_frames, want):
+    """Frame f reads key f (tubelet f // 2, its frame f % 2); a leftover frame the Conv3d dropped reads the last."""
+    model, _ = _mk_model(_mk_tiny_cfg(tmp_path, n_frames=n_frames))
+    assert model.bridge.frame_to_key.tolist() == want
+
+
 def test_mk_grad_accumulation_equals_big_batch(tmp_path):
     cfg = _mk_tiny_cfg(tmp_path)
     model, tok = _mk_model(cfg)

@@ -1208,7 +1208,7 @@ def train(cfg, resume=False):
     else:
         pools = [torch.arange(len(tr.entries))]
     gsize = cfg.batch_size * cfg.grad_accum * world
-    t_log, step0, last_val = time.time(), step, float("nan")
+    t_log, log_step, last_val = time.time(), step, float("nan")
     while step < cfg.max_steps:
         idx = batch_indices(step, pools, gsize, cfg.seed)
         # the loss is a mean over the answer tokens of the whole global batch, however it is split: each micro-batch
@@ -1248,12 +1248,12 @@ def train(cfg, resume=False):
                 save_checkpoint(raw, cfg, tok, opt, step, seconds)
             saved = True
         if master and (step % cfg.log_interval == 0 or step == cfg.max_steps):
-            dt = (time.time() - t_log) / ((step - step0) % cfg.log_interval or cfg.log_interval)
+            dt = (time.time() - t_log) / (step - log_step)
             eta = dt * (cfg.max_steps - step)
             say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {last_val:.3f} | "
                 f"lr {lr_at(step - 1, cfg):.1e} | {dt * 1000:.0f} ms | {gsize / dt:.0f} samples/s | "
                 f"eta {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
-            t_log = time.time()
+            t_log, log_step = time.time(), step
         if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
             if master and not saved:
                 save_checkpoint(raw, cfg, tok, opt, step, seconds)
@@ -1320,7 +1320,9 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
              max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0,
              generator=None, use_cache=True, on_token=None):
     """Batched, left-padded generation -> (B, n) new ids (rows that stopped are filled with pad_token_id).
-    The media are encoded once at prefill; each later step feeds one token through the KV cache."""
+    The media are encoded once at prefill; each later step feeds one token through the KV cache. Side effect: a
+    float32 CPU model's LLaMA weights are re-laid (in, out)-major first (`matvec_layout`: same values and shapes;
+    training and save_checkpoint work on as before, but a raw state_dict now holds non-contiguous tensors)."""
     model.eval()
     matvec_layout(model)
     B, L = input_ids.shape
