@@ -84,7 +84,7 @@ class Config:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2  # < heads = grouped-query attention (the 7B has 32 = 32, plain multi-head)
     rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    rope_theta: float = 100.0  # from scratch (checkpoints bring their own; LLaMA's is 10000): see the README
     max_position_embeddings: int = 512  # the context: longer prompts are refused
     tie_word_embeddings: bool = False
     v_hidden_size: int = 64  # vision tower width
