@@ -1085,6 +1085,14 @@ def test_vl_init_from_data_centres_the_visual_tokens():
             vm = tower.vision_model
             h = vm.pre_layrnorm(vm.embeddings(pix)).flatten(0, 1)
             assert h.mean(0).abs().max() < 1e-4 and (h.std(0) - 1).abs().max() < 1e-3
+    # data with clips only: the image tower keeps its initial weights, the video tokens are still centred
+    m2 = vl.VideoLlava(cfg)
+    m2._init_weights()
+    before = m2.image_tower.vision_model.pre_layrnorm.weight.clone()
+    with torch.no_grad():
+        m2.init_from_data(None, vids)
+        assert torch.equal(m2.image_tower.vision_model.pre_layrnorm.weight, before)
+        assert m2.video_features(vids).flatten(0, 1).mean(0).abs().max() < 1e-3 * std.item()
 
 
 def test_vl_train_tiny_eval_generate_freeze(tmp_path):
@@ -1584,6 +1592,8 @@ def test_mk_frame_heads(tmp_path, head):
     clips = torch.randint(0, 255, (2, cfg.n_frames, 32, 32, 3), dtype=torch.uint8)
     _, loss, fl = model(model.encode(clips), q_ids, q_valid, inp, tgt, torch.zeros(2, cfg.n_frames))
     assert fl.shape == (2, cfg.n_frames) and torch.isfinite(loss)
+    with pytest.raises(mk.UserError, match="--frame_head"):
+        mk.parse_args(["--train", "--frame_head", "conv"])
     if head == "keys":
         assert not hasattr(model.bridge, "frame_out") and model.bridge.frame_key.out_features == 2 * cfg.l_width
     else:

@@ -775,10 +775,16 @@ class VideoLlava(nn.Module):
             m, s = x.mean(0), x.std(0) + 1e-6
             ln_w.mul_((std / s).view(-1, *[1] * (ln_w.dim() - 1)))
             ln_b.sub_(m).mul_(std / s)
-        for tower, pix in ((self.image_tower, images), (self.video_tower, videos.flatten(0, 1))):
-            vm = tower.vision_model
-            fold(vm.pre_layrnorm.weight, vm.pre_layrnorm.bias, vm.pre_layrnorm(vm.embeddings(pix)))
-        feats = torch.cat([self.image_features(images).flatten(0, 1), self.video_features(videos).flatten(0, 1)])
+        feats = []  # a medium the data lacks (None) leaves its tower as it was
+        if images is not None:
+            vm = self.image_tower.vision_model
+            fold(vm.pre_layrnorm.weight, vm.pre_layrnorm.bias, vm.pre_layrnorm(vm.embeddings(images)))
+            feats.append(self.image_features(images).flatten(0, 1))
+        if videos is not None:
+            vm = self.video_tower.vision_model
+            fold(vm.pre_layrnorm.weight, vm.pre_layrnorm.bias, vm.pre_layrnorm(vm.embeddings(videos.flatten(0, 1))))
+            feats.append(self.video_features(videos).flatten(0, 1))
+        feats = torch.cat(feats)
         p2 = self.multi_modal_projector.linear_2
         fold(p2.weight, p2.bias, feats, self.language_model.model.embed_tokens.weight.std().item())
 
@@ -1170,10 +1176,9 @@ def train(cfg, resume=False):
     if not resume and not cfg.from_pretrained and cfg.data_init > 0:  # the same fixed media on every rank
         g, tr0 = torch.Generator().manual_seed(cfg.seed), data["train"]
         media = {k: [m for m, e in zip(tr0.media, tr0.entries) if e["kind"] == k] for k in ("image", "video")}
-        if all(media.values()):
-            pick = {k: [v[j] for j in torch.randperm(len(v), generator=g)[:cfg.data_init].tolist()]
-                    for k, v in media.items()}
-            model.init_from_data(torch.stack(pick["image"]), torch.stack(pick["video"]))
+        pick = {k: torch.stack([v[j] for j in torch.randperm(len(v), generator=g)[:cfg.data_init].tolist()])
+                if v else None for k, v in media.items()}
+        model.init_from_data(pick["image"], pick["video"])
     say("data: " + ", ".join(f"{s} {len(e)} questions" for s, e in entries.items()) + f" ({time.time() - t0:.1f}s)")
     frozen = apply_freeze(model, cfg.freeze)
     model.to(device)
