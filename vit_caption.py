@@ -72,7 +72,7 @@ class Config:
     test_data: str = ""  # optional captions file for evaluation on user data; else every 10th image is held out
     data_dir: str = "data/vit_caption"  # where the synthetic world is written
     out_dir: str = "out/vit_caption"  # checkpoint, eval.json, pictures
-    n_train: int = 6000  # synthetic images per split
+    n_train: int = 20000  # synthetic training images (6000 over-fitted: train 0.98 vs test 0.90 exact match)
     n_val: int = 200
     n_test: int = 500
     n_novel: int = 500
@@ -80,7 +80,7 @@ class Config:
     eval_max: int = 0  # >0: evaluate only the first eval_max images of each split (the big seed model is slow)
     img_size: int = 48  # images are letterboxed to a square and resized to this side
     # ViT
-    patch: int = 8
+    patch: int = 12  # 48/12 -> 16 patches: fewer, larger patches (see the README for 8)
     vit_dim: int = 128  # E
     vit_layers: int = 3
     vit_heads: int = 4
@@ -99,7 +99,7 @@ class Config:
     # training
     batch_size: int = 64  # micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * world size)
-    max_steps: int = 2000
+    max_steps: int = 3800
     lr: float = 2e-3
     min_lr: float = 1e-4
     warmup: int = 60
