@@ -553,6 +553,9 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
 
     def forward(self, x):
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # the same arithmetic in one fused call (bit-identical, measured): decode runs 25 of these per token
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         h = x.float()  # in float32 whatever the activation dtype, then back: as LLaMA (and HF) do
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
