@@ -866,6 +866,24 @@ def _vl_inputs(seed=0):
     return ids, mask, imgs, vids
 
 
+def test_vl_rmsnorm_fused_path_is_the_formula():
+    """float32 takes F.rms_norm (one call, for decode speed); it must give LLaMA's formula bit for bit, and bfloat16
+    must keep HF's order: normalise in float32, cast, then scale."""
+    norm = vl.RMSNorm(16, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 16)
+    formula = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert torch.equal(norm(x), formula)
+    norm_bf = vl.RMSNorm(16, 1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm_bf.weight.copy_(norm.weight)
+    xb = x.bfloat16()
+    h = xb.float()
+    want = norm_bf.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    assert norm_bf(xb).dtype == torch.bfloat16 and torch.equal(norm_bf(xb), want)
+
+
 @pytest.mark.parametrize("layout", ["t5save", "hub", "memory", "hub_sharded", "memory_sharded_bf16"])
 def test_vl_logit_parity_every_layout(vl_ckpt, layout):
     ref, dirs = vl_ckpt
