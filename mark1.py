@@ -734,6 +734,7 @@ class Bridge(nn.Module):
                                   for _ in range(cfg.temporal_blocks))
         # frame head: each temporal query scores each frame through its tubelet's change-over-the-clip feature (one
         # key per frame of the tubelet, so the two frames of a tubelet can differ); max over the queries
+        self.frame_head = cfg.frame_head
         if cfg.frame_head == "linear":  # the seed's: a fixed map from each query to F logits
             self.frame_out = nn.Linear(d, cfg.n_frames)
         else:
@@ -764,7 +765,7 @@ class Bridge(nn.Module):
         query wins.
         The seed's head (frame_head="linear", a fixed Linear(D, F) on each query) never moved the frame loss off its
         constant-prediction plateau in our from-scratch runs (BCE 0.90 after 1200 steps, README)."""
-        if hasattr(self, "frame_out"):
+        if self.frame_head == "linear":
             return self.frame_out(t).amax(1)  # (B, M, F) -> max over the M temporal queries -> (B, F)
         B, P, D = v.shape
         c = v.reshape(B, P // (self.grid * self.grid), -1, D).mean(2)  # (B, T, D)
@@ -858,7 +859,7 @@ class Mark1(nn.Module):
             feats = self.encode(clips)
             fold(self.vision.layernorm.weight, self.vision.layernorm.bias, feats, (0, 1))
         dev, b = self.devices["bridge"], self.bridge
-        feats = self.encode(clips).to(dev)
+        feats = self.encode(clips).to(dev)  # again: the fold above changed the encoder's output (and ln_v's below)
         fold(b.ln_v.weight, b.ln_v.bias, b.video_tokens(feats), (0, 1))
         q = b.read(b.video_tokens(feats), self.embed(q_ids).to(dev), q_valid.to(dev))  # (B, N+M, D)
         if q.shape[0] > 1:  # a spread across clips needs two clips
