@@ -466,6 +466,27 @@ def test_vc_causal_mask(pool):
 
 
 @_vc_1t
+def test_vc_patch_init_whitens_the_patches():
+    """init_from_data: on the images it was fitted to, the patch embedding's outputs have zero mean and covariance
+    patch_scale^2 * I (decorrelated), which also checks that the conv reads a patch in unfold's order; the position
+    embeddings are 2-D sin-cos at std 0.3 * patch_scale."""
+    model, cfg = _vc_model(patch_scale=0.5)
+    images = _vc_images(64, cfg)
+    model.init_from_data(images)
+    x = (images.permute(0, 3, 1, 2).float() / 255.0 - model.pix_mean) / model.pix_std
+    feats = model.vit.patch_embed(x).flatten(2).transpose(1, 2).flatten(0, 1).double()  # (B*P, E)
+    assert feats.mean(0).abs().max() < 1e-4
+    assert torch.allclose(torch.cov(feats.T), 0.25 * torch.eye(cfg.vit_dim, dtype=torch.float64), atol=1e-3)
+    # positions: the first half of the features depends on the column only, the second on the row only
+    n, q = cfg.img_size // cfg.patch, cfg.vit_dim // 4
+    grid = model.vit.pos[0].view(n, n, -1)
+    assert torch.equal(grid[:, :, :2 * q], grid[:1, :, :2 * q].expand(n, -1, -1))
+    assert torch.equal(grid[:, :, 2 * q:4 * q], grid[:, :1, 2 * q:4 * q].expand(-1, n, -1))
+    assert not torch.equal(grid[0, 0], grid[0, 1]) and not torch.equal(grid[0, 0], grid[1, 0])
+    torch.testing.assert_close(model.vit.pos[0].std(0), torch.full((cfg.vit_dim,), 0.5 * 0.3))
+
+
+@_vc_1t
 def test_vc_rope_rotate_half_matches_complex_rotation():
     """rotate_half RoPE == rotating each (i, i + hd/2) pair by angle pos * theta^(-2i/hd), in float64."""
     hd, T = 8, 5
