@@ -1103,6 +1103,32 @@ def test_vl_causal_and_loss_mask():
     assert torch.allclose(loss, want, atol=1e-6)
 
 
+def test_vl_whiten_patches_init():
+    """--whiten_patches: each tower's patch_embedding outputs on the init batch are decorrelated at unit variance
+    (the conv reads a patch in unfold's order), the patch positions are 2-D sin-cos at std 0.3 (column features
+    constant down a column), the CLS position row is untouched, and the visual tokens are still centred."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(vl.Config(), **vl.PRESETS["tiny"], vocab_size=40, image_token_index=38,
+                              video_token_index=39, whiten_patches=True)
+    m = vl.VideoLlava(cfg)
+    m._init_weights()
+    cls_pos = m.video_tower.vision_model.embeddings.position_embedding.weight[0].clone()
+    imgs, vids = torch.randn(16, 3, 48, 48), torch.randn(5, cfg.n_frames, 3, 48, 48)
+    with torch.no_grad():
+        m.init_from_data(imgs, vids)
+        for tower, pix in ((m.image_tower, imgs), (m.video_tower, vids.flatten(0, 1))):
+            emb = tower.vision_model.embeddings
+            h = emb.patch_embedding(pix).flatten(2).transpose(1, 2).flatten(0, 1).double()
+            assert torch.allclose(torch.cov(h.T), torch.eye(h.shape[1], dtype=torch.float64), atol=1e-3)
+            pos = emb.position_embedding.weight[1:].view(4, 4, -1)
+            q = cfg.v_hidden_size // 4
+            assert torch.equal(pos[:, :, :2 * q], pos[:1, :, :2 * q].expand(4, -1, -1))
+            torch.testing.assert_close(pos.flatten(0, 1).std(0), torch.full((cfg.v_hidden_size,), 0.3))
+        assert torch.equal(m.video_tower.vision_model.embeddings.position_embedding.weight[0], cls_pos)
+        f = torch.cat([m.image_features(imgs).flatten(0, 1), m.video_features(vids).flatten(0, 1)])
+        assert f.mean(0).abs().max() < 1e-3 * m.language_model.model.embed_tokens.weight.std().item()
+
+
 def test_vl_init_from_data_centres_the_visual_tokens():
     """The data-dependent init changes initial weights only: afterwards the fixed batch's visual tokens have zero mean
     and the text embeddings' std per feature (they were mostly one shared vector), and each medium still goes through
