@@ -742,6 +742,7 @@ def test_vc_bad_inputs(tmp_path):
     (other / "model.safetensors").write_bytes(b"x")
     assert_user_error(run_script("vit_caption.py", "--eval", "--out_dir", other), "videollama_mini")
     assert_user_error(run_script("vit_caption.py", "--train", "--preset", "huge"), "--preset huge")
+    assert_user_error(run_script("vit_caption.py", "--train", "--patch_init", "zeros"), "--patch_init zeros")
 
 
 @_vc_1t

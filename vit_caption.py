@@ -1178,6 +1178,8 @@ def parse_args(argv=None):
         raise UserError(f"--pool {cfg.pool}: choose cls, mean or patches")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype {cfg.dtype}: choose float32, bfloat16 or float16")
+    if cfg.patch_init not in ("pca", "random"):
+        raise UserError(f"--patch_init {cfg.patch_init}: choose pca or random")
     if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.vit_heads:
         raise UserError("--d_model must split into --n_head even-sized heads and --vit_dim into --vit_heads")
     return args, cfg, overrides
