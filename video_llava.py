@@ -689,8 +689,7 @@ def whiten(emb, pixels, p):
     k = min(w.shape[0], evecs.shape[1])
     w.zero_()
     w[:k] = (evecs[:, -k:].flip(1) / evals[-k:].flip(0).clamp_min(1e-8).sqrt()).T.float()
-    n = int(round((emb.position_embedding.weight.shape[0] - 1) ** 0.5))
-    emb.position_embedding.weight[1:] = sincos_2d(n, w.shape[0]) * 0.3
+    emb.position_embedding.weight[1:] = sincos_2d(pixels.shape[-1] // p, w.shape[0]) * 0.3
 
 
 class CLIPAttention(nn.Module):
@@ -1261,11 +1260,15 @@ def train(cfg, resume=False):
         total = 0.0
         # each micro-batch runs as two passes, its image rows and its video rows, each padded to its own longest row:
         # mixed, every image row (~35 tokens) would be padded to the video rows' ~90. Same loss, ~40% less LLM work.
-        passes = [[i for i in idx[(micro * world + rank) * cfg.batch_size:(micro * world + rank + 1) * cfg.batch_size]
-                   if tr.entries[i]["kind"] == kind] for micro in range(cfg.grad_accum) for kind in ("image", "video")]
-        passes = [p for p in passes if p]
-        for j, rows in enumerate(passes):
-            b = tr.batch(rows)
+        passes = []
+        for micro in range(cfg.grad_accum):
+            rows = idx[(micro * world + rank) * cfg.batch_size:(micro * world + rank + 1) * cfg.batch_size]
+            for kind in ("image", "video"):
+                part = [i for i in rows if tr.entries[i]["kind"] == kind]
+                if part:
+                    passes.append(part)
+        for j, part in enumerate(passes):
+            b = tr.batch(part)
             share = (b["targets"] != -100).sum().item() * world / n_tok
             sync = not ddp or j == len(passes) - 1  # DDP all-reduces only after the last pass
             with model.no_sync() if not sync else contextlib.nullcontext(), autocast(cfg.dtype, device):
@@ -1417,14 +1420,13 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
     result = {}
     for split in ("test", "novel"):
         ex = data[split]
+        by_kind = {k: [i for i, e in enumerate(ex.entries) if e["kind"] == k] for k in ("image", "video")}
         preds = {}
-        for kind in ("image", "video"):  # batches of one medium: an image prompt is never padded to a video's length
-            rows = [i for i, e in enumerate(ex.entries) if e["kind"] == kind]
+        for rows in by_kind.values():  # batches of one medium: an image prompt is never padded to a video's length
             for s in range(0, len(rows), 64):
                 preds.update(zip(rows[s:s + 64], answer_batch(model, tok, ex, rows[s:s + 64], cfg, device)))
         result[split] = {}
-        for kind in ("image", "video"):
-            rows = [i for i, e in enumerate(ex.entries) if e["kind"] == kind]
+        for kind, rows in by_kind.items():
             if not rows:
                 continue
             refs = [ex.entries[i]["answer"] for i in rows]
