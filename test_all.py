@@ -1212,6 +1212,34 @@ def vl_tiny_run(tmp_path_factory):
     return cfg, load_file(os.path.join(cfg.out_dir, "model.safetensors"))
 
 
+def test_vl_shared_towers(vl_tiny_run, tmp_path):
+    """share_towers (the default from scratch): one CLIP tower trained on images and frames. The checkpoint still holds
+    both key sets, equal, and loads as two towers; at init the shared patch embedding whitens images and frames
+    together; with --no-share_towers the two towers train apart."""
+    cfg, w = vl_tiny_run
+    tower = [k for k in w if k.startswith("image_tower.")]
+    assert tower and all(torch.equal(w[k], w["video_tower." + k[len("image_tower."):]]) for k in tower)
+    m = vl.VideoLlava.from_pretrained(cfg.out_dir)
+    assert m.image_tower is not m.video_tower
+    torch.manual_seed(0)
+    mcfg = dataclasses.replace(cfg, vocab_size=40, image_token_index=38, video_token_index=39)
+    shared = vl.VideoLlava(mcfg)
+    shared._init_weights()
+    shared.share_towers()
+    assert shared.video_tower is shared.image_tower
+    assert sum(p.numel() for p in shared.parameters()) < sum(p.numel() for p in m.parameters())
+    imgs, vids = torch.randn(16, 3, 48, 48) * 2, torch.randn(5, cfg.n_frames, 3, 48, 48)  # different statistics
+    with torch.no_grad():
+        shared.init_from_data(imgs, vids)
+        pix = torch.cat([imgs, vids.flatten(0, 1)])
+        h = shared.image_tower.vision_model.embeddings.patch_embedding(pix).flatten(2).transpose(1, 2).flatten(0, 1)
+        assert torch.allclose(torch.cov(h.double().T), torch.eye(h.shape[1], dtype=torch.float64), atol=1e-3)
+    apart = str(tmp_path / "apart")
+    vl.train(dataclasses.replace(cfg, out_dir=apart, share_towers=False))
+    w2 = load_file(os.path.join(apart, "model.safetensors"))
+    assert not all(torch.equal(w2[k], w2["video_tower." + k[len("image_tower."):]]) for k in tower)
+
+
 @_vc_1t
 def test_vl_grad_accumulation_equals_big_batch(vl_tiny_run, tmp_path):
     """batch 4 x grad_accum 2 = batch 8 (the loss is a mean over the global batch's answer tokens, whose rows split

@@ -108,6 +108,7 @@ class Config:
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * world size)
     whiten_patches: bool = True  # with data_init: patch embeddings whitened, patch positions 2-D sin-cos (README)
     data_init: int = 64  # images and clips of the data-dependent init before step 0 (from scratch only); 0 = off
+    share_towers: bool = True  # from scratch: the video tower is the image tower, one set of weights (README)
     balance_media: bool = False  # batches half image, half video questions (else uniform over all questions)
     max_steps: int = 2000
     lr: float = 2e-3
@@ -776,6 +777,11 @@ class VideoLlava(nn.Module):
         self.multi_modal_projector = VideoLlavaMultiModalProjector(cfg)
         self._rope = {}
 
+    def share_towers(self):
+        """One CLIP tower for images and video frames: video_tower becomes another name for image_tower. The state dict
+        still lists both key sets (identical tensors), so the checkpoint loads anywhere as two towers."""
+        self.video_tower = self.image_tower
+
     def _init_weights(self):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
@@ -796,7 +802,8 @@ class VideoLlava(nn.Module):
         object patches hardly stand out. One fixed batch is run through each tower, and each tower's pre_layrnorm
         affine is set so that its output has zero mean and unit variance per feature across that batch's tokens; then
         the projector's last layer, so that the visual tokens have zero mean and the text embeddings' standard
-        deviation. With whiten_patches, first each tower's patch_embedding and patch positions (see `whiten`). Only
+        deviation. With whiten_patches, first each tower's patch_embedding and patch positions (see `whiten`). A
+        shared tower (share_towers) is initialised once, from the images and the video frames together. Only
         initial weights change: the forward stays the checkpoint-faithful one. Measured (RoPE base 10000): default
         run, test image 0.952 -> 0.982, video 0.350 -> 0.430."""
         def fold(ln_w, ln_b, x, std=1.0):
@@ -804,19 +811,20 @@ class VideoLlava(nn.Module):
             m, s = x.mean(0), x.std(0) + 1e-6
             ln_w.mul_((std / s).view(-1, *[1] * (ln_w.dim() - 1)))
             ln_b.sub_(m).mul_(std / s)
-        feats = []  # a medium the data lacks (None) leaves its tower as it was
-        if self.cfg.whiten_patches:
-            for tower, px in ((self.image_tower, images), (self.video_tower, videos)):
-                if px is not None:
-                    whiten(tower.vision_model.embeddings, px.flatten(0, -4), self.cfg.patch_size)
-        if images is not None:
-            vm = self.image_tower.vision_model
-            fold(vm.pre_layrnorm.weight, vm.pre_layrnorm.bias, vm.pre_layrnorm(vm.embeddings(images)))
-            feats.append(self.image_features(images).flatten(0, 1))
-        if videos is not None:
-            vm = self.video_tower.vision_model
-            fold(vm.pre_layrnorm.weight, vm.pre_layrnorm.bias, vm.pre_layrnorm(vm.embeddings(videos.flatten(0, 1))))
-            feats.append(self.video_features(videos).flatten(0, 1))
+        # the pictures each tower sees, as (N, 3, S, S); shared towers see both. A medium the data lacks (None) leaves
+        # its tower as it was.
+        seen = {}
+        for tower, px in ((self.image_tower, images), (self.video_tower, videos)):
+            if px is not None:
+                seen.setdefault(tower, []).append(px.flatten(0, -4))
+        for tower, px in seen.items():
+            px, emb = torch.cat(px), tower.vision_model.embeddings
+            if self.cfg.whiten_patches:
+                whiten(emb, px, self.cfg.patch_size)
+            ln = tower.vision_model.pre_layrnorm
+            fold(ln.weight, ln.bias, ln(emb(px)))
+        feats = ([] if images is None else [self.image_features(images).flatten(0, 1)]) + \
+                ([] if videos is None else [self.video_features(videos).flatten(0, 1)])
         feats = torch.cat(feats)
         p2 = self.multi_modal_projector.linear_2
         fold(p2.weight, p2.bias, feats, self.language_model.model.embed_tokens.weight.std().item())
@@ -1006,7 +1014,11 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
     table) + train_state.pt (what --resume needs beyond the weights: optimizer, step, RNG, seconds trained so far):
     from_pretrained loads it like any HF folder. `model` is the raw module, never the DDP wrapper."""
     os.makedirs(cfg.out_dir, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():  # shared towers: the second name gets its own copy (safetensors wants it)
+        v = v.detach().cpu().contiguous()
+        state[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
     meta = {**hf_config_dict(cfg), "script": SCRIPT, "train_config": dataclasses.asdict(cfg)}
     if isinstance(tok, GPT2Table):
@@ -1157,7 +1169,7 @@ def resume_config(cfg, overrides):
     """--resume: the config saved in out_dir (it holds the vocabulary size and placeholder ids of the saved token
     table), with the flags typed on this command line on top. A typed architecture flag must agree with the
     checkpoint; --stop_after only applies to the command that types it."""
-    saved = read_resumable(cfg.out_dir)["train_config"]
+    saved = {"share_towers": False, **read_resumable(cfg.out_dir)["train_config"]}  # older runs: two towers
     base = Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
     arch = config_from_hf(hf_config_dict(base), cfg.out_dir)
     clash = [f"--{k} {overrides[k]} (checkpoint: {v})" for k, v in arch.items() if overrides.get(k, v) != v]
@@ -1205,6 +1217,8 @@ def train(cfg, resume=False):
                                   video_token_index=tok.added["<video>"])
         model = VideoLlava(cfg)
         model._init_weights()
+    if cfg.share_towers and not cfg.from_pretrained:  # on --resume too: the two saved copies are equal, one is kept
+        model.share_towers()
     data = {s: Examples(e, cfg, tok) for s, e in entries.items()}
     if not resume and not cfg.from_pretrained and cfg.data_init > 0:  # the same fixed media on every rank
         g, tr0 = torch.Generator().manual_seed(cfg.seed), data["train"]
@@ -1218,7 +1232,8 @@ def train(cfg, resume=False):
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"parameters: {n_all / 1e6:.2f}M total, {n_train / 1e6:.2f}M trainable, {(n_all - n_train) / 1e6:.2f}M "
-        f"frozen; vocab {cfg.vocab_size} ({'compact GPT-2 table' if isinstance(tok, GPT2Table) else 'checkpoint'})")
+        f"frozen; vocab {cfg.vocab_size} ({'compact GPT-2 table' if isinstance(tok, GPT2Table) else 'checkpoint'})"
+        + ("; one CLIP tower for images and frames" if model.video_tower is model.image_tower else ""))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError(f"--freeze {cfg.freeze}: nothing left to train")
@@ -1431,7 +1446,7 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
                 continue
             refs = [ex.entries[i]["answer"] for i in rows]
             r = {"n": len(rows), "exact_match": exact_match([preds[i] for i in rows], refs), "by_question": {}}
-            kinds = {i: " ".join(ex.entries[i]["question"].split()[:3]) for i in rows}  # e.g. "Which way does"
+            kinds = {i: " ".join(ex.entries[i]["question"].split()[:4]) for i in rows}  # e.g. "Which way does the"
             for q in sorted(set(kinds.values())):
                 sub = [i for i in rows if kinds[i] == q]
                 r["by_question"][q] = exact_match([preds[i] for i in sub], [ex.entries[i]["answer"] for i in sub])
@@ -1564,6 +1579,20 @@ def bench(cfg):
               f"{tps['transformers']:.1f} tok/s | video_llava {tps['video_llava']:.1f} tok/s "
               f"({tps['video_llava'] / tps['transformers']:.2f}x) | bandwidth floor {floor:.1f} tok/s "
               f"({tps['video_llava'] / floor:.0%} of it)")
+        # where the gap to the floor goes: the matrix-vector products of one decode step alone, on this model's own
+        # matrices in generate's layout (each read once per pass, so from memory as in decoding), nothing else
+        mats = [m.weight for m in ours.language_model.modules() if isinstance(m, nn.Linear)]
+        xs = {d: torch.randn(1, d) for d in {w.shape[1] for w in mats}}
+        best = 1e9
+        for _ in range(5):
+            t = time.perf_counter()
+            for w in mats:
+                F.linear(xs[w.shape[1]], w)
+            best = min(best, time.perf_counter() - t)
+        nbytes = sum(w.numel() * 4 for w in mats)
+        print(f"{name}: the products alone ({nbytes / 1e6:.0f} MB of matrices, embedding rows not read): {best * 1e3:.1f}"
+              f" ms = {nbytes / best / 1e9:.1f} GB/s, {1 / best:.1f} tok/s; decoding runs at "
+              f"{tps['video_llava'] * best:.0%} of that")
 
 
 def bench_load(gb):
