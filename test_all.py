@@ -957,6 +957,14 @@ def test_vl_matvec_layout_changes_strides_only(vl_ckpt, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in params.items())
     got, _ = ours(ids, mask, imgs, vids)
     assert (want - got).abs().max() < 1e-5
+    # one-token steps read q/k/v and gate/up through one product each; a weight replaced later is used, not the buffer
+    attn, mlp = ours.language_model.model.layers[0].self_attn, ours.language_model.model.layers[0].mlp
+    assert attn.q_proj.weight.data_ptr() == attn.fused.data_ptr() and mlp.gate_proj.weight.data_ptr() == mlp.fused.data_ptr()
+    x = torch.randn(2, 1, ours.cfg.hidden_size)
+    torch.testing.assert_close(mlp(x), mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
+    mlp.gate_proj.weight.data = mlp.gate_proj.weight.data * 2  # a new tensor: the fused buffer is now stale
+    torch.testing.assert_close(mlp(x), mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
+    mlp.gate_proj.weight.data = mlp.gate_proj.weight.data / 2
     cfg = dataclasses.replace(ours.cfg, out_dir=str(tmp_path / "saved"))
     vl.save_checkpoint(ours, cfg, vl.load_tokenizer(vl_ckpt[1]["t5save"]))
     again = vl.VideoLlava.from_pretrained(cfg.out_dir, dtype=torch.float32).eval()
