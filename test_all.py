@@ -35,6 +35,27 @@ def assert_user_error(proc, *needles):
         assert n in last, (n, last)
 
 
+def check_autocast_auto(mod, monkeypatch):
+    """--dtype auto: bfloat16 only where the hardware computes in it (a CPU with AVX512-BF16 or AMX, a CUDA GPU that
+    supports it), else float32; an explicit dtype is kept. The CPU's instruction sets and CUDA are faked."""
+    assert mod.Config().dtype == "auto"
+    for caps, want in (({"avx512_bf16": True}, "bfloat16"), ({"amx_bf16": True, "avx512_bf16": False}, "bfloat16"),
+                       ({"avx512_bf16": False, "amx_bf16": False, "avx2": True}, "float32"), ({}, "float32")):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: dict(caps))
+        assert mod.autocast_dtype("auto", "cpu") == want, caps
+        assert mod.autocast_dtype("float32", "cpu") == "float32" and mod.autocast_dtype("bfloat16", "cpu") == "bfloat16"
+        assert mod.autocast_dtype("auto", "mps") == "float32"
+    for ok in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, ok=ok, **k: ok)
+        assert mod.autocast_dtype("auto", "cuda:1") == ("bfloat16" if ok else "float32")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {})
+    with mod.autocast("auto" if mod.__name__ == "video_llava" else mod.Config(dtype="auto"), "cpu"):
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32  # float32 really runs
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
+    with mod.autocast("auto" if mod.__name__ == "video_llava" else mod.Config(dtype="auto"), "cpu"):
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+
+
 # ====================================================================================================================
 # 1. videollama_mini.py
 # ====================================================================================================================
@@ -377,6 +398,10 @@ def test_vm_ddp_two_processes_match_one(tmp_path):
     assert proc.stdout.count("step 3/3") == 1  # rank 0 alone prints
     ddp, _, _ = vm.load_checkpoint(str(tmp_path / "ddp"))
     torch.testing.assert_close(_vm_weights(ddp), _vm_weights(single), atol=2e-5, rtol=1e-4)
+
+
+def test_vm_autocast_auto(monkeypatch):
+    check_autocast_auto(vm, monkeypatch)
 
 
 # ====================================================================================================================
@@ -1220,10 +1245,11 @@ def vl_tiny_run(tmp_path_factory):
     return cfg, load_file(os.path.join(cfg.out_dir, "model.safetensors"))
 
 
-def test_vl_shared_towers(vl_tiny_run, tmp_path):
+@_vc_1t
+def test_vl_shared_towers(vl_tiny_run):
     """share_towers (the default from scratch): one CLIP tower trained on images and frames. The checkpoint still holds
     both key sets, equal, and loads as two towers; at init the shared patch embedding whitens images and frames
-    together; with --no-share_towers the two towers train apart."""
+    together."""
     cfg, w = vl_tiny_run
     tower = [k for k in w if k.startswith("image_tower.")]
     assert tower and all(torch.equal(w[k], w["video_tower." + k[len("image_tower."):]]) for k in tower)
@@ -1242,10 +1268,47 @@ def test_vl_shared_towers(vl_tiny_run, tmp_path):
         pix = torch.cat([imgs, vids.flatten(0, 1)])
         h = shared.image_tower.vision_model.embeddings.patch_embedding(pix).flatten(2).transpose(1, 2).flatten(0, 1)
         assert torch.allclose(torch.cov(h.double().T), torch.eye(h.shape[1], dtype=torch.float64), atol=1e-3)
-    apart = str(tmp_path / "apart")
-    vl.train(dataclasses.replace(cfg, out_dir=apart, share_towers=False))
-    w2 = load_file(os.path.join(apart, "model.safetensors"))
-    assert not all(torch.equal(w2[k], w2["video_tower." + k[len("image_tower."):]]) for k in tower)
+
+
+@_vc_1t
+def test_vl_two_towers_train_apart_and_resume(vl_tiny_run, tmp_path, capsys):
+    """--no-share_towers: two towers, each changed by its own gradients (a shared tower would change both names by
+    the same step); --resume keeps two towers and ends bit for bit where the uninterrupted run ends. Resuming with a
+    --share_towers / --no-share_towers other than the run's is refused before anything is touched."""
+    shared = vl_tiny_run[0]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    common = ["--train", "--preset", "tiny", "--max_steps", "4", "--data_dir", shared.data_dir, "--no-share_towers"]
+    vl.main(common + ["--out_dir", full])
+    assert "one CLIP tower" not in capsys.readouterr().out
+    vl.main(common + ["--out_dir", cut, "--stop_after", "2"])
+    mid = load_file(os.path.join(cut, "model.safetensors"))
+    with pytest.raises(vl.UserError, match=r"--share_towers \(checkpoint: two towers\)"):
+        vl.main(["--train", "--resume", "--out_dir", cut, "--share_towers"])
+    before = open(os.path.join(shared.out_dir, "model.safetensors"), "rb").read()
+    with pytest.raises(vl.UserError, match=r"--no-share_towers \(checkpoint: one shared tower\)"):
+        vl.main(["--train", "--resume", "--out_dir", shared.out_dir, "--no-share_towers"])
+    assert open(os.path.join(shared.out_dir, "model.safetensors"), "rb").read() == before
+    vl.main(["--train", "--resume", "--out_dir", cut])
+    a, b = load_file(os.path.join(full, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = {k: a[k] - mid[k] for k in a if k.startswith(("image_tower.", "video_tower."))}
+    pairs = [(k, "video_tower." + k[len("image_tower."):]) for k in steps if k.startswith("image_tower.")]
+    moved = [(i, v) for i, v in pairs if steps[i].abs().max() > 0 and steps[v].abs().max() > 0]
+    differ = [i for i, v in moved if not torch.allclose(steps[i], steps[v])]  # shared: none would differ
+    assert moved and len(differ) > len(moved) // 2  # (Adam's early steps are about +-lr: a small tensor can tie)
+
+
+@_vc_1t
+def test_vl_tied_head(vl_tiny_run, tmp_path):
+    """tie_word_embeddings: one matrix for the embedding and the head from construction; the checkpoint leaves
+    lm_head out (as an HF one does), loads tied, and --resume continues with the same parameters."""
+    out = str(tmp_path / "tied")
+    vl.main(["--train", "--preset", "tiny", "--max_steps", "3", "--data_dir", vl_tiny_run[0].data_dir, "--out_dir",
+             out, "--tie_word_embeddings", "--stop_after", "2"])
+    assert "language_model.lm_head.weight" not in load_file(os.path.join(out, "model.safetensors"))
+    vl.main(["--train", "--resume", "--out_dir", out])
+    m = vl.VideoLlava.from_pretrained(out)
+    assert m.language_model.lm_head.weight is m.language_model.model.embed_tokens.weight
 
 
 @_vc_1t
@@ -1388,6 +1451,10 @@ def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, tmp_path):
         assert torch.equal(before[k], after[k]) != k.startswith("multi_modal_projector."), k
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))
     assert json.load(open(os.path.join(out, "eval.json")))["test"]["video"]["n"] > 0
+
+
+def test_vl_autocast_auto(monkeypatch):
+    check_autocast_auto(vl, monkeypatch)
 
 
 # ====================================================================================================================
@@ -1992,6 +2059,10 @@ def test_mk_qwen3_sharded_checkpoint(mk_hf, tmp_path):
     ids = torch.randint(0, 151936, (1, 7))
     with torch.no_grad():
         assert (lm(lm.model.embed_tokens(ids)) - mk_hf["qwen3"](ids).logits).abs().max() < 1e-4
+
+
+def test_mk_autocast_auto(monkeypatch):
+    check_autocast_auto(mk, monkeypatch)
 
 
 # ====================================================================================================================

@@ -116,7 +116,8 @@ class Config:
     warmup: int = 100
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    dtype: str = "bfloat16"  # autocast dtype for training; weights dtype for --generate on HF checkpoints
+    dtype: str = "auto"  # training autocast: auto = bfloat16 where the hardware has it, else float32 (autocast_dtype);
+    # --generate on an HF checkpoint: the weights dtype (auto = bfloat16)
     device: str = "auto"  # auto = cuda > mps > cpu
     seed: int = 1337
     log_interval: int = 50
@@ -782,6 +783,8 @@ class VideoLlava(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.language_model = LlamaForCausalLM(cfg)
+        if cfg.tie_word_embeddings:  # one matrix for the input embedding and the output head
+            self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
         self.image_tower, self.video_tower = CLIPVisionModel(cfg), CLIPVisionModel(cfg)
         self.multi_modal_projector = VideoLlavaMultiModalProjector(cfg)
         self._rope = {}
@@ -1025,6 +1028,8 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
     os.makedirs(cfg.out_dir, exist_ok=True)
     state, seen = {}, set()
     for k, v in model.state_dict().items():  # shared towers: the second name gets its own copy (safetensors wants it)
+        if k == "language_model.lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # tied: the head is the embedding, and loading ties it again (as an HF checkpoint omits it)
         v = v.detach().cpu().contiguous()
         state[k] = v.clone() if v.data_ptr() in seen else v
         seen.add(v.data_ptr())
@@ -1095,7 +1100,22 @@ def pick_device(name):
     return "cpu"
 
 
+def autocast_dtype(name, device):
+    """--dtype auto (the default): bfloat16 where the hardware computes in it (a CUDA GPU that supports it, a CPU with
+    AVX512-BF16 or AMX), else float32. A CPU without them emulates bfloat16: a video_llava training step took 10x as
+    long as in float32 on an AVX2-only EPYC (1.2-1.6 s against 0.12-0.2 s), while with AVX512-BF16 bfloat16 matrix
+    products run about 2.5x faster than float32."""
+    if name != "auto":
+        return name
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    caps = getattr(torch.cpu, "get_capabilities", dict)()  # torch >= 2.3 lists the CPU's instruction sets
+    return "bfloat16" if kind == "cpu" and (caps.get("avx512_bf16") or caps.get("amx_bf16")) else "float32"
+
+
 def autocast(dtype, device):
+    dtype = autocast_dtype(dtype, device)
     if dtype == "float32":
         return torch.autocast(device.split(":")[0], enabled=False)
     return torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))
@@ -1182,6 +1202,9 @@ def resume_config(cfg, overrides):
     base = Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
     arch = config_from_hf(hf_config_dict(base), cfg.out_dir)
     clash = [f"--{k} {overrides[k]} (checkpoint: {v})" for k, v in arch.items() if overrides.get(k, v) != v]
+    if overrides.get("share_towers", base.share_towers) != base.share_towers:  # one tower's weights vs two
+        clash.append(f"--{'' if overrides['share_towers'] else 'no-'}share_towers (checkpoint: "
+                     f"{'one shared tower' if base.share_towers else 'two towers'})")
     if clash:
         raise UserError(f"{cfg.out_dir}: cannot resume with another architecture: {', '.join(clash)}; drop those "
                         f"flags")
@@ -1216,6 +1239,10 @@ def train(cfg, resume=False):
         tok = load_tokenizer(cfg.out_dir)
         cfg = dataclasses.replace(cfg, **{f: getattr(loaded, f) for f in config_from_hf(hf_config_dict(loaded), "")})
     elif cfg.from_pretrained:
+        if cfg.share_towers:  # a checkpoint's towers differ (an HF one's always): both are kept and trained
+            say("--from_pretrained: the checkpoint's two CLIP towers are kept (--share_towers is for training "
+                "from scratch)")
+            cfg = dataclasses.replace(cfg, share_towers=False)  # what config.json records, and --resume keeps
         model, loaded, _ = load_pretrained(cfg.from_pretrained, torch.float32, "cpu", base=cfg)
         tok = load_tokenizer(cfg.from_pretrained)  # an HF checkpoint keeps its own tokenizer and vocabulary
         cfg = dataclasses.replace(cfg, **{f: getattr(loaded, f) for f in config_from_hf(hf_config_dict(loaded), "")})
@@ -1241,7 +1268,8 @@ def train(cfg, resume=False):
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"parameters: {n_all / 1e6:.2f}M total, {n_train / 1e6:.2f}M trainable, {(n_all - n_train) / 1e6:.2f}M "
-        f"frozen; vocab {cfg.vocab_size} ({'compact GPT-2 table' if isinstance(tok, GPT2Table) else 'checkpoint'})"
+        f"frozen; vocab {cfg.vocab_size} ({'compact GPT-2 table' if isinstance(tok, GPT2Table) else 'checkpoint'}); "
+        f"{device}, autocast {autocast_dtype(cfg.dtype, device)}"
         + ("; one CLIP tower for images and frames" if model.video_tower is model.image_tower else ""))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -1257,8 +1285,9 @@ def train(cfg, resume=False):
         torch.set_rng_state(ts["rng"])
         say(f"resumed from step {step} of {cfg.out_dir}")
     raw = model
-    if ddp:  # unused parameters are normal here: a shard with no image leaves the image tower out of the graph, and
-        # layers past vision_feature_layer / post_layernorm never run (globally unused ones keep grad None, as alone)
+    if ddp:  # unused parameters are normal here: with two towers (--no-share_towers, --from_pretrained) a shard with no
+        # image leaves the image tower out of the graph, and layers past vision_feature_layer / post_layernorm never
+        # run (globally unused ones keep grad None, as alone)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
                                                     find_unused_parameters=True)
     tr = data["train"]
@@ -1607,17 +1636,24 @@ def bench(cfg):
               f"{tps['transformers']:.1f} tok/s | video_llava {tps['video_llava']:.1f} tok/s "
               f"({tps['video_llava'] / tps['transformers']:.2f}x) | bandwidth floor {floor:.1f} tok/s "
               f"({tps['video_llava'] / floor:.0%} of it)")
-        # where the gap to the floor goes: the matrix-vector products of one decode step alone, on this model's own
-        # matrices in generate's layout (each read once per pass, so from memory as in decoding), nothing else
-        mats = [m.weight for m in ours.language_model.modules() if isinstance(m, nn.Linear)]
-        xs = {d: torch.randn(1, d) for d in {w.shape[1] for w in mats}}
+        # where the gap to the floor goes: the matrix-vector products of one decode step alone, as generate runs
+        # them (matvec_layout's per-layer blocks x @ (in, out) where present, else each Linear), on this model's own
+        # matrices (each read once per pass, so from memory as in decoding), nothing else
+        prods = []
+        for layer in ours.language_model.model.layers:
+            a, f = layer.self_attn, layer.mlp
+            for block, parts in ((getattr(a, "fused", None), [a.q_proj, a.k_proj, a.v_proj]), (None, [a.o_proj]),
+                                 (getattr(f, "fused", None), [f.gate_proj, f.up_proj]), (None, [f.down_proj])):
+                prods += [block] if block is not None else [m.weight.t() for m in parts]  # all as (in, out)
+        prods.append(ours.language_model.lm_head.weight.t())
+        xs = {d: torch.randn(1, d) for d in {w.shape[0] for w in prods}}
         best = 1e9
         for _ in range(5):
             t = time.perf_counter()
-            for w in mats:
-                F.linear(xs[w.shape[1]], w)
+            for w in prods:
+                xs[w.shape[0]] @ w
             best = min(best, time.perf_counter() - t)
-        nbytes = sum(w.numel() * 4 for w in mats)
+        nbytes = sum(w.numel() * 4 for w in prods)
         print(f"{name}: the products alone ({nbytes / 1e6:.0f} MB of matrices, embedding rows not read): {best * 1e3:.1f}"
               f" ms = {nbytes / best / 1e9:.1f} GB/s, {1 / best:.1f} tok/s; decoding runs at "
               f"{tps['video_llava'] * best:.0%} of that")
@@ -1700,8 +1736,8 @@ def parse_args(argv=None):
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset], **overrides})
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype {cfg.dtype}: choose float32, bfloat16 or float16")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16")
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise UserError(f"--batch_size {cfg.batch_size} --grad_accum {cfg.grad_accum}: both must be at least 1")
     if args.resume and not args.train:
@@ -1717,7 +1753,8 @@ def run_generate(args, cfg, overrides):
         raise UserError("--generate takes --video or --image, not both")
     device = pick_device(cfg.device)
     hf = read_config(path)
-    dtype = None if "gpt2_table" in hf else getattr(torch, overrides.get("dtype", "bfloat16"))  # big ones: bf16
+    weights = overrides.get("dtype", "auto").replace("auto", "bfloat16")  # an HF checkpoint's weights: big ones, bf16
+    dtype = None if "gpt2_table" in hf else getattr(torch, weights)
     model, mcfg, _ = load_pretrained(path, dtype, device)
     model.eval()
     tok = load_tokenizer(path)
