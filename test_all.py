@@ -36,22 +36,28 @@ def assert_user_error(proc, *needles):
 
 
 def check_autocast_auto(mod, monkeypatch):
-    """--dtype auto: bfloat16 only where the hardware computes in it (a CPU with AVX512-BF16 or AMX, a CUDA GPU that
-    supports it), else float32; an explicit dtype is kept. The CPU's instruction sets and CUDA are faked."""
+    """--dtype auto: bfloat16 only where the hardware computes in it (a CPU with AVX512-BF16 or AMX, a CUDA GPU of
+    compute capability 8+), else float32; an explicit dtype is kept. The CPU's instruction sets and CUDA are faked."""
     assert mod.Config().dtype == "auto"
     for caps, want in (({"avx512_bf16": True}, "bfloat16"), ({"amx_bf16": True, "avx512_bf16": False}, "bfloat16"),
                        ({"avx512_bf16": False, "amx_bf16": False, "avx2": True}, "float32"), ({}, "float32")):
-        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: dict(caps))
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: dict(caps), raising=False)
         assert mod.autocast_dtype("auto", "cpu") == want, caps
         assert mod.autocast_dtype("float32", "cpu") == "float32" and mod.autocast_dtype("bfloat16", "cpu") == "bfloat16"
         assert mod.autocast_dtype("auto", "mps") == "float32"
-    for ok in (True, False):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, ok=ok, **k: ok)
-        assert mod.autocast_dtype("auto", "cuda:1") == ("bfloat16" if ok else "float32")
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {})
+    asked = []
+    for major, want in ((7, "float32"), (8, "bfloat16"), (9, "bfloat16")):  # V100/T4 emulate it; Ampere on have it
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, m=major: asked.append(d) or (m, 0))
+        assert mod.autocast_dtype("auto", "cuda:1") == want and asked[-1] == "cuda:1"
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)  # an older torch: the private checks
+    for avx512, amx, want in ((True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert mod.autocast_dtype("auto", "cpu") == want
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {}, raising=False)
     with mod.autocast("auto" if mod.__name__ == "video_llava" else mod.Config(dtype="auto"), "cpu"):
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32  # float32 really runs
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True}, raising=False)
     with mod.autocast("auto" if mod.__name__ == "video_llava" else mod.Config(dtype="auto"), "cpu"):
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
 
@@ -400,7 +406,16 @@ def test_vm_ddp_two_processes_match_one(tmp_path):
     torch.testing.assert_close(_vm_weights(ddp), _vm_weights(single), atol=2e-5, rtol=1e-4)
 
 
-def test_vm_autocast_auto(monkeypatch):
+def test_vm_autocast_auto(_vm_trained, tmp_path, monkeypatch):
+    """--dtype auto trains (the log names the dtype this machine gets), and a checkpoint that saved "bfloat16", the
+    default before auto, loads as auto."""
+    tmp, _ = _vm_trained
+    proc = run_script("videollama_mini.py", "--train", "--preset", "tiny", "--max_steps", "1", "--dtype", "auto",
+                      "--data_dir", tmp / "data", "--out_dir", tmp_path / "auto")
+    assert proc.returncode == 0 and f"autocast {vm.autocast_dtype('auto', 'cpu')}" in proc.stdout, proc.stderr[-2000:]
+    meta = json.load(open(tmp_path / "auto" / "config.json"))
+    json.dump({**meta, "config": {**meta["config"], "dtype": "bfloat16"}}, open(tmp_path / "auto" / "config.json", "w"))
+    assert vm.load_checkpoint(str(tmp_path / "auto"))[2].dtype == "auto"
     check_autocast_auto(vm, monkeypatch)
 
 
@@ -1296,6 +1311,22 @@ def test_vl_two_towers_train_apart_and_resume(vl_tiny_run, tmp_path, capsys):
     moved = [(i, v) for i, v in pairs if steps[i].abs().max() > 0 and steps[v].abs().max() > 0]
     differ = [i for i, v in moved if not torch.allclose(steps[i], steps[v])]  # shared: none would differ
     assert moved and len(differ) > len(moved) // 2  # (Adam's early steps are about +-lr: a small tensor can tie)
+    # --from_pretrained on a shared-tower out_dir: two towers (equal at the start) that train apart, recorded as such,
+    # so --resume keeps them; typing --share_towers with it is refused. Trained under --dtype auto.
+    ft = str(tmp_path / "ft")
+    common = ["--train", "--preset", "tiny", "--max_steps", "2", "--data_dir", shared.data_dir, "--out_dir", ft,
+              "--from_pretrained", shared.out_dir]
+    with pytest.raises(vl.UserError, match="--share_towers is for training from scratch"):
+        vl.main(common + ["--share_towers"])
+    capsys.readouterr()
+    vl.main(common + ["--dtype", "auto"])
+    out = capsys.readouterr().out
+    assert "two CLIP towers are kept" in out and f"autocast {vl.autocast_dtype('auto', 'cpu')}" in out
+    assert json.load(open(os.path.join(ft, "config.json")))["train_config"]["share_towers"] is False
+    w = load_file(os.path.join(ft, "model.safetensors"))
+    assert not all(torch.equal(w[i], w[v]) for i, v in pairs)
+    with pytest.raises(vl.UserError, match="checkpoint: two towers"):
+        vl.main(["--train", "--resume", "--out_dir", ft, "--share_towers"])
 
 
 @_vc_1t
@@ -1306,9 +1337,23 @@ def test_vl_tied_head(vl_tiny_run, tmp_path):
     vl.main(["--train", "--preset", "tiny", "--max_steps", "3", "--data_dir", vl_tiny_run[0].data_dir, "--out_dir",
              out, "--tie_word_embeddings", "--stop_after", "2"])
     assert "language_model.lm_head.weight" not in load_file(os.path.join(out, "model.safetensors"))
+    meta = json.load(open(os.path.join(out, "config.json")))  # the default before --dtype auto was bfloat16
+    json.dump({**meta, "train_config": {**meta["train_config"], "dtype": "bfloat16"}},
+              open(os.path.join(out, "config.json"), "w"))
+    assert vl.resume_config(vl.Config(out_dir=out), {"out_dir": out}).dtype == "auto"
     vl.main(["--train", "--resume", "--out_dir", out])
     m = vl.VideoLlava.from_pretrained(out)
     assert m.language_model.lm_head.weight is m.language_model.model.embed_tokens.weight
+    # a file that also holds a head (older code saved an unused one; some checkpoints store both): still tied
+    extra = str(tmp_path / "extra")
+    shutil.copytree(out, extra)
+    w = load_file(os.path.join(extra, "model.safetensors"))
+    save_file({**w, "language_model.lm_head.weight": torch.randn_like(w["language_model.model.embed_tokens.weight"])},
+              os.path.join(extra, "model.safetensors"))
+    m2 = vl.VideoLlava.from_pretrained(extra)
+    assert m2.language_model.lm_head.weight is m2.language_model.model.embed_tokens.weight
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(m2(ids)[0], m(ids)[0], atol=0, rtol=0)
 
 
 @_vc_1t
@@ -2061,7 +2106,16 @@ def test_mk_qwen3_sharded_checkpoint(mk_hf, tmp_path):
         assert (lm(lm.model.embed_tokens(ids)) - mk_hf["qwen3"](ids).logits).abs().max() < 1e-4
 
 
-def test_mk_autocast_auto(monkeypatch):
+def test_mk_autocast_auto(mk_trained, tmp_path, monkeypatch):
+    """--dtype auto trains (the log names the dtype this machine gets), and a checkpoint that saved "bfloat16", the
+    default before auto, loads as auto."""
+    d, _ = mk_trained
+    proc = run_script("mark1.py", "--train", "--preset", "tiny", "--max_steps", "1", "--dtype", "auto",
+                      "--data_dir", d / "data", "--out_dir", tmp_path / "auto")
+    assert proc.returncode == 0 and f"autocast {mk.autocast_dtype('auto', 'cpu')}" in proc.stdout, proc.stderr[-2000:]
+    meta = json.load(open(tmp_path / "auto" / "config.json"))
+    json.dump({**meta, "config": {**meta["config"], "dtype": "bfloat16"}}, open(tmp_path / "auto" / "config.json", "w"))
+    assert mk.load_checkpoint(str(tmp_path / "auto"))[2].dtype == "auto"
     check_autocast_auto(mk, monkeypatch)
 
 

@@ -995,6 +995,8 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):
         if ck not in expected:
             unexpected.append(key)
             continue
+        if ck in tied_optional:  # tied: the head is the embedding, whatever the file holds (as transformers ties it)
+            continue
         shape = tuple(handles[f].get_slice(key).get_shape())
         if shape != expected[ck]:
             misshaped.append(f"{key} {list(shape)} (model wants {list(expected[ck])})")
@@ -1008,7 +1010,7 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):
         t = t.to(device=device, dtype=dtype or t.dtype)
         mod_name, _, name = ck.rpartition(".")
         model.get_submodule(mod_name)._parameters[name] = nn.Parameter(t, requires_grad=True)
-    if "language_model.lm_head.weight" not in found:  # tied: the head is the embedding
+    if cfg.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     report = {"layouts": sorted(layouts - {"any"}) or ["hub"], "keys": len(files),
               "files": len(set(files.values())), "renamed": sum(canonical_key(k) != k for k in files)}
@@ -1047,6 +1049,17 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
     if opt is not None:
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(), "seconds": seconds}
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
+
+
+def saved_train_config(meta):
+    """config.json's train_config, read for today's code: a saved "bfloat16" was the default before --dtype auto (not
+    a choice) and reads as auto; a --from_pretrained run saved before share_towers was recorded had two towers."""
+    saved = {"share_towers": False, **meta["train_config"]}  # older runs: two towers
+    if saved.get("dtype") == "bfloat16":
+        saved["dtype"] = "auto"
+    if saved.get("from_pretrained"):
+        saved["share_towers"] = False
+    return saved
 
 
 def read_resumable(out_dir):
@@ -1101,17 +1114,23 @@ def pick_device(name):
 
 
 def autocast_dtype(name, device):
-    """--dtype auto (the default): bfloat16 where the hardware computes in it (a CUDA GPU that supports it, a CPU with
-    AVX512-BF16 or AMX), else float32. A CPU without them emulates bfloat16: a video_llava training step took 10x as
-    long as in float32 on an AVX2-only EPYC (1.2-1.6 s against 0.12-0.2 s), while with AVX512-BF16 bfloat16 matrix
+    """--dtype auto (the default): bfloat16 where the hardware computes in it, else float32. That is a CUDA GPU of
+    compute capability 8 or more (older ones emulate it) or a ROCm GPU, and a CPU with AVX512-BF16 or AMX (an ARM CPU
+    with BF16 gets float32: not measured). A CPU without them emulates bfloat16: a video_llava training step took 10x
+    as long as in float32 on an AVX2-only EPYC (1.2-1.6 s against 0.10-0.20 s), while with AVX512-BF16 bfloat16 matrix
     products run about 2.5x faster than float32."""
     if name != "auto":
         return name
     kind = device.split(":")[0]
     if kind == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    caps = getattr(torch.cpu, "get_capabilities", dict)()  # torch >= 2.3 lists the CPU's instruction sets
-    return "bfloat16" if kind == "cpu" and (caps.get("avx512_bf16") or caps.get("amx_bf16")) else "float32"
+        return "bfloat16" if torch.version.hip or torch.cuda.get_device_capability(device)[0] >= 8 else "float32"
+    if kind != "cpu":
+        return "float32"
+    if hasattr(torch.cpu, "get_capabilities"):  # recent torch; older releases have only the private checks
+        has = torch.cpu.get_capabilities()
+        return "bfloat16" if has.get("avx512_bf16") or has.get("amx_bf16") else "float32"
+    check = lambda f: getattr(torch.cpu, f, lambda: False)()
+    return "bfloat16" if check("_is_avx512_bf16_supported") or check("_is_amx_tile_supported") else "float32"
 
 
 def autocast(dtype, device):
@@ -1198,7 +1217,7 @@ def resume_config(cfg, overrides):
     """--resume: the config saved in out_dir (it holds the vocabulary size and placeholder ids of the saved token
     table), with the flags typed on this command line on top. A typed architecture flag must agree with the
     checkpoint; --stop_after only applies to the command that types it."""
-    saved = {"share_towers": False, **read_resumable(cfg.out_dir)["train_config"]}  # older runs: two towers
+    saved = saved_train_config(read_resumable(cfg.out_dir))
     base = Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
     arch = config_from_hf(hf_config_dict(base), cfg.out_dir)
     clash = [f"--{k} {overrides[k]} (checkpoint: {v})" for k, v in arch.items() if overrides.get(k, v) != v]
@@ -1280,7 +1299,11 @@ def train(cfg, resume=False):
     step, seconds0 = 0, 0.0
     if resume:  # AdamW moments, the step (data order and lr are functions of it) and the RNG, as they were saved
         ts = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
-        opt.load_state_dict(ts["optimizer"])
+        try:
+            opt.load_state_dict(ts["optimizer"])
+        except ValueError as e:  # e.g. a run saved by older code with other parameters (an untied copy of the head)
+            raise UserError(f"{cfg.out_dir}: train_state.pt does not fit this model's parameters ({e}); start a new "
+                            f"run from these weights with --from_pretrained {cfg.out_dir}")
         step, seconds0 = ts["step"], ts.get("seconds", 0.0)
         torch.set_rng_state(ts["rng"])
         say(f"resumed from step {step} of {cfg.out_dir}")
@@ -1740,6 +1763,9 @@ def parse_args(argv=None):
         raise UserError(f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16")
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise UserError(f"--batch_size {cfg.batch_size} --grad_accum {cfg.grad_accum}: both must be at least 1")
+    if overrides.get("share_towers") and cfg.from_pretrained:
+        raise UserError("--share_towers is for training from scratch: --from_pretrained keeps the checkpoint's two "
+                        "towers (drop the flag)")
     if args.resume and not args.train:
         raise UserError("--resume continues a training run: use it with --train")
     return args, cfg, overrides
@@ -1794,9 +1820,10 @@ def main(argv=None):
         train(cfg, resume=args.resume)
     elif args.eval:
         device = pick_device(cfg.device)
-        saved = read_config(cfg.out_dir).get("train_config")
-        if saved is None:
+        meta = read_config(cfg.out_dir)
+        if not isinstance(meta.get("train_config"), dict):
             raise UserError(f"{cfg.out_dir}: not a checkpoint of this script (no train_config); --eval needs one")
+        saved = saved_train_config(meta)
         base = Config(**{**saved, **{k: v for k, v in overrides.items() if k in ("device", "dtype", "out_dir", "data_dir")}})
         model, mcfg, _ = load_pretrained(cfg.out_dir, torch.float32, device, base=base)
         tok = load_tokenizer(cfg.out_dir)

@@ -561,7 +561,10 @@ def load_checkpoint(out_dir, overrides=None):
         raise UserError(f"{cpath}: not valid JSON")
     if meta.get("script") != SCRIPT:
         raise UserError(f"{out_dir}: checkpoint was written by '{meta.get('script')}', not {SCRIPT}.py")
-    cfg = Config(**{**meta["config"], **(overrides or {})})
+    saved = meta["config"]
+    if saved.get("dtype") == "bfloat16":  # the default before --dtype auto, not a choice: read as auto
+        saved = {**saved, "dtype": "auto"}
+    cfg = Config(**{**saved, **(overrides or {})})
     tok = Tokenizer(meta["vocab"])
     model = VideoLLaMAMini(cfg, len(tok.ids))
     try:
@@ -666,17 +669,23 @@ def pick_device(name):
 
 
 def autocast_dtype(name, device):
-    """--dtype auto (the default): bfloat16 where the hardware computes in it (a CUDA GPU that supports it, a CPU with
-    AVX512-BF16 or AMX), else float32. A CPU without them emulates bfloat16: a video_llava training step took 10x as
-    long as in float32 on an AVX2-only EPYC (1.2-1.6 s against 0.12-0.2 s), while with AVX512-BF16 bfloat16 matrix
+    """--dtype auto (the default): bfloat16 where the hardware computes in it, else float32. That is a CUDA GPU of
+    compute capability 8 or more (older ones emulate it) or a ROCm GPU, and a CPU with AVX512-BF16 or AMX (an ARM CPU
+    with BF16 gets float32: not measured). A CPU without them emulates bfloat16: a video_llava training step took 10x
+    as long as in float32 on an AVX2-only EPYC (1.2-1.6 s against 0.10-0.20 s), while with AVX512-BF16 bfloat16 matrix
     products run about 2.5x faster than float32."""
     if name != "auto":
         return name
     kind = device.split(":")[0]
     if kind == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    caps = getattr(torch.cpu, "get_capabilities", dict)()  # torch >= 2.3 lists the CPU's instruction sets
-    return "bfloat16" if kind == "cpu" and (caps.get("avx512_bf16") or caps.get("amx_bf16")) else "float32"
+        return "bfloat16" if torch.version.hip or torch.cuda.get_device_capability(device)[0] >= 8 else "float32"
+    if kind != "cpu":
+        return "float32"
+    if hasattr(torch.cpu, "get_capabilities"):  # recent torch; older releases have only the private checks
+        has = torch.cpu.get_capabilities()
+        return "bfloat16" if has.get("avx512_bf16") or has.get("amx_bf16") else "float32"
+    check = lambda f: getattr(torch.cpu, f, lambda: False)()
+    return "bfloat16" if check("_is_avx512_bf16_supported") or check("_is_amx_tile_supported") else "float32"
 
 
 def autocast(cfg, device):
