@@ -5,6 +5,7 @@ Sections (each imports its script as a module; nothing runs on import):
   1. videollama_mini.py   2. vit_caption.py   3. video_llava.py   4. mark1.py   5. attention_basics.py
 Tests never assert on wall time; benchmarks print figures instead.
 """
+import json
 import os
 import subprocess
 import sys
@@ -60,6 +61,17 @@ def check_autocast_auto(mod, monkeypatch):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True}, raising=False)
     with mod.autocast("auto" if mod.__name__ == "video_llava" else mod.Config(dtype="auto"), "cpu"):
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def check_auto_run_and_old_checkpoint(mod, data_dir, out_dir):
+    """videollama_mini / mark1: a 1-step tiny --train under --dtype auto (the log names the dtype this machine gets),
+    then its checkpoint with "bfloat16", the default before auto, saved in its config loads as auto."""
+    proc = run_script(mod.__name__ + ".py", "--train", "--preset", "tiny", "--max_steps", "1", "--dtype", "auto",
+                      "--data_dir", data_dir, "--out_dir", out_dir)
+    assert proc.returncode == 0 and f"autocast {mod.autocast_dtype('auto', 'cpu')}" in proc.stdout, proc.stderr[-2000:]
+    meta = json.load(open(out_dir / "config.json"))
+    json.dump({**meta, "config": {**meta["config"], "dtype": "bfloat16"}}, open(out_dir / "config.json", "w"))
+    assert mod.load_checkpoint(str(out_dir))[2].dtype == "auto"
 
 
 # ====================================================================================================================
@@ -407,15 +419,7 @@ def test_vm_ddp_two_processes_match_one(tmp_path):
 
 
 def test_vm_autocast_auto(_vm_trained, tmp_path, monkeypatch):
-    """--dtype auto trains (the log names the dtype this machine gets), and a checkpoint that saved "bfloat16", the
-    default before auto, loads as auto."""
-    tmp, _ = _vm_trained
-    proc = run_script("videollama_mini.py", "--train", "--preset", "tiny", "--max_steps", "1", "--dtype", "auto",
-                      "--data_dir", tmp / "data", "--out_dir", tmp_path / "auto")
-    assert proc.returncode == 0 and f"autocast {vm.autocast_dtype('auto', 'cpu')}" in proc.stdout, proc.stderr[-2000:]
-    meta = json.load(open(tmp_path / "auto" / "config.json"))
-    json.dump({**meta, "config": {**meta["config"], "dtype": "bfloat16"}}, open(tmp_path / "auto" / "config.json", "w"))
-    assert vm.load_checkpoint(str(tmp_path / "auto"))[2].dtype == "auto"
+    check_auto_run_and_old_checkpoint(vm, _vm_trained[0] / "data", tmp_path / "auto")
     check_autocast_auto(vm, monkeypatch)
 
 
@@ -2107,15 +2111,7 @@ def test_mk_qwen3_sharded_checkpoint(mk_hf, tmp_path):
 
 
 def test_mk_autocast_auto(mk_trained, tmp_path, monkeypatch):
-    """--dtype auto trains (the log names the dtype this machine gets), and a checkpoint that saved "bfloat16", the
-    default before auto, loads as auto."""
-    d, _ = mk_trained
-    proc = run_script("mark1.py", "--train", "--preset", "tiny", "--max_steps", "1", "--dtype", "auto",
-                      "--data_dir", d / "data", "--out_dir", tmp_path / "auto")
-    assert proc.returncode == 0 and f"autocast {mk.autocast_dtype('auto', 'cpu')}" in proc.stdout, proc.stderr[-2000:]
-    meta = json.load(open(tmp_path / "auto" / "config.json"))
-    json.dump({**meta, "config": {**meta["config"], "dtype": "bfloat16"}}, open(tmp_path / "auto" / "config.json", "w"))
-    assert mk.load_checkpoint(str(tmp_path / "auto"))[2].dtype == "auto"
+    check_auto_run_and_old_checkpoint(mk, mk_trained[0] / "data", tmp_path / "auto")
     check_autocast_auto(mk, monkeypatch)
 
 

@@ -110,7 +110,7 @@ class Config:
     data_init: int = 64  # images and clips of the data-dependent init before step 0 (from scratch only); 0 = off
     share_towers: bool = True  # from scratch: the video tower is the image tower, one set of weights (README)
     balance_media: bool = False  # batches half image, half video questions (else uniform over all questions)
-    max_steps: int = 4000  # about 7 min on the 2-core EPYC in float32; the order questions need more than 2000 (README)
+    max_steps: int = 4000  # 8m35s wall on the 2-core EPYC in float32; the order questions need more than 2000 (README)
     lr: float = 2e-3
     min_lr: float = 1e-4
     warmup: int = 100
