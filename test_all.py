@@ -7,6 +7,7 @@ Tests never assert on wall time; benchmarks print figures instead.
 """
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -1136,6 +1137,41 @@ def test_vl_sampler_and_metrics():
     a = [vl.sample_next(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(5)).item() for _ in range(3)]
     assert len(set(a)) == 1  # a seeded generator reproduces
     assert vl.exact_match(["Red.", "left ", "two"], ["red", "left", "three"]) == pytest.approx(2 / 3)
+
+
+def test_vl_world_video_questions_need_several_frames():
+    """Every clip question needs more than one sampled frame: an order clip shows two colours, neither in the first
+    sampled frame, both in the last, the first shape alone in some frame between; a motion clip's shape really
+    moves the way the answer says. Novel pairs only in `novel` clips."""
+    idx = vl.frame_indices(vl.CLIP_LEN, 4)
+    kinds = set()
+    for split in ("train", "novel"):
+        rng = random.Random(3)
+        for _ in range(60):
+            frames, (q, a) = vl.make_clip(rng, split, 4)
+            shown = [frames[i] for i in idx]
+
+            def where(colour):  # (rows, cols) of the pixels drawn in exactly this colour, per sampled frame
+                return [np.argwhere((np.abs(f.astype(int) - vl.COLOURS[colour]).sum(-1) == 0)) for f in shown]
+            if q.startswith("Which way"):
+                colour, (dx, dy) = q.split()[4], vl.MOTIONS[a]
+                ys, xs = zip(*[p.mean(0) for p in where(colour)])
+                assert (xs[-1] - xs[0]) * dx + (ys[-1] - ys[0]) * dy > 15  # moved along the answer's direction
+                assert abs((xs[-1] - xs[0]) * dy) + abs((ys[-1] - ys[0]) * dx) < 3  # and not across it
+                assert (tuple(q.split()[4:6]) in vl.NOVEL_PAIRS) == (split == "novel")
+                kinds.add("direction")
+                continue
+            assert q in ("Which shape appears first?", "Which shape appears last?")
+            colours = [c for c in vl.COLOURS if len(where(c)[-1])]  # the two shapes, both in the last frame
+            assert len(colours) == 2 and a.split()[0] in colours
+            p1, p2 = ([len(p) > 0 for p in where(c)] for c in colours)
+            assert not p1[0] and not p2[0] and p1 != p2  # nothing at first; the two appear at different frames
+            first = colours[0] if p1.index(True) < p2.index(True) else colours[1]
+            assert (a.split()[0] == first) == q.endswith("first?")
+            pair = tuple(a.split())
+            assert split == "novel" or pair not in vl.NOVEL_PAIRS
+            kinds.add(q.split()[-1])
+    assert kinds == {"direction", "first?", "last?"}
 
 
 def test_vl_causal_and_loss_mask():

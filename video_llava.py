@@ -598,13 +598,15 @@ class LlamaAttention(nn.Module):
         B, L, _ = x.shape
         fused = getattr(self, "fused", None)  # set by matvec_layout: q/k/v in one product for one-token steps
         if L == 1 and fused is not None and self.q_proj.weight.data_ptr() == fused.data_ptr():
-            q, k, v = (x @ fused).split([self.h * self.e, self.kv * self.e, self.kv * self.e], -1)
+            qkv = (x @ fused).view(B, 1, self.h + 2 * self.kv, self.e).transpose(1, 2)  # (B, H+2K, 1, E)
+            qk = qkv[:, :self.h + self.kv]  # RoPE on the q and k heads at once: half the small operations
+            qk = qk * cos + rotate_half(qk) * sin
+            q, k, v = qk[:, :self.h], qk[:, self.h:], qkv[:, self.h + self.kv:]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, L, self.h, self.e).transpose(1, 2)  # (B, H, L, E)
-        k = k.view(B, L, self.kv, self.e).transpose(1, 2)  # (B, K, L, E)
-        v = v.view(B, L, self.kv, self.e).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # HF weights are already permuted
+            q = self.q_proj(x).view(B, L, self.h, self.e).transpose(1, 2)  # (B, H, L, E)
+            k = self.k_proj(x).view(B, L, self.kv, self.e).transpose(1, 2)  # (B, K, L, E)
+            v = self.v_proj(x).view(B, L, self.kv, self.e).transpose(1, 2)
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # HF weights are already permuted
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, T, E)
         if L == 1:  # decode: one query. SDPA's CPU kernel costs ~2 ms a call here; two small matmuls do not.
