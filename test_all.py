@@ -1010,6 +1010,10 @@ def test_vl_matvec_layout_changes_strides_only(vl_ckpt, tmp_path):
     mlp.gate_proj.weight.data = mlp.gate_proj.weight.data * 2  # a new tensor: the fused buffer is now stale
     torch.testing.assert_close(mlp(x), mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
     mlp.gate_proj.weight.data = mlp.gate_proj.weight.data / 2
+    cos, sin = ours._rope_table(torch.tensor([[3], [7]]), torch.float32)  # rows at different positions (left padding)
+    fast = attn(x, cos, sin, "none")  # q/k/v from one product, RoPE over the q and k heads at once (GQA 4/2)
+    attn.q_proj.weight.data = attn.q_proj.weight.data.clone()  # the buffer is no longer read: three products
+    torch.testing.assert_close(fast, attn(x, cos, sin, "none"), rtol=0, atol=0)
     cfg = dataclasses.replace(ours.cfg, out_dir=str(tmp_path / "saved"))
     vl.save_checkpoint(ours, cfg, vl.load_tokenizer(vl_ckpt[1]["t5save"]))
     again = vl.VideoLlava.from_pretrained(cfg.out_dir, dtype=torch.float32).eval()
@@ -1140,38 +1144,54 @@ def test_vl_sampler_and_metrics():
 
 
 def test_vl_world_video_questions_need_several_frames():
-    """Every clip question needs more than one sampled frame: an order clip shows two colours, neither in the first
-    sampled frame, both in the last, the first shape alone in some frame between; a motion clip's shape really
-    moves the way the answer says. Novel pairs only in `novel` clips."""
+    """Every clip question needs more than one sampled frame: an order clip shows two (colour, shape) pairs, neither
+    in the first sampled frame, both in the last, the first one alone in some frame between, and the answer names the
+    right pair; the sampled frame where each appears varies, so no fixed frame tells the order. A motion clip's shape
+    really moves the way the answer says. Novel pairs occur in `novel` clips (at least one per clip) and nowhere else."""
     idx = vl.frame_indices(vl.CLIP_LEN, 4)
-    kinds = set()
+    kinds, slots = set(), {0: set(), 1: set()}
     for split in ("train", "novel"):
         rng = random.Random(3)
         for _ in range(60):
             frames, (q, a) = vl.make_clip(rng, split, 4)
             shown = [frames[i] for i in idx]
 
-            def where(colour):  # (rows, cols) of the pixels drawn in exactly this colour, per sampled frame
-                return [np.argwhere((np.abs(f.astype(int) - vl.COLOURS[colour]).sum(-1) == 0)) for f in shown]
+            def where(colour, img):  # (row, col) of the pixels drawn in exactly this colour
+                return np.argwhere((np.abs(img.astype(int) - vl.COLOURS[colour]).sum(-1) == 0))
             if q.startswith("Which way"):
                 colour, (dx, dy) = q.split()[4], vl.MOTIONS[a]
-                ys, xs = zip(*[p.mean(0) for p in where(colour)])
+                ys, xs = zip(*[where(colour, f).mean(0) for f in shown])
                 assert (xs[-1] - xs[0]) * dx + (ys[-1] - ys[0]) * dy > 15  # moved along the answer's direction
                 assert abs((xs[-1] - xs[0]) * dy) + abs((ys[-1] - ys[0]) * dx) < 3  # and not across it
                 assert (tuple(q.split()[4:6]) in vl.NOVEL_PAIRS) == (split == "novel")
                 kinds.add("direction")
                 continue
             assert q in ("Which shape appears first?", "Which shape appears last?")
-            colours = [c for c in vl.COLOURS if len(where(c)[-1])]  # the two shapes, both in the last frame
-            assert len(colours) == 2 and a.split()[0] in colours
-            p1, p2 = ([len(p) > 0 for p in where(c)] for c in colours)
-            assert not p1[0] and not p2[0] and p1 != p2  # nothing at first; the two appear at different frames
-            first = colours[0] if p1.index(True) < p2.index(True) else colours[1]
-            assert (a.split()[0] == first) == q.endswith("first?")
-            pair = tuple(a.split())
-            assert split == "novel" or pair not in vl.NOVEL_PAIRS
+            last = shown[-1]
+            pairs = []
+            for colour in vl.COLOURS:
+                pix = where(colour, last)
+                if len(pix) == 0:
+                    continue
+                cy, cx = (np.floor(pix.mean(0) / vl.CELL) * vl.CELL + vl.CELL // 2).astype(int)  # its cell's centre
+
+                def drawn(shape):  # that shape alone at that centre, as make_clip draws it
+                    img = np.full_like(last, 60)
+                    vl.draw_shape(img, shape, colour, cx, cy)
+                    return where(colour, img)
+                shape = [sh for sh in vl.SHAPES if np.array_equal(drawn(sh), pix)]  # the one that covers these pixels
+                assert len(shape) == 1
+                present = [len(where(colour, f)) > 0 for f in shown]
+                pairs.append((present.index(True), (colour, shape[0]), present))
+            assert len(pairs) == 2  # two shapes of two colours, both in the last frame
+            (t1, first, p1), (t2, second, p2) = sorted(pairs)
+            assert 0 < t1 < t2 and all(p1[t1:]) and all(p2[t2:])  # none at first, the first alone at t1, both stay
+            assert " ".join(first if q.endswith("first?") else second) == a
+            assert bool({first, second} & vl.NOVEL_PAIRS) == (split == "novel")
+            slots[0].add(t1), slots[1].add(t2)
             kinds.add(q.split()[-1])
     assert kinds == {"direction", "first?", "last?"}
+    assert slots[0] == {1, 2} and slots[1] == {2, 3}  # which sampled frame shows each shape first varies
 
 
 def test_vl_causal_and_loss_mask():
