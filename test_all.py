@@ -1148,6 +1148,14 @@ def test_vl_world_video_questions_need_several_frames():
     in the first sampled frame, both in the last, the first one alone in some frame between, and the answer names the
     right pair; the sampled frame where each appears varies, so no fixed frame tells the order. A motion clip's shape
     really moves the way the answer says. Novel pairs occur in `novel` clips (at least one per clip) and nowhere else."""
+    def where(colour, img):  # (row, col) of the pixels drawn in exactly this colour
+        return np.argwhere((np.abs(img.astype(int) - vl.COLOURS[colour]).sum(-1) == 0))
+
+    def drawn(shape, colour, cx, cy):  # that shape alone at that centre, as make_clip draws it
+        img = np.full((vl.SIDE, vl.SIDE, 3), 60, np.uint8)
+        vl.draw_shape(img, shape, colour, cx, cy)
+        return where(colour, img)
+
     idx = vl.frame_indices(vl.CLIP_LEN, 4)
     kinds, slots = set(), {0: set(), 1: set()}
     for split in ("train", "novel"):
@@ -1155,9 +1163,6 @@ def test_vl_world_video_questions_need_several_frames():
         for _ in range(60):
             frames, (q, a) = vl.make_clip(rng, split, 4)
             shown = [frames[i] for i in idx]
-
-            def where(colour, img):  # (row, col) of the pixels drawn in exactly this colour
-                return np.argwhere((np.abs(img.astype(int) - vl.COLOURS[colour]).sum(-1) == 0))
             if q.startswith("Which way"):
                 colour, (dx, dy) = q.split()[4], vl.MOTIONS[a]
                 ys, xs = zip(*[where(colour, f).mean(0) for f in shown])
@@ -1174,12 +1179,7 @@ def test_vl_world_video_questions_need_several_frames():
                 if len(pix) == 0:
                     continue
                 cy, cx = (np.floor(pix.mean(0) / vl.CELL) * vl.CELL + vl.CELL // 2).astype(int)  # its cell's centre
-
-                def drawn(shape):  # that shape alone at that centre, as make_clip draws it
-                    img = np.full_like(last, 60)
-                    vl.draw_shape(img, shape, colour, cx, cy)
-                    return where(colour, img)
-                shape = [sh for sh in vl.SHAPES if np.array_equal(drawn(sh), pix)]  # the one that covers these pixels
+                shape = [sh for sh in vl.SHAPES if np.array_equal(drawn(sh, colour, cx, cy), pix)]  # covers exactly these
                 assert len(shape) == 1
                 present = [len(where(colour, f)) > 0 for f in shown]
                 pairs.append((present.index(True), (colour, shape[0]), present))
@@ -1188,7 +1188,8 @@ def test_vl_world_video_questions_need_several_frames():
             assert 0 < t1 < t2 and all(p1[t1:]) and all(p2[t2:])  # none at first, the first alone at t1, both stay
             assert " ".join(first if q.endswith("first?") else second) == a
             assert bool({first, second} & vl.NOVEL_PAIRS) == (split == "novel")
-            slots[0].add(t1), slots[1].add(t2)
+            slots[0].add(t1)
+            slots[1].add(t2)
             kinds.add(q.split()[-1])
     assert kinds == {"direction", "first?", "last?"}
     assert slots[0] == {1, 2} and slots[1] == {2, 3}  # which sampled frame shows each shape first varies
