@@ -111,7 +111,7 @@ class Config:
     share_towers: bool = True  # from scratch: the video tower is the image tower, one set of weights (README)
     balance_media: bool = False  # batches half image, half video questions (else uniform over all questions)
     max_steps: int = 3000  # 7m57s wall on the 2-core EPYC in float32 (session 14; 4000 steps: 10m28s-10m54s)
-    lr: float = 1e-3  # 2e-3 until session 14: the order questions then clicked on 2 of 5 seeds, now 5 of 5 (README)
+    lr: float = 1e-3  # 2e-3 until session 14: order questions learned on 2 of 5 seeds then, on every seed tried now
     min_lr: float = 1e-4
     warmup: int = 100
     weight_decay: float = 0.05
