@@ -795,7 +795,7 @@ def train(cfg, resume=False):
     val_entries, val_clips = data["val"]
     caption_rng = random.Random(cfg.seed)
     gsize = cfg.batch_size * cfg.grad_accum * world
-    last_val, t_log = float("nan"), time.time()
+    val, val_step, t_log, log_step = None, -1, time.time(), step
     while step < cfg.max_steps:
         idx = global_batch(step, len(train_entries), gsize, cfg.seed)
         caption_rng.seed(cfg.seed * 100003 + step)  # which reference each clip shows: a function of the step
@@ -828,14 +828,15 @@ def train(cfg, resume=False):
         step += 1
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             if master:
-                last_val = evaluate_loss(raw, tok, val_entries, val_clips, cfg, device)
+                val, val_step = evaluate_loss(raw, tok, val_entries, val_clips, cfg, device), step
                 save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
-        if master and (step % cfg.log_interval == 0 or step == cfg.max_steps):
-            dt = (time.time() - t_log) / cfg.log_interval
+        if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val_step == step):
+            dt = (time.time() - t_log) / (step - log_step)
             eta = dt * (cfg.max_steps - step)
-            say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {last_val:.3f} | lr {lr_at(step - 1, cfg):.1e}"
+            shown = f"{val:.3f}" if val_step == step else "-"  # only on the steps it is measured
+            say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {shown} | lr {lr_at(step - 1, cfg):.1e}"
                 f" | {dt * 1000:.0f} ms | {gsize / dt:.0f} samples/s | eta {eta // 60:.0f}m{eta % 60:02.0f}s")
-            t_log = time.time()
+            t_log, log_step = time.time(), step
         if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
             if master:
                 save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())

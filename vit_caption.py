@@ -840,8 +840,8 @@ def train(cfg, resume=False):
     val_entries, val_imgs = data["val"]
     caption_rng = random.Random(cfg.seed)
     gsize = cfg.batch_size * cfg.grad_accum * world
-    last_val, t_log, t_train = float("nan"), time.time(), time.time()
-    step0 = step
+    val, val_step, t_log, t_train = None, -1, time.time(), time.time()
+    step0 = log_step = step
     while step < cfg.max_steps:
         idx = global_batch(step, len(train_entries), gsize, cfg.seed)
         caption_rng.seed(cfg.seed * 100003 + step)  # which reference each image shows: a function of the step
@@ -874,15 +874,15 @@ def train(cfg, resume=False):
         step += 1
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             if master:
-                last_val = evaluate_loss(raw, tok, val_entries, val_imgs, cfg, device)
+                val, val_step = evaluate_loss(raw, tok, val_entries, val_imgs, cfg, device), step
                 save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
-        if master and (step % cfg.log_interval == 0 or step == cfg.max_steps):
-            n_steps = (step - step0) % cfg.log_interval or cfg.log_interval
-            dt = (time.time() - t_log) / n_steps
+        if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val_step == step):
+            dt = (time.time() - t_log) / (step - log_step)
             eta = dt * (cfg.max_steps - step)
-            say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {last_val:.3f} | lr {lr_at(step - 1, cfg):.1e}"
+            shown = f"{val:.3f}" if val_step == step else "-"  # only on the steps it is measured
+            say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {shown} | lr {lr_at(step - 1, cfg):.1e}"
                 f" | {dt * 1000:.0f} ms | {gsize / dt:.3g} samples/s | eta {eta // 60:.0f}m{eta % 60:02.0f}s")
-            t_log = time.time()
+            t_log, log_step = time.time(), step
         if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
             if master:
                 save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
