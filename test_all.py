@@ -1559,6 +1559,21 @@ def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, tmp_path):
     assert json.load(open(os.path.join(out, "eval.json")))["test"]["video"]["n"] > 0
 
 
+def test_vl_bench_prints_what_it_measured(capsys):
+    """--bench on a tiny LLaMA, two rounds: tokens identical to transformers', a share of the floor for every round
+    (each round measures its own bandwidth) and the products-alone line."""
+    tiny = {"tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2)}
+    vl.bench(vl.Config(max_new_tokens=40), sizes=tiny, rounds=2)
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("tiny: LLaMA"))
+    assert "identical tokens: True" in line and "40 new tokens" in line
+    rounds, bandwidth = line.split("(rounds: ")[1].rstrip(")").split("; bandwidth ")
+    assert len(rounds.split(", ")) == 2 and all(float(v.rstrip("%")) > 0 for v in rounds.split(", "))
+    assert float(bandwidth.split()[0]) > 0
+    assert "tiny: the products alone" in out
+
+
 def test_vl_autocast_auto(monkeypatch):
     check_autocast_auto(vl, monkeypatch)
 
