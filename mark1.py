@@ -457,7 +457,7 @@ class QwenTokenizer:
 
     @staticmethod
     def chat(content):
-        """hf_spec 2.4: one user turn, generation prompt, thinking disabled."""
+        """Qwen3's chat template: one user turn, generation prompt, thinking disabled."""
         return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
     def question(self, q):
@@ -475,7 +475,7 @@ class QwenTokenizer:
 
 
 class VJEPA2Attention(nn.Module):
-    """Non-causal self-attention with separate query/key/value/proj and V-JEPA 2's 3D RoPE (hf_spec 3.3)."""
+    """Non-causal self-attention with separate query/key/value/proj and V-JEPA 2's 3D RoPE (as transformers' VJEPA2)."""
 
     def __init__(self, d, n_head, grid, qkv_bias=True):
         super().__init__()

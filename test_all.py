@@ -893,7 +893,8 @@ def _vl_write(folder, state, config, shards=1):
 
 @pytest.fixture(scope="module")
 def vl_ckpt(tmp_path_factory):
-    """transformers builds the reference; it is written in every key layout of hf_spec §1.2, fp32 and bf16, sharded."""
+    """transformers builds the reference; it is written in every key layout (hub, transformers-5 save, in-memory),
+    fp32 and bf16, sharded."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.VideoLlavaConfig(text_config=_VL_TEXT, vision_config=_VL_VISION)
@@ -903,7 +904,7 @@ def vl_ckpt(tmp_path_factory):
     _vl_tokenizer(root / "t5save")
     config = json.load(open(root / "t5save" / "config.json"))
     saved = load_file(str(root / "t5save" / "model.safetensors"))
-    assert any(k.startswith("image_tower.encoder.") for k in saved)  # the hybrid layout, as hf_spec says
+    assert any(k.startswith("image_tower.encoder.") for k in saved)  # the transformers-5 save layout
     hub = {vl.canonical_key(k): v for k, v in saved.items()}
     assert any(k.startswith("image_tower.vision_model.encoder.") for k in hub)
     memory = {k: v.detach() for k, v in ref.state_dict().items()}
@@ -1636,7 +1637,7 @@ def mk_hf(tmp_path_factory):
         + ["<think>", "</think>"]
     j["added_tokens"] = [dict(id=151643 + i, content=s, single_word=False, lstrip=False, rstrip=False, normalized=False,
                               special=not s.endswith("think>")) for i, s in enumerate(specials)]
-    # a stand-in for Qwen3's chat template that renders one user turn as hf_spec 2.4 says
+    # a stand-in for Qwen3's chat template: one user turn, generation prompt, thinking off
     tmpl = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not "
             "enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")

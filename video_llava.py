@@ -933,7 +933,7 @@ class VideoLlava(nn.Module):
 
 
 def canonical_key(k):
-    """Any of the three layouts of hf_spec §1.2 -> the hub layout, which is this module's own naming.
+    """Any of the three key layouts of Video-LLaVA checkpoints -> the hub layout, which is this module's own naming.
     hub:    language_model.model.*, language_model.lm_head.*, image_tower.vision_model.*, multi_modal_projector.*
     saved by transformers 5 from a config: the same without `vision_model.` in the towers
     in memory in transformers 5: model.language_model.*, lm_head.*, model.image_tower.*, model.multi_modal_projector.*"""
