@@ -8,6 +8,7 @@ Tests never assert on wall time; benchmarks print figures instead.
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -35,6 +36,16 @@ def assert_user_error(proc, *needles):
     last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
     for n in needles:
         assert n in last, (n, last)
+
+
+def check_val_column(stdout, eval_interval, max_steps):
+    """The training log shows the validation loss only on the steps where it was measured, `-` elsewhere."""
+    rows = re.findall(r"^step (\d+)/\d+ \| loss \S+ \| val (\S+) \|", stdout, re.M)
+    assert len(rows) >= 3, stdout[-2000:]
+    for n, v in rows:
+        measured = int(n) % eval_interval == 0 or int(n) == max_steps
+        assert (v != "-") == measured, (n, v)
+        assert v == "-" or float(v) > 0
 
 
 def check_autocast_auto(mod, monkeypatch):
@@ -306,6 +317,7 @@ def _vm_trained(tmp_path_factory):
 def test_vm_train_cli_writes_checkpoint_and_eval(_vm_trained):
     tmp, proc = _vm_trained
     assert "step 6/6" in proc.stdout and "exact" in proc.stdout
+    check_val_column(proc.stdout, eval_interval=4, max_steps=6)  # the tiny preset logs every 2 steps
     ev = json.load(open(tmp / "out" / "eval.json"))
     for split in ("test", "novel"):
         assert ev[split]["n"] == 12 and 0.0 <= ev[split]["exact_match"] <= 1.0
@@ -751,6 +763,7 @@ def test_vc_train_eval_generate_cli(tmp_path):
     p = run_script("vit_caption.py", "--train", "--preset", "tiny", "--data_dir", data, "--out_dir", out)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "exact" in p.stdout and os.path.isfile(os.path.join(out, "eval.json"))
+    check_val_column(p.stdout, eval_interval=4, max_steps=6)  # the tiny preset logs every 2 steps
     p = run_script("vit_caption.py", "--eval", "--preset", "tiny", "--data_dir", data, "--out_dir", out)
     assert p.returncode == 0 and "novel" in p.stdout, p.stderr[-2000:]
     img = np.random.default_rng(0).integers(0, 255, (300, 131, 3), dtype=np.uint8)
@@ -1275,6 +1288,7 @@ def test_vl_train_tiny_eval_generate_freeze(tmp_path):
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
     proc = run_script("video_llava.py", "--train", "--preset", "tiny", "--data_dir", data, "--out_dir", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    check_val_column(proc.stdout, eval_interval=4, max_steps=6)  # the tiny preset logs every 2 steps
     ev = json.load(open(os.path.join(out, "eval.json")))
     for split in ("test", "novel"):
         for kind in ("image", "video"):

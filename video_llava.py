@@ -1325,7 +1325,7 @@ def train(cfg, resume=False):
     else:
         pools = [torch.arange(len(tr.entries))]
     gsize = cfg.batch_size * cfg.grad_accum * world
-    t_log, log_step, val, val_step = time.time(), step, None, -1
+    t_log, log_step = time.time(), step
     while step < cfg.max_steps:
         idx = batch_indices(step, pools, gsize, cfg.seed)
         # the loss is a mean over the answer tokens of the whole global batch, however it is split: each micro-batch
@@ -1367,16 +1367,16 @@ def train(cfg, resume=False):
         opt.zero_grad(set_to_none=True)
         step += 1
         seconds = seconds0 + time.time() - t0
-        saved = False
+        saved, val = False, None  # val: logged only on the steps where it is measured
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             if master:
-                val, val_step = eval_loss(raw, data["val"], cfg, device), step
+                val = eval_loss(raw, data["val"], cfg, device)
                 save_checkpoint(raw, cfg, tok, opt, step, seconds)
             saved = True
-        if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val_step == step):
+        if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
             dt = (time.time() - t_log) / (step - log_step)
             eta = dt * (cfg.max_steps - step)
-            shown = f"{val:.3f}" if val_step == step else "-"  # only on the steps it is measured
+            shown = "-" if val is None else f"{val:.3f}"
             say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {shown} | "
                 f"lr {lr_at(step - 1, cfg):.1e} | {dt * 1000:.0f} ms | {gsize / dt:.0f} samples/s | "
                 f"eta {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
@@ -1656,7 +1656,7 @@ def bench(cfg, sizes=None, rounds=5):
         # the matrix-vector products of one decode step alone, as generate runs them (matvec_layout's per-layer
         # blocks x @ (in, out) where present, else each Linear), on this model's own matrices (each read once per
         # pass, so from memory as in decoding), nothing else: where the gap to the floor goes
-        generate(ours, ids, max_new_tokens=1)  # generate's one-time matvec_layout
+        matvec_layout(ours)  # what generate does first: the blocks timed below are the ones it reads
         prods = []
         for layer in ours.language_model.model.layers:
             att, mlp = layer.self_attn, layer.mlp
@@ -1679,21 +1679,21 @@ def bench(cfg, sizes=None, rounds=5):
                                             do_sample=False)[0, 16:],
                "video_llava": generate(ours, ids, max_new_tokens=new)[0]}  # also the warm-up
         same = torch.equal(out["transformers"], out["video_llava"])
-        tps, share, of_prod, prod_s, bws = {"transformers": [], "video_llava": []}, [], [], [], []
+        tps, bws, prod_s = {"transformers": [], "video_llava": []}, [], []
         for _ in range(rounds):  # transformers; the bandwidth; ours; ours' products alone: all within seconds
             t = time.perf_counter()
             got = ref.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)[0, 16:]
             tps["transformers"].append(new / (time.perf_counter() - t))
             same = same and torch.equal(got, out["transformers"])
             bws.append(max(matvec_bandwidth(W, x) for _ in range(3)))
-            floor = bws[-1] / (n_lm * 4)  # tok/s if only the weights cost
             t = time.perf_counter()
             got = generate(ours, ids, max_new_tokens=new)[0]
             tps["video_llava"].append(new / (time.perf_counter() - t))
             same = same and torch.equal(got, out["video_llava"])
             prod_s.append(min(products_alone() for _ in range(3)))
-            share.append(tps["video_llava"][-1] / floor)
-            of_prod.append(tps["video_llava"][-1] * prod_s[-1])
+        # within each round: our tok/s over the floor's (bandwidth / weight bytes), and over the products-only pace
+        share = [v / (b / (n_lm * 4)) for v, b in zip(tps["video_llava"], bws)]
+        of_prod = [v * p for v, p in zip(tps["video_llava"], prod_s)]
         med = statistics.median
         ours_tps, ref_tps = med(tps["video_llava"]), med(tps["transformers"])
         print(f"{name}: LLaMA {n_lm / 1e6:.1f}M params, {new} new tokens, identical tokens: {same} | medians of "

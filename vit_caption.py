@@ -840,7 +840,7 @@ def train(cfg, resume=False):
     val_entries, val_imgs = data["val"]
     caption_rng = random.Random(cfg.seed)
     gsize = cfg.batch_size * cfg.grad_accum * world
-    val, val_step, t_log, t_train = None, -1, time.time(), time.time()
+    t_log, t_train = time.time(), time.time()
     step0 = log_step = step
     while step < cfg.max_steps:
         idx = global_batch(step, len(train_entries), gsize, cfg.seed)
@@ -872,14 +872,15 @@ def train(cfg, resume=False):
         scaler.update()
         opt.zero_grad(set_to_none=True)
         step += 1
+        val = None  # logged only on the steps where it is measured
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             if master:
-                val, val_step = evaluate_loss(raw, tok, val_entries, val_imgs, cfg, device), step
+                val = evaluate_loss(raw, tok, val_entries, val_imgs, cfg, device)
                 save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
-        if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val_step == step):
+        if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
             dt = (time.time() - t_log) / (step - log_step)
             eta = dt * (cfg.max_steps - step)
-            shown = f"{val:.3f}" if val_step == step else "-"  # only on the steps it is measured
+            shown = "-" if val is None else f"{val:.3f}"
             say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {shown} | lr {lr_at(step - 1, cfg):.1e}"
                 f" | {dt * 1000:.0f} ms | {gsize / dt:.3g} samples/s | eta {eta // 60:.0f}m{eta % 60:02.0f}s")
             t_log, log_step = time.time(), step
