@@ -1002,6 +1002,32 @@ def test_vl_greedy_matches_transformers_generate(vl_ckpt):
     assert torch.equal(row1[0], got[1])
 
 
+def test_vl_compiled_step_matches_eager(vl_ckpt):
+    """A one-token step writes its key/value at cache.slot and attends over the whole cache under a mask, so its
+    shapes never change and torch.compile makes it one graph (fullgraph): the compiled step gives the logits of the
+    eager step and of the whole sequence without a cache, and generate(compile=True) the same tokens, on a batched,
+    left-padded prompt with an image and a video (GQA 4/2)."""
+    ours = vl.VideoLlava.from_pretrained(vl_ckpt[1]["hub"], dtype=torch.float32).eval()
+    ids, mask, imgs, vids = _vl_inputs(1)
+    with torch.no_grad():
+        eager = vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=10)
+        assert torch.equal(eager, vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=10, compile=True))
+        B, L = ids.shape
+        cache = vl.KVCache(ours.cfg, B, L + 3, torch.float32, "cpu")
+        logits, _ = ours(ids, mask, imgs, vids, cache=cache, last_only=True)
+        nxt, mask2 = logits.argmax(-1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        pos, smask = cache.next_step(mask2)
+        assert cache.offset == L + 1 and int(cache.slot) == L and smask.shape == (B, 1, 1, L + 3)
+        step = ours.step(nxt, pos, smask, cache)
+        compiled = torch.compile(ours.step, fullgraph=True)(nxt, pos, smask, cache)  # rewrites the same slot
+        whole, _ = ours(torch.cat([ids, nxt], 1), mask2, imgs, vids)
+        assert (step - compiled).abs().max() < 1e-5 and (step - whole[:, -1:]).abs().max() < 1e-4
+        # forward() on one token with a cache takes the same fixed-shape path
+        cache.offset -= 1
+        again, _ = ours(nxt, mask2, cache=cache)
+        assert cache.offset == L + 1 and (again - step).abs().max() < 1e-6
+
+
 def test_vl_matvec_layout_changes_strides_only(vl_ckpt, tmp_path):
     """generate() re-lays the float32 LLaMA weights (in, out)-major for fast matrix-vector products: the same
     parameters, values and logits; a checkpoint saved afterwards still loads."""
@@ -1025,9 +1051,14 @@ def test_vl_matvec_layout_changes_strides_only(vl_ckpt, tmp_path):
     torch.testing.assert_close(mlp(x), mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
     mlp.gate_proj.weight.data = mlp.gate_proj.weight.data / 2
     cos, sin = ours._rope_table(torch.tensor([[3], [7]]), torch.float32)  # rows at different positions (left padding)
-    fast = attn(x, cos, sin, "none")  # q/k/v from one product, RoPE over the q and k heads at once (GQA 4/2)
+    fast = attn(x, cos, sin, None)  # q/k/v from one product, RoPE over the q and k heads at once (GQA 4/2)
     attn.q_proj.weight.data = attn.q_proj.weight.data.clone()  # the buffer is no longer read: three products
-    torch.testing.assert_close(fast, attn(x, cos, sin, "none"), rtol=0, atol=0)
+    torch.testing.assert_close(fast, attn(x, cos, sin, None), rtol=0, atol=0)
+    stale = attn.fused
+    vl.matvec_layout(ours)  # the next generate lays the replaced weights out again (a compiled step trusts `fused`)
+    assert attn.fused is not stale and attn.q_proj.weight.data_ptr() == attn.fused.data_ptr()
+    assert mlp.gate_proj.weight.data_ptr() == mlp.fused.data_ptr()
+    torch.testing.assert_close(fast, attn(x, cos, sin, None), rtol=0, atol=1e-6)
     cfg = dataclasses.replace(ours.cfg, out_dir=str(tmp_path / "saved"))
     vl.save_checkpoint(ours, cfg, vl.load_tokenizer(vl_ckpt[1]["t5save"]))
     again = vl.VideoLlava.from_pretrained(cfg.out_dir, dtype=torch.float32).eval()
@@ -1084,9 +1115,9 @@ def test_vl_inspect(vl_ckpt):
     assert "3 file(s)" in proc.stdout and "missing none" in proc.stdout and "8 frames" in proc.stdout
 
 
-def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_path):
-    """End to end: mp4 -> OpenCV preprocessing -> our tokenizer + expansion -> CLI stream; the same inputs through
-    transformers give the same text."""
+def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_path, monkeypatch):
+    """End to end: mp4 -> OpenCV preprocessing -> our tokenizer + expansion -> CLI stream (eager, then --compile);
+    the same inputs through transformers give the same text."""
     ref, dirs = vl_ckpt
     from transformers import AutoTokenizer
     clip = str(tmp_path / "clip.mp4")
@@ -1107,6 +1138,15 @@ def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_
     out = ref.generate(input_ids=ids, pixel_values_videos=vids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
     want = AutoTokenizer.from_pretrained(dirs["t5save"]).decode(out, skip_special_tokens=True)
     assert proc.stdout.strip() == want.strip()
+    proc = run_script("video_llava.py", "--generate", "--from_pretrained", dirs["t5save"], "--video", clip,
+                      "--prompt", "What happens?", "--dtype", "float32", "--max_new_tokens", "8", "--compile")
+    assert proc.returncode == 0 and proc.stdout.strip() == want.strip(), proc.stderr[-2000:]
+    # on a CPU torch.compile needs a C++ compiler: without one, --compile is one clear line (a fresh compile cache,
+    # so nothing compiled above is reused)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    assert_user_error(run_script("video_llava.py", "--generate", "--from_pretrained", dirs["t5save"], "--video", clip,
+                                 "--prompt", "What happens?", "--dtype", "float32", "--compile"), "--compile")
 
 
 def test_vl_preprocessing():
@@ -1575,18 +1615,20 @@ def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, tmp_path):
 
 
 def test_vl_bench_prints_what_it_measured(capsys):
-    """--bench on a tiny LLaMA, two rounds: tokens identical to transformers', a share of the floor for every round
-    (each round measures its own bandwidth) and the products-alone line."""
+    """--bench on a tiny LLaMA, two rounds: tokens identical to transformers' (eager and compiled step), a share of
+    the floor for every round of both (each round measures its own bandwidth) and the products-alone line."""
     tiny = {"tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2)}
     vl.bench(vl.Config(max_new_tokens=40), sizes=tiny, rounds=2)
     out = capsys.readouterr().out
     line = next(l for l in out.splitlines() if l.startswith("tiny: LLaMA"))
-    assert "identical tokens: True" in line and "40 new tokens" in line
-    rounds, bandwidth = line.split("(rounds: ")[1].rstrip(")").split("; bandwidth ")
-    assert len(rounds.split(", ")) == 2 and all(float(v.rstrip("%")) > 0 for v in rounds.split(", "))
-    assert float(bandwidth.split()[0]) > 0
-    assert "tiny: the products alone" in out
+    assert "identical tokens in all three: True" in line and "40 new tokens" in line
+    assert float(line.split("(bandwidth ")[1].split()[0]) > 0 and float(line.split("transformers ")[1].split()[0]) > 0
+    for k in ("eager", "compiled"):
+        line = next(l for l in out.splitlines() if l.startswith(f"tiny: video_llava {k} "))
+        rounds = line.split("(rounds: ")[1].split(")")[0].split(", ")
+        assert len(rounds) == 2 and all(float(v.rstrip("%")) > 0 for v in rounds)
+    assert "tiny: the products alone" in out and "tiny: compiling the one-token step" in out
 
 
 def test_vl_autocast_auto(monkeypatch):

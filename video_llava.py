@@ -17,7 +17,7 @@ Modules are named after the hub checkpoint keys (`language_model.model.layers.0.
 the identity map plus `canonical_key`, which folds the two other layouts transformers writes onto it.
 
 Shape legend: B batch, N images, F frames, P patches per frame, L text tokens, T keys (cache + new), D width,
-Dv vision width, H heads, K kv heads, E head dim, V vocabulary.
+Dv vision width, H heads, K kv heads, E head dim, V vocabulary, T_max the KV cache's length.
 
 Commands:
     python video_llava.py --train                              # tiny Video-LLaVA from scratch (synthetic world, CPU)
@@ -29,6 +29,7 @@ Commands:
     python video_llava.py --generate --video clip.mp4 --prompt "Which way does the red circle move?"
     python video_llava.py --generate --from_pretrained DIR --video clip.mp4 --prompt "What happens?"  # HF checkpoint
     python video_llava.py --generate --from_pretrained DIR --image cat.png --prompt "What is this?"
+    python video_llava.py --generate --from_pretrained DIR --video clip.mp4 --prompt "What happens?" --compile
     python video_llava.py --inspect DIR --n_frames 8           # parameter counts, bytes, key alignment, memory
     python video_llava.py --bench                              # decode tokens/s vs transformers, bandwidth floor
 """
@@ -571,16 +572,34 @@ def rotate_half(x):
 
 class KVCache:
     """Preallocated per-layer keys/values (B, K, T_max, E); `offset` = tokens already stored (the RoPE position
-    offset is separate: it comes from the attention mask, so left-padded rows count from their first real token)."""
+    offset is separate: it comes from the attention mask, so left-padded rows count from their first real token).
+    A prompt is written at `offset`. A one-token step is written at `slot`, a tensor, and attends over all T_max
+    positions under a mask (`next_step`): every step then has the same shapes, so it compiles once."""
 
     def __init__(self, cfg, batch, max_len, dtype, device):
         e = cfg.hidden_size // cfg.num_attention_heads
         shape = (batch, cfg.num_key_value_heads, max_len, e)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.offset = 0
+        self.offset, self.slot = 0, torch.zeros(1, dtype=torch.long, device=device)
+
+    def next_step(self, attention_mask):
+        """Claim the next position for a one-token step. attention_mask (B, offset + 1) over the cache and the new
+        token (1 = real, 0 = left pad), or None -> RoPE positions (B, 1) and the mask (B, 1, 1, T_max) (True =
+        attend)."""
+        B, T_max = self.k[0].shape[0], self.k[0].shape[2]
+        if attention_mask is None:
+            attention_mask = torch.ones(B, self.offset + 1, dtype=torch.long, device=self.slot.device)
+        self.slot.fill_(self.offset)
+        self.offset += 1
+        pos = attention_mask.long().sum(-1, keepdim=True) - 1  # pads do not count
+        return pos, F.pad(attention_mask.bool(), (0, T_max - attention_mask.shape[1]))[:, None, None]
 
     def update(self, layer, k, v):
+        if k.shape[2] == 1:  # a one-token step: written at the slot next_step claimed, all T_max positions returned
+            self.k[layer].index_copy_(2, self.slot, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, self.slot, v.to(self.v[layer].dtype))
+            return self.k[layer], self.v[layer]
         n = self.offset + k.shape[2]
         self.k[layer][:, :, self.offset:n], self.v[layer][:, :, self.offset:n] = k, v
         return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
@@ -598,7 +617,8 @@ class LlamaAttention(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         B, L, _ = x.shape
         fused = getattr(self, "fused", None)  # set by matvec_layout: q/k/v in one product for one-token steps
-        if L == 1 and fused is not None and self.q_proj.weight.data_ptr() == fused.data_ptr():
+        if L == 1 and fused is not None and (torch.compiler.is_compiling()  # (generate checked the layout first)
+                                             or self.q_proj.weight.data_ptr() == fused.data_ptr()):
             qkv = (x @ fused).view(B, 1, self.h + 2 * self.kv, self.e).transpose(1, 2)  # (B, H+2K, 1, E)
             qk = qkv[:, :self.h + self.kv]  # RoPE on the q and k heads at once: half the small operations
             qk = qk * cos + rotate_half(qk) * sin
@@ -609,7 +629,7 @@ class LlamaAttention(nn.Module):
             v = self.v_proj(x).view(B, L, self.kv, self.e).transpose(1, 2)
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # HF weights are already permuted
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, K, T, E)
+            k, v = cache.update(layer, k, v)  # (B, K, T, E); T = T_max in a one-token step
         if L == 1:  # decode: one query. SDPA's CPU kernel costs ~2 ms a call here; two small matmuls do not.
             G = self.h // self.kv  # grouped-query: kv head j serves q heads j*G .. j*G+G-1, no copy of the cache
             att = q.view(B, self.kv, G, self.e) @ k.transpose(-2, -1) * self.e ** -0.5  # (B, K, G, T)
@@ -619,8 +639,8 @@ class LlamaAttention(nn.Module):
             return self.o_proj(y.transpose(1, 2).reshape(B, L, self.h * self.e))
         if self.kv != self.h:  # grouped-query: kv head j serves q heads j*H/K .. (j+1)*H/K-1
             k, v = k.repeat_interleave(self.h // self.kv, 1), v.repeat_interleave(self.h // self.kv, 1)
-        if isinstance(mask, str):  # "causal" (no padding, prefill) or "none" (no padding, one new token)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal")
+        if isinstance(mask, str):  # "causal": no padding and nothing cached before these tokens
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, self.h * self.e))  # (B, L, D)
@@ -635,7 +655,8 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x):
         fused = getattr(self, "fused", None)  # set by matvec_layout: gate/up in one product for one-token steps
-        if x.shape[1] == 1 and fused is not None and self.gate_proj.weight.data_ptr() == fused.data_ptr():
+        if x.shape[1] == 1 and fused is not None and (torch.compiler.is_compiling()
+                                                      or self.gate_proj.weight.data_ptr() == fused.data_ptr()):
             gate, up = (x @ fused).chunk(2, -1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
@@ -866,14 +887,18 @@ class VideoLlava(nn.Module):
         return x.masked_scatter(mask[..., None].expand_as(x), feats.to(x.dtype))
 
     def _rope_table(self, pos, dtype):
-        e = self.cfg.hidden_size // self.cfg.num_attention_heads
-        key = pos.device
-        if key not in self._rope:  # same arithmetic as HF: int64 arange -> float, fp32 angles
-            self._rope[key] = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, e, 2, dtype=torch.int64,
-                                                                           device=pos.device).float() / e))
-        freqs = pos.float()[..., None] * self._rope[key]  # (B, L, E/2)
-        emb = torch.cat((freqs, freqs), -1)[:, None]  # (B, 1, L, E)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        """pos (B, L) -> cos, sin (B, 1, L, E), looked up in a table of every position, built once per device with
+        the same arithmetic as HF (int64 arange -> float, fp32 angles): a compiled step then reads them, where it
+        would recompute them inside the attention loop (measured: 0.3-0.5 ms a token at 134M)."""
+        if pos.device not in self._rope:
+            e = self.cfg.hidden_size // self.cfg.num_attention_heads
+            inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, e, 2, dtype=torch.int64,
+                                                                   device=pos.device).float() / e))
+            freqs = torch.arange(self.cfg.max_position_embeddings, device=pos.device).float()[:, None] * inv_freq
+            emb = torch.cat((freqs, freqs), -1)  # (P, E)
+            self._rope[pos.device] = emb.cos(), emb.sin()
+        cos, sin = self._rope[pos.device]
+        return cos[pos][:, None].to(dtype), sin[pos][:, None].to(dtype)
 
     def forward(self, input_ids, attention_mask=None, pixel_values_images=None, pixel_values_videos=None,
                 targets=None, cache=None, last_only=False):
@@ -895,11 +920,11 @@ class VideoLlava(nn.Module):
         elif (input_ids == cfg.video_token_index).any():
             raise UserError("the prompt has <video> placeholders but no video was given")
         T = offset + L
-        if attention_mask is None or bool(attention_mask.all()):
+        if cache is not None and L == 1:  # a one-token step: fixed shapes, as in `step`
+            pos, mask = cache.next_step(attention_mask)
+        elif attention_mask is None or bool(attention_mask.all()):
             pos = torch.arange(offset, T, device=x.device)[None].expand(B, L)
-            mask = "causal" if offset == 0 else ("none" if L == 1 else None)
-            if mask is None:  # several new tokens on top of a cache: explicit causal mask with offset
-                mask = torch.ones(L, T, dtype=torch.bool, device=x.device).tril(offset)
+            mask = "causal" if offset == 0 else torch.ones(L, T, dtype=torch.bool, device=x.device).tril(offset)
         else:
             am = attention_mask.bool()
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, offset:T]  # (B, L): pads do not count
@@ -908,19 +933,32 @@ class VideoLlava(nn.Module):
             mask = mask | (torch.arange(T, device=x.device)[None, None, :] == q_idx[None, :, None])  # a pad sees itself:
             mask = mask[:, None]  # (B, 1, L, T); no all-masked row, so no NaN in pad rows
         cos, sin = self._rope_table(pos, x.dtype)
-        for i, layer in enumerate(lm.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+        logits = self.decode(x, cos, sin, mask, cache, last_only)
         if cache is not None:
             cache.offset = T
-        x = lm.norm(x)
-        if last_only:
-            x = x[:, -1:]  # at inference only the last position is projected
-        head = lm.embed_tokens.weight if cfg.tie_word_embeddings else self.language_model.lm_head.weight
-        logits = F.linear(x, head)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return logits, loss
+
+    def decode(self, x, cos, sin, mask, cache=None, last_only=False):
+        """The LLaMA stack on embeddings x (B, L, D) -> logits (B, L or 1, V)."""
+        lm = self.language_model.model
+        for i, layer in enumerate(lm.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        x = lm.norm(x)
+        if last_only:
+            x = x[:, -1:]  # at inference only the last position is projected
+        head = lm.embed_tokens.weight if self.cfg.tie_word_embeddings else self.language_model.lm_head.weight
+        return F.linear(x, head)
+
+    def step(self, ids, pos, mask, cache):
+        """One new token per row through the KV cache: ids (B, 1) at RoPE positions pos (B, 1), attending where
+        mask (B, 1, 1, T_max) is True (cache.next_step gives both) -> logits (B, 1, V). The same shapes every call
+        and no branch on values: torch.compile makes it one graph (generate(compile=True))."""
+        x = self.language_model.model.embed_tokens(ids)
+        cos, sin = self._rope_table(pos, x.dtype)
+        return self.decode(x, cos, sin, mask, cache)
 
     # -- checkpoint loading
     @classmethod
@@ -1438,11 +1476,17 @@ def matvec_layout(model):
     buffer, in the order decoding reads them, with q/k/v side by side and gate/up side by side: a one-token step then
     reads q/k/v with one product and gate/up with one (`fused`; about 10% faster at 134M, README). The parameters stay
     the same objects, now views of that buffer; a layer whose q_proj or gate_proj weight is replaced later (another
-    device, dtype or tensor) falls back to the separate products. Idempotent; checkpoints save contiguous."""
+    device, dtype or tensor) falls back to the separate products, and is laid out anew (or its blocks dropped) by the
+    next call. Idempotent; checkpoints save contiguous."""
     for layer in model.language_model.model.layers:
         a, f = layer.self_attn, layer.mlp
+        if getattr(a, "fused", None) is not None:
+            if (a.q_proj.weight.data_ptr() == a.fused.data_ptr()
+                    and f.gate_proj.weight.data_ptr() == f.fused.data_ptr()):
+                continue  # laid out already
+            a.fused = f.fused = None  # stale blocks: a compiled step (which skips the check) must not read them
         w = a.q_proj.weight
-        if w.device.type != "cpu" or w.dtype != torch.float32 or getattr(a, "fused", None) is not None:
+        if w.device.type != "cpu" or w.dtype != torch.float32:
             continue
         groups = ([a.q_proj, a.k_proj, a.v_proj], [a.o_proj], [f.gate_proj, f.up_proj], [f.down_proj])
         buf, off, blocks = torch.empty(sum(m.weight.numel() for g in groups for m in g)), 0, []
@@ -1464,13 +1508,17 @@ def matvec_layout(model):
 @torch.no_grad()
 def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pixel_values_videos=None,
              max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0,
-             generator=None, use_cache=True, on_token=None):
+             generator=None, use_cache=True, on_token=None, compile=False):
     """Batched, left-padded generation -> (B, n) new ids (rows that stopped are filled with pad_token_id).
-    The media are encoded once at prefill; each later step feeds one token through the KV cache. Side effect: a
-    float32 CPU model's LLaMA weights are re-laid (in, out)-major first (`matvec_layout`: same values and shapes;
-    training and save_checkpoint work on as before, but a raw state_dict now holds non-contiguous tensors)."""
+    The media are encoded once at prefill; each later step feeds one token through the KV cache (`model.step`).
+    compile=True runs that step through torch.compile: one graph whose small operations are fused into a few
+    generated loops, so the matrix products are nearly all that is left (README: a compile of 13-31 s on this 2-core
+    CPU, once per process and shape; then faster per token). Side effect: a float32 CPU model's LLaMA weights are
+    re-laid (in, out)-major first (`matvec_layout`: same values and shapes; training and save_checkpoint work on as
+    before, but a raw state_dict now holds non-contiguous tensors)."""
     model.eval()
     matvec_layout(model)
+    step = torch.compile(model.step, fullgraph=True) if compile and use_cache else model.step
     B, L = input_ids.shape
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     dtype = model.language_model.model.embed_tokens.weight.dtype
@@ -1496,7 +1544,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         if use_cache:
-            logits, _ = model(nxt[:, None], mask, cache=cache, last_only=True)
+            logits = step(nxt[:, None], *cache.next_step(mask), cache)
         else:  # the naive path: the whole sequence again, media re-encoded (tests compare it with the cache path)
             seq = torch.cat([seq, nxt[:, None]], 1)
             logits, _ = model(seq, mask, pixel_values_images, pixel_values_videos, last_only=True)
@@ -1621,9 +1669,10 @@ def matvec_bandwidth(W, x, reps=10):
 
 def bench(cfg, sizes=None, rounds=5):
     """Decode tokens/s at batch 1, greedy, float32, against transformers' generate on the same weights (the tokens
-    are compared), and the bandwidth floor: weight bytes / measured matrix-vector bandwidth. The bandwidth of a shared
-    host drifts by tens of percent within minutes, so each round measures it between the two decoders, right before
-    ours, and takes the share of the floor within the round; the medians over the rounds are printed."""
+    are compared), with the eager step and the compiled one (generate(compile=True)), and the bandwidth floor: weight
+    bytes / measured matrix-vector bandwidth. The bandwidth of a shared host drifts by tens of percent within
+    minutes, so each round measures it right before our two decoders and takes the shares of the floor within the
+    round; the medians over the rounds are printed."""
     try:
         import transformers
     except ImportError:
@@ -1675,34 +1724,40 @@ def bench(cfg, sizes=None, rounds=5):
                 xs[w.shape[0]] @ w
             return time.perf_counter() - t
 
-        out = {"transformers": ref.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new,
-                                            do_sample=False)[0, 16:],
-               "video_llava": generate(ours, ids, max_new_tokens=new)[0]}  # also the warm-up
-        same = torch.equal(out["transformers"], out["video_llava"])
-        tps, bws, prod_s = {"transformers": [], "video_llava": []}, [], []
-        for _ in range(rounds):  # transformers; the bandwidth; ours; ours' products alone: all within seconds
+        decoders = {"transformers": lambda: ref.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new,
+                                                         do_sample=False)[0, 16:],
+                    "eager": lambda: generate(ours, ids, max_new_tokens=new)[0],
+                    "compiled": lambda: generate(ours, ids, max_new_tokens=new, compile=True)[0]}
+        out = {}
+        for k, f in decoders.items():  # also the warm-up, and the compile
             t = time.perf_counter()
-            got = ref.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)[0, 16:]
-            tps["transformers"].append(new / (time.perf_counter() - t))
-            same = same and torch.equal(got, out["transformers"])
-            bws.append(max(matvec_bandwidth(W, x) for _ in range(3)))
-            t = time.perf_counter()
-            got = generate(ours, ids, max_new_tokens=new)[0]
-            tps["video_llava"].append(new / (time.perf_counter() - t))
-            same = same and torch.equal(got, out["video_llava"])
+            out[k] = f()
+            if k == "compiled":
+                print(f"{name}: compiling the one-token step (and a first decode) took {time.perf_counter() - t:.1f} s")
+        same = torch.equal(out["transformers"], out["eager"]) and torch.equal(out["eager"], out["compiled"])
+        tps, bws, prod_s = {k: [] for k in decoders}, [], []
+        for _ in range(rounds):  # transformers; the bandwidth; ours, eager and compiled; the products alone
+            for k, f in decoders.items():
+                if k == "eager":
+                    bws.append(max(matvec_bandwidth(W, x) for _ in range(3)))
+                t = time.perf_counter()
+                got = f()
+                tps[k].append(new / (time.perf_counter() - t))
+                same = same and torch.equal(got, out[k])
             prod_s.append(min(products_alone() for _ in range(3)))
-        # within each round: our tok/s over the floor's (bandwidth / weight bytes), and over the products-only pace
-        share = [v / (b / (n_lm * 4)) for v, b in zip(tps["video_llava"], bws)]
-        of_prod = [v * p for v, p in zip(tps["video_llava"], prod_s)]
         med = statistics.median
-        ours_tps, ref_tps = med(tps["video_llava"]), med(tps["transformers"])
-        print(f"{name}: LLaMA {n_lm / 1e6:.1f}M params, {new} new tokens, identical tokens: {same} | medians of "
-              f"{rounds} rounds: transformers {ref_tps:.1f} tok/s | video_llava {ours_tps:.1f} tok/s "
-              f"({ours_tps / ref_tps:.2f}x) | {med(share):.0%} of the bandwidth floor (rounds: "
-              f"{', '.join(f'{v:.0%}' for v in share)}; bandwidth {med(bws) / 1e9:.1f} GB/s)")
+        print(f"{name}: LLaMA {n_lm / 1e6:.1f}M params, {new} new tokens, identical tokens in all three: {same}; "
+              f"medians of {rounds} rounds (bandwidth {med(bws) / 1e9:.1f} GB/s, floor {med(bws) / (n_lm * 4):.1f} "
+              f"tok/s): transformers {med(tps['transformers']):.1f} tok/s")
+        for k in ("eager", "compiled"):
+            # within each round: our tok/s over the floor's (bandwidth / weight bytes), and over the products' pace
+            share = [v / (b / (n_lm * 4)) for v, b in zip(tps[k], bws)]
+            of_prod = [v * p for v, p in zip(tps[k], prod_s)]
+            print(f"{name}: video_llava {k:8s} {med(tps[k]):6.1f} tok/s ({med(tps[k]) / med(tps['transformers']):.2f}x"
+                  f" transformers) | {med(share):.0%} of the bandwidth floor (rounds: "
+                  f"{', '.join(f'{v:.0%}' for v in share)}) | {med(of_prod):.0%} of the products' pace")
         print(f"{name}: the products alone ({n_prod / 1e6:.0f} MB of matrices, embedding rows not read): "
-              f"{med(prod_s) * 1e3:.1f} ms = {n_prod / med(prod_s) / 1e9:.1f} GB/s, {1 / med(prod_s):.1f} tok/s; "
-              f"decoding runs at {med(of_prod):.0%} of that (medians)")
+              f"{med(prod_s) * 1e3:.1f} ms = {n_prod / med(prod_s) / 1e9:.1f} GB/s, {1 / med(prod_s):.1f} tok/s")
 
 
 def bench_load(gb):
@@ -1769,6 +1824,8 @@ def parse_args(argv=None):
     p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
     p.add_argument("--image", default="", help="image file, for --generate")
     p.add_argument("--prompt", default="", help="the question, for --generate")
+    p.add_argument("--compile", action="store_true", help="--generate: run the one-token step through torch.compile "
+                   "(a compile of 13-31 s on a 2-core CPU, then faster per token; README)")
     p.add_argument("--load_gb", type=float, default=2.0, help="--bench: size of the sharded-load test (0 = skip)")
     p.add_argument("--n_tokens", type=int, default=64, help="text tokens assumed by --inspect's memory estimate")
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
@@ -1827,9 +1884,12 @@ def run_generate(args, cfg, overrides):
             print(text[len(shown):], end="", flush=True)
             shown = text
 
-    generate(model, ids, None, imgs, vids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-             top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=g,
-             on_token=stream)
+    try:
+        generate(model, ids, None, imgs, vids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                 top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=g,
+                 on_token=stream, compile=args.compile)
+    except torch._dynamo.exc.BackendCompilerFailed as e:  # on a CPU, torch.compile needs a C++ compiler (g++)
+        raise UserError(f"--compile: torch.compile failed ({str(e).splitlines()[0][:200]}); run without --compile")
     print()
 
 
