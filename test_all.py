@@ -1012,6 +1012,14 @@ def test_vl_compiled_step_matches_eager(vl_ckpt):
     with torch.no_grad():
         eager = vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=10)
         assert torch.equal(eager, vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=10, compile=True))
+        # a row that stops early (its 4th token as EOS) is padded the same way by both
+        eos = int(eager[0, 3])
+        stop = vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=10, eos_token_id=eos, pad_token_id=7)
+        assert (stop[0, 4:] == 7).all() and stop.shape[1] > 4
+        assert torch.equal(stop, vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=10, eos_token_id=eos,
+                                             pad_token_id=7, compile=True))
+        with pytest.raises(ValueError, match="use_cache"):
+            vl.generate(ours, ids, mask, imgs, vids, compile=True, use_cache=False)
         B, L = ids.shape
         cache = vl.KVCache(ours.cfg, B, L + 3, torch.float32, "cpu")
         logits, _ = ours(ids, mask, imgs, vids, cache=cache, last_only=True)
@@ -1026,6 +1034,12 @@ def test_vl_compiled_step_matches_eager(vl_ckpt):
         cache.offset -= 1
         again, _ = ours(nxt, mask2, cache=cache)
         assert cache.offset == L + 1 and (again - step).abs().max() < 1e-6
+        with pytest.raises(ValueError, match="attention mask of shape"):  # the mask must cover the cache too
+            cache.next_step(mask2[:, -1:])
+        # a one-token prompt, one row all padding: that row attends to itself (no NaN), the other is unchanged
+        cache = vl.KVCache(ours.cfg, 2, 4, torch.float32, "cpu")
+        one, _ = ours(ids[:2, -1:], torch.tensor([[1], [0]]), cache=cache)
+        assert torch.isfinite(one).all() and (one[:1] - ours(ids[:1, -1:])[0]).abs().max() < 1e-5
 
 
 def test_vl_matvec_layout_changes_strides_only(vl_ckpt, tmp_path):
@@ -1056,9 +1070,19 @@ def test_vl_matvec_layout_changes_strides_only(vl_ckpt, tmp_path):
     torch.testing.assert_close(fast, attn(x, cos, sin, None), rtol=0, atol=0)
     stale = attn.fused
     vl.matvec_layout(ours)  # the next generate lays the replaced weights out again (a compiled step trusts `fused`)
-    assert attn.fused is not stale and attn.q_proj.weight.data_ptr() == attn.fused.data_ptr()
-    assert mlp.gate_proj.weight.data_ptr() == mlp.fused.data_ptr()
+    assert attn.fused is not stale and vl.laid_out(attn.fused, (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert vl.laid_out(mlp.fused, (mlp.gate_proj, mlp.up_proj))
     torch.testing.assert_close(fast, attn(x, cos, sin, None), rtol=0, atol=1e-6)
+    # any member counts, not only the first: a new v_proj weight is read, and matvec_layout notices it
+    attn.v_proj.weight.data = attn.v_proj.weight.data * 3
+    assert not vl.laid_out(attn.fused, (attn.q_proj, attn.k_proj, attn.v_proj))
+    three = attn(x, cos, sin, None)
+    assert (three - fast).abs().max() > 1e-3
+    stale = attn.fused
+    vl.matvec_layout(ours)
+    assert attn.fused is not stale and vl.laid_out(attn.fused, (attn.q_proj, attn.k_proj, attn.v_proj))
+    torch.testing.assert_close(three, attn(x, cos, sin, None), rtol=0, atol=1e-6)
+    attn.v_proj.weight.data = attn.v_proj.weight.data / 3
     cfg = dataclasses.replace(ours.cfg, out_dir=str(tmp_path / "saved"))
     vl.save_checkpoint(ours, cfg, vl.load_tokenizer(vl_ckpt[1]["t5save"]))
     again = vl.VideoLlava.from_pretrained(cfg.out_dir, dtype=torch.float32).eval()
@@ -1147,6 +1171,8 @@ def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     assert_user_error(run_script("video_llava.py", "--generate", "--from_pretrained", dirs["t5save"], "--video", clip,
                                  "--prompt", "What happens?", "--dtype", "float32", "--compile"), "--compile")
+    with pytest.raises(vl.UserError, match="use it with --generate"):  # --compile means nothing elsewhere
+        vl.parse_args(["--bench", "--compile"])
 
 
 def test_vl_preprocessing():

@@ -566,15 +566,30 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def laid_out(block, mods):
+    """True while each mods[i].weight is still the view of its columns of `block` that matvec_layout made (a weight
+    replaced since, by another device, dtype or tensor, is not): then block's one product equals theirs."""
+    if block is None:
+        return False
+    c, size = 0, block.element_size()
+    for m in mods:
+        w = m.weight
+        if w.data_ptr() != block.data_ptr() + c * size or w.stride() != (1, block.shape[1]):
+            return False
+        c += m.out_features
+    return True
+
+
 def rotate_half(x):
     return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), -1)
 
 
 class KVCache:
-    """Preallocated per-layer keys/values (B, K, T_max, E); `offset` = tokens already stored (the RoPE position
-    offset is separate: it comes from the attention mask, so left-padded rows count from their first real token).
-    A prompt is written at `offset`. A one-token step is written at `slot`, a tensor, and attends over all T_max
-    positions under a mask (`next_step`): every step then has the same shapes, so it compiles once."""
+    """Preallocated per-layer keys/values (B, K, T_max, E); `offset` = positions filled or claimed so far (the RoPE
+    position offset is separate: it comes from the attention mask, so left-padded rows count from their first real
+    token). A prompt is written at `offset`. A one-token step first claims a position (`next_step`), is written
+    there through `slot`, a tensor, and attends over all T_max positions under a mask: every step then has the same
+    shapes, so it compiles once."""
 
     def __init__(self, cfg, batch, max_len, dtype, device):
         e = cfg.hidden_size // cfg.num_attention_heads
@@ -590,13 +605,19 @@ class KVCache:
         B, T_max = self.k[0].shape[0], self.k[0].shape[2]
         if attention_mask is None:
             attention_mask = torch.ones(B, self.offset + 1, dtype=torch.long, device=self.slot.device)
+        if attention_mask.shape != (B, self.offset + 1) or self.offset >= T_max:
+            raise ValueError(f"a one-token step at position {self.offset} of a {T_max}-position cache needs an "
+                             f"attention mask of shape ({B}, {self.offset + 1}), got {tuple(attention_mask.shape)}")
+        pos = (attention_mask.long().sum(-1, keepdim=True) - 1).clamp(min=0)  # pads do not count
+        mask = F.pad(attention_mask.bool(), (0, T_max - self.offset - 1))
+        mask[:, self.offset] = True  # the new token sees itself, a pad too: no empty row, no NaN (as at prefill)
         self.slot.fill_(self.offset)
         self.offset += 1
-        pos = attention_mask.long().sum(-1, keepdim=True) - 1  # pads do not count
-        return pos, F.pad(attention_mask.bool(), (0, T_max - attention_mask.shape[1]))[:, None, None]
+        return pos, mask[:, None, None]
 
     def update(self, layer, k, v):
-        if k.shape[2] == 1:  # a one-token step: written at the slot next_step claimed, all T_max positions returned
+        if k.shape[2] == 1:  # a one-token step (forward and step call next_step first): written at the claimed slot,
+            # all T_max positions returned (the mask hides the unfilled ones)
             self.k[layer].index_copy_(2, self.slot, k.to(self.k[layer].dtype))
             self.v[layer].index_copy_(2, self.slot, v.to(self.v[layer].dtype))
             return self.k[layer], self.v[layer]
@@ -617,8 +638,9 @@ class LlamaAttention(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         B, L, _ = x.shape
         fused = getattr(self, "fused", None)  # set by matvec_layout: q/k/v in one product for one-token steps
-        if L == 1 and fused is not None and (torch.compiler.is_compiling()  # (generate checked the layout first)
-                                             or self.q_proj.weight.data_ptr() == fused.data_ptr()):
+        # (a compiled graph cannot check pointers: generate runs matvec_layout, which checks, before compiling)
+        if L == 1 and fused is not None and (torch.compiler.is_compiling()
+                                             or laid_out(fused, (self.q_proj, self.k_proj, self.v_proj))):
             qkv = (x @ fused).view(B, 1, self.h + 2 * self.kv, self.e).transpose(1, 2)  # (B, H+2K, 1, E)
             qk = qkv[:, :self.h + self.kv]  # RoPE on the q and k heads at once: half the small operations
             qk = qk * cos + rotate_half(qk) * sin
@@ -656,7 +678,7 @@ class LlamaMLP(nn.Module):
     def forward(self, x):
         fused = getattr(self, "fused", None)  # set by matvec_layout: gate/up in one product for one-token steps
         if x.shape[1] == 1 and fused is not None and (torch.compiler.is_compiling()
-                                                      or self.gate_proj.weight.data_ptr() == fused.data_ptr()):
+                                                      or laid_out(fused, (self.gate_proj, self.up_proj))):
             gate, up = (x @ fused).chunk(2, -1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
@@ -889,7 +911,7 @@ class VideoLlava(nn.Module):
     def _rope_table(self, pos, dtype):
         """pos (B, L) -> cos, sin (B, 1, L, E), looked up in a table of every position, built once per device with
         the same arithmetic as HF (int64 arange -> float, fp32 angles): a compiled step then reads them, where it
-        would recompute them inside the attention loop (measured: 0.3-0.5 ms a token at 134M)."""
+        would recompute them inside the attention loop (measured: 0.3-0.5 ms a token at 134M, README)."""
         if pos.device not in self._rope:
             e = self.cfg.hidden_size // self.cfg.num_attention_heads
             inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, e, 2, dtype=torch.int64,
@@ -933,7 +955,7 @@ class VideoLlava(nn.Module):
             mask = mask | (torch.arange(T, device=x.device)[None, None, :] == q_idx[None, :, None])  # a pad sees itself:
             mask = mask[:, None]  # (B, 1, L, T); no all-masked row, so no NaN in pad rows
         cos, sin = self._rope_table(pos, x.dtype)
-        logits = self.decode(x, cos, sin, mask, cache, last_only)
+        logits = self.llm_forward(x, cos, sin, mask, cache, last_only)
         if cache is not None:
             cache.offset = T
         loss = None
@@ -941,7 +963,7 @@ class VideoLlava(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return logits, loss
 
-    def decode(self, x, cos, sin, mask, cache=None, last_only=False):
+    def llm_forward(self, x, cos, sin, mask, cache=None, last_only=False):
         """The LLaMA stack on embeddings x (B, L, D) -> logits (B, L or 1, V)."""
         lm = self.language_model.model
         for i, layer in enumerate(lm.layers):
@@ -955,10 +977,11 @@ class VideoLlava(nn.Module):
     def step(self, ids, pos, mask, cache):
         """One new token per row through the KV cache: ids (B, 1) at RoPE positions pos (B, 1), attending where
         mask (B, 1, 1, T_max) is True (cache.next_step gives both) -> logits (B, 1, V). The same shapes every call
-        and no branch on values: torch.compile makes it one graph (generate(compile=True))."""
+        and no branch on values: torch.compile makes it one graph (generate(compile=True)). Compiled, it reads the
+        fused blocks without checking them: after replacing a weight, call matvec_layout first (generate does)."""
         x = self.language_model.model.embed_tokens(ids)
         cos, sin = self._rope_table(pos, x.dtype)
-        return self.decode(x, cos, sin, mask, cache)
+        return self.llm_forward(x, cos, sin, mask, cache)
 
     # -- checkpoint loading
     @classmethod
@@ -1475,14 +1498,13 @@ def matvec_layout(model):
     lm_head gains most). bfloat16 gains nothing and GPUs are left alone. Each decoder layer's matrices go into one
     buffer, in the order decoding reads them, with q/k/v side by side and gate/up side by side: a one-token step then
     reads q/k/v with one product and gate/up with one (`fused`; about 10% faster at 134M, README). The parameters stay
-    the same objects, now views of that buffer; a layer whose q_proj or gate_proj weight is replaced later (another
-    device, dtype or tensor) falls back to the separate products, and is laid out anew (or its blocks dropped) by the
-    next call. Idempotent; checkpoints save contiguous."""
+    the same objects, now views of that buffer; a layer any of whose fused weights is replaced later (another
+    device, dtype or tensor) falls back to the separate products (`laid_out`), and is laid out anew (or its blocks
+    dropped) by the next call. Idempotent; checkpoints save contiguous."""
     for layer in model.language_model.model.layers:
         a, f = layer.self_attn, layer.mlp
         if getattr(a, "fused", None) is not None:
-            if (a.q_proj.weight.data_ptr() == a.fused.data_ptr()
-                    and f.gate_proj.weight.data_ptr() == f.fused.data_ptr()):
+            if laid_out(a.fused, (a.q_proj, a.k_proj, a.v_proj)) and laid_out(f.fused, (f.gate_proj, f.up_proj)):
                 continue  # laid out already
             a.fused = f.fused = None  # stale blocks: a compiled step (which skips the check) must not read them
         w = a.q_proj.weight
@@ -1512,13 +1534,15 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     """Batched, left-padded generation -> (B, n) new ids (rows that stopped are filled with pad_token_id).
     The media are encoded once at prefill; each later step feeds one token through the KV cache (`model.step`).
     compile=True runs that step through torch.compile: one graph whose small operations are fused into a few
-    generated loops, so the matrix products are nearly all that is left (README: a compile of 13-31 s on this 2-core
-    CPU, once per process and shape; then faster per token). Side effect: a float32 CPU model's LLaMA weights are
+    generated loops, so the matrix products are nearly all that is left (README: a compile of 13-31 s on a 2-core
+    CPU, once per process and shape; then faster per token; needs the cache). Side effect: a float32 CPU model's LLaMA weights are
     re-laid (in, out)-major first (`matvec_layout`: same values and shapes; training and save_checkpoint work on as
     before, but a raw state_dict now holds non-contiguous tensors)."""
     model.eval()
     matvec_layout(model)
-    step = torch.compile(model.step, fullgraph=True) if compile and use_cache else model.step
+    if compile and not use_cache:
+        raise ValueError("compile=True compiles the one-token step through the KV cache: it needs use_cache=True")
+    step = torch.compile(model.step, fullgraph=True) if compile else model.step
     B, L = input_ids.shape
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     dtype = model.language_model.model.embed_tokens.weight.dtype
@@ -1736,26 +1760,35 @@ def bench(cfg, sizes=None, rounds=5):
                 print(f"{name}: compiling the one-token step (and a first decode) took {time.perf_counter() - t:.1f} s")
         same = torch.equal(out["transformers"], out["eager"]) and torch.equal(out["eager"], out["compiled"])
         tps, bws, prod_s = {k: [] for k in decoders}, [], []
-        for _ in range(rounds):  # transformers; the bandwidth; ours, eager and compiled; the products alone
-            for k, f in decoders.items():
-                if k == "eager":
-                    bws.append(max(matvec_bandwidth(W, x) for _ in range(3)))
-                t = time.perf_counter()
-                got = f()
-                tps[k].append(new / (time.perf_counter() - t))
-                same = same and torch.equal(got, out[k])
+
+        def timed(k):
+            nonlocal same
+            t = time.perf_counter()
+            got = decoders[k]()
+            tps[k].append(new / (time.perf_counter() - t))
+            same = same and torch.equal(got, out[k])
+
+        for r in range(rounds):  # transformers; the bandwidth; our two decoders, which one first alternating; products
+            timed("transformers")
+            bws.append(max(matvec_bandwidth(W, x) for _ in range(3)))
+            for k in ("eager", "compiled") if r % 2 == 0 else ("compiled", "eager"):
+                timed(k)
             prod_s.append(min(products_alone() for _ in range(3)))
         med = statistics.median
         print(f"{name}: LLaMA {n_lm / 1e6:.1f}M params, {new} new tokens, identical tokens in all three: {same}; "
               f"medians of {rounds} rounds (bandwidth {med(bws) / 1e9:.1f} GB/s, floor {med(bws) / (n_lm * 4):.1f} "
-              f"tok/s): transformers {med(tps['transformers']):.1f} tok/s")
+              f"tok/s: every LLaMA weight, the embedding table included): transformers {med(tps['transformers']):.1f}"
+              f" tok/s")
         for k in ("eager", "compiled"):
-            # within each round: our tok/s over the floor's (bandwidth / weight bytes), and over the products' pace
+            # within each round: our tok/s over the floor's (bandwidth / weight bytes), over a floor of only the
+            # bytes a step reads (the products' matrices), and over the products' own pace
             share = [v / (b / (n_lm * 4)) for v, b in zip(tps[k], bws)]
+            share_read = [v / (b / n_prod) for v, b in zip(tps[k], bws)]
             of_prod = [v * p for v, p in zip(tps[k], prod_s)]
             print(f"{name}: video_llava {k:8s} {med(tps[k]):6.1f} tok/s ({med(tps[k]) / med(tps['transformers']):.2f}x"
                   f" transformers) | {med(share):.0%} of the bandwidth floor (rounds: "
-                  f"{', '.join(f'{v:.0%}' for v in share)}) | {med(of_prod):.0%} of the products' pace")
+                  f"{', '.join(f'{v:.0%}' for v in share)}) | {med(share_read):.0%} counting only the bytes read | "
+                  f"{med(of_prod):.0%} of the products' pace")
         print(f"{name}: the products alone ({n_prod / 1e6:.0f} MB of matrices, embedding rows not read): "
               f"{med(prod_s) * 1e3:.1f} ms = {n_prod / med(prod_s) / 1e9:.1f} GB/s, {1 / med(prod_s):.1f} tok/s")
 
@@ -1848,6 +1881,8 @@ def parse_args(argv=None):
                         "towers (drop the flag)")
     if args.resume and not args.train:
         raise UserError("--resume continues a training run: use it with --train")
+    if args.compile and not args.generate:
+        raise UserError("--compile compiles --generate's decoding step: use it with --generate (--bench runs both)")
     return args, cfg, overrides
 
 
@@ -1889,6 +1924,8 @@ def run_generate(args, cfg, overrides):
                  top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=g,
                  on_token=stream, compile=args.compile)
     except torch._dynamo.exc.BackendCompilerFailed as e:  # on a CPU, torch.compile needs a C++ compiler (g++)
+        if shown:
+            print()  # end the streamed line (the first token comes before the first compiled step)
         raise UserError(f"--compile: torch.compile failed ({str(e).splitlines()[0][:200]}); run without --compile")
     print()
 
