@@ -569,8 +569,6 @@ class RMSNorm(nn.Module):
 def laid_out(block, mods):
     """True while each mods[i].weight is still the view of its columns of `block` that matvec_layout made (a weight
     replaced since, by another device, dtype or tensor, is not): then block's one product equals theirs."""
-    if block is None:
-        return False
     c, size = 0, block.element_size()
     for m in mods:
         w = m.weight
@@ -1535,9 +1533,9 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     The media are encoded once at prefill; each later step feeds one token through the KV cache (`model.step`).
     compile=True runs that step through torch.compile: one graph whose small operations are fused into a few
     generated loops, so the matrix products are nearly all that is left (README: a compile of 13-31 s on a 2-core
-    CPU, once per process and shape; then faster per token; needs the cache). Side effect: a float32 CPU model's LLaMA weights are
-    re-laid (in, out)-major first (`matvec_layout`: same values and shapes; training and save_checkpoint work on as
-    before, but a raw state_dict now holds non-contiguous tensors)."""
+    CPU, once per process and shape; then faster per token; needs the cache). Side effect: a float32 CPU model's
+    LLaMA weights are re-laid (in, out)-major first (`matvec_layout`: same values and shapes; training and
+    save_checkpoint work on as before, but a raw state_dict now holds non-contiguous tensors)."""
     model.eval()
     matvec_layout(model)
     if compile and not use_cache:
