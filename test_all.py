@@ -1042,6 +1042,56 @@ def test_vl_compiled_step_matches_eager(vl_ckpt):
         assert torch.isfinite(one).all() and (one[:1] - ours(ids[:1, -1:])[0]).abs().max() < 1e-5
 
 
+def test_vl_compiled_step_batch1_is_generated_loops(vl_ckpt):
+    """At batch 1 generate(compile=True) lays the weights out in rows and every product with a weight in the compiled
+    step becomes a generated loop of dot products (linear1): no MKL mm is left in the graph. Same tokens as the eager
+    step, logits within 1e-5 of it and 1e-4 of the whole sequence; a cache length in the same 64-long bucket needs no
+    new graph; the next eager generate lays the weights out for MKL again."""
+    ours = vl.VideoLlava.from_pretrained(vl_ckpt[1]["hub"], dtype=torch.float32).eval()
+    ids, mask, imgs, vids = _vl_inputs(2)
+    ids, mask, imgs = ids[2:], mask[2:], imgs[1:]  # the row with two images and a video
+    attn = ours.language_model.model.layers[0].self_attn
+    with torch.no_grad():
+        eager = vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=12)
+        assert not attn.fused.is_contiguous()  # (in, out)-major, for MKL
+        assert torch.equal(eager, vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=12, compile=True))
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        again = vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=14, compile=True)  # the same 64-long cache
+        assert torch.equal(again[:, :12], eager) and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+        head = ours.language_model.lm_head.weight
+        assert attn.fused.is_contiguous() and attn.o_proj.weight.is_contiguous() and head.is_contiguous()
+        assert vl.laid_out(attn.fused, (attn.q_proj, attn.k_proj, attn.v_proj))
+        L = ids.shape[1]
+        cache = vl.KVCache(ours.cfg, 1, L + 2, torch.float32, "cpu")
+        logits, _ = ours(ids, mask, imgs, vids, cache=cache, last_only=True)
+        nxt, mask2 = logits.argmax(-1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        pos, smask = cache.next_step(mask2)
+        step = ours.step(nxt, pos, smask, cache)
+        torch._dynamo.reset()  # compile afresh, to read the generated code
+        compiled, code = torch._inductor.utils.run_and_get_code(torch.compile(ours.step, fullgraph=True), nxt, pos,
+                                                                smask, cache)
+        calls = re.findall(r"extern_kernels\.(\w+)\(", "".join(code))
+        assert "mm" not in calls and "addmm" not in calls and calls  # MKL only for GQA's attention (bmm, 2 rows)
+        whole, _ = ours(torch.cat([ids, nxt], 1), mask2, imgs, vids)
+        assert (step - compiled).abs().max() < 1e-5 and (compiled - whole[:, -1:]).abs().max() < 1e-4
+        vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=2)
+        assert not attn.fused.is_contiguous() and not head.is_contiguous()  # back to MKL's layout
+
+
+def test_vl_linear1_generated_loop_matches_linear():
+    """linear1: compiled, one row against a contiguous CPU weight is a sum of products that inductor fuses into one
+    loop (no product tensor, no MKL call); several rows or an (in, out)-major weight, and always in eager mode,
+    F.linear itself."""
+    w, x, xs = torch.randn(300, 96), torch.randn(1, 1, 96), torch.randn(3, 96)
+    got, code = torch._inductor.utils.run_and_get_code(torch.compile(vl.linear1, fullgraph=True), x, w)
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert "extern_kernels" not in "".join(code).split("def call")[1]
+    for a, b in ((xs, w), (x, w.t().contiguous().t())):
+        _, code = torch._inductor.utils.run_and_get_code(torch.compile(vl.linear1, fullgraph=True), a, b)
+        assert "extern_kernels.mm" in "".join(code)
+    assert torch.equal(vl.linear1(x, w), F.linear(x, w))
+
+
 def test_vl_matvec_layout_changes_strides_only(vl_ckpt, tmp_path):
     """generate() re-lays the float32 LLaMA weights (in, out)-major for fast matrix-vector products: the same
     parameters, values and logits; a checkpoint saved afterwards still loads."""
@@ -1056,6 +1106,17 @@ def test_vl_matvec_layout_changes_strides_only(vl_ckpt, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in params.items())
     got, _ = ours(ids, mask, imgs, vids)
     assert (want - got).abs().max() < 1e-5
+    # rows=True (the compiled step at batch 1): each matrix row-major again, q/k/v and gate/up stacked, same values
+    vl.matvec_layout(ours, rows=True)
+    lin = [m.weight for m in ours.language_model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(w.is_contiguous() for w in lin) and dict(ours.named_parameters()) == params
+    assert all(torch.equal(before[k], v) for k, v in params.items())
+    assert (want - ours(ids, mask, imgs, vids)[0]).abs().max() < 1e-5
+    a0 = ours.language_model.model.layers[0].self_attn
+    assert a0.fused.is_contiguous() and vl.laid_out(a0.fused, (a0.q_proj, a0.k_proj, a0.v_proj))
+    vl.matvec_layout(ours)  # and back
+    assert head.stride() == (1, head.shape[0]) and not a0.fused.is_contiguous()
+    assert all(torch.equal(before[k], v) for k, v in params.items())
     # one-token steps read q/k/v and gate/up through one product each; a weight replaced later is used, not the buffer
     attn, mlp = ours.language_model.model.layers[0].self_attn, ours.language_model.model.layers[0].mlp
     assert attn.q_proj.weight.data_ptr() == attn.fused.data_ptr() and mlp.gate_proj.weight.data_ptr() == mlp.fused.data_ptr()
@@ -1642,7 +1703,8 @@ def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, tmp_path):
 
 def test_vl_bench_prints_what_it_measured(capsys):
     """--bench on a tiny LLaMA, two rounds: tokens identical to transformers' (eager and compiled step), a share of
-    the floor for every round of both (each round measures its own bandwidth) and the products-alone line."""
+    the floor for every round of both (each round measures its own bandwidth), the all-cores bandwidth and floor,
+    and the products-alone line."""
     tiny = {"tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2)}
     vl.bench(vl.Config(max_new_tokens=40), sizes=tiny, rounds=2)
@@ -1654,7 +1716,9 @@ def test_vl_bench_prints_what_it_measured(capsys):
         line = next(l for l in out.splitlines() if l.startswith(f"tiny: video_llava {k} "))
         rounds = line.split("(rounds: ")[1].split(")")[0].split(", ")
         assert len(rounds) == 2 and all(float(v.rstrip("%")) > 0 for v in rounds)
-    assert "tiny: the products alone" in out and "tiny: compiling the one-token step" in out
+        assert "of the all-cores floor" in line
+    assert "tiny: the eager step's MKL products alone" in out and "tiny: compiling the one-token step" in out
+    assert float(out.split("single-threaded processes): ")[1].split()[0]) > 0
 
 
 def test_vl_autocast_auto(monkeypatch):

@@ -566,16 +566,27 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def laid_out(block, mods):
-    """True while each mods[i].weight is still the view of its columns of `block` that matvec_layout made (a weight
-    replaced since, by another device, dtype or tensor, is not): then block's one product equals theirs."""
-    c, size = 0, block.element_size()
+def laid_out(fused, mods):
+    """True while each mods[i].weight is still the view of its rows of `fused` (all their weights stacked, (out, in),
+    in either of matvec_layout's layouts) that matvec_layout made (a weight replaced since, by another device, dtype
+    or tensor, is not): then fused's one product equals theirs."""
+    c, size = 0, fused.element_size()
     for m in mods:
         w = m.weight
-        if w.data_ptr() != block.data_ptr() + c * size or w.stride() != (1, block.shape[1]):
+        if w.data_ptr() != fused.data_ptr() + c * fused.stride(0) * size or w.stride() != fused.stride():
             return False
         c += m.out_features
     return True
+
+
+def linear1(x, w):
+    """F.linear(x, w) for a weight (out, in) stored either way (matvec_layout). One row of x against a weight in
+    rows (contiguous), in a compiled CPU step: a generated loop of dot products over w's rows, which the threads
+    split. MKL's matrix-vector product streams the weight on one core here, and one core draws about half of the
+    machine's memory bandwidth (README: 24-30 GB/s this way against 18 GB/s)."""
+    if torch.compiler.is_compiling() and w.is_contiguous() and w.device.type == "cpu" and x.shape[:-1].numel() == 1:
+        return (x.unsqueeze(-2) * w).sum(-1)  # inductor fuses the product into the sum: w is read once
+    return F.linear(x, w)
 
 
 def rotate_half(x):
@@ -639,7 +650,7 @@ class LlamaAttention(nn.Module):
         # (a compiled graph cannot check pointers: generate runs matvec_layout, which checks, before compiling)
         if L == 1 and fused is not None and (torch.compiler.is_compiling()
                                              or laid_out(fused, (self.q_proj, self.k_proj, self.v_proj))):
-            qkv = (x @ fused).view(B, 1, self.h + 2 * self.kv, self.e).transpose(1, 2)  # (B, H+2K, 1, E)
+            qkv = linear1(x, fused).view(B, 1, self.h + 2 * self.kv, self.e).transpose(1, 2)  # (B, H+2K, 1, E)
             qk = qkv[:, :self.h + self.kv]  # RoPE on the q and k heads at once: half the small operations
             qk = qk * cos + rotate_half(qk) * sin
             q, k, v = qk[:, :self.h], qk[:, self.h:], qkv[:, self.h + self.kv:]
@@ -656,7 +667,7 @@ class LlamaAttention(nn.Module):
             if isinstance(mask, torch.Tensor):
                 att = att.masked_fill(~mask, -math.inf)  # mask (B, 1, 1, T)
             y = (att.softmax(-1, dtype=torch.float32).to(v.dtype) @ v).view(B, self.h, 1, self.e)  # (B, H, 1, E)
-            return self.o_proj(y.transpose(1, 2).reshape(B, L, self.h * self.e))
+            return linear1(y.transpose(1, 2).reshape(B, L, self.h * self.e), self.o_proj.weight)
         if self.kv != self.h:  # grouped-query: kv head j serves q heads j*H/K .. (j+1)*H/K-1
             k, v = k.repeat_interleave(self.h // self.kv, 1), v.repeat_interleave(self.h // self.kv, 1)
         if isinstance(mask, str):  # "causal": no padding and nothing cached before these tokens
@@ -677,8 +688,8 @@ class LlamaMLP(nn.Module):
         fused = getattr(self, "fused", None)  # set by matvec_layout: gate/up in one product for one-token steps
         if x.shape[1] == 1 and fused is not None and (torch.compiler.is_compiling()
                                                       or laid_out(fused, (self.gate_proj, self.up_proj))):
-            gate, up = (x @ fused).chunk(2, -1)
-            return self.down_proj(F.silu(gate) * up)
+            gate, up = linear1(x, fused).chunk(2, -1)
+            return linear1(F.silu(gate) * up, self.down_proj.weight)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
@@ -970,7 +981,7 @@ class VideoLlava(nn.Module):
         if last_only:
             x = x[:, -1:]  # at inference only the last position is projected
         head = lm.embed_tokens.weight if self.cfg.tie_word_embeddings else self.language_model.lm_head.weight
-        return F.linear(x, head)
+        return linear1(x, head)
 
     def step(self, ids, pos, mask, cache):
         """One new token per row through the KV cache: ids (B, 1) at RoPE positions pos (B, 1), attending where
@@ -1489,20 +1500,24 @@ def sample_next(logits, temperature, top_k, top_p, generator):
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def matvec_layout(model):
-    """Store every LLaMA weight matrix (in, out)-major on a float32 CPU model: the same values, shapes and names (only
-    the strides change: `W.t().contiguous().t()`). One-token decode is matrix-vector products, and MKL reads a
-    row-major (out, in) float32 weight at about 13 GB/s here against 18-27 GB/s (in, out)-major (measured; the 32k-row
-    lm_head gains most). bfloat16 gains nothing and GPUs are left alone. Each decoder layer's matrices go into one
-    buffer, in the order decoding reads them, with q/k/v side by side and gate/up side by side: a one-token step then
-    reads q/k/v with one product and gate/up with one (`fused`; about 10% faster at 134M, README). The parameters stay
-    the same objects, now views of that buffer; a layer any of whose fused weights is replaced later (another
-    device, dtype or tensor) falls back to the separate products (`laid_out`), and is laid out anew (or its blocks
-    dropped) by the next call. Idempotent; checkpoints save contiguous."""
+def matvec_layout(model, rows=False):
+    """Lay out a float32 CPU model's LLaMA weights for one-token decoding, where every product is a matrix-vector
+    product: the same parameters (objects, names, shapes and values), only their storage changes.
+    - rows=False, for MKL (the eager step): every matrix (in, out)-major (`W.t().contiguous().t()`). MKL reads a
+      row-major (out, in) float32 weight at about 13 GB/s here against 18-27 GB/s (in, out)-major (measured; the
+      32k-row lm_head gains most).
+    - rows=True, for the compiled step at batch 1 (`linear1`): every matrix row-major (out, in), as loaded.
+    Each decoder layer's matrices go into one buffer, in the order decoding reads them, with q/k/v stacked and
+    gate/up stacked: a one-token step then reads q/k/v with one product and gate/up with one (`fused`, (out, in)
+    whatever the layout; about 10% faster at 134M, README). The parameters become views of that buffer; a layer any
+    of whose fused weights is replaced later (another device, dtype or tensor) falls back to the separate products
+    (`laid_out`), and is laid out anew (or its blocks dropped) by the next call, as is one in the other layout.
+    bfloat16 gains nothing and GPUs are left alone. Idempotent; checkpoints save contiguous."""
     for layer in model.language_model.model.layers:
         a, f = layer.self_attn, layer.mlp
         if getattr(a, "fused", None) is not None:
-            if laid_out(a.fused, (a.q_proj, a.k_proj, a.v_proj)) and laid_out(f.fused, (f.gate_proj, f.up_proj)):
+            if (a.fused.is_contiguous() == rows and laid_out(a.fused, (a.q_proj, a.k_proj, a.v_proj))
+                    and laid_out(f.fused, (f.gate_proj, f.up_proj))):
                 continue  # laid out already
             a.fused = f.fused = None  # stale blocks: a compiled step (which skips the check) must not read them
         w = a.q_proj.weight
@@ -1512,17 +1527,18 @@ def matvec_layout(model):
         buf, off, blocks = torch.empty(sum(m.weight.numel() for g in groups for m in g)), 0, []
         for group in groups:
             d_in, n_out = group[0].in_features, sum(m.out_features for m in group)
-            block = buf[off:off + d_in * n_out].view(d_in, n_out)  # (in, out) row-major: x @ block = all outputs
+            block = buf[off:off + d_in * n_out]
+            block = block.view(n_out, d_in) if rows else block.view(d_in, n_out).t()  # (out, in) either way
             off, c = off + d_in * n_out, 0
             for m in group:
-                block[:, c:c + m.out_features] = m.weight.data.t()
-                m.weight.data = block[:, c:c + m.out_features].t()
+                block[c:c + m.out_features] = m.weight.data
+                m.weight.data = block[c:c + m.out_features]
                 c += m.out_features
             blocks.append(block)
         a.fused, f.fused = blocks[0], blocks[2]
     head = model.language_model.lm_head.weight
-    if head.device.type == "cpu" and head.dtype == torch.float32 and head.is_contiguous():
-        head.data = head.data.t().contiguous().t()
+    if head.device.type == "cpu" and head.dtype == torch.float32 and head.is_contiguous() != rows:
+        head.data = head.data.contiguous() if rows else head.data.t().contiguous().t()
 
 
 @torch.no_grad()
@@ -1532,16 +1548,21 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     """Batched, left-padded generation -> (B, n) new ids (rows that stopped are filled with pad_token_id).
     The media are encoded once at prefill; each later step feeds one token through the KV cache (`model.step`).
     compile=True runs that step through torch.compile: one graph whose small operations are fused into a few
-    generated loops, so the matrix products are nearly all that is left (README: a compile of 13-31 s on a 2-core
-    CPU, once per process and shape; then faster per token; needs the cache). Side effect: a float32 CPU model's
-    LLaMA weights are re-laid (in, out)-major first (`matvec_layout`: same values and shapes; training and
-    save_checkpoint work on as before, but a raw state_dict now holds non-contiguous tensors)."""
+    generated loops, so the matrix products are nearly all that is left; at batch 1 the products become generated
+    loops too, which the threads split (`linear1`). README: a compile of 18-44 s on a 2-core CPU, once per process,
+    batch size and cache length (rounded up to 64); then faster per token; needs the cache. Side effect: a
+    float32 CPU model's LLaMA weights are re-laid first (`matvec_layout`: same values and shapes; (in, out)-major
+    for the eager step, so a raw state_dict then holds non-contiguous tensors; training and save_checkpoint work on
+    as before)."""
     model.eval()
-    matvec_layout(model)
     if compile and not use_cache:
         raise ValueError("compile=True compiles the one-token step through the KV cache: it needs use_cache=True")
-    step = torch.compile(model.step, fullgraph=True) if compile else model.step
     B, L = input_ids.shape
+    matvec_layout(model, rows=compile and B == 1)
+    # static shapes: a shape-generic graph (what torch.compile makes once a second shape comes) decoded at 25-31
+    # tok/s at 134M against 41-48 (README), so each batch size and cache length compiles its own; cache lengths
+    # are rounded up to a multiple of 64 to keep those few
+    step = torch.compile(model.step, fullgraph=True, dynamic=False) if compile else model.step
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     dtype = model.language_model.model.embed_tokens.weight.dtype
     dev_type = input_ids.device.type
@@ -1550,7 +1571,8 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     if L + max_new_tokens > model.cfg.max_position_embeddings:
         raise UserError(f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
                         f"({model.cfg.max_position_embeddings}); shorten the prompt or lower --max_new_tokens")
-    cache = KVCache(model.cfg, B, L + max_new_tokens, dtype, input_ids.device) if use_cache else None
+    T_max = -(-(L + max_new_tokens) // 64) * 64 if compile else L + max_new_tokens
+    cache = KVCache(model.cfg, B, T_max, dtype, input_ids.device) if use_cache else None
     logits, _ = model(input_ids, mask, pixel_values_images, pixel_values_videos, cache=cache, last_only=True)
     seq, out = input_ids, []
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -1682,11 +1704,31 @@ def inspect(path, n_frames, n_tokens):
 
 def matvec_bandwidth(W, x, reps=10):
     """Bytes of W read per second by `reps` products W @ x: with W far bigger than the caches, memory bandwidth as
-    one-token decoding sees it."""
+    one-token decoding sees it (as MKL reads it, which is on one core here: all_cores_bandwidth)."""
     t = time.perf_counter()
     for _ in range(reps):
         W @ x
     return reps * W.numel() * W.element_size() / (time.perf_counter() - t)
+
+
+def all_cores_bandwidth(seconds=4.0):
+    """Memory bandwidth with every core streaming: one single-threaded matrix-vector process per thread, all timed
+    over the same seconds; the sum of their medians. (MKL's matrix-vector product runs on one core here, so
+    matvec_bandwidth sees about one core's share.)"""
+    import subprocess
+    n, start = torch.get_num_threads(), time.time() + 5  # every process has imported torch and filled W by then
+    code = ("import sys, time, statistics, torch\n"
+            "torch.set_num_threads(1)\n"
+            "W, x, start, res = torch.randn(4096, 8192), torch.randn(1, 4096), float(sys.argv[1]), []\n"
+            "x @ W\n"
+            "while time.time() < start: time.sleep(0.005)\n"
+            "while time.time() < start + float(sys.argv[2]):\n"
+            "    t = time.perf_counter(); x @ W; x @ W\n"
+            "    res.append(2 * W.numel() * 4 / (time.perf_counter() - t))\n"
+            "print(statistics.median(res))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(start), str(seconds)], stdout=subprocess.PIPE,
+                              text=True) for _ in range(n)]
+    return sum(float(p.communicate()[0]) for p in procs), n
 
 
 def bench(cfg, sizes=None, rounds=5):
@@ -1694,7 +1736,8 @@ def bench(cfg, sizes=None, rounds=5):
     are compared), with the eager step and the compiled one (generate(compile=True)), and the bandwidth floor: weight
     bytes / measured matrix-vector bandwidth. The bandwidth of a shared host drifts by tens of percent within
     minutes, so each round measures it right before our two decoders and takes the shares of the floor within the
-    round; the medians over the rounds are printed."""
+    round; the medians over the rounds are printed. A second floor uses the bandwidth of all cores streaming at
+    once (measured once, at the start)."""
     try:
         import transformers
     except ImportError:
@@ -1705,8 +1748,10 @@ def bench(cfg, sizes=None, rounds=5):
     for _ in range(3):
         W @ x
     bw = max(matvec_bandwidth(W, x) for _ in range(5))
-    print(f"threads {torch.get_num_threads()}; matrix-vector bandwidth {bw / 1e9:.1f} GB/s (float32, best of five "
-          f"at the start; each round below measures its own)")
+    bw_all, n_proc = all_cores_bandwidth()
+    print(f"threads {torch.get_num_threads()}; matrix-vector bandwidth {bw / 1e9:.1f} GB/s (float32, MKL, best of "
+          f"five at the start; each round below measures its own); all cores streaming at once ({n_proc} "
+          f"single-threaded processes): {bw_all / 1e9:.1f} GB/s")
     sizes = sizes or {
         "~20M": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=4),
@@ -1720,22 +1765,23 @@ def bench(cfg, sizes=None, rounds=5):
         ref = transformers.VideoLlavaForConditionalGeneration(hcfg).eval()
         with tempfile.TemporaryDirectory() as d:
             ref.save_pretrained(d)
-            ours = VideoLlava.from_pretrained(d, torch.float32).eval()
+            ours = VideoLlava.from_pretrained(d, torch.float32).eval()  # the eager step: weights laid out for MKL
+            ours_c = VideoLlava.from_pretrained(d, torch.float32).eval()  # the compiled step: laid out in rows
         n_lm = sum(p.numel() for p in ours.language_model.parameters())
         ids = torch.randint(3, 32000, (1, 16))
         new = cfg.max_new_tokens if cfg.max_new_tokens > 32 else 128
-        # the matrix-vector products of one decode step alone, as generate runs them (matvec_layout's per-layer
-        # blocks x @ (in, out) where present, else each Linear), on this model's own matrices (each read once per
-        # pass, so from memory as in decoding), nothing else: where the gap to the floor goes
+        # the matrix-vector products of one eager decode step alone, as generate runs them (matvec_layout's
+        # per-layer blocks, else each Linear), on this model's own matrices (each read once per pass, so from
+        # memory as in decoding), nothing else: where the eager step's gap to the floor goes
         matvec_layout(ours)  # what generate does first: the blocks timed below are the ones it reads
         prods = []
         for layer in ours.language_model.model.layers:
             att, mlp = layer.self_attn, layer.mlp
-            for block, parts in ((getattr(att, "fused", None), [att.q_proj, att.k_proj, att.v_proj]),
+            for fused, parts in ((getattr(att, "fused", None), [att.q_proj, att.k_proj, att.v_proj]),
                                  (None, [att.o_proj]),
                                  (getattr(mlp, "fused", None), [mlp.gate_proj, mlp.up_proj]),
                                  (None, [mlp.down_proj])):
-                prods += [block] if block is not None else [m.weight.t() for m in parts]  # all as (in, out)
+                prods += [fused.t()] if fused is not None else [m.weight.t() for m in parts]  # all as (in, out)
         prods.append(ours.language_model.lm_head.weight.t())
         xs = {n: torch.randn(1, n) for n in {w.shape[0] for w in prods}}
         n_prod = sum(w.numel() * 4 for w in prods)
@@ -1749,7 +1795,7 @@ def bench(cfg, sizes=None, rounds=5):
         decoders = {"transformers": lambda: ref.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new,
                                                          do_sample=False)[0, 16:],
                     "eager": lambda: generate(ours, ids, max_new_tokens=new)[0],
-                    "compiled": lambda: generate(ours, ids, max_new_tokens=new, compile=True)[0]}
+                    "compiled": lambda: generate(ours_c, ids, max_new_tokens=new, compile=True)[0]}
         out = {}
         for k, f in decoders.items():  # also the warm-up, and the compile
             t = time.perf_counter()
@@ -1775,20 +1821,21 @@ def bench(cfg, sizes=None, rounds=5):
         med = statistics.median
         print(f"{name}: LLaMA {n_lm / 1e6:.1f}M params, {new} new tokens, identical tokens in all three: {same}; "
               f"medians of {rounds} rounds (bandwidth {med(bws) / 1e9:.1f} GB/s, floor {med(bws) / (n_lm * 4):.1f} "
-              f"tok/s: every LLaMA weight, the embedding table included): transformers {med(tps['transformers']):.1f}"
-              f" tok/s")
+              f"tok/s: every LLaMA weight, the embedding table included; all cores: floor "
+              f"{bw_all / (n_lm * 4):.1f} tok/s): transformers {med(tps['transformers']):.1f} tok/s")
         for k in ("eager", "compiled"):
             # within each round: our tok/s over the floor's (bandwidth / weight bytes), over a floor of only the
-            # bytes a step reads (the products' matrices), and over the products' own pace
+            # bytes a step reads (the products' matrices); over the all-cores floor; and the products' own pace
             share = [v / (b / (n_lm * 4)) for v, b in zip(tps[k], bws)]
             share_read = [v / (b / n_prod) for v, b in zip(tps[k], bws)]
             of_prod = [v * p for v, p in zip(tps[k], prod_s)]
             print(f"{name}: video_llava {k:8s} {med(tps[k]):6.1f} tok/s ({med(tps[k]) / med(tps['transformers']):.2f}x"
                   f" transformers) | {med(share):.0%} of the bandwidth floor (rounds: "
                   f"{', '.join(f'{v:.0%}' for v in share)}) | {med(share_read):.0%} counting only the bytes read | "
-                  f"{med(of_prod):.0%} of the products' pace")
-        print(f"{name}: the products alone ({n_prod / 1e6:.0f} MB of matrices, embedding rows not read): "
-              f"{med(prod_s) * 1e3:.1f} ms = {n_prod / med(prod_s) / 1e9:.1f} GB/s, {1 / med(prod_s):.1f} tok/s")
+                  f"{med(tps[k]) / (bw_all / (n_lm * 4)):.0%} of the all-cores floor" +
+                  (f" | {med(of_prod):.0%} of the MKL products' pace" if k == "eager" else ""))
+        print(f"{name}: the eager step's MKL products alone ({n_prod / 1e6:.0f} MB of matrices, embedding rows not "
+              f"read): {med(prod_s) * 1e3:.1f} ms = {n_prod / med(prod_s) / 1e9:.1f} GB/s, {1 / med(prod_s):.1f} tok/s")
 
 
 def bench_load(gb):
@@ -1856,7 +1903,7 @@ def parse_args(argv=None):
     p.add_argument("--image", default="", help="image file, for --generate")
     p.add_argument("--prompt", default="", help="the question, for --generate")
     p.add_argument("--compile", action="store_true", help="--generate: run the one-token step through torch.compile "
-                   "(a compile of 13-31 s on a 2-core CPU, then faster per token; README)")
+                   "(a compile of 18-44 s on a 2-core CPU the first time, then faster per token; README)")
     p.add_argument("--load_gb", type=float, default=2.0, help="--bench: size of the sharded-load test (0 = skip)")
     p.add_argument("--n_tokens", type=int, default=64, help="text tokens assumed by --inspect's memory estimate")
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
