@@ -1071,11 +1071,40 @@ def test_vl_compiled_step_batch1_is_generated_loops(vl_ckpt):
         compiled, code = torch._inductor.utils.run_and_get_code(torch.compile(ours.step, fullgraph=True), nxt, pos,
                                                                 smask, cache)
         calls = re.findall(r"extern_kernels\.(\w+)\(", "".join(code))
-        assert "mm" not in calls and "addmm" not in calls and calls  # MKL only for GQA's attention (bmm, 2 rows)
+        assert "mm" not in calls and "addmm" not in calls  # MKL only for GQA's attention scores (bmm: 2 rows)
         whole, _ = ours(torch.cat([ids, nxt], 1), mask2, imgs, vids)
         assert (step - compiled).abs().max() < 1e-5 and (compiled - whole[:, -1:]).abs().max() < 1e-4
         vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=2)
         assert not attn.fused.is_contiguous() and not head.is_contiguous()  # back to MKL's layout
+        # past torch's limit of graphs per function, a call goes on with the eager step (same tokens) and warns
+        txt = torch.randint(3, 31999, (1, 7), generator=torch.Generator().manual_seed(3))
+        want = vl.generate(ours, txt, max_new_tokens=60)
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(recompile_limit=1):
+            vl.generate(ours, txt, max_new_tokens=3, compile=True)  # a 64-long cache: the one graph allowed
+            with pytest.warns(UserWarning, match="limit of 1 graphs"):
+                got = vl.generate(ours, txt, max_new_tokens=60, compile=True)  # a 128-long cache
+        assert torch.equal(got, want)
+
+
+def test_vl_compiled_step_bfloat16(vl_ckpt):
+    """A bfloat16 model (an HF folder's default dtype) compiled at batch 1 keeps MKL's products and its layout (the
+    generated loops ran slower in bfloat16, README); the step's logits stay within bfloat16's rounding of the eager
+    step's (a near tie may still pick another token)."""
+    ours = vl.VideoLlava.from_pretrained(vl_ckpt[1]["hub"], dtype=torch.bfloat16).eval()
+    ids, mask, imgs, vids = _vl_inputs(2)
+    ids, mask, imgs, vids = ids[2:], mask[2:], imgs[1:].bfloat16(), vids.bfloat16()
+    with torch.no_grad():
+        assert vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=4, compile=True).shape == (1, 4)
+        assert getattr(ours.language_model.model.layers[0].self_attn, "fused", None) is None
+        L = ids.shape[1]
+        cache = vl.KVCache(ours.cfg, 1, L + 2, torch.bfloat16, "cpu")
+        logits, _ = ours(ids, mask, imgs, vids, cache=cache, last_only=True)
+        nxt, mask2 = logits.argmax(-1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        pos, smask = cache.next_step(mask2)
+        step = ours.step(nxt, pos, smask, cache).float()
+        compiled = torch.compile(ours.step, fullgraph=True, dynamic=False)(nxt, pos, smask, cache)
+        assert compiled.dtype == torch.bfloat16 and (step - compiled.float()).abs().max() < 0.02 * step.abs().max()
 
 
 def test_vl_linear1_generated_loop_matches_linear():
@@ -1089,12 +1118,15 @@ def test_vl_linear1_generated_loop_matches_linear():
     for a, b in ((xs, w), (x, w.t().contiguous().t())):
         _, code = torch._inductor.utils.run_and_get_code(torch.compile(vl.linear1, fullgraph=True), a, b)
         assert "extern_kernels.mm" in "".join(code)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's bfloat16 product, not a float32 loop
+        assert torch.compile(vl.linear1, fullgraph=True)(x, w).dtype == torch.bfloat16
     assert torch.equal(vl.linear1(x, w), F.linear(x, w))
 
 
 def test_vl_matvec_layout_changes_strides_only(vl_ckpt, tmp_path):
-    """generate() re-lays the float32 LLaMA weights (in, out)-major for fast matrix-vector products: the same
-    parameters, values and logits; a checkpoint saved afterwards still loads."""
+    """generate() re-lays the float32 LLaMA weights for fast matrix-vector products, (in, out)-major for MKL or in
+    rows for the compiled step at batch 1: the same parameters, values and logits; a replaced weight is laid out
+    again; a checkpoint saved afterwards still loads."""
     ours = vl.VideoLlava.from_pretrained(vl_ckpt[1]["hub"], dtype=torch.float32).eval()
     ids, mask, imgs, vids = _vl_inputs(2)
     params = dict(ours.named_parameters())
@@ -1117,6 +1149,10 @@ def test_vl_matvec_layout_changes_strides_only(vl_ckpt, tmp_path):
     vl.matvec_layout(ours)  # and back
     assert head.stride() == (1, head.shape[0]) and not a0.fused.is_contiguous()
     assert all(torch.equal(before[k], v) for k, v in params.items())
+    a0.o_proj.weight.data = a0.o_proj.weight.data.contiguous()  # replaced in the layout MKL reads slowly
+    vl.matvec_layout(ours)
+    assert not a0.o_proj.weight.is_contiguous() and torch.equal(a0.o_proj.weight, before[
+        "language_model.model.layers.0.self_attn.o_proj.weight"])
     # one-token steps read q/k/v and gate/up through one product each; a weight replaced later is used, not the buffer
     attn, mlp = ours.language_model.model.layers[0].self_attn, ours.language_model.model.layers[0].mlp
     assert attn.q_proj.weight.data_ptr() == attn.fused.data_ptr() and mlp.gate_proj.weight.data_ptr() == mlp.fused.data_ptr()

@@ -45,6 +45,7 @@ import re
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from itertools import zip_longest
 
@@ -580,11 +581,14 @@ def laid_out(fused, mods):
 
 
 def linear1(x, w):
-    """F.linear(x, w) for a weight (out, in) stored either way (matvec_layout). One row of x against a weight in
-    rows (contiguous), in a compiled CPU step: a generated loop of dot products over w's rows, which the threads
-    split. MKL's matrix-vector product streams the weight on one core here, and one core draws about half of the
-    machine's memory bandwidth (README: 24-30 GB/s this way against 18 GB/s)."""
-    if torch.compiler.is_compiling() and w.is_contiguous() and w.device.type == "cpu" and x.shape[:-1].numel() == 1:
+    """F.linear(x, w) for a weight (out, in) stored either way (matvec_layout). One row of x against a float32 weight
+    in rows (contiguous), in a compiled CPU step outside autocast: a generated loop of dot products over w's rows, which
+    the threads split. MKL's matrix-vector product streams the weight on one core here, and one core draws about
+    half of the machine's memory bandwidth (README: the 49 products of a 134M step in 18.2 ms this way against
+    26.5 ms through MKL)."""
+    if (torch.compiler.is_compiling() and w.dtype == torch.float32 and w.is_contiguous() and w.device.type == "cpu"
+            and x.shape[:-1].numel() == 1 and not torch.is_autocast_enabled("cpu")):  # (autocast: mul and sum
+        # are not autocast ops, they would run in float32; bfloat16 ran slower this way on the AVX2 CPU, README)
         return (x.unsqueeze(-2) * w).sum(-1)  # inductor fuses the product into the sum: w is read once
     return F.linear(x, w)
 
@@ -1503,21 +1507,23 @@ def sample_next(logits, temperature, top_k, top_p, generator):
 def matvec_layout(model, rows=False):
     """Lay out a float32 CPU model's LLaMA weights for one-token decoding, where every product is a matrix-vector
     product: the same parameters (objects, names, shapes and values), only their storage changes.
-    - rows=False, for MKL (the eager step): every matrix (in, out)-major (`W.t().contiguous().t()`). MKL reads a
-      row-major (out, in) float32 weight at about 13 GB/s here against 18-27 GB/s (in, out)-major (measured; the
-      32k-row lm_head gains most).
+    - rows=False, for MKL (the eager step, and the compiled one at batch > 1): every matrix (in, out)-major
+      (`W.t().contiguous().t()`). MKL reads a row-major (out, in) float32 weight at about 13 GB/s here against 18-27
+      GB/s (in, out)-major (measured; the 32k-row lm_head gains most).
     - rows=True, for the compiled step at batch 1 (`linear1`): every matrix row-major (out, in), as loaded.
     Each decoder layer's matrices go into one buffer, in the order decoding reads them, with q/k/v stacked and
     gate/up stacked: a one-token step then reads q/k/v with one product and gate/up with one (`fused`, (out, in)
     whatever the layout; about 10% faster at 134M, README). The parameters become views of that buffer; a layer any
     of whose fused weights is replaced later (another device, dtype or tensor) falls back to the separate products
     (`laid_out`), and is laid out anew (or its blocks dropped) by the next call, as is one in the other layout.
-    bfloat16 gains nothing and GPUs are left alone. Idempotent; checkpoints save contiguous."""
+    Only float32 on a CPU: bfloat16 gained nothing with MKL and lost with the generated loops; GPUs are left alone.
+    Idempotent; checkpoints save contiguous."""
     for layer in model.language_model.model.layers:
         a, f = layer.self_attn, layer.mlp
         if getattr(a, "fused", None) is not None:
             if (a.fused.is_contiguous() == rows and laid_out(a.fused, (a.q_proj, a.k_proj, a.v_proj))
-                    and laid_out(f.fused, (f.gate_proj, f.up_proj))):
+                    and laid_out(f.fused, (f.gate_proj, f.up_proj))
+                    and all(m.weight.is_contiguous() == rows for m in (a.o_proj, f.down_proj))):
                 continue  # laid out already
             a.fused = f.fused = None  # stale blocks: a compiled step (which skips the check) must not read them
         w = a.q_proj.weight
@@ -1550,17 +1556,18 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     compile=True runs that step through torch.compile: one graph whose small operations are fused into a few
     generated loops, so the matrix products are nearly all that is left; at batch 1 the products become generated
     loops too, which the threads split (`linear1`). README: a compile of 18-44 s on a 2-core CPU, once per process,
-    batch size and cache length (rounded up to 64); then faster per token; needs the cache. Side effect: a
-    float32 CPU model's LLaMA weights are re-laid first (`matvec_layout`: same values and shapes; (in, out)-major
-    for the eager step, so a raw state_dict then holds non-contiguous tensors; training and save_checkpoint work on
-    as before)."""
+    model, batch size and cache length (rounded up to 64; past torch's 8 graphs a call falls back to the eager step
+    with a warning); then faster per token; needs the cache. Side effect: a
+    CPU model's LLaMA weights are re-laid first, a copy of them when the layout changes (`matvec_layout`: same
+    values and shapes; in float32 (in, out)-major for MKL, so a raw state_dict then holds non-contiguous tensors;
+    training and save_checkpoint work on as before)."""
     model.eval()
     if compile and not use_cache:
         raise ValueError("compile=True compiles the one-token step through the KV cache: it needs use_cache=True")
     B, L = input_ids.shape
     matvec_layout(model, rows=compile and B == 1)
-    # static shapes: a shape-generic graph (what torch.compile makes once a second shape comes) decoded at 25-31
-    # tok/s at 134M against 41-48 (README), so each batch size and cache length compiles its own; cache lengths
+    # static shapes: a shape-generic graph (what torch.compile makes once a second shape comes) decoded at 22-32
+    # tok/s at 134M against 41-49 (README), so each batch size and cache length compiles its own; cache lengths
     # are rounded up to a multiple of 64 to keep those few
     step = torch.compile(model.step, fullgraph=True, dynamic=False) if compile else model.step
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
@@ -1588,7 +1595,15 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         if use_cache:
-            logits = step(nxt[:, None], *cache.next_step(mask), cache)
+            pos, step_mask = cache.next_step(mask)
+            try:
+                logits = step(nxt[:, None], pos, step_mask, cache)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:  # torch keeps 8 graphs per function: go on eagerly
+                warnings.warn(f"generate(compile=True): torch.compile's limit of "
+                              f"{torch._dynamo.config.recompile_limit} graphs (one per model, batch size and cache "
+                              f"length) is reached; this call decodes with the eager step")
+                step = model.step
+                logits = step(nxt[:, None], pos, step_mask, cache)
         else:  # the naive path: the whole sequence again, media re-encoded (tests compare it with the cache path)
             seq = torch.cat([seq, nxt[:, None]], 1)
             logits, _ = model(seq, mask, pixel_values_images, pixel_values_videos, last_only=True)
@@ -1712,23 +1727,35 @@ def matvec_bandwidth(W, x, reps=10):
 
 
 def all_cores_bandwidth(seconds=4.0):
-    """Memory bandwidth with every core streaming: one single-threaded matrix-vector process per thread, all timed
-    over the same seconds; the sum of their medians. (MKL's matrix-vector product runs on one core here, so
-    matvec_bandwidth sees about one core's share.)"""
+    """Memory bandwidth with every core streaming: one single-threaded 268 MB matrix-vector process per thread,
+    started together once all are ready and timed over the same seconds; the sum of their medians, or None if one
+    failed. (MKL's matrix-vector product runs on one core here, so matvec_bandwidth sees about one core's share.)"""
     import subprocess
-    n, start = torch.get_num_threads(), time.time() + 5  # every process has imported torch and filled W by then
+    n = torch.get_num_threads()
     code = ("import sys, time, statistics, torch\n"
             "torch.set_num_threads(1)\n"
-            "W, x, start, res = torch.randn(4096, 8192), torch.randn(1, 4096), float(sys.argv[1]), []\n"
+            "W, x, res = torch.randn(8192, 8192), torch.randn(1, 8192), []\n"
             "x @ W\n"
-            "while time.time() < start: time.sleep(0.005)\n"
-            "while time.time() < start + float(sys.argv[2]):\n"
-            "    t = time.perf_counter(); x @ W; x @ W\n"
-            "    res.append(2 * W.numel() * 4 / (time.perf_counter() - t))\n"
+            "print('ready', flush=True)\n"
+            "start = float(sys.stdin.readline())\n"
+            "while time.time() < start: time.sleep(0.001)\n"
+            "while time.time() < start + float(sys.argv[1]) or not res:\n"
+            "    t = time.perf_counter(); x @ W\n"
+            "    res.append(W.numel() * 4 / (time.perf_counter() - t))\n"
             "print(statistics.median(res))\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(start), str(seconds)], stdout=subprocess.PIPE,
-                              text=True) for _ in range(n)]
-    return sum(float(p.communicate()[0]) for p in procs), n
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(seconds)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(n)]
+    try:
+        if all(p.stdout.readline().strip() == "ready" for p in procs):
+            start = f"{time.time() + 0.5}\n"
+            outs = [p.communicate(start, timeout=seconds + 60)[0] for p in procs]
+            if all(p.returncode == 0 for p in procs):
+                return sum(float(o) for o in outs), n
+    except (subprocess.TimeoutExpired, ValueError):
+        pass
+    for p in procs:
+        p.kill()
+    return None, n
 
 
 def bench(cfg, sizes=None, rounds=5):
@@ -1751,7 +1778,7 @@ def bench(cfg, sizes=None, rounds=5):
     bw_all, n_proc = all_cores_bandwidth()
     print(f"threads {torch.get_num_threads()}; matrix-vector bandwidth {bw / 1e9:.1f} GB/s (float32, MKL, best of "
           f"five at the start; each round below measures its own); all cores streaming at once ({n_proc} "
-          f"single-threaded processes): {bw_all / 1e9:.1f} GB/s")
+          f"single-threaded processes): " + (f"{bw_all / 1e9:.1f} GB/s" if bw_all else "n/a (a process failed)"))
     sizes = sizes or {
         "~20M": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=4),
@@ -1821,8 +1848,9 @@ def bench(cfg, sizes=None, rounds=5):
         med = statistics.median
         print(f"{name}: LLaMA {n_lm / 1e6:.1f}M params, {new} new tokens, identical tokens in all three: {same}; "
               f"medians of {rounds} rounds (bandwidth {med(bws) / 1e9:.1f} GB/s, floor {med(bws) / (n_lm * 4):.1f} "
-              f"tok/s: every LLaMA weight, the embedding table included; all cores: floor "
-              f"{bw_all / (n_lm * 4):.1f} tok/s): transformers {med(tps['transformers']):.1f} tok/s")
+              f"tok/s: every LLaMA weight, the embedding table included; all cores: floor " +
+              (f"{bw_all / (n_lm * 4):.1f}" if bw_all else "n/a") +
+              f" tok/s): transformers {med(tps['transformers']):.1f} tok/s")
         for k in ("eager", "compiled"):
             # within each round: our tok/s over the floor's (bandwidth / weight bytes), over a floor of only the
             # bytes a step reads (the products' matrices); over the all-cores floor; and the products' own pace
@@ -1831,8 +1859,10 @@ def bench(cfg, sizes=None, rounds=5):
             of_prod = [v * p for v, p in zip(tps[k], prod_s)]
             print(f"{name}: video_llava {k:8s} {med(tps[k]):6.1f} tok/s ({med(tps[k]) / med(tps['transformers']):.2f}x"
                   f" transformers) | {med(share):.0%} of the bandwidth floor (rounds: "
-                  f"{', '.join(f'{v:.0%}' for v in share)}) | {med(share_read):.0%} counting only the bytes read | "
-                  f"{med(tps[k]) / (bw_all / (n_lm * 4)):.0%} of the all-cores floor" +
+                  f"{', '.join(f'{v:.0%}' for v in share)}) | {med(share_read):.0%} counting only the bytes read | " +
+                  (f"{med(tps[k]) / (bw_all / (n_lm * 4)):.0%} of the all-cores floor, "
+                   f"{med(tps[k]) / (bw_all / n_prod):.0%} counting only the bytes read" if bw_all else
+                   "all-cores floor n/a") +
                   (f" | {med(of_prod):.0%} of the MKL products' pace" if k == "eager" else ""))
         print(f"{name}: the eager step's MKL products alone ({n_prod / 1e6:.0f} MB of matrices, embedding rows not "
               f"read): {med(prod_s) * 1e3:.1f} ms = {n_prod / med(prod_s) / 1e9:.1f} GB/s, {1 / med(prod_s):.1f} tok/s")
