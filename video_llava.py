@@ -1557,10 +1557,9 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     generated loops, so the matrix products are nearly all that is left; at batch 1 the products become generated
     loops too, which the threads split (`linear1`). README: a compile of 18-44 s on a 2-core CPU, once per process,
     model, batch size and cache length (rounded up to 64; past torch's 8 graphs a call falls back to the eager step
-    with a warning); then faster per token; needs the cache. Side effect: a
-    CPU model's LLaMA weights are re-laid first, a copy of them when the layout changes (`matvec_layout`: same
-    values and shapes; in float32 (in, out)-major for MKL, so a raw state_dict then holds non-contiguous tensors;
-    training and save_checkpoint work on as before)."""
+    with a warning); then faster per token; needs the cache. Side effect: a float32 CPU model's LLaMA weights are
+    re-laid first, a copy of them when the layout changes (`matvec_layout`: same values and shapes; (in, out)-major
+    for MKL, so a raw state_dict then holds non-contiguous tensors; training and save_checkpoint work on as before)."""
     model.eval()
     if compile and not use_cache:
         raise ValueError("compile=True compiles the one-token step through the KV cache: it needs use_cache=True")
@@ -1755,6 +1754,7 @@ def all_cores_bandwidth(seconds=4.0):
         pass
     for p in procs:
         p.kill()
+        p.communicate()
     return None, n
 
 
