@@ -568,28 +568,38 @@ class RMSNorm(nn.Module):
 
 
 def laid_out(fused, mods):
-    """True while each mods[i].weight is still the view of its rows of `fused` (all their weights stacked, (out, in),
-    in either of matvec_layout's layouts) that matvec_layout made (a weight replaced since, by another device, dtype
-    or tensor, is not): then fused's one product equals theirs."""
-    c, size = 0, fused.element_size()
+    """True while each mods[i].weight still starts where matvec_layout put it in `fused` (all their weights stacked,
+    (out, in), in either of its layouts; a weight replaced since, by another device, dtype or tensor, does not): then
+    fused's one product equals theirs. Pointers only: run at every one-token step, it must be cheap (only
+    matvec_layout makes views there, and it keeps `fused`'s layout and theirs the same)."""
+    p, row = fused.data_ptr(), fused.stride(0) * fused.element_size()
     for m in mods:
-        w = m.weight
-        if w.data_ptr() != fused.data_ptr() + c * fused.stride(0) * size or w.stride() != fused.stride():
+        if m.weight.data_ptr() != p:
             return False
-        c += m.out_features
+        p += m.out_features * row
     return True
 
 
 def linear1(x, w):
-    """F.linear(x, w) for a weight (out, in) stored either way (matvec_layout). One row of x against a float32 weight
-    in rows (contiguous), in a compiled CPU step outside autocast: a generated loop of dot products over w's rows, which
-    the threads split. MKL's matrix-vector product streams the weight on one core here, and one core draws about
-    half of the machine's memory bandwidth (README: the 49 products of a 134M step in 18.2 ms this way against
-    26.5 ms through MKL)."""
-    if (torch.compiler.is_compiling() and w.dtype == torch.float32 and w.is_contiguous() and w.device.type == "cpu"
-            and x.shape[:-1].numel() == 1 and not torch.is_autocast_enabled("cpu")):  # (autocast: mul and sum
-        # are not autocast ops, they would run in float32; bfloat16 ran slower this way on the AVX2 CPU, README)
-        return (x.unsqueeze(-2) * w).sum(-1)  # inductor fuses the product into the sum: w is read once
+    """F.linear(x, w) for a few rows of x (one per sequence, in decoding) and a weight (out, in) stored either way
+    (matvec_layout). Each product is then a matrix-vector product, and MKL's streams the weight on one core here,
+    about half of what the cores draw together (README). So, for a float32 weight on a CPU, outside autocast:
+    - compiled, one row, w in rows (contiguous): `(x.unsqueeze(-2) * w).sum(-1)`, which inductor fuses into a
+      generated loop of dot products over w's rows that the threads split;
+    - eager, S > 1 threads, w (in, out)-major: x cut into S slices of its features and w into the S matching row
+      blocks of its (in, out) storage (views), one `bmm` of the S partial products, which runs one per thread, then
+      their sum (the 49 products of a 134M step 1.3x faster than one F.linear each, README).
+    Otherwise (and under autocast: mul and sum are not autocast ops) F.linear."""
+    if w.dtype != torch.float32 or w.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return F.linear(x, w)
+    if torch.compiler.is_compiling():
+        if w.is_contiguous() and x.shape[:-1].numel() == 1:
+            return (x.unsqueeze(-2) * w).sum(-1)  # inductor fuses the product into the sum: w is read once
+        return F.linear(x, w)
+    S = torch.get_num_threads()
+    if S > 1 and w.stride() == (1, w.shape[0]) and w.shape[1] % S == 0 and x.shape[:-1].numel() <= 64:
+        xs = x.reshape(-1, S, w.shape[1] // S).transpose(0, 1)  # (S, rows, in/S)
+        return torch.bmm(xs, w.t().view(S, -1, w.shape[0])).sum(0).view(x.shape[:-1] + (-1,))
     return F.linear(x, w)
 
 
@@ -665,13 +675,14 @@ class LlamaAttention(nn.Module):
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # HF weights are already permuted
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, T, E); T = T_max in a one-token step
-        if L == 1:  # decode: one query. SDPA's CPU kernel costs ~2 ms a call here; two small matmuls do not.
-            G = self.h // self.kv  # grouped-query: kv head j serves q heads j*G .. j*G+G-1, no copy of the cache
-            att = q.view(B, self.kv, G, self.e) @ k.transpose(-2, -1) * self.e ** -0.5  # (B, K, G, T)
+        if L == 1:  # decode: one query per head, two small products (grouped-query: kv head j serves q heads
+            # j*G .. j*G+G-1, G = H/K, with no copy of the cache)
+            q, k, v = (t.reshape(B * self.kv, -1, self.e) for t in (q, k, v))  # (B*K, G, E), (B*K, T, E), (B*K, T, E)
+            att = torch.bmm(q, k.transpose(1, 2)) * self.e ** -0.5  # (B*K, G, T)
             if isinstance(mask, torch.Tensor):
-                att = att.masked_fill(~mask, -math.inf)  # mask (B, 1, 1, T)
-            y = (att.softmax(-1, dtype=torch.float32).to(v.dtype) @ v).view(B, self.h, 1, self.e)  # (B, H, 1, E)
-            return linear1(y.transpose(1, 2).reshape(B, L, self.h * self.e), self.o_proj.weight)
+                att = att + mask  # the additive mask (B*K, G, T) that llm_forward made: 0 or -inf
+            y = torch.bmm(att.softmax(-1, dtype=torch.float32).to(v.dtype), v)  # (B*K, G, E) = (B, H, E)
+            return linear1(y.view(B, L, self.h * self.e), self.o_proj.weight)
         if self.kv != self.h:  # grouped-query: kv head j serves q heads j*H/K .. (j+1)*H/K-1
             k, v = k.repeat_interleave(self.h // self.kv, 1), v.repeat_interleave(self.h // self.kv, 1)
         if isinstance(mask, str):  # "causal": no padding and nothing cached before these tokens
@@ -978,13 +989,18 @@ class VideoLlava(nn.Module):
 
     def llm_forward(self, x, cos, sin, mask, cache=None, last_only=False):
         """The LLaMA stack on embeddings x (B, L, D) -> logits (B, L or 1, V)."""
-        lm = self.language_model.model
+        lm, cfg, (B, L, _) = self.language_model.model, self.cfg, x.shape
+        if L == 1 and isinstance(mask, torch.Tensor):  # one query: the mask (B, 1, 1, T) once for all layers, as
+            # the bias the attention adds (0 or -inf), grouped as it reads it: (B*K, G, T)
+            K, G, T = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, mask.shape[-1]
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, -math.inf)
+            mask = mask.view(-1, 1, 1, T).expand(B, K, G, T).reshape(B * K, G, T)
         for i, layer in enumerate(lm.layers):
             x = layer(x, cos, sin, mask, cache, i)
         x = lm.norm(x)
         if last_only:
             x = x[:, -1:]  # at inference only the last position is projected
-        head = lm.embed_tokens.weight if self.cfg.tie_word_embeddings else self.language_model.lm_head.weight
+        head = lm.embed_tokens.weight if cfg.tie_word_embeddings else self.language_model.lm_head.weight
         return linear1(x, head)
 
     def step(self, ids, pos, mask, cache):
@@ -1507,9 +1523,10 @@ def sample_next(logits, temperature, top_k, top_p, generator):
 def matvec_layout(model, rows=False):
     """Lay out a float32 CPU model's LLaMA weights for one-token decoding, where every product is a matrix-vector
     product: the same parameters (objects, names, shapes and values), only their storage changes.
-    - rows=False, for MKL (the eager step, and the compiled one at batch > 1): every matrix (in, out)-major
+    - rows=False, for the eager step (and MKL in the compiled one at batch > 1): every matrix (in, out)-major
       (`W.t().contiguous().t()`). MKL reads a row-major (out, in) float32 weight at about 13 GB/s here against 18-27
-      GB/s (in, out)-major (measured; the 32k-row lm_head gains most).
+      GB/s (in, out)-major (measured; the 32k-row lm_head gains most), and the eager `linear1` cuts that storage into
+      row blocks, which are views.
     - rows=True, for the compiled step at batch 1 (`linear1`): every matrix row-major (out, in), as loaded.
     Each decoder layer's matrices go into one buffer, in the order decoding reads them, with q/k/v stacked and
     gate/up stacked: a one-token step then reads q/k/v with one product and gate/up with one (`fused`, (out, in)
@@ -1559,7 +1576,8 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     model, batch size and cache length (rounded up to 64; past torch's 8 graphs a call falls back to the eager step
     with a warning); then faster per token; needs the cache. Side effect: a float32 CPU model's LLaMA weights are
     re-laid first, a copy of them when the layout changes (`matvec_layout`: same values and shapes; (in, out)-major
-    for MKL, so a raw state_dict then holds non-contiguous tensors; training and save_checkpoint work on as before)."""
+    for the eager step, so a raw state_dict then holds non-contiguous tensors; training and save_checkpoint work on
+    as before). Decoding runs under torch.inference_mode; the ids returned are an ordinary tensor."""
     model.eval()
     if compile and not use_cache:
         raise ValueError("compile=True compiles the one-token step through the KV cache: it needs use_cache=True")
@@ -1578,35 +1596,39 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
         raise UserError(f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
                         f"({model.cfg.max_position_embeddings}); shorten the prompt or lower --max_new_tokens")
     T_max = -(-(L + max_new_tokens) // 64) * 64 if compile else L + max_new_tokens
-    cache = KVCache(model.cfg, B, T_max, dtype, input_ids.device) if use_cache else None
-    logits, _ = model(input_ids, mask, pixel_values_images, pixel_values_videos, cache=cache, last_only=True)
-    seq, out = input_ids, []
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-        nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-        out.append(nxt)
-        if on_token is not None:
-            on_token(nxt)
-        if eos_token_id is not None:
-            done = done | (nxt == eos_token_id)
-        if bool(done.all()) or len(out) == max_new_tokens:
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        if use_cache:
-            pos, step_mask = cache.next_step(mask)
-            try:
-                logits = step(nxt[:, None], pos, step_mask, cache)
-            except torch._dynamo.exc.FailOnRecompileLimitHit:  # torch keeps 8 graphs per function: go on eagerly
-                warnings.warn(f"generate(compile=True): torch.compile's limit of "
-                              f"{torch._dynamo.config.recompile_limit} graphs (one per model, batch size and cache "
-                              f"length) is reached; this call decodes with the eager step")
-                step = model.step
-                logits = step(nxt[:, None], pos, step_mask, cache)
-        else:  # the naive path: the whole sequence again, media re-encoded (tests compare it with the cache path)
-            seq = torch.cat([seq, nxt[:, None]], 1)
-            logits, _ = model(seq, mask, pixel_values_images, pixel_values_videos, last_only=True)
-    return torch.stack(out, 1)
+    with torch.inference_mode():  # no autograd bookkeeping on the step's many small tensors: 5-7% a token here
+        # (README); only after matvec_layout, whose parameters must stay ordinary tensors
+        cache = KVCache(model.cfg, B, T_max, dtype, input_ids.device) if use_cache else None
+        logits, _ = model(input_ids, mask, pixel_values_images, pixel_values_videos, cache=cache, last_only=True)
+        seq, out = input_ids, []
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+            out.append(nxt)
+            if on_token is not None:
+                on_token(nxt)
+            if eos_token_id is not None:
+                done = done | (nxt == eos_token_id)
+            if bool(done.all()) or len(out) == max_new_tokens:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            if use_cache:
+                pos, step_mask = cache.next_step(mask)
+                try:
+                    logits = step(nxt[:, None], pos, step_mask, cache)
+                except torch._dynamo.exc.FailOnRecompileLimitHit:  # torch keeps 8 graphs per function: go on
+                    warnings.warn(f"generate(compile=True): torch.compile's limit of "  # eagerly
+                                  f"{torch._dynamo.config.recompile_limit} graphs (one per model, batch size and "
+                                  f"cache length) is reached; this call decodes with the eager step")
+                    step = model.step
+                    logits = step(nxt[:, None], pos, step_mask, cache)
+            else:  # the naive path: the whole sequence again, media re-encoded (tests compare it with the cache path)
+                seq = torch.cat([seq, nxt[:, None]], 1)
+                logits, _ = model(seq, mask, pixel_values_images, pixel_values_videos, last_only=True)
+        new = torch.stack(out, 1)
+    return new.clone()  # an ordinary tensor again (an inference tensor cannot be changed in place, or saved for
+    # backward)
 
 
 def answer_batch(model, tok, ex, idx, cfg, device):
@@ -1792,7 +1814,7 @@ def bench(cfg, sizes=None, rounds=5):
         ref = transformers.VideoLlavaForConditionalGeneration(hcfg).eval()
         with tempfile.TemporaryDirectory() as d:
             ref.save_pretrained(d)
-            ours = VideoLlava.from_pretrained(d, torch.float32).eval()  # the eager step: weights laid out for MKL
+            ours = VideoLlava.from_pretrained(d, torch.float32).eval()  # the eager step: (in, out)-major weights
             ours_c = VideoLlava.from_pretrained(d, torch.float32).eval()  # the compiled step: laid out in rows
         n_lm = sum(p.numel() for p in ours.language_model.parameters())
         ids = torch.randint(3, 32000, (1, 16))
@@ -1808,15 +1830,15 @@ def bench(cfg, sizes=None, rounds=5):
                                  (None, [att.o_proj]),
                                  (getattr(mlp, "fused", None), [mlp.gate_proj, mlp.up_proj]),
                                  (None, [mlp.down_proj])):
-                prods += [fused.t()] if fused is not None else [m.weight.t() for m in parts]  # all as (in, out)
-        prods.append(ours.language_model.lm_head.weight.t())
-        xs = {n: torch.randn(1, n) for n in {w.shape[0] for w in prods}}
+                prods += [fused] if fused is not None else [m.weight for m in parts]  # (out, in) views
+        prods.append(ours.language_model.lm_head.weight)
+        xs = {n: torch.randn(1, 1, n) for n in {w.shape[1] for w in prods}}
         n_prod = sum(w.numel() * 4 for w in prods)
 
         def products_alone():
             t = time.perf_counter()
             for w in prods:
-                xs[w.shape[0]] @ w
+                linear1(xs[w.shape[1]], w)
             return time.perf_counter() - t
 
         decoders = {"transformers": lambda: ref.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new,
@@ -1863,9 +1885,9 @@ def bench(cfg, sizes=None, rounds=5):
                   (f"{med(tps[k]) / (bw_all / (n_lm * 4)):.0%} of the all-cores floor, "
                    f"{med(tps[k]) / (bw_all / n_prod):.0%} counting only the bytes read" if bw_all else
                    "all-cores floor n/a") +
-                  (f" | {med(of_prod):.0%} of the MKL products' pace" if k == "eager" else ""))
-        print(f"{name}: the eager step's MKL products alone ({n_prod / 1e6:.0f} MB of matrices, embedding rows not "
-              f"read): {med(prod_s) * 1e3:.1f} ms = {n_prod / med(prod_s) / 1e9:.1f} GB/s, {1 / med(prod_s):.1f} tok/s")
+                  (f" | {med(of_prod):.0%} of its products' pace" if k == "eager" else ""))
+        print(f"{name}: the eager step's products alone (linear1, {n_prod / 1e6:.0f} MB of matrices, embedding rows "
+              f"not read): {med(prod_s) * 1e3:.1f} ms = {n_prod / med(prod_s) / 1e9:.1f} GB/s, {1 / med(prod_s):.1f} tok/s")
 
 
 def bench_load(gb):
