@@ -1572,7 +1572,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     The media are encoded once at prefill; each later step feeds one token through the KV cache (`model.step`).
     compile=True runs that step through torch.compile: one graph whose small operations are fused into a few
     generated loops, so the matrix products are nearly all that is left; at batch 1 the products become generated
-    loops too, which the threads split (`linear1`). README: a compile of 18-44 s on a 2-core CPU, once per process,
+    loops too, which the threads split (`linear1`). README: a compile of 17-44 s on a 2-core CPU, once per process,
     model, batch size and cache length (rounded up to 64; past torch's 8 graphs a call falls back to the eager step
     with a warning); then faster per token; needs the cache. Side effect: a float32 CPU model's LLaMA weights are
     re-laid first, a copy of them when the layout changes (`matvec_layout`: same values and shapes; (in, out)-major
@@ -1955,7 +1955,7 @@ def parse_args(argv=None):
     p.add_argument("--image", default="", help="image file, for --generate")
     p.add_argument("--prompt", default="", help="the question, for --generate")
     p.add_argument("--compile", action="store_true", help="--generate: run the one-token step through torch.compile "
-                   "(a compile of 18-44 s on a 2-core CPU the first time, then faster per token; README)")
+                   "(a compile of 17-44 s on a 2-core CPU the first time, then faster per token; README)")
     p.add_argument("--load_gb", type=float, default=2.0, help="--bench: size of the sharded-load test (0 = skip)")
     p.add_argument("--n_tokens", type=int, default=64, help="text tokens assumed by --inspect's memory estimate")
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
