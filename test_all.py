@@ -1138,20 +1138,28 @@ def test_vl_generate_in_inference_mode_leaves_ordinary_tensors(vl_ckpt):
         model(ids, mask, imgs, vids, targets=targets)[1].backward()
         return model.language_model.model.layers[0].self_attn.q_proj.weight.grad.clone()
 
-    new = vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=3)  # its first call: builds the RoPE table
+    streamed = []
+    new = vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=3, on_token=streamed.append)  # builds the RoPE table
     assert not new.is_inference() and not any(p.is_inference() for p in ours.parameters())
+    assert torch.equal(torch.stack(streamed, 1), new) and not any(t.is_inference() for t in streamed)
     new[0, 0] = 5  # in place: an error on an inference tensor
+    streamed[0].add_(1)
     torch.testing.assert_close(grad(ours), grad(fresh), rtol=1e-5, atol=1e-6)
     ours.eval(), fresh.eval()
     longer, longer_mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
     with torch.no_grad():
         assert (ours(longer, longer_mask, imgs, vids)[0] - fresh(longer, longer_mask, imgs, vids)[0]).abs().max() < 1e-5
+    with torch.inference_mode():  # a caller's own inference mode: the weights it re-lays stay ordinary tensors
+        vl.generate(fresh, ids, mask, imgs, vids, max_new_tokens=2)
+    assert not fresh.language_model.lm_head.weight.is_contiguous()  # re-laid, (in, out)-major
+    assert not any(p.is_inference() for p in fresh.parameters())
 
 
 def test_vl_linear1_eager_splits_the_input_across_threads():
     """linear1, eager, with an (in, out)-major float32 weight (the eager step's layout) and S > 1 threads: one bmm of
     S partial products over slices of the input features, one per thread, then their sum, which equals F.linear up to
-    rounding, for one row or a few; a row-major weight, over 64 rows, one thread or autocast: F.linear itself."""
+    rounding, for one row or a few; a row-major weight, S x rows over 128, one thread or autocast: F.linear itself,
+    and F.linear's answers to an empty input or the wrong number of features."""
     w = torch.randn(300, 96)
     wc = w.t().contiguous().t()
     threads = torch.get_num_threads()
@@ -1169,9 +1177,13 @@ def test_vl_linear1_eager_splits_the_input_across_threads():
                 assert "aten::bmm" in names and "aten::linear" not in names
                 torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
         x = torch.randn(1, 1, 96)
-        for a, b in ((x, w), (torch.randn(65, 96), wc)):
+        for a, b in ((x, w), (torch.randn(43, 96), wc), (torch.randn(0, 4, 96), wc)):  # 3 x 43 rows > 128
             y, names = ops(a, b)
             assert "aten::linear" in names and "aten::bmm" not in names and torch.equal(y, F.linear(a, b))
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):
+            vl.linear1(torch.randn(1, 1, 192), wc)  # twice the features: not a (1, 1, 600) answer
+        torch.set_num_threads(2)
+        assert "aten::bmm" in ops(torch.randn(64, 96), wc)[1] and "aten::bmm" not in ops(torch.randn(65, 96), wc)[1]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y, names = ops(x, wc)
             assert y.dtype == torch.bfloat16 and "aten::bmm" not in names

@@ -586,18 +586,21 @@ def linear1(x, w):
     about half of what the cores draw together (README). So, for a float32 weight on a CPU, outside autocast:
     - compiled, one row, w in rows (contiguous): `(x.unsqueeze(-2) * w).sum(-1)`, which inductor fuses into a
       generated loop of dot products over w's rows that the threads split;
-    - eager, S > 1 threads, w (in, out)-major: x cut into S slices of its features and w into the S matching row
-      blocks of its (in, out) storage (views), one `bmm` of the S partial products, which runs one per thread, then
-      their sum (the 49 products of a 134M step 1.3x faster than one F.linear each, README).
-    Otherwise (and under autocast: mul and sum are not autocast ops) F.linear."""
+    - eager, S > 1 threads, w (in, out)-major, S x rows <= 128: x cut into S slices of its features and w into the S
+      matching row blocks of its (in, out) storage (views), one `bmm` of the S partial products (S x rows x out
+      floats), which runs one per thread, then their sum (the 49 products of a 134M step 1.3x faster than one F.linear
+      each, README).
+    Otherwise F.linear: more rows (a prompt, training), one thread, bfloat16, and autocast (which runs F.linear's
+    product in its own dtype; the loop's mul and sum are not autocast operations)."""
     if w.dtype != torch.float32 or w.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
         return F.linear(x, w)
     if torch.compiler.is_compiling():
         if w.is_contiguous() and x.shape[:-1].numel() == 1:
             return (x.unsqueeze(-2) * w).sum(-1)  # inductor fuses the product into the sum: w is read once
         return F.linear(x, w)
-    S = torch.get_num_threads()
-    if S > 1 and w.stride() == (1, w.shape[0]) and w.shape[1] % S == 0 and x.shape[:-1].numel() <= 64:
+    S, rows = torch.get_num_threads(), x.shape[:-1].numel()
+    if (S > 1 and 0 < S * rows <= 128 and w.stride() == (1, w.shape[0]) and x.shape[-1] == w.shape[1]
+            and w.shape[1] % S == 0):
         xs = x.reshape(-1, S, w.shape[1] // S).transpose(0, 1)  # (S, rows, in/S)
         return torch.bmm(xs, w.t().view(S, -1, w.shape[0])).sum(0).view(x.shape[:-1] + (-1,))
     return F.linear(x, w)
@@ -659,6 +662,8 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.h * self.e, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        """x (B, L, D); mask "causal", a boolean (B or 1, 1, L, T) (True = attend), or, for one token (L == 1), the
+        additive (B*K, G, T) that llm_forward makes of it."""
         B, L, _ = x.shape
         fused = getattr(self, "fused", None)  # set by matvec_layout: q/k/v in one product for one-token steps
         # (a compiled graph cannot check pointers: generate runs matvec_layout, which checks, before compiling)
@@ -1582,7 +1587,8 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     if compile and not use_cache:
         raise ValueError("compile=True compiles the one-token step through the KV cache: it needs use_cache=True")
     B, L = input_ids.shape
-    matvec_layout(model, rows=compile and B == 1)
+    with torch.inference_mode(False):  # ordinary parameters, even inside a caller's inference mode
+        matvec_layout(model, rows=compile and B == 1)
     # static shapes: a shape-generic graph (what torch.compile makes once a second shape comes) decoded at 22-32
     # tok/s at 134M against 41-49 (README), so each batch size and cache length compiles its own; cache lengths
     # are rounded up to a multiple of 64 to keep those few
@@ -1607,7 +1613,8 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
             out.append(nxt)
             if on_token is not None:
-                on_token(nxt)
+                with torch.inference_mode(False):
+                    on_token(nxt.clone())  # an ordinary tensor, which the caller may keep
             if eos_token_id is not None:
                 done = done | (nxt == eos_token_id)
             if bool(done.all()) or len(out) == max_new_tokens:
@@ -1866,7 +1873,8 @@ def bench(cfg, sizes=None, rounds=5):
             bws.append(max(matvec_bandwidth(W, x) for _ in range(3)))
             for k in ("eager", "compiled") if r % 2 == 0 else ("compiled", "eager"):
                 timed(k)
-            prod_s.append(min(products_alone() for _ in range(3)))
+            with torch.inference_mode():  # as generate runs them
+                prod_s.append(min(products_alone() for _ in range(3)))
         med = statistics.median
         print(f"{name}: LLaMA {n_lm / 1e6:.1f}M params, {new} new tokens, identical tokens in all three: {same}; "
               f"medians of {rounds} rounds (bandwidth {med(bws) / 1e9:.1f} GB/s, floor {med(bws) / (n_lm * 4):.1f} "
