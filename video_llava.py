@@ -588,7 +588,7 @@ def linear1(x, w):
       generated loop of dot products over w's rows that the threads split;
     - eager, S > 1 threads, w (in, out)-major, S x rows <= 128: x cut into S slices of its features and w into the S
       matching row blocks of its (in, out) storage (views), one `bmm` of the S partial products (S x rows x out
-      floats), which runs one per thread, then their sum (the 49 products of a 134M step 1.3x faster than one F.linear
+      floats), which the threads share, then their sum (the 49 products of a 134M step 1.3x faster than one F.linear
       each, README).
     Otherwise F.linear: more rows (a prompt, training), one thread, bfloat16, and autocast (which runs F.linear's
     product in its own dtype; the loop's mul and sum are not autocast operations)."""
