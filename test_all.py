@@ -1139,7 +1139,8 @@ def test_vl_generate_in_inference_mode_leaves_ordinary_tensors(vl_ckpt):
         return model.language_model.model.layers[0].self_attn.q_proj.weight.grad.clone()
 
     streamed = []
-    new = vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=3, on_token=streamed.append)  # builds the RoPE table
+    new = vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=3,
+                      on_token=streamed.append)  # its first call: builds the RoPE table
     assert not new.is_inference() and not any(p.is_inference() for p in ours.parameters())
     assert torch.equal(torch.stack(streamed, 1), new) and not any(t.is_inference() for t in streamed)
     new[0, 0] = 5  # in place: an error on an inference tensor
@@ -1148,7 +1149,8 @@ def test_vl_generate_in_inference_mode_leaves_ordinary_tensors(vl_ckpt):
     ours.eval(), fresh.eval()
     longer, longer_mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
     with torch.no_grad():
-        assert (ours(longer, longer_mask, imgs, vids)[0] - fresh(longer, longer_mask, imgs, vids)[0]).abs().max() < 1e-5
+        got, want = ours(longer, longer_mask, imgs, vids)[0], fresh(longer, longer_mask, imgs, vids)[0]
+        assert (got - want).abs().max() < 1e-5
     with torch.inference_mode():  # a caller's own inference mode: the weights it re-lays stay ordinary tensors
         vl.generate(fresh, ids, mask, imgs, vids, max_new_tokens=2)
     assert not fresh.language_model.lm_head.weight.is_contiguous()  # re-laid, (in, out)-major

@@ -1895,7 +1895,8 @@ def bench(cfg, sizes=None, rounds=5):
                    "all-cores floor n/a") +
                   (f" | {med(of_prod):.0%} of its products' pace" if k == "eager" else ""))
         print(f"{name}: the eager step's products alone (linear1, {n_prod / 1e6:.0f} MB of matrices, embedding rows "
-              f"not read): {med(prod_s) * 1e3:.1f} ms = {n_prod / med(prod_s) / 1e9:.1f} GB/s, {1 / med(prod_s):.1f} tok/s")
+              f"not read): {med(prod_s) * 1e3:.1f} ms = {n_prod / med(prod_s) / 1e9:.1f} GB/s, "
+              f"{1 / med(prod_s):.1f} tok/s")
 
 
 def bench_load(gb):
