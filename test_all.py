@@ -2700,3 +2700,68 @@ def test_ab_bad_inputs(tmp_path):
         g["base_lr"] = 0.1
     with pytest.raises(ab.UserError, match="loss became nan"):
         ab.fit(model, opt, 3, lambda step: model(torch.full((1, 2), float("nan"))).sum(), cfg, "probe")
+
+
+# ====================================================================================================================
+# 6. README.md: it cannot drift from the code
+# ====================================================================================================================
+import importlib
+import shlex
+
+SCRIPTS = ("videollama_mini", "vit_caption", "video_llava", "mark1", "attention_basics")
+
+
+def readme_commands():
+    """Every `python <script>.py ...` (or `torchrun ... <script>.py ...`) line in the README's fenced code blocks, as
+    (script, argv, writes): `writes` lists the paths of a trailing `# writes PATH PATH ...` comment."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    found = []
+    for block in re.findall(r"^```[^\n]*\n(.*?)^```", readme, re.M | re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            code, _, comment = line.partition(" #")
+            writes = comment.split()[1:] if comment.strip().startswith("writes") else []
+            for part in code.split("&&"):
+                if not re.match(r"\s*(python3?|torchrun)\s", part):
+                    continue  # printed output, pip, bash ...
+                words = shlex.split(part)
+                names = [os.path.basename(w)[:-3] for w in words if w.endswith(".py")]
+                if names and names[0] in SCRIPTS and words[0] in ("python", "python3", "torchrun"):
+                    at = next(i for i, w in enumerate(words) if w.endswith(".py"))
+                    found.append((names[0], words[at + 1:], writes))
+    return found
+
+
+def test_readme_commands_parse():
+    """The script's own parser accepts each README command (nothing runs: parse_args has no side effects)."""
+    cmds = readme_commands()
+    assert {s for s, _, _ in cmds} == set(SCRIPTS), "the README shows a command for every script"
+    for script, argv, _ in cmds:
+        mod = importlib.import_module(script)
+        try:
+            mod.parse_args(argv)
+        except SystemExit as e:  # argparse rejects unknown flags and bad values this way
+            raise AssertionError(f"README: python {script}.py {' '.join(argv)} does not parse") from e
+
+
+def test_readme_written_files(tmp_path):
+    """Each file the README says a command writes is written when that command runs with the tiny preset (the
+    README's paths under the default out_dir/data_dir are looked for under temporary ones)."""
+    runs = [(s, a, w) for s, a, w in readme_commands() if w]
+    assert runs, "the README names the files at least one command writes"
+    for i, (script, argv, writes) in enumerate(runs):
+        cfg = importlib.import_module(script).parse_args(argv)[1]
+        out, data = tmp_path / f"out{i}", tmp_path / f"data{i}"
+        proc = run_script(script + ".py", *argv, "--preset", "tiny", "--out_dir", out, "--data_dir", data)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        for path in writes:
+            local = path.replace(cfg.out_dir.rstrip("/"), str(out), 1).replace(cfg.data_dir.rstrip("/"), str(data), 1)
+            assert os.path.exists(local), f"README: `python {script}.py {' '.join(argv)}` should write {path}"
+
+
+def test_readme_user_data_examples():
+    """Each bring-your-own-data example in the README is exactly the lines a test trains the tiny preset on."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    examples = {k: v for k, v in globals().items() if k.endswith("_USER_DATA_EXAMPLE")}
+    assert examples, "the tests keep each README user-data example in a <PREFIX>_USER_DATA_EXAMPLE constant"
+    for name, lines in examples.items():
+        assert lines.strip() in readme, f"README does not show {name} verbatim"
