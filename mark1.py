@@ -12,7 +12,7 @@ Mark 1: a video multiple-choice answerer that also points at the frames supporti
 
 Upstream: V-JEPA 2 (https://arxiv.org/abs/2506.09985), Qwen3 (https://arxiv.org/abs/2505.09388), BLIP-2's learned
 queries (https://arxiv.org/abs/2301.12597). The encoder and the LLM load the HF checkpoints (facebook/vjepa2-*,
-Qwen/Qwen3-*) and match transformers to float precision (see the tests); the design follows the seed project "Mark-1".
+Qwen/Qwen3-*) and match transformers to float precision (see the tests); the design follows the Mark-1 project.
 
 Two ways to run it:
   * with checkpoints (--vision_ckpt DIR --llm_ckpt DIR): both towers are frozen, only the bridge trains, encoder
@@ -108,18 +108,18 @@ class Config:
     tie_embeddings: bool = True
     compact_vocab: bool = True  # GPT-2 mode: output table over the ids seen in training (False: all 50257)
     # bridge
-    n_visual_query: int = 8  # N (32 in the seed)
-    n_temporal_query: int = 5  # M (5 in the seed)
+    n_visual_query: int = 8  # N (32 in the Mark-1 project)
+    n_temporal_query: int = 5  # M (5 in the Mark-1 project)
     bridge_heads: int = 4
-    bridge_layers: int = 2  # cross-attention blocks of the queries over the video tokens (the seed used one)
+    bridge_layers: int = 2  # cross-attention blocks of the queries over the video tokens (the Mark-1 project used one)
     bert_heads: int = 4
     bert_inter: int = 512
     temporal_blocks: int = 2  # residual MLP blocks in the temporal head
-    frame_head: str = "keys"  # "keys": queries score per-frame keys from the video; "linear": the seed's Linear(D, F)
+    frame_head: str = "keys"  # "keys": queries score per-frame keys from the video; "linear": the Mark-1 project's Linear(D, F)
     centre_frames: bool = True  # from-scratch encoder only: subtract each frame's mean colour (background reads ~0)
     data_init: int = 128  # clips of the data-dependent init (Salimans & Kingma 2016) before step 0; 0 = off
-    lam: float = 2.0  # weight of the frame BCE loss (seed: 2.0)
-    pos_weight: float = 3.0  # BCE positive weight; the seed used 10, our world has 4 positives in 16 frames (3:1)
+    lam: float = 2.0  # weight of the frame BCE loss (Mark-1: 2.0)
+    pos_weight: float = 3.0  # BCE positive weight; the Mark-1 project used 10, our world has 4 positives in 16 frames (3:1)
     freeze_vision: bool = False  # a --vision_ckpt always freezes the encoder
     freeze_llm: bool = False  # a --llm_ckpt always freezes the LLM
     feature_cache: bool = True  # frozen encoder: compute features once per clip and keep them
@@ -130,7 +130,7 @@ class Config:
     max_steps: int = 1200
     lr: float = 1e-3
     min_lr: float = 1e-4
-    warmup_frac: float = 0.1  # linear warmup over this fraction of the steps, then cosine (as the seed)
+    warmup_frac: float = 0.1  # linear warmup over this fraction of the steps, then cosine (as the Mark-1 project)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     dtype: str = "auto"  # autocast: auto (bfloat16 where the hardware has it, else float32; see autocast_dtype),
@@ -154,10 +154,10 @@ PRESETS = {
                  l_width=32, l_layers=1, l_heads=2, l_kv_heads=1, l_head_dim=16, l_inter=64, n_visual_query=4,
                  n_temporal_query=2, bridge_heads=2, bert_heads=2, bert_inter=64, batch_size=8, max_steps=6,
                  log_interval=2, eval_interval=4, dtype="float32"),
-    # the seed's bridge sizes (video width 1408 and LLM width 1024 come from the checkpoints)
     # --bench: a V-JEPA-2-ViT-S-sized frozen encoder on 64-pixel frames (random weights: the cost is what matters)
     "bench": dict(v_width=384, v_layers=12, v_heads=6, v_patch=16, crop=64, n_train=256, data_dir="data/mark1/bench"),
-    "seed": dict(n_visual_query=32, n_temporal_query=5, bridge_heads=8, bert_heads=16, bert_inter=4096,
+    # the Mark-1 project's bridge sizes (video width 1408 and LLM width 1024 come from the checkpoints)
+    "original": dict(n_visual_query=32, n_temporal_query=5, bridge_heads=8, bert_heads=16, bert_inter=4096,
                  lam=2.0, pos_weight=10.0, lr=5e-5, n_frames=16, crop=256, frame_head="linear"),
 }
 
@@ -356,7 +356,7 @@ def check_choices(choices, where):
 
 
 def frame_labels(support_times, times, duration, where):
-    """Per sampled frame 0/1: the sampled frame nearest each support time is positive (the seed's rule)."""
+    """Per sampled frame 0/1: the sampled frame nearest each support time is positive (the Mark-1 project's rule)."""
     lab = np.zeros(len(times), np.float32)
     for t in support_times:
         if not 0 <= t <= duration:
@@ -399,9 +399,6 @@ class GPT2Tokenizer:
 
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if i != self.eos and self.ids[i] >= 0])
-
-    def question(self, q):
-        return self.encode(q)
 
     def prompt(self, q, choices):
         return self.encode(q + "\n" + "\n".join(choices) + "\nAnswer:")
@@ -459,9 +456,6 @@ class QwenTokenizer:
     def chat(content):
         """Qwen3's chat template: one user turn, generation prompt, thinking disabled."""
         return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-
-    def question(self, q):
-        return self.encode(q)
 
     def prompt(self, q, choices):
         return self.encode(self.chat(q + "\n" + "\n".join(choices) + "\nAnswer with the option's letter and text."))
@@ -736,7 +730,7 @@ class Bridge(nn.Module):
         # frame head: each temporal query scores each frame through its tubelet's change-over-the-clip feature (one
         # key per frame of the tubelet, so the two frames of a tubelet can differ); max over the queries
         self.frame_head = cfg.frame_head
-        if cfg.frame_head == "linear":  # the seed's: a fixed map from each query to F logits
+        if cfg.frame_head == "linear":  # the Mark-1 project's: a fixed map from each query to F logits
             self.frame_out = nn.Linear(d, cfg.n_frames)
         else:
             per = max(1, cfg.n_frames // n_tubelet)  # frames per tubelet (the Conv3d drops leftover frames)
@@ -764,7 +758,7 @@ class Bridge(nn.Module):
         over space and its clip's mean over time is subtracted (what changes over the clip); a Linear makes one
         key per frame of the tubelet from it; each temporal query scores each frame's key by a dot product; the best
         query wins.
-        The seed's head (frame_head="linear", a fixed Linear(D, F) on each query) never moved the frame loss off its
+        The Mark-1 project's head (frame_head="linear", a fixed Linear(D, F) on each query) never moved the frame loss off its
         constant-prediction plateau in our from-scratch runs (BCE 0.90 after 1200 steps, README)."""
         if self.frame_head == "linear":
             return self.frame_out(t).amax(1)  # (B, M, F) -> max over the M temporal queries -> (B, F)
@@ -926,39 +920,22 @@ def read_hf_dir(path, want):
     return conf, keys
 
 
-def assign_strict(module, path, keys, mapping, skip_prefixes=()):
-    """Check file keys against the module's (mapping: file key -> module key or None to ignore), list every missing,
-    unexpected and mis-shaped key, then read tensors lazily and assign them (the module lives on `meta`)."""
+def assign_strict(module, path, keys, mapping):
+    """Check file keys against the module's (mapping: file key -> module key, or None to ignore), list every missing,
+    unexpected and mis-shaped key from the safetensors headers alone, and only then read the tensors."""
     want = {k: v.shape for k, v in module.state_dict().items()}
     if getattr(module, "tie", False):
-        want.pop("lm_head.weight", None)
-    plan, unexpected, shaped = {}, [], []
-    for fk, f in keys.items():
-        mk = mapping(fk)
-        if mk is None:
-            continue
-        if mk not in want and not (mk == "lm_head.weight" and getattr(module, "tie", False)):
-            unexpected.append(fk)
-        else:
-            plan[fk] = mk
+        want.pop("lm_head.weight", None)  # a tied head is the embedding: no tensor of its own in the file
+    plan = {fk: mapping(fk) for fk in keys if mapping(fk) is not None}  # file key -> module key
+    unexpected = sorted(fk for fk, mk in plan.items() if mk not in want)
     missing = sorted(set(want) - set(plan.values()))
-    handles = {}
-    state = {}
-    for fk, mk in plan.items():
-        f = keys[fk]
-        if f not in handles:
-            handles[f] = safe_open(os.path.join(path, f), "pt")
-        sl = handles[f].get_slice(fk)
-        shape = tuple(sl.get_shape())
-        target = want.get(mk, module.model.embed_tokens.weight.shape if mk == "lm_head.weight" else None)
-        if tuple(target) != shape:
-            shaped.append(f"{fk} {list(shape)} (model {list(target)})")
-            continue
-        state[mk] = handles[f].get_tensor(fk)
+    handles = {f: safe_open(os.path.join(path, f), "pt") for f in set(keys.values())}  # headers only, lazily
+    shaped = [f"{fk} {shape} (model {list(want[mk])})" for fk, mk in plan.items() if mk in want
+              for shape in [list(handles[keys[fk]].get_slice(fk).get_shape())] if shape != list(want[mk])]
     if missing or unexpected or shaped:
-        raise UserError(f"{path}: checkpoint does not fit: missing {missing}, unexpected {sorted(unexpected)}, "
+        raise UserError(f"{path}: checkpoint does not fit: missing {missing}, unexpected {unexpected}, "
                         f"mis-shaped {shaped}")
-    return state
+    return {mk: handles[keys[fk]].get_tensor(fk) for fk, mk in plan.items()}  # nothing read before every check passed
 
 
 def load_vjepa2(path):
@@ -988,17 +965,14 @@ def load_qwen3(path):
     """HF Qwen3 folder -> Qwen3LM. The file's lm_head.weight is used when present (untied), embed_tokens otherwise."""
     conf, keys = read_hf_dir(path, "qwen3")
     theta = conf.get("rope_theta") or (conf.get("rope_parameters") or {}).get("rope_theta", 1e6)
+    # tied head unless the file carries its own lm_head (transformers unties then too; using it is always right)
     tie = conf.get("tie_word_embeddings", True) and "lm_head.weight" not in keys
-    if conf.get("tie_word_embeddings", True) and "lm_head.weight" in keys:
-        tie = False  # an lm_head in the file wins (transformers unties when it differs; using it is always right)
     d, nh = conf["hidden_size"], conf["num_attention_heads"]
     with torch.device("meta"):
         lm = Qwen3LM(conf["vocab_size"], d, conf["num_hidden_layers"], nh, conf.get("num_key_value_heads", nh),
                      conf.get("head_dim", d // nh), conf["intermediate_size"], theta, conf.get("rms_norm_eps", 1e-6), tie)
     state = assign_strict(lm, path, keys, lambda k: k)
-    if tie:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    lm.load_state_dict(state, strict=True, assign=True)
+    lm.load_state_dict(state, strict=False, assign=True)  # strict=False: a tied lm_head has no tensor of its own
     if tie:
         lm.lm_head.weight = lm.model.embed_tokens.weight  # assign=True replaced the Parameter: tie again
     return lm
@@ -1023,12 +997,17 @@ def make_tokenizer(cfg, texts=None, ids=None):
     return GPT2Tokenizer(ids) if ids is not None else GPT2Tokenizer.build(texts, cfg.compact_vocab)
 
 
+def own_keys(model, cfg):
+    """The state-dict keys a Mark 1 checkpoint stores: not the towers loaded from HF folders, not a tied lm_head."""
+    hf = tuple(p + "." for p, c in (("vision", cfg.vision_ckpt), ("llm", cfg.llm_ckpt)) if c)
+    return {k for k in model.state_dict() if not k.startswith(hf) and not (k == "llm.lm_head.weight" and model.llm.tie)}
+
+
 def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
     """Weights of every part that did not come from an HF folder (those are reloaded from their folder)."""
     os.makedirs(cfg.out_dir, exist_ok=True)
-    skip = tuple(p + "." for p, c in (("vision", cfg.vision_ckpt), ("llm", cfg.llm_ckpt)) if c)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-             if not k.startswith(skip) and not (k == "llm.lm_head.weight" and model.llm.tie)}
+    own = own_keys(model, cfg)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in own}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
@@ -1054,8 +1033,7 @@ def load_checkpoint(out_dir, overrides=None):
     tok = make_tokenizer(cfg, ids=meta["vocab"])
     model = build_model(cfg, tok)
     state = load_file(wpath)
-    skip = tuple(p + "." for p, c in (("vision", cfg.vision_ckpt), ("llm", cfg.llm_ckpt)) if c)  # from HF folders
-    own = {k for k in model.state_dict() if not k.startswith(skip) and not (k == "llm.lm_head.weight" and model.llm.tie)}
+    own = own_keys(model, cfg)
     missing = sorted(own - set(state))
     unexpected = sorted(set(state) - set(model.state_dict()))
     if missing or unexpected:
@@ -1204,7 +1182,7 @@ def pad_left(seqs, pad):
 def text_batch(items, tok, with_answer=True):
     """items: dicts with question/choices/answer -> question ids + mask (B, Lq), and right-padded prompt+answer
     inputs/targets (B, L) with -100 on prompt and pad positions."""
-    q_ids, q_valid = pad_left([tok.question(it["question"]) or [tok.eos] for it in items], tok.eos)
+    q_ids, q_valid = pad_left([tok.encode(it["question"]) or [tok.eos] for it in items], tok.eos)
     seqs = [(tok.prompt(it["question"], it["choices"]), tok.target(it["answer"]) if with_answer else []) for it in items]
     L = max(len(p) + len(a) for p, a in seqs) - 1
     inp = torch.full((len(items), L), tok.eos, dtype=torch.long)
@@ -1297,7 +1275,7 @@ def train(cfg, resume=False):
         step = ts["step"]
         torch.set_rng_state(ts["rng"])
         say(f"resumed at step {step}")
-    if not resume and cfg.data_init > 0:  # the same fixed batch on every rank (drawn from the seed)
+    if not resume and cfg.data_init > 0:  # the same fixed batch on every rank (drawn from --seed)
         g = torch.Generator().manual_seed(cfg.seed)
         idx = torch.randperm(len(entries), generator=g)[:cfg.data_init]
         q_ids, q_valid, _, _ = text_batch([entries[i] for i in idx.tolist()], tok)
@@ -1413,7 +1391,7 @@ def left_pad_rows(rows, dev):
 def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):
     """Batched answers: [prefix; prompt] rows left-padded, the video fused once, then llm_generate.
     -> (list of answer token lists, frame logits (B, F))."""
-    q_ids, q_valid = pad_left([tok.question(it["question"]) or [tok.eos] for it in items], tok.eos)
+    q_ids, q_valid = pad_left([tok.encode(it["question"]) or [tok.eos] for it in items], tok.eos)
     prefix, frame_logits = model.fuse(feats, q_ids, q_valid)
     rows = [torch.cat((prefix[i], model.embed(torch.tensor(tok.prompt(it["question"], it["choices"]))).to(prefix.dtype)), 0)
             for i, it in enumerate(items)]  # (N + Lp_i, D) each

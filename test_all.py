@@ -2122,7 +2122,7 @@ def test_mk_overfit_one_batch(tmp_path):
 @pytest.mark.parametrize("head", ["keys", "linear"])
 def test_mk_frame_heads(tmp_path, head):
     """Both frame heads give one finite logit per sampled frame: the default "keys" (the queries score one key per
-    frame, made from the video tokens) and the seed's "linear" (a fixed Linear(D, F) on each query)."""
+    frame, made from the video tokens) and the Mark-1 project's "linear" (a fixed Linear(D, F) on each query)."""
     cfg = _mk_tiny_cfg(tmp_path, frame_head=head)
     model, tok = _mk_model(cfg)
     items = [dict(question="What happens?", choices=["A. it appears", "B. it stops"], answer="A. it appears")] * 2
