@@ -653,9 +653,10 @@ class Qwen3LM(nn.Module):
         if tie:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, x, pos=None, valid=None, cache=None, last_only=False):
+    def forward(self, x, pos=None, valid=None, cache=None, last_only=False, head=True):
         """x (B, L, D) input embeddings; pos (B, L) positions (default arange); valid (B, Lk) False at padded keys
-        (Lk = cached + L); cache a list of per-layer dicts. -> logits (B, L or 1, V)."""
+        (Lk = cached + L); cache a list of per-layer dicts. -> logits (B, L or 1, V), or with head=False the final
+        normed hidden states (B, L, D), so that a caller can project only the positions it needs."""
         B, L, _ = x.shape
         past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
         if pos is None:
@@ -672,7 +673,8 @@ class Qwen3LM(nn.Module):
         for i, blk in enumerate(self.model.layers):
             x = blk(x, cos, sin, mask, cache[i] if cache is not None else None)
         x = self.model.norm(x)
-        return self.lm_head(x[:, -1:] if last_only else x)
+        x = x[:, -1:] if last_only else x
+        return self.lm_head(x) if head else x
 
 
 class CrossAttention(nn.Module):
@@ -772,6 +774,7 @@ class Bridge(nn.Module):
         P = feats.shape[1]
         T = P // (self.grid * self.grid)
         pos = self.time_emb[:T, None, :] + self.space_emb[None, :, :]  # (T, G*G, D)
+        feats = feats.to(self.proj.weight.dtype)  # boundary 1: the encoder's dtype (bfloat16 files) -> the bridge's
         return self.ln_v(self.proj(feats) + pos.reshape(T * self.grid * self.grid, -1)[:P])  # (B, P, D)
 
     def read(self, v, q_emb, q_valid):
@@ -832,7 +835,7 @@ class Mark1(nn.Module):
 
     def encode(self, clips):
         """uint8 (B, F, S, S, 3) -> (B, P, Dv); no graph when the encoder is frozen."""
-        x = normalize(clips).to(self.devices["vision"])
+        x = normalize(clips).to(self.devices["vision"], self.vision.layernorm.weight.dtype)  # the tower's dtype
         if self.centre:  # the faithful tower forward is untouched: this is the from-scratch input only
             x = x - x.mean((-2, -1), keepdim=True)
         with torch.no_grad() if "vision" in self.frozen else torch.enable_grad():
@@ -868,17 +871,21 @@ class Mark1(nn.Module):
         dev = self.devices["bridge"]
         q_emb = self.embed(q_ids).to(dev)  # the LLM's own embeddings of the question tokens
         prefix, frame_logits = self.bridge(feats.to(dev), q_emb, q_valid.to(dev))
-        return prefix.to(self.devices["llm"]), frame_logits
+        # boundary 2: the prefix enters the LLM in the LLM's own dtype and device
+        return prefix.to(self.devices["llm"], self.llm.lm_head.weight.dtype), frame_logits
 
     def forward(self, feats, q_ids, q_valid, inp, tgt=None, labels=None):
         """Training forward on right-padded text. inp/tgt (B, L): prompt+answer tokens and their next-token targets
-        (-100 on prompt and pad). -> (logits (B, L, V), loss)."""
+        (-100 on prompt and pad). -> (logits, loss, frame logits (B, F)); logits are (B, L, V) without tgt and
+        (A, V) at the A answer positions with it: lm_head (V x D, the largest product at Qwen3 scale) runs only there."""
         prefix, frame_logits = self.fuse(feats, q_ids, q_valid)
         x = torch.cat((prefix, self.embed(inp).to(prefix.dtype)), 1)  # (B, N+L, D)
-        logits = self.llm(x)[:, prefix.shape[1]:]  # (B, L, V); under the causal mask right padding needs no mask
+        h = self.llm(x, head=False)[:, prefix.shape[1]:]  # (B, L, D); causal mask: right padding needs no mask
         if tgt is None:
-            return logits, None, frame_logits
-        ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.to(logits.device).flatten(), ignore_index=-100)
+            return self.llm.lm_head(h), None, frame_logits
+        keep = tgt.to(h.device) != -100  # (B, L) the answer tokens, the only positions the loss reads
+        logits = self.llm.lm_head(h[keep])  # (A, V)
+        ce = F.cross_entropy(logits.float(), tgt.to(h.device)[keep])
         pw = torch.tensor(self.cfg.pos_weight, device=frame_logits.device)
         bce = F.binary_cross_entropy_with_logits(frame_logits.float(), labels.to(frame_logits.device), pos_weight=pw)
         self.parts = (ce.item(), bce.item())  # for the log line
@@ -900,9 +907,12 @@ def read_hf_dir(path, want):
     cpath = os.path.join(path, "config.json")
     if not os.path.isfile(cpath):
         raise UserError(f"{path}: no config.json here; pass a Hugging Face checkpoint folder")
-    conf = json.load(open(cpath))
-    if conf.get("model_type") != want:
-        raise UserError(f"{path}: checkpoint is model_type {conf.get('model_type')!r}, expected {want!r}")
+    try:
+        conf = json.load(open(cpath))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cpath}: not valid JSON ({e}); the checkpoint folder is damaged, download it again")
+    if not isinstance(conf, dict) or conf.get("model_type") != want:
+        raise UserError(f"{path}: checkpoint is model_type {dict(conf).get('model_type')!r}, expected {want!r}")
     idx = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(idx):
         files = sorted(set(json.load(open(idx))["weight_map"].values()))
@@ -920,9 +930,10 @@ def read_hf_dir(path, want):
     return conf, keys
 
 
-def assign_strict(module, path, keys, mapping):
+def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
     """Check file keys against the module's (mapping: file key -> module key, or None to ignore), list every missing,
-    unexpected and mis-shaped key from the safetensors headers alone, and only then read the tensors."""
+    unexpected and mis-shaped key from the safetensors headers alone, and only then read the tensors, each converted
+    to `dtype` (None: the file's) on `device`."""
     want = {k: v.shape for k, v in module.state_dict().items()}
     if getattr(module, "tie", False):
         want.pop("lm_head.weight", None)  # a tied head is the embedding: no tensor of its own in the file
@@ -935,10 +946,10 @@ def assign_strict(module, path, keys, mapping):
     if missing or unexpected or shaped:
         raise UserError(f"{path}: checkpoint does not fit: missing {missing}, unexpected {unexpected}, "
                         f"mis-shaped {shaped}")
-    return {mk: handles[keys[fk]].get_tensor(fk) for fk, mk in plan.items()}  # nothing read before every check passed
+    return {mk: handles[keys[fk]].get_tensor(fk).to(device, dtype) for fk, mk in plan.items()}  # all checks passed
 
 
-def load_vjepa2(path):
+def load_vjepa2(path, dtype=None, device="cpu"):
     """HF V-JEPA 2 folder (VJEPA2Model `encoder.*`, or a classifier's `vjepa2.encoder.*`) -> frozen VJEPA2Encoder.
     Predictor, pooler and classifier weights are ignored on purpose: Mark 1 only needs the encoder's features."""
     conf, keys = read_hf_dir(path, "vjepa2")
@@ -954,24 +965,36 @@ def load_vjepa2(path):
         k = k.removeprefix("vjepa2.")
         return k[len("encoder."):] if k.startswith("encoder.") else None
 
-    state = assign_strict(enc, path, keys, mapping)
+    state = assign_strict(enc, path, keys, mapping, dtype, device)
     enc.load_state_dict(state, strict=True, assign=True)
     if ignored:
         print(f"{path}: ignoring {len(ignored)} non-encoder tensors (predictor/pooler/classifier), on purpose")
     return enc
 
 
-def load_qwen3(path):
-    """HF Qwen3 folder -> Qwen3LM. The file's lm_head.weight is used when present (untied), embed_tokens otherwise."""
+def load_qwen3(path, dtype=None, device="cpu"):
+    """HF Qwen3 folder -> Qwen3LM in `dtype` (None: the file's) on `device`. A missing config key takes
+    transformers' Qwen3Config default; a setting this file does not implement is refused by name, never run wrong."""
     conf, keys = read_hf_dir(path, "qwen3")
-    theta = conf.get("rope_theta") or (conf.get("rope_parameters") or {}).get("rope_theta", 1e6)
+    rope = conf.get("rope_parameters") or {}
+    unsupported = [("rope_scaling", conf.get("rope_scaling") is not None),  # YaRN / linear / dynamic scaling
+                   ("rope_parameters.rope_type", rope.get("rope_type", "default") != "default"),
+                   ("use_sliding_window", bool(conf.get("use_sliding_window", False))),
+                   ("hidden_act", conf.get("hidden_act", "silu") != "silu"),
+                   ("attention_bias", bool(conf.get("attention_bias", False)))]
+    for name, bad in unsupported:
+        if bad:
+            raise UserError(f"{path}: config.json sets {name} (plain Qwen3 only: default RoPE, full attention, "
+                            f"SiLU, no attention bias); this script does not implement it")
+    theta = conf.get("rope_theta") or rope.get("rope_theta", 10000.0)
     # tied head unless the file carries its own lm_head (transformers unties then too; using it is always right)
-    tie = conf.get("tie_word_embeddings", True) and "lm_head.weight" not in keys
-    d, nh = conf["hidden_size"], conf["num_attention_heads"]
+    tie = conf.get("tie_word_embeddings", False) and "lm_head.weight" not in keys
+    nh = conf.get("num_attention_heads", 32)
     with torch.device("meta"):
-        lm = Qwen3LM(conf["vocab_size"], d, conf["num_hidden_layers"], nh, conf.get("num_key_value_heads", nh),
-                     conf.get("head_dim", d // nh), conf["intermediate_size"], theta, conf.get("rms_norm_eps", 1e-6), tie)
-    state = assign_strict(lm, path, keys, lambda k: k)
+        lm = Qwen3LM(conf.get("vocab_size", 151936), conf.get("hidden_size", 4096), conf.get("num_hidden_layers", 32),
+                     nh, conf.get("num_key_value_heads", nh), conf.get("head_dim", 128),
+                     conf.get("intermediate_size", 22016), theta, conf.get("rms_norm_eps", 1e-6), tie)
+    state = assign_strict(lm, path, keys, lambda k: k, dtype, device)
     lm.load_state_dict(state, strict=False, assign=True)  # strict=False: a tied lm_head has no tensor of its own
     if tie:
         lm.lm_head.weight = lm.model.embed_tokens.weight  # assign=True replaced the Parameter: tie again
@@ -979,8 +1002,11 @@ def load_qwen3(path):
 
 
 def build_model(cfg, tok):
-    vision = load_vjepa2(cfg.vision_ckpt) if cfg.vision_ckpt else None
-    llm = load_qwen3(cfg.llm_ckpt) if cfg.llm_ckpt else None
+    """Mark1 from cfg; towers from HF folders stay in their file's dtype unless --dtype resolves to float32 (then
+    everything computes in float32); the bridge casts at its two boundaries either way (Bridge.video_tokens, fuse)."""
+    dtype = torch.float32 if autocast_dtype(cfg.dtype, pick_device(cfg.device)) == "float32" else None
+    vision = load_vjepa2(cfg.vision_ckpt, dtype) if cfg.vision_ckpt else None
+    llm = load_qwen3(cfg.llm_ckpt, dtype) if cfg.llm_ckpt else None
     vocab = len(tok.ids) if tok.ids is not None else None
     torch.manual_seed(cfg.seed)
     model = Mark1(cfg, vocab, vision, llm)
@@ -1016,7 +1042,14 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
 
-def load_checkpoint(out_dir, overrides=None):
+# flags a resumed run may change: how long and where it runs, how it logs; every other flag is fixed by the checkpoint
+RUN_KEYS = {"max_steps", "stop_after", "out_dir", "data_dir", "device", "device_map", "dtype", "log_interval",
+            "eval_interval", "feature_cache"}
+
+
+def load_checkpoint(out_dir, overrides=None, refuse=None):
+    """-> (model, tokenizer, config) from out_dir, the saved config updated by `overrides`; a flag in `refuse` that
+    differs from the saved value is a UserError (--resume cannot change the architecture or the data)."""
     cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
         raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
@@ -1029,6 +1062,10 @@ def load_checkpoint(out_dir, overrides=None):
     saved = meta["config"]
     if saved.get("dtype") == "bfloat16":  # the default before --dtype auto, not a choice: read as auto
         saved = {**saved, "dtype": "auto"}
+    for k, v in (refuse or {}).items():
+        if saved.get(k) != v:
+            raise UserError(f"--{k} {v}: the run in {out_dir} has {k}={saved.get(k)!r}; --resume cannot change it "
+                            f"(drop the flag, or train into a new --out_dir)")
     cfg = Config(**{**saved, **(overrides or {})})
     tok = make_tokenizer(cfg, ids=meta["vocab"])
     model = build_model(cfg, tok)
@@ -1236,48 +1273,70 @@ def count_params(model):
     return total, train
 
 
-def train(cfg, resume=False):
+def make_optimizer(model, cfg):
+    """AdamW over the trainable parameters, weight decay on matrices only (norm gains and biases are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95)), params
+
+
+def accumulate(model, cache, tok, entries, tr, idx, cfg, rank, world, device):
+    """Forward + backward over this rank's micro-batches of one global batch `idx`; -> [(loss, ce, bce)] per batch.
+    Gradients are summed over micro-batches, each weighted by its share of the global batch, so any split of the same
+    global batch (grad_accum x ranks) gives the same averaged gradient once the ranks average theirs."""
+    out, per_rank = [], len(idx) / world
+    for a in range(cfg.grad_accum):
+        mb = idx[(a * world + rank) * cfg.batch_size:(a * world + rank + 1) * cfg.batch_size]
+        if len(mb) == 0:  # a short last batch: nothing here, but the gradient all-reduce below still runs on every rank
+            continue
+        q_ids, q_valid, inp, tgt = text_batch([entries[i] for i in mb], tok)
+        with autocast(cfg, device):
+            feats = cache("train", mb, tr["clips"])
+            _, loss, _ = model(feats, q_ids, q_valid, inp, tgt, tr["labels"][mb])
+        if not torch.isfinite(loss):
+            raise UserError(f"loss became {loss.item()}; lower --lr or use --dtype float32")
+        (loss * len(mb) / per_rank).backward()
+        out.append((loss.item(), *model.parts))
+    return out
+
+
+def train(cfg, resume=False, overrides=None):
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = 0, 1
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
     say = print if rank == 0 else (lambda *a, **k: None)
-    t0 = time.time()
+    t0, step = time.time(), 0
+    if resume:  # the saved config and token table rebuild the model; towers load once, the optimiser is built once
+        path = os.path.join(cfg.out_dir, "train_state.pt")
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: nothing to resume (train without --resume first)")
+        keep = {"stop_after": cfg.stop_after, **{k: v for k, v in (overrides or {}).items() if k in RUN_KEYS}}
+        model, tok, cfg = load_checkpoint(cfg.out_dir, keep, refuse={k: v for k, v in (overrides or {}).items()
+                                                                      if k not in RUN_KEYS})
     devices = parse_device_map(cfg)
     data = prepare_data(cfg, rank)
     entries, tr = data["train"]
-    tok = make_tokenizer(cfg, texts=[e["question"] + "\n" + "\n".join(e["choices"]) + "\nAnswer: " + e["answer"]
-                                     for e in entries])
-    model = build_model(cfg, tok).place(devices)
+    if not resume:
+        tok = make_tokenizer(cfg, texts=[e["question"] + "\n" + "\n".join(e["choices"]) + "\nAnswer: " + e["answer"]
+                                         for e in entries])
+        model = build_model(cfg, tok)
+    model.place(devices)
     total, trainable = count_params(model)
     say(f"data ready in {time.time() - t0:.1f}s | params: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, "
         f"{(total - trainable) / 1e6:.2f}M frozen | vocab {len(tok.ids) if tok.ids else 'full'} | autocast "
         f"{autocast_dtype(cfg.dtype, devices['llm'])}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    nodecay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": nodecay, "weight_decay": 0}],
-                            lr=cfg.lr, betas=(0.9, 0.95))
-    step = 0
+    opt, params = make_optimizer(model, cfg)
     if resume:
-        path = os.path.join(cfg.out_dir, "train_state.pt")
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: nothing to resume (train without --resume first)")
-        model, _, _ = load_checkpoint(cfg.out_dir, {k: getattr(cfg, k) for k in ("max_steps", "stop_after", "out_dir")})
-        model.place(devices)
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay, nodecay = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": nodecay, "weight_decay": 0}], lr=cfg.lr, betas=(0.9, 0.95))
         ts = torch.load(path, weights_only=True)
         opt.load_state_dict(ts["optimizer"])
         step = ts["step"]
         torch.set_rng_state(ts["rng"])
         say(f"resumed at step {step}")
-    if not resume and cfg.data_init > 0:  # the same fixed batch on every rank (drawn from --seed)
-        g = torch.Generator().manual_seed(cfg.seed)
-        idx = torch.randperm(len(entries), generator=g)[:cfg.data_init]
+    elif cfg.data_init > 0:  # the same fixed batch on every rank (drawn from --seed)
+        idx = torch.randperm(len(entries), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.data_init]
         q_ids, q_valid, _, _ = text_batch([entries[i] for i in idx.tolist()], tok)
         model.init_from_data(tr["clips"][idx], q_ids, q_valid)
     cache = FeatureCache(model, cfg.feature_cache)
@@ -1288,40 +1347,27 @@ def train(cfg, resume=False):
     while step < end:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        idx = global_batch(step, len(entries), gbatch, cfg.seed)
         opt.zero_grad(set_to_none=True)
-        for a in range(cfg.grad_accum):
-            mb = idx[(a * world + rank) * cfg.batch_size:(a * world + rank + 1) * cfg.batch_size]
-            if len(mb) == 0:
-                continue
-            q_ids, q_valid, inp, tgt = text_batch([entries[i] for i in mb], tok)
-            with autocast(cfg, devices["llm"]):
-                feats = cache("train", mb, tr["clips"])
-                _, loss, _ = model(feats, q_ids, q_valid, inp, tgt, tr["labels"][mb])
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()} at step {step}; lower --lr or use --dtype float32")
-            (loss * len(mb) / (gbatch / world)).backward()
-            losses.append((loss.item(), *model.parts))
-        if ddp:
+        idx = global_batch(step, len(entries), gbatch, cfg.seed)
+        losses += accumulate(model, cache, tok, entries, tr, idx, cfg, rank, world, devices["llm"])
+        if ddp:  # average the gradients; a parameter without one takes part as zeros, so no rank waits forever
             for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+                dist.all_reduce(p.grad)
+                p.grad /= world
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         step += 1
         if step % cfg.log_interval == 0 or step == end:
             dt = (time.time() - t_log) / cfg.log_interval
-            eta = dt * (end - step)
-            lo, ce, bce = (sum(x[k] for x in losses) / len(losses) for k in range(3))
+            lo, ce, bce = (sum(x[k] for x in losses) / max(1, len(losses)) for k in range(3))
             say(f"step {step}/{cfg.max_steps} | loss {lo:.4f} (ce {ce:.3f}, bce {bce:.3f}) | lr {lr_at(step - 1, cfg):.2e} | "
-                f"{dt * 1000:.0f} ms | {gbatch / dt:.0f} samples/s | eta {eta / 60:.0f}m{eta % 60:02.0f}s")
+                f"{dt * 1000:.0f} ms | {gbatch / dt:.0f} samples/s | eta {dt * (end - step) / 60:.1f}m")
             t_log, losses = time.time(), []
         if rank == 0 and (step % cfg.eval_interval == 0 or step == end):
             save_checkpoint(model, tok, cfg, opt, step, torch.get_rng_state())
-    train_seconds = time.time() - t0
     if rank == 0 and step >= cfg.max_steps:
-        evaluate(model, tok, cfg, data, train_seconds, cache)
+        evaluate(model, tok, cfg, data, time.time() - t0, cache)
     if ddp:
         dist.destroy_process_group()
     return model, tok
@@ -1547,15 +1593,29 @@ def parse_args(argv=None):
     return args, cfg, overrides
 
 
+def vision_geometry(cfg, overrides):
+    """With --vision_ckpt the frames must be cut as the checkpoint was trained: crop, patch and tubelet come from its
+    config.json (transformers' defaults 256/16/2 where a key is missing); a flag that says otherwise is refused."""
+    if not cfg.vision_ckpt:
+        return cfg
+    conf, _ = read_hf_dir(cfg.vision_ckpt, "vjepa2")
+    geo = {"crop": conf.get("crop_size", 256), "v_patch": conf.get("patch_size", 16), "v_tubelet": conf.get("tubelet_size", 2)}
+    for k, v in geo.items():
+        if k in overrides and overrides[k] != v:
+            raise UserError(f"--{k} {overrides[k]}: {cfg.vision_ckpt} was trained with {v}; drop the flag")
+    return dataclasses.replace(cfg, **geo)
+
+
 def main(argv=None):
     args, cfg, overrides = parse_args(argv)
     if args.bench and args.preset == "default":
         cfg = Config(**{**PRESETS["bench"], **overrides})
+    cfg = vision_geometry(cfg, overrides) if args.train or args.bench else cfg
     if int(os.environ.get("RANK", "0")) == 0:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
     if args.train:
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, overrides=overrides)
     elif args.eval:
         model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
         model.place(parse_device_map(cfg))
