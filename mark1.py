@@ -12,7 +12,7 @@ Mark 1: a video multiple-choice answerer that also points at the frames supporti
 
 Upstream: V-JEPA 2 (https://arxiv.org/abs/2506.09985), Qwen3 (https://arxiv.org/abs/2505.09388), BLIP-2's learned
 queries (https://arxiv.org/abs/2301.12597). The encoder and the LLM load the HF checkpoints (facebook/vjepa2-*,
-Qwen/Qwen3-*) and match transformers to float precision (see the tests); the design follows the seed project "Mark-1".
+Qwen/Qwen3-*) and match transformers to float precision (see the tests); the design follows the Mark-1 project.
 
 Two ways to run it:
   * with checkpoints (--vision_ckpt DIR --llm_ckpt DIR): both towers are frozen, only the bridge trains, encoder
@@ -108,18 +108,18 @@ class Config:
     tie_embeddings: bool = True
     compact_vocab: bool = True  # GPT-2 mode: output table over the ids seen in training (False: all 50257)
     # bridge
-    n_visual_query: int = 8  # N (32 in the seed)
-    n_temporal_query: int = 5  # M (5 in the seed)
+    n_visual_query: int = 8  # N (32 in the Mark-1 project)
+    n_temporal_query: int = 5  # M (5 in the Mark-1 project)
     bridge_heads: int = 4
-    bridge_layers: int = 2  # cross-attention blocks of the queries over the video tokens (the seed used one)
+    bridge_layers: int = 2  # cross-attention blocks of the queries over the video tokens (the Mark-1 project used one)
     bert_heads: int = 4
     bert_inter: int = 512
     temporal_blocks: int = 2  # residual MLP blocks in the temporal head
-    frame_head: str = "keys"  # "keys": queries score per-frame keys from the video; "linear": the seed's Linear(D, F)
+    frame_head: str = "keys"  # "keys": queries score per-frame video keys; "linear": Mark-1's Linear(D, F)
     centre_frames: bool = True  # from-scratch encoder only: subtract each frame's mean colour (background reads ~0)
     data_init: int = 128  # clips of the data-dependent init (Salimans & Kingma 2016) before step 0; 0 = off
-    lam: float = 2.0  # weight of the frame BCE loss (seed: 2.0)
-    pos_weight: float = 3.0  # BCE positive weight; the seed used 10, our world has 4 positives in 16 frames (3:1)
+    lam: float = 2.0  # weight of the frame BCE loss (Mark-1: 2.0)
+    pos_weight: float = 3.0  # BCE positive weight; Mark-1 used 10; here 4 positives in 16 frames (3:1)
     freeze_vision: bool = False  # a --vision_ckpt always freezes the encoder
     freeze_llm: bool = False  # a --llm_ckpt always freezes the LLM
     feature_cache: bool = True  # frozen encoder: compute features once per clip and keep them
@@ -130,7 +130,7 @@ class Config:
     max_steps: int = 1200
     lr: float = 1e-3
     min_lr: float = 1e-4
-    warmup_frac: float = 0.1  # linear warmup over this fraction of the steps, then cosine (as the seed)
+    warmup_frac: float = 0.1  # linear warmup over this fraction of the steps, then cosine (as the Mark-1 project)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     dtype: str = "auto"  # autocast: auto (bfloat16 where the hardware has it, else float32; see autocast_dtype),
@@ -154,10 +154,10 @@ PRESETS = {
                  l_width=32, l_layers=1, l_heads=2, l_kv_heads=1, l_head_dim=16, l_inter=64, n_visual_query=4,
                  n_temporal_query=2, bridge_heads=2, bert_heads=2, bert_inter=64, batch_size=8, max_steps=6,
                  log_interval=2, eval_interval=4, dtype="float32"),
-    # the seed's bridge sizes (video width 1408 and LLM width 1024 come from the checkpoints)
     # --bench: a V-JEPA-2-ViT-S-sized frozen encoder on 64-pixel frames (random weights: the cost is what matters)
     "bench": dict(v_width=384, v_layers=12, v_heads=6, v_patch=16, crop=64, n_train=256, data_dir="data/mark1/bench"),
-    "seed": dict(n_visual_query=32, n_temporal_query=5, bridge_heads=8, bert_heads=16, bert_inter=4096,
+    # the Mark-1 project's bridge sizes (video width 1408 and LLM width 1024 come from the checkpoints)
+    "original": dict(n_visual_query=32, n_temporal_query=5, bridge_heads=8, bert_heads=16, bert_inter=4096,
                  lam=2.0, pos_weight=10.0, lr=5e-5, n_frames=16, crop=256, frame_head="linear"),
 }
 
@@ -167,14 +167,14 @@ PRESETS = {
 
 COLOURS = {"red": (40, 40, 230), "green": (60, 200, 60), "blue": (230, 90, 40), "yellow": (40, 220, 230),
            "purple": (200, 60, 170)}  # BGR, as OpenCV draws
-SHAPES = ["circle", "square", "triangle"]
-EVENTS = ["appears", "turns", "stops", "meets"]
+SHAPES = ["circle", "square", "triangle"]  # drawn filled, RADIUS pixels from the centre
+EVENTS = ["appears", "turns", "stops", "meets"]  # the four answers; their order is the options' template order
 HELD_OUT = {("red", "appears"), ("green", "turns"), ("blue", "stops"), ("yellow", "meets")}  # the `novel` split
 SIDE, RADIUS, FPS, N_CLIP = 48, 6, 8, 16  # frame side, shape radius, frames per second, frames per clip
 
 
 def draw_shape(img, shape, bgr, x, y):
-    x, y, r = int(round(x)), int(round(y)), RADIUS
+    x, y, r = int(round(x)), int(round(y)), RADIUS  # OpenCV draws at integer pixels
     if shape == "circle":
         cv2.circle(img, (x, y), r, bgr, -1)
     elif shape == "square":
@@ -186,44 +186,46 @@ def draw_shape(img, shape, bgr, x, y):
 def bounce(x0, v, t, lo=10, hi=SIDE - 10):
     """Position at frame t of a point moving at v px/frame between walls lo and hi (reflecting)."""
     span = hi - lo
-    p = (x0 - lo + v * t) % (2 * span)
-    return lo + (p if p <= span else 2 * span - p)
+    p = (x0 - lo + v * t) % (2 * span)  # unfold the reflections: a path of period 2 * span
+    return lo + (p if p <= span else 2 * span - p)  # fold the way back
 
 
 def sample_event(rng, split):
     """One clip's story: -> (per-frame draw list, annotation dict without the video path)."""
     while True:
         colour, event = rng.choice(list(COLOURS)), rng.choice(EVENTS)
-        if ((colour, event) in HELD_OUT) == (split == "novel"):
+        if ((colour, event) in HELD_OUT) == (split == "novel"):  # novel holds exactly the held-out pairs
             break
-    other_colour = rng.choice([c for c in COLOURS if c != colour])
+    other_colour = rng.choice([c for c in COLOURS if c != colour])  # the distractor object's colour
     shape, other_shape = rng.choice(SHAPES), rng.choice(SHAPES)
-    new_colour = rng.choice([c for c in COLOURS if c not in (colour, other_colour)])
+    new_colour = rng.choice([c for c in COLOURS if c not in (colour, other_colour)])  # for "turns"
     e = rng.randint(2, 12)  # first support frame; support = 4 frames
-    speed = lambda: rng.choice([-1, 1]) * rng.uniform(1.5, 2.5)
+    speed = lambda: rng.choice([-1, 1]) * rng.uniform(1.5, 2.5)  # px/frame, either direction
     xa, xb, va, vb = rng.uniform(12, 36), rng.uniform(12, 36), speed(), speed()
-    ya, yb = (rng.uniform(11, 19), rng.uniform(29, 37)) if rng.random() < 0.5 else (rng.uniform(29, 37), rng.uniform(11, 19))
+    # the two objects move on separate rows (top 11-19, bottom 29-37), the named one on either
+    ya, yb = ((rng.uniform(11, 19), rng.uniform(29, 37)) if rng.random() < 0.5
+              else (rng.uniform(29, 37), rng.uniform(11, 19)))
     frames = []
     for t in range(N_CLIP):
         a = dict(shape=shape, colour=colour, x=bounce(xa, va, t), y=ya)  # the named object
         b = dict(shape=other_shape, colour=other_colour, x=bounce(xb, vb, t), y=yb)  # the other, always moving
         if event == "appears" and t < e:
-            a = None
+            a = None  # not drawn before frame e
         elif event == "turns" and t >= e:
-            a["colour"] = new_colour
+            a["colour"] = new_colour  # another colour from frame e
         elif event == "stops" and t >= e:
-            a["x"] = bounce(xa, va, e)
+            a["x"] = bounce(xa, va, e)  # frozen where it was at frame e
         elif event == "meets":
             # both on one row, closing in at 1.5 px/frame each, touching at frame e+1, then moving apart again
-            side = 1 if xa < xb else -1
+            side = 1 if xa < xb else -1  # the named object comes from the left (+1) or the right (-1)
             off = min(14.0, RADIUS + 1.5 * abs(t - (e + 1)))  # far apart they wait at the edges
             a.update(x=24 - side * off, y=24)
             b.update(x=24 + side * off, y=24)
-        frames.append([o for o in (a, b) if o is not None])
-    support = list(range(e, e + 4))
+        frames.append([o for o in (a, b) if o is not None])  # draw list of frame t
+    support = list(range(e, e + 4))  # the frames that show the event
     options = ["it appears", f"it turns {new_colour}", "it stops", f"it meets the {other_colour} {other_shape}"]
     answer_text = options[EVENTS.index(event)]
-    rng.shuffle(options)
+    rng.shuffle(options)  # the answer's letter is uniform over A-D
     letters = "ABCD"
     choices = [f"{letters[i]}. {o}" for i, o in enumerate(options)]
     ann = dict(question=f"What happens to the {colour} {shape}?", choices=choices,
@@ -233,9 +235,9 @@ def sample_event(rng, split):
 
 
 def write_clip(path, frames):
-    w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), FPS, (SIDE, SIDE))
+    w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), FPS, (SIDE, SIDE))  # MPEG-4 part 2: lossy, real
     for objs in frames:
-        img = np.full((SIDE, SIDE, 3), 128, np.uint8)
+        img = np.full((SIDE, SIDE, 3), 128, np.uint8)  # grey background
         for o in objs:
             draw_shape(img, o["shape"], COLOURS[o["colour"]], o["x"], o["y"])
         w.write(img)
@@ -245,11 +247,11 @@ def write_clip(path, frames):
 def build_world(cfg):
     """Write train/val/test/novel clips + annotation JSON under data_dir (skipped when already complete)."""
     sizes = dict(train=cfg.n_train, val=cfg.n_val, test=cfg.n_test, novel=cfg.n_novel, version=2)
-    stamp = os.path.join(cfg.data_dir, "world.json")
+    stamp = os.path.join(cfg.data_dir, "world.json")  # the sizes the folder was built with
     if os.path.isfile(stamp) and json.load(open(stamp)) == sizes:
         return
     for si, (split, n) in enumerate(list(sizes.items())[:4]):
-        rng = random.Random(1000 * si + 7)
+        rng = random.Random(1000 * si + 7)  # fixed per split: the same world on every machine
         os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
         anns = []
         for i in range(n):
@@ -264,19 +266,19 @@ def build_world(cfg):
 def sample_indices(n_total, n_frames):
     """Uniform frame indices (the centre of each of n_frames equal bins); short clips repeat indices."""
     if n_total <= 0:
-        raise ValueError("zero frames")
+        raise ValueError("zero frames")  # load_video turns this into a UserError naming the file
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
 
 
 def preprocess(img, crop):
     """V-JEPA 2's video processor on one RGB uint8 frame: shortest edge -> int(crop*256/224) (area filter, the
     antialiased resize of torchvision), centre crop. Normalisation happens later in float (normalize())."""
-    short = int(crop * 256 / 224)
+    short = int(crop * 256 / 224)  # resize to 8/7 of the crop, then cut the centre (ImageNet-style eval)
     h, w = img.shape[:2]
-    nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+    nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)  # keep the aspect ratio
     img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if nh < h else cv2.INTER_LINEAR)
-    top, left = int((nh - crop) / 2), int((nw - crop) / 2)
-    return img[top:top + crop, left:left + crop]
+    top, left = int((nh - crop) / 2), int((nw - crop) / 2)  # torchvision's centre-crop rounding
+    return img[top:top + crop, left:left + crop]  # (crop, crop, 3)
 
 
 def load_video(path, n_frames, crop):
@@ -291,18 +293,18 @@ def load_video(path, n_frames, crop):
         if not os.path.isfile(path):
             raise UserError(f"{path}: video not found; check the path")
         cap = cv2.VideoCapture(path)
-        fps = cap.get(cv2.CAP_PROP_FPS) or FPS
-        fps = fps if 0 < fps < 1000 else FPS
+        fps = cap.get(cv2.CAP_PROP_FPS) or FPS  # a container without a rate: assume the world's
+        fps = fps if 0 < fps < 1000 else FPS  # and ignore nonsense rates
         imgs = []
         while True:
-            ok, img = cap.read()
-            if not ok:
+            ok, img = cap.read()  # BGR uint8 (H, W, 3)
+            if not ok:  # end of stream (or an undecodable rest)
                 break
             imgs.append(preprocess(img, crop))  # crop at once: long clips keep only small frames in memory
         cap.release()
     if not imgs:
         raise UserError(f"{path}: no frames could be decoded (empty, corrupt or unsupported video); re-encode it")
-    idx = sample_indices(len(imgs), n_frames)
+    idx = sample_indices(len(imgs), n_frames)  # F indices into the decoded frames
     clip = np.stack([cv2.cvtColor(preprocess(imgs[i], crop) if imgs[i].shape[0] != crop or imgs[i].shape[1] != crop
                                   else imgs[i], cv2.COLOR_BGR2RGB) for i in idx])  # (F, S, S, 3)
     return clip, np.array(idx, np.float64) / fps, len(imgs) / fps
@@ -313,7 +315,7 @@ MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.2
 
 def normalize(clips):
     """uint8 (B, F, S, S, 3) -> float (B, F, 3, S, S), HF's pixel_values_videos layout; one fused op like HF."""
-    x = clips.permute(0, 1, 4, 2, 3).float()
+    x = clips.permute(0, 1, 4, 2, 3).float()  # (B, F, 3, S, S), still 0..255
     return (x - MEAN.view(1, 1, 3, 1, 1) * 255) / (STD.view(1, 1, 3, 1, 1) * 255)
 
 
@@ -356,7 +358,7 @@ def check_choices(choices, where):
 
 
 def frame_labels(support_times, times, duration, where):
-    """Per sampled frame 0/1: the sampled frame nearest each support time is positive (the seed's rule)."""
+    """Per sampled frame 0/1: the sampled frame nearest each support time is positive (the Mark-1 project's rule)."""
     lab = np.zeros(len(times), np.float32)
     for t in support_times:
         if not 0 <= t <= duration:
@@ -399,9 +401,6 @@ class GPT2Tokenizer:
 
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if i != self.eos and self.ids[i] >= 0])
-
-    def question(self, q):
-        return self.encode(q)
 
     def prompt(self, q, choices):
         return self.encode(q + "\n" + "\n".join(choices) + "\nAnswer:")
@@ -460,9 +459,6 @@ class QwenTokenizer:
         """Qwen3's chat template: one user turn, generation prompt, thinking disabled."""
         return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
-    def question(self, q):
-        return self.encode(q)
-
     def prompt(self, q, choices):
         return self.encode(self.chat(q + "\n" + "\n".join(choices) + "\nAnswer with the option's letter and text."))
 
@@ -479,43 +475,43 @@ class VJEPA2Attention(nn.Module):
 
     def __init__(self, d, n_head, grid, qkv_bias=True):
         super().__init__()
-        self.n_head, self.hd, self.grid = n_head, d // n_head, grid
+        self.n_head, self.hd, self.grid = n_head, d // n_head, grid  # grid = crop // patch, from the config
         self.query, self.key, self.value = (nn.Linear(d, d, bias=qkv_bias) for _ in range(3))
-        self.proj = nn.Linear(d, d)
+        self.proj = nn.Linear(d, d)  # output projection, with bias as upstream
         self.sub = 2 * ((self.hd // 3) // 2)  # rotated dims per axis (20 for head dim 64); the rest pass through
 
     @staticmethod
     def rotate(x, pos):
         """The upstream rotation, kept exactly: frequencies tiled (cat(f, f)) but partners interleaved (-x1, x0, ...),
         angles built in the activation dtype. x (B, H, P, n), pos (P,)."""
-        n = x.shape[-1]
+        n = x.shape[-1]  # the rotated width of one axis (self.sub)
         omega = torch.arange(n // 2, dtype=x.dtype, device=x.device)
         omega = 1.0 / 10000 ** (omega / (n / 2.0))  # (n/2,)
         freq = pos.unsqueeze(-1) * omega  # (P, n/2)
         cos, sin = freq.cos().repeat(1, 2), freq.sin().repeat(1, 2)  # (P, n)
         y = x.unflatten(-1, (-1, 2))  # (B, H, P, n/2, 2)
         y = torch.stack((-y[..., 1], y[..., 0]), dim=-1).flatten(-2)  # (B, H, P, n)
-        return x * cos + y * sin
+        return x * cos + y * sin  # a 2-D rotation of each (even, odd) pair by angle pos * omega
 
-    def rope(self, x):
-        P, g, s = x.shape[2], self.grid, self.sub
-        i = torch.arange(P, device=x.device)
+    def rope(self, x):  # (B, H, P, E) -> same; the head dim is split in three: time, height, width
+        P, g, s = x.shape[2], self.grid, self.sub  # P tokens, G grid side, s dims per axis
+        i = torch.arange(P, device=x.device)  # token index in (t, h, w) raster order
         t, h, w = i // (g * g), (i % (g * g)) // g, i % g  # positions from the config grid, not the input size
-        parts = [self.rotate(x[..., k * s:(k + 1) * s], pos) for k, pos in enumerate((t, h, w))]
-        return torch.cat(parts + [x[..., 3 * s:]], dim=-1)
+        parts = [self.rotate(x[..., k * s:(k + 1) * s], pos) for k, pos in enumerate((t, h, w))]  # 3 x (B, H, P, s)
+        return torch.cat(parts + [x[..., 3 * s:]], dim=-1)  # the E - 3s leftover dims are not rotated (4 for E=64)
 
     def forward(self, x):
-        B, P, D = x.shape
+        B, P, D = x.shape  # (B, P, Dv)
         q, k, v = (m(x).view(B, P, self.n_head, self.hd).transpose(1, 2) for m in (self.query, self.key, self.value))
         q, k = self.rope(q), self.rope(k)  # (B, H, P, E)
         y = F.scaled_dot_product_attention(q, k, v)  # scale E^-0.5, no mask
-        return self.proj(y.transpose(1, 2).reshape(B, P, D))
+        return self.proj(y.transpose(1, 2).reshape(B, P, D))  # (B, H, P, E) -> (B, P, H*E)
 
 
 class VJEPA2MLP(nn.Module):
     def __init__(self, d, hidden):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)  # hidden = mlp_ratio * d (4x)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
@@ -524,18 +520,19 @@ class VJEPA2MLP(nn.Module):
 class VJEPA2Layer(nn.Module):
     def __init__(self, d, n_head, mlp_ratio, grid, eps):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
+        self.norm1, self.norm2 = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)  # pre-LN block (ViT)
         self.attention = VJEPA2Attention(d, n_head, grid)
         self.mlp = VJEPA2MLP(d, int(d * mlp_ratio))
 
     def forward(self, x):
-        x = x + self.attention(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.attention(self.norm1(x))  # residual around attention
+        return x + self.mlp(self.norm2(x))  # residual around the MLP
 
 
 class PatchEmbed3D(nn.Module):
     def __init__(self, d, patch, tubelet):
         super().__init__()
+        # one token per tubelet x patch x patch cube: a strided Conv3d is a linear map of each non-overlapping cube
         self.proj = nn.Conv3d(3, d, kernel_size=(tubelet, patch, patch), stride=(tubelet, patch, patch))
 
 
@@ -549,7 +546,8 @@ class VJEPA2Embeddings(nn.Module):
         x = video.permute(0, 2, 1, 3, 4)  # (B, 3, F, S, S)
         if x.shape[2] < self.tubelet:  # a single image: repeat it to one tubelet
             x = x.repeat(1, 1, self.tubelet, 1, 1)
-        x = self.patch_embeddings.proj(x.to(self.patch_embeddings.proj.weight.dtype))  # (B, Dv, T, G, G); odd F drops the last frame
+        x = x.to(self.patch_embeddings.proj.weight.dtype)  # the tower's own dtype (bfloat16 files)
+        x = self.patch_embeddings.proj(x)  # (B, Dv, T, G, G); an odd F drops the last frame
         return x.flatten(2).transpose(1, 2)  # (B, P, Dv), (t, h, w) raster order
 
 
@@ -559,25 +557,25 @@ class VJEPA2Encoder(nn.Module):
 
     def __init__(self, width, layers, heads, patch, tubelet, crop, mlp_ratio=4.0, eps=1e-6):
         super().__init__()
-        self.width, self.patch, self.tubelet, self.crop = width, patch, tubelet, crop
+        self.width, self.patch, self.tubelet, self.crop = width, patch, tubelet, crop  # the geometry Mark1 reads
         self.embeddings = VJEPA2Embeddings(width, patch, tubelet)
         self.layer = nn.ModuleList(VJEPA2Layer(width, heads, mlp_ratio, crop // patch, eps) for _ in range(layers))
-        self.layernorm = nn.LayerNorm(width, eps=eps)
+        self.layernorm = nn.LayerNorm(width, eps=eps)  # final norm: its output is the feature Mark 1 uses
 
     def forward(self, video):  # (B, F, 3, S, S) normalised -> (B, P, Dv), == HF get_vision_features
-        x = self.embeddings(video)
+        x = self.embeddings(video)  # (B, P, Dv); no absolute position embedding: RoPE carries the positions
         for blk in self.layer:
-            x = blk(x)
+            x = blk(x)  # (B, P, Dv)
         return self.layernorm(x)
 
 
 class RMSNorm(nn.Module):
     def __init__(self, d, eps=1e-6):
         super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(d))  # a gain, no bias, no mean subtraction
 
     def forward(self, x):
-        h = x.float()
+        h = x.float()  # the statistic in float32 even for bfloat16 activations
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)  # HF order: normalise in fp32, cast back, then scale
 
@@ -590,17 +588,17 @@ def rope_cos_sin(pos, dim, theta, dtype):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def apply_rope(x, cos, sin):  # x (B, H, L, E): dim i pairs with dim i + E/2 (rotate_half), unlike V-JEPA 2's pairs
+    x1, x2 = x.chunk(2, dim=-1)  # 2 x (B, H, L, E/2)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # (B, H, L, E)
 
 
 class Qwen3Attention(nn.Module):
     def __init__(self, d, n_head, n_kv, hd, eps, bias=False):
         super().__init__()
-        self.n_head, self.n_kv, self.hd = n_head, n_kv, hd
+        self.n_head, self.n_kv, self.hd = n_head, n_kv, hd  # GQA: n_kv < n_head key/value heads, shared
         self.q_proj, self.o_proj = nn.Linear(d, n_head * hd, bias=bias), nn.Linear(n_head * hd, d, bias=bias)
-        self.k_proj, self.v_proj = nn.Linear(d, n_kv * hd, bias=bias), nn.Linear(d, n_kv * hd, bias=bias)
+        self.k_proj, self.v_proj = nn.Linear(d, n_kv * hd, bias=bias), nn.Linear(d, n_kv * hd, bias=bias)  # K heads
         self.q_norm, self.k_norm = RMSNorm(hd, eps), RMSNorm(hd, eps)  # per head, before RoPE
 
     def forward(self, x, cos, sin, mask, cache=None):
@@ -608,22 +606,22 @@ class Qwen3Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(B, L, self.n_head, self.hd)).transpose(1, 2)  # (B, H, L, E)
         k = self.k_norm(self.k_proj(x).view(B, L, self.n_kv, self.hd)).transpose(1, 2)  # (B, K, L, E)
         v = self.v_proj(x).view(B, L, self.n_kv, self.hd).transpose(1, 2)  # (B, K, L, E)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # Qwen3: q/k RMS-normed per head first, then RoPE
         if cache is not None:  # cache: a dict per layer holding the keys/values of earlier positions
             if "k" in cache:
                 k, v = torch.cat((cache["k"], k), 2), torch.cat((cache["v"], v), 2)
             cache["k"], cache["v"] = k, v
         rep = self.n_head // self.n_kv  # kv head j serves q heads rep*j .. rep*j+rep-1
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # (B, H, Lk, E)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1)
-        return self.o_proj(y.transpose(1, 2).reshape(B, L, self.n_head * self.hd))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1)  # (B, H, L, E)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, self.n_head * self.hd))  # (B, L, H*E) -> (B, L, D)
 
 
 class Qwen3MLP(nn.Module):
     def __init__(self, d, inter):
         super().__init__()
         self.gate_proj, self.up_proj = nn.Linear(d, inter, bias=False), nn.Linear(d, inter, bias=False)
-        self.down_proj = nn.Linear(inter, d, bias=False)
+        self.down_proj = nn.Linear(inter, d, bias=False)  # no biases anywhere in Qwen3
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
@@ -633,19 +631,19 @@ class Qwen3Layer(nn.Module):
     def __init__(self, d, n_head, n_kv, hd, inter, eps):
         super().__init__()
         self.self_attn, self.mlp = Qwen3Attention(d, n_head, n_kv, hd, eps), Qwen3MLP(d, inter)
-        self.input_layernorm, self.post_attention_layernorm = RMSNorm(d, eps), RMSNorm(d, eps)
+        self.input_layernorm, self.post_attention_layernorm = RMSNorm(d, eps), RMSNorm(d, eps)  # pre-norm block
 
     def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)  # (B, L, D)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Qwen3Body(nn.Module):
     def __init__(self, vocab, d, layers, n_head, n_kv, hd, inter, eps):
         super().__init__()
-        self.embed_tokens = nn.Embedding(vocab, d)
+        self.embed_tokens = nn.Embedding(vocab, d)  # (V, D); also the lm_head when tied
         self.layers = nn.ModuleList(Qwen3Layer(d, n_head, n_kv, hd, inter, eps) for _ in range(layers))
-        self.norm = RMSNorm(d, eps)
+        self.norm = RMSNorm(d, eps)  # the final norm before lm_head
 
 
 class Qwen3LM(nn.Module):
@@ -655,13 +653,14 @@ class Qwen3LM(nn.Module):
         super().__init__()
         self.hd, self.theta, self.tie = hd, theta, tie
         self.model = Qwen3Body(vocab, d, layers, n_head, n_kv, hd, inter, eps)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-        if tie:
+        self.lm_head = nn.Linear(d, vocab, bias=False)  # (V, D)
+        if tie:  # tied head (small Qwen3s): the output matrix IS the input embedding, one Parameter
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, x, pos=None, valid=None, cache=None, last_only=False):
+    def forward(self, x, pos=None, valid=None, cache=None, last_only=False, head=True):
         """x (B, L, D) input embeddings; pos (B, L) positions (default arange); valid (B, Lk) False at padded keys
-        (Lk = cached + L); cache a list of per-layer dicts. -> logits (B, L or 1, V)."""
+        (Lk = cached + L); cache a list of per-layer dicts. -> logits (B, L or 1, V), or with head=False the final
+        normed hidden states (B, L, D), so that a caller can project only the positions it needs."""
         B, L, _ = x.shape
         past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
         if pos is None:
@@ -673,28 +672,29 @@ class Qwen3LM(nn.Module):
             ki = torch.arange(past + L, device=x.device)[None]
             mask = ((ki <= qi)[None] & valid[:, None, :]) | (ki == qi)[None]  # (B, L, Lk)
             mask = mask[:, None]  # (B, 1, L, Lk)
-        elif past:
-            mask = torch.ones(1, 1, L, past + L, dtype=torch.bool, device=x.device).tril(past)
+        elif past:  # decoding with a cache: new query i sees every cached key and new keys up to itself
+            mask = torch.ones(1, 1, L, past + L, dtype=torch.bool, device=x.device).tril(past)  # (1, 1, L, Lk)
         for i, blk in enumerate(self.model.layers):
-            x = blk(x, cos, sin, mask, cache[i] if cache is not None else None)
+            x = blk(x, cos, sin, mask, cache[i] if cache is not None else None)  # (B, L, D)
         x = self.model.norm(x)
-        return self.lm_head(x[:, -1:] if last_only else x)
+        x = x[:, -1:] if last_only else x  # generation needs the last position only
+        return self.lm_head(x) if head else x
 
 
 class CrossAttention(nn.Module):
     def __init__(self, d, n_head):
         super().__init__()
-        self.n_head = n_head
-        self.q, self.kv, self.out = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+        self.n_head = n_head  # H heads of width E = D / H
+        self.q, self.kv, self.out = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)  # keys+values in one matmul
 
-    def forward(self, x, ctx, key_valid=None):
+    def forward(self, x, ctx, key_valid=None):  # x (B, Lq, D) queries, ctx (B, Lk, D), key_valid (B, Lk) bool
         B, Lq, D = x.shape
-        H, E = self.n_head, D // self.n_head
+        H, E = self.n_head, D // self.n_head  # heads, head width
         q = self.q(x).view(B, Lq, H, E).transpose(1, 2)  # (B, H, Lq, E)
         k, v = self.kv(ctx).view(B, -1, 2, H, E).permute(2, 0, 3, 1, 4)  # 2 x (B, H, Lk, E)
         mask = key_valid[:, None, None, :] if key_valid is not None else None  # (B, 1, 1, Lk)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out(y.transpose(1, 2).reshape(B, Lq, D))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, E)
+        return self.out(y.transpose(1, 2).reshape(B, Lq, D))  # (B, Lq, H*E)
 
 
 class BertLayer(nn.Module):
@@ -704,10 +704,10 @@ class BertLayer(nn.Module):
         super().__init__()
         self.attn = CrossAttention(d, n_head)  # self-attention = cross-attention to itself
         self.ln1, self.ln2 = nn.LayerNorm(d, eps=1e-12), nn.LayerNorm(d, eps=1e-12)
-        self.fc1, self.fc2 = nn.Linear(d, inter), nn.Linear(inter, d)
+        self.fc1, self.fc2 = nn.Linear(d, inter), nn.Linear(inter, d)  # the feed-forward, inter wide
 
-    def forward(self, x, valid):
-        x = self.ln1(x + self.attn(x, x, valid))
+    def forward(self, x, valid):  # x (B, L, D), valid (B, L) False at padding
+        x = self.ln1(x + self.attn(x, x, valid))  # post-LN: normalise after the residual sum
         return self.ln2(x + self.fc2(F.gelu(self.fc1(x))))
 
 
@@ -719,28 +719,28 @@ class Bridge(nn.Module):
     def __init__(self, cfg, v_width, d, n_tubelet, grid):
         super().__init__()
         N, M = cfg.n_visual_query, cfg.n_temporal_query
-        self.N, self.M, self.grid = N, M, grid
-        self.proj = nn.Linear(v_width, d)
-        self.time_emb = nn.Parameter(torch.zeros(n_tubelet, d))
-        self.space_emb = nn.Parameter(torch.zeros(grid * grid, d))
-        self.queries = nn.Parameter(torch.randn(N + M, d) * 0.02)
-        self.ln_v = nn.LayerNorm(d)
+        self.N, self.M, self.grid = N, M, grid  # visual queries, temporal queries, patch grid side
+        self.proj = nn.Linear(v_width, d)  # video width Dv -> LLM width D
+        self.time_emb = nn.Parameter(torch.zeros(n_tubelet, d))  # one per tubelet
+        self.space_emb = nn.Parameter(torch.zeros(grid * grid, d))  # one per patch position
+        self.queries = nn.Parameter(torch.randn(N + M, d) * 0.02)  # learned queries (BLIP-2): visual first
+        self.ln_v = nn.LayerNorm(d)  # the video tokens enter the cross-attention normalised
         # queries read the video through a few pre-LN blocks (cross-attention, then an MLP), as a Q-Former does
         self.xattn = nn.ModuleList(CrossAttention(d, cfg.bridge_heads) for _ in range(cfg.bridge_layers))
         self.xmlp = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
                                   for _ in range(cfg.bridge_layers))
-        self.ln_q = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg.bridge_layers))
-        self.bert = BertLayer(d, cfg.bert_heads, cfg.bert_inter)
+        self.ln_q = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg.bridge_layers))  # pre-LN of the queries
+        self.bert = BertLayer(d, cfg.bert_heads, cfg.bert_inter)  # queries and question tokens attend to each other
         self.head = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
                                   for _ in range(cfg.temporal_blocks))
         # frame head: each temporal query scores each frame through its tubelet's change-over-the-clip feature (one
         # key per frame of the tubelet, so the two frames of a tubelet can differ); max over the queries
         self.frame_head = cfg.frame_head
-        if cfg.frame_head == "linear":  # the seed's: a fixed map from each query to F logits
+        if cfg.frame_head == "linear":  # the Mark-1 project's: a fixed map from each query to F logits
             self.frame_out = nn.Linear(d, cfg.n_frames)
         else:
             per = max(1, cfg.n_frames // n_tubelet)  # frames per tubelet (the Conv3d drops leftover frames)
-            self.frame_key = nn.Linear(d, per * d)
+            self.frame_key = nn.Linear(d, per * d)  # a tubelet's feature -> `per` frame keys
             self.frame_bias = nn.Parameter(torch.zeros(cfg.n_frames))  # the per-frame prior
             # frame f -> key f (tubelet f // per, its frame f % per); leftover frames take the last tubelet's last key
             self.register_buffer("frame_to_key", torch.arange(cfg.n_frames).clamp(max=n_tubelet * per - 1),
@@ -764,8 +764,8 @@ class Bridge(nn.Module):
         over space and its clip's mean over time is subtracted (what changes over the clip); a Linear makes one
         key per frame of the tubelet from it; each temporal query scores each frame's key by a dot product; the best
         query wins.
-        The seed's head (frame_head="linear", a fixed Linear(D, F) on each query) never moved the frame loss off its
-        constant-prediction plateau in our from-scratch runs (BCE 0.90 after 1200 steps, README)."""
+        The Mark-1 project's head (frame_head="linear", a fixed Linear(D, F) on each query) never moved the frame loss
+        off its constant-prediction plateau in our from-scratch runs (BCE 0.90 after 1200 steps, README)."""
         if self.frame_head == "linear":
             return self.frame_out(t).amax(1)  # (B, M, F) -> max over the M temporal queries -> (B, F)
         B, P, D = v.shape
@@ -778,6 +778,7 @@ class Bridge(nn.Module):
         P = feats.shape[1]
         T = P // (self.grid * self.grid)
         pos = self.time_emb[:T, None, :] + self.space_emb[None, :, :]  # (T, G*G, D)
+        feats = feats.to(self.proj.weight.dtype)  # boundary 1: the encoder's dtype (bfloat16 files) -> the bridge's
         return self.ln_v(self.proj(feats) + pos.reshape(T * self.grid * self.grid, -1)[:P])  # (B, P, D)
 
     def read(self, v, q_emb, q_valid):
@@ -838,7 +839,7 @@ class Mark1(nn.Module):
 
     def encode(self, clips):
         """uint8 (B, F, S, S, 3) -> (B, P, Dv); no graph when the encoder is frozen."""
-        x = normalize(clips).to(self.devices["vision"])
+        x = normalize(clips).to(self.devices["vision"], self.vision.layernorm.weight.dtype)  # the tower's dtype
         if self.centre:  # the faithful tower forward is untouched: this is the from-scratch input only
             x = x - x.mean((-2, -1), keepdim=True)
         with torch.no_grad() if "vision" in self.frozen else torch.enable_grad():
@@ -874,17 +875,22 @@ class Mark1(nn.Module):
         dev = self.devices["bridge"]
         q_emb = self.embed(q_ids).to(dev)  # the LLM's own embeddings of the question tokens
         prefix, frame_logits = self.bridge(feats.to(dev), q_emb, q_valid.to(dev))
-        return prefix.to(self.devices["llm"]), frame_logits
+        # boundary 2: the prefix enters the LLM in the LLM's own dtype and device
+        return prefix.to(self.devices["llm"], self.llm.lm_head.weight.dtype), frame_logits
 
     def forward(self, feats, q_ids, q_valid, inp, tgt=None, labels=None):
         """Training forward on right-padded text. inp/tgt (B, L): prompt+answer tokens and their next-token targets
-        (-100 on prompt and pad). -> (logits (B, L, V), loss)."""
+        (-100 on prompt and pad). -> (logits, loss, frame logits (B, F)); logits are (B, L, V) without tgt and
+        (A, V) at the A answer positions with it: lm_head (V x D, the largest product at Qwen3 scale) runs only
+        there."""
         prefix, frame_logits = self.fuse(feats, q_ids, q_valid)
         x = torch.cat((prefix, self.embed(inp).to(prefix.dtype)), 1)  # (B, N+L, D)
-        logits = self.llm(x)[:, prefix.shape[1]:]  # (B, L, V); under the causal mask right padding needs no mask
+        h = self.llm(x, head=False)[:, prefix.shape[1]:]  # (B, L, D); causal mask: right padding needs no mask
         if tgt is None:
-            return logits, None, frame_logits
-        ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.to(logits.device).flatten(), ignore_index=-100)
+            return self.llm.lm_head(h), None, frame_logits
+        keep = tgt.to(h.device) != -100  # (B, L) the answer tokens, the only positions the loss reads
+        logits = self.llm.lm_head(h[keep])  # (A, V)
+        ce = F.cross_entropy(logits.float(), tgt.to(h.device)[keep])
         pw = torch.tensor(self.cfg.pos_weight, device=frame_logits.device)
         bce = F.binary_cross_entropy_with_logits(frame_logits.float(), labels.to(frame_logits.device), pos_weight=pw)
         self.parts = (ce.item(), bce.item())  # for the log line
@@ -906,9 +912,12 @@ def read_hf_dir(path, want):
     cpath = os.path.join(path, "config.json")
     if not os.path.isfile(cpath):
         raise UserError(f"{path}: no config.json here; pass a Hugging Face checkpoint folder")
-    conf = json.load(open(cpath))
-    if conf.get("model_type") != want:
-        raise UserError(f"{path}: checkpoint is model_type {conf.get('model_type')!r}, expected {want!r}")
+    try:
+        conf = json.load(open(cpath))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cpath}: not valid JSON ({e}); the checkpoint folder is damaged, download it again")
+    if not isinstance(conf, dict) or conf.get("model_type") != want:
+        raise UserError(f"{path}: checkpoint is model_type {dict(conf).get('model_type')!r}, expected {want!r}")
     idx = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(idx):
         files = sorted(set(json.load(open(idx))["weight_map"].values()))
@@ -926,42 +935,26 @@ def read_hf_dir(path, want):
     return conf, keys
 
 
-def assign_strict(module, path, keys, mapping, skip_prefixes=()):
-    """Check file keys against the module's (mapping: file key -> module key or None to ignore), list every missing,
-    unexpected and mis-shaped key, then read tensors lazily and assign them (the module lives on `meta`)."""
+def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
+    """Check file keys against the module's (mapping: file key -> module key, or None to ignore), list every missing,
+    unexpected and mis-shaped key from the safetensors headers alone, and only then read the tensors, each converted
+    to `dtype` (None: the file's) on `device`."""
     want = {k: v.shape for k, v in module.state_dict().items()}
     if getattr(module, "tie", False):
-        want.pop("lm_head.weight", None)
-    plan, unexpected, shaped = {}, [], []
-    for fk, f in keys.items():
-        mk = mapping(fk)
-        if mk is None:
-            continue
-        if mk not in want and not (mk == "lm_head.weight" and getattr(module, "tie", False)):
-            unexpected.append(fk)
-        else:
-            plan[fk] = mk
+        want.pop("lm_head.weight", None)  # a tied head is the embedding: no tensor of its own in the file
+    plan = {fk: mapping(fk) for fk in keys if mapping(fk) is not None}  # file key -> module key
+    unexpected = sorted(fk for fk, mk in plan.items() if mk not in want)
     missing = sorted(set(want) - set(plan.values()))
-    handles = {}
-    state = {}
-    for fk, mk in plan.items():
-        f = keys[fk]
-        if f not in handles:
-            handles[f] = safe_open(os.path.join(path, f), "pt")
-        sl = handles[f].get_slice(fk)
-        shape = tuple(sl.get_shape())
-        target = want.get(mk, module.model.embed_tokens.weight.shape if mk == "lm_head.weight" else None)
-        if tuple(target) != shape:
-            shaped.append(f"{fk} {list(shape)} (model {list(target)})")
-            continue
-        state[mk] = handles[f].get_tensor(fk)
+    handles = {f: safe_open(os.path.join(path, f), "pt") for f in set(keys.values())}  # headers only, lazily
+    shaped = [f"{fk} {shape} (model {list(want[mk])})" for fk, mk in plan.items() if mk in want
+              for shape in [list(handles[keys[fk]].get_slice(fk).get_shape())] if shape != list(want[mk])]
     if missing or unexpected or shaped:
-        raise UserError(f"{path}: checkpoint does not fit: missing {missing}, unexpected {sorted(unexpected)}, "
+        raise UserError(f"{path}: checkpoint does not fit: missing {missing}, unexpected {unexpected}, "
                         f"mis-shaped {shaped}")
-    return state
+    return {mk: handles[keys[fk]].get_tensor(fk).to(device, dtype) for fk, mk in plan.items()}  # all checks passed
 
 
-def load_vjepa2(path):
+def load_vjepa2(path, dtype=None, device="cpu"):
     """HF V-JEPA 2 folder (VJEPA2Model `encoder.*`, or a classifier's `vjepa2.encoder.*`) -> frozen VJEPA2Encoder.
     Predictor, pooler and classifier weights are ignored on purpose: Mark 1 only needs the encoder's features."""
     conf, keys = read_hf_dir(path, "vjepa2")
@@ -977,36 +970,48 @@ def load_vjepa2(path):
         k = k.removeprefix("vjepa2.")
         return k[len("encoder."):] if k.startswith("encoder.") else None
 
-    state = assign_strict(enc, path, keys, mapping)
+    state = assign_strict(enc, path, keys, mapping, dtype, device)
     enc.load_state_dict(state, strict=True, assign=True)
     if ignored:
         print(f"{path}: ignoring {len(ignored)} non-encoder tensors (predictor/pooler/classifier), on purpose")
     return enc
 
 
-def load_qwen3(path):
-    """HF Qwen3 folder -> Qwen3LM. The file's lm_head.weight is used when present (untied), embed_tokens otherwise."""
+def load_qwen3(path, dtype=None, device="cpu"):
+    """HF Qwen3 folder -> Qwen3LM in `dtype` (None: the file's) on `device`. A missing config key takes
+    transformers' Qwen3Config default; a setting this file does not implement is refused by name, never run wrong."""
     conf, keys = read_hf_dir(path, "qwen3")
-    theta = conf.get("rope_theta") or (conf.get("rope_parameters") or {}).get("rope_theta", 1e6)
-    tie = conf.get("tie_word_embeddings", True) and "lm_head.weight" not in keys
-    if conf.get("tie_word_embeddings", True) and "lm_head.weight" in keys:
-        tie = False  # an lm_head in the file wins (transformers unties when it differs; using it is always right)
-    d, nh = conf["hidden_size"], conf["num_attention_heads"]
+    rope = conf.get("rope_parameters") or {}
+    unsupported = [("rope_scaling", conf.get("rope_scaling") is not None),  # YaRN / linear / dynamic scaling
+                   ("rope_parameters.rope_type", rope.get("rope_type", "default") != "default"),
+                   ("use_sliding_window", bool(conf.get("use_sliding_window", False))),
+                   ("hidden_act", conf.get("hidden_act", "silu") != "silu"),
+                   ("attention_bias", bool(conf.get("attention_bias", False)))]
+    for name, bad in unsupported:
+        if bad:
+            raise UserError(f"{path}: config.json sets {name} (plain Qwen3 only: default RoPE, full attention, "
+                            f"SiLU, no attention bias); this script does not implement it")
+    theta = conf.get("rope_theta") or rope.get("rope_theta", 10000.0)
+    # tied head unless the file carries its own lm_head (transformers unties then too; using it is always right)
+    tie = conf.get("tie_word_embeddings", False) and "lm_head.weight" not in keys
+    nh = conf.get("num_attention_heads", 32)
     with torch.device("meta"):
-        lm = Qwen3LM(conf["vocab_size"], d, conf["num_hidden_layers"], nh, conf.get("num_key_value_heads", nh),
-                     conf.get("head_dim", d // nh), conf["intermediate_size"], theta, conf.get("rms_norm_eps", 1e-6), tie)
-    state = assign_strict(lm, path, keys, lambda k: k)
-    if tie:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    lm.load_state_dict(state, strict=True, assign=True)
+        lm = Qwen3LM(conf.get("vocab_size", 151936), conf.get("hidden_size", 4096), conf.get("num_hidden_layers", 32),
+                     nh, conf.get("num_key_value_heads", nh), conf.get("head_dim", 128),
+                     conf.get("intermediate_size", 22016), theta, conf.get("rms_norm_eps", 1e-6), tie)
+    state = assign_strict(lm, path, keys, lambda k: k, dtype, device)
+    lm.load_state_dict(state, strict=False, assign=True)  # strict=False: a tied lm_head has no tensor of its own
     if tie:
         lm.lm_head.weight = lm.model.embed_tokens.weight  # assign=True replaced the Parameter: tie again
     return lm
 
 
 def build_model(cfg, tok):
-    vision = load_vjepa2(cfg.vision_ckpt) if cfg.vision_ckpt else None
-    llm = load_qwen3(cfg.llm_ckpt) if cfg.llm_ckpt else None
+    """Mark1 from cfg; towers from HF folders stay in their file's dtype unless --dtype resolves to float32 (then
+    everything computes in float32); the bridge casts at its two boundaries either way (Bridge.video_tokens, fuse)."""
+    dtype = torch.float32 if autocast_dtype(cfg.dtype, pick_device(cfg.device)) == "float32" else None
+    vision = load_vjepa2(cfg.vision_ckpt, dtype) if cfg.vision_ckpt else None
+    llm = load_qwen3(cfg.llm_ckpt, dtype) if cfg.llm_ckpt else None
     vocab = len(tok.ids) if tok.ids is not None else None
     torch.manual_seed(cfg.seed)
     model = Mark1(cfg, vocab, vision, llm)
@@ -1023,12 +1028,17 @@ def make_tokenizer(cfg, texts=None, ids=None):
     return GPT2Tokenizer(ids) if ids is not None else GPT2Tokenizer.build(texts, cfg.compact_vocab)
 
 
+def own_keys(model, cfg):
+    """The state-dict keys a Mark 1 checkpoint stores: not the towers loaded from HF folders, not a tied lm_head."""
+    hf = tuple(p + "." for p, c in (("vision", cfg.vision_ckpt), ("llm", cfg.llm_ckpt)) if c)
+    return {k for k in model.state_dict() if not k.startswith(hf) and not (k == "llm.lm_head.weight" and model.llm.tie)}
+
+
 def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
     """Weights of every part that did not come from an HF folder (those are reloaded from their folder)."""
     os.makedirs(cfg.out_dir, exist_ok=True)
-    skip = tuple(p + "." for p, c in (("vision", cfg.vision_ckpt), ("llm", cfg.llm_ckpt)) if c)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-             if not k.startswith(skip) and not (k == "llm.lm_head.weight" and model.llm.tie)}
+    own = own_keys(model, cfg)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in own}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
@@ -1037,7 +1047,14 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
 
-def load_checkpoint(out_dir, overrides=None):
+# flags a resumed run may change: how long and where it runs, how it logs; every other flag is fixed by the checkpoint
+RUN_KEYS = {"max_steps", "stop_after", "out_dir", "data_dir", "device", "device_map", "dtype", "log_interval",
+            "eval_interval", "feature_cache"}
+
+
+def load_checkpoint(out_dir, overrides=None, refuse=None):
+    """-> (model, tokenizer, config) from out_dir, the saved config updated by `overrides`; a flag in `refuse` that
+    differs from the saved value is a UserError (--resume cannot change the architecture or the data)."""
     cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
         raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
@@ -1050,12 +1067,15 @@ def load_checkpoint(out_dir, overrides=None):
     saved = meta["config"]
     if saved.get("dtype") == "bfloat16":  # the default before --dtype auto, not a choice: read as auto
         saved = {**saved, "dtype": "auto"}
+    for k, v in (refuse or {}).items():
+        if saved.get(k) != v:
+            raise UserError(f"--{k} {v}: the run in {out_dir} has {k}={saved.get(k)!r}; --resume cannot change it "
+                            f"(drop the flag, or train into a new --out_dir)")
     cfg = Config(**{**saved, **(overrides or {})})
     tok = make_tokenizer(cfg, ids=meta["vocab"])
     model = build_model(cfg, tok)
     state = load_file(wpath)
-    skip = tuple(p + "." for p, c in (("vision", cfg.vision_ckpt), ("llm", cfg.llm_ckpt)) if c)  # from HF folders
-    own = {k for k in model.state_dict() if not k.startswith(skip) and not (k == "llm.lm_head.weight" and model.llm.tie)}
+    own = own_keys(model, cfg)
     missing = sorted(own - set(state))
     unexpected = sorted(set(state) - set(model.state_dict()))
     if missing or unexpected:
@@ -1076,23 +1096,23 @@ def extract_option(text):
     return m.group(1) if m else None
 
 
-def mcq_accuracy(preds, answers):
+def mcq_accuracy(preds, answers):  # share of predictions whose option letter is the answer's
     ok = [extract_option(p) is not None and extract_option(p) == extract_option(a) for p, a in zip(preds, answers)]
     return sum(ok) / max(1, len(ok))
 
 
 def frame_f1(pred, gold):
     """Micro F1 over every (clip, frame) pair: pred and gold are lists of 0/1 lists."""
-    tp = sum(p and g for ps, gs in zip(pred, gold) for p, g in zip(ps, gs))
-    fp = sum(p and not g for ps, gs in zip(pred, gold) for p, g in zip(ps, gs))
-    fn = sum(g and not p for ps, gs in zip(pred, gold) for p, g in zip(ps, gs))
-    return 2 * tp / max(1, 2 * tp + fp + fn)
+    tp = sum(p and g for ps, gs in zip(pred, gold) for p, g in zip(ps, gs))  # true positives
+    fp = sum(p and not g for ps, gs in zip(pred, gold) for p, g in zip(ps, gs))  # false positives
+    fn = sum(g and not p for ps, gs in zip(pred, gold) for p, g in zip(ps, gs))  # missed support frames
+    return 2 * tp / max(1, 2 * tp + fp + fn)  # F1 = 2TP / (2TP + FP + FN); 0 when nothing is positive
 
 
 def segment_from_scores(scores, times, duration, threshold):
     """Saliency of the sampled frames -> one (start, end) in seconds: the longest run of frames above threshold (the
     best frame alone when none is), each frame covering [its time, its time + duration/F)."""
-    best, run, start = None, 0, 0
+    best, run, start = None, 0, 0  # best (first, last) run so far, current run length and start
     for i, s in enumerate(scores):
         if s > threshold:
             if run == 0:
@@ -1102,20 +1122,20 @@ def segment_from_scores(scores, times, duration, threshold):
                 best = (start, i)
         else:
             run = 0
-    if best is None:
+    if best is None:  # nothing above the threshold: the single most salient frame
         i = max(range(len(scores)), key=lambda k: scores[k])
         best = (i, i)
-    dt = duration / len(times)
+    dt = duration / len(times)  # the span one sampled frame stands for
     return float(times[best[0]]), float(min(duration, times[best[1]] + dt))
 
 
-def temporal_iou(a, b):
+def temporal_iou(a, b):  # two (start, end) spans in seconds -> intersection over union
     inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
     union = max(a[1], b[1]) - min(a[0], b[0])
     return inter / union if union > 0 else 0.0
 
 
-def grounding_metrics(pred_segs, gold_segs):
+def grounding_metrics(pred_segs, gold_segs):  # -> R@1 at IoU 0.3/0.5/0.7 and mean IoU
     ious = [temporal_iou(p, g) for p, g in zip(pred_segs, gold_segs)]
     n = max(1, len(ious))
     out = {f"r1_iou{t}": sum(i >= t for i in ious) / n for t in (0.3, 0.5, 0.7)}
@@ -1127,7 +1147,7 @@ def grounding_metrics(pred_segs, gold_segs):
 # Training
 
 
-def pick_device(name):
+def pick_device(name):  # "auto" -> cuda, else mps, else cpu; any other name as given
     if name != "auto":
         return name
     if torch.cuda.is_available():
@@ -1147,11 +1167,11 @@ def check_device(dev, what):
     return dev
 
 
-def parse_device_map(cfg):
+def parse_device_map(cfg):  # the Mark-1 project's split of the three parts over devices (e.g. two GPUs)
     dev = check_device(pick_device(cfg.device), "--device")
-    out = dict(vision=dev, bridge=dev, llm=dev)
+    out = dict(vision=dev, bridge=dev, llm=dev)  # --device for every part unless --device_map moves one
     for part in filter(None, cfg.device_map.split(",")):
-        k, _, v = part.partition("=")
+        k, _, v = part.partition("=")  # "llm=cuda:1" -> ("llm", "cuda:1")
         if k not in out or not v:
             raise UserError(f"--device_map {cfg.device_map!r}: expected vision=DEV,bridge=DEV,llm=DEV")
         out[k] = check_device(v, f"--device_map {k}")
@@ -1169,30 +1189,30 @@ def autocast_dtype(name, device):
     return "bfloat16" if native else "float32"
 
 
-def autocast(cfg, device):
-    kind, dtype = device.split(":")[0], autocast_dtype(cfg.dtype, device)
+def autocast(cfg, device):  # the mixed-precision context of one part's device
+    kind, dtype = device.split(":")[0], autocast_dtype(cfg.dtype, device)  # "cuda:1" -> "cuda"
     if dtype == "float32":
-        return torch.autocast(kind, enabled=False)
+        return torch.autocast(kind, enabled=False)  # plain float32 (towers loaded in float32 too)
     return torch.autocast(kind, dtype=getattr(torch, dtype))
 
 
 def lr_at(step, cfg):
-    warm = max(1, int(cfg.warmup_frac * cfg.max_steps))
+    warm = max(1, int(cfg.warmup_frac * cfg.max_steps))  # warmup steps
     if step < warm:
-        return cfg.lr * (step + 1) / warm
-    t = min(1.0, (step - warm) / max(1, cfg.max_steps - warm))
+        return cfg.lr * (step + 1) / warm  # linear from lr/warm up to lr
+    t = min(1.0, (step - warm) / max(1, cfg.max_steps - warm))  # 0 -> 1 over the rest of the run
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
 
 
 def global_batch(step, n, size, seed):
     """Indices of the global batch of a step: a fresh permutation per epoch, shared by every rank."""
-    per_epoch = max(1, n // size)
+    per_epoch = max(1, n // size)  # full batches per epoch (the remainder is skipped)
     epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-    return perm[k * size:(k + 1) * size]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))  # a pure function of the step
+    return perm[k * size:(k + 1) * size]  # so a resumed run draws the same batches
 
 
-def pad_left(seqs, pad):
+def pad_left(seqs, pad):  # lists of ids -> ids (B, L) left-padded with `pad`, valid (B, L)
     L = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), L), pad, dtype=torch.long)
     valid = torch.zeros(len(seqs), L, dtype=torch.bool)
@@ -1204,14 +1224,14 @@ def pad_left(seqs, pad):
 def text_batch(items, tok, with_answer=True):
     """items: dicts with question/choices/answer -> question ids + mask (B, Lq), and right-padded prompt+answer
     inputs/targets (B, L) with -100 on prompt and pad positions."""
-    q_ids, q_valid = pad_left([tok.question(it["question"]) or [tok.eos] for it in items], tok.eos)
+    q_ids, q_valid = pad_left([tok.encode(it["question"]) or [tok.eos] for it in items], tok.eos)
     seqs = [(tok.prompt(it["question"], it["choices"]), tok.target(it["answer"]) if with_answer else []) for it in items]
-    L = max(len(p) + len(a) for p, a in seqs) - 1
+    L = max(len(p) + len(a) for p, a in seqs) - 1  # inputs drop the last token, targets the first
     inp = torch.full((len(items), L), tok.eos, dtype=torch.long)
     tgt = torch.full((len(items), L), -100, dtype=torch.long)
     for i, (p, a) in enumerate(seqs):
         s = p + a
-        inp[i, :len(s) - 1] = torch.tensor(s[:-1])
+        inp[i, :len(s) - 1] = torch.tensor(s[:-1])  # right padding with EOS (never a target)
         tgt[i, len(p) - 1:len(s) - 1] = torch.tensor(a)  # only the answer tokens are learned
     return q_ids, q_valid, inp, tgt
 
@@ -1220,16 +1240,16 @@ class FeatureCache:
     """Frozen encoder: features computed once per clip (keyed by split and index), kept in memory in bf16/fp32."""
 
     def __init__(self, model, enabled):
-        self.model, self.on, self.store = model, enabled and "vision" in model.frozen, {}
+        self.model, self.on, self.store = model, enabled and "vision" in model.frozen, {}  # a trained encoder: no cache
 
     def __call__(self, split, idx, clips):
         if not self.on:
             return self.model.encode(clips[idx])
-        todo = [i for i in idx.tolist() if (split, i) not in self.store]
+        todo = [i for i in idx.tolist() if (split, i) not in self.store]  # clips seen for the first time
         if todo:
             feats = self.model.encode(clips[torch.tensor(todo)]).detach()
             for i, f in zip(todo, feats):
-                self.store[(split, i)] = f.cpu()
+                self.store[(split, i)] = f.cpu()  # (P, Dv) in the encoder's dtype, on the CPU
         return torch.stack([self.store[(split, i)] for i in idx.tolist()])
 
 
@@ -1258,48 +1278,70 @@ def count_params(model):
     return total, train
 
 
-def train(cfg, resume=False):
+def make_optimizer(model, cfg):
+    """AdamW over the trainable parameters, weight decay on matrices only (norm gains and biases are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95)), params
+
+
+def accumulate(model, cache, tok, entries, tr, idx, cfg, rank, world, device):
+    """Forward + backward over this rank's micro-batches of one global batch `idx`; -> [(loss, ce, bce)] per batch.
+    Gradients are summed over micro-batches, each weighted by its share of the global batch, so any split of the same
+    global batch (grad_accum x ranks) gives the same averaged gradient once the ranks average theirs."""
+    out, per_rank = [], len(idx) / world
+    for a in range(cfg.grad_accum):
+        mb = idx[(a * world + rank) * cfg.batch_size:(a * world + rank + 1) * cfg.batch_size]
+        if len(mb) == 0:  # a short last batch: nothing here, but the gradient all-reduce below still runs on every rank
+            continue
+        q_ids, q_valid, inp, tgt = text_batch([entries[i] for i in mb], tok)
+        with autocast(cfg, device):
+            feats = cache("train", mb, tr["clips"])
+            _, loss, _ = model(feats, q_ids, q_valid, inp, tgt, tr["labels"][mb])
+        if not torch.isfinite(loss):
+            raise UserError(f"loss became {loss.item()}; lower --lr or use --dtype float32")
+        (loss * len(mb) / per_rank).backward()
+        out.append((loss.item(), *model.parts))
+    return out
+
+
+def train(cfg, resume=False, overrides=None):
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = 0, 1
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
     say = print if rank == 0 else (lambda *a, **k: None)
-    t0 = time.time()
+    t0, step = time.time(), 0
+    if resume:  # the saved config and token table rebuild the model; towers load once, the optimiser is built once
+        path = os.path.join(cfg.out_dir, "train_state.pt")
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: nothing to resume (train without --resume first)")
+        keep = {"stop_after": cfg.stop_after, **{k: v for k, v in (overrides or {}).items() if k in RUN_KEYS}}
+        model, tok, cfg = load_checkpoint(cfg.out_dir, keep, refuse={k: v for k, v in (overrides or {}).items()
+                                                                      if k not in RUN_KEYS})
     devices = parse_device_map(cfg)
     data = prepare_data(cfg, rank)
     entries, tr = data["train"]
-    tok = make_tokenizer(cfg, texts=[e["question"] + "\n" + "\n".join(e["choices"]) + "\nAnswer: " + e["answer"]
-                                     for e in entries])
-    model = build_model(cfg, tok).place(devices)
+    if not resume:
+        tok = make_tokenizer(cfg, texts=[e["question"] + "\n" + "\n".join(e["choices"]) + "\nAnswer: " + e["answer"]
+                                         for e in entries])
+        model = build_model(cfg, tok)
+    model.place(devices)
     total, trainable = count_params(model)
     say(f"data ready in {time.time() - t0:.1f}s | params: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, "
         f"{(total - trainable) / 1e6:.2f}M frozen | vocab {len(tok.ids) if tok.ids else 'full'} | autocast "
         f"{autocast_dtype(cfg.dtype, devices['llm'])}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    nodecay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": nodecay, "weight_decay": 0}],
-                            lr=cfg.lr, betas=(0.9, 0.95))
-    step = 0
+    opt, params = make_optimizer(model, cfg)
     if resume:
-        path = os.path.join(cfg.out_dir, "train_state.pt")
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: nothing to resume (train without --resume first)")
-        model, _, _ = load_checkpoint(cfg.out_dir, {k: getattr(cfg, k) for k in ("max_steps", "stop_after", "out_dir")})
-        model.place(devices)
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay, nodecay = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": nodecay, "weight_decay": 0}], lr=cfg.lr, betas=(0.9, 0.95))
         ts = torch.load(path, weights_only=True)
         opt.load_state_dict(ts["optimizer"])
         step = ts["step"]
         torch.set_rng_state(ts["rng"])
         say(f"resumed at step {step}")
-    if not resume and cfg.data_init > 0:  # the same fixed batch on every rank (drawn from the seed)
-        g = torch.Generator().manual_seed(cfg.seed)
-        idx = torch.randperm(len(entries), generator=g)[:cfg.data_init]
+    elif cfg.data_init > 0:  # the same fixed batch on every rank (drawn from --seed)
+        idx = torch.randperm(len(entries), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.data_init]
         q_ids, q_valid, _, _ = text_batch([entries[i] for i in idx.tolist()], tok)
         model.init_from_data(tr["clips"][idx], q_ids, q_valid)
     cache = FeatureCache(model, cfg.feature_cache)
@@ -1310,40 +1352,27 @@ def train(cfg, resume=False):
     while step < end:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        idx = global_batch(step, len(entries), gbatch, cfg.seed)
         opt.zero_grad(set_to_none=True)
-        for a in range(cfg.grad_accum):
-            mb = idx[(a * world + rank) * cfg.batch_size:(a * world + rank + 1) * cfg.batch_size]
-            if len(mb) == 0:
-                continue
-            q_ids, q_valid, inp, tgt = text_batch([entries[i] for i in mb], tok)
-            with autocast(cfg, devices["llm"]):
-                feats = cache("train", mb, tr["clips"])
-                _, loss, _ = model(feats, q_ids, q_valid, inp, tgt, tr["labels"][mb])
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()} at step {step}; lower --lr or use --dtype float32")
-            (loss * len(mb) / (gbatch / world)).backward()
-            losses.append((loss.item(), *model.parts))
-        if ddp:
+        idx = global_batch(step, len(entries), gbatch, cfg.seed)
+        losses += accumulate(model, cache, tok, entries, tr, idx, cfg, rank, world, devices["llm"])
+        if ddp:  # average the gradients; a parameter without one takes part as zeros, so no rank waits forever
             for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+                dist.all_reduce(p.grad)
+                p.grad /= world
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         step += 1
         if step % cfg.log_interval == 0 or step == end:
             dt = (time.time() - t_log) / cfg.log_interval
-            eta = dt * (end - step)
-            lo, ce, bce = (sum(x[k] for x in losses) / len(losses) for k in range(3))
+            lo, ce, bce = (sum(x[k] for x in losses) / max(1, len(losses)) for k in range(3))
             say(f"step {step}/{cfg.max_steps} | loss {lo:.4f} (ce {ce:.3f}, bce {bce:.3f}) | lr {lr_at(step - 1, cfg):.2e} | "
-                f"{dt * 1000:.0f} ms | {gbatch / dt:.0f} samples/s | eta {eta / 60:.0f}m{eta % 60:02.0f}s")
+                f"{dt * 1000:.0f} ms | {gbatch / dt:.0f} samples/s | eta {dt * (end - step) / 60:.1f}m")
             t_log, losses = time.time(), []
         if rank == 0 and (step % cfg.eval_interval == 0 or step == end):
             save_checkpoint(model, tok, cfg, opt, step, torch.get_rng_state())
-    train_seconds = time.time() - t0
     if rank == 0 and step >= cfg.max_steps:
-        evaluate(model, tok, cfg, data, train_seconds, cache)
+        evaluate(model, tok, cfg, data, time.time() - t0, cache)
     if ddp:
         dist.destroy_process_group()
     return model, tok
@@ -1371,9 +1400,9 @@ def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top
     full recompute each step), per-row stop on EOS. embed(ids) gives the embeddings of new tokens. -> token lists."""
     dev = x.device
     pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, L): positions count real tokens only
-    cache = [dict() for _ in llm.model.layers] if use_cache else None
-    out = [[] for _ in range(x.shape[0])]
-    done = torch.zeros(x.shape[0], dtype=torch.bool, device=dev)
+    cache = [dict() for _ in llm.model.layers] if use_cache else None  # one {k, v} per layer
+    out = [[] for _ in range(x.shape[0])]  # generated ids per row
+    done = torch.zeros(x.shape[0], dtype=torch.bool, device=dev)  # rows that produced EOS
     step_x, step_pos = x, pos
     for _ in range(max_new_tokens):
         if use_cache:  # prefill once, then one position per step against the cached keys/values
@@ -1384,8 +1413,8 @@ def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
             nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(dev)
         else:
-            nxt = logits.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+            nxt = logits.argmax(-1)  # greedy
+        nxt = torch.where(done, torch.full_like(nxt, eos), nxt)  # finished rows keep emitting EOS
         for i in range(len(out)):
             if not done[i]:
                 out[i].append(int(nxt[i]))
@@ -1393,8 +1422,8 @@ def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top
         if done.all():
             break
         step_x = embed(nxt[:, None]).to(x.dtype)  # (B, 1, D)
-        step_pos = pos[:, -1:] + 1
-        valid = torch.cat((valid, torch.ones(len(out), 1, dtype=torch.bool, device=dev)), 1)
+        step_pos = pos[:, -1:] + 1  # (B, 1) the next position of each row
+        valid = torch.cat((valid, torch.ones(len(out), 1, dtype=torch.bool, device=dev)), 1)  # the new key is real
         x, pos = torch.cat((x, step_x), 1), torch.cat((pos, step_pos), 1)
     return [[t for t in o if t != eos] for o in out]
 
@@ -1402,7 +1431,7 @@ def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top
 def left_pad_rows(rows, dev):
     """list of (L_i, D) -> x (B, L, D) left-padded with zeros, valid (B, L)."""
     L = max(r.shape[0] for r in rows)
-    x = rows[0].new_zeros(len(rows), L, rows[0].shape[-1])
+    x = rows[0].new_zeros(len(rows), L, rows[0].shape[-1])  # (B, L, D) in the rows' dtype and device
     valid = torch.zeros(len(rows), L, dtype=torch.bool, device=dev)
     for i, r in enumerate(rows):
         x[i, L - r.shape[0]:], valid[i, L - r.shape[0]:] = r, True
@@ -1413,7 +1442,7 @@ def left_pad_rows(rows, dev):
 def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):
     """Batched answers: [prefix; prompt] rows left-padded, the video fused once, then llm_generate.
     -> (list of answer token lists, frame logits (B, F))."""
-    q_ids, q_valid = pad_left([tok.question(it["question"]) or [tok.eos] for it in items], tok.eos)
+    q_ids, q_valid = pad_left([tok.encode(it["question"]) or [tok.eos] for it in items], tok.eos)
     prefix, frame_logits = model.fuse(feats, q_ids, q_valid)
     rows = [torch.cat((prefix[i], model.embed(torch.tensor(tok.prompt(it["question"], it["choices"]))).to(prefix.dtype)), 0)
             for i, it in enumerate(items)]  # (N + Lp_i, D) each
@@ -1569,15 +1598,30 @@ def parse_args(argv=None):
     return args, cfg, overrides
 
 
+def vision_geometry(cfg, overrides):
+    """With --vision_ckpt the frames must be cut as the checkpoint was trained: crop, patch and tubelet come from its
+    config.json (transformers' defaults 256/16/2 where a key is missing); a flag that says otherwise is refused."""
+    if not cfg.vision_ckpt:
+        return cfg
+    conf, _ = read_hf_dir(cfg.vision_ckpt, "vjepa2")
+    geo = {"crop": conf.get("crop_size", 256), "v_patch": conf.get("patch_size", 16),
+           "v_tubelet": conf.get("tubelet_size", 2)}  # the Config fields the checkpoint fixes
+    for k, v in geo.items():
+        if k in overrides and overrides[k] != v:
+            raise UserError(f"--{k} {overrides[k]}: {cfg.vision_ckpt} was trained with {v}; drop the flag")
+    return dataclasses.replace(cfg, **geo)
+
+
 def main(argv=None):
     args, cfg, overrides = parse_args(argv)
     if args.bench and args.preset == "default":
         cfg = Config(**{**PRESETS["bench"], **overrides})
+    cfg = vision_geometry(cfg, overrides) if args.train or args.bench else cfg
     if int(os.environ.get("RANK", "0")) == 0:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
     if args.train:
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, overrides=overrides)
     elif args.eval:
         model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
         model.place(parse_device_map(cfg))

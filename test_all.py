@@ -2048,7 +2048,11 @@ def test_mk_shapes_for_several_frame_counts(tmp_path, n_frames):
     item = dict(question="What happens to the red circle?", choices=["A. it appears", "B. it stops"], answer="A. it appears")
     q_ids, q_valid, inp, tgt = mk.text_batch([item, item], tok)
     logits, loss, fl = model(feats, q_ids, q_valid, inp, tgt, torch.zeros(2, n_frames))
-    assert logits.shape == (2, inp.shape[1], len(tok.ids)) and fl.shape == (2, n_frames) and torch.isfinite(loss)
+    assert logits.shape == ((tgt != -100).sum(), len(tok.ids)) and fl.shape == (2, n_frames) and torch.isfinite(loss)
+    full, _, _ = model(feats, q_ids, q_valid, inp)  # (B, L, V) everywhere; the loss reads the answer positions only
+    assert full.shape == (2, inp.shape[1], len(tok.ids))
+    ce = torch.nn.functional.cross_entropy(full.flatten(0, 1), tgt.flatten(), ignore_index=-100)
+    assert torch.allclose(ce, torch.tensor(model.parts[0]), atol=1e-5)
 
 
 def test_mk_label_masking_only_answer_tokens(tmp_path):
@@ -2122,7 +2126,7 @@ def test_mk_overfit_one_batch(tmp_path):
 @pytest.mark.parametrize("head", ["keys", "linear"])
 def test_mk_frame_heads(tmp_path, head):
     """Both frame heads give one finite logit per sampled frame: the default "keys" (the queries score one key per
-    frame, made from the video tokens) and the seed's "linear" (a fixed Linear(D, F) on each query)."""
+    frame, made from the video tokens) and the Mark-1 project's "linear" (a fixed Linear(D, F) on each query)."""
     cfg = _mk_tiny_cfg(tmp_path, frame_head=head)
     model, tok = _mk_model(cfg)
     items = [dict(question="What happens?", choices=["A. it appears", "B. it stops"], answer="A. it appears")] * 2
@@ -2310,6 +2314,8 @@ def test_mk_exact_resume(mk_trained, tmp_path):
     assert p1.returncode == 0, p1.stderr[-2000:]
     p2 = run_script("mark1.py", *args, "--resume")
     assert p2.returncode == 0 and "resumed at step 3" in p2.stdout, p2.stderr[-2000:]
+    with pytest.raises(mk.UserError, match="l_width=32; --resume cannot change it"):  # the saved architecture wins
+        mk.main([str(a) for a in args] + ["--resume", "--l_width", "64"])
     a, b = load_file(str(d / "out" / "model.safetensors")), load_file(str(tmp_path / "r" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -2414,6 +2420,70 @@ def test_mk_train_with_frozen_hf_checkpoints_cli(mk_hf, mk_trained, tmp_path):
     assert saved and all(k.startswith("bridge.") for k in saved)  # the towers are reloaded from their folders
     model, tok, cfg = mk.load_checkpoint(str(tmp_path / "o"))
     assert isinstance(tok, mk.QwenTokenizer) and model.frozen == {"vision", "llm"}
+
+
+@pytest.fixture(scope="module")
+def mk_hf_bf16(mk_hf):
+    """The tiny towers saved in bfloat16 (as the released files are), the encoder with crop_size 48 (not --crop 32)."""
+    import copy
+    from transformers import VJEPA2Config, VJEPA2Model
+    root = mk_hf["root"]
+    torch.manual_seed(0)
+    vc = VJEPA2Config(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, crop_size=48, patch_size=16,
+                      tubelet_size=2, frames_per_clip=4, pred_hidden_size=64, pred_num_hidden_layers=1,
+                      pred_num_attention_heads=2)
+    VJEPA2Model(vc).to(torch.bfloat16).save_pretrained(root / "vjepa2_bf16")
+    shutil.copytree(root / "qwen3", root / "qwen3_bf16")
+    copy.deepcopy(mk_hf["qwen3"]).to(torch.bfloat16).save_pretrained(root / "qwen3_bf16")
+    assert load_file(str(root / "qwen3_bf16" / "model.safetensors"))["model.norm.weight"].dtype == torch.bfloat16
+    return root
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mk_bfloat16_checkpoints_train_and_predict(mk_hf_bf16, mk_trained, tmp_path, capsys, dtype):
+    """The real-checkpoint user path: bfloat16 files, a crop size from the encoder's config, --train then --predict."""
+    d, _ = mk_trained
+    out, root = tmp_path / "o", mk_hf_bf16
+    towers = ["--vision_ckpt", str(root / "vjepa2_bf16"), "--llm_ckpt", str(root / "qwen3_bf16")]
+    mk.main(["--train", "--preset", "tiny", "--max_steps", "2", "--data_dir", str(d / "data"), "--out_dir", str(out),
+             "--dtype", dtype, *towers])
+    model, tok, cfg = mk.load_checkpoint(str(out), {"dtype": dtype})
+    assert cfg.crop == 48 and model.bridge.grid == 3  # from crop_size 48 / patch 16, not the preset's crop 32
+    tower = torch.float32 if dtype == "float32" else torch.bfloat16
+    assert model.vision.layernorm.weight.dtype == tower and model.llm.lm_head.weight.dtype == tower
+    assert model.bridge.proj.weight.dtype == torch.float32
+    mk.main(["--predict", "--out_dir", str(out), "--video", str(d / "data" / "test" / "00000.mp4"), "--question",
+             "What happens to the red circle?", "--choices", "A. it appears|B. it stops", "--dtype", dtype])
+    assert "answer:" in capsys.readouterr().out
+    with pytest.raises(mk.UserError, match="--crop 32: .* was trained with 48"):  # a conflicting flag, one line
+        mk.main(["--train", "--preset", "tiny", "--crop", "32", "--out_dir", str(tmp_path / "x"), *towers])
+
+
+def test_mk_unsupported_and_corrupt_checkpoints(mk_hf, tmp_path):
+    """Every Qwen3 setting the script does not implement is refused by name; damaged files are one-line errors."""
+    src = mk_hf["root"] / "qwen3"
+    conf = json.load(open(src / "config.json"))
+    for name, change in [("rope_scaling", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
+                         ("rope_type", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}}),
+                         ("use_sliding_window", {"use_sliding_window": True}), ("hidden_act", {"hidden_act": "gelu"})]:
+        bad = tmp_path / name
+        shutil.copytree(src, bad)
+        json.dump({**conf, **change}, open(bad / "config.json", "w"))
+        with pytest.raises(mk.UserError, match=name):
+            mk.load_qwen3(str(bad))
+    minimal = tmp_path / "minimal"  # missing keys take transformers' defaults (head_dim 128, untied, theta 1e4)
+    shutil.copytree(src, minimal)
+    json.dump({k: conf[k] for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
+                                    "num_hidden_layers", "num_attention_heads")}, open(minimal / "config.json", "w"))
+    with pytest.raises(mk.UserError, match="mis-shaped"):  # head_dim 128 does not fit the 32-wide q/k norms
+        mk.load_qwen3(str(minimal))
+    (minimal / "config.json").write_text("{not json")
+    with pytest.raises(mk.UserError, match="not valid JSON"):
+        mk.load_qwen3(str(minimal))
+    shutil.copy(src / "config.json", minimal / "config.json")
+    (minimal / "model.safetensors").write_bytes(b"\x10\x00garbage")
+    with pytest.raises(mk.UserError, match="unreadable safetensors"):
+        mk.load_qwen3(str(minimal))
 
 
 def test_mk_qwen3_sharded_checkpoint(mk_hf, tmp_path):
