@@ -14,8 +14,8 @@ the caption, then cross-attention to the Q-Former output. That keeps the decoded
 cache holds only text; the video's keys/values are computed once at prefill), and it lets both Q-Former variants share
 one decoder. `qformer_mode` picks the variant:
   "queries" (BLIP-2): Q learned queries read the visual tokens; the decoder reads the Q queries.
-  "text"    (default, the seed's original): the text tokens themselves are the queries and the visual tokens the keys/values,
-            i.e. the decoder's cross-attention reads the F visual tokens directly and there are no learned queries.
+  "text"    (default, the VideoLLaMA-Mini write-up's design): the caption tokens themselves are the queries and the
+            visual tokens the keys/values: the decoder's cross-attention reads the F visual tokens directly.
 
 The built-in world: one or two coloured shapes (6 colours x 3 shapes) moving left/right/up/down over a grey background,
 written as real mp4 clips. A caption names colour, shape and motion of each object, left-most object first:
@@ -87,9 +87,9 @@ class Config:
     grid: int = 4  # adaptive pooling keeps a grid x grid map so that position (and so motion) survives pooling
     frame_diff: bool = True  # also feed frame[t] - frame[t-1] to the CNN: motion made explicit
     n_temporal_layer: int = 2
-    # "text" (the seed: the caption tokens query the F visual tokens) or "queries" (BLIP-2: Q learned queries read the
-    # visual tokens, the decoder reads the queries). "text" is the default because it learned faster on this CPU
-    # budget: 97.0% vs 70.0% exact match on test after the same 2400 steps (README).
+    # "text" (the VideoLLaMA-Mini write-up: the caption tokens query the F visual tokens) or "queries" (BLIP-2: Q
+    # learned queries read the visual tokens, the decoder reads the queries). "text" is the default because it
+    # learns faster on a CPU budget (README).
     qformer_mode: str = "text"
     n_query: int = 8
     n_qformer_layer: int = 2
@@ -194,7 +194,7 @@ def write_clip(path, objects):
 
 
 def build_world(cfg):
-    """Write data_dir/<split>/*.mp4 and data_dir/<split>.txt once (deterministic from the seed); return the paths."""
+    """Write data_dir/<split>/*.mp4 and data_dir/<split>.txt once (deterministic from cfg.seed); return the paths."""
     sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "novel": cfg.n_novel}
     stamp = os.path.join(cfg.data_dir, "world.json")
     want = dict(sizes, seed=cfg.seed, version=1)
@@ -261,8 +261,8 @@ def load_video(path, n_frames, size):
 
 
 def read_annotations(path):
-    """The seed's format: a video path line, one or more caption lines, a blank line between entries.
-    Paths are relative to the annotation file. Returns [(video_path, [captions])]."""
+    """The VideoLLaMA-Mini write-up's format: a video path line, one or more caption lines, a blank line between
+    entries. Paths are relative to the annotation file. Returns [(video_path, [captions])]."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: annotation file not found")
     entries, cur, start = [], [], 0
@@ -292,15 +292,17 @@ def load_split(entries, cfg):
     return torch.from_numpy(np.stack([load_video(v, cfg.n_frames, cfg.img_size) for v, _ in entries]))
 
 
+EOS = BOS = 0  # model id of <|endoftext|>: the first entry of every token table, it starts and ends each caption
+
+
 class Tokenizer:
     """GPT-2 BPE (tiktoken) with a compact table: model ids index `ids`, the GPT-2 ids seen in training.
-    Model id 0 is <|endoftext|>, used as BOS and EOS."""
+    Model id EOS (= BOS) is <|endoftext|>."""
 
     def __init__(self, ids):
         self.enc = tiktoken.get_encoding("gpt2")
-        self.ids = list(ids)
-        self.to_model = {g: i for i, g in enumerate(self.ids)}
-        self.eos = 0
+        self.ids = list(ids)  # model id -> GPT-2 id
+        self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
 
     @classmethod
     def from_captions(cls, captions, compact=True):
@@ -312,10 +314,10 @@ class Tokenizer:
 
     def encode(self, text):
         """Caption -> [BOS, ..., EOS] in model ids; GPT-2 ids absent from the table are dropped (said in README)."""
-        return [self.eos] + [self.to_model[t] for t in self.enc.encode(text) if t in self.to_model] + [self.eos]
+        return [BOS] + [self.to_model[t] for t in self.enc.encode(text) if t in self.to_model] + [EOS]
 
     def decode(self, ids):
-        return self.enc.decode([self.ids[i] for i in ids if i != self.eos]).strip()
+        return self.enc.decode([self.ids[i] for i in ids if i != EOS]).strip()
 
 
 def normalise(text):
@@ -324,6 +326,11 @@ def normalise(text):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Model
+
+
+def to_unit(video):
+    """uint8 frames (B, F, S, S, 3) -> float (B, F, 3, S, S) in [-1, 1], channels first as Conv2d wants them."""
+    return video.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
 
 
 def sinusoid(n, d):
@@ -485,8 +492,7 @@ class VideoLLaMAMini(nn.Module):
             m, s = x.mean((0, 1)), x.std((0, 1)) + 1e-3
             ln.weight.div_(s)
             ln.bias.sub_(m).div_(s)
-        x = video.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # (B, F, 3, S, S)
-        fold(self.frames.ln, self.frames(x))
+        fold(self.frames.ln, self.frames(to_unit(video)))
         fold(self.ln_vis, self.encode(video, queries=False))
         if self.cfg.qformer_mode == "queries":  # each query has its own constant part: centre per query
             q = self.encode(video)  # (B, Q, D)
@@ -496,8 +502,7 @@ class VideoLLaMAMini(nn.Module):
 
     def encode(self, video, queries=True):
         """uint8 (B, F, S, S, 3) -> the decoder's memory: (B, Q, D) for "queries", (B, F, D) for "text"."""
-        x = video.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # (B, F, 3, S, S) in [-1, 1]
-        vis = self.frames(x) + self.time_pos[: x.shape[1]]  # (B, F, D)
+        vis = self.frames(to_unit(video)) + self.time_pos[: video.shape[1]]  # (B, F, D)
         for blk in self.temporal:
             vis = blk(vis)
         vis = self.ln_vis(vis)
@@ -732,7 +737,43 @@ def prepare_data(cfg, rank):
     return {s: (e, load_split(e, cfg)) for s, e in splits.items()}
 
 
-def train(cfg, resume=False):
+# The fields that shape the weights: --resume takes them from the checkpoint and refuses a flag that disagrees.
+ARCH = ("n_frames", "img_size", "d_model", "n_head", "cnn_width", "grid", "frame_diff", "n_temporal_layer",
+        "qformer_mode", "n_query", "n_qformer_layer", "n_dec_layer", "max_len", "compact_vocab")
+
+
+def resume_config(cfg, overrides):
+    """--resume: the architecture (ARCH) from the checkpoint, everything else (steps, lr, data...) from the command
+    line. A flag that asks for another architecture than the saved weights is refused, never written to config.json."""
+    if not os.path.isfile(os.path.join(cfg.out_dir, "train_state.pt")):
+        raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
+    rest = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ARCH}
+    model, tok, saved = load_checkpoint(cfg.out_dir, rest)
+    clash = [f"--{k} {overrides[k]} (checkpoint: {getattr(saved, k)})" for k in ARCH
+             if k in overrides and overrides[k] != getattr(saved, k)]
+    if clash:
+        raise UserError(f"{cfg.out_dir}: --resume keeps the checkpoint's architecture; drop {', '.join(clash)}")
+    return model, tok, saved
+
+
+def decay_groups(model, weight_decay):
+    """AdamW groups: weight decay on the weight matrices of Linear and Conv2d layers only. Biases, norms, the
+    token table, the learned queries and the per-query scale/shift are not pulled towards zero."""
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    params = list(model.parameters())
+    return [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+
+
+def count_parameters(model):
+    """-> 'total, trainable, frozen' counted from the module (nothing in this model is frozen by design)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, {(total - trainable) / 1e6:.2f}M frozen"
+
+
+def setup_distributed(cfg):
+    """-> (ddp, rank, world, device): torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA, one GPU per rank."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = 0, 1
     if ddp:
@@ -742,41 +783,43 @@ def train(cfg, resume=False):
     if device == "cuda" and ddp:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    master = rank == 0
+    return ddp, rank, world, device
+
+
+def build_or_resume(cfg, overrides, resume, train_entries, train_clips, device):
+    """-> (model, tokenizer, cfg, optimizer, step): a fresh model initialised from data, or the checkpoint's."""
+    if resume:
+        model, tok, cfg = resume_config(cfg, overrides)
+    else:
+        tok = Tokenizer.from_captions([c for _, cs in train_entries for c in cs], cfg.compact_vocab)
+        model = VideoLLaMAMini(cfg, len(tok.ids))
+        # every rank draws the same clips from cfg.seed, so every rank folds in the same statistics
+        init_idx = torch.randperm(len(train_entries), generator=torch.Generator().manual_seed(cfg.seed))[:256]
+        model.init_from_data(train_clips[init_idx])
+    model.to(device)
+    opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    step = 0
+    if resume:
+        ts = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
+        opt.load_state_dict(ts["optimizer"])
+        step = ts["step"]
+        torch.set_rng_state(ts["rng"])  # dropout continues the uninterrupted run's random stream
+    return model, tok, cfg, opt, step
+
+
+def train(cfg, overrides=None, resume=False):
+    """Build (or resume), train for max_steps with gradient accumulation and DDP, save, evaluate."""
+    ddp, rank, world, device = setup_distributed(cfg)
+    master = rank == 0  # rank 0 alone prints, evaluates and saves
     say = print if master else (lambda *a, **k: None)
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     data = prepare_data(cfg, rank)
     train_entries, train_clips = data["train"]
     say(f"data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" clips ({time.time() - t0:.1f}s)")
-
-    if resume:
-        if not os.path.isfile(os.path.join(cfg.out_dir, "train_state.pt")):
-            raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
-        model, tok, saved = load_checkpoint(cfg.out_dir)
-        if saved.qformer_mode != cfg.qformer_mode or saved.d_model != cfg.d_model:
-            raise UserError(f"{cfg.out_dir}: checkpoint has another architecture than this config")
-    else:
-        tok = Tokenizer.from_captions([c for _, cs in train_entries for c in cs], cfg.compact_vocab)
-        model = VideoLLaMAMini(cfg, len(tok.ids))
-        # every rank draws the same clips from the seed, so every rank folds in the same statistics
-        init_idx = torch.randperm(len(train_entries), generator=torch.Generator().manual_seed(cfg.seed))[:256]
-        model.init_from_data(train_clips[init_idx])
-    model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"parameters: {n_params / 1e6:.2f}M total, {n_params / 1e6:.2f}M trainable, 0 frozen; vocab {len(tok.ids)}; "
-        f"{device}, autocast {autocast_dtype(cfg.dtype, device)}")
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "query" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "query" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    step = 0
-    if resume:
-        ts = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
-        opt.load_state_dict(ts["optimizer"])
-        step = ts["step"]
-        torch.set_rng_state(ts["rng"])
-        say(f"resumed from step {step}")
+    model, tok, cfg, opt, step = build_or_resume(cfg, overrides or {}, resume, train_entries, train_clips, device)
+    say(f"parameters: {count_parameters(model)}; vocab {len(tok.ids)}; {device}, "
+        f"autocast {autocast_dtype(cfg.dtype, device)}" + (f"; resumed from step {step}" if resume else ""))
     raw = model
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
@@ -872,18 +915,19 @@ def filter_logits(logits, top_k, top_p):
 
 
 @torch.no_grad()
-def generate(model, video, cfg, use_cache=True, generator=None):
+def generate(model, video, cfg, use_cache=True, generator=None, stop_at_eos=True):
     """Batched captioning from BOS until EOS (per row) or max_new_tokens. Greedy when temperature == 0, else
-    temperature / top-k / top-p sampling from `generator`; beam search when cfg.beam > 1. -> list of id lists."""
+    temperature / top-k / top-p sampling from `generator`; beam search when cfg.beam > 1. -> list of id lists.
+    stop_at_eos=False always decodes max_new_tokens steps (what --bench times)."""
     if cfg.beam > 1:
         return beam_search(model, video, cfg)
     model.eval()
-    B, eos = video.shape[0], 0
-    memory = model.encode(video)  # the video is encoded once
-    cache = [{} for _ in model.decoder] if use_cache else None
-    seq = torch.full((B, 1), eos, dtype=torch.long, device=video.device)
-    done = torch.zeros(B, dtype=torch.bool, device=video.device)
-    steps = min(cfg.max_new_tokens, cfg.max_len - 1)
+    B = video.shape[0]
+    memory = model.encode(video)  # the video is encoded once: (B, Q or F, D)
+    cache = [{} for _ in model.decoder] if use_cache else None  # one dict of keys/values per decoder layer
+    seq = torch.full((B, 1), BOS, dtype=torch.long, device=video.device)  # (B, 1), grows to (B, 1 + steps)
+    done = torch.zeros(B, dtype=torch.bool, device=video.device)  # rows that have emitted EOS
+    steps = min(cfg.max_new_tokens, cfg.max_len - 1)  # the position table holds max_len positions
     for t in range(steps):
         if use_cache:
             logits = model.decode(seq[:, -1:], memory, cache, pos=t)[:, -1].float()
@@ -894,12 +938,13 @@ def generate(model, video, cfg, use_cache=True, generator=None):
         else:
             probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
             nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        nxt = nxt.masked_fill(done, eos)
-        seq = torch.cat([seq, nxt[:, None]], 1)
-        done |= nxt == eos
+        if stop_at_eos:
+            nxt = nxt.masked_fill(done, EOS)  # a finished row only pads with EOS
+            done |= nxt == EOS
+        seq = torch.cat([seq, nxt[:, None]], 1)  # (B, t + 2)
         if done.all():
             break
-    return [[i for i in row[1:] if i != eos] for row in seq.tolist()]
+    return [[i for i in row[1:] if i != EOS] for row in seq.tolist()]
 
 
 @torch.no_grad()
@@ -907,10 +952,10 @@ def beam_search(model, video, cfg, length_penalty=1.0):
     """Beam search with the KV cache: B*beam rows; the cache is re-ordered by each step's surviving beams.
     A finished hypothesis scores its log-probability / length**length_penalty."""
     model.eval()
-    B, K, eos = video.shape[0], cfg.beam, 0
+    B, K = video.shape[0], cfg.beam
     memory = model.encode(video).repeat_interleave(K, 0)  # (B*K, Q, D)
     cache = [{} for _ in model.decoder]
-    seq = torch.full((B * K, 1), eos, dtype=torch.long, device=video.device)
+    seq = torch.full((B * K, 1), BOS, dtype=torch.long, device=video.device)
     score = torch.zeros(B, K, device=video.device)
     score[:, 1:] = float("-inf")  # all beams start identical: keep one
     finished = [[] for _ in range(B)]
@@ -927,13 +972,13 @@ def beam_search(model, video, cfg, length_penalty=1.0):
                 beam, token = divmod(p, V)
                 if s == float("-inf"):
                     break
-                if token == eos:
+                if token == EOS:
                     finished[b].append((s / (t + 1) ** length_penalty, seq[b * K + beam, 1:].tolist()))
                 else:
                     keep.append((s, b * K + beam, token))
                 if len(keep) == K:
                     break
-            keep += [(float("-inf"), b * K, eos)] * (K - len(keep))
+            keep += [(float("-inf"), b * K, EOS)] * (K - len(keep))
             for s, row, token in keep:
                 new_rows.append(row), new_tok.append(token), new_score.append(s)
         rows = torch.tensor(new_rows, device=video.device)
@@ -969,7 +1014,7 @@ def attention_png(model, clip, tok, cfg, device, path):
     with torch.no_grad():
         ids = generate(model, clip[None].to(device), dataclasses.replace(cfg, beam=1, temperature=0.0))[0]
         if cfg.qformer_mode == "text":  # re-run the caption to collect decoder cross-attention
-            model.decode(torch.tensor([[0] + ids], device=device), model.encode(clip[None].to(device)))
+            model.decode(torch.tensor([[BOS] + ids], device=device), model.encode(clip[None].to(device)))
     layer = model.decoder[-1] if cfg.qformer_mode == "text" else model.qformer[-1]
     w = layer.xattn.weights[0].cpu().numpy()  # (Q or L, F)
     model.record_attention(False)
@@ -1044,21 +1089,10 @@ def bench(cfg):
         for _ in range(3):
             with autocast(cfg, device):
                 # a fixed 20 decode steps: an untrained model would otherwise stop at random places
-                generate_fixed(model, video, gen_cfg, use_cache)
+                generate(model, video, gen_cfg, use_cache, stop_at_eos=False)
             n += B
         print(f"caption (cache {'on ' if use_cache else 'off'}): {n / (time.time() - t):8.1f} captions/s "
               f"(batch {B}, 20 tokens each, {autocast_dtype(cfg.dtype, device)})")
-
-
-@torch.no_grad()
-def generate_fixed(model, video, cfg, use_cache):
-    """generate() without EOS stopping, so that the benchmark always decodes max_new_tokens steps."""
-    memory, cache = model.encode(video), [{} for _ in model.decoder] if use_cache else None
-    seq = torch.zeros(video.shape[0], 1, dtype=torch.long, device=video.device)
-    for t in range(cfg.max_new_tokens):
-        logits = model.decode(seq[:, -1:], memory, cache, pos=t) if use_cache else model.decode(seq, memory, last_only=True)
-        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return seq
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1096,7 +1130,7 @@ def main(argv=None):
     if int(os.environ.get("RANK", "0")) == 0:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
     if args.train:
-        train(cfg, resume=args.resume)
+        train(cfg, overrides, resume=args.resume)
     elif args.eval:
         model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
         device = pick_device(cfg.device)
