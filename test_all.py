@@ -336,36 +336,72 @@ def test_vm_generate_cli_on_video_and_frame_folder(_vm_trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_vm_bad_input_cli(_vm_trained, tmp_path):
+def _vm_user_error(capsys, argv, *needles):
+    """vm.main(argv) in-process ends as a user error: exit 2, one line on stderr naming the input, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        vm.main(list(map(str, argv)))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    for n in needles:
+        assert n in line, (n, line)
+
+
+def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     tmp, _ = _vm_trained
-    out = str(tmp / "out")
-    assert_user_error(run_script("videollama_mini.py", "--generate", "--video", tmp_path / "nope.mp4", "--out_dir", out),
-                      "nope.mp4")
+    out, clip = tmp / "out", tmp / "data" / "test" / "00000.mp4"
+    gen = ["--generate", "--out_dir", out, "--video"]
+    _vm_user_error(capsys, gen + [tmp_path / "nope.mp4"], "nope.mp4")
     (tmp_path / "corrupt.mp4").write_bytes(b"\x00not a video" * 100)
-    assert_user_error(run_script("videollama_mini.py", "--generate", "--video", tmp_path / "corrupt.mp4", "--out_dir",
-                                 out), "corrupt.mp4")
+    _vm_user_error(capsys, gen + [tmp_path / "corrupt.mp4"], "corrupt.mp4")
     (tmp_path / "zero.mp4").write_bytes(b"")
-    assert_user_error(run_script("videollama_mini.py", "--generate", "--video", tmp_path / "zero.mp4", "--out_dir",
-                                 out), "zero.mp4")
+    _vm_user_error(capsys, gen + [tmp_path / "zero.mp4"], "zero.mp4")
     (tmp_path / "empty").mkdir()
-    assert_user_error(run_script("videollama_mini.py", "--generate", "--video", tmp_path / "empty", "--out_dir", out),
-                      "no frames")
-    clip = tmp / "data" / "test" / "00000.mp4"
-    assert_user_error(run_script("videollama_mini.py", "--generate", "--video", clip, "--out_dir", tmp_path / "none"),
-                      "no checkpoint")
+    _vm_user_error(capsys, gen + [tmp_path / "empty"], "no frames")
+    _vm_user_error(capsys, ["--generate", "--video", clip, "--out_dir", tmp_path / "none"], "no checkpoint")
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"script": "vit_caption", "config": {}}))
     (other / "model.safetensors").write_bytes(b"")
-    assert_user_error(run_script("videollama_mini.py", "--generate", "--video", clip, "--out_dir", other),
-                      "vit_caption")
-    assert_user_error(run_script("videollama_mini.py", "--train", "--resume", "--preset", "tiny", "--out_dir",
-                                 tmp_path / "fresh", "--data_dir", tmp / "data"), "nothing to resume")
+    _vm_user_error(capsys, ["--generate", "--video", clip, "--out_dir", other], "vit_caption")
+    tiny = ["--train", "--preset", "tiny", "--data_dir", tmp / "data"]
+    _vm_user_error(capsys, tiny + ["--resume", "--out_dir", tmp_path / "fresh"], "nothing to resume")
     bad = tmp_path / "bad.txt"
     bad.write_text(f"{clip}\na caption\n\nmissing.mp4\na caption\n")
-    assert_user_error(run_script("videollama_mini.py", "--train", "--preset", "tiny", "--data", bad, "--out_dir",
-                                 tmp_path / "o2"), "bad.txt:4", "missing.mp4")
-    assert_user_error(run_script("videollama_mini.py", "--train", "--preset", "nope"), "nope")
+    _vm_user_error(capsys, tiny + ["--data", bad, "--out_dir", tmp_path / "o2"], "bad.txt:4", "missing.mp4")
+    _vm_user_error(capsys, ["--train", "--preset", "nope"], "nope")
+    # --resume with another architecture is refused and the checkpoint is left as it was
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    _vm_user_error(capsys, tiny + ["--resume", "--out_dir", out, "--n_dec_layer", "3"], "--n_dec_layer 3", "checkpoint: 1")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
+def test_vm_resume_keeps_the_checkpoint_architecture(_vm_trained, tmp_path):
+    """--resume with more steps and an architecture flag equal to the checkpoint's: training goes on and the saved
+    config.json still describes the saved weights."""
+    tmp, _ = _vm_trained
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ("model.safetensors", "config.json", "train_state.pt"):
+        (out / f).write_bytes((tmp / "out" / f).read_bytes())
+    vm.main(["--train", "--resume", "--preset", "tiny", "--n_frames", "4", "--max_steps", "8", "--data_dir",
+             str(tmp / "data"), "--out_dir", str(out), "--eval_interval", "8"])
+    model, _, cfg = vm.load_checkpoint(str(out))
+    assert cfg.max_steps == 8 and cfg.n_dec_layer == vm.PRESETS["tiny"]["n_dec_layer"]
+
+
+def test_vm_weight_decay_only_on_linear_and_conv_matrices():
+    model, cfg = _vm_model("queries")
+    decay, rest = vm.decay_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {names[id(p)] for p in decay["params"]}
+    want = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    assert got == {n + ".weight" for n in want}
+    for n in ("query", "q_scale", "q_shift", "tok.weight", "frames.cnn.1.weight", "ln_f.weight", "head.weight"):
+        assert (n in got) == (n == "head.weight"), n  # 2-D and 3-D tensors that are not layer matrices stay out
+    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
 
 
 def test_vm_nan_loss_stops_and_keeps_checkpoint(_vm_trained, tmp_path):

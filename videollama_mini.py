@@ -1126,7 +1126,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args, cfg, overrides = parse_args(argv)
+    """The command line. A UserError ends it with one line on stderr and exit status 2, never a traceback."""
+    try:
+        run(*parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(args, cfg, overrides):
+    """Dispatch --train / --eval / --generate / --bench."""
     if int(os.environ.get("RANK", "0")) == 0:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
     if args.train:
@@ -1158,8 +1167,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main()
