@@ -114,9 +114,8 @@ class Config:
     beam: int = 1  # beam width; >1 = beam search (deterministic)
     max_new_tokens: int = 30
 
-PRESETS = {
+PRESETS = {  # default: the CPU run; tiny: seconds, for the tests
     "default": {},
-    # seconds, for the tests
     "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, n_frames=4, img_size=16, d_model=32, n_head=2,
                  cnn_width=8, grid=2, n_temporal_layer=1, n_query=4, n_qformer_layer=1, n_dec_layer=1,
                  batch_size=8, max_steps=6, warmup=2, log_interval=2, eval_interval=4, dtype="float32"),
@@ -230,11 +229,10 @@ def load_video(path, n_frames, size):
         if not cap.isOpened():
             raise UserError(f"{path}: OpenCV cannot open this video (corrupt or unknown format)")
         frames = []
-        while True:
-            ok, img = cap.read()
-            if not ok:
-                break
+        ok, img = cap.read()  # BGR uint8, or ok=False at the end
+        while ok:
             frames.append(_square(img, size))  # shrink at once: a long 720p clip never sits in memory
+            ok, img = cap.read()
         cap.release()
     if not frames:
         raise UserError(f"{path}: video has no frames")
@@ -250,10 +248,8 @@ def read_annotations(path):
     lines = open(path, encoding="utf-8").read().split("\n") + [""]  # a final blank closes the last entry
     for no, line in enumerate(lines, 1):
         line = line.strip()
-        if line:
-            if not cur:
-                start = no
-            cur.append(line)
+        if line:  # another line of the current entry (start: the line number of its first line)
+            start, cur = (start if cur else no), cur + [line]
             continue
         if cur:
             if len(cur) < 2:
@@ -368,14 +364,13 @@ class FrameEncoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         w, c_in = cfg.cnn_width, 6 if cfg.frame_diff else 3  # RGB, plus the RGB difference
-        self.frame_diff = cfg.frame_diff
+        self.frame_diff, self.grid = cfg.frame_diff, cfg.grid  # grid: the pooled map's side
         # GroupNorm (batch-independent, so DDP ranks and batch sizes see the same function) keeps each conv's
         # output at unit scale: the raw colour and motion signal reaches the transformer strongly from step one.
         self.cnn = nn.Sequential(
             nn.Conv2d(c_in, w, 3, 2, 1), nn.GroupNorm(8, w), nn.GELU(),
             nn.Conv2d(w, 2 * w, 3, 2, 1), nn.GroupNorm(8, 2 * w), nn.GELU(),
             nn.Conv2d(2 * w, 2 * w, 3, 1, 1), nn.GroupNorm(8, 2 * w), nn.GELU())
-        self.grid = cfg.grid  # pooled map side
         self.proj = nn.Linear(2 * w * (cfg.grid * cfg.grid + 1), cfg.d_model)
         # LayerNorm brings the frame embedding to unit scale, the scale of the sinusoidal time code added next:
         # without it the small initial CNN features drown under the time code and the decoder learns to ignore them.
@@ -513,9 +508,8 @@ def load_checkpoint(out_dir, overrides=None):
         raise UserError(f"{cpath}: not valid JSON")
     if meta.get("script") != SCRIPT:
         raise UserError(f"{out_dir}: checkpoint was written by '{meta.get('script')}', not {SCRIPT}.py")
-    saved = meta["config"]
-    if saved.get("dtype") == "bfloat16":  # the default before --dtype auto, not a choice: read as auto
-        saved = {**saved, "dtype": "auto"}
+    saved = meta["config"]  # "bfloat16" was the default before --dtype auto, not a choice: read as auto
+    saved["dtype"] = "auto" if saved.get("dtype") == "bfloat16" else saved.get("dtype", "auto")
     cfg = Config(**{**saved, **(overrides or {})})
     tok = Tokenizer(meta["vocab"])  # the token table saved with the weights
     model = VideoLLaMAMini(cfg, len(tok.ids))
@@ -524,12 +518,10 @@ def load_checkpoint(out_dir, overrides=None):
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
         raise UserError(f"{wpath}: not a readable safetensors file ({e})")
     own = model.state_dict()  # what this architecture expects
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    misshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or misshaped:
-        raise UserError(f"{wpath}: keys do not match the model (missing {missing}, unexpected {unexpected}, "
-                        f"mis-shaped {misshaped})")
+    bad = {"missing": sorted(set(own) - set(state)), "unexpected": sorted(set(state) - set(own)),
+           "mis-shaped": sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)}
+    if any(bad.values()):  # never a silent partial load
+        raise UserError(f"{wpath}: keys do not match the model {bad}")
     model.load_state_dict(state)  # strict: every key checked above
     return model, tok, cfg
 
@@ -577,7 +569,6 @@ def cider_d(preds, refs, sigma=6.0):
             for g, c in ngrams(words, n).items():
                 v[n - 1][g] = c * (log_n - math.log(max(1.0, df.get(g, 0.0))))
         return v, [math.sqrt(sum(x * x for x in d.values())) for d in v], len(words)
-
     scores = []
     for p, rws in zip(preds, ref_words):
         hv, hn, hl = vec(normalise(p).split())  # vectors, norms, length
@@ -645,18 +636,15 @@ def prepare_data(cfg, rank):
     """-> {split: (entries, uint8 clips)}; the synthetic world is built by rank 0 only."""
     if cfg.data:
         entries = read_annotations(cfg.data)  # user data
-        if cfg.test_data:
-            test = read_annotations(cfg.test_data)
-        else:  # hold out every 10th entry for evaluation
-            test, entries = entries[::10], [e for i, e in enumerate(entries) if i % 10]
+        test = read_annotations(cfg.test_data) if cfg.test_data else entries[::10]  # else every 10th entry held out
+        entries = entries if cfg.test_data else [e for i, e in enumerate(entries) if i % 10]
         splits = {"train": entries, "val": test[: max(1, len(test) // 2)], "test": test}
     else:
         if rank == 0:
             build_world(cfg)
         if dist.is_initialized():
             dist.barrier()  # wait for rank 0's files
-        splits = {s: read_annotations(os.path.join(cfg.data_dir, f"{s}.txt")) for s in ("train", "val", "test",
-                                                                                         "novel")}
+        splits = {s: read_annotations(os.path.join(cfg.data_dir, f"{s}.txt")) for s in "train val test novel".split()}
     return {s: (e, load_split(e, cfg)) for s, e in splits.items()}
 
 # The fields that shape the weights: --resume takes them from the checkpoint and refuses a flag that disagrees.
@@ -686,8 +674,8 @@ def decay_groups(model, weight_decay):
 
 def count_parameters(model):
     """-> 'total, trainable, frozen' counted from the module (nothing in this model is frozen by design)."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total, trainable = (sum(p.numel() for p in model.parameters() if p.requires_grad or everything)
+                        for everything in (True, False))
     return f"{total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, {(total - trainable) / 1e6:.2f}M frozen"
 
 def setup_distributed(cfg):
@@ -841,10 +829,8 @@ def generate(model, video, cfg, use_cache=True, generator=None, stop_at_eos=True
     done = torch.zeros(B, dtype=torch.bool, device=video.device)  # rows that have emitted EOS
     steps = min(cfg.max_new_tokens, cfg.max_len - 1)  # the position table holds max_len positions
     for t in range(steps):
-        if use_cache:
-            logits = model.decode(seq[:, -1:], memory, cache, pos=t)[:, -1].float()
-        else:  # the reference path: re-run the whole prefix
-            logits = model.decode(seq, memory, last_only=True)[:, -1].float()
+        logits = (model.decode(seq[:, -1:], memory, cache, pos=t) if use_cache  # one new token per step
+                  else model.decode(seq, memory, last_only=True))[:, -1].float()  # reference: re-run the prefix
         if cfg.temperature == 0:
             nxt = logits.argmax(-1)  # greedy: (B,)
         else:
@@ -908,17 +894,15 @@ def beam_search(model, video, cfg, length_penalty=1.0):
 
 @torch.no_grad()
 def caption_clips(model, tok, clips, cfg, device, batch=128):
-    preds = []
-    for i in range(0, len(clips), batch):  # batches bound the memory
-        with autocast(cfg, device):
-            preds += [tok.decode(ids) for ids in generate(model, clips[i:i + batch].to(device), cfg)]
-    return preds
+    """Greedy (or --beam / sampling) captions of uint8 clips (N, F, S, S, 3), in batches that bound the memory."""
+    with autocast(cfg, device):
+        return [tok.decode(ids) for i in range(0, len(clips), batch)
+                for ids in generate(model, clips[i:i + batch].to(device), cfg)]
 
 def attention_png(model, clip, tok, cfg, device, path, cell=40, label_w=110):
     """Where the video is read from: one row per caption word ("text": the decoder's last cross-attention, row i is
     the position that predicts word i) or per learned query ("queries": the last Q-Former layer), one column per
     frame, averaged over heads; the frames above their columns, the greedy caption on top."""
-    model.eval()
     model.record_attention(True)
     video = clip[None].to(device)  # (1, F, S, S, 3)
     with torch.no_grad():
@@ -928,30 +912,25 @@ def attention_png(model, clip, tok, cfg, device, path, cell=40, label_w=110):
     text = cfg.qformer_mode == "text"
     w = (model.decoder[-1] if text else model.qformer[-1]).xattn.weights[0].cpu().numpy()  # (L or Q, F)
     model.record_attention(False)  # back to the fast path
-    labels = [tok.decode([i]) for i in ids] if text else [f"query {q}" for q in range(w.shape[0])]
-    w = w[:max(1, len(labels))]  # text: drop the row that predicts EOS
-    labels = labels or ["(empty)"]
+    labels = ([tok.decode([i]).strip() for i in ids] or ["(empty)"]) if text else [f"query {q}" for q in range(len(w))]
+    w = w[:len(labels)]  # (rows, F); text: the row that predicts EOS is dropped
     heat = cv2.applyColorMap((255 * w / max(w.max(), 1e-9)).astype(np.uint8), cv2.COLORMAP_VIRIDIS)  # (rows, F, 3)
     heat = cv2.resize(heat, (w.shape[1] * cell, len(labels) * cell // 2), interpolation=cv2.INTER_NEAREST)
     strip = np.concatenate([cv2.resize(f[:, :, ::-1], (cell, cell), interpolation=cv2.INTER_NEAREST)  # RGB -> BGR
                             for f in clip.numpy()], 1)  # (cell, F*cell, 3)
-    numbers = np.zeros((18, strip.shape[1], 3), np.uint8)  # frame numbers under the frames
-    side = np.zeros((cell + 18 + heat.shape[0], label_w, 3), np.uint8)  # row labels on the left
-    put = lambda img, s, x, y: cv2.putText(img, s, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
-                                           cv2.LINE_AA)
-    for f in range(w.shape[1]):
-        put(numbers, f"frame {f + 1}" if cell >= 70 else str(f + 1), f * cell + cell // 2 - 4, 14)
-    put(side, "row: word" if text else "row: query", 4, cell // 2)
-    put(side, "column: frame", 4, cell + 14)
-    for r, word in enumerate(labels):  # each label centred on its row of the heat map
-        put(side, word.strip()[:14], 4, cell + 18 + r * cell // 2 + cell // 4 + 5)
-    body = np.concatenate([side, np.concatenate([strip, numbers, heat], 0)], 1)
+    body = np.concatenate([strip, np.zeros((18, strip.shape[1], 3), np.uint8), heat], 0)  # frames, numbers, map
     caption = tok.decode(ids)
-    width = max(body.shape[1], 8 * len(caption) + 8)  # the title may be wider than the map
-    title = np.zeros((24, width, 3), np.uint8)
-    put(title, caption, 4, 16)
-    body = np.concatenate([body, np.zeros((body.shape[0], width - body.shape[1], 3), np.uint8)], 1)
-    cv2.imwrite(path, np.concatenate([title, body], 0))
+    img = np.zeros((24 + body.shape[0], max(label_w + body.shape[1], 8 * len(caption) + 8), 3), np.uint8)
+    img[24:, label_w:label_w + body.shape[1]] = body
+    put = lambda s, x, y: cv2.putText(img, s, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+    put(caption, 4, 16)  # the greedy caption on top
+    put("row: word" if text else "row: query", 4, 24 + cell // 2)
+    put("column: frame", 4, 24 + cell + 14)
+    for f in range(w.shape[1]):  # frame numbers under the frames
+        put(str(f + 1), label_w + f * cell + cell // 2 - 4, 24 + cell + 14)
+    for r, word in enumerate(labels):  # each label centred on its row of the heat map
+        put(word[:14], 4, 24 + cell + 18 + r * cell // 2 + cell // 4 + 5)
+    cv2.imwrite(path, img)
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):
     """Caption every clip of test (and novel), score, print a table and samples, write eval.json and a PNG."""
@@ -970,9 +949,7 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
     print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")
     for split, r in [(k, v) for k, v in result.items() if k in ("test", "novel")]:  # novel is absent on user data
         print(f"{split:8s} {r['n']:5d} {r['exact_match']:7.3f} {r['bleu4']:7.3f} {r['cider']:8.3f}")
-    for s in result["test"]["samples"][:4]:
-        print(f"  pred: {s['prediction']!r}\n  refs: {s['references']}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    print("\n".join(f"  pred: {s['prediction']!r}\n  refs: {s['references']}" for s in result["test"]["samples"][:4]))
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     attention_png(model, data["test"][1][0], tok, cfg, device, os.path.join(cfg.out_dir, "attention.png"))
     print(f"wrote {cfg.out_dir}/eval.json and {cfg.out_dir}/attention.png")
@@ -1000,8 +977,7 @@ def bench(cfg):
             opt.step(), opt.zero_grad()
             times.append(time.time() - t)
         print(f"train  ({label:8s}): {B / np.median(times[2:]):8.1f} samples/s  (batch {B}, median of 6 steps)")
-    gen_cfg = dataclasses.replace(cfg, max_new_tokens=20)
-    model.eval()
+    gen_cfg = dataclasses.replace(cfg, max_new_tokens=20)  # generate() puts the model in eval mode
     for use_cache in (True, False):
         t = time.time()
         for _ in range(3):  # a fixed 20 decode steps: an untrained model would otherwise stop at random places
