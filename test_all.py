@@ -471,15 +471,21 @@ def test_vm_nan_loss_stops_and_keeps_checkpoint(_vm_trained, tmp_path):
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # nothing saved was touched
 
 
+# The README's "bring your own data" example, exactly: a video path line (relative to the file), caption lines.
+VM_USER_DATA_EXAMPLE = "clips/cat.mp4\na cat jumps onto the sofa\na grey cat leaps onto a couch\n"
+
+
 def test_vm_user_data_trains(tmp_path, _vm_trained):
+    """The README's example lines, repeated as 11 entries next to a real clip, train the tiny preset (in-process)."""
     tmp, _ = _vm_trained
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "cat.mp4").write_bytes((tmp / "data" / "train" / "00000.mp4").read_bytes())
     ann = tmp_path / "mine.txt"
-    entries = vm.read_annotations(str(tmp / "data" / "train.txt"))[:20]
-    ann.write_text("\n\n".join("\n".join([v] + caps) for v, caps in entries) + "\n")
-    proc = run_script("videollama_mini.py", "--train", "--preset", "tiny", "--data", ann, "--out_dir", tmp_path / "o")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    ann.write_text("\n".join([VM_USER_DATA_EXAMPLE] * 11))
+    vm.main(["--train", "--preset", "tiny", "--data", str(ann), "--out_dir", str(tmp_path / "o")])
     ev = json.load(open(tmp_path / "o" / "eval.json"))
     assert ev["test"]["n"] == 2 and "novel" not in ev  # every 10th entry held out; no novel split for user data
+    assert ev["test"]["samples"][0]["references"] == VM_USER_DATA_EXAMPLE.splitlines()[1:]
 
 
 def test_vm_grad_accumulation_and_exact_resume(tmp_path):
