@@ -417,9 +417,10 @@ class VideoLLaMAMini(nn.Module):
         # Vaswani et al.: token vectors of std D^-0.5 scaled up by sqrt(D) in decode(), so a token enters at the same
         # unit scale as the sinusoidal position code; at GPT-2's std 0.02 the position code would drown the word.
         nn.init.normal_(self.tok.weight, 0.0, cfg.d_model ** -0.5)
-        for name, p in self.named_parameters():  # GPT-2: scale residual output projections by depth
+        depth = len(self.temporal) + len(self.decoder) + len(getattr(self, "qformer", []))  # blocks actually built
+        for name, p in self.named_parameters():  # GPT-2: residual output projections scaled by 1/sqrt(2 * depth)
             if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * (cfg.n_dec_layer + cfg.n_qformer_layer)))
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * depth))
     @staticmethod
     def _init_weights(m):
         if isinstance(m, nn.Linear):
@@ -934,7 +935,7 @@ def attention_png(model, clip, tok, cfg, device, path, cell=40, label_w=110):
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):
     """Caption every clip of test (and novel), score, print a table and samples, write eval.json and a PNG."""
-    result = {}
+    result = {"train_seconds": train_seconds}  # None for --eval
     for split in ("test", "novel"):
         if split not in data:
             continue
@@ -945,7 +946,6 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
                          "cider": cider_d(preds, refs),
                          "samples": [{"video": os.path.relpath(v), "prediction": p, "references": r}
                                      for (v, r), p in list(zip(entries, preds))[:8]]}
-    result["train_seconds"] = train_seconds  # None for --eval
     print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")
     for split, r in [(k, v) for k, v in result.items() if k in ("test", "novel")]:  # novel is absent on user data
         print(f"{split:8s} {r['n']:5d} {r['exact_match']:7.3f} {r['bleu4']:7.3f} {r['cider']:8.3f}")
