@@ -204,6 +204,51 @@ def test_vm_beam_search_batch_equals_rows_and_finds_a_likely_caption():
     assert all(isinstance(b, list) and all(isinstance(t, int) for t in b) for b in beams)
 
 
+class _VmStub(torch.nn.Module):
+    """A decoder whose next-token log-probabilities depend only on the last token: from BOS, A 0.5 / B 0.4 / EOS 0.1;
+    after A, A/B/C equally likely (it never ends); after B, EOS 0.9. Greedy says "A A A ...", the most likely
+    caption is "B" (0.4 x 0.9 = 0.36)."""
+    decoder = [None]  # one layer, for the cache list
+
+    def encode(self, video):
+        return torch.zeros(video.shape[0], 1, 1)
+
+    def decode(self, idx, memory, cache=None, pos=0, last_only=False):
+        cache[0]["k"] = cache[0]["v"] = torch.zeros(idx.shape[0], 1)  # re-ordered by beam search
+        table = torch.tensor([[0.1, 0.5, 0.4, 1e-6], [1e-6, 1 / 3, 1 / 3, 1 / 3], [0.9, 0.05, 0.05, 1e-6],
+                              [1e-6, 1 / 3, 1 / 3, 1 / 3]]).log()
+        return table[idx[:, -1]][:, None]  # (B, 1, V)
+
+
+def test_vm_beam_search_is_not_greedy_and_sampling_is_not_greedy():
+    stub, video = _VmStub(), torch.zeros(1, 4, 8, 8, 3, dtype=torch.uint8)
+    cfg = vm.Config(**{**vm.PRESETS["tiny"], "max_new_tokens": 6})
+    assert vm.generate(stub, video, cfg) == [[1] * 6]  # greedy: A A A A A A
+    assert vm.generate(stub, video, dataclasses.replace(cfg, beam=2)) == [[2]]  # beam: "B", the likely caption
+    # sampling draws the first token with the model's probabilities (greedy would always give A)
+    many = vm.generate(stub, video.expand(2000, -1, -1, -1, -1), dataclasses.replace(cfg, temperature=1.0,
+                       max_new_tokens=1), generator=torch.Generator().manual_seed(0))
+    share = [sum(r[:1] == [k] for r in many) / 2000 for k in (1, 2)]
+    assert abs(share[0] - 0.5) < 0.05 and abs(share[1] - 0.4) < 0.05 and sum(r == [] for r in many) > 100, share
+
+
+def test_vm_label_masking_pad_and_bos_never_count():
+    """Targets are the inputs shifted by one: BOS is never a target, pads are -100, and the loss ignores them."""
+    inp, tgt = vm.pad_batch([[vm.BOS, 5, 6, vm.EOS], [vm.BOS, 7, vm.EOS]], 32)
+    assert inp.tolist() == [[vm.BOS, 5, 6], [vm.BOS, 7, vm.EOS]]
+    assert tgt.tolist() == [[5, 6, vm.EOS], [7, vm.EOS, -100]]
+    model, cfg = _vm_model("text", vocab=9)
+    video = _vm_video(2, cfg)
+    _, loss = model(video, inp, tgt)
+    logits, _ = model(video, inp)
+    keep = tgt != -100
+    manual = torch.nn.functional.cross_entropy(logits[keep], tgt[keep])
+    torch.testing.assert_close(loss, manual)
+    changed = inp.clone()
+    changed[1, 2] = 3  # the pad position's input changes nothing that counts
+    torch.testing.assert_close(model(video, changed, tgt)[1], loss)
+
+
 def test_vm_sampler_filters():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, -1.0]])
     kept = torch.isfinite(vm.filter_logits(logits, top_k=2, top_p=1.0))
@@ -323,7 +368,7 @@ def test_vm_train_cli_writes_checkpoint_and_eval(_vm_trained):
     assert len(vm.read_annotations(str(tmp / "data" / "novel.txt"))) == 12
 
 
-def test_vm_generate_cli_on_video_and_frame_folder(_vm_trained, tmp_path):
+def test_vm_generate_cli_on_video_and_frame_folder(_vm_trained, tmp_path, capsys):
     tmp, _ = _vm_trained
     clip = tmp / "data" / "test" / "00000.mp4"
     model, tok, cfg = vm.load_checkpoint(str(tmp / "out"))
@@ -332,64 +377,114 @@ def test_vm_generate_cli_on_video_and_frame_folder(_vm_trained, tmp_path):
     proc = run_script("videollama_mini.py", "--generate", "--video", clip, "--out_dir", tmp / "out")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == want
-    proc = run_script("videollama_mini.py", "--generate", "--video", clip, "--out_dir", tmp / "out", "--beam", "3")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # a folder of frame images works wherever a video does (in-process: one subprocess above proves the command line)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, f in enumerate(vm.load_video(str(clip), 16, 64)):  # every frame of the clip, RGB
+        cv2.imwrite(str(folder / f"{i:03d}.png"), f[:, :, ::-1])
+    frames = torch.from_numpy(vm.load_video(str(folder), cfg.n_frames, cfg.img_size))[None]
+    for extra, want_cfg in (([], cfg), (["--beam", "3"], dataclasses.replace(cfg, beam=3))):
+        capsys.readouterr()
+        vm.main(["--generate", "--video", str(folder), "--out_dir", str(tmp / "out")] + extra)
+        got = capsys.readouterr().out.strip().splitlines()[-1]
+        assert got == tok.decode(vm.generate(model, frames, want_cfg)[0])
 
 
-def test_vm_bad_input_cli(_vm_trained, tmp_path):
+def _vm_user_error(capsys, argv, *needles):
+    """vm.main(argv) in-process ends as a user error: exit 2, one line on stderr naming the input, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        vm.main(list(map(str, argv)))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    for n in needles:
+        assert n in line, (n, line)
+
+
+def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     tmp, _ = _vm_trained
-    out = str(tmp / "out")
-    assert_user_error(run_script("videollama_mini.py", "--generate", "--video", tmp_path / "nope.mp4", "--out_dir", out),
-                      "nope.mp4")
+    out, clip = tmp / "out", tmp / "data" / "test" / "00000.mp4"
+    gen = ["--generate", "--out_dir", out, "--video"]
+    _vm_user_error(capsys, gen + [tmp_path / "nope.mp4"], "nope.mp4")
     (tmp_path / "corrupt.mp4").write_bytes(b"\x00not a video" * 100)
-    assert_user_error(run_script("videollama_mini.py", "--generate", "--video", tmp_path / "corrupt.mp4", "--out_dir",
-                                 out), "corrupt.mp4")
+    _vm_user_error(capsys, gen + [tmp_path / "corrupt.mp4"], "corrupt.mp4")
     (tmp_path / "zero.mp4").write_bytes(b"")
-    assert_user_error(run_script("videollama_mini.py", "--generate", "--video", tmp_path / "zero.mp4", "--out_dir",
-                                 out), "zero.mp4")
+    _vm_user_error(capsys, gen + [tmp_path / "zero.mp4"], "zero.mp4")
     (tmp_path / "empty").mkdir()
-    assert_user_error(run_script("videollama_mini.py", "--generate", "--video", tmp_path / "empty", "--out_dir", out),
-                      "no frames")
-    clip = tmp / "data" / "test" / "00000.mp4"
-    assert_user_error(run_script("videollama_mini.py", "--generate", "--video", clip, "--out_dir", tmp_path / "none"),
-                      "no checkpoint")
+    _vm_user_error(capsys, gen + [tmp_path / "empty"], "no frames")
+    _vm_user_error(capsys, ["--generate", "--video", clip, "--out_dir", tmp_path / "none"], "no checkpoint")
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"script": "vit_caption", "config": {}}))
     (other / "model.safetensors").write_bytes(b"")
-    assert_user_error(run_script("videollama_mini.py", "--generate", "--video", clip, "--out_dir", other),
-                      "vit_caption")
-    assert_user_error(run_script("videollama_mini.py", "--train", "--resume", "--preset", "tiny", "--out_dir",
-                                 tmp_path / "fresh", "--data_dir", tmp / "data"), "nothing to resume")
+    _vm_user_error(capsys, ["--generate", "--video", clip, "--out_dir", other], "vit_caption")
+    tiny = ["--train", "--preset", "tiny", "--data_dir", tmp / "data"]
+    _vm_user_error(capsys, tiny + ["--resume", "--out_dir", tmp_path / "fresh"], "nothing to resume")
     bad = tmp_path / "bad.txt"
     bad.write_text(f"{clip}\na caption\n\nmissing.mp4\na caption\n")
-    assert_user_error(run_script("videollama_mini.py", "--train", "--preset", "tiny", "--data", bad, "--out_dir",
-                                 tmp_path / "o2"), "bad.txt:4", "missing.mp4")
-    assert_user_error(run_script("videollama_mini.py", "--train", "--preset", "nope"), "nope")
+    _vm_user_error(capsys, tiny + ["--data", bad, "--out_dir", tmp_path / "o2"], "bad.txt:4", "missing.mp4")
+    _vm_user_error(capsys, ["--train", "--preset", "nope"], "nope")
+    # --resume with another architecture is refused and the checkpoint is left as it was
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    _vm_user_error(capsys, tiny + ["--resume", "--out_dir", out, "--n_dec_layer", "3"], "--n_dec_layer 3", "checkpoint: 1")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
-def test_vm_nan_loss_stops_and_keeps_checkpoint(_vm_trained, tmp_path):
+def test_vm_resume_keeps_the_checkpoint_architecture(_vm_trained, tmp_path):
+    """--resume with more steps and an architecture flag equal to the checkpoint's: training goes on and the saved
+    config.json still describes the saved weights."""
+    tmp, _ = _vm_trained
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ("model.safetensors", "config.json", "train_state.pt"):
+        (out / f).write_bytes((tmp / "out" / f).read_bytes())
+    vm.main(["--train", "--resume", "--preset", "tiny", "--n_frames", "4", "--max_steps", "8", "--data_dir",
+             str(tmp / "data"), "--out_dir", str(out), "--eval_interval", "8"])
+    model, _, cfg = vm.load_checkpoint(str(out))
+    assert cfg.max_steps == 8 and cfg.n_dec_layer == vm.PRESETS["tiny"]["n_dec_layer"]
+
+
+def test_vm_weight_decay_only_on_linear_and_conv_matrices():
+    model, cfg = _vm_model("queries")
+    decay, rest = vm.decay_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {names[id(p)] for p in decay["params"]}
+    want = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    assert got == {n + ".weight" for n in want}
+    for n in ("query", "q_scale", "q_shift", "tok.weight", "frames.cnn.1.weight", "ln_f.weight", "head.weight"):
+        assert (n in got) == (n == "head.weight"), n  # 2-D and 3-D tensors that are not layer matrices stay out
+    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+
+
+def test_vm_nan_loss_stops_and_keeps_checkpoint(_vm_trained, tmp_path, capsys):
     tmp, _ = _vm_trained
     out = tmp_path / "out"
     out.mkdir()
     for f in ("model.safetensors", "config.json", "train_state.pt"):
         (out / f).write_bytes((tmp / "out" / f).read_bytes())
     before = {f.name: f.read_bytes() for f in out.iterdir()}
-    proc = run_script("videollama_mini.py", "--train", "--preset", "tiny", "--data_dir", tmp / "data", "--out_dir", out,
-                      "--lr", "1e30", "--warmup", "1")
-    assert_user_error(proc, "loss became")  # an absurd learning rate blows the weights up within a few steps
+    _vm_user_error(capsys, ["--train", "--preset", "tiny", "--data_dir", tmp / "data", "--out_dir", out, "--lr", "1e30",
+                            "--warmup", "1"], "loss became")  # an absurd learning rate blows the weights up at once
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # nothing saved was touched
 
 
+# The README's "bring your own data" example, exactly: a video path line (relative to the file), caption lines.
+VM_USER_DATA_EXAMPLE = "clips/cat.mp4\na cat jumps onto the sofa\na grey cat leaps onto a couch\n"
+
+
 def test_vm_user_data_trains(tmp_path, _vm_trained):
+    """The README's example lines, repeated as 11 entries next to a real clip, train the tiny preset (in-process)."""
     tmp, _ = _vm_trained
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "cat.mp4").write_bytes((tmp / "data" / "train" / "00000.mp4").read_bytes())
     ann = tmp_path / "mine.txt"
-    entries = vm.read_annotations(str(tmp / "data" / "train.txt"))[:20]
-    ann.write_text("\n\n".join("\n".join([v] + caps) for v, caps in entries) + "\n")
-    proc = run_script("videollama_mini.py", "--train", "--preset", "tiny", "--data", ann, "--out_dir", tmp_path / "o")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    ann.write_text("\n".join([VM_USER_DATA_EXAMPLE] * 11))
+    vm.main(["--train", "--preset", "tiny", "--data", str(ann), "--out_dir", str(tmp_path / "o")])
     ev = json.load(open(tmp_path / "o" / "eval.json"))
     assert ev["test"]["n"] == 2 and "novel" not in ev  # every 10th entry held out; no novel split for user data
+    assert ev["test"]["samples"][0]["references"] == VM_USER_DATA_EXAMPLE.splitlines()[1:]
 
 
 def test_vm_grad_accumulation_and_exact_resume(tmp_path):

@@ -1,28 +1,23 @@
 """
 VideoLLaMA-Mini: a video captioner in one file, after Video-LLaMA and BLIP-2, small enough to train on a laptop CPU.
+What `--train` builds (qformer_mode "text", the design of the VideoLLaMA-Mini write-up):
 
-    frames (B, F, 3, S, S)
-      -> CNN frame encoder, adaptive-average-pooled to a coarse grid -> one embedding per frame   (B, F, D)
-      -> temporal position encoding + temporal Transformer encoder  -> visual tokens             (B, F, D)
-      -> Q-Former: Q learned queries, self-attention + cross-attention to the visual tokens     (B, Q, D)
-      -> causal Transformer decoder over GPT-2 tokens, cross-attending to the Q-Former output   (B, L, V)
+    frames (B, F, S, S, 3) uint8 -> [-1, 1], plus the difference to the previous frame as 3 more channels
+      -> FrameEncoder: a 3-conv CNN per frame, pooled to a grid x grid map (+ a max) -> one vector per frame  (B, F, D)
+      -> + sinusoidal time code -> temporal Transformer encoder (frames attend to frames) -> visual tokens  (B, F, D)
+      -> caption decoder over GPT-2 tokens: causal self-attention, then cross-attention in which the caption
+         tokens are the queries and the F visual tokens the keys/values (a text-query Q-Former)          (B, L, V)
 
+`--qformer_mode queries` (BLIP-2) puts a Q-Former between the two: Q learned queries, self-attention + cross-attention
+to the visual tokens -> (B, Q, D), and the decoder cross-attends to those Q vectors instead of the F visual tokens.
 Papers: BLIP-2 (https://arxiv.org/abs/2301.12597), Video-LLaMA (https://arxiv.org/abs/2306.02858).
-
-How the decoder sees the video: by cross-attention, not as a prefix. Each decoder layer has causal self-attention over
-the caption, then cross-attention to the Q-Former output. That keeps the decoded sequence to the caption alone (the KV
-cache holds only text; the video's keys/values are computed once at prefill), and it lets both Q-Former variants share
-one decoder. `qformer_mode` picks the variant:
-  "queries" (BLIP-2): Q learned queries read the visual tokens; the decoder reads the Q queries.
-  "text"    (default, the seed's original): the text tokens themselves are the queries and the visual tokens the keys/values,
-            i.e. the decoder's cross-attention reads the F visual tokens directly and there are no learned queries.
+The decoder reads the video by cross-attention, not as a prefix: the decoded sequence is the caption alone (the KV
+cache holds only text; the video's keys/values are computed once at prefill), and both variants share one decoder.
 
 The built-in world: one or two coloured shapes (6 colours x 3 shapes) moving left/right/up/down over a grey background,
 written as real mp4 clips. A caption names colour, shape and motion of each object, left-most object first:
-"a red circle moves left and a blue square moves up". Direction needs more than one frame; to make it easy for the
-model, the frame encoder also sees the difference to the previous frame, and pooling keeps a coarse grid so that
-position (and therefore motion) survives. Split `novel` holds (colour, shape) pairs never seen in training.
-
+"a red circle moves left and a blue square moves up". Direction needs more than one frame, hence the frame
+differences and a pooled grid that keeps position. Split `novel` holds (colour, shape) pairs never seen in training.
 Text: GPT-2 tokens from tiktoken, but the embedding / output table covers only the GPT-2 ids that occur in the
 training captions (plus <|endoftext|>, which is both BOS and EOS): the 50257-way layer would dominate a tiny model.
 
@@ -38,6 +33,7 @@ Commands:
 """
 
 import argparse
+from collections import Counter
 import dataclasses
 import json
 import math
@@ -58,14 +54,11 @@ from safetensors.torch import load_file, save_file
 
 SCRIPT = "videollama_mini"
 
-
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
-
 
 @dataclass
 class Config:
@@ -87,9 +80,9 @@ class Config:
     grid: int = 4  # adaptive pooling keeps a grid x grid map so that position (and so motion) survives pooling
     frame_diff: bool = True  # also feed frame[t] - frame[t-1] to the CNN: motion made explicit
     n_temporal_layer: int = 2
-    # "text" (the seed: the caption tokens query the F visual tokens) or "queries" (BLIP-2: Q learned queries read the
-    # visual tokens, the decoder reads the queries). "text" is the default because it learned faster on this CPU
-    # budget: 97.0% vs 70.0% exact match on test after the same 2400 steps (README).
+    # "text" (the VideoLLaMA-Mini write-up: the caption tokens query the F visual tokens) or "queries" (BLIP-2: Q
+    # learned queries read the visual tokens, the decoder reads the queries). "text" is the default because it
+    # learns faster on a CPU budget (README).
     qformer_mode: str = "text"
     n_query: int = 8
     n_qformer_layer: int = 2
@@ -121,15 +114,12 @@ class Config:
     beam: int = 1  # beam width; >1 = beam search (deterministic)
     max_new_tokens: int = 30
 
-
-PRESETS = {
+PRESETS = {  # default: the CPU run; tiny: seconds, for the tests
     "default": {},
-    # seconds, for the tests
     "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, n_frames=4, img_size=16, d_model=32, n_head=2,
                  cnn_width=8, grid=2, n_temporal_layer=1, n_query=4, n_qformer_layer=1, n_dec_layer=1,
                  batch_size=8, max_steps=6, warmup=2, log_interval=2, eval_interval=4, dtype="float32"),
 }
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: synthetic world, video loader, annotation files, tokenizer
@@ -143,9 +133,8 @@ NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),
                ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}
 RENDER, CLIP_LEN, HALF, TRAVEL = 64, 16, 9, 26  # written frame side, frames per clip, shape half-size, pixels moved
 
-
 def draw_shape(img, shape, colour, cx, cy):
-    c = COLOURS[colour]
+    c = COLOURS[colour]  # BGR
     if shape == "circle":
         cv2.circle(img, (cx, cy), HALF, c, -1, cv2.LINE_AA)
     elif shape == "square":
@@ -154,16 +143,14 @@ def draw_shape(img, shape, colour, cx, cy):
         pts = np.array([[cx, cy - HALF], [cx - HALF, cy + HALF - 1], [cx + HALF, cy + HALF - 1]], np.int32)
         cv2.fillPoly(img, [pts], c, cv2.LINE_AA)
 
-
 def caption_for(objects, verb):
     """objects: [(colour, shape, motion, x0, y0)] -> 'a red circle moves left and ...', left-most object first."""
-    objects = sorted(objects, key=lambda o: o[3])
+    objects = sorted(objects, key=lambda o: o[3])  # left to right by starting x
     return " and ".join(f"a {c} {s} {verb} {m}" for c, s, m, _, _ in objects)
-
 
 def sample_objects(rng, split):
     """Draw one or two objects whose (colour, shape) pairs fit the split; two objects start >= 2*HALF apart in x."""
-    n = 1 if rng.random() < 0.4 else 2
+    n = 1 if rng.random() < 0.4 else 2  # 40% single-object clips
     while True:
         objs, colours = [], rng.sample(list(COLOURS), n)
         for colour in colours:
@@ -174,35 +161,33 @@ def sample_objects(rng, split):
             x0 = rng.randint(lo + (TRAVEL if dx < 0 else 0), hi - (TRAVEL if dx > 0 else 0))
             y0 = rng.randint(lo + (TRAVEL if dy < 0 else 0), hi - (TRAVEL if dy > 0 else 0))
             objs.append((colour, shape, motion, x0, y0))
-        novel = [(c, s) in NOVEL_PAIRS for c, s, *_ in objs]
+        novel = [(c, s) in NOVEL_PAIRS for c, s, *_ in objs]  # which objects use a held-out pair
         if (any(novel) if split == "novel" else not any(novel)):
             if n == 1 or abs(objs[0][3] - objs[1][3]) >= 2 * HALF:
                 return objs
-
 
 def write_clip(path, objects):
     """Render CLIP_LEN frames of RENDER x RENDER and write them as an mp4v mp4."""
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 8, (RENDER, RENDER))
     for t in range(CLIP_LEN):
-        img = np.full((RENDER, RENDER, 3), 60, np.uint8)
-        frac = t / (CLIP_LEN - 1)
+        img = np.full((RENDER, RENDER, 3), 60, np.uint8)  # grey background
+        frac = t / (CLIP_LEN - 1)  # 0 -> 1 along the path
         for colour, shape, motion, x0, y0 in objects:
             dx, dy = MOTIONS[motion]
             draw_shape(img, shape, colour, round(x0 + dx * TRAVEL * frac), round(y0 + dy * TRAVEL * frac))
         writer.write(img)
-    writer.release()
+    writer.release()  # flushes the mp4
 
-
-def build_world(cfg):
-    """Write data_dir/<split>/*.mp4 and data_dir/<split>.txt once (deterministic from the seed); return the paths."""
+def build_world(cfg):  # writes the mp4 files once
+    """Write data_dir/<split>/*.mp4 and data_dir/<split>.txt once (deterministic from cfg.seed); return the paths."""
     sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "novel": cfg.n_novel}
-    stamp = os.path.join(cfg.data_dir, "world.json")
+    stamp = os.path.join(cfg.data_dir, "world.json")  # what the folder holds
     want = dict(sizes, seed=cfg.seed, version=1)
     files = {s: os.path.join(cfg.data_dir, f"{s}.txt") for s in sizes}
-    if os.path.exists(stamp) and json.load(open(stamp)) == want:
+    if os.path.exists(stamp) and json.load(open(stamp)) == want:  # already written
         return files
     for offset, (split, n) in enumerate(sizes.items()):
-        rng = random.Random(cfg.seed * 10 + offset)
+        rng = random.Random(cfg.seed * 10 + offset)  # one stream per split
         os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
         lines = []
         for i in range(n):
@@ -216,68 +201,60 @@ def build_world(cfg):
     json.dump(want, open(stamp, "w"))
     return files
 
-
 def sample_indices(n_total, n_frames):
     """Uniform frame indices: the centre of each of n_frames equal segments (short clips repeat indices)."""
     if n_total <= 0:
         raise UserError("video has no frames")
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
 
-
 def _square(img, size):
     h, w = img.shape[:2]
-    s = min(h, w)
+    s = min(h, w)  # the square's side
     img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]  # centre crop
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
-
 
 def load_video(path, n_frames, size):
     """Video file (any container/codec OpenCV reads) or a folder of frame images -> uint8 (F, size, size, 3) RGB."""
     if os.path.isdir(path):
         names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
-        frames = []
-        for n in names:
-            img = cv2.imread(os.path.join(path, n))
-            if img is None:
-                raise UserError(f"{os.path.join(path, n)}: cannot read this image")
-            frames.append(_square(img, size))
+        images = [(os.path.join(path, n), cv2.imread(os.path.join(path, n))) for n in names]
+        bad = [p for p, img in images if img is None]
+        if bad:
+            raise UserError(f"{bad[0]}: cannot read this image")
+        frames = [_square(img, size) for _, img in images]
     else:
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such video file or folder of frames")
-        cap = cv2.VideoCapture(path)
+        cap = cv2.VideoCapture(path)  # FFmpeg backend: any container/codec
         if not cap.isOpened():
             raise UserError(f"{path}: OpenCV cannot open this video (corrupt or unknown format)")
         frames = []
-        while True:
-            ok, img = cap.read()
-            if not ok:
-                break
+        ok, img = cap.read()  # BGR uint8, or ok=False at the end
+        while ok:
             frames.append(_square(img, size))  # shrink at once: a long 720p clip never sits in memory
+            ok, img = cap.read()
         cap.release()
     if not frames:
         raise UserError(f"{path}: video has no frames")
-    idx = sample_indices(len(frames), n_frames)
+    idx = sample_indices(len(frames), n_frames)  # F indices
     return np.stack([frames[i][:, :, ::-1] for i in idx])  # BGR -> RGB, (F, S, S, 3)
 
-
 def read_annotations(path):
-    """The seed's format: a video path line, one or more caption lines, a blank line between entries.
-    Paths are relative to the annotation file. Returns [(video_path, [captions])]."""
+    """The VideoLLaMA-Mini write-up's format: a video path line, one or more caption lines, a blank line between
+    entries. Paths are relative to the annotation file. Returns [(video_path, [captions])]."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: annotation file not found")
-    entries, cur, start = [], [], 0
-    lines = open(path, encoding="utf-8").read().split("\n") + [""]
+    entries, cur, start = [], [], 0  # cur: the lines of the entry being read
+    lines = open(path, encoding="utf-8").read().split("\n") + [""]  # a final blank closes the last entry
     for no, line in enumerate(lines, 1):
         line = line.strip()
-        if line:
-            if not cur:
-                start = no
-            cur.append(line)
+        if line:  # another line of the current entry (start: the line number of its first line)
+            start, cur = (start if cur else no), cur + [line]
             continue
         if cur:
             if len(cur) < 2:
                 raise UserError(f"{path}:{start}: entry '{cur[0]}' has a video path but no caption line")
-            video = os.path.join(os.path.dirname(os.path.abspath(path)), cur[0])
+            video = os.path.join(os.path.dirname(os.path.abspath(path)), cur[0])  # relative to the file
             if not os.path.exists(video):
                 raise UserError(f"{path}:{start}: video '{cur[0]}' not found")
             entries.append((video, cur[1:]))
@@ -286,86 +263,76 @@ def read_annotations(path):
         raise UserError(f"{path}: no entries (expected a video path line followed by caption lines)")
     return entries
 
-
 def load_split(entries, cfg):
     """Decode every clip once into a uint8 tensor (N, F, S, S, 3): epochs never re-decode."""
     return torch.from_numpy(np.stack([load_video(v, cfg.n_frames, cfg.img_size) for v, _ in entries]))
 
+EOS = BOS = 0  # model id of <|endoftext|>: the first entry of every token table, it starts and ends each caption
 
 class Tokenizer:
     """GPT-2 BPE (tiktoken) with a compact table: model ids index `ids`, the GPT-2 ids seen in training.
-    Model id 0 is <|endoftext|>, used as BOS and EOS."""
-
+    Model id EOS (= BOS) is <|endoftext|>."""
     def __init__(self, ids):
         self.enc = tiktoken.get_encoding("gpt2")
-        self.ids = list(ids)
-        self.to_model = {g: i for i, g in enumerate(self.ids)}
-        self.eos = 0
-
+        self.ids = list(ids)  # model id -> GPT-2 id
+        self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
     @classmethod
     def from_captions(cls, captions, compact=True):
         enc = tiktoken.get_encoding("gpt2")
-        if not compact:
-            return cls([enc.eot_token] + [i for i in range(enc.n_vocab) if i != enc.eot_token])
-        seen = sorted({t for c in captions for t in enc.encode(c)})
-        return cls([enc.eot_token] + seen)
-
+        seen = sorted({t for c in captions for t in enc.encode(c)}) if compact else range(enc.n_vocab)
+        return cls([enc.eot_token] + [i for i in seen if i != enc.eot_token])  # EOS first: model id 0
     def encode(self, text):
         """Caption -> [BOS, ..., EOS] in model ids; GPT-2 ids absent from the table are dropped (said in README)."""
-        return [self.eos] + [self.to_model[t] for t in self.enc.encode(text) if t in self.to_model] + [self.eos]
-
+        return [BOS] + [self.to_model[t] for t in self.enc.encode(text) if t in self.to_model] + [EOS]
     def decode(self, ids):
-        return self.enc.decode([self.ids[i] for i in ids if i != self.eos]).strip()
-
+        return self.enc.decode([self.ids[i] for i in ids if i != EOS]).strip()
 
 def normalise(text):
     return " ".join(text.lower().strip().rstrip(".").split())
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Model
 
+def to_unit(video):
+    """uint8 frames (B, F, S, S, 3) -> float (B, F, 3, S, S) in [-1, 1], channels first as Conv2d wants them."""
+    return video.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
 
 def sinusoid(n, d):
     """Classic sinusoidal position table (n, d) (Vaswani et al.)."""
-    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    pos = torch.arange(n, dtype=torch.float32)[:, None]  # (n, 1)
     freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
-    table = torch.zeros(n, d)
+    table = torch.zeros(n, d)  # (n, d): sin on even, cos on odd columns
     table[:, 0::2], table[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
     return table
-
 
 class Attention(nn.Module):
     """Multi-head attention; self-attention when ctx is None, else cross-attention to ctx.
     `cache` (a dict per layer) holds past keys/values for self-attention and the context's keys/values for
     cross-attention, so a decode step computes only the new token. Set `record = True` to keep the weights."""
-
     def __init__(self, cfg):
         super().__init__()
-        self.h, self.dropout = cfg.n_head, cfg.dropout
+        self.h, self.dropout = cfg.n_head, cfg.dropout  # H heads of width D/H
         self.q, self.k, self.v = (nn.Linear(cfg.d_model, cfg.d_model) for _ in range(3))
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.record, self.weights = False, None
-
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)  # mixes the heads back into the residual stream
+        self.record, self.weights = False, None  # attention_png switches recording on
     def split(self, x):  # (B, T, D) -> (B, H, T, D/H)
         return x.view(x.shape[0], x.shape[1], self.h, -1).transpose(1, 2)
-
     def forward(self, x, ctx=None, causal=False, cache=None):
-        q = self.split(self.q(x))
+        q = self.split(self.q(x))  # (B, H, T, D/H)
         if ctx is None:  # self-attention: append the new keys/values to the cache
-            k, v = self.split(self.k(x)), self.split(self.v(x))
+            k, v = self.split(self.k(x)), self.split(self.v(x))  # (B, H, T, D/H) each
             if cache is not None:
                 if "k" in cache:
                     assert x.shape[1] == 1, "cached decoding feeds one token at a time"
                     k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
                     causal = False  # one new query may see every cached key
-                cache["k"], cache["v"] = k, v
+                cache["k"], cache["v"] = k, v  # (B, H, T_past + T, D/H)
         elif cache is not None and "ck" in cache:  # cross-attention: the video's keys/values were computed at prefill
-            k, v = cache["ck"], cache["cv"]
+            k, v = cache["ck"], cache["cv"]  # (B, H, F or Q, D/H)
         else:
-            k, v = self.split(self.k(ctx)), self.split(self.v(ctx))
+            k, v = self.split(self.k(ctx)), self.split(self.v(ctx))  # (B, H, F or Q, D/H)
             if cache is not None:
-                cache["ck"], cache["cv"] = k, v
+                cache["ck"], cache["cv"] = k, v  # reused by every later decode step
         if self.record:  # explicit softmax only to draw the attention maps
             att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
             if causal:
@@ -374,49 +341,42 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(x.shape))  # (B, T, D)
 
-
 class Block(nn.Module):
     """Pre-LayerNorm Transformer block: self-attention (optionally causal), optional cross-attention, GELU MLP.
     The temporal encoder uses (self), the Q-Former (self + cross), the caption decoder (causal self + cross)."""
-
     def __init__(self, cfg, causal=False, cross=False):
         super().__init__()
-        self.causal = causal
-        self.ln1, self.attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
+        self.causal = causal  # the caption decoder's self-attention only
+        self.ln1, self.attn = nn.LayerNorm(cfg.d_model), Attention(cfg)  # self-attention
         self.ln2, self.xattn = (nn.LayerNorm(cfg.d_model), Attention(cfg)) if cross else (None, None)
-        self.ln3 = nn.LayerNorm(cfg.d_model)
+        self.ln3 = nn.LayerNorm(cfg.d_model)  # before the MLP
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(),
                                  nn.Linear(4 * cfg.d_model, cfg.d_model), nn.Dropout(cfg.dropout))
-
     def forward(self, x, ctx=None, cache=None):
-        x = x + self.attn(self.ln1(x), causal=self.causal, cache=cache)
+        x = x + self.attn(self.ln1(x), causal=self.causal, cache=cache)  # (B, T, D)
         if self.xattn is not None:
-            x = x + self.xattn(self.ln2(x), ctx=ctx, cache=cache)
-        return x + self.mlp(self.ln3(x))
-
+            x = x + self.xattn(self.ln2(x), ctx=ctx, cache=cache)  # read the context
+        return x + self.mlp(self.ln3(x))  # (B, T, D)
 
 class FrameEncoder(nn.Module):
     """(B, F, 3, S, S) -> (B, F, D): a small CNN per frame, adaptive average pooling to a grid x grid map (a 1x1
     pool would erase where the object is, and with it the motion), flattened and projected to one vector per frame."""
-
     def __init__(self, cfg):
         super().__init__()
-        w, c_in = cfg.cnn_width, 6 if cfg.frame_diff else 3
-        self.frame_diff = cfg.frame_diff
+        w, c_in = cfg.cnn_width, 6 if cfg.frame_diff else 3  # RGB, plus the RGB difference
+        self.frame_diff, self.grid = cfg.frame_diff, cfg.grid  # grid: the pooled map's side
         # GroupNorm (batch-independent, so DDP ranks and batch sizes see the same function) keeps each conv's
         # output at unit scale: the raw colour and motion signal reaches the transformer strongly from step one.
         self.cnn = nn.Sequential(
             nn.Conv2d(c_in, w, 3, 2, 1), nn.GroupNorm(8, w), nn.GELU(),
             nn.Conv2d(w, 2 * w, 3, 2, 1), nn.GroupNorm(8, 2 * w), nn.GELU(),
             nn.Conv2d(2 * w, 2 * w, 3, 1, 1), nn.GroupNorm(8, 2 * w), nn.GELU())
-        self.grid = cfg.grid
         self.proj = nn.Linear(2 * w * (cfg.grid * cfg.grid + 1), cfg.d_model)
         # LayerNorm brings the frame embedding to unit scale, the scale of the sinusoidal time code added next:
         # without it the small initial CNN features drown under the time code and the decoder learns to ignore them.
         self.ln = nn.LayerNorm(cfg.d_model)
-
     def forward(self, x):
-        B, Fr = x.shape[:2]
+        B, Fr = x.shape[:2]  # Fr: frames (F is torch.nn.functional)
         # Subtract each frame's mean colour: the background then reads as ~0 and the small objects carry the
         # signal. Without it every clip's embedding is "mostly background", nearly the same vector for all clips,
         # and the decoder sits for hundreds of steps on the caption prior before it finds the video (measured).
@@ -430,15 +390,14 @@ class FrameEncoder(nn.Module):
         what = feat.amax((-2, -1))  # (B*F, 2w): the strongest response anywhere, the same wherever the object is
         return self.ln(self.proj(torch.cat([where, what], 1))).view(B, Fr, -1)  # (B, F, D)
 
-
 class VideoLLaMAMini(nn.Module):
     def __init__(self, cfg, vocab_size):
         super().__init__()
-        self.cfg = cfg
-        self.frames = FrameEncoder(cfg)
+        self.cfg = cfg  # the architecture fields decide every shape below
+        self.frames = FrameEncoder(cfg)  # (B, F, 3, S, S) -> (B, F, D)
         self.register_buffer("time_pos", sinusoid(cfg.n_frames, cfg.d_model), persistent=False)
-        self.temporal = nn.ModuleList(Block(cfg) for _ in range(cfg.n_temporal_layer))
-        self.ln_vis = nn.LayerNorm(cfg.d_model)
+        self.temporal = nn.ModuleList(Block(cfg) for _ in range(cfg.n_temporal_layer))  # frames attend to each other
+        self.ln_vis = nn.LayerNorm(cfg.d_model)  # the visual tokens' final norm
         if cfg.qformer_mode == "queries":
             self.query = nn.Parameter(torch.randn(1, cfg.n_query, cfg.d_model) * 0.02)
             self.qformer = nn.ModuleList(Block(cfg, cross=True) for _ in range(cfg.n_qformer_layer))
@@ -446,31 +405,30 @@ class VideoLLaMAMini(nn.Module):
             # a per-query output scale and shift (identity at first; set from data by init_from_data)
             self.q_scale = nn.Parameter(torch.ones(1, cfg.n_query, cfg.d_model))
             self.q_shift = nn.Parameter(torch.zeros(1, cfg.n_query, cfg.d_model))
-        self.tok = nn.Embedding(vocab_size, cfg.d_model)
+        self.tok = nn.Embedding(vocab_size, cfg.d_model)  # compact token table
         self.register_buffer("text_pos", sinusoid(cfg.max_len, cfg.d_model), persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)  # on the decoder's input
         self.decoder = nn.ModuleList(Block(cfg, causal=True, cross=True) for _ in range(cfg.n_dec_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.ln_f = nn.LayerNorm(cfg.d_model)  # before the output table
         # Untied output table: the input table is scaled up (below) to meet the position code at unit scale, which
         # a tied head would turn into huge initial logits. With the compact vocabulary it costs a few thousand weights.
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
-        self.apply(self._init_weights)
+        self.apply(self._init_weights)  # GPT-2's init, then the two exceptions below
         # Vaswani et al.: token vectors of std D^-0.5 scaled up by sqrt(D) in decode(), so a token enters at the same
         # unit scale as the sinusoidal position code; at GPT-2's std 0.02 the position code would drown the word.
         nn.init.normal_(self.tok.weight, 0.0, cfg.d_model ** -0.5)
-        for name, p in self.named_parameters():  # GPT-2: scale residual output projections by depth
+        depth = len(self.temporal) + len(self.decoder) + len(getattr(self, "qformer", []))  # blocks actually built
+        for name, p in self.named_parameters():  # GPT-2: residual output projections scaled by 1/sqrt(2 * depth)
             if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * (cfg.n_dec_layer + cfg.n_qformer_layer)))
-
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * depth))
     @staticmethod
     def _init_weights(m):
         if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.02)
+            nn.init.normal_(m.weight, 0.0, 0.02)  # GPT-2's std
             if m.bias is not None:
-                nn.init.zeros_(m.bias)
+                nn.init.zeros_(m.bias)  # biases start neutral
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, 0.02)
-
     @torch.no_grad()
     def init_from_data(self, video):
         """Data-dependent initialisation (Salimans & Kingma, 2016) of the affine parameters that end each stage.
@@ -482,62 +440,53 @@ class VideoLLaMAMini(nn.Module):
         weights: the model stays a per-clip function (no batch statistics in training or inference), so
         batch == rows, gradient accumulation and DDP are unaffected. Measured: 2% -> 97% exact match (README)."""
         def fold(ln, x):  # x: (B, T, D), the output of ln for this batch
-            m, s = x.mean((0, 1)), x.std((0, 1)) + 1e-3
-            ln.weight.div_(s)
+            m, s = x.mean((0, 1)), x.std((0, 1)) + 1e-3  # (D,) each, over clips and positions
+            ln.weight.div_(s)  # y = (x - m) / s, folded into the affine
             ln.bias.sub_(m).div_(s)
-        x = video.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # (B, F, 3, S, S)
-        fold(self.frames.ln, self.frames(x))
+        fold(self.frames.ln, self.frames(to_unit(video)))
         fold(self.ln_vis, self.encode(video, queries=False))
         if self.cfg.qformer_mode == "queries":  # each query has its own constant part: centre per query
             q = self.encode(video)  # (B, Q, D)
             m, s = q.mean(0, keepdim=True), q.std(0, keepdim=True) + 1e-3
             self.q_scale.div_(s)
             self.q_shift.sub_(m).div_(s)
-
     def encode(self, video, queries=True):
         """uint8 (B, F, S, S, 3) -> the decoder's memory: (B, Q, D) for "queries", (B, F, D) for "text"."""
-        x = video.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # (B, F, 3, S, S) in [-1, 1]
-        vis = self.frames(x) + self.time_pos[: x.shape[1]]  # (B, F, D)
-        for blk in self.temporal:
+        vis = self.frames(to_unit(video)) + self.time_pos[: video.shape[1]]  # (B, F, D)
+        for blk in self.temporal:  # (B, F, D) through each layer
             vis = blk(vis)
-        vis = self.ln_vis(vis)
+        vis = self.ln_vis(vis)  # (B, F, D)
         if self.cfg.qformer_mode == "text" or not queries:
             return vis
         q = self.query.expand(vis.shape[0], -1, -1)  # (B, Q, D)
         for blk in self.qformer:
             q = blk(q, ctx=vis)
         return self.ln_q(q) * self.q_scale + self.q_shift  # (B, Q, D)
-
     def decode(self, idx, memory, cache=None, pos=0, last_only=False):
         """idx (B, L) model ids at positions pos.. -> logits (B, L, V) (or (B, 1, V) with last_only)."""
         x = self.drop(self.tok(idx) * math.sqrt(self.cfg.d_model) + self.text_pos[pos: pos + idx.shape[1]])  # (B, L, D)
         for i, blk in enumerate(self.decoder):
             x = blk(x, ctx=memory, cache=None if cache is None else cache[i])
-        x = self.ln_f(x[:, -1:] if last_only else x)
-        return self.head(x)
-
+        x = self.ln_f(x[:, -1:] if last_only else x)  # (B, L or 1, D)
+        return self.head(x)  # (B, L or 1, V)
     def forward(self, video, idx, targets=None):
-        logits = self.decode(idx, self.encode(video))
+        logits = self.decode(idx, self.encode(video))  # (B, L, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)  # pads: -100
         return logits, loss
-
     def record_attention(self, on):
         for m in self.modules():
             if isinstance(m, Attention):
                 m.record, m.weights = on, None
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoint I/O: out_dir/model.safetensors + config.json (+ the token table) + train_state.pt
 
-
 def atomic(path, write):
-    tmp = path + ".tmp"
+    tmp = path + ".tmp"  # same folder, so os.replace is atomic
     write(tmp)
     os.replace(tmp, path)  # a crash never leaves a half-written file
-
 
 def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -548,7 +497,6 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
     if opt is not None:
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
-
 
 def load_checkpoint(out_dir, overrides=None):
     """-> (model, tokenizer, cfg). Refuses a missing checkpoint or one written by another script."""
@@ -561,42 +509,32 @@ def load_checkpoint(out_dir, overrides=None):
         raise UserError(f"{cpath}: not valid JSON")
     if meta.get("script") != SCRIPT:
         raise UserError(f"{out_dir}: checkpoint was written by '{meta.get('script')}', not {SCRIPT}.py")
-    saved = meta["config"]
-    if saved.get("dtype") == "bfloat16":  # the default before --dtype auto, not a choice: read as auto
-        saved = {**saved, "dtype": "auto"}
+    saved = meta["config"]  # "bfloat16" was the default before --dtype auto, not a choice: read as auto
+    saved["dtype"] = "auto" if saved.get("dtype") == "bfloat16" else saved.get("dtype", "auto")
     cfg = Config(**{**saved, **(overrides or {})})
-    tok = Tokenizer(meta["vocab"])
+    tok = Tokenizer(meta["vocab"])  # the token table saved with the weights
     model = VideoLLaMAMini(cfg, len(tok.ids))
     try:
         state = load_file(wpath)
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
         raise UserError(f"{wpath}: not a readable safetensors file ({e})")
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    misshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or misshaped:
-        raise UserError(f"{wpath}: keys do not match the model (missing {missing}, unexpected {unexpected}, "
-                        f"mis-shaped {misshaped})")
-    model.load_state_dict(state)
+    own = model.state_dict()  # what this architecture expects
+    bad = {"missing": sorted(set(own) - set(state)), "unexpected": sorted(set(state) - set(own)),
+           "mis-shaped": sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)}
+    if any(bad.values()):  # never a silent partial load
+        raise UserError(f"{wpath}: keys do not match the model {bad}")
+    model.load_state_dict(state)  # strict: every key checked above
     return model, tok, cfg
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics: exact match, corpus BLEU-4, CIDEr-D (plain Python, tested on hand-computed cases)
 
-
 def ngrams(words, n):
-    out = {}
-    for i in range(len(words) - n + 1):
-        g = tuple(words[i:i + n])
-        out[g] = out.get(g, 0) + 1
-    return out
-
+    """{n-gram tuple: count} of a word list."""
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
 
 def exact_match(preds, refs):
     return sum(normalise(p) in {normalise(r) for r in rs} for p, rs in zip(preds, refs)) / max(1, len(preds))
-
 
 def bleu4(preds, refs):
     """Corpus BLEU-4 (Papineni et al.): clipped n-gram precision over the corpus, brevity penalty against the
@@ -607,42 +545,35 @@ def bleu4(preds, refs):
         hyp_len += len(h)
         ref_len += min((abs(len(r) - len(h)), len(r)) for r in rws)[1]
         for n in range(1, 5):
-            hc = ngrams(h, n)
-            best = {}
+            best = Counter()  # the largest count of each n-gram in any one reference
             for r in rws:
-                for g, c in ngrams(r, n).items():
-                    best[g] = max(best.get(g, 0), c)
-            match[n - 1] += sum(min(c, best.get(g, 0)) for g, c in hc.items())
+                best |= ngrams(r, n)
+            match[n - 1] += sum((ngrams(h, n) & best).values())  # clipped matches
             total[n - 1] += max(0, len(h) - n + 1)
     if min(match) == 0:
         return 0.0
-    log_p = sum(math.log(m / t) for m, t in zip(match, total)) / 4
-    bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / max(hyp_len, 1))
+    log_p = sum(math.log(m / t) for m, t in zip(match, total)) / 4  # geometric mean of the 4 precisions
+    bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / max(hyp_len, 1))  # brevity penalty
     return bp * math.exp(log_p)
-
 
 def cider_d(preds, refs, sigma=6.0):
     """CIDEr-D (Vedantam et al.): TF-IDF n-gram vectors (n=1..4, IDF from the evaluated set's references), cosine
     with clipped hypothesis counts, a Gaussian penalty on the length difference (sigma=6), averaged over references
     and n, times 10."""
     ref_words = [[normalise(r).split() for r in rs] for rs in refs]
-    df = {}
-    for rws in ref_words:
-        for g in {g for r in rws for n in range(1, 5) for g in ngrams(r, n)}:
-            df[g] = df.get(g, 0) + 1
-    log_n = math.log(float(len(refs)))
-
+    # document frequency: in how many clips' reference sets each n-gram occurs
+    df = Counter(g for rws in ref_words for g in {g for r in rws for n in range(1, 5) for g in ngrams(r, n)})
+    log_n = math.log(float(len(refs)))  # IDF numerator
     def vec(words):
         v = [{}, {}, {}, {}]
         for n in range(1, 5):
             for g, c in ngrams(words, n).items():
                 v[n - 1][g] = c * (log_n - math.log(max(1.0, df.get(g, 0.0))))
         return v, [math.sqrt(sum(x * x for x in d.values())) for d in v], len(words)
-
     scores = []
     for p, rws in zip(preds, ref_words):
-        hv, hn, hl = vec(normalise(p).split())
-        total = 0.0
+        hv, hn, hl = vec(normalise(p).split())  # vectors, norms, length
+        total = 0.0  # summed over references and n
         for r in rws:
             rv, rn, rl = vec(r)
             for n in range(4):
@@ -650,23 +581,16 @@ def cider_d(preds, refs, sigma=6.0):
                 if hn[n] and rn[n]:
                     val /= hn[n] * rn[n]
                 total += val * math.exp(-((hl - rl) ** 2) / (2 * sigma ** 2))
-        scores.append(total / 4 / len(rws) * 10.0)
+        scores.append(total / 4 / len(rws) * 10.0)  # mean over n and refs, x10
     return sum(scores) / max(1, len(scores))
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Training
 
-
 def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
+    """--device auto: cuda > mps > cpu; any other name is used as given."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return name if name != "auto" else "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
 
 def autocast_dtype(name, device):
     """--dtype auto: bfloat16 where the hardware multiplies in it (a CUDA GPU of compute capability 8+, a CPU with
@@ -678,63 +602,87 @@ def autocast_dtype(name, device):
     native = device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return "bfloat16" if native else "float32"
 
-
 def autocast(cfg, device):
     dtype = autocast_dtype(cfg.dtype, device)
     if dtype == "float32":
         return torch.autocast(device.split(":")[0], enabled=False)
     return torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))
 
-
 def pad_batch(seqs, max_len):
     """Token lists -> (inputs, targets), right-padded; pad targets are -100 (ignored by the loss).
     Right padding needs no attention mask: under the causal mask a pad never influences an earlier position."""
-    L = min(max_len, max(len(s) for s in seqs)) - 1
-    inp = torch.zeros(len(seqs), L, dtype=torch.long)
-    tgt = torch.full((len(seqs), L), -100, dtype=torch.long)
+    L = min(max_len, max(len(s) for s in seqs)) - 1  # inputs drop the last token, targets the first
+    inp = torch.zeros(len(seqs), L, dtype=torch.long)  # (B, L), padded with BOS/EOS id 0
+    tgt = torch.full((len(seqs), L), -100, dtype=torch.long)  # (B, L), pads never count in the loss
     for i, s in enumerate(seqs):
-        s = s[: L + 1]
+        s = s[: L + 1]  # captions longer than max_len are cut
         inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
     return inp, tgt
-
 
 def lr_at(step, cfg):
     """Linear warmup, then cosine decay to min_lr."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))  # progress through the decay, 0..1
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
-
 
 def global_batch(step, n, size, seed):
     """Indices of the global batch of a step: a fresh permutation per epoch, shared by every rank."""
-    per_epoch = max(1, n // size)
-    epoch, k = divmod(step, per_epoch)
+    per_epoch = max(1, n // size)  # full batches per pass over the data
+    epoch, k = divmod(step, per_epoch)  # the step's epoch and batch within it
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
     return perm[k * size:(k + 1) * size]
-
 
 def prepare_data(cfg, rank):
     """-> {split: (entries, uint8 clips)}; the synthetic world is built by rank 0 only."""
     if cfg.data:
-        entries = read_annotations(cfg.data)
-        if cfg.test_data:
-            test = read_annotations(cfg.test_data)
-        else:  # hold out every 10th entry for evaluation
-            test, entries = entries[::10], [e for i, e in enumerate(entries) if i % 10]
+        entries = read_annotations(cfg.data)  # user data
+        test = read_annotations(cfg.test_data) if cfg.test_data else entries[::10]  # else every 10th entry held out
+        entries = entries if cfg.test_data else [e for i, e in enumerate(entries) if i % 10]
         splits = {"train": entries, "val": test[: max(1, len(test) // 2)], "test": test}
     else:
         if rank == 0:
             build_world(cfg)
         if dist.is_initialized():
-            dist.barrier()
-        splits = {s: read_annotations(os.path.join(cfg.data_dir, f"{s}.txt")) for s in ("train", "val", "test", "novel")}
+            dist.barrier()  # wait for rank 0's files
+        splits = {s: read_annotations(os.path.join(cfg.data_dir, f"{s}.txt")) for s in "train val test novel".split()}
     return {s: (e, load_split(e, cfg)) for s, e in splits.items()}
 
+# The fields that shape the weights: --resume takes them from the checkpoint and refuses a flag that disagrees.
+ARCH = ("n_frames", "img_size", "d_model", "n_head", "cnn_width", "grid", "frame_diff", "n_temporal_layer",
+        "qformer_mode", "n_query", "n_qformer_layer", "n_dec_layer", "max_len", "compact_vocab")
 
-def train(cfg, resume=False):
+def resume_config(cfg, overrides):
+    """--resume: the architecture (ARCH) from the checkpoint, everything else (steps, lr, data...) from the command
+    line. A flag that asks for another architecture than the saved weights is refused, never written to config.json."""
+    if not os.path.isfile(os.path.join(cfg.out_dir, "train_state.pt")):
+        raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
+    rest = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ARCH}
+    model, tok, saved = load_checkpoint(cfg.out_dir, rest)
+    clash = [f"--{k} {overrides[k]} (checkpoint: {getattr(saved, k)})" for k in ARCH
+             if k in overrides and overrides[k] != getattr(saved, k)]
+    if clash:
+        raise UserError(f"{cfg.out_dir}: --resume keeps the checkpoint's architecture; drop {', '.join(clash)}")
+    return model, tok, saved
+
+def decay_groups(model, weight_decay):
+    """AdamW groups: weight decay on the weight matrices of Linear and Conv2d layers only. Biases, norms, the
+    token table, the learned queries and the per-query scale/shift are not pulled towards zero."""
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    params = list(model.parameters())
+    return [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+
+def count_parameters(model):
+    """-> 'total, trainable, frozen' counted from the module (nothing in this model is frozen by design)."""
+    total, trainable = (sum(p.numel() for p in model.parameters() if p.requires_grad or everything)
+                        for everything in (True, False))
+    return f"{total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, {(total - trainable) / 1e6:.2f}M frozen"
+
+def setup_distributed(cfg):
+    """-> (ddp, rank, world, device): torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA, one GPU per rank."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1
+    rank, world = 0, 1  # one process unless torchrun started several
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -742,80 +690,80 @@ def train(cfg, resume=False):
     if device == "cuda" and ddp:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    t0 = time.time()
-    torch.manual_seed(cfg.seed)
-    data = prepare_data(cfg, rank)
-    train_entries, train_clips = data["train"]
-    say(f"data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" clips ({time.time() - t0:.1f}s)")
+    return ddp, rank, world, device
 
+def build_or_resume(cfg, overrides, resume, train_entries, train_clips, device):
+    """-> (model, tokenizer, cfg, optimizer, step): a fresh model initialised from data, or the checkpoint's."""
     if resume:
-        if not os.path.isfile(os.path.join(cfg.out_dir, "train_state.pt")):
-            raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
-        model, tok, saved = load_checkpoint(cfg.out_dir)
-        if saved.qformer_mode != cfg.qformer_mode or saved.d_model != cfg.d_model:
-            raise UserError(f"{cfg.out_dir}: checkpoint has another architecture than this config")
+        model, tok, cfg = resume_config(cfg, overrides)
     else:
         tok = Tokenizer.from_captions([c for _, cs in train_entries for c in cs], cfg.compact_vocab)
         model = VideoLLaMAMini(cfg, len(tok.ids))
-        # every rank draws the same clips from the seed, so every rank folds in the same statistics
+        # every rank draws the same clips from cfg.seed, so every rank folds in the same statistics
         init_idx = torch.randperm(len(train_entries), generator=torch.Generator().manual_seed(cfg.seed))[:256]
         model.init_from_data(train_clips[init_idx])
     model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"parameters: {n_params / 1e6:.2f}M total, {n_params / 1e6:.2f}M trainable, 0 frozen; vocab {len(tok.ids)}; "
-        f"{device}, autocast {autocast_dtype(cfg.dtype, device)}")
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "query" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "query" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     step = 0
     if resume:
         ts = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
         opt.load_state_dict(ts["optimizer"])
         step = ts["step"]
-        torch.set_rng_state(ts["rng"])
-        say(f"resumed from step {step}")
-    raw = model
+        torch.set_rng_state(ts["rng"])  # dropout continues the uninterrupted run's random stream
+    return model, tok, cfg, opt, step
+
+def train(cfg, overrides=None, resume=False):
+    """Build (or resume), train for max_steps with gradient accumulation and DDP, save, evaluate."""
+    ddp, rank, world, device = setup_distributed(cfg)
+    master = rank == 0  # rank 0 alone prints, evaluates and saves
+    say = print if master else (lambda *a, **k: None)  # other ranks stay silent
+    t0 = time.time()  # train_seconds counts data preparation too
+    torch.manual_seed(cfg.seed)  # the initial weights and dropout follow --seed
+    data = prepare_data(cfg, rank)  # {split: (entries, uint8 clips)}
+    train_entries, train_clips = data["train"]
+    say(f"data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" clips ({time.time() - t0:.1f}s)")
+    model, tok, cfg, opt, step = build_or_resume(cfg, overrides or {}, resume, train_entries, train_clips, device)
+    say(f"parameters: {count_parameters(model)}; vocab {len(tok.ids)}; {device}, "
+        f"autocast {autocast_dtype(cfg.dtype, device)}" + (f"; resumed from step {step}" if resume else ""))
+    raw = model  # the plain module: what is saved and evaluated
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-    fwd = torch.compile(model) if cfg.compile else model
-    scaler = torch.amp.GradScaler(enabled=cfg.dtype == "float16")
+    fwd = torch.compile(model) if cfg.compile else model  # --compile: same module, compiled forward
+    scaler = torch.amp.GradScaler(enabled=cfg.dtype == "float16")  # loss scaling only for float16
     train_tokens = [[tok.encode(c) for c in cs] for _, cs in train_entries]
     val_entries, val_clips = data["val"]
     caption_rng = random.Random(cfg.seed)
-    gsize = cfg.batch_size * cfg.grad_accum * world
-    t_log, log_step = time.time(), step
+    gsize = cfg.batch_size * cfg.grad_accum * world  # clips per optimizer step
+    t_log, log_step = time.time(), step  # for the ms/step and eta columns
     while step < cfg.max_steps:
-        idx = global_batch(step, len(train_entries), gsize, cfg.seed)
+        idx = global_batch(step, len(train_entries), gsize, cfg.seed)  # (gsize,) clip indices, the same on every rank
         caption_rng.seed(cfg.seed * 100003 + step)  # which reference each clip shows: a function of the step
-        seqs = [caption_rng.choice(train_tokens[i]) for i in idx.tolist()]
-        inp_all, tgt_all = pad_batch(seqs, cfg.max_len)
+        seqs = [caption_rng.choice(train_tokens[i]) for i in idx.tolist()]  # one reference per clip
+        inp_all, tgt_all = pad_batch(seqs, cfg.max_len)  # (gsize, L) each
         n_tok = (tgt_all != -100).sum().item()  # loss is a mean over the global batch's tokens, whatever the split
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        model.train()
-        total = 0.0
+            group["lr"] = lr_at(step, cfg)  # warmup then cosine
+        model.train()  # dropout on
+        total = 0.0  # the step's mean loss, for the log
         for micro in range(cfg.grad_accum):
             rows = slice((micro * world + rank) * cfg.batch_size, (micro * world + rank + 1) * cfg.batch_size)
             video, inp, tgt = train_clips[idx[rows]].to(device), inp_all[rows].to(device), tgt_all[rows].to(device)
-            sync = (not ddp) or micro == cfg.grad_accum - 1
+            sync = (not ddp) or micro == cfg.grad_accum - 1  # all-reduce gradients once, on the last micro-batch
             ctx = model.no_sync() if not sync else torch.enable_grad()
             with ctx, autocast(cfg, device):
-                logits, _ = fwd(video, inp)
+                logits, _ = fwd(video, inp)  # (B, L, V)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100,
                                        reduction="sum") / n_tok * world  # DDP averages over ranks
-            scaler.scale(loss).backward()
-            total += loss.item() / world
+            scaler.scale(loss).backward()  # gradients add up across micro-batches
+            total += loss.item() / world  # this rank's share of the global mean
         if not math.isfinite(total):
             raise UserError(f"loss became {total} at step {step}; stopped, the last good checkpoint in "
                             f"{cfg.out_dir} is kept (try a lower --lr)")
-        scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+        nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)  # global-norm clipping
         scaler.step(opt)
         scaler.update()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)  # frees the gradient memory between steps
         step += 1
         val = None  # logged only on the steps where it is measured
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
@@ -823,8 +771,8 @@ def train(cfg, resume=False):
                 val = evaluate_loss(raw, tok, val_entries, val_clips, cfg, device)
                 save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
         if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
-            dt = (time.time() - t_log) / (step - log_step)
-            eta = dt * (cfg.max_steps - step)
+            dt = (time.time() - t_log) / (step - log_step)  # seconds per step since the last log line
+            eta = dt * (cfg.max_steps - step)  # seconds left at this pace
             shown = "-" if val is None else f"{val:.3f}"
             say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {shown} | lr {lr_at(step - 1, cfg):.1e}"
                 f" | {dt * 1000:.0f} ms | {gsize / dt:.0f} samples/s | eta {eta // 60:.0f}m{eta % 60:02.0f}s")
@@ -834,183 +782,178 @@ def train(cfg, resume=False):
                 save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
                 say(f"stopped after step {step} as asked; continue with --resume")
             break
-    train_seconds = time.time() - t0
+    train_seconds = time.time() - t0  # data + training, without the final evaluation
     if ddp:
         dist.barrier()
     if master and step >= cfg.max_steps:
         say(f"trained in {train_seconds:.0f}s (data included)")
         evaluate(raw, tok, cfg, device, data, train_seconds)
     if ddp:
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # a clean exit for torchrun
     return raw, tok
-
 
 @torch.no_grad()
 def evaluate_loss(model, tok, entries, clips, cfg, device):
-    model.eval()
-    inp, tgt = pad_batch([tok.encode(cs[0]) for _, cs in entries], cfg.max_len)
+    model.eval()  # dropout off
+    inp, tgt = pad_batch([tok.encode(cs[0]) for _, cs in entries], cfg.max_len)  # first reference of each clip
     with autocast(cfg, device):
         _, loss = model(clips.to(device), inp.to(device), tgt.to(device))
     return loss.item()
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Generation and evaluation
-
 
 def filter_logits(logits, top_k, top_p):
     """Keep the top_k largest and the smallest set whose probability reaches top_p; the rest -> -inf."""
     if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[..., -1:]
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[..., -1:]  # (B, 1): the k-th largest
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)  # (B, V) cumulative probability
         drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens after the nucleus is already full
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))  # back to vocabulary order
     return logits
 
-
 @torch.no_grad()
-def generate(model, video, cfg, use_cache=True, generator=None):
+def generate(model, video, cfg, use_cache=True, generator=None, stop_at_eos=True):
     """Batched captioning from BOS until EOS (per row) or max_new_tokens. Greedy when temperature == 0, else
-    temperature / top-k / top-p sampling from `generator`; beam search when cfg.beam > 1. -> list of id lists."""
+    temperature / top-k / top-p sampling from `generator`; beam search when cfg.beam > 1. -> list of id lists.
+    stop_at_eos=False always decodes max_new_tokens steps (what --bench times)."""
     if cfg.beam > 1:
         return beam_search(model, video, cfg)
     model.eval()
-    B, eos = video.shape[0], 0
-    memory = model.encode(video)  # the video is encoded once
-    cache = [{} for _ in model.decoder] if use_cache else None
-    seq = torch.full((B, 1), eos, dtype=torch.long, device=video.device)
-    done = torch.zeros(B, dtype=torch.bool, device=video.device)
-    steps = min(cfg.max_new_tokens, cfg.max_len - 1)
+    B = video.shape[0]
+    memory = model.encode(video)  # the video is encoded once: (B, Q or F, D)
+    cache = [{} for _ in model.decoder] if use_cache else None  # one dict of keys/values per decoder layer
+    seq = torch.full((B, 1), BOS, dtype=torch.long, device=video.device)  # (B, 1), grows to (B, 1 + steps)
+    done = torch.zeros(B, dtype=torch.bool, device=video.device)  # rows that have emitted EOS
+    steps = min(cfg.max_new_tokens, cfg.max_len - 1)  # the position table holds max_len positions
     for t in range(steps):
-        if use_cache:
-            logits = model.decode(seq[:, -1:], memory, cache, pos=t)[:, -1].float()
-        else:  # the reference path: re-run the whole prefix
-            logits = model.decode(seq, memory, last_only=True)[:, -1].float()
+        logits = (model.decode(seq[:, -1:], memory, cache, pos=t) if use_cache  # one new token per step
+                  else model.decode(seq, memory, last_only=True))[:, -1].float()  # reference: re-run the prefix
         if cfg.temperature == 0:
-            nxt = logits.argmax(-1)
+            nxt = logits.argmax(-1)  # greedy: (B,)
         else:
-            probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        nxt = nxt.masked_fill(done, eos)
-        seq = torch.cat([seq, nxt[:, None]], 1)
-        done |= nxt == eos
+            probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)  # (B, V)
+            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,) sampled
+        if stop_at_eos:
+            nxt = nxt.masked_fill(done, EOS)  # a finished row only pads with EOS
+            done |= nxt == EOS
+        seq = torch.cat([seq, nxt[:, None]], 1)  # (B, t + 2)
         if done.all():
             break
-    return [[i for i in row[1:] if i != eos] for row in seq.tolist()]
-
+    return [[i for i in row[1:] if i != EOS] for row in seq.tolist()]
 
 @torch.no_grad()
 def beam_search(model, video, cfg, length_penalty=1.0):
     """Beam search with the KV cache: B*beam rows; the cache is re-ordered by each step's surviving beams.
     A finished hypothesis scores its log-probability / length**length_penalty."""
     model.eval()
-    B, K, eos = video.shape[0], cfg.beam, 0
+    B, K = video.shape[0], cfg.beam
     memory = model.encode(video).repeat_interleave(K, 0)  # (B*K, Q, D)
-    cache = [{} for _ in model.decoder]
-    seq = torch.full((B * K, 1), eos, dtype=torch.long, device=video.device)
+    cache = [{} for _ in model.decoder]  # self- and cross-attention keys/values per layer
+    seq = torch.full((B * K, 1), BOS, dtype=torch.long, device=video.device)
     score = torch.zeros(B, K, device=video.device)
     score[:, 1:] = float("-inf")  # all beams start identical: keep one
     finished = [[] for _ in range(B)]
     steps = min(cfg.max_new_tokens, cfg.max_len - 1)
     for t in range(steps):
         logp = model.decode(seq[:, -1:], memory, cache, pos=t)[:, -1].float().log_softmax(-1)  # (B*K, V)
-        V = logp.shape[-1]
-        cand = (score.view(-1, 1) + logp).view(B, K * V)
+        V = logp.shape[-1]  # vocabulary size
+        cand = (score.view(-1, 1) + logp).view(B, K * V)  # every beam x every next token
         top, pos = cand.topk(2 * K, -1)  # 2K so that K live beams remain after removing finished ones
-        new_rows, new_tok, new_score = [], [], []
+        kept = []  # (score, row, token) of the K live beams of each clip, in clip order
         for b in range(B):
             keep = []
             for s, p in zip(top[b].tolist(), pos[b].tolist()):
-                beam, token = divmod(p, V)
+                beam, token = divmod(p, V)  # which beam it extends, with which token
                 if s == float("-inf"):
                     break
-                if token == eos:
+                if token == EOS:
                     finished[b].append((s / (t + 1) ** length_penalty, seq[b * K + beam, 1:].tolist()))
                 else:
                     keep.append((s, b * K + beam, token))
                 if len(keep) == K:
                     break
-            keep += [(float("-inf"), b * K, eos)] * (K - len(keep))
-            for s, row, token in keep:
-                new_rows.append(row), new_tok.append(token), new_score.append(s)
-        rows = torch.tensor(new_rows, device=video.device)
+            kept += keep + [(float("-inf"), b * K, EOS)] * (K - len(keep))  # dead fillers if too few survive
+        new_score, new_rows, new_tok = zip(*kept)
+        rows = torch.tensor(new_rows, device=video.device)  # (B*K,) the surviving beams' rows
         for layer in cache:  # re-order the self-attention cache (the cross-attention K/V are equal across beams)
             layer["k"], layer["v"] = layer["k"][rows], layer["v"][rows]
         seq = torch.cat([seq[rows], torch.tensor(new_tok, device=video.device)[:, None]], 1)
-        score = torch.tensor(new_score, device=video.device).view(B, K)
-        best_live = score.max(-1).values / (t + 2) ** length_penalty
+        score = torch.tensor(new_score, device=video.device).view(B, K)  # (B, K)
+        best_live = score.max(-1).values / (t + 2) ** length_penalty  # the best score a live beam could still end with
         if all(finished[b] and max(f[0] for f in finished[b]) >= best_live[b] for b in range(B)):
             break
     out = []
     for b in range(B):
         if not finished[b]:  # nothing ended before max length: take the best live beam
             finished[b].append((score[b].max().item(), seq[b * K + score[b].argmax().item(), 1:].tolist()))
-        out.append(max(finished[b])[1])
+        out.append(max(finished[b])[1])  # the best-scoring finished hypothesis
     return out
-
 
 @torch.no_grad()
 def caption_clips(model, tok, clips, cfg, device, batch=128):
-    preds = []
-    for i in range(0, len(clips), batch):
-        with autocast(cfg, device):
-            preds += [tok.decode(ids) for ids in generate(model, clips[i:i + batch].to(device), cfg)]
-    return preds
+    """Greedy (or --beam / sampling) captions of uint8 clips (N, F, S, S, 3), in batches that bound the memory."""
+    with autocast(cfg, device):
+        return [tok.decode(ids) for i in range(0, len(clips), batch)
+                for ids in generate(model, clips[i:i + batch].to(device), cfg)]
 
-
-def attention_png(model, clip, tok, cfg, device, path):
-    """Where the queries (or, in "text" mode, the caption tokens) look: a heat map over frames, one row per query,
-    averaged over heads, from the last Q-Former (decoder) layer, under a strip of the frames."""
-    model.eval()
+def attention_png(model, clip, tok, cfg, device, path, cell=40, label_w=110):
+    """Where the video is read from: one row per caption word ("text": the decoder's last cross-attention, row i is
+    the position that predicts word i) or per learned query ("queries": the last Q-Former layer), one column per
+    frame, averaged over heads; the frames above their columns, the greedy caption on top."""
     model.record_attention(True)
+    video = clip[None].to(device)  # (1, F, S, S, 3)
     with torch.no_grad():
-        ids = generate(model, clip[None].to(device), dataclasses.replace(cfg, beam=1, temperature=0.0))[0]
-        if cfg.qformer_mode == "text":  # re-run the caption to collect decoder cross-attention
-            model.decode(torch.tensor([[0] + ids], device=device), model.encode(clip[None].to(device)))
-    layer = model.decoder[-1] if cfg.qformer_mode == "text" else model.qformer[-1]
-    w = layer.xattn.weights[0].cpu().numpy()  # (Q or L, F)
-    model.record_attention(False)
-    cell = 48
-    heat = cv2.applyColorMap((255 * w / max(w.max(), 1e-9)).astype(np.uint8), cv2.COLORMAP_VIRIDIS)
-    heat = cv2.resize(heat, (w.shape[1] * cell, w.shape[0] * cell // 3), interpolation=cv2.INTER_NEAREST)
-    strip = np.concatenate([cv2.resize(f[:, :, ::-1], (cell, cell), interpolation=cv2.INTER_NEAREST)
-                            for f in clip.numpy()], 1)
-    title = np.zeros((24, strip.shape[1], 3), np.uint8)
-    cv2.putText(title, tok.decode(ids)[: strip.shape[1] // 7], (2, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
-                (255, 255, 255), 1, cv2.LINE_AA)
-    cv2.imwrite(path, np.concatenate([title, strip, heat], 0))
-
+        ids = generate(model, video, dataclasses.replace(cfg, beam=1, temperature=0.0))[0]
+        if cfg.qformer_mode == "text":  # re-run the caption to collect the decoder's cross-attention
+            model.decode(torch.tensor([[BOS] + ids], device=device), model.encode(video))
+    text = cfg.qformer_mode == "text"
+    w = (model.decoder[-1] if text else model.qformer[-1]).xattn.weights[0].cpu().numpy()  # (L or Q, F)
+    model.record_attention(False)  # back to the fast path
+    labels = ([tok.decode([i]).strip() for i in ids] or ["(empty)"]) if text else [f"query {q}" for q in range(len(w))]
+    w = w[:len(labels)]  # (rows, F); text: the row that predicts EOS is dropped
+    heat = cv2.applyColorMap((255 * w / max(w.max(), 1e-9)).astype(np.uint8), cv2.COLORMAP_VIRIDIS)  # (rows, F, 3)
+    heat = cv2.resize(heat, (w.shape[1] * cell, len(labels) * cell // 2), interpolation=cv2.INTER_NEAREST)
+    strip = np.concatenate([cv2.resize(f[:, :, ::-1], (cell, cell), interpolation=cv2.INTER_NEAREST)  # RGB -> BGR
+                            for f in clip.numpy()], 1)  # (cell, F*cell, 3)
+    body = np.concatenate([strip, np.zeros((18, strip.shape[1], 3), np.uint8), heat], 0)  # frames, numbers, map
+    caption = tok.decode(ids)
+    img = np.zeros((24 + body.shape[0], max(label_w + body.shape[1], 8 * len(caption) + 8), 3), np.uint8)
+    img[24:, label_w:label_w + body.shape[1]] = body
+    put = lambda s, x, y: cv2.putText(img, s, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+    put(caption, 4, 16)  # the greedy caption on top
+    put("row: word" if text else "row: query", 4, 24 + cell // 2)
+    put("column: frame", 4, 24 + cell + 14)
+    for f in range(w.shape[1]):  # frame numbers under the frames
+        put(str(f + 1), label_w + f * cell + cell // 2 - 4, 24 + cell + 14)
+    for r, word in enumerate(labels):  # each label centred on its row of the heat map
+        put(word[:14], 4, 24 + cell + 18 + r * cell // 2 + cell // 4 + 5)
+    cv2.imwrite(path, img)
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):
     """Caption every clip of test (and novel), score, print a table and samples, write eval.json and a PNG."""
-    result = {}
+    result = {"train_seconds": train_seconds}  # None for --eval
     for split in ("test", "novel"):
         if split not in data:
             continue
         entries, clips = data[split]
         preds = caption_clips(model, tok, clips, cfg, device)
-        refs = [cs for _, cs in entries]
+        refs = [cs for _, cs in entries]  # every reference of each clip
         result[split] = {"n": len(preds), "exact_match": exact_match(preds, refs), "bleu4": bleu4(preds, refs),
                          "cider": cider_d(preds, refs),
                          "samples": [{"video": os.path.relpath(v), "prediction": p, "references": r}
                                      for (v, r), p in list(zip(entries, preds))[:8]]}
-    result["train_seconds"] = train_seconds
     print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")
-    for split in ("test", "novel"):
-        if split in result:
-            r = result[split]
-            print(f"{split:8s} {r['n']:5d} {r['exact_match']:7.3f} {r['bleu4']:7.3f} {r['cider']:8.3f}")
-    for s in result["test"]["samples"][:4]:
-        print(f"  pred: {s['prediction']!r}\n  refs: {s['references']}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    for split, r in [(k, v) for k, v in result.items() if k in ("test", "novel")]:  # novel is absent on user data
+        print(f"{split:8s} {r['n']:5d} {r['exact_match']:7.3f} {r['bleu4']:7.3f} {r['cider']:8.3f}")
+    print("\n".join(f"  pred: {s['prediction']!r}\n  refs: {s['references']}" for s in result["test"]["samples"][:4]))
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     attention_png(model, data["test"][1][0], tok, cfg, device, os.path.join(cfg.out_dir, "attention.png"))
     print(f"wrote {cfg.out_dir}/eval.json and {cfg.out_dir}/attention.png")
     return result
-
 
 def bench(cfg):
     """Training samples/s and captions/s with and without the KV cache, on random clips of the configured size."""
@@ -1019,51 +962,32 @@ def bench(cfg):
     tok = Tokenizer.from_captions([caption_for([(c, s, m, i, 0) for i, (c, s, m) in enumerate(
         zip(COLOURS, SHAPES * 2, list(MOTIONS) * 2))], v) for v in ("moves", "goes")])
     model = VideoLLaMAMini(cfg, len(tok.ids)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    B = cfg.batch_size
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # real optimizer steps, as in training
+    B = cfg.batch_size  # the training micro-batch
     video = torch.randint(0, 255, (B, cfg.n_frames, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8, device=device)
-    inp = torch.randint(0, len(tok.ids), (B, 20), device=device)
+    inp = torch.randint(0, len(tok.ids), (B, 20), device=device)  # (B, 20) random tokens
     print(f"autocast for training and captions: {autocast_dtype(cfg.dtype, device)} (--dtype {cfg.dtype})")
     for label in dict.fromkeys(["float32", "bfloat16" if cfg.dtype == "auto" else cfg.dtype]):  # both, for auto
         c = dataclasses.replace(cfg, dtype=label)
         times = []
-        for i in range(8):
+        for i in range(8):  # the first 2 steps warm up the allocator, the median of 6 is printed
             t = time.time()
             with autocast(c, device):
-                _, loss = model(video, inp, inp)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
+                model(video, inp, inp)[1].backward()  # loss against random targets: the cost, not the result
+            opt.step(), opt.zero_grad()
             times.append(time.time() - t)
         print(f"train  ({label:8s}): {B / np.median(times[2:]):8.1f} samples/s  (batch {B}, median of 6 steps)")
-    gen_cfg = dataclasses.replace(cfg, max_new_tokens=20)
-    model.eval()
+    gen_cfg = dataclasses.replace(cfg, max_new_tokens=20)  # generate() puts the model in eval mode
     for use_cache in (True, False):
         t = time.time()
-        n = 0
-        for _ in range(3):
+        for _ in range(3):  # a fixed 20 decode steps: an untrained model would otherwise stop at random places
             with autocast(cfg, device):
-                # a fixed 20 decode steps: an untrained model would otherwise stop at random places
-                generate_fixed(model, video, gen_cfg, use_cache)
-            n += B
-        print(f"caption (cache {'on ' if use_cache else 'off'}): {n / (time.time() - t):8.1f} captions/s "
+                generate(model, video, gen_cfg, use_cache, stop_at_eos=False)
+        print(f"caption (cache {'on ' if use_cache else 'off'}): {3 * B / (time.time() - t):8.1f} captions/s "
               f"(batch {B}, 20 tokens each, {autocast_dtype(cfg.dtype, device)})")
-
-
-@torch.no_grad()
-def generate_fixed(model, video, cfg, use_cache):
-    """generate() without EOS stopping, so that the benchmark always decodes max_new_tokens steps."""
-    memory, cache = model.encode(video), [{} for _ in model.decoder] if use_cache else None
-    seq = torch.zeros(video.shape[0], 1, dtype=torch.long, device=video.device)
-    for t in range(cfg.max_new_tokens):
-        logits = model.decode(seq[:, -1:], memory, cache, pos=t) if use_cache else model.decode(seq, memory, last_only=True)
-        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return seq
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="VideoLLaMA-Mini: train, evaluate and caption videos on a CPU.")
@@ -1075,11 +999,10 @@ def parse_args(argv=None):
     p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
     for f in dataclasses.fields(Config):
-        if f.type is bool or isinstance(f.default, bool):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
-        else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=None)
-    args = p.parse_args(argv)
+        bool_flag = isinstance(f.default, bool)  # --flag / --no-flag, never type=bool
+        kind = dict(action=argparse.BooleanOptionalAction) if bool_flag else dict(type=type(f.default))
+        p.add_argument(f"--{f.name}", default=None, **kind)  # None: not given, the preset's value stands
+    args = p.parse_args(argv)  # argparse exits 2 itself on an unknown flag
     if args.preset not in PRESETS:
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
@@ -1090,42 +1013,38 @@ def parse_args(argv=None):
         raise UserError(f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16")
     return args, cfg, overrides
 
-
 def main(argv=None):
-    args, cfg, overrides = parse_args(argv)
+    """The command line. A UserError ends it with one line on stderr and exit status 2, never a traceback."""
+    try:
+        run(*parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+def run(args, cfg, overrides):
+    """Dispatch --train / --eval / --generate / --bench."""
     if int(os.environ.get("RANK", "0")) == 0:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
     if args.train:
-        train(cfg, resume=args.resume)
-    elif args.eval:
-        model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
-        device = pick_device(cfg.device)
-        model.to(device)
-        data = prepare_data(cfg, 0)
-        evaluate(model, tok, cfg, device, data)
-    elif args.generate:
-        if not args.video:
+        train(cfg, overrides, resume=args.resume)
+    elif args.eval or args.generate:
+        if args.generate and not args.video:
             raise UserError("--generate needs --video PATH (a video file or a folder of frames)")
-        # generation settings come from the command line; the architecture from the checkpoint
-        gen = {k: v for k, v in overrides.items() if k in ("temperature", "top_k", "top_p", "beam", "max_new_tokens",
-                                                           "device", "dtype", "seed", "out_dir")}
-        model, tok, cfg = load_checkpoint(cfg.out_dir, gen)
+        # the architecture comes from the checkpoint; everything else (data, sampling, device) from the command line
+        model, tok, cfg = load_checkpoint(cfg.out_dir, {k: v for k, v in overrides.items() if k not in ARCH})
         device = pick_device(cfg.device)
         model.to(device)
-        clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None].to(device)
-        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        if args.eval:
+            return evaluate(model, tok, cfg, device, prepare_data(cfg, 0))  # test and novel, as in training
+        clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None].to(device)  # (1, F, S, S, 3)
+        g = torch.Generator(device=device).manual_seed(cfg.seed)  # --seed makes sampling repeatable
         with autocast(cfg, device):
             ids = generate(model, clip, cfg, generator=g)[0]
-        print(tok.decode(ids))
+        print(tok.decode(ids))  # the caption, alone on the last line
     elif args.bench:
         bench(cfg)
     else:
         print("nothing to do: pass --train, --eval, --generate --video PATH, or --bench (see --help)")
 
-
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main()
