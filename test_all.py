@@ -742,7 +742,7 @@ def test_vc_sampler_properties():
     a = vc.generate(model, images, hot, generator=torch.Generator().manual_seed(1))
     b = vc.generate(model, images, hot, generator=torch.Generator().manual_seed(1))
     c = vc.generate(model, images, hot, generator=torch.Generator().manual_seed(2))
-    assert a == b and a != c  # seeded: reproducible, and the seed matters
+    assert a == b and a != c  # seeded: reproducible, and --seed matters
     # top_k=1 sampling is greedy whatever the temperature
     assert vc.generate(model, images, dataclasses.replace(hot, top_k=1), generator=torch.Generator()) == \
         vc.generate(model, images, dataclasses.replace(cfg, max_new_tokens=8))
@@ -833,8 +833,8 @@ def test_vc_max_train_and_small_sets(tmp_path):
 
 
 @_vc_1t
-def test_vc_seed_preset_sizes():
-    cfg = vc.Config(**vc.PRESETS["seed"])
+def test_vc_original_preset_sizes():
+    cfg = vc.Config(**vc.PRESETS["original"])
     with torch.device("meta"):
         model = vc.ViTCaptioner(cfg, 50257)
     parts = model.part_counts()
@@ -889,6 +889,27 @@ def test_vc_bad_inputs(tmp_path):
     assert_user_error(run_script("vit_caption.py", "--eval", "--out_dir", other), "videollama_mini")
     assert_user_error(run_script("vit_caption.py", "--train", "--preset", "huge"), "--preset huge")
     assert_user_error(run_script("vit_caption.py", "--train", "--patch_init", "zeros"), "--patch_init zeros")
+
+
+VC_USER_DATA_EXAMPLE = """\
+images/red.png | a red patch
+images/red.png | the red patch
+images/blue.png | a blue patch
+"""
+
+
+@_vc_1t
+def test_vc_readme_user_data_example_trains(tmp_path):
+    """The README's three lines, verbatim beside two images, train the tiny preset (the first image held out)."""
+    (tmp_path / "images").mkdir()
+    for name, bgr in (("red", (0, 0, 255)), ("blue", (255, 0, 0))):
+        img = np.full((30, 40, 3), 40, np.uint8)
+        img[5:15, 5:15] = bgr
+        cv2.imwrite(str(tmp_path / "images" / f"{name}.png"), img)
+    (tmp_path / "caps.txt").write_text(VC_USER_DATA_EXAMPLE)
+    vc.train(_vc_cfg(tmp_path, data=str(tmp_path / "caps.txt"), max_steps=2))
+    ev = json.load(open(tmp_path / "out" / "eval.json"))
+    assert ev["test"]["n"] == 1 and "novel" not in ev
 
 
 @_vc_1t
@@ -1642,6 +1663,34 @@ def test_vl_train_tiny_eval_generate_freeze(tmp_path):
     for k in before:
         same = torch.equal(before[k], after[k])
         assert same != k.startswith("multi_modal_projector."), k
+
+
+VL_USER_DATA_EXAMPLE = (
+    '{"image": "photos/shapes.png", "question": "How many shapes are there?", "answer": "two"}\n'
+    '{"video": "clips/ball.mp4", "question": "Which way does the red circle move?", "answer": "left"}\n'
+    '{"video": "frames/", "question": "Which shape appears first?", "answer": "blue square"}\n')
+
+
+def test_vl_user_data_trains_and_no_user_file_is_overwritten(vl_tiny_run, tmp_path):
+    """The README's three JSON lines (an image, an mp4, a folder of frames) train the tiny preset; --data_dir pointed
+    at a folder of the user's files is refused and the files are left as they were."""
+    src = vl_tiny_run[0].data_dir
+    for folder in ("photos", "clips", "frames"):
+        (tmp_path / folder).mkdir()
+    shutil.copy(os.path.join(src, "train", "img_00000.png"), tmp_path / "photos" / "shapes.png")
+    shutil.copy(os.path.join(src, "train", "clip_00000.mp4"), tmp_path / "clips" / "ball.mp4")
+    for i in range(4):
+        cv2.imwrite(str(tmp_path / "frames" / f"{i:02d}.png"), np.full((40, 56, 3), 60 * i, np.uint8))
+    (tmp_path / "mine.jsonl").write_text(VL_USER_DATA_EXAMPLE)
+    vl.main(["--train", "--preset", "tiny", "--max_steps", "2", "--data", str(tmp_path / "mine.jsonl"),
+             "--out_dir", str(tmp_path / "o")])
+    ev = json.load(open(tmp_path / "o" / "eval.json"))
+    assert "novel" not in ev and ev["test"]["image"]["n"] == 1  # entry 0 (every 10th) held out, no novel split
+    vl.main(["--eval", "--out_dir", str(tmp_path / "o")])  # --eval finds the same files through the saved config
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "o" not in p.parts}
+    with pytest.raises(vl.UserError, match="did not write"):
+        vl.main(["--train", "--preset", "tiny", "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "o2")])
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "o" not in p.parts} == before
 
 
 @pytest.fixture(scope="module")
@@ -2478,6 +2527,27 @@ def test_mk_bad_inputs(mk_trained, tmp_path):
                                  "--out_dir", tmp_path / "o"), "not valid JSON")
     assert not (tmp_path / "o" / "model.safetensors").exists()
     assert (out / "model.safetensors").is_file()  # nothing already saved was lost
+
+
+MK_USER_DATA_EXAMPLE = """\
+[{"video": "clips/0001.mp4", "question": "What happens to the red circle?", "answer": "B. it stops",
+  "choices": ["A. it appears", "B. it stops", "C. it turns blue", "D. it meets the green square"],
+  "support_times": [0.25, 0.375, 0.5]}]
+"""
+
+
+def test_mk_readme_user_data_example_trains(mk_trained, tmp_path):
+    """The README's example file, verbatim beside a real clip, trains the tiny preset and is evaluated."""
+    d, _ = mk_trained
+    (tmp_path / "clips").mkdir()
+    video = json.load(open(d / "data" / "train.json"))[0]["video"]
+    shutil.copy(d / "data" / video, tmp_path / "clips" / "0001.mp4")
+    (tmp_path / "mine.json").write_text(MK_USER_DATA_EXAMPLE)
+    p = run_script("mark1.py", "--train", "--preset", "tiny", "--data", tmp_path / "mine.json", "--test_data",
+                   tmp_path / "mine.json", "--out_dir", tmp_path / "o", "--max_steps", "2")
+    assert p.returncode == 0, p.stderr[-2000:]
+    ev = json.load(open(tmp_path / "o" / "eval.json"))
+    assert ev["test"]["n"] == 1 and ev["test"]["samples"][0]["answer"] == "B. it stops"
 
 
 def test_mk_user_data_training_and_bench(mk_trained, tmp_path):

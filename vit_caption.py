@@ -4,17 +4,17 @@ vit_caption: a ViT image encoder + LLaMA-style decoder image captioner in one fi
     image (B, S, S, 3) uint8
       -> ViT: patch embedding (conv, stride = patch), learned position embeddings, pre-LayerNorm blocks with
          GELU MLPs and dropout, final LayerNorm                                        -> (B, P, E) patch tokens
-      -> pooled to the visual prefix: "cls" (a learned CLS token's output, (B, 1, E), the seed's single image vector),
+      -> pooled to the visual prefix: "cls" (a learned CLS token's output, (B, 1, E), the write-up's image vector),
          "mean" (mean of the patch tokens, (B, 1, E)) or "patches" (all P patch tokens, (B, P, E))
       -> linear projection E -> D                                                       -> (B, N, D)
       -> LLaMA-style decoder over [visual prefix, <|endoftext|> (BOS), caption tokens]: RMSNorm, rotary positions
          (rotate_half), causal SDPA self-attention with a KV cache, SwiGLU MLP (SiLU)   -> (B, L, V)
 
-The seed ("Vision Language Model (From Scratch)") trained exactly this model, with a LLaMA tokenizer of 32,000 pieces,
+The "Vision Language Model (From Scratch)" write-up trained exactly this model, with a LLaMA tokenizer of 32,000 pieces,
 on 16 image-caption pairs and could only memorise them. Here the text is GPT-2 BPE from tiktoken, not LLaMA's
 tokenizer; the embedding and output table cover only the GPT-2 ids that occur in the training captions (plus
 <|endoftext|>, both BOS and EOS), because a 50257-way layer would dominate a small model on a CPU. `--no-compact_vocab`
-keeps all 50257 rows (`--preset seed` does, so that its parameter count is that of a real full-vocabulary model).
+keeps all 50257 rows (`--preset original` does, so that its parameter count is that of a real full-vocabulary model).
 
 The built-in world: PNG images of one or two shapes (6 colours x 3 shapes x 2 sizes) on a grey background. Captions
 name size, colour and shape of each object and, for two objects, their spatial relation:
@@ -27,8 +27,8 @@ D decoder width, H heads, V vocabulary, K beams.
 
 Commands:
     python vit_caption.py --train                            # data + training + evaluation on CPU
-    python vit_caption.py --train --max_train 16             # the seed's experiment: memorise 16 pairs
-    python vit_caption.py --train --preset seed              # the seed's exact sizes: a few steps, samples/s
+    python vit_caption.py --train --max_train 16             # the write-up's experiment: memorise 16 pairs
+    python vit_caption.py --train --preset original          # the write-up's exact sizes: a few steps, samples/s
     python vit_caption.py --eval                             # re-evaluate out/vit_caption
     python vit_caption.py --generate --image photo.jpg       # caption any image (+ attention PNG)
     python vit_caption.py --bench                            # training samples/s, captions/s with/without cache
@@ -76,7 +76,7 @@ class Config:
     n_val: int = 200
     n_test: int = 500
     n_novel: int = 500
-    max_train: int = 0  # >0: train on only the first max_train pairs (the seed trained on 16) and report train EM
+    max_train: int = 0  # >0: train on only the first max_train pairs (the write-up trained on 16) and report train EM
     eval_max: int = 0  # >0: evaluate only the first eval_max images of each split (the big seed model is slow)
     img_size: int = 48  # images are letterboxed to a square and resized to this side
     # ViT
@@ -89,7 +89,7 @@ class Config:
     patch_init: str = "pca"  # patch embedding at start: "pca" (whitened principal components of the training
     # patches, see ViTCaptioner.init_from_data) or "random" (normal, std 0.02)
     patch_scale: float = 1.0  # std of each whitened feature
-    pool: str = "patches"  # visual prefix: "cls", "mean" (one vector, as the seed) or "patches" (all P tokens)
+    pool: str = "patches"  # visual prefix: "cls", "mean" (one vector, as the write-up) or "patches" (all P tokens)
     # decoder
     d_model: int = 128  # D
     n_layer: int = 2
@@ -129,8 +129,8 @@ PRESETS = {
     "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, img_size=16, patch=8, vit_dim=32, vit_layers=1,
                  vit_heads=2, vit_mlp=64, d_model=32, n_layer=1, n_head=2, mlp_dim=64, batch_size=8, max_steps=6,
                  warmup=2, log_interval=2, eval_interval=4, dtype="float32"),
-    # the seed's exact sizes (its 4 attention heads of 32 and the GPT-2 table are our choices: the seed names neither)
-    "seed": dict(img_size=96, patch=16, vit_dim=512, vit_layers=16, vit_heads=8, vit_mlp=2048, vit_dropout=0.4,
+    # the write-up's exact sizes (its 4 attention heads of 32 and the GPT-2 table are our choices)
+    "original": dict(img_size=96, patch=16, vit_dim=512, vit_layers=16, vit_heads=8, vit_mlp=2048, vit_dropout=0.4,
                  pool="cls", d_model=128, n_layer=8, n_head=4, mlp_dim=11008, compact_vocab=False, rope_theta=10000.0,
                  batch_size=16, max_steps=6, eval_max=64, warmup=2, lr=3e-4, log_interval=1, eval_interval=1000,
                  dtype="float32"),
@@ -147,8 +147,9 @@ SIZES = {"small": 10, "large": 18}  # half-size in pixels of the written RENDER 
 # (colour, shape) pairs never shown in training: each colour loses one shape, each shape is held out twice.
 NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),
                ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}
-RELATIONS = {"above": "below", "below": "above", "to the left of": "to the right of", "to the right of": "to the left of"}
-RENDER = 96  # side of the written PNG (the seed's input size); the model resizes to img_size
+RELATIONS = {"above": "below", "below": "above",
+             "to the left of": "to the right of", "to the right of": "to the left of"}
+RENDER = 96  # side of the written PNG (the write-up's input size); the model resizes to img_size
 
 
 def draw_shape(img, shape, colour, size, cx, cy):
@@ -213,7 +214,7 @@ def write_image(path, objs, rng):
 
 
 def build_world(cfg):
-    """Write data_dir/<split>/*.png and data_dir/<split>.txt once (deterministic from the seed); return the paths."""
+    """Write data_dir/<split>/*.png and data_dir/<split>.txt once (deterministic from --seed); return the paths."""
     sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "novel": cfg.n_novel}
     stamp = os.path.join(cfg.data_dir, "world.json")
     want = dict(sizes, seed=cfg.seed, version=2)
