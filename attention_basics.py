@@ -125,6 +125,10 @@ class Config:
     variant: str = "cross"  # --generate: which captioner to use (unified or cross)
 
 
+# How to run, not what was trained: left out of saved checkpoints, always taken from the command line.
+RUN_FIELDS = ("data_dir", "out_dir", "dtype", "device", "threads", "log_interval", "section", "variant")
+
+
 PRESETS = {
     "default": {},
     "tiny": dict(n_img_train=48, n_img_test=12, n_train=32, n_test=8, n_novel=8, img_size=16,
@@ -921,8 +925,8 @@ def save_model(model, tok, cfg, name, train_seconds):
     # the decoder's output layer is tied to its embedding: store the tensor once
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.endswith("head.weight")}
     atomic(os.path.join(d, "model.safetensors"), lambda p: save_file(state, p))
-    meta = {"script": SCRIPT, "model": name, "config": dataclasses.asdict(cfg), "vocab": tok.ids,
-            "train_seconds": train_seconds}
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_FIELDS}
+    meta = {"script": SCRIPT, "model": name, "config": config, "vocab": tok.ids, "train_seconds": train_seconds}
     atomic(os.path.join(d, "config.json"), lambda p: json.dump(meta, open(p, "w"), indent=1))
 
 
@@ -934,15 +938,26 @@ def load_model(out_dir, name, overrides=None):
         raise UserError(f"{d}: no checkpoint here (run --train first, or pass --out_dir)")
     try:
         meta = json.load(open(cpath))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{cpath}: not valid JSON (re-run --train)") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{cpath}: not a checkpoint config (a JSON object with a 'config' object)")
     if meta.get("script") != SCRIPT or meta.get("model") != name:
         raise UserError(f"{d}: checkpoint was written by {meta.get('script')}/{meta.get('model')}, "
                         f"not {SCRIPT}/{name}")
-    cfg = Config(**{**meta["config"], **(overrides or {})})
+    if not isinstance(meta.get("config"), dict):
+        raise UserError(f"{cpath}: not a checkpoint config (a JSON object with a 'config' object)")
+    unknown = sorted(set(meta["config"]) - {f.name for f in dataclasses.fields(Config)} - set(RUN_FIELDS))
+    if unknown:
+        raise UserError(f"{cpath}: unknown config keys {unknown} (written by another version of this script?)")
+    saved = {k: v for k, v in meta["config"].items() if k not in RUN_FIELDS}  # run modes come from the command line
+    cfg = Config(**{**saved, **(overrides or {})})
     tok = Tokenizer(meta["vocab"])
     model = CLIP(cfg, len(tok.ids)) if name == "clip" else Captioner(cfg, len(tok.ids), name)
-    state = load_file(wpath)
+    try:
+        state = load_file(wpath)
+    except Exception as e:  # safetensors raises its own error type for a truncated or corrupt file
+        raise UserError(f"{wpath}: not a readable safetensors file ({type(e).__name__}); re-run --train") from None
     if name != "clip":
         state["decoder.head.weight"] = state["decoder.tok.weight"]
     want = model.state_dict()
@@ -1254,8 +1269,8 @@ def train(cfg):
     return res
 
 
-def evaluate_saved(cfg, overrides):
-    keep = {k: v for k, v in overrides.items() if k in ("device", "dtype", "out_dir", "data_dir")}
+def evaluate_saved(cfg):
+    keep = {k: getattr(cfg, k) for k in RUN_FIELDS}
     clip_model, tok, cfg, t_clip = load_model(cfg.out_dir, "clip", keep)
     device = pick_device(cfg.device)
     models, times = {}, {"clip": t_clip}
@@ -1302,7 +1317,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args, cfg, overrides = parse_args(argv)
+    args, cfg, _ = parse_args(argv)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     if args.train or args.eval or args.generate:
@@ -1310,12 +1325,11 @@ def main(argv=None):
     if args.train:
         train(cfg)
     elif args.eval:
-        evaluate_saved(cfg, overrides)
+        evaluate_saved(cfg)
     elif args.generate:
         if not args.video:
             raise UserError("--generate needs --video PATH (a video file or a folder of frames)")
-        keep = {k: v for k, v in overrides.items() if k in ("device", "dtype", "out_dir")}
-        model, tok, cfg, _ = load_model(cfg.out_dir, cfg.variant, keep)
+        model, tok, cfg, _ = load_model(cfg.out_dir, cfg.variant, {k: getattr(cfg, k) for k in RUN_FIELDS})
         device = pick_device(cfg.device)
         model.to(device)
         clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None]

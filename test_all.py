@@ -2900,6 +2900,32 @@ def test_ab_checkpoint_round_trip(tmp_path):
             assert torch.equal(m(m.encode(frames), ids)[0], m2.eval()(m2.encode(frames), ids)[0])
         assert tok2.ids == tok.ids and secs == 1.0
         assert ab.generate(m, frames, cfg, "cpu") == ab.generate(m2, frames, cfg, "cpu")
+    saved = json.load(open(os.path.join(cfg.out_dir, "cross", "config.json")))["config"]
+    assert not set(saved) & set(ab.RUN_FIELDS), "how to run (paths, device, mode) is not saved as if it were the model"
+
+
+def test_ab_corrupt_checkpoints_are_one_line(tmp_path):
+    """A truncated model.safetensors, a config.json that is not an object, or one with unknown keys: a UserError
+    naming the file, never a traceback from deep inside the loader."""
+    cfg = _ab_tiny(tmp_path)
+    tok = ab.Tokenizer.from_texts(["a red circle moves left"])
+    ab.save_model(ab._init_weights(ab.Captioner(cfg, len(tok.ids), "cross")), tok, cfg, "cross", 1.0)
+    d = os.path.join(cfg.out_dir, "cross")
+    cpath, wpath = os.path.join(d, "config.json"), os.path.join(d, "model.safetensors")
+    good_c, good_w = open(cpath).read(), open(wpath, "rb").read()
+    open(wpath, "wb").write(good_w[: len(good_w) // 2])
+    with pytest.raises(ab.UserError, match="model.safetensors: not a readable safetensors"):
+        ab.load_model(cfg.out_dir, "cross")
+    open(wpath, "wb").write(good_w)
+    for text, needle in [("[1, 2]", "not a checkpoint config"),
+                         (good_c.replace('"config": {', '"config": 3, "x": {'), "not a checkpoint config"),
+                         (good_c.replace('"d_model"', '"d_modle"'), "unknown config keys \\['d_modle'\\]"),
+                         ("{nope", "not valid JSON")]:
+        open(cpath, "w").write(text)
+        with pytest.raises(ab.UserError, match=needle):
+            ab.load_model(cfg.out_dir, "cross")
+    open(cpath, "w").write(good_c)
+    ab.load_model(cfg.out_dir, "cross")  # restored: loads again
 
 
 def test_ab_bad_inputs(tmp_path):
