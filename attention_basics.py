@@ -266,20 +266,6 @@ def sample_indices(n_total, n_frames):
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
 
 
-def subsample(n_total, fps, target_fps):
-    """Frame-rate sub-sampling: keep every (fps/target_fps)-th frame, e.g. every 8th of 24 fps simulates 3 fps."""
-    step = max(1, round(fps / target_fps))
-    return list(range(0, n_total, step))
-
-
-def fixed_clips(indices, clip_len):
-    """Cut a frame list into clips of exactly clip_len (a mini-batch needs equal lengths); the last clip is padded by
-    repeating its last frame, so no frame is dropped."""
-    clips = [indices[i:i + clip_len] for i in range(0, len(indices), clip_len)]
-    clips[-1] = clips[-1] + [clips[-1][-1]] * (clip_len - len(clips[-1]))
-    return clips
-
-
 def load_video(path, n_frames, size):
     """Video file (any container/codec OpenCV reads) or folder of frame images -> uint8 (F, S, S, 3) RGB."""
     frames = []
@@ -311,6 +297,9 @@ def gpt2():
                         f"TIKTOKEN_CACHE_DIR at a folder holding its two files") from None
 
 
+EOT = 0  # model id of <|endoftext|> (the table's first entry): BOS, EOS and padding
+
+
 class Tokenizer:
     """GPT-2 BPE (tiktoken) with a compact table: model id i is GPT-2 id `ids[i]`, the ids seen in training text
     (the 50257-way layer would dominate these tiny models). Model id 0 is <|endoftext|>: BOS, EOS and padding."""
@@ -319,7 +308,6 @@ class Tokenizer:
         self.enc = gpt2()
         self.ids = list(ids)
         self.to_model = {g: i for i, g in enumerate(self.ids)}
-        self.eos = 0
 
     @classmethod
     def from_texts(cls, texts):
@@ -328,16 +316,16 @@ class Tokenizer:
 
     def encode(self, text):
         """Text -> [BOS, ..., EOS] in model ids; GPT-2 ids absent from the table are dropped (said in the README)."""
-        return [self.eos] + [self.to_model[t] for t in self.enc.encode(text) if t in self.to_model] + [self.eos]
+        return [EOT] + [self.to_model[t] for t in self.enc.encode(text) if t in self.to_model] + [EOT]
 
     def decode(self, ids):
-        return self.enc.decode([self.ids[i] for i in ids if i != self.eos]).strip()
+        return self.enc.decode([self.ids[i] for i in ids if i != EOT]).strip()
 
 
 def pad_batch(seqs, max_len):
-    """Token lists -> (ids, lengths), right-padded with EOS (id 0) to the longest, cut at max_len."""
+    """Token lists -> (ids, lengths), right-padded with EOT to the longest, cut at max_len."""
     seqs = [s[:max_len] for s in seqs]
-    ids = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
+    ids = torch.full((len(seqs), max(len(s) for s in seqs)), EOT, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)
     return ids, torch.tensor([len(s) for s in seqs])
@@ -432,14 +420,6 @@ def patchify(img, p):
     return x.permute(0, 2, 4, 1, 3, 5).reshape(B, n * n, C * p * p)  # (B, rows*cols, C*p*p)
 
 
-def unpatchify(x, p, channels=3):
-    """The inverse of patchify: (B, P, 3*p*p) -> (B, 3, S, S)."""
-    B, P, _ = x.shape
-    n = math.isqrt(P)
-    x = x.reshape(B, n, n, channels, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, row, py, col, px)
-    return x.reshape(B, channels, n * p, n * p)
-
-
 class ViT(nn.Module):
     """Image -> patches -> linear projection -> [CLS; patches] + position embeddings -> bidirectional blocks.
     Returns every token (B, 1+P', D); token 0 (CLS) summarises the image for CLIP."""
@@ -490,8 +470,7 @@ def clip_loss(img_emb, txt_emb, logit_scale, same=None):
     img, txt = F.normalize(img_emb, dim=-1), F.normalize(txt_emb, dim=-1)
     logits = logit_scale.exp().clamp(max=100) * img @ txt.t()  # (B, B)
     if same is None:
-        target = torch.arange(len(img), device=img.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        same = torch.eye(len(img), dtype=torch.bool, device=img.device)  # each image matches its own caption only
     target = same.float() / same.float().sum(-1, keepdim=True)  # (B, B), rows sum to 1 (same is symmetric)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
@@ -702,6 +681,28 @@ def check(ok, claim):
     if not ok:
         raise AssertionError(f"tour check failed: {claim}")
     print(f"  ok  {claim}")
+
+
+def subsample(n_total, fps, target_fps):
+    """Frame-rate sub-sampling: keep every (fps/target_fps)-th frame, e.g. every 8th of 24 fps simulates 3 fps."""
+    step = max(1, round(fps / target_fps))
+    return list(range(0, n_total, step))
+
+
+def fixed_clips(indices, clip_len):
+    """Cut a frame list into clips of exactly clip_len (a mini-batch needs equal lengths); the last clip is padded by
+    repeating its last frame, so no frame is dropped."""
+    clips = [indices[i:i + clip_len] for i in range(0, len(indices), clip_len)]
+    clips[-1] = clips[-1] + [clips[-1][-1]] * (clip_len - len(clips[-1]))
+    return clips
+
+
+def unpatchify(x, p, channels=3):
+    """The inverse of patchify: (B, P, 3*p*p) -> (B, 3, S, S)."""
+    B, P, _ = x.shape
+    n = math.isqrt(P)
+    x = x.reshape(B, n, n, channels, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, row, py, col, px)
+    return x.reshape(B, channels, n * p, n * p)
 
 
 def tour_attention(cfg):
@@ -1085,20 +1086,6 @@ def train_clip(cfg, data, tok, device):
     return model, seconds
 
 
-@torch.no_grad()
-def zero_shot(model, tok, cfg, imgs, caps, device):
-    """Classify each image among the 18 class prompts 'a <colour> <shape>' by cosine similarity."""
-    prompts = [f"a {c} {s}" for c, s in CLASSES]
-    ids, lengths = pad_batch([tok.encode(p) for p in prompts], cfg.max_len)
-    with autocast(cfg, device):
-        txt = model.encode_text(ids.to(device), lengths.to(device)).float()  # (18, E)
-        pred = torch.cat([(model.encode_image(to_pixels(imgs[i:i + 256]).to(device)).float() @ txt.t()).argmax(-1)
-                          for i in range(0, len(imgs), 256)]).cpu()
-    acc = sum(prompts[p] == c for p, c in zip(pred.tolist(), caps)) / len(caps)
-    return {"n": len(caps), "zero_shot_accuracy": acc,
-            "samples": [{"pred": prompts[p], "ref": c} for p, c in list(zip(pred.tolist(), caps))[:3]]}
-
-
 def caption_batch(tok, caps, cfg):
     """Captions -> (inputs, targets): targets are inputs shifted by one, -100 after each row's EOS."""
     ids, lengths = pad_batch([tok.encode(c) for c in caps], cfg.max_len)
@@ -1130,6 +1117,24 @@ def train_captioner(cfg, variant, vision_state, data, tok, device):
     return model, seconds
 
 
+def train(cfg):
+    device = pick_device(cfg.device)
+    t0 = time.time()
+    data, tok = prepare_data(cfg)
+    print(f"data ready in {time.time() - t0:.1f} s: {len(tok.ids)} token table entries, "
+          f"{len(data['images']['train'][0])} train images, {len(data['videos']['train'][0])} train clips")
+    clip_model, seconds = train_clip(cfg, data, tok, device)
+    save_model(clip_model, tok, cfg, "clip", seconds)
+    times, models = {"clip": seconds}, {}
+    vision = {k: v.detach().clone() for k, v in clip_model.vision.state_dict().items()}
+    for variant in ("unified", "cross"):
+        models[variant], times[variant] = train_captioner(cfg, variant, vision, data, tok, device)
+        save_model(models[variant], tok, cfg, variant, times[variant])
+    res = evaluate(models, clip_model, tok, cfg, device, data, times)
+    print(f"train mode: {time.time() - t0:.0f} s wall in all")
+    return res
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Generate and evaluate
 
@@ -1141,13 +1146,13 @@ def generate(model, frames, cfg, device):
     model.eval()
     with autocast(cfg, device):
         visual = model.encode(frames.to(device))
-        ids = torch.zeros(len(frames), 1, dtype=torch.long, device=device)  # BOS
+        ids = torch.full((len(frames), 1), EOT, dtype=torch.long, device=device)  # BOS
         done = torch.zeros(len(frames), dtype=torch.bool, device=device)
         for _ in range(cfg.max_len - 1):
             nxt = model(visual, ids)[0][:, -1].argmax(-1)  # (B,)
-            nxt = nxt.masked_fill(done, 0)
+            nxt = nxt.masked_fill(done, EOT)
             ids = torch.cat([ids, nxt[:, None]], 1)
-            done |= nxt == 0
+            done |= nxt == EOT
             if done.all():
                 break
     out = []
@@ -1164,6 +1169,20 @@ def caption_all(model, tok, clips, cfg, device, batch=64):
             preds.append(tok.decode(ids))
             n_tok += len(ids) + 1  # + the EOS it produced
     return preds, n_tok / (time.time() - t0)
+
+
+@torch.no_grad()
+def zero_shot(model, tok, cfg, imgs, caps, device):
+    """Classify each image among the 18 class prompts 'a <colour> <shape>' by cosine similarity."""
+    prompts = [f"a {c} {s}" for c, s in CLASSES]
+    ids, lengths = pad_batch([tok.encode(p) for p in prompts], cfg.max_len)
+    with autocast(cfg, device):
+        txt = model.encode_text(ids.to(device), lengths.to(device)).float()  # (18, E)
+        pred = torch.cat([(model.encode_image(to_pixels(imgs[i:i + 256]).to(device)).float() @ txt.t()).argmax(-1)
+                          for i in range(0, len(imgs), 256)]).cpu()
+    acc = sum(prompts[p] == c for p, c in zip(pred.tolist(), caps)) / len(caps)
+    return {"n": len(caps), "zero_shot_accuracy": acc,
+            "samples": [{"pred": prompts[p], "ref": c} for p, c in list(zip(pred.tolist(), caps))[:3]]}
 
 
 def heat_png(path, w, frames, labels, title):
@@ -1213,27 +1232,28 @@ def attention_maps(model, tok, clip, cfg, device):
 def evaluate(models, clip_model, tok, cfg, device, data, seconds):
     """Score CLIP zero-shot and both captioners on test and novel; print the table and samples; write eval.json and
     the heat maps."""
-    res = {"test": {}, "novel": {}}
+    # eval.json: {"test": {model: metrics}, "novel": {variant: metrics}, "train_seconds": total}; each test entry
+    # also holds the model's size, its training time and (captioners) its generation speed
+    res = {"test": {}, "novel": {}, "train_seconds": sum(seconds.values())}
     res["test"]["clip"] = zero_shot(clip_model, tok, cfg, data["images"]["test"][1], data["images"]["test"][0], device)
-    speed = {}
+    res["test"]["clip"].update(params=n_params(clip_model), train_seconds=seconds["clip"])
     for name, model in models.items():
         for split in ("test", "novel"):
             caps, clips = data["videos"][split]
             preds, tps = caption_all(model, tok, clips, cfg, device)
             res[split][name] = {"n": len(caps), "exact_match": exact_match(preds, caps),
                                 "samples": [{"pred": p, "ref": r} for p, r in list(zip(preds, caps))[:4]]}
-            if split == "test":
-                speed[name] = tps
-    res["train_seconds"] = sum(seconds.values())
-    res["variants"] = {n: {"params": n_params(m), "train_seconds": seconds[n], "gen_tokens_per_s": speed[n]}
-                       for n, m in models.items()}
-    res["clip"] = {"params": n_params(clip_model), "train_seconds": seconds["clip"]}
+        # both wirings share the frame encoder (CLIP ViT + motion features); "wiring" counts what differs
+        shared = sum(n_params(m) for m in (model.vision, model.motion, model.summary) if m is not None)
+        res["test"][name].update(params=n_params(model), params_wiring=n_params(model) - shared,
+                                 train_seconds=seconds[name], gen_tokens_per_s=tps)
     print(f"\nCLIP zero-shot over {len(CLASSES)} class prompts on new images: "
           f"{res['test']['clip']['zero_shot_accuracy']:.1%} (n={res['test']['clip']['n']})")
-    print(f"\n{'variant':<10} {'params':>9} {'train s':>8} {'EM test':>8} {'EM novel':>9} {'gen tok/s':>10}")
+    print(f"\n{'variant':<10} {'params':>9} {'wiring':>9} {'train s':>8} {'EM test':>8} {'EM novel':>9} "
+          f"{'gen tok/s':>10}")
     for n in models:
-        v = res["variants"][n]
-        print(f"{n:<10} {v['params']:>9,} {v['train_seconds']:>8.1f} {res['test'][n]['exact_match']:>8.1%} "
+        v = res["test"][n]
+        print(f"{n:<10} {v['params']:>9,} {v['params_wiring']:>9,} {v['train_seconds']:>8.1f} {v['exact_match']:>8.1%} "
               f"{res['novel'][n]['exact_match']:>9.1%} {v['gen_tokens_per_s']:>10.0f}")
     for n in models:
         for s in res["test"][n]["samples"][:2] + res["novel"][n]["samples"][:2]:
@@ -1248,24 +1268,6 @@ def evaluate(models, clip_model, tok, cfg, device, data, seconds):
             heat_png(path, w, clip.numpy(), labels, f"{name}: {caption}")
             print(f"wrote {path}")
     print(f"wrote {os.path.join(cfg.out_dir, 'eval.json')}")
-    return res
-
-
-def train(cfg):
-    device = pick_device(cfg.device)
-    t0 = time.time()
-    data, tok = prepare_data(cfg)
-    print(f"data ready in {time.time() - t0:.1f} s: {len(tok.ids)} token table entries, "
-          f"{len(data['images']['train'][0])} train images, {len(data['videos']['train'][0])} train clips")
-    clip_model, seconds = train_clip(cfg, data, tok, device)
-    save_model(clip_model, tok, cfg, "clip", seconds)
-    times, models = {"clip": seconds}, {}
-    vision = {k: v.detach().clone() for k, v in clip_model.vision.state_dict().items()}
-    for variant in ("unified", "cross"):
-        models[variant], times[variant] = train_captioner(cfg, variant, vision, data, tok, device)
-        save_model(models[variant], tok, cfg, variant, times[variant])
-    res = evaluate(models, clip_model, tok, cfg, device, data, times)
-    print(f"train mode: {time.time() - t0:.0f} s wall in all")
     return res
 
 
