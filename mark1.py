@@ -43,6 +43,7 @@ Commands:
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -878,11 +879,13 @@ class Mark1(nn.Module):
         # boundary 2: the prefix enters the LLM in the LLM's own dtype and device
         return prefix.to(self.devices["llm"], self.llm.lm_head.weight.dtype), frame_logits
 
-    def forward(self, feats, q_ids, q_valid, inp, tgt=None, labels=None):
+    def forward(self, feats, q_ids, q_valid, inp, tgt=None, labels=None, n_tok=None, n_clip=None):
         """Training forward on right-padded text. inp/tgt (B, L): prompt+answer tokens and their next-token targets
         (-100 on prompt and pad). -> (logits, loss, frame logits (B, F)); logits are (B, L, V) without tgt and
         (A, V) at the A answer positions with it: lm_head (V x D, the largest product at Qwen3 scale) runs only
-        there."""
+        there. The losses are sums over this batch divided by n_tok answer tokens (CE) and n_clip clips (BCE, per
+        frame): this batch's own counts by default (plain means); training passes the counts of the whole global
+        batch, so its micro-batches and ranks add up to the global batch's mean however it is split."""
         prefix, frame_logits = self.fuse(feats, q_ids, q_valid)
         x = torch.cat((prefix, self.embed(inp).to(prefix.dtype)), 1)  # (B, N+L, D)
         h = self.llm(x, head=False)[:, prefix.shape[1]:]  # (B, L, D); causal mask: right padding needs no mask
@@ -890,9 +893,10 @@ class Mark1(nn.Module):
             return self.llm.lm_head(h), None, frame_logits
         keep = tgt.to(h.device) != -100  # (B, L) the answer tokens, the only positions the loss reads
         logits = self.llm.lm_head(h[keep])  # (A, V)
-        ce = F.cross_entropy(logits.float(), tgt.to(h.device)[keep])
+        ce = F.cross_entropy(logits.float(), tgt.to(h.device)[keep], reduction="sum") / (n_tok or int(keep.sum()))
         pw = torch.tensor(self.cfg.pos_weight, device=frame_logits.device)
-        bce = F.binary_cross_entropy_with_logits(frame_logits.float(), labels.to(frame_logits.device), pos_weight=pw)
+        bce = F.binary_cross_entropy_with_logits(frame_logits.float(), labels.to(frame_logits.device), pos_weight=pw,
+                                                 reduction="sum") / ((n_clip or len(labels)) * labels.shape[1])
         self.parts = (ce.item(), bce.item())  # for the log line
         return logits, ce + self.cfg.lam * bce.to(ce.device), frame_logits
 
@@ -1286,32 +1290,51 @@ def make_optimizer(model, cfg):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95)), params
 
 
-def accumulate(model, cache, tok, entries, tr, idx, cfg, rank, world, device):
-    """Forward + backward over this rank's micro-batches of one global batch `idx`; -> [(loss, ce, bce)] per batch.
-    Gradients are summed over micro-batches, each weighted by its share of the global batch, so any split of the same
-    global batch (grad_accum x ranks) gives the same averaged gradient once the ranks average theirs."""
-    out, per_rank = [], len(idx) / world
+def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, device):
+    """Forward + backward over this rank's micro-batches of one global batch `idx` -> the global batch's mean
+    (loss, ce, bce). The losses are divided by the global batch's answer-token and clip counts (Mark1.forward), so the
+    micro-batches of all ranks add up to the global batch's mean: any split gives the same gradient.
+    `fwd` is the DDP-wrapped model under torchrun (else the model itself): the earlier micro-batches run under
+    no_sync(), and the backward of the last one all-reduces the summed gradients. DDP averages over ranks, so each
+    rank's loss counts `world` times. DDP also expects a gradient for every trainable parameter in that backward;
+    every forward uses them all, so the one gap is a rank left without clips (a global batch shorter than
+    batch_size x grad_accum x ranks): it runs the first clip with weight 0, an exact zero gradient. That keeps DDP's
+    plain mode, without find_unused_parameters and its graph walk after every forward."""
+    n_tok = sum(len(tok.target(entries[i]["answer"])) for i in idx.tolist())  # answer tokens in the global batch
+    ddp, share = isinstance(fwd, nn.parallel.DistributedDataParallel), torch.zeros(3)
     for a in range(cfg.grad_accum):
         mb = idx[(a * world + rank) * cfg.batch_size:(a * world + rank + 1) * cfg.batch_size]
-        if len(mb) == 0:  # a short last batch: nothing here, but the gradient all-reduce below still runs on every rank
-            continue
+        mb, w = (mb, world) if len(mb) else (idx[:1], 0)  # an empty micro-batch: one clip that counts 0
         q_ids, q_valid, inp, tgt = text_batch([entries[i] for i in mb], tok)
-        with autocast(cfg, device):
-            feats = cache("train", mb, tr["clips"])
-            _, loss, _ = model(feats, q_ids, q_valid, inp, tgt, tr["labels"][mb])
-        if not torch.isfinite(loss):
-            raise UserError(f"loss became {loss.item()}; lower --lr or use --dtype float32")
-        (loss * len(mb) / per_rank).backward()
-        out.append((loss.item(), *model.parts))
-    return out
+        with fwd.no_sync() if ddp and a < cfg.grad_accum - 1 else contextlib.nullcontext():
+            with autocast(cfg, device):  # a trainable encoder runs here, outside fwd: DDP hooks its gradients too
+                feats = cache("train", mb, tr["clips"])
+                _, loss, _ = fwd(feats, q_ids, q_valid, inp, tgt, tr["labels"][mb], n_tok, len(idx))
+            if not torch.isfinite(loss):
+                raise UserError(f"loss became {loss.item()}; lower --lr or use --dtype float32")
+            (loss * w).backward()
+        share += torch.tensor([loss.item(), *model.parts]) * (w > 0)  # this micro-batch's part of the means
+    if ddp:
+        dist.all_reduce(share)  # three numbers, so that the log line shows the whole global batch
+    return share.tolist()
+
+
+def setup_distributed(cfg):
+    """-> (ddp, rank, world): torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA with one GPU per rank (LOCAL_RANK
+    becomes the current device, so "cuda" means this rank's GPU; a --device_map is taken as given)."""
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1  # one process unless torchrun started several
+    if ddp:
+        cuda = torch.cuda.is_available() and cfg.device != "cpu"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return ddp, rank, world
 
 
 def train(cfg, resume=False, overrides=None):
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+    ddp, rank, world = setup_distributed(cfg)
     say = print if rank == 0 else (lambda *a, **k: None)
     t0, step = time.time(), 0
     if resume:  # the saved config and token table rebuild the model; towers load once, the optimiser is built once
@@ -1347,6 +1370,12 @@ def train(cfg, resume=False, overrides=None):
     cache = FeatureCache(model, cfg.feature_cache)
     gbatch = cfg.batch_size * cfg.grad_accum * world
     model.train()
+    fwd = model  # what the training forward calls; `model` itself is what is saved and evaluated (no "module.")
+    if ddp:  # the whole model, one plain forward: DDP all-reduces only parameters with requires_grad, so frozen
+        # towers add no traffic per step (rank 0's weights are broadcast once here); no buffer changes in training;
+        # device_ids=None: the model places its own parts (one device, or several through --device_map)
+        fwd = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        say(f"{type(fwd).__name__}: {world} processes ({dist.get_backend()}), {gbatch} clips per step")
     t_log, losses = time.time(), []
     end = min(cfg.max_steps, cfg.stop_after) if cfg.stop_after else cfg.max_steps
     while step < end:
@@ -1354,20 +1383,16 @@ def train(cfg, resume=False, overrides=None):
             g["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
         idx = global_batch(step, len(entries), gbatch, cfg.seed)
-        losses += accumulate(model, cache, tok, entries, tr, idx, cfg, rank, world, devices["llm"])
-        if ddp:  # average the gradients; a parameter without one takes part as zeros, so no rank waits forever
-            for p in params:
-                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-                dist.all_reduce(p.grad)
-                p.grad /= world
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        stats = accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devices["llm"])
+        losses.append(stats + [torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()])  # + the norm before clipping
         opt.step()
         step += 1
         if step % cfg.log_interval == 0 or step == end:
             dt = (time.time() - t_log) / cfg.log_interval
-            lo, ce, bce = (sum(x[k] for x in losses) / max(1, len(losses)) for k in range(3))
-            say(f"step {step}/{cfg.max_steps} | loss {lo:.4f} (ce {ce:.3f}, bce {bce:.3f}) | lr {lr_at(step - 1, cfg):.2e} | "
-                f"{dt * 1000:.0f} ms | {gbatch / dt:.0f} samples/s | eta {dt * (end - step) / 60:.1f}m")
+            lo, ce, bce, gn = (sum(x[k] for x in losses) / max(1, len(losses)) for k in range(4))
+            say(f"step {step}/{cfg.max_steps} | loss {lo:.4f} (ce {ce:.3f}, bce {bce:.3f}) | grad norm {gn:.4f} | "
+                f"lr {lr_at(step - 1, cfg):.2e} | {dt * 1000:.0f} ms | {gbatch / dt:.0f} samples/s | "
+                f"eta {dt * (end - step) / 60:.1f}m")
             t_log, losses = time.time(), []
         if rank == 0 and (step % cfg.eval_interval == 0 or step == end):
             save_checkpoint(model, tok, cfg, opt, step, torch.get_rng_state())
