@@ -355,7 +355,8 @@ def check_choices(choices, where):
         raise UserError(f"{where}: choices must be a list of at least two strings like 'A. ...'")
     for k, c in enumerate(choices):
         if not CHOICE_RE.match(c) or c[0] != "ABCDEFGHIJ"[k]:
-            raise UserError(f"{where}: choice {c!r} is not in the form '{'ABCDEFGHIJ'[k]}. text' (A, B, C, ... in order)")
+            raise UserError(f"{where}: choice {c!r} is not in the form '{'ABCDEFGHIJ'[k]}. text' "
+                            "(A, B, C, ... in order)")
 
 
 def frame_labels(support_times, times, duration, where):
@@ -434,7 +435,8 @@ class QwenTokenizer:
         try:
             j = json.load(open(path, encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: cannot read the tokenizer ({e}); the Qwen3 checkpoint folder needs tokenizer.json")
+            raise UserError(f"{path}: cannot read the tokenizer ({e}); "
+                            "the Qwen3 checkpoint folder needs tokenizer.json")
         if j.get("model", {}).get("type") != "BPE":
             raise UserError(f"{path}: not a byte-level BPE tokenizer (Qwen3's tokenizer.json expected)")
         dec = {c: b for b, c in bytes_to_unicode().items()}
@@ -713,9 +715,9 @@ class BertLayer(nn.Module):
 
 
 class Bridge(nn.Module):
-    """The trainable part. The V-JEPA 2 encoder carries no absolute position (RoPE only), and cross-attention is blind to
-    token order, so the bridge adds a learned (tubelet, row, column) embedding to the projected video tokens: without
-    it the temporal queries could not tell *when* anything happened."""
+    """The trainable part. The V-JEPA 2 encoder carries no absolute position (RoPE only), and cross-attention is blind
+    to token order, so the bridge adds a learned (tubelet, row, column) embedding to the projected video tokens:
+    without it the temporal queries could not tell *when* anything happened."""
 
     def __init__(self, cfg, v_width, d, n_tubelet, grid):
         super().__init__()
@@ -966,8 +968,9 @@ def load_vjepa2(path, dtype=None, device="cpu"):
         raise UserError(f"{path}: hidden_act {conf['hidden_act']!r} is not supported (gelu expected)")
     with torch.device("meta"):
         enc = VJEPA2Encoder(conf.get("hidden_size", 1024), conf.get("num_hidden_layers", 24),
-                            conf.get("num_attention_heads", 16), conf.get("patch_size", 16), conf.get("tubelet_size", 2),
-                            conf.get("crop_size", 256), conf.get("mlp_ratio", 4.0), conf.get("layer_norm_eps", 1e-6))
+                            conf.get("num_attention_heads", 16), conf.get("patch_size", 16),
+                            conf.get("tubelet_size", 2), conf.get("crop_size", 256), conf.get("mlp_ratio", 4.0),
+                            conf.get("layer_norm_eps", 1e-6))
     ignored = [k for k in keys if not k.removeprefix("vjepa2.").startswith("encoder.")]
 
     def mapping(k):
@@ -1163,10 +1166,10 @@ def pick_device(name):  # "auto" -> cuda, else mps, else cpu; any other name as 
 
 def check_device(dev, what):
     kind, _, idx = dev.partition(":")
-    ok = kind == "cpu" or (kind == "cuda" and torch.cuda.is_available() and (not idx or int(idx) < torch.cuda.device_count())) \
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    ok = kind == "cpu" or (kind == "cuda" and n > 0 and (not idx or int(idx) < n)) \
         or (kind == "mps" and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available())
     if not ok or (idx and not idx.isdigit()):
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         raise UserError(f"{what}: device {dev!r} does not exist here ({n} CUDA devices); use cpu or an existing cuda:N")
     return dev
 
@@ -1229,7 +1232,8 @@ def text_batch(items, tok, with_answer=True):
     """items: dicts with question/choices/answer -> question ids + mask (B, Lq), and right-padded prompt+answer
     inputs/targets (B, L) with -100 on prompt and pad positions."""
     q_ids, q_valid = pad_left([tok.encode(it["question"]) or [tok.eos] for it in items], tok.eos)
-    seqs = [(tok.prompt(it["question"], it["choices"]), tok.target(it["answer"]) if with_answer else []) for it in items]
+    seqs = [(tok.prompt(it["question"], it["choices"]), tok.target(it["answer"]) if with_answer else [])
+            for it in items]
     L = max(len(p) + len(a) for p, a in seqs) - 1  # inputs drop the last token, targets the first
     inp = torch.full((len(items), L), tok.eos, dtype=torch.long)
     tgt = torch.full((len(items), L), -100, dtype=torch.long)
@@ -1272,7 +1276,8 @@ def prepare_data(cfg, rank=0):
             build_world(cfg)
         if dist.is_initialized():
             dist.barrier()
-        splits = {s: read_annotations(os.path.join(cfg.data_dir, f"{s}.json")) for s in ("train", "val", "test", "novel")}
+        splits = {s: read_annotations(os.path.join(cfg.data_dir, f"{s}.json"))
+                  for s in ("train", "val", "test", "novel")}
     return {s: (e, load_split(e, cfg)) for s, e in splits.items()}
 
 
@@ -1384,7 +1389,8 @@ def train(cfg, resume=False, overrides=None):
         opt.zero_grad(set_to_none=True)
         idx = global_batch(step, len(entries), gbatch, cfg.seed)
         stats = accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devices["llm"])
-        losses.append(stats + [torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()])  # + the norm before clipping
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # the global norm before clipping
+        losses.append(stats + [norm.item()])
         opt.step()
         step += 1
         if step % cfg.log_interval == 0 or step == end:
@@ -1469,8 +1475,8 @@ def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):
     -> (list of answer token lists, frame logits (B, F))."""
     q_ids, q_valid = pad_left([tok.encode(it["question"]) or [tok.eos] for it in items], tok.eos)
     prefix, frame_logits = model.fuse(feats, q_ids, q_valid)
-    rows = [torch.cat((prefix[i], model.embed(torch.tensor(tok.prompt(it["question"], it["choices"]))).to(prefix.dtype)), 0)
-            for i, it in enumerate(items)]  # (N + Lp_i, D) each
+    prompts = [model.embed(torch.tensor(tok.prompt(it["question"], it["choices"]))) for it in items]  # (Lp_i, D)
+    rows = [torch.cat((prefix[i], p.to(prefix.dtype)), 0) for i, p in enumerate(prompts)]  # (N + Lp_i, D) each
     x, valid = left_pad_rows(rows, model.devices["llm"])
     ids = llm_generate(model.llm, model.embed, x, valid, tok.eos, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                        cfg.top_p, use_cache, generator)
@@ -1501,7 +1507,8 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):
         preds, sal = answer_split(model, tok, cfg, entries, split, ds, cache)
         gold = ds["labels"].int().tolist()
         pred_lab = [[int(s > cfg.threshold) for s in row] for row in sal]
-        segs = [segment_from_scores(row, ds["times"][i], ds["durations"][i], cfg.threshold) for i, row in enumerate(sal)]
+        segs = [segment_from_scores(row, ds["times"][i], ds["durations"][i], cfg.threshold)
+                for i, row in enumerate(sal)]
         gsegs = [segment_from_scores(g, ds["times"][i], ds["durations"][i], 0.5) for i, g in enumerate(gold)]
         m = dict(n=len(entries), mcq_accuracy=mcq_accuracy(preds, [e["answer"] for e in entries]),
                  exact_match=sum(p == e["answer"] for p, e in zip(preds, entries)) / len(entries),
@@ -1532,7 +1539,8 @@ def frame_strip(clip, sal, gold, path, title):
         x = i * (S + 2)
         img[:S, x:x + S] = fr
         h = int(round(30 * sal[i]))
-        cv2.rectangle(img, (x + 4, S + 34 - h), (x + S - 4, S + 34), (60, 180, 60) if sal[i] > 0.5 else (150, 150, 150), -1)
+        bar = (60, 180, 60) if sal[i] > 0.5 else (150, 150, 150)  # green above 0.5
+        cv2.rectangle(img, (x + 4, S + 34 - h), (x + S - 4, S + 34), bar, -1)
         if gold is not None and gold[i]:
             cv2.rectangle(img, (x, S + 36), (x + S, S + 39), (40, 40, 220), -1)
     cv2.putText(img, title[:F_ * 10], (2, S + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
