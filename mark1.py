@@ -43,6 +43,7 @@ Commands:
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -354,7 +355,8 @@ def check_choices(choices, where):
         raise UserError(f"{where}: choices must be a list of at least two strings like 'A. ...'")
     for k, c in enumerate(choices):
         if not CHOICE_RE.match(c) or c[0] != "ABCDEFGHIJ"[k]:
-            raise UserError(f"{where}: choice {c!r} is not in the form '{'ABCDEFGHIJ'[k]}. text' (A, B, C, ... in order)")
+            raise UserError(f"{where}: choice {c!r} is not in the form '{'ABCDEFGHIJ'[k]}. text' "
+                            "(A, B, C, ... in order)")
 
 
 def frame_labels(support_times, times, duration, where):
@@ -433,7 +435,8 @@ class QwenTokenizer:
         try:
             j = json.load(open(path, encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: cannot read the tokenizer ({e}); the Qwen3 checkpoint folder needs tokenizer.json")
+            raise UserError(f"{path}: cannot read the tokenizer ({e}); "
+                            "the Qwen3 checkpoint folder needs tokenizer.json")
         if j.get("model", {}).get("type") != "BPE":
             raise UserError(f"{path}: not a byte-level BPE tokenizer (Qwen3's tokenizer.json expected)")
         dec = {c: b for b, c in bytes_to_unicode().items()}
@@ -712,9 +715,9 @@ class BertLayer(nn.Module):
 
 
 class Bridge(nn.Module):
-    """The trainable part. The V-JEPA 2 encoder carries no absolute position (RoPE only), and cross-attention is blind to
-    token order, so the bridge adds a learned (tubelet, row, column) embedding to the projected video tokens: without
-    it the temporal queries could not tell *when* anything happened."""
+    """The trainable part. The V-JEPA 2 encoder carries no absolute position (RoPE only), and cross-attention is blind
+    to token order, so the bridge adds a learned (tubelet, row, column) embedding to the projected video tokens:
+    without it the temporal queries could not tell *when* anything happened."""
 
     def __init__(self, cfg, v_width, d, n_tubelet, grid):
         super().__init__()
@@ -878,11 +881,13 @@ class Mark1(nn.Module):
         # boundary 2: the prefix enters the LLM in the LLM's own dtype and device
         return prefix.to(self.devices["llm"], self.llm.lm_head.weight.dtype), frame_logits
 
-    def forward(self, feats, q_ids, q_valid, inp, tgt=None, labels=None):
+    def forward(self, feats, q_ids, q_valid, inp, tgt=None, labels=None, n_tok=None, n_clip=None):
         """Training forward on right-padded text. inp/tgt (B, L): prompt+answer tokens and their next-token targets
         (-100 on prompt and pad). -> (logits, loss, frame logits (B, F)); logits are (B, L, V) without tgt and
         (A, V) at the A answer positions with it: lm_head (V x D, the largest product at Qwen3 scale) runs only
-        there."""
+        there. The losses are sums over this batch divided by n_tok answer tokens (CE) and n_clip clips (BCE, per
+        frame): this batch's own counts by default (plain means); training passes the counts of the whole global
+        batch, so its micro-batches and ranks add up to the global batch's mean however it is split."""
         prefix, frame_logits = self.fuse(feats, q_ids, q_valid)
         x = torch.cat((prefix, self.embed(inp).to(prefix.dtype)), 1)  # (B, N+L, D)
         h = self.llm(x, head=False)[:, prefix.shape[1]:]  # (B, L, D); causal mask: right padding needs no mask
@@ -890,9 +895,10 @@ class Mark1(nn.Module):
             return self.llm.lm_head(h), None, frame_logits
         keep = tgt.to(h.device) != -100  # (B, L) the answer tokens, the only positions the loss reads
         logits = self.llm.lm_head(h[keep])  # (A, V)
-        ce = F.cross_entropy(logits.float(), tgt.to(h.device)[keep])
+        ce = F.cross_entropy(logits.float(), tgt.to(h.device)[keep], reduction="sum") / (n_tok or int(keep.sum()))
         pw = torch.tensor(self.cfg.pos_weight, device=frame_logits.device)
-        bce = F.binary_cross_entropy_with_logits(frame_logits.float(), labels.to(frame_logits.device), pos_weight=pw)
+        bce = F.binary_cross_entropy_with_logits(frame_logits.float(), labels.to(frame_logits.device), pos_weight=pw,
+                                                 reduction="sum") / ((n_clip or len(labels)) * labels.shape[1])
         self.parts = (ce.item(), bce.item())  # for the log line
         return logits, ce + self.cfg.lam * bce.to(ce.device), frame_logits
 
@@ -962,8 +968,9 @@ def load_vjepa2(path, dtype=None, device="cpu"):
         raise UserError(f"{path}: hidden_act {conf['hidden_act']!r} is not supported (gelu expected)")
     with torch.device("meta"):
         enc = VJEPA2Encoder(conf.get("hidden_size", 1024), conf.get("num_hidden_layers", 24),
-                            conf.get("num_attention_heads", 16), conf.get("patch_size", 16), conf.get("tubelet_size", 2),
-                            conf.get("crop_size", 256), conf.get("mlp_ratio", 4.0), conf.get("layer_norm_eps", 1e-6))
+                            conf.get("num_attention_heads", 16), conf.get("patch_size", 16),
+                            conf.get("tubelet_size", 2), conf.get("crop_size", 256), conf.get("mlp_ratio", 4.0),
+                            conf.get("layer_norm_eps", 1e-6))
     ignored = [k for k in keys if not k.removeprefix("vjepa2.").startswith("encoder.")]
 
     def mapping(k):
@@ -1159,10 +1166,10 @@ def pick_device(name):  # "auto" -> cuda, else mps, else cpu; any other name as 
 
 def check_device(dev, what):
     kind, _, idx = dev.partition(":")
-    ok = kind == "cpu" or (kind == "cuda" and torch.cuda.is_available() and (not idx or int(idx) < torch.cuda.device_count())) \
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    ok = kind == "cpu" or (kind == "cuda" and n > 0 and (not idx or int(idx) < n)) \
         or (kind == "mps" and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available())
     if not ok or (idx and not idx.isdigit()):
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         raise UserError(f"{what}: device {dev!r} does not exist here ({n} CUDA devices); use cpu or an existing cuda:N")
     return dev
 
@@ -1225,7 +1232,8 @@ def text_batch(items, tok, with_answer=True):
     """items: dicts with question/choices/answer -> question ids + mask (B, Lq), and right-padded prompt+answer
     inputs/targets (B, L) with -100 on prompt and pad positions."""
     q_ids, q_valid = pad_left([tok.encode(it["question"]) or [tok.eos] for it in items], tok.eos)
-    seqs = [(tok.prompt(it["question"], it["choices"]), tok.target(it["answer"]) if with_answer else []) for it in items]
+    seqs = [(tok.prompt(it["question"], it["choices"]), tok.target(it["answer"]) if with_answer else [])
+            for it in items]
     L = max(len(p) + len(a) for p, a in seqs) - 1  # inputs drop the last token, targets the first
     inp = torch.full((len(items), L), tok.eos, dtype=torch.long)
     tgt = torch.full((len(items), L), -100, dtype=torch.long)
@@ -1268,7 +1276,8 @@ def prepare_data(cfg, rank=0):
             build_world(cfg)
         if dist.is_initialized():
             dist.barrier()
-        splits = {s: read_annotations(os.path.join(cfg.data_dir, f"{s}.json")) for s in ("train", "val", "test", "novel")}
+        splits = {s: read_annotations(os.path.join(cfg.data_dir, f"{s}.json"))
+                  for s in ("train", "val", "test", "novel")}
     return {s: (e, load_split(e, cfg)) for s, e in splits.items()}
 
 
@@ -1286,32 +1295,51 @@ def make_optimizer(model, cfg):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95)), params
 
 
-def accumulate(model, cache, tok, entries, tr, idx, cfg, rank, world, device):
-    """Forward + backward over this rank's micro-batches of one global batch `idx`; -> [(loss, ce, bce)] per batch.
-    Gradients are summed over micro-batches, each weighted by its share of the global batch, so any split of the same
-    global batch (grad_accum x ranks) gives the same averaged gradient once the ranks average theirs."""
-    out, per_rank = [], len(idx) / world
+def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, device):
+    """Forward + backward over this rank's micro-batches of one global batch `idx` -> the global batch's mean
+    (loss, ce, bce). The losses are divided by the global batch's answer-token and clip counts (Mark1.forward), so the
+    micro-batches of all ranks add up to the global batch's mean: any split gives the same gradient.
+    `fwd` is the DDP-wrapped model under torchrun (else the model itself): the earlier micro-batches run under
+    no_sync(), and the backward of the last one all-reduces the summed gradients. DDP averages over ranks, so each
+    rank's loss counts `world` times. DDP also expects a gradient for every trainable parameter in that backward;
+    every forward uses them all, so the one gap is a rank left without clips (a global batch shorter than
+    batch_size x grad_accum x ranks): it runs the first clip with weight 0, an exact zero gradient. That keeps DDP's
+    plain mode, without find_unused_parameters and its graph walk after every forward."""
+    n_tok = sum(len(tok.target(entries[i]["answer"])) for i in idx.tolist())  # answer tokens in the global batch
+    ddp, share = isinstance(fwd, nn.parallel.DistributedDataParallel), torch.zeros(3)
     for a in range(cfg.grad_accum):
         mb = idx[(a * world + rank) * cfg.batch_size:(a * world + rank + 1) * cfg.batch_size]
-        if len(mb) == 0:  # a short last batch: nothing here, but the gradient all-reduce below still runs on every rank
-            continue
+        mb, w = (mb, world) if len(mb) else (idx[:1], 0)  # an empty micro-batch: one clip that counts 0
         q_ids, q_valid, inp, tgt = text_batch([entries[i] for i in mb], tok)
-        with autocast(cfg, device):
-            feats = cache("train", mb, tr["clips"])
-            _, loss, _ = model(feats, q_ids, q_valid, inp, tgt, tr["labels"][mb])
-        if not torch.isfinite(loss):
-            raise UserError(f"loss became {loss.item()}; lower --lr or use --dtype float32")
-        (loss * len(mb) / per_rank).backward()
-        out.append((loss.item(), *model.parts))
-    return out
+        with fwd.no_sync() if ddp and a < cfg.grad_accum - 1 else contextlib.nullcontext():
+            with autocast(cfg, device):  # a trainable encoder runs here, outside fwd: DDP hooks its gradients too
+                feats = cache("train", mb, tr["clips"])
+                _, loss, _ = fwd(feats, q_ids, q_valid, inp, tgt, tr["labels"][mb], n_tok, len(idx))
+            if not torch.isfinite(loss):
+                raise UserError(f"loss became {loss.item()}; lower --lr or use --dtype float32")
+            (loss * w).backward()
+        share += torch.tensor([loss.item(), *model.parts]) * (w > 0)  # this micro-batch's part of the means
+    if ddp:
+        dist.all_reduce(share)  # three numbers, so that the log line shows the whole global batch
+    return share.tolist()
+
+
+def setup_distributed(cfg):
+    """-> (ddp, rank, world): torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA with one GPU per rank (LOCAL_RANK
+    becomes the current device, so "cuda" means this rank's GPU; a --device_map is taken as given)."""
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1  # one process unless torchrun started several
+    if ddp:
+        cuda = torch.cuda.is_available() and cfg.device != "cpu"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return ddp, rank, world
 
 
 def train(cfg, resume=False, overrides=None):
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+    ddp, rank, world = setup_distributed(cfg)
     say = print if rank == 0 else (lambda *a, **k: None)
     t0, step = time.time(), 0
     if resume:  # the saved config and token table rebuild the model; towers load once, the optimiser is built once
@@ -1347,6 +1375,12 @@ def train(cfg, resume=False, overrides=None):
     cache = FeatureCache(model, cfg.feature_cache)
     gbatch = cfg.batch_size * cfg.grad_accum * world
     model.train()
+    fwd = model  # what the training forward calls; `model` itself is what is saved and evaluated (no "module.")
+    if ddp:  # the whole model, one plain forward: DDP all-reduces only parameters with requires_grad, so frozen
+        # towers add no traffic per step (rank 0's weights are broadcast once here); no buffer changes in training;
+        # device_ids=None: the model places its own parts (one device, or several through --device_map)
+        fwd = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        say(f"{type(fwd).__name__}: {world} processes ({dist.get_backend()}), {gbatch} clips per step")
     t_log, losses = time.time(), []
     end = min(cfg.max_steps, cfg.stop_after) if cfg.stop_after else cfg.max_steps
     while step < end:
@@ -1354,20 +1388,17 @@ def train(cfg, resume=False, overrides=None):
             g["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
         idx = global_batch(step, len(entries), gbatch, cfg.seed)
-        losses += accumulate(model, cache, tok, entries, tr, idx, cfg, rank, world, devices["llm"])
-        if ddp:  # average the gradients; a parameter without one takes part as zeros, so no rank waits forever
-            for p in params:
-                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-                dist.all_reduce(p.grad)
-                p.grad /= world
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        stats = accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devices["llm"])
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # the global norm before clipping
+        losses.append(stats + [norm.item()])
         opt.step()
         step += 1
         if step % cfg.log_interval == 0 or step == end:
             dt = (time.time() - t_log) / cfg.log_interval
-            lo, ce, bce = (sum(x[k] for x in losses) / max(1, len(losses)) for k in range(3))
-            say(f"step {step}/{cfg.max_steps} | loss {lo:.4f} (ce {ce:.3f}, bce {bce:.3f}) | lr {lr_at(step - 1, cfg):.2e} | "
-                f"{dt * 1000:.0f} ms | {gbatch / dt:.0f} samples/s | eta {dt * (end - step) / 60:.1f}m")
+            lo, ce, bce, gn = (sum(x[k] for x in losses) / max(1, len(losses)) for k in range(4))
+            say(f"step {step}/{cfg.max_steps} | loss {lo:.4f} (ce {ce:.3f}, bce {bce:.3f}) | grad norm {gn:.4f} | "
+                f"lr {lr_at(step - 1, cfg):.2e} | {dt * 1000:.0f} ms | {gbatch / dt:.0f} samples/s | "
+                f"eta {dt * (end - step) / 60:.1f}m")
             t_log, losses = time.time(), []
         if rank == 0 and (step % cfg.eval_interval == 0 or step == end):
             save_checkpoint(model, tok, cfg, opt, step, torch.get_rng_state())
@@ -1444,8 +1475,8 @@ def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):
     -> (list of answer token lists, frame logits (B, F))."""
     q_ids, q_valid = pad_left([tok.encode(it["question"]) or [tok.eos] for it in items], tok.eos)
     prefix, frame_logits = model.fuse(feats, q_ids, q_valid)
-    rows = [torch.cat((prefix[i], model.embed(torch.tensor(tok.prompt(it["question"], it["choices"]))).to(prefix.dtype)), 0)
-            for i, it in enumerate(items)]  # (N + Lp_i, D) each
+    prompts = [model.embed(torch.tensor(tok.prompt(it["question"], it["choices"]))) for it in items]  # (Lp_i, D)
+    rows = [torch.cat((prefix[i], p.to(prefix.dtype)), 0) for i, p in enumerate(prompts)]  # (N + Lp_i, D) each
     x, valid = left_pad_rows(rows, model.devices["llm"])
     ids = llm_generate(model.llm, model.embed, x, valid, tok.eos, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                        cfg.top_p, use_cache, generator)
@@ -1476,7 +1507,8 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):
         preds, sal = answer_split(model, tok, cfg, entries, split, ds, cache)
         gold = ds["labels"].int().tolist()
         pred_lab = [[int(s > cfg.threshold) for s in row] for row in sal]
-        segs = [segment_from_scores(row, ds["times"][i], ds["durations"][i], cfg.threshold) for i, row in enumerate(sal)]
+        segs = [segment_from_scores(row, ds["times"][i], ds["durations"][i], cfg.threshold)
+                for i, row in enumerate(sal)]
         gsegs = [segment_from_scores(g, ds["times"][i], ds["durations"][i], 0.5) for i, g in enumerate(gold)]
         m = dict(n=len(entries), mcq_accuracy=mcq_accuracy(preds, [e["answer"] for e in entries]),
                  exact_match=sum(p == e["answer"] for p, e in zip(preds, entries)) / len(entries),
@@ -1507,7 +1539,8 @@ def frame_strip(clip, sal, gold, path, title):
         x = i * (S + 2)
         img[:S, x:x + S] = fr
         h = int(round(30 * sal[i]))
-        cv2.rectangle(img, (x + 4, S + 34 - h), (x + S - 4, S + 34), (60, 180, 60) if sal[i] > 0.5 else (150, 150, 150), -1)
+        bar = (60, 180, 60) if sal[i] > 0.5 else (150, 150, 150)  # green above 0.5
+        cv2.rectangle(img, (x + 4, S + 34 - h), (x + S - 4, S + 34), bar, -1)
         if gold is not None and gold[i]:
             cv2.rectangle(img, (x, S + 36), (x + S, S + 39), (40, 40, 220), -1)
     cv2.putText(img, title[:F_ * 10], (2, S + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)

@@ -1977,6 +1977,9 @@ def test_vl_autocast_auto(monkeypatch):
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -2332,22 +2335,24 @@ def test_mk_frame_to_key_map(tmp_path, n_frames, want):
 
 def test_mk_grad_accumulation_equals_big_batch(tmp_path):
     cfg = _mk_tiny_cfg(tmp_path)
-    model, tok = _mk_model(cfg)
-    items = [dict(question=q, choices=["A. it appears", "B. it stops"], answer=a)
-             for q, a in (("What happens?", "A. it appears"), ("What happens to the red circle?", "B. it stops"))] * 2
+    model, tok = _mk_model(cfg, ["What happens to the red circle?\nA. it appears\nB. it stops the red circle"])
+    items = [dict(question=q, choices=["A. it appears", "B. it stops the red circle"], answer=a) for q, a in
+             (("What happens?", "A. it appears"), ("What happens to the red circle?", "B. it stops the red circle"))] * 2
     clips = torch.randint(0, 255, (4, cfg.n_frames, 32, 32, 3), dtype=torch.uint8)
     labels = torch.randint(0, 2, (4, cfg.n_frames)).float()
 
     def grads(groups):
         model.zero_grad()
+        n_tok = sum(len(tok.target(it["answer"])) for it in items)  # answer tokens of the whole batch
         for g in groups:
             q_ids, q_valid, inp, tgt = mk.text_batch([items[i] for i in g], tok)
-            _, loss, _ = model(model.encode(clips[g]), q_ids, q_valid, inp, tgt, labels[g])
-            (loss * len(g) / 4).backward()
+            _, loss, _ = model(model.encode(clips[g]), q_ids, q_valid, inp, tgt, labels[g], n_tok, 4)
+            loss.backward()
         return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
-    # same answer lengths in each half, so the mean over answer tokens splits evenly
-    big, acc = grads([[0, 1, 2, 3]]), grads([[0, 1], [2, 3]])
+    # uneven parts with answers of different lengths: the whole batch's counts keep the sum exact
+    assert len(tok.target(items[0]["answer"])) != len(tok.target(items[1]["answer"]))
+    big, acc = grads([[0, 1, 2, 3]]), grads([[0], [1, 2, 3]])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(big, acc))
 
 
@@ -2478,20 +2483,33 @@ def test_mk_eval_and_predict_cli(mk_trained):
     assert img is not None and img.shape[1] == 8 * 66
 
 
-def test_mk_ddp_two_processes_gloo(mk_trained, tmp_path):
-    import subprocess
-    import sys
-    import socket
+def test_mk_ddp_two_processes_match_one(mk_trained, tmp_path, capsys):
+    """torchrun with 2 gloo processes of 2 micro-batches of 16 follows one process of batch 48, the whole training set:
+    the global batch (48 < 2 x 2 x 16) leaves rank 1's last micro-batch empty, and answers differ in length. The
+    logged gradient norms match too: AdamW and clipping would hide a gradient off by a constant factor."""
     d, _ = mk_trained
-    with socket.socket() as s:
+    cfg = _mk_tiny_cfg(tmp_path, data_dir=str(d / "data"), out_dir=str(tmp_path / "one"), batch_size=48, max_steps=3,
+                       log_interval=1)
+    mk.train(cfg)
+    norms = lambda out: [float(l.split("grad norm ")[1].split()[0]) for l in out.splitlines() if l.startswith("step ")]
+    single = norms(capsys.readouterr().out)
+    with socket.socket() as s:  # a free port: other test runs may share the machine
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           os.path.join(ROOT, "mark1.py"), "--train", "--preset", "tiny", "--max_steps", "2", "--data_dir",
-           str(d / "data"), "--out_dir", str(tmp_path / "ddp")]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+           os.path.join(ROOT, "mark1.py"), "--train", "--preset", "tiny", "--max_steps", "3", "--batch_size", "16",
+           "--grad_accum", "2", "--log_interval", "1", "--data_dir", d / "data", "--out_dir", tmp_path / "ddp",
+           "--device", "cpu"]
+    p = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
-    assert (tmp_path / "ddp" / "eval.json").is_file() and p.stdout.count("step 2/2") == 1
+    assert "DistributedDataParallel: 2 processes (gloo), 64 clips per step" in p.stdout  # the real wrapper's name
+    assert p.stdout.count("step 3/3") == 1 and (tmp_path / "ddp" / "eval.json").is_file()  # rank 0 alone
+    one, ddp = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("one", "ddp"))
+    assert one.keys() == ddp.keys() and not any(k.startswith("module.") for k in ddp)
+    for k in one:  # float noise only (Adam magnifies it where a gradient is near zero)
+        torch.testing.assert_close(ddp[k], one[k], atol=2e-5, rtol=1e-4, msg=k)
+    assert len(single) == 3 and norms(p.stdout) == pytest.approx(single, rel=1e-3)
 
 
 def test_mk_bad_inputs(mk_trained, tmp_path):
