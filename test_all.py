@@ -445,6 +445,22 @@ def test_vm_resume_keeps_the_checkpoint_architecture(_vm_trained, tmp_path):
     assert cfg.max_steps == 8 and cfg.n_dec_layer == vm.PRESETS["tiny"]["n_dec_layer"]
 
 
+def test_vm_original_preset_sizes():
+    """--preset original: the write-up's text-query design over the full GPT-2 vocabulary, without dropout or weight
+    decay; it gives no layer, width, head or frame counts, so those are the defaults."""
+    _, cfg, _ = vm.parse_args(["--preset", "original"])
+    default = vm.Config()
+    assert (cfg.qformer_mode, cfg.compact_vocab, cfg.dropout, cfg.weight_decay) == ("text", False, 0.0, 0.0)
+    sizes = ("n_frames", "img_size", "d_model", "n_head", "cnn_width", "grid", "n_temporal_layer", "n_dec_layer",
+             "max_len", "batch_size", "max_steps", "lr")
+    assert all(getattr(cfg, k) == getattr(default, k) for k in sizes)
+    tok = vm.Tokenizer.from_captions(["a red circle moves left"], cfg.compact_vocab)
+    model = vm.VideoLLaMAMini(cfg, len(tok.ids))
+    assert len(tok.ids) == 50257 and tok.ids[0] == 50256  # every GPT-2 id, <|endoftext|> first
+    assert model.tok.weight.shape == model.head.weight.shape == (50257, 128)
+    assert not hasattr(model, "qformer") and len(model.temporal) == len(model.decoder) == 2
+
+
 def test_vm_weight_decay_only_on_linear_and_conv_matrices():
     model, cfg = _vm_model("queries")
     decay, rest = vm.decay_groups(model, 0.1)
@@ -453,7 +469,7 @@ def test_vm_weight_decay_only_on_linear_and_conv_matrices():
     got = {names[id(p)] for p in decay["params"]}
     want = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
     assert got == {n + ".weight" for n in want}
-    for n in ("query", "q_scale", "q_shift", "tok.weight", "frames.cnn.1.weight", "ln_f.weight", "head.weight"):
+    for n in ("qformer.query", "qformer.scale", "qformer.shift", "tok.weight", "frames.cnn.1.weight", "ln_f.weight", "head.weight"):
         assert (n in got) == (n == "head.weight"), n  # 2-D and 3-D tensors that are not layer matrices stay out
     assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
 
