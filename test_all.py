@@ -1419,7 +1419,7 @@ def test_vl_inspect(vl_ckpt):
 
 
 def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_path, monkeypatch):
-    """End to end: mp4 -> OpenCV preprocessing -> our tokenizer + expansion -> CLI stream (eager, then --compile);
+    """End to end: mp4 -> preprocessing -> our tokenizer + expansion -> CLI stream (eager, then --compile);
     the same inputs through transformers give the same text."""
     ref, dirs = vl_ckpt
     from transformers import AutoTokenizer
@@ -1455,7 +1455,7 @@ def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_
 
 
 def test_vl_preprocessing():
-    assert vl.frame_indices(10, 8) == [0, 1, 2, 3, 5, 6, 7, 8]  # np.arange(0, 10, 1.25).astype(int)
+    assert vl.frame_indices(10, 8) == [0, 1, 2, 3, 5, 6, 7, 8]  # i*10//8
     assert vl.frame_indices(3, 8) == [0, 0, 0, 1, 1, 1, 2, 2]  # short clips repeat frames
     with pytest.raises(vl.UserError):
         vl.frame_indices(0, 8)
@@ -1482,11 +1482,90 @@ def test_vl_video_roundtrip_and_frame_folder(tmp_path):
     v = vl.load_video(path, 4, 20)
     assert v.shape == (4, 3, 20, 20)
     grey = v[:, 0].mean((1, 2)) * vl.CLIP_STD[0] + vl.CLIP_MEAN[0]  # back to [0, 1]
-    assert np.allclose(grey * 255, [0, 20, 60, 80], atol=4)  # frames 0, 1, 3, 4 = arange(0, 6, 1.5)
+    assert np.allclose(grey * 255, [0, 20, 60, 80], atol=4)  # frames 0, 1, 3, 4 = i*6//4
     os.makedirs(tmp_path / "frames")
     for i, f in enumerate(frames):
         cv2.imwrite(str(tmp_path / "frames" / f"{i:03d}.png"), f)
     assert np.allclose(vl.load_video(str(tmp_path / "frames"), 4, 20), v, atol=0.1)
+
+
+def _vl_hf_image_processor(tmp_path):
+    """The image processor transformers picks for a Video-LLaVA folder, built from a preprocessor_config.json like
+    the hub's (shortest edge 224, crop 224, bicubic = resample 3, CLIP mean/std); no download."""
+    from transformers import AutoImageProcessor
+    folder = tmp_path / "proc"
+    os.makedirs(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "VideoLlavaImageProcessor", "do_resize": True, "size": {"shortest_edge": 224},
+        "resample": 3, "do_center_crop": True, "crop_size": 224, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "do_convert_rgb": True, "image_mean": vl.CLIP_MEAN.tolist(),
+        "image_std": vl.CLIP_STD.tolist()}))
+    proc = AutoImageProcessor.from_pretrained(str(folder))
+    assert type(proc).__name__ == "VideoLlavaImageProcessor"
+    return proc
+
+
+def _vl_pixels(x):
+    """Normalised (..., 3, S, S) -> the [0, 255] pixel scale, where the tolerance is stated."""
+    x = np.asarray(x, np.float64)
+    return (x * vl.CLIP_STD[:, None, None] + vl.CLIP_MEAN[:, None, None]) * 255
+
+
+def _vl_textured(h, w, seed):
+    """A natural-looking uint8 RGB picture: sinusoid texture, sharp-edged rectangles, noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([128 + 60 * np.sin(x / (7 + 5 * c) + y / (11 + 3 * c)) + 40 * np.cos(x * y / 3000 + c)
+                    for c in range(3)], -1)
+    for _ in range(12):
+        y0, x0 = rng.integers(0, h - 20), rng.integers(0, w - 20)
+        img[y0:y0 + rng.integers(10, h // 3), x0:x0 + rng.integers(10, w // 3)] = rng.integers(0, 256, 3)
+    return np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+
+
+def test_vl_pixels_match_transformers_image_processor(tmp_path):
+    """A 1000x700 image with texture and edges: our loader's pixels against VideoLlavaImageProcessor's (PIL)."""
+    proc = _vl_hf_image_processor(tmp_path)
+    rgb = _vl_textured(700, 1000, 0)
+    cv2.imwrite(str(tmp_path / "big.png"), rgb[:, :, ::-1])
+    want = proc(images=[rgb], return_tensors="np", return_legacy_image_output=False)["pixel_values"][0]  # (3, 224, 224)
+    ours = vl.load_image(str(tmp_path / "big.png"), 224)
+    assert ours.shape == want.shape == (3, 224, 224)
+    diff = np.abs(_vl_pixels(ours) - _vl_pixels(want)).max()
+    print(f"image: max pixel difference {diff:.3f}/255")
+    assert diff <= 2
+
+
+def test_vl_video_pixels_and_frames_match_transformers(tmp_path):
+    """A 320x240 clip written by OpenCV (H.264 where OpenCV's FFmpeg can write it, else MPEG-4 Part 2), decoded,
+    sampled as transformers samples (default_sample_indices_fn) and preprocessed frame by frame by the processor
+    transformers can build without torchvision (the image one; its video processor runs the same antialiased
+    bicubic as our loader, on the same uint8 frames)."""
+    from transformers.video_utils import VideoMetadata, default_sample_indices_fn
+    for total, n in [(10, 8), (16, 8), (37, 8), (100, 8), (9, 4), (30, 7), (8, 8)]:
+        want = default_sample_indices_fn(VideoMetadata(total_num_frames=total, fps=24.0), num_frames=n)
+        assert vl.frame_indices(total, n) == want.tolist()
+        # the HF docs' np.arange(0, total, total/n) gives the same indices for these clips
+        assert np.arange(0, total, total / n).astype(int)[:n].tolist() == want.tolist()
+    path = str(tmp_path / "clip.mp4")
+    for fourcc in ("avc1", "mp4v"):
+        w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), 24, (320, 240))
+        if w.isOpened():
+            break
+    base = _vl_textured(240, 400, 1)
+    for t in range(20):  # the texture pans right 4 pixels a frame
+        w.write(np.ascontiguousarray(base[:, 4 * t:4 * t + 320, ::-1]))
+    w.release()
+    cap, frames = cv2.VideoCapture(path), []
+    while (got := cap.read())[0]:
+        frames.append(got[1][:, :, ::-1])  # RGB (240, 320, 3)
+    assert len(frames) == 20
+    idx = default_sample_indices_fn(VideoMetadata(total_num_frames=20, fps=24.0), num_frames=8)
+    want = _vl_hf_image_processor(tmp_path)(images=[frames[i] for i in idx], return_tensors="np", return_legacy_image_output=False)["pixel_values"]
+    ours = vl.load_video(path, 8, 224)  # (8, 3, 224, 224)
+    diff = np.abs(_vl_pixels(ours) - _vl_pixels(want)).max()
+    print(f"video ({fourcc}): max pixel difference {diff:.3f}/255")
+    assert ours.shape == want.shape and diff <= 2
 
 
 def test_vl_sampler_and_metrics():

@@ -357,17 +357,18 @@ def read_annotations(path):
 
 
 def clip_transform(rgb, size):
-    """uint8 (H, W, 3) RGB -> float32 (3, size, size): shortest edge to `size` (bicubic), centre crop, CLIP mean/std.
-    OpenCV's bicubic has no antialiasing, so a big shrink first goes through INTER_AREA to twice the target."""
+    """uint8 (H, W, 3) RGB -> float32 (3, size, size), the steps of transformers' Video-LLaVA processors
+    (video_processing_utils.BaseVideoProcessor._preprocess; VideoLlavaImageProcessor does the same in PIL)."""
     h, w = rgb.shape[:2]
+    # shortest edge -> size, long side int(size*long/short) (image_utils.get_resize_output_image_size)
     nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-    if min(h, w) > 2 * size:
-        rgb = cv2.resize(rgb, (2 * nw, 2 * nh), interpolation=cv2.INTER_AREA)
-    if rgb.shape[:2] != (nh, nw):
-        rgb = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_CUBIC)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    x = rgb[top:top + size, left:left + size].astype(np.float32) / 255.0
-    return ((x - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)  # (3, size, size)
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+    # bicubic (resample=3 in preprocessor_config.json) with antialiasing: on a shrink the kernel widens to cover
+    # every source pixel, as PIL's does; uint8 in gives rounded uint8 out, as PIL and torchvision give
+    x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True)[0]  # (3, nh, nw) uint8
+    top, left = (nh - size) // 2, (nw - size) // 2  # centre crop
+    x = x[:, top:top + size, left:left + size].float().numpy() / 255.0  # rescale to [0, 1]
+    return (x - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]  # (3, size, size), CLIP mean/std
 
 
 def load_image(path, size):
@@ -378,10 +379,11 @@ def load_image(path, size):
 
 
 def frame_indices(n_total, n_frames):
-    """The HF docs' uniform sampling: arange(0, total, total/n) as ints; short clips repeat indices."""
+    """Uniform sampling as transformers samples (video_utils.default_sample_indices_fn): frame i*total//n;
+    a clip shorter than n frames repeats frames (where transformers refuses)."""
     if n_total <= 0:
         raise UserError("video has no frames")
-    return np.arange(0, n_total, n_total / n_frames).astype(int)[:n_frames].tolist()
+    return [i * n_total // n_frames for i in range(n_frames)]
 
 
 def load_video(path, n_frames, size):
