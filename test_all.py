@@ -1454,6 +1454,23 @@ def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_
         vl.parse_args(["--bench", "--compile"])
 
 
+def test_vl_generate_hf_dtype_follows_dtype_auto(vl_ckpt, tmp_path, monkeypatch, capsys):
+    """--generate on an HF folder loads its weights in the dtype --dtype auto picks (faked CPU instruction sets),
+    or in the one asked for."""
+    cv2.imwrite(str(tmp_path / "a.png"), _vl_textured(40, 60, 2))
+    got, load = [], vl.load_pretrained
+    monkeypatch.setattr(vl, "load_pretrained", lambda path, dtype, device: got.append(dtype) or load(path, dtype, device))
+    argv = ["--generate", "--from_pretrained", vl_ckpt[1]["t5save"], "--image", str(tmp_path / "a.png"),
+            "--prompt", "What?", "--max_new_tokens", "1", "--device", "cpu"]
+    for native, extra, want in ((False, [], torch.float32), (True, [], torch.bfloat16),
+                                (False, ["--dtype", "bfloat16"], torch.bfloat16)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=native: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        vl.main(argv + extra)
+        assert got[-1] == want
+    capsys.readouterr()
+
+
 def test_vl_preprocessing():
     assert vl.frame_indices(10, 8) == [0, 1, 2, 3, 5, 6, 7, 8]  # i*10//8
     assert vl.frame_indices(3, 8) == [0, 0, 0, 1, 1, 1, 2, 2]  # short clips repeat frames

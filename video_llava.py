@@ -122,7 +122,7 @@ class Config:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     dtype: str = "auto"  # training autocast: auto = bfloat16 where the hardware has it, else float32 (autocast_dtype);
-    # --generate on an HF checkpoint: the weights dtype (auto = bfloat16)
+    # --generate on an HF checkpoint: the weights dtype, chosen the same way
     device: str = "auto"  # auto = cuda > mps > cpu
     seed: int = 1337
     log_interval: int = 50
@@ -2012,8 +2012,7 @@ def run_generate(args, cfg, overrides):
         raise UserError("--generate takes --video or --image, not both")
     device = pick_device(cfg.device)
     hf = read_config(path)
-    weights = overrides.get("dtype", "auto").replace("auto", "bfloat16")  # an HF checkpoint's weights: big ones, bf16
-    dtype = None if "gpt2_table" in hf else getattr(torch, weights)
+    dtype = None if "gpt2_table" in hf else getattr(torch, autocast_dtype(overrides.get("dtype", "auto"), device))
     model, mcfg, _ = load_pretrained(path, dtype, device)
     model.eval()
     tok = load_tokenizer(path)
