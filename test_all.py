@@ -2027,6 +2027,38 @@ def test_vl_bad_inputs(vl_ckpt, tmp_path):
         vl.read_annotations(str(bad))
 
 
+def test_vl_loader_bad_checkpoints_and_legacy_buffers(vl_ckpt, tmp_path):
+    """A corrupt safetensors file, a shard the index names but the folder lacks, a corrupt config.json and a
+    projector other than gelu are each one clear line (exit 2); RoPE inv_freq and position_ids buffers that older
+    checkpoints saved are skipped, as transformers skips them."""
+    dirs = vl_ckpt[1]
+    state = load_file(os.path.join(dirs["hub"], "model.safetensors"))
+    config = json.load(open(os.path.join(dirs["hub"], "config.json")))
+    bad = _vl_write(str(tmp_path / "bad"), state, config)
+    data = open(os.path.join(bad, "model.safetensors"), "rb").read()
+    open(os.path.join(bad, "model.safetensors"), "wb").write(data[: len(data) // 2])  # truncated download
+    assert_user_error(run_script("video_llava.py", "--generate", "--from_pretrained", bad, "--prompt", "hi"),
+                      "model.safetensors", "not a readable safetensors file")
+    sharded = _vl_write(str(tmp_path / "sharded"), state, config, shards=3)
+    os.remove(os.path.join(sharded, "model-00002-of-00003.safetensors"))
+    with pytest.raises(vl.UserError, match="shard 'model-00002-of-00003.safetensors' is missing"):
+        vl.load_pretrained(sharded)
+    for text in ("{not json", b"\xff\xfe\x00", "[1, 2]"):
+        cfg_path = os.path.join(bad, "config.json")
+        open(cfg_path, "wb").write(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(vl.UserError, match="config.json: not"):
+            vl.load_pretrained(bad)
+    relu = _vl_write(str(tmp_path / "relu"), state, {**config, "projector_hidden_act": "relu"})
+    with pytest.raises(vl.UserError, match="projector_hidden_act 'relu'"):
+        vl.load_pretrained(relu)
+    legacy = {**state, "language_model.model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4),
+              "image_tower.vision_model.embeddings.position_ids": torch.arange(5)[None]}
+    ref = vl.load_pretrained(dirs["hub"])[0].state_dict()
+    for shards in (1, 2):
+        got = vl.load_pretrained(_vl_write(str(tmp_path / f"legacy{shards}"), legacy, config, shards))[0].state_dict()
+        assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
 def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, tmp_path):
     """--freeze vision,llm on top of an HF checkpoint: its own tokenizer, only multi_modal_projector.* changes."""
     src = vl_ckpt[1]["t5save"]

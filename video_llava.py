@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 SCRIPT = "video_llava"
@@ -156,6 +156,8 @@ def config_from_hf(hf, path):
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise UserError(f"{path}: rope scaling '{rope.get('rope_type')}' is not supported")
+    if hf.get("projector_hidden_act", "gelu") != "gelu":  # the projector below is Linear-GELU(erf)-Linear
+        raise UserError(f"{path}: projector_hidden_act '{hf['projector_hidden_act']}' is not supported (only gelu)")
     if isinstance(hf.get("vision_feature_layer", -2), list):
         raise UserError(f"{path}: a list of vision_feature_layer is not supported")
     heads = t.get("num_attention_heads", 32)
@@ -1069,21 +1071,33 @@ def canonical_key(k):
     return k
 
 
+# Buffers older checkpoints saved and today's models rebuild (RoPE's inverse frequencies, CLIP's position ids):
+# skipped on load, as transformers skips them (modeling_utils._adjust_missing_and_unexpected_keys).
+LEGACY_KEYS = re.compile(r"rotary_emb\.inv_freq$|(^|\.)position_ids$")
+
+
+def open_weights(f):
+    """safe_open, with a corrupt or truncated file as one clear line instead of safetensors' own error."""
+    try:
+        return safe_open(f, "pt", device="cpu")
+    except SafetensorError as e:  # a bad header, or a file shorter than its header says
+        raise UserError(f"{f}: not a readable safetensors file ({e})")
+
+
 def weight_files(path):
-    """-> {checkpoint key: file} from model.safetensors or model.safetensors.index.json."""
+    """-> {checkpoint key: file} from model.safetensors or model.safetensors.index.json (legacy buffers dropped)."""
     index, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
         try:
-            wm = json.load(open(index))["weight_map"]
-        except (json.JSONDecodeError, KeyError):
+            wm = dict(json.load(open(index))["weight_map"])
+        except (ValueError, KeyError, TypeError):  # ValueError: not JSON, or not UTF-8
             raise UserError(f"{index}: not a safetensors index (no weight_map)")
         for f in set(wm.values()):
             if not os.path.isfile(os.path.join(path, f)):
                 raise UserError(f"{index}: shard '{f}' is missing from {path}")
-        return {k: os.path.join(path, f) for k, f in wm.items()}
+        return {k: os.path.join(path, f) for k, f in wm.items() if not LEGACY_KEYS.search(k)}
     if os.path.isfile(single):
-        with safe_open(single, "pt") as f:
-            return {k: single for k in f.keys()}
+        return {k: single for k in open_weights(single).keys() if not LEGACY_KEYS.search(k)}
     raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json (not a checkpoint folder)")
 
 
@@ -1094,9 +1108,12 @@ def read_config(path):
     if not os.path.isfile(cpath):
         raise UserError(f"{path}: no config.json (not a checkpoint folder)")
     try:
-        return json.load(open(cpath))
-    except json.JSONDecodeError:
+        hf = json.load(open(cpath))
+    except ValueError:  # not JSON, or not UTF-8
         raise UserError(f"{cpath}: not valid JSON")
+    if not isinstance(hf, dict):
+        raise UserError(f"{cpath}: not a config (a JSON object is needed)")
+    return hf
 
 
 def load_pretrained(path, dtype=None, device="cpu", base=None):
@@ -1110,7 +1127,7 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied_optional = {"language_model.lm_head.weight"} if cfg.tie_word_embeddings else set()
     found, unexpected, misshaped, layouts = {}, [], [], set()
-    handles = {f: safe_open(f, "pt", device="cpu") for f in set(files.values())}
+    handles = {f: open_weights(f) for f in set(files.values())}
     for key, f in files.items():
         ck = canonical_key(key)
         layouts.add("memory" if key.startswith(("model.", "lm_head.")) else
@@ -1712,7 +1729,7 @@ def inspect(path, n_frames, n_tokens):
     towers, by_dtype, n_bytes = {}, {}, 0
     missing, unexpected, renamed, layouts = set(expected), [], 0, set()
     for key, f in files.items():
-        with safe_open(f, "pt") as h:
+        with open_weights(f) as h:
             sl = h.get_slice(key)
             shape, dt = sl.get_shape(), sl.get_dtype()
         numel = math.prod(shape)
