@@ -1559,11 +1559,11 @@ def test_vl_video_pixels_and_frames_match_transformers(tmp_path):
     transformers can build without torchvision (the image one; its video processor runs the same antialiased
     bicubic as our loader, on the same uint8 frames)."""
     from transformers.video_utils import VideoMetadata, default_sample_indices_fn
-    for total, n in [(10, 8), (16, 8), (37, 8), (100, 8), (9, 4), (30, 7), (8, 8)]:
+    for total, n in [(10, 8), (16, 8), (37, 8), (100, 8), (9, 4), (30, 7), (8, 8), (122, 14)]:
         want = default_sample_indices_fn(VideoMetadata(total_num_frames=total, fps=24.0), num_frames=n)
         assert vl.frame_indices(total, n) == want.tolist()
-        # the HF docs' np.arange(0, total, total/n) gives the same indices for these clips
-        assert np.arange(0, total, total / n).astype(int)[:n].tolist() == want.tolist()
+    # integer arithmetic: the docs' float np.arange(0, 122, 122/14) gives frame 60 where transformers takes 61
+    assert vl.frame_indices(122, 14)[7] == 61
     path = str(tmp_path / "clip.mp4")
     for fourcc in ("avc1", "mp4v"):
         w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), 24, (320, 240))
