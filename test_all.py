@@ -1435,7 +1435,7 @@ def test_vl_inspect(vl_ckpt):
 
 
 def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_path, monkeypatch):
-    """End to end: mp4 -> OpenCV preprocessing -> our tokenizer + expansion -> CLI stream (eager, then --compile);
+    """End to end: mp4 -> preprocessing -> our tokenizer + expansion -> CLI stream (eager, then --compile);
     the same inputs through transformers give the same text."""
     ref, dirs = vl_ckpt
     from transformers import AutoTokenizer
@@ -1470,8 +1470,25 @@ def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_
         vl.parse_args(["--bench", "--compile"])
 
 
+def test_vl_generate_hf_dtype_follows_dtype_auto(vl_ckpt, tmp_path, monkeypatch, capsys):
+    """--generate on an HF folder loads its weights in the dtype --dtype auto picks (faked CPU instruction sets),
+    or in the one asked for."""
+    cv2.imwrite(str(tmp_path / "a.png"), _vl_textured(40, 60, 2))
+    got, load = [], vl.load_pretrained
+    monkeypatch.setattr(vl, "load_pretrained", lambda path, dtype, device: got.append(dtype) or load(path, dtype, device))
+    argv = ["--generate", "--from_pretrained", vl_ckpt[1]["t5save"], "--image", str(tmp_path / "a.png"),
+            "--prompt", "What?", "--max_new_tokens", "1", "--device", "cpu"]
+    for native, extra, want in ((False, [], torch.float32), (True, [], torch.bfloat16),
+                                (False, ["--dtype", "bfloat16"], torch.bfloat16)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=native: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        vl.main(argv + extra)
+        assert got[-1] == want
+    capsys.readouterr()
+
+
 def test_vl_preprocessing():
-    assert vl.frame_indices(10, 8) == [0, 1, 2, 3, 5, 6, 7, 8]  # np.arange(0, 10, 1.25).astype(int)
+    assert vl.frame_indices(10, 8) == [0, 1, 2, 3, 5, 6, 7, 8]  # i*10//8
     assert vl.frame_indices(3, 8) == [0, 0, 0, 1, 1, 1, 2, 2]  # short clips repeat frames
     with pytest.raises(vl.UserError):
         vl.frame_indices(0, 8)
@@ -1498,11 +1515,90 @@ def test_vl_video_roundtrip_and_frame_folder(tmp_path):
     v = vl.load_video(path, 4, 20)
     assert v.shape == (4, 3, 20, 20)
     grey = v[:, 0].mean((1, 2)) * vl.CLIP_STD[0] + vl.CLIP_MEAN[0]  # back to [0, 1]
-    assert np.allclose(grey * 255, [0, 20, 60, 80], atol=4)  # frames 0, 1, 3, 4 = arange(0, 6, 1.5)
+    assert np.allclose(grey * 255, [0, 20, 60, 80], atol=4)  # frames 0, 1, 3, 4 = i*6//4
     os.makedirs(tmp_path / "frames")
     for i, f in enumerate(frames):
         cv2.imwrite(str(tmp_path / "frames" / f"{i:03d}.png"), f)
     assert np.allclose(vl.load_video(str(tmp_path / "frames"), 4, 20), v, atol=0.1)
+
+
+def _vl_hf_image_processor(tmp_path):
+    """The image processor transformers picks for a Video-LLaVA folder, built from a preprocessor_config.json like
+    the hub's (shortest edge 224, crop 224, bicubic = resample 3, CLIP mean/std); no download."""
+    from transformers import AutoImageProcessor
+    folder = tmp_path / "proc"
+    os.makedirs(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "VideoLlavaImageProcessor", "do_resize": True, "size": {"shortest_edge": 224},
+        "resample": 3, "do_center_crop": True, "crop_size": 224, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "do_convert_rgb": True, "image_mean": vl.CLIP_MEAN.tolist(),
+        "image_std": vl.CLIP_STD.tolist()}))
+    proc = AutoImageProcessor.from_pretrained(str(folder))
+    assert type(proc).__name__ == "VideoLlavaImageProcessor"
+    return proc
+
+
+def _vl_pixels(x):
+    """Normalised (..., 3, S, S) -> the [0, 255] pixel scale, where the tolerance is stated."""
+    x = np.asarray(x, np.float64)
+    return (x * vl.CLIP_STD[:, None, None] + vl.CLIP_MEAN[:, None, None]) * 255
+
+
+def _vl_textured(h, w, seed):
+    """A natural-looking uint8 RGB picture: sinusoid texture, sharp-edged rectangles, noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([128 + 60 * np.sin(x / (7 + 5 * c) + y / (11 + 3 * c)) + 40 * np.cos(x * y / 3000 + c)
+                    for c in range(3)], -1)
+    for _ in range(12):
+        y0, x0 = rng.integers(0, h - 20), rng.integers(0, w - 20)
+        img[y0:y0 + rng.integers(10, h // 3), x0:x0 + rng.integers(10, w // 3)] = rng.integers(0, 256, 3)
+    return np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+
+
+def test_vl_pixels_match_transformers_image_processor(tmp_path):
+    """A 1000x700 image with texture and edges: our loader's pixels against VideoLlavaImageProcessor's (PIL)."""
+    proc = _vl_hf_image_processor(tmp_path)
+    rgb = _vl_textured(700, 1000, 0)
+    cv2.imwrite(str(tmp_path / "big.png"), rgb[:, :, ::-1])
+    want = proc(images=[rgb], return_tensors="np", return_legacy_image_output=False)["pixel_values"][0]  # (3, 224, 224)
+    ours = vl.load_image(str(tmp_path / "big.png"), 224)
+    assert ours.shape == want.shape == (3, 224, 224)
+    diff = np.abs(_vl_pixels(ours) - _vl_pixels(want)).max()
+    print(f"image: max pixel difference {diff:.3f}/255")
+    assert diff <= 2
+
+
+def test_vl_video_pixels_and_frames_match_transformers(tmp_path):
+    """A 320x240 clip written by OpenCV (H.264 where OpenCV's FFmpeg can write it, else MPEG-4 Part 2), decoded,
+    sampled as transformers samples (default_sample_indices_fn) and preprocessed frame by frame by the processor
+    transformers can build without torchvision (the image one; its video processor runs the same antialiased
+    bicubic as our loader, on the same uint8 frames)."""
+    from transformers.video_utils import VideoMetadata, default_sample_indices_fn
+    for total, n in [(10, 8), (16, 8), (37, 8), (100, 8), (9, 4), (30, 7), (8, 8), (122, 14)]:
+        want = default_sample_indices_fn(VideoMetadata(total_num_frames=total, fps=24.0), num_frames=n)
+        assert vl.frame_indices(total, n) == want.tolist()
+    # integer arithmetic: the docs' float np.arange(0, 122, 122/14) gives frame 60 where transformers takes 61
+    assert vl.frame_indices(122, 14)[7] == 61
+    path = str(tmp_path / "clip.mp4")
+    for fourcc in ("avc1", "mp4v"):
+        w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), 24, (320, 240))
+        if w.isOpened():
+            break
+    base = _vl_textured(240, 400, 1)
+    for t in range(20):  # the texture pans right 4 pixels a frame
+        w.write(np.ascontiguousarray(base[:, 4 * t:4 * t + 320, ::-1]))
+    w.release()
+    cap, frames = cv2.VideoCapture(path), []
+    while (got := cap.read())[0]:
+        frames.append(got[1][:, :, ::-1])  # RGB (240, 320, 3)
+    assert len(frames) == 20
+    idx = default_sample_indices_fn(VideoMetadata(total_num_frames=20, fps=24.0), num_frames=8)
+    want = _vl_hf_image_processor(tmp_path)(images=[frames[i] for i in idx], return_tensors="np", return_legacy_image_output=False)["pixel_values"]
+    ours = vl.load_video(path, 8, 224)  # (8, 3, 224, 224)
+    diff = np.abs(_vl_pixels(ours) - _vl_pixels(want)).max()
+    print(f"video ({fourcc}): max pixel difference {diff:.3f}/255")
+    assert ours.shape == want.shape and diff <= 2
 
 
 def test_vl_sampler_and_metrics():
@@ -1945,6 +2041,38 @@ def test_vl_bad_inputs(vl_ckpt, tmp_path):
     bad.write_text('{"image": "x.png", "question": "q", "answer": "a"}\n{"video": "v.mp4"}\n')
     with pytest.raises(vl.UserError, match="bad.jsonl:2"):
         vl.read_annotations(str(bad))
+
+
+def test_vl_loader_bad_checkpoints_and_legacy_buffers(vl_ckpt, tmp_path):
+    """A corrupt safetensors file, a shard the index names but the folder lacks, a corrupt config.json and a
+    projector other than gelu are each one clear line (exit 2); RoPE inv_freq and position_ids buffers that older
+    checkpoints saved are skipped, as transformers skips them."""
+    dirs = vl_ckpt[1]
+    state = load_file(os.path.join(dirs["hub"], "model.safetensors"))
+    config = json.load(open(os.path.join(dirs["hub"], "config.json")))
+    bad = _vl_write(str(tmp_path / "bad"), state, config)
+    data = open(os.path.join(bad, "model.safetensors"), "rb").read()
+    open(os.path.join(bad, "model.safetensors"), "wb").write(data[: len(data) // 2])  # truncated download
+    assert_user_error(run_script("video_llava.py", "--generate", "--from_pretrained", bad, "--prompt", "hi"),
+                      "model.safetensors", "not a readable safetensors file")
+    sharded = _vl_write(str(tmp_path / "sharded"), state, config, shards=3)
+    os.remove(os.path.join(sharded, "model-00002-of-00003.safetensors"))
+    with pytest.raises(vl.UserError, match="shard 'model-00002-of-00003.safetensors' is missing"):
+        vl.load_pretrained(sharded)
+    for text in ("{not json", b"\xff\xfe\x00", "[1, 2]"):
+        cfg_path = os.path.join(bad, "config.json")
+        open(cfg_path, "wb").write(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(vl.UserError, match="config.json: not"):
+            vl.load_pretrained(bad)
+    relu = _vl_write(str(tmp_path / "relu"), state, {**config, "projector_hidden_act": "relu"})
+    with pytest.raises(vl.UserError, match="projector_hidden_act 'relu'"):
+        vl.load_pretrained(relu)
+    legacy = {**state, "language_model.model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4),
+              "image_tower.vision_model.embeddings.position_ids": torch.arange(5)[None]}
+    ref = vl.load_pretrained(dirs["hub"])[0].state_dict()
+    for shards in (1, 2):
+        got = vl.load_pretrained(_vl_write(str(tmp_path / f"legacy{shards}"), legacy, config, shards))[0].state_dict()
+        assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
 def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, tmp_path):

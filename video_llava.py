@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 SCRIPT = "video_llava"
@@ -122,7 +122,7 @@ class Config:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     dtype: str = "auto"  # training autocast: auto = bfloat16 where the hardware has it, else float32 (autocast_dtype);
-    # --generate on an HF checkpoint: the weights dtype (auto = bfloat16)
+    # --generate on an HF checkpoint: the weights dtype, chosen the same way
     device: str = "auto"  # auto = cuda > mps > cpu
     seed: int = 1337
     log_interval: int = 50
@@ -156,6 +156,8 @@ def config_from_hf(hf, path):
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise UserError(f"{path}: rope scaling '{rope.get('rope_type')}' is not supported")
+    if hf.get("projector_hidden_act", "gelu") != "gelu":  # the projector below is Linear-GELU(erf)-Linear
+        raise UserError(f"{path}: projector_hidden_act '{hf['projector_hidden_act']}' is not supported (only gelu)")
     if isinstance(hf.get("vision_feature_layer", -2), list):
         raise UserError(f"{path}: a list of vision_feature_layer is not supported")
     heads = t.get("num_attention_heads", 32)
@@ -357,17 +359,18 @@ def read_annotations(path):
 
 
 def clip_transform(rgb, size):
-    """uint8 (H, W, 3) RGB -> float32 (3, size, size): shortest edge to `size` (bicubic), centre crop, CLIP mean/std.
-    OpenCV's bicubic has no antialiasing, so a big shrink first goes through INTER_AREA to twice the target."""
+    """uint8 (H, W, 3) RGB -> float32 (3, size, size), the steps of transformers' Video-LLaVA processors
+    (video_processing_utils.BaseVideoProcessor._preprocess; VideoLlavaImageProcessor does the same in PIL)."""
     h, w = rgb.shape[:2]
+    # shortest edge -> size, long side int(size*long/short) (image_utils.get_resize_output_image_size)
     nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-    if min(h, w) > 2 * size:
-        rgb = cv2.resize(rgb, (2 * nw, 2 * nh), interpolation=cv2.INTER_AREA)
-    if rgb.shape[:2] != (nh, nw):
-        rgb = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_CUBIC)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    x = rgb[top:top + size, left:left + size].astype(np.float32) / 255.0
-    return ((x - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)  # (3, size, size)
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+    # bicubic (resample=3 in preprocessor_config.json) with antialiasing: on a shrink the kernel widens to cover
+    # every source pixel, as PIL's does; uint8 in gives rounded uint8 out, as PIL and torchvision give
+    x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True)[0]  # (3, nh, nw) uint8
+    top, left = (nh - size) // 2, (nw - size) // 2  # centre crop
+    x = x[:, top:top + size, left:left + size].float().numpy() / 255.0  # rescale to [0, 1]
+    return (x - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]  # (3, size, size), CLIP mean/std
 
 
 def load_image(path, size):
@@ -378,10 +381,11 @@ def load_image(path, size):
 
 
 def frame_indices(n_total, n_frames):
-    """The HF docs' uniform sampling: arange(0, total, total/n) as ints; short clips repeat indices."""
+    """Uniform sampling as transformers samples (video_utils.default_sample_indices_fn): frame i*total//n;
+    a clip shorter than n frames repeats frames (where transformers refuses)."""
     if n_total <= 0:
         raise UserError("video has no frames")
-    return np.arange(0, n_total, n_total / n_frames).astype(int)[:n_frames].tolist()
+    return [i * n_total // n_frames for i in range(n_frames)]
 
 
 def load_video(path, n_frames, size):
@@ -1067,21 +1071,33 @@ def canonical_key(k):
     return k
 
 
+# Buffers older checkpoints saved and today's models rebuild (RoPE's inverse frequencies, CLIP's position ids):
+# skipped on load, as transformers skips them (modeling_utils._adjust_missing_and_unexpected_keys).
+LEGACY_KEYS = re.compile(r"rotary_emb\.inv_freq$|(^|\.)position_ids$")
+
+
+def open_weights(f):
+    """safe_open, with a corrupt or truncated file as one clear line instead of safetensors' own error."""
+    try:
+        return safe_open(f, "pt", device="cpu")
+    except SafetensorError as e:  # a bad header, or a file shorter than its header says
+        raise UserError(f"{f}: not a readable safetensors file ({e})")
+
+
 def weight_files(path):
-    """-> {checkpoint key: file} from model.safetensors or model.safetensors.index.json."""
+    """-> {checkpoint key: file} from model.safetensors or model.safetensors.index.json (legacy buffers dropped)."""
     index, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
         try:
-            wm = json.load(open(index))["weight_map"]
-        except (json.JSONDecodeError, KeyError):
+            wm = dict(json.load(open(index))["weight_map"])
+        except (ValueError, KeyError, TypeError):  # ValueError: not JSON, or not UTF-8
             raise UserError(f"{index}: not a safetensors index (no weight_map)")
         for f in set(wm.values()):
             if not os.path.isfile(os.path.join(path, f)):
                 raise UserError(f"{index}: shard '{f}' is missing from {path}")
-        return {k: os.path.join(path, f) for k, f in wm.items()}
+        return {k: os.path.join(path, f) for k, f in wm.items() if not LEGACY_KEYS.search(k)}
     if os.path.isfile(single):
-        with safe_open(single, "pt") as f:
-            return {k: single for k in f.keys()}
+        return {k: single for k in open_weights(single).keys() if not LEGACY_KEYS.search(k)}
     raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json (not a checkpoint folder)")
 
 
@@ -1092,9 +1108,12 @@ def read_config(path):
     if not os.path.isfile(cpath):
         raise UserError(f"{path}: no config.json (not a checkpoint folder)")
     try:
-        return json.load(open(cpath))
-    except json.JSONDecodeError:
+        hf = json.load(open(cpath))
+    except ValueError:  # not JSON, or not UTF-8
         raise UserError(f"{cpath}: not valid JSON")
+    if not isinstance(hf, dict):
+        raise UserError(f"{cpath}: not a config (a JSON object is needed)")
+    return hf
 
 
 def load_pretrained(path, dtype=None, device="cpu", base=None):
@@ -1108,7 +1127,7 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied_optional = {"language_model.lm_head.weight"} if cfg.tie_word_embeddings else set()
     found, unexpected, misshaped, layouts = {}, [], [], set()
-    handles = {f: safe_open(f, "pt", device="cpu") for f in set(files.values())}
+    handles = {f: open_weights(f) for f in set(files.values())}
     for key, f in files.items():
         ck = canonical_key(key)
         layouts.add("memory" if key.startswith(("model.", "lm_head.")) else
@@ -1710,7 +1729,7 @@ def inspect(path, n_frames, n_tokens):
     towers, by_dtype, n_bytes = {}, {}, 0
     missing, unexpected, renamed, layouts = set(expected), [], 0, set()
     for key, f in files.items():
-        with safe_open(f, "pt") as h:
+        with open_weights(f) as h:
             sl = h.get_slice(key)
             shape, dt = sl.get_shape(), sl.get_dtype()
         numel = math.prod(shape)
@@ -2010,8 +2029,7 @@ def run_generate(args, cfg, overrides):
         raise UserError("--generate takes --video or --image, not both")
     device = pick_device(cfg.device)
     hf = read_config(path)
-    weights = overrides.get("dtype", "auto").replace("auto", "bfloat16")  # an HF checkpoint's weights: big ones, bf16
-    dtype = None if "gpt2_table" in hf else getattr(torch, weights)
+    dtype = None if "gpt2_table" in hf else getattr(torch, autocast_dtype(overrides.get("dtype", "auto"), device))
     model, mcfg, _ = load_pretrained(path, dtype, device)
     model.eval()
     tok = load_tokenizer(path)
