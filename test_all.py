@@ -469,7 +469,8 @@ def test_vm_weight_decay_only_on_linear_and_conv_matrices():
     got = {names[id(p)] for p in decay["params"]}
     want = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
     assert got == {n + ".weight" for n in want}
-    for n in ("qformer.query", "qformer.scale", "qformer.shift", "tok.weight", "frames.cnn.1.weight", "ln_f.weight", "head.weight"):
+    for n in ("qformer.query", "qformer.scale", "qformer.shift", "tok.weight", "frames.cnn.1.weight", "ln_f.weight",
+              "head.weight"):
         assert (n in got) == (n == "head.weight"), n  # 2-D and 3-D tensors that are not layer matrices stay out
     assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
 
@@ -1475,7 +1476,8 @@ def test_vl_generate_hf_dtype_follows_dtype_auto(vl_ckpt, tmp_path, monkeypatch,
     or in the one asked for."""
     cv2.imwrite(str(tmp_path / "a.png"), _vl_textured(40, 60, 2))
     got, load = [], vl.load_pretrained
-    monkeypatch.setattr(vl, "load_pretrained", lambda path, dtype, device: got.append(dtype) or load(path, dtype, device))
+    monkeypatch.setattr(vl, "load_pretrained",
+                        lambda path, dtype, device: got.append(dtype) or load(path, dtype, device))
     argv = ["--generate", "--from_pretrained", vl_ckpt[1]["t5save"], "--image", str(tmp_path / "a.png"),
             "--prompt", "What?", "--max_new_tokens", "1", "--device", "cpu"]
     for native, extra, want in ((False, [], torch.float32), (True, [], torch.bfloat16),
@@ -1594,7 +1596,8 @@ def test_vl_video_pixels_and_frames_match_transformers(tmp_path):
         frames.append(got[1][:, :, ::-1])  # RGB (240, 320, 3)
     assert len(frames) == 20
     idx = default_sample_indices_fn(VideoMetadata(total_num_frames=20, fps=24.0), num_frames=8)
-    want = _vl_hf_image_processor(tmp_path)(images=[frames[i] for i in idx], return_tensors="np", return_legacy_image_output=False)["pixel_values"]
+    proc = _vl_hf_image_processor(tmp_path)
+    want = proc(images=[frames[i] for i in idx], return_tensors="np", return_legacy_image_output=False)["pixel_values"]
     ours = vl.load_video(path, 8, 224)  # (8, 3, 224, 224)
     diff = np.abs(_vl_pixels(ours) - _vl_pixels(want)).max()
     print(f"video ({fourcc}): max pixel difference {diff:.3f}/255")
@@ -3035,7 +3038,8 @@ def test_ab_train_tiny_runs(tmp_path):
         for v in ("unified", "cross"):
             assert 0 <= res[split][v]["exact_match"] <= 1 and res[split][v]["n"] == 8
     assert set(res) == {"test", "novel", "train_seconds"} and res["train_seconds"] > 0
-    assert all(res["test"][v]["params"] > 0 and res["test"][v]["train_seconds"] > 0 for v in ("clip", "unified", "cross"))
+    assert all(res["test"][v]["params"] > 0 and res["test"][v]["train_seconds"] > 0
+               for v in ("clip", "unified", "cross"))
     assert all(0 < res["test"][v]["params_wiring"] < res["test"][v]["params"] for v in ("unified", "cross"))
     for name in ("attn_unified_text_over_frames", "attn_cross_latents_over_frames", "attn_cross_text_over_frames"):
         assert cv2.imread(str(tmp_path / "out" / f"{name}.png")) is not None

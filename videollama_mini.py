@@ -196,7 +196,8 @@ def build_world(cfg):  # writes the mp4 files once
             write_clip(os.path.join(cfg.data_dir, name), objs)
             # two references per clip, as captioning datasets have several
             lines += [name, caption_for(objs, "moves"), caption_for(objs, "goes"), ""]
-        open(files[split], "w").write("\n".join(lines))
+        with open(files[split], "w") as f:
+            f.write("\n".join(lines))
     json.dump(want, open(stamp, "w"))
     return files
 
