@@ -361,7 +361,35 @@ def attention(q, k, v, mask=None, causal=False):
     return w @ v, w
 
 
-class MultiHeadAttention(nn.Module):
+class Module(nn.Module):
+    """Base of every module below: its constructor builds the layers and ends with `self.init_weights()`, so a
+    module is ready however it is built, alone (as in the tour) or inside a model."""
+
+    def init_weights(self):
+        """GPT-2's init over the whole tree, in module order: Linear and Embedding weights N(0, 0.02), biases 0,
+        LayerNorm the identity; then each module's own exceptions (`init_own`). Learned latents, position and time
+        embeddings are drawn with std 0.02 where they are defined, and gates are created at 0."""
+        # An enclosing module's constructor runs this again over its whole tree, so a part's own pass is replaced.
+        # fork_rng keeps every pass off the global random stream: a model's weights depend on the seed and its
+        # layout only, never on how deeply its parts are nested.
+        with torch.random.fork_rng(devices=[]):
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(m.weight, 0.0, 0.02)
+                    if getattr(m, "bias", None) is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.LayerNorm):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+            for m in self.modules():
+                if isinstance(m, Module):
+                    m.init_own()
+
+    def init_own(self):
+        """What this module sets differently from the default above (most modules: nothing)."""
+
+
+class MultiHeadAttention(Module):
     """Self-attention when ctx is None, cross-attention (queries from x, keys/values from ctx) otherwise.
     H heads each attend in a d = D/H subspace; their outputs are concatenated and projected back to D."""
 
@@ -372,6 +400,7 @@ class MultiHeadAttention(nn.Module):
         self.kv = nn.Linear(d_ctx or d, 2 * d, bias=False)
         self.proj = nn.Linear(d, d)
         self.record, self.weights = False, None  # record=True keeps the weights (heat maps); uses the written path
+        self.init_weights()
 
     def forward(self, x, ctx=None, mask=None, causal=False):
         ctx = x if ctx is None else ctx
@@ -389,16 +418,17 @@ class MultiHeadAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
 
 
-class MLP(nn.Module):
+class MLP(Module):
     def __init__(self, d):
         super().__init__()
         self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.init_weights()
 
     def forward(self, x):
         return self.proj(F.gelu(self.fc(x)))
 
 
-class Block(nn.Module):
+class Block(Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)). causal=True makes it a decoder block."""
 
     def __init__(self, d, n_head, causal=False, sdpa=True):
@@ -406,6 +436,7 @@ class Block(nn.Module):
         self.causal = causal
         self.ln1, self.attn = nn.LayerNorm(d), MultiHeadAttention(d, n_head, sdpa=sdpa)
         self.ln2, self.mlp = nn.LayerNorm(d), MLP(d)
+        self.init_weights()
 
     def forward(self, x, mask=None):
         x = x + self.attn(self.ln1(x), mask=mask, causal=self.causal)
@@ -420,7 +451,7 @@ def patchify(img, p):
     return x.permute(0, 2, 4, 1, 3, 5).reshape(B, n * n, C * p * p)  # (B, rows*cols, C*p*p)
 
 
-class ViT(nn.Module):
+class ViT(Module):
     """Image -> patches -> linear projection -> [CLS; patches] + position embeddings -> bidirectional blocks.
     Returns every token (B, 1+P', D); token 0 (CLS) summarises the image for CLIP."""
 
@@ -433,6 +464,7 @@ class ViT(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, 1 + n_patch, cfg.d_model) * 0.02)
         self.blocks = nn.ModuleList([Block(cfg.d_model, cfg.n_head, sdpa=cfg.sdpa) for _ in range(cfg.n_vit_layer)])
         self.ln = nn.LayerNorm(cfg.d_model)
+        self.init_weights()
 
     def forward(self, img):
         x = self.embed(patchify(img, self.p))  # (B, P', D)
@@ -442,7 +474,7 @@ class ViT(nn.Module):
         return self.ln(x)
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(Module):
     """CLIP's text tower: causal blocks over the tokens; the feature at the EOS token (last real position) is the
     sentence embedding, so padding after it never matters."""
 
@@ -453,6 +485,7 @@ class TextEncoder(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg.d_model, cfg.n_head, causal=True, sdpa=cfg.sdpa)
                                      for _ in range(cfg.n_text_layer)])
         self.ln = nn.LayerNorm(cfg.d_model)
+        self.init_weights()
 
     def forward(self, ids, lengths):
         x = self.tok(ids) + self.pos[:, :ids.size(1)]  # (B, L, D)
@@ -475,13 +508,14 @@ def clip_loss(img_emb, txt_emb, logit_scale, same=None):
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
-class CLIP(nn.Module):
+class CLIP(Module):
     def __init__(self, cfg, vocab):
         super().__init__()
         self.vision, self.text = ViT(cfg), TextEncoder(cfg, vocab)
         self.img_proj = nn.Linear(cfg.d_model, cfg.d_embed, bias=False)
         self.txt_proj = nn.Linear(cfg.d_model, cfg.d_embed, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature 0.07
+        self.init_weights()
 
     def encode_image(self, img):
         return F.normalize(self.img_proj(self.vision(img)[:, 0]), dim=-1)  # (B, E), the CLS token
@@ -494,7 +528,7 @@ class CLIP(nn.Module):
                          self.logit_scale, same)
 
 
-class PerceiverResampler(nn.Module):
+class PerceiverResampler(Module):
     """Flamingo's resampler: Q learned latents read a variable number of frame tokens and return Q tokens.
     Each layer's keys/values are [frame tokens; latents] (the latents also see each other), its queries the latents
     alone, so the output size is Q whatever F is. A learned time embedding per frame tells frames apart."""
@@ -507,6 +541,15 @@ class PerceiverResampler(nn.Module):
             ln_x=nn.LayerNorm(d), ln_q=nn.LayerNorm(d), attn=MultiHeadAttention(d, n_head, sdpa=sdpa),
             ln_ff=nn.LayerNorm(d), ff=MLP(d))) for _ in range(n_layer)])
         self.ln = nn.LayerNorm(d)
+        self.init_weights()
+
+    def init_own(self):
+        # Sharper queries and keys than the default: at std 0.02 every latent attends almost uniformly to all F*P
+        # frame tokens (mostly background), so its output hardly depends on the video and the captioner learns
+        # only the caption prior. At std 0.3 the scores spread and each latent picks tokens by content from step 0.
+        for layer in self.layers:
+            nn.init.normal_(layer.attn.q.weight, 0.0, 0.3)
+            nn.init.normal_(layer.attn.kv.weight, 0.0, 0.3)
 
     def forward(self, x):
         B, Fr, P, D = x.shape  # (B, F, P, D) frame tokens
@@ -533,7 +576,7 @@ def media_attention_mask(media_locations, n_latents):
     return text_time[:, :, None] == media_id[None, None, :]  # (B, L, M*Q)
 
 
-class GatedCrossAttention(nn.Module):
+class GatedCrossAttention(Module):
     """Flamingo's GATED XATTN-DENSE block, inserted before an LM block:
         x = x + tanh(a) * xattn(ln(x), media)      x = x + tanh(b) * ff(ln(x))
     a = b = 0 at init, and tanh(0) * anything finite is exactly 0, so the LM computes exactly what it did
@@ -545,6 +588,11 @@ class GatedCrossAttention(nn.Module):
         self.ln_ff, self.ff = nn.LayerNorm(d), MLP(d)
         self.attn_gate = nn.Parameter(torch.zeros(()))
         self.ff_gate = nn.Parameter(torch.zeros(()))
+        self.init_weights()
+
+    def init_own(self):
+        nn.init.zeros_(self.attn_gate)  # closed gates: the block starts as the identity
+        nn.init.zeros_(self.ff_gate)
 
     def forward(self, x, media, mask):
         # media (B, M*Q, Dm), mask (B, L, M*Q). A fully masked row would attend uniformly (finite minimum), so
@@ -555,7 +603,7 @@ class GatedCrossAttention(nn.Module):
         return x + self.ff_gate.tanh() * self.ff(self.ln_ff(x))
 
 
-class Decoder(nn.Module):
+class Decoder(Module):
     """A small causal LM. `prefix` (B, Np, D) is prepended to the token embeddings (unified embedding);
     `media` (B, M*Q, Dm) + `media_mask` go through a gated cross-attention layer before every block (Flamingo);
     `xattn=False` builds the plain LM. forward -> (logits (B, L, V) over the text positions, loss or None)."""
@@ -571,6 +619,7 @@ class Decoder(nn.Module):
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
         self.head.weight = self.tok.weight  # tied input/output embeddings
+        self.init_weights()
 
     def forward(self, ids, prefix=None, media=None, media_mask=None, targets=None):
         x = self.tok(ids)  # (B, L, D)
@@ -589,7 +638,7 @@ class Decoder(nn.Module):
         return logits, loss
 
 
-class Captioner(nn.Module):
+class Captioner(Module):
     """Video -> caption, two ways. Frames go one by one through the (CLIP) ViT: (B, F, P, D) frame tokens. Then
       unified: + a time embedding per frame, a linear projection, placed before the text in the decoder input;
       cross:   Perceiver resampler -> Q latents, read by gated cross-attention layers inside the decoder."""
@@ -616,6 +665,7 @@ class Captioner(nn.Module):
             self.resampler = PerceiverResampler(d, cfg.n_head, cfg.n_latents, cfg.n_perceiver_layer, cfg.max_frames,
                                                 cfg.sdpa)
             self.decoder = Decoder(cfg, vocab, cfg.max_len, xattn=True)
+        self.init_weights()
 
     def encode(self, frames):
         """uint8 (B, F, S, S, 3) -> visual input: prefix (B, F*P, D) or latents (B, Q, D)."""
@@ -638,29 +688,6 @@ class Captioner(nn.Module):
         loc[:, 0] = True
         mask = media_attention_mask(loc, visual.size(1))  # (B, L, Q), all True here
         return self.decoder(ids, media=visual, media_mask=mask, targets=targets)
-
-
-def _init_weights(module):
-    """Explicit init: linear/embedding weights N(0, 0.02), biases 0, LayerNorm identity. Learned queries, position
-    and time embeddings are created with std 0.02 where they are defined; gates stay at 0."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    for m in module.modules():
-        if isinstance(m, PerceiverResampler):
-            # Sharper start for the resampler's queries/keys: at std 0.02 every latent attends uniformly to all
-            # F*P frame tokens (mostly background), its output hardly depends on the video, and the captioner sat
-            # on the caption prior (loss 0.65 after 500 steps, measured). At std 0.3 latents pick tokens by content
-            # from step 0 (loss 0.37 after 100 steps, like the unified variant).
-            for layer in m.layers:
-                nn.init.normal_(layer.attn.q.weight, 0.0, 0.3)
-                nn.init.normal_(layer.attn.kv.weight, 0.0, 0.3)
-    return module
 
 
 def set_record(model, on):
@@ -741,7 +768,7 @@ def tour_attention(cfg):
           "causal attention == SDPA(is_causal=True)")
     check(not torch.allclose(out_c, out), "causal differs from bidirectional (only the last row agrees)")
     check(torch.allclose(out_c[..., -1, :], out[..., -1, :]), "the last query sees all keys in both")
-    mha = _init_weights(MultiHeadAttention(32, 4, sdpa=False)).double()
+    mha = MultiHeadAttention(32, 4, sdpa=False).double()
     x = torch.randn(2, 5, 32, generator=g, dtype=torch.float64)
     y1 = mha(x)
     mha.sdpa = True
@@ -753,7 +780,7 @@ def tour_cross(cfg):
     print("== cross: text tokens (queries) read a different sequence (keys/values) ==")
     g = torch.Generator().manual_seed(1)
     text, image = torch.randn(2, 7, 32, generator=g), torch.randn(2, 17, 48, generator=g)
-    xa = _init_weights(MultiHeadAttention(32, 4, d_ctx=48, sdpa=False))
+    xa = MultiHeadAttention(32, 4, d_ctx=48, sdpa=False)
     xa.record = True
     fused = xa(text, image)
     print(f"  text {tuple(text.shape)} (B, L, D) x image {tuple(image.shape)} (B, N, Dm) -> weights "
@@ -778,7 +805,7 @@ def tour_patchify(cfg):
     check(torch.equal(unpatchify(patches, p), img), "patches -> image is exact (bit for bit)")
     check(torch.equal(patches[0, 1], img[0, :, :p, p:2 * p].reshape(-1)), "patch 1 is the top row's second p x p "
           "square, channels first")
-    vit = _init_weights(ViT(cfg))
+    vit = ViT(cfg)
     tokens = vit(img)
     print(f"  linear projection {tuple(vit.embed.weight.shape[::-1])} -> + CLS + positions -> ViT tokens "
           f"{tuple(tokens.shape)} (B, 1+P, D)")
@@ -788,7 +815,7 @@ def tour_patchify(cfg):
 def tour_clip(cfg):
     print("== clip: two encoders, one embedding space, symmetric InfoNCE ==")
     tok = Tokenizer.from_texts([f"a {c} {s}" for c, s in CLASSES])
-    clip = _init_weights(CLIP(cfg, len(tok.ids)))
+    clip = CLIP(cfg, len(tok.ids))
     caps = ["a red circle", "a blue square", "a white triangle"]
     ids, lengths = pad_batch([tok.encode(c) for c in caps], cfg.max_len)
     img = torch.rand(3, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(3))
@@ -830,7 +857,7 @@ def tour_video(cfg):
 def tour_perceiver(cfg):
     print("== perceiver: any number of frames -> a fixed set of latents ==")
     d, Q = cfg.d_model, cfg.n_latents
-    res = _init_weights(PerceiverResampler(d, cfg.n_head, Q, cfg.n_perceiver_layer, cfg.max_frames, sdpa=False))
+    res = PerceiverResampler(d, cfg.n_head, Q, cfg.n_perceiver_layer, cfg.max_frames, sdpa=False)
     P = (cfg.img_size // cfg.patch) ** 2 + 1
     outs = []
     for Fr in (1, 3, 8, 24):
@@ -856,7 +883,7 @@ def tour_flamingo(cfg):
     print("== flamingo: gated cross-attention dense blocks and media masking ==")
     torch.manual_seed(4)
     tok_n, d, Q = 20, cfg.d_model, 4
-    lm = _init_weights(Decoder(dataclasses.replace(cfg, sdpa=False), tok_n, 16, xattn=True)).eval()
+    lm = Decoder(dataclasses.replace(cfg, sdpa=False), tok_n, 16, xattn=True).eval()
     ids = torch.randint(0, tok_n, (2, 10))
     media = torch.randn(2, 2 * Q, d)  # (B, M*Q, D): two media items, Q latents each
     loc = torch.zeros(2, 10, dtype=torch.bool)
@@ -1066,7 +1093,7 @@ def prepare_data(cfg):
 
 def train_clip(cfg, data, tok, device):
     torch.manual_seed(cfg.seed)
-    model = _init_weights(CLIP(cfg, len(tok.ids))).to(device)
+    model = CLIP(cfg, len(tok.ids)).to(device)
     caps, imgs = data["images"]["train"]
     classes = sorted(set(caps))
     label = torch.tensor([classes.index(c) for c in caps])
@@ -1096,7 +1123,7 @@ def caption_batch(tok, caps, cfg):
 
 def train_captioner(cfg, variant, vision_state, data, tok, device):
     torch.manual_seed(cfg.seed)
-    model = _init_weights(Captioner(cfg, len(tok.ids), variant))
+    model = Captioner(cfg, len(tok.ids), variant)
     model.vision.load_state_dict(vision_state)  # start from the CLIP image encoder
     model.to(device)
     caps, clips = data["videos"]["train"]

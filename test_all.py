@@ -2873,7 +2873,7 @@ def test_ab_manual_attention_equals_sdpa_float64(causal):
                           atol=1e-12, rtol=0)
     # the module: written path == SDPA path, self- and cross-attention
     for d_ctx in (None, 24):
-        m = ab._init_weights(ab.MultiHeadAttention(32, 4, d_ctx=d_ctx, sdpa=False)).double()
+        m = ab.MultiHeadAttention(32, 4, d_ctx=d_ctx, sdpa=False).double()
         x = torch.randn(2, 5, 32, dtype=torch.float64)
         ctx = None if d_ctx is None else torch.randn(2, 9, 24, dtype=torch.float64)
         y = m(x, ctx, causal=causal and d_ctx is None)
@@ -2902,7 +2902,7 @@ def test_ab_padding_mask_never_leaks():
     assert torch.isfinite(ab.attention(q, k, v, torch.zeros(2, 1, 1, 6, dtype=torch.bool))[0]).all()
     # padding after EOS never changes the CLIP text embedding
     cfg = ab.Config(**ab.PRESETS["tiny"])
-    enc = ab._init_weights(ab.TextEncoder(cfg, 20)).eval()
+    enc = ab.TextEncoder(cfg, 20).eval()
     ids = torch.tensor([[0, 5, 6, 0, 0, 0], [0, 7, 8, 9, 4, 0]])
     lengths = torch.tensor([4, 6])
     a = enc(ids, lengths)
@@ -2942,7 +2942,7 @@ def test_ab_infonce_hand_computed():
 
 def test_ab_resampler_size_independent_of_frames():
     torch.manual_seed(0)
-    res = ab._init_weights(ab.PerceiverResampler(32, 4, 64, 2, 16, sdpa=True))
+    res = ab.PerceiverResampler(32, 4, 64, 2, 16, sdpa=True)
     shapes = {res(torch.randn(2, f, 5, 32)).shape for f in (1, 2, 7, 16)}
     assert shapes == {torch.Size([2, 64, 32])}
     with pytest.raises(ab.UserError):
@@ -2955,7 +2955,7 @@ def test_ab_resampler_size_independent_of_frames():
 def test_ab_zero_gate_leaves_lm_unchanged_bit_for_bit():
     torch.manual_seed(0)
     cfg = ab.Config(**ab.PRESETS["tiny"])
-    lm = ab._init_weights(ab.Decoder(cfg, 30, 12, xattn=True)).eval()
+    lm = ab.Decoder(cfg, 30, 12, xattn=True).eval()
     ids = torch.randint(0, 30, (3, 9))
     media = torch.randn(3, 16, cfg.d_model) * 100
     loc = torch.zeros(3, 9, dtype=torch.bool)
@@ -2990,7 +2990,7 @@ def test_ab_media_mask_latest_media_only():
             assert torch.equal(mask[b, i], want), (b, i)
     # inside a gated block: a token's output depends on its latest media only, and not at all before the first
     torch.manual_seed(0)
-    blk = ab._init_weights(ab.GatedCrossAttention(16, 16, 2, sdpa=False))
+    blk = ab.GatedCrossAttention(16, 16, 2, sdpa=False)
     blk.attn_gate.data.fill_(1.0)
     x, media = torch.randn(2, 8, 16), torch.randn(2, 9, 16)
     y = blk(x, media, mask)
@@ -3059,7 +3059,7 @@ def test_ab_checkpoint_round_trip(tmp_path):
     tok = ab.Tokenizer.from_texts(["a red circle moves left", "a blue square moves up"])
     for variant in ("unified", "cross"):
         torch.manual_seed(0)
-        m = ab._init_weights(ab.Captioner(cfg, len(tok.ids), variant)).eval()
+        m = ab.Captioner(cfg, len(tok.ids), variant).eval()
         for blk in getattr(m.decoder, "xattn", None) or []:
             blk.attn_gate.data.fill_(0.3)  # non-zero so the media matters
         ab.save_model(m, tok, cfg, variant, 1.0)
@@ -3079,7 +3079,7 @@ def test_ab_corrupt_checkpoints_are_one_line(tmp_path):
     naming the file, never a traceback from deep inside the loader."""
     cfg = _ab_tiny(tmp_path)
     tok = ab.Tokenizer.from_texts(["a red circle moves left"])
-    ab.save_model(ab._init_weights(ab.Captioner(cfg, len(tok.ids), "cross")), tok, cfg, "cross", 1.0)
+    ab.save_model(ab.Captioner(cfg, len(tok.ids), "cross"), tok, cfg, "cross", 1.0)
     d = os.path.join(cfg.out_dir, "cross")
     cpath, wpath = os.path.join(d, "config.json"), os.path.join(d, "model.safetensors")
     good_c, good_w = open(cpath).read(), open(wpath, "rb").read()
