@@ -53,6 +53,7 @@ import math
 import os
 import random
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 
@@ -66,14 +67,11 @@ from safetensors.torch import load_file, save_file
 
 SCRIPT = "attention_basics"
 
-
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
-
 
 @dataclass
 class Config:
@@ -83,51 +81,45 @@ class Config:
     n_img_train: int = 3000  # CLIP training images
     n_img_test: int = 300  # new images (all 18 colour/shape classes) for zero-shot classification
     n_train: int = 2000  # training clips for the captioners
-    n_test: int = 200
-    n_novel: int = 200
+    n_test: int = 200  # new clips of (colour, shape) pairs seen in training: the headline exact match
+    n_novel: int = 200  # clips of the 6 held-out pairs: compositional generalisation
     img_size: int = 24  # images and frames are resized to this side
-    patch: int = 4  # ViT patch side: (24/4)^2 = 36 patches + 1 CLS token per image (8-pixel patches at 32
-    #                 px lost the shape: zero-shot 81% against 93% here, measured)
+    patch: int = 4  # ViT patch side: (24/4)^2 = 36 patches + 1 CLS token (coarse patches blur the small shapes)
     n_frames: int = 4  # frames sampled uniformly from each clip
     # model
     d_model: int = 64  # width of every tower (ViT, text encoder, decoder)
-    n_head: int = 4
-    n_vit_layer: int = 2
-    n_text_layer: int = 2
-    n_dec_layer: int = 2
+    n_head: int = 4  # attention heads H in every tower: each head works in D/H = 16 channels
+    n_vit_layer: int = 2  # image encoder blocks (bidirectional)
+    n_text_layer: int = 2  # CLIP text encoder blocks (causal, read out at EOS)
+    n_dec_layer: int = 2  # caption decoder blocks; the cross wiring adds one gated layer before each
     d_embed: int = 64  # CLIP joint embedding width E
     n_latents: int = 64  # Perceiver resampler output size (Flamingo uses 64)
-    n_perceiver_layer: int = 1
+    n_perceiver_layer: int = 1  # resampler layers (Flamingo uses 6)
     max_frames: int = 64  # time embeddings the resampler has: the longest clip it takes
     max_len: int = 12  # longest caption in tokens, BOS/EOS included
     motion: bool = True  # add a projection of frame-to-frame token differences (see Captioner)
     sdpa: bool = True  # attention through F.scaled_dot_product_attention (False: the written-out math)
     # training (both captioners get exactly the same budget)
-    clip_steps: int = 1000
-    steps: int = 1000
+    clip_steps: int = 1000  # CLIP optimiser steps (stage 1)
+    steps: int = 1000  # optimiser steps for each captioner (stage 2)
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 2e-3  # peak AdamW rate for everything trained from scratch
     vision_lr: float = 5e-4  # the CLIP image encoder is fine-tuned gently
-    gate_lr: float = 2e-2  # Flamingo's tanh gates (scalars at 0). Flamingo opens them over 100k+ steps on top of a
-    #                        pretrained LM; with lr 2e-3 they stayed near 0 for our whole budget (measured: loss stuck
-    #                        at the caption prior, 8% exact match after 500 steps), so they get their own rate
-    warmup: int = 50
-    weight_decay: float = 0.05
-    dtype: str = "float32"  # autocast dtype: float32 or bfloat16 (measured: bf16 autocast is 2.4x *slower* on CPU
-    #                         for matrices this small, 171 vs 71 ms/step; it pays off on a GPU)
+    gate_lr: float = 2e-2  # Flamingo's tanh gates (scalars at 0) open over 100k+ steps there; a short budget needs
+    #                        a larger rate for them, or the decoder never starts reading the video
+    warmup: int = 50  # linear warmup steps, then cosine decay to lr / 10
+    weight_decay: float = 0.05  # on matrices only (see make_optimizer)
+    dtype: str = "float32"  # autocast dtype: float32 or bfloat16 (pays off on a GPU, not for tiny CPU matrices)
     device: str = "auto"  # auto = cuda > mps > cpu
-    seed: int = 1337
-    threads: int = 1  # torch CPU threads; 0 = PyTorch's default. Tiny models on a busy 2-core machine run far
-    #                   faster on 1 thread (OpenMP threads spin-wait for each other when a core is taken)
-    log_interval: int = 100
+    seed: int = 1337  # one seed for the world, the init and the batch order
+    threads: int = 0  # torch CPU threads; 0 = PyTorch's default (one per physical core)
+    log_interval: int = 100  # steps between log lines
     # tour
     section: str = "all"  # with no mode: which tour section to run
     variant: str = "cross"  # --generate: which captioner to use (unified or cross)
 
-
 # How to run, not what was trained: left out of saved checkpoints, always taken from the command line.
 RUN_FIELDS = ("data_dir", "out_dir", "dtype", "device", "threads", "log_interval", "section", "variant")
-
 
 PRESETS = {
     "default": {},
@@ -135,7 +127,6 @@ PRESETS = {
                  patch=8, n_frames=3, d_model=32, n_head=2, n_vit_layer=1, n_text_layer=1, n_dec_layer=1, d_embed=16,
                  n_latents=8, clip_steps=4, steps=4, batch_size=8, warmup=2, log_interval=2),
 }
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: synthetic world (PNG images, mp4 clips), loaders, annotation files, tokenizer
@@ -151,33 +142,30 @@ CLASSES = [(c, s) for c in COLOURS for s in SHAPES]  # the 18 zero-shot classes
 RENDER, CLIP_LEN, TRAVEL = 64, 16, 26  # written side, frames per clip, pixels an object moves in a clip
 MEAN, STD = 0.45, 0.25  # pixel normalisation, roughly the statistics of this world
 
-
 def draw_shape(img, shape, colour, cx, cy, half):
+    """Draw one filled shape of half-side `half` centred at (cx, cy), in place (img is BGR uint8)."""
     c = COLOURS[colour]
     if shape == "circle":
-        cv2.circle(img, (cx, cy), half, c, -1, cv2.LINE_AA)
+        cv2.circle(img, (cx, cy), half, c, -1, cv2.LINE_AA)  # anti-aliased edge, as a camera would blur it
     elif shape == "square":
-        cv2.rectangle(img, (cx - half + 1, cy - half + 1), (cx + half - 1, cy + half - 1), c, -1)
-    else:
+        cv2.rectangle(img, (cx - half + 1, cy - half + 1), (cx + half - 1, cy + half - 1), c, -1)  # -1 = filled
+    else:  # an isosceles triangle, apex up
         pts = np.array([[cx, cy - half], [cx - half, cy + half - 1], [cx + half, cy + half - 1]], np.int32)
         cv2.fillPoly(img, [pts], c, cv2.LINE_AA)
 
-
 def pick_pair(rng, split):
-    while True:
+    while True:  # rejection sampling: the novel split draws only held-out pairs, every other split never does
         pair = rng.choice(CLASSES)
         if (pair in NOVEL_PAIRS) == (split == "novel"):
             return pair
 
-
 def write_image(path, rng, colour, shape):
     """One object of random size and position on a background of random grey: a still image for CLIP."""
-    img = np.full((RENDER, RENDER, 3), rng.randint(40, 90), np.uint8)
-    half = rng.randint(10, 14)
-    draw_shape(img, shape, colour, rng.randint(half + 1, RENDER - half - 2), rng.randint(half + 1, RENDER - half - 2),
-               half)
-    cv2.imwrite(path, img)
-
+    img = np.full((RENDER, RENDER, 3), rng.randint(40, 90), np.uint8)  # (R, R, 3) BGR, one grey level
+    half = rng.randint(10, 14)  # half-side in pixels
+    lo, hi = half + 1, RENDER - half - 2  # the whole shape stays inside the image
+    draw_shape(img, shape, colour, rng.randint(lo, hi), rng.randint(lo, hi), half)
+    cv2.imwrite(path, img)  # PNG: lossless, read back by the same loader as user images
 
 def write_clip(path, rng, colour, shape, motion):
     """CLIP_LEN frames, one object moving TRAVEL pixels in one direction, as an mp4v mp4."""
@@ -185,45 +173,41 @@ def write_clip(path, rng, colour, shape, motion):
     lo, hi = half + 1, RENDER - half - 2
     x0 = rng.randint(lo + (TRAVEL if dx < 0 else 0), hi - (TRAVEL if dx > 0 else 0))  # the path stays in frame
     y0 = rng.randint(lo + (TRAVEL if dy < 0 else 0), hi - (TRAVEL if dy > 0 else 0))
-    grey = rng.randint(40, 90)
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 8, (RENDER, RENDER))
+    grey = rng.randint(40, 90)  # one background per clip: only the object changes between frames
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 8, (RENDER, RENDER))  # 8 fps, lossy MPEG-4
     for t in range(CLIP_LEN):
         img = np.full((RENDER, RENDER, 3), grey, np.uint8)
-        frac = t / (CLIP_LEN - 1)
+        frac = t / (CLIP_LEN - 1)  # 0 at the first frame, 1 at the last: constant speed
         draw_shape(img, shape, colour, round(x0 + dx * TRAVEL * frac), round(y0 + dy * TRAVEL * frac), half)
         writer.write(img)
     writer.release()
-
 
 def build_world(cfg):
     """Write data_dir/{images,videos}/<split>/ and one annotation file per split, once (deterministic from --seed).
     Annotation format (also for user data): one `relative/path<TAB>caption` per line."""
     want = dict(img=[cfg.n_img_train, cfg.n_img_test], vid=[cfg.n_train, cfg.n_test, cfg.n_novel],
-                seed=cfg.seed, version=3)
+                seed=cfg.seed, version=3)  # what the files on disk were written for
     stamp = os.path.join(cfg.data_dir, "world.json")
     if os.path.exists(stamp) and json.load(open(stamp)) == want:
-        return
+        return  # already written for these sizes and this seed: reuse the files
     for kind, sizes in (("images", want["img"]), ("videos", want["vid"])):
         for offset, (split, n) in enumerate(zip(("train", "test", "novel"), sizes)):
-            rng = random.Random(cfg.seed * 100 + offset + (10 if kind == "videos" else 0))
+            rng = random.Random(cfg.seed * 100 + offset + (10 if kind == "videos" else 0))  # one stream per split
             os.makedirs(os.path.join(cfg.data_dir, kind, split), exist_ok=True)
             lines = []
             for i in range(n):
-                # images: every class (CLIP is the pretrained encoder; it may see what the captioners never see)
-                colour, shape = rng.choice(CLASSES) if kind == "images" else pick_pair(rng, split)
-                if kind == "images":
-                    name = f"{kind}/{split}/{i:05d}.png"
+                if kind == "images":  # every class: CLIP is the pretrained encoder, it may see held-out pairs
+                    (colour, shape), name = rng.choice(CLASSES), f"{kind}/{split}/{i:05d}.png"
                     write_image(os.path.join(cfg.data_dir, name), rng, colour, shape)
                     lines.append(f"{name}\ta {colour} {shape}")
                 else:
-                    motion = rng.choice(list(MOTIONS))
+                    (colour, shape), motion = pick_pair(rng, split), rng.choice(list(MOTIONS))
                     name = f"{kind}/{split}/{i:05d}.mp4"
                     write_clip(os.path.join(cfg.data_dir, name), rng, colour, shape, motion)
                     lines.append(f"{name}\ta {colour} {shape} moves {motion}")
             with open(os.path.join(cfg.data_dir, f"{kind}_{split}.txt"), "w") as f:
                 f.write("\n".join(lines) + "\n")
     json.dump(want, open(stamp, "w"))
-
 
 def read_annotations(path):
     """`path<TAB>caption` lines (paths relative to the file) -> [(abs_path, caption)]; errors name the line."""
@@ -232,8 +216,8 @@ def read_annotations(path):
     out = []
     for no, line in enumerate(open(path, encoding="utf-8"), 1):
         if not line.strip():
-            continue
-        parts = line.rstrip("\n").split("\t")
+            continue  # blank lines are allowed anywhere
+        parts = line.rstrip("\n").split("\t")  # captions may hold spaces, so a TAB separates the two fields
         if len(parts) != 2 or not parts[1].strip():
             raise UserError(f"{path}:{no}: expected 'path<TAB>caption', got {line.strip()[:60]!r}")
         full = os.path.join(os.path.dirname(os.path.abspath(path)), parts[0])
@@ -244,27 +228,24 @@ def read_annotations(path):
         raise UserError(f"{path}: no entries (expected 'path<TAB>caption' lines)")
     return out
 
-
 def _square(img, size):
+    """Centre-crop to a square, then shrink to size x size (INTER_AREA averages pixels: no aliasing)."""
     h, w = img.shape[:2]
     s = min(h, w)
     img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]  # centre crop
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
-
 def load_image(path, size):
-    img = cv2.imread(path)
+    img = cv2.imread(path)  # (H, W, 3) BGR uint8, or None when the file is not an image OpenCV reads
     if img is None:
         raise UserError(f"{path}: cannot read this image")
     return _square(img, size)[:, :, ::-1].copy()  # BGR -> RGB, (S, S, 3) uint8
-
 
 def sample_indices(n_total, n_frames):
     """Uniform frame indices: the centre of each of n_frames equal segments (short clips repeat indices)."""
     if n_total <= 0:
         raise UserError("video has no frames")
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
-
 
 def load_video(path, n_frames, size):
     """Video file (any container/codec OpenCV reads) or folder of frame images -> uint8 (F, S, S, 3) RGB."""
@@ -275,10 +256,10 @@ def load_video(path, n_frames, size):
     else:
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such video file or folder of frames")
-        cap = cv2.VideoCapture(path)
+        cap = cv2.VideoCapture(path)  # FFmpeg underneath: any container and codec it decodes
         if not cap.isOpened():
             raise UserError(f"{path}: OpenCV cannot open this video (corrupt or unknown format)")
-        while True:
+        while True:  # decode every frame (clips here are short), then pick n_frames of them
             ok, img = cap.read()
             if not ok:
                 break
@@ -288,58 +269,49 @@ def load_video(path, n_frames, size):
         raise UserError(f"{path}: video has no frames")
     return np.stack([frames[i] for i in sample_indices(len(frames), n_frames)])
 
-
 def gpt2():
+    """tiktoken's GPT-2 byte-level BPE; its two files are downloaded once, or read from TIKTOKEN_CACHE_DIR."""
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # offline with no cached files: say how to fix it, no traceback
         raise UserError(f"tiktoken could not load the GPT-2 encoding ({type(e).__name__}); offline, point "
                         f"TIKTOKEN_CACHE_DIR at a folder holding its two files") from None
 
-
 EOT = 0  # model id of <|endoftext|> (the table's first entry): BOS, EOS and padding
-
 
 class Tokenizer:
     """GPT-2 BPE (tiktoken) with a compact table: model id i is GPT-2 id `ids[i]`, the ids seen in training text
     (the 50257-way layer would dominate these tiny models). Model id 0 is <|endoftext|>: BOS, EOS and padding."""
-
     def __init__(self, ids):
         self.enc = gpt2()
-        self.ids = list(ids)
-        self.to_model = {g: i for i, g in enumerate(self.ids)}
-
+        self.ids = list(ids)  # model id -> GPT-2 id
+        self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
     @classmethod
     def from_texts(cls, texts):
-        enc = gpt2()
+        enc = gpt2()  # <|endoftext|> first (model id 0), then every GPT-2 id the texts use, sorted
         return cls([enc.eot_token] + sorted({t for c in texts for t in enc.encode(c)}))
-
     def encode(self, text):
         """Text -> [BOS, ..., EOS] in model ids; GPT-2 ids absent from the table are dropped (said in the README)."""
         return [EOT] + [self.to_model[t] for t in self.enc.encode(text) if t in self.to_model] + [EOT]
-
     def decode(self, ids):
+        """Model ids -> text; BOS/EOS/padding (model id 0) are left out."""
         return self.enc.decode([self.ids[i] for i in ids if i != EOT]).strip()
-
 
 def pad_batch(seqs, max_len):
     """Token lists -> (ids, lengths), right-padded with EOT to the longest, cut at max_len."""
     seqs = [s[:max_len] for s in seqs]
-    ids = torch.full((len(seqs), max(len(s) for s in seqs)), EOT, dtype=torch.long)
+    ids = torch.full((len(seqs), max(len(s) for s in seqs)), EOT, dtype=torch.long)  # (B, L)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)
     return ids, torch.tensor([len(s) for s in seqs])
-
 
 def to_pixels(x):
     """uint8 (..., S, S, 3) -> normalised float (..., 3, S, S)."""
     return (x.float().div(255).sub(MEAN).div(STD)).movedim(-1, -3)
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Model: attention written out -> blocks -> ViT / text encoder / CLIP -> Perceiver resampler -> Flamingo gated
 # cross-attention -> decoder -> the two captioners
-
 
 def attention(q, k, v, mask=None, causal=False):
     """softmax(Q K^T / sqrt(d)) V, spelled out. q (B, H, L, d), k/v (B, H, N, d), mask bool broadcastable to
@@ -360,139 +332,129 @@ def attention(q, k, v, mask=None, causal=False):
     w = w / w.sum(-1, keepdim=True)  # (B, H, L, N), rows sum to 1
     return w @ v, w
 
-
 class Module(nn.Module):
     """Base of every module below: its constructor builds the layers and ends with `self.init_weights()`, so a
     module is ready however it is built, alone (as in the tour) or inside a model."""
-
     def init_weights(self):
         """GPT-2's init over the whole tree, in module order: Linear and Embedding weights N(0, 0.02), biases 0,
         LayerNorm the identity; then each module's own exceptions (`init_own`). Learned latents, position and time
         embeddings are drawn with std 0.02 where they are defined, and gates are created at 0."""
         # An enclosing module's constructor runs this again over its whole tree, so a part's own pass is replaced.
-        # fork_rng keeps every pass off the global random stream: a model's weights depend on the seed and its
+        # fork_rng keeps every pass off the global random stream: a model's weights depend on --seed and its
         # layout only, never on how deeply its parts are nested.
         with torch.random.fork_rng(devices=[]):
-            for m in self.modules():
+            for m in self.modules():  # pre-order: a module, then its children in the order they were assigned
                 if isinstance(m, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(m.weight, 0.0, 0.02)
+                    nn.init.normal_(m.weight, 0.0, 0.02)  # small: every residual branch starts close to zero
                     if getattr(m, "bias", None) is not None:
                         nn.init.zeros_(m.bias)
                 elif isinstance(m, nn.LayerNorm):
-                    nn.init.ones_(m.weight)
+                    nn.init.ones_(m.weight)  # scale 1, shift 0: LayerNorm starts as plain normalisation
                     nn.init.zeros_(m.bias)
-            for m in self.modules():
+            for m in self.modules():  # second pass, so an exception is never overwritten by the default
                 if isinstance(m, Module):
                     m.init_own()
-
     def init_own(self):
         """What this module sets differently from the default above (most modules: nothing)."""
 
-
 class MultiHeadAttention(Module):
-    """Self-attention when ctx is None, cross-attention (queries from x, keys/values from ctx) otherwise.
-    H heads each attend in a d = D/H subspace; their outputs are concatenated and projected back to D."""
-
+    """Every attention in this file, three ways to use one module:
+      self-attention (ctx None): each token of x gathers from all tokens of x, the ViT's way to relate patches;
+      causal (causal=True): token i gathers from tokens 0..i only, so a decoder can be trained on every position
+        at once and still never see the token it must predict;
+      cross-attention (ctx given): queries from x, keys/values from another sequence, possibly of another width:
+        how text reads an image in Flamingo and how latents read frames in the Perceiver.
+    H heads each attend in a d = D/H subspace (each can look for something else); their outputs are concatenated
+    and projected back to D."""
     def __init__(self, d, n_head, d_ctx=None, sdpa=True):
         super().__init__()
         self.h, self.sdpa = n_head, sdpa
-        self.q = nn.Linear(d, d, bias=False)
-        self.kv = nn.Linear(d_ctx or d, 2 * d, bias=False)
-        self.proj = nn.Linear(d, d)
+        self.q = nn.Linear(d, d, bias=False)  # queries: what each token of x looks for
+        self.kv = nn.Linear(d_ctx or d, 2 * d, bias=False)  # keys (what a token offers) and values (what it gives)
+        self.proj = nn.Linear(d, d)  # mixes the H heads' outputs back into one D-wide vector
         self.record, self.weights = False, None  # record=True keeps the weights (heat maps); uses the written path
         self.init_weights()
-
     def forward(self, x, ctx=None, mask=None, causal=False):
-        ctx = x if ctx is None else ctx
-        (B, L, D), N = x.shape, ctx.size(1)
+        ctx = x if ctx is None else ctx  # self-attention is cross-attention of x with itself
+        (B, L, D), N = x.shape, ctx.size(1)  # L queries, N keys
         q = self.q(x).view(B, L, self.h, D // self.h).transpose(1, 2)  # (B, H, L, d)
         k, v = self.kv(ctx).view(B, N, 2, self.h, D // self.h).permute(2, 0, 3, 1, 4)  # 2 x (B, H, N, d)
         if mask is not None and mask.dim() == 3:
             mask = mask[:, None]  # (B, 1, L, N): one mask for every head
-        if self.sdpa and not self.record:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        if self.sdpa and not self.record:  # PyTorch's fused kernel: the same numbers, less memory
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, L, d)
         else:
-            out, w = attention(q, k, v, mask, causal)
+            out, w = attention(q, k, v, mask, causal)  # (B, H, L, d), (B, H, L, N)
             if self.record:
                 self.weights = w.detach().float().mean(1)  # (B, L, N), averaged over heads
         return self.proj(out.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
 
-
 class MLP(Module):
+    """The per-token feed-forward layer: attention moves information between tokens, this transforms each one."""
     def __init__(self, d):
         super().__init__()
-        self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)  # 4x wider inside, as in GPT-2 and ViT
         self.init_weights()
-
     def forward(self, x):
-        return self.proj(F.gelu(self.fc(x)))
-
+        return self.proj(F.gelu(self.fc(x)))  # (..., D) -> (..., 4D) -> (..., D)
 
 class Block(Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)). causal=True makes it a decoder block."""
-
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)). causal=True makes it a decoder block.
+    Pre-norm (GPT-2, ViT) keeps the residual stream x un-normalised, so gradients reach early layers unchanged."""
     def __init__(self, d, n_head, causal=False, sdpa=True):
         super().__init__()
         self.causal = causal
         self.ln1, self.attn = nn.LayerNorm(d), MultiHeadAttention(d, n_head, sdpa=sdpa)
         self.ln2, self.mlp = nn.LayerNorm(d), MLP(d)
         self.init_weights()
-
     def forward(self, x, mask=None):
-        x = x + self.attn(self.ln1(x), mask=mask, causal=self.causal)
-        return x + self.mlp(self.ln2(x))
-
+        x = x + self.attn(self.ln1(x), mask=mask, causal=self.causal)  # (B, L, D): tokens exchange information
+        return x + self.mlp(self.ln2(x))  # (B, L, D): each token transformed on its own
 
 def patchify(img, p):
     """(B, 3, S, S) -> (B, (S/p)^2, 3*p*p): non-overlapping p x p patches, row by row, each flattened."""
     B, C, S, _ = img.shape
-    n = S // p
+    n = S // p  # patches per row and per column
     x = img.reshape(B, C, n, p, n, p)  # (B, C, row, py, col, px)
     return x.permute(0, 2, 4, 1, 3, 5).reshape(B, n * n, C * p * p)  # (B, rows*cols, C*p*p)
 
-
 class ViT(Module):
     """Image -> patches -> linear projection -> [CLS; patches] + position embeddings -> bidirectional blocks.
-    Returns every token (B, 1+P', D); token 0 (CLS) summarises the image for CLIP."""
-
+    Returns every token (B, 1+P', D); token 0 (CLS) summarises the image for CLIP. Attention itself is blind to
+    order, so a learned position embedding per token says where each patch sits in the image."""
     def __init__(self, cfg):
         super().__init__()
         self.p = cfg.patch
-        n_patch = (cfg.img_size // cfg.patch) ** 2
-        self.embed = nn.Linear(3 * cfg.patch ** 2, cfg.d_model)
-        self.cls = nn.Parameter(torch.randn(1, 1, cfg.d_model) * 0.02)
-        self.pos = nn.Parameter(torch.randn(1, 1 + n_patch, cfg.d_model) * 0.02)
+        n_patch = (cfg.img_size // cfg.patch) ** 2  # P'
+        self.embed = nn.Linear(3 * cfg.patch ** 2, cfg.d_model)  # a patch's pixels -> one D-wide token
+        self.cls = nn.Parameter(torch.randn(1, 1, cfg.d_model) * 0.02)  # (1, 1, D): a learned extra token
+        self.pos = nn.Parameter(torch.randn(1, 1 + n_patch, cfg.d_model) * 0.02)  # (1, 1+P', D)
         self.blocks = nn.ModuleList([Block(cfg.d_model, cfg.n_head, sdpa=cfg.sdpa) for _ in range(cfg.n_vit_layer)])
         self.ln = nn.LayerNorm(cfg.d_model)
         self.init_weights()
-
     def forward(self, img):
         x = self.embed(patchify(img, self.p))  # (B, P', D)
         x = torch.cat([self.cls.expand(x.size(0), -1, -1), x], 1) + self.pos  # (B, 1+P', D)
         for b in self.blocks:
-            x = b(x)
-        return self.ln(x)
-
+            x = b(x)  # bidirectional: every patch sees every other
+        return self.ln(x)  # (B, 1+P', D)
 
 class TextEncoder(Module):
     """CLIP's text tower: causal blocks over the tokens; the feature at the EOS token (last real position) is the
     sentence embedding, so padding after it never matters."""
-
     def __init__(self, cfg, vocab):
         super().__init__()
-        self.tok = nn.Embedding(vocab, cfg.d_model)
-        self.pos = nn.Parameter(torch.randn(1, cfg.max_len, cfg.d_model) * 0.02)
-        self.blocks = nn.ModuleList([Block(cfg.d_model, cfg.n_head, causal=True, sdpa=cfg.sdpa)
+        self.tok = nn.Embedding(vocab, cfg.d_model)  # (V, D)
+        self.pos = nn.Parameter(torch.randn(1, cfg.max_len, cfg.d_model) * 0.02)  # (1, L_max, D)
+        self.blocks = nn.ModuleList([Block(cfg.d_model, cfg.n_head, causal=True, sdpa=cfg.sdpa)  # as CLIP's
                                      for _ in range(cfg.n_text_layer)])
         self.ln = nn.LayerNorm(cfg.d_model)
         self.init_weights()
-
     def forward(self, ids, lengths):
         x = self.tok(ids) + self.pos[:, :ids.size(1)]  # (B, L, D)
         for b in self.blocks:
             x = b(x)
         return self.ln(x)[torch.arange(ids.size(0)), lengths - 1]  # (B, D) at each row's EOS
-
 
 def clip_loss(img_emb, txt_emb, logit_scale, same=None):
     """Symmetric InfoNCE. Embeddings are L2-normalised, so img @ txt^T is a cosine-similarity matrix (B, B); times
@@ -507,50 +469,44 @@ def clip_loss(img_emb, txt_emb, logit_scale, same=None):
     target = same.float() / same.float().sum(-1, keepdim=True)  # (B, B), rows sum to 1 (same is symmetric)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
-
 class CLIP(Module):
+    """Two towers that never attend to each other: they meet only in the loss, as dot products in one E-wide space.
+    That is what makes zero-shot classification work: any sentence can be embedded and compared with any image."""
     def __init__(self, cfg, vocab):
         super().__init__()
         self.vision, self.text = ViT(cfg), TextEncoder(cfg, vocab)
-        self.img_proj = nn.Linear(cfg.d_model, cfg.d_embed, bias=False)
+        self.img_proj = nn.Linear(cfg.d_model, cfg.d_embed, bias=False)  # (D -> E) into the joint space
         self.txt_proj = nn.Linear(cfg.d_model, cfg.d_embed, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature 0.07
         self.init_weights()
-
     def encode_image(self, img):
         return F.normalize(self.img_proj(self.vision(img)[:, 0]), dim=-1)  # (B, E), the CLS token
-
     def encode_text(self, ids, lengths):
         return F.normalize(self.txt_proj(self.text(ids, lengths)), dim=-1)  # (B, E)
-
-    def forward(self, img, ids, lengths, same=None):
+    def forward(self, img, ids, lengths, same=None):  # -> the loss of a batch of (image, caption) pairs
         return clip_loss(self.img_proj(self.vision(img)[:, 0]), self.txt_proj(self.text(ids, lengths)),
                          self.logit_scale, same)
-
 
 class PerceiverResampler(Module):
     """Flamingo's resampler: Q learned latents read a variable number of frame tokens and return Q tokens.
     Each layer's keys/values are [frame tokens; latents] (the latents also see each other), its queries the latents
     alone, so the output size is Q whatever F is. A learned time embedding per frame tells frames apart."""
-
     def __init__(self, d, n_head, n_latents, n_layer, max_frames, sdpa=True):
         super().__init__()
-        self.latents = nn.Parameter(torch.randn(n_latents, d) * 0.02)
+        self.latents = nn.Parameter(torch.randn(n_latents, d) * 0.02)  # (Q, D): learned queries, no input of their own
         self.time = nn.Parameter(torch.randn(max_frames, 1, d) * 0.02)  # (F_max, 1, D): broadcast over a frame
-        self.layers = nn.ModuleList([nn.ModuleDict(dict(
+        self.layers = nn.ModuleList([nn.ModuleDict(dict(  # one layer: attention of latents over frames, then an MLP
             ln_x=nn.LayerNorm(d), ln_q=nn.LayerNorm(d), attn=MultiHeadAttention(d, n_head, sdpa=sdpa),
             ln_ff=nn.LayerNorm(d), ff=MLP(d))) for _ in range(n_layer)])
-        self.ln = nn.LayerNorm(d)
+        self.ln = nn.LayerNorm(d)  # the output goes on to other layers' keys/values: normalised once here
         self.init_weights()
-
     def init_own(self):
         # Sharper queries and keys than the default: at std 0.02 every latent attends almost uniformly to all F*P
         # frame tokens (mostly background), so its output hardly depends on the video and the captioner learns
         # only the caption prior. At std 0.3 the scores spread and each latent picks tokens by content from step 0.
         for layer in self.layers:
-            nn.init.normal_(layer.attn.q.weight, 0.0, 0.3)
-            nn.init.normal_(layer.attn.kv.weight, 0.0, 0.3)
-
+            nn.init.normal_(layer.attn.q.weight, 0.0, 0.3)  # (D, D)
+            nn.init.normal_(layer.attn.kv.weight, 0.0, 0.3)  # (2D, D): keys and values alike
     def forward(self, x):
         B, Fr, P, D = x.shape  # (B, F, P, D) frame tokens
         if Fr > self.time.size(0):
@@ -561,9 +517,8 @@ class PerceiverResampler(Module):
         for layer in self.layers:
             kv = torch.cat([layer.ln_x(x), layer.ln_q(lat)], 1)  # (B, F*P+Q, D)
             lat = lat + layer.attn(layer.ln_q(lat), kv)  # (B, Q, D)
-            lat = lat + layer.ff(layer.ln_ff(lat))
+            lat = lat + layer.ff(layer.ln_ff(lat))  # (B, Q, D)
         return self.ln(lat)  # (B, Q, D)
-
 
 def media_attention_mask(media_locations, n_latents):
     """Flamingo's media masking. media_locations (B, L) bool marks where an <image>/<video> token sits in the text.
@@ -571,102 +526,95 @@ def media_attention_mask(media_locations, n_latents):
     text_time[i] (its latest preceding media), never to an earlier or later one. -> (B, L, M*Q) bool, True = attend;
     rows of tokens before any media are all False (GatedCrossAttention zeroes their output)."""
     text_time = media_locations.long().cumsum(-1)  # (B, L), 0 = no media yet
-    M = max(1, int(media_locations.sum(-1).max()))
+    M = max(1, int(media_locations.sum(-1).max()))  # media items in the longest row: the media tensor holds M*Q
     media_id = torch.arange(1, M + 1, device=media_locations.device).repeat_interleave(n_latents)  # (M*Q,)
     return text_time[:, :, None] == media_id[None, None, :]  # (B, L, M*Q)
-
 
 class GatedCrossAttention(Module):
     """Flamingo's GATED XATTN-DENSE block, inserted before an LM block:
         x = x + tanh(a) * xattn(ln(x), media)      x = x + tanh(b) * ff(ln(x))
     a = b = 0 at init, and tanh(0) * anything finite is exactly 0, so the LM computes exactly what it did
     without the block; training opens the gates gradually."""
-
     def __init__(self, d, d_media, n_head, sdpa=True):
         super().__init__()
         self.ln, self.attn = nn.LayerNorm(d), MultiHeadAttention(d, n_head, d_ctx=d_media, sdpa=sdpa)
         self.ln_ff, self.ff = nn.LayerNorm(d), MLP(d)
-        self.attn_gate = nn.Parameter(torch.zeros(()))
-        self.ff_gate = nn.Parameter(torch.zeros(()))
+        self.attn_gate = nn.Parameter(torch.zeros(()))  # scalar a = 0: closed, the block starts as the identity
+        self.ff_gate = nn.Parameter(torch.zeros(()))  # scalar b = 0
         self.init_weights()
-
-    def init_own(self):
-        nn.init.zeros_(self.attn_gate)  # closed gates: the block starts as the identity
-        nn.init.zeros_(self.ff_gate)
-
     def forward(self, x, media, mask):
         # media (B, M*Q, Dm), mask (B, L, M*Q). A fully masked row would attend uniformly (finite minimum), so
         # tokens with no media yet get a zero update instead.
-        out = self.attn(self.ln(x), media, mask=mask)  # (B, L, D)
-        out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+        out = self.attn(self.ln(x), media, mask=mask)  # (B, L, D): each text token's read of its media
+        out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # (B, L, D)
+        # tanh keeps each gate in (-1, 1): the media can at most add one full branch, never blow the LM's scale up,
+        # and its slope 1 at 0 lets the gradient open a closed gate at once.
         x = x + self.attn_gate.tanh() * out
-        return x + self.ff_gate.tanh() * self.ff(self.ln_ff(x))
-
+        return x + self.ff_gate.tanh() * self.ff(self.ln_ff(x))  # (B, L, D)
 
 class Decoder(Module):
     """A small causal LM. `prefix` (B, Np, D) is prepended to the token embeddings (unified embedding);
     `media` (B, M*Q, Dm) + `media_mask` go through a gated cross-attention layer before every block (Flamingo);
     `xattn=False` builds the plain LM. forward -> (logits (B, L, V) over the text positions, loss or None)."""
-
     def __init__(self, cfg, vocab, n_pos, xattn=False):
         super().__init__()
         d = cfg.d_model
-        self.tok = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(torch.randn(1, n_pos, d) * 0.02)
+        self.tok = nn.Embedding(vocab, d)  # (V, D)
+        self.pos = nn.Parameter(torch.randn(1, n_pos, d) * 0.02)  # (1, Np+L_max, D): the prefix has positions too
         self.blocks = nn.ModuleList([Block(d, cfg.n_head, causal=True, sdpa=cfg.sdpa) for _ in range(cfg.n_dec_layer)])
         self.xattn = nn.ModuleList([GatedCrossAttention(d, d, cfg.n_head, sdpa=cfg.sdpa)
                                     for _ in range(cfg.n_dec_layer)]) if xattn else None
-        self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
+        self.ln = nn.LayerNorm(d)  # final norm before the output layer (pre-norm blocks leave x un-normalised)
+        self.head = nn.Linear(d, vocab, bias=False)  # D -> V logits
         self.head.weight = self.tok.weight  # tied input/output embeddings
         self.init_weights()
-
     def forward(self, ids, prefix=None, media=None, media_mask=None, targets=None):
         x = self.tok(ids)  # (B, L, D)
         n_prefix = 0 if prefix is None else prefix.size(1)
         if prefix is not None:
             x = torch.cat([prefix, x], 1)  # (B, Np+L, D)
-        x = x + self.pos[:, :x.size(1)]
+        x = x + self.pos[:, :x.size(1)]  # (B, Np+L, D)
         for i, block in enumerate(self.blocks):
             if media is not None and self.xattn is not None:
-                x = self.xattn[i](x, media, media_mask)
-            x = block(x)
+                x = self.xattn[i](x, media, media_mask)  # Flamingo: read the media, then the LM block
+            x = block(x)  # causal: the prefix sees only itself, each text token sees the prefix and its past
         logits = self.head(self.ln(x[:, n_prefix:]))  # (B, L, V): text positions only
         loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        if targets is not None:  # next-token cross-entropy; -100 marks positions after EOS
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)  # (B*L, V)
         return logits, loss
-
 
 class Captioner(Module):
     """Video -> caption, two ways. Frames go one by one through the (CLIP) ViT: (B, F, P, D) frame tokens. Then
-      unified: + a time embedding per frame, a linear projection, placed before the text in the decoder input;
-      cross:   Perceiver resampler -> Q latents, read by gated cross-attention layers inside the decoder."""
-
+      unified: + a time embedding per frame, a linear projection, placed before the text in the decoder input
+        (LLaVA's wiring). The simplest: visual tokens are more tokens, the decoder's own self-attention does the
+        reading, nothing in the LM changes; but every layer pays for all F*P visual tokens on every step.
+      cross:   Perceiver resampler -> Q latents, read by gated cross-attention layers inside the decoder
+        (Flamingo's wiring). The text sequence stays text-only and the visual cost is Q per layer whatever F is;
+        the zero gates let it be added to a pretrained LM without changing what that LM computes at first."""
     def __init__(self, cfg, vocab, variant):
         super().__init__()
         self.variant, d = variant, cfg.d_model
         self.vision = ViT(cfg)
-        P = (cfg.img_size // cfg.patch) ** 2 + 1
+        P = (cfg.img_size // cfg.patch) ** 2 + 1  # tokens per frame: patches + CLS
         # Motion made explicit (both variants): each frame's tokens also receive a projection of their difference to
-        # the previous frame's tokens. Without it neither variant learned the direction within the budget (loss
-        # stuck, direction at chance); the CLIP encoder was trained on stills and never had to localise.
+        # the previous frame's tokens. The CLIP encoder was trained on stills: its tokens say what is in a frame, and
+        # the direction of motion lives only in how they change from frame to frame.
         self.motion = nn.Linear(d, d) if cfg.motion else None
         # One more token per frame: the frame's whole token grid flattened into one vector and projected, so that
         # *where* the object is lives in the channels (as in a CNN feature map) rather than in which token holds it.
         # Its difference between frames (above) then says where the object went, as one vector.
         self.summary = nn.Linear(P * d, d) if cfg.motion else None
-        P += 1 if cfg.motion else 0
+        P += 1 if cfg.motion else 0  # + the summary token
         if variant == "unified":
-            self.time = nn.Parameter(torch.randn(cfg.max_frames, 1, d) * 0.02)
-            self.proj = nn.Linear(d, d)
-            self.decoder = Decoder(cfg, vocab, cfg.n_frames * P + cfg.max_len)
+            self.time = nn.Parameter(torch.randn(cfg.max_frames, 1, d) * 0.02)  # (F_max, 1, D): which frame
+            self.proj = nn.Linear(d, d)  # the projector: image-encoder space -> the decoder's input space
+            self.decoder = Decoder(cfg, vocab, cfg.n_frames * P + cfg.max_len)  # positions for prefix + text
         else:
             self.resampler = PerceiverResampler(d, cfg.n_head, cfg.n_latents, cfg.n_perceiver_layer, cfg.max_frames,
                                                 cfg.sdpa)
             self.decoder = Decoder(cfg, vocab, cfg.max_len, xattn=True)
         self.init_weights()
-
     def encode(self, frames):
         """uint8 (B, F, S, S, 3) -> visual input: prefix (B, F*P, D) or latents (B, Q, D)."""
         B, Fr = frames.shape[:2]
@@ -674,12 +622,11 @@ class Captioner(Module):
         tokens = tokens.view(B, Fr, *tokens.shape[1:])  # (B, F, P, D)
         if self.motion is not None:
             tokens = torch.cat([self.summary(tokens.flatten(2))[:, :, None], tokens], 2)  # (B, F, 1+P, D)
-            prev = torch.cat([tokens[:, :1], tokens[:, :-1]], 1)  # (B, F, P, D): frame f-1 (frame 0 for itself)
-            tokens = tokens + self.motion(tokens - prev)
+            prev = torch.cat([tokens[:, :1], tokens[:, :-1]], 1)  # (B, F, 1+P, D): frame f-1 (frame 0 for itself)
+            tokens = tokens + self.motion(tokens - prev)  # (B, F, 1+P, D); frame 0's difference is 0
         if self.variant == "unified":
             return self.proj(tokens + self.time[:Fr]).flatten(1, 2)  # (B, F*P, D)
         return self.resampler(tokens)  # (B, Q, D)
-
     def forward(self, visual, ids, targets=None):
         if self.variant == "unified":
             return self.decoder(ids, prefix=visual, targets=targets)
@@ -689,32 +636,26 @@ class Captioner(Module):
         mask = media_attention_mask(loc, visual.size(1))  # (B, L, Q), all True here
         return self.decoder(ids, media=visual, media_mask=mask, targets=targets)
 
-
 def set_record(model, on):
     for m in model.modules():
         if isinstance(m, MultiHeadAttention):
             m.record, m.weights = on, None
 
-
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The tour: each section prints real shapes and checks its claims (an AssertionError here is a bug, not user error)
-
 
 def check(ok, claim):
     if not ok:
         raise AssertionError(f"tour check failed: {claim}")
     print(f"  ok  {claim}")
 
-
 def subsample(n_total, fps, target_fps):
     """Frame-rate sub-sampling: keep every (fps/target_fps)-th frame, e.g. every 8th of 24 fps simulates 3 fps."""
     step = max(1, round(fps / target_fps))
     return list(range(0, n_total, step))
-
 
 def fixed_clips(indices, clip_len):
     """Cut a frame list into clips of exactly clip_len (a mini-batch needs equal lengths); the last clip is padded by
@@ -723,14 +664,12 @@ def fixed_clips(indices, clip_len):
     clips[-1] = clips[-1] + [clips[-1][-1]] * (clip_len - len(clips[-1]))
     return clips
 
-
 def unpatchify(x, p, channels=3):
     """The inverse of patchify: (B, P, 3*p*p) -> (B, 3, S, S)."""
     B, P, _ = x.shape
     n = math.isqrt(P)
     x = x.reshape(B, n, n, channels, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, row, py, col, px)
     return x.reshape(B, channels, n * p, n * p)
-
 
 def tour_attention(cfg):
     print("== attention: softmax(Q K^T / sqrt(d)) V, written out ==")
@@ -743,11 +682,10 @@ def tour_attention(cfg):
     check(torch.allclose(w.sum(-1), torch.ones(B, H, L, dtype=torch.float64)), "every row of weights sums to 1")
     check(torch.allclose(out, F.scaled_dot_product_attention(q, k, v), atol=1e-12),
           "bidirectional attention == F.scaled_dot_product_attention (float64, 1e-12)")
-    big = attention(q * 1e3, k * 1e3, v)[0]
-    check(bool(torch.isfinite(big).all()), "scores of 1e6 stay finite thanks to the max subtraction")
+    check(bool(torch.isfinite(attention(q * 1e3, k * 1e3, v)[0]).all()), "scores of 1e6 stay finite thanks to the "
+          "max subtraction")
     # padding: row 1 has only 4 real keys; the mask hides keys 4, 5 from every query
-    lengths = torch.tensor([6, 4])
-    keep = (torch.arange(L)[None] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, N)
+    keep = (torch.arange(L)[None] < torch.tensor([[6], [4]]))[:, None, None, :]  # (B, 1, 1, N): lengths 6 and 4
     out_m, w_m = attention(q, k, v, keep)
     print(f"  padding mask {tuple(keep.shape)} (B, 1, 1, N), True = real key; masked scores get "
           f"finfo.min = {torch.finfo(torch.float64).min:.3g}, not -inf")
@@ -757,8 +695,8 @@ def tour_attention(cfg):
     v2 = v.clone()
     v2[1, :, 4:] = 1e6
     check(torch.equal(attention(q, k, v2, keep)[0][1], out_m[1]), "changing padded values changes nothing")
-    fully = attention(q, k, v, torch.zeros(B, 1, 1, L, dtype=torch.bool))[0]
-    check(bool(torch.isfinite(fully).all()), "a fully masked row gives finite numbers (uniform), never NaN")
+    check(bool(torch.isfinite(attention(q, k, v, torch.zeros(B, 1, 1, L, dtype=torch.bool))[0]).all()),
+          "a fully masked row gives finite numbers (uniform), never NaN")
     out_c, w_c = attention(q, k, v, causal=True)
     print("  causal weights of head 0, batch 0 (row = query, column = key):")
     for row in w_c[0, 0]:
@@ -774,7 +712,6 @@ def tour_attention(cfg):
     mha.sdpa = True
     check(torch.allclose(y1, mha(x), atol=1e-12), f"MultiHeadAttention {tuple(x.shape)} -> {tuple(y1.shape)}: "
           "written path == SDPA path")
-
 
 def tour_cross(cfg):
     print("== cross: text tokens (queries) read a different sequence (keys/values) ==")
@@ -795,7 +732,6 @@ def tour_cross(cfg):
     xa.record, xa.sdpa = False, True
     check(torch.allclose(xa(text, image), fused, atol=1e-5), "cross-attention written out == SDPA (float32)")
 
-
 def tour_patchify(cfg):
     print("== patchify: a ViT sees an image as a sequence of patches ==")
     S, p = cfg.img_size, cfg.patch
@@ -810,7 +746,6 @@ def tour_patchify(cfg):
     print(f"  linear projection {tuple(vit.embed.weight.shape[::-1])} -> + CLS + positions -> ViT tokens "
           f"{tuple(tokens.shape)} (B, 1+P, D)")
     check(tokens.shape == (2, 1 + (S // p) ** 2, cfg.d_model), "one token per patch plus the CLS token")
-
 
 def tour_clip(cfg):
     print("== clip: two encoders, one embedding space, symmetric InfoNCE ==")
@@ -837,7 +772,6 @@ def tour_clip(cfg):
     check(clip.logit_scale.grad is not None and clip.logit_scale.grad.abs() > 0, "the temperature is learned: it "
           "gets a gradient")
 
-
 def tour_video(cfg):
     print("== video: ordered frames, sub-sampled, cut into fixed-length clips ==")
     fps, seconds = 24, 3
@@ -852,7 +786,6 @@ def tour_video(cfg):
     print(f"  a mini-batch of clips: {tuple(batch.shape)} (B, F, 3, S, S); each frame goes through the image encoder "
           f"as its own image: {tuple(batch.flatten(0, 1).shape)} (B*F, 3, S, S)")
     check(sample_indices(5, 8) == [0, 0, 1, 2, 2, 3, 4, 4], "a short clip repeats indices to fill a fixed count")
-
 
 def tour_perceiver(cfg):
     print("== perceiver: any number of frames -> a fixed set of latents ==")
@@ -871,13 +804,12 @@ def tour_perceiver(cfg):
     set_record(res, False)
     check(len(set(outs)) == 1 and outs[0][1] == Q, f"always {Q} visual tokens, whatever the frame count")
     x = torch.randn(1, 2, P, d)
-    swapped = x.flip(1)
+    swapped = x.flip(1)  # (1, F, P, D) with the two frames in the other order
     check(not torch.allclose(res(x), res(swapped)), "time embeddings make frame order matter (swapping 2 frames "
           "changes the latents)")
     res.time.data.zero_()
     check(torch.allclose(res(x), res(swapped), atol=1e-5), "without them the resampler sees a set: order would not "
           "matter")
-
 
 def tour_flamingo(cfg):
     print("== flamingo: gated cross-attention dense blocks and media masking ==")
@@ -902,14 +834,12 @@ def tour_flamingo(cfg):
         gated, _ = lm(ids, media=media, media_mask=mask)
     print(f"  gates tanh(0) = 0: logits {tuple(plain.shape)} with and without the media")
     check(torch.equal(plain, gated), "at init the gated model's logits equal the plain LM's bit for bit")
-    for blk in lm.xattn:
-        blk.attn_gate.data.fill_(1.0)
-        blk.ff_gate.data.fill_(1.0)
+    for blk in lm.xattn:  # open both gates of every block
+        blk.attn_gate.data.fill_(1.0), blk.ff_gate.data.fill_(1.0)
     with torch.no_grad():
         opened, _ = lm(ids, media=media, media_mask=mask)
-        media2 = media.clone()
-        media2[:, :Q] += 1.0  # change image 1 only
-        opened2, _ = lm(ids, media=media2, media_mask=mask)
+    media2 = media.clone()
+    media2[:, :Q] += 1.0  # change image 1 only
     check(not torch.allclose(opened, plain), "opened gates (tanh(1) = 0.76) let the media change the logits")
     # The mask acts inside each gated block; one block alone shows it without the LM's self-attention mixing
     # positions afterwards (in the full LM a later token may still read an earlier token that saw image 1).
@@ -923,10 +853,8 @@ def tour_flamingo(cfg):
           "changing image 1 changes tokens 2..5 only: token 6 onwards sees its latest media, image 2")
     check(not torch.allclose(y[1, 6:], y2[1, 6:]), "in row 1 (a single image) every later token sees image 1")
 
-
 SECTIONS = {"attention": tour_attention, "cross": tour_cross, "patchify": tour_patchify, "clip": tour_clip,
             "video": tour_video, "perceiver": tour_perceiver, "flamingo": tour_flamingo}
-
 
 def tour(cfg):
     names = list(SECTIONS) if cfg.section == "all" else [cfg.section]
@@ -936,16 +864,13 @@ def tour(cfg):
         print()
     print(f"tour: {len(names)} section(s), every check passed, {time.time() - t0:.1f} s")
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoint I/O: out_dir/<name>/model.safetensors + config.json (the dataclass, the token table, the train time)
-
 
 def atomic(path, write):
     tmp = path + ".tmp"
     write(tmp)
     os.replace(tmp, path)  # a crash never leaves a half-written file
-
 
 def save_model(model, tok, cfg, name, train_seconds):
     d = os.path.join(cfg.out_dir, name)
@@ -956,7 +881,6 @@ def save_model(model, tok, cfg, name, train_seconds):
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_FIELDS}
     meta = {"script": SCRIPT, "model": name, "config": config, "vocab": tok.ids, "train_seconds": train_seconds}
     atomic(os.path.join(d, "config.json"), lambda p: json.dump(meta, open(p, "w"), indent=1))
-
 
 def load_model(out_dir, name, overrides=None):
     """-> (model, tokenizer, cfg, train_seconds); refuses a missing checkpoint or one from another script/model."""
@@ -997,39 +921,30 @@ def load_model(out_dir, name, overrides=None):
     model.load_state_dict(state)
     return model, tok, cfg, meta.get("train_seconds")
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics
 
-
 def normalise(text):
     return " ".join(text.lower().strip().rstrip(".").split())
-
 
 def exact_match(preds, refs):
     """Fraction of predictions equal to their reference after lower-casing and whitespace normalisation."""
     return sum(normalise(p) == normalise(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Train: CLIP first, then the two captioners from its image encoder, same budget
 
-
 def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
+    """--device auto -> cuda if there is one, else mps (Apple GPUs), else cpu; any other name is used as given."""
+    if name == "auto":
+        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    return name
 
 def autocast(cfg, device):
     if cfg.dtype == "float32" or device == "mps":
         return torch.autocast("cpu", enabled=False)
     return torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype))
-
 
 def lr_at(step, total, base, cfg):
     """Linear warmup, then cosine decay to a tenth of the base rate."""
@@ -1037,7 +952,6 @@ def lr_at(step, total, base, cfg):
         return base * (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
     return base * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
-
 
 def make_optimizer(groups, cfg):
     """AdamW; weight decay only on matrices (not on biases, norms, gates or the temperature)."""
@@ -1049,7 +963,6 @@ def make_optimizer(groups, cfg):
             if ps:
                 out.append(dict(params=ps, lr=lr, base_lr=lr, weight_decay=decay))
     return torch.optim.AdamW(out, betas=(0.9, 0.95))
-
 
 def fit(model, opt, total, batch_fn, cfg, name):
     """The shared loop: batch_fn(step) -> loss. Prints one line per log_interval; a NaN loss is a user error."""
@@ -1074,7 +987,6 @@ def fit(model, opt, total, batch_fn, cfg, name):
     model.eval()
     return time.time() - t0
 
-
 def prepare_data(cfg):
     """Build the world if needed and decode everything once: {kind: {split: (captions, uint8 array)}} + tokenizer."""
     build_world(cfg)
@@ -1090,7 +1002,6 @@ def prepare_data(cfg):
     tok = Tokenizer.from_texts(data["images"]["train"][0] + data["videos"]["train"][0])
     return data, tok
 
-
 def train_clip(cfg, data, tok, device):
     torch.manual_seed(cfg.seed)
     model = CLIP(cfg, len(tok.ids)).to(device)
@@ -1101,17 +1012,13 @@ def train_clip(cfg, data, tok, device):
     opt = make_optimizer([(model.parameters(), cfg.lr)], cfg)
     g = torch.Generator().manual_seed(cfg.seed)
     print(f"clip: {n_params(model):,} parameters, {len(caps)} images, {len(classes)} distinct captions")
-
     def batch(step):
         idx = torch.randint(0, len(caps), (cfg.batch_size,), generator=g)
         lab = label[idx]
         same = (lab[:, None] == lab[None, :]).to(device)  # (B, B): pairs sharing a caption are both positives
         with autocast(cfg, device):
             return model(to_pixels(imgs[idx]).to(device), ids[lab].to(device), lengths[lab].to(device), same)
-
-    seconds = fit(model, opt, cfg.clip_steps, batch, cfg, "clip")
-    return model, seconds
-
+    return model, fit(model, opt, cfg.clip_steps, batch, cfg, "clip")  # (model, training seconds)
 
 def caption_batch(tok, caps, cfg):
     """Captions -> (inputs, targets): targets are inputs shifted by one, -100 after each row's EOS."""
@@ -1119,7 +1026,6 @@ def caption_batch(tok, caps, cfg):
     inp, tgt = ids[:, :-1], ids[:, 1:].clone()
     tgt[torch.arange(tgt.size(1))[None] >= (lengths[:, None] - 1)] = -100
     return inp, tgt
-
 
 def train_captioner(cfg, variant, vision_state, data, tok, device):
     torch.manual_seed(cfg.seed)
@@ -1134,15 +1040,11 @@ def train_captioner(cfg, variant, vision_state, data, tok, device):
     opt = make_optimizer(groups, cfg)
     g = torch.Generator().manual_seed(cfg.seed)  # both variants see the very same batches
     print(f"{variant}: {n_params(model):,} parameters ({n_params(model.vision):,} in the CLIP image encoder)")
-
     def batch(step):
         idx = torch.randint(0, len(caps), (cfg.batch_size,), generator=g)
         with autocast(cfg, device):
             return model(model.encode(clips[idx].to(device)), inp[idx].to(device), tgt[idx].to(device))[1]
-
-    seconds = fit(model, opt, cfg.steps, batch, cfg, variant)
-    return model, seconds
-
+    return model, fit(model, opt, cfg.steps, batch, cfg, variant)  # (model, training seconds)
 
 def train(cfg):
     device = pick_device(cfg.device)
@@ -1161,10 +1063,8 @@ def train(cfg):
     print(f"train mode: {time.time() - t0:.0f} s wall in all")
     return res
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Generate and evaluate
-
 
 @torch.no_grad()
 def generate(model, frames, cfg, device):
@@ -1176,17 +1076,12 @@ def generate(model, frames, cfg, device):
         ids = torch.full((len(frames), 1), EOT, dtype=torch.long, device=device)  # BOS
         done = torch.zeros(len(frames), dtype=torch.bool, device=device)
         for _ in range(cfg.max_len - 1):
-            nxt = model(visual, ids)[0][:, -1].argmax(-1)  # (B,)
-            nxt = nxt.masked_fill(done, EOT)
+            nxt = model(visual, ids)[0][:, -1].argmax(-1).masked_fill(done, EOT)  # (B,): finished rows pad with EOS
             ids = torch.cat([ids, nxt[:, None]], 1)
             done |= nxt == EOT
             if done.all():
                 break
-    out = []
-    for row in ids[:, 1:].tolist():
-        out.append(row[:row.index(0)] if 0 in row else row)
-    return out
-
+    return [row[:row.index(EOT)] if EOT in row else row for row in ids[:, 1:].tolist()]  # cut at the first EOS
 
 def caption_all(model, tok, clips, cfg, device, batch=64):
     """-> (captions, generated tokens per second)."""
@@ -1196,7 +1091,6 @@ def caption_all(model, tok, clips, cfg, device, batch=64):
             preds.append(tok.decode(ids))
             n_tok += len(ids) + 1  # + the EOS it produced
     return preds, n_tok / (time.time() - t0)
-
 
 @torch.no_grad()
 def zero_shot(model, tok, cfg, imgs, caps, device):
@@ -1211,23 +1105,35 @@ def zero_shot(model, tok, cfg, imgs, caps, device):
     return {"n": len(caps), "zero_shot_accuracy": acc,
             "samples": [{"pred": prompts[p], "ref": c} for p, c in list(zip(pred.tolist(), caps))[:3]]}
 
-
-def heat_png(path, w, frames, labels, title):
-    """A heat map (rows x frames) under a strip of the frames, row labels on the left, as a PNG."""
-    cell, row_h, lab_w = 40, (14 if len(labels) > 16 else 20), 90
-    w = w / np.maximum(w.max(1, keepdims=True), 1e-9)  # each row scaled to its own maximum
-    heat = cv2.applyColorMap((255 * w).astype(np.uint8), cv2.COLORMAP_VIRIDIS)
+def heat_png(path, w, frames, labels, title, rows):
+    """Attention as a picture: one row per query (`labels`, described by `rows`), one column per frame (each frame
+    drawn above its column), colour = weight scaled to its row's maximum; a header says all of this. Writes a PNG."""
+    def put(img, text, x, y):  # small white text
+        cv2.putText(img, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1, cv2.LINE_AA)
+    cell, row_h, lab_w = 48, (14 if len(labels) > 16 else 20), 90
+    w = w / np.maximum(w.max(1, keepdims=True), 1e-9)  # (rows, F), each row scaled to its own maximum
+    heat = cv2.applyColorMap((255 * w).astype(np.uint8), cv2.COLORMAP_VIRIDIS)  # (rows, F, 3) BGR
     heat = cv2.resize(heat, (w.shape[1] * cell, w.shape[0] * row_h), interpolation=cv2.INTER_NEAREST)
-    left = np.zeros((heat.shape[0], lab_w, 3), np.uint8)
+    left = np.zeros((heat.shape[0], lab_w, 3), np.uint8)  # the row labels
     for i, lab in enumerate(labels):
-        cv2.putText(left, lab[:12], (2, i * row_h + row_h - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1)
+        put(left, lab[:12], 2, i * row_h + row_h - 4)
     strip = np.concatenate([cv2.resize(f[:, :, ::-1], (cell, cell), interpolation=cv2.INTER_NEAREST)
-                            for f in frames], 1)
-    top = np.concatenate([np.zeros((cell, lab_w, 3), np.uint8), strip], 1)
-    head = np.zeros((20, top.shape[1], 3), np.uint8)
-    cv2.putText(head, title[:top.shape[1] // 6], (2, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (255, 255, 255), 1)
+                            for f in frames], 1)  # (cell, F*cell, 3): the frames, RGB -> BGR for OpenCV
+    names = np.zeros((14, strip.shape[1], 3), np.uint8)  # the column labels, under the frames
+    for j in range(len(frames)):
+        put(names, f"frame {j + 1}", j * cell + 2, 11)
+    corner = np.zeros((cell + 14, lab_w, 3), np.uint8)  # the colour scale: 0 on the left, the row's max on the right
+    corner[cell - 6:cell + 2, 4:lab_w - 4] = cv2.applyColorMap(np.linspace(0, 255, lab_w - 8).astype(np.uint8)[None],
+                                                               cv2.COLORMAP_VIRIDIS)  # (1, W, 3) repeated on 8 rows
+    put(corner, "0      row max", 4, cell + 12)
+    width = lab_w + strip.shape[1]
+    lines = [ln for t in (title, f"rows: {rows}", "columns: the frames, in time order; colour: weight / row max")
+             for ln in textwrap.wrap(t, width // 7)]  # about 7 pixels per character
+    head = np.zeros((14 * len(lines) + 6, width, 3), np.uint8)
+    for i, line in enumerate(lines):
+        put(head, line, 2, 14 * i + 14)
+    top = np.concatenate([corner, np.concatenate([strip, names], 0)], 1)
     cv2.imwrite(path, np.concatenate([head, top, np.concatenate([left, heat], 1)], 0))
-
 
 @torch.no_grad()
 def attention_maps(model, tok, clip, cfg, device):
@@ -1245,16 +1151,19 @@ def attention_maps(model, tok, clip, cfg, device):
     if model.variant == "unified":
         w = model.decoder.blocks[-1].attn.weights[0]  # (Np+L, Np+L)
         Np = w.size(0) - seq.size(1)
-        maps["text_over_frames"] = (w[Np:, :Np].reshape(len(labels), Fr, -1).sum(-1), labels)  # (L, F)
+        maps["text_over_frames"] = (w[Np:, :Np].reshape(len(labels), Fr, -1).sum(-1), labels,  # (L, F)
+                                    "caption tokens (queries) in the last decoder layer, weight summed per frame")
     else:
         wl = model.resampler.layers[-1].attn.weights[0]  # (Q, F*P+Q)
         lat = wl[:, :-cfg.n_latents].reshape(cfg.n_latents, Fr, -1).sum(-1)  # (Q, F)
-        maps["latents_over_frames"] = (lat, [f"latent {i}" for i in range(cfg.n_latents)])
+        maps["latents_over_frames"] = (lat, [f"latent {i}" for i in range(cfg.n_latents)],
+                                       "the resampler's latents (queries) in its last layer, weight summed per frame")
         wt = model.decoder.xattn[-1].attn.weights[0]  # (L, Q)
-        maps["text_over_frames"] = (wt @ (lat / lat.sum(-1, keepdim=True)), labels)  # (L, F)
+        maps["text_over_frames"] = (wt @ (lat / lat.sum(-1, keepdim=True)), labels,  # (L, F)
+                                    "caption tokens, through the latents (last gated layer's text->latent weights "
+                                    "times latent->frame weights)")
     set_record(model, False)
-    return {k: (v.float().cpu().numpy(), lab) for k, (v, lab) in maps.items()}, tok.decode(ids)
-
+    return {k: (v.float().cpu().numpy(), *rest) for k, (v, *rest) in maps.items()}, tok.decode(ids)
 
 def evaluate(models, clip_model, tok, cfg, device, data, seconds):
     """Score CLIP zero-shot and both captioners on test and novel; print the table and samples; write eval.json and
@@ -1290,13 +1199,12 @@ def evaluate(models, clip_model, tok, cfg, device, data, seconds):
     clip = data["videos"]["test"][1][0]
     for name, model in models.items():
         maps, caption = attention_maps(model, tok, clip, cfg, device)
-        for kind, (w, labels) in maps.items():
+        for kind, (w, labels, rows) in maps.items():
             path = os.path.join(cfg.out_dir, f"attn_{name}_{kind}.png")
-            heat_png(path, w, clip.numpy(), labels, f"{name}: {caption}")
+            heat_png(path, w, clip.numpy(), labels, f"{name} captioner, first test clip: '{caption}'", rows)
             print(f"wrote {path}")
     print(f"wrote {os.path.join(cfg.out_dir, 'eval.json')}")
     return res
-
 
 def evaluate_saved(cfg):
     keep = {k: getattr(cfg, k) for k in RUN_FIELDS}
@@ -1309,10 +1217,8 @@ def evaluate_saved(cfg):
     data, _ = prepare_data(cfg)
     return evaluate(models, clip_model.to(device), tok, cfg, device, data, times)
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="A runnable tour of attention, ViT, CLIP, Perceiver and Flamingo, then "
@@ -1344,7 +1250,6 @@ def parse_args(argv=None):
         raise UserError(f"--d_model {cfg.d_model} is not a multiple of --n_head {cfg.n_head}")
     return args, cfg, overrides
 
-
 def main(argv=None):
     args, cfg, _ = parse_args(argv)
     if cfg.threads > 0:
@@ -1365,7 +1270,6 @@ def main(argv=None):
         print(tok.decode(generate(model, clip, cfg, device)[0]))
     else:
         tour(cfg)
-
 
 if __name__ == "__main__":
     try:
