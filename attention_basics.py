@@ -30,9 +30,8 @@ Papers: Attention (https://arxiv.org/abs/1706.03762), ViT (https://arxiv.org/abs
 (https://arxiv.org/abs/2103.00020), Perceiver (https://arxiv.org/abs/2103.03206), Flamingo
 (https://arxiv.org/abs/2204.14198); overview: https://cameronrwolfe.substack.com/p/vision-llms
 
-Here the attention math is spelled out on purpose (the house exception to "always SDPA"): `attention()` below is the
-one place it happens; every module can switch to F.scaled_dot_product_attention (`--sdpa`, the default for
-training) and the tour and tests check that both give the same numbers.
+The attention math is spelled out on purpose: `attention()` below is the one place it happens; every module can
+switch to F.scaled_dot_product_attention (`--sdpa`, the default for training), and the tour checks both agree.
 
 Shape legend: B batch, F frames, P tokens per frame (patches + CLS), Q latents, M media items, L text tokens,
 N keys, D width, H heads, E joint CLIP embedding, V vocabulary.
@@ -77,8 +76,7 @@ class UserError(Exception):
 class Config:
     data_dir: str = "data/attention_basics"  # synthetic PNG images and mp4 clips are written here
     out_dir: str = "out/attention_basics"  # checkpoints (clip/, unified/, cross/), eval.json, heat maps
-    # synthetic world
-    n_img_train: int = 3000  # CLIP training images
+    n_img_train: int = 3000  # the synthetic world: CLIP training images
     n_img_test: int = 300  # new images (all 18 colour/shape classes) for zero-shot classification
     n_train: int = 2000  # training clips for the captioners
     n_test: int = 200  # new clips of (colour, shape) pairs seen in training: the headline exact match
@@ -86,8 +84,7 @@ class Config:
     img_size: int = 24  # images and frames are resized to this side
     patch: int = 4  # ViT patch side: (24/4)^2 = 36 patches + 1 CLS token (coarse patches blur the small shapes)
     n_frames: int = 4  # frames sampled uniformly from each clip
-    # model
-    d_model: int = 64  # width of every tower (ViT, text encoder, decoder)
+    d_model: int = 64  # the model: width of every tower (ViT, text encoder, decoder)
     n_head: int = 4  # attention heads H in every tower: each head works in D/H = 16 channels
     n_vit_layer: int = 2  # image encoder blocks (bidirectional)
     n_text_layer: int = 2  # CLIP text encoder blocks (causal, read out at EOS)
@@ -99,8 +96,7 @@ class Config:
     max_len: int = 12  # longest caption in tokens, BOS/EOS included
     motion: bool = True  # add a projection of frame-to-frame token differences (see Captioner)
     sdpa: bool = True  # attention through F.scaled_dot_product_attention (False: the written-out math)
-    # training (both captioners get exactly the same budget)
-    clip_steps: int = 1000  # CLIP optimiser steps (stage 1)
+    clip_steps: int = 1000  # training (both captioners get exactly the same budget): CLIP steps (stage 1)
     steps: int = 1000  # optimiser steps for each captioner (stage 2)
     batch_size: int = 32
     lr: float = 2e-3  # peak AdamW rate for everything trained from scratch
@@ -114,8 +110,7 @@ class Config:
     seed: int = 1337  # one seed for the world, the init and the batch order
     threads: int = 0  # torch CPU threads; 0 = PyTorch's default (one per physical core)
     log_interval: int = 100  # steps between log lines
-    # tour
-    section: str = "all"  # with no mode: which tour section to run
+    section: str = "all"  # the tour, with no mode: which section to run
     variant: str = "cross"  # --generate: which captioner to use (unified or cross)
 
 # How to run, not what was trained: left out of saved checkpoints, always taken from the command line.
@@ -339,9 +334,8 @@ class Module(nn.Module):
         """GPT-2's init over the whole tree, in module order: Linear and Embedding weights N(0, 0.02), biases 0,
         LayerNorm the identity; then each module's own exceptions (`init_own`). Learned latents, position and time
         embeddings are drawn with std 0.02 where they are defined, and gates are created at 0."""
-        # An enclosing module's constructor runs this again over its whole tree, so a part's own pass is replaced.
-        # fork_rng keeps every pass off the global random stream: a model's weights depend on --seed and its
-        # layout only, never on how deeply its parts are nested.
+        # An enclosing constructor runs this again over its whole tree, replacing a part's own pass; fork_rng keeps
+        # every pass off the global random stream, so a model's weights depend on --seed and its layout only.
         with torch.random.fork_rng(devices=[]):
             for m in self.modules():  # pre-order: a module, then its children in the order they were assigned
                 if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -569,10 +563,8 @@ class Decoder(Module):
         self.head.weight = self.tok.weight  # tied input/output embeddings
         self.init_weights()
     def forward(self, ids, prefix=None, media=None, media_mask=None, targets=None):
-        x = self.tok(ids)  # (B, L, D)
-        n_prefix = 0 if prefix is None else prefix.size(1)
-        if prefix is not None:
-            x = torch.cat([prefix, x], 1)  # (B, Np+L, D)
+        x = self.tok(ids) if prefix is None else torch.cat([prefix, self.tok(ids)], 1)  # (B, Np+L, D)
+        n_prefix = x.size(1) - ids.size(1)  # Np, 0 without a prefix
         x = x + self.pos[:, :x.size(1)]  # (B, Np+L, D)
         for i, block in enumerate(self.blocks):
             if media is not None and self.xattn is not None:
@@ -654,8 +646,7 @@ def check(ok, claim):
 
 def subsample(n_total, fps, target_fps):
     """Frame-rate sub-sampling: keep every (fps/target_fps)-th frame, e.g. every 8th of 24 fps simulates 3 fps."""
-    step = max(1, round(fps / target_fps))
-    return list(range(0, n_total, step))
+    return list(range(0, n_total, max(1, round(fps / target_fps))))  # the step: 24 / 3 = every 8th frame
 
 def fixed_clips(indices, clip_len):
     """Cut a frame list into clips of exactly clip_len (a mini-batch needs equal lengths); the last clip is padded by
@@ -692,15 +683,13 @@ def tour_attention(cfg):
     check(bool((w_m[1, :, :, 4:] == 0).all()), "padded keys get weight exactly 0")
     check(torch.allclose(out_m, F.scaled_dot_product_attention(q, k, v, attn_mask=keep), atol=1e-12),
           "masked attention == SDPA with the same boolean mask")
-    v2 = v.clone()
-    v2[1, :, 4:] = 1e6
+    v2 = torch.where(keep[:, :, 0, :, None], v, 1e6)  # (B, H, N, d): the padded values set to 1e6
     check(torch.equal(attention(q, k, v2, keep)[0][1], out_m[1]), "changing padded values changes nothing")
     check(bool(torch.isfinite(attention(q, k, v, torch.zeros(B, 1, 1, L, dtype=torch.bool))[0]).all()),
           "a fully masked row gives finite numbers (uniform), never NaN")
     out_c, w_c = attention(q, k, v, causal=True)
-    print("  causal weights of head 0, batch 0 (row = query, column = key):")
-    for row in w_c[0, 0]:
-        print("    " + " ".join(f"{x:.2f}" for x in row.tolist()))
+    print("  causal weights of head 0, batch 0 (row = query, column = key):\n" +
+          "\n".join("    " + " ".join(f"{x:.2f}" for x in row) for row in w_c[0, 0].tolist()))
     check(bool((w_c.triu(1) == 0).all()), "causal: query i gives key j > i weight exactly 0")
     check(torch.allclose(out_c, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-12),
           "causal attention == SDPA(is_causal=True)")
@@ -725,8 +714,7 @@ def tour_cross(cfg):
     check(fused.shape == text.shape, "the output has the text's length and width: one fused vector per text token")
     check(torch.allclose(xa.weights.sum(-1), torch.ones(2, 7)), "each text token's weights over 17 image tokens sum "
           "to 1")
-    image2 = image.clone()
-    image2[1] += 1.0
+    image2 = image + torch.tensor([0.0, 1.0])[:, None, None]  # (B, N, Dm): batch 1's image shifted, batch 0's kept
     check(torch.equal(xa(text, image2)[0], fused[0]) and not torch.allclose(xa(text, image2)[1], fused[1]),
           "changing batch 1's image changes batch 1's output only")
     xa.record, xa.sdpa = False, True
@@ -811,6 +799,7 @@ def tour_perceiver(cfg):
     check(torch.allclose(res(x), res(swapped), atol=1e-5), "without them the resampler sees a set: order would not "
           "matter")
 
+@torch.no_grad()  # the checks compare outputs only
 def tour_flamingo(cfg):
     print("== flamingo: gated cross-attention dense blocks and media masking ==")
     torch.manual_seed(4)
@@ -819,8 +808,7 @@ def tour_flamingo(cfg):
     ids = torch.randint(0, tok_n, (2, 10))
     media = torch.randn(2, 2 * Q, d)  # (B, M*Q, D): two media items, Q latents each
     loc = torch.zeros(2, 10, dtype=torch.bool)
-    loc[:, 2], loc[:, 6] = True, True  # <image> tokens at positions 2 and 6
-    loc[1, 6] = False  # row 1 has a single image
+    loc[0, [2, 6]], loc[1, 2] = True, True  # <image> tokens: row 0 at positions 2 and 6, row 1 at 2 only
     mask = media_attention_mask(loc, Q)
     print(f"  text {tuple(ids.shape)}, media {tuple(media.shape)} (B, M*Q, D), media mask {tuple(mask.shape)} "
           f"(B, L, M*Q)")
@@ -829,25 +817,20 @@ def tour_flamingo(cfg):
     check(not mask[0, :2].any() and bool(mask[0, 2:6, :Q].all()) and not mask[0, 2:6, Q:].any()
           and bool(mask[0, 6:, Q:].all()) and not mask[0, 6:, :Q].any(),
           "tokens before any media see nothing; 2..5 see image 1 only; 6.. see image 2 only")
-    with torch.no_grad():
-        plain, _ = lm(ids)  # the LM alone: the gated layers are skipped
-        gated, _ = lm(ids, media=media, media_mask=mask)
+    plain, _ = lm(ids)  # the LM alone: the gated layers are skipped
+    gated, _ = lm(ids, media=media, media_mask=mask)
     print(f"  gates tanh(0) = 0: logits {tuple(plain.shape)} with and without the media")
     check(torch.equal(plain, gated), "at init the gated model's logits equal the plain LM's bit for bit")
     for blk in lm.xattn:  # open both gates of every block
         blk.attn_gate.data.fill_(1.0), blk.ff_gate.data.fill_(1.0)
-    with torch.no_grad():
-        opened, _ = lm(ids, media=media, media_mask=mask)
-    media2 = media.clone()
-    media2[:, :Q] += 1.0  # change image 1 only
+    opened, _ = lm(ids, media=media, media_mask=mask)
+    media2 = torch.cat([media[:, :Q] + 1.0, media[:, Q:]], 1)  # (B, M*Q, D): image 1 changed, image 2 kept
     check(not torch.allclose(opened, plain), "opened gates (tanh(1) = 0.76) let the media change the logits")
     # The mask acts inside each gated block; one block alone shows it without the LM's self-attention mixing
     # positions afterwards (in the full LM a later token may still read an earlier token that saw image 1).
     blk = lm.xattn[0]
     x = torch.randn(2, 10, d)
-    with torch.no_grad():
-        y, y2 = blk(x, media, mask), blk(x, media2, mask)
-        y3 = blk(x, torch.randn_like(media), mask)
+    y, y2, y3 = blk(x, media, mask), blk(x, media2, mask), blk(x, torch.randn_like(media), mask)  # (B, L, D) each
     check(torch.equal(y[:, :2], y3[:, :2]), "tokens before the first image ignore the media entirely")
     check(torch.equal(y[0, 6:], y2[0, 6:]) and not torch.allclose(y[0, 2:6], y2[0, 2:6]),
           "changing image 1 changes tokens 2..5 only: token 6 onwards sees its latest media, image 2")
@@ -882,9 +865,10 @@ def save_model(model, tok, cfg, name, train_seconds):
     meta = {"script": SCRIPT, "model": name, "config": config, "vocab": tok.ids, "train_seconds": train_seconds}
     atomic(os.path.join(d, "config.json"), lambda p: json.dump(meta, open(p, "w"), indent=1))
 
-def load_model(out_dir, name, overrides=None):
-    """-> (model, tokenizer, cfg, train_seconds); refuses a missing checkpoint or one from another script/model."""
-    d = os.path.join(out_dir, name)
+def load_model(cfg, name):
+    """-> (model on cfg's device, tokenizer, the saved architecture with cfg's run fields, train seconds); refuses
+    a missing, corrupt or mis-fitting checkpoint, or one from another script/model, in one line."""
+    d = os.path.join(cfg.out_dir, name)
     cpath, wpath = os.path.join(d, "config.json"), os.path.join(d, "model.safetensors")
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
         raise UserError(f"{d}: no checkpoint here (run --train first, or pass --out_dir)")
@@ -892,18 +876,16 @@ def load_model(out_dir, name, overrides=None):
         meta = json.load(open(cpath))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{cpath}: not valid JSON (re-run --train)") from None
-    if not isinstance(meta, dict):
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise UserError(f"{cpath}: not a checkpoint config (a JSON object with a 'config' object)")
     if meta.get("script") != SCRIPT or meta.get("model") != name:
         raise UserError(f"{d}: checkpoint was written by {meta.get('script')}/{meta.get('model')}, "
                         f"not {SCRIPT}/{name}")
-    if not isinstance(meta.get("config"), dict):
-        raise UserError(f"{cpath}: not a checkpoint config (a JSON object with a 'config' object)")
     unknown = sorted(set(meta["config"]) - {f.name for f in dataclasses.fields(Config)} - set(RUN_FIELDS))
     if unknown:
         raise UserError(f"{cpath}: unknown config keys {unknown} (written by another version of this script?)")
     saved = {k: v for k, v in meta["config"].items() if k not in RUN_FIELDS}  # run modes come from the command line
-    cfg = Config(**{**saved, **(overrides or {})})
+    cfg = Config(**{**saved, **{k: getattr(cfg, k) for k in RUN_FIELDS}})
     tok = Tokenizer(meta["vocab"])
     model = CLIP(cfg, len(tok.ids)) if name == "clip" else Captioner(cfg, len(tok.ids), name)
     try:
@@ -919,7 +901,7 @@ def load_model(out_dir, name, overrides=None):
         raise UserError(f"{wpath}: does not fit the model (missing {missing}, unexpected {unexpected}, "
                         f"mis-shaped {shapes})")
     model.load_state_dict(state)
-    return model, tok, cfg, meta.get("train_seconds")
+    return model.to(pick_device(cfg.device)), tok, cfg, meta.get("train_seconds")
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics
@@ -958,8 +940,8 @@ def make_optimizer(groups, cfg):
     out = []
     for params, lr in groups:
         params = [p for p in params if p.requires_grad]
-        for decay, ps in ((cfg.weight_decay, [p for p in params if p.dim() >= 2]), (0.0, [p for p in params
-                                                                                        if p.dim() < 2])):
+        for decay, ps in ((cfg.weight_decay, [p for p in params if p.dim() >= 2]),  # matrices
+                          (0.0, [p for p in params if p.dim() < 2])):  # biases, norms, gates, the temperature
             if ps:
                 out.append(dict(params=ps, lr=lr, base_lr=lr, weight_decay=decay))
     return torch.optim.AdamW(out, betas=(0.9, 0.95))
@@ -979,11 +961,10 @@ def fit(model, opt, total, batch_fn, cfg, name):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % cfg.log_interval == 0 or step == total - 1:
-            el = time.time() - t0
-            eta = el / (step + 1) * (total - step - 1)
+            el = time.time() - t0  # seconds so far
             print(f"{name} step {step + 1}/{total} | loss {loss.item():.4f} | lr {opt.param_groups[0]['lr']:.2e} | "
                   f"{1000 * el / (step + 1):.0f} ms/step | {cfg.batch_size * (step + 1) / el:.0f} samples/s | "
-                  f"eta {eta:.0f}s", flush=True)
+                  f"eta {el / (step + 1) * (total - step - 1):.0f}s", flush=True)
     model.eval()
     return time.time() - t0
 
@@ -1122,25 +1103,20 @@ def heat_png(path, w, frames, labels, title, rows):
     names = np.zeros((14, strip.shape[1], 3), np.uint8)  # the column labels, under the frames
     for j in range(len(frames)):
         put(names, f"frame {j + 1}", j * cell + 2, 11)
-    corner = np.zeros((cell + 14, lab_w, 3), np.uint8)  # the colour scale: 0 on the left, the row's max on the right
-    corner[cell - 6:cell + 2, 4:lab_w - 4] = cv2.applyColorMap(np.linspace(0, 255, lab_w - 8).astype(np.uint8)[None],
-                                                               cv2.COLORMAP_VIRIDIS)  # (1, W, 3) repeated on 8 rows
-    put(corner, "0      row max", 4, cell + 12)
     width = lab_w + strip.shape[1]
-    lines = [ln for t in (title, f"rows: {rows}", "columns: the frames, in time order; colour: weight / row max")
+    lines = [ln for t in (title, f"rows: {rows}", "columns: the frames, in time order; colour: weight / row max, "
+                          "from dark blue (0) to yellow (1)")
              for ln in textwrap.wrap(t, width // 7)]  # about 7 pixels per character
     head = np.zeros((14 * len(lines) + 6, width, 3), np.uint8)
     for i, line in enumerate(lines):
         put(head, line, 2, 14 * i + 14)
-    top = np.concatenate([corner, np.concatenate([strip, names], 0)], 1)
+    top = np.concatenate([np.zeros((cell + 14, lab_w, 3), np.uint8), np.concatenate([strip, names], 0)], 1)
     cv2.imwrite(path, np.concatenate([head, top, np.concatenate([left, heat], 1)], 0))
 
 @torch.no_grad()
 def attention_maps(model, tok, clip, cfg, device):
-    """Heat maps for one clip, from the written-out attention (record mode), averaged over heads:
-       unified: caption tokens over frames (last decoder layer, weights on each frame's tokens summed);
-       cross:   latents over frames (last resampler layer), and caption tokens over frames composed through the
-                latents (text -> latent weights of the last gated layer @ latent -> frame weights)."""
+    """Heat maps for one clip from the written-out attention (record mode), averaged over heads: {kind: (weights
+    (rows, F), row labels, what the rows are)}, and the generated caption."""
     ids = generate(model, clip[None], cfg, device)[0]
     seq = torch.tensor([[0] + ids], device=device)
     labels = ["<bos>"] + [tok.enc.decode([tok.ids[i]]) for i in ids]
@@ -1207,15 +1183,12 @@ def evaluate(models, clip_model, tok, cfg, device, data, seconds):
     return res
 
 def evaluate_saved(cfg):
-    keep = {k: getattr(cfg, k) for k in RUN_FIELDS}
-    clip_model, tok, cfg, t_clip = load_model(cfg.out_dir, "clip", keep)
-    device = pick_device(cfg.device)
-    models, times = {}, {"clip": t_clip}
-    for v in ("unified", "cross"):
-        models[v], _, _, times[v] = load_model(cfg.out_dir, v, keep)
-        models[v].to(device)
-    data, _ = prepare_data(cfg)
-    return evaluate(models, clip_model.to(device), tok, cfg, device, data, times)
+    """--eval: the three checkpoints in out_dir, scored and pictured exactly as at the end of --train."""
+    clip_model, tok, cfg, t_clip = load_model(cfg, "clip")
+    loaded = {v: load_model(cfg, v) for v in ("unified", "cross")}  # variant -> (model, tok, cfg, train seconds)
+    times = {"clip": t_clip, **{v: got[3] for v, got in loaded.items()}}
+    return evaluate({v: got[0] for v, got in loaded.items()}, clip_model, tok, cfg, pick_device(cfg.device),
+                    prepare_data(cfg)[0], times)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
@@ -1263,11 +1236,9 @@ def main(argv=None):
     elif args.generate:
         if not args.video:
             raise UserError("--generate needs --video PATH (a video file or a folder of frames)")
-        model, tok, cfg, _ = load_model(cfg.out_dir, cfg.variant, {k: getattr(cfg, k) for k in RUN_FIELDS})
-        device = pick_device(cfg.device)
-        model.to(device)
-        clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None]
-        print(tok.decode(generate(model, clip, cfg, device)[0]))
+        model, tok, cfg, _ = load_model(cfg, cfg.variant)
+        clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None]  # (1, F, S, S, 3)
+        print(tok.decode(generate(model, clip, cfg, pick_device(cfg.device))[0]))
     else:
         tour(cfg)
 

@@ -3063,7 +3063,7 @@ def test_ab_checkpoint_round_trip(tmp_path):
         for blk in getattr(m.decoder, "xattn", None) or []:
             blk.attn_gate.data.fill_(0.3)  # non-zero so the media matters
         ab.save_model(m, tok, cfg, variant, 1.0)
-        m2, tok2, cfg2, secs = ab.load_model(cfg.out_dir, variant)
+        m2, tok2, cfg2, secs = ab.load_model(cfg, variant)
         frames = torch.randint(0, 255, (2, cfg.n_frames, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8)
         ids = torch.tensor([tok.encode("a red circle")[:-1]] * 2)
         with torch.no_grad():
@@ -3085,7 +3085,7 @@ def test_ab_corrupt_checkpoints_are_one_line(tmp_path):
     good_c, good_w = open(cpath).read(), open(wpath, "rb").read()
     open(wpath, "wb").write(good_w[: len(good_w) // 2])
     with pytest.raises(ab.UserError, match="model.safetensors: not a readable safetensors"):
-        ab.load_model(cfg.out_dir, "cross")
+        ab.load_model(cfg, "cross")
     open(wpath, "wb").write(good_w)
     for text, needle in [("[1, 2]", "not a checkpoint config"),
                          (good_c.replace('"config": {', '"config": 3, "x": {'), "not a checkpoint config"),
@@ -3093,9 +3093,9 @@ def test_ab_corrupt_checkpoints_are_one_line(tmp_path):
                          ("{nope", "not valid JSON")]:
         open(cpath, "w").write(text)
         with pytest.raises(ab.UserError, match=needle):
-            ab.load_model(cfg.out_dir, "cross")
+            ab.load_model(cfg, "cross")
     open(cpath, "w").write(good_c)
-    ab.load_model(cfg.out_dir, "cross")  # restored: loads again
+    ab.load_model(cfg, "cross")  # restored: loads again
 
 
 def test_ab_bad_inputs(tmp_path):
@@ -3105,7 +3105,7 @@ def test_ab_bad_inputs(tmp_path):
     assert_user_error(run_script("attention_basics.py", "--eval", "--out_dir", tmp_path / "none"), "no checkpoint")
     other = tmp_path / "other" / "cross"
     other.mkdir(parents=True)
-    (other / "config.json").write_text(json.dumps({"script": "vit_caption"}))
+    (other / "config.json").write_text(json.dumps({"script": "vit_caption", "model": "cross", "config": {}}))
     (other / "model.safetensors").write_bytes(b"x")
     assert_user_error(run_script("attention_basics.py", "--generate", "--video", "x.mp4", "--out_dir",
                                  tmp_path / "other"), "vit_caption")
