@@ -3074,6 +3074,38 @@ def test_ab_checkpoint_round_trip(tmp_path):
     assert not set(saved) & set(ab.RUN_FIELDS), "how to run (paths, device, mode) is not saved as if it were the model"
 
 
+@pytest.mark.parametrize("variant", ["unified", "cross"])
+def test_ab_overfit_one_batch_and_batch_equals_rows(variant):
+    """Each wiring memorises 4 captions of 4 clips (two share all but the last word, so the decoder must read the
+    video), then captions and logits of the batch equal those of its rows run one by one."""
+    cfg = ab.Config(**ab.PRESETS["tiny"])
+    caps = ["a red circle moves left", "a red circle moves right", "a blue square moves up",
+            "a green triangle moves down"]
+    tok = ab.Tokenizer.from_texts(caps)
+    inp, tgt = ab.caption_batch(tok, caps, cfg)
+    torch.manual_seed(0)
+    m = ab.Captioner(cfg, len(tok.ids), variant)
+    frames = torch.randint(0, 255, (4, cfg.n_frames, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    gates = [p for n, p in m.named_parameters() if n.endswith("_gate")]
+    rest = [p for n, p in m.named_parameters() if not n.endswith("_gate")]
+    opt = torch.optim.AdamW([dict(params=rest, lr=3e-3), dict(params=gates, lr=5e-2)], weight_decay=0.0)
+    for _ in range(80):
+        loss = m(m.encode(frames), inp, tgt)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2
+    m.eval()
+    batch = ab.generate(m, frames, cfg, "cpu")
+    assert batch == [tok.encode(c)[1:-1] for c in caps]  # every caption exactly: the video was read
+    assert batch == [ab.generate(m, frames[i:i + 1], cfg, "cpu")[0] for i in range(4)]
+    with torch.no_grad():
+        logits = m(m.encode(frames), inp)[0]
+        for i in range(4):
+            assert torch.allclose(m(m.encode(frames[i:i + 1]), inp[i:i + 1])[0], logits[i:i + 1], atol=1e-5)
+
+
 def test_ab_corrupt_checkpoints_are_one_line(tmp_path):
     """A truncated model.safetensors, a config.json that is not an object, or one with unknown keys: a UserError
     naming the file, never a traceback from deep inside the loader."""
