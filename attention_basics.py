@@ -1224,27 +1224,27 @@ def parse_args(argv=None):
     return args, cfg, overrides
 
 def main(argv=None):
-    args, cfg, _ = parse_args(argv)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    if args.train or args.eval or args.generate:
-        print("config:", json.dumps(dataclasses.asdict(cfg)))
-    if args.train:
-        train(cfg)
-    elif args.eval:
-        evaluate_saved(cfg)
-    elif args.generate:
-        if not args.video:
-            raise UserError("--generate needs --video PATH (a video file or a folder of frames)")
-        model, tok, cfg, _ = load_model(cfg, cfg.variant)
-        clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None]  # (1, F, S, S, 3)
-        print(tok.decode(generate(model, clip, cfg, pick_device(cfg.device))[0]))
-    else:
-        tour(cfg)
-
-if __name__ == "__main__":
     try:
-        main()
-    except UserError as e:
+        args, cfg, _ = parse_args(argv)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        if args.train or args.eval or args.generate:
+            print("config:", json.dumps(dataclasses.asdict(cfg)))
+        if args.train:
+            train(cfg)
+        elif args.eval:
+            evaluate_saved(cfg)
+        elif args.generate:
+            if not args.video:
+                raise UserError("--generate needs --video PATH (a video file or a folder of frames)")
+            model, tok, cfg, _ = load_model(cfg, cfg.variant)
+            clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None]  # (1, F, S, S, 3)
+            print(tok.decode(generate(model, clip, cfg, pick_device(cfg.device))[0]))
+        else:
+            tour(cfg)
+    except UserError as e:  # the user's input: one line naming it and the fix, exit status 2, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+if __name__ == "__main__":
+    main()

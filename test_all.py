@@ -2857,6 +2857,23 @@ def _ab_tiny(tmp_path, **kw):
                         **kw})
 
 
+def _ab_main(capsys, *argv):
+    """attention_basics.main(argv) in-process -> (exit status, stdout, last line of stderr)."""
+    try:
+        ab.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, (err.strip().splitlines() or [""])[-1]
+
+
+def _ab_user_error(capsys, needle, *argv):
+    """A user error through main(): exit status 2, one line on stderr that names the input, no traceback."""
+    code, _, last = _ab_main(capsys, *argv)
+    assert code == 2 and needle in last and last.startswith("error: "), (code, last)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_ab_manual_attention_equals_sdpa_float64(causal):
     g = torch.Generator().manual_seed(0)
@@ -3012,19 +3029,19 @@ def test_ab_sampling_helpers_and_metric():
                           ["a red circle moves left", "a blue square moves down"]) == 0.5
 
 
-def test_ab_tour_runs():
-    proc = run_script("attention_basics.py")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def test_ab_tour_runs(capsys):
+    code, out, _ = _ab_main(capsys)
+    assert code == 0
     for name in ab.SECTIONS:
-        assert f"== {name}" in proc.stdout
-    assert "every check passed" in proc.stdout and "tour check failed" not in proc.stdout
-    one = run_script("attention_basics.py", "--section", "perceiver")
-    assert one.returncode == 0 and "== perceiver" in one.stdout and "== clip" not in one.stdout
+        assert f"== {name}" in out
+    assert "every check passed" in out and "tour check failed" not in out
+    code, out, _ = _ab_main(capsys, "--section", "perceiver")
+    assert code == 0 and "== perceiver" in out and "== clip" not in out
 
 
-def test_ab_train_tiny_runs(tmp_path):
-    """--train --preset tiny end to end: real PNG/mp4 files, three checkpoints, eval.json in the house shape,
-    heat maps; then --eval and --generate from the checkpoints."""
+def test_ab_train_tiny_runs(tmp_path, capsys):
+    """--train --preset tiny end to end as a user runs it (a subprocess): real PNG/mp4 files, three checkpoints,
+    eval.json in the house shape, heat maps; then --eval and --generate from the checkpoints (in-process)."""
     args = ["--preset", "tiny", "--data_dir", tmp_path / "data", "--out_dir", tmp_path / "out"]
     proc = run_script("attention_basics.py", "--train", *args)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -3045,13 +3062,12 @@ def test_ab_train_tiny_runs(tmp_path):
         assert cv2.imread(str(tmp_path / "out" / f"{name}.png")) is not None
     for name in ("clip", "unified", "cross"):
         assert (tmp_path / "out" / name / "model.safetensors").exists()
-    ev = run_script("attention_basics.py", "--eval", *args)
-    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert _ab_main(capsys, "--eval", *args)[0] == 0
     again = json.load(open(tmp_path / "out" / "eval.json"))["test"]["cross"]
     assert again.pop("gen_tokens_per_s") > 0 and res["test"]["cross"].pop("gen_tokens_per_s") > 0
     assert again == res["test"]["cross"]  # same weights, same clips: the same captions and metrics
-    gen = run_script("attention_basics.py", "--generate", "--video", clip, "--variant", "unified", *args)
-    assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr[-2000:]
+    code, out, _ = _ab_main(capsys, "--generate", "--video", clip, "--variant", "unified", *args)
+    assert code == 0 and out.strip().splitlines()[-1].strip()  # the caption, after the config line
 
 
 def test_ab_checkpoint_round_trip(tmp_path):
@@ -3130,17 +3146,17 @@ def test_ab_corrupt_checkpoints_are_one_line(tmp_path):
     ab.load_model(cfg, "cross")  # restored: loads again
 
 
-def test_ab_bad_inputs(tmp_path):
-    assert_user_error(run_script("attention_basics.py", "--section", "nope"), "--section nope")
-    assert_user_error(run_script("attention_basics.py", "--preset", "huge"), "--preset huge")
-    assert_user_error(run_script("attention_basics.py", "--variant", "both"), "--variant both")
-    assert_user_error(run_script("attention_basics.py", "--eval", "--out_dir", tmp_path / "none"), "no checkpoint")
+def test_ab_bad_inputs(tmp_path, capsys):
+    _ab_user_error(capsys, "--section nope", "--section", "nope")
+    _ab_user_error(capsys, "--preset huge", "--preset", "huge")
+    _ab_user_error(capsys, "--variant both", "--variant", "both")
+    _ab_user_error(capsys, "no checkpoint", "--eval", "--out_dir", tmp_path / "none")
+    _ab_user_error(capsys, "--generate needs --video", "--generate")
     other = tmp_path / "other" / "cross"
     other.mkdir(parents=True)
     (other / "config.json").write_text(json.dumps({"script": "vit_caption", "model": "cross", "config": {}}))
     (other / "model.safetensors").write_bytes(b"x")
-    assert_user_error(run_script("attention_basics.py", "--generate", "--video", "x.mp4", "--out_dir",
-                                 tmp_path / "other"), "vit_caption")
+    _ab_user_error(capsys, "vit_caption", "--generate", "--video", "x.mp4", "--out_dir", tmp_path / "other")
     # a video that is not a video, and an empty folder of frames
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video")
