@@ -91,7 +91,7 @@ class Config:
     n_dec_layer: int = 2  # caption decoder blocks; the cross wiring adds one gated layer before each
     d_embed: int = 64  # CLIP joint embedding width E
     n_latents: int = 64  # Perceiver resampler output size (Flamingo uses 64)
-    n_perceiver_layer: int = 1  # resampler layers (Flamingo uses 6)
+    n_perceiver_layer: int = 1  # resampler layers, each: latents attend, then an MLP
     max_frames: int = 64  # time embeddings the resampler has: the longest clip it takes
     max_len: int = 12  # longest caption in tokens, BOS/EOS included
     motion: bool = True  # add a projection of frame-to-frame token differences (see Captioner)
@@ -375,7 +375,7 @@ class MultiHeadAttention(Module):
         k, v = self.kv(ctx).view(B, N, 2, self.h, D // self.h).permute(2, 0, 3, 1, 4)  # 2 x (B, H, N, d)
         if mask is not None and mask.dim() == 3:
             mask = mask[:, None]  # (B, 1, L, N): one mask for every head
-        if self.sdpa and not self.record:  # PyTorch's fused kernel: the same numbers, less memory
+        if self.sdpa and not self.record:  # PyTorch's fused kernel: same math, less memory
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, L, d)
         else:
             out, w = attention(q, k, v, mask, causal)  # (B, H, L, d), (B, H, L, N)
@@ -394,7 +394,7 @@ class MLP(Module):
 
 class Block(Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)). causal=True makes it a decoder block.
-    Pre-norm (GPT-2, ViT) keeps the residual stream x un-normalised, so gradients reach early layers unchanged."""
+    Pre-norm (GPT-2, ViT) leaves the residual path x + ... free of norms, so gradients reach early layers intact."""
     def __init__(self, d, n_head, causal=False, sdpa=True):
         super().__init__()
         self.causal = causal
@@ -569,7 +569,7 @@ class Decoder(Module):
         for i, block in enumerate(self.blocks):
             if media is not None and self.xattn is not None:
                 x = self.xattn[i](x, media, media_mask)  # Flamingo: read the media, then the LM block
-            x = block(x)  # causal: the prefix sees only itself, each text token sees the prefix and its past
+            x = block(x)  # causal: a prefix token sees earlier prefix tokens, a text token the prefix and its past
         logits = self.head(self.ln(x[:, n_prefix:]))  # (B, L, V): text positions only
         loss = None
         if targets is not None:  # next-token cross-entropy; -100 marks positions after EOS
