@@ -1118,7 +1118,7 @@ def attention_maps(model, tok, clip, cfg, device):
     """Heat maps for one clip from the written-out attention (record mode), averaged over heads: {kind: (weights
     (rows, F), row labels, what the rows are)}, and the generated caption."""
     ids = generate(model, clip[None], cfg, device)[0]
-    seq = torch.tensor([[0] + ids], device=device)
+    seq = torch.tensor([[EOT] + ids], device=device)  # (1, 1+L): BOS, then the caption
     labels = ["<bos>"] + [tok.enc.decode([tok.ids[i]]) for i in ids]
     Fr = clip.size(0)
     set_record(model, True)

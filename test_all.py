@@ -3090,6 +3090,37 @@ def test_ab_checkpoint_round_trip(tmp_path):
     assert not set(saved) & set(ab.RUN_FIELDS), "how to run (paths, device, mode) is not saved as if it were the model"
 
 
+def test_ab_every_module_initialises_itself():
+    """Built alone or inside a model, each module comes out with the explicit init and no call after construction:
+    biases 0 (PyTorch's default would be uniform, non-zero), LayerNorms the identity, weights at std 0.02, the
+    resampler's queries/keys at std 0.3, gates closed."""
+    cfg = ab.Config(**ab.PRESETS["tiny"])
+    d = cfg.d_model
+    built = [ab.MultiHeadAttention(d, 2, d_ctx=24), ab.MLP(d), ab.Block(d, 2), ab.ViT(cfg), ab.TextEncoder(cfg, 30),
+             ab.CLIP(cfg, 30), ab.PerceiverResampler(d, 2, 8, 2, 8), ab.GatedCrossAttention(d, d, 2),
+             ab.Decoder(cfg, 30, 12, xattn=True), ab.Captioner(cfg, 30, "unified"), ab.Captioner(cfg, 30, "cross")]
+    for module in built:
+        sharp = {id(w) for m in module.modules() if isinstance(m, ab.PerceiverResampler)
+                 for layer in m.layers for w in (layer.attn.q.weight, layer.attn.kv.weight)}
+        for m in module.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                assert torch.equal(m.bias, torch.zeros_like(m.bias)), type(module).__name__
+            if isinstance(m, torch.nn.LayerNorm):
+                assert torch.equal(m.weight, torch.ones_like(m.weight)), type(module).__name__
+            if isinstance(m, torch.nn.Linear) and m.weight.numel() >= 256:
+                std = m.weight.std().item()
+                assert (0.2 < std < 0.4) if id(m.weight) in sharp else (0.01 < std < 0.03), (type(module).__name__, std)
+            if isinstance(m, ab.GatedCrossAttention):
+                assert m.attn_gate.item() == 0 and m.ff_gate.item() == 0
+    # an init pass reads the global random stream without advancing it, so the passes of nested parts leave the
+    # outermost pass the very numbers a single pass after construction would draw
+    model, state = built[-1], torch.get_rng_state()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.init_weights()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("variant", ["unified", "cross"])
 def test_ab_overfit_one_batch_and_batch_equals_rows(variant):
     """Each wiring memorises 4 captions of 4 clips (two share all but the last word, so the decoder must read the
