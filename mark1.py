@@ -272,12 +272,17 @@ def sample_indices(n_total, n_frames):
 
 
 def preprocess(img, crop):
-    """V-JEPA 2's video processor on one RGB uint8 frame: shortest edge -> int(crop*256/224) (area filter, the
-    antialiased resize of torchvision), centre crop. Normalisation happens later in float (normalize())."""
+    """transformers' VJEPA2VideoProcessor on one uint8 (H, W, 3) frame, up to the float steps: shortest edge ->
+    int(crop*256/224) (long edge int(short*long/shortest)), bilinear with antialias, centre crop. Rescale and the
+    ImageNet mean/std come later, in float (normalize())."""
     short = int(crop * 256 / 224)  # resize to 8/7 of the crop, then cut the centre (ImageNet-style eval)
     h, w = img.shape[:2]
     nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)  # keep the aspect ratio
-    img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if nh < h else cv2.INTER_LINEAR)
+    if (nh, nw) != (h, w):  # torchvision's resize, which on a uint8 CPU tensor is this F.interpolate call: antialias
+        # widens the bilinear kernel on a shrink so every source pixel counts (as PIL's); uint8 in, rounded uint8 out
+        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)  # (1, 3, nh, nw)
+        img = x[0].permute(1, 2, 0).numpy()  # (nh, nw, 3) uint8
     top, left = int((nh - crop) / 2), int((nw - crop) / 2)  # torchvision's centre-crop rounding
     return img[top:top + crop, left:left + crop]  # (crop, crop, 3)
 

@@ -2535,6 +2535,53 @@ def test_mk_mp4_round_trip_and_frame_folder(tmp_path):
     assert lab.sum() >= 2 and len(ann["choices"]) == 4 and ann["answer"] in ann["choices"]
 
 
+def _mk_textured(h, w, seed):
+    """A natural-looking RGB frame: smooth colour fields, fine grain, filled boxes and ring edges."""
+    r = np.random.default_rng(seed)
+    img = cv2.resize(r.uniform(0, 255, (h // 16, w // 16, 3)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+    img += r.normal(0, 25, (h, w, 3)).astype(np.float32)
+    for _ in range(12):
+        c, x, y = tuple(int(v) for v in r.integers(0, 256, 3)), int(r.integers(0, w)), int(r.integers(0, h))
+        cv2.rectangle(img, (x, y), (x + int(r.integers(10, 80)), y + int(r.integers(10, 60))), c, -1)
+        cv2.circle(img, (int(r.integers(0, w)), int(r.integers(0, h))), int(r.integers(5, 40)), c, 2)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_mk_pixels_match_transformers_video_processor(tmp_path):
+    """A 320x240 textured clip written by OpenCV, decoded by our loader, against transformers' V-JEPA 2 video
+    processor before normalisation. VJEPA2VideoProcessor needs torchvision; where it cannot be built (no CPU
+    torchvision wheel for this torch) the reference is the same steps through transformers' own functions: its
+    shortest-edge size rule, its PIL-backend bilinear resize (which antialiased torchvision matches) and centre crop."""
+    from transformers.image_transforms import center_crop, get_resize_output_image_size, resize
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ChannelDimension, PILImageResampling
+    assert mk.MEAN.tolist() == pytest.approx(IMAGENET_DEFAULT_MEAN) and mk.STD.tolist() == pytest.approx(IMAGENET_DEFAULT_STD)
+    path = str(tmp_path / "clip.mp4")
+    w, base = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 8, (320, 240)), _mk_textured(240, 400, 1)
+    for t in range(6):  # the texture pans right 4 pixels a frame
+        w.write(np.ascontiguousarray(base[:, 4 * t:4 * t + 320]))
+    w.release()
+    cap, frames = cv2.VideoCapture(path), []
+    while (got := cap.read())[0]:
+        frames.append(np.ascontiguousarray(got[1][:, :, ::-1]))  # RGB (240, 320, 3)
+    assert len(frames) == 6
+    for crop in (32, 256):
+        ours = mk.load_video(path, 6, crop)[0].astype(np.float64)  # (6, crop, crop, 3), every frame
+        try:
+            from transformers import VJEPA2VideoProcessor
+            proc = VJEPA2VideoProcessor(crop_size=crop)  # a placeholder that raises without torchvision
+            x = proc(videos=[np.stack(frames)], return_tensors="pt")["pixel_values_videos"][0]  # (6, 3, crop, crop)
+            want, ref = (x.permute(0, 2, 3, 1) * mk.STD * 255 + mk.MEAN * 255).numpy(), "VJEPA2VideoProcessor"
+        except ImportError:
+            size = get_resize_output_image_size(frames[0], int(crop * 256 / 224), default_to_square=False,
+                                                input_data_format=ChannelDimension.LAST)
+            want, ref = np.stack([center_crop(resize(f, size, resample=PILImageResampling.BILINEAR,
+                                                     input_data_format=ChannelDimension.LAST), (crop, crop),
+                                              input_data_format=ChannelDimension.LAST) for f in frames]), "PIL steps"
+        diff = np.abs(ours - want).max()
+        print(f"crop {crop} against {ref}: max pixel difference {diff:.3f}/255")
+        assert ours.shape == want.shape and diff <= 2
+
+
 def test_mk_world_splits_hold_out_combinations():
     rng = __import__("random").Random(1)
     train = [mk.sample_event(rng, "train")[1] for _ in range(200)]
