@@ -415,14 +415,11 @@ class GPT2Tokenizer:
 
 
 def bytes_to_unicode():
-    """GPT-2's byte <-> printable-character table, which byte-level BPE vocabularies (Qwen's too) are written in."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b), cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+    """GPT-2's byte <-> printable-character table, which byte-level BPE vocabularies (Qwen's too) are written in:
+    printable Latin-1 bytes stand for themselves, the other 68 (controls, space, ...) take chr(256), chr(257), ..."""
+    bs = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+    rest = [b for b in range(256) if b not in bs]
+    return dict(zip(bs + rest, map(chr, bs + [256 + n for n in range(len(rest))])))
 
 
 QWEN_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -822,10 +819,10 @@ class Mark1(nn.Module):
             getattr(self, p).eval()
         return self
 
-    def place(self, devices):
+    def place(self, devices):  # {part: device}: the three parts may sit on different devices (--device_map)
         self.devices = devices
-        for part in ("vision", "bridge", "llm"):
-            getattr(self, part).to(devices[part])
+        for part, dev in devices.items():
+            getattr(self, part).to(dev)
         return self
 
     def encode(self, clips):
