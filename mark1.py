@@ -901,11 +901,12 @@ def atomic(path, write):
 def read_hf_dir(path, want):
     """-> (config dict, {tensor key: file}) of an HF folder (one model.safetensors or an index of shards); only the
     safetensors headers are read here."""
-    conf = read_json(os.path.join(path, "config.json"), "pass a Hugging Face checkpoint folder, complete")
+    fix = "pass a complete Hugging Face checkpoint folder (download it again if damaged)"
+    conf = read_json(os.path.join(path, "config.json"), fix)
     if not isinstance(conf, dict) or conf.get("model_type") != want:
         raise UserError(f"{path}: checkpoint is model_type {dict(conf).get('model_type')!r}, expected {want!r}")
     idx = os.path.join(path, "model.safetensors.index.json")
-    files = sorted(set(read_json(idx, "")["weight_map"].values())) if os.path.isfile(idx) else ["model.safetensors"]
+    files = sorted(set(read_json(idx, fix)["weight_map"].values())) if os.path.isfile(idx) else ["model.safetensors"]
     keys = {}
     for f in files:
         try:
