@@ -72,6 +72,16 @@ class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
 
+def read_json(path, fix):
+    """json.load where a missing or damaged file is one UserError line that says how to fix it."""
+    try:
+        return json.load(open(path, encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror}); {fix}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); {fix}")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
 
@@ -272,12 +282,17 @@ def sample_indices(n_total, n_frames):
 
 
 def preprocess(img, crop):
-    """V-JEPA 2's video processor on one RGB uint8 frame: shortest edge -> int(crop*256/224) (area filter, the
-    antialiased resize of torchvision), centre crop. Normalisation happens later in float (normalize())."""
+    """transformers' VJEPA2VideoProcessor on one uint8 (H, W, 3) frame, up to the float steps: shortest edge ->
+    int(crop*256/224) (long edge int(short*long/shortest)), bilinear with antialias, centre crop. Rescale and the
+    ImageNet mean/std come later, in float (normalize())."""
     short = int(crop * 256 / 224)  # resize to 8/7 of the crop, then cut the centre (ImageNet-style eval)
     h, w = img.shape[:2]
     nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)  # keep the aspect ratio
-    img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if nh < h else cv2.INTER_LINEAR)
+    if (nh, nw) != (h, w):  # torchvision's resize, which on a uint8 CPU tensor is this F.interpolate call: antialias
+        # widens the bilinear kernel on a shrink so every source pixel counts (as PIL's); uint8 in, rounded uint8 out
+        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)  # (1, 3, nh, nw)
+        img = x[0].permute(1, 2, 0).numpy()  # (nh, nw, 3) uint8
     top, left = int((nh - crop) / 2), int((nw - crop) / 2)  # torchvision's centre-crop rounding
     return img[top:top + crop, left:left + crop]  # (crop, crop, 3)
 
@@ -287,27 +302,23 @@ def load_video(path, n_frames, crop):
     sampled frame times in seconds (F,), clip duration in seconds)."""
     if os.path.isdir(path):
         names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
-        imgs, fps = [cv2.imread(os.path.join(path, n)) for n in names], float(FPS)
-        if any(i is None for i in imgs):
-            raise UserError(f"{path}: a frame image could not be read; check the folder holds valid images")
-    else:
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: video not found; check the path")
+        frames, fps = (cv2.imread(os.path.join(path, n)) for n in names), float(FPS)
+    elif os.path.isfile(path):
         cap = cv2.VideoCapture(path)
         fps = cap.get(cv2.CAP_PROP_FPS) or FPS  # a container without a rate: assume the world's
         fps = fps if 0 < fps < 1000 else FPS  # and ignore nonsense rates
-        imgs = []
-        while True:
-            ok, img = cap.read()  # BGR uint8 (H, W, 3)
-            if not ok:  # end of stream (or an undecodable rest)
-                break
-            imgs.append(preprocess(img, crop))  # crop at once: long clips keep only small frames in memory
-        cap.release()
+        frames = (img for _, img in iter(cap.read, (False, None)))  # BGR (H, W, 3) uint8 until (False, None)
+    else:
+        raise UserError(f"{path}: video not found; check the path")
+    imgs = []  # each frame resized and cropped at once: long clips keep only small frames in memory
+    for img in frames:
+        if img is None:  # only a folder's image can be None here
+            raise UserError(f"{path}: a frame image could not be read; check the folder holds valid images")
+        imgs.append(preprocess(img, crop))
     if not imgs:
         raise UserError(f"{path}: no frames could be decoded (empty, corrupt or unsupported video); re-encode it")
     idx = sample_indices(len(imgs), n_frames)  # F indices into the decoded frames
-    clip = np.stack([cv2.cvtColor(preprocess(imgs[i], crop) if imgs[i].shape[0] != crop or imgs[i].shape[1] != crop
-                                  else imgs[i], cv2.COLOR_BGR2RGB) for i in idx])  # (F, S, S, 3)
+    clip = np.ascontiguousarray(np.stack([imgs[i][:, :, ::-1] for i in idx]))  # (F, S, S, 3) RGB, row-major
     return clip, np.array(idx, np.float64) / fps, len(imgs) / fps
 
 
@@ -325,12 +336,7 @@ CHOICE_RE = re.compile(r"^([A-Z])\. \S")
 
 def read_annotations(path, base=None):
     """User JSON: a list of {video, question, choices, answer, support_times}; validated, errors name the entry."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: annotation file not found")
-    try:
-        items = json.load(open(path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})")
+    items = read_json(path, "pass an annotation file in the README's format")
     if not isinstance(items, list) or not items:
         raise UserError(f"{path}: expected a non-empty JSON list of entries")
     base = base or os.path.dirname(os.path.abspath(path))
@@ -345,9 +351,8 @@ def read_annotations(path, base=None):
         st = it.get("support_times", [])
         if not isinstance(st, list) or not all(isinstance(t, (int, float)) for t in st):
             raise UserError(f"{where}: support_times must be a list of seconds")
-        video = it["video"] if os.path.isabs(it["video"]) else os.path.join(base, it["video"])
-        out.append({**it, "video": video, "support_times": st, "where": where})
-    return out
+        out.append({**it, "video": os.path.join(base, it["video"]), "support_times": st, "where": where})
+    return out  # (os.path.join keeps an absolute video path as it is)
 
 
 def check_choices(choices, where):
@@ -391,12 +396,10 @@ class GPT2Tokenizer:
         self.eos, self.unk = self.index[self.enc.eot_token], self.index.get(-1, 0)
 
     @staticmethod
-    def build(texts, compact):
+    def build(texts, compact):  # the compact table of the ids in `texts`, or the full one
         enc = tiktoken.get_encoding("gpt2")
-        if not compact:
-            return GPT2Tokenizer()
         seen = sorted({t for s in texts for t in enc.encode(s)} - {enc.eot_token})
-        return GPT2Tokenizer([enc.eot_token, -1] + seen)
+        return GPT2Tokenizer([enc.eot_token, -1] + seen if compact else None)
 
     def encode(self, s):
         return [self.index.get(t, self.unk) for t in self.enc.encode(s)]
@@ -412,14 +415,11 @@ class GPT2Tokenizer:
 
 
 def bytes_to_unicode():
-    """GPT-2's byte <-> printable-character table, which byte-level BPE vocabularies (Qwen's too) are written in."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b), cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+    """GPT-2's byte <-> printable-character table, which byte-level BPE vocabularies (Qwen's too) are written in:
+    printable Latin-1 bytes stand for themselves, the other 68 (controls, space, ...) take chr(256), chr(257), ..."""
+    bs = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+    rest = [b for b in range(256) if b not in bs]
+    return dict(zip(bs + rest, map(chr, bs + [256 + n for n in range(len(rest))])))
 
 
 QWEN_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -432,21 +432,15 @@ class QwenTokenizer:
     every added token is a special token, and the text is NFC-normalised first, as HF does. No BOS is added."""
 
     def __init__(self, path):
-        try:
-            j = json.load(open(path, encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: cannot read the tokenizer ({e}); "
-                            "the Qwen3 checkpoint folder needs tokenizer.json")
+        j = read_json(path, "the Qwen3 checkpoint folder needs its tokenizer.json")
         if j.get("model", {}).get("type") != "BPE":
             raise UserError(f"{path}: not a byte-level BPE tokenizer (Qwen3's tokenizer.json expected)")
         dec = {c: b for b, c in bytes_to_unicode().items()}
         ranks = {bytes(dec[c] for c in tok): i for tok, i in j["model"]["vocab"].items()}
         specials = {t["content"]: t["id"] for t in j.get("added_tokens", [])}
-        pat = QWEN_PAT
-        pre = j.get("pre_tokenizer") or {}
-        for p in pre.get("pretokenizers", [pre]):
-            if p.get("type") == "Split" and "Regex" in p.get("pattern", {}):
-                pat = p["pattern"]["Regex"]
+        pre = j.get("pre_tokenizer") or {}  # the file's own split regex where it has one, else Qwen3's
+        pat = next((p["pattern"]["Regex"] for p in pre.get("pretokenizers", [pre])
+                    if p.get("type") == "Split" and "Regex" in p.get("pattern", {})), QWEN_PAT)
         self.enc = tiktoken.Encoding("qwen3", pat_str=pat, mergeable_ranks=ranks, special_tokens=specials)
         self.eos = specials.get("<|im_end|>", specials.get("<|endoftext|>"))
         self.ids = None  # the full table: nothing to save
@@ -532,18 +526,13 @@ class VJEPA2Layer(nn.Module):
         return x + self.mlp(self.norm2(x))  # residual around the MLP
 
 
-class PatchEmbed3D(nn.Module):
-    def __init__(self, d, patch, tubelet):
-        super().__init__()
-        # one token per tubelet x patch x patch cube: a strided Conv3d is a linear map of each non-overlapping cube
-        self.proj = nn.Conv3d(3, d, kernel_size=(tubelet, patch, patch), stride=(tubelet, patch, patch))
-
-
 class VJEPA2Embeddings(nn.Module):
     def __init__(self, d, patch, tubelet):
         super().__init__()
-        self.tubelet = tubelet
-        self.patch_embeddings = PatchEmbed3D(d, patch, tubelet)
+        self.tubelet, self.patch_embeddings = tubelet, nn.Module()  # a bare module: the checkpoint's key path
+        # one token per tubelet x patch x patch cube: a strided Conv3d is a linear map of each non-overlapping cube
+        cube = (tubelet, patch, patch)
+        self.patch_embeddings.proj = nn.Conv3d(3, d, kernel_size=cube, stride=cube)
 
     def forward(self, video):
         x = video.permute(0, 2, 1, 3, 4)  # (B, 3, F, S, S)
@@ -669,14 +658,12 @@ class Qwen3LM(nn.Module):
         if pos is None:
             pos = torch.arange(past, past + L, device=x.device).expand(B, L)
         cos, sin = rope_cos_sin(pos, self.hd, self.theta, x.dtype)
-        mask = None
+        qi, ki = torch.arange(past, past + L, device=x.device)[:, None], torch.arange(past + L, device=x.device)
+        mask = None  # no padding, no cache: SDPA's own causal mask
         if valid is not None:  # causal AND key not padding; a query always sees itself, so pad rows stay finite
-            qi = torch.arange(past, past + L, device=x.device)[:, None]
-            ki = torch.arange(past + L, device=x.device)[None]
-            mask = ((ki <= qi)[None] & valid[:, None, :]) | (ki == qi)[None]  # (B, L, Lk)
-            mask = mask[:, None]  # (B, 1, L, Lk)
+            mask = (((ki <= qi)[None] & valid[:, None, :]) | (ki == qi)[None])[:, None]  # (B, 1, L, Lk)
         elif past:  # decoding with a cache: new query i sees every cached key and new keys up to itself
-            mask = torch.ones(1, 1, L, past + L, dtype=torch.bool, device=x.device).tril(past)  # (1, 1, L, Lk)
+            mask = (ki <= qi)[None, None]  # (1, 1, L, Lk)
         for i, blk in enumerate(self.model.layers):
             x = blk(x, cos, sin, mask, cache[i] if cache is not None else None)  # (B, L, D)
         x = self.model.norm(x)
@@ -766,9 +753,7 @@ class Bridge(nn.Module):
         """v (B, P, D) video tokens, t (B, M, D) temporal queries -> (B, F) support logits. Each tubelet is pooled
         over space and its clip's mean over time is subtracted (what changes over the clip); a Linear makes one
         key per frame of the tubelet from it; each temporal query scores each frame's key by a dot product; the best
-        query wins.
-        The Mark-1 project's head (frame_head="linear", a fixed Linear(D, F) on each query) never moved the frame loss
-        off its constant-prediction plateau in our from-scratch runs (BCE 0.90 after 1200 steps, README)."""
+        query wins. The Mark-1 project's head (frame_head="linear") is a fixed Linear(D, F) on each query instead."""
         if self.frame_head == "linear":
             return self.frame_out(t).amax(1)  # (B, M, F) -> max over the M temporal queries -> (B, F)
         B, P, D = v.shape
@@ -834,10 +819,10 @@ class Mark1(nn.Module):
             getattr(self, p).eval()
         return self
 
-    def place(self, devices):
+    def place(self, devices):  # {part: device}: the three parts may sit on different devices (--device_map)
         self.devices = devices
-        for part in ("vision", "bridge", "llm"):
-            getattr(self, part).to(devices[part])
+        for part, dev in devices.items():
+            getattr(self, part).to(dev)
         return self
 
     def encode(self, clips):
@@ -914,29 +899,20 @@ def atomic(path, write):
 
 
 def read_hf_dir(path, want):
-    """-> (config dict, {key: (file, dtype/shape-less handle)}) of an HF folder, safetensors read lazily."""
-    cpath = os.path.join(path, "config.json")
-    if not os.path.isfile(cpath):
-        raise UserError(f"{path}: no config.json here; pass a Hugging Face checkpoint folder")
-    try:
-        conf = json.load(open(cpath))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{cpath}: not valid JSON ({e}); the checkpoint folder is damaged, download it again")
+    """-> (config dict, {tensor key: file}) of an HF folder (one model.safetensors or an index of shards); only the
+    safetensors headers are read here."""
+    fix = "pass a complete Hugging Face checkpoint folder (download it again if damaged)"
+    conf = read_json(os.path.join(path, "config.json"), fix)
     if not isinstance(conf, dict) or conf.get("model_type") != want:
         raise UserError(f"{path}: checkpoint is model_type {dict(conf).get('model_type')!r}, expected {want!r}")
     idx = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(idx):
-        files = sorted(set(json.load(open(idx))["weight_map"].values()))
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    files = sorted(set(read_json(idx, fix)["weight_map"].values())) if os.path.isfile(idx) else ["model.safetensors"]
     keys = {}
     for f in files:
         try:
             with safe_open(os.path.join(path, f), "pt") as h:
-                keys.update({k: f for k in h.keys()})
-        except Exception as e:
+                keys.update(dict.fromkeys(h.keys(), f))
+        except Exception as e:  # missing, truncated, not safetensors at all
             raise UserError(f"{os.path.join(path, f)}: unreadable safetensors file ({e})")
     return conf, keys
 
@@ -944,7 +920,7 @@ def read_hf_dir(path, want):
 def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
     """Check file keys against the module's (mapping: file key -> module key, or None to ignore), list every missing,
     unexpected and mis-shaped key from the safetensors headers alone, and only then read the tensors, each converted
-    to `dtype` (None: the file's) on `device`."""
+    to `dtype` (None: the file's) on `device`, into the module (built on the meta device)."""
     want = {k: v.shape for k, v in module.state_dict().items()}
     if getattr(module, "tie", False):
         want.pop("lm_head.weight", None)  # a tied head is the embedding: no tensor of its own in the file
@@ -957,7 +933,11 @@ def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
     if missing or unexpected or shaped:
         raise UserError(f"{path}: checkpoint does not fit: missing {missing}, unexpected {unexpected}, "
                         f"mis-shaped {shaped}")
-    return {mk: handles[keys[fk]].get_tensor(fk).to(device, dtype) for fk, mk in plan.items()}  # all checks passed
+    state = {mk: handles[keys[fk]].get_tensor(fk).to(device, dtype) for fk, mk in plan.items()}  # all checks passed
+    module.load_state_dict(state, strict=False, assign=True)  # strict=False: a tied lm_head has no tensor of its own
+    if getattr(module, "tie", False):
+        module.lm_head.weight = module.model.embed_tokens.weight  # assign=True replaced the Parameter: tie again
+    return module
 
 
 def load_vjepa2(path, dtype=None, device="cpu"):
@@ -971,17 +951,11 @@ def load_vjepa2(path, dtype=None, device="cpu"):
                             conf.get("num_attention_heads", 16), conf.get("patch_size", 16),
                             conf.get("tubelet_size", 2), conf.get("crop_size", 256), conf.get("mlp_ratio", 4.0),
                             conf.get("layer_norm_eps", 1e-6))
-    ignored = [k for k in keys if not k.removeprefix("vjepa2.").startswith("encoder.")]
-
-    def mapping(k):
-        k = k.removeprefix("vjepa2.")
-        return k[len("encoder."):] if k.startswith("encoder.") else None
-
-    state = assign_strict(enc, path, keys, mapping, dtype, device)
-    enc.load_state_dict(state, strict=True, assign=True)
-    if ignored:
-        print(f"{path}: ignoring {len(ignored)} non-encoder tensors (predictor/pooler/classifier), on purpose")
-    return enc
+    mapping = {k: k.removeprefix("vjepa2.").removeprefix("encoder.") for k in keys
+               if k.removeprefix("vjepa2.").startswith("encoder.")}  # the rest: predictor, pooler, classifier
+    if len(mapping) < len(keys):
+        print(f"{path}: ignoring {len(keys) - len(mapping)} predictor/pooler/classifier tensors, on purpose")
+    return assign_strict(enc, path, keys, mapping.get, dtype, device)
 
 
 def load_qwen3(path, dtype=None, device="cpu"):
@@ -1006,11 +980,7 @@ def load_qwen3(path, dtype=None, device="cpu"):
         lm = Qwen3LM(conf.get("vocab_size", 151936), conf.get("hidden_size", 4096), conf.get("num_hidden_layers", 32),
                      nh, conf.get("num_key_value_heads", nh), conf.get("head_dim", 128),
                      conf.get("intermediate_size", 22016), theta, conf.get("rms_norm_eps", 1e-6), tie)
-    state = assign_strict(lm, path, keys, lambda k: k, dtype, device)
-    lm.load_state_dict(state, strict=False, assign=True)  # strict=False: a tied lm_head has no tensor of its own
-    if tie:
-        lm.lm_head.weight = lm.model.embed_tokens.weight  # assign=True replaced the Parameter: tie again
-    return lm
+    return assign_strict(lm, path, keys, lambda k: k, dtype, device)
 
 
 def build_model(cfg, tok):
@@ -1019,20 +989,23 @@ def build_model(cfg, tok):
     dtype = torch.float32 if autocast_dtype(cfg.dtype, pick_device(cfg.device)) == "float32" else None
     vision = load_vjepa2(cfg.vision_ckpt, dtype) if cfg.vision_ckpt else None
     llm = load_qwen3(cfg.llm_ckpt, dtype) if cfg.llm_ckpt else None
-    vocab = len(tok.ids) if tok.ids is not None else None
     torch.manual_seed(cfg.seed)
-    model = Mark1(cfg, vocab, vision, llm)
-    if cfg.vision_ckpt or cfg.freeze_vision:
-        model.freeze("vision")
-    if cfg.llm_ckpt or cfg.freeze_llm:
-        model.freeze("llm")
+    model = Mark1(cfg, len(tok.ids) if tok.ids is not None else None, vision, llm)
+    for part in [p for p, ckpt, frozen in (("vision", cfg.vision_ckpt, cfg.freeze_vision),
+                                           ("llm", cfg.llm_ckpt, cfg.freeze_llm)) if ckpt or frozen]:
+        model.freeze(part)
     return model
 
 
-def make_tokenizer(cfg, texts=None, ids=None):
+def make_tokenizer(cfg, entries=None, ids=None):
+    """Qwen3's own tokenizer with --llm_ckpt; else GPT-2's over a saved table `ids`, or a table built from the
+    training entries' text."""
     if cfg.llm_ckpt:
         return QwenTokenizer(os.path.join(cfg.llm_ckpt, "tokenizer.json"))
-    return GPT2Tokenizer(ids) if ids is not None else GPT2Tokenizer.build(texts, cfg.compact_vocab)
+    if ids is not None:
+        return GPT2Tokenizer(ids)
+    texts = [e["question"] + "\n" + "\n".join(e["choices"]) + "\nAnswer: " + e["answer"] for e in entries]
+    return GPT2Tokenizer.build(texts, cfg.compact_vocab)
 
 
 def own_keys(model, cfg):
@@ -1044,14 +1017,14 @@ def own_keys(model, cfg):
 def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
     """Weights of every part that did not come from an HF folder (those are reloaded from their folder)."""
     os.makedirs(cfg.out_dir, exist_ok=True)
-    own = own_keys(model, cfg)
+    own, path = own_keys(model, cfg), lambda name: os.path.join(cfg.out_dir, name)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in own}
-    atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
+    atomic(path("model.safetensors"), lambda p: save_file(state, p))
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
-    atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
+    atomic(path("config.json"), lambda p: json.dump(meta, open(p, "w")))
     if opt is not None:
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
-        atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
+        atomic(path("train_state.pt"), lambda p: torch.save(ts, p))
 
 
 # flags a resumed run may change: how long and where it runs, how it logs; every other flag is fixed by the checkpoint
@@ -1065,10 +1038,7 @@ def load_checkpoint(out_dir, overrides=None, refuse=None):
     cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
         raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
-    try:
-        meta = json.load(open(cpath))
-    except json.JSONDecodeError:
-        raise UserError(f"{cpath}: not valid JSON; the checkpoint is damaged, retrain or restore it")
+    meta = read_json(cpath, "the checkpoint is damaged, retrain or restore it")
     if meta.get("script") != SCRIPT:
         raise UserError(f"{out_dir}: checkpoint was written by {meta.get('script')!r}, not {SCRIPT}.py")
     saved = meta["config"]
@@ -1081,10 +1051,11 @@ def load_checkpoint(out_dir, overrides=None, refuse=None):
     cfg = Config(**{**saved, **(overrides or {})})
     tok = make_tokenizer(cfg, ids=meta["vocab"])
     model = build_model(cfg, tok)
-    state = load_file(wpath)
-    own = own_keys(model, cfg)
-    missing = sorted(own - set(state))
-    unexpected = sorted(set(state) - set(model.state_dict()))
+    try:
+        state, own = load_file(wpath), own_keys(model, cfg)
+    except Exception as e:  # truncated or not safetensors at all
+        raise UserError(f"{wpath}: unreadable safetensors file ({e}); retrain or restore it")
+    missing, unexpected = sorted(own - set(state)), sorted(set(state) - set(model.state_dict()))
     if missing or unexpected:
         raise UserError(f"{wpath}: keys do not match the model (missing {missing}, unexpected {unexpected})")
     model.load_state_dict(state, strict=False)  # towers from HF folders are already loaded; the rest is checked above
@@ -1119,19 +1090,15 @@ def frame_f1(pred, gold):
 def segment_from_scores(scores, times, duration, threshold):
     """Saliency of the sampled frames -> one (start, end) in seconds: the longest run of frames above threshold (the
     best frame alone when none is), each frame covering [its time, its time + duration/F)."""
-    best, run, start = None, 0, 0  # best (first, last) run so far, current run length and start
-    for i, s in enumerate(scores):
-        if s > threshold:
-            if run == 0:
-                start = i
-            run += 1
-            if best is None or run > best[1] - best[0] + 1:
-                best = (start, i)
-        else:
-            run = 0
-    if best is None:  # nothing above the threshold: the single most salient frame
-        i = max(range(len(scores)), key=lambda k: scores[k])
-        best = (i, i)
+    runs, start = [], None  # (first, last) frame of each run above the threshold
+    for i, s in enumerate(list(scores) + [-math.inf]):  # the sentinel closes a run that reaches the last frame
+        if s > threshold and start is None:
+            start = i
+        elif s <= threshold and start is not None:
+            runs.append((start, i - 1))
+            start = None
+    i = max(range(len(scores)), key=lambda k: scores[k])  # nothing above the threshold: the most salient frame
+    best = max(runs, key=lambda r: r[1] - r[0]) if runs else (i, i)  # the first of the longest runs
     dt = duration / len(times)  # the span one sampled frame stands for
     return float(times[best[0]]), float(min(duration, times[best[1]] + dt))
 
@@ -1155,33 +1122,27 @@ def grounding_metrics(pred_segs, gold_segs):  # -> R@1 at IoU 0.3/0.5/0.7 and me
 
 
 def pick_device(name):  # "auto" -> cuda, else mps, else cpu; any other name as given
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return name if name != "auto" else "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
 
 
-def check_device(dev, what):
-    kind, _, idx = dev.partition(":")
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    ok = kind == "cpu" or (kind == "cuda" and n > 0 and (not idx or int(idx) < n)) \
-        or (kind == "mps" and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available())
-    if not ok or (idx and not idx.isdigit()):
-        raise UserError(f"{what}: device {dev!r} does not exist here ({n} CUDA devices); use cpu or an existing cuda:N")
-    return dev
-
-
-def parse_device_map(cfg):  # the Mark-1 project's split of the three parts over devices (e.g. two GPUs)
-    dev = check_device(pick_device(cfg.device), "--device")
-    out = dict(vision=dev, bridge=dev, llm=dev)  # --device for every part unless --device_map moves one
+def parse_device_map(cfg):
+    """-> {part: device}: --device for all three parts unless --device_map moves one (the Mark-1 project's split
+    over two GPUs: "vision=cuda:0,bridge=cuda:0,llm=cuda:1"); every device is checked to exist here."""
+    dev = pick_device(cfg.device)
+    out = dict(vision=dev, bridge=dev, llm=dev)
     for part in filter(None, cfg.device_map.split(",")):
         k, _, v = part.partition("=")  # "llm=cuda:1" -> ("llm", "cuda:1")
         if k not in out or not v:
             raise UserError(f"--device_map {cfg.device_map!r}: expected vision=DEV,bridge=DEV,llm=DEV")
-        out[k] = check_device(v, f"--device_map {k}")
+        out[k] = v
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for k, v in out.items():
+        kind, _, i = v.partition(":")
+        if not (kind == "cpu" or kind == "mps" and pick_device("auto") == "mps" or kind == "cuda" and n > 0 and
+                (not i or i.isdigit() and int(i) < n)):
+            raise UserError(f"--device / --device_map {k}: device {v!r} does not exist here ({n} CUDA devices); "
+                            "use cpu or an existing cuda:N")
     return out
 
 
@@ -1196,11 +1157,9 @@ def autocast_dtype(name, device):
     return "bfloat16" if native else "float32"
 
 
-def autocast(cfg, device):  # the mixed-precision context of one part's device
-    kind, dtype = device.split(":")[0], autocast_dtype(cfg.dtype, device)  # "cuda:1" -> "cuda"
-    if dtype == "float32":
-        return torch.autocast(kind, enabled=False)  # plain float32 (towers loaded in float32 too)
-    return torch.autocast(kind, dtype=getattr(torch, dtype))
+def autocast(cfg, device):  # the mixed-precision context of one part's device; plain float32 when off
+    dtype = autocast_dtype(cfg.dtype, device)
+    return torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype), enabled=dtype != "float32")
 
 
 def lr_at(step, cfg):
@@ -1219,19 +1178,20 @@ def global_batch(step, n, size, seed):
     return perm[k * size:(k + 1) * size]  # so a resumed run draws the same batches
 
 
-def pad_left(seqs, pad):  # lists of ids -> ids (B, L) left-padded with `pad`, valid (B, L)
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
-    valid = torch.zeros(len(seqs), L, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, L - len(s):], valid[i, L - len(s):] = torch.tensor(s, dtype=torch.long), True
-    return ids, valid
+def pad_left(rows, pad=0):
+    """Rows of ids (L_i,) or embeddings (L_i, D) -> (B, L) or (B, L, D) left-padded with `pad`, valid (B, L)."""
+    L = max(len(r) for r in rows)
+    x = rows[0].new_full((len(rows), L, *rows[0].shape[1:]), pad)  # the rows' dtype and device
+    valid = torch.zeros(len(rows), L, dtype=torch.bool, device=rows[0].device)
+    for i, r in enumerate(rows):
+        x[i, L - len(r):], valid[i, L - len(r):] = r, True
+    return x, valid
 
 
 def text_batch(items, tok, with_answer=True):
     """items: dicts with question/choices/answer -> question ids + mask (B, Lq), and right-padded prompt+answer
     inputs/targets (B, L) with -100 on prompt and pad positions."""
-    q_ids, q_valid = pad_left([tok.encode(it["question"]) or [tok.eos] for it in items], tok.eos)
+    q_ids, q_valid = pad_left([torch.tensor(tok.encode(it["question"]) or [tok.eos]) for it in items], tok.eos)
     seqs = [(tok.prompt(it["question"], it["choices"]), tok.target(it["answer"]) if with_answer else [])
             for it in items]
     L = max(len(p) + len(a) for p, a in seqs) - 1  # inputs drop the last token, targets the first
@@ -1262,12 +1222,12 @@ class FeatureCache:
 
 
 def prepare_data(cfg, rank=0):
+    """-> {split: (annotation entries, decoded clips and labels)}: the user's --data (with --test_data, or every 10th
+    entry held out), or the built-in world (written by rank 0 if missing)."""
     if cfg.data:
         train = read_annotations(cfg.data)
-        if cfg.test_data:
-            test = read_annotations(cfg.test_data)
-        else:
-            test, train = train[::10], [e for i, e in enumerate(train) if i % 10]
+        test = read_annotations(cfg.test_data) if cfg.test_data else train[::10]
+        train = train if cfg.test_data else [e for i, e in enumerate(train) if i % 10]
         if not train:
             raise UserError(f"{cfg.data}: too few entries to hold out a test set; add entries or pass --test_data")
         splits = {"train": train, "val": test[:max(1, len(test) // 2)], "test": test}
@@ -1281,12 +1241,6 @@ def prepare_data(cfg, rank=0):
     return {s: (e, load_split(e, cfg)) for s, e in splits.items()}
 
 
-def count_params(model):
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    train = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
-    return total, train
-
-
 def make_optimizer(model, cfg):
     """AdamW over the trainable parameters, weight decay on matrices only (norm gains and biases are not decayed)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1297,14 +1251,11 @@ def make_optimizer(model, cfg):
 
 def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, device):
     """Forward + backward over this rank's micro-batches of one global batch `idx` -> the global batch's mean
-    (loss, ce, bce). The losses are divided by the global batch's answer-token and clip counts (Mark1.forward), so the
-    micro-batches of all ranks add up to the global batch's mean: any split gives the same gradient.
-    `fwd` is the DDP-wrapped model under torchrun (else the model itself): the earlier micro-batches run under
-    no_sync(), and the backward of the last one all-reduces the summed gradients. DDP averages over ranks, so each
-    rank's loss counts `world` times. DDP also expects a gradient for every trainable parameter in that backward;
-    every forward uses them all, so the one gap is a rank left without clips (a global batch shorter than
-    batch_size x grad_accum x ranks): it runs the first clip with weight 0, an exact zero gradient. That keeps DDP's
-    plain mode, without find_unused_parameters and its graph walk after every forward."""
+    (loss, ce, bce). Losses are divided by the global batch's answer-token and clip counts (Mark1.forward), so any
+    split into micro-batches and ranks gives the same gradient. Under torchrun `fwd` is the DDP-wrapped model: the
+    earlier micro-batches run under no_sync(), the last backward all-reduces (DDP averages, so each rank's loss counts
+    `world` times). DDP expects a gradient for every trainable parameter: a rank left without clips runs the first
+    clip with weight 0, an exact zero gradient, so DDP needs no find_unused_parameters graph walk."""
     n_tok = sum(len(tok.target(entries[i]["answer"])) for i in idx.tolist())  # answer tokens in the global batch
     ddp, share = isinstance(fwd, nn.parallel.DistributedDataParallel), torch.zeros(3)
     for a in range(cfg.grad_accum):
@@ -1327,15 +1278,13 @@ def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devic
 def setup_distributed(cfg):
     """-> (ddp, rank, world): torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA with one GPU per rank (LOCAL_RANK
     becomes the current device, so "cuda" means this rank's GPU; a --device_map is taken as given)."""
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1  # one process unless torchrun started several
-    if ddp:
-        cuda = torch.cuda.is_available() and cfg.device != "cpu"
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    return ddp, rank, world
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return False, 0, 1  # one process unless torchrun started several
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True, dist.get_rank(), dist.get_world_size()
 
 
 def train(cfg, resume=False, overrides=None):
@@ -1353,11 +1302,11 @@ def train(cfg, resume=False, overrides=None):
     data = prepare_data(cfg, rank)
     entries, tr = data["train"]
     if not resume:
-        tok = make_tokenizer(cfg, texts=[e["question"] + "\n" + "\n".join(e["choices"]) + "\nAnswer: " + e["answer"]
-                                         for e in entries])
+        tok = make_tokenizer(cfg, entries)
         model = build_model(cfg, tok)
     model.place(devices)
-    total, trainable = count_params(model)
+    ps = list(model.parameters())  # a tied (shared) Parameter counts once
+    total, trainable = sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
     say(f"data ready in {time.time() - t0:.1f}s | params: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, "
         f"{(total - trainable) / 1e6:.2f}M frozen | vocab {len(tok.ids) if tok.ids else 'full'} | autocast "
         f"{autocast_dtype(cfg.dtype, devices['llm'])}")
@@ -1365,8 +1314,8 @@ def train(cfg, resume=False, overrides=None):
     if resume:
         ts = torch.load(path, weights_only=True)
         opt.load_state_dict(ts["optimizer"])
-        step = ts["step"]
         torch.set_rng_state(ts["rng"])
+        step = ts["step"]
         say(f"resumed at step {step}")
     elif cfg.data_init > 0:  # the same fixed batch on every rank (drawn from --seed)
         idx = torch.randperm(len(entries), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.data_init]
@@ -1376,9 +1325,8 @@ def train(cfg, resume=False, overrides=None):
     gbatch = cfg.batch_size * cfg.grad_accum * world
     model.train()
     fwd = model  # what the training forward calls; `model` itself is what is saved and evaluated (no "module.")
-    if ddp:  # the whole model, one plain forward: DDP all-reduces only parameters with requires_grad, so frozen
-        # towers add no traffic per step (rank 0's weights are broadcast once here); no buffer changes in training;
-        # device_ids=None: the model places its own parts (one device, or several through --device_map)
+    if ddp:  # DDP all-reduces only parameters with requires_grad (frozen towers add no traffic); no buffer changes
+        # in training; device_ids=None: the model places its own parts (one device, or several via --device_map)
         fwd = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
         say(f"{type(fwd).__name__}: {world} processes ({dist.get_backend()}), {gbatch} clips per step")
     t_log, losses = time.time(), []
@@ -1429,82 +1377,58 @@ def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top
                  generator=None):
     """Decode from left-padded input embeddings x (B, L, D) with valid (B, L): positions from the mask, KV cache (or a
     full recompute each step), per-row stop on EOS. embed(ids) gives the embeddings of new tokens. -> token lists."""
-    dev = x.device
+    B, dev = x.shape[0], x.device
     pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, L): positions count real tokens only
     cache = [dict() for _ in llm.model.layers] if use_cache else None  # one {k, v} per layer
-    out = [[] for _ in range(x.shape[0])]  # generated ids per row
-    done = torch.zeros(x.shape[0], dtype=torch.bool, device=dev)  # rows that produced EOS
+    done, toks = torch.zeros(B, dtype=torch.bool, device=dev), []  # rows that produced EOS, (B,) ids per step
     step_x, step_pos = x, pos
-    for _ in range(max_new_tokens):
-        if use_cache:  # prefill once, then one position per step against the cached keys/values
-            logits = llm(step_x, step_pos, valid, cache, last_only=True)[:, -1].float()
-        else:
-            logits = llm(x, pos, valid, last_only=True)[:, -1].float()
+    for _ in range(max_new_tokens):  # with the cache: prefill once, then one position per step
+        logits = (llm(step_x, step_pos, valid, cache, last_only=True) if use_cache
+                  else llm(x, pos, valid, last_only=True))[:, -1].float()  # (B, V)
         if temperature > 0:
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
             nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(dev)
         else:
             nxt = logits.argmax(-1)  # greedy
         nxt = torch.where(done, torch.full_like(nxt, eos), nxt)  # finished rows keep emitting EOS
-        for i in range(len(out)):
-            if not done[i]:
-                out[i].append(int(nxt[i]))
+        toks.append(nxt)
         done |= nxt == eos
         if done.all():
             break
         step_x = embed(nxt[:, None]).to(x.dtype)  # (B, 1, D)
         step_pos = pos[:, -1:] + 1  # (B, 1) the next position of each row
-        valid = torch.cat((valid, torch.ones(len(out), 1, dtype=torch.bool, device=dev)), 1)  # the new key is real
+        valid = torch.cat((valid, torch.ones(B, 1, dtype=torch.bool, device=dev)), 1)  # the new key is real
         x, pos = torch.cat((x, step_x), 1), torch.cat((pos, step_pos), 1)
-    return [[t for t in o if t != eos] for o in out]
-
-
-def left_pad_rows(rows, dev):
-    """list of (L_i, D) -> x (B, L, D) left-padded with zeros, valid (B, L)."""
-    L = max(r.shape[0] for r in rows)
-    x = rows[0].new_zeros(len(rows), L, rows[0].shape[-1])  # (B, L, D) in the rows' dtype and device
-    valid = torch.zeros(len(rows), L, dtype=torch.bool, device=dev)
-    for i, r in enumerate(rows):
-        x[i, L - r.shape[0]:], valid[i, L - r.shape[0]:] = r, True
-    return x, valid
+    return [[t for t in row if t != eos] for row in torch.stack(toks, 1).tolist()]  # (B, steps) -> lists
 
 
 @torch.no_grad()
 def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):
     """Batched answers: [prefix; prompt] rows left-padded, the video fused once, then llm_generate.
     -> (list of answer token lists, frame logits (B, F))."""
-    q_ids, q_valid = pad_left([tok.encode(it["question"]) or [tok.eos] for it in items], tok.eos)
+    q_ids, q_valid = text_batch(items, tok, with_answer=False)[:2]
     prefix, frame_logits = model.fuse(feats, q_ids, q_valid)
     prompts = [model.embed(torch.tensor(tok.prompt(it["question"], it["choices"]))) for it in items]  # (Lp_i, D)
     rows = [torch.cat((prefix[i], p.to(prefix.dtype)), 0) for i, p in enumerate(prompts)]  # (N + Lp_i, D) each
-    x, valid = left_pad_rows(rows, model.devices["llm"])
+    x, valid = pad_left(rows)  # (B, L, D), (B, L)
     ids = llm_generate(model.llm, model.embed, x, valid, tok.eos, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                        cfg.top_p, use_cache, generator)
     return ids, frame_logits
 
 
-def answer_split(model, tok, cfg, entries, split, data_split, cache=None, batch=64):
-    """-> predictions, frame saliency (sigmoid) per clip."""
-    model.eval()
-    preds, sal = [], []
-    for s in range(0, len(entries), batch):
-        idx = torch.arange(s, min(len(entries), s + batch))
-        with autocast(cfg, model.devices["llm"]):
-            feats = cache(split, idx, data_split["clips"]) if cache else model.encode(data_split["clips"][idx])
-            ids, fl = generate(model, feats, [entries[i] for i in idx], tok, cfg)
-        preds += [tok.decode(i).strip() for i in ids]
-        sal += torch.sigmoid(fl.float()).cpu().tolist()
-    return preds, sal
-
-
 def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):
-    cache = cache or FeatureCache(model, cfg.feature_cache)
-    result = {}
-    for split in ("test", "novel"):
-        if split not in data:
-            continue
+    """Answers and frame saliency on test and novel -> printed table, a few samples, out_dir/eval.json."""
+    cache, result = cache or FeatureCache(model, cfg.feature_cache), {}
+    for split in [s for s in ("test", "novel") if s in data]:
         entries, ds = data[split]
-        preds, sal = answer_split(model, tok, cfg, entries, split, ds, cache)
+        model.eval()
+        preds, sal = [], []  # answers, frame saliency (sigmoid) per clip
+        for s in range(0, len(entries), 64):
+            idx = torch.arange(s, min(len(entries), s + 64))
+            with autocast(cfg, model.devices["llm"]):
+                ids, fl = generate(model, cache(split, idx, ds["clips"]), [entries[i] for i in idx], tok, cfg)
+            preds += [tok.decode(i).strip() for i in ids]
+            sal += torch.sigmoid(fl.float()).cpu().tolist()
         gold = ds["labels"].int().tolist()
         pred_lab = [[int(s > cfg.threshold) for s in row] for row in sal]
         segs = [segment_from_scores(row, ds["times"][i], ds["durations"][i], cfg.threshold)
@@ -1517,9 +1441,8 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):
                              support=[round(a, 3) for a in g], predicted_span=[round(a, 3) for a in s])
                         for e, p, g, s in list(zip(entries, preds, gsegs, segs))[:5]]
         result[split] = m
-        print(f"{split:6s} n={m['n']} | mcq {m['mcq_accuracy']:.3f} | exact {m['exact_match']:.3f} | frame F1 "
-              f"{m['frame_f1']:.3f} | mIoU {m['miou']:.3f} | R@1 0.3/0.5/0.7 {m['r1_iou0.3']:.3f}/{m['r1_iou0.5']:.3f}/"
-              f"{m['r1_iou0.7']:.3f}")
+        print(f"{split:6s} n={m['n']} | " + " | ".join(f"{k} {m[k]:.3f}" for k in ("mcq_accuracy", "exact_match",
+              "frame_f1", "miou", "r1_iou0.3", "r1_iou0.5", "r1_iou0.7")))
         for smp in m["samples"][:3]:
             print(f"   {smp['question']} {' '.join(smp['choices'])} -> {smp['prediction']!r} (ref {smp['answer']!r}), "
                   f"span {smp['predicted_span']} (ref {smp['support']})")
@@ -1530,19 +1453,15 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):
     return result
 
 
-def frame_strip(clip, sal, gold, path, title):
-    """PNG: the sampled frames side by side (scaled up), a saliency bar under each (green = above threshold)."""
+def frame_strip(clip, sal, path, title):
+    """PNG: the sampled frames side by side (scaled up), a saliency bar under each (green = above 0.5)."""
     F_, S = clip.shape[0], 64
     img = np.full((S + 40, F_ * (S + 2), 3), 255, np.uint8)
     for i in range(F_):
-        fr = cv2.resize(cv2.cvtColor(clip[i], cv2.COLOR_RGB2BGR), (S, S), interpolation=cv2.INTER_NEAREST)
-        x = i * (S + 2)
-        img[:S, x:x + S] = fr
-        h = int(round(30 * sal[i]))
-        bar = (60, 180, 60) if sal[i] > 0.5 else (150, 150, 150)  # green above 0.5
-        cv2.rectangle(img, (x + 4, S + 34 - h), (x + S - 4, S + 34), bar, -1)
-        if gold is not None and gold[i]:
-            cv2.rectangle(img, (x, S + 36), (x + S, S + 39), (40, 40, 220), -1)
+        x = i * (S + 2)  # the frame's left edge
+        img[:S, x:x + S] = cv2.resize(cv2.cvtColor(clip[i], cv2.COLOR_RGB2BGR), (S, S), interpolation=cv2.INTER_NEAREST)
+        cv2.rectangle(img, (x + 4, S + 34 - int(round(30 * sal[i]))), (x + S - 4, S + 34),
+                      (60, 180, 60) if sal[i] > 0.5 else (150, 150, 150), -1)
     cv2.putText(img, title[:F_ * 10], (2, S + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
     cv2.imwrite(path, img)
 
@@ -1553,45 +1472,35 @@ def predict(cfg, overrides, video, question, choices):
     choice_list = [c.strip() for c in choices.split("|")]
     check_choices(choice_list, "--choices")
     model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
-    model.place(parse_device_map(cfg))
-    model.eval()
+    model.place(parse_device_map(cfg)).eval()
     clip, times, dur = load_video(video, cfg.n_frames, cfg.crop)
-    item = dict(question=question, choices=choice_list)
     with autocast(cfg, model.devices["llm"]):
-        ids, fl = generate(model, model.encode(torch.from_numpy(clip)[None]), [item], tok, cfg)
-    sal = torch.sigmoid(fl.float())[0].tolist()
+        ids, fl = generate(model, model.encode(torch.from_numpy(clip)[None]),
+                           [dict(question=question, choices=choice_list)], tok, cfg)
+    sal, answer, path = torch.sigmoid(fl.float())[0].tolist(), tok.decode(ids[0]).strip(), cfg.out_dir + "/predict.png"
     span = segment_from_scores(sal, times, dur, cfg.threshold)
-    answer = tok.decode(ids[0]).strip()
-    print(f"answer: {answer}")
-    print(f"support: {span[0]:.2f}s - {span[1]:.2f}s | saliency per frame: {' '.join(f'{s:.2f}' for s in sal)}")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    path = os.path.join(cfg.out_dir, "predict.png")
-    frame_strip(clip, sal, None, path, answer)
-    print(f"frame strip: {path}")
+    frame_strip(clip, sal, path, answer)
+    print(f"answer: {answer}\nsupport: {span[0]:.2f}s - {span[1]:.2f}s | saliency per frame: "
+          f"{' '.join(f'{s:.2f}' for s in sal)}\nframe strip: {path}")
     return answer, span, sal
 
 
 def bench(cfg):
     """Frozen encoder: epoch 1 computes features and fills the cache, epoch 2 reads it; same bridge/LLM work in both.
     `--bench` alone uses the `bench` preset (a ViT-S-sized encoder); --vision_ckpt benchmarks a real one."""
-    cfg = dataclasses.replace(cfg, freeze_vision=True)
+    cfg = dataclasses.replace(cfg, freeze_vision=True, grad_accum=1)
     devices = parse_device_map(cfg)
-    data = prepare_data(cfg)
-    entries, tr = data["train"]
-    tok = make_tokenizer(cfg, texts=[e["question"] + "\n".join(e["choices"]) + e["answer"] for e in entries])
+    entries, tr = prepare_data(cfg)["train"]
+    tok = make_tokenizer(cfg, entries)
     model = build_model(cfg, tok).place(devices).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    cache = FeatureCache(model, True)
-    times = []
+    (opt, _), cache, times = make_optimizer(model, cfg), FeatureCache(model, True), []
     for epoch in range(2):
         t = time.time()
-        for s in range(0, len(entries), cfg.batch_size):
-            mb = torch.arange(s, min(len(entries), s + cfg.batch_size))
-            q_ids, q_valid, inp, tgt = text_batch([entries[i] for i in mb], tok)
-            with autocast(cfg, devices["llm"]):
-                _, loss, _ = model(cache("train", mb, tr["clips"]), q_ids, q_valid, inp, tgt, tr["labels"][mb])
-            opt.zero_grad()
-            loss.backward()
+        for s in range(0, len(entries), cfg.batch_size):  # one pass over the clips in order, a step per batch
+            opt.zero_grad(set_to_none=True)
+            idx = torch.arange(s, min(len(entries), s + cfg.batch_size))
+            accumulate(model, model, cache, tok, entries, tr, idx, cfg, 0, 1, devices["llm"])
             opt.step()
         times.append(time.time() - t)
         print(f"epoch {epoch + 1}: {times[-1]:.2f}s for {len(entries)} clips ({len(entries) / times[-1]:.1f} clips/s)")
@@ -1605,29 +1514,25 @@ def bench(cfg):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Mark 1: video MCQ answering with temporal localisation.")
-    p.add_argument("--train", action="store_true", help="build data (if needed), train, evaluate")
-    p.add_argument("--resume", action="store_true", help="with --train: continue from out_dir/train_state.pt")
-    p.add_argument("--eval", action="store_true", help="evaluate the checkpoint in out_dir on test and novel")
-    p.add_argument("--predict", action="store_true", help="answer --question about --video with the checkpoint")
-    p.add_argument("--bench", action="store_true", help="feature-cache speedup with a frozen encoder")
-    p.add_argument("--video", default="", help="video file or folder of frames, for --predict")
-    p.add_argument("--question", default="")
-    p.add_argument("--choices", default="", help="'A. ...|B. ...|C. ...|D. ...'")
-    p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
-    for f in dataclasses.fields(Config):
-        if isinstance(f.default, bool):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
-        else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=None)
+    for mode, what in (("train", "build data (if needed), train, evaluate"), ("resume", "with --train: continue from "
+                       "out_dir"), ("eval", "evaluate out_dir on test and novel"), ("predict", "answer --question "
+                       "about --video"), ("bench", "feature-cache speedup with a frozen encoder")):
+        p.add_argument(f"--{mode}", action="store_true", help=what)
+    for name, what in (("video", "video file or folder of frames, for --predict"), ("question", "for --predict"),
+                       ("choices", "'A. ...|B. ...|C. ...|D. ...'"), ("preset", f"one of {sorted(PRESETS)}")):
+        p.add_argument(f"--{name}", default="default" if name == "preset" else "", help=what)
+    for f in dataclasses.fields(Config):  # --flag/--no-flag for bools, typed values for the rest
+        bool_ = isinstance(f.default, bool)
+        p.add_argument(f"--{f.name}", default=None, **(dict(action=argparse.BooleanOptionalAction) if bool_
+                                                        else dict(type=type(f.default))))
     args = p.parse_args(argv)
     if args.preset not in PRESETS:
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset], **overrides})
-    if cfg.frame_head not in ("keys", "linear"):
-        raise UserError(f"--frame_head {cfg.frame_head}: use 'keys' or 'linear'")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16")
+    for k, ok in (("frame_head", ("keys", "linear")), ("dtype", ("auto", "float32", "bfloat16", "float16"))):
+        if getattr(cfg, k) not in ok:
+            raise UserError(f"--{k} {getattr(cfg, k)}: choose one of {', '.join(ok)}")
     return args, cfg, overrides
 
 
@@ -1659,10 +1564,9 @@ def main(argv=None):
         model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
         model.place(parse_device_map(cfg))
         evaluate(model, tok, cfg, prepare_data(cfg))
-    elif args.predict:
-        gen = {k: v for k, v in overrides.items() if k in ("temperature", "top_k", "top_p", "max_new_tokens", "device",
-                                                           "dtype", "seed", "out_dir", "threshold", "device_map")}
-        predict(cfg, gen, args.video, args.question, args.choices)
+    elif args.predict:  # the flags that may differ from the saved run: how to decode, where to run
+        predict(cfg, {k: v for k, v in overrides.items() if k in RUN_KEYS | {"temperature", "top_k", "top_p",
+                "max_new_tokens", "seed", "threshold"}}, args.video, args.question, args.choices)
     elif args.bench:
         bench(cfg)
     else:
