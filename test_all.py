@@ -1147,13 +1147,14 @@ def test_vl_compiled_step_matches_eager(vl_ckpt):
         with pytest.raises(ValueError, match="use_cache"):
             vl.generate(ours, ids, mask, imgs, vids, compile=True, use_cache=False)
         B, L = ids.shape
-        cache = vl.KVCache(ours.cfg, B, L + 3, torch.float32, "cpu")
+        T_max = -(-(L + 10) // 64) * 64  # generate's cache length above: its compiled graph is reused
+        cache = vl.KVCache(ours.cfg, B, T_max, torch.float32, "cpu")
         logits, _ = ours(ids, mask, imgs, vids, cache=cache, last_only=True)
         nxt, mask2 = logits.argmax(-1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos, smask = cache.next_step(mask2)
-        assert cache.offset == L + 1 and int(cache.slot) == L and smask.shape == (B, 1, 1, L + 3)
+        assert cache.offset == L + 1 and int(cache.slot) == L and smask.shape == (B, 1, 1, T_max)
         step = ours.step(nxt, pos, smask, cache)
-        compiled = torch.compile(ours.step, fullgraph=True)(nxt, pos, smask, cache)  # rewrites the same slot
+        compiled = torch.compile(ours.step, fullgraph=True, dynamic=False)(nxt, pos, smask, cache)  # the same slot
         whole, _ = ours(torch.cat([ids, nxt], 1), mask2, imgs, vids)
         assert (step - compiled).abs().max() < 1e-5 and (step - whole[:, -1:]).abs().max() < 1e-4
         # forward() on one token with a cache takes the same fixed-shape path
@@ -1183,9 +1184,7 @@ def test_vl_compiled_step_batch1_static_shapes(vl_ckpt):
         assert torch.equal(again[:, :12], eager) and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
         txt = torch.randint(3, 31999, (1, 7), generator=torch.Generator().manual_seed(3))
         want = vl.generate(ours, txt, max_new_tokens=60)
-        torch._dynamo.reset()
-        with torch._dynamo.config.patch(recompile_limit=1):
-            vl.generate(ours, txt, max_new_tokens=3, compile=True)  # a 64-long cache: the one graph allowed
+        with torch._dynamo.config.patch(recompile_limit=1):  # the step has one graph or more already
             with pytest.warns(UserWarning, match="limit of 1 graphs"):
                 got = vl.generate(ours, txt, max_new_tokens=60, compile=True)  # a 128-long cache
         assert torch.equal(got, want)
@@ -1199,8 +1198,7 @@ def test_vl_compiled_step_bfloat16(vl_ckpt):
     ids, mask, imgs, vids = ids[2:], mask[2:], imgs[1:].bfloat16(), vids.bfloat16()
     with torch.no_grad():
         assert vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=4, compile=True).shape == (1, 4)
-        L = ids.shape[1]
-        cache = vl.KVCache(ours.cfg, 1, L + 2, torch.bfloat16, "cpu")
+        cache = vl.KVCache(ours.cfg, 1, 64, torch.bfloat16, "cpu")  # generate's cache length: its graph is reused
         logits, _ = ours(ids, mask, imgs, vids, cache=cache, last_only=True)
         nxt, mask2 = logits.argmax(-1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos, smask = cache.next_step(mask2)
@@ -1264,7 +1262,7 @@ def test_vl_placeholder_count_mismatch(vl_ckpt):
         ours(torch.tensor([[1, 32001, 5]]))
 
 
-def test_vl_strict_loading_lists_every_bad_key(vl_ckpt, tmp_path):
+def test_vl_strict_loading_lists_every_bad_key(vl_ckpt, tmp_path, capsys):
     dirs = vl_ckpt[1]
     config = json.load(open(os.path.join(dirs["hub"], "config.json")))
     state = load_file(os.path.join(dirs["hub"], "model.safetensors"))
@@ -1278,22 +1276,23 @@ def test_vl_strict_loading_lists_every_bad_key(vl_ckpt, tmp_path):
     for needle in ("multi_modal_projector.linear_1.bias", "language_model.model.norm.weight",
                    "image_tower.vision_model.extra.weight", "language_model.lm_head.weight [10, 64]"):
         assert needle in msg
-    proc = run_script("video_llava.py", "--inspect", str(tmp_path / "bad"))  # inspection reports, does not fail
-    assert proc.returncode == 0 and "language_model.model.norm.weight" in proc.stdout
-    proc = run_script("video_llava.py", "--generate", "--from_pretrained", str(tmp_path / "bad"), "--prompt", "hi")
-    assert_user_error(proc, "bad", "missing")
+    capsys.readouterr()
+    vl.main(["--inspect", str(tmp_path / "bad")])  # inspection reports, does not fail
+    assert "language_model.model.norm.weight" in capsys.readouterr().out
+    with pytest.raises(vl.UserError, match="bad: checkpoint does not match the config: missing 2"):
+        vl.main(["--generate", "--from_pretrained", str(tmp_path / "bad"), "--prompt", "hi"])
 
 
-def test_vl_inspect(vl_ckpt):
-    proc = run_script("video_llava.py", "--inspect", vl_ckpt[1]["hub_sharded"], "--n_frames", "8")
-    assert proc.returncode == 0, proc.stderr
+def test_vl_inspect(vl_ckpt, capsys):
+    vl.main(["--inspect", vl_ckpt[1]["hub_sharded"], "--n_frames", "8"])
+    out = capsys.readouterr().out
     n = sum(v.numel() for v in vl_ckpt[0].state_dict().values())
-    assert f"{n / 1e6:.2f}M parameters" in proc.stdout
-    assert "3 file(s)" in proc.stdout and "missing none" in proc.stdout and "8 frames" in proc.stdout
+    assert f"{n / 1e6:.2f}M parameters" in out
+    assert "3 file(s)" in out and "missing none" in out and "8 frames" in out
 
 
-def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_path, monkeypatch):
-    """End to end: mp4 -> preprocessing -> our tokenizer + expansion -> CLI stream (eager, then --compile);
+def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_path, monkeypatch, capsys):
+    """End to end: mp4 -> preprocessing -> our tokenizer + expansion -> --generate's stream (eager, then --compile);
     the same inputs through transformers give the same text."""
     ref, dirs = vl_ckpt
     from transformers import AutoTokenizer
@@ -1304,9 +1303,11 @@ def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_
         cv2.circle(img, (8 + 5 * t, 24), 6, (0, 0, 255), -1)
         w.write(img)
     w.release()
-    proc = run_script("video_llava.py", "--generate", "--from_pretrained", dirs["t5save"], "--video", clip,
-                      "--prompt", "What happens?", "--dtype", "float32", "--max_new_tokens", "8")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    argv = ["--generate", "--from_pretrained", dirs["t5save"], "--video", clip, "--prompt", "What happens?",
+            "--dtype", "float32", "--max_new_tokens", "8"]
+    capsys.readouterr()
+    vl.main(argv)
+    eager = capsys.readouterr().out
     ours = vl.VideoLlava.from_pretrained(dirs["t5save"], torch.float32)
     tok = vl.SentencePieceBPE(dirs["t5save"])
     ids = torch.tensor([vl.expand_placeholders(tok.encode(vl.prompt_text("What happens?", "video")), ours.cfg, 8)])
@@ -1314,10 +1315,9 @@ def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_
     vids = torch.from_numpy(vl.load_video(clip, 8, 28))[None]
     out = ref.generate(input_ids=ids, pixel_values_videos=vids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
     want = AutoTokenizer.from_pretrained(dirs["t5save"]).decode(out, skip_special_tokens=True)
-    assert proc.stdout.strip() == want.strip()
-    proc = run_script("video_llava.py", "--generate", "--from_pretrained", dirs["t5save"], "--video", clip,
-                      "--prompt", "What happens?", "--dtype", "float32", "--max_new_tokens", "8", "--compile")
-    assert proc.returncode == 0 and proc.stdout.strip() == want.strip(), proc.stderr[-2000:]
+    assert eager.strip() == want.strip()
+    vl.main(argv + ["--compile"])
+    assert capsys.readouterr().out.strip() == want.strip()
     # on a CPU torch.compile needs a C++ compiler: without one, --compile is one clear line (a fresh compile cache,
     # so nothing compiled above is reused)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
@@ -1601,7 +1601,7 @@ def test_vl_init_from_data_centres_the_visual_tokens():
         assert m2.video_features(vids).flatten(0, 1).mean(0).abs().max() < 1e-3 * std.item()
 
 
-def test_vl_train_tiny_eval_generate_freeze(tmp_path):
+def test_vl_train_tiny_eval_generate_freeze(tmp_path, capsys):
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
     proc = run_script("video_llava.py", "--train", "--preset", "tiny", "--data_dir", data, "--out_dir", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -1617,19 +1617,18 @@ def test_vl_train_tiny_eval_generate_freeze(tmp_path):
     # the trained folder loads with the same strict loader as an HF checkpoint
     m = vl.VideoLlava.from_pretrained(out)
     assert m.cfg.vocab_size == len(vl.load_tokenizer(out))
-    proc = run_script("video_llava.py", "--eval", "--out_dir", out, "--data_dir", data)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    os.remove(os.path.join(out, "eval.json"))
+    vl.main(["--eval", "--out_dir", out, "--data_dir", data])  # in-process from here (a torch import per CLI call)
+    assert json.load(open(os.path.join(out, "eval.json")))["test"]["video"]["n"] > 0
     clip = os.path.join(data, "test", "clip_00000.mp4")
-    proc = run_script("video_llava.py", "--generate", "--out_dir", out, "--video", clip, "--prompt",
-                      "Which way does the red circle move?")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    vl.main(["--generate", "--out_dir", out, "--video", clip, "--prompt", "Which way does the red circle move?"])
     # LLaVA stage 1: only the projector moves
     before = load_file(os.path.join(out, "model.safetensors"))
     out2 = str(tmp_path / "out2")
-    proc = run_script("video_llava.py", "--train", "--preset", "tiny", "--data_dir", data, "--out_dir", out2,
-                      "--from_pretrained", out, "--freeze", "vision,llm", "--max_steps", "3")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "frozen" in proc.stdout
+    capsys.readouterr()
+    vl.main(["--train", "--preset", "tiny", "--data_dir", data, "--out_dir", out2, "--from_pretrained", out, "--freeze",
+             "vision,llm", "--max_steps", "3"])
+    assert "frozen" in capsys.readouterr().out
     after = load_file(os.path.join(out2, "model.safetensors"))
     assert before.keys() == after.keys()
     for k in before:
@@ -1858,23 +1857,28 @@ def test_vl_resume_refuses_foreign_folders(vl_tiny_run, tmp_path):
 
 
 def test_vl_bad_inputs(vl_ckpt, tmp_path):
+    """Each bad input is a UserError naming it, checked in-process through main() (a torch import per CLI call is
+    costly); one of them through the command line as well: exit status 2, one line."""
     dirs = vl_ckpt[1]
     hub = dirs["hub"]
-    gen = lambda *a: run_script("video_llava.py", "--generate", "--dtype", "float32", *a)
+
+    def gen(*argv, match):
+        with pytest.raises(vl.UserError, match=match):
+            vl.main(["--generate", "--dtype", "float32", *argv])
+
     os.makedirs(tmp_path / "empty")
-    assert_user_error(gen("--from_pretrained", str(tmp_path / "empty"), "--prompt", "hi"), "no config.json")
+    gen("--from_pretrained", str(tmp_path / "empty"), "--prompt", "hi", match="no config.json")
     os.makedirs(tmp_path / "noweights")
     json.dump(json.load(open(os.path.join(hub, "config.json"))), open(tmp_path / "noweights" / "config.json", "w"))
-    assert_user_error(gen("--from_pretrained", str(tmp_path / "noweights"), "--prompt", "hi"), "no model.safetensors")
+    gen("--from_pretrained", str(tmp_path / "noweights"), "--prompt", "hi", match="no model.safetensors")
     os.makedirs(tmp_path / "qwen")
     json.dump({"model_type": "qwen3"}, open(tmp_path / "qwen" / "config.json", "w"))
-    assert_user_error(gen("--from_pretrained", str(tmp_path / "qwen"), "--prompt", "hi"), "qwen3", "another architecture")
+    gen("--from_pretrained", str(tmp_path / "qwen"), "--prompt", "hi", match="'qwen3'.*another architecture")
     img = str(tmp_path / "x.png")
     cv2.imwrite(img, np.zeros((30, 30, 3), np.uint8))
     # two <image> tags for one image
-    assert_user_error(gen("--from_pretrained", dirs["t5save"], "--image", img, "--prompt", "USER: <image><image> hi"),
-                      "8 image placeholder tokens but the images give 4")
-    # the same checks in-process (each CLI call costs a torch import): the loaders and generate raise UserError
+    gen("--from_pretrained", dirs["t5save"], "--image", img, "--prompt", "USER: <image><image> hi",
+        match="8 image placeholder tokens but the images give 4")
     with pytest.raises(vl.UserError, match="nope.mp4"):
         vl.load_video(str(tmp_path / "nope.mp4"), 8, 28)
     open(tmp_path / "corrupt.mp4", "wb").write(b"not a video at all" * 10)
@@ -1890,9 +1894,10 @@ def test_vl_bad_inputs(vl_ckpt, tmp_path):
     with pytest.raises(vl.UserError, match="eyes"):
         vl.apply_freeze(model, "eyes")
     # and one of them through the CLI, as a user meets it
-    assert_user_error(gen("--from_pretrained", dirs["t5save"], "--video", str(tmp_path / "zero.mp4"), "--prompt", "q"),
-                      "zero.mp4")
-    assert_user_error(run_script("video_llava.py", "--train", "--preset", "huge"), "huge")
+    assert_user_error(run_script("video_llava.py", "--generate", "--from_pretrained", dirs["t5save"], "--video",
+                                 str(tmp_path / "zero.mp4"), "--prompt", "q"), "zero.mp4")
+    with pytest.raises(vl.UserError, match="huge"):
+        vl.main(["--train", "--preset", "huge"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "x.png", "question": "q", "answer": "a"}\n{"video": "v.mp4"}\n')
     with pytest.raises(vl.UserError, match="bad.jsonl:2"):
@@ -1909,8 +1914,8 @@ def test_vl_loader_bad_checkpoints_and_legacy_buffers(vl_ckpt, tmp_path):
     bad = _vl_write(str(tmp_path / "bad"), state, config)
     data = open(os.path.join(bad, "model.safetensors"), "rb").read()
     open(os.path.join(bad, "model.safetensors"), "wb").write(data[: len(data) // 2])  # truncated download
-    assert_user_error(run_script("video_llava.py", "--generate", "--from_pretrained", bad, "--prompt", "hi"),
-                      "model.safetensors", "not a readable safetensors file")
+    with pytest.raises(vl.UserError, match="model.safetensors: not a readable safetensors file"):
+        vl.main(["--generate", "--from_pretrained", bad, "--prompt", "hi"])
     sharded = _vl_write(str(tmp_path / "sharded"), state, config, shards=3)
     os.remove(os.path.join(sharded, "model-00002-of-00003.safetensors"))
     with pytest.raises(vl.UserError, match="shard 'model-00002-of-00003.safetensors' is missing"):
@@ -1931,13 +1936,12 @@ def test_vl_loader_bad_checkpoints_and_legacy_buffers(vl_ckpt, tmp_path):
         assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
-def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, tmp_path):
+def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, vl_tiny_run, tmp_path):
     """--freeze vision,llm on top of an HF checkpoint: its own tokenizer, only multi_modal_projector.* changes."""
     src = vl_ckpt[1]["t5save"]
     out = str(tmp_path / "out")
-    proc = run_script("video_llava.py", "--train", "--preset", "tiny", "--from_pretrained", src, "--freeze",
-                      "vision,llm", "--max_steps", "2", "--data_dir", str(tmp_path / "data"), "--out_dir", out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    vl.main(["--train", "--preset", "tiny", "--from_pretrained", src, "--freeze", "vision,llm", "--max_steps", "2",
+             "--data_dir", vl_tiny_run[0].data_dir, "--out_dir", out])
     before = {vl.canonical_key(k): v for k, v in load_file(os.path.join(src, "model.safetensors")).items()}
     after = load_file(os.path.join(out, "model.safetensors"))
     assert before.keys() == after.keys()
