@@ -1308,8 +1308,13 @@ class Examples:
                     pixel_values_videos=torch.stack(vids) if vids else None)
 
 
+def to_device(batch, device):
+    """Examples.batch's dict with every tensor on device (absent inputs stay None)."""
+    return {k: None if v is None else v.to(device) for k, v in batch.items()}
+
+
 def apply_freeze(model, freeze):
-    """Freeze for real: requires_grad off once, eval mode kept by `train_mode`, run without building a graph."""
+    """Freeze for real: requires_grad off once (no gradients, no graph through them), kept in eval mode by train()."""
     parts = {p for p in freeze.split(",") if p}
     bad = parts - {"vision", "llm"}
     if bad:
@@ -1411,7 +1416,7 @@ def batch_loss(model, tr, idx, cfg, rank, world, ddp, device):
         share = (b["targets"] != -100).sum().item() * world / n_tok
         sync = not ddp or j == len(passes) - 1  # DDP all-reduces only after the last pass
         with model.no_sync() if not sync else contextlib.nullcontext(), autocast(cfg.dtype, device):
-            _, loss = model(**{k: (v.to(device) if v is not None else None) for k, v in b.items()})
+            _, loss = model(**to_device(b, device))
             loss = loss * share
         loss.backward()
         total += loss.item() / world
@@ -1510,7 +1515,7 @@ def eval_loss(model, ex, cfg, device):
     for s in range(0, len(ex.entries), 64):
         b = ex.batch(list(range(s, min(len(ex.entries), s + 64))))
         with autocast(cfg.dtype, device):
-            losses.append(model(**{k: (v.to(device) if v is not None else None) for k, v in b.items()})[1].item())
+            losses.append(model(**to_device(b, device))[1].item())
     return sum(losses) / len(losses)
 
 
@@ -1593,11 +1598,10 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
 
 
 def answer_batch(model, tok, ex, idx, cfg, device):
-    b = ex.batch(idx, with_answer=False, left_pad=True)
+    """Greedy answers (text) to the questions idx of ex, one left-padded batch."""
+    b = to_device(ex.batch(idx, with_answer=False, left_pad=True), device)
     with autocast(cfg.dtype, device):
-        out = generate(model, b["input_ids"].to(device), b["attention_mask"].to(device),
-                       None if b["pixel_values_images"] is None else b["pixel_values_images"].to(device),
-                       None if b["pixel_values_videos"] is None else b["pixel_values_videos"].to(device),
+        out = generate(model, b["input_ids"], b["attention_mask"], b["pixel_values_images"], b["pixel_values_videos"],
                        max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     return [tok.decode([t for t in row.tolist() if t != tok.eos_id]).strip() for row in out]
 
