@@ -1288,7 +1288,7 @@ def test_vl_inspect(vl_ckpt, capsys):
     out = capsys.readouterr().out
     n = sum(v.numel() for v in vl_ckpt[0].state_dict().values())
     assert f"{n / 1e6:.2f}M parameters" in out
-    assert "3 file(s)" in out and "missing none" in out and "8 frames" in out
+    assert "3 file(s)" in out and "layout ['hub']" in out and "missing none" in out and "8 frames" in out
 
 
 def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_path, monkeypatch, capsys):

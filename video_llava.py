@@ -213,6 +213,7 @@ SIDE, CELL, HALF, CLIP_LEN, TRAVEL = 48, 12, 5, 16, 24  # picture side, grid cel
 
 
 def draw_shape(img, shape, colour, cx, cy):
+    """Draw a filled shape of half-size HALF centred at (cx, cy), in place."""
     c = COLOURS[colour]  # anti-aliased edges: a shape's colour bleeds into neighbouring pixels, as in real pictures
     if shape == "circle":
         cv2.circle(img, (cx, cy), HALF, c, -1, cv2.LINE_AA)
@@ -371,6 +372,7 @@ def clip_transform(rgb, size):
 
 
 def load_image(path, size):
+    """Image file -> float32 (3, size, size), CLIP-normalised as the HF processor does."""
     img = cv2.imread(path) if os.path.isfile(path) else None
     if img is None:
         raise UserError(f"{path}: cannot read this image (missing or corrupt)")
@@ -1099,6 +1101,7 @@ def weight_files(path):
 
 
 def read_config(path):
+    """path/config.json as a dict, or a UserError naming what is wrong with the folder."""
     cpath = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such checkpoint folder")
@@ -1156,6 +1159,7 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):
 
 
 def atomic(path, write):
+    """write(tmp) then rename over path: a reader sees the old file or the new one, never half of one."""
     tmp = path + ".tmp"
     write(tmp)
     os.replace(tmp, path)  # a crash never leaves a half-written file
@@ -1225,6 +1229,7 @@ def read_resumable(out_dir):
 
 
 def normalise(text):
+    """Lower case, no surrounding space or final '.', single spaces: what exact match compares."""
     return " ".join(text.lower().strip().rstrip(".").split())
 
 
@@ -1238,6 +1243,7 @@ def exact_match(preds, refs):
 
 
 def pick_device(name):
+    """--device auto -> cuda > mps > cpu; any other name is used as given."""
     if name != "auto":
         return name
     if torch.cuda.is_available():
@@ -1259,6 +1265,7 @@ def autocast_dtype(name, device):
 
 
 def autocast(dtype, device):
+    """The autocast context for --dtype (disabled for float32, so the float32 path is plain)."""
     dtype = autocast_dtype(dtype, device)
     if dtype == "float32":
         return torch.autocast(device.split(":")[0], enabled=False)
@@ -1510,6 +1517,7 @@ def train(cfg, resume=False):
 
 @torch.no_grad()
 def eval_loss(model, ex, cfg, device):
+    """Mean loss over ex (the val split), in batches of 64: the `val` column of the log."""
     model.eval()
     losses = []
     for s in range(0, len(ex.entries), 64):
@@ -1653,7 +1661,7 @@ def inspect(path, n_frames, n_tokens):
     """Parameter counts per tower, bytes by dtype, key alignment (align_keys, as loading checks it) and the memory
     estimated for one video of n_frames plus n_tokens of text; CUDA memory on a GPU."""
     model, found, handles, problems = align_keys(path)
-    cfg, towers, by_dtype, renamed = model.cfg, {}, {}, 0
+    cfg, towers, by_dtype, renamed, layouts = model.cfg, {}, {}, 0, set()
     for h in handles.values():
         for key in h.keys():
             if LEGACY_KEYS.search(key):
@@ -1663,8 +1671,11 @@ def inspect(path, n_frames, n_tokens):
             by_dtype[dt] = by_dtype.get(dt, 0) + numel * {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8}.get(dt, 4)
             tower = canonical_key(key).split(".")[0]
             towers[tower], renamed = towers.get(tower, 0) + numel, renamed + (canonical_key(key) != key)
+            layouts.add("in-memory (transformers 5)" if key.startswith(("model.", "lm_head.")) else "hub"
+                        if ".vision_model." in key else "transformers-5 save" if "_tower." in key else None)
     n_bytes, n_keys = sum(by_dtype.values()), sum(len(h.keys()) for h in handles.values())
-    print(f"checkpoint {path}: {n_keys} tensors in {len(handles)} file(s), {renamed} keys renamed to the hub layout")
+    print(f"checkpoint {path}: {n_keys} tensors in {len(handles)} file(s), layout {sorted(layouts - {None})}, "
+          f"{renamed} keys renamed to the hub layout")
     for t, n in towers.items():
         print(f"  {t:24s} {n / 1e6:12.2f}M parameters")
     print(f"  {'total':24s} {sum(towers.values()) / 1e6:12.2f}M parameters, {n_bytes / 2**30:.2f} GiB")
@@ -1786,6 +1797,7 @@ def parse_args(argv=None):
 
 
 def run_generate(args, cfg, overrides):
+    """--generate: load a checkpoint (HF folder or out_dir), read the media, stream the answer to stdout."""
     path = cfg.from_pretrained or cfg.out_dir
     if not args.prompt:
         raise UserError("--generate needs --prompt TEXT (and --video PATH or --image PATH)")
@@ -1829,6 +1841,7 @@ def run_generate(args, cfg, overrides):
 
 
 def main(argv=None):
+    """The command line: one mode per call (--train [--resume], --eval, --generate, --inspect, --bench)."""
     args, cfg, overrides = parse_args(argv)
     if args.train:
         if args.resume:
