@@ -666,7 +666,7 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         """x (B, L, D); cos, sin (B, 1, L, E) at each token's RoPE position; mask None (plain causal: no padding,
-        nothing cached) or boolean (B or 1, 1, L, T), True = attend; T = keys (cache + new) -> (B, L, D)."""
+        nothing cached) or boolean (B, 1, L, T) or (L, T), True = attend; T = keys (cache + new) -> (B, L, D)."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.h, self.e).transpose(1, 2)  # (B, H, L, E)
         k = self.k_proj(x).view(B, L, self.kv, self.e).transpose(1, 2)  # (B, K, L, E)
