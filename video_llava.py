@@ -1700,10 +1700,9 @@ def inspect(path, n_frames, n_tokens):
 
 
 def bench(cfg, sizes=None, rounds=3):
-    """Decode tokens/s at batch 1, greedy, float32, after a 16-token prompt: the eager step, the compiled step
-    (generate(compile=True)) and, when it is installed, transformers' generate on the same weights; whether all give
-    the same tokens; each as a share of a floor, the time to read every LLaMA weight once at the bandwidth of a
-    large copy (bytes read + bytes written per second, as STREAM counts them). Best of `rounds`, interleaved."""
+    """Decode tokens/s at batch 1, greedy, float32, 16-token prompt: the eager step, the compiled step and (when
+    installed) transformers on the same weights; whether their tokens agree; each as a share of a floor, the time to
+    read every LLaMA weight once at the bandwidth of a large copy (bytes read + written, as STREAM counts them)."""
     try:
         import transformers
         transformers.logging.disable_progress_bar()
@@ -1711,11 +1710,9 @@ def bench(cfg, sizes=None, rounds=3):
         transformers = None
     import tempfile
     src, dst = torch.randn(2**26), torch.zeros(2**26)  # 256 MiB each, far bigger than any cache, pages touched
-    sizes = sizes or {"~20M": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                                   num_key_value_heads=4),
-                      "~130M": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                                    num_attention_heads=12, num_key_value_heads=12)}
-    for name, size in sizes.items():
+    llama = lambda d, i, n, h: dict(hidden_size=d, intermediate_size=i, num_hidden_layers=n, num_attention_heads=h,
+                                    num_key_value_heads=h)
+    for name, size in (sizes or {"~20M": llama(256, 688, 4, 4), "~130M": llama(768, 2048, 12, 12)}).items():
         torch.manual_seed(0)
         mcfg = Config(vocab_size=32064, max_position_embeddings=1024, image_token_index=32000, video_token_index=32001,
                       v_hidden_size=32, v_intermediate_size=64, v_num_hidden_layers=2, image_size=28, patch_size=14,
@@ -1733,12 +1730,11 @@ def bench(cfg, sizes=None, rounds=3):
                                                        do_sample=False)[0, ids.shape[1]:]
         first = {k: f() for k, f in run.items()}  # warm-up (and the compile)
         same, tps, bw = all(torch.equal(v, first["eager"]) for v in first.values()), dict.fromkeys(run, 0.0), 0.0
-        for _ in range(rounds):
+        for _ in range(rounds):  # best of rounds, the decoders interleaved, then the copy (best of three)
             for k, f in run.items():
                 t = time.perf_counter()
                 got = f()
-                tps[k] = max(tps[k], new / (time.perf_counter() - t))
-                same = same and torch.equal(got, first[k])
+                tps[k], same = max(tps[k], new / (time.perf_counter() - t)), same and torch.equal(got, first[k])
             for _ in range(3):
                 t = time.perf_counter()
                 dst.copy_(src)
