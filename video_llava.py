@@ -42,12 +42,10 @@ import math
 import os
 import random
 import re
-import statistics
 import sys
 import time
 import warnings
 from dataclasses import dataclass
-from itertools import zip_longest
 
 import cv2
 import numpy as np
@@ -114,9 +112,8 @@ class Config:
     whiten_patches: bool = True  # with data_init: patch embeddings whitened, patch positions 2-D sin-cos (README)
     data_init: int = 64  # images and clips of the data-dependent init before step 0 (from scratch only); 0 = off
     share_towers: bool = True  # from scratch: the video tower is the image tower, one set of weights (README)
-    balance_media: bool = False  # batches half image, half video questions (else uniform over all questions)
-    max_steps: int = 3500  # 3000 missed the video target on one random seed of five (NOTES.md)
-    lr: float = 1e-3  # at 2e-3 the order questions were learned on 2 of 5 random seeds (NOTES.md)
+    max_steps: int = 3500  # fewer steps missed the video target on some seeds (NOTES.md)
+    lr: float = 1e-3  # a higher rate learned the order questions on fewer seeds (NOTES.md)
     min_lr: float = 1e-4
     warmup: int = 100
     weight_decay: float = 0.05
@@ -206,9 +203,9 @@ def hf_config_dict(cfg):
 
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
            "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
-SHAPES = ["circle", "square", "triangle"]
-MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-NUMBERS = ["one", "two", "three"]
+SHAPES = ["circle", "square", "triangle"]  # what the image questions ask about, with colour and count
+MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # direction -> (dx, dy) in pixels
+NUMBERS = ["one", "two", "three"]  # answers are words, so every answer is ordinary text
 # (colour, shape) pairs never shown in training: each colour loses one shape, each shape is held out twice
 NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),
                ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}
@@ -216,7 +213,8 @@ SIDE, CELL, HALF, CLIP_LEN, TRAVEL = 48, 12, 5, 16, 24  # picture side, grid cel
 
 
 def draw_shape(img, shape, colour, cx, cy):
-    c = COLOURS[colour]
+    """Draw a filled shape of half-size HALF centred at (cx, cy), in place."""
+    c = COLOURS[colour]  # anti-aliased edges: a shape's colour bleeds into neighbouring pixels, as in real pictures
     if shape == "circle":
         cv2.circle(img, (cx, cy), HALF, c, -1, cv2.LINE_AA)
     elif shape == "square":
@@ -237,8 +235,8 @@ def sample_pair(rng, split):
 def make_image(rng, split):
     """1-3 copies of one coloured shape in distinct cells of a 4x4 grid -> (BGR image, [(question, answer)])."""
     colour, shape = sample_pair(rng, split)
-    n = rng.randint(1, 3)
-    img = np.full((SIDE, SIDE, 3), 60, np.uint8)
+    n = rng.randint(1, 3)  # how many copies: the counting question
+    img = np.full((SIDE, SIDE, 3), 60, np.uint8)  # a dark grey background
     for cell in rng.sample(range(16), n):
         cx, cy = (cell % 4) * CELL + CELL // 2 + rng.randint(-1, 1), (cell // 4) * CELL + CELL // 2 + rng.randint(-1, 1)
         draw_shape(img, shape, colour, cx, cy)
@@ -250,16 +248,16 @@ def make_image(rng, split):
 def make_clip(rng, split, n_frames):
     """A 16-frame clip -> (list of BGR frames, (question, answer)). Two kinds, both need more than one frame:
     motion (one shape crosses the picture: its direction) and order (two shapes appear one after the other)."""
-    frames = [np.full((SIDE, SIDE, 3), 60, np.uint8) for _ in range(CLIP_LEN)]
+    frames = [np.full((SIDE, SIDE, 3), 60, np.uint8) for _ in range(CLIP_LEN)]  # (CLIP_LEN, SIDE, SIDE, 3)
     if rng.random() < 0.5:
         colour, shape = sample_pair(rng, split)
         motion = rng.choice(list(MOTIONS))
         dx, dy = MOTIONS[motion]
-        lo, hi = HALF + 2, SIDE - HALF - 3
+        lo, hi = HALF + 2, SIDE - HALF - 3  # centre range that keeps the whole shape in the picture
         x0 = rng.randint(lo + (TRAVEL if dx < 0 else 0), hi - (TRAVEL if dx > 0 else 0))
         y0 = rng.randint(lo + (TRAVEL if dy < 0 else 0), hi - (TRAVEL if dy > 0 else 0))
         for t, img in enumerate(frames):
-            f = t / (CLIP_LEN - 1)
+            f = t / (CLIP_LEN - 1)  # fraction of the way travelled at frame t
             draw_shape(img, shape, colour, round(x0 + dx * TRAVEL * f), round(y0 + dy * TRAVEL * f))
         return frames, (f"Which way does the {colour} {shape} move?", motion)
     while True:  # two objects with different colours; the novel split needs at least one novel pair
@@ -272,10 +270,10 @@ def make_clip(rng, split, n_frames):
     s1 = rng.randint(1, n_frames - 2)
     s2 = rng.randint(s1 + 1, n_frames - 1)
     t1, t2 = s1 * step - rng.randint(0, step - 1), s2 * step - rng.randint(0, step - 1)
-    cells = rng.sample(range(16), 2)
+    cells = rng.sample(range(16), 2)  # two distinct cells of the 4x4 grid
     for (colour, shape), cell, t0 in zip((a, b), cells, (t1, t2)):
         cx, cy = (cell % 4) * CELL + CELL // 2, (cell // 4) * CELL + CELL // 2
-        for img in frames[t0:]:
+        for img in frames[t0:]:  # once it appears, it stays
             draw_shape(img, shape, colour, cx, cy)
     if rng.random() < 0.5:
         return frames, ("Which shape appears first?", f"{a[0]} {a[1]}")
@@ -285,17 +283,17 @@ def make_clip(rng, split, n_frames):
 def build_world(cfg):
     """Write data_dir/<split>/*.png|mp4 and data_dir/<split>.jsonl once (deterministic from --seed)."""
     sizes = {"train": cfg.n_train, "val": cfg.n_test, "test": cfg.n_test, "novel": cfg.n_test}
-    stamp = os.path.join(cfg.data_dir, "world.json")
+    stamp = os.path.join(cfg.data_dir, "world.json")  # the manifest: what was written, from which settings
     want = dict(sizes, seed=cfg.seed, n_frames=cfg.n_frames, version=1)
     files = {s: os.path.join(cfg.data_dir, f"{s}.jsonl") for s in sizes}
-    if os.path.exists(stamp) and json.load(open(stamp)) == want:
+    if os.path.exists(stamp) and json.load(open(stamp)) == want:  # written before with these settings: reuse it
         return files
     if os.path.isdir(cfg.data_dir) and os.listdir(cfg.data_dir) and not os.path.exists(stamp):
         # world.json marks a folder this script wrote; anything else may be the user's files: never overwrite them
         raise UserError(f"--data_dir {cfg.data_dir}: a folder this script did not write (no world.json); give a new "
                         f"folder for the synthetic world, or train on your files with --data FILE.jsonl")
     for offset, (split, n) in enumerate(sizes.items()):
-        rng = random.Random(cfg.seed * 10 + offset)
+        rng = random.Random(cfg.seed * 10 + offset)  # one stream per split: a split never depends on another's size
         os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
         lines = []
         for i in range(n):
@@ -325,7 +323,7 @@ def load_entries(cfg, master=True):
             test = read_annotations(cfg.test_data)
         else:  # entries 0, 10, 20, ... are held out
             test, train = train[::10], [e for i, e in enumerate(train) if i % 10]
-        return {"train": train, "val": test, "test": test}
+        return {"train": train, "val": test, "test": test}  # val = test: the loss log shows the same questions
     if master:
         build_world(cfg)
     if dist.is_initialized():
@@ -337,7 +335,7 @@ def read_annotations(path):
     """JSON lines {"image"|"video": relative path, "question": str, "answer": str} -> list of dicts (paths absolute)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: annotation file not found")
-    out, base = [], os.path.dirname(os.path.abspath(path))
+    out, base = [], os.path.dirname(os.path.abspath(path))  # media paths are relative to the annotation file
     for no, line in enumerate(open(path, encoding="utf-8"), 1):
         if not line.strip():
             continue
@@ -361,7 +359,7 @@ def read_annotations(path):
 def clip_transform(rgb, size):
     """uint8 (H, W, 3) RGB -> float32 (3, size, size), the steps of transformers' Video-LLaVA processors
     (video_processing_utils.BaseVideoProcessor._preprocess; VideoLlavaImageProcessor does the same in PIL)."""
-    h, w = rgb.shape[:2]
+    h, w = rgb.shape[:2]  # (H, W, 3) uint8 RGB
     # shortest edge -> size, long side int(size*long/short) (image_utils.get_resize_output_image_size)
     nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
@@ -374,10 +372,11 @@ def clip_transform(rgb, size):
 
 
 def load_image(path, size):
+    """Image file -> float32 (3, size, size), CLIP-normalised as the HF processor does."""
     img = cv2.imread(path) if os.path.isfile(path) else None
     if img is None:
         raise UserError(f"{path}: cannot read this image (missing or corrupt)")
-    return clip_transform(img[:, :, ::-1], size)
+    return clip_transform(img[:, :, ::-1], size)  # OpenCV reads BGR: flip to RGB, as CLIP was trained
 
 
 def frame_indices(n_total, n_frames):
@@ -398,7 +397,7 @@ def load_video(path, n_frames, size):
         return np.stack([load_image(os.path.join(path, names[i]), size) for i in idx])
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such video file or folder of frames")
-    cap = cv2.VideoCapture(path)
+    cap = cv2.VideoCapture(path)  # FFmpeg through OpenCV: any container and codec it reads
     if not cap.isOpened():
         raise UserError(f"{path}: OpenCV cannot open this video (corrupt or unknown format)")
     frames = []
@@ -406,7 +405,7 @@ def load_video(path, n_frames, size):
         ok, img = cap.read()
         if not ok:
             break
-        frames.append(clip_transform(img[:, :, ::-1], size))
+        frames.append(clip_transform(img[:, :, ::-1], size))  # BGR -> RGB, then (3, S, S)
     cap.release()
     if not frames:
         raise UserError(f"{path}: video has no frames (corrupt or empty)")
@@ -429,11 +428,11 @@ class SentencePieceBPE:
             raise UserError(f"{path}: tokenizer model is '{model.get('type')}', expected BPE")
         self.folder, self.vocab = folder, dict(model["vocab"])
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
-        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.ranks = {m: i for i, m in enumerate(merges)}  # a lower rank merges first
         self.byte_fallback, self.unk = model.get("byte_fallback", False), model.get("unk_token")
         self.added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
         self.vocab.update(self.added)
-        self.inv = {i: s for s, i in self.vocab.items()}
+        self.inv = {i: s for s, i in self.vocab.items()}  # id -> piece, for decode
         tc_path = os.path.join(folder, "tokenizer_config.json")
         tc = json.load(open(tc_path)) if os.path.isfile(tc_path) else {}
         name = lambda t, d: (t.get("content") if isinstance(t, dict) else t) or d
@@ -449,20 +448,21 @@ class SentencePieceBPE:
             self.prefix_ids, self.suffix_ids = [sid(p) for p in single[:at]], [sid(p) for p in single[at + 1:]]
         else:
             self.prefix_ids, self.suffix_ids = [self.bos_id] if tc.get("add_bos_token", True) else [], []
-        self.prefix = tc.get("add_prefix_space", True) is not False
-        self.split_re = re.compile("(" + "|".join(re.escape(s) for s in sorted(self.added, key=len, reverse=True)) + ")")
+        self.prefix = tc.get("add_prefix_space", True) is not False  # the Metaspace prepend of a leading '▁'
+        longest_first = sorted(self.added, key=len, reverse=True)  # "<image>" before any shorter token inside it
+        self.split_re = re.compile("(" + "|".join(re.escape(s) for s in longest_first) + ")")
 
     def _bpe(self, word):
         syms = []
         for ch in word:  # initial symbols: characters in the vocabulary, else their UTF-8 bytes
-            if ch in self.vocab or not self.byte_fallback:
+            if ch in self.vocab or not self.byte_fallback:  # LLaMA's vocabulary has every single byte as <0xNN>
                 syms.append(ch)
             else:
                 syms += [f"<0x{b:02X}>" for b in ch.encode("utf-8")]
         while len(syms) > 1:
             pairs = [(self.ranks.get((a, b), math.inf), i) for i, (a, b) in enumerate(zip(syms, syms[1:]))]
-            rank = min(pairs)[0]
-            if rank == math.inf:
+            rank = min(pairs)[0]  # the best-ranked pair present
+            if rank == math.inf:  # no known pair left: the word is done
                 break
             out, i = [], 0
             while i < len(syms):  # merge every non-overlapping occurrence of the best pair, left to right
@@ -483,12 +483,12 @@ class SentencePieceBPE:
 
     def encode(self, text, add_bos=True):
         ids = list(self.prefix_ids) if add_bos else []
-        parts = self.split_re.split(text) if self.added else [text]
+        parts = self.split_re.split(text) if self.added else [text]  # odd parts are added tokens such as <image>
         for i, part in enumerate(parts):
             if i % 2 == 1:
                 ids.append(self.added[part])
             elif part:
-                part = part.replace(" ", "▁")
+                part = part.replace(" ", "▁")  # SentencePiece's visible space
                 if i == 0 and self.prefix and not part.startswith("▁"):
                     part = "▁" + part
                 ids += self._bpe(part)
@@ -501,7 +501,7 @@ class SentencePieceBPE:
             if i in specials:
                 continue
             s = self.inv.get(int(i), "")
-            if re.fullmatch(r"<0x[0-9A-F]{2}>", s):
+            if re.fullmatch(r"<0x[0-9A-F]{2}>", s):  # a byte-fallback piece: one raw UTF-8 byte
                 out += bytes([int(s[3:5], 16)])
             else:
                 s = s.replace("▁", " ")
@@ -520,9 +520,9 @@ class GPT2Table:
         import tiktoken  # only the trained-from-scratch model needs it
         self.enc = tiktoken.get_encoding("gpt2")
         self.ids = list(ids)
-        self.to_model = {g: i for i, g in enumerate(self.ids)}
+        self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
         self.added = {"<image>": len(self.ids), "<video>": len(self.ids) + 1}
-        self.bos_id = self.eos_id = self.pad_id = 0
+        self.bos_id = self.eos_id = self.pad_id = 0  # model id 0 is GPT-2's <|endoftext|>
         self.split_re = re.compile("(<image>|<video>)")
 
     @classmethod
@@ -533,7 +533,7 @@ class GPT2Table:
                                              for t in enc.encode(p)}))
 
     def __len__(self):
-        return len(self.ids) + 2
+        return len(self.ids) + 2  # the vocabulary size V: the table plus <image> and <video>
 
     def encode(self, text, add_bos=True):
         ids = [self.bos_id] if add_bos else []
@@ -545,14 +545,14 @@ class GPT2Table:
         return ids
 
     def decode(self, ids, skip_special=True):
-        return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])
+        return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])  # model ids -> GPT-2 ids -> text
 
 
 def load_tokenizer(folder):
     meta = json.load(open(os.path.join(folder, "config.json")))
-    if "gpt2_table" in meta:
+    if "gpt2_table" in meta:  # a run of this script: its compact table travels in config.json
         return GPT2Table(meta["gpt2_table"])
-    return SentencePieceBPE(folder)
+    return SentencePieceBPE(folder)  # an HF checkpoint: its own tokenizer.json
 
 
 def prompt_text(question, kind):
@@ -561,8 +561,10 @@ def prompt_text(question, kind):
 
 
 def expand_placeholders(ids, cfg, n_frames):
-    """What the HF processor does on the string: each <image> -> P copies (P+1 with the 'full' strategy),
-    each <video> -> (P+1)*F copies (CLS kept per frame)."""
+    """Placeholder expansion, as the HF processor does it on the string: the prompt carries one <image> or <video>
+    tag, but the model writes one visual feature over one token, so each tag becomes as many copies as its medium
+    gives features: <image> -> P (P+1 with the 'full' strategy, which keeps CLS), <video> -> (P+1)*F (CLS kept for
+    every frame). The LLM then sees the visual tokens at ordinary positions, with ordinary RoPE."""
     p = (cfg.image_size // cfg.patch_size) ** 2
     n_img = p + (cfg.vision_feature_select_strategy == "full")
     out = []
@@ -581,72 +583,38 @@ def expand_placeholders(ids, cfg, n_frames):
 
 
 class RMSNorm(nn.Module):
+    """LLaMA's norm (Zhang & Sennrich 2019): scale each vector by the reciprocal of its root mean square, then by a
+    learned gain; no mean subtraction, no bias. Computed in float32 whatever the activation dtype, then cast back
+    before the gain, in the order of transformers' LlamaRMSNorm (the bits of a bfloat16 model depend on it)."""
+
     def __init__(self, d, eps):
         super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps  # gain (D,), starts at 1: the identity
 
-    def forward(self, x):
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # the same arithmetic in one fused call (bit-identical, measured): decode runs 25 of these per token
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        h = x.float()  # in float32 whatever the activation dtype, then back: as LLaMA (and HF) do
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def laid_out(fused, mods):
-    """True while each mods[i].weight still starts where matvec_layout put it in `fused` (all their weights stacked,
-    (out, in), in either of its layouts; a weight replaced since, by another device, dtype or tensor, does not): then
-    fused's one product equals theirs. Pointers only: run at every one-token step, it must be cheap (only
-    matvec_layout makes views there, and it keeps `fused`'s layout and theirs the same)."""
-    p, row = fused.data_ptr(), fused.stride(0) * fused.element_size()
-    for m in mods:
-        if m.weight.data_ptr() != p:
-            return False
-        p += m.out_features * row
-    return True
-
-
-def linear1(x, w):
-    """F.linear(x, w) for a few rows of x (one per sequence, in decoding) and a weight (out, in) stored either way
-    (matvec_layout). Each product is then a matrix-vector product, and MKL's streams the weight on one core here,
-    about half of what the cores draw together (README). So, for a float32 weight on a CPU, outside autocast:
-    - compiled, one row, w in rows (contiguous): `(x.unsqueeze(-2) * w).sum(-1)`, which inductor fuses into a
-      generated loop of dot products over w's rows that the threads split;
-    - eager, S > 1 threads, w (in, out)-major, S x rows <= 128: x cut into S slices of its features and w into the S
-      matching row blocks of its (in, out) storage (views), one `bmm` of the S partial products (S x rows x out
-      floats), which the threads share, then their sum (the 49 products of a 134M step 1.3x faster than one F.linear
-      each, README).
-    Otherwise F.linear: more rows (a prompt, training), one thread, bfloat16, and autocast (which runs F.linear's
-    product in its own dtype; the loop's mul and sum are not autocast operations)."""
-    if w.dtype != torch.float32 or w.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
-        return F.linear(x, w)
-    if torch.compiler.is_compiling():
-        if w.is_contiguous() and x.shape[:-1].numel() == 1:
-            return (x.unsqueeze(-2) * w).sum(-1)  # inductor fuses the product into the sum: w is read once
-        return F.linear(x, w)
-    S, rows = torch.get_num_threads(), x.shape[:-1].numel()
-    if (S > 1 and 0 < S * rows <= 128 and w.stride() == (1, w.shape[0]) and x.shape[-1] == w.shape[1]
-            and w.shape[1] % S == 0):
-        xs = x.reshape(-1, S, w.shape[1] // S).transpose(0, 1)  # (S, rows, in/S)
-        return torch.bmm(xs, w.t().view(S, -1, w.shape[0])).sum(0).view(x.shape[:-1] + (-1,))
-    return F.linear(x, w)
+    def forward(self, x):  # (..., D) -> (..., D)
+        h = x.float()  # (..., D) in float32
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # x / rms(x), the mean over the last dim D
+        return self.weight * h.to(x.dtype)  # cast back first, then the gain, as transformers does
 
 
 def rotate_half(x):
+    """RoPE's rotation by 90 degrees in the layout LLaMA checkpoints use: the head dim E is cut into two halves
+    (x1, x2) -> (-x2, x1), so feature i pairs with feature i + E/2 (not with its neighbour, as in the RoPE paper;
+    HF permutes the original q/k weights to match)."""
     return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), -1)
 
 
 class KVCache:
-    """Preallocated per-layer keys/values (B, K, T_max, E); `offset` = positions filled or claimed so far (the RoPE
-    position offset is separate: it comes from the attention mask, so left-padded rows count from their first real
-    token). A prompt is written at `offset`. A one-token step first claims a position (`next_step`), is written
-    there through `slot`, a tensor, and attends over all T_max positions under a mask: every step then has the same
-    shapes, so it compiles once."""
+    """The static KV cache (as in gpt-fast): keys and values preallocated per layer as (B, K, T_max, E), so no tensor
+    grows while decoding. `offset` counts the positions written so far. A prompt (prefill) is written at `offset`.
+    A one-token step first claims the next position (`next_step`), writes there through `slot` (a tensor, not a
+    Python int) and attends over all T_max positions under a mask that hides the unfilled ones: every step then has
+    the same shapes and no branch on values, so torch.compile makes it one graph. The RoPE position of a token is
+    not its cache position: a left-padded row counts from its first real token (see `next_step`)."""
 
     def __init__(self, cfg, batch, max_len, dtype, device):
         e = cfg.hidden_size // cfg.num_attention_heads
-        shape = (batch, cfg.num_key_value_heads, max_len, e)
+        shape = (batch, cfg.num_key_value_heads, max_len, e)  # (B, K, T_max, E): only the K key/value heads
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.offset, self.slot = 0, torch.zeros(1, dtype=torch.long, device=device)
@@ -655,127 +623,126 @@ class KVCache:
         """Claim the next position for a one-token step. attention_mask (B, offset + 1) over the cache and the new
         token (1 = real, 0 = left pad), or None -> RoPE positions (B, 1) and the mask (B, 1, 1, T_max) (True =
         attend)."""
-        B, T_max = self.k[0].shape[0], self.k[0].shape[2]
+        B, T_max = self.k[0].shape[0], self.k[0].shape[2]  # the cache is (B, K, T_max, E)
         if attention_mask is None:
             attention_mask = torch.ones(B, self.offset + 1, dtype=torch.long, device=self.slot.device)
         if attention_mask.shape != (B, self.offset + 1) or self.offset >= T_max:
             raise ValueError(f"a one-token step at position {self.offset} of a {T_max}-position cache needs an "
                              f"attention mask of shape ({B}, {self.offset + 1}), got {tuple(attention_mask.shape)}")
-        pos = (attention_mask.long().sum(-1, keepdim=True) - 1).clamp(min=0)  # pads do not count
-        mask = F.pad(attention_mask.bool(), (0, T_max - self.offset - 1))
+        # the RoPE position is the number of real tokens before this one: a row padded with p tokens on the left
+        # gives its first real token position 0, exactly as the same row alone (no padding) would
+        pos = (attention_mask.long().sum(-1, keepdim=True) - 1).clamp(min=0)  # (B, 1)
+        mask = F.pad(attention_mask.bool(), (0, T_max - self.offset - 1))  # (B, T_max): unfilled slots are False
         mask[:, self.offset] = True  # the new token sees itself, a pad too: no empty row, no NaN (as at prefill)
-        self.slot.fill_(self.offset)
+        self.slot.fill_(self.offset)  # in place: a compiled graph reads the new value, no recompile
         self.offset += 1
-        return pos, mask[:, None, None]
+        return pos, mask[:, None, None]  # (B, 1, 1, T_max): one mask row shared by every head and the one query
 
     def update(self, layer, k, v):
-        if k.shape[2] == 1:  # a one-token step (forward and step call next_step first): written at the claimed slot,
-            # all T_max positions returned (the mask hides the unfilled ones)
-            self.k[layer].index_copy_(2, self.slot, k.to(self.k[layer].dtype))
+        """Write this layer's new keys/values (B, K, L, E) -> all keys/values the queries may attend to."""
+        if k.shape[2] == 1:  # a one-token step (next_step came first): written at the claimed slot, all T_max
+            # positions returned, the mask hides the unfilled ones
+            self.k[layer].index_copy_(2, self.slot, k.to(self.k[layer].dtype))  # k (B, K, 1, E) into position slot
             self.v[layer].index_copy_(2, self.slot, v.to(self.v[layer].dtype))
-            return self.k[layer], self.v[layer]
-        n = self.offset + k.shape[2]
+            return self.k[layer], self.v[layer]  # (B, K, T_max, E)
+        n = self.offset + k.shape[2]  # a prompt of L tokens fills offset .. n-1
         self.k[layer][:, :, self.offset:n], self.v[layer][:, :, self.offset:n] = k, v
-        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]  # (B, K, offset + L, E)
 
 
 class LlamaAttention(nn.Module):
+    """Causal self-attention with rotary positions (RoPE, Su et al. 2021) and grouped-query attention (GQA, Ainslie
+    et al. 2023), after transformers' LlamaAttention. GQA: H query heads share K <= H key/value heads, query head h
+    reading kv head h // (H/K); the cache then holds K heads, not H (K = H is plain multi-head, as in the 7B)."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.h, self.kv, self.e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.e, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv * self.e, bias=False)
+        self.h, self.kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.e = cfg.hidden_size // cfg.num_attention_heads  # head dim E
+        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.e, bias=False)  # D -> H*E
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv * self.e, bias=False)  # D -> K*E: fewer heads under GQA
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv * self.e, bias=False)
-        self.o_proj = nn.Linear(self.h * self.e, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.h * self.e, cfg.hidden_size, bias=False)  # H*E -> D
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        """x (B, L, D); mask "causal", a boolean (B or 1, 1, L, T) (True = attend), or, for one token (L == 1), the
-        additive (B*K, G, T) that llm_forward makes of it."""
+        """x (B, L, D); cos, sin (B, 1, L, E) at each token's RoPE position; mask None (plain causal: no padding,
+        nothing cached) or boolean (B, 1, L, T) or (L, T), True = attend; T = keys (cache + new) -> (B, L, D)."""
         B, L, _ = x.shape
-        fused = getattr(self, "fused", None)  # set by matvec_layout: q/k/v in one product for one-token steps
-        # (a compiled graph cannot check pointers: generate runs matvec_layout, which checks, before compiling)
-        if L == 1 and fused is not None and (torch.compiler.is_compiling()
-                                             or laid_out(fused, (self.q_proj, self.k_proj, self.v_proj))):
-            qkv = linear1(x, fused).view(B, 1, self.h + 2 * self.kv, self.e).transpose(1, 2)  # (B, H+2K, 1, E)
-            qk = qkv[:, :self.h + self.kv]  # RoPE on the q and k heads at once: half the small operations
-            qk = qk * cos + rotate_half(qk) * sin
-            q, k, v = qk[:, :self.h], qk[:, self.h:], qkv[:, self.h + self.kv:]
-        else:
-            q = self.q_proj(x).view(B, L, self.h, self.e).transpose(1, 2)  # (B, H, L, E)
-            k = self.k_proj(x).view(B, L, self.kv, self.e).transpose(1, 2)  # (B, K, L, E)
-            v = self.v_proj(x).view(B, L, self.kv, self.e).transpose(1, 2)
-            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # HF weights are already permuted
+        q = self.q_proj(x).view(B, L, self.h, self.e).transpose(1, 2)  # (B, H, L, E)
+        k = self.k_proj(x).view(B, L, self.kv, self.e).transpose(1, 2)  # (B, K, L, E)
+        v = self.v_proj(x).view(B, L, self.kv, self.e).transpose(1, 2)  # (B, K, L, E)
+        # RoPE rotates each (i, i + E/2) feature pair of q and k by an angle proportional to the position, so a
+        # query-key dot product depends only on their distance; values are not rotated
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, K, T, E); T = T_max in a one-token step
-        if L == 1:  # decode: one query per head, two small products (grouped-query: kv head j serves q heads
-            # j*G .. j*G+G-1, G = H/K, with no copy of the cache)
-            q, k, v = (t.reshape(B * self.kv, -1, self.e) for t in (q, k, v))  # (B*K, G, E), (B*K, T, E), (B*K, T, E)
-            att = torch.bmm(q, k.transpose(1, 2)) * self.e ** -0.5  # (B*K, G, T)
-            if isinstance(mask, torch.Tensor):
-                att = att + mask  # the additive mask (B*K, G, T) that llm_forward made: 0 or -inf
-            y = torch.bmm(att.softmax(-1, dtype=torch.float32).to(v.dtype), v)  # (B*K, G, E) = (B, H, E)
-            return linear1(y.view(B, L, self.h * self.e), self.o_proj.weight)
-        if self.kv != self.h:  # grouped-query: kv head j serves q heads j*H/K .. (j+1)*H/K-1
+            k, v = cache.update(layer, k, v)  # (B, K, T, E): the cached keys first, then these L
+        if self.kv != self.h:  # GQA: each kv head repeated for the H/K query heads that share it -> (B, H, T, E)
             k, v = k.repeat_interleave(self.h // self.kv, 1), v.repeat_interleave(self.h // self.kv, 1)
-        if isinstance(mask, str):  # "causal": no padding and nothing cached before these tokens
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, L, self.h * self.e))  # (B, L, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, L, E)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, self.h * self.e))  # heads side by side: (B, L, D)
 
 
 class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)), the gate choosing per feature how much of up
+    passes; three matrices of width intermediate_size instead of two at 4 D, for about the same parameter count."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # LLaMA has no biases
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):
-        fused = getattr(self, "fused", None)  # set by matvec_layout: gate/up in one product for one-token steps
-        if x.shape[1] == 1 and fused is not None and (torch.compiler.is_compiling()
-                                                      or laid_out(fused, (self.gate_proj, self.up_proj))):
-            gate, up = linear1(x, fused).chunk(2, -1)
-            return linear1(F.silu(gate) * up, self.down_proj.weight)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+    def forward(self, x):  # (B, L, D) -> (B, L, D)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); the residual stream itself is never
+    normalised, so its gradient reaches every layer unchanged."""
+
     def __init__(self, cfg):
         super().__init__()
         self.self_attn, self.mlp = LlamaAttention(cfg), LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, layer):
+    def forward(self, x, cos, sin, mask, cache, layer):  # (B, L, D) -> (B, L, D)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
+    """Token embedding, the decoder layers and a final RMSNorm; VideoLlava.llm_forward runs them."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # (V, D)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # before the head: the stream's scale grows with depth
 
 
 class LlamaForCausalLM(nn.Module):
+    """The LLaMA decoder plus its output head (D -> V), named as in the checkpoint (`language_model.lm_head`)."""
+
     def __init__(self, cfg):
         super().__init__()
         self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # (V, D): D -> logits over V
 
 
 class CLIPEmbeddings(nn.Module):
+    """ViT input (Dosovitskiy et al. 2020; CLIP, Radford et al. 2021): the picture cut into P = (S/p)^2 patches, each
+    projected to Dv by one strided convolution, a learned CLS vector put in front, a learned position per slot."""
+
     def __init__(self, cfg):
         super().__init__()
         d, n = cfg.v_hidden_size, (cfg.image_size // cfg.patch_size) ** 2
-        self.class_embedding = nn.Parameter(torch.zeros(d))
-        self.patch_embedding = nn.Conv2d(3, d, cfg.patch_size, cfg.patch_size, bias=False)
-        self.position_embedding = nn.Embedding(n + 1, d)
+        self.class_embedding = nn.Parameter(torch.zeros(d))  # CLS: a learned token that attends to every patch
+        self.patch_embedding = nn.Conv2d(3, d, cfg.patch_size, cfg.patch_size, bias=False)  # stride = kernel: one patch
+        self.position_embedding = nn.Embedding(n + 1, d)  # learned, one per slot: CLS + P patches
 
-    def forward(self, pixels):  # (N, 3, S, S)
+    def forward(self, pixels):  # (N, 3, S, S) -> (N, P+1, Dv)
+        # the conv gives (N, Dv, S/p, S/p); flatten the grid row-major and put the patches first
         x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)  # (N, P, Dv)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (N, 1, Dv)
         return torch.cat([cls, x], 1) + self.position_embedding.weight  # (N, P+1, Dv)
@@ -785,10 +752,10 @@ def sincos_2d(n, dim):
     """Positions of an n x n patch grid (row-major) -> (n*n, dim): dim/4 sin-cos pairs of the column, then dim/4 of
     the row, at frequencies from pi/n per cell down to 1/100 of that, each feature at zero mean, unit variance."""
     rows, cols = torch.meshgrid(torch.arange(n).double(), torch.arange(n).double(), indexing="ij")
-    freqs = (math.pi / n) / 100.0 ** (torch.arange(dim // 4).double() / (dim // 4))
-    angles = [c.flatten()[:, None] * freqs for c in (cols, rows)]
+    freqs = (math.pi / n) / 100.0 ** (torch.arange(dim // 4).double() / (dim // 4))  # (dim/4,) geometric
+    angles = [c.flatten()[:, None] * freqs for c in (cols, rows)]  # 2 x (n*n, dim/4)
     pe = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)
-    pe = (pe - pe.mean(0)) / pe.std(0).clamp_min(1e-6)
+    pe = (pe - pe.mean(0)) / pe.std(0).clamp_min(1e-6)  # per feature over the grid
     return torch.cat([pe, pe.new_zeros(n * n, dim - pe.shape[1])], 1).float()
 
 
@@ -797,46 +764,54 @@ def whiten(emb, pixels, p):
     """CLIPEmbeddings from data: each patch_embedding channel one principal component of the patches at unit
     variance; the patch position embeddings 2-D sin-cos at std 0.3 (the CLS row is left as it was)."""
     patches = F.unfold(pixels.float(), p, stride=p).transpose(1, 2).flatten(0, 1).double()  # (N*P, 3*p*p)
-    evals, evecs = torch.linalg.eigh(torch.cov(patches.T))
-    w = emb.patch_embedding.weight.view(emb.patch_embedding.out_channels, -1)
+    evals, evecs = torch.linalg.eigh(torch.cov(patches.T))  # principal components, ascending eigenvalues
+    w = emb.patch_embedding.weight.view(emb.patch_embedding.out_channels, -1)  # (Dv, 3*p*p), a view: written below
     k = min(w.shape[0], evecs.shape[1])
     w.zero_()
-    w[:k] = (evecs[:, -k:].flip(1) / evals[-k:].flip(0).clamp_min(1e-8).sqrt()).T.float()
+    w[:k] = (evecs[:, -k:].flip(1) / evals[-k:].flip(0).clamp_min(1e-8).sqrt()).T.float()  # largest first
     emb.position_embedding.weight[1:] = sincos_2d(pixels.shape[-1] // p, w.shape[0]) * 0.3
 
 
 class CLIPAttention(nn.Module):
+    """Multi-head self-attention over the patches of one picture, every patch seeing every other (no mask, no
+    RoPE: positions came in with the embeddings); biases on all four projections, as in CLIP."""
+
     def __init__(self, cfg):
         super().__init__()
-        d, self.h = cfg.v_hidden_size, cfg.v_num_attention_heads
+        d, self.h = cfg.v_hidden_size, cfg.v_num_attention_heads  # width Dv, H heads of E = Dv/H
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
-    def forward(self, x):
+    def forward(self, x):  # (N, P+1, Dv) -> (N, P+1, Dv); here P stands for all P+1 tokens
         N, P, D = x.shape
-        q, k, v = (p(x).view(N, P, self.h, D // self.h).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).view(N, P, self.h, D // self.h).transpose(1, 2)  # each (N, H, P, E)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
         y = F.scaled_dot_product_attention(q, k, v)  # (N, H, P, E): bidirectional, no mask
-        return self.out_proj(y.transpose(1, 2).reshape(N, P, D))
+        return self.out_proj(y.transpose(1, 2).reshape(N, P, D))  # heads side by side: (N, P, Dv)
 
 
 class CLIPMLP(nn.Module):
+    """Two-layer feed-forward with biases, Dv -> v_intermediate_size -> Dv."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.v_hidden_size, cfg.v_intermediate_size)
+        self.fc1 = nn.Linear(cfg.v_hidden_size, cfg.v_intermediate_size)  # Dv -> 4 Dv in CLIP
         self.fc2 = nn.Linear(cfg.v_intermediate_size, cfg.v_hidden_size)
 
-    def forward(self, x):
+    def forward(self, x):  # (N, P+1, Dv) -> (N, P+1, Dv)
         h = self.fc1(x)
         return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu, as OpenAI CLIP was trained
 
 
 class CLIPEncoderLayer(nn.Module):
+    """Pre-norm residual block with LayerNorm (mean and variance, with bias), as CLIP's ViT."""
+
     def __init__(self, cfg):
         super().__init__()
         self.self_attn, self.mlp = CLIPAttention(cfg), CLIPMLP(cfg)
         self.layer_norm1 = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)
         self.layer_norm2 = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)
 
-    def forward(self, x):
+    def forward(self, x):  # (N, P+1, Dv) -> (N, P+1, Dv)
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 
@@ -848,9 +823,15 @@ class CLIPEncoder(nn.Module):
 
 
 class CLIPVisionTransformer(nn.Module):
+    """CLIP's vision tower, read the LLaVA way: not its final output but the hidden state of one earlier layer
+    (vision_feature_layer, -2 = the input of the last layer). LLaVA found the penultimate layer's patch features
+    better for a language model than the last layer's, which CLIP's contrastive loss shapes for the CLS summary.
+    hidden_states counts like transformers' output_hidden_states: [0] is the embeddings (after pre_layrnorm), [k]
+    the output of layer k, so -2 of n layers is the output of layer n-1."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.embeddings = CLIPEmbeddings(cfg)
+        self.embeddings = CLIPEmbeddings(cfg)  # (N, 3, S, S) -> (N, P+1, Dv)
         self.pre_layrnorm = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)  # sic: the checkpoint's name
         self.encoder = CLIPEncoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)  # loaded, never used here
@@ -858,38 +839,50 @@ class CLIPVisionTransformer(nn.Module):
         self.n_run = fl if fl >= 0 else n + 1 + fl  # hidden_states[fl]: [0] = embeddings, [k] = after layer k
 
     def forward(self, pixels):  # (N, 3, S, S) -> (N, P+1, Dv), the hidden state of the feature layer
-        x = self.pre_layrnorm(self.embeddings(pixels))
+        x = self.pre_layrnorm(self.embeddings(pixels))  # (N, P+1, Dv): hidden_states[0]
         for layer in self.encoder.layers[: self.n_run]:  # layers past the feature layer are never computed
             x = layer(x)
         return x
 
 
 class CLIPVisionModel(nn.Module):
+    """A wrapper whose only job is the checkpoint's key prefix: image_tower.vision_model.*"""
+
     def __init__(self, cfg):
         super().__init__()
-        self.vision_model = CLIPVisionTransformer(cfg)
+        self.vision_model = CLIPVisionTransformer(cfg)  # image_tower.vision_model.*
 
 
 class VideoLlavaMultiModalProjector(nn.Module):
+    """CLIP features (Dv) -> the LLM's embedding space (D). LLaVA began with one Linear layer; LLaVA-1.5 (Liu et al.
+    2023, "Improved Baselines") found a two-layer MLP with a GELU between them clearly better at the same cost, and
+    Video-LLaVA keeps it: the nonlinearity lets the map bend CLIP's space, not only rotate and scale it. One
+    projector serves images and frames, so both land in one space the LLM learns to read."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.linear_1 = nn.Linear(cfg.v_hidden_size, cfg.hidden_size)
-        self.linear_2 = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.linear_1 = nn.Linear(cfg.v_hidden_size, cfg.hidden_size)  # Dv -> D
+        self.linear_2 = nn.Linear(cfg.hidden_size, cfg.hidden_size)  # D -> D
 
-    def forward(self, x):
-        return self.linear_2(F.gelu(self.linear_1(x)))  # exact (erf) GELU
+    def forward(self, x):  # (.., Dv) -> (.., D)
+        return self.linear_2(F.gelu(self.linear_1(x)))  # exact (erf) GELU, as projector_hidden_act "gelu"
 
 
 class VideoLlava(nn.Module):
+    """The whole model, named as the hub checkpoint (language_model, image_tower, video_tower,
+    multi_modal_projector). Images and videos have a CLIP tower each (the 7B's are LanguageBind encoders, in CLIP's
+    architecture); their features, projected, replace the <image> / <video> placeholder embeddings of the prompt,
+    and the LLaMA decoder reads them as it reads words."""
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         self.language_model = LlamaForCausalLM(cfg)
         if cfg.tie_word_embeddings:  # one matrix for the input embedding and the output head
             self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
-        self.image_tower, self.video_tower = CLIPVisionModel(cfg), CLIPVisionModel(cfg)
+        self.image_tower, self.video_tower = CLIPVisionModel(cfg), CLIPVisionModel(cfg)  # same shape, separate weights
         self.multi_modal_projector = VideoLlavaMultiModalProjector(cfg)
-        self._rope = {}
+        self._rope = {}  # device -> (cos, sin) tables of every position, built on first use (_rope_table)
 
     def share_towers(self):
         """One CLIP tower for images and video frames: video_tower becomes another name for image_tower. The state dict
@@ -897,9 +890,11 @@ class VideoLlava(nn.Module):
         self.video_tower = self.image_tower
 
     def _init_weights(self):
+        """GPT-2's init for training from scratch: normal(0.02) weights, zero biases, and the projections that write
+        into a residual stream scaled by 1/sqrt(2 * layers), so the stream's variance does not grow with depth."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
-                nn.init.normal_(m.weight, std=0.02)
+                nn.init.normal_(m.weight, std=0.02)  # GPT-2's std
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
         for n, p in self.named_parameters():
@@ -912,25 +907,24 @@ class VideoLlava(nn.Module):
     def init_from_data(self, images, videos):
         """Data-dependent initialisation for training from scratch (Salimans & Kingma 2016); never used on a loaded
         checkpoint. At random init every patch token is mostly one shared vector (the constant grey background's patch
-        embedding plus biases: the video tokens' mean pairwise cosine is 0.82, measured), so after the LLM's RMSNorm the
-        object patches hardly stand out. One fixed batch is run through each tower, and each tower's pre_layrnorm
+        embedding plus biases), so after the LLM's RMSNorm the object patches hardly stand out. One fixed batch is
+        run through each tower, and each tower's pre_layrnorm
         affine is set so that its output has zero mean and unit variance per feature across that batch's tokens; then
         the projector's last layer, so that the visual tokens have zero mean and the text embeddings' standard
         deviation. With whiten_patches, first each tower's patch_embedding and patch positions (see `whiten`). A
         shared tower (share_towers) is initialised once, from the images and the video frames together. Only
-        initial weights change: the forward stays the checkpoint-faithful one. Measured (RoPE base 10000): default
-        run, test image 0.952 -> 0.982, video 0.350 -> 0.430."""
-        def fold(ln_w, ln_b, x, std=1.0):
-            x = x.flatten(0, -2).float()
-            m, s = x.mean(0), x.std(0) + 1e-6
-            ln_w.mul_((std / s).view(-1, *[1] * (ln_w.dim() - 1)))
-            ln_b.sub_(m).mul_(std / s)
+        initial weights change: the forward stays the checkpoint-faithful one (its effect: NOTES.md)."""
+        def fold(ln_w, ln_b, x, std=1.0):  # rescale an affine so its outputs x get zero mean and this std
+            x = x.flatten(0, -2).float()  # (tokens, features)
+            m, s = x.mean(0), x.std(0) + 1e-6  # (features,) each
+            ln_w.mul_((std / s).view(-1, *[1] * (ln_w.dim() - 1)))  # (out,) or (out, 1) for a Linear's weight
+            ln_b.sub_(m).mul_(std / s)  # b' = (b - m) * std / s: w'x + b' = (wx + b - m) * std / s
         # the pictures each tower sees, as (N, 3, S, S); shared towers see both. A medium the data lacks (None) leaves
         # its tower as it was.
         seen = {}
         for tower, px in ((self.image_tower, images), (self.video_tower, videos)):
             if px is not None:
-                seen.setdefault(tower, []).append(px.flatten(0, -4))
+                seen.setdefault(tower, []).append(px.flatten(0, -4))  # frames as pictures: (N or B*F, 3, S, S)
         for tower, px in seen.items():
             px, emb = torch.cat(px), tower.vision_model.embeddings
             if self.cfg.whiten_patches:
@@ -938,45 +932,52 @@ class VideoLlava(nn.Module):
             ln = tower.vision_model.pre_layrnorm
             fold(ln.weight, ln.bias, ln(emb(px)))
         feats = ([] if images is None else [self.image_features(images).flatten(0, 1)]) + \
-                ([] if videos is None else [self.video_features(videos).flatten(0, 1)])
-        feats = torch.cat(feats)
+                ([] if videos is None else [self.video_features(videos).flatten(0, 1)])  # each (tokens, D)
+        feats = torch.cat(feats)  # (all visual tokens, D): what the LLM will read
         p2 = self.multi_modal_projector.linear_2
         fold(p2.weight, p2.bias, feats, self.language_model.model.embed_tokens.weight.std().item())
 
     # -- vision
     def image_features(self, pixels):  # (N, 3, S, S) -> (N, P, D) (P+1 with the "full" strategy)
-        h = self.image_tower.vision_model(pixels)
+        h = self.image_tower.vision_model(pixels)  # (N, P+1, Dv), CLS first
         if self.cfg.vision_feature_select_strategy == "default":
-            h = h[:, 1:]  # drop CLS
+            h = h[:, 1:]  # drop CLS: LLaVA's images give only their P patch features (N, P, Dv)
         return self.multi_modal_projector(h)
 
     def video_features(self, videos):  # (B, F, 3, S, S) -> (B*F, P+1, D): each frame alone, CLS kept
+        # frames are encoded one by one (no temporal attention in the tower): the order of events is left to the
+        # LLM, which reads the frames' tokens in sequence; Video-LLaVA keeps each frame's CLS as one more token
         h = self.video_tower.vision_model(videos.flatten(0, 1))  # (B*F, P+1, Dv)
         return self.multi_modal_projector(h)
 
     def _place(self, x, input_ids, token, feats, what):
-        """Write the features over the placeholder embeddings, row-major across the batch (masked_scatter)."""
-        mask = input_ids == token
-        n, need = int(mask.sum()), feats.shape[0] * feats.shape[1]
+        """Write the features (n, P or P+1, D) over the placeholder embeddings of x (B, L, D): the k-th placeholder
+        in reading order (row by row, left to right) gets the k-th feature vector (masked_scatter), so several
+        images in one prompt, or rows of a batch, take their media in order."""
+        mask = input_ids == token  # (B, L) True at the placeholders
+        n, need = int(mask.sum()), feats.shape[0] * feats.shape[1]  # placeholders vs feature vectors
         if n != need:
             raise UserError(f"the prompt has {n} {what} placeholder tokens but the {what}s give {need} features "
                             f"({feats.shape[0]} x {feats.shape[1]}); use one {what} tag per {what} and "
                             f"expand_placeholders, as the processor does")
-        return x.masked_scatter(mask[..., None].expand_as(x), feats.to(x.dtype))
+        return x.masked_scatter(mask[..., None].expand_as(x), feats.to(x.dtype))  # (B, L, D)
 
     def _rope_table(self, pos, dtype):
-        """pos (B, L) -> cos, sin (B, 1, L, E), looked up in a table of every position, built once per device with
-        the same arithmetic as HF (int64 arange -> float, fp32 angles): a compiled step then reads them, where it
-        would recompute them inside the attention loop (measured: 0.3-0.5 ms a token at 134M, README)."""
+        """RoPE angles: pos (B, L) -> cos, sin (B, 1, L, E), the 1 broadcasting over heads. Position p rotates feature
+        pair (i, i + E/2) by p * theta^(-2i/E): fast turns in the first features, slow ones in the last. Looked up in a
+        table of every position (built once per device, with transformers' arithmetic: int64 arange -> float, float32
+        angles), so a compiled step reads the angles instead of recomputing them. pos is per row: under left padding
+        each row counts from its own first real token (forward, KVCache.next_step)."""
         if pos.device not in self._rope:
             e = self.cfg.hidden_size // self.cfg.num_attention_heads
             inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, e, 2, dtype=torch.int64,
-                                                                   device=pos.device).float() / e))
-            freqs = torch.arange(self.cfg.max_position_embeddings, device=pos.device).float()[:, None] * inv_freq
-            emb = torch.cat((freqs, freqs), -1)  # (P, E)
+                                                                   device=pos.device).float() / e))  # (E/2,)
+            positions = torch.arange(self.cfg.max_position_embeddings, device=pos.device).float()
+            freqs = positions[:, None] * inv_freq  # (context, E/2)
+            emb = torch.cat((freqs, freqs), -1)  # (context, E): the same angle for features i and i + E/2
             self._rope[pos.device] = emb.cos(), emb.sin()
-        cos, sin = self._rope[pos.device]
-        return cos[pos][:, None].to(dtype), sin[pos][:, None].to(dtype)
+        cos, sin = self._rope[pos.device]  # each (context, E)
+        return cos[pos][:, None].to(dtype), sin[pos][:, None].to(dtype)  # (B, 1, L, E)
 
     def forward(self, input_ids, attention_mask=None, pixel_values_images=None, pixel_values_videos=None,
                 targets=None, cache=None, last_only=False):
@@ -984,11 +985,16 @@ class VideoLlava(nn.Module):
         targets (B, L) already shifted (-100 = ignored). Returns (logits (B, L or 1, V), loss or None)."""
         cfg, lm = self.cfg, self.language_model.model
         B, L = input_ids.shape
-        offset = cache.offset if cache is not None else 0
-        if offset + L > cfg.max_position_embeddings:
-            raise UserError(f"prompt + generation is {offset + L} tokens, longer than the context "
-                            f"({cfg.max_position_embeddings}); shorten the prompt, use fewer frames or --max_new_tokens")
+        offset = cache.offset if cache is not None else 0  # tokens already in the cache
+        T = offset + L  # keys after this call: the cached ones and these L
+        need = cache.k[0].shape[2] if cache is not None else T  # a cache is as long as prompt + answer
+        context = cfg.max_position_embeddings
+        if need > context:  # the RoPE table ends there
+            raise UserError(f"prompt + generation is {need} tokens, longer than the context ({context}); shorten the "
+                            f"prompt, use fewer frames or --max_new_tokens")
         x = lm.embed_tokens(input_ids)  # (B, L, D)
+        # placeholder expansion: the prompt holds one <image> token per image feature and one <video> token per
+        # frame feature (expand_placeholders); their embeddings are overwritten by the projected CLIP features
         if pixel_values_images is not None:
             x = self._place(x, input_ids, cfg.image_token_index, self.image_features(pixel_values_images), "image")
         elif (input_ids == cfg.image_token_index).any():
@@ -997,57 +1003,49 @@ class VideoLlava(nn.Module):
             x = self._place(x, input_ids, cfg.video_token_index, self.video_features(pixel_values_videos), "video")
         elif (input_ids == cfg.video_token_index).any():
             raise UserError("the prompt has <video> placeholders but no video was given")
-        T = offset + L
         if cache is not None and L == 1:  # a one-token step: fixed shapes, as in `step`
             pos, mask = cache.next_step(attention_mask)
-        elif attention_mask is None or bool(attention_mask.all()):
-            pos = torch.arange(offset, T, device=x.device)[None].expand(B, L)
-            mask = "causal" if offset == 0 else torch.ones(L, T, dtype=torch.bool, device=x.device).tril(offset)
-        else:
-            am = attention_mask.bool()
-            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, offset:T]  # (B, L): pads do not count
-            q_idx = torch.arange(offset, T, device=x.device)
-            mask = am[:, None, :] & (torch.arange(T, device=x.device)[None, None, :] <= q_idx[None, :, None])
-            mask = mask | (torch.arange(T, device=x.device)[None, None, :] == q_idx[None, :, None])  # a pad sees itself:
-            mask = mask[:, None]  # (B, 1, L, T); no all-masked row, so no NaN in pad rows
+        elif attention_mask is None or bool(attention_mask.all()):  # no padding: positions offset .. T-1
+            pos = torch.arange(offset, T, device=x.device)[None].expand(B, L)  # (B, L)
+            mask = None if offset == 0 else torch.ones(L, T, dtype=torch.bool, device=x.device).tril(offset)  # (L, T)
+        else:  # left padding: RoPE positions count real tokens only, so a padded row gets the positions (and the
+            # logits) it would get alone; pads are never attended to, except that a pad query sees itself
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, offset:T]  # (B, L)
+            keys, queries = torch.arange(T, device=x.device), torch.arange(offset, T, device=x.device)
+            causal = keys[None, :] <= queries[:, None]  # (L, T)
+            mask = (attention_mask.bool()[:, None, :] & causal) | (keys[None, :] == queries[:, None])  # (B, L, T)
+            mask = mask[:, None]  # (B, 1, L, T): no all-masked row, so no NaN in pad rows
         cos, sin = self._rope_table(pos, x.dtype)
         logits = self.llm_forward(x, cos, sin, mask, cache, last_only)
         if cache is not None:
-            cache.offset = T
+            cache.offset = T  # the next call writes after these L tokens
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)  # (B*L, V)
         return logits, loss
 
     def llm_forward(self, x, cos, sin, mask, cache=None, last_only=False):
         """The LLaMA stack on embeddings x (B, L, D) -> logits (B, L or 1, V)."""
-        lm, cfg, (B, L, _) = self.language_model.model, self.cfg, x.shape
-        if L == 1 and isinstance(mask, torch.Tensor):  # one query: the mask (B, 1, 1, T) once for all layers, as
-            # the bias the attention adds (0 or -inf), grouped as it reads it: (B*K, G, T)
-            K, G, T = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, mask.shape[-1]
-            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, -math.inf)
-            mask = mask.view(-1, 1, 1, T).expand(B, K, G, T).reshape(B * K, G, T)
+        lm = self.language_model.model  # embed_tokens, layers, norm
         for i, layer in enumerate(lm.layers):
             x = layer(x, cos, sin, mask, cache, i)
-        x = lm.norm(x)
+        x = lm.norm(x)  # (B, L, D)
         if last_only:
-            x = x[:, -1:]  # at inference only the last position is projected
-        head = lm.embed_tokens.weight if cfg.tie_word_embeddings else self.language_model.lm_head.weight
-        return linear1(x, head)
+            x = x[:, -1:]  # (B, 1, D): at inference only the last position is projected
+        return self.language_model.lm_head(x)  # (B, L or 1, V); tied, lm_head.weight is the embedding table
 
     def step(self, ids, pos, mask, cache):
         """One new token per row through the KV cache: ids (B, 1) at RoPE positions pos (B, 1), attending where
         mask (B, 1, 1, T_max) is True (cache.next_step gives both) -> logits (B, 1, V). The same shapes every call
-        and no branch on values: torch.compile makes it one graph (generate(compile=True)). Compiled, it reads the
-        fused blocks without checking them: after replacing a weight, call matvec_layout first (generate does)."""
-        x = self.language_model.model.embed_tokens(ids)
+        and no branch on values: torch.compile makes it one graph (generate(compile=True))."""
+        x = self.language_model.model.embed_tokens(ids)  # (B, 1, D)
         cos, sin = self._rope_table(pos, x.dtype)
         return self.llm_forward(x, cos, sin, mask, cache)
 
     # -- checkpoint loading
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu"):
-        return load_pretrained(path, dtype, device)[0]
+        return load_pretrained(path, dtype, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1058,16 +1056,17 @@ def canonical_key(k):
     """Any of the three key layouts of Video-LLaVA checkpoints -> the hub layout, which is this module's own naming.
     hub:    language_model.model.*, language_model.lm_head.*, image_tower.vision_model.*, multi_modal_projector.*
     saved by transformers 5 from a config: the same without `vision_model.` in the towers
-    in memory in transformers 5: model.language_model.*, lm_head.*, model.image_tower.*, model.multi_modal_projector.*"""
+    in memory in transformers 5: model.language_model.*, lm_head.*, model.image_tower.*,
+            model.multi_modal_projector.*"""
     if k.startswith("model.language_model."):
-        k = "language_model.model." + k[len("model.language_model."):]
+        k = "language_model.model." + k[len("model.language_model."):]  # in memory, transformers 5
     elif k.startswith("lm_head."):
-        k = "language_model." + k
+        k = "language_model." + k  # the head sits inside language_model in the hub layout
     elif k.startswith("model."):
         k = k[len("model."):]
     for tower in ("image_tower.", "video_tower."):
         if k.startswith(tower) and not k.startswith(tower + "vision_model."):
-            k = tower + "vision_model." + k[len(tower):]
+            k = tower + "vision_model." + k[len(tower):]  # saved by transformers 5: put the wrapper back
     return k
 
 
@@ -1097,11 +1096,12 @@ def weight_files(path):
                 raise UserError(f"{index}: shard '{f}' is missing from {path}")
         return {k: os.path.join(path, f) for k, f in wm.items() if not LEGACY_KEYS.search(k)}
     if os.path.isfile(single):
-        return {k: single for k in open_weights(single).keys() if not LEGACY_KEYS.search(k)}
+        return {k: single for k in open_weights(single).keys() if not LEGACY_KEYS.search(k)}  # one file
     raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json (not a checkpoint folder)")
 
 
 def read_config(path):
+    """path/config.json as a dict, or a UserError naming what is wrong with the folder."""
     cpath = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such checkpoint folder")
@@ -1116,48 +1116,50 @@ def read_config(path):
     return hf
 
 
-def load_pretrained(path, dtype=None, device="cpu", base=None):
-    """Build on the meta device, check every key and shape first (nothing is read yet), then assign tensors read
-    one at a time with safe_open: peak memory stays near the size of the weights. -> (model, cfg, report)."""
-    hf = read_config(path)
-    cfg = Config(**{**dataclasses.asdict(base or Config()), **config_from_hf(hf, path)})
+def align_keys(path, base=None):
+    """Read config.json, build the model on the meta device (nothing allocated) and match every checkpoint key
+    (through canonical_key) and shape against it, reading only the files' headers -> (model, found {model key:
+    (checkpoint key, file)}, handles {file: safe_open}, problems {"missing" | "unexpected" | "mis-shaped": [keys]})."""
+    cfg = Config(**{**dataclasses.asdict(base or Config()), **config_from_hf(read_config(path), path)})
     files = weight_files(path)
     with torch.device("meta"):
         model = VideoLlava(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied_optional = {"language_model.lm_head.weight"} if cfg.tie_word_embeddings else set()
-    found, unexpected, misshaped, layouts = {}, [], [], set()
+    tied = {"language_model.lm_head.weight"} if cfg.tie_word_embeddings else set()
     handles = {f: open_weights(f) for f in set(files.values())}
+    found, problems = {}, {"missing": [], "unexpected": [], "mis-shaped": []}
     for key, f in files.items():
         ck = canonical_key(key)
-        layouts.add("memory" if key.startswith(("model.", "lm_head.")) else
-                    "hub" if ".vision_model." in key else "transformers-save" if "_tower." in key else "any")
         if ck not in expected:
-            unexpected.append(key)
-            continue
-        if ck in tied_optional:  # tied: the head is the embedding, whatever the file holds (as transformers ties it)
-            continue
-        shape = tuple(handles[f].get_slice(key).get_shape())
-        if shape != expected[ck]:
-            misshaped.append(f"{key} {list(shape)} (model wants {list(expected[ck])})")
-        found[ck] = (key, f)
-    missing = [k for k in expected if k not in found and k not in tied_optional]
-    if missing or unexpected or misshaped:
-        raise UserError(f"{path}: checkpoint does not match the config: missing {missing}, unexpected {unexpected}, "
-                        f"mis-shaped {misshaped}")
+            problems["unexpected"].append(key)
+        elif ck not in tied:  # tied: the head is the embedding, whatever the file holds (as transformers ties it)
+            shape = tuple(handles[f].get_slice(key).get_shape())
+            if shape != expected[ck]:
+                problems["mis-shaped"].append(f"{key} {list(shape)} (model wants {list(expected[ck])})")
+            found[ck] = (key, f)
+    problems["missing"] = [k for k in expected if k not in found and k not in tied]
+    return model, found, handles, problems
+
+
+def load_pretrained(path, dtype=None, device="cpu", base=None):
+    """HF folder or this script's out_dir -> VideoLlava. Every key and shape is checked before anything is read
+    (align_keys); then the tensors are read one at a time with safe_open and assigned to the meta model's
+    parameters, so peak memory stays near the size of the weights."""
+    model, found, handles, problems = align_keys(path, base)
+    if any(problems.values()):
+        raise UserError(f"{path}: checkpoint does not match the config: " + ", ".join(
+            f"{what} {len(keys)} {keys[:20]}{' ...' if len(keys) > 20 else ''}" for what, keys in problems.items()))
     for ck, (key, f) in found.items():
         t = handles[f].get_tensor(key)
-        t = t.to(device=device, dtype=dtype or t.dtype)
-        mod_name, _, name = ck.rpartition(".")
-        model.get_submodule(mod_name)._parameters[name] = nn.Parameter(t, requires_grad=True)
-    if cfg.tie_word_embeddings:
+        mod_name, _, name = ck.rpartition(".")  # a meta parameter replaced by the real tensor (not a copy into it)
+        model.get_submodule(mod_name)._parameters[name] = nn.Parameter(t.to(device=device, dtype=dtype or t.dtype))
+    if model.cfg.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
-    report = {"layouts": sorted(layouts - {"any"}) or ["hub"], "keys": len(files),
-              "files": len(set(files.values())), "renamed": sum(canonical_key(k) != k for k in files)}
-    return model, cfg, report
+    return model
 
 
 def atomic(path, write):
+    """write(tmp) then rename over path: a reader sees the old file or the new one, never half of one."""
     tmp = path + ".tmp"
     write(tmp)
     os.replace(tmp, path)  # a crash never leaves a half-written file
@@ -1168,13 +1170,13 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
     table) + train_state.pt (what --resume needs beyond the weights: optimizer, step, RNG, seconds trained so far):
     from_pretrained loads it like any HF folder. `model` is the raw module, never the DDP wrapper."""
     os.makedirs(cfg.out_dir, exist_ok=True)
-    state, seen = {}, set()
-    for k, v in model.state_dict().items():  # shared towers: the second name gets its own copy (safetensors wants it)
+    state, shared = {}, model.video_tower is model.image_tower
+    for k, v in model.state_dict().items():
         if k == "language_model.lm_head.weight" and cfg.tie_word_embeddings:
             continue  # tied: the head is the embedding, and loading ties it again (as an HF checkpoint omits it)
-        v = v.detach().cpu().contiguous()
-        state[k] = v.clone() if v.data_ptr() in seen else v
-        seen.add(v.data_ptr())
+        v = v.detach().cpu()
+        # a shared tower is listed under both names; safetensors stores no tensor twice, so the second is a copy
+        state[k] = v.clone() if shared and k.startswith("video_tower.") else v
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
     meta = {**hf_config_dict(cfg), "script": SCRIPT, "train_config": dataclasses.asdict(cfg)}
     if isinstance(tok, GPT2Table):
@@ -1191,15 +1193,11 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
 
-def saved_train_config(meta):
-    """config.json's train_config, read for today's code: a saved "bfloat16" was the default before --dtype auto (not
-    a choice) and reads as auto; a --from_pretrained run saved before share_towers was recorded had two towers."""
-    saved = {"share_towers": False, **meta["train_config"]}  # older runs: two towers
-    if saved.get("dtype") == "bfloat16":
-        saved["dtype"] = "auto"
-    if saved.get("from_pretrained"):
-        saved["share_towers"] = False
-    return saved
+def saved_config(meta, **changes):
+    """The Config a run of this script saved in config.json (train_config), with `changes` on top; a field this
+    code does not have is ignored."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in {**meta["train_config"], **changes}.items() if k in fields})
 
 
 def read_resumable(out_dir):
@@ -1231,6 +1229,7 @@ def read_resumable(out_dir):
 
 
 def normalise(text):
+    """Lower case, no surrounding space or final '.', single spaces: what exact match compares."""
     return " ".join(text.lower().strip().rstrip(".").split())
 
 
@@ -1244,6 +1243,7 @@ def exact_match(preds, refs):
 
 
 def pick_device(name):
+    """--device auto -> cuda > mps > cpu; any other name is used as given."""
     if name != "auto":
         return name
     if torch.cuda.is_available():
@@ -1265,6 +1265,7 @@ def autocast_dtype(name, device):
 
 
 def autocast(dtype, device):
+    """The autocast context for --dtype (disabled for float32, so the float32 path is plain)."""
     dtype = autocast_dtype(dtype, device)
     if dtype == "float32":
         return torch.autocast(device.split(":")[0], enabled=False)
@@ -1314,8 +1315,13 @@ class Examples:
                     pixel_values_videos=torch.stack(vids) if vids else None)
 
 
+def to_device(batch, device):
+    """Examples.batch's dict with every tensor on device (absent inputs stay None)."""
+    return {k: None if v is None else v.to(device) for k, v in batch.items()}
+
+
 def apply_freeze(model, freeze):
-    """Freeze for real: requires_grad off once, eval mode kept by `train_mode`, run without building a graph."""
+    """Freeze for real: requires_grad off once (no gradients, no graph through them), kept in eval mode by train()."""
     parts = {p for p in freeze.split(",") if p}
     bad = parts - {"vision", "llm"}
     if bad:
@@ -1327,29 +1333,21 @@ def apply_freeze(model, freeze):
     return frozen
 
 
-def batch_indices(step, pools, size, seed):
+def batch_indices(step, n, size, seed):
     """Rows of the global batch of a step: a function of (step, seed) alone, shared by every rank, so that a resumed
-    run and any split into micro-batches and ranks see the same rows. Each pool (all questions, or image and video
-    questions with --balance_media) gives its share of `size` from a fresh permutation per epoch of that pool (a pool
-    smaller than its share is repeated to fill it); the pools' rows are interleaved so every shard gets its share."""
-    per = [size // len(pools) + (j < size % len(pools)) for j in range(len(pools))]
-    parts = []
-    for j, (pool, m) in enumerate(zip(pools, per)):
-        if m == 0:
-            continue
-        reps = -(-m // len(pool))
-        epoch, k = divmod(step, max(1, len(pool) * reps // m))
-        perm = torch.randperm(len(pool) * reps, generator=torch.Generator().manual_seed(seed + 7919 * j + epoch))
-        parts.append(pool[perm[k * m:(k + 1) * m] % len(pool)].tolist())
-    return [i for row in zip_longest(*parts) for i in row if i is not None]
+    run and any split into micro-batches and ranks see the same rows. A fresh permutation of the n questions per
+    epoch (repeated when n < size, so every batch is full)."""
+    reps = -(-size // n)
+    epoch, k = divmod(step, max(1, n * reps // size))
+    perm = torch.randperm(n * reps, generator=torch.Generator().manual_seed(seed + epoch))
+    return (perm[k * size:(k + 1) * size] % n).tolist()
 
 
 def resume_config(cfg, overrides):
     """--resume: the config saved in out_dir (it holds the vocabulary size and placeholder ids of the saved token
     table), with the flags typed on this command line on top. A typed architecture flag must agree with the
     checkpoint; --stop_after only applies to the command that types it."""
-    saved = saved_train_config(read_resumable(cfg.out_dir))
-    base = Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
+    base = saved_config(read_resumable(cfg.out_dir))
     arch = config_from_hf(hf_config_dict(base), cfg.out_dir)
     clash = [f"--{k} {overrides[k]} (checkpoint: {v})" for k, v in arch.items() if overrides.get(k, v) != v]
     if overrides.get("share_towers", base.share_towers) != base.share_towers:  # one tower's weights vs two
@@ -1361,9 +1359,40 @@ def resume_config(cfg, overrides):
     return dataclasses.replace(base, **{"stop_after": 0, **overrides})
 
 
-def train(cfg, resume=False):
-    """Train (from scratch, from --from_pretrained, or from out_dir with resume=True), evaluate, save. Under torchrun
-    every process runs this: each computes its shard of every global batch; rank 0 alone prints, evaluates, saves."""
+def build_model(cfg, entries, resume, say):
+    """-> (model, cfg, tokenizer, data) for train(): the weights, token table and architecture from out_dir
+    (--resume) or from --from_pretrained, else a new model over a compact GPT-2 table of the training text, with its
+    data-dependent init. cfg comes back with the architecture the model has."""
+    path = cfg.out_dir if resume else cfg.from_pretrained
+    if path:
+        if cfg.from_pretrained and cfg.share_towers:  # a checkpoint's towers differ (an HF one's always)
+            say("--from_pretrained: the checkpoint's two CLIP towers are kept (--share_towers is for training "
+                "from scratch)")
+            cfg = dataclasses.replace(cfg, share_towers=False)  # what config.json records, and --resume keeps
+        model, tok = load_pretrained(path, torch.float32, "cpu", base=cfg), load_tokenizer(path)
+        cfg = dataclasses.replace(cfg, **{f: getattr(model.cfg, f) for f in config_from_hf(hf_config_dict(cfg), "")})
+    else:
+        texts = [prompt_text(e["question"], e["kind"]) + " " + e["answer"] for s in ("train", "val")
+                 for e in entries[s]]  # the table covers every token of the training and validation text
+        tok = GPT2Table.from_texts(texts)
+        cfg = dataclasses.replace(cfg, vocab_size=len(tok), image_token_index=tok.added["<image>"],
+                                  video_token_index=tok.added["<video>"])
+        model = VideoLlava(cfg)
+        model._init_weights()
+    if cfg.share_towers and not cfg.from_pretrained:  # on --resume too: the two saved copies are equal, one is kept
+        model.share_towers()
+    data = {s: Examples(e, cfg, tok) for s, e in entries.items()}
+    if not path and cfg.data_init > 0:  # the same fixed media on every rank
+        g, tr = torch.Generator().manual_seed(cfg.seed), data["train"]
+        media = {k: [m for m, e in zip(tr.media, tr.entries) if e["kind"] == k] for k in ("image", "video")}
+        pick = {k: torch.stack([v[j] for j in torch.randperm(len(v), generator=g)[:cfg.data_init].tolist()])
+                if v else None for k, v in media.items()}
+        model.init_from_data(pick["image"], pick["video"])
+    return model, cfg, tok, data
+
+
+def ddp_setup(cfg):
+    """-> (ddp, rank, world, device): one process, or one of torchrun's (nccl on CUDA, gloo on CPU)."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = 0, 1
     if ddp:
@@ -1373,115 +1402,82 @@ def train(cfg, resume=False):
     if device == "cuda" and ddp:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    master = rank == 0
+    return ddp, rank, world, device
+
+
+def batch_loss(model, tr, idx, cfg, rank, world, ddp, device):
+    """Forward and backward of this rank's rows of the global batch idx -> the global batch's mean loss. The loss is
+    a mean over the answer tokens of the whole global batch, however it is split: each pass scales its own mean by
+    its share of those tokens (x world: DDP averages the ranks' gradients)."""
+    n_tok, total, passes = sum(len(tr.answers[i]) for i in idx), 0.0, []
+    # each micro-batch runs as two passes, its image rows and its video rows, each padded to its own longest row
+    # (mixed, every short image row would be padded to the video rows' length): the same loss, less LLM work
+    for micro in range(cfg.grad_accum):
+        rows = idx[(micro * world + rank) * cfg.batch_size:(micro * world + rank + 1) * cfg.batch_size]
+        for kind in ("image", "video"):
+            part = [i for i in rows if tr.entries[i]["kind"] == kind]
+            if part:
+                passes.append(part)
+    for j, part in enumerate(passes):
+        b = tr.batch(part)
+        share = (b["targets"] != -100).sum().item() * world / n_tok
+        sync = not ddp or j == len(passes) - 1  # DDP all-reduces only after the last pass
+        with model.no_sync() if not sync else contextlib.nullcontext(), autocast(cfg.dtype, device):
+            _, loss = model(**to_device(b, device))
+            loss = loss * share
+        loss.backward()
+        total += loss.item() / world
+    if ddp:  # the logged loss is the global batch's, and every rank sees the same NaN and stops together
+        t = torch.tensor([total], device=device)
+        dist.all_reduce(t)
+        total = t.item()
+    return total
+
+
+def train(cfg, resume=False):
+    """Train (from scratch, from --from_pretrained, or from out_dir with resume=True), evaluate, save. Under torchrun
+    every process runs this: each computes its shard of every global batch; rank 0 alone prints, evaluates, saves."""
+    ddp, rank, world, device = ddp_setup(cfg)
+    master, t0 = rank == 0, time.time()
     say = print if master else (lambda *a, **k: None)
-    t0 = time.time()
     torch.manual_seed(cfg.seed)
     entries = load_entries(cfg, master)
-    if resume:  # the weights, the token table and the architecture all come from out_dir, never rebuilt
-        read_resumable(cfg.out_dir)
-        model, loaded, _ = load_pretrained(cfg.out_dir, torch.float32, "cpu", base=cfg)
-        tok = load_tokenizer(cfg.out_dir)
-        cfg = dataclasses.replace(cfg, **{f: getattr(loaded, f) for f in config_from_hf(hf_config_dict(loaded), "")})
-    elif cfg.from_pretrained:
-        if cfg.share_towers:  # a checkpoint's towers differ (an HF one's always): both are kept and trained
-            say("--from_pretrained: the checkpoint's two CLIP towers are kept (--share_towers is for training "
-                "from scratch)")
-            cfg = dataclasses.replace(cfg, share_towers=False)  # what config.json records, and --resume keeps
-        model, loaded, _ = load_pretrained(cfg.from_pretrained, torch.float32, "cpu", base=cfg)
-        tok = load_tokenizer(cfg.from_pretrained)  # an HF checkpoint keeps its own tokenizer and vocabulary
-        cfg = dataclasses.replace(cfg, **{f: getattr(loaded, f) for f in config_from_hf(hf_config_dict(loaded), "")})
-    else:
-        texts = [prompt_text(e["question"], e["kind"]) + " " + e["answer"] for s in ("train", "val") for e in entries[s]]
-        tok = GPT2Table.from_texts(texts)
-        cfg = dataclasses.replace(cfg, vocab_size=len(tok), image_token_index=tok.added["<image>"],
-                                  video_token_index=tok.added["<video>"])
-        model = VideoLlava(cfg)
-        model._init_weights()
-    if cfg.share_towers and not cfg.from_pretrained:  # on --resume too: the two saved copies are equal, one is kept
-        model.share_towers()
-    data = {s: Examples(e, cfg, tok) for s, e in entries.items()}
-    if not resume and not cfg.from_pretrained and cfg.data_init > 0:  # the same fixed media on every rank
-        g, tr0 = torch.Generator().manual_seed(cfg.seed), data["train"]
-        media = {k: [m for m, e in zip(tr0.media, tr0.entries) if e["kind"] == k] for k in ("image", "video")}
-        pick = {k: torch.stack([v[j] for j in torch.randperm(len(v), generator=g)[:cfg.data_init].tolist()])
-                if v else None for k, v in media.items()}
-        model.init_from_data(pick["image"], pick["video"])
+    model, cfg, tok, data = build_model(cfg, entries, resume, say)
     say("data: " + ", ".join(f"{s} {len(e)} questions" for s, e in entries.items()) + f" ({time.time() - t0:.1f}s)")
     frozen = apply_freeze(model, cfg.freeze)
     model.to(device)
-    n_all = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_all, n_train = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in params)
     say(f"parameters: {n_all / 1e6:.2f}M total, {n_train / 1e6:.2f}M trainable, {(n_all - n_train) / 1e6:.2f}M "
         f"frozen; vocab {cfg.vocab_size} ({'compact GPT-2 table' if isinstance(tok, GPT2Table) else 'checkpoint'}); "
         f"{device}, autocast {autocast_dtype(cfg.dtype, device)}"
         + ("; one CLIP tower for images and frames" if model.video_tower is model.image_tower else ""))
-    params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError(f"--freeze {cfg.freeze}: nothing left to train")
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
-    step, seconds0 = 0, 0.0
+    step, seconds0, raw = 0, 0.0, model
     if resume:  # AdamW moments, the step (data order and lr are functions of it) and the RNG, as they were saved
         ts = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
-        try:
-            opt.load_state_dict(ts["optimizer"])
-        except ValueError as e:  # e.g. a run saved by older code with other parameters (an untied copy of the head)
-            raise UserError(f"{cfg.out_dir}: train_state.pt does not fit this model's parameters ({e}); start a new "
-                            f"run from these weights with --from_pretrained {cfg.out_dir}")
+        opt.load_state_dict(ts["optimizer"])
         step, seconds0 = ts["step"], ts.get("seconds", 0.0)
         torch.set_rng_state(ts["rng"])
         say(f"resumed from step {step} of {cfg.out_dir}")
-    raw = model
-    if ddp:  # unused parameters are normal here: with two towers (--no-share_towers, --from_pretrained) a shard with no
-        # image leaves the image tower out of the graph, and layers past vision_feature_layer / post_layernorm never
-        # run (globally unused ones keep grad None, as alone)
+    if ddp:  # unused parameters are normal here: with two towers a shard with no image leaves the image tower out
+        # of the graph, and layers past vision_feature_layer / post_layernorm never run
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
                                                     find_unused_parameters=True)
-    tr = data["train"]
-    # --balance_media: half of every batch is image questions, half video questions (images carry 3 questions
-    # each and fill 3/4 of uniform batches); measured, it did not help the temporal questions (README)
-    if cfg.balance_media:
-        pools = [torch.tensor([i for i, e in enumerate(tr.entries) if e["kind"] == k]) for k in ("image", "video")]
-        pools = [p for p in pools if len(p)]
-    else:
-        pools = [torch.arange(len(tr.entries))]
-    gsize = cfg.batch_size * cfg.grad_accum * world
+    tr, gsize = data["train"], cfg.batch_size * cfg.grad_accum * world
     t_log, log_step = time.time(), step
     while step < cfg.max_steps:
-        idx = batch_indices(step, pools, gsize, cfg.seed)
-        # the loss is a mean over the answer tokens of the whole global batch, however it is split: each micro-batch
-        # scales its own mean by its share of those tokens (x world: DDP averages the ranks' gradients)
-        n_tok = sum(len(tr.answers[i]) for i in idx)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         model.train()
-        for m in frozen:
+        for m in frozen:  # frozen towers stay in eval mode
             m.eval()
-        total = 0.0
-        # each micro-batch runs as two passes, its image rows and its video rows, each padded to its own longest row:
-        # mixed, every image row (~35 tokens) would be padded to the video rows' ~90. Same loss, ~40% less LLM work.
-        passes = []
-        for micro in range(cfg.grad_accum):
-            rows = idx[(micro * world + rank) * cfg.batch_size:(micro * world + rank + 1) * cfg.batch_size]
-            for kind in ("image", "video"):
-                part = [i for i in rows if tr.entries[i]["kind"] == kind]
-                if part:
-                    passes.append(part)
-        for j, part in enumerate(passes):
-            b = tr.batch(part)
-            share = (b["targets"] != -100).sum().item() * world / n_tok
-            sync = not ddp or j == len(passes) - 1  # DDP all-reduces only after the last pass
-            with model.no_sync() if not sync else contextlib.nullcontext(), autocast(cfg.dtype, device):
-                _, loss = model(**{k: (v.to(device) if v is not None else None) for k, v in b.items()})
-                loss = loss * share
-            loss.backward()
-            total += loss.item() / world
-        if ddp:  # the logged loss is the global batch's, and every rank sees the same NaN and stops together
-            t = torch.tensor([total], device=device)
-            dist.all_reduce(t)
-            total = t.item()
+        total = batch_loss(model, tr, batch_indices(step, len(tr.entries), gsize, cfg.seed), cfg, rank, world, ddp,
+                           device)
         if not math.isfinite(total):
             raise UserError(f"loss became {total} at step {step}; stopped, the last checkpoint in "
                             f"{cfg.out_dir} is kept (try a lower --lr)")
@@ -1489,22 +1485,19 @@ def train(cfg, resume=False):
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        seconds = seconds0 + time.time() - t0
-        saved, val = False, None  # val: logged only on the steps where it is measured
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            if master:
-                val = eval_loss(raw, data["val"], cfg, device)
-                save_checkpoint(raw, cfg, tok, opt, step, seconds)
-            saved = True
+        seconds, val = seconds0 + time.time() - t0, None  # val: logged only on the steps where it is measured
+        saved = step % cfg.eval_interval == 0 or step == cfg.max_steps
+        if master and saved:
+            val = eval_loss(raw, data["val"], cfg, device)
+            save_checkpoint(raw, cfg, tok, opt, step, seconds)
         if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
             dt = (time.time() - t_log) / (step - log_step)
             eta = dt * (cfg.max_steps - step)
-            shown = "-" if val is None else f"{val:.3f}"
-            say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {shown} | "
+            say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {'-' if val is None else f'{val:.3f}'} | "
                 f"lr {lr_at(step - 1, cfg):.1e} | {dt * 1000:.0f} ms | {gsize / dt:.0f} samples/s | "
                 f"eta {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
             t_log, log_step = time.time(), step
-        if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
+        if cfg.stop_after and cfg.stop_after <= step < cfg.max_steps:
             if master and not saved:
                 save_checkpoint(raw, cfg, tok, opt, step, seconds)
             say(f"stopped after step {step} as asked; continue with --train --resume --out_dir {cfg.out_dir}")
@@ -1524,12 +1517,13 @@ def train(cfg, resume=False):
 
 @torch.no_grad()
 def eval_loss(model, ex, cfg, device):
+    """Mean loss over ex (the val split), in batches of 64: the `val` column of the log."""
     model.eval()
     losses = []
     for s in range(0, len(ex.entries), 64):
         b = ex.batch(list(range(s, min(len(ex.entries), s + 64))))
         with autocast(cfg.dtype, device):
-            losses.append(model(**{k: (v.to(device) if v is not None else None) for k, v in b.items()})[1].item())
+            losses.append(model(**to_device(b, device))[1].item())
     return sum(losses) / len(losses)
 
 
@@ -1553,85 +1547,31 @@ def sample_next(logits, temperature, top_k, top_p, generator):
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def matvec_layout(model, rows=False):
-    """Lay out a float32 CPU model's LLaMA weights for one-token decoding, where every product is a matrix-vector
-    product: the same parameters (objects, names, shapes and values), only their storage changes.
-    - rows=False, for the eager step (and MKL in the compiled one at batch > 1): every matrix (in, out)-major
-      (`W.t().contiguous().t()`). MKL reads a row-major (out, in) float32 weight at about 13 GB/s here against 18-27
-      GB/s (in, out)-major (measured; the 32k-row lm_head gains most), and the eager `linear1` cuts that storage into
-      row blocks, which are views.
-    - rows=True, for the compiled step at batch 1 (`linear1`): every matrix row-major (out, in), as loaded.
-    Each decoder layer's matrices go into one buffer, in the order decoding reads them, with q/k/v stacked and
-    gate/up stacked: a one-token step then reads q/k/v with one product and gate/up with one (`fused`, (out, in)
-    whatever the layout; about 10% faster at 134M, README). The parameters become views of that buffer; a layer any
-    of whose fused weights is replaced later (another device, dtype or tensor) falls back to the separate products
-    (`laid_out`), and is laid out anew (or its blocks dropped) by the next call, as is one in the other layout.
-    Only float32 on a CPU: bfloat16 gained nothing with MKL and lost with the generated loops; GPUs are left alone.
-    Idempotent; checkpoints save contiguous."""
-    for layer in model.language_model.model.layers:
-        a, f = layer.self_attn, layer.mlp
-        if getattr(a, "fused", None) is not None:
-            if (a.fused.is_contiguous() == rows and laid_out(a.fused, (a.q_proj, a.k_proj, a.v_proj))
-                    and laid_out(f.fused, (f.gate_proj, f.up_proj))
-                    and all(m.weight.is_contiguous() == rows for m in (a.o_proj, f.down_proj))):
-                continue  # laid out already
-            a.fused = f.fused = None  # stale blocks: a compiled step (which skips the check) must not read them
-        w = a.q_proj.weight
-        if w.device.type != "cpu" or w.dtype != torch.float32:
-            continue
-        groups = ([a.q_proj, a.k_proj, a.v_proj], [a.o_proj], [f.gate_proj, f.up_proj], [f.down_proj])
-        buf, off, blocks = torch.empty(sum(m.weight.numel() for g in groups for m in g)), 0, []
-        for group in groups:
-            d_in, n_out = group[0].in_features, sum(m.out_features for m in group)
-            block = buf[off:off + d_in * n_out]
-            block = block.view(n_out, d_in) if rows else block.view(d_in, n_out).t()  # (out, in) either way
-            off, c = off + d_in * n_out, 0
-            for m in group:
-                block[c:c + m.out_features] = m.weight.data
-                m.weight.data = block[c:c + m.out_features]
-                c += m.out_features
-            blocks.append(block)
-        a.fused, f.fused = blocks[0], blocks[2]
-    head = model.language_model.lm_head.weight
-    if head.device.type == "cpu" and head.dtype == torch.float32 and head.is_contiguous() != rows:
-        head.data = head.data.contiguous() if rows else head.data.t().contiguous().t()
-
-
 @torch.no_grad()
 def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pixel_values_videos=None,
              max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0,
              generator=None, use_cache=True, on_token=None, compile=False):
     """Batched, left-padded generation -> (B, n) new ids (rows that stopped are filled with pad_token_id).
-    The media are encoded once at prefill; each later step feeds one token through the KV cache (`model.step`).
-    compile=True runs that step through torch.compile: one graph whose small operations are fused into a few
-    generated loops, so the matrix products are nearly all that is left; at batch 1 the products become generated
-    loops too, which the threads split (`linear1`). README: a compile of 17-44 s on a 2-core CPU, once per process,
-    model, batch size and cache length (rounded up to 64; past torch's 8 graphs a call falls back to the eager step
-    with a warning); then faster per token; needs the cache. Side effect: a float32 CPU model's LLaMA weights are
-    re-laid first, a copy of them when the layout changes (`matvec_layout`: same values and shapes; (in, out)-major
-    for the eager step, so a raw state_dict then holds non-contiguous tensors; training and save_checkpoint work on
-    as before). Decoding runs under torch.inference_mode; the ids returned are an ordinary tensor."""
+    The media are encoded once at prefill; each later step feeds one token through the static KV cache
+    (`model.step`). compile=True runs that step through torch.compile (the gpt-fast recipe: static shapes, one
+    graph, its small operations fused into a few generated loops): a compile of tens of seconds on a CPU, once per
+    process, model, batch size and cache length, then faster per token; it needs the cache. Decoding runs under
+    torch.inference_mode (no autograd bookkeeping); the ids returned are an ordinary tensor."""
     model.eval()
     if compile and not use_cache:
         raise ValueError("compile=True compiles the one-token step through the KV cache: it needs use_cache=True")
     B, L = input_ids.shape
-    with torch.inference_mode(False):  # ordinary parameters, even inside a caller's inference mode
-        matvec_layout(model, rows=compile and B == 1)
-    # static shapes: a shape-generic graph (what torch.compile makes once a second shape comes) decoded at 22-32
-    # tok/s at 134M against 41-49 (README), so each batch size and cache length compiles its own; cache lengths
-    # are rounded up to a multiple of 64 to keep those few
+    # static shapes: dynamic=False compiles one graph per batch size and cache length, each specialised to its
+    # sizes; compiled, the cache length is rounded up to a multiple of 64 (within the context) to keep those few
     step = torch.compile(model.step, fullgraph=True, dynamic=False) if compile else model.step
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     dtype = model.language_model.model.embed_tokens.weight.dtype
     dev_type = input_ids.device.type
     if torch.is_autocast_enabled(dev_type):  # keys/values come out of autocast matmuls in its dtype
         dtype = torch.get_autocast_dtype(dev_type)
-    if L + max_new_tokens > model.cfg.max_position_embeddings:
-        raise UserError(f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
-                        f"({model.cfg.max_position_embeddings}); shorten the prompt or lower --max_new_tokens")
-    T_max = -(-(L + max_new_tokens) // 64) * 64 if compile else L + max_new_tokens
-    with torch.inference_mode():  # no autograd bookkeeping on the step's many small tensors: 5-7% a token here
-        # (README); only after matvec_layout, whose parameters must stay ordinary tensors
+    n, context = L + max_new_tokens, model.cfg.max_position_embeddings
+    T_max = max(n, min(-(-n // 64) * 64, context)) if compile else n  # longer than the context: forward refuses
+    with torch.inference_mode():
         cache = KVCache(model.cfg, B, T_max, dtype, input_ids.device) if use_cache else None
         logits, _ = model(input_ids, mask, pixel_values_images, pixel_values_videos, cache=cache, last_only=True)
         seq, out = input_ids, []
@@ -1659,19 +1599,17 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
                     step = model.step
                     logits = step(nxt[:, None], pos, step_mask, cache)
             else:  # the naive path: the whole sequence again, media re-encoded (tests compare it with the cache path)
-                seq = torch.cat([seq, nxt[:, None]], 1)
+                seq = torch.cat([seq, nxt[:, None]], 1)  # (B, L + steps)
                 logits, _ = model(seq, mask, pixel_values_images, pixel_values_videos, last_only=True)
         new = torch.stack(out, 1)
-    return new.clone()  # an ordinary tensor again (an inference tensor cannot be changed in place, or saved for
-    # backward)
+    return new.clone()  # an ordinary tensor (an inference tensor cannot be changed in place or saved for backward)
 
 
 def answer_batch(model, tok, ex, idx, cfg, device):
-    b = ex.batch(idx, with_answer=False, left_pad=True)
+    """Greedy answers (text) to the questions idx of ex, one left-padded batch."""
+    b = to_device(ex.batch(idx, with_answer=False, left_pad=True), device)
     with autocast(cfg.dtype, device):
-        out = generate(model, b["input_ids"].to(device), b["attention_mask"].to(device),
-                       None if b["pixel_values_images"] is None else b["pixel_values_images"].to(device),
-                       None if b["pixel_values_videos"] is None else b["pixel_values_videos"].to(device),
+        out = generate(model, b["input_ids"], b["attention_mask"], b["pixel_values_images"], b["pixel_values_videos"],
                        max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     return [tok.decode([t for t in row.tolist() if t != tok.eos_id]).strip() for row in out]
 
@@ -1707,7 +1645,8 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
         for kind, r in result[split].items():
             print(f"{split:8s} {kind:7s} {r['n']:5d} {r['exact_match']:7.3f}   " +
                   ", ".join(f"{q}: {v:.2f}" for q, v in r["by_question"].items()))
-    for s in result["test"].get("video", {}).get("samples", [])[:3] + result["test"].get("image", {}).get("samples", [])[:3]:
+    test = result["test"]
+    for s in test.get("video", {}).get("samples", [])[:3] + test.get("image", {}).get("samples", [])[:3]:
         print(f"  Q: {s['question']}  ->  {s['prediction']!r}  (ref {s['reference']!r})")
     os.makedirs(cfg.out_dir, exist_ok=True)
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
@@ -1719,50 +1658,37 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
 
 
 def inspect(path, n_frames, n_tokens):
-    """Parameter counts per tower, bytes by dtype, key alignment, estimated memory for n_frames and n_tokens."""
-    hf = read_config(path)
-    cfg = Config(**{**dataclasses.asdict(Config()), **config_from_hf(hf, path)})
-    files = weight_files(path)
-    with torch.device("meta"):
-        model = VideoLlava(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    towers, by_dtype, n_bytes = {}, {}, 0
-    missing, unexpected, renamed, layouts = set(expected), [], 0, set()
-    for key, f in files.items():
-        with open_weights(f) as h:
+    """Parameter counts per tower, bytes by dtype, key alignment (align_keys, as loading checks it) and the memory
+    estimated for one video of n_frames plus n_tokens of text; CUDA memory on a GPU."""
+    model, found, handles, problems = align_keys(path)
+    cfg, towers, by_dtype, renamed, layouts = model.cfg, {}, {}, 0, set()
+    for h in handles.values():
+        for key in h.keys():
+            if LEGACY_KEYS.search(key):
+                continue
             sl = h.get_slice(key)
-            shape, dt = sl.get_shape(), sl.get_dtype()
-        numel = math.prod(shape)
-        size = numel * {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8}.get(dt, 4)
-        by_dtype[dt] = by_dtype.get(dt, 0) + size
-        n_bytes += size
-        ck = canonical_key(key)
-        renamed += ck != key
-        layouts.add("in-memory (transformers 5)" if key.startswith(("model.", "lm_head.")) else
-                    "hub" if ".vision_model." in key else "transformers-5 save" if "_tower." in key else None)
-        tower = ck.split(".")[0]
-        towers[tower] = towers.get(tower, 0) + numel
-        if ck in expected:
-            missing.discard(ck)
-        else:
-            unexpected.append(key)
-    if cfg.tie_word_embeddings:
-        missing.discard("language_model.lm_head.weight")
-    print(f"checkpoint {path}: {len(files)} tensors in {len(set(files.values()))} file(s), "
-          f"layout {sorted(l for l in layouts if l)}, {renamed} keys renamed to the hub layout")
+            numel, dt = math.prod(sl.get_shape()), sl.get_dtype()
+            by_dtype[dt] = by_dtype.get(dt, 0) + numel * {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8}.get(dt, 4)
+            tower = canonical_key(key).split(".")[0]
+            towers[tower], renamed = towers.get(tower, 0) + numel, renamed + (canonical_key(key) != key)
+            layouts.add("in-memory (transformers 5)" if key.startswith(("model.", "lm_head.")) else "hub"
+                        if ".vision_model." in key else "transformers-5 save" if "_tower." in key else None)
+    n_bytes, n_keys = sum(by_dtype.values()), sum(len(h.keys()) for h in handles.values())
+    print(f"checkpoint {path}: {n_keys} tensors in {len(handles)} file(s), layout {sorted(layouts - {None})}, "
+          f"{renamed} keys renamed to the hub layout")
     for t, n in towers.items():
         print(f"  {t:24s} {n / 1e6:12.2f}M parameters")
     print(f"  {'total':24s} {sum(towers.values()) / 1e6:12.2f}M parameters, {n_bytes / 2**30:.2f} GiB")
     for dt, b in by_dtype.items():
         print(f"  bytes {dt:6s} {b / 2**30:.3f} GiB")
-    print(f"key alignment: {len(expected) - len(missing)}/{len(expected)} model tensors found, missing "
-          f"{sorted(missing) or 'none'}, unexpected {unexpected or 'none'}")
+    print(f"key alignment: {len(found)} model tensors found, " +
+          ", ".join(f"{what} {keys or 'none'}" for what, keys in problems.items()))
     p = (cfg.image_size // cfg.patch_size) ** 2
-    seq = (p + 1) * n_frames + n_tokens
+    seq = (p + 1) * n_frames + n_tokens  # positions of the prompt: P+1 per frame (CLS kept for video) + text
     e = cfg.hidden_size // cfg.num_attention_heads
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * e * seq * 2  # bfloat16 cache
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * e * seq * 2  # keys and values, bfloat16
     vis = n_frames * (p + 1) * (cfg.v_hidden_size * 4 + cfg.v_intermediate_size) * 2 + \
-        n_frames * cfg.v_num_attention_heads * (p + 1) ** 2 * 4
+        n_frames * cfg.v_num_attention_heads * (p + 1) ** 2 * 4  # one CLIP layer's activations + attention scores
     act = seq * (cfg.hidden_size * 4 + cfg.intermediate_size * 3) * 2
     print(f"estimate for one video of {n_frames} frames + {n_tokens} text tokens = {seq} positions, bfloat16: "
           f"weights {n_bytes / 2**30:.2f} GiB (as stored), KV cache {kv / 2**20:.1f} MiB, vision activations "
@@ -1771,209 +1697,55 @@ def inspect(path, n_frames, n_tokens):
         free, total = torch.cuda.mem_get_info()
         print(f"CUDA: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB; allocated by this process "
               f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB")
-    return {"parameters": sum(towers.values()), "bytes": n_bytes, "missing": sorted(missing), "unexpected": unexpected}
 
 
-def matvec_bandwidth(W, x, reps=10):
-    """Bytes of W read per second by `reps` products W @ x: with W far bigger than the caches, memory bandwidth as
-    one-token decoding sees it (as MKL reads it, which is on one core here: all_cores_bandwidth)."""
-    t = time.perf_counter()
-    for _ in range(reps):
-        W @ x
-    return reps * W.numel() * W.element_size() / (time.perf_counter() - t)
-
-
-def all_cores_bandwidth(seconds=4.0):
-    """Memory bandwidth with every core streaming: one single-threaded 268 MB matrix-vector process per thread,
-    started together once all are ready and timed over the same seconds; the sum of their medians, or None if one
-    failed. (MKL's matrix-vector product runs on one core here, so matvec_bandwidth sees about one core's share.)"""
-    import subprocess
-    n = torch.get_num_threads()
-    code = ("import sys, time, statistics, torch\n"
-            "torch.set_num_threads(1)\n"
-            "W, x, res = torch.randn(8192, 8192), torch.randn(1, 8192), []\n"
-            "x @ W\n"
-            "print('ready', flush=True)\n"
-            "start = float(sys.stdin.readline())\n"
-            "while time.time() < start: time.sleep(0.001)\n"
-            "while time.time() < start + float(sys.argv[1]) or not res:\n"
-            "    t = time.perf_counter(); x @ W\n"
-            "    res.append(W.numel() * 4 / (time.perf_counter() - t))\n"
-            "print(statistics.median(res))\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(seconds)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(n)]
-    try:
-        if all(p.stdout.readline().strip() == "ready" for p in procs):
-            start = f"{time.time() + 0.5}\n"
-            outs = [p.communicate(start, timeout=seconds + 60)[0] for p in procs]
-            if all(p.returncode == 0 for p in procs):
-                return sum(float(o) for o in outs), n
-    except (subprocess.TimeoutExpired, ValueError):
-        pass
-    for p in procs:
-        p.kill()
-        p.communicate()
-    return None, n
-
-
-def bench(cfg, sizes=None, rounds=5):
-    """Decode tokens/s at batch 1, greedy, float32, against transformers' generate on the same weights (the tokens
-    are compared), with the eager step and the compiled one (generate(compile=True)), and the bandwidth floor: weight
-    bytes / measured matrix-vector bandwidth. The bandwidth of a shared host drifts by tens of percent within
-    minutes, so each round measures it right before our two decoders and takes the shares of the floor within the
-    round; the medians over the rounds are printed. A second floor uses the bandwidth of all cores streaming at
-    once (measured once, at the start)."""
+def bench(cfg, sizes=None, rounds=3):
+    """Decode tokens/s at batch 1, greedy, float32, 16-token prompt: the eager step, the compiled step and (when
+    installed) transformers on the same weights; whether their tokens agree; each as a share of a floor, the time to
+    read every LLaMA weight once at the bandwidth of a large copy (bytes read + written, as STREAM counts them)."""
     try:
         import transformers
+        transformers.logging.disable_progress_bar()
     except ImportError:
-        raise UserError("--bench compares with transformers: pip install -r requirements-dev.txt")
+        transformers = None
     import tempfile
-    torch.manual_seed(0)
-    W, x = torch.randn(8192, 8192), torch.randn(8192)  # 268 MB: far bigger than any cache
-    for _ in range(3):
-        W @ x
-    bw = max(matvec_bandwidth(W, x) for _ in range(5))
-    bw_all, n_proc = all_cores_bandwidth()
-    print(f"threads {torch.get_num_threads()}; matrix-vector bandwidth {bw / 1e9:.1f} GB/s (float32, MKL, best of "
-          f"five at the start; each round below measures its own); all cores streaming at once ({n_proc} "
-          f"single-threaded processes): " + (f"{bw_all / 1e9:.1f} GB/s" if bw_all else "n/a (a process failed)"))
-    sizes = sizes or {
-        "~20M": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=4),
-        "~130M": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                      num_key_value_heads=12)}
-    tc = dict(vocab_size=32064, max_position_embeddings=1024)
-    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
-              patch_size=14)
-    for name, s in sizes.items():
-        hcfg = transformers.VideoLlavaConfig(text_config={"model_type": "llama", **tc, **s}, vision_config=vc)
-        ref = transformers.VideoLlavaForConditionalGeneration(hcfg).eval()
-        with tempfile.TemporaryDirectory() as d:
-            ref.save_pretrained(d)
-            ours = VideoLlava.from_pretrained(d, torch.float32).eval()  # the eager step: (in, out)-major weights
-            ours_c = VideoLlava.from_pretrained(d, torch.float32).eval()  # the compiled step: laid out in rows
+    src, dst = torch.randn(2**26), torch.zeros(2**26)  # 256 MiB each, far bigger than any cache, pages touched
+    llama = lambda d, i, n, h: dict(hidden_size=d, intermediate_size=i, num_hidden_layers=n, num_attention_heads=h,
+                                    num_key_value_heads=h)
+    for name, size in (sizes or {"~20M": llama(256, 688, 4, 4), "~130M": llama(768, 2048, 12, 12)}).items():
+        torch.manual_seed(0)
+        mcfg = Config(vocab_size=32064, max_position_embeddings=1024, image_token_index=32000, video_token_index=32001,
+                      v_hidden_size=32, v_intermediate_size=64, v_num_hidden_layers=2, image_size=28, patch_size=14,
+                      v_num_attention_heads=2, **size)
+        ours, ids, new = VideoLlava(mcfg).eval(), torch.randint(3, 32000, (1, 16)), cfg.max_new_tokens
+        ours._init_weights()
+        run = {"eager": lambda: generate(ours, ids, max_new_tokens=new)[0],
+               "compiled": lambda: generate(ours, ids, max_new_tokens=new, compile=True)[0]}
+        if transformers is not None:  # the reference reads the same weights through an HF folder
+            with tempfile.TemporaryDirectory() as d:
+                save_file(ours.state_dict(), os.path.join(d, "model.safetensors"))
+                json.dump(hf_config_dict(mcfg), open(os.path.join(d, "config.json"), "w"))
+                ref = transformers.VideoLlavaForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
+            run["transformers"] = lambda: ref.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new,
+                                                       do_sample=False)[0, ids.shape[1]:]
+        first = {k: f() for k, f in run.items()}  # warm-up (and the compile)
+        same, tps, bw = all(torch.equal(v, first["eager"]) for v in first.values()), dict.fromkeys(run, 0.0), 0.0
+        for _ in range(rounds):  # best of rounds, the decoders interleaved, then the copy (best of three)
+            for k, f in run.items():
+                t = time.perf_counter()
+                got = f()
+                tps[k], same = max(tps[k], new / (time.perf_counter() - t)), same and torch.equal(got, first[k])
+            for _ in range(3):
+                t = time.perf_counter()
+                dst.copy_(src)
+                bw = max(bw, 2 * src.nbytes / (time.perf_counter() - t))
         n_lm = sum(p.numel() for p in ours.language_model.parameters())
-        ids = torch.randint(3, 32000, (1, 16))
-        new = cfg.max_new_tokens if cfg.max_new_tokens > 32 else 128
-        # the matrix-vector products of one eager decode step alone, as generate runs them (matvec_layout's
-        # per-layer blocks, else each Linear), on this model's own matrices (each read once per pass, so from
-        # memory as in decoding), nothing else: where the eager step's gap to the floor goes
-        matvec_layout(ours)  # what generate does first: the blocks timed below are the ones it reads
-        prods = []
-        for layer in ours.language_model.model.layers:
-            att, mlp = layer.self_attn, layer.mlp
-            for fused, parts in ((getattr(att, "fused", None), [att.q_proj, att.k_proj, att.v_proj]),
-                                 (None, [att.o_proj]),
-                                 (getattr(mlp, "fused", None), [mlp.gate_proj, mlp.up_proj]),
-                                 (None, [mlp.down_proj])):
-                prods += [fused] if fused is not None else [m.weight for m in parts]  # (out, in) views
-        prods.append(ours.language_model.lm_head.weight)
-        xs = {n: torch.randn(1, 1, n) for n in {w.shape[1] for w in prods}}
-        n_prod = sum(w.numel() * 4 for w in prods)
-
-        def products_alone():
-            t = time.perf_counter()
-            for w in prods:
-                linear1(xs[w.shape[1]], w)
-            return time.perf_counter() - t
-
-        decoders = {"transformers": lambda: ref.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new,
-                                                         do_sample=False)[0, 16:],
-                    "eager": lambda: generate(ours, ids, max_new_tokens=new)[0],
-                    "compiled": lambda: generate(ours_c, ids, max_new_tokens=new, compile=True)[0]}
-        out = {}
-        for k, f in decoders.items():  # also the warm-up, and the compile
-            t = time.perf_counter()
-            out[k] = f()
-            if k == "compiled":
-                print(f"{name}: compiling the one-token step (and a first decode) took {time.perf_counter() - t:.1f} s")
-        same = torch.equal(out["transformers"], out["eager"]) and torch.equal(out["eager"], out["compiled"])
-        tps, bws, prod_s = {k: [] for k in decoders}, [], []
-
-        def timed(k):
-            nonlocal same
-            t = time.perf_counter()
-            got = decoders[k]()
-            tps[k].append(new / (time.perf_counter() - t))
-            same = same and torch.equal(got, out[k])
-
-        for r in range(rounds):  # transformers; the bandwidth; our two decoders, which one first alternating; products
-            timed("transformers")
-            bws.append(max(matvec_bandwidth(W, x) for _ in range(3)))
-            for k in ("eager", "compiled") if r % 2 == 0 else ("compiled", "eager"):
-                timed(k)
-            with torch.inference_mode():  # as generate runs them
-                prod_s.append(min(products_alone() for _ in range(3)))
-        med = statistics.median
-        print(f"{name}: LLaMA {n_lm / 1e6:.1f}M params, {new} new tokens, identical tokens in all three: {same}; "
-              f"medians of {rounds} rounds (bandwidth {med(bws) / 1e9:.1f} GB/s, floor {med(bws) / (n_lm * 4):.1f} "
-              f"tok/s: every LLaMA weight, the embedding table included; all cores: floor " +
-              (f"{bw_all / (n_lm * 4):.1f}" if bw_all else "n/a") +
-              f" tok/s): transformers {med(tps['transformers']):.1f} tok/s")
-        for k in ("eager", "compiled"):
-            # within each round: our tok/s over the floor's (bandwidth / weight bytes), over a floor of only the
-            # bytes a step reads (the products' matrices); over the all-cores floor; and the products' own pace
-            share = [v / (b / (n_lm * 4)) for v, b in zip(tps[k], bws)]
-            share_read = [v / (b / n_prod) for v, b in zip(tps[k], bws)]
-            of_prod = [v * p for v, p in zip(tps[k], prod_s)]
-            print(f"{name}: video_llava {k:8s} {med(tps[k]):6.1f} tok/s ({med(tps[k]) / med(tps['transformers']):.2f}x"
-                  f" transformers) | {med(share):.0%} of the bandwidth floor (rounds: "
-                  f"{', '.join(f'{v:.0%}' for v in share)}) | {med(share_read):.0%} counting only the bytes read | " +
-                  (f"{med(tps[k]) / (bw_all / (n_lm * 4)):.0%} of the all-cores floor, "
-                   f"{med(tps[k]) / (bw_all / n_prod):.0%} counting only the bytes read" if bw_all else
-                   "all-cores floor n/a") +
-                  (f" | {med(of_prod):.0%} of its products' pace" if k == "eager" else ""))
-        print(f"{name}: the eager step's products alone (linear1, {n_prod / 1e6:.0f} MB of matrices, embedding rows "
-              f"not read): {med(prod_s) * 1e3:.1f} ms = {n_prod / med(prod_s) / 1e9:.1f} GB/s, "
-              f"{1 / med(prod_s):.1f} tok/s")
-
-
-def bench_load(gb):
-    """Peak resident memory and time to load a sharded bfloat16 checkpoint of about `gb` GB, ours vs transformers,
-    each in a fresh process (peak RSS minus the RSS after imports, so torch itself is not counted)."""
-    import subprocess
-    import tempfile
-    hidden, inter = 2048, 5504
-    per_layer = 4 * hidden * hidden + 3 * hidden * inter
-    layers = max(1, int((gb * 1e9 / 2 - 2 * 32064 * hidden) // per_layer))
-    cfg = Config(vocab_size=32064, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                 num_attention_heads=16, num_key_value_heads=16, v_hidden_size=32, v_intermediate_size=64,
-                 v_num_hidden_layers=2, v_num_attention_heads=2, image_size=28, patch_size=14,
-                 image_token_index=32000, video_token_index=32001, max_position_embeddings=2048)
-    with tempfile.TemporaryDirectory() as d:
-        with torch.device("meta"):
-            shapes = {k: v.shape for k, v in VideoLlava(cfg).state_dict().items()}
-        keys, wm, n_bytes = sorted(shapes), {}, 0
-        for s in range(3):  # three shards, as the hub has; written one at a time so this process stays small
-            name = f"model-{s + 1:05d}-of-00003.safetensors"
-            part = {k: (torch.randn(shapes[k]) * 0.02).to(torch.bfloat16) for k in keys[s::3]}
-            n_bytes += sum(t.numel() * 2 for t in part.values())
-            save_file(part, os.path.join(d, name))
-            wm.update({k: name for k in part})
-            del part
-        json.dump({"metadata": {}, "weight_map": wm}, open(os.path.join(d, "model.safetensors.index.json"), "w"))
-        json.dump(hf_config_dict(cfg), open(os.path.join(d, "config.json"), "w"))
-        # VmHWM/VmRSS of the child itself (ru_maxrss would carry this parent's peak across fork + exec)
-        probe = ("import sys, time, torch; sys.path.insert(0, {here!r}); {imp}; "
-                 "kb = lambda f: int(open('/proc/self/status').read().split(f + ':')[1].split()[0]); "
-                 "base = kb('VmRSS'); t = time.perf_counter(); m = {load}; "
-                 "dt = time.perf_counter() - t; "
-                 "[p.detach().reshape(-1)[::1024].float().sum() for p in m.parameters()]; "  # page in every weight
-                 "print(dt, (kb('VmHWM') - base) * 1024)")
-        here = os.path.dirname(os.path.abspath(__file__))
-        runs = {"video_llava": ("import video_llava", f"video_llava.VideoLlava.from_pretrained({d!r})"),
-                "transformers": ("import transformers",
-                                 f"transformers.VideoLlavaForConditionalGeneration.from_pretrained({d!r}, "
-                                 "dtype=torch.bfloat16)")}
-        print(f"sharded load: {n_bytes / 1e9:.2f} GB of bfloat16 weights in 3 shards ({layers} LLaMA layers)")
-        for who, (imp, load) in runs.items():
-            p = subprocess.run([sys.executable, "-c", probe.format(here=here, imp=imp, load=load)],
-                               capture_output=True, text=True)
-            if p.returncode:
-                print(f"  {who}: failed: {p.stderr.strip().splitlines()[-1:]}")
-                continue
-            dt, rss = map(float, p.stdout.split()[-2:])
-            print(f"  {who:12s} load {dt:5.1f} s | peak RSS growth {rss / 1e9:.2f} GB = {rss / n_bytes:.2f}x weights")
+        floor = bw / (n_lm * 4)  # tokens/s if a step cost only reading every LLaMA weight once
+        print(f"{name}: LLaMA {n_lm / 1e6:.1f}M parameters, {new} new tokens, {torch.get_num_threads()} threads, copy "
+              f"bandwidth {bw / 1e9:.1f} GB/s, floor {floor:.1f} tok/s; identical tokens: {same}")
+        for k, v in tps.items():
+            ratio = f", {v / tps['transformers']:.2f}x transformers" if "transformers" in tps else ""
+            print(f"  {k:12s} {v:7.1f} tok/s = {v / floor:4.0%} of the floor{ratio}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1993,8 +1765,7 @@ def parse_args(argv=None):
     p.add_argument("--image", default="", help="image file, for --generate")
     p.add_argument("--prompt", default="", help="the question, for --generate")
     p.add_argument("--compile", action="store_true", help="--generate: run the one-token step through torch.compile "
-                   "(a compile of 17-44 s on a 2-core CPU the first time, then faster per token; README)")
-    p.add_argument("--load_gb", type=float, default=2.0, help="--bench: size of the sharded-load test (0 = skip)")
+                   "(a compile of tens of seconds the first time, then faster per token)")
     p.add_argument("--n_tokens", type=int, default=64, help="text tokens assumed by --inspect's memory estimate")
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
     for f in dataclasses.fields(Config):
@@ -2022,6 +1793,7 @@ def parse_args(argv=None):
 
 
 def run_generate(args, cfg, overrides):
+    """--generate: load a checkpoint (HF folder or out_dir), read the media, stream the answer to stdout."""
     path = cfg.from_pretrained or cfg.out_dir
     if not args.prompt:
         raise UserError("--generate needs --prompt TEXT (and --video PATH or --image PATH)")
@@ -2030,8 +1802,8 @@ def run_generate(args, cfg, overrides):
     device = pick_device(cfg.device)
     hf = read_config(path)
     dtype = None if "gpt2_table" in hf else getattr(torch, autocast_dtype(overrides.get("dtype", "auto"), device))
-    model, mcfg, _ = load_pretrained(path, dtype, device)
-    model.eval()
+    model = load_pretrained(path, dtype, device).eval()
+    mcfg = model.cfg
     tok = load_tokenizer(path)
     kind = "video" if args.video else "image" if args.image else ""
     n_frames = overrides.get("n_frames", hf.get("train_config", {}).get("n_frames", 8))
@@ -2065,6 +1837,7 @@ def run_generate(args, cfg, overrides):
 
 
 def main(argv=None):
+    """The command line: one mode per call (--train [--resume], --eval, --generate, --inspect, --bench)."""
     args, cfg, overrides = parse_args(argv)
     if args.train:
         if args.resume:
@@ -2077,10 +1850,10 @@ def main(argv=None):
         meta = read_config(cfg.out_dir)
         if not isinstance(meta.get("train_config"), dict):
             raise UserError(f"{cfg.out_dir}: not a checkpoint of this script (no train_config); --eval needs one")
-        saved = saved_train_config(meta)
         run_keys = ("device", "dtype", "out_dir", "data_dir", "data", "test_data")  # what --eval may change
-        base = Config(**{**saved, **{k: v for k, v in overrides.items() if k in run_keys}})
-        model, mcfg, _ = load_pretrained(cfg.out_dir, torch.float32, device, base=base)
+        base = saved_config(meta, **{k: v for k, v in overrides.items() if k in run_keys})
+        model = load_pretrained(cfg.out_dir, torch.float32, device, base=base)
+        mcfg = model.cfg
         tok = load_tokenizer(cfg.out_dir)
         data = {s: Examples(e, mcfg, tok) for s, e in load_entries(mcfg).items() if s in ("test", "novel")}
         evaluate(model, tok, mcfg, device, data)
@@ -2090,8 +1863,6 @@ def main(argv=None):
         inspect(args.inspect, cfg.n_frames if "n_frames" in overrides else 8, args.n_tokens)
     elif args.bench:
         bench(cfg)
-        if args.load_gb > 0:
-            bench_load(args.load_gb)
     else:
         print("nothing to do: pass --train, --eval, --generate, --inspect DIR or --bench (see --help)")
 
