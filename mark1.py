@@ -15,21 +15,19 @@ queries (https://arxiv.org/abs/2301.12597). The encoder and the LLM load the HF 
 Qwen/Qwen3-*) and match transformers to float precision (see the tests); the design follows the Mark-1 project.
 
 Two ways to run it:
-  * with checkpoints (--vision_ckpt DIR --llm_ckpt DIR): both towers are frozen, only the bridge trains, encoder
-    features are computed once per clip and cached, and Qwen3's own tokenizer (tokenizer.json as a tiktoken.Encoding)
-    with its chat template is used;
+  * with checkpoints (--vision_ckpt DIR --llm_ckpt DIR): both towers frozen, only the bridge trains, encoder features
+    cached once per clip, Qwen3's own tokenizer (tokenizer.json as a tiktoken.Encoding) and chat template;
   * without (the default, nothing pretrained is reachable offline): a tiny V-JEPA-2-architecture encoder and a tiny
-    Qwen3-architecture LLM are trained from scratch together with the bridge, on GPT-2 tokens from tiktoken, restricted
-    to a compact table of the ids that occur in the training text.
+    Qwen3-architecture LLM trained from scratch with the bridge, on GPT-2 tokens (tiktoken) over a compact table of
+    the ids that occur in the training text.
 
 The built-in world: 48x48 mp4 clips, 16 frames at 8 fps, two coloured shapes; inside a time window one event happens to
 the named shape: it appears, turns another colour, stops, or meets the other shape. Question "What happens to the red
 circle?", four options "A. it appears" ... "D. it meets the blue square", answer "C. it stops", support = the event's
 frames. Split `novel` holds (colour, event) pairs that never occur in training.
 
-Shape legend: B batch, F sampled frames, T tubelets (F/2), G patch grid side, P = T*G*G video tokens, N visual queries,
-M temporal queries, Lq question tokens, L text tokens, D LLM width, Dv video width, H heads, K kv heads, E head dim,
-V vocabulary.
+Shapes: B batch, F sampled frames, T tubelets (F/2), G patch grid side, P = T*G*G video tokens, N visual queries,
+M temporal queries, Lq question / L text tokens, D LLM / Dv video width, H heads, K kv heads, E head dim, V vocabulary.
 
 Commands:
     python mark1.py --train                                  # data + training + evaluation on CPU (~10 min)
@@ -82,7 +80,6 @@ def read_json(path, fix):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
-
 @dataclass
 class Config:
     # data
@@ -169,22 +166,12 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: the synthetic world (real mp4 files), the video loader, the annotation file, tokenizers
-
 COLOURS = {"red": (40, 40, 230), "green": (60, 200, 60), "blue": (230, 90, 40), "yellow": (40, 220, 230),
            "purple": (200, 60, 170)}  # BGR, as OpenCV draws
 SHAPES = ["circle", "square", "triangle"]  # drawn filled, RADIUS pixels from the centre
 EVENTS = ["appears", "turns", "stops", "meets"]  # the four answers; their order is the options' template order
 HELD_OUT = {("red", "appears"), ("green", "turns"), ("blue", "stops"), ("yellow", "meets")}  # the `novel` split
 SIDE, RADIUS, FPS, N_CLIP = 48, 6, 8, 16  # frame side, shape radius, frames per second, frames per clip
-
-def draw_shape(img, shape, bgr, x, y):
-    x, y, r = int(round(x)), int(round(y)), RADIUS  # OpenCV draws at integer pixels
-    if shape == "circle":
-        cv2.circle(img, (x, y), r, bgr, -1)
-    elif shape == "square":
-        cv2.rectangle(img, (x - r + 1, y - r + 1), (x + r - 1, y + r - 1), bgr, -1)
-    else:
-        cv2.fillConvexPoly(img, np.array([[x, y - r], [x - r, y + r - 1], [x + r, y + r - 1]], np.int32), bgr)
 
 def bounce(x0, v, t, lo=10, hi=SIDE - 10):
     """Position at frame t of a point moving at v px/frame between walls lo and hi (reflecting)."""
@@ -238,8 +225,14 @@ def write_clip(path, frames):
     w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), FPS, (SIDE, SIDE))  # MPEG-4 part 2: lossy, real
     for objs in frames:
         img = np.full((SIDE, SIDE, 3), 128, np.uint8)  # grey background
-        for o in objs:
-            draw_shape(img, o["shape"], COLOURS[o["colour"]], o["x"], o["y"])
+        for o in objs:  # filled shapes, at integer pixels as OpenCV draws
+            x, y, r, bgr = int(round(o["x"])), int(round(o["y"])), RADIUS, COLOURS[o["colour"]]
+            if o["shape"] == "circle":
+                cv2.circle(img, (x, y), r, bgr, -1)
+            elif o["shape"] == "square":
+                cv2.rectangle(img, (x - r + 1, y - r + 1), (x + r - 1, y + r - 1), bgr, -1)
+            else:
+                cv2.fillConvexPoly(img, np.array([[x, y - r], [x - r, y + r - 1], [x + r, y + r - 1]], np.int32), bgr)
         w.write(img)
     w.release()
 
@@ -268,9 +261,8 @@ def sample_indices(n_total, n_frames):
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
 
 def preprocess(img, crop):
-    """transformers' VJEPA2VideoProcessor on one uint8 (H, W, 3) frame, up to the float steps: shortest edge ->
-    int(crop*256/224) (long edge int(short*long/shortest)), bilinear with antialias, centre crop. Rescale and the
-    ImageNet mean/std come later, in float (normalize())."""
+    """transformers' VJEPA2VideoProcessor on a uint8 (H, W, 3) frame up to its float steps (those are normalize()):
+    shortest edge -> int(crop*256/224) (long edge int(short*long/shortest)), antialiased bilinear, centre crop."""
     short = int(crop * 256 / 224)  # resize to 8/7 of the crop, then cut the centre (ImageNet-style eval)
     h, w = img.shape[:2]
     nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)  # keep the aspect ratio
@@ -307,13 +299,10 @@ def load_video(path, n_frames, crop):
     return clip, np.array(idx, np.float64) / fps, len(imgs) / fps
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # V-JEPA 2 (ImageNet)
-
 def normalize(clips):
     """uint8 (B, F, S, S, 3) -> float (B, F, 3, S, S), HF's pixel_values_videos layout; one fused op like HF."""
     x = clips.permute(0, 1, 4, 2, 3).float()  # (B, F, 3, S, S), still 0..255
     return (x - MEAN.view(1, 1, 3, 1, 1) * 255) / (STD.view(1, 1, 3, 1, 1) * 255)
-
-CHOICE_RE = re.compile(r"^([A-Z])\. \S")
 
 def read_annotations(path, base=None):
     """User JSON: a list of {video, question, choices, answer, support_times}; validated, errors name the entry."""
@@ -338,10 +327,9 @@ def read_annotations(path, base=None):
 def check_choices(choices, where):
     if not isinstance(choices, list) or len(choices) < 2 or any(not isinstance(c, str) for c in choices):
         raise UserError(f"{where}: choices must be a list of at least two strings like 'A. ...'")
-    for k, c in enumerate(choices):
-        if not CHOICE_RE.match(c) or c[0] != "ABCDEFGHIJ"[k]:
-            raise UserError(f"{where}: choice {c!r} is not in the form '{'ABCDEFGHIJ'[k]}. text' "
-                            "(A, B, C, ... in order)")
+    for k, c in enumerate(choices):  # the k-th choice starts with the k-th letter
+        if not re.match(rf"{chr(65 + k)}\. \S", c):
+            raise UserError(f"{where}: choice {c!r} is not in the form '{chr(65 + k)}. text' (A, B, C, ... in order)")
 
 def frame_labels(support_times, times, duration, where):
     """Per sampled frame 0/1: the sampled frame nearest each support time is positive (the Mark-1 project's rule)."""
@@ -393,11 +381,10 @@ def bytes_to_unicode():
 
 QWEN_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
             r"|\s+(?!\S)|\s+")
-
 class QwenTokenizer:
-    """Qwen3's byte-level BPE from its tokenizer.json as a tiktoken.Encoding: the ranks are the vocabulary ids (Qwen's
-    ids are in merge order, so rank-greedy merging equals the merge list), the split regex is the pre-tokenizer's,
-    every added token is a special token, and the text is NFC-normalised first, as HF does. No BOS is added."""
+    """Qwen3's byte-level BPE (tokenizer.json) as a tiktoken.Encoding: ranks = vocabulary ids (Qwen's ids are in merge
+    order, so rank-greedy merging equals the merge list), the pre-tokenizer's split regex, added tokens as specials,
+    NFC first as HF does; no BOS."""
     def __init__(self, path):
         j = read_json(path, "the Qwen3 checkpoint folder needs its tokenizer.json")
         if j.get("model", {}).get("type") != "BPE":
@@ -426,7 +413,6 @@ class QwenTokenizer:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Model: V-JEPA 2 encoder, Qwen3 LLM, bridge
-
 class VJEPA2Attention(nn.Module):
     """Non-causal self-attention with separate query/key/value/proj and V-JEPA 2's 3D RoPE (as transformers' VJEPA2)."""
     def __init__(self, d, n_head, grid, qkv_bias=True):
@@ -471,32 +457,26 @@ class VJEPA2Layer(nn.Module):
         x = x + self.attention(self.norm1(x))  # residual around attention
         return x + self.mlp(self.norm2(x))  # residual around the MLP
 
-class VJEPA2Embeddings(nn.Module):
-    def __init__(self, d, patch, tubelet):
-        super().__init__()
-        self.tubelet, self.patch_embeddings = tubelet, nn.Module()  # a bare module: the checkpoint's key path
-        # one token per tubelet x patch x patch cube: a strided Conv3d is a linear map of each non-overlapping cube
-        cube = (tubelet, patch, patch)
-        self.patch_embeddings.proj = nn.Conv3d(3, d, kernel_size=cube, stride=cube)
-    def forward(self, video):
-        x = video.permute(0, 2, 1, 3, 4)  # (B, 3, F, S, S)
-        if x.shape[2] < self.tubelet:  # a single image: repeat it to one tubelet
-            x = x.repeat(1, 1, self.tubelet, 1, 1)
-        x = x.to(self.patch_embeddings.proj.weight.dtype)  # the tower's own dtype (bfloat16 files)
-        x = self.patch_embeddings.proj(x)  # (B, Dv, T, G, G); an odd F drops the last frame
-        return x.flatten(2).transpose(1, 2)  # (B, P, Dv), (t, h, w) raster order
-
 class VJEPA2Encoder(nn.Module):
     """Module names follow the HF checkpoint (`encoder.` prefix stripped): embeddings.patch_embeddings.proj,
     layer.N.{norm1,attention.{query,key,value,proj},norm2,mlp.fc1,mlp.fc2}, layernorm."""
     def __init__(self, width, layers, heads, patch, tubelet, crop, mlp_ratio=4.0, eps=1e-6):
         super().__init__()
         self.width, self.patch, self.tubelet, self.crop = width, patch, tubelet, crop  # the geometry Mark1 reads
-        self.embeddings = VJEPA2Embeddings(width, patch, tubelet)
+        self.embeddings = nn.Module()  # bare modules: the checkpoint's key path embeddings.patch_embeddings.proj
+        self.embeddings.patch_embeddings = nn.Module()
+        # one token per tubelet x patch x patch cube: a strided Conv3d is a linear map of each non-overlapping cube
+        cube = (tubelet, patch, patch)
+        self.embeddings.patch_embeddings.proj = nn.Conv3d(3, width, kernel_size=cube, stride=cube)
         self.layer = nn.ModuleList(VJEPA2Layer(width, heads, mlp_ratio, crop // patch, eps) for _ in range(layers))
         self.layernorm = nn.LayerNorm(width, eps=eps)  # final norm: its output is the feature Mark 1 uses
     def forward(self, video):  # (B, F, 3, S, S) normalised -> (B, P, Dv), == HF get_vision_features
-        x = self.embeddings(video)  # (B, P, Dv); no absolute position embedding: RoPE carries the positions
+        x = video.permute(0, 2, 1, 3, 4)  # (B, 3, F, S, S)
+        if x.shape[2] < self.tubelet:  # a single image: repeat it to one tubelet
+            x = x.repeat(1, 1, self.tubelet, 1, 1)
+        proj = self.embeddings.patch_embeddings.proj
+        x = proj(x.to(proj.weight.dtype))  # (B, Dv, T, G, G) in the tower's dtype; an odd F drops the last frame
+        x = x.flatten(2).transpose(1, 2)  # (B, P, Dv), (t, h, w) raster order; no absolute position: RoPE has them
         for blk in self.layer:
             x = blk(x)  # (B, P, Dv)
         return self.layernorm(x)
@@ -573,9 +553,8 @@ class Qwen3LM(nn.Module):
         if tie:  # tied head (small Qwen3s): the output matrix IS the input embedding, one Parameter
             self.lm_head.weight = self.model.embed_tokens.weight
     def forward(self, x, pos=None, valid=None, cache=None, last_only=False, head=True):
-        """x (B, L, D) input embeddings; pos (B, L) positions (default arange); valid (B, Lk) False at padded keys
-        (Lk = cached + L); cache a list of per-layer dicts. -> logits (B, L or 1, V), or with head=False the final
-        normed hidden states (B, L, D), so that a caller can project only the positions it needs."""
+        """x (B, L, D) embeddings; pos (B, L) (default arange); valid (B, Lk = cached + L) False at padded keys; cache
+        a list of per-layer dicts. -> logits (B, L or 1, V), or (head=False) the normed hidden states (B, L, D)."""
         B, L, _ = x.shape
         past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
         if pos is None:
@@ -663,10 +642,9 @@ class Bridge(nn.Module):
             t = t + blk(t)  # residual MLP blocks
         return prefix, self.frame_logits(v, t)
     def frame_logits(self, v, t):
-        """v (B, P, D) video tokens, t (B, M, D) temporal queries -> (B, F) support logits. Each tubelet is pooled
-        over space and its clip's mean over time is subtracted (what changes over the clip); a Linear makes one
-        key per frame of the tubelet from it; each temporal query scores each frame's key by a dot product; the best
-        query wins. The Mark-1 project's head (frame_head="linear") is a fixed Linear(D, F) on each query instead."""
+        """v (B, P, D) video tokens, t (B, M, D) temporal queries -> (B, F) support logits. Each tubelet pooled over
+        space minus its clip mean (what changes) gives one key per frame; each query scores each key (dot product), the
+        best query wins. The Mark-1 project's head (frame_head="linear") is a fixed Linear(D, F) on each query."""
         if self.frame_head == "linear":
             return self.frame_out(t).amax(1)  # (B, M, F) -> max over the M temporal queries -> (B, F)
         B, P, D = v.shape
@@ -698,8 +676,7 @@ class Mark1(nn.Module):
                                               cfg.crop, cfg.v_mlp_ratio)
         self.llm = llm or Qwen3LM(vocab, cfg.l_width, cfg.l_layers, cfg.l_heads, cfg.l_kv_heads, cfg.l_head_dim,
                                   cfg.l_inter, cfg.rope_theta, tie=cfg.tie_embeddings)
-        grid = self.vision.crop // self.vision.patch
-        d = self.llm.model.embed_tokens.weight.shape[1]
+        d, grid = self.llm.model.embed_tokens.weight.shape[1], self.vision.crop // self.vision.patch
         self.bridge = Bridge(cfg, self.vision.width, d, max(1, cfg.n_frames // self.vision.tubelet), grid)
         self.frozen, self.cfg, self.devices = set(), cfg, dict(vision="cpu", bridge="cpu", llm="cpu")
         self.scratch_vision = vision is None  # a checkpoint encoder keeps its HF input and its weights
@@ -787,7 +764,6 @@ class Mark1(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoint I/O: own format (out_dir/model.safetensors + config.json + train_state.pt) and the HF loaders
-
 def atomic(path, write):
     tmp = path + ".tmp"
     write(tmp)
@@ -811,9 +787,8 @@ def read_hf_dir(path, want):
     return conf, keys
 
 def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
-    """Check file keys against the module's (mapping: file key -> module key, or None to ignore), list every missing,
-    unexpected and mis-shaped key from the safetensors headers alone, and only then read the tensors, each converted
-    to `dtype` (None: the file's) on `device`, into the module (built on the meta device)."""
+    """mapping: file key -> module key (None: ignored). Every missing, unexpected and mis-shaped key is listed from the
+    headers alone; only then are the tensors read, in `dtype` (None: the file's) on `device`, into the meta module."""
     want = {k: v.shape for k, v in module.state_dict().items()}
     if getattr(module, "tie", False):
         want.pop("lm_head.weight", None)  # a tied head is the embedding: no tensor of its own in the file
@@ -886,8 +861,7 @@ def build_model(cfg, tok):
     return model
 
 def make_tokenizer(cfg, entries=None, ids=None):
-    """Qwen3's own tokenizer with --llm_ckpt; else GPT-2's over a saved table `ids`, or a table built from the
-    training entries' text."""
+    """Qwen3's own tokenizer with --llm_ckpt; else GPT-2's over the saved table `ids` or one built from `entries`."""
     if cfg.llm_ckpt:
         return QwenTokenizer(os.path.join(cfg.llm_ckpt, "tokenizer.json"))
     if ids is not None:
@@ -915,7 +889,6 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
 # flags a resumed run may change: how long and where it runs, how it logs; every other flag is fixed by the checkpoint
 RUN_KEYS = {"max_steps", "stop_after", "out_dir", "data_dir", "device", "device_map", "dtype", "log_interval",
             "eval_interval", "feature_cache"}
-
 def load_checkpoint(out_dir, overrides=None, refuse=None):
     """-> (model, tokenizer, config) from out_dir, the saved config updated by `overrides`; a flag in `refuse` that
     differs from the saved value is a UserError (--resume cannot change the architecture or the data)."""
@@ -947,9 +920,7 @@ def load_checkpoint(out_dir, overrides=None, refuse=None):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics (plain Python, tested on hand-computed cases)
-
 ANSWER_RE = re.compile(r"^\s*([A-J])\.(\s|$)")
-
 def extract_option(text):
     """Strict: the answer must begin with an option letter and a full stop ("C." or "C. it stops"); else None."""
     m = ANSWER_RE.match(text)
@@ -981,20 +952,16 @@ def segment_from_scores(scores, times, duration, threshold):
     return float(times[best[0]]), float(min(duration, times[best[1]] + dt))
 
 def temporal_iou(a, b):  # two (start, end) spans in seconds -> intersection over union
-    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
-    union = max(a[1], b[1]) - min(a[0], b[0])
+    inter, union = max(0.0, min(a[1], b[1]) - max(a[0], b[0])), max(a[1], b[1]) - min(a[0], b[0])
     return inter / union if union > 0 else 0.0
 
 def grounding_metrics(pred_segs, gold_segs):  # -> R@1 at IoU 0.3/0.5/0.7 and mean IoU
     ious = [temporal_iou(p, g) for p, g in zip(pred_segs, gold_segs)]
     n = max(1, len(ious))
-    out = {f"r1_iou{t}": sum(i >= t for i in ious) / n for t in (0.3, 0.5, 0.7)}
-    out["miou"] = sum(ious) / n
-    return out
+    return {**{f"r1_iou{t}": sum(i >= t for i in ious) / n for t in (0.3, 0.5, 0.7)}, "miou": sum(ious) / n}
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Training
-
 def pick_device(name):  # "auto" -> cuda, else mps, else cpu; any other name as given
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     return name if name != "auto" else "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
@@ -1134,6 +1101,20 @@ def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devic
         dist.all_reduce(share)  # three numbers, so that the log line shows the whole global batch
     return share.tolist()
 
+@torch.no_grad()
+def val_loss(model, tok, cfg, split, cache):
+    """The training loss (CE + lam * BCE) on the `val` split, in batches: no graph and no random draws, so measuring
+    it leaves the training run as it would be without."""
+    (entries, ds), total = split, 0.0
+    model.eval()
+    for idx in torch.arange(len(entries)).split(cfg.batch_size):
+        with autocast(cfg, model.devices["llm"]):
+            _, loss, _ = model(cache("val", idx, ds["clips"]), *text_batch([entries[i] for i in idx], tok),
+                               ds["labels"][idx])
+        total += loss.item() * len(idx)
+    model.train()
+    return total / max(1, len(entries))
+
 def setup_distributed(cfg):
     """-> (ddp, rank, world): torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA with one GPU per rank (LOCAL_RANK
     becomes the current device, so "cuda" means this rank's GPU; a --device_map is taken as given)."""
@@ -1199,11 +1180,13 @@ def train(cfg, resume=False, overrides=None):
         losses.append(stats + [norm.item()])
         opt.step()
         step += 1
-        if step % cfg.log_interval == 0 or step == end:
-            dt = (time.time() - t_log) / cfg.log_interval
-            lo, ce, bce, gn = (sum(x[k] for x in losses) / max(1, len(losses)) for k in range(4))
-            say(f"step {step}/{cfg.max_steps} | loss {lo:.4f} (ce {ce:.3f}, bce {bce:.3f}) | grad norm {gn:.4f} | "
-                f"lr {lr_at(step - 1, cfg):.2e} | {dt * 1000:.0f} ms | {gbatch / dt:.0f} samples/s | "
+        measure = rank == 0 and (step % cfg.eval_interval == 0 or step == cfg.max_steps)  # val loss on this line
+        if step % cfg.log_interval == 0 or step == end or measure:
+            dt = (time.time() - t_log) / len(losses)  # seconds per step, before the val pass
+            lo, ce, bce, gn = (sum(x[k] for x in losses) / len(losses) for k in range(4))
+            val = f"{val_loss(model, tok, cfg, data['val'], cache):.4f}" if measure else "-"
+            say(f"step {step}/{cfg.max_steps} | loss {lo:.4f} | val {val} | ce {ce:.3f}, bce {bce:.3f} | grad norm "
+                f"{gn:.4f} | lr {lr_at(step - 1, cfg):.2e} | {dt * 1000:.0f} ms | {gbatch / dt:.0f} samples/s | "
                 f"eta {dt * (end - step) / 60:.1f}m")
             t_log, losses = time.time(), []
         if rank == 0 and (step % cfg.eval_interval == 0 or step == end):
@@ -1216,7 +1199,6 @@ def train(cfg, resume=False, overrides=None):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Generation, evaluation, prediction, bench
-
 def filter_logits(logits, top_k, top_p):
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[..., -1:]
@@ -1258,8 +1240,7 @@ def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top
 
 @torch.no_grad()
 def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):
-    """Batched answers: [prefix; prompt] rows left-padded, the video fused once, then llm_generate.
-    -> (list of answer token lists, frame logits (B, F))."""
+    """[prefix; prompt] rows left-padded, the video fused once, llm_generate -> (id lists, frame logits (B, F))."""
     q_ids, q_valid = text_batch(items, tok, with_answer=False)[:2]
     prefix, frame_logits = model.fuse(feats, q_ids, q_valid)
     prompts = [model.embed(torch.tensor(tok.prompt(it["question"], it["choices"]))) for it in items]  # (Lp_i, D)
@@ -1340,17 +1321,16 @@ def bench(cfg):
     """Frozen encoder: epoch 1 computes features and fills the cache, epoch 2 reads it; same bridge/LLM work in both.
     `--bench` alone uses the `bench` preset (a ViT-S-sized encoder); --vision_ckpt benchmarks a real one."""
     cfg = dataclasses.replace(cfg, freeze_vision=True, grad_accum=1)
-    devices = parse_device_map(cfg)
     entries, tr = prepare_data(cfg)["train"]
     tok = make_tokenizer(cfg, entries)
-    model = build_model(cfg, tok).place(devices).train()
+    model = build_model(cfg, tok).place(parse_device_map(cfg)).train()
     (opt, _), cache, times = make_optimizer(model, cfg), FeatureCache(model, True), []
     for epoch in range(2):
         t = time.time()
         for s in range(0, len(entries), cfg.batch_size):  # one pass over the clips in order, a step per batch
             opt.zero_grad(set_to_none=True)
             idx = torch.arange(s, min(len(entries), s + cfg.batch_size))
-            accumulate(model, model, cache, tok, entries, tr, idx, cfg, 0, 1, devices["llm"])
+            accumulate(model, model, cache, tok, entries, tr, idx, cfg, 0, 1, model.devices["llm"])
             opt.step()
         times.append(time.time() - t)
         print(f"epoch {epoch + 1}: {times[-1]:.2f}s for {len(entries)} clips ({len(entries) / times[-1]:.1f} clips/s)")
@@ -1359,7 +1339,6 @@ def bench(cfg):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Mark 1: video MCQ answering with temporal localisation.")
     for mode, what in (("train", "build data (if needed), train, evaluate"), ("resume", "with --train: continue from "
@@ -1383,24 +1362,18 @@ def parse_args(argv=None):
             raise UserError(f"--{k} {getattr(cfg, k)}: choose one of {', '.join(ok)}")
     return args, cfg, overrides
 
-def vision_geometry(cfg, overrides):
-    """With --vision_ckpt the frames must be cut as the checkpoint was trained: crop, patch and tubelet come from its
-    config.json (transformers' defaults 256/16/2 where a key is missing); a flag that says otherwise is refused."""
-    if not cfg.vision_ckpt:
-        return cfg
-    conf, _ = read_hf_dir(cfg.vision_ckpt, "vjepa2")
-    geo = {"crop": conf.get("crop_size", 256), "v_patch": conf.get("patch_size", 16),
-           "v_tubelet": conf.get("tubelet_size", 2)}  # the Config fields the checkpoint fixes
-    for k, v in geo.items():
-        if k in overrides and overrides[k] != v:
-            raise UserError(f"--{k} {overrides[k]}: {cfg.vision_ckpt} was trained with {v}; drop the flag")
-    return dataclasses.replace(cfg, **geo)
-
 def main(argv=None):
     args, cfg, overrides = parse_args(argv)
     if args.bench and args.preset == "default":
         cfg = Config(**{**PRESETS["bench"], **overrides})
-    cfg = vision_geometry(cfg, overrides) if args.train or args.bench else cfg
+    if cfg.vision_ckpt and (args.train or args.bench):  # frames cut as the checkpoint was trained: crop, patch and
+        conf, _ = read_hf_dir(cfg.vision_ckpt, "vjepa2")  # tubelet from its config.json (transformers' defaults)
+        geo = {"crop": conf.get("crop_size", 256), "v_patch": conf.get("patch_size", 16),
+               "v_tubelet": conf.get("tubelet_size", 2)}
+        for k, v in geo.items():  # a flag that says otherwise is refused
+            if k in overrides and overrides[k] != v:
+                raise UserError(f"--{k} {overrides[k]}: {cfg.vision_ckpt} was trained with {v}; drop the flag")
+        cfg = dataclasses.replace(cfg, **geo)
     if int(os.environ.get("RANK", "0")) == 0:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
@@ -1408,8 +1381,7 @@ def main(argv=None):
         train(cfg, resume=args.resume, overrides=overrides)
     elif args.eval:
         model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
-        model.place(parse_device_map(cfg))
-        evaluate(model, tok, cfg, prepare_data(cfg))
+        evaluate(model.place(parse_device_map(cfg)), tok, cfg, prepare_data(cfg))
     elif args.predict:  # the flags that may differ from the saved run: how to decode, where to run
         predict(cfg, {k: v for k, v in overrides.items() if k in RUN_KEYS | {"temperature", "top_k", "top_p",
                 "max_new_tokens", "seed", "threshold"}}, args.video, args.question, args.choices)
