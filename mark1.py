@@ -15,21 +15,19 @@ queries (https://arxiv.org/abs/2301.12597). The encoder and the LLM load the HF 
 Qwen/Qwen3-*) and match transformers to float precision (see the tests); the design follows the Mark-1 project.
 
 Two ways to run it:
-  * with checkpoints (--vision_ckpt DIR --llm_ckpt DIR): both towers are frozen, only the bridge trains, encoder
-    features are computed once per clip and cached, and Qwen3's own tokenizer (tokenizer.json as a tiktoken.Encoding)
-    with its chat template is used;
+  * with checkpoints (--vision_ckpt DIR --llm_ckpt DIR): both towers frozen, only the bridge trains, encoder features
+    cached once per clip, Qwen3's own tokenizer (tokenizer.json as a tiktoken.Encoding) and chat template;
   * without (the default, nothing pretrained is reachable offline): a tiny V-JEPA-2-architecture encoder and a tiny
-    Qwen3-architecture LLM are trained from scratch together with the bridge, on GPT-2 tokens from tiktoken, restricted
-    to a compact table of the ids that occur in the training text.
+    Qwen3-architecture LLM trained from scratch with the bridge, on GPT-2 tokens (tiktoken) over a compact table of
+    the ids that occur in the training text.
 
 The built-in world: 48x48 mp4 clips, 16 frames at 8 fps, two coloured shapes; inside a time window one event happens to
 the named shape: it appears, turns another colour, stops, or meets the other shape. Question "What happens to the red
 circle?", four options "A. it appears" ... "D. it meets the blue square", answer "C. it stops", support = the event's
 frames. Split `novel` holds (colour, event) pairs that never occur in training.
 
-Shape legend: B batch, F sampled frames, T tubelets (F/2), G patch grid side, P = T*G*G video tokens, N visual queries,
-M temporal queries, Lq question tokens, L text tokens, D LLM width, Dv video width, H heads, K kv heads, E head dim,
-V vocabulary.
+Shapes: B batch, F sampled frames, T tubelets (F/2), G patch grid side, P = T*G*G video tokens, N visual queries,
+M temporal queries, Lq question / L text tokens, D LLM / Dv video width, H heads, K kv heads, E head dim, V vocabulary.
 
 Commands:
     python mark1.py --train                                  # data + training + evaluation on CPU (~10 min)
@@ -53,6 +51,7 @@ import re
 import sys
 import time
 import unicodedata
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import cv2
@@ -67,10 +66,8 @@ from safetensors.torch import load_file, save_file
 
 SCRIPT = "mark1"
 
-
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
-
 
 def read_json(path, fix):
     """json.load where a missing or damaged file is one UserError line that says how to fix it."""
@@ -81,11 +78,8 @@ def read_json(path, fix):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e}); {fix}")
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
-
-
 @dataclass
 class Config:
     # data
@@ -144,8 +138,7 @@ class Config:
     warmup_frac: float = 0.1  # linear warmup over this fraction of the steps, then cosine (as the Mark-1 project)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    dtype: str = "auto"  # autocast: auto (bfloat16 where the hardware has it, else float32; see autocast_dtype),
-    # float32, bfloat16 or float16 (float16 only on CUDA)
+    dtype: str = "auto"  # autocast: auto (see autocast_dtype), float32, bfloat16 or float16 (CUDA only)
     device: str = "auto"
     seed: int = 1337
     log_interval: int = 50
@@ -157,7 +150,6 @@ class Config:
     top_p: float = 1.0
     max_new_tokens: int = 16
     threshold: float = 0.5  # a frame is "support" when sigmoid(saliency) exceeds this
-
 
 PRESETS = {
     "default": {},
@@ -172,10 +164,8 @@ PRESETS = {
                  lam=2.0, pos_weight=10.0, lr=5e-5, n_frames=16, crop=256, frame_head="linear"),
 }
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: the synthetic world (real mp4 files), the video loader, the annotation file, tokenizers
-
 COLOURS = {"red": (40, 40, 230), "green": (60, 200, 60), "blue": (230, 90, 40), "yellow": (40, 220, 230),
            "purple": (200, 60, 170)}  # BGR, as OpenCV draws
 SHAPES = ["circle", "square", "triangle"]  # drawn filled, RADIUS pixels from the centre
@@ -183,23 +173,11 @@ EVENTS = ["appears", "turns", "stops", "meets"]  # the four answers; their order
 HELD_OUT = {("red", "appears"), ("green", "turns"), ("blue", "stops"), ("yellow", "meets")}  # the `novel` split
 SIDE, RADIUS, FPS, N_CLIP = 48, 6, 8, 16  # frame side, shape radius, frames per second, frames per clip
 
-
-def draw_shape(img, shape, bgr, x, y):
-    x, y, r = int(round(x)), int(round(y)), RADIUS  # OpenCV draws at integer pixels
-    if shape == "circle":
-        cv2.circle(img, (x, y), r, bgr, -1)
-    elif shape == "square":
-        cv2.rectangle(img, (x - r + 1, y - r + 1), (x + r - 1, y + r - 1), bgr, -1)
-    else:
-        cv2.fillConvexPoly(img, np.array([[x, y - r], [x - r, y + r - 1], [x + r, y + r - 1]], np.int32), bgr)
-
-
 def bounce(x0, v, t, lo=10, hi=SIDE - 10):
     """Position at frame t of a point moving at v px/frame between walls lo and hi (reflecting)."""
     span = hi - lo
     p = (x0 - lo + v * t) % (2 * span)  # unfold the reflections: a path of period 2 * span
     return lo + (p if p <= span else 2 * span - p)  # fold the way back
-
 
 def sample_event(rng, split):
     """One clip's story: -> (per-frame draw list, annotation dict without the video path)."""
@@ -237,23 +215,26 @@ def sample_event(rng, split):
     options = ["it appears", f"it turns {new_colour}", "it stops", f"it meets the {other_colour} {other_shape}"]
     answer_text = options[EVENTS.index(event)]
     rng.shuffle(options)  # the answer's letter is uniform over A-D
-    letters = "ABCD"
-    choices = [f"{letters[i]}. {o}" for i, o in enumerate(options)]
+    choices = [f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)]
     ann = dict(question=f"What happens to the {colour} {shape}?", choices=choices,
                answer=choices[options.index(answer_text)], support_times=[round(f / FPS, 4) for f in support],
                event=event, colour=colour)
     return frames, ann
 
-
 def write_clip(path, frames):
     w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), FPS, (SIDE, SIDE))  # MPEG-4 part 2: lossy, real
     for objs in frames:
         img = np.full((SIDE, SIDE, 3), 128, np.uint8)  # grey background
-        for o in objs:
-            draw_shape(img, o["shape"], COLOURS[o["colour"]], o["x"], o["y"])
+        for o in objs:  # filled shapes, at integer pixels as OpenCV draws
+            x, y, r, bgr = int(round(o["x"])), int(round(o["y"])), RADIUS, COLOURS[o["colour"]]
+            if o["shape"] == "circle":
+                cv2.circle(img, (x, y), r, bgr, -1)
+            elif o["shape"] == "square":
+                cv2.rectangle(img, (x - r + 1, y - r + 1), (x + r - 1, y + r - 1), bgr, -1)
+            else:
+                cv2.fillConvexPoly(img, np.array([[x, y - r], [x - r, y + r - 1], [x + r, y + r - 1]], np.int32), bgr)
         w.write(img)
     w.release()
-
 
 def build_world(cfg):
     """Write train/val/test/novel clips + annotation JSON under data_dir (skipped when already complete)."""
@@ -273,18 +254,15 @@ def build_world(cfg):
         json.dump(anns, open(os.path.join(cfg.data_dir, f"{split}.json"), "w"), indent=0)
     json.dump(sizes, open(stamp, "w"))
 
-
 def sample_indices(n_total, n_frames):
     """Uniform frame indices (the centre of each of n_frames equal bins); short clips repeat indices."""
     if n_total <= 0:
         raise ValueError("zero frames")  # load_video turns this into a UserError naming the file
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
 
-
 def preprocess(img, crop):
-    """transformers' VJEPA2VideoProcessor on one uint8 (H, W, 3) frame, up to the float steps: shortest edge ->
-    int(crop*256/224) (long edge int(short*long/shortest)), bilinear with antialias, centre crop. Rescale and the
-    ImageNet mean/std come later, in float (normalize())."""
+    """transformers' VJEPA2VideoProcessor on a uint8 (H, W, 3) frame up to its float steps (those are normalize()):
+    shortest edge -> int(crop*256/224) (long edge int(short*long/shortest)), antialiased bilinear, centre crop."""
     short = int(crop * 256 / 224)  # resize to 8/7 of the crop, then cut the centre (ImageNet-style eval)
     h, w = img.shape[:2]
     nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)  # keep the aspect ratio
@@ -295,7 +273,6 @@ def preprocess(img, crop):
         img = x[0].permute(1, 2, 0).numpy()  # (nh, nw, 3) uint8
     top, left = int((nh - crop) / 2), int((nw - crop) / 2)  # torchvision's centre-crop rounding
     return img[top:top + crop, left:left + crop]  # (crop, crop, 3)
-
 
 def load_video(path, n_frames, crop):
     """Video file (any container OpenCV reads) or a folder of frame images -> (uint8 (F, crop, crop, 3) RGB,
@@ -321,18 +298,11 @@ def load_video(path, n_frames, crop):
     clip = np.ascontiguousarray(np.stack([imgs[i][:, :, ::-1] for i in idx]))  # (F, S, S, 3) RGB, row-major
     return clip, np.array(idx, np.float64) / fps, len(imgs) / fps
 
-
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # V-JEPA 2 (ImageNet)
-
-
 def normalize(clips):
     """uint8 (B, F, S, S, 3) -> float (B, F, 3, S, S), HF's pixel_values_videos layout; one fused op like HF."""
     x = clips.permute(0, 1, 4, 2, 3).float()  # (B, F, 3, S, S), still 0..255
     return (x - MEAN.view(1, 1, 3, 1, 1) * 255) / (STD.view(1, 1, 3, 1, 1) * 255)
-
-
-CHOICE_RE = re.compile(r"^([A-Z])\. \S")
-
 
 def read_annotations(path, base=None):
     """User JSON: a list of {video, question, choices, answer, support_times}; validated, errors name the entry."""
@@ -354,15 +324,12 @@ def read_annotations(path, base=None):
         out.append({**it, "video": os.path.join(base, it["video"]), "support_times": st, "where": where})
     return out  # (os.path.join keeps an absolute video path as it is)
 
-
 def check_choices(choices, where):
     if not isinstance(choices, list) or len(choices) < 2 or any(not isinstance(c, str) for c in choices):
         raise UserError(f"{where}: choices must be a list of at least two strings like 'A. ...'")
-    for k, c in enumerate(choices):
-        if not CHOICE_RE.match(c) or c[0] != "ABCDEFGHIJ"[k]:
-            raise UserError(f"{where}: choice {c!r} is not in the form '{'ABCDEFGHIJ'[k]}. text' "
-                            "(A, B, C, ... in order)")
-
+    for k, c in enumerate(choices):  # the k-th choice starts with the k-th letter
+        if not re.match(rf"{chr(65 + k)}\. \S", c):
+            raise UserError(f"{where}: choice {c!r} is not in the form '{chr(65 + k)}. text' (A, B, C, ... in order)")
 
 def frame_labels(support_times, times, duration, where):
     """Per sampled frame 0/1: the sampled frame nearest each support time is positive (the Mark-1 project's rule)."""
@@ -372,7 +339,6 @@ def frame_labels(support_times, times, duration, where):
             raise UserError(f"{where}: support time {t}s is outside the clip (0..{duration:.2f}s)")
         lab[int(np.argmin(np.abs(times - t)))] = 1
     return lab
-
 
 def load_split(entries, cfg):
     """-> dict of uint8 clips (N, F, S, S, 3), frame labels (N, F), frame times (N, F), durations (N,)."""
@@ -384,35 +350,27 @@ def load_split(entries, cfg):
     return dict(clips=torch.from_numpy(np.stack(clips)), labels=torch.from_numpy(np.stack(labs)),
                 times=np.stack(times), durations=np.array(durs))
 
-
 class GPT2Tokenizer:
     """GPT-2 tokens (tiktoken); the model's table holds only `ids` (GPT-2 ids seen in training, <|endoftext|> first,
     then an <unk> row for ids never seen). compact=False keeps all 50257."""
-
     def __init__(self, ids=None):
         self.enc = tiktoken.get_encoding("gpt2")
         self.ids = ids if ids is not None else list(range(self.enc.n_vocab))
         self.index = {g: i for i, g in enumerate(self.ids)}
         self.eos, self.unk = self.index[self.enc.eot_token], self.index.get(-1, 0)
-
     @staticmethod
     def build(texts, compact):  # the compact table of the ids in `texts`, or the full one
         enc = tiktoken.get_encoding("gpt2")
         seen = sorted({t for s in texts for t in enc.encode(s)} - {enc.eot_token})
         return GPT2Tokenizer([enc.eot_token, -1] + seen if compact else None)
-
     def encode(self, s):
         return [self.index.get(t, self.unk) for t in self.enc.encode(s)]
-
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if i != self.eos and self.ids[i] >= 0])
-
     def prompt(self, q, choices):
         return self.encode(q + "\n" + "\n".join(choices) + "\nAnswer:")
-
     def target(self, answer):
         return self.encode(" " + answer) + [self.eos]
-
 
 def bytes_to_unicode():
     """GPT-2's byte <-> printable-character table, which byte-level BPE vocabularies (Qwen's too) are written in:
@@ -421,16 +379,12 @@ def bytes_to_unicode():
     rest = [b for b in range(256) if b not in bs]
     return dict(zip(bs + rest, map(chr, bs + [256 + n for n in range(len(rest))])))
 
-
 QWEN_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
             r"|\s+(?!\S)|\s+")
-
-
 class QwenTokenizer:
-    """Qwen3's byte-level BPE from its tokenizer.json as a tiktoken.Encoding: the ranks are the vocabulary ids (Qwen's
-    ids are in merge order, so rank-greedy merging equals the merge list), the split regex is the pre-tokenizer's,
-    every added token is a special token, and the text is NFC-normalised first, as HF does. No BOS is added."""
-
+    """Qwen3's byte-level BPE (tokenizer.json) as a tiktoken.Encoding: ranks = vocabulary ids (Qwen's ids are in merge
+    order, so rank-greedy merging equals the merge list), the pre-tokenizer's split regex, added tokens as specials,
+    NFC first as HF does; no BOS."""
     def __init__(self, path):
         j = read_json(path, "the Qwen3 checkpoint folder needs its tokenizer.json")
         if j.get("model", {}).get("type") != "BPE":
@@ -444,39 +398,29 @@ class QwenTokenizer:
         self.enc = tiktoken.Encoding("qwen3", pat_str=pat, mergeable_ranks=ranks, special_tokens=specials)
         self.eos = specials.get("<|im_end|>", specials.get("<|endoftext|>"))
         self.ids = None  # the full table: nothing to save
-
     def encode(self, s):
         return self.enc.encode(unicodedata.normalize("NFC", s), allowed_special="all")
-
     def decode(self, ids):
         return self.enc.decode([i for i in ids if i != self.eos])
-
     @staticmethod
     def chat(content):
         """Qwen3's chat template: one user turn, generation prompt, thinking disabled."""
         return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-
     def prompt(self, q, choices):
         return self.encode(self.chat(q + "\n" + "\n".join(choices) + "\nAnswer with the option's letter and text."))
-
     def target(self, answer):
         return self.encode(answer) + [self.eos]
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Model: V-JEPA 2 encoder, Qwen3 LLM, bridge
-
-
 class VJEPA2Attention(nn.Module):
     """Non-causal self-attention with separate query/key/value/proj and V-JEPA 2's 3D RoPE (as transformers' VJEPA2)."""
-
     def __init__(self, d, n_head, grid, qkv_bias=True):
         super().__init__()
         self.n_head, self.hd, self.grid = n_head, d // n_head, grid  # grid = crop // patch, from the config
         self.query, self.key, self.value = (nn.Linear(d, d, bias=qkv_bias) for _ in range(3))
         self.proj = nn.Linear(d, d)  # output projection, with bias as upstream
         self.sub = 2 * ((self.hd // 3) // 2)  # rotated dims per axis (20 for head dim 64); the rest pass through
-
     @staticmethod
     def rotate(x, pos):
         """The upstream rotation, kept exactly: frequencies tiled (cat(f, f)) but partners interleaved (-x1, x0, ...),
@@ -489,14 +433,12 @@ class VJEPA2Attention(nn.Module):
         y = x.unflatten(-1, (-1, 2))  # (B, H, P, n/2, 2)
         y = torch.stack((-y[..., 1], y[..., 0]), dim=-1).flatten(-2)  # (B, H, P, n)
         return x * cos + y * sin  # a 2-D rotation of each (even, odd) pair by angle pos * omega
-
     def rope(self, x):  # (B, H, P, E) -> same; the head dim is split in three: time, height, width
         P, g, s = x.shape[2], self.grid, self.sub  # P tokens, G grid side, s dims per axis
         i = torch.arange(P, device=x.device)  # token index in (t, h, w) raster order
         t, h, w = i // (g * g), (i % (g * g)) // g, i % g  # positions from the config grid, not the input size
         parts = [self.rotate(x[..., k * s:(k + 1) * s], pos) for k, pos in enumerate((t, h, w))]  # 3 x (B, H, P, s)
         return torch.cat(parts + [x[..., 3 * s:]], dim=-1)  # the E - 3s leftover dims are not rotated (4 for E=64)
-
     def forward(self, x):
         B, P, D = x.shape  # (B, P, Dv)
         q, k, v = (m(x).view(B, P, self.n_head, self.hd).transpose(1, 2) for m in (self.query, self.key, self.value))
@@ -504,73 +446,49 @@ class VJEPA2Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v)  # scale E^-0.5, no mask
         return self.proj(y.transpose(1, 2).reshape(B, P, D))  # (B, H, P, E) -> (B, P, H*E)
 
-
-class VJEPA2MLP(nn.Module):
-    def __init__(self, d, hidden):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)  # hidden = mlp_ratio * d (4x)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
-
-
 class VJEPA2Layer(nn.Module):
     def __init__(self, d, n_head, mlp_ratio, grid, eps):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)  # pre-LN block (ViT)
         self.attention = VJEPA2Attention(d, n_head, grid)
-        self.mlp = VJEPA2MLP(d, int(d * mlp_ratio))
-
+        h = int(d * mlp_ratio)  # the MLP's hidden width (4x); exact (erf) GELU; keys mlp.fc1, mlp.fc2 as the checkpoint
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(d, h), act=nn.GELU(), fc2=nn.Linear(h, d)))
     def forward(self, x):
         x = x + self.attention(self.norm1(x))  # residual around attention
         return x + self.mlp(self.norm2(x))  # residual around the MLP
 
-
-class VJEPA2Embeddings(nn.Module):
-    def __init__(self, d, patch, tubelet):
-        super().__init__()
-        self.tubelet, self.patch_embeddings = tubelet, nn.Module()  # a bare module: the checkpoint's key path
-        # one token per tubelet x patch x patch cube: a strided Conv3d is a linear map of each non-overlapping cube
-        cube = (tubelet, patch, patch)
-        self.patch_embeddings.proj = nn.Conv3d(3, d, kernel_size=cube, stride=cube)
-
-    def forward(self, video):
-        x = video.permute(0, 2, 1, 3, 4)  # (B, 3, F, S, S)
-        if x.shape[2] < self.tubelet:  # a single image: repeat it to one tubelet
-            x = x.repeat(1, 1, self.tubelet, 1, 1)
-        x = x.to(self.patch_embeddings.proj.weight.dtype)  # the tower's own dtype (bfloat16 files)
-        x = self.patch_embeddings.proj(x)  # (B, Dv, T, G, G); an odd F drops the last frame
-        return x.flatten(2).transpose(1, 2)  # (B, P, Dv), (t, h, w) raster order
-
-
 class VJEPA2Encoder(nn.Module):
     """Module names follow the HF checkpoint (`encoder.` prefix stripped): embeddings.patch_embeddings.proj,
     layer.N.{norm1,attention.{query,key,value,proj},norm2,mlp.fc1,mlp.fc2}, layernorm."""
-
     def __init__(self, width, layers, heads, patch, tubelet, crop, mlp_ratio=4.0, eps=1e-6):
         super().__init__()
         self.width, self.patch, self.tubelet, self.crop = width, patch, tubelet, crop  # the geometry Mark1 reads
-        self.embeddings = VJEPA2Embeddings(width, patch, tubelet)
+        self.embeddings = nn.Module()  # bare modules: the checkpoint's key path embeddings.patch_embeddings.proj
+        self.embeddings.patch_embeddings = nn.Module()
+        # one token per tubelet x patch x patch cube: a strided Conv3d is a linear map of each non-overlapping cube
+        cube = (tubelet, patch, patch)
+        self.embeddings.patch_embeddings.proj = nn.Conv3d(3, width, kernel_size=cube, stride=cube)
         self.layer = nn.ModuleList(VJEPA2Layer(width, heads, mlp_ratio, crop // patch, eps) for _ in range(layers))
         self.layernorm = nn.LayerNorm(width, eps=eps)  # final norm: its output is the feature Mark 1 uses
-
     def forward(self, video):  # (B, F, 3, S, S) normalised -> (B, P, Dv), == HF get_vision_features
-        x = self.embeddings(video)  # (B, P, Dv); no absolute position embedding: RoPE carries the positions
+        x = video.permute(0, 2, 1, 3, 4)  # (B, 3, F, S, S)
+        if x.shape[2] < self.tubelet:  # a single image: repeat it to one tubelet
+            x = x.repeat(1, 1, self.tubelet, 1, 1)
+        proj = self.embeddings.patch_embeddings.proj
+        x = proj(x.to(proj.weight.dtype))  # (B, Dv, T, G, G) in the tower's dtype; an odd F drops the last frame
+        x = x.flatten(2).transpose(1, 2)  # (B, P, Dv), (t, h, w) raster order; no absolute position: RoPE has them
         for blk in self.layer:
             x = blk(x)  # (B, P, Dv)
         return self.layernorm(x)
-
 
 class RMSNorm(nn.Module):
     def __init__(self, d, eps=1e-6):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(d))  # a gain, no bias, no mean subtraction
-
     def forward(self, x):
         h = x.float()  # the statistic in float32 even for bfloat16 activations
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)  # HF order: normalise in fp32, cast back, then scale
-
 
 def rope_cos_sin(pos, dim, theta, dtype):
     """LLaMA/Qwen rotate_half RoPE tables: pos (B, L) -> cos, sin (B, 1, L, E), computed in fp32, cast to dtype."""
@@ -579,11 +497,9 @@ def rope_cos_sin(pos, dim, theta, dtype):
     emb = torch.cat((f, f), dim=-1)[:, None]  # (B, 1, L, E)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
-
 def apply_rope(x, cos, sin):  # x (B, H, L, E): dim i pairs with dim i + E/2 (rotate_half), unlike V-JEPA 2's pairs
     x1, x2 = x.chunk(2, dim=-1)  # 2 x (B, H, L, E/2)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # (B, H, L, E)
-
 
 class Qwen3Attention(nn.Module):
     def __init__(self, d, n_head, n_kv, hd, eps, bias=False):
@@ -592,7 +508,6 @@ class Qwen3Attention(nn.Module):
         self.q_proj, self.o_proj = nn.Linear(d, n_head * hd, bias=bias), nn.Linear(n_head * hd, d, bias=bias)
         self.k_proj, self.v_proj = nn.Linear(d, n_kv * hd, bias=bias), nn.Linear(d, n_kv * hd, bias=bias)  # K heads
         self.q_norm, self.k_norm = RMSNorm(hd, eps), RMSNorm(hd, eps)  # per head, before RoPE
-
     def forward(self, x, cos, sin, mask, cache=None):
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, L, self.n_head, self.hd)).transpose(1, 2)  # (B, H, L, E)
@@ -608,51 +523,38 @@ class Qwen3Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1)  # (B, H, L, E)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, self.n_head * self.hd))  # (B, L, H*E) -> (B, L, D)
 
-
 class Qwen3MLP(nn.Module):
     def __init__(self, d, inter):
         super().__init__()
         self.gate_proj, self.up_proj = nn.Linear(d, inter, bias=False), nn.Linear(d, inter, bias=False)
         self.down_proj = nn.Linear(inter, d, bias=False)  # no biases anywhere in Qwen3
-
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
-
 
 class Qwen3Layer(nn.Module):
     def __init__(self, d, n_head, n_kv, hd, inter, eps):
         super().__init__()
         self.self_attn, self.mlp = Qwen3Attention(d, n_head, n_kv, hd, eps), Qwen3MLP(d, inter)
         self.input_layernorm, self.post_attention_layernorm = RMSNorm(d, eps), RMSNorm(d, eps)  # pre-norm block
-
     def forward(self, x, cos, sin, mask, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)  # (B, L, D)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-
-class Qwen3Body(nn.Module):
-    def __init__(self, vocab, d, layers, n_head, n_kv, hd, inter, eps):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(vocab, d)  # (V, D); also the lm_head when tied
-        self.layers = nn.ModuleList(Qwen3Layer(d, n_head, n_kv, hd, inter, eps) for _ in range(layers))
-        self.norm = RMSNorm(d, eps)  # the final norm before lm_head
-
-
 class Qwen3LM(nn.Module):
     """Qwen3ForCausalLM: names as the checkpoint (model.embed_tokens, model.layers.N..., model.norm, lm_head)."""
-
     def __init__(self, vocab, d, layers, n_head, n_kv, hd, inter, theta=1e6, eps=1e-6, tie=True):
         super().__init__()
         self.hd, self.theta, self.tie = hd, theta, tie
-        self.model = Qwen3Body(vocab, d, layers, n_head, n_kv, hd, inter, eps)
+        self.model = nn.Module()  # the body (the checkpoint's `model.` key prefix)
+        self.model.embed_tokens = nn.Embedding(vocab, d)  # (V, D); also the lm_head when tied
+        self.model.layers = nn.ModuleList(Qwen3Layer(d, n_head, n_kv, hd, inter, eps) for _ in range(layers))
+        self.model.norm = RMSNorm(d, eps)  # the final norm before lm_head
         self.lm_head = nn.Linear(d, vocab, bias=False)  # (V, D)
         if tie:  # tied head (small Qwen3s): the output matrix IS the input embedding, one Parameter
             self.lm_head.weight = self.model.embed_tokens.weight
-
     def forward(self, x, pos=None, valid=None, cache=None, last_only=False, head=True):
-        """x (B, L, D) input embeddings; pos (B, L) positions (default arange); valid (B, Lk) False at padded keys
-        (Lk = cached + L); cache a list of per-layer dicts. -> logits (B, L or 1, V), or with head=False the final
-        normed hidden states (B, L, D), so that a caller can project only the positions it needs."""
+        """x (B, L, D) embeddings; pos (B, L) (default arange); valid (B, Lk = cached + L) False at padded keys; cache
+        a list of per-layer dicts. -> logits (B, L or 1, V), or (head=False) the normed hidden states (B, L, D)."""
         B, L, _ = x.shape
         past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
         if pos is None:
@@ -670,13 +572,11 @@ class Qwen3LM(nn.Module):
         x = x[:, -1:] if last_only else x  # generation needs the last position only
         return self.lm_head(x) if head else x
 
-
 class CrossAttention(nn.Module):
     def __init__(self, d, n_head):
         super().__init__()
         self.n_head = n_head  # H heads of width E = D / H
         self.q, self.kv, self.out = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)  # keys+values in one matmul
-
     def forward(self, x, ctx, key_valid=None):  # x (B, Lq, D) queries, ctx (B, Lk, D), key_valid (B, Lk) bool
         B, Lq, D = x.shape
         H, E = self.n_head, D // self.n_head  # heads, head width
@@ -686,26 +586,21 @@ class CrossAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, E)
         return self.out(y.transpose(1, 2).reshape(B, Lq, D))  # (B, Lq, H*E)
 
-
 class BertLayer(nn.Module):
     """BERT's encoder layer: post-LayerNorm, GELU, padding mask."""
-
     def __init__(self, d, n_head, inter):
         super().__init__()
         self.attn = CrossAttention(d, n_head)  # self-attention = cross-attention to itself
         self.ln1, self.ln2 = nn.LayerNorm(d, eps=1e-12), nn.LayerNorm(d, eps=1e-12)
         self.fc1, self.fc2 = nn.Linear(d, inter), nn.Linear(inter, d)  # the feed-forward, inter wide
-
     def forward(self, x, valid):  # x (B, L, D), valid (B, L) False at padding
         x = self.ln1(x + self.attn(x, x, valid))  # post-LN: normalise after the residual sum
         return self.ln2(x + self.fc2(F.gelu(self.fc1(x))))
-
 
 class Bridge(nn.Module):
     """The trainable part. The V-JEPA 2 encoder carries no absolute position (RoPE only), and cross-attention is blind
     to token order, so the bridge adds a learned (tubelet, row, column) embedding to the projected video tokens:
     without it the temporal queries could not tell *when* anything happened."""
-
     def __init__(self, cfg, v_width, d, n_tubelet, grid):
         super().__init__()
         N, M = cfg.n_visual_query, cfg.n_temporal_query
@@ -736,9 +631,7 @@ class Bridge(nn.Module):
             self.register_buffer("frame_to_key", torch.arange(cfg.n_frames).clamp(max=n_tubelet * per - 1),
                                  persistent=False)
         # per-query output scale and shift (identity at first; set from data by Mark1.init_from_data)
-        self.q_scale = nn.Parameter(torch.ones(N + M, d))
-        self.q_shift = nn.Parameter(torch.zeros(N + M, d))
-
+        self.q_scale, self.q_shift = nn.Parameter(torch.ones(N + M, d)), nn.Parameter(torch.zeros(N + M, d))
     def forward(self, feats, q_emb, q_valid):
         """feats (B, P, Dv); q_emb (B, Lq, D) question embeddings from the LLM table; q_valid (B, Lq).
         -> prefix (B, N, D), frame logits (B, F)."""
@@ -748,12 +641,10 @@ class Bridge(nn.Module):
         for blk in self.head:
             t = t + blk(t)  # residual MLP blocks
         return prefix, self.frame_logits(v, t)
-
     def frame_logits(self, v, t):
-        """v (B, P, D) video tokens, t (B, M, D) temporal queries -> (B, F) support logits. Each tubelet is pooled
-        over space and its clip's mean over time is subtracted (what changes over the clip); a Linear makes one
-        key per frame of the tubelet from it; each temporal query scores each frame's key by a dot product; the best
-        query wins. The Mark-1 project's head (frame_head="linear") is a fixed Linear(D, F) on each query instead."""
+        """v (B, P, D) video tokens, t (B, M, D) temporal queries -> (B, F) support logits. Each tubelet pooled over
+        space minus its clip mean (what changes) gives one key per frame; each query scores each key (dot product), the
+        best query wins. The Mark-1 project's head (frame_head="linear") is a fixed Linear(D, F) on each query."""
         if self.frame_head == "linear":
             return self.frame_out(t).amax(1)  # (B, M, F) -> max over the M temporal queries -> (B, F)
         B, P, D = v.shape
@@ -761,14 +652,12 @@ class Bridge(nn.Module):
         k = self.frame_key(c - c.mean(1, keepdim=True)).reshape(B, -1, D)  # (B, T*per, D): frame f = (f//per, f%per)
         s = (t @ k.transpose(1, 2)).amax(1) / math.sqrt(D)  # (B, M, T*per) -> max over the M queries -> (B, T*per)
         return s[:, self.frame_to_key] + self.frame_bias  # (B, F)
-
     def video_tokens(self, feats):
         P = feats.shape[1]
         T = P // (self.grid * self.grid)
         pos = self.time_emb[:T, None, :] + self.space_emb[None, :, :]  # (T, G*G, D)
         feats = feats.to(self.proj.weight.dtype)  # boundary 1: the encoder's dtype (bfloat16 files) -> the bridge's
         return self.ln_v(self.proj(feats) + pos.reshape(T * self.grid * self.grid, -1)[:P])  # (B, P, D)
-
     def read(self, v, q_emb, q_valid):
         """v (B, P, D) video tokens -> the N+M query rows after the cross-attention blocks and the BERT layer."""
         B = v.shape[0]
@@ -780,7 +669,6 @@ class Bridge(nn.Module):
         valid = torch.cat((torch.ones(B, self.N + self.M, dtype=torch.bool, device=q.device), q_valid), 1)
         return self.bert(x, valid)[:, :self.N + self.M]
 
-
 class Mark1(nn.Module):
     def __init__(self, cfg, vocab, vision=None, llm=None):
         super().__init__()
@@ -788,18 +676,15 @@ class Mark1(nn.Module):
                                               cfg.crop, cfg.v_mlp_ratio)
         self.llm = llm or Qwen3LM(vocab, cfg.l_width, cfg.l_layers, cfg.l_heads, cfg.l_kv_heads, cfg.l_head_dim,
                                   cfg.l_inter, cfg.rope_theta, tie=cfg.tie_embeddings)
-        grid = self.vision.crop // self.vision.patch
-        d = self.llm.model.embed_tokens.weight.shape[1]
+        d, grid = self.llm.model.embed_tokens.weight.shape[1], self.vision.crop // self.vision.patch
         self.bridge = Bridge(cfg, self.vision.width, d, max(1, cfg.n_frames // self.vision.tubelet), grid)
-        self.frozen = set()
-        self.cfg, self.devices = cfg, dict(vision="cpu", bridge="cpu", llm="cpu")
+        self.frozen, self.cfg, self.devices = set(), cfg, dict(vision="cpu", bridge="cpu", llm="cpu")
         self.scratch_vision = vision is None  # a checkpoint encoder keeps its HF input and its weights
         self.centre = cfg.centre_frames and self.scratch_vision
         for part, loaded in (("vision", vision), ("llm", llm), ("bridge", None)):
             if loaded is None:  # towers loaded from a checkpoint keep their weights
                 getattr(self, part).apply(self._init_weights)
         nn.init.normal_(self.bridge.queries, std=0.02)
-
     @staticmethod
     def _init_weights(m):
         """GPT-style init (std 0.02, zero biases), LayerNorm/RMSNorm to identity."""
@@ -807,24 +692,20 @@ class Mark1(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
-
     def freeze(self, part):
         """Frozen for real: no grads, and eval mode that a later .train() cannot undo (see train())."""
         getattr(self, part).requires_grad_(False).eval()
         self.frozen.add(part)
-
     def train(self, mode=True):
         super().train(mode)
         for p in self.frozen:
             getattr(self, p).eval()
         return self
-
     def place(self, devices):  # {part: device}: the three parts may sit on different devices (--device_map)
         self.devices = devices
         for part, dev in devices.items():
             getattr(self, part).to(dev)
         return self
-
     def encode(self, clips):
         """uint8 (B, F, S, S, 3) -> (B, P, Dv); no graph when the encoder is frozen."""
         x = normalize(clips).to(self.devices["vision"], self.vision.layernorm.weight.dtype)  # the tower's dtype
@@ -832,7 +713,6 @@ class Mark1(nn.Module):
             x = x - x.mean((-2, -1), keepdim=True)
         with torch.no_grad() if "vision" in self.frozen else torch.enable_grad():
             return self.vision(x)
-
     @torch.no_grad()
     def init_from_data(self, clips, q_ids, q_valid):
         """Data-dependent initialisation (Salimans & Kingma 2016). Every clip is mostly the same background, so at
@@ -854,10 +734,8 @@ class Mark1(nn.Module):
         q = b.read(b.video_tokens(feats), self.embed(q_ids).to(dev), q_valid.to(dev))  # (B, N+M, D)
         if q.shape[0] > 1:  # a spread across clips needs two clips
             fold(b.q_scale, b.q_shift, q, 0)
-
     def embed(self, ids):
         return self.llm.model.embed_tokens(ids.to(self.devices["llm"]))
-
     def fuse(self, feats, q_ids, q_valid):
         """-> prefix on the LLM's device (B, N, D), frame logits (B, F) on the bridge's."""
         dev = self.devices["bridge"]
@@ -865,14 +743,11 @@ class Mark1(nn.Module):
         prefix, frame_logits = self.bridge(feats.to(dev), q_emb, q_valid.to(dev))
         # boundary 2: the prefix enters the LLM in the LLM's own dtype and device
         return prefix.to(self.devices["llm"], self.llm.lm_head.weight.dtype), frame_logits
-
     def forward(self, feats, q_ids, q_valid, inp, tgt=None, labels=None, n_tok=None, n_clip=None):
-        """Training forward on right-padded text. inp/tgt (B, L): prompt+answer tokens and their next-token targets
-        (-100 on prompt and pad). -> (logits, loss, frame logits (B, F)); logits are (B, L, V) without tgt and
-        (A, V) at the A answer positions with it: lm_head (V x D, the largest product at Qwen3 scale) runs only
-        there. The losses are sums over this batch divided by n_tok answer tokens (CE) and n_clip clips (BCE, per
-        frame): this batch's own counts by default (plain means); training passes the counts of the whole global
-        batch, so its micro-batches and ranks add up to the global batch's mean however it is split."""
+        """inp/tgt (B, L): right-padded prompt+answer tokens and next-token targets (-100 on prompt and pad).
+        -> (logits, loss, frame logits (B, F)); logits (B, L, V) without tgt, else (A, V) at the A answer positions
+        only (lm_head, V x D, is the largest product at Qwen3 scale). Loss sums are divided by n_tok answer tokens and
+        n_clip clips: this batch's by default; training passes the global batch's, so any split adds up to its mean."""
         prefix, frame_logits = self.fuse(feats, q_ids, q_valid)
         x = torch.cat((prefix, self.embed(inp).to(prefix.dtype)), 1)  # (B, N+L, D)
         h = self.llm(x, head=False)[:, prefix.shape[1]:]  # (B, L, D); causal mask: right padding needs no mask
@@ -887,20 +762,15 @@ class Mark1(nn.Module):
         self.parts = (ce.item(), bce.item())  # for the log line
         return logits, ce + self.cfg.lam * bce.to(ce.device), frame_logits
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoint I/O: own format (out_dir/model.safetensors + config.json + train_state.pt) and the HF loaders
-
-
 def atomic(path, write):
     tmp = path + ".tmp"
     write(tmp)
     os.replace(tmp, path)  # a crash never leaves a half-written file
 
-
 def read_hf_dir(path, want):
-    """-> (config dict, {tensor key: file}) of an HF folder (one model.safetensors or an index of shards); only the
-    safetensors headers are read here."""
+    """-> (config dict, {tensor key: file}) of an HF folder (one file or sharded); reads the headers only."""
     fix = "pass a complete Hugging Face checkpoint folder (download it again if damaged)"
     conf = read_json(os.path.join(path, "config.json"), fix)
     if not isinstance(conf, dict) or conf.get("model_type") != want:
@@ -916,11 +786,9 @@ def read_hf_dir(path, want):
             raise UserError(f"{os.path.join(path, f)}: unreadable safetensors file ({e})")
     return conf, keys
 
-
 def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
-    """Check file keys against the module's (mapping: file key -> module key, or None to ignore), list every missing,
-    unexpected and mis-shaped key from the safetensors headers alone, and only then read the tensors, each converted
-    to `dtype` (None: the file's) on `device`, into the module (built on the meta device)."""
+    """mapping: file key -> module key (None: ignored). Every missing, unexpected and mis-shaped key is listed from the
+    headers alone; only then are the tensors read, in `dtype` (None: the file's) on `device`, into the meta module."""
     want = {k: v.shape for k, v in module.state_dict().items()}
     if getattr(module, "tie", False):
         want.pop("lm_head.weight", None)  # a tied head is the embedding: no tensor of its own in the file
@@ -939,7 +807,6 @@ def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
         module.lm_head.weight = module.model.embed_tokens.weight  # assign=True replaced the Parameter: tie again
     return module
 
-
 def load_vjepa2(path, dtype=None, device="cpu"):
     """HF V-JEPA 2 folder (VJEPA2Model `encoder.*`, or a classifier's `vjepa2.encoder.*`) -> frozen VJEPA2Encoder.
     Predictor, pooler and classifier weights are ignored on purpose: Mark 1 only needs the encoder's features."""
@@ -957,21 +824,19 @@ def load_vjepa2(path, dtype=None, device="cpu"):
         print(f"{path}: ignoring {len(keys) - len(mapping)} predictor/pooler/classifier tensors, on purpose")
     return assign_strict(enc, path, keys, mapping.get, dtype, device)
 
-
 def load_qwen3(path, dtype=None, device="cpu"):
     """HF Qwen3 folder -> Qwen3LM in `dtype` (None: the file's) on `device`. A missing config key takes
     transformers' Qwen3Config default; a setting this file does not implement is refused by name, never run wrong."""
     conf, keys = read_hf_dir(path, "qwen3")
     rope = conf.get("rope_parameters") or {}
-    unsupported = [("rope_scaling", conf.get("rope_scaling") is not None),  # YaRN / linear / dynamic scaling
+    unsupported = [name for name, bad in [("rope_scaling", conf.get("rope_scaling") is not None),  # YaRN, linear, ...
                    ("rope_parameters.rope_type", rope.get("rope_type", "default") != "default"),
                    ("use_sliding_window", bool(conf.get("use_sliding_window", False))),
                    ("hidden_act", conf.get("hidden_act", "silu") != "silu"),
-                   ("attention_bias", bool(conf.get("attention_bias", False)))]
-    for name, bad in unsupported:
-        if bad:
-            raise UserError(f"{path}: config.json sets {name} (plain Qwen3 only: default RoPE, full attention, "
-                            f"SiLU, no attention bias); this script does not implement it")
+                   ("attention_bias", bool(conf.get("attention_bias", False)))] if bad]
+    if unsupported:
+        raise UserError(f"{path}: config.json sets {unsupported[0]} (plain Qwen3 only: default RoPE, full attention, "
+                        f"SiLU, no attention bias); this script does not implement it")
     theta = conf.get("rope_theta") or rope.get("rope_theta", 10000.0)
     # tied head unless the file carries its own lm_head (transformers unties then too; using it is always right)
     tie = conf.get("tie_word_embeddings", False) and "lm_head.weight" not in keys
@@ -981,7 +846,6 @@ def load_qwen3(path, dtype=None, device="cpu"):
                      nh, conf.get("num_key_value_heads", nh), conf.get("head_dim", 128),
                      conf.get("intermediate_size", 22016), theta, conf.get("rms_norm_eps", 1e-6), tie)
     return assign_strict(lm, path, keys, lambda k: k, dtype, device)
-
 
 def build_model(cfg, tok):
     """Mark1 from cfg; towers from HF folders stay in their file's dtype unless --dtype resolves to float32 (then
@@ -996,10 +860,8 @@ def build_model(cfg, tok):
         model.freeze(part)
     return model
 
-
 def make_tokenizer(cfg, entries=None, ids=None):
-    """Qwen3's own tokenizer with --llm_ckpt; else GPT-2's over a saved table `ids`, or a table built from the
-    training entries' text."""
+    """Qwen3's own tokenizer with --llm_ckpt; else GPT-2's over the saved table `ids` or one built from `entries`."""
     if cfg.llm_ckpt:
         return QwenTokenizer(os.path.join(cfg.llm_ckpt, "tokenizer.json"))
     if ids is not None:
@@ -1007,12 +869,10 @@ def make_tokenizer(cfg, entries=None, ids=None):
     texts = [e["question"] + "\n" + "\n".join(e["choices"]) + "\nAnswer: " + e["answer"] for e in entries]
     return GPT2Tokenizer.build(texts, cfg.compact_vocab)
 
-
 def own_keys(model, cfg):
     """The state-dict keys a Mark 1 checkpoint stores: not the towers loaded from HF folders, not a tied lm_head."""
     hf = tuple(p + "." for p, c in (("vision", cfg.vision_ckpt), ("llm", cfg.llm_ckpt)) if c)
     return {k for k in model.state_dict() if not k.startswith(hf) and not (k == "llm.lm_head.weight" and model.llm.tie)}
-
 
 def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
     """Weights of every part that did not come from an HF folder (those are reloaded from their folder)."""
@@ -1026,12 +886,9 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
         atomic(path("train_state.pt"), lambda p: torch.save(ts, p))
 
-
 # flags a resumed run may change: how long and where it runs, how it logs; every other flag is fixed by the checkpoint
 RUN_KEYS = {"max_steps", "stop_after", "out_dir", "data_dir", "device", "device_map", "dtype", "log_interval",
             "eval_interval", "feature_cache"}
-
-
 def load_checkpoint(out_dir, overrides=None, refuse=None):
     """-> (model, tokenizer, config) from out_dir, the saved config updated by `overrides`; a flag in `refuse` that
     differs from the saved value is a UserError (--resume cannot change the architecture or the data)."""
@@ -1061,31 +918,23 @@ def load_checkpoint(out_dir, overrides=None, refuse=None):
     model.load_state_dict(state, strict=False)  # towers from HF folders are already loaded; the rest is checked above
     return model, tok, cfg
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics (plain Python, tested on hand-computed cases)
-
 ANSWER_RE = re.compile(r"^\s*([A-J])\.(\s|$)")
-
-
 def extract_option(text):
     """Strict: the answer must begin with an option letter and a full stop ("C." or "C. it stops"); else None."""
     m = ANSWER_RE.match(text)
     return m.group(1) if m else None
 
-
 def mcq_accuracy(preds, answers):  # share of predictions whose option letter is the answer's
     ok = [extract_option(p) is not None and extract_option(p) == extract_option(a) for p, a in zip(preds, answers)]
     return sum(ok) / max(1, len(ok))
 
-
 def frame_f1(pred, gold):
     """Micro F1 over every (clip, frame) pair: pred and gold are lists of 0/1 lists."""
-    tp = sum(p and g for ps, gs in zip(pred, gold) for p, g in zip(ps, gs))  # true positives
-    fp = sum(p and not g for ps, gs in zip(pred, gold) for p, g in zip(ps, gs))  # false positives
-    fn = sum(g and not p for ps, gs in zip(pred, gold) for p, g in zip(ps, gs))  # missed support frames
+    pairs = [(p, g) for ps, gs in zip(pred, gold) for p, g in zip(ps, gs)]
+    tp, fp, fn = (sum((bool(p), bool(g)) == k for p, g in pairs) for k in ((1, 1), (1, 0), (0, 1)))  # TP, FP, FN
     return 2 * tp / max(1, 2 * tp + fp + fn)  # F1 = 2TP / (2TP + FP + FN); 0 when nothing is positive
-
 
 def segment_from_scores(scores, times, duration, threshold):
     """Saliency of the sampled frames -> one (start, end) in seconds: the longest run of frames above threshold (the
@@ -1102,29 +951,20 @@ def segment_from_scores(scores, times, duration, threshold):
     dt = duration / len(times)  # the span one sampled frame stands for
     return float(times[best[0]]), float(min(duration, times[best[1]] + dt))
 
-
 def temporal_iou(a, b):  # two (start, end) spans in seconds -> intersection over union
-    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
-    union = max(a[1], b[1]) - min(a[0], b[0])
+    inter, union = max(0.0, min(a[1], b[1]) - max(a[0], b[0])), max(a[1], b[1]) - min(a[0], b[0])
     return inter / union if union > 0 else 0.0
-
 
 def grounding_metrics(pred_segs, gold_segs):  # -> R@1 at IoU 0.3/0.5/0.7 and mean IoU
     ious = [temporal_iou(p, g) for p, g in zip(pred_segs, gold_segs)]
     n = max(1, len(ious))
-    out = {f"r1_iou{t}": sum(i >= t for i in ious) / n for t in (0.3, 0.5, 0.7)}
-    out["miou"] = sum(ious) / n
-    return out
-
+    return {**{f"r1_iou{t}": sum(i >= t for i in ious) / n for t in (0.3, 0.5, 0.7)}, "miou": sum(ious) / n}
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Training
-
-
 def pick_device(name):  # "auto" -> cuda, else mps, else cpu; any other name as given
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     return name if name != "auto" else "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-
 
 def parse_device_map(cfg):
     """-> {part: device}: --device for all three parts unless --device_map moves one (the Mark-1 project's split
@@ -1145,7 +985,6 @@ def parse_device_map(cfg):
                             "use cpu or an existing cuda:N")
     return out
 
-
 def autocast_dtype(name, device):
     """--dtype auto: bfloat16 where the hardware multiplies in it (a CUDA GPU of compute capability 8+, a CPU with
     AVX512-BF16 or AMX), float32 elsewhere, where bfloat16 would be emulated and several times slower."""
@@ -1156,11 +995,9 @@ def autocast_dtype(name, device):
     native = device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return "bfloat16" if native else "float32"
 
-
 def autocast(cfg, device):  # the mixed-precision context of one part's device; plain float32 when off
     dtype = autocast_dtype(cfg.dtype, device)
     return torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype), enabled=dtype != "float32")
-
 
 def lr_at(step, cfg):
     warm = max(1, int(cfg.warmup_frac * cfg.max_steps))  # warmup steps
@@ -1169,14 +1006,12 @@ def lr_at(step, cfg):
     t = min(1.0, (step - warm) / max(1, cfg.max_steps - warm))  # 0 -> 1 over the rest of the run
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
 
-
 def global_batch(step, n, size, seed):
     """Indices of the global batch of a step: a fresh permutation per epoch, shared by every rank."""
     per_epoch = max(1, n // size)  # full batches per epoch (the remainder is skipped)
     epoch, k = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))  # a pure function of the step
     return perm[k * size:(k + 1) * size]  # so a resumed run draws the same batches
-
 
 def pad_left(rows, pad=0):
     """Rows of ids (L_i,) or embeddings (L_i, D) -> (B, L) or (B, L, D) left-padded with `pad`, valid (B, L)."""
@@ -1186,7 +1021,6 @@ def pad_left(rows, pad=0):
     for i, r in enumerate(rows):
         x[i, L - len(r):], valid[i, L - len(r):] = r, True
     return x, valid
-
 
 def text_batch(items, tok, with_answer=True):
     """items: dicts with question/choices/answer -> question ids + mask (B, Lq), and right-padded prompt+answer
@@ -1203,13 +1037,10 @@ def text_batch(items, tok, with_answer=True):
         tgt[i, len(p) - 1:len(s) - 1] = torch.tensor(a)  # only the answer tokens are learned
     return q_ids, q_valid, inp, tgt
 
-
 class FeatureCache:
     """Frozen encoder: features computed once per clip (keyed by split and index), kept in memory in bf16/fp32."""
-
     def __init__(self, model, enabled):
         self.model, self.on, self.store = model, enabled and "vision" in model.frozen, {}  # a trained encoder: no cache
-
     def __call__(self, split, idx, clips):
         if not self.on:
             return self.model.encode(clips[idx])
@@ -1219,7 +1050,6 @@ class FeatureCache:
             for i, f in zip(todo, feats):
                 self.store[(split, i)] = f.cpu()  # (P, Dv) in the encoder's dtype, on the CPU
         return torch.stack([self.store[(split, i)] for i in idx.tolist()])
-
 
 def prepare_data(cfg, rank=0):
     """-> {split: (annotation entries, decoded clips and labels)}: the user's --data (with --test_data, or every 10th
@@ -1240,7 +1070,6 @@ def prepare_data(cfg, rank=0):
                   for s in ("train", "val", "test", "novel")}
     return {s: (e, load_split(e, cfg)) for s, e in splits.items()}
 
-
 def make_optimizer(model, cfg):
     """AdamW over the trainable parameters, weight decay on matrices only (norm gains and biases are not decayed)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1248,14 +1077,12 @@ def make_optimizer(model, cfg):
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95)), params
 
-
 def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, device):
-    """Forward + backward over this rank's micro-batches of one global batch `idx` -> the global batch's mean
-    (loss, ce, bce). Losses are divided by the global batch's answer-token and clip counts (Mark1.forward), so any
-    split into micro-batches and ranks gives the same gradient. Under torchrun `fwd` is the DDP-wrapped model: the
-    earlier micro-batches run under no_sync(), the last backward all-reduces (DDP averages, so each rank's loss counts
-    `world` times). DDP expects a gradient for every trainable parameter: a rank left without clips runs the first
-    clip with weight 0, an exact zero gradient, so DDP needs no find_unused_parameters graph walk."""
+    """Forward + backward over this rank's micro-batches of the global batch `idx` -> its mean (loss, ce, bce); the
+    losses use the global batch's counts (Mark1.forward), so any split gives the same gradient. Under torchrun `fwd` is
+    the DDP-wrapped model: earlier micro-batches run under no_sync(), the last backward all-reduces (DDP averages:
+    each rank's loss counts `world` times). DDP expects a gradient for every trainable parameter: a rank without clips
+    runs the first clip with weight 0 (an exact zero gradient), so no find_unused_parameters walk is needed."""
     n_tok = sum(len(tok.target(entries[i]["answer"])) for i in idx.tolist())  # answer tokens in the global batch
     ddp, share = isinstance(fwd, nn.parallel.DistributedDataParallel), torch.zeros(3)
     for a in range(cfg.grad_accum):
@@ -1274,6 +1101,19 @@ def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devic
         dist.all_reduce(share)  # three numbers, so that the log line shows the whole global batch
     return share.tolist()
 
+@torch.no_grad()
+def val_loss(model, tok, cfg, split, cache):
+    """The training loss (CE + lam * BCE) on the `val` split, in batches: no graph and no random draws, so measuring
+    it leaves the training run as it would be without."""
+    (entries, ds), total = split, 0.0
+    model.eval()
+    for idx in torch.arange(len(entries)).split(cfg.batch_size):
+        with autocast(cfg, model.devices["llm"]):
+            _, loss, _ = model(cache("val", idx, ds["clips"]), *text_batch([entries[i] for i in idx], tok),
+                               ds["labels"][idx])
+        total += loss.item() * len(idx)
+    model.train()
+    return total / max(1, len(entries))
 
 def setup_distributed(cfg):
     """-> (ddp, rank, world): torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA with one GPU per rank (LOCAL_RANK
@@ -1285,7 +1125,6 @@ def setup_distributed(cfg):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
     return True, dist.get_rank(), dist.get_world_size()
-
 
 def train(cfg, resume=False, overrides=None):
     ddp, rank, world = setup_distributed(cfg)
@@ -1341,11 +1180,13 @@ def train(cfg, resume=False, overrides=None):
         losses.append(stats + [norm.item()])
         opt.step()
         step += 1
-        if step % cfg.log_interval == 0 or step == end:
-            dt = (time.time() - t_log) / cfg.log_interval
-            lo, ce, bce, gn = (sum(x[k] for x in losses) / max(1, len(losses)) for k in range(4))
-            say(f"step {step}/{cfg.max_steps} | loss {lo:.4f} (ce {ce:.3f}, bce {bce:.3f}) | grad norm {gn:.4f} | "
-                f"lr {lr_at(step - 1, cfg):.2e} | {dt * 1000:.0f} ms | {gbatch / dt:.0f} samples/s | "
+        measure = rank == 0 and (step % cfg.eval_interval == 0 or step == cfg.max_steps)  # val loss on this line
+        if step % cfg.log_interval == 0 or step == end or measure:
+            dt = (time.time() - t_log) / len(losses)  # seconds per step, before the val pass
+            lo, ce, bce, gn = (sum(x[k] for x in losses) / len(losses) for k in range(4))
+            val = f"{val_loss(model, tok, cfg, data['val'], cache):.4f}" if measure else "-"
+            say(f"step {step}/{cfg.max_steps} | loss {lo:.4f} | val {val} | ce {ce:.3f}, bce {bce:.3f} | grad norm "
+                f"{gn:.4f} | lr {lr_at(step - 1, cfg):.2e} | {dt * 1000:.0f} ms | {gbatch / dt:.0f} samples/s | "
                 f"eta {dt * (end - step) / 60:.1f}m")
             t_log, losses = time.time(), []
         if rank == 0 and (step % cfg.eval_interval == 0 or step == end):
@@ -1356,11 +1197,8 @@ def train(cfg, resume=False, overrides=None):
         dist.destroy_process_group()
     return model, tok
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Generation, evaluation, prediction, bench
-
-
 def filter_logits(logits, top_k, top_p):
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[..., -1:]
@@ -1370,7 +1208,6 @@ def filter_logits(logits, top_k, top_p):
         drop = srt.softmax(-1).cumsum(-1) - srt.softmax(-1) > top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
-
 
 @torch.no_grad()
 def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, use_cache=True,
@@ -1401,11 +1238,9 @@ def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top
         x, pos = torch.cat((x, step_x), 1), torch.cat((pos, step_pos), 1)
     return [[t for t in row if t != eos] for row in torch.stack(toks, 1).tolist()]  # (B, steps) -> lists
 
-
 @torch.no_grad()
 def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):
-    """Batched answers: [prefix; prompt] rows left-padded, the video fused once, then llm_generate.
-    -> (list of answer token lists, frame logits (B, F))."""
+    """[prefix; prompt] rows left-padded, the video fused once, llm_generate -> (id lists, frame logits (B, F))."""
     q_ids, q_valid = text_batch(items, tok, with_answer=False)[:2]
     prefix, frame_logits = model.fuse(feats, q_ids, q_valid)
     prompts = [model.embed(torch.tensor(tok.prompt(it["question"], it["choices"]))) for it in items]  # (Lp_i, D)
@@ -1414,7 +1249,6 @@ def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):
     ids = llm_generate(model.llm, model.embed, x, valid, tok.eos, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                        cfg.top_p, use_cache, generator)
     return ids, frame_logits
-
 
 def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):
     """Answers and frame saliency on test and novel -> printed table, a few samples, out_dir/eval.json."""
@@ -1452,7 +1286,6 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     return result
 
-
 def frame_strip(clip, sal, path, title):
     """PNG: the sampled frames side by side (scaled up), a saliency bar under each (green = above 0.5)."""
     F_, S = clip.shape[0], 64
@@ -1464,7 +1297,6 @@ def frame_strip(clip, sal, path, title):
                       (60, 180, 60) if sal[i] > 0.5 else (150, 150, 150), -1)
     cv2.putText(img, title[:F_ * 10], (2, S + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
     cv2.imwrite(path, img)
-
 
 def predict(cfg, overrides, video, question, choices):
     if not video or not question or not choices:
@@ -1485,33 +1317,28 @@ def predict(cfg, overrides, video, question, choices):
           f"{' '.join(f'{s:.2f}' for s in sal)}\nframe strip: {path}")
     return answer, span, sal
 
-
 def bench(cfg):
     """Frozen encoder: epoch 1 computes features and fills the cache, epoch 2 reads it; same bridge/LLM work in both.
     `--bench` alone uses the `bench` preset (a ViT-S-sized encoder); --vision_ckpt benchmarks a real one."""
     cfg = dataclasses.replace(cfg, freeze_vision=True, grad_accum=1)
-    devices = parse_device_map(cfg)
     entries, tr = prepare_data(cfg)["train"]
     tok = make_tokenizer(cfg, entries)
-    model = build_model(cfg, tok).place(devices).train()
+    model = build_model(cfg, tok).place(parse_device_map(cfg)).train()
     (opt, _), cache, times = make_optimizer(model, cfg), FeatureCache(model, True), []
     for epoch in range(2):
         t = time.time()
         for s in range(0, len(entries), cfg.batch_size):  # one pass over the clips in order, a step per batch
             opt.zero_grad(set_to_none=True)
             idx = torch.arange(s, min(len(entries), s + cfg.batch_size))
-            accumulate(model, model, cache, tok, entries, tr, idx, cfg, 0, 1, devices["llm"])
+            accumulate(model, model, cache, tok, entries, tr, idx, cfg, 0, 1, model.devices["llm"])
             opt.step()
         times.append(time.time() - t)
         print(f"epoch {epoch + 1}: {times[-1]:.2f}s for {len(entries)} clips ({len(entries) / times[-1]:.1f} clips/s)")
     print(f"feature cache speedup (epoch 1 / epoch 2): {times[0] / times[1]:.1f}x")
     return times
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Mark 1: video MCQ answering with temporal localisation.")
     for mode, what in (("train", "build data (if needed), train, evaluate"), ("resume", "with --train: continue from "
@@ -1535,26 +1362,18 @@ def parse_args(argv=None):
             raise UserError(f"--{k} {getattr(cfg, k)}: choose one of {', '.join(ok)}")
     return args, cfg, overrides
 
-
-def vision_geometry(cfg, overrides):
-    """With --vision_ckpt the frames must be cut as the checkpoint was trained: crop, patch and tubelet come from its
-    config.json (transformers' defaults 256/16/2 where a key is missing); a flag that says otherwise is refused."""
-    if not cfg.vision_ckpt:
-        return cfg
-    conf, _ = read_hf_dir(cfg.vision_ckpt, "vjepa2")
-    geo = {"crop": conf.get("crop_size", 256), "v_patch": conf.get("patch_size", 16),
-           "v_tubelet": conf.get("tubelet_size", 2)}  # the Config fields the checkpoint fixes
-    for k, v in geo.items():
-        if k in overrides and overrides[k] != v:
-            raise UserError(f"--{k} {overrides[k]}: {cfg.vision_ckpt} was trained with {v}; drop the flag")
-    return dataclasses.replace(cfg, **geo)
-
-
 def main(argv=None):
     args, cfg, overrides = parse_args(argv)
     if args.bench and args.preset == "default":
         cfg = Config(**{**PRESETS["bench"], **overrides})
-    cfg = vision_geometry(cfg, overrides) if args.train or args.bench else cfg
+    if cfg.vision_ckpt and (args.train or args.bench):  # frames cut as the checkpoint was trained: crop, patch and
+        conf, _ = read_hf_dir(cfg.vision_ckpt, "vjepa2")  # tubelet from its config.json (transformers' defaults)
+        geo = {"crop": conf.get("crop_size", 256), "v_patch": conf.get("patch_size", 16),
+               "v_tubelet": conf.get("tubelet_size", 2)}
+        for k, v in geo.items():  # a flag that says otherwise is refused
+            if k in overrides and overrides[k] != v:
+                raise UserError(f"--{k} {overrides[k]}: {cfg.vision_ckpt} was trained with {v}; drop the flag")
+        cfg = dataclasses.replace(cfg, **geo)
     if int(os.environ.get("RANK", "0")) == 0:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
@@ -1562,8 +1381,7 @@ def main(argv=None):
         train(cfg, resume=args.resume, overrides=overrides)
     elif args.eval:
         model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
-        model.place(parse_device_map(cfg))
-        evaluate(model, tok, cfg, prepare_data(cfg))
+        evaluate(model.place(parse_device_map(cfg)), tok, cfg, prepare_data(cfg))
     elif args.predict:  # the flags that may differ from the saved run: how to decode, where to run
         predict(cfg, {k: v for k, v in overrides.items() if k in RUN_KEYS | {"temperature", "top_k", "top_p",
                 "max_new_tokens", "seed", "threshold"}}, args.video, args.question, args.choices)
@@ -1571,7 +1389,6 @@ def main(argv=None):
         bench(cfg)
     else:
         print("nothing to do: pass --train, --eval, --predict, or --bench (see --help)")
-
 
 if __name__ == "__main__":
     try:

@@ -2486,6 +2486,7 @@ def test_mk_train_tiny_writes_checkpoint_and_eval(mk_trained):
             assert k in ev[split]
         assert 0 <= ev[split]["mcq_accuracy"] <= 1 and ev[split]["n"] == 12
     assert "train_seconds" in ev and "step 6/6" in proc.stdout
+    check_val_column(proc.stdout, eval_interval=4, max_steps=6)  # the tiny preset logs every 2 steps
     anns = json.load(open(d / "data" / "train.json"))
     assert len(anns) == 48 and os.path.isfile(d / "data" / anns[0]["video"])
 
