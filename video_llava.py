@@ -60,14 +60,11 @@ SCRIPT = "video_llava"
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
-
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
-
 
 @dataclass
 class Config:
@@ -131,7 +128,6 @@ class Config:
     top_p: float = 1.0
     max_new_tokens: int = 48
 
-
 PRESETS = {
     "default": {},
     "tiny": dict(n_train=48, n_test=6, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -139,7 +135,6 @@ PRESETS = {
                  v_num_hidden_layers=2, v_num_attention_heads=2, batch_size=8, max_steps=6, warmup=2,
                  log_interval=2, eval_interval=4, dtype="float32", max_new_tokens=6),
 }
-
 
 def config_from_hf(hf, path):
     """HF Video-LLaVA config.json -> Config, filling the transformers defaults for keys the file leaves out."""
@@ -177,7 +172,6 @@ def config_from_hf(hf, path):
         bos_token_id=t.get("bos_token_id", 1), eos_token_id=t.get("eos_token_id", 2),
         pad_token_id=hf.get("pad_token_id", t.get("pad_token_id", 0)) or 0)
 
-
 def hf_config_dict(cfg):
     """Config -> an HF-style config.json, so checkpoints trained here load with the same from_pretrained."""
     return {"model_type": "video_llava", "architectures": ["VideoLlavaForConditionalGeneration"],
@@ -197,7 +191,6 @@ def hf_config_dict(cfg):
                               "num_attention_heads": cfg.v_num_attention_heads, "image_size": cfg.image_size,
                               "patch_size": cfg.patch_size, "layer_norm_eps": cfg.v_layer_norm_eps}}
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: synthetic world, media loaders + CLIP preprocessing, tokenizers, prompt template
 
@@ -211,7 +204,6 @@ NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),
                ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}
 SIDE, CELL, HALF, CLIP_LEN, TRAVEL = 48, 12, 5, 16, 24  # picture side, grid cell, shape half-size, frames, px moved
 
-
 def draw_shape(img, shape, colour, cx, cy):
     """Draw a filled shape of half-size HALF centred at (cx, cy), in place."""
     c = COLOURS[colour]  # anti-aliased edges: a shape's colour bleeds into neighbouring pixels, as in real pictures
@@ -223,14 +215,12 @@ def draw_shape(img, shape, colour, cx, cy):
         pts = np.array([[cx, cy - HALF], [cx - HALF, cy + HALF - 1], [cx + HALF, cy + HALF - 1]], np.int32)
         cv2.fillPoly(img, [pts], c, cv2.LINE_AA)
 
-
 def sample_pair(rng, split):
     """A (colour, shape) pair that fits the split: novel pairs only in `novel`, never elsewhere."""
     while True:
         pair = (rng.choice(list(COLOURS)), rng.choice(SHAPES))
         if (pair in NOVEL_PAIRS) == (split == "novel"):
             return pair
-
 
 def make_image(rng, split):
     """1-3 copies of one coloured shape in distinct cells of a 4x4 grid -> (BGR image, [(question, answer)])."""
@@ -243,7 +233,6 @@ def make_image(rng, split):
     qa = [("What colour are the shapes?", colour), ("What shape are they?", shape),
           ("How many shapes are there?", NUMBERS[n - 1])]
     return img, qa
-
 
 def make_clip(rng, split, n_frames):
     """A 16-frame clip -> (list of BGR frames, (question, answer)). Two kinds, both need more than one frame:
@@ -279,7 +268,6 @@ def make_clip(rng, split, n_frames):
         return frames, ("Which shape appears first?", f"{a[0]} {a[1]}")
     return frames, ("Which shape appears last?", f"{b[0]} {b[1]}")
 
-
 def build_world(cfg):
     """Write data_dir/<split>/*.png|mp4 and data_dir/<split>.jsonl once (deterministic from --seed)."""
     sizes = {"train": cfg.n_train, "val": cfg.n_test, "test": cfg.n_test, "novel": cfg.n_test}
@@ -313,7 +301,6 @@ def build_world(cfg):
     json.dump(want, open(stamp, "w"))
     return files
 
-
 def load_entries(cfg, master=True):
     """Each split's questions: from --data / --test_data (every 10th entry held out without --test_data; no novel
     split), or from the synthetic world (written once, by the master process, before the others read it)."""
@@ -329,7 +316,6 @@ def load_entries(cfg, master=True):
     if dist.is_initialized():
         dist.barrier()
     return {s: read_annotations(f) for s, f in build_world(cfg).items()}
-
 
 def read_annotations(path):
     """JSON lines {"image"|"video": relative path, "question": str, "answer": str} -> list of dicts (paths absolute)."""
@@ -355,7 +341,6 @@ def read_annotations(path):
         raise UserError(f"{path}: no entries")
     return out
 
-
 def clip_transform(rgb, size):
     """uint8 (H, W, 3) RGB -> float32 (3, size, size), the steps of transformers' Video-LLaVA processors
     (video_processing_utils.BaseVideoProcessor._preprocess; VideoLlavaImageProcessor does the same in PIL)."""
@@ -370,7 +355,6 @@ def clip_transform(rgb, size):
     x = x[:, top:top + size, left:left + size].float().numpy() / 255.0  # rescale to [0, 1]
     return (x - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]  # (3, size, size), CLIP mean/std
 
-
 def load_image(path, size):
     """Image file -> float32 (3, size, size), CLIP-normalised as the HF processor does."""
     img = cv2.imread(path) if os.path.isfile(path) else None
@@ -378,14 +362,12 @@ def load_image(path, size):
         raise UserError(f"{path}: cannot read this image (missing or corrupt)")
     return clip_transform(img[:, :, ::-1], size)  # OpenCV reads BGR: flip to RGB, as CLIP was trained
 
-
 def frame_indices(n_total, n_frames):
     """Uniform sampling as transformers samples (video_utils.default_sample_indices_fn): frame i*total//n;
     a clip shorter than n frames repeats frames (where transformers refuses)."""
     if n_total <= 0:
         raise UserError("video has no frames")
     return [i * n_total // n_frames for i in range(n_frames)]
-
 
 def load_video(path, n_frames, size):
     """Video file (any container/codec OpenCV reads) or a folder of frame images -> float32 (F, 3, size, size)."""
@@ -410,7 +392,6 @@ def load_video(path, n_frames, size):
     if not frames:
         raise UserError(f"{path}: video has no frames (corrupt or empty)")
     return np.stack([frames[i] for i in frame_indices(len(frames), n_frames)])  # (F, 3, S, S)
-
 
 class SentencePieceBPE:
     """LLaMA's tokenizer from tokenizer.json, as transformers 5 rebuilds it: added tokens split first; each remaining
@@ -511,7 +492,6 @@ class SentencePieceBPE:
             first = False
         return out.decode("utf-8", errors="replace")
 
-
 class GPT2Table:
     """GPT-2 BPE (tiktoken) over a compact table of the ids seen in training, plus <image> and <video>.
     Model id 0 is <|endoftext|> (BOS, EOS and pad); the last two ids are the placeholders."""
@@ -547,18 +527,15 @@ class GPT2Table:
     def decode(self, ids, skip_special=True):
         return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])  # model ids -> GPT-2 ids -> text
 
-
 def load_tokenizer(folder):
     meta = json.load(open(os.path.join(folder, "config.json")))
     if "gpt2_table" in meta:  # a run of this script: its compact table travels in config.json
         return GPT2Table(meta["gpt2_table"])
     return SentencePieceBPE(folder)  # an HF checkpoint: its own tokenizer.json
 
-
 def prompt_text(question, kind):
     """The Video-LLaVA template: 'USER: <video>\\n{question} ASSISTANT:' ('<image>' for images, none for text)."""
     return f"USER: {'<' + kind + '>' + chr(10) if kind else ''}{question} ASSISTANT:"
-
 
 def expand_placeholders(ids, cfg, n_frames):
     """Placeholder expansion, as the HF processor does it on the string: the prompt carries one <image> or <video>
@@ -577,10 +554,8 @@ def expand_placeholders(ids, cfg, n_frames):
             out.append(i)
     return out
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Model: LLaMA primitives -> CLIP tower -> projector -> VideoLlava
-
 
 class RMSNorm(nn.Module):
     """LLaMA's norm (Zhang & Sennrich 2019): scale each vector by the reciprocal of its root mean square, then by a
@@ -596,13 +571,11 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # x / rms(x), the mean over the last dim D
         return self.weight * h.to(x.dtype)  # cast back first, then the gain, as transformers does
 
-
 def rotate_half(x):
     """RoPE's rotation by 90 degrees in the layout LLaMA checkpoints use: the head dim E is cut into two halves
     (x1, x2) -> (-x2, x1), so feature i pairs with feature i + E/2 (not with its neighbour, as in the RoPE paper;
     HF permutes the original q/k weights to match)."""
     return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), -1)
-
 
 class KVCache:
     """The static KV cache (as in gpt-fast): keys and values preallocated per layer as (B, K, T_max, E), so no tensor
@@ -649,7 +622,6 @@ class KVCache:
         self.k[layer][:, :, self.offset:n], self.v[layer][:, :, self.offset:n] = k, v
         return self.k[layer][:, :, :n], self.v[layer][:, :, :n]  # (B, K, offset + L, E)
 
-
 class LlamaAttention(nn.Module):
     """Causal self-attention with rotary positions (RoPE, Su et al. 2021) and grouped-query attention (GQA, Ainslie
     et al. 2023), after transformers' LlamaAttention. GQA: H query heads share K <= H key/value heads, query head h
@@ -681,7 +653,6 @@ class LlamaAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, L, E)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, self.h * self.e))  # heads side by side: (B, L, D)
 
-
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)), the gate choosing per feature how much of up
     passes; three matrices of width intermediate_size instead of two at 4 D, for about the same parameter count."""
@@ -694,7 +665,6 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x):  # (B, L, D) -> (B, L, D)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); the residual stream itself is never
@@ -710,7 +680,6 @@ class LlamaDecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-
 class LlamaModel(nn.Module):
     """Token embedding, the decoder layers and a final RMSNorm; VideoLlava.llm_forward runs them."""
 
@@ -720,7 +689,6 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # before the head: the stream's scale grows with depth
 
-
 class LlamaForCausalLM(nn.Module):
     """The LLaMA decoder plus its output head (D -> V), named as in the checkpoint (`language_model.lm_head`)."""
 
@@ -728,7 +696,6 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # (V, D): D -> logits over V
-
 
 class CLIPEmbeddings(nn.Module):
     """ViT input (Dosovitskiy et al. 2020; CLIP, Radford et al. 2021): the picture cut into P = (S/p)^2 patches, each
@@ -747,7 +714,6 @@ class CLIPEmbeddings(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (N, 1, Dv)
         return torch.cat([cls, x], 1) + self.position_embedding.weight  # (N, P+1, Dv)
 
-
 def sincos_2d(n, dim):
     """Positions of an n x n patch grid (row-major) -> (n*n, dim): dim/4 sin-cos pairs of the column, then dim/4 of
     the row, at frequencies from pi/n per cell down to 1/100 of that, each feature at zero mean, unit variance."""
@@ -757,7 +723,6 @@ def sincos_2d(n, dim):
     pe = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)
     pe = (pe - pe.mean(0)) / pe.std(0).clamp_min(1e-6)  # per feature over the grid
     return torch.cat([pe, pe.new_zeros(n * n, dim - pe.shape[1])], 1).float()
-
 
 @torch.no_grad()
 def whiten(emb, pixels, p):
@@ -770,7 +735,6 @@ def whiten(emb, pixels, p):
     w.zero_()
     w[:k] = (evecs[:, -k:].flip(1) / evals[-k:].flip(0).clamp_min(1e-8).sqrt()).T.float()  # largest first
     emb.position_embedding.weight[1:] = sincos_2d(pixels.shape[-1] // p, w.shape[0]) * 0.3
-
 
 class CLIPAttention(nn.Module):
     """Multi-head self-attention over the patches of one picture, every patch seeing every other (no mask, no
@@ -788,7 +752,6 @@ class CLIPAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v)  # (N, H, P, E): bidirectional, no mask
         return self.out_proj(y.transpose(1, 2).reshape(N, P, D))  # heads side by side: (N, P, Dv)
 
-
 class CLIPMLP(nn.Module):
     """Two-layer feed-forward with biases, Dv -> v_intermediate_size -> Dv."""
 
@@ -800,7 +763,6 @@ class CLIPMLP(nn.Module):
     def forward(self, x):  # (N, P+1, Dv) -> (N, P+1, Dv)
         h = self.fc1(x)
         return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu, as OpenAI CLIP was trained
-
 
 class CLIPEncoderLayer(nn.Module):
     """Pre-norm residual block with LayerNorm (mean and variance, with bias), as CLIP's ViT."""
@@ -815,12 +777,10 @@ class CLIPEncoderLayer(nn.Module):
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 
-
 class CLIPEncoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.v_num_hidden_layers))
-
 
 class CLIPVisionTransformer(nn.Module):
     """CLIP's vision tower, read the LLaVA way: not its final output but the hidden state of one earlier layer
@@ -844,14 +804,12 @@ class CLIPVisionTransformer(nn.Module):
             x = layer(x)
         return x
 
-
 class CLIPVisionModel(nn.Module):
     """A wrapper whose only job is the checkpoint's key prefix: image_tower.vision_model.*"""
 
     def __init__(self, cfg):
         super().__init__()
         self.vision_model = CLIPVisionTransformer(cfg)  # image_tower.vision_model.*
-
 
 class VideoLlavaMultiModalProjector(nn.Module):
     """CLIP features (Dv) -> the LLM's embedding space (D). LLaVA began with one Linear layer; LLaVA-1.5 (Liu et al.
@@ -866,7 +824,6 @@ class VideoLlavaMultiModalProjector(nn.Module):
 
     def forward(self, x):  # (.., Dv) -> (.., D)
         return self.linear_2(F.gelu(self.linear_1(x)))  # exact (erf) GELU, as projector_hidden_act "gelu"
-
 
 class VideoLlava(nn.Module):
     """The whole model, named as the hub checkpoint (language_model, image_tower, video_tower,
@@ -1047,10 +1004,8 @@ class VideoLlava(nn.Module):
     def from_pretrained(cls, path, dtype=None, device="cpu"):
         return load_pretrained(path, dtype, device)
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoint I/O: HF folders (three key layouts, sharded or not) and this script's own out_dir (same format)
-
 
 def canonical_key(k):
     """Any of the three key layouts of Video-LLaVA checkpoints -> the hub layout, which is this module's own naming.
@@ -1069,11 +1024,9 @@ def canonical_key(k):
             k = tower + "vision_model." + k[len(tower):]  # saved by transformers 5: put the wrapper back
     return k
 
-
 # Buffers older checkpoints saved and today's models rebuild (RoPE's inverse frequencies, CLIP's position ids):
 # skipped on load, as transformers skips them (modeling_utils._adjust_missing_and_unexpected_keys).
 LEGACY_KEYS = re.compile(r"rotary_emb\.inv_freq$|(^|\.)position_ids$")
-
 
 def open_weights(f):
     """safe_open, with a corrupt or truncated file as one clear line instead of safetensors' own error."""
@@ -1081,7 +1034,6 @@ def open_weights(f):
         return safe_open(f, "pt", device="cpu")
     except SafetensorError as e:  # a bad header, or a file shorter than its header says
         raise UserError(f"{f}: not a readable safetensors file ({e})")
-
 
 def weight_files(path):
     """-> {checkpoint key: file} from model.safetensors or model.safetensors.index.json (legacy buffers dropped)."""
@@ -1099,7 +1051,6 @@ def weight_files(path):
         return {k: single for k in open_weights(single).keys() if not LEGACY_KEYS.search(k)}  # one file
     raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json (not a checkpoint folder)")
 
-
 def read_config(path):
     """path/config.json as a dict, or a UserError naming what is wrong with the folder."""
     cpath = os.path.join(path, "config.json")
@@ -1114,7 +1065,6 @@ def read_config(path):
     if not isinstance(hf, dict):
         raise UserError(f"{cpath}: not a config (a JSON object is needed)")
     return hf
-
 
 def align_keys(path, base=None):
     """Read config.json, build the model on the meta device (nothing allocated) and match every checkpoint key
@@ -1140,7 +1090,6 @@ def align_keys(path, base=None):
     problems["missing"] = [k for k in expected if k not in found and k not in tied]
     return model, found, handles, problems
 
-
 def load_pretrained(path, dtype=None, device="cpu", base=None):
     """HF folder or this script's out_dir -> VideoLlava. Every key and shape is checked before anything is read
     (align_keys); then the tensors are read one at a time with safe_open and assigned to the meta model's
@@ -1157,13 +1106,11 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     return model
 
-
 def atomic(path, write):
     """write(tmp) then rename over path: a reader sees the old file or the new one, never half of one."""
     tmp = path + ".tmp"
     write(tmp)
     os.replace(tmp, path)  # a crash never leaves a half-written file
-
 
 def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
     """out_dir/model.safetensors (hub key layout) + config.json (HF style, plus the training config and token
@@ -1192,13 +1139,11 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(), "seconds": seconds}
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
-
 def saved_config(meta, **changes):
     """The Config a run of this script saved in config.json (train_config), with `changes` on top; a field this
     code does not have is ignored."""
     fields = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: v for k, v in {**meta["train_config"], **changes}.items() if k in fields})
-
 
 def read_resumable(out_dir):
     """-> config.json of a folder that this script's --train wrote, with its train_state.pt; else a UserError.
@@ -1223,24 +1168,19 @@ def read_resumable(out_dir):
                         f"drop --resume to start afresh (or --from_pretrained {out_dir} to fine-tune its weights)")
     return meta
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics
-
 
 def normalise(text):
     """Lower case, no surrounding space or final '.', single spaces: what exact match compares."""
     return " ".join(text.lower().strip().rstrip(".").split())
 
-
 def exact_match(preds, refs):
     """Fraction of predictions equal to their reference after lower-casing, trimming and dropping a final '.'."""
     return sum(normalise(p) == normalise(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Training
-
 
 def pick_device(name):
     """--device auto -> cuda > mps > cpu; any other name is used as given."""
@@ -1252,7 +1192,6 @@ def pick_device(name):
         return "mps"
     return "cpu"
 
-
 def autocast_dtype(name, device):
     """--dtype auto: bfloat16 where the hardware multiplies in it (a CUDA GPU of compute capability 8+, a CPU with
     AVX512-BF16 or AMX), float32 elsewhere, where bfloat16 would be emulated and several times slower."""
@@ -1263,7 +1202,6 @@ def autocast_dtype(name, device):
     native = device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return "bfloat16" if native else "float32"
 
-
 def autocast(dtype, device):
     """The autocast context for --dtype (disabled for float32, so the float32 path is plain)."""
     dtype = autocast_dtype(dtype, device)
@@ -1271,14 +1209,12 @@ def autocast(dtype, device):
         return torch.autocast(device.split(":")[0], enabled=False)
     return torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))
 
-
 def lr_at(step, cfg):
     """Linear warmup, then cosine decay to min_lr."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
-
 
 class Examples:
     """Annotation entries with their media decoded once (float32 CLIP-normalised) and their token ids."""
@@ -1314,11 +1250,9 @@ class Examples:
                     pixel_values_images=torch.stack(imgs) if imgs else None,
                     pixel_values_videos=torch.stack(vids) if vids else None)
 
-
 def to_device(batch, device):
     """Examples.batch's dict with every tensor on device (absent inputs stay None)."""
     return {k: None if v is None else v.to(device) for k, v in batch.items()}
-
 
 def apply_freeze(model, freeze):
     """Freeze for real: requires_grad off once (no gradients, no graph through them), kept in eval mode by train()."""
@@ -1332,7 +1266,6 @@ def apply_freeze(model, freeze):
         m.requires_grad_(False)
     return frozen
 
-
 def batch_indices(step, n, size, seed):
     """Rows of the global batch of a step: a function of (step, seed) alone, shared by every rank, so that a resumed
     run and any split into micro-batches and ranks see the same rows. A fresh permutation of the n questions per
@@ -1341,7 +1274,6 @@ def batch_indices(step, n, size, seed):
     epoch, k = divmod(step, max(1, n * reps // size))
     perm = torch.randperm(n * reps, generator=torch.Generator().manual_seed(seed + epoch))
     return (perm[k * size:(k + 1) * size] % n).tolist()
-
 
 def resume_config(cfg, overrides):
     """--resume: the config saved in out_dir (it holds the vocabulary size and placeholder ids of the saved token
@@ -1357,7 +1289,6 @@ def resume_config(cfg, overrides):
         raise UserError(f"{cfg.out_dir}: cannot resume with another architecture: {', '.join(clash)}; drop those "
                         f"flags")
     return dataclasses.replace(base, **{"stop_after": 0, **overrides})
-
 
 def build_model(cfg, entries, resume, say):
     """-> (model, cfg, tokenizer, data) for train(): the weights, token table and architecture from out_dir
@@ -1390,7 +1321,6 @@ def build_model(cfg, entries, resume, say):
         model.init_from_data(pick["image"], pick["video"])
     return model, cfg, tok, data
 
-
 def ddp_setup(cfg):
     """-> (ddp, rank, world, device): one process, or one of torchrun's (nccl on CUDA, gloo on CPU)."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -1403,7 +1333,6 @@ def ddp_setup(cfg):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     return ddp, rank, world, device
-
 
 def batch_loss(model, tr, idx, cfg, rank, world, ddp, device):
     """Forward and backward of this rank's rows of the global batch idx -> the global batch's mean loss. The loss is
@@ -1432,7 +1361,6 @@ def batch_loss(model, tr, idx, cfg, rank, world, ddp, device):
         dist.all_reduce(t)
         total = t.item()
     return total
-
 
 def train(cfg, resume=False):
     """Train (from scratch, from --from_pretrained, or from out_dir with resume=True), evaluate, save. Under torchrun
@@ -1514,7 +1442,6 @@ def train(cfg, resume=False):
         dist.destroy_process_group()
     return result
 
-
 @torch.no_grad()
 def eval_loss(model, ex, cfg, device):
     """Mean loss over ex (the val split), in batches of 64: the `val` column of the log."""
@@ -1526,10 +1453,8 @@ def eval_loss(model, ex, cfg, device):
             losses.append(model(**to_device(b, device))[1].item())
     return sum(losses) / len(losses)
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Generation and evaluation
-
 
 def sample_next(logits, temperature, top_k, top_p, generator):
     """(B, V) logits -> (B,) ids: argmax when temperature is 0, else temperature / top-k / top-p sampling."""
@@ -1545,7 +1470,6 @@ def sample_next(logits, temperature, top_k, top_p, generator):
         drop = cum - sorted_l.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
 
 @torch.no_grad()
 def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pixel_values_videos=None,
@@ -1604,7 +1528,6 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
         new = torch.stack(out, 1)
     return new.clone()  # an ordinary tensor (an inference tensor cannot be changed in place or saved for backward)
 
-
 def answer_batch(model, tok, ex, idx, cfg, device):
     """Greedy answers (text) to the questions idx of ex, one left-padded batch."""
     b = to_device(ex.batch(idx, with_answer=False, left_pad=True), device)
@@ -1612,7 +1535,6 @@ def answer_batch(model, tok, ex, idx, cfg, device):
         out = generate(model, b["input_ids"], b["attention_mask"], b["pixel_values_images"], b["pixel_values_videos"],
                        max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     return [tok.decode([t for t in row.tolist() if t != tok.eos_id]).strip() for row in out]
-
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):
     """Greedy answers on test and novel -> exact match per medium and per question kind; writes eval.json."""
@@ -1652,10 +1574,8 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     return result
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Inspection and benchmarks
-
 
 def inspect(path, n_frames, n_tokens):
     """Parameter counts per tower, bytes by dtype, key alignment (align_keys, as loading checks it) and the memory
@@ -1697,7 +1617,6 @@ def inspect(path, n_frames, n_tokens):
         free, total = torch.cuda.mem_get_info()
         print(f"CUDA: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB; allocated by this process "
               f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB")
-
 
 def bench(cfg, sizes=None, rounds=3):
     """Decode tokens/s at batch 1, greedy, float32, 16-token prompt: the eager step, the compiled step and (when
@@ -1747,10 +1666,8 @@ def bench(cfg, sizes=None, rounds=3):
             ratio = f", {v / tps['transformers']:.2f}x transformers" if "transformers" in tps else ""
             print(f"  {k:12s} {v:7.1f} tok/s = {v / floor:4.0%} of the floor{ratio}")
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Video-LLaVA: HF-faithful inference and a tiny model trained on a CPU.")
@@ -1790,7 +1707,6 @@ def parse_args(argv=None):
     if args.compile and not args.generate:
         raise UserError("--compile compiles --generate's decoding step: use it with --generate (--bench runs both)")
     return args, cfg, overrides
-
 
 def run_generate(args, cfg, overrides):
     """--generate: load a checkpoint (HF folder or out_dir), read the media, stream the answer to stdout."""
@@ -1835,7 +1751,6 @@ def run_generate(args, cfg, overrides):
         raise UserError(f"--compile: torch.compile failed ({str(e).splitlines()[0][:200]}); run without --compile")
     print()
 
-
 def main(argv=None):
     """The command line: one mode per call (--train [--resume], --eval, --generate, --inspect, --bench)."""
     args, cfg, overrides = parse_args(argv)
@@ -1865,7 +1780,6 @@ def main(argv=None):
         bench(cfg)
     else:
         print("nothing to do: pass --train, --eval, --generate, --inspect DIR or --bench (see --help)")
-
 
 if __name__ == "__main__":
     try:
