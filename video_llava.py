@@ -136,8 +136,21 @@ PRESETS = {
                  log_interval=2, eval_interval=4, dtype="float32", max_new_tokens=6),
 }
 
+# Config field -> (section of an HF Video-LLaVA config.json, its key there, transformers' default when the file leaves
+# it out): the one map that config_from_hf reads and hf_config_dict writes. A top-level key may also sit in text_config.
+HF_FIELDS = {**{f: ("text_config", f, d) for f, d in (
+    ("vocab_size", 32000), ("hidden_size", 4096), ("intermediate_size", 11008), ("num_hidden_layers", 32),
+    ("num_attention_heads", 32), ("num_key_value_heads", None), ("rms_norm_eps", 1e-6), ("rope_theta", 10000.0),
+    ("max_position_embeddings", 2048), ("bos_token_id", 1), ("eos_token_id", 2))},
+    **{f: ("vision_config", f.removeprefix("v_"), d) for f, d in (
+        ("v_hidden_size", 1024), ("v_intermediate_size", 4096), ("v_num_hidden_layers", 24),
+        ("v_num_attention_heads", 16), ("v_layer_norm_eps", 1e-5), ("image_size", 224), ("patch_size", 14))},
+    **{f: ("", f, d) for f, d in (
+        ("tie_word_embeddings", False), ("vision_feature_layer", -2), ("vision_feature_select_strategy", "default"),
+        ("image_token_index", 32000), ("video_token_index", 32001), ("pad_token_id", 0))}}
+
 def config_from_hf(hf, path):
-    """HF Video-LLaVA config.json -> Config, filling the transformers defaults for keys the file leaves out."""
+    """HF Video-LLaVA config.json -> Config fields (HF_FIELDS), refusing what this model does not implement."""
     if hf.get("model_type") != "video_llava":
         raise UserError(f"{path}: model_type is '{hf.get('model_type')}', not 'video_llava' (another architecture)")
     t, v = hf.get("text_config") or {}, hf.get("vision_config") or {}
@@ -152,44 +165,23 @@ def config_from_hf(hf, path):
         raise UserError(f"{path}: projector_hidden_act '{hf['projector_hidden_act']}' is not supported (only gelu)")
     if isinstance(hf.get("vision_feature_layer", -2), list):
         raise UserError(f"{path}: a list of vision_feature_layer is not supported")
-    heads = t.get("num_attention_heads", 32)
-    hidden = t.get("hidden_size", 4096)
-    if t.get("head_dim") not in (None, hidden // heads):
+    where = {"text_config": t, "vision_config": v}
+    out = {f: where[sec].get(k, d) if sec else hf.get(k, t.get(k, d)) for f, (sec, k, d) in HF_FIELDS.items()}
+    out.update(num_key_value_heads=out["num_key_value_heads"] or out["num_attention_heads"],  # none: plain MHA
+               rope_theta=rope.get("rope_theta", out["rope_theta"]),  # transformers 5 keeps it in rope_parameters
+               tie_word_embeddings=bool(out["tie_word_embeddings"]), pad_token_id=out["pad_token_id"] or 0)
+    if t.get("head_dim") not in (None, out["hidden_size"] // out["num_attention_heads"]):
         raise UserError(f"{path}: head_dim != hidden_size / num_attention_heads is not supported")
-    return dict(
-        vocab_size=t.get("vocab_size", 32000), hidden_size=hidden, intermediate_size=t.get("intermediate_size", 11008),
-        num_hidden_layers=t.get("num_hidden_layers", 32), num_attention_heads=heads,
-        num_key_value_heads=t.get("num_key_value_heads") or heads, rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-        rope_theta=rope.get("rope_theta", t.get("rope_theta", 10000.0)),
-        max_position_embeddings=t.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
-        v_hidden_size=v.get("hidden_size", 1024), v_intermediate_size=v.get("intermediate_size", 4096),
-        v_num_hidden_layers=v.get("num_hidden_layers", 24), v_num_attention_heads=v.get("num_attention_heads", 16),
-        v_layer_norm_eps=v.get("layer_norm_eps", 1e-5), image_size=v.get("image_size", 224),
-        patch_size=v.get("patch_size", 14), vision_feature_layer=hf.get("vision_feature_layer", -2),
-        vision_feature_select_strategy=hf.get("vision_feature_select_strategy", "default"),
-        image_token_index=hf.get("image_token_index", 32000), video_token_index=hf.get("video_token_index", 32001),
-        bos_token_id=t.get("bos_token_id", 1), eos_token_id=t.get("eos_token_id", 2),
-        pad_token_id=hf.get("pad_token_id", t.get("pad_token_id", 0)) or 0)
+    return out
 
 def hf_config_dict(cfg):
     """Config -> an HF-style config.json, so checkpoints trained here load with the same from_pretrained."""
-    return {"model_type": "video_llava", "architectures": ["VideoLlavaForConditionalGeneration"],
-            "image_token_index": cfg.image_token_index, "video_token_index": cfg.video_token_index,
-            "pad_token_id": cfg.pad_token_id, "vision_feature_layer": cfg.vision_feature_layer,
-            "vision_feature_select_strategy": cfg.vision_feature_select_strategy, "projector_hidden_act": "gelu",
-            "tie_word_embeddings": cfg.tie_word_embeddings,
-            "text_config": {"model_type": "llama", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-                            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
-                            "num_attention_heads": cfg.num_attention_heads,
-                            "num_key_value_heads": cfg.num_key_value_heads, "rms_norm_eps": cfg.rms_norm_eps,
-                            "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_position_embeddings,
-                            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id},
-            "vision_config": {"model_type": "clip_vision_model", "hidden_size": cfg.v_hidden_size,
-                              "intermediate_size": cfg.v_intermediate_size,
-                              "num_hidden_layers": cfg.v_num_hidden_layers,
-                              "num_attention_heads": cfg.v_num_attention_heads, "image_size": cfg.image_size,
-                              "patch_size": cfg.patch_size, "layer_norm_eps": cfg.v_layer_norm_eps}}
+    hf = {"model_type": "video_llava", "architectures": ["VideoLlavaForConditionalGeneration"],
+          "projector_hidden_act": "gelu", "text_config": {"model_type": "llama"},
+          "vision_config": {"model_type": "clip_vision_model"}}
+    for f, (sec, k, _) in HF_FIELDS.items():
+        (hf[sec] if sec else hf)[k] = getattr(cfg, f)
+    return hf
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: synthetic world, media loaders + CLIP preprocessing, tokenizers, prompt template
@@ -440,20 +432,11 @@ class SentencePieceBPE:
                 syms.append(ch)
             else:
                 syms += [f"<0x{b:02X}>" for b in ch.encode("utf-8")]
-        while len(syms) > 1:
-            pairs = [(self.ranks.get((a, b), math.inf), i) for i, (a, b) in enumerate(zip(syms, syms[1:]))]
-            rank = min(pairs)[0]  # the best-ranked pair present
-            if rank == math.inf:  # no known pair left: the word is done
+        while len(syms) > 1:  # merge the best-ranked pair present (the leftmost of equals), until none is known
+            rank, i = min((self.ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(syms, syms[1:])))
+            if rank == math.inf:
                 break
-            out, i = [], 0
-            while i < len(syms):  # merge every non-overlapping occurrence of the best pair, left to right
-                if i + 1 < len(syms) and self.ranks.get((syms[i], syms[i + 1])) == rank:
-                    out.append(syms[i] + syms[i + 1])
-                    i += 2
-                else:
-                    out.append(syms[i])
-                    i += 1
-            syms = out
+            syms[i:i + 2] = [syms[i] + syms[i + 1]]
         ids, unk = [], self.vocab.get(self.unk)
         for s in syms:
             if s in self.vocab:
@@ -1054,16 +1037,15 @@ def weight_files(path):
 def read_config(path):
     """path/config.json as a dict, or a UserError naming what is wrong with the folder."""
     cpath = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise UserError(f"{path}: no such checkpoint folder")
     if not os.path.isfile(cpath):
-        raise UserError(f"{path}: no config.json (not a checkpoint folder)")
+        raise UserError(f"{path}: " + ("no config.json (not a checkpoint folder)" if os.path.isdir(path) else
+                                       "no such checkpoint folder"))
     try:
         hf = json.load(open(cpath))
     except ValueError:  # not JSON, or not UTF-8
-        raise UserError(f"{cpath}: not valid JSON")
+        hf = None
     if not isinstance(hf, dict):
-        raise UserError(f"{cpath}: not a config (a JSON object is needed)")
+        raise UserError(f"{cpath}: not a config (not JSON, or not a JSON object)")
     return hf
 
 def align_keys(path, base=None):
@@ -1145,28 +1127,28 @@ def saved_config(meta, **changes):
     fields = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: v for k, v in {**meta["train_config"], **changes}.items() if k in fields})
 
-def read_resumable(out_dir):
-    """-> config.json of a folder that this script's --train wrote, with its train_state.pt; else a UserError.
+def read_resumable(out_dir, need_state=True):
+    """-> config.json of a folder that this script's --train wrote, with its train_state.pt if need_state; else a
+    UserError.
     An HF folder or another script's out_dir has no `script: video_llava` stamp and no train_config."""
     cpath, tpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "train_state.pt")
     if not os.path.isfile(cpath) and not os.path.isfile(tpath):
-        raise UserError(f"{out_dir}: nothing to resume (no config.json / train_state.pt); run --train without "
-                        f"--resume first, or pass the --out_dir of an interrupted run")
+        raise UserError(f"{out_dir}: nothing to resume or evaluate (no config.json / train_state.pt); run --train "
+                        f"(without --resume) first, or pass the --out_dir of a run")
     try:
         meta = json.load(open(cpath))
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # missing, not JSON, or not UTF-8
         meta = None
-    if not isinstance(meta, dict) or meta.get("script") != SCRIPT or not isinstance(meta.get("train_config"), dict):
-        meta = meta if isinstance(meta, dict) else {}
-        what = (f"config.json was written by '{meta['script']}'" if meta.get("script") else
-                f"config.json describes a '{meta['model_type']}' model but no run" if meta.get("model_type")
-                else "config.json is missing or unreadable")
-        raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train ({what}); --resume needs the --out_dir of "
-                        f"a run of this script")
-    if not os.path.isfile(tpath):
+    meta = meta if isinstance(meta, dict) else {}
+    if meta.get("script") != SCRIPT or not isinstance(meta.get("train_config"), dict):
+        raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (config.json: script "
+                        f"'{meta.get('script')}', model_type '{meta.get('model_type')}'); --resume and --eval "
+                        f"need the --out_dir of a run of this script")
+    if need_state and not os.path.isfile(tpath):
         raise UserError(f"{out_dir}: no train_state.pt, so there is no optimizer state to resume from; "
                         f"drop --resume to start afresh (or --from_pretrained {out_dir} to fine-tune its weights)")
     return meta
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics
@@ -1581,52 +1563,40 @@ def inspect(path, n_frames, n_tokens):
     """Parameter counts per tower, bytes by dtype, key alignment (align_keys, as loading checks it) and the memory
     estimated for one video of n_frames plus n_tokens of text; CUDA memory on a GPU."""
     model, found, handles, problems = align_keys(path)
-    cfg, towers, by_dtype, renamed, layouts = model.cfg, {}, {}, 0, set()
-    for h in handles.values():
-        for key in h.keys():
-            if LEGACY_KEYS.search(key):
-                continue
-            sl = h.get_slice(key)
-            numel, dt = math.prod(sl.get_shape()), sl.get_dtype()
-            by_dtype[dt] = by_dtype.get(dt, 0) + numel * {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8}.get(dt, 4)
-            tower = canonical_key(key).split(".")[0]
-            towers[tower], renamed = towers.get(tower, 0) + numel, renamed + (canonical_key(key) != key)
-            layouts.add("in-memory (transformers 5)" if key.startswith(("model.", "lm_head.")) else "hub"
-                        if ".vision_model." in key else "transformers-5 save" if "_tower." in key else None)
-    n_bytes, n_keys = sum(by_dtype.values()), sum(len(h.keys()) for h in handles.values())
-    print(f"checkpoint {path}: {n_keys} tensors in {len(handles)} file(s), layout {sorted(layouts - {None})}, "
-          f"{renamed} keys renamed to the hub layout")
-    for t, n in towers.items():
-        print(f"  {t:24s} {n / 1e6:12.2f}M parameters")
-    print(f"  {'total':24s} {sum(towers.values()) / 1e6:12.2f}M parameters, {n_bytes / 2**30:.2f} GiB")
-    for dt, b in by_dtype.items():
-        print(f"  bytes {dt:6s} {b / 2**30:.3f} GiB")
+    cfg, files, towers, by_dtype, layouts = model.cfg, weight_files(path), {}, {}, set()
+    for key, f in files.items():
+        sl = handles[f].get_slice(key)
+        numel, dt = math.prod(sl.get_shape()), sl.get_dtype()
+        by_dtype[dt] = by_dtype.get(dt, 0) + numel * {"BF16": 2, "F16": 2, "F64": 8, "I64": 8}.get(dt, 4)
+        tower = canonical_key(key).split(".")[0]
+        towers[tower] = towers.get(tower, 0) + numel
+        layouts.add("transformers-5 in memory" if key.startswith(("model.", "lm_head.")) else
+                    "hub" if ".vision_model." in key else "transformers-5 save" if "_tower." in key else None)
+    n_bytes = sum(by_dtype.values())
+    print(f"checkpoint {path}: {len(files)} tensors in {len(handles)} file(s), layout {sorted(layouts - {None})}; "
+          f"{sum(towers.values()) / 1e6:.2f}M parameters (" + ", ".join(f"{t} {n / 1e6:.2f}M" for t, n in
+                                                                      towers.items()) + "); " +
+          ", ".join(f"{dt} {b / 2**30:.3f} GiB" for dt, b in by_dtype.items()))
     print(f"key alignment: {len(found)} model tensors found, " +
           ", ".join(f"{what} {keys or 'none'}" for what, keys in problems.items()))
     p = (cfg.image_size // cfg.patch_size) ** 2
     seq = (p + 1) * n_frames + n_tokens  # positions of the prompt: P+1 per frame (CLS kept for video) + text
-    e = cfg.hidden_size // cfg.num_attention_heads
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * e * seq * 2  # keys and values, bfloat16
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads * seq * 2
     vis = n_frames * (p + 1) * (cfg.v_hidden_size * 4 + cfg.v_intermediate_size) * 2 + \
         n_frames * cfg.v_num_attention_heads * (p + 1) ** 2 * 4  # one CLIP layer's activations + attention scores
-    act = seq * (cfg.hidden_size * 4 + cfg.intermediate_size * 3) * 2
+    act = seq * (cfg.hidden_size * 4 + cfg.intermediate_size * 3) * 2  # one decoder layer's, bfloat16
     print(f"estimate for one video of {n_frames} frames + {n_tokens} text tokens = {seq} positions, bfloat16: "
-          f"weights {n_bytes / 2**30:.2f} GiB (as stored), KV cache {kv / 2**20:.1f} MiB, vision activations "
-          f"{vis / 2**20:.1f} MiB, decoder activations per layer {act / 2**20:.1f} MiB")
+          f"weights {n_bytes / 2**30:.2f} GiB, KV cache {kv / 2**20:.1f} MiB (keys and values, bfloat16), vision "
+          f"activations {vis / 2**20:.1f} MiB, decoder activations per layer {act / 2**20:.1f} MiB")
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
-        print(f"CUDA: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB; allocated by this process "
-              f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB")
+        print(f"CUDA: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
+
 
 def bench(cfg, sizes=None, rounds=3):
     """Decode tokens/s at batch 1, greedy, float32, 16-token prompt: the eager step, the compiled step and (when
     installed) transformers on the same weights; whether their tokens agree; each as a share of a floor, the time to
     read every LLaMA weight once at the bandwidth of a large copy (bytes read + written, as STREAM counts them)."""
-    try:
-        import transformers
-        transformers.logging.disable_progress_bar()
-    except ImportError:
-        transformers = None
     import tempfile
     src, dst = torch.randn(2**26), torch.zeros(2**26)  # 256 MiB each, far bigger than any cache, pages touched
     llama = lambda d, i, n, h: dict(hidden_size=d, intermediate_size=i, num_hidden_layers=n, num_attention_heads=h,
@@ -1640,11 +1610,11 @@ def bench(cfg, sizes=None, rounds=3):
         ours._init_weights()
         run = {"eager": lambda: generate(ours, ids, max_new_tokens=new)[0],
                "compiled": lambda: generate(ours, ids, max_new_tokens=new, compile=True)[0]}
-        if transformers is not None:  # the reference reads the same weights through an HF folder
-            with tempfile.TemporaryDirectory() as d:
-                save_file(ours.state_dict(), os.path.join(d, "model.safetensors"))
-                json.dump(hf_config_dict(mcfg), open(os.path.join(d, "config.json"), "w"))
-                ref = transformers.VideoLlavaForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
+        with contextlib.suppress(ImportError), tempfile.TemporaryDirectory() as d:  # transformers on the same weights
+            import transformers
+            save_file(ours.state_dict(), os.path.join(d, "model.safetensors"))
+            json.dump(hf_config_dict(mcfg), open(os.path.join(d, "config.json"), "w"))
+            ref = transformers.VideoLlavaForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
             run["transformers"] = lambda: ref.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new,
                                                        do_sample=False)[0, ids.shape[1]:]
         first = {k: f() for k, f in run.items()}  # warm-up (and the compile)
@@ -1666,68 +1636,60 @@ def bench(cfg, sizes=None, rounds=3):
             ratio = f", {v / tps['transformers']:.2f}x transformers" if "transformers" in tps else ""
             print(f"  {k:12s} {v:7.1f} tok/s = {v / floor:4.0%} of the floor{ratio}")
 
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
 def parse_args(argv=None):
+    """argv -> (args, cfg, overrides): the modes, then one flag per Config field over the --preset's values."""
     p = argparse.ArgumentParser(description="Video-LLaVA: HF-faithful inference and a tiny model trained on a CPU.")
-    p.add_argument("--train", action="store_true", help="build the synthetic world (if needed), train, evaluate")
-    p.add_argument("--resume", action="store_true", help="with --train: continue the run saved in out_dir exactly "
-                   "(its config.json is the config; flags typed here override it, architecture flags must match)")
-    p.add_argument("--eval", action="store_true", help="evaluate the checkpoint in out_dir on test and novel")
-    p.add_argument("--generate", action="store_true", help="answer --prompt about --video / --image")
+    for mode, what in (("train", "build the synthetic world (if needed), train, evaluate"),
+                       ("resume", "with --train: continue the run in out_dir exactly (flags typed here override its "
+                                  "config, architecture flags must match)"),
+                       ("eval", "evaluate the checkpoint in out_dir on test and novel"),
+                       ("generate", "answer --prompt about --video / --image"),
+                       ("bench", "decode tokens/s vs transformers, bandwidth floor"),
+                       ("compile", "--generate: the one-token step through torch.compile")):
+        p.add_argument(f"--{mode}", action="store_true", help=what)
     p.add_argument("--inspect", default="", metavar="DIR", help="report on the checkpoint in DIR")
-    p.add_argument("--bench", action="store_true", help="decode tokens/s vs transformers, bandwidth floor")
     p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
     p.add_argument("--image", default="", help="image file, for --generate")
     p.add_argument("--prompt", default="", help="the question, for --generate")
-    p.add_argument("--compile", action="store_true", help="--generate: run the one-token step through torch.compile "
-                   "(a compile of tens of seconds the first time, then faster per token)")
     p.add_argument("--n_tokens", type=int, default=64, help="text tokens assumed by --inspect's memory estimate")
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
-    for f in dataclasses.fields(Config):
-        if isinstance(f.default, bool):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
-        else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=None)
+    for f in dataclasses.fields(Config):  # bools as --flag / --no-flag; None = not typed
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
+        p.add_argument(f"--{f.name}", default=None, **kind)
     args = p.parse_args(argv)
     if args.preset not in PRESETS:
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset], **overrides})
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16")
-    if cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise UserError(f"--batch_size {cfg.batch_size} --grad_accum {cfg.grad_accum}: both must be at least 1")
-    if overrides.get("share_towers") and cfg.from_pretrained:
-        raise UserError("--share_towers is for training from scratch: --from_pretrained keeps the checkpoint's two "
-                        "towers (drop the flag)")
-    if args.resume and not args.train:
-        raise UserError("--resume continues a training run: use it with --train")
-    if args.compile and not args.generate:
-        raise UserError("--compile compiles --generate's decoding step: use it with --generate (--bench runs both)")
+    for bad, msg in ((cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
+                      f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16"),
+                     (cfg.batch_size < 1 or cfg.grad_accum < 1, "--batch_size and --grad_accum must be at least 1"),
+                     (overrides.get("share_towers") and cfg.from_pretrained, "--share_towers is for training from "
+                      "scratch: --from_pretrained keeps the checkpoint's two towers (drop the flag)"),
+                     (args.resume and not args.train, "--resume continues a training run: use it with --train"),
+                     (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it "
+                      "with --generate (--bench runs both)")):
+        if bad:
+            raise UserError(msg)
     return args, cfg, overrides
+
 
 def run_generate(args, cfg, overrides):
     """--generate: load a checkpoint (HF folder or out_dir), read the media, stream the answer to stdout."""
-    path = cfg.from_pretrained or cfg.out_dir
-    if not args.prompt:
-        raise UserError("--generate needs --prompt TEXT (and --video PATH or --image PATH)")
-    if args.video and args.image:
-        raise UserError("--generate takes --video or --image, not both")
-    device = pick_device(cfg.device)
-    hf = read_config(path)
+    if not args.prompt or (args.video and args.image):
+        raise UserError("--generate needs --prompt TEXT, and --video PATH or --image PATH (not both) or neither")
+    path, device = cfg.from_pretrained or cfg.out_dir, pick_device(cfg.device)
+    hf = read_config(path)  # a run of this script keeps its float32 weights; an HF folder gets --dtype's choice
     dtype = None if "gpt2_table" in hf else getattr(torch, autocast_dtype(overrides.get("dtype", "auto"), device))
-    model = load_pretrained(path, dtype, device).eval()
-    mcfg = model.cfg
-    tok = load_tokenizer(path)
-    kind = "video" if args.video else "image" if args.image else ""
+    model, tok = load_pretrained(path, dtype, device).eval(), load_tokenizer(path)
+    mcfg, kind = model.cfg, "video" if args.video else "image" if args.image else ""
     n_frames = overrides.get("n_frames", hf.get("train_config", {}).get("n_frames", 8))
-    imgs = vids = None
-    if kind == "image":
-        imgs = torch.from_numpy(load_image(args.image, mcfg.image_size))[None].to(device)  # (1, 3, S, S)
-    elif kind == "video":
-        vids = torch.from_numpy(load_video(args.video, n_frames, mcfg.image_size))[None].to(device)  # (1, F, 3, S, S)
+    imgs = torch.from_numpy(load_image(args.image, mcfg.image_size))[None].to(device) if args.image else None
+    vids = torch.from_numpy(load_video(args.video, n_frames, mcfg.image_size))[None].to(device) if args.video else None
     text = args.prompt if "<image>" in args.prompt or "<video>" in args.prompt else prompt_text(args.prompt, kind)
     ids = torch.tensor([expand_placeholders(tok.encode(text), mcfg, n_frames)], device=device)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -1760,18 +1722,13 @@ def main(argv=None):
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone prints
             print("config:", json.dumps(dataclasses.asdict(cfg)))
         train(cfg, resume=args.resume)
-    elif args.eval:
-        device = pick_device(cfg.device)
-        meta = read_config(cfg.out_dir)
-        if not isinstance(meta.get("train_config"), dict):
-            raise UserError(f"{cfg.out_dir}: not a checkpoint of this script (no train_config); --eval needs one")
-        run_keys = ("device", "dtype", "out_dir", "data_dir", "data", "test_data")  # what --eval may change
+    elif args.eval:  # the run's saved config, with only the flags that say where and how to evaluate on top
+        device, meta = pick_device(cfg.device), read_resumable(cfg.out_dir, need_state=False)
+        run_keys = ("device", "dtype", "out_dir", "data_dir", "data", "test_data")
         base = saved_config(meta, **{k: v for k, v in overrides.items() if k in run_keys})
-        model = load_pretrained(cfg.out_dir, torch.float32, device, base=base)
-        mcfg = model.cfg
-        tok = load_tokenizer(cfg.out_dir)
-        data = {s: Examples(e, mcfg, tok) for s, e in load_entries(mcfg).items() if s in ("test", "novel")}
-        evaluate(model, tok, mcfg, device, data)
+        model, tok = load_pretrained(cfg.out_dir, torch.float32, device, base=base), load_tokenizer(cfg.out_dir)
+        data = {s: Examples(e, model.cfg, tok) for s, e in load_entries(model.cfg).items() if s in ("test", "novel")}
+        evaluate(model, tok, model.cfg, device, data)
     elif args.generate:
         run_generate(args, cfg, overrides)
     elif args.inspect:
