@@ -42,6 +42,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -935,14 +936,12 @@ class VideoLlava(nn.Module):
         x = lm.embed_tokens(input_ids)  # (B, L, D)
         # placeholder expansion: the prompt holds one <image> token per image feature and one <video> token per
         # frame feature (expand_placeholders); their embeddings are overwritten by the projected CLIP features
-        if pixel_values_images is not None:
-            x = self._place(x, input_ids, cfg.image_token_index, self.image_features(pixel_values_images), "image")
-        elif (input_ids == cfg.image_token_index).any():
-            raise UserError("the prompt has <image> placeholders but no image was given")
-        if pixel_values_videos is not None:
-            x = self._place(x, input_ids, cfg.video_token_index, self.video_features(pixel_values_videos), "video")
-        elif (input_ids == cfg.video_token_index).any():
-            raise UserError("the prompt has <video> placeholders but no video was given")
+        for what, pixels, token, encode in (("image", pixel_values_images, cfg.image_token_index, self.image_features),
+                                            ("video", pixel_values_videos, cfg.video_token_index, self.video_features)):
+            if pixels is not None:
+                x = self._place(x, input_ids, token, encode(pixels), what)
+            elif (input_ids == token).any():
+                raise UserError(f"the prompt has <{what}> placeholders but no {what} was given")
         if cache is not None and L == 1:  # a one-token step: fixed shapes, as in `step`
             pos, mask = cache.next_step(attention_mask)
         elif attention_mask is None or bool(attention_mask.all()):  # no padding: positions offset .. T-1
@@ -1114,8 +1113,7 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
         for name in ("tokenizer.json", "tokenizer_config.json"):
             src = os.path.join(tok.folder, name)
             if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(os.path.join(cfg.out_dir, name)):
-                data = open(src, "rb").read()
-                atomic(os.path.join(cfg.out_dir, name), lambda p: open(p, "wb").write(data))
+                atomic(os.path.join(cfg.out_dir, name), lambda p: shutil.copyfile(src, p))
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
     if opt is not None:
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(), "seconds": seconds}
@@ -1153,13 +1151,10 @@ def read_resumable(out_dir, need_state=True):
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics
 
-def normalise(text):
-    """Lower case, no surrounding space or final '.', single spaces: what exact match compares."""
-    return " ".join(text.lower().strip().rstrip(".").split())
-
 def exact_match(preds, refs):
     """Fraction of predictions equal to their reference after lower-casing, trimming and dropping a final '.'."""
-    return sum(normalise(p) == normalise(r) for p, r in zip(preds, refs)) / max(1, len(refs))
+    norm = lambda text: " ".join(text.lower().strip().rstrip(".").split())  # single spaces
+    return sum(norm(p) == norm(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Training
@@ -1168,11 +1163,8 @@ def pick_device(name):
     """--device auto -> cuda > mps > cpu; any other name is used as given."""
     if name != "auto":
         return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
 
 def autocast_dtype(name, device):
     """--dtype auto: bfloat16 where the hardware multiplies in it (a CUDA GPU of compute capability 8+, a CPU with
@@ -1187,9 +1179,7 @@ def autocast_dtype(name, device):
 def autocast(dtype, device):
     """The autocast context for --dtype (disabled for float32, so the float32 path is plain)."""
     dtype = autocast_dtype(dtype, device)
-    if dtype == "float32":
-        return torch.autocast(device.split(":")[0], enabled=False)
-    return torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))
+    return torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype), enabled=dtype != "float32")
 
 def lr_at(step, cfg):
     """Linear warmup, then cosine decay to min_lr."""
@@ -1217,8 +1207,7 @@ class Examples:
         (and its EOS); generation rows are prompts only, left-padded with an attention mask."""
         rows = [self.prompts[i] + (self.answers[i] if with_answer else []) for i in idx]
         L = max(map(len, rows))
-        ids = torch.zeros(len(rows), L, dtype=torch.long)
-        mask = torch.zeros(len(rows), L, dtype=torch.long)
+        ids, mask = torch.zeros(len(rows), L, dtype=torch.long), torch.zeros(len(rows), L, dtype=torch.long)
         tgt = torch.full((len(rows), L), -100, dtype=torch.long)
         for r, (i, row) in enumerate(zip(idx, rows)):
             s = L - len(row) if left_pad else 0
@@ -1226,11 +1215,9 @@ class Examples:
             if with_answer:  # position t predicts token t+1: targets are the answer tokens, shifted left by one
                 p = len(self.prompts[i])
                 tgt[r, s + p - 1:s + len(row) - 1] = torch.tensor(self.answers[i])
-        imgs = [self.media[i] for i in idx if self.entries[i]["kind"] == "image"]
-        vids = [self.media[i] for i in idx if self.entries[i]["kind"] == "video"]
+        px = {k: [self.media[i] for i in idx if self.entries[i]["kind"] == k] for k in ("image", "video")}
         return dict(input_ids=ids, attention_mask=mask if left_pad else None, targets=tgt if with_answer else None,
-                    pixel_values_images=torch.stack(imgs) if imgs else None,
-                    pixel_values_videos=torch.stack(vids) if vids else None)
+                    **{f"pixel_values_{k}s": torch.stack(v) if v else None for k, v in px.items()})
 
 def to_device(batch, device):
     """Examples.batch's dict with every tensor on device (absent inputs stay None)."""
@@ -1306,10 +1293,9 @@ def build_model(cfg, entries, resume, say):
 def ddp_setup(cfg):
     """-> (ddp, rank, world, device): one process, or one of torchrun's (nccl on CUDA, gloo on CPU)."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     device = pick_device(cfg.device)
     if device == "cuda" and ddp:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -1471,10 +1457,9 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     # sizes; compiled, the cache length is rounded up to a multiple of 64 (within the context) to keep those few
     step = torch.compile(model.step, fullgraph=True, dynamic=False) if compile else model.step
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    dtype = model.language_model.model.embed_tokens.weight.dtype
-    dev_type = input_ids.device.type
-    if torch.is_autocast_enabled(dev_type):  # keys/values come out of autocast matmuls in its dtype
-        dtype = torch.get_autocast_dtype(dev_type)
+    dev = input_ids.device.type  # under autocast, keys/values come out of its matmuls in its dtype
+    dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+             else model.language_model.model.embed_tokens.weight.dtype)
     n, context = L + max_new_tokens, model.cfg.max_position_embeddings
     T_max = max(n, min(-(-n // 64) * 64, context)) if compile else n  # longer than the context: forward refuses
     with torch.inference_mode():
@@ -1510,39 +1495,29 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
         new = torch.stack(out, 1)
     return new.clone()  # an ordinary tensor (an inference tensor cannot be changed in place or saved for backward)
 
-def answer_batch(model, tok, ex, idx, cfg, device):
-    """Greedy answers (text) to the questions idx of ex, one left-padded batch."""
-    b = to_device(ex.batch(idx, with_answer=False, left_pad=True), device)
-    with autocast(cfg.dtype, device):
-        out = generate(model, b["input_ids"], b["attention_mask"], b["pixel_values_images"], b["pixel_values_videos"],
-                       max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    return [tok.decode([t for t in row.tolist() if t != tok.eos_id]).strip() for row in out]
-
 def evaluate(model, tok, cfg, device, data, train_seconds=None):
     """Greedy answers on test and novel -> exact match per medium and per question kind; writes eval.json."""
     model.eval()
-    result = {}
-    splits = [s for s in ("test", "novel") if s in data]  # your data has no novel split
+    result, splits = {}, [s for s in ("test", "novel") if s in data]  # your data has no novel split
     for split in splits:
-        ex = data[split]
+        ex, preds, result[split] = data[split], {}, {}
         by_kind = {k: [i for i, e in enumerate(ex.entries) if e["kind"] == k] for k in ("image", "video")}
-        preds = {}
         for rows in by_kind.values():  # batches of one medium: an image prompt is never padded to a video's length
             for s in range(0, len(rows), 64):
-                preds.update(zip(rows[s:s + 64], answer_batch(model, tok, ex, rows[s:s + 64], cfg, device)))
-        result[split] = {}
-        for kind, rows in by_kind.items():
-            if not rows:
-                continue
-            refs = [ex.entries[i]["answer"] for i in rows]
-            r = {"n": len(rows), "exact_match": exact_match([preds[i] for i in rows], refs), "by_question": {}}
+                b = to_device(ex.batch(rows[s:s + 64], with_answer=False, left_pad=True), device)
+                with autocast(cfg.dtype, device):
+                    out = generate(model, b["input_ids"], b["attention_mask"], b["pixel_values_images"],
+                                   b["pixel_values_videos"], max_new_tokens=cfg.max_new_tokens,
+                                   eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+                preds.update(zip(rows[s:s + 64], [tok.decode([t for t in r if t != tok.eos_id]).strip()
+                                                  for r in out.tolist()]))
+        em = lambda rows: exact_match([preds[i] for i in rows], [ex.entries[i]["answer"] for i in rows])
+        for kind, rows in ((k, r) for k, r in by_kind.items() if r):
             kinds = {i: " ".join(ex.entries[i]["question"].split()[:4]) for i in rows}  # e.g. "Which way does the"
-            for q in sorted(set(kinds.values())):
-                sub = [i for i in rows if kinds[i] == q]
-                r["by_question"][q] = exact_match([preds[i] for i in sub], [ex.entries[i]["answer"] for i in sub])
-            r["samples"] = [{"question": ex.entries[i]["question"], "prediction": preds[i],
-                             "reference": ex.entries[i]["answer"]} for i in rows[:4]]
-            result[split][kind] = r
+            result[split][kind] = {"n": len(rows), "exact_match": em(rows), "by_question": {
+                q: em([i for i in rows if kinds[i] == q]) for q in sorted(set(kinds.values()))}, "samples": [
+                {"question": ex.entries[i]["question"], "prediction": preds[i], "reference": ex.entries[i]["answer"]}
+                for i in rows[:4]]}
     result["train_seconds"] = train_seconds
     print(f"{'split':8s} {'medium':7s} {'n':>5s} {'exact':>7s}")
     for split in splits:
@@ -1658,8 +1633,9 @@ def parse_args(argv=None):
     p.add_argument("--n_tokens", type=int, default=64, help="text tokens assumed by --inspect's memory estimate")
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
     for f in dataclasses.fields(Config):  # bools as --flag / --no-flag; None = not typed
-        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
-        p.add_argument(f"--{f.name}", default=None, **kind)
+        bools = isinstance(f.default, bool)
+        p.add_argument(f"--{f.name}", default=None, **dict(action=argparse.BooleanOptionalAction) if bools else
+                       dict(type=type(f.default)))
     args = p.parse_args(argv)
     if args.preset not in PRESETS:
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
