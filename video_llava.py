@@ -849,12 +849,11 @@ class VideoLlava(nn.Module):
         """Data-dependent initialisation for training from scratch (Salimans & Kingma 2016); never used on a loaded
         checkpoint. At random init every patch token is mostly one shared vector (the constant grey background's patch
         embedding plus biases), so after the LLM's RMSNorm the object patches hardly stand out. One fixed batch is
-        run through each tower, and each tower's pre_layrnorm
-        affine is set so that its output has zero mean and unit variance per feature across that batch's tokens; then
-        the projector's last layer, so that the visual tokens have zero mean and the text embeddings' standard
-        deviation. With whiten_patches, first each tower's patch_embedding and patch positions (see `whiten`). A
-        shared tower (share_towers) is initialised once, from the images and the video frames together. Only
-        initial weights change: the forward stays the checkpoint-faithful one (its effect: NOTES.md)."""
+        run through each tower, and each tower's pre_layrnorm affine is set so that its output has zero mean and unit
+        variance per feature across that batch's tokens; then the projector's last layer, so that the visual tokens
+        have zero mean and the text embeddings' standard deviation. With whiten_patches, first each tower's
+        patch_embedding and patch positions (see `whiten`). A shared tower is initialised once, from the images and
+        the video frames together. Only initial weights change: the forward stays the checkpoint-faithful one."""
         def fold(ln_w, ln_b, x, std=1.0):  # rescale an affine so its outputs x get zero mean and this std
             x = x.flatten(0, -2).float()  # (tokens, features)
             m, s = x.mean(0), x.std(0) + 1e-6  # (features,) each
@@ -1219,8 +1218,7 @@ class Examples:
         return dict(input_ids=ids, attention_mask=mask if left_pad else None, targets=tgt if with_answer else None,
                     **{f"pixel_values_{k}s": torch.stack(v) if v else None for k, v in px.items()})
 
-def to_device(batch, device):
-    """Examples.batch's dict with every tensor on device (absent inputs stay None)."""
+def to_device(batch, device):  # absent inputs stay None
     return {k: None if v is None else v.to(device) for k, v in batch.items()}
 
 def apply_freeze(model, freeze):
@@ -1249,11 +1247,8 @@ def resume_config(cfg, overrides):
     table), with the flags typed on this command line on top. A typed architecture flag must agree with the
     checkpoint; --stop_after only applies to the command that types it."""
     base = saved_config(read_resumable(cfg.out_dir))
-    arch = config_from_hf(hf_config_dict(base), cfg.out_dir)
+    arch = {f: getattr(base, f) for f in (*HF_FIELDS, "share_towers")}  # share_towers: one tower's weights or two
     clash = [f"--{k} {overrides[k]} (checkpoint: {v})" for k, v in arch.items() if overrides.get(k, v) != v]
-    if overrides.get("share_towers", base.share_towers) != base.share_towers:  # one tower's weights vs two
-        clash.append(f"--{'' if overrides['share_towers'] else 'no-'}share_towers (checkpoint: "
-                     f"{'one shared tower' if base.share_towers else 'two towers'})")
     if clash:
         raise UserError(f"{cfg.out_dir}: cannot resume with another architecture: {', '.join(clash)}; drop those "
                         f"flags")
@@ -1270,7 +1265,7 @@ def build_model(cfg, entries, resume, say):
                 "from scratch)")
             cfg = dataclasses.replace(cfg, share_towers=False)  # what config.json records, and --resume keeps
         model, tok = load_pretrained(path, torch.float32, "cpu", base=cfg), load_tokenizer(path)
-        cfg = dataclasses.replace(cfg, **{f: getattr(model.cfg, f) for f in config_from_hf(hf_config_dict(cfg), "")})
+        cfg = dataclasses.replace(cfg, **{f: getattr(model.cfg, f) for f in HF_FIELDS})
     else:
         texts = [prompt_text(e["question"], e["kind"]) + " " + e["answer"] for s in ("train", "val")
                  for e in entries[s]]  # the table covers every token of the training and validation text
