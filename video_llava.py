@@ -490,9 +490,8 @@ class GPT2Table:
         self.split_re = re.compile("(<image>|<video>)")
 
     @classmethod
-    def from_texts(cls, texts):
-        import tiktoken
-        enc = tiktoken.get_encoding("gpt2")
+    def from_texts(cls, texts):  # the table: <|endoftext|>, then every GPT-2 id of the texts in increasing order
+        enc = cls([]).enc
         return cls([enc.eot_token] + sorted({t for s in texts for p in re.split("<image>|<video>", s)
                                              for t in enc.encode(p)}))
 
@@ -928,10 +927,9 @@ class VideoLlava(nn.Module):
         offset = cache.offset if cache is not None else 0  # tokens already in the cache
         T = offset + L  # keys after this call: the cached ones and these L
         need = cache.k[0].shape[2] if cache is not None else T  # a cache is as long as prompt + answer
-        context = cfg.max_position_embeddings
-        if need > context:  # the RoPE table ends there
-            raise UserError(f"prompt + generation is {need} tokens, longer than the context ({context}); shorten the "
-                            f"prompt, use fewer frames or --max_new_tokens")
+        if need > cfg.max_position_embeddings:  # the RoPE table ends there
+            raise UserError(f"prompt + generation is {need} tokens, longer than the context ("
+                            f"{cfg.max_position_embeddings}); shorten the prompt, use fewer frames or --max_new_tokens")
         x = lm.embed_tokens(input_ids)  # (B, L, D)
         # placeholder expansion: the prompt holds one <image> token per image feature and one <video> token per
         # frame feature (expand_placeholders); their embeddings are overwritten by the projected CLIP features
@@ -1223,12 +1221,11 @@ def to_device(batch, device):  # absent inputs stay None
 
 def apply_freeze(model, freeze):
     """Freeze for real: requires_grad off once (no gradients, no graph through them), kept in eval mode by train()."""
-    parts = {p for p in freeze.split(",") if p}
-    bad = parts - {"vision", "llm"}
-    if bad:
-        raise UserError(f"--freeze {freeze}: unknown part(s) {sorted(bad)}; use 'vision', 'llm' or 'vision,llm'")
-    frozen = ([model.image_tower, model.video_tower] if "vision" in parts else []) + \
-             ([model.language_model] if "llm" in parts else [])
+    towers, parts = {"vision": [model.image_tower, model.video_tower], "llm": [model.language_model]}, freeze.split(",")
+    if set(parts) - set(towers) - {""}:
+        raise UserError(f"--freeze {freeze}: unknown part(s) {sorted(set(parts) - set(towers) - {''})}; use 'vision', "
+                        f"'llm' or 'vision,llm'")
+    frozen = [m for p in parts if p for m in towers[p]]
     for m in frozen:
         m.requires_grad_(False)
     return frozen
