@@ -427,12 +427,9 @@ class SentencePieceBPE:
         self.split_re = re.compile("(" + "|".join(re.escape(s) for s in longest_first) + ")")
 
     def _bpe(self, word):
-        syms = []
-        for ch in word:  # initial symbols: characters in the vocabulary, else their UTF-8 bytes
-            if ch in self.vocab or not self.byte_fallback:  # LLaMA's vocabulary has every single byte as <0xNN>
-                syms.append(ch)
-            else:
-                syms += [f"<0x{b:02X}>" for b in ch.encode("utf-8")]
+        # initial symbols: characters in the vocabulary, else their UTF-8 bytes (LLaMA's has every byte as <0xNN>)
+        syms = [s for ch in word for s in ([ch] if ch in self.vocab or not self.byte_fallback
+                                           else [f"<0x{b:02X}>" for b in ch.encode("utf-8")])]
         while len(syms) > 1:  # merge the best-ranked pair present (the leftmost of equals), until none is known
             rank, i = min((self.ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(syms, syms[1:])))
             if rank == math.inf:
@@ -526,16 +523,9 @@ def expand_placeholders(ids, cfg, n_frames):
     gives features: <image> -> P (P+1 with the 'full' strategy, which keeps CLS), <video> -> (P+1)*F (CLS kept for
     every frame). The LLM then sees the visual tokens at ordinary positions, with ordinary RoPE."""
     p = (cfg.image_size // cfg.patch_size) ** 2
-    n_img = p + (cfg.vision_feature_select_strategy == "full")
-    out = []
-    for i in ids:
-        if i == cfg.image_token_index:
-            out += [i] * n_img
-        elif i == cfg.video_token_index:
-            out += [i] * ((p + 1) * n_frames)
-        else:
-            out.append(i)
-    return out
+    copies = {cfg.image_token_index: p + (cfg.vision_feature_select_strategy == "full"),
+              cfg.video_token_index: (p + 1) * n_frames}  # any other token stays one token
+    return [i for tag in ids for i in [tag] * copies.get(tag, 1)]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Model: LLaMA primitives -> CLIP tower -> projector -> VideoLlava
@@ -1656,6 +1646,7 @@ def run_generate(args, cfg, overrides):
     model, tok = load_pretrained(path, dtype, device).eval(), load_tokenizer(path)
     mcfg, kind = model.cfg, "video" if args.video else "image" if args.image else ""
     n_frames = overrides.get("n_frames", hf.get("train_config", {}).get("n_frames", 8))
+    # the medium as a batch of one: an image (1, 3, S, S) or a video (1, F, 3, S, S)
     imgs = torch.from_numpy(load_image(args.image, mcfg.image_size))[None].to(device) if args.image else None
     vids = torch.from_numpy(load_video(args.video, n_frames, mcfg.image_size))[None].to(device) if args.video else None
     text = args.prompt if "<image>" in args.prompt or "<video>" in args.prompt else prompt_text(args.prompt, kind)
