@@ -1293,10 +1293,7 @@ def batch_loss(model, tr, idx, cfg, rank, world, ddp, device):
     # (mixed, every short image row would be padded to the video rows' length): the same loss, less LLM work
     for micro in range(cfg.grad_accum):
         rows = idx[(micro * world + rank) * cfg.batch_size:(micro * world + rank + 1) * cfg.batch_size]
-        for kind in ("image", "video"):
-            part = [i for i in rows if tr.entries[i]["kind"] == kind]
-            if part:
-                passes.append(part)
+        passes += [p for p in ([i for i in rows if tr.entries[i]["kind"] == k] for k in ("image", "video")) if p]
     for j, part in enumerate(passes):
         b = tr.batch(part)
         share = (b["targets"] != -100).sum().item() * world / n_tok
