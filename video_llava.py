@@ -982,15 +982,12 @@ def canonical_key(k):
     saved by transformers 5 from a config: the same without `vision_model.` in the towers
     in memory in transformers 5: model.language_model.*, lm_head.*, model.image_tower.*,
             model.multi_modal_projector.*"""
-    if k.startswith("model.language_model."):
-        k = "language_model.model." + k[len("model.language_model."):]  # in memory, transformers 5
-    elif k.startswith("lm_head."):
-        k = "language_model." + k  # the head sits inside language_model in the hub layout
-    elif k.startswith("model."):
-        k = k[len("model."):]
-    for tower in ("image_tower.", "video_tower."):
-        if k.startswith(tower) and not k.startswith(tower + "vision_model."):
-            k = tower + "vision_model." + k[len(tower):]  # saved by transformers 5: put the wrapper back
+    for pattern, hub in ((r"^model\.language_model\.", "language_model.model."),  # in memory, transformers 5
+                         (r"^lm_head\.", "language_model.lm_head."),  # the hub keeps the head inside language_model
+                         (r"^model\.", ""),  # in memory: the towers and the projector
+                         # saved by transformers 5: the towers without their vision_model wrapper
+                         (r"^(image|video)_tower\.(?!vision_model\.)", r"\1_tower.vision_model.")):
+        k = re.sub(pattern, hub, k)  # applied in order: a key the first rule renamed matches none of the others
     return k
 
 # Buffers older checkpoints saved and today's models rebuild (RoPE's inverse frequencies, CLIP's position ids):
