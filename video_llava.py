@@ -42,6 +42,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -60,14 +61,11 @@ SCRIPT = "video_llava"
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
-
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
-
 
 @dataclass
 class Config:
@@ -131,7 +129,6 @@ class Config:
     top_p: float = 1.0
     max_new_tokens: int = 48
 
-
 PRESETS = {
     "default": {},
     "tiny": dict(n_train=48, n_test=6, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -140,9 +137,21 @@ PRESETS = {
                  log_interval=2, eval_interval=4, dtype="float32", max_new_tokens=6),
 }
 
+# Config field -> (section of an HF Video-LLaVA config.json, its key there, transformers' default when the file leaves
+# it out): the one map that config_from_hf reads and hf_config_dict writes. A top-level key may also sit in text_config.
+HF_FIELDS = {**{f: ("text_config", f, d) for f, d in (
+    ("vocab_size", 32000), ("hidden_size", 4096), ("intermediate_size", 11008), ("num_hidden_layers", 32),
+    ("num_attention_heads", 32), ("num_key_value_heads", None), ("rms_norm_eps", 1e-6), ("rope_theta", 10000.0),
+    ("max_position_embeddings", 2048), ("bos_token_id", 1), ("eos_token_id", 2))},
+    **{f: ("vision_config", f.removeprefix("v_"), d) for f, d in (
+        ("v_hidden_size", 1024), ("v_intermediate_size", 4096), ("v_num_hidden_layers", 24),
+        ("v_num_attention_heads", 16), ("v_layer_norm_eps", 1e-5), ("image_size", 224), ("patch_size", 14))},
+    **{f: ("", f, d) for f, d in (
+        ("tie_word_embeddings", False), ("vision_feature_layer", -2), ("vision_feature_select_strategy", "default"),
+        ("image_token_index", 32000), ("video_token_index", 32001), ("pad_token_id", 0))}}
 
 def config_from_hf(hf, path):
-    """HF Video-LLaVA config.json -> Config, filling the transformers defaults for keys the file leaves out."""
+    """HF Video-LLaVA config.json -> Config fields (HF_FIELDS), refusing what this model does not implement."""
     if hf.get("model_type") != "video_llava":
         raise UserError(f"{path}: model_type is '{hf.get('model_type')}', not 'video_llava' (another architecture)")
     t, v = hf.get("text_config") or {}, hf.get("vision_config") or {}
@@ -157,46 +166,23 @@ def config_from_hf(hf, path):
         raise UserError(f"{path}: projector_hidden_act '{hf['projector_hidden_act']}' is not supported (only gelu)")
     if isinstance(hf.get("vision_feature_layer", -2), list):
         raise UserError(f"{path}: a list of vision_feature_layer is not supported")
-    heads = t.get("num_attention_heads", 32)
-    hidden = t.get("hidden_size", 4096)
-    if t.get("head_dim") not in (None, hidden // heads):
+    where = {"text_config": t, "vision_config": v}
+    out = {f: where[sec].get(k, d) if sec else hf.get(k, t.get(k, d)) for f, (sec, k, d) in HF_FIELDS.items()}
+    out.update(num_key_value_heads=out["num_key_value_heads"] or out["num_attention_heads"],  # none: plain MHA
+               rope_theta=rope.get("rope_theta", out["rope_theta"]),  # transformers 5 keeps it in rope_parameters
+               tie_word_embeddings=bool(out["tie_word_embeddings"]), pad_token_id=out["pad_token_id"] or 0)
+    if t.get("head_dim") not in (None, out["hidden_size"] // out["num_attention_heads"]):
         raise UserError(f"{path}: head_dim != hidden_size / num_attention_heads is not supported")
-    return dict(
-        vocab_size=t.get("vocab_size", 32000), hidden_size=hidden, intermediate_size=t.get("intermediate_size", 11008),
-        num_hidden_layers=t.get("num_hidden_layers", 32), num_attention_heads=heads,
-        num_key_value_heads=t.get("num_key_value_heads") or heads, rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-        rope_theta=rope.get("rope_theta", t.get("rope_theta", 10000.0)),
-        max_position_embeddings=t.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
-        v_hidden_size=v.get("hidden_size", 1024), v_intermediate_size=v.get("intermediate_size", 4096),
-        v_num_hidden_layers=v.get("num_hidden_layers", 24), v_num_attention_heads=v.get("num_attention_heads", 16),
-        v_layer_norm_eps=v.get("layer_norm_eps", 1e-5), image_size=v.get("image_size", 224),
-        patch_size=v.get("patch_size", 14), vision_feature_layer=hf.get("vision_feature_layer", -2),
-        vision_feature_select_strategy=hf.get("vision_feature_select_strategy", "default"),
-        image_token_index=hf.get("image_token_index", 32000), video_token_index=hf.get("video_token_index", 32001),
-        bos_token_id=t.get("bos_token_id", 1), eos_token_id=t.get("eos_token_id", 2),
-        pad_token_id=hf.get("pad_token_id", t.get("pad_token_id", 0)) or 0)
-
+    return out
 
 def hf_config_dict(cfg):
     """Config -> an HF-style config.json, so checkpoints trained here load with the same from_pretrained."""
-    return {"model_type": "video_llava", "architectures": ["VideoLlavaForConditionalGeneration"],
-            "image_token_index": cfg.image_token_index, "video_token_index": cfg.video_token_index,
-            "pad_token_id": cfg.pad_token_id, "vision_feature_layer": cfg.vision_feature_layer,
-            "vision_feature_select_strategy": cfg.vision_feature_select_strategy, "projector_hidden_act": "gelu",
-            "tie_word_embeddings": cfg.tie_word_embeddings,
-            "text_config": {"model_type": "llama", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-                            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
-                            "num_attention_heads": cfg.num_attention_heads,
-                            "num_key_value_heads": cfg.num_key_value_heads, "rms_norm_eps": cfg.rms_norm_eps,
-                            "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_position_embeddings,
-                            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id},
-            "vision_config": {"model_type": "clip_vision_model", "hidden_size": cfg.v_hidden_size,
-                              "intermediate_size": cfg.v_intermediate_size,
-                              "num_hidden_layers": cfg.v_num_hidden_layers,
-                              "num_attention_heads": cfg.v_num_attention_heads, "image_size": cfg.image_size,
-                              "patch_size": cfg.patch_size, "layer_norm_eps": cfg.v_layer_norm_eps}}
-
+    hf = {"model_type": "video_llava", "architectures": ["VideoLlavaForConditionalGeneration"],
+          "projector_hidden_act": "gelu", "text_config": {"model_type": "llama"},
+          "vision_config": {"model_type": "clip_vision_model"}}
+    for f, (sec, k, _) in HF_FIELDS.items():
+        (hf[sec] if sec else hf)[k] = getattr(cfg, f)
+    return hf
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: synthetic world, media loaders + CLIP preprocessing, tokenizers, prompt template
@@ -211,7 +197,6 @@ NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),
                ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}
 SIDE, CELL, HALF, CLIP_LEN, TRAVEL = 48, 12, 5, 16, 24  # picture side, grid cell, shape half-size, frames, px moved
 
-
 def draw_shape(img, shape, colour, cx, cy):
     """Draw a filled shape of half-size HALF centred at (cx, cy), in place."""
     c = COLOURS[colour]  # anti-aliased edges: a shape's colour bleeds into neighbouring pixels, as in real pictures
@@ -223,14 +208,12 @@ def draw_shape(img, shape, colour, cx, cy):
         pts = np.array([[cx, cy - HALF], [cx - HALF, cy + HALF - 1], [cx + HALF, cy + HALF - 1]], np.int32)
         cv2.fillPoly(img, [pts], c, cv2.LINE_AA)
 
-
 def sample_pair(rng, split):
     """A (colour, shape) pair that fits the split: novel pairs only in `novel`, never elsewhere."""
     while True:
         pair = (rng.choice(list(COLOURS)), rng.choice(SHAPES))
         if (pair in NOVEL_PAIRS) == (split == "novel"):
             return pair
-
 
 def make_image(rng, split):
     """1-3 copies of one coloured shape in distinct cells of a 4x4 grid -> (BGR image, [(question, answer)])."""
@@ -243,7 +226,6 @@ def make_image(rng, split):
     qa = [("What colour are the shapes?", colour), ("What shape are they?", shape),
           ("How many shapes are there?", NUMBERS[n - 1])]
     return img, qa
-
 
 def make_clip(rng, split, n_frames):
     """A 16-frame clip -> (list of BGR frames, (question, answer)). Two kinds, both need more than one frame:
@@ -279,7 +261,6 @@ def make_clip(rng, split, n_frames):
         return frames, ("Which shape appears first?", f"{a[0]} {a[1]}")
     return frames, ("Which shape appears last?", f"{b[0]} {b[1]}")
 
-
 def build_world(cfg):
     """Write data_dir/<split>/*.png|mp4 and data_dir/<split>.jsonl once (deterministic from --seed)."""
     sizes = {"train": cfg.n_train, "val": cfg.n_test, "test": cfg.n_test, "novel": cfg.n_test}
@@ -313,7 +294,6 @@ def build_world(cfg):
     json.dump(want, open(stamp, "w"))
     return files
 
-
 def load_entries(cfg, master=True):
     """Each split's questions: from --data / --test_data (every 10th entry held out without --test_data; no novel
     split), or from the synthetic world (written once, by the master process, before the others read it)."""
@@ -329,7 +309,6 @@ def load_entries(cfg, master=True):
     if dist.is_initialized():
         dist.barrier()
     return {s: read_annotations(f) for s, f in build_world(cfg).items()}
-
 
 def read_annotations(path):
     """JSON lines {"image"|"video": relative path, "question": str, "answer": str} -> list of dicts (paths absolute)."""
@@ -355,7 +334,6 @@ def read_annotations(path):
         raise UserError(f"{path}: no entries")
     return out
 
-
 def clip_transform(rgb, size):
     """uint8 (H, W, 3) RGB -> float32 (3, size, size), the steps of transformers' Video-LLaVA processors
     (video_processing_utils.BaseVideoProcessor._preprocess; VideoLlavaImageProcessor does the same in PIL)."""
@@ -370,7 +348,6 @@ def clip_transform(rgb, size):
     x = x[:, top:top + size, left:left + size].float().numpy() / 255.0  # rescale to [0, 1]
     return (x - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]  # (3, size, size), CLIP mean/std
 
-
 def load_image(path, size):
     """Image file -> float32 (3, size, size), CLIP-normalised as the HF processor does."""
     img = cv2.imread(path) if os.path.isfile(path) else None
@@ -378,14 +355,12 @@ def load_image(path, size):
         raise UserError(f"{path}: cannot read this image (missing or corrupt)")
     return clip_transform(img[:, :, ::-1], size)  # OpenCV reads BGR: flip to RGB, as CLIP was trained
 
-
 def frame_indices(n_total, n_frames):
     """Uniform sampling as transformers samples (video_utils.default_sample_indices_fn): frame i*total//n;
     a clip shorter than n frames repeats frames (where transformers refuses)."""
     if n_total <= 0:
         raise UserError("video has no frames")
     return [i * n_total // n_frames for i in range(n_frames)]
-
 
 def load_video(path, n_frames, size):
     """Video file (any container/codec OpenCV reads) or a folder of frame images -> float32 (F, 3, size, size)."""
@@ -410,7 +385,6 @@ def load_video(path, n_frames, size):
     if not frames:
         raise UserError(f"{path}: video has no frames (corrupt or empty)")
     return np.stack([frames[i] for i in frame_indices(len(frames), n_frames)])  # (F, 3, S, S)
-
 
 class SentencePieceBPE:
     """LLaMA's tokenizer from tokenizer.json, as transformers 5 rebuilds it: added tokens split first; each remaining
@@ -453,26 +427,14 @@ class SentencePieceBPE:
         self.split_re = re.compile("(" + "|".join(re.escape(s) for s in longest_first) + ")")
 
     def _bpe(self, word):
-        syms = []
-        for ch in word:  # initial symbols: characters in the vocabulary, else their UTF-8 bytes
-            if ch in self.vocab or not self.byte_fallback:  # LLaMA's vocabulary has every single byte as <0xNN>
-                syms.append(ch)
-            else:
-                syms += [f"<0x{b:02X}>" for b in ch.encode("utf-8")]
-        while len(syms) > 1:
-            pairs = [(self.ranks.get((a, b), math.inf), i) for i, (a, b) in enumerate(zip(syms, syms[1:]))]
-            rank = min(pairs)[0]  # the best-ranked pair present
-            if rank == math.inf:  # no known pair left: the word is done
+        # initial symbols: characters in the vocabulary, else their UTF-8 bytes (LLaMA's has every byte as <0xNN>)
+        syms = [s for ch in word for s in ([ch] if ch in self.vocab or not self.byte_fallback
+                                           else [f"<0x{b:02X}>" for b in ch.encode("utf-8")])]
+        while len(syms) > 1:  # merge the best-ranked pair present (the leftmost of equals), until none is known
+            rank, i = min((self.ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(syms, syms[1:])))
+            if rank == math.inf:
                 break
-            out, i = [], 0
-            while i < len(syms):  # merge every non-overlapping occurrence of the best pair, left to right
-                if i + 1 < len(syms) and self.ranks.get((syms[i], syms[i + 1])) == rank:
-                    out.append(syms[i] + syms[i + 1])
-                    i += 2
-                else:
-                    out.append(syms[i])
-                    i += 1
-            syms = out
+            syms[i:i + 2] = [syms[i] + syms[i + 1]]
         ids, unk = [], self.vocab.get(self.unk)
         for s in syms:
             if s in self.vocab:
@@ -511,7 +473,6 @@ class SentencePieceBPE:
             first = False
         return out.decode("utf-8", errors="replace")
 
-
 class GPT2Table:
     """GPT-2 BPE (tiktoken) over a compact table of the ids seen in training, plus <image> and <video>.
     Model id 0 is <|endoftext|> (BOS, EOS and pad); the last two ids are the placeholders."""
@@ -526,9 +487,8 @@ class GPT2Table:
         self.split_re = re.compile("(<image>|<video>)")
 
     @classmethod
-    def from_texts(cls, texts):
-        import tiktoken
-        enc = tiktoken.get_encoding("gpt2")
+    def from_texts(cls, texts):  # the table: <|endoftext|>, then every GPT-2 id of the texts in increasing order
+        enc = cls([]).enc
         return cls([enc.eot_token] + sorted({t for s in texts for p in re.split("<image>|<video>", s)
                                              for t in enc.encode(p)}))
 
@@ -547,18 +507,15 @@ class GPT2Table:
     def decode(self, ids, skip_special=True):
         return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])  # model ids -> GPT-2 ids -> text
 
-
 def load_tokenizer(folder):
     meta = json.load(open(os.path.join(folder, "config.json")))
     if "gpt2_table" in meta:  # a run of this script: its compact table travels in config.json
         return GPT2Table(meta["gpt2_table"])
     return SentencePieceBPE(folder)  # an HF checkpoint: its own tokenizer.json
 
-
 def prompt_text(question, kind):
     """The Video-LLaVA template: 'USER: <video>\\n{question} ASSISTANT:' ('<image>' for images, none for text)."""
     return f"USER: {'<' + kind + '>' + chr(10) if kind else ''}{question} ASSISTANT:"
-
 
 def expand_placeholders(ids, cfg, n_frames):
     """Placeholder expansion, as the HF processor does it on the string: the prompt carries one <image> or <video>
@@ -566,21 +523,12 @@ def expand_placeholders(ids, cfg, n_frames):
     gives features: <image> -> P (P+1 with the 'full' strategy, which keeps CLS), <video> -> (P+1)*F (CLS kept for
     every frame). The LLM then sees the visual tokens at ordinary positions, with ordinary RoPE."""
     p = (cfg.image_size // cfg.patch_size) ** 2
-    n_img = p + (cfg.vision_feature_select_strategy == "full")
-    out = []
-    for i in ids:
-        if i == cfg.image_token_index:
-            out += [i] * n_img
-        elif i == cfg.video_token_index:
-            out += [i] * ((p + 1) * n_frames)
-        else:
-            out.append(i)
-    return out
-
+    copies = {cfg.image_token_index: p + (cfg.vision_feature_select_strategy == "full"),
+              cfg.video_token_index: (p + 1) * n_frames}  # any other token stays one token
+    return [i for tag in ids for i in [tag] * copies.get(tag, 1)]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Model: LLaMA primitives -> CLIP tower -> projector -> VideoLlava
-
 
 class RMSNorm(nn.Module):
     """LLaMA's norm (Zhang & Sennrich 2019): scale each vector by the reciprocal of its root mean square, then by a
@@ -596,13 +544,11 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # x / rms(x), the mean over the last dim D
         return self.weight * h.to(x.dtype)  # cast back first, then the gain, as transformers does
 
-
 def rotate_half(x):
     """RoPE's rotation by 90 degrees in the layout LLaMA checkpoints use: the head dim E is cut into two halves
     (x1, x2) -> (-x2, x1), so feature i pairs with feature i + E/2 (not with its neighbour, as in the RoPE paper;
     HF permutes the original q/k weights to match)."""
     return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), -1)
-
 
 class KVCache:
     """The static KV cache (as in gpt-fast): keys and values preallocated per layer as (B, K, T_max, E), so no tensor
@@ -649,7 +595,6 @@ class KVCache:
         self.k[layer][:, :, self.offset:n], self.v[layer][:, :, self.offset:n] = k, v
         return self.k[layer][:, :, :n], self.v[layer][:, :, :n]  # (B, K, offset + L, E)
 
-
 class LlamaAttention(nn.Module):
     """Causal self-attention with rotary positions (RoPE, Su et al. 2021) and grouped-query attention (GQA, Ainslie
     et al. 2023), after transformers' LlamaAttention. GQA: H query heads share K <= H key/value heads, query head h
@@ -681,7 +626,6 @@ class LlamaAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, L, E)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, self.h * self.e))  # heads side by side: (B, L, D)
 
-
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)), the gate choosing per feature how much of up
     passes; three matrices of width intermediate_size instead of two at 4 D, for about the same parameter count."""
@@ -694,7 +638,6 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x):  # (B, L, D) -> (B, L, D)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); the residual stream itself is never
@@ -710,7 +653,6 @@ class LlamaDecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-
 class LlamaModel(nn.Module):
     """Token embedding, the decoder layers and a final RMSNorm; VideoLlava.llm_forward runs them."""
 
@@ -720,7 +662,6 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # before the head: the stream's scale grows with depth
 
-
 class LlamaForCausalLM(nn.Module):
     """The LLaMA decoder plus its output head (D -> V), named as in the checkpoint (`language_model.lm_head`)."""
 
@@ -728,7 +669,6 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # (V, D): D -> logits over V
-
 
 class CLIPEmbeddings(nn.Module):
     """ViT input (Dosovitskiy et al. 2020; CLIP, Radford et al. 2021): the picture cut into P = (S/p)^2 patches, each
@@ -747,7 +687,6 @@ class CLIPEmbeddings(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (N, 1, Dv)
         return torch.cat([cls, x], 1) + self.position_embedding.weight  # (N, P+1, Dv)
 
-
 def sincos_2d(n, dim):
     """Positions of an n x n patch grid (row-major) -> (n*n, dim): dim/4 sin-cos pairs of the column, then dim/4 of
     the row, at frequencies from pi/n per cell down to 1/100 of that, each feature at zero mean, unit variance."""
@@ -757,7 +696,6 @@ def sincos_2d(n, dim):
     pe = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)
     pe = (pe - pe.mean(0)) / pe.std(0).clamp_min(1e-6)  # per feature over the grid
     return torch.cat([pe, pe.new_zeros(n * n, dim - pe.shape[1])], 1).float()
-
 
 @torch.no_grad()
 def whiten(emb, pixels, p):
@@ -770,7 +708,6 @@ def whiten(emb, pixels, p):
     w.zero_()
     w[:k] = (evecs[:, -k:].flip(1) / evals[-k:].flip(0).clamp_min(1e-8).sqrt()).T.float()  # largest first
     emb.position_embedding.weight[1:] = sincos_2d(pixels.shape[-1] // p, w.shape[0]) * 0.3
-
 
 class CLIPAttention(nn.Module):
     """Multi-head self-attention over the patches of one picture, every patch seeing every other (no mask, no
@@ -788,7 +725,6 @@ class CLIPAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v)  # (N, H, P, E): bidirectional, no mask
         return self.out_proj(y.transpose(1, 2).reshape(N, P, D))  # heads side by side: (N, P, Dv)
 
-
 class CLIPMLP(nn.Module):
     """Two-layer feed-forward with biases, Dv -> v_intermediate_size -> Dv."""
 
@@ -800,7 +736,6 @@ class CLIPMLP(nn.Module):
     def forward(self, x):  # (N, P+1, Dv) -> (N, P+1, Dv)
         h = self.fc1(x)
         return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu, as OpenAI CLIP was trained
-
 
 class CLIPEncoderLayer(nn.Module):
     """Pre-norm residual block with LayerNorm (mean and variance, with bias), as CLIP's ViT."""
@@ -815,12 +750,10 @@ class CLIPEncoderLayer(nn.Module):
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 
-
 class CLIPEncoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.v_num_hidden_layers))
-
 
 class CLIPVisionTransformer(nn.Module):
     """CLIP's vision tower, read the LLaVA way: not its final output but the hidden state of one earlier layer
@@ -844,14 +777,12 @@ class CLIPVisionTransformer(nn.Module):
             x = layer(x)
         return x
 
-
 class CLIPVisionModel(nn.Module):
     """A wrapper whose only job is the checkpoint's key prefix: image_tower.vision_model.*"""
 
     def __init__(self, cfg):
         super().__init__()
         self.vision_model = CLIPVisionTransformer(cfg)  # image_tower.vision_model.*
-
 
 class VideoLlavaMultiModalProjector(nn.Module):
     """CLIP features (Dv) -> the LLM's embedding space (D). LLaVA began with one Linear layer; LLaVA-1.5 (Liu et al.
@@ -866,7 +797,6 @@ class VideoLlavaMultiModalProjector(nn.Module):
 
     def forward(self, x):  # (.., Dv) -> (.., D)
         return self.linear_2(F.gelu(self.linear_1(x)))  # exact (erf) GELU, as projector_hidden_act "gelu"
-
 
 class VideoLlava(nn.Module):
     """The whole model, named as the hub checkpoint (language_model, image_tower, video_tower,
@@ -908,12 +838,11 @@ class VideoLlava(nn.Module):
         """Data-dependent initialisation for training from scratch (Salimans & Kingma 2016); never used on a loaded
         checkpoint. At random init every patch token is mostly one shared vector (the constant grey background's patch
         embedding plus biases), so after the LLM's RMSNorm the object patches hardly stand out. One fixed batch is
-        run through each tower, and each tower's pre_layrnorm
-        affine is set so that its output has zero mean and unit variance per feature across that batch's tokens; then
-        the projector's last layer, so that the visual tokens have zero mean and the text embeddings' standard
-        deviation. With whiten_patches, first each tower's patch_embedding and patch positions (see `whiten`). A
-        shared tower (share_towers) is initialised once, from the images and the video frames together. Only
-        initial weights change: the forward stays the checkpoint-faithful one (its effect: NOTES.md)."""
+        run through each tower, and each tower's pre_layrnorm affine is set so that its output has zero mean and unit
+        variance per feature across that batch's tokens; then the projector's last layer, so that the visual tokens
+        have zero mean and the text embeddings' standard deviation. With whiten_patches, first each tower's
+        patch_embedding and patch positions (see `whiten`). A shared tower is initialised once, from the images and
+        the video frames together. Only initial weights change: the forward stays the checkpoint-faithful one."""
         def fold(ln_w, ln_b, x, std=1.0):  # rescale an affine so its outputs x get zero mean and this std
             x = x.flatten(0, -2).float()  # (tokens, features)
             m, s = x.mean(0), x.std(0) + 1e-6  # (features,) each
@@ -988,21 +917,18 @@ class VideoLlava(nn.Module):
         offset = cache.offset if cache is not None else 0  # tokens already in the cache
         T = offset + L  # keys after this call: the cached ones and these L
         need = cache.k[0].shape[2] if cache is not None else T  # a cache is as long as prompt + answer
-        context = cfg.max_position_embeddings
-        if need > context:  # the RoPE table ends there
-            raise UserError(f"prompt + generation is {need} tokens, longer than the context ({context}); shorten the "
-                            f"prompt, use fewer frames or --max_new_tokens")
+        if need > cfg.max_position_embeddings:  # the RoPE table ends there
+            raise UserError(f"prompt + generation is {need} tokens, longer than the context ("
+                            f"{cfg.max_position_embeddings}); shorten the prompt, use fewer frames or --max_new_tokens")
         x = lm.embed_tokens(input_ids)  # (B, L, D)
         # placeholder expansion: the prompt holds one <image> token per image feature and one <video> token per
         # frame feature (expand_placeholders); their embeddings are overwritten by the projected CLIP features
-        if pixel_values_images is not None:
-            x = self._place(x, input_ids, cfg.image_token_index, self.image_features(pixel_values_images), "image")
-        elif (input_ids == cfg.image_token_index).any():
-            raise UserError("the prompt has <image> placeholders but no image was given")
-        if pixel_values_videos is not None:
-            x = self._place(x, input_ids, cfg.video_token_index, self.video_features(pixel_values_videos), "video")
-        elif (input_ids == cfg.video_token_index).any():
-            raise UserError("the prompt has <video> placeholders but no video was given")
+        for what, pixels, token, encode in (("image", pixel_values_images, cfg.image_token_index, self.image_features),
+                                            ("video", pixel_values_videos, cfg.video_token_index, self.video_features)):
+            if pixels is not None:
+                x = self._place(x, input_ids, token, encode(pixels), what)
+            elif (input_ids == token).any():
+                raise UserError(f"the prompt has <{what}> placeholders but no {what} was given")
         if cache is not None and L == 1:  # a one-token step: fixed shapes, as in `step`
             pos, mask = cache.next_step(attention_mask)
         elif attention_mask is None or bool(attention_mask.all()):  # no padding: positions offset .. T-1
@@ -1047,10 +973,8 @@ class VideoLlava(nn.Module):
     def from_pretrained(cls, path, dtype=None, device="cpu"):
         return load_pretrained(path, dtype, device)
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoint I/O: HF folders (three key layouts, sharded or not) and this script's own out_dir (same format)
-
 
 def canonical_key(k):
     """Any of the three key layouts of Video-LLaVA checkpoints -> the hub layout, which is this module's own naming.
@@ -1058,22 +982,17 @@ def canonical_key(k):
     saved by transformers 5 from a config: the same without `vision_model.` in the towers
     in memory in transformers 5: model.language_model.*, lm_head.*, model.image_tower.*,
             model.multi_modal_projector.*"""
-    if k.startswith("model.language_model."):
-        k = "language_model.model." + k[len("model.language_model."):]  # in memory, transformers 5
-    elif k.startswith("lm_head."):
-        k = "language_model." + k  # the head sits inside language_model in the hub layout
-    elif k.startswith("model."):
-        k = k[len("model."):]
-    for tower in ("image_tower.", "video_tower."):
-        if k.startswith(tower) and not k.startswith(tower + "vision_model."):
-            k = tower + "vision_model." + k[len(tower):]  # saved by transformers 5: put the wrapper back
+    for pattern, hub in ((r"^model\.language_model\.", "language_model.model."),  # in memory, transformers 5
+                         (r"^lm_head\.", "language_model.lm_head."),  # the hub keeps the head inside language_model
+                         (r"^model\.", ""),  # in memory: the towers and the projector
+                         # saved by transformers 5: the towers without their vision_model wrapper
+                         (r"^(image|video)_tower\.(?!vision_model\.)", r"\1_tower.vision_model.")):
+        k = re.sub(pattern, hub, k)  # applied in order: a key the first rule renamed matches none of the others
     return k
-
 
 # Buffers older checkpoints saved and today's models rebuild (RoPE's inverse frequencies, CLIP's position ids):
 # skipped on load, as transformers skips them (modeling_utils._adjust_missing_and_unexpected_keys).
 LEGACY_KEYS = re.compile(r"rotary_emb\.inv_freq$|(^|\.)position_ids$")
-
 
 def open_weights(f):
     """safe_open, with a corrupt or truncated file as one clear line instead of safetensors' own error."""
@@ -1081,7 +1000,6 @@ def open_weights(f):
         return safe_open(f, "pt", device="cpu")
     except SafetensorError as e:  # a bad header, or a file shorter than its header says
         raise UserError(f"{f}: not a readable safetensors file ({e})")
-
 
 def weight_files(path):
     """-> {checkpoint key: file} from model.safetensors or model.safetensors.index.json (legacy buffers dropped)."""
@@ -1099,22 +1017,19 @@ def weight_files(path):
         return {k: single for k in open_weights(single).keys() if not LEGACY_KEYS.search(k)}  # one file
     raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json (not a checkpoint folder)")
 
-
 def read_config(path):
     """path/config.json as a dict, or a UserError naming what is wrong with the folder."""
     cpath = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise UserError(f"{path}: no such checkpoint folder")
     if not os.path.isfile(cpath):
-        raise UserError(f"{path}: no config.json (not a checkpoint folder)")
+        raise UserError(f"{path}: " + ("no config.json (not a checkpoint folder)" if os.path.isdir(path) else
+                                       "no such checkpoint folder"))
     try:
         hf = json.load(open(cpath))
     except ValueError:  # not JSON, or not UTF-8
-        raise UserError(f"{cpath}: not valid JSON")
+        hf = None
     if not isinstance(hf, dict):
-        raise UserError(f"{cpath}: not a config (a JSON object is needed)")
+        raise UserError(f"{cpath}: not a config (not JSON, or not a JSON object)")
     return hf
-
 
 def align_keys(path, base=None):
     """Read config.json, build the model on the meta device (nothing allocated) and match every checkpoint key
@@ -1140,7 +1055,6 @@ def align_keys(path, base=None):
     problems["missing"] = [k for k in expected if k not in found and k not in tied]
     return model, found, handles, problems
 
-
 def load_pretrained(path, dtype=None, device="cpu", base=None):
     """HF folder or this script's out_dir -> VideoLlava. Every key and shape is checked before anything is read
     (align_keys); then the tensors are read one at a time with safe_open and assigned to the meta model's
@@ -1157,13 +1071,11 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     return model
 
-
 def atomic(path, write):
     """write(tmp) then rename over path: a reader sees the old file or the new one, never half of one."""
     tmp = path + ".tmp"
     write(tmp)
     os.replace(tmp, path)  # a crash never leaves a half-written file
-
 
 def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
     """out_dir/model.safetensors (hub key layout) + config.json (HF style, plus the training config and token
@@ -1185,13 +1097,11 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
         for name in ("tokenizer.json", "tokenizer_config.json"):
             src = os.path.join(tok.folder, name)
             if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(os.path.join(cfg.out_dir, name)):
-                data = open(src, "rb").read()
-                atomic(os.path.join(cfg.out_dir, name), lambda p: open(p, "wb").write(data))
+                atomic(os.path.join(cfg.out_dir, name), lambda p: shutil.copyfile(src, p))
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
     if opt is not None:
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(), "seconds": seconds}
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
-
 
 def saved_config(meta, **changes):
     """The Config a run of this script saved in config.json (train_config), with `changes` on top; a field this
@@ -1199,26 +1109,24 @@ def saved_config(meta, **changes):
     fields = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: v for k, v in {**meta["train_config"], **changes}.items() if k in fields})
 
-
-def read_resumable(out_dir):
-    """-> config.json of a folder that this script's --train wrote, with its train_state.pt; else a UserError.
+def read_resumable(out_dir, need_state=True):
+    """-> config.json of a folder that this script's --train wrote, with its train_state.pt if need_state; else a
+    UserError.
     An HF folder or another script's out_dir has no `script: video_llava` stamp and no train_config."""
     cpath, tpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "train_state.pt")
     if not os.path.isfile(cpath) and not os.path.isfile(tpath):
-        raise UserError(f"{out_dir}: nothing to resume (no config.json / train_state.pt); run --train without "
-                        f"--resume first, or pass the --out_dir of an interrupted run")
+        raise UserError(f"{out_dir}: nothing to resume or evaluate (no config.json / train_state.pt); run --train "
+                        f"(without --resume) first, or pass the --out_dir of a run")
     try:
         meta = json.load(open(cpath))
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # missing, not JSON, or not UTF-8
         meta = None
-    if not isinstance(meta, dict) or meta.get("script") != SCRIPT or not isinstance(meta.get("train_config"), dict):
-        meta = meta if isinstance(meta, dict) else {}
-        what = (f"config.json was written by '{meta['script']}'" if meta.get("script") else
-                f"config.json describes a '{meta['model_type']}' model but no run" if meta.get("model_type")
-                else "config.json is missing or unreadable")
-        raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train ({what}); --resume needs the --out_dir of "
-                        f"a run of this script")
-    if not os.path.isfile(tpath):
+    meta = meta if isinstance(meta, dict) else {}
+    if meta.get("script") != SCRIPT or not isinstance(meta.get("train_config"), dict):
+        raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (config.json: script "
+                        f"'{meta.get('script')}', model_type '{meta.get('model_type')}'); --resume and --eval "
+                        f"need the --out_dir of a run of this script")
+    if need_state and not os.path.isfile(tpath):
         raise UserError(f"{out_dir}: no train_state.pt, so there is no optimizer state to resume from; "
                         f"drop --resume to start afresh (or --from_pretrained {out_dir} to fine-tune its weights)")
     return meta
@@ -1227,31 +1135,20 @@ def read_resumable(out_dir):
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics
 
-
-def normalise(text):
-    """Lower case, no surrounding space or final '.', single spaces: what exact match compares."""
-    return " ".join(text.lower().strip().rstrip(".").split())
-
-
 def exact_match(preds, refs):
     """Fraction of predictions equal to their reference after lower-casing, trimming and dropping a final '.'."""
-    return sum(normalise(p) == normalise(r) for p, r in zip(preds, refs)) / max(1, len(refs))
-
+    norm = lambda text: " ".join(text.lower().strip().rstrip(".").split())  # single spaces
+    return sum(norm(p) == norm(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Training
-
 
 def pick_device(name):
     """--device auto -> cuda > mps > cpu; any other name is used as given."""
     if name != "auto":
         return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
 
 def autocast_dtype(name, device):
     """--dtype auto: bfloat16 where the hardware multiplies in it (a CUDA GPU of compute capability 8+, a CPU with
@@ -1263,14 +1160,10 @@ def autocast_dtype(name, device):
     native = device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return "bfloat16" if native else "float32"
 
-
 def autocast(dtype, device):
     """The autocast context for --dtype (disabled for float32, so the float32 path is plain)."""
     dtype = autocast_dtype(dtype, device)
-    if dtype == "float32":
-        return torch.autocast(device.split(":")[0], enabled=False)
-    return torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))
-
+    return torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype), enabled=dtype != "float32")
 
 def lr_at(step, cfg):
     """Linear warmup, then cosine decay to min_lr."""
@@ -1278,7 +1171,6 @@ def lr_at(step, cfg):
         return cfg.lr * (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
-
 
 class Examples:
     """Annotation entries with their media decoded once (float32 CLIP-normalised) and their token ids."""
@@ -1299,8 +1191,7 @@ class Examples:
         (and its EOS); generation rows are prompts only, left-padded with an attention mask."""
         rows = [self.prompts[i] + (self.answers[i] if with_answer else []) for i in idx]
         L = max(map(len, rows))
-        ids = torch.zeros(len(rows), L, dtype=torch.long)
-        mask = torch.zeros(len(rows), L, dtype=torch.long)
+        ids, mask = torch.zeros(len(rows), L, dtype=torch.long), torch.zeros(len(rows), L, dtype=torch.long)
         tgt = torch.full((len(rows), L), -100, dtype=torch.long)
         for r, (i, row) in enumerate(zip(idx, rows)):
             s = L - len(row) if left_pad else 0
@@ -1308,30 +1199,23 @@ class Examples:
             if with_answer:  # position t predicts token t+1: targets are the answer tokens, shifted left by one
                 p = len(self.prompts[i])
                 tgt[r, s + p - 1:s + len(row) - 1] = torch.tensor(self.answers[i])
-        imgs = [self.media[i] for i in idx if self.entries[i]["kind"] == "image"]
-        vids = [self.media[i] for i in idx if self.entries[i]["kind"] == "video"]
+        px = {k: [self.media[i] for i in idx if self.entries[i]["kind"] == k] for k in ("image", "video")}
         return dict(input_ids=ids, attention_mask=mask if left_pad else None, targets=tgt if with_answer else None,
-                    pixel_values_images=torch.stack(imgs) if imgs else None,
-                    pixel_values_videos=torch.stack(vids) if vids else None)
+                    **{f"pixel_values_{k}s": torch.stack(v) if v else None for k, v in px.items()})
 
-
-def to_device(batch, device):
-    """Examples.batch's dict with every tensor on device (absent inputs stay None)."""
+def to_device(batch, device):  # absent inputs stay None
     return {k: None if v is None else v.to(device) for k, v in batch.items()}
-
 
 def apply_freeze(model, freeze):
     """Freeze for real: requires_grad off once (no gradients, no graph through them), kept in eval mode by train()."""
-    parts = {p for p in freeze.split(",") if p}
-    bad = parts - {"vision", "llm"}
-    if bad:
-        raise UserError(f"--freeze {freeze}: unknown part(s) {sorted(bad)}; use 'vision', 'llm' or 'vision,llm'")
-    frozen = ([model.image_tower, model.video_tower] if "vision" in parts else []) + \
-             ([model.language_model] if "llm" in parts else [])
+    towers, parts = {"vision": [model.image_tower, model.video_tower], "llm": [model.language_model]}, freeze.split(",")
+    if set(parts) - set(towers) - {""}:
+        raise UserError(f"--freeze {freeze}: unknown part(s) {sorted(set(parts) - set(towers) - {''})}; use 'vision', "
+                        f"'llm' or 'vision,llm'")
+    frozen = [m for p in parts if p for m in towers[p]]
     for m in frozen:
         m.requires_grad_(False)
     return frozen
-
 
 def batch_indices(step, n, size, seed):
     """Rows of the global batch of a step: a function of (step, seed) alone, shared by every rank, so that a resumed
@@ -1342,22 +1226,17 @@ def batch_indices(step, n, size, seed):
     perm = torch.randperm(n * reps, generator=torch.Generator().manual_seed(seed + epoch))
     return (perm[k * size:(k + 1) * size] % n).tolist()
 
-
 def resume_config(cfg, overrides):
     """--resume: the config saved in out_dir (it holds the vocabulary size and placeholder ids of the saved token
     table), with the flags typed on this command line on top. A typed architecture flag must agree with the
     checkpoint; --stop_after only applies to the command that types it."""
     base = saved_config(read_resumable(cfg.out_dir))
-    arch = config_from_hf(hf_config_dict(base), cfg.out_dir)
+    arch = {f: getattr(base, f) for f in (*HF_FIELDS, "share_towers")}  # share_towers: one tower's weights or two
     clash = [f"--{k} {overrides[k]} (checkpoint: {v})" for k, v in arch.items() if overrides.get(k, v) != v]
-    if overrides.get("share_towers", base.share_towers) != base.share_towers:  # one tower's weights vs two
-        clash.append(f"--{'' if overrides['share_towers'] else 'no-'}share_towers (checkpoint: "
-                     f"{'one shared tower' if base.share_towers else 'two towers'})")
     if clash:
         raise UserError(f"{cfg.out_dir}: cannot resume with another architecture: {', '.join(clash)}; drop those "
                         f"flags")
     return dataclasses.replace(base, **{"stop_after": 0, **overrides})
-
 
 def build_model(cfg, entries, resume, say):
     """-> (model, cfg, tokenizer, data) for train(): the weights, token table and architecture from out_dir
@@ -1370,7 +1249,7 @@ def build_model(cfg, entries, resume, say):
                 "from scratch)")
             cfg = dataclasses.replace(cfg, share_towers=False)  # what config.json records, and --resume keeps
         model, tok = load_pretrained(path, torch.float32, "cpu", base=cfg), load_tokenizer(path)
-        cfg = dataclasses.replace(cfg, **{f: getattr(model.cfg, f) for f in config_from_hf(hf_config_dict(cfg), "")})
+        cfg = dataclasses.replace(cfg, **{f: getattr(model.cfg, f) for f in HF_FIELDS})
     else:
         texts = [prompt_text(e["question"], e["kind"]) + " " + e["answer"] for s in ("train", "val")
                  for e in entries[s]]  # the table covers every token of the training and validation text
@@ -1390,20 +1269,17 @@ def build_model(cfg, entries, resume, say):
         model.init_from_data(pick["image"], pick["video"])
     return model, cfg, tok, data
 
-
 def ddp_setup(cfg):
     """-> (ddp, rank, world, device): one process, or one of torchrun's (nccl on CUDA, gloo on CPU)."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     device = pick_device(cfg.device)
     if device == "cuda" and ddp:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     return ddp, rank, world, device
-
 
 def batch_loss(model, tr, idx, cfg, rank, world, ddp, device):
     """Forward and backward of this rank's rows of the global batch idx -> the global batch's mean loss. The loss is
@@ -1414,10 +1290,7 @@ def batch_loss(model, tr, idx, cfg, rank, world, ddp, device):
     # (mixed, every short image row would be padded to the video rows' length): the same loss, less LLM work
     for micro in range(cfg.grad_accum):
         rows = idx[(micro * world + rank) * cfg.batch_size:(micro * world + rank + 1) * cfg.batch_size]
-        for kind in ("image", "video"):
-            part = [i for i in rows if tr.entries[i]["kind"] == kind]
-            if part:
-                passes.append(part)
+        passes += [p for p in ([i for i in rows if tr.entries[i]["kind"] == k] for k in ("image", "video")) if p]
     for j, part in enumerate(passes):
         b = tr.batch(part)
         share = (b["targets"] != -100).sum().item() * world / n_tok
@@ -1432,7 +1305,6 @@ def batch_loss(model, tr, idx, cfg, rank, world, ddp, device):
         dist.all_reduce(t)
         total = t.item()
     return total
-
 
 def train(cfg, resume=False):
     """Train (from scratch, from --from_pretrained, or from out_dir with resume=True), evaluate, save. Under torchrun
@@ -1514,7 +1386,6 @@ def train(cfg, resume=False):
         dist.destroy_process_group()
     return result
 
-
 @torch.no_grad()
 def eval_loss(model, ex, cfg, device):
     """Mean loss over ex (the val split), in batches of 64: the `val` column of the log."""
@@ -1526,10 +1397,8 @@ def eval_loss(model, ex, cfg, device):
             losses.append(model(**to_device(b, device))[1].item())
     return sum(losses) / len(losses)
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Generation and evaluation
-
 
 def sample_next(logits, temperature, top_k, top_p, generator):
     """(B, V) logits -> (B,) ids: argmax when temperature is 0, else temperature / top-k / top-p sampling."""
@@ -1545,7 +1414,6 @@ def sample_next(logits, temperature, top_k, top_p, generator):
         drop = cum - sorted_l.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
 
 @torch.no_grad()
 def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pixel_values_videos=None,
@@ -1565,10 +1433,9 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     # sizes; compiled, the cache length is rounded up to a multiple of 64 (within the context) to keep those few
     step = torch.compile(model.step, fullgraph=True, dynamic=False) if compile else model.step
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    dtype = model.language_model.model.embed_tokens.weight.dtype
-    dev_type = input_ids.device.type
-    if torch.is_autocast_enabled(dev_type):  # keys/values come out of autocast matmuls in its dtype
-        dtype = torch.get_autocast_dtype(dev_type)
+    dev = input_ids.device.type  # under autocast, keys/values come out of its matmuls in its dtype
+    dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+             else model.language_model.model.embed_tokens.weight.dtype)
     n, context = L + max_new_tokens, model.cfg.max_position_embeddings
     T_max = max(n, min(-(-n // 64) * 64, context)) if compile else n  # longer than the context: forward refuses
     with torch.inference_mode():
@@ -1604,41 +1471,29 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
         new = torch.stack(out, 1)
     return new.clone()  # an ordinary tensor (an inference tensor cannot be changed in place or saved for backward)
 
-
-def answer_batch(model, tok, ex, idx, cfg, device):
-    """Greedy answers (text) to the questions idx of ex, one left-padded batch."""
-    b = to_device(ex.batch(idx, with_answer=False, left_pad=True), device)
-    with autocast(cfg.dtype, device):
-        out = generate(model, b["input_ids"], b["attention_mask"], b["pixel_values_images"], b["pixel_values_videos"],
-                       max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    return [tok.decode([t for t in row.tolist() if t != tok.eos_id]).strip() for row in out]
-
-
 def evaluate(model, tok, cfg, device, data, train_seconds=None):
     """Greedy answers on test and novel -> exact match per medium and per question kind; writes eval.json."""
     model.eval()
-    result = {}
-    splits = [s for s in ("test", "novel") if s in data]  # your data has no novel split
+    result, splits = {}, [s for s in ("test", "novel") if s in data]  # your data has no novel split
     for split in splits:
-        ex = data[split]
+        ex, preds, result[split] = data[split], {}, {}
         by_kind = {k: [i for i, e in enumerate(ex.entries) if e["kind"] == k] for k in ("image", "video")}
-        preds = {}
         for rows in by_kind.values():  # batches of one medium: an image prompt is never padded to a video's length
             for s in range(0, len(rows), 64):
-                preds.update(zip(rows[s:s + 64], answer_batch(model, tok, ex, rows[s:s + 64], cfg, device)))
-        result[split] = {}
-        for kind, rows in by_kind.items():
-            if not rows:
-                continue
-            refs = [ex.entries[i]["answer"] for i in rows]
-            r = {"n": len(rows), "exact_match": exact_match([preds[i] for i in rows], refs), "by_question": {}}
+                b = to_device(ex.batch(rows[s:s + 64], with_answer=False, left_pad=True), device)
+                with autocast(cfg.dtype, device):
+                    out = generate(model, b["input_ids"], b["attention_mask"], b["pixel_values_images"],
+                                   b["pixel_values_videos"], max_new_tokens=cfg.max_new_tokens,
+                                   eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+                preds.update(zip(rows[s:s + 64], [tok.decode([t for t in r if t != tok.eos_id]).strip()
+                                                  for r in out.tolist()]))
+        em = lambda rows: exact_match([preds[i] for i in rows], [ex.entries[i]["answer"] for i in rows])
+        for kind, rows in ((k, r) for k, r in by_kind.items() if r):
             kinds = {i: " ".join(ex.entries[i]["question"].split()[:4]) for i in rows}  # e.g. "Which way does the"
-            for q in sorted(set(kinds.values())):
-                sub = [i for i in rows if kinds[i] == q]
-                r["by_question"][q] = exact_match([preds[i] for i in sub], [ex.entries[i]["answer"] for i in sub])
-            r["samples"] = [{"question": ex.entries[i]["question"], "prediction": preds[i],
-                             "reference": ex.entries[i]["answer"]} for i in rows[:4]]
-            result[split][kind] = r
+            result[split][kind] = {"n": len(rows), "exact_match": em(rows), "by_question": {
+                q: em([i for i in rows if kinds[i] == q]) for q in sorted(set(kinds.values()))}, "samples": [
+                {"question": ex.entries[i]["question"], "prediction": preds[i], "reference": ex.entries[i]["answer"]}
+                for i in rows[:4]]}
     result["train_seconds"] = train_seconds
     print(f"{'split':8s} {'medium':7s} {'n':>5s} {'exact':>7s}")
     for split in splits:
@@ -1652,62 +1507,47 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     return result
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Inspection and benchmarks
-
 
 def inspect(path, n_frames, n_tokens):
     """Parameter counts per tower, bytes by dtype, key alignment (align_keys, as loading checks it) and the memory
     estimated for one video of n_frames plus n_tokens of text; CUDA memory on a GPU."""
     model, found, handles, problems = align_keys(path)
-    cfg, towers, by_dtype, renamed, layouts = model.cfg, {}, {}, 0, set()
-    for h in handles.values():
-        for key in h.keys():
-            if LEGACY_KEYS.search(key):
-                continue
-            sl = h.get_slice(key)
-            numel, dt = math.prod(sl.get_shape()), sl.get_dtype()
-            by_dtype[dt] = by_dtype.get(dt, 0) + numel * {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8}.get(dt, 4)
-            tower = canonical_key(key).split(".")[0]
-            towers[tower], renamed = towers.get(tower, 0) + numel, renamed + (canonical_key(key) != key)
-            layouts.add("in-memory (transformers 5)" if key.startswith(("model.", "lm_head.")) else "hub"
-                        if ".vision_model." in key else "transformers-5 save" if "_tower." in key else None)
-    n_bytes, n_keys = sum(by_dtype.values()), sum(len(h.keys()) for h in handles.values())
-    print(f"checkpoint {path}: {n_keys} tensors in {len(handles)} file(s), layout {sorted(layouts - {None})}, "
-          f"{renamed} keys renamed to the hub layout")
-    for t, n in towers.items():
-        print(f"  {t:24s} {n / 1e6:12.2f}M parameters")
-    print(f"  {'total':24s} {sum(towers.values()) / 1e6:12.2f}M parameters, {n_bytes / 2**30:.2f} GiB")
-    for dt, b in by_dtype.items():
-        print(f"  bytes {dt:6s} {b / 2**30:.3f} GiB")
+    cfg, files, towers, by_dtype, layouts = model.cfg, weight_files(path), {}, {}, set()
+    for key, f in files.items():
+        sl = handles[f].get_slice(key)
+        numel, dt = math.prod(sl.get_shape()), sl.get_dtype()
+        by_dtype[dt] = by_dtype.get(dt, 0) + numel * {"BF16": 2, "F16": 2, "F64": 8, "I64": 8}.get(dt, 4)
+        tower = canonical_key(key).split(".")[0]
+        towers[tower] = towers.get(tower, 0) + numel
+        layouts.add("transformers-5 in memory" if key.startswith(("model.", "lm_head.")) else
+                    "hub" if ".vision_model." in key else "transformers-5 save" if "_tower." in key else None)
+    n_bytes = sum(by_dtype.values())
+    print(f"checkpoint {path}: {len(files)} tensors in {len(handles)} file(s), layout {sorted(layouts - {None})}; "
+          f"{sum(towers.values()) / 1e6:.2f}M parameters (" + ", ".join(f"{t} {n / 1e6:.2f}M" for t, n in
+                                                                      towers.items()) + "); " +
+          ", ".join(f"{dt} {b / 2**30:.3f} GiB" for dt, b in by_dtype.items()))
     print(f"key alignment: {len(found)} model tensors found, " +
           ", ".join(f"{what} {keys or 'none'}" for what, keys in problems.items()))
     p = (cfg.image_size // cfg.patch_size) ** 2
     seq = (p + 1) * n_frames + n_tokens  # positions of the prompt: P+1 per frame (CLS kept for video) + text
-    e = cfg.hidden_size // cfg.num_attention_heads
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * e * seq * 2  # keys and values, bfloat16
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads * seq * 2
     vis = n_frames * (p + 1) * (cfg.v_hidden_size * 4 + cfg.v_intermediate_size) * 2 + \
         n_frames * cfg.v_num_attention_heads * (p + 1) ** 2 * 4  # one CLIP layer's activations + attention scores
-    act = seq * (cfg.hidden_size * 4 + cfg.intermediate_size * 3) * 2
+    act = seq * (cfg.hidden_size * 4 + cfg.intermediate_size * 3) * 2  # one decoder layer's, bfloat16
     print(f"estimate for one video of {n_frames} frames + {n_tokens} text tokens = {seq} positions, bfloat16: "
-          f"weights {n_bytes / 2**30:.2f} GiB (as stored), KV cache {kv / 2**20:.1f} MiB, vision activations "
-          f"{vis / 2**20:.1f} MiB, decoder activations per layer {act / 2**20:.1f} MiB")
+          f"weights {n_bytes / 2**30:.2f} GiB, KV cache {kv / 2**20:.1f} MiB (keys and values, bfloat16), vision "
+          f"activations {vis / 2**20:.1f} MiB, decoder activations per layer {act / 2**20:.1f} MiB")
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
-        print(f"CUDA: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB; allocated by this process "
-              f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB")
+        print(f"CUDA: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
 
 
 def bench(cfg, sizes=None, rounds=3):
     """Decode tokens/s at batch 1, greedy, float32, 16-token prompt: the eager step, the compiled step and (when
     installed) transformers on the same weights; whether their tokens agree; each as a share of a floor, the time to
     read every LLaMA weight once at the bandwidth of a large copy (bytes read + written, as STREAM counts them)."""
-    try:
-        import transformers
-        transformers.logging.disable_progress_bar()
-    except ImportError:
-        transformers = None
     import tempfile
     src, dst = torch.randn(2**26), torch.zeros(2**26)  # 256 MiB each, far bigger than any cache, pages touched
     llama = lambda d, i, n, h: dict(hidden_size=d, intermediate_size=i, num_hidden_layers=n, num_attention_heads=h,
@@ -1721,11 +1561,11 @@ def bench(cfg, sizes=None, rounds=3):
         ours._init_weights()
         run = {"eager": lambda: generate(ours, ids, max_new_tokens=new)[0],
                "compiled": lambda: generate(ours, ids, max_new_tokens=new, compile=True)[0]}
-        if transformers is not None:  # the reference reads the same weights through an HF folder
-            with tempfile.TemporaryDirectory() as d:
-                save_file(ours.state_dict(), os.path.join(d, "model.safetensors"))
-                json.dump(hf_config_dict(mcfg), open(os.path.join(d, "config.json"), "w"))
-                ref = transformers.VideoLlavaForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
+        with contextlib.suppress(ImportError), tempfile.TemporaryDirectory() as d:  # transformers on the same weights
+            import transformers
+            save_file(ours.state_dict(), os.path.join(d, "model.safetensors"))
+            json.dump(hf_config_dict(mcfg), open(os.path.join(d, "config.json"), "w"))
+            ref = transformers.VideoLlavaForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
             run["transformers"] = lambda: ref.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new,
                                                        do_sample=False)[0, ids.shape[1]:]
         first = {k: f() for k, f in run.items()}  # warm-up (and the compile)
@@ -1751,67 +1591,58 @@ def bench(cfg, sizes=None, rounds=3):
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
-
 def parse_args(argv=None):
+    """argv -> (args, cfg, overrides): the modes, then one flag per Config field over the --preset's values."""
     p = argparse.ArgumentParser(description="Video-LLaVA: HF-faithful inference and a tiny model trained on a CPU.")
-    p.add_argument("--train", action="store_true", help="build the synthetic world (if needed), train, evaluate")
-    p.add_argument("--resume", action="store_true", help="with --train: continue the run saved in out_dir exactly "
-                   "(its config.json is the config; flags typed here override it, architecture flags must match)")
-    p.add_argument("--eval", action="store_true", help="evaluate the checkpoint in out_dir on test and novel")
-    p.add_argument("--generate", action="store_true", help="answer --prompt about --video / --image")
+    for mode, what in (("train", "build the synthetic world (if needed), train, evaluate"),
+                       ("resume", "with --train: continue the run in out_dir exactly (flags typed here override its "
+                                  "config, architecture flags must match)"),
+                       ("eval", "evaluate the checkpoint in out_dir on test and novel"),
+                       ("generate", "answer --prompt about --video / --image"),
+                       ("bench", "decode tokens/s vs transformers, bandwidth floor"),
+                       ("compile", "--generate: the one-token step through torch.compile")):
+        p.add_argument(f"--{mode}", action="store_true", help=what)
     p.add_argument("--inspect", default="", metavar="DIR", help="report on the checkpoint in DIR")
-    p.add_argument("--bench", action="store_true", help="decode tokens/s vs transformers, bandwidth floor")
     p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
     p.add_argument("--image", default="", help="image file, for --generate")
     p.add_argument("--prompt", default="", help="the question, for --generate")
-    p.add_argument("--compile", action="store_true", help="--generate: run the one-token step through torch.compile "
-                   "(a compile of tens of seconds the first time, then faster per token)")
     p.add_argument("--n_tokens", type=int, default=64, help="text tokens assumed by --inspect's memory estimate")
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
-    for f in dataclasses.fields(Config):
-        if isinstance(f.default, bool):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
-        else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=None)
+    for f in dataclasses.fields(Config):  # bools as --flag / --no-flag; None = not typed
+        bools = isinstance(f.default, bool)
+        p.add_argument(f"--{f.name}", default=None, **dict(action=argparse.BooleanOptionalAction) if bools else
+                       dict(type=type(f.default)))
     args = p.parse_args(argv)
     if args.preset not in PRESETS:
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset], **overrides})
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16")
-    if cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise UserError(f"--batch_size {cfg.batch_size} --grad_accum {cfg.grad_accum}: both must be at least 1")
-    if overrides.get("share_towers") and cfg.from_pretrained:
-        raise UserError("--share_towers is for training from scratch: --from_pretrained keeps the checkpoint's two "
-                        "towers (drop the flag)")
-    if args.resume and not args.train:
-        raise UserError("--resume continues a training run: use it with --train")
-    if args.compile and not args.generate:
-        raise UserError("--compile compiles --generate's decoding step: use it with --generate (--bench runs both)")
+    for bad, msg in ((cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
+                      f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16"),
+                     (cfg.batch_size < 1 or cfg.grad_accum < 1, "--batch_size and --grad_accum must be at least 1"),
+                     (overrides.get("share_towers") and cfg.from_pretrained, "--share_towers is for training from "
+                      "scratch: --from_pretrained keeps the checkpoint's two towers (drop the flag)"),
+                     (args.resume and not args.train, "--resume continues a training run: use it with --train"),
+                     (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it "
+                      "with --generate (--bench runs both)")):
+        if bad:
+            raise UserError(msg)
     return args, cfg, overrides
 
 
 def run_generate(args, cfg, overrides):
     """--generate: load a checkpoint (HF folder or out_dir), read the media, stream the answer to stdout."""
-    path = cfg.from_pretrained or cfg.out_dir
-    if not args.prompt:
-        raise UserError("--generate needs --prompt TEXT (and --video PATH or --image PATH)")
-    if args.video and args.image:
-        raise UserError("--generate takes --video or --image, not both")
-    device = pick_device(cfg.device)
-    hf = read_config(path)
+    if not args.prompt or (args.video and args.image):
+        raise UserError("--generate needs --prompt TEXT, and --video PATH or --image PATH (not both) or neither")
+    path, device = cfg.from_pretrained or cfg.out_dir, pick_device(cfg.device)
+    hf = read_config(path)  # a run of this script keeps its float32 weights; an HF folder gets --dtype's choice
     dtype = None if "gpt2_table" in hf else getattr(torch, autocast_dtype(overrides.get("dtype", "auto"), device))
-    model = load_pretrained(path, dtype, device).eval()
-    mcfg = model.cfg
-    tok = load_tokenizer(path)
-    kind = "video" if args.video else "image" if args.image else ""
+    model, tok = load_pretrained(path, dtype, device).eval(), load_tokenizer(path)
+    mcfg, kind = model.cfg, "video" if args.video else "image" if args.image else ""
     n_frames = overrides.get("n_frames", hf.get("train_config", {}).get("n_frames", 8))
-    imgs = vids = None
-    if kind == "image":
-        imgs = torch.from_numpy(load_image(args.image, mcfg.image_size))[None].to(device)  # (1, 3, S, S)
-    elif kind == "video":
-        vids = torch.from_numpy(load_video(args.video, n_frames, mcfg.image_size))[None].to(device)  # (1, F, 3, S, S)
+    # the medium as a batch of one: an image (1, 3, S, S) or a video (1, F, 3, S, S)
+    imgs = torch.from_numpy(load_image(args.image, mcfg.image_size))[None].to(device) if args.image else None
+    vids = torch.from_numpy(load_video(args.video, n_frames, mcfg.image_size))[None].to(device) if args.video else None
     text = args.prompt if "<image>" in args.prompt or "<video>" in args.prompt else prompt_text(args.prompt, kind)
     ids = torch.tensor([expand_placeholders(tok.encode(text), mcfg, n_frames)], device=device)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -1835,7 +1666,6 @@ def run_generate(args, cfg, overrides):
         raise UserError(f"--compile: torch.compile failed ({str(e).splitlines()[0][:200]}); run without --compile")
     print()
 
-
 def main(argv=None):
     """The command line: one mode per call (--train [--resume], --eval, --generate, --inspect, --bench)."""
     args, cfg, overrides = parse_args(argv)
@@ -1845,18 +1675,13 @@ def main(argv=None):
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone prints
             print("config:", json.dumps(dataclasses.asdict(cfg)))
         train(cfg, resume=args.resume)
-    elif args.eval:
-        device = pick_device(cfg.device)
-        meta = read_config(cfg.out_dir)
-        if not isinstance(meta.get("train_config"), dict):
-            raise UserError(f"{cfg.out_dir}: not a checkpoint of this script (no train_config); --eval needs one")
-        run_keys = ("device", "dtype", "out_dir", "data_dir", "data", "test_data")  # what --eval may change
+    elif args.eval:  # the run's saved config, with only the flags that say where and how to evaluate on top
+        device, meta = pick_device(cfg.device), read_resumable(cfg.out_dir, need_state=False)
+        run_keys = ("device", "dtype", "out_dir", "data_dir", "data", "test_data")
         base = saved_config(meta, **{k: v for k, v in overrides.items() if k in run_keys})
-        model = load_pretrained(cfg.out_dir, torch.float32, device, base=base)
-        mcfg = model.cfg
-        tok = load_tokenizer(cfg.out_dir)
-        data = {s: Examples(e, mcfg, tok) for s, e in load_entries(mcfg).items() if s in ("test", "novel")}
-        evaluate(model, tok, mcfg, device, data)
+        model, tok = load_pretrained(cfg.out_dir, torch.float32, device, base=base), load_tokenizer(cfg.out_dir)
+        data = {s: Examples(e, model.cfg, tok) for s, e in load_entries(model.cfg).items() if s in ("test", "novel")}
+        evaluate(model, tok, model.cfg, device, data)
     elif args.generate:
         run_generate(args, cfg, overrides)
     elif args.inspect:
@@ -1865,7 +1690,6 @@ def main(argv=None):
         bench(cfg)
     else:
         print("nothing to do: pass --train, --eval, --generate, --inspect DIR or --bench (see --help)")
-
 
 if __name__ == "__main__":
     try:
