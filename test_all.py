@@ -641,11 +641,11 @@ def test_vc_patch_init_whitens_the_patches():
     assert torch.allclose(torch.cov(feats.T), 0.25 * torch.eye(cfg.vit_dim, dtype=torch.float64), atol=1e-3)
     # positions: the first half of the features depends on the column only, the second on the row only
     n, q = cfg.img_size // cfg.patch, cfg.vit_dim // 4
-    grid = model.vit.pos[0].view(n, n, -1)
+    grid = model.vit.pos_embed[0].view(n, n, -1)
     assert torch.equal(grid[:, :, :2 * q], grid[:1, :, :2 * q].expand(n, -1, -1))
     assert torch.equal(grid[:, :, 2 * q:4 * q], grid[:, :1, 2 * q:4 * q].expand(-1, n, -1))
     assert not torch.equal(grid[0, 0], grid[0, 1]) and not torch.equal(grid[0, 0], grid[1, 0])
-    torch.testing.assert_close(model.vit.pos[0].std(0), torch.full((cfg.vit_dim,), 0.5 * 0.3))
+    torch.testing.assert_close(model.vit.pos_embed[0].std(0), torch.full((cfg.vit_dim,), 0.5 * 0.3))
 
 
 @_vc_1t
@@ -667,7 +667,7 @@ def test_vc_rmsnorm_and_swiglu_by_hand():
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     assert torch.allclose(norm(x), x / math.sqrt((1 + 4 + 9 + 16) / 4 + 1e-6))
     _, cfg = _vc_model()
-    mlp = vc.MLP(cfg)
+    mlp = vc.SwiGLU(cfg.d_model, cfg.mlp_dim)
     x = torch.randn(3, cfg.d_model)
     ref = mlp.down_proj.weight @ (torch.nn.functional.silu(mlp.gate_proj.weight @ x.T) * (mlp.up_proj.weight @ x.T))
     assert torch.allclose(mlp(x), ref.T, atol=1e-6)
@@ -706,10 +706,6 @@ def test_vc_cache_equals_no_cache(pool):
     for t in range(4, x.shape[1]):
         parts.append(model.decode(x[:, t:t + 1], cache, pos=t))
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-10)
-    # training forward (last layer queries only the text positions) == the full decode at the text positions
-    idx = torch.randint(0, 23, (3, 6))
-    x = torch.cat([model.encode(images), model.embed_tokens(idx)], 1)
-    assert torch.allclose(model(images, idx)[0], model.decode(x)[:, model.n_prefix:], atol=1e-10)
     # generation: greedy with the cache == greedy re-running the whole sequence
     cfg = dataclasses.replace(cfg, max_new_tokens=10)
     assert vc.generate(model, images, cfg, use_cache=True) == vc.generate(model, images, cfg, use_cache=False)
@@ -729,7 +725,7 @@ def test_vc_batch_equals_rows():
 def _vc_logprob(model, image, ids):
     """Sum of log-probabilities of ids followed by EOS (the beam search's score before length normalisation)."""
     x = torch.cat([vc.prefill_input(model, image[None]), model.embed_tokens(torch.tensor([ids], dtype=torch.long))], 1)
-    logp = model.decode(x)[0, model.n_prefix:].double().log_softmax(-1)
+    logp = model.lm_head(model.decode(x))[0, model.n_prefix:].double().log_softmax(-1)
     return sum(logp[i, t].item() for i, t in enumerate(ids + [0]))
 
 
@@ -856,7 +852,7 @@ def test_vc_original_preset_sizes():
         model = vc.ViTCaptioner(cfg, 50257)
     parts = model.part_counts()
     E, D, M = 512, 128, 11008
-    block = 4 * E * E + 4 * E + 2 * E * 2048 + 2048 + E + 4 * E  # qkv+proj, MLP, two LayerNorms
+    block = 4 * E * E + 4 * E + 2 * E * 2048 + 2048 + E + 4 * E  # q/k/v/o_proj, MLP, two LayerNorms
     assert parts["vit"] == 3 * 16 * 16 * E + E + E + 37 * E + 16 * block + 2 * E
     assert parts["projection"] == E * D + D
     assert parts["decoder layers"] == 8 * (4 * D * D + 3 * D * M + 2 * D) + D
