@@ -102,7 +102,7 @@ class Config:
     # training
     batch_size: int = 64  # micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * world size)
-    max_steps: int = 2500
+    max_steps: int = 3000
     lr: float = 2e-3
     min_lr: float = 1e-4
     warmup: int = 60
