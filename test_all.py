@@ -926,6 +926,20 @@ def test_vc_bad_inputs(tmp_path, capsys):
 
 
 @_vc_1t
+@pytest.mark.parametrize("pool", ["cls", "mean", "patches"])
+def test_vc_attention_png_every_pool(pool, tmp_path):
+    """The picture's caption is generate()'s greedy caption (the maps are recorded on that one pass), one row per
+    token, for every pool."""
+    model, cfg = _vc_model(pool, max_new_tokens=6)
+    tok = vc.Tokenizer.from_captions(["a small red circle above a large blue square"])
+    model, image = vc.ViTCaptioner(cfg, len(tok.ids)), _vc_images(1, cfg)[0]
+    caption = vc.attention_png(model, image, tok, cfg, "cpu", str(tmp_path / "a.png"))
+    assert caption == tok.decode(vc.generate(model, image[None], cfg)[0])
+    assert cv2.imread(str(tmp_path / "a.png")) is not None
+    assert all(m.weights is None for m in model.modules() if isinstance(m, vc.Attention))  # recording switched off
+
+
+@_vc_1t
 def test_vc_label_masking():
     """Padding targets are -100 and count nowhere: the loss is the mean over the real tokens only, a pad input never
     changes an earlier logit, and the image positions get no logits at all."""
