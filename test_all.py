@@ -635,17 +635,17 @@ def test_vc_patch_init_whitens_the_patches():
     model, cfg = _vc_model(patch_scale=0.5)
     images = _vc_images(64, cfg)
     model.init_from_data(images)
-    x = (images.permute(0, 3, 1, 2).float() / 255.0 - model.pix_mean) / model.pix_std
+    x = vc.pixels(images)
     feats = model.vit.patch_embed(x).flatten(2).transpose(1, 2).flatten(0, 1).double()  # (B*P, E)
     assert feats.mean(0).abs().max() < 1e-4
     assert torch.allclose(torch.cov(feats.T), 0.25 * torch.eye(cfg.vit_dim, dtype=torch.float64), atol=1e-3)
     # positions: the first half of the features depends on the column only, the second on the row only
     n, q = cfg.img_size // cfg.patch, cfg.vit_dim // 4
-    grid = model.vit.pos[0].view(n, n, -1)
+    grid = model.vit.pos_embed[0].view(n, n, -1)
     assert torch.equal(grid[:, :, :2 * q], grid[:1, :, :2 * q].expand(n, -1, -1))
     assert torch.equal(grid[:, :, 2 * q:4 * q], grid[:, :1, 2 * q:4 * q].expand(-1, n, -1))
     assert not torch.equal(grid[0, 0], grid[0, 1]) and not torch.equal(grid[0, 0], grid[1, 0])
-    torch.testing.assert_close(model.vit.pos[0].std(0), torch.full((cfg.vit_dim,), 0.5 * 0.3))
+    torch.testing.assert_close(model.vit.pos_embed[0].std(0), torch.full((cfg.vit_dim,), 0.5 * 0.3))
 
 
 @_vc_1t
@@ -667,7 +667,7 @@ def test_vc_rmsnorm_and_swiglu_by_hand():
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     assert torch.allclose(norm(x), x / math.sqrt((1 + 4 + 9 + 16) / 4 + 1e-6))
     _, cfg = _vc_model()
-    mlp = vc.MLP(cfg)
+    mlp = vc.SwiGLU(cfg.d_model, cfg.mlp_dim)
     x = torch.randn(3, cfg.d_model)
     ref = mlp.down_proj.weight @ (torch.nn.functional.silu(mlp.gate_proj.weight @ x.T) * (mlp.up_proj.weight @ x.T))
     assert torch.allclose(mlp(x), ref.T, atol=1e-6)
@@ -706,10 +706,6 @@ def test_vc_cache_equals_no_cache(pool):
     for t in range(4, x.shape[1]):
         parts.append(model.decode(x[:, t:t + 1], cache, pos=t))
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-10)
-    # training forward (last layer queries only the text positions) == the full decode at the text positions
-    idx = torch.randint(0, 23, (3, 6))
-    x = torch.cat([model.encode(images), model.embed_tokens(idx)], 1)
-    assert torch.allclose(model(images, idx)[0], model.decode(x)[:, model.n_prefix:], atol=1e-10)
     # generation: greedy with the cache == greedy re-running the whole sequence
     cfg = dataclasses.replace(cfg, max_new_tokens=10)
     assert vc.generate(model, images, cfg, use_cache=True) == vc.generate(model, images, cfg, use_cache=False)
@@ -729,7 +725,7 @@ def test_vc_batch_equals_rows():
 def _vc_logprob(model, image, ids):
     """Sum of log-probabilities of ids followed by EOS (the beam search's score before length normalisation)."""
     x = torch.cat([vc.prefill_input(model, image[None]), model.embed_tokens(torch.tensor([ids], dtype=torch.long))], 1)
-    logp = model.decode(x)[0, model.n_prefix:].double().log_softmax(-1)
+    logp = model.lm_head(model.decode(x))[0, model.n_prefix:].double().log_softmax(-1)
     return sum(logp[i, t].item() for i, t in enumerate(ids + [0]))
 
 
@@ -856,26 +852,40 @@ def test_vc_original_preset_sizes():
         model = vc.ViTCaptioner(cfg, 50257)
     parts = model.part_counts()
     E, D, M = 512, 128, 11008
-    block = 4 * E * E + 4 * E + 2 * E * 2048 + 2048 + E + 4 * E  # qkv+proj, MLP, two LayerNorms
+    block = 4 * E * E + 4 * E + 2 * E * 2048 + 2048 + E + 4 * E  # q/k/v/o_proj, MLP, two LayerNorms
     assert parts["vit"] == 3 * 16 * 16 * E + E + E + 37 * E + 16 * block + 2 * E
     assert parts["projection"] == E * D + D
     assert parts["decoder layers"] == 8 * (4 * D * D + 3 * D * M + 2 * D) + D
     assert parts["embedding"] == parts["lm_head"] == 50257 * D
 
 
-def test_vc_train_eval_generate_cli(tmp_path):
+def _vc_user_error(capsys, argv, *needles):
+    """vc.main(argv) in-process ends as a user error: exit 2, one line on stderr naming the input, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        vc.main(list(map(str, argv)))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    for n in needles:
+        assert n in line, (n, line)
+
+
+@_vc_1t
+def test_vc_train_eval_generate_cli(tmp_path, capsys):
+    """--train through a subprocess (the real command line); --eval, --generate and their bad inputs in-process."""
     out, data = str(tmp_path / "out"), str(tmp_path / "data")
     p = run_script("vit_caption.py", "--train", "--preset", "tiny", "--data_dir", data, "--out_dir", out)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "exact" in p.stdout and os.path.isfile(os.path.join(out, "eval.json"))
     check_val_column(p.stdout, eval_interval=4, max_steps=6)  # the tiny preset logs every 2 steps
-    p = run_script("vit_caption.py", "--eval", "--preset", "tiny", "--data_dir", data, "--out_dir", out)
-    assert p.returncode == 0 and "novel" in p.stdout, p.stderr[-2000:]
+    capsys.readouterr()
+    vc.main(["--eval", "--preset", "tiny", "--data_dir", data, "--out_dir", out])
+    assert "novel" in capsys.readouterr().out
     img = np.random.default_rng(0).integers(0, 255, (300, 131, 3), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "odd.jpg"), img)
-    p = run_script("vit_caption.py", "--generate", "--image", tmp_path / "odd.jpg", "--out_dir", out,
-                   "--temperature", "0.8", "--top_p", "0.9")
-    assert p.returncode == 0, p.stderr[-2000:]
+    vc.main(["--generate", "--image", str(tmp_path / "odd.jpg"), "--out_dir", out, "--temperature", "0.8",
+             "--top_p", "0.9"])
     assert cv2.imread(os.path.join(out, "caption_odd.png")) is not None
     # bad inputs: one line, exit status 2, nothing saved lost
     before = open(os.path.join(out, "model.safetensors"), "rb").read()
@@ -885,27 +895,67 @@ def test_vc_train_eval_generate_cli(tmp_path):
                          (["--image", tmp_path / "empty.png"], "empty"),
                          (["--image", tmp_path / "junk.png"], "junk.png"),
                          ([], "--image")):
-        assert_user_error(run_script("vit_caption.py", "--generate", "--out_dir", out, *args), needle)
+        _vc_user_error(capsys, ["--generate", "--out_dir", out, *args], needle)
     assert open(os.path.join(out, "model.safetensors"), "rb").read() == before
 
 
-def test_vc_bad_inputs(tmp_path):
+@_vc_1t
+def test_vc_bad_inputs(tmp_path, capsys):
     (tmp_path / "a.png").write_bytes(cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
     (tmp_path / "missing.txt").write_text("a.png | a small red circle\n\nb.png | a large blue square\n")
     (tmp_path / "malformed.txt").write_text("# comment\na.png | a small red circle\na.png a caption without bar\n")
     (tmp_path / "empty_cap.txt").write_text("a.png |   \n")
+    (tmp_path / "latin1.txt").write_bytes("a.png | caf\xe9\n".encode("latin-1"))
     for name, needles in (("missing.txt", ["missing.txt:3", "b.png"]), ("malformed.txt", ["malformed.txt:3"]),
-                          ("empty_cap.txt", ["empty_cap.txt:1", "caption"]), ("nope.txt", ["nope.txt"])):
-        p = run_script("vit_caption.py", "--train", "--preset", "tiny", "--data", tmp_path / name,
-                       "--out_dir", tmp_path / "o")
-        assert_user_error(p, *needles)
+                          ("empty_cap.txt", ["empty_cap.txt:1", "caption"]), ("nope.txt", ["nope.txt"]),
+                          ("latin1.txt", ["latin1.txt", "UTF-8"])):
+        _vc_user_error(capsys, ["--train", "--preset", "tiny", "--data", tmp_path / name, "--out_dir", tmp_path / "o"],
+                       *needles)
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"script": "videollama_mini", "config": {}}))
     (other / "model.safetensors").write_bytes(b"x")
-    assert_user_error(run_script("vit_caption.py", "--eval", "--out_dir", other), "videollama_mini")
-    assert_user_error(run_script("vit_caption.py", "--train", "--preset", "huge"), "--preset huge")
-    assert_user_error(run_script("vit_caption.py", "--train", "--patch_init", "zeros"), "--patch_init zeros")
+    _vc_user_error(capsys, ["--eval", "--out_dir", other], "videollama_mini")
+    (other / "config.json").write_text("{not json")
+    _vc_user_error(capsys, ["--eval", "--out_dir", other], "config.json")
+    _vc_user_error(capsys, ["--eval", "--out_dir", tmp_path / "none"], "no checkpoint")
+    _vc_user_error(capsys, ["--train", "--resume", "--preset", "tiny", "--out_dir", tmp_path / "none"], "resume")
+    _vc_user_error(capsys, ["--train", "--preset", "huge"], "--preset huge")
+    _vc_user_error(capsys, ["--train", "--patch_init", "zeros"], "--patch_init zeros")
+    _vc_user_error(capsys, ["--train", "--preset", "tiny", "--patch", "5"], "--patch 5")
+
+
+@_vc_1t
+@pytest.mark.parametrize("pool", ["cls", "mean", "patches"])
+def test_vc_attention_png_every_pool(pool, tmp_path):
+    """The picture's caption is generate()'s greedy caption (the maps are recorded on that one pass), one row per
+    token, for every pool."""
+    model, cfg = _vc_model(pool, max_new_tokens=6)
+    tok = vc.Tokenizer.from_captions(["a small red circle above a large blue square"])
+    model, image = vc.ViTCaptioner(cfg, len(tok.ids)), _vc_images(1, cfg)[0]
+    caption = vc.attention_png(model, image, tok, cfg, "cpu", str(tmp_path / "a.png"))
+    assert caption == tok.decode(vc.generate(model, image[None], cfg)[0])
+    assert cv2.imread(str(tmp_path / "a.png")) is not None
+    assert all(m.weights is None for m in model.modules() if isinstance(m, vc.Attention))  # recording switched off
+
+
+@_vc_1t
+def test_vc_label_masking():
+    """Padding targets are -100 and count nowhere: the loss is the mean over the real tokens only, a pad input never
+    changes an earlier logit, and the image positions get no logits at all."""
+    model, cfg = _vc_model(dtype=torch.float64)
+    seqs = [[0, 3, 4, 5, 6, 0], [0, 7, 8, 0]]  # BOS ... EOS, two lengths
+    inp, tgt = vc.pad_batch(seqs, cfg.max_len)
+    assert inp.shape == tgt.shape == (2, 5) and tgt[1].tolist() == [7, 8, 0, -100, -100]
+    images = _vc_images(2, cfg)
+    logits, loss = model(images, inp, tgt)
+    assert logits.shape == (2, 5, 23)  # text positions only: the N prefix positions predict nothing
+    real = [(i, t) for i in range(2) for t in range(5) if tgt[i, t] >= 0]
+    by_hand = -sum(logits[i, t].log_softmax(-1)[tgt[i, t]] for i, t in real) / len(real)
+    assert torch.allclose(loss, by_hand.float(), atol=1e-6)  # the loss itself is taken in float32
+    inp2 = inp.clone()
+    inp2[1, 3:] = 9  # other tokens in the padded positions
+    assert torch.allclose(model(images, inp2, tgt)[1], loss)
 
 
 VC_USER_DATA_EXAMPLE = """\

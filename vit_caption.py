@@ -10,17 +10,14 @@ vit_caption: a ViT image encoder + LLaMA-style decoder image captioner in one fi
       -> LLaMA-style decoder over [visual prefix, <|endoftext|> (BOS), caption tokens]: RMSNorm, rotary positions
          (rotate_half), causal SDPA self-attention with a KV cache, SwiGLU MLP (SiLU)   -> (B, L, V)
 
-The "Vision Language Model (From Scratch)" write-up trained exactly this model, with a LLaMA tokenizer of 32,000 pieces,
-on 16 image-caption pairs and could only memorise them. Here the text is GPT-2 BPE from tiktoken, not LLaMA's
-tokenizer; the embedding and output table cover only the GPT-2 ids that occur in the training captions (plus
-<|endoftext|>, both BOS and EOS), because a 50257-way layer would dominate a small model on a CPU. `--no-compact_vocab`
-keeps all 50257 rows (`--preset original` does, so that its parameter count is that of a real full-vocabulary model).
+The "Vision Language Model (From Scratch)" write-up trained exactly this model, with LLaMA's 32,000-piece tokenizer,
+on 16 image-caption pairs and could only memorise them. Here the text is GPT-2 BPE (tiktoken); the embedding and output
+table cover only the GPT-2 ids of the training captions plus <|endoftext|> (BOS and EOS), because a 50257-way layer
+would dominate a small model on a CPU (`--no-compact_vocab` keeps all 50257 rows, as `--preset original` does).
 
-The built-in world: PNG images of one or two shapes (6 colours x 3 shapes x 2 sizes) on a grey background. Captions
-name size, colour and shape of each object and, for two objects, their spatial relation:
-"a small red circle above a large blue square". A two-object image has two references, one from each object's point
-of view ("... above ..." and "... below ..."): exact match accepts either. Split `novel` holds (colour, shape) pairs
-never seen in training; `test` holds new images whose pairs all occur in training.
+The built-in world: PNG images of one or two shapes (6 colours x 3 shapes x 2 sizes) on grey, captioned with size,
+colour, shape and, for two objects, their relation: "a small red circle above a large blue square" (two references,
+one from each object's side). `test`: new images of (colour, shape) pairs seen in training; `novel`: held-out pairs.
 
 Shape legend: B batch, S image side, P patches, E ViT width, N visual prefix tokens (1 or P), L text tokens,
 D decoder width, H heads, V vocabulary, K beams.
@@ -36,6 +33,7 @@ Commands:
 """
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -56,86 +54,73 @@ from safetensors.torch import load_file, save_file
 
 SCRIPT = "vit_caption"
 
-
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
 
-
 @dataclass
 class Config:
-    # data
     data: str = ""  # captions file of user data (format in the README); "" = the built-in synthetic world
-    test_data: str = ""  # optional captions file for evaluation on user data; else every 10th image is held out
+    test_data: str = ""  # optional captions file to evaluate user data on; else every 10th image is held out
     data_dir: str = "data/vit_caption"  # where the synthetic world is written
     out_dir: str = "out/vit_caption"  # checkpoint, eval.json, pictures
-    n_train: int = 20000  # synthetic training images (6000 over-fitted: train 0.98 vs test 0.90 exact match)
-    n_val: int = 200
-    n_test: int = 500
-    n_novel: int = 500
-    max_train: int = 0  # >0: train on only the first max_train pairs (the write-up trained on 16) and report train EM
-    eval_max: int = 0  # >0: evaluate only the first eval_max images of each split (the big seed model is slow)
+    n_train: int = 20000  # synthetic training images: enough that the model cannot memorise them
+    n_val: int = 200  # validation loss during training
+    n_test: int = 500  # the headline split: new images of (colour, shape) pairs seen in training
+    n_novel: int = 500  # images with a held-out (colour, shape) pair
+    max_train: int = 0  # >0: train on only the first max_train pairs (the write-up had 16) and report train EM
+    eval_max: int = 0  # >0: evaluate only the first eval_max images of each split (the big preset is slow)
     img_size: int = 48  # images are letterboxed to a square and resized to this side
-    # ViT
-    patch: int = 12  # 48/12 -> 16 patches: fewer, larger patches (see the README for 8)
+    patch: int = 12  # patch side in pixels: 48 / 12 -> a 4 x 4 grid, P = 16; a shape covers one or two patches
     vit_dim: int = 128  # E
-    vit_layers: int = 3
-    vit_heads: int = 4
-    vit_mlp: int = 512
-    vit_dropout: float = 0.0
-    patch_init: str = "pca"  # patch embedding at start: "pca" (whitened principal components of the training
-    # patches, see ViTCaptioner.init_from_data) or "random" (normal, std 0.02)
+    vit_layers: int = 3  # ViT blocks
+    vit_heads: int = 4  # ViT attention heads
+    vit_mlp: int = 512  # GELU MLP hidden width (4 E, as ViT)
+    vit_dropout: float = 0.0  # ViT dropout (the write-up's 0.4 is in --preset original)
+    patch_init: str = "pca"  # "pca": patch embedding whitened on the training patches (init_from_data); "random"
     patch_scale: float = 1.0  # std of each whitened feature
-    pool: str = "patches"  # visual prefix: "cls", "mean" (one vector, as the write-up) or "patches" (all P tokens)
-    # decoder
+    pool: str = "patches"  # visual prefix: "patches" (all P tokens), "cls" or "mean" (one vector, as the write-up)
     d_model: int = 128  # D
-    n_layer: int = 2
-    n_head: int = 4
+    n_layer: int = 2  # decoder layers
+    n_head: int = 4  # decoder attention heads
     mlp_dim: int = 384  # SwiGLU hidden width
-    max_len: int = 24  # longest caption in tokens, BOS/EOS included
-    rope_theta: float = 100.0  # LLaMA uses 10000; 100 separates the nearby prefix positions (left/right: README)
-    dropout: float = 0.0  # decoder dropout (residual branches)
+    max_len: int = 24  # longest caption in tokens, BOS and EOS included
+    rope_theta: float = 100.0  # RoPE base; with LLaMA's 10000 the short prefix offsets barely turn (README)
+    dropout: float = 0.0  # decoder dropout on the residual branches
     compact_vocab: bool = True  # output table over the GPT-2 ids seen in training (False: all 50257)
-    # training
     batch_size: int = 64  # micro-batch per process
-    grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * world size)
-    max_steps: int = 2500
-    lr: float = 2e-3
-    min_lr: float = 1e-4
-    warmup: int = 60
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    dtype: str = "float32"  # autocast dtype: float32, bfloat16 (measured no faster here at this size) or float16 (CUDA)
+    grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * processes)
+    max_steps: int = 3000  # optimizer steps
+    lr: float = 2e-3  # peak learning rate, after linear warmup; cosine decay to min_lr
+    min_lr: float = 1e-4  # learning rate at the last step
+    warmup: int = 60  # steps of linear warmup
+    weight_decay: float = 0.05  # AdamW, on matrices only
+    grad_clip: float = 1.0  # max global gradient norm
+    dtype: str = "float32"  # autocast dtype: float32, bfloat16, or float16 (CUDA, with a gradient scaler)
     device: str = "auto"  # auto = cuda > mps > cpu
-    compile: bool = False
-    seed: int = 1337
-    log_interval: int = 50
-    eval_interval: int = 400  # validation loss every this many steps (and a checkpoint)
+    compile: bool = False  # torch.compile the training forward
+    seed: int = 1337  # the synthetic world, the init, the batches
+    log_interval: int = 50  # a log line every this many steps
+    eval_interval: int = 400  # validation loss and a checkpoint every this many steps
     stop_after: int = 0  # stop (and save) after this many steps, as if interrupted; --resume continues
-    # generation
     temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0
-    top_p: float = 1.0
+    top_k: int = 0  # sample among the k likeliest tokens; 0 = off
+    top_p: float = 1.0  # nucleus sampling; 1 = off
     beam: int = 1  # beam width; >1 = beam search (deterministic)
-    max_new_tokens: int = 23
-
+    max_new_tokens: int = 23  # caption length limit in tokens, EOS included
 
 PRESETS = {
     "default": {},
-    # seconds, for the tests
-    "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, img_size=16, patch=8, vit_dim=32, vit_layers=1,
-                 vit_heads=2, vit_mlp=64, d_model=32, n_layer=1, n_head=2, mlp_dim=64, batch_size=8, max_steps=6,
-                 warmup=2, log_interval=2, eval_interval=4, dtype="float32"),
-    # the write-up's exact sizes (its 4 attention heads of 32 and the GPT-2 table are our choices)
-    "original": dict(img_size=96, patch=16, vit_dim=512, vit_layers=16, vit_heads=8, vit_mlp=2048, vit_dropout=0.4,
-                 pool="cls", d_model=128, n_layer=8, n_head=4, mlp_dim=11008, compact_vocab=False, rope_theta=10000.0,
-                 batch_size=16, max_steps=6, eval_max=64, warmup=2, lr=3e-4, log_interval=1, eval_interval=1000,
-                 dtype="float32"),
+    "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, img_size=16, patch=8, vit_dim=32,  # seconds: tests
+                 vit_layers=1, vit_heads=2, vit_mlp=64, d_model=32, n_layer=1, n_head=2, mlp_dim=64, batch_size=8,
+                 max_steps=6, warmup=2, log_interval=2, eval_interval=4, dtype="float32"),
+    "original": dict(img_size=96, patch=16, vit_dim=512, vit_layers=16, vit_heads=8, vit_mlp=2048,  # the write-up's
+                     vit_dropout=0.4, pool="cls", d_model=128, n_layer=8, n_head=4, mlp_dim=11008,  # exact sizes (4
+                     compact_vocab=False, rope_theta=10000.0, batch_size=16, max_steps=6, eval_max=64,  # heads and
+                     warmup=2, lr=3e-4, log_interval=1, eval_interval=1000, dtype="float32"),  # GPT-2 ids: our choice)
 }
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: synthetic world, image loader, captions files, tokenizer
@@ -151,21 +136,8 @@ RELATIONS = {"above": "below", "below": "above",
              "to the left of": "to the right of", "to the right of": "to the left of"}
 RENDER = 96  # side of the written PNG (the write-up's input size); the model resizes to img_size
 
-
-def draw_shape(img, shape, colour, size, cx, cy):
-    c, h = COLOURS[colour], SIZES[size]
-    if shape == "circle":
-        cv2.circle(img, (cx, cy), h, c, -1, cv2.LINE_AA)
-    elif shape == "square":
-        cv2.rectangle(img, (cx - h + 2, cy - h + 2), (cx + h - 2, cy + h - 2), c, -1)  # same area feel as a circle
-    else:
-        pts = np.array([[cx, cy - h], [cx - h, cy + h - 1], [cx + h, cy + h - 1]], np.int32)
-        cv2.fillPoly(img, [pts], c, cv2.LINE_AA)
-
-
 def describe(obj):
     return f"a {obj[2]} {obj[0]} {obj[1]}"  # obj = (colour, shape, size, cx, cy)
-
 
 def captions_for(objs, relation):
     """One object: its description. Two: "A <relation> B" and the same fact from B's side ("B <inverse> A")."""
@@ -174,18 +146,15 @@ def captions_for(objs, relation):
     a, b = objs
     return [f"{describe(a)} {relation} {describe(b)}", f"{describe(b)} {RELATIONS[relation]} {describe(a)}"]
 
-
 def sample_scene(rng, split):
     """-> (objects, relation). Two objects sit in opposite halves (top/bottom or left/right) with jitter, so the
     relation is unambiguous; the split decides whether a held-out (colour, shape) pair must / must not appear."""
     while True:
         n = 1 if rng.random() < 0.3 else 2
         attrs = [(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(SIZES))) for _ in range(n)]
-        novel = [(c, s) in NOVEL_PAIRS for c, s, _ in attrs]
-        if not (any(novel) if split == "novel" else not any(novel)):
+        # novel: some held-out pair; other splits: none. Two identical objects ("a X above a X") say nothing: redraw
+        if any((c, s) in NOVEL_PAIRS for c, s, _ in attrs) != (split == "novel") or (n == 2 and attrs[0] == attrs[1]):
             continue
-        if n == 2 and attrs[0] == attrs[1]:
-            continue  # two identical objects would make "a X above a X": allowed but uninformative
         q = RENDER // 4  # centre of a half along the split axis
         if n == 1:
             m = SIZES[attrs[0][2]] + 2
@@ -196,28 +165,30 @@ def sample_scene(rng, split):
         other = rng.randint(m + 6, RENDER - m - 6)  # shared position along the other axis...
         objs = []
         for (c, s, z), a in zip(attrs, along):
-            # ...with a little jitter each: the centres are >= 2q - 12 apart along the relation's axis and <= 12
-            # across it, so "above" never also reads as "to the left of" (a relation must be unambiguous)
-            a += rng.randint(-6, 6)
-            o = other + rng.randint(-6, 6)
+            # ...jittered: centres >= 2q - 12 apart along the relation's axis, <= 12 across it: one relation only
+            a, o = a + rng.randint(-6, 6), other + rng.randint(-6, 6)  # along, across
             cx, cy = (o, a) if relation in ("above", "below") else (a, o)
             objs.append((c, s, z, cx, cy))
         return objs, relation
 
-
 def write_image(path, objs, rng):
     img = np.full((RENDER, RENDER, 3), rng.randint(50, 90), np.uint8)  # background grey varies a little
-    for c, s, z, cx, cy in objs:
-        draw_shape(img, s, c, z, cx, cy)
+    for colour, shape, size, cx, cy in objs:
+        c, h = COLOURS[colour], SIZES[size]  # BGR colour, half-size in pixels
+        if shape == "circle":
+            cv2.circle(img, (cx, cy), h, c, -1, cv2.LINE_AA)
+        elif shape == "square":  # a little smaller than the circle's box: about the same area
+            cv2.rectangle(img, (cx - h + 2, cy - h + 2), (cx + h - 2, cy + h - 2), c, -1)
+        else:  # an upright triangle in the same box
+            cv2.fillPoly(img, [np.array([[cx, cy - h], [cx - h, cy + h - 1], [cx + h, cy + h - 1]], np.int32)], c,
+                         cv2.LINE_AA)
     if not cv2.imwrite(path, img):
         raise UserError(f"{path}: cannot write (is {os.path.dirname(path)} writable?)")
-
 
 def build_world(cfg):
     """Write data_dir/<split>/*.png and data_dir/<split>.txt once (deterministic from --seed); return the paths."""
     sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "novel": cfg.n_novel}
-    stamp = os.path.join(cfg.data_dir, "world.json")
-    want = dict(sizes, seed=cfg.seed, version=2)
+    stamp, want = os.path.join(cfg.data_dir, "world.json"), dict(sizes, seed=cfg.seed, version=2)  # what is on disk
     files = {s: os.path.join(cfg.data_dir, f"{s}.txt") for s in sizes}
     if os.path.exists(stamp) and json.load(open(stamp)) == want:
         return files
@@ -235,7 +206,6 @@ def build_world(cfg):
     json.dump(want, open(stamp, "w"))
     return files
 
-
 def load_image(path, size):
     """Any image OpenCV reads, any size -> uint8 (size, size, 3) RGB. Letterboxed (edge pixels repeated) rather than
     cropped or stretched: a crop could cut an object away and a stretch turns circles into ellipses."""
@@ -246,13 +216,11 @@ def load_image(path, size):
     img = cv2.imread(path, cv2.IMREAD_COLOR)  # BGR, 8-bit, 3 channels whatever the file holds
     if img is None or img.size == 0:
         raise UserError(f"{path}: OpenCV cannot decode this image (corrupt or unknown format)")
-    h, w = img.shape[:2]
-    s = max(h, w)
-    top, left = (s - h) // 2, (s - w) // 2
+    (h, w), s = img.shape[:2], max(img.shape[:2])
+    top, left = (s - h) // 2, (s - w) // 2  # pad the short side equally on both ends
     img = cv2.copyMakeBorder(img, top, s - h - top, left, s - w - left, cv2.BORDER_REPLICATE)  # (s, s, 3)
     img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if s > size else cv2.INTER_LINEAR)
     return np.ascontiguousarray(img[:, :, ::-1])  # BGR -> RGB
-
 
 def read_captions(path):
     """Captions file: one `image path | caption` per line, paths relative to the file; an image may appear on several
@@ -263,9 +231,8 @@ def read_captions(path):
         text = open(path, encoding="utf-8").read()
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text file (expected lines 'image.png | a caption')")
-    base, order, caps = os.path.dirname(os.path.abspath(path)), [], {}
-    for no, line in enumerate(text.split("\n"), 1):
-        line = line.strip()
+    base, caps = os.path.dirname(os.path.abspath(path)), {}  # image -> its captions, in the file's order
+    for no, line in enumerate((raw.strip() for raw in text.split("\n")), 1):
         if not line or line.startswith("#"):
             continue
         if "|" not in line:
@@ -274,216 +241,179 @@ def read_captions(path):
         if not name or not caption:
             raise UserError(f"{path}:{no}: empty {'image path' if not name else 'caption'} in {line[:60]!r}")
         image = os.path.join(base, name)
-        if image not in caps:
-            if not os.path.isfile(image):
-                raise UserError(f"{path}:{no}: image '{name}' not found (paths are relative to the captions file)")
-            order.append(image)
-            caps[image] = []
-        caps[image].append(caption)
-    if not order:
+        if image not in caps and not os.path.isfile(image):
+            raise UserError(f"{path}:{no}: image '{name}' not found (paths are relative to the captions file)")
+        caps.setdefault(image, []).append(caption)  # several lines per image = several references
+    if not caps:
         raise UserError(f"{path}: no entries (expected lines 'image.png | a caption')")
-    return [(im, caps[im]) for im in order]
-
-
-def load_split(entries, cfg):
-    """Decode every image once into a uint8 tensor (N, S, S, 3): epochs never re-decode."""
-    return torch.from_numpy(np.stack([load_image(p, cfg.img_size) for p, _ in entries]))
-
+    return list(caps.items())
 
 class Tokenizer:
     """GPT-2 BPE (tiktoken) with a compact table: model ids index `ids`, the GPT-2 ids seen in training.
     Model id 0 is <|endoftext|>, used as BOS and EOS."""
-
     def __init__(self, ids):
-        self.enc = tiktoken.get_encoding("gpt2")
-        self.ids = list(ids)
-        self.to_model = {g: i for i, g in enumerate(self.ids)}
-        self.eos = 0
-
+        self.enc, self.ids, self.eos = tiktoken.get_encoding("gpt2"), list(ids), 0  # ids: model id -> GPT-2 id
+        self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
     @classmethod
     def from_captions(cls, captions, compact=True):
+        """The table of a training set: <|endoftext|> first, then every GPT-2 id its captions use (or all 50257)."""
         enc = tiktoken.get_encoding("gpt2")
         if not compact:
             return cls([enc.eot_token] + [i for i in range(enc.n_vocab) if i != enc.eot_token])
         return cls([enc.eot_token] + sorted({t for c in captions for t in enc.encode(c)}))
-
     def encode(self, text):
         """Caption -> [BOS, ..., EOS] in model ids; GPT-2 ids absent from the table are dropped (said in README)."""
         return [self.eos] + [self.to_model[t] for t in self.enc.encode(text) if t in self.to_model] + [self.eos]
-
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if i != self.eos]).strip()
-
 
 def normalise(text):
     return " ".join(text.lower().strip().rstrip(".").split())
 
-
 # ----------------------------------------------------------------------------------------------------------------------
-# Model: primitives -> ViT -> decoder -> captioner
-
+# Model: primitives -> one Block for both towers -> ViT -> captioner
 
 class RMSNorm(nn.Module):
+    """LLaMA's norm (Zhang & Sennrich 2019): x / rms(x) * weight. No mean subtraction and no bias: cheaper than
+    LayerNorm and, in LLaMA, as good."""
     def __init__(self, d, eps=1e-6):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
-
     def forward(self, x):
         xf = x.float()  # the mean square in float32, as LLaMA does, then back to the working dtype
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
-
 def rope_tables(n, head_dim, theta):
-    """cos/sin (n, head_dim) for rotary positions in the rotate_half layout (HF LLaMA): the two halves of a head
-    share frequencies, cos = cat(freqs, freqs)."""
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    """cos/sin (n, head_dim) for rotary positions (Su et al. 2021) in the rotate_half layout of HF LLaMA: the two
+    halves of a head share frequencies, cos = cat(freqs, freqs). Position t turns pair i by t * theta^(-2i/head_dim):
+    the first pairs turn fast (they tell near positions apart), the last ones slowly (far ones)."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (head_dim/2,)
     freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv)  # (n, head_dim/2)
     emb = torch.cat([freqs, freqs], -1)  # (n, head_dim)
     return emb.cos(), emb.sin()
 
-
 def rotate_half(x):
-    x1, x2 = x.chunk(2, -1)
-    return torch.cat([-x2, x1], -1)
+    x1, x2 = x.chunk(2, -1)  # the two halves of each head, (..., hd/2) each
+    return torch.cat([-x2, x1], -1)  # (..., hd): pair (x1_i, x2_i) -> (-x2_i, x1_i), a quarter turn
 
-
-def apply_rope(x, cos, sin):  # x (B, H, T, hd); cos/sin (T, hd)
+def apply_rope(x, cos, sin):
+    """x (B, H, T, hd) turned by the angles of its positions; cos/sin (T, hd). Turning both q and k makes their dot
+    product depend on the distance between the two positions only."""
     return (x * cos + rotate_half(x) * sin).type_as(x)
 
-
-class ViTBlock(nn.Module):
-    """Pre-LayerNorm Transformer encoder block: bidirectional multi-head attention, GELU MLP, dropout."""
-
-    def __init__(self, cfg):
+class Attention(nn.Module):
+    """Multi-head self-attention with the HF LLaMA names (q_proj, k_proj, v_proj, o_proj), through SDPA. ViT
+    (causal=False): bidirectional, with biases, positions already added to the tokens. Decoder (causal=True): no
+    biases, RoPE on q and k, and a KV cache (a dict per layer) of every position seen so far, so that a generation
+    step feeds only its new token. `weights`: None, or a list collecting each call's map (mean over heads)."""
+    def __init__(self, dim, heads, causal, dropout):
         super().__init__()
-        self.h, self.p = cfg.vit_heads, cfg.vit_dropout
-        self.ln1, self.ln2 = nn.LayerNorm(cfg.vit_dim), nn.LayerNorm(cfg.vit_dim)
-        self.qkv, self.proj = nn.Linear(cfg.vit_dim, 3 * cfg.vit_dim), nn.Linear(cfg.vit_dim, cfg.vit_dim)
-        self.mlp = nn.Sequential(nn.Linear(cfg.vit_dim, cfg.vit_mlp), nn.GELU(), nn.Dropout(cfg.vit_dropout),
-                                 nn.Linear(cfg.vit_mlp, cfg.vit_dim))
-        self.drop = nn.Dropout(cfg.vit_dropout)
-        self.record, self.weights = False, None
+        self.h, self.causal, self.p = heads, causal, dropout
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim, bias=not causal) for _ in range(4))
+        self.weights = None
+    def forward(self, x, rope=None, cache=None):
+        B, T, D = x.shape
+        # (B, T, D) -> (B, T, H, D/H) -> (B, H, T, D/H): each head attends on its own slice of the width
+        q, k, v = (m(x).view(B, T, self.h, -1).transpose(1, 2) for m in (self.q_proj, self.k_proj, self.v_proj))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # each at its own absolute position
+        past = cache["k"].shape[2] if cache else 0  # positions already in the cache
+        if past:  # append the new positions to the cached ones
+            k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)  # (B, H, past+T, D/H)
+        if cache is not None:
+            cache["k"], cache["v"] = k, v
+        # causal over the whole [prefix, text] sequence, as LLaVA: new query i (position past+i) sees keys <= past+i
+        mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past) if self.causal else None
+        if self.weights is not None:  # the explicit softmax, only to draw the attention maps
+            att = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, T, past+T)
+            att = att if mask is None else att.masked_fill(~mask, float("-inf"))
+            self.weights.append(att.softmax(-1).mean(1))  # (B, T, past+T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))  # heads side by side again: (B, T, D)
 
+class GeluMLP(nn.Module):
+    """The ViT's MLP (Dosovitskiy et al. 2020): down(dropout(gelu(up(x)))), with biases."""
+    def __init__(self, dim, hidden, dropout):
+        super().__init__()
+        self.up_proj, self.down_proj = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
     def forward(self, x):
-        B, T, E = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.h, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, E/H)
-        if self.record:  # explicit softmax only to draw the attention maps
-            self.weights = ((q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])).softmax(-1).mean(1).detach()
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0)
-        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, T, E)))  # (B, T, E)
-        return x + self.drop(self.mlp(self.ln2(x)))
+        return self.down_proj(self.drop(F.gelu(self.up_proj(x))))
 
+class SwiGLU(nn.Module):
+    """LLaMA's MLP (Shazeer 2020, https://arxiv.org/abs/2002.05202): down(silu(gate(x)) * up(x)), no biases.
+    The gate lets each hidden unit switch its up-projection on or off depending on the input."""
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+class Block(nn.Module):
+    """Pre-norm Transformer block, the same wiring in both towers: x + attn(norm(x)), then x + mlp(norm(x)).
+    causal=False is the ViT's block (LayerNorm, bidirectional attention with biases, GELU MLP); causal=True is
+    LLaMA's decoder layer (RMSNorm, causal attention with RoPE, SwiGLU). The projections that write into the residual
+    stream (o_proj, down_proj) get init_std 0.02 / sqrt(2 * depth) (GPT-2): the stream keeps its scale at init."""
+    def __init__(self, dim, heads, hidden, dropout, causal, depth):
+        super().__init__()
+        norm = RMSNorm if causal else nn.LayerNorm
+        self.input_layernorm = norm(dim)
+        self.self_attn = Attention(dim, heads, causal, dropout)
+        self.post_attention_layernorm = norm(dim)
+        self.mlp = SwiGLU(dim, hidden) if causal else GeluMLP(dim, hidden, dropout)
+        self.drop = nn.Dropout(dropout)
+        self.self_attn.o_proj.init_std = self.mlp.down_proj.init_std = 0.02 / math.sqrt(2 * depth)
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), rope, cache))
+        return x + self.drop(self.mlp(self.post_attention_layernorm(x)))  # (B, T, D)
 
 def sincos_2d(n, dim):
     """Positions of an n x n patch grid (row-major) -> (n*n, dim): dim/4 sin-cos pairs of the column, then dim/4 of
     the row, at frequencies from pi/n per cell down to 1/100 of that (each feature varies smoothly across the grid),
     every feature scaled to zero mean and unit variance over the grid."""
-    rows, cols = torch.meshgrid(torch.arange(n).double(), torch.arange(n).double(), indexing="ij")
-    freqs = (math.pi / n) / 100.0 ** (torch.arange(dim // 4).double() / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(n).double(), torch.arange(n).double(), indexing="ij")  # (n, n) each
+    freqs = (math.pi / n) / 100.0 ** (torch.arange(dim // 4).double() / (dim // 4))  # (dim/4,)
     angles = [c.flatten()[:, None] * freqs for c in (cols, rows)]  # (n*n, dim/4) each
-    pe = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)
+    pe = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)  # (n*n, 4 * (dim/4))
     pe = (pe - pe.mean(0)) / pe.std(0).clamp_min(1e-6)
     return torch.cat([pe, pe.new_zeros(n * n, dim - pe.shape[1])], 1).float()  # dim not a multiple of 4: zeros
 
+def pixels(images):
+    """uint8 (B, S, S, 3) -> float (B, 3, S, S) in [-1, 1]: a fixed normalisation, the model learns from scratch."""
+    return (images.permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
 
 class ViT(nn.Module):
-    """(B, 3, S, S) float -> visual tokens (B, N, E): N = 1 for "cls"/"mean", N = P for "patches"."""
-
+    """Vision Transformer (Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words"): cut the image into p x p
+    patches, map each linearly to a token, add a position vector, run bidirectional Transformer blocks.
+    (B, 3, S, S) normalised pixels -> visual tokens (B, N, E): N = 1 for "cls"/"mean", N = P for "patches"."""
     def __init__(self, cfg):
         super().__init__()
         if cfg.img_size % cfg.patch:
             raise UserError(f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}")
         self.pool, n_patch = cfg.pool, (cfg.img_size // cfg.patch) ** 2
-        self.patch_embed = nn.Conv2d(3, cfg.vit_dim, cfg.patch, cfg.patch)  # a linear map of each patch
+        self.patch_embed = nn.Conv2d(3, cfg.vit_dim, cfg.patch, cfg.patch)  # stride = kernel: a linear map per patch
         # a CLS token only where it is read: an unused parameter would stall DDP
-        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.vit_dim)) if cfg.pool == "cls" else None
-        self.pos = nn.Parameter(torch.zeros(1, n_patch + (cfg.pool == "cls"), cfg.vit_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.vit_dim)) if cfg.pool == "cls" else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_patch + (cfg.pool == "cls"), cfg.vit_dim))  # learned
         self.drop = nn.Dropout(cfg.vit_dropout)
-        self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.vit_layers))
-        self.ln = nn.LayerNorm(cfg.vit_dim)
-
+        self.layers = nn.ModuleList(Block(cfg.vit_dim, cfg.vit_heads, cfg.vit_mlp, cfg.vit_dropout, False,
+                                          cfg.vit_layers) for _ in range(cfg.vit_layers))
+        self.norm = nn.LayerNorm(cfg.vit_dim)
     def forward(self, x):
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, E, S/p, S/p) -> (B, P, E), row-major patches
-        if self.cls is not None:
-            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)  # (B, 1+P, E)
-        x = self.drop(x + self.pos)
-        for blk in self.blocks:
-            x = blk(x)
-        x = self.ln(x)
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, E, S/p, S/p) -> (B, P, E), patches row by row
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)  # (B, 1+P, E)
+        x = self.drop(x + self.pos_embed)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.norm(x)  # (B, 1+P, E) with a CLS token, else (B, P, E)
         if self.pool == "cls":
-            return x[:, :1]  # (B, 1, E)
-        if self.pool == "mean":
-            return x.mean(1, keepdim=True)  # (B, 1, E)
-        return x  # (B, P, E)
-
-
-class Attention(nn.Module):
-    """LLaMA causal self-attention: q/k/v/o without bias, RoPE on q and k, SDPA. `cache` (a dict per layer) holds
-    past keys/values; a call with a filled cache appends the new positions. `record = True` keeps the weights."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.h, self.p = cfg.n_head, cfg.dropout
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-                                                              for _ in range(4))
-        self.record, self.weights = False, None
-
-    def forward(self, x, cos, sin, cache=None, q_from=0):
-        """x (B, T, D) -> (B, T - q_from, D): with q_from > 0 only positions q_from.. ask (their keys see all T)."""
-        B, T, D = x.shape
-        k, v = (m(x).view(B, T, self.h, -1).transpose(1, 2) for m in (self.k_proj, self.v_proj))  # (B, H, T, D/H)
-        q = self.q_proj(x[:, q_from:]).view(B, T - q_from, self.h, -1).transpose(1, 2)  # (B, H, T-q_from, D/H)
-        q, k = apply_rope(q, cos[q_from:], sin[q_from:]), apply_rope(k, cos, sin)  # rotated at their own positions
-        past = q_from  # q_from plays the part of cached keys: query i sits at position q_from + i
-        T -= q_from
-        if cache is not None:
-            assert q_from == 0, "q_from is a training shortcut, not for cached decoding"
-            if "k" in cache:
-                past = cache["k"].shape[2]
-                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)  # (B, H, past+T, D/H)
-            cache["k"], cache["v"] = k, v
-        # causal over the whole [prefix, text] sequence; with `past` cached keys a new query i sees keys <= past+i.
-        # (Causal over the prefix too, as LLaVA does: the prefix is already a ViT output, it needs no second look.)
-        mask = None
-        if T > 1 and past > 0:
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-        if self.record:  # explicit softmax only to draw the attention maps
-            att = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])
-            if T > 1:
-                att = att.masked_fill(~torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past),
-                                      float("-inf"))
-            self.weights = att.softmax(-1).mean(1).detach()  # (B, T, past+T), averaged over heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and past == 0,
-                                           dropout_p=self.p if self.training else 0.0)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
-
-
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.mlp_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.mlp_dim, cfg.d_model, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.input_layernorm, self.self_attn = RMSNorm(cfg.d_model), Attention(cfg)
-        self.post_attention_layernorm, self.mlp = RMSNorm(cfg.d_model), MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x, cos, sin, cache=None, q_from=0):
-        x = x[:, q_from:] + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, cache, q_from))
-        return x + self.drop(self.mlp(self.post_attention_layernorm(x)))  # (B, T - q_from, D)
-
+            return x[:, :1]  # (B, 1, E): the write-up's single image vector
+        return x.mean(1, keepdim=True) if self.pool == "mean" else x  # (B, 1, E) or (B, P, E)
 
 class ViTCaptioner(nn.Module):
+    """ViT -> linear projection -> LLaMA-style decoder over [visual prefix, BOS, caption tokens]."""
     def __init__(self, cfg, vocab_size):
         super().__init__()
         self.cfg = cfg
@@ -491,108 +421,88 @@ class ViTCaptioner(nn.Module):
         self.proj = nn.Linear(cfg.vit_dim, cfg.d_model)  # E -> D: the image in the decoder's embedding space
         self.n_prefix = 1 if cfg.pool in ("cls", "mean") else (cfg.img_size // cfg.patch) ** 2  # N
         self.embed_tokens = nn.Embedding(vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.mlp_dim, cfg.dropout, True, cfg.n_layer)
+                                    for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)  # untied, as in LLaMA
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)  # untied from embed_tokens, as in LLaMA
+        # RoPE angles for every position the decoder can see: N prefix tokens + max_len text tokens, (N + L, D/H)
         cos, sin = rope_tables(self.n_prefix + cfg.max_len, cfg.d_model // cfg.n_head, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.register_buffer("pix_mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pix_std", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
-        self.apply(self._init_weights)
-        nn.init.normal_(self.vit.pos, 0.0, 0.02)
-        if self.vit.cls is not None:
-            nn.init.normal_(self.vit.cls, 0.0, 0.02)
-        for name, p in self.named_parameters():  # GPT-2: residual output projections scaled down by depth
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
-            elif name.startswith("vit.blocks") and name.endswith((".proj.weight", "mlp.3.weight")):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.vit_layers))
-
+        # init by module type (nanoGPT): linear maps, patch conv, embedding, ViT positions, CLS N(0, 0.02); biases 0
+        self.apply(lambda m: self._init_weights(m, 0.02))
+        nn.init.normal_(self.vit.pos_embed, 0.0, 0.02)
+        if self.vit.cls_token is not None:
+            nn.init.normal_(self.vit.cls_token, 0.0, 0.02)
+        for m in self.modules():  # second pass (GPT-2): the residual output projections at their smaller init_std
+            if hasattr(m, "init_std"):
+                self._init_weights(m, m.init_std)
     @staticmethod
-    def _init_weights(m):
+    def _init_weights(m, std):
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
+            nn.init.normal_(m.weight, 0.0, std)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
-
     @torch.no_grad()
     def init_from_data(self, images):
-        """Patch embedding from the data (whitening, as in fast CIFAR-10 training): each output channel is one principal
-        component of the training patches, scaled to std patch_scale, and centred. At random init every patch token is
-        mostly the one grey-background vector; after this the tokens spread along the directions the patches vary
-        most in (edges and colours of the shapes). The patch position embeddings start as 2-D sin-cos at std
-        0.3 * patch_scale. Only the initial weights change."""
+        """Patch embedding from the data (whitening, as in fast CIFAR-10 training, Keller Jordan's airbench): each
+        output channel is one principal component of the training patches, scaled to std patch_scale, and centred.
+        At random init every patch token is mostly the one grey-background vector; after this the tokens spread along
+        the directions the patches vary most in (edges and colours). Only the starting point changes, not the model."""
         conv, p = self.vit.patch_embed, self.cfg.patch
-        x = (images.permute(0, 3, 1, 2).float() / 255.0 - self.pix_mean) / self.pix_std  # (B, 3, S, S)
-        patches = F.unfold(x, p, stride=p).transpose(1, 2).flatten(0, 1).double()  # (B*P, 3*p*p), conv's order
-        mean = patches.mean(0)
-        evals, evecs = torch.linalg.eigh(torch.cov((patches - mean).T))  # ascending
+        x = pixels(images)  # (B, 3, S, S)
+        patches = F.unfold(x, p, stride=p).transpose(1, 2).flatten(0, 1).double()  # (B*P, 3*p*p), the conv's order
+        mean = patches.mean(0)  # (3*p*p,)
+        evals, evecs = torch.linalg.eigh(torch.cov((patches - mean).T))  # ascending; evecs (3*p*p, 3*p*p)
         k = min(conv.out_channels, evecs.shape[1])
-        w = (evecs[:, -k:].flip(1) / (evals[-k:].flip(0).clamp_min(1e-8).sqrt())).T * self.cfg.patch_scale  # (k, 3pp)
-        conv.weight.zero_()
-        conv.weight.view(conv.out_channels, -1)[:k] = w.float()
-        conv.bias.zero_()
-        conv.bias[:k] = -(w @ mean).float()
-        # where a patch is must stay visible beside what it shows: at the usual N(0, 0.02) the positions drown in the
-        # unit-variance features, and left/right was wrong in 68 of 500 test captions; random ones at std 0.3 still
-        # left 75 wrong after 2500 steps. Smooth 2-D sin-cos positions make "left of" a linear read-out (README).
+        # (3*p*p, k) -> (k, 3*p*p): one row per component, largest first, divided by its std so its output has std 1
+        w = (evecs[:, -k:].flip(1) / (evals[-k:].flip(0).clamp_min(1e-8).sqrt())).T * self.cfg.patch_scale
+        conv.weight.zero_(), conv.bias.zero_()  # channels beyond 3*p*p components (a narrow patch) stay zero
+        conv.weight.view(conv.out_channels, -1)[:k] = w.float()  # (E, 3, p, p) seen as (E, 3*p*p)
+        conv.bias[:k] = -(w @ mean).float()  # centred: the mean patch maps to zero
+        # where a patch is must stay visible beside what it shows: at N(0, 0.02) the positions drown in the
+        # unit-variance features. Smooth 2-D sin-cos positions make "left of" a linear read-out of the column.
         n = self.cfg.img_size // p
-        self.vit.pos[0, -n * n:] = sincos_2d(n, self.vit.pos.shape[-1]) * 0.3 * self.cfg.patch_scale
-
+        self.vit.pos_embed[0, -n * n:] = sincos_2d(n, self.vit.pos_embed.shape[-1]) * 0.3 * self.cfg.patch_scale
     def part_counts(self):
         """Parameter count of each part, for the start-up print."""
         n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         return {"vit": n(self.vit), "projection": n(self.proj), "embedding": n(self.embed_tokens),
                 "decoder layers": n(self.layers) + n(self.norm), "lm_head": n(self.lm_head)}
-
     def encode(self, images):
         """uint8 (B, S, S, 3) -> visual prefix (B, N, D)."""
-        x = images.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, S, S) in [0, 1]
-        return self.proj(self.vit((x - self.pix_mean) / self.pix_std))
-
-    def decode(self, x, cache=None, pos=0, last_only=False):
-        """Embedded sequence x (B, T, D) at positions pos.. -> logits (B, T, V) (or (B, 1, V) with last_only)."""
+        return self.proj(self.vit(pixels(images).to(self.proj.weight.dtype)))  # float32 unless the model is cast
+    def decode(self, x, cache=None, pos=0):
+        """Embedded x (B, T, D) at positions pos..pos+T-1 -> final hidden states (B, T, D), normed. The callers take
+        lm_head only where a token is predicted: the text positions in training, the last one when generating."""
         T = x.shape[1]
         if pos + T > self.rope_cos.shape[0]:
             raise UserError(f"sequence of {pos + T} positions exceeds the context {self.rope_cos.shape[0]} "
                             f"(visual prefix {self.n_prefix} + max_len {self.cfg.max_len}); raise --max_len")
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        rope = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]  # (T, D/H) each
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if cache is None else cache[i])
-        return self.lm_head(self.norm(x[:, -1:] if last_only else x))
-
+            x = layer(x, rope, None if cache is None else cache[i])
+        return self.norm(x)
     def forward(self, images, idx, targets=None):
-        """images uint8 (B, S, S, 3), idx (B, L) -> logits (B, L, V) at the text positions only, and the loss."""
-        prefix = self.encode(images)  # (B, N, D)
-        x = torch.cat([prefix, self.embed_tokens(idx)], 1)  # (B, N+L, D)
-        T = x.shape[1]
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        for i, layer in enumerate(self.layers):
-            # the last layer's outputs at the prefix positions would only feed the (skipped) prefix logits: run its
-            # queries and MLP on the text positions alone; the prefix still serves as keys/values. ~20% less work.
-            x = layer(x, cos, sin, q_from=self.n_prefix if i == len(self.layers) - 1 else 0)
-        logits = self.lm_head(self.norm(x))  # (B, L, V): the head only where a token is predicted
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return logits, loss
-
+        """images uint8 (B, S, S, 3), idx (B, L) starting with BOS -> logits (B, L, V) at the text positions, loss.
+        The image positions predict nothing, so they get no logits; targets are -100 at padding (pad_batch)."""
+        x = torch.cat([self.encode(images), self.embed_tokens(idx)], 1)  # (B, N+L, D)
+        logits = self.lm_head(self.decode(x)[:, self.n_prefix:])  # (B, L, V)
+        return logits, None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                                                    ignore_index=-100)  # mean over the real tokens
     def record_attention(self, on):
+        """on: every Attention keeps a list of its attention maps (the explicit softmax, slower); off: drops them."""
         for m in self.modules():
-            if isinstance(m, (Attention, ViTBlock)):
-                m.record, m.weights = on, None
-
+            if isinstance(m, Attention):
+                m.weights = [] if on else None
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoint I/O: out_dir/model.safetensors + config.json (+ the token table) + train_state.pt
-
 
 def atomic(path, write):
     tmp = path + ".tmp"
     write(tmp)
     os.replace(tmp, path)  # a crash never leaves a half-written file
-
 
 def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -604,10 +514,8 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
-
 ARCH = ("img_size", "patch", "vit_dim", "vit_layers", "vit_heads", "vit_mlp", "pool", "d_model", "n_layer", "n_head",
         "mlp_dim", "max_len", "rope_theta", "compact_vocab")
-
 
 def load_checkpoint(out_dir, overrides=None):
     """-> (model, tokenizer, cfg). Refuses a missing checkpoint, one written by another script, or mismatched keys.
@@ -623,18 +531,16 @@ def load_checkpoint(out_dir, overrides=None):
         who = meta.get("script") if isinstance(meta, dict) else None
         raise UserError(f"{out_dir}: checkpoint was written by '{who}', not {SCRIPT}.py; pass --out_dir of a "
                         f"{SCRIPT} checkpoint")
-    known = {f.name for f in dataclasses.fields(Config)}
-    saved = {k: v for k, v in meta["config"].items() if k in known}
+    saved = {k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
     cfg = Config(**{**saved, **{k: v for k, v in (overrides or {}).items() if k not in ARCH}, "out_dir": out_dir})
-    tok = Tokenizer(meta["vocab"])
+    tok = Tokenizer(meta["vocab"])  # the token table the model was trained with
     model = ViTCaptioner(cfg, len(tok.ids))
     try:
         state = load_file(wpath)
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise UserError(f"{wpath}: cannot read weights ({str(e)[:80]}); retrain or pass another --out_dir")
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    own = model.state_dict()  # strict: every key present, none extra, every shape equal, or one clear line
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or shapes:
         raise UserError(f"{wpath}: keys do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]}, "
@@ -642,22 +548,15 @@ def load_checkpoint(out_dir, overrides=None):
     model.load_state_dict(state)
     return model, tok, cfg
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics: exact match, corpus BLEU-4, CIDEr-D (plain Python, tested on hand-computed cases)
 
-
 def ngrams(words, n):
-    out = {}
-    for i in range(len(words) - n + 1):
-        g = tuple(words[i:i + n])
-        out[g] = out.get(g, 0) + 1
-    return out
-
+    """-> {n-gram tuple: count} of a word list."""
+    return collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
 
 def exact_match(preds, refs):
     return sum(normalise(p) in {normalise(r) for r in rs} for p, rs in zip(preds, refs)) / max(1, len(preds))
-
 
 def bleu4(preds, refs):
     """Corpus BLEU-4 (Papineni et al.): clipped n-gram precision over the corpus, brevity penalty against the
@@ -668,11 +567,10 @@ def bleu4(preds, refs):
         hyp_len += len(h)
         ref_len += min((abs(len(r) - len(h)), len(r)) for r in rws)[1]
         for n in range(1, 5):
-            best = {}
+            best = collections.Counter()
             for r in rws:
-                for g, c in ngrams(r, n).items():
-                    best[g] = max(best.get(g, 0), c)
-            match[n - 1] += sum(min(c, best.get(g, 0)) for g, c in ngrams(h, n).items())
+                best |= ngrams(r, n)  # | keeps the larger count: the most any one reference allows
+            match[n - 1] += sum((ngrams(h, n) & best).values())  # & keeps the smaller count: clipped matches
             total[n - 1] += max(0, len(h) - n + 1)
     if min(match) == 0:
         return 0.0
@@ -680,25 +578,18 @@ def bleu4(preds, refs):
     bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / max(hyp_len, 1))
     return bp * math.exp(log_p)
 
-
 def cider_d(preds, refs, sigma=6.0):
     """CIDEr-D (Vedantam et al.): TF-IDF n-gram vectors (n=1..4, IDF from the evaluated set's references), cosine
     with clipped hypothesis counts, a Gaussian penalty on the length difference (sigma=6), averaged over references
     and n, times 10."""
     ref_words = [[normalise(r).split() for r in rs] for rs in refs]
-    df = {}
-    for rws in ref_words:
-        for g in {g for r in rws for n in range(1, 5) for g in ngrams(r, n)}:
-            df[g] = df.get(g, 0) + 1
+    # document frequency: in how many images' reference sets each n-gram occurs
+    df = collections.Counter(g for rws in ref_words
+                             for g in {g for r in rws for n in range(1, 5) for g in ngrams(r, n)})
     log_n = math.log(float(len(refs)))
-
-    def vec(words):
-        v = [{}, {}, {}, {}]
-        for n in range(1, 5):
-            for g, c in ngrams(words, n).items():
-                v[n - 1][g] = c * (log_n - math.log(max(1.0, df.get(g, 0.0))))
+    def vec(words):  # -> TF-IDF vector per n (dicts), their norms, the length
+        v = [{g: c * (log_n - math.log(max(1.0, df[g]))) for g, c in ngrams(words, n).items()} for n in range(1, 5)]
         return v, [math.sqrt(sum(x * x for x in d.values())) for d in v], len(words)
-
     scores = []
     for p, rws in zip(preds, ref_words):
         hv, hn, hl = vec(normalise(p).split())
@@ -707,44 +598,33 @@ def cider_d(preds, refs, sigma=6.0):
             rv, rn, rl = vec(r)
             for n in range(4):
                 val = sum(min(x, rv[n].get(g, 0.0)) * rv[n].get(g, 0.0) for g, x in hv[n].items())
-                if hn[n] and rn[n]:
-                    val /= hn[n] * rn[n]
+                val /= hn[n] * rn[n] or 1.0  # cosine; an empty vector (no n-grams of this n) scores 0
                 total += val * math.exp(-((hl - rl) ** 2) / (2 * sigma ** 2))
         scores.append(total / 4 / len(rws) * 10.0)
     return sum(scores) / max(1, len(scores))
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Training
 
-
 def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
+    """--device auto: cuda > mps > cpu; any other name is used as given."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return name if name != "auto" else "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
 
 def autocast(cfg, device):
-    if cfg.dtype == "float32":
-        return torch.autocast(device.split(":")[0], enabled=False)
-    return torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype))
-
+    """Matmuls in cfg.dtype under torch.autocast (weights stay float32); float32 = autocast off."""
+    on = cfg.dtype != "float32"
+    return torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype) if on else None, enabled=on)
 
 def pad_batch(seqs, max_len):
     """Token lists -> (inputs, targets), right-padded; pad targets are -100 (ignored by the loss).
     Right padding needs no attention mask: under the causal mask a pad never influences an earlier position."""
     L = min(max_len, max(len(s) for s in seqs)) - 1
-    inp = torch.zeros(len(seqs), L, dtype=torch.long)
-    tgt = torch.full((len(seqs), L), -100, dtype=torch.long)
+    inp, tgt = torch.zeros(len(seqs), L, dtype=torch.long), torch.full((len(seqs), L), -100, dtype=torch.long)
     for i, s in enumerate(seqs):
         s = s[: L + 1]
         inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
     return inp, tgt
-
 
 def lr_at(step, cfg):
     """Linear warmup, then cosine decay to min_lr."""
@@ -753,20 +633,16 @@ def lr_at(step, cfg):
     t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
 
-
 def global_batch(step, n, size, seed):
     """Indices of the global batch of a step: a fresh permutation per epoch, shared by every rank. A set smaller
     than the batch (--max_train 16) is repeated to fill it, so every step sees a full batch."""
-    reps = -(-size // n)
-    n_all = n * reps
-    per_epoch = max(1, n_all // size)
-    epoch, k = divmod(step, per_epoch)
+    n_all = n * -(-size // n)  # n, or n repeated ceil(size / n) times when the set is smaller than a batch
+    epoch, k = divmod(step, max(1, n_all // size))  # which epoch, which batch inside it
     perm = torch.randperm(n_all, generator=torch.Generator().manual_seed(seed + epoch)) % n
     return perm[k * size:(k + 1) * size]
 
-
 def prepare_data(cfg, rank):
-    """-> {split: (entries, uint8 images)}; the synthetic world is built by rank 0 only."""
+    """-> {split: (entries, uint8 images)}; the synthetic world is built by rank 0 only, the others wait."""
     if cfg.data:
         entries = read_captions(cfg.data)
         if cfg.test_data:
@@ -784,27 +660,23 @@ def prepare_data(cfg, rank):
         splits = {s: read_captions(os.path.join(cfg.data_dir, f"{s}.txt")) for s in ("train", "val", "test", "novel")}
     if cfg.max_train > 0:
         splits["train"] = splits["train"][: cfg.max_train]
-    return {s: (e, load_split(e, cfg)) for s, e in splits.items()}
+    # every image decoded once into a uint8 tensor (n, S, S, 3): epochs never re-decode
+    return {s: (e, torch.from_numpy(np.stack([load_image(p, cfg.img_size) for p, _ in e]))) for s, e in splits.items()}
 
-
-def train(cfg, resume=False):
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+def setup_distributed(cfg):
+    """-> (rank, world, device). Under torchrun (WORLD_SIZE > 1) one process per rank: nccl on CUDA, gloo on CPU."""
     device = pick_device(cfg.device)
-    if device == "cuda" and ddp:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    t0 = time.time()
-    torch.manual_seed(cfg.seed)
-    data = prepare_data(cfg, rank)
-    train_entries, train_imgs = data["train"]
-    say("data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" images ({time.time() - t0:.1f}s)")
+    return dist.get_rank(), dist.get_world_size(), device
 
+def init_training(cfg, entries, images, resume, device):
+    """-> (model, tokenizer, optimizer, step): a fresh model whose patch embedding is fitted to the training images,
+    or the model, optimizer state, step and RNG state saved in out_dir (--resume)."""
     if resume:
         if not os.path.isfile(os.path.join(cfg.out_dir, "train_state.pt")):
             raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
@@ -812,114 +684,115 @@ def train(cfg, resume=False):
         if any(getattr(saved, k) != getattr(cfg, k) for k in ARCH):
             raise UserError(f"{cfg.out_dir}: checkpoint has another architecture than this config (same --preset?)")
     else:
-        tok = Tokenizer.from_captions([c for _, cs in train_entries for c in cs], cfg.compact_vocab)
+        tok = Tokenizer.from_captions([c for _, cs in entries for c in cs], cfg.compact_vocab)
         model = ViTCaptioner(cfg, len(tok.ids))
-        if cfg.patch_init == "pca":
-            model.init_from_data(train_imgs[torch.randperm(len(train_imgs))[:2000]])
+        if cfg.patch_init == "pca":  # every rank draws the same images, so every rank starts from the same weights
+            model.init_from_data(images[torch.randperm(len(images))[:2000]])
     model.to(device)
+    # weight decay on matrices only; the ViT's positions and CLS token are tables of vectors, like an embedding
+    tables = {id(model.vit.pos_embed), id(model.vit.cls_token)}
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in tables]
+    rest = [p for p in model.parameters() if not (p.dim() >= 2 and id(p) not in tables)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    if not resume:
+        return model, tok, opt, 0
+    ts = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
+    opt.load_state_dict(ts["optimizer"])
+    torch.set_rng_state(ts["rng"])  # dropout continues as if never stopped
+    return model, tok, opt, ts["step"]
+
+def train_step(model, opt, scaler, batch, cfg, device, rank, world):
+    """One optimizer step over grad_accum micro-batches of this rank's rows -> the global batch's mean loss. The loss
+    is summed over tokens / the global batch's token count, so any split of the batch (micro-batches, ranks) gives the
+    same gradient; DDP averages over ranks, hence the * world."""
+    images, inp, tgt = batch  # the global batch: (G, S, S, 3), (G, L), (G, L)
+    n_tok = (tgt != -100).sum().item()
+    model.train()
+    total = 0.0
+    for micro in range(cfg.grad_accum):
+        rows = slice((micro * world + rank) * cfg.batch_size, (micro * world + rank + 1) * cfg.batch_size)
+        last = micro == cfg.grad_accum - 1
+        sync = model.no_sync() if world > 1 and not last else torch.enable_grad()  # all-reduce once, at the end
+        with sync, autocast(cfg, device):
+            logits, _ = model(images[rows].to(device), inp[rows].to(device))
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt[rows].flatten().to(device), ignore_index=-100,
+                                   reduction="sum") / n_tok * world
+        scaler.scale(loss).backward()
+        total += loss.item() / world
+    if not math.isfinite(total):
+        raise UserError(f"loss became {total}; stopped, the last good checkpoint in {cfg.out_dir} is kept "
+                        f"(try a lower --lr)")
+    scaler.unscale_(opt)
+    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return total
+
+def train(cfg, resume=False):
+    """Train (on every rank), then evaluate and save on rank 0. -> (model, tokenizer)."""
+    rank, world, device = setup_distributed(cfg)
+    say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    data = prepare_data(cfg, rank)
+    say("data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" images ({time.time() - t0:.1f}s)")
+    model, tok, opt, step = init_training(cfg, *data["train"], resume, device)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"parameters: {n_params / 1e6:.2f}M total, {n_params / 1e6:.2f}M trainable, 0 frozen; vocab {len(tok.ids)}; "
-        + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in model.part_counts().items()))
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "vit.pos" not in n and "vit.cls" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "vit.pos" not in n
-                                                                and "vit.cls" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    step = 0
-    if resume:
-        ts = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
-        opt.load_state_dict(ts["optimizer"])
-        step = ts["step"]
-        torch.set_rng_state(ts["rng"])
-        say(f"resumed from step {step}")
-    raw = model
-    if ddp:
+        + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in model.part_counts().items())
+        + (f"; resumed from step {step}" if resume else ""))
+    raw = model  # what is saved and evaluated: never the DDP wrapper or the compiled module
+    if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     fwd = torch.compile(model) if cfg.compile else model
-    scaler = torch.amp.GradScaler(enabled=cfg.dtype == "float16")
-    train_tokens = [[tok.encode(c) for c in cs] for _, cs in train_entries]
-    val_entries, val_imgs = data["val"]
-    caption_rng = random.Random(cfg.seed)
+    scaler = torch.amp.GradScaler(enabled=cfg.dtype == "float16")  # float16 needs loss scaling; a no-op otherwise
+    (entries, images), caption_rng = data["train"], random.Random()
+    tokens = [[tok.encode(c) for c in cs] for _, cs in entries]  # every reference of every image, encoded once
+    val_batch = pad_batch([tok.encode(cs[0]) for _, cs in data["val"][0]], cfg.max_len)  # (inputs, targets)
     gsize = cfg.batch_size * cfg.grad_accum * world
-    t_log, t_train = time.time(), time.time()
-    step0 = log_step = step
+    t_log, log_step, step0 = time.time(), step, step
     while step < cfg.max_steps:
-        idx = global_batch(step, len(train_entries), gsize, cfg.seed)
+        idx = global_batch(step, len(entries), gsize, cfg.seed)
         caption_rng.seed(cfg.seed * 100003 + step)  # which reference each image shows: a function of the step
-        seqs = [caption_rng.choice(train_tokens[i]) for i in idx.tolist()]
-        inp_all, tgt_all = pad_batch(seqs, cfg.max_len)
-        n_tok = (tgt_all != -100).sum().item()  # loss is a mean over the global batch's tokens, whatever the split
+        inp, tgt = pad_batch([caption_rng.choice(tokens[i]) for i in idx.tolist()], cfg.max_len)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        model.train()
-        total = 0.0
-        for micro in range(cfg.grad_accum):
-            rows = slice((micro * world + rank) * cfg.batch_size, (micro * world + rank + 1) * cfg.batch_size)
-            img, inp, tgt = train_imgs[idx[rows]].to(device), inp_all[rows].to(device), tgt_all[rows].to(device)
-            sync = (not ddp) or micro == cfg.grad_accum - 1
-            ctx = model.no_sync() if not sync else torch.enable_grad()
-            with ctx, autocast(cfg, device):
-                logits, _ = fwd(img, inp)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100,
-                                       reduction="sum") / n_tok * world  # DDP averages over ranks
-            scaler.scale(loss).backward()
-            total += loss.item() / world
-        if not math.isfinite(total):
-            raise UserError(f"loss became {total} at step {step}; stopped, the last good checkpoint in "
-                            f"{cfg.out_dir} is kept (try a lower --lr)")
-        scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(fwd, opt, scaler, (images[idx], inp, tgt), cfg, device, rank, world)
         step += 1
-        val = None  # logged only on the steps where it is measured
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            if master:
-                val = evaluate_loss(raw, tok, val_entries, val_imgs, cfg, device)
-                save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
-        if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
+        val = None  # shown only on the steps where it is measured
+        if rank == 0 and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+            with torch.no_grad(), autocast(cfg, device):  # mean token loss on the first reference of each image
+                val = raw.eval()(data["val"][1].to(device), *(t.to(device) for t in val_batch))[1].item()
+            save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
+        if rank == 0 and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
             dt = (time.time() - t_log) / (step - log_step)
             eta = dt * (cfg.max_steps - step)
-            shown = "-" if val is None else f"{val:.3f}"
-            say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {shown} | lr {lr_at(step - 1, cfg):.1e}"
-                f" | {dt * 1000:.0f} ms | {gsize / dt:.3g} samples/s | eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+            say(f"step {step}/{cfg.max_steps} | loss {loss:.3f} | val {'-' if val is None else f'{val:.3f}'} | "
+                f"lr {lr_at(step - 1, cfg):.1e} | {dt * 1000:.0f} ms | {gsize / dt:.3g} samples/s | "
+                f"eta {eta // 60:.0f}m{eta % 60:02.0f}s")
             t_log, log_step = time.time(), step
-        if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
-            if master:
+        if cfg.stop_after and cfg.stop_after <= step < cfg.max_steps:
+            if rank == 0:
                 save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
                 say(f"stopped after step {step} as asked; continue with --resume")
             break
-    train_seconds = time.time() - t0
-    if ddp:
+    if world > 1:
         dist.barrier()
-    if master and step >= cfg.max_steps:
-        if step > step0:
-            say(f"training: {(step - step0) * gsize / (time.time() - t_train):.1f} samples/s over "
-                f"{step - step0} steps; {train_seconds:.0f}s so far (data included)")
-        evaluate(raw, tok, cfg, device, data, train_seconds)
-    if ddp:
         dist.destroy_process_group()
+    if rank == 0 and step >= cfg.max_steps:
+        say(f"trained {step - step0} steps in {time.time() - t0:.0f}s (data included)")
+        evaluate(raw, tok, cfg, device, data, time.time() - t0)
     return raw, tok
-
-
-@torch.no_grad()
-def evaluate_loss(model, tok, entries, images, cfg, device):
-    model.eval()
-    inp, tgt = pad_batch([tok.encode(cs[0]) for _, cs in entries], cfg.max_len)
-    with autocast(cfg, device):
-        _, loss = model(images.to(device), inp.to(device), tgt.to(device))
-    return loss.item()
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Generation and evaluation
 
-
 def filter_logits(logits, top_k, top_p):
     """Keep the top_k largest and the smallest set whose probability reaches top_p; the rest -> -inf."""
     if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[..., -1:]
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
@@ -928,43 +801,45 @@ def filter_logits(logits, top_k, top_p):
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
-
 def prefill_input(model, images):
     """[visual prefix, BOS] embedded: (B, N+1, D). Every row has the same length, so a batch needs no padding."""
     bos = torch.zeros(images.shape[0], 1, dtype=torch.long, device=images.device)
     return torch.cat([model.encode(images), model.embed_tokens(bos)], 1)
 
+def next_logits(model, x, cache=None, pos=0):
+    """Embedded x (B, T, D) at positions pos.. -> float logits (B, V) of the token after the last position."""
+    return model.lm_head(model.decode(x, cache, pos)[:, -1]).float()
 
 @torch.no_grad()
-def generate(model, images, cfg, use_cache=True, generator=None):
-    """Batched captioning from BOS until EOS (per row) or max_new_tokens. Greedy when temperature == 0, else
-    temperature / top-k / top-p sampling from `generator`; beam search when cfg.beam > 1. -> list of id lists."""
+def generate(model, images, cfg, use_cache=True, generator=None, stop_at_eos=True):
+    """Batched captioning from BOS until every row has written EOS (or max_new_tokens). Greedy when temperature == 0,
+    else temperature / top-k / top-p sampling from `generator`; beam search when cfg.beam > 1. Without the cache
+    every step re-runs the whole sequence (the reference path the tests compare against). -> list of id lists."""
     if cfg.beam > 1:
         return beam_search(model, images, cfg)
     model.eval()
     B, eos, N = images.shape[0], 0, model.n_prefix
+    steps = min(cfg.max_new_tokens, cfg.max_len - 1)  # BOS takes one of the max_len text positions
     x = prefill_input(model, images)  # the image is encoded once, (B, N+1, D)
     cache = [{} for _ in model.layers] if use_cache else None
-    seq = torch.zeros(B, 0, dtype=torch.long, device=images.device)
-    done = torch.zeros(B, dtype=torch.bool, device=images.device)
-    logits = model.decode(x, cache, pos=0, last_only=True)[:, -1].float()  # prefill
-    for t in range(min(cfg.max_new_tokens, cfg.max_len - 1)):
+    logits = next_logits(model, x, cache)  # prefill: (B, V)
+    seq = torch.zeros(B, 0, dtype=torch.long, device=images.device)  # the caption so far, (B, t)
+    done = torch.zeros(B, dtype=torch.bool, device=images.device)  # rows that have written EOS
+    for t in range(steps):
         if cfg.temperature == 0:
-            nxt = logits.argmax(-1)
+            nxt = logits.argmax(-1)  # (B,)
         else:
             probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
             nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        nxt = nxt.masked_fill(done, eos)
-        seq = torch.cat([seq, nxt[:, None]], 1)
+        nxt = nxt.masked_fill(done, eos)  # a finished row only pads with EOS
+        seq = torch.cat([seq, nxt[:, None]], 1)  # (B, t+1)
         done |= nxt == eos
-        if done.all() or t == min(cfg.max_new_tokens, cfg.max_len - 1) - 1:
+        if (stop_at_eos and done.all()) or t == steps - 1:
             break
-        if use_cache:  # one new position at N+1+t
-            logits = model.decode(model.embed_tokens(nxt[:, None]), cache, pos=N + 1 + t)[:, -1].float()
-        else:  # the reference path: re-run the whole sequence
-            logits = model.decode(torch.cat([x, model.embed_tokens(seq)], 1), last_only=True)[:, -1].float()
+        # with the cache: one new position, N+1+t, against the cached keys and values; without: the whole sequence again
+        new = model.embed_tokens(nxt[:, None]) if use_cache else torch.cat([x, model.embed_tokens(seq)], 1)
+        logits = next_logits(model, new, cache, pos=N + 1 + t if use_cache else 0)
     return [[i for i in row if i != eos] for row in seq.tolist()]
-
 
 @torch.no_grad()
 def beam_search(model, images, cfg, length_penalty=1.0):
@@ -974,190 +849,145 @@ def beam_search(model, images, cfg, length_penalty=1.0):
     B, K, eos, N = images.shape[0], cfg.beam, 0, model.n_prefix
     x = prefill_input(model, images).repeat_interleave(K, 0)  # (B*K, N+1, D)
     cache = [{} for _ in model.layers]
-    logp = model.decode(x, cache, pos=0, last_only=True)[:, -1].float().log_softmax(-1)  # (B*K, V)
+    logp = next_logits(model, x, cache).log_softmax(-1)  # (B*K, V)
     seq = torch.zeros(B * K, 0, dtype=torch.long, device=images.device)
-    score = torch.zeros(B, K, device=images.device)
-    score[:, 1:] = float("-inf")  # all beams start identical: keep one
+    score = torch.tensor([0.0] + [float("-inf")] * (K - 1), device=images.device).repeat(B, 1)  # (B, K): one alive
     finished = [[] for _ in range(B)]
     steps = min(cfg.max_new_tokens, cfg.max_len - 1)
     for t in range(steps):
         V = logp.shape[-1]
         top, pos = (score.view(-1, 1) + logp).view(B, K * V).topk(2 * K, -1)  # 2K: K live beams survive EOS ends
-        new_rows, new_tok, new_score = [], [], []
+        live = []  # (score, row it continues, token): K per image
         for b in range(B):
             keep = []
             for s, p in zip(top[b].tolist(), pos[b].tolist()):
-                beam, token = divmod(p, V)
-                if s == float("-inf"):
+                beam, token = divmod(p, V)  # the flat index over (K, V) -> which beam, which next token
+                if s == float("-inf") or len(keep) == K:
                     break
-                if token == eos:
+                if token == eos:  # a finished hypothesis, scored by its length-normalised log-probability
                     finished[b].append((s / (t + 1) ** length_penalty, seq[b * K + beam].tolist()))
                 else:
                     keep.append((s, b * K + beam, token))
-                if len(keep) == K:
-                    break
-            keep += [(float("-inf"), b * K, eos)] * (K - len(keep))
-            for s, row, token in keep:
-                new_rows.append(row), new_tok.append(token), new_score.append(s)
-        rows = torch.tensor(new_rows, device=images.device)
+            live += keep + [(float("-inf"), b * K, eos)] * (K - len(keep))  # dead fillers keep the shape (B*K)
+        score, rows, tok = (torch.tensor(c, device=images.device) for c in zip(*live))  # (B*K,) each
         for layer in cache:  # re-order the cache to follow the surviving beams
             layer["k"], layer["v"] = layer["k"][rows], layer["v"][rows]
-        tok = torch.tensor(new_tok, device=images.device)
-        seq = torch.cat([seq[rows], tok[:, None]], 1)
-        score = torch.tensor(new_score, device=images.device).view(B, K)
+        seq, score = torch.cat([seq[rows], tok[:, None]], 1), score.view(B, K)  # (B*K, t+1), (B, K)
         best_live = score.max(-1).values / (t + 2) ** length_penalty
         if t == steps - 1 or all(finished[b] and max(f[0] for f in finished[b]) >= best_live[b] for b in range(B)):
             break
-        logp = model.decode(model.embed_tokens(tok[:, None]), cache, pos=N + 1 + t)[:, -1].float().log_softmax(-1)
-    out = []
+        logp = next_logits(model, model.embed_tokens(tok[:, None]), cache, pos=N + 1 + t).log_softmax(-1)
     for b in range(B):
         if not finished[b]:  # nothing ended before max length: take the best live beam
             finished[b].append((score[b].max().item(), seq[b * K + score[b].argmax().item()].tolist()))
-        out.append(max(finished[b])[1])
-    return out
+    return [max(f)[1] for f in finished]
 
-
-@torch.no_grad()
-def caption_images(model, tok, images, cfg, device, batch=256):
-    preds = []
-    for i in range(0, len(images), batch):
-        with autocast(cfg, device):
-            preds += [tok.decode(ids) for ids in generate(model, images[i:i + batch].to(device), cfg)]
-    return preds
-
+def put(img, text, x, y, scale=0.4):
+    cv2.putText(img, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
 
 def attention_png(model, image, tok, cfg, device, path, show=None):
-    """The image with its caption, and one heat map per caption token: where the decoder (last layer, mean over
-    heads) looked among the patches while it wrote that token. With pool "cls"/"mean" the decoder sees one image
-    vector, so there is nothing spatial in its attention: the tiles then show the ViT's last-layer attention of the
-    CLS token (or, for "mean", of the average patch) over the patches, the same for every token."""
-    model.eval()
+    """Picture of where the model looked while it captioned `image` (greedy) -> the caption. Left: the image, its
+    patches numbered. Right: one row per caption token, one column per patch: the decoder's last-layer attention from
+    the position that wrote the token, recorded by generate() itself (cached call j wrote token j). With pool
+    "cls"/"mean" the decoder sees one vector, so every row shows the ViT's last-layer CLS (or mean) attention."""
     model.record_attention(True)
     with torch.no_grad(), autocast(cfg, device):
         ids = generate(model, image[None].to(device), dataclasses.replace(cfg, beam=1, temperature=0.0))[0]
-        x = torch.cat([prefill_input(model, image[None].to(device)),
-                       model.embed_tokens(torch.tensor([ids], dtype=torch.long, device=device))], 1)
-        model.decode(x)  # re-run the caption to collect the weights
-    w = model.layers[-1].self_attn.weights[0].float().cpu()  # (T, T)
-    vit_w = model.vit.blocks[-1].weights[0].float().cpu() if model.vit.blocks else None  # (1+P or P, same)
+    calls, vit = model.layers[-1].self_attn.weights, model.vit.layers[-1].self_attn.weights if model.vit.layers else []
     model.record_attention(False)
-    N, g = model.n_prefix, cfg.img_size // cfg.patch
-    caption = tok.decode(ids)
-    big = 192
-    pic = cv2.resize((show if show is not None else image.numpy())[:, :, ::-1], (big, big),
-                     interpolation=cv2.INTER_NEAREST)
-    tiles = []
-    for j, t in enumerate(ids[:12]):
-        row = w[N + j, :N].numpy()  # position N+j (BOS at N) is the one that predicted token j
-        if N == 1 and vit_w is not None:
-            row = (vit_w[0, 1:] if cfg.pool == "cls" else vit_w.mean(0)).numpy()  # (P,) see the docstring
-        elif N == 1:
-            row = np.ones(g * g)
-        heat = (255 * row / max(row.max(), 1e-9)).reshape(g, g).astype(np.uint8)
-        heat = cv2.resize(cv2.applyColorMap(heat, cv2.COLORMAP_VIRIDIS), (96, 96), interpolation=cv2.INTER_NEAREST)
-        tile = cv2.addWeighted(cv2.resize(pic, (96, 96)), 0.4, heat, 0.6, 0)
-        cv2.putText(tile, tok.decode([t]).strip()[:10], (2, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1,
-                    cv2.LINE_AA)
-        tiles.append(tile)
-    while len(tiles) % 4:
-        tiles.append(np.zeros((96, 96, 3), np.uint8))
-    grid = np.concatenate([np.concatenate(tiles[i:i + 4], 1) for i in range(0, len(tiles), 4)], 0)  # (rows*96, 384)
-    left = np.zeros((max(big, grid.shape[0]), big, 3), np.uint8)
-    left[:big] = pic
-    right = np.zeros((left.shape[0], grid.shape[1], 3), np.uint8)
-    right[:grid.shape[0]] = grid
-    title = np.zeros((24, big + grid.shape[1], 3), np.uint8)
-    cv2.putText(title, caption[:80], (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
-    cv2.imwrite(path, np.concatenate([title, np.concatenate([left, right], 1)], 0))
+    g, N = cfg.img_size // cfg.patch, model.n_prefix
+    if N > 1:  # call j: (1, T, N+1+j); its last query is the position that wrote token j
+        rows, what = [c[0, -1, :N].float() for c in calls[:len(ids)]], "decoder, last layer"
+    else:
+        w = vit[0][0].float() if vit else torch.ones(1 + g * g, 1 + g * g)  # (1+P, 1+P) with a CLS token, else (P, P)
+        rows = [w[0, -g * g:] if cfg.pool == "cls" else w.mean(0)[-g * g:]] * len(ids)
+        what = f"ViT last layer, {'CLS token' if cfg.pool == 'cls' else 'mean query'} (decoder sees one vector)"
+    big, cell, label = 192, max(12, min(24, 480 // (g * g))), 96  # image side, matrix cell, token label width
+    pic = cv2.resize((show if show is not None else image.numpy())[:, :, ::-1], (big, big), interpolation=0)  # BGR
+    for i in range(g * g):  # the patch grid, numbered row by row as the columns on the right
+        r, c = divmod(i, g)
+        cv2.rectangle(pic, (c * big // g, r * big // g), ((c + 1) * big // g, (r + 1) * big // g), (200, 200, 200), 1)
+        put(pic, str(i), c * big // g + 2, r * big // g + 12, 0.35)
+    labels = [tok.decode([t]).strip()[:12] for t in ids] or ["(empty)"]
+    heat = torch.stack(rows) if rows else torch.zeros(1, g * g)  # (tokens, P)
+    heat = (255 * heat / heat.amax(1, keepdim=True).clamp_min(1e-9)).to(torch.uint8).numpy()
+    heat = cv2.resize(cv2.applyColorMap(heat, cv2.COLORMAP_VIRIDIS), (cell * g * g, cell * len(labels)),
+                      interpolation=cv2.INTER_NEAREST)  # (tokens * cell, P * cell, 3)
+    mat = np.zeros((16 + heat.shape[0], label + heat.shape[1], 3), np.uint8)  # a header row for the patch numbers
+    mat[16:, label:] = heat
+    for i in range(g * g):  # column header: the patch numbers
+        put(mat, str(i), label + i * cell + 1, 12, 0.3)
+    for j, text in enumerate(labels):  # row labels: the tokens
+        put(mat, text, 2, 16 + j * cell + cell // 2 + 4)
+    body = np.zeros((max(big, mat.shape[0]), max(560, big + 8 + mat.shape[1]), 3), np.uint8)
+    body[:big, :big], body[:mat.shape[0], big + 8:big + 8 + mat.shape[1]] = pic, mat
+    title, caption = np.zeros((58, body.shape[1], 3), np.uint8), tok.decode(ids)
+    put(title, caption[:90], 4, 16, 0.45)
+    put(title, f"rows: caption tokens; columns: patches 0-{g * g - 1}, numbered on the image", 4, 34, 0.35)
+    put(title, f"{what}, mean over heads; each row scaled to its maximum", 4, 50, 0.35)
+    cv2.imwrite(path, np.concatenate([title, body], 0))
     return caption
-
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):
     """Caption every image of test (and novel, and the train subset with --max_train), score, print a table and
     samples, write eval.json and an attention PNG."""
-    result = {}
-    splits = ["test", "novel"] + (["train"] if cfg.max_train > 0 else [])
-    for split in splits:
-        if split not in data:
-            continue
-        entries, images = data[split]
-        if cfg.eval_max > 0:
-            entries, images = entries[: cfg.eval_max], images[: cfg.eval_max]
-        preds = caption_images(model, tok, images, cfg, device)
-        refs = [cs for _, cs in entries]
-        result[split] = {"n": len(preds), "exact_match": exact_match(preds, refs), "bleu4": bleu4(preds, refs),
-                         "cider": cider_d(preds, refs),
-                         "samples": [{"image": os.path.relpath(p), "prediction": pr, "references": r}
-                                     for (p, r), pr in list(zip(entries, preds))[:8]]}
-    result["train_seconds"] = train_seconds
+    result = {"train_seconds": train_seconds}
     print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")
-    for split in splits:
-        if split in result:
-            r = result[split]
-            print(f"{split:8s} {r['n']:5d} {r['exact_match']:7.3f} {r['bleu4']:7.3f} {r['cider']:8.3f}")
+    for split in [s for s in ("test", "novel") + (("train",) if cfg.max_train > 0 else ()) if s in data]:
+        entries, images = (x[:cfg.eval_max] if cfg.eval_max > 0 else x for x in data[split])
+        with autocast(cfg, device):  # batches of 256 images: memory stays flat whatever the split's size
+            preds = [tok.decode(ids) for i in range(0, len(images), 256)
+                     for ids in generate(model, images[i:i + 256].to(device), cfg)]
+        refs = [cs for _, cs in entries]
+        r = result[split] = {"n": len(preds), "exact_match": exact_match(preds, refs), "bleu4": bleu4(preds, refs),
+                             "cider": cider_d(preds, refs),
+                             "samples": [{"image": os.path.relpath(p), "prediction": pr, "references": rs}
+                                         for (p, rs), pr in list(zip(entries, preds))[:8]]}
+        print(f"{split:8s} {r['n']:5d} {r['exact_match']:7.3f} {r['bleu4']:7.3f} {r['cider']:8.3f}")
     for s in result["test"]["samples"][:4]:
         print(f"  pred: {s['prediction']!r}\n  refs: {s['references']}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     attention_png(model, data["test"][1][0], tok, cfg, device, os.path.join(cfg.out_dir, "attention.png"))
     print(f"wrote {cfg.out_dir}/eval.json and {cfg.out_dir}/attention.png")
     return result
 
-
 def bench(cfg):
-    """Training samples/s (float32 and the configured dtype) and captions/s with and without the KV cache."""
-    device = pick_device(cfg.device)
+    """Training samples/s and captions/s with and without the KV cache in cfg.dtype, on random images, with the
+    built-in world's token table (or all 50257 GPT-2 ids with --no-compact_vocab)."""
+    device, B = pick_device(cfg.device), cfg.batch_size
     torch.manual_seed(0)
-    vocab = 50257 if not cfg.compact_vocab else 40  # about the synthetic world's caption table
+    objs = [(c, s, z) for c in COLOURS for s in SHAPES for z in SIZES]  # every word the world's captions use
+    caps = [describe(o) for o in objs] + [f"{describe(objs[0])} {r} {describe(objs[1])}" for r in RELATIONS]
+    vocab = len(Tokenizer.from_captions(caps, cfg.compact_vocab).ids)
     model = ViTCaptioner(cfg, vocab).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    B = cfg.batch_size
     img = torch.randint(0, 255, (B, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8, device=device)
-    inp = torch.randint(0, vocab, (B, 16), device=device)
-    print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M; "
-          + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in model.part_counts().items()))
-    for dt in ("float32",) + ((cfg.dtype,) if cfg.dtype != "float32" else ()):
-        c = dataclasses.replace(cfg, dtype=dt)
-        model.train()
-        times = []
-        for i in range(8):
-            t = time.time()
-            with autocast(c, device):
-                _, loss = model(img, inp, inp)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            times.append(time.time() - t)
-        print(f"train  ({dt:8s}): {B / np.median(times[2:]):8.1f} samples/s  (batch {B}, median of 6 steps)")
-    model.eval()
+    inp = torch.randint(0, vocab, (B, 16), device=device)  # 16 text tokens, the length of a two-object caption
+    print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, vocab {vocab}")
+    times, one = [], dataclasses.replace(cfg, grad_accum=1)  # the whole batch in one micro-batch
+    scaler = torch.amp.GradScaler(enabled=cfg.dtype == "float16")
+    for i in range(8):  # the training step itself: 2 warm-up steps, then the median of 6
+        t = time.time()
+        train_step(model, opt, scaler, (img, inp, inp), one, device, 0, 1)
+        times.append(time.time() - t)
+    print(f"train  ({cfg.dtype}): {B / np.median(times[2:]):8.1f} samples/s  (batch {B}, median of 6 steps)")
+    fixed = dataclasses.replace(cfg, beam=1, temperature=0.0, max_new_tokens=16)
     for use_cache in (True, False):
         t = time.time()
-        for _ in range(3):
-            with torch.no_grad(), autocast(cfg, device):
-                generate_fixed(model, img, 16, use_cache)
+        with torch.no_grad(), autocast(cfg, device):
+            for _ in range(3):
+                generate(model, img, fixed, use_cache, stop_at_eos=False)  # 16 tokens (fewer if max_len is shorter)
         print(f"caption (cache {'on ' if use_cache else 'off'}): {3 * B / (time.time() - t):8.1f} captions/s "
               f"(batch {B}, 16 tokens each, {cfg.dtype})")
-
-
-def generate_fixed(model, images, n, use_cache):
-    """Greedy decoding without EOS stopping, so that the benchmark always decodes n steps."""
-    x, N = prefill_input(model, images), model.n_prefix
-    cache = [{} for _ in model.layers] if use_cache else None
-    seq = model.decode(x, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
-    for t in range(n - 1):
-        if use_cache:
-            logits = model.decode(model.embed_tokens(seq[:, -1:]), cache, pos=N + 1 + t)
-        else:
-            logits = model.decode(torch.cat([x, model.embed_tokens(seq)], 1), last_only=True)
-        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return seq
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
+CHOICES = {"pool": ("cls", "mean", "patches"), "dtype": ("float32", "bfloat16", "float16"),
+           "patch_init": ("pca", "random")}  # the Config fields that take one of a few names
 
 def parse_args(argv=None):
+    """Command line -> (args, cfg, overrides): the preset, then the flags given. No files, data or model touched."""
     p = argparse.ArgumentParser(description="vit_caption: train, evaluate and caption images on a CPU.")
     p.add_argument("--train", action="store_true", help="build data (if needed), train, evaluate")
     p.add_argument("--resume", action="store_true", help="with --train: continue from out_dir/train_state.pt")
@@ -1166,62 +996,55 @@ def parse_args(argv=None):
     p.add_argument("--bench", action="store_true", help="print training samples/s and captions/s")
     p.add_argument("--image", default="", help="image file, for --generate")
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
-    for f in dataclasses.fields(Config):
-        if isinstance(f.default, bool):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
-        else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=None)
+    for f in dataclasses.fields(Config):  # every Config field is a flag; bools as --flag / --no-flag
+        bool_flag = isinstance(f.default, bool)
+        kind = dict(action=argparse.BooleanOptionalAction) if bool_flag else dict(type=type(f.default))
+        p.add_argument(f"--{f.name}", default=None, **kind)  # None = not given: the preset's value stays
     args = p.parse_args(argv)
     if args.preset not in PRESETS:
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset], **overrides})
-    if cfg.pool not in ("cls", "mean", "patches"):
-        raise UserError(f"--pool {cfg.pool}: choose cls, mean or patches")
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype {cfg.dtype}: choose float32, bfloat16 or float16")
-    if cfg.patch_init not in ("pca", "random"):
-        raise UserError(f"--patch_init {cfg.patch_init}: choose pca or random")
+    for name, choices in CHOICES.items():  # one line naming the flag and its choices, not a traceback later
+        if getattr(cfg, name) not in choices:
+            raise UserError(f"--{name} {getattr(cfg, name)}: choose one of {', '.join(choices)}")
     if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.vit_heads:
         raise UserError("--d_model must split into --n_head even-sized heads and --vit_dim into --vit_heads")
     return args, cfg, overrides
 
-
 def main(argv=None):
-    args, cfg, overrides = parse_args(argv)
+    """The command line. A UserError ends it with one line on stderr and exit status 2, never a traceback."""
+    try:
+        run(*parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+def run(args, cfg, overrides):
+    """Dispatch --train / --bench / --eval / --generate."""
     if int(os.environ.get("RANK", "0")) == 0:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
     if args.train:
         train(cfg, resume=args.resume)
-    elif args.eval:
-        model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
-        device = pick_device(cfg.device)
-        model.to(device)
-        evaluate(model, tok, cfg, device, prepare_data(cfg, 0))
-    elif args.generate:
-        if not args.image:
-            raise UserError("--generate needs --image PATH")
-        model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
-        device = pick_device(cfg.device)
-        model.to(device)
-        image = torch.from_numpy(load_image(args.image, cfg.img_size))
-        g = torch.Generator(device=device).manual_seed(cfg.seed)
-        with autocast(cfg, device):
-            ids = generate(model, image[None].to(device), cfg, generator=g)[0]
-        print(tok.decode(ids))
-        name = os.path.splitext(os.path.basename(args.image))[0]
-        path = os.path.join(cfg.out_dir, f"caption_{name}.png")
-        attention_png(model, image, tok, cfg, device, path, show=load_image(args.image, 192))
-        print(f"wrote {path} (greedy caption + attention of each caption token over the patches)")
     elif args.bench:
         bench(cfg)
+    elif args.eval or args.generate:
+        if args.generate and not args.image:
+            raise UserError("--generate needs --image PATH")
+        model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)  # the architecture comes from the checkpoint
+        device = pick_device(cfg.device)
+        model.to(device)
+        if args.eval:
+            return evaluate(model, tok, cfg, device, prepare_data(cfg, 0))
+        image = torch.from_numpy(load_image(args.image, cfg.img_size))  # (S, S, 3) uint8, letterboxed
+        with autocast(cfg, device):  # sampling (--temperature > 0) is reproducible from --seed
+            ids = generate(model, image[None].to(device), cfg, generator=torch.Generator(device).manual_seed(cfg.seed))
+        print(tok.decode(ids[0]))
+        path = os.path.join(cfg.out_dir, f"caption_{os.path.splitext(os.path.basename(args.image))[0]}.png")
+        attention_png(model, image, tok, cfg, device, path, show=load_image(args.image, 192))
+        print(f"wrote {path} (greedy caption + attention of each caption token over the patches)")
     else:
         print("nothing to do: pass --train, --eval, --generate --image PATH, or --bench (see --help)")
 
-
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main()
