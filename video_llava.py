@@ -653,23 +653,6 @@ class LlamaDecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-class LlamaModel(nn.Module):
-    """Token embedding, the decoder layers and a final RMSNorm; VideoLlava.llm_forward runs them."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # (V, D)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # before the head: the stream's scale grows with depth
-
-class LlamaForCausalLM(nn.Module):
-    """The LLaMA decoder plus its output head (D -> V), named as in the checkpoint (`language_model.lm_head`)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # (V, D): D -> logits over V
-
 class CLIPEmbeddings(nn.Module):
     """ViT input (Dosovitskiy et al. 2020; CLIP, Radford et al. 2021): the picture cut into P = (S/p)^2 patches, each
     projected to Dv by one strided convolution, a learned CLS vector put in front, a learned position per slot."""
@@ -750,11 +733,6 @@ class CLIPEncoderLayer(nn.Module):
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 
-class CLIPEncoder(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.v_num_hidden_layers))
-
 class CLIPVisionTransformer(nn.Module):
     """CLIP's vision tower, read the LLaVA way: not its final output but the hidden state of one earlier layer
     (vision_feature_layer, -2 = the input of the last layer). LLaVA found the penultimate layer's patch features
@@ -766,7 +744,8 @@ class CLIPVisionTransformer(nn.Module):
         super().__init__()
         self.embeddings = CLIPEmbeddings(cfg)  # (N, 3, S, S) -> (N, P+1, Dv)
         self.pre_layrnorm = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)  # sic: the checkpoint's name
-        self.encoder = CLIPEncoder(cfg)
+        self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(CLIPEncoderLayer(cfg)
+                                                               for _ in range(cfg.v_num_hidden_layers))))
         self.post_layernorm = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)  # loaded, never used here
         fl, n = cfg.vision_feature_layer, cfg.v_num_hidden_layers
         self.n_run = fl if fl >= 0 else n + 1 + fl  # hidden_states[fl]: [0] = embeddings, [k] = after layer k
@@ -776,13 +755,6 @@ class CLIPVisionTransformer(nn.Module):
         for layer in self.encoder.layers[: self.n_run]:  # layers past the feature layer are never computed
             x = layer(x)
         return x
-
-class CLIPVisionModel(nn.Module):
-    """A wrapper whose only job is the checkpoint's key prefix: image_tower.vision_model.*"""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.vision_model = CLIPVisionTransformer(cfg)  # image_tower.vision_model.*
 
 class VideoLlavaMultiModalProjector(nn.Module):
     """CLIP features (Dv) -> the LLM's embedding space (D). LLaVA began with one Linear layer; LLaVA-1.5 (Liu et al.
@@ -807,17 +779,20 @@ class VideoLlava(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.language_model = LlamaForCausalLM(cfg)
+        # ModuleDicts (as nanoGPT's `transformer`) only give the checkpoint's key prefixes: language_model.model.*
+        # (token embedding (V, D), the decoder layers, a final RMSNorm: the stream's scale grows with depth),
+        # language_model.lm_head (D -> logits over V), image_tower.vision_model.*, video_tower.vision_model.*
+        self.language_model = nn.ModuleDict(dict(model=nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))),
+            lm_head=nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)))
         if cfg.tie_word_embeddings:  # one matrix for the input embedding and the output head
             self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
-        self.image_tower, self.video_tower = CLIPVisionModel(cfg), CLIPVisionModel(cfg)  # same shape, separate weights
+        self.image_tower, self.video_tower = (nn.ModuleDict(dict(vision_model=CLIPVisionTransformer(cfg)))
+                                              for _ in range(2))  # same shape, separate weights
         self.multi_modal_projector = VideoLlavaMultiModalProjector(cfg)
         self._rope = {}  # device -> (cos, sin) tables of every position, built on first use (_rope_table)
-
-    def share_towers(self):
-        """One CLIP tower for images and video frames: video_tower becomes another name for image_tower. The state dict
-        still lists both key sets (identical tensors), so the checkpoint loads anywhere as two towers."""
-        self.video_tower = self.image_tower
 
     def _init_weights(self):
         """GPT-2's init for training from scratch: normal(0.02) weights, zero biases, and the projections that write
@@ -835,14 +810,11 @@ class VideoLlava(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, images, videos):
-        """Data-dependent initialisation for training from scratch (Salimans & Kingma 2016); never used on a loaded
-        checkpoint. At random init every patch token is mostly one shared vector (the constant grey background's patch
-        embedding plus biases), so after the LLM's RMSNorm the object patches hardly stand out. One fixed batch is
-        run through each tower, and each tower's pre_layrnorm affine is set so that its output has zero mean and unit
-        variance per feature across that batch's tokens; then the projector's last layer, so that the visual tokens
-        have zero mean and the text embeddings' standard deviation. With whiten_patches, first each tower's
-        patch_embedding and patch positions (see `whiten`). A shared tower is initialised once, from the images and
-        the video frames together. Only initial weights change: the forward stays the checkpoint-faithful one."""
+        """Data-dependent init for training from scratch (Salimans & Kingma 2016). At random init every patch token is
+        mostly one shared vector (the grey background's), so the object patches hardly stand out after the LLM's
+        RMSNorm. On one fixed batch: each tower's pre_layrnorm is set for zero mean, unit variance per feature (after
+        `whiten` with whiten_patches), then the projector's last layer for zero mean at the text embeddings' std.
+        Only initial weights change: the forward stays the checkpoint-faithful one."""
         def fold(ln_w, ln_b, x, std=1.0):  # rescale an affine so its outputs x get zero mean and this std
             x = x.flatten(0, -2).float()  # (tokens, features)
             m, s = x.mean(0), x.std(0) + 1e-6  # (features,) each
@@ -968,11 +940,6 @@ class VideoLlava(nn.Module):
         cos, sin = self._rope_table(pos, x.dtype)
         return self.llm_forward(x, cos, sin, mask, cache)
 
-    # -- checkpoint loading
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device="cpu"):
-        return load_pretrained(path, dtype, device)
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoint I/O: HF folders (three key layouts, sharded or not) and this script's own out_dir (same format)
 
@@ -1071,6 +1038,8 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     return model
 
+VideoLlava.from_pretrained = staticmethod(load_pretrained)  # as transformers: VideoLlava.from_pretrained(folder)
+
 def atomic(path, write):
     """write(tmp) then rename over path: a reader sees the old file or the new one, never half of one."""
     tmp = path + ".tmp"
@@ -1110,9 +1079,8 @@ def saved_config(meta, **changes):
     return Config(**{k: v for k, v in {**meta["train_config"], **changes}.items() if k in fields})
 
 def read_resumable(out_dir, need_state=True):
-    """-> config.json of a folder that this script's --train wrote, with its train_state.pt if need_state; else a
-    UserError.
-    An HF folder or another script's out_dir has no `script: video_llava` stamp and no train_config."""
+    """-> config.json of a folder this script's --train wrote (with a train_state.pt if need_state), else a UserError:
+    an HF folder or another script's out_dir has no `script: video_llava` stamp and no train_config."""
     cpath, tpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "train_state.pt")
     if not os.path.isfile(cpath) and not os.path.isfile(tpath):
         raise UserError(f"{out_dir}: nothing to resume or evaluate (no config.json / train_state.pt); run --train "
@@ -1130,7 +1098,6 @@ def read_resumable(out_dir, need_state=True):
         raise UserError(f"{out_dir}: no train_state.pt, so there is no optimizer state to resume from; "
                         f"drop --resume to start afresh (or --from_pretrained {out_dir} to fine-tune its weights)")
     return meta
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics
@@ -1186,7 +1153,7 @@ class Examples:
                         for e in entries]
         self.answers = [tok.encode(" " + e["answer"], add_bos=False) + [tok.eos_id] for e in entries]
 
-    def batch(self, idx, with_answer=True, left_pad=False):
+    def batch(self, idx, device, with_answer=True, left_pad=False):
         """-> dict of model inputs. Training rows are prompt + answer, right-padded, targets only on the answer
         (and its EOS); generation rows are prompts only, left-padded with an attention mask."""
         rows = [self.prompts[i] + (self.answers[i] if with_answer else []) for i in idx]
@@ -1200,11 +1167,9 @@ class Examples:
                 p = len(self.prompts[i])
                 tgt[r, s + p - 1:s + len(row) - 1] = torch.tensor(self.answers[i])
         px = {k: [self.media[i] for i in idx if self.entries[i]["kind"] == k] for k in ("image", "video")}
-        return dict(input_ids=ids, attention_mask=mask if left_pad else None, targets=tgt if with_answer else None,
-                    **{f"pixel_values_{k}s": torch.stack(v) if v else None for k, v in px.items()})
-
-def to_device(batch, device):  # absent inputs stay None
-    return {k: None if v is None else v.to(device) for k, v in batch.items()}
+        b = dict(input_ids=ids, attention_mask=mask if left_pad else None, targets=tgt if with_answer else None,
+                 **{f"pixel_values_{k}s": torch.stack(v) if v else None for k, v in px.items()})
+        return {k: None if v is None else v.to(device) for k, v in b.items()}  # absent inputs stay None
 
 def apply_freeze(model, freeze):
     """Freeze for real: requires_grad off once (no gradients, no graph through them), kept in eval mode by train()."""
@@ -1259,7 +1224,9 @@ def build_model(cfg, entries, resume, say):
         model = VideoLlava(cfg)
         model._init_weights()
     if cfg.share_towers and not cfg.from_pretrained:  # on --resume too: the two saved copies are equal, one is kept
-        model.share_towers()
+        # one CLIP tower for images and frames: video_tower becomes another name for image_tower; the state dict
+        # still lists both key sets (identical tensors), so the checkpoint loads anywhere as two towers
+        model.video_tower = model.image_tower
     data = {s: Examples(e, cfg, tok) for s, e in entries.items()}
     if not path and cfg.data_init > 0:  # the same fixed media on every rank
         g, tr = torch.Generator().manual_seed(cfg.seed), data["train"]
@@ -1292,11 +1259,11 @@ def batch_loss(model, tr, idx, cfg, rank, world, ddp, device):
         rows = idx[(micro * world + rank) * cfg.batch_size:(micro * world + rank + 1) * cfg.batch_size]
         passes += [p for p in ([i for i in rows if tr.entries[i]["kind"] == k] for k in ("image", "video")) if p]
     for j, part in enumerate(passes):
-        b = tr.batch(part)
+        b = tr.batch(part, device)
         share = (b["targets"] != -100).sum().item() * world / n_tok
         sync = not ddp or j == len(passes) - 1  # DDP all-reduces only after the last pass
         with model.no_sync() if not sync else contextlib.nullcontext(), autocast(cfg.dtype, device):
-            _, loss = model(**to_device(b, device))
+            _, loss = model(**b)
             loss = loss * share
         loss.backward()
         total += loss.item() / world
@@ -1392,9 +1359,9 @@ def eval_loss(model, ex, cfg, device):
     model.eval()
     losses = []
     for s in range(0, len(ex.entries), 64):
-        b = ex.batch(list(range(s, min(len(ex.entries), s + 64))))
+        b = ex.batch(list(range(s, min(len(ex.entries), s + 64))), device)
         with autocast(cfg.dtype, device):
-            losses.append(model(**to_device(b, device))[1].item())
+            losses.append(model(**b)[1].item())
     return sum(losses) / len(losses)
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1419,12 +1386,10 @@ def sample_next(logits, temperature, top_k, top_p, generator):
 def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pixel_values_videos=None,
              max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0,
              generator=None, use_cache=True, on_token=None, compile=False):
-    """Batched, left-padded generation -> (B, n) new ids (rows that stopped are filled with pad_token_id).
-    The media are encoded once at prefill; each later step feeds one token through the static KV cache
-    (`model.step`). compile=True runs that step through torch.compile (the gpt-fast recipe: static shapes, one
-    graph, its small operations fused into a few generated loops): a compile of tens of seconds on a CPU, once per
-    process, model, batch size and cache length, then faster per token; it needs the cache. Decoding runs under
-    torch.inference_mode (no autograd bookkeeping); the ids returned are an ordinary tensor."""
+    """Batched, left-padded generation -> (B, n) new ids (rows that stopped are filled with pad_token_id). The media
+    are encoded once at prefill; each later step feeds one token through the static KV cache (`model.step`), which
+    compile=True runs through torch.compile (the gpt-fast recipe: static shapes, one graph; compiled once per
+    process, model, batch size and cache length). Runs under torch.inference_mode; returns an ordinary tensor."""
     model.eval()
     if compile and not use_cache:
         raise ValueError("compile=True compiles the one-token step through the KV cache: it needs use_cache=True")
@@ -1480,7 +1445,7 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
         by_kind = {k: [i for i, e in enumerate(ex.entries) if e["kind"] == k] for k in ("image", "video")}
         for rows in by_kind.values():  # batches of one medium: an image prompt is never padded to a video's length
             for s in range(0, len(rows), 64):
-                b = to_device(ex.batch(rows[s:s + 64], with_answer=False, left_pad=True), device)
+                b = ex.batch(rows[s:s + 64], device, with_answer=False, left_pad=True)
                 with autocast(cfg.dtype, device):
                     out = generate(model, b["input_ids"], b["attention_mask"], b["pixel_values_images"],
                                    b["pixel_values_videos"], max_new_tokens=cfg.max_new_tokens,
@@ -1543,7 +1508,6 @@ def inspect(path, n_frames, n_tokens):
         free, total = torch.cuda.mem_get_info()
         print(f"CUDA: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
 
-
 def bench(cfg, sizes=None, rounds=3):
     """Decode tokens/s at batch 1, greedy, float32, 16-token prompt: the eager step, the compiled step and (when
     installed) transformers on the same weights; whether their tokens agree; each as a share of a floor, the time to
@@ -1587,7 +1551,6 @@ def bench(cfg, sizes=None, rounds=3):
             ratio = f", {v / tps['transformers']:.2f}x transformers" if "transformers" in tps else ""
             print(f"  {k:12s} {v:7.1f} tok/s = {v / floor:4.0%} of the floor{ratio}")
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -1628,7 +1591,6 @@ def parse_args(argv=None):
         if bad:
             raise UserError(msg)
     return args, cfg, overrides
-
 
 def run_generate(args, cfg, overrides):
     """--generate: load a checkpoint (HF folder or out_dir), read the media, stream the answer to stdout."""
