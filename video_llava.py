@@ -116,8 +116,7 @@ class Config:
     warmup: int = 100
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    dtype: str = "auto"  # training autocast: auto = bfloat16 where the hardware has it, else float32 (autocast_dtype);
-    # --generate on an HF checkpoint: the weights dtype, chosen the same way
+    dtype: str = "auto"  # autocast (--generate on an HF folder: its weights): auto = bfloat16 where native, else fp32
     device: str = "auto"  # auto = cuda > mps > cpu
     seed: int = 1337
     log_interval: int = 50
@@ -368,8 +367,7 @@ def load_video(path, n_frames, size):
         names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
         if not names:
             raise UserError(f"{path}: folder has no frame images")
-        idx = frame_indices(len(names), n_frames)
-        return np.stack([load_image(os.path.join(path, names[i]), size) for i in idx])
+        return np.stack([load_image(os.path.join(path, names[i]), size) for i in frame_indices(len(names), n_frames)])
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such video file or folder of frames")
     cap = cv2.VideoCapture(path)  # FFmpeg through OpenCV: any container and codec it reads
@@ -410,9 +408,8 @@ class SentencePieceBPE:
         tc_path = os.path.join(folder, "tokenizer_config.json")
         tc = json.load(open(tc_path)) if os.path.isfile(tc_path) else {}
         name = lambda t, d: (t.get("content") if isinstance(t, dict) else t) or d
-        self.bos_id = self.vocab.get(name(tc.get("bos_token"), "<s>"))
-        self.eos_id = self.vocab.get(name(tc.get("eos_token"), "</s>"))
-        self.pad_id = self.vocab.get(name(tc.get("pad_token"), "<pad>"), 0)
+        self.bos_id, self.eos_id, self.pad_id = (self.vocab.get(name(tc.get(f"{k}_token"), d), z) for k, d, z in (
+            ("bos", "<s>", None), ("eos", "</s>", None), ("pad", "<pad>", 0)))
         # BOS/EOS around the text: transformers 5 takes the post-processor template from tokenizer.json
         pp = tj.get("post_processor") or {}
         single = pp.get("single") if pp.get("type") == "TemplateProcessing" else None
@@ -990,10 +987,9 @@ def read_config(path):
     if not os.path.isfile(cpath):
         raise UserError(f"{path}: " + ("no config.json (not a checkpoint folder)" if os.path.isdir(path) else
                                        "no such checkpoint folder"))
-    try:
+    hf = None
+    with contextlib.suppress(ValueError):  # not JSON, or not UTF-8
         hf = json.load(open(cpath))
-    except ValueError:  # not JSON, or not UTF-8
-        hf = None
     if not isinstance(hf, dict):
         raise UserError(f"{cpath}: not a config (not JSON, or not a JSON object)")
     return hf
@@ -1085,10 +1081,9 @@ def read_resumable(out_dir, need_state=True):
     if not os.path.isfile(cpath) and not os.path.isfile(tpath):
         raise UserError(f"{out_dir}: nothing to resume or evaluate (no config.json / train_state.pt); run --train "
                         f"(without --resume) first, or pass the --out_dir of a run")
-    try:
+    meta = None
+    with contextlib.suppress(OSError, ValueError):  # missing, not JSON, or not UTF-8
         meta = json.load(open(cpath))
-    except (OSError, ValueError):  # missing, not JSON, or not UTF-8
-        meta = None
     meta = meta if isinstance(meta, dict) else {}
     if meta.get("script") != SCRIPT or not isinstance(meta.get("train_config"), dict):
         raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (config.json: script "
@@ -1199,8 +1194,7 @@ def resume_config(cfg, overrides):
     arch = {f: getattr(base, f) for f in (*HF_FIELDS, "share_towers")}  # share_towers: one tower's weights or two
     clash = [f"--{k} {overrides[k]} (checkpoint: {v})" for k, v in arch.items() if overrides.get(k, v) != v]
     if clash:
-        raise UserError(f"{cfg.out_dir}: cannot resume with another architecture: {', '.join(clash)}; drop those "
-                        f"flags")
+        raise UserError(f"{cfg.out_dir}: cannot resume with another architecture: {', '.join(clash)}; drop those flags")
     return dataclasses.replace(base, **{"stop_after": 0, **overrides})
 
 def build_model(cfg, entries, resume, say):
@@ -1440,6 +1434,7 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
     """Greedy answers on test and novel -> exact match per medium and per question kind; writes eval.json."""
     model.eval()
     result, splits = {}, [s for s in ("test", "novel") if s in data]  # your data has no novel split
+    print(f"{'split':8s} {'medium':7s} {'n':>5s} {'exact':>7s}")
     for split in splits:
         ex, preds, result[split] = data[split], {}, {}
         by_kind = {k: [i for i, e in enumerate(ex.entries) if e["kind"] == k] for k in ("image", "video")}
@@ -1459,16 +1454,12 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
                 q: em([i for i in rows if kinds[i] == q]) for q in sorted(set(kinds.values()))}, "samples": [
                 {"question": ex.entries[i]["question"], "prediction": preds[i], "reference": ex.entries[i]["answer"]}
                 for i in rows[:4]]}
-    result["train_seconds"] = train_seconds
-    print(f"{'split':8s} {'medium':7s} {'n':>5s} {'exact':>7s}")
-    for split in splits:
-        for kind, r in result[split].items():
+            r = result[split][kind]
             print(f"{split:8s} {kind:7s} {r['n']:5d} {r['exact_match']:7.3f}   " +
                   ", ".join(f"{q}: {v:.2f}" for q, v in r["by_question"].items()))
-    test = result["test"]
+    result["train_seconds"], test = train_seconds, result["test"]
     for s in test.get("video", {}).get("samples", [])[:3] + test.get("image", {}).get("samples", [])[:3]:
         print(f"  Q: {s['question']}  ->  {s['prediction']!r}  (ref {s['reference']!r})")
-    os.makedirs(cfg.out_dir, exist_ok=True)
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     return result
 
@@ -1566,9 +1557,8 @@ def parse_args(argv=None):
                        ("compile", "--generate: the one-token step through torch.compile")):
         p.add_argument(f"--{mode}", action="store_true", help=what)
     p.add_argument("--inspect", default="", metavar="DIR", help="report on the checkpoint in DIR")
-    p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
-    p.add_argument("--image", default="", help="image file, for --generate")
-    p.add_argument("--prompt", default="", help="the question, for --generate")
+    for name, what in (("video", "video file or frame folder"), ("image", "image file"), ("prompt", "the question")):
+        p.add_argument(f"--{name}", default="", help=f"{what}, for --generate")
     p.add_argument("--n_tokens", type=int, default=64, help="text tokens assumed by --inspect's memory estimate")
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
     for f in dataclasses.fields(Config):  # bools as --flag / --no-flag; None = not typed
