@@ -384,7 +384,17 @@ def load_video(path, n_frames, size):
         raise UserError(f"{path}: video has no frames (corrupt or empty)")
     return np.stack([frames[i] for i in frame_indices(len(frames), n_frames)])  # (F, 3, S, S)
 
-class SentencePieceBPE:
+class Tokenizer:
+    """What both tokenizers share: added tokens such as <image> / <video> are split out of the text first and keep
+    their own ids; each piece of text between them goes through the tokenizer's own encode_text."""
+
+    def encode(self, text, add_bos=True):
+        parts = self.split_re.split(text) if self.added else [text]  # odd parts are added tokens such as <image>
+        ids = [t for i, part in enumerate(parts) if part
+               for t in ([self.added[part]] if i % 2 else self.encode_text(part, first=i == 0))]
+        return self.prefix_ids + ids + self.suffix_ids if add_bos else ids
+
+class SentencePieceBPE(Tokenizer):
     """LLaMA's tokenizer from tokenizer.json, as transformers 5 rebuilds it: added tokens split first; each remaining
     section gets spaces -> '▁' and, only if it starts the text, a leading '▁' (Metaspace prepend_scheme='first');
     then one BPE word per section (split=False), merges by rank, unknown characters -> <0xNN> byte tokens."""
@@ -440,18 +450,9 @@ class SentencePieceBPE:
                 ids.append(unk)
         return ids
 
-    def encode(self, text, add_bos=True):
-        ids = list(self.prefix_ids) if add_bos else []
-        parts = self.split_re.split(text) if self.added else [text]  # odd parts are added tokens such as <image>
-        for i, part in enumerate(parts):
-            if i % 2 == 1:
-                ids.append(self.added[part])
-            elif part:
-                part = part.replace(" ", "▁")  # SentencePiece's visible space
-                if i == 0 and self.prefix and not part.startswith("▁"):
-                    part = "▁" + part
-                ids += self._bpe(part)
-        return ids + (list(self.suffix_ids) if add_bos else [])
+    def encode_text(self, part, first):
+        part = part.replace(" ", "▁")  # SentencePiece's visible space
+        return self._bpe("▁" + part if first and self.prefix and not part.startswith("▁") else part)
 
     def decode(self, ids, skip_special=True):
         specials = set(self.added.values()) if skip_special else set()
@@ -470,7 +471,7 @@ class SentencePieceBPE:
             first = False
         return out.decode("utf-8", errors="replace")
 
-class GPT2Table:
+class GPT2Table(Tokenizer):
     """GPT-2 BPE (tiktoken) over a compact table of the ids seen in training, plus <image> and <video>.
     Model id 0 is <|endoftext|> (BOS, EOS and pad); the last two ids are the placeholders."""
 
@@ -481,6 +482,7 @@ class GPT2Table:
         self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
         self.added = {"<image>": len(self.ids), "<video>": len(self.ids) + 1}
         self.bos_id = self.eos_id = self.pad_id = 0  # model id 0 is GPT-2's <|endoftext|>
+        self.prefix_ids, self.suffix_ids = [0], []  # BOS before the text, nothing after
         self.split_re = re.compile("(<image>|<video>)")
 
     @classmethod
@@ -492,14 +494,8 @@ class GPT2Table:
     def __len__(self):
         return len(self.ids) + 2  # the vocabulary size V: the table plus <image> and <video>
 
-    def encode(self, text, add_bos=True):
-        ids = [self.bos_id] if add_bos else []
-        for i, part in enumerate(self.split_re.split(text)):
-            if i % 2 == 1:
-                ids.append(self.added[part])
-            else:  # GPT-2 ids outside the table are dropped (the README says so)
-                ids += [self.to_model[t] for t in self.enc.encode(part) if t in self.to_model]
-        return ids
+    def encode_text(self, part, first):  # GPT-2 ids outside the table are dropped (the README says so)
+        return [self.to_model[t] for t in self.enc.encode(part) if t in self.to_model]
 
     def decode(self, ids, skip_special=True):
         return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])  # model ids -> GPT-2 ids -> text
@@ -1351,11 +1347,9 @@ def train(cfg, resume=False):
 def eval_loss(model, ex, cfg, device):
     """Mean loss over ex (the val split), in batches of 64: the `val` column of the log."""
     model.eval()
-    losses = []
-    for s in range(0, len(ex.entries), 64):
-        b = ex.batch(list(range(s, min(len(ex.entries), s + 64))), device)
-        with autocast(cfg.dtype, device):
-            losses.append(model(**b)[1].item())
+    with autocast(cfg.dtype, device):
+        losses = [model(**ex.batch(list(range(len(ex.entries)))[s:s + 64], device))[1].item()
+                  for s in range(0, len(ex.entries), 64)]
     return sum(losses) / len(losses)
 
 # ----------------------------------------------------------------------------------------------------------------------
