@@ -387,7 +387,6 @@ def load_video(path, n_frames, size):
 class Tokenizer:
     """What both tokenizers share: added tokens such as <image> / <video> are split out of the text first and keep
     their own ids; each piece of text between them goes through the tokenizer's own encode_text."""
-
     def encode(self, text, add_bos=True):
         parts = self.split_re.split(text) if self.added else [text]  # odd parts are added tokens such as <image>
         ids = [t for i, part in enumerate(parts) if part
@@ -398,7 +397,6 @@ class SentencePieceBPE(Tokenizer):
     """LLaMA's tokenizer from tokenizer.json, as transformers 5 rebuilds it: added tokens split first; each remaining
     section gets spaces -> '▁' and, only if it starts the text, a leading '▁' (Metaspace prepend_scheme='first');
     then one BPE word per section (split=False), merges by rank, unknown characters -> <0xNN> byte tokens."""
-
     def __init__(self, folder):
         path = os.path.join(folder, "tokenizer.json")
         try:
@@ -456,25 +454,17 @@ class SentencePieceBPE(Tokenizer):
 
     def decode(self, ids, skip_special=True):
         specials = set(self.added.values()) if skip_special else set()
-        out, first = bytearray(), True
-        for i in ids:
-            if i in specials:
-                continue
-            s = self.inv.get(int(i), "")
-            if re.fullmatch(r"<0x[0-9A-F]{2}>", s):  # a byte-fallback piece: one raw UTF-8 byte
-                out += bytes([int(s[3:5], 16)])
-            else:
-                s = s.replace("▁", " ")
-                if first and self.prefix and s.startswith(" "):
-                    s = s[1:]  # the Strip decoder: drop the space the pre-tokenizer prepended
-                out += s.encode("utf-8")
-            first = False
+        pieces = [self.inv.get(int(i), "").replace("▁", " ") for i in ids if i not in specials]
+        # a byte-fallback piece <0xNN> is one raw UTF-8 byte; the Strip decoder drops the space the pre-tokenizer
+        # prepended to the first piece
+        out = b"".join(bytes([int(s[3:5], 16)]) if re.fullmatch(r"<0x[0-9A-F]{2}>", s) else
+                       (s[1:] if k == 0 and self.prefix and s.startswith(" ") else s).encode("utf-8")
+                       for k, s in enumerate(pieces))
         return out.decode("utf-8", errors="replace")
 
 class GPT2Table(Tokenizer):
     """GPT-2 BPE (tiktoken) over a compact table of the ids seen in training, plus <image> and <video>.
     Model id 0 is <|endoftext|> (BOS, EOS and pad); the last two ids are the placeholders."""
-
     def __init__(self, ids):
         import tiktoken  # only the trained-from-scratch model needs it
         self.enc = tiktoken.get_encoding("gpt2")
@@ -527,7 +517,6 @@ class RMSNorm(nn.Module):
     """LLaMA's norm (Zhang & Sennrich 2019): scale each vector by the reciprocal of its root mean square, then by a
     learned gain; no mean subtraction, no bias. Computed in float32 whatever the activation dtype, then cast back
     before the gain, in the order of transformers' LlamaRMSNorm (the bits of a bfloat16 model depend on it)."""
-
     def __init__(self, d, eps):
         super().__init__()
         self.weight, self.eps = nn.Parameter(torch.ones(d)), eps  # gain (D,), starts at 1: the identity
@@ -550,7 +539,6 @@ class KVCache:
     Python int) and attends over all T_max positions under a mask that hides the unfilled ones: every step then has
     the same shapes and no branch on values, so torch.compile makes it one graph. The RoPE position of a token is
     not its cache position: a left-padded row counts from its first real token (see `next_step`)."""
-
     def __init__(self, cfg, batch, max_len, dtype, device):
         e = cfg.hidden_size // cfg.num_attention_heads
         shape = (batch, cfg.num_key_value_heads, max_len, e)  # (B, K, T_max, E): only the K key/value heads
@@ -592,7 +580,6 @@ class LlamaAttention(nn.Module):
     """Causal self-attention with rotary positions (RoPE, Su et al. 2021) and grouped-query attention (GQA, Ainslie
     et al. 2023), after transformers' LlamaAttention. GQA: H query heads share K <= H key/value heads, query head h
     reading kv head h // (H/K); the cache then holds K heads, not H (K = H is plain multi-head, as in the 7B)."""
-
     def __init__(self, cfg):
         super().__init__()
         self.h, self.kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -622,7 +609,6 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)), the gate choosing per feature how much of up
     passes; three matrices of width intermediate_size instead of two at 4 D, for about the same parameter count."""
-
     def __init__(self, cfg):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # LLaMA has no biases
@@ -635,7 +621,6 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); the residual stream itself is never
     normalised, so its gradient reaches every layer unchanged."""
-
     def __init__(self, cfg):
         super().__init__()
         self.self_attn, self.mlp = LlamaAttention(cfg), LlamaMLP(cfg)
@@ -649,7 +634,6 @@ class LlamaDecoderLayer(nn.Module):
 class CLIPEmbeddings(nn.Module):
     """ViT input (Dosovitskiy et al. 2020; CLIP, Radford et al. 2021): the picture cut into P = (S/p)^2 patches, each
     projected to Dv by one strided convolution, a learned CLS vector put in front, a learned position per slot."""
-
     def __init__(self, cfg):
         super().__init__()
         d, n = cfg.v_hidden_size, (cfg.image_size // cfg.patch_size) ** 2
@@ -688,7 +672,6 @@ def whiten(emb, pixels, p):
 class CLIPAttention(nn.Module):
     """Multi-head self-attention over the patches of one picture, every patch seeing every other (no mask, no
     RoPE: positions came in with the embeddings); biases on all four projections, as in CLIP."""
-
     def __init__(self, cfg):
         super().__init__()
         d, self.h = cfg.v_hidden_size, cfg.v_num_attention_heads  # width Dv, H heads of E = Dv/H
@@ -703,7 +686,6 @@ class CLIPAttention(nn.Module):
 
 class CLIPMLP(nn.Module):
     """Two-layer feed-forward with biases, Dv -> v_intermediate_size -> Dv."""
-
     def __init__(self, cfg):
         super().__init__()
         self.fc1 = nn.Linear(cfg.v_hidden_size, cfg.v_intermediate_size)  # Dv -> 4 Dv in CLIP
@@ -715,7 +697,6 @@ class CLIPMLP(nn.Module):
 
 class CLIPEncoderLayer(nn.Module):
     """Pre-norm residual block with LayerNorm (mean and variance, with bias), as CLIP's ViT."""
-
     def __init__(self, cfg):
         super().__init__()
         self.self_attn, self.mlp = CLIPAttention(cfg), CLIPMLP(cfg)
@@ -732,7 +713,6 @@ class CLIPVisionTransformer(nn.Module):
     better for a language model than the last layer's, which CLIP's contrastive loss shapes for the CLS summary.
     hidden_states counts like transformers' output_hidden_states: [0] is the embeddings (after pre_layrnorm), [k]
     the output of layer k, so -2 of n layers is the output of layer n-1."""
-
     def __init__(self, cfg):
         super().__init__()
         self.embeddings = CLIPEmbeddings(cfg)  # (N, 3, S, S) -> (N, P+1, Dv)
@@ -754,7 +734,6 @@ class VideoLlavaMultiModalProjector(nn.Module):
     2023, "Improved Baselines") found a two-layer MLP with a GELU between them clearly better at the same cost, and
     Video-LLaVA keeps it: the nonlinearity lets the map bend CLIP's space, not only rotate and scale it. One
     projector serves images and frames, so both land in one space the LLM learns to read."""
-
     def __init__(self, cfg):
         super().__init__()
         self.linear_1 = nn.Linear(cfg.v_hidden_size, cfg.hidden_size)  # Dv -> D
@@ -768,7 +747,6 @@ class VideoLlava(nn.Module):
     multi_modal_projector). Images and videos have a CLIP tower each (the 7B's are LanguageBind encoders, in CLIP's
     architecture); their features, projected, replace the <image> / <video> placeholder embeddings of the prompt,
     and the LLaMA decoder reads them as it reads words."""
-
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -1132,7 +1110,6 @@ def lr_at(step, cfg):
 
 class Examples:
     """Annotation entries with their media decoded once (float32 CLIP-normalised) and their token ids."""
-
     def __init__(self, entries, cfg, tok):
         self.entries, cache = entries, {}
         for e in entries:
@@ -1601,7 +1578,6 @@ def run_generate(args, cfg, overrides):
         if not text.endswith("\ufffd"):
             print(text[len(shown):], end="", flush=True)
             shown = text
-
     try:
         generate(model, ids, None, imgs, vids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                  top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=g,
