@@ -803,9 +803,8 @@ class VideoLlava(nn.Module):
                 whiten(emb, px, self.cfg.patch_size)
             ln = tower.vision_model.pre_layrnorm
             fold(ln.weight, ln.bias, ln(emb(px)))
-        feats = ([] if images is None else [self.image_features(images).flatten(0, 1)]) + \
-                ([] if videos is None else [self.video_features(videos).flatten(0, 1)])  # each (tokens, D)
-        feats = torch.cat(feats)  # (all visual tokens, D): what the LLM will read
+        feats = torch.cat([encode(px).flatten(0, 1) for encode, px in ((self.image_features, images),
+                           (self.video_features, videos)) if px is not None])  # (visual tokens, D), what the LLM reads
         p2 = self.multi_modal_projector.linear_2
         fold(p2.weight, p2.bias, feats, self.language_model.model.embed_tokens.weight.std().item())
 
