@@ -914,11 +914,8 @@ class VideoLlava(nn.Module):
 # Checkpoint I/O: HF folders (three key layouts, sharded or not) and this script's own out_dir (same format)
 
 def canonical_key(k):
-    """Any of the three key layouts of Video-LLaVA checkpoints -> the hub layout, which is this module's own naming.
-    hub:    language_model.model.*, language_model.lm_head.*, image_tower.vision_model.*, multi_modal_projector.*
-    saved by transformers 5 from a config: the same without `vision_model.` in the towers
-    in memory in transformers 5: model.language_model.*, lm_head.*, model.image_tower.*,
-            model.multi_modal_projector.*"""
+    """Any of the three key layouts of Video-LLaVA checkpoints (the rules below) -> the hub layout, this module's own
+    naming: language_model.model.*, language_model.lm_head.*, image_tower.vision_model.*, multi_modal_projector.*"""
     for pattern, hub in ((r"^model\.language_model\.", "language_model.model."),  # in memory, transformers 5
                          (r"^lm_head\.", "language_model.lm_head."),  # the hub keeps the head inside language_model
                          (r"^model\.", ""),  # in memory: the towers and the projector
