@@ -1326,7 +1326,7 @@ def eval_loss(model, ex, cfg, device):
     return sum(losses) / len(losses)
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Generation and evaluation
+# Generation, evaluation, inspection and bench
 
 def sample_next(logits, temperature, top_k, top_p, generator):
     """(B, V) logits -> (B,) ids: argmax when temperature is 0, else temperature / top-k / top-p sampling."""
@@ -1429,9 +1429,6 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
         print(f"  Q: {s['question']}  ->  {s['prediction']!r}  (ref {s['reference']!r})")
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     return result
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Inspection and benchmarks
 
 def inspect(path, n_frames, n_tokens):
     """Parameter counts per tower, bytes by dtype, key alignment (align_keys, as loading checks it) and the memory
