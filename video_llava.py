@@ -256,9 +256,8 @@ def make_clip(rng, split, n_frames):
         cx, cy = (cell % 4) * CELL + CELL // 2, (cell // 4) * CELL + CELL // 2
         for img in frames[t0:]:  # once it appears, it stays
             draw_shape(img, shape, colour, cx, cy)
-    if rng.random() < 0.5:
-        return frames, ("Which shape appears first?", f"{a[0]} {a[1]}")
-    return frames, ("Which shape appears last?", f"{b[0]} {b[1]}")
+    first = rng.random() < 0.5  # ask for the first object, or for the last
+    return frames, (f"Which shape appears {'first' if first else 'last'}?", " ".join(a if first else b))
 
 def build_world(cfg):
     """Write data_dir/<split>/*.png|mp4 and data_dir/<split>.jsonl once (deterministic from --seed)."""
@@ -373,12 +372,10 @@ def load_video(path, n_frames, size):
     cap = cv2.VideoCapture(path)  # FFmpeg through OpenCV: any container and codec it reads
     if not cap.isOpened():
         raise UserError(f"{path}: OpenCV cannot open this video (corrupt or unknown format)")
-    frames = []
-    while True:  # decode all (frame counts in headers lie); keep only the small transformed frames
-        ok, img = cap.read()
-        if not ok:
-            break
+    frames, (ok, img) = [], cap.read()
+    while ok:  # decode all (frame counts in headers lie); keep only the small transformed frames
         frames.append(clip_transform(img[:, :, ::-1], size))  # BGR -> RGB, then (3, S, S)
+        ok, img = cap.read()
     cap.release()
     if not frames:
         raise UserError(f"{path}: video has no frames (corrupt or empty)")
