@@ -116,8 +116,7 @@ class Config:
     warmup: int = 100
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    dtype: str = "auto"  # training autocast: auto = bfloat16 where the hardware has it, else float32 (autocast_dtype);
-    # --generate on an HF checkpoint: the weights dtype, chosen the same way
+    dtype: str = "auto"  # autocast (--generate on an HF folder: its weights): auto = bfloat16 where native, else fp32
     device: str = "auto"  # auto = cuda > mps > cpu
     seed: int = 1337
     log_interval: int = 50
@@ -257,9 +256,8 @@ def make_clip(rng, split, n_frames):
         cx, cy = (cell % 4) * CELL + CELL // 2, (cell // 4) * CELL + CELL // 2
         for img in frames[t0:]:  # once it appears, it stays
             draw_shape(img, shape, colour, cx, cy)
-    if rng.random() < 0.5:
-        return frames, ("Which shape appears first?", f"{a[0]} {a[1]}")
-    return frames, ("Which shape appears last?", f"{b[0]} {b[1]}")
+    first = rng.random() < 0.5  # ask for the first object, or for the last
+    return frames, (f"Which shape appears {'first' if first else 'last'}?", " ".join(a if first else b))
 
 def build_world(cfg):
     """Write data_dir/<split>/*.png|mp4 and data_dir/<split>.jsonl once (deterministic from --seed)."""
@@ -368,29 +366,34 @@ def load_video(path, n_frames, size):
         names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
         if not names:
             raise UserError(f"{path}: folder has no frame images")
-        idx = frame_indices(len(names), n_frames)
-        return np.stack([load_image(os.path.join(path, names[i]), size) for i in idx])
+        return np.stack([load_image(os.path.join(path, names[i]), size) for i in frame_indices(len(names), n_frames)])
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such video file or folder of frames")
     cap = cv2.VideoCapture(path)  # FFmpeg through OpenCV: any container and codec it reads
     if not cap.isOpened():
         raise UserError(f"{path}: OpenCV cannot open this video (corrupt or unknown format)")
-    frames = []
-    while True:  # decode all (frame counts in headers lie); keep only the small transformed frames
-        ok, img = cap.read()
-        if not ok:
-            break
+    frames, (ok, img) = [], cap.read()
+    while ok:  # decode all (frame counts in headers lie); keep only the small transformed frames
         frames.append(clip_transform(img[:, :, ::-1], size))  # BGR -> RGB, then (3, S, S)
+        ok, img = cap.read()
     cap.release()
     if not frames:
         raise UserError(f"{path}: video has no frames (corrupt or empty)")
     return np.stack([frames[i] for i in frame_indices(len(frames), n_frames)])  # (F, 3, S, S)
 
-class SentencePieceBPE:
+class Tokenizer:
+    """What both tokenizers share: added tokens such as <image> / <video> are split out of the text first and keep
+    their own ids; each piece of text between them goes through the tokenizer's own encode_text."""
+    def encode(self, text, add_bos=True):
+        parts = self.split_re.split(text) if self.added else [text]  # odd parts are added tokens such as <image>
+        ids = [t for i, part in enumerate(parts) if part
+               for t in ([self.added[part]] if i % 2 else self.encode_text(part, first=i == 0))]
+        return self.prefix_ids + ids + self.suffix_ids if add_bos else ids
+
+class SentencePieceBPE(Tokenizer):
     """LLaMA's tokenizer from tokenizer.json, as transformers 5 rebuilds it: added tokens split first; each remaining
     section gets spaces -> '▁' and, only if it starts the text, a leading '▁' (Metaspace prepend_scheme='first');
     then one BPE word per section (split=False), merges by rank, unknown characters -> <0xNN> byte tokens."""
-
     def __init__(self, folder):
         path = os.path.join(folder, "tokenizer.json")
         try:
@@ -410,9 +413,8 @@ class SentencePieceBPE:
         tc_path = os.path.join(folder, "tokenizer_config.json")
         tc = json.load(open(tc_path)) if os.path.isfile(tc_path) else {}
         name = lambda t, d: (t.get("content") if isinstance(t, dict) else t) or d
-        self.bos_id = self.vocab.get(name(tc.get("bos_token"), "<s>"))
-        self.eos_id = self.vocab.get(name(tc.get("eos_token"), "</s>"))
-        self.pad_id = self.vocab.get(name(tc.get("pad_token"), "<pad>"), 0)
+        self.bos_id, self.eos_id, self.pad_id = (self.vocab.get(name(tc.get(f"{k}_token"), d), z) for k, d, z in (
+            ("bos", "<s>", None), ("eos", "</s>", None), ("pad", "<pad>", 0)))
         # BOS/EOS around the text: transformers 5 takes the post-processor template from tokenizer.json
         pp = tj.get("post_processor") or {}
         single = pp.get("single") if pp.get("type") == "TemplateProcessing" else None
@@ -443,40 +445,23 @@ class SentencePieceBPE:
                 ids.append(unk)
         return ids
 
-    def encode(self, text, add_bos=True):
-        ids = list(self.prefix_ids) if add_bos else []
-        parts = self.split_re.split(text) if self.added else [text]  # odd parts are added tokens such as <image>
-        for i, part in enumerate(parts):
-            if i % 2 == 1:
-                ids.append(self.added[part])
-            elif part:
-                part = part.replace(" ", "▁")  # SentencePiece's visible space
-                if i == 0 and self.prefix and not part.startswith("▁"):
-                    part = "▁" + part
-                ids += self._bpe(part)
-        return ids + (list(self.suffix_ids) if add_bos else [])
+    def encode_text(self, part, first):
+        part = part.replace(" ", "▁")  # SentencePiece's visible space
+        return self._bpe("▁" + part if first and self.prefix and not part.startswith("▁") else part)
 
     def decode(self, ids, skip_special=True):
         specials = set(self.added.values()) if skip_special else set()
-        out, first = bytearray(), True
-        for i in ids:
-            if i in specials:
-                continue
-            s = self.inv.get(int(i), "")
-            if re.fullmatch(r"<0x[0-9A-F]{2}>", s):  # a byte-fallback piece: one raw UTF-8 byte
-                out += bytes([int(s[3:5], 16)])
-            else:
-                s = s.replace("▁", " ")
-                if first and self.prefix and s.startswith(" "):
-                    s = s[1:]  # the Strip decoder: drop the space the pre-tokenizer prepended
-                out += s.encode("utf-8")
-            first = False
+        pieces = [self.inv.get(int(i), "").replace("▁", " ") for i in ids if i not in specials]
+        # a byte-fallback piece <0xNN> is one raw UTF-8 byte; the Strip decoder drops the space the pre-tokenizer
+        # prepended to the first piece
+        out = b"".join(bytes([int(s[3:5], 16)]) if re.fullmatch(r"<0x[0-9A-F]{2}>", s) else
+                       (s[1:] if k == 0 and self.prefix and s.startswith(" ") else s).encode("utf-8")
+                       for k, s in enumerate(pieces))
         return out.decode("utf-8", errors="replace")
 
-class GPT2Table:
+class GPT2Table(Tokenizer):
     """GPT-2 BPE (tiktoken) over a compact table of the ids seen in training, plus <image> and <video>.
     Model id 0 is <|endoftext|> (BOS, EOS and pad); the last two ids are the placeholders."""
-
     def __init__(self, ids):
         import tiktoken  # only the trained-from-scratch model needs it
         self.enc = tiktoken.get_encoding("gpt2")
@@ -484,6 +469,7 @@ class GPT2Table:
         self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
         self.added = {"<image>": len(self.ids), "<video>": len(self.ids) + 1}
         self.bos_id = self.eos_id = self.pad_id = 0  # model id 0 is GPT-2's <|endoftext|>
+        self.prefix_ids, self.suffix_ids = [0], []  # BOS before the text, nothing after
         self.split_re = re.compile("(<image>|<video>)")
 
     @classmethod
@@ -495,14 +481,8 @@ class GPT2Table:
     def __len__(self):
         return len(self.ids) + 2  # the vocabulary size V: the table plus <image> and <video>
 
-    def encode(self, text, add_bos=True):
-        ids = [self.bos_id] if add_bos else []
-        for i, part in enumerate(self.split_re.split(text)):
-            if i % 2 == 1:
-                ids.append(self.added[part])
-            else:  # GPT-2 ids outside the table are dropped (the README says so)
-                ids += [self.to_model[t] for t in self.enc.encode(part) if t in self.to_model]
-        return ids
+    def encode_text(self, part, first):  # GPT-2 ids outside the table are dropped (the README says so)
+        return [self.to_model[t] for t in self.enc.encode(part) if t in self.to_model]
 
     def decode(self, ids, skip_special=True):
         return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])  # model ids -> GPT-2 ids -> text
@@ -534,7 +514,6 @@ class RMSNorm(nn.Module):
     """LLaMA's norm (Zhang & Sennrich 2019): scale each vector by the reciprocal of its root mean square, then by a
     learned gain; no mean subtraction, no bias. Computed in float32 whatever the activation dtype, then cast back
     before the gain, in the order of transformers' LlamaRMSNorm (the bits of a bfloat16 model depend on it)."""
-
     def __init__(self, d, eps):
         super().__init__()
         self.weight, self.eps = nn.Parameter(torch.ones(d)), eps  # gain (D,), starts at 1: the identity
@@ -557,7 +536,6 @@ class KVCache:
     Python int) and attends over all T_max positions under a mask that hides the unfilled ones: every step then has
     the same shapes and no branch on values, so torch.compile makes it one graph. The RoPE position of a token is
     not its cache position: a left-padded row counts from its first real token (see `next_step`)."""
-
     def __init__(self, cfg, batch, max_len, dtype, device):
         e = cfg.hidden_size // cfg.num_attention_heads
         shape = (batch, cfg.num_key_value_heads, max_len, e)  # (B, K, T_max, E): only the K key/value heads
@@ -599,7 +577,6 @@ class LlamaAttention(nn.Module):
     """Causal self-attention with rotary positions (RoPE, Su et al. 2021) and grouped-query attention (GQA, Ainslie
     et al. 2023), after transformers' LlamaAttention. GQA: H query heads share K <= H key/value heads, query head h
     reading kv head h // (H/K); the cache then holds K heads, not H (K = H is plain multi-head, as in the 7B)."""
-
     def __init__(self, cfg):
         super().__init__()
         self.h, self.kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -629,7 +606,6 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)), the gate choosing per feature how much of up
     passes; three matrices of width intermediate_size instead of two at 4 D, for about the same parameter count."""
-
     def __init__(self, cfg):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # LLaMA has no biases
@@ -642,7 +618,6 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); the residual stream itself is never
     normalised, so its gradient reaches every layer unchanged."""
-
     def __init__(self, cfg):
         super().__init__()
         self.self_attn, self.mlp = LlamaAttention(cfg), LlamaMLP(cfg)
@@ -653,27 +628,9 @@ class LlamaDecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-class LlamaModel(nn.Module):
-    """Token embedding, the decoder layers and a final RMSNorm; VideoLlava.llm_forward runs them."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # (V, D)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # before the head: the stream's scale grows with depth
-
-class LlamaForCausalLM(nn.Module):
-    """The LLaMA decoder plus its output head (D -> V), named as in the checkpoint (`language_model.lm_head`)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # (V, D): D -> logits over V
-
 class CLIPEmbeddings(nn.Module):
     """ViT input (Dosovitskiy et al. 2020; CLIP, Radford et al. 2021): the picture cut into P = (S/p)^2 patches, each
     projected to Dv by one strided convolution, a learned CLS vector put in front, a learned position per slot."""
-
     def __init__(self, cfg):
         super().__init__()
         d, n = cfg.v_hidden_size, (cfg.image_size // cfg.patch_size) ** 2
@@ -712,7 +669,6 @@ def whiten(emb, pixels, p):
 class CLIPAttention(nn.Module):
     """Multi-head self-attention over the patches of one picture, every patch seeing every other (no mask, no
     RoPE: positions came in with the embeddings); biases on all four projections, as in CLIP."""
-
     def __init__(self, cfg):
         super().__init__()
         d, self.h = cfg.v_hidden_size, cfg.v_num_attention_heads  # width Dv, H heads of E = Dv/H
@@ -727,7 +683,6 @@ class CLIPAttention(nn.Module):
 
 class CLIPMLP(nn.Module):
     """Two-layer feed-forward with biases, Dv -> v_intermediate_size -> Dv."""
-
     def __init__(self, cfg):
         super().__init__()
         self.fc1 = nn.Linear(cfg.v_hidden_size, cfg.v_intermediate_size)  # Dv -> 4 Dv in CLIP
@@ -739,7 +694,6 @@ class CLIPMLP(nn.Module):
 
 class CLIPEncoderLayer(nn.Module):
     """Pre-norm residual block with LayerNorm (mean and variance, with bias), as CLIP's ViT."""
-
     def __init__(self, cfg):
         super().__init__()
         self.self_attn, self.mlp = CLIPAttention(cfg), CLIPMLP(cfg)
@@ -750,23 +704,18 @@ class CLIPEncoderLayer(nn.Module):
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 
-class CLIPEncoder(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.v_num_hidden_layers))
-
 class CLIPVisionTransformer(nn.Module):
     """CLIP's vision tower, read the LLaVA way: not its final output but the hidden state of one earlier layer
     (vision_feature_layer, -2 = the input of the last layer). LLaVA found the penultimate layer's patch features
     better for a language model than the last layer's, which CLIP's contrastive loss shapes for the CLS summary.
     hidden_states counts like transformers' output_hidden_states: [0] is the embeddings (after pre_layrnorm), [k]
     the output of layer k, so -2 of n layers is the output of layer n-1."""
-
     def __init__(self, cfg):
         super().__init__()
         self.embeddings = CLIPEmbeddings(cfg)  # (N, 3, S, S) -> (N, P+1, Dv)
         self.pre_layrnorm = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)  # sic: the checkpoint's name
-        self.encoder = CLIPEncoder(cfg)
+        self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(CLIPEncoderLayer(cfg)
+                                                               for _ in range(cfg.v_num_hidden_layers))))
         self.post_layernorm = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)  # loaded, never used here
         fl, n = cfg.vision_feature_layer, cfg.v_num_hidden_layers
         self.n_run = fl if fl >= 0 else n + 1 + fl  # hidden_states[fl]: [0] = embeddings, [k] = after layer k
@@ -777,19 +726,11 @@ class CLIPVisionTransformer(nn.Module):
             x = layer(x)
         return x
 
-class CLIPVisionModel(nn.Module):
-    """A wrapper whose only job is the checkpoint's key prefix: image_tower.vision_model.*"""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.vision_model = CLIPVisionTransformer(cfg)  # image_tower.vision_model.*
-
 class VideoLlavaMultiModalProjector(nn.Module):
     """CLIP features (Dv) -> the LLM's embedding space (D). LLaVA began with one Linear layer; LLaVA-1.5 (Liu et al.
     2023, "Improved Baselines") found a two-layer MLP with a GELU between them clearly better at the same cost, and
     Video-LLaVA keeps it: the nonlinearity lets the map bend CLIP's space, not only rotate and scale it. One
     projector serves images and frames, so both land in one space the LLM learns to read."""
-
     def __init__(self, cfg):
         super().__init__()
         self.linear_1 = nn.Linear(cfg.v_hidden_size, cfg.hidden_size)  # Dv -> D
@@ -803,21 +744,23 @@ class VideoLlava(nn.Module):
     multi_modal_projector). Images and videos have a CLIP tower each (the 7B's are LanguageBind encoders, in CLIP's
     architecture); their features, projected, replace the <image> / <video> placeholder embeddings of the prompt,
     and the LLaMA decoder reads them as it reads words."""
-
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.language_model = LlamaForCausalLM(cfg)
+        # ModuleDicts (as nanoGPT's `transformer`) only give the checkpoint's key prefixes: language_model.model.*
+        # (token embedding (V, D), the decoder layers, a final RMSNorm: the stream's scale grows with depth),
+        # language_model.lm_head (D -> logits over V), image_tower.vision_model.*, video_tower.vision_model.*
+        self.language_model = nn.ModuleDict(dict(model=nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))),
+            lm_head=nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)))
         if cfg.tie_word_embeddings:  # one matrix for the input embedding and the output head
             self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
-        self.image_tower, self.video_tower = CLIPVisionModel(cfg), CLIPVisionModel(cfg)  # same shape, separate weights
+        self.image_tower, self.video_tower = (nn.ModuleDict(dict(vision_model=CLIPVisionTransformer(cfg)))
+                                              for _ in range(2))  # same shape, separate weights
         self.multi_modal_projector = VideoLlavaMultiModalProjector(cfg)
         self._rope = {}  # device -> (cos, sin) tables of every position, built on first use (_rope_table)
-
-    def share_towers(self):
-        """One CLIP tower for images and video frames: video_tower becomes another name for image_tower. The state dict
-        still lists both key sets (identical tensors), so the checkpoint loads anywhere as two towers."""
-        self.video_tower = self.image_tower
 
     def _init_weights(self):
         """GPT-2's init for training from scratch: normal(0.02) weights, zero biases, and the projections that write
@@ -835,14 +778,11 @@ class VideoLlava(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, images, videos):
-        """Data-dependent initialisation for training from scratch (Salimans & Kingma 2016); never used on a loaded
-        checkpoint. At random init every patch token is mostly one shared vector (the constant grey background's patch
-        embedding plus biases), so after the LLM's RMSNorm the object patches hardly stand out. One fixed batch is
-        run through each tower, and each tower's pre_layrnorm affine is set so that its output has zero mean and unit
-        variance per feature across that batch's tokens; then the projector's last layer, so that the visual tokens
-        have zero mean and the text embeddings' standard deviation. With whiten_patches, first each tower's
-        patch_embedding and patch positions (see `whiten`). A shared tower is initialised once, from the images and
-        the video frames together. Only initial weights change: the forward stays the checkpoint-faithful one."""
+        """Data-dependent init for training from scratch (Salimans & Kingma 2016). At random init every patch token is
+        mostly one shared vector (the grey background's), so the object patches hardly stand out after the LLM's
+        RMSNorm. On one fixed batch: each tower's pre_layrnorm is set for zero mean, unit variance per feature (after
+        `whiten` with whiten_patches), then the projector's last layer for zero mean at the text embeddings' std.
+        Only initial weights change: the forward stays the checkpoint-faithful one."""
         def fold(ln_w, ln_b, x, std=1.0):  # rescale an affine so its outputs x get zero mean and this std
             x = x.flatten(0, -2).float()  # (tokens, features)
             m, s = x.mean(0), x.std(0) + 1e-6  # (features,) each
@@ -860,9 +800,8 @@ class VideoLlava(nn.Module):
                 whiten(emb, px, self.cfg.patch_size)
             ln = tower.vision_model.pre_layrnorm
             fold(ln.weight, ln.bias, ln(emb(px)))
-        feats = ([] if images is None else [self.image_features(images).flatten(0, 1)]) + \
-                ([] if videos is None else [self.video_features(videos).flatten(0, 1)])  # each (tokens, D)
-        feats = torch.cat(feats)  # (all visual tokens, D): what the LLM will read
+        feats = torch.cat([encode(px).flatten(0, 1) for encode, px in ((self.image_features, images),
+                           (self.video_features, videos)) if px is not None])  # (visual tokens, D), what the LLM reads
         p2 = self.multi_modal_projector.linear_2
         fold(p2.weight, p2.bias, feats, self.language_model.model.embed_tokens.weight.std().item())
 
@@ -968,20 +907,12 @@ class VideoLlava(nn.Module):
         cos, sin = self._rope_table(pos, x.dtype)
         return self.llm_forward(x, cos, sin, mask, cache)
 
-    # -- checkpoint loading
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device="cpu"):
-        return load_pretrained(path, dtype, device)
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoint I/O: HF folders (three key layouts, sharded or not) and this script's own out_dir (same format)
 
 def canonical_key(k):
-    """Any of the three key layouts of Video-LLaVA checkpoints -> the hub layout, which is this module's own naming.
-    hub:    language_model.model.*, language_model.lm_head.*, image_tower.vision_model.*, multi_modal_projector.*
-    saved by transformers 5 from a config: the same without `vision_model.` in the towers
-    in memory in transformers 5: model.language_model.*, lm_head.*, model.image_tower.*,
-            model.multi_modal_projector.*"""
+    """Any of the three key layouts of Video-LLaVA checkpoints (the rules below) -> the hub layout, this module's own
+    naming: language_model.model.*, language_model.lm_head.*, image_tower.vision_model.*, multi_modal_projector.*"""
     for pattern, hub in ((r"^model\.language_model\.", "language_model.model."),  # in memory, transformers 5
                          (r"^lm_head\.", "language_model.lm_head."),  # the hub keeps the head inside language_model
                          (r"^model\.", ""),  # in memory: the towers and the projector
@@ -1023,10 +954,9 @@ def read_config(path):
     if not os.path.isfile(cpath):
         raise UserError(f"{path}: " + ("no config.json (not a checkpoint folder)" if os.path.isdir(path) else
                                        "no such checkpoint folder"))
-    try:
+    hf = None
+    with contextlib.suppress(ValueError):  # not JSON, or not UTF-8
         hf = json.load(open(cpath))
-    except ValueError:  # not JSON, or not UTF-8
-        hf = None
     if not isinstance(hf, dict):
         raise UserError(f"{cpath}: not a config (not JSON, or not a JSON object)")
     return hf
@@ -1071,6 +1001,8 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     return model
 
+VideoLlava.from_pretrained = staticmethod(load_pretrained)  # as transformers: VideoLlava.from_pretrained(folder)
+
 def atomic(path, write):
     """write(tmp) then rename over path: a reader sees the old file or the new one, never half of one."""
     tmp = path + ".tmp"
@@ -1110,17 +1042,15 @@ def saved_config(meta, **changes):
     return Config(**{k: v for k, v in {**meta["train_config"], **changes}.items() if k in fields})
 
 def read_resumable(out_dir, need_state=True):
-    """-> config.json of a folder that this script's --train wrote, with its train_state.pt if need_state; else a
-    UserError.
-    An HF folder or another script's out_dir has no `script: video_llava` stamp and no train_config."""
+    """-> config.json of a folder this script's --train wrote (with a train_state.pt if need_state), else a UserError:
+    an HF folder or another script's out_dir has no `script: video_llava` stamp and no train_config."""
     cpath, tpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "train_state.pt")
     if not os.path.isfile(cpath) and not os.path.isfile(tpath):
         raise UserError(f"{out_dir}: nothing to resume or evaluate (no config.json / train_state.pt); run --train "
                         f"(without --resume) first, or pass the --out_dir of a run")
-    try:
+    meta = None
+    with contextlib.suppress(OSError, ValueError):  # missing, not JSON, or not UTF-8
         meta = json.load(open(cpath))
-    except (OSError, ValueError):  # missing, not JSON, or not UTF-8
-        meta = None
     meta = meta if isinstance(meta, dict) else {}
     if meta.get("script") != SCRIPT or not isinstance(meta.get("train_config"), dict):
         raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (config.json: script "
@@ -1130,7 +1060,6 @@ def read_resumable(out_dir, need_state=True):
         raise UserError(f"{out_dir}: no train_state.pt, so there is no optimizer state to resume from; "
                         f"drop --resume to start afresh (or --from_pretrained {out_dir} to fine-tune its weights)")
     return meta
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics
@@ -1174,7 +1103,6 @@ def lr_at(step, cfg):
 
 class Examples:
     """Annotation entries with their media decoded once (float32 CLIP-normalised) and their token ids."""
-
     def __init__(self, entries, cfg, tok):
         self.entries, cache = entries, {}
         for e in entries:
@@ -1186,7 +1114,7 @@ class Examples:
                         for e in entries]
         self.answers = [tok.encode(" " + e["answer"], add_bos=False) + [tok.eos_id] for e in entries]
 
-    def batch(self, idx, with_answer=True, left_pad=False):
+    def batch(self, idx, device, with_answer=True, left_pad=False):
         """-> dict of model inputs. Training rows are prompt + answer, right-padded, targets only on the answer
         (and its EOS); generation rows are prompts only, left-padded with an attention mask."""
         rows = [self.prompts[i] + (self.answers[i] if with_answer else []) for i in idx]
@@ -1200,11 +1128,9 @@ class Examples:
                 p = len(self.prompts[i])
                 tgt[r, s + p - 1:s + len(row) - 1] = torch.tensor(self.answers[i])
         px = {k: [self.media[i] for i in idx if self.entries[i]["kind"] == k] for k in ("image", "video")}
-        return dict(input_ids=ids, attention_mask=mask if left_pad else None, targets=tgt if with_answer else None,
-                    **{f"pixel_values_{k}s": torch.stack(v) if v else None for k, v in px.items()})
-
-def to_device(batch, device):  # absent inputs stay None
-    return {k: None if v is None else v.to(device) for k, v in batch.items()}
+        b = dict(input_ids=ids, attention_mask=mask if left_pad else None, targets=tgt if with_answer else None,
+                 **{f"pixel_values_{k}s": torch.stack(v) if v else None for k, v in px.items()})
+        return {k: None if v is None else v.to(device) for k, v in b.items()}  # absent inputs stay None
 
 def apply_freeze(model, freeze):
     """Freeze for real: requires_grad off once (no gradients, no graph through them), kept in eval mode by train()."""
@@ -1234,8 +1160,7 @@ def resume_config(cfg, overrides):
     arch = {f: getattr(base, f) for f in (*HF_FIELDS, "share_towers")}  # share_towers: one tower's weights or two
     clash = [f"--{k} {overrides[k]} (checkpoint: {v})" for k, v in arch.items() if overrides.get(k, v) != v]
     if clash:
-        raise UserError(f"{cfg.out_dir}: cannot resume with another architecture: {', '.join(clash)}; drop those "
-                        f"flags")
+        raise UserError(f"{cfg.out_dir}: cannot resume with another architecture: {', '.join(clash)}; drop those flags")
     return dataclasses.replace(base, **{"stop_after": 0, **overrides})
 
 def build_model(cfg, entries, resume, say):
@@ -1259,7 +1184,9 @@ def build_model(cfg, entries, resume, say):
         model = VideoLlava(cfg)
         model._init_weights()
     if cfg.share_towers and not cfg.from_pretrained:  # on --resume too: the two saved copies are equal, one is kept
-        model.share_towers()
+        # one CLIP tower for images and frames: video_tower becomes another name for image_tower; the state dict
+        # still lists both key sets (identical tensors), so the checkpoint loads anywhere as two towers
+        model.video_tower = model.image_tower
     data = {s: Examples(e, cfg, tok) for s, e in entries.items()}
     if not path and cfg.data_init > 0:  # the same fixed media on every rank
         g, tr = torch.Generator().manual_seed(cfg.seed), data["train"]
@@ -1292,11 +1219,11 @@ def batch_loss(model, tr, idx, cfg, rank, world, ddp, device):
         rows = idx[(micro * world + rank) * cfg.batch_size:(micro * world + rank + 1) * cfg.batch_size]
         passes += [p for p in ([i for i in rows if tr.entries[i]["kind"] == k] for k in ("image", "video")) if p]
     for j, part in enumerate(passes):
-        b = tr.batch(part)
+        b = tr.batch(part, device)
         share = (b["targets"] != -100).sum().item() * world / n_tok
         sync = not ddp or j == len(passes) - 1  # DDP all-reduces only after the last pass
         with model.no_sync() if not sync else contextlib.nullcontext(), autocast(cfg.dtype, device):
-            _, loss = model(**to_device(b, device))
+            _, loss = model(**b)
             loss = loss * share
         loss.backward()
         total += loss.item() / world
@@ -1390,15 +1317,13 @@ def train(cfg, resume=False):
 def eval_loss(model, ex, cfg, device):
     """Mean loss over ex (the val split), in batches of 64: the `val` column of the log."""
     model.eval()
-    losses = []
-    for s in range(0, len(ex.entries), 64):
-        b = ex.batch(list(range(s, min(len(ex.entries), s + 64))))
-        with autocast(cfg.dtype, device):
-            losses.append(model(**to_device(b, device))[1].item())
+    with autocast(cfg.dtype, device):
+        losses = [model(**ex.batch(list(range(len(ex.entries)))[s:s + 64], device))[1].item()
+                  for s in range(0, len(ex.entries), 64)]
     return sum(losses) / len(losses)
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Generation and evaluation
+# Generation, evaluation, inspection and bench
 
 def sample_next(logits, temperature, top_k, top_p, generator):
     """(B, V) logits -> (B,) ids: argmax when temperature is 0, else temperature / top-k / top-p sampling."""
@@ -1419,12 +1344,10 @@ def sample_next(logits, temperature, top_k, top_p, generator):
 def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pixel_values_videos=None,
              max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0,
              generator=None, use_cache=True, on_token=None, compile=False):
-    """Batched, left-padded generation -> (B, n) new ids (rows that stopped are filled with pad_token_id).
-    The media are encoded once at prefill; each later step feeds one token through the static KV cache
-    (`model.step`). compile=True runs that step through torch.compile (the gpt-fast recipe: static shapes, one
-    graph, its small operations fused into a few generated loops): a compile of tens of seconds on a CPU, once per
-    process, model, batch size and cache length, then faster per token; it needs the cache. Decoding runs under
-    torch.inference_mode (no autograd bookkeeping); the ids returned are an ordinary tensor."""
+    """Batched, left-padded generation -> (B, n) new ids (rows that stopped are filled with pad_token_id). The media
+    are encoded once at prefill; each later step feeds one token through the static KV cache (`model.step`), which
+    compile=True runs through torch.compile (the gpt-fast recipe: static shapes, one graph; compiled once per
+    process, model, batch size and cache length). Runs under torch.inference_mode; returns an ordinary tensor."""
     model.eval()
     if compile and not use_cache:
         raise ValueError("compile=True compiles the one-token step through the KV cache: it needs use_cache=True")
@@ -1475,12 +1398,13 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
     """Greedy answers on test and novel -> exact match per medium and per question kind; writes eval.json."""
     model.eval()
     result, splits = {}, [s for s in ("test", "novel") if s in data]  # your data has no novel split
+    print(f"{'split':8s} {'medium':7s} {'n':>5s} {'exact':>7s}")
     for split in splits:
         ex, preds, result[split] = data[split], {}, {}
         by_kind = {k: [i for i, e in enumerate(ex.entries) if e["kind"] == k] for k in ("image", "video")}
         for rows in by_kind.values():  # batches of one medium: an image prompt is never padded to a video's length
             for s in range(0, len(rows), 64):
-                b = to_device(ex.batch(rows[s:s + 64], with_answer=False, left_pad=True), device)
+                b = ex.batch(rows[s:s + 64], device, with_answer=False, left_pad=True)
                 with autocast(cfg.dtype, device):
                     out = generate(model, b["input_ids"], b["attention_mask"], b["pixel_values_images"],
                                    b["pixel_values_videos"], max_new_tokens=cfg.max_new_tokens,
@@ -1494,21 +1418,14 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
                 q: em([i for i in rows if kinds[i] == q]) for q in sorted(set(kinds.values()))}, "samples": [
                 {"question": ex.entries[i]["question"], "prediction": preds[i], "reference": ex.entries[i]["answer"]}
                 for i in rows[:4]]}
-    result["train_seconds"] = train_seconds
-    print(f"{'split':8s} {'medium':7s} {'n':>5s} {'exact':>7s}")
-    for split in splits:
-        for kind, r in result[split].items():
+            r = result[split][kind]
             print(f"{split:8s} {kind:7s} {r['n']:5d} {r['exact_match']:7.3f}   " +
                   ", ".join(f"{q}: {v:.2f}" for q, v in r["by_question"].items()))
-    test = result["test"]
+    result["train_seconds"], test = train_seconds, result["test"]
     for s in test.get("video", {}).get("samples", [])[:3] + test.get("image", {}).get("samples", [])[:3]:
         print(f"  Q: {s['question']}  ->  {s['prediction']!r}  (ref {s['reference']!r})")
-    os.makedirs(cfg.out_dir, exist_ok=True)
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     return result
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Inspection and benchmarks
 
 def inspect(path, n_frames, n_tokens):
     """Parameter counts per tower, bytes by dtype, key alignment (align_keys, as loading checks it) and the memory
@@ -1542,7 +1459,6 @@ def inspect(path, n_frames, n_tokens):
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
         print(f"CUDA: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
-
 
 def bench(cfg, sizes=None, rounds=3):
     """Decode tokens/s at batch 1, greedy, float32, 16-token prompt: the eager step, the compiled step and (when
@@ -1587,7 +1503,6 @@ def bench(cfg, sizes=None, rounds=3):
             ratio = f", {v / tps['transformers']:.2f}x transformers" if "transformers" in tps else ""
             print(f"  {k:12s} {v:7.1f} tok/s = {v / floor:4.0%} of the floor{ratio}")
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -1603,9 +1518,8 @@ def parse_args(argv=None):
                        ("compile", "--generate: the one-token step through torch.compile")):
         p.add_argument(f"--{mode}", action="store_true", help=what)
     p.add_argument("--inspect", default="", metavar="DIR", help="report on the checkpoint in DIR")
-    p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
-    p.add_argument("--image", default="", help="image file, for --generate")
-    p.add_argument("--prompt", default="", help="the question, for --generate")
+    for name, what in (("video", "video file or frame folder"), ("image", "image file"), ("prompt", "the question")):
+        p.add_argument(f"--{name}", default="", help=f"{what}, for --generate")
     p.add_argument("--n_tokens", type=int, default=64, help="text tokens assumed by --inspect's memory estimate")
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
     for f in dataclasses.fields(Config):  # bools as --flag / --no-flag; None = not typed
@@ -1628,7 +1542,6 @@ def parse_args(argv=None):
         if bad:
             raise UserError(msg)
     return args, cfg, overrides
-
 
 def run_generate(args, cfg, overrides):
     """--generate: load a checkpoint (HF folder or out_dir), read the media, stream the answer to stdout."""
@@ -1655,7 +1568,6 @@ def run_generate(args, cfg, overrides):
         if not text.endswith("\ufffd"):
             print(text[len(shown):], end="", flush=True)
             shown = text
-
     try:
         generate(model, ids, None, imgs, vids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                  top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=g,
