@@ -92,7 +92,7 @@ class Config:
     compact_vocab: bool = True  # output table over the GPT-2 ids seen in training (False: all 50257)
     batch_size: int = 64  # micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * processes)
-    max_steps: int = 3000  # optimizer steps
+    max_steps: int = 4000  # optimizer steps
     lr: float = 2e-3  # peak learning rate, after linear warmup; cosine decay to min_lr
     min_lr: float = 1e-4  # learning rate at the last step
     warmup: int = 60  # steps of linear warmup
