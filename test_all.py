@@ -38,6 +38,18 @@ def assert_user_error(proc, *needles):
         assert n in last, (n, last)
 
 
+def main_user_error(main, capsys, argv, *needles):
+    """main(argv) in-process ends as a user error: exit 2, one line on stderr naming the input, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(list(map(str, argv)))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    for n in needles:
+        assert n in line, (n, line)
+
+
 def check_val_column(stdout, eval_interval, max_steps):
     """The training log shows the validation loss only on the steps where it was measured, `-` elsewhere."""
     rows = re.findall(r"^step (\d+)/\d+ \| loss \S+ \| val (\S+) \|", stdout, re.M)
@@ -390,44 +402,32 @@ def test_vm_generate_cli_on_video_and_frame_folder(_vm_trained, tmp_path, capsys
         assert got == tok.decode(vm.generate(model, frames, want_cfg)[0])
 
 
-def _vm_user_error(capsys, argv, *needles):
-    """vm.main(argv) in-process ends as a user error: exit 2, one line on stderr naming the input, no traceback."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        vm.main(list(map(str, argv)))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err, err[-2000:]
-    line = err.strip().splitlines()[-1]
-    for n in needles:
-        assert n in line, (n, line)
-
-
 def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     tmp, _ = _vm_trained
     out, clip = tmp / "out", tmp / "data" / "test" / "00000.mp4"
     gen = ["--generate", "--out_dir", out, "--video"]
-    _vm_user_error(capsys, gen + [tmp_path / "nope.mp4"], "nope.mp4")
+    main_user_error(vm.main, capsys, gen + [tmp_path / "nope.mp4"], "nope.mp4")
     (tmp_path / "corrupt.mp4").write_bytes(b"\x00not a video" * 100)
-    _vm_user_error(capsys, gen + [tmp_path / "corrupt.mp4"], "corrupt.mp4")
+    main_user_error(vm.main, capsys, gen + [tmp_path / "corrupt.mp4"], "corrupt.mp4")
     (tmp_path / "zero.mp4").write_bytes(b"")
-    _vm_user_error(capsys, gen + [tmp_path / "zero.mp4"], "zero.mp4")
+    main_user_error(vm.main, capsys, gen + [tmp_path / "zero.mp4"], "zero.mp4")
     (tmp_path / "empty").mkdir()
-    _vm_user_error(capsys, gen + [tmp_path / "empty"], "no frames")
-    _vm_user_error(capsys, ["--generate", "--video", clip, "--out_dir", tmp_path / "none"], "no checkpoint")
+    main_user_error(vm.main, capsys, gen + [tmp_path / "empty"], "no frames")
+    main_user_error(vm.main, capsys, ["--generate", "--video", clip, "--out_dir", tmp_path / "none"], "no checkpoint")
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"script": "vit_caption", "config": {}}))
     (other / "model.safetensors").write_bytes(b"")
-    _vm_user_error(capsys, ["--generate", "--video", clip, "--out_dir", other], "vit_caption")
+    main_user_error(vm.main, capsys, ["--generate", "--video", clip, "--out_dir", other], "vit_caption")
     tiny = ["--train", "--preset", "tiny", "--data_dir", tmp / "data"]
-    _vm_user_error(capsys, tiny + ["--resume", "--out_dir", tmp_path / "fresh"], "nothing to resume")
+    main_user_error(vm.main, capsys, tiny + ["--resume", "--out_dir", tmp_path / "fresh"], "nothing to resume")
     bad = tmp_path / "bad.txt"
     bad.write_text(f"{clip}\na caption\n\nmissing.mp4\na caption\n")
-    _vm_user_error(capsys, tiny + ["--data", bad, "--out_dir", tmp_path / "o2"], "bad.txt:4", "missing.mp4")
-    _vm_user_error(capsys, ["--train", "--preset", "nope"], "nope")
+    main_user_error(vm.main, capsys, tiny + ["--data", bad, "--out_dir", tmp_path / "o2"], "bad.txt:4", "missing.mp4")
+    main_user_error(vm.main, capsys, ["--train", "--preset", "nope"], "nope")
     # --resume with another architecture is refused and the checkpoint is left as it was
     before = {f.name: f.read_bytes() for f in out.iterdir()}
-    _vm_user_error(capsys, tiny + ["--resume", "--out_dir", out, "--n_dec_layer", "3"], "--n_dec_layer 3", "checkpoint: 1")
+    main_user_error(vm.main, capsys, tiny + ["--resume", "--out_dir", out, "--n_dec_layer", "3"], "--n_dec_layer 3", "checkpoint: 1")
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
@@ -482,7 +482,7 @@ def test_vm_nan_loss_stops_and_keeps_checkpoint(_vm_trained, tmp_path, capsys):
     for f in ("model.safetensors", "config.json", "train_state.pt"):
         (out / f).write_bytes((tmp / "out" / f).read_bytes())
     before = {f.name: f.read_bytes() for f in out.iterdir()}
-    _vm_user_error(capsys, ["--train", "--preset", "tiny", "--data_dir", tmp / "data", "--out_dir", out, "--lr", "1e30",
+    main_user_error(vm.main, capsys, ["--train", "--preset", "tiny", "--data_dir", tmp / "data", "--out_dir", out, "--lr", "1e30",
                             "--warmup", "1"], "loss became")  # an absurd learning rate blows the weights up at once
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # nothing saved was touched
 
@@ -859,18 +859,6 @@ def test_vc_original_preset_sizes():
     assert parts["embedding"] == parts["lm_head"] == 50257 * D
 
 
-def _vc_user_error(capsys, argv, *needles):
-    """vc.main(argv) in-process ends as a user error: exit 2, one line on stderr naming the input, no traceback."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        vc.main(list(map(str, argv)))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err, err[-2000:]
-    line = err.strip().splitlines()[-1]
-    for n in needles:
-        assert n in line, (n, line)
-
-
 @_vc_1t
 def test_vc_train_eval_generate_cli(tmp_path, capsys):
     """--train through a subprocess (the real command line); --eval, --generate and their bad inputs in-process."""
@@ -895,7 +883,7 @@ def test_vc_train_eval_generate_cli(tmp_path, capsys):
                          (["--image", tmp_path / "empty.png"], "empty"),
                          (["--image", tmp_path / "junk.png"], "junk.png"),
                          ([], "--image")):
-        _vc_user_error(capsys, ["--generate", "--out_dir", out, *args], needle)
+        main_user_error(vc.main, capsys, ["--generate", "--out_dir", out, *args], needle)
     assert open(os.path.join(out, "model.safetensors"), "rb").read() == before
 
 
@@ -909,20 +897,20 @@ def test_vc_bad_inputs(tmp_path, capsys):
     for name, needles in (("missing.txt", ["missing.txt:3", "b.png"]), ("malformed.txt", ["malformed.txt:3"]),
                           ("empty_cap.txt", ["empty_cap.txt:1", "caption"]), ("nope.txt", ["nope.txt"]),
                           ("latin1.txt", ["latin1.txt", "UTF-8"])):
-        _vc_user_error(capsys, ["--train", "--preset", "tiny", "--data", tmp_path / name, "--out_dir", tmp_path / "o"],
+        main_user_error(vc.main, capsys, ["--train", "--preset", "tiny", "--data", tmp_path / name, "--out_dir", tmp_path / "o"],
                        *needles)
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"script": "videollama_mini", "config": {}}))
     (other / "model.safetensors").write_bytes(b"x")
-    _vc_user_error(capsys, ["--eval", "--out_dir", other], "videollama_mini")
+    main_user_error(vc.main, capsys, ["--eval", "--out_dir", other], "videollama_mini")
     (other / "config.json").write_text("{not json")
-    _vc_user_error(capsys, ["--eval", "--out_dir", other], "config.json")
-    _vc_user_error(capsys, ["--eval", "--out_dir", tmp_path / "none"], "no checkpoint")
-    _vc_user_error(capsys, ["--train", "--resume", "--preset", "tiny", "--out_dir", tmp_path / "none"], "resume")
-    _vc_user_error(capsys, ["--train", "--preset", "huge"], "--preset huge")
-    _vc_user_error(capsys, ["--train", "--patch_init", "zeros"], "--patch_init zeros")
-    _vc_user_error(capsys, ["--train", "--preset", "tiny", "--patch", "5"], "--patch 5")
+    main_user_error(vc.main, capsys, ["--eval", "--out_dir", other], "config.json")
+    main_user_error(vc.main, capsys, ["--eval", "--out_dir", tmp_path / "none"], "no checkpoint")
+    main_user_error(vc.main, capsys, ["--train", "--resume", "--preset", "tiny", "--out_dir", tmp_path / "none"], "resume")
+    main_user_error(vc.main, capsys, ["--train", "--preset", "huge"], "--preset huge")
+    main_user_error(vc.main, capsys, ["--train", "--patch_init", "zeros"], "--patch_init zeros")
+    main_user_error(vc.main, capsys, ["--train", "--preset", "tiny", "--patch", "5"], "--patch 5")
 
 
 @_vc_1t
