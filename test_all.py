@@ -3165,6 +3165,9 @@ def test_ab_bad_inputs(tmp_path, capsys):
     _ab_user_error(capsys, "--variant both", "--variant", "both")
     _ab_user_error(capsys, "no checkpoint", "--eval", "--out_dir", tmp_path / "none")
     _ab_user_error(capsys, "--generate needs --video", "--generate")
+    for device in ("xyz",) + (() if torch.cuda.is_available() else ("cuda",)):  # unknown, or not on this machine
+        _ab_user_error(capsys, f"--device {device}", "--train", "--device", device, "--data_dir", tmp_path / "d")
+    assert not (tmp_path / "d").exists()  # refused before any data was built
     other = tmp_path / "other" / "cross"
     other.mkdir(parents=True)
     (other / "config.json").write_text(json.dumps({"script": "vit_caption", "model": "cross", "config": {}}))
