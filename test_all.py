@@ -806,7 +806,9 @@ def test_vc_checkpoint_round_trip_and_exact_resume(tmp_path, capsys):
     main_user_error(vc.main, capsys, ["--train", "--resume", "--out_dir", tmp_path / "bad", "--data_dir", nodata],
                     "train_state.pt", "without --resume")
     assert not nodata.exists()  # both refused before the synthetic world was built
+    capsys.readouterr()
     vc.main(["--train", "--resume", "--out_dir", str(cut), "--max_steps", "6"])  # the README's command, no --preset
+    assert '"n_train": 64' in capsys.readouterr().out  # the config printed is the run's, not the default preset's
     resumed, _, _ = vc.load_checkpoint(str(cut))
     assert torch.equal(_vc_weights(full), _vc_weights(resumed))  # dropout RNG and optimizer state restored
     loaded, tok, lcfg = vc.load_checkpoint(str(tmp_path / "full"))

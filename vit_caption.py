@@ -736,6 +736,7 @@ def train(cfg, resume=False, typed=None):
     cfg, resumed = resume_run(cfg, typed) if resume else (cfg, None)  # before any data: a refusal costs nothing
     rank, world, device = setup_distributed(cfg)
     say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
+    say("config:", json.dumps(dataclasses.asdict(cfg)))
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     data = prepare_data(cfg, rank)
@@ -1025,11 +1026,10 @@ def main(argv=None):
 
 def run(args, cfg, overrides):
     """Dispatch --train / --bench / --eval / --generate."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print("config:", json.dumps(dataclasses.asdict(cfg)))
-    if args.train:
-        train(cfg, args.resume, overrides)
-    elif args.bench:
+    if args.train:  # train prints the config it runs: on --resume the checkpoint's, with the typed flags on top
+        return train(cfg, args.resume, overrides)
+    print("config:", json.dumps(dataclasses.asdict(cfg)))
+    if args.bench:
         bench(cfg)
     elif args.eval or args.generate:
         model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)  # the architecture comes from the checkpoint
