@@ -917,11 +917,13 @@ def exact_match(preds, refs):
 # Train: CLIP first, then the two captioners from its image encoder, same budget
 
 def pick_device(name):
-    """--device auto -> cuda if there is one, else mps (Apple GPUs), else cpu; any other name is used as given."""
-    if name == "auto":
-        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    return name
+    """--device auto -> cuda if there is one, else mps (Apple GPUs), else cpu; any other name must be a device here."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    cudas = [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # counting them creates no CUDA context
+    have = ["cpu"] + ["mps"] * mps + cudas + ["cuda"] * bool(cudas)  # auto takes the last: cuda > mps > cpu
+    if name != "auto" and name not in have:
+        raise UserError(f"--device {name}: no such device on this machine; pass auto or one of {', '.join(have)}")
+    return have[-1] if name == "auto" else name
 
 def autocast(cfg, device):
     if cfg.dtype == "float32" or device == "mps":
@@ -1028,8 +1030,7 @@ def train_captioner(cfg, variant, vision_state, data, tok, device):
     return model, fit(model, opt, cfg.steps, batch, cfg, variant)  # (model, training seconds)
 
 def train(cfg):
-    device = pick_device(cfg.device)
-    t0 = time.time()
+    device, t0 = pick_device(cfg.device), time.time()  # an unknown --device is refused before any data is built
     data, tok = prepare_data(cfg)
     print(f"data ready in {time.time() - t0:.1f} s: {len(tok.ids)} token table entries, "
           f"{len(data['images']['train'][0])} train images, {len(data['videos']['train'][0])} train clips")
@@ -1211,16 +1212,14 @@ def parse_args(argv=None):
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset], **overrides})
-    if cfg.section != "all" and cfg.section not in SECTIONS:
-        raise UserError(f"--section {cfg.section}: unknown section, choose one of {list(SECTIONS)} (or all)")
-    if cfg.variant not in ("unified", "cross"):
-        raise UserError(f"--variant {cfg.variant}: choose 'unified' or 'cross'")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise UserError(f"--dtype {cfg.dtype}: choose float32 or bfloat16")
-    if cfg.img_size % cfg.patch:
-        raise UserError(f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}")
-    if cfg.d_model % cfg.n_head:
-        raise UserError(f"--d_model {cfg.d_model} is not a multiple of --n_head {cfg.n_head}")
+    for bad, why in ((cfg.section != "all" and cfg.section not in SECTIONS,
+                      f"--section {cfg.section}: unknown section, choose one of {list(SECTIONS)} (or all)"),
+                     (cfg.variant not in ("unified", "cross"), f"--variant {cfg.variant}: choose unified or cross"),
+                     (cfg.dtype not in ("float32", "bfloat16"), f"--dtype {cfg.dtype}: choose float32 or bfloat16"),
+                     (cfg.img_size % cfg.patch, f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}"),
+                     (cfg.d_model % cfg.n_head, f"--d_model {cfg.d_model} is not a multiple of --n_head {cfg.n_head}")):
+        if bad:  # the first bad flag, in one line that names it
+            raise UserError(why)
     return args, cfg, overrides
 
 def main(argv=None):

@@ -749,6 +749,7 @@ def test_vc_sampler_properties():
     p = logits.softmax(-1)[0]  # top_p keeps the smallest prefix whose mass reaches p
     assert torch.isfinite(vc.filter_logits(logits, 0, float(p[0]) - 1e-3)).sum() == 1
     assert torch.isfinite(vc.filter_logits(logits, 0, float(p[0] + p[1]) + 1e-3)).sum() == 3
+    assert torch.isfinite(vc.filter_logits(logits[:, [2, 0, 1]], 0, 0.0)).tolist() == [[False, True, False]]
     model, cfg = _vc_model()
     images = _vc_images(3, cfg)
     hot = dataclasses.replace(cfg, temperature=1.5, top_k=5, max_new_tokens=8)
@@ -790,14 +791,28 @@ def test_vc_grad_accumulation_equals_big_batch(tmp_path):
 
 
 @_vc_1t
-def test_vc_checkpoint_round_trip_and_exact_resume(tmp_path):
+def test_vc_checkpoint_round_trip_and_exact_resume(tmp_path, capsys):
+    """--resume takes the architecture and the rest of the run from the checkpoint (no --preset needed), refuses a
+    typed flag that asks for another architecture by name, and refuses before it reads or builds any data."""
     full, _ = vc.train(_vc_cfg(tmp_path, out_dir=str(tmp_path / "full"), vit_dropout=0.2, dropout=0.1))
-    cfg = _vc_cfg(tmp_path, out_dir=str(tmp_path / "cut"), vit_dropout=0.2, dropout=0.1, stop_after=3)
-    vc.train(cfg)
-    resumed, _ = vc.train(dataclasses.replace(cfg, stop_after=0), resume=True)
+    cut, nodata = tmp_path / "cut", tmp_path / "nodata"
+    vc.train(_vc_cfg(tmp_path, out_dir=str(cut), vit_dropout=0.2, dropout=0.1, stop_after=3))
+    main_user_error(vc.main, capsys, ["--train", "--resume", "--out_dir", cut, "--data_dir", nodata, "--d_model", 64,
+                                      "--pool", "patches"], "--d_model 64 (saved 32)")
+    os.makedirs(tmp_path / "bad")
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "bad" / name).write_bytes((cut / name).read_bytes())
+    (tmp_path / "bad" / "train_state.pt").write_bytes((cut / "train_state.pt").read_bytes()[:300])  # truncated
+    main_user_error(vc.main, capsys, ["--train", "--resume", "--out_dir", tmp_path / "bad", "--data_dir", nodata],
+                    "train_state.pt", "without --resume")
+    assert not nodata.exists()  # both refused before the synthetic world was built
+    capsys.readouterr()
+    vc.main(["--train", "--resume", "--out_dir", str(cut), "--max_steps", "6"])  # the README's command, no --preset
+    assert '"n_train": 64' in capsys.readouterr().out  # the config printed is the run's, not the default preset's
+    resumed, _, _ = vc.load_checkpoint(str(cut))
     assert torch.equal(_vc_weights(full), _vc_weights(resumed))  # dropout RNG and optimizer state restored
     loaded, tok, lcfg = vc.load_checkpoint(str(tmp_path / "full"))
-    assert torch.equal(_vc_weights(loaded), _vc_weights(full)) and lcfg.vit_dim == cfg.vit_dim
+    assert torch.equal(_vc_weights(loaded), _vc_weights(full)) and lcfg.vit_dim == vc.PRESETS["tiny"]["vit_dim"]
     ev = json.load(open(tmp_path / "full" / "eval.json"))
     assert set(ev) == {"test", "novel", "train_seconds"} and ev["test"]["n"] == 12
     assert 0 <= ev["test"]["exact_match"] <= 1 and ev["test"]["samples"]
@@ -907,7 +922,15 @@ def test_vc_bad_inputs(tmp_path, capsys):
     (other / "config.json").write_text("{not json")
     main_user_error(vc.main, capsys, ["--eval", "--out_dir", other], "config.json")
     main_user_error(vc.main, capsys, ["--eval", "--out_dir", tmp_path / "none"], "no checkpoint")
-    main_user_error(vc.main, capsys, ["--train", "--resume", "--preset", "tiny", "--out_dir", tmp_path / "none"], "resume")
+    main_user_error(vc.main, capsys, ["--train", "--resume", "--out_dir", tmp_path / "none", "--data_dir",
+                                      tmp_path / "d"], "resume")
+    assert not (tmp_path / "d").exists()  # refused before the synthetic world was built
+    (other / "config.json").write_text(json.dumps({"script": "vit_caption"}))
+    main_user_error(vc.main, capsys, ["--eval", "--out_dir", other], "config.json", "'config'")
+    cuda = () if torch.cuda.is_available() else (("--bench", "--device", "cuda"),)  # a device this machine lacks
+    for argv in (("--top_p", 0), ("--top_p", 1.5), ("--temperature", -1), ("--batch_size", 0), ("--n_head", 3),
+                 ("--bench", "--device", "xyz")) + cuda:
+        main_user_error(vc.main, capsys, ["--generate", "--image", "x.png", *argv], " ".join(map(str, argv[-2:])))
     main_user_error(vc.main, capsys, ["--train", "--preset", "huge"], "--preset huge")
     main_user_error(vc.main, capsys, ["--train", "--patch_init", "zeros"], "--patch_init zeros")
     main_user_error(vc.main, capsys, ["--train", "--preset", "tiny", "--patch", "5"], "--patch 5")
@@ -976,7 +999,7 @@ def test_vc_user_data_training(tmp_path):
             img[5:15, 5:15] = bgr
             cv2.imwrite(str(tmp_path / f"{colour}{j}.png"), img)
     lines = [f"{c}{j}.png | a {c} patch\n{c}{j}.png | the {c} patch" for c in ("red", "blue", "green") for j in range(4)]
-    (tmp_path / "caps.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "caps.txt").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")  # a BOM, as Notepad writes
     cfg = _vc_cfg(tmp_path, data=str(tmp_path / "caps.txt"), max_steps=4)
     data = vc.prepare_data(cfg, 0)
     assert len(data["train"][0]) == 10 and len(data["test"][0]) == 2 and len(data["train"][0][0][1]) == 2
@@ -985,8 +1008,9 @@ def test_vc_user_data_training(tmp_path):
 
 
 @_vc_1t
-def test_vc_ddp_two_processes_match_one(tmp_path):
-    """2-process gloo DDP (batch 4 per rank) ends at the same weights as one process with batch 8."""
+def test_vc_ddp_two_processes_match_one(tmp_path, capsys):
+    """2-process gloo DDP (batch 4 per rank) ends at the same weights, and logs the same losses, as one process with
+    batch 8."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     common = ["--preset", "tiny", "--data_dir", str(tmp_path / "data"), "--max_steps", "3"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
@@ -995,9 +1019,13 @@ def test_vc_ddp_two_processes_match_one(tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("step 2/3") == 1  # rank 0 alone prints
+    capsys.readouterr()
     single, _ = vc.train(_vc_cfg(tmp_path, out_dir=str(tmp_path / "one"), max_steps=3, batch_size=8))
     ddp, _, _ = vc.load_checkpoint(str(tmp_path / "ddp"))
     assert torch.allclose(_vc_weights(ddp), _vc_weights(single), atol=1e-5)
+    losses = [[float(x) for x in re.findall(r"^step \d+/3 \| loss (\S+)", out, re.M)] for out in
+              (p.stdout, capsys.readouterr().out)]
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], abs=2e-3)
 
 
 # ====================================================================================================================
@@ -3139,6 +3167,9 @@ def test_ab_bad_inputs(tmp_path, capsys):
     _ab_user_error(capsys, "--variant both", "--variant", "both")
     _ab_user_error(capsys, "no checkpoint", "--eval", "--out_dir", tmp_path / "none")
     _ab_user_error(capsys, "--generate needs --video", "--generate")
+    for device in ("xyz",) + (() if torch.cuda.is_available() else ("cuda",)):  # unknown, or not on this machine
+        _ab_user_error(capsys, f"--device {device}", "--train", "--device", device, "--data_dir", tmp_path / "d")
+    assert not (tmp_path / "d").exists()  # refused before any data was built
     other = tmp_path / "other" / "cross"
     other.mkdir(parents=True)
     (other / "config.json").write_text(json.dumps({"script": "vit_caption", "model": "cross", "config": {}}))

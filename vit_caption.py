@@ -111,15 +111,16 @@ class Config:
     beam: int = 1  # beam width; >1 = beam search (deterministic)
     max_new_tokens: int = 23  # caption length limit in tokens, EOS included
 
+# tiny: seconds, for the tests. original: the write-up's exact sizes (the 4 decoder heads and GPT-2 ids are our choice)
 PRESETS = {
     "default": {},
-    "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, img_size=16, patch=8, vit_dim=32,  # seconds: tests
-                 vit_layers=1, vit_heads=2, vit_mlp=64, d_model=32, n_layer=1, n_head=2, mlp_dim=64, batch_size=8,
+    "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, img_size=16, patch=8, vit_dim=32, vit_layers=1,
+                 vit_heads=2, vit_mlp=64, d_model=32, n_layer=1, n_head=2, mlp_dim=64, batch_size=8,
                  max_steps=6, warmup=2, log_interval=2, eval_interval=4, dtype="float32"),
-    "original": dict(img_size=96, patch=16, vit_dim=512, vit_layers=16, vit_heads=8, vit_mlp=2048,  # the write-up's
-                     vit_dropout=0.4, pool="cls", d_model=128, n_layer=8, n_head=4, mlp_dim=11008,  # exact sizes (4
-                     compact_vocab=False, rope_theta=10000.0, batch_size=16, max_steps=6, eval_max=64,  # heads and
-                     warmup=2, lr=3e-4, log_interval=1, eval_interval=1000, dtype="float32"),  # GPT-2 ids: our choice)
+    "original": dict(img_size=96, patch=16, vit_dim=512, vit_layers=16, vit_heads=8, vit_mlp=2048, vit_dropout=0.4,
+                     pool="cls", d_model=128, n_layer=8, n_head=4, mlp_dim=11008, compact_vocab=False,
+                     rope_theta=10000.0, batch_size=16, max_steps=6, eval_max=64, warmup=2, lr=3e-4, log_interval=1,
+                     eval_interval=1000, dtype="float32"),
 }
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -162,8 +163,7 @@ def sample_scene(rng, split):
         relation = rng.choice(list(RELATIONS))
         along = [q, 3 * q] if relation in ("above", "to the left of") else [3 * q, q]  # first object's side first
         m = max(SIZES[z] for _, _, z in attrs) + 2
-        other = rng.randint(m + 6, RENDER - m - 6)  # shared position along the other axis...
-        objs = []
+        other, objs = rng.randint(m + 6, RENDER - m - 6), []  # shared position along the other axis...
         for (c, s, z), a in zip(attrs, along):
             # ...jittered: centres >= 2q - 12 apart along the relation's axis, <= 12 across it: one relation only
             a, o = a + rng.randint(-6, 6), other + rng.randint(-6, 6)  # along, across
@@ -193,16 +193,14 @@ def build_world(cfg):
     if os.path.exists(stamp) and json.load(open(stamp)) == want:
         return files
     for offset, (split, n) in enumerate(sizes.items()):
-        rng = random.Random(cfg.seed * 10 + offset)
+        rng, lines = random.Random(cfg.seed * 10 + offset), []
         os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
-        lines = []
         for i in range(n):
             objs, relation = sample_scene(rng, split)
             name = f"{split}/{i:05d}.png"
             write_image(os.path.join(cfg.data_dir, name), objs, rng)
             lines += [f"{name} | {c}" for c in captions_for(objs, relation)]
-        with open(files[split], "w") as f:
-            f.write("\n".join(lines) + "\n")
+        open(files[split], "w").write("\n".join(lines) + "\n")
     json.dump(want, open(stamp, "w"))
     return files
 
@@ -228,7 +226,7 @@ def read_captions(path):
     if not os.path.isfile(path):
         raise UserError(f"{path}: captions file not found")
     try:
-        text = open(path, encoding="utf-8").read()
+        text = open(path, encoding="utf-8-sig").read()  # -sig: drop a BOM
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text file (expected lines 'image.png | a caption')")
     base, caps = os.path.dirname(os.path.abspath(path)), {}  # image -> its captions, in the file's order
@@ -249,8 +247,7 @@ def read_captions(path):
     return list(caps.items())
 
 class Tokenizer:
-    """GPT-2 BPE (tiktoken) with a compact table: model ids index `ids`, the GPT-2 ids seen in training.
-    Model id 0 is <|endoftext|>, used as BOS and EOS."""
+    """GPT-2 BPE (tiktoken) over a compact table `ids` of the GPT-2 ids seen in training; model id 0 = <|endoftext|>."""
     def __init__(self, ids):
         self.enc, self.ids, self.eos = tiktoken.get_encoding("gpt2"), list(ids), 0  # ids: model id -> GPT-2 id
         self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
@@ -258,9 +255,8 @@ class Tokenizer:
     def from_captions(cls, captions, compact=True):
         """The table of a training set: <|endoftext|> first, then every GPT-2 id its captions use (or all 50257)."""
         enc = tiktoken.get_encoding("gpt2")
-        if not compact:
-            return cls([enc.eot_token] + [i for i in range(enc.n_vocab) if i != enc.eot_token])
-        return cls([enc.eot_token] + sorted({t for c in captions for t in enc.encode(c)}))
+        ids = {t for c in captions for t in enc.encode(c)} if compact else set(range(enc.n_vocab))
+        return cls([enc.eot_token] + sorted(ids - {enc.eot_token}))
     def encode(self, text):
         """Caption -> [BOS, ..., EOS] in model ids; GPT-2 ids absent from the table are dropped (said in README)."""
         return [self.eos] + [self.to_model[t] for t in self.enc.encode(text) if t in self.to_model] + [self.eos]
@@ -308,9 +304,8 @@ class Attention(nn.Module):
     step feeds only its new token. `weights`: None, or a list collecting each call's map (mean over heads)."""
     def __init__(self, dim, heads, causal, dropout):
         super().__init__()
-        self.h, self.causal, self.p = heads, causal, dropout
+        self.h, self.causal, self.p, self.weights = heads, causal, dropout, None
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim, bias=not causal) for _ in range(4))
-        self.weights = None
     def forward(self, x, rope=None, cache=None):
         B, T, D = x.shape
         # (B, T, D) -> (B, T, H, D/H) -> (B, H, T, D/H): each head attends on its own slice of the width
@@ -335,8 +330,7 @@ class GeluMLP(nn.Module):
     """The ViT's MLP (Dosovitskiy et al. 2020): down(dropout(gelu(up(x)))), with biases."""
     def __init__(self, dim, hidden, dropout):
         super().__init__()
-        self.up_proj, self.down_proj = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(dropout)
+        self.up_proj, self.down_proj, self.drop = nn.Linear(dim, hidden), nn.Linear(hidden, dim), nn.Dropout(dropout)
     def forward(self, x):
         return self.down_proj(self.drop(F.gelu(self.up_proj(x))))
 
@@ -389,8 +383,6 @@ class ViT(nn.Module):
     (B, 3, S, S) normalised pixels -> visual tokens (B, N, E): N = 1 for "cls"/"mean", N = P for "patches"."""
     def __init__(self, cfg):
         super().__init__()
-        if cfg.img_size % cfg.patch:
-            raise UserError(f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}")
         self.pool, n_patch = cfg.pool, (cfg.img_size // cfg.patch) ** 2
         self.patch_embed = nn.Conv2d(3, cfg.vit_dim, cfg.patch, cfg.patch)  # stride = kernel: a linear map per patch
         # a CLS token only where it is read: an unused parameter would stall DDP
@@ -408,16 +400,14 @@ class ViT(nn.Module):
         for layer in self.layers:
             x = layer(x)
         x = self.norm(x)  # (B, 1+P, E) with a CLS token, else (B, P, E)
-        if self.pool == "cls":
-            return x[:, :1]  # (B, 1, E): the write-up's single image vector
-        return x.mean(1, keepdim=True) if self.pool == "mean" else x  # (B, 1, E) or (B, P, E)
+        # (B, 1, E): the CLS token's output (the write-up's image vector) or the mean patch; else all (B, P, E)
+        return x[:, :1] if self.pool == "cls" else x.mean(1, keepdim=True) if self.pool == "mean" else x
 
 class ViTCaptioner(nn.Module):
     """ViT -> linear projection -> LLaMA-style decoder over [visual prefix, BOS, caption tokens]."""
     def __init__(self, cfg, vocab_size):
         super().__init__()
-        self.cfg = cfg
-        self.vit = ViT(cfg)
+        self.cfg, self.vit = cfg, ViT(cfg)
         self.proj = nn.Linear(cfg.vit_dim, cfg.d_model)  # E -> D: the image in the decoder's embedding space
         self.n_prefix = 1 if cfg.pool in ("cls", "mean") else (cfg.img_size // cfg.patch) ** 2  # N
         self.embed_tokens = nn.Embedding(vocab_size, cfg.d_model)
@@ -500,9 +490,8 @@ class ViTCaptioner(nn.Module):
 # Checkpoint I/O: out_dir/model.safetensors + config.json (+ the token table) + train_state.pt
 
 def atomic(path, write):
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)  # a crash never leaves a half-written file
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
 def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -514,6 +503,7 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
+# The fields that shape the weights: --resume takes them from the checkpoint, never from the command line.
 ARCH = ("img_size", "patch", "vit_dim", "vit_layers", "vit_heads", "vit_mlp", "pool", "d_model", "n_layer", "n_head",
         "mlp_dim", "max_len", "rope_theta", "compact_vocab")
 
@@ -531,6 +521,8 @@ def load_checkpoint(out_dir, overrides=None):
         who = meta.get("script") if isinstance(meta, dict) else None
         raise UserError(f"{out_dir}: checkpoint was written by '{who}', not {SCRIPT}.py; pass --out_dir of a "
                         f"{SCRIPT} checkpoint")
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("vocab"), list):
+        raise UserError(f"{cpath}: no 'config' object or 'vocab' list (checkpoint damaged; retrain or pass --out_dir)")
     saved = {k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
     cfg = Config(**{**saved, **{k: v for k, v in (overrides or {}).items() if k not in ARCH}, "out_dir": out_dir})
     tok = Tokenizer(meta["vocab"])  # the token table the model was trained with
@@ -547,6 +539,22 @@ def load_checkpoint(out_dir, overrides=None):
                         f"mis-shaped {shapes[:5]})")
     model.load_state_dict(state)
     return model, tok, cfg
+
+def resume_run(cfg, typed=None):
+    """--resume, before any data is read: out_dir's saved config with the typed flags on top (typed None: all of cfg);
+    a typed flag asking for another architecture (ARCH) is refused by name. -> cfg, (model, tokenizer, train state)"""
+    path = os.path.join(cfg.out_dir, "train_state.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
+    typed = dataclasses.asdict(cfg) if typed is None else {"stop_after": 0, **typed}  # the saved stop is behind us
+    model, tok, saved = load_checkpoint(cfg.out_dir, typed)
+    clash = [f"--{k} {v} (saved {getattr(saved, k)})" for k, v in typed.items() if k in ARCH and v != getattr(saved, k)]
+    if clash:
+        raise UserError(f"{cfg.out_dir}: --resume keeps the checkpoint's architecture; drop {', '.join(clash)}")
+    try:
+        return saved, (model, tok, torch.load(path, weights_only=True))
+    except Exception as e:  # a truncated or foreign file: zip, pickle or torch errors
+        raise UserError(f"{path}: cannot read it ({type(e).__name__}; damaged?); train again without --resume")
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics: exact match, corpus BLEU-4, CIDEr-D (plain Python, tested on hand-computed cases)
@@ -579,9 +587,8 @@ def bleu4(preds, refs):
     return bp * math.exp(log_p)
 
 def cider_d(preds, refs, sigma=6.0):
-    """CIDEr-D (Vedantam et al.): TF-IDF n-gram vectors (n=1..4, IDF from the evaluated set's references), cosine
-    with clipped hypothesis counts, a Gaussian penalty on the length difference (sigma=6), averaged over references
-    and n, times 10."""
+    """CIDEr-D (Vedantam et al.): TF-IDF n-gram vectors (n=1..4, IDF from the evaluated set's references), cosine with
+    clipped hypothesis counts, Gaussian length penalty (sigma=6), averaged over references and n, times 10."""
     ref_words = [[normalise(r).split() for r in rs] for rs in refs]
     # document frequency: in how many images' reference sets each n-gram occurs
     df = collections.Counter(g for rws in ref_words
@@ -592,8 +599,7 @@ def cider_d(preds, refs, sigma=6.0):
         return v, [math.sqrt(sum(x * x for x in d.values())) for d in v], len(words)
     scores = []
     for p, rws in zip(preds, ref_words):
-        hv, hn, hl = vec(normalise(p).split())
-        total = 0.0
+        (hv, hn, hl), total = vec(normalise(p).split()), 0.0
         for r in rws:
             rv, rn, rl = vec(r)
             for n in range(4):
@@ -607,9 +613,13 @@ def cider_d(preds, refs, sigma=6.0):
 # Training
 
 def pick_device(name):
-    """--device auto: cuda > mps > cpu; any other name is used as given."""
+    """--device auto: cuda > mps > cpu; any other name must be one of the devices this machine has."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    return name if name != "auto" else "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    cudas = [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # counting them creates no CUDA context
+    have = ["cpu"] + ["mps"] * mps + cudas + ["cuda"] * bool(cudas)  # auto takes the last: cuda > mps > cpu
+    if name != "auto" and name not in have:
+        raise UserError(f"--device {name}: no such device on this machine; pass auto or one of {', '.join(have)}")
+    return have[-1] if name == "auto" else name
 
 def autocast(cfg, device):
     """Matmuls in cfg.dtype under torch.autocast (weights stay float32); float32 = autocast off."""
@@ -645,12 +655,10 @@ def prepare_data(cfg, rank):
     """-> {split: (entries, uint8 images)}; the synthetic world is built by rank 0 only, the others wait."""
     if cfg.data:
         entries = read_captions(cfg.data)
-        if cfg.test_data:
-            test = read_captions(cfg.test_data)
-        else:  # hold out every 10th image for evaluation
-            test, entries = entries[::10], [e for i, e in enumerate(entries) if i % 10]
-            if not entries:
-                raise UserError(f"{cfg.data}: too few images to hold out a test set; add images or pass --test_data")
+        test = read_captions(cfg.test_data) if cfg.test_data else entries[::10]  # else every 10th image is held out
+        entries = entries if cfg.test_data else [e for i, e in enumerate(entries) if i % 10]
+        if not entries:
+            raise UserError(f"{cfg.data}: too few images to hold out a test set; add images or pass --test_data")
         splits = {"train": entries, "val": test[: max(1, len(test) // 2)], "test": test}
     else:
         if rank == 0:
@@ -674,15 +682,10 @@ def setup_distributed(cfg):
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
 
-def init_training(cfg, entries, images, resume, device):
-    """-> (model, tokenizer, optimizer, step): a fresh model whose patch embedding is fitted to the training images,
-    or the model, optimizer state, step and RNG state saved in out_dir (--resume)."""
-    if resume:
-        if not os.path.isfile(os.path.join(cfg.out_dir, "train_state.pt")):
-            raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
-        model, tok, saved = load_checkpoint(cfg.out_dir)
-        if any(getattr(saved, k) != getattr(cfg, k) for k in ARCH):
-            raise UserError(f"{cfg.out_dir}: checkpoint has another architecture than this config (same --preset?)")
+def init_training(cfg, entries, images, resumed, device):
+    """-> (model, tokenizer, optimizer, step): fresh (patch embedding fitted to the images), or resume_run's."""
+    if resumed:
+        model, tok, state = resumed
     else:
         tok = Tokenizer.from_captions([c for _, cs in entries for c in cs], cfg.compact_vocab)
         model = ViTCaptioner(cfg, len(tok.ids))
@@ -695,50 +698,50 @@ def init_training(cfg, entries, images, resume, device):
     rest = [p for p in model.parameters() if not (p.dim() >= 2 and id(p) not in tables)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    if not resume:
-        return model, tok, opt, 0
-    ts = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
-    opt.load_state_dict(ts["optimizer"])
-    torch.set_rng_state(ts["rng"])  # dropout continues as if never stopped
-    return model, tok, opt, ts["step"]
+    if resumed:
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])  # dropout continues as if never stopped
+    return model, tok, opt, state["step"] if resumed else 0
 
 def train_step(model, opt, scaler, batch, cfg, device, rank, world):
     """One optimizer step over grad_accum micro-batches of this rank's rows -> the global batch's mean loss. The loss
     is summed over tokens / the global batch's token count, so any split of the batch (micro-batches, ranks) gives the
     same gradient; DDP averages over ranks, hence the * world."""
     images, inp, tgt = batch  # the global batch: (G, S, S, 3), (G, L), (G, L)
-    n_tok = (tgt != -100).sum().item()
+    n_tok, total = (tgt != -100).sum().item(), torch.zeros((), device=device)  # total: this rank's share of the loss
     model.train()
-    total = 0.0
     for micro in range(cfg.grad_accum):
         rows = slice((micro * world + rank) * cfg.batch_size, (micro * world + rank + 1) * cfg.batch_size)
-        last = micro == cfg.grad_accum - 1
-        sync = model.no_sync() if world > 1 and not last else torch.enable_grad()  # all-reduce once, at the end
+        sync = model.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else torch.enable_grad()  # one all-reduce
         with sync, autocast(cfg, device):
             logits, _ = model(images[rows].to(device), inp[rows].to(device))
             loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt[rows].flatten().to(device), ignore_index=-100,
                                    reduction="sum") / n_tok * world
         scaler.scale(loss).backward()
-        total += loss.item() / world
-    if not math.isfinite(total):
-        raise UserError(f"loss became {total}; stopped, the last good checkpoint in {cfg.out_dir} is kept "
+        total += loss.detach() / world
+    if world > 1:  # each rank summed its own rows only: the global batch's loss is the sum over ranks
+        dist.all_reduce(total)
+    if not torch.isfinite(total):
+        raise UserError(f"loss became {total.item()}; stopped, the last good checkpoint in {cfg.out_dir} is kept "
                         f"(try a lower --lr)")
     scaler.unscale_(opt)
     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
-    return total
+    return total.item()
 
-def train(cfg, resume=False):
-    """Train (on every rank), then evaluate and save on rank 0. -> (model, tokenizer)."""
+def train(cfg, resume=False, typed=None):
+    """Train (every rank), evaluate and save (rank 0); resume: go on with out_dir's run (resume_run). -> model, tok"""
+    cfg, resumed = resume_run(cfg, typed) if resume else (cfg, None)  # before any data: a refusal costs nothing
     rank, world, device = setup_distributed(cfg)
     say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
+    say("config:", json.dumps(dataclasses.asdict(cfg)))
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     data = prepare_data(cfg, rank)
     say("data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" images ({time.time() - t0:.1f}s)")
-    model, tok, opt, step = init_training(cfg, *data["train"], resume, device)
+    model, tok, opt, step = init_training(cfg, *data["train"], resumed, device)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"parameters: {n_params / 1e6:.2f}M total, {n_params / 1e6:.2f}M trainable, 0 frozen; vocab {len(tok.ids)}; "
         + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in model.part_counts().items())
@@ -795,9 +798,9 @@ def filter_logits(logits, top_k, top_p):
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
+        probs, order = logits.softmax(-1).sort(-1, descending=True)
         drop = probs.cumsum(-1) - probs >= top_p  # tokens after the nucleus is already full
+        drop[..., 0] = False  # the likeliest token always stays, even at top_p 0
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
@@ -847,13 +850,11 @@ def beam_search(model, images, cfg, length_penalty=1.0):
     A finished hypothesis scores its log-probability / length**length_penalty."""
     model.eval()
     B, K, eos, N = images.shape[0], cfg.beam, 0, model.n_prefix
-    x = prefill_input(model, images).repeat_interleave(K, 0)  # (B*K, N+1, D)
-    cache = [{} for _ in model.layers]
+    x, cache = prefill_input(model, images).repeat_interleave(K, 0), [{} for _ in model.layers]  # x: (B*K, N+1, D)
     logp = next_logits(model, x, cache).log_softmax(-1)  # (B*K, V)
     seq = torch.zeros(B * K, 0, dtype=torch.long, device=images.device)
     score = torch.tensor([0.0] + [float("-inf")] * (K - 1), device=images.device).repeat(B, 1)  # (B, K): one alive
-    finished = [[] for _ in range(B)]
-    steps = min(cfg.max_new_tokens, cfg.max_len - 1)
+    finished, steps = [[] for _ in range(B)], min(cfg.max_new_tokens, cfg.max_len - 1)  # per image: (score, ids)
     for t in range(steps):
         V = logp.shape[-1]
         top, pos = (score.view(-1, 1) + logp).view(B, K * V).topk(2 * K, -1)  # 2K: K live beams survive EOS ends
@@ -869,14 +870,14 @@ def beam_search(model, images, cfg, length_penalty=1.0):
                 else:
                     keep.append((s, b * K + beam, token))
             live += keep + [(float("-inf"), b * K, eos)] * (K - len(keep))  # dead fillers keep the shape (B*K)
-        score, rows, tok = (torch.tensor(c, device=images.device) for c in zip(*live))  # (B*K,) each
+        score, rows, token = (torch.tensor(c, device=images.device) for c in zip(*live))  # (B*K,) each
         for layer in cache:  # re-order the cache to follow the surviving beams
             layer["k"], layer["v"] = layer["k"][rows], layer["v"][rows]
-        seq, score = torch.cat([seq[rows], tok[:, None]], 1), score.view(B, K)  # (B*K, t+1), (B, K)
+        seq, score = torch.cat([seq[rows], token[:, None]], 1), score.view(B, K)  # (B*K, t+1), (B, K)
         best_live = score.max(-1).values / (t + 2) ** length_penalty
         if t == steps - 1 or all(finished[b] and max(f[0] for f in finished[b]) >= best_live[b] for b in range(B)):
             break
-        logp = next_logits(model, model.embed_tokens(tok[:, None]), cache, pos=N + 1 + t).log_softmax(-1)
+        logp = next_logits(model, model.embed_tokens(token[:, None]), cache, pos=N + 1 + t).log_softmax(-1)
     for b in range(B):
         if not finished[b]:  # nothing ended before max length: take the best live beam
             finished[b].append((score[b].max().item(), seq[b * K + score[b].argmax().item()].tolist()))
@@ -903,11 +904,6 @@ def attention_png(model, image, tok, cfg, device, path, show=None):
         rows = [w[0, -g * g:] if cfg.pool == "cls" else w.mean(0)[-g * g:]] * len(ids)
         what = f"ViT last layer, {'CLS token' if cfg.pool == 'cls' else 'mean query'} (decoder sees one vector)"
     big, cell, label = 192, max(12, min(24, 480 // (g * g))), 96  # image side, matrix cell, token label width
-    pic = cv2.resize((show if show is not None else image.numpy())[:, :, ::-1], (big, big), interpolation=0)  # BGR
-    for i in range(g * g):  # the patch grid, numbered row by row as the columns on the right
-        r, c = divmod(i, g)
-        cv2.rectangle(pic, (c * big // g, r * big // g), ((c + 1) * big // g, (r + 1) * big // g), (200, 200, 200), 1)
-        put(pic, str(i), c * big // g + 2, r * big // g + 12, 0.35)
     labels = [tok.decode([t]).strip()[:12] for t in ids] or ["(empty)"]
     heat = torch.stack(rows) if rows else torch.zeros(1, g * g)  # (tokens, P)
     heat = (255 * heat / heat.amax(1, keepdim=True).clamp_min(1e-9)).to(torch.uint8).numpy()
@@ -915,7 +911,11 @@ def attention_png(model, image, tok, cfg, device, path, show=None):
                       interpolation=cv2.INTER_NEAREST)  # (tokens * cell, P * cell, 3)
     mat = np.zeros((16 + heat.shape[0], label + heat.shape[1], 3), np.uint8)  # a header row for the patch numbers
     mat[16:, label:] = heat
-    for i in range(g * g):  # column header: the patch numbers
+    pic = cv2.resize((show if show is not None else image.numpy())[:, :, ::-1], (big, big), interpolation=0)  # BGR
+    for i in range(g * g):  # patch i: its cell on the image (grid numbered row by row) and its column's header
+        r, c = divmod(i, g)
+        cv2.rectangle(pic, (c * big // g, r * big // g), ((c + 1) * big // g, (r + 1) * big // g), (200, 200, 200), 1)
+        put(pic, str(i), c * big // g + 2, r * big // g + 12, 0.35)
         put(mat, str(i), label + i * cell + 1, 12, 0.3)
     for j, text in enumerate(labels):  # row labels: the tokens
         put(mat, text, 2, 16 + j * cell + cell // 2 + 4)
@@ -929,8 +929,7 @@ def attention_png(model, image, tok, cfg, device, path, show=None):
     return caption
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):
-    """Caption every image of test (and novel, and the train subset with --max_train), score, print a table and
-    samples, write eval.json and an attention PNG."""
+    """Caption and score test, novel (and train with --max_train); print a table, samples; write eval.json, a PNG."""
     result = {"train_seconds": train_seconds}
     print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")
     for split in [s for s in ("test", "novel") + (("train",) if cfg.max_train > 0 else ()) if s in data]:
@@ -944,16 +943,14 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
                              "samples": [{"image": os.path.relpath(p), "prediction": pr, "references": rs}
                                          for (p, rs), pr in list(zip(entries, preds))[:8]]}
         print(f"{split:8s} {r['n']:5d} {r['exact_match']:7.3f} {r['bleu4']:7.3f} {r['cider']:8.3f}")
-    for s in result["test"]["samples"][:4]:
-        print(f"  pred: {s['prediction']!r}\n  refs: {s['references']}")
+    print("\n".join(f"  pred: {s['prediction']!r}\n  refs: {s['references']}" for s in result["test"]["samples"][:4]))
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     attention_png(model, data["test"][1][0], tok, cfg, device, os.path.join(cfg.out_dir, "attention.png"))
     print(f"wrote {cfg.out_dir}/eval.json and {cfg.out_dir}/attention.png")
     return result
 
 def bench(cfg):
-    """Training samples/s and captions/s with and without the KV cache in cfg.dtype, on random images, with the
-    built-in world's token table (or all 50257 GPT-2 ids with --no-compact_vocab)."""
+    """Training samples/s and captions/s (KV cache on, off) in cfg.dtype, on random images, the world's token table."""
     device, B = pick_device(cfg.device), cfg.batch_size
     torch.manual_seed(0)
     objs = [(c, s, z) for c in COLOURS for s in SHAPES for z in SIZES]  # every word the world's captions use
@@ -985,6 +982,7 @@ def bench(cfg):
 
 CHOICES = {"pool": ("cls", "mean", "patches"), "dtype": ("float32", "bfloat16", "float16"),
            "patch_init": ("pca", "random")}  # the Config fields that take one of a few names
+POSITIVE = ("batch_size", "grad_accum", "log_interval", "eval_interval", "patch", "vit_heads", "n_head", "max_len")
 
 def parse_args(argv=None):
     """Command line -> (args, cfg, overrides): the preset, then the flags given. No files, data or model touched."""
@@ -997,19 +995,25 @@ def parse_args(argv=None):
     p.add_argument("--image", default="", help="image file, for --generate")
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
     for f in dataclasses.fields(Config):  # every Config field is a flag; bools as --flag / --no-flag
-        bool_flag = isinstance(f.default, bool)
-        kind = dict(action=argparse.BooleanOptionalAction) if bool_flag else dict(type=type(f.default))
-        p.add_argument(f"--{f.name}", default=None, **kind)  # None = not given: the preset's value stays
+        kw = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
+        p.add_argument(f"--{f.name}", default=None, **kw)  # None = not given: the preset's value stays
     args = p.parse_args(argv)
     if args.preset not in PRESETS:
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset], **overrides})
-    for name, choices in CHOICES.items():  # one line naming the flag and its choices, not a traceback later
-        if getattr(cfg, name) not in choices:
-            raise UserError(f"--{name} {getattr(cfg, name)}: choose one of {', '.join(choices)}")
-    if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.vit_heads:
-        raise UserError("--d_model must split into --n_head even-sized heads and --vit_dim into --vit_heads")
+    # the first bad flag in one line naming it, not a traceback later; sizes are divided only once they are positive
+    bad = [f"--{n} {getattr(cfg, n)}: choose one of {', '.join(c)}" for n, c in CHOICES.items() if getattr(cfg, n)
+           not in c] + [f"--{n} {getattr(cfg, n)}: must be at least 1" for n in POSITIVE if getattr(cfg, n) < 1]
+    bad = bad or [why for wrong, why in (
+        (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1] (1 = off)"),
+        (cfg.temperature < 0, f"--temperature {cfg.temperature}: must be >= 0 (0 = greedy)"),
+        (cfg.img_size % cfg.patch, f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}"),
+        (cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.vit_heads, f"--d_model "
+         f"{cfg.d_model} / --n_head {cfg.n_head}: need even-sized heads, and --vit_dim a multiple of --vit_heads"),
+        (args.generate and not args.image, "--generate needs --image PATH")) if wrong]
+    if bad:
+        raise UserError(bad[0])
     return args, cfg, overrides
 
 def main(argv=None):
@@ -1022,18 +1026,14 @@ def main(argv=None):
 
 def run(args, cfg, overrides):
     """Dispatch --train / --bench / --eval / --generate."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print("config:", json.dumps(dataclasses.asdict(cfg)))
-    if args.train:
-        train(cfg, resume=args.resume)
-    elif args.bench:
+    if args.train:  # train prints the config it runs: on --resume the checkpoint's, with the typed flags on top
+        return train(cfg, args.resume, overrides)
+    print("config:", json.dumps(dataclasses.asdict(cfg)))
+    if args.bench:
         bench(cfg)
     elif args.eval or args.generate:
-        if args.generate and not args.image:
-            raise UserError("--generate needs --image PATH")
         model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)  # the architecture comes from the checkpoint
-        device = pick_device(cfg.device)
-        model.to(device)
+        model.to(device := pick_device(cfg.device))
         if args.eval:
             return evaluate(model, tok, cfg, device, prepare_data(cfg, 0))
         image = torch.from_numpy(load_image(args.image, cfg.img_size))  # (S, S, 3) uint8, letterboxed
