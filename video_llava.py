@@ -398,7 +398,8 @@ def load_video(path, n_frames, size):
 
 class Tokenizer:
     """What both tokenizers share: added tokens such as <image> / <video> are split out of the text first and keep
-    their own ids; each piece of text between them goes through the tokenizer's own encode_text."""
+    their own ids; each piece of text between them goes through the tokenizer's own encode_text. A subclass defines
+    encode_text and the attributes encode reads: added {token: id}, split_re, prefix_ids and suffix_ids (BOS/EOS)."""
     def encode(self, text, add_bos=True):
         parts = self.split_re.split(text) if self.added else [text]  # odd parts are added tokens such as <image>
         ids = [t for i, part in enumerate(parts) if part
@@ -533,6 +534,19 @@ def rotate_half(x):
     HF permutes the original q/k weights to match)."""
     return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), -1)
 
+def padded_positions(attention_mask, offset, width=None):
+    """Left padding: attention_mask (B, T) over the cached and new tokens (1 = real, 0 = pad), the new ones at
+    offset .. T-1 (L = T - offset) -> RoPE positions (B, L) and the mask (B, 1, L, width or T), True = attend.
+    A token's position is the number of real tokens before it, so a padded row gets the positions (and the logits)
+    it would get alone; a query sees the real tokens up to itself, and itself (a pad too: no all-masked row, no
+    NaN); slots T .. width-1 (a static cache's unfilled ones) are hidden."""
+    T = attention_mask.shape[1]
+    pos = (attention_mask.long().cumsum(-1)[:, offset:] - 1).clamp(min=0)  # (B, L), a new tensor: fixed strides
+    keys = torch.arange(width or T, device=attention_mask.device)  # (width,)
+    queries = torch.arange(offset, T, device=attention_mask.device)[:, None]  # (L, 1)
+    real = F.pad(attention_mask.bool(), (0, (width or T) - T))[:, None]  # (B, 1, width): False past T
+    return pos, ((real & (keys <= queries)) | (keys == queries))[:, None]  # (B, 1, L, width)
+
 class KVCache:
     """The static KV cache (as in gpt-fast): keys and values preallocated per layer as (B, K, T_max, E), so no tensor
     grows while decoding. `offset` counts the positions written so far. A prompt (prefill) is written at `offset`.
@@ -556,14 +570,10 @@ class KVCache:
         if attention_mask.shape != (B, self.offset + 1) or self.offset >= T_max:
             raise ValueError(f"a one-token step at position {self.offset} of a {T_max}-position cache needs an "
                              f"attention mask of shape ({B}, {self.offset + 1}), got {tuple(attention_mask.shape)}")
-        # the RoPE position is the number of real tokens before this one: a row padded with p tokens on the left
-        # gives its first real token position 0, exactly as the same row alone (no padding) would
-        pos = (attention_mask.long().sum(-1, keepdim=True) - 1).clamp(min=0)  # (B, 1)
-        mask = F.pad(attention_mask.bool(), (0, T_max - self.offset - 1))  # (B, T_max): unfilled slots are False
-        mask[:, self.offset] = True  # the new token sees itself, a pad too: no empty row, no NaN (as at prefill)
+        pos, mask = padded_positions(attention_mask, self.offset, T_max)  # (B, 1), (B, 1, 1, T_max) as at prefill
         self.slot.fill_(self.offset)  # in place: a compiled graph reads the new value, no recompile
         self.offset += 1
-        return pos, mask[:, None, None]  # (B, 1, 1, T_max): one mask row shared by every head and the one query
+        return pos, mask
     def update(self, layer, k, v):
         """Write this layer's new keys/values (B, K, L, E) -> all keys/values the queries may attend to."""
         if k.shape[2] == 1:  # a one-token step (next_step came first): written at the claimed slot, all T_max
@@ -737,6 +747,9 @@ class VideoLlava(nn.Module):
     multi_modal_projector). Images and videos have a CLIP tower each (the 7B's are LanguageBind encoders, in CLIP's
     architecture); their features, projected, replace the <image> / <video> placeholder embeddings of the prompt,
     and the LLaMA decoder reads them as it reads words."""
+    @staticmethod
+    def from_pretrained(path, dtype=None, device="cpu"):  # as transformers: VideoLlava.from_pretrained(folder)
+        return load_pretrained(path, dtype, device)  # checkpoint I/O, below
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -856,18 +869,14 @@ class VideoLlava(nn.Module):
                 x = self._place(x, input_ids, token, encode(pixels), what)
             elif (input_ids == token).any():
                 raise UserError(f"the prompt has <{what}> placeholders but no {what} was given")
-        if cache is not None and L == 1:  # a one-token step: fixed shapes, as in `step`
+        # RoPE positions (B, L) and the mask (True = attend) in the shape of the case, broadcast over heads
+        if cache is not None and L == 1:  # a one-token step: mask (B, 1, 1, T_max), fixed shapes as in `step`
             pos, mask = cache.next_step(attention_mask)
         elif attention_mask is None or bool(attention_mask.all()):  # no padding: positions offset .. T-1
             pos = torch.arange(offset, T, device=x.device)[None].expand(B, L)  # (B, L)
             mask = None if offset == 0 else torch.ones(L, T, dtype=torch.bool, device=x.device).tril(offset)  # (L, T)
-        else:  # left padding: RoPE positions count real tokens only, so a padded row gets the positions (and the
-            # logits) it would get alone; pads are never attended to, except that a pad query sees itself
-            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, offset:T]  # (B, L)
-            keys, queries = torch.arange(T, device=x.device), torch.arange(offset, T, device=x.device)
-            causal = keys[None, :] <= queries[:, None]  # (L, T)
-            mask = (attention_mask.bool()[:, None, :] & causal) | (keys[None, :] == queries[:, None])  # (B, L, T)
-            mask = mask[:, None]  # (B, 1, L, T): no all-masked row, so no NaN in pad rows
+        else:  # left padding: positions count real tokens only, mask (B, 1, L, T)
+            pos, mask = padded_positions(attention_mask, offset)
         cos, sin = self._rope_table(pos, x.dtype)
         logits = self.llm_forward(x, cos, sin, mask, cache, last_only)
         if cache is not None:
@@ -982,8 +991,6 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):
     if model.cfg.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     return model
-
-VideoLlava.from_pretrained = staticmethod(load_pretrained)  # as transformers: VideoLlava.from_pretrained(folder)
 
 def atomic(path, write):
     """write(tmp) then rename over path: a reader sees the old file or the new one, never half of one."""
@@ -1421,15 +1428,16 @@ def inspect(path, n_frames, n_tokens):
           ", ".join(f"{dt} {b / 2**30:.3f} GiB" for dt, b in by_dtype.items()))
     print(f"key alignment: {len(found)} model tensors found, " +
           ", ".join(f"{what} {keys or 'none'}" for what, keys in problems.items()))
-    p = (cfg.image_size // cfg.patch_size) ** 2
+    p, e, bf16, f32 = (cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size // cfg.num_attention_heads, 2, 4
     seq = (p + 1) * n_frames + n_tokens  # positions of the prompt: P+1 per frame (CLS kept for video) + text
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads * seq * 2
-    vis = n_frames * (p + 1) * (cfg.v_hidden_size * 4 + cfg.v_intermediate_size) * 2 + \
-        n_frames * cfg.v_num_attention_heads * (p + 1) ** 2 * 4  # one CLIP layer's activations + attention scores
-    act = seq * (cfg.hidden_size * 4 + cfg.intermediate_size * 3) * 2  # one decoder layer's, bfloat16
-    print(f"estimate for one video of {n_frames} frames + {n_tokens} text tokens = {seq} positions, bfloat16: "
-          f"weights {n_bytes / 2**30:.2f} GiB, KV cache {kv / 2**20:.1f} MiB (keys and values, bfloat16), vision "
-          f"activations {vis / 2**20:.1f} MiB, decoder activations per layer {act / 2**20:.1f} MiB")
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * e * seq * bf16  # keys and values of every layer
+    # one CLIP layer over the frames: input, q, k, v (4 Dv) and the MLP's hidden (bf16), attention scores (float32)
+    vis = n_frames * (p + 1) * ((4 * cfg.v_hidden_size + cfg.v_intermediate_size) * bf16 +
+                                cfg.v_num_attention_heads * (p + 1) * f32)
+    act = seq * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * bf16  # one decoder layer: 4 D, gate/up/product
+    print(f"estimate for one video of {n_frames} frames + {n_tokens} text tokens = {seq} positions: weights "
+          f"{n_bytes / 2**30:.2f} GiB (as stored: {', '.join(by_dtype)}); in bfloat16: KV cache {kv / 2**20:.1f} MiB, "
+          f"vision activations {vis / 2**20:.1f} MiB, decoder activations per layer {act / 2**20:.1f} MiB")
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
         print(f"CUDA: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
