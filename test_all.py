@@ -1468,13 +1468,14 @@ def test_vl_pixels_match_transformers_image_processor(tmp_path):
     print(f"image: max pixel difference {diff:.3f}/255")
     assert diff <= 2
     from PIL import Image  # transparency (alpha channel, palette) is composited onto white, as convert_to_rgb does
-    alpha = np.random.default_rng(1).integers(0, 256, (700, 1000, 1), dtype=np.uint8)
-    for name, im in (("rgba", Image.fromarray(np.concatenate([rgb, alpha], -1), "RGBA")),
-                     ("palette", Image.fromarray(rgb).quantize(64))):
+    # 224 rows: no resize, so the composite itself is compared (exactly)
+    small, alpha = rgb[:224, :300], np.random.default_rng(1).integers(0, 256, (224, 300, 1), dtype=np.uint8)
+    for name, im in (("rgba", Image.fromarray(np.concatenate([small, alpha], -1), "RGBA")),
+                     ("palette", Image.fromarray(small).quantize(64))):
         im.save(tmp_path / f"{name}.png", **({"transparency": 3} if name == "palette" else {}))
         want = proc(images=[Image.open(tmp_path / f"{name}.png")], return_tensors="np",
                     return_legacy_image_output=False)["pixel_values"][0]
-        assert np.abs(_vl_pixels(vl.load_image(str(tmp_path / f"{name}.png"), 224)) - _vl_pixels(want)).max() <= 2
+        assert np.abs(_vl_pixels(vl.load_image(str(tmp_path / f"{name}.png"), 224)) - _vl_pixels(want)).max() < 0.01
 
 
 def test_vl_video_pixels_and_frames_match_transformers(tmp_path):
