@@ -1428,7 +1428,7 @@ def test_vl_preprocessing():
     assert vl.prompt_text("Why?", "video") == "USER: <video>\nWhy? ASSISTANT:"
 
 
-def test_vl_video_roundtrip_and_frame_folder(tmp_path):
+def test_vl_video_roundtrip_and_frame_folder(tmp_path, monkeypatch):
     path = str(tmp_path / "c.mp4")
     w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 8, (40, 40))
     frames = []
@@ -1437,13 +1437,16 @@ def test_vl_video_roundtrip_and_frame_folder(tmp_path):
         frames.append(img)
         w.write(img)
     w.release()
+    calls = []
+    transform = vl.clip_transform
+    monkeypatch.setattr(vl, "clip_transform", lambda *a: calls.append(1) or transform(*a))
     v = vl.load_video(path, 4, 20)
-    assert v.shape == (4, 3, 20, 20)
+    assert v.shape == (4, 3, 20, 20) and len(calls) == 4  # only the 4 sampled frames of 6 are transformed
     grey = v[:, 0].mean((1, 2)) * vl.CLIP_STD[0] + vl.CLIP_MEAN[0]  # back to [0, 1]
     assert np.allclose(grey * 255, [0, 20, 60, 80], atol=4)  # frames 0, 1, 3, 4 = i*6//4
     os.makedirs(tmp_path / "frames")
     for i, f in enumerate(frames):
-        cv2.imwrite(str(tmp_path / "frames" / f"{i:03d}.png"), f)
+        cv2.imwrite(str(tmp_path / "frames" / f"f{2 * i}.png"), f)  # f0 .. f10: f10 is last, not second
     assert np.allclose(vl.load_video(str(tmp_path / "frames"), 4, 20), v, atol=0.1)
 
 
@@ -1492,6 +1495,15 @@ def test_vl_pixels_match_transformers_image_processor(tmp_path):
     diff = np.abs(_vl_pixels(ours) - _vl_pixels(want)).max()
     print(f"image: max pixel difference {diff:.3f}/255")
     assert diff <= 2
+    from PIL import Image  # transparency (alpha channel, palette) is composited onto white, as convert_to_rgb does
+    # 224 rows: no resize, so the composite itself is compared (exactly)
+    small, alpha = rgb[:224, :300], np.random.default_rng(1).integers(0, 256, (224, 300, 1), dtype=np.uint8)
+    for name, im in (("rgba", Image.fromarray(np.concatenate([small, alpha], -1), "RGBA")),
+                     ("palette", Image.fromarray(small).quantize(64))):
+        im.save(tmp_path / f"{name}.png", **({"transparency": 3} if name == "palette" else {}))
+        want = proc(images=[Image.open(tmp_path / f"{name}.png")], return_tensors="np",
+                    return_legacy_image_output=False)["pixel_values"][0]
+        assert np.abs(_vl_pixels(vl.load_image(str(tmp_path / f"{name}.png"), 224)) - _vl_pixels(want)).max() < 0.01
 
 
 def test_vl_video_pixels_and_frames_match_transformers(tmp_path):
@@ -1955,7 +1967,7 @@ def test_vl_bad_inputs(vl_ckpt, tmp_path):
     with pytest.raises(vl.UserError, match="zero.mp4"):
         vl.load_video(str(tmp_path / "zero.mp4"), 8, 28)
     model = vl.VideoLlava.from_pretrained(dirs["t5save"])
-    with pytest.raises(vl.UserError, match="context"):  # > 256 positions of the tiny config
+    with pytest.raises(vl.UserError, match="context .*--n_frames"):  # > 256 positions of the tiny config
         vl.generate(model, torch.ones(1, 250, dtype=torch.long), max_new_tokens=10)
     with pytest.raises(vl.UserError, match="eyes"):
         vl.apply_freeze(model, "eyes")
@@ -1968,6 +1980,48 @@ def test_vl_bad_inputs(vl_ckpt, tmp_path):
     bad.write_text('{"image": "x.png", "question": "q", "answer": "a"}\n{"video": "v.mp4"}\n')
     with pytest.raises(vl.UserError, match="bad.jsonl:2"):
         vl.read_annotations(str(bad))
+
+
+def test_vl_user_mistakes_are_one_line(vl_ckpt, vl_tiny_run, tmp_path, monkeypatch):
+    """Flags that cannot build a model, annotation files the loader cannot use, a truncated train_state.pt, and
+    training into the checkpoint folder itself: each a UserError naming it, before anything is written."""
+    def refused(match, *argv):
+        with pytest.raises(vl.UserError, match=match):
+            vl.main(["--train", "--preset", "tiny", *argv])
+    for flags, match in ((["--num_key_value_heads", "4"], "multiple of --num_key_value_heads 4"),
+                         (["--num_attention_heads", "4", "--num_key_value_heads", "3"], "multiple of"),
+                         (["--hidden_size", "30"], "must be even"), (["--vision_feature_layer", "3"], "-3 .. 2"),
+                         (["--vision_feature_select_strategy", "fulll"], "default or full"),
+                         (["--n_frames", "0"], "--n_frames must be"), (["--max_new_tokens", "0"], "--max_new")):
+        refused(match, *flags)
+    ck = str(tmp_path / "ck")
+    shutil.copytree(vl_ckpt[1]["hub_sharded"], ck)
+    refused("is the --from_pretrained folder", "--from_pretrained", ck, "--out_dir", ck + "/.")
+    # a save into a folder with an index (an HF sharded checkpoint) removes it: the new weights are the ones loaded
+    model, tok = vl.load_pretrained(ck), vl.SentencePieceBPE(vl_ckpt[1]["t5save"])
+    vl.save_checkpoint(model, dataclasses.replace(model.cfg, out_dir=ck, vocab_size=32064), tok)
+    assert not os.path.exists(os.path.join(ck, "model.safetensors.index.json"))
+    img = tmp_path / "x.png"
+    cv2.imwrite(str(img), np.zeros((8, 8, 3), np.uint8))
+    for name, text, match in (("one", '{"image": "x.png", "question": "q", "answer": "a"}\n', "one entry"),
+                              ("num", '{"image": 5, "question": "q", "answer": "a"}\n', "num.jsonl:1: need"),
+                              ("tag", '{"image": "x.png", "question": "<video> q", "answer": "a"}\n', "tag.jsonl:1:"),
+                              ("latin", b'{"image": "x.png", "question": "caf\xe9", "answer": "a"}\n', "not UTF-8")):
+        (tmp_path / f"{name}.jsonl").write_bytes(text if isinstance(text, bytes) else text.encode())
+        refused(match, "--data", str(tmp_path / f"{name}.jsonl"))
+    (tmp_path / "bom.jsonl").write_text('\ufeff{"image": "x.png", "question": "q", "answer": "a"}\n', "utf-8")
+    assert vl.read_annotations(str(tmp_path / "bom.jsonl"))[0]["question"] == "q"
+    cut = tmp_path / "cut"
+    shutil.copytree(vl_tiny_run[0].out_dir, cut)
+    (cut / "train_state.pt").write_bytes((cut / "train_state.pt").read_bytes()[:500])
+    refused("train_state.pt: not a readable training state", "--resume", "--out_dir", str(cut),
+            "--data_dir", vl_tiny_run[0].data_dir)
+    # --generate from a run of this script runs under --dtype's autocast (its weights stay float32)
+    seen = []
+    monkeypatch.setattr(vl, "autocast_dtype", lambda name, device: seen.append(name) or "float32")
+    vl.main(["--generate", "--out_dir", vl_tiny_run[0].out_dir, "--prompt", "hi", "--dtype", "bfloat16",
+             "--max_new_tokens", "1"])
+    assert seen == ["bfloat16"]
 
 
 def test_vl_loader_bad_checkpoints_and_legacy_buffers(vl_ckpt, tmp_path):

@@ -12,9 +12,8 @@ Paper: Video-LLaVA, Lin et al. 2023 (https://arxiv.org/abs/2311.10122); LLaVA (h
 Reference implementation: transformers `VideoLlavaForConditionalGeneration` (the tests compare logits and greedy
 tokens with it on tiny random checkpoints; transformers is a test-only dependency, only `--bench` imports it).
 
-Modules are named after the hub checkpoint keys (`language_model.model.layers.0.self_attn.q_proj.weight`,
-`image_tower.vision_model.encoder.layers.0.mlp.fc1.weight`, `multi_modal_projector.linear_1.weight`), so loading is
-the identity map plus `canonical_key`, which folds the two other layouts transformers writes onto it.
+Modules are named after the hub checkpoint keys (`language_model.model.layers.0.self_attn.q_proj.weight`), so
+loading is the identity map plus `canonical_key`, which folds the two other layouts transformers writes onto it.
 
 Shape legend: B batch, N images, F frames, P patches per frame, L text tokens, T keys (cache + new), D width,
 Dv vision width, H heads, K kv heads, E head dim, V vocabulary, T_max the KV cache's length.
@@ -24,11 +23,10 @@ Commands:
     python video_llava.py --train --stop_after 500 && python video_llava.py --train --resume   # exact resume
     python video_llava.py --train --batch_size 16 --grad_accum 2   # the same global batch of 32 in two micro-batches
     torchrun --nproc_per_node=2 video_llava.py --train --batch_size 16   # DDP (gloo on CPU, nccl on CUDA), batch 32
-    python video_llava.py --train --freeze vision,llm --from_pretrained out/video_llava   # projector only (stage 1)
+    python video_llava.py --train --freeze vision,llm --from_pretrained out/video_llava --out_dir out/vl_stage1
     python video_llava.py --eval                               # re-evaluate out/video_llava on test / novel
     python video_llava.py --generate --video clip.mp4 --prompt "Which way does the red circle move?"
-    python video_llava.py --generate --from_pretrained DIR --video clip.mp4 --prompt "What happens?"  # HF checkpoint
-    python video_llava.py --generate --from_pretrained DIR --image cat.png --prompt "What is this?"
+    python video_llava.py --generate --from_pretrained DIR --image cat.png --prompt "What is this?"  # HF checkpoint
     python video_llava.py --generate --from_pretrained DIR --video clip.mp4 --prompt "What happens?" --compile
     python video_llava.py --inspect DIR --n_frames 8           # parameter counts, bytes, key alignment, memory
     python video_llava.py --bench                              # decode tokens/s vs transformers, bandwidth floor
@@ -64,8 +62,13 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Config
+def read_json(path):
+    """path's JSON object as a dict, or None: missing, not UTF-8, not JSON, or not an object (callers say which)."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        obj = json.load(open(path, encoding="utf-8"))
+        return obj if isinstance(obj, dict) else None
+
+# Config ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class Config:
@@ -138,16 +141,14 @@ PRESETS = {
 
 # Config field -> (section of an HF Video-LLaVA config.json, its key there, transformers' default when the file leaves
 # it out): the one map that config_from_hf reads and hf_config_dict writes. A top-level key may also sit in text_config.
-HF_FIELDS = {**{f: ("text_config", f, d) for f, d in (
-    ("vocab_size", 32000), ("hidden_size", 4096), ("intermediate_size", 11008), ("num_hidden_layers", 32),
-    ("num_attention_heads", 32), ("num_key_value_heads", None), ("rms_norm_eps", 1e-6), ("rope_theta", 10000.0),
-    ("max_position_embeddings", 2048), ("bos_token_id", 1), ("eos_token_id", 2))},
-    **{f: ("vision_config", f.removeprefix("v_"), d) for f, d in (
-        ("v_hidden_size", 1024), ("v_intermediate_size", 4096), ("v_num_hidden_layers", 24),
-        ("v_num_attention_heads", 16), ("v_layer_norm_eps", 1e-5), ("image_size", 224), ("patch_size", 14))},
-    **{f: ("", f, d) for f, d in (
-        ("tie_word_embeddings", False), ("vision_feature_layer", -2), ("vision_feature_select_strategy", "default"),
-        ("image_token_index", 32000), ("video_token_index", 32001), ("pad_token_id", 0))}}
+HF_FIELDS = {f: (sec, f.removeprefix("v_") if sec == "vision_config" else f, d) for sec, table in (
+    ("text_config", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=None, rms_norm_eps=1e-6, rope_theta=10000.0,
+                         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)),
+    ("vision_config", dict(v_hidden_size=1024, v_intermediate_size=4096, v_num_hidden_layers=24,
+                           v_num_attention_heads=16, v_layer_norm_eps=1e-5, image_size=224, patch_size=14)),
+    ("", dict(tie_word_embeddings=False, vision_feature_layer=-2, vision_feature_select_strategy="default",
+              image_token_index=32000, video_token_index=32001, pad_token_id=0))) for f, d in table.items()}
 
 def config_from_hf(hf, path):
     """HF Video-LLaVA config.json -> Config fields (HF_FIELDS), refusing what this model does not implement."""
@@ -183,8 +184,7 @@ def hf_config_dict(cfg):
         (hf[sec] if sec else hf)[k] = getattr(cfg, f)
     return hf
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Data: synthetic world, media loaders + CLIP preprocessing, tokenizers, prompt template
+# Data: synthetic world, media loaders + CLIP preprocessing, tokenizers, prompt template -------------------------------
 
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
            "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
@@ -299,6 +299,8 @@ def load_entries(cfg, master=True):
         train = read_annotations(cfg.data)
         if cfg.test_data:
             test = read_annotations(cfg.test_data)
+        elif len(train) < 2:  # entry 0 would be held out, leaving nothing to train on
+            raise UserError(f"{cfg.data}: one entry; give at least two (every 10th is held out) or --test_data FILE")
         else:  # entries 0, 10, 20, ... are held out
             test, train = train[::10], [e for i, e in enumerate(train) if i % 10]
         return {"train": train, "val": test, "test": test}  # val = test: the loss log shows the same questions
@@ -310,20 +312,26 @@ def load_entries(cfg, master=True):
 
 def read_annotations(path):
     """JSON lines {"image"|"video": relative path, "question": str, "answer": str} -> list of dicts (paths absolute)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: annotation file not found")
+    try:  # utf-8-sig: a byte-order mark some editors write is skipped
+        lines = open(path, encoding="utf-8-sig").read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: " + ("not UTF-8 text; save it as UTF-8" if isinstance(e, ValueError) else
+                                       "annotation file not found"))
     out, base = [], os.path.dirname(os.path.abspath(path))  # media paths are relative to the annotation file
-    for no, line in enumerate(open(path, encoding="utf-8"), 1):
+    for no, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             e = json.loads(line)
         except json.JSONDecodeError:
             raise UserError(f"{path}:{no}: not a JSON object")
+        kind = "image" if isinstance(e, dict) and "image" in e else "video"
         if not isinstance(e, dict) or ("image" in e) == ("video" in e) or not all(
-                isinstance(e.get(k), str) and e.get(k) for k in ("question", "answer")):
-            raise UserError(f"{path}:{no}: need exactly one of 'image'/'video' plus non-empty 'question' and 'answer'")
-        kind = "image" if "image" in e else "video"
+                isinstance(e.get(k), str) and e.get(k) for k in (kind, "question", "answer")):
+            raise UserError(f"{path}:{no}: need exactly one of 'image'/'video' (a path) plus non-empty 'question' "
+                            f"and 'answer' strings")
+        if re.search("<image>|<video>", e["question"] + e["answer"]):  # the template adds the one tag itself
+            raise UserError(f"{path}:{no}: the text contains an <image>/<video> tag; the prompt template adds it")
         media = os.path.join(base, e[kind])
         if not os.path.exists(media):
             raise UserError(f"{path}:{no}: {kind} '{e[kind]}' not found")
@@ -348,9 +356,14 @@ def clip_transform(rgb, size):
 
 def load_image(path, size):
     """Image file -> float32 (3, size, size), CLIP-normalised as the HF processor does."""
-    img = cv2.imread(path) if os.path.isfile(path) else None
+    img = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None  # alpha kept, if any
     if img is None:
         raise UserError(f"{path}: cannot read this image (missing or corrupt)")
+    if img.dtype != np.uint8 or img.ndim == 2 or img.shape[2] != 4:  # no alpha: OpenCV's 8-bit BGR, EXIF-rotated
+        img = cv2.imread(path)
+    else:  # transparency (palette too) composited onto white, as transformers' convert_to_rgb does
+        a = img[:, :, 3:].astype(np.int32)  # (H, W, 1) alpha, 0 = transparent; the sum rounds as PIL's
+        img = ((img[:, :, :3] * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
     return clip_transform(img[:, :, ::-1], size)  # OpenCV reads BGR: flip to RGB, as CLIP was trained
 
 def frame_indices(n_total, n_frames):
@@ -362,28 +375,31 @@ def frame_indices(n_total, n_frames):
 
 def load_video(path, n_frames, size):
     """Video file (any container/codec OpenCV reads) or a folder of frame images -> float32 (F, 3, size, size)."""
-    if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
+    if os.path.isdir(path):  # frames in natural order: f2 before f10 (digit runs compare as numbers)
+        names = sorted((n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp"))),
+                       key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
         if not names:
             raise UserError(f"{path}: folder has no frame images")
         return np.stack([load_image(os.path.join(path, names[i]), size) for i in frame_indices(len(names), n_frames)])
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such video file or folder of frames")
-    cap = cv2.VideoCapture(path)  # FFmpeg through OpenCV: any container and codec it reads
-    if not cap.isOpened():
+    counter, n = cv2.VideoCapture(path), 0  # FFmpeg through OpenCV: any container and codec it reads
+    if not counter.isOpened():
         raise UserError(f"{path}: OpenCV cannot open this video (corrupt or unknown format)")
-    frames, (ok, img) = [], cap.read()
-    while ok:  # decode all (frame counts in headers lie); keep only the small transformed frames
-        frames.append(clip_transform(img[:, :, ::-1], size))  # BGR -> RGB, then (3, S, S)
-        ok, img = cap.read()
-    cap.release()
-    if not frames:
+    while counter.grab():  # pass 1 counts the frames (counts in headers lie); grab() skips the BGR conversion
+        n += 1
+    if n == 0:
         raise UserError(f"{path}: video has no frames (corrupt or empty)")
-    return np.stack([frames[i] for i in frame_indices(len(frames), n_frames)])  # (F, 3, S, S)
+    want, cap, picked = frame_indices(n, n_frames), cv2.VideoCapture(path), {}
+    for i in range(want[-1] + 1):  # pass 2 decodes again and transforms only the sampled frames
+        if cap.grab() and i in want:
+            picked[i] = clip_transform(cap.retrieve()[1][:, :, ::-1], size)  # BGR -> RGB, then (3, S, S)
+    return np.stack([picked[i] for i in want])  # (F, 3, S, S)
 
 class Tokenizer:
     """What both tokenizers share: added tokens such as <image> / <video> are split out of the text first and keep
-    their own ids; each piece of text between them goes through the tokenizer's own encode_text."""
+    their own ids; each piece of text between them goes through the tokenizer's own encode_text. A subclass defines
+    encode_text and the attributes encode reads: added {token: id}, split_re, prefix_ids and suffix_ids (BOS/EOS)."""
     def encode(self, text, add_bos=True):
         parts = self.split_re.split(text) if self.added else [text]  # odd parts are added tokens such as <image>
         ids = [t for i, part in enumerate(parts) if part
@@ -396,9 +412,8 @@ class SentencePieceBPE(Tokenizer):
     then one BPE word per section (split=False), merges by rank, unknown characters -> <0xNN> byte tokens."""
     def __init__(self, folder):
         path = os.path.join(folder, "tokenizer.json")
-        try:
-            tj = json.load(open(path, encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+        tj = read_json(path)
+        if tj is None:
             raise UserError(f"{path}: missing or not valid JSON (the checkpoint's tokenizer is needed)")
         model = tj.get("model", {})
         if model.get("type") != "BPE":
@@ -410,8 +425,7 @@ class SentencePieceBPE(Tokenizer):
         self.added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
         self.vocab.update(self.added)
         self.inv = {i: s for s, i in self.vocab.items()}  # id -> piece, for decode
-        tc_path = os.path.join(folder, "tokenizer_config.json")
-        tc = json.load(open(tc_path)) if os.path.isfile(tc_path) else {}
+        tc = read_json(os.path.join(folder, "tokenizer_config.json")) or {}
         name = lambda t, d: (t.get("content") if isinstance(t, dict) else t) or d
         self.bos_id, self.eos_id, self.pad_id = (self.vocab.get(name(tc.get(f"{k}_token"), d), z) for k, d, z in (
             ("bos", "<s>", None), ("eos", "</s>", None), ("pad", "<pad>", 0)))
@@ -427,7 +441,6 @@ class SentencePieceBPE(Tokenizer):
         self.prefix = tc.get("add_prefix_space", True) is not False  # the Metaspace prepend of a leading '▁'
         longest_first = sorted(self.added, key=len, reverse=True)  # "<image>" before any shorter token inside it
         self.split_re = re.compile("(" + "|".join(re.escape(s) for s in longest_first) + ")")
-
     def _bpe(self, word):
         # initial symbols: characters in the vocabulary, else their UTF-8 bytes (LLaMA's has every byte as <0xNN>)
         syms = [s for ch in word for s in ([ch] if ch in self.vocab or not self.byte_fallback
@@ -444,11 +457,9 @@ class SentencePieceBPE(Tokenizer):
             elif not ids or ids[-1] != unk:  # fuse_unk: a run of unknowns is one <unk>
                 ids.append(unk)
         return ids
-
     def encode_text(self, part, first):
         part = part.replace(" ", "▁")  # SentencePiece's visible space
         return self._bpe("▁" + part if first and self.prefix and not part.startswith("▁") else part)
-
     def decode(self, ids, skip_special=True):
         specials = set(self.added.values()) if skip_special else set()
         pieces = [self.inv.get(int(i), "").replace("▁", " ") for i in ids if i not in specials]
@@ -471,19 +482,15 @@ class GPT2Table(Tokenizer):
         self.bos_id = self.eos_id = self.pad_id = 0  # model id 0 is GPT-2's <|endoftext|>
         self.prefix_ids, self.suffix_ids = [0], []  # BOS before the text, nothing after
         self.split_re = re.compile("(<image>|<video>)")
-
     @classmethod
     def from_texts(cls, texts):  # the table: <|endoftext|>, then every GPT-2 id of the texts in increasing order
         enc = cls([]).enc
         return cls([enc.eot_token] + sorted({t for s in texts for p in re.split("<image>|<video>", s)
                                              for t in enc.encode(p)}))
-
     def __len__(self):
         return len(self.ids) + 2  # the vocabulary size V: the table plus <image> and <video>
-
     def encode_text(self, part, first):  # GPT-2 ids outside the table are dropped (the README says so)
         return [self.to_model[t] for t in self.enc.encode(part) if t in self.to_model]
-
     def decode(self, ids, skip_special=True):
         return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])  # model ids -> GPT-2 ids -> text
 
@@ -507,8 +514,7 @@ def expand_placeholders(ids, cfg, n_frames):
               cfg.video_token_index: (p + 1) * n_frames}  # any other token stays one token
     return [i for tag in ids for i in [tag] * copies.get(tag, 1)]
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Model: LLaMA primitives -> CLIP tower -> projector -> VideoLlava
+# Model: LLaMA primitives -> CLIP tower -> projector -> VideoLlava -----------------------------------------------------
 
 class RMSNorm(nn.Module):
     """LLaMA's norm (Zhang & Sennrich 2019): scale each vector by the reciprocal of its root mean square, then by a
@@ -517,7 +523,6 @@ class RMSNorm(nn.Module):
     def __init__(self, d, eps):
         super().__init__()
         self.weight, self.eps = nn.Parameter(torch.ones(d)), eps  # gain (D,), starts at 1: the identity
-
     def forward(self, x):  # (..., D) -> (..., D)
         h = x.float()  # (..., D) in float32
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # x / rms(x), the mean over the last dim D
@@ -529,6 +534,19 @@ def rotate_half(x):
     HF permutes the original q/k weights to match)."""
     return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), -1)
 
+def padded_positions(attention_mask, offset, width=None):
+    """Left padding: attention_mask (B, T) over the cached and new tokens (1 = real, 0 = pad), the new ones at
+    offset .. T-1 (L = T - offset) -> RoPE positions (B, L) and the mask (B, 1, L, width or T), True = attend.
+    A token's position is the number of real tokens before it, so a padded row gets the positions (and the logits)
+    it would get alone; a query sees the real tokens up to itself, and itself (a pad too: no all-masked row, no
+    NaN); slots T .. width-1 (a static cache's unfilled ones) are hidden."""
+    T = attention_mask.shape[1]
+    pos = (attention_mask.long().cumsum(-1)[:, offset:] - 1).clamp(min=0)  # (B, L), a new tensor: fixed strides
+    keys = torch.arange(width or T, device=attention_mask.device)  # (width,)
+    queries = torch.arange(offset, T, device=attention_mask.device)[:, None]  # (L, 1)
+    real = F.pad(attention_mask.bool(), (0, (width or T) - T))[:, None]  # (B, 1, width): False past T
+    return pos, ((real & (keys <= queries)) | (keys == queries))[:, None]  # (B, 1, L, width)
+
 class KVCache:
     """The static KV cache (as in gpt-fast): keys and values preallocated per layer as (B, K, T_max, E), so no tensor
     grows while decoding. `offset` counts the positions written so far. A prompt (prefill) is written at `offset`.
@@ -539,10 +557,9 @@ class KVCache:
     def __init__(self, cfg, batch, max_len, dtype, device):
         e = cfg.hidden_size // cfg.num_attention_heads
         shape = (batch, cfg.num_key_value_heads, max_len, e)  # (B, K, T_max, E): only the K key/value heads
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.k, self.v = ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+                          for _ in ("keys", "values"))
         self.offset, self.slot = 0, torch.zeros(1, dtype=torch.long, device=device)
-
     def next_step(self, attention_mask):
         """Claim the next position for a one-token step. attention_mask (B, offset + 1) over the cache and the new
         token (1 = real, 0 = left pad), or None -> RoPE positions (B, 1) and the mask (B, 1, 1, T_max) (True =
@@ -553,15 +570,10 @@ class KVCache:
         if attention_mask.shape != (B, self.offset + 1) or self.offset >= T_max:
             raise ValueError(f"a one-token step at position {self.offset} of a {T_max}-position cache needs an "
                              f"attention mask of shape ({B}, {self.offset + 1}), got {tuple(attention_mask.shape)}")
-        # the RoPE position is the number of real tokens before this one: a row padded with p tokens on the left
-        # gives its first real token position 0, exactly as the same row alone (no padding) would
-        pos = (attention_mask.long().sum(-1, keepdim=True) - 1).clamp(min=0)  # (B, 1)
-        mask = F.pad(attention_mask.bool(), (0, T_max - self.offset - 1))  # (B, T_max): unfilled slots are False
-        mask[:, self.offset] = True  # the new token sees itself, a pad too: no empty row, no NaN (as at prefill)
+        pos, mask = padded_positions(attention_mask, self.offset, T_max)  # (B, 1), (B, 1, 1, T_max) as at prefill
         self.slot.fill_(self.offset)  # in place: a compiled graph reads the new value, no recompile
         self.offset += 1
-        return pos, mask[:, None, None]  # (B, 1, 1, T_max): one mask row shared by every head and the one query
-
+        return pos, mask
     def update(self, layer, k, v):
         """Write this layer's new keys/values (B, K, L, E) -> all keys/values the queries may attend to."""
         if k.shape[2] == 1:  # a one-token step (next_step came first): written at the claimed slot, all T_max
@@ -585,7 +597,6 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.kv * self.e, bias=False)  # D -> K*E: fewer heads under GQA
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv * self.e, bias=False)
         self.o_proj = nn.Linear(self.h * self.e, cfg.hidden_size, bias=False)  # H*E -> D
-
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         """x (B, L, D); cos, sin (B, 1, L, E) at each token's RoPE position; mask None (plain causal: no padding,
         nothing cached) or boolean (B, 1, L, T) or (L, T), True = attend; T = keys (cache + new) -> (B, L, D)."""
@@ -611,7 +622,6 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # LLaMA has no biases
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
     def forward(self, x):  # (B, L, D) -> (B, L, D)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -623,7 +633,6 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn, self.mlp = LlamaAttention(cfg), LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
     def forward(self, x, cos, sin, mask, cache, layer):  # (B, L, D) -> (B, L, D)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -637,7 +646,6 @@ class CLIPEmbeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.zeros(d))  # CLS: a learned token that attends to every patch
         self.patch_embedding = nn.Conv2d(3, d, cfg.patch_size, cfg.patch_size, bias=False)  # stride = kernel: one patch
         self.position_embedding = nn.Embedding(n + 1, d)  # learned, one per slot: CLS + P patches
-
     def forward(self, pixels):  # (N, 3, S, S) -> (N, P+1, Dv)
         # the conv gives (N, Dv, S/p, S/p); flatten the grid row-major and put the patches first
         x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)  # (N, P, Dv)
@@ -673,7 +681,6 @@ class CLIPAttention(nn.Module):
         super().__init__()
         d, self.h = cfg.v_hidden_size, cfg.v_num_attention_heads  # width Dv, H heads of E = Dv/H
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
-
     def forward(self, x):  # (N, P+1, Dv) -> (N, P+1, Dv); here P stands for all P+1 tokens
         N, P, D = x.shape
         q, k, v = (p(x).view(N, P, self.h, D // self.h).transpose(1, 2)  # each (N, H, P, E)
@@ -687,7 +694,6 @@ class CLIPMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.v_hidden_size, cfg.v_intermediate_size)  # Dv -> 4 Dv in CLIP
         self.fc2 = nn.Linear(cfg.v_intermediate_size, cfg.v_hidden_size)
-
     def forward(self, x):  # (N, P+1, Dv) -> (N, P+1, Dv)
         h = self.fc1(x)
         return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu, as OpenAI CLIP was trained
@@ -699,7 +705,6 @@ class CLIPEncoderLayer(nn.Module):
         self.self_attn, self.mlp = CLIPAttention(cfg), CLIPMLP(cfg)
         self.layer_norm1 = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)
         self.layer_norm2 = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)
-
     def forward(self, x):  # (N, P+1, Dv) -> (N, P+1, Dv)
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
@@ -719,7 +724,6 @@ class CLIPVisionTransformer(nn.Module):
         self.post_layernorm = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)  # loaded, never used here
         fl, n = cfg.vision_feature_layer, cfg.v_num_hidden_layers
         self.n_run = fl if fl >= 0 else n + 1 + fl  # hidden_states[fl]: [0] = embeddings, [k] = after layer k
-
     def forward(self, pixels):  # (N, 3, S, S) -> (N, P+1, Dv), the hidden state of the feature layer
         x = self.pre_layrnorm(self.embeddings(pixels))  # (N, P+1, Dv): hidden_states[0]
         for layer in self.encoder.layers[: self.n_run]:  # layers past the feature layer are never computed
@@ -735,7 +739,6 @@ class VideoLlavaMultiModalProjector(nn.Module):
         super().__init__()
         self.linear_1 = nn.Linear(cfg.v_hidden_size, cfg.hidden_size)  # Dv -> D
         self.linear_2 = nn.Linear(cfg.hidden_size, cfg.hidden_size)  # D -> D
-
     def forward(self, x):  # (.., Dv) -> (.., D)
         return self.linear_2(F.gelu(self.linear_1(x)))  # exact (erf) GELU, as projector_hidden_act "gelu"
 
@@ -744,6 +747,9 @@ class VideoLlava(nn.Module):
     multi_modal_projector). Images and videos have a CLIP tower each (the 7B's are LanguageBind encoders, in CLIP's
     architecture); their features, projected, replace the <image> / <video> placeholder embeddings of the prompt,
     and the LLaMA decoder reads them as it reads words."""
+    @staticmethod
+    def from_pretrained(path, dtype=None, device="cpu"):  # as transformers: VideoLlava.from_pretrained(folder)
+        return load_pretrained(path, dtype, device)  # checkpoint I/O, below
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -761,7 +767,6 @@ class VideoLlava(nn.Module):
                                               for _ in range(2))  # same shape, separate weights
         self.multi_modal_projector = VideoLlavaMultiModalProjector(cfg)
         self._rope = {}  # device -> (cos, sin) tables of every position, built on first use (_rope_table)
-
     def _init_weights(self):
         """GPT-2's init for training from scratch: normal(0.02) weights, zero biases, and the projections that write
         into a residual stream scaled by 1/sqrt(2 * layers), so the stream's variance does not grow with depth."""
@@ -775,7 +780,6 @@ class VideoLlava(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.num_hidden_layers))  # residual outputs
             if "class_embedding" in n:
                 nn.init.normal_(p, std=0.02)
-
     @torch.no_grad()
     def init_from_data(self, images, videos):
         """Data-dependent init for training from scratch (Salimans & Kingma 2016). At random init every patch token is
@@ -811,13 +815,11 @@ class VideoLlava(nn.Module):
         if self.cfg.vision_feature_select_strategy == "default":
             h = h[:, 1:]  # drop CLS: LLaVA's images give only their P patch features (N, P, Dv)
         return self.multi_modal_projector(h)
-
     def video_features(self, videos):  # (B, F, 3, S, S) -> (B*F, P+1, D): each frame alone, CLS kept
         # frames are encoded one by one (no temporal attention in the tower): the order of events is left to the
         # LLM, which reads the frames' tokens in sequence; Video-LLaVA keeps each frame's CLS as one more token
         h = self.video_tower.vision_model(videos.flatten(0, 1))  # (B*F, P+1, Dv)
         return self.multi_modal_projector(h)
-
     def _place(self, x, input_ids, token, feats, what):
         """Write the features (n, P or P+1, D) over the placeholder embeddings of x (B, L, D): the k-th placeholder
         in reading order (row by row, left to right) gets the k-th feature vector (masked_scatter), so several
@@ -829,7 +831,6 @@ class VideoLlava(nn.Module):
                             f"({feats.shape[0]} x {feats.shape[1]}); use one {what} tag per {what} and "
                             f"expand_placeholders, as the processor does")
         return x.masked_scatter(mask[..., None].expand_as(x), feats.to(x.dtype))  # (B, L, D)
-
     def _rope_table(self, pos, dtype):
         """RoPE angles: pos (B, L) -> cos, sin (B, 1, L, E), the 1 broadcasting over heads. Position p rotates feature
         pair (i, i + E/2) by p * theta^(-2i/E): fast turns in the first features, slow ones in the last. Looked up in a
@@ -846,7 +847,6 @@ class VideoLlava(nn.Module):
             self._rope[pos.device] = emb.cos(), emb.sin()
         cos, sin = self._rope[pos.device]  # each (context, E)
         return cos[pos][:, None].to(dtype), sin[pos][:, None].to(dtype)  # (B, 1, L, E)
-
     def forward(self, input_ids, attention_mask=None, pixel_values_images=None, pixel_values_videos=None,
                 targets=None, cache=None, last_only=False):
         """input_ids (B, L); attention_mask (B, T) over cache + new tokens (1 = real, 0 = left pad) or None;
@@ -857,8 +857,9 @@ class VideoLlava(nn.Module):
         T = offset + L  # keys after this call: the cached ones and these L
         need = cache.k[0].shape[2] if cache is not None else T  # a cache is as long as prompt + answer
         if need > cfg.max_position_embeddings:  # the RoPE table ends there
-            raise UserError(f"prompt + generation is {need} tokens, longer than the context ("
-                            f"{cfg.max_position_embeddings}); shorten the prompt, use fewer frames or --max_new_tokens")
+            raise UserError(f"a sequence of {need} tokens (prompt with its visual tokens, plus answer or "
+                            f"--max_new_tokens) is longer than the context ({cfg.max_position_embeddings}); use "
+                            f"fewer --n_frames, a shorter text or a larger --max_position_embeddings")
         x = lm.embed_tokens(input_ids)  # (B, L, D)
         # placeholder expansion: the prompt holds one <image> token per image feature and one <video> token per
         # frame feature (expand_placeholders); their embeddings are overwritten by the projected CLIP features
@@ -868,18 +869,14 @@ class VideoLlava(nn.Module):
                 x = self._place(x, input_ids, token, encode(pixels), what)
             elif (input_ids == token).any():
                 raise UserError(f"the prompt has <{what}> placeholders but no {what} was given")
-        if cache is not None and L == 1:  # a one-token step: fixed shapes, as in `step`
+        # RoPE positions (B, L) and the mask (True = attend) in the shape of the case, broadcast over heads
+        if cache is not None and L == 1:  # a one-token step: mask (B, 1, 1, T_max), fixed shapes as in `step`
             pos, mask = cache.next_step(attention_mask)
         elif attention_mask is None or bool(attention_mask.all()):  # no padding: positions offset .. T-1
             pos = torch.arange(offset, T, device=x.device)[None].expand(B, L)  # (B, L)
             mask = None if offset == 0 else torch.ones(L, T, dtype=torch.bool, device=x.device).tril(offset)  # (L, T)
-        else:  # left padding: RoPE positions count real tokens only, so a padded row gets the positions (and the
-            # logits) it would get alone; pads are never attended to, except that a pad query sees itself
-            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, offset:T]  # (B, L)
-            keys, queries = torch.arange(T, device=x.device), torch.arange(offset, T, device=x.device)
-            causal = keys[None, :] <= queries[:, None]  # (L, T)
-            mask = (attention_mask.bool()[:, None, :] & causal) | (keys[None, :] == queries[:, None])  # (B, L, T)
-            mask = mask[:, None]  # (B, 1, L, T): no all-masked row, so no NaN in pad rows
+        else:  # left padding: positions count real tokens only, mask (B, 1, L, T)
+            pos, mask = padded_positions(attention_mask, offset)
         cos, sin = self._rope_table(pos, x.dtype)
         logits = self.llm_forward(x, cos, sin, mask, cache, last_only)
         if cache is not None:
@@ -888,7 +885,6 @@ class VideoLlava(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)  # (B*L, V)
         return logits, loss
-
     def llm_forward(self, x, cos, sin, mask, cache=None, last_only=False):
         """The LLaMA stack on embeddings x (B, L, D) -> logits (B, L or 1, V)."""
         lm = self.language_model.model  # embed_tokens, layers, norm
@@ -898,7 +894,6 @@ class VideoLlava(nn.Module):
         if last_only:
             x = x[:, -1:]  # (B, 1, D): at inference only the last position is projected
         return self.language_model.lm_head(x)  # (B, L or 1, V); tied, lm_head.weight is the embedding table
-
     def step(self, ids, pos, mask, cache):
         """One new token per row through the KV cache: ids (B, 1) at RoPE positions pos (B, 1), attending where
         mask (B, 1, 1, T_max) is True (cache.next_step gives both) -> logits (B, 1, V). The same shapes every call
@@ -907,8 +902,7 @@ class VideoLlava(nn.Module):
         cos, sin = self._rope_table(pos, x.dtype)
         return self.llm_forward(x, cos, sin, mask, cache)
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoint I/O: HF folders (three key layouts, sharded or not) and this script's own out_dir (same format)
+# Checkpoint I/O: HF folders (three key layouts, sharded or not) and this script's own out_dir (same format) -----------
 
 def canonical_key(k):
     """Any of the three key layouts of Video-LLaVA checkpoints (the rules below) -> the hub layout, this module's own
@@ -936,9 +930,8 @@ def weight_files(path):
     """-> {checkpoint key: file} from model.safetensors or model.safetensors.index.json (legacy buffers dropped)."""
     index, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
-        try:
-            wm = dict(json.load(open(index))["weight_map"])
-        except (ValueError, KeyError, TypeError):  # ValueError: not JSON, or not UTF-8
+        wm = (read_json(index) or {}).get("weight_map")
+        if not isinstance(wm, dict):
             raise UserError(f"{index}: not a safetensors index (no weight_map)")
         for f in set(wm.values()):
             if not os.path.isfile(os.path.join(path, f)):
@@ -954,10 +947,8 @@ def read_config(path):
     if not os.path.isfile(cpath):
         raise UserError(f"{path}: " + ("no config.json (not a checkpoint folder)" if os.path.isdir(path) else
                                        "no such checkpoint folder"))
-    hf = None
-    with contextlib.suppress(ValueError):  # not JSON, or not UTF-8
-        hf = json.load(open(cpath))
-    if not isinstance(hf, dict):
+    hf = read_json(cpath)
+    if hf is None:
         raise UserError(f"{cpath}: not a config (not JSON, or not a JSON object)")
     return hf
 
@@ -1001,8 +992,6 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     return model
 
-VideoLlava.from_pretrained = staticmethod(load_pretrained)  # as transformers: VideoLlava.from_pretrained(folder)
-
 def atomic(path, write):
     """write(tmp) then rename over path: a reader sees the old file or the new one, never half of one."""
     tmp = path + ".tmp"
@@ -1022,6 +1011,8 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
         # a shared tower is listed under both names; safetensors stores no tensor twice, so the second is a copy
         state[k] = v.clone() if shared and k.startswith("video_tower.") else v
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
+    with contextlib.suppress(FileNotFoundError):  # an index left there would win over the new file (weight_files)
+        os.remove(os.path.join(cfg.out_dir, "model.safetensors.index.json"))
     meta = {**hf_config_dict(cfg), "script": SCRIPT, "train_config": dataclasses.asdict(cfg)}
     if isinstance(tok, GPT2Table):
         meta["gpt2_table"] = tok.ids
@@ -1048,10 +1039,7 @@ def read_resumable(out_dir, need_state=True):
     if not os.path.isfile(cpath) and not os.path.isfile(tpath):
         raise UserError(f"{out_dir}: nothing to resume or evaluate (no config.json / train_state.pt); run --train "
                         f"(without --resume) first, or pass the --out_dir of a run")
-    meta = None
-    with contextlib.suppress(OSError, ValueError):  # missing, not JSON, or not UTF-8
-        meta = json.load(open(cpath))
-    meta = meta if isinstance(meta, dict) else {}
+    meta = read_json(cpath) or {}  # missing or unreadable: refused below like a foreign folder
     if meta.get("script") != SCRIPT or not isinstance(meta.get("train_config"), dict):
         raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (config.json: script "
                         f"'{meta.get('script')}', model_type '{meta.get('model_type')}'); --resume and --eval "
@@ -1061,16 +1049,7 @@ def read_resumable(out_dir, need_state=True):
                         f"drop --resume to start afresh (or --from_pretrained {out_dir} to fine-tune its weights)")
     return meta
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Metrics
-
-def exact_match(preds, refs):
-    """Fraction of predictions equal to their reference after lower-casing, trimming and dropping a final '.'."""
-    norm = lambda text: " ".join(text.lower().strip().rstrip(".").split())  # single spaces
-    return sum(norm(p) == norm(r) for p, r in zip(preds, refs)) / max(1, len(refs))
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Training
+# Training -------------------------------------------------------------------------------------------------------------
 
 def pick_device(name):
     """--device auto -> cuda > mps > cpu; any other name is used as given."""
@@ -1104,16 +1083,13 @@ def lr_at(step, cfg):
 class Examples:
     """Annotation entries with their media decoded once (float32 CLIP-normalised) and their token ids."""
     def __init__(self, entries, cfg, tok):
-        self.entries, cache = entries, {}
-        for e in entries:
-            if e["path"] not in cache:
-                cache[e["path"]] = (load_image(e["path"], cfg.image_size) if e["kind"] == "image"
-                                    else load_video(e["path"], cfg.n_frames, cfg.image_size))
+        self.entries, files = entries, {e["path"]: e["kind"] for e in entries}  # each file decoded once
+        cache = {p: load_image(p, cfg.image_size) if kind == "image" else load_video(p, cfg.n_frames, cfg.image_size)
+                 for p, kind in files.items()}
         self.media = [torch.from_numpy(cache[e["path"]]) for e in entries]
         self.prompts = [expand_placeholders(tok.encode(prompt_text(e["question"], e["kind"])), cfg, cfg.n_frames)
                         for e in entries]
         self.answers = [tok.encode(" " + e["answer"], add_bos=False) + [tok.eos_id] for e in entries]
-
     def batch(self, idx, device, with_answer=True, left_pad=False):
         """-> dict of model inputs. Training rows are prompt + answer, right-padded, targets only on the answer
         (and its EOS); generation rows are prompts only, left-padded with an attention mask."""
@@ -1251,14 +1227,15 @@ def train(cfg, resume=False):
         f"frozen; vocab {cfg.vocab_size} ({'compact GPT-2 table' if isinstance(tok, GPT2Table) else 'checkpoint'}); "
         f"{device}, autocast {autocast_dtype(cfg.dtype, device)}"
         + ("; one CLIP tower for images and frames" if model.video_tower is model.image_tower else ""))
-    if not params:
-        raise UserError(f"--freeze {cfg.freeze}: nothing left to train")
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
     step, seconds0, raw = 0, 0.0, model
     if resume:  # AdamW moments, the step (data order and lr are functions of it) and the RNG, as they were saved
-        ts = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
+        try:  # truncated or not a torch file: PyTorch's own errors differ by cause
+            ts = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
+        except Exception as e:
+            raise UserError(f"{cfg.out_dir}/train_state.pt: not a readable training state ({type(e).__name__})")
         opt.load_state_dict(ts["optimizer"])
         step, seconds0 = ts["step"], ts.get("seconds", 0.0)
         torch.set_rng_state(ts["rng"])
@@ -1322,8 +1299,7 @@ def eval_loss(model, ex, cfg, device):
                   for s in range(0, len(ex.entries), 64)]
     return sum(losses) / len(losses)
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Generation, evaluation, inspection and bench
+# Generation, evaluation, inspection and bench -------------------------------------------------------------------------
 
 def sample_next(logits, temperature, top_k, top_p, generator):
     """(B, V) logits -> (B,) ids: argmax when temperature is 0, else temperature / top-k / top-p sampling."""
@@ -1394,6 +1370,11 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
         new = torch.stack(out, 1)
     return new.clone()  # an ordinary tensor (an inference tensor cannot be changed in place or saved for backward)
 
+def exact_match(preds, refs):
+    """Fraction of predictions equal to their reference after lower-casing, trimming and dropping a final '.'."""
+    norm = lambda text: " ".join(text.lower().strip().rstrip(".").split())  # single spaces
+    return sum(norm(p) == norm(r) for p, r in zip(preds, refs)) / max(1, len(refs))
+
 def evaluate(model, tok, cfg, device, data, train_seconds=None):
     """Greedy answers on test and novel -> exact match per medium and per question kind; writes eval.json."""
     model.eval()
@@ -1447,15 +1428,16 @@ def inspect(path, n_frames, n_tokens):
           ", ".join(f"{dt} {b / 2**30:.3f} GiB" for dt, b in by_dtype.items()))
     print(f"key alignment: {len(found)} model tensors found, " +
           ", ".join(f"{what} {keys or 'none'}" for what, keys in problems.items()))
-    p = (cfg.image_size // cfg.patch_size) ** 2
+    p, e, bf16, f32 = (cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size // cfg.num_attention_heads, 2, 4
     seq = (p + 1) * n_frames + n_tokens  # positions of the prompt: P+1 per frame (CLS kept for video) + text
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads * seq * 2
-    vis = n_frames * (p + 1) * (cfg.v_hidden_size * 4 + cfg.v_intermediate_size) * 2 + \
-        n_frames * cfg.v_num_attention_heads * (p + 1) ** 2 * 4  # one CLIP layer's activations + attention scores
-    act = seq * (cfg.hidden_size * 4 + cfg.intermediate_size * 3) * 2  # one decoder layer's, bfloat16
-    print(f"estimate for one video of {n_frames} frames + {n_tokens} text tokens = {seq} positions, bfloat16: "
-          f"weights {n_bytes / 2**30:.2f} GiB, KV cache {kv / 2**20:.1f} MiB (keys and values, bfloat16), vision "
-          f"activations {vis / 2**20:.1f} MiB, decoder activations per layer {act / 2**20:.1f} MiB")
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * e * seq * bf16  # keys and values of every layer
+    # one CLIP layer over the frames: input, q, k, v (4 Dv) and the MLP's hidden (bf16), attention scores (float32)
+    vis = n_frames * (p + 1) * ((4 * cfg.v_hidden_size + cfg.v_intermediate_size) * bf16 +
+                                cfg.v_num_attention_heads * (p + 1) * f32)
+    act = seq * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * bf16  # one decoder layer: 4 D, gate/up/product
+    print(f"estimate for one video of {n_frames} frames + {n_tokens} text tokens = {seq} positions: weights "
+          f"{n_bytes / 2**30:.2f} GiB (as stored: {', '.join(by_dtype)}); in bfloat16: KV cache {kv / 2**20:.1f} MiB, "
+          f"vision activations {vis / 2**20:.1f} MiB, decoder activations per layer {act / 2**20:.1f} MiB")
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
         print(f"CUDA: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
@@ -1503,8 +1485,7 @@ def bench(cfg, sizes=None, rounds=3):
             ratio = f", {v / tps['transformers']:.2f}x transformers" if "transformers" in tps else ""
             print(f"  {k:12s} {v:7.1f} tok/s = {v / floor:4.0%} of the floor{ratio}")
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line
+# Command line ---------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     """argv -> (args, cfg, overrides): the modes, then one flag per Config field over the --preset's values."""
@@ -1531,11 +1512,28 @@ def parse_args(argv=None):
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset], **overrides})
-    for bad, msg in ((cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
+    small = [f for f in ("batch_size", "grad_accum", "n_frames", "max_new_tokens", "hidden_size", "patch_size",
+                         "num_attention_heads", "num_key_value_heads", "v_hidden_size", "v_num_attention_heads",
+                         "image_size") if getattr(cfg, f) < 1] + [""]  # counts and sizes: at least 1
+    uneven = [f"--{a} {getattr(cfg, a)} must be a multiple of --{b} {getattr(cfg, b)}" for a, b in (
+        ("hidden_size", "num_attention_heads"), ("num_attention_heads", "num_key_value_heads"),
+        ("v_hidden_size", "v_num_attention_heads"), ("image_size", "patch_size")) if getattr(cfg, a) % max(
+        getattr(cfg, b), 1)] + [""]  # heads share the width; query heads share kv heads; patches tile the image
+    same = lambda a, b: bool(a and b) and os.path.realpath(a) == os.path.realpath(b)  # reads no file
+    for bad, msg in ((small[0], f"--{small[0]} must be at least 1"), (uneven[0], uneven[0]),
+                     (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
                       f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16"),
-                     (cfg.batch_size < 1 or cfg.grad_accum < 1, "--batch_size and --grad_accum must be at least 1"),
+                     (cfg.hidden_size // max(cfg.num_attention_heads, 1) % 2, "--hidden_size / --num_attention_heads "
+                      "(the head width) must be even: RoPE rotates feature pairs"),
+                     (not -cfg.v_num_hidden_layers <= cfg.vision_feature_layer + 1 <= cfg.v_num_hidden_layers + 1,
+                      f"--vision_feature_layer {cfg.vision_feature_layer}: the tower has hidden states -"
+                      f"{cfg.v_num_hidden_layers + 1} .. {cfg.v_num_hidden_layers}"),
+                     (cfg.vision_feature_select_strategy not in ("default", "full"),
+                      "--vision_feature_select_strategy: choose default or full"),
                      (overrides.get("share_towers") and cfg.from_pretrained, "--share_towers is for training from "
                       "scratch: --from_pretrained keeps the checkpoint's two towers (drop the flag)"),
+                     (args.train and same(cfg.out_dir, cfg.from_pretrained), f"--out_dir {cfg.out_dir} is the "
+                      "--from_pretrained folder: training would overwrite it; give another --out_dir"),
                      (args.resume and not args.train, "--resume continues a training run: use it with --train"),
                      (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it "
                       "with --generate (--bench runs both)")):
@@ -1560,7 +1558,6 @@ def run_generate(args, cfg, overrides):
     ids = torch.tensor([expand_placeholders(tok.encode(text), mcfg, n_frames)], device=device)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     shown, got = "", []
-
     def stream(tok_id):  # print the new text as it comes (decoding the whole answer keeps multi-byte chars whole)
         nonlocal shown
         got.append(int(tok_id[0]))
@@ -1568,10 +1565,11 @@ def run_generate(args, cfg, overrides):
         if not text.endswith("\ufffd"):
             print(text[len(shown):], end="", flush=True)
             shown = text
-    try:
-        generate(model, ids, None, imgs, vids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                 top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=g,
-                 on_token=stream, compile=args.compile)
+    try:  # an HF folder's weights are already in --dtype; a run of this script's keep float32, under autocast
+        with autocast(cfg.dtype if dtype is None else "float32", device):
+            generate(model, ids, None, imgs, vids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                     top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                     generator=g, on_token=stream, compile=args.compile)
     except torch._dynamo.exc.BackendCompilerFailed as e:  # on a CPU, torch.compile needs a C++ compiler (g++)
         if shown:
             print()  # end the streamed line (the first token comes before the first compiled step)
