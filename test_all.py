@@ -343,11 +343,13 @@ def test_vm_annotations_and_bad_files(tmp_path):
     good.write_text("a.mp4\na red square moves right\na red square goes right\n\na.mp4\nsecond entry\n")
     entries = vm.read_annotations(str(good))
     assert [len(c) for _, c in entries] == [2, 1] and entries[0][0].endswith("a.mp4")
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + good.read_bytes())  # a UTF-8 byte-order mark
+    assert vm.read_annotations(str(tmp_path / "bom.txt")) == entries
     cases = {"missing.txt": ("a.mp4\ncaption\n\nnope.mp4\ncaption\n", "missing.txt:4", "nope.mp4"),
              "nocap.txt": ("a.mp4\ncaption\n\n\na.mp4\n", "nocap.txt:5", "no caption"),
-             "empty.txt": ("\n\n", "no entries", "")}
+             "empty.txt": ("\n\n", "no entries", ""), "latin1.txt": ("a.mp4\ncaf\xe9\n", "latin1.txt", "UTF-8")}
     for name, (text, *needles) in cases.items():
-        (tmp_path / name).write_text(text)
+        (tmp_path / name).write_bytes(text.encode("latin-1"))  # latin1.txt: a byte that is not UTF-8
         with pytest.raises(vm.UserError) as e:
             vm.read_annotations(str(tmp_path / name))
         for n in needles:
@@ -425,6 +427,8 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     bad.write_text(f"{clip}\na caption\n\nmissing.mp4\na caption\n")
     main_user_error(vm.main, capsys, tiny + ["--data", bad, "--out_dir", tmp_path / "o2"], "bad.txt:4", "missing.mp4")
     main_user_error(vm.main, capsys, ["--train", "--preset", "nope"], "nope")
+    (tmp_path / "one.txt").write_text(f"{clip}\na caption\n")  # its only entry would be the held-out one
+    main_user_error(vm.main, capsys, tiny + ["--data", tmp_path / "one.txt"], "one.txt", "too few", "--test_data")
     # --resume with another architecture is refused and the checkpoint is left as it was
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     main_user_error(vm.main, capsys, tiny + ["--resume", "--out_dir", out, "--n_dec_layer", "3"], "--n_dec_layer 3", "checkpoint: 1")

@@ -201,10 +201,10 @@ def build_world(cfg):  # writes the mp4 files once
     json.dump(want, open(stamp, "w"))
     return files
 
-def sample_indices(n_total, n_frames):
+def sample_indices(n_total, n_frames, path="video"):
     """Uniform frame indices: the centre of each of n_frames equal segments (short clips repeat indices)."""
     if n_total <= 0:
-        raise UserError("video has no frames")
+        raise UserError(f"{path}: video has no frames")
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
 
 def _square(img, size):
@@ -234,9 +234,7 @@ def load_video(path, n_frames, size):
             frames.append(_square(img, size))  # shrink at once: a long 720p clip never sits in memory
             ok, img = cap.read()
         cap.release()
-    if not frames:
-        raise UserError(f"{path}: video has no frames")
-    idx = sample_indices(len(frames), n_frames)  # F indices
+    idx = sample_indices(len(frames), n_frames, path)  # F indices
     return np.stack([frames[i][:, :, ::-1] for i in idx])  # BGR -> RGB, (F, S, S, 3)
 
 def read_annotations(path):
@@ -245,7 +243,10 @@ def read_annotations(path):
     if not os.path.isfile(path):
         raise UserError(f"{path}: annotation file not found")
     entries, cur, start = [], [], 0  # cur: the lines of the entry being read
-    lines = open(path, encoding="utf-8").read().split("\n") + [""]  # a final blank closes the last entry
+    try:  # utf-8-sig: a byte-order mark some editors write is not part of the first path
+        lines = open(path, encoding="utf-8-sig").read().split("\n") + [""]  # a final blank closes the last entry
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file (save it as UTF-8)")
     for no, line in enumerate(lines, 1):
         line = line.strip()
         if line:  # another line of the current entry (start: the line number of its first line)
@@ -643,6 +644,8 @@ def prepare_data(cfg, rank):
         entries = read_annotations(cfg.data)  # user data
         test = read_annotations(cfg.test_data) if cfg.test_data else entries[::10]  # else every 10th entry held out
         entries = entries if cfg.test_data else [e for i, e in enumerate(entries) if i % 10]
+        if not entries:  # a single entry: it is the held-out one
+            raise UserError(f"{cfg.data}: too few entries to hold out a test set; add entries or pass --test_data")
         splits = {"train": entries, "val": test[: max(1, len(test) // 2)], "test": test}
     else:
         if rank == 0:
@@ -735,13 +738,11 @@ def train(cfg, overrides=None, resume=False):
     fwd = torch.compile(model) if cfg.compile else model  # --compile: same module, compiled forward
     scaler = torch.amp.GradScaler(enabled=cfg.dtype == "float16")  # loss scaling only for float16
     train_tokens = [[tok.encode(c) for c in cs] for _, cs in train_entries]
-    val_entries, val_clips = data["val"]
-    caption_rng = random.Random(cfg.seed)
     gsize = cfg.batch_size * cfg.grad_accum * world  # clips per optimizer step
     t_log, log_step = time.time(), step  # for the ms/step and eta columns
     while step < cfg.max_steps:
         idx = global_batch(step, len(train_entries), gsize, cfg.seed)  # (gsize,) clip indices, the same on every rank
-        caption_rng.seed(cfg.seed * 100003 + step)  # which reference each clip shows: a function of the step
+        caption_rng = random.Random(cfg.seed * 100003 + step)  # which reference each clip shows: set by the step
         seqs = [caption_rng.choice(train_tokens[i]) for i in idx.tolist()]  # one reference per clip
         inp_all, tgt_all = pad_batch(seqs, cfg.max_len)  # (gsize, L) each
         n_tok = (tgt_all != -100).sum().item()  # loss is a mean over the global batch's tokens, whatever the split
@@ -772,7 +773,7 @@ def train(cfg, overrides=None, resume=False):
         val = None  # logged only on the steps where it is measured
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             if master:
-                val = evaluate_loss(raw, tok, val_entries, val_clips, cfg, device)
+                val = evaluate_loss(raw, tok, *data["val"], cfg, device)
                 save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
         if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
             dt = (time.time() - t_log) / (step - log_step)  # seconds per step since the last log line
@@ -968,11 +969,10 @@ def bench(cfg):
     inp = torch.randint(0, len(tok.ids), (B, 20), device=device)  # (B, 20) random tokens
     print(f"autocast for training and captions: {autocast_dtype(cfg.dtype, device)} (--dtype {cfg.dtype})")
     for label in dict.fromkeys(["float32", "bfloat16" if cfg.dtype == "auto" else cfg.dtype]):  # both, for auto
-        c = dataclasses.replace(cfg, dtype=label)
         times = []
         for i in range(8):  # the first 2 steps warm up the allocator, the median of 6 is printed
             t = time.time()
-            with autocast(c, device):
+            with autocast(dataclasses.replace(cfg, dtype=label), device):
                 model(video, inp, inp)[1].backward()  # loss against random targets: the cost, not the result
             opt.step(), opt.zero_grad()
             times.append(time.time() - t)
