@@ -270,6 +270,8 @@ def test_vm_sampler_filters():
     assert kept.tolist() == [False, True, False, False, False]  # the top token alone already holds 0.64 > 0.5
     kept = torch.isfinite(vm.filter_logits(logits, top_k=0, top_p=float(p[1] + p[2]) + 1e-3))[0]
     assert kept.tolist() == [True, True, True, False, False]
+    kept = torch.isfinite(vm.filter_logits(logits, top_k=0, top_p=0.0))[0]  # an empty nucleus keeps the top token
+    assert kept.tolist() == [False, True, False, False, False]
     # seeded sampling is reproducible; temperature sampling with top_k=1 is greedy
     model, cfg = _vm_model(seed=4)
     video = _vm_video(2, cfg)
@@ -306,6 +308,16 @@ def test_vm_sample_indices():
     assert vm.sample_indices(2, 4) == [0, 0, 1, 1]  # short clips repeat frames
     with pytest.raises(vm.UserError):
         vm.sample_indices(0, 4)
+
+
+def test_vm_bad_flags_are_refused_by_parse_args(capsys):
+    """Each bad value is refused in one line naming the flag, before any data or model is made."""
+    for argv, needle in ((["--cnn_width", "4"], "--cnn_width"), (["--n_head", "3", "--d_model", "32"], "--d_model 32"),
+                         (["--n_head", "0"], "--n_head"), (["--n_frames", "0"], "--n_frames"),
+                         (["--batch_size", "0"], "--batch_size"), (["--temperature", "-1"], "--temperature"),
+                         (["--top_p", "0"], "--top_p"), (["--top_p", "1.5"], "--top_p"), (["--dtype", "half"], "--dtype")):
+        main_user_error(vm.main, capsys, ["--train"] + argv, needle)
+    assert vm.parse_args(["--temperature", "0.8", "--top_p", "0.9", "--d_model", "48", "--n_head", "3"])[1].top_p == 0.9
 
 
 def test_vm_mp4_round_trip_and_frame_folder(tmp_path):
@@ -422,17 +434,24 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     (other / "model.safetensors").write_bytes(b"")
     main_user_error(vm.main, capsys, ["--generate", "--video", clip, "--out_dir", other], "vit_caption")
     tiny = ["--train", "--preset", "tiny", "--data_dir", tmp / "data"]
-    main_user_error(vm.main, capsys, tiny + ["--resume", "--out_dir", tmp_path / "fresh"], "nothing to resume")
+    unbuilt = ["--train", "--resume", "--preset", "tiny", "--data_dir", tmp_path / "unbuilt"]  # refused before any data
+    main_user_error(vm.main, capsys, unbuilt + ["--out_dir", tmp_path / "fresh"], "nothing to resume")
     bad = tmp_path / "bad.txt"
     bad.write_text(f"{clip}\na caption\n\nmissing.mp4\na caption\n")
     main_user_error(vm.main, capsys, tiny + ["--data", bad, "--out_dir", tmp_path / "o2"], "bad.txt:4", "missing.mp4")
     main_user_error(vm.main, capsys, ["--train", "--preset", "nope"], "nope")
     (tmp_path / "one.txt").write_text(f"{clip}\na caption\n")  # its only entry would be the held-out one
     main_user_error(vm.main, capsys, tiny + ["--data", tmp_path / "one.txt"], "one.txt", "too few", "--test_data")
-    # --resume with another architecture is refused and the checkpoint is left as it was
+    # --resume with another architecture or a truncated train_state.pt is refused; the checkpoint is left as it was
     before = {f.name: f.read_bytes() for f in out.iterdir()}
-    main_user_error(vm.main, capsys, tiny + ["--resume", "--out_dir", out, "--n_dec_layer", "3"], "--n_dec_layer 3", "checkpoint: 1")
+    main_user_error(vm.main, capsys, unbuilt + ["--out_dir", out, "--n_dec_layer", "3"], "--n_dec_layer 3", "checkpoint: 1")
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for f in ("model.safetensors", "config.json", "train_state.pt"):
+        (cut / f).write_bytes(before[f][:len(before[f]) // 2] if f == "train_state.pt" else before[f])
+    main_user_error(vm.main, capsys, unbuilt + ["--out_dir", cut], "train_state.pt", "damaged")
+    assert not (tmp_path / "unbuilt").exists()  # no synthetic world was written for a refused --resume
 
 
 def test_vm_resume_keeps_the_checkpoint_architecture(_vm_trained, tmp_path):

@@ -62,8 +62,7 @@ class UserError(Exception):
 
 @dataclass
 class Config:
-    # data
-    data: str = ""  # annotation file of user data (format in the README); "" = the built-in synthetic world
+    data: str = ""  # data: annotation file of user data (format in the README); "" = the built-in synthetic world
     test_data: str = ""  # optional annotation file for evaluation on user data; else 10% of --data is held out
     data_dir: str = "data/videollama_mini"  # where the synthetic world is written
     out_dir: str = "out/videollama_mini"  # checkpoint, eval.json, pictures
@@ -73,8 +72,7 @@ class Config:
     n_novel: int = 300
     n_frames: int = 8  # frames sampled uniformly from each clip
     img_size: int = 32  # frames are centre-cropped to a square and resized to this side
-    # model
-    d_model: int = 128
+    d_model: int = 128  # model: the width of every layer
     n_head: int = 4
     cnn_width: int = 32  # channels of the first conv; later convs use 2x
     grid: int = 4  # adaptive pooling keeps a grid x grid map so that position (and so motion) survives pooling
@@ -89,8 +87,7 @@ class Config:
     max_len: int = 32  # longest caption in tokens, BOS/EOS included
     dropout: float = 0.1
     compact_vocab: bool = True  # output table over the GPT-2 ids seen in training (False: all 50257)
-    # training
-    batch_size: int = 32  # micro-batch per process
+    batch_size: int = 32  # training: micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * world size)
     max_steps: int = 2400
     lr: float = 2e-3
@@ -105,15 +102,15 @@ class Config:
     log_interval: int = 50
     eval_interval: int = 400  # validation loss every this many steps (and a checkpoint)
     stop_after: int = 0  # stop (and save) after this many steps, as if interrupted; --resume continues
-    # generation
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # generation: 0 = greedy
     top_k: int = 0
     top_p: float = 1.0
     beam: int = 1  # beam width; >1 = beam search (deterministic)
     max_new_tokens: int = 30
 
-PRESETS = {  # default: the CPU run; tiny: seconds, for the tests
-    "default": {},
+CHOICES = {"qformer_mode": ("text", "queries"), "dtype": ("auto", "float32", "bfloat16", "float16")}  # argparse checks
+
+PRESETS = {"default": {},  # default: the CPU run; tiny: seconds, for the tests
     # The VideoLLaMA-Mini write-up gives no layer, width, head, frame or sampling sizes (those stay the defaults), but
     # text tokens as the Q-Former's queries, the full GPT-2 vocabulary, Adam, no dropout or weight decay (future work).
     "original": dict(qformer_mode="text", compact_vocab=False, dropout=0.0, weight_decay=0.0),
@@ -196,8 +193,7 @@ def build_world(cfg):  # writes the mp4 files once
             write_clip(os.path.join(cfg.data_dir, name), objs)
             # two references per clip, as captioning datasets have several
             lines += [name, caption_for(objs, "moves"), caption_for(objs, "goes"), ""]
-        with open(files[split], "w") as f:
-            f.write("\n".join(lines))
+        open(files[split], "w").write("\n".join(lines))
     json.dump(want, open(stamp, "w"))
     return files
 
@@ -572,10 +568,8 @@ def cider_d(preds, refs, sigma=6.0):
     df = Counter(g for rws in ref_words for g in {g for r in rws for n in range(1, 5) for g in ngrams(r, n)})
     log_n = math.log(float(len(refs)))  # IDF numerator
     def vec(words):
-        v = [{}, {}, {}, {}]
-        for n in range(1, 5):
-            for g, c in ngrams(words, n).items():
-                v[n - 1][g] = c * (log_n - math.log(max(1.0, df.get(g, 0.0))))
+        v = [{g: c * (log_n - math.log(max(1.0, df.get(g, 0.0)))) for g, c in ngrams(words, n).items()}
+             for n in range(1, 5)]  # one TF-IDF vector per n-gram order
         return v, [math.sqrt(sum(x * x for x in d.values())) for d in v], len(words)
     scores = []
     for p, rws in zip(preds, ref_words):
@@ -661,8 +655,10 @@ ARCH = ("n_frames", "img_size", "d_model", "n_head", "cnn_width", "grid", "frame
 
 def resume_config(cfg, overrides):
     """--resume: the architecture (ARCH) from the checkpoint, everything else (steps, lr, data...) from the command
-    line. A flag that asks for another architecture than the saved weights is refused, never written to config.json."""
-    if not os.path.isfile(os.path.join(cfg.out_dir, "train_state.pt")):
+    line. A flag that asks for another architecture than the saved weights is refused, never written to config.json.
+    Checked before any data is built or read. -> (cfg, (model, tokenizer, training state))"""
+    path = os.path.join(cfg.out_dir, "train_state.pt")
+    if not os.path.isfile(path):
         raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
     rest = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ARCH}
     model, tok, saved = load_checkpoint(cfg.out_dir, rest)
@@ -670,15 +666,17 @@ def resume_config(cfg, overrides):
              if k in overrides and overrides[k] != getattr(saved, k)]
     if clash:
         raise UserError(f"{cfg.out_dir}: --resume keeps the checkpoint's architecture; drop {', '.join(clash)}")
-    return model, tok, saved
+    try:
+        return saved, (model, tok, torch.load(path, weights_only=True))
+    except Exception:  # torch raises several error types for a truncated or foreign file
+        raise UserError(f"{path}: truncated or damaged; drop --resume to start afresh (model.safetensors is kept)")
 
 def decay_groups(model, weight_decay):
     """AdamW groups: weight decay on the weight matrices of Linear and Conv2d layers only. Biases, norms, the
     token table, the learned queries and the per-query scale/shift are not pulled towards zero."""
     decay = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    params = list(model.parameters())
-    return [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+    return [{"params": [p for p in model.parameters() if id(p) in decay], "weight_decay": weight_decay},
+            {"params": [p for p in model.parameters() if id(p) not in decay], "weight_decay": 0.0}]
 
 def count_parameters(model):
     """-> 'total, trainable, frozen' counted from the module (nothing in this model is frozen by design)."""
@@ -689,20 +687,19 @@ def count_parameters(model):
 def setup_distributed(cfg):
     """-> (ddp, rank, world, device): torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA, one GPU per rank."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1  # one process unless torchrun started several
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)  # one process unless torchrun
     device = pick_device(cfg.device)
     if device == "cuda" and ddp:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     return ddp, rank, world, device
 
-def build_or_resume(cfg, overrides, resume, train_entries, train_clips, device):
-    """-> (model, tokenizer, cfg, optimizer, step): a fresh model initialised from data, or the checkpoint's."""
-    if resume:
-        model, tok, cfg = resume_config(cfg, overrides)
+def build_or_resume(cfg, resumed, train_entries, train_clips, device):
+    """-> (model, tokenizer, optimizer, step): a fresh model initialised from data, or resume_config's."""
+    if resumed:
+        model, tok, ts = resumed
     else:
         tok = Tokenizer.from_captions([c for _, cs in train_entries for c in cs], cfg.compact_vocab)
         model = VideoLLaMAMini(cfg, len(tok.ids))
@@ -711,16 +708,14 @@ def build_or_resume(cfg, overrides, resume, train_entries, train_clips, device):
         model.init_from_data(train_clips[init_idx])
     model.to(device)
     opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
-    step = 0
-    if resume:
-        ts = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
+    if resumed:  # the optimizer's moments; dropout continues the uninterrupted run's random stream
         opt.load_state_dict(ts["optimizer"])
-        step = ts["step"]
-        torch.set_rng_state(ts["rng"])  # dropout continues the uninterrupted run's random stream
-    return model, tok, cfg, opt, step
+        torch.set_rng_state(ts["rng"])
+    return model, tok, opt, ts["step"] if resumed else 0
 
 def train(cfg, overrides=None, resume=False):
     """Build (or resume), train for max_steps with gradient accumulation and DDP, save, evaluate."""
+    cfg, resumed = resume_config(cfg, overrides or {}) if resume else (cfg, None)  # refused before data is touched
     ddp, rank, world, device = setup_distributed(cfg)
     master = rank == 0  # rank 0 alone prints, evaluates and saves
     say = print if master else (lambda *a, **k: None)  # other ranks stay silent
@@ -729,7 +724,7 @@ def train(cfg, overrides=None, resume=False):
     data = prepare_data(cfg, rank)  # {split: (entries, uint8 clips)}
     train_entries, train_clips = data["train"]
     say(f"data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" clips ({time.time() - t0:.1f}s)")
-    model, tok, cfg, opt, step = build_or_resume(cfg, overrides or {}, resume, train_entries, train_clips, device)
+    model, tok, opt, step = build_or_resume(cfg, resumed, train_entries, train_clips, device)
     say(f"parameters: {count_parameters(model)}; vocab {len(tok.ids)}; {device}, "
         f"autocast {autocast_dtype(cfg.dtype, device)}" + (f"; resumed from step {step}" if resume else ""))
     raw = model  # the plain module: what is saved and evaluated
@@ -754,8 +749,7 @@ def train(cfg, overrides=None, resume=False):
             rows = slice((micro * world + rank) * cfg.batch_size, (micro * world + rank + 1) * cfg.batch_size)
             video, inp, tgt = train_clips[idx[rows]].to(device), inp_all[rows].to(device), tgt_all[rows].to(device)
             sync = (not ddp) or micro == cfg.grad_accum - 1  # all-reduce gradients once, on the last micro-batch
-            ctx = model.no_sync() if not sync else torch.enable_grad()
-            with ctx, autocast(cfg, device):
+            with model.no_sync() if not sync else torch.enable_grad(), autocast(cfg, device):
                 logits, _ = fwd(video, inp)  # (B, L, V)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100,
                                        reduction="sum") / n_tok * world  # DDP averages over ranks
@@ -771,10 +765,9 @@ def train(cfg, overrides=None, resume=False):
         opt.zero_grad(set_to_none=True)  # frees the gradient memory between steps
         step += 1
         val = None  # logged only on the steps where it is measured
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            if master:
-                val = evaluate_loss(raw, tok, *data["val"], cfg, device)
-                save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
+        if master and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+            val = evaluate_loss(raw, tok, *data["val"], cfg, device)
+            save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
         if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
             dt = (time.time() - t_log) / (step - log_step)  # seconds per step since the last log line
             eta = dt * (cfg.max_steps - step)  # seconds left at this pace
@@ -815,8 +808,9 @@ def filter_logits(logits, top_k, top_p):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)  # (B, V) cumulative probability
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens after the nucleus is already full
+        probs = sorted_logits.softmax(-1)  # (B, V) in descending order
+        drop = probs.cumsum(-1) - probs >= top_p  # tokens after the nucleus is already full
+        drop[..., 0] = False  # the most likely token always stays, however small top_p is
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))  # back to vocabulary order
     return logits
 
@@ -939,16 +933,15 @@ def attention_png(model, clip, tok, cfg, device, path, cell=40, label_w=110):
 def evaluate(model, tok, cfg, device, data, train_seconds=None):
     """Caption every clip of test (and novel), score, print a table and samples, write eval.json and a PNG."""
     result = {"train_seconds": train_seconds}  # None for --eval
+    print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")
     for split in [s for s in ("test", "novel") if s in data]:  # novel is absent on user data
         entries, clips = data[split]
         preds = caption_clips(model, tok, clips, cfg, device)
         refs = [cs for _, cs in entries]  # every reference of each clip
-        result[split] = {"n": len(preds), "exact_match": exact_match(preds, refs), "bleu4": bleu4(preds, refs),
-                         "cider": cider_d(preds, refs),
-                         "samples": [{"video": os.path.relpath(v), "prediction": p, "references": r}
-                                     for (v, r), p in list(zip(entries, preds))[:8]]}
-    print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")
-    for split, r in [(k, v) for k, v in result.items() if k in ("test", "novel")]:  # novel is absent on user data
+        r = result[split] = {"n": len(preds), "exact_match": exact_match(preds, refs), "bleu4": bleu4(preds, refs),
+                             "cider": cider_d(preds, refs),
+                             "samples": [{"video": os.path.relpath(v), "prediction": p, "references": rs}
+                                         for (v, rs), p in list(zip(entries, preds))[:8]]}
         print(f"{split:8s} {r['n']:5d} {r['exact_match']:7.3f} {r['bleu4']:7.3f} {r['cider']:8.3f}")
     print("\n".join(f"  pred: {s['prediction']!r}\n  refs: {s['references']}" for s in result["test"]["samples"][:4]))
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
@@ -998,19 +991,24 @@ def parse_args(argv=None):
     p.add_argument("--bench", action="store_true", help="print training samples/s and captions/s")
     p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
-    for f in dataclasses.fields(Config):
-        bool_flag = isinstance(f.default, bool)  # --flag / --no-flag, never type=bool
-        kind = dict(action=argparse.BooleanOptionalAction) if bool_flag else dict(type=type(f.default))
-        p.add_argument(f"--{f.name}", default=None, **kind)  # None: not given, the preset's value stands
+    for f in dataclasses.fields(Config):  # every field is a flag; bools as --flag / --no-flag, never type=bool
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {"type": type(f.default)}
+        p.add_argument(f"--{f.name}", default=None, choices=CHOICES.get(f.name), **kind)  # None: the preset's value
     args = p.parse_args(argv)  # argparse exits 2 itself on an unknown flag
     if args.preset not in PRESETS:
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset], **overrides})
-    if cfg.qformer_mode not in ("queries", "text"):
-        raise UserError(f"--qformer_mode {cfg.qformer_mode}: choose 'queries' or 'text'")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16")
+    low = [f"--{k}" for k in "n_train n_val n_test n_novel n_frames img_size d_model n_head cnn_width grid n_query "
+           "max_len batch_size grad_accum log_interval eval_interval beam".split() if getattr(cfg, k) < 1]
+    errors = [why for bad, why in [  # (bad value, the line that names the flag and the fix): refused before any work
+        (low, f"{', '.join(low)}: must be at least 1"),
+        (cfg.d_model % math.lcm(2, cfg.n_head or 1), f"--d_model {cfg.d_model}: must be even, a multiple of --n_head"),
+        (cfg.cnn_width % 8, f"--cnn_width {cfg.cnn_width}: must be a multiple of 8 (GroupNorm's 8 groups)"),
+        (cfg.temperature < 0, f"--temperature {cfg.temperature}: must be 0 (greedy) or more"),
+        (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1]; 1 keeps every token")] if bad]
+    if errors:
+        raise UserError(errors[0])
     return args, cfg, overrides
 
 def main(argv=None):
