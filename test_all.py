@@ -559,9 +559,28 @@ def test_vm_ddp_two_processes_match_one(tmp_path):
     torch.testing.assert_close(_vm_weights(ddp), _vm_weights(single), atol=2e-5, rtol=1e-4)
 
 
-def test_vm_autocast_auto(_vm_trained, tmp_path, monkeypatch):
-    check_auto_run_and_old_checkpoint(vm, _vm_trained[0] / "data", tmp_path / "auto")
+def test_vm_autocast_auto(_vm_trained, tmp_path, monkeypatch, capsys):
+    """A 1-step tiny --train under --dtype auto names the dtype this machine gets (in-process); then the rules."""
+    vm.main(["--train", "--preset", "tiny", "--max_steps", "1", "--dtype", "auto", "--data_dir",
+             str(_vm_trained[0] / "data"), "--out_dir", str(tmp_path / "auto")])
+    assert f"autocast {vm.autocast_dtype('auto', 'cpu')}" in capsys.readouterr().out
     check_autocast_auto(vm, monkeypatch)
+
+
+def test_vm_damaged_config_json(_vm_trained, tmp_path, capsys):
+    """config.json that holds no object or no "config" is refused in one line; a key this version lacks is ignored and
+    an explicit --dtype bfloat16 saved in it is kept."""
+    out = _vm_trained[0] / "out"
+    meta = json.load(open(out / "config.json"))
+    later = {**meta, "config": {**meta["config"], "dtype": "bfloat16", "a_later_field": 1}}
+    for name, meta, needle in (("list", [], "not a JSON object"), ("noconf", {"script": vm.SCRIPT}, "damaged"),
+                               ("later", later, None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+        (tmp_path / name / "config.json").write_text(json.dumps(meta))
+        if needle:
+            main_user_error(vm.main, capsys, ["--eval", "--out_dir", tmp_path / name], needle, "config.json")
+    assert vm.load_checkpoint(str(tmp_path / "later"))[2].dtype == "bfloat16"
 
 
 # ====================================================================================================================

@@ -508,13 +508,15 @@ def load_checkpoint(out_dir, overrides=None):
         raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
     try:
         meta = json.load(open(cpath))
-    except json.JSONDecodeError:
-        raise UserError(f"{cpath}: not valid JSON")
-    if meta.get("script") != SCRIPT:
-        raise UserError(f"{out_dir}: checkpoint was written by '{meta.get('script')}', not {SCRIPT}.py")
-    saved = meta["config"]  # "bfloat16" was the default before --dtype auto, not a choice: read as auto
-    saved["dtype"] = "auto" if saved.get("dtype") == "bfloat16" else saved.get("dtype", "auto")
-    cfg = Config(**{**saved, **(overrides or {})})
+        script = meta.get("script")  # AttributeError: the file holds JSON, but not an object
+    except (json.JSONDecodeError, AttributeError):
+        raise UserError(f"{cpath}: not a JSON object as --train writes it")
+    if script != SCRIPT:
+        raise UserError(f"{out_dir}: checkpoint was written by '{script}', not {SCRIPT}.py")
+    if not (isinstance(meta.get("config"), dict) and isinstance(meta.get("vocab"), list)):
+        raise UserError(f"{cpath}: damaged, no 'config' object or 'vocab' list (retrain with --train)")
+    known = {f.name for f in dataclasses.fields(Config)}  # a key this version of the script does not have is ignored
+    cfg = Config(**{**{k: v for k, v in meta["config"].items() if k in known}, **(overrides or {})})
     tok = Tokenizer(meta["vocab"])  # the token table saved with the weights
     model = VideoLLaMAMini(cfg, len(tok.ids))
     try:
