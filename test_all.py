@@ -315,8 +315,10 @@ def test_vm_bad_flags_are_refused_by_parse_args(capsys):
     for argv, needle in ((["--cnn_width", "4"], "--cnn_width"), (["--n_head", "3", "--d_model", "32"], "--d_model 32"),
                          (["--n_head", "0"], "--n_head"), (["--n_frames", "0"], "--n_frames"),
                          (["--batch_size", "0"], "--batch_size"), (["--temperature", "-1"], "--temperature"),
-                         (["--top_p", "0"], "--top_p"), (["--top_p", "1.5"], "--top_p"), (["--dtype", "half"], "--dtype")):
-        main_user_error(vm.main, capsys, ["--train"] + argv, needle)
+                         (["--top_p", "0"], "--top_p"), (["--top_p", "1.5"], "--top_p"), (["--dtype", "half"], "--dtype"),
+                         (["--device", "xyz"], "--device xyz"), (["--device", "cuda:99"], "--device cuda:99")):
+        main_user_error(vm.main, capsys, ["--train", "--data_dir", "/nonexistent/vm"] + argv, needle)
+    main_user_error(vm.main, capsys, ["--generate"], "--generate needs --video")
     assert vm.parse_args(["--temperature", "0.8", "--top_p", "0.9", "--d_model", "48", "--n_head", "3"])[1].top_p == 0.9
 
 
@@ -543,10 +545,13 @@ def test_vm_grad_accumulation_and_exact_resume(tmp_path):
     assert torch.equal(_vm_weights(loaded), _vm_weights(resumed))
 
 
-def test_vm_ddp_two_processes_match_one(tmp_path):
-    """torchrun with 2 gloo processes of batch 4 follows the same curve as one process of batch 8."""
+def test_vm_ddp_two_processes_match_one(tmp_path, capsys):
+    """torchrun with 2 gloo processes of batch 4 follows the same curve as one process of batch 8, and logs the
+    same training loss (the whole global batch's, not rank 0's share)."""
     cfg = _vm_cfg(tmp_path, max_steps=3, eval_interval=100)
     single, _ = vm.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "one")))
+    logged = lambda out: [float(x) for x in re.findall(r"^step \d+/3 \| loss (\S+)", out, re.M)]
+    want = logged(capsys.readouterr().out)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
            os.path.join(ROOT, "videollama_mini.py"), "--train", "--preset", "tiny", "--max_steps", "3",
            "--eval_interval", "100", "--dropout", "0", "--batch_size", "4", "--data_dir", cfg.data_dir,
@@ -555,6 +560,7 @@ def test_vm_ddp_two_processes_match_one(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("step 3/3") == 1  # rank 0 alone prints
+    assert len(want) == 2 and logged(proc.stdout) == pytest.approx(want, abs=2e-3)
     ddp, _, _ = vm.load_checkpoint(str(tmp_path / "ddp"))
     torch.testing.assert_close(_vm_weights(ddp), _vm_weights(single), atol=2e-5, rtol=1e-4)
 

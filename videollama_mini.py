@@ -374,9 +374,8 @@ class FrameEncoder(nn.Module):
         self.ln = nn.LayerNorm(cfg.d_model)
     def forward(self, x):
         B, Fr = x.shape[:2]  # Fr: frames (F is torch.nn.functional)
-        # Subtract each frame's mean colour: the background then reads as ~0 and the small objects carry the
-        # signal. Without it every clip's embedding is "mostly background", nearly the same vector for all clips,
-        # and the decoder sits for hundreds of steps on the caption prior before it finds the video (measured).
+        # Subtract each frame's mean colour: the background then reads as ~0 and the small objects carry the signal;
+        # otherwise every clip's embedding is "mostly background", nearly one vector for all clips, hiding the video.
         x = x - x.mean((-2, -1), keepdim=True)  # (B, F, 3, S, S)
         if self.frame_diff:
             diff = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], 1)  # (B, F, 3, S, S)
@@ -443,11 +442,11 @@ class VideoLLaMAMini(nn.Module):
     def init_from_data(self, video):
         """Data-dependent initialisation (Salimans & Kingma, 2016) of the affine parameters that end each stage.
         Every clip is mostly the same background, so at random init every clip's embedding is nearly the same vector
-        and the decoder learns the caption prior for hundreds of steps before it finds the video. Folding one batch's
-        per-feature mean and std into the LayerNorms after the frame and temporal encoders and (per query) into the
-        QFormer's output scale and shift makes their outputs zero-mean, unit-variance *across clips* at step 0.
-        A one-off change of initial weights: the model stays a per-clip function (no batch statistics in training
-        or inference), so batch == rows, gradient accumulation and DDP are unaffected (README: what made it learn)."""
+        and the decoder can learn only the caption prior. Folding one batch's per-feature mean and std into the
+        LayerNorms after the frame and temporal encoders and (per query) into the QFormer's output scale and shift
+        makes their outputs zero-mean, unit-variance *across clips* at step 0. A one-off change of initial weights:
+        the model stays a per-clip function (no batch statistics in training or inference), so batch == rows,
+        gradient accumulation and DDP are unaffected (README: what made it learn)."""
         def fold(ln, x):  # x: (B, T, D), the output of ln for this batch
             m, s = x.mean((0, 1)), x.std((0, 1)) + 1e-3  # (D,) each, over clips and positions
             ln.weight.div_(s)  # y = (x - m) / s, folded into the affine
@@ -591,9 +590,13 @@ def cider_d(preds, refs, sigma=6.0):
 # Training
 
 def pick_device(name):
-    """--device auto: cuda > mps > cpu; any other name is used as given."""
+    """--device auto: cuda > mps > cpu; a named device (cpu, mps, cuda, cuda:N) must exist on this machine."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    return name if name != "auto" else "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # none on a machine without CUDA
+    have = ["auto", "cpu"] + ["mps"] * mps + ["cuda"] * bool(gpus) + gpus  # the names --device accepts here
+    if name not in have:
+        raise UserError(f"--device {name}: not available on this machine; choose one of {', '.join(have)}")
+    return name if name != "auto" else "cuda" if gpus else "mps" if mps else "cpu"
 
 def autocast_dtype(name, device):
     """--dtype auto: bfloat16 where the hardware multiplies in it (a CUDA GPU of compute capability 8+, a CPU with
@@ -629,8 +632,7 @@ def lr_at(step, cfg):
 
 def global_batch(step, n, size, seed):
     """Indices of the global batch of a step: a fresh permutation per epoch, shared by every rank."""
-    per_epoch = max(1, n // size)  # full batches per pass over the data
-    epoch, k = divmod(step, per_epoch)  # the step's epoch and batch within it
+    epoch, k = divmod(step, max(1, n // size))  # the step's epoch and batch within it (full batches per epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
     return perm[k * size:(k + 1) * size]
 
@@ -662,8 +664,7 @@ def resume_config(cfg, overrides):
     path = os.path.join(cfg.out_dir, "train_state.pt")
     if not os.path.isfile(path):
         raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
-    rest = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ARCH}
-    model, tok, saved = load_checkpoint(cfg.out_dir, rest)
+    model, tok, saved = load_checkpoint(cfg.out_dir, {k: v for k, v in vars(cfg).items() if k not in ARCH})
     clash = [f"--{k} {overrides[k]} (checkpoint: {getattr(saved, k)})" for k in ARCH
              if k in overrides and overrides[k] != getattr(saved, k)]
     if clash:
@@ -682,8 +683,8 @@ def decay_groups(model, weight_decay):
 
 def count_parameters(model):
     """-> 'total, trainable, frozen' counted from the module (nothing in this model is frozen by design)."""
-    total, trainable = (sum(p.numel() for p in model.parameters() if p.requires_grad or everything)
-                        for everything in (True, False))
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return f"{total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, {(total - trainable) / 1e6:.2f}M frozen"
 
 def setup_distributed(cfg):
@@ -746,19 +747,20 @@ def train(cfg, overrides=None, resume=False):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)  # warmup then cosine
         model.train()  # dropout on
-        total = 0.0  # the step's mean loss, for the log
-        for micro in range(cfg.grad_accum):
+        total = torch.zeros((), device=device)  # the step's mean loss, for the log
+        for micro in range(cfg.grad_accum):  # under DDP the gradients are all-reduced once, on the last micro-batch
             rows = slice((micro * world + rank) * cfg.batch_size, (micro * world + rank + 1) * cfg.batch_size)
             video, inp, tgt = train_clips[idx[rows]].to(device), inp_all[rows].to(device), tgt_all[rows].to(device)
-            sync = (not ddp) or micro == cfg.grad_accum - 1  # all-reduce gradients once, on the last micro-batch
-            with model.no_sync() if not sync else torch.enable_grad(), autocast(cfg, device):
+            with model.no_sync() if ddp and micro < cfg.grad_accum - 1 else torch.enable_grad(), autocast(cfg, device):
                 logits, _ = fwd(video, inp)  # (B, L, V)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100,
                                        reduction="sum") / n_tok * world  # DDP averages over ranks
             scaler.scale(loss).backward()  # gradients add up across micro-batches
-            total += loss.item() / world  # this rank's share of the global mean
+            total += loss.detach() / world  # this rank's share of the global mean
+        if ddp:  # sum the shares: the log and the NaN check see the global batch's loss on every rank
+            dist.all_reduce(total)
         if not math.isfinite(total):
-            raise UserError(f"loss became {total} at step {step}; stopped, the last good checkpoint in "
+            raise UserError(f"loss became {total.item()} at step {step}; stopped, the last good checkpoint in "
                             f"{cfg.out_dir} is kept (try a lower --lr)")
         scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
         nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)  # global-norm clipping
@@ -992,13 +994,11 @@ def parse_args(argv=None):
     p.add_argument("--generate", action="store_true", help="caption --video with the checkpoint in out_dir")
     p.add_argument("--bench", action="store_true", help="print training samples/s and captions/s")
     p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
-    p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="the sizes to start from")
     for f in dataclasses.fields(Config):  # every field is a flag; bools as --flag / --no-flag, never type=bool
         kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {"type": type(f.default)}
         p.add_argument(f"--{f.name}", default=None, choices=CHOICES.get(f.name), **kind)  # None: the preset's value
-    args = p.parse_args(argv)  # argparse exits 2 itself on an unknown flag
-    if args.preset not in PRESETS:
-        raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
+    args = p.parse_args(argv)  # argparse exits 2 itself on an unknown flag or choice
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset], **overrides})
     low = [f"--{k}" for k in "n_train n_val n_test n_novel n_frames img_size d_model n_head cnn_width grid n_query "
@@ -1008,7 +1008,8 @@ def parse_args(argv=None):
         (cfg.d_model % math.lcm(2, cfg.n_head or 1), f"--d_model {cfg.d_model}: must be even, a multiple of --n_head"),
         (cfg.cnn_width % 8, f"--cnn_width {cfg.cnn_width}: must be a multiple of 8 (GroupNorm's 8 groups)"),
         (cfg.temperature < 0, f"--temperature {cfg.temperature}: must be 0 (greedy) or more"),
-        (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1]; 1 keeps every token")] if bad]
+        (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1]; 1 keeps every token"),
+        (args.generate and not args.video, "--generate needs --video PATH (a video file or a frames folder)")] if bad]
     if errors:
         raise UserError(errors[0])
     return args, cfg, overrides
@@ -1028,8 +1029,6 @@ def run(args, cfg, overrides):
     if args.train:
         train(cfg, overrides, resume=args.resume)
     elif args.eval or args.generate:
-        if args.generate and not args.video:
-            raise UserError("--generate needs --video PATH (a video file or a folder of frames)")
         # the architecture comes from the checkpoint; everything else (data, sampling, device) from the command line
         model, tok, cfg = load_checkpoint(cfg.out_dir, {k: v for k, v in overrides.items() if k not in ARCH})
         device = pick_device(cfg.device)
