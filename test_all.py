@@ -270,6 +270,8 @@ def test_vm_sampler_filters():
     assert kept.tolist() == [False, True, False, False, False]  # the top token alone already holds 0.64 > 0.5
     kept = torch.isfinite(vm.filter_logits(logits, top_k=0, top_p=float(p[1] + p[2]) + 1e-3))[0]
     assert kept.tolist() == [True, True, True, False, False]
+    kept = torch.isfinite(vm.filter_logits(logits, top_k=0, top_p=0.0))[0]  # an empty nucleus keeps the top token
+    assert kept.tolist() == [False, True, False, False, False]
     # seeded sampling is reproducible; temperature sampling with top_k=1 is greedy
     model, cfg = _vm_model(seed=4)
     video = _vm_video(2, cfg)
@@ -308,6 +310,18 @@ def test_vm_sample_indices():
         vm.sample_indices(0, 4)
 
 
+def test_vm_bad_flags_are_refused_by_parse_args(capsys):
+    """Each bad value is refused in one line naming the flag, before any data or model is made."""
+    for argv, needle in ((["--cnn_width", "4"], "--cnn_width"), (["--n_head", "3", "--d_model", "32"], "--d_model 32"),
+                         (["--n_head", "0"], "--n_head"), (["--n_frames", "0"], "--n_frames"),
+                         (["--batch_size", "0"], "--batch_size"), (["--temperature", "-1"], "--temperature"),
+                         (["--top_p", "0"], "--top_p"), (["--top_p", "1.5"], "--top_p"), (["--dtype", "half"], "--dtype"),
+                         (["--device", "xyz"], "--device xyz"), (["--device", "cuda:99"], "--device cuda:99")):
+        main_user_error(vm.main, capsys, ["--train", "--data_dir", "/nonexistent/vm"] + argv, needle)
+    main_user_error(vm.main, capsys, ["--generate"], "--generate needs --video")
+    assert vm.parse_args(["--temperature", "0.8", "--top_p", "0.9", "--d_model", "48", "--n_head", "3"])[1].top_p == 0.9
+
+
 def test_vm_mp4_round_trip_and_frame_folder(tmp_path):
     path = str(tmp_path / "clip.mp4")
     vm.write_clip(path, [("red", "square", "right", 20, 32)])
@@ -343,11 +357,13 @@ def test_vm_annotations_and_bad_files(tmp_path):
     good.write_text("a.mp4\na red square moves right\na red square goes right\n\na.mp4\nsecond entry\n")
     entries = vm.read_annotations(str(good))
     assert [len(c) for _, c in entries] == [2, 1] and entries[0][0].endswith("a.mp4")
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + good.read_bytes())  # a UTF-8 byte-order mark
+    assert vm.read_annotations(str(tmp_path / "bom.txt")) == entries
     cases = {"missing.txt": ("a.mp4\ncaption\n\nnope.mp4\ncaption\n", "missing.txt:4", "nope.mp4"),
              "nocap.txt": ("a.mp4\ncaption\n\n\na.mp4\n", "nocap.txt:5", "no caption"),
-             "empty.txt": ("\n\n", "no entries", "")}
+             "empty.txt": ("\n\n", "no entries", ""), "latin1.txt": ("a.mp4\ncaf\xe9\n", "latin1.txt", "UTF-8")}
     for name, (text, *needles) in cases.items():
-        (tmp_path / name).write_text(text)
+        (tmp_path / name).write_bytes(text.encode("latin-1"))  # latin1.txt: a byte that is not UTF-8
         with pytest.raises(vm.UserError) as e:
             vm.read_annotations(str(tmp_path / name))
         for n in needles:
@@ -420,15 +436,24 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     (other / "model.safetensors").write_bytes(b"")
     main_user_error(vm.main, capsys, ["--generate", "--video", clip, "--out_dir", other], "vit_caption")
     tiny = ["--train", "--preset", "tiny", "--data_dir", tmp / "data"]
-    main_user_error(vm.main, capsys, tiny + ["--resume", "--out_dir", tmp_path / "fresh"], "nothing to resume")
+    unbuilt = ["--train", "--resume", "--preset", "tiny", "--data_dir", tmp_path / "unbuilt"]  # refused before any data
+    main_user_error(vm.main, capsys, unbuilt + ["--out_dir", tmp_path / "fresh"], "nothing to resume")
     bad = tmp_path / "bad.txt"
     bad.write_text(f"{clip}\na caption\n\nmissing.mp4\na caption\n")
     main_user_error(vm.main, capsys, tiny + ["--data", bad, "--out_dir", tmp_path / "o2"], "bad.txt:4", "missing.mp4")
     main_user_error(vm.main, capsys, ["--train", "--preset", "nope"], "nope")
-    # --resume with another architecture is refused and the checkpoint is left as it was
+    (tmp_path / "one.txt").write_text(f"{clip}\na caption\n")  # its only entry would be the held-out one
+    main_user_error(vm.main, capsys, tiny + ["--data", tmp_path / "one.txt"], "one.txt", "too few", "--test_data")
+    # --resume with another architecture or a truncated train_state.pt is refused; the checkpoint is left as it was
     before = {f.name: f.read_bytes() for f in out.iterdir()}
-    main_user_error(vm.main, capsys, tiny + ["--resume", "--out_dir", out, "--n_dec_layer", "3"], "--n_dec_layer 3", "checkpoint: 1")
+    main_user_error(vm.main, capsys, unbuilt + ["--out_dir", out, "--n_dec_layer", "3"], "--n_dec_layer 3", "checkpoint: 1")
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for f in ("model.safetensors", "config.json", "train_state.pt"):
+        (cut / f).write_bytes(before[f][:len(before[f]) // 2] if f == "train_state.pt" else before[f])
+    main_user_error(vm.main, capsys, unbuilt + ["--out_dir", cut], "train_state.pt", "damaged")
+    assert not (tmp_path / "unbuilt").exists()  # no synthetic world was written for a refused --resume
 
 
 def test_vm_resume_keeps_the_checkpoint_architecture(_vm_trained, tmp_path):
@@ -520,10 +545,13 @@ def test_vm_grad_accumulation_and_exact_resume(tmp_path):
     assert torch.equal(_vm_weights(loaded), _vm_weights(resumed))
 
 
-def test_vm_ddp_two_processes_match_one(tmp_path):
-    """torchrun with 2 gloo processes of batch 4 follows the same curve as one process of batch 8."""
+def test_vm_ddp_two_processes_match_one(tmp_path, capsys):
+    """torchrun with 2 gloo processes of batch 4 follows the same curve as one process of batch 8, and logs the
+    same training loss (the whole global batch's, not rank 0's share)."""
     cfg = _vm_cfg(tmp_path, max_steps=3, eval_interval=100)
     single, _ = vm.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "one")))
+    logged = lambda out: [float(x) for x in re.findall(r"^step \d+/3 \| loss (\S+)", out, re.M)]
+    want = logged(capsys.readouterr().out)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
            os.path.join(ROOT, "videollama_mini.py"), "--train", "--preset", "tiny", "--max_steps", "3",
            "--eval_interval", "100", "--dropout", "0", "--batch_size", "4", "--data_dir", cfg.data_dir,
@@ -532,13 +560,33 @@ def test_vm_ddp_two_processes_match_one(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("step 3/3") == 1  # rank 0 alone prints
+    assert len(want) == 2 and logged(proc.stdout) == pytest.approx(want, abs=2e-3)
     ddp, _, _ = vm.load_checkpoint(str(tmp_path / "ddp"))
     torch.testing.assert_close(_vm_weights(ddp), _vm_weights(single), atol=2e-5, rtol=1e-4)
 
 
-def test_vm_autocast_auto(_vm_trained, tmp_path, monkeypatch):
-    check_auto_run_and_old_checkpoint(vm, _vm_trained[0] / "data", tmp_path / "auto")
+def test_vm_autocast_auto(_vm_trained, tmp_path, monkeypatch, capsys):
+    """A 1-step tiny --train under --dtype auto names the dtype this machine gets (in-process); then the rules."""
+    vm.main(["--train", "--preset", "tiny", "--max_steps", "1", "--dtype", "auto", "--data_dir",
+             str(_vm_trained[0] / "data"), "--out_dir", str(tmp_path / "auto")])
+    assert f"autocast {vm.autocast_dtype('auto', 'cpu')}" in capsys.readouterr().out
     check_autocast_auto(vm, monkeypatch)
+
+
+def test_vm_damaged_config_json(_vm_trained, tmp_path, capsys):
+    """config.json that holds no object or no "config" is refused in one line; a key this version lacks is ignored and
+    an explicit --dtype bfloat16 saved in it is kept."""
+    out = _vm_trained[0] / "out"
+    meta = json.load(open(out / "config.json"))
+    later = {**meta, "config": {**meta["config"], "dtype": "bfloat16", "a_later_field": 1}}
+    for name, meta, needle in (("list", [], "not a JSON object"), ("noconf", {"script": vm.SCRIPT}, "damaged"),
+                               ("later", later, None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+        (tmp_path / name / "config.json").write_text(json.dumps(meta))
+        if needle:
+            main_user_error(vm.main, capsys, ["--eval", "--out_dir", tmp_path / name], needle, "config.json")
+    assert vm.load_checkpoint(str(tmp_path / "later"))[2].dtype == "bfloat16"
 
 
 # ====================================================================================================================

@@ -62,8 +62,7 @@ class UserError(Exception):
 
 @dataclass
 class Config:
-    # data
-    data: str = ""  # annotation file of user data (format in the README); "" = the built-in synthetic world
+    data: str = ""  # data: annotation file of user data (format in the README); "" = the built-in synthetic world
     test_data: str = ""  # optional annotation file for evaluation on user data; else 10% of --data is held out
     data_dir: str = "data/videollama_mini"  # where the synthetic world is written
     out_dir: str = "out/videollama_mini"  # checkpoint, eval.json, pictures
@@ -73,8 +72,7 @@ class Config:
     n_novel: int = 300
     n_frames: int = 8  # frames sampled uniformly from each clip
     img_size: int = 32  # frames are centre-cropped to a square and resized to this side
-    # model
-    d_model: int = 128
+    d_model: int = 128  # model: the width of every layer
     n_head: int = 4
     cnn_width: int = 32  # channels of the first conv; later convs use 2x
     grid: int = 4  # adaptive pooling keeps a grid x grid map so that position (and so motion) survives pooling
@@ -89,8 +87,7 @@ class Config:
     max_len: int = 32  # longest caption in tokens, BOS/EOS included
     dropout: float = 0.1
     compact_vocab: bool = True  # output table over the GPT-2 ids seen in training (False: all 50257)
-    # training
-    batch_size: int = 32  # micro-batch per process
+    batch_size: int = 32  # training: micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * world size)
     max_steps: int = 2400
     lr: float = 2e-3
@@ -105,15 +102,15 @@ class Config:
     log_interval: int = 50
     eval_interval: int = 400  # validation loss every this many steps (and a checkpoint)
     stop_after: int = 0  # stop (and save) after this many steps, as if interrupted; --resume continues
-    # generation
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # generation: 0 = greedy
     top_k: int = 0
     top_p: float = 1.0
     beam: int = 1  # beam width; >1 = beam search (deterministic)
     max_new_tokens: int = 30
 
-PRESETS = {  # default: the CPU run; tiny: seconds, for the tests
-    "default": {},
+CHOICES = {"qformer_mode": ("text", "queries"), "dtype": ("auto", "float32", "bfloat16", "float16")}  # argparse checks
+
+PRESETS = {"default": {},  # default: the CPU run; tiny: seconds, for the tests
     # The VideoLLaMA-Mini write-up gives no layer, width, head, frame or sampling sizes (those stay the defaults), but
     # text tokens as the Q-Former's queries, the full GPT-2 vocabulary, Adam, no dropout or weight decay (future work).
     "original": dict(qformer_mode="text", compact_vocab=False, dropout=0.0, weight_decay=0.0),
@@ -196,15 +193,14 @@ def build_world(cfg):  # writes the mp4 files once
             write_clip(os.path.join(cfg.data_dir, name), objs)
             # two references per clip, as captioning datasets have several
             lines += [name, caption_for(objs, "moves"), caption_for(objs, "goes"), ""]
-        with open(files[split], "w") as f:
-            f.write("\n".join(lines))
+        open(files[split], "w").write("\n".join(lines))
     json.dump(want, open(stamp, "w"))
     return files
 
-def sample_indices(n_total, n_frames):
+def sample_indices(n_total, n_frames, path="video"):
     """Uniform frame indices: the centre of each of n_frames equal segments (short clips repeat indices)."""
     if n_total <= 0:
-        raise UserError("video has no frames")
+        raise UserError(f"{path}: video has no frames")
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
 
 def _square(img, size):
@@ -234,9 +230,7 @@ def load_video(path, n_frames, size):
             frames.append(_square(img, size))  # shrink at once: a long 720p clip never sits in memory
             ok, img = cap.read()
         cap.release()
-    if not frames:
-        raise UserError(f"{path}: video has no frames")
-    idx = sample_indices(len(frames), n_frames)  # F indices
+    idx = sample_indices(len(frames), n_frames, path)  # F indices
     return np.stack([frames[i][:, :, ::-1] for i in idx])  # BGR -> RGB, (F, S, S, 3)
 
 def read_annotations(path):
@@ -245,7 +239,10 @@ def read_annotations(path):
     if not os.path.isfile(path):
         raise UserError(f"{path}: annotation file not found")
     entries, cur, start = [], [], 0  # cur: the lines of the entry being read
-    lines = open(path, encoding="utf-8").read().split("\n") + [""]  # a final blank closes the last entry
+    try:  # utf-8-sig: a byte-order mark some editors write is not part of the first path
+        lines = open(path, encoding="utf-8-sig").read().split("\n") + [""]  # a final blank closes the last entry
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file (save it as UTF-8)")
     for no, line in enumerate(lines, 1):
         line = line.strip()
         if line:  # another line of the current entry (start: the line number of its first line)
@@ -377,9 +374,8 @@ class FrameEncoder(nn.Module):
         self.ln = nn.LayerNorm(cfg.d_model)
     def forward(self, x):
         B, Fr = x.shape[:2]  # Fr: frames (F is torch.nn.functional)
-        # Subtract each frame's mean colour: the background then reads as ~0 and the small objects carry the
-        # signal. Without it every clip's embedding is "mostly background", nearly the same vector for all clips,
-        # and the decoder sits for hundreds of steps on the caption prior before it finds the video (measured).
+        # Subtract each frame's mean colour: the background then reads as ~0 and the small objects carry the signal;
+        # otherwise every clip's embedding is "mostly background", nearly one vector for all clips, hiding the video.
         x = x - x.mean((-2, -1), keepdim=True)  # (B, F, 3, S, S)
         if self.frame_diff:
             diff = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], 1)  # (B, F, 3, S, S)
@@ -446,11 +442,11 @@ class VideoLLaMAMini(nn.Module):
     def init_from_data(self, video):
         """Data-dependent initialisation (Salimans & Kingma, 2016) of the affine parameters that end each stage.
         Every clip is mostly the same background, so at random init every clip's embedding is nearly the same vector
-        and the decoder learns the caption prior for hundreds of steps before it finds the video. Folding one batch's
-        per-feature mean and std into the LayerNorms after the frame and temporal encoders and (per query) into the
-        QFormer's output scale and shift makes their outputs zero-mean, unit-variance *across clips* at step 0.
-        A one-off change of initial weights: the model stays a per-clip function (no batch statistics in training
-        or inference), so batch == rows, gradient accumulation and DDP are unaffected (README: what made it learn)."""
+        and the decoder can learn only the caption prior. Folding one batch's per-feature mean and std into the
+        LayerNorms after the frame and temporal encoders and (per query) into the QFormer's output scale and shift
+        makes their outputs zero-mean, unit-variance *across clips* at step 0. A one-off change of initial weights:
+        the model stays a per-clip function (no batch statistics in training or inference), so batch == rows,
+        gradient accumulation and DDP are unaffected (README: what made it learn)."""
         def fold(ln, x):  # x: (B, T, D), the output of ln for this batch
             m, s = x.mean((0, 1)), x.std((0, 1)) + 1e-3  # (D,) each, over clips and positions
             ln.weight.div_(s)  # y = (x - m) / s, folded into the affine
@@ -511,13 +507,15 @@ def load_checkpoint(out_dir, overrides=None):
         raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
     try:
         meta = json.load(open(cpath))
-    except json.JSONDecodeError:
-        raise UserError(f"{cpath}: not valid JSON")
-    if meta.get("script") != SCRIPT:
-        raise UserError(f"{out_dir}: checkpoint was written by '{meta.get('script')}', not {SCRIPT}.py")
-    saved = meta["config"]  # "bfloat16" was the default before --dtype auto, not a choice: read as auto
-    saved["dtype"] = "auto" if saved.get("dtype") == "bfloat16" else saved.get("dtype", "auto")
-    cfg = Config(**{**saved, **(overrides or {})})
+        script = meta.get("script")  # AttributeError: the file holds JSON, but not an object
+    except (json.JSONDecodeError, AttributeError):
+        raise UserError(f"{cpath}: not a JSON object as --train writes it")
+    if script != SCRIPT:
+        raise UserError(f"{out_dir}: checkpoint was written by '{script}', not {SCRIPT}.py")
+    if not (isinstance(meta.get("config"), dict) and isinstance(meta.get("vocab"), list)):
+        raise UserError(f"{cpath}: damaged, no 'config' object or 'vocab' list (retrain with --train)")
+    known = {f.name for f in dataclasses.fields(Config)}  # a key this version of the script does not have is ignored
+    cfg = Config(**{**{k: v for k, v in meta["config"].items() if k in known}, **(overrides or {})})
     tok = Tokenizer(meta["vocab"])  # the token table saved with the weights
     model = VideoLLaMAMini(cfg, len(tok.ids))
     try:
@@ -571,10 +569,8 @@ def cider_d(preds, refs, sigma=6.0):
     df = Counter(g for rws in ref_words for g in {g for r in rws for n in range(1, 5) for g in ngrams(r, n)})
     log_n = math.log(float(len(refs)))  # IDF numerator
     def vec(words):
-        v = [{}, {}, {}, {}]
-        for n in range(1, 5):
-            for g, c in ngrams(words, n).items():
-                v[n - 1][g] = c * (log_n - math.log(max(1.0, df.get(g, 0.0))))
+        v = [{g: c * (log_n - math.log(max(1.0, df.get(g, 0.0)))) for g, c in ngrams(words, n).items()}
+             for n in range(1, 5)]  # one TF-IDF vector per n-gram order
         return v, [math.sqrt(sum(x * x for x in d.values())) for d in v], len(words)
     scores = []
     for p, rws in zip(preds, ref_words):
@@ -594,9 +590,13 @@ def cider_d(preds, refs, sigma=6.0):
 # Training
 
 def pick_device(name):
-    """--device auto: cuda > mps > cpu; any other name is used as given."""
+    """--device auto: cuda > mps > cpu; a named device (cpu, mps, cuda, cuda:N) must exist on this machine."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    return name if name != "auto" else "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # none on a machine without CUDA
+    have = ["auto", "cpu"] + ["mps"] * mps + ["cuda"] * bool(gpus) + gpus  # the names --device accepts here
+    if name not in have:
+        raise UserError(f"--device {name}: not available on this machine; choose one of {', '.join(have)}")
+    return name if name != "auto" else "cuda" if gpus else "mps" if mps else "cpu"
 
 def autocast_dtype(name, device):
     """--dtype auto: bfloat16 where the hardware multiplies in it (a CUDA GPU of compute capability 8+, a CPU with
@@ -632,8 +632,7 @@ def lr_at(step, cfg):
 
 def global_batch(step, n, size, seed):
     """Indices of the global batch of a step: a fresh permutation per epoch, shared by every rank."""
-    per_epoch = max(1, n // size)  # full batches per pass over the data
-    epoch, k = divmod(step, per_epoch)  # the step's epoch and batch within it
+    epoch, k = divmod(step, max(1, n // size))  # the step's epoch and batch within it (full batches per epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
     return perm[k * size:(k + 1) * size]
 
@@ -643,6 +642,8 @@ def prepare_data(cfg, rank):
         entries = read_annotations(cfg.data)  # user data
         test = read_annotations(cfg.test_data) if cfg.test_data else entries[::10]  # else every 10th entry held out
         entries = entries if cfg.test_data else [e for i, e in enumerate(entries) if i % 10]
+        if not entries:  # a single entry: it is the held-out one
+            raise UserError(f"{cfg.data}: too few entries to hold out a test set; add entries or pass --test_data")
         splits = {"train": entries, "val": test[: max(1, len(test) // 2)], "test": test}
     else:
         if rank == 0:
@@ -658,48 +659,50 @@ ARCH = ("n_frames", "img_size", "d_model", "n_head", "cnn_width", "grid", "frame
 
 def resume_config(cfg, overrides):
     """--resume: the architecture (ARCH) from the checkpoint, everything else (steps, lr, data...) from the command
-    line. A flag that asks for another architecture than the saved weights is refused, never written to config.json."""
-    if not os.path.isfile(os.path.join(cfg.out_dir, "train_state.pt")):
+    line. A flag that asks for another architecture than the saved weights is refused, never written to config.json.
+    Checked before any data is built or read. -> (cfg, (model, tokenizer, training state))"""
+    path = os.path.join(cfg.out_dir, "train_state.pt")
+    if not os.path.isfile(path):
         raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
-    rest = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ARCH}
-    model, tok, saved = load_checkpoint(cfg.out_dir, rest)
+    model, tok, saved = load_checkpoint(cfg.out_dir, {k: v for k, v in vars(cfg).items() if k not in ARCH})
     clash = [f"--{k} {overrides[k]} (checkpoint: {getattr(saved, k)})" for k in ARCH
              if k in overrides and overrides[k] != getattr(saved, k)]
     if clash:
         raise UserError(f"{cfg.out_dir}: --resume keeps the checkpoint's architecture; drop {', '.join(clash)}")
-    return model, tok, saved
+    try:
+        return saved, (model, tok, torch.load(path, weights_only=True))
+    except Exception:  # torch raises several error types for a truncated or foreign file
+        raise UserError(f"{path}: truncated or damaged; drop --resume to start afresh (model.safetensors is kept)")
 
 def decay_groups(model, weight_decay):
     """AdamW groups: weight decay on the weight matrices of Linear and Conv2d layers only. Biases, norms, the
     token table, the learned queries and the per-query scale/shift are not pulled towards zero."""
     decay = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    params = list(model.parameters())
-    return [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+    return [{"params": [p for p in model.parameters() if id(p) in decay], "weight_decay": weight_decay},
+            {"params": [p for p in model.parameters() if id(p) not in decay], "weight_decay": 0.0}]
 
 def count_parameters(model):
     """-> 'total, trainable, frozen' counted from the module (nothing in this model is frozen by design)."""
-    total, trainable = (sum(p.numel() for p in model.parameters() if p.requires_grad or everything)
-                        for everything in (True, False))
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return f"{total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, {(total - trainable) / 1e6:.2f}M frozen"
 
 def setup_distributed(cfg):
     """-> (ddp, rank, world, device): torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA, one GPU per rank."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1  # one process unless torchrun started several
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)  # one process unless torchrun
     device = pick_device(cfg.device)
     if device == "cuda" and ddp:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     return ddp, rank, world, device
 
-def build_or_resume(cfg, overrides, resume, train_entries, train_clips, device):
-    """-> (model, tokenizer, cfg, optimizer, step): a fresh model initialised from data, or the checkpoint's."""
-    if resume:
-        model, tok, cfg = resume_config(cfg, overrides)
+def build_or_resume(cfg, resumed, train_entries, train_clips, device):
+    """-> (model, tokenizer, optimizer, step): a fresh model initialised from data, or resume_config's."""
+    if resumed:
+        model, tok, ts = resumed
     else:
         tok = Tokenizer.from_captions([c for _, cs in train_entries for c in cs], cfg.compact_vocab)
         model = VideoLLaMAMini(cfg, len(tok.ids))
@@ -708,16 +711,14 @@ def build_or_resume(cfg, overrides, resume, train_entries, train_clips, device):
         model.init_from_data(train_clips[init_idx])
     model.to(device)
     opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
-    step = 0
-    if resume:
-        ts = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
+    if resumed:  # the optimizer's moments; dropout continues the uninterrupted run's random stream
         opt.load_state_dict(ts["optimizer"])
-        step = ts["step"]
-        torch.set_rng_state(ts["rng"])  # dropout continues the uninterrupted run's random stream
-    return model, tok, cfg, opt, step
+        torch.set_rng_state(ts["rng"])
+    return model, tok, opt, ts["step"] if resumed else 0
 
 def train(cfg, overrides=None, resume=False):
     """Build (or resume), train for max_steps with gradient accumulation and DDP, save, evaluate."""
+    cfg, resumed = resume_config(cfg, overrides or {}) if resume else (cfg, None)  # refused before data is touched
     ddp, rank, world, device = setup_distributed(cfg)
     master = rank == 0  # rank 0 alone prints, evaluates and saves
     say = print if master else (lambda *a, **k: None)  # other ranks stay silent
@@ -726,7 +727,7 @@ def train(cfg, overrides=None, resume=False):
     data = prepare_data(cfg, rank)  # {split: (entries, uint8 clips)}
     train_entries, train_clips = data["train"]
     say(f"data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" clips ({time.time() - t0:.1f}s)")
-    model, tok, cfg, opt, step = build_or_resume(cfg, overrides or {}, resume, train_entries, train_clips, device)
+    model, tok, opt, step = build_or_resume(cfg, resumed, train_entries, train_clips, device)
     say(f"parameters: {count_parameters(model)}; vocab {len(tok.ids)}; {device}, "
         f"autocast {autocast_dtype(cfg.dtype, device)}" + (f"; resumed from step {step}" if resume else ""))
     raw = model  # the plain module: what is saved and evaluated
@@ -735,33 +736,31 @@ def train(cfg, overrides=None, resume=False):
     fwd = torch.compile(model) if cfg.compile else model  # --compile: same module, compiled forward
     scaler = torch.amp.GradScaler(enabled=cfg.dtype == "float16")  # loss scaling only for float16
     train_tokens = [[tok.encode(c) for c in cs] for _, cs in train_entries]
-    val_entries, val_clips = data["val"]
-    caption_rng = random.Random(cfg.seed)
     gsize = cfg.batch_size * cfg.grad_accum * world  # clips per optimizer step
     t_log, log_step = time.time(), step  # for the ms/step and eta columns
     while step < cfg.max_steps:
         idx = global_batch(step, len(train_entries), gsize, cfg.seed)  # (gsize,) clip indices, the same on every rank
-        caption_rng.seed(cfg.seed * 100003 + step)  # which reference each clip shows: a function of the step
+        caption_rng = random.Random(cfg.seed * 100003 + step)  # which reference each clip shows: set by the step
         seqs = [caption_rng.choice(train_tokens[i]) for i in idx.tolist()]  # one reference per clip
         inp_all, tgt_all = pad_batch(seqs, cfg.max_len)  # (gsize, L) each
         n_tok = (tgt_all != -100).sum().item()  # loss is a mean over the global batch's tokens, whatever the split
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)  # warmup then cosine
         model.train()  # dropout on
-        total = 0.0  # the step's mean loss, for the log
-        for micro in range(cfg.grad_accum):
+        total = torch.zeros((), device=device)  # the step's mean loss, for the log
+        for micro in range(cfg.grad_accum):  # under DDP the gradients are all-reduced once, on the last micro-batch
             rows = slice((micro * world + rank) * cfg.batch_size, (micro * world + rank + 1) * cfg.batch_size)
             video, inp, tgt = train_clips[idx[rows]].to(device), inp_all[rows].to(device), tgt_all[rows].to(device)
-            sync = (not ddp) or micro == cfg.grad_accum - 1  # all-reduce gradients once, on the last micro-batch
-            ctx = model.no_sync() if not sync else torch.enable_grad()
-            with ctx, autocast(cfg, device):
+            with model.no_sync() if ddp and micro < cfg.grad_accum - 1 else torch.enable_grad(), autocast(cfg, device):
                 logits, _ = fwd(video, inp)  # (B, L, V)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100,
                                        reduction="sum") / n_tok * world  # DDP averages over ranks
             scaler.scale(loss).backward()  # gradients add up across micro-batches
-            total += loss.item() / world  # this rank's share of the global mean
+            total += loss.detach() / world  # this rank's share of the global mean
+        if ddp:  # sum the shares: the log and the NaN check see the global batch's loss on every rank
+            dist.all_reduce(total)
         if not math.isfinite(total):
-            raise UserError(f"loss became {total} at step {step}; stopped, the last good checkpoint in "
+            raise UserError(f"loss became {total.item()} at step {step}; stopped, the last good checkpoint in "
                             f"{cfg.out_dir} is kept (try a lower --lr)")
         scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
         nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)  # global-norm clipping
@@ -770,10 +769,9 @@ def train(cfg, overrides=None, resume=False):
         opt.zero_grad(set_to_none=True)  # frees the gradient memory between steps
         step += 1
         val = None  # logged only on the steps where it is measured
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            if master:
-                val = evaluate_loss(raw, tok, val_entries, val_clips, cfg, device)
-                save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
+        if master and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+            val = evaluate_loss(raw, tok, *data["val"], cfg, device)
+            save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
         if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
             dt = (time.time() - t_log) / (step - log_step)  # seconds per step since the last log line
             eta = dt * (cfg.max_steps - step)  # seconds left at this pace
@@ -814,8 +812,9 @@ def filter_logits(logits, top_k, top_p):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)  # (B, V) cumulative probability
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens after the nucleus is already full
+        probs = sorted_logits.softmax(-1)  # (B, V) in descending order
+        drop = probs.cumsum(-1) - probs >= top_p  # tokens after the nucleus is already full
+        drop[..., 0] = False  # the most likely token always stays, however small top_p is
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))  # back to vocabulary order
     return logits
 
@@ -938,16 +937,15 @@ def attention_png(model, clip, tok, cfg, device, path, cell=40, label_w=110):
 def evaluate(model, tok, cfg, device, data, train_seconds=None):
     """Caption every clip of test (and novel), score, print a table and samples, write eval.json and a PNG."""
     result = {"train_seconds": train_seconds}  # None for --eval
+    print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")
     for split in [s for s in ("test", "novel") if s in data]:  # novel is absent on user data
         entries, clips = data[split]
         preds = caption_clips(model, tok, clips, cfg, device)
         refs = [cs for _, cs in entries]  # every reference of each clip
-        result[split] = {"n": len(preds), "exact_match": exact_match(preds, refs), "bleu4": bleu4(preds, refs),
-                         "cider": cider_d(preds, refs),
-                         "samples": [{"video": os.path.relpath(v), "prediction": p, "references": r}
-                                     for (v, r), p in list(zip(entries, preds))[:8]]}
-    print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")
-    for split, r in [(k, v) for k, v in result.items() if k in ("test", "novel")]:  # novel is absent on user data
+        r = result[split] = {"n": len(preds), "exact_match": exact_match(preds, refs), "bleu4": bleu4(preds, refs),
+                             "cider": cider_d(preds, refs),
+                             "samples": [{"video": os.path.relpath(v), "prediction": p, "references": rs}
+                                         for (v, rs), p in list(zip(entries, preds))[:8]]}
         print(f"{split:8s} {r['n']:5d} {r['exact_match']:7.3f} {r['bleu4']:7.3f} {r['cider']:8.3f}")
     print("\n".join(f"  pred: {s['prediction']!r}\n  refs: {s['references']}" for s in result["test"]["samples"][:4]))
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
@@ -968,11 +966,10 @@ def bench(cfg):
     inp = torch.randint(0, len(tok.ids), (B, 20), device=device)  # (B, 20) random tokens
     print(f"autocast for training and captions: {autocast_dtype(cfg.dtype, device)} (--dtype {cfg.dtype})")
     for label in dict.fromkeys(["float32", "bfloat16" if cfg.dtype == "auto" else cfg.dtype]):  # both, for auto
-        c = dataclasses.replace(cfg, dtype=label)
         times = []
         for i in range(8):  # the first 2 steps warm up the allocator, the median of 6 is printed
             t = time.time()
-            with autocast(c, device):
+            with autocast(dataclasses.replace(cfg, dtype=label), device):
                 model(video, inp, inp)[1].backward()  # loss against random targets: the cost, not the result
             opt.step(), opt.zero_grad()
             times.append(time.time() - t)
@@ -997,20 +994,24 @@ def parse_args(argv=None):
     p.add_argument("--generate", action="store_true", help="caption --video with the checkpoint in out_dir")
     p.add_argument("--bench", action="store_true", help="print training samples/s and captions/s")
     p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
-    p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
-    for f in dataclasses.fields(Config):
-        bool_flag = isinstance(f.default, bool)  # --flag / --no-flag, never type=bool
-        kind = dict(action=argparse.BooleanOptionalAction) if bool_flag else dict(type=type(f.default))
-        p.add_argument(f"--{f.name}", default=None, **kind)  # None: not given, the preset's value stands
-    args = p.parse_args(argv)  # argparse exits 2 itself on an unknown flag
-    if args.preset not in PRESETS:
-        raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="the sizes to start from")
+    for f in dataclasses.fields(Config):  # every field is a flag; bools as --flag / --no-flag, never type=bool
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {"type": type(f.default)}
+        p.add_argument(f"--{f.name}", default=None, choices=CHOICES.get(f.name), **kind)  # None: the preset's value
+    args = p.parse_args(argv)  # argparse exits 2 itself on an unknown flag or choice
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset], **overrides})
-    if cfg.qformer_mode not in ("queries", "text"):
-        raise UserError(f"--qformer_mode {cfg.qformer_mode}: choose 'queries' or 'text'")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16")
+    low = [f"--{k}" for k in "n_train n_val n_test n_novel n_frames img_size d_model n_head cnn_width grid n_query "
+           "max_len batch_size grad_accum log_interval eval_interval beam".split() if getattr(cfg, k) < 1]
+    errors = [why for bad, why in [  # (bad value, the line that names the flag and the fix): refused before any work
+        (low, f"{', '.join(low)}: must be at least 1"),
+        (cfg.d_model % math.lcm(2, cfg.n_head or 1), f"--d_model {cfg.d_model}: must be even, a multiple of --n_head"),
+        (cfg.cnn_width % 8, f"--cnn_width {cfg.cnn_width}: must be a multiple of 8 (GroupNorm's 8 groups)"),
+        (cfg.temperature < 0, f"--temperature {cfg.temperature}: must be 0 (greedy) or more"),
+        (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1]; 1 keeps every token"),
+        (args.generate and not args.video, "--generate needs --video PATH (a video file or a frames folder)")] if bad]
+    if errors:
+        raise UserError(errors[0])
     return args, cfg, overrides
 
 def main(argv=None):
@@ -1028,8 +1029,6 @@ def run(args, cfg, overrides):
     if args.train:
         train(cfg, overrides, resume=args.resume)
     elif args.eval or args.generate:
-        if args.generate and not args.video:
-            raise UserError("--generate needs --video PATH (a video file or a folder of frames)")
         # the architecture comes from the checkpoint; everything else (data, sampling, device) from the command line
         model, tok, cfg = load_checkpoint(cfg.out_dir, {k: v for k, v in overrides.items() if k not in ARCH})
         device = pick_device(cfg.device)
