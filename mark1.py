@@ -786,6 +786,16 @@ def read_hf_dir(path, want):
             raise UserError(f"{os.path.join(path, f)}: unreadable safetensors file ({e})")
     return conf, keys
 
+def check_fit(where, want, have):
+    """want, have: {key: shape} of the model and of the file; every missing, unexpected and mis-shaped key in one line,
+    before any tensor is read."""
+    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    shaped = sorted(f"{k} {list(s)} (model {list(want[k])})" for k, s in have.items()
+                    if k in want and list(s) != list(want[k]))
+    if missing or unexpected or shaped:
+        raise UserError(f"{where}: checkpoint does not fit: missing {missing}, unexpected {unexpected}, "
+                        f"mis-shaped {shaped}")
+
 def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
     """mapping: file key -> module key (None: ignored). Every missing, unexpected and mis-shaped key is listed from the
     headers alone; only then are the tensors read, in `dtype` (None: the file's) on `device`, into the meta module."""
@@ -793,14 +803,8 @@ def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
     if getattr(module, "tie", False):
         want.pop("lm_head.weight", None)  # a tied head is the embedding: no tensor of its own in the file
     plan = {fk: mapping(fk) for fk in keys if mapping(fk) is not None}  # file key -> module key
-    unexpected = sorted(fk for fk, mk in plan.items() if mk not in want)
-    missing = sorted(set(want) - set(plan.values()))
     handles = {f: safe_open(os.path.join(path, f), "pt") for f in set(keys.values())}  # headers only, lazily
-    shaped = [f"{fk} {shape} (model {list(want[mk])})" for fk, mk in plan.items() if mk in want
-              for shape in [list(handles[keys[fk]].get_slice(fk).get_shape())] if shape != list(want[mk])]
-    if missing or unexpected or shaped:
-        raise UserError(f"{path}: checkpoint does not fit: missing {missing}, unexpected {unexpected}, "
-                        f"mis-shaped {shaped}")
+    check_fit(path, want, {mk: handles[keys[fk]].get_slice(fk).get_shape() for fk, mk in plan.items()})
     state = {mk: handles[keys[fk]].get_tensor(fk).to(device, dtype) for fk, mk in plan.items()}  # all checks passed
     module.load_state_dict(state, strict=False, assign=True)  # strict=False: a tied lm_head has no tensor of its own
     if getattr(module, "tie", False):
@@ -848,9 +852,9 @@ def load_qwen3(path, dtype=None, device="cpu"):
     return assign_strict(lm, path, keys, lambda k: k, dtype, device)
 
 def build_model(cfg, tok):
-    """Mark1 from cfg; towers from HF folders stay in their file's dtype unless --dtype resolves to float32 (then
-    everything computes in float32); the bridge casts at its two boundaries either way (Bridge.video_tokens, fuse)."""
-    dtype = torch.float32 if autocast_dtype(cfg.dtype, pick_device(cfg.device)) == "float32" else None
+    """Mark1 from cfg; towers from HF folders keep their file's dtype under bfloat16 autocast, else load in float32
+    (float16 cannot mix with bfloat16 weights); the bridge casts at its two boundaries (Bridge.video_tokens, fuse)."""
+    dtype = None if autocast_dtype(cfg.dtype, pick_device(cfg.device)) == "bfloat16" else torch.float32
     vision = load_vjepa2(cfg.vision_ckpt, dtype) if cfg.vision_ckpt else None
     llm = load_qwen3(cfg.llm_ckpt, dtype) if cfg.llm_ckpt else None
     torch.manual_seed(cfg.seed)
@@ -886,12 +890,14 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
         atomic(path("train_state.pt"), lambda p: torch.save(ts, p))
 
-# flags a resumed run may change: how long and where it runs, how it logs; every other flag is fixed by the checkpoint
+# flags a run from a checkpoint may change: how long and where it runs, how it logs, where the towers' folders are;
+# --eval and --predict also read other data and decode as asked; every other flag is fixed by the checkpoint
 RUN_KEYS = {"max_steps", "stop_after", "out_dir", "data_dir", "device", "device_map", "dtype", "log_interval",
-            "eval_interval", "feature_cache"}
-def load_checkpoint(out_dir, overrides=None, refuse=None):
-    """-> (model, tokenizer, config) from out_dir, the saved config updated by `overrides`; a flag in `refuse` that
-    differs from the saved value is a UserError (--resume cannot change the architecture or the data)."""
+            "eval_interval", "feature_cache", "vision_ckpt", "llm_ckpt"}
+READ_KEYS = RUN_KEYS | {"data", "test_data", "temperature", "top_k", "top_p", "max_new_tokens", "seed", "threshold"}
+def load_checkpoint(out_dir, overrides=None, mode="--eval"):
+    """-> (model, tokenizer, config) from out_dir, the saved config updated by `overrides`; an override that `mode` may
+    not change (RUN_KEYS for --resume, READ_KEYS else) and that differs from the saved value is a UserError."""
     cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
         raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
@@ -901,9 +907,9 @@ def load_checkpoint(out_dir, overrides=None, refuse=None):
     saved = meta["config"]
     if saved.get("dtype") == "bfloat16":  # the default before --dtype auto, not a choice: read as auto
         saved = {**saved, "dtype": "auto"}
-    for k, v in (refuse or {}).items():
-        if saved.get(k) != v:
-            raise UserError(f"--{k} {v}: the run in {out_dir} has {k}={saved.get(k)!r}; --resume cannot change it "
+    for k, v in (overrides or {}).items():
+        if k not in (RUN_KEYS if mode == "--resume" else READ_KEYS) and saved.get(k) != v:
+            raise UserError(f"--{k} {v}: the run in {out_dir} has {k}={saved.get(k)!r}; {mode} cannot change it "
                             f"(drop the flag, or train into a new --out_dir)")
     cfg = Config(**{**saved, **(overrides or {})})
     tok = make_tokenizer(cfg, ids=meta["vocab"])
@@ -912,9 +918,8 @@ def load_checkpoint(out_dir, overrides=None, refuse=None):
         state, own = load_file(wpath), own_keys(model, cfg)
     except Exception as e:  # truncated or not safetensors at all
         raise UserError(f"{wpath}: unreadable safetensors file ({e}); retrain or restore it")
-    missing, unexpected = sorted(own - set(state)), sorted(set(state) - set(model.state_dict()))
-    if missing or unexpected:
-        raise UserError(f"{wpath}: keys do not match the model (missing {missing}, unexpected {unexpected})")
+    want = {k: v.shape for k, v in model.state_dict().items() if k in own}  # the tensors this run's files must hold
+    check_fit(wpath, want, {k: v.shape for k, v in state.items()})
     model.load_state_dict(state, strict=False)  # towers from HF folders are already loaded; the rest is checked above
     return model, tok, cfg
 
@@ -1134,9 +1139,7 @@ def train(cfg, resume=False, overrides=None):
         path = os.path.join(cfg.out_dir, "train_state.pt")
         if not os.path.isfile(path):
             raise UserError(f"{path}: nothing to resume (train without --resume first)")
-        keep = {"stop_after": cfg.stop_after, **{k: v for k, v in (overrides or {}).items() if k in RUN_KEYS}}
-        model, tok, cfg = load_checkpoint(cfg.out_dir, keep, refuse={k: v for k, v in (overrides or {}).items()
-                                                                      if k not in RUN_KEYS})
+        model, tok, cfg = load_checkpoint(cfg.out_dir, {"stop_after": cfg.stop_after, **(overrides or {})}, "--resume")
     devices = parse_device_map(cfg)
     data = prepare_data(cfg, rank)
     entries, tr = data["train"]
@@ -1303,7 +1306,7 @@ def predict(cfg, overrides, video, question, choices):
         raise UserError("--predict needs --video PATH --question TEXT --choices 'A. ...|B. ...|C. ...|D. ...'")
     choice_list = [c.strip() for c in choices.split("|")]
     check_choices(choice_list, "--choices")
-    model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
+    model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, "--predict")
     model.place(parse_device_map(cfg)).eval()
     clip, times, dur = load_video(video, cfg.n_frames, cfg.crop)
     with autocast(cfg, model.devices["llm"]):
@@ -1382,9 +1385,8 @@ def main(argv=None):
     elif args.eval:
         model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
         evaluate(model.place(parse_device_map(cfg)), tok, cfg, prepare_data(cfg))
-    elif args.predict:  # the flags that may differ from the saved run: how to decode, where to run
-        predict(cfg, {k: v for k, v in overrides.items() if k in RUN_KEYS | {"temperature", "top_k", "top_p",
-                "max_new_tokens", "seed", "threshold"}}, args.video, args.question, args.choices)
+    elif args.predict:
+        predict(cfg, overrides, args.video, args.question, args.choices)
     elif args.bench:
         bench(cfg)
     else:

@@ -2538,8 +2538,9 @@ def test_mk_checkpoint_round_trip(mk_trained, tmp_path):
     assert model.llm.lm_head.weight is model.llm.model.embed_tokens.weight
     shutil.copytree(d / "out", tmp_path / "cut")
     state.pop("vision.layernorm.weight")
+    state["bridge.frame_bias"] = torch.zeros(4)  # shapes are checked before anything loads, not only key names
     save_file(state, str(tmp_path / "cut" / "model.safetensors"))
-    with pytest.raises(mk.UserError, match="vision.layernorm.weight"):
+    with pytest.raises(mk.UserError, match=r"missing \['vision.layernorm.weight'\].*bridge.frame_bias \[4\] \(model \[8\]"):
         mk.load_checkpoint(str(tmp_path / "cut"))
     (tmp_path / "other").mkdir()
     json.dump({"script": "vit_caption", "config": {}}, open(tmp_path / "other" / "config.json", "w"))
@@ -2627,6 +2628,9 @@ def test_mk_bad_inputs(mk_trained, tmp_path):
     video = d / "data" / "test" / "00000.mp4"
     _mk_user_error(["--predict", "--out_dir", out, "--video", video, "--question", "q", "--choices",
                     "it appears|it stops"], "--choices", "A. text")
+    for mode in ("--eval", "--predict"):  # an architecture flag is refused; a decoding flag is not
+        _mk_user_error([mode, "--out_dir", out, "--n_frames", "4", "--top_k", "3", "--video", video, "--question", "q",
+                        "--choices", ch], "n_frames=8", f"{mode} cannot")
     _mk_user_error(["--train", "--preset", "nope"], "--preset nope")
     o = tmp_path / "o"
     _mk_user_error(["--train", "--preset", "tiny", "--device_map", "vision=cuda:7", "--out_dir", o], "cuda:7",
@@ -2727,7 +2731,8 @@ def mk_hf_bf16(mk_hf):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_mk_bfloat16_checkpoints_train_and_predict(mk_hf_bf16, mk_trained, tmp_path, capsys, dtype):
-    """The real-checkpoint user path: bfloat16 files, a crop size from the encoder's config, --train then --predict."""
+    """The real-checkpoint user path: bfloat16 files, a crop size from the encoder's config, --train then --predict;
+    a --predict under float16 autocast too (the towers then load in float32: float16 cannot mix with bfloat16)."""
     d, _ = mk_trained
     out, root = tmp_path / "o", mk_hf_bf16
     towers = ["--vision_ckpt", str(root / "vjepa2_bf16"), "--llm_ckpt", str(root / "qwen3_bf16")]
@@ -2735,12 +2740,13 @@ def test_mk_bfloat16_checkpoints_train_and_predict(mk_hf_bf16, mk_trained, tmp_p
              "--dtype", dtype, "--max_new_tokens", "3", *towers])  # 3 tokens: bfloat16 is emulated on most CPUs
     model, tok, cfg = mk.load_checkpoint(str(out), {"dtype": dtype})
     assert cfg.crop == 48 and model.bridge.grid == 3  # from crop_size 48 / patch 16, not the preset's crop 32
-    tower = torch.float32 if dtype == "float32" else torch.bfloat16
+    tower = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     assert model.vision.layernorm.weight.dtype == tower and model.llm.lm_head.weight.dtype == tower
     assert model.bridge.proj.weight.dtype == torch.float32
-    mk.main(["--predict", "--out_dir", str(out), "--video", str(d / "data" / "test" / "00000.mp4"), "--question",
-             "What happens to the red circle?", "--choices", "A. it appears|B. it stops", "--dtype", dtype])
-    assert "answer:" in capsys.readouterr().out
+    for run_dtype in (dtype, "float16"):
+        mk.main(["--predict", "--out_dir", str(out), "--video", str(d / "data" / "test" / "00000.mp4"), "--question",
+                 "What happens to the red circle?", "--choices", "A. it appears|B. it stops", "--dtype", run_dtype])
+        assert "answer:" in capsys.readouterr().out
     with pytest.raises(mk.UserError, match="--crop 32: .* was trained with 48"):  # a conflicting flag, one line
         mk.main(["--train", "--preset", "tiny", "--crop", "32", "--out_dir", str(tmp_path / "x"), *towers])
 
