@@ -400,8 +400,8 @@ class QwenTokenizer:
         self.ids = None  # the full table: nothing to save
     def encode(self, s):
         return self.enc.encode(unicodedata.normalize("NFC", s), allowed_special="all")
-    def decode(self, ids):
-        return self.enc.decode([i for i in ids if i != self.eos])
+    def decode(self, ids):  # ids past the tokenizer (the embedding has spare rows) decode to nothing, as in HF
+        return self.enc.decode([i for i in ids if i != self.eos and i < self.enc.n_vocab])
     @staticmethod
     def chat(content):
         """Qwen3's chat template: one user turn, generation prompt, thinking disabled."""

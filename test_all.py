@@ -2165,6 +2165,7 @@ def test_mk_qwen3_tokenizer_and_chat_template_match_hf(mk_hf):
               "What happens to the red circle?\nA. it appears\nB. it stops"]:
         assert qt.encode(s) == ht(s)["input_ids"], s
         assert qt.decode(qt.encode(s)) == ht.decode(ht(s)["input_ids"]).replace("<|im_end|>", "")
+        assert qt.decode(qt.encode(s) + [151762]) == qt.decode(qt.encode(s))  # an embedding row past the tokenizer
     content = "What happens to the red circle?\nA. it appears\nB. it stops"
     ref = ht.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                  enable_thinking=False, tokenize=False)
