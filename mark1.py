@@ -313,9 +313,9 @@ def read_annotations(path, base=None):
     out = []
     for i, it in enumerate(items):
         where = f"{path} entry {i}"
-        if not isinstance(it, dict) or any(k not in it for k in ("video", "question", "choices", "answer")):
-            raise UserError(f"{where}: needs keys video, question, choices, answer (support_times optional)")
-        check_choices(it["choices"], where)
+        if not isinstance(it, dict) or not all(isinstance(it.get(k), str) for k in ("video", "question", "answer")):
+            raise UserError(f"{where}: needs keys video, question, answer (strings), choices (support_times optional)")
+        check_choices(it.get("choices"), where)
         if it["answer"] not in it["choices"]:
             raise UserError(f"{where}: answer {it['answer']!r} is not one of the choices")
         st = it.get("support_times", [])

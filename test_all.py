@@ -2651,6 +2651,9 @@ def test_mk_bad_inputs(mk_trained, tmp_path):
     ann[0] = {**ann[0], "choices": ["A. x", "C. y"]}
     json.dump(ann, open(tmp_path / "b.json", "w"))
     _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "b.json", "--out_dir", o], "entry 0", "B. text")
+    for bad in ({"video": 5}, {"question": 12}):  # a value that is not a string
+        json.dump([{**ann[1], **bad}], open(tmp_path / "d.json", "w"))
+        _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "d.json", "--out_dir", o], "entry 0", "strings")
     (tmp_path / "c.json").write_text("[{")
     _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "c.json", "--out_dir", o], "not valid JSON")
     assert not (o / "model.safetensors").exists()
