@@ -2405,6 +2405,8 @@ def test_mk_grad_accumulation_equals_big_batch(tmp_path):
 def test_mk_sample_indices():
     assert mk.sample_indices(16, 8) == [1, 3, 5, 7, 9, 11, 13, 15]
     assert mk.sample_indices(3, 6) == [0, 0, 1, 1, 2, 2]  # short clips repeat
+    times = np.array(mk.sample_indices(5, 8)) / 8  # [0, 0, 1, 2, 2, 3, 4, 4] / 8: every copy of frame 2 is support
+    assert mk.frame_labels([0.25], times, 5 / 8, "x").tolist() == [0, 0, 0, 1, 1, 0, 0, 0]
     assert all(0 <= i < 100 for i in mk.sample_indices(100, 16)) and mk.sample_indices(100, 16) == sorted(mk.sample_indices(100, 16))
     with pytest.raises(ValueError):
         mk.sample_indices(0, 4)
@@ -2563,11 +2565,20 @@ def test_mk_exact_resume(mk_trained, tmp_path, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_mk_eval_and_predict_cli(mk_trained, capsys):
+def test_mk_eval_and_predict_cli(mk_trained, tmp_path, capsys, monkeypatch):
     d, _ = mk_trained
     out = d / "out"
     mk.main(["--eval", "--out_dir", str(out), "--data_dir", str(d / "data")])
     assert "mcq" in capsys.readouterr().out
+    # --test_data without --data replaces the world's test split; --eval decodes only test and novel
+    anns = json.load(open(d / "data" / "test.json"))[:3]
+    json.dump([{**a, "video": str(d / "data" / a["video"])} for a in anns], open(tmp_path / "t.json", "w"))
+    shutil.copytree(out, tmp_path / "o")
+    decoded, load_split = [], mk.load_split
+    monkeypatch.setattr(mk, "load_split", lambda e, cfg: decoded.append(len(e)) or load_split(e, cfg))
+    mk.main(["--eval", "--out_dir", str(tmp_path / "o"), "--data_dir", str(d / "data"), "--test_data", str(tmp_path / "t.json")])
+    ev = json.load(open(tmp_path / "o" / "eval.json"))
+    assert ev["test"]["n"] == 3 and ev["novel"]["n"] == 12 and sorted(decoded) == [3, 12]
     video = d / "data" / json.load(open(d / "data" / "test.json"))[0]["video"]
     mk.main(["--predict", "--out_dir", str(out), "--video", str(video), "--question", "What happens to the red circle?",
              "--choices", "A. it appears|B. it stops|C. it turns blue|D. it meets the green square"])
@@ -2637,6 +2648,9 @@ def test_mk_bad_inputs(mk_trained, tmp_path):
     _mk_user_error(["--train", "--preset", "tiny", "--device_map", "vision=cuda:7", "--out_dir", o], "cuda:7",
                    "does not exist")
     _mk_user_error(["--eval", "--out_dir", tmp_path / "empty"], "no checkpoint")
+    (tmp_path / "empty").mkdir()  # a frame folder without images: the message names the extensions read
+    _mk_user_error(["--predict", "--out_dir", out, "--video", tmp_path / "empty", "--question", "q", "--choices", ch],
+                   "no frames", ".png/.jpg/.jpeg/.bmp")
     (tmp_path / "bad").mkdir()
     shutil.copy(out / "config.json", tmp_path / "bad" / "config.json")
     (tmp_path / "bad" / "model.safetensors").write_bytes(b"\x10\x00garbage")
@@ -2704,16 +2718,22 @@ def test_mk_device_map_cpu(tmp_path):
         mk.parse_device_map(_mk_tiny_cfg(tmp_path, device="cpu", device_map="encoder=cpu"))
 
 
-def test_mk_train_with_frozen_hf_checkpoints_cli(mk_hf, mk_trained, tmp_path, capsys):
+def test_mk_train_with_frozen_hf_checkpoints_cli(mk_hf, mk_trained, tmp_path, capsys, monkeypatch):
     d, _ = mk_trained
+    monkeypatch.chdir(mk_hf["root"])  # tower folders given relative to the working directory
     mk.main([str(a) for a in ("--train", "--preset", "tiny", "--max_steps", "2", "--data_dir", d / "data",
-                              "--out_dir", tmp_path / "o", "--vision_ckpt", mk_hf["root"] / "vjepa2", "--llm_ckpt",
-                              mk_hf["root"] / "qwen3")])
+                              "--out_dir", tmp_path / "o", "--vision_ckpt", "vjepa2", "--llm_ckpt", "qwen3")])
     assert "frozen" in capsys.readouterr().out and (tmp_path / "o" / "eval.json").is_file()
     saved = load_file(str(tmp_path / "o" / "model.safetensors"))
     assert saved and all(k.startswith("bridge.") for k in saved)  # the towers are reloaded from their folders
+    monkeypatch.chdir(tmp_path)  # saved as absolute paths: found from another directory
     model, tok, cfg = mk.load_checkpoint(str(tmp_path / "o"))
     assert isinstance(tok, mk.QwenTokenizer) and model.frozen == {"vision", "llm"}
+    meta = json.load(open(tmp_path / "o" / "config.json"))  # a tower folder that has moved since training
+    json.dump({**meta, "config": {**meta["config"], "llm_ckpt": str(tmp_path / "gone")}}, open(tmp_path / "o" / "config.json", "w"))
+    mk.main([str(a) for a in ("--predict", "--out_dir", tmp_path / "o", "--video", d / "data" / "test" / "00000.mp4",
+                              "--question", "q", "--choices", "A. x|B. y", "--llm_ckpt", mk_hf["root"] / "qwen3")])
+    assert "answer:" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
