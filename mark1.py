@@ -30,7 +30,7 @@ Shapes: B batch, F sampled frames, T tubelets (F/2), G patch grid side, P = T*G*
 M temporal queries, Lq question / L text tokens, D LLM / Dv video width, H heads, K kv heads, E head dim, V vocabulary.
 
 Commands:
-    python mark1.py --train                                  # data + training + evaluation on CPU (~10 min)
+    python mark1.py --train                                  # data + training + evaluation on a laptop CPU
     python mark1.py --eval                                   # re-evaluate out/mark1 on test and novel
     python mark1.py --predict --video clip.mp4 --question "What happens to the red circle?" \\
         --choices "A. it appears|B. it stops|C. it turns blue|D. it meets the green square"
@@ -277,23 +277,24 @@ def preprocess(img, crop):
 def load_video(path, n_frames, crop):
     """Video file (any container OpenCV reads) or a folder of frame images -> (uint8 (F, crop, crop, 3) RGB,
     sampled frame times in seconds (F,), clip duration in seconds)."""
+    imgs, fps, exts = [], float(FPS), (".png", ".jpg", ".jpeg", ".bmp")  # a folder's frames play at the world's rate
     if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
-        frames, fps = (cv2.imread(os.path.join(path, n)) for n in names), float(FPS)
+        for name in sorted(n for n in os.listdir(path) if n.lower().endswith(exts)):
+            img = cv2.imread(os.path.join(path, name))  # BGR (H, W, 3) uint8, None if unreadable
+            if img is None:
+                raise UserError(f"{path}: frame image {name} could not be read; check the folder holds valid images")
+            imgs.append(preprocess(img, crop))  # each frame resized and cropped as soon as it is read
     elif os.path.isfile(path):
         cap = cv2.VideoCapture(path)
         fps = cap.get(cv2.CAP_PROP_FPS) or FPS  # a container without a rate: assume the world's
         fps = fps if 0 < fps < 1000 else FPS  # and ignore nonsense rates
-        frames = (img for _, img in iter(cap.read, (False, None)))  # BGR (H, W, 3) uint8 until (False, None)
+        while cap.grab():  # decode the next frame; False after the last one (or on an unreadable file)
+            imgs.append(preprocess(cap.retrieve()[1], crop))  # BGR (H, W, 3) uint8
     else:
         raise UserError(f"{path}: video not found; check the path")
-    imgs = []  # each frame resized and cropped at once: long clips keep only small frames in memory
-    for img in frames:
-        if img is None:  # only a folder's image can be None here
-            raise UserError(f"{path}: a frame image could not be read; check the folder holds valid images")
-        imgs.append(preprocess(img, crop))
     if not imgs:
-        raise UserError(f"{path}: no frames could be decoded (empty, corrupt or unsupported video); re-encode it")
+        raise UserError(f"{path}: no frames could be decoded (an empty, corrupt or unsupported video, or a folder "
+                        f"without {'/'.join(exts)} images); re-encode the video or add the frames")
     idx = sample_indices(len(imgs), n_frames)  # F indices into the decoded frames
     clip = np.ascontiguousarray(np.stack([imgs[i][:, :, ::-1] for i in idx]))  # (F, S, S, 3) RGB, row-major
     return clip, np.array(idx, np.float64) / fps, len(imgs) / fps
@@ -313,9 +314,9 @@ def read_annotations(path, base=None):
     out = []
     for i, it in enumerate(items):
         where = f"{path} entry {i}"
-        if not isinstance(it, dict) or any(k not in it for k in ("video", "question", "choices", "answer")):
-            raise UserError(f"{where}: needs keys video, question, choices, answer (support_times optional)")
-        check_choices(it["choices"], where)
+        if not isinstance(it, dict) or not all(isinstance(it.get(k), str) for k in ("video", "question", "answer")):
+            raise UserError(f"{where}: needs keys video, question, answer (strings), choices (support_times optional)")
+        check_choices(it.get("choices"), where)
         if it["answer"] not in it["choices"]:
             raise UserError(f"{where}: answer {it['answer']!r} is not one of the choices")
         st = it.get("support_times", [])
@@ -332,12 +333,13 @@ def check_choices(choices, where):
             raise UserError(f"{where}: choice {c!r} is not in the form '{chr(65 + k)}. text' (A, B, C, ... in order)")
 
 def frame_labels(support_times, times, duration, where):
-    """Per sampled frame 0/1: the sampled frame nearest each support time is positive (the Mark-1 project's rule)."""
+    """Per sampled frame 0/1: the sampled frame nearest each support time is positive (the Mark-1 project's rule), in
+    every slot that holds it (a clip shorter than F frames repeats frames)."""
     lab = np.zeros(len(times), np.float32)
     for t in support_times:
         if not 0 <= t <= duration:
             raise UserError(f"{where}: support time {t}s is outside the clip (0..{duration:.2f}s)")
-        lab[int(np.argmin(np.abs(times - t)))] = 1
+        lab[times == times[np.argmin(np.abs(times - t))]] = 1  # the nearest frame's time: all its copies
     return lab
 
 def load_split(entries, cfg):
@@ -400,8 +402,8 @@ class QwenTokenizer:
         self.ids = None  # the full table: nothing to save
     def encode(self, s):
         return self.enc.encode(unicodedata.normalize("NFC", s), allowed_special="all")
-    def decode(self, ids):
-        return self.enc.decode([i for i in ids if i != self.eos])
+    def decode(self, ids):  # ids past the tokenizer (the embedding has spare rows) decode to nothing, as in HF
+        return self.enc.decode([i for i in ids if i != self.eos and i < self.enc.n_vocab])
     @staticmethod
     def chat(content):
         """Qwen3's chat template: one user turn, generation prompt, thinking disabled."""
@@ -786,6 +788,14 @@ def read_hf_dir(path, want):
             raise UserError(f"{os.path.join(path, f)}: unreadable safetensors file ({e})")
     return conf, keys
 
+def check_fit(where, want, have):
+    """want, have: {key: shape} (model, file) -> one UserError line naming every missing, unexpected, mis-shaped key."""
+    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    shaped = sorted(f"{k} {list(s)} (model {list(want[k])})" for k, s in have.items()
+                    if k in want and list(s) != list(want[k]))
+    if missing or unexpected or shaped:
+        raise UserError(f"{where}: does not fit: missing {missing}, unexpected {unexpected}, mis-shaped {shaped}")
+
 def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
     """mapping: file key -> module key (None: ignored). Every missing, unexpected and mis-shaped key is listed from the
     headers alone; only then are the tensors read, in `dtype` (None: the file's) on `device`, into the meta module."""
@@ -793,14 +803,8 @@ def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
     if getattr(module, "tie", False):
         want.pop("lm_head.weight", None)  # a tied head is the embedding: no tensor of its own in the file
     plan = {fk: mapping(fk) for fk in keys if mapping(fk) is not None}  # file key -> module key
-    unexpected = sorted(fk for fk, mk in plan.items() if mk not in want)
-    missing = sorted(set(want) - set(plan.values()))
     handles = {f: safe_open(os.path.join(path, f), "pt") for f in set(keys.values())}  # headers only, lazily
-    shaped = [f"{fk} {shape} (model {list(want[mk])})" for fk, mk in plan.items() if mk in want
-              for shape in [list(handles[keys[fk]].get_slice(fk).get_shape())] if shape != list(want[mk])]
-    if missing or unexpected or shaped:
-        raise UserError(f"{path}: checkpoint does not fit: missing {missing}, unexpected {unexpected}, "
-                        f"mis-shaped {shaped}")
+    check_fit(path, want, {mk: handles[keys[fk]].get_slice(fk).get_shape() for fk, mk in plan.items()})
     state = {mk: handles[keys[fk]].get_tensor(fk).to(device, dtype) for fk, mk in plan.items()}  # all checks passed
     module.load_state_dict(state, strict=False, assign=True)  # strict=False: a tied lm_head has no tensor of its own
     if getattr(module, "tie", False):
@@ -848,9 +852,9 @@ def load_qwen3(path, dtype=None, device="cpu"):
     return assign_strict(lm, path, keys, lambda k: k, dtype, device)
 
 def build_model(cfg, tok):
-    """Mark1 from cfg; towers from HF folders stay in their file's dtype unless --dtype resolves to float32 (then
-    everything computes in float32); the bridge casts at its two boundaries either way (Bridge.video_tokens, fuse)."""
-    dtype = torch.float32 if autocast_dtype(cfg.dtype, pick_device(cfg.device)) == "float32" else None
+    """Mark1 from cfg; towers from HF folders keep their file's dtype under bfloat16 autocast, else load in float32
+    (float16 cannot mix with bfloat16 weights); the bridge casts at its two boundaries (Bridge.video_tokens, fuse)."""
+    dtype = None if autocast_dtype(cfg.dtype, pick_device(cfg.device)) == "bfloat16" else torch.float32
     vision = load_vjepa2(cfg.vision_ckpt, dtype) if cfg.vision_ckpt else None
     llm = load_qwen3(cfg.llm_ckpt, dtype) if cfg.llm_ckpt else None
     torch.manual_seed(cfg.seed)
@@ -886,12 +890,15 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
         atomic(path("train_state.pt"), lambda p: torch.save(ts, p))
 
-# flags a resumed run may change: how long and where it runs, how it logs; every other flag is fixed by the checkpoint
+PATH_KEYS = {"data", "test_data", "vision_ckpt", "llm_ckpt"}  # the run's inputs (parse_args makes them absolute)
+# flags a run from a checkpoint may change: how long and where it runs, how it logs, where the towers' folders are;
+# --eval and --predict also read other data and decode as asked; every other flag is fixed by the checkpoint
 RUN_KEYS = {"max_steps", "stop_after", "out_dir", "data_dir", "device", "device_map", "dtype", "log_interval",
-            "eval_interval", "feature_cache"}
-def load_checkpoint(out_dir, overrides=None, refuse=None):
-    """-> (model, tokenizer, config) from out_dir, the saved config updated by `overrides`; a flag in `refuse` that
-    differs from the saved value is a UserError (--resume cannot change the architecture or the data)."""
+            "eval_interval", "feature_cache", "vision_ckpt", "llm_ckpt"}
+READ_KEYS = RUN_KEYS | {"data", "test_data", "temperature", "top_k", "top_p", "max_new_tokens", "seed", "threshold"}
+def load_checkpoint(out_dir, overrides=None, mode="--eval"):
+    """-> (model, tokenizer, config) from out_dir, the saved config updated by `overrides`; an override that `mode` may
+    not change (RUN_KEYS for --resume, READ_KEYS else) and that differs from the saved value is a UserError."""
     cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
         raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
@@ -901,9 +908,9 @@ def load_checkpoint(out_dir, overrides=None, refuse=None):
     saved = meta["config"]
     if saved.get("dtype") == "bfloat16":  # the default before --dtype auto, not a choice: read as auto
         saved = {**saved, "dtype": "auto"}
-    for k, v in (refuse or {}).items():
-        if saved.get(k) != v:
-            raise UserError(f"--{k} {v}: the run in {out_dir} has {k}={saved.get(k)!r}; --resume cannot change it "
+    for k, v in (overrides or {}).items():
+        if k not in (RUN_KEYS if mode == "--resume" else READ_KEYS) and saved.get(k) != v:
+            raise UserError(f"--{k} {v}: the run in {out_dir} has {k}={saved.get(k)!r}; {mode} cannot change it "
                             f"(drop the flag, or train into a new --out_dir)")
     cfg = Config(**{**saved, **(overrides or {})})
     tok = make_tokenizer(cfg, ids=meta["vocab"])
@@ -912,9 +919,8 @@ def load_checkpoint(out_dir, overrides=None, refuse=None):
         state, own = load_file(wpath), own_keys(model, cfg)
     except Exception as e:  # truncated or not safetensors at all
         raise UserError(f"{wpath}: unreadable safetensors file ({e}); retrain or restore it")
-    missing, unexpected = sorted(own - set(state)), sorted(set(state) - set(model.state_dict()))
-    if missing or unexpected:
-        raise UserError(f"{wpath}: keys do not match the model (missing {missing}, unexpected {unexpected})")
+    want = {k: v.shape for k, v in model.state_dict().items() if k in own}  # the tensors this run's files must hold
+    check_fit(wpath, want, {k: v.shape for k, v in state.items()})
     model.load_state_dict(state, strict=False)  # towers from HF folders are already loaded; the rest is checked above
     return model, tok, cfg
 
@@ -932,8 +938,8 @@ def mcq_accuracy(preds, answers):  # share of predictions whose option letter is
 
 def frame_f1(pred, gold):
     """Micro F1 over every (clip, frame) pair: pred and gold are lists of 0/1 lists."""
-    pairs = [(p, g) for ps, gs in zip(pred, gold) for p, g in zip(ps, gs)]
-    tp, fp, fn = (sum((bool(p), bool(g)) == k for p, g in pairs) for k in ((1, 1), (1, 0), (0, 1)))  # TP, FP, FN
+    pairs = [(bool(p), bool(g)) for ps, gs in zip(pred, gold) for p, g in zip(ps, gs)]  # (predicted, gold) per frame
+    tp, fp, fn = sum(p and g for p, g in pairs), sum(p and not g for p, g in pairs), sum(g and not p for p, g in pairs)
     return 2 * tp / max(1, 2 * tp + fp + fn)  # F1 = 2TP / (2TP + FP + FN); 0 when nothing is positive
 
 def segment_from_scores(scores, times, duration, threshold):
@@ -979,8 +985,8 @@ def parse_device_map(cfg):
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for k, v in out.items():
         kind, _, i = v.partition(":")
-        if not (kind == "cpu" or kind == "mps" and pick_device("auto") == "mps" or kind == "cuda" and n > 0 and
-                (not i or i.isdigit() and int(i) < n)):
+        cuda_ok = n > 0 and (not i or (i.isdigit() and int(i) < n))  # "cuda" or an existing "cuda:N"
+        if not {"cpu": True, "mps": pick_device("auto") == "mps", "cuda": cuda_ok}.get(kind, False):
             raise UserError(f"--device / --device_map {k}: device {v!r} does not exist here ({n} CUDA devices); "
                             "use cpu or an existing cuda:N")
     return out
@@ -1051,24 +1057,24 @@ class FeatureCache:
                 self.store[(split, i)] = f.cpu()  # (P, Dv) in the encoder's dtype, on the CPU
         return torch.stack([self.store[(split, i)] for i in idx.tolist()])
 
-def prepare_data(cfg, rank=0):
-    """-> {split: (annotation entries, decoded clips and labels)}: the user's --data (with --test_data, or every 10th
-    entry held out), or the built-in world (written by rank 0 if missing)."""
+def prepare_data(cfg, rank=0, splits=("train", "val", "test", "novel")):
+    """-> {split: (entries, decoded clips and labels)} for `splits`: the user's --data (every 10th entry held out unless
+    --test_data is given) or the built-in world (rank 0 writes it if missing); --test_data is the test split of both."""
     if cfg.data:
         train = read_annotations(cfg.data)
-        test = read_annotations(cfg.test_data) if cfg.test_data else train[::10]
-        train = train if cfg.test_data else [e for i, e in enumerate(train) if i % 10]
-        if not train:
+        anns = {"train": train if cfg.test_data else [e for i, e in enumerate(train) if i % 10], "test": train[::10]}
+        if not anns["train"]:
             raise UserError(f"{cfg.data}: too few entries to hold out a test set; add entries or pass --test_data")
-        splits = {"train": train, "val": test[:max(1, len(test) // 2)], "test": test}
     else:
         if rank == 0:
             build_world(cfg)
         if dist.is_initialized():
             dist.barrier()
-        splits = {s: read_annotations(os.path.join(cfg.data_dir, f"{s}.json"))
-                  for s in ("train", "val", "test", "novel")}
-    return {s: (e, load_split(e, cfg)) for s, e in splits.items()}
+        anns = {s: read_annotations(os.path.join(cfg.data_dir, f"{s}.json")) for s in ("train", "val", "test", "novel")}
+    if cfg.test_data:  # the user's test clips: beside --data, or in place of the built-in world's test split
+        anns["test"] = read_annotations(cfg.test_data)
+    anns.setdefault("val", anns["test"][:max(1, len(anns["test"]) // 2)])  # user data: half of the test split
+    return {s: (e, load_split(e, cfg)) for s, e in anns.items() if s in splits}
 
 def make_optimizer(model, cfg):
     """AdamW over the trainable parameters, weight decay on matrices only (norm gains and biases are not decayed)."""
@@ -1078,11 +1084,10 @@ def make_optimizer(model, cfg):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95)), params
 
 def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, device):
-    """Forward + backward over this rank's micro-batches of the global batch `idx` -> its mean (loss, ce, bce); the
-    losses use the global batch's counts (Mark1.forward), so any split gives the same gradient. Under torchrun `fwd` is
-    the DDP-wrapped model: earlier micro-batches run under no_sync(), the last backward all-reduces (DDP averages:
-    each rank's loss counts `world` times). DDP expects a gradient for every trainable parameter: a rank without clips
-    runs the first clip with weight 0 (an exact zero gradient), so no find_unused_parameters walk is needed."""
+    """Forward + backward over this rank's micro-batches of the global batch `idx` -> its mean (loss, ce, bce); losses
+    use the global batch's counts (Mark1.forward), so any split gives the same gradient. Under torchrun `fwd` is DDP:
+    earlier micro-batches run under no_sync(), the last backward all-reduces (an average: each rank's loss counts
+    `world` times); a rank without clips runs one clip with weight 0 (the zero gradient DDP expects from every rank)."""
     n_tok = sum(len(tok.target(entries[i]["answer"])) for i in idx.tolist())  # answer tokens in the global batch
     ddp, share = isinstance(fwd, nn.parallel.DistributedDataParallel), torch.zeros(3)
     for a in range(cfg.grad_accum):
@@ -1134,9 +1139,7 @@ def train(cfg, resume=False, overrides=None):
         path = os.path.join(cfg.out_dir, "train_state.pt")
         if not os.path.isfile(path):
             raise UserError(f"{path}: nothing to resume (train without --resume first)")
-        keep = {"stop_after": cfg.stop_after, **{k: v for k, v in (overrides or {}).items() if k in RUN_KEYS}}
-        model, tok, cfg = load_checkpoint(cfg.out_dir, keep, refuse={k: v for k, v in (overrides or {}).items()
-                                                                      if k not in RUN_KEYS})
+        model, tok, cfg = load_checkpoint(cfg.out_dir, {"stop_after": cfg.stop_after, **(overrides or {})}, "--resume")
     devices = parse_device_map(cfg)
     data = prepare_data(cfg, rank)
     entries, tr = data["train"]
@@ -1282,7 +1285,6 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):
                   f"span {smp['predicted_span']} (ref {smp['support']})")
     if train_seconds is not None:
         result["train_seconds"] = round(train_seconds, 1)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     return result
 
@@ -1303,7 +1305,7 @@ def predict(cfg, overrides, video, question, choices):
         raise UserError("--predict needs --video PATH --question TEXT --choices 'A. ...|B. ...|C. ...|D. ...'")
     choice_list = [c.strip() for c in choices.split("|")]
     check_choices(choice_list, "--choices")
-    model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
+    model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, "--predict")
     model.place(parse_device_map(cfg)).eval()
     clip, times, dur = load_video(video, cfg.n_frames, cfg.crop)
     with autocast(cfg, model.devices["llm"]):
@@ -1311,7 +1313,6 @@ def predict(cfg, overrides, video, question, choices):
                            [dict(question=question, choices=choice_list)], tok, cfg)
     sal, answer, path = torch.sigmoid(fl.float())[0].tolist(), tok.decode(ids[0]).strip(), cfg.out_dir + "/predict.png"
     span = segment_from_scores(sal, times, dur, cfg.threshold)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     frame_strip(clip, sal, path, answer)
     print(f"answer: {answer}\nsupport: {span[0]:.2f}s - {span[1]:.2f}s | saliency per frame: "
           f"{' '.join(f'{s:.2f}' for s in sal)}\nframe strip: {path}")
@@ -1356,6 +1357,8 @@ def parse_args(argv=None):
     if args.preset not in PRESETS:
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    # input paths are saved in the run's config: absolute, so that --eval/--predict/--resume find them from anywhere
+    overrides.update({k: os.path.abspath(v) for k, v in overrides.items() if v and k in PATH_KEYS})
     cfg = Config(**{**PRESETS[args.preset], **overrides})
     for k, ok in (("frame_head", ("keys", "linear")), ("dtype", ("auto", "float32", "bfloat16", "float16"))):
         if getattr(cfg, k) not in ok:
@@ -1381,10 +1384,9 @@ def main(argv=None):
         train(cfg, resume=args.resume, overrides=overrides)
     elif args.eval:
         model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
-        evaluate(model.place(parse_device_map(cfg)), tok, cfg, prepare_data(cfg))
-    elif args.predict:  # the flags that may differ from the saved run: how to decode, where to run
-        predict(cfg, {k: v for k, v in overrides.items() if k in RUN_KEYS | {"temperature", "top_k", "top_p",
-                "max_new_tokens", "seed", "threshold"}}, args.video, args.question, args.choices)
+        evaluate(model.place(parse_device_map(cfg)), tok, cfg, prepare_data(cfg, splits=("test", "novel")))
+    elif args.predict:
+        predict(cfg, overrides, args.video, args.question, args.choices)
     elif args.bench:
         bench(cfg)
     else:

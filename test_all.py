@@ -2295,6 +2295,7 @@ def test_mk_qwen3_tokenizer_and_chat_template_match_hf(mk_hf):
               "What happens to the red circle?\nA. it appears\nB. it stops"]:
         assert qt.encode(s) == ht(s)["input_ids"], s
         assert qt.decode(qt.encode(s)) == ht.decode(ht(s)["input_ids"]).replace("<|im_end|>", "")
+        assert qt.decode(qt.encode(s) + [151762]) == qt.decode(qt.encode(s))  # an embedding row past the tokenizer
     content = "What happens to the red circle?\nA. it appears\nB. it stops"
     ref = ht.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                  enable_thinking=False, tokenize=False)
@@ -2534,6 +2535,8 @@ def test_mk_grad_accumulation_equals_big_batch(tmp_path):
 def test_mk_sample_indices():
     assert mk.sample_indices(16, 8) == [1, 3, 5, 7, 9, 11, 13, 15]
     assert mk.sample_indices(3, 6) == [0, 0, 1, 1, 2, 2]  # short clips repeat
+    times = np.array(mk.sample_indices(5, 8)) / 8  # [0, 0, 1, 2, 2, 3, 4, 4] / 8: every copy of frame 2 is support
+    assert mk.frame_labels([0.25], times, 5 / 8, "x").tolist() == [0, 0, 0, 1, 1, 0, 0, 0]
     assert all(0 <= i < 100 for i in mk.sample_indices(100, 16)) and mk.sample_indices(100, 16) == sorted(mk.sample_indices(100, 16))
     with pytest.raises(ValueError):
         mk.sample_indices(0, 4)
@@ -2668,8 +2671,9 @@ def test_mk_checkpoint_round_trip(mk_trained, tmp_path):
     assert model.llm.lm_head.weight is model.llm.model.embed_tokens.weight
     shutil.copytree(d / "out", tmp_path / "cut")
     state.pop("vision.layernorm.weight")
+    state["bridge.frame_bias"] = torch.zeros(4)  # shapes are checked before anything loads, not only key names
     save_file(state, str(tmp_path / "cut" / "model.safetensors"))
-    with pytest.raises(mk.UserError, match="vision.layernorm.weight"):
+    with pytest.raises(mk.UserError, match=r"missing \['vision.layernorm.weight'\].*bridge.frame_bias \[4\] \(model \[8\]"):
         mk.load_checkpoint(str(tmp_path / "cut"))
     (tmp_path / "other").mkdir()
     json.dump({"script": "vit_caption", "config": {}}, open(tmp_path / "other" / "config.json", "w"))
@@ -2691,11 +2695,20 @@ def test_mk_exact_resume(mk_trained, tmp_path, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_mk_eval_and_predict_cli(mk_trained, capsys):
+def test_mk_eval_and_predict_cli(mk_trained, tmp_path, capsys, monkeypatch):
     d, _ = mk_trained
     out = d / "out"
     mk.main(["--eval", "--out_dir", str(out), "--data_dir", str(d / "data")])
     assert "mcq" in capsys.readouterr().out
+    # --test_data without --data replaces the world's test split; --eval decodes only test and novel
+    anns = json.load(open(d / "data" / "test.json"))[:3]
+    json.dump([{**a, "video": str(d / "data" / a["video"])} for a in anns], open(tmp_path / "t.json", "w"))
+    shutil.copytree(out, tmp_path / "o")
+    decoded, load_split = [], mk.load_split
+    monkeypatch.setattr(mk, "load_split", lambda e, cfg: decoded.append(len(e)) or load_split(e, cfg))
+    mk.main(["--eval", "--out_dir", str(tmp_path / "o"), "--data_dir", str(d / "data"), "--test_data", str(tmp_path / "t.json")])
+    ev = json.load(open(tmp_path / "o" / "eval.json"))
+    assert ev["test"]["n"] == 3 and ev["novel"]["n"] == 12 and sorted(decoded) == [3, 12]
     video = d / "data" / json.load(open(d / "data" / "test.json"))[0]["video"]
     mk.main(["--predict", "--out_dir", str(out), "--video", str(video), "--question", "What happens to the red circle?",
              "--choices", "A. it appears|B. it stops|C. it turns blue|D. it meets the green square"])
@@ -2757,11 +2770,17 @@ def test_mk_bad_inputs(mk_trained, tmp_path):
     video = d / "data" / "test" / "00000.mp4"
     _mk_user_error(["--predict", "--out_dir", out, "--video", video, "--question", "q", "--choices",
                     "it appears|it stops"], "--choices", "A. text")
+    for mode in ("--eval", "--predict"):  # an architecture flag is refused; a decoding flag is not
+        _mk_user_error([mode, "--out_dir", out, "--n_frames", "4", "--top_k", "3", "--video", video, "--question", "q",
+                        "--choices", ch], "n_frames=8", f"{mode} cannot")
     _mk_user_error(["--train", "--preset", "nope"], "--preset nope")
     o = tmp_path / "o"
     _mk_user_error(["--train", "--preset", "tiny", "--device_map", "vision=cuda:7", "--out_dir", o], "cuda:7",
                    "does not exist")
     _mk_user_error(["--eval", "--out_dir", tmp_path / "empty"], "no checkpoint")
+    (tmp_path / "empty").mkdir()  # a frame folder without images: the message names the extensions read
+    _mk_user_error(["--predict", "--out_dir", out, "--video", tmp_path / "empty", "--question", "q", "--choices", ch],
+                   "no frames", ".png/.jpg/.jpeg/.bmp")
     (tmp_path / "bad").mkdir()
     shutil.copy(out / "config.json", tmp_path / "bad" / "config.json")
     (tmp_path / "bad" / "model.safetensors").write_bytes(b"\x10\x00garbage")
@@ -2776,6 +2795,9 @@ def test_mk_bad_inputs(mk_trained, tmp_path):
     ann[0] = {**ann[0], "choices": ["A. x", "C. y"]}
     json.dump(ann, open(tmp_path / "b.json", "w"))
     _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "b.json", "--out_dir", o], "entry 0", "B. text")
+    for bad in ({"video": 5}, {"question": 12}):  # a value that is not a string
+        json.dump([{**ann[1], **bad}], open(tmp_path / "d.json", "w"))
+        _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "d.json", "--out_dir", o], "entry 0", "strings")
     (tmp_path / "c.json").write_text("[{")
     _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "c.json", "--out_dir", o], "not valid JSON")
     assert not (o / "model.safetensors").exists()
@@ -2826,16 +2848,22 @@ def test_mk_device_map_cpu(tmp_path):
         mk.parse_device_map(_mk_tiny_cfg(tmp_path, device="cpu", device_map="encoder=cpu"))
 
 
-def test_mk_train_with_frozen_hf_checkpoints_cli(mk_hf, mk_trained, tmp_path, capsys):
+def test_mk_train_with_frozen_hf_checkpoints_cli(mk_hf, mk_trained, tmp_path, capsys, monkeypatch):
     d, _ = mk_trained
+    monkeypatch.chdir(mk_hf["root"])  # tower folders given relative to the working directory
     mk.main([str(a) for a in ("--train", "--preset", "tiny", "--max_steps", "2", "--data_dir", d / "data",
-                              "--out_dir", tmp_path / "o", "--vision_ckpt", mk_hf["root"] / "vjepa2", "--llm_ckpt",
-                              mk_hf["root"] / "qwen3")])
+                              "--out_dir", tmp_path / "o", "--vision_ckpt", "vjepa2", "--llm_ckpt", "qwen3")])
     assert "frozen" in capsys.readouterr().out and (tmp_path / "o" / "eval.json").is_file()
     saved = load_file(str(tmp_path / "o" / "model.safetensors"))
     assert saved and all(k.startswith("bridge.") for k in saved)  # the towers are reloaded from their folders
+    monkeypatch.chdir(tmp_path)  # saved as absolute paths: found from another directory
     model, tok, cfg = mk.load_checkpoint(str(tmp_path / "o"))
     assert isinstance(tok, mk.QwenTokenizer) and model.frozen == {"vision", "llm"}
+    meta = json.load(open(tmp_path / "o" / "config.json"))  # a tower folder that has moved since training
+    json.dump({**meta, "config": {**meta["config"], "llm_ckpt": str(tmp_path / "gone")}}, open(tmp_path / "o" / "config.json", "w"))
+    mk.main([str(a) for a in ("--predict", "--out_dir", tmp_path / "o", "--video", d / "data" / "test" / "00000.mp4",
+                              "--question", "q", "--choices", "A. x|B. y", "--llm_ckpt", mk_hf["root"] / "qwen3")])
+    assert "answer:" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
@@ -2857,7 +2885,8 @@ def mk_hf_bf16(mk_hf):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_mk_bfloat16_checkpoints_train_and_predict(mk_hf_bf16, mk_trained, tmp_path, capsys, dtype):
-    """The real-checkpoint user path: bfloat16 files, a crop size from the encoder's config, --train then --predict."""
+    """The real-checkpoint user path: bfloat16 files, a crop size from the encoder's config, --train then --predict;
+    a --predict under float16 autocast too (the towers then load in float32: float16 cannot mix with bfloat16)."""
     d, _ = mk_trained
     out, root = tmp_path / "o", mk_hf_bf16
     towers = ["--vision_ckpt", str(root / "vjepa2_bf16"), "--llm_ckpt", str(root / "qwen3_bf16")]
@@ -2865,12 +2894,13 @@ def test_mk_bfloat16_checkpoints_train_and_predict(mk_hf_bf16, mk_trained, tmp_p
              "--dtype", dtype, "--max_new_tokens", "3", *towers])  # 3 tokens: bfloat16 is emulated on most CPUs
     model, tok, cfg = mk.load_checkpoint(str(out), {"dtype": dtype})
     assert cfg.crop == 48 and model.bridge.grid == 3  # from crop_size 48 / patch 16, not the preset's crop 32
-    tower = torch.float32 if dtype == "float32" else torch.bfloat16
+    tower = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     assert model.vision.layernorm.weight.dtype == tower and model.llm.lm_head.weight.dtype == tower
     assert model.bridge.proj.weight.dtype == torch.float32
-    mk.main(["--predict", "--out_dir", str(out), "--video", str(d / "data" / "test" / "00000.mp4"), "--question",
-             "What happens to the red circle?", "--choices", "A. it appears|B. it stops", "--dtype", dtype])
-    assert "answer:" in capsys.readouterr().out
+    for run_dtype in (dtype, "float16"):
+        mk.main(["--predict", "--out_dir", str(out), "--video", str(d / "data" / "test" / "00000.mp4"), "--question",
+                 "What happens to the red circle?", "--choices", "A. it appears|B. it stops", "--dtype", run_dtype])
+        assert "answer:" in capsys.readouterr().out
     with pytest.raises(mk.UserError, match="--crop 32: .* was trained with 48"):  # a conflicting flag, one line
         mk.main(["--train", "--preset", "tiny", "--crop", "32", "--out_dir", str(tmp_path / "x"), *towers])
 
