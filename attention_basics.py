@@ -51,6 +51,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import textwrap
 import time
@@ -246,7 +247,8 @@ def load_video(path, n_frames, size):
     """Video file (any container/codec OpenCV reads) or folder of frame images -> uint8 (F, S, S, 3) RGB."""
     frames = []
     if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
+        names = sorted((n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp"))),
+                       key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])  # f2 before f10
         frames = [load_image(os.path.join(path, n), size) for n in names]
     else:
         if not os.path.isfile(path):
@@ -254,11 +256,8 @@ def load_video(path, n_frames, size):
         cap = cv2.VideoCapture(path)  # FFmpeg underneath: any container and codec it decodes
         if not cap.isOpened():
             raise UserError(f"{path}: OpenCV cannot open this video (corrupt or unknown format)")
-        while True:  # decode every frame (clips here are short), then pick n_frames of them
-            ok, img = cap.read()
-            if not ok:
-                break
-            frames.append(_square(img, size)[:, :, ::-1])  # shrink at once, BGR -> RGB
+        while cap.grab():  # decode every frame (clips here are short), then pick n_frames of them
+            frames.append(_square(cap.retrieve()[1], size)[:, :, ::-1])  # BGR uint8: shrink at once, -> RGB
         cap.release()
     if not frames:
         raise UserError(f"{path}: video has no frames")

@@ -279,7 +279,8 @@ def load_video(path, n_frames, crop):
     sampled frame times in seconds (F,), clip duration in seconds)."""
     imgs, fps, exts = [], float(FPS), (".png", ".jpg", ".jpeg", ".bmp")  # a folder's frames play at the world's rate
     if os.path.isdir(path):
-        for name in sorted(n for n in os.listdir(path) if n.lower().endswith(exts)):
+        for name in sorted((n for n in os.listdir(path) if n.lower().endswith(exts)),  # natural order: f2 < f10
+                           key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)]):
             img = cv2.imread(os.path.join(path, name))  # BGR (H, W, 3) uint8, None if unreadable
             if img is None:
                 raise UserError(f"{path}: frame image {name} could not be read; check the folder holds valid images")
@@ -293,8 +294,7 @@ def load_video(path, n_frames, crop):
     else:
         raise UserError(f"{path}: video not found; check the path")
     if not imgs:
-        raise UserError(f"{path}: no frames could be decoded (an empty, corrupt or unsupported video, or a folder "
-                        f"without {'/'.join(exts)} images); re-encode the video or add the frames")
+        raise UserError(f"{path}: no frames (an empty, corrupt or unsupported video, or no {'/'.join(exts)} images)")
     idx = sample_indices(len(imgs), n_frames)  # F indices into the decoded frames
     clip = np.ascontiguousarray(np.stack([imgs[i][:, :, ::-1] for i in idx]))  # (F, S, S, 3) RGB, row-major
     return clip, np.array(idx, np.float64) / fps, len(imgs) / fps

@@ -339,7 +339,7 @@ def test_vm_mp4_round_trip_and_frame_folder(tmp_path):
         ok, img = cap.read()
         if not ok:
             break
-        cv2.imwrite(str(folder / f"{n:03d}.png"), img)
+        cv2.imwrite(str(folder / f"{n}.png"), img)  # 0.png .. 15.png: read in natural order, 2 before 10
         n += 1
     assert np.array_equal(vm.load_video(str(folder), 4, 32), clip)
     # any resolution: a wide 1280x720 H.264-sized clip is centre-cropped and resized
@@ -2556,7 +2556,7 @@ def test_mk_mp4_round_trip_and_frame_folder(tmp_path):
     cap = cv2.VideoCapture(path)
     for i in range(16):
         ok, img = cap.read()
-        cv2.imwrite(str(folder / f"{i:03d}.png"), img)
+        cv2.imwrite(str(folder / f"{i}.png"), img)  # 0.png .. 15.png: read in natural order, 2 before 10
     clip2, _, _ = mk.load_video(str(folder), 8, 32)
     assert np.abs(clip2.astype(int) - clip.astype(int)).max() <= 1
     lab = mk.frame_labels(ann["support_times"], times, dur, "x")
@@ -3329,6 +3329,13 @@ def test_ab_bad_inputs(tmp_path, capsys):
         g["base_lr"] = 0.1
     with pytest.raises(ab.UserError, match="loss became nan"):
         ab.fit(model, opt, 3, lambda step: model(torch.full((1, 2), float("nan"))).sum(), cfg, "probe")
+
+
+def test_ab_frame_folder_in_natural_order(tmp_path):
+    """Frames f0 .. f10 of a folder are read in time order (f2 before f10), not in string order."""
+    for i in range(11):
+        cv2.imwrite(str(tmp_path / f"f{i}.png"), np.full((20, 20, 3), 20 * i, np.uint8))
+    assert [int(f.mean()) for f in ab.load_video(str(tmp_path), 11, 16)] == [20 * i for i in range(11)]
 
 
 # ====================================================================================================================

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -212,7 +213,8 @@ def _square(img, size):
 def load_video(path, n_frames, size):
     """Video file (any container/codec OpenCV reads) or a folder of frame images -> uint8 (F, size, size, 3) RGB."""
     if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
+        names = sorted((n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp"))),
+                       key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])  # f2 before f10
         images = [(os.path.join(path, n), cv2.imread(os.path.join(path, n))) for n in names]
         bad = [p for p, img in images if img is None]
         if bad:
@@ -225,10 +227,8 @@ def load_video(path, n_frames, size):
         if not cap.isOpened():
             raise UserError(f"{path}: OpenCV cannot open this video (corrupt or unknown format)")
         frames = []
-        ok, img = cap.read()  # BGR uint8, or ok=False at the end
-        while ok:
-            frames.append(_square(img, size))  # shrink at once: a long 720p clip never sits in memory
-            ok, img = cap.read()
+        while cap.grab():  # decode the next frame (False after the last); retrieve() gives it as BGR uint8
+            frames.append(_square(cap.retrieve()[1], size))  # shrink at once: a long 720p clip never sits in memory
         cap.release()
     idx = sample_indices(len(frames), n_frames, path)  # F indices
     return np.stack([frames[i][:, :, ::-1] for i in idx])  # BGR -> RGB, (F, S, S, 3)
