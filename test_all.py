@@ -2040,7 +2040,8 @@ def test_vl_user_mistakes_are_one_line(vl_ckpt, vl_tiny_run, tmp_path, monkeypat
                          (["--num_attention_heads", "4", "--num_key_value_heads", "3"], "multiple of"),
                          (["--hidden_size", "30"], "must be even"), (["--vision_feature_layer", "3"], "-3 .. 2"),
                          (["--vision_feature_select_strategy", "fulll"], "default or full"),
-                         (["--n_frames", "0"], "--n_frames must be"), (["--max_new_tokens", "0"], "--max_new")):
+                         (["--n_frames", "0"], "--n_frames must be"), (["--max_new_tokens", "0"], "--max_new"),
+                         (["--n_frames", "2", "--data_dir", str(tmp_path / "w")], "samples 3 to 16 frames")):
         refused(match, *flags)
     ck = str(tmp_path / "ck")
     shutil.copytree(vl_ckpt[1]["hub_sharded"], ck)

@@ -261,6 +261,8 @@ def make_clip(rng, split, n_frames):
 
 def build_world(cfg):
     """Write data_dir/<split>/*.png|mp4 and data_dir/<split>.jsonl once (deterministic from --seed)."""
+    if not 3 <= cfg.n_frames <= CLIP_LEN:  # an order question needs a slot before, between and after its two objects
+        raise UserError(f"--n_frames {cfg.n_frames}: the synthetic world samples 3 to {CLIP_LEN} frames of its clips")
     sizes = {"train": cfg.n_train, "val": cfg.n_test, "test": cfg.n_test, "novel": cfg.n_test}
     stamp = os.path.join(cfg.data_dir, "world.json")  # the manifest: what was written, from which settings
     want = dict(sizes, seed=cfg.seed, n_frames=cfg.n_frames, version=1)
