@@ -1211,6 +1211,8 @@ def parse_args(argv=None):
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset], **overrides})
+    if small := [f for f in ("img_size", "patch", "n_frames", "d_model", "n_head", "batch_size") if vars(cfg)[f] < 1]:
+        raise UserError(f"--{small[0]} must be at least 1")  # checked first: the checks below divide by these sizes
     for bad, why in ((cfg.section != "all" and cfg.section not in SECTIONS,
                       f"--section {cfg.section}: unknown section, choose one of {list(SECTIONS)} (or all)"),
                      (cfg.variant not in ("unified", "cross"), f"--variant {cfg.variant}: choose unified or cross"),

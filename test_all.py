@@ -3300,6 +3300,8 @@ def test_ab_bad_inputs(tmp_path, capsys):
     _ab_user_error(capsys, "--variant both", "--variant", "both")
     _ab_user_error(capsys, "no checkpoint", "--eval", "--out_dir", tmp_path / "none")
     _ab_user_error(capsys, "--generate needs --video", "--generate")
+    _ab_user_error(capsys, "--patch must be at least 1", "--train", "--patch", "0")  # before any division by it
+    _ab_user_error(capsys, "--n_head must be at least 1", "--train", "--n_head", "0")
     for device in ("xyz",) + (() if torch.cuda.is_available() else ("cuda",)):  # unknown, or not on this machine
         _ab_user_error(capsys, f"--device {device}", "--train", "--device", device, "--data_dir", tmp_path / "d")
     assert not (tmp_path / "d").exists()  # refused before any data was built
