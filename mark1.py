@@ -906,8 +906,6 @@ def load_checkpoint(out_dir, overrides=None, mode="--eval"):
     if meta.get("script") != SCRIPT:
         raise UserError(f"{out_dir}: checkpoint was written by {meta.get('script')!r}, not {SCRIPT}.py")
     saved = meta["config"]
-    if saved.get("dtype") == "bfloat16":  # the default before --dtype auto, not a choice: read as auto
-        saved = {**saved, "dtype": "auto"}
     for k, v in (overrides or {}).items():
         if k not in (RUN_KEYS if mode == "--resume" else READ_KEYS) and saved.get(k) != v:
             raise UserError(f"--{k} {v}: the run in {out_dir} has {k}={saved.get(k)!r}; {mode} cannot change it "

@@ -80,15 +80,15 @@ def check_autocast_auto(mod, monkeypatch):
             assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == want  # the chosen dtype really runs
 
 
-def check_auto_run_and_old_checkpoint(mod, data_dir, out_dir):
-    """videollama_mini / mark1: a 1-step tiny --train under --dtype auto (the log names the dtype this machine gets),
-    then its checkpoint with "bfloat16", the default before auto, saved in its config loads as auto."""
+def check_auto_run_and_saved_dtype(mod, data_dir, out_dir):
+    """mark1: a 1-step tiny --train under --dtype auto (the log names the dtype this machine gets), then a checkpoint
+    whose config says "bfloat16" loads with bfloat16: a saved choice is kept as it was made."""
     proc = run_script(mod.__name__ + ".py", "--train", "--preset", "tiny", "--max_steps", "1", "--dtype", "auto",
                       "--data_dir", data_dir, "--out_dir", out_dir)
     assert proc.returncode == 0 and f"autocast {mod.autocast_dtype('auto', 'cpu')}" in proc.stdout, proc.stderr[-2000:]
     meta = json.load(open(out_dir / "config.json"))
     json.dump({**meta, "config": {**meta["config"], "dtype": "bfloat16"}}, open(out_dir / "config.json", "w"))
-    assert mod.load_checkpoint(str(out_dir))[2].dtype == "auto"
+    assert mod.load_checkpoint(str(out_dir))[2].dtype == "bfloat16"
 
 
 # ====================================================================================================================
@@ -2949,7 +2949,7 @@ def test_mk_qwen3_sharded_checkpoint(mk_hf, tmp_path):
 
 
 def test_mk_autocast_auto(mk_trained, tmp_path, monkeypatch):
-    check_auto_run_and_old_checkpoint(mk, mk_trained[0] / "data", tmp_path / "auto")
+    check_auto_run_and_saved_dtype(mk, mk_trained[0] / "data", tmp_path / "auto")
     check_autocast_auto(mk, monkeypatch)
 
 

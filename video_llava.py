@@ -317,7 +317,7 @@ def read_annotations(path):
     try:  # utf-8-sig: a byte-order mark some editors write is skipped
         lines = open(path, encoding="utf-8-sig").read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: " + ("not UTF-8 text; save it as UTF-8" if isinstance(e, ValueError) else
+        raise UserError(f"{path}: " + ("not UTF-8 text; save it as UTF-8" if isinstance(e, UnicodeDecodeError) else
                                        "annotation file not found"))
     out, base = [], os.path.dirname(os.path.abspath(path))  # media paths are relative to the annotation file
     for no, line in enumerate(lines, 1):
@@ -559,8 +559,8 @@ class KVCache:
     def __init__(self, cfg, batch, max_len, dtype, device):
         e = cfg.hidden_size // cfg.num_attention_heads
         shape = (batch, cfg.num_key_value_heads, max_len, e)  # (B, K, T_max, E): only the K key/value heads
-        self.k, self.v = ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-                          for _ in ("keys", "values"))
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]  # keys
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]  # values
         self.offset, self.slot = 0, torch.zeros(1, dtype=torch.long, device=device)
     def next_step(self, attention_mask):
         """Claim the next position for a one-token step. attention_mask (B, offset + 1) over the cache and the new
