@@ -18,18 +18,12 @@ loading is the identity map plus `canonical_key`, which folds the two other layo
 Shape legend: B batch, N images, F frames, P patches per frame, L text tokens, T keys (cache + new), D width,
 Dv vision width, H heads, K kv heads, E head dim, V vocabulary, T_max the KV cache's length.
 
-Commands:
+Commands (the README has more):
     python video_llava.py --train                              # tiny Video-LLaVA from scratch (synthetic world, CPU)
     python video_llava.py --train --stop_after 500 && python video_llava.py --train --resume   # exact resume
-    python video_llava.py --train --batch_size 16 --grad_accum 2   # the same global batch of 32 in two micro-batches
     torchrun --nproc_per_node=2 video_llava.py --train --batch_size 16   # DDP (gloo on CPU, nccl on CUDA), batch 32
-    python video_llava.py --train --freeze vision,llm --from_pretrained out/video_llava --out_dir out/vl_stage1
-    python video_llava.py --eval                               # re-evaluate out/video_llava on test / novel
-    python video_llava.py --generate --video clip.mp4 --prompt "Which way does the red circle move?"
-    python video_llava.py --generate --from_pretrained DIR --image cat.png --prompt "What is this?"  # HF checkpoint
     python video_llava.py --generate --from_pretrained DIR --video clip.mp4 --prompt "What happens?" --compile
     python video_llava.py --inspect DIR --n_frames 8           # parameter counts, bytes, key alignment, memory
-    python video_llava.py --bench                              # decode tokens/s vs transformers, bandwidth floor
 """
 
 import argparse
@@ -295,8 +289,7 @@ def build_world(cfg):
     return files
 
 def load_entries(cfg, master=True):
-    """Each split's questions: from --data / --test_data (every 10th entry held out without --test_data; no novel
-    split), or from the synthetic world (written once, by the master process, before the others read it)."""
+    """Each split's questions: --data / --test_data (without it every 10th entry held out), else the synthetic world."""
     if cfg.data:
         train = read_annotations(cfg.data)
         if cfg.test_data:
@@ -399,9 +392,8 @@ def load_video(path, n_frames, size):
     return np.stack([picked[i] for i in want])  # (F, 3, S, S)
 
 class Tokenizer:
-    """What both tokenizers share: added tokens such as <image> / <video> are split out of the text first and keep
-    their own ids; each piece of text between them goes through the tokenizer's own encode_text. A subclass defines
-    encode_text and the attributes encode reads: added {token: id}, split_re, prefix_ids and suffix_ids (BOS/EOS)."""
+    """Shared by both tokenizers: added tokens {token: id} (<image>, <video>) are split out first (split_re) and keep
+    their ids; the text between them goes through the subclass's encode_text; prefix_ids / suffix_ids are BOS / EOS."""
     def encode(self, text, add_bos=True):
         parts = self.split_re.split(text) if self.added else [text]  # odd parts are added tokens such as <image>
         ids = [t for i, part in enumerate(parts) if part
@@ -462,11 +454,9 @@ class SentencePieceBPE(Tokenizer):
     def encode_text(self, part, first):
         part = part.replace(" ", "▁")  # SentencePiece's visible space
         return self._bpe("▁" + part if first and self.prefix and not part.startswith("▁") else part)
-    def decode(self, ids, skip_special=True):
-        specials = set(self.added.values()) if skip_special else set()
-        pieces = [self.inv.get(int(i), "").replace("▁", " ") for i in ids if i not in specials]
-        # a byte-fallback piece <0xNN> is one raw UTF-8 byte; the Strip decoder drops the space the pre-tokenizer
-        # prepended to the first piece
+    def decode(self, ids):  # special tokens skipped
+        pieces = [self.inv.get(int(i), "").replace("▁", " ") for i in ids if i not in self.added.values()]
+        # a piece <0xNN> is one raw UTF-8 byte; the Strip decoder drops the space prepended to the first piece
         out = b"".join(bytes([int(s[3:5], 16)]) if re.fullmatch(r"<0x[0-9A-F]{2}>", s) else
                        (s[1:] if k == 0 and self.prefix and s.startswith(" ") else s).encode("utf-8")
                        for k, s in enumerate(pieces))
@@ -493,7 +483,7 @@ class GPT2Table(Tokenizer):
         return len(self.ids) + 2  # the vocabulary size V: the table plus <image> and <video>
     def encode_text(self, part, first):  # GPT-2 ids outside the table are dropped (the README says so)
         return [self.to_model[t] for t in self.enc.encode(part) if t in self.to_model]
-    def decode(self, ids, skip_special=True):
+    def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])  # model ids -> GPT-2 ids -> text
 
 def load_tokenizer(folder):
@@ -733,10 +723,9 @@ class CLIPVisionTransformer(nn.Module):
         return x
 
 class VideoLlavaMultiModalProjector(nn.Module):
-    """CLIP features (Dv) -> the LLM's embedding space (D). LLaVA began with one Linear layer; LLaVA-1.5 (Liu et al.
-    2023, "Improved Baselines") found a two-layer MLP with a GELU between them clearly better at the same cost, and
-    Video-LLaVA keeps it: the nonlinearity lets the map bend CLIP's space, not only rotate and scale it. One
-    projector serves images and frames, so both land in one space the LLM learns to read."""
+    """CLIP features (Dv) -> the LLM's embedding space (D). LLaVA-1.5 (Liu et al. 2023) found this two-layer MLP
+    clearly better than LLaVA's one Linear layer: the GELU lets the map bend CLIP's space, not only rotate and scale
+    it. One projector serves images and frames, so both land in one space the LLM learns to read."""
     def __init__(self, cfg):
         super().__init__()
         self.linear_1 = nn.Linear(cfg.v_hidden_size, cfg.hidden_size)  # Dv -> D
@@ -745,19 +734,17 @@ class VideoLlavaMultiModalProjector(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x)))  # exact (erf) GELU, as projector_hidden_act "gelu"
 
 class VideoLlava(nn.Module):
-    """The whole model, named as the hub checkpoint (language_model, image_tower, video_tower,
-    multi_modal_projector). Images and videos have a CLIP tower each (the 7B's are LanguageBind encoders, in CLIP's
-    architecture); their features, projected, replace the <image> / <video> placeholder embeddings of the prompt,
-    and the LLaMA decoder reads them as it reads words."""
+    """The whole model, named as the hub checkpoint. Images and videos have a CLIP tower each (the 7B's are LanguageBind
+    encoders, in CLIP's architecture); their features, projected, replace the <image> / <video> placeholder embeddings
+    of the prompt, and the LLaMA decoder reads them as it reads words."""
     @staticmethod
     def from_pretrained(path, dtype=None, device="cpu"):  # as transformers: VideoLlava.from_pretrained(folder)
         return load_pretrained(path, dtype, device)  # checkpoint I/O, below
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        # ModuleDicts (as nanoGPT's `transformer`) only give the checkpoint's key prefixes: language_model.model.*
-        # (token embedding (V, D), the decoder layers, a final RMSNorm: the stream's scale grows with depth),
-        # language_model.lm_head (D -> logits over V), image_tower.vision_model.*, video_tower.vision_model.*
+        # ModuleDicts (as nanoGPT's `transformer`) only give the checkpoint's key prefixes; language_model.model holds
+        # the token embedding (V, D), the decoder layers and a final RMSNorm (the stream's scale grows with depth)
         self.language_model = nn.ModuleDict(dict(model=nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
             layers=nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)),
@@ -784,18 +771,16 @@ class VideoLlava(nn.Module):
                 nn.init.normal_(p, std=0.02)
     @torch.no_grad()
     def init_from_data(self, images, videos):
-        """Data-dependent init for training from scratch (Salimans & Kingma 2016). At random init every patch token is
-        mostly one shared vector (the grey background's), so the object patches hardly stand out after the LLM's
-        RMSNorm. On one fixed batch: each tower's pre_layrnorm is set for zero mean, unit variance per feature (after
-        `whiten` with whiten_patches), then the projector's last layer for zero mean at the text embeddings' std.
-        Only initial weights change: the forward stays the checkpoint-faithful one."""
+        """Data-dependent init for training from scratch (Salimans & Kingma 2016): at random init every patch token is
+        mostly the grey background's vector, so objects hardly stand out after the LLM's RMSNorm. On one fixed batch,
+        each tower's pre_layrnorm is set for zero mean, unit variance per feature (after `whiten`), then the projector's
+        last layer for zero mean at the text embeddings' std. The forward stays the checkpoint-faithful one."""
         def fold(ln_w, ln_b, x, std=1.0):  # rescale an affine so its outputs x get zero mean and this std
             x = x.flatten(0, -2).float()  # (tokens, features)
             m, s = x.mean(0), x.std(0) + 1e-6  # (features,) each
             ln_w.mul_((std / s).view(-1, *[1] * (ln_w.dim() - 1)))  # (out,) or (out, 1) for a Linear's weight
             ln_b.sub_(m).mul_(std / s)  # b' = (b - m) * std / s: w'x + b' = (wx + b - m) * std / s
-        # the pictures each tower sees, as (N, 3, S, S); shared towers see both. A medium the data lacks (None) leaves
-        # its tower as it was.
+        # the pictures each tower sees, as (N, 3, S, S) (a shared tower sees both; a medium the data lacks, none)
         seen = {}
         for tower, px in ((self.image_tower, images), (self.video_tower, videos)):
             if px is not None:
@@ -907,8 +892,7 @@ class VideoLlava(nn.Module):
 # Checkpoint I/O: HF folders (three key layouts, sharded or not) and this script's own out_dir (same format) -----------
 
 def canonical_key(k):
-    """Any of the three key layouts of Video-LLaVA checkpoints (the rules below) -> the hub layout, this module's own
-    naming: language_model.model.*, language_model.lm_head.*, image_tower.vision_model.*, multi_modal_projector.*"""
+    """A key in any of the three layouts of Video-LLaVA checkpoints (rules below) -> the hub layout, used here."""
     for pattern, hub in ((r"^model\.language_model\.", "language_model.model."),  # in memory, transformers 5
                          (r"^lm_head\.", "language_model.lm_head."),  # the hub keeps the head inside language_model
                          (r"^model\.", ""),  # in memory: the towers and the projector
@@ -955,9 +939,8 @@ def read_config(path):
     return hf
 
 def align_keys(path, base=None):
-    """Read config.json, build the model on the meta device (nothing allocated) and match every checkpoint key
-    (through canonical_key) and shape against it, reading only the files' headers -> (model, found {model key:
-    (checkpoint key, file)}, handles {file: safe_open}, problems {"missing" | "unexpected" | "mis-shaped": [keys]})."""
+    """config.json -> the model on the meta device, every checkpoint key (through canonical_key) and shape matched
+    from the files' headers -> (model, found {key: (checkpoint key, file)}, handles {file: safe_open}, problems)."""
     cfg = Config(**{**dataclasses.asdict(base or Config()), **config_from_hf(read_config(path), path)})
     files = weight_files(path)
     with torch.device("meta"):
@@ -979,9 +962,8 @@ def align_keys(path, base=None):
     return model, found, handles, problems
 
 def load_pretrained(path, dtype=None, device="cpu", base=None):
-    """HF folder or this script's out_dir -> VideoLlava. Every key and shape is checked before anything is read
-    (align_keys); then the tensors are read one at a time with safe_open and assigned to the meta model's
-    parameters, so peak memory stays near the size of the weights."""
+    """HF folder or this script's out_dir -> VideoLlava: every key checked first (align_keys), then each tensor read
+    with safe_open and assigned to the meta model, so peak memory stays near the size of the weights."""
     model, found, handles, problems = align_keys(path, base)
     if any(problems.values()):
         raise UserError(f"{path}: checkpoint does not match the config: " + ", ".join(
@@ -996,14 +978,12 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):
 
 def atomic(path, write):
     """write(tmp) then rename over path: a reader sees the old file or the new one, never half of one."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)  # a crash never leaves a half-written file
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
 def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
-    """out_dir/model.safetensors (hub key layout) + config.json (HF style, plus the training config and token
-    table) + train_state.pt (what --resume needs beyond the weights: optimizer, step, RNG, seconds trained so far):
-    from_pretrained loads it like any HF folder. `model` is the raw module, never the DDP wrapper."""
+    """out_dir/model.safetensors (hub keys) + config.json (HF style, plus train_config and the token table) +
+    train_state.pt (optimizer, step, RNG, seconds: for --resume). `model` is the raw module, never the DDP wrapper."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     state, shared = {}, model.video_tower is model.image_tower
     for k, v in model.state_dict().items():
@@ -1029,14 +1009,12 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
 def saved_config(meta, **changes):
-    """The Config a run of this script saved in config.json (train_config), with `changes` on top; a field this
-    code does not have is ignored."""
+    """The Config a run saved in config.json, with `changes` on top (a field this code lacks is dropped)."""
     fields = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: v for k, v in {**meta["train_config"], **changes}.items() if k in fields})
 
 def read_resumable(out_dir, need_state=True):
-    """-> config.json of a folder this script's --train wrote (with a train_state.pt if need_state), else a UserError:
-    an HF folder or another script's out_dir has no `script: video_llava` stamp and no train_config."""
+    """config.json of an out_dir this script's --train wrote (with train_state.pt if need_state), else a UserError."""
     cpath, tpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "train_state.pt")
     if not os.path.isfile(cpath) and not os.path.isfile(tpath):
         raise UserError(f"{out_dir}: nothing to resume or evaluate (no config.json / train_state.pt); run --train "
@@ -1057,8 +1035,7 @@ def pick_device(name):
     """--device auto -> cuda > mps > cpu; any other name is used as given."""
     if name != "auto":
         return name
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 def autocast_dtype(name, device):
     """--dtype auto: bfloat16 where the hardware multiplies in it (a CUDA GPU of compute capability 8+, a CPU with
@@ -1122,18 +1099,16 @@ def apply_freeze(model, freeze):
     return frozen
 
 def batch_indices(step, n, size, seed):
-    """Rows of the global batch of a step: a function of (step, seed) alone, shared by every rank, so that a resumed
-    run and any split into micro-batches and ranks see the same rows. A fresh permutation of the n questions per
-    epoch (repeated when n < size, so every batch is full)."""
+    """Rows of a step's global batch, a function of (step, seed) alone: a resumed run and any split into micro-batches
+    and ranks see the same rows. A fresh permutation per epoch (repeated when n < size, so every batch is full)."""
     reps = -(-size // n)
     epoch, k = divmod(step, max(1, n * reps // size))
     perm = torch.randperm(n * reps, generator=torch.Generator().manual_seed(seed + epoch))
     return (perm[k * size:(k + 1) * size] % n).tolist()
 
 def resume_config(cfg, overrides):
-    """--resume: the config saved in out_dir (it holds the vocabulary size and placeholder ids of the saved token
-    table), with the flags typed on this command line on top. A typed architecture flag must agree with the
-    checkpoint; --stop_after only applies to the command that types it."""
+    """--resume: the config saved in out_dir (its token table's size and ids) with the typed flags on top; a typed
+    architecture flag must agree with the checkpoint; --stop_after applies only to the command that types it."""
     base = saved_config(read_resumable(cfg.out_dir))
     arch = {f: getattr(base, f) for f in (*HF_FIELDS, "share_towers")}  # share_towers: one tower's weights or two
     clash = [f"--{k} {overrides[k]} (checkpoint: {v})" for k, v in arch.items() if overrides.get(k, v) != v]
@@ -1142,9 +1117,8 @@ def resume_config(cfg, overrides):
     return dataclasses.replace(base, **{"stop_after": 0, **overrides})
 
 def build_model(cfg, entries, resume, say):
-    """-> (model, cfg, tokenizer, data) for train(): the weights, token table and architecture from out_dir
-    (--resume) or from --from_pretrained, else a new model over a compact GPT-2 table of the training text, with its
-    data-dependent init. cfg comes back with the architecture the model has."""
+    """-> (model, cfg with the model's architecture, tokenizer, data): from out_dir (--resume) or --from_pretrained,
+    else a new model over a compact GPT-2 table of the training text, with its data-dependent init."""
     path = cfg.out_dir if resume else cfg.from_pretrained
     if path:
         if cfg.from_pretrained and cfg.share_towers:  # a checkpoint's towers differ (an HF one's always)
@@ -1162,8 +1136,7 @@ def build_model(cfg, entries, resume, say):
         model = VideoLlava(cfg)
         model._init_weights()
     if cfg.share_towers and not cfg.from_pretrained:  # on --resume too: the two saved copies are equal, one is kept
-        # one CLIP tower for images and frames: video_tower becomes another name for image_tower; the state dict
-        # still lists both key sets (identical tensors), so the checkpoint loads anywhere as two towers
+        # one CLIP tower: video_tower is another name for image_tower; saved as both key sets, it loads as two towers
         model.video_tower = model.image_tower
     data = {s: Examples(e, cfg, tok) for s, e in entries.items()}
     if not path and cfg.data_init > 0:  # the same fixed media on every rank
@@ -1187,9 +1160,8 @@ def ddp_setup(cfg):
     return ddp, rank, world, device
 
 def batch_loss(model, tr, idx, cfg, rank, world, ddp, device):
-    """Forward and backward of this rank's rows of the global batch idx -> the global batch's mean loss. The loss is
-    a mean over the answer tokens of the whole global batch, however it is split: each pass scales its own mean by
-    its share of those tokens (x world: DDP averages the ranks' gradients)."""
+    """Forward and backward of this rank's rows of the global batch idx -> the global batch's mean loss over its answer
+    tokens, however it is split: each pass scales its own mean by its share of those tokens (x world: DDP averages)."""
     n_tok, total, passes = sum(len(tr.answers[i]) for i in idx), 0.0, []
     # each micro-batch runs as two passes, its image rows and its video rows, each padded to its own longest row
     # (mixed, every short image row would be padded to the video rows' length): the same loss, less LLM work
@@ -1323,9 +1295,8 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
              max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0,
              generator=None, use_cache=True, on_token=None, compile=False):
     """Batched, left-padded generation -> (B, n) new ids (rows that stopped are filled with pad_token_id). The media
-    are encoded once at prefill; each later step feeds one token through the static KV cache (`model.step`), which
-    compile=True runs through torch.compile (the gpt-fast recipe: static shapes, one graph; compiled once per
-    process, model, batch size and cache length). Runs under torch.inference_mode; returns an ordinary tensor."""
+    are encoded once at prefill; each later step feeds one token through the static KV cache (`model.step`), compiled
+    with compile=True (the gpt-fast recipe). Runs under torch.inference_mode; returns an ordinary tensor."""
     model.eval()
     if compile and not use_cache:
         raise ValueError("compile=True compiles the one-token step through the KV cache: it needs use_cache=True")
@@ -1360,10 +1331,10 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
                 pos, step_mask = cache.next_step(mask)
                 try:
                     logits = step(nxt[:, None], pos, step_mask, cache)
-                except torch._dynamo.exc.FailOnRecompileLimitHit:  # torch keeps 8 graphs per function: go on
-                    warnings.warn(f"generate(compile=True): torch.compile's limit of "  # eagerly
-                                  f"{torch._dynamo.config.recompile_limit} graphs (one per model, batch size and "
-                                  f"cache length) is reached; this call decodes with the eager step")
+                except torch._dynamo.exc.FailOnRecompileLimitHit:  # torch keeps 8 graphs per function: go on eagerly
+                    limit = torch._dynamo.config.recompile_limit
+                    warnings.warn(f"generate(compile=True): torch.compile's limit of {limit} graphs (one per model, "
+                                  f"batch size and cache length) is reached; this call decodes with the eager step")
                     step = model.step
                     logits = step(nxt[:, None], pos, step_mask, cache)
             else:  # the naive path: the whole sequence again, media re-encoded (tests compare it with the cache path)
@@ -1445,9 +1416,8 @@ def inspect(path, n_frames, n_tokens):
         print(f"CUDA: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
 
 def bench(cfg, sizes=None, rounds=3):
-    """Decode tokens/s at batch 1, greedy, float32, 16-token prompt: the eager step, the compiled step and (when
-    installed) transformers on the same weights; whether their tokens agree; each as a share of a floor, the time to
-    read every LLaMA weight once at the bandwidth of a large copy (bytes read + written, as STREAM counts them)."""
+    """Decode tokens/s (batch 1, greedy, float32, 16-token prompt) of the eager step, the compiled step and transformers
+    (if installed) on the same weights, as a share of a floor: reading every LLaMA weight once at copy bandwidth."""
     import tempfile
     src, dst = torch.randn(2**26), torch.zeros(2**26)  # 256 MiB each, far bigger than any cache, pages touched
     llama = lambda d, i, n, h: dict(hidden_size=d, intermediate_size=i, num_hidden_layers=n, num_attention_heads=h,
@@ -1478,7 +1448,7 @@ def bench(cfg, sizes=None, rounds=3):
             for _ in range(3):
                 t = time.perf_counter()
                 dst.copy_(src)
-                bw = max(bw, 2 * src.nbytes / (time.perf_counter() - t))
+                bw = max(bw, 2 * src.nbytes / (time.perf_counter() - t))  # bytes read + written, as STREAM counts
         n_lm = sum(p.numel() for p in ours.language_model.parameters())
         floor = bw / (n_lm * 4)  # tokens/s if a step cost only reading every LLaMA weight once
         print(f"{name}: LLaMA {n_lm / 1e6:.1f}M parameters, {new} new tokens, {torch.get_num_threads()} threads, copy "
@@ -1506,9 +1476,8 @@ def parse_args(argv=None):
     p.add_argument("--n_tokens", type=int, default=64, help="text tokens assumed by --inspect's memory estimate")
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
     for f in dataclasses.fields(Config):  # bools as --flag / --no-flag; None = not typed
-        bools = isinstance(f.default, bool)
-        p.add_argument(f"--{f.name}", default=None, **dict(action=argparse.BooleanOptionalAction) if bools else
-                       dict(type=type(f.default)))
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else {"type": type(f.default)}
+        p.add_argument(f"--{f.name}", default=None, **kind)
     args = p.parse_args(argv)
     if args.preset not in PRESETS:
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
