@@ -276,28 +276,31 @@ def preprocess(img, crop):
 
 def load_video(path, n_frames, crop):
     """Video file (any container OpenCV reads) or a folder of frame images -> (uint8 (F, crop, crop, 3) RGB,
-    sampled frame times in seconds (F,), clip duration in seconds)."""
-    imgs, fps, exts = [], float(FPS), (".png", ".jpg", ".jpeg", ".bmp")  # a folder's frames play at the world's rate
-    if os.path.isdir(path):
-        for name in sorted((n for n in os.listdir(path) if n.lower().endswith(exts)),  # natural order: f2 < f10
-                           key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)]):
-            img = cv2.imread(os.path.join(path, name))  # BGR (H, W, 3) uint8, None if unreadable
-            if img is None:
-                raise UserError(f"{path}: frame image {name} could not be read; check the folder holds valid images")
-            imgs.append(preprocess(img, crop))  # each frame resized and cropped as soon as it is read
+    sampled frame times in seconds (F,), clip duration in seconds). Only the F sampled frames are read and kept."""
+    fps, exts = float(FPS), (".png", ".jpg", ".jpeg", ".bmp")  # a folder's frames play at the world's rate
+    if os.path.isdir(path):  # natural order: f2 before f10
+        names = sorted((n for n in os.listdir(path) if n.lower().endswith(exts)),
+                       key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+        n, read = len(names), lambda want: ((i, cv2.imread(os.path.join(path, names[i]))) for i in sorted(want))
     elif os.path.isfile(path):
-        cap = cv2.VideoCapture(path)
+        cap, n = cv2.VideoCapture(path), 0
         fps = cap.get(cv2.CAP_PROP_FPS) or FPS  # a container without a rate: assume the world's
         fps = fps if 0 < fps < 1000 else FPS  # and ignore nonsense rates
-        while cap.grab():  # decode the next frame; False after the last one (or on an unreadable file)
-            imgs.append(preprocess(cap.retrieve()[1], crop))  # BGR (H, W, 3) uint8
+        while cap.grab():  # pass 1 counts the frames (a header's count can be wrong); grab() skips the conversion
+            n += 1
+        def read(want):  # pass 2 decodes again and converts only the sampled frames (a long clip never sits whole)
+            cap = cv2.VideoCapture(path)
+            return ((i, cap.retrieve()[1]) for i in range(max(want) + 1) if cap.grab() and i in want)
     else:
         raise UserError(f"{path}: video not found; check the path")
-    if not imgs:
+    if n == 0:
         raise UserError(f"{path}: no frames (an empty, corrupt or unsupported video, or no {'/'.join(exts)} images)")
-    idx = sample_indices(len(imgs), n_frames)  # F indices into the decoded frames
-    clip = np.ascontiguousarray(np.stack([imgs[i][:, :, ::-1] for i in idx]))  # (F, S, S, 3) RGB, row-major
-    return clip, np.array(idx, np.float64) / fps, len(imgs) / fps
+    idx = sample_indices(n, n_frames)  # F indices into the clip's n frames
+    frames = {i: img for i, img in read(set(idx)) if img is not None}  # BGR (H, W, 3) uint8, by frame index
+    if len(frames) < len(set(idx)):
+        raise UserError(f"{path}: frame {min(set(idx) - set(frames))} could not be read; check the file")
+    clip = np.stack([preprocess(frames[i], crop)[:, :, ::-1] for i in idx])  # (F, S, S, 3) RGB, resized and cropped
+    return np.ascontiguousarray(clip), np.array(idx, np.float64) / fps, n / fps
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # V-JEPA 2 (ImageNet)
 def normalize(clips):
@@ -310,8 +313,7 @@ def read_annotations(path, base=None):
     items = read_json(path, "pass an annotation file in the README's format")
     if not isinstance(items, list) or not items:
         raise UserError(f"{path}: expected a non-empty JSON list of entries")
-    base = base or os.path.dirname(os.path.abspath(path))
-    out = []
+    out, base = [], base or os.path.dirname(os.path.abspath(path))  # video paths are relative to the file
     for i, it in enumerate(items):
         where = f"{path} entry {i}"
         if not isinstance(it, dict) or not all(isinstance(it.get(k), str) for k in ("video", "question", "answer")):

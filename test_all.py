@@ -2564,6 +2564,26 @@ def test_mk_mp4_round_trip_and_frame_folder(tmp_path):
     assert lab.sum() >= 2 and len(ann["choices"]) == 4 and ann["answer"] in ann["choices"]
 
 
+def test_mk_long_video_keeps_only_sampled_frames(tmp_path, monkeypatch):
+    """A 300-frame clip: only the 8 sampled frames are resized and kept, with the pixels a whole decode gives."""
+    path, r = str(tmp_path / "long.mp4"), np.random.default_rng(0)
+    w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 30, (96, 64))
+    for i in range(300):
+        w.write(np.full((64, 96, 3), i % 256, np.uint8) + r.integers(0, 20, (64, 96, 3), dtype=np.uint8))
+    w.release()
+    cap, every = cv2.VideoCapture(path), []
+    while cap.grab():
+        every.append(cap.retrieve()[1])  # the whole clip decoded, BGR
+    idx = mk.sample_indices(len(every), 8)
+    want = np.stack([mk.preprocess(every[i], 32)[:, :, ::-1] for i in idx])
+    seen = []
+    real = mk.preprocess
+    monkeypatch.setattr(mk, "preprocess", lambda img, crop: seen.append(1) or real(img, crop))
+    clip, times, dur = mk.load_video(path, 8, 32)
+    assert len(seen) == 8 and np.array_equal(clip, want)  # a loader that kept every frame resizes 300
+    assert dur == pytest.approx(10.0) and times.tolist() == pytest.approx([i / 30 for i in idx])
+
+
 def _mk_textured(h, w, seed):
     """A natural-looking RGB frame: smooth colour fields, fine grain, filled boxes and ring edges."""
     r = np.random.default_rng(seed)
