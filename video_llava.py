@@ -18,12 +18,18 @@ loading is the identity map plus `canonical_key`, which folds the two other layo
 Shape legend: B batch, N images, F frames, P patches per frame, L text tokens, T keys (cache + new), D width,
 Dv vision width, H heads, K kv heads, E head dim, V vocabulary, T_max the KV cache's length.
 
-Commands (the README has more):
+Commands:
     python video_llava.py --train                              # tiny Video-LLaVA from scratch (synthetic world, CPU)
     python video_llava.py --train --stop_after 500 && python video_llava.py --train --resume   # exact resume
+    python video_llava.py --train --batch_size 16 --grad_accum 2   # the same global batch of 32 in two micro-batches
     torchrun --nproc_per_node=2 video_llava.py --train --batch_size 16   # DDP (gloo on CPU, nccl on CUDA), batch 32
+    python video_llava.py --train --freeze vision,llm --from_pretrained out/video_llava --out_dir out/vl_stage1
+    python video_llava.py --eval                               # re-evaluate out/video_llava on test / novel
+    python video_llava.py --generate --video clip.mp4 --prompt "Which way does the red circle move?"
+    python video_llava.py --generate --from_pretrained DIR --image cat.png --prompt "What is this?"  # HF checkpoint
     python video_llava.py --generate --from_pretrained DIR --video clip.mp4 --prompt "What happens?" --compile
     python video_llava.py --inspect DIR --n_frames 8           # parameter counts, bytes, key alignment, memory
+    python video_llava.py --bench                              # decode tokens/s vs transformers, bandwidth floor
 """
 
 import argparse
