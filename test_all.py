@@ -2582,6 +2582,14 @@ def test_mk_long_video_keeps_only_sampled_frames(tmp_path, monkeypatch):
     clip, times, dur = mk.load_video(path, 8, 32)
     assert len(seen) == 8 and np.array_equal(clip, want)  # a loader that kept every frame resizes 300
     assert dur == pytest.approx(10.0) and times.tolist() == pytest.approx([i / 30 for i in idx])
+    folder = tmp_path / "frames"  # a frame folder reads only its sampled images; a corrupt one is one clear line
+    folder.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(folder / f"f{i}.png"), every[i])
+    (folder / "f9.png").write_bytes(b"not a png")  # f9 sorts after f3 in natural order: the last frame
+    with pytest.raises(mk.UserError, match="frame 4 could not be read"):
+        mk.load_video(str(folder), 5, 32)
+    assert mk.load_video(str(folder), 2, 32)[0].shape == (2, 32, 32, 3)  # frames 1 and 3 sampled: f9 never read
 
 
 def _mk_textured(h, w, seed):
