@@ -97,7 +97,7 @@ class Config:
     max_len: int = 12  # longest caption in tokens, BOS/EOS included
     motion: bool = True  # add a projection of frame-to-frame token differences (see Captioner)
     sdpa: bool = True  # attention through F.scaled_dot_product_attention (False: the written-out math)
-    clip_steps: int = 3000  # CLIP training (stage 1); at 1000 zero-shot fell to 0.73-0.83 on some seeds (NOTES.md)
+    clip_steps: int = 3000  # CLIP training (stage 1): with fewer, shape was only half learned on some seeds (NOTES)
     steps: int = 1000  # optimiser steps for each captioner (stage 2): both get exactly the same budget
     batch_size: int = 32
     lr: float = 2e-3  # peak AdamW rate for everything trained from scratch

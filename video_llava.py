@@ -1035,6 +1035,13 @@ def read_resumable(out_dir, need_state=True):
                         f"drop --resume to start afresh (or --from_pretrained {out_dir} to fine-tune its weights)")
     return meta
 
+# Metrics --------------------------------------------------------------------------------------------------------------
+
+def exact_match(preds, refs):
+    """Fraction of predictions equal to their reference after lower-casing, trimming and dropping a final '.'."""
+    norm = lambda text: " ".join(text.lower().strip().rstrip(".").split())  # single spaces
+    return sum(norm(p) == norm(r) for p, r in zip(preds, refs)) / max(1, len(refs))
+
 # Training -------------------------------------------------------------------------------------------------------------
 
 def pick_device(name):
@@ -1348,11 +1355,6 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
                 logits, _ = model(seq, mask, pixel_values_images, pixel_values_videos, last_only=True)
         new = torch.stack(out, 1)
     return new.clone()  # an ordinary tensor (an inference tensor cannot be changed in place or saved for backward)
-
-def exact_match(preds, refs):
-    """Fraction of predictions equal to their reference after lower-casing, trimming and dropping a final '.'."""
-    norm = lambda text: " ".join(text.lower().strip().rstrip(".").split())  # single spaces
-    return sum(norm(p) == norm(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):
     """Greedy answers on test and novel -> exact match per medium and per question kind; writes eval.json."""
