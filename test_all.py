@@ -2135,7 +2135,19 @@ def test_vl_bench_prints_what_it_measured(capsys):
 
 
 def test_vl_autocast_auto(monkeypatch):
-    check_autocast_auto(vl, monkeypatch)
+    """video_llava's --dtype auto: training and evaluation in float32 on every CPU (faked instruction sets), bfloat16
+    on a CUDA GPU of compute capability 8+; native_bf16 (an HF folder's weights) follows the hardware."""
+    assert vl.Config().dtype == "auto"
+    for avx512, amx, native in ((True, False, True), (False, True, True), (False, False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert vl.native_bf16("cpu") == native and vl.autocast_dtype("auto", "cpu") == "float32"
+        with vl.autocast("auto", "cpu"):
+            assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32  # autocast really off
+    assert vl.autocast_dtype("bfloat16", "cpu") == "bfloat16" and vl.autocast_dtype("auto", "mps") == "float32"
+    for major, want in ((7, "float32"), (8, "bfloat16")):  # V100/T4 emulate it
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, m=major: (m, 0))
+        assert vl.autocast_dtype("auto", "cuda:1") == want and vl.native_bf16("cuda:1") == (major >= 8)
 
 
 # ====================================================================================================================

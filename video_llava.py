@@ -119,7 +119,7 @@ class Config:
     warmup: int = 100
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    dtype: str = "auto"  # autocast (--generate on an HF folder: its weights): auto = bfloat16 where native, else fp32
+    dtype: str = "auto"  # autocast: auto = bfloat16 on a recent CUDA GPU, else float32 (HF weights: run_generate)
     device: str = "auto"  # auto = cuda > mps > cpu
     seed: int = 1337
     log_interval: int = 50
@@ -1050,15 +1050,20 @@ def pick_device(name):
         return name
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
+def native_bf16(device):
+    """Whether the hardware multiplies in bfloat16: a CUDA GPU of compute capability 8+, a CPU with AVX512-BF16 or AMX
+    (elsewhere bfloat16 is emulated, several times slower than float32)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
 def autocast_dtype(name, device):
-    """--dtype auto: bfloat16 where the hardware multiplies in it (a CUDA GPU of compute capability 8+, a CPU with
-    AVX512-BF16 or AMX), float32 elsewhere, where bfloat16 would be emulated and several times slower."""
+    """--dtype auto for training and evaluation: bfloat16 on a CUDA GPU that multiplies in it, float32 elsewhere. On a
+    CPU, bfloat16 autocast trains this small model more slowly even where it is native (README). An HF checkpoint's
+    weights are chosen apart (run_generate): bfloat16 wherever native_bf16, as the 7B's files are stored."""
     if name != "auto":
         return name
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float32"
-    native = device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return "bfloat16" if native else "float32"
+    return "bfloat16" if device.startswith("cuda") and native_bf16(device) else "float32"
 
 def autocast(dtype, device):
     """The autocast context for --dtype (disabled for float32, so the float32 path is plain)."""
@@ -1525,8 +1530,9 @@ def run_generate(args, cfg, overrides):
     if not args.prompt or (args.video and args.image):
         raise UserError("--generate needs --prompt TEXT, and --video PATH or --image PATH (not both) or neither")
     path, device = cfg.from_pretrained or cfg.out_dir, pick_device(cfg.device)
-    hf = read_config(path)  # a run of this script keeps its float32 weights; an HF folder gets --dtype's choice
-    dtype = None if "gpt2_table" in hf else getattr(torch, autocast_dtype(overrides.get("dtype", "auto"), device))
+    hf = read_config(path)  # a run of this script keeps its float32 weights; an HF folder's follow --dtype
+    auto = "bfloat16" if native_bf16(device) else "float32"
+    dtype = None if "gpt2_table" in hf else getattr(torch, auto if cfg.dtype == "auto" else cfg.dtype)
     model, tok = load_pretrained(path, dtype, device).eval(), load_tokenizer(path)
     mcfg, kind = model.cfg, "video" if args.video else "image" if args.image else ""
     n_frames = overrides.get("n_frames", hf.get("train_config", {}).get("n_frames", 8))
