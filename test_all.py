@@ -679,7 +679,7 @@ def test_vc_causal_mask(pool):
 def test_vc_patch_init_whitens_the_patches():
     """init_from_data: on the images it was fitted to, the patch embedding's outputs have zero mean and covariance
     patch_scale^2 * I (decorrelated), which also checks that the conv reads a patch in unfold's order; the position
-    embeddings are 2-D sin-cos at std 0.3 * patch_scale."""
+    embeddings are 2-D sin-cos at the features' std, patch_scale."""
     model, cfg = _vc_model(patch_scale=0.5)
     images = _vc_images(64, cfg)
     model.init_from_data(images)
@@ -693,7 +693,7 @@ def test_vc_patch_init_whitens_the_patches():
     assert torch.equal(grid[:, :, :2 * q], grid[:1, :, :2 * q].expand(n, -1, -1))
     assert torch.equal(grid[:, :, 2 * q:4 * q], grid[:, :1, 2 * q:4 * q].expand(-1, n, -1))
     assert not torch.equal(grid[0, 0], grid[0, 1]) and not torch.equal(grid[0, 0], grid[1, 0])
-    torch.testing.assert_close(model.vit.pos_embed[0].std(0), torch.full((cfg.vit_dim,), 0.5 * 0.3))
+    torch.testing.assert_close(model.vit.pos_embed[0].std(0), torch.full((cfg.vit_dim,), 0.5))
 
 
 @_vc_1t

@@ -92,7 +92,7 @@ class Config:
     compact_vocab: bool = True  # output table over the GPT-2 ids seen in training (False: all 50257)
     batch_size: int = 64  # micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * processes)
-    max_steps: int = 4000  # optimizer steps
+    max_steps: int = 3000  # optimizer steps
     lr: float = 2e-3  # peak learning rate, after linear warmup; cosine decay to min_lr
     min_lr: float = 1e-4  # learning rate at the last step
     warmup: int = 60  # steps of linear warmup
@@ -450,10 +450,10 @@ class ViTCaptioner(nn.Module):
         conv.weight.zero_(), conv.bias.zero_()  # channels beyond 3*p*p components (a narrow patch) stay zero
         conv.weight.view(conv.out_channels, -1)[:k] = w.float()  # (E, 3, p, p) seen as (E, 3*p*p)
         conv.bias[:k] = -(w @ mean).float()  # centred: the mean patch maps to zero
-        # where a patch is must stay visible beside what it shows: at N(0, 0.02) the positions drown in the
-        # unit-variance features. Smooth 2-D sin-cos positions make "left of" a linear read-out of the column.
+        # where a patch is must stay visible beside what it shows, so the positions get the features' std (weaker,
+        # left/right is learned later: README); smooth 2-D sin-cos makes "left of" a linear read-out of the column
         n = self.cfg.img_size // p
-        self.vit.pos_embed[0, -n * n:] = sincos_2d(n, self.vit.pos_embed.shape[-1]) * 0.3 * self.cfg.patch_scale
+        self.vit.pos_embed[0, -n * n:] = sincos_2d(n, self.vit.pos_embed.shape[-1]) * self.cfg.patch_scale
     def part_counts(self):
         """Parameter count of each part, for the start-up print."""
         n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
