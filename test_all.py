@@ -1652,6 +1652,20 @@ def test_vl_world_video_questions_need_several_frames():
     assert slots[0] == {1, 2} and slots[1] == {2, 3}  # which sampled frame shows each shape first varies
 
 
+
+def test_vl_world_order_clips_at_every_frame_count():
+    """At every --n_frames the synthetic world accepts (3..CLIP_LEN), an order clip's sampled frames show nothing
+    first, then one object alone, then both: the order is always visible in what the model is given."""
+    for n in range(3, vl.CLIP_LEN + 1):
+        rng, idx, checked = random.Random(n), vl.frame_indices(vl.CLIP_LEN, n), 0
+        while checked < 25:
+            frames, (q, _) = vl.make_clip(rng, "train", n)
+            if q.startswith("Which way"):
+                continue
+            drawn = [int((frames[i] != 60).any(-1).sum()) for i in idx]  # pixels off the background, per sample
+            assert drawn[0] == 0 and 0 < min(d for d in drawn if d) < drawn[-1], (n, drawn)
+            checked += 1
+
 def test_vl_causal_and_loss_mask():
     cfg = vl.Config(**{**vl.PRESETS["tiny"], "vocab_size": 20, "image_token_index": 18, "video_token_index": 19})
     torch.manual_seed(0)

@@ -2,8 +2,8 @@
 Video-LLaVA in one file: a LLaMA decoder that reads CLIP features of images and videos, faithful to the Hugging Face
 checkpoint `LanguageBind/Video-LLaVA-7B-hf`, plus a tiny Video-LLaVA trained from scratch on a laptop CPU.
 
-    image (N, 3, S, S) -> image_tower (CLIP ViT, output of layer L-1, CLS dropped)  -> (N, P, Dv)
-    video (B, F, 3, S, S) -> video_tower, run per frame (CLIP ViT, layer L-1, CLS kept) -> (B*F, P+1, Dv)
+    image (N, 3, S, S) -> image_tower (CLIP ViT, the second-to-last layer's output, CLS dropped) -> (N, P, Dv)
+    video (B, F, 3, S, S) -> video_tower, run per frame (the same layer, CLS kept)            -> (B*F, P+1, Dv)
       -> multi_modal_projector: Linear -> GELU -> Linear                              -> (.., .., D)
       -> written over the <image> / <video> placeholder embeddings, in order, of the prompt
       -> LLaMA decoder (RMSNorm, rotate_half RoPE, grouped-query attention, SwiGLU) -> lm_head -> (B, L, V)
@@ -88,7 +88,7 @@ class Config:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2  # < heads = grouped-query attention (the 7B has 32 = 32, plain multi-head)
     rms_norm_eps: float = 1e-5
-    rope_theta: float = 100.0  # from scratch (checkpoints bring their own; LLaMA's is 10000): see the README
+    rope_theta: float = 100.0  # from scratch: a short context turns faster (checkpoints bring their own; LLaMA 10000)
     max_position_embeddings: int = 512  # the context: longer prompts are refused
     tie_word_embeddings: bool = False
     v_hidden_size: int = 64  # vision tower width
@@ -110,11 +110,11 @@ class Config:
     freeze: str = ""  # comma list of towers to freeze: "vision", "llm" ("vision,llm" = LLaVA stage 1, projector only)
     batch_size: int = 32  # questions per micro-batch and process
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * world size)
-    whiten_patches: bool = True  # with data_init: patch embeddings whitened, patch positions 2-D sin-cos (README)
+    whiten_patches: bool = True  # with data_init: patch embeddings whitened, patch positions 2-D sin-cos (`whiten`)
     data_init: int = 64  # images and clips of the data-dependent init before step 0 (from scratch only); 0 = off
-    share_towers: bool = True  # from scratch: the video tower is the image tower, one set of weights (README)
-    max_steps: int = 3500  # fewer steps missed the video target on some seeds (NOTES.md)
-    lr: float = 1e-3  # a higher rate learned the order questions on fewer seeds (NOTES.md)
+    share_towers: bool = True  # from scratch: the video tower is the image tower, one set of weights
+    max_steps: int = 3500  # the order questions are learned last (NOTES.md)
+    lr: float = 1e-3  # peak, after warmup; cosine decay to min_lr
     min_lr: float = 1e-4
     warmup: int = 100
     weight_decay: float = 0.05
@@ -245,12 +245,12 @@ def make_clip(rng, split, n_frames):
         a, b = sample_pair(rng, split), sample_pair(rng, "train" if rng.random() < 0.5 else split)
         if a[0] != b[0] and ((a in NOVEL_PAIRS or b in NOVEL_PAIRS) == (split == "novel")):
             break
-    # appearance times in units of the sampled-frame step, so that no single fixed frame always tells the order:
-    # the first object shows up in sampled slot 1 or 2, the second in a later slot
-    step = CLIP_LEN // n_frames
+    # each object first shows in a sampled slot (s1 < s2, slot 0 stays empty), at a random frame since the slot
+    # before it, so that no single fixed frame always tells the order
+    seen = frame_indices(CLIP_LEN, n_frames)  # the frames load_video samples from a CLIP_LEN-frame clip
     s1 = rng.randint(1, n_frames - 2)
     s2 = rng.randint(s1 + 1, n_frames - 1)
-    t1, t2 = s1 * step - rng.randint(0, step - 1), s2 * step - rng.randint(0, step - 1)
+    t1, t2 = (seen[s] - rng.randint(0, seen[s] - seen[s - 1] - 1) for s in (s1, s2))
     cells = rng.sample(range(16), 2)  # two distinct cells of the 4x4 grid
     for (colour, shape), cell, t0 in zip((a, b), cells, (t1, t2)):
         cx, cy = (cell % 4) * CELL + CELL // 2, (cell // 4) * CELL + CELL // 2
@@ -261,13 +261,13 @@ def make_clip(rng, split, n_frames):
 
 def build_world(cfg):
     """Write data_dir/<split>/*.png|mp4 and data_dir/<split>.jsonl once (deterministic from --seed)."""
-    if not 3 <= cfg.n_frames <= CLIP_LEN:  # an order question needs a slot before, between and after its two objects
+    if not 3 <= cfg.n_frames <= CLIP_LEN:  # an order question needs an empty first slot, then one slot per object
         raise UserError(f"--n_frames {cfg.n_frames}: the synthetic world samples 3 to {CLIP_LEN} frames of its clips")
     sizes = {"train": cfg.n_train, "val": cfg.n_test, "test": cfg.n_test, "novel": cfg.n_test}
     stamp = os.path.join(cfg.data_dir, "world.json")  # the manifest: what was written, from which settings
     want = dict(sizes, seed=cfg.seed, n_frames=cfg.n_frames, version=1)
     files = {s: os.path.join(cfg.data_dir, f"{s}.jsonl") for s in sizes}
-    if os.path.exists(stamp) and json.load(open(stamp)) == want:  # written before with these settings: reuse it
+    if read_json(stamp) == want:  # written before with these settings: reuse it
         return files
     if os.path.isdir(cfg.data_dir) and os.listdir(cfg.data_dir) and not os.path.exists(stamp):
         # world.json marks a folder this script wrote; anything else may be the user's files: never overwrite them
@@ -395,6 +395,8 @@ def load_video(path, n_frames, size):
     for i in range(want[-1] + 1):  # pass 2 decodes again and transforms only the sampled frames
         if cap.grab() and i in want:
             picked[i] = clip_transform(cap.retrieve()[1][:, :, ::-1], size)  # BGR -> RGB, then (3, S, S)
+    if len(picked) < len(set(want)):  # the second decode ended early: the file changed or is damaged
+        raise UserError(f"{path}: the video ended early on a second read (corrupt?)")
     return np.stack([picked[i] for i in want])  # (F, 3, S, S)
 
 class Tokenizer:
@@ -487,7 +489,7 @@ class GPT2Table(Tokenizer):
                                              for t in enc.encode(p)}))
     def __len__(self):
         return len(self.ids) + 2  # the vocabulary size V: the table plus <image> and <video>
-    def encode_text(self, part, first):  # GPT-2 ids outside the table are dropped (the README says so)
+    def encode_text(self, part, first):  # GPT-2 ids outside the table (words never trained on) are dropped
         return [self.to_model[t] for t in self.enc.encode(part) if t in self.to_model]
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])  # model ids -> GPT-2 ids -> text
@@ -650,28 +652,6 @@ class CLIPEmbeddings(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (N, 1, Dv)
         return torch.cat([cls, x], 1) + self.position_embedding.weight  # (N, P+1, Dv)
 
-def sincos_2d(n, dim):
-    """Positions of an n x n patch grid (row-major) -> (n*n, dim): dim/4 sin-cos pairs of the column, then dim/4 of
-    the row, at frequencies from pi/n per cell down to 1/100 of that, each feature at zero mean, unit variance."""
-    rows, cols = torch.meshgrid(torch.arange(n).double(), torch.arange(n).double(), indexing="ij")
-    freqs = (math.pi / n) / 100.0 ** (torch.arange(dim // 4).double() / (dim // 4))  # (dim/4,) geometric
-    angles = [c.flatten()[:, None] * freqs for c in (cols, rows)]  # 2 x (n*n, dim/4)
-    pe = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)
-    pe = (pe - pe.mean(0)) / pe.std(0).clamp_min(1e-6)  # per feature over the grid
-    return torch.cat([pe, pe.new_zeros(n * n, dim - pe.shape[1])], 1).float()
-
-@torch.no_grad()
-def whiten(emb, pixels, p):
-    """CLIPEmbeddings from data: each patch_embedding channel one principal component of the patches at unit
-    variance; the patch position embeddings 2-D sin-cos at std 0.3 (the CLS row is left as it was)."""
-    patches = F.unfold(pixels.float(), p, stride=p).transpose(1, 2).flatten(0, 1).double()  # (N*P, 3*p*p)
-    evals, evecs = torch.linalg.eigh(torch.cov(patches.T))  # principal components, ascending eigenvalues
-    w = emb.patch_embedding.weight.view(emb.patch_embedding.out_channels, -1)  # (Dv, 3*p*p), a view: written below
-    k = min(w.shape[0], evecs.shape[1])
-    w.zero_()
-    w[:k] = (evecs[:, -k:].flip(1) / evals[-k:].flip(0).clamp_min(1e-8).sqrt()).T.float()  # largest first
-    emb.position_embedding.weight[1:] = sincos_2d(pixels.shape[-1] // p, w.shape[0]) * 0.3
-
 class CLIPAttention(nn.Module):
     """Multi-head self-attention over the patches of one picture, every patch seeing every other (no mask, no
     RoPE: positions came in with the embeddings); biases on all four projections, as in CLIP."""
@@ -679,12 +659,12 @@ class CLIPAttention(nn.Module):
         super().__init__()
         d, self.h = cfg.v_hidden_size, cfg.v_num_attention_heads  # width Dv, H heads of E = Dv/H
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
-    def forward(self, x):  # (N, P+1, Dv) -> (N, P+1, Dv); here P stands for all P+1 tokens
-        N, P, D = x.shape
-        q, k, v = (p(x).view(N, P, self.h, D // self.h).transpose(1, 2)  # each (N, H, P, E)
+    def forward(self, x):  # (N, P+1, Dv) -> (N, P+1, Dv)
+        N, T, Dv = x.shape  # T = P+1 tokens: CLS and the patches
+        q, k, v = (p(x).view(N, T, self.h, Dv // self.h).transpose(1, 2)  # each (N, H, T, E)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v)  # (N, H, P, E): bidirectional, no mask
-        return self.out_proj(y.transpose(1, 2).reshape(N, P, D))  # heads side by side: (N, P, Dv)
+        y = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, E): bidirectional, no mask
+        return self.out_proj(y.transpose(1, 2).reshape(N, T, Dv))  # heads side by side: (N, P+1, Dv)
 
 class CLIPMLP(nn.Module):
     """Two-layer feed-forward with biases, Dv -> v_intermediate_size -> Dv."""
@@ -739,6 +719,28 @@ class VideoLlavaMultiModalProjector(nn.Module):
     def forward(self, x):  # (.., Dv) -> (.., D)
         return self.linear_2(F.gelu(self.linear_1(x)))  # exact (erf) GELU, as projector_hidden_act "gelu"
 
+def sincos_2d(n, dim):
+    """Positions of an n x n patch grid (row-major) -> (n*n, dim): dim/4 sin-cos pairs of the column, then dim/4 of
+    the row, at frequencies from pi/n per cell down to 1/100 of that, each feature at zero mean, unit variance."""
+    rows, cols = torch.meshgrid(torch.arange(n).double(), torch.arange(n).double(), indexing="ij")
+    freqs = (math.pi / n) / 100.0 ** (torch.arange(dim // 4).double() / (dim // 4))  # (dim/4,) geometric
+    angles = [c.flatten()[:, None] * freqs for c in (cols, rows)]  # 2 x (n*n, dim/4)
+    pe = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)
+    pe = (pe - pe.mean(0)) / pe.std(0).clamp_min(1e-6)  # per feature over the grid
+    return torch.cat([pe, pe.new_zeros(n * n, dim - pe.shape[1])], 1).float()
+
+@torch.no_grad()
+def whiten(emb, pixels, p):
+    """CLIPEmbeddings from data: each patch_embedding channel one principal component of the patches at unit
+    variance; the patch position embeddings 2-D sin-cos at std 0.3 (the CLS row is left as it was)."""
+    patches = F.unfold(pixels.float(), p, stride=p).transpose(1, 2).flatten(0, 1).double()  # (N*P, 3*p*p)
+    evals, evecs = torch.linalg.eigh(torch.cov(patches.T))  # principal components, ascending eigenvalues
+    w = emb.patch_embedding.weight.view(emb.patch_embedding.out_channels, -1)  # (Dv, 3*p*p), a view: written below
+    k = min(w.shape[0], evecs.shape[1])
+    w.zero_()
+    w[:k] = (evecs[:, -k:].flip(1) / evals[-k:].flip(0).clamp_min(1e-8).sqrt()).T.float()  # largest first
+    emb.position_embedding.weight[1:] = sincos_2d(pixels.shape[-1] // p, w.shape[0]) * 0.3
+
 class VideoLlava(nn.Module):
     """The whole model, named as the hub checkpoint. Images and videos have a CLIP tower each (the 7B's are LanguageBind
     encoders, in CLIP's architecture); their features, projected, replace the <image> / <video> placeholder embeddings
@@ -764,7 +766,8 @@ class VideoLlava(nn.Module):
         self._rope = {}  # device -> (cos, sin) tables of every position, built on first use (_rope_table)
     def _init_weights(self):
         """GPT-2's init for training from scratch: normal(0.02) weights, zero biases, and the projections that write
-        into a residual stream scaled by 1/sqrt(2 * layers), so the stream's variance does not grow with depth."""
+        into a residual stream scaled by 1/sqrt(2 * layers), so the stream's variance does not grow with depth (one
+        factor for both stacks, from the LLM's depth; the default towers are as deep)."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
                 nn.init.normal_(m.weight, std=0.02)  # GPT-2's std
