@@ -1496,6 +1496,20 @@ def test_vl_video_roundtrip_and_frame_folder(tmp_path, monkeypatch):
     for i, f in enumerate(frames):
         cv2.imwrite(str(tmp_path / "frames" / f"f{2 * i}.png"), f)  # f0 .. f10: f10 is last, not second
     assert np.allclose(vl.load_video(str(tmp_path / "frames"), 4, 20), v, atol=0.1)
+    opened, real = [], cv2.VideoCapture
+
+    class Shrinking:  # the second opening of the file decodes only 2 of its 6 frames
+        def __init__(self, p):
+            self.cap, self.left = real(p), 6 if not opened else 2
+            opened.append(p)
+            self.isOpened, self.retrieve = self.cap.isOpened, self.cap.retrieve
+
+        def grab(self):
+            self.left -= 1
+            return self.left >= 0 and self.cap.grab()
+    monkeypatch.setattr(vl.cv2, "VideoCapture", Shrinking)
+    with pytest.raises(vl.UserError, match="ended early"):
+        vl.load_video(path, 4, 20)
 
 
 def _vl_hf_image_processor(tmp_path):
@@ -1652,7 +1666,6 @@ def test_vl_world_video_questions_need_several_frames():
     assert slots[0] == {1, 2} and slots[1] == {2, 3}  # which sampled frame shows each shape first varies
 
 
-
 def test_vl_world_order_clips_at_every_frame_count():
     """At every --n_frames the synthetic world accepts (3..CLIP_LEN), an order clip's sampled frames show nothing
     first, then one object alone, then both: the order is always visible in what the model is given."""
@@ -1665,6 +1678,15 @@ def test_vl_world_order_clips_at_every_frame_count():
             drawn = [int((frames[i] != 60).any(-1).sum()) for i in idx]  # pixels off the background, per sample
             assert drawn[0] == 0 and 0 < min(d for d in drawn if d) < drawn[-1], (n, drawn)
             checked += 1
+
+
+def test_vl_world_manifest(tmp_path):
+    """A folder with an unreadable world.json is one this script wrote: the world is written again, not a traceback."""
+    cfg = vl.Config(**{**vl.PRESETS["tiny"], "n_train": 2, "n_test": 1, "data_dir": str(tmp_path)})
+    (tmp_path / "world.json").write_text("{not json")
+    files = vl.build_world(cfg)
+    assert json.load(open(tmp_path / "world.json"))["train"] == 2 and len(vl.read_annotations(files["train"])) == 8
+
 
 def test_vl_causal_and_loss_mask():
     cfg = vl.Config(**{**vl.PRESETS["tiny"], "vocab_size": 20, "image_token_index": 18, "video_token_index": 19})
