@@ -1281,6 +1281,9 @@ def test_vl_compiled_step_matches_eager(vl_ckpt):
         cache = vl.KVCache(ours.cfg, 2, 4, torch.float32, "cpu")
         one, _ = ours(ids[:2, -1:], torch.tensor([[1], [0]]), cache=cache)
         assert torch.isfinite(one).all() and (one[:1] - ours(ids[:1, -1:])[0]).abs().max() < 1e-5
+        cache.offset = 4  # every position written: a further step is refused with its own reason
+        with pytest.raises(ValueError, match="KV cache is full"):
+            cache.next_step(torch.ones(2, 5, dtype=torch.long))
 
 
 def test_vl_compiled_step_batch1_static_shapes(vl_ckpt):

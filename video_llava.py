@@ -567,9 +567,12 @@ class KVCache:
         B, T_max = self.k[0].shape[0], self.k[0].shape[2]  # the cache is (B, K, T_max, E)
         if attention_mask is None:
             attention_mask = torch.ones(B, self.offset + 1, dtype=torch.long, device=self.slot.device)
-        if attention_mask.shape != (B, self.offset + 1) or self.offset >= T_max:
-            raise ValueError(f"a one-token step at position {self.offset} of a {T_max}-position cache needs an "
-                             f"attention mask of shape ({B}, {self.offset + 1}), got {tuple(attention_mask.shape)}")
+        if self.offset >= T_max:
+            raise ValueError(f"the KV cache is full: all {T_max} positions are written")
+        if attention_mask.shape != (B, self.offset + 1):
+            raise ValueError(f"a one-token step at position {self.offset} needs an attention mask of shape "
+                             f"({B}, {self.offset + 1}) (the cached tokens and the new one), got "
+                             f"{tuple(attention_mask.shape)}")
         pos, mask = padded_positions(attention_mask, self.offset, T_max)  # (B, 1), (B, 1, 1, T_max) as at prefill
         self.slot.fill_(self.offset)  # in place: a compiled graph reads the new value, no recompile
         self.offset += 1
@@ -1397,7 +1400,7 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     return result
 
-def inspect(path, n_frames, n_tokens):
+def inspect_checkpoint(path, n_frames, n_tokens):
     """Parameter counts per tower, bytes by dtype, key alignment (align_keys, as loading checks it) and the memory
     estimated for one video of n_frames plus n_tokens of text; CUDA memory on a GPU."""
     model, found, handles, problems = align_keys(path)
@@ -1499,33 +1502,34 @@ def parse_args(argv=None):
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset], **overrides})
-    small = [f for f in ("batch_size", "grad_accum", "n_frames", "max_new_tokens", "hidden_size", "patch_size",
-                         "num_attention_heads", "num_key_value_heads", "v_hidden_size", "v_num_attention_heads",
-                         "image_size") if getattr(cfg, f) < 1] + [""]  # counts and sizes: at least 1
-    uneven = [f"--{a} {getattr(cfg, a)} must be a multiple of --{b} {getattr(cfg, b)}" for a, b in (
+    # every problem with the flags, in order; the first is reported
+    problems = [f"--{f} must be at least 1" for f in (  # counts and sizes
+        "batch_size", "grad_accum", "n_frames", "max_new_tokens", "hidden_size", "patch_size", "num_attention_heads",
+        "num_key_value_heads", "v_hidden_size", "v_num_attention_heads", "image_size") if getattr(cfg, f) < 1]
+    problems += [f"--{a} {getattr(cfg, a)} must be a multiple of --{b} {getattr(cfg, b)}" for a, b in (
         ("hidden_size", "num_attention_heads"), ("num_attention_heads", "num_key_value_heads"),
         ("v_hidden_size", "v_num_attention_heads"), ("image_size", "patch_size")) if getattr(cfg, a) % max(
-        getattr(cfg, b), 1)] + [""]  # heads share the width; query heads share kv heads; patches tile the image
+        getattr(cfg, b), 1)]  # heads share the width; query heads share kv heads; patches tile the image
     same = lambda a, b: bool(a and b) and os.path.realpath(a) == os.path.realpath(b)  # reads no file
-    for bad, msg in ((small[0], f"--{small[0]} must be at least 1"), (uneven[0], uneven[0]),
-                     (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
-                      f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16"),
-                     (cfg.hidden_size // max(cfg.num_attention_heads, 1) % 2, "--hidden_size / --num_attention_heads "
-                      "(the head width) must be even: RoPE rotates feature pairs"),
-                     (not -cfg.v_num_hidden_layers <= cfg.vision_feature_layer + 1 <= cfg.v_num_hidden_layers + 1,
-                      f"--vision_feature_layer {cfg.vision_feature_layer}: the tower has hidden states -"
-                      f"{cfg.v_num_hidden_layers + 1} .. {cfg.v_num_hidden_layers}"),
-                     (cfg.vision_feature_select_strategy not in ("default", "full"),
-                      "--vision_feature_select_strategy: choose default or full"),
-                     (overrides.get("share_towers") and cfg.from_pretrained, "--share_towers is for training from "
-                      "scratch: --from_pretrained keeps the checkpoint's two towers (drop the flag)"),
-                     (args.train and same(cfg.out_dir, cfg.from_pretrained), f"--out_dir {cfg.out_dir} is the "
-                      "--from_pretrained folder: training would overwrite it; give another --out_dir"),
-                     (args.resume and not args.train, "--resume continues a training run: use it with --train"),
-                     (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it "
-                      "with --generate (--bench runs both)")):
-        if bad:
-            raise UserError(msg)
+    problems += [msg for bad, msg in (
+        (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
+         f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16"),
+        (cfg.hidden_size // max(cfg.num_attention_heads, 1) % 2, "--hidden_size / --num_attention_heads "
+         "(the head width) must be even: RoPE rotates feature pairs"),
+        (not -cfg.v_num_hidden_layers <= cfg.vision_feature_layer + 1 <= cfg.v_num_hidden_layers + 1,
+         f"--vision_feature_layer {cfg.vision_feature_layer}: the tower has hidden states -"
+         f"{cfg.v_num_hidden_layers + 1} .. {cfg.v_num_hidden_layers}"),
+        (cfg.vision_feature_select_strategy not in ("default", "full"),
+         "--vision_feature_select_strategy: choose default or full"),
+        (overrides.get("share_towers") and cfg.from_pretrained, "--share_towers is for training from scratch: "
+         "--from_pretrained keeps the checkpoint's two towers (drop the flag)"),
+        (args.train and same(cfg.out_dir, cfg.from_pretrained), f"--out_dir {cfg.out_dir} is the --from_pretrained "
+         "folder: training would overwrite it; give another --out_dir"),
+        (args.resume and not args.train, "--resume continues a training run: use it with --train"),
+        (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it with --generate "
+         "(--bench runs both)")) if bad]
+    if problems:
+        raise UserError(problems[0])
     return args, cfg, overrides
 
 def run_generate(args, cfg, overrides):
@@ -1583,7 +1587,7 @@ def main(argv=None):
     elif args.generate:
         run_generate(args, cfg, overrides)
     elif args.inspect:
-        inspect(args.inspect, cfg.n_frames if "n_frames" in overrides else 8, args.n_tokens)
+        inspect_checkpoint(args.inspect, cfg.n_frames if "n_frames" in overrides else 8, args.n_tokens)
     elif args.bench:
         bench(cfg)
     else:
