@@ -240,8 +240,11 @@ def build_world(cfg):
     """Write train/val/test/novel clips + annotation JSON under data_dir (skipped when already complete)."""
     sizes = dict(train=cfg.n_train, val=cfg.n_val, test=cfg.n_test, novel=cfg.n_novel, version=2)
     stamp = os.path.join(cfg.data_dir, "world.json")  # the sizes the folder was built with
-    if os.path.isfile(stamp) and json.load(open(stamp)) == sizes:
+    if os.path.isfile(stamp) and read_json(stamp, "delete it to write the world again") == sizes:
         return
+    if os.path.isdir(cfg.data_dir) and os.listdir(cfg.data_dir) and not os.path.isfile(stamp):  # the user's files?
+        raise UserError(f"--data_dir {cfg.data_dir}: a folder this script did not write (no world.json); give a new "
+                        f"one for the synthetic world, or train on your files with --data FILE.json")
     for si, (split, n) in enumerate(list(sizes.items())[:4]):
         rng = random.Random(1000 * si + 7)  # fixed per split: the same world on every machine
         os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
@@ -315,21 +318,21 @@ def read_annotations(path, base=None):
         raise UserError(f"{path}: expected a non-empty JSON list of entries")
     out, base = [], base or os.path.dirname(os.path.abspath(path))  # video paths are relative to the file
     for i, it in enumerate(items):
-        where = f"{path} entry {i}"
-        if not isinstance(it, dict) or not all(isinstance(it.get(k), str) for k in ("video", "question", "answer")):
+        where, keys = f"{path} entry {i}", ("video", "question", "answer")
+        if not isinstance(it, dict) or not all(isinstance(it.get(k), str) and it[k] for k in keys):
             raise UserError(f"{where}: needs keys video, question, answer (strings), choices (support_times optional)")
         check_choices(it.get("choices"), where)
         if it["answer"] not in it["choices"]:
             raise UserError(f"{where}: answer {it['answer']!r} is not one of the choices")
         st = it.get("support_times", [])
-        if not isinstance(st, list) or not all(isinstance(t, (int, float)) for t in st):
+        if not isinstance(st, list) or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in st):
             raise UserError(f"{where}: support_times must be a list of seconds")
         out.append({**it, "video": os.path.join(base, it["video"]), "support_times": st, "where": where})
     return out  # (os.path.join keeps an absolute video path as it is)
 
 def check_choices(choices, where):
-    if not isinstance(choices, list) or len(choices) < 2 or any(not isinstance(c, str) for c in choices):
-        raise UserError(f"{where}: choices must be a list of at least two strings like 'A. ...'")
+    if not isinstance(choices, list) or not 2 <= len(choices) <= 26 or any(not isinstance(c, str) for c in choices):
+        raise UserError(f"{where}: choices must be a list of 2 to 26 strings like 'A. ...'")
     for k, c in enumerate(choices):  # the k-th choice starts with the k-th letter
         if not re.match(rf"{chr(65 + k)}\. \S", c):
             raise UserError(f"{where}: choice {c!r} is not in the form '{chr(65 + k)}. text' (A, B, C, ... in order)")
@@ -430,8 +433,7 @@ class VJEPA2Attention(nn.Module):
         """The upstream rotation, kept exactly: frequencies tiled (cat(f, f)) but partners interleaved (-x1, x0, ...),
         angles built in the activation dtype. x (B, H, P, n), pos (P,)."""
         n = x.shape[-1]  # the rotated width of one axis (self.sub)
-        omega = torch.arange(n // 2, dtype=x.dtype, device=x.device)
-        omega = 1.0 / 10000 ** (omega / (n / 2.0))  # (n/2,)
+        omega = 1.0 / 10000 ** (torch.arange(n // 2, dtype=x.dtype, device=x.device) / (n / 2.0))  # (n/2,)
         freq = pos.unsqueeze(-1) * omega  # (P, n/2)
         cos, sin = freq.cos().repeat(1, 2), freq.sin().repeat(1, 2)  # (P, n)
         y = x.unflatten(-1, (-1, 2))  # (B, H, P, n/2, 2)
@@ -469,14 +471,13 @@ class VJEPA2Encoder(nn.Module):
         self.width, self.patch, self.tubelet, self.crop = width, patch, tubelet, crop  # the geometry Mark1 reads
         self.embeddings = nn.Module()  # bare modules: the checkpoint's key path embeddings.patch_embeddings.proj
         self.embeddings.patch_embeddings = nn.Module()
-        # one token per tubelet x patch x patch cube: a strided Conv3d is a linear map of each non-overlapping cube
-        cube = (tubelet, patch, patch)
+        cube = (tubelet, patch, patch)  # one token per cube: a strided Conv3d, a linear map of each (no overlap)
         self.embeddings.patch_embeddings.proj = nn.Conv3d(3, width, kernel_size=cube, stride=cube)
         self.layer = nn.ModuleList(VJEPA2Layer(width, heads, mlp_ratio, crop // patch, eps) for _ in range(layers))
         self.layernorm = nn.LayerNorm(width, eps=eps)  # final norm: its output is the feature Mark 1 uses
     def forward(self, video):  # (B, F, 3, S, S) normalised -> (B, P, Dv), == HF get_vision_features
         x = video.permute(0, 2, 1, 3, 4)  # (B, 3, F, S, S)
-        if x.shape[2] < self.tubelet:  # a single image: repeat it to one tubelet
+        if x.shape[2] < self.tubelet:  # fewer frames than a tubelet (one image): the clip repeated, as transformers
             x = x.repeat(1, 1, self.tubelet, 1, 1)
         proj = self.embeddings.patch_embeddings.proj
         x = proj(x.to(proj.weight.dtype))  # (B, Dv, T, G, G) in the tower's dtype; an odd F drops the last frame
@@ -572,8 +573,7 @@ class Qwen3LM(nn.Module):
             mask = (ki <= qi)[None, None]  # (1, 1, L, Lk)
         for i, blk in enumerate(self.model.layers):
             x = blk(x, cos, sin, mask, cache[i] if cache is not None else None)  # (B, L, D)
-        x = self.model.norm(x)
-        x = x[:, -1:] if last_only else x  # generation needs the last position only
+        x = self.model.norm(x[:, -1:] if last_only else x)  # generation needs the last position only
         return self.lm_head(x) if head else x
 
 class CrossAttention(nn.Module):
@@ -681,7 +681,8 @@ class Mark1(nn.Module):
         self.llm = llm or Qwen3LM(vocab, cfg.l_width, cfg.l_layers, cfg.l_heads, cfg.l_kv_heads, cfg.l_head_dim,
                                   cfg.l_inter, cfg.rope_theta, tie=cfg.tie_embeddings)
         d, grid = self.llm.model.embed_tokens.weight.shape[1], self.vision.crop // self.vision.patch
-        self.bridge = Bridge(cfg, self.vision.width, d, max(1, cfg.n_frames // self.vision.tubelet), grid)
+        t = self.vision.tubelet  # a clip shorter than a tubelet is repeated t times (as transformers does): F tubelets
+        self.bridge = Bridge(cfg, self.vision.width, d, cfg.n_frames if cfg.n_frames < t else cfg.n_frames // t, grid)
         self.frozen, self.cfg, self.devices = set(), cfg, dict(vision="cpu", bridge="cpu", llm="cpu")
         self.scratch_vision = vision is None  # a checkpoint encoder keeps its HF input and its weights
         self.centre = cfg.centre_frames and self.scratch_vision
@@ -769,9 +770,8 @@ class Mark1(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoint I/O: own format (out_dir/model.safetensors + config.json + train_state.pt) and the HF loaders
 def atomic(path, write):
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)  # a crash never leaves a half-written file
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
 def read_hf_dir(path, want):
     """-> (config dict, {tensor key: file}) of an HF folder (one file or sharded); reads the headers only."""
@@ -905,9 +905,10 @@ def load_checkpoint(out_dir, overrides=None, mode="--eval"):
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
         raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
     meta = read_json(cpath, "the checkpoint is damaged, retrain or restore it")
-    if meta.get("script") != SCRIPT:
-        raise UserError(f"{out_dir}: checkpoint was written by {meta.get('script')!r}, not {SCRIPT}.py")
-    saved = meta["config"]
+    if not isinstance(meta, dict) or meta.get("script") != SCRIPT or not isinstance(meta.get("config"), dict):
+        who = meta.get("script") if isinstance(meta, dict) else None
+        raise UserError(f"{out_dir}: not a checkpoint of {SCRIPT}.py (its config.json names script {who!r})")
+    saved = {f.name: meta["config"][f.name] for f in dataclasses.fields(Config) if f.name in meta["config"]}
     for k, v in (overrides or {}).items():
         if k not in (RUN_KEYS if mode == "--resume" else READ_KEYS) and saved.get(k) != v:
             raise UserError(f"--{k} {v}: the run in {out_dir} has {k}={saved.get(k)!r}; {mode} cannot change it "
@@ -926,7 +927,7 @@ def load_checkpoint(out_dir, overrides=None, mode="--eval"):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics (plain Python, tested on hand-computed cases)
-ANSWER_RE = re.compile(r"^\s*([A-J])\.(\s|$)")
+ANSWER_RE = re.compile(r"^\s*([A-Z])\.(\s|$)")
 def extract_option(text):
     """Strict: the answer must begin with an option letter and a full stop ("C." or "C. it stops"); else None."""
     m = ANSWER_RE.match(text)
@@ -996,10 +997,9 @@ def autocast_dtype(name, device):
     AVX512-BF16 or AMX), float32 elsewhere, where bfloat16 would be emulated and several times slower."""
     if name != "auto":
         return name
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float32"
-    native = device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return "bfloat16" if native else "float32"
+    gpu = device.startswith("cuda") and torch.cuda.get_device_capability(device)[0] >= 8
+    cpu = device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return "bfloat16" if gpu or cpu else "float32"
 
 def autocast(cfg, device):  # the mixed-precision context of one part's device; plain float32 when off
     dtype = autocast_dtype(cfg.dtype, device)
@@ -1099,7 +1099,7 @@ def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devic
                 feats = cache("train", mb, tr["clips"])
                 _, loss, _ = fwd(feats, q_ids, q_valid, inp, tgt, tr["labels"][mb], n_tok, len(idx))
             if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()}; lower --lr or use --dtype float32")
+                raise UserError(f"loss became {loss.item()}; lower --lr (or train with --dtype float32)")
             (loss * w).backward()
         share += torch.tensor([loss.item(), *model.parts]) * (w > 0)  # this micro-batch's part of the means
     if ddp:
@@ -1154,7 +1154,10 @@ def train(cfg, resume=False, overrides=None):
         f"{autocast_dtype(cfg.dtype, devices['llm'])}")
     opt, params = make_optimizer(model, cfg)
     if resume:
-        ts = torch.load(path, weights_only=True)
+        try:  # truncated or not a torch file: PyTorch's own errors differ by cause
+            ts = torch.load(path, weights_only=True)
+        except Exception as e:
+            raise UserError(f"{path}: not a readable training state ({type(e).__name__}); retrain or restore it")
         opt.load_state_dict(ts["optimizer"])
         torch.set_rng_state(ts["rng"])
         step = ts["step"]
@@ -1235,8 +1238,7 @@ def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top
         done |= nxt == eos
         if done.all():
             break
-        step_x = embed(nxt[:, None]).to(x.dtype)  # (B, 1, D)
-        step_pos = pos[:, -1:] + 1  # (B, 1) the next position of each row
+        step_x, step_pos = embed(nxt[:, None]).to(x.dtype), pos[:, -1:] + 1  # (B, 1, D), each row's next position
         valid = torch.cat((valid, torch.ones(B, 1, dtype=torch.bool, device=dev)), 1)  # the new key is real
         x, pos = torch.cat((x, step_x), 1), torch.cat((pos, step_pos), 1)
     return [[t for t in row if t != eos] for row in torch.stack(toks, 1).tolist()]  # (B, steps) -> lists
@@ -1283,8 +1285,7 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):
         for smp in m["samples"][:3]:
             print(f"   {smp['question']} {' '.join(smp['choices'])} -> {smp['prediction']!r} (ref {smp['answer']!r}), "
                   f"span {smp['predicted_span']} (ref {smp['support']})")
-    if train_seconds is not None:
-        result["train_seconds"] = round(train_seconds, 1)
+    result["train_seconds"] = None if train_seconds is None else round(train_seconds, 1)  # None: --eval
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     return result
 
@@ -1360,9 +1361,15 @@ def parse_args(argv=None):
     # input paths are saved in the run's config: absolute, so that --eval/--predict/--resume find them from anywhere
     overrides.update({k: os.path.abspath(v) for k, v in overrides.items() if v and k in PATH_KEYS})
     cfg = Config(**{**PRESETS[args.preset], **overrides})
-    for k, ok in (("frame_head", ("keys", "linear")), ("dtype", ("auto", "float32", "bfloat16", "float16"))):
-        if getattr(cfg, k) not in ok:
-            raise UserError(f"--{k} {getattr(cfg, k)}: choose one of {', '.join(ok)}")
+    problems = [f"--{k} {getattr(cfg, k)}: choose one of {', '.join(ok)}" for k, ok in (("frame_head", (
+        "keys", "linear")), ("dtype", ("auto", "float32", "bfloat16", "float16"))) if getattr(cfg, k) not in ok]
+    problems += [f"--{k} {getattr(cfg, k)}: must be at least 1" for k in ("batch_size", "grad_accum", "max_steps",
+                 "n_frames", "crop", "max_new_tokens", "log_interval", "eval_interval") if getattr(cfg, k) < 1]
+    problems += [f"--out_dir {cfg.out_dir} is the --{k} folder: training would overwrite it; give another --out_dir"
+                 for k in ("vision_ckpt", "llm_ckpt") if args.train and getattr(cfg, k) and  # never write into an input
+                 os.path.realpath(getattr(cfg, k)) == os.path.realpath(cfg.out_dir)]
+    if problems:
+        raise UserError(problems[0])
     return args, cfg, overrides
 
 def main(argv=None):

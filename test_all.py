@@ -2884,6 +2884,49 @@ def test_mk_bad_inputs(mk_trained, tmp_path):
     assert (out / "model.safetensors").is_file()  # nothing already saved was lost
 
 
+def test_mk_user_files_never_overwritten_and_more_bad_inputs(mk_trained, mk_hf, tmp_path):
+    """--out_dir on a checkpoint folder it reads and --data_dir on a folder of the user's are refused with nothing
+    touched; counts below 1, a damaged training state or config.json, odd annotation values: one line each."""
+    d, _ = mk_trained
+    vj = mk_hf["root"] / "vjepa2"
+    before = {f.name: f.read_bytes() for f in vj.iterdir()}
+    _mk_user_error(["--train", "--preset", "tiny", "--vision_ckpt", vj, "--out_dir", vj, "--data_dir", d / "data"],
+                   "--vision_ckpt folder", "overwrite")
+    mine = tmp_path / "mine"  # the user's own files, where the synthetic world would be written
+    mine.mkdir()
+    (mine / "train.json").write_text("[]")
+    _mk_user_error(["--train", "--preset", "tiny", "--data_dir", mine, "--out_dir", tmp_path / "o"], "world.json")
+    assert {f.name: f.read_bytes() for f in vj.iterdir()} == before and os.listdir(mine) == ["train.json"]
+    for flag in ("--max_steps", "--batch_size", "--max_new_tokens", "--n_frames"):
+        _mk_user_error(["--train", "--preset", "tiny", flag, "0"], flag, "at least 1")
+    run = tmp_path / "run"
+    shutil.copytree(d / "out", run)
+    (run / "train_state.pt").write_bytes(b"PK\x03\x04 truncated")
+    _mk_user_error(["--train", "--resume", "--out_dir", run, "--data_dir", d / "data"], "train_state.pt",
+                   "not a readable training state")
+    (run / "config.json").write_text("[1, 2]")  # valid JSON, not a checkpoint's config
+    _mk_user_error(["--eval", "--out_dir", run], "not a checkpoint of mark1.py")
+    video = str(d / "data" / "test" / "00000.mp4")
+    entry = dict(video=video, question="q?", choices=["A. x", "B. y"], answer="A. x")
+    for bad, needle in (({"support_times": [True]}, "support_times"), ({"video": ""}, "strings"),
+                        ({"choices": [f"{chr(65 + k)}. o{k}" for k in range(27)]}, "2 to 26")):
+        json.dump([{**entry, **bad}] * 2, open(tmp_path / "e.json", "w"))
+        _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "e.json", "--out_dir", tmp_path / "o"],
+                       "entry 0", needle)
+    assert mk.mcq_accuracy(["K. o10", "Z. o25"], ["K. o10", "Y. o24"]) == 0.5  # letters past J are read too
+
+
+def test_mk_clip_shorter_than_a_tubelet(tmp_path):
+    """F < tubelet: the encoder repeats the clip tubelet times (as transformers does), so F tubelets reach the bridge."""
+    for n_frames, tubelet in ((1, 2), (2, 3), (3, 4)):
+        model, tok = _mk_model(_mk_tiny_cfg(tmp_path, n_frames=n_frames, v_tubelet=tubelet))
+        feats = model.encode(torch.randint(0, 255, (2, n_frames, 32, 32, 3), dtype=torch.uint8))
+        assert feats.shape[1] == n_frames * 16  # F tubelets x 4x4 patches
+        item = dict(question="What happens?", choices=["A. it appears", "B. it stops"], answer="A. it appears")
+        _, loss, fl = model(feats, *mk.text_batch([item, item], tok), torch.zeros(2, n_frames))
+        assert fl.shape == (2, n_frames) and torch.isfinite(loss)
+
+
 MK_USER_DATA_EXAMPLE = """\
 [{"video": "clips/0001.mp4", "question": "What happens to the red circle?", "answer": "B. it stops",
   "choices": ["A. it appears", "B. it stops", "C. it turns blue", "D. it meets the green square"],
