@@ -1569,6 +1569,9 @@ def test_vl_pixels_match_transformers_image_processor(tmp_path):
         want = proc(images=[Image.open(tmp_path / f"{name}.png")], return_tensors="np",
                     return_legacy_image_output=False)["pixel_values"][0]
         assert np.abs(_vl_pixels(vl.load_image(str(tmp_path / f"{name}.png"), 224)) - _vl_pixels(want)).max() < 0.01
+    bgra16 = np.concatenate([small[:, :, ::-1], alpha], -1).astype(np.uint16) * 257  # the RGBA picture in 16 bits
+    cv2.imwrite(str(tmp_path / "rgba16.png"), bgra16)
+    assert np.array_equal(vl.load_image(str(tmp_path / "rgba16.png"), 224), vl.load_image(str(tmp_path / "rgba.png"), 224))
 
 
 def test_vl_video_pixels_and_frames_match_transformers(tmp_path):
@@ -2019,6 +2022,49 @@ def test_vl_resume_refuses_foreign_folders(vl_tiny_run, tmp_path):
         vl.main(["--train", "--resume", "--out_dir", vl_tiny_run[0].out_dir, "--hidden_size", "64"])
     with pytest.raises(vl.UserError, match="with --train"):
         vl.main(["--eval", "--resume", "--out_dir", vl_tiny_run[0].out_dir])
+
+
+def test_vl_out_dir_flags_test_data_and_shards(vl_tiny_run, vl_ckpt, tmp_path):
+    """--train never writes into a folder of the user's or over a file; counts, rates and the device are checked
+    before any work; --test_data alone replaces the world's test split, and one file may be an image entry and a
+    video entry; --eval keeps the run's train_seconds; a shard index that names the wrong file is one line."""
+    cfg = vl_tiny_run[0]
+    mine, afile = tmp_path / "mine", tmp_path / "afile"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": 1}')
+    afile.write_text("x")
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+
+    def refused(match, *argv):
+        with pytest.raises(vl.UserError, match=match):
+            vl.main(["--train", "--preset", "tiny", "--data_dir", cfg.data_dir, "--out_dir", str(tmp_path / "o"), *argv])
+
+    refused("did not write", "--out_dir", str(mine))
+    refused("a file", "--out_dir", str(afile))
+    refused("a file", "--data_dir", str(afile))
+    for flag, value in (("--max_steps", "0"), ("--eval_interval", "0"), ("--lr", "-1"), ("--lr", "nan"),
+                        ("--grad_clip", "-1"), ("--weight_decay", "-5")):
+        refused(flag, flag, value)
+    if not torch.cuda.is_available():
+        refused("--device cuda", "--device", "cuda")
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before and afile.read_text() == "x"
+    assert not (tmp_path / "o").exists()
+    run, png = tmp_path / "run", os.path.join(cfg.data_dir, "test", "img_00000.png")
+    shutil.copytree(cfg.out_dir, run)
+    seconds = json.load(open(run / "eval.json"))["train_seconds"]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({kind: png, "question": "What shape are they?",
+                                                          "answer": "circle"}) + "\n" for kind in ("image", "video")))
+    vl.main(["--eval", "--out_dir", str(run), "--test_data", str(tmp_path / "t.jsonl")])
+    ev = json.load(open(run / "eval.json"))
+    assert ev["test"]["image"]["n"] == ev["test"]["video"]["n"] == 1 and ev["train_seconds"] == seconds is not None
+    ck = tmp_path / "sh"
+    shutil.copytree(vl_ckpt[1]["hub_sharded"], ck)
+    index = json.load(open(ck / "model.safetensors.index.json"))
+    key, shard = next(iter(index["weight_map"].items()))
+    index["weight_map"][key] = next(f for f in sorted(set(index["weight_map"].values())) if f != shard)
+    json.dump(index, open(ck / "model.safetensors.index.json", "w"))
+    with pytest.raises(vl.UserError, match="does not hold it"):
+        vl.load_pretrained(str(ck))
 
 
 def test_vl_bad_inputs(vl_ckpt, tmp_path):

@@ -46,6 +46,7 @@ import time
 import warnings
 from dataclasses import dataclass
 
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg stays quiet: a bad video is reported by us, in one line
 import cv2
 import numpy as np
 import torch
@@ -269,10 +270,10 @@ def build_world(cfg):
     files = {s: os.path.join(cfg.data_dir, f"{s}.jsonl") for s in sizes}
     if read_json(stamp) == want:  # written before with these settings: reuse it
         return files
-    if os.path.isdir(cfg.data_dir) and os.listdir(cfg.data_dir) and not os.path.exists(stamp):
-        # world.json marks a folder this script wrote; anything else may be the user's files: never overwrite them
-        raise UserError(f"--data_dir {cfg.data_dir}: a folder this script did not write (no world.json); give a new "
-                        f"folder for the synthetic world, or train on your files with --data FILE.jsonl")
+    if os.path.isfile(cfg.data_dir) or os.path.isdir(cfg.data_dir) and os.listdir(cfg.data_dir) and not os.path.exists(
+            stamp):  # world.json marks a folder this script wrote; anything else may be the user's: never overwrite it
+        raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json); "
+                        f"give a new folder for the synthetic world, or train on your files with --data FILE.jsonl")
     for offset, (split, n) in enumerate(sizes.items()):
         rng = random.Random(cfg.seed * 10 + offset)  # one stream per split: a split never depends on another's size
         os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
@@ -295,7 +296,8 @@ def build_world(cfg):
     return files
 
 def load_entries(cfg, master=True):
-    """Each split's questions: --data / --test_data (without it every 10th entry held out), else the synthetic world."""
+    """Each split's questions: --data (every 10th entry held out unless --test_data is given), else the synthetic
+    world; --test_data is the test split of both."""
     if cfg.data:
         train = read_annotations(cfg.data)
         if cfg.test_data:
@@ -309,7 +311,10 @@ def load_entries(cfg, master=True):
         build_world(cfg)
     if dist.is_initialized():
         dist.barrier()
-    return {s: read_annotations(f) for s, f in build_world(cfg).items()}
+    entries = {s: read_annotations(f) for s, f in build_world(cfg).items()}
+    if cfg.test_data:  # your questions in place of the world's test split
+        entries["test"] = read_annotations(cfg.test_data)
+    return entries
 
 def read_annotations(path):
     """JSON lines {"image"|"video": relative path, "question": str, "answer": str} -> list of dicts (paths absolute)."""
@@ -360,9 +365,10 @@ def load_image(path, size):
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None  # alpha kept, if any
     if img is None:
         raise UserError(f"{path}: cannot read this image (missing or corrupt)")
-    if img.dtype != np.uint8 or img.ndim == 2 or img.shape[2] != 4:  # no alpha: OpenCV's 8-bit BGR, EXIF-rotated
-        img = cv2.imread(path)
+    if img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16):  # no alpha: OpenCV's 8-bit BGR
+        img = cv2.imread(path)  # (EXIF-rotated)
     else:  # transparency (palette too) composited onto white, as transformers' convert_to_rgb does
+        img = img if img.dtype == np.uint8 else (img >> 8).astype(np.uint8)  # 16-bit: the high byte, as PIL reads it
         a = img[:, :, 3:].astype(np.int32)  # (H, W, 1) alpha, 0 = transparent; the sum rounds as PIL's
         img = ((img[:, :, :3] * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
     return clip_transform(img[:, :, ::-1], size)  # OpenCV reads BGR: flip to RGB, as CLIP was trained
@@ -857,8 +863,8 @@ class VideoLlava(nn.Module):
         need = cache.k[0].shape[2] if cache is not None else T  # a cache is as long as prompt + answer
         if need > cfg.max_position_embeddings:  # the RoPE table ends there
             raise UserError(f"a sequence of {need} tokens (prompt with its visual tokens, plus answer or "
-                            f"--max_new_tokens) is longer than the context ({cfg.max_position_embeddings}); use "
-                            f"fewer --n_frames, a shorter text or a larger --max_position_embeddings")
+                            f"--max_new_tokens) is longer than the model's context ({cfg.max_position_embeddings}); "
+                            f"use fewer --n_frames or a shorter text")
         x = lm.embed_tokens(input_ids)  # (B, L, D)
         # placeholder expansion: the prompt holds one <image> token per image feature and one <video> token per
         # frame feature (expand_placeholders); their embeddings are overwritten by the projected CLIP features
@@ -960,8 +966,12 @@ def align_keys(path, base=None):
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = {"language_model.lm_head.weight"} if cfg.tie_word_embeddings else set()
     handles = {f: open_weights(f) for f in set(files.values())}
+    held = {f: set(h.keys()) for f, h in handles.items()}
     found, problems = {}, {"missing": [], "unexpected": [], "mis-shaped": []}
     for key, f in files.items():
+        if key not in held[f]:  # a sharded checkpoint's index pointing at the wrong file
+            raise UserError(f"{path}: model.safetensors.index.json puts '{key}' in {os.path.basename(f)}, which "
+                            f"does not hold it (a damaged or mismatched index)")
         ck = canonical_key(key)
         if ck not in expected:
             problems["unexpected"].append(key)
@@ -1051,7 +1061,10 @@ def exact_match(preds, refs):
 # Training -------------------------------------------------------------------------------------------------------------
 
 def pick_device(name):
-    """--device auto -> cuda > mps > cpu; any other name is used as given."""
+    """--device auto -> cuda > mps > cpu; any other name is used as given, if this PyTorch has it."""
+    here = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not here.get(name.split(":")[0], True):
+        raise UserError(f"--device {name}: not available in this PyTorch on this machine; use cpu (or auto)")
     if name != "auto":
         return name
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -1086,10 +1099,10 @@ def lr_at(step, cfg):
 class Examples:
     """Annotation entries with their media decoded once (float32 CLIP-normalised) and their token ids."""
     def __init__(self, entries, cfg, tok):
-        self.entries, files = entries, {e["path"]: e["kind"] for e in entries}  # each file decoded once
-        cache = {p: load_image(p, cfg.image_size) if kind == "image" else load_video(p, cfg.n_frames, cfg.image_size)
-                 for p, kind in files.items()}
-        self.media = [torch.from_numpy(cache[e["path"]]) for e in entries]
+        self.entries, files = entries, {(e["path"], e["kind"]) for e in entries}  # each file decoded once per kind
+        cache = {(p, k): load_image(p, cfg.image_size) if k == "image" else load_video(p, cfg.n_frames, cfg.image_size)
+                 for p, k in files}
+        self.media = [torch.from_numpy(cache[e["path"], e["kind"]]) for e in entries]
         self.prompts = [expand_placeholders(tok.encode(prompt_text(e["question"], e["kind"])), cfg, cfg.n_frames)
                         for e in entries]
         self.answers = [tok.encode(" " + e["answer"], add_bos=False) + [tok.eos_id] for e in entries]
@@ -1505,7 +1518,11 @@ def parse_args(argv=None):
     # every problem with the flags, in order; the first is reported
     problems = [f"--{f} must be at least 1" for f in (  # counts and sizes
         "batch_size", "grad_accum", "n_frames", "max_new_tokens", "hidden_size", "patch_size", "num_attention_heads",
-        "num_key_value_heads", "v_hidden_size", "v_num_attention_heads", "image_size") if getattr(cfg, f) < 1]
+        "num_key_value_heads", "v_hidden_size", "v_num_attention_heads", "image_size", "max_steps", "log_interval",
+        "eval_interval", "num_hidden_layers", "v_num_hidden_layers") if getattr(cfg, f) < 1]
+    problems += [f"--{f} {getattr(cfg, f)} must be a positive number" for f in ("lr", "min_lr", "grad_clip") if
+                 not 0 < getattr(cfg, f) < math.inf] + [f"--{f} must not be negative" for f in (
+                 "weight_decay", "stop_after", "top_k", "data_init", "temperature") if getattr(cfg, f) < 0]
     problems += [f"--{a} {getattr(cfg, a)} must be a multiple of --{b} {getattr(cfg, b)}" for a, b in (
         ("hidden_size", "num_attention_heads"), ("num_attention_heads", "num_key_value_heads"),
         ("v_hidden_size", "v_num_attention_heads"), ("image_size", "patch_size")) if getattr(cfg, a) % max(
@@ -1525,12 +1542,21 @@ def parse_args(argv=None):
          "--from_pretrained keeps the checkpoint's two towers (drop the flag)"),
         (args.train and same(cfg.out_dir, cfg.from_pretrained), f"--out_dir {cfg.out_dir} is the --from_pretrained "
          "folder: training would overwrite it; give another --out_dir"),
+        (args.train and not args.resume and not own_folder(cfg.out_dir), f"--out_dir {cfg.out_dir}: a file, or a folder holding files this "
+         f"script did not write (no config.json of a {SCRIPT}.py run); give a new or empty folder"),
         (args.resume and not args.train, "--resume continues a training run: use it with --train"),
         (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it with --generate "
          "(--bench runs both)")) if bad]
     if problems:
         raise UserError(problems[0])
     return args, cfg, overrides
+
+def own_folder(path):
+    """Whether --train may write into path: missing, an empty folder, or the out_dir of a run of this script."""
+    if not os.path.exists(path):
+        return True
+    return os.path.isdir(path) and (not os.listdir(path) or (read_json(os.path.join(path, "config.json")) or {}).get(
+        "script") == SCRIPT)
 
 def run_generate(args, cfg, overrides):
     """--generate: load a checkpoint (HF folder or out_dir), read the media, stream the answer to stdout."""
@@ -1583,7 +1609,8 @@ def main(argv=None):
         base = saved_config(meta, **{k: v for k, v in overrides.items() if k in run_keys})
         model, tok = load_pretrained(cfg.out_dir, torch.float32, device, base=base), load_tokenizer(cfg.out_dir)
         data = {s: Examples(e, model.cfg, tok) for s, e in load_entries(model.cfg).items() if s in ("test", "novel")}
-        evaluate(model, tok, model.cfg, device, data)
+        seconds = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # kept
+        evaluate(model, tok, model.cfg, device, data, seconds)
     elif args.generate:
         run_generate(args, cfg, overrides)
     elif args.inspect:
