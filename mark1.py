@@ -54,6 +54,7 @@ import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass
 
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg stays quiet: a bad video is reported by us, in one line
 import cv2
 import numpy as np
 import tiktoken
@@ -138,7 +139,7 @@ class Config:
     warmup_frac: float = 0.1  # linear warmup over this fraction of the steps, then cosine (as the Mark-1 project)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    dtype: str = "auto"  # autocast: auto (see autocast_dtype), float32, bfloat16 or float16 (CUDA only)
+    dtype: str = "auto"  # autocast: auto (see autocast_dtype), float32, bfloat16 or float16
     device: str = "auto"
     seed: int = 1337
     log_interval: int = 50
@@ -242,9 +243,10 @@ def build_world(cfg):
     stamp = os.path.join(cfg.data_dir, "world.json")  # the sizes the folder was built with
     if os.path.isfile(stamp) and read_json(stamp, "delete it to write the world again") == sizes:
         return
-    if os.path.isdir(cfg.data_dir) and os.listdir(cfg.data_dir) and not os.path.isfile(stamp):  # the user's files?
-        raise UserError(f"--data_dir {cfg.data_dir}: a folder this script did not write (no world.json); give a new "
-                        f"one for the synthetic world, or train on your files with --data FILE.json")
+    if not os.path.isfile(stamp) and os.path.exists(cfg.data_dir) and (os.path.isfile(cfg.data_dir) or os.listdir(
+            cfg.data_dir)):  # a file, or a folder of the user's: never written over
+        raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json); "
+                        f"give a new folder for the synthetic world, or your files as --data FILE.json")
     for si, (split, n) in enumerate(list(sizes.items())[:4]):
         rng = random.Random(1000 * si + 7)  # fixed per split: the same world on every machine
         os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
@@ -409,12 +411,10 @@ class QwenTokenizer:
         return self.enc.encode(unicodedata.normalize("NFC", s), allowed_special="all")
     def decode(self, ids):  # ids past the tokenizer (the embedding has spare rows) decode to nothing, as in HF
         return self.enc.decode([i for i in ids if i != self.eos and i < self.enc.n_vocab])
-    @staticmethod
-    def chat(content):
-        """Qwen3's chat template: one user turn, generation prompt, thinking disabled."""
-        return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-    def prompt(self, q, choices):
-        return self.encode(self.chat(q + "\n" + "\n".join(choices) + "\nAnswer with the option's letter and text."))
+    chat = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"  # one turn, no thinking
+    def prompt(self, q, choices):  # Qwen3's chat template around the question and its options
+        return self.encode(self.chat.format(q + "\n" + "\n".join(choices) + "\nAnswer with the option's letter and "
+                                            "text."))
     def target(self, answer):
         return self.encode(answer) + [self.eos]
 
@@ -720,12 +720,11 @@ class Mark1(nn.Module):
             return self.vision(x)
     @torch.no_grad()
     def init_from_data(self, clips, q_ids, q_valid):
-        """Data-dependent initialisation (Salimans & Kingma 2016). Every clip is mostly the same background, so at
-        random init every clip's visual embedding is nearly the same vector and the LLM learns the answer prior without
-        ever finding the video. One fixed batch is run through the visual pathway and its per-feature mean/std are
-        folded into the affine LayerNorms that end each stage (the from-scratch encoder's final LayerNorm, the bridge's
-        ln_v) and, per query, into the bridge's output scale/shift: zero mean, unit variance *across clips* at step 0.
-        A one-off change of initial weights; the model stays a per-sample function (no batch statistics)."""
+        """Data-dependent init (Salimans & Kingma 2016). Every clip is mostly the same background, so at random init
+        every clip's visual embedding is nearly the same vector and the LLM learns the answer prior without finding the
+        video. One fixed batch's per-feature mean/std are folded into the LayerNorms that end each stage (the scratch
+        encoder's last, the bridge's ln_v) and, per query, the bridge's output scale/shift: zero mean, unit variance
+        across clips at step 0. Only initial weights change: the model stays a per-sample function."""
         def fold(ln_w, ln_b, x, dims):
             m, s = x.float().mean(dims), x.float().std(dims, correction=0) + 1e-3  # (a batch of 1 is fine)
             ln_w.div_(s)
@@ -891,6 +890,12 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
     if opt is not None:
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
         atomic(path("train_state.pt"), lambda p: torch.save(ts, p))
+
+def foreign(path):
+    """Whether --train must not write into path: a file, or a folder that is neither empty nor a run of this script."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no config.json, damaged, not a JSON object
+        return json.load(open(os.path.join(path, "config.json"))).get("script") != SCRIPT
+    return os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path))
 
 PATH_KEYS = {"data", "test_data", "vision_ckpt", "llm_ckpt"}  # the run's inputs (parse_args makes them absolute)
 # flags a run from a checkpoint may change: how long and where it runs, how it logs, where the towers' folders are;
@@ -1365,9 +1370,9 @@ def parse_args(argv=None):
         "keys", "linear")), ("dtype", ("auto", "float32", "bfloat16", "float16"))) if getattr(cfg, k) not in ok]
     problems += [f"--{k} {getattr(cfg, k)}: must be at least 1" for k in ("batch_size", "grad_accum", "max_steps",
                  "n_frames", "crop", "max_new_tokens", "log_interval", "eval_interval") if getattr(cfg, k) < 1]
-    problems += [f"--out_dir {cfg.out_dir} is the --{k} folder: training would overwrite it; give another --out_dir"
-                 for k in ("vision_ckpt", "llm_ckpt") if args.train and getattr(cfg, k) and  # never write into an input
-                 os.path.realpath(getattr(cfg, k)) == os.path.realpath(cfg.out_dir)]
+    if args.train and not args.resume and foreign(cfg.out_dir):
+        problems.append(f"--out_dir {cfg.out_dir}: a file, or a folder holding files this script did not write (a "
+                        f"checkpoint folder, your own files); give a new or empty folder")
     if problems:
         raise UserError(problems[0])
     return args, cfg, overrides

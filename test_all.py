@@ -2397,8 +2397,8 @@ def test_mk_qwen3_tokenizer_and_chat_template_match_hf(mk_hf):
     content = "What happens to the red circle?\nA. it appears\nB. it stops"
     ref = ht.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                  enable_thinking=False, tokenize=False)
-    assert mk.QwenTokenizer.chat(content) == ref
-    assert qt.encode(mk.QwenTokenizer.chat(content)) == ht(ref)["input_ids"]
+    assert mk.QwenTokenizer.chat.format(content) == ref
+    assert qt.encode(mk.QwenTokenizer.chat.format(content)) == ht(ref)["input_ids"]
     assert qt.eos == 151645
 
 
@@ -2937,11 +2937,14 @@ def test_mk_user_files_never_overwritten_and_more_bad_inputs(mk_trained, mk_hf, 
     vj = mk_hf["root"] / "vjepa2"
     before = {f.name: f.read_bytes() for f in vj.iterdir()}
     _mk_user_error(["--train", "--preset", "tiny", "--vision_ckpt", vj, "--out_dir", vj, "--data_dir", d / "data"],
-                   "--vision_ckpt folder", "overwrite")
-    mine = tmp_path / "mine"  # the user's own files, where the synthetic world would be written
+                   "--out_dir", "did not write")
+    mine = tmp_path / "mine"  # the user's own files, where the synthetic world or a checkpoint would be written
     mine.mkdir()
     (mine / "train.json").write_text("[]")
     _mk_user_error(["--train", "--preset", "tiny", "--data_dir", mine, "--out_dir", tmp_path / "o"], "world.json")
+    _mk_user_error(["--train", "--preset", "tiny", "--data_dir", d / "data", "--out_dir", mine], "did not write")
+    _mk_user_error(["--train", "--preset", "tiny", "--data_dir", mine / "train.json", "--out_dir", tmp_path / "o"],
+                   "a file")
     assert {f.name: f.read_bytes() for f in vj.iterdir()} == before and os.listdir(mine) == ["train.json"]
     for flag in ("--max_steps", "--batch_size", "--max_new_tokens", "--n_frames"):
         _mk_user_error(["--train", "--preset", "tiny", flag, "0"], flag, "at least 1")
