@@ -14,12 +14,10 @@ Upstream: V-JEPA 2 (https://arxiv.org/abs/2506.09985), Qwen3 (https://arxiv.org/
 queries (https://arxiv.org/abs/2301.12597). The encoder and the LLM load the HF checkpoints (facebook/vjepa2-*,
 Qwen/Qwen3-*) and match transformers to float precision (see the tests); the design follows the Mark-1 project.
 
-Two ways to run it:
-  * with checkpoints (--vision_ckpt DIR --llm_ckpt DIR): both towers frozen, only the bridge trains, encoder features
-    cached once per clip, Qwen3's own tokenizer (tokenizer.json as a tiktoken.Encoding) and chat template;
-  * without (the default, nothing pretrained is reachable offline): a tiny V-JEPA-2-architecture encoder and a tiny
-    Qwen3-architecture LLM trained from scratch with the bridge, on GPT-2 tokens (tiktoken) over a compact table of
-    the ids that occur in the training text.
+With checkpoints (--vision_ckpt DIR --llm_ckpt DIR) both towers are frozen and only the bridge trains (encoder features
+cached once per clip; Qwen3's own tokenizer.json, as a tiktoken.Encoding, and chat template). Without them (the default:
+nothing pretrained is reachable offline) a tiny V-JEPA 2 encoder and a tiny Qwen3 train from scratch with the bridge,
+on GPT-2 tokens (tiktoken) over a compact table of the ids in the training text.
 
 The built-in world: 48x48 mp4 clips, 16 frames at 8 fps, two coloured shapes; inside a time window one event happens to
 the named shape: it appears, turns another colour, stops, or meets the other shape. Question "What happens to the red
