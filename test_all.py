@@ -984,6 +984,32 @@ def test_vc_bad_inputs(tmp_path, capsys):
     main_user_error(vc.main, capsys, ["--train", "--preset", "tiny", "--patch", "5"], "--patch 5")
 
 
+def test_vc_user_folders_and_flag_ranges(tmp_path, capsys):
+    """--train writes neither into a folder of the user's (as out_dir or data_dir) nor over a file, and checks every
+    count, rate and range before any work; a relative --data is saved absolute, so --eval works from anywhere."""
+    mine, afile = tmp_path / "mine", tmp_path / "afile"
+    mine.mkdir()
+    (mine / "train.txt").write_text("notes")
+    (mine / "config.json").write_text('{"my": 1}')
+    afile.write_text("x")
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    tiny = ["--train", "--preset", "tiny", "--data_dir", tmp_path / "d"]
+    main_user_error(vc.main, capsys, [*tiny, "--out_dir", mine], "--out_dir", "did not write")
+    main_user_error(vc.main, capsys, [*tiny, "--out_dir", afile], "--out_dir", "a file")
+    main_user_error(vc.main, capsys, ["--train", "--preset", "tiny", "--data_dir", mine, "--out_dir", tmp_path / "o"],
+                    "--data_dir", "world.json")
+    main_user_error(vc.main, capsys, ["--train", "--preset", "tiny", "--data_dir", afile, "--out_dir", tmp_path / "o"],
+                    "--data_dir", "a file")
+    for flag, value in (("--max_steps", 0), ("--n_layer", 0), ("--beam", 0), ("--max_new_tokens", 0), ("--lr", -1),
+                        ("--lr", "nan"), ("--grad_clip", -1), ("--dropout", 2), ("--max_len", 1), ("--top_k", -5),
+                        ("--stop_after", -1), ("--weight_decay", -5), ("--max_train", -3), ("--img_size", -16)):
+        main_user_error(vc.main, capsys, [*tiny, "--out_dir", tmp_path / "o", flag, value], flag)
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before and afile.read_text() == "x"
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+    args, cfg, _ = vc.parse_args(["--data", "caps.txt", "--test_data", "t.txt"])
+    assert cfg.data == os.path.abspath("caps.txt") and cfg.test_data == os.path.abspath("t.txt")
+
+
 @_vc_1t
 @pytest.mark.parametrize("pool", ["cls", "mean", "patches"])
 def test_vc_attention_png_every_pool(pool, tmp_path):

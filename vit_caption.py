@@ -34,6 +34,7 @@ Commands:
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
 import math
@@ -190,8 +191,13 @@ def build_world(cfg):
     sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "novel": cfg.n_novel}
     stamp, want = os.path.join(cfg.data_dir, "world.json"), dict(sizes, seed=cfg.seed, version=2)  # what is on disk
     files = {s: os.path.join(cfg.data_dir, f"{s}.txt") for s in sizes}
-    if os.path.exists(stamp) and json.load(open(stamp)) == want:
-        return files
+    with contextlib.suppress(OSError, ValueError):  # missing or damaged: not this world
+        if json.load(open(stamp)) == want:
+            return files
+    if not os.path.isfile(stamp) and os.path.exists(cfg.data_dir) and (os.path.isfile(cfg.data_dir) or os.listdir(
+            cfg.data_dir)):  # a file, or a folder of the user's: never written over
+        raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json); "
+                        f"give a new folder for the synthetic world, or your files as --data FILE")
     for offset, (split, n) in enumerate(sizes.items()):
         rng, lines = random.Random(cfg.seed * 10 + offset), []
         os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
@@ -502,6 +508,12 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
     if opt is not None:
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
+
+def foreign(path):
+    """Whether --train must not write into path: a file, or a folder that is neither empty nor a run of this script."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no config.json, damaged, not a JSON object
+        return json.load(open(os.path.join(path, "config.json"))).get("script") != SCRIPT
+    return os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path))
 
 # The fields that shape the weights: --resume takes them from the checkpoint, never from the command line.
 ARCH = ("img_size", "patch", "vit_dim", "vit_layers", "vit_heads", "vit_mlp", "pool", "d_model", "n_layer", "n_head",
@@ -982,7 +994,9 @@ def bench(cfg):
 
 CHOICES = {"pool": ("cls", "mean", "patches"), "dtype": ("float32", "bfloat16", "float16"),
            "patch_init": ("pca", "random")}  # the Config fields that take one of a few names
-POSITIVE = ("batch_size", "grad_accum", "log_interval", "eval_interval", "patch", "vit_heads", "n_head", "max_len")
+POSITIVE = ("batch_size", "grad_accum", "log_interval", "eval_interval", "patch", "vit_heads", "n_head", "max_steps",
+            "n_layer", "max_new_tokens", "img_size", "vit_dim", "d_model", "mlp_dim", "vit_mlp", "beam")
+NOT_NEGATIVE = ("max_train", "eval_max", "top_k", "stop_after", "weight_decay", "warmup", "min_lr")
 
 def parse_args(argv=None):
     """Command line -> (args, cfg, overrides): the preset, then the flags given. No files, data or model touched."""
@@ -1001,11 +1015,19 @@ def parse_args(argv=None):
     if args.preset not in PRESETS:
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    overrides.update({k: os.path.abspath(overrides[k]) for k in ("data", "test_data") if overrides.get(k)})  # as saved
     cfg = Config(**{**PRESETS[args.preset], **overrides})
     # the first bad flag in one line naming it, not a traceback later; sizes are divided only once they are positive
     bad = [f"--{n} {getattr(cfg, n)}: choose one of {', '.join(c)}" for n, c in CHOICES.items() if getattr(cfg, n)
            not in c] + [f"--{n} {getattr(cfg, n)}: must be at least 1" for n in POSITIVE if getattr(cfg, n) < 1]
+    bad += [f"--{n} {getattr(cfg, n)}: must not be negative" for n in NOT_NEGATIVE if getattr(cfg, n) < 0]
     bad = bad or [why for wrong, why in (
+        (not (0 < cfg.lr < math.inf and 0 < cfg.grad_clip < math.inf), f"--lr {cfg.lr} and --grad_clip "
+         f"{cfg.grad_clip} must be positive numbers"),
+        (not (0 <= cfg.dropout < 1 and 0 <= cfg.vit_dropout < 1), "--dropout and --vit_dropout: in [0, 1)"),
+        (cfg.max_len < 2, f"--max_len {cfg.max_len}: at least 2 (BOS and one token)"),
+        (args.train and not args.resume and foreign(cfg.out_dir), f"--out_dir {cfg.out_dir}: a file, or a folder "
+         f"holding files this script did not write; give a new or empty folder"),
         (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1] (1 = off)"),
         (cfg.temperature < 0, f"--temperature {cfg.temperature}: must be >= 0 (0 = greedy)"),
         (cfg.img_size % cfg.patch, f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}"),
