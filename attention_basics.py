@@ -46,6 +46,7 @@ Commands:
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -57,6 +58,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg stays quiet: a bad video is reported by us, in one line
 import cv2
 import numpy as np
 import tiktoken
@@ -184,8 +186,13 @@ def build_world(cfg):
     want = dict(img=[cfg.n_img_train, cfg.n_img_test], vid=[cfg.n_train, cfg.n_test, cfg.n_novel],
                 seed=cfg.seed, version=3)  # what the files on disk were written for
     stamp = os.path.join(cfg.data_dir, "world.json")
-    if os.path.exists(stamp) and json.load(open(stamp)) == want:
-        return  # already written for these sizes and this seed: reuse the files
+    with contextlib.suppress(OSError, ValueError):  # missing or damaged: not this world
+        if json.load(open(stamp)) == want:
+            return  # already written for these sizes and this seed: reuse the files
+    if not os.path.isfile(stamp) and os.path.exists(cfg.data_dir) and (os.path.isfile(cfg.data_dir) or os.listdir(
+            cfg.data_dir)):  # a file, or a folder of the user's: never written over
+        raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json); "
+                        f"give a new folder for the synthetic world")
     for kind, sizes in (("images", want["img"]), ("videos", want["vid"])):
         for offset, (split, n) in enumerate(zip(("train", "test", "novel"), sizes)):
             rng = random.Random(cfg.seed * 100 + offset + (10 if kind == "videos" else 0))  # one stream per split
@@ -854,6 +861,14 @@ def atomic(path, write):
     write(tmp)
     os.replace(tmp, path)  # a crash never leaves a half-written file
 
+def foreign(path):
+    """Whether --train must not write into path: a file, or a folder that is neither empty nor a run of this script."""
+    for name in ("clip", "unified", "cross"):  # a run of this script holds its checkpoints
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # none, damaged, not a JSON object
+            if json.load(open(os.path.join(path, name, "config.json"))).get("script") == SCRIPT:
+                return False
+    return os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path))
+
 def save_model(model, tok, cfg, name, train_seconds):
     d = os.path.join(cfg.out_dir, name)
     os.makedirs(d, exist_ok=True)
@@ -1211,12 +1226,21 @@ def parse_args(argv=None):
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset], **overrides})
-    if small := [f for f in ("img_size", "patch", "n_frames", "d_model", "n_head", "batch_size") if vars(cfg)[f] < 1]:
-        raise UserError(f"--{small[0]} must be at least 1")  # checked first: the checks below divide by these sizes
+    small = [f"--{f} must be at least 1" for f in ("img_size", "patch", "n_frames", "d_model", "n_head", "batch_size",
+             "n_dec_layer", "n_latents", "max_frames", "clip_steps", "steps", "log_interval", "d_embed") if vars(cfg)[f]
+             < 1] + [f"--{f} must not be negative" for f in ("n_vit_layer", "n_text_layer", "n_perceiver_layer",
+                                                           "warmup", "weight_decay", "threads") if vars(cfg)[f] < 0]
+    if small:
+        raise UserError(small[0])  # checked first: the checks below divide by these sizes
     for bad, why in ((cfg.section != "all" and cfg.section not in SECTIONS,
                       f"--section {cfg.section}: unknown section, choose one of {list(SECTIONS)} (or all)"),
                      (cfg.variant not in ("unified", "cross"), f"--variant {cfg.variant}: choose unified or cross"),
                      (cfg.dtype not in ("float32", "bfloat16"), f"--dtype {cfg.dtype}: choose float32 or bfloat16"),
+                     (not all(0 < r < math.inf for r in (cfg.lr, cfg.vision_lr, cfg.gate_lr)),
+                      "--lr, --vision_lr and --gate_lr must be positive numbers"),
+                     (cfg.max_len < 2, f"--max_len {cfg.max_len}: at least 2 (BOS and one token)"),
+                     (args.train and foreign(cfg.out_dir), f"--out_dir {cfg.out_dir}: a file, or a folder holding "
+                      f"files this script did not write; give a new or empty folder"),
                      (cfg.img_size % cfg.patch, f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}"),
                      (cfg.d_model % cfg.n_head, f"--d_model {cfg.d_model} is not a multiple of --n_head {cfg.n_head}")):
         if bad:  # the first bad flag, in one line that names it

@@ -3531,6 +3531,25 @@ def test_ab_bad_inputs(tmp_path, capsys):
         ab.fit(model, opt, 3, lambda step: model(torch.full((1, 2), float("nan"))).sum(), cfg, "probe")
 
 
+def test_ab_user_folders_and_flag_ranges(tmp_path, capsys):
+    """--train writes neither into a folder of the user's (as out_dir or data_dir) nor over a file, and refuses counts
+    and rates out of range before any work."""
+    mine, afile = tmp_path / "mine", tmp_path / "afile"
+    mine.mkdir()
+    (mine / "eval.json").write_text('{"my": 1}')
+    afile.write_text("x")
+    tiny = ["--train", "--preset", "tiny", "--data_dir", tmp_path / "d"]
+    _ab_user_error(capsys, "did not write", *tiny, "--out_dir", mine)
+    _ab_user_error(capsys, "a file", *tiny, "--out_dir", afile)
+    _ab_user_error(capsys, "world.json", "--train", "--preset", "tiny", "--data_dir", mine, "--out_dir", tmp_path / "o")
+    _ab_user_error(capsys, "a file", "--train", "--preset", "tiny", "--data_dir", afile, "--out_dir", tmp_path / "o")
+    for flag, value in (("--n_dec_layer", 0), ("--max_frames", 0), ("--n_latents", 0), ("--lr", -1), ("--lr", "nan"),
+                        ("--max_len", 1), ("--weight_decay", -1)):
+        _ab_user_error(capsys, flag, *tiny, "--out_dir", tmp_path / "o", flag, value)
+    assert (mine / "eval.json").read_text() == '{"my": 1}' and afile.read_text() == "x"
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+
+
 def test_ab_frame_folder_in_natural_order(tmp_path):
     """Frames f0 .. f10 of a folder are read in time order (f2 before f10), not in string order."""
     for i in range(11):
