@@ -34,6 +34,7 @@ Commands:
 
 import argparse
 from collections import Counter
+import contextlib
 import dataclasses
 import json
 import math
@@ -42,7 +43,6 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -58,10 +58,15 @@ SCRIPT = "videollama_mini"
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
+def read_json(path):
+    """path's JSON object as a dict, or None: missing, unreadable, not JSON or not an object (callers say which)."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return obj if isinstance(obj := json.load(open(path, encoding="utf-8")), dict) else None
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     data: str = ""  # data: annotation file of user data (format in the README); "" = the built-in synthetic world
     test_data: str = ""  # optional annotation file for evaluation on user data; else 10% of --data is held out
@@ -176,7 +181,7 @@ def write_clip(path, objects):
         writer.write(img)
     writer.release()  # flushes the mp4
 
-def build_world(cfg):  # writes the mp4 files once
+def build_world(cfg):
     """Write data_dir/<split>/*.mp4 and data_dir/<split>.txt once (deterministic from cfg.seed); return the paths."""
     sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "novel": cfg.n_novel}
     stamp = os.path.join(cfg.data_dir, "world.json")  # what the folder holds
@@ -185,9 +190,8 @@ def build_world(cfg):  # writes the mp4 files once
     if os.path.exists(stamp) and json.load(open(stamp)) == want:  # already written
         return files
     for offset, (split, n) in enumerate(sizes.items()):
-        rng = random.Random(cfg.seed * 10 + offset)  # one stream per split
+        rng, lines = random.Random(cfg.seed * 10 + offset), []  # one stream per split
         os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
-        lines = []
         for i in range(n):
             objs = sample_objects(rng, split)
             name = f"{split}/{i:05d}.mp4"
@@ -216,8 +220,7 @@ def load_video(path, n_frames, size):
         names = sorted((n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp"))),
                        key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])  # f2 before f10
         images = [(os.path.join(path, n), cv2.imread(os.path.join(path, n))) for n in names]
-        bad = [p for p, img in images if img is None]
-        if bad:
+        if bad := [p for p, img in images if img is None]:
             raise UserError(f"{bad[0]}: cannot read this image")
         frames = [_square(img, size) for _, img in images]
     else:
@@ -226,9 +229,8 @@ def load_video(path, n_frames, size):
         cap = cv2.VideoCapture(path)  # FFmpeg backend: any container/codec
         if not cap.isOpened():
             raise UserError(f"{path}: OpenCV cannot open this video (corrupt or unknown format)")
-        frames = []
-        while cap.grab():  # decode the next frame (False after the last); retrieve() gives it as BGR uint8
-            frames.append(_square(cap.retrieve()[1], size))  # shrink at once: a long 720p clip never sits in memory
+        # grab() decodes the next frame (False after the last), retrieve() gives it as BGR uint8, shrunk at once
+        frames = [_square(cap.retrieve()[1], size) for _ in iter(cap.grab, False)]  # a long 720p clip stays small
         cap.release()
     idx = sample_indices(len(frames), n_frames, path)  # F indices
     return np.stack([frames[i][:, :, ::-1] for i in idx])  # BGR -> RGB, (F, S, S, 3)
@@ -236,13 +238,12 @@ def load_video(path, n_frames, size):
 def read_annotations(path):
     """The VideoLLaMA-Mini write-up's format: a video path line, one or more caption lines, a blank line between
     entries. Paths are relative to the annotation file. Returns [(video_path, [captions])]."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: annotation file not found")
     entries, cur, start = [], [], 0  # cur: the lines of the entry being read
     try:  # utf-8-sig: a byte-order mark some editors write is not part of the first path
         lines = open(path, encoding="utf-8-sig").read().split("\n") + [""]  # a final blank closes the last entry
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a UTF-8 text file (save it as UTF-8)")
+    except (OSError, UnicodeDecodeError) as e:  # OSError: missing, a folder, unreadable
+        raise UserError(f"{path}: " + ("not a UTF-8 text file (save it as UTF-8)" if isinstance(e, UnicodeDecodeError)
+                                       else "annotation file not found or unreadable"))
     for no, line in enumerate(lines, 1):
         line = line.strip()
         if line:  # another line of the current entry (start: the line number of its first line)
@@ -260,15 +261,10 @@ def read_annotations(path):
         raise UserError(f"{path}: no entries (expected a video path line followed by caption lines)")
     return entries
 
-def load_split(entries, cfg):
-    """Decode every clip once into a uint8 tensor (N, F, S, S, 3): epochs never re-decode."""
-    return torch.from_numpy(np.stack([load_video(v, cfg.n_frames, cfg.img_size) for v, _ in entries]))
-
 EOS = BOS = 0  # model id of <|endoftext|>: the first entry of every token table, it starts and ends each caption
 
 class Tokenizer:
-    """GPT-2 BPE (tiktoken) with a compact table: model ids index `ids`, the GPT-2 ids seen in training.
-    Model id EOS (= BOS) is <|endoftext|>."""
+    """GPT-2 BPE (tiktoken), compact: model ids index `ids`, the GPT-2 ids seen in training (EOS = BOS first)."""
     def __init__(self, ids):
         self.enc = tiktoken.get_encoding("gpt2")
         self.ids = list(ids)  # model id -> GPT-2 id
@@ -490,28 +486,24 @@ def atomic(path, write):
     write(tmp)
     os.replace(tmp, path)  # a crash never leaves a half-written file
 
-def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
+def save_checkpoint(model, tok, cfg, opt, step):
     os.makedirs(cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
-    if opt is not None:
-        ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
-        atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
+    ts = {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state()}  # what --resume needs
+    atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
 def load_checkpoint(out_dir, overrides=None):
     """-> (model, tokenizer, cfg). Refuses a missing checkpoint or one written by another script."""
     cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
         raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
-    try:
-        meta = json.load(open(cpath))
-        script = meta.get("script")  # AttributeError: the file holds JSON, but not an object
-    except (json.JSONDecodeError, AttributeError):
+    if (meta := read_json(cpath)) is None:
         raise UserError(f"{cpath}: not a JSON object as --train writes it")
-    if script != SCRIPT:
-        raise UserError(f"{out_dir}: checkpoint was written by '{script}', not {SCRIPT}.py")
+    if meta.get("script") != SCRIPT:
+        raise UserError(f"{out_dir}: checkpoint was written by '{meta.get('script')}', not {SCRIPT}.py")
     if not (isinstance(meta.get("config"), dict) and isinstance(meta.get("vocab"), list)):
         raise UserError(f"{cpath}: damaged, no 'config' object or 'vocab' list (retrain with --train)")
     known = {f.name for f in dataclasses.fields(Config)}  # a key this version of the script does not have is ignored
@@ -637,7 +629,7 @@ def global_batch(step, n, size, seed):
     return perm[k * size:(k + 1) * size]
 
 def prepare_data(cfg, rank):
-    """-> {split: (entries, uint8 clips)}; the synthetic world is built by rank 0 only."""
+    """-> {split: (entries, uint8 clips (N, F, S, S, 3) decoded once)}; rank 0 alone builds the synthetic world."""
     if cfg.data:
         entries = read_annotations(cfg.data)  # user data
         test = read_annotations(cfg.test_data) if cfg.test_data else entries[::10]  # else every 10th entry held out
@@ -651,7 +643,8 @@ def prepare_data(cfg, rank):
         if dist.is_initialized():
             dist.barrier()  # wait for rank 0's files
         splits = {s: read_annotations(os.path.join(cfg.data_dir, f"{s}.txt")) for s in "train val test novel".split()}
-    return {s: (e, load_split(e, cfg)) for s, e in splits.items()}
+    return {s: (e, torch.from_numpy(np.stack([load_video(v, cfg.n_frames, cfg.img_size) for v, _ in e])))
+            for s, e in splits.items()}
 
 # The fields that shape the weights: --resume takes them from the checkpoint and refuses a flag that disagrees.
 ARCH = ("n_frames", "img_size", "d_model", "n_head", "cnn_width", "grid", "frame_diff", "n_temporal_layer",
@@ -665,9 +658,8 @@ def resume_config(cfg, overrides):
     if not os.path.isfile(path):
         raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
     model, tok, saved = load_checkpoint(cfg.out_dir, {k: v for k, v in vars(cfg).items() if k not in ARCH})
-    clash = [f"--{k} {overrides[k]} (checkpoint: {getattr(saved, k)})" for k in ARCH
-             if k in overrides and overrides[k] != getattr(saved, k)]
-    if clash:
+    if clash := [f"--{k} {v} (checkpoint: {getattr(saved, k)})" for k, v in overrides.items()
+                 if k in ARCH and v != getattr(saved, k)]:
         raise UserError(f"{cfg.out_dir}: --resume keeps the checkpoint's architecture; drop {', '.join(clash)}")
     try:
         return saved, (model, tok, torch.load(path, weights_only=True))
@@ -683,14 +675,12 @@ def decay_groups(model, weight_decay):
 
 def count_parameters(model):
     """-> 'total, trainable, frozen' counted from the module (nothing in this model is frozen by design)."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total, trainable = (sum(p.numel() for p in model.parameters() if p.requires_grad or every) for every in (1, 0))
     return f"{total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, {(total - trainable) / 1e6:.2f}M frozen"
 
 def setup_distributed(cfg):
     """-> (ddp, rank, world, device): torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA, one GPU per rank."""
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp:
+    if ddp := int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)  # one process unless torchrun
     device = pick_device(cfg.device)
@@ -720,8 +710,7 @@ def train(cfg, overrides=None, resume=False):
     """Build (or resume), train for max_steps with gradient accumulation and DDP, save, evaluate."""
     cfg, resumed = resume_config(cfg, overrides or {}) if resume else (cfg, None)  # refused before data is touched
     ddp, rank, world, device = setup_distributed(cfg)
-    master = rank == 0  # rank 0 alone prints, evaluates and saves
-    say = print if master else (lambda *a, **k: None)  # other ranks stay silent
+    say = print if (master := rank == 0) else (lambda *a, **k: None)  # rank 0 alone prints, evaluates and saves
     t0 = time.time()  # train_seconds counts data preparation too
     torch.manual_seed(cfg.seed)  # the initial weights and dropout follow --seed
     data = prepare_data(cfg, rank)  # {split: (entries, uint8 clips)}
@@ -771,7 +760,7 @@ def train(cfg, overrides=None, resume=False):
         val = None  # logged only on the steps where it is measured
         if master and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             val = evaluate_loss(raw, tok, *data["val"], cfg, device)
-            save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
+            save_checkpoint(raw, tok, cfg, opt, step)
         if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
             dt = (time.time() - t_log) / (step - log_step)  # seconds per step since the last log line
             eta = dt * (cfg.max_steps - step)  # seconds left at this pace
@@ -781,7 +770,7 @@ def train(cfg, overrides=None, resume=False):
             t_log, log_step = time.time(), step
         if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
             if master:
-                save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
+                save_checkpoint(raw, tok, cfg, opt, step)
                 say(f"stopped after step {step} as asked; continue with --resume")
             break
     train_seconds = time.time() - t0  # data + training, without the final evaluation
@@ -894,24 +883,15 @@ def beam_search(model, video, cfg, length_penalty=1.0):
             finished[b].append((score[b].max().item(), seq[b * K + score[b].argmax().item(), 1:].tolist()))
     return [max(f)[1] for f in finished]  # each clip's best-scoring finished hypothesis
 
-@torch.no_grad()
-def caption_clips(model, tok, clips, cfg, device, batch=128):
-    """Greedy (or --beam / sampling) captions of uint8 clips (N, F, S, S, 3), in batches that bound the memory."""
-    with autocast(cfg, device):
-        return [tok.decode(ids) for i in range(0, len(clips), batch)
-                for ids in generate(model, clips[i:i + batch].to(device), cfg)]
-
 def attention_png(model, clip, tok, cfg, device, path, cell=40, label_w=110):
-    """Where the video is read from: one row per caption word ("text": the decoder's last cross-attention, row i is
-    the position that predicts word i) or per learned query ("queries": the last Q-Former layer), one column per
-    frame, averaged over heads; the frames above their columns, the greedy caption on top."""
+    """A row per caption word ("text": the decoder's last cross-attention; row i predicts word i) or learned query
+    ("queries": the last Q-Former layer), a column per frame (drawn above), mean over heads; the caption on top."""
     model.record_attention(True)
-    video = clip[None].to(device)  # (1, F, S, S, 3)
+    video, text = clip[None].to(device), cfg.qformer_mode == "text"  # (1, F, S, S, 3)
     with torch.no_grad():
         ids = generate(model, video, dataclasses.replace(cfg, beam=1, temperature=0.0))[0]
-        if cfg.qformer_mode == "text":  # re-run the caption to collect the decoder's cross-attention
+        if text:  # re-run the caption to collect the decoder's cross-attention
             model.decode(torch.tensor([[BOS] + ids], device=device), model.encode(video))
-    text = cfg.qformer_mode == "text"
     w = (model.decoder[-1] if text else model.qformer.blocks[-1]).xattn.weights[0].cpu().numpy()  # (L or Q, F)
     model.record_attention(False)  # back to the fast path
     labels = ([tok.decode([i]).strip() for i in ids] or ["(empty)"]) if text else [f"query {q}" for q in range(len(w))]
@@ -924,14 +904,12 @@ def attention_png(model, clip, tok, cfg, device, path, cell=40, label_w=110):
     caption = tok.decode(ids)
     img = np.zeros((24 + body.shape[0], max(label_w + body.shape[1], 8 * len(caption) + 8), 3), np.uint8)
     img[24:, label_w:label_w + body.shape[1]] = body
-    put = lambda s, x, y: cv2.putText(img, s, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
-    put(caption, 4, 16)  # the greedy caption on top
-    put("row: word" if text else "row: query", 4, 24 + cell // 2)
-    put("column: frame", 4, 24 + cell + 14)
-    for f in range(w.shape[1]):  # frame numbers under the frames
-        put(str(f + 1), label_w + f * cell + cell // 2 - 4, 24 + cell + 14)
-    for r, word in enumerate(labels):  # each label centred on its row of the heat map
-        put(word[:14], 4, 24 + cell + 18 + r * cell // 2 + cell // 4 + 5)
+    marks = [(caption, 4, 16), ("row: word" if text else "row: query", 4, 24 + cell // 2),  # caption, legend
+             ("column: frame", 4, 24 + cell + 14)]
+    marks += [(str(f + 1), label_w + f * cell + cell // 2 - 4, 24 + cell + 14) for f in range(w.shape[1])]  # frames
+    marks += [(word[:14], 4, 24 + cell + 18 + r * cell // 2 + cell // 4 + 5) for r, word in enumerate(labels)]  # rows
+    for s, x, y in marks:  # the caption on top, each frame's number under it, each row's label centred beside it
+        cv2.putText(img, s, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
     cv2.imwrite(path, img)
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):
@@ -940,7 +918,9 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
     print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")
     for split in [s for s in ("test", "novel") if s in data]:  # novel is absent on user data
         entries, clips = data[split]
-        preds = caption_clips(model, tok, clips, cfg, device)
+        with autocast(cfg, device):  # greedy (or --beam / sampling), 128 clips at a time to bound the memory
+            preds = [tok.decode(ids) for i in range(0, len(clips), 128)
+                     for ids in generate(model, clips[i:i + 128].to(device), cfg)]
         refs = [cs for _, cs in entries]  # every reference of each clip
         r = result[split] = {"n": len(preds), "exact_match": exact_match(preds, refs), "bleu4": bleu4(preds, refs),
                              "cider": cider_d(preds, refs),
@@ -955,13 +935,11 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
 
 def bench(cfg):
     """Training samples/s and captions/s with and without the KV cache, on random clips of the configured size."""
-    device = pick_device(cfg.device)
+    device, B = pick_device(cfg.device), cfg.batch_size  # B: the training micro-batch
     torch.manual_seed(0)
-    tok = Tokenizer.from_captions([caption_for([(c, s, m, i, 0) for i, (c, s, m) in enumerate(
-        zip(COLOURS, SHAPES * 2, list(MOTIONS) * 2))], v) for v in ("moves", "goes")])
+    tok = Tokenizer.from_captions([" ".join(["a a and moves goes", *COLOURS, *SHAPES, *MOTIONS])])  # the world's words
     model = VideoLLaMAMini(cfg, len(tok.ids)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # real optimizer steps, as in training
-    B = cfg.batch_size  # the training micro-batch
     video = torch.randint(0, 255, (B, cfg.n_frames, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8, device=device)
     inp = torch.randint(0, len(tok.ids), (B, 20), device=device)  # (B, 20) random tokens
     print(f"autocast for training and captions: {autocast_dtype(cfg.dtype, device)} (--dtype {cfg.dtype})")
@@ -974,12 +952,11 @@ def bench(cfg):
             opt.step(), opt.zero_grad()
             times.append(time.time() - t)
         print(f"train  ({label:8s}): {B / np.median(times[2:]):8.1f} samples/s  (batch {B}, median of 6 steps)")
-    gen_cfg = dataclasses.replace(cfg, max_new_tokens=20)  # generate() puts the model in eval mode
-    for use_cache in (True, False):
+    for use_cache in (True, False):  # generate() puts the model in eval mode
         t = time.time()
         for _ in range(3):  # a fixed 20 decode steps: an untrained model would otherwise stop at random places
             with autocast(cfg, device):
-                generate(model, video, gen_cfg, use_cache, stop_at_eos=False)
+                generate(model, video, dataclasses.replace(cfg, max_new_tokens=20), use_cache, stop_at_eos=False)
         print(f"caption (cache {'on ' if use_cache else 'off'}): {3 * B / (time.time() - t):8.1f} captions/s "
               f"(batch {B}, 20 tokens each, {autocast_dtype(cfg.dtype, device)})")
 
@@ -1028,17 +1005,14 @@ def run(args, cfg, overrides):
         print("config:", json.dumps(dataclasses.asdict(cfg)))
     if args.train:
         train(cfg, overrides, resume=args.resume)
-    elif args.eval or args.generate:
-        # the architecture comes from the checkpoint; everything else (data, sampling, device) from the command line
+    elif args.eval or args.generate:  # the saved config with the typed flags on top, ARCH flags excepted
         model, tok, cfg = load_checkpoint(cfg.out_dir, {k: v for k, v in overrides.items() if k not in ARCH})
-        device = pick_device(cfg.device)
-        model.to(device)
+        model.to(device := pick_device(cfg.device))
         if args.eval:
             return evaluate(model, tok, cfg, device, prepare_data(cfg, 0))  # test and novel, as in training
         clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None].to(device)  # (1, F, S, S, 3)
-        g = torch.Generator(device=device).manual_seed(cfg.seed)  # --seed makes sampling repeatable
-        with autocast(cfg, device):
-            ids = generate(model, clip, cfg, generator=g)[0]
+        with autocast(cfg, device):  # --seed makes sampling repeatable
+            ids = generate(model, clip, cfg, generator=torch.Generator(device=device).manual_seed(cfg.seed))[0]
         print(tok.decode(ids))  # the caption, alone on the last line
     elif args.bench:
         bench(cfg)
