@@ -456,6 +456,16 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     assert not (tmp_path / "unbuilt").exists()  # no synthetic world was written for a refused --resume
 
 
+def test_vm_empty_mp4_prints_one_line_only(_vm_trained, tmp_path):
+    """An empty mp4 through the command line: this script's one error line, and no FFmpeg log line before it
+    (a subprocess: FFmpeg reads its log level once per process, and writes past Python's sys.stderr)."""
+    (tmp_path / "zero.mp4").write_bytes(b"")
+    proc = run_script("videollama_mini.py", "--generate", "--video", tmp_path / "zero.mp4", "--out_dir",
+                      _vm_trained[0] / "out")
+    assert_user_error(proc, "zero.mp4", "cannot open")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def test_vm_resume_keeps_the_checkpoint_architecture(_vm_trained, tmp_path):
     """--resume with more steps and an architecture flag equal to the checkpoint's: training goes on and the saved
     config.json still describes the saved weights."""

@@ -44,6 +44,7 @@ import re
 import sys
 import time
 
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # quiet FFmpeg: a bad video ends in this script's one line alone
 import cv2
 import numpy as np
 import tiktoken
