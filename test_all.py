@@ -526,17 +526,23 @@ def test_vm_nan_loss_stops_and_keeps_checkpoint(_vm_trained, tmp_path, capsys):
 VM_USER_DATA_EXAMPLE = "clips/cat.mp4\na cat jumps onto the sofa\na grey cat leaps onto a couch\n"
 
 
-def test_vm_user_data_trains(tmp_path, _vm_trained):
-    """The README's example lines, repeated as 11 entries next to a real clip, train the tiny preset (in-process)."""
+def test_vm_user_data_trains(tmp_path, _vm_trained, monkeypatch):
+    """The README's example lines, repeated as 11 entries next to a real clip, train the tiny preset (in-process);
+    --data typed relative to the working folder is saved absolute, so --eval works from any other folder."""
     tmp, _ = _vm_trained
     (tmp_path / "clips").mkdir()
     (tmp_path / "clips" / "cat.mp4").write_bytes((tmp / "data" / "train" / "00000.mp4").read_bytes())
     ann = tmp_path / "mine.txt"
     ann.write_text("\n".join([VM_USER_DATA_EXAMPLE] * 11))
-    vm.main(["--train", "--preset", "tiny", "--data", str(ann), "--out_dir", str(tmp_path / "o")])
+    monkeypatch.chdir(tmp_path)
+    vm.main(["--train", "--preset", "tiny", "--data", "mine.txt", "--out_dir", str(tmp_path / "o")])
     ev = json.load(open(tmp_path / "o" / "eval.json"))
     assert ev["test"]["n"] == 2 and "novel" not in ev  # every 10th entry held out; no novel split for user data
     assert ev["test"]["samples"][0]["references"] == VM_USER_DATA_EXAMPLE.splitlines()[1:]
+    assert vm.load_checkpoint(str(tmp_path / "o"))[2].data == str(ann)
+    monkeypatch.chdir(tmp_path / "clips")
+    vm.main(["--eval", "--out_dir", str(tmp_path / "o")])
+    assert json.load(open(tmp_path / "o" / "eval.json"))["test"]["n"] == 2
 
 
 def test_vm_grad_accumulation_and_exact_resume(tmp_path):

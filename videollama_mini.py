@@ -978,6 +978,8 @@ def parse_args(argv=None):
         p.add_argument(f"--{f.name}", default=None, choices=CHOICES.get(f.name), **kind)  # None: the preset's value
     args = p.parse_args(argv)  # argparse exits 2 itself on an unknown flag or choice
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    # the run's input files are saved in its config: absolute, so --eval and --resume find them from any folder
+    overrides.update({k: os.path.abspath(v) for k, v in overrides.items() if v and k in ("data", "test_data")})
     cfg = Config(**{**PRESETS[args.preset], **overrides})
     low = [f"--{k}" for k in "n_train n_val n_test n_novel n_frames img_size d_model n_head cnn_width grid n_query "
            "max_len batch_size grad_accum log_interval eval_interval beam".split() if getattr(cfg, k) < 1]
