@@ -322,6 +322,21 @@ def test_vm_bad_flags_are_refused_by_parse_args(capsys):
     assert vm.parse_args(["--temperature", "0.8", "--top_p", "0.9", "--d_model", "48", "--n_head", "3"])[1].top_p == 0.9
 
 
+def test_vm_bad_numbers_are_refused_by_parse_args(_vm_trained, tmp_path, capsys):
+    """Counts, rates and ranges that would crash later (or train backwards) are refused in one line naming the flag;
+    the smallest values that work pass, and --max_len 2 (BOS and one token) trains, evaluates and draws."""
+    for flag, value in (("max_steps", "0"), ("n_dec_layer", "0"), ("n_qformer_layer", "0"), ("max_len", "1"),
+                        ("dropout", "2"), ("lr", "-1"), ("lr", "nan"), ("min_lr", "inf"), ("max_new_tokens", "0"),
+                        ("top_k", "-5"), ("stop_after", "-1"), ("warmup", "-1"), ("grad_clip", "-1"),
+                        ("weight_decay", "-5"), ("n_temporal_layer", "-2")):
+        main_user_error(vm.main, capsys, [f"--{flag}", value], f"--{flag} {value}")
+    zero = ["--n_temporal_layer", "0", "--warmup", "0", "--top_k", "0", "--stop_after", "0", "--min_lr", "0",
+            "--dropout", "0", "--weight_decay", "0", "--max_len", "2"]
+    assert vm.parse_args(zero)[1].max_len == 2
+    vm.train(_vm_cfg(tmp_path, data_dir=str(_vm_trained[0] / "data"), max_len=2, max_steps=2))
+    assert (tmp_path / "out" / "attention.png").is_file()
+
+
 def test_vm_mp4_round_trip_and_frame_folder(tmp_path):
     path = str(tmp_path / "clip.mp4")
     vm.write_clip(path, [("red", "square", "right", 20, 32)])

@@ -981,13 +981,21 @@ def parse_args(argv=None):
     # the run's input files are saved in its config: absolute, so --eval and --resume find them from any folder
     overrides.update({k: os.path.abspath(v) for k, v in overrides.items() if v and k in ("data", "test_data")})
     cfg = Config(**{**PRESETS[args.preset], **overrides})
-    low = [f"--{k}" for k in "n_train n_val n_test n_novel n_frames img_size d_model n_head cnn_width grid n_query "
-           "max_len batch_size grad_accum log_interval eval_interval beam".split() if getattr(cfg, k) < 1]
+    below = lambda least, names: [f"--{k} {getattr(cfg, k)}" for k in names.split() if getattr(cfg, k) < least]
+    low = below(1, "n_train n_val n_test n_novel n_frames img_size d_model n_head cnn_width grid n_qformer_layer beam")
+    low += below(1, "n_query n_dec_layer batch_size grad_accum max_steps log_interval eval_interval max_new_tokens")
+    neg = below(0, "n_temporal_layer warmup stop_after top_k")
     errors = [why for bad, why in [  # (bad value, the line that names the flag and the fix): refused before any work
-        (low, f"{', '.join(low)}: must be at least 1"),
+        (low, f"{', '.join(low)}: must be at least 1"), (neg, f"{', '.join(neg)}: must be 0 or more"),
+        (cfg.max_len < 2, f"--max_len {cfg.max_len}: must be at least 2 (BOS and one caption token)"),
+        (not 0 < cfg.lr < math.inf, f"--lr {cfg.lr}: must be above 0 and finite"),
+        (not 0 <= cfg.min_lr < math.inf, f"--min_lr {cfg.min_lr}: must be 0 or more and finite (the cosine's floor)"),
+        (not 0 <= cfg.dropout < 1, f"--dropout {cfg.dropout}: must be in [0, 1)"),
+        (not cfg.grad_clip > 0, f"--grad_clip {cfg.grad_clip}: must be above 0 (the largest gradient norm)"),
+        (not 0 <= cfg.weight_decay < math.inf, f"--weight_decay {cfg.weight_decay}: must be finite, 0 or more"),
         (cfg.d_model % math.lcm(2, cfg.n_head or 1), f"--d_model {cfg.d_model}: must be even, a multiple of --n_head"),
         (cfg.cnn_width % 8, f"--cnn_width {cfg.cnn_width}: must be a multiple of 8 (GroupNorm's 8 groups)"),
-        (cfg.temperature < 0, f"--temperature {cfg.temperature}: must be 0 (greedy) or more"),
+        (not cfg.temperature >= 0, f"--temperature {cfg.temperature}: must be 0 (greedy) or more"),
         (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1]; 1 keeps every token"),
         (args.generate and not args.video, "--generate needs --video PATH (a video file or a frames folder)")] if bad]
     if errors:
