@@ -376,7 +376,13 @@ def test_vm_annotations_and_bad_files(tmp_path):
     assert vm.read_annotations(str(tmp_path / "bom.txt")) == entries
     cases = {"missing.txt": ("a.mp4\ncaption\n\nnope.mp4\ncaption\n", "missing.txt:4", "nope.mp4"),
              "nocap.txt": ("a.mp4\ncaption\n\n\na.mp4\n", "nocap.txt:5", "no caption"),
-             "empty.txt": ("\n\n", "no entries", ""), "latin1.txt": ("a.mp4\ncaf\xe9\n", "latin1.txt", "UTF-8")}
+             "empty.txt": ("\n\n", "no entries", ""), "latin1.txt": ("a.mp4\ncaf\xe9\n", "latin1.txt", "UTF-8"),
+             # a missing blank line: the next entry's video path would be trained as a caption
+             "merged.txt": ("a.mp4\ncaption\na.mp4\ncaption\n", "merged.txt:3: 'a.mp4' looks like a video path",
+                            "put a blank line between entries"),
+             "ext.txt": ("a.mp4\ncaption\n\na.mp4\ncaption\nclips/b.MOV\n", "ext.txt:6", "b.MOV"),
+             "folder.txt": ("a.mp4\ncaption\nframes\ncaption\n", "folder.txt:3", "'frames' looks like a video path")}
+    (tmp_path / "frames").mkdir()  # a folder of frames is a video too
     for name, (text, *needles) in cases.items():
         (tmp_path / name).write_bytes(text.encode("latin-1"))  # latin1.txt: a byte that is not UTF-8
         with pytest.raises(vm.UserError) as e:

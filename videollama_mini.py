@@ -253,9 +253,12 @@ def read_annotations(path):
         if cur:
             if len(cur) < 2:
                 raise UserError(f"{path}:{start}: entry '{cur[0]}' has a video path but no caption line")
-            video = os.path.join(os.path.dirname(os.path.abspath(path)), cur[0])  # relative to the file
+            video = os.path.join(here := os.path.dirname(os.path.abspath(path)), cur[0])  # relative to the file
             if not os.path.exists(video):
                 raise UserError(f"{path}:{start}: video '{cur[0]}' not found")
+            for i, cap in enumerate(cur[1:], start + 1):  # a missing blank line would merge two entries
+                if re.search(r"\.(mp4|avi|mov|mkv|webm|m4v)$", cap, re.I) or os.path.exists(os.path.join(here, cap)):
+                    raise UserError(f"{path}:{i}: '{cap}' looks like a video path; put a blank line between entries")
             entries.append((video, cur[1:]))
             cur = []
     if not entries:
