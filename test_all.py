@@ -487,6 +487,44 @@ def test_vm_empty_mp4_prints_one_line_only(_vm_trained, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_vm_never_writes_over_the_users_files(tmp_path, capsys, monkeypatch):
+    """--train writes the synthetic world only into a new or empty folder or one with this script's world.json, and
+    checks --out_dir (new, empty, or this script's checkpoint) before any work; anything else, a damaged or foreign
+    world.json, or a path that is an ordinary file is refused in one line naming the flag, and nothing is touched."""
+    mine, afile = tmp_path / "mine", tmp_path / "notes.txt"
+    mine.mkdir()
+    (mine / "train.txt").write_text("notes\n")
+    (mine / "config.json").write_text('{"my": 1}\n')
+    afile.write_text("notes\n")
+    before = {f.name: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
+    tiny = ["--train", "--preset", "tiny", "--data_dir"]
+    for data_dir, out_dir, refused in ((mine, mine, "--out_dir"), (tmp_path / "d", mine, "--out_dir"),
+                                       (tmp_path / "d", afile, "--out_dir"), (mine, tmp_path / "o", "--data_dir"),
+                                       (afile, tmp_path / "o", "--data_dir")):
+        path = out_dir if refused == "--out_dir" else data_dir
+        main_user_error(vm.main, capsys, tiny + [data_dir, "--out_dir", out_dir], f"{refused} {path}:")
+    foreign = dict(train=64, val=8, test=12, novel=12, seed=1337, version=2)  # another script's manifest
+    for stamp in ("{damaged", json.dumps(foreign)):
+        (mine / "world.json").write_text(stamp)
+        main_user_error(vm.main, capsys, tiny + [mine, "--out_dir", tmp_path / "o"], "--data_dir", "did not write")
+        (mine / "world.json").unlink()
+    assert {f.name: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == before  # no file added or changed
+    assert not (tmp_path / "d").exists() and not (tmp_path / "o").exists()  # refused before any data or checkpoint
+    # this script's own world is rewritten when its sizes change, also when a build was cut short or its
+    # world.json is from before world.json named the script
+    cfg = _vm_cfg(tmp_path, n_train=2, n_val=1, n_test=1, n_novel=1)
+    vm.build_world(cfg)
+    legacy = {k: v for k, v in json.load(open(tmp_path / "data" / "world.json")).items() if k != "script"}
+    (tmp_path / "data" / "world.json").write_text(json.dumps(legacy))
+    write_clip = vm.write_clip
+    monkeypatch.setattr(vm, "write_clip", lambda p, objs: 1 / 0 if p.endswith("00001.mp4") else write_clip(p, objs))
+    with pytest.raises(ZeroDivisionError):  # cut short after one clip
+        vm.build_world(dataclasses.replace(cfg, n_train=3))
+    monkeypatch.setattr(vm, "write_clip", write_clip)
+    vm.build_world(dataclasses.replace(cfg, n_train=3))
+    assert len(vm.read_annotations(str(tmp_path / "data" / "train.txt"))) == 3
+
+
 def test_vm_resume_keeps_the_checkpoint_architecture(_vm_trained, tmp_path):
     """--resume with more steps and an architecture flag equal to the checkpoint's: training goes on and the saved
     config.json still describes the saved weights."""

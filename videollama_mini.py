@@ -59,6 +59,11 @@ SCRIPT = "videollama_mini"
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
+def check_folder(path, flag, ours, why):
+    """Refuse (naming the flag) a path to write into unless it is missing, an empty folder or `ours` (a folder)."""
+    if os.path.exists(path) and not (os.path.isdir(path) and (ours or not os.listdir(path))):
+        raise UserError(f"{flag} {path}: " + (why if os.path.isdir(path) else "a file, not a folder"))
+
 def read_json(path):
     """path's JSON object as a dict, or None: missing, unreadable, not JSON or not an object (callers say which)."""
     with contextlib.suppress(OSError, ValueError):  # ValueError: not JSON, or not UTF-8
@@ -184,12 +189,16 @@ def write_clip(path, objects):
 
 def build_world(cfg):
     """Write data_dir/<split>/*.mp4 and data_dir/<split>.txt once (deterministic from cfg.seed); return the paths."""
-    sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "novel": cfg.n_novel}
-    stamp = os.path.join(cfg.data_dir, "world.json")  # what the folder holds
-    want = dict(sizes, seed=cfg.seed, version=1)
-    files = {s: os.path.join(cfg.data_dir, f"{s}.txt") for s in sizes}
-    if os.path.exists(stamp) and json.load(open(stamp)) == want:  # already written
+    sizes, d = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "novel": cfg.n_novel}, cfg.data_dir
+    stamp, want = os.path.join(d, "world.json"), dict(sizes, seed=cfg.seed, version=1, script=SCRIPT)  # the manifest
+    files, old = {s: os.path.join(d, f"{s}.txt") for s in sizes}, read_json(stamp) or {}  # {}: missing or damaged
+    if old == want:  # already written
         return files
+    # ours: its manifest names this script (or, from before manifests did, has version 1 and the same keys less it)
+    check_folder(d, "--data_dir", old.get("script") == SCRIPT or {*old, "script"} == set(want) and old["version"] == 1,
+                 "a folder this script did not write (no world.json of its own); give a new or empty one or use --data")
+    os.makedirs(d, exist_ok=True)
+    json.dump(dict(want, version=0), open(stamp, "w"))  # this script's, never matching until the world is complete
     for offset, (split, n) in enumerate(sizes.items()):
         rng, lines = random.Random(cfg.seed * 10 + offset), []  # one stream per split
         os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
@@ -654,15 +663,19 @@ def prepare_data(cfg, rank):
 ARCH = ("n_frames", "img_size", "d_model", "n_head", "cnn_width", "grid", "frame_diff", "n_temporal_layer",
         "qformer_mode", "n_query", "n_qformer_layer", "n_dec_layer", "max_len", "compact_vocab")
 
-def resume_config(cfg, overrides):
-    """--resume: the architecture (ARCH) from the checkpoint, everything else (steps, lr, data...) from the command
-    line. A flag that asks for another architecture than the saved weights is refused, never written to config.json.
-    Checked before any data is built or read. -> (cfg, (model, tokenizer, training state))"""
-    path = os.path.join(cfg.out_dir, "train_state.pt")
+def start_config(cfg, overrides=None, resume=False):
+    """Checked before any data. A fresh run: out_dir must be missing, empty or this script's. --resume: the
+    architecture (ARCH) from the checkpoint, everything else from the command line; a flag that asks for another
+    architecture than the saved weights is refused. -> (cfg, None or (model, tokenizer, training state))"""
+    out, path = cfg.out_dir, os.path.join(cfg.out_dir, "train_state.pt")
+    if not resume:  # a checkpoint's config.json names the script that saved it
+        ours = (read_json(os.path.join(out, "config.json")) or {}).get("script") == SCRIPT
+        check_folder(out, "--out_dir", ours, f"holds files but no {SCRIPT} checkpoint; give a new or empty folder")
+        return cfg, None
     if not os.path.isfile(path):
         raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
-    model, tok, saved = load_checkpoint(cfg.out_dir, {k: v for k, v in vars(cfg).items() if k not in ARCH})
-    if clash := [f"--{k} {v} (checkpoint: {getattr(saved, k)})" for k, v in overrides.items()
+    model, tok, saved = load_checkpoint(out, {k: v for k, v in vars(cfg).items() if k not in ARCH})
+    if clash := [f"--{k} {v} (checkpoint: {getattr(saved, k)})" for k, v in (overrides or {}).items()
                  if k in ARCH and v != getattr(saved, k)]:
         raise UserError(f"{cfg.out_dir}: --resume keeps the checkpoint's architecture; drop {', '.join(clash)}")
     try:
@@ -694,7 +707,7 @@ def setup_distributed(cfg):
     return ddp, rank, world, device
 
 def build_or_resume(cfg, resumed, train_entries, train_clips, device):
-    """-> (model, tokenizer, optimizer, step): a fresh model initialised from data, or resume_config's."""
+    """-> (model, tokenizer, optimizer, step): a fresh model initialised from data, or start_config's."""
     if resumed:
         model, tok, ts = resumed
     else:
@@ -712,7 +725,7 @@ def build_or_resume(cfg, resumed, train_entries, train_clips, device):
 
 def train(cfg, overrides=None, resume=False):
     """Build (or resume), train for max_steps with gradient accumulation and DDP, save, evaluate."""
-    cfg, resumed = resume_config(cfg, overrides or {}) if resume else (cfg, None)  # refused before data is touched
+    cfg, resumed = start_config(cfg, overrides, resume)  # refused before data is touched
     ddp, rank, world, device = setup_distributed(cfg)
     say = print if (master := rank == 0) else (lambda *a, **k: None)  # rank 0 alone prints, evaluates and saves
     t0 = time.time()  # train_seconds counts data preparation too
