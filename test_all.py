@@ -539,6 +539,27 @@ def test_vm_resume_keeps_the_checkpoint_architecture(_vm_trained, tmp_path):
     assert cfg.max_steps == 8 and cfg.n_dec_layer == vm.PRESETS["tiny"]["n_dec_layer"]
 
 
+def test_vm_resume_continues_the_saved_run(_vm_trained, tmp_path, monkeypatch):
+    """`--train --resume --out_dir DIR` and nothing else continues the interrupted run as it was configured (its data,
+    sizes, steps, dtype; --stop_after only for the command that typed it) and ends at the uninterrupted run's
+    weights: those of the shared tiny run, which typed the same flags without --stop_after."""
+    tmp, _ = _vm_trained
+    out = tmp_path / "r"
+    vm.main(["--train", "--preset", "tiny", "--data_dir", str(tmp / "data"), "--out_dir", str(out),
+             "--stop_after", "3"])
+    monkeypatch.chdir(tmp_path)  # from another folder, where the default data_dir does not exist
+
+    def saved_world_only(cfg, build=vm.build_world):  # fails at once instead of writing the default world
+        assert cfg.data_dir == str(tmp / "data") and cfg.n_train == 64, (cfg.data_dir, cfg.n_train)
+        return build(cfg)
+    monkeypatch.setattr(vm, "build_world", saved_world_only)
+    vm.main(["--train", "--resume", "--out_dir", str(out)])
+    resumed, _, cfg = vm.load_checkpoint(str(out))
+    full, _, want = vm.load_checkpoint(str(tmp / "out"))
+    assert dataclasses.asdict(cfg) == {**dataclasses.asdict(want), "out_dir": str(out)}  # stop_after 0, dtype float32
+    assert torch.equal(_vm_weights(resumed), _vm_weights(full))
+
+
 def test_vm_original_preset_sizes():
     """--preset original: the write-up's text-query design over the full GPT-2 vocabulary, without dropout or weight
     decay; it gives no layer, width, head or frame counts, so those are the defaults."""

@@ -663,10 +663,9 @@ def prepare_data(cfg, rank):
 ARCH = ("n_frames", "img_size", "d_model", "n_head", "cnn_width", "grid", "frame_diff", "n_temporal_layer",
         "qformer_mode", "n_query", "n_qformer_layer", "n_dec_layer", "max_len", "compact_vocab")
 
-def start_config(cfg, overrides=None, resume=False):
-    """Checked before any data. A fresh run: out_dir must be missing, empty or this script's. --resume: the
-    architecture (ARCH) from the checkpoint, everything else from the command line; a flag that asks for another
-    architecture than the saved weights is refused. -> (cfg, None or (model, tokenizer, training state))"""
+def start_config(cfg, typed=None, resume=False):
+    """Checked before any data. A fresh run: out_dir must be missing, empty or this script's. --resume: out_dir's saved
+    config, the typed flags on top (None: all of cfg; --stop_after only if typed), a different ARCH refused."""
     out, path = cfg.out_dir, os.path.join(cfg.out_dir, "train_state.pt")
     if not resume:  # a checkpoint's config.json names the script that saved it
         ours = (read_json(os.path.join(out, "config.json")) or {}).get("script") == SCRIPT
@@ -674,8 +673,9 @@ def start_config(cfg, overrides=None, resume=False):
         return cfg, None
     if not os.path.isfile(path):
         raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
-    model, tok, saved = load_checkpoint(out, {k: v for k, v in vars(cfg).items() if k not in ARCH})
-    if clash := [f"--{k} {v} (checkpoint: {getattr(saved, k)})" for k, v in (overrides or {}).items()
+    typed = dataclasses.asdict(cfg) if typed is None else {"stop_after": 0, **typed, "out_dir": out}
+    model, tok, saved = load_checkpoint(out, {k: v for k, v in typed.items() if k not in ARCH})
+    if clash := [f"--{k} {v} (checkpoint: {getattr(saved, k)})" for k, v in typed.items()
                  if k in ARCH and v != getattr(saved, k)]:
         raise UserError(f"{cfg.out_dir}: --resume keeps the checkpoint's architecture; drop {', '.join(clash)}")
     try:
@@ -723,11 +723,12 @@ def build_or_resume(cfg, resumed, train_entries, train_clips, device):
         torch.set_rng_state(ts["rng"])
     return model, tok, opt, ts["step"] if resumed else 0
 
-def train(cfg, overrides=None, resume=False):
+def train(cfg, typed=None, resume=False):
     """Build (or resume), train for max_steps with gradient accumulation and DDP, save, evaluate."""
-    cfg, resumed = start_config(cfg, overrides, resume)  # refused before data is touched
+    cfg, resumed = start_config(cfg, typed, resume)  # refused before data is touched
     ddp, rank, world, device = setup_distributed(cfg)
     say = print if (master := rank == 0) else (lambda *a, **k: None)  # rank 0 alone prints, evaluates and saves
+    say("config:", json.dumps(dataclasses.asdict(cfg)))  # on --resume: the saved config, the typed flags on top
     t0 = time.time()  # train_seconds counts data preparation too
     torch.manual_seed(cfg.seed)  # the initial weights and dropout follow --seed
     data = prepare_data(cfg, rank)  # {split: (entries, uint8 clips)}
@@ -1028,11 +1029,10 @@ def main(argv=None):
 
 def run(args, cfg, overrides):
     """Dispatch --train / --eval / --generate / --bench."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print("config:", json.dumps(dataclasses.asdict(cfg)))
-    if args.train:
-        train(cfg, overrides, resume=args.resume)
-    elif args.eval or args.generate:  # the saved config with the typed flags on top, ARCH flags excepted
+    if args.train:  # train prints the config it runs
+        return train(cfg, overrides, resume=args.resume)
+    print("config:", json.dumps(dataclasses.asdict(cfg)))
+    if args.eval or args.generate:  # the saved config with the typed flags on top, ARCH flags excepted
         model, tok, cfg = load_checkpoint(cfg.out_dir, {k: v for k, v in overrides.items() if k not in ARCH})
         model.to(device := pick_device(cfg.device))
         if args.eval:
