@@ -1542,8 +1542,9 @@ def parse_args(argv=None):
          "--from_pretrained keeps the checkpoint's two towers (drop the flag)"),
         (args.train and same(cfg.out_dir, cfg.from_pretrained), f"--out_dir {cfg.out_dir} is the --from_pretrained "
          "folder: training would overwrite it; give another --out_dir"),
-        (args.train and not args.resume and not own_folder(cfg.out_dir), f"--out_dir {cfg.out_dir}: a file, or a folder holding files this "
-         f"script did not write (no config.json of a {SCRIPT}.py run); give a new or empty folder"),
+        (args.train and not args.resume and not own_folder(cfg.out_dir), f"--out_dir {cfg.out_dir}: a file, or a "
+         f"folder holding files this script did not write (no config.json of a {SCRIPT}.py run); give a new or empty "
+         f"folder"),
         (args.resume and not args.train, "--resume continues a training run: use it with --train"),
         (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it with --generate "
          "(--bench runs both)")) if bad]
