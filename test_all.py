@@ -1429,6 +1429,18 @@ def test_vl_compiled_step_batch1_static_shapes(vl_ckpt):
         assert torch.equal(got, want)
 
 
+def test_vl_compiled_step_follows_changed_weights(vl_ckpt):
+    """On a CPU the compiled step holds the weights as constants (inductor's freezing): a weight changed in place after
+    a compiled call (more training) is noticed by its version counter, and the next compiled call builds anew."""
+    ours = vl.VideoLlava.from_pretrained(vl_ckpt[1]["hub"], dtype=torch.float32).eval()
+    txt = torch.randint(3, 31999, (1, 6), generator=torch.Generator().manual_seed(5))
+    first = vl.generate(ours, txt, max_new_tokens=8, compile=True)
+    with torch.no_grad():
+        ours.language_model.lm_head.weight.mul_(-1.0)  # other logits, other tokens
+    want = vl.generate(ours, txt, max_new_tokens=8)
+    assert not torch.equal(want, first) and torch.equal(vl.generate(ours, txt, max_new_tokens=8, compile=True), want)
+
+
 def test_vl_compiled_step_bfloat16(vl_ckpt):
     """A bfloat16 model (an HF folder's default dtype) compiled at batch 1: the step's logits stay within bfloat16's
     rounding of the eager step's (a near tie may still pick another token)."""

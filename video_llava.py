@@ -1338,16 +1338,25 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     if compile and not use_cache:
         raise ValueError("compile=True compiles the one-token step through the KV cache: it needs use_cache=True")
     B, L = input_ids.shape
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    dev = input_ids.device.type  # under autocast, keys/values come out of its matmuls in its dtype
+    # on a CPU the graph is built with the weights frozen in as constants (laid out for inductor's matrix kernels),
+    # each product by the fastest kernel inductor times (max_autotune); weights changed in place since the last
+    # compiled call (more training) bump their version counters, and the graphs are then built again
+    tuned = torch._inductor.config.patch(freezing=True, max_autotune=True) if compile and dev == "cpu" else None
+    if tuned is not None:
+        version = sum(p._version for p in model.parameters())
+        if model.__dict__.setdefault("_frozen_version", version) != version:
+            torch._dynamo.reset()  # every compiled graph of the process: the frozen constants are stale
+        model._frozen_version = version
     # static shapes: dynamic=False compiles one graph per batch size and cache length, each specialised to its
     # sizes; compiled, the cache length is rounded up to a multiple of 64 (within the context) to keep those few
     step = torch.compile(model.step, fullgraph=True, dynamic=False) if compile else model.step
-    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    dev = input_ids.device.type  # under autocast, keys/values come out of its matmuls in its dtype
     dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
              else model.language_model.model.embed_tokens.weight.dtype)
     n, context = L + max_new_tokens, model.cfg.max_position_embeddings
     T_max = max(n, min(-(-n // 64) * 64, context)) if compile else n  # longer than the context: forward refuses
-    with torch.inference_mode():
+    with torch.inference_mode(), tuned or contextlib.nullcontext():
         cache = KVCache(model.cfg, B, T_max, dtype, input_ids.device) if use_cache else None
         logits, _ = model(input_ids, mask, pixel_values_images, pixel_values_videos, cache=cache, last_only=True)
         seq, out = input_ids, []
