@@ -42,7 +42,6 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -60,8 +59,7 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
-
-@dataclass
+@dataclasses.dataclass
 class Config:
     data: str = ""  # captions file of user data (format in the README); "" = the built-in synthetic world
     test_data: str = ""  # optional captions file to evaluate user data on; else every 10th image is held out
@@ -126,7 +124,6 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: synthetic world, image loader, captions files, tokenizer
-
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
            "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
 SHAPES = ["circle", "square", "triangle"]
@@ -186,8 +183,7 @@ def write_image(path, objs, rng):
     if not cv2.imwrite(path, img):
         raise UserError(f"{path}: cannot write (is {os.path.dirname(path)} writable?)")
 
-def build_world(cfg):
-    """Write data_dir/<split>/*.png and data_dir/<split>.txt once (deterministic from --seed); return the paths."""
+def build_world(cfg):  # write data_dir/<split>/*.png and <split>.txt once (deterministic from --seed) -> the paths
     sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "novel": cfg.n_novel}
     stamp, want = os.path.join(cfg.data_dir, "world.json"), dict(sizes, seed=cfg.seed, version=2)  # what is on disk
     files = {s: os.path.join(cfg.data_dir, f"{s}.txt") for s in sizes}
@@ -274,7 +270,6 @@ def normalise(text):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Model: primitives -> one Block for both towers -> ViT -> captioner
-
 class RMSNorm(nn.Module):
     """LLaMA's norm (Zhang & Sennrich 2019): x / rms(x) * weight. No mean subtraction and no bias: cheaper than
     LayerNorm and, in LLaMA, as good."""
@@ -461,7 +456,6 @@ class ViTCaptioner(nn.Module):
         n = self.cfg.img_size // p
         self.vit.pos_embed[0, -n * n:] = sincos_2d(n, self.vit.pos_embed.shape[-1]) * self.cfg.patch_scale
     def part_counts(self):
-        """Parameter count of each part, for the start-up print."""
         n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         return {"vit": n(self.vit), "projection": n(self.proj), "embedding": n(self.embed_tokens),
                 "decoder layers": n(self.layers) + n(self.norm), "lm_head": n(self.lm_head)}
@@ -494,7 +488,6 @@ class ViTCaptioner(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoint I/O: out_dir/model.safetensors + config.json (+ the token table) + train_state.pt
-
 def atomic(path, write):
     write(path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
@@ -509,8 +502,7 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
-def foreign(path):
-    """Whether --train must not write into path: a file, or a folder that is neither empty nor a run of this script."""
+def foreign(path):  # True where --train must not write: a file, or a folder neither empty nor this script's run
     with contextlib.suppress(OSError, ValueError, AttributeError):  # no config.json, damaged, not a JSON object
         return json.load(open(os.path.join(path, "config.json"))).get("script") != SCRIPT
     return os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path))
@@ -529,8 +521,7 @@ def load_checkpoint(out_dir, overrides=None):
         meta = json.load(open(cpath))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{cpath}: not valid JSON (checkpoint damaged; retrain or pass another --out_dir)")
-    if not isinstance(meta, dict) or meta.get("script") != SCRIPT:
-        who = meta.get("script") if isinstance(meta, dict) else None
+    if (who := meta.get("script") if isinstance(meta, dict) else None) != SCRIPT:
         raise UserError(f"{out_dir}: checkpoint was written by '{who}', not {SCRIPT}.py; pass --out_dir of a "
                         f"{SCRIPT} checkpoint")
     if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("vocab"), list):
@@ -570,10 +561,8 @@ def resume_run(cfg, typed=None):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics: exact match, corpus BLEU-4, CIDEr-D (plain Python, tested on hand-computed cases)
-
 def ngrams(words, n):
-    """-> {n-gram tuple: count} of a word list."""
-    return collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))  # {n-gram tuple: count}
 
 def exact_match(preds, refs):
     return sum(normalise(p) in {normalise(r) for r in rs} for p, rs in zip(preds, refs)) / max(1, len(preds))
@@ -623,9 +612,7 @@ def cider_d(preds, refs, sigma=6.0):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Training
-
-def pick_device(name):
-    """--device auto: cuda > mps > cpu; any other name must be one of the devices this machine has."""
+def pick_device(name):  # auto: cuda > mps > cpu; any other name must be one of the devices this machine has
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     cudas = [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # counting them creates no CUDA context
     have = ["cpu"] + ["mps"] * mps + cudas + ["cuda"] * bool(cudas)  # auto takes the last: cuda > mps > cpu
@@ -633,8 +620,7 @@ def pick_device(name):
         raise UserError(f"--device {name}: no such device on this machine; pass auto or one of {', '.join(have)}")
     return have[-1] if name == "auto" else name
 
-def autocast(cfg, device):
-    """Matmuls in cfg.dtype under torch.autocast (weights stay float32); float32 = autocast off."""
+def autocast(cfg, device):  # matmuls in cfg.dtype under torch.autocast (weights stay float32); float32 = off
     on = cfg.dtype != "float32"
     return torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype) if on else None, enabled=on)
 
@@ -648,8 +634,7 @@ def pad_batch(seqs, max_len):
         inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
     return inp, tgt
 
-def lr_at(step, cfg):
-    """Linear warmup, then cosine decay to min_lr."""
+def lr_at(step, cfg):  # linear warmup, then cosine decay to min_lr
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
@@ -663,8 +648,7 @@ def global_batch(step, n, size, seed):
     perm = torch.randperm(n_all, generator=torch.Generator().manual_seed(seed + epoch)) % n
     return perm[k * size:(k + 1) * size]
 
-def prepare_data(cfg, rank):
-    """-> {split: (entries, uint8 images)}; the synthetic world is built by rank 0 only, the others wait."""
+def prepare_data(cfg, rank):  # -> {split: (entries, uint8 images)}; rank 0 builds the synthetic world, the rest wait
     if cfg.data:
         entries = read_captions(cfg.data)
         test = read_captions(cfg.test_data) if cfg.test_data else entries[::10]  # else every 10th image is held out
@@ -803,7 +787,6 @@ def train(cfg, resume=False, typed=None):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Generation and evaluation
-
 def filter_logits(logits, top_k, top_p):
     """Keep the top_k largest and the smallest set whose probability reaches top_p; the rest -> -inf."""
     if top_k > 0:
@@ -961,8 +944,7 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
     print(f"wrote {cfg.out_dir}/eval.json and {cfg.out_dir}/attention.png")
     return result
 
-def bench(cfg):
-    """Training samples/s and captions/s (KV cache on, off) in cfg.dtype, on random images, the world's token table."""
+def bench(cfg):  # training samples/s, captions/s (KV cache on, off) in cfg.dtype; random images, the world's tokens
     device, B = pick_device(cfg.device), cfg.batch_size
     torch.manual_seed(0)
     objs = [(c, s, z) for c in COLOURS for s in SHAPES for z in SIZES]  # every word the world's captions use
@@ -991,9 +973,7 @@ def bench(cfg):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
-
-CHOICES = {"pool": ("cls", "mean", "patches"), "dtype": ("float32", "bfloat16", "float16"),
-           "patch_init": ("pca", "random")}  # the Config fields that take one of a few names
+CHOICES = dict(pool=("cls", "mean", "patches"), dtype=("float32", "bfloat16", "float16"), patch_init=("pca", "random"))
 POSITIVE = ("batch_size", "grad_accum", "log_interval", "eval_interval", "patch", "vit_heads", "n_head", "max_steps",
             "n_layer", "max_new_tokens", "img_size", "vit_dim", "d_model", "mlp_dim", "vit_mlp", "beam")
 NOT_NEGATIVE = ("max_train", "eval_max", "top_k", "stop_after", "weight_decay", "warmup", "min_lr")
@@ -1041,32 +1021,30 @@ def parse_args(argv=None):
 def main(argv=None):
     """The command line. A UserError ends it with one line on stderr and exit status 2, never a traceback."""
     try:
-        run(*parse_args(argv))
+        args, cfg, overrides = parse_args(argv)
+        if args.train:  # train prints the config it runs: on --resume the checkpoint's, with the typed flags on top
+            return train(cfg, args.resume, overrides)
+        print("config:", json.dumps(dataclasses.asdict(cfg)))
+        if args.bench:
+            bench(cfg)
+        elif args.eval or args.generate:
+            model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)  # the architecture comes from the checkpoint
+            model.to(device := pick_device(cfg.device))
+            if args.eval:
+                return evaluate(model, tok, cfg, device, prepare_data(cfg, 0))
+            image = torch.from_numpy(load_image(args.image, cfg.img_size))  # (S, S, 3) uint8, letterboxed
+            with autocast(cfg, device):  # sampling (--temperature > 0) is reproducible from --seed
+                ids = generate(model, image[None].to(device), cfg,
+                               generator=torch.Generator(device).manual_seed(cfg.seed))
+            print(tok.decode(ids[0]))
+            path = os.path.join(cfg.out_dir, f"caption_{os.path.splitext(os.path.basename(args.image))[0]}.png")
+            attention_png(model, image, tok, cfg, device, path, show=load_image(args.image, 192))
+            print(f"wrote {path} (greedy caption + attention of each caption token over the patches)")
+        else:
+            print("nothing to do: pass --train, --eval, --generate --image PATH, or --bench (see --help)")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-
-def run(args, cfg, overrides):
-    """Dispatch --train / --bench / --eval / --generate."""
-    if args.train:  # train prints the config it runs: on --resume the checkpoint's, with the typed flags on top
-        return train(cfg, args.resume, overrides)
-    print("config:", json.dumps(dataclasses.asdict(cfg)))
-    if args.bench:
-        bench(cfg)
-    elif args.eval or args.generate:
-        model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)  # the architecture comes from the checkpoint
-        model.to(device := pick_device(cfg.device))
-        if args.eval:
-            return evaluate(model, tok, cfg, device, prepare_data(cfg, 0))
-        image = torch.from_numpy(load_image(args.image, cfg.img_size))  # (S, S, 3) uint8, letterboxed
-        with autocast(cfg, device):  # sampling (--temperature > 0) is reproducible from --seed
-            ids = generate(model, image[None].to(device), cfg, generator=torch.Generator(device).manual_seed(cfg.seed))
-        print(tok.decode(ids[0]))
-        path = os.path.join(cfg.out_dir, f"caption_{os.path.splitext(os.path.basename(args.image))[0]}.png")
-        attention_png(model, image, tok, cfg, device, path, show=load_image(args.image, 192))
-        print(f"wrote {path} (greedy caption + attention of each caption token over the patches)")
-    else:
-        print("nothing to do: pass --train, --eval, --generate --image PATH, or --bench (see --help)")
 
 if __name__ == "__main__":
     main()
