@@ -74,7 +74,6 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
-
 @dataclass
 class Config:
     data_dir: str = "data/attention_basics"  # synthetic PNG images and mp4 clips are written here
@@ -128,7 +127,6 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: synthetic world (PNG images, mp4 clips), loaders, annotation files, tokenizer
-
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
            "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
 SHAPES = ["circle", "square", "triangle"]
@@ -195,9 +193,8 @@ def build_world(cfg):
                         f"give a new folder for the synthetic world")
     for kind, sizes in (("images", want["img"]), ("videos", want["vid"])):
         for offset, (split, n) in enumerate(zip(("train", "test", "novel"), sizes)):
-            rng = random.Random(cfg.seed * 100 + offset + (10 if kind == "videos" else 0))  # one stream per split
+            rng, lines = random.Random(cfg.seed * 100 + offset + (10 if kind == "videos" else 0)), []  # RNG per split
             os.makedirs(os.path.join(cfg.data_dir, kind, split), exist_ok=True)
-            lines = []
             for i in range(n):
                 if kind == "images":  # every class: CLIP is the pretrained encoder, it may see held-out pairs
                     (colour, shape), name = rng.choice(CLASSES), f"{kind}/{split}/{i:05d}.png"
@@ -208,8 +205,7 @@ def build_world(cfg):
                     name = f"{kind}/{split}/{i:05d}.mp4"
                     write_clip(os.path.join(cfg.data_dir, name), rng, colour, shape, motion)
                     lines.append(f"{name}\ta {colour} {shape} moves {motion}")
-            with open(os.path.join(cfg.data_dir, f"{kind}_{split}.txt"), "w") as f:
-                f.write("\n".join(lines) + "\n")
+            open(os.path.join(cfg.data_dir, f"{kind}_{split}.txt"), "w").write("\n".join(lines) + "\n")
     json.dump(want, open(stamp, "w"))
 
 def read_annotations(path):
@@ -233,8 +229,7 @@ def read_annotations(path):
 
 def _square(img, size):
     """Centre-crop to a square, then shrink to size x size (INTER_AREA averages pixels: no aliasing)."""
-    h, w = img.shape[:2]
-    s = min(h, w)
+    (h, w), s = img.shape[:2], min(img.shape[:2])
     img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]  # centre crop
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
@@ -270,8 +265,7 @@ def load_video(path, n_frames, size):
         raise UserError(f"{path}: video has no frames")
     return np.stack([frames[i] for i in sample_indices(len(frames), n_frames)])
 
-def gpt2():
-    """tiktoken's GPT-2 byte-level BPE; its two files are downloaded once, or read from TIKTOKEN_CACHE_DIR."""
+def gpt2():  # tiktoken's GPT-2 byte-level BPE; its two files are downloaded once, or read from TIKTOKEN_CACHE_DIR
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # offline with no cached files: say how to fix it, no traceback
@@ -284,8 +278,7 @@ class Tokenizer:
     """GPT-2 BPE (tiktoken) with a compact table: model id i is GPT-2 id `ids[i]`, the ids seen in training text
     (the 50257-way layer would dominate these tiny models). Model id 0 is <|endoftext|>: BOS, EOS and padding."""
     def __init__(self, ids):
-        self.enc = gpt2()
-        self.ids = list(ids)  # model id -> GPT-2 id
+        self.enc, self.ids = gpt2(), list(ids)  # ids: model id -> GPT-2 id
         self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
     @classmethod
     def from_texts(cls, texts):
@@ -294,12 +287,10 @@ class Tokenizer:
     def encode(self, text):
         """Text -> [BOS, ..., EOS] in model ids; GPT-2 ids absent from the table are dropped (said in the README)."""
         return [EOT] + [self.to_model[t] for t in self.enc.encode(text) if t in self.to_model] + [EOT]
-    def decode(self, ids):
-        """Model ids -> text; BOS/EOS/padding (model id 0) are left out."""
+    def decode(self, ids):  # model ids -> text; BOS/EOS/padding (model id 0) are left out
         return self.enc.decode([self.ids[i] for i in ids if i != EOT]).strip()
 
-def pad_batch(seqs, max_len):
-    """Token lists -> (ids, lengths), right-padded with EOT to the longest, cut at max_len."""
+def pad_batch(seqs, max_len):  # token lists -> (ids, lengths), right-padded with EOT to the longest, cut at max_len
     seqs = [s[:max_len] for s in seqs]
     ids = torch.full((len(seqs), max(len(s) for s in seqs)), EOT, dtype=torch.long)  # (B, L)
     for i, s in enumerate(seqs):
@@ -644,7 +635,6 @@ def n_params(model):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The tour: each section prints real shapes and checks its claims (an AssertionError here is a bug, not user error)
-
 def check(ok, claim):
     if not ok:
         raise AssertionError(f"tour check failed: {claim}")
@@ -855,14 +845,11 @@ def tour(cfg):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoint I/O: out_dir/<name>/model.safetensors + config.json (the dataclass, the token table, the train time)
-
 def atomic(path, write):
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)  # a crash never leaves a half-written file
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
-def foreign(path):
-    """Whether --train must not write into path: a file, or a folder that is neither empty nor a run of this script."""
+def foreign(path):  # True where --train must not write: a file, or a folder neither empty nor this script's run
     for name in ("clip", "unified", "cross"):  # a run of this script holds its checkpoints
         with contextlib.suppress(OSError, ValueError, AttributeError):  # none, damaged, not a JSON object
             if json.load(open(os.path.join(path, name, "config.json"))).get("script") == SCRIPT:
@@ -919,19 +906,15 @@ def load_model(cfg, name):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics
-
 def normalise(text):
     return " ".join(text.lower().strip().rstrip(".").split())
 
-def exact_match(preds, refs):
-    """Fraction of predictions equal to their reference after lower-casing and whitespace normalisation."""
+def exact_match(preds, refs):  # share of predictions equal to their reference once both are normalised
     return sum(normalise(p) == normalise(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Train: CLIP first, then the two captioners from its image encoder, same budget
-
-def pick_device(name):
-    """--device auto -> cuda if there is one, else mps (Apple GPUs), else cpu; any other name must be a device here."""
+def pick_device(name):  # auto: cuda > mps (Apple GPUs) > cpu; any other name must be one of this machine's devices
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     cudas = [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # counting them creates no CUDA context
     have = ["cpu"] + ["mps"] * mps + cudas + ["cuda"] * bool(cudas)  # auto takes the last: cuda > mps > cpu
@@ -944,15 +927,13 @@ def autocast(cfg, device):
         return torch.autocast("cpu", enabled=False)
     return torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype))
 
-def lr_at(step, total, base, cfg):
-    """Linear warmup, then cosine decay to a tenth of the base rate."""
+def lr_at(step, total, base, cfg):  # linear warmup, then cosine decay to a tenth of the base rate
     if step < cfg.warmup:
         return base * (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
     return base * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
 
-def make_optimizer(groups, cfg):
-    """AdamW; weight decay only on matrices (not on biases, norms, gates or the temperature)."""
+def make_optimizer(groups, cfg):  # AdamW; weight decay on matrices only (not biases, norms, gates, the temperature)
     out = []
     for params, lr in groups:
         params = [p for p in params if p.requires_grad]
@@ -1061,7 +1042,6 @@ def train(cfg):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Generate and evaluate
-
 @torch.no_grad()
 def generate(model, frames, cfg, device):
     """Greedy captions for uint8 clips (B, F, S, S, 3). The video is encoded once; each step re-runs the decoder on
@@ -1079,8 +1059,7 @@ def generate(model, frames, cfg, device):
                 break
     return [row[:row.index(EOT)] if EOT in row else row for row in ids[:, 1:].tolist()]  # cut at the first EOS
 
-def caption_all(model, tok, clips, cfg, device, batch=64):
-    """-> (captions, generated tokens per second)."""
+def caption_all(model, tok, clips, cfg, device, batch=64):  # -> (captions, generated tokens per second)
     preds, n_tok, t0 = [], 0, time.time()
     for i in range(0, len(clips), batch):
         for ids in generate(model, clips[i:i + batch], cfg, device):
@@ -1157,8 +1136,7 @@ def attention_maps(model, tok, clip, cfg, device):
     return {k: (v.float().cpu().numpy(), *rest) for k, (v, *rest) in maps.items()}, tok.decode(ids)
 
 def evaluate(models, clip_model, tok, cfg, device, data, seconds):
-    """Score CLIP zero-shot and both captioners on test and novel; print the table and samples; write eval.json and
-    the heat maps."""
+    """Score CLIP (zero-shot) and both captioners on test and novel; print them; write eval.json and the heat maps."""
     # eval.json: {"test": {model: metrics}, "novel": {variant: metrics}, "train_seconds": total}; each test entry
     # also holds the model's size, its training time and (captioners) its generation speed
     res = {"test": {}, "novel": {}, "train_seconds": sum(seconds.values())}
@@ -1197,8 +1175,7 @@ def evaluate(models, clip_model, tok, cfg, device, data, seconds):
     print(f"wrote {os.path.join(cfg.out_dir, 'eval.json')}")
     return res
 
-def evaluate_saved(cfg):
-    """--eval: the three checkpoints in out_dir, scored and pictured exactly as at the end of --train."""
+def evaluate_saved(cfg):  # --eval: the three checkpoints in out_dir, scored and pictured as at the end of --train
     clip_model, tok, cfg, t_clip = load_model(cfg, "clip")
     loaded = {v: load_model(cfg, v) for v in ("unified", "cross")}  # variant -> (model, tok, cfg, train seconds)
     times = {"clip": t_clip, **{v: got[3] for v, got in loaded.items()}}
@@ -1207,7 +1184,6 @@ def evaluate_saved(cfg):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="A runnable tour of attention, ViT, CLIP, Perceiver and Flamingo, then "
                                             "two vision-LLM variants trained side by side.")
@@ -1216,11 +1192,9 @@ def parse_args(argv=None):
     p.add_argument("--generate", action="store_true", help="caption --video with the --variant checkpoint")
     p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
-    for f in dataclasses.fields(Config):
-        if isinstance(f.default, bool):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
-        else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=None)
+    for f in dataclasses.fields(Config):  # every Config field is a flag; bools as --flag / --no-flag
+        kw = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
+        p.add_argument(f"--{f.name}", default=None, **kw)  # None = not given: the preset's value stays
     args = p.parse_args(argv)
     if args.preset not in PRESETS:
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
