@@ -68,8 +68,7 @@ SCRIPT = "mark1"
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
-def read_json(path, fix):
-    """json.load where a missing or damaged file is one UserError line that says how to fix it."""
+def read_json(path, fix):  # json.load where a missing or damaged file is one UserError line that says how to fix it
     try:
         return json.load(open(path, encoding="utf-8"))
     except OSError as e:
@@ -235,8 +234,7 @@ def write_clip(path, frames):
         w.write(img)
     w.release()
 
-def build_world(cfg):
-    """Write train/val/test/novel clips + annotation JSON under data_dir (skipped when already complete)."""
+def build_world(cfg):  # write train/val/test/novel clips + annotation JSON under data_dir (skipped when complete)
     sizes = dict(train=cfg.n_train, val=cfg.n_val, test=cfg.n_test, novel=cfg.n_novel, version=2)
     stamp = os.path.join(cfg.data_dir, "world.json")  # the sizes the folder was built with
     if os.path.isfile(stamp) and read_json(stamp, "delete it to write the world again") == sizes:
@@ -246,9 +244,8 @@ def build_world(cfg):
         raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json); "
                         f"give a new folder for the synthetic world, or your files as --data FILE.json")
     for si, (split, n) in enumerate(list(sizes.items())[:4]):
-        rng = random.Random(1000 * si + 7)  # fixed per split: the same world on every machine
+        rng, anns = random.Random(1000 * si + 7), []  # rng fixed per split: the same world on every machine
         os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
-        anns = []
         for i in range(n):
             frames, ann = sample_event(rng, split)
             rel = os.path.join(split, f"{i:05d}.mp4")
@@ -257,8 +254,7 @@ def build_world(cfg):
         json.dump(anns, open(os.path.join(cfg.data_dir, f"{split}.json"), "w"), indent=0)
     json.dump(sizes, open(stamp, "w"))
 
-def sample_indices(n_total, n_frames):
-    """Uniform frame indices (the centre of each of n_frames equal bins); short clips repeat indices."""
+def sample_indices(n_total, n_frames):  # uniform: the centre of each of n_frames equal bins; short clips repeat ones
     if n_total <= 0:
         raise ValueError("zero frames")  # load_video turns this into a UserError naming the file
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
@@ -872,8 +868,7 @@ def make_tokenizer(cfg, entries=None, ids=None):
     texts = [e["question"] + "\n" + "\n".join(e["choices"]) + "\nAnswer: " + e["answer"] for e in entries]
     return GPT2Tokenizer.build(texts, cfg.compact_vocab)
 
-def own_keys(model, cfg):
-    """The state-dict keys a Mark 1 checkpoint stores: not the towers loaded from HF folders, not a tied lm_head."""
+def own_keys(model, cfg):  # the keys a checkpoint stores: not the towers loaded from HF folders, not a tied lm_head
     hf = tuple(p + "." for p, c in (("vision", cfg.vision_ckpt), ("llm", cfg.llm_ckpt)) if c)
     return {k for k in model.state_dict() if not k.startswith(hf) and not (k == "llm.lm_head.weight" and model.llm.tie)}
 
@@ -889,8 +884,7 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
         atomic(path("train_state.pt"), lambda p: torch.save(ts, p))
 
-def foreign(path):
-    """Whether --train must not write into path: a file, or a folder that is neither empty nor a run of this script."""
+def foreign(path):  # True where --train must not write: a file, or a folder neither empty nor this script's run
     with contextlib.suppress(OSError, ValueError, AttributeError):  # no config.json, damaged, not a JSON object
         return json.load(open(os.path.join(path, "config.json"))).get("script") != SCRIPT
     return os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path))
@@ -940,8 +934,7 @@ def mcq_accuracy(preds, answers):  # share of predictions whose option letter is
     ok = [extract_option(p) is not None and extract_option(p) == extract_option(a) for p, a in zip(preds, answers)]
     return sum(ok) / max(1, len(ok))
 
-def frame_f1(pred, gold):
-    """Micro F1 over every (clip, frame) pair: pred and gold are lists of 0/1 lists."""
+def frame_f1(pred, gold):  # micro F1 over every (clip, frame) pair: pred and gold are lists of 0/1 lists
     pairs = [(bool(p), bool(g)) for ps, gs in zip(pred, gold) for p, g in zip(ps, gs)]  # (predicted, gold) per frame
     tp, fp, fn = sum(p and g for p, g in pairs), sum(p and not g for p, g in pairs), sum(g and not p for p, g in pairs)
     return 2 * tp / max(1, 2 * tp + fp + fn)  # F1 = 2TP / (2TP + FP + FN); 0 when nothing is positive
@@ -979,8 +972,7 @@ def pick_device(name):  # "auto" -> cuda, else mps, else cpu; any other name as 
 def parse_device_map(cfg):
     """-> {part: device}: --device for all three parts unless --device_map moves one (the Mark-1 project's split
     over two GPUs: "vision=cuda:0,bridge=cuda:0,llm=cuda:1"); every device is checked to exist here."""
-    dev = pick_device(cfg.device)
-    out = dict(vision=dev, bridge=dev, llm=dev)
+    out = dict.fromkeys(("vision", "bridge", "llm"), pick_device(cfg.device))
     for part in filter(None, cfg.device_map.split(",")):
         k, _, v = part.partition("=")  # "llm=cuda:1" -> ("llm", "cuda:1")
         if k not in out or not v:
@@ -1015,8 +1007,7 @@ def lr_at(step, cfg):
     t = min(1.0, (step - warm) / max(1, cfg.max_steps - warm))  # 0 -> 1 over the rest of the run
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
 
-def global_batch(step, n, size, seed):
-    """Indices of the global batch of a step: a fresh permutation per epoch, shared by every rank."""
+def global_batch(step, n, size, seed):  # a step's global batch: a fresh permutation per epoch, shared by every rank
     per_epoch = max(1, n // size)  # full batches per epoch (the remainder is skipped)
     epoch, k = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))  # a pure function of the step
@@ -1079,8 +1070,7 @@ def prepare_data(cfg, rank=0, splits=("train", "val", "test", "novel")):
     anns.setdefault("val", anns["test"][:max(1, len(anns["test"]) // 2)])  # user data: half of the test split
     return {s: (e, load_split(e, cfg)) for s, e in anns.items() if s in splits}
 
-def make_optimizer(model, cfg):
-    """AdamW over the trainable parameters, weight decay on matrices only (norm gains and biases are not decayed)."""
+def make_optimizer(model, cfg):  # AdamW over the trainable parameters; weight decay on matrices only
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -1354,9 +1344,8 @@ def parse_args(argv=None):
                        ("choices", "'A. ...|B. ...|C. ...|D. ...'"), ("preset", f"one of {sorted(PRESETS)}")):
         p.add_argument(f"--{name}", default="default" if name == "preset" else "", help=what)
     for f in dataclasses.fields(Config):  # --flag/--no-flag for bools, typed values for the rest
-        bool_ = isinstance(f.default, bool)
-        p.add_argument(f"--{f.name}", default=None, **(dict(action=argparse.BooleanOptionalAction) if bool_
-                                                        else dict(type=type(f.default))))
+        kw = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
+        p.add_argument(f"--{f.name}", default=None, **kw)  # None = not given: the preset's value stays
     args = p.parse_args(argv)
     if args.preset not in PRESETS:
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
