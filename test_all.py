@@ -1106,6 +1106,63 @@ def test_vc_user_folders_and_flag_ranges(tmp_path, capsys):
     assert cfg.data == os.path.abspath("caps.txt") and cfg.test_data == os.path.abspath("t.txt")
 
 
+def test_vc_world_only_in_its_own_folder(tmp_path, capsys, monkeypatch):
+    """The synthetic world is written only into a folder whose world.json is this script's: one of the user's, of
+    another script or a damaged one is refused and left as it was; a build cut short is this script's and is written
+    again. --out_dir holding another script's checkpoint is refused before any work."""
+    tiny = ["--train", "--preset", "tiny", "--out_dir", tmp_path / "o"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.txt").write_text("notes")
+    for text in ('{"my": 1}', "{not json", json.dumps({"img": [1, 1], "vid": [1, 1, 1], "seed": 1337, "version": 3})):
+        (mine / "world.json").write_text(text)
+        main_user_error(vc.main, capsys, [*tiny, "--data_dir", mine], "--data_dir", "world.json")
+        assert (mine / "world.json").read_text() == text and (mine / "train.txt").read_text() == "notes"
+        assert sorted(p.name for p in mine.iterdir()) == ["train.txt", "world.json"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"script": "videollama_mini", "config": {}}))
+    main_user_error(vc.main, capsys, ["--train", "--preset", "tiny", "--data_dir", tmp_path / "d", "--out_dir", other],
+                    "--out_dir", "did not write")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+    cfg = vc.Config(**{**vc.PRESETS["tiny"], "data_dir": str(tmp_path / "w")})
+    real, calls = vc.write_image, []
+    def cut_short(*a):  # the fourth image is never written: as if interrupted
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        real(*a)
+    monkeypatch.setattr(vc, "write_image", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        vc.build_world(cfg)
+    monkeypatch.setattr(vc, "write_image", real)
+    files = vc.build_world(cfg)
+    assert json.load(open(tmp_path / "w" / "world.json"))["version"] == 2
+    assert len(vc.read_captions(files["train"])) == cfg.n_train
+
+
+def test_vc_flag_ranges_nan_and_zero(tmp_path, capsys):
+    """A NaN passes no range; split sizes, a RoPE base and the patch scale of 0 are refused; all in one line naming
+    the flag, before any work."""
+    tiny = ["--train", "--preset", "tiny", "--data_dir", tmp_path / "d", "--out_dir", tmp_path / "o"]
+    for flag, value in (("--weight_decay", "nan"), ("--min_lr", "nan"), ("--temperature", "nan"), ("--lr", "inf"),
+                        ("--patch_scale", "nan"), ("--rope_theta", 0), ("--n_train", 0), ("--n_val", 0),
+                        ("--n_novel", 0), ("--vit_layers", -1)):
+        main_user_error(vc.main, capsys, [*tiny, flag, value], flag)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+
+
+def test_vc_undecodable_image_is_one_line(tmp_path):
+    """OpenCV's own log stays quiet: an image it cannot decode gives our one line on stderr and nothing else (a new
+    process: OpenCV reads its log level when it is first imported)."""
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 32)  # a PNG signature, then no IHDR chunk
+    (tmp_path / "caps.txt").write_text("bad.png | a small red circle\n")
+    proc = run_script("vit_caption.py", "--train", "--preset", "tiny", "--data", tmp_path / "caps.txt", "--test_data",
+                      tmp_path / "caps.txt", "--out_dir", tmp_path / "o")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'bad.png'}: OpenCV cannot decode this image (corrupt or unknown format)"], proc.stderr
+
+
 @_vc_1t
 @pytest.mark.parametrize("pool", ["cls", "mean", "patches"])
 def test_vc_attention_png_every_pool(pool, tmp_path):

@@ -42,7 +42,9 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 
+os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")  # set before cv2 loads: an image it cannot read is our one line
 import cv2
 import numpy as np
 import tiktoken
@@ -57,9 +59,20 @@ SCRIPT = "vit_caption"
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
+def read_json(path):
+    """path's JSON object as a dict, or None: missing, unreadable, not JSON or not an object."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return obj if isinstance(obj := json.load(open(path, encoding="utf-8")), dict) else None
+
+def writable(path, marker, ours):
+    """Whether this script may write into path: missing, empty, or its own (the JSON in `marker` passes ours())."""
+    return not os.path.exists(path) or os.path.isdir(path) and (
+        not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
-@dataclasses.dataclass
+
+@dataclass
 class Config:
     data: str = ""  # captions file of user data (format in the README); "" = the built-in synthetic world
     test_data: str = ""  # optional captions file to evaluate user data on; else every 10th image is held out
@@ -124,6 +137,7 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: synthetic world, image loader, captions files, tokenizer
+
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
            "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
 SHAPES = ["circle", "square", "triangle"]
@@ -178,41 +192,38 @@ def write_image(path, objs, rng):
         elif shape == "square":  # a little smaller than the circle's box: about the same area
             cv2.rectangle(img, (cx - h + 2, cy - h + 2), (cx + h - 2, cy + h - 2), c, -1)
         else:  # an upright triangle in the same box
-            cv2.fillPoly(img, [np.array([[cx, cy - h], [cx - h, cy + h - 1], [cx + h, cy + h - 1]], np.int32)], c,
-                         cv2.LINE_AA)
+            cv2.fillPoly(img, [np.int32([[cx, cy - h], [cx - h, cy + h - 1], [cx + h, cy + h - 1]])], c, cv2.LINE_AA)
     if not cv2.imwrite(path, img):
         raise UserError(f"{path}: cannot write (is {os.path.dirname(path)} writable?)")
 
-def build_world(cfg):  # write data_dir/<split>/*.png and <split>.txt once (deterministic from --seed) -> the paths
+def build_world(cfg):
+    """Write data_dir/<split>/*.png and data_dir/<split>.txt once (deterministic from --seed); return the paths."""
     sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "novel": cfg.n_novel}
-    stamp, want = os.path.join(cfg.data_dir, "world.json"), dict(sizes, seed=cfg.seed, version=2)  # what is on disk
-    files = {s: os.path.join(cfg.data_dir, f"{s}.txt") for s in sizes}
-    with contextlib.suppress(OSError, ValueError):  # missing or damaged: not this world
-        if json.load(open(stamp)) == want:
-            return files
-    if not os.path.isfile(stamp) and os.path.exists(cfg.data_dir) and (os.path.isfile(cfg.data_dir) or os.listdir(
-            cfg.data_dir)):  # a file, or a folder of the user's: never written over
-        raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json); "
-                        f"give a new folder for the synthetic world, or your files as --data FILE")
+    stamp, want = os.path.join(cfg.data_dir, "world.json"), dict(sizes, seed=cfg.seed, version=2)  # the manifest
+    files, old = {s: os.path.join(cfg.data_dir, f"{s}.txt") for s in sizes}, read_json(stamp) or {}
+    if old == want:  # written before for these sizes and this seed
+        return files
+    if not writable(cfg.data_dir, "world.json", lambda m: set(m) == set(want) and m["version"] in (0, 2)):
+        raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json of "
+                        f"its own); give a new folder for the synthetic world, or your files as --data FILE")
+    os.makedirs(cfg.data_dir, exist_ok=True)
+    json.dump(dict(want, version=0), open(stamp, "w"))  # 0: ours, but a build under way (or cut short)
     for offset, (split, n) in enumerate(sizes.items()):
         rng, lines = random.Random(cfg.seed * 10 + offset), []
         os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
         for i in range(n):
-            objs, relation = sample_scene(rng, split)
-            name = f"{split}/{i:05d}.png"
+            (objs, relation), name = sample_scene(rng, split), f"{split}/{i:05d}.png"
             write_image(os.path.join(cfg.data_dir, name), objs, rng)
             lines += [f"{name} | {c}" for c in captions_for(objs, relation)]
         open(files[split], "w").write("\n".join(lines) + "\n")
-    json.dump(want, open(stamp, "w"))
+    atomic(stamp, lambda p: json.dump(want, open(p, "w")))
     return files
 
 def load_image(path, size):
     """Any image OpenCV reads, any size -> uint8 (size, size, 3) RGB. Letterboxed (edge pixels repeated) rather than
     cropped or stretched: a crop could cut an object away and a stretch turns circles into ellipses."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: image not found")
-    if os.path.getsize(path) == 0:
-        raise UserError(f"{path}: image file is empty (0 bytes); replace it with a real image")
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise UserError(f"{path}: " + ("image file is empty (0 bytes)" if os.path.isfile(path) else "image not found"))
     img = cv2.imread(path, cv2.IMREAD_COLOR)  # BGR, 8-bit, 3 channels whatever the file holds
     if img is None or img.size == 0:
         raise UserError(f"{path}: OpenCV cannot decode this image (corrupt or unknown format)")
@@ -270,6 +281,7 @@ def normalise(text):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Model: primitives -> one Block for both towers -> ViT -> captioner
+
 class RMSNorm(nn.Module):
     """LLaMA's norm (Zhang & Sennrich 2019): x / rms(x) * weight. No mean subtraction and no bias: cheaper than
     LayerNorm and, in LLaMA, as good."""
@@ -456,6 +468,7 @@ class ViTCaptioner(nn.Module):
         n = self.cfg.img_size // p
         self.vit.pos_embed[0, -n * n:] = sincos_2d(n, self.vit.pos_embed.shape[-1]) * self.cfg.patch_scale
     def part_counts(self):
+        """Parameter count of each part, for the start-up print."""
         n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         return {"vit": n(self.vit), "projection": n(self.proj), "embedding": n(self.embed_tokens),
                 "decoder layers": n(self.layers) + n(self.norm), "lm_head": n(self.lm_head)}
@@ -488,6 +501,7 @@ class ViTCaptioner(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoint I/O: out_dir/model.safetensors + config.json (+ the token table) + train_state.pt
+
 def atomic(path, write):
     write(path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
@@ -502,28 +516,16 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
-def foreign(path):  # True where --train must not write: a file, or a folder neither empty nor this script's run
-    with contextlib.suppress(OSError, ValueError, AttributeError):  # no config.json, damaged, not a JSON object
-        return json.load(open(os.path.join(path, "config.json"))).get("script") != SCRIPT
-    return os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path))
-
-# The fields that shape the weights: --resume takes them from the checkpoint, never from the command line.
 ARCH = ("img_size", "patch", "vit_dim", "vit_layers", "vit_heads", "vit_mlp", "pool", "d_model", "n_layer", "n_head",
-        "mlp_dim", "max_len", "rope_theta", "compact_vocab")
+        "mlp_dim", "max_len", "rope_theta", "compact_vocab")  # the weights' shape: always the checkpoint's
 
 def load_checkpoint(out_dir, overrides=None):
-    """-> (model, tokenizer, cfg). Refuses a missing checkpoint, one written by another script, or mismatched keys.
-    The architecture always comes from the checkpoint; overrides may change only the rest (generation, device...)."""
+    """-> (model, tokenizer, cfg): the architecture from the checkpoint, overrides only for the rest (device...)."""
     cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
         raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
-    try:
-        meta = json.load(open(cpath))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{cpath}: not valid JSON (checkpoint damaged; retrain or pass another --out_dir)")
-    if (who := meta.get("script") if isinstance(meta, dict) else None) != SCRIPT:
-        raise UserError(f"{out_dir}: checkpoint was written by '{who}', not {SCRIPT}.py; pass --out_dir of a "
-                        f"{SCRIPT} checkpoint")
+    if (meta := read_json(cpath) or {}).get("script") != SCRIPT:  # {}: damaged
+        raise UserError(f"{cpath}: damaged, or another script's ({meta.get('script')}); pass a {SCRIPT} --out_dir")
     if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("vocab"), list):
         raise UserError(f"{cpath}: no 'config' object or 'vocab' list (checkpoint damaged; retrain or pass --out_dir)")
     saved = {k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
@@ -535,17 +537,15 @@ def load_checkpoint(out_dir, overrides=None):
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise UserError(f"{wpath}: cannot read weights ({str(e)[:80]}); retrain or pass another --out_dir")
     own = model.state_dict()  # strict: every key present, none extra, every shape equal, or one clear line
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        raise UserError(f"{wpath}: keys do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                        f"mis-shaped {shapes[:5]})")
+    if missing or extra or shapes:
+        raise UserError(f"{wpath}: bad keys (missing {missing[:5]}, unexpected {extra[:5]}, mis-shaped {shapes[:5]})")
     model.load_state_dict(state)
     return model, tok, cfg
 
 def resume_run(cfg, typed=None):
-    """--resume, before any data is read: out_dir's saved config with the typed flags on top (typed None: all of cfg);
-    a typed flag asking for another architecture (ARCH) is refused by name. -> cfg, (model, tokenizer, train state)"""
+    """--resume, before any data: out_dir's run, typed flags on top (none of ARCH) -> cfg, (model, tok, state)"""
     path = os.path.join(cfg.out_dir, "train_state.pt")
     if not os.path.isfile(path):
         raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
@@ -561,8 +561,10 @@ def resume_run(cfg, typed=None):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics: exact match, corpus BLEU-4, CIDEr-D (plain Python, tested on hand-computed cases)
+
 def ngrams(words, n):
-    return collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))  # {n-gram tuple: count}
+    """-> {n-gram tuple: count} of a word list."""
+    return collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
 
 def exact_match(preds, refs):
     return sum(normalise(p) in {normalise(r) for r in rs} for p, rs in zip(preds, refs)) / max(1, len(preds))
@@ -612,7 +614,9 @@ def cider_d(preds, refs, sigma=6.0):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Training
-def pick_device(name):  # auto: cuda > mps > cpu; any other name must be one of the devices this machine has
+
+def pick_device(name):
+    """--device auto: cuda > mps > cpu; any other name must be one of the devices this machine has."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     cudas = [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # counting them creates no CUDA context
     have = ["cpu"] + ["mps"] * mps + cudas + ["cuda"] * bool(cudas)  # auto takes the last: cuda > mps > cpu
@@ -620,7 +624,8 @@ def pick_device(name):  # auto: cuda > mps > cpu; any other name must be one of 
         raise UserError(f"--device {name}: no such device on this machine; pass auto or one of {', '.join(have)}")
     return have[-1] if name == "auto" else name
 
-def autocast(cfg, device):  # matmuls in cfg.dtype under torch.autocast (weights stay float32); float32 = off
+def autocast(cfg, device):
+    """Matmuls in cfg.dtype under torch.autocast (weights stay float32); float32 = autocast off."""
     on = cfg.dtype != "float32"
     return torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype) if on else None, enabled=on)
 
@@ -634,7 +639,8 @@ def pad_batch(seqs, max_len):
         inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
     return inp, tgt
 
-def lr_at(step, cfg):  # linear warmup, then cosine decay to min_lr
+def lr_at(step, cfg):
+    """Linear warmup, then cosine decay to min_lr."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
@@ -648,7 +654,8 @@ def global_batch(step, n, size, seed):
     perm = torch.randperm(n_all, generator=torch.Generator().manual_seed(seed + epoch)) % n
     return perm[k * size:(k + 1) * size]
 
-def prepare_data(cfg, rank):  # -> {split: (entries, uint8 images)}; rank 0 builds the synthetic world, the rest wait
+def prepare_data(cfg, rank):
+    """-> {split: (entries, uint8 images)}; the synthetic world is built by rank 0 only, the others wait."""
     if cfg.data:
         entries = read_captions(cfg.data)
         test = read_captions(cfg.test_data) if cfg.test_data else entries[::10]  # else every 10th image is held out
@@ -662,8 +669,7 @@ def prepare_data(cfg, rank):  # -> {split: (entries, uint8 images)}; rank 0 buil
         if dist.is_initialized():
             dist.barrier()
         splits = {s: read_captions(os.path.join(cfg.data_dir, f"{s}.txt")) for s in ("train", "val", "test", "novel")}
-    if cfg.max_train > 0:
-        splits["train"] = splits["train"][: cfg.max_train]
+    splits["train"] = splits["train"][: cfg.max_train or None]  # max_train 0: all of them
     # every image decoded once into a uint8 tensor (n, S, S, 3): epochs never re-decode
     return {s: (e, torch.from_numpy(np.stack([load_image(p, cfg.img_size) for p, _ in e]))) for s, e in splits.items()}
 
@@ -700,9 +706,8 @@ def init_training(cfg, entries, images, resumed, device):
     return model, tok, opt, state["step"] if resumed else 0
 
 def train_step(model, opt, scaler, batch, cfg, device, rank, world):
-    """One optimizer step over grad_accum micro-batches of this rank's rows -> the global batch's mean loss. The loss
-    is summed over tokens / the global batch's token count, so any split of the batch (micro-batches, ranks) gives the
-    same gradient; DDP averages over ranks, hence the * world."""
+    """One optimizer step over grad_accum micro-batches of this rank's rows -> the global batch's mean loss. Summed
+    over tokens / the global token count, any split of the batch gives the same gradient (DDP averages: * world)."""
     images, inp, tgt = batch  # the global batch: (G, S, S, 3), (G, L), (G, L)
     n_tok, total = (tgt != -100).sum().item(), torch.zeros((), device=device)  # total: this rank's share of the loss
     model.train()
@@ -750,8 +755,7 @@ def train(cfg, resume=False, typed=None):
     (entries, images), caption_rng = data["train"], random.Random()
     tokens = [[tok.encode(c) for c in cs] for _, cs in entries]  # every reference of every image, encoded once
     val_batch = pad_batch([tok.encode(cs[0]) for _, cs in data["val"][0]], cfg.max_len)  # (inputs, targets)
-    gsize = cfg.batch_size * cfg.grad_accum * world
-    t_log, log_step, step0 = time.time(), step, step
+    gsize, t_log, log_step, step0 = cfg.batch_size * cfg.grad_accum * world, time.time(), step, step
     while step < cfg.max_steps:
         idx = global_batch(step, len(entries), gsize, cfg.seed)
         caption_rng.seed(cfg.seed * 100003 + step)  # which reference each image shows: a function of the step
@@ -787,6 +791,7 @@ def train(cfg, resume=False, typed=None):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Generation and evaluation
+
 def filter_logits(logits, top_k, top_p):
     """Keep the top_k largest and the smallest set whose probability reaches top_p; the rest -> -inf."""
     if top_k > 0:
@@ -878,14 +883,13 @@ def beam_search(model, images, cfg, length_penalty=1.0):
             finished[b].append((score[b].max().item(), seq[b * K + score[b].argmax().item()].tolist()))
     return [max(f)[1] for f in finished]
 
-def put(img, text, x, y, scale=0.4):
-    cv2.putText(img, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
-
 def attention_png(model, image, tok, cfg, device, path, show=None):
     """Picture of where the model looked while it captioned `image` (greedy) -> the caption. Left: the image, its
     patches numbered. Right: one row per caption token, one column per patch: the decoder's last-layer attention from
     the position that wrote the token, recorded by generate() itself (cached call j wrote token j). With pool
     "cls"/"mean" the decoder sees one vector, so every row shows the ViT's last-layer CLS (or mean) attention."""
+    def put(img, text, x, y, scale=0.4):  # white text
+        cv2.putText(img, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
     model.record_attention(True)
     with torch.no_grad(), autocast(cfg, device):
         ids = generate(model, image[None].to(device), dataclasses.replace(cfg, beam=1, temperature=0.0))[0]
@@ -904,8 +908,7 @@ def attention_png(model, image, tok, cfg, device, path, show=None):
     heat = (255 * heat / heat.amax(1, keepdim=True).clamp_min(1e-9)).to(torch.uint8).numpy()
     heat = cv2.resize(cv2.applyColorMap(heat, cv2.COLORMAP_VIRIDIS), (cell * g * g, cell * len(labels)),
                       interpolation=cv2.INTER_NEAREST)  # (tokens * cell, P * cell, 3)
-    mat = np.zeros((16 + heat.shape[0], label + heat.shape[1], 3), np.uint8)  # a header row for the patch numbers
-    mat[16:, label:] = heat
+    mat = np.pad(heat, ((16, 0), (label, 0), (0, 0)))  # black margins: a header row (patch numbers), token labels
     pic = cv2.resize((show if show is not None else image.numpy())[:, :, ::-1], (big, big), interpolation=0)  # BGR
     for i in range(g * g):  # patch i: its cell on the image (grid numbered row by row) and its column's header
         r, c = divmod(i, g)
@@ -944,19 +947,19 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
     print(f"wrote {cfg.out_dir}/eval.json and {cfg.out_dir}/attention.png")
     return result
 
-def bench(cfg):  # training samples/s, captions/s (KV cache on, off) in cfg.dtype; random images, the world's tokens
+def bench(cfg):
+    """Training samples/s and captions/s (KV cache on, off) in cfg.dtype, on random images, the world's token table."""
     device, B = pick_device(cfg.device), cfg.batch_size
     torch.manual_seed(0)
     objs = [(c, s, z) for c in COLOURS for s in SHAPES for z in SIZES]  # every word the world's captions use
     caps = [describe(o) for o in objs] + [f"{describe(objs[0])} {r} {describe(objs[1])}" for r in RELATIONS]
     vocab = len(Tokenizer.from_captions(caps, cfg.compact_vocab).ids)
     model = ViTCaptioner(cfg, vocab).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt, scaler = torch.optim.AdamW(model.parameters(), lr=1e-4), torch.amp.GradScaler(enabled=cfg.dtype == "float16")
     img = torch.randint(0, 255, (B, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8, device=device)
     inp = torch.randint(0, vocab, (B, 16), device=device)  # 16 text tokens, the length of a two-object caption
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, vocab {vocab}")
     times, one = [], dataclasses.replace(cfg, grad_accum=1)  # the whole batch in one micro-batch
-    scaler = torch.amp.GradScaler(enabled=cfg.dtype == "float16")
     for i in range(8):  # the training step itself: 2 warm-up steps, then the median of 6
         t = time.time()
         train_step(model, opt, scaler, (img, inp, inp), one, device, 0, 1)
@@ -973,10 +976,10 @@ def bench(cfg):  # training samples/s, captions/s (KV cache on, off) in cfg.dtyp
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
+
 CHOICES = dict(pool=("cls", "mean", "patches"), dtype=("float32", "bfloat16", "float16"), patch_init=("pca", "random"))
-POSITIVE = ("batch_size", "grad_accum", "log_interval", "eval_interval", "patch", "vit_heads", "n_head", "max_steps",
-            "n_layer", "max_new_tokens", "img_size", "vit_dim", "d_model", "mlp_dim", "vit_mlp", "beam")
-NOT_NEGATIVE = ("max_train", "eval_max", "top_k", "stop_after", "weight_decay", "warmup", "min_lr")
+ZERO_OK = ("max_train", "eval_max", "vit_layers", "warmup", "stop_after", "top_k")  # counts where 0 means none / off
+RATES = ("lr", "grad_clip", "rope_theta", "patch_scale")  # above 0; every other number is at least 0
 
 def parse_args(argv=None):
     """Command line -> (args, cfg, overrides): the preset, then the flags given. No files, data or model touched."""
@@ -992,24 +995,23 @@ def parse_args(argv=None):
         kw = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
         p.add_argument(f"--{f.name}", default=None, **kw)  # None = not given: the preset's value stays
     args = p.parse_args(argv)
-    if args.preset not in PRESETS:
-        raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     overrides.update({k: os.path.abspath(overrides[k]) for k in ("data", "test_data") if overrides.get(k)})  # as saved
-    cfg = Config(**{**PRESETS[args.preset], **overrides})
-    # the first bad flag in one line naming it, not a traceback later; sizes are divided only once they are positive
-    bad = [f"--{n} {getattr(cfg, n)}: choose one of {', '.join(c)}" for n, c in CHOICES.items() if getattr(cfg, n)
-           not in c] + [f"--{n} {getattr(cfg, n)}: must be at least 1" for n in POSITIVE if getattr(cfg, n) < 1]
-    bad += [f"--{n} {getattr(cfg, n)}: must not be negative" for n in NOT_NEGATIVE if getattr(cfg, n) < 0]
-    bad = bad or [why for wrong, why in (
-        (not (0 < cfg.lr < math.inf and 0 < cfg.grad_clip < math.inf), f"--lr {cfg.lr} and --grad_clip "
-         f"{cfg.grad_clip} must be positive numbers"),
+    cfg = Config(**{**PRESETS.get(args.preset, {}), **overrides})
+    # the first bad flag in one line naming it, not a traceback later; a NaN fails every comparison, so each range is
+    # the condition a good value meets
+    bad = [f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}"] * (args.preset not in PRESETS)
+    bad += [f"--{n} {v}: choose one of {', '.join(c)}" for n, c in CHOICES.items() if (v := getattr(cfg, n)) not in c]
+    nums = {n: v for n, v in dataclasses.asdict(cfg).items() if type(v) in (int, float) and n != "seed"}
+    bad += [f"--{n} {v}: must be at least 1" for n, v in nums.items() if type(v) is int and n not in ZERO_OK and v < 1]
+    bad += [f"--{n} {v}: must be a number > 0" for n, v in nums.items() if n in RATES and not 0 < v < math.inf]
+    bad += [f"--{n} {v}: must be a number >= 0" for n, v in nums.items() if not 0 <= v < math.inf]
+    bad = bad or [why for wrong, why in (  # these divide by sizes: only once the sizes are positive
         (not (0 <= cfg.dropout < 1 and 0 <= cfg.vit_dropout < 1), "--dropout and --vit_dropout: in [0, 1)"),
         (cfg.max_len < 2, f"--max_len {cfg.max_len}: at least 2 (BOS and one token)"),
-        (args.train and not args.resume and foreign(cfg.out_dir), f"--out_dir {cfg.out_dir}: a file, or a folder "
-         f"holding files this script did not write; give a new or empty folder"),
+        (args.train and not args.resume and not writable(cfg.out_dir, "config.json", lambda m: m.get("script") ==
+         SCRIPT), f"--out_dir {cfg.out_dir}: a file, or a folder this script did not write; give a new or empty one"),
         (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1] (1 = off)"),
-        (cfg.temperature < 0, f"--temperature {cfg.temperature}: must be >= 0 (0 = greedy)"),
         (cfg.img_size % cfg.patch, f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}"),
         (cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.vit_heads, f"--d_model "
          f"{cfg.d_model} / --n_head {cfg.n_head}: need even-sized heads, and --vit_dim a multiple of --vit_heads"),
@@ -1019,29 +1021,27 @@ def parse_args(argv=None):
     return args, cfg, overrides
 
 def main(argv=None):
-    """The command line. A UserError ends it with one line on stderr and exit status 2, never a traceback."""
+    """--train / --bench / --eval / --generate. A UserError ends it with one line on stderr and exit status 2."""
     try:
         args, cfg, overrides = parse_args(argv)
         if args.train:  # train prints the config it runs: on --resume the checkpoint's, with the typed flags on top
             return train(cfg, args.resume, overrides)
         print("config:", json.dumps(dataclasses.asdict(cfg)))
         if args.bench:
-            bench(cfg)
-        elif args.eval or args.generate:
-            model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)  # the architecture comes from the checkpoint
-            model.to(device := pick_device(cfg.device))
-            if args.eval:
-                return evaluate(model, tok, cfg, device, prepare_data(cfg, 0))
-            image = torch.from_numpy(load_image(args.image, cfg.img_size))  # (S, S, 3) uint8, letterboxed
-            with autocast(cfg, device):  # sampling (--temperature > 0) is reproducible from --seed
-                ids = generate(model, image[None].to(device), cfg,
-                               generator=torch.Generator(device).manual_seed(cfg.seed))
-            print(tok.decode(ids[0]))
-            path = os.path.join(cfg.out_dir, f"caption_{os.path.splitext(os.path.basename(args.image))[0]}.png")
-            attention_png(model, image, tok, cfg, device, path, show=load_image(args.image, 192))
-            print(f"wrote {path} (greedy caption + attention of each caption token over the patches)")
-        else:
-            print("nothing to do: pass --train, --eval, --generate --image PATH, or --bench (see --help)")
+            return bench(cfg)
+        if not (args.eval or args.generate):
+            return print("nothing to do: pass --train, --eval, --generate --image PATH, or --bench (see --help)")
+        model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)  # the architecture comes from the checkpoint
+        model.to(device := pick_device(cfg.device))
+        if args.eval:
+            return evaluate(model, tok, cfg, device, prepare_data(cfg, 0))
+        image = torch.from_numpy(load_image(args.image, cfg.img_size))  # (S, S, 3) uint8, letterboxed
+        with autocast(cfg, device):  # sampling (--temperature > 0) is reproducible from --seed
+            ids = generate(model, image[None].to(device), cfg, generator=torch.Generator(device).manual_seed(cfg.seed))
+        print(tok.decode(ids[0]))
+        path = os.path.join(cfg.out_dir, f"caption_{os.path.splitext(os.path.basename(args.image))[0]}.png")
+        attention_png(model, image, tok, cfg, device, path, show=load_image(args.image, 192))
+        print(f"wrote {path} (greedy caption + attention of each caption token over the patches)")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
