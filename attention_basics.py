@@ -58,7 +58,8 @@ import textwrap
 import time
 from dataclasses import dataclass
 
-os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg stays quiet: a bad video is reported by us, in one line
+os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")  # OpenCV and its FFmpeg stay quiet (set before cv2 loads): an
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # image or video they cannot read is our one line
 import cv2
 import numpy as np
 import tiktoken
@@ -72,8 +73,19 @@ SCRIPT = "attention_basics"
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
+def read_json(path):
+    """path's JSON object as a dict, or None: missing, unreadable, not JSON or not an object."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return obj if isinstance(obj := json.load(open(path, encoding="utf-8")), dict) else None
+
+def writable(path, marker, ours):
+    """Whether this script may write into path: missing, empty, or its own (the JSON in `marker` passes ours())."""
+    return not os.path.exists(path) or os.path.isdir(path) and (
+        not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
+
 @dataclass
 class Config:
     data_dir: str = "data/attention_basics"  # synthetic PNG images and mp4 clips are written here
@@ -127,6 +139,7 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: synthetic world (PNG images, mp4 clips), loaders, annotation files, tokenizer
+
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
            "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
 SHAPES = ["circle", "square", "triangle"]
@@ -183,17 +196,16 @@ def build_world(cfg):
     Annotation format (also for user data): one `relative/path<TAB>caption` per line."""
     want = dict(img=[cfg.n_img_train, cfg.n_img_test], vid=[cfg.n_train, cfg.n_test, cfg.n_novel],
                 seed=cfg.seed, version=3)  # what the files on disk were written for
-    stamp = os.path.join(cfg.data_dir, "world.json")
-    with contextlib.suppress(OSError, ValueError):  # missing or damaged: not this world
-        if json.load(open(stamp)) == want:
-            return  # already written for these sizes and this seed: reuse the files
-    if not os.path.isfile(stamp) and os.path.exists(cfg.data_dir) and (os.path.isfile(cfg.data_dir) or os.listdir(
-            cfg.data_dir)):  # a file, or a folder of the user's: never written over
-        raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json); "
-                        f"give a new folder for the synthetic world")
+    if read_json(stamp := os.path.join(cfg.data_dir, "world.json")) == want:
+        return  # already written for these sizes and this seed: reuse the files
+    if not writable(cfg.data_dir, "world.json", lambda m: set(m) == set(want) and m["version"] in (0, 3)):
+        raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json of "
+                        f"its own); give a new folder for the synthetic world")
+    os.makedirs(cfg.data_dir, exist_ok=True)
+    json.dump(dict(want, version=0), open(stamp, "w"))  # 0: ours, but a build under way (or cut short)
     for kind, sizes in (("images", want["img"]), ("videos", want["vid"])):
         for offset, (split, n) in enumerate(zip(("train", "test", "novel"), sizes)):
-            rng, lines = random.Random(cfg.seed * 100 + offset + (10 if kind == "videos" else 0)), []  # RNG per split
+            rng, lines = random.Random(cfg.seed * 100 + offset + (10 if kind == "videos" else 0)), []  # per split
             os.makedirs(os.path.join(cfg.data_dir, kind, split), exist_ok=True)
             for i in range(n):
                 if kind == "images":  # every class: CLIP is the pretrained encoder, it may see held-out pairs
@@ -206,7 +218,7 @@ def build_world(cfg):
                     write_clip(os.path.join(cfg.data_dir, name), rng, colour, shape, motion)
                     lines.append(f"{name}\ta {colour} {shape} moves {motion}")
             open(os.path.join(cfg.data_dir, f"{kind}_{split}.txt"), "w").write("\n".join(lines) + "\n")
-    json.dump(want, open(stamp, "w"))
+    atomic(stamp, lambda p: json.dump(want, open(p, "w")))
 
 def read_annotations(path):
     """`path<TAB>caption` lines (paths relative to the file) -> [(abs_path, caption)]; errors name the line."""
@@ -247,7 +259,6 @@ def sample_indices(n_total, n_frames):
 
 def load_video(path, n_frames, size):
     """Video file (any container/codec OpenCV reads) or folder of frame images -> uint8 (F, S, S, 3) RGB."""
-    frames = []
     if os.path.isdir(path):
         names = sorted((n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp"))),
                        key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])  # f2 before f10
@@ -255,7 +266,7 @@ def load_video(path, n_frames, size):
     else:
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such video file or folder of frames")
-        cap = cv2.VideoCapture(path)  # FFmpeg underneath: any container and codec it decodes
+        cap, frames = cv2.VideoCapture(path), []  # FFmpeg underneath: any container and codec it decodes
         if not cap.isOpened():
             raise UserError(f"{path}: OpenCV cannot open this video (corrupt or unknown format)")
         while cap.grab():  # decode every frame (clips here are short), then pick n_frames of them
@@ -265,7 +276,8 @@ def load_video(path, n_frames, size):
         raise UserError(f"{path}: video has no frames")
     return np.stack([frames[i] for i in sample_indices(len(frames), n_frames)])
 
-def gpt2():  # tiktoken's GPT-2 byte-level BPE; its two files are downloaded once, or read from TIKTOKEN_CACHE_DIR
+def gpt2():
+    """tiktoken's GPT-2 byte-level BPE; its two files are downloaded once, or read from TIKTOKEN_CACHE_DIR."""
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # offline with no cached files: say how to fix it, no traceback
@@ -287,10 +299,11 @@ class Tokenizer:
     def encode(self, text):
         """Text -> [BOS, ..., EOS] in model ids; GPT-2 ids absent from the table are dropped (said in the README)."""
         return [EOT] + [self.to_model[t] for t in self.enc.encode(text) if t in self.to_model] + [EOT]
-    def decode(self, ids):  # model ids -> text; BOS/EOS/padding (model id 0) are left out
+    def decode(self, ids):  # model ids -> text, BOS/EOS/padding (model id 0) left out
         return self.enc.decode([self.ids[i] for i in ids if i != EOT]).strip()
 
-def pad_batch(seqs, max_len):  # token lists -> (ids, lengths), right-padded with EOT to the longest, cut at max_len
+def pad_batch(seqs, max_len):
+    """Token lists -> (ids, lengths), right-padded with EOT to the longest, cut at max_len."""
     seqs = [s[:max_len] for s in seqs]
     ids = torch.full((len(seqs), max(len(s) for s in seqs)), EOT, dtype=torch.long)  # (B, L)
     for i, s in enumerate(seqs):
@@ -635,6 +648,7 @@ def n_params(model):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The tour: each section prints real shapes and checks its claims (an AssertionError here is a bug, not user error)
+
 def check(ok, claim):
     if not ok:
         raise AssertionError(f"tour check failed: {claim}")
@@ -836,8 +850,7 @@ SECTIONS = {"attention": tour_attention, "cross": tour_cross, "patchify": tour_p
             "video": tour_video, "perceiver": tour_perceiver, "flamingo": tour_flamingo}
 
 def tour(cfg):
-    names = list(SECTIONS) if cfg.section == "all" else [cfg.section]
-    t0 = time.time()
+    names, t0 = list(SECTIONS) if cfg.section == "all" else [cfg.section], time.time()
     for name in names:
         SECTIONS[name](cfg)
         print()
@@ -845,16 +858,10 @@ def tour(cfg):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoint I/O: out_dir/<name>/model.safetensors + config.json (the dataclass, the token table, the train time)
+
 def atomic(path, write):
     write(path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
-
-def foreign(path):  # True where --train must not write: a file, or a folder neither empty nor this script's run
-    for name in ("clip", "unified", "cross"):  # a run of this script holds its checkpoints
-        with contextlib.suppress(OSError, ValueError, AttributeError):  # none, damaged, not a JSON object
-            if json.load(open(os.path.join(path, name, "config.json"))).get("script") == SCRIPT:
-                return False
-    return os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path))
 
 def save_model(model, tok, cfg, name, train_seconds):
     d = os.path.join(cfg.out_dir, name)
@@ -867,21 +874,16 @@ def save_model(model, tok, cfg, name, train_seconds):
     atomic(os.path.join(d, "config.json"), lambda p: json.dump(meta, open(p, "w"), indent=1))
 
 def load_model(cfg, name):
-    """-> (model on cfg's device, tokenizer, the saved architecture with cfg's run fields, train seconds); refuses
-    a missing, corrupt or mis-fitting checkpoint, or one from another script/model, in one line."""
+    """-> (model on cfg's device, tokenizer, saved architecture + cfg's run fields, train seconds), or one line."""
     d = os.path.join(cfg.out_dir, name)
     cpath, wpath = os.path.join(d, "config.json"), os.path.join(d, "model.safetensors")
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
         raise UserError(f"{d}: no checkpoint here (run --train first, or pass --out_dir)")
-    try:
-        meta = json.load(open(cpath))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{cpath}: not valid JSON (re-run --train)") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-        raise UserError(f"{cpath}: not a checkpoint config (a JSON object with a 'config' object)")
+    if not isinstance((meta := read_json(cpath) or {}).get("config"), dict):
+        raise UserError(f"{cpath}: not valid JSON, or not a checkpoint config (a JSON object with a 'config' object); "
+                        f"re-run --train")
     if meta.get("script") != SCRIPT or meta.get("model") != name:
-        raise UserError(f"{d}: checkpoint was written by {meta.get('script')}/{meta.get('model')}, "
-                        f"not {SCRIPT}/{name}")
+        raise UserError(f"{d}: checkpoint written by {meta.get('script')}/{meta.get('model')}, not {SCRIPT}/{name}")
     unknown = sorted(set(meta["config"]) - {f.name for f in dataclasses.fields(Config)} - set(RUN_FIELDS))
     if unknown:
         raise UserError(f"{cpath}: unknown config keys {unknown} (written by another version of this script?)")
@@ -899,22 +901,25 @@ def load_model(cfg, name):
     missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
     shapes = [k for k in want if k in state and want[k].shape != state[k].shape]
     if missing or unexpected or shapes:
-        raise UserError(f"{wpath}: does not fit the model (missing {missing}, unexpected {unexpected}, "
-                        f"mis-shaped {shapes})")
+        raise UserError(f"{wpath}: does not fit (missing {missing}, unexpected {unexpected}, mis-shaped {shapes})")
     model.load_state_dict(state)
     return model.to(pick_device(cfg.device)), tok, cfg, meta.get("train_seconds")
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics
+
 def normalise(text):
     return " ".join(text.lower().strip().rstrip(".").split())
 
-def exact_match(preds, refs):  # share of predictions equal to their reference once both are normalised
+def exact_match(preds, refs):
+    """Fraction of predictions equal to their reference after lower-casing and whitespace normalisation."""
     return sum(normalise(p) == normalise(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Train: CLIP first, then the two captioners from its image encoder, same budget
-def pick_device(name):  # auto: cuda > mps (Apple GPUs) > cpu; any other name must be one of this machine's devices
+
+def pick_device(name):
+    """--device auto -> cuda if there is one, else mps (Apple GPUs), else cpu; any other name must be a device here."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     cudas = [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # counting them creates no CUDA context
     have = ["cpu"] + ["mps"] * mps + cudas + ["cuda"] * bool(cudas)  # auto takes the last: cuda > mps > cpu
@@ -927,13 +932,15 @@ def autocast(cfg, device):
         return torch.autocast("cpu", enabled=False)
     return torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype))
 
-def lr_at(step, total, base, cfg):  # linear warmup, then cosine decay to a tenth of the base rate
+def lr_at(step, total, base, cfg):
+    """Linear warmup, then cosine decay to a tenth of the base rate."""
     if step < cfg.warmup:
         return base * (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
     return base * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
 
-def make_optimizer(groups, cfg):  # AdamW; weight decay on matrices only (not biases, norms, gates, the temperature)
+def make_optimizer(groups, cfg):
+    """AdamW; weight decay only on matrices (not on biases, norms, gates or the temperature)."""
     out = []
     for params, lr in groups:
         params = [p for p in params if p.requires_grad]
@@ -1042,6 +1049,7 @@ def train(cfg):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Generate and evaluate
+
 @torch.no_grad()
 def generate(model, frames, cfg, device):
     """Greedy captions for uint8 clips (B, F, S, S, 3). The video is encoded once; each step re-runs the decoder on
@@ -1059,7 +1067,8 @@ def generate(model, frames, cfg, device):
                 break
     return [row[:row.index(EOT)] if EOT in row else row for row in ids[:, 1:].tolist()]  # cut at the first EOS
 
-def caption_all(model, tok, clips, cfg, device, batch=64):  # -> (captions, generated tokens per second)
+def caption_all(model, tok, clips, cfg, device, batch=64):
+    """-> (captions, generated tokens per second)."""
     preds, n_tok, t0 = [], 0, time.time()
     for i in range(0, len(clips), batch):
         for ids in generate(model, clips[i:i + batch], cfg, device):
@@ -1109,15 +1118,13 @@ def heat_png(path, w, frames, labels, title, rows):
 
 @torch.no_grad()
 def attention_maps(model, tok, clip, cfg, device):
-    """Heat maps for one clip from the written-out attention (record mode), averaged over heads: {kind: (weights
-    (rows, F), row labels, what the rows are)}, and the generated caption."""
+    """One clip's recorded attention, mean over heads -> {kind: (weights (rows, F), labels, rows' meaning)}, caption"""
     ids = generate(model, clip[None], cfg, device)[0]
     seq = torch.tensor([[EOT] + ids], device=device)  # (1, 1+L): BOS, then the caption
     labels = ["<bos>"] + [tok.enc.decode([tok.ids[i]]) for i in ids]
-    Fr = clip.size(0)
+    maps, Fr = {}, clip.size(0)
     set_record(model, True)
     model(model.encode(clip[None].to(device)), seq)
-    maps = {}
     if model.variant == "unified":
         w = model.decoder.blocks[-1].attn.weights[0]  # (Np+L, Np+L)
         Np = w.size(0) - seq.size(1)
@@ -1136,7 +1143,7 @@ def attention_maps(model, tok, clip, cfg, device):
     return {k: (v.float().cpu().numpy(), *rest) for k, (v, *rest) in maps.items()}, tok.decode(ids)
 
 def evaluate(models, clip_model, tok, cfg, device, data, seconds):
-    """Score CLIP (zero-shot) and both captioners on test and novel; print them; write eval.json and the heat maps."""
+    """Score CLIP zero-shot and both captioners on test and novel; print table, samples; write eval.json, heat maps."""
     # eval.json: {"test": {model: metrics}, "novel": {variant: metrics}, "train_seconds": total}; each test entry
     # also holds the model's size, its training time and (captioners) its generation speed
     res = {"test": {}, "novel": {}, "train_seconds": sum(seconds.values())}
@@ -1163,7 +1170,6 @@ def evaluate(models, clip_model, tok, cfg, device, data, seconds):
     for n in models:
         for s in res["test"][n]["samples"][:2] + res["novel"][n]["samples"][:2]:
             print(f"  {n:<8} pred: {s['pred']!r:<32} ref: {s['ref']!r}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(res, open(p, "w"), indent=1))
     clip = data["videos"]["test"][1][0]
     for name, model in models.items():
@@ -1175,7 +1181,8 @@ def evaluate(models, clip_model, tok, cfg, device, data, seconds):
     print(f"wrote {os.path.join(cfg.out_dir, 'eval.json')}")
     return res
 
-def evaluate_saved(cfg):  # --eval: the three checkpoints in out_dir, scored and pictured as at the end of --train
+def evaluate_saved(cfg):
+    """--eval: the three checkpoints in out_dir, scored and pictured exactly as at the end of --train."""
     clip_model, tok, cfg, t_clip = load_model(cfg, "clip")
     loaded = {v: load_model(cfg, v) for v in ("unified", "cross")}  # variant -> (model, tok, cfg, train seconds)
     times = {"clip": t_clip, **{v: got[3] for v, got in loaded.items()}}
@@ -1184,6 +1191,11 @@ def evaluate_saved(cfg):  # --eval: the three checkpoints in out_dir, scored and
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
+
+CHOICES = dict(section=("all", *SECTIONS), variant=("unified", "cross"), dtype=("float32", "bfloat16"))
+ZERO_OK = ("n_vit_layer", "n_text_layer", "warmup", "threads")  # counts where 0 means none / the default
+RATES = ("lr", "vision_lr", "gate_lr")  # above 0; every other number is at least 0
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="A runnable tour of attention, ViT, CLIP, Perceiver and Flamingo, then "
                                             "two vision-LLM variants trained side by side.")
@@ -1196,29 +1208,25 @@ def parse_args(argv=None):
         kw = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
         p.add_argument(f"--{f.name}", default=None, **kw)  # None = not given: the preset's value stays
     args = p.parse_args(argv)
-    if args.preset not in PRESETS:
-        raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
-    cfg = Config(**{**PRESETS[args.preset], **overrides})
-    small = [f"--{f} must be at least 1" for f in ("img_size", "patch", "n_frames", "d_model", "n_head", "batch_size",
-             "n_dec_layer", "n_latents", "max_frames", "clip_steps", "steps", "log_interval", "d_embed") if vars(cfg)[f]
-             < 1] + [f"--{f} must not be negative" for f in ("n_vit_layer", "n_text_layer", "n_perceiver_layer",
-                                                           "warmup", "weight_decay", "threads") if vars(cfg)[f] < 0]
-    if small:
-        raise UserError(small[0])  # checked first: the checks below divide by these sizes
-    for bad, why in ((cfg.section != "all" and cfg.section not in SECTIONS,
-                      f"--section {cfg.section}: unknown section, choose one of {list(SECTIONS)} (or all)"),
-                     (cfg.variant not in ("unified", "cross"), f"--variant {cfg.variant}: choose unified or cross"),
-                     (cfg.dtype not in ("float32", "bfloat16"), f"--dtype {cfg.dtype}: choose float32 or bfloat16"),
-                     (not all(0 < r < math.inf for r in (cfg.lr, cfg.vision_lr, cfg.gate_lr)),
-                      "--lr, --vision_lr and --gate_lr must be positive numbers"),
-                     (cfg.max_len < 2, f"--max_len {cfg.max_len}: at least 2 (BOS and one token)"),
-                     (args.train and foreign(cfg.out_dir), f"--out_dir {cfg.out_dir}: a file, or a folder holding "
-                      f"files this script did not write; give a new or empty folder"),
-                     (cfg.img_size % cfg.patch, f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}"),
-                     (cfg.d_model % cfg.n_head, f"--d_model {cfg.d_model} is not a multiple of --n_head {cfg.n_head}")):
-        if bad:  # the first bad flag, in one line that names it
-            raise UserError(why)
+    cfg = Config(**{**PRESETS.get(args.preset, {}), **overrides})
+    # the first bad flag in one line naming it; a NaN fails every range; sizes first: later checks divide by them
+    nums = {n: v for n, v in dataclasses.asdict(cfg).items() if type(v) in (int, float) and n != "seed"}
+    bad = [f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}"] * (args.preset not in PRESETS)
+    bad += [f"--{n} {v}: choose one of {', '.join(c)}" for n, c in CHOICES.items() if (v := getattr(cfg, n)) not in c]
+    bad += [f"--{n} must be at least 1 ({v})" for n, v in nums.items() if type(v) is int and n not in ZERO_OK and v < 1]
+    bad += [f"--{n} must be a number > 0 ({v})" for n, v in nums.items() if n in RATES and not 0 < v < math.inf]
+    bad += [f"--{n} must be a number >= 0 ({v})" for n, v in nums.items() if not 0 <= v < math.inf]
+    bad = bad or [why for wrong, why in (
+        (cfg.max_len < 2, f"--max_len {cfg.max_len}: at least 2 (BOS and one token)"),
+        (cfg.n_frames > cfg.max_frames, f"--n_frames {cfg.n_frames}: at most --max_frames {cfg.max_frames}"),
+        (args.train and not writable(cfg.out_dir, os.path.join("clip", "config.json"), lambda m: m.get("script") ==
+         SCRIPT), f"--out_dir {cfg.out_dir}: a file, or a folder this script did not write; give a new or empty one"),
+        (cfg.img_size % cfg.patch, f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}"),
+        (cfg.d_model % cfg.n_head, f"--d_model {cfg.d_model} is not a multiple of --n_head {cfg.n_head}"),
+        (args.generate and not args.video, "--generate needs --video PATH (a video or a folder of frames)")) if wrong]
+    if bad:
+        raise UserError(bad[0])
     return args, cfg, overrides
 
 def main(argv=None):
@@ -1226,20 +1234,14 @@ def main(argv=None):
         args, cfg, _ = parse_args(argv)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        if args.train or args.eval or args.generate:
-            print("config:", json.dumps(dataclasses.asdict(cfg)))
-        if args.train:
-            train(cfg)
-        elif args.eval:
-            evaluate_saved(cfg)
-        elif args.generate:
-            if not args.video:
-                raise UserError("--generate needs --video PATH (a video file or a folder of frames)")
-            model, tok, cfg, _ = load_model(cfg, cfg.variant)
-            clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None]  # (1, F, S, S, 3)
-            print(tok.decode(generate(model, clip, cfg, pick_device(cfg.device))[0]))
-        else:
-            tour(cfg)
+        if not (args.train or args.eval or args.generate):
+            return tour(cfg)
+        print("config:", json.dumps(dataclasses.asdict(cfg)))
+        if args.train or args.eval:
+            return train(cfg) if args.train else evaluate_saved(cfg)
+        model, tok, cfg, _ = load_model(cfg, cfg.variant)
+        clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None]  # (1, F, S, S, 3)
+        print(tok.decode(generate(model, clip, cfg, pick_device(cfg.device))[0]))
     except UserError as e:  # the user's input: one line naming it and the fix, exit status 2, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1154,11 +1154,13 @@ def test_vc_flag_ranges_nan_and_zero(tmp_path, capsys):
 
 def test_vc_undecodable_image_is_one_line(tmp_path):
     """OpenCV's own log stays quiet: an image it cannot decode gives our one line on stderr and nothing else (a new
-    process: OpenCV reads its log level when it is first imported)."""
+    process, without the OPENCV_* settings this test process inherited from the imported scripts)."""
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 32)  # a PNG signature, then no IHDR chunk
     (tmp_path / "caps.txt").write_text("bad.png | a small red circle\n")
-    proc = run_script("vit_caption.py", "--train", "--preset", "tiny", "--data", tmp_path / "caps.txt", "--test_data",
-                      tmp_path / "caps.txt", "--out_dir", tmp_path / "o")
+    cmd = [sys.executable, "vit_caption.py", "--train", "--preset", "tiny", "--data", tmp_path / "caps.txt",
+           "--test_data", tmp_path / "caps.txt", "--out_dir", tmp_path / "o"]
+    proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")})
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'bad.png'}: OpenCV cannot decode this image (corrupt or unknown format)"], proc.stderr
 
@@ -3713,6 +3715,56 @@ def test_ab_user_folders_and_flag_ranges(tmp_path, capsys):
         _ab_user_error(capsys, flag, *tiny, "--out_dir", tmp_path / "o", flag, value)
     assert (mine / "eval.json").read_text() == '{"my": 1}' and afile.read_text() == "x"
     assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+
+
+def test_ab_world_only_in_its_own_folder(tmp_path, capsys, monkeypatch):
+    """The synthetic world goes only into a folder whose world.json is this script's: the user's, another script's or
+    a damaged one is refused and left as it was; a build cut short is written again. A NaN rate, a resampler without
+    layers, an empty split and more frames than time embeddings are refused in one line before any work."""
+    tiny = ["--train", "--preset", "tiny", "--out_dir", tmp_path / "o"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("notes")
+    vc_world = {"train": 1, "val": 1, "test": 1, "novel": 1, "seed": 1337, "version": 2}
+    for text in ('{"my": 1}', "{not json", json.dumps(vc_world)):
+        (mine / "world.json").write_text(text)
+        _ab_user_error(capsys, "world.json", *tiny, "--data_dir", mine)
+        assert (mine / "world.json").read_text() == text and (mine / "notes.txt").read_text() == "notes"
+        assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "world.json"]
+    for flags in (["--weight_decay", "nan"], ["--gate_lr", "inf"], ["--n_perceiver_layer", 0], ["--n_img_train", 0],
+                  ["--n_frames", 5, "--max_frames", 4]):
+        _ab_user_error(capsys, flags[0], *tiny, "--data_dir", tmp_path / "d", *flags)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+    cfg = ab.Config(**{**ab.PRESETS["tiny"], "data_dir": str(tmp_path / "w")})
+    real, calls = ab.write_image, []
+    def cut_short(*a):  # the fourth image is never written: as if interrupted
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        real(*a)
+    monkeypatch.setattr(ab, "write_image", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        ab.build_world(cfg)
+    monkeypatch.setattr(ab, "write_image", real)
+    ab.build_world(cfg)
+    assert json.load(open(tmp_path / "w" / "world.json"))["version"] == 3
+    assert len(ab.read_annotations(str(tmp_path / "w" / "images_train.txt"))) == cfg.n_img_train
+
+
+def test_ab_unreadable_files_are_one_line(tmp_path):
+    """OpenCV and its FFmpeg stay quiet: a video or a frame image they cannot read gives our one line on stderr and
+    nothing else (a new process, without the OPENCV_* settings this process took over from the imported scripts)."""
+    (tmp_path / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"x" * 48)  # an mp4 header, no moov atom
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "f0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 32)  # no IHDR chunk
+    code = ("import sys, attention_basics as ab\nfor p in sys.argv[1:]:\n    try:\n        ab.load_video(p, 3, 16)\n"
+            "    except ab.UserError as e:\n        print(f'error: {e}', file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bad.mp4"), str(tmp_path / "frames")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")})
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2 and "bad.mp4" in lines[0] and "f0.png" in lines[1], proc.stderr
+    assert all(line.startswith("error: ") for line in lines), proc.stderr
 
 
 def test_ab_frame_folder_in_natural_order(tmp_path):
