@@ -1340,6 +1340,8 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     B, L = input_ids.shape
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     dev = input_ids.device.type  # under autocast, keys/values come out of its matmuls in its dtype
+    dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+             else model.language_model.model.embed_tokens.weight.dtype)
     # on a CPU the graph is built with the weights frozen in as constants (laid out for inductor's matrix kernels),
     # each product by the fastest kernel inductor times (max_autotune); weights changed in place since the last
     # compiled call (more training) bump their version counters, and the graphs are then built again
@@ -1352,8 +1354,6 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     # static shapes: dynamic=False compiles one graph per batch size and cache length, each specialised to its
     # sizes; compiled, the cache length is rounded up to a multiple of 64 (within the context) to keep those few
     step = torch.compile(model.step, fullgraph=True, dynamic=False) if compile else model.step
-    dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
-             else model.language_model.model.embed_tokens.weight.dtype)
     n, context = L + max_new_tokens, model.cfg.max_position_embeddings
     T_max = max(n, min(-(-n // 64) * 64, context)) if compile else n  # longer than the context: forward refuses
     with torch.inference_mode(), tuned or contextlib.nullcontext():
