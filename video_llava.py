@@ -268,12 +268,17 @@ def build_world(cfg):
     stamp = os.path.join(cfg.data_dir, "world.json")  # the manifest: what was written, from which settings
     want = dict(sizes, seed=cfg.seed, n_frames=cfg.n_frames, version=1)
     files = {s: os.path.join(cfg.data_dir, f"{s}.jsonl") for s in sizes}
-    if read_json(stamp) == want:  # written before with these settings: reuse it
+    old = read_json(stamp)
+    if old == want:  # written before with these settings: reuse it
         return files
-    if os.path.isfile(cfg.data_dir) or os.path.isdir(cfg.data_dir) and os.listdir(cfg.data_dir) and not os.path.exists(
-            stamp):  # world.json marks a folder this script wrote; anything else may be the user's: never overwrite it
-        raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json); "
-                        f"give a new folder for the synthetic world, or train on your files with --data FILE.jsonl")
+    # this script's world.json (other settings, a build cut short, or damaged) marks a folder it may write again;
+    # anything else may be the user's files, or another script's world: never written over
+    ours = os.path.isfile(stamp) and (old is None or set(old) == set(want))
+    if os.path.isfile(cfg.data_dir) or (os.path.isdir(cfg.data_dir) and os.listdir(cfg.data_dir) and not ours):
+        raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json of "
+                        f"its own); give a new folder for the synthetic world, or your files as --data FILE.jsonl")
+    os.makedirs(cfg.data_dir, exist_ok=True)
+    json.dump(dict(want, version=0), open(stamp, "w"))  # version 0: a build under way (cut short, it is redone)
     for offset, (split, n) in enumerate(sizes.items()):
         rng = random.Random(cfg.seed * 10 + offset)  # one stream per split: a split never depends on another's size
         os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
@@ -292,7 +297,7 @@ def build_world(cfg):
             lines.append({"video": name, "question": q, "answer": a})
         with open(files[split], "w") as f:
             f.write("".join(json.dumps(x) + "\n" for x in lines))
-    json.dump(want, open(stamp, "w"))
+    atomic(stamp, lambda p: json.dump(want, open(p, "w")))  # complete
     return files
 
 def load_entries(cfg, master=True):
@@ -1343,8 +1348,9 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
              else model.language_model.model.embed_tokens.weight.dtype)
     # on a CPU the graph is built with the weights frozen in as constants (laid out for inductor's matrix kernels),
-    # each product by the fastest kernel inductor times (max_autotune); weights changed in place since the last
-    # compiled call (more training) bump their version counters, and the graphs are then built again
+    # each product by the fastest kernel inductor times (max_autotune). Weights changed in place since the last
+    # compiled call (an optimizer step, an in-place op) bump their version counters, and the graphs are built again;
+    # a change through `.data` or a fused optimizer bumps none: call torch._dynamo.reset() after one
     tuned = torch._inductor.config.patch(freezing=True, max_autotune=True) if compile and dev == "cpu" else None
     if tuned is not None:
         version = sum(p._version for p in model.parameters())
@@ -1529,9 +1535,10 @@ def parse_args(argv=None):
         "batch_size", "grad_accum", "n_frames", "max_new_tokens", "hidden_size", "patch_size", "num_attention_heads",
         "num_key_value_heads", "v_hidden_size", "v_num_attention_heads", "image_size", "max_steps", "log_interval",
         "eval_interval", "num_hidden_layers", "v_num_hidden_layers") if getattr(cfg, f) < 1]
-    problems += [f"--{f} {getattr(cfg, f)} must be a positive number" for f in ("lr", "min_lr", "grad_clip") if
-                 not 0 < getattr(cfg, f) < math.inf] + [f"--{f} must not be negative" for f in (
-                 "weight_decay", "stop_after", "top_k", "data_init", "temperature") if getattr(cfg, f) < 0]
+    problems += [f"--{f} {getattr(cfg, f)} must be a positive number" for f in ("lr", "grad_clip") if
+                 not 0 < getattr(cfg, f) < math.inf] + [f"--{f} {getattr(cfg, f)} must be 0 or more" for f in (
+                 "min_lr", "weight_decay", "stop_after", "top_k", "data_init", "temperature") if
+                 not 0 <= getattr(cfg, f) < math.inf] + [f"--top_p {cfg.top_p}: in (0, 1]"] * (not 0 < cfg.top_p <= 1)
     problems += [f"--{a} {getattr(cfg, a)} must be a multiple of --{b} {getattr(cfg, b)}" for a, b in (
         ("hidden_size", "num_attention_heads"), ("num_attention_heads", "num_key_value_heads"),
         ("v_hidden_size", "v_num_attention_heads"), ("image_size", "patch_size")) if getattr(cfg, a) % max(
