@@ -237,12 +237,14 @@ def write_clip(path, frames):
 def build_world(cfg):  # write train/val/test/novel clips + annotation JSON under data_dir (skipped when complete)
     sizes = dict(train=cfg.n_train, val=cfg.n_val, test=cfg.n_test, novel=cfg.n_novel, version=2)
     stamp = os.path.join(cfg.data_dir, "world.json")  # the sizes the folder was built with
-    if os.path.isfile(stamp) and read_json(stamp, "delete it to write the world again") == sizes:
+    if (old := read_json(stamp, "delete it to write the world again") if os.path.isfile(stamp) else None) == sizes:
         return
-    if not os.path.isfile(stamp) and os.path.exists(cfg.data_dir) and (os.path.isfile(cfg.data_dir) or os.listdir(
-            cfg.data_dir)):  # a file, or a folder of the user's: never written over
-        raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json); "
-                        f"give a new folder for the synthetic world, or your files as --data FILE.json")
+    ours = isinstance(old, dict) and set(old) == set(sizes)  # this world at other sizes, or a build cut short
+    if os.path.exists(cfg.data_dir) and (os.path.isfile(cfg.data_dir) or os.listdir(cfg.data_dir)) and not ours:
+        raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json of "
+                        f"its own); give a new folder for the synthetic world, or your files as --data FILE.json")
+    os.makedirs(cfg.data_dir, exist_ok=True)
+    json.dump(dict(sizes, version=0), open(stamp, "w"))  # version 0: a build under way (cut short, it is redone)
     for si, (split, n) in enumerate(list(sizes.items())[:4]):
         rng, anns = random.Random(1000 * si + 7), []  # rng fixed per split: the same world on every machine
         os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
@@ -252,7 +254,7 @@ def build_world(cfg):  # write train/val/test/novel clips + annotation JSON unde
             write_clip(os.path.join(cfg.data_dir, rel), frames)
             anns.append({"video": rel, **ann})
         json.dump(anns, open(os.path.join(cfg.data_dir, f"{split}.json"), "w"), indent=0)
-    json.dump(sizes, open(stamp, "w"))
+    atomic(stamp, lambda p: json.dump(sizes, open(p, "w")))  # complete
 
 def sample_indices(n_total, n_frames):  # uniform: the centre of each of n_frames equal bins; short clips repeat ones
     if n_total <= 0:
@@ -685,8 +687,7 @@ class Mark1(nn.Module):
                 getattr(self, part).apply(self._init_weights)
         nn.init.normal_(self.bridge.queries, std=0.02)
     @staticmethod
-    def _init_weights(m):
-        """GPT-style init (std 0.02, zero biases), LayerNorm/RMSNorm to identity."""
+    def _init_weights(m):  # GPT-style init (std 0.02, zero biases), LayerNorm/RMSNorm to identity.
         if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv3d)):
             nn.init.normal_(m.weight, std=0.02)
             if getattr(m, "bias", None) is not None:
