@@ -198,7 +198,7 @@ def build_world(cfg):
                 seed=cfg.seed, version=3)  # what the files on disk were written for
     if read_json(stamp := os.path.join(cfg.data_dir, "world.json")) == want:
         return  # already written for these sizes and this seed: reuse the files
-    if not writable(cfg.data_dir, "world.json", lambda m: set(m) == set(want) and m["version"] in (0, 3)):
+    if not writable(cfg.data_dir, "world.json", lambda m: set(m) == set(want) and isinstance(m["version"], int)):
         raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json of "
                         f"its own); give a new folder for the synthetic world")
     os.makedirs(cfg.data_dir, exist_ok=True)

@@ -203,7 +203,7 @@ def build_world(cfg):
     files, old = {s: os.path.join(cfg.data_dir, f"{s}.txt") for s in sizes}, read_json(stamp) or {}
     if old == want:  # written before for these sizes and this seed
         return files
-    if not writable(cfg.data_dir, "world.json", lambda m: set(m) == set(want) and m["version"] in (0, 2)):
+    if not writable(cfg.data_dir, "world.json", lambda m: set(m) == set(want) and isinstance(m["version"], int)):
         raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json of "
                         f"its own); give a new folder for the synthetic world, or your files as --data FILE")
     os.makedirs(cfg.data_dir, exist_ok=True)
