@@ -266,7 +266,9 @@ def read_annotations(path):
             if not os.path.exists(video):
                 raise UserError(f"{path}:{start}: video '{cur[0]}' not found")
             for i, cap in enumerate(cur[1:], start + 1):  # a missing blank line would merge two entries
-                if re.search(r"\.(mp4|avi|mov|mkv|webm|m4v)$", cap, re.I) or os.path.exists(os.path.join(here, cap)):
+                near = os.path.join(here, cap)  # a file, or a folder of frames, beside the annotation file?
+                if re.search(r"\.(mp4|avi|mov|mkv|webm|m4v)$", cap, re.I) or os.path.isfile(near) or os.path.isdir(
+                        near) and any(n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")) for n in os.listdir(near)):
                     raise UserError(f"{path}:{i}: '{cap}' looks like a video path; put a blank line between entries")
             entries.append((video, cur[1:]))
             cur = []
@@ -538,8 +540,7 @@ def load_checkpoint(out_dir, overrides=None):
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics: exact match, corpus BLEU-4, CIDEr-D (plain Python, tested on hand-computed cases)
 
-def ngrams(words, n):
-    """{n-gram tuple: count} of a word list."""
+def ngrams(words, n):  # {n-gram tuple: count} of a word list.
     return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
 
 def exact_match(preds, refs):
@@ -628,8 +629,7 @@ def pad_batch(seqs, max_len):
         inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
     return inp, tgt
 
-def lr_at(step, cfg):
-    """Linear warmup, then cosine decay to min_lr."""
+def lr_at(step, cfg):  # Linear warmup, then cosine decay to min_lr.
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))  # progress through the decay, 0..1
@@ -690,9 +690,9 @@ def decay_groups(model, weight_decay):
     return [{"params": [p for p in model.parameters() if id(p) in decay], "weight_decay": weight_decay},
             {"params": [p for p in model.parameters() if id(p) not in decay], "weight_decay": 0.0}]
 
-def count_parameters(model):
-    """-> 'total, trainable, frozen' counted from the module (nothing in this model is frozen by design)."""
-    total, trainable = (sum(p.numel() for p in model.parameters() if p.requires_grad or every) for every in (1, 0))
+def count_parameters(model):  # -> 'total, trainable, frozen' (nothing in this model is frozen by design)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return f"{total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, {(total - trainable) / 1e6:.2f}M frozen"
 
 def setup_distributed(cfg):
