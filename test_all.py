@@ -383,6 +383,11 @@ def test_vm_annotations_and_bad_files(tmp_path):
              "ext.txt": ("a.mp4\ncaption\n\na.mp4\ncaption\nclips/b.MOV\n", "ext.txt:6", "b.MOV"),
              "folder.txt": ("a.mp4\ncaption\nframes\ncaption\n", "folder.txt:3", "'frames' looks like a video path")}
     (tmp_path / "frames").mkdir()  # a folder of frames is a video too
+    cv2.imwrite(str(tmp_path / "frames" / "0.png"), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "cat").mkdir()  # a caption that names a folder of videos (one per class) is only a caption
+    shutil.copy(tmp_path / "a.mp4", tmp_path / "cat" / "1.mp4")
+    (tmp_path / "classes.txt").write_text("cat/1.mp4\na cat\ncat\n")
+    assert vm.read_annotations(str(tmp_path / "classes.txt"))[0][1] == ["a cat", "cat"]
     for name, (text, *needles) in cases.items():
         (tmp_path / name).write_bytes(text.encode("latin-1"))  # latin1.txt: a byte that is not UTF-8
         with pytest.raises(vm.UserError) as e:
@@ -1104,6 +1109,17 @@ def test_vc_user_folders_and_flag_ranges(tmp_path, capsys):
     assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
     args, cfg, _ = vc.parse_args(["--data", "caps.txt", "--test_data", "t.txt"])
     assert cfg.data == os.path.abspath("caps.txt") and cfg.test_data == os.path.abspath("t.txt")
+
+
+def test_vc_ab_world_of_an_older_version_is_rewritten(tmp_path):
+    """A world.json of this script with another version (an older release of it) marks its own folder: rewritten."""
+    for mod, name in ((vc, "vc"), (ab, "ab")):
+        cfg = mod.Config(**{**mod.PRESETS["tiny"], "data_dir": str(tmp_path / name)})
+        mod.build_world(cfg)
+        stamp = tmp_path / name / "world.json"
+        json.dump({**json.load(open(stamp)), "version": 1}, open(stamp, "w"))
+        mod.build_world(cfg)
+        assert json.load(open(stamp))["version"] not in (0, 1)
 
 
 def test_vc_world_only_in_its_own_folder(tmp_path, capsys, monkeypatch):
@@ -1880,11 +1896,25 @@ def test_vl_world_order_clips_at_every_frame_count():
 
 
 def test_vl_world_manifest(tmp_path):
-    """A folder with an unreadable world.json is one this script wrote: the world is written again, not a traceback."""
+    """A folder with an unreadable world.json, or one whose build was cut short, is one this script wrote: the world is
+    written again, not a traceback; another script's world.json beside the user's files marks no folder of ours."""
     cfg = vl.Config(**{**vl.PRESETS["tiny"], "n_train": 2, "n_test": 1, "data_dir": str(tmp_path)})
     (tmp_path / "world.json").write_text("{not json")
     files = vl.build_world(cfg)
     assert json.load(open(tmp_path / "world.json"))["train"] == 2 and len(vl.read_annotations(files["train"])) == 8
+    json.dump({**json.load(open(tmp_path / "world.json")), "version": 0}, open(tmp_path / "world.json", "w"))
+    vl.build_world(cfg)  # a build cut short (the placeholder manifest): done again
+    assert json.load(open(tmp_path / "world.json"))["version"] == 1
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "world.json").write_text('{"img": [1, 1], "vid": [1, 1, 1], "seed": 1, "version": 3}')
+    (other / "train.jsonl").write_text("mine")
+    with pytest.raises(vl.UserError, match="did not write"):
+        vl.build_world(dataclasses.replace(cfg, data_dir=str(other)))
+    assert (other / "train.jsonl").read_text() == "mine"
+    assert vl.parse_args(["--min_lr", "0"])[1].min_lr == 0  # a decay to zero is allowed
+    with pytest.raises(vl.UserError, match="--top_p"):
+        vl.parse_args(["--top_p", "0"])
 
 
 def test_vl_causal_and_loss_mask():
@@ -3156,6 +3186,16 @@ def test_mk_user_files_never_overwritten_and_more_bad_inputs(mk_trained, mk_hf, 
         _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "e.json", "--out_dir", tmp_path / "o"],
                        "entry 0", needle)
     assert mk.mcq_accuracy(["K. o10", "Z. o25"], ["K. o10", "Y. o24"]) == 0.5  # letters past J are read too
+    cut = tmp_path / "cut"  # a build cut short: its placeholder world.json marks the folder as this script's
+    (cut / "train").mkdir(parents=True)
+    (cut / "world.json").write_text(json.dumps(dict(train=1, val=1, test=1, novel=1, version=0)))
+    small = _mk_tiny_cfg(tmp_path, data_dir=str(cut), n_train=2, n_val=1, n_test=1, n_novel=1)
+    mk.build_world(small)
+    assert json.load(open(cut / "world.json"))["version"] == 2 and len(json.load(open(cut / "train.json"))) == 2
+    (mine / "world.json").write_text('{"train": 2, "seed": 1, "version": 2}')  # another script's manifest
+    with pytest.raises(mk.UserError, match="did not write"):
+        mk.build_world(dataclasses.replace(small, data_dir=str(mine)))
+    assert json.load(open(mine / "world.json"))["seed"] == 1 and (mine / "train.json").read_text() == "[]"
 
 
 def test_mk_clip_shorter_than_a_tubelet(tmp_path):
