@@ -76,6 +76,12 @@ def read_json(path, fix):  # json.load where a missing or damaged file is one Us
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e}); {fix}")
 
+def writable(path, marker, ours):
+    """May this script write into path? Missing, empty, or its own: `marker`'s JSON passes ours() (a file: no)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # not a folder; marker missing or damaged
+        return not os.listdir(path) or ours(json.load(open(os.path.join(path, marker))))
+    return not os.path.exists(path)
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
 @dataclass
@@ -237,10 +243,9 @@ def write_clip(path, frames):
 def build_world(cfg):  # write train/val/test/novel clips + annotation JSON under data_dir (skipped when complete)
     sizes = dict(train=cfg.n_train, val=cfg.n_val, test=cfg.n_test, novel=cfg.n_novel, version=2)
     stamp = os.path.join(cfg.data_dir, "world.json")  # the sizes the folder was built with
-    if (old := read_json(stamp, "delete it to write the world again") if os.path.isfile(stamp) else None) == sizes:
+    if os.path.isfile(stamp) and read_json(stamp, "delete it to write the world again") == sizes:
         return
-    ours = isinstance(old, dict) and set(old) == set(sizes)  # this world at other sizes, or a build cut short
-    if os.path.exists(cfg.data_dir) and (os.path.isfile(cfg.data_dir) or os.listdir(cfg.data_dir)) and not ours:
+    if not writable(cfg.data_dir, "world.json", lambda m: set(m) == set(sizes)):  # other sizes, or a build cut short
         raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json of "
                         f"its own); give a new folder for the synthetic world, or your files as --data FILE.json")
     os.makedirs(cfg.data_dir, exist_ok=True)
@@ -885,11 +890,6 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
         atomic(path("train_state.pt"), lambda p: torch.save(ts, p))
 
-def foreign(path):  # True where --train must not write: a file, or a folder neither empty nor this script's run
-    with contextlib.suppress(OSError, ValueError, AttributeError):  # no config.json, damaged, not a JSON object
-        return json.load(open(os.path.join(path, "config.json"))).get("script") != SCRIPT
-    return os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path))
-
 PATH_KEYS = {"data", "test_data", "vision_ckpt", "llm_ckpt"}  # the run's inputs (parse_args makes them absolute)
 # flags a run from a checkpoint may change: how long and where it runs, how it logs, where the towers' folders are;
 # --eval and --predict also read other data and decode as asked; every other flag is fixed by the checkpoint
@@ -1358,7 +1358,7 @@ def parse_args(argv=None):
         "keys", "linear")), ("dtype", ("auto", "float32", "bfloat16", "float16"))) if getattr(cfg, k) not in ok]
     problems += [f"--{k} {getattr(cfg, k)}: must be at least 1" for k in ("batch_size", "grad_accum", "max_steps",
                  "n_frames", "crop", "max_new_tokens", "log_interval", "eval_interval") if getattr(cfg, k) < 1]
-    if args.train and not args.resume and foreign(cfg.out_dir):
+    if args.train and not args.resume and not writable(cfg.out_dir, "config.json", lambda m: m["script"] == SCRIPT):
         problems.append(f"--out_dir {cfg.out_dir}: a file, or a folder holding files this script did not write (a "
                         f"checkpoint folder, your own files); give a new or empty folder")
     if problems:

@@ -69,6 +69,12 @@ def read_json(path):
         obj = json.load(open(path, encoding="utf-8"))
         return obj if isinstance(obj, dict) else None
 
+def writable(path, marker, ours):
+    """Whether this script may write into path: missing, an empty folder, or its own (the JSON in `marker` passes
+    ours(), e.g. names this script)."""
+    return not os.path.exists(path) or os.path.isdir(path) and (
+        not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))
+
 # Config ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -268,13 +274,11 @@ def build_world(cfg):
     stamp = os.path.join(cfg.data_dir, "world.json")  # the manifest: what was written, from which settings
     want = dict(sizes, seed=cfg.seed, n_frames=cfg.n_frames, version=1)
     files = {s: os.path.join(cfg.data_dir, f"{s}.jsonl") for s in sizes}
-    old = read_json(stamp)
-    if old == want:  # written before with these settings: reuse it
+    if read_json(stamp) == want:  # written before with these settings: reuse it
         return files
-    # this script's world.json (other settings, a build cut short, or damaged) marks a folder it may write again;
-    # anything else may be the user's files, or another script's world: never written over
-    ours = os.path.isfile(stamp) and (old is None or set(old) == set(want))
-    if os.path.isfile(cfg.data_dir) or (os.path.isdir(cfg.data_dir) and os.listdir(cfg.data_dir) and not ours):
+    # this script's world.json (other settings, or a build cut short) marks a folder it may write again; anything else
+    # may be the user's files, or another script's world: never written over
+    if not writable(cfg.data_dir, "world.json", lambda m: set(m) == set(want)):
         raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json of "
                         f"its own); give a new folder for the synthetic world, or your files as --data FILE.jsonl")
     os.makedirs(cfg.data_dir, exist_ok=True)
@@ -1544,6 +1548,7 @@ def parse_args(argv=None):
         ("v_hidden_size", "v_num_attention_heads"), ("image_size", "patch_size")) if getattr(cfg, a) % max(
         getattr(cfg, b), 1)]  # heads share the width; query heads share kv heads; patches tile the image
     same = lambda a, b: bool(a and b) and os.path.realpath(a) == os.path.realpath(b)  # reads no file
+    own_run = lambda meta: meta.get("script") == SCRIPT  # the config.json of a run of this script
     problems += [msg for bad, msg in (
         (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
          f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16"),
@@ -1558,22 +1563,15 @@ def parse_args(argv=None):
          "--from_pretrained keeps the checkpoint's two towers (drop the flag)"),
         (args.train and same(cfg.out_dir, cfg.from_pretrained), f"--out_dir {cfg.out_dir} is the --from_pretrained "
          "folder: training would overwrite it; give another --out_dir"),
-        (args.train and not args.resume and not own_folder(cfg.out_dir), f"--out_dir {cfg.out_dir}: a file, or a "
-         f"folder holding files this script did not write (no config.json of a {SCRIPT}.py run); give a new or empty "
-         f"folder"),
+        (args.train and not args.resume and not writable(cfg.out_dir, "config.json", own_run),
+         f"--out_dir {cfg.out_dir}: a file, or a folder holding files this script did not write (no config.json of a "
+         f"{SCRIPT}.py run); give a new or empty folder"),
         (args.resume and not args.train, "--resume continues a training run: use it with --train"),
         (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it with --generate "
          "(--bench runs both)")) if bad]
     if problems:
         raise UserError(problems[0])
     return args, cfg, overrides
-
-def own_folder(path):
-    """Whether --train may write into path: missing, an empty folder, or the out_dir of a run of this script."""
-    if not os.path.exists(path):
-        return True
-    return os.path.isdir(path) and (not os.listdir(path) or (read_json(os.path.join(path, "config.json")) or {}).get(
-        "script") == SCRIPT)
 
 def run_generate(args, cfg, overrides):
     """--generate: load a checkpoint (HF folder or out_dir), read the media, stream the answer to stdout."""
