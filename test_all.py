@@ -1111,6 +1111,22 @@ def test_vc_user_folders_and_flag_ranges(tmp_path, capsys):
     assert cfg.data == os.path.abspath("caps.txt") and cfg.test_data == os.path.abspath("t.txt")
 
 
+def _build_world_cut_short(mod, cfg, monkeypatch):
+    """mod.build_world interrupted at its fourth image, then run again to the end -> what the second run returns."""
+    real, calls = mod.write_image, []
+
+    def cut_short(*a):  # the fourth image is never written: as if interrupted
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        real(*a)
+    monkeypatch.setattr(mod, "write_image", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        mod.build_world(cfg)
+    monkeypatch.setattr(mod, "write_image", real)
+    return mod.build_world(cfg)
+
+
 def test_vc_ab_world_of_an_older_version_is_rewritten(tmp_path):
     """A world.json of this script with another version (an older release of it) marks its own folder: rewritten."""
     for mod, name in ((vc, "vc"), (ab, "ab")):
@@ -1142,17 +1158,7 @@ def test_vc_world_only_in_its_own_folder(tmp_path, capsys, monkeypatch):
                     "--out_dir", "did not write")
     assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
     cfg = vc.Config(**{**vc.PRESETS["tiny"], "data_dir": str(tmp_path / "w")})
-    real, calls = vc.write_image, []
-    def cut_short(*a):  # the fourth image is never written: as if interrupted
-        calls.append(1)
-        if len(calls) > 3:
-            raise KeyboardInterrupt
-        real(*a)
-    monkeypatch.setattr(vc, "write_image", cut_short)
-    with pytest.raises(KeyboardInterrupt):
-        vc.build_world(cfg)
-    monkeypatch.setattr(vc, "write_image", real)
-    files = vc.build_world(cfg)
+    files = _build_world_cut_short(vc, cfg, monkeypatch)
     assert json.load(open(tmp_path / "w" / "world.json"))["version"] == 2
     assert len(vc.read_captions(files["train"])) == cfg.n_train
 
@@ -1896,10 +1902,9 @@ def test_vl_world_order_clips_at_every_frame_count():
 
 
 def test_vl_world_manifest(tmp_path):
-    """A folder with an unreadable world.json, or one whose build was cut short, is one this script wrote: the world is
-    written again, not a traceback; another script's world.json beside the user's files marks no folder of ours."""
+    """A folder whose build was cut short is one this script wrote: the world is written again; an unreadable
+    world.json, or another script's beside the user's files, marks no folder of ours: one line, nothing touched."""
     cfg = vl.Config(**{**vl.PRESETS["tiny"], "n_train": 2, "n_test": 1, "data_dir": str(tmp_path)})
-    (tmp_path / "world.json").write_text("{not json")
     files = vl.build_world(cfg)
     assert json.load(open(tmp_path / "world.json"))["train"] == 2 and len(vl.read_annotations(files["train"])) == 8
     json.dump({**json.load(open(tmp_path / "world.json")), "version": 0}, open(tmp_path / "world.json", "w"))
@@ -1911,7 +1916,10 @@ def test_vl_world_manifest(tmp_path):
     (other / "train.jsonl").write_text("mine")
     with pytest.raises(vl.UserError, match="did not write"):
         vl.build_world(dataclasses.replace(cfg, data_dir=str(other)))
-    assert (other / "train.jsonl").read_text() == "mine"
+    (other / "world.json").write_text("{not json")
+    with pytest.raises(vl.UserError, match="did not write"):
+        vl.build_world(dataclasses.replace(cfg, data_dir=str(other)))
+    assert (other / "train.jsonl").read_text() == "mine" and (other / "world.json").read_text() == "{not json"
     assert vl.parse_args(["--min_lr", "0"])[1].min_lr == 0  # a decay to zero is allowed
     with pytest.raises(vl.UserError, match="--top_p"):
         vl.parse_args(["--top_p", "0"])
@@ -3776,17 +3784,7 @@ def test_ab_world_only_in_its_own_folder(tmp_path, capsys, monkeypatch):
         _ab_user_error(capsys, flags[0], *tiny, "--data_dir", tmp_path / "d", *flags)
     assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
     cfg = ab.Config(**{**ab.PRESETS["tiny"], "data_dir": str(tmp_path / "w")})
-    real, calls = ab.write_image, []
-    def cut_short(*a):  # the fourth image is never written: as if interrupted
-        calls.append(1)
-        if len(calls) > 3:
-            raise KeyboardInterrupt
-        real(*a)
-    monkeypatch.setattr(ab, "write_image", cut_short)
-    with pytest.raises(KeyboardInterrupt):
-        ab.build_world(cfg)
-    monkeypatch.setattr(ab, "write_image", real)
-    ab.build_world(cfg)
+    _build_world_cut_short(ab, cfg, monkeypatch)
     assert json.load(open(tmp_path / "w" / "world.json"))["version"] == 3
     assert len(ab.read_annotations(str(tmp_path / "w" / "images_train.txt"))) == cfg.n_img_train
 
