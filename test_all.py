@@ -1791,9 +1791,10 @@ def test_vl_pixels_match_transformers_image_processor(tmp_path):
 
 def test_vl_video_pixels_and_frames_match_transformers(tmp_path):
     """A 320x240 clip written by OpenCV (H.264 where OpenCV's FFmpeg can write it, else MPEG-4 Part 2), decoded,
-    sampled as transformers samples (default_sample_indices_fn) and preprocessed frame by frame by the processor
-    transformers can build without torchvision (the image one; its video processor runs the same antialiased
-    bicubic as our loader, on the same uint8 frames)."""
+    sampled and preprocessed by VideoLlavaVideoProcessor. It needs torchvision; where that cannot be built (no CPU
+    torchvision wheel for this torch) the frames are sampled with transformers' default_sample_indices_fn and
+    preprocessed one by one by the image processor (the video processor runs the same antialiased bicubic as our
+    loader, on the same uint8 frames)."""
     from transformers.video_utils import VideoMetadata, default_sample_indices_fn
     for total, n in [(10, 8), (16, 8), (37, 8), (100, 8), (9, 4), (30, 7), (8, 8), (122, 14)]:
         want = default_sample_indices_fn(VideoMetadata(total_num_frames=total, fps=24.0), num_frames=n)
@@ -1813,12 +1814,20 @@ def test_vl_video_pixels_and_frames_match_transformers(tmp_path):
     while (got := cap.read())[0]:
         frames.append(got[1][:, :, ::-1])  # RGB (240, 320, 3)
     assert len(frames) == 20
-    idx = default_sample_indices_fn(VideoMetadata(total_num_frames=20, fps=24.0), num_frames=8)
-    proc = _vl_hf_image_processor(tmp_path)
-    want = proc(images=[frames[i] for i in idx], return_tensors="np", return_legacy_image_output=False)["pixel_values"]
+    meta = VideoMetadata(total_num_frames=20, fps=24.0)
+    try:
+        from transformers import VideoLlavaVideoProcessor
+        proc, ref = VideoLlavaVideoProcessor(), "VideoLlavaVideoProcessor"  # the hub's settings are its defaults
+        want = proc(videos=[np.stack(frames)], do_sample_frames=True, num_frames=8, video_metadata=[meta],
+                    return_tensors="np")["pixel_values_videos"][0]
+    except ImportError:
+        idx, proc = default_sample_indices_fn(meta, num_frames=8), _vl_hf_image_processor(tmp_path)
+        want = proc(images=[frames[i] for i in idx], return_tensors="np",
+                    return_legacy_image_output=False)["pixel_values"]
+        ref = "default_sample_indices_fn + VideoLlavaImageProcessor"
     ours = vl.load_video(path, 8, 224)  # (8, 3, 224, 224)
     diff = np.abs(_vl_pixels(ours) - _vl_pixels(want)).max()
-    print(f"video ({fourcc}): max pixel difference {diff:.3f}/255")
+    print(f"video ({fourcc}) against {ref}: max pixel difference {diff:.3f}/255")
     assert ours.shape == want.shape and diff <= 2
 
 
