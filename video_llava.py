@@ -564,11 +564,10 @@ def padded_positions(attention_mask, offset, width=None):
 
 class KVCache:
     """The static KV cache (as in gpt-fast): keys and values preallocated per layer as (B, K, T_max, E), so no tensor
-    grows while decoding. `offset` counts the positions written so far. A prompt (prefill) is written at `offset`.
-    A one-token step first claims the next position (`next_step`), writes there through `slot` (a tensor, not a
-    Python int) and attends over all T_max positions under a mask that hides the unfilled ones: every step then has
-    the same shapes and no branch on values, so torch.compile makes it one graph. The RoPE position of a token is
-    not its cache position: a left-padded row counts from its first real token (see `next_step`)."""
+    grows while decoding; `offset` counts the positions written. A prompt is written at `offset`. A one-token step
+    claims the next position (`next_step`), writes there through `slot` (a tensor, not a Python int) and attends over
+    all T_max positions under a mask that hides the unfilled ones: every step has the same shapes and no branch on
+    values, so torch.compile makes it one graph."""
     def __init__(self, cfg, batch, max_len, dtype, device):
         e = cfg.hidden_size // cfg.num_attention_heads
         shape = (batch, cfg.num_key_value_heads, max_len, e)  # (B, K, T_max, E): only the K key/value heads
@@ -577,25 +576,22 @@ class KVCache:
         self.offset, self.slot = 0, torch.zeros(1, dtype=torch.long, device=device)
     def next_step(self, attention_mask):
         """Claim the next position for a one-token step. attention_mask (B, offset + 1) over the cache and the new
-        token (1 = real, 0 = left pad), or None -> RoPE positions (B, 1) and the mask (B, 1, 1, T_max) (True =
-        attend)."""
+        token (1 = real, 0 = left pad), or None -> RoPE positions (B, 1), mask (B, 1, 1, T_max) (True = attend)."""
         B, T_max = self.k[0].shape[0], self.k[0].shape[2]  # the cache is (B, K, T_max, E)
         if attention_mask is None:
             attention_mask = torch.ones(B, self.offset + 1, dtype=torch.long, device=self.slot.device)
         if self.offset >= T_max:
             raise ValueError(f"the KV cache is full: all {T_max} positions are written")
-        if attention_mask.shape != (B, self.offset + 1):
+        if attention_mask.shape != (B, self.offset + 1):  # the cached tokens and the new one
             raise ValueError(f"a one-token step at position {self.offset} needs an attention mask of shape "
-                             f"({B}, {self.offset + 1}) (the cached tokens and the new one), got "
-                             f"{tuple(attention_mask.shape)}")
+                             f"({B}, {self.offset + 1}), got {tuple(attention_mask.shape)}")
         pos, mask = padded_positions(attention_mask, self.offset, T_max)  # (B, 1), (B, 1, 1, T_max) as at prefill
         self.slot.fill_(self.offset)  # in place: a compiled graph reads the new value, no recompile
         self.offset += 1
         return pos, mask
     def update(self, layer, k, v):
         """Write this layer's new keys/values (B, K, L, E) -> all keys/values the queries may attend to."""
-        if k.shape[2] == 1:  # a one-token step (next_step came first): written at the claimed slot, all T_max
-            # positions returned, the mask hides the unfilled ones
+        if k.shape[2] == 1:  # a one-token step: written at next_step's slot; all T_max returned, the mask hides some
             self.k[layer].index_copy_(2, self.slot, k.to(self.k[layer].dtype))  # k (B, K, 1, E) into position slot
             self.v[layer].index_copy_(2, self.slot, v.to(self.v[layer].dtype))
             return self.k[layer], self.v[layer]  # (B, K, T_max, E)
