@@ -9,8 +9,8 @@ checkpoint `LanguageBind/Video-LLaVA-7B-hf`, plus a tiny Video-LLaVA trained fro
       -> LLaMA decoder (RMSNorm, rotate_half RoPE, grouped-query attention, SwiGLU) -> lm_head -> (B, L, V)
 
 Paper: Video-LLaVA, Lin et al. 2023 (https://arxiv.org/abs/2311.10122); LLaVA (https://arxiv.org/abs/2304.08485).
-Reference implementation: transformers `VideoLlavaForConditionalGeneration` (the tests compare logits and greedy
-tokens with it on tiny random checkpoints; transformers is a test-only dependency, only `--bench` imports it).
+Reference implementation: transformers `VideoLlavaForConditionalGeneration` (the tests compare logits and tokens
+with it on tiny random checkpoints; only the tests and `--bench` import transformers).
 
 Modules are named after the hub checkpoint keys (`language_model.model.layers.0.self_attn.q_proj.weight`), so
 loading is the identity map plus `canonical_key`, which folds the two other layouts transformers writes onto it.
@@ -21,7 +21,6 @@ Dv vision width, H heads, K kv heads, E head dim, V vocabulary, T_max the KV cac
 Commands:
     python video_llava.py --train                              # tiny Video-LLaVA from scratch (synthetic world, CPU)
     python video_llava.py --train --stop_after 500 && python video_llava.py --train --resume   # exact resume
-    python video_llava.py --train --batch_size 16 --grad_accum 2   # the same global batch of 32 in two micro-batches
     torchrun --nproc_per_node=2 video_llava.py --train --batch_size 16   # DDP (gloo on CPU, nccl on CUDA), batch 32
     python video_llava.py --train --freeze vision,llm --from_pretrained out/video_llava --out_dir out/vl_stage1
     python video_llava.py --eval                               # re-evaluate out/video_llava on test / novel
@@ -70,8 +69,7 @@ def read_json(path):
         return obj if isinstance(obj, dict) else None
 
 def writable(path, marker, ours):
-    """Whether this script may write into path: missing, an empty folder, or its own (the JSON in `marker` passes
-    ours(), e.g. names this script)."""
+    """Whether this script may write into path: missing, an empty folder, or one whose JSON `marker` passes ours()."""
     return not os.path.exists(path) or os.path.isdir(path) and (
         not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))
 
