@@ -922,8 +922,7 @@ def canonical_key(k):
         k = re.sub(pattern, hub, k)  # applied in order: a key the first rule renamed matches none of the others
     return k
 
-# Buffers older checkpoints saved and today's models rebuild (RoPE's inverse frequencies, CLIP's position ids):
-# skipped on load, as transformers skips them (modeling_utils._adjust_missing_and_unexpected_keys).
+# Buffers old checkpoints saved that models now rebuild (RoPE's inv_freq, CLIP's position_ids): skipped, as transformers
 LEGACY_KEYS = re.compile(r"rotary_emb\.inv_freq$|(^|\.)position_ids$")
 
 def open_weights(f):
@@ -951,12 +950,11 @@ def weight_files(path):
 def read_config(path):
     """path/config.json as a dict, or a UserError naming what is wrong with the folder."""
     cpath = os.path.join(path, "config.json")
-    if not os.path.isfile(cpath):
-        raise UserError(f"{path}: " + ("no config.json (not a checkpoint folder)" if os.path.isdir(path) else
-                                       "no such checkpoint folder"))
     hf = read_json(cpath)
     if hf is None:
-        raise UserError(f"{cpath}: not a config (not JSON, or not a JSON object)")
+        raise UserError(f"{cpath}: not a config (not JSON, or not a JSON object)" if os.path.isfile(cpath) else
+                        f"{path}: no config.json (not a checkpoint folder)" if os.path.isdir(path) else
+                        f"{path}: no such checkpoint folder")
     return hf
 
 def align_keys(path, base=None):
@@ -1010,13 +1008,10 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
     """out_dir/model.safetensors (hub keys) + config.json (HF style, plus train_config and the token table) +
     train_state.pt (optimizer, step, RNG, seconds: for --resume). `model` is the raw module, never the DDP wrapper."""
     os.makedirs(cfg.out_dir, exist_ok=True)
-    state, shared = {}, model.video_tower is model.image_tower
-    for k, v in model.state_dict().items():
-        if k == "language_model.lm_head.weight" and cfg.tie_word_embeddings:
-            continue  # tied: the head is the embedding, and loading ties it again (as an HF checkpoint omits it)
-        v = v.detach().cpu()
-        # a shared tower is listed under both names; safetensors stores no tensor twice, so the second is a copy
-        state[k] = v.clone() if shared and k.startswith("video_tower.") else v
+    shared, tied = model.video_tower is model.image_tower, cfg.tie_word_embeddings
+    # a tied head is left out (loading ties it again); a shared tower's video keys hold a copy (safetensors shares none)
+    state = {k: v.detach().cpu().clone() if shared and k.startswith("video_tower.") else v.detach().cpu()
+             for k, v in model.state_dict().items() if not (tied and k == "language_model.lm_head.weight")}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
     with contextlib.suppress(FileNotFoundError):  # an index left there would win over the new file (weight_files)
         os.remove(os.path.join(cfg.out_dir, "model.safetensors.index.json"))
@@ -1033,33 +1028,31 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(), "seconds": seconds}
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
-def saved_config(meta, **changes):
-    """The Config a run saved in config.json, with `changes` on top (a field this code lacks is dropped)."""
-    fields = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in {**meta["train_config"], **changes}.items() if k in fields})
-
-def read_resumable(out_dir, need_state=True):
-    """config.json of an out_dir this script's --train wrote (with train_state.pt if need_state), else a UserError."""
+def saved_config(out_dir, overrides, resume=True):
+    """The Config this script's --train saved in out_dir/config.json (a field this code lacks is dropped) with the typed
+    flags on top: for --resume all of them (an architecture flag must agree with the checkpoint; --stop_after applies
+    only to the command that types it), for --eval only those that say where and how to evaluate."""
     cpath, tpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "train_state.pt")
     if not os.path.isfile(cpath) and not os.path.isfile(tpath):
         raise UserError(f"{out_dir}: nothing to resume or evaluate (no config.json / train_state.pt); run --train "
                         f"(without --resume) first, or pass the --out_dir of a run")
     meta = read_json(cpath) or {}  # missing or unreadable: refused below like a foreign folder
     if meta.get("script") != SCRIPT or not isinstance(meta.get("train_config"), dict):
-        raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (config.json: script "
-                        f"'{meta.get('script')}', model_type '{meta.get('model_type')}'); --resume and --eval "
-                        f"need the --out_dir of a run of this script")
-    if need_state and not os.path.isfile(tpath):
+        raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (config.json: script '{meta.get('script')}', "
+                        f"model_type '{meta.get('model_type')}'); --resume and --eval need the --out_dir of a run")
+    if resume and not os.path.isfile(tpath):
         raise UserError(f"{out_dir}: no train_state.pt, so there is no optimizer state to resume from; "
                         f"drop --resume to start afresh (or --from_pretrained {out_dir} to fine-tune its weights)")
-    return meta
-
-# Metrics --------------------------------------------------------------------------------------------------------------
-
-def exact_match(preds, refs):
-    """Fraction of predictions equal to their reference after lower-casing, trimming and dropping a final '.'."""
-    norm = lambda text: " ".join(text.lower().strip().rstrip(".").split())  # single spaces
-    return sum(norm(p) == norm(r) for p, r in zip(preds, refs)) / max(1, len(refs))
+    fields = {f.name for f in dataclasses.fields(Config)}
+    base = Config(**{k: v for k, v in meta["train_config"].items() if k in fields})
+    if not resume:
+        run_keys = ("device", "dtype", "out_dir", "data_dir", "data", "test_data")
+        return dataclasses.replace(base, **{k: v for k, v in overrides.items() if k in run_keys})
+    arch = {f: getattr(base, f) for f in (*HF_FIELDS, "share_towers")}  # share_towers: one tower's weights or two
+    clash = [f"--{k} {overrides[k]} (checkpoint: {v})" for k, v in arch.items() if overrides.get(k, v) != v]
+    if clash:
+        raise UserError(f"{out_dir}: cannot resume with another architecture: {', '.join(clash)}; drop those flags")
+    return dataclasses.replace(base, **{"stop_after": 0, **overrides})
 
 # Training -------------------------------------------------------------------------------------------------------------
 
@@ -1068,9 +1061,7 @@ def pick_device(name):
     here = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not here.get(name.split(":")[0], True):
         raise UserError(f"--device {name}: not available in this PyTorch on this machine; use cpu (or auto)")
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return name if name != "auto" else next((d for d, ok in here.items() if ok), "cpu")
 
 def native_bf16(device):
     """Whether the hardware multiplies in bfloat16: a CUDA GPU of compute capability 8+, a CPU with AVX512-BF16 or AMX
@@ -1079,13 +1070,13 @@ def native_bf16(device):
         return torch.cuda.get_device_capability(device)[0] >= 8
     return device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
-def autocast_dtype(name, device):
-    """--dtype auto for training and evaluation: bfloat16 on a CUDA GPU that multiplies in it, float32 elsewhere. On a
-    CPU, bfloat16 autocast trains this small model more slowly even where it is native (README). An HF checkpoint's
-    weights are chosen apart (run_generate): bfloat16 wherever native_bf16, as the 7B's files are stored."""
+def autocast_dtype(name, device, weights=False):
+    """--dtype auto for training and evaluation: bfloat16 on a CUDA GPU that multiplies in it, float32 elsewhere (on a
+    CPU, bfloat16 autocast trains this small model more slowly even where it is native: README). An HF checkpoint's
+    weights (weights=True, run_generate) are bfloat16 wherever native_bf16, as the 7B's files are stored."""
     if name != "auto":
         return name
-    return "bfloat16" if device.startswith("cuda") and native_bf16(device) else "float32"
+    return "bfloat16" if (weights or device.startswith("cuda")) and native_bf16(device) else "float32"
 
 def autocast(dtype, device):
     """The autocast context for --dtype (disabled for float32, so the float32 path is plain)."""
@@ -1114,18 +1105,16 @@ class Examples:
         (and its EOS); generation rows are prompts only, left-padded with an attention mask."""
         rows = [self.prompts[i] + (self.answers[i] if with_answer else []) for i in idx]
         L = max(map(len, rows))
-        ids, mask = torch.zeros(len(rows), L, dtype=torch.long), torch.zeros(len(rows), L, dtype=torch.long)
-        tgt = torch.full((len(rows), L), -100, dtype=torch.long)
+        ids, mask, tgt = (torch.full((len(rows), L), fill, dtype=torch.long) for fill in (0, 0, -100))
         for r, (i, row) in enumerate(zip(idx, rows)):
             s = L - len(row) if left_pad else 0
             ids[r, s:s + len(row)], mask[r, s:s + len(row)] = torch.tensor(row), 1
             if with_answer:  # position t predicts token t+1: targets are the answer tokens, shifted left by one
-                p = len(self.prompts[i])
-                tgt[r, s + p - 1:s + len(row) - 1] = torch.tensor(self.answers[i])
+                tgt[r, s + len(self.prompts[i]) - 1:s + len(row) - 1] = torch.tensor(self.answers[i])
         px = {k: [self.media[i] for i in idx if self.entries[i]["kind"] == k] for k in ("image", "video")}
         b = dict(input_ids=ids, attention_mask=mask if left_pad else None, targets=tgt if with_answer else None,
                  **{f"pixel_values_{k}s": torch.stack(v) if v else None for k, v in px.items()})
-        return {k: None if v is None else v.to(device) for k, v in b.items()}  # absent inputs stay None
+        return {k: v.to(device) for k, v in b.items() if v is not None}  # inputs it lacks are left out
 
 def apply_freeze(model, freeze):
     """Freeze for real: requires_grad off once (no gradients, no graph through them), kept in eval mode by train()."""
@@ -1146,16 +1135,6 @@ def batch_indices(step, n, size, seed):
     perm = torch.randperm(n * reps, generator=torch.Generator().manual_seed(seed + epoch))
     return (perm[k * size:(k + 1) * size] % n).tolist()
 
-def resume_config(cfg, overrides):
-    """--resume: the config saved in out_dir (its token table's size and ids) with the typed flags on top; a typed
-    architecture flag must agree with the checkpoint; --stop_after applies only to the command that types it."""
-    base = saved_config(read_resumable(cfg.out_dir))
-    arch = {f: getattr(base, f) for f in (*HF_FIELDS, "share_towers")}  # share_towers: one tower's weights or two
-    clash = [f"--{k} {overrides[k]} (checkpoint: {v})" for k, v in arch.items() if overrides.get(k, v) != v]
-    if clash:
-        raise UserError(f"{cfg.out_dir}: cannot resume with another architecture: {', '.join(clash)}; drop those flags")
-    return dataclasses.replace(base, **{"stop_after": 0, **overrides})
-
 def build_model(cfg, entries, resume, say):
     """-> (model, cfg with the model's architecture, tokenizer, data): from out_dir (--resume) or --from_pretrained,
     else a new model over a compact GPT-2 table of the training text, with its data-dependent init."""
@@ -1168,16 +1147,14 @@ def build_model(cfg, entries, resume, say):
         model, tok = load_pretrained(path, torch.float32, "cpu", base=cfg), load_tokenizer(path)
         cfg = dataclasses.replace(cfg, **{f: getattr(model.cfg, f) for f in HF_FIELDS})
     else:
-        texts = [prompt_text(e["question"], e["kind"]) + " " + e["answer"] for s in ("train", "val")
-                 for e in entries[s]]  # the table covers every token of the training and validation text
-        tok = GPT2Table.from_texts(texts)
+        tok = GPT2Table.from_texts([prompt_text(e["question"], e["kind"]) + " " + e["answer"] for s in ("train", "val")
+                                    for e in entries[s]])  # every token of the training and validation text
         cfg = dataclasses.replace(cfg, vocab_size=len(tok), image_token_index=tok.added["<image>"],
                                   video_token_index=tok.added["<video>"])
         model = VideoLlava(cfg)
         model._init_weights()
     if cfg.share_towers and not cfg.from_pretrained:  # on --resume too: the two saved copies are equal, one is kept
-        # one CLIP tower: video_tower is another name for image_tower; saved as both key sets, it loads as two towers
-        model.video_tower = model.image_tower
+        model.video_tower = model.image_tower  # one CLIP tower under two names; saved as both key sets
     data = {s: Examples(e, cfg, tok) for s, e in entries.items()}
     if not path and cfg.data_init > 0:  # the same fixed media on every rank
         g, tr = torch.Generator().manual_seed(cfg.seed), data["train"]
@@ -1189,15 +1166,14 @@ def build_model(cfg, entries, resume, say):
 
 def ddp_setup(cfg):
     """-> (ddp, rank, world, device): one process, or one of torchrun's (nccl on CUDA, gloo on CPU)."""
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False, 0, 1, pick_device(cfg.device)
+    dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
     device = pick_device(cfg.device)
-    if device == "cuda" and ddp:
+    if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    return ddp, rank, world, device
+    return True, dist.get_rank(), dist.get_world_size(), device
 
 def batch_loss(model, tr, idx, cfg, rank, world, ddp, device):
     """Forward and backward of this rank's rows of the global batch idx -> the global batch's mean loss over its answer
@@ -1208,13 +1184,11 @@ def batch_loss(model, tr, idx, cfg, rank, world, ddp, device):
     for micro in range(cfg.grad_accum):
         rows = idx[(micro * world + rank) * cfg.batch_size:(micro * world + rank + 1) * cfg.batch_size]
         passes += [p for p in ([i for i in rows if tr.entries[i]["kind"] == k] for k in ("image", "video")) if p]
-    for j, part in enumerate(passes):
+    for j, part in enumerate(passes):  # DDP all-reduces only after the last pass
         b = tr.batch(part, device)
         share = (b["targets"] != -100).sum().item() * world / n_tok
-        sync = not ddp or j == len(passes) - 1  # DDP all-reduces only after the last pass
-        with model.no_sync() if not sync else contextlib.nullcontext(), autocast(cfg.dtype, device):
-            _, loss = model(**b)
-            loss = loss * share
+        with model.no_sync() if ddp and j < len(passes) - 1 else contextlib.nullcontext(), autocast(cfg.dtype, device):
+            loss = model(**b)[1] * share
         loss.backward()
         total += loss.item() / world
     if ddp:  # the logged loss is the global batch's, and every rank sees the same NaN and stops together
@@ -1345,10 +1319,9 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     dev = input_ids.device.type  # under autocast, keys/values come out of its matmuls in its dtype
     dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
              else model.language_model.model.embed_tokens.weight.dtype)
-    # on a CPU the graph is built with the weights frozen in as constants (laid out for inductor's matrix kernels),
-    # each product by the fastest kernel inductor times (max_autotune). Weights changed in place since the last
-    # compiled call (an optimizer step, an in-place op) bump their version counters, and the graphs are built again;
-    # a change through `.data` or a fused optimizer bumps none: call torch._dynamo.reset() after one
+    # on a CPU the weights are frozen into the graph as constants, each product by the fastest kernel inductor times
+    # (max_autotune); weights changed in place since the last compiled call (an optimizer step) bump their version
+    # counters and the graphs are built again (a change through `.data` bumps none: call torch._dynamo.reset() after)
     tuned = torch._inductor.config.patch(freezing=True, max_autotune=True) if compile and dev == "cpu" else None
     if tuned is not None:
         version = sum(p._version for p in model.parameters())
@@ -1363,11 +1336,9 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     with torch.inference_mode(), tuned or contextlib.nullcontext():
         cache = KVCache(model.cfg, B, T_max, dtype, input_ids.device) if use_cache else None
         logits, _ = model(input_ids, mask, pixel_values_images, pixel_values_videos, cache=cache, last_only=True)
-        seq, out = input_ids, []
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        seq, out, done = input_ids, [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+            nxt = torch.where(done, pad_token_id, sample_next(logits[:, -1], temperature, top_k, top_p, generator))
             out.append(nxt)
             if on_token is not None:
                 with torch.inference_mode(False):
@@ -1390,34 +1361,34 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
             else:  # the naive path: the whole sequence again, media re-encoded (tests compare it with the cache path)
                 seq = torch.cat([seq, nxt[:, None]], 1)  # (B, L + steps)
                 logits, _ = model(seq, mask, pixel_values_images, pixel_values_videos, last_only=True)
-        new = torch.stack(out, 1)
-    return new.clone()  # an ordinary tensor (an inference tensor cannot be changed in place or saved for backward)
+    return torch.stack(out, 1)  # out of inference_mode: an ordinary tensor, which may be changed or saved for backward
+
+def exact_match(preds, refs):
+    """Fraction of predictions equal to their reference after lower-casing, trimming and dropping a final '.'."""
+    norm = lambda text: " ".join(text.lower().strip().rstrip(".").split())  # single spaces
+    return sum(norm(p) == norm(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):
     """Greedy answers on test and novel -> exact match per medium and per question kind; writes eval.json."""
-    model.eval()
     result, splits = {}, [s for s in ("test", "novel") if s in data]  # your data has no novel split
     print(f"{'split':8s} {'medium':7s} {'n':>5s} {'exact':>7s}")
     for split in splits:
         ex, preds, result[split] = data[split], {}, {}
         by_kind = {k: [i for i, e in enumerate(ex.entries) if e["kind"] == k] for k in ("image", "video")}
-        for rows in by_kind.values():  # batches of one medium: an image prompt is never padded to a video's length
-            for s in range(0, len(rows), 64):
-                b = ex.batch(rows[s:s + 64], device, with_answer=False, left_pad=True)
-                with autocast(cfg.dtype, device):
-                    out = generate(model, b["input_ids"], b["attention_mask"], b["pixel_values_images"],
-                                   b["pixel_values_videos"], max_new_tokens=cfg.max_new_tokens,
-                                   eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-                preds.update(zip(rows[s:s + 64], [tok.decode([t for t in r if t != tok.eos_id]).strip()
-                                                  for r in out.tolist()]))
+        # batches of one medium: an image prompt is never padded to a video's length
+        for part in [rows[s:s + 64] for rows in by_kind.values() for s in range(0, len(rows), 64)]:
+            b = ex.batch(part, device, with_answer=False, left_pad=True)
+            with autocast(cfg.dtype, device):
+                out = generate(model, **b, max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_id,
+                               pad_token_id=tok.pad_id)
+            preds.update(zip(part, [tok.decode([t for t in r if t != tok.eos_id]).strip() for r in out.tolist()]))
         em = lambda rows: exact_match([preds[i] for i in rows], [ex.entries[i]["answer"] for i in rows])
         for kind, rows in ((k, r) for k, r in by_kind.items() if r):
             kinds = {i: " ".join(ex.entries[i]["question"].split()[:4]) for i in rows}  # e.g. "Which way does the"
-            result[split][kind] = {"n": len(rows), "exact_match": em(rows), "by_question": {
+            result[split][kind] = r = {"n": len(rows), "exact_match": em(rows), "by_question": {
                 q: em([i for i in rows if kinds[i] == q]) for q in sorted(set(kinds.values()))}, "samples": [
                 {"question": ex.entries[i]["question"], "prediction": preds[i], "reference": ex.entries[i]["answer"]}
                 for i in rows[:4]]}
-            r = result[split][kind]
             print(f"{split:8s} {kind:7s} {r['n']:5d} {r['exact_match']:7.3f}   " +
                   ", ".join(f"{q}: {v:.2f}" for q, v in r["by_question"].items()))
     result["train_seconds"], test = train_seconds, result["test"]
@@ -1427,8 +1398,7 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
     return result
 
 def inspect_checkpoint(path, n_frames, n_tokens):
-    """Parameter counts per tower, bytes by dtype, key alignment (align_keys, as loading checks it) and the memory
-    estimated for one video of n_frames plus n_tokens of text; CUDA memory on a GPU."""
+    """Parameters per tower, bytes by dtype, key alignment (as loading checks it), memory for one video; CUDA memory."""
     model, found, handles, problems = align_keys(path)
     cfg, files, towers, by_dtype, layouts = model.cfg, weight_files(path), {}, {}, set()
     for key, f in files.items():
@@ -1439,10 +1409,9 @@ def inspect_checkpoint(path, n_frames, n_tokens):
         towers[tower] = towers.get(tower, 0) + numel
         layouts.add("transformers-5 in memory" if key.startswith(("model.", "lm_head.")) else
                     "hub" if ".vision_model." in key else "transformers-5 save" if "_tower." in key else None)
-    n_bytes = sum(by_dtype.values())
+    n_bytes, per_tower = sum(by_dtype.values()), ", ".join(f"{t} {n / 1e6:.2f}M" for t, n in towers.items())
     print(f"checkpoint {path}: {len(files)} tensors in {len(handles)} file(s), layout {sorted(layouts - {None})}; "
-          f"{sum(towers.values()) / 1e6:.2f}M parameters (" + ", ".join(f"{t} {n / 1e6:.2f}M" for t, n in
-                                                                      towers.items()) + "); " +
+          f"{sum(towers.values()) / 1e6:.2f}M parameters ({per_tower}); " +
           ", ".join(f"{dt} {b / 2**30:.3f} GiB" for dt, b in by_dtype.items()))
     print(f"key alignment: {len(found)} model tensors found, " +
           ", ".join(f"{what} {keys or 'none'}" for what, keys in problems.items()))
@@ -1487,8 +1456,7 @@ def bench(cfg, sizes=None, rounds=3):
         same, tps, bw = all(torch.equal(v, first["eager"]) for v in first.values()), dict.fromkeys(run, 0.0), 0.0
         for _ in range(rounds):  # best of rounds, the decoders interleaved, then the copy (best of three)
             for k, f in run.items():
-                t = time.perf_counter()
-                got = f()
+                t, got = time.perf_counter(), f()
                 tps[k], same = max(tps[k], new / (time.perf_counter() - t)), same and torch.equal(got, first[k])
             for _ in range(3):
                 t = time.perf_counter()
@@ -1528,19 +1496,18 @@ def parse_args(argv=None):
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset], **overrides})
-    # every problem with the flags, in order; the first is reported
-    problems = [f"--{f} must be at least 1" for f in (  # counts and sizes
+    v = dataclasses.asdict(cfg)  # every problem with the flags, in order; the first is reported
+    problems = [f"--{f} must be at least 1" for f in (
         "batch_size", "grad_accum", "n_frames", "max_new_tokens", "hidden_size", "patch_size", "num_attention_heads",
         "num_key_value_heads", "v_hidden_size", "v_num_attention_heads", "image_size", "max_steps", "log_interval",
-        "eval_interval", "num_hidden_layers", "v_num_hidden_layers") if getattr(cfg, f) < 1]
-    problems += [f"--{f} {getattr(cfg, f)} must be a positive number" for f in ("lr", "grad_clip") if
-                 not 0 < getattr(cfg, f) < math.inf] + [f"--{f} {getattr(cfg, f)} must be 0 or more" for f in (
-                 "min_lr", "weight_decay", "stop_after", "top_k", "data_init", "temperature") if
-                 not 0 <= getattr(cfg, f) < math.inf] + [f"--top_p {cfg.top_p}: in (0, 1]"] * (not 0 < cfg.top_p <= 1)
-    problems += [f"--{a} {getattr(cfg, a)} must be a multiple of --{b} {getattr(cfg, b)}" for a, b in (
-        ("hidden_size", "num_attention_heads"), ("num_attention_heads", "num_key_value_heads"),
-        ("v_hidden_size", "v_num_attention_heads"), ("image_size", "patch_size")) if getattr(cfg, a) % max(
-        getattr(cfg, b), 1)]  # heads share the width; query heads share kv heads; patches tile the image
+        "eval_interval", "num_hidden_layers", "v_num_hidden_layers") if v[f] < 1]
+    problems += [f"--{f} {v[f]} must be a positive number" for f in ("lr", "grad_clip") if not 0 < v[f] < math.inf]
+    problems += [f"--{f} {v[f]} must be 0 or more" for f in ("min_lr", "weight_decay", "stop_after", "top_k",
+                                                              "data_init", "temperature") if not 0 <= v[f] < math.inf]
+    problems += [f"--top_p {cfg.top_p}: in (0, 1]"] * (not 0 < cfg.top_p <= 1)
+    problems += [f"--{a} {v[a]} must be a multiple of --{b} {v[b]}" for a, b in (("hidden_size", "num_attention_heads"),
+                 ("num_attention_heads", "num_key_value_heads"), ("v_hidden_size", "v_num_attention_heads"),
+                 ("image_size", "patch_size")) if v[a] % max(v[b], 1)]  # heads split the width, patches the image
     same = lambda a, b: bool(a and b) and os.path.realpath(a) == os.path.realpath(b)  # reads no file
     own_run = lambda meta: meta.get("script") == SCRIPT  # the config.json of a run of this script
     problems += [msg for bad, msg in (
@@ -1573,8 +1540,7 @@ def run_generate(args, cfg, overrides):
         raise UserError("--generate needs --prompt TEXT, and --video PATH or --image PATH (not both) or neither")
     path, device = cfg.from_pretrained or cfg.out_dir, pick_device(cfg.device)
     hf = read_config(path)  # a run of this script keeps its float32 weights; an HF folder's follow --dtype
-    auto = "bfloat16" if native_bf16(device) else "float32"
-    dtype = None if "gpt2_table" in hf else getattr(torch, auto if cfg.dtype == "auto" else cfg.dtype)
+    dtype = None if "gpt2_table" in hf else getattr(torch, autocast_dtype(cfg.dtype, device, weights=True))
     model, tok = load_pretrained(path, dtype, device).eval(), load_tokenizer(path)
     mcfg, kind = model.cfg, "video" if args.video else "image" if args.image else ""
     n_frames = overrides.get("n_frames", hf.get("train_config", {}).get("n_frames", 8))
@@ -1588,10 +1554,9 @@ def run_generate(args, cfg, overrides):
     def stream(tok_id):  # print the new text as it comes (decoding the whole answer keeps multi-byte chars whole)
         nonlocal shown
         got.append(int(tok_id[0]))
-        text = tok.decode([t for t in got if t != tok.eos_id])
-        if not text.endswith("\ufffd"):
-            print(text[len(shown):], end="", flush=True)
-            shown = text
+        text = tok.decode([t for t in got if t != tok.eos_id]).rstrip("\ufffd")  # a character still incomplete waits
+        print(text[len(shown):], end="", flush=True)
+        shown = text
     try:  # an HF folder's weights are already in --dtype; a run of this script's keep float32, under autocast
         with autocast(cfg.dtype if dtype is None else "float32", device):
             generate(model, ids, None, imgs, vids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -1607,15 +1572,12 @@ def main(argv=None):
     """The command line: one mode per call (--train [--resume], --eval, --generate, --inspect, --bench)."""
     args, cfg, overrides = parse_args(argv)
     if args.train:
-        if args.resume:
-            cfg = resume_config(cfg, overrides)
+        cfg = saved_config(cfg.out_dir, overrides) if args.resume else cfg
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone prints
             print("config:", json.dumps(dataclasses.asdict(cfg)))
         train(cfg, resume=args.resume)
-    elif args.eval:  # the run's saved config, with only the flags that say where and how to evaluate on top
-        device, meta = pick_device(cfg.device), read_resumable(cfg.out_dir, need_state=False)
-        run_keys = ("device", "dtype", "out_dir", "data_dir", "data", "test_data")
-        base = saved_config(meta, **{k: v for k, v in overrides.items() if k in run_keys})
+    elif args.eval:
+        device, base = pick_device(cfg.device), saved_config(cfg.out_dir, overrides, resume=False)
         model, tok = load_pretrained(cfg.out_dir, torch.float32, device, base=base), load_tokenizer(cfg.out_dir)
         data = {s: Examples(e, model.cfg, tok) for s, e in load_entries(model.cfg).items() if s in ("test", "novel")}
         seconds = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # kept
@@ -1623,7 +1585,7 @@ def main(argv=None):
     elif args.generate:
         run_generate(args, cfg, overrides)
     elif args.inspect:
-        inspect_checkpoint(args.inspect, cfg.n_frames if "n_frames" in overrides else 8, args.n_tokens)
+        inspect_checkpoint(args.inspect, overrides.get("n_frames", 8), args.n_tokens)
     elif args.bench:
         bench(cfg)
     else:
