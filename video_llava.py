@@ -922,7 +922,7 @@ def canonical_key(k):
         k = re.sub(pattern, hub, k)  # applied in order: a key the first rule renamed matches none of the others
     return k
 
-# Buffers old checkpoints saved that models now rebuild (RoPE's inv_freq, CLIP's position_ids): skipped, as transformers
+# Buffers old checkpoints hold and models rebuild (RoPE inv_freq, CLIP position_ids): skipped, as transformers does
 LEGACY_KEYS = re.compile(r"rotary_emb\.inv_freq$|(^|\.)position_ids$")
 
 def open_weights(f):
@@ -1029,9 +1029,8 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
 def saved_config(out_dir, overrides, resume=True):
-    """The Config this script's --train saved in out_dir/config.json (a field this code lacks is dropped) with the typed
-    flags on top: for --resume all of them (an architecture flag must agree with the checkpoint; --stop_after applies
-    only to the command that types it), for --eval only those that say where and how to evaluate."""
+    """The Config this script's --train saved in out_dir (fields this code lacks dropped), typed flags on top: all for
+    --resume (architecture flags must agree; --stop_after only if typed again), for --eval only where and how to run."""
     cpath, tpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "train_state.pt")
     if not os.path.isfile(cpath) and not os.path.isfile(tpath):
         raise UserError(f"{out_dir}: nothing to resume or evaluate (no config.json / train_state.pt); run --train "
@@ -1071,9 +1070,8 @@ def native_bf16(device):
     return device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 def autocast_dtype(name, device, weights=False):
-    """--dtype auto for training and evaluation: bfloat16 on a CUDA GPU that multiplies in it, float32 elsewhere (on a
-    CPU, bfloat16 autocast trains this small model more slowly even where it is native: README). An HF checkpoint's
-    weights (weights=True, run_generate) are bfloat16 wherever native_bf16, as the 7B's files are stored."""
+    """--dtype auto: bfloat16 where a CUDA GPU multiplies in it, else float32 (on a CPU even native bfloat16 trains this
+    small model more slowly: README); weights=True (an HF checkpoint's, run_generate): bfloat16 wherever native_bf16."""
     if name != "auto":
         return name
     return "bfloat16" if (weights or device.startswith("cuda")) and native_bf16(device) else "float32"
@@ -1179,8 +1177,7 @@ def batch_loss(model, tr, idx, cfg, rank, world, ddp, device):
     """Forward and backward of this rank's rows of the global batch idx -> the global batch's mean loss over its answer
     tokens, however it is split: each pass scales its own mean by its share of those tokens (x world: DDP averages)."""
     n_tok, total, passes = sum(len(tr.answers[i]) for i in idx), 0.0, []
-    # each micro-batch runs as two passes, its image rows and its video rows, each padded to its own longest row
-    # (mixed, every short image row would be padded to the video rows' length): the same loss, less LLM work
+    # each micro-batch as two passes, image rows and video rows, each padded to its own longest: same loss, less work
     for micro in range(cfg.grad_accum):
         rows = idx[(micro * world + rank) * cfg.batch_size:(micro * world + rank + 1) * cfg.batch_size]
         passes += [p for p in ([i for i in rows if tr.entries[i]["kind"] == k] for k in ("image", "video")) if p]
@@ -1308,9 +1305,8 @@ def sample_next(logits, temperature, top_k, top_p, generator):
 def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pixel_values_videos=None,
              max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0,
              generator=None, use_cache=True, on_token=None, compile=False):
-    """Batched, left-padded generation -> (B, n) new ids (rows that stopped are filled with pad_token_id). The media
-    are encoded once at prefill; each later step feeds one token through the static KV cache (`model.step`), compiled
-    with compile=True (the gpt-fast recipe). Runs under torch.inference_mode; returns an ordinary tensor."""
+    """Batched, left-padded generation -> (B, n) new ids (stopped rows filled with pad_token_id): the media encoded once
+    at prefill, then one token a step through the static KV cache (`model.step`; compile=True: the gpt-fast recipe)."""
     model.eval()
     if compile and not use_cache:
         raise ValueError("compile=True compiles the one-token step through the KV cache: it needs use_cache=True")
@@ -1319,9 +1315,8 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     dev = input_ids.device.type  # under autocast, keys/values come out of its matmuls in its dtype
     dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
              else model.language_model.model.embed_tokens.weight.dtype)
-    # on a CPU the weights are frozen into the graph as constants, each product by the fastest kernel inductor times
-    # (max_autotune); weights changed in place since the last compiled call (an optimizer step) bump their version
-    # counters and the graphs are built again (a change through `.data` bumps none: call torch._dynamo.reset() after)
+    # on a CPU the weights are frozen into the graph as constants, each product by the fastest kernel (max_autotune);
+    # weights changed in place bump their version counters, and the graphs are rebuilt (`.data` bumps none: reset())
     tuned = torch._inductor.config.patch(freezing=True, max_autotune=True) if compile and dev == "cpu" else None
     if tuned is not None:
         version = sum(p._version for p in model.parameters())
