@@ -1323,8 +1323,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
         if model.__dict__.setdefault("_frozen_version", version) != version:
             torch._dynamo.reset()  # every compiled graph of the process: the frozen constants are stale
         model._frozen_version = version
-    # static shapes: dynamic=False compiles one graph per batch size and cache length, each specialised to its
-    # sizes; compiled, the cache length is rounded up to a multiple of 64 (within the context) to keep those few
+    # static shapes (dynamic=False): a graph per batch size and cache length, the cache rounded up to 64 to keep few
     step = torch.compile(model.step, fullgraph=True, dynamic=False) if compile else model.step
     n, context = L + max_new_tokens, model.cfg.max_position_embeddings
     T_max = max(n, min(-(-n // 64) * 64, context)) if compile else n  # longer than the context: forward refuses
@@ -1492,10 +1491,9 @@ def parse_args(argv=None):
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset], **overrides})
     v = dataclasses.asdict(cfg)  # every problem with the flags, in order; the first is reported
-    problems = [f"--{f} must be at least 1" for f in (
-        "batch_size", "grad_accum", "n_frames", "max_new_tokens", "hidden_size", "patch_size", "num_attention_heads",
-        "num_key_value_heads", "v_hidden_size", "v_num_attention_heads", "image_size", "max_steps", "log_interval",
-        "eval_interval", "num_hidden_layers", "v_num_hidden_layers") if v[f] < 1]
+    problems = [f"--{f} must be at least 1" for f in ("batch_size grad_accum n_frames max_new_tokens hidden_size "
+        "patch_size num_attention_heads num_key_value_heads v_hidden_size v_num_attention_heads image_size max_steps "
+        "log_interval eval_interval num_hidden_layers v_num_hidden_layers").split() if v[f] < 1]
     problems += [f"--{f} {v[f]} must be a positive number" for f in ("lr", "grad_clip") if not 0 < v[f] < math.inf]
     problems += [f"--{f} {v[f]} must be 0 or more" for f in ("min_lr", "weight_decay", "stop_after", "top_k",
                                                               "data_init", "temperature") if not 0 <= v[f] < math.inf]
@@ -1544,8 +1542,7 @@ def run_generate(args, cfg, overrides):
     vids = torch.from_numpy(load_video(args.video, n_frames, mcfg.image_size))[None].to(device) if args.video else None
     text = args.prompt if "<image>" in args.prompt or "<video>" in args.prompt else prompt_text(args.prompt, kind)
     ids = torch.tensor([expand_placeholders(tok.encode(text), mcfg, n_frames)], device=device)
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    shown, got = "", []
+    g, shown, got = torch.Generator(device=device).manual_seed(cfg.seed), "", []
     def stream(tok_id):  # print the new text as it comes (decoding the whole answer keeps multi-byte chars whole)
         nonlocal shown
         got.append(int(tok_id[0]))
