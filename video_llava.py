@@ -1492,8 +1492,8 @@ def parse_args(argv=None):
     cfg = Config(**{**PRESETS[args.preset], **overrides})
     v = dataclasses.asdict(cfg)  # every problem with the flags, in order; the first is reported
     problems = [f"--{f} must be at least 1" for f in ("batch_size grad_accum n_frames max_new_tokens hidden_size "
-        "patch_size num_attention_heads num_key_value_heads v_hidden_size v_num_attention_heads image_size max_steps "
-        "log_interval eval_interval num_hidden_layers v_num_hidden_layers").split() if v[f] < 1]
+                "patch_size num_attention_heads num_key_value_heads v_hidden_size v_num_attention_heads image_size "
+                "max_steps log_interval eval_interval num_hidden_layers v_num_hidden_layers").split() if v[f] < 1]
     problems += [f"--{f} {v[f]} must be a positive number" for f in ("lr", "grad_clip") if not 0 < v[f] < math.inf]
     problems += [f"--{f} {v[f]} must be 0 or more" for f in ("min_lr", "weight_decay", "stop_after", "top_k",
                                                               "data_init", "temperature") if not 0 <= v[f] < math.inf]
