@@ -10,10 +10,9 @@ checkpoint `LanguageBind/Video-LLaVA-7B-hf`, plus a tiny Video-LLaVA trained fro
 
 Paper: Video-LLaVA, Lin et al. 2023 (https://arxiv.org/abs/2311.10122); LLaVA (https://arxiv.org/abs/2304.08485).
 Reference implementation: transformers `VideoLlavaForConditionalGeneration` (the tests compare logits and tokens
-with it on tiny random checkpoints; only the tests and `--bench` import transformers).
-
-Modules are named after the hub checkpoint keys (`language_model.model.layers.0.self_attn.q_proj.weight`), so
-loading is the identity map plus `canonical_key`, which folds the two other layouts transformers writes onto it.
+with it on tiny random checkpoints; only the tests and `--bench` import transformers). Modules are named after the
+hub checkpoint keys (`language_model.model.layers.0.self_attn.q_proj.weight`), so loading is the identity map plus
+`canonical_key`, which folds the two other layouts transformers writes onto it.
 
 Shape legend: B batch, N images, F frames, P patches per frame, L text tokens, T keys (cache + new), D width,
 Dv vision width, H heads, K kv heads, E head dim, V vocabulary, T_max the KV cache's length.
@@ -24,7 +23,6 @@ Commands:
     torchrun --nproc_per_node=2 video_llava.py --train --batch_size 16   # DDP (gloo on CPU, nccl on CUDA), batch 32
     python video_llava.py --train --freeze vision,llm --from_pretrained out/video_llava --out_dir out/vl_stage1
     python video_llava.py --eval                               # re-evaluate out/video_llava on test / novel
-    python video_llava.py --generate --video clip.mp4 --prompt "Which way does the red circle move?"
     python video_llava.py --generate --from_pretrained DIR --image cat.png --prompt "What is this?"  # HF checkpoint
     python video_llava.py --generate --from_pretrained DIR --video clip.mp4 --prompt "What happens?" --compile
     python video_llava.py --inspect DIR --n_frames 8           # parameter counts, bytes, key alignment, memory
@@ -43,7 +41,6 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg stays quiet: a bad video is reported by us, in one line
 import cv2
@@ -75,7 +72,7 @@ def writable(path, marker, ours):
 
 # Config ---------------------------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     # data (your JSON lines, or the synthetic world) and output
     data: str = ""  # your training questions, JSON lines (format in the README); "" = the synthetic world
@@ -136,13 +133,10 @@ class Config:
     top_p: float = 1.0
     max_new_tokens: int = 48
 
-PRESETS = {
-    "default": {},
-    "tiny": dict(n_train=48, n_test=6, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=2, num_key_value_heads=1, v_hidden_size=16, v_intermediate_size=32,
-                 v_num_hidden_layers=2, v_num_attention_heads=2, batch_size=8, max_steps=6, warmup=2,
-                 log_interval=2, eval_interval=4, dtype="float32", max_new_tokens=6),
-}
+PRESETS = {"default": {}, "tiny": dict(  # tiny: the whole pipeline in seconds (the tests' runs)
+    n_train=48, n_test=6, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    num_key_value_heads=1, v_hidden_size=16, v_intermediate_size=32, v_num_hidden_layers=2, v_num_attention_heads=2,
+    batch_size=8, max_steps=6, warmup=2, log_interval=2, eval_interval=4, dtype="float32", max_new_tokens=6)}
 
 # Config field -> (section of an HF Video-LLaVA config.json, its key there, transformers' default when the file leaves
 # it out): the one map that config_from_hf reads and hf_config_dict writes. A top-level key may also sit in text_config.
@@ -227,9 +221,8 @@ def make_image(rng, split):
     for cell in rng.sample(range(16), n):
         cx, cy = (cell % 4) * CELL + CELL // 2 + rng.randint(-1, 1), (cell // 4) * CELL + CELL // 2 + rng.randint(-1, 1)
         draw_shape(img, shape, colour, cx, cy)
-    qa = [("What colour are the shapes?", colour), ("What shape are they?", shape),
-          ("How many shapes are there?", NUMBERS[n - 1])]
-    return img, qa
+    return img, [("What colour are the shapes?", colour), ("What shape are they?", shape),
+                 ("How many shapes are there?", NUMBERS[n - 1])]
 
 def make_clip(rng, split, n_frames):
     """A 16-frame clip -> (list of BGR frames, (question, answer)). Two kinds, both need more than one frame:
@@ -240,8 +233,7 @@ def make_clip(rng, split, n_frames):
         motion = rng.choice(list(MOTIONS))
         dx, dy = MOTIONS[motion]
         lo, hi = HALF + 2, SIDE - HALF - 3  # centre range that keeps the whole shape in the picture
-        x0 = rng.randint(lo + (TRAVEL if dx < 0 else 0), hi - (TRAVEL if dx > 0 else 0))
-        y0 = rng.randint(lo + (TRAVEL if dy < 0 else 0), hi - (TRAVEL if dy > 0 else 0))
+        x0, y0 = (rng.randint(lo + TRAVEL * (d < 0), hi - TRAVEL * (d > 0)) for d in (dx, dy))  # room to travel
         for t, img in enumerate(frames):
             f = t / (CLIP_LEN - 1)  # fraction of the way travelled at frame t
             draw_shape(img, shape, colour, round(x0 + dx * TRAVEL * f), round(y0 + dy * TRAVEL * f))
@@ -256,8 +248,7 @@ def make_clip(rng, split, n_frames):
     s1 = rng.randint(1, n_frames - 2)
     s2 = rng.randint(s1 + 1, n_frames - 1)
     t1, t2 = (seen[s] - rng.randint(0, seen[s] - seen[s - 1] - 1) for s in (s1, s2))
-    cells = rng.sample(range(16), 2)  # two distinct cells of the 4x4 grid
-    for (colour, shape), cell, t0 in zip((a, b), cells, (t1, t2)):
+    for (colour, shape), cell, t0 in zip((a, b), rng.sample(range(16), 2), (t1, t2)):  # two distinct grid cells
         cx, cy = (cell % 4) * CELL + CELL // 2, (cell // 4) * CELL + CELL // 2
         for img in frames[t0:]:  # once it appears, it stays
             draw_shape(img, shape, colour, cx, cy)
@@ -274,8 +265,7 @@ def build_world(cfg):
     files = {s: os.path.join(cfg.data_dir, f"{s}.jsonl") for s in sizes}
     if read_json(stamp) == want:  # written before with these settings: reuse it
         return files
-    # this script's world.json (other settings, or a build cut short) marks a folder it may write again; anything else
-    # may be the user's files, or another script's world: never written over
+    # only this script's own world.json (other settings, a build cut short) marks a folder it may write over
     if not writable(cfg.data_dir, "world.json", lambda m: set(m) == set(want)):
         raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json of "
                         f"its own); give a new folder for the synthetic world, or your files as --data FILE.jsonl")
@@ -287,24 +277,21 @@ def build_world(cfg):
         lines = []
         for i in range(n):
             img, qa = make_image(rng, split)
-            name = f"{split}/img_{i:05d}.png"
-            cv2.imwrite(os.path.join(cfg.data_dir, name), img)
-            lines += [{"image": name, "question": q, "answer": a} for q, a in qa]
+            png, mp4 = f"{split}/img_{i:05d}.png", f"{split}/clip_{i:05d}.mp4"
+            cv2.imwrite(os.path.join(cfg.data_dir, png), img)
+            lines += [{"image": png, "question": q, "answer": a} for q, a in qa]
             frames, (q, a) = make_clip(rng, split, cfg.n_frames)
-            name = f"{split}/clip_{i:05d}.mp4"
-            writer = cv2.VideoWriter(os.path.join(cfg.data_dir, name), cv2.VideoWriter_fourcc(*"mp4v"), 8, (SIDE, SIDE))
+            writer = cv2.VideoWriter(os.path.join(cfg.data_dir, mp4), cv2.VideoWriter_fourcc(*"mp4v"), 8, (SIDE, SIDE))
             for fr in frames:
                 writer.write(fr)
             writer.release()
-            lines.append({"video": name, "question": q, "answer": a})
-        with open(files[split], "w") as f:
-            f.write("".join(json.dumps(x) + "\n" for x in lines))
+            lines.append({"video": mp4, "question": q, "answer": a})
+        open(files[split], "w").write("".join(json.dumps(x) + "\n" for x in lines))
     atomic(stamp, lambda p: json.dump(want, open(p, "w")))  # complete
     return files
 
 def load_entries(cfg, master=True):
-    """Each split's questions: --data (every 10th entry held out unless --test_data is given), else the synthetic
-    world; --test_data is the test split of both."""
+    """Each split's questions: --data (every 10th held out, unless --test_data is given) or the synthetic world."""
     if cfg.data:
         train = read_annotations(cfg.data)
         if cfg.test_data:
@@ -456,7 +443,9 @@ class SentencePieceBPE(Tokenizer):
         self.prefix = tc.get("add_prefix_space", True) is not False  # the Metaspace prepend of a leading '▁'
         longest_first = sorted(self.added, key=len, reverse=True)  # "<image>" before any shorter token inside it
         self.split_re = re.compile("(" + "|".join(re.escape(s) for s in longest_first) + ")")
-    def _bpe(self, word):
+    def encode_text(self, part, first):
+        part = part.replace(" ", "▁")  # SentencePiece's visible space, then Metaspace's prepend of a leading '▁'
+        word = "▁" + part if first and self.prefix and not part.startswith("▁") else part
         # initial symbols: characters in the vocabulary, else their UTF-8 bytes (LLaMA's has every byte as <0xNN>)
         syms = [s for ch in word for s in ([ch] if ch in self.vocab or not self.byte_fallback
                                            else [f"<0x{b:02X}>" for b in ch.encode("utf-8")])]
@@ -472,9 +461,6 @@ class SentencePieceBPE(Tokenizer):
             elif not ids or ids[-1] != unk:  # fuse_unk: a run of unknowns is one <unk>
                 ids.append(unk)
         return ids
-    def encode_text(self, part, first):
-        part = part.replace(" ", "▁")  # SentencePiece's visible space
-        return self._bpe("▁" + part if first and self.prefix and not part.startswith("▁") else part)
     def decode(self, ids):  # special tokens skipped
         pieces = [self.inv.get(int(i), "").replace("▁", " ") for i in ids if i not in self.added.values()]
         # a piece <0xNN> is one raw UTF-8 byte; the Strip decoder drops the space prepended to the first piece
@@ -488,8 +474,7 @@ class GPT2Table(Tokenizer):
     Model id 0 is <|endoftext|> (BOS, EOS and pad); the last two ids are the placeholders."""
     def __init__(self, ids):
         import tiktoken  # only the trained-from-scratch model needs it
-        self.enc = tiktoken.get_encoding("gpt2")
-        self.ids = list(ids)
+        self.enc, self.ids = tiktoken.get_encoding("gpt2"), list(ids)
         self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
         self.added = {"<image>": len(self.ids), "<video>": len(self.ids) + 1}
         self.bos_id = self.eos_id = self.pad_id = 0  # model id 0 is GPT-2's <|endoftext|>
@@ -508,20 +493,17 @@ class GPT2Table(Tokenizer):
         return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])  # model ids -> GPT-2 ids -> text
 
 def load_tokenizer(folder):
-    meta = json.load(open(os.path.join(folder, "config.json")))
-    if "gpt2_table" in meta:  # a run of this script: its compact table travels in config.json
-        return GPT2Table(meta["gpt2_table"])
-    return SentencePieceBPE(folder)  # an HF checkpoint: its own tokenizer.json
+    meta = json.load(open(os.path.join(folder, "config.json")))  # a run of this script keeps its GPT-2 table here
+    return GPT2Table(meta["gpt2_table"]) if "gpt2_table" in meta else SentencePieceBPE(folder)  # HF: tokenizer.json
 
 def prompt_text(question, kind):
     """The Video-LLaVA template: 'USER: <video>\\n{question} ASSISTANT:' ('<image>' for images, none for text)."""
     return f"USER: {'<' + kind + '>' + chr(10) if kind else ''}{question} ASSISTANT:"
 
 def expand_placeholders(ids, cfg, n_frames):
-    """Placeholder expansion, as the HF processor does it on the string: the prompt carries one <image> or <video>
-    tag, but the model writes one visual feature over one token, so each tag becomes as many copies as its medium
-    gives features: <image> -> P (P+1 with the 'full' strategy, which keeps CLS), <video> -> (P+1)*F (CLS kept for
-    every frame). The LLM then sees the visual tokens at ordinary positions, with ordinary RoPE."""
+    """Each <image> / <video> tag becomes one token per visual feature, as the HF processor expands the string (the
+    model writes one feature over one token): <image> -> P (P+1 with the 'full' strategy, which keeps CLS), <video> ->
+    (P+1)*F (CLS kept for every frame). The visual tokens then sit at ordinary positions, with ordinary RoPE."""
     p = (cfg.image_size // cfg.patch_size) ** 2
     copies = {cfg.image_token_index: p + (cfg.vision_feature_select_strategy == "full"),
               cfg.video_token_index: (p + 1) * n_frames}  # any other token stays one token
