@@ -2260,6 +2260,10 @@ def test_vl_resume_refuses_foreign_folders(vl_tiny_run, tmp_path):
         vl.main(["--train", "--resume", "--out_dir", str(done)])
     with pytest.raises(vl.UserError, match="another architecture"):
         vl.main(["--train", "--resume", "--out_dir", vl_tiny_run[0].out_dir, "--hidden_size", "64"])
+    # what trains is part of what AdamW's saved state fits: another --freeze or --from_pretrained is refused too
+    for flags in (["--freeze", "vision"], ["--from_pretrained", str(done)]):
+        with pytest.raises(vl.UserError, match=f"trained part: {flags[0]}"):
+            vl.main(["--train", "--resume", "--out_dir", vl_tiny_run[0].out_dir, *flags])
     with pytest.raises(vl.UserError, match="with --train"):
         vl.main(["--eval", "--resume", "--out_dir", vl_tiny_run[0].out_dir])
 

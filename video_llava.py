@@ -990,10 +990,10 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
     """out_dir/model.safetensors (hub keys) + config.json (HF style, plus train_config and the token table) +
     train_state.pt (optimizer, step, RNG, seconds: for --resume). `model` is the raw module, never the DDP wrapper."""
     os.makedirs(cfg.out_dir, exist_ok=True)
-    shared, tied = model.video_tower is model.image_tower, cfg.tie_word_embeddings
-    # a tied head is left out (loading ties it again); a shared tower's video keys hold a copy (safetensors shares none)
-    state = {k: v.detach().cpu().clone() if shared and k.startswith("video_tower.") else v.detach().cpu()
-             for k, v in model.state_dict().items() if not (tied and k == "language_model.lm_head.weight")}
+    skip = "language_model.lm_head.weight" if cfg.tie_word_embeddings else None  # tied: loading ties it again
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != skip}
+    if model.video_tower is model.image_tower:  # one tower under two names: safetensors stores no tensor twice
+        state.update({k: v.clone() for k, v in state.items() if k.startswith("video_tower.")})
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
     with contextlib.suppress(FileNotFoundError):  # an index left there would win over the new file (weight_files)
         os.remove(os.path.join(cfg.out_dir, "model.safetensors.index.json"))
@@ -1029,10 +1029,12 @@ def saved_config(out_dir, overrides, resume=True):
     if not resume:
         run_keys = ("device", "dtype", "out_dir", "data_dir", "data", "test_data")
         return dataclasses.replace(base, **{k: v for k, v in overrides.items() if k in run_keys})
-    arch = {f: getattr(base, f) for f in (*HF_FIELDS, "share_towers")}  # share_towers: one tower's weights or two
-    clash = [f"--{k} {overrides[k]} (checkpoint: {v})" for k, v in arch.items() if overrides.get(k, v) != v]
+    # what the weights and the saved AdamW state were built for: the architecture, one tower or two, what trains
+    arch = {f: getattr(base, f) for f in (*HF_FIELDS, "share_towers", "freeze", "from_pretrained")}
+    clash = [f"--{k} {overrides[k]} (checkpoint: {v!r})" for k, v in arch.items() if overrides.get(k, v) != v]
     if clash:
-        raise UserError(f"{out_dir}: cannot resume with another architecture: {', '.join(clash)}; drop those flags")
+        raise UserError(f"{out_dir}: cannot resume with another architecture or trained part: {', '.join(clash)}; "
+                        f"drop those flags")
     return dataclasses.replace(base, **{"stop_after": 0, **overrides})
 
 # Training -------------------------------------------------------------------------------------------------------------
@@ -1051,12 +1053,12 @@ def native_bf16(device):
         return torch.cuda.get_device_capability(device)[0] >= 8
     return device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
-def autocast_dtype(name, device, weights=False):
-    """--dtype auto: bfloat16 where a CUDA GPU multiplies in it, else float32 (on a CPU even native bfloat16 trains this
-    small model more slowly: README); weights=True (an HF checkpoint's, run_generate): bfloat16 wherever native_bf16."""
+def autocast_dtype(name, device):
+    """--dtype auto for training and evaluation: bfloat16 where a CUDA GPU multiplies in it, else float32 (on a CPU
+    even native bfloat16 trains this small model more slowly: README). An HF checkpoint's weights: run_generate."""
     if name != "auto":
         return name
-    return "bfloat16" if (weights or device.startswith("cuda")) and native_bf16(device) else "float32"
+    return "bfloat16" if device.startswith("cuda") and native_bf16(device) else "float32"
 
 def autocast(dtype, device):
     """The autocast context for --dtype (disabled for float32, so the float32 path is plain)."""
@@ -1139,8 +1141,9 @@ def build_model(cfg, entries, resume, say):
     if not path and cfg.data_init > 0:  # the same fixed media on every rank
         g, tr = torch.Generator().manual_seed(cfg.seed), data["train"]
         media = {k: [m for m, e in zip(tr.media, tr.entries) if e["kind"] == k] for k in ("image", "video")}
-        pick = {k: torch.stack([v[j] for j in torch.randperm(len(v), generator=g)[:cfg.data_init].tolist()])
-                if v else None for k, v in media.items()}
+        pick = {}
+        for k, v in media.items():  # images, then videos, from one seeded generator: the same draw on every rank
+            pick[k] = torch.stack([v[j] for j in torch.randperm(len(v), generator=g)[:cfg.data_init]]) if v else None
         model.init_from_data(pick["image"], pick["video"])
     return model, cfg, tok, data
 
@@ -1162,11 +1165,13 @@ def batch_loss(model, tr, idx, cfg, rank, world, ddp, device):
     # each micro-batch as two passes, image rows and video rows, each padded to its own longest: same loss, less work
     for micro in range(cfg.grad_accum):
         rows = idx[(micro * world + rank) * cfg.batch_size:(micro * world + rank + 1) * cfg.batch_size]
-        passes += [p for p in ([i for i in rows if tr.entries[i]["kind"] == k] for k in ("image", "video")) if p]
-    for j, part in enumerate(passes):  # DDP all-reduces only after the last pass
+        by_kind = ([i for i in rows if tr.entries[i]["kind"] == k] for k in ("image", "video"))
+        passes += [p for p in by_kind if p]  # a micro-batch without video rows has no video pass
+    for j, part in enumerate(passes):
         b = tr.batch(part, device)
         share = (b["targets"] != -100).sum().item() * world / n_tok
-        with model.no_sync() if ddp and j < len(passes) - 1 else contextlib.nullcontext(), autocast(cfg.dtype, device):
+        sync = not ddp or j == len(passes) - 1  # DDP all-reduces the gradients only after the last pass
+        with (contextlib.nullcontext() if sync else model.no_sync()), autocast(cfg.dtype, device):
             loss = model(**b)[1] * share
         loss.backward()
         total += loss.item() / world
@@ -1197,7 +1202,7 @@ def train(cfg, resume=False):
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
-    step, seconds0, raw = 0, 0.0, model
+    step, seconds0 = 0, 0.0
     if resume:  # AdamW moments, the step (data order and lr are functions of it) and the RNG, as they were saved
         try:  # truncated or not a torch file: PyTorch's own errors differ by cause
             ts = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
@@ -1207,8 +1212,8 @@ def train(cfg, resume=False):
         step, seconds0 = ts["step"], ts.get("seconds", 0.0)
         torch.set_rng_state(ts["rng"])
         say(f"resumed from step {step} of {cfg.out_dir}")
-    if ddp:  # unused parameters are normal here: with two towers a shard with no image leaves the image tower out
-        # of the graph, and layers past vision_feature_layer / post_layernorm never run
+    raw = model  # the bare module, which is saved and evaluated; under torchrun `model` becomes its DDP wrapper
+    if ddp:  # unused parameters are normal: a shard without images leaves that tower out; later CLIP layers never run
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
                                                     find_unused_parameters=True)
     tr, gsize = data["train"], cfg.batch_size * cfg.grad_accum * world
@@ -1219,8 +1224,8 @@ def train(cfg, resume=False):
         model.train()
         for m in frozen:  # frozen towers stay in eval mode
             m.eval()
-        total = batch_loss(model, tr, batch_indices(step, len(tr.entries), gsize, cfg.seed), cfg, rank, world, ddp,
-                           device)
+        idx = batch_indices(step, len(tr.entries), gsize, cfg.seed)  # the global batch's rows, all ranks
+        total = batch_loss(model, tr, idx, cfg, rank, world, ddp, device)
         if not math.isfinite(total):
             raise UserError(f"loss became {total} at step {step}; stopped, the last checkpoint in "
                             f"{cfg.out_dir} is kept (try a lower --lr)")
@@ -1229,8 +1234,8 @@ def train(cfg, resume=False):
         opt.zero_grad(set_to_none=True)
         step += 1
         seconds, val = seconds0 + time.time() - t0, None  # val: logged only on the steps where it is measured
-        saved = step % cfg.eval_interval == 0 or step == cfg.max_steps
-        if master and saved:
+        eval_step = step % cfg.eval_interval == 0 or step == cfg.max_steps  # val loss, and a checkpoint
+        if master and eval_step:
             val = eval_loss(raw, data["val"], cfg, device)
             save_checkpoint(raw, cfg, tok, opt, step, seconds)
         if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
@@ -1241,7 +1246,7 @@ def train(cfg, resume=False):
                 f"eta {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
             t_log, log_step = time.time(), step
         if cfg.stop_after and cfg.stop_after <= step < cfg.max_steps:
-            if master and not saved:
+            if master and not eval_step:
                 save_checkpoint(raw, cfg, tok, opt, step, seconds)
             say(f"stopped after step {step} as asked; continue with --train --resume --out_dir {cfg.out_dir}")
             break
@@ -1250,8 +1255,8 @@ def train(cfg, resume=False):
         dist.barrier()
     result = None
     if master and step >= cfg.max_steps:
-        say(f"trained in {train_seconds:.0f}s (data included" + (f"; {seconds0:.0f}s of it before --resume)"
-                                                                  if seconds0 else ")"))
+        before = f"; {seconds0:.0f}s of it before --resume" if seconds0 else ""
+        say(f"trained in {train_seconds:.0f}s (data included{before})")
         result = evaluate(raw, tok, cfg, device, data, train_seconds)
     if ddp:
         dist.destroy_process_group()
@@ -1259,7 +1264,7 @@ def train(cfg, resume=False):
 
 @torch.no_grad()
 def eval_loss(model, ex, cfg, device):
-    """Mean loss over ex (the val split), in batches of 64: the `val` column of the log."""
+    """The mean of the per-batch losses over ex (the val split), in batches of 64: the `val` column of the log."""
     model.eval()
     with autocast(cfg.dtype, device):
         losses = [model(**ex.batch(list(range(len(ex.entries)))[s:s + 64], device))[1].item()
@@ -1280,7 +1285,7 @@ def sample_next(logits, temperature, top_k, top_p, generator):
         sorted_l, order = logits.sort(-1, descending=True)
         cum = sorted_l.softmax(-1).cumsum(-1)
         drop = cum - sorted_l.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), -math.inf)  # vocabulary order
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 @torch.no_grad()
@@ -1302,13 +1307,13 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     tuned = torch._inductor.config.patch(freezing=True, max_autotune=True) if compile and dev == "cpu" else None
     if tuned is not None:
         version = sum(p._version for p in model.parameters())
-        if model.__dict__.setdefault("_frozen_version", version) != version:
+        if getattr(model, "_frozen_version", version) != version:  # weights changed since the last compiled call
             torch._dynamo.reset()  # every compiled graph of the process: the frozen constants are stale
         model._frozen_version = version
     # static shapes (dynamic=False): a graph per batch size and cache length, the cache rounded up to 64 to keep few
     step = torch.compile(model.step, fullgraph=True, dynamic=False) if compile else model.step
     n, context = L + max_new_tokens, model.cfg.max_position_embeddings
-    T_max = max(n, min(-(-n // 64) * 64, context)) if compile else n  # longer than the context: forward refuses
+    T_max = max(n, min(64 * math.ceil(n / 64), context)) if compile else n  # past the context: forward refuses
     with torch.inference_mode(), tuned or contextlib.nullcontext():
         cache = KVCache(model.cfg, B, T_max, dtype, input_ids.device) if use_cache else None
         logits, _ = model(input_ids, mask, pixel_values_images, pixel_values_videos, cache=cache, last_only=True)
@@ -1351,23 +1356,25 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
     for split in splits:
         ex, preds, result[split] = data[split], {}, {}
         by_kind = {k: [i for i, e in enumerate(ex.entries) if e["kind"] == k] for k in ("image", "video")}
-        # batches of one medium: an image prompt is never padded to a video's length
-        for part in [rows[s:s + 64] for rows in by_kind.values() for s in range(0, len(rows), 64)]:
-            b = ex.batch(part, device, with_answer=False, left_pad=True)
-            with autocast(cfg.dtype, device):
-                out = generate(model, **b, max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_id,
-                               pad_token_id=tok.pad_id)
-            preds.update(zip(part, [tok.decode([t for t in r if t != tok.eos_id]).strip() for r in out.tolist()]))
+        for rows in by_kind.values():  # batches of one medium: an image prompt is never padded to a video's length
+            for part in (rows[s:s + 64] for s in range(0, len(rows), 64)):
+                b = ex.batch(part, device, with_answer=False, left_pad=True)
+                with autocast(cfg.dtype, device):
+                    out = generate(model, **b, max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_id,
+                                   pad_token_id=tok.pad_id)
+                preds.update(zip(part, [tok.decode([t for t in r if t != tok.eos_id]).strip() for r in out.tolist()]))
         em = lambda rows: exact_match([preds[i] for i in rows], [ex.entries[i]["answer"] for i in rows])
         for kind, rows in ((k, r) for k, r in by_kind.items() if r):
             kinds = {i: " ".join(ex.entries[i]["question"].split()[:4]) for i in rows}  # e.g. "Which way does the"
-            result[split][kind] = r = {"n": len(rows), "exact_match": em(rows), "by_question": {
-                q: em([i for i in rows if kinds[i] == q]) for q in sorted(set(kinds.values()))}, "samples": [
-                {"question": ex.entries[i]["question"], "prediction": preds[i], "reference": ex.entries[i]["answer"]}
-                for i in rows[:4]]}
+            by_q = {q: em([i for i in rows if kinds[i] == q]) for q in sorted(set(kinds.values()))}
+            samples = [{"question": ex.entries[i]["question"], "prediction": preds[i],
+                        "reference": ex.entries[i]["answer"]} for i in rows[:4]]
+            r = {"n": len(rows), "exact_match": em(rows), "by_question": by_q, "samples": samples}
+            result[split][kind] = r
             print(f"{split:8s} {kind:7s} {r['n']:5d} {r['exact_match']:7.3f}   " +
                   ", ".join(f"{q}: {v:.2f}" for q, v in r["by_question"].items()))
-    result["train_seconds"], test = train_seconds, result["test"]
+    result["train_seconds"] = train_seconds
+    test = result["test"]
     for s in test.get("video", {}).get("samples", [])[:3] + test.get("image", {}).get("samples", [])[:3]:
         print(f"  Q: {s['question']}  ->  {s['prediction']!r}  (ref {s['reference']!r})")
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
@@ -1380,7 +1387,8 @@ def inspect_checkpoint(path, n_frames, n_tokens):
     for key, f in files.items():
         sl = handles[f].get_slice(key)
         numel, dt = math.prod(sl.get_shape()), sl.get_dtype()
-        by_dtype[dt] = by_dtype.get(dt, 0) + numel * {"BF16": 2, "F16": 2, "F64": 8, "I64": 8}.get(dt, 4)
+        size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2}.get(dt, 1)  # bytes per element
+        by_dtype[dt] = by_dtype.get(dt, 0) + numel * size
         tower = canonical_key(key).split(".")[0]
         towers[tower] = towers.get(tower, 0) + numel
         layouts.add("transformers-5 in memory" if key.startswith(("model.", "lm_head.")) else
@@ -1432,7 +1440,8 @@ def bench(cfg, sizes=None, rounds=3):
         same, tps, bw = all(torch.equal(v, first["eager"]) for v in first.values()), dict.fromkeys(run, 0.0), 0.0
         for _ in range(rounds):  # best of rounds, the decoders interleaved, then the copy (best of three)
             for k, f in run.items():
-                t, got = time.perf_counter(), f()
+                t = time.perf_counter()
+                got = f()
                 tps[k], same = max(tps[k], new / (time.perf_counter() - t)), same and torch.equal(got, first[k])
             for _ in range(3):
                 t = time.perf_counter()
@@ -1479,13 +1488,13 @@ def parse_args(argv=None):
     problems += [f"--{f} {v[f]} must be a positive number" for f in ("lr", "grad_clip") if not 0 < v[f] < math.inf]
     problems += [f"--{f} {v[f]} must be 0 or more" for f in ("min_lr", "weight_decay", "stop_after", "top_k",
                                                               "data_init", "temperature") if not 0 <= v[f] < math.inf]
-    problems += [f"--top_p {cfg.top_p}: in (0, 1]"] * (not 0 < cfg.top_p <= 1)
     problems += [f"--{a} {v[a]} must be a multiple of --{b} {v[b]}" for a, b in (("hidden_size", "num_attention_heads"),
                  ("num_attention_heads", "num_key_value_heads"), ("v_hidden_size", "v_num_attention_heads"),
                  ("image_size", "patch_size")) if v[a] % max(v[b], 1)]  # heads split the width, patches the image
     same = lambda a, b: bool(a and b) and os.path.realpath(a) == os.path.realpath(b)  # reads no file
     own_run = lambda meta: meta.get("script") == SCRIPT  # the config.json of a run of this script
     problems += [msg for bad, msg in (
+        (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: in (0, 1]"),
         (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
          f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16"),
         (cfg.hidden_size // max(cfg.num_attention_heads, 1) % 2, "--hidden_size / --num_attention_heads "
@@ -1515,9 +1524,10 @@ def run_generate(args, cfg, overrides):
         raise UserError("--generate needs --prompt TEXT, and --video PATH or --image PATH (not both) or neither")
     path, device = cfg.from_pretrained or cfg.out_dir, pick_device(cfg.device)
     hf = read_config(path)  # a run of this script keeps its float32 weights; an HF folder's follow --dtype
-    dtype = None if "gpt2_table" in hf else getattr(torch, autocast_dtype(cfg.dtype, device, weights=True))
+    auto = "bfloat16" if native_bf16(device) else "float32"  # an HF checkpoint's weights: bfloat16 where native
+    dtype = None if "gpt2_table" in hf else getattr(torch, auto if cfg.dtype == "auto" else cfg.dtype)
     model, tok = load_pretrained(path, dtype, device).eval(), load_tokenizer(path)
-    mcfg, kind = model.cfg, "video" if args.video else "image" if args.image else ""
+    mcfg, kind = model.cfg, ("video" if args.video else "image" if args.image else "")  # "" = no media tag
     n_frames = overrides.get("n_frames", hf.get("train_config", {}).get("n_frames", 8))
     # the medium as a batch of one: an image (1, 3, S, S) or a video (1, F, 3, S, S)
     imgs = torch.from_numpy(load_image(args.image, mcfg.image_size))[None].to(device) if args.image else None
