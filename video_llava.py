@@ -286,7 +286,8 @@ def build_world(cfg):
                 writer.write(fr)
             writer.release()
             lines.append({"video": mp4, "question": q, "answer": a})
-        open(files[split], "w").write("".join(json.dumps(x) + "\n" for x in lines))
+        with open(files[split], "w") as f:
+            f.write("".join(json.dumps(x) + "\n" for x in lines))
     atomic(stamp, lambda p: json.dump(want, open(p, "w")))  # complete
     return files
 
@@ -932,11 +933,12 @@ def weight_files(path):
 def read_config(path):
     """path/config.json as a dict, or a UserError naming what is wrong with the folder."""
     cpath = os.path.join(path, "config.json")
+    if not os.path.isfile(cpath):
+        raise UserError(f"{path}: " + ("no config.json (not a checkpoint folder)" if os.path.isdir(path) else
+                                       "no such checkpoint folder"))
     hf = read_json(cpath)
     if hf is None:
-        raise UserError(f"{cpath}: not a config (not JSON, or not a JSON object)" if os.path.isfile(cpath) else
-                        f"{path}: no config.json (not a checkpoint folder)" if os.path.isdir(path) else
-                        f"{path}: no such checkpoint folder")
+        raise UserError(f"{cpath}: not a config (not JSON, or not a JSON object)")
     return hf
 
 def align_keys(path, base=None):
@@ -1036,6 +1038,13 @@ def saved_config(out_dir, overrides, resume=True):
         raise UserError(f"{out_dir}: cannot resume with another architecture or trained part: {', '.join(clash)}; "
                         f"drop those flags")
     return dataclasses.replace(base, **{"stop_after": 0, **overrides})
+
+# Metrics --------------------------------------------------------------------------------------------------------------
+
+def exact_match(preds, refs):
+    """Fraction of predictions equal to their reference after lower-casing, trimming and dropping a final '.'."""
+    norm = lambda text: " ".join(text.lower().strip().rstrip(".").split())  # single spaces
+    return sum(norm(p) == norm(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
 # Training -------------------------------------------------------------------------------------------------------------
 
@@ -1343,11 +1352,6 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
                 seq = torch.cat([seq, nxt[:, None]], 1)  # (B, L + steps)
                 logits, _ = model(seq, mask, pixel_values_images, pixel_values_videos, last_only=True)
     return torch.stack(out, 1)  # out of inference_mode: an ordinary tensor, which may be changed or saved for backward
-
-def exact_match(preds, refs):
-    """Fraction of predictions equal to their reference after lower-casing, trimming and dropping a final '.'."""
-    norm = lambda text: " ".join(text.lower().strip().rstrip(".").split())  # single spaces
-    return sum(norm(p) == norm(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):
     """Greedy answers on test and novel -> exact match per medium and per question kind; writes eval.json."""
