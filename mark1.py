@@ -50,7 +50,6 @@ import sys
 import time
 import unicodedata
 from collections import OrderedDict
-from dataclasses import dataclass
 
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg stays quiet: a bad video is reported by us, in one line
 import cv2
@@ -84,7 +83,7 @@ def writable(path, marker, ours):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
-@dataclass
+@dataclasses.dataclass
 class Config:
     # data
     data: str = ""  # user annotation JSON for training (format in the README); "" = the built-in synthetic world
@@ -884,7 +883,8 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
     own, path = own_keys(model, cfg), lambda name: os.path.join(cfg.out_dir, name)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in own}
     atomic(path("model.safetensors"), lambda p: save_file(state, p))
-    meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
+    config = dict(dataclasses.asdict(cfg), data_dir=os.path.abspath(cfg.data_dir))  # --eval finds it from anywhere
+    meta = {"script": SCRIPT, "config": config, "vocab": tok.ids}
     atomic(path("config.json"), lambda p: json.dump(meta, open(p, "w")))
     if opt is not None:
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}

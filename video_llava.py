@@ -999,7 +999,8 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
     with contextlib.suppress(FileNotFoundError):  # an index left there would win over the new file (weight_files)
         os.remove(os.path.join(cfg.out_dir, "model.safetensors.index.json"))
-    meta = {**hf_config_dict(cfg), "script": SCRIPT, "train_config": dataclasses.asdict(cfg)}
+    config = dict(dataclasses.asdict(cfg), data_dir=os.path.abspath(cfg.data_dir))  # --eval finds it from anywhere
+    meta = {**hf_config_dict(cfg), "script": SCRIPT, "train_config": config}
     if isinstance(tok, GPT2Table):
         meta["gpt2_table"] = tok.ids
     else:  # started from an HF checkpoint: its tokenizer files travel with the weights

@@ -497,15 +497,15 @@ class VideoLLaMAMini(nn.Module):
 # Checkpoint I/O: out_dir/model.safetensors + config.json (+ the token table) + train_state.pt
 
 def atomic(path, write):
-    tmp = path + ".tmp"  # same folder, so os.replace is atomic
-    write(tmp)
-    os.replace(tmp, path)  # a crash never leaves a half-written file
+    write(path + ".tmp")  # the same folder, so os.replace is atomic
+    os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
 def save_checkpoint(model, tok, cfg, opt, step):
     os.makedirs(cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
-    meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
+    config = dict(dataclasses.asdict(cfg), data_dir=os.path.abspath(cfg.data_dir))  # --eval finds it from anywhere
+    meta = {"script": SCRIPT, "config": config, "vocab": tok.ids}
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
     ts = {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state()}  # what --resume needs
     atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))

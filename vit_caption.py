@@ -42,7 +42,6 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
 
 os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")  # set before cv2 loads: an image it cannot read is our one line
 import cv2
@@ -72,7 +71,7 @@ def writable(path, marker, ours):
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     data: str = ""  # captions file of user data (format in the README); "" = the built-in synthetic world
     test_data: str = ""  # optional captions file to evaluate user data on; else every 10th image is held out
@@ -510,7 +509,8 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
     os.makedirs(cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
-    meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
+    config = dict(dataclasses.asdict(cfg), data_dir=os.path.abspath(cfg.data_dir))  # --eval finds it from anywhere
+    meta = {"script": SCRIPT, "config": config, "vocab": tok.ids}
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
     if opt is not None:
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
