@@ -68,8 +68,8 @@ class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
 def read_json(path, fix):  # json.load where a missing or damaged file is one UserError line that says how to fix it
-    try:
-        return json.load(open(path, encoding="utf-8"))
+    try:  # utf-8-sig: a byte-order mark some editors write is skipped
+        return json.load(open(path, encoding="utf-8-sig"))
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror}); {fix}")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -370,10 +370,10 @@ class GPT2Tokenizer:
     @staticmethod
     def build(texts, compact):  # the compact table of the ids in `texts`, or the full one
         enc = tiktoken.get_encoding("gpt2")
-        seen = sorted({t for s in texts for t in enc.encode(s)} - {enc.eot_token})
+        seen = sorted({t for s in texts for t in enc.encode_ordinary(s)})
         return GPT2Tokenizer([enc.eot_token, -1] + seen if compact else None)
-    def encode(self, s):
-        return [self.index.get(t, self.unk) for t in self.enc.encode(s)]
+    def encode(self, s):  # user text is plain text: "<|endoftext|>" typed in a question is its characters
+        return [self.index.get(t, self.unk) for t in self.enc.encode_ordinary(s)]
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if i != self.eos and self.ids[i] >= 0])
     def prompt(self, q, choices):

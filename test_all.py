@@ -3250,6 +3250,26 @@ def test_mk_readme_user_data_example_trains(mk_trained, tmp_path):
     assert ev["test"]["n"] == 1 and ev["test"]["samples"][0]["answer"] == "B. it stops"
 
 
+def test_mk_annotation_file_with_bom_and_crlf(mk_trained, tmp_path):
+    """A UTF-8 byte-order mark and Windows line endings (as Notepad writes) are read like a plain file."""
+    d, _ = mk_trained
+    (tmp_path / "clips").mkdir()
+    shutil.copy(d / "data" / "train" / "00000.mp4", tmp_path / "clips" / "0001.mp4")
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + MK_USER_DATA_EXAMPLE.replace("\n", "\r\n").encode())
+    (e,) = mk.read_annotations(str(tmp_path / "bom.json"))
+    assert e["answer"] == "B. it stops" and os.path.isfile(e["video"])
+
+
+def test_mk_special_token_text_in_user_text(mk_trained, capsys):
+    """"<|endoftext|>" typed in a question or an annotation is plain text to the GPT-2 tokenizer, not a refused special."""
+    d, _ = mk_trained
+    tok = mk.GPT2Tokenizer.build(["a <|endoftext|> b"], compact=True)
+    assert tok.eos not in tok.encode("a <|endoftext|> b") and tok.unk not in tok.encode("a <|endoftext|> b")
+    mk.main(["--predict", "--out_dir", str(d / "out"), "--video", str(d / "data" / "test" / "00000.mp4"),
+             "--question", "What <|endoftext|> happens?", "--choices", "A. it appears|B. it stops"])
+    assert "answer:" in capsys.readouterr().out
+
+
 def test_mk_user_data_training_and_bench(mk_trained, tmp_path, capsys):
     d, _ = mk_trained
     anns = json.load(open(d / "data" / "train.json"))[:20]
