@@ -887,8 +887,7 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
     meta = {"script": SCRIPT, "config": config, "vocab": tok.ids}
     atomic(path("config.json"), lambda p: json.dump(meta, open(p, "w")))
     if opt is not None:
-        ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
-        atomic(path("train_state.pt"), lambda p: torch.save(ts, p))
+        atomic(path("train_state.pt"), lambda p: torch.save(dict(optimizer=opt.state_dict(), step=step, rng=rng), p))
 
 PATH_KEYS = {"data", "test_data", "vision_ckpt", "llm_ckpt"}  # the run's inputs (parse_args makes them absolute)
 # flags a run from a checkpoint may change: how long and where it runs, how it logs, where the towers' folders are;
@@ -1030,8 +1029,7 @@ def text_batch(items, tok, with_answer=True):
     seqs = [(tok.prompt(it["question"], it["choices"]), tok.target(it["answer"]) if with_answer else [])
             for it in items]
     L = max(len(p) + len(a) for p, a in seqs) - 1  # inputs drop the last token, targets the first
-    inp = torch.full((len(items), L), tok.eos, dtype=torch.long)
-    tgt = torch.full((len(items), L), -100, dtype=torch.long)
+    inp, tgt = (torch.full((len(items), L), fill, dtype=torch.long) for fill in (tok.eos, -100))  # (B, L) each
     for i, (p, a) in enumerate(seqs):
         s = p + a
         inp[i, :len(s) - 1] = torch.tensor(s[:-1])  # right padding with EOS (never a target)
@@ -1048,8 +1046,7 @@ class FeatureCache:
         todo = [i for i in idx.tolist() if (split, i) not in self.store]  # clips seen for the first time
         if todo:
             feats = self.model.encode(clips[torch.tensor(todo)]).detach()
-            for i, f in zip(todo, feats):
-                self.store[(split, i)] = f.cpu()  # (P, Dv) in the encoder's dtype, on the CPU
+            self.store.update({(split, i): f.cpu() for i, f in zip(todo, feats)})  # (P, Dv) each: encoder dtype, CPU
         return torch.stack([self.store[(split, i)] for i in idx.tolist()])
 
 def prepare_data(cfg, rank=0, splits=("train", "val", "test", "novel")):
@@ -1262,10 +1259,8 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):
                 ids, fl = generate(model, cache(split, idx, ds["clips"]), [entries[i] for i in idx], tok, cfg)
             preds += [tok.decode(i).strip() for i in ids]
             sal += torch.sigmoid(fl.float()).cpu().tolist()
-        gold = ds["labels"].int().tolist()
-        pred_lab = [[int(s > cfg.threshold) for s in row] for row in sal]
-        segs = [segment_from_scores(row, ds["times"][i], ds["durations"][i], cfg.threshold)
-                for i, row in enumerate(sal)]
+        gold, pred_lab = ds["labels"].int().tolist(), [[int(s > cfg.threshold) for s in row] for row in sal]
+        segs = [segment_from_scores(r, ds["times"][i], ds["durations"][i], cfg.threshold) for i, r in enumerate(sal)]
         gsegs = [segment_from_scores(g, ds["times"][i], ds["durations"][i], 0.5) for i, g in enumerate(gold)]
         m = dict(n=len(entries), mcq_accuracy=mcq_accuracy(preds, [e["answer"] for e in entries]),
                  exact_match=sum(p == e["answer"] for p, e in zip(preds, entries)) / len(entries),
@@ -1357,7 +1352,13 @@ def parse_args(argv=None):
     problems = [f"--{k} {getattr(cfg, k)}: choose one of {', '.join(ok)}" for k, ok in (("frame_head", (
         "keys", "linear")), ("dtype", ("auto", "float32", "bfloat16", "float16"))) if getattr(cfg, k) not in ok]
     problems += [f"--{k} {getattr(cfg, k)}: must be at least 1" for k in ("batch_size", "grad_accum", "max_steps",
-                 "n_frames", "crop", "max_new_tokens", "log_interval", "eval_interval") if getattr(cfg, k) < 1]
+                 "n_frames", "crop", "max_new_tokens", "log_interval", "eval_interval", "n_temporal_query", "v_heads",
+                 "l_heads", "l_kv_heads", "bridge_heads", "bert_heads") if getattr(cfg, k) < 1]
+    problems += [f"--{k} {getattr(cfg, k)}: must be 0 or more" for k in ("lr", "min_lr", "weight_decay", "grad_clip",
+                 "warmup_frac", "lam", "pos_weight", "stop_after", "data_init") if not getattr(cfg, k) >= 0]  # NaN too
+    problems += [f"--{h} {getattr(cfg, h)}: must divide --{w} {getattr(cfg, w)} (heads split a width)" for h, w in
+                 (("v_heads", "v_width"), ("l_kv_heads", "l_heads"), ("bridge_heads", "l_width"), ("bert_heads",
+                 "l_width"))[:2 if cfg.llm_ckpt else 4] if getattr(cfg, w) % max(1, getattr(cfg, h))]
     if args.train and not args.resume and not writable(cfg.out_dir, "config.json", lambda m: m["script"] == SCRIPT):
         problems.append(f"--out_dir {cfg.out_dir}: a file, or a folder holding files this script did not write (a "
                         f"checkpoint folder, your own files); give a new or empty folder")
@@ -1370,9 +1371,8 @@ def main(argv=None):
     if args.bench and args.preset == "default":
         cfg = Config(**{**PRESETS["bench"], **overrides})
     if cfg.vision_ckpt and (args.train or args.bench):  # frames cut as the checkpoint was trained: crop, patch and
-        conf, _ = read_hf_dir(cfg.vision_ckpt, "vjepa2")  # tubelet from its config.json (transformers' defaults)
-        geo = {"crop": conf.get("crop_size", 256), "v_patch": conf.get("patch_size", 16),
-               "v_tubelet": conf.get("tubelet_size", 2)}
+        get = read_hf_dir(cfg.vision_ckpt, "vjepa2")[0].get  # tubelet from its config.json (transformers' defaults)
+        geo = dict(crop=get("crop_size", 256), v_patch=get("patch_size", 16), v_tubelet=get("tubelet_size", 2))
         for k, v in geo.items():  # a flag that says otherwise is refused
             if k in overrides and overrides[k] != v:
                 raise UserError(f"--{k} {overrides[k]}: {cfg.vision_ckpt} was trained with {v}; drop the flag")

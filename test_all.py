@@ -3219,6 +3219,18 @@ def test_mk_user_files_never_overwritten_and_more_bad_inputs(mk_trained, mk_hf, 
     assert json.load(open(mine / "world.json"))["seed"] == 1 and (mine / "train.json").read_text() == "[]"
 
 
+def test_mk_bad_numbers_and_head_counts_are_one_line(tmp_path):
+    """A negative or NaN rate, a negative --stop_after (which would train and save nothing), no temporal query, or a
+    head count that does not split its width: refused by name before anything runs."""
+    o = tmp_path / "o"
+    for flag, value, needle in (("--lr", "nan", "0 or more"), ("--lr", "-1", "0 or more"), ("--warmup_frac", "nan",
+                                "0 or more"), ("--stop_after", "-1", "0 or more"), ("--grad_clip", "-1", "0 or more"),
+                                ("--n_temporal_query", "0", "at least 1"), ("--bridge_heads", "3", "must divide"),
+                                ("--v_heads", "5", "must divide"), ("--l_kv_heads", "3", "must divide")):
+        _mk_user_error(["--train", "--preset", "tiny", "--out_dir", o, flag, value], flag, needle)
+    assert not o.exists()
+
+
 def test_mk_clip_shorter_than_a_tubelet(tmp_path):
     """F < tubelet: the encoder repeats the clip tubelet times (as transformers does), so F tubelets reach the bridge."""
     for n_frames, tubelet in ((1, 2), (2, 3), (3, 4)):
