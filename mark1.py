@@ -405,8 +405,7 @@ class QwenTokenizer:
         pat = next((p["pattern"]["Regex"] for p in pre.get("pretokenizers", [pre])
                     if p.get("type") == "Split" and "Regex" in p.get("pattern", {})), QWEN_PAT)
         self.enc = tiktoken.Encoding("qwen3", pat_str=pat, mergeable_ranks=ranks, special_tokens=specials)
-        self.eos = specials.get("<|im_end|>", specials.get("<|endoftext|>"))
-        self.ids = None  # the full table: nothing to save
+        self.eos, self.ids = specials.get("<|im_end|>", specials.get("<|endoftext|>")), None  # ids: all, none saved
     def encode(self, s):
         return self.enc.encode(unicodedata.normalize("NFC", s), allowed_special="all")
     def decode(self, ids):  # ids past the tokenizer (the embedding has spare rows) decode to nothing, as in HF
@@ -920,6 +919,8 @@ def load_checkpoint(out_dir, overrides=None, mode="--eval"):
     want = {k: v.shape for k, v in model.state_dict().items() if k in own}  # the tensors this run's files must hold
     check_fit(wpath, want, {k: v.shape for k, v in state.items()})
     model.load_state_dict(state, strict=False)  # towers from HF folders are already loaded; the rest is checked above
+    if not dist.is_initialized() or dist.get_rank() == 0:  # the config that runs: the saved one, as updated
+        print("config:", json.dumps(dataclasses.asdict(cfg)))
     return model, tok, cfg
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1250,9 +1251,8 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):
     """Answers and frame saliency on test and novel -> printed table, a few samples, out_dir/eval.json."""
     cache, result = cache or FeatureCache(model, cfg.feature_cache), {}
     for split in [s for s in ("test", "novel") if s in data]:
-        entries, ds = data[split]
         model.eval()
-        preds, sal = [], []  # answers, frame saliency (sigmoid) per clip
+        (entries, ds), preds, sal = data[split], [], []  # answers, frame saliency (sigmoid) per clip
         for s in range(0, len(entries), 64):
             idx = torch.arange(s, min(len(entries), s + 64))
             with autocast(cfg, model.devices["llm"]):
@@ -1377,7 +1377,7 @@ def main(argv=None):
             if k in overrides and overrides[k] != v:
                 raise UserError(f"--{k} {overrides[k]}: {cfg.vision_ckpt} was trained with {v}; drop the flag")
         cfg = dataclasses.replace(cfg, **geo)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and not (args.resume or args.eval or args.predict):  # else: the saved one
         print("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
     if args.train:

@@ -3052,6 +3052,14 @@ def test_mk_checkpoint_round_trip(mk_trained, tmp_path):
         mk.load_checkpoint(str(tmp_path / "other"))
 
 
+def test_mk_printed_config_is_the_one_that_runs(mk_trained, capsys):
+    """--eval, --predict and --resume run the saved config: that one is printed, not the preset's defaults."""
+    d, _ = mk_trained
+    mk.main(["--eval", "--out_dir", str(d / "out"), "--data_dir", str(d / "data")])
+    printed = [json.loads(l[len("config: "):]) for l in capsys.readouterr().out.splitlines() if l.startswith("config: ")]
+    assert len(printed) == 1 and printed[0]["n_frames"] == 8 and printed[0]["max_steps"] == 6
+
+
 def test_mk_exact_resume(mk_trained, tmp_path, capsys):
     """3 steps, stop, resume for 3 more (in-process, from the files alone) == the fixture's 6 steps in one process."""
     d, _ = mk_trained
