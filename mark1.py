@@ -856,6 +856,9 @@ def build_model(cfg, tok):
     dtype = None if autocast_dtype(cfg.dtype, pick_device(cfg.device)) == "bfloat16" else torch.float32
     vision = load_vjepa2(cfg.vision_ckpt, dtype) if cfg.vision_ckpt else None
     llm = load_qwen3(cfg.llm_ckpt, dtype) if cfg.llm_ckpt else None
+    width = llm.model.embed_tokens.weight.shape[1] if llm else cfg.l_width  # the bridge runs at the LLM's width
+    if bad := [f"--{h} {getattr(cfg, h)}" for h in ("bridge_heads", "bert_heads") if width % getattr(cfg, h)]:
+        raise UserError(f"{', '.join(bad)}: must divide the LLM's width {width} (heads split a width)")
     torch.manual_seed(cfg.seed)
     model = Mark1(cfg, len(tok.ids) if tok.ids is not None else None, vision, llm)
     for part in [p for p, ckpt, frozen in (("vision", cfg.vision_ckpt, cfg.freeze_vision),
@@ -928,8 +931,7 @@ def load_checkpoint(out_dir, overrides=None, mode="--eval"):
 ANSWER_RE = re.compile(r"^\s*([A-Z])\.(\s|$)")
 def extract_option(text):
     """Strict: the answer must begin with an option letter and a full stop ("C." or "C. it stops"); else None."""
-    m = ANSWER_RE.match(text)
-    return m.group(1) if m else None
+    return m.group(1) if (m := ANSWER_RE.match(text)) else None
 
 def mcq_accuracy(preds, answers):  # share of predictions whose option letter is the answer's
     ok = [extract_option(p) is not None and extract_option(p) == extract_option(a) for p, a in zip(preds, answers)]
@@ -1132,8 +1134,7 @@ def train(cfg, resume=False, overrides=None):
         if not os.path.isfile(path):
             raise UserError(f"{path}: nothing to resume (train without --resume first)")
         model, tok, cfg = load_checkpoint(cfg.out_dir, {"stop_after": cfg.stop_after, **(overrides or {})}, "--resume")
-    devices = parse_device_map(cfg)
-    data = prepare_data(cfg, rank)
+    devices, data = parse_device_map(cfg), prepare_data(cfg, rank)
     entries, tr = data["train"]
     if not resume:
         tok = make_tokenizer(cfg, entries)
@@ -1158,8 +1159,7 @@ def train(cfg, resume=False, overrides=None):
         idx = torch.randperm(len(entries), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.data_init]
         q_ids, q_valid, _, _ = text_batch([entries[i] for i in idx.tolist()], tok)
         model.init_from_data(tr["clips"][idx], q_ids, q_valid)
-    cache = FeatureCache(model, cfg.feature_cache)
-    gbatch = cfg.batch_size * cfg.grad_accum * world
+    cache, gbatch = FeatureCache(model, cfg.feature_cache), cfg.batch_size * cfg.grad_accum * world  # clips per step
     model.train()
     fwd = model  # what the training forward calls; `model` itself is what is saved and evaluated (no "module.")
     if ddp:  # DDP all-reduces only parameters with requires_grad (frozen towers add no traffic); no buffer changes
@@ -1358,7 +1358,7 @@ def parse_args(argv=None):
                  "warmup_frac", "lam", "pos_weight", "stop_after", "data_init") if not getattr(cfg, k) >= 0]  # NaN too
     problems += [f"--{h} {getattr(cfg, h)}: must divide --{w} {getattr(cfg, w)} (heads split a width)" for h, w in
                  (("v_heads", "v_width"), ("l_kv_heads", "l_heads"), ("bridge_heads", "l_width"), ("bert_heads",
-                 "l_width"))[:2 if cfg.llm_ckpt else 4] if getattr(cfg, w) % max(1, getattr(cfg, h))]
+                 "l_width")) if getattr(cfg, w) % max(1, getattr(cfg, h)) and not (cfg.llm_ckpt and w == "l_width")]
     if args.train and not args.resume and not writable(cfg.out_dir, "config.json", lambda m: m["script"] == SCRIPT):
         problems.append(f"--out_dir {cfg.out_dir}: a file, or a folder holding files this script did not write (a "
                         f"checkpoint folder, your own files); give a new or empty folder")

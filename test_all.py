@@ -3396,6 +3396,9 @@ def test_mk_unsupported_and_corrupt_checkpoints(mk_hf, tmp_path):
     (minimal / "model.safetensors").write_bytes(b"\x10\x00garbage")
     with pytest.raises(mk.UserError, match="unreadable safetensors"):
         mk.load_qwen3(str(minimal))
+    cfg = _mk_tiny_cfg(tmp_path, llm_ckpt=str(src), bridge_heads=3, bert_heads=4)  # Qwen3's width: 64
+    with pytest.raises(mk.UserError, match=r"--bridge_heads 3: must divide the LLM's width 64"):
+        mk.build_model(cfg, mk.make_tokenizer(cfg))
 
 
 def test_mk_qwen3_sharded_checkpoint(mk_hf, tmp_path):
