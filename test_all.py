@@ -2357,6 +2357,11 @@ def test_vl_bad_inputs(vl_ckpt, tmp_path):
     bad.write_text('{"image": "x.png", "question": "q", "answer": "a"}\n{"video": "v.mp4"}\n')
     with pytest.raises(vl.UserError, match="bad.jsonl:2"):
         vl.read_annotations(str(bad))
+    # a float TIFF OpenCV reads only unchanged, and a device name PyTorch does not know: one line each
+    tiff, t5 = str(tmp_path / "float.tiff"), dirs["t5save"]
+    cv2.imwrite(tiff, np.zeros((8, 8, 3), np.float32))
+    gen("--from_pretrained", t5, "--image", tiff, "--prompt", "hi", match="float.tiff: cannot read")
+    gen("--from_pretrained", t5, "--prompt", "hi", "--device", "gpu", match="--device gpu: not a device")
 
 
 def test_vl_user_mistakes_are_one_line(vl_ckpt, vl_tiny_run, tmp_path, monkeypatch):

@@ -358,11 +358,11 @@ def clip_transform(rgb, size):
 def load_image(path, size):
     """Image file -> float32 (3, size, size), CLIP-normalised as the HF processor does."""
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None  # alpha kept, if any
+    if img is not None and (img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16)):
+        img = cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR (EXIF-rotated), None for a depth it cannot convert
     if img is None:
-        raise UserError(f"{path}: cannot read this image (missing or corrupt)")
-    if img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16):  # no alpha: OpenCV's 8-bit BGR
-        img = cv2.imread(path)  # (EXIF-rotated)
-    else:  # transparency (palette too) composited onto white, as transformers' convert_to_rgb does
+        raise UserError(f"{path}: cannot read this image (missing, corrupt, or a format OpenCV cannot make 8-bit)")
+    if img.shape[2] == 4:  # transparency (palette too) composited onto white, as transformers' convert_to_rgb does
         img = img if img.dtype == np.uint8 else (img >> 8).astype(np.uint8)  # 16-bit: the high byte, as PIL reads it
         a = img[:, :, 3:].astype(np.int32)  # (H, W, 1) alpha, 0 = transparent; the sum rounds as PIL's
         img = ((img[:, :, :3] * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
@@ -1050,10 +1050,10 @@ def exact_match(preds, refs):
 # Training -------------------------------------------------------------------------------------------------------------
 
 def pick_device(name):
-    """--device auto -> cuda > mps > cpu; any other name is used as given, if this PyTorch has it."""
+    """--device auto -> cuda > mps > cpu; cpu, cuda, mps (with an optional :index) are used as given, if here."""
     here = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not here.get(name.split(":")[0], True):
-        raise UserError(f"--device {name}: not available in this PyTorch on this machine; use cpu (or auto)")
+    if not re.fullmatch(r"auto|(cpu|cuda|mps)(:\d+)?", name) or not here.get(name.split(":")[0], True):
+        raise UserError(f"--device {name}: not a device of this PyTorch on this machine; use cpu, cuda, mps or auto")
     return name if name != "auto" else next((d for d, ok in here.items() if ok), "cpu")
 
 def native_bf16(device):
