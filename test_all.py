@@ -2364,6 +2364,21 @@ def test_vl_bad_inputs(vl_ckpt, tmp_path):
     gen("--from_pretrained", t5, "--prompt", "hi", "--device", "gpu", match="--device gpu: not a device")
 
 
+@_vc_1t
+def test_vl_user_data_relative_paths(tmp_path, monkeypatch):
+    """--data and --test_data given relative are saved absolute, so --eval runs from any working folder."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    cv2.imwrite(str(tmp_path / "a" / "x.png"), _vl_textured(40, 60, 0))
+    line = '{"image": "x.png", "question": "%s", "answer": "red"}\n'
+    (tmp_path / "a" / "qa.jsonl").write_text(line % "What colour?" * 2)
+    monkeypatch.chdir(tmp_path / "a")
+    tiny = ["--train", "--preset", "tiny", "--max_steps", "2"]
+    vl.main(tiny + ["--data", "qa.jsonl", "--test_data", "qa.jsonl", "--out_dir", "out"])
+    monkeypatch.chdir(tmp_path / "b")
+    vl.main(["--eval", "--out_dir", str(tmp_path / "a" / "out")])
+    assert os.listdir(tmp_path / "b") == []
+
+
 def test_vl_user_mistakes_are_one_line(vl_ckpt, vl_tiny_run, tmp_path, monkeypatch):
     """Flags that cannot build a model, annotation files the loader cannot use, a truncated train_state.pt, and
     training into the checkpoint folder itself: each a UserError naming it, before anything is written."""

@@ -999,7 +999,8 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
     with contextlib.suppress(FileNotFoundError):  # an index left there would win over the new file (weight_files)
         os.remove(os.path.join(cfg.out_dir, "model.safetensors.index.json"))
-    config = dict(dataclasses.asdict(cfg), data_dir=os.path.abspath(cfg.data_dir))  # --eval finds it from anywhere
+    config = dataclasses.asdict(cfg)  # the data's paths absolute: --eval and --resume find them from any folder
+    config.update({k: os.path.abspath(config[k]) for k in ("data_dir", "data", "test_data") if config[k]})
     meta = {**hf_config_dict(cfg), "script": SCRIPT, "train_config": config}
     if isinstance(tok, GPT2Table):
         meta["gpt2_table"] = tok.ids
@@ -1066,9 +1067,7 @@ def native_bf16(device):
 def autocast_dtype(name, device):
     """--dtype auto for training and evaluation: bfloat16 where a CUDA GPU multiplies in it, else float32 (on a CPU
     even native bfloat16 trains this small model more slowly: README). An HF checkpoint's weights: run_generate."""
-    if name != "auto":
-        return name
-    return "bfloat16" if device.startswith("cuda") and native_bf16(device) else "float32"
+    return name if name != "auto" else "bfloat16" if device.startswith("cuda") and native_bf16(device) else "float32"
 
 def autocast(dtype, device):
     """The autocast context for --dtype (disabled for float32, so the float32 path is plain)."""
