@@ -2365,8 +2365,9 @@ def test_vl_bad_inputs(vl_ckpt, tmp_path):
 
 
 @_vc_1t
-def test_vl_user_data_relative_paths(tmp_path, monkeypatch):
-    """--data and --test_data given relative are saved absolute, so --eval runs from any working folder."""
+def test_vl_user_data_relative_paths_and_overlong_entries(tmp_path, monkeypatch):
+    """--data and --test_data given relative are saved absolute, so --eval runs from any working folder; an entry
+    longer than the context is refused before training."""
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     cv2.imwrite(str(tmp_path / "a" / "x.png"), _vl_textured(40, 60, 0))
     line = '{"image": "x.png", "question": "%s", "answer": "red"}\n'
@@ -2377,6 +2378,12 @@ def test_vl_user_data_relative_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "b")
     vl.main(["--eval", "--out_dir", str(tmp_path / "a" / "out")])
     assert os.listdir(tmp_path / "b") == []
+    # an entry longer than the context is refused before training, naming its line; nothing is written
+    (tmp_path / "a" / "long.jsonl").write_text(line % "What colour?" + line % ("why " * 600))
+    monkeypatch.chdir(tmp_path / "a")
+    with pytest.raises(vl.UserError, match="long.jsonl:2: .* more than the context"):
+        vl.main(tiny + ["--data", "long.jsonl", "--out_dir", "long"])
+    assert not os.path.exists("long")
 
 
 def test_vl_user_mistakes_are_one_line(vl_ckpt, vl_tiny_run, tmp_path, monkeypatch):

@@ -336,7 +336,7 @@ def read_annotations(path):
         media = os.path.join(base, e[kind])
         if not os.path.exists(media):
             raise UserError(f"{path}:{no}: {kind} '{e[kind]}' not found")
-        out.append({"kind": kind, "path": media, "question": e["question"], "answer": e["answer"]})
+        out.append(dict(kind=kind, path=media, question=e["question"], answer=e["answer"], line=f"{path}:{no}"))
     if not out:
         raise UserError(f"{path}: no entries")
     return out
@@ -1091,6 +1091,10 @@ class Examples:
         self.prompts = [expand_placeholders(tok.encode(prompt_text(e["question"], e["kind"])), cfg, cfg.n_frames)
                         for e in entries]
         self.answers = [tok.encode(" " + e["answer"], add_bos=False) + [tok.eos_id] for e in entries]
+        for e, p, a in zip(entries, self.prompts, self.answers):  # refused now, not when a batch first meets it
+            if len(p) + len(a) > cfg.max_position_embeddings:
+                raise UserError(f"{e['line']}: question, {e['kind']} and answer take {len(p) + len(a)} tokens, more "
+                                f"than the context ({cfg.max_position_embeddings}); shorten it or use fewer --n_frames")
     def batch(self, idx, device, with_answer=True, left_pad=False):
         """-> dict of model inputs. Training rows are prompt + answer, right-padded, targets only on the answer
         (and its EOS); generation rows are prompts only, left-padded with an attention mask."""
@@ -1373,12 +1377,10 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
             by_q = {q: em([i for i in rows if kinds[i] == q]) for q in sorted(set(kinds.values()))}
             samples = [{"question": ex.entries[i]["question"], "prediction": preds[i],
                         "reference": ex.entries[i]["answer"]} for i in rows[:4]]
-            r = {"n": len(rows), "exact_match": em(rows), "by_question": by_q, "samples": samples}
-            result[split][kind] = r
+            result[split][kind] = r = {"n": len(rows), "exact_match": em(rows), "by_question": by_q, "samples": samples}
             print(f"{split:8s} {kind:7s} {r['n']:5d} {r['exact_match']:7.3f}   " +
                   ", ".join(f"{q}: {v:.2f}" for q, v in r["by_question"].items()))
-    result["train_seconds"] = train_seconds
-    test = result["test"]
+    result["train_seconds"], test = train_seconds, result["test"]
     for s in test.get("video", {}).get("samples", [])[:3] + test.get("image", {}).get("samples", [])[:3]:
         print(f"  Q: {s['question']}  ->  {s['prediction']!r}  (ref {s['reference']!r})")
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
@@ -1551,8 +1553,7 @@ def run_generate(args, cfg, overrides):
                      top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                      generator=g, on_token=stream, compile=args.compile)
     except torch._dynamo.exc.BackendCompilerFailed as e:  # on a CPU, torch.compile needs a C++ compiler (g++)
-        if shown:
-            print()  # end the streamed line (the first token comes before the first compiled step)
+        print(end="\n" if shown else "")  # end the streamed line (the first token comes before the first compiled step)
         raise UserError(f"--compile: torch.compile failed ({str(e).splitlines()[0][:200]}); run without --compile")
     print()
 
