@@ -2311,7 +2311,7 @@ def test_vl_out_dir_flags_test_data_and_shards(vl_tiny_run, vl_ckpt, tmp_path):
         vl.load_pretrained(str(ck))
 
 
-def test_vl_bad_inputs(vl_ckpt, tmp_path):
+def test_vl_bad_inputs(vl_ckpt, tmp_path, monkeypatch):
     """Each bad input is a UserError naming it, checked in-process through main() (a torch import per CLI call is
     costly); one of them through the command line as well: exit status 2, one line."""
     dirs = vl_ckpt[1]
@@ -2361,6 +2361,10 @@ def test_vl_bad_inputs(vl_ckpt, tmp_path):
     tiff, t5 = str(tmp_path / "float.tiff"), dirs["t5save"]
     cv2.imwrite(tiff, np.zeros((8, 8, 3), np.float32))
     gen("--from_pretrained", t5, "--image", tiff, "--prompt", "hi", match="float.tiff: cannot read")
+    monkeypatch.delenv("OPENCV_LOG_LEVEL", raising=False)  # a sibling script sets it when the tests import it
+    proc = run_script("video_llava.py", "--generate", "--from_pretrained", t5, "--image", tiff, "--prompt", "hi")
+    assert_user_error(proc, "float.tiff")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # OpenCV's own warning is not printed
     gen("--from_pretrained", t5, "--prompt", "hi", "--device", "gpu", match="--device gpu: not a device")
 
 

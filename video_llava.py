@@ -42,7 +42,8 @@ import sys
 import time
 import warnings
 
-os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg stays quiet: a bad video is reported by us, in one line
+# OpenCV and FFmpeg stay quiet (set before cv2 loads): a bad image or video is reported by us, in one line
+os.environ.update({k: os.environ.get(k, d) for k, d in (("OPENCV_FFMPEG_LOGLEVEL", "-8"), ("OPENCV_LOG_LEVEL", "OFF"))})
 import cv2
 import numpy as np
 import torch
@@ -1416,8 +1417,7 @@ def inspect_checkpoint(path, n_frames, n_tokens):
           f"{n_bytes / 2**30:.2f} GiB (as stored: {', '.join(by_dtype)}); in bfloat16: KV cache {kv / 2**20:.1f} MiB, "
           f"vision activations {vis / 2**20:.1f} MiB, decoder activations per layer {act / 2**20:.1f} MiB")
     if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
-        print(f"CUDA: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
+        print("CUDA: {:.1f} GiB free of {:.1f} GiB".format(*(b / 2**30 for b in torch.cuda.mem_get_info())))
 
 def bench(cfg, sizes=None, rounds=3):
     """Decode tokens/s (batch 1, greedy, float32, 16-token prompt) of the eager step, the compiled step and transformers
