@@ -42,8 +42,8 @@ import sys
 import time
 import warnings
 
-# OpenCV and FFmpeg stay quiet (set before cv2 loads): a bad image or video is reported by us, in one line
-os.environ.update({k: os.environ.get(k, d) for k, d in (("OPENCV_FFMPEG_LOGLEVEL", "-8"), ("OPENCV_LOG_LEVEL", "OFF"))})
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg and OpenCV stay quiet (set before cv2 loads): a bad
+os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")  # image or video is reported by us, in one line
 import cv2
 import numpy as np
 import torch
@@ -1068,7 +1068,9 @@ def native_bf16(device):
 def autocast_dtype(name, device):
     """--dtype auto for training and evaluation: bfloat16 where a CUDA GPU multiplies in it, else float32 (on a CPU
     even native bfloat16 trains this small model more slowly: README). An HF checkpoint's weights: run_generate."""
-    return name if name != "auto" else "bfloat16" if device.startswith("cuda") and native_bf16(device) else "float32"
+    if name != "auto":
+        return name
+    return "bfloat16" if device.startswith("cuda") and native_bf16(device) else "float32"
 
 def autocast(dtype, device):
     """The autocast context for --dtype (disabled for float32, so the float32 path is plain)."""
@@ -1381,7 +1383,8 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
             result[split][kind] = r = {"n": len(rows), "exact_match": em(rows), "by_question": by_q, "samples": samples}
             print(f"{split:8s} {kind:7s} {r['n']:5d} {r['exact_match']:7.3f}   " +
                   ", ".join(f"{q}: {v:.2f}" for q, v in r["by_question"].items()))
-    result["train_seconds"], test = train_seconds, result["test"]
+    result["train_seconds"] = train_seconds
+    test = result["test"]
     for s in test.get("video", {}).get("samples", [])[:3] + test.get("image", {}).get("samples", [])[:3]:
         print(f"  Q: {s['question']}  ->  {s['prediction']!r}  (ref {s['reference']!r})")
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
@@ -1417,7 +1420,8 @@ def inspect_checkpoint(path, n_frames, n_tokens):
           f"{n_bytes / 2**30:.2f} GiB (as stored: {', '.join(by_dtype)}); in bfloat16: KV cache {kv / 2**20:.1f} MiB, "
           f"vision activations {vis / 2**20:.1f} MiB, decoder activations per layer {act / 2**20:.1f} MiB")
     if torch.cuda.is_available():
-        print("CUDA: {:.1f} GiB free of {:.1f} GiB".format(*(b / 2**30 for b in torch.cuda.mem_get_info())))
+        free, total = torch.cuda.mem_get_info()
+        print(f"CUDA: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
 
 def bench(cfg, sizes=None, rounds=3):
     """Decode tokens/s (batch 1, greedy, float32, 16-token prompt) of the eager step, the compiled step and transformers
@@ -1553,7 +1557,8 @@ def run_generate(args, cfg, overrides):
                      top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                      generator=g, on_token=stream, compile=args.compile)
     except torch._dynamo.exc.BackendCompilerFailed as e:  # on a CPU, torch.compile needs a C++ compiler (g++)
-        print(end="\n" if shown else "")  # end the streamed line (the first token comes before the first compiled step)
+        if shown:
+            print()  # end the streamed line (the first token comes before the first compiled step)
         raise UserError(f"--compile: torch.compile failed ({str(e).splitlines()[0][:200]}); run without --compile")
     print()
 
