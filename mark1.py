@@ -1071,13 +1071,14 @@ def prepare_data(cfg, rank=0, splits=("train", "val", "test", "novel")):
     anns.setdefault("val", anns["test"][:max(1, len(anns["test"]) // 2)])  # user data: half of the test split
     return {s: (e, load_split(e, cfg)) for s, e in anns.items() if s in splits}
 
-def make_optimizer(model, cfg):  # AdamW over the trainable parameters; weight decay on matrices only
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model, cfg):  # AdamW over the trainable parameters (decay on matrices only), float16's scaler
+    params, dev = [p for p in model.parameters() if p.requires_grad], model.devices["llm"]  # where the loss is
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95)), params
+    scaler = torch.amp.GradScaler(dev.split(":")[0], enabled=autocast_dtype(cfg.dtype, dev) == "float16")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95)), params, scaler
 
-def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, device):
+def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, device, scaler):
     """Forward + backward over this rank's micro-batches of the global batch `idx` -> its mean (loss, ce, bce); losses
     use the global batch's counts (Mark1.forward), so any split gives the same gradient. Under torchrun `fwd` is DDP:
     earlier micro-batches run under no_sync(), the last backward all-reduces (an average: each rank's loss counts
@@ -1094,7 +1095,7 @@ def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devic
                 _, loss, _ = fwd(feats, q_ids, q_valid, inp, tgt, tr["labels"][mb], n_tok, len(idx))
             if not torch.isfinite(loss):
                 raise UserError(f"loss became {loss.item()}; lower --lr (or train with --dtype float32)")
-            (loss * w).backward()
+            scaler.scale(loss * w).backward()  # float16: scaled up, so small gradients do not underflow to 0
         share += torch.tensor([loss.item(), *model.parts]) * (w > 0)  # this micro-batch's part of the means
     if ddp:
         dist.all_reduce(share)  # three numbers, so that the log line shows the whole global batch
@@ -1102,8 +1103,7 @@ def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devic
 
 @torch.no_grad()
 def val_loss(model, tok, cfg, split, cache):
-    """The training loss (CE + lam * BCE) on the `val` split, in batches: no graph and no random draws, so measuring
-    it leaves the training run as it would be without."""
+    """The training loss (CE + lam * BCE) on `val`: no graph and no random draws, so the training run is unchanged."""
     (entries, ds), total = split, 0.0
     model.eval()
     for idx in torch.arange(len(entries)).split(cfg.batch_size):
@@ -1115,8 +1115,7 @@ def val_loss(model, tok, cfg, split, cache):
     return total / max(1, len(entries))
 
 def setup_distributed(cfg):
-    """-> (ddp, rank, world): torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA with one GPU per rank (LOCAL_RANK
-    becomes the current device, so "cuda" means this rank's GPU; a --device_map is taken as given)."""
+    """-> (ddp, rank, world) under torchrun: gloo on CPU; nccl on CUDA, where "cuda" is this rank's GPU (LOCAL_RANK)."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return False, 0, 1  # one process unless torchrun started several
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
@@ -1145,7 +1144,7 @@ def train(cfg, resume=False, overrides=None):
     say(f"data ready in {time.time() - t0:.1f}s | params: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, "
         f"{(total - trainable) / 1e6:.2f}M frozen | vocab {len(tok.ids) if tok.ids else 'full'} | autocast "
         f"{autocast_dtype(cfg.dtype, devices['llm'])}")
-    opt, params = make_optimizer(model, cfg)
+    opt, params, scaler = make_optimizer(model, cfg)
     if resume:
         try:  # truncated or not a torch file: PyTorch's own errors differ by cause
             ts = torch.load(path, weights_only=True)
@@ -1173,10 +1172,11 @@ def train(cfg, resume=False, overrides=None):
             g["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
         idx = global_batch(step, len(entries), gbatch, cfg.seed)
-        stats = accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devices["llm"])
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # the global norm before clipping
-        losses.append(stats + [norm.item()])
-        opt.step()
+        stats = accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devices["llm"], scaler)
+        scaler.unscale_(opt)  # float16's loss scale undone: the true gradients are clipped, their norm logged
+        losses.append(stats + [torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()])  # norm before clipping
+        scaler.step(opt)  # float16: skipped when a gradient overflowed, and the scale lowered
+        scaler.update()
         step += 1
         measure = rank == 0 and (step % cfg.eval_interval == 0 or step == cfg.max_steps)  # val loss on this line
         if step % cfg.log_interval == 0 or step == end or measure:
@@ -1315,14 +1315,14 @@ def bench(cfg):
     entries, tr = prepare_data(cfg)["train"]
     tok = make_tokenizer(cfg, entries)
     model = build_model(cfg, tok).place(parse_device_map(cfg)).train()
-    (opt, _), cache, times = make_optimizer(model, cfg), FeatureCache(model, True), []
+    (opt, _, scaler), cache, times = make_optimizer(model, cfg), FeatureCache(model, True), []
     for epoch in range(2):
         t = time.time()
-        for s in range(0, len(entries), cfg.batch_size):  # one pass over the clips in order, a step per batch
+        for idx in torch.arange(len(entries)).split(cfg.batch_size):  # the clips in order, a step per batch
             opt.zero_grad(set_to_none=True)
-            idx = torch.arange(s, min(len(entries), s + cfg.batch_size))
-            accumulate(model, model, cache, tok, entries, tr, idx, cfg, 0, 1, model.devices["llm"])
-            opt.step()
+            accumulate(model, model, cache, tok, entries, tr, idx, cfg, 0, 1, model.devices["llm"], scaler)
+            scaler.step(opt)
+            scaler.update()
         times.append(time.time() - t)
         print(f"epoch {epoch + 1}: {times[-1]:.2f}s for {len(entries)} clips ({len(entries) / times[-1]:.1f} clips/s)")
     print(f"feature cache speedup (epoch 1 / epoch 2): {times[0] / times[1]:.1f}x")

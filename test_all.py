@@ -80,6 +80,30 @@ def check_autocast_auto(mod, monkeypatch):
             assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == want  # the chosen dtype really runs
 
 
+def check_float16_scales_the_loss(train, cfg, monkeypatch):
+    """--dtype float16 trains through a GradScaler that scales the loss and takes the optimizer step (small float16
+    gradients underflow to 0 without one)."""
+    made = []
+
+    class Spy(torch.amp.GradScaler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.calls = set()
+            made.append(self)
+
+        def scale(self, outputs):
+            self.calls.add("scale")
+            return super().scale(outputs)
+
+        def step(self, optimizer, *a, **k):
+            self.calls.add("step")
+            return super().step(optimizer, *a, **k)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", Spy)
+    train(cfg)
+    assert made and made[0].is_enabled() and made[0].calls == {"scale", "step"}
+
+
 def check_auto_run_and_saved_dtype(mod, data_dir, out_dir):
     """mark1: a 1-step tiny --train under --dtype auto (the log names the dtype this machine gets), then a checkpoint
     whose config says "bfloat16" loads with bfloat16: a saved choice is kept as it was made."""
@@ -2494,6 +2518,11 @@ def test_vl_bench_prints_what_it_measured(capsys):
         assert float(line.split()[1]) > 0 and "of the floor" in line and "x transformers" in line
 
 
+def test_vl_float16_trains_with_a_gradient_scaler(vl_tiny_run, tmp_path, monkeypatch):
+    cfg = dataclasses.replace(vl_tiny_run[0], dtype="float16", max_steps=2, out_dir=str(tmp_path / "o"))
+    check_float16_scales_the_loss(vl.train, cfg, monkeypatch)
+
+
 def test_vl_autocast_auto(monkeypatch):
     """video_llava's --dtype auto: training and evaluation in float32 on every CPU (faked instruction sets), bfloat16
     on a CUDA GPU of compute capability 8+; native_bf16 (an HF folder's weights) follows the hardware."""
@@ -3450,6 +3479,11 @@ def test_mk_qwen3_sharded_checkpoint(mk_hf, tmp_path):
 def test_mk_autocast_auto(mk_trained, tmp_path, monkeypatch):
     check_auto_run_and_saved_dtype(mk, mk_trained[0] / "data", tmp_path / "auto")
     check_autocast_auto(mk, monkeypatch)
+
+
+def test_mk_float16_trains_with_a_gradient_scaler(mk_trained, tmp_path, monkeypatch):
+    cfg = _mk_tiny_cfg(tmp_path, data_dir=str(mk_trained[0] / "data"), dtype="float16", max_steps=2)
+    check_float16_scales_the_loss(mk.train, cfg, monkeypatch)
 
 
 # ====================================================================================================================

@@ -1174,7 +1174,7 @@ def ddp_setup(cfg):
         torch.cuda.set_device(device)
     return True, dist.get_rank(), dist.get_world_size(), device
 
-def batch_loss(model, tr, idx, cfg, rank, world, ddp, device):
+def batch_loss(model, tr, idx, cfg, rank, world, ddp, device, scaler):
     """Forward and backward of this rank's rows of the global batch idx -> the global batch's mean loss over its answer
     tokens, however it is split: each pass scales its own mean by its share of those tokens (x world: DDP averages)."""
     n_tok, total, passes = sum(len(tr.answers[i]) for i in idx), 0.0, []
@@ -1189,7 +1189,7 @@ def batch_loss(model, tr, idx, cfg, rank, world, ddp, device):
         sync = not ddp or j == len(passes) - 1  # DDP all-reduces the gradients only after the last pass
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast(cfg.dtype, device):
             loss = model(**b)[1] * share
-        loss.backward()
+        scaler.scale(loss).backward()  # float16: the loss scaled up, so small gradients do not underflow to 0
         total += loss.item() / world
     if ddp:  # the logged loss is the global batch's, and every rank sees the same NaN and stops together
         t = torch.tensor([total], device=device)
@@ -1233,6 +1233,7 @@ def train(cfg, resume=False):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
                                                     find_unused_parameters=True)
     tr, gsize = data["train"], cfg.batch_size * cfg.grad_accum * world
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=autocast_dtype(cfg.dtype, device) == "float16")
     t_log, log_step = time.time(), step
     while step < cfg.max_steps:
         for g in opt.param_groups:
@@ -1241,12 +1242,14 @@ def train(cfg, resume=False):
         for m in frozen:  # frozen towers stay in eval mode
             m.eval()
         idx = batch_indices(step, len(tr.entries), gsize, cfg.seed)  # the global batch's rows, all ranks
-        total = batch_loss(model, tr, idx, cfg, rank, world, ddp, device)
+        total = batch_loss(model, tr, idx, cfg, rank, world, ddp, device, scaler)
         if not math.isfinite(total):
             raise UserError(f"loss became {total} at step {step}; stopped, the last checkpoint in "
                             f"{cfg.out_dir} is kept (try a lower --lr)")
+        scaler.unscale_(opt)  # the true gradients are clipped (a no-op unless float16)
         nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        scaler.step(opt)  # float16: skipped when a gradient overflowed, and the scale lowered
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         step += 1
         seconds, val = seconds0 + time.time() - t0, None  # val: logged only on the steps where it is measured
