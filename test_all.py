@@ -494,6 +494,12 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     main_user_error(vm.main, capsys, ["--train", "--preset", "nope"], "nope")
     (tmp_path / "one.txt").write_text(f"{clip}\na caption\n")  # its only entry would be the held-out one
     main_user_error(vm.main, capsys, tiny + ["--data", tmp_path / "one.txt"], "one.txt", "too few", "--test_data")
+    # --test_data without --data (typed, or saved with the run) would be ignored for the world's own test split
+    lone = ["--test_data", tmp_path / "one.txt", "--data_dir", tmp_path / "d"]
+    main_user_error(vm.main, capsys, ["--train", "--preset", "tiny", *lone, "--out_dir", tmp_path / "o3"],
+                    "--test_data", "--data FILE")
+    main_user_error(vm.main, capsys, ["--eval", "--out_dir", out, *lone], "--test_data", "--data FILE")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "o3").exists()
     # --resume with another architecture or a truncated train_state.pt is refused; the checkpoint is left as it was
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     main_user_error(vm.main, capsys, unbuilt + ["--out_dir", out, "--n_dec_layer", "3"], "--n_dec_layer 3", "checkpoint: 1")

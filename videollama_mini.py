@@ -219,8 +219,7 @@ def sample_indices(n_total, n_frames, path="video"):
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
 
 def _square(img, size):
-    h, w = img.shape[:2]
-    s = min(h, w)  # the square's side
+    (h, w), s = img.shape[:2], min(img.shape[:2])  # s: the square's side
     img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]  # centre crop
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
@@ -643,6 +642,8 @@ def global_batch(step, n, size, seed):
 
 def prepare_data(cfg, rank):
     """-> {split: (entries, uint8 clips (N, F, S, S, 3) decoded once)}; rank 0 alone builds the synthetic world."""
+    if cfg.test_data and not cfg.data:  # the synthetic world has its own test split: never silently ignored
+        raise UserError(f"--test_data {cfg.test_data}: only with --data FILE (your training data) as well")
     if cfg.data:
         entries = read_annotations(cfg.data)  # user data
         test = read_annotations(cfg.test_data) if cfg.test_data else entries[::10]  # else every 10th entry held out
@@ -806,8 +807,7 @@ def evaluate_loss(model, tok, entries, clips, cfg, device):
     model.eval()  # dropout off
     inp, tgt = pad_batch([tok.encode(cs[0]) for _, cs in entries], cfg.max_len)  # first reference of each clip
     with autocast(cfg, device):
-        _, loss = model(clips.to(device), inp.to(device), tgt.to(device))
-    return loss.item()
+        return model(clips.to(device), inp.to(device), tgt.to(device))[1].item()  # the mean token loss
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Generation and evaluation
