@@ -1104,6 +1104,10 @@ def test_vc_bad_inputs(tmp_path, capsys):
     main_user_error(vc.main, capsys, ["--train", "--resume", "--out_dir", tmp_path / "none", "--data_dir",
                                       tmp_path / "d"], "resume")
     assert not (tmp_path / "d").exists()  # refused before the synthetic world was built
+    # --test_data without --data would be ignored for the world's own test split: refused, before the world is built
+    lone = ["--test_data", tmp_path / "missing.txt", "--data_dir", tmp_path / "d", "--out_dir", tmp_path / "o"]
+    main_user_error(vc.main, capsys, ["--train", "--preset", "tiny", *lone], "--test_data", "--data FILE")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "o").exists()
     (other / "config.json").write_text(json.dumps({"script": "vit_caption"}))
     main_user_error(vc.main, capsys, ["--eval", "--out_dir", other], "config.json", "'config'")
     cuda = () if torch.cuda.is_available() else (("--bench", "--device", "cuda"),)  # a device this machine lacks

@@ -58,8 +58,7 @@ SCRIPT = "vit_caption"
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
-def read_json(path):
-    """path's JSON object as a dict, or None: missing, unreadable, not JSON or not an object."""
+def read_json(path):  # path's JSON object as a dict, or None: missing, unreadable, not JSON or not an object
     with contextlib.suppress(OSError, ValueError):  # ValueError: not JSON, or not UTF-8
         return obj if isinstance(obj := json.load(open(path, encoding="utf-8")), dict) else None
 
@@ -639,8 +638,7 @@ def pad_batch(seqs, max_len):
         inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
     return inp, tgt
 
-def lr_at(step, cfg):
-    """Linear warmup, then cosine decay to min_lr."""
+def lr_at(step, cfg):  # Linear warmup, then cosine decay to min_lr.
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
@@ -656,6 +654,8 @@ def global_batch(step, n, size, seed):
 
 def prepare_data(cfg, rank):
     """-> {split: (entries, uint8 images)}; the synthetic world is built by rank 0 only, the others wait."""
+    if cfg.test_data and not cfg.data:  # the synthetic world has its own test split: never silently ignored
+        raise UserError(f"--test_data {cfg.test_data}: only with --data FILE (your training data) as well")
     if cfg.data:
         entries = read_captions(cfg.data)
         test = read_captions(cfg.test_data) if cfg.test_data else entries[::10]  # else every 10th image is held out
