@@ -500,6 +500,11 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
                     "--test_data", "--data FILE")
     main_user_error(vm.main, capsys, ["--eval", "--out_dir", out, *lone], "--test_data", "--data FILE")
     assert not (tmp_path / "d").exists() and not (tmp_path / "o3").exists()
+    # fewer training clips than the micro-batches need: one line, not a crash on an empty micro-batch
+    (tmp_path / "three.txt").write_text(f"{clip}\na caption\n\n" * 3)
+    few = ["--data", tmp_path / "three.txt", "--test_data", tmp_path / "three.txt", "--grad_accum", 2]
+    main_user_error(vm.main, capsys, tiny + few + ["--out_dir", tmp_path / "o4"], "3 training clips", "--grad_accum")
+    assert not (tmp_path / "o4").exists()
     # --resume with another architecture or a truncated train_state.pt is refused; the checkpoint is left as it was
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     main_user_error(vm.main, capsys, unbuilt + ["--out_dir", out, "--n_dec_layer", "3"], "--n_dec_layer 3", "checkpoint: 1")

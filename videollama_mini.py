@@ -280,8 +280,7 @@ EOS = BOS = 0  # model id of <|endoftext|>: the first entry of every token table
 class Tokenizer:
     """GPT-2 BPE (tiktoken), compact: model ids index `ids`, the GPT-2 ids seen in training (EOS = BOS first)."""
     def __init__(self, ids):
-        self.enc = tiktoken.get_encoding("gpt2")
-        self.ids = list(ids)  # model id -> GPT-2 id
+        self.enc, self.ids = tiktoken.get_encoding("gpt2"), list(ids)  # ids: model id -> GPT-2 id
         self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
     @classmethod
     def from_captions(cls, captions, compact=True):
@@ -734,6 +733,8 @@ def train(cfg, typed=None, resume=False):
     torch.manual_seed(cfg.seed)  # the initial weights and dropout follow --seed
     data = prepare_data(cfg, rank)  # {split: (entries, uint8 clips)}
     train_entries, train_clips = data["train"]
+    if (n := len(train_entries)) <= (cfg.grad_accum * world - 1) * cfg.batch_size:  # else the last micro-batch is empty
+        raise UserError(f"{n} training clips leave a micro-batch empty; lower --batch_size or --grad_accum")
     say(f"data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" clips ({time.time() - t0:.1f}s)")
     model, tok, opt, step = build_or_resume(cfg, resumed, train_entries, train_clips, device)
     say(f"parameters: {count_parameters(model)}; vocab {len(tok.ids)}; {device}, "
@@ -1038,9 +1039,8 @@ def run(args, cfg, overrides):
         if args.eval:
             return evaluate(model, tok, cfg, device, prepare_data(cfg, 0))  # test and novel, as in training
         clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None].to(device)  # (1, F, S, S, 3)
-        with autocast(cfg, device):  # --seed makes sampling repeatable
-            ids = generate(model, clip, cfg, generator=torch.Generator(device=device).manual_seed(cfg.seed))[0]
-        print(tok.decode(ids))  # the caption, alone on the last line
+        with autocast(cfg, device):  # --seed makes sampling repeatable; the caption, alone on the last line
+            print(tok.decode(generate(model, clip, cfg, generator=torch.Generator(device).manual_seed(cfg.seed))[0]))
     elif args.bench:
         bench(cfg)
     else:
