@@ -455,6 +455,8 @@ def test_vm_generate_cli_on_video_and_frame_folder(_vm_trained, tmp_path, capsys
     proc = run_script("videollama_mini.py", "--generate", "--video", clip, "--out_dir", tmp / "out")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == want
+    printed = json.loads(proc.stdout.split("config: ", 1)[1].splitlines()[0])  # the config that runs: the checkpoint's
+    assert printed["d_model"] == cfg.d_model == vm.PRESETS["tiny"]["d_model"] != vm.Config.d_model
     # a folder of frame images works wherever a video does (in-process: one subprocess above proves the command line)
     folder = tmp_path / "frames"
     folder.mkdir()

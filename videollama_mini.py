@@ -521,8 +521,7 @@ def load_checkpoint(out_dir, overrides=None):
         raise UserError(f"{cpath}: damaged, no 'config' object or 'vocab' list (retrain with --train)")
     known = {f.name for f in dataclasses.fields(Config)}  # a key this version of the script does not have is ignored
     cfg = Config(**{**{k: v for k, v in meta["config"].items() if k in known}, **(overrides or {})})
-    tok = Tokenizer(meta["vocab"])  # the token table saved with the weights
-    model = VideoLLaMAMini(cfg, len(tok.ids))
+    tok, model = Tokenizer(meta["vocab"]), VideoLLaMAMini(cfg, len(meta["vocab"]))  # the token table saved with it
     try:
         state = load_file(wpath)
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
@@ -1032,9 +1031,10 @@ def run(args, cfg, overrides):
     """Dispatch --train / --eval / --generate / --bench."""
     if args.train:  # train prints the config it runs
         return train(cfg, overrides, resume=args.resume)
-    print("config:", json.dumps(dataclasses.asdict(cfg)))
     if args.eval or args.generate:  # the saved config with the typed flags on top, ARCH flags excepted
         model, tok, cfg = load_checkpoint(cfg.out_dir, {k: v for k, v in overrides.items() if k not in ARCH})
+    print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
+    if args.eval or args.generate:
         model.to(device := pick_device(cfg.device))
         if args.eval:
             return evaluate(model, tok, cfg, device, prepare_data(cfg, 0))  # test and novel, as in training
