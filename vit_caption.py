@@ -529,8 +529,7 @@ def load_checkpoint(out_dir, overrides=None):
         raise UserError(f"{cpath}: no 'config' object or 'vocab' list (checkpoint damaged; retrain or pass --out_dir)")
     saved = {k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
     cfg = Config(**{**saved, **{k: v for k, v in (overrides or {}).items() if k not in ARCH}, "out_dir": out_dir})
-    tok = Tokenizer(meta["vocab"])  # the token table the model was trained with
-    model = ViTCaptioner(cfg, len(tok.ids))
+    tok, model = Tokenizer(meta["vocab"]), ViTCaptioner(cfg, len(meta["vocab"]))  # the token table it was trained with
     try:
         state = load_file(wpath)
     except Exception as e:  # safetensors raises its own error types for truncated files
@@ -1026,12 +1025,13 @@ def main(argv=None):
         args, cfg, overrides = parse_args(argv)
         if args.train:  # train prints the config it runs: on --resume the checkpoint's, with the typed flags on top
             return train(cfg, args.resume, overrides)
-        print("config:", json.dumps(dataclasses.asdict(cfg)))
+        if (args.eval or args.generate) and not args.bench:
+            model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)  # the architecture comes from the checkpoint
+        print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
         if args.bench:
             return bench(cfg)
         if not (args.eval or args.generate):
             return print("nothing to do: pass --train, --eval, --generate --image PATH, or --bench (see --help)")
-        model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)  # the architecture comes from the checkpoint
         model.to(device := pick_device(cfg.device))
         if args.eval:
             return evaluate(model, tok, cfg, device, prepare_data(cfg, 0))
