@@ -884,11 +884,9 @@ def load_model(cfg, name):
                         f"re-run --train")
     if meta.get("script") != SCRIPT or meta.get("model") != name:
         raise UserError(f"{d}: checkpoint written by {meta.get('script')}/{meta.get('model')}, not {SCRIPT}/{name}")
-    unknown = sorted(set(meta["config"]) - {f.name for f in dataclasses.fields(Config)} - set(RUN_FIELDS))
-    if unknown:
+    if unknown := sorted(set(meta["config"]) - {f.name for f in dataclasses.fields(Config)} - set(RUN_FIELDS)):
         raise UserError(f"{cpath}: unknown config keys {unknown} (written by another version of this script?)")
-    saved = {k: v for k, v in meta["config"].items() if k not in RUN_FIELDS}  # run modes come from the command line
-    cfg = Config(**{**saved, **{k: getattr(cfg, k) for k in RUN_FIELDS}})
+    cfg = Config(**{**meta["config"], **{k: getattr(cfg, k) for k in RUN_FIELDS}})  # run modes: the command line's
     tok = Tokenizer(meta["vocab"])
     model = CLIP(cfg, len(tok.ids)) if name == "clip" else Captioner(cfg, len(tok.ids), name)
     try:
@@ -1033,6 +1031,7 @@ def train_captioner(cfg, variant, vision_state, data, tok, device):
 
 def train(cfg):
     device, t0 = pick_device(cfg.device), time.time()  # an unknown --device is refused before any data is built
+    print("config:", json.dumps(dataclasses.asdict(cfg)))
     data, tok = prepare_data(cfg)
     print(f"data ready in {time.time() - t0:.1f} s: {len(tok.ids)} token table entries, "
           f"{len(data['images']['train'][0])} train images, {len(data['videos']['train'][0])} train clips")
@@ -1184,6 +1183,7 @@ def evaluate(models, clip_model, tok, cfg, device, data, seconds):
 def evaluate_saved(cfg):
     """--eval: the three checkpoints in out_dir, scored and pictured exactly as at the end of --train."""
     clip_model, tok, cfg, t_clip = load_model(cfg, "clip")
+    print("config:", json.dumps(dataclasses.asdict(cfg)))  # the saved one, with this command line's run fields
     loaded = {v: load_model(cfg, v) for v in ("unified", "cross")}  # variant -> (model, tok, cfg, train seconds)
     times = {"clip": t_clip, **{v: got[3] for v, got in loaded.items()}}
     return evaluate({v: got[0] for v, got in loaded.items()}, clip_model, tok, cfg, pick_device(cfg.device),
@@ -1236,10 +1236,10 @@ def main(argv=None):
             torch.set_num_threads(cfg.threads)
         if not (args.train or args.eval or args.generate):
             return tour(cfg)
-        print("config:", json.dumps(dataclasses.asdict(cfg)))
-        if args.train or args.eval:
+        if args.train or args.eval:  # each prints the config it runs
             return train(cfg) if args.train else evaluate_saved(cfg)
         model, tok, cfg, _ = load_model(cfg, cfg.variant)
+        print("config:", json.dumps(dataclasses.asdict(cfg)))  # the saved one, with this command line's run fields
         clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None]  # (1, F, S, S, 3)
         print(tok.decode(generate(model, clip, cfg, pick_device(cfg.device))[0]))
     except UserError as e:  # the user's input: one line naming it and the fix, exit status 2, no traceback

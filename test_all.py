@@ -3739,6 +3739,16 @@ def test_ab_train_tiny_runs(tmp_path, capsys):
     assert code == 0 and out.strip().splitlines()[-1].strip()  # the caption, after the config line
 
 
+def test_ab_eval_and_generate_print_the_config_that_runs(tmp_path, capsys):
+    """--eval and --generate print the config that runs, the checkpoint's (not the preset's defaults)."""
+    out_dir = tmp_path / "out"
+    assert _ab_main(capsys, "--train", "--preset", "tiny", "--data_dir", tmp_path / "data", "--out_dir", out_dir)[0] == 0
+    for argv in (["--eval"], ["--generate", "--video", tmp_path / "data" / "videos" / "test" / "00000.mp4"]):
+        code, out, _ = _ab_main(capsys, *argv, "--data_dir", tmp_path / "data", "--out_dir", out_dir)
+        printed = json.loads(out.split("config: ", 1)[1].splitlines()[0])
+        assert code == 0 and printed["d_model"] == ab.PRESETS["tiny"]["d_model"] != ab.Config.d_model
+
+
 def test_ab_checkpoint_round_trip(tmp_path):
     cfg = _ab_tiny(tmp_path)
     tok = ab.Tokenizer.from_texts(["a red circle moves left", "a blue square moves up"])
