@@ -1214,6 +1214,8 @@ def test_vc_flag_ranges_nan_and_zero(tmp_path, capsys):
                         ("--patch_scale", "nan"), ("--rope_theta", 0), ("--n_train", 0), ("--n_val", 0),
                         ("--n_novel", 0), ("--vit_layers", -1)):
         main_user_error(vc.main, capsys, [*tiny, flag, value], flag)
+    # one patch per image (a 1 x 1 grid) has no positions to normalise: refused, not a NaN loss blamed on --lr
+    main_user_error(vc.main, capsys, [*tiny, "--patch", 16], "--img_size 16", "--patch 16")
     assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
 
 

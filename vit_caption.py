@@ -622,8 +622,7 @@ def pick_device(name):
         raise UserError(f"--device {name}: no such device on this machine; pass auto or one of {', '.join(have)}")
     return have[-1] if name == "auto" else name
 
-def autocast(cfg, device):
-    """Matmuls in cfg.dtype under torch.autocast (weights stay float32); float32 = autocast off."""
+def autocast(cfg, device):  # matmuls in cfg.dtype under torch.autocast (weights stay float32); float32 = off
     on = cfg.dtype != "float32"
     return torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype) if on else None, enabled=on)
 
@@ -1011,7 +1010,8 @@ def parse_args(argv=None):
         (args.train and not args.resume and not writable(cfg.out_dir, "config.json", lambda m: m.get("script") ==
          SCRIPT), f"--out_dir {cfg.out_dir}: a file, or a folder this script did not write; give a new or empty one"),
         (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1] (1 = off)"),
-        (cfg.img_size % cfg.patch, f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}"),
+        (cfg.img_size % cfg.patch or cfg.img_size == cfg.patch, f"--img_size {cfg.img_size}: must be a multiple of "
+         f"--patch {cfg.patch}, at least twice it (the sin-cos positions need a grid of patches)"),
         (cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.vit_heads, f"--d_model "
          f"{cfg.d_model} / --n_head {cfg.n_head}: need even-sized heads, and --vit_dim a multiple of --vit_heads"),
         (args.generate and not args.image, "--generate needs --image PATH")) if wrong]
