@@ -381,6 +381,12 @@ def test_vm_mp4_round_trip_and_frame_folder(tmp_path):
         cv2.imwrite(str(folder / f"{n}.png"), img)  # 0.png .. 15.png: read in natural order, 2 before 10
         n += 1
     assert np.array_equal(vm.load_video(str(folder), 4, 32), clip)
+    # every image format OpenCV reads counts, in any case: a .webp or .TIFF frame is not skipped
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, ext in enumerate(("png", "webp", "PNG", "TIFF")):
+        cv2.imwrite(str(mixed / f"f{i}.{ext}"), np.full((20, 20, 3), 50 * (i + 1), np.uint8))
+    assert [int(f.mean()) for f in vm.load_video(str(mixed), 4, 8)] == [50, 100, 150, 200]
     # any resolution: a wide 1280x720 H.264-sized clip is centre-cropped and resized
     wide = str(tmp_path / "wide.mp4")
     w = cv2.VideoWriter(wide, cv2.VideoWriter_fourcc(*"mp4v"), 24, (1280, 720))

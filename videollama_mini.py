@@ -226,7 +226,7 @@ def _square(img, size):
 def load_video(path, n_frames, size):
     """Video file (any container/codec OpenCV reads) or a folder of frame images -> uint8 (F, size, size, 3) RGB."""
     if os.path.isdir(path):
-        names = sorted((n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp"))),
+        names = sorted((n for n in os.listdir(path) if re.search(r"\.(png|jpe?g|bmp|webp|tiff?)$", n, re.I)),
                        key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])  # f2 before f10
         images = [(os.path.join(path, n), cv2.imread(os.path.join(path, n))) for n in names]
         if bad := [p for p, img in images if img is None]:
@@ -267,7 +267,7 @@ def read_annotations(path):
             for i, cap in enumerate(cur[1:], start + 1):  # a missing blank line would merge two entries
                 near = os.path.join(here, cap)  # a file, or a folder of frames, beside the annotation file?
                 if re.search(r"\.(mp4|avi|mov|mkv|webm|m4v)$", cap, re.I) or os.path.isfile(near) or os.path.isdir(
-                        near) and any(n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")) for n in os.listdir(near)):
+                        near) and any(re.search(r"\.(png|jpe?g|bmp|webp|tiff?)$", n, re.I) for n in os.listdir(near)):
                     raise UserError(f"{path}:{i}: '{cap}' looks like a video path; put a blank line between entries")
             entries.append((video, cur[1:]))
             cur = []
