@@ -1163,6 +1163,13 @@ def build_model(cfg, entries, resume, say):
         model.init_from_data(pick["image"], pick["video"])
     return model, cfg, tok, data
 
+def make_optimizer(params, cfg, device):
+    """AdamW with weight decay on matrices only; and float16's loss scaler (for other dtypes it does nothing)."""
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95))
+    return opt, torch.amp.GradScaler(device.split(":")[0], enabled=autocast_dtype(cfg.dtype, device) == "float16")
+
 def ddp_setup(cfg):
     """-> (ddp, rank, world, device): one process, or one of torchrun's (nccl on CUDA, gloo on CPU)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -1215,9 +1222,7 @@ def train(cfg, resume=False):
         f"frozen; vocab {cfg.vocab_size} ({'compact GPT-2 table' if isinstance(tok, GPT2Table) else 'checkpoint'}); "
         f"{device}, autocast {autocast_dtype(cfg.dtype, device)}"
         + ("; one CLIP tower for images and frames" if model.video_tower is model.image_tower else ""))
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95))
+    opt, scaler = make_optimizer(params, cfg, device)
     step, seconds0 = 0, 0.0
     if resume:  # AdamW moments, the step (data order and lr are functions of it) and the RNG, as they were saved
         try:  # truncated or not a torch file: PyTorch's own errors differ by cause
@@ -1233,7 +1238,6 @@ def train(cfg, resume=False):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
                                                     find_unused_parameters=True)
     tr, gsize = data["train"], cfg.batch_size * cfg.grad_accum * world
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=autocast_dtype(cfg.dtype, device) == "float16")
     t_log, log_step = time.time(), step
     while step < cfg.max_steps:
         for g in opt.param_groups:
