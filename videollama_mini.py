@@ -861,7 +861,7 @@ def beam_search(model, video, cfg, length_penalty=1.0):
     A finished hypothesis scores its log-probability / length**length_penalty."""
     model.eval()
     B, K = video.shape[0], cfg.beam
-    memory = model.encode(video).repeat_interleave(K, 0)  # (B*K, Q, D)
+    memory = model.encode(video).repeat_interleave(K, 0)  # (B*K, Q or F, D)
     cache = [{} for _ in model.decoder]  # self- and cross-attention keys/values per layer
     seq = torch.full((B * K, 1), BOS, dtype=torch.long, device=video.device)
     score = torch.zeros(B, K, device=video.device)
