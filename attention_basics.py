@@ -193,7 +193,7 @@ def write_clip(path, rng, colour, shape, motion):
 
 def build_world(cfg):
     """Write data_dir/{images,videos}/<split>/ and one annotation file per split, once (deterministic from --seed).
-    Annotation format (also for user data): one `relative/path<TAB>caption` per line."""
+    Annotation format, read back by read_annotations: one `relative/path<TAB>caption` per line."""
     want = dict(img=[cfg.n_img_train, cfg.n_img_test], vid=[cfg.n_train, cfg.n_test, cfg.n_novel],
                 seed=cfg.seed, version=3)  # what the files on disk were written for
     if read_json(stamp := os.path.join(cfg.data_dir, "world.json")) == want:
