@@ -295,10 +295,10 @@ class Tokenizer:
     @classmethod
     def from_texts(cls, texts):
         enc = gpt2()  # <|endoftext|> first (model id 0), then every GPT-2 id the texts use, sorted
-        return cls([enc.eot_token] + sorted({t for c in texts for t in enc.encode(c)}))
+        return cls([enc.eot_token] + sorted({t for c in texts for t in enc.encode_ordinary(c)}))
     def encode(self, text):
         """Text -> [BOS, ..., EOS] in model ids; GPT-2 ids absent from the table are dropped (said in the README)."""
-        return [EOT] + [self.to_model[t] for t in self.enc.encode(text) if t in self.to_model] + [EOT]
+        return [EOT] + [self.to_model[t] for t in self.enc.encode_ordinary(text) if t in self.to_model] + [EOT]
     def decode(self, ids):  # model ids -> text, BOS/EOS/padding (model id 0) left out
         return self.enc.decode([self.ids[i] for i in ids if i != EOT]).strip()
 

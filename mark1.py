@@ -282,7 +282,7 @@ def preprocess(img, crop):
 def load_video(path, n_frames, crop):
     """Video file (any container OpenCV reads) or a folder of frame images -> (uint8 (F, crop, crop, 3) RGB,
     sampled frame times in seconds (F,), clip duration in seconds). Only the F sampled frames are read and kept."""
-    fps, exts = float(FPS), (".png", ".jpg", ".jpeg", ".bmp")  # a folder's frames play at the world's rate
+    fps, exts = float(FPS), (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")  # a folder plays at FPS
     if os.path.isdir(path):  # natural order: f2 before f10
         names = sorted((n for n in os.listdir(path) if n.lower().endswith(exts)),
                        key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])

@@ -4054,3 +4054,21 @@ def test_eval_from_another_folder_reads_the_saved_world(script, tmp_path):
     proc = run_script(script + ".py", "--eval", "--out_dir", tmp_path / "a" / "out", cwd=tmp_path / "b")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert os.listdir(tmp_path / "b") == []
+
+
+def test_gpt2_tokenizers_read_special_token_text_as_text():
+    """'<|endoftext|>' typed in a caption, a question or an answer is text like any other (tiktoken would refuse it as
+    a special token): every GPT-2 tokenizer encodes it without error and decodes it back."""
+    text = "a red <|endoftext|> circle"
+    for tok in (vm.Tokenizer.from_captions([text]), vc.Tokenizer.from_captions([text]),
+                ab.Tokenizer.from_texts([text]), vl.GPT2Table.from_texts([text])):
+        assert tok.decode(tok.encode(text)).strip() == text, type(tok).__module__
+
+
+def test_vl_and_mk_frame_folders_read_every_image_format(tmp_path):
+    """A folder of frames in any format OpenCV reads, in any case: no frame is skipped."""
+    for i, ext in enumerate(("png", "webp", "PNG", "TIFF")):
+        cv2.imwrite(str(tmp_path / f"f{i}.{ext}"), np.full((20, 20, 3), 50 * (i + 1), np.uint8))
+    assert [int(f.mean()) for f in mk.load_video(str(tmp_path), 4, 16)[0]] == [50, 100, 150, 200]
+    means = [float(f.mean()) for f in vl.load_video(str(tmp_path), 4, 16)]  # CLIP-normalised: brighter, higher
+    assert means == sorted(means) and len(set(means)) == 4

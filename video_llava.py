@@ -379,7 +379,7 @@ def frame_indices(n_total, n_frames):
 def load_video(path, n_frames, size):
     """Video file (any container/codec OpenCV reads) or a folder of frame images -> float32 (F, 3, size, size)."""
     if os.path.isdir(path):  # frames in natural order: f2 before f10 (digit runs compare as numbers)
-        names = sorted((n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp"))),
+        names = sorted((n for n in os.listdir(path) if re.search(r"\.(png|jpe?g|bmp|webp|tiff?)$", n, re.I)),
                        key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
         if not names:
             raise UserError(f"{path}: folder has no frame images")
@@ -486,11 +486,11 @@ class GPT2Table(Tokenizer):
     def from_texts(cls, texts):  # the table: <|endoftext|>, then every GPT-2 id of the texts in increasing order
         enc = cls([]).enc
         return cls([enc.eot_token] + sorted({t for s in texts for p in re.split("<image>|<video>", s)
-                                             for t in enc.encode(p)}))
+                                             for t in enc.encode_ordinary(p)}))
     def __len__(self):
         return len(self.ids) + 2  # the vocabulary size V: the table plus <image> and <video>
     def encode_text(self, part, first):  # GPT-2 ids outside the table (words never trained on) are dropped
-        return [self.to_model[t] for t in self.enc.encode(part) if t in self.to_model]
+        return [self.to_model[t] for t in self.enc.encode_ordinary(part) if t in self.to_model]
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])  # model ids -> GPT-2 ids -> text
 
@@ -1580,6 +1580,7 @@ def main(argv=None):
     elif args.eval:
         device, base = pick_device(cfg.device), saved_config(cfg.out_dir, overrides, resume=False)
         model, tok = load_pretrained(cfg.out_dir, torch.float32, device, base=base), load_tokenizer(cfg.out_dir)
+        print("config:", json.dumps(dataclasses.asdict(model.cfg)))  # the run's, with the typed devices and data
         data = {s: Examples(e, model.cfg, tok) for s, e in load_entries(model.cfg).items() if s in ("test", "novel")}
         seconds = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # kept
         evaluate(model, tok, model.cfg, device, data, seconds)

@@ -285,11 +285,11 @@ class Tokenizer:
     @classmethod
     def from_captions(cls, captions, compact=True):
         enc = tiktoken.get_encoding("gpt2")
-        seen = sorted({t for c in captions for t in enc.encode(c)}) if compact else range(enc.n_vocab)
+        seen = sorted({t for c in captions for t in enc.encode_ordinary(c)}) if compact else range(enc.n_vocab)
         return cls([enc.eot_token] + [i for i in seen if i != enc.eot_token])  # EOS first: model id 0
     def encode(self, text):
         """Caption -> [BOS, ..., EOS] in model ids; GPT-2 ids absent from the table are dropped (said in README)."""
-        return [BOS] + [self.to_model[t] for t in self.enc.encode(text) if t in self.to_model] + [EOS]
+        return [BOS] + [self.to_model[t] for t in self.enc.encode_ordinary(text) if t in self.to_model] + [EOS]
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if i != EOS]).strip()
 

@@ -266,11 +266,11 @@ class Tokenizer:
     def from_captions(cls, captions, compact=True):
         """The table of a training set: <|endoftext|> first, then every GPT-2 id its captions use (or all 50257)."""
         enc = tiktoken.get_encoding("gpt2")
-        ids = {t for c in captions for t in enc.encode(c)} if compact else set(range(enc.n_vocab))
+        ids = {t for c in captions for t in enc.encode_ordinary(c)} if compact else set(range(enc.n_vocab))
         return cls([enc.eot_token] + sorted(ids - {enc.eot_token}))
-    def encode(self, text):
-        """Caption -> [BOS, ..., EOS] in model ids; GPT-2 ids absent from the table are dropped (said in README)."""
-        return [self.eos] + [self.to_model[t] for t in self.enc.encode(text) if t in self.to_model] + [self.eos]
+    def encode(self, text):  # caption -> [BOS, ..., EOS] in model ids; GPT-2 ids not in the table are dropped
+        ids = [self.to_model[t] for t in self.enc.encode_ordinary(text) if t in self.to_model]  # "<|endoftext|>": text
+        return [self.eos] + ids + [self.eos]
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if i != self.eos]).strip()
 
