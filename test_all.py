@@ -232,12 +232,23 @@ def test_vm_cache_equals_no_cache_and_batch_equals_rows(mode):
 
 
 def test_vm_beam_search_batch_equals_rows_and_finds_a_likely_caption():
+    """A batch equals its rows; on a 4-token vocabulary and 3 steps, beam search (wide enough to be exhaustive) returns
+    the caption that maximises log p / length over every caption brute force enumerates."""
     model, cfg = _vm_model(seed=5)
     cfg = dataclasses.replace(cfg, beam=3, max_new_tokens=8)
     video = _vm_video(3, cfg, seed=2)
     beams = vm.generate(model, video, cfg)
     assert beams == [vm.generate(model, video[i:i + 1], cfg)[0] for i in range(3)]
-    assert all(isinstance(b, list) and all(isinstance(t, int) for t in b) for b in beams)
+    small, cfg = _vm_model(vocab=4, seed=7)  # a model whose greedy caption (1 3 2) is not the likeliest (2 2)
+    clip = _vm_video(1, cfg, seed=2)
+
+    def score(ids):  # log p(ids, EOS | BOS) / (len(ids) + 1), what a finished hypothesis scores
+        seq = torch.tensor([[vm.BOS] + ids + [vm.EOS]])
+        with torch.no_grad():
+            logp = small.decode(seq[:, :-1], small.encode(clip))[0].double().log_softmax(-1)
+        return sum(logp[i, t].item() for i, t in enumerate(seq[0, 1:].tolist())) / len(seq[0, 1:])
+    cands = [[]] + [[a] for a in (1, 2, 3)] + [[a, b] for a in (1, 2, 3) for b in (1, 2, 3)]
+    assert vm.generate(small, clip, dataclasses.replace(cfg, beam=16, max_new_tokens=3))[0] == max(cands, key=score)
 
 
 class _VmStub(torch.nn.Module):
