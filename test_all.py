@@ -3755,7 +3755,10 @@ def test_ab_train_tiny_runs(tmp_path, capsys):
     assert again.pop("gen_tokens_per_s") > 0 and res["test"]["cross"].pop("gen_tokens_per_s") > 0
     assert again == res["test"]["cross"]  # same weights, same clips: the same captions and metrics
     code, out, _ = _ab_main(capsys, "--generate", "--video", clip, "--variant", "unified", *args)
-    assert code == 0 and out.strip().splitlines()[-1].strip()  # the caption, after the config line
+    model, tok, cfg, _ = ab.load_model(_ab_tiny(tmp_path), "unified")
+    frames = torch.from_numpy(ab.load_video(str(clip), cfg.n_frames, cfg.img_size))[None]
+    want = tok.decode(ab.generate(model, frames, cfg, "cpu")[0])
+    assert code == 0 and out.splitlines()[-1] == want != "" and out.splitlines()[-2].startswith("config: ")
 
 
 def test_ab_eval_and_generate_print_the_config_that_runs(tmp_path, capsys):
