@@ -3186,10 +3186,17 @@ def test_mk_eval_and_predict_cli(mk_trained, tmp_path, capsys, monkeypatch):
     ev = json.load(open(tmp_path / "o" / "eval.json"))
     assert ev["test"]["n"] == 3 and ev["novel"]["n"] == 12 and sorted(decoded) == [3, 12]
     video = d / "data" / json.load(open(d / "data" / "test.json"))[0]["video"]
-    mk.main(["--predict", "--out_dir", str(out), "--video", str(video), "--question", "What happens to the red circle?",
-             "--choices", "A. it appears|B. it stops|C. it turns blue|D. it meets the green square"])
+    question = "What happens to the red circle?"
+    choices = "A. it appears|B. it stops|C. it turns blue|D. it meets the green square"
+    mk.main(["--predict", "--out_dir", str(out), "--video", str(video), "--question", question, "--choices", choices])
     stdout = capsys.readouterr().out
-    assert "answer:" in stdout and "support:" in stdout
+    # the printed answer and frame saliencies are those of the saved model on this clip and question
+    model, tok, cfg = mk.load_checkpoint(str(out))
+    clip = torch.from_numpy(mk.load_video(str(video), cfg.n_frames, cfg.crop)[0])[None]
+    ids, fl = mk.generate(model.eval(), model.encode(clip), [dict(question=question, choices=choices.split("|"))],
+                          tok, cfg)
+    assert f"answer: {tok.decode(ids[0]).strip()}\n" in stdout
+    assert f"saliency per frame: {' '.join(f'{s:.2f}' for s in torch.sigmoid(fl.float())[0].tolist())}\n" in stdout
     img = cv2.imread(str(out / "predict.png"))
     assert img is not None and img.shape[1] == 8 * 66
 
