@@ -1901,8 +1901,14 @@ def test_vl_sampler_and_metrics():
     assert all(vl.sample_next(logits, 1.0, 0, 0.01, g).item() == 1 for _ in range(20))  # tiny top-p = argmax
     draws = {vl.sample_next(logits, 1.0, 2, 1.0, g).item() for _ in range(200)}
     assert draws == {1, 3}  # top-k 2 keeps exactly the two best
-    a = [vl.sample_next(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(5)).item() for _ in range(3)]
-    assert len(set(a)) == 1  # a seeded generator reproduces
+    many = logits.expand(20000, -1)  # 20000 draws in one call
+    a, b, c = (vl.sample_next(many, 1.0, 0, 1.0, torch.Generator().manual_seed(s)) for s in (5, 5, 6))
+    assert torch.equal(a, b) and not torch.equal(a, c)  # a seeded generator reproduces, and its seed matters
+    freq = lambda ids: torch.bincount(ids, minlength=4) / 20000.0  # noqa: E731
+    assert torch.allclose(freq(vl.sample_next(many, 2.0, 0, 1.0, g)), (logits[0] / 2).softmax(-1), atol=0.015)
+    # top-p keeps the smallest prefix whose mass reaches p: 0.64 (id 1) + 0.24 (id 3) >= 0.8, in their ratio
+    kept = freq(vl.sample_next(many, 1.0, 0, 0.8, g))
+    assert kept[0] == kept[2] == 0 and abs(kept[1] - 0.644 / 0.881) < 0.015
     assert vl.exact_match(["Red.", "left ", "two"], ["red", "left", "three"]) == pytest.approx(2 / 3)
 
 
