@@ -1093,8 +1093,14 @@ def test_vc_train_eval_generate_cli(tmp_path, capsys):
     vc.main(["--generate", "--image", str(tmp_path / "odd.jpg"), "--out_dir", out, "--temperature", "0.8",
              "--top_p", "0.9"])
     assert cv2.imread(os.path.join(out, "caption_odd.png")) is not None
-    printed = json.loads(capsys.readouterr().out.split("config: ", 1)[1].splitlines()[0])  # the config that runs
+    lines = capsys.readouterr().out.splitlines()
+    printed = json.loads(lines[0].split("config: ", 1)[1])  # the config that runs
     assert printed["d_model"] == vc.PRESETS["tiny"]["d_model"] != vc.Config.d_model and printed["temperature"] == 0.8
+    # the caption printed is the one sampled with those flags from a generator seeded by --seed: reproducible
+    model, tok, cfg = vc.load_checkpoint(out, {"temperature": 0.8, "top_p": 0.9})
+    image = torch.from_numpy(vc.load_image(str(tmp_path / "odd.jpg"), cfg.img_size))[None]
+    ids = vc.generate(model, image, cfg, generator=torch.Generator().manual_seed(cfg.seed))
+    assert lines[1] == tok.decode(ids[0])
     # bad inputs: one line, exit status 2, nothing saved lost
     before = open(os.path.join(out, "model.safetensors"), "rb").read()
     (tmp_path / "empty.png").write_bytes(b"")
