@@ -584,26 +584,6 @@ def test_vm_never_writes_over_the_users_files(tmp_path, capsys, monkeypatch):
     assert len(vm.read_annotations(str(tmp_path / "data" / "train.txt"))) == 3
 
 
-def test_vm_save_interrupted_mid_write_keeps_the_old_checkpoint(_vm_trained, tmp_path, monkeypatch):
-    """A save cut short while it writes model.safetensors (a crash, Ctrl-C) leaves the previous checkpoint whole."""
-    out = tmp_path / "out"
-    out.mkdir()
-    for f in ("model.safetensors", "config.json", "train_state.pt"):
-        (out / f).write_bytes((_vm_trained[0] / "out" / f).read_bytes())
-    before = {f.name: f.read_bytes() for f in out.iterdir()}
-    model, tok, cfg = vm.load_checkpoint(str(out))
-    cfg = dataclasses.replace(cfg, out_dir=str(out))  # the saved config names the folder it was trained into
-
-    def half_then_crash(state, path):
-        open(path, "wb").write(before["model.safetensors"][:1000])
-        raise KeyboardInterrupt
-    monkeypatch.setattr(vm, "save_file", half_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        vm.save_checkpoint(model, tok, cfg, torch.optim.AdamW(model.parameters()), 1)
-    assert {f.name: f.read_bytes() for f in out.iterdir() if f.suffix != ".tmp"} == before
-    vm.load_checkpoint(str(out))
-
-
 def test_vm_resume_keeps_the_checkpoint_architecture(_vm_trained, tmp_path):
     """--resume with more steps and an architecture flag equal to the checkpoint's: training goes on and the saved
     config.json still describes the saved weights."""
@@ -669,7 +649,9 @@ def test_vm_weight_decay_only_on_linear_and_conv_matrices():
     assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
 
 
-def test_vm_nan_loss_stops_and_keeps_checkpoint(_vm_trained, tmp_path, capsys):
+def test_vm_nan_loss_stops_and_keeps_checkpoint(_vm_trained, tmp_path, capsys, monkeypatch):
+    """A NaN loss stops training with one line, and a save cut short while it writes model.safetensors (a crash,
+    Ctrl-C): either way the checkpoint already saved is left whole."""
     tmp, _ = _vm_trained
     out = tmp_path / "out"
     out.mkdir()
@@ -679,6 +661,16 @@ def test_vm_nan_loss_stops_and_keeps_checkpoint(_vm_trained, tmp_path, capsys):
     main_user_error(vm.main, capsys, ["--train", "--preset", "tiny", "--data_dir", tmp / "data", "--out_dir", out, "--lr", "1e30",
                             "--warmup", "1"], "loss became")  # an absurd learning rate blows the weights up at once
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # nothing saved was touched
+    model, tok, cfg = vm.load_checkpoint(str(out))
+    cfg = dataclasses.replace(cfg, out_dir=str(out))  # the saved config names the folder it was trained into
+
+    def half_then_crash(state, path):
+        open(path, "wb").write(before["model.safetensors"][:1000])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(vm, "save_file", half_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        vm.save_checkpoint(model, tok, cfg, torch.optim.AdamW(model.parameters()), 1)
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.suffix != ".tmp"} == before
 
 
 # The README's "bring your own data" example, exactly: a video path line (relative to the file), caption lines.
