@@ -2566,6 +2566,27 @@ def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, vl_tiny_run, tmp_pat
     assert json.load(open(os.path.join(out, "eval.json")))["test"]["video"]["n"] > 0
 
 
+def test_vl_stage1_on_a_bfloat16_checkpoint_keeps_the_frozen_towers_bfloat16(vl_ckpt, vl_tiny_run, tmp_path):
+    """--dtype bfloat16 stage 1 on a bfloat16 checkpoint: the frozen towers stay bfloat16 in memory and in the saved
+    file (half of float32's bytes), the projector trains in float32; --resume and --eval read the mixed file back."""
+    src, out = str(tmp_path / "ckpt"), str(tmp_path / "out")
+    shutil.copytree(vl_ckpt[1]["memory_sharded_bf16"], src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(vl_ckpt[1]["t5save"], name), src)
+    common = ["--preset", "tiny", "--freeze", "vision,llm", "--dtype", "bfloat16", "--max_steps", "2",
+              "--data_dir", vl_tiny_run[0].data_dir, "--out_dir", out]
+    vl.main(["--train", "--from_pretrained", src, "--stop_after", "1", *common])
+    vl.main(["--train", "--resume", *common])
+    ref, after = vl.load_pretrained(src).state_dict(), load_file(os.path.join(out, "model.safetensors"))
+    for k, v in after.items():
+        if k.startswith("multi_modal_projector."):
+            assert v.dtype == torch.float32 and not torch.equal(v, ref[k].float()), k  # trained
+        else:
+            assert v.dtype == torch.bfloat16 and torch.equal(v, ref[k]), k  # frozen, as loaded
+    vl.main(["--eval", "--out_dir", out])
+    assert json.load(open(os.path.join(out, "eval.json")))["test"]["image"]["n"] > 0
+
+
 def test_vl_bench_prints_what_it_measured(capsys):
     """--bench on a tiny LLaMA: the eager step, the compiled step and transformers give identical tokens, and each
     has a speed and a share of the floor (weight bytes / copy bandwidth)."""

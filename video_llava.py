@@ -1115,7 +1115,8 @@ class Examples:
         return {k: v.to(device) for k, v in b.items() if v is not None}  # inputs it lacks are left out
 
 def apply_freeze(model, freeze):
-    """Freeze for real: requires_grad off once (no gradients, no graph through them), kept in eval mode by train()."""
+    """Freeze for real: requires_grad off once (no gradients, no graph through them), kept in eval mode by train();
+    frozen parts keep their dtype, the rest becomes float32."""
     towers, parts = {"vision": [model.image_tower, model.video_tower], "llm": [model.language_model]}, freeze.split(",")
     if set(parts) - set(towers) - {""}:
         raise UserError(f"--freeze {freeze}: unknown part(s) {sorted(set(parts) - set(towers) - {''})}; use 'vision', "
@@ -1123,6 +1124,9 @@ def apply_freeze(model, freeze):
     frozen = [m for p in parts if p for m in towers[p]]
     for m in frozen:
         m.requires_grad_(False)
+    for p in model.parameters():  # what trains is float32 (bfloat16 rounds small AdamW updates away)
+        if p.requires_grad:
+            p.data = p.data.float()
     return frozen
 
 def batch_indices(step, n, size, seed):
@@ -1142,7 +1146,10 @@ def build_model(cfg, entries, resume, say):
             say("--from_pretrained: the checkpoint's two CLIP towers are kept (--share_towers is for training "
                 "from scratch)")
             cfg = dataclasses.replace(cfg, share_towers=False)  # what config.json records, and --resume keeps
-        model, tok = load_pretrained(path, torch.float32, "cpu", base=cfg), load_tokenizer(path)
+        # under bfloat16 autocast the tensors keep the file's dtype (a frozen 7B: 14 GB in bfloat16, not 28 in
+        # float32); train() makes what trains float32
+        keep = autocast_dtype(cfg.dtype, pick_device(cfg.device)) == "bfloat16"
+        model, tok = load_pretrained(path, None if keep else torch.float32, "cpu", base=cfg), load_tokenizer(path)
         cfg = dataclasses.replace(cfg, **{f: getattr(model.cfg, f) for f in HF_FIELDS})
     else:
         tok = GPT2Table.from_texts([prompt_text(e["question"], e["kind"]) + " " + e["answer"] for s in ("train", "val")
@@ -1579,7 +1586,9 @@ def main(argv=None):
         train(cfg, resume=args.resume)
     elif args.eval:
         device, base = pick_device(cfg.device), saved_config(cfg.out_dir, overrides, resume=False)
-        model, tok = load_pretrained(cfg.out_dir, torch.float32, device, base=base), load_tokenizer(cfg.out_dir)
+        keep = autocast_dtype(base.dtype, device) == "bfloat16"  # frozen bfloat16 towers stay bfloat16, as trained
+        model = load_pretrained(cfg.out_dir, None if keep else torch.float32, device, base=base)
+        tok = load_tokenizer(cfg.out_dir)
         print("config:", json.dumps(dataclasses.asdict(model.cfg)))  # the run's, with the typed devices and data
         data = {s: Examples(e, model.cfg, tok) for s, e in load_entries(model.cfg).items() if s in ("test", "novel")}
         seconds = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # kept
