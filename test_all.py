@@ -2601,6 +2601,13 @@ def test_vl_bench_prints_what_it_measured(capsys):
         assert float(line.split()[1]) > 0 and "of the floor" in line and "x transformers" in line
 
 
+@pytest.mark.parametrize("script", ["vm", "vc"])
+def test_vm_vc_float16_trains_with_a_gradient_scaler(script, tmp_path, monkeypatch):
+    """The captioners' float16 loss scaling runs on the training device (a CUDA-only scaler turns itself off on a CPU)."""
+    cfg = (_vm_cfg if script == "vm" else _vc_cfg)(tmp_path, dtype="float16", max_steps=2)
+    check_float16_scales_the_loss((vm if script == "vm" else vc).train, cfg, monkeypatch)
+
+
 def test_vl_float16_trains_with_a_gradient_scaler(vl_tiny_run, tmp_path, monkeypatch):
     cfg = dataclasses.replace(vl_tiny_run[0], dtype="float16", max_steps=2, out_dir=str(tmp_path / "o"))
     check_float16_scales_the_loss(vl.train, cfg, monkeypatch)

@@ -742,7 +742,7 @@ def train(cfg, typed=None, resume=False):
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     fwd = torch.compile(model) if cfg.compile else model  # --compile: same module, compiled forward
-    scaler = torch.amp.GradScaler(enabled=cfg.dtype == "float16")  # loss scaling only for float16
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")  # loss scaling for float16
     train_tokens = [[tok.encode(c) for c in cs] for _, cs in train_entries]
     gsize = cfg.batch_size * cfg.grad_accum * world  # clips per optimizer step
     t_log, log_step = time.time(), step  # for the ms/step and eta columns

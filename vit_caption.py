@@ -749,7 +749,7 @@ def train(cfg, resume=False, typed=None):
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     fwd = torch.compile(model) if cfg.compile else model
-    scaler = torch.amp.GradScaler(enabled=cfg.dtype == "float16")  # float16 needs loss scaling; a no-op otherwise
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")  # float16: loss scaling
     (entries, images), caption_rng = data["train"], random.Random()
     tokens = [[tok.encode(c) for c in cs] for _, cs in entries]  # every reference of every image, encoded once
     val_batch = pad_batch([tok.encode(cs[0]) for _, cs in data["val"][0]], cfg.max_len)  # (inputs, targets)
