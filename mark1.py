@@ -891,7 +891,7 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
     if opt is not None:
         atomic(path("train_state.pt"), lambda p: torch.save(dict(optimizer=opt.state_dict(), step=step, rng=rng), p))
 
-PATH_KEYS = {"data", "test_data", "vision_ckpt", "llm_ckpt"}  # the run's inputs (parse_args makes them absolute)
+PATH_KEYS = {"data", "test_data", "vision_ckpt", "llm_ckpt"}  # inputs: parse_args makes them absolute (found anywhere)
 # flags a run from a checkpoint may change: how long and where it runs, how it logs, where the towers' folders are;
 # --eval and --predict also read other data and decode as asked; every other flag is fixed by the checkpoint
 RUN_KEYS = {"max_steps", "stop_after", "out_dir", "data_dir", "device", "device_map", "dtype", "log_interval",
@@ -1346,7 +1346,6 @@ def parse_args(argv=None):
     if args.preset not in PRESETS:
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
-    # input paths are saved in the run's config: absolute, so that --eval/--predict/--resume find them from anywhere
     overrides.update({k: os.path.abspath(v) for k, v in overrides.items() if v and k in PATH_KEYS})
     cfg = Config(**{**PRESETS[args.preset], **overrides})
     problems = [f"--{k} {getattr(cfg, k)}: choose one of {', '.join(ok)}" for k, ok in (("frame_head", (
@@ -1354,7 +1353,8 @@ def parse_args(argv=None):
     problems += [f"--{k} {getattr(cfg, k)}: must be at least 1" for k in ("batch_size", "grad_accum", "max_steps",
                  "n_frames", "crop", "max_new_tokens", "log_interval", "eval_interval", "n_temporal_query", "v_heads",
                  "l_heads", "l_kv_heads", "bridge_heads", "bert_heads") if getattr(cfg, k) < 1]
-    problems += [f"--{k} {getattr(cfg, k)}: must be 0 or more" for k in ("lr", "min_lr", "weight_decay", "grad_clip",
+    problems += [f"--{k} {getattr(cfg, k)}: must be above 0" for k in ("lr", "grad_clip") if not 0 < getattr(cfg, k) <
+                 math.inf] + [f"--{k} {getattr(cfg, k)}: must be 0 or more" for k in ("min_lr", "weight_decay",
                  "warmup_frac", "lam", "pos_weight", "stop_after", "data_init") if not getattr(cfg, k) >= 0]  # NaN too
     problems += [f"--{h} {getattr(cfg, h)}: must divide --{w} {getattr(cfg, w)} (heads split a width)" for h, w in
                  (("v_heads", "v_width"), ("l_kv_heads", "l_heads"), ("bridge_heads", "l_width"), ("bert_heads",
@@ -1371,13 +1371,13 @@ def main(argv=None):
     if args.bench and args.preset == "default":
         cfg = Config(**{**PRESETS["bench"], **overrides})
     if cfg.vision_ckpt and (args.train or args.bench):  # frames cut as the checkpoint was trained: crop, patch and
-        get = read_hf_dir(cfg.vision_ckpt, "vjepa2")[0].get  # tubelet from its config.json (transformers' defaults)
-        geo = dict(crop=get("crop_size", 256), v_patch=get("patch_size", 16), v_tubelet=get("tubelet_size", 2))
+        vc = read_hf_dir(cfg.vision_ckpt, "vjepa2")[0]  # tubelet from its config.json (transformers' defaults)
+        geo = dict(crop=vc.get("crop_size", 256), v_patch=vc.get("patch_size", 16), v_tubelet=vc.get("tubelet_size", 2))
         for k, v in geo.items():  # a flag that says otherwise is refused
             if k in overrides and overrides[k] != v:
                 raise UserError(f"--{k} {overrides[k]}: {cfg.vision_ckpt} was trained with {v}; drop the flag")
         cfg = dataclasses.replace(cfg, **geo)
-    if int(os.environ.get("RANK", "0")) == 0 and not (args.resume or args.eval or args.predict):  # else: the saved one
+    if int(os.environ.get("RANK", "0")) == 0 and not (args.resume if args.train else args.eval or args.predict):
         print("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
     if args.train:

@@ -3202,12 +3202,15 @@ def test_mk_checkpoint_round_trip(mk_trained, tmp_path):
         mk.load_checkpoint(str(tmp_path / "other"))
 
 
-def test_mk_printed_config_is_the_one_that_runs(mk_trained, capsys):
-    """--eval, --predict and --resume run the saved config: that one is printed, not the preset's defaults."""
+def test_mk_printed_config_is_the_one_that_runs(mk_trained, tmp_path, capsys):
+    """--eval, --predict and --resume run the saved config: that one is printed, not the preset's defaults; --train
+    (which wins over --eval) prints its own once."""
     d, _ = mk_trained
-    mk.main(["--eval", "--out_dir", str(d / "out"), "--data_dir", str(d / "data")])
-    printed = [json.loads(l[len("config: "):]) for l in capsys.readouterr().out.splitlines() if l.startswith("config: ")]
-    assert len(printed) == 1 and printed[0]["n_frames"] == 8 and printed[0]["max_steps"] == 6
+    for argv in (["--eval", "--out_dir", d / "out"], ["--train", "--eval", "--preset", "tiny", "--max_steps", "2",
+                                                      "--out_dir", tmp_path / "t"]):
+        mk.main([str(a) for a in argv + ["--data_dir", d / "data"]])
+        printed = [json.loads(l[8:]) for l in capsys.readouterr().out.splitlines() if l.startswith("config: ")]
+        assert len(printed) == 1 and printed[0]["n_frames"] == 8 and printed[0]["max_steps"] in (6, 2)
 
 
 def test_mk_exact_resume(mk_trained, tmp_path, capsys):
@@ -3388,8 +3391,8 @@ def test_mk_bad_numbers_and_head_counts_are_one_line(tmp_path):
     """A negative or NaN rate, a negative --stop_after (which would train and save nothing), no temporal query, or a
     head count that does not split its width: refused by name before anything runs."""
     o = tmp_path / "o"
-    for flag, value, needle in (("--lr", "nan", "0 or more"), ("--lr", "-1", "0 or more"), ("--warmup_frac", "nan",
-                                "0 or more"), ("--stop_after", "-1", "0 or more"), ("--grad_clip", "-1", "0 or more"),
+    for flag, value, needle in (("--lr", "nan", "above 0"), ("--lr", "0", "above 0"), ("--warmup_frac", "nan",
+                                "0 or more"), ("--stop_after", "-1", "0 or more"), ("--grad_clip", "0", "above 0"),
                                 ("--n_temporal_query", "0", "at least 1"), ("--bridge_heads", "3", "must divide"),
                                 ("--v_heads", "5", "must divide"), ("--l_kv_heads", "3", "must divide")):
         _mk_user_error(["--train", "--preset", "tiny", "--out_dir", o, flag, value], flag, needle)
