@@ -885,8 +885,7 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
     own, path = own_keys(model, cfg), lambda name: os.path.join(cfg.out_dir, name)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in own}
     atomic(path("model.safetensors"), lambda p: save_file(state, p))
-    config = dict(dataclasses.asdict(cfg), data_dir=os.path.abspath(cfg.data_dir))  # --eval finds it from anywhere
-    meta = {"script": SCRIPT, "config": config, "vocab": tok.ids}
+    meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
     atomic(path("config.json"), lambda p: json.dump(meta, open(p, "w")))
     if opt is not None:
         atomic(path("train_state.pt"), lambda p: torch.save(dict(optimizer=opt.state_dict(), step=step, rng=rng), p))
@@ -1032,7 +1031,8 @@ def text_batch(items, tok, with_answer=True):
     seqs = [(tok.prompt(it["question"], it["choices"]), tok.target(it["answer"]) if with_answer else [])
             for it in items]
     L = max(len(p) + len(a) for p, a in seqs) - 1  # inputs drop the last token, targets the first
-    inp, tgt = (torch.full((len(items), L), fill, dtype=torch.long) for fill in (tok.eos, -100))  # (B, L) each
+    inp = torch.full((len(items), L), tok.eos, dtype=torch.long)  # (B, L): EOS padding
+    tgt = torch.full((len(items), L), -100, dtype=torch.long)  # -100: no loss there
     for i, (p, a) in enumerate(seqs):
         s = p + a
         inp[i, :len(s) - 1] = torch.tensor(s[:-1])  # right padding with EOS (never a target)

@@ -1000,8 +1000,8 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
     with contextlib.suppress(FileNotFoundError):  # an index left there would win over the new file (weight_files)
         os.remove(os.path.join(cfg.out_dir, "model.safetensors.index.json"))
-    config = dataclasses.asdict(cfg)  # the data's paths absolute: --eval and --resume find them from any folder
-    config.update({k: os.path.abspath(config[k]) for k in ("data_dir", "data", "test_data") if config[k]})
+    config = dataclasses.asdict(cfg)  # your data files' paths absolute: --eval and --resume find them from anywhere
+    config.update({k: os.path.abspath(config[k]) for k in ("data", "test_data") if config[k]})
     meta = {**hf_config_dict(cfg), "script": SCRIPT, "train_config": config}
     if isinstance(tok, GPT2Table):
         meta["gpt2_table"] = tok.ids

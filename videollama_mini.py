@@ -219,7 +219,8 @@ def sample_indices(n_total, n_frames, path="video"):
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
 
 def _square(img, size):
-    (h, w), s = img.shape[:2], min(img.shape[:2])  # s: the square's side
+    h, w = img.shape[:2]
+    s = min(h, w)  # the square's side
     img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]  # centre crop
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
@@ -502,8 +503,7 @@ def save_checkpoint(model, tok, cfg, opt, step):
     os.makedirs(cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
-    config = dict(dataclasses.asdict(cfg), data_dir=os.path.abspath(cfg.data_dir))  # --eval finds it from anywhere
-    meta = {"script": SCRIPT, "config": config, "vocab": tok.ids}
+    meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
     ts = {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state()}  # what --resume needs
     atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))

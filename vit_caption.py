@@ -508,8 +508,7 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
     os.makedirs(cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
-    config = dict(dataclasses.asdict(cfg), data_dir=os.path.abspath(cfg.data_dir))  # --eval finds it from anywhere
-    meta = {"script": SCRIPT, "config": config, "vocab": tok.ids}
+    meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
     if opt is not None:
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
@@ -529,7 +528,8 @@ def load_checkpoint(out_dir, overrides=None):
         raise UserError(f"{cpath}: no 'config' object or 'vocab' list (checkpoint damaged; retrain or pass --out_dir)")
     saved = {k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
     cfg = Config(**{**saved, **{k: v for k, v in (overrides or {}).items() if k not in ARCH}, "out_dir": out_dir})
-    tok, model = Tokenizer(meta["vocab"]), ViTCaptioner(cfg, len(meta["vocab"]))  # the token table it was trained with
+    tok = Tokenizer(meta["vocab"])  # the token table the model was trained with
+    model = ViTCaptioner(cfg, len(tok.ids))
     try:
         state = load_file(wpath)
     except Exception as e:  # safetensors raises its own error types for truncated files
