@@ -633,9 +633,11 @@ def lr_at(step, cfg):  # Linear warmup, then cosine decay to min_lr.
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
 
 def global_batch(step, n, size, seed):
-    """Indices of the global batch of a step: a fresh permutation per epoch, shared by every rank."""
-    epoch, k = divmod(step, max(1, n // size))  # the step's epoch and batch within it (full batches per epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    """Indices of the global batch of a step: a fresh permutation per epoch, shared by every rank; a training set
+    smaller than the batch is repeated, so that every batch, and every micro-batch of it, is full."""
+    reps = -(-size // n)  # copies of the set an epoch draws from: 1 unless it is smaller than a batch
+    epoch, k = divmod(step, max(1, n * reps // size))  # the step's epoch and batch within it (full batches per epoch)
+    perm = torch.randperm(n * reps, generator=torch.Generator().manual_seed(seed + epoch)) % n
     return perm[k * size:(k + 1) * size]
 
 def prepare_data(cfg, rank):
@@ -732,8 +734,6 @@ def train(cfg, typed=None, resume=False):
     torch.manual_seed(cfg.seed)  # the initial weights and dropout follow --seed
     data = prepare_data(cfg, rank)  # {split: (entries, uint8 clips)}
     train_entries, train_clips = data["train"]
-    if (n := len(train_entries)) <= (cfg.grad_accum * world - 1) * cfg.batch_size:  # else the last micro-batch is empty
-        raise UserError(f"{n} training clips leave a micro-batch empty; lower --batch_size or --grad_accum")
     say(f"data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" clips ({time.time() - t0:.1f}s)")
     model, tok, opt, step = build_or_resume(cfg, resumed, train_entries, train_clips, device)
     say(f"parameters: {count_parameters(model)}; vocab {len(tok.ids)}; {device}, "
