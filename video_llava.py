@@ -42,8 +42,9 @@ import sys
 import time
 import warnings
 
-os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg and OpenCV stay quiet (set before cv2 loads): a bad
-os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")  # image or video is reported by us, in one line
+# FFmpeg and OpenCV stay quiet (set before cv2 loads): a bad image or video is reported by us, in one line
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
 import cv2
 import numpy as np
 import torch
@@ -1125,7 +1126,7 @@ def apply_freeze(model, freeze):
     for m in frozen:
         m.requires_grad_(False)
     for p in model.parameters():  # what trains is float32 (bfloat16 rounds small AdamW updates away)
-        if p.requires_grad:
+        if p.requires_grad:  # changed in place before the optimizer and DDP see the parameters
             p.data = p.data.float()
     return frozen
 
@@ -1394,7 +1395,8 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
             by_q = {q: em([i for i in rows if kinds[i] == q]) for q in sorted(set(kinds.values()))}
             samples = [{"question": ex.entries[i]["question"], "prediction": preds[i],
                         "reference": ex.entries[i]["answer"]} for i in rows[:4]]
-            result[split][kind] = r = {"n": len(rows), "exact_match": em(rows), "by_question": by_q, "samples": samples}
+            r = {"n": len(rows), "exact_match": em(rows), "by_question": by_q, "samples": samples}
+            result[split][kind] = r
             print(f"{split:8s} {kind:7s} {r['n']:5d} {r['exact_match']:7.3f}   " +
                   ", ".join(f"{q}: {v:.2f}" for q, v in r["by_question"].items()))
     result["train_seconds"] = train_seconds
