@@ -2476,6 +2476,12 @@ def test_vl_user_data_relative_paths_and_overlong_entries(tmp_path, monkeypatch)
     with pytest.raises(vl.UserError, match="long.jsonl:2: .* more than the context"):
         vl.main(tiny + ["--data", "long.jsonl", "--out_dir", "long"])
     assert not os.path.exists("long")
+    # a test entry is only generated after: its long reference answer is no problem, a long --max_new_tokens is
+    (tmp_path / "a" / "long_answer.jsonl").write_text(line.replace('"red"', '"%s"') % ("What colour?", "red " * 600))
+    cfg, tok, entries = vl.Config(**vl.PRESETS["tiny"]), vl.load_tokenizer("out"), vl.read_annotations("long_answer.jsonl")
+    assert len(vl.Examples(entries, cfg, tok, answered=False).answers[0]) > cfg.max_position_embeddings
+    with pytest.raises(vl.UserError, match="long_answer.jsonl:1: .* --max_new_tokens take"):
+        vl.Examples(entries, dataclasses.replace(cfg, max_new_tokens=600), tok, answered=False)
 
 
 def test_vl_user_mistakes_are_one_line(vl_ckpt, vl_tiny_run, tmp_path, monkeypatch):

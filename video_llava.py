@@ -1086,8 +1086,9 @@ def lr_at(step, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
 
 class Examples:
-    """Annotation entries with their media decoded once (float32 CLIP-normalised) and their token ids."""
-    def __init__(self, entries, cfg, tok):
+    """Annotation entries with their media decoded once (float32 CLIP-normalised) and their token ids. answered: the
+    answers are fed to the model (train, val); else they are only compared with what it generates (test, novel)."""
+    def __init__(self, entries, cfg, tok, answered=True):
         self.entries, files = entries, {(e["path"], e["kind"]) for e in entries}  # each file decoded once per kind
         cache = {(p, k): load_image(p, cfg.image_size) if k == "image" else load_video(p, cfg.n_frames, cfg.image_size)
                  for p, k in files}
@@ -1096,9 +1097,10 @@ class Examples:
                         for e in entries]
         self.answers = [tok.encode(" " + e["answer"], add_bos=False) + [tok.eos_id] for e in entries]
         for e, p, a in zip(entries, self.prompts, self.answers):  # refused now, not when a batch first meets it
-            if len(p) + len(a) > cfg.max_position_embeddings:
-                raise UserError(f"{e['line']}: question, {e['kind']} and answer take {len(p) + len(a)} tokens, more "
-                                f"than the context ({cfg.max_position_embeddings}); shorten it or use fewer --n_frames")
+            n, what = (len(p) + len(a), "answer") if answered else (len(p) + cfg.max_new_tokens, "--max_new_tokens")
+            if n > cfg.max_position_embeddings:
+                raise UserError(f"{e['line']}: question, {e['kind']} and {what} take {n} tokens, more than the "
+                                f"context ({cfg.max_position_embeddings}); shorten it or use fewer --n_frames")
     def batch(self, idx, device, with_answer=True, left_pad=False):
         """-> dict of model inputs. Training rows are prompt + answer, right-padded, targets only on the answer
         (and its EOS); generation rows are prompts only, left-padded with an attention mask."""
@@ -1161,7 +1163,7 @@ def build_model(cfg, entries, resume, say):
         model._init_weights()
     if cfg.share_towers and not cfg.from_pretrained:  # on --resume too: the two saved copies are equal, one is kept
         model.video_tower = model.image_tower  # one CLIP tower under two names; saved as both key sets
-    data = {s: Examples(e, cfg, tok) for s, e in entries.items()}
+    data = {s: Examples(e, cfg, tok, answered=s in ("train", "val")) for s, e in entries.items()}
     if not path and cfg.data_init > 0:  # the same fixed media on every rank
         g, tr = torch.Generator().manual_seed(cfg.seed), data["train"]
         media = {k: [m for m, e in zip(tr.media, tr.entries) if e["kind"] == k] for k in ("image", "video")}
@@ -1592,7 +1594,8 @@ def main(argv=None):
         model = load_pretrained(cfg.out_dir, None if keep else torch.float32, device, base=base)
         tok = load_tokenizer(cfg.out_dir)
         print("config:", json.dumps(dataclasses.asdict(model.cfg)))  # the run's, with the typed devices and data
-        data = {s: Examples(e, model.cfg, tok) for s, e in load_entries(model.cfg).items() if s in ("test", "novel")}
+        data = {s: Examples(e, model.cfg, tok, answered=False) for s, e in load_entries(model.cfg).items()
+                if s in ("test", "novel")}
         seconds = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # kept
         evaluate(model, tok, model.cfg, device, data, seconds)
     elif args.generate:
