@@ -405,7 +405,7 @@ class QwenTokenizer:
         pat = next((p["pattern"]["Regex"] for p in pre.get("pretokenizers", [pre])
                     if p.get("type") == "Split" and "Regex" in p.get("pattern", {})), QWEN_PAT)
         self.enc = tiktoken.Encoding("qwen3", pat_str=pat, mergeable_ranks=ranks, special_tokens=specials)
-        self.eos, self.ids = specials.get("<|im_end|>", specials.get("<|endoftext|>")), None  # ids: all, none saved
+        self.eos, self.ids = specials.get("<|im_end|>", specials.get("<|endoftext|>")), None  # ids: full table
     def encode(self, s):
         return self.enc.encode(unicodedata.normalize("NFC", s), allowed_special="all")
     def decode(self, ids):  # ids past the tokenizer (the embedding has spare rows) decode to nothing, as in HF
@@ -709,8 +709,7 @@ class Mark1(nn.Module):
         for part, dev in devices.items():
             getattr(self, part).to(dev)
         return self
-    def encode(self, clips):
-        """uint8 (B, F, S, S, 3) -> (B, P, Dv); no graph when the encoder is frozen."""
+    def encode(self, clips):  # uint8 (B, F, S, S, 3) -> (B, P, Dv); no graph when the encoder is frozen
         x = normalize(clips).to(self.devices["vision"], self.vision.layernorm.weight.dtype)  # the tower's dtype
         if self.centre:  # the faithful tower forward is untouched: this is the from-scratch input only
             x = x - x.mean((-2, -1), keepdim=True)
@@ -928,8 +927,7 @@ def load_checkpoint(out_dir, overrides=None, mode="--eval"):
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics (plain Python, tested on hand-computed cases)
 ANSWER_RE = re.compile(r"^\s*([A-Z])\.(\s|$)")
-def extract_option(text):
-    """Strict: the answer must begin with an option letter and a full stop ("C." or "C. it stops"); else None."""
+def extract_option(text):  # strict: the answer must begin with an option letter and a full stop ("C. it stops")
     return m.group(1) if (m := ANSWER_RE.match(text)) else None
 
 def mcq_accuracy(preds, answers):  # share of predictions whose option letter is the answer's
@@ -1173,8 +1171,9 @@ def train(cfg, resume=False, overrides=None):
         opt.zero_grad(set_to_none=True)
         idx = global_batch(step, len(entries), gbatch, cfg.seed)
         stats = accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devices["llm"], scaler)
-        scaler.unscale_(opt)  # float16's loss scale undone: the true gradients are clipped, their norm logged
-        losses.append(stats + [torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()])  # norm before clipping
+        scaler.unscale_(opt)  # float16's loss scale undone: the true gradients are clipped
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # the global norm before clipping
+        losses.append(stats + [norm.item()])
         scaler.step(opt)  # float16: skipped when a gradient overflowed, and the scale lowered
         scaler.update()
         step += 1
@@ -1250,9 +1249,10 @@ def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):
 def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):
     """Answers and frame saliency on test and novel -> printed table, a few samples, out_dir/eval.json."""
     cache, result = cache or FeatureCache(model, cfg.feature_cache), {}
+    model.eval()
     for split in [s for s in ("test", "novel") if s in data]:
-        model.eval()
-        (entries, ds), preds, sal = data[split], [], []  # answers, frame saliency (sigmoid) per clip
+        entries, ds = data[split]
+        preds, sal = [], []  # answers, frame saliency (sigmoid) per clip
         for s in range(0, len(entries), 64):
             idx = torch.arange(s, min(len(entries), s + 64))
             with autocast(cfg, model.devices["llm"]):
@@ -1377,7 +1377,7 @@ def main(argv=None):
             if k in overrides and overrides[k] != v:
                 raise UserError(f"--{k} {overrides[k]}: {cfg.vision_ckpt} was trained with {v}; drop the flag")
         cfg = dataclasses.replace(cfg, **geo)
-    if int(os.environ.get("RANK", "0")) == 0 and not (args.resume if args.train else args.eval or args.predict):
+    if int(os.environ.get("RANK", "0")) == 0 and (args.bench or args.train and not args.resume):  # else: as loaded
         print("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
     if args.train:

@@ -235,7 +235,8 @@ def make_clip(rng, split, n_frames):
         motion = rng.choice(list(MOTIONS))
         dx, dy = MOTIONS[motion]
         lo, hi = HALF + 2, SIDE - HALF - 3  # centre range that keeps the whole shape in the picture
-        x0, y0 = (rng.randint(lo + TRAVEL * (d < 0), hi - TRAVEL * (d > 0)) for d in (dx, dy))  # room to travel
+        x0 = rng.randint(lo + (TRAVEL if dx < 0 else 0), hi - (TRAVEL if dx > 0 else 0))  # room to travel
+        y0 = rng.randint(lo + (TRAVEL if dy < 0 else 0), hi - (TRAVEL if dy > 0 else 0))
         for t, img in enumerate(frames):
             f = t / (CLIP_LEN - 1)  # fraction of the way travelled at frame t
             draw_shape(img, shape, colour, round(x0 + dx * TRAVEL * f), round(y0 + dy * TRAVEL * f))
@@ -477,7 +478,8 @@ class GPT2Table(Tokenizer):
     Model id 0 is <|endoftext|> (BOS, EOS and pad); the last two ids are the placeholders."""
     def __init__(self, ids):
         import tiktoken  # only the trained-from-scratch model needs it
-        self.enc, self.ids = tiktoken.get_encoding("gpt2"), list(ids)
+        self.enc = tiktoken.get_encoding("gpt2")
+        self.ids = list(ids)  # model id -> GPT-2 id
         self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
         self.added = {"<image>": len(self.ids), "<video>": len(self.ids) + 1}
         self.bos_id = self.eos_id = self.pad_id = 0  # model id 0 is GPT-2's <|endoftext|>

@@ -175,8 +175,7 @@ def sample_objects(rng, split):
             if n == 1 or abs(objs[0][3] - objs[1][3]) >= 2 * HALF:
                 return objs
 
-def write_clip(path, objects):
-    """Render CLIP_LEN frames of RENDER x RENDER and write them as an mp4v mp4."""
+def write_clip(path, objects):  # render CLIP_LEN frames of RENDER x RENDER, written as an mp4v mp4
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 8, (RENDER, RENDER))
     for t in range(CLIP_LEN):
         img = np.full((RENDER, RENDER, 3), 60, np.uint8)  # grey background
@@ -521,7 +520,8 @@ def load_checkpoint(out_dir, overrides=None):
         raise UserError(f"{cpath}: damaged, no 'config' object or 'vocab' list (retrain with --train)")
     known = {f.name for f in dataclasses.fields(Config)}  # a key this version of the script does not have is ignored
     cfg = Config(**{**{k: v for k, v in meta["config"].items() if k in known}, **(overrides or {})})
-    tok, model = Tokenizer(meta["vocab"]), VideoLLaMAMini(cfg, len(meta["vocab"]))  # the token table saved with it
+    tok = Tokenizer(meta["vocab"])  # the token table saved with the weights
+    model = VideoLLaMAMini(cfg, len(tok.ids))
     try:
         state = load_file(wpath)
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
@@ -807,7 +807,8 @@ def evaluate_loss(model, tok, entries, clips, cfg, device):
     model.eval()  # dropout off
     inp, tgt = pad_batch([tok.encode(cs[0]) for _, cs in entries], cfg.max_len)  # first reference of each clip
     with autocast(cfg, device):
-        return model(clips.to(device), inp.to(device), tgt.to(device))[1].item()  # the mean token loss
+        _, loss = model(clips.to(device), inp.to(device), tgt.to(device))
+    return loss.item()  # the mean token loss
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Generation and evaluation
@@ -1027,24 +1028,23 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
-def run(args, cfg, overrides):
-    """Dispatch --train / --eval / --generate / --bench."""
+def run(args, cfg, overrides):  # dispatch --train / --bench / --eval / --generate
     if args.train:  # train prints the config it runs
         return train(cfg, overrides, resume=args.resume)
-    if args.eval or args.generate:  # the saved config with the typed flags on top, ARCH flags excepted
+    if (args.eval or args.generate) and not args.bench:  # the saved config, typed flags on top (ARCH flags excepted)
         model, tok, cfg = load_checkpoint(cfg.out_dir, {k: v for k, v in overrides.items() if k not in ARCH})
     print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
-    if args.eval or args.generate:
-        model.to(device := pick_device(cfg.device))
-        if args.eval:
-            return evaluate(model, tok, cfg, device, prepare_data(cfg, 0))  # test and novel, as in training
-        clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None].to(device)  # (1, F, S, S, 3)
-        with autocast(cfg, device):  # --seed makes sampling repeatable; the caption, alone on the last line
-            print(tok.decode(generate(model, clip, cfg, generator=torch.Generator(device).manual_seed(cfg.seed))[0]))
-    elif args.bench:
-        bench(cfg)
-    else:
-        print("nothing to do: pass --train, --eval, --generate --video PATH, or --bench (see --help)")
+    if args.bench:
+        return bench(cfg)
+    if not (args.eval or args.generate):
+        return print("nothing to do: pass --train, --eval, --generate --video PATH, or --bench (see --help)")
+    model.to(device := pick_device(cfg.device))
+    if args.eval:
+        return evaluate(model, tok, cfg, device, prepare_data(cfg, 0))  # test and novel, as in training
+    clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None].to(device)  # (1, F, S, S, 3)
+    with autocast(cfg, device):  # --seed makes sampling repeatable
+        ids = generate(model, clip, cfg, generator=torch.Generator(device=device).manual_seed(cfg.seed))[0]
+    print(tok.decode(ids))  # the caption, alone on the last line
 
 if __name__ == "__main__":
     main()

@@ -269,7 +269,7 @@ class Tokenizer:
         ids = {t for c in captions for t in enc.encode_ordinary(c)} if compact else set(range(enc.n_vocab))
         return cls([enc.eot_token] + sorted(ids - {enc.eot_token}))
     def encode(self, text):  # caption -> [BOS, ..., EOS] in model ids; GPT-2 ids not in the table are dropped
-        ids = [self.to_model[t] for t in self.enc.encode_ordinary(text) if t in self.to_model]  # "<|endoftext|>": text
+        ids = [self.to_model[t] for t in self.enc.encode_ordinary(text) if t in self.to_model]  # specials read as text
         return [self.eos] + ids + [self.eos]
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if i != self.eos]).strip()
@@ -636,7 +636,7 @@ def pad_batch(seqs, max_len):
         inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
     return inp, tgt
 
-def lr_at(step, cfg):  # Linear warmup, then cosine decay to min_lr.
+def lr_at(step, cfg):  # linear warmup, then cosine decay to min_lr
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
