@@ -261,8 +261,6 @@ def build_world(cfg):  # write train/val/test/novel clips + annotation JSON unde
     atomic(stamp, lambda p: json.dump(sizes, open(p, "w")))  # complete
 
 def sample_indices(n_total, n_frames):  # uniform: the centre of each of n_frames equal bins; short clips repeat ones
-    if n_total <= 0:
-        raise ValueError("zero frames")  # load_video turns this into a UserError naming the file
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
 
 def preprocess(img, crop):
@@ -289,8 +287,7 @@ def load_video(path, n_frames, crop):
         n, read = len(names), lambda want: ((i, cv2.imread(os.path.join(path, names[i]))) for i in sorted(want))
     elif os.path.isfile(path):
         cap, n = cv2.VideoCapture(path), 0
-        fps = cap.get(cv2.CAP_PROP_FPS) or FPS  # a container without a rate: assume the world's
-        fps = fps if 0 < fps < 1000 else FPS  # and ignore nonsense rates
+        fps = cap.get(cv2.CAP_PROP_FPS) if 0 < cap.get(cv2.CAP_PROP_FPS) < 1000 else FPS  # none or nonsense: FPS
         while cap.grab():  # pass 1 counts the frames (a header's count can be wrong); grab() skips the conversion
             n += 1
         def read(want):  # pass 2 decodes again and converts only the sampled frames (a long clip never sits whole)
@@ -300,7 +297,7 @@ def load_video(path, n_frames, crop):
         raise UserError(f"{path}: video not found; check the path")
     if n == 0:
         raise UserError(f"{path}: no frames (an empty, corrupt or unsupported video, or no {'/'.join(exts)} images)")
-    idx = sample_indices(n, n_frames)  # F indices into the clip's n frames
+    idx = sample_indices(n, n_frames)  # F indices into the clip's n frames (n > 0)
     frames = {i: img for i, img in read(set(idx)) if img is not None}  # BGR (H, W, 3) uint8, by frame index
     if len(frames) < len(set(idx)):
         raise UserError(f"{path}: frame {min(set(idx) - set(frames))} could not be read; check the file")
@@ -878,7 +875,7 @@ def own_keys(model, cfg):  # the keys a checkpoint stores: not the towers loaded
     hf = tuple(p + "." for p, c in (("vision", cfg.vision_ckpt), ("llm", cfg.llm_ckpt)) if c)
     return {k for k in model.state_dict() if not k.startswith(hf) and not (k == "llm.lm_head.weight" and model.llm.tie)}
 
-def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
+def save_checkpoint(model, tok, cfg, opt, step, scaler):
     """Weights of every part that did not come from an HF folder (those are reloaded from their folder)."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     own, path = own_keys(model, cfg), lambda name: os.path.join(cfg.out_dir, name)
@@ -886,8 +883,8 @@ def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
     atomic(path("model.safetensors"), lambda p: save_file(state, p))
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
     atomic(path("config.json"), lambda p: json.dump(meta, open(p, "w")))
-    if opt is not None:
-        atomic(path("train_state.pt"), lambda p: torch.save(dict(optimizer=opt.state_dict(), step=step, rng=rng), p))
+    ts = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, rng=torch.get_rng_state())
+    atomic(path("train_state.pt"), lambda p: torch.save(ts, p))  # what --resume needs
 
 PATH_KEYS = {"data", "test_data", "vision_ckpt", "llm_ckpt"}  # inputs: parse_args makes them absolute (found anywhere)
 # flags a run from a checkpoint may change: how long and where it runs, how it logs, where the towers' folders are;
@@ -1150,6 +1147,8 @@ def train(cfg, resume=False, overrides=None):
             raise UserError(f"{path}: not a readable training state ({type(e).__name__}); retrain or restore it")
         opt.load_state_dict(ts["optimizer"])
         torch.set_rng_state(ts["rng"])
+        if ts.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
+            scaler.load_state_dict(ts["scaler"])
         step = ts["step"]
         say(f"resumed at step {step}")
     elif cfg.data_init > 0:  # the same fixed batch on every rank (drawn from --seed)
@@ -1187,7 +1186,7 @@ def train(cfg, resume=False, overrides=None):
                 f"eta {dt * (end - step) / 60:.1f}m")
             t_log, losses = time.time(), []
         if rank == 0 and (step % cfg.eval_interval == 0 or step == end):
-            save_checkpoint(model, tok, cfg, opt, step, torch.get_rng_state())
+            save_checkpoint(model, tok, cfg, opt, step, scaler)
     if rank == 0 and step >= cfg.max_steps:
         evaluate(model, tok, cfg, data, time.time() - t0, cache)
     if ddp:

@@ -671,7 +671,7 @@ def test_vm_nan_loss_stops_and_keeps_checkpoint(_vm_trained, tmp_path, capsys, m
         raise KeyboardInterrupt
     monkeypatch.setattr(vm, "save_file", half_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        vm.save_checkpoint(model, tok, cfg, torch.optim.AdamW(model.parameters()), 1)
+        vm.save_checkpoint(model, tok, cfg, torch.optim.AdamW(model.parameters()), 1, torch.amp.GradScaler("cpu"))
     assert {f.name: f.read_bytes() for f in out.iterdir() if f.suffix != ".tmp"} == before
 
 
@@ -1266,7 +1266,7 @@ def test_vc_undecodable_image_is_one_line(tmp_path):
     proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")})
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'bad.png'}: OpenCV cannot decode this image (corrupt or unknown format)"], proc.stderr
+        f"error: {tmp_path / 'bad.png'}: OpenCV cannot decode this image (empty, corrupt or unknown format)"], proc.stderr
 
 
 @_vc_1t
@@ -3038,8 +3038,6 @@ def test_mk_sample_indices():
     times = np.array(mk.sample_indices(5, 8)) / 8  # [0, 0, 1, 2, 2, 3, 4, 4] / 8: every copy of frame 2 is support
     assert mk.frame_labels([0.25], times, 5 / 8, "x").tolist() == [0, 0, 0, 1, 1, 0, 0, 0]
     assert all(0 <= i < 100 for i in mk.sample_indices(100, 16)) and mk.sample_indices(100, 16) == sorted(mk.sample_indices(100, 16))
-    with pytest.raises(ValueError):
-        mk.sample_indices(0, 4)
 
 
 def test_mk_mp4_round_trip_and_frame_folder(tmp_path):
@@ -4142,3 +4140,20 @@ def test_vl_and_mk_frame_folders_read_every_image_format(tmp_path):
     assert [int(f.mean()) for f in mk.load_video(str(tmp_path), 4, 16)[0]] == [50, 100, 150, 200]
     means = [float(f.mean()) for f in vl.load_video(str(tmp_path), 4, 16)]  # CLIP-normalised: brighter, higher
     assert means == sorted(means) and len(set(means)) == 4
+
+
+@pytest.mark.parametrize("mod", [vm, vc, vl, mk], ids=lambda m: m.__name__)
+def test_float16_resume_keeps_the_loss_scale(mod, tmp_path, capsys):
+    """float16: stop after 2 steps and --resume == 4 uninterrupted steps, bit for bit, loss scaler included: its scale
+    (lowered where a gradient overflowed, that step skipped) and its count of good steps (it doubles the scale after
+    2000) go on where they stopped; a scaler started afresh would skip the overflowing steps again."""
+    run = ["--train", "--preset", "tiny", "--dtype", "float16", "--max_steps", "4", "--data_dir", str(tmp_path / "d")]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    mod.main(run + ["--out_dir", full])
+    mod.main(run + ["--out_dir", cut, "--stop_after", "2"])
+    mod.main(run + ["--out_dir", cut, "--resume"])
+    state = lambda d: torch.load(os.path.join(d, "train_state.pt"), weights_only=True)
+    assert state(full)["step"] == state(cut)["step"] == 4
+    assert state(full)["scaler"] == state(cut)["scaler"] and state(full)["scaler"]["_growth_tracker"] > 0
+    a, b = load_file(os.path.join(full, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

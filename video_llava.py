@@ -992,7 +992,7 @@ def atomic(path, write):
     write(path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
-def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
+def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None):
     """out_dir/model.safetensors (hub keys) + config.json (HF style, plus train_config and the token table) +
     train_state.pt (optimizer, step, RNG, seconds: for --resume). `model` is the raw module, never the DDP wrapper."""
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -1015,7 +1015,8 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0):
                 atomic(os.path.join(cfg.out_dir, name), lambda p: shutil.copyfile(src, p))
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
     if opt is not None:
-        ts = {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(), "seconds": seconds}
+        ts = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "rng": torch.get_rng_state(),
+              "seconds": seconds}
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
 def saved_config(out_dir, overrides, resume=True):
@@ -1182,6 +1183,19 @@ def make_optimizer(params, cfg, device):
                             lr=cfg.lr, betas=(0.9, 0.95))
     return opt, torch.amp.GradScaler(device.split(":")[0], enabled=autocast_dtype(cfg.dtype, device) == "float16")
 
+def load_train_state(out_dir, opt, scaler):
+    """--resume: the AdamW moments, float16's loss scale and the RNG as they were saved -> (step, seconds trained
+    before); the data order and the learning rate are functions of the step."""
+    try:  # truncated or not a torch file: PyTorch's own errors differ by cause
+        ts = torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=True)
+    except Exception as e:
+        raise UserError(f"{out_dir}/train_state.pt: not a readable training state ({type(e).__name__})")
+    opt.load_state_dict(ts["optimizer"])
+    if ts.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
+        scaler.load_state_dict(ts["scaler"])
+    torch.set_rng_state(ts["rng"])
+    return ts["step"], ts.get("seconds", 0.0)
+
 def ddp_setup(cfg):
     """-> (ddp, rank, world, device): one process, or one of torchrun's (nccl on CUDA, gloo on CPU)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -1235,15 +1249,8 @@ def train(cfg, resume=False):
         f"{device}, autocast {autocast_dtype(cfg.dtype, device)}"
         + ("; one CLIP tower for images and frames" if model.video_tower is model.image_tower else ""))
     opt, scaler = make_optimizer(params, cfg, device)
-    step, seconds0 = 0, 0.0
-    if resume:  # AdamW moments, the step (data order and lr are functions of it) and the RNG, as they were saved
-        try:  # truncated or not a torch file: PyTorch's own errors differ by cause
-            ts = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
-        except Exception as e:
-            raise UserError(f"{cfg.out_dir}/train_state.pt: not a readable training state ({type(e).__name__})")
-        opt.load_state_dict(ts["optimizer"])
-        step, seconds0 = ts["step"], ts.get("seconds", 0.0)
-        torch.set_rng_state(ts["rng"])
+    step, seconds0 = load_train_state(cfg.out_dir, opt, scaler) if resume else (0, 0.0)
+    if resume:
         say(f"resumed from step {step} of {cfg.out_dir}")
     raw = model  # the bare module, which is saved and evaluated; under torchrun `model` becomes its DDP wrapper
     if ddp:  # unused parameters are normal: a shard without images leaves that tower out; later CLIP layers never run
@@ -1272,7 +1279,7 @@ def train(cfg, resume=False):
         eval_step = step % cfg.eval_interval == 0 or step == cfg.max_steps  # val loss, and a checkpoint
         if master and eval_step:
             val = eval_loss(raw, data["val"], cfg, device)
-            save_checkpoint(raw, cfg, tok, opt, step, seconds)
+            save_checkpoint(raw, cfg, tok, opt, step, seconds, scaler)
         if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
             dt = (time.time() - t_log) / (step - log_step)
             eta = dt * (cfg.max_steps - step)
@@ -1282,7 +1289,7 @@ def train(cfg, resume=False):
             t_log, log_step = time.time(), step
         if cfg.stop_after and cfg.stop_after <= step < cfg.max_steps:
             if master and not eval_step:
-                save_checkpoint(raw, cfg, tok, opt, step, seconds)
+                save_checkpoint(raw, cfg, tok, opt, step, seconds, scaler)
             say(f"stopped after step {step} as asked; continue with --train --resume --out_dir {cfg.out_dir}")
             break
     train_seconds = seconds0 + time.time() - t0

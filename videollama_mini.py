@@ -218,8 +218,7 @@ def sample_indices(n_total, n_frames, path="video"):
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
 
 def _square(img, size):
-    h, w = img.shape[:2]
-    s = min(h, w)  # the square's side
+    (h, w), s = img.shape[:2], min(img.shape[:2])  # s: the square's side
     img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]  # centre crop
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
@@ -498,13 +497,13 @@ def atomic(path, write):
     write(path + ".tmp")  # the same folder, so os.replace is atomic
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
-def save_checkpoint(model, tok, cfg, opt, step):
+def save_checkpoint(model, tok, cfg, opt, step, scaler):  # train_state.pt: what --resume needs
     os.makedirs(cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
-    ts = {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state()}  # what --resume needs
+    ts = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "rng": torch.get_rng_state()}
     atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
 def load_checkpoint(out_dir, overrides=None):
@@ -606,9 +605,8 @@ def autocast_dtype(name, device):
     AVX512-BF16 or AMX), float32 elsewhere, where bfloat16 would be emulated and several times slower."""
     if name != "auto":
         return name
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float32"
-    native = device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    native = (torch.cuda.get_device_capability(device)[0] >= 8 if device.startswith("cuda") else
+              device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
     return "bfloat16" if native else "float32"
 
 def autocast(cfg, device):
@@ -708,7 +706,7 @@ def setup_distributed(cfg):
     return ddp, rank, world, device
 
 def build_or_resume(cfg, resumed, train_entries, train_clips, device):
-    """-> (model, tokenizer, optimizer, step): a fresh model initialised from data, or start_config's."""
+    """-> (model, tokenizer, optimizer, loss scaler, step): a fresh model initialised from data, or start_config's."""
     if resumed:
         model, tok, ts = resumed
     else:
@@ -719,10 +717,13 @@ def build_or_resume(cfg, resumed, train_entries, train_clips, device):
         model.init_from_data(train_clips[init_idx])
     model.to(device)
     opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")  # loss scaling for float16
     if resumed:  # the optimizer's moments; dropout continues the uninterrupted run's random stream
         opt.load_state_dict(ts["optimizer"])
         torch.set_rng_state(ts["rng"])
-    return model, tok, opt, ts["step"] if resumed else 0
+        if ts.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
+            scaler.load_state_dict(ts["scaler"])
+    return model, tok, opt, scaler, ts["step"] if resumed else 0
 
 def train(cfg, typed=None, resume=False):
     """Build (or resume), train for max_steps with gradient accumulation and DDP, save, evaluate."""
@@ -735,14 +736,13 @@ def train(cfg, typed=None, resume=False):
     data = prepare_data(cfg, rank)  # {split: (entries, uint8 clips)}
     train_entries, train_clips = data["train"]
     say(f"data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" clips ({time.time() - t0:.1f}s)")
-    model, tok, opt, step = build_or_resume(cfg, resumed, train_entries, train_clips, device)
+    model, tok, opt, scaler, step = build_or_resume(cfg, resumed, train_entries, train_clips, device)
     say(f"parameters: {count_parameters(model)}; vocab {len(tok.ids)}; {device}, "
         f"autocast {autocast_dtype(cfg.dtype, device)}" + (f"; resumed from step {step}" if resume else ""))
     raw = model  # the plain module: what is saved and evaluated
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     fwd = torch.compile(model) if cfg.compile else model  # --compile: same module, compiled forward
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")  # loss scaling for float16
     train_tokens = [[tok.encode(c) for c in cs] for _, cs in train_entries]
     gsize = cfg.batch_size * cfg.grad_accum * world  # clips per optimizer step
     t_log, log_step = time.time(), step  # for the ms/step and eta columns
@@ -779,7 +779,7 @@ def train(cfg, typed=None, resume=False):
         val = None  # logged only on the steps where it is measured
         if master and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             val = evaluate_loss(raw, tok, *data["val"], cfg, device)
-            save_checkpoint(raw, tok, cfg, opt, step)
+            save_checkpoint(raw, tok, cfg, opt, step, scaler)
         if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
             dt = (time.time() - t_log) / (step - log_step)  # seconds per step since the last log line
             eta = dt * (cfg.max_steps - step)  # seconds left at this pace
@@ -789,7 +789,7 @@ def train(cfg, typed=None, resume=False):
             t_log, log_step = time.time(), step
         if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
             if master:
-                save_checkpoint(raw, tok, cfg, opt, step)
+                save_checkpoint(raw, tok, cfg, opt, step, scaler)
                 say(f"stopped after step {step} as asked; continue with --resume")
             break
     train_seconds = time.time() - t0  # data + training, without the final evaluation

@@ -220,11 +220,10 @@ def build_world(cfg):
 def load_image(path, size):
     """Any image OpenCV reads, any size -> uint8 (size, size, 3) RGB. Letterboxed (edge pixels repeated) rather than
     cropped or stretched: a crop could cut an object away and a stretch turns circles into ellipses."""
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        raise UserError(f"{path}: " + ("image file is empty (0 bytes)" if os.path.isfile(path) else "image not found"))
-    img = cv2.imread(path, cv2.IMREAD_COLOR)  # BGR, 8-bit, 3 channels whatever the file holds
+    img = cv2.imread(path, cv2.IMREAD_COLOR) if os.path.isfile(path) else None  # BGR, 8-bit, 3 channels, or None
     if img is None or img.size == 0:
-        raise UserError(f"{path}: OpenCV cannot decode this image (corrupt or unknown format)")
+        raise UserError(f"{path}: " + ("OpenCV cannot decode this image (empty, corrupt or unknown format)"
+                                       if os.path.isfile(path) else "image not found"))
     (h, w), s = img.shape[:2], max(img.shape[:2])
     top, left = (s - h) // 2, (s - w) // 2  # pad the short side equally on both ends
     img = cv2.copyMakeBorder(img, top, s - h - top, left, s - w - left, cv2.BORDER_REPLICATE)  # (s, s, 3)
@@ -504,15 +503,14 @@ def atomic(path, write):
     write(path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
-def save_checkpoint(model, tok, cfg, opt=None, step=0, rng=None):
+def save_checkpoint(model, tok, cfg, opt, step, scaler):  # train_state.pt: what --resume needs
     os.makedirs(cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
-    if opt is not None:
-        ts = {"optimizer": opt.state_dict(), "step": step, "rng": rng}
-        atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
+    ts = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "rng": torch.get_rng_state()}
+    atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
 ARCH = ("img_size", "patch", "vit_dim", "vit_layers", "vit_heads", "vit_mlp", "pool", "d_model", "n_layer", "n_head",
         "mlp_dim", "max_len", "rope_theta", "compact_vocab")  # the weights' shape: always the checkpoint's
@@ -683,7 +681,7 @@ def setup_distributed(cfg):
     return dist.get_rank(), dist.get_world_size(), device
 
 def init_training(cfg, entries, images, resumed, device):
-    """-> (model, tokenizer, optimizer, step): fresh (patch embedding fitted to the images), or resume_run's."""
+    """-> (model, tokenizer, optimizer, loss scaler, step): fresh (patch embedding fitted to images) or resume_run's."""
     if resumed:
         model, tok, state = resumed
     else:
@@ -698,10 +696,13 @@ def init_training(cfg, entries, images, resumed, device):
     rest = [p for p in model.parameters() if not (p.dim() >= 2 and id(p) not in tables)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")  # float16: loss scaling
     if resumed:
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])  # dropout continues as if never stopped
-    return model, tok, opt, state["step"] if resumed else 0
+        if state.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
+            scaler.load_state_dict(state["scaler"])
+    return model, tok, opt, scaler, state["step"] if resumed else 0
 
 def train_step(model, opt, scaler, batch, cfg, device, rank, world):
     """One optimizer step over grad_accum micro-batches of this rank's rows -> the global batch's mean loss. Summed
@@ -740,7 +741,7 @@ def train(cfg, resume=False, typed=None):
     torch.manual_seed(cfg.seed)
     data = prepare_data(cfg, rank)
     say("data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" images ({time.time() - t0:.1f}s)")
-    model, tok, opt, step = init_training(cfg, *data["train"], resumed, device)
+    model, tok, opt, scaler, step = init_training(cfg, *data["train"], resumed, device)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"parameters: {n_params / 1e6:.2f}M total, {n_params / 1e6:.2f}M trainable, 0 frozen; vocab {len(tok.ids)}; "
         + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in model.part_counts().items())
@@ -749,7 +750,6 @@ def train(cfg, resume=False, typed=None):
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     fwd = torch.compile(model) if cfg.compile else model
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")  # float16: loss scaling
     (entries, images), caption_rng = data["train"], random.Random()
     tokens = [[tok.encode(c) for c in cs] for _, cs in entries]  # every reference of every image, encoded once
     val_batch = pad_batch([tok.encode(cs[0]) for _, cs in data["val"][0]], cfg.max_len)  # (inputs, targets)
@@ -766,7 +766,7 @@ def train(cfg, resume=False, typed=None):
         if rank == 0 and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             with torch.no_grad(), autocast(cfg, device):  # mean token loss on the first reference of each image
                 val = raw.eval()(data["val"][1].to(device), *(t.to(device) for t in val_batch))[1].item()
-            save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
+            save_checkpoint(raw, tok, cfg, opt, step, scaler)
         if rank == 0 and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
             dt = (time.time() - t_log) / (step - log_step)
             eta = dt * (cfg.max_steps - step)
@@ -776,7 +776,7 @@ def train(cfg, resume=False, typed=None):
             t_log, log_step = time.time(), step
         if cfg.stop_after and cfg.stop_after <= step < cfg.max_steps:
             if rank == 0:
-                save_checkpoint(raw, tok, cfg, opt, step, torch.get_rng_state())
+                save_checkpoint(raw, tok, cfg, opt, step, scaler)
                 say(f"stopped after step {step} as asked; continue with --resume")
             break
     if world > 1:
@@ -953,7 +953,8 @@ def bench(cfg):
     caps = [describe(o) for o in objs] + [f"{describe(objs[0])} {r} {describe(objs[1])}" for r in RELATIONS]
     vocab = len(Tokenizer.from_captions(caps, cfg.compact_vocab).ids)
     model = ViTCaptioner(cfg, vocab).to(device)
-    opt, scaler = torch.optim.AdamW(model.parameters(), lr=1e-4), torch.amp.GradScaler(enabled=cfg.dtype == "float16")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")  # float16: loss scaling
     img = torch.randint(0, 255, (B, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8, device=device)
     inp = torch.randint(0, vocab, (B, 16), device=device)  # 16 text tokens, the length of a two-object caption
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, vocab {vocab}")
@@ -996,8 +997,7 @@ def parse_args(argv=None):
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     overrides.update({k: os.path.abspath(overrides[k]) for k in ("data", "test_data") if overrides.get(k)})  # as saved
     cfg = Config(**{**PRESETS.get(args.preset, {}), **overrides})
-    # the first bad flag in one line naming it, not a traceback later; a NaN fails every comparison, so each range is
-    # the condition a good value meets
+    # the first bad flag, in one line; each range is the condition a good value meets (a NaN fails every comparison)
     bad = [f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}"] * (args.preset not in PRESETS)
     bad += [f"--{n} {v}: choose one of {', '.join(c)}" for n, c in CHOICES.items() if (v := getattr(cfg, n)) not in c]
     nums = {n: v for n, v in dataclasses.asdict(cfg).items() if type(v) in (int, float) and n != "seed"}
