@@ -2559,12 +2559,17 @@ def test_vl_loader_bad_checkpoints_and_legacy_buffers(vl_ckpt, tmp_path):
         assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
-def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, vl_tiny_run, tmp_path):
-    """--freeze vision,llm on top of an HF checkpoint: its own tokenizer, only multi_modal_projector.* changes."""
+def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, vl_tiny_run, tmp_path, capsys):
+    """--freeze vision,llm on top of an HF checkpoint: its own tokenizer, only multi_modal_projector.* changes; the
+    config printed is the one that runs, with the checkpoint's sizes, not the preset's."""
     src = vl_ckpt[1]["t5save"]
     out = str(tmp_path / "out")
     vl.main(["--train", "--preset", "tiny", "--from_pretrained", src, "--freeze", "vision,llm", "--max_steps", "2",
              "--data_dir", vl_tiny_run[0].data_dir, "--out_dir", out])
+    printed = json.loads(capsys.readouterr().out.split("config: ", 1)[1].splitlines()[0])
+    hf = json.load(open(os.path.join(src, "config.json")))
+    assert printed["vocab_size"] == hf["text_config"]["vocab_size"] != vl.Config(**vl.PRESETS["tiny"]).vocab_size
+    assert printed["hidden_size"] == hf["text_config"]["hidden_size"] and printed["share_towers"] is False
     before = {vl.canonical_key(k): v for k, v in load_file(os.path.join(src, "model.safetensors")).items()}
     after = load_file(os.path.join(out, "model.safetensors"))
     assert before.keys() == after.keys()

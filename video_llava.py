@@ -1239,6 +1239,7 @@ def train(cfg, resume=False):
     torch.manual_seed(cfg.seed)
     entries = load_entries(cfg, master)
     model, cfg, tok, data = build_model(cfg, entries, resume, say)
+    say("config:", json.dumps(dataclasses.asdict(cfg)))
     say("data: " + ", ".join(f"{s} {len(e)} questions" for s, e in entries.items()) + f" ({time.time() - t0:.1f}s)")
     frozen = apply_freeze(model, cfg.freeze)
     model.to(device)
@@ -1592,11 +1593,8 @@ def run_generate(args, cfg, overrides):
 def main(argv=None):
     """The command line: one mode per call (--train [--resume], --eval, --generate, --inspect, --bench)."""
     args, cfg, overrides = parse_args(argv)
-    if args.train:
-        cfg = saved_config(cfg.out_dir, overrides) if args.resume else cfg
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone prints
-            print("config:", json.dumps(dataclasses.asdict(cfg)))
-        train(cfg, resume=args.resume)
+    if args.train:  # train prints the config that runs (with --from_pretrained, the checkpoint's architecture)
+        train(saved_config(cfg.out_dir, overrides) if args.resume else cfg, resume=args.resume)
     elif args.eval:
         device, base = pick_device(cfg.device), saved_config(cfg.out_dir, overrides, resume=False)
         keep = autocast_dtype(base.dtype, device) == "bfloat16"  # frozen bfloat16 towers stay bfloat16, as trained
