@@ -758,6 +758,21 @@ def test_vm_damaged_config_json(_vm_trained, tmp_path, capsys):
     assert vm.load_checkpoint(str(tmp_path / "later"))[2].dtype == "bfloat16"
 
 
+def test_vm_eval_writes_into_the_folder_it_loaded(_vm_trained, tmp_path, monkeypatch, capsys):
+    """A checkpoint copied to the default out_dir and evaluated there (no --out_dir typed) writes eval.json beside it,
+    not into the folder its config.json was saved from."""
+    out = _vm_trained[0] / "out"
+    before = (out / "eval.json").read_bytes()
+    moved = tmp_path / "out" / "videollama_mini"
+    moved.mkdir(parents=True)
+    for f in ("model.safetensors", "config.json"):
+        (moved / f).write_bytes((out / f).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert vm.load_checkpoint("out/videollama_mini")[2].out_dir == "out/videollama_mini"
+    vm.main(["--eval"])
+    assert (moved / "eval.json").is_file() and (out / "eval.json").read_bytes() == before
+
+
 # ====================================================================================================================
 # 2. vit_caption.py
 # ====================================================================================================================

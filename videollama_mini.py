@@ -518,7 +518,7 @@ def load_checkpoint(out_dir, overrides=None):
     if not (isinstance(meta.get("config"), dict) and isinstance(meta.get("vocab"), list)):
         raise UserError(f"{cpath}: damaged, no 'config' object or 'vocab' list (retrain with --train)")
     known = {f.name for f in dataclasses.fields(Config)}  # a key this version of the script does not have is ignored
-    cfg = Config(**{**{k: v for k, v in meta["config"].items() if k in known}, **(overrides or {})})
+    cfg = Config(**{**{k: v for k, v in meta["config"].items() if k in known}, **(overrides or {}), "out_dir": out_dir})
     tok = Tokenizer(meta["vocab"])  # the token table saved with the weights
     model = VideoLLaMAMini(cfg, len(tok.ids))
     try:
