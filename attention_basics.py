@@ -737,8 +737,8 @@ def tour_patchify(cfg):
     patches = patchify(img, p)
     print(f"  image {tuple(img.shape)} (B, 3, S, S) -> patches {tuple(patches.shape)} (B, (S/p)^2, 3*p*p) with p={p}")
     check(torch.equal(unpatchify(patches, p), img), "patches -> image is exact (bit for bit)")
-    check(torch.equal(patches[0, 1], img[0, :, :p, p:2 * p].reshape(-1)), "patch 1 is the top row's second p x p "
-          "square, channels first")
+    check(torch.equal(patches[0, S // p - 1], img[0, :, :p, -p:].reshape(-1)), f"patch {S // p - 1} is the top "
+          "row's last p x p square (patches go row by row), channels first")
     vit = ViT(cfg)
     tokens = vit(img)
     print(f"  linear projection {tuple(vit.embed.weight.shape[::-1])} -> + CLS + positions -> ViT tokens "

@@ -3813,6 +3813,8 @@ def test_ab_tour_runs(capsys):
     assert "every check passed" in out and "tour check failed" not in out
     code, out, _ = _ab_main(capsys, "--section", "perceiver")
     assert code == 0 and "== perceiver" in out and "== clip" not in out
+    code, out, _ = _ab_main(capsys, "--section", "patchify", "--img_size", 16, "--patch", 16)  # a single patch
+    assert code == 0 and "patch 0 is the top row's last" in out
 
 
 def test_ab_train_tiny_runs(tmp_path, capsys):
