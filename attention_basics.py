@@ -788,7 +788,7 @@ def tour_video(cfg):
 def tour_perceiver(cfg):
     print("== perceiver: any number of frames -> a fixed set of latents ==")
     d, Q = cfg.d_model, cfg.n_latents
-    res = PerceiverResampler(d, cfg.n_head, Q, cfg.n_perceiver_layer, cfg.max_frames, sdpa=False)
+    res = PerceiverResampler(d, cfg.n_head, Q, cfg.n_perceiver_layer, max(cfg.max_frames, 24), sdpa=False)  # F up to 24
     P = (cfg.img_size // cfg.patch) ** 2 + 1
     outs = []
     for Fr in (1, 3, 8, 24):

@@ -3815,6 +3815,8 @@ def test_ab_tour_runs(capsys):
     assert code == 0 and "== perceiver" in out and "== clip" not in out
     code, out, _ = _ab_main(capsys, "--section", "patchify", "--img_size", 16, "--patch", 16)  # a single patch
     assert code == 0 and "patch 0 is the top row's last" in out
+    code, out, _ = _ab_main(capsys, "--section", "perceiver", "--max_frames", 4, "--n_frames", 1)  # shows 24 frames
+    assert code == 0 and "every check passed" in out
 
 
 def test_ab_train_tiny_runs(tmp_path, capsys):
