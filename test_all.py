@@ -1082,6 +1082,13 @@ def test_vc_image_loader_any_size(tmp_path):
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8 and out[8, 8, 0] > 200 and out[8, 8, 2] < 50  # RGB
     cv2.imwrite(str(tmp_path / "grey.png"), np.full((5, 7), 128, np.uint8))
     assert vc.load_image(str(tmp_path / "grey.png"), 16).shape == (16, 16, 3)
+    # a 1 x 60000 strip is shrunk before it is padded (padded first: a 60000 x 60000 square, 10.8 GB): a process
+    # limited to 4 GB of address space reads it
+    cv2.imwrite(str(tmp_path / "strip.png"), np.full((1, 60000, 3), 200, np.uint8))
+    code = (f"import resource; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)); import vit_caption as vc; "
+            f"print(vc.load_image({str(tmp_path / 'strip.png')!r}, 16)[8, 8].tolist())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == ["[200,", "200,", "200]"], proc.stderr[-2000:]
 
 
 @_vc_1t

@@ -218,16 +218,16 @@ def build_world(cfg):
     return files
 
 def load_image(path, size):
-    """Any image OpenCV reads, any size -> uint8 (size, size, 3) RGB. Letterboxed (edge pixels repeated) rather than
-    cropped or stretched: a crop could cut an object away and a stretch turns circles into ellipses."""
+    """Any image OpenCV reads, any size -> uint8 (size, size, 3) RGB: shrunk first (a 1 x 100000 strip stays small),
+    then letterboxed (edges repeated): a crop could cut an object away, a stretch turns circles into ellipses."""
     img = cv2.imread(path, cv2.IMREAD_COLOR) if os.path.isfile(path) else None  # BGR, 8-bit, 3 channels, or None
     if img is None or img.size == 0:
         raise UserError(f"{path}: " + ("OpenCV cannot decode this image (empty, corrupt or unknown format)"
                                        if os.path.isfile(path) else "image not found"))
-    (h, w), s = img.shape[:2], max(img.shape[:2])
-    top, left = (s - h) // 2, (s - w) // 2  # pad the short side equally on both ends
-    img = cv2.copyMakeBorder(img, top, s - h - top, left, s - w - left, cv2.BORDER_REPLICATE)  # (s, s, 3)
-    img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if s > size else cv2.INTER_LINEAR)
+    h, w = (max(1, round(n * size / max(img.shape[:2]))) for n in img.shape[:2])  # long side -> size, aspect kept
+    img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if max(img.shape[:2]) > size else cv2.INTER_LINEAR)
+    top, left = (size - h) // 2, (size - w) // 2  # pad the short side equally on both ends
+    img = cv2.copyMakeBorder(img, top, size - h - top, left, size - w - left, cv2.BORDER_REPLICATE)  # (size, size, 3)
     return np.ascontiguousarray(img[:, :, ::-1])  # BGR -> RGB
 
 def read_captions(path):
