@@ -758,6 +758,16 @@ def test_vm_damaged_config_json(_vm_trained, tmp_path, capsys):
     assert vm.load_checkpoint(str(tmp_path / "later"))[2].dtype == "bfloat16"
 
 
+def test_vm_bench_times_the_plain_decode_loop(monkeypatch, capsys):
+    """--bench times 20 decode steps per caption with and without the cache, whatever --beam says: a beam search would
+    use the cache either way and stop at its own time."""
+    seen, plain = [], vm.generate
+    monkeypatch.setattr(vm, "generate", lambda model, video, cfg, *a, **k: seen.append(cfg.beam) or plain(
+        model, video, cfg, *a, **k))
+    vm.main(["--bench", "--preset", "tiny", "--beam", "3"])
+    assert seen == [1] * 6 and "cache off" in capsys.readouterr().out
+
+
 def test_vm_eval_writes_into_the_folder_it_loaded(_vm_trained, tmp_path, monkeypatch, capsys):
     """A checkpoint copied to the default out_dir and evaluated there (no --out_dir typed) writes eval.json beside it,
     not into the folder its config.json was saved from."""

@@ -865,8 +865,7 @@ def beam_search(model, video, cfg, length_penalty=1.0):
     memory = model.encode(video).repeat_interleave(K, 0)  # (B*K, Q or F, D)
     cache = [{} for _ in model.decoder]  # self- and cross-attention keys/values per layer
     seq = torch.full((B * K, 1), BOS, dtype=torch.long, device=video.device)
-    score = torch.zeros(B, K, device=video.device)
-    score[:, 1:] = float("-inf")  # all beams start identical: keep one
+    score = torch.tensor([0.0] + [float("-inf")] * (K - 1), device=video.device).repeat(B, 1)  # (B, K): one alive
     finished = [[] for _ in range(B)]
     steps = min(cfg.max_new_tokens, cfg.max_len - 1)
     for t in range(steps):
@@ -971,11 +970,12 @@ def bench(cfg):
             opt.step(), opt.zero_grad()
             times.append(time.time() - t)
         print(f"train  ({label:8s}): {B / np.median(times[2:]):8.1f} samples/s  (batch {B}, median of 6 steps)")
+    fixed = dataclasses.replace(cfg, max_new_tokens=20, beam=1)  # what is timed: 20 steps of one beam each
     for use_cache in (True, False):  # generate() puts the model in eval mode
         t = time.time()
         for _ in range(3):  # a fixed 20 decode steps: an untrained model would otherwise stop at random places
             with autocast(cfg, device):
-                generate(model, video, dataclasses.replace(cfg, max_new_tokens=20), use_cache, stop_at_eos=False)
+                generate(model, video, fixed, use_cache, stop_at_eos=False)
         print(f"caption (cache {'on ' if use_cache else 'off'}): {3 * B / (time.time() - t):8.1f} captions/s "
               f"(batch {B}, 20 tokens each, {autocast_dtype(cfg.dtype, device)})")
 
