@@ -83,8 +83,7 @@ def writable(path, marker, ours):
     return not os.path.exists(path) or os.path.isdir(path) and (
         not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Config
+# Config ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class Config:
@@ -137,8 +136,7 @@ PRESETS = {
                  n_latents=8, clip_steps=4, steps=4, batch_size=8, warmup=2, log_interval=2),
 }
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Data: synthetic world (PNG images, mp4 clips), loaders, annotation files, tokenizer
+# Data: synthetic world (PNG images, mp4 clips), loaders, annotation files, tokenizer ----------------------------------
 
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
            "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
@@ -314,8 +312,7 @@ def to_pixels(x):
     """uint8 (..., S, S, 3) -> normalised float (..., 3, S, S)."""
     return (x.float().div(255).sub(MEAN).div(STD)).movedim(-1, -3)
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Model: attention written out -> blocks -> ViT / text encoder / CLIP -> Perceiver resampler -> Flamingo gated
+# Model: attention written out -> blocks -> ViT / text encoder / CLIP -> Perceiver resampler -> Flamingo gated ---------
 # cross-attention -> decoder -> the two captioners
 
 def attention(q, k, v, mask=None, causal=False):
@@ -646,8 +643,7 @@ def set_record(model, on):
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The tour: each section prints real shapes and checks its claims (an AssertionError here is a bug, not user error)
+# The tour: each section prints real shapes and checks its claims (an AssertionError here is a bug, not user error) ----
 
 def check(ok, claim):
     if not ok:
@@ -856,8 +852,7 @@ def tour(cfg):
         print()
     print(f"tour: {len(names)} section(s), every check passed, {time.time() - t0:.1f} s")
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoint I/O: out_dir/<name>/model.safetensors + config.json (the dataclass, the token table, the train time)
+# Checkpoint I/O: out_dir/<name>/model.safetensors + config.json (the dataclass, the token table, the train time) ------
 
 def atomic(path, write):
     write(path + ".tmp")
@@ -903,8 +898,7 @@ def load_model(cfg, name):
     model.load_state_dict(state)
     return model.to(pick_device(cfg.device)), tok, cfg, meta.get("train_seconds")
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Metrics
+# Metrics --------------------------------------------------------------------------------------------------------------
 
 def normalise(text):
     return " ".join(text.lower().strip().rstrip(".").split())
@@ -913,8 +907,7 @@ def exact_match(preds, refs):
     """Fraction of predictions equal to their reference after lower-casing and whitespace normalisation."""
     return sum(normalise(p) == normalise(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Train: CLIP first, then the two captioners from its image encoder, same budget
+# Train: CLIP first, then the two captioners from its image encoder, same budget ---------------------------------------
 
 def pick_device(name):
     """--device auto -> cuda if there is one, else mps (Apple GPUs), else cpu; any other name must be a device here."""
@@ -1046,8 +1039,7 @@ def train(cfg):
     print(f"train mode: {time.time() - t0:.0f} s wall in all")
     return res
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Generate and evaluate
+# Generate and evaluate ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def generate(model, frames, cfg, device):
@@ -1189,8 +1181,7 @@ def evaluate_saved(cfg):
     return evaluate({v: got[0] for v, got in loaded.items()}, clip_model, tok, cfg, pick_device(cfg.device),
                     prepare_data(cfg)[0], times)
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line
+# Command line ---------------------------------------------------------------------------------------------------------
 
 CHOICES = dict(section=("all", *SECTIONS), variant=("unified", "cross"), dtype=("float32", "bfloat16"))
 ZERO_OK = ("n_vit_layer", "n_text_layer", "warmup", "threads")  # counts where 0 means none / the default

@@ -81,8 +81,7 @@ def writable(path, marker, ours):
         return not os.listdir(path) or ours(json.load(open(os.path.join(path, marker))))
     return not os.path.exists(path)
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Config
+# Config ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Config:
     # data
@@ -167,8 +166,7 @@ PRESETS = {
                  lam=2.0, pos_weight=10.0, lr=5e-5, n_frames=16, crop=256, frame_head="linear"),
 }
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Data: the synthetic world (real mp4 files), the video loader, the annotation file, tokenizers
+# Data: the synthetic world (real mp4 files), the video loader, the annotation file, tokenizers ------------------------
 COLOURS = {"red": (40, 40, 230), "green": (60, 200, 60), "blue": (230, 90, 40), "yellow": (40, 220, 230),
            "purple": (200, 60, 170)}  # BGR, as OpenCV draws
 SHAPES = ["circle", "square", "triangle"]  # drawn filled, RADIUS pixels from the centre
@@ -414,8 +412,7 @@ class QwenTokenizer:
     def target(self, answer):
         return self.encode(answer) + [self.eos]
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Model: V-JEPA 2 encoder, Qwen3 LLM, bridge
+# Model: V-JEPA 2 encoder, Qwen3 LLM, bridge ---------------------------------------------------------------------------
 class VJEPA2Attention(nn.Module):
     """Non-causal self-attention with separate query/key/value/proj and V-JEPA 2's 3D RoPE (as transformers' VJEPA2)."""
     def __init__(self, d, n_head, grid, qkv_bias=True):
@@ -760,8 +757,7 @@ class Mark1(nn.Module):
         self.parts = (ce.item(), bce.item())  # for the log line
         return logits, ce + self.cfg.lam * bce.to(ce.device), frame_logits
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoint I/O: own format (out_dir/model.safetensors + config.json + train_state.pt) and the HF loaders
+# Checkpoint I/O: own format (out_dir/model.safetensors + config.json + train_state.pt) and the HF loaders -------------
 def atomic(path, write):
     write(path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
@@ -921,8 +917,7 @@ def load_checkpoint(out_dir, overrides=None, mode="--eval"):
         print("config:", json.dumps(dataclasses.asdict(cfg)))
     return model, tok, cfg
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Metrics (plain Python, tested on hand-computed cases)
+# Metrics (plain Python, tested on hand-computed cases) ----------------------------------------------------------------
 ANSWER_RE = re.compile(r"^\s*([A-Z])\.(\s|$)")
 def extract_option(text):  # strict: the answer must begin with an option letter and a full stop ("C. it stops")
     return m.group(1) if (m := ANSWER_RE.match(text)) else None
@@ -960,8 +955,7 @@ def grounding_metrics(pred_segs, gold_segs):  # -> R@1 at IoU 0.3/0.5/0.7 and me
     n = max(1, len(ious))
     return {**{f"r1_iou{t}": sum(i >= t for i in ious) / n for t in (0.3, 0.5, 0.7)}, "miou": sum(ious) / n}
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Training
+# Training -------------------------------------------------------------------------------------------------------------
 def pick_device(name):  # "auto" -> cuda, else mps, else cpu; any other name as given
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     return name if name != "auto" else "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
@@ -1193,8 +1187,7 @@ def train(cfg, resume=False, overrides=None):
         dist.destroy_process_group()
     return model, tok
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Generation, evaluation, prediction, bench
+# Generation, evaluation, prediction, bench ----------------------------------------------------------------------------
 def filter_logits(logits, top_k, top_p):
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[..., -1:]
@@ -1327,8 +1320,7 @@ def bench(cfg):
     print(f"feature cache speedup (epoch 1 / epoch 2): {times[0] / times[1]:.1f}x")
     return times
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line
+# Command line ---------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Mark 1: video MCQ answering with temporal localisation.")
     for mode, what in (("train", "build data (if needed), train, evaluate"), ("resume", "with --train: continue from "

@@ -69,8 +69,7 @@ def read_json(path):
     with contextlib.suppress(OSError, ValueError):  # ValueError: not JSON, or not UTF-8
         return obj if isinstance(obj := json.load(open(path, encoding="utf-8")), dict) else None
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Config
+# Config ---------------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Config:
@@ -131,8 +130,7 @@ PRESETS = {"default": {},  # default: the CPU run; tiny: seconds, for the tests
                  batch_size=8, max_steps=6, warmup=2, log_interval=2, eval_interval=4, dtype="float32"),
 }
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Data: synthetic world, video loader, annotation files, tokenizer
+# Data: synthetic world, video loader, annotation files, tokenizer -----------------------------------------------------
 
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
            "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
@@ -295,8 +293,7 @@ class Tokenizer:
 def normalise(text):
     return " ".join(text.lower().strip().rstrip(".").split())
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Model
+# Model ----------------------------------------------------------------------------------------------------------------
 
 def to_unit(video):
     """uint8 frames (B, F, S, S, 3) -> float (B, F, 3, S, S) in [-1, 1], channels first as Conv2d wants them."""
@@ -490,8 +487,7 @@ class VideoLLaMAMini(nn.Module):
             if isinstance(m, Attention):
                 m.record, m.weights = on, None
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoint I/O: out_dir/model.safetensors + config.json (+ the token table) + train_state.pt
+# Checkpoint I/O: out_dir/model.safetensors + config.json (+ the token table) + train_state.pt -------------------------
 
 def atomic(path, write):
     write(path + ".tmp")  # the same folder, so os.replace is atomic
@@ -533,8 +529,7 @@ def load_checkpoint(out_dir, overrides=None):
     model.load_state_dict(state)  # strict: every key checked above
     return model, tok, cfg
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Metrics: exact match, corpus BLEU-4, CIDEr-D (plain Python, tested on hand-computed cases)
+# Metrics: exact match, corpus BLEU-4, CIDEr-D (plain Python, tested on hand-computed cases) ---------------------------
 
 def ngrams(words, n):  # {n-gram tuple: count} of a word list.
     return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
@@ -588,8 +583,7 @@ def cider_d(preds, refs, sigma=6.0):
         scores.append(total / 4 / len(rws) * 10.0)  # mean over n and refs, x10
     return sum(scores) / max(1, len(scores))
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Training
+# Training -------------------------------------------------------------------------------------------------------------
 
 def pick_device(name):
     """--device auto: cuda > mps > cpu; a named device (cpu, mps, cuda, cuda:N) must exist on this machine."""
@@ -810,8 +804,7 @@ def evaluate_loss(model, tok, entries, clips, cfg, device):
         _, loss = model(clips.to(device), inp.to(device), tgt.to(device))
     return loss.item()  # the mean token loss
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Generation and evaluation
+# Generation and evaluation --------------------------------------------------------------------------------------------
 
 def filter_logits(logits, top_k, top_p):
     """Keep the top_k largest and the smallest set whose probability reaches top_p; the rest -> -inf."""
@@ -979,8 +972,7 @@ def bench(cfg):
         print(f"caption (cache {'on ' if use_cache else 'off'}): {3 * B / (time.time() - t):8.1f} captions/s "
               f"(batch {B}, 20 tokens each, {autocast_dtype(cfg.dtype, device)})")
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line
+# Command line ---------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="VideoLLaMA-Mini: train, evaluate and caption videos on a CPU.")

@@ -67,8 +67,7 @@ def writable(path, marker, ours):
     return not os.path.exists(path) or os.path.isdir(path) and (
         not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Config
+# Config ---------------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Config:
@@ -133,8 +132,7 @@ PRESETS = {
                      eval_interval=1000, dtype="float32"),
 }
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Data: synthetic world, image loader, captions files, tokenizer
+# Data: synthetic world, image loader, captions files, tokenizer -------------------------------------------------------
 
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
            "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
@@ -276,8 +274,7 @@ class Tokenizer:
 def normalise(text):
     return " ".join(text.lower().strip().rstrip(".").split())
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Model: primitives -> one Block for both towers -> ViT -> captioner
+# Model: primitives -> one Block for both towers -> ViT -> captioner ---------------------------------------------------
 
 class RMSNorm(nn.Module):
     """LLaMA's norm (Zhang & Sennrich 2019): x / rms(x) * weight. No mean subtraction and no bias: cheaper than
@@ -496,8 +493,7 @@ class ViTCaptioner(nn.Module):
             if isinstance(m, Attention):
                 m.weights = [] if on else None
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoint I/O: out_dir/model.safetensors + config.json (+ the token table) + train_state.pt
+# Checkpoint I/O: out_dir/model.safetensors + config.json (+ the token table) + train_state.pt -------------------------
 
 def atomic(path, write):
     write(path + ".tmp")
@@ -555,8 +551,7 @@ def resume_run(cfg, typed=None):
     except Exception as e:  # a truncated or foreign file: zip, pickle or torch errors
         raise UserError(f"{path}: cannot read it ({type(e).__name__}; damaged?); train again without --resume")
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Metrics: exact match, corpus BLEU-4, CIDEr-D (plain Python, tested on hand-computed cases)
+# Metrics: exact match, corpus BLEU-4, CIDEr-D (plain Python, tested on hand-computed cases) ---------------------------
 
 def ngrams(words, n):
     """-> {n-gram tuple: count} of a word list."""
@@ -608,8 +603,7 @@ def cider_d(preds, refs, sigma=6.0):
         scores.append(total / 4 / len(rws) * 10.0)
     return sum(scores) / max(1, len(scores))
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Training
+# Training -------------------------------------------------------------------------------------------------------------
 
 def pick_device(name):
     """--device auto: cuda > mps > cpu; any other name must be one of the devices this machine has."""
@@ -787,8 +781,7 @@ def train(cfg, resume=False, typed=None):
         evaluate(raw, tok, cfg, device, data, time.time() - t0)
     return raw, tok
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Generation and evaluation
+# Generation and evaluation --------------------------------------------------------------------------------------------
 
 def filter_logits(logits, top_k, top_p):
     """Keep the top_k largest and the smallest set whose probability reaches top_p; the rest -> -inf."""
@@ -973,8 +966,7 @@ def bench(cfg):
         print(f"caption (cache {'on ' if use_cache else 'off'}): {3 * B / (time.time() - t):8.1f} captions/s "
               f"(batch {B}, 16 tokens each, {cfg.dtype})")
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line
+# Command line ---------------------------------------------------------------------------------------------------------
 
 CHOICES = dict(pool=("cls", "mean", "patches"), dtype=("float32", "bfloat16", "float16"), patch_init=("pca", "random"))
 ZERO_OK = ("max_train", "eval_max", "vit_layers", "warmup", "stop_after", "top_k")  # counts where 0 means none / off
