@@ -4198,3 +4198,18 @@ def test_float16_resume_keeps_the_loss_scale(mod, tmp_path, capsys):
     assert state(full)["scaler"] == state(cut)["scaler"] and state(full)["scaler"]["_growth_tracker"] > 0
     a, b = load_file(os.path.join(full, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("mod", [vm, vc], ids=["vm", "vc"])
+def test_captioners_refuse_decoding_flags_the_search_ignores(mod, tmp_path, capsys):
+    """--beam above 1 with sampling flags, or --top_k / --top_p without a temperature, would decode otherwise than
+    asked: one line, exit 2, for typed flags and for a beam width saved in the checkpoint's config."""
+    where = ["--data_dir", tmp_path / "d", "--out_dir", tmp_path / "out"]
+    for flags, needle in ((["--beam", 3, "--temperature", 0.8], "--beam 3 is a deterministic search"),
+                          (["--top_k", 5], "--top_k and --top_p filter"), (["--top_p", 0.9], "--temperature above 0")):
+        main_user_error(mod.main, capsys, ["--train", "--preset", "tiny", *flags, *where], needle)
+    assert not (tmp_path / "d").exists()  # refused before any data
+    mod.main(list(map(str, ["--train", "--preset", "tiny", "--max_steps", 1, "--beam", 2, *where])))
+    media = sorted((tmp_path / "d" / "test").iterdir())[0]
+    main_user_error(mod.main, capsys, ["--generate", "--video" if mod is vm else "--image", media, "--temperature", 0.5,
+                                       "--out_dir", tmp_path / "out"], "--beam 2 is a deterministic search")

@@ -974,6 +974,12 @@ def bench(cfg):
 
 # Command line ---------------------------------------------------------------------------------------------------------
 
+def check_decoding(cfg):  # a decoding flag (typed, or saved with a checkpoint) the search would ignore: refused
+    if cfg.beam > 1 and (cfg.temperature > 0 or cfg.top_k > 0 or cfg.top_p < 1):
+        raise UserError(f"--beam {cfg.beam} is a deterministic search: --temperature, --top_k, --top_p need --beam 1")
+    if cfg.temperature == 0 and (cfg.top_k > 0 or cfg.top_p < 1):
+        raise UserError("--top_k and --top_p filter what is sampled: give a --temperature above 0 as well")
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="VideoLLaMA-Mini: train, evaluate and caption videos on a CPU.")
     p.add_argument("--train", action="store_true", help="build data (if needed), train, evaluate")
@@ -1010,6 +1016,7 @@ def parse_args(argv=None):
         (args.generate and not args.video, "--generate needs --video PATH (a video file or a frames folder)")] if bad]
     if errors:
         raise UserError(errors[0])
+    check_decoding(cfg)
     return args, cfg, overrides
 
 def main(argv=None):
@@ -1025,6 +1032,7 @@ def run(args, cfg, overrides):  # dispatch --train / --bench / --eval / --genera
         return train(cfg, overrides, resume=args.resume)
     if (args.eval or args.generate) and not args.bench:  # the saved config, typed flags on top (ARCH flags excepted)
         model, tok, cfg = load_checkpoint(cfg.out_dir, {k: v for k, v in overrides.items() if k not in ARCH})
+        check_decoding(cfg)
     print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
     if args.bench:
         return bench(cfg)

@@ -972,6 +972,12 @@ CHOICES = dict(pool=("cls", "mean", "patches"), dtype=("float32", "bfloat16", "f
 ZERO_OK = ("max_train", "eval_max", "vit_layers", "warmup", "stop_after", "top_k")  # counts where 0 means none / off
 RATES = ("lr", "grad_clip", "rope_theta", "patch_scale")  # above 0; every other number is at least 0
 
+def check_decoding(cfg):  # a decoding flag (typed, or saved with a checkpoint) the search would ignore: refused
+    if cfg.beam > 1 and (cfg.temperature > 0 or cfg.top_k > 0 or cfg.top_p < 1):
+        raise UserError(f"--beam {cfg.beam} is a deterministic search: --temperature, --top_k, --top_p need --beam 1")
+    if cfg.temperature == 0 and (cfg.top_k > 0 or cfg.top_p < 1):
+        raise UserError("--top_k and --top_p filter what is sampled: give a --temperature above 0 as well")
+
 def parse_args(argv=None):
     """Command line -> (args, cfg, overrides): the preset, then the flags given. No files, data or model touched."""
     p = argparse.ArgumentParser(description="vit_caption: train, evaluate and caption images on a CPU.")
@@ -1009,6 +1015,7 @@ def parse_args(argv=None):
         (args.generate and not args.image, "--generate needs --image PATH")) if wrong]
     if bad:
         raise UserError(bad[0])
+    check_decoding(cfg)
     return args, cfg, overrides
 
 def main(argv=None):
@@ -1019,6 +1026,7 @@ def main(argv=None):
             return train(cfg, args.resume, overrides)
         if (args.eval or args.generate) and not args.bench:
             model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)  # the architecture comes from the checkpoint
+            check_decoding(cfg)
         print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
         if args.bench:
             return bench(cfg)
