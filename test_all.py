@@ -4211,5 +4211,9 @@ def test_captioners_refuse_decoding_flags_the_search_ignores(mod, tmp_path, caps
     assert not (tmp_path / "d").exists()  # refused before any data
     mod.main(list(map(str, ["--train", "--preset", "tiny", "--max_steps", 1, "--beam", 2, *where])))
     media = sorted((tmp_path / "d" / "test").iterdir())[0]
-    main_user_error(mod.main, capsys, ["--generate", "--video" if mod is vm else "--image", media, "--temperature", 0.5,
-                                       "--out_dir", tmp_path / "out"], "--beam 2 is a deterministic search")
+    generate = ["--generate", "--video" if mod is vm else "--image", media, "--out_dir", tmp_path / "out"]
+    main_user_error(mod.main, capsys, generate + ["--temperature", 0.5], "--beam 2 is a deterministic search")
+    meta = json.load(open(tmp_path / "out" / "config.json"))
+    meta["config"].update(beam=1, temperature=0.7)  # a run trained to sample: --top_k alone now applies to it
+    json.dump(meta, open(tmp_path / "out" / "config.json", "w"))
+    mod.main(list(map(str, generate + ["--top_k", 3])))

@@ -527,6 +527,7 @@ def load_checkpoint(out_dir, overrides=None):
     if any(bad.values()):  # never a silent partial load
         raise UserError(f"{wpath}: keys do not match the model {bad}")
     model.load_state_dict(state)  # strict: every key checked above
+    check_decoding(cfg)  # the decoding flags that will run: the saved ones, typed ones on top
     return model, tok, cfg
 
 # Metrics: exact match, corpus BLEU-4, CIDEr-D (plain Python, tested on hand-computed cases) ---------------------------
@@ -722,6 +723,7 @@ def build_or_resume(cfg, resumed, train_entries, train_clips, device):
 def train(cfg, typed=None, resume=False):
     """Build (or resume), train for max_steps with gradient accumulation and DDP, save, evaluate."""
     cfg, resumed = start_config(cfg, typed, resume)  # refused before data is touched
+    check_decoding(cfg)
     ddp, rank, world, device = setup_distributed(cfg)
     say = print if (master := rank == 0) else (lambda *a, **k: None)  # rank 0 alone prints, evaluates and saves
     say("config:", json.dumps(dataclasses.asdict(cfg)))  # on --resume: the saved config, the typed flags on top
@@ -1016,7 +1018,6 @@ def parse_args(argv=None):
         (args.generate and not args.video, "--generate needs --video PATH (a video file or a frames folder)")] if bad]
     if errors:
         raise UserError(errors[0])
-    check_decoding(cfg)
     return args, cfg, overrides
 
 def main(argv=None):
@@ -1032,7 +1033,6 @@ def run(args, cfg, overrides):  # dispatch --train / --bench / --eval / --genera
         return train(cfg, overrides, resume=args.resume)
     if (args.eval or args.generate) and not args.bench:  # the saved config, typed flags on top (ARCH flags excepted)
         model, tok, cfg = load_checkpoint(cfg.out_dir, {k: v for k, v in overrides.items() if k not in ARCH})
-        check_decoding(cfg)
     print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
     if args.bench:
         return bench(cfg)

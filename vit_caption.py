@@ -534,6 +534,7 @@ def load_checkpoint(out_dir, overrides=None):
     if missing or extra or shapes:
         raise UserError(f"{wpath}: bad keys (missing {missing[:5]}, unexpected {extra[:5]}, mis-shaped {shapes[:5]})")
     model.load_state_dict(state)
+    check_decoding(cfg)  # the decoding flags that will run: the saved ones, typed ones on top
     return model, tok, cfg
 
 def resume_run(cfg, typed=None):
@@ -728,6 +729,7 @@ def train_step(model, opt, scaler, batch, cfg, device, rank, world):
 def train(cfg, resume=False, typed=None):
     """Train (every rank), evaluate and save (rank 0); resume: go on with out_dir's run (resume_run). -> model, tok"""
     cfg, resumed = resume_run(cfg, typed) if resume else (cfg, None)  # before any data: a refusal costs nothing
+    check_decoding(cfg)
     rank, world, device = setup_distributed(cfg)
     say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
     say("config:", json.dumps(dataclasses.asdict(cfg)))
@@ -1015,7 +1017,6 @@ def parse_args(argv=None):
         (args.generate and not args.image, "--generate needs --image PATH")) if wrong]
     if bad:
         raise UserError(bad[0])
-    check_decoding(cfg)
     return args, cfg, overrides
 
 def main(argv=None):
@@ -1026,7 +1027,6 @@ def main(argv=None):
             return train(cfg, args.resume, overrides)
         if (args.eval or args.generate) and not args.bench:
             model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)  # the architecture comes from the checkpoint
-            check_decoding(cfg)
         print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
         if args.bench:
             return bench(cfg)
