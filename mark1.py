@@ -67,13 +67,16 @@ SCRIPT = "mark1"
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
-def read_json(path, fix):  # json.load where a missing or damaged file is one UserError line that says how to fix it
-    try:  # utf-8-sig: a byte-order mark some editors write is skipped
-        return json.load(open(path, encoding="utf-8-sig"))
+def read_json(path, fix, kind=dict):  # json.load where a missing or damaged file, or JSON that is not a non-empty
+    try:  # `kind` (dict or list), is one UserError line that says how to fix it; utf-8-sig skips a byte-order mark
+        obj = json.load(open(path, encoding="utf-8-sig"))
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror}); {fix}")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e}); {fix}")
+    if isinstance(obj, kind) and obj:
+        return obj
+    raise UserError(f"{path}: not a non-empty JSON {'object' if kind is dict else 'list'}; {fix}")
 
 def writable(path, marker, ours):
     """May this script write into path? Missing, empty, or its own: `marker`'s JSON passes ours() (a file: no)."""
@@ -153,8 +156,7 @@ class Config:
     max_new_tokens: int = 16
     threshold: float = 0.5  # a frame is "support" when sigmoid(saliency) exceeds this
 
-PRESETS = {
-    "default": {},
+PRESETS = {"default": {},
     "tiny": dict(n_train=48, n_val=8, n_test=12, n_novel=12, n_frames=8, v_width=32, v_layers=1, v_heads=2,
                  l_width=32, l_layers=1, l_heads=2, l_kv_heads=1, l_head_dim=16, l_inter=64, n_visual_query=4,
                  n_temporal_query=2, bridge_heads=2, bert_heads=2, bert_inter=64, batch_size=8, max_steps=6,
@@ -310,9 +312,7 @@ def normalize(clips):
 
 def read_annotations(path, base=None):
     """User JSON: a list of {video, question, choices, answer, support_times}; validated, errors name the entry."""
-    items = read_json(path, "pass an annotation file in the README's format")
-    if not isinstance(items, list) or not items:
-        raise UserError(f"{path}: expected a non-empty JSON list of entries")
+    items = read_json(path, "pass an annotation file in the README's format (a JSON list of entries)", list)
     out, base = [], base or os.path.dirname(os.path.abspath(path))  # video paths are relative to the file
     for i, it in enumerate(items):
         where, keys = f"{path} entry {i}", ("video", "question", "answer")
@@ -630,8 +630,7 @@ class Bridge(nn.Module):
         # per-query output scale and shift (identity at first; set from data by Mark1.init_from_data)
         self.q_scale, self.q_shift = nn.Parameter(torch.ones(N + M, d)), nn.Parameter(torch.zeros(N + M, d))
     def forward(self, feats, q_emb, q_valid):
-        """feats (B, P, Dv); q_emb (B, Lq, D) question embeddings from the LLM table; q_valid (B, Lq).
-        -> prefix (B, N, D), frame logits (B, F)."""
+        """feats (B, P, Dv), question q_emb (B, Lq, D), q_valid (B, Lq) -> prefix (B, N, D), frame logits (B, F)."""
         v = self.video_tokens(feats)  # (B, P, D)
         x = self.read(v, q_emb, q_valid) * self.q_scale + self.q_shift  # (B, N+M, D)
         prefix, t = x[:, :self.N], x[:, self.N:]  # (B, N, D), (B, M, D)
@@ -766,12 +765,14 @@ def read_hf_dir(path, want):
     """-> (config dict, {tensor key: file}) of an HF folder (one file or sharded); reads the headers only."""
     fix = "pass a complete Hugging Face checkpoint folder (download it again if damaged)"
     conf = read_json(os.path.join(path, "config.json"), fix)
-    if not isinstance(conf, dict) or conf.get("model_type") != want:
-        raise UserError(f"{path}: checkpoint is model_type {dict(conf).get('model_type')!r}, expected {want!r}")
-    idx = os.path.join(path, "model.safetensors.index.json")
-    files = sorted(set(read_json(idx, fix)["weight_map"].values())) if os.path.isfile(idx) else ["model.safetensors"]
+    if conf.get("model_type") != want:
+        raise UserError(f"{path}: checkpoint is model_type {conf.get('model_type')!r}, expected {want!r}")
+    idx = os.path.join(path, "model.safetensors.index.json")  # shards: {"weight_map": {tensor key: file name}}
+    wm = read_json(idx, fix).get("weight_map") if os.path.isfile(idx) else {"": "model.safetensors"}
+    if not isinstance(wm, dict):
+        raise UserError(f"{idx}: no weight_map (tensor key -> shard file); {fix}")
     keys = {}
-    for f in files:
+    for f in sorted(set(map(str, wm.values()))):
         try:
             with safe_open(os.path.join(path, f), "pt") as h:
                 keys.update(dict.fromkeys(h.keys(), f))
@@ -895,9 +896,8 @@ def load_checkpoint(out_dir, overrides=None, mode="--eval"):
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
         raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
     meta = read_json(cpath, "the checkpoint is damaged, retrain or restore it")
-    if not isinstance(meta, dict) or meta.get("script") != SCRIPT or not isinstance(meta.get("config"), dict):
-        who = meta.get("script") if isinstance(meta, dict) else None
-        raise UserError(f"{out_dir}: not a checkpoint of {SCRIPT}.py (its config.json names script {who!r})")
+    if meta.get("script") != SCRIPT or not isinstance(meta.get("config"), dict):
+        raise UserError(f"{out_dir}: not a checkpoint of {SCRIPT}.py (config.json: script {meta.get('script')!r})")
     saved = {f.name: meta["config"][f.name] for f in dataclasses.fields(Config) if f.name in meta["config"]}
     for k, v in (overrides or {}).items():
         if k not in (RUN_KEYS if mode == "--resume" else READ_KEYS) and saved.get(k) != v:

@@ -3409,7 +3409,7 @@ def test_mk_user_files_never_overwritten_and_more_bad_inputs(mk_trained, mk_hf, 
     _mk_user_error(["--train", "--resume", "--out_dir", run, "--data_dir", d / "data"], "train_state.pt",
                    "not a readable training state")
     (run / "config.json").write_text("[1, 2]")  # valid JSON, not a checkpoint's config
-    _mk_user_error(["--eval", "--out_dir", run], "not a checkpoint of mark1.py")
+    _mk_user_error(["--eval", "--out_dir", run], "config.json: not a non-empty JSON object")
     video = str(d / "data" / "test" / "00000.mp4")
     entry = dict(video=video, question="q?", choices=["A. x", "B. y"], answer="A. x")
     for bad, needle in (({"support_times": [True]}, "support_times"), ({"video": ""}, "strings"),
@@ -3618,6 +3618,24 @@ def test_mk_qwen3_sharded_checkpoint(mk_hf, tmp_path):
     with torch.no_grad():
         assert (lm(lm.model.embed_tokens(ids)) - mk_hf["qwen3"](ids).logits).abs().max() < 1e-4
 
+
+def test_mk_json_files_of_the_wrong_shape_are_one_line(mk_hf, tmp_path):
+    """A config.json, shard index or tokenizer.json holding valid JSON of the wrong shape (a list, no weight_map) and
+    an annotation file that is an object: each one UserError line naming the file (a run's config.json: above)."""
+    root = mk_hf["root"]
+    for name, src, text, load in [("config.json", "vjepa2", "[1, 2]", mk.load_vjepa2),
+                                  ("config.json", "qwen3", '[["model_type", "qwen3"]]', mk.load_qwen3),
+                                  ("model.safetensors.index.json", "qwen3", "[1]", mk.load_qwen3),
+                                  ("model.safetensors.index.json", "qwen3", '{"metadata": {}}', mk.load_qwen3),
+                                  ("tokenizer.json", "qwen3", "[]", lambda d: mk.QwenTokenizer(f"{d}/tokenizer.json"))]:
+        bad = tmp_path / f"{src}_{name}_{len(text)}"
+        shutil.copytree(root / src, bad)
+        (bad / name).write_text(text)
+        with pytest.raises(mk.UserError, match=f"{name}: (not a non-empty JSON object|no weight_map)"):
+            load(str(bad))
+    (tmp_path / "obj.json").write_text('{"video": "a.mp4"}')
+    _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "obj.json", "--out_dir", tmp_path / "o"],
+                   "obj.json: not a non-empty JSON list")
 
 def test_mk_autocast_auto(mk_trained, tmp_path, monkeypatch):
     check_auto_run_and_saved_dtype(mk, mk_trained[0] / "data", tmp_path / "auto")
