@@ -165,8 +165,7 @@ PRESETS = {"default": {},
     "bench": dict(v_width=384, v_layers=12, v_heads=6, v_patch=16, crop=64, n_train=256, data_dir="data/mark1/bench"),
     # the Mark-1 project's bridge sizes (video width 1408 and LLM width 1024 come from the checkpoints)
     "original": dict(n_visual_query=32, n_temporal_query=5, bridge_heads=8, bert_heads=16, bert_inter=4096,
-                 lam=2.0, pos_weight=10.0, lr=5e-5, n_frames=16, crop=256, frame_head="linear"),
-}
+                 lam=2.0, pos_weight=10.0, lr=5e-5, n_frames=16, crop=256, frame_head="linear")}
 
 # Data: the synthetic world (real mp4 files), the video loader, the annotation file, tokenizers ------------------------
 COLOURS = {"red": (40, 40, 230), "green": (60, 200, 60), "blue": (230, 90, 40), "yellow": (40, 220, 230),
@@ -1344,9 +1343,10 @@ def parse_args(argv=None):
     problems += [f"--{k} {getattr(cfg, k)}: must be at least 1" for k in ("batch_size", "grad_accum", "max_steps",
                  "n_frames", "crop", "max_new_tokens", "log_interval", "eval_interval", "n_temporal_query", "v_heads",
                  "l_heads", "l_kv_heads", "bridge_heads", "bert_heads") if getattr(cfg, k) < 1]
-    problems += [f"--{k} {getattr(cfg, k)}: must be above 0" for k in ("lr", "grad_clip") if not 0 < getattr(cfg, k) <
-                 math.inf] + [f"--{k} {getattr(cfg, k)}: must be 0 or more" for k in ("min_lr", "weight_decay",
-                 "warmup_frac", "lam", "pos_weight", "stop_after", "data_init") if not getattr(cfg, k) >= 0]  # NaN too
+    problems += [f"--{k} {getattr(cfg, k)}: must be above 0" for k in ("lr", "grad_clip", "top_p") if not 0 <
+                 getattr(cfg, k) < math.inf] + [f"--{k} {getattr(cfg, k)}: must be 0 or more" for k in ("min_lr",
+                 "weight_decay", "warmup_frac", "lam", "pos_weight", "stop_after", "data_init", "temperature", "top_k",
+                 "threshold") if not getattr(cfg, k) >= 0]  # NaN too
     problems += [f"--{h} {getattr(cfg, h)}: must divide --{w} {getattr(cfg, w)} (heads split a width)" for h, w in
                  (("v_heads", "v_width"), ("l_kv_heads", "l_heads"), ("bridge_heads", "l_width"), ("bert_heads",
                  "l_width")) if getattr(cfg, w) % max(1, getattr(cfg, h)) and not (cfg.llm_ckpt and w == "l_width")]

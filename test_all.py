@@ -3442,6 +3442,15 @@ def test_mk_bad_numbers_and_head_counts_are_one_line(tmp_path):
     assert not o.exists()
 
 
+def test_mk_bad_sampling_flags_are_one_line(tmp_path):
+    """--predict / --eval decoding flags out of range (a negative --top_p made every token impossible and sampling
+    crashed; a negative or NaN temperature or a NaN threshold ran silently) are refused by name before loading."""
+    for flag, value, needle in (("--top_p", "-0.5", "above 0"), ("--top_p", "0", "above 0"), ("--top_k", "-1",
+                                "0 or more"), ("--temperature", "-1", "0 or more"), ("--temperature", "nan",
+                                "0 or more"), ("--threshold", "nan", "0 or more")):
+        _mk_user_error(["--predict", "--out_dir", tmp_path / "none", "--video", "v.mp4", "--question", "q?",
+                        "--choices", "A. x|B. y", "--temperature", "0.7", flag, value], flag, needle)
+
 def test_mk_clip_shorter_than_a_tubelet(tmp_path):
     """F < tubelet: the encoder repeats the clip tubelet times (as transformers does), so F tubelets reach the bridge."""
     for n_frames, tubelet in ((1, 2), (2, 3), (3, 4)):
