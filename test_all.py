@@ -2559,6 +2559,16 @@ def test_vl_user_mistakes_are_one_line(vl_ckpt, vl_tiny_run, tmp_path, monkeypat
     assert seen == ["bfloat16"]
 
 
+def test_vl_two_modes_in_one_call_are_refused(tmp_path):
+    """--eval --generate ran the evaluation and dropped the question without a word (likewise --train --bench,
+    --generate --inspect): two modes are refused; --train --eval stays one run (training ends with the evaluation)."""
+    o = str(tmp_path / "o")
+    for argv in (["--eval", "--generate", "--prompt", "hi"], ["--train", "--bench"], ["--train", "--generate"],
+                 ["--generate", "--prompt", "hi", "--inspect", o], ["--eval", "--bench"]):
+        with pytest.raises(vl.UserError, match="one mode per call"):
+            vl.parse_args([*argv, "--out_dir", o])
+    assert vl.parse_args(["--train", "--eval", "--out_dir", o])[0].train
+
 def test_vl_loader_bad_checkpoints_and_legacy_buffers(vl_ckpt, tmp_path):
     """A corrupt safetensors file, a shard the index names but the folder lacks, a corrupt config.json and a
     projector other than gelu are each one clear line (exit 2); RoPE inv_freq and position_ids buffers that older

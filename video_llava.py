@@ -1550,6 +1550,8 @@ def parse_args(argv=None):
          f"--out_dir {cfg.out_dir}: a file, or a folder holding files this script did not write (no config.json of a "
          f"{SCRIPT}.py run); give a new or empty folder"),
         (args.resume and not args.train, "--resume continues a training run: use it with --train"),
+        (sum(map(bool, (args.train or args.eval, args.generate, args.inspect, args.bench))) > 1, "one mode per call: "
+         "--train (which also evaluates), --eval, --generate, --inspect DIR or --bench"),
         (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it with --generate "
          "(--bench runs both)")) if bad]
     if problems:
