@@ -766,6 +766,11 @@ def read_hf_dir(path, want):
     conf = read_json(os.path.join(path, "config.json"), fix)
     if conf.get("model_type") != want:
         raise UserError(f"{path}: checkpoint is model_type {conf.get('model_type')!r}, expected {want!r}")
+    sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "intermediate_size", "vocab_size",
+             "patch_size", "tubelet_size", "crop_size", "mlp_ratio", "layer_norm_eps", "rms_norm_eps")  # null: refused
+    sizes += tuple(k for k in ("num_key_value_heads", "rope_theta") if conf.get(k) is not None)  # null: a default
+    if bad := [k for k in sizes if k in conf and not (type(conf[k]) in (int, float) and conf[k] > 0)]:
+        raise UserError(f"{path}: config.json sets {bad[0]} to {conf[bad[0]]!r}, not a positive number; {fix}")
     idx = os.path.join(path, "model.safetensors.index.json")  # shards: {"weight_map": {tensor key: file name}}
     wm = read_json(idx, fix).get("weight_map") if os.path.isfile(idx) else {"": "model.safetensors"}
     if not isinstance(wm, dict):
@@ -838,7 +843,7 @@ def load_qwen3(path, dtype=None, device="cpu"):
     nh = conf.get("num_attention_heads", 32)
     with torch.device("meta"):
         lm = Qwen3LM(conf.get("vocab_size", 151936), conf.get("hidden_size", 4096), conf.get("num_hidden_layers", 32),
-                     nh, conf.get("num_key_value_heads", nh), conf.get("head_dim", 128),
+                     nh, conf.get("num_key_value_heads") or nh, conf.get("head_dim", 128),  # null: nh, as HF
                      conf.get("intermediate_size", 22016), theta, conf.get("rms_norm_eps", 1e-6), tie)
     return assign_strict(lm, path, keys, lambda k: k, dtype, device)
 
@@ -1353,6 +1358,9 @@ def parse_args(argv=None):
     if args.train and not args.resume and not writable(cfg.out_dir, "config.json", lambda m: m["script"] == SCRIPT):
         problems.append(f"--out_dir {cfg.out_dir}: a file, or a folder holding files this script did not write (a "
                         f"checkpoint folder, your own files); give a new or empty folder")
+    modes = sum(map(bool, (args.train or args.eval, args.predict, args.bench)))  # --train ends with an evaluation
+    problems += ["one mode per call: --train, --eval, --predict or --bench"] * (modes > 1)
+    problems += ["--resume continues a training run: use it with --train"] * (args.resume and not args.train)
     if problems:
         raise UserError(problems[0])
     return args, cfg, overrides

@@ -2568,6 +2568,34 @@ def test_vl_two_modes_in_one_call_are_refused(tmp_path):
         with pytest.raises(vl.UserError, match="one mode per call"):
             vl.parse_args([*argv, "--out_dir", o])
     assert vl.parse_args(["--train", "--eval", "--out_dir", o])[0].train
+    with pytest.raises(vl.UserError, match="--top_k and --top_p filter what is sampled"):  # greedy would ignore them
+        vl.parse_args(["--generate", "--prompt", "hi", "--top_k", "5", "--out_dir", o])
+
+
+def test_vl_hf_config_of_the_wrong_shape_is_one_line(vl_ckpt, tmp_path):
+    """A config.json whose text_config is not an object or whose sizes are null or strings, and a shard index whose
+    files are not names: each one UserError line naming it (these were AttributeError / TypeError tracebacks)."""
+    hub = vl_ckpt[1]["hub"]
+    config = json.load(open(os.path.join(hub, "config.json")))
+    for name, change, want in [("list", {"text_config": [1]}, "text_config and vision_config must be JSON objects"),
+                               ("null", {"text_config": {**config["text_config"], "num_hidden_layers": None}},
+                                "num_hidden_layers is None; a number is needed"),
+                               ("str", {"vision_config": {**config["vision_config"], "hidden_size": "32"}},
+                                "hidden_size is '32'; a number is needed")]:
+        bad = str(tmp_path / name)
+        shutil.copytree(hub, bad)
+        json.dump({**config, **change}, open(os.path.join(bad, "config.json"), "w"))
+        for call in (lambda: vl.load_pretrained(bad), lambda: vl.main(["--inspect", bad])):
+            with pytest.raises(vl.UserError, match=re.escape(want)):
+                call()
+    shard = str(tmp_path / "shard")
+    shutil.copytree(hub, shard)
+    keys = list(load_file(os.path.join(shard, "model.safetensors")))
+    json.dump({"weight_map": {k: ["model.safetensors"] for k in keys}},
+              open(os.path.join(shard, "model.safetensors.index.json"), "w"))
+    with pytest.raises(vl.UserError, match="not a safetensors index"):
+        vl.load_pretrained(shard)
+
 
 def test_vl_loader_bad_checkpoints_and_legacy_buffers(vl_ckpt, tmp_path):
     """A corrupt safetensors file, a shard the index names but the folder lacks, a corrupt config.json and a
@@ -3655,6 +3683,31 @@ def test_mk_json_files_of_the_wrong_shape_are_one_line(mk_hf, tmp_path):
     (tmp_path / "obj.json").write_text('{"video": "a.mp4"}')
     _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "obj.json", "--out_dir", tmp_path / "o"],
                    "obj.json: not a non-empty JSON list")
+
+
+def test_mk_hf_config_values_of_the_wrong_type_are_one_line(mk_hf, tmp_path):
+    """A size or rate that is null or a string in an HF config.json is one UserError line naming it; a null
+    num_key_value_heads means one kv head per head, as transformers reads it (here: a GQA file, so mis-shaped)."""
+    for src, key, value, want in [("qwen3", "num_hidden_layers", None, "sets num_hidden_layers to None"),
+                                  ("qwen3", "hidden_size", "64", "sets hidden_size to '64'"),
+                                  ("qwen3", "rms_norm_eps", -1.0, "sets rms_norm_eps to -1.0"),
+                                  ("vjepa2", "crop_size", None, "sets crop_size to None"),
+                                  ("qwen3", "num_key_value_heads", None, "mis-shaped")]:
+        bad = tmp_path / f"{src}_{key}"
+        shutil.copytree(mk_hf["root"] / src, bad)
+        conf = json.load(open(bad / "config.json"))
+        json.dump({**conf, key: value}, open(bad / "config.json", "w"))
+        with pytest.raises(mk.UserError, match=re.escape(want)):
+            (mk.load_qwen3 if src == "qwen3" else mk.load_vjepa2)(str(bad))
+
+
+def test_mk_one_mode_per_call(tmp_path):
+    """Two modes in one call would drop one without a word; --resume alone would do nothing: one line each."""
+    for argv, want in [(["--predict", "--eval"], "one mode per call"), (["--train", "--bench"], "one mode per call"),
+                       (["--resume"], "--resume continues a training run")]:
+        _mk_user_error(argv + ["--out_dir", tmp_path / "o", "--data_dir", tmp_path / "d"], want)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+
 
 def test_mk_autocast_auto(mk_trained, tmp_path, monkeypatch):
     check_auto_run_and_saved_dtype(mk, mk_trained[0] / "data", tmp_path / "auto")

@@ -156,6 +156,8 @@ def config_from_hf(hf, path):
     if hf.get("model_type") != "video_llava":
         raise UserError(f"{path}: model_type is '{hf.get('model_type')}', not 'video_llava' (another architecture)")
     t, v = hf.get("text_config") or {}, hf.get("vision_config") or {}
+    if not isinstance(t, dict) or not isinstance(v, dict):
+        raise UserError(f"{path}: text_config and vision_config must be JSON objects")
     if t.get("model_type", "llama") != "llama" or v.get("model_type", "clip_vision_model") != "clip_vision_model":
         raise UserError(f"{path}: only a LLaMA text model with CLIP vision towers is supported")
     if v.get("hidden_act", "quick_gelu") != "quick_gelu" or t.get("hidden_act", "silu") != "silu":
@@ -172,6 +174,10 @@ def config_from_hf(hf, path):
     out.update(num_key_value_heads=out["num_key_value_heads"] or out["num_attention_heads"],  # none: plain MHA
                rope_theta=rope.get("rope_theta", out["rope_theta"]),  # transformers 5 keeps it in rope_parameters
                tie_word_embeddings=bool(out["tie_word_embeddings"]), pad_token_id=out["pad_token_id"] or 0)
+    for f, x in out.items():  # null, or a string where a number belongs: refused here, not a TypeError later
+        want = type(getattr(Config, f))
+        if want in (int, float) and not f.endswith("token_id") and type(x) not in {want, int}:
+            raise UserError(f"{path}: config.json's {HF_FIELDS[f][1]} is {x!r}; a number is needed")
     if t.get("head_dim") not in (None, out["hidden_size"] // out["num_attention_heads"]):
         raise UserError(f"{path}: head_dim != hidden_size / num_attention_heads is not supported")
     return out
@@ -924,8 +930,8 @@ def weight_files(path):
     index, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
         wm = (read_json(index) or {}).get("weight_map")
-        if not isinstance(wm, dict):
-            raise UserError(f"{index}: not a safetensors index (no weight_map)")
+        if not isinstance(wm, dict) or not all(isinstance(f, str) for f in wm.values()):
+            raise UserError(f"{index}: not a safetensors index (no weight_map of tensor -> file name)")
         for f in set(wm.values()):
             if not os.path.isfile(os.path.join(path, f)):
                 raise UserError(f"{index}: shard '{f}' is missing from {path}")
@@ -1533,6 +1539,8 @@ def parse_args(argv=None):
     own_run = lambda meta: meta.get("script") == SCRIPT  # the config.json of a run of this script
     problems += [msg for bad, msg in (
         (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: in (0, 1]"),
+        (cfg.temperature == 0 and (cfg.top_k > 0 or cfg.top_p < 1), "--top_k and --top_p filter what is sampled: "
+         "give a --temperature above 0 as well"),
         (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
          f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16"),
         (cfg.hidden_size // max(cfg.num_attention_heads, 1) % 2, "--hidden_size / --num_attention_heads "
