@@ -273,7 +273,7 @@ def preprocess(img, crop):
         x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)  # (1, 3, nh, nw)
         img = x[0].permute(1, 2, 0).numpy()  # (nh, nw, 3) uint8
-    top, left = int((nh - crop) / 2), int((nw - crop) / 2)  # torchvision's centre-crop rounding
+    top, left = int((nh - crop) / 2), int((nw - crop) / 2)  # transformers' centre crop truncates (torchvision rounds)
     return img[top:top + crop, left:left + crop]  # (crop, crop, 3)
 
 def load_video(path, n_frames, crop):
@@ -360,7 +360,7 @@ class GPT2Tokenizer:
         self.enc = tiktoken.get_encoding("gpt2")
         self.ids = ids if ids is not None else list(range(self.enc.n_vocab))
         self.index = {g: i for i, g in enumerate(self.ids)}
-        self.eos, self.unk = self.index[self.enc.eot_token], self.index.get(-1, 0)
+        self.eos, self.unk = self.index[self.enc.eot_token], self.index.get(-1, 0)  # -1 (no GPT-2 id): <unk>
     @staticmethod
     def build(texts, compact):  # the compact table of the ids in `texts`, or the full one
         enc = tiktoken.get_encoding("gpt2")
@@ -430,7 +430,7 @@ class VJEPA2Attention(nn.Module):
         cos, sin = freq.cos().repeat(1, 2), freq.sin().repeat(1, 2)  # (P, n)
         y = x.unflatten(-1, (-1, 2))  # (B, H, P, n/2, 2)
         y = torch.stack((-y[..., 1], y[..., 0]), dim=-1).flatten(-2)  # (B, H, P, n)
-        return x * cos + y * sin  # a 2-D rotation of each (even, odd) pair by angle pos * omega
+        return x * cos + y * sin  # dim i turns at omega[i mod n/2] with partner i +- 1: not a true 2-D rotation
     def rope(self, x):  # (B, H, P, E) -> same; the head dim is split in three: time, height, width
         P, g, s = x.shape[2], self.grid, self.sub  # P tokens, G grid side, s dims per axis
         i = torch.arange(P, device=x.device)  # token index in (t, h, w) raster order
@@ -595,7 +595,7 @@ class BertLayer(nn.Module):
 
 class Bridge(nn.Module):
     """The trainable part. The V-JEPA 2 encoder carries no absolute position (RoPE only), and cross-attention is blind
-    to token order, so the bridge adds a learned (tubelet, row, column) embedding to the projected video tokens:
+    to token order, so the bridge adds learned per-tubelet and per-patch-position embeddings to the video tokens:
     without it the temporal queries could not tell *when* anything happened."""
     def __init__(self, cfg, v_width, d, n_tubelet, grid):
         super().__init__()
@@ -606,7 +606,7 @@ class Bridge(nn.Module):
         self.space_emb = nn.Parameter(torch.zeros(grid * grid, d))  # one per patch position
         self.queries = nn.Parameter(torch.randn(N + M, d) * 0.02)  # learned queries (BLIP-2): visual first
         self.ln_v = nn.LayerNorm(d)  # the video tokens enter the cross-attention normalised
-        # queries read the video through a few pre-LN blocks (cross-attention, then an MLP), as a Q-Former does
+        # queries read the video in pre-LN cross-attention + MLP blocks (a Q-Former without query self-attention)
         self.xattn = nn.ModuleList(CrossAttention(d, cfg.bridge_heads) for _ in range(cfg.bridge_layers))
         self.xmlp = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
                                   for _ in range(cfg.bridge_layers))
@@ -682,7 +682,7 @@ class Mark1(nn.Module):
                 getattr(self, part).apply(self._init_weights)
         nn.init.normal_(self.bridge.queries, std=0.02)
     @staticmethod
-    def _init_weights(m):  # GPT-style init (std 0.02, zero biases), LayerNorm/RMSNorm to identity.
+    def _init_weights(m):  # GPT-style init (std 0.02, zero biases); norms keep their identity init
         if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv3d)):
             nn.init.normal_(m.weight, std=0.02)
             if getattr(m, "bias", None) is not None:
@@ -1199,7 +1199,7 @@ def filter_logits(logits, top_k, top_p):
     if top_p < 1.0:
         srt, order = logits.sort(-1, descending=True)
         drop = srt.softmax(-1).cumsum(-1) - srt.softmax(-1) > top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))  # vocab order
     return logits
 
 @torch.no_grad()
@@ -1325,6 +1325,7 @@ def bench(cfg):
     return times
 
 # Command line ---------------------------------------------------------------------------------------------------------
+ZERO_OK = ("n_train", "n_val", "n_test", "n_novel", "temporal_blocks", "data_init", "seed", "stop_after", "top_k")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Mark 1: video MCQ answering with temporal localisation.")
     for mode, what in (("train", "build data (if needed), train, evaluate"), ("resume", "with --train: continue from "
@@ -1345,9 +1346,10 @@ def parse_args(argv=None):
     cfg = Config(**{**PRESETS[args.preset], **overrides})
     problems = [f"--{k} {getattr(cfg, k)}: choose one of {', '.join(ok)}" for k, ok in (("frame_head", (
         "keys", "linear")), ("dtype", ("auto", "float32", "bfloat16", "float16"))) if getattr(cfg, k) not in ok]
-    problems += [f"--{k} {getattr(cfg, k)}: must be at least 1" for k in ("batch_size", "grad_accum", "max_steps",
-                 "n_frames", "crop", "max_new_tokens", "log_interval", "eval_interval", "n_temporal_query", "v_heads",
-                 "l_heads", "l_kv_heads", "bridge_heads", "bert_heads") if getattr(cfg, k) < 1]
+    counts = [f.name for f in dataclasses.fields(Config) if type(f.default) is int and f.name not in ZERO_OK]
+    problems += [f"--{k} {getattr(cfg, k)}: must be at least 1" for k in counts if getattr(cfg, k) < 1]
+    problems += [f"--l_head_dim {cfg.l_head_dim}: must be even (RoPE turns pairs of features)"] * (cfg.l_head_dim % 2)
+    problems += [f"--v_patch {cfg.v_patch}: must be at most --crop {cfg.crop}"] * (cfg.v_patch > cfg.crop)
     problems += [f"--{k} {getattr(cfg, k)}: must be above 0" for k in ("lr", "grad_clip", "top_p") if not 0 <
                  getattr(cfg, k) < math.inf] + [f"--{k} {getattr(cfg, k)}: must be 0 or more" for k in ("min_lr",
                  "weight_decay", "warmup_frac", "lam", "pos_weight", "stop_after", "data_init", "temperature", "top_k",
@@ -1372,9 +1374,8 @@ def main(argv=None):
     if cfg.vision_ckpt and (args.train or args.bench):  # frames cut as the checkpoint was trained: crop, patch and
         vc = read_hf_dir(cfg.vision_ckpt, "vjepa2")[0]  # tubelet from its config.json (transformers' defaults)
         geo = dict(crop=vc.get("crop_size", 256), v_patch=vc.get("patch_size", 16), v_tubelet=vc.get("tubelet_size", 2))
-        for k, v in geo.items():  # a flag that says otherwise is refused
-            if k in overrides and overrides[k] != v:
-                raise UserError(f"--{k} {overrides[k]}: {cfg.vision_ckpt} was trained with {v}; drop the flag")
+        if k := next((k for k, v in geo.items() if overrides.get(k, v) != v), None):  # a flag that says otherwise
+            raise UserError(f"--{k} {overrides[k]}: {cfg.vision_ckpt} was trained with {geo[k]}; drop the flag")
         cfg = dataclasses.replace(cfg, **geo)
     if int(os.environ.get("RANK", "0")) == 0 and (args.bench or args.train and not args.resume):  # else: as loaded
         print("config:", json.dumps(dataclasses.asdict(cfg)))

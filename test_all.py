@@ -2288,16 +2288,17 @@ def test_vl_tied_head(vl_tiny_run, tmp_path):
     vl.main(["--train", "--resume", "--out_dir", out])
     m = vl.VideoLlava.from_pretrained(out)
     assert m.language_model.lm_head.weight is m.language_model.model.embed_tokens.weight
-    # a file that also holds a head (some checkpoints store both): still tied
+    # a file that also holds a head of its own: that head is used, untied, as transformers loads it (one equal to
+    # the embedding gives the same logits either way)
     extra = str(tmp_path / "extra")
     shutil.copytree(out, extra)
     w = load_file(os.path.join(extra, "model.safetensors"))
-    save_file({**w, "language_model.lm_head.weight": torch.randn_like(w["language_model.model.embed_tokens.weight"])},
-              os.path.join(extra, "model.safetensors"))
-    m2 = vl.VideoLlava.from_pretrained(extra)
-    assert m2.language_model.lm_head.weight is m2.language_model.model.embed_tokens.weight
-    ids = torch.tensor([[1, 2, 3]])
-    torch.testing.assert_close(m2(ids)[0], m(ids)[0], atol=0, rtol=0)
+    ids, emb = torch.tensor([[1, 2, 3]]), w["language_model.model.embed_tokens.weight"]
+    for head, same in ((emb.clone(), True), (torch.randn_like(emb), False)):
+        save_file({**w, "language_model.lm_head.weight": head}, os.path.join(extra, "model.safetensors"))
+        m2 = vl.VideoLlava.from_pretrained(extra)
+        assert torch.equal(m2.language_model.lm_head.weight, head) and not m2.cfg.tie_word_embeddings
+        assert torch.equal(m2(ids)[0], m(ids)[0]) == same
 
 
 @_vc_1t
@@ -2570,6 +2571,28 @@ def test_vl_two_modes_in_one_call_are_refused(tmp_path):
     assert vl.parse_args(["--train", "--eval", "--out_dir", o])[0].train
     with pytest.raises(vl.UserError, match="--top_k and --top_p filter what is sampled"):  # greedy would ignore them
         vl.parse_args(["--generate", "--prompt", "hi", "--top_k", "5", "--out_dir", o])
+
+
+def test_vl_tied_config_with_a_stored_head_uses_that_head(vl_ckpt, tmp_path):
+    """tie_word_embeddings true while the files store their own, different lm_head: transformers loads that head (and
+    unties), and so does load_pretrained, so the logits agree; without a stored head the embedding is the head."""
+    transformers = pytest.importorskip("transformers")
+    tied = tmp_path / "tied"
+    shutil.copytree(vl_ckpt[1]["hub"], tied)
+    conf = json.load(open(tied / "config.json"))
+    json.dump({**conf, "tie_word_embeddings": True, "text_config": {**conf["text_config"], "tie_word_embeddings": True}},
+              open(tied / "config.json", "w"))
+    ours = vl.load_pretrained(str(tied)).eval()
+    ref = transformers.VideoLlavaForConditionalGeneration.from_pretrained(str(tied), dtype=torch.float32).eval()
+    lm = ours.language_model
+    assert not ours.cfg.tie_word_embeddings and not torch.equal(lm.lm_head.weight, lm.model.embed_tokens.weight)
+    ids = torch.randint(3, 31999, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids)[0], ref(input_ids=ids).logits)
+    state = load_file(str(tied / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if k != "language_model.lm_head.weight"}, str(tied / "model.safetensors"))
+    headless = vl.load_pretrained(str(tied))  # no stored head: tied, the embedding table serves as the head
+    assert headless.language_model.lm_head.weight is headless.language_model.model.embed_tokens.weight
 
 
 def test_vl_hf_config_of_the_wrong_shape_is_one_line(vl_ckpt, tmp_path):
@@ -3707,6 +3730,17 @@ def test_mk_one_mode_per_call(tmp_path):
                        (["--resume"], "--resume continues a training run")]:
         _mk_user_error(argv + ["--out_dir", tmp_path / "o", "--data_dir", tmp_path / "d"], want)
     assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+
+
+def test_mk_architecture_sizes_are_checked(tmp_path):
+    """A zero size (a ZeroDivisionError, or a 0-layer LLM trained without a word), an odd RoPE head width and a patch
+    larger than the crop are one line each, before any data."""
+    for argv, want in [(["--v_patch", 0], "--v_patch 0: must be at least 1"), (["--l_layers", 0], "--l_layers 0"),
+                       (["--v_width", 0], "--v_width 0"), (["--l_head_dim", 15], "--l_head_dim 15: must be even"),
+                       (["--v_patch", 64], "--v_patch 64: must be at most --crop 32")]:
+        _mk_user_error(["--train", "--preset", "tiny", *argv, "--out_dir", tmp_path / "o", "--data_dir", tmp_path / "d"],
+                       want)
+    assert not (tmp_path / "d").exists()
 
 
 def test_mk_autocast_auto(mk_trained, tmp_path, monkeypatch):

@@ -315,7 +315,7 @@ def load_entries(cfg, master=True):
         build_world(cfg)
     if dist.is_initialized():
         dist.barrier()
-    entries = {s: read_annotations(f) for s, f in build_world(cfg).items()}
+    entries = {s: read_annotations(f) for s, f in build_world(cfg).items()}  # now it only returns the files
     if cfg.test_data:  # your questions in place of the world's test split
         entries["test"] = read_annotations(cfg.test_data)
     return entries
@@ -412,11 +412,11 @@ def load_video(path, n_frames, size):
 class Tokenizer:
     """Shared by both tokenizers: added tokens {token: id} (<image>, <video>) are split out first (split_re) and keep
     their ids; the text between them goes through the subclass's encode_text; prefix_ids / suffix_ids are BOS / EOS."""
-    def encode(self, text, add_bos=True):
+    def encode(self, text, add_special_tokens=True):  # False: no BOS before, no EOS after (as transformers')
         parts = self.split_re.split(text) if self.added else [text]  # odd parts are added tokens such as <image>
         ids = [t for i, part in enumerate(parts) if part
                for t in ([self.added[part]] if i % 2 else self.encode_text(part, first=i == 0))]
-        return self.prefix_ids + ids + self.suffix_ids if add_bos else ids
+        return self.prefix_ids + ids + self.suffix_ids if add_special_tokens else ids
 
 class SentencePieceBPE(Tokenizer):
     """LLaMA's tokenizer from tokenizer.json, as transformers 5 rebuilds it: added tokens split first; each remaining
@@ -547,7 +547,7 @@ def padded_positions(attention_mask, offset, width=None):
     it would get alone; a query sees the real tokens up to itself, and itself (a pad too: no all-masked row, no
     NaN); slots T .. width-1 (a static cache's unfilled ones) are hidden."""
     T = attention_mask.shape[1]
-    pos = (attention_mask.long().cumsum(-1)[:, offset:] - 1).clamp(min=0)  # (B, L), a new tensor: fixed strides
+    pos = (attention_mask.long().cumsum(-1)[:, offset:] - 1).clamp(min=0)  # (B, L), contiguous: no recompile as T grows
     keys = torch.arange(width or T, device=attention_mask.device)  # (width,)
     queries = torch.arange(offset, T, device=attention_mask.device)[:, None]  # (L, 1)
     real = F.pad(attention_mask.bool(), (0, (width or T) - T))[:, None]  # (B, 1, width): False past T
@@ -665,11 +665,11 @@ class CLIPAttention(nn.Module):
         d, self.h = cfg.v_hidden_size, cfg.v_num_attention_heads  # width Dv, H heads of E = Dv/H
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
     def forward(self, x):  # (N, P+1, Dv) -> (N, P+1, Dv)
-        N, T, Dv = x.shape  # T = P+1 tokens: CLS and the patches
-        q, k, v = (p(x).view(N, T, self.h, Dv // self.h).transpose(1, 2)  # each (N, H, T, E)
+        N, P1, Dv = x.shape  # P1 = P+1 tokens: CLS and the patches
+        q, k, v = (p(x).view(N, P1, self.h, Dv // self.h).transpose(1, 2)  # each (N, H, P+1, E)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, E): bidirectional, no mask
-        return self.out_proj(y.transpose(1, 2).reshape(N, T, Dv))  # heads side by side: (N, P+1, Dv)
+        y = F.scaled_dot_product_attention(q, k, v)  # (N, H, P+1, E): bidirectional, no mask
+        return self.out_proj(y.transpose(1, 2).reshape(N, P1, Dv))  # heads side by side: (N, P+1, Dv)
 
 class CLIPMLP(nn.Module):
     """Two-layer feed-forward with biases, Dv -> v_intermediate_size -> Dv."""
@@ -954,8 +954,11 @@ def read_config(path):
 def align_keys(path, base=None):
     """config.json -> the model on the meta device, every checkpoint key (through canonical_key) and shape matched
     from the files' headers -> (model, found {key: (checkpoint key, file)}, handles {file: safe_open}, problems)."""
-    cfg = Config(**{**dataclasses.asdict(base or Config()), **config_from_hf(read_config(path), path)})
+    hf = config_from_hf(read_config(path), path)
     files = weight_files(path)
+    # a head stored in the files is used (transformers unties then too); tied means the embedding serves as the head
+    hf["tie_word_embeddings"] &= "language_model.lm_head.weight" not in map(canonical_key, files)
+    cfg = Config(**{**dataclasses.asdict(base or Config()), **hf})
     with torch.device("meta"):
         model = VideoLlava(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -970,7 +973,7 @@ def align_keys(path, base=None):
         ck = canonical_key(key)
         if ck not in expected:
             problems["unexpected"].append(key)
-        elif ck not in tied:  # tied: the head is the embedding, whatever the file holds (as transformers ties it)
+        else:
             shape = tuple(handles[f].get_slice(key).get_shape())
             if shape != expected[ck]:
                 problems["mis-shaped"].append(f"{key} {list(shape)} (model wants {list(expected[ck])})")
@@ -1104,7 +1107,7 @@ class Examples:
         self.media = [torch.from_numpy(cache[e["path"], e["kind"]]) for e in entries]
         self.prompts = [expand_placeholders(tok.encode(prompt_text(e["question"], e["kind"])), cfg, cfg.n_frames)
                         for e in entries]
-        self.answers = [tok.encode(" " + e["answer"], add_bos=False) + [tok.eos_id] for e in entries]
+        self.answers = [tok.encode(" " + e["answer"], add_special_tokens=False) + [tok.eos_id] for e in entries]
         for e, p, a in zip(entries, self.prompts, self.answers):  # refused now, not when a batch first meets it
             n, what = (len(p) + len(a), "answer") if answered else (len(p) + cfg.max_new_tokens, "--max_new_tokens")
             if n > cfg.max_position_embeddings:
@@ -1352,7 +1355,8 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
              else model.language_model.model.embed_tokens.weight.dtype)
     # on a CPU the weights are frozen into the graph as constants, each product by the fastest kernel (max_autotune);
-    # weights changed in place bump their version counters, and the graphs are rebuilt (`.data` bumps none: reset())
+    # a weight changed in place (an optimizer step) bumps its tensor's version counter: the sum differs, the graphs are
+    # rebuilt; a change through `.data` bumps none: then call torch._dynamo.reset() yourself
     tuned = torch._inductor.config.patch(freezing=True, max_autotune=True) if compile and dev == "cpu" else None
     if tuned is not None:
         version = sum(p._version for p in model.parameters())
