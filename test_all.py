@@ -571,12 +571,9 @@ def test_vm_never_writes_over_the_users_files(tmp_path, capsys, monkeypatch):
         (mine / "world.json").unlink()
     assert {f.name: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == before  # no file added or changed
     assert not (tmp_path / "d").exists() and not (tmp_path / "o").exists()  # refused before any data or checkpoint
-    # this script's own world is rewritten when its sizes change, also when a build was cut short or its
-    # world.json is from before world.json named the script
+    # this script's own world is rewritten when its sizes change, also when a build was cut short
     cfg = _vm_cfg(tmp_path, n_train=2, n_val=1, n_test=1, n_novel=1)
     vm.build_world(cfg)
-    legacy = {k: v for k, v in json.load(open(tmp_path / "data" / "world.json")).items() if k != "script"}
-    (tmp_path / "data" / "world.json").write_text(json.dumps(legacy))
     write_clip = vm.write_clip
     monkeypatch.setattr(vm, "write_clip", lambda p, objs: 1 / 0 if p.endswith("00001.mp4") else write_clip(p, objs))
     with pytest.raises(ZeroDivisionError):  # cut short after one clip
@@ -1191,7 +1188,8 @@ def test_vc_bad_inputs(tmp_path, capsys):
     cuda = () if torch.cuda.is_available() else (("--bench", "--device", "cuda"),)  # a device this machine lacks
     for argv in (("--top_p", 0), ("--top_p", 1.5), ("--temperature", -1), ("--batch_size", 0), ("--n_head", 3),
                  ("--bench", "--device", "xyz")) + cuda:
-        main_user_error(vc.main, capsys, ["--generate", "--image", "x.png", *argv], " ".join(map(str, argv[-2:])))
+        mode = [] if "--bench" in argv else ["--generate", "--image", "x.png"]  # one mode per call
+        main_user_error(vc.main, capsys, [*mode, *argv], " ".join(map(str, argv[-2:])))
     main_user_error(vc.main, capsys, ["--train", "--preset", "huge"], "--preset huge")
     main_user_error(vc.main, capsys, ["--train", "--patch_init", "zeros"], "--patch_init zeros")
     main_user_error(vc.main, capsys, ["--train", "--preset", "tiny", "--patch", "5"], "--patch 5")
@@ -4329,15 +4327,26 @@ def test_captioners_refuse_decoding_flags_the_search_ignores(mod, tmp_path, caps
     """--beam above 1 with sampling flags, or --top_k / --top_p without a temperature, would decode otherwise than
     asked: one line, exit 2, for typed flags and for a beam width saved in the checkpoint's config."""
     where = ["--data_dir", tmp_path / "d", "--out_dir", tmp_path / "out"]
-    for flags, needle in ((["--beam", 3, "--temperature", 0.8], "--beam 3 is a deterministic search"),
-                          (["--top_k", 5], "--top_k and --top_p filter"), (["--top_p", 0.9], "--temperature above 0")):
+    for flags, needle in ((["--beam", 3, "--temperature", 0.8], "got --beam 3, --temperature 0.8"),
+                          (["--top_k", 5], "--temperature 0.0, --top_k 5"), (["--top_p", 0.9], "--top_p 0.9")):
         main_user_error(mod.main, capsys, ["--train", "--preset", "tiny", *flags, *where], needle)
     assert not (tmp_path / "d").exists()  # refused before any data
     mod.main(list(map(str, ["--train", "--preset", "tiny", "--max_steps", 1, "--beam", 2, *where])))
     media = sorted((tmp_path / "d" / "test").iterdir())[0]
     generate = ["--generate", "--video" if mod is vm else "--image", media, "--out_dir", tmp_path / "out"]
-    main_user_error(mod.main, capsys, generate + ["--temperature", 0.5], "--beam 2 is a deterministic search")
+    main_user_error(mod.main, capsys, generate + ["--temperature", 0.5], "got --beam 2, --temperature 0.5")
     meta = json.load(open(tmp_path / "out" / "config.json"))
     meta["config"].update(beam=1, temperature=0.7)  # a run trained to sample: --top_k alone now applies to it
     json.dump(meta, open(tmp_path / "out" / "config.json", "w"))
     mod.main(list(map(str, generate + ["--top_k", 3])))
+
+
+@pytest.mark.parametrize("mod", [vm, vc], ids=["vm", "vc"])
+def test_captioners_one_mode_per_call(mod, tmp_path, capsys):
+    """Two modes in one call would drop one without a word, and --resume without --train would do nothing: one line,
+    exit 2, before anything is read or written."""
+    media = ["--video" if mod is vm else "--image", tmp_path / "x"]
+    for argv, needle in ((["--eval", "--generate", *media], "one mode per call"), (["--train", "--bench"], "one mode"),
+                         (["--resume"], "--resume")):
+        main_user_error(mod.main, capsys, argv + ["--out_dir", tmp_path / "o", "--data_dir", tmp_path / "d"], needle)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()

@@ -12,10 +12,10 @@ What `--train` builds (qformer_mode "text", the design of the VideoLLaMA-Mini wr
       -> caption decoder as above, its cross-attention reading the Q vectors instead of the F visual tokens (B, L, V)
 Papers: BLIP-2 (https://arxiv.org/abs/2301.12597), Video-LLaMA (https://arxiv.org/abs/2306.02858).
 The decoder reads the video by cross-attention, not as a prefix: the decoded sequence is the caption alone (the KV
-cache holds only text; the video's keys/values are computed once at prefill).
+cache holds only text; the video's keys/values are computed once, at the first decoding step).
 
 The built-in world: one or two coloured shapes (6 colours x 3 shapes) moving left/right/up/down over a grey background,
-written as real mp4 clips. A caption names colour, shape and motion of each object, left-most object first:
+written as real mp4 clips. A caption names colour, shape and motion of each object, left-most at the start first:
 "a red circle moves left and a blue square moves up". Direction needs more than one frame, hence the frame
 differences and a pooled grid that keeps position. Split `novel` holds (colour, shape) pairs never seen in training.
 Text: GPT-2 tokens from tiktoken, but the embedding / output table covers only the GPT-2 ids that occur in the
@@ -77,7 +77,7 @@ class Config:
     test_data: str = ""  # optional annotation file for evaluation on user data; else 10% of --data is held out
     data_dir: str = "data/videollama_mini"  # where the synthetic world is written
     out_dir: str = "out/videollama_mini"  # checkpoint, eval.json, pictures
-    n_train: int = 4000  # synthetic clips per split
+    n_train: int = 4000  # synthetic training clips (the other splits: below)
     n_val: int = 200
     n_test: int = 300
     n_novel: int = 300
@@ -136,6 +136,7 @@ COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30), 
            "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
 SHAPES = ["circle", "square", "triangle"]
 MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+VERBS = ("moves", "goes")  # two phrasings of each caption: two references per clip, as captioning datasets have
 # (colour, shape) pairs never shown in training: each colour loses one shape, each shape is held out twice.
 NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),
                ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}
@@ -191,8 +192,7 @@ def build_world(cfg):
     files, old = {s: os.path.join(d, f"{s}.txt") for s in sizes}, read_json(stamp) or {}  # {}: missing or damaged
     if old == want:  # already written
         return files
-    # ours: its manifest names this script (or, from before manifests did, has version 1 and the same keys less it)
-    check_folder(d, "--data_dir", old.get("script") == SCRIPT or {*old, "script"} == set(want) and old["version"] == 1,
+    check_folder(d, "--data_dir", old.get("script") == SCRIPT,  # ours: its world.json names this script
                  "a folder this script did not write (no world.json of its own); give a new or empty one or use --data")
     os.makedirs(d, exist_ok=True)
     json.dump(dict(want, version=0), open(stamp, "w"))  # this script's, never matching until the world is complete
@@ -203,8 +203,7 @@ def build_world(cfg):
             objs = sample_objects(rng, split)
             name = f"{split}/{i:05d}.mp4"
             write_clip(os.path.join(cfg.data_dir, name), objs)
-            # two references per clip, as captioning datasets have several
-            lines += [name, caption_for(objs, "moves"), caption_for(objs, "goes"), ""]
+            lines += [name, *(caption_for(objs, verb) for verb in VERBS), ""]  # the clip and its references
         open(files[split], "w").write("\n".join(lines))
     json.dump(want, open(stamp, "w"))
     return files
@@ -329,7 +328,7 @@ class Attention(nn.Module):
                     k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
                     causal = False  # one new query may see every cached key
                 cache["k"], cache["v"] = k, v  # (B, H, T_past + T, D/H)
-        elif cache is not None and "ck" in cache:  # cross-attention: the video's keys/values were computed at prefill
+        elif cache is not None and "ck" in cache:  # cross-attention: the video's keys/values, from the first step
             k, v = cache["ck"], cache["cv"]  # (B, H, F or Q, D/H)
         else:
             k, v = self.split(self.k(ctx)), self.split(self.v(ctx))  # (B, H, F or Q, D/H)
@@ -354,7 +353,7 @@ class Block(nn.Module):
         self.ln3 = nn.LayerNorm(cfg.d_model)  # before the MLP
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(),
                                  nn.Linear(4 * cfg.d_model, cfg.d_model), nn.Dropout(cfg.dropout))
-    def forward(self, x, ctx=None, cache=None):
+    def forward(self, x, ctx=None, cache=None):  # cache: this layer's dict (self-attention k, v; cross ck, cv)
         x = x + self.attn(self.ln1(x), causal=self.causal, cache=cache)  # (B, T, D)
         if self.xattn is not None:
             x = x + self.xattn(self.ln2(x), ctx=ctx, cache=cache)  # read the context
@@ -369,10 +368,9 @@ class FrameEncoder(nn.Module):
         self.frame_diff, self.grid = cfg.frame_diff, cfg.grid  # grid: the pooled map's side
         # GroupNorm (batch-independent, so DDP ranks and batch sizes see the same function) keeps each conv's
         # output at unit scale: the raw colour and motion signal reaches the transformer strongly from step one.
-        self.cnn = nn.Sequential(
-            nn.Conv2d(c_in, w, 3, 2, 1), nn.GroupNorm(8, w), nn.GELU(),
-            nn.Conv2d(w, 2 * w, 3, 2, 1), nn.GroupNorm(8, 2 * w), nn.GELU(),
-            nn.Conv2d(2 * w, 2 * w, 3, 1, 1), nn.GroupNorm(8, 2 * w), nn.GELU())
+        self.cnn = nn.Sequential(nn.Conv2d(c_in, w, 3, 2, 1), nn.GroupNorm(8, w), nn.GELU(),
+                                 nn.Conv2d(w, 2 * w, 3, 2, 1), nn.GroupNorm(8, 2 * w), nn.GELU(),
+                                 nn.Conv2d(2 * w, 2 * w, 3, 1, 1), nn.GroupNorm(8, 2 * w), nn.GELU())
         self.proj = nn.Linear(2 * w * (cfg.grid * cfg.grid + 1), cfg.d_model)
         # LayerNorm brings the frame embedding to unit scale, the scale of the sinusoidal time code added next:
         # without it the small initial CNN features drown under the time code and the decoder learns to ignore them.
@@ -426,8 +424,8 @@ class VideoLLaMAMini(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)  # on the decoder's input
         self.decoder = nn.ModuleList(Block(cfg, causal=True, cross=True) for _ in range(cfg.n_dec_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)  # before the output table
-        # Untied output table: the input table is scaled up (below) to meet the position code at unit scale, which
-        # a tied head would turn into huge initial logits. With the compact vocabulary it costs a few thousand weights.
+        # Untied output table: it keeps GPT-2's small init (near-uniform first predictions) while the input table
+        # starts at std D^-0.5 (below). With the compact vocabulary it costs a few thousand weights.
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         self.apply(self._init_weights)  # GPT-2's init, then the two exceptions below
         # Vaswani et al.: token vectors of std D^-0.5 scaled up by sqrt(D) in decode(), so a token enters at the same
@@ -450,26 +448,26 @@ class VideoLLaMAMini(nn.Module):
         and the decoder can learn only the caption prior. Folding one batch's per-feature mean and std into the
         LayerNorms after the frame and temporal encoders and (per query) into the QFormer's output scale and shift
         makes their outputs zero-mean, unit-variance *across clips* at step 0. A one-off change of initial weights:
-        the model stays a per-clip function (no batch statistics in training or inference), so batch == rows,
-        gradient accumulation and DDP are unaffected (README: what made it learn)."""
+        the model stays a per-clip function (no batch statistics in training or inference): a clip's caption does not
+        depend on the other clips of its batch, and gradient accumulation and DDP are unaffected (README)."""
         def fold(ln, x):  # x: (B, T, D), the output of ln for this batch
             m, s = x.mean((0, 1)), x.std((0, 1)) + 1e-3  # (D,) each, over clips and positions
             ln.weight.div_(s)  # y = (x - m) / s, folded into the affine
             ln.bias.sub_(m).div_(s)
         fold(self.frames.ln, self.frames(to_unit(video)))
-        fold(self.ln_vis, self.encode(video, queries=False))
+        fold(self.ln_vis, self.encode(video, use_qformer=False))
         if self.cfg.qformer_mode == "queries":  # each query has its own constant part: centre per query
             q = self.encode(video)  # (B, Q, D)
             m, s = q.mean(0, keepdim=True), q.std(0, keepdim=True) + 1e-3  # (1, Q, D) each
             self.qformer.scale.div_(s)
             self.qformer.shift.sub_(m).div_(s)
-    def encode(self, video, queries=True):
-        """uint8 (B, F, S, S, 3) -> the decoder's memory: (B, Q, D) for "queries", (B, F, D) for "text"."""
+    def encode(self, video, use_qformer=True):
+        """uint8 (B, F, S, S, 3) -> memory (B, Q, D) for "queries", (B, F, D) for "text" or use_qformer=False."""
         vis = self.frames(to_unit(video)) + self.time_pos[: video.shape[1]]  # (B, F, D)
         for blk in self.temporal:  # (B, F, D) through each layer
             vis = blk(vis)
         vis = self.ln_vis(vis)  # (B, F, D)
-        return self.qformer(vis) if self.cfg.qformer_mode == "queries" and queries else vis
+        return self.qformer(vis) if self.cfg.qformer_mode == "queries" and use_qformer else vis
     def decode(self, idx, memory, cache=None, pos=0, last_only=False):
         """idx (B, L) model ids at positions pos.. -> logits (B, L, V) (or (B, 1, V) with last_only)."""
         x = self.drop(self.tok(idx) * math.sqrt(self.cfg.d_model) + self.text_pos[pos: pos + idx.shape[1]])  # (B, L, D)
@@ -643,7 +641,7 @@ def prepare_data(cfg, rank):
         entries = entries if cfg.test_data else [e for i, e in enumerate(entries) if i % 10]
         if not entries:  # a single entry: it is the held-out one
             raise UserError(f"{cfg.data}: too few entries to hold out a test set; add entries or pass --test_data")
-        splits = {"train": entries, "val": test[: max(1, len(test) // 2)], "test": test}
+        splits = {"train": entries, "val": test[: max(1, len(test) // 2)], "test": test}  # val: for the loss log
     else:
         if rank == 0:
             build_world(cfg)
@@ -695,7 +693,7 @@ def setup_distributed(cfg):
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)  # one process unless torchrun
     device = pick_device(cfg.device)
-    if device == "cuda" and ddp:
+    if device.startswith("cuda") and ddp:  # one GPU per rank
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     return ddp, rank, world, device
@@ -888,7 +886,7 @@ def beam_search(model, video, cfg, length_penalty=1.0):
             layer["k"], layer["v"] = layer["k"][rows], layer["v"][rows]
         seq = torch.cat([seq[rows], torch.tensor(new_tok, device=video.device)[:, None]], 1)
         score = torch.tensor(new_score, device=video.device).view(B, K)  # (B, K)
-        best_live = score.max(-1).values / (t + 2) ** length_penalty  # the best score a live beam could still end with
+        best_live = score.max(-1).values / (t + 2) ** length_penalty  # a stopping heuristic, not a bound
         if all(finished[b] and max(f[0] for f in finished[b]) >= best_live[b] for b in range(B)):
             break
     for b in range(B):
@@ -950,7 +948,8 @@ def bench(cfg):
     """Training samples/s and captions/s with and without the KV cache, on random clips of the configured size."""
     device, B = pick_device(cfg.device), cfg.batch_size  # B: the training micro-batch
     torch.manual_seed(0)
-    tok = Tokenizer.from_captions([" ".join(["a a and moves goes", *COLOURS, *SHAPES, *MOTIONS])])  # the world's words
+    caps = [caption_for([(c, s, m, 0, 0)] * 2, v) for c in COLOURS for s in SHAPES for m in MOTIONS for v in VERBS]
+    tok = Tokenizer.from_captions(caps, cfg.compact_vocab)  # the token table of the world's captions
     model = VideoLLaMAMini(cfg, len(tok.ids)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # real optimizer steps, as in training
     video = torch.randint(0, 255, (B, cfg.n_frames, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8, device=device)
@@ -977,10 +976,9 @@ def bench(cfg):
 # Command line ---------------------------------------------------------------------------------------------------------
 
 def check_decoding(cfg):  # a decoding flag (typed, or saved with a checkpoint) the search would ignore: refused
-    if cfg.beam > 1 and (cfg.temperature > 0 or cfg.top_k > 0 or cfg.top_p < 1):
-        raise UserError(f"--beam {cfg.beam} is a deterministic search: --temperature, --top_k, --top_p need --beam 1")
-    if cfg.temperature == 0 and (cfg.top_k > 0 or cfg.top_p < 1):
-        raise UserError("--top_k and --top_p filter what is sampled: give a --temperature above 0 as well")
+    if (cfg.temperature > 0 or cfg.top_k > 0 or cfg.top_p < 1) and (cfg.beam > 1 or cfg.temperature == 0):
+        raise UserError(f"sampling is --temperature above 0 with --beam 1, --top_k / --top_p filter it; got --beam "
+                        f"{cfg.beam}, --temperature {cfg.temperature}, --top_k {cfg.top_k}, --top_p {cfg.top_p}")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="VideoLLaMA-Mini: train, evaluate and caption videos on a CPU.")
@@ -1015,6 +1013,8 @@ def parse_args(argv=None):
         (cfg.cnn_width % 8, f"--cnn_width {cfg.cnn_width}: must be a multiple of 8 (GroupNorm's 8 groups)"),
         (not cfg.temperature >= 0, f"--temperature {cfg.temperature}: must be 0 (greedy) or more"),
         (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1]; 1 keeps every token"),
+        (sum(map(bool, (args.train or args.eval, args.generate, args.bench))) > 1 or args.resume and not args.train,
+         "one mode per call: --train (it also evaluates), --eval, --generate or --bench; --resume goes with --train"),
         (args.generate and not args.video, "--generate needs --video PATH (a video file or a frames folder)")] if bad]
     if errors:
         raise UserError(errors[0])

@@ -82,7 +82,7 @@ class Config:
     max_train: int = 0  # >0: train on only the first max_train pairs (the write-up had 16) and report train EM
     eval_max: int = 0  # >0: evaluate only the first eval_max images of each split (the big preset is slow)
     img_size: int = 48  # images are letterboxed to a square and resized to this side
-    patch: int = 12  # patch side in pixels: 48 / 12 -> a 4 x 4 grid, P = 16; a shape covers one or two patches
+    patch: int = 12  # patch side in pixels: 48 / 12 -> a 4 x 4 grid, P = 16; a shape spans 1-3 patches a side
     vit_dim: int = 128  # E
     vit_layers: int = 3  # ViT blocks
     vit_heads: int = 4  # ViT attention heads
@@ -457,8 +457,8 @@ class ViTCaptioner(nn.Module):
         conv.weight.zero_(), conv.bias.zero_()  # channels beyond 3*p*p components (a narrow patch) stay zero
         conv.weight.view(conv.out_channels, -1)[:k] = w.float()  # (E, 3, p, p) seen as (E, 3*p*p)
         conv.bias[:k] = -(w @ mean).float()  # centred: the mean patch maps to zero
-        # where a patch is must stay visible beside what it shows, so the positions get the features' std (weaker,
-        # left/right is learned later: README); smooth 2-D sin-cos makes "left of" a linear read-out of the column
+        # where a patch is must stay visible beside what it shows, so the positions get the features' std (below it,
+        # left/right took far longer to learn: README); smooth 2-D sin-cos makes "left of" a linear read-out
         n = self.cfg.img_size // p
         self.vit.pos_embed[0, -n * n:] = sincos_2d(n, self.vit.pos_embed.shape[-1]) * self.cfg.patch_scale
     def part_counts(self):
@@ -653,7 +653,7 @@ def prepare_data(cfg, rank):
         entries = entries if cfg.test_data else [e for i, e in enumerate(entries) if i % 10]
         if not entries:
             raise UserError(f"{cfg.data}: too few images to hold out a test set; add images or pass --test_data")
-        splits = {"train": entries, "val": test[: max(1, len(test) // 2)], "test": test}
+        splits = {"train": entries, "val": test[: max(1, len(test) // 2)], "test": test}  # val: for the loss log
     else:
         if rank == 0:
             build_world(cfg)
@@ -738,8 +738,7 @@ def train(cfg, resume=False, typed=None):
     data = prepare_data(cfg, rank)
     say("data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" images ({time.time() - t0:.1f}s)")
     model, tok, opt, scaler, step = init_training(cfg, *data["train"], resumed, device)
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"parameters: {n_params / 1e6:.2f}M total, {n_params / 1e6:.2f}M trainable, 0 frozen; vocab {len(tok.ids)}; "
+    say(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, all trained; vocab {len(tok.ids)}; "
         + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in model.part_counts().items())
         + (f"; resumed from step {step}" if resume else ""))
     raw = model  # what is saved and evaluated: never the DDP wrapper or the compiled module
@@ -867,7 +866,7 @@ def beam_search(model, images, cfg, length_penalty=1.0):
         for layer in cache:  # re-order the cache to follow the surviving beams
             layer["k"], layer["v"] = layer["k"][rows], layer["v"][rows]
         seq, score = torch.cat([seq[rows], token[:, None]], 1), score.view(B, K)  # (B*K, t+1), (B, K)
-        best_live = score.max(-1).values / (t + 2) ** length_penalty
+        best_live = score.max(-1).values / (t + 2) ** length_penalty  # a stopping heuristic, not a bound
         if t == steps - 1 or all(finished[b] and max(f[0] for f in finished[b]) >= best_live[b] for b in range(B)):
             break
         logp = next_logits(model, model.embed_tokens(token[:, None]), cache, pos=N + 1 + t).log_softmax(-1)
@@ -951,7 +950,7 @@ def bench(cfg):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")  # float16: loss scaling
     img = torch.randint(0, 255, (B, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8, device=device)
-    inp = torch.randint(0, vocab, (B, 16), device=device)  # 16 text tokens, the length of a two-object caption
+    inp = torch.randint(0, vocab, (B, 16), device=device)  # 16 text tokens: a little over the longest caption (13)
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, vocab {vocab}")
     times, one = [], dataclasses.replace(cfg, grad_accum=1)  # the whole batch in one micro-batch
     for i in range(8):  # the training step itself: 2 warm-up steps, then the median of 6
@@ -975,10 +974,9 @@ ZERO_OK = ("max_train", "eval_max", "vit_layers", "warmup", "stop_after", "top_k
 RATES = ("lr", "grad_clip", "rope_theta", "patch_scale")  # above 0; every other number is at least 0
 
 def check_decoding(cfg):  # a decoding flag (typed, or saved with a checkpoint) the search would ignore: refused
-    if cfg.beam > 1 and (cfg.temperature > 0 or cfg.top_k > 0 or cfg.top_p < 1):
-        raise UserError(f"--beam {cfg.beam} is a deterministic search: --temperature, --top_k, --top_p need --beam 1")
-    if cfg.temperature == 0 and (cfg.top_k > 0 or cfg.top_p < 1):
-        raise UserError("--top_k and --top_p filter what is sampled: give a --temperature above 0 as well")
+    if (cfg.temperature > 0 or cfg.top_k > 0 or cfg.top_p < 1) and (cfg.beam > 1 or cfg.temperature == 0):
+        raise UserError(f"sampling is --temperature above 0 with --beam 1, --top_k / --top_p filter it; got --beam "
+                        f"{cfg.beam}, --temperature {cfg.temperature}, --top_k {cfg.top_k}, --top_p {cfg.top_p}")
 
 def parse_args(argv=None):
     """Command line -> (args, cfg, overrides): the preset, then the flags given. No files, data or model touched."""
@@ -1014,6 +1012,8 @@ def parse_args(argv=None):
          f"--patch {cfg.patch}, at least twice it (the sin-cos positions need a grid of patches)"),
         (cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.vit_heads, f"--d_model "
          f"{cfg.d_model} / --n_head {cfg.n_head}: need even-sized heads, and --vit_dim a multiple of --vit_heads"),
+        ([args.train or args.eval, args.generate, args.bench].count(True) > 1, "one mode per call; --train evaluates"),
+        (args.resume and not args.train, "--resume continues a training run: use it with --train"),
         (args.generate and not args.image, "--generate needs --image PATH")) if wrong]
     if bad:
         raise UserError(bad[0])
