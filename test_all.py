@@ -2165,7 +2165,7 @@ def test_vl_train_tiny_eval_generate_freeze(tmp_path, capsys):
 VL_USER_DATA_EXAMPLE = (
     '{"image": "photos/shapes.png", "question": "How many shapes are there?", "answer": "two"}\n'
     '{"video": "clips/ball.mp4", "question": "Which way does the red circle move?", "answer": "left"}\n'
-    '{"video": "frames/", "question": "Which shape appears first?", "answer": "blue square"}\n')
+    '{"frames": "frames/", "question": "Which shape appears first?", "answer": "blue square"}\n')
 
 
 def test_vl_user_data_trains_and_no_user_file_is_overwritten(vl_tiny_run, tmp_path):
@@ -2179,6 +2179,7 @@ def test_vl_user_data_trains_and_no_user_file_is_overwritten(vl_tiny_run, tmp_pa
     for i in range(4):
         cv2.imwrite(str(tmp_path / "frames" / f"{i:02d}.png"), np.full((40, 56, 3), 60 * i, np.uint8))
     (tmp_path / "mine.jsonl").write_text(VL_USER_DATA_EXAMPLE)
+    assert [e["kind"] for e in vl.read_annotations(str(tmp_path / "mine.jsonl"))] == ["image", "video", "video"]
     vl.main(["--train", "--preset", "tiny", "--max_steps", "2", "--data", str(tmp_path / "mine.jsonl"),
              "--out_dir", str(tmp_path / "o")])
     ev = json.load(open(tmp_path / "o" / "eval.json"))

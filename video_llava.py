@@ -335,11 +335,13 @@ def read_annotations(path):
             e = json.loads(line)
         except json.JSONDecodeError:
             raise UserError(f"{path}:{no}: not a JSON object")
+        if isinstance(e, dict) and "frames" in e and "video" not in e:  # a folder of frames: a video like any other
+            e["video"] = e.pop("frames")
         kind = "image" if isinstance(e, dict) and "image" in e else "video"
         if not isinstance(e, dict) or ("image" in e) == ("video" in e) or not all(
                 isinstance(e.get(k), str) and e.get(k) for k in (kind, "question", "answer")):
-            raise UserError(f"{path}:{no}: need exactly one of 'image'/'video' (a path) plus non-empty 'question' "
-                            f"and 'answer' strings")
+            raise UserError(f"{path}:{no}: need exactly one of 'image'/'video'/'frames' (a path) plus 'question' "
+                            f"and 'answer', non-empty strings")
         if re.search("<image>|<video>", e["question"] + e["answer"]):  # the template adds the one tag itself
             raise UserError(f"{path}:{no}: the text contains an <image>/<video> tag; the prompt template adds it")
         media = os.path.join(base, e[kind])
