@@ -107,7 +107,7 @@ class Config:
     n_perceiver_layer: int = 1  # resampler layers, each: latents attend, then an MLP
     max_frames: int = 64  # time embeddings the resampler has: the longest clip it takes
     max_len: int = 12  # longest caption in tokens, BOS/EOS included
-    motion: bool = True  # add a projection of frame-to-frame token differences (see Captioner)
+    motion: bool = True  # frame-to-frame token differences + a per-frame summary token (Captioner)
     sdpa: bool = True  # attention through F.scaled_dot_product_attention (False: the written-out math)
     clip_steps: int = 3000  # CLIP training (stage 1): with fewer, shape was only half learned on some seeds (NOTES)
     steps: int = 1000  # optimiser steps for each captioner (stage 2): both get exactly the same budget
@@ -339,7 +339,7 @@ class Module(nn.Module):
     module is ready however it is built, alone (as in the tour) or inside a model."""
     def init_weights(self):
         """GPT-2's init over the whole tree, in module order: Linear and Embedding weights N(0, 0.02), biases 0,
-        LayerNorm the identity; then each module's own exceptions (`init_own`). Learned latents, position and time
+        LayerNorm scale 1, shift 0; then each module's own exceptions (`init_own`). Learned latents, position and time
         embeddings are drawn with std 0.02 where they are defined, and gates are created at 0."""
         # An enclosing constructor runs this again over its whole tree, replacing a part's own pass; fork_rng keeps
         # every pass off the global random stream, so a model's weights depend on --seed and its layout only.
@@ -544,7 +544,7 @@ class GatedCrossAttention(Module):
         self.ff_gate = nn.Parameter(torch.zeros(()))  # scalar b = 0
         self.init_weights()
     def forward(self, x, media, mask):
-        # media (B, M*Q, Dm), mask (B, L, M*Q). A fully masked row would attend uniformly (finite minimum), so
+        # media (B, M*Q, Dm), mask (B, L, M*Q). A fully masked row would attend uniformly (or get zeros from SDPA), so
         # tokens with no media yet get a zero update instead.
         out = self.attn(self.ln(x), media, mask=mask)  # (B, L, D): each text token's read of its media
         out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # (B, L, D)
@@ -931,7 +931,7 @@ def lr_at(step, total, base, cfg):
     return base * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
 
 def make_optimizer(groups, cfg):
-    """AdamW; weight decay only on matrices (not on biases, norms, gates or the temperature)."""
+    """AdamW; weight decay on every tensor of 2+ dims (weights, embeddings; not biases, norms, gates, temperature)."""
     out = []
     for params, lr in groups:
         params = [p for p in params if p.requires_grad]
@@ -1099,7 +1099,7 @@ def heat_png(path, w, frames, labels, title, rows):
         put(names, f"frame {j + 1}", j * cell + 2, 11)
     width = lab_w + strip.shape[1]
     lines = [ln for t in (title, f"rows: {rows}", "columns: the frames, in time order; colour: weight / row max, "
-                          "from dark blue (0) to yellow (1)")
+                          "from dark purple (0) to yellow (1)")
              for ln in textwrap.wrap(t, width // 7)]  # about 7 pixels per character
     head = np.zeros((14 * len(lines) + 6, width, 3), np.uint8)
     for i, line in enumerate(lines):
