@@ -67,8 +67,8 @@ SCRIPT = "mark1"
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
-def read_json(path, fix, kind=dict):  # json.load where a missing or damaged file, or JSON that is not a non-empty
-    try:  # `kind` (dict or list), is one UserError line that says how to fix it; utf-8-sig skips a byte-order mark
+def read_json(path, fix, kind=dict):  # the non-empty dict (or list) in path; else one UserError line ending in `fix`
+    try:  # utf-8-sig: a byte-order mark some editors write is skipped
         obj = json.load(open(path, encoding="utf-8-sig"))
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror}); {fix}")

@@ -1026,8 +1026,8 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None)
                 atomic(os.path.join(cfg.out_dir, name), lambda p: shutil.copyfile(src, p))
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
     if opt is not None:
-        ts = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "rng": torch.get_rng_state(),
-              "seconds": seconds}
+        ts = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else {}, "step": step,
+              "rng": torch.get_rng_state(), "seconds": seconds}
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
 def saved_config(out_dir, overrides, resume=True):

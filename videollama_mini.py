@@ -136,7 +136,7 @@ COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30), 
            "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
 SHAPES = ["circle", "square", "triangle"]
 MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-VERBS = ("moves", "goes")  # two phrasings of each caption: two references per clip, as captioning datasets have
+VERBS = ("moves", "goes")  # two phrasings of each caption: two references per clip, as in captioning datasets
 # (colour, shape) pairs never shown in training: each colour loses one shape, each shape is held out twice.
 NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),
                ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}
