@@ -525,16 +525,15 @@ def expand_placeholders(ids, cfg, n_frames):
 # Model: LLaMA primitives -> CLIP tower -> projector -> VideoLlava -----------------------------------------------------
 
 class RMSNorm(nn.Module):
-    """LLaMA's norm (Zhang & Sennrich 2019): scale each vector by the reciprocal of its root mean square, then by a
-    learned gain; no mean subtraction, no bias. Computed in float32 whatever the activation dtype, then cast back
-    before the gain, in the order of transformers' LlamaRMSNorm (the bits of a bfloat16 model depend on it)."""
+    """LLaMA's norm (Zhang & Sennrich 2019): each vector divided by its root mean square, then a learned gain; no
+    mean subtraction, no bias. Computed in float32 whatever the activation dtype."""
     def __init__(self, d, eps):
         super().__init__()
         self.weight, self.eps = nn.Parameter(torch.ones(d)), eps  # gain (D,), starts at 1: the identity
     def forward(self, x):  # (..., D) -> (..., D)
         h = x.float()  # (..., D) in float32
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # x / rms(x), the mean over the last dim D
-        return self.weight * h.to(x.dtype)  # cast back first, then the gain, as transformers does
+        return self.weight * h.to(x.dtype)  # cast back, then the gain: transformers' order (bfloat16 bits depend on it)
 
 def rotate_half(x):
     """RoPE's rotation by 90 degrees in the layout LLaMA checkpoints use: the head dim E is cut into two halves
@@ -831,15 +830,13 @@ class VideoLlava(nn.Module):
         n, need = int(mask.sum()), feats.shape[0] * feats.shape[1]  # placeholders vs feature vectors
         if n != need:
             raise UserError(f"the prompt has {n} {what} placeholder tokens but the {what}s give {need} features "
-                            f"({feats.shape[0]} x {feats.shape[1]}); use one {what} tag per {what} and "
-                            f"expand_placeholders, as the processor does")
+                            f"({feats.shape[0]} x {feats.shape[1]}); one <{what}> per {what}, then expand_placeholders")
         return x.masked_scatter(mask[..., None].expand_as(x), feats.to(x.dtype))  # (B, L, D)
     def _rope_table(self, pos, dtype):
-        """RoPE angles: pos (B, L) -> cos, sin (B, 1, L, E), the 1 broadcasting over heads. Position p rotates feature
-        pair (i, i + E/2) by p * theta^(-2i/E): fast turns in the first features, slow ones in the last. Looked up in a
-        table of every position (built once per device, with transformers' arithmetic: int64 arange -> float, float32
-        angles), so a compiled step reads the angles instead of recomputing them. pos is per row: under left padding
-        each row counts from its own first real token (forward, KVCache.next_step)."""
+        """RoPE angles: pos (B, L) -> cos, sin (B, 1, L, E), the 1 broadcasting over heads. Position p turns feature
+        pair (i, i + E/2) by p * theta^(-2i/E): fast turns in the first features, slow ones in the last. pos is per row
+        (under left padding each row counts from its own first real token); the angles of every position are tabled
+        once per device, in transformers' arithmetic (int64 arange -> float, float32 angles)."""
         if pos.device not in self._rope:
             e = self.cfg.hidden_size // self.cfg.num_attention_heads
             inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, e, 2, dtype=torch.int64,
@@ -860,9 +857,8 @@ class VideoLlava(nn.Module):
         T = offset + L  # keys after this call: the cached ones and these L
         need = cache.k[0].shape[2] if cache is not None else T  # a cache is as long as prompt + answer
         if need > cfg.max_position_embeddings:  # the RoPE table ends there
-            raise UserError(f"a sequence of {need} tokens (prompt with its visual tokens, plus answer or "
-                            f"--max_new_tokens) is longer than the model's context ({cfg.max_position_embeddings}); "
-                            f"use fewer --n_frames or a shorter text")
+            raise UserError(f"{need} tokens (the prompt with its visual tokens, plus the answer or --max_new_tokens) "
+                            f"exceed the model's context ({cfg.max_position_embeddings}); use fewer --n_frames")
         x = lm.embed_tokens(input_ids)  # (B, L, D)
         # placeholder expansion: the prompt holds one <image> token per image feature and one <video> token per
         # frame feature (expand_placeholders); their embeddings are overwritten by the projected CLIP features
