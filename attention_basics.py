@@ -1064,7 +1064,7 @@ def caption_all(model, tok, clips, cfg, device, batch=64):
     for i in range(0, len(clips), batch):
         for ids in generate(model, clips[i:i + batch], cfg, device):
             preds.append(tok.decode(ids))
-            n_tok += len(ids) + 1  # + the EOS it produced
+            n_tok += min(len(ids) + 1, cfg.max_len - 1)  # + its EOS, unless it ran to max_len without one
     return preds, n_tok / (time.time() - t0)
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ import random
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -4220,6 +4221,19 @@ def test_ab_frame_folder_in_natural_order(tmp_path):
         cv2.imwrite(str(tmp_path / f"f{i}.{ext}"), np.full((20, 20, 3), 20 * i, np.uint8))
     got = [int(f.mean()) for f in ab.load_video(str(tmp_path), 11, 16)]
     assert np.allclose(got, [20 * i for i in range(11)], atol=2), got  # JPEG/WebP: lossy by a level or so
+
+
+def test_ab_caption_speed_counts_an_eos_only_where_one_was_made(monkeypatch):
+    """caption_all's tokens/s: a caption that stopped at EOS made len + 1 tokens; one that ran to max_len made
+    max_len - 1 (BOS is given, not generated) and no EOS."""
+    cfg = ab.Config(**ab.PRESETS["tiny"])
+    rows = [[5, 6], [7] * (cfg.max_len - 1)]  # the first stopped at EOS, the second ran to max_len
+    monkeypatch.setattr(ab, "generate", lambda *a: rows)
+    clock = iter([0.0, 1.0])
+    monkeypatch.setattr(ab.time, "time", lambda: next(clock))
+    tok = types.SimpleNamespace(decode=lambda ids: " ".join(map(str, ids)))
+    _, tps = ab.caption_all(None, tok, torch.zeros(2, 1), cfg, "cpu")
+    assert tps == 3 + cfg.max_len - 1
 
 
 # ====================================================================================================================
