@@ -1353,11 +1353,10 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
              else model.language_model.model.embed_tokens.weight.dtype)
     # on a CPU the weights are frozen into the graph as constants, each product by the fastest kernel (max_autotune);
-    # a weight changed in place (an optimizer step) bumps its tensor's version counter: the sum differs, the graphs are
-    # rebuilt; a change through `.data` bumps none: then call torch._dynamo.reset() yourself
+    # a change through `.data` bumps no version counter: then call torch._dynamo.reset() yourself
     tuned = torch._inductor.config.patch(freezing=True, max_autotune=True) if compile and dev == "cpu" else None
     if tuned is not None:
-        version = sum(p._version for p in model.parameters())
+        version = sum(p._version for p in model.parameters())  # a change in place (an optimizer step) bumps it
         if getattr(model, "_frozen_version", version) != version:  # weights changed since the last compiled call
             torch._dynamo.reset()  # every compiled graph of the process: the frozen constants are stale
         model._frozen_version = version
@@ -1384,11 +1383,10 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
                 pos, step_mask = cache.next_step(mask)
                 try:
                     logits = step(nxt[:, None], pos, step_mask, cache)
-                except torch._dynamo.exc.FailOnRecompileLimitHit:  # torch keeps 8 graphs per function: go on eagerly
-                    limit = torch._dynamo.config.recompile_limit
-                    warnings.warn(f"generate(compile=True): torch.compile's limit of {limit} graphs (one per model, "
-                                  f"batch size and cache length) is reached; this call decodes with the eager step")
-                    step = model.step
+                except torch._dynamo.exc.FailOnRecompileLimitHit:  # a graph per model, batch size and cache length
+                    limit = torch._dynamo.config.recompile_limit  # 8 by default
+                    warnings.warn(f"generate: torch.compile's limit of {limit} graphs is reached; decoding eagerly")
+                    step = model.step  # the rest of this call goes on eagerly
                     logits = step(nxt[:, None], pos, step_mask, cache)
             else:  # the naive path: the whole sequence again, media re-encoded (tests compare it with the cache path)
                 seq = torch.cat([seq, nxt[:, None]], 1)  # (B, L + steps)
@@ -1397,28 +1395,25 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):
     """Greedy answers on test and novel -> exact match per medium and per question kind; writes eval.json."""
-    result, splits = {}, [s for s in ("test", "novel") if s in data]  # your data has no novel split
+    result = {}
     print(f"{'split':8s} {'medium':7s} {'n':>5s} {'exact':>7s}")
-    for split in splits:
-        ex, preds, result[split] = data[split], {}, {}
-        by_kind = {k: [i for i, e in enumerate(ex.entries) if e["kind"] == k] for k in ("image", "video")}
-        for rows in by_kind.values():  # batches of one medium: an image prompt is never padded to a video's length
-            for part in (rows[s:s + 64] for s in range(0, len(rows), 64)):
-                b = ex.batch(part, device, with_answer=False, left_pad=True)
+    for split in [s for s in ("test", "novel") if s in data]:  # your data has no novel split
+        ex, result[split] = data[split], {}
+        for kind in sorted({e["kind"] for e in ex.entries}):  # image, then video: the media this split has
+            rows, preds = [i for i, e in enumerate(ex.entries) if e["kind"] == kind], {}
+            for part in (rows[s:s + 64] for s in range(0, len(rows), 64)):  # an image is never padded to a video
                 with autocast(cfg.dtype, device):
-                    out = generate(model, **b, max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_id,
-                                   pad_token_id=tok.pad_id)
+                    out = generate(model, **ex.batch(part, device, with_answer=False, left_pad=True),
+                                   max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
                 preds.update(zip(part, [tok.decode([t for t in r if t != tok.eos_id]).strip() for r in out.tolist()]))
-        em = lambda rows: exact_match([preds[i] for i in rows], [ex.entries[i]["answer"] for i in rows])
-        for kind, rows in ((k, r) for k, r in by_kind.items() if r):
+            em = lambda rows: exact_match([preds[i] for i in rows], [ex.entries[i]["answer"] for i in rows])
             kinds = {i: " ".join(ex.entries[i]["question"].split()[:4]) for i in rows}  # e.g. "Which way does the"
             by_q = {q: em([i for i in rows if kinds[i] == q]) for q in sorted(set(kinds.values()))}
             samples = [{"question": ex.entries[i]["question"], "prediction": preds[i],
                         "reference": ex.entries[i]["answer"]} for i in rows[:4]]
-            r = {"n": len(rows), "exact_match": em(rows), "by_question": by_q, "samples": samples}
-            result[split][kind] = r
-            print(f"{split:8s} {kind:7s} {r['n']:5d} {r['exact_match']:7.3f}   " +
-                  ", ".join(f"{q}: {v:.2f}" for q, v in r["by_question"].items()))
+            result[split][kind] = {"n": len(rows), "exact_match": em(rows), "by_question": by_q, "samples": samples}
+            print(f"{split:8s} {kind:7s} {len(rows):5d} {em(rows):7.3f}   " +
+                  ", ".join(f"{q}: {v:.2f}" for q, v in by_q.items()))
     result["train_seconds"] = train_seconds
     test = result["test"]
     for s in test.get("video", {}).get("samples", [])[:3] + test.get("image", {}).get("samples", [])[:3]:
@@ -1431,11 +1426,10 @@ def inspect_checkpoint(path, n_frames, n_tokens):
     model, found, handles, problems = align_keys(path)
     cfg, files, towers, by_dtype, layouts = model.cfg, weight_files(path), {}, {}, set()
     for key, f in files.items():
-        sl = handles[f].get_slice(key)
-        numel, dt = math.prod(sl.get_shape()), sl.get_dtype()
+        sl = handles[f].get_slice(key)  # shape and dtype from the file's header: no tensor is read
+        numel, dt, tower = math.prod(sl.get_shape()), sl.get_dtype(), canonical_key(key).split(".")[0]
         size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2}.get(dt, 1)  # bytes per element
         by_dtype[dt] = by_dtype.get(dt, 0) + numel * size
-        tower = canonical_key(key).split(".")[0]
         towers[tower] = towers.get(tower, 0) + numel
         layouts.add("transformers-5 in memory" if key.startswith(("model.", "lm_head.")) else
                     "hub" if ".vision_model." in key else "transformers-5 save" if "_tower." in key else None)
@@ -1469,8 +1463,7 @@ def bench(cfg, sizes=None, rounds=3):
     for name, size in (sizes or {"~20M": llama(256, 688, 4, 4), "~130M": llama(768, 2048, 12, 12)}).items():
         torch.manual_seed(0)
         mcfg = Config(vocab_size=32064, max_position_embeddings=1024, image_token_index=32000, video_token_index=32001,
-                      v_hidden_size=32, v_intermediate_size=64, v_num_hidden_layers=2, image_size=28, patch_size=14,
-                      v_num_attention_heads=2, **size)
+                      **size)  # LLaMA's vocabulary; the towers keep Config's small defaults (decoding never runs them)
         ours, ids, new = VideoLlava(mcfg).eval(), torch.randint(3, 32000, (1, 16)), cfg.max_new_tokens
         ours._init_weights()
         run = {"eager": lambda: generate(ours, ids, max_new_tokens=new)[0],
@@ -1507,12 +1500,9 @@ def parse_args(argv=None):
     """argv -> (args, cfg, overrides): the modes, then one flag per Config field over the --preset's values."""
     p = argparse.ArgumentParser(description="Video-LLaVA: HF-faithful inference and a tiny model trained on a CPU.")
     for mode, what in (("train", "build the synthetic world (if needed), train, evaluate"),
-                       ("resume", "with --train: continue the run in out_dir exactly (flags typed here override its "
-                                  "config, architecture flags must match)"),
-                       ("eval", "evaluate the checkpoint in out_dir on test and novel"),
-                       ("generate", "answer --prompt about --video / --image"),
-                       ("bench", "decode tokens/s vs transformers, bandwidth floor"),
-                       ("compile", "--generate: the one-token step through torch.compile")):
+                       ("resume", "with --train: continue out_dir's run exactly (architecture flags must match)"),
+                       ("eval", "evaluate out_dir on test and novel"), ("bench", "decode tokens/s vs transformers"),
+                       ("generate", "answer --prompt about --video / --image"), ("compile", "--generate, compiled")):
         p.add_argument(f"--{mode}", action="store_true", help=what)
     p.add_argument("--inspect", default="", metavar="DIR", help="report on the checkpoint in DIR")
     for name, what in (("video", "video file or frame folder"), ("image", "image file"), ("prompt", "the question")):
@@ -1537,33 +1527,29 @@ def parse_args(argv=None):
     problems += [f"--{a} {v[a]} must be a multiple of --{b} {v[b]}" for a, b in (("hidden_size", "num_attention_heads"),
                  ("num_attention_heads", "num_key_value_heads"), ("v_hidden_size", "v_num_attention_heads"),
                  ("image_size", "patch_size")) if v[a] % max(v[b], 1)]  # heads split the width, patches the image
-    same = lambda a, b: bool(a and b) and os.path.realpath(a) == os.path.realpath(b)  # reads no file
+    one_of = dict(dtype=("auto", "float32", "bfloat16", "float16"), vision_feature_select_strategy=("default", "full"))
+    problems += [f"--{k} {v[k]}: choose {' or '.join(ok)}" for k, ok in one_of.items() if v[k] not in ok]
+    modes = sum(map(bool, (args.train or args.eval, args.generate, args.inspect, args.bench)))  # --train evaluates too
     own_run = lambda meta: meta.get("script") == SCRIPT  # the config.json of a run of this script
     problems += [msg for bad, msg in (
         (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: in (0, 1]"),
-        (cfg.temperature == 0 and (cfg.top_k > 0 or cfg.top_p < 1), "--top_k and --top_p filter what is sampled: "
-         "give a --temperature above 0 as well"),
-        (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
-         f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16"),
-        (cfg.hidden_size // max(cfg.num_attention_heads, 1) % 2, "--hidden_size / --num_attention_heads "
-         "(the head width) must be even: RoPE rotates feature pairs"),
-        (not -cfg.v_num_hidden_layers <= cfg.vision_feature_layer + 1 <= cfg.v_num_hidden_layers + 1,
+        (cfg.temperature == 0 and (cfg.top_k > 0 or cfg.top_p < 1),
+         "--top_k and --top_p filter what is sampled: give a --temperature above 0 as well"),
+        (cfg.hidden_size // max(cfg.num_attention_heads, 1) % 2,
+         "--hidden_size / --num_attention_heads (the head width) must be even: RoPE rotates feature pairs"),
+        (not -cfg.v_num_hidden_layers - 1 <= cfg.vision_feature_layer <= cfg.v_num_hidden_layers,
          f"--vision_feature_layer {cfg.vision_feature_layer}: the tower has hidden states -"
          f"{cfg.v_num_hidden_layers + 1} .. {cfg.v_num_hidden_layers}"),
-        (cfg.vision_feature_select_strategy not in ("default", "full"),
-         "--vision_feature_select_strategy: choose default or full"),
-        (overrides.get("share_towers") and cfg.from_pretrained, "--share_towers is for training from scratch: "
-         "--from_pretrained keeps the checkpoint's two towers (drop the flag)"),
-        (args.train and same(cfg.out_dir, cfg.from_pretrained), f"--out_dir {cfg.out_dir} is the --from_pretrained "
-         "folder: training would overwrite it; give another --out_dir"),
+        (overrides.get("share_towers") and cfg.from_pretrained,
+         "--share_towers is for training from scratch: --from_pretrained keeps the checkpoint's two towers"),
+        (args.train and cfg.from_pretrained and os.path.realpath(cfg.out_dir) == os.path.realpath(cfg.from_pretrained),
+         f"--out_dir {cfg.out_dir} is the --from_pretrained folder: training would overwrite it"),
         (args.train and not args.resume and not writable(cfg.out_dir, "config.json", own_run),
-         f"--out_dir {cfg.out_dir}: a file, or a folder holding files this script did not write (no config.json of a "
-         f"{SCRIPT}.py run); give a new or empty folder"),
+         f"--out_dir {cfg.out_dir}: a file, or a folder of files this script did not write; give a new or empty one"),
         (args.resume and not args.train, "--resume continues a training run: use it with --train"),
-        (sum(map(bool, (args.train or args.eval, args.generate, args.inspect, args.bench))) > 1, "one mode per call: "
-         "--train (which also evaluates), --eval, --generate, --inspect DIR or --bench"),
-        (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it with --generate "
-         "(--bench runs both)")) if bad]
+        (modes > 1, "one mode per call: --train (which also evaluates), --eval, --generate, --inspect DIR or --bench"),
+        (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it with --generate"),
+    ) if bad]
     if problems:
         raise UserError(problems[0])
     return args, cfg, overrides
@@ -1584,20 +1570,19 @@ def run_generate(args, cfg, overrides):
     vids = torch.from_numpy(load_video(args.video, n_frames, mcfg.image_size))[None].to(device) if args.video else None
     text = args.prompt if "<image>" in args.prompt or "<video>" in args.prompt else prompt_text(args.prompt, kind)
     ids = torch.tensor([expand_placeholders(tok.encode(text), mcfg, n_frames)], device=device)
-    g, shown, got = torch.Generator(device=device).manual_seed(cfg.seed), "", []
-    def stream(tok_id):  # print the new text as it comes (decoding the whole answer keeps multi-byte chars whole)
-        nonlocal shown
+    g, got = torch.Generator(device=device).manual_seed(cfg.seed), []
+    answer = lambda: tok.decode([t for t in got if t != tok.eos_id]).rstrip("\ufffd")  # an unfinished char waits
+    def stream(tok_id):  # print what each new token adds (decoding the whole answer keeps multi-byte chars whole)
+        before = answer()
         got.append(int(tok_id[0]))
-        text = tok.decode([t for t in got if t != tok.eos_id]).rstrip("\ufffd")  # a character still incomplete waits
-        print(text[len(shown):], end="", flush=True)
-        shown = text
+        print(answer()[len(before):], end="", flush=True)
     try:  # an HF folder's weights are already in --dtype; a run of this script's keep float32, under autocast
         with autocast(cfg.dtype if dtype is None else "float32", device):
             generate(model, ids, None, imgs, vids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                      top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                      generator=g, on_token=stream, compile=args.compile)
     except torch._dynamo.exc.BackendCompilerFailed as e:  # on a CPU, torch.compile needs a C++ compiler (g++)
-        if shown:
+        if answer():
             print()  # end the streamed line (the first token comes before the first compiled step)
         raise UserError(f"--compile: torch.compile failed ({str(e).splitlines()[0][:200]}); run without --compile")
     print()
