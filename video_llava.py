@@ -1332,9 +1332,9 @@ def sample_next(logits, temperature, top_k, top_p, generator):
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
     if top_p < 1.0:
-        sorted_l, order = logits.sort(-1, descending=True)
-        cum = sorted_l.softmax(-1).cumsum(-1)
-        drop = cum - sorted_l.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_l, order = logits.sort(-1, descending=True)  # the most likely first
+        probs = sorted_l.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), -math.inf)  # vocabulary order
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
@@ -1457,6 +1457,7 @@ def bench(cfg, sizes=None, rounds=3):
     """Decode tokens/s (batch 1, greedy, float32, 16-token prompt) of the eager step, the compiled step and transformers
     (if installed) on the same weights, as a share of a floor: reading every LLaMA weight once at copy bandwidth."""
     import tempfile
+    import timeit
     src, dst = torch.randn(2**26), torch.zeros(2**26)  # 256 MiB each, far bigger than any cache, pages touched
     llama = lambda d, i, n, h: dict(hidden_size=d, intermediate_size=i, num_hidden_layers=n, num_attention_heads=h,
                                     num_key_value_heads=h)
@@ -1479,13 +1480,9 @@ def bench(cfg, sizes=None, rounds=3):
         same, tps, bw = all(torch.equal(v, first["eager"]) for v in first.values()), dict.fromkeys(run, 0.0), 0.0
         for _ in range(rounds):  # best of rounds, the decoders interleaved, then the copy (best of three)
             for k, f in run.items():
-                t = time.perf_counter()
-                got = f()
-                tps[k], same = max(tps[k], new / (time.perf_counter() - t)), same and torch.equal(got, first[k])
-            for _ in range(3):
-                t = time.perf_counter()
-                dst.copy_(src)
-                bw = max(bw, 2 * src.nbytes / (time.perf_counter() - t))  # bytes read + written, as STREAM counts
+                tps[k] = max(tps[k], new / timeit.timeit(f, number=1))
+            copy = min(timeit.repeat(lambda: dst.copy_(src), number=1, repeat=3))  # seconds
+            bw = max(bw, 2 * src.nbytes / copy)  # bytes read + written, as STREAM counts
         n_lm = sum(p.numel() for p in ours.language_model.parameters())
         floor = bw / (n_lm * 4)  # tokens/s if a step cost only reading every LLaMA weight once
         print(f"{name}: LLaMA {n_lm / 1e6:.1f}M parameters, {new} new tokens, {torch.get_num_threads()} threads, copy "
@@ -1538,8 +1535,7 @@ def parse_args(argv=None):
         (cfg.hidden_size // max(cfg.num_attention_heads, 1) % 2,
          "--hidden_size / --num_attention_heads (the head width) must be even: RoPE rotates feature pairs"),
         (not -cfg.v_num_hidden_layers - 1 <= cfg.vision_feature_layer <= cfg.v_num_hidden_layers,
-         f"--vision_feature_layer {cfg.vision_feature_layer}: the tower has hidden states -"
-         f"{cfg.v_num_hidden_layers + 1} .. {cfg.v_num_hidden_layers}"),
+         f"--vision_feature_layer: the tower's layers are -{cfg.v_num_hidden_layers + 1} .. {cfg.v_num_hidden_layers}"),
         (overrides.get("share_towers") and cfg.from_pretrained,
          "--share_towers is for training from scratch: --from_pretrained keeps the checkpoint's two towers"),
         (args.train and cfg.from_pretrained and os.path.realpath(cfg.out_dir) == os.path.realpath(cfg.from_pretrained),
