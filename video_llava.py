@@ -1399,9 +1399,9 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
     print(f"{'split':8s} {'medium':7s} {'n':>5s} {'exact':>7s}")
     for split in [s for s in ("test", "novel") if s in data]:  # your data has no novel split
         ex, result[split] = data[split], {}
-        for kind in sorted({e["kind"] for e in ex.entries}):  # image, then video: the media this split has
+        for kind in sorted({e["kind"] for e in ex.entries}):  # image, then video (those present): one medium per batch
             rows, preds = [i for i, e in enumerate(ex.entries) if e["kind"] == kind], {}
-            for part in (rows[s:s + 64] for s in range(0, len(rows), 64)):  # an image is never padded to a video
+            for part in (rows[s:s + 64] for s in range(0, len(rows), 64)):  # no image padded to a video's length
                 with autocast(cfg.dtype, device):
                     out = generate(model, **ex.batch(part, device, with_answer=False, left_pad=True),
                                    max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
