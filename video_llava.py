@@ -1352,14 +1352,13 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     dev = input_ids.device.type  # under autocast, keys/values come out of its matmuls in its dtype
     dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
              else model.language_model.model.embed_tokens.weight.dtype)
-    # on a CPU the weights are frozen into the graph as constants, each product by the fastest kernel (max_autotune);
-    # a change through `.data` bumps no version counter: then call torch._dynamo.reset() yourself
+    # on a CPU the weights are frozen into the graph as constants, each product by the fastest kernel (max_autotune)
     tuned = torch._inductor.config.patch(freezing=True, max_autotune=True) if compile and dev == "cpu" else None
     if tuned is not None:
         version = sum(p._version for p in model.parameters())  # a change in place (an optimizer step) bumps it
         if getattr(model, "_frozen_version", version) != version:  # weights changed since the last compiled call
             torch._dynamo.reset()  # every compiled graph of the process: the frozen constants are stale
-        model._frozen_version = version
+        model._frozen_version = version  # a change through `.data` bumps none: then call torch._dynamo.reset()
     # static shapes (dynamic=False): a graph per batch size and cache length, the cache rounded up to 64 to keep few
     step = torch.compile(model.step, fullgraph=True, dynamic=False) if compile else model.step
     n, context = L + max_new_tokens, model.cfg.max_position_embeddings
@@ -1442,9 +1441,8 @@ def inspect_checkpoint(path, n_frames, n_tokens):
     p, e, bf16, f32 = (cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size // cfg.num_attention_heads, 2, 4
     seq = (p + 1) * n_frames + n_tokens  # positions of the prompt: P+1 per frame (CLS kept for video) + text
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * e * seq * bf16  # keys and values of every layer
-    # one CLIP layer over the frames: input, q, k, v (4 Dv) and the MLP's hidden (bf16), attention scores (float32)
-    vis = n_frames * (p + 1) * ((4 * cfg.v_hidden_size + cfg.v_intermediate_size) * bf16 +
-                                cfg.v_num_attention_heads * (p + 1) * f32)
+    vis = n_frames * (p + 1) ** 2 * cfg.v_num_attention_heads * f32  # one CLIP layer over the frames: scores (float32),
+    vis += n_frames * (p + 1) * (4 * cfg.v_hidden_size + cfg.v_intermediate_size) * bf16  # input, q, k, v, MLP hidden
     act = seq * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * bf16  # one decoder layer: 4 D, gate/up/product
     print(f"estimate for one video of {n_frames} frames + {n_tokens} text tokens = {seq} positions: weights "
           f"{n_bytes / 2**30:.2f} GiB (as stored: {', '.join(by_dtype)}); in bfloat16: KV cache {kv / 2**20:.1f} MiB, "
