@@ -1533,7 +1533,8 @@ def parse_args(argv=None):
         (cfg.hidden_size // max(cfg.num_attention_heads, 1) % 2,
          "--hidden_size / --num_attention_heads (the head width) must be even: RoPE rotates feature pairs"),
         (not -cfg.v_num_hidden_layers - 1 <= cfg.vision_feature_layer <= cfg.v_num_hidden_layers,
-         f"--vision_feature_layer: the tower's layers are -{cfg.v_num_hidden_layers + 1} .. {cfg.v_num_hidden_layers}"),
+         f"--vision_feature_layer {cfg.vision_feature_layer}: the tower has hidden states "
+         f"-{cfg.v_num_hidden_layers + 1} .. {cfg.v_num_hidden_layers}"),
         (overrides.get("share_towers") and cfg.from_pretrained,
          "--share_towers is for training from scratch: --from_pretrained keeps the checkpoint's two towers"),
         (args.train and cfg.from_pretrained and os.path.realpath(cfg.out_dir) == os.path.realpath(cfg.from_pretrained),
