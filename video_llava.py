@@ -7,15 +7,13 @@ checkpoint `LanguageBind/Video-LLaVA-7B-hf`, plus a tiny Video-LLaVA trained fro
       -> multi_modal_projector: Linear -> GELU -> Linear                              -> (.., .., D)
       -> written over the <image> / <video> placeholder embeddings, in order, of the prompt
       -> LLaMA decoder (RMSNorm, rotate_half RoPE, grouped-query attention, SwiGLU) -> lm_head -> (B, L, V)
-
-Paper: Video-LLaVA, Lin et al. 2023 (https://arxiv.org/abs/2311.10122); LLaVA (https://arxiv.org/abs/2304.08485).
-Reference implementation: transformers `VideoLlavaForConditionalGeneration` (the tests compare logits and tokens
-with it on tiny random checkpoints; only the tests and `--bench` import transformers). Modules are named after the
-hub checkpoint keys (`language_model.model.layers.0.self_attn.q_proj.weight`), so loading is the identity map plus
-`canonical_key`, which folds the two other layouts transformers writes onto it.
-
 Shape legend: B batch, N images, F frames, P patches per frame, L text tokens, T keys (cache + new), D width,
 Dv vision width, H heads, K kv heads, E head dim, V vocabulary, T_max the KV cache's length.
+
+Paper: Video-LLaVA, Lin et al. 2023 (https://arxiv.org/abs/2311.10122); LLaVA (https://arxiv.org/abs/2304.08485).
+Reference: transformers `VideoLlavaForConditionalGeneration` (the tests compare logits and tokens with it; only they
+and `--bench` import it). Modules bear the hub checkpoint's key names, so loading is the identity map plus
+`canonical_key`, which folds the two other layouts transformers writes onto it.
 
 Commands:
     python video_llava.py --train                              # tiny Video-LLaVA from scratch (synthetic world, CPU)
@@ -23,8 +21,7 @@ Commands:
     torchrun --nproc_per_node=2 video_llava.py --train --batch_size 16   # DDP (gloo on CPU, nccl on CUDA), batch 32
     python video_llava.py --train --freeze vision,llm --from_pretrained out/video_llava --out_dir out/vl_stage1
     python video_llava.py --eval                               # re-evaluate out/video_llava on test / novel
-    python video_llava.py --generate --from_pretrained DIR --image cat.png --prompt "What is this?"  # HF checkpoint
-    python video_llava.py --generate --from_pretrained DIR --video clip.mp4 --prompt "What happens?" --compile
+    python video_llava.py --generate --from_pretrained DIR --video x.mp4 --prompt "What moves?" --compile  # or --image
     python video_llava.py --inspect DIR --n_frames 8           # parameter counts, bytes, key alignment, memory
     python video_llava.py --bench                              # decode tokens/s vs transformers, bandwidth floor
 """
@@ -158,23 +155,20 @@ def config_from_hf(hf, path):
     t, v = hf.get("text_config") or {}, hf.get("vision_config") or {}
     if not isinstance(t, dict) or not isinstance(v, dict):
         raise UserError(f"{path}: text_config and vision_config must be JSON objects")
-    if t.get("model_type", "llama") != "llama" or v.get("model_type", "clip_vision_model") != "clip_vision_model":
-        raise UserError(f"{path}: only a LLaMA text model with CLIP vision towers is supported")
-    if v.get("hidden_act", "quick_gelu") != "quick_gelu" or t.get("hidden_act", "silu") != "silu":
-        raise UserError(f"{path}: unsupported activation (need quick_gelu vision, silu text)")
+    if (t.get("model_type", "llama"), t.get("hidden_act", "silu"), v.get("model_type", "clip_vision_model"),
+            v.get("hidden_act", "quick_gelu")) != ("llama", "silu", "clip_vision_model", "quick_gelu"):
+        raise UserError(f"{path}: only a LLaMA text model (silu) with CLIP vision towers (quick_gelu) is supported")
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise UserError(f"{path}: rope scaling '{rope.get('rope_type')}' is not supported")
     if hf.get("projector_hidden_act", "gelu") != "gelu":  # the projector below is Linear-GELU(erf)-Linear
         raise UserError(f"{path}: projector_hidden_act '{hf['projector_hidden_act']}' is not supported (only gelu)")
-    if isinstance(hf.get("vision_feature_layer", -2), list):
-        raise UserError(f"{path}: a list of vision_feature_layer is not supported")
     where = {"text_config": t, "vision_config": v}
     out = {f: where[sec].get(k, d) if sec else hf.get(k, t.get(k, d)) for f, (sec, k, d) in HF_FIELDS.items()}
     out.update(num_key_value_heads=out["num_key_value_heads"] or out["num_attention_heads"],  # none: plain MHA
                rope_theta=rope.get("rope_theta", out["rope_theta"]),  # transformers 5 keeps it in rope_parameters
                tie_word_embeddings=bool(out["tie_word_embeddings"]), pad_token_id=out["pad_token_id"] or 0)
-    for f, x in out.items():  # null, or a string where a number belongs: refused here, not a TypeError later
+    for f, x in out.items():  # null, a string or a list where a number belongs: refused here, not a TypeError later
         want = type(getattr(Config, f))
         if want in (int, float) and not f.endswith("token_id") and type(x) not in {want, int}:
             raise UserError(f"{path}: config.json's {HF_FIELDS[f][1]} is {x!r}; a number is needed")
@@ -237,8 +231,7 @@ def make_clip(rng, split, n_frames):
     motion (one shape crosses the picture: its direction) and order (two shapes appear one after the other)."""
     frames = [np.full((SIDE, SIDE, 3), 60, np.uint8) for _ in range(CLIP_LEN)]  # (CLIP_LEN, SIDE, SIDE, 3)
     if rng.random() < 0.5:
-        colour, shape = sample_pair(rng, split)
-        motion = rng.choice(list(MOTIONS))
+        (colour, shape), motion = sample_pair(rng, split), rng.choice(list(MOTIONS))
         dx, dy = MOTIONS[motion]
         lo, hi = HALF + 2, SIDE - HALF - 3  # centre range that keeps the whole shape in the picture
         x0 = rng.randint(lo + (TRAVEL if dx < 0 else 0), hi - (TRAVEL if dx > 0 else 0))  # room to travel
@@ -295,8 +288,7 @@ def build_world(cfg):
                 writer.write(fr)
             writer.release()
             lines.append({"video": mp4, "question": q, "answer": a})
-        with open(files[split], "w") as f:
-            f.write("".join(json.dumps(x) + "\n" for x in lines))
+        open(files[split], "w").write("".join(json.dumps(x) + "\n" for x in lines))
     atomic(stamp, lambda p: json.dump(want, open(p, "w")))  # complete
     return files
 
@@ -335,18 +327,16 @@ def read_annotations(path):
             e = json.loads(line)
         except json.JSONDecodeError:
             raise UserError(f"{path}:{no}: not a JSON object")
-        if isinstance(e, dict) and "frames" in e and "video" not in e:  # a folder of frames: a video like any other
-            e["video"] = e.pop("frames")
-        kind = "image" if isinstance(e, dict) and "image" in e else "video"
-        if not isinstance(e, dict) or ("image" in e) == ("video" in e) or not all(
-                isinstance(e.get(k), str) and e.get(k) for k in (kind, "question", "answer")):
+        keys = [k for k in ("image", "video", "frames") if isinstance(e, dict) and k in e]
+        if len(keys) != 1 or not all(isinstance(e.get(k), str) and e[k] for k in (*keys, "question", "answer")):
             raise UserError(f"{path}:{no}: need exactly one of 'image'/'video'/'frames' (a path) plus 'question' "
                             f"and 'answer', non-empty strings")
+        kind, rel = "image" if keys == ["image"] else "video", e[keys[0]]  # a folder of frames: a video like any other
         if re.search("<image>|<video>", e["question"] + e["answer"]):  # the template adds the one tag itself
             raise UserError(f"{path}:{no}: the text contains an <image>/<video> tag; the prompt template adds it")
-        media = os.path.join(base, e[kind])
+        media = os.path.join(base, rel)
         if not os.path.exists(media):
-            raise UserError(f"{path}:{no}: {kind} '{e[kind]}' not found")
+            raise UserError(f"{path}:{no}: {kind} '{rel}' not found")
         out.append(dict(kind=kind, path=media, question=e["question"], answer=e["answer"], line=f"{path}:{no}"))
     if not out:
         raise UserError(f"{path}: no entries")
@@ -359,8 +349,7 @@ def clip_transform(rgb, size):
     # shortest edge -> size, long side int(size*long/short) (image_utils.get_resize_output_image_size)
     nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
-    # bicubic (resample=3 in preprocessor_config.json) with antialiasing: on a shrink the kernel widens to cover
-    # every source pixel, as PIL's does; uint8 in gives rounded uint8 out, as PIL and torchvision give
+    # bicubic (resample=3), antialiased as PIL's (a shrink widens the kernel over every source pixel), rounded to uint8
     x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True)[0]  # (3, nh, nw) uint8
     top, left = (nh - size) // 2, (nw - size) // 2  # centre crop
     x = x[:, top:top + size, left:left + size].float().numpy() / 255.0  # rescale to [0, 1]
@@ -397,12 +386,10 @@ def load_video(path, n_frames, size):
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such video file or folder of frames")
     counter, n = cv2.VideoCapture(path), 0  # FFmpeg through OpenCV: any container and codec it reads
-    if not counter.isOpened():
-        raise UserError(f"{path}: OpenCV cannot open this video (corrupt or unknown format)")
     while counter.grab():  # pass 1 counts the frames (counts in headers lie); grab() skips the BGR conversion
         n += 1
-    if n == 0:
-        raise UserError(f"{path}: video has no frames (corrupt or empty)")
+    if n == 0:  # OpenCV could not open the file, or decoded no frame of it
+        raise UserError(f"{path}: OpenCV decodes no frame of this video (corrupt, empty, or an unknown format)")
     want, cap, picked = frame_indices(n, n_frames), cv2.VideoCapture(path), {}
     for i in range(want[-1] + 1):  # pass 2 decodes again and transforms only the sampled frames
         if cap.grab() and i in want:
@@ -412,18 +399,18 @@ def load_video(path, n_frames, size):
     return np.stack([picked[i] for i in want])  # (F, 3, S, S)
 
 class Tokenizer:
-    """Shared by both tokenizers: added tokens {token: id} (<image>, <video>) are split out first (split_re) and keep
-    their ids; the text between them goes through the subclass's encode_text; prefix_ids / suffix_ids are BOS / EOS."""
+    """Both tokenizers: added tokens {token: id} (<image>, <video>) are split out first; the text between them goes
+    through the subclass's encode_text; prefix_ids / suffix_ids are BOS / EOS."""
     def encode(self, text, add_special_tokens=True):  # False: no BOS before, no EOS after (as transformers')
-        parts = self.split_re.split(text) if self.added else [text]  # odd parts are added tokens such as <image>
+        tags = "|".join(re.escape(s) for s in sorted(self.added, key=len, reverse=True))  # the longest match wins
+        parts = re.split(f"({tags})", text) if self.added else [text]  # odd parts are added tokens such as <image>
         ids = [t for i, part in enumerate(parts) if part
                for t in ([self.added[part]] if i % 2 else self.encode_text(part, first=i == 0))]
         return self.prefix_ids + ids + self.suffix_ids if add_special_tokens else ids
 
 class SentencePieceBPE(Tokenizer):
-    """LLaMA's tokenizer from tokenizer.json, as transformers 5 rebuilds it: added tokens split first; each remaining
-    section gets spaces -> '▁' and, only if it starts the text, a leading '▁' (Metaspace prepend_scheme='first');
-    then one BPE word per section (split=False), merges by rank, unknown characters -> <0xNN> byte tokens."""
+    """LLaMA's tokenizer from tokenizer.json, as transformers 5 rebuilds it (Metaspace with prepend_scheme='first', BPE
+    with byte fallback): each section of text between added tokens is one BPE word (split=False)."""
     def __init__(self, folder):
         path = os.path.join(folder, "tokenizer.json")
         tj = read_json(path)
@@ -443,18 +430,14 @@ class SentencePieceBPE(Tokenizer):
         name = lambda t, d: (t.get("content") if isinstance(t, dict) else t) or d
         self.bos_id, self.eos_id, self.pad_id = (self.vocab.get(name(tc.get(f"{k}_token"), d), z) for k, d, z in (
             ("bos", "<s>", None), ("eos", "</s>", None), ("pad", "<pad>", 0)))
-        # BOS/EOS around the text: transformers 5 takes the post-processor template from tokenizer.json
-        pp = tj.get("post_processor") or {}
-        single = pp.get("single") if pp.get("type") == "TemplateProcessing" else None
-        if single:
-            at = [i for i, p in enumerate(single) if "Sequence" in p][0]
-            sid = lambda p: pp["special_tokens"][p["SpecialToken"]["id"]]["ids"][0]
-            self.prefix_ids, self.suffix_ids = [sid(p) for p in single[:at]], [sid(p) for p in single[at + 1:]]
+        pp = tj.get("post_processor") or {}  # BOS/EOS around the text: transformers 5 takes this template
+        if pp.get("type") == "TemplateProcessing" and pp.get("single"):  # LLaMA's: [<s>, $A]
+            ids = [pp["special_tokens"][p["SpecialToken"]["id"]]["ids"][0] if "SpecialToken" in p else None
+                   for p in pp["single"]]  # None: the text ($A)
+            self.prefix_ids, self.suffix_ids = ids[:ids.index(None)], ids[ids.index(None) + 1:]
         else:
             self.prefix_ids, self.suffix_ids = [self.bos_id] if tc.get("add_bos_token", True) else [], []
         self.prefix = tc.get("add_prefix_space", True) is not False  # the Metaspace prepend of a leading '▁'
-        longest_first = sorted(self.added, key=len, reverse=True)  # "<image>" before any shorter token inside it
-        self.split_re = re.compile("(" + "|".join(re.escape(s) for s in longest_first) + ")")
     def encode_text(self, part, first):
         part = part.replace(" ", "▁")  # SentencePiece's visible space, then Metaspace's prepend of a leading '▁'
         word = "▁" + part if first and self.prefix and not part.startswith("▁") else part
@@ -466,13 +449,9 @@ class SentencePieceBPE(Tokenizer):
             if rank == math.inf:
                 break
             syms[i:i + 2] = [syms[i] + syms[i + 1]]
-        ids, unk = [], self.vocab.get(self.unk)
-        for s in syms:
-            if s in self.vocab:
-                ids.append(self.vocab[s])
-            elif not ids or ids[-1] != unk:  # fuse_unk: a run of unknowns is one <unk>
-                ids.append(unk)
-        return ids
+        unk = self.vocab.get(self.unk)
+        ids = [self.vocab.get(s, unk) for s in syms]  # fuse_unk: an unknown symbol right after an <unk> adds nothing
+        return [t for k, t in enumerate(ids) if not (k and syms[k] not in self.vocab and ids[k - 1] == unk)]
     def decode(self, ids):  # special tokens skipped
         pieces = [self.inv.get(int(i), "").replace("▁", " ") for i in ids if i not in self.added.values()]
         # a piece <0xNN> is one raw UTF-8 byte; the Strip decoder drops the space prepended to the first piece
@@ -482,8 +461,7 @@ class SentencePieceBPE(Tokenizer):
         return out.decode("utf-8", errors="replace")
 
 class GPT2Table(Tokenizer):
-    """GPT-2 BPE (tiktoken) over a compact table of the ids seen in training, plus <image> and <video>.
-    Model id 0 is <|endoftext|> (BOS, EOS and pad); the last two ids are the placeholders."""
+    """GPT-2 BPE (tiktoken) over a compact table of the GPT-2 ids seen in training; <image>, <video> come last."""
     def __init__(self, ids):
         import tiktoken  # only the trained-from-scratch model needs it
         self.enc = tiktoken.get_encoding("gpt2")
@@ -492,7 +470,6 @@ class GPT2Table(Tokenizer):
         self.added = {"<image>": len(self.ids), "<video>": len(self.ids) + 1}
         self.bos_id = self.eos_id = self.pad_id = 0  # model id 0 is GPT-2's <|endoftext|>
         self.prefix_ids, self.suffix_ids = [0], []  # BOS before the text, nothing after
-        self.split_re = re.compile("(<image>|<video>)")
     @classmethod
     def from_texts(cls, texts):  # the table: <|endoftext|>, then every GPT-2 id of the texts in increasing order
         enc = cls([]).enc
@@ -514,12 +491,11 @@ def prompt_text(question, kind):
     return f"USER: {'<' + kind + '>' + chr(10) if kind else ''}{question} ASSISTANT:"
 
 def expand_placeholders(ids, cfg, n_frames):
-    """Each <image> / <video> tag becomes one token per visual feature, as the HF processor expands the string (the
-    model writes one feature over one token): <image> -> P (P+1 with the 'full' strategy, which keeps CLS), <video> ->
-    (P+1)*F (CLS kept for every frame). The visual tokens then sit at ordinary positions, with ordinary RoPE."""
+    """Each <image> / <video> tag -> one token per visual feature, as the HF processor expands the string: the model
+    writes one feature over each, and the visual tokens sit at ordinary positions, with ordinary RoPE."""
     p = (cfg.image_size // cfg.patch_size) ** 2
-    copies = {cfg.image_token_index: p + (cfg.vision_feature_select_strategy == "full"),
-              cfg.video_token_index: (p + 1) * n_frames}  # any other token stays one token
+    copies = {cfg.image_token_index: p + (cfg.vision_feature_select_strategy == "full"),  # P, P+1 if CLS is kept
+              cfg.video_token_index: (p + 1) * n_frames}  # (P+1)*F: CLS kept for every frame; other tokens stay one
     return [i for tag in ids for i in [tag] * copies.get(tag, 1)]
 
 # Model: LLaMA primitives -> CLIP tower -> projector -> VideoLlava -----------------------------------------------------
