@@ -413,12 +413,10 @@ class SentencePieceBPE(Tokenizer):
     with byte fallback): each section of text between added tokens is one BPE word (split=False)."""
     def __init__(self, folder):
         path = os.path.join(folder, "tokenizer.json")
-        tj = read_json(path)
-        if tj is None:
-            raise UserError(f"{path}: missing or not valid JSON (the checkpoint's tokenizer is needed)")
-        model = tj.get("model", {})
-        if model.get("type") != "BPE":
-            raise UserError(f"{path}: tokenizer model is '{model.get('type')}', expected BPE")
+        tj = read_json(path) or {}
+        model = tj.get("model") or {}
+        if model.get("type") != "BPE":  # LLaMA's is a BPE model
+            raise UserError(f"{path}: missing, not JSON, or not a BPE tokenizer (the checkpoint's tokenizer is needed)")
         self.folder, self.vocab = folder, dict(model["vocab"])
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
         self.ranks = {m: i for i, m in enumerate(merges)}  # a lower rank merges first
