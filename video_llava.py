@@ -99,11 +99,11 @@ class Config:
     v_layer_norm_eps: float = 1e-5
     image_size: int = 48  # square input side of both CLIP towers
     patch_size: int = 12  # -> (48/12)^2 = 16 patches + CLS per frame
-    vision_feature_layer: int = -2
+    vision_feature_layer: int = -2  # the tower's hidden state the LLM reads: -2 = its second-to-last layer's output
     vision_feature_select_strategy: str = "default"  # "default" drops CLS for images, "full" keeps it
     image_token_index: int = -1  # -1 = set from the tokenizer table
     video_token_index: int = -1
-    bos_token_id: int = 0
+    bos_token_id: int = 0  # these three go to config.json; generation takes its ids from the tokenizer
     eos_token_id: int = 0
     pad_token_id: int = 0
     # training
@@ -399,14 +399,13 @@ def load_video(path, n_frames, size):
     return np.stack([picked[i] for i in want])  # (F, 3, S, S)
 
 class Tokenizer:
-    """Both tokenizers: added tokens {token: id} (<image>, <video>) are split out first; the text between them goes
-    through the subclass's encode_text; prefix_ids / suffix_ids are BOS / EOS."""
+    """Both tokenizers: added tokens {token: id} (<image>, <video>) split out first, encode_text for the rest."""
     def encode(self, text, add_special_tokens=True):  # False: no BOS before, no EOS after (as transformers')
         tags = "|".join(re.escape(s) for s in sorted(self.added, key=len, reverse=True))  # the longest match wins
         parts = re.split(f"({tags})", text) if self.added else [text]  # odd parts are added tokens such as <image>
         ids = [t for i, part in enumerate(parts) if part
                for t in ([self.added[part]] if i % 2 else self.encode_text(part, first=i == 0))]
-        return self.prefix_ids + ids + self.suffix_ids if add_special_tokens else ids
+        return self.prefix_ids + ids + self.suffix_ids if add_special_tokens else ids  # prefix: BOS, suffix: EOS
 
 class SentencePieceBPE(Tokenizer):
     """LLaMA's tokenizer from tokenizer.json, as transformers 5 rebuilds it (Metaspace with prepend_scheme='first', BPE
