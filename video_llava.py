@@ -932,24 +932,19 @@ def align_keys(path, base=None):
     cfg = Config(**{**dataclasses.asdict(base or Config()), **hf})
     with torch.device("meta"):
         model = VideoLlava(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied = {"language_model.lm_head.weight"} if cfg.tie_word_embeddings else set()
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
     handles = {f: open_weights(f) for f in set(files.values())}
-    held = {f: set(h.keys()) for f, h in handles.items()}
-    found, problems = {}, {"missing": [], "unexpected": [], "mis-shaped": []}
     for key, f in files.items():
-        if key not in held[f]:  # a sharded checkpoint's index pointing at the wrong file
+        if key not in handles[f].keys():  # a sharded checkpoint's index pointing at the wrong file
             raise UserError(f"{path}: model.safetensors.index.json puts '{key}' in {os.path.basename(f)}, which "
                             f"does not hold it (a damaged or mismatched index)")
-        ck = canonical_key(key)
-        if ck not in expected:
-            problems["unexpected"].append(key)
-        else:
-            shape = tuple(handles[f].get_slice(key).get_shape())
-            if shape != expected[ck]:
-                problems["mis-shaped"].append(f"{key} {list(shape)} (model wants {list(expected[ck])})")
-            found[ck] = (key, f)
-    problems["missing"] = [k for k in expected if k not in found and k not in tied]
+    found = {canonical_key(k): (k, f) for k, f in files.items() if canonical_key(k) in expected}
+    shapes = {ck: handles[f].get_slice(k).get_shape() for ck, (k, f) in found.items()}  # headers only: nothing read
+    tied = {"language_model.lm_head.weight"} if cfg.tie_word_embeddings else set()
+    problems = {"missing": [k for k in expected if k not in found and k not in tied],
+                "unexpected": [k for k in files if canonical_key(k) not in expected],
+                "mis-shaped": [f"{found[ck][0]} {shape} (model wants {expected[ck]})"
+                               for ck, shape in shapes.items() if shape != expected[ck]]}
     return model, found, handles, problems
 
 def load_pretrained(path, dtype=None, device="cpu", base=None):
@@ -959,10 +954,9 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):
     if any(problems.values()):
         raise UserError(f"{path}: checkpoint does not match the config: " + ", ".join(
             f"{what} {len(keys)} {keys[:20]}{' ...' if len(keys) > 20 else ''}" for what, keys in problems.items()))
-    for ck, (key, f) in found.items():
-        t = handles[f].get_tensor(key)
-        mod_name, _, name = ck.rpartition(".")  # a meta parameter replaced by the real tensor (not a copy into it)
-        model.get_submodule(mod_name)._parameters[name] = nn.Parameter(t.to(device=device, dtype=dtype or t.dtype))
+    for ck, (key, f) in found.items():  # each meta parameter replaced by the real tensor (not a copy into it)
+        mod_name, _, name = ck.rpartition(".")
+        model.get_submodule(mod_name)._parameters[name] = nn.Parameter(handles[f].get_tensor(key).to(device, dtype))
     if model.cfg.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     return model
@@ -988,11 +982,10 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None)
     meta = {**hf_config_dict(cfg), "script": SCRIPT, "train_config": config}
     if isinstance(tok, GPT2Table):
         meta["gpt2_table"] = tok.ids
-    else:  # started from an HF checkpoint: its tokenizer files travel with the weights
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            src = os.path.join(tok.folder, name)
-            if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(os.path.join(cfg.out_dir, name)):
-                atomic(os.path.join(cfg.out_dir, name), lambda p: shutil.copyfile(src, p))
+    elif os.path.abspath(tok.folder) != os.path.abspath(cfg.out_dir):  # an HF checkpoint's tokenizer travels along
+        for src in (os.path.join(tok.folder, name) for name in ("tokenizer.json", "tokenizer_config.json")):
+            if os.path.isfile(src):
+                atomic(os.path.join(cfg.out_dir, os.path.basename(src)), lambda p: shutil.copyfile(src, p))
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
     if opt is not None:
         ts = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else {}, "step": step,
@@ -1004,8 +997,7 @@ def saved_config(out_dir, overrides, resume=True):
     --resume (architecture flags must agree; --stop_after only if typed again), for --eval only where and how to run."""
     cpath, tpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "train_state.pt")
     if not os.path.isfile(cpath) and not os.path.isfile(tpath):
-        raise UserError(f"{out_dir}: nothing to resume or evaluate (no config.json / train_state.pt); run --train "
-                        f"(without --resume) first, or pass the --out_dir of a run")
+        raise UserError(f"{out_dir}: nothing to resume or evaluate (no config.json or train_state.pt); run --train")
     meta = read_json(cpath) or {}  # missing or unreadable: refused below like a foreign folder
     if meta.get("script") != SCRIPT or not isinstance(meta.get("train_config"), dict):
         raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (config.json: script '{meta.get('script')}', "
@@ -1022,8 +1014,7 @@ def saved_config(out_dir, overrides, resume=True):
     arch = {f: getattr(base, f) for f in (*HF_FIELDS, "share_towers", "freeze", "from_pretrained")}
     clash = [f"--{k} {overrides[k]} (checkpoint: {v!r})" for k, v in arch.items() if overrides.get(k, v) != v]
     if clash:
-        raise UserError(f"{out_dir}: cannot resume with another architecture or trained part: {', '.join(clash)}; "
-                        f"drop those flags")
+        raise UserError(f"{out_dir}: cannot resume with another architecture or trained part: {', '.join(clash)}")
     return dataclasses.replace(base, **{"stop_after": 0, **overrides})
 
 # Metrics --------------------------------------------------------------------------------------------------------------
