@@ -1034,8 +1034,7 @@ def pick_device(name):
     return name if name != "auto" else next((d for d, ok in here.items() if ok), "cpu")
 
 def native_bf16(device):
-    """Whether the hardware multiplies in bfloat16: a CUDA GPU of compute capability 8+, a CPU with AVX512-BF16 or AMX
-    (elsewhere bfloat16 is emulated, several times slower than float32)."""
+    """Whether the hardware multiplies in bfloat16 (elsewhere it is emulated, several times slower than float32)."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_capability(device)[0] >= 8
     return device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
@@ -1043,9 +1042,8 @@ def native_bf16(device):
 def autocast_dtype(name, device):
     """--dtype auto for training and evaluation: bfloat16 where a CUDA GPU multiplies in it, else float32 (on a CPU
     even native bfloat16 trains this small model more slowly: README). An HF checkpoint's weights: run_generate."""
-    if name != "auto":
-        return name
-    return "bfloat16" if device.startswith("cuda") and native_bf16(device) else "float32"
+    auto = "bfloat16" if device.startswith("cuda") and native_bf16(device) else "float32"
+    return auto if name == "auto" else name
 
 def autocast(dtype, device):
     """The autocast context for --dtype (disabled for float32, so the float32 path is plain)."""
@@ -1092,17 +1090,16 @@ class Examples:
         return {k: v.to(device) for k, v in b.items() if v is not None}  # inputs it lacks are left out
 
 def apply_freeze(model, freeze):
-    """Freeze for real: requires_grad off once (no gradients, no graph through them), kept in eval mode by train();
-    frozen parts keep their dtype, the rest becomes float32."""
-    towers, parts = {"vision": [model.image_tower, model.video_tower], "llm": [model.language_model]}, freeze.split(",")
-    if set(parts) - set(towers) - {""}:
-        raise UserError(f"--freeze {freeze}: unknown part(s) {sorted(set(parts) - set(towers) - {''})}; use 'vision', "
-                        f"'llm' or 'vision,llm'")
-    frozen = [m for p in parts if p for m in towers[p]]
+    """Freeze for real: requires_grad off once (no gradients, no graph through them), kept in eval mode by train()."""
+    towers = {"vision": [model.image_tower, model.video_tower], "llm": [model.language_model]}
+    parts = set(freeze.split(",")) - {""}  # --freeze "": nothing frozen
+    if parts - set(towers):
+        raise UserError(f"--freeze {freeze}: unknown part(s) {sorted(parts - set(towers))}; use vision, llm or both")
+    frozen = [m for p in parts for m in towers[p]]
     for m in frozen:
         m.requires_grad_(False)
-    for p in model.parameters():  # what trains is float32 (bfloat16 rounds small AdamW updates away)
-        if p.requires_grad:  # changed in place before the optimizer and DDP see the parameters
+    for p in model.parameters():  # frozen parts keep their dtype; what trains is float32 (bfloat16 would round
+        if p.requires_grad:  # small AdamW updates away), changed in place before the optimizer and DDP see it
             p.data = p.data.float()
     return frozen
 
@@ -1120,11 +1117,9 @@ def build_model(cfg, entries, resume, say):
     path = cfg.out_dir if resume else cfg.from_pretrained
     if path:
         if cfg.from_pretrained and cfg.share_towers:  # a checkpoint's towers differ (an HF one's always)
-            say("--from_pretrained: the checkpoint's two CLIP towers are kept (--share_towers is for training "
-                "from scratch)")
+            say("--from_pretrained: the checkpoint's two CLIP towers are kept (--share_towers is for a new model)")
             cfg = dataclasses.replace(cfg, share_towers=False)  # what config.json records, and --resume keeps
-        # under bfloat16 autocast the tensors keep the file's dtype (a frozen 7B: 14 GB in bfloat16, not 28 in
-        # float32); train() makes what trains float32
+        # bfloat16 autocast keeps the file's dtype (a frozen 7B: 14 GB, not 28); apply_freeze makes what trains float32
         keep = autocast_dtype(cfg.dtype, pick_device(cfg.device)) == "bfloat16"
         model, tok = load_pretrained(path, None if keep else torch.float32, "cpu", base=cfg), load_tokenizer(path)
         cfg = dataclasses.replace(cfg, **{f: getattr(model.cfg, f) for f in HF_FIELDS})
@@ -1138,13 +1133,12 @@ def build_model(cfg, entries, resume, say):
     if cfg.share_towers and not cfg.from_pretrained:  # on --resume too: the two saved copies are equal, one is kept
         model.video_tower = model.image_tower  # one CLIP tower under two names; saved as both key sets
     data = {s: Examples(e, cfg, tok, answered=s in ("train", "val")) for s, e in entries.items()}
-    if not path and cfg.data_init > 0:  # the same fixed media on every rank
+    if not path and cfg.data_init > 0:  # Salimans & Kingma's data-dependent init (VideoLlava.init_from_data)
         g, tr = torch.Generator().manual_seed(cfg.seed), data["train"]
-        media = {k: [m for m, e in zip(tr.media, tr.entries) if e["kind"] == k] for k in ("image", "video")}
-        pick = {}
-        for k, v in media.items():  # images, then videos, from one seeded generator: the same draw on every rank
-            pick[k] = torch.stack([v[j] for j in torch.randperm(len(v), generator=g)[:cfg.data_init]]) if v else None
-        model.init_from_data(pick["image"], pick["video"])
+        def pick(kind):  # images, then videos, from one seeded generator: the same draw on every rank
+            v = [m for m, e in zip(tr.media, tr.entries) if e["kind"] == kind]
+            return torch.stack([v[j] for j in torch.randperm(len(v), generator=g)[:cfg.data_init]]) if v else None
+        model.init_from_data(pick("image"), pick("video"))
     return model, cfg, tok, data
 
 def make_optimizer(params, cfg, device):
@@ -1155,8 +1149,7 @@ def make_optimizer(params, cfg, device):
     return opt, torch.amp.GradScaler(device.split(":")[0], enabled=autocast_dtype(cfg.dtype, device) == "float16")
 
 def load_train_state(out_dir, opt, scaler):
-    """--resume: the AdamW moments, float16's loss scale and the RNG as they were saved -> (step, seconds trained
-    before); the data order and the learning rate are functions of the step."""
+    """--resume: the AdamW moments, float16's loss scale and the RNG as saved -> (step, seconds trained before)."""
     try:  # truncated or not a torch file: PyTorch's own errors differ by cause
         ts = torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=True)
     except Exception as e:
@@ -1165,23 +1158,23 @@ def load_train_state(out_dir, opt, scaler):
     if ts.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
         scaler.load_state_dict(ts["scaler"])
     torch.set_rng_state(ts["rng"])
-    return ts["step"], ts.get("seconds", 0.0)
+    return ts["step"], ts.get("seconds", 0.0)  # the data order and the learning rate are functions of the step
 
 def ddp_setup(cfg):
     """-> (ddp, rank, world, device): one process, or one of torchrun's (nccl on CUDA, gloo on CPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False, 0, 1, pick_device(cfg.device)
-    dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
     device = pick_device(cfg.device)
-    if device == "cuda":
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False, 0, 1, device
+    if device == "cuda":  # each process its own GPU
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return True, dist.get_rank(), dist.get_world_size(), device
 
 def batch_loss(model, tr, idx, cfg, rank, world, ddp, device, scaler):
     """Forward and backward of this rank's rows of the global batch idx -> the global batch's mean loss over its answer
     tokens, however it is split: each pass scales its own mean by its share of those tokens (x world: DDP averages)."""
-    n_tok, total, passes = sum(len(tr.answers[i]) for i in idx), 0.0, []
+    n_tok, total, passes = sum(len(tr.answers[i]) for i in idx), torch.zeros((), device=device), []
     # each micro-batch as two passes, image rows and video rows, each padded to its own longest: same loss, less work
     for micro in range(cfg.grad_accum):
         rows = idx[(micro * world + rank) * cfg.batch_size:(micro * world + rank + 1) * cfg.batch_size]
@@ -1194,12 +1187,10 @@ def batch_loss(model, tr, idx, cfg, rank, world, ddp, device, scaler):
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast(cfg.dtype, device):
             loss = model(**b)[1] * share
         scaler.scale(loss).backward()  # float16: the loss scaled up, so small gradients do not underflow to 0
-        total += loss.item() / world
+        total += loss.detach() / world
     if ddp:  # the logged loss is the global batch's, and every rank sees the same NaN and stops together
-        t = torch.tensor([total], device=device)
-        dist.all_reduce(t)
-        total = t.item()
-    return total
+        dist.all_reduce(total)
+    return total.item()
 
 def train(cfg, resume=False):
     """Train (from scratch, from --from_pretrained, or from out_dir with resume=True), evaluate, save. Under torchrun
@@ -1238,43 +1229,38 @@ def train(cfg, resume=False):
             m.eval()
         idx = batch_indices(step, len(tr.entries), gsize, cfg.seed)  # the global batch's rows, all ranks
         total = batch_loss(model, tr, idx, cfg, rank, world, ddp, device, scaler)
-        if not math.isfinite(total):
-            raise UserError(f"loss became {total} at step {step}; stopped, the last checkpoint in "
-                            f"{cfg.out_dir} is kept (try a lower --lr)")
+        if not math.isfinite(total):  # the last checkpoint in out_dir is left as it was
+            raise UserError(f"loss became {total} at step {step}; stopped (try a lower --lr)")
         scaler.unscale_(opt)  # the true gradients are clipped (a no-op unless float16)
         nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         scaler.step(opt)  # float16: skipped when a gradient overflowed, and the scale lowered
         scaler.update()
         opt.zero_grad(set_to_none=True)
         step += 1
-        seconds, val = seconds0 + time.time() - t0, None  # val: logged only on the steps where it is measured
-        eval_step = step % cfg.eval_interval == 0 or step == cfg.max_steps  # val loss, and a checkpoint
-        if master and eval_step:
-            val = eval_loss(raw, data["val"], cfg, device)
+        seconds = seconds0 + time.time() - t0
+        stop = cfg.stop_after and cfg.stop_after <= step < cfg.max_steps  # as if interrupted: save, --resume goes on
+        measure = master and (step % cfg.eval_interval == 0 or step == cfg.max_steps)  # val loss, and a checkpoint
+        val = eval_loss(raw, data["val"], cfg, device) if measure else None
+        if master and (measure or stop):
             save_checkpoint(raw, cfg, tok, opt, step, seconds, scaler)
-        if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
+        if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or measure):
             dt = (time.time() - t_log) / (step - log_step)
             eta = dt * (cfg.max_steps - step)
             say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {'-' if val is None else f'{val:.3f}'} | "
                 f"lr {lr_at(step - 1, cfg):.1e} | {dt * 1000:.0f} ms | {gsize / dt:.0f} samples/s | "
                 f"eta {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
             t_log, log_step = time.time(), step
-        if cfg.stop_after and cfg.stop_after <= step < cfg.max_steps:
-            if master and not eval_step:
-                save_checkpoint(raw, cfg, tok, opt, step, seconds, scaler)
+        if stop:
             say(f"stopped after step {step} as asked; continue with --train --resume --out_dir {cfg.out_dir}")
             break
     train_seconds = seconds0 + time.time() - t0
-    if ddp:
+    if ddp:  # every rank has finished its last step; rank 0 then evaluates alone
         dist.barrier()
-    result = None
-    if master and step >= cfg.max_steps:
+        dist.destroy_process_group()
+    if master and step >= cfg.max_steps:  # finished, not stopped early: the final evaluation
         before = f"; {seconds0:.0f}s of it before --resume" if seconds0 else ""
         say(f"trained in {train_seconds:.0f}s (data included{before})")
-        result = evaluate(raw, tok, cfg, device, data, train_seconds)
-    if ddp:
-        dist.destroy_process_group()
-    return result
+        return evaluate(raw, tok, cfg, device, data, train_seconds)
 
 @torch.no_grad()
 def eval_loss(model, ex, cfg, device):
