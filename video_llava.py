@@ -1098,8 +1098,8 @@ def apply_freeze(model, freeze):
     frozen = [m for p in parts for m in towers[p]]
     for m in frozen:
         m.requires_grad_(False)
-    for p in model.parameters():  # frozen parts keep their dtype; what trains is float32 (bfloat16 would round
-        if p.requires_grad:  # small AdamW updates away), changed in place before the optimizer and DDP see it
+    for p in model.parameters():  # what trains becomes float32 (bfloat16 rounds small AdamW updates away)
+        if p.requires_grad:  # frozen parts keep their dtype; in place, before the optimizer and DDP see them
             p.data = p.data.float()
     return frozen
 
