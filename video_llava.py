@@ -934,8 +934,9 @@ def align_keys(path, base=None):
         model = VideoLlava(cfg)
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
     handles = {f: open_weights(f) for f in set(files.values())}
+    held = {f: set(h.keys()) for f, h in handles.items()}  # each file's tensor names, read once from its header
     for key, f in files.items():
-        if key not in handles[f].keys():  # a sharded checkpoint's index pointing at the wrong file
+        if key not in held[f]:  # a sharded checkpoint's index pointing at the wrong file
             raise UserError(f"{path}: model.safetensors.index.json puts '{key}' in {os.path.basename(f)}, which "
                             f"does not hold it (a damaged or mismatched index)")
     found = {canonical_key(k): (k, f) for k, f in files.items() if canonical_key(k) in expected}
