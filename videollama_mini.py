@@ -673,7 +673,7 @@ def start_config(cfg, typed=None, resume=False):
     try:
         return saved, (model, tok, torch.load(path, weights_only=True))
     except Exception:  # torch raises several error types for a truncated or foreign file
-        raise UserError(f"{path}: truncated or damaged; drop --resume to start afresh (model.safetensors is kept)")
+        raise UserError(f"{path}: damaged; drop --resume to start afresh over it, or copy the folder first")
 
 def decay_groups(model, weight_decay):
     """AdamW groups: weight decay on the weight matrices of Linear and Conv2d layers only. Biases, norms, the
