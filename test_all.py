@@ -408,6 +408,30 @@ def test_vm_mp4_round_trip_and_frame_folder(tmp_path):
     assert vm.load_video(wide, 8, 32).shape == (8, 32, 32, 3)
 
 
+
+def test_vm_cut_off_jpeg_frame_and_video_are_refused(tmp_path):
+    """A JPEG frame cut short (libjpeg would fill it with grey) and a half-copied MJPG .avi (it decodes its first part
+    without an error) are refused naming the file; the intact files, and a JPEG with data after its end marker, load."""
+    folder, img = tmp_path / "frames", np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i}.jpg"), img)
+    whole = (folder / "1.jpg").read_bytes()
+    (folder / "1.jpg").write_bytes(whole + b"\x00\x00\x00\x18ftypmp42" + bytes(100))  # a motion photo: video after it
+    assert vm.load_video(str(folder), 3, 16).shape == (3, 16, 16, 3)
+    (folder / "1.jpg").write_bytes(whole[:len(whole) * 6 // 10])
+    with pytest.raises(vm.UserError, match=r"1\.jpg: this JPEG is cut off \(no end-of-image marker\)"):
+        vm.load_video(str(folder), 3, 16)
+    avi = tmp_path / "clip.avi"
+    w = cv2.VideoWriter(str(avi), cv2.VideoWriter_fourcc(*"MJPG"), 8, (32, 32))
+    for t in range(40):
+        w.write(np.random.default_rng(t).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    w.release()
+    assert vm.load_video(str(avi), 4, 16).shape == (4, 16, 16, 3)
+    avi.write_bytes(avi.read_bytes()[:avi.stat().st_size // 2])
+    with pytest.raises(vm.UserError, match=r"clip\.avi: only \d+ of the 40 frames in its header decode"):
+        vm.load_video(str(avi), 4, 16)
+
 def test_vm_annotations_and_bad_files(tmp_path):
     vm.write_clip(str(tmp_path / "a.mp4"), [("red", "square", "right", 20, 32)])
     good = tmp_path / "ann.txt"

@@ -219,15 +219,26 @@ def _square(img, size):
     img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]  # centre crop
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
+def read_frame(path):
+    """One frame image -> BGR uint8 (H, W, 3). libjpeg fills a JPEG cut off before its end-of-image marker FF D9 with
+    grey, silently: its marker segments (FF xx, a 2-byte length) are walked to the first start-of-scan FF DA, which
+    skips an EXIF thumbnail inside APP1, and FF D9 must follow (data after FF D9, a motion photo's video, is fine)."""
+    img = cv2.imread(path)  # OpenCV's 8-bit BGR; None if it cannot read the file
+    if img is None:
+        raise UserError(f"{path}: cannot read this image")
+    data, i = open(path, "rb").read(), 2  # i: the next marker, after FF D8
+    while data[:2] == b"\xff\xd8" and i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] != 0xDA:
+        i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
+    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]:
+        raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
+    return img
+
 def load_video(path, n_frames, size):
     """Video file (any container/codec OpenCV reads) or a folder of frame images -> uint8 (F, size, size, 3) RGB."""
     if os.path.isdir(path):
         names = sorted((n for n in os.listdir(path) if re.search(r"\.(png|jpe?g|bmp|webp|tiff?)$", n, re.I)),
                        key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])  # f2 before f10
-        images = [(os.path.join(path, n), cv2.imread(os.path.join(path, n))) for n in names]
-        if bad := [p for p, img in images if img is None]:
-            raise UserError(f"{bad[0]}: cannot read this image")
-        frames = [_square(img, size) for _, img in images]
+        frames = [_square(read_frame(os.path.join(path, n)), size) for n in names]
     else:
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such video file or folder of frames")
@@ -236,6 +247,9 @@ def load_video(path, n_frames, size):
             raise UserError(f"{path}: OpenCV cannot open this video (corrupt or unknown format)")
         # grab() decodes the next frame (False after the last), retrieve() gives it as BGR uint8, shrunk at once
         frames = [_square(cap.retrieve()[1], size) for _ in iter(cap.grab, False)]  # a long 720p clip stays small
+        if len(frames) < 0.9 * (listed := int(cap.get(cv2.CAP_PROP_FRAME_COUNT))):  # header's count, -1: none
+            raise UserError(f"{path}: only {len(frames)} of the {listed} frames in its header decode (the file is cut "
+                            "off or damaged)")  # a cut-off file opens and decodes its first part without an error
         cap.release()
     idx = sample_indices(len(frames), n_frames, path)  # F indices
     return np.stack([frames[i][:, :, ::-1] for i in idx])  # BGR -> RGB, (F, S, S, 3)
