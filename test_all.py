@@ -360,7 +360,8 @@ def test_vm_bad_flags_are_refused_by_parse_args(capsys):
 
 def test_vm_bad_numbers_are_refused_by_parse_args(_vm_trained, tmp_path, capsys):
     """Counts, rates and ranges that would crash later (or train backwards) are refused in one line naming the flag;
-    the smallest values that work pass, and --max_len 2 (BOS and one token) trains, evaluates and draws."""
+    the smallest values that work pass, and --max_len 3 (BOS, one token, EOS) trains on one-word captions, evaluates
+    and draws."""
     for flag, value in (("max_steps", "0"), ("n_dec_layer", "0"), ("n_qformer_layer", "0"), ("max_len", "1"),
                         ("dropout", "2"), ("lr", "-1"), ("lr", "nan"), ("min_lr", "inf"), ("max_new_tokens", "0"),
                         ("top_k", "-5"), ("stop_after", "-1"), ("warmup", "-1"), ("grad_clip", "-1"),
@@ -369,7 +370,9 @@ def test_vm_bad_numbers_are_refused_by_parse_args(_vm_trained, tmp_path, capsys)
     zero = ["--n_temporal_layer", "0", "--warmup", "0", "--top_k", "0", "--stop_after", "0", "--min_lr", "0",
             "--dropout", "0", "--weight_decay", "0", "--max_len", "2"]
     assert vm.parse_args(zero)[1].max_len == 2
-    vm.train(_vm_cfg(tmp_path, data_dir=str(_vm_trained[0] / "data"), max_len=2, max_steps=2))
+    clip, ann = _vm_trained[0] / "data" / "train" / "00000.mp4", tmp_path / "words.txt"
+    ann.write_text(f"{clip}\nred\n\n{clip}\nblue\n")
+    vm.train(_vm_cfg(tmp_path, data=str(ann), test_data=str(ann), max_len=3, max_steps=2))
     assert (tmp_path / "out" / "attention.png").is_file()
 
 
@@ -719,6 +722,17 @@ def test_vm_user_data_trains(tmp_path, _vm_trained, monkeypatch):
     vm.main(["--eval", "--out_dir", str(tmp_path / "o")])
     assert json.load(open(tmp_path / "o" / "eval.json"))["test"]["n"] == 2
 
+
+
+def test_vm_caption_longer_than_max_len_is_refused(_vm_trained, tmp_path, capsys):
+    """A training caption longer than --max_len would be cut by pad_batch: refused with its token count."""
+    (tmp_path / "a.mp4").write_bytes((_vm_trained[0] / "data" / "train" / "00000.mp4").read_bytes())
+    ann = tmp_path / "long.txt"
+    ann.write_text("a.mp4\na red circle moves left\n\na.mp4\na red circle moves left and a blue square moves up\n")
+    argv = ["--train", "--preset", "tiny", "--data", ann, "--test_data", ann, "--out_dir", tmp_path / "o"]
+    main_user_error(vm.main, capsys, argv + ["--max_len", "8"], "--max_len 8: a training caption is 13 tokens long",
+                    "raise it")
+    assert not (tmp_path / "o").exists()
 
 def test_vm_grad_accumulation_and_exact_resume(tmp_path):
     """batch 8 == 2 x 4 accumulated (same weights up to float noise); stop + resume == uninterrupted, bit for bit."""

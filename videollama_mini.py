@@ -752,6 +752,9 @@ def train(cfg, typed=None, resume=False):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     fwd = torch.compile(model) if cfg.compile else model  # --compile: same module, compiled forward
     train_tokens = [[tok.encode(c) for c in cs] for _, cs in train_entries]
+    if (longest := max(len(t) for ts in train_tokens for t in ts)) > cfg.max_len:  # pad_batch would cut it
+        raise UserError(f"--max_len {cfg.max_len}: a training caption is {longest} tokens long (BOS and EOS "
+                        "included); raise it")
     gsize = cfg.batch_size * cfg.grad_accum * world  # clips per optimizer step
     t_log, log_step = time.time(), step  # for the ms/step and eta columns
     while step < cfg.max_steps:
