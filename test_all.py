@@ -625,6 +625,23 @@ def test_vm_resume_keeps_the_checkpoint_architecture(_vm_trained, tmp_path):
     assert cfg.max_steps == 8 and cfg.n_dec_layer == vm.PRESETS["tiny"]["n_dec_layer"]
 
 
+
+def test_vm_resume_refuses_words_outside_the_saved_token_table(_vm_trained, tmp_path, capsys):
+    """--resume with --data whose captions hold a word the checkpoint's token table lacks (encode would drop it, the
+    caption would train as something else) is refused naming the whole word and the folder; nothing is written."""
+    tmp, _ = _vm_trained
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ("model.safetensors", "config.json", "train_state.pt"):
+        (out / f).write_bytes((tmp / "out" / f).read_bytes())
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    (tmp_path / "a.mp4").write_bytes((tmp / "data" / "train" / "00000.mp4").read_bytes())
+    ann = tmp_path / "new.txt"
+    ann.write_text("a.mp4\na red circle moves left\n\na.mp4\na red xylophone moves left\n")
+    argv = ["--train", "--resume", "--out_dir", out, "--data", ann, "--test_data", ann, "--max_steps", "8"]
+    main_user_error(vm.main, capsys, argv, "new.txt: the word 'xylophone' is not in the token table", f"in {out};")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
 def test_vm_resume_continues_the_saved_run(_vm_trained, tmp_path, monkeypatch):
     """`--train --resume --out_dir DIR` and nothing else continues the interrupted run as it was configured (its data,
     sizes, steps, dtype; --stop_after only for the command that typed it) and ends at the uninterrupted run's

@@ -716,6 +716,13 @@ def build_or_resume(cfg, resumed, train_entries, train_clips, device):
     """-> (model, tokenizer, optimizer, loss scaler, step): a fresh model initialised from data, or start_config's."""
     if resumed:
         model, tok, ts = resumed
+        for c in (c for _, cs in train_entries for c in cs):  # the saved table comes from the captions it trained on
+            ids = tok.enc.encode_ordinary(c)  # GPT-2 ids
+            if lost := [i for i, t in enumerate(ids) if t not in tok.to_model]:
+                at = tok.enc.decode_with_offsets(ids)[1][lost[0]]  # where the first token encode() drops starts
+                word = next(m.group() for m in re.finditer(r"\S+", c) if m.end() > at)  # the word around it
+                raise UserError(f"{cfg.data or cfg.data_dir}: the word '{word}' is not in the token table of the "
+                                f"checkpoint in {cfg.out_dir}; train afresh with a new --out_dir")
     else:
         tok = Tokenizer.from_captions([c for _, cs in train_entries for c in cs], cfg.compact_vocab)
         model = VideoLLaMAMini(cfg, len(tok.ids))
