@@ -355,6 +355,9 @@ def test_vm_bad_flags_are_refused_by_parse_args(capsys):
                          (["--device", "xyz"], "--device xyz"), (["--device", "cuda:99"], "--device cuda:99")):
         main_user_error(vm.main, capsys, ["--train", "--data_dir", "/nonexistent/vm"] + argv, needle)
     main_user_error(vm.main, capsys, ["--generate"], "--generate needs --video")
+    # flags that would be ignored: a preset where the checkpoint gives the sizes, a video without the mode that reads it
+    for mode in (["--train", "--resume"], ["--eval"], ["--generate", "--video", "a.mp4"]):
+        main_user_error(vm.main, capsys, mode + ["--preset", "tiny"], "--preset tiny", "checkpoint", "drop --preset")
     assert vm.parse_args(["--temperature", "0.8", "--top_p", "0.9", "--d_model", "48", "--n_head", "3"])[1].top_p == 0.9
 
 
@@ -533,7 +536,7 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     (other / "model.safetensors").write_bytes(b"")
     main_user_error(vm.main, capsys, ["--generate", "--video", clip, "--out_dir", other], "vit_caption")
     tiny = ["--train", "--preset", "tiny", "--data_dir", tmp / "data"]
-    unbuilt = ["--train", "--resume", "--preset", "tiny", "--data_dir", tmp_path / "unbuilt"]  # refused before any data
+    unbuilt = ["--train", "--resume", "--data_dir", tmp_path / "unbuilt"]  # refused before any data
     main_user_error(vm.main, capsys, unbuilt + ["--out_dir", tmp_path / "fresh"], "nothing to resume")
     bad = tmp_path / "bad.txt"
     bad.write_text(f"{clip}\na caption\n\nmissing.mp4\na caption\n")
@@ -619,7 +622,7 @@ def test_vm_resume_keeps_the_checkpoint_architecture(_vm_trained, tmp_path):
     out.mkdir()
     for f in ("model.safetensors", "config.json", "train_state.pt"):
         (out / f).write_bytes((tmp / "out" / f).read_bytes())
-    vm.main(["--train", "--resume", "--preset", "tiny", "--n_frames", "4", "--max_steps", "8", "--data_dir",
+    vm.main(["--train", "--resume", "--n_frames", "4", "--max_steps", "8", "--data_dir",
              str(tmp / "data"), "--out_dir", str(out), "--eval_interval", "8"])
     model, _, cfg = vm.load_checkpoint(str(out))
     assert cfg.max_steps == 8 and cfg.n_dec_layer == vm.PRESETS["tiny"]["n_dec_layer"]

@@ -1012,7 +1012,7 @@ def parse_args(argv=None):
     p.add_argument("--generate", action="store_true", help="caption --video with the checkpoint in out_dir")
     p.add_argument("--bench", action="store_true", help="print training samples/s and captions/s")
     p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
-    p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="the sizes to start from")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the sizes to start from (default: default)")
     for f in dataclasses.fields(Config):  # every field is a flag; bools as --flag / --no-flag, never type=bool
         kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {"type": type(f.default)}
         p.add_argument(f"--{f.name}", default=None, choices=CHOICES.get(f.name), **kind)  # None: the preset's value
@@ -1020,7 +1020,7 @@ def parse_args(argv=None):
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     # the run's input files are saved in its config: absolute, so --eval and --resume find them from any folder
     overrides.update({k: os.path.abspath(v) for k, v in overrides.items() if v and k in ("data", "test_data")})
-    cfg = Config(**{**PRESETS[args.preset], **overrides})
+    cfg = Config(**{**PRESETS[args.preset or "default"], **overrides})
     below = lambda least, names: [f"--{k} {getattr(cfg, k)}" for k in names.split() if getattr(cfg, k) < least]
     low = below(1, "n_train n_val n_test n_novel n_frames img_size d_model n_head cnn_width grid n_qformer_layer beam")
     low += below(1, "n_query n_dec_layer batch_size grad_accum max_steps log_interval eval_interval max_new_tokens")
@@ -1039,6 +1039,8 @@ def parse_args(argv=None):
         (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1]; 1 keeps every token"),
         (sum(map(bool, (args.train or args.eval, args.generate, args.bench))) > 1 or args.resume and not args.train,
          "one mode per call: --train (it also evaluates), --eval, --generate or --bench; --resume goes with --train"),
+        (args.preset and (args.resume or args.eval or args.generate), f"--preset {args.preset}: --resume, --eval and "
+         "--generate take the sizes from the checkpoint in --out_dir; drop --preset"),
         (args.generate and not args.video, "--generate needs --video PATH (a video file or a frames folder)")] if bad]
     if errors:
         raise UserError(errors[0])
