@@ -740,7 +740,8 @@ def test_vm_user_data_trains(tmp_path, _vm_trained, monkeypatch):
     assert vm.load_checkpoint(str(tmp_path / "o"))[2].data == str(ann)
     monkeypatch.chdir(tmp_path / "clips")
     vm.main(["--eval", "--out_dir", str(tmp_path / "o")])
-    assert json.load(open(tmp_path / "o" / "eval.json"))["test"]["n"] == 2
+    again = json.load(open(tmp_path / "o" / "eval.json"))
+    assert again["test"]["n"] == 2 and again["train_seconds"] == ev["train_seconds"] > 0  # kept from training
 
 
 
