@@ -438,6 +438,22 @@ def test_vm_cut_off_jpeg_frame_and_video_are_refused(tmp_path):
     with pytest.raises(vm.UserError, match=r"clip\.avi: only \d+ of the 40 frames in its header decode"):
         vm.load_video(str(avi), 4, 16)
 
+
+def test_vm_transparent_frames_are_composited_onto_white(tmp_path):
+    """A frame folder of RGBA PNGs (8- and 16-bit): transparent pixels become white, half-transparent ones blend with
+    white, as transformers' convert_to_rgb does (OpenCV alone would show the hidden colour, here black)."""
+    folder = tmp_path / "rgba"
+    folder.mkdir()
+    for i, alpha in enumerate((0, 128, 255)):
+        bgra = np.zeros((12, 12, 4), np.uint8)
+        bgra[..., 2], bgra[..., 3] = 200, alpha  # red under the given alpha
+        cv2.imwrite(str(folder / f"{i}.png"), bgra)
+    cv2.imwrite(str(folder / "3.png"), np.full((12, 12, 4), 257 * 128, np.uint16))  # 16-bit, mid grey at half alpha
+    clip = vm.load_video(str(folder), 4, 12)  # (F, S, S, 3) RGB
+    blend = lambda c, a: (c * a + 255 * (255 - a) + 127) // 255  # as the script composites
+    want = [(255, 255, 255), (blend(200, 128), blend(0, 128), blend(0, 128)), (200, 0, 0), (blend(128, 128),) * 3]
+    assert [tuple(f[0, 0]) for f in clip] == want and all((f == f[0, 0]).all() for f in clip)
+
 def test_vm_annotations_and_bad_files(tmp_path):
     vm.write_clip(str(tmp_path / "a.mp4"), [("red", "square", "right", 20, 32)])
     good = tmp_path / "ann.txt"

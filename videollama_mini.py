@@ -223,7 +223,9 @@ def read_frame(path):
     """One frame image -> BGR uint8 (H, W, 3). libjpeg fills a JPEG cut off before its end-of-image marker FF D9 with
     grey, silently: its marker segments (FF xx, a 2-byte length) are walked to the first start-of-scan FF DA, which
     skips an EXIF thumbnail inside APP1, and FF D9 must follow (data after FF D9, a motion photo's video, is fine)."""
-    img = cv2.imread(path)  # OpenCV's 8-bit BGR; None if it cannot read the file
+    img = None if re.search(r"\.jpe?g$", path, re.I) else cv2.imread(path, cv2.IMREAD_UNCHANGED)  # alpha kept, if any
+    if img is None or img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16):
+        img = cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR; None if it cannot read the file
     if img is None:
         raise UserError(f"{path}: cannot read this image")
     data, i = open(path, "rb").read(), 2  # i: the next marker, after FF D8
@@ -231,6 +233,9 @@ def read_frame(path):
         i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
     if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]:
         raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
+    if img.shape[2] == 4:  # transparency composited onto white, as transformers' convert_to_rgb; + 127 rounds as PIL
+        img = (img >> 8 * (img.dtype == np.uint16)).astype(np.int32)  # (H, W, 4) BGRA in 0..255 (16-bit: high byte)
+        img = ((img[:, :, :3] * img[:, :, 3:] + 255 * (255 - img[:, :, 3:]) + 127) // 255).astype(np.uint8)
     return img
 
 def load_video(path, n_frames, size):
