@@ -358,6 +358,8 @@ def test_vm_bad_flags_are_refused_by_parse_args(capsys):
     # flags that would be ignored: a preset where the checkpoint gives the sizes, a video without the mode that reads it
     for mode in (["--train", "--resume"], ["--eval"], ["--generate", "--video", "a.mp4"]):
         main_user_error(vm.main, capsys, mode + ["--preset", "tiny"], "--preset tiny", "checkpoint", "drop --preset")
+    for mode in ([], ["--train"], ["--eval"]):
+        main_user_error(vm.main, capsys, mode + ["--video", "a.mp4"], "--video a.mp4: only with --generate")
     assert vm.parse_args(["--temperature", "0.8", "--top_p", "0.9", "--d_model", "48", "--n_head", "3"])[1].top_p == 0.9
 
 

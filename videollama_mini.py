@@ -1047,6 +1047,7 @@ def parse_args(argv=None):
          "one mode per call: --train (it also evaluates), --eval, --generate or --bench; --resume goes with --train"),
         (args.preset and (args.resume or args.eval or args.generate), f"--preset {args.preset}: --resume, --eval and "
          "--generate take the sizes from the checkpoint in --out_dir; drop --preset"),
+        (args.video and not args.generate, f"--video {args.video}: only with --generate (the mode that captions it)"),
         (args.generate and not args.video, "--generate needs --video PATH (a video file or a frames folder)")] if bad]
     if errors:
         raise UserError(errors[0])
