@@ -4406,7 +4406,7 @@ def test_float16_resume_keeps_the_loss_scale(mod, tmp_path, capsys):
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     mod.main(run + ["--out_dir", full])
     mod.main(run + ["--out_dir", cut, "--stop_after", "2"])
-    mod.main(run + ["--out_dir", cut, "--resume"])
+    mod.main(["--train", "--resume", "--out_dir", cut])  # the saved run's settings: preset, dtype, steps, data
     state = lambda d: torch.load(os.path.join(d, "train_state.pt"), weights_only=True)
     assert state(full)["step"] == state(cut)["step"] == 4
     assert state(full)["scaler"] == state(cut)["scaler"] and state(full)["scaler"]["_growth_tracker"] > 0
