@@ -220,9 +220,8 @@ def _square(img, size):
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
 def read_frame(path):
-    """One frame image -> BGR uint8 (H, W, 3). libjpeg fills a JPEG cut off before its end-of-image marker FF D9 with
-    grey, silently: its marker segments (FF xx, a 2-byte length) are walked to the first start-of-scan FF DA, which
-    skips an EXIF thumbnail inside APP1, and FF D9 must follow (data after FF D9, a motion photo's video, is fine)."""
+    """One frame image -> BGR uint8 (H, W, 3). libjpeg fills a cut-off JPEG with grey, silently: the marker segments
+    (FF xx, a 2-byte length) are skipped up to the start of scan FF DA, and an end of image FF D9 must follow."""
     img = None if re.search(r"\.jpe?g$", path, re.I) else cv2.imread(path, cv2.IMREAD_UNCHANGED)  # alpha kept, if any
     if img is None or img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16):
         img = cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR; None if it cannot read the file
@@ -409,11 +408,9 @@ class FrameEncoder(nn.Module):
         return self.ln(self.proj(torch.cat([where, what], 1))).view(B, Fr, -1)  # (B, F, D)
 
 class QFormer(nn.Module):
-    """BLIP-2's Querying Transformer: Q learned query vectors (B, Q, D) attend to each other (self-attention) and read
-    the visual tokens (B, F, D) (cross-attention), layer after layer; the decoder then reads these Q vectors instead
-    of the F visual tokens. Learned queries give a fixed-size summary, however many frames, and learn from the
-    captioning loss what to extract. `--qformer_mode text` (the default, the VideoLLaMA-Mini write-up) builds no
-    QFormer: there the caption tokens play the queries' role inside the decoder's cross-attention."""
+    """BLIP-2's Querying Transformer: Q learned query vectors (B, Q, D) attend to each other and read the visual tokens
+    (B, F, D) by cross-attention, layer after layer; the decoder reads these Q vectors, a fixed-size summary however
+    many frames. `--qformer_mode text` builds none: there the caption tokens are the queries, in the decoder."""
     def __init__(self, cfg):
         super().__init__()
         self.query = nn.Parameter(torch.randn(1, cfg.n_query, cfg.d_model) * 0.02)  # (1, Q, D), std 0.02
@@ -462,13 +459,11 @@ class VideoLLaMAMini(nn.Module):
             nn.init.zeros_(m.bias)  # biases start neutral
     @torch.no_grad()
     def init_from_data(self, video):
-        """Data-dependent initialisation (Salimans & Kingma, 2016) of the affine parameters that end each stage.
-        Every clip is mostly the same background, so at random init every clip's embedding is nearly the same vector
-        and the decoder can learn only the caption prior. Folding one batch's per-feature mean and std into the
-        LayerNorms after the frame and temporal encoders and (per query) into the QFormer's output scale and shift
-        makes their outputs zero-mean, unit-variance *across clips* at step 0. A one-off change of initial weights:
-        the model stays a per-clip function (no batch statistics in training or inference): a clip's caption does not
-        depend on the other clips of its batch, and gradient accumulation and DDP are unaffected (README)."""
+        """Data-dependent initialisation (Salimans & Kingma, 2016) of the affine parameters that end each stage. Every
+        clip is mostly background, so at random init every clip embeds to nearly one vector and the decoder learns
+        the caption prior alone. One batch's per-feature mean and std, folded into the LayerNorms after the frame and
+        temporal encoders and (per query) into the QFormer's output scale and shift, make their outputs zero-mean and
+        unit-variance *across clips* at step 0: a one-off change of initial weights, no batch statistics later."""
         def fold(ln, x):  # x: (B, T, D), the output of ln for this batch
             m, s = x.mean((0, 1)), x.std((0, 1)) + 1e-3  # (D,) each, over clips and positions
             ln.weight.div_(s)  # y = (x - m) / s, folded into the affine
@@ -721,13 +716,10 @@ def build_or_resume(cfg, resumed, train_entries, train_clips, device):
     """-> (model, tokenizer, optimizer, loss scaler, step): a fresh model initialised from data, or start_config's."""
     if resumed:
         model, tok, ts = resumed
-        for c in (c for _, cs in train_entries for c in cs):  # the saved table comes from the captions it trained on
-            ids = tok.enc.encode_ordinary(c)  # GPT-2 ids
-            if lost := [i for i, t in enumerate(ids) if t not in tok.to_model]:
-                at = tok.enc.decode_with_offsets(ids)[1][lost[0]]  # where the first token encode() drops starts
-                word = next(m.group() for m in re.finditer(r"\S+", c) if m.end() > at)  # the word around it
-                raise UserError(f"{cfg.data or cfg.data_dir}: the word '{word}' is not in the token table of the "
-                                f"checkpoint in {cfg.out_dir}; train afresh with a new --out_dir")
+        for c in (c for _, cs in train_entries for c in cs):  # encode() would drop the GPT-2 ids the table lacks
+            if lost := [t for t in tok.enc.encode_ordinary(c) if t not in tok.to_model]:
+                raise UserError(f"{cfg.data or cfg.data_dir}: '{tok.enc.decode(lost[:1]).strip()}' (in '{c}') is not "
+                                f"in the token table of the checkpoint in {cfg.out_dir}; train afresh, new --out_dir")
     else:
         tok = Tokenizer.from_captions([c for _, cs in train_entries for c in cs], cfg.compact_vocab)
         model = VideoLLaMAMini(cfg, len(tok.ids))
@@ -1012,11 +1004,10 @@ def check_decoding(cfg):  # a decoding flag (typed, or saved with a checkpoint) 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="VideoLLaMA-Mini: train, evaluate and caption videos on a CPU.")
-    p.add_argument("--train", action="store_true", help="build data (if needed), train, evaluate")
-    p.add_argument("--resume", action="store_true", help="with --train: continue from out_dir/train_state.pt")
-    p.add_argument("--eval", action="store_true", help="evaluate the checkpoint in out_dir on test and novel")
-    p.add_argument("--generate", action="store_true", help="caption --video with the checkpoint in out_dir")
-    p.add_argument("--bench", action="store_true", help="print training samples/s and captions/s")
+    for mode, what in (("train", "build data (if needed), train, evaluate"), ("resume", "with --train: continue from "
+                       "out_dir/train_state.pt"), ("eval", "evaluate the checkpoint in out_dir on test and novel"),
+                       ("generate", "caption --video with out_dir's model"), ("bench", "training and caption speed")):
+        p.add_argument(f"--{mode}", action="store_true", help=what)
     p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
     p.add_argument("--preset", choices=sorted(PRESETS), help="the sizes to start from (default: default)")
     for f in dataclasses.fields(Config):  # every field is a flag; bools as --flag / --no-flag, never type=bool
