@@ -1208,8 +1208,13 @@ def test_vc_train_eval_generate_cli(tmp_path, capsys):
     assert "exact" in p.stdout and os.path.isfile(os.path.join(out, "eval.json"))
     check_val_column(p.stdout, eval_interval=4, max_steps=6)  # the tiny preset logs every 2 steps
     capsys.readouterr()
-    vc.main(["--eval", "--preset", "tiny", "--data_dir", data, "--out_dir", out])
+    trained = json.load(open(os.path.join(out, "eval.json")))["train_seconds"]
+    vc.main(["--eval", "--data_dir", data, "--out_dir", out])
     assert "novel" in capsys.readouterr().out
+    assert json.load(open(os.path.join(out, "eval.json")))["train_seconds"] == trained > 0  # --eval keeps it
+    for argv in (["--eval"], ["--train", "--resume"], ["--generate", "--image", "a.png"]):  # sizes: the checkpoint's
+        main_user_error(vc.main, capsys, argv + ["--preset", "tiny", "--out_dir", out], "--preset tiny", "drop --preset")
+    main_user_error(vc.main, capsys, ["--eval", "--image", "a.png"], "--image a.png: only with --generate")
     img = np.random.default_rng(0).integers(0, 255, (300, 131, 3), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "odd.jpg"), img)
     vc.main(["--generate", "--image", str(tmp_path / "odd.jpg"), "--out_dir", out, "--temperature", "0.8",
@@ -1233,6 +1238,50 @@ def test_vc_train_eval_generate_cli(tmp_path, capsys):
                          ([], "--image")):
         main_user_error(vc.main, capsys, ["--generate", "--out_dir", out, *args], needle)
     assert open(os.path.join(out, "model.safetensors"), "rb").read() == before
+
+
+def test_vc_cut_off_transparent_and_folder_images(tmp_path):
+    """A JPEG cut short (libjpeg would fill it with grey) is refused, one with data after its end marker (a motion
+    photo) loads; transparent pixels (8- and 16-bit) are composited onto white; a folder is named as a folder."""
+    img = np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "a.jpg"), img)
+    whole = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "a.jpg").write_bytes(whole + b"\x00\x00\x00\x18ftypmp42" + bytes(100))
+    assert vc.load_image(str(tmp_path / "a.jpg"), 24).shape == (24, 24, 3)
+    (tmp_path / "a.jpg").write_bytes(whole[:len(whole) * 6 // 10])
+    with pytest.raises(vc.UserError, match=r"a\.jpg: this JPEG is cut off"):
+        vc.load_image(str(tmp_path / "a.jpg"), 24)
+    blend = lambda c, a: (c * a + 255 * (255 - a) + 127) // 255  # onto white, rounded as PIL
+    for alpha in (0, 128, 255):
+        bgra = np.zeros((8, 8, 4), np.uint8)
+        bgra[..., 2], bgra[..., 3] = 200, alpha  # red under alpha
+        cv2.imwrite(str(tmp_path / "t.png"), bgra)
+        assert tuple(vc.load_image(str(tmp_path / "t.png"), 8)[0, 0]) == (blend(200, alpha), blend(0, alpha),
+                                                                           blend(0, alpha))
+    cv2.imwrite(str(tmp_path / "t16.png"), np.full((8, 8, 4), 257 * 128, np.uint16))  # 16-bit grey at half alpha
+    assert tuple(vc.load_image(str(tmp_path / "t16.png"), 8)[0, 0]) == (blend(128, 128),) * 3
+    with pytest.raises(vc.UserError, match="a folder, not an image"):
+        vc.load_image(str(tmp_path), 8)
+
+
+@_vc_1t
+def test_vc_long_captions_and_unknown_words_on_resume(tmp_path, capsys):
+    """A training caption longer than --max_len (pad_batch would cut it) is refused with its token count; --resume on
+    captions with a word the saved token table lacks (encode would drop it) is refused naming it, nothing written."""
+    for i, bgr in enumerate(((0, 0, 255), (255, 0, 0))):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((16, 16, 3), bgr, np.uint8))
+    (tmp_path / "caps.txt").write_text("0.png | a red patch\n1.png | a blue patch\n")
+    (tmp_path / "long.txt").write_text("0.png | a red patch\n1.png | a blue patch on a grey field by the left side\n")
+    (tmp_path / "new.txt").write_text("0.png | a red patch\n1.png | a blue xylophone\n")
+    run = lambda ann, *more: ["--train", "--data", tmp_path / ann, "--test_data", tmp_path / ann, "--out_dir",
+                              tmp_path / "o", *more]
+    main_user_error(vc.main, capsys, run("long.txt", "--preset", "tiny", "--max_len", "8"),
+                    "--max_len 8: a training caption is 13 tokens long", "raise it")
+    vc.main(list(map(str, run("caps.txt", "--preset", "tiny", "--max_steps", "2", "--stop_after", "1"))))
+    before = {f.name: f.read_bytes() for f in (tmp_path / "o").iterdir()}
+    main_user_error(vc.main, capsys, run("new.txt", "--resume"), "new.txt: 'x", "(in 'a blue xylophone')",
+                    "not in the token table")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "o").iterdir()} == before
 
 
 @_vc_1t

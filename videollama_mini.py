@@ -719,7 +719,7 @@ def build_or_resume(cfg, resumed, train_entries, train_clips, device):
         for c in (c for _, cs in train_entries for c in cs):  # encode() would drop the GPT-2 ids the table lacks
             if lost := [t for t in tok.enc.encode_ordinary(c) if t not in tok.to_model]:
                 raise UserError(f"{cfg.data or cfg.data_dir}: '{tok.enc.decode(lost[:1]).strip()}' (in '{c}') is not "
-                                f"in the token table of the checkpoint in {cfg.out_dir}; train afresh, new --out_dir")
+                                f"in the token table of the checkpoint in {cfg.out_dir}; train anew in a new --out_dir")
     else:
         tok = Tokenizer.from_captions([c for _, cs in train_entries for c in cs], cfg.compact_vocab)
         model = VideoLLaMAMini(cfg, len(tok.ids))

@@ -3,7 +3,7 @@ vit_caption: a ViT image encoder + LLaMA-style decoder image captioner in one fi
 
     image (B, S, S, 3) uint8
       -> ViT: patch embedding (conv, stride = patch), learned position embeddings, pre-LayerNorm blocks with
-         GELU MLPs and dropout, final LayerNorm                                        -> (B, P, E) patch tokens
+         GELU MLPs (dropout in --preset original), final LayerNorm                   -> (B, P, E) patch tokens
       -> pooled to the visual prefix: "cls" (a learned CLS token's output, (B, 1, E), the write-up's image vector),
          "mean" (mean of the patch tokens, (B, 1, E)) or "patches" (all P patch tokens, (B, P, E))
       -> linear projection E -> D                                                       -> (B, N, D)
@@ -215,13 +215,29 @@ def build_world(cfg):
     atomic(stamp, lambda p: json.dump(want, open(p, "w")))
     return files
 
+def jpeg_cut_off(path):
+    """A JPEG (FF D8 ...) with no end-of-image marker FF D9 after its first scan FF DA: libjpeg fills the missing part
+    with grey, silently. The segments before the scan (FF xx, a 2-byte length) are skipped, an EXIF thumbnail too."""
+    data, i = open(path, "rb").read(), 2  # i: the next marker, after FF D8
+    while data[:2] == b"\xff\xd8" and i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] != 0xDA:
+        i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
+    return data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]  # data after FF D9 (a motion photo's video): fine
+
 def load_image(path, size):
     """Any image OpenCV reads, any size -> uint8 (size, size, 3) RGB: shrunk first (a 1 x 100000 strip stays small),
     then letterboxed (edges repeated): a crop could cut an object away, a stretch turns circles into ellipses."""
-    img = cv2.imread(path, cv2.IMREAD_COLOR) if os.path.isfile(path) else None  # BGR, 8-bit, 3 channels, or None
+    img = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None  # alpha kept, if any
+    if img is not None and (img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16)):
+        img = cv2.imread(path, cv2.IMREAD_COLOR)  # no alpha: OpenCV's 8-bit BGR (EXIF-rotated), or None
     if img is None or img.size == 0:
-        raise UserError(f"{path}: " + ("OpenCV cannot decode this image (empty, corrupt or unknown format)"
-                                       if os.path.isfile(path) else "image not found"))
+        raise UserError(f"{path}: " + ("OpenCV cannot decode this image (empty, corrupt or unknown format)" if
+                                       os.path.isfile(path) else "a folder, not an image" if os.path.isdir(path) else
+                                       "image not found"))
+    if jpeg_cut_off(path):
+        raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
+    if img.shape[2] == 4:  # transparency composited onto white, as transformers' convert_to_rgb; + 127 rounds as PIL
+        img = (img >> 8 * (img.dtype == np.uint16)).astype(np.int32)  # (H, W, 4) BGRA in 0..255 (16-bit: high byte)
+        img = ((img[:, :, :3] * img[:, :, 3:] + 255 * (255 - img[:, :, 3:]) + 127) // 255).astype(np.uint8)
     h, w = (max(1, round(n * size / max(img.shape[:2]))) for n in img.shape[:2])  # long side -> size, aspect kept
     img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if max(img.shape[:2]) > size else cv2.INTER_LINEAR)
     top, left = (size - h) // 2, (size - w) // 2  # pad the short side equally on both ends
@@ -679,6 +695,10 @@ def init_training(cfg, entries, images, resumed, device):
     """-> (model, tokenizer, optimizer, loss scaler, step): fresh (patch embedding fitted to images) or resume_run's."""
     if resumed:
         model, tok, state = resumed
+        if lost := next(((t, c) for _, cs in entries for c in cs for t in tok.enc.encode_ordinary(c)
+                         if t not in tok.to_model), None):  # encode() would drop it: the caption would train as another
+            raise UserError(f"{cfg.data or cfg.data_dir}: '{tok.enc.decode(lost[:1]).strip()}' (in '{lost[1]}') is not "
+                            f"in the token table of the checkpoint in {cfg.out_dir}; train anew in a new --out_dir")
     else:
         tok = Tokenizer.from_captions([c for _, cs in entries for c in cs], cfg.compact_vocab)
         model = ViTCaptioner(cfg, len(tok.ids))
@@ -747,6 +767,9 @@ def train(cfg, resume=False, typed=None):
     fwd = torch.compile(model) if cfg.compile else model
     (entries, images), caption_rng = data["train"], random.Random()
     tokens = [[tok.encode(c) for c in cs] for _, cs in entries]  # every reference of every image, encoded once
+    if (longest := max(len(t) for ts in tokens for t in ts)) > cfg.max_len:  # pad_batch would cut it
+        raise UserError(f"--max_len {cfg.max_len}: a training caption is {longest} tokens long (BOS and EOS "
+                        "included); raise it")
     val_batch = pad_batch([tok.encode(cs[0]) for _, cs in data["val"][0]], cfg.max_len)  # (inputs, targets)
     gsize, t_log, log_step, step0 = cfg.batch_size * cfg.grad_accum * world, time.time(), step, step
     while step < cfg.max_steps:
@@ -920,7 +943,8 @@ def attention_png(model, image, tok, cfg, device, path, show=None):
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):
     """Caption and score test, novel (and train with --max_train); print a table, samples; write eval.json, a PNG."""
-    result = {"train_seconds": train_seconds}
+    saved = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # the training run's
+    result = {"train_seconds": saved if train_seconds is None else train_seconds}  # --eval keeps the saved value
     print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")
     for split in [s for s in ("test", "novel") + (("train",) if cfg.max_train > 0 else ()) if s in data]:
         entries, images = (x[:cfg.eval_max] if cfg.eval_max > 0 else x for x in data[split])
@@ -987,16 +1011,17 @@ def parse_args(argv=None):
     p.add_argument("--generate", action="store_true", help="caption --image with the checkpoint in out_dir")
     p.add_argument("--bench", action="store_true", help="print training samples/s and captions/s")
     p.add_argument("--image", default="", help="image file, for --generate")
-    p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
+    p.add_argument("--preset", help=f"one of {sorted(PRESETS)} (default: default)")
     for f in dataclasses.fields(Config):  # every Config field is a flag; bools as --flag / --no-flag
         kw = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
         p.add_argument(f"--{f.name}", default=None, **kw)  # None = not given: the preset's value stays
     args = p.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     overrides.update({k: os.path.abspath(overrides[k]) for k in ("data", "test_data") if overrides.get(k)})  # as saved
-    cfg = Config(**{**PRESETS.get(args.preset, {}), **overrides})
+    cfg = Config(**{**PRESETS.get(args.preset or "default", {}), **overrides})
     # the first bad flag, in one line; each range is the condition a good value meets (a NaN fails every comparison)
-    bad = [f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}"] * (args.preset not in PRESETS)
+    bad = [f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}"] * (args.preset not in PRESETS
+                                                                                          and args.preset is not None)
     bad += [f"--{n} {v}: choose one of {', '.join(c)}" for n, c in CHOICES.items() if (v := getattr(cfg, n)) not in c]
     nums = {n: v for n, v in dataclasses.asdict(cfg).items() if type(v) in (int, float) and n != "seed"}
     bad += [f"--{n} {v}: must be at least 1" for n, v in nums.items() if type(v) is int and n not in ZERO_OK and v < 1]
@@ -1014,6 +1039,9 @@ def parse_args(argv=None):
          f"{cfg.d_model} / --n_head {cfg.n_head}: need even-sized heads, and --vit_dim a multiple of --vit_heads"),
         ([args.train or args.eval, args.generate, args.bench].count(True) > 1, "one mode per call; --train evaluates"),
         (args.resume and not args.train, "--resume continues a training run: use it with --train"),
+        (args.preset and (args.resume or args.eval or args.generate), f"--preset {args.preset}: --resume, --eval "
+         "and --generate take the sizes from the checkpoint in --out_dir; drop --preset"),
+        (args.image and not args.generate, f"--image {args.image}: only with --generate (the mode that captions it)"),
         (args.generate and not args.image, "--generate needs --image PATH")) if wrong]
     if bad:
         raise UserError(bad[0])
