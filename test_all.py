@@ -1960,7 +1960,7 @@ def test_vl_video_roundtrip_and_frame_folder(tmp_path, monkeypatch):
         def __init__(self, p):
             self.cap, self.left = real(p), 6 if not opened else 2
             opened.append(p)
-            self.isOpened, self.retrieve = self.cap.isOpened, self.cap.retrieve
+            self.isOpened, self.retrieve, self.get = self.cap.isOpened, self.cap.retrieve, self.cap.get
 
         def grab(self):
             self.left -= 1
@@ -2516,6 +2516,44 @@ def test_vl_resume_refuses_foreign_folders(vl_tiny_run, tmp_path):
         vl.main(["--eval", "--resume", "--out_dir", vl_tiny_run[0].out_dir])
 
 
+def test_vl_unknown_words_cut_off_media_and_bad_configs(vl_tiny_run, tmp_path, capsys):
+    """A word the trained model's token table lacks (encode would drop it): refused in --generate's prompt and in the
+    training text of --resume. A JPEG cut short and an MJPG .avi cut in half (both decode part of themselves without
+    an error) are refused; so are a config.json with 0 attention heads or a vision_feature_layer outside the tower,
+    and another script's checkpoint is named as such."""
+    out = tmp_path / "run"
+    shutil.copytree(vl_tiny_run[0].out_dir, out)
+    with pytest.raises(vl.UserError, match=r"'x.*' \(in 'What colour are the xylophones\?'\) is not in the token table"):
+        vl.main(["--generate", "--out_dir", str(out), "--prompt", "What colour are the xylophones?"])
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((16, 16, 3), np.uint8))
+    (tmp_path / "q.jsonl").write_text('{"image": "a.png", "question": "What colour is the xylophone?", "answer": '
+                                      '"red"}\n' * 3)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    with pytest.raises(vl.UserError, match="in the token table of the model in"):
+        vl.main(["--train", "--resume", "--out_dir", str(out), "--data", str(tmp_path / "q.jsonl")])
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    cv2.imwrite(str(tmp_path / "a.jpg"), np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8))
+    whole = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "a.jpg").write_bytes(whole[:len(whole) * 6 // 10])
+    with pytest.raises(vl.UserError, match="this JPEG is cut off"):
+        vl.load_image(str(tmp_path / "a.jpg"), 16)
+    avi = tmp_path / "clip.avi"
+    w = cv2.VideoWriter(str(avi), cv2.VideoWriter_fourcc(*"MJPG"), 8, (32, 32))
+    for t in range(40):
+        w.write(np.random.default_rng(t).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    w.release()
+    assert vl.load_video(str(avi), 4, 16).shape == (4, 3, 16, 16)
+    avi.write_bytes(avi.read_bytes()[:avi.stat().st_size // 2])
+    with pytest.raises(vl.UserError, match=r"only \d+ of the 40 frames in its header decode"):
+        vl.load_video(str(avi), 4, 16)
+    for hf, match in (({"text_config": {"num_attention_heads": 0}}, "attention heads must be at least 1"),
+                      ({"vision_feature_layer": 3, "vision_config": {"num_hidden_layers": 2}}, r"\(3\) in -3..2"),
+                      ({"vision_feature_layer": -4, "vision_config": {"num_hidden_layers": 2}}, r"\(-4\) in -3..2"),
+                      ({"script": "videollama_mini"}, "a checkpoint of videollama_mini.py, not a Video-LLaVA")):
+        with pytest.raises(vl.UserError, match=match):
+            vl.config_from_hf({"model_type": "video_llava", **hf} if "script" not in hf else hf, "cfg")
+
+
 def test_vl_out_dir_flags_test_data_and_shards(vl_tiny_run, vl_ckpt, tmp_path):
     """--train never writes into a folder of the user's or over a file; counts, rates and the device are checked
     before any work; --test_data alone replaces the world's test split, and one file may be an image entry and a
@@ -2682,7 +2720,7 @@ def test_vl_user_mistakes_are_one_line(vl_ckpt, vl_tiny_run, tmp_path, monkeypat
     # --generate from a run of this script runs under --dtype's autocast (its weights stay float32)
     seen = []
     monkeypatch.setattr(vl, "autocast_dtype", lambda name, device: seen.append(name) or "float32")
-    vl.main(["--generate", "--out_dir", vl_tiny_run[0].out_dir, "--prompt", "hi", "--dtype", "bfloat16",
+    vl.main(["--generate", "--out_dir", vl_tiny_run[0].out_dir, "--prompt", "What shape?", "--dtype", "bfloat16",
              "--max_new_tokens", "1"])
     assert seen == ["bfloat16"]
 

@@ -4,6 +4,7 @@ checkpoint `LanguageBind/Video-LLaVA-7B-hf`, plus a tiny Video-LLaVA trained fro
 
     image (N, 3, S, S) -> image_tower (CLIP ViT, the second-to-last layer's output, CLS dropped) -> (N, P, Dv)
     video (B, F, 3, S, S) -> video_tower, run per frame (the same layer, CLS kept)            -> (B*F, P+1, Dv)
+      (the 7B has two CLIP towers; a model trained here has one under both names: --share_towers, the default)
       -> multi_modal_projector: Linear -> GELU -> Linear                              -> (.., .., D)
       -> written over the <image> / <video> placeholder embeddings, in order, of the prompt
       -> LLaMA decoder (RMSNorm, rotate_half RoPE, grouped-query attention, SwiGLU) -> lm_head -> (B, L, V)
@@ -150,8 +151,10 @@ HF_FIELDS = {f: (sec, f.removeprefix("v_") if sec == "vision_config" else f, d) 
 
 def config_from_hf(hf, path):
     """HF Video-LLaVA config.json -> Config fields (HF_FIELDS), refusing what this model does not implement."""
-    if hf.get("model_type") != "video_llava":
-        raise UserError(f"{path}: model_type is '{hf.get('model_type')}', not 'video_llava' (another architecture)")
+    if hf.get("model_type") != "video_llava":  # another script's run names its script instead
+        raise UserError(f"{path}: " + (f"a checkpoint of {hf['script']}.py, not a Video-LLaVA" if hf.get("script")
+                                       else f"model_type is '{hf.get('model_type')}', not 'video_llava' (another "
+                                       "architecture)"))
     t, v = hf.get("text_config") or {}, hf.get("vision_config") or {}
     if not isinstance(t, dict) or not isinstance(v, dict):
         raise UserError(f"{path}: text_config and vision_config must be JSON objects")
@@ -172,6 +175,10 @@ def config_from_hf(hf, path):
         want = type(getattr(Config, f))
         if want in (int, float) and not f.endswith("token_id") and type(x) not in {want, int}:
             raise UserError(f"{path}: config.json's {HF_FIELDS[f][1]} is {x!r}; a number is needed")
+    n, fl = out["v_num_hidden_layers"], out["vision_feature_layer"]  # hidden_states[fl] of n layers: -n-1 .. n
+    if min(out["num_attention_heads"], out["num_key_value_heads"], out["v_num_attention_heads"]) < 1 or not (
+            -n - 1 <= fl <= n):  # transformers would divide by zero, or index past the tower's hidden states
+        raise UserError(f"{path}: attention heads must be at least 1 and vision_feature_layer ({fl}) in -{n + 1}..{n}")
     if t.get("head_dim") not in (None, out["hidden_size"] // out["num_attention_heads"]):
         raise UserError(f"{path}: head_dim != hidden_size / num_attention_heads is not supported")
     return out
@@ -355,6 +362,14 @@ def clip_transform(rgb, size):
     x = x[:, top:top + size, left:left + size].float().numpy() / 255.0  # rescale to [0, 1]
     return (x - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]  # (3, size, size), CLIP mean/std
 
+def jpeg_cut_off(path):
+    """A JPEG (FF D8 ...) with no end-of-image marker FF D9 after its first scan FF DA: libjpeg fills the missing part
+    with grey, silently. The segments before the scan (FF xx, a 2-byte length) are skipped, an EXIF thumbnail too."""
+    data, i = open(path, "rb").read(), 2  # i: the next marker, after FF D8
+    while data[:2] == b"\xff\xd8" and i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] != 0xDA:
+        i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
+    return data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]  # data after FF D9 (a motion photo's video): fine
+
 def load_image(path, size):
     """Image file -> float32 (3, size, size), CLIP-normalised as the HF processor does."""
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None  # alpha kept, if any
@@ -362,6 +377,8 @@ def load_image(path, size):
         img = cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR (EXIF-rotated), None for a depth it cannot convert
     if img is None:
         raise UserError(f"{path}: cannot read this image (missing, corrupt, or a format OpenCV cannot make 8-bit)")
+    if jpeg_cut_off(path):
+        raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
     if img.shape[2] == 4:  # transparency (palette too) composited onto white, as transformers' convert_to_rgb does
         img = img if img.dtype == np.uint8 else (img >> 8).astype(np.uint8)  # 16-bit: the high byte, as PIL reads it
         a = img[:, :, 3:].astype(np.int32)  # (H, W, 1) alpha, 0 = transparent; the sum rounds as PIL's
@@ -390,6 +407,9 @@ def load_video(path, n_frames, size):
         n += 1
     if n == 0:  # OpenCV could not open the file, or decoded no frame of it
         raise UserError(f"{path}: OpenCV decodes no frame of this video (corrupt, empty, or an unknown format)")
+    if n < 0.9 * (listed := int(counter.get(cv2.CAP_PROP_FRAME_COUNT))):  # a cut-off file decodes its first part
+        raise UserError(f"{path}: only {n} of the {listed} frames in its header decode (the file is cut off or "
+                        "damaged)")
     want, cap, picked = frame_indices(n, n_frames), cv2.VideoCapture(path), {}
     for i in range(want[-1] + 1):  # pass 2 decodes again and transforms only the sampled frames
         if cap.grab() and i in want:
@@ -476,6 +496,12 @@ class GPT2Table(Tokenizer):
         return len(self.ids) + 2  # the vocabulary size V: the table plus <image> and <video>
     def encode_text(self, part, first):  # GPT-2 ids outside the table (words never trained on) are dropped
         return [self.to_model[t] for t in self.enc.encode_ordinary(part) if t in self.to_model]
+    def check_known(self, texts, folder):  # where a dropped word would change what is trained or asked: refused
+        for text in texts:
+            if lost := [t for p in re.split("<image>|<video>", text) for t in self.enc.encode_ordinary(p)
+                        if t not in self.to_model]:
+                raise UserError(f"'{self.enc.decode(lost[:1]).strip()}' (in '{text}') is not in the token table of "
+                                f"the model in {folder}: it never saw that word in training")
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])  # model ids -> GPT-2 ids -> text
 
@@ -1124,6 +1150,8 @@ def build_model(cfg, entries, resume, say):
         keep = autocast_dtype(cfg.dtype, pick_device(cfg.device)) == "bfloat16"
         model, tok = load_pretrained(path, None if keep else torch.float32, "cpu", base=cfg), load_tokenizer(path)
         cfg = dataclasses.replace(cfg, **{f: getattr(model.cfg, f) for f in HF_FIELDS})
+        if resume and isinstance(tok, GPT2Table):  # the saved table covers the text the run trained on, no more
+            tok.check_known([prompt_text(e["question"], e["kind"]) + " " + e["answer"] for e in entries["train"]], path)
     else:
         tok = GPT2Table.from_texts([prompt_text(e["question"], e["kind"]) + " " + e["answer"] for s in ("train", "val")
                                     for e in entries[s]])  # every token of the training and validation text
@@ -1509,6 +1537,8 @@ def run_generate(args, cfg, overrides):
     auto = "bfloat16" if native_bf16(device) else "float32"  # an HF checkpoint's weights: bfloat16 where native
     dtype = None if "gpt2_table" in hf else getattr(torch, auto if cfg.dtype == "auto" else cfg.dtype)
     model, tok = load_pretrained(path, dtype, device).eval(), load_tokenizer(path)
+    if isinstance(tok, GPT2Table):  # a model trained here knows only its training words
+        tok.check_known([args.prompt], path)
     mcfg, kind = model.cfg, ("video" if args.video else "image" if args.image else "")  # "" = no media tag
     n_frames = overrides.get("n_frames", hf.get("train_config", {}).get("n_frames", 8))
     # the medium as a batch of one: an image (1, 3, S, S) or a video (1, F, 3, S, S)
