@@ -2,7 +2,7 @@
 Mark 1: a video multiple-choice answerer that also points at the frames supporting its answer, in one file.
 
     video (B, F, 3, S, S)
-      -> V-JEPA 2 encoder (Conv3d tubelets 2x16x16, pre-LN blocks, 3D RoPE, final LayerNorm)      (B, T*G*G, Dv)
+      -> V-JEPA 2 encoder (Conv3d tubelets 2x8x8, 2x16x16 released; pre-LN, 3D RoPE, final LayerNorm) (B, T*G*G, Dv)
       -> bridge: Linear Dv->D, N visual + M temporal learned queries cross-attend to the video tokens   (B, N+M, D)
                  one BERT-style layer (post-LN, GELU) over [queries; question token embeddings]          (B, N+M+Lq, D)
                  visual queries -> LLM prefix                                                           (B, N, D)
@@ -289,6 +289,8 @@ def load_video(path, n_frames, crop):
         fps = cap.get(cv2.CAP_PROP_FPS) if 0 < cap.get(cv2.CAP_PROP_FPS) < 1000 else FPS  # none or nonsense: FPS
         while cap.grab():  # pass 1 counts the frames (a header's count can be wrong); grab() skips the conversion
             n += 1
+        if n < 0.9 * (listed := int(cap.get(cv2.CAP_PROP_FRAME_COUNT))):  # a cut-off file decodes its first part
+            raise UserError(f"{path}: only {n} of the {listed} frames in its header decode (cut off or damaged)")
         def read(want):  # pass 2 decodes again and converts only the sampled frames (a long clip never sits whole)
             cap = cv2.VideoCapture(path)
             return ((i, cap.retrieve()[1]) for i in range(max(want) + 1) if cap.grab() and i in want)
@@ -763,6 +765,8 @@ def atomic(path, write):
 def read_hf_dir(path, want):
     """-> (config dict, {tensor key: file}) of an HF folder (one file or sharded); reads the headers only."""
     fix = "pass a complete Hugging Face checkpoint folder (download it again if damaged)"
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: no such folder; {fix}")
     conf = read_json(os.path.join(path, "config.json"), fix)
     if conf.get("model_type") != want:
         raise UserError(f"{path}: checkpoint is model_type {conf.get('model_type')!r}, expected {want!r}")
@@ -811,8 +815,9 @@ def load_vjepa2(path, dtype=None, device="cpu"):
     """HF V-JEPA 2 folder (VJEPA2Model `encoder.*`, or a classifier's `vjepa2.encoder.*`) -> frozen VJEPA2Encoder.
     Predictor, pooler and classifier weights are ignored on purpose: Mark 1 only needs the encoder's features."""
     conf, keys = read_hf_dir(path, "vjepa2")
-    if conf.get("hidden_act", "gelu") != "gelu":
-        raise UserError(f"{path}: hidden_act {conf['hidden_act']!r} is not supported (gelu expected)")
+    if conf.get("hidden_act", "gelu") != "gelu" or not conf.get("qkv_bias", True):  # V-JEPA 2's own settings
+        raise UserError(f"{path}: config.json sets hidden_act {conf.get('hidden_act')!r}, qkv_bias "
+                        f"{conf.get('qkv_bias')!r}; only gelu with q/k/v biases (V-JEPA 2's) is implemented")
     with torch.device("meta"):
         enc = VJEPA2Encoder(conf.get("hidden_size", 1024), conf.get("num_hidden_layers", 24),
                             conf.get("num_attention_heads", 16), conf.get("patch_size", 16),
@@ -866,6 +871,7 @@ def build_model(cfg, tok):
 def make_tokenizer(cfg, entries=None, ids=None):
     """Qwen3's own tokenizer with --llm_ckpt; else GPT-2's over the saved table `ids` or one built from `entries`."""
     if cfg.llm_ckpt:
+        read_hf_dir(cfg.llm_ckpt, "qwen3")  # the folder and its model_type first: another model's is named as such
         return QwenTokenizer(os.path.join(cfg.llm_ckpt, "tokenizer.json"))
     if ids is not None:
         return GPT2Tokenizer(ids)
@@ -1187,6 +1193,8 @@ def train(cfg, resume=False, overrides=None):
             save_checkpoint(model, tok, cfg, opt, step, scaler)
     if rank == 0 and step >= cfg.max_steps:
         evaluate(model, tok, cfg, data, time.time() - t0, cache)
+    elif rank == 0:
+        say(f"stopped after step {step} as asked (--stop_after); continue with --train --resume")
     if ddp:
         dist.destroy_process_group()
     return model, tok

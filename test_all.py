@@ -3085,6 +3085,33 @@ def test_mk_hf_loader_errors(mk_hf, tmp_path):
     assert "model.norm.weight" in msg and "model.extra.weight" in msg and "up_proj" in msg
 
 
+def test_mk_tower_folders_named_by_what_is_wrong(mk_hf, tmp_path):
+    """A missing folder is named as missing (not as a missing tokenizer.json), another model's folder as --llm_ckpt by
+    its model_type (before its tokenizer is read), V-JEPA 2 without q/k/v biases by that setting; a video cut in half
+    (it decodes its first part without an error) is refused."""
+    with pytest.raises(mk.UserError, match="nowhere: no such folder"):
+        mk.make_tokenizer(_mk_tiny_cfg(tmp_path, llm_ckpt=str(tmp_path / "nowhere")))
+    other = tmp_path / "vl"
+    other.mkdir()
+    json.dump({"model_type": "video_llava"}, open(other / "config.json", "w"))
+    with pytest.raises(mk.UserError, match="model_type 'video_llava', expected 'qwen3'"):
+        mk.make_tokenizer(_mk_tiny_cfg(tmp_path, llm_ckpt=str(other)))
+    nobias = tmp_path / "nobias"
+    shutil.copytree(mk_hf["root"] / "vjepa2", nobias)
+    json.dump({**json.load(open(nobias / "config.json")), "qkv_bias": False}, open(nobias / "config.json", "w"))
+    with pytest.raises(mk.UserError, match="qkv_bias False; only gelu with q/k/v biases"):
+        mk.load_vjepa2(str(nobias))
+    avi = tmp_path / "clip.avi"
+    w = cv2.VideoWriter(str(avi), cv2.VideoWriter_fourcc(*"MJPG"), 8, (32, 32))
+    for t in range(40):
+        w.write(np.random.default_rng(t).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    w.release()
+    assert mk.load_video(str(avi), 4, 16)[0].shape == (4, 16, 16, 3)
+    avi.write_bytes(avi.read_bytes()[:avi.stat().st_size // 2])
+    with pytest.raises(mk.UserError, match=r"only \d+ of the 40 frames in its header decode"):
+        mk.load_video(str(avi), 4, 16)
+
+
 def test_mk_frozen_towers_with_checkpoints(mk_hf, tmp_path):
     cfg = _mk_tiny_cfg(tmp_path, vision_ckpt=str(mk_hf["root"] / "vjepa2"), llm_ckpt=str(mk_hf["root"] / "qwen3"),
                        n_frames=4)
@@ -3487,6 +3514,7 @@ def test_mk_exact_resume(mk_trained, tmp_path, capsys):
     d, _ = mk_trained
     args = ["--train", "--preset", "tiny", "--data_dir", d / "data", "--out_dir", tmp_path / "r"]
     mk.main([str(a) for a in args] + ["--stop_after", "3"])
+    assert "stopped after step 3 as asked (--stop_after); continue with --train --resume" in capsys.readouterr().out
     mk.main([str(a) for a in args] + ["--resume"])
     assert "resumed at step 3" in capsys.readouterr().out
     with pytest.raises(mk.UserError, match="l_width=32; --resume cannot change it"):  # the saved architecture wins
