@@ -811,6 +811,26 @@ def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
         module.lm_head.weight = module.model.embed_tokens.weight  # assign=True replaced the Parameter: tie again
     return module
 
+def vjepa2_fields(conf, keys):  # V-JEPA 2's config.json -> the Config fields it sets (transformers' defaults)
+    return dict(v_width=conf.get("hidden_size", 1024), v_layers=conf.get("num_hidden_layers", 24),
+                v_heads=conf.get("num_attention_heads", 16), v_patch=conf.get("patch_size", 16),
+                v_tubelet=conf.get("tubelet_size", 2), crop=conf.get("crop_size", 256),
+                v_mlp_ratio=conf.get("mlp_ratio", 4.0))
+
+def qwen3_fields(conf, keys):  # Qwen3's config.json (and tensor keys) -> the Config fields it sets, as transformers
+    rope, nh = conf.get("rope_parameters") or {}, conf.get("num_attention_heads", 32)  # reads them when absent or null
+    return dict(l_width=conf.get("hidden_size", 4096), l_layers=conf.get("num_hidden_layers", 32), l_heads=nh,
+                l_kv_heads=conf.get("num_key_value_heads") or nh, l_head_dim=conf.get("head_dim", 128),
+                l_inter=conf.get("intermediate_size", 22016),
+                rope_theta=conf.get("rope_theta") or rope.get("rope_theta", 10000.0),  # transformers 5 moved it there
+                tie_embeddings=bool(conf.get("tie_word_embeddings")) and "lm_head.weight" not in keys)
+
+def tower_fields(cfg):
+    """-> [(folder, {Config field: value})] for each tower loaded from an HF folder: its sizes, and frozen."""
+    return [(p, {**fields(*read_hf_dir(p, kind)), freeze: True}) for p, kind, fields, freeze in (
+        (cfg.vision_ckpt, "vjepa2", vjepa2_fields, "freeze_vision"),
+        (cfg.llm_ckpt, "qwen3", qwen3_fields, "freeze_llm")) if p]
+
 def load_vjepa2(path, dtype=None, device="cpu"):
     """HF V-JEPA 2 folder (VJEPA2Model `encoder.*`, or a classifier's `vjepa2.encoder.*`) -> frozen VJEPA2Encoder.
     Predictor, pooler and classifier weights are ignored on purpose: Mark 1 only needs the encoder's features."""
@@ -818,11 +838,10 @@ def load_vjepa2(path, dtype=None, device="cpu"):
     if conf.get("hidden_act", "gelu") != "gelu" or not conf.get("qkv_bias", True):  # V-JEPA 2's own settings
         raise UserError(f"{path}: config.json sets hidden_act {conf.get('hidden_act')!r}, qkv_bias "
                         f"{conf.get('qkv_bias')!r}; only gelu with q/k/v biases (V-JEPA 2's) is implemented")
+    f = vjepa2_fields(conf, keys)
     with torch.device("meta"):
-        enc = VJEPA2Encoder(conf.get("hidden_size", 1024), conf.get("num_hidden_layers", 24),
-                            conf.get("num_attention_heads", 16), conf.get("patch_size", 16),
-                            conf.get("tubelet_size", 2), conf.get("crop_size", 256), conf.get("mlp_ratio", 4.0),
-                            conf.get("layer_norm_eps", 1e-6))
+        enc = VJEPA2Encoder(f["v_width"], f["v_layers"], f["v_heads"], f["v_patch"], f["v_tubelet"], f["crop"],
+                            f["v_mlp_ratio"], conf.get("layer_norm_eps", 1e-6))
     mapping = {k: k.removeprefix("vjepa2.").removeprefix("encoder.") for k in keys
                if k.removeprefix("vjepa2.").startswith("encoder.")}  # the rest: predictor, pooler, classifier
     if len(mapping) < len(keys):
@@ -842,14 +861,12 @@ def load_qwen3(path, dtype=None, device="cpu"):
     if unsupported:
         raise UserError(f"{path}: config.json sets {unsupported[0]} (plain Qwen3 only: default RoPE, full attention, "
                         f"SiLU, no attention bias); this script does not implement it")
-    theta = conf.get("rope_theta") or rope.get("rope_theta", 10000.0)
     # tied head unless the file carries its own lm_head (transformers unties then too; using it is always right)
-    tie = conf.get("tie_word_embeddings", False) and "lm_head.weight" not in keys
-    nh = conf.get("num_attention_heads", 32)
+    f = qwen3_fields(conf, keys)
     with torch.device("meta"):
-        lm = Qwen3LM(conf.get("vocab_size", 151936), conf.get("hidden_size", 4096), conf.get("num_hidden_layers", 32),
-                     nh, conf.get("num_key_value_heads") or nh, conf.get("head_dim", 128),  # null: nh, as HF
-                     conf.get("intermediate_size", 22016), theta, conf.get("rms_norm_eps", 1e-6), tie)
+        lm = Qwen3LM(conf.get("vocab_size", 151936), f["l_width"], f["l_layers"], f["l_heads"], f["l_kv_heads"],
+                     f["l_head_dim"], f["l_inter"], f["rope_theta"], conf.get("rms_norm_eps", 1e-6),
+                     f["tie_embeddings"])
     return assign_strict(lm, path, keys, lambda k: k, dtype, device)
 
 def build_model(cfg, tok):
@@ -914,6 +931,10 @@ def load_checkpoint(out_dir, overrides=None, mode="--eval"):
             raise UserError(f"--{k} {v}: the run in {out_dir} has {k}={saved.get(k)!r}; {mode} cannot change it "
                             f"(drop the flag, or train into a new --out_dir)")
     cfg = Config(**{**saved, **(overrides or {})})
+    for path, got in tower_fields(cfg):  # a moved tower folder must hold the tower this run was trained with
+        if k := next((k for k, v in got.items() if saved.get(k, v) != v), None):
+            raise UserError(f"{path}: {k} {got[k]}, but the run in {out_dir} was trained with {saved[k]}; pass the "
+                            "tower it was trained with")
     tok = make_tokenizer(cfg, ids=meta["vocab"])
     model = build_model(cfg, tok)
     try:
@@ -1379,12 +1400,10 @@ def main(argv=None):
     args, cfg, overrides = parse_args(argv)
     if args.bench and args.preset == "default":
         cfg = Config(**{**PRESETS["bench"], **overrides})
-    if cfg.vision_ckpt and (args.train or args.bench):  # frames cut as the checkpoint was trained: crop, patch and
-        vc = read_hf_dir(cfg.vision_ckpt, "vjepa2")[0]  # tubelet from its config.json (transformers' defaults)
-        geo = dict(crop=vc.get("crop_size", 256), v_patch=vc.get("patch_size", 16), v_tubelet=vc.get("tubelet_size", 2))
-        if k := next((k for k, v in geo.items() if overrides.get(k, v) != v), None):  # a flag that says otherwise
-            raise UserError(f"--{k} {overrides[k]}: {cfg.vision_ckpt} was trained with {geo[k]}; drop the flag")
-        cfg = dataclasses.replace(cfg, **geo)
+    for path, got in tower_fields(cfg) if args.train or args.bench else []:  # sizes and frames as the tower's own
+        if k := next((k for k, v in got.items() if overrides.get(k, v) != v), None):  # a flag that says otherwise
+            raise UserError(f"--{k} {overrides[k]}: {path} was trained with {got[k]}; drop the flag")
+        cfg = dataclasses.replace(cfg, **got)  # what is printed and saved is what runs
     if int(os.environ.get("RANK", "0")) == 0 and (args.bench or args.train and not args.resume):  # else: as loaded
         print("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)

@@ -3785,7 +3785,14 @@ def test_mk_train_with_frozen_hf_checkpoints_cli(mk_hf, mk_trained, tmp_path, ca
     monkeypatch.chdir(mk_hf["root"])  # tower folders given relative to the working directory
     mk.main([str(a) for a in ("--train", "--preset", "tiny", "--max_steps", "2", "--data_dir", d / "data",
                               "--out_dir", tmp_path / "o", "--vision_ckpt", "vjepa2", "--llm_ckpt", "qwen3")])
-    assert "frozen" in capsys.readouterr().out and (tmp_path / "o" / "eval.json").is_file()
+    out = capsys.readouterr().out
+    assert "frozen" in out and (tmp_path / "o" / "eval.json").is_file()
+    printed = json.loads(out.split("config: ", 1)[1].split("\n", 1)[0])  # the towers' own sizes, not the preset's
+    assert {k: printed[k] for k in ("v_width", "v_layers", "l_width", "l_inter", "rope_theta", "freeze_llm")} == dict(
+        v_width=128, v_layers=2, l_width=64, l_inter=128, rope_theta=1e6, freeze_llm=True)
+    with pytest.raises(mk.UserError, match="--v_width 64: .*vjepa2 was trained with 128; drop the flag"):
+        mk.main([str(a) for a in ("--train", "--preset", "tiny", "--data_dir", d / "data", "--out_dir", tmp_path / "o2",
+                                  "--vision_ckpt", "vjepa2", "--llm_ckpt", "qwen3", "--v_width", "64")])
     saved = load_file(str(tmp_path / "o" / "model.safetensors"))
     assert saved and all(k.startswith("bridge.") for k in saved)  # the towers are reloaded from their folders
     monkeypatch.chdir(tmp_path)  # saved as absolute paths: found from another directory
@@ -3796,6 +3803,8 @@ def test_mk_train_with_frozen_hf_checkpoints_cli(mk_hf, mk_trained, tmp_path, ca
     mk.main([str(a) for a in ("--predict", "--out_dir", tmp_path / "o", "--video", d / "data" / "test" / "00000.mp4",
                               "--question", "q", "--choices", "A. x|B. y", "--llm_ckpt", mk_hf["root"] / "qwen3")])
     assert "answer:" in capsys.readouterr().out
+    with pytest.raises(mk.UserError, match="tie_embeddings False, but the run in .* was trained with True"):
+        mk.main([str(a) for a in ("--eval", "--out_dir", tmp_path / "o", "--llm_ckpt", mk_hf["root"] / "qwen3_untied")])
 
 
 @pytest.fixture(scope="module")
