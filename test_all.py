@@ -2319,6 +2319,21 @@ def test_vl_user_data_trains_and_no_user_file_is_overwritten(vl_tiny_run, tmp_pa
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "o" not in p.parts} == before
 
 
+def test_vl_test_data_stays_out_of_the_token_table_and_validation(vl_tiny_run, tmp_path, capsys):
+    """--test_data is the test split and nothing else: the token table is built from --data's text and the validation
+    loss from --data's held-out entries (every 10th), so no test question or answer reaches training."""
+    png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")
+    line = lambda answer: json.dumps({"image": png, "question": "What colour are the shapes?", "answer": answer})
+    (tmp_path / "mine.jsonl").write_text((line("red") + "\n") * 10)
+    (tmp_path / "test.jsonl").write_text((line("magenta") + "\n") * 3)
+    capsys.readouterr()
+    vl.main(["--train", "--preset", "tiny", "--max_steps", "2", "--data", str(tmp_path / "mine.jsonl"),
+             "--test_data", str(tmp_path / "test.jsonl"), "--out_dir", str(tmp_path / "o")])
+    assert "data: train 9 questions, val 1 questions, test 3 questions" in capsys.readouterr().out
+    tok = vl.load_tokenizer(str(tmp_path / "o"))
+    assert not set(tok.enc.encode_ordinary(" magenta")) <= set(tok.ids)
+
+
 @pytest.fixture(scope="module")
 def vl_tiny_run(tmp_path_factory):
     """One in-process tiny run (batch 8, 3 steps, float32) that the accumulation and DDP tests compare against; its

@@ -76,7 +76,7 @@ def writable(path, marker, ours):
 class Config:
     # data (your JSON lines, or the synthetic world) and output
     data: str = ""  # your training questions, JSON lines (format in the README); "" = the synthetic world
-    test_data: str = ""  # your evaluation questions; without it every 10th entry of --data is held out
+    test_data: str = ""  # your test questions; else every 10th entry of --data (held out for validation) tests too
     data_dir: str = "data/video_llava"  # where the synthetic world is written (a folder this script made, or new)
     out_dir: str = "out/video_llava"
     n_train: int = 3000  # synthetic images and as many clips in train (3 questions per image, 1 per clip)
@@ -300,16 +300,15 @@ def build_world(cfg):
     return files
 
 def load_entries(cfg, master=True):
-    """Each split's questions: --data (every 10th held out, unless --test_data is given) or the synthetic world."""
+    """Each split's questions: --data (every 10th held out for validation) or the synthetic world; --test_data is
+    the test split of both, and only that: the token table and the validation loss never see it."""
     if cfg.data:
         train = read_annotations(cfg.data)
-        if cfg.test_data:
-            test = read_annotations(cfg.test_data)
-        elif len(train) < 2:  # entry 0 would be held out, leaving nothing to train on
-            raise UserError(f"{cfg.data}: one entry; give at least two (every 10th is held out) or --test_data FILE")
-        else:  # entries 0, 10, 20, ... are held out
-            test, train = train[::10], [e for i, e in enumerate(train) if i % 10]
-        return {"train": train, "val": test, "test": test}  # val = test: the loss log shows the same questions
+        if len(train) < 2:  # entry 0 would be held out, leaving nothing to train on
+            raise UserError(f"{cfg.data}: one entry; give at least two (every 10th is held out for validation)")
+        val, train = train[::10], [e for i, e in enumerate(train) if i % 10]  # entries 0, 10, 20, ... held out
+        test = read_annotations(cfg.test_data) if cfg.test_data else val  # without --test_data, val = test
+        return {"train": train, "val": val, "test": test}
     if master:
         build_world(cfg)
     if dist.is_initialized():
