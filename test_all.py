@@ -1918,6 +1918,20 @@ def test_vl_generate_hf_dtype_follows_dtype_auto(vl_ckpt, tmp_path, monkeypatch,
     capsys.readouterr()
 
 
+def test_vl_generate_checks_architecture_flags_against_the_checkpoint(vl_ckpt, tmp_path, capsys):
+    """--generate runs the checkpoint's architecture: a typed flag that agrees with its config.json runs (--image_size
+    28 with its patch 14, not the preset's 12), one that differs is refused in one line, not ignored."""
+    cv2.imwrite(str(tmp_path / "a.png"), _vl_textured(40, 60, 2))
+    argv = ["--generate", "--from_pretrained", vl_ckpt[1]["t5save"], "--image", str(tmp_path / "a.png"),
+            "--prompt", "What?", "--max_new_tokens", "1", "--device", "cpu", "--dtype", "float32"]
+    vl.main(argv + ["--image_size", "28", "--vision_feature_layer", "-2"])
+    for flags, want in ((["--image_size", "42"], "--image_size 42 (checkpoint: 28)"),
+                        (["--hidden_size", "32", "--v_num_hidden_layers", "3"], "drop --hidden_size 32 (checkpoint: 64)")):
+        with pytest.raises(vl.UserError, match=re.escape(want)):
+            vl.main(argv + flags)
+    capsys.readouterr()
+
+
 def test_vl_preprocessing():
     assert vl.frame_indices(10, 8) == [0, 1, 2, 3, 5, 6, 7, 8]  # i*10//8
     assert vl.frame_indices(3, 8) == [0, 0, 0, 1, 1, 1, 2, 2]  # short clips repeat frames

@@ -1499,7 +1499,7 @@ def parse_args(argv=None):
                                                               "data_init", "temperature") if not 0 <= v[f] < math.inf]
     problems += [f"--{a} {v[a]} must be a multiple of --{b} {v[b]}" for a, b in (("hidden_size", "num_attention_heads"),
                  ("num_attention_heads", "num_key_value_heads"), ("v_hidden_size", "v_num_attention_heads"),
-                 ("image_size", "patch_size")) if v[a] % max(v[b], 1)]  # heads split the width, patches the image
+                 ("image_size", "patch_size")) if v[a] % max(v[b], 1) and not args.generate]  # (--generate: below)
     one_of = dict(dtype=("auto", "float32", "bfloat16", "float16"), vision_feature_select_strategy=("default", "full"))
     problems += [f"--{k} {v[k]}: choose {' or '.join(ok)}" for k, ok in one_of.items() if v[k] not in ok]
     modes = sum(map(bool, (args.train or args.eval, args.generate, args.inspect, args.bench)))  # --train evaluates too
@@ -1508,9 +1508,9 @@ def parse_args(argv=None):
         (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: in (0, 1]"),
         (cfg.temperature == 0 and (cfg.top_k > 0 or cfg.top_p < 1),
          "--top_k and --top_p filter what is sampled: give a --temperature above 0 as well"),
-        (cfg.hidden_size // max(cfg.num_attention_heads, 1) % 2,
+        (not args.generate and cfg.hidden_size // max(cfg.num_attention_heads, 1) % 2,
          "--hidden_size / --num_attention_heads (the head width) must be even: RoPE rotates feature pairs"),
-        (not -cfg.v_num_hidden_layers - 1 <= cfg.vision_feature_layer <= cfg.v_num_hidden_layers,
+        (not args.generate and not -cfg.v_num_hidden_layers - 1 <= cfg.vision_feature_layer <= cfg.v_num_hidden_layers,
          f"--vision_feature_layer {cfg.vision_feature_layer}: the tower has hidden states "
          f"-{cfg.v_num_hidden_layers + 1} .. {cfg.v_num_hidden_layers}"),
         (overrides.get("share_towers") and cfg.from_pretrained,
@@ -1533,6 +1533,10 @@ def run_generate(args, cfg, overrides):
         raise UserError("--generate needs --prompt TEXT, and --video PATH or --image PATH (not both) or neither")
     path, device = cfg.from_pretrained or cfg.out_dir, pick_device(cfg.device)
     hf = read_config(path)  # a run of this script keeps its float32 weights; an HF folder's follow --dtype
+    arch = config_from_hf(hf, path)  # the checkpoint's architecture: a typed flag must agree with it, not be dropped
+    clash = [f"--{f} {overrides[f]} (checkpoint: {arch[f]!r})" for f in arch if overrides.get(f, arch[f]) != arch[f]]
+    if clash:
+        raise UserError(f"{path}: --generate runs the checkpoint's architecture; drop {', '.join(clash)}")
     auto = "bfloat16" if native_bf16(device) else "float32"  # an HF checkpoint's weights: bfloat16 where native
     dtype = None if "gpt2_table" in hf else getattr(torch, auto if cfg.dtype == "auto" else cfg.dtype)
     model, tok = load_pretrained(path, dtype, device).eval(), load_tokenizer(path)
