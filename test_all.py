@@ -2389,6 +2389,16 @@ def test_vl_shared_towers(vl_tiny_run):
         assert torch.allclose(torch.cov(h.double().T), torch.eye(h.shape[1], dtype=torch.float64), atol=1e-3)
 
 
+def test_vl_inspect_counts_a_shared_tower_once(vl_tiny_run, capsys):
+    """A run with one shared tower saves it under both names; --inspect counts its parameters once."""
+    cfg, w = vl_tiny_run
+    capsys.readouterr()
+    vl.main(["--inspect", cfg.out_dir])
+    n = sum(v.numel() for k, v in w.items() if not k.startswith("video_tower."))
+    out = capsys.readouterr().out
+    assert f"{n / 1e6:.2f}M parameters" in out and "video_tower = image_tower" in out, out
+
+
 @_vc_1t
 def test_vl_two_towers_train_apart_and_resume(vl_tiny_run, tmp_path, capsys):
     """--no-share_towers: two towers, each changed by its own gradients (a shared tower would change both names by

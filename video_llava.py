@@ -1410,9 +1410,13 @@ def inspect_checkpoint(path, n_frames, n_tokens):
         towers[tower] = towers.get(tower, 0) + numel
         layouts.add("transformers-5 in memory" if key.startswith(("model.", "lm_head.")) else
                     "hub" if ".vision_model." in key else "transformers-5 save" if "_tower." in key else None)
-    n_bytes, per_tower = sum(by_dtype.values()), ", ".join(f"{t} {n / 1e6:.2f}M" for t, n in towers.items())
+    shared = (read_config(path).get("train_config") or {}).get("share_towers")  # one tower saved under both names
+    if shared:
+        towers.pop("video_tower", None)  # counted once, as the run trained it
+    n_bytes, per_tower = sum(by_dtype.values()), [f"{t} {n / 1e6:.2f}M" for t, n in towers.items()]
     print(f"checkpoint {path}: {len(files)} tensors in {len(handles)} file(s), layout {sorted(layouts - {None})}; "
-          f"{sum(towers.values()) / 1e6:.2f}M parameters ({per_tower}); " +
+          f"{sum(towers.values()) / 1e6:.2f}M parameters "
+          f"({', '.join(per_tower + ['video_tower = image_tower'] * bool(shared))}); " +
           ", ".join(f"{dt} {b / 2**30:.3f} GiB" for dt, b in by_dtype.items()))
     print(f"key alignment: {len(found)} model tensors found, " +
           ", ".join(f"{what} {keys or 'none'}" for what, keys in problems.items()))
