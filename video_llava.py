@@ -151,22 +151,26 @@ HF_FIELDS = {f: (sec, f.removeprefix("v_") if sec == "vision_config" else f, d) 
 
 def config_from_hf(hf, path):
     """HF Video-LLaVA config.json -> Config fields (HF_FIELDS), refusing what this model does not implement."""
-    if hf.get("model_type") != "video_llava":  # another script's run names its script instead
-        raise UserError(f"{path}: " + (f"a checkpoint of {hf['script']}.py, not a Video-LLaVA" if hf.get("script")
-                                       else f"model_type is '{hf.get('model_type')}', not 'video_llava' (another "
-                                       "architecture)"))
+    if hf.get("model_type") != "video_llava":  # a run of another script (its out_dir) has a config.json without one
+        what = f"a run of {hf['script']}.py" if hf.get("script") else "not a model's config"
+        raise UserError(f"{path}: " + (f"model_type is '{hf['model_type']}', not 'video_llava' (another architecture)"
+                        if hf.get("model_type") else f"config.json has no model_type ({what}); give a Video-LLaVA "
+                        f"checkpoint: an HF folder or an --out_dir of {SCRIPT}.py --train"))
     t, v = hf.get("text_config") or {}, hf.get("vision_config") or {}
     if not isinstance(t, dict) or not isinstance(v, dict):
         raise UserError(f"{path}: text_config and vision_config must be JSON objects")
-    if (t.get("model_type", "llama"), t.get("hidden_act", "silu"), v.get("model_type", "clip_vision_model"),
-            v.get("hidden_act", "quick_gelu")) != ("llama", "silu", "clip_vision_model", "quick_gelu"):
-        raise UserError(f"{path}: only a LLaMA text model (silu) with CLIP vision towers (quick_gelu) is supported")
+    where = {"text_config": t, "vision_config": v, "": hf}
+    # what the modules below implement one way only: LLaMA (silu, no biases), CLIP (quick_gelu), Linear-GELU(erf)-Linear
+    for name, ok in {"text_config.model_type": "llama", "text_config.hidden_act": "silu",
+                     "text_config.attention_bias": False, "text_config.mlp_bias": False,
+                     "vision_config.model_type": "clip_vision_model", "vision_config.hidden_act": "quick_gelu",
+                     "projector_hidden_act": "gelu", "multimodal_projector_bias": True}.items():
+        sec, _, k = name.rpartition(".")
+        if where[sec].get(k, ok) != ok:
+            raise UserError(f"{path}: {name}: {json.dumps(where[sec][k])} is not supported (only {json.dumps(ok)})")
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise UserError(f"{path}: rope scaling '{rope.get('rope_type')}' is not supported")
-    if hf.get("projector_hidden_act", "gelu") != "gelu":  # the projector below is Linear-GELU(erf)-Linear
-        raise UserError(f"{path}: projector_hidden_act '{hf['projector_hidden_act']}' is not supported (only gelu)")
-    where = {"text_config": t, "vision_config": v}
     out = {f: where[sec].get(k, d) if sec else hf.get(k, t.get(k, d)) for f, (sec, k, d) in HF_FIELDS.items()}
     out.update(num_key_value_heads=out["num_key_value_heads"] or out["num_attention_heads"],  # none: plain MHA
                rope_theta=rope.get("rope_theta", out["rope_theta"]),  # transformers 5 keeps it in rope_parameters
@@ -175,10 +179,11 @@ def config_from_hf(hf, path):
         want = type(getattr(Config, f))
         if want in (int, float) and not f.endswith("token_id") and type(x) not in {want, int}:
             raise UserError(f"{path}: config.json's {HF_FIELDS[f][1]} is {x!r}; a number is needed")
-    n, fl = out["v_num_hidden_layers"], out["vision_feature_layer"]  # hidden_states[fl] of n layers: -n-1 .. n
-    if min(out["num_attention_heads"], out["num_key_value_heads"], out["v_num_attention_heads"]) < 1 or not (
-            -n - 1 <= fl <= n):  # transformers would divide by zero, or index past the tower's hidden states
-        raise UserError(f"{path}: attention heads must be at least 1 and vision_feature_layer ({fl}) in -{n + 1}..{n}")
+        if want is int and not f.endswith(("_id", "_index", "_layer")) and x < 1:  # a size or count (0: divides by 0)
+            raise UserError(f"{path}: {HF_FIELDS[f][0]}.{HF_FIELDS[f][1]} is {x}; it must be at least 1")
+    n, layer = out["v_num_hidden_layers"], out["vision_feature_layer"]
+    if not -n - 1 <= layer <= n:  # transformers indexes the tower's n + 1 hidden states with it: an IndexError there
+        raise UserError(f"{path}: vision_feature_layer {layer} is not one of the tower's hidden states -{n + 1} .. {n}")
     if t.get("head_dim") not in (None, out["hidden_size"] // out["num_attention_heads"]):
         raise UserError(f"{path}: head_dim != hidden_size / num_attention_heads is not supported")
     return out
