@@ -243,10 +243,17 @@ def _square(img, size):
     img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]  # centre crop
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
+def jpeg_cut_off(path):  # a JPEG whose end marker FF D9 is missing after its scan FF DA: libjpeg fills it with grey
+    data, i = open(path, "rb").read(), 2  # i: the next marker; segments before the scan are skipped by their length
+    while data[:2] == b"\xff\xd8" and i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] != 0xDA:
+        i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
+    return data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]
+
 def load_image(path, size):
     img = cv2.imread(path)  # (H, W, 3) BGR uint8, or None when the file is not an image OpenCV reads
-    if img is None:
-        raise UserError(f"{path}: cannot read this image")
+    if img is None or jpeg_cut_off(path):
+        raise UserError(f"{path}: " + ("cannot read this image" if img is None else "this JPEG is cut off (no "
+                                       "end-of-image marker); re-export or re-copy it"))
     return _square(img, size)[:, :, ::-1].copy()  # BGR -> RGB, (S, S, 3) uint8
 
 def sample_indices(n_total, n_frames):
@@ -269,6 +276,8 @@ def load_video(path, n_frames, size):
             raise UserError(f"{path}: OpenCV cannot open this video (corrupt or unknown format)")
         while cap.grab():  # decode every frame (clips here are short), then pick n_frames of them
             frames.append(_square(cap.retrieve()[1], size)[:, :, ::-1])  # BGR uint8: shrink at once, -> RGB
+        if len(frames) < 0.9 * (listed := int(cap.get(cv2.CAP_PROP_FRAME_COUNT))):  # a cut-off file decodes part
+            raise UserError(f"{path}: only {len(frames)} of the {listed} frames in its header decode (cut off?)")
         cap.release()
     if not frames:
         raise UserError(f"{path}: video has no frames")

@@ -4391,6 +4391,22 @@ def test_ab_bad_inputs(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ab.UserError, match="no frames"):
         ab.load_video(str(tmp_path / "empty"), 4, 16)
+    # a video cut in half and a JPEG cut short decode part of themselves without an error: refused
+    avi = tmp_path / "clip.avi"
+    w = cv2.VideoWriter(str(avi), cv2.VideoWriter_fourcc(*"MJPG"), 8, (32, 32))
+    for t in range(40):
+        w.write(np.random.default_rng(t).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    w.release()
+    assert ab.load_video(str(avi), 4, 16).shape == (4, 16, 16, 3)
+    avi.write_bytes(avi.read_bytes()[:avi.stat().st_size // 2])
+    with pytest.raises(ab.UserError, match=r"only \d+ of the 40 frames in its header decode"):
+        ab.load_video(str(avi), 4, 16)
+    cv2.imwrite(str(tmp_path / "a.jpg"), np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8))
+    assert ab.load_image(str(tmp_path / "a.jpg"), 16).shape == (16, 16, 3)
+    whole = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "a.jpg").write_bytes(whole[:len(whole) * 6 // 10])
+    with pytest.raises(ab.UserError, match="this JPEG is cut off"):
+        ab.load_image(str(tmp_path / "a.jpg"), 16)
     # malformed annotation lines name the line
     ann = tmp_path / "ann.txt"
     ann.write_text("a.png\ta red circle\njust-a-path\n")
