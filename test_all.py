@@ -2561,8 +2561,12 @@ def test_vl_unknown_words_and_cut_off_media(vl_tiny_run, tmp_path, capsys):
     an error) are refused."""
     out = tmp_path / "run"
     shutil.copytree(vl_tiny_run[0].out_dir, out)
-    with pytest.raises(vl.UserError, match=r"'x.*' \(in 'What colour are the xylophones\?'\) is not in the token table"):
-        vl.main(["--generate", "--out_dir", str(out), "--prompt", "What colour are the xylophones?"])
+    png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")
+    with pytest.raises(vl.UserError, match=r"'x.*' \(in 'USER: <image>\nWhat colour are the xylophones\? ASSISTANT:'\) is "
+                                           "not in the token table"):
+        vl.main(["--generate", "--out_dir", str(out), "--image", png, "--prompt", "What colour are the xylophones?"])
+    with pytest.raises(vl.UserError, match="'What' .* is not in the token table"):  # " What": never without an image
+        vl.main(["--generate", "--out_dir", str(out), "--prompt", "What colour are the shapes?"])
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((16, 16, 3), np.uint8))
     (tmp_path / "q.jsonl").write_text('{"image": "a.png", "question": "What colour is the xylophone?", "answer": '
                                       '"red"}\n' * 3)
@@ -2752,8 +2756,9 @@ def test_vl_user_mistakes_are_one_line(vl_ckpt, vl_tiny_run, tmp_path, monkeypat
     # --generate from a run of this script runs under --dtype's autocast (its weights stay float32)
     seen = []
     monkeypatch.setattr(vl, "autocast_dtype", lambda name, device: seen.append(name) or "float32")
-    vl.main(["--generate", "--out_dir", vl_tiny_run[0].out_dir, "--prompt", "What shape?", "--dtype", "bfloat16",
-             "--max_new_tokens", "1"])
+    png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")
+    vl.main(["--generate", "--out_dir", vl_tiny_run[0].out_dir, "--image", png, "--prompt", "What shape?", "--dtype",
+             "bfloat16", "--max_new_tokens", "1"])
     assert seen == ["bfloat16"]
 
 

@@ -1031,8 +1031,9 @@ def saved_config(out_dir, overrides, resume=True):
         raise UserError(f"{out_dir}: nothing to resume or evaluate (no config.json or train_state.pt); run --train")
     meta = read_json(cpath) or {}  # missing or unreadable: refused below like a foreign folder
     if meta.get("script") != SCRIPT or not isinstance(meta.get("train_config"), dict):
-        raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (config.json: script '{meta.get('script')}', "
-                        f"model_type '{meta.get('model_type')}'); --resume and --eval need the --out_dir of a run")
+        raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (its config.json names " + (
+            f"the script {meta['script']!r}" if meta.get("script") else f"model_type {meta.get('model_type')!r}") +
+            "); --resume and --eval need the --out_dir of a run")
     if resume and not os.path.isfile(tpath):
         raise UserError(f"{out_dir}: no train_state.pt, so there is no optimizer state to resume from; "
                         f"drop --resume to start afresh (or --from_pretrained {out_dir} to fine-tune its weights)")
@@ -1549,14 +1550,14 @@ def run_generate(args, cfg, overrides):
     auto = "bfloat16" if native_bf16(device) else "float32"  # an HF checkpoint's weights: bfloat16 where native
     dtype = None if "gpt2_table" in hf else getattr(torch, auto if cfg.dtype == "auto" else cfg.dtype)
     model, tok = load_pretrained(path, dtype, device).eval(), load_tokenizer(path)
-    if isinstance(tok, GPT2Table):  # a model trained here knows only its training words
-        tok.check_known([args.prompt], path)
     mcfg, kind = model.cfg, ("video" if args.video else "image" if args.image else "")  # "" = no media tag
     n_frames = overrides.get("n_frames", hf.get("train_config", {}).get("n_frames", 8))
     # the medium as a batch of one: an image (1, 3, S, S) or a video (1, F, 3, S, S)
     imgs = torch.from_numpy(load_image(args.image, mcfg.image_size))[None].to(device) if args.image else None
     vids = torch.from_numpy(load_video(args.video, n_frames, mcfg.image_size))[None].to(device) if args.video else None
     text = args.prompt if "<image>" in args.prompt or "<video>" in args.prompt else prompt_text(args.prompt, kind)
+    if isinstance(tok, GPT2Table):  # a model trained here knows only its training words ("What" != " What")
+        tok.check_known([text], path)
     ids = torch.tensor([expand_placeholders(tok.encode(text), mcfg, n_frames)], device=device)
     g, got = torch.Generator(device=device).manual_seed(cfg.seed), []
     answer = lambda: tok.decode([t for t in got if t != tok.eos_id]).rstrip("\ufffd")  # an unfinished char waits
