@@ -1,5 +1,4 @@
-"""
-vit_caption: a ViT image encoder + LLaMA-style decoder image captioner in one file, small enough to train on a CPU.
+"""vit_caption: a ViT image encoder + LLaMA-style decoder image captioner in one file, small enough to train on a CPU.
 
     image (B, S, S, 3) uint8
       -> ViT: patch embedding (conv, stride = patch), learned position embeddings, pre-LayerNorm blocks with
@@ -22,13 +21,9 @@ one from each object's side). `test`: new images of (colour, shape) pairs seen i
 Shape legend: B batch, S image side, P patches, E ViT width, N visual prefix tokens (1 or P), L text tokens,
 D decoder width, H heads, V vocabulary, K beams.
 
-Commands:
+Commands (the README lists more: --max_train 16, --preset original, --eval, --bench):
     python vit_caption.py --train                            # data + training + evaluation on CPU
-    python vit_caption.py --train --max_train 16             # the write-up's experiment: memorise 16 pairs
-    python vit_caption.py --train --preset original          # the write-up's exact sizes: a few steps, samples/s
-    python vit_caption.py --eval                             # re-evaluate out/vit_caption
     python vit_caption.py --generate --image photo.jpg       # caption any image (+ attention PNG)
-    python vit_caption.py --bench                            # training samples/s, captions/s with/without cache
     torchrun --nproc_per_node=2 vit_caption.py --train       # DDP (gloo on CPU, nccl on CUDA)
 """
 
@@ -120,16 +115,14 @@ class Config:
     beam: int = 1  # beam width; >1 = beam search (deterministic)
     max_new_tokens: int = 23  # caption length limit in tokens, EOS included
 
-# tiny: seconds, for the tests. original: the write-up's exact sizes (the 4 decoder heads and GPT-2 ids are our choice)
-PRESETS = {
+PRESETS = {  # tiny: seconds, for the tests. original: the write-up's exact sizes (4 decoder heads, GPT-2 ids: ours)
     "default": {},
     "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, img_size=16, patch=8, vit_dim=32, vit_layers=1,
                  vit_heads=2, vit_mlp=64, d_model=32, n_layer=1, n_head=2, mlp_dim=64, batch_size=8,
-                 max_steps=6, warmup=2, log_interval=2, eval_interval=4, dtype="float32"),
+                 max_steps=6, warmup=2, log_interval=2, eval_interval=4),
     "original": dict(img_size=96, patch=16, vit_dim=512, vit_layers=16, vit_heads=8, vit_mlp=2048, vit_dropout=0.4,
-                     pool="cls", d_model=128, n_layer=8, n_head=4, mlp_dim=11008, compact_vocab=False,
-                     rope_theta=10000.0, batch_size=16, max_steps=6, eval_max=64, warmup=2, lr=3e-4, log_interval=1,
-                     eval_interval=1000, dtype="float32"),
+                     pool="cls", d_model=128, n_layer=8, n_head=4, mlp_dim=11008, compact_vocab=False, rope_theta=1e4,
+                     batch_size=16, max_steps=6, eval_max=64, warmup=2, lr=3e-4, log_interval=1, eval_interval=1000),
 }
 
 # Data: synthetic world, image loader, captions files, tokenizer -------------------------------------------------------
@@ -138,9 +131,8 @@ COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30), 
            "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
 SHAPES = ["circle", "square", "triangle"]
 SIZES = {"small": 10, "large": 18}  # half-size in pixels of the written RENDER x RENDER image
-# (colour, shape) pairs never shown in training: each colour loses one shape, each shape is held out twice.
-NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),
-               ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}
+NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),  # (colour, shape) pairs never in training:
+               ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}  # one per colour, two per shape
 RELATIONS = {"above": "below", "below": "above",
              "to the left of": "to the right of", "to the right of": "to the left of"}
 RENDER = 96  # side of the written PNG (the write-up's input size); the model resizes to img_size
@@ -161,9 +153,8 @@ def sample_scene(rng, split):
     while True:
         n = 1 if rng.random() < 0.3 else 2
         attrs = [(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(SIZES))) for _ in range(n)]
-        # novel: some held-out pair; other splits: none. Two identical objects ("a X above a X") say nothing: redraw
         if any((c, s) in NOVEL_PAIRS for c, s, _ in attrs) != (split == "novel") or (n == 2 and attrs[0] == attrs[1]):
-            continue
+            continue  # novel: some held-out pair, other splits none; two equal objects ("a X above a X"): redraw
         q = RENDER // 4  # centre of a half along the split axis
         if n == 1:
             m = SIZES[attrs[0][2]] + 2
@@ -192,8 +183,7 @@ def write_image(path, objs, rng):
     if not cv2.imwrite(path, img):
         raise UserError(f"{path}: cannot write (is {os.path.dirname(path)} writable?)")
 
-def build_world(cfg):
-    """Write data_dir/<split>/*.png and data_dir/<split>.txt once (deterministic from --seed); return the paths."""
+def build_world(cfg):  # write data_dir/<split>/*.png and data_dir/<split>.txt once (deterministic from --seed) -> paths
     sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "novel": cfg.n_novel}
     stamp, want = os.path.join(cfg.data_dir, "world.json"), dict(sizes, seed=cfg.seed, version=2)  # the manifest
     files, old = {s: os.path.join(cfg.data_dir, f"{s}.txt") for s in sizes}, read_json(stamp) or {}
@@ -231,8 +221,7 @@ def load_image(path, size):
         img = cv2.imread(path, cv2.IMREAD_COLOR)  # no alpha: OpenCV's 8-bit BGR (EXIF-rotated), or None
     if img is None or img.size == 0:
         raise UserError(f"{path}: " + ("OpenCV cannot decode this image (empty, corrupt or unknown format)" if
-                                       os.path.isfile(path) else "a folder, not an image" if os.path.isdir(path) else
-                                       "image not found"))
+                os.path.isfile(path) else "a folder, not an image" if os.path.isdir(path) else "image not found"))
     if jpeg_cut_off(path):
         raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
     if img.shape[2] == 4:  # transparency composited onto white, as transformers' convert_to_rgb; + 127 rounds as PIL
@@ -396,8 +385,7 @@ def sincos_2d(n, dim):
     pe = (pe - pe.mean(0)) / pe.std(0).clamp_min(1e-6)
     return torch.cat([pe, pe.new_zeros(n * n, dim - pe.shape[1])], 1).float()  # dim not a multiple of 4: zeros
 
-def pixels(images):
-    """uint8 (B, S, S, 3) -> float (B, 3, S, S) in [-1, 1]: a fixed normalisation, the model learns from scratch."""
+def pixels(images):  # uint8 (B, S, S, 3) -> float (B, 3, S, S) in [-1, 1], fixed: the model learns from scratch
     return (images.permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
 
 class ViT(nn.Module):
@@ -442,9 +430,8 @@ class ViTCaptioner(nn.Module):
         cos, sin = rope_tables(self.n_prefix + cfg.max_len, cfg.d_model // cfg.n_head, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        # init by module type (nanoGPT): linear maps, patch conv, embedding, ViT positions, CLS N(0, 0.02); biases 0
-        self.apply(lambda m: self._init_weights(m, 0.02))
-        nn.init.normal_(self.vit.pos_embed, 0.0, 0.02)
+        self.apply(lambda m: self._init_weights(m, 0.02))  # by module type (nanoGPT): weights N(0, 0.02), biases 0
+        nn.init.normal_(self.vit.pos_embed, 0.0, 0.02)  # the ViT's positions and CLS token likewise
         if self.vit.cls_token is not None:
             nn.init.normal_(self.vit.cls_token, 0.0, 0.02)
         for m in self.modules():  # second pass (GPT-2): the residual output projections at their smaller init_std
@@ -463,27 +450,23 @@ class ViTCaptioner(nn.Module):
         At random init every patch token is mostly the one grey-background vector; after this the tokens spread along
         the directions the patches vary most in (edges and colours). Only the starting point changes, not the model."""
         conv, p = self.vit.patch_embed, self.cfg.patch
-        x = pixels(images)  # (B, 3, S, S)
-        patches = F.unfold(x, p, stride=p).transpose(1, 2).flatten(0, 1).double()  # (B*P, 3*p*p), the conv's order
+        patches = F.unfold(pixels(images), p, stride=p).transpose(1, 2).flatten(0, 1).double()  # (B*P, 3*p*p)
         mean = patches.mean(0)  # (3*p*p,)
         evals, evecs = torch.linalg.eigh(torch.cov((patches - mean).T))  # ascending; evecs (3*p*p, 3*p*p)
         k = min(conv.out_channels, evecs.shape[1])
         # (3*p*p, k) -> (k, 3*p*p): one row per component, largest first, divided by its std so its output has std 1
         w = (evecs[:, -k:].flip(1) / (evals[-k:].flip(0).clamp_min(1e-8).sqrt())).T * self.cfg.patch_scale
         conv.weight.zero_(), conv.bias.zero_()  # channels beyond 3*p*p components (a narrow patch) stay zero
-        conv.weight.view(conv.out_channels, -1)[:k] = w.float()  # (E, 3, p, p) seen as (E, 3*p*p)
+        conv.weight.view(conv.out_channels, -1)[:k] = w.float()  # (E, 3, p, p) seen as (E, 3*p*p): unfold's order
         conv.bias[:k] = -(w @ mean).float()  # centred: the mean patch maps to zero
         # where a patch is must stay visible beside what it shows, so the positions get the features' std (below it,
-        # left/right took far longer to learn: README); smooth 2-D sin-cos makes "left of" a linear read-out
-        n = self.cfg.img_size // p
+        n = self.cfg.img_size // p  # left/right was learned far later: README); smooth sin-cos makes "left of" linear
         self.vit.pos_embed[0, -n * n:] = sincos_2d(n, self.vit.pos_embed.shape[-1]) * self.cfg.patch_scale
-    def part_counts(self):
-        """Parameter count of each part, for the start-up print."""
+    def part_counts(self):  # parameter count of each part, for the start-up print
         n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         return {"vit": n(self.vit), "projection": n(self.proj), "embedding": n(self.embed_tokens),
                 "decoder layers": n(self.layers) + n(self.norm), "lm_head": n(self.lm_head)}
-    def encode(self, images):
-        """uint8 (B, S, S, 3) -> visual prefix (B, N, D)."""
+    def encode(self, images):  # uint8 (B, S, S, 3) -> visual prefix (B, N, D)
         return self.proj(self.vit(pixels(images).to(self.proj.weight.dtype)))  # float32 unless the model is cast
     def decode(self, x, cache=None, pos=0):
         """Embedded x (B, T, D) at positions pos..pos+T-1 -> final hidden states (B, T, D), normed. The callers take
@@ -503,8 +486,7 @@ class ViTCaptioner(nn.Module):
         logits = self.lm_head(self.decode(x)[:, self.n_prefix:])  # (B, L, V)
         return logits, None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                                                     ignore_index=-100)  # mean over the real tokens
-    def record_attention(self, on):
-        """on: every Attention keeps a list of its attention maps (the explicit softmax, slower); off: drops them."""
+    def record_attention(self, on):  # on: each Attention keeps its maps (the explicit softmax, slower); off: drops them
         for m in self.modules():
             if isinstance(m, Attention):
                 m.weights = [] if on else None
@@ -570,8 +552,7 @@ def resume_run(cfg, typed=None):
 
 # Metrics: exact match, corpus BLEU-4, CIDEr-D (plain Python, tested on hand-computed cases) ---------------------------
 
-def ngrams(words, n):
-    """-> {n-gram tuple: count} of a word list."""
+def ngrams(words, n):  # -> {n-gram tuple: count} of a word list
     return collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
 
 def exact_match(preds, refs):
@@ -593,16 +574,14 @@ def bleu4(preds, refs):
             total[n - 1] += max(0, len(h) - n + 1)
     if min(match) == 0:
         return 0.0
-    log_p = sum(math.log(m / t) for m, t in zip(match, total)) / 4
-    bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / max(hyp_len, 1))
-    return bp * math.exp(log_p)
+    bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / max(hyp_len, 1))  # the brevity penalty
+    return bp * math.exp(sum(math.log(m / t) for m, t in zip(match, total)) / 4)  # x the precisions' geometric mean
 
 def cider_d(preds, refs, sigma=6.0):
     """CIDEr-D (Vedantam et al.): TF-IDF n-gram vectors (n=1..4, IDF from the evaluated set's references), cosine with
     clipped hypothesis counts, Gaussian length penalty (sigma=6), averaged over references and n, times 10."""
     ref_words = [[normalise(r).split() for r in rs] for rs in refs]
-    # document frequency: in how many images' reference sets each n-gram occurs
-    df = collections.Counter(g for rws in ref_words
+    df = collections.Counter(g for rws in ref_words  # document frequency: how many images' references hold g
                              for g in {g for r in rws for n in range(1, 5) for g in ngrams(r, n)})
     log_n = math.log(float(len(refs)))
     def vec(words):  # -> TF-IDF vector per n (dicts), their norms, the length
@@ -622,8 +601,7 @@ def cider_d(preds, refs, sigma=6.0):
 
 # Training -------------------------------------------------------------------------------------------------------------
 
-def pick_device(name):
-    """--device auto: cuda > mps > cpu; any other name must be one of the devices this machine has."""
+def pick_device(name):  # --device auto: cuda > mps > cpu; any other name must be one of the devices this machine has
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     cudas = [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # counting them creates no CUDA context
     have = ["cpu"] + ["mps"] * mps + cudas + ["cuda"] * bool(cudas)  # auto takes the last: cuda > mps > cpu
@@ -659,8 +637,7 @@ def global_batch(step, n, size, seed):
     perm = torch.randperm(n_all, generator=torch.Generator().manual_seed(seed + epoch)) % n
     return perm[k * size:(k + 1) * size]
 
-def prepare_data(cfg, rank):
-    """-> {split: (entries, uint8 images)}; the synthetic world is built by rank 0 only, the others wait."""
+def prepare_data(cfg, rank):  # -> {split: (entries, uint8 images)}; rank 0 builds the synthetic world, others wait
     if cfg.test_data and not cfg.data:  # the synthetic world has its own test split: never silently ignored
         raise UserError(f"--test_data {cfg.test_data}: only with --data FILE (your training data) as well")
     if cfg.data:
@@ -705,9 +682,8 @@ def init_training(cfg, entries, images, resumed, device):
         if cfg.patch_init == "pca":  # every rank draws the same images, so every rank starts from the same weights
             model.init_from_data(images[torch.randperm(len(images))[:2000]])
     model.to(device)
-    # weight decay on matrices only; the ViT's positions and CLS token are tables of vectors, like an embedding
-    tables = {id(model.vit.pos_embed), id(model.vit.cls_token)}
-    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in tables]
+    tables = {id(model.vit.pos_embed), id(model.vit.cls_token)}  # tables of vectors, like an embedding
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in tables]  # weight decay on matrices only
     rest = [p for p in model.parameters() if not (p.dim() >= 2 and id(p) not in tables)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
@@ -819,8 +795,7 @@ def filter_logits(logits, top_k, top_p):
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
-def prefill_input(model, images):
-    """[visual prefix, BOS] embedded: (B, N+1, D). Every row has the same length, so a batch needs no padding."""
+def prefill_input(model, images):  # [visual prefix, BOS] embedded: (B, N+1, D); rows share one length: no padding
     bos = torch.zeros(images.shape[0], 1, dtype=torch.long, device=images.device)
     return torch.cat([model.encode(images), model.embed_tokens(bos)], 1)
 
@@ -963,8 +938,7 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
     print(f"wrote {cfg.out_dir}/eval.json and {cfg.out_dir}/attention.png")
     return result
 
-def bench(cfg):
-    """Training samples/s and captions/s (KV cache on, off) in cfg.dtype, on random images, the world's token table."""
+def bench(cfg):  # training samples/s, captions/s (KV cache on, off) in cfg.dtype: random images, the world's tokens
     device, B = pick_device(cfg.device), cfg.batch_size
     torch.manual_seed(0)
     objs = [(c, s, z) for c in COLOURS for s in SHAPES for z in SIZES]  # every word the world's captions use
@@ -1020,8 +994,7 @@ def parse_args(argv=None):
     overrides.update({k: os.path.abspath(overrides[k]) for k in ("data", "test_data") if overrides.get(k)})  # as saved
     cfg = Config(**{**PRESETS.get(args.preset or "default", {}), **overrides})
     # the first bad flag, in one line; each range is the condition a good value meets (a NaN fails every comparison)
-    bad = [f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}"] * (args.preset not in PRESETS
-                                                                                          and args.preset is not None)
+    bad = [f"--preset {args.preset}: unknown, choose one of {sorted(PRESETS)}"] * (args.preset not in (None, *PRESETS))
     bad += [f"--{n} {v}: choose one of {', '.join(c)}" for n, c in CHOICES.items() if (v := getattr(cfg, n)) not in c]
     nums = {n: v for n, v in dataclasses.asdict(cfg).items() if type(v) in (int, float) and n != "seed"}
     bad += [f"--{n} {v}: must be at least 1" for n, v in nums.items() if type(v) is int and n not in ZERO_OK and v < 1]
@@ -1047,8 +1020,7 @@ def parse_args(argv=None):
         raise UserError(bad[0])
     return args, cfg, overrides
 
-def main(argv=None):
-    """--train / --bench / --eval / --generate. A UserError ends it with one line on stderr and exit status 2."""
+def main(argv=None):  # --train / --bench / --eval / --generate; a UserError ends it: one line on stderr, status 2
     try:
         args, cfg, overrides = parse_args(argv)
         if args.train:  # train prints the config it runs: on --resume the checkpoint's, with the typed flags on top
