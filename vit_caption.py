@@ -459,8 +459,8 @@ class ViTCaptioner(nn.Module):
         conv.weight.zero_(), conv.bias.zero_()  # channels beyond 3*p*p components (a narrow patch) stay zero
         conv.weight.view(conv.out_channels, -1)[:k] = w.float()  # (E, 3, p, p) seen as (E, 3*p*p): unfold's order
         conv.bias[:k] = -(w @ mean).float()  # centred: the mean patch maps to zero
-        # where a patch is must stay visible beside what it shows, so the positions get the features' std (below it,
-        n = self.cfg.img_size // p  # left/right was learned far later: README); smooth sin-cos makes "left of" linear
+        # where a patch is must stay visible beside what it shows: positions at the features' std (NOTES.md)
+        n = self.cfg.img_size // p  # smooth 2-D sin-cos positions make "left of" a linear read-out
         self.vit.pos_embed[0, -n * n:] = sincos_2d(n, self.vit.pos_embed.shape[-1]) * self.cfg.patch_scale
     def part_counts(self):  # parameter count of each part, for the start-up print
         n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
