@@ -1,5 +1,4 @@
-"""
-VideoLLaMA-Mini: a video captioner in one file, after Video-LLaMA and BLIP-2, small enough to train on a laptop CPU.
+"""VideoLLaMA-Mini: a video captioner in one file, after Video-LLaMA and BLIP-2, small enough to train on a laptop CPU.
 What `--train` builds (qformer_mode "text", the design of the VideoLLaMA-Mini write-up):
     frames (B, F, S, S, 3) uint8 -> [-1, 1], plus the difference to the previous frame as 3 more channels
       -> FrameEncoder: a 3-conv CNN per frame, pooled to a grid x grid map (+ a max) -> one vector per frame  (B, F, D)
@@ -23,12 +22,9 @@ training captions (plus <|endoftext|>, which is both BOS and EOS): the 50257-way
 
 Shape legend: B batch, F frames, S frame side, Q learned queries, L text tokens, D width, H heads, V vocabulary.
 
-Commands:
+Commands (the README lists more: --qformer_mode queries, --eval, --resume, --bench):
     python videollama_mini.py --train                         # data + training + evaluation on CPU
-    python videollama_mini.py --train --qformer_mode queries --out_dir out/videollama_mini_queries  # BLIP-2 queries
-    python videollama_mini.py --eval                          # re-evaluate out/videollama_mini
     python videollama_mini.py --generate --video clip.mp4     # caption any video (or a folder of frames)
-    python videollama_mini.py --bench                         # training samples/s, captions/s with/without cache
     torchrun --nproc_per_node=2 videollama_mini.py --train    # DDP (gloo on CPU, nccl on CUDA)
 """
 
@@ -59,13 +55,11 @@ SCRIPT = "videollama_mini"
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
-def check_folder(path, flag, ours, why):
-    """Refuse (naming the flag) a path to write into unless it is missing, an empty folder or `ours` (a folder)."""
+def check_folder(path, flag, ours, why):  # refuse a path to write into unless missing, an empty folder or `ours`
     if os.path.exists(path) and not (os.path.isdir(path) and (ours or not os.listdir(path))):
         raise UserError(f"{flag} {path}: " + (why if os.path.isdir(path) else "a file, not a folder"))
 
-def read_json(path):
-    """path's JSON object as a dict, or None: missing, unreadable, not JSON or not an object (callers say which)."""
+def read_json(path):  # path's JSON object as a dict, or None: missing, unreadable, not JSON, not an object
     with contextlib.suppress(OSError, ValueError):  # ValueError: not JSON, or not UTF-8
         return obj if isinstance(obj := json.load(open(path, encoding="utf-8")), dict) else None
 
@@ -90,8 +84,7 @@ class Config:
     frame_diff: bool = True  # also feed frame[t] - frame[t-1] to the CNN: motion made explicit
     n_temporal_layer: int = 2
     # "text" (the VideoLLaMA-Mini write-up: the caption tokens query the visual tokens) or "queries" (BLIP-2: a QFormer
-    # of Q learned queries reads them, the decoder reads the queries); "text" learns faster on a CPU budget (README).
-    qformer_mode: str = "text"
+    qformer_mode: str = "text"  # of Q learned queries reads them, the decoder reads those); "text" learns faster
     n_query: int = 8
     n_qformer_layer: int = 2
     n_dec_layer: int = 2
@@ -137,9 +130,8 @@ COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30), 
 SHAPES = ["circle", "square", "triangle"]
 MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 VERBS = ("moves", "goes")  # two phrasings of each caption: two references per clip, as in captioning datasets
-# (colour, shape) pairs never shown in training: each colour loses one shape, each shape is held out twice.
-NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),
-               ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}
+NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),  # (colour, shape) pairs never in training:
+               ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}  # one per colour, two per shape
 RENDER, CLIP_LEN, HALF, TRAVEL = 64, 16, 9, 26  # written frame side, frames per clip, shape half-size, pixels moved
 
 def draw_shape(img, shape, colour, cx, cy):
@@ -152,8 +144,7 @@ def draw_shape(img, shape, colour, cx, cy):
         pts = np.array([[cx, cy - HALF], [cx - HALF, cy + HALF - 1], [cx + HALF, cy + HALF - 1]], np.int32)
         cv2.fillPoly(img, [pts], c, cv2.LINE_AA)
 
-def caption_for(objects, verb):
-    """objects: [(colour, shape, motion, x0, y0)] -> 'a red circle moves left and ...', left-most object first."""
+def caption_for(objects, verb):  # [(colour, shape, motion, x0, y0)] -> 'a red circle moves left and ...', leftmost 1st
     objects = sorted(objects, key=lambda o: o[3])  # left to right by starting x
     return " and ".join(f"a {c} {s} {verb} {m}" for c, s, m, _, _ in objects)
 
@@ -165,8 +156,7 @@ def sample_objects(rng, split):
         for colour in colours:
             shape, motion = rng.choice(SHAPES), rng.choice(list(MOTIONS))
             (dx, dy), lo, hi = MOTIONS[motion], HALF + 1, RENDER - HALF - 2  # direction, the start's x/y range
-            # the start leaves room for the whole path inside the frame
-            x0 = rng.randint(lo + (TRAVEL if dx < 0 else 0), hi - (TRAVEL if dx > 0 else 0))
+            x0 = rng.randint(lo + (TRAVEL if dx < 0 else 0), hi - (TRAVEL if dx > 0 else 0))  # the path fits
             y0 = rng.randint(lo + (TRAVEL if dy < 0 else 0), hi - (TRAVEL if dy > 0 else 0))
             objs.append((colour, shape, motion, x0, y0))
         novel = [(c, s) in NOVEL_PAIRS for c, s, *_ in objs]  # which objects use a held-out pair
@@ -185,8 +175,7 @@ def write_clip(path, objects):  # render CLIP_LEN frames of RENDER x RENDER, wri
         writer.write(img)
     writer.release()  # flushes the mp4
 
-def build_world(cfg):
-    """Write data_dir/<split>/*.mp4 and data_dir/<split>.txt once (deterministic from cfg.seed); return the paths."""
+def build_world(cfg):  # write data_dir/<split>/*.mp4 and <split>.txt once (deterministic from cfg.seed) -> the paths
     sizes, d = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "novel": cfg.n_novel}, cfg.data_dir
     stamp, want = os.path.join(d, "world.json"), dict(sizes, seed=cfg.seed, version=1, script=SCRIPT)  # the manifest
     files, old = {s: os.path.join(d, f"{s}.txt") for s in sizes}, read_json(stamp) or {}  # {}: missing or damaged
@@ -208,8 +197,7 @@ def build_world(cfg):
     json.dump(want, open(stamp, "w"))
     return files
 
-def sample_indices(n_total, n_frames, path="video"):
-    """Uniform frame indices: the centre of each of n_frames equal segments (short clips repeat indices)."""
+def sample_indices(n_total, n_frames, path="video"):  # centres of n_frames equal segments (a short clip repeats frames)
     if n_total <= 0:
         raise UserError(f"{path}: video has no frames")
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
@@ -291,8 +279,7 @@ def read_annotations(path):
 
 EOS = BOS = 0  # model id of <|endoftext|>: the first entry of every token table, it starts and ends each caption
 
-class Tokenizer:
-    """GPT-2 BPE (tiktoken), compact: model ids index `ids`, the GPT-2 ids seen in training (EOS = BOS first)."""
+class Tokenizer:  # GPT-2 BPE (tiktoken), compact: model ids index `ids`, the GPT-2 ids seen in training
     def __init__(self, ids):
         self.enc, self.ids = tiktoken.get_encoding("gpt2"), list(ids)  # ids: model id -> GPT-2 id
         self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
@@ -301,8 +288,7 @@ class Tokenizer:
         enc = tiktoken.get_encoding("gpt2")
         seen = sorted({t for c in captions for t in enc.encode_ordinary(c)}) if compact else range(enc.n_vocab)
         return cls([enc.eot_token] + [i for i in seen if i != enc.eot_token])  # EOS first: model id 0
-    def encode(self, text):
-        """Caption -> [BOS, ..., EOS] in model ids; GPT-2 ids absent from the table are dropped (said in README)."""
+    def encode(self, text):  # caption -> [BOS, ..., EOS] in model ids; GPT-2 ids outside the table are dropped
         return [BOS] + [self.to_model[t] for t in self.enc.encode_ordinary(text) if t in self.to_model] + [EOS]
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if i != EOS]).strip()
@@ -312,12 +298,10 @@ def normalise(text):
 
 # Model ----------------------------------------------------------------------------------------------------------------
 
-def to_unit(video):
-    """uint8 frames (B, F, S, S, 3) -> float (B, F, 3, S, S) in [-1, 1], channels first as Conv2d wants them."""
+def to_unit(video):  # uint8 frames (B, F, S, S, 3) -> float (B, F, 3, S, S) in [-1, 1], channels first for Conv2d
     return video.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
 
-def sinusoid(n, d):
-    """Classic sinusoidal position table (n, d) (Vaswani et al.)."""
+def sinusoid(n, d):  # the classic sinusoidal position table (n, d) of Vaswani et al.
     pos = torch.arange(n, dtype=torch.float32)[:, None]  # (n, 1)
     freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
     table = torch.zeros(n, d)  # (n, d): sin on even, cos on odd columns
@@ -416,8 +400,7 @@ class QFormer(nn.Module):
         self.query = nn.Parameter(torch.randn(1, cfg.n_query, cfg.d_model) * 0.02)  # (1, Q, D), std 0.02
         self.blocks = nn.ModuleList(Block(cfg, cross=True) for _ in range(cfg.n_qformer_layer))
         self.ln = nn.LayerNorm(cfg.d_model)
-        # a per-query output scale and shift (identity at first; set from data by init_from_data)
-        self.scale = nn.Parameter(torch.ones(1, cfg.n_query, cfg.d_model))
+        self.scale = nn.Parameter(torch.ones(1, cfg.n_query, cfg.d_model))  # per query, with shift: init_from_data
         self.shift = nn.Parameter(torch.zeros(1, cfg.n_query, cfg.d_model))
     def forward(self, vis):  # vis: (B, F, D) visual tokens
         q = self.query.expand(vis.shape[0], -1, -1)  # (B, Q, D), the same queries for every clip
@@ -440,9 +423,8 @@ class VideoLLaMAMini(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)  # on the decoder's input
         self.decoder = nn.ModuleList(Block(cfg, causal=True, cross=True) for _ in range(cfg.n_dec_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)  # before the output table
-        # Untied output table: it keeps GPT-2's small init (near-uniform first predictions) while the input table
-        # starts at std D^-0.5 (below). With the compact vocabulary it costs a few thousand weights.
-        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        # Untied output table: GPT-2's small init (near-uniform first predictions), the input table std D^-0.5 (below)
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)  # compact vocabulary: a few thousand weights
         self.apply(self._init_weights)  # GPT-2's init, then the two exceptions below
         # Vaswani et al.: token vectors of std D^-0.5 scaled up by sqrt(D) in decode(), so a token enters at the same
         # unit scale as the sinusoidal position code; at GPT-2's std 0.02 the position code would drown the word.
@@ -514,8 +496,7 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler):  # train_state.pt: what
     ts = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "rng": torch.get_rng_state()}
     atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
-def load_checkpoint(out_dir, overrides=None):
-    """-> (model, tokenizer, cfg). Refuses a missing checkpoint or one written by another script."""
+def load_checkpoint(out_dir, overrides=None):  # -> (model, tokenizer, cfg); refuses a missing or foreign checkpoint
     cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
         raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
@@ -598,8 +579,7 @@ def cider_d(preds, refs, sigma=6.0):
 
 # Training -------------------------------------------------------------------------------------------------------------
 
-def pick_device(name):
-    """--device auto: cuda > mps > cpu; a named device (cpu, mps, cuda, cuda:N) must exist on this machine."""
+def pick_device(name):  # --device auto: cuda > mps > cpu; a named one (cpu, mps, cuda, cuda:N) must exist here
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # none on a machine without CUDA
     have = ["auto", "cpu"] + ["mps"] * mps + ["cuda"] * bool(gpus) + gpus  # the names --device accepts here
@@ -645,8 +625,7 @@ def global_batch(step, n, size, seed):
     perm = torch.randperm(n * reps, generator=torch.Generator().manual_seed(seed + epoch)) % n
     return perm[k * size:(k + 1) * size]
 
-def prepare_data(cfg, rank):
-    """-> {split: (entries, uint8 clips (N, F, S, S, 3) decoded once)}; rank 0 alone builds the synthetic world."""
+def prepare_data(cfg, rank):  # -> {split: (entries, uint8 clips (N, F, S, S, 3))}; rank 0 alone builds the world
     if cfg.test_data and not cfg.data:  # the synthetic world has its own test split: never silently ignored
         raise UserError(f"--test_data {cfg.test_data}: only with --data FILE (your training data) as well")
     if cfg.data:
@@ -701,8 +680,7 @@ def count_parameters(model):  # -> 'total, trainable, frozen' (nothing in this m
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return f"{total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, {(total - trainable) / 1e6:.2f}M frozen"
 
-def setup_distributed(cfg):
-    """-> (ddp, rank, world, device): torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA, one GPU per rank."""
+def setup_distributed(cfg):  # -> (ddp, rank, world, device): torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA
     if ddp := int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)  # one process unless torchrun
@@ -736,8 +714,7 @@ def build_or_resume(cfg, resumed, train_entries, train_clips, device):
             scaler.load_state_dict(ts["scaler"])
     return model, tok, opt, scaler, ts["step"] if resumed else 0
 
-def train(cfg, typed=None, resume=False):
-    """Build (or resume), train for max_steps with gradient accumulation and DDP, save, evaluate."""
+def train(cfg, typed=None, resume=False):  # build (or resume), train with gradient accumulation and DDP, save, evaluate
     cfg, resumed = start_config(cfg, typed, resume)  # refused before data is touched
     check_decoding(cfg)
     ddp, rank, world, device = setup_distributed(cfg)
@@ -966,8 +943,7 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
     print(f"wrote {cfg.out_dir}/eval.json and {cfg.out_dir}/attention.png")
     return result
 
-def bench(cfg):
-    """Training samples/s and captions/s with and without the KV cache, on random clips of the configured size."""
+def bench(cfg):  # training samples/s and captions/s with and without the KV cache, on random clips of the set size
     device, B = pick_device(cfg.device), cfg.batch_size  # B: the training micro-batch
     torch.manual_seed(0)
     caps = [caption_for([(c, s, m, 0, 0)] * 2, v) for c in COLOURS for s in SHAPES for m in MOTIONS for v in VERBS]
@@ -1044,8 +1020,7 @@ def parse_args(argv=None):
         raise UserError(errors[0])
     return args, cfg, overrides
 
-def main(argv=None):
-    """The command line. A UserError ends it with one line on stderr and exit status 2, never a traceback."""
+def main(argv=None):  # the command line; a UserError ends it with one line on stderr and exit status 2, no traceback
     try:
         run(*parse_args(argv))
     except UserError as e:
