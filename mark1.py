@@ -1,5 +1,4 @@
-"""
-Mark 1: a video multiple-choice answerer that also points at the frames supporting its answer, in one file.
+"""Mark 1: a video multiple-choice answerer that also points at the frames supporting its answer, in one file.
 
     video (B, F, 3, S, S)
       -> V-JEPA 2 encoder (Conv3d tubelets 2x8x8, 2x16x16 released; pre-LN, 3D RoPE, final LayerNorm) (B, T*G*G, Dv)
@@ -27,9 +26,8 @@ frames. Split `novel` holds (colour, event) pairs that never occur in training.
 Shapes: B batch, F sampled frames, T tubelets (F/2), G patch grid side, P = T*G*G video tokens, N visual queries,
 M temporal queries, Lq question / L text tokens, D LLM / Dv video width, H heads, K kv heads, E head dim, V vocabulary.
 
-Commands:
+Commands (the README lists more: --eval, --resume, --preset original):
     python mark1.py --train                                  # data + training + evaluation on a laptop CPU
-    python mark1.py --eval                                   # re-evaluate out/mark1 on test and novel
     python mark1.py --predict --video clip.mp4 --question "What happens to the red circle?" \\
         --choices "A. it appears|B. it stops|C. it turns blue|D. it meets the green square"
     python mark1.py --bench                                  # feature cache: epoch 2 vs epoch 1 with a frozen encoder
@@ -78,8 +76,7 @@ def read_json(path, fix, kind=dict):  # the non-empty dict (or list) in path; el
         return obj
     raise UserError(f"{path}: not a non-empty JSON {'object' if kind is dict else 'list'}; {fix}")
 
-def writable(path, marker, ours):
-    """May this script write into path? Missing, empty, or its own: `marker`'s JSON passes ours() (a file: no)."""
+def writable(path, marker, ours):  # may this script write into path? missing, empty, or `marker` passes ours()
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # not a folder; marker missing or damaged
         return not os.listdir(path) or ours(json.load(open(os.path.join(path, marker))))
     return not os.path.exists(path)
@@ -98,16 +95,14 @@ class Config:
     n_novel: int = 300
     n_frames: int = 16  # frames sampled uniformly from each clip (also the length of the saliency vector)
     crop: int = 32  # V-JEPA 2 preprocessing: shortest edge -> int(crop*256/224), centre crop `crop`
-    # vision tower (V-JEPA 2 architecture; replaced by the checkpoint's config when --vision_ckpt is given)
-    vision_ckpt: str = ""
+    vision_ckpt: str = ""  # vision tower (V-JEPA 2): with a checkpoint, the v_* sizes and crop are its config's
     v_width: int = 96
     v_layers: int = 3
     v_heads: int = 2  # head dim 48 -> RoPE split 16/16/16
     v_patch: int = 8  # 16 in the real model; 8 keeps a 4x4 grid on 32-pixel frames
     v_tubelet: int = 2
     v_mlp_ratio: float = 4.0
-    # LLM (Qwen3 architecture; replaced by the checkpoint's config when --llm_ckpt is given)
-    llm_ckpt: str = ""
+    llm_ckpt: str = ""  # LLM (Qwen3): with a checkpoint, the l_* sizes, rope_theta and tie are its config's
     l_width: int = 128
     l_layers: int = 3
     l_heads: int = 4
@@ -149,8 +144,7 @@ class Config:
     log_interval: int = 50
     eval_interval: int = 500
     stop_after: int = 0  # stop (and save) after this many steps, as if interrupted; --resume continues
-    # generation
-    temperature: float = 0.0
+    temperature: float = 0.0  # generation: 0 = greedy
     top_k: int = 0
     top_p: float = 1.0
     max_new_tokens: int = 16
@@ -175,14 +169,12 @@ EVENTS = ["appears", "turns", "stops", "meets"]  # the four answers; their order
 HELD_OUT = {("red", "appears"), ("green", "turns"), ("blue", "stops"), ("yellow", "meets")}  # the `novel` split
 SIDE, RADIUS, FPS, N_CLIP = 48, 6, 8, 16  # frame side, shape radius, frames per second, frames per clip
 
-def bounce(x0, v, t, lo=10, hi=SIDE - 10):
-    """Position at frame t of a point moving at v px/frame between walls lo and hi (reflecting)."""
+def bounce(x0, v, t, lo=10, hi=SIDE - 10):  # frame t's position of a point moving at v px/frame between walls lo, hi
     span = hi - lo
     p = (x0 - lo + v * t) % (2 * span)  # unfold the reflections: a path of period 2 * span
     return lo + (p if p <= span else 2 * span - p)  # fold the way back
 
-def sample_event(rng, split):
-    """One clip's story: -> (per-frame draw list, annotation dict without the video path)."""
+def sample_event(rng, split):  # one clip's story -> (per-frame draw list, annotation dict without the video path)
     while True:
         colour, event = rng.choice(list(COLOURS)), rng.choice(EVENTS)
         if ((colour, event) in HELD_OUT) == (split == "novel"):  # novel holds exactly the held-out pairs
@@ -193,9 +185,8 @@ def sample_event(rng, split):
     e = rng.randint(2, 12)  # first support frame; support = 4 frames
     speed = lambda: rng.choice([-1, 1]) * rng.uniform(1.5, 2.5)  # px/frame, either direction
     xa, xb, va, vb = rng.uniform(12, 36), rng.uniform(12, 36), speed(), speed()
-    # the two objects move on separate rows (top 11-19, bottom 29-37), the named one on either
-    ya, yb = ((rng.uniform(11, 19), rng.uniform(29, 37)) if rng.random() < 0.5
-              else (rng.uniform(29, 37), rng.uniform(11, 19)))
+    ya, yb = ((rng.uniform(11, 19), rng.uniform(29, 37)) if rng.random() < 0.5  # two rows, 11-19 and 29-37
+              else (rng.uniform(29, 37), rng.uniform(11, 19)))  # the named object on either
     frames = []
     for t in range(N_CLIP):
         a = dict(shape=shape, colour=colour, x=bounce(xa, va, t), y=ya)  # the named object
@@ -306,8 +297,7 @@ def load_video(path, n_frames, crop):
     return np.ascontiguousarray(clip), np.array(idx, np.float64) / fps, n / fps
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # V-JEPA 2 (ImageNet)
-def normalize(clips):
-    """uint8 (B, F, S, S, 3) -> float (B, F, 3, S, S), HF's pixel_values_videos layout; one fused op like HF."""
+def normalize(clips):  # uint8 (B, F, S, S, 3) -> float (B, F, 3, S, S) as HF's pixel_values_videos, one op
     x = clips.permute(0, 1, 4, 2, 3).float()  # (B, F, 3, S, S), still 0..255
     return (x - MEAN.view(1, 1, 3, 1, 1) * 255) / (STD.view(1, 1, 3, 1, 1) * 255)
 
@@ -345,8 +335,7 @@ def frame_labels(support_times, times, duration, where):
         lab[times == times[np.argmin(np.abs(times - t))]] = 1  # the nearest frame's time: all its copies
     return lab
 
-def load_split(entries, cfg):
-    """-> dict of uint8 clips (N, F, S, S, 3), frame labels (N, F), frame times (N, F), durations (N,)."""
+def load_split(entries, cfg):  # -> uint8 clips (N, F, S, S, 3), frame labels, times (N, F), durations (N,)
     clips, labs, times, durs = [], [], [], []
     for e in entries:
         clip, t, dur = load_video(e["video"], cfg.n_frames, cfg.crop)
@@ -387,9 +376,8 @@ def bytes_to_unicode():
 QWEN_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
             r"|\s+(?!\S)|\s+")
 class QwenTokenizer:
-    """Qwen3's byte-level BPE (tokenizer.json) as a tiktoken.Encoding: ranks = vocabulary ids (Qwen's ids are in merge
-    order, so rank-greedy merging equals the merge list), the pre-tokenizer's split regex, added tokens as specials,
-    NFC first as HF does; no BOS."""
+    """Qwen3's byte-level BPE (tokenizer.json) as a tiktoken.Encoding: ranks = vocabulary ids (in merge order, so
+    rank-greedy merging is the merge list), the pre-tokenizer's regex, added tokens as specials, NFC first; no BOS."""
     def __init__(self, path):
         j = read_json(path, "the Qwen3 checkpoint folder needs its tokenizer.json")
         if j.get("model", {}).get("type") != "BPE":
@@ -539,8 +527,7 @@ class Qwen3Layer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)  # (B, L, D)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-class Qwen3LM(nn.Module):
-    """Qwen3ForCausalLM: names as the checkpoint (model.embed_tokens, model.layers.N..., model.norm, lm_head)."""
+class Qwen3LM(nn.Module):  # Qwen3ForCausalLM, with the checkpoint's names (model.*, lm_head)
     def __init__(self, vocab, d, layers, n_head, n_kv, hd, inter, theta=1e6, eps=1e-6, tie=True):
         super().__init__()
         self.hd, self.theta, self.tie = hd, theta, tie
@@ -584,8 +571,7 @@ class CrossAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, E)
         return self.out(y.transpose(1, 2).reshape(B, Lq, D))  # (B, Lq, H*E)
 
-class BertLayer(nn.Module):
-    """BERT's encoder layer: post-LayerNorm, GELU, padding mask."""
+class BertLayer(nn.Module):  # BERT's encoder layer: post-LayerNorm, GELU, padding mask
     def __init__(self, d, n_head, inter):
         super().__init__()
         self.attn = CrossAttention(d, n_head)  # self-attention = cross-attention to itself
@@ -617,8 +603,7 @@ class Bridge(nn.Module):
         self.head = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
                                   for _ in range(cfg.temporal_blocks))
         # frame head: each temporal query scores each frame through its tubelet's change-over-the-clip feature (one
-        # key per frame of the tubelet, so the two frames of a tubelet can differ); max over the queries
-        self.frame_head = cfg.frame_head
+        self.frame_head = cfg.frame_head  # key per frame of a tubelet: its two frames can differ); max over queries
         if cfg.frame_head == "linear":  # the Mark-1 project's: a fixed map from each query to F logits
             self.frame_out = nn.Linear(d, cfg.n_frames)
         else:
@@ -689,8 +674,7 @@ class Mark1(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
-    def freeze(self, part):
-        """Frozen for real: no grads, and eval mode that a later .train() cannot undo (see train())."""
+    def freeze(self, part):  # frozen for real: no grads, and an eval mode a later .train() cannot undo
         getattr(self, part).requires_grad_(False).eval()
         self.frozen.add(part)
     def train(self, mode=True):
@@ -711,11 +695,10 @@ class Mark1(nn.Module):
             return self.vision(x)
     @torch.no_grad()
     def init_from_data(self, clips, q_ids, q_valid):
-        """Data-dependent init (Salimans & Kingma 2016). Every clip is mostly the same background, so at random init
-        every clip's visual embedding is nearly the same vector and the LLM learns the answer prior without finding the
-        video. One fixed batch's per-feature mean/std are folded into the LayerNorms that end each stage (the scratch
-        encoder's last, the bridge's ln_v) and, per query, the bridge's output scale/shift: zero mean, unit variance
-        across clips at step 0. Only initial weights change: the model stays a per-sample function."""
+        """Data-dependent init (Salimans & Kingma 2016). Every clip is mostly background, so at random init every clip
+        embeds to nearly one vector and the LLM learns the answer prior without finding the video. One batch's
+        per-feature mean/std, folded into the LayerNorms that end each stage (the scratch encoder's, the bridge's ln_v)
+        and per query into the bridge's output scale/shift, give zero mean, unit variance across clips at step 0."""
         def fold(ln_w, ln_b, x, dims):
             m, s = x.float().mean(dims), x.float().std(dims, correction=0) + 1e-3  # (a batch of 1 is fine)
             ln_w.div_(s)
@@ -731,13 +714,11 @@ class Mark1(nn.Module):
             fold(b.q_scale, b.q_shift, q, 0)
     def embed(self, ids):
         return self.llm.model.embed_tokens(ids.to(self.devices["llm"]))
-    def fuse(self, feats, q_ids, q_valid):
-        """-> prefix on the LLM's device (B, N, D), frame logits (B, F) on the bridge's."""
+    def fuse(self, feats, q_ids, q_valid):  # -> prefix (B, N, D) (the LLM's device), frame logits (B, F) (bridge's)
         dev = self.devices["bridge"]
         q_emb = self.embed(q_ids).to(dev)  # the LLM's own embeddings of the question tokens
         prefix, frame_logits = self.bridge(feats.to(dev), q_emb, q_valid.to(dev))
-        # boundary 2: the prefix enters the LLM in the LLM's own dtype and device
-        return prefix.to(self.devices["llm"], self.llm.lm_head.weight.dtype), frame_logits
+        return prefix.to(self.devices["llm"], self.llm.lm_head.weight.dtype), frame_logits  # boundary 2: the LLM's
     def forward(self, feats, q_ids, q_valid, inp, tgt=None, labels=None, n_tok=None, n_clip=None):
         """inp/tgt (B, L): right-padded prompt+answer tokens and next-token targets (-100 on prompt and pad).
         -> (logits, loss, frame logits (B, F)); logits (B, L, V) without tgt, else (A, V) at the A answer positions
@@ -762,8 +743,7 @@ def atomic(path, write):
     write(path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
-def read_hf_dir(path, want):
-    """-> (config dict, {tensor key: file}) of an HF folder (one file or sharded); reads the headers only."""
+def read_hf_dir(path, want):  # -> (config dict, {tensor key: file}) of an HF folder, shards too; headers only
     fix = "pass a complete Hugging Face checkpoint folder (download it again if damaged)"
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such folder; {fix}")
@@ -788,8 +768,7 @@ def read_hf_dir(path, want):
             raise UserError(f"{os.path.join(path, f)}: unreadable safetensors file ({e})")
     return conf, keys
 
-def check_fit(where, want, have):
-    """want, have: {key: shape} (model, file) -> one UserError line naming every missing, unexpected, mis-shaped key."""
+def check_fit(where, want, have):  # {key: shape} of model, file -> one line: every missing, extra, mis-shaped key
     missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     shaped = sorted(f"{k} {list(s)} (model {list(want[k])})" for k, s in have.items()
                     if k in want and list(s) != list(want[k]))
@@ -823,10 +802,9 @@ def qwen3_fields(conf, keys):  # Qwen3's config.json (and tensor keys) -> the Co
                 l_kv_heads=conf.get("num_key_value_heads") or nh, l_head_dim=conf.get("head_dim", 128),
                 l_inter=conf.get("intermediate_size", 22016),
                 rope_theta=conf.get("rope_theta") or rope.get("rope_theta", 10000.0),  # transformers 5 moved it there
-                tie_embeddings=bool(conf.get("tie_word_embeddings")) and "lm_head.weight" not in keys)
+                tie_embeddings=bool(conf.get("tie_word_embeddings")) and "lm_head.weight" not in keys)  # as HF
 
-def tower_fields(cfg):
-    """-> [(folder, {Config field: value})] for each tower loaded from an HF folder: its sizes, and frozen."""
+def tower_fields(cfg):  # -> [(folder, {Config field: value})]: each HF tower's sizes, frozen
     return [(p, {**fields(*read_hf_dir(p, kind)), freeze: True}) for p, kind, fields, freeze in (
         (cfg.vision_ckpt, "vjepa2", vjepa2_fields, "freeze_vision"),
         (cfg.llm_ckpt, "qwen3", qwen3_fields, "freeze_llm")) if p]
@@ -861,8 +839,7 @@ def load_qwen3(path, dtype=None, device="cpu"):
     if unsupported:
         raise UserError(f"{path}: config.json sets {unsupported[0]} (plain Qwen3 only: default RoPE, full attention, "
                         f"SiLU, no attention bias); this script does not implement it")
-    # tied head unless the file carries its own lm_head (transformers unties then too; using it is always right)
-    f = qwen3_fields(conf, keys)
+    f = qwen3_fields(conf, keys)  # tied head unless the file carries its own lm_head (transformers then unties too)
     with torch.device("meta"):
         lm = Qwen3LM(conf.get("vocab_size", 151936), f["l_width"], f["l_layers"], f["l_heads"], f["l_kv_heads"],
                      f["l_head_dim"], f["l_inter"], f["rope_theta"], conf.get("rms_norm_eps", 1e-6),
@@ -899,8 +876,7 @@ def own_keys(model, cfg):  # the keys a checkpoint stores: not the towers loaded
     hf = tuple(p + "." for p, c in (("vision", cfg.vision_ckpt), ("llm", cfg.llm_ckpt)) if c)
     return {k for k in model.state_dict() if not k.startswith(hf) and not (k == "llm.lm_head.weight" and model.llm.tie)}
 
-def save_checkpoint(model, tok, cfg, opt, step, scaler):
-    """Weights of every part that did not come from an HF folder (those are reloaded from their folder)."""
+def save_checkpoint(model, tok, cfg, opt, step, scaler):  # the weights of every part not from an HF folder
     os.makedirs(cfg.out_dir, exist_ok=True)
     own, path = own_keys(model, cfg), lambda name: os.path.join(cfg.out_dir, name)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in own}
@@ -1035,8 +1011,7 @@ def global_batch(step, n, size, seed):  # a step's global batch: a fresh permuta
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))  # a pure function of the step
     return perm[k * size:(k + 1) * size]  # so a resumed run draws the same batches
 
-def pad_left(rows, pad=0):
-    """Rows of ids (L_i,) or embeddings (L_i, D) -> (B, L) or (B, L, D) left-padded with `pad`, valid (B, L)."""
+def pad_left(rows, pad=0):  # ids (L_i,) / embeddings (L_i, D) -> (B, L[, D]) left-padded with `pad`, valid (B, L)
     L = max(len(r) for r in rows)
     x = rows[0].new_full((len(rows), L, *rows[0].shape[1:]), pad)  # the rows' dtype and device
     valid = torch.zeros(len(rows), L, dtype=torch.bool, device=rows[0].device)
@@ -1059,8 +1034,7 @@ def text_batch(items, tok, with_answer=True):
         tgt[i, len(p) - 1:len(s) - 1] = torch.tensor(a)  # only the answer tokens are learned
     return q_ids, q_valid, inp, tgt
 
-class FeatureCache:
-    """Frozen encoder: features computed once per clip (keyed by split and index), kept in memory in bf16/fp32."""
+class FeatureCache:  # frozen encoder: features once per clip (by split, index), kept in memory
     def __init__(self, model, enabled):
         self.model, self.on, self.store = model, enabled and "vision" in model.frozen, {}  # a trained encoder: no cache
     def __call__(self, split, idx, clips):
@@ -1134,13 +1108,12 @@ def val_loss(model, tok, cfg, split, cache):
     model.train()
     return total / max(1, len(entries))
 
-def setup_distributed(cfg):
-    """-> (ddp, rank, world) under torchrun: gloo on CPU; nccl on CUDA, where "cuda" is this rank's GPU (LOCAL_RANK)."""
+def setup_distributed(cfg):  # -> (ddp, rank, world) under torchrun: gloo on CPU, nccl on CUDA
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return False, 0, 1  # one process unless torchrun started several
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" is now this rank's GPU
     dist.init_process_group("nccl" if cuda else "gloo")
     return True, dist.get_rank(), dist.get_world_size()
 
@@ -1303,8 +1276,7 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     return result
 
-def frame_strip(clip, sal, path, title):
-    """PNG: the sampled frames side by side (scaled up), a saliency bar under each (green = above 0.5)."""
+def frame_strip(clip, sal, path, title):  # PNG: the frames side by side, a saliency bar under each (green: > 0.5)
     F_, S = clip.shape[0], 64
     img = np.full((S + 40, F_ * (S + 2), 3), 255, np.uint8)
     for i in range(F_):
