@@ -696,8 +696,8 @@ def build_or_resume(cfg, resumed, train_entries, train_clips, device):
         model, tok, ts = resumed
         for c in (c for _, cs in train_entries for c in cs):  # encode() would drop the GPT-2 ids the table lacks
             if lost := [t for t in tok.enc.encode_ordinary(c) if t not in tok.to_model]:
-                raise UserError(f"{cfg.data or cfg.data_dir}: '{tok.enc.decode(lost[:1]).strip()}' (in '{c}') is not "
-                                f"in the token table of the checkpoint in {cfg.out_dir}; train anew in a new --out_dir")
+                raise UserError(f"{cfg.data or cfg.data_dir}: '{tok.enc.decode(lost[:1]).strip()}' (in '{c}'): the "
+                                f"checkpoint in {cfg.out_dir} has no token for it; train afresh with another --out_dir")
     else:
         tok = Tokenizer.from_captions([c for _, cs in train_entries for c in cs], cfg.compact_vocab)
         model = VideoLLaMAMini(cfg, len(tok.ids))

@@ -674,8 +674,8 @@ def init_training(cfg, entries, images, resumed, device):
         model, tok, state = resumed
         if lost := next(((t, c) for _, cs in entries for c in cs for t in tok.enc.encode_ordinary(c)
                          if t not in tok.to_model), None):  # encode() would drop it: the caption would train as another
-            raise UserError(f"{cfg.data or cfg.data_dir}: '{tok.enc.decode(lost[:1]).strip()}' (in '{lost[1]}') is not "
-                            f"in the token table of the checkpoint in {cfg.out_dir}; train anew in a new --out_dir")
+            raise UserError(f"{cfg.data or cfg.data_dir}: '{tok.enc.decode(lost[:1]).strip()}' (in '{lost[1]}'): the "
+                            f"checkpoint in {cfg.out_dir} has no token for it; train afresh with another --out_dir")
     else:
         tok = Tokenizer.from_captions([c for _, cs in entries for c in cs], cfg.compact_vocab)
         model = ViTCaptioner(cfg, len(tok.ids))
