@@ -661,7 +661,7 @@ def test_vm_resume_refuses_words_outside_the_saved_token_table(_vm_trained, tmp_
     ann.write_text("a.mp4\na red circle moves left\n\na.mp4\na red xylophone moves left\n")
     argv = ["--train", "--resume", "--out_dir", out, "--data", ann, "--test_data", ann, "--max_steps", "8"]
     main_user_error(vm.main, capsys, argv, "new.txt: 'x", "(in 'a red xylophone moves left'): the checkpoint",
-                    f"in {out};")
+                    f"in {out} has no token for it")
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 def test_vm_resume_continues_the_saved_run(_vm_trained, tmp_path, monkeypatch):
