@@ -553,6 +553,8 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     (other / "config.json").write_text(json.dumps({"script": "vit_caption", "config": {}}))
     (other / "model.safetensors").write_bytes(b"")
     main_user_error(vm.main, capsys, ["--generate", "--video", clip, "--out_dir", other], "vit_caption")
+    for mode in (["--eval"], ["--generate", "--video", clip]):  # the checkpoint's sizes run: another size is refused
+        main_user_error(vm.main, capsys, mode + ["--out_dir", out, "--d_model", "64"], "sizes run; drop --d_model 64")
     tiny = ["--train", "--preset", "tiny", "--data_dir", tmp / "data"]
     unbuilt = ["--train", "--resume", "--data_dir", tmp_path / "unbuilt"]  # refused before any data
     main_user_error(vm.main, capsys, unbuilt + ["--out_dir", tmp_path / "fresh"], "nothing to resume")

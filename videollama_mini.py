@@ -819,9 +819,8 @@ def filter_logits(logits, top_k, top_p):
 
 @torch.no_grad()
 def generate(model, video, cfg, use_cache=True, generator=None, stop_at_eos=True):
-    """Batched captioning from BOS until EOS (per row) or max_new_tokens. Greedy when temperature == 0, else
-    temperature / top-k / top-p sampling from `generator`; beam search when cfg.beam > 1. -> list of id lists.
-    stop_at_eos=False always decodes max_new_tokens steps (what --bench times)."""
+    """Batched captioning from BOS until EOS (per row) or max_new_tokens: greedy at temperature 0, else sampling from
+    `generator` (top-k / top-p); beam search for beam > 1. -> id lists. stop_at_eos=False: every step (--bench)."""
     if cfg.beam > 1:
         return beam_search(model, video, cfg)
     model.eval()
@@ -1032,6 +1031,8 @@ def run(args, cfg, overrides):  # dispatch --train / --bench / --eval / --genera
         return train(cfg, overrides, resume=args.resume)
     if (args.eval or args.generate) and not args.bench:  # the saved config, typed flags on top (ARCH flags excepted)
         model, tok, cfg = load_checkpoint(cfg.out_dir, {k: v for k, v in overrides.items() if k not in ARCH})
+        if clash := [f"--{k} {v}" for k, v in overrides.items() if k in ARCH and v != getattr(cfg, k)]:
+            raise UserError(f"{cfg.out_dir}: the checkpoint's sizes run; drop {', '.join(clash)}")
     print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
     if args.bench:
         return bench(cfg)
