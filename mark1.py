@@ -1020,8 +1020,7 @@ def pad_left(rows, pad=0):  # ids (L_i,) / embeddings (L_i, D) -> (B, L[, D]) le
     return x, valid
 
 def text_batch(items, tok, with_answer=True):
-    """items: dicts with question/choices/answer -> question ids + mask (B, Lq), and right-padded prompt+answer
-    inputs/targets (B, L) with -100 on prompt and pad positions."""
+    """items -> question ids, mask (B, Lq); right-padded prompt+answer inputs, targets (B, L), -100 off the answer."""
     q_ids, q_valid = pad_left([torch.tensor(tok.encode(it["question"]) or [tok.eos]) for it in items], tok.eos)
     seqs = [(tok.prompt(it["question"], it["choices"]), tok.target(it["answer"]) if with_answer else [])
             for it in items]
@@ -1364,6 +1363,8 @@ def parse_args(argv=None):
     modes = sum(map(bool, (args.train or args.eval, args.predict, args.bench)))  # --train ends with an evaluation
     problems += ["one mode per call: --train, --eval, --predict or --bench"] * (modes > 1)
     problems += ["--resume continues a training run: use it with --train"] * (args.resume and not args.train)
+    problems += [f"--{k}: only --predict reads it" for k in ("video", "question", "choices")
+                 if vars(args)[k] and not args.predict]
     if problems:
         raise UserError(problems[0])
     return args, cfg, overrides

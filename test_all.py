@@ -3666,9 +3666,10 @@ def test_mk_bad_inputs(mk_trained, tmp_path):
     video = d / "data" / "test" / "00000.mp4"
     _mk_user_error(["--predict", "--out_dir", out, "--video", video, "--question", "q", "--choices",
                     "it appears|it stops"], "--choices", "A. text")
-    for mode in ("--eval", "--predict"):  # an architecture flag is refused; a decoding flag is not
-        _mk_user_error([mode, "--out_dir", out, "--n_frames", "4", "--top_k", "3", "--video", video, "--question", "q",
-                        "--choices", ch], "n_frames=8", f"{mode} cannot")
+    ask = ["--video", video, "--question", "q", "--choices", ch]
+    for mode, media in (("--eval", []), ("--predict", ask)):  # an architecture flag is refused; a decoding flag is not
+        _mk_user_error([mode, "--out_dir", out, "--n_frames", "4", "--top_k", "3", *media], "n_frames=8", f"{mode} cannot")
+    _mk_user_error(["--eval", "--out_dir", out, *ask], "--video: only --predict reads it")  # not ignored
     _mk_user_error(["--train", "--preset", "nope"], "--preset nope")
     o = tmp_path / "o"
     _mk_user_error(["--train", "--preset", "tiny", "--device_map", "vision=cuda:7", "--out_dir", o], "cuda:7",
