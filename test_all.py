@@ -2569,6 +2569,8 @@ def test_vl_unknown_words_and_cut_off_media(vl_tiny_run, tmp_path, capsys):
         vl.main(["--generate", "--out_dir", str(out), "--image", png, "--prompt", "What colour are the xylophones?"])
     with pytest.raises(vl.UserError, match="'What' .* is not in the token table"):  # " What": never without an image
         vl.main(["--generate", "--out_dir", str(out), "--prompt", "What colour are the shapes?"])
+    with pytest.raises(vl.UserError, match="--video, --image and --prompt are for --generate"):  # not ignored
+        vl.main(["--eval", "--out_dir", str(out), "--image", png])
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((16, 16, 3), np.uint8))
     (tmp_path / "q.jsonl").write_text('{"image": "a.png", "question": "What colour is the xylophone?", "answer": '
                                       '"red"}\n' * 3)

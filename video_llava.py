@@ -1532,6 +1532,8 @@ def parse_args(argv=None):
         (args.resume and not args.train, "--resume continues a training run: use it with --train"),
         (modes > 1, "one mode per call: --train (which also evaluates), --eval, --generate, --inspect DIR or --bench"),
         (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it with --generate"),
+        (not args.generate and (args.video or args.image or args.prompt), "--video, --image and --prompt are for "
+         "--generate (another mode would ignore them)"),
     ) if bad]
     if problems:
         raise UserError(problems[0])
