@@ -39,6 +39,7 @@ Commands (the README lists more: --eval, --resume, --preset original):
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -301,8 +302,7 @@ def normalize(clips):  # uint8 (B, F, S, S, 3) -> float (B, F, 3, S, S) as HF's 
     x = clips.permute(0, 1, 4, 2, 3).float()  # (B, F, 3, S, S), still 0..255
     return (x - MEAN.view(1, 1, 3, 1, 1) * 255) / (STD.view(1, 1, 3, 1, 1) * 255)
 
-def read_annotations(path, base=None):
-    """User JSON: a list of {video, question, choices, answer, support_times}; validated, errors name the entry."""
+def read_annotations(path, base=None):  # user JSON list, validated; errors name the entry
     items = read_json(path, "pass an annotation file in the README's format (a JSON list of entries)", list)
     out, base = [], base or os.path.dirname(os.path.abspath(path))  # video paths are relative to the file
     for i, it in enumerate(items):
@@ -402,8 +402,7 @@ class QwenTokenizer:
         return self.encode(answer) + [self.eos]
 
 # Model: V-JEPA 2 encoder, Qwen3 LLM, bridge ---------------------------------------------------------------------------
-class VJEPA2Attention(nn.Module):
-    """Non-causal self-attention with separate query/key/value/proj and V-JEPA 2's 3D RoPE (as transformers' VJEPA2)."""
+class VJEPA2Attention(nn.Module):  # non-causal, separate q/k/v/proj, V-JEPA 2's 3D RoPE (as transformers')
     def __init__(self, d, n_head, grid, qkv_bias=True):
         super().__init__()
         self.n_head, self.hd, self.grid = n_head, d // n_head, grid  # grid = crop // patch, from the config
@@ -477,8 +476,7 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)  # HF order: normalise in fp32, cast back, then scale
 
-def rope_cos_sin(pos, dim, theta, dtype):
-    """LLaMA/Qwen rotate_half RoPE tables: pos (B, L) -> cos, sin (B, 1, L, E), computed in fp32, cast to dtype."""
+def rope_cos_sin(pos, dim, theta, dtype):  # rotate_half RoPE: pos (B, L) -> cos, sin (B, 1, L, E), fp32
     inv = 1.0 / theta ** (torch.arange(0, dim, 2, device=pos.device, dtype=torch.float) / dim)  # (E/2,)
     f = pos.float()[..., None] * inv  # (B, L, E/2)
     emb = torch.cat((f, f), dim=-1)[:, None]  # (B, 1, L, E)
@@ -640,8 +638,7 @@ class Bridge(nn.Module):
         pos = self.time_emb[:T, None, :] + self.space_emb[None, :, :]  # (T, G*G, D)
         feats = feats.to(self.proj.weight.dtype)  # boundary 1: the encoder's dtype (bfloat16 files) -> the bridge's
         return self.ln_v(self.proj(feats) + pos.reshape(T * self.grid * self.grid, -1)[:P])  # (B, P, D)
-    def read(self, v, q_emb, q_valid):
-        """v (B, P, D) video tokens -> the N+M query rows after the cross-attention blocks and the BERT layer."""
+    def read(self, v, q_emb, q_valid):  # v (B, P, D) -> the N+M query rows after cross-attention and BERT
         B = v.shape[0]
         q = self.queries.expand(B, -1, -1)  # (B, N+M, D)
         for ln, att, mlp in zip(self.ln_q, self.xattn, self.xmlp):
@@ -809,6 +806,10 @@ def tower_fields(cfg):  # -> [(folder, {Config field: value})]: each HF tower's 
         (cfg.vision_ckpt, "vjepa2", vjepa2_fields, "freeze_vision"),
         (cfg.llm_ckpt, "qwen3", qwen3_fields, "freeze_llm")) if p]
 
+def fingerprint(tower):  # 8 values spread over each tensor, hashed: tells towers of one size apart, in any dtype
+    vals = [v.flatten()[::max(1, v.numel() // 8)][:8].float().cpu() for _, v in sorted(tower.state_dict().items())]
+    return hashlib.sha256(torch.cat(vals).numpy().tobytes()).hexdigest()[:16]
+
 def load_vjepa2(path, dtype=None, device="cpu"):
     """HF V-JEPA 2 folder (VJEPA2Model `encoder.*`, or a classifier's `vjepa2.encoder.*`) -> frozen VJEPA2Encoder.
     Predictor, pooler and classifier weights are ignored on purpose: Mark 1 only needs the encoder's features."""
@@ -862,8 +863,7 @@ def build_model(cfg, tok):
         model.freeze(part)
     return model
 
-def make_tokenizer(cfg, entries=None, ids=None):
-    """Qwen3's own tokenizer with --llm_ckpt; else GPT-2's over the saved table `ids` or one built from `entries`."""
+def make_tokenizer(cfg, entries=None, ids=None):  # Qwen3's with --llm_ckpt, else GPT-2 over `ids` or `entries`
     if cfg.llm_ckpt:
         read_hf_dir(cfg.llm_ckpt, "qwen3")  # the folder and its model_type first: another model's is named as such
         return QwenTokenizer(os.path.join(cfg.llm_ckpt, "tokenizer.json"))
@@ -881,7 +881,8 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler):  # the weights of every
     own, path = own_keys(model, cfg), lambda name: os.path.join(cfg.out_dir, name)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in own}
     atomic(path("model.safetensors"), lambda p: save_file(state, p))
-    meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
+    meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids, "towers": {  # the HF towers' weights
+        p: fingerprint(getattr(model, p)) for p in ("vision", "llm") if getattr(cfg, p + "_ckpt")}}
     atomic(path("config.json"), lambda p: json.dump(meta, open(p, "w")))
     ts = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, rng=torch.get_rng_state())
     atomic(path("train_state.pt"), lambda p: torch.save(ts, p))  # what --resume needs
@@ -913,6 +914,8 @@ def load_checkpoint(out_dir, overrides=None, mode="--eval"):
                             "tower it was trained with")
     tok = make_tokenizer(cfg, ids=meta["vocab"])
     model = build_model(cfg, tok)
+    if bad := [p for p, fp in meta.get("towers", {}).items() if fingerprint(getattr(model, p)) != fp]:  # same sizes
+        raise UserError(f"{getattr(cfg, bad[0] + '_ckpt')}: not the weights the run in {out_dir} trained with")
     try:
         state, own = load_file(wpath), own_keys(model, cfg)
     except Exception as e:  # truncated or not safetensors at all
@@ -1019,8 +1022,7 @@ def pad_left(rows, pad=0):  # ids (L_i,) / embeddings (L_i, D) -> (B, L[, D]) le
         x[i, L - len(r):], valid[i, L - len(r):] = r, True
     return x, valid
 
-def text_batch(items, tok, with_answer=True):
-    """items -> question ids, mask (B, Lq); right-padded prompt+answer inputs, targets (B, L), -100 off the answer."""
+def text_batch(items, tok, with_answer=True):  # -> question ids, mask (B, Lq); prompt+answer inputs, targets (B, L)
     q_ids, q_valid = pad_left([torch.tensor(tok.encode(it["question"]) or [tok.eos]) for it in items], tok.eos)
     seqs = [(tok.prompt(it["question"], it["choices"]), tok.target(it["answer"]) if with_answer else [])
             for it in items]
@@ -1095,8 +1097,7 @@ def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devic
     return share.tolist()
 
 @torch.no_grad()
-def val_loss(model, tok, cfg, split, cache):
-    """The training loss (CE + lam * BCE) on `val`: no graph and no random draws, so the training run is unchanged."""
+def val_loss(model, tok, cfg, split, cache):  # CE + lam * BCE on `val`: no graph, no random draws
     (entries, ds), total = split, 0.0
     model.eval()
     for idx in torch.arange(len(entries)).split(cfg.batch_size):
@@ -1243,8 +1244,7 @@ def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):
                        cfg.top_p, use_cache, generator)
     return ids, frame_logits
 
-def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):
-    """Answers and frame saliency on test and novel -> printed table, a few samples, out_dir/eval.json."""
+def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):  # test, novel -> table, samples, eval.json
     cache, result = cache or FeatureCache(model, cfg.feature_cache), {}
     model.eval()
     for split in [s for s in ("test", "novel") if s in data]:

@@ -3869,6 +3869,12 @@ def test_mk_train_with_frozen_hf_checkpoints_cli(mk_hf, mk_trained, tmp_path, ca
     assert "answer:" in capsys.readouterr().out
     with pytest.raises(mk.UserError, match="tie_embeddings False, but the run in .* was trained with True"):
         mk.main([str(a) for a in ("--eval", "--out_dir", tmp_path / "o", "--llm_ckpt", mk_hf["root"] / "qwen3_untied")])
+    other = tmp_path / "qwen3_other"  # the same sizes, other weights (as a chat model and its base model)
+    shutil.copytree(mk_hf["root"] / "qwen3", other)
+    state = load_file(str(other / "model.safetensors"))
+    save_file({k: v + 0.01 if k.endswith("q_proj.weight") else v for k, v in state.items()}, str(other / "model.safetensors"))
+    with pytest.raises(mk.UserError, match="qwen3_other: not the weights the run in .* trained with"):
+        mk.main([str(a) for a in ("--eval", "--out_dir", tmp_path / "o", "--llm_ckpt", other)])
 
 
 @pytest.fixture(scope="module")
