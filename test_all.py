@@ -2571,6 +2571,9 @@ def test_vl_unknown_words_and_cut_off_media(vl_tiny_run, tmp_path, capsys):
         vl.main(["--generate", "--out_dir", str(out), "--prompt", "What colour are the shapes?"])
     with pytest.raises(vl.UserError, match="--video, --image and --prompt are for --generate"):  # not ignored
         vl.main(["--eval", "--out_dir", str(out), "--image", png])
+    for mode in (["--eval"], ["--train", "--resume"], ["--generate", "--prompt", "What colour?"]):  # not ignored
+        with pytest.raises(vl.UserError, match="--preset tiny: --resume, --eval and --generate take the sizes"):
+            vl.main(mode + ["--out_dir", str(out), "--preset", "tiny"])
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((16, 16, 3), np.uint8))
     (tmp_path / "q.jsonl").write_text('{"image": "a.png", "question": "What colour is the xylophone?", "answer": '
                                       '"red"}\n' * 3)
@@ -2755,8 +2758,8 @@ def test_vl_user_mistakes_are_one_line(vl_ckpt, vl_tiny_run, tmp_path, monkeypat
     cut = tmp_path / "cut"
     shutil.copytree(vl_tiny_run[0].out_dir, cut)
     (cut / "train_state.pt").write_bytes((cut / "train_state.pt").read_bytes()[:500])
-    refused("train_state.pt: not a readable training state", "--resume", "--out_dir", str(cut),
-            "--data_dir", vl_tiny_run[0].data_dir)
+    with pytest.raises(vl.UserError, match="train_state.pt: not a readable training state"):
+        vl.main(["--train", "--resume", "--out_dir", str(cut), "--data_dir", vl_tiny_run[0].data_dir])
     # --generate from a run of this script runs under --dtype's autocast (its weights stay float32)
     seen = []
     monkeypatch.setattr(vl, "autocast_dtype", lambda name, device: seen.append(name) or "float32")
@@ -2910,7 +2913,7 @@ def test_vl_stage1_on_a_bfloat16_checkpoint_keeps_the_frozen_towers_bfloat16(vl_
     common = ["--preset", "tiny", "--freeze", "vision,llm", "--dtype", "bfloat16", "--max_steps", "2",
               "--data_dir", vl_tiny_run[0].data_dir, "--out_dir", out]
     vl.main(["--train", "--from_pretrained", src, "--stop_after", "1", *common])
-    vl.main(["--train", "--resume", *common])
+    vl.main(["--train", "--resume", *common[2:]])  # the preset comes from the checkpoint
     ref, after = vl.load_pretrained(src).state_dict(), load_file(os.path.join(out, "model.safetensors"))
     for k, v in after.items():
         if k.startswith("multi_modal_projector."):

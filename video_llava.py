@@ -1491,15 +1491,15 @@ def parse_args(argv=None):
     for name, what in (("video", "video file or frame folder"), ("image", "image file"), ("prompt", "the question")):
         p.add_argument(f"--{name}", default="", help=f"{what}, for --generate")
     p.add_argument("--n_tokens", type=int, default=64, help="text tokens assumed by --inspect's memory estimate")
-    p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
+    p.add_argument("--preset", help=f"one of {sorted(PRESETS)} (default: default)")
     for f in dataclasses.fields(Config):  # bools as --flag / --no-flag; None = not typed
         kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else {"type": type(f.default)}
         p.add_argument(f"--{f.name}", default=None, **kind)
     args = p.parse_args(argv)
-    if args.preset not in PRESETS:
+    if args.preset not in (None, *PRESETS):
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
-    cfg = Config(**{**PRESETS[args.preset], **overrides})
+    cfg = Config(**{**PRESETS[args.preset or "default"], **overrides})
     v = dataclasses.asdict(cfg)  # every problem with the flags, in order; the first is reported
     problems = [f"--{f} must be at least 1" for f in ("batch_size grad_accum n_frames max_new_tokens hidden_size "
                 "patch_size num_attention_heads num_key_value_heads v_hidden_size v_num_attention_heads image_size "
@@ -1534,6 +1534,8 @@ def parse_args(argv=None):
         (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it with --generate"),
         (not args.generate and (args.video or args.image or args.prompt), "--video, --image and --prompt are for "
          "--generate (another mode would ignore them)"),
+        (args.preset and (args.resume or args.eval or args.generate), f"--preset {args.preset}: --resume, --eval and "
+         "--generate take the sizes from the checkpoint; drop --preset"),
     ) if bad]
     if problems:
         raise UserError(problems[0])
