@@ -1334,16 +1334,16 @@ def parse_args(argv=None):
         p.add_argument(f"--{mode}", action="store_true", help=what)
     for name, what in (("video", "video file or folder of frames, for --predict"), ("question", "for --predict"),
                        ("choices", "'A. ...|B. ...|C. ...|D. ...'"), ("preset", f"one of {sorted(PRESETS)}")):
-        p.add_argument(f"--{name}", default="default" if name == "preset" else "", help=what)
+        p.add_argument(f"--{name}", default="", help=what)  # --preset "": default (bench with --bench)
     for f in dataclasses.fields(Config):  # --flag/--no-flag for bools, typed values for the rest
         kw = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
         p.add_argument(f"--{f.name}", default=None, **kw)  # None = not given: the preset's value stays
     args = p.parse_args(argv)
-    if args.preset not in PRESETS:
+    if args.preset not in ("", *PRESETS):
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     overrides.update({k: os.path.abspath(v) for k, v in overrides.items() if v and k in PATH_KEYS})
-    cfg = Config(**{**PRESETS[args.preset], **overrides})
+    cfg = Config(**{**PRESETS[args.preset or ("bench" if args.bench else "default")], **overrides})
     problems = [f"--{k} {getattr(cfg, k)}: choose one of {', '.join(ok)}" for k, ok in (("frame_head", (
         "keys", "linear")), ("dtype", ("auto", "float32", "bfloat16", "float16"))) if getattr(cfg, k) not in ok]
     counts = [f.name for f in dataclasses.fields(Config) if type(f.default) is int and f.name not in ZERO_OK]
@@ -1363,6 +1363,8 @@ def parse_args(argv=None):
     modes = sum(map(bool, (args.train or args.eval, args.predict, args.bench)))  # --train ends with an evaluation
     problems += ["one mode per call: --train, --eval, --predict or --bench"] * (modes > 1)
     problems += ["--resume continues a training run: use it with --train"] * (args.resume and not args.train)
+    problems += [f"--preset {args.preset}: --resume, --eval and --predict take the sizes from the checkpoint; drop "
+                 "--preset"] * bool(args.preset and (args.resume or args.predict or args.eval and not args.train))
     problems += [f"--{k}: only --predict reads it" for k in ("video", "question", "choices")
                  if vars(args)[k] and not args.predict]
     if problems:
@@ -1371,8 +1373,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args, cfg, overrides = parse_args(argv)
-    if args.bench and args.preset == "default":
-        cfg = Config(**{**PRESETS["bench"], **overrides})
     for path, got in tower_fields(cfg) if args.train or args.bench else []:  # sizes and frames as the tower's own
         if k := next((k for k, v in got.items() if overrides.get(k, v) != v), None):  # a flag that says otherwise
             raise UserError(f"--{k} {overrides[k]}: {path} was trained with {got[k]}; drop the flag")

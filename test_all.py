@@ -3581,10 +3581,13 @@ def test_mk_exact_resume(mk_trained, tmp_path, capsys):
     args = ["--train", "--preset", "tiny", "--data_dir", d / "data", "--out_dir", tmp_path / "r"]
     mk.main([str(a) for a in args] + ["--stop_after", "3"])
     assert "stopped after step 3 as asked (--stop_after); continue with --train --resume" in capsys.readouterr().out
-    mk.main([str(a) for a in args] + ["--resume"])
+    resume = [str(a) for a in args if a not in ("--preset", "tiny")] + ["--resume"]  # the sizes: the checkpoint's
+    mk.main(resume)
     assert "resumed at step 3" in capsys.readouterr().out
     with pytest.raises(mk.UserError, match="l_width=32; --resume cannot change it"):  # the saved architecture wins
-        mk.main([str(a) for a in args] + ["--resume", "--l_width", "64"])
+        mk.main(resume + ["--l_width", "64"])
+    with pytest.raises(mk.UserError, match="--preset tiny: --resume, --eval and --predict take the sizes"):
+        mk.main(resume + ["--preset", "tiny"])
     a, b = load_file(str(d / "out" / "model.safetensors")), load_file(str(tmp_path / "r" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
