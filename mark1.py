@@ -600,8 +600,8 @@ class Bridge(nn.Module):
         self.bert = BertLayer(d, cfg.bert_heads, cfg.bert_inter)  # queries and question tokens attend to each other
         self.head = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
                                   for _ in range(cfg.temporal_blocks))
-        # frame head: each temporal query scores each frame through its tubelet's change-over-the-clip feature (one
-        self.frame_head = cfg.frame_head  # key per frame of a tubelet: its two frames can differ); max over queries
+        # frame head: each temporal query scores each frame by its tubelet's change-over-the-clip feature; max wins
+        self.frame_head = cfg.frame_head  # one key per frame of a tubelet, so its two frames can differ
         if cfg.frame_head == "linear":  # the Mark-1 project's: a fixed map from each query to F logits
             self.frame_out = nn.Linear(d, cfg.n_frames)
         else:
@@ -798,7 +798,7 @@ def qwen3_fields(conf, keys):  # Qwen3's config.json (and tensor keys) -> the Co
     return dict(l_width=conf.get("hidden_size", 4096), l_layers=conf.get("num_hidden_layers", 32), l_heads=nh,
                 l_kv_heads=conf.get("num_key_value_heads") or nh, l_head_dim=conf.get("head_dim", 128),
                 l_inter=conf.get("intermediate_size", 22016),
-                rope_theta=conf.get("rope_theta") or rope.get("rope_theta", 10000.0),  # transformers 5 moved it there
+                rope_theta=conf.get("rope_theta") or rope.get("rope_theta", 10000.0),
                 tie_embeddings=bool(conf.get("tie_word_embeddings")) and "lm_head.weight" not in keys)  # as HF
 
 def tower_fields(cfg):  # -> [(folder, {Config field: value})]: each HF tower's sizes, frozen
@@ -864,8 +864,7 @@ def build_model(cfg, tok):
     return model
 
 def make_tokenizer(cfg, entries=None, ids=None):  # Qwen3's with --llm_ckpt, else GPT-2 over `ids` or `entries`
-    if cfg.llm_ckpt:
-        read_hf_dir(cfg.llm_ckpt, "qwen3")  # the folder and its model_type first: another model's is named as such
+    if cfg.llm_ckpt:  # its folder and model_type were checked already (tower_fields): another model's is named
         return QwenTokenizer(os.path.join(cfg.llm_ckpt, "tokenizer.json"))
     if ids is not None:
         return GPT2Tokenizer(ids)

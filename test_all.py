@@ -51,6 +51,20 @@ def main_user_error(main, capsys, argv, *needles):
         assert n in line, (n, line)
 
 
+def check_cut_off_video(mod, tmp_path):
+    """A 40-frame MJPG .avi loads; cut in half, it still opens and decodes its first part without an error, and
+    mod.load_video refuses it naming the frame count."""
+    avi = tmp_path / "clip.avi"
+    w = cv2.VideoWriter(str(avi), cv2.VideoWriter_fourcc(*"MJPG"), 8, (32, 32))
+    for t in range(40):
+        w.write(np.random.default_rng(t).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    w.release()
+    mod.load_video(str(avi), 4, 16)
+    avi.write_bytes(avi.read_bytes()[:avi.stat().st_size // 2])
+    with pytest.raises(mod.UserError, match=r"clip\.avi: only \d+ of the 40 frames in its header decode"):
+        mod.load_video(str(avi), 4, 16)
+
+
 def check_val_column(stdout, eval_interval, max_steps):
     """The training log shows the validation loss only on the steps where it was measured, `-` elsewhere."""
     rows = re.findall(r"^step (\d+)/\d+ \| loss \S+ \| val (\S+) \|", stdout, re.M)
@@ -430,15 +444,7 @@ def test_vm_cut_off_jpeg_frame_and_video_are_refused(tmp_path):
     (folder / "1.jpg").write_bytes(whole[:len(whole) * 6 // 10])
     with pytest.raises(vm.UserError, match=r"1\.jpg: this JPEG is cut off \(no end-of-image marker\)"):
         vm.load_video(str(folder), 3, 16)
-    avi = tmp_path / "clip.avi"
-    w = cv2.VideoWriter(str(avi), cv2.VideoWriter_fourcc(*"MJPG"), 8, (32, 32))
-    for t in range(40):
-        w.write(np.random.default_rng(t).integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    w.release()
-    assert vm.load_video(str(avi), 4, 16).shape == (4, 16, 16, 3)
-    avi.write_bytes(avi.read_bytes()[:avi.stat().st_size // 2])
-    with pytest.raises(vm.UserError, match=r"clip\.avi: only \d+ of the 40 frames in its header decode"):
-        vm.load_video(str(avi), 4, 16)
+    check_cut_off_video(vm, tmp_path)
 
 
 def test_vm_transparent_frames_are_composited_onto_white(tmp_path):
@@ -2586,15 +2592,7 @@ def test_vl_unknown_words_and_cut_off_media(vl_tiny_run, tmp_path, capsys):
     (tmp_path / "a.jpg").write_bytes(whole[:len(whole) * 6 // 10])
     with pytest.raises(vl.UserError, match="this JPEG is cut off"):
         vl.load_image(str(tmp_path / "a.jpg"), 16)
-    avi = tmp_path / "clip.avi"
-    w = cv2.VideoWriter(str(avi), cv2.VideoWriter_fourcc(*"MJPG"), 8, (32, 32))
-    for t in range(40):
-        w.write(np.random.default_rng(t).integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    w.release()
-    assert vl.load_video(str(avi), 4, 16).shape == (4, 3, 16, 16)
-    avi.write_bytes(avi.read_bytes()[:avi.stat().st_size // 2])
-    with pytest.raises(vl.UserError, match=r"only \d+ of the 40 frames in its header decode"):
-        vl.load_video(str(avi), 4, 16)
+    check_cut_off_video(vl, tmp_path)
 
 
 def test_vl_out_dir_flags_test_data_and_shards(vl_tiny_run, vl_ckpt, tmp_path):
@@ -3155,27 +3153,21 @@ def test_mk_tower_folders_named_by_what_is_wrong(mk_hf, tmp_path):
     """A missing folder is named as missing (not as a missing tokenizer.json), another model's folder as --llm_ckpt by
     its model_type (before its tokenizer is read), V-JEPA 2 without q/k/v biases by that setting; a video cut in half
     (it decodes its first part without an error) is refused."""
+    train = ["--train", "--preset", "tiny", "--out_dir", str(tmp_path / "o"), "--llm_ckpt"]
     with pytest.raises(mk.UserError, match="nowhere: no such folder"):
-        mk.make_tokenizer(_mk_tiny_cfg(tmp_path, llm_ckpt=str(tmp_path / "nowhere")))
+        mk.main(train + [str(tmp_path / "nowhere")])
     other = tmp_path / "vl"
     other.mkdir()
     json.dump({"model_type": "video_llava"}, open(other / "config.json", "w"))
     with pytest.raises(mk.UserError, match="model_type 'video_llava', expected 'qwen3'"):
-        mk.make_tokenizer(_mk_tiny_cfg(tmp_path, llm_ckpt=str(other)))
+        mk.main(train + [str(other)])
+    assert not (tmp_path / "o").exists()
     nobias = tmp_path / "nobias"
     shutil.copytree(mk_hf["root"] / "vjepa2", nobias)
     json.dump({**json.load(open(nobias / "config.json")), "qkv_bias": False}, open(nobias / "config.json", "w"))
     with pytest.raises(mk.UserError, match="qkv_bias False; only gelu with q/k/v biases"):
         mk.load_vjepa2(str(nobias))
-    avi = tmp_path / "clip.avi"
-    w = cv2.VideoWriter(str(avi), cv2.VideoWriter_fourcc(*"MJPG"), 8, (32, 32))
-    for t in range(40):
-        w.write(np.random.default_rng(t).integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    w.release()
-    assert mk.load_video(str(avi), 4, 16)[0].shape == (4, 16, 16, 3)
-    avi.write_bytes(avi.read_bytes()[:avi.stat().st_size // 2])
-    with pytest.raises(mk.UserError, match=r"only \d+ of the 40 frames in its header decode"):
-        mk.load_video(str(avi), 4, 16)
+    check_cut_off_video(mk, tmp_path)
 
 
 def test_mk_frozen_towers_with_checkpoints(mk_hf, tmp_path):
@@ -4414,15 +4406,7 @@ def test_ab_bad_inputs(tmp_path, capsys):
     with pytest.raises(ab.UserError, match="no frames"):
         ab.load_video(str(tmp_path / "empty"), 4, 16)
     # a video cut in half and a JPEG cut short decode part of themselves without an error: refused
-    avi = tmp_path / "clip.avi"
-    w = cv2.VideoWriter(str(avi), cv2.VideoWriter_fourcc(*"MJPG"), 8, (32, 32))
-    for t in range(40):
-        w.write(np.random.default_rng(t).integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    w.release()
-    assert ab.load_video(str(avi), 4, 16).shape == (4, 16, 16, 3)
-    avi.write_bytes(avi.read_bytes()[:avi.stat().st_size // 2])
-    with pytest.raises(ab.UserError, match=r"only \d+ of the 40 frames in its header decode"):
-        ab.load_video(str(avi), 4, 16)
+    check_cut_off_video(ab, tmp_path)
     cv2.imwrite(str(tmp_path / "a.jpg"), np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8))
     assert ab.load_image(str(tmp_path / "a.jpg"), 16).shape == (16, 16, 3)
     whole = (tmp_path / "a.jpg").read_bytes()

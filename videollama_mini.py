@@ -83,8 +83,8 @@ class Config:
     grid: int = 4  # adaptive pooling keeps a grid x grid map so that position (and so motion) survives pooling
     frame_diff: bool = True  # also feed frame[t] - frame[t-1] to the CNN: motion made explicit
     n_temporal_layer: int = 2
-    # "text" (the VideoLLaMA-Mini write-up: the caption tokens query the visual tokens) or "queries" (BLIP-2: a QFormer
-    qformer_mode: str = "text"  # of Q learned queries reads them, the decoder reads those); "text" learns faster
+    # "text": the caption tokens query the visual tokens (the VideoLLaMA-Mini write-up); "text" learns faster here
+    qformer_mode: str = "text"  # "queries": BLIP-2's QFormer of Q learned queries reads them, the decoder reads it
     n_query: int = 8
     n_qformer_layer: int = 2
     n_dec_layer: int = 2
