@@ -268,6 +268,14 @@ def preprocess(img, crop):
     top, left = int((nh - crop) / 2), int((nw - crop) / 2)  # transformers' centre crop truncates (torchvision rounds)
     return img[top:top + crop, left:left + crop]  # (crop, crop, 3)
 
+def read_frame(path):  # a frame image -> BGR uint8 (H, W, 3); libjpeg fills a cut-off JPEG with grey, silently
+    data, i = open(path, "rb").read(), 2  # i: the next marker after FF D8 (each segment: FF xx, a 2-byte length)
+    while data[:2] == b"\xff\xd8" and i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] != 0xDA:
+        i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
+    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]:  # no end of image after the first scan FF DA
+        raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
+    return cv2.imread(path)
+
 def load_video(path, n_frames, crop):
     """Video file (any container OpenCV reads) or a folder of frame images -> (uint8 (F, crop, crop, 3) RGB,
     sampled frame times in seconds (F,), clip duration in seconds). Only the F sampled frames are read and kept."""
@@ -275,7 +283,7 @@ def load_video(path, n_frames, crop):
     if os.path.isdir(path):  # natural order: f2 before f10
         names = sorted((n for n in os.listdir(path) if n.lower().endswith(exts)),
                        key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
-        n, read = len(names), lambda want: ((i, cv2.imread(os.path.join(path, names[i]))) for i in sorted(want))
+        n, read = len(names), lambda want: ((i, read_frame(os.path.join(path, names[i]))) for i in sorted(want))
     elif os.path.isfile(path):
         cap, n = cv2.VideoCapture(path), 0
         fps = cap.get(cv2.CAP_PROP_FPS) if 0 < cap.get(cv2.CAP_PROP_FPS) < 1000 else FPS  # none or nonsense: FPS
@@ -325,14 +333,12 @@ def check_choices(choices, where):
         if not re.match(rf"{chr(65 + k)}\. \S", c):
             raise UserError(f"{where}: choice {c!r} is not in the form '{chr(65 + k)}. text' (A, B, C, ... in order)")
 
-def frame_labels(support_times, times, duration, where):
-    """Per sampled frame 0/1: the sampled frame nearest each support time is positive (the Mark-1 project's rule), in
-    every slot that holds it (a clip shorter than F frames repeats frames)."""
+def frame_labels(support_times, times, duration, where):  # 1 at the frame nearest each support time, else 0
     lab = np.zeros(len(times), np.float32)
     for t in support_times:
         if not 0 <= t <= duration:
             raise UserError(f"{where}: support time {t}s is outside the clip (0..{duration:.2f}s)")
-        lab[times == times[np.argmin(np.abs(times - t))]] = 1  # the nearest frame's time: all its copies
+        lab[times == times[np.argmin(np.abs(times - t))]] = 1  # the Mark-1 project's rule; every slot of that frame
     return lab
 
 def load_split(entries, cfg):  # -> uint8 clips (N, F, S, S, 3), frame labels, times (N, F), durations (N,)
@@ -345,18 +351,21 @@ def load_split(entries, cfg):  # -> uint8 clips (N, F, S, S, 3), frame labels, t
                 times=np.stack(times), durations=np.array(durs))
 
 class GPT2Tokenizer:
-    """GPT-2 tokens (tiktoken); the model's table holds only `ids` (GPT-2 ids seen in training, <|endoftext|> first,
-    then an <unk> row for ids never seen). compact=False keeps all 50257."""
+    """GPT-2 tokens (tiktoken) over the table `ids`: <|endoftext|>, <unk>, the GPT-2 ids seen in training (or all)."""
     def __init__(self, ids=None):
-        self.enc = tiktoken.get_encoding("gpt2")
+        try:  # GPT-2's two files: downloaded once, or read from TIKTOKEN_CACHE_DIR
+            self.enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # offline with no cached files: say how to fix it, no traceback
+            raise UserError(f"tiktoken could not load the GPT-2 encoding ({type(e).__name__}); offline, point "
+                            f"TIKTOKEN_CACHE_DIR at a folder holding its two files") from None
         self.ids = ids if ids is not None else list(range(self.enc.n_vocab))
         self.index = {g: i for i, g in enumerate(self.ids)}
         self.eos, self.unk = self.index[self.enc.eot_token], self.index.get(-1, 0)  # -1 (no GPT-2 id): <unk>
     @staticmethod
     def build(texts, compact):  # the compact table of the ids in `texts`, or the full one
-        enc = tiktoken.get_encoding("gpt2")
-        seen = sorted({t for s in texts for t in enc.encode_ordinary(s)})
-        return GPT2Tokenizer([enc.eot_token, -1] + seen if compact else None)
+        full = GPT2Tokenizer()  # all 50257 GPT-2 ids
+        seen = sorted({t for s in texts for t in full.enc.encode_ordinary(s)})
+        return GPT2Tokenizer([full.enc.eot_token, -1] + seen) if compact else full
     def encode(self, s):  # user text is plain text: "<|endoftext|>" typed in a question is its characters
         return [self.index.get(t, self.unk) for t in self.enc.encode_ordinary(s)]
     def decode(self, ids):
@@ -633,8 +642,7 @@ class Bridge(nn.Module):
         s = (t @ k.transpose(1, 2)).amax(1) / math.sqrt(D)  # (B, M, T*per) -> max over the M queries -> (B, T*per)
         return s[:, self.frame_to_key] + self.frame_bias  # (B, F)
     def video_tokens(self, feats):
-        P = feats.shape[1]
-        T = P // (self.grid * self.grid)
+        P, T = feats.shape[1], feats.shape[1] // (self.grid * self.grid)  # tokens, tubelets
         pos = self.time_emb[:T, None, :] + self.space_emb[None, :, :]  # (T, G*G, D)
         feats = feats.to(self.proj.weight.dtype)  # boundary 1: the encoder's dtype (bfloat16 files) -> the bridge's
         return self.ln_v(self.proj(feats) + pos.reshape(T * self.grid * self.grid, -1)[:P])  # (B, P, D)
@@ -969,9 +977,7 @@ def pick_device(name):  # "auto" -> cuda, else mps, else cpu; any other name as 
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     return name if name != "auto" else "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
 
-def parse_device_map(cfg):
-    """-> {part: device}: --device for all three parts unless --device_map moves one (the Mark-1 project's split
-    over two GPUs: "vision=cuda:0,bridge=cuda:0,llm=cuda:1"); every device is checked to exist here."""
+def parse_device_map(cfg):  # -> {part: device}: --device for all, unless --device_map moves a part; each checked
     out = dict.fromkeys(("vision", "bridge", "llm"), pick_device(cfg.device))
     for part in filter(None, cfg.device_map.split(",")):
         k, _, v = part.partition("=")  # "llm=cuda:1" -> ("llm", "cuda:1")
@@ -1008,8 +1014,7 @@ def lr_at(step, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
 
 def global_batch(step, n, size, seed):  # a step's global batch: a fresh permutation per epoch, shared by every rank
-    per_epoch = max(1, n // size)  # full batches per epoch (the remainder is skipped)
-    epoch, k = divmod(step, per_epoch)
+    epoch, k = divmod(step, max(1, n // size))  # full batches per epoch (the remainder is skipped)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))  # a pure function of the step
     return perm[k * size:(k + 1) * size]  # so a resumed run draws the same batches
 
@@ -1040,8 +1045,7 @@ class FeatureCache:  # frozen encoder: features once per clip (by split, index),
     def __call__(self, split, idx, clips):
         if not self.on:
             return self.model.encode(clips[idx])
-        todo = [i for i in idx.tolist() if (split, i) not in self.store]  # clips seen for the first time
-        if todo:
+        if todo := [i for i in idx.tolist() if (split, i) not in self.store]:  # clips seen for the first time
             feats = self.model.encode(clips[torch.tensor(todo)]).detach()
             self.store.update({(split, i): f.cpu() for i, f in zip(todo, feats)})  # (P, Dv) each: encoder dtype, CPU
         return torch.stack([self.store[(split, i)] for i in idx.tolist()])
@@ -1277,8 +1281,7 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):  # test, no
 def frame_strip(clip, sal, path, title):  # PNG: the frames side by side, a saliency bar under each (green: > 0.5)
     F_, S = clip.shape[0], 64
     img = np.full((S + 40, F_ * (S + 2), 3), 255, np.uint8)
-    for i in range(F_):
-        x = i * (S + 2)  # the frame's left edge
+    for i, x in enumerate(range(0, F_ * (S + 2), S + 2)):  # x: frame i's left edge
         img[:S, x:x + S] = cv2.resize(cv2.cvtColor(clip[i], cv2.COLOR_RGB2BGR), (S, S), interpolation=cv2.INTER_NEAREST)
         cv2.rectangle(img, (x + 4, S + 34 - int(round(30 * sal[i]))), (x + S - 4, S + 34),
                       (60, 180, 60) if sal[i] > 0.5 else (150, 150, 150), -1)
@@ -1303,9 +1306,7 @@ def predict(cfg, overrides, video, question, choices):
           f"{' '.join(f'{s:.2f}' for s in sal)}\nframe strip: {path}")
     return answer, span, sal
 
-def bench(cfg):
-    """Frozen encoder: epoch 1 computes features and fills the cache, epoch 2 reads it; same bridge/LLM work in both.
-    `--bench` alone uses the `bench` preset (a ViT-S-sized encoder); --vision_ckpt benchmarks a real one."""
+def bench(cfg):  # frozen encoder: epoch 1 fills the feature cache, epoch 2 reads it; the same bridge/LLM work
     cfg = dataclasses.replace(cfg, freeze_vision=True, grad_accum=1)
     entries, tr = prepare_data(cfg)["train"]
     tok = make_tokenizer(cfg, entries)

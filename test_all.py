@@ -3409,6 +3409,21 @@ def test_mk_mp4_round_trip_and_frame_folder(tmp_path):
     assert lab.sum() >= 2 and len(ann["choices"]) == 4 and ann["answer"] in ann["choices"]
 
 
+def test_mk_cut_off_jpeg_in_a_frame_folder_is_refused(tmp_path):
+    """A frame folder of JPEGs loads; with one JPEG cut short (libjpeg would fill it with grey, silently) the folder is
+    refused naming that file; data after a JPEG's end marker (a motion photo) is fine."""
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        cv2.imwrite(str(tmp_path / f"{i}.jpg"), rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    whole = (tmp_path / "2.jpg").read_bytes()
+    (tmp_path / "2.jpg").write_bytes(whole + b"\x00\x00\x00\x18ftypmp42" + bytes(64))
+    assert mk.load_video(str(tmp_path), 4, 32)[0].shape == (4, 32, 32, 3)
+    (tmp_path / "2.jpg").write_bytes(whole[:len(whole) * 6 // 10])
+    assert cv2.imread(str(tmp_path / "2.jpg")) is not None  # OpenCV reads it without a word
+    with pytest.raises(mk.UserError, match=r"2\.jpg: this JPEG is cut off"):
+        mk.load_video(str(tmp_path), 4, 32)
+
+
 def test_mk_long_video_keeps_only_sampled_frames(tmp_path, monkeypatch):
     """A 300-frame clip: only the 8 sampled frames are resized and kept, with the pixels a whole decode gives."""
     path, r = str(tmp_path / "long.mp4"), np.random.default_rng(0)
@@ -4643,3 +4658,22 @@ def test_captioners_one_mode_per_call(mod, tmp_path, capsys):
                          (["--resume"], "--resume")):
         main_user_error(mod.main, capsys, argv + ["--out_dir", tmp_path / "o", "--data_dir", tmp_path / "d"], needle)
     assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])
+def test_all_scripts_offline_without_gpt2_files_say_how_to_fix(mod, tmp_path, capsys, monkeypatch):
+    """Offline with no cached GPT-2 files, tiktoken raises a network error deep inside requests: every script's
+    --train ends in one line that names TIKTOKEN_CACHE_DIR, exit 2, instead of a traceback."""
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError(f"cannot download {name}'s files")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    where = ["--out_dir", tmp_path / "out", "--data_dir", tmp_path / "d"]
+    argv = list(map(str, ["--train", "--preset", "tiny", *where]))
+    if mod in (vl, mk):  # their main() raises the UserError; the `__main__` block prints it and exits 2
+        with pytest.raises(mod.UserError, match=r"\(ConnectionError\); offline, point TIKTOKEN_CACHE_DIR at"):
+            mod.main(argv)
+    else:
+        main_user_error(mod.main, capsys, argv, "(ConnectionError); offline, point TIKTOKEN_CACHE_DIR at")
+    assert not (tmp_path / "out" / "model.safetensors").exists()

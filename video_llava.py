@@ -16,15 +16,9 @@ Reference: transformers `VideoLlavaForConditionalGeneration` (the tests compare 
 and `--bench` import it). Modules bear the hub checkpoint's key names, so loading is the identity map plus
 `canonical_key`, which folds the two other layouts transformers writes onto it.
 
-Commands:
+Commands (the README lists them all: --resume, --eval, --freeze, torchrun, --inspect, --bench):
     python video_llava.py --train                              # tiny Video-LLaVA from scratch (synthetic world, CPU)
-    python video_llava.py --train --stop_after 500 && python video_llava.py --train --resume   # exact resume
-    torchrun --nproc_per_node=2 video_llava.py --train --batch_size 16   # DDP (gloo on CPU, nccl on CUDA), batch 32
-    python video_llava.py --train --freeze vision,llm --from_pretrained out/video_llava --out_dir out/vl_stage1
-    python video_llava.py --eval                               # re-evaluate out/video_llava on test / novel
     python video_llava.py --generate --from_pretrained DIR --video x.mp4 --prompt "What moves?" --compile  # or --image
-    python video_llava.py --inspect DIR --n_frames 8           # parameter counts, bytes, key alignment, memory
-    python video_llava.py --bench                              # decode tokens/s vs transformers, bandwidth floor
 """
 
 import argparse
@@ -59,14 +53,12 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
-def read_json(path):
-    """path's JSON object as a dict, or None: missing, not UTF-8, not JSON, or not an object (callers say which)."""
+def read_json(path):  # path's JSON object as a dict, or None: missing, not UTF-8, not JSON, not an object
     with contextlib.suppress(OSError, ValueError):  # ValueError: not JSON, or not UTF-8
         obj = json.load(open(path, encoding="utf-8"))
         return obj if isinstance(obj, dict) else None
 
-def writable(path, marker, ours):
-    """Whether this script may write into path: missing, an empty folder, or one whose JSON `marker` passes ours()."""
+def writable(path, marker, ours):  # write into path? only if missing, empty, or its `marker` JSON passes ours()
     return not os.path.exists(path) or os.path.isdir(path) and (
         not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))
 
@@ -149,8 +141,7 @@ HF_FIELDS = {f: (sec, f.removeprefix("v_") if sec == "vision_config" else f, d) 
     ("", dict(tie_word_embeddings=False, vision_feature_layer=-2, vision_feature_select_strategy="default",
               image_token_index=32000, video_token_index=32001, pad_token_id=0))) for f, d in table.items()}
 
-def config_from_hf(hf, path):
-    """HF Video-LLaVA config.json -> Config fields (HF_FIELDS), refusing what this model does not implement."""
+def config_from_hf(hf, path):  # HF config.json -> Config fields (HF_FIELDS); what this model lacks is refused
     if hf.get("model_type") != "video_llava":  # a run of another script (its out_dir) has a config.json without one
         what = f"a run of {hf['script']}.py" if hf.get("script") else "not a model's config"
         raise UserError(f"{path}: " + (f"model_type is '{hf['model_type']}', not 'video_llava' (another architecture)"
@@ -188,8 +179,7 @@ def config_from_hf(hf, path):
         raise UserError(f"{path}: head_dim != hidden_size / num_attention_heads is not supported")
     return out
 
-def hf_config_dict(cfg):
-    """Config -> an HF-style config.json, so checkpoints trained here load with the same from_pretrained."""
+def hf_config_dict(cfg):  # Config -> an HF-style config.json: checkpoints trained here load the same way
     hf = {"model_type": "video_llava", "architectures": ["VideoLlavaForConditionalGeneration"],
           "projector_hidden_act": "gelu", "text_config": {"model_type": "llama"},
           "vision_config": {"model_type": "clip_vision_model"}}
@@ -209,8 +199,7 @@ NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),
                ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}
 SIDE, CELL, HALF, CLIP_LEN, TRAVEL = 48, 12, 5, 16, 24  # picture side, grid cell, shape half-size, frames, px moved
 
-def draw_shape(img, shape, colour, cx, cy):
-    """Draw a filled shape of half-size HALF centred at (cx, cy), in place."""
+def draw_shape(img, shape, colour, cx, cy):  # draw a filled shape of half-size HALF centred at (cx, cy), in place
     c = COLOURS[colour]  # anti-aliased edges: a shape's colour bleeds into neighbouring pixels, as in real pictures
     if shape == "circle":
         cv2.circle(img, (cx, cy), HALF, c, -1, cv2.LINE_AA)
@@ -220,15 +209,13 @@ def draw_shape(img, shape, colour, cx, cy):
         pts = np.array([[cx, cy - HALF], [cx - HALF, cy + HALF - 1], [cx + HALF, cy + HALF - 1]], np.int32)
         cv2.fillPoly(img, [pts], c, cv2.LINE_AA)
 
-def sample_pair(rng, split):
-    """A (colour, shape) pair that fits the split: novel pairs only in `novel`, never elsewhere."""
+def sample_pair(rng, split):  # a (colour, shape) pair that fits the split: novel pairs only in `novel`
     while True:
         pair = (rng.choice(list(COLOURS)), rng.choice(SHAPES))
         if (pair in NOVEL_PAIRS) == (split == "novel"):
             return pair
 
-def make_image(rng, split):
-    """1-3 copies of one coloured shape in distinct cells of a 4x4 grid -> (BGR image, [(question, answer)])."""
+def make_image(rng, split):  # 1-3 copies of one shape in cells of a 4x4 grid -> (BGR image, [(question, answer)])
     colour, shape = sample_pair(rng, split)
     n = rng.randint(1, 3)  # how many copies: the counting question
     img = np.full((SIDE, SIDE, 3), 60, np.uint8)  # a dark grey background
@@ -269,8 +256,7 @@ def make_clip(rng, split, n_frames):
     first = rng.random() < 0.5  # ask for the first object, or for the last
     return frames, (f"Which shape appears {'first' if first else 'last'}?", " ".join(a if first else b))
 
-def build_world(cfg):
-    """Write data_dir/<split>/*.png|mp4 and data_dir/<split>.jsonl once (deterministic from --seed)."""
+def build_world(cfg):  # write data_dir/<split>/*.png|mp4 and data_dir/<split>.jsonl once (deterministic from --seed)
     if not 3 <= cfg.n_frames <= CLIP_LEN:  # an order question needs an empty first slot, then one slot per object
         raise UserError(f"--n_frames {cfg.n_frames}: the synthetic world samples 3 to {CLIP_LEN} frames of its clips")
     sizes = {"train": cfg.n_train, "val": cfg.n_test, "test": cfg.n_test, "novel": cfg.n_test}
@@ -323,8 +309,7 @@ def load_entries(cfg, master=True):
         entries["test"] = read_annotations(cfg.test_data)
     return entries
 
-def read_annotations(path):
-    """JSON lines {"image"|"video": relative path, "question": str, "answer": str} -> list of dicts (paths absolute)."""
+def read_annotations(path):  # JSON lines {"image"|"video"|"frames", "question", "answer"} -> [dict], paths absolute
     try:  # utf-8-sig: a byte-order mark some editors write is skipped
         lines = open(path, encoding="utf-8-sig").read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -374,8 +359,7 @@ def jpeg_cut_off(path):
         i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
     return data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]  # data after FF D9 (a motion photo's video): fine
 
-def load_image(path, size):
-    """Image file -> float32 (3, size, size), CLIP-normalised as the HF processor does."""
+def load_image(path, size):  # image file -> float32 (3, size, size), CLIP-normalised as the HF processor does
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None  # alpha kept, if any
     if img is not None and (img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16)):
         img = cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR (EXIF-rotated), None for a depth it cannot convert
@@ -396,8 +380,7 @@ def frame_indices(n_total, n_frames):
         raise UserError("video has no frames")
     return [i * n_total // n_frames for i in range(n_frames)]
 
-def load_video(path, n_frames, size):
-    """Video file (any container/codec OpenCV reads) or a folder of frame images -> float32 (F, 3, size, size)."""
+def load_video(path, n_frames, size):  # a video file OpenCV reads, or a folder of frames -> float32 (F, 3, size, size)
     if os.path.isdir(path):  # frames in natural order: f2 before f10 (digit runs compare as numbers)
         names = sorted((n for n in os.listdir(path) if re.search(r"\.(png|jpe?g|bmp|webp|tiff?)$", n, re.I)),
                        key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
@@ -422,8 +405,7 @@ def load_video(path, n_frames, size):
         raise UserError(f"{path}: the video ended early on a second read (corrupt?)")
     return np.stack([picked[i] for i in want])  # (F, 3, S, S)
 
-class Tokenizer:
-    """Both tokenizers: added tokens {token: id} (<image>, <video>) split out first, encode_text for the rest."""
+class Tokenizer:  # both tokenizers: added tokens (<image>, <video>) split out first, encode_text for the rest
     def encode(self, text, add_special_tokens=True):  # False: no BOS before, no EOS after (as transformers')
         tags = "|".join(re.escape(s) for s in sorted(self.added, key=len, reverse=True))  # the longest match wins
         parts = re.split(f"({tags})", text) if self.added else [text]  # odd parts are added tokens such as <image>
@@ -481,11 +463,14 @@ class SentencePieceBPE(Tokenizer):
                        for k, s in enumerate(pieces))
         return out.decode("utf-8", errors="replace")
 
-class GPT2Table(Tokenizer):
-    """GPT-2 BPE (tiktoken) over a compact table of the GPT-2 ids seen in training; <image>, <video> come last."""
+class GPT2Table(Tokenizer):  # GPT-2 BPE (tiktoken) over a table of the ids seen in training, then <image>, <video>
     def __init__(self, ids):
         import tiktoken  # only the trained-from-scratch model needs it
-        self.enc = tiktoken.get_encoding("gpt2")
+        try:  # GPT-2's two files: downloaded once, or read from TIKTOKEN_CACHE_DIR
+            self.enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # offline with no cached files: say how to fix it, no traceback
+            raise UserError(f"tiktoken could not load the GPT-2 encoding ({type(e).__name__}); offline, point "
+                            f"TIKTOKEN_CACHE_DIR at a folder holding its two files") from None
         self.ids = list(ids)  # model id -> GPT-2 id
         self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
         self.added = {"<image>": len(self.ids), "<video>": len(self.ids) + 1}
@@ -513,8 +498,7 @@ def load_tokenizer(folder):
     meta = json.load(open(os.path.join(folder, "config.json")))  # a run of this script keeps its GPT-2 table here
     return GPT2Table(meta["gpt2_table"]) if "gpt2_table" in meta else SentencePieceBPE(folder)  # HF: tokenizer.json
 
-def prompt_text(question, kind):
-    """The Video-LLaVA template: 'USER: <video>\\n{question} ASSISTANT:' ('<image>' for images, none for text)."""
+def prompt_text(question, kind):  # the template 'USER: <video>\n{question} ASSISTANT:' (<image>, or no tag for text)
     return f"USER: {'<' + kind + '>' + chr(10) if kind else ''}{question} ASSISTANT:"
 
 def expand_placeholders(ids, cfg, n_frames):
@@ -584,8 +568,7 @@ class KVCache:
         self.slot.fill_(self.offset)  # in place: a compiled graph reads the new value, no recompile
         self.offset += 1
         return pos, mask
-    def update(self, layer, k, v):
-        """Write this layer's new keys/values (B, K, L, E) -> all keys/values the queries may attend to."""
+    def update(self, layer, k, v):  # write this layer's new keys/values (B, K, L, E) -> all keys/values to attend to
         if k.shape[2] == 1:  # a one-token step: written at next_step's slot; all T_max returned, the mask hides some
             self.k[layer].index_copy_(2, self.slot, k.to(self.k[layer].dtype))  # k (B, K, 1, E) into position slot
             self.v[layer].index_copy_(2, self.slot, v.to(self.v[layer].dtype))
@@ -675,8 +658,7 @@ class CLIPAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v)  # (N, H, P+1, E): bidirectional, no mask
         return self.out_proj(y.transpose(1, 2).reshape(N, P1, Dv))  # heads side by side: (N, P+1, Dv)
 
-class CLIPMLP(nn.Module):
-    """Two-layer feed-forward with biases, Dv -> v_intermediate_size -> Dv."""
+class CLIPMLP(nn.Module):  # two-layer feed-forward with biases, Dv -> v_intermediate_size -> Dv
     def __init__(self, cfg):
         super().__init__()
         self.fc1 = nn.Linear(cfg.v_hidden_size, cfg.v_intermediate_size)  # Dv -> 4 Dv in CLIP
@@ -685,8 +667,7 @@ class CLIPMLP(nn.Module):
         h = self.fc1(x)
         return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu, as OpenAI CLIP was trained
 
-class CLIPEncoderLayer(nn.Module):
-    """Pre-norm residual block with LayerNorm (mean and variance, with bias), as CLIP's ViT."""
+class CLIPEncoderLayer(nn.Module):  # pre-norm residual block with LayerNorm (mean, variance and bias), as CLIP's ViT
     def __init__(self, cfg):
         super().__init__()
         self.self_attn, self.mlp = CLIPAttention(cfg), CLIPMLP(cfg)
@@ -887,8 +868,7 @@ class VideoLlava(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)  # (B*L, V)
         return logits, loss
-    def llm_forward(self, x, cos, sin, mask, cache=None, last_only=False):
-        """The LLaMA stack on embeddings x (B, L, D) -> logits (B, L or 1, V)."""
+    def llm_forward(self, x, cos, sin, mask, cache=None, last_only=False):  # decoder: (B, L, D) -> logits (B, L|1, V)
         lm = self.language_model.model  # embed_tokens, layers, norm
         for i, layer in enumerate(lm.layers):
             x = layer(x, cos, sin, mask, cache, i)
@@ -906,8 +886,7 @@ class VideoLlava(nn.Module):
 
 # Checkpoint I/O: HF folders (three key layouts, sharded or not) and this script's own out_dir (same format) -----------
 
-def canonical_key(k):
-    """A key in any of the three layouts of Video-LLaVA checkpoints (rules below) -> the hub layout, used here."""
+def canonical_key(k):  # a key in any of the three layouts (rules below) -> the hub layout, used here
     for pattern, hub in ((r"^model\.language_model\.", "language_model.model."),  # in memory, transformers 5
                          (r"^lm_head\.", "language_model.lm_head."),  # the hub keeps the head inside language_model
                          (r"^model\.", ""),  # in memory: the towers and the projector
@@ -919,15 +898,13 @@ def canonical_key(k):
 # Buffers old checkpoints hold and models rebuild (RoPE inv_freq, CLIP position_ids): skipped, as transformers does
 LEGACY_KEYS = re.compile(r"rotary_emb\.inv_freq$|(^|\.)position_ids$")
 
-def open_weights(f):
-    """safe_open, with a corrupt or truncated file as one clear line instead of safetensors' own error."""
+def open_weights(f):  # safe_open, with a corrupt or truncated file as one clear line instead of safetensors' own error
     try:
         return safe_open(f, "pt", device="cpu")
     except SafetensorError as e:  # a bad header, or a file shorter than its header says
         raise UserError(f"{f}: not a readable safetensors file ({e})")
 
-def weight_files(path):
-    """-> {checkpoint key: file} from model.safetensors or model.safetensors.index.json (legacy buffers dropped)."""
+def weight_files(path):  # -> {checkpoint key: file} from model.safetensors[.index.json], legacy buffers dropped
     index, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
         wm = (read_json(index) or {}).get("weight_map")
@@ -941,8 +918,7 @@ def weight_files(path):
         return {k: single for k in open_weights(single).keys() if not LEGACY_KEYS.search(k)}  # one file
     raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json (not a checkpoint folder)")
 
-def read_config(path):
-    """path/config.json as a dict, or a UserError naming what is wrong with the folder."""
+def read_config(path):  # path/config.json as a dict, or a UserError naming what is wrong with the folder
     cpath = os.path.join(path, "config.json")
     if not os.path.isfile(cpath):
         raise UserError(f"{path}: " + ("no config.json (not a checkpoint folder)" if os.path.isdir(path) else
@@ -992,8 +968,7 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     return model
 
-def atomic(path, write):
-    """write(tmp) then rename over path: a reader sees the old file or the new one, never half of one."""
+def atomic(path, write):  # write(tmp), then rename over path: a reader sees the old file or the new, never half
     write(path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
@@ -1051,22 +1026,19 @@ def saved_config(out_dir, overrides, resume=True):
 
 # Metrics --------------------------------------------------------------------------------------------------------------
 
-def exact_match(preds, refs):
-    """Fraction of predictions equal to their reference after lower-casing, trimming and dropping a final '.'."""
+def exact_match(preds, refs):  # share of predictions equal to their reference (lower-cased, trimmed, no final '.')
     norm = lambda text: " ".join(text.lower().strip().rstrip(".").split())  # single spaces
     return sum(norm(p) == norm(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
 # Training -------------------------------------------------------------------------------------------------------------
 
-def pick_device(name):
-    """--device auto -> cuda > mps > cpu; cpu, cuda, mps (with an optional :index) are used as given, if here."""
+def pick_device(name):  # --device auto -> cuda > mps > cpu; cpu, cuda[:i], mps as given, if this machine has it
     here = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not re.fullmatch(r"auto|(cpu|cuda|mps)(:\d+)?", name) or not here.get(name.split(":")[0], True):
         raise UserError(f"--device {name}: not a device of this PyTorch on this machine; use cpu, cuda, mps or auto")
     return name if name != "auto" else next((d for d, ok in here.items() if ok), "cpu")
 
-def native_bf16(device):
-    """Whether the hardware multiplies in bfloat16 (elsewhere it is emulated, several times slower than float32)."""
+def native_bf16(device):  # does the hardware multiply in bfloat16? (elsewhere emulated, far slower than float32)
     if device.startswith("cuda"):
         return torch.cuda.get_device_capability(device)[0] >= 8
     return device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
@@ -1077,13 +1049,11 @@ def autocast_dtype(name, device):
     auto = "bfloat16" if device.startswith("cuda") and native_bf16(device) else "float32"
     return auto if name == "auto" else name
 
-def autocast(dtype, device):
-    """The autocast context for --dtype (disabled for float32, so the float32 path is plain)."""
+def autocast(dtype, device):  # the autocast context for --dtype (disabled for float32, so the float32 path is plain)
     dtype = autocast_dtype(dtype, device)
     return torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype), enabled=dtype != "float32")
 
-def lr_at(step, cfg):
-    """Linear warmup, then cosine decay to min_lr."""
+def lr_at(step, cfg):  # linear warmup, then cosine decay to min_lr
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
@@ -1121,8 +1091,7 @@ class Examples:
                  **{f"pixel_values_{k}s": torch.stack(v) if v else None for k, v in px.items()})
         return {k: v.to(device) for k, v in b.items() if v is not None}  # inputs it lacks are left out
 
-def apply_freeze(model, freeze):
-    """Freeze for real: requires_grad off once (no gradients, no graph through them), kept in eval mode by train()."""
+def apply_freeze(model, freeze):  # requires_grad off once (no gradients, no graph), kept in eval mode by train()
     towers = {"vision": [model.image_tower, model.video_tower], "llm": [model.language_model]}
     parts = set(freeze.split(",")) - {""}  # --freeze "": nothing frozen
     if parts - set(towers):
@@ -1175,15 +1144,13 @@ def build_model(cfg, entries, resume, say):
         model.init_from_data(pick("image"), pick("video"))
     return model, cfg, tok, data
 
-def make_optimizer(params, cfg, device):
-    """AdamW with weight decay on matrices only; and float16's loss scaler (for other dtypes it does nothing)."""
+def make_optimizer(params, cfg, device):  # AdamW, decay on matrices only; float16's loss scaler (a no-op otherwise)
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
     return opt, torch.amp.GradScaler(device.split(":")[0], enabled=autocast_dtype(cfg.dtype, device) == "float16")
 
-def load_train_state(out_dir, opt, scaler):
-    """--resume: the AdamW moments, float16's loss scale and the RNG as saved -> (step, seconds trained before)."""
+def load_train_state(out_dir, opt, scaler):  # --resume: AdamW moments, loss scale, RNG -> (step, seconds trained)
     try:  # truncated or not a torch file: PyTorch's own errors differ by cause
         ts = torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=True)
     except Exception as e:
@@ -1194,8 +1161,7 @@ def load_train_state(out_dir, opt, scaler):
     torch.set_rng_state(ts["rng"])
     return ts["step"], ts.get("seconds", 0.0)  # the data order and the learning rate are functions of the step
 
-def ddp_setup(cfg):
-    """-> (ddp, rank, world, device): one process, or one of torchrun's (nccl on CUDA, gloo on CPU)."""
+def ddp_setup(cfg):  # -> (ddp, rank, world, device): one process, or one of torchrun's (nccl on CUDA, gloo on CPU)
     device = pick_device(cfg.device)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False, 0, 1, device
@@ -1297,8 +1263,7 @@ def train(cfg, resume=False):
         return evaluate(raw, tok, cfg, device, data, train_seconds)
 
 @torch.no_grad()
-def eval_loss(model, ex, cfg, device):
-    """The mean of the per-batch losses over ex (the val split), in batches of 64: the `val` column of the log."""
+def eval_loss(model, ex, cfg, device):  # the mean of per-batch losses on val (batches of 64): the log's `val` column
     model.eval()
     with autocast(cfg.dtype, device):
         losses = [model(**ex.batch(list(range(len(ex.entries)))[s:s + 64], device))[1].item()
@@ -1307,8 +1272,7 @@ def eval_loss(model, ex, cfg, device):
 
 # Generation, evaluation, inspection and bench -------------------------------------------------------------------------
 
-def sample_next(logits, temperature, top_k, top_p, generator):
-    """(B, V) logits -> (B,) ids: argmax when temperature is 0, else temperature / top-k / top-p sampling."""
+def sample_next(logits, temperature, top_k, top_p, generator):  # (B, V) -> (B,): argmax at temperature 0, else sampled
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -1376,8 +1340,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
                 logits, _ = model(seq, mask, pixel_values_images, pixel_values_videos, last_only=True)
     return torch.stack(out, 1)  # out of inference_mode: an ordinary tensor, which may be changed or saved for backward
 
-def evaluate(model, tok, cfg, device, data, train_seconds=None):
-    """Greedy answers on test and novel -> exact match per medium and per question kind; writes eval.json."""
+def evaluate(model, tok, cfg, device, data, train_seconds=None):  # greedy answers' exact match per medium; eval.json
     result = {}
     print(f"{'split':8s} {'medium':7s} {'n':>5s} {'exact':>7s}")
     for split in [s for s in ("test", "novel") if s in data]:  # your data has no novel split
@@ -1404,8 +1367,7 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     return result
 
-def inspect_checkpoint(path, n_frames, n_tokens):
-    """Parameters per tower, bytes by dtype, key alignment (as loading checks it), memory for one video; CUDA memory."""
+def inspect_checkpoint(path, n_frames, n_tokens):  # parameters per tower, bytes by dtype, key check, memory for a video
     model, found, handles, problems = align_keys(path)
     cfg, files, towers, by_dtype, layouts = model.cfg, weight_files(path), {}, {}, set()
     for key, f in files.items():
@@ -1479,8 +1441,7 @@ def bench(cfg, sizes=None, rounds=3):
 
 # Command line ---------------------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    """argv -> (args, cfg, overrides): the modes, then one flag per Config field over the --preset's values."""
+def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a flag per Config field over --preset
     p = argparse.ArgumentParser(description="Video-LLaVA: HF-faithful inference and a tiny model trained on a CPU.")
     for mode, what in (("train", "build the synthetic world (if needed), train, evaluate"),
                        ("resume", "with --train: continue out_dir's run exactly (architecture flags must match)"),
@@ -1541,8 +1502,7 @@ def parse_args(argv=None):
         raise UserError(problems[0])
     return args, cfg, overrides
 
-def run_generate(args, cfg, overrides):
-    """--generate: load a checkpoint (HF folder or out_dir), read the media, stream the answer to stdout."""
+def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_dir), read the media, stream the answer
     if not args.prompt or (args.video and args.image):
         raise UserError("--generate needs --prompt TEXT, and --video PATH or --image PATH (not both) or neither")
     path, device = cfg.from_pretrained or cfg.out_dir, pick_device(cfg.device)
@@ -1580,8 +1540,7 @@ def run_generate(args, cfg, overrides):
         raise UserError(f"--compile: torch.compile failed ({str(e).splitlines()[0][:200]}); run without --compile")
     print()
 
-def main(argv=None):
-    """The command line: one mode per call (--train [--resume], --eval, --generate, --inspect, --bench)."""
+def main(argv=None):  # the command line: one mode per call (--train [--resume], --eval, --generate, --inspect, --bench)
     args, cfg, overrides = parse_args(argv)
     if args.train:  # train prints the config that runs (with --from_pretrained, the checkpoint's architecture)
         train(saved_config(cfg.out_dir, overrides) if args.resume else cfg, resume=args.resume)

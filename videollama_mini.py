@@ -148,8 +148,7 @@ def caption_for(objects, verb):  # [(colour, shape, motion, x0, y0)] -> 'a red c
     objects = sorted(objects, key=lambda o: o[3])  # left to right by starting x
     return " and ".join(f"a {c} {s} {verb} {m}" for c, s, m, _, _ in objects)
 
-def sample_objects(rng, split):
-    """Draw one or two objects whose (colour, shape) pairs fit the split; two objects start >= 2*HALF apart in x."""
+def sample_objects(rng, split):  # 1 or 2 objects whose (colour, shape) pairs fit the split, 2 start 2*HALF apart
     n = 1 if rng.random() < 0.4 else 2  # 40% single-object clips
     while True:
         objs, colours = [], rng.sample(list(COLOURS), n)
@@ -225,8 +224,7 @@ def read_frame(path):
         img = ((img[:, :, :3] * img[:, :, 3:] + 255 * (255 - img[:, :, 3:]) + 127) // 255).astype(np.uint8)
     return img
 
-def load_video(path, n_frames, size):
-    """Video file (any container/codec OpenCV reads) or a folder of frame images -> uint8 (F, size, size, 3) RGB."""
+def load_video(path, n_frames, size):  # a video file OpenCV reads, or a folder of frames -> uint8 (F, S, S, 3) RGB
     if os.path.isdir(path):
         names = sorted((n for n in os.listdir(path) if re.search(r"\.(png|jpe?g|bmp|webp|tiff?)$", n, re.I)),
                        key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])  # f2 before f10
@@ -279,13 +277,20 @@ def read_annotations(path):
 
 EOS = BOS = 0  # model id of <|endoftext|>: the first entry of every token table, it starts and ends each caption
 
+def gpt2():  # tiktoken's GPT-2 BPE: its two files are downloaded once, or read from TIKTOKEN_CACHE_DIR
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # offline with no cached files: say how to fix it, no traceback
+        raise UserError(f"tiktoken could not load the GPT-2 encoding ({type(e).__name__}); offline, point "
+                        f"TIKTOKEN_CACHE_DIR at a folder holding its two files") from None
+
 class Tokenizer:  # GPT-2 BPE (tiktoken), compact: model ids index `ids`, the GPT-2 ids seen in training
     def __init__(self, ids):
-        self.enc, self.ids = tiktoken.get_encoding("gpt2"), list(ids)  # ids: model id -> GPT-2 id
+        self.enc, self.ids = gpt2(), list(ids)  # ids: model id -> GPT-2 id
         self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
     @classmethod
     def from_captions(cls, captions, compact=True):
-        enc = tiktoken.get_encoding("gpt2")
+        enc = gpt2()
         seen = sorted({t for c in captions for t in enc.encode_ordinary(c)}) if compact else range(enc.n_vocab)
         return cls([enc.eot_token] + [i for i in seen if i != enc.eot_token])  # EOS first: model id 0
     def encode(self, text):  # caption -> [BOS, ..., EOS] in model ids; GPT-2 ids outside the table are dropped
@@ -446,26 +451,21 @@ class VideoLLaMAMini(nn.Module):
         the caption prior alone. One batch's per-feature mean and std, folded into the LayerNorms after the frame and
         temporal encoders and (per query) into the QFormer's output scale and shift, make their outputs zero-mean and
         unit-variance *across clips* at step 0: a one-off change of initial weights, no batch statistics later."""
-        def fold(ln, x):  # x: (B, T, D), the output of ln for this batch
-            m, s = x.mean((0, 1)), x.std((0, 1)) + 1e-3  # (D,) each, over clips and positions
-            ln.weight.div_(s)  # y = (x - m) / s, folded into the affine
-            ln.bias.sub_(m).div_(s)
-        fold(self.frames.ln, self.frames(to_unit(video)))
-        fold(self.ln_vis, self.encode(video, use_qformer=False))
-        if self.cfg.qformer_mode == "queries":  # each query has its own constant part: centre per query
-            q = self.encode(video)  # (B, Q, D)
-            m, s = q.mean(0, keepdim=True), q.std(0, keepdim=True) + 1e-3  # (1, Q, D) each
-            self.qformer.scale.div_(s)
-            self.qformer.shift.sub_(m).div_(s)
-    def encode(self, video, use_qformer=True):
-        """uint8 (B, F, S, S, 3) -> memory (B, Q, D) for "queries", (B, F, D) for "text" or use_qformer=False."""
+        def fold(weight, bias, x, dims):  # x: this batch's output of the affine (weight, bias)
+            m, s = x.mean(dims), x.std(dims) + 1e-3  # over clips (dims 0) and positions (1): (D,) or (Q, D) each
+            weight.div_(s)  # y = (x - m) / s, folded into the affine
+            bias.sub_(m).div_(s)
+        fold(self.frames.ln.weight, self.frames.ln.bias, self.frames(to_unit(video)), (0, 1))  # x: (B, F, D)
+        fold(self.ln_vis.weight, self.ln_vis.bias, self.encode(video, use_qformer=False), (0, 1))
+        if self.cfg.qformer_mode == "queries":  # each query has its own constant part: centre per query, (B, Q, D)
+            fold(self.qformer.scale, self.qformer.shift, self.encode(video), 0)
+    def encode(self, video, use_qformer=True):  # uint8 (B, F, S, S, 3) -> (B, Q, D) by the QFormer, else (B, F, D)
         vis = self.frames(to_unit(video)) + self.time_pos[: video.shape[1]]  # (B, F, D)
         for blk in self.temporal:  # (B, F, D) through each layer
             vis = blk(vis)
         vis = self.ln_vis(vis)  # (B, F, D)
         return self.qformer(vis) if self.cfg.qformer_mode == "queries" and use_qformer else vis
-    def decode(self, idx, memory, cache=None, pos=0, last_only=False):
-        """idx (B, L) model ids at positions pos.. -> logits (B, L, V) (or (B, 1, V) with last_only)."""
+    def decode(self, idx, memory, cache=None, pos=0, last_only=False):  # (B, L) ids at pos.. -> logits (B, L or 1, V)
         x = self.drop(self.tok(idx) * math.sqrt(self.cfg.d_model) + self.text_pos[pos: pos + idx.shape[1]])  # (B, L, D)
         for i, blk in enumerate(self.decoder):
             x = blk(x, ctx=memory, cache=None if cache is None else cache[i])
@@ -804,8 +804,7 @@ def evaluate_loss(model, tok, entries, clips, cfg, device):
 
 # Generation and evaluation --------------------------------------------------------------------------------------------
 
-def filter_logits(logits, top_k, top_p):
-    """Keep the top_k largest and the smallest set whose probability reaches top_p; the rest -> -inf."""
+def filter_logits(logits, top_k, top_p):  # keep the top_k largest and the smallest set of mass top_p; the rest -> -inf
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[..., -1:]  # (B, 1): the k-th largest
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -920,8 +919,7 @@ def attention_png(model, clip, tok, cfg, device, path, cell=40, label_w=110):
         cv2.putText(img, s, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
     cv2.imwrite(path, img)
 
-def evaluate(model, tok, cfg, device, data, train_seconds=None):
-    """Caption every clip of test (and novel), score, print a table and samples, write eval.json and a PNG."""
+def evaluate(model, tok, cfg, device, data, train_seconds=None):  # caption test and novel, score; eval.json, a PNG
     saved = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # the training run's
     result = {"train_seconds": saved if train_seconds is None else train_seconds}  # --eval keeps the saved value
     print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")

@@ -259,15 +259,21 @@ def read_captions(path):
         raise UserError(f"{path}: no entries (expected lines 'image.png | a caption')")
     return list(caps.items())
 
-class Tokenizer:
-    """GPT-2 BPE (tiktoken) over a compact table `ids` of the GPT-2 ids seen in training; model id 0 = <|endoftext|>."""
+def gpt2():  # tiktoken's GPT-2 BPE: its two files are downloaded once, or read from TIKTOKEN_CACHE_DIR
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # offline with no cached files: say how to fix it, no traceback
+        raise UserError(f"tiktoken could not load the GPT-2 encoding ({type(e).__name__}); offline, point "
+                        f"TIKTOKEN_CACHE_DIR at a folder holding its two files") from None
+
+class Tokenizer:  # GPT-2 BPE (tiktoken) over a compact table `ids` of the GPT-2 ids seen in training
     def __init__(self, ids):
-        self.enc, self.ids, self.eos = tiktoken.get_encoding("gpt2"), list(ids), 0  # ids: model id -> GPT-2 id
+        self.enc, self.ids, self.eos = gpt2(), list(ids), 0  # ids: model id -> GPT-2 id; 0 is <|endoftext|>
         self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
     @classmethod
     def from_captions(cls, captions, compact=True):
         """The table of a training set: <|endoftext|> first, then every GPT-2 id its captions use (or all 50257)."""
-        enc = tiktoken.get_encoding("gpt2")
+        enc = gpt2()
         ids = {t for c in captions for t in enc.encode_ordinary(c)} if compact else set(range(enc.n_vocab))
         return cls([enc.eot_token] + sorted(ids - {enc.eot_token}))
     def encode(self, text):  # caption -> [BOS, ..., EOS] in model ids; GPT-2 ids not in the table are dropped
@@ -338,8 +344,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, D))  # heads side by side again: (B, T, D)
 
-class GeluMLP(nn.Module):
-    """The ViT's MLP (Dosovitskiy et al. 2020): down(dropout(gelu(up(x)))), with biases."""
+class GeluMLP(nn.Module):  # the ViT's MLP (Dosovitskiy et al. 2020): down(dropout(gelu(up(x)))), with biases
     def __init__(self, dim, hidden, dropout):
         super().__init__()
         self.up_proj, self.down_proj, self.drop = nn.Linear(dim, hidden), nn.Linear(hidden, dim), nn.Dropout(dropout)
@@ -414,8 +419,7 @@ class ViT(nn.Module):
         # (B, 1, E): the CLS token's output (the write-up's image vector) or the mean patch; else all (B, P, E)
         return x[:, :1] if self.pool == "cls" else x.mean(1, keepdim=True) if self.pool == "mean" else x
 
-class ViTCaptioner(nn.Module):
-    """ViT -> linear projection -> LLaMA-style decoder over [visual prefix, BOS, caption tokens]."""
+class ViTCaptioner(nn.Module):  # ViT -> linear projection -> LLaMA-style decoder over [prefix, BOS, caption]
     def __init__(self, cfg, vocab_size):
         super().__init__()
         self.cfg, self.vit = cfg, ViT(cfg)
@@ -535,8 +539,7 @@ def load_checkpoint(out_dir, overrides=None):
     check_decoding(cfg)  # the decoding flags that will run: the saved ones, typed ones on top
     return model, tok, cfg
 
-def resume_run(cfg, typed=None):
-    """--resume, before any data: out_dir's run, typed flags on top (none of ARCH) -> cfg, (model, tok, state)"""
+def resume_run(cfg, typed=None):  # before any data: out_dir's run + typed flags -> cfg, (model, tok, state)
     path = os.path.join(cfg.out_dir, "train_state.pt")
     if not os.path.isfile(path):
         raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
@@ -657,8 +660,7 @@ def prepare_data(cfg, rank):  # -> {split: (entries, uint8 images)}; rank 0 buil
     # every image decoded once into a uint8 tensor (n, S, S, 3): epochs never re-decode
     return {s: (e, torch.from_numpy(np.stack([load_image(p, cfg.img_size) for p, _ in e]))) for s, e in splits.items()}
 
-def setup_distributed(cfg):
-    """-> (rank, world, device). Under torchrun (WORLD_SIZE > 1) one process per rank: nccl on CUDA, gloo on CPU."""
+def setup_distributed(cfg):  # -> (rank, world, device): torchrun's WORLD_SIZE > 1: nccl on CUDA, gloo on CPU
     device = pick_device(cfg.device)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1, device
@@ -783,8 +785,7 @@ def train(cfg, resume=False, typed=None):
 
 # Generation and evaluation --------------------------------------------------------------------------------------------
 
-def filter_logits(logits, top_k, top_p):
-    """Keep the top_k largest and the smallest set whose probability reaches top_p; the rest -> -inf."""
+def filter_logits(logits, top_k, top_p):  # keep the top_k largest and the smallest set of mass top_p; the rest -> -inf
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -976,8 +977,7 @@ def check_decoding(cfg):  # a decoding flag (typed, or saved with a checkpoint) 
         raise UserError(f"sampling is --temperature above 0 with --beam 1, --top_k / --top_p filter it; got --beam "
                         f"{cfg.beam}, --temperature {cfg.temperature}, --top_k {cfg.top_k}, --top_p {cfg.top_p}")
 
-def parse_args(argv=None):
-    """Command line -> (args, cfg, overrides): the preset, then the flags given. No files, data or model touched."""
+def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the flags typed; touches nothing
     p = argparse.ArgumentParser(description="vit_caption: train, evaluate and caption images on a CPU.")
     p.add_argument("--train", action="store_true", help="build data (if needed), train, evaluate")
     p.add_argument("--resume", action="store_true", help="with --train: continue from out_dir/train_state.pt")
