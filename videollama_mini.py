@@ -148,7 +148,7 @@ def caption_for(objects, verb):  # [(colour, shape, motion, x0, y0)] -> 'a red c
     objects = sorted(objects, key=lambda o: o[3])  # left to right by starting x
     return " and ".join(f"a {c} {s} {verb} {m}" for c, s, m, _, _ in objects)
 
-def sample_objects(rng, split):  # 1 or 2 objects whose (colour, shape) pairs fit the split, 2 start 2*HALF apart
+def sample_objects(rng, split):  # one or two objects whose pairs fit the split; two start >= 2*HALF apart in x
     n = 1 if rng.random() < 0.4 else 2  # 40% single-object clips
     while True:
         objs, colours = [], rng.sample(list(COLOURS), n)
@@ -452,7 +452,7 @@ class VideoLLaMAMini(nn.Module):
         temporal encoders and (per query) into the QFormer's output scale and shift, make their outputs zero-mean and
         unit-variance *across clips* at step 0: a one-off change of initial weights, no batch statistics later."""
         def fold(weight, bias, x, dims):  # x: this batch's output of the affine (weight, bias)
-            m, s = x.mean(dims), x.std(dims) + 1e-3  # over clips (dims 0) and positions (1): (D,) or (Q, D) each
+            m, s = x.mean(dims), x.std(dims) + 1e-3  # over clips (dim 0) and positions (1): (D,) or (Q, D) each
             weight.div_(s)  # y = (x - m) / s, folded into the affine
             bias.sub_(m).div_(s)
         fold(self.frames.ln.weight, self.frames.ln.bias, self.frames(to_unit(video)), (0, 1))  # x: (B, F, D)
