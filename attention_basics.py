@@ -73,13 +73,11 @@ SCRIPT = "attention_basics"
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
-def read_json(path):
-    """path's JSON object as a dict, or None: missing, unreadable, not JSON or not an object."""
+def read_json(path):  # path's JSON object as a dict, or None: missing, unreadable, not JSON or not an object
     with contextlib.suppress(OSError, ValueError):  # ValueError: not JSON, or not UTF-8
         return obj if isinstance(obj := json.load(open(path, encoding="utf-8")), dict) else None
 
-def writable(path, marker, ours):
-    """Whether this script may write into path: missing, empty, or its own (the JSON in `marker` passes ours())."""
+def writable(path, marker, ours):  # may this script write into path? missing, empty, or its `marker` JSON passes ours()
     return not os.path.exists(path) or os.path.isdir(path) and (
         not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))
 
@@ -127,7 +125,7 @@ class Config:
     variant: str = "cross"  # --generate: which captioner to use (unified or cross)
 
 # How to run, not what was trained: left out of saved checkpoints, always taken from the command line.
-RUN_FIELDS = ("data_dir", "out_dir", "dtype", "device", "threads", "log_interval", "section", "variant")
+RUN_FIELDS = ("out_dir", "dtype", "device", "threads", "log_interval", "section", "variant")
 
 PRESETS = {
     "default": {},
@@ -237,8 +235,7 @@ def read_annotations(path):
         raise UserError(f"{path}: no entries (expected 'path<TAB>caption' lines)")
     return out
 
-def _square(img, size):
-    """Centre-crop to a square, then shrink to size x size (INTER_AREA averages pixels: no aliasing)."""
+def _square(img, size):  # centre-crop to a square, then shrink to size x size (INTER_AREA averages pixels: no aliasing)
     (h, w), s = img.shape[:2], min(img.shape[:2])
     img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]  # centre crop
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
@@ -250,10 +247,16 @@ def jpeg_cut_off(path):  # a JPEG whose end marker FF D9 is missing after its sc
     return data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]
 
 def load_image(path, size):
-    img = cv2.imread(path)  # (H, W, 3) BGR uint8, or None when the file is not an image OpenCV reads
-    if img is None or jpeg_cut_off(path):
-        raise UserError(f"{path}: " + ("cannot read this image" if img is None else "this JPEG is cut off (no "
-                                       "end-of-image marker); re-export or re-copy it"))
+    if os.path.isfile(path) and jpeg_cut_off(path):  # checked before libjpeg decodes it (and warns on stderr)
+        raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
+    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # alpha kept, if any; None when OpenCV cannot read the file
+    if img is not None and (img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16)):
+        img = cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR (H, W, 3)
+    if img is None:
+        raise UserError(f"{path}: cannot read this image")
+    if img.shape[2] == 4:  # transparency composited onto white, as transformers' convert_to_rgb; + 127 rounds as PIL
+        img = (img >> 8 * (img.dtype == np.uint16)).astype(np.int32)  # (H, W, 4) BGRA in 0..255 (16-bit: high byte)
+        img = ((img[:, :, :3] * img[:, :, 3:] + 255 * (255 - img[:, :, 3:]) + 127) // 255).astype(np.uint8)
     return _square(img, size)[:, :, ::-1].copy()  # BGR -> RGB, (S, S, 3) uint8
 
 def sample_indices(n_total, n_frames):
@@ -272,8 +275,8 @@ def load_video(path, n_frames, size):
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such video file or folder of frames")
         cap, frames = cv2.VideoCapture(path), []  # FFmpeg underneath: any container and codec it decodes
-        if not cap.isOpened():
-            raise UserError(f"{path}: OpenCV cannot open this video (corrupt or unknown format)")
+        if not cap.isOpened() or cap.get(cv2.CAP_PROP_FOURCC) == cv2.VideoWriter_fourcc(*"ansi"):  # FFmpeg's "ansi"
+            raise UserError(f"{path}: OpenCV cannot open this as a video (corrupt, unknown format, or text)")  # = text
         while cap.grab():  # decode every frame (clips here are short), then pick n_frames of them
             frames.append(_square(cap.retrieve()[1], size)[:, :, ::-1])  # BGR uint8: shrink at once, -> RGB
         if len(frames) < 0.9 * (listed := int(cap.get(cv2.CAP_PROP_FRAME_COUNT))):  # a cut-off file decodes part
@@ -283,8 +286,7 @@ def load_video(path, n_frames, size):
         raise UserError(f"{path}: video has no frames")
     return np.stack([frames[i] for i in sample_indices(len(frames), n_frames)])
 
-def gpt2():
-    """tiktoken's GPT-2 byte-level BPE; its two files are downloaded once, or read from TIKTOKEN_CACHE_DIR."""
+def gpt2():  # tiktoken's GPT-2 byte-level BPE; its two files are downloaded once, or read from TIKTOKEN_CACHE_DIR
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # offline with no cached files: say how to fix it, no traceback
@@ -309,16 +311,14 @@ class Tokenizer:
     def decode(self, ids):  # model ids -> text, BOS/EOS/padding (model id 0) left out
         return self.enc.decode([self.ids[i] for i in ids if i != EOT]).strip()
 
-def pad_batch(seqs, max_len):
-    """Token lists -> (ids, lengths), right-padded with EOT to the longest, cut at max_len."""
+def pad_batch(seqs, max_len):  # token lists -> (ids, lengths), right-padded with EOT to the longest, cut at max_len
     seqs = [s[:max_len] for s in seqs]
     ids = torch.full((len(seqs), max(len(s) for s in seqs)), EOT, dtype=torch.long)  # (B, L)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)
     return ids, torch.tensor([len(s) for s in seqs])
 
-def to_pixels(x):
-    """uint8 (..., S, S, 3) -> normalised float (..., 3, S, S)."""
+def to_pixels(x):  # uint8 (..., S, S, 3) -> normalised float (..., 3, S, S)
     return (x.float().div(255).sub(MEAN).div(STD)).movedim(-1, -3)
 
 # Model: attention written out -> blocks -> ViT / text encoder / CLIP -> Perceiver resampler -> Flamingo gated ---------
@@ -421,8 +421,7 @@ class Block(Module):
         x = x + self.attn(self.ln1(x), mask=mask, causal=self.causal)  # (B, L, D): tokens exchange information
         return x + self.mlp(self.ln2(x))  # (B, L, D): each token transformed on its own
 
-def patchify(img, p):
-    """(B, 3, S, S) -> (B, (S/p)^2, 3*p*p): non-overlapping p x p patches, row by row, each flattened."""
+def patchify(img, p):  # (B, 3, S, S) -> (B, (S/p)^2, 3*p*p): non-overlapping p x p patches, row by row, each flattened
     B, C, S, _ = img.shape
     n = S // p  # patches per row and per column
     x = img.reshape(B, C, n, p, n, p)  # (B, C, row, py, col, px)
@@ -623,8 +622,7 @@ class Captioner(Module):
                                                 cfg.sdpa)
             self.decoder = Decoder(cfg, vocab, cfg.max_len, xattn=True)
         self.init_weights()
-    def encode(self, frames):
-        """uint8 (B, F, S, S, 3) -> visual input: prefix (B, F*P, D) or latents (B, Q, D)."""
+    def encode(self, frames):  # uint8 (B, F, S, S, 3) -> visual input: prefix (B, F*P, D) or latents (B, Q, D)
         B, Fr = frames.shape[:2]
         tokens = self.vision(to_pixels(frames.flatten(0, 1)))  # (B*F, P, D): each frame alone
         tokens = tokens.view(B, Fr, *tokens.shape[1:])  # (B, F, P, D)
@@ -670,8 +668,7 @@ def fixed_clips(indices, clip_len):
     clips[-1] = clips[-1] + [clips[-1][-1]] * (clip_len - len(clips[-1]))
     return clips
 
-def unpatchify(x, p, channels=3):
-    """The inverse of patchify: (B, P, 3*p*p) -> (B, 3, S, S)."""
+def unpatchify(x, p, channels=3):  # the inverse of patchify: (B, P, 3*p*p) -> (B, 3, S, S)
     B, P, _ = x.shape
     n = math.isqrt(P)
     x = x.reshape(B, n, n, channels, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, row, py, col, px)
@@ -912,8 +909,7 @@ def load_model(cfg, name):
 def normalise(text):
     return " ".join(text.lower().strip().rstrip(".").split())
 
-def exact_match(preds, refs):
-    """Fraction of predictions equal to their reference after lower-casing and whitespace normalisation."""
+def exact_match(preds, refs):  # share of predictions equal to their reference (lower-cased, whitespace normalised)
     return sum(normalise(p) == normalise(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
 # Train: CLIP first, then the two captioners from its image encoder, same budget ---------------------------------------
@@ -932,8 +928,7 @@ def autocast(cfg, device):
         return torch.autocast("cpu", enabled=False)
     return torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype))
 
-def lr_at(step, total, base, cfg):
-    """Linear warmup, then cosine decay to a tenth of the base rate."""
+def lr_at(step, total, base, cfg):  # linear warmup, then cosine decay to a tenth of the base rate
     if step < cfg.warmup:
         return base * (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
@@ -984,7 +979,10 @@ def prepare_data(cfg):
         ents = read_annotations(os.path.join(cfg.data_dir, f"videos_{split}.txt"))
         data["videos"][split] = ([c for _, c in ents], torch.from_numpy(
             np.stack([load_video(p, cfg.n_frames, cfg.img_size) for p, _ in ents])))  # (N, F, S, S, 3)
-    tok = Tokenizer.from_texts(data["images"]["train"][0] + data["videos"]["train"][0])
+    tok = Tokenizer.from_texts(texts := data["images"]["train"][0] + data["videos"]["train"][0])
+    if (longest := max(len(tok.encode(t)) for t in texts)) > cfg.max_len:  # pad_batch would cut it
+        raise UserError(f"--max_len {cfg.max_len}: a training caption is {longest} tokens long (BOS and EOS "
+                        "included); raise it")
     return data, tok
 
 def train_clip(cfg, data, tok, device):
@@ -1033,17 +1031,18 @@ def train_captioner(cfg, variant, vision_state, data, tok, device):
 
 def train(cfg):
     device, t0 = pick_device(cfg.device), time.time()  # an unknown --device is refused before any data is built
+    cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))  # saved so: --eval finds it from anywhere
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     data, tok = prepare_data(cfg)
     print(f"data ready in {time.time() - t0:.1f} s: {len(tok.ids)} token table entries, "
           f"{len(data['images']['train'][0])} train images, {len(data['videos']['train'][0])} train clips")
     clip_model, seconds = train_clip(cfg, data, tok, device)
-    save_model(clip_model, tok, cfg, "clip", seconds)
     times, models = {"clip": seconds}, {}
     vision = {k: v.detach().clone() for k, v in clip_model.vision.state_dict().items()}
     for variant in ("unified", "cross"):
         models[variant], times[variant] = train_captioner(cfg, variant, vision, data, tok, device)
-        save_model(models[variant], tok, cfg, variant, times[variant])
+    for name, model in (("clip", clip_model), *models.items()):  # all three or none: a failed run keeps the old ones
+        save_model(model, tok, cfg, name, times[name])
     res = evaluate(models, clip_model, tok, cfg, device, data, times)
     print(f"train mode: {time.time() - t0:.0f} s wall in all")
     return res
@@ -1067,8 +1066,7 @@ def generate(model, frames, cfg, device):
                 break
     return [row[:row.index(EOT)] if EOT in row else row for row in ids[:, 1:].tolist()]  # cut at the first EOS
 
-def caption_all(model, tok, clips, cfg, device, batch=64):
-    """-> (captions, generated tokens per second)."""
+def caption_all(model, tok, clips, cfg, device, batch=64):  # -> (captions, generated tokens per second)
     preds, n_tok, t0 = [], 0, time.time()
     for i in range(0, len(clips), batch):
         for ids in generate(model, clips[i:i + batch], cfg, device):
@@ -1181,9 +1179,10 @@ def evaluate(models, clip_model, tok, cfg, device, data, seconds):
     print(f"wrote {os.path.join(cfg.out_dir, 'eval.json')}")
     return res
 
-def evaluate_saved(cfg):
-    """--eval: the three checkpoints in out_dir, scored and pictured exactly as at the end of --train."""
+def evaluate_saved(cfg, typed):  # --eval: the three checkpoints in out_dir, scored and pictured as --train does
     clip_model, tok, cfg, t_clip = load_model(cfg, "clip")
+    if os.path.abspath(typed.get("data_dir", cfg.data_dir)) != os.path.abspath(cfg.data_dir):  # the run's world only
+        raise UserError(f"--data_dir {typed['data_dir']}: the run was trained on {cfg.data_dir}; drop the flag")
     print("config:", json.dumps(dataclasses.asdict(cfg)))  # the saved one, with this command line's run fields
     loaded = {v: load_model(cfg, v) for v in ("unified", "cross")}  # variant -> (model, tok, cfg, train seconds)
     times = {"clip": t_clip, **{v: got[3] for v, got in loaded.items()}}
@@ -1198,7 +1197,7 @@ RATES = ("lr", "vision_lr", "gate_lr")  # above 0; every other number is at leas
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="A runnable tour of attention, ViT, CLIP, Perceiver and Flamingo, then "
-                                            "two vision-LLM variants trained side by side.")
+                                            "two vision-LLM variants trained side by side.", allow_abbrev=False)
     p.add_argument("--train", action="store_true", help="build data, train CLIP and both captioners, evaluate")
     p.add_argument("--eval", action="store_true", help="re-evaluate the checkpoints in out_dir")
     p.add_argument("--generate", action="store_true", help="caption --video with the --variant checkpoint")
@@ -1219,6 +1218,7 @@ def parse_args(argv=None):
     bad += [f"--{n} must be a number >= 0 ({v})" for n, v in nums.items() if not 0 <= v < math.inf]
     bad = bad or [why for wrong, why in (
         (cfg.max_len < 2, f"--max_len {cfg.max_len}: at least 2 (BOS and one token)"),
+        ("" in (cfg.out_dir, cfg.data_dir), "--out_dir and --data_dir must name a folder, not an empty string"),
         (cfg.n_frames > cfg.max_frames, f"--n_frames {cfg.n_frames}: at most --max_frames {cfg.max_frames}"),
         (args.train and not writable(cfg.out_dir, os.path.join("clip", "config.json"), lambda m: m.get("script") ==
          SCRIPT), f"--out_dir {cfg.out_dir}: a file, or a folder this script did not write; give a new or empty one"),
@@ -1231,13 +1231,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     try:
-        args, cfg, _ = parse_args(argv)
+        args, cfg, typed = parse_args(argv)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         if not (args.train or args.eval or args.generate):
             return tour(cfg)
         if args.train or args.eval:  # each prints the config it runs
-            return train(cfg) if args.train else evaluate_saved(cfg)
+            return train(cfg) if args.train else evaluate_saved(cfg, typed)
         model, tok, cfg, _ = load_model(cfg, cfg.variant)
         print("config:", json.dumps(dataclasses.asdict(cfg)))  # the saved one, with this command line's run fields
         clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None]  # (1, F, S, S, 3)

@@ -286,6 +286,8 @@ def load_video(path, n_frames, crop):
         n, read = len(names), lambda want: ((i, read_frame(os.path.join(path, names[i]))) for i in sorted(want))
     elif os.path.isfile(path):
         cap, n = cv2.VideoCapture(path), 0
+        if cap.get(cv2.CAP_PROP_FOURCC) == cv2.VideoWriter_fourcc(*"ansi"):  # FFmpeg plays a text file as a video
+            raise UserError(f"{path}: a text file, not a video")
         fps = cap.get(cv2.CAP_PROP_FPS) if 0 < cap.get(cv2.CAP_PROP_FPS) < 1000 else FPS  # none or nonsense: FPS
         while cap.grab():  # pass 1 counts the frames (a header's count can be wrong); grab() skips the conversion
             n += 1
@@ -453,9 +455,7 @@ class VJEPA2Layer(nn.Module):
         x = x + self.attention(self.norm1(x))  # residual around attention
         return x + self.mlp(self.norm2(x))  # residual around the MLP
 
-class VJEPA2Encoder(nn.Module):
-    """Module names follow the HF checkpoint (`encoder.` prefix stripped): embeddings.patch_embeddings.proj,
-    layer.N.{norm1,attention.{query,key,value,proj},norm2,mlp.fc1,mlp.fc2}, layernorm."""
+class VJEPA2Encoder(nn.Module):  # module names as in the HF checkpoint, its `encoder.` prefix stripped
     def __init__(self, width, layers, heads, patch, tubelet, crop, mlp_ratio=4.0, eps=1e-6):
         super().__init__()
         self.width, self.patch, self.tubelet, self.crop = width, patch, tubelet, crop  # the geometry Mark1 reads
@@ -948,9 +948,7 @@ def frame_f1(pred, gold):  # micro F1 over every (clip, frame) pair: pred and go
     tp, fp, fn = sum(p and g for p, g in pairs), sum(p and not g for p, g in pairs), sum(g and not p for p, g in pairs)
     return 2 * tp / max(1, 2 * tp + fp + fn)  # F1 = 2TP / (2TP + FP + FN); 0 when nothing is positive
 
-def segment_from_scores(scores, times, duration, threshold):
-    """Saliency of the sampled frames -> one (start, end) in seconds: the longest run of frames above threshold (the
-    best frame alone when none is), each frame covering [its time, its time + duration/F)."""
+def segment_from_scores(scores, times, duration, threshold):  # frame saliency -> one (start, end) in seconds
     runs, start = [], None  # (first, last) frame of each run above the threshold
     for i, s in enumerate(list(scores) + [-math.inf]):  # the sentinel closes a run that reaches the last frame
         if s > threshold and start is None:
@@ -960,7 +958,7 @@ def segment_from_scores(scores, times, duration, threshold):
             start = None
     i = max(range(len(scores)), key=lambda k: scores[k])  # nothing above the threshold: the most salient frame
     best = max(runs, key=lambda r: r[1] - r[0]) if runs else (i, i)  # the first of the longest runs
-    dt = duration / len(times)  # the span one sampled frame stands for
+    dt = duration / len(times)  # the span one sampled frame stands for: [its time, its time + dt)
     return float(times[best[0]]), float(min(duration, times[best[1]] + dt))
 
 def temporal_iou(a, b):  # two (start, end) spans in seconds -> intersection over union
@@ -1327,7 +1325,7 @@ def bench(cfg):  # frozen encoder: epoch 1 fills the feature cache, epoch 2 read
 # Command line ---------------------------------------------------------------------------------------------------------
 ZERO_OK = ("n_train", "n_val", "n_test", "n_novel", "temporal_blocks", "data_init", "seed", "stop_after", "top_k")
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Mark 1: video MCQ answering with temporal localisation.")
+    p = argparse.ArgumentParser(description="Mark 1: video MCQ and the frames that show it.", allow_abbrev=False)
     for mode, what in (("train", "build data (if needed), train, evaluate"), ("resume", "with --train: continue from "
                        "out_dir"), ("eval", "evaluate out_dir on test and novel"), ("predict", "answer --question "
                        "about --video"), ("bench", "feature-cache speedup with a frozen encoder")):
@@ -1362,6 +1360,7 @@ def parse_args(argv=None):
                         f"checkpoint folder, your own files); give a new or empty folder")
     modes = sum(map(bool, (args.train or args.eval, args.predict, args.bench)))  # --train ends with an evaluation
     problems += ["one mode per call: --train, --eval, --predict or --bench"] * (modes > 1)
+    problems += ["--out_dir, --data_dir: must name a folder, not an empty string"] * ("" in (cfg.out_dir, cfg.data_dir))
     problems += ["--resume continues a training run: use it with --train"] * (args.resume and not args.train)
     problems += [f"--preset {args.preset}: --resume, --eval and --predict take the sizes from the checkpoint; drop "
                  "--preset"] * bool(args.preset and (args.resume or args.predict or args.eval and not args.train))
@@ -1377,6 +1376,7 @@ def main(argv=None):
         if k := next((k for k, v in got.items() if overrides.get(k, v) != v), None):  # a flag that says otherwise
             raise UserError(f"--{k} {overrides[k]}: {path} was trained with {got[k]}; drop the flag")
         cfg = dataclasses.replace(cfg, **got)  # what is printed and saved is what runs
+    cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))  # saved so: --eval finds it from anywhere
     if int(os.environ.get("RANK", "0")) == 0 and (args.bench or args.train and not args.resume):  # else: as loaded
         print("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)

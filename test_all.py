@@ -773,13 +773,16 @@ def test_vm_user_data_trains(tmp_path, _vm_trained, monkeypatch):
 
 
 def test_vm_caption_longer_than_max_len_is_refused(_vm_trained, tmp_path, capsys):
-    """A training caption longer than --max_len would be cut by pad_batch: refused with its token count."""
+    """A training caption longer than --max_len would be cut by pad_batch, and one longer than --max_new_tokens by
+    evaluation's generation (a wrong exact match): both refused with the caption's token count."""
     (tmp_path / "a.mp4").write_bytes((_vm_trained[0] / "data" / "train" / "00000.mp4").read_bytes())
     ann = tmp_path / "long.txt"
     ann.write_text("a.mp4\na red circle moves left\n\na.mp4\na red circle moves left and a blue square moves up\n")
     argv = ["--train", "--preset", "tiny", "--data", ann, "--test_data", ann, "--out_dir", tmp_path / "o"]
-    main_user_error(vm.main, capsys, argv + ["--max_len", "8"], "--max_len 8: a training caption is 13 tokens long",
-                    "raise it")
+    main_user_error(vm.main, capsys, argv + ["--max_len", "8"], "a training caption is 13 tokens long",
+                    "--max_len 8 must be at least 13")
+    main_user_error(vm.main, capsys, argv + ["--max_new_tokens", "11"], "a training caption is 13 tokens long",
+                    "--max_new_tokens 11 at least 12")
     assert not (tmp_path / "o").exists()
 
 def test_vm_grad_accumulation_and_exact_resume(tmp_path):
@@ -1284,7 +1287,9 @@ def test_vc_long_captions_and_unknown_words_on_resume(tmp_path, capsys):
     run = lambda ann, *more: ["--train", "--data", tmp_path / ann, "--test_data", tmp_path / ann, "--out_dir",
                               tmp_path / "o", *more]
     main_user_error(vc.main, capsys, run("long.txt", "--preset", "tiny", "--max_len", "8"),
-                    "--max_len 8: a training caption is 13 tokens long", "raise it")
+                    "a training caption is 13 tokens long", "--max_len 8 must be at least 13")
+    main_user_error(vc.main, capsys, run("long.txt", "--preset", "tiny", "--max_new_tokens", "11"),
+                    "a training caption is 13 tokens long", "--max_new_tokens 11 at least 12")
     vc.main(list(map(str, run("caps.txt", "--preset", "tiny", "--max_steps", "2", "--stop_after", "1"))))
     before = {f.name: f.read_bytes() for f in (tmp_path / "o").iterdir()}
     main_user_error(vc.main, capsys, run("new.txt", "--resume"), "new.txt: 'x", "(in 'a blue xylophone')",
@@ -4677,3 +4682,87 @@ def test_all_scripts_offline_without_gpt2_files_say_how_to_fix(mod, tmp_path, ca
     else:
         main_user_error(mod.main, capsys, argv, "(ConnectionError); offline, point TIKTOKEN_CACHE_DIR at")
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def _main_refuses(mod, capsys, argv, needle):
+    """main(argv) refuses in one line: vm, vc and ab exit 2 themselves; vl's and mk's main() raise the UserError that
+    their `__main__` block prints before exiting 2."""
+    if mod in (vl, mk):
+        with pytest.raises(mod.UserError, match=re.escape(needle)):
+            mod.main(list(map(str, argv)))
+    else:
+        main_user_error(mod.main, capsys, argv, needle)
+
+
+@pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])
+def test_all_scripts_refuse_an_empty_out_dir_or_data_dir(mod, tmp_path, capsys, monkeypatch):
+    """`--out_dir "$OUT"` with OUT unset is the current folder: attention_basics wrote its checkpoints over the files
+    there, the others trained and then crashed on saving. Refused in one line; the folder's own file is untouched."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "eval.json").write_text('{"mine": 1}')
+    for flags in (["--out_dir", ""], ["--data_dir", "", "--out_dir", tmp_path / "o"]):
+        _main_refuses(mod, capsys, ["--train", "--preset", "tiny", *flags], "must name a folder, not an empty string")
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
+    assert (tmp_path / "eval.json").read_text() == '{"mine": 1}'
+
+
+@pytest.mark.parametrize("mod", [vm, vl, mk, ab], ids=["vm", "vl", "mk", "ab"])
+def test_video_scripts_refuse_a_text_file_as_a_video(mod, tmp_path):
+    """FFmpeg's tty demuxer plays a .txt file as a video of its characters (OpenCV opens it, frames decode): an
+    annotation file given as --video is refused in one line, not captioned."""
+    txt = tmp_path / "my_videos.txt"
+    txt.write_text("clips/a.mp4\na red circle moves left\n\n" * 30)
+    assert cv2.VideoCapture(str(txt)).isOpened()  # what made this a real case
+    with pytest.raises(mod.UserError, match=r"my_videos\.txt: .*(text file|or text)"):
+        mod.load_video(str(txt), 4, 16)
+
+
+@pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])
+def test_all_scripts_eval_from_another_folder_reads_the_run_s_world(mod, tmp_path, monkeypatch):
+    """The synthetic world's folder is saved absolute: --eval run from another working folder reads the world the run
+    was trained on and writes no new one there (a relative data_dir used to be rebuilt in the current folder)."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    steps = [] if mod is ab else ["--max_steps", "2"]  # attention_basics' tiny preset is already a few steps
+    mod.main(["--train", "--preset", "tiny", *steps, "--data_dir", "world", "--out_dir", "run"])
+    world = sorted(p.name for p in (tmp_path / "a" / "world").rglob("*"))
+    monkeypatch.chdir(tmp_path / "b")
+    mod.main(["--eval", "--out_dir", str(tmp_path / "a" / "run")])
+    assert list((tmp_path / "b").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "a" / "world").rglob("*")) == world
+
+
+@pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])
+def test_all_scripts_refuse_a_cut_off_jpeg_before_libjpeg_warns(mod, tmp_path, capfd):
+    """A cut-off JPEG is refused before OpenCV decodes it, so libjpeg's own 'Premature end of JPEG file' never
+    reaches stderr: the script's one line is the only one (capfd reads the C library's writes too)."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(folder / f"{i}.jpg"), np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    whole = (folder / "1.jpg").read_bytes()
+    (folder / "1.jpg").write_bytes(whole[:len(whole) * 6 // 10])
+    capfd.readouterr()
+    with pytest.raises(mod.UserError, match=r"1\.jpg: this JPEG is cut off"):
+        mod.load_image(str(folder / "1.jpg"), 16) if mod is vc else mod.load_video(str(folder), 4, 16)
+    assert capfd.readouterr().err == ""
+
+
+def test_ab_transparent_frames_long_captions_and_a_failed_run(tmp_path, capsys):
+    """Transparent frame pixels are composited onto white (as the other loaders and transformers do); a training
+    caption longer than --max_len is refused (pad_batch would cut it); a run that fails (a NaN loss) saves none of its
+    three models, so the previous run's checkpoints stay whole; --eval refuses a --data_dir other than the run's
+    (it used to rebuild a world there, over whatever world was in it)."""
+    bgra = np.zeros((8, 8, 4), np.uint8)
+    bgra[..., 2], bgra[..., 3] = 200, 0  # red, fully transparent
+    cv2.imwrite(str(tmp_path / "t.png"), bgra)
+    assert (ab.load_image(str(tmp_path / "t.png"), 8) == 255).all()  # white, not black
+    tiny = ["--train", "--preset", "tiny", "--data_dir", tmp_path / "d", "--out_dir", tmp_path / "o"]
+    _ab_user_error(capsys, "--max_len 4: a training caption is", *tiny, "--max_len", "4")
+    assert not (tmp_path / "o").exists()
+    assert _ab_main(capsys, *tiny)[0] == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()}
+    _ab_user_error(capsys, "loss became nan", *tiny, "--vision_lr", "1e30", "--seed", "7")
+    assert {p: p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()} == before
+    _ab_user_error(capsys, "elsewhere: the run was trained on", "--eval", "--out_dir", tmp_path / "o", "--data_dir",
+                   tmp_path / "elsewhere")

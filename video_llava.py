@@ -360,13 +360,13 @@ def jpeg_cut_off(path):
     return data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]  # data after FF D9 (a motion photo's video): fine
 
 def load_image(path, size):  # image file -> float32 (3, size, size), CLIP-normalised as the HF processor does
+    if os.path.isfile(path) and jpeg_cut_off(path):  # checked before libjpeg decodes it (and warns on stderr)
+        raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None  # alpha kept, if any
     if img is not None and (img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16)):
         img = cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR (EXIF-rotated), None for a depth it cannot convert
     if img is None:
         raise UserError(f"{path}: cannot read this image (missing, corrupt, or a format OpenCV cannot make 8-bit)")
-    if jpeg_cut_off(path):
-        raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
     if img.shape[2] == 4:  # transparency (palette too) composited onto white, as transformers' convert_to_rgb does
         img = img if img.dtype == np.uint8 else (img >> 8).astype(np.uint8)  # 16-bit: the high byte, as PIL reads it
         a = img[:, :, 3:].astype(np.int32)  # (H, W, 1) alpha, 0 = transparent; the sum rounds as PIL's
@@ -390,6 +390,8 @@ def load_video(path, n_frames, size):  # a video file OpenCV reads, or a folder 
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such video file or folder of frames")
     counter, n = cv2.VideoCapture(path), 0  # FFmpeg through OpenCV: any container and codec it reads
+    if counter.get(cv2.CAP_PROP_FOURCC) == cv2.VideoWriter_fourcc(*"ansi"):  # FFmpeg plays a text file as a video
+        raise UserError(f"{path}: a text file, not a video")
     while counter.grab():  # pass 1 counts the frames (counts in headers lie); grab() skips the BGR conversion
         n += 1
     if n == 0:  # OpenCV could not open the file, or decoded no frame of it
@@ -984,7 +986,7 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None)
     with contextlib.suppress(FileNotFoundError):  # an index left there would win over the new file (weight_files)
         os.remove(os.path.join(cfg.out_dir, "model.safetensors.index.json"))
     config = dataclasses.asdict(cfg)  # your data files' paths absolute: --eval and --resume find them from anywhere
-    config.update({k: os.path.abspath(config[k]) for k in ("data", "test_data") if config[k]})
+    config.update({k: os.path.abspath(config[k]) for k in ("data", "test_data", "data_dir") if config[k]})
     meta = {**hf_config_dict(cfg), "script": SCRIPT, "train_config": config}
     if isinstance(tok, GPT2Table):
         meta["gpt2_table"] = tok.ids
@@ -1442,7 +1444,7 @@ def bench(cfg, sizes=None, rounds=3):
 # Command line ---------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a flag per Config field over --preset
-    p = argparse.ArgumentParser(description="Video-LLaVA: HF-faithful inference and a tiny model trained on a CPU.")
+    p = argparse.ArgumentParser(description="Video-LLaVA: HF checkpoints, a tiny one trained.", allow_abbrev=False)
     for mode, what in (("train", "build the synthetic world (if needed), train, evaluate"),
                        ("resume", "with --train: continue out_dir's run exactly (architecture flags must match)"),
                        ("eval", "evaluate out_dir on test and novel"), ("bench", "decode tokens/s vs transformers"),
@@ -1491,6 +1493,7 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
         (args.train and not args.resume and not writable(cfg.out_dir, "config.json", own_run),
          f"--out_dir {cfg.out_dir}: a file, or a folder of files this script did not write; give a new or empty one"),
         (args.resume and not args.train, "--resume continues a training run: use it with --train"),
+        ("" in (cfg.out_dir, cfg.data_dir), "--out_dir and --data_dir must name a folder, not an empty string"),
         (modes > 1, "one mode per call: --train (which also evaluates), --eval, --generate, --inspect DIR or --bench"),
         (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it with --generate"),
         (not args.generate and (args.video or args.image or args.prompt), "--video, --image and --prompt are for "

@@ -209,16 +209,16 @@ def _square(img, size):
 def read_frame(path):
     """One frame image -> BGR uint8 (H, W, 3). libjpeg fills a cut-off JPEG with grey, silently: the marker segments
     (FF xx, a 2-byte length) are skipped up to the start of scan FF DA, and an end of image FF D9 must follow."""
+    data, i = open(path, "rb").read(), 2  # i: the next marker, after FF D8 (checked before libjpeg warns of it)
+    while data[:2] == b"\xff\xd8" and i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] != 0xDA:
+        i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
+    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]:
+        raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
     img = None if re.search(r"\.jpe?g$", path, re.I) else cv2.imread(path, cv2.IMREAD_UNCHANGED)  # alpha kept, if any
     if img is None or img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16):
         img = cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR; None if it cannot read the file
     if img is None:
         raise UserError(f"{path}: cannot read this image")
-    data, i = open(path, "rb").read(), 2  # i: the next marker, after FF D8
-    while data[:2] == b"\xff\xd8" and i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] != 0xDA:
-        i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
-    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]:
-        raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
     if img.shape[2] == 4:  # transparency composited onto white, as transformers' convert_to_rgb; + 127 rounds as PIL
         img = (img >> 8 * (img.dtype == np.uint16)).astype(np.int32)  # (H, W, 4) BGRA in 0..255 (16-bit: high byte)
         img = ((img[:, :, :3] * img[:, :, 3:] + 255 * (255 - img[:, :, 3:]) + 127) // 255).astype(np.uint8)
@@ -233,8 +233,8 @@ def load_video(path, n_frames, size):  # a video file OpenCV reads, or a folder 
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such video file or folder of frames")
         cap = cv2.VideoCapture(path)  # FFmpeg backend: any container/codec
-        if not cap.isOpened():
-            raise UserError(f"{path}: OpenCV cannot open this video (corrupt or unknown format)")
+        if not cap.isOpened() or cap.get(cv2.CAP_PROP_FOURCC) == cv2.VideoWriter_fourcc(*"ansi"):  # FFmpeg's "ansi"
+            raise UserError(f"{path}: OpenCV cannot open this as a video (corrupt, unknown format, or text)")  # = text
         # grab() decodes the next frame (False after the last), retrieve() gives it as BGR uint8, shrunk at once
         frames = [_square(cap.retrieve()[1], size) for _ in iter(cap.grab, False)]  # a long 720p clip stays small
         if len(frames) < 0.9 * (listed := int(cap.get(cv2.CAP_PROP_FRAME_COUNT))):  # header's count, -1: none
@@ -655,7 +655,7 @@ def start_config(cfg, typed=None, resume=False):
     if not resume:  # a checkpoint's config.json names the script that saved it
         ours = (read_json(os.path.join(out, "config.json")) or {}).get("script") == SCRIPT
         check_folder(out, "--out_dir", ours, f"holds files but no {SCRIPT} checkpoint; give a new or empty folder")
-        return cfg, None
+        return dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir)), None  # saved so: found from anywhere
     if not os.path.isfile(path):
         raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
     typed = dataclasses.asdict(cfg) if typed is None else {"stop_after": 0, **typed, "out_dir": out}
@@ -733,9 +733,10 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     fwd = torch.compile(model) if cfg.compile else model  # --compile: same module, compiled forward
     train_tokens = [[tok.encode(c) for c in cs] for _, cs in train_entries]
-    if (longest := max(len(t) for ts in train_tokens for t in ts)) > cfg.max_len:  # pad_batch would cut it
-        raise UserError(f"--max_len {cfg.max_len}: a training caption is {longest} tokens long (BOS and EOS "
-                        "included); raise it")
+    longest = max(len(t) for ts in train_tokens for t in ts)  # pad_batch would cut it, and so would evaluation
+    if longest > cfg.max_len or longest - 1 > cfg.max_new_tokens:
+        raise UserError(f"a training caption is {longest} tokens long (BOS and EOS included): --max_len {cfg.max_len} "
+                        f"must be at least {longest} and --max_new_tokens {cfg.max_new_tokens} at least {longest - 1}")
     gsize = cfg.batch_size * cfg.grad_accum * world  # clips per optimizer step
     t_log, log_step = time.time(), step  # for the ms/step and eta columns
     while step < cfg.max_steps:
@@ -760,8 +761,8 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
         if ddp:  # sum the shares: the log and the NaN check see the global batch's loss on every rank
             dist.all_reduce(total)
         if not math.isfinite(total):
-            raise UserError(f"loss became {total.item()} at step {step}; stopped, the last good checkpoint in "
-                            f"{cfg.out_dir} is kept (try a lower --lr)")
+            raise UserError(f"loss became {total.item()} at step {step}; stopped, {cfg.out_dir} left as it was "
+                            "(try a lower --lr)")
         scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
         nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)  # global-norm clipping
         scaler.step(opt)
@@ -976,7 +977,7 @@ def check_decoding(cfg):  # a decoding flag (typed, or saved with a checkpoint) 
                         f"{cfg.beam}, --temperature {cfg.temperature}, --top_k {cfg.top_k}, --top_p {cfg.top_p}")
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="VideoLLaMA-Mini: train, evaluate and caption videos on a CPU.")
+    p = argparse.ArgumentParser(description="VideoLLaMA-Mini: train, evaluate, caption videos.", allow_abbrev=False)
     for mode, what in (("train", "build data (if needed), train, evaluate"), ("resume", "with --train: continue from "
                        "out_dir/train_state.pt"), ("eval", "evaluate the checkpoint in out_dir on test and novel"),
                        ("generate", "caption --video with out_dir's model"), ("bench", "training and caption speed")):
@@ -998,6 +999,7 @@ def parse_args(argv=None):
     errors = [why for bad, why in [  # (bad value, the line that names the flag and the fix): refused before any work
         (low, f"{', '.join(low)}: must be at least 1"), (neg, f"{', '.join(neg)}: must be 0 or more"),
         (cfg.max_len < 2, f"--max_len {cfg.max_len}: must be at least 2 (BOS and one caption token)"),
+        ("" in (cfg.out_dir, cfg.data_dir), "--out_dir and --data_dir must name a folder, not an empty string"),
         (not 0 < cfg.lr < math.inf, f"--lr {cfg.lr}: must be above 0 and finite"),
         (not 0 <= cfg.min_lr < math.inf, f"--min_lr {cfg.min_lr}: must be 0 or more and finite (the cosine's floor)"),
         (not 0 <= cfg.dropout < 1, f"--dropout {cfg.dropout}: must be in [0, 1)"),

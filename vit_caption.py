@@ -57,8 +57,7 @@ def read_json(path):  # path's JSON object as a dict, or None: missing, unreadab
     with contextlib.suppress(OSError, ValueError):  # ValueError: not JSON, or not UTF-8
         return obj if isinstance(obj := json.load(open(path, encoding="utf-8")), dict) else None
 
-def writable(path, marker, ours):
-    """Whether this script may write into path: missing, empty, or its own (the JSON in `marker` passes ours())."""
+def writable(path, marker, ours):  # may this script write into path? missing, empty, or its `marker` JSON passes ours()
     return not os.path.exists(path) or os.path.isdir(path) and (
         not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))
 
@@ -140,8 +139,7 @@ RENDER = 96  # side of the written PNG (the write-up's input size); the model re
 def describe(obj):
     return f"a {obj[2]} {obj[0]} {obj[1]}"  # obj = (colour, shape, size, cx, cy)
 
-def captions_for(objs, relation):
-    """One object: its description. Two: "A <relation> B" and the same fact from B's side ("B <inverse> A")."""
+def captions_for(objs, relation):  # one object: its description; two: 'A <relation> B' and 'B <inverse> A'
     if len(objs) == 1:
         return [describe(objs[0])]
     a, b = objs
@@ -216,14 +214,14 @@ def jpeg_cut_off(path):
 def load_image(path, size):
     """Any image OpenCV reads, any size -> uint8 (size, size, 3) RGB: shrunk first (a 1 x 100000 strip stays small),
     then letterboxed (edges repeated): a crop could cut an object away, a stretch turns circles into ellipses."""
+    if os.path.isfile(path) and jpeg_cut_off(path):  # checked before libjpeg decodes it (and warns on stderr)
+        raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None  # alpha kept, if any
     if img is not None and (img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16)):
         img = cv2.imread(path, cv2.IMREAD_COLOR)  # no alpha: OpenCV's 8-bit BGR (EXIF-rotated), or None
     if img is None or img.size == 0:
         raise UserError(f"{path}: " + ("OpenCV cannot decode this image (empty, corrupt or unknown format)" if
                 os.path.isfile(path) else "a folder, not an image" if os.path.isdir(path) else "image not found"))
-    if jpeg_cut_off(path):
-        raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
     if img.shape[2] == 4:  # transparency composited onto white, as transformers' convert_to_rgb; + 127 rounds as PIL
         img = (img >> 8 * (img.dtype == np.uint16)).astype(np.int32)  # (H, W, 4) BGRA in 0..255 (16-bit: high byte)
         img = ((img[:, :, :3] * img[:, :, 3:] + 255 * (255 - img[:, :, 3:]) + 127) // 255).astype(np.uint8)
@@ -271,8 +269,7 @@ class Tokenizer:  # GPT-2 BPE (tiktoken) over a compact table `ids` of the GPT-2
         self.enc, self.ids, self.eos = gpt2(), list(ids), 0  # ids: model id -> GPT-2 id; 0 is <|endoftext|>
         self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
     @classmethod
-    def from_captions(cls, captions, compact=True):
-        """The table of a training set: <|endoftext|> first, then every GPT-2 id its captions use (or all 50257)."""
+    def from_captions(cls, captions, compact=True):  # <|endoftext|>, then every GPT-2 id of the captions (or all 50257)
         enc = gpt2()
         ids = {t for c in captions for t in enc.encode_ordinary(c)} if compact else set(range(enc.n_vocab))
         return cls([enc.eot_token] + sorted(ids - {enc.eot_token}))
@@ -523,7 +520,10 @@ def load_checkpoint(out_dir, overrides=None):
     if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("vocab"), list):
         raise UserError(f"{cpath}: no 'config' object or 'vocab' list (checkpoint damaged; retrain or pass --out_dir)")
     saved = {k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
-    cfg = Config(**{**saved, **{k: v for k, v in (overrides or {}).items() if k not in ARCH}, "out_dir": out_dir})
+    typed = overrides or {}  # the architecture is the checkpoint's: a typed size that differs is refused
+    if clash := [f"--{k} {v} (saved {saved.get(k)})" for k, v in typed.items() if k in ARCH and v != saved.get(k)]:
+        raise UserError(f"{out_dir}: the checkpoint's architecture runs; drop {', '.join(clash)}")
+    cfg = Config(**{**saved, **{k: v for k, v in typed.items() if k not in ARCH}, "out_dir": out_dir})
     tok = Tokenizer(meta["vocab"])  # the token table the model was trained with
     model = ViTCaptioner(cfg, len(tok.ids))
     try:
@@ -545,9 +545,6 @@ def resume_run(cfg, typed=None):  # before any data: out_dir's run + typed flags
         raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
     typed = dataclasses.asdict(cfg) if typed is None else {"stop_after": 0, **typed}  # the saved stop is behind us
     model, tok, saved = load_checkpoint(cfg.out_dir, typed)
-    clash = [f"--{k} {v} (saved {getattr(saved, k)})" for k, v in typed.items() if k in ARCH and v != getattr(saved, k)]
-    if clash:
-        raise UserError(f"{cfg.out_dir}: --resume keeps the checkpoint's architecture; drop {', '.join(clash)}")
     try:
         return saved, (model, tok, torch.load(path, weights_only=True))
     except Exception as e:  # a truncated or foreign file: zip, pickle or torch errors
@@ -715,8 +712,7 @@ def train_step(model, opt, scaler, batch, cfg, device, rank, world):
     if world > 1:  # each rank summed its own rows only: the global batch's loss is the sum over ranks
         dist.all_reduce(total)
     if not torch.isfinite(total):
-        raise UserError(f"loss became {total.item()}; stopped, the last good checkpoint in {cfg.out_dir} is kept "
-                        f"(try a lower --lr)")
+        raise UserError(f"loss became {total.item()}; stopped, {cfg.out_dir} left as it was (try a lower --lr)")
     scaler.unscale_(opt)
     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     scaler.step(opt)
@@ -726,7 +722,8 @@ def train_step(model, opt, scaler, batch, cfg, device, rank, world):
 
 def train(cfg, resume=False, typed=None):
     """Train (every rank), evaluate and save (rank 0); resume: go on with out_dir's run (resume_run). -> model, tok"""
-    cfg, resumed = resume_run(cfg, typed) if resume else (cfg, None)  # before any data: a refusal costs nothing
+    fresh = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))  # saved so: found from any folder
+    cfg, resumed = resume_run(cfg, typed) if resume else (fresh, None)  # before any data: a refusal costs nothing
     check_decoding(cfg)
     rank, world, device = setup_distributed(cfg)
     say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
@@ -745,9 +742,10 @@ def train(cfg, resume=False, typed=None):
     fwd = torch.compile(model) if cfg.compile else model
     (entries, images), caption_rng = data["train"], random.Random()
     tokens = [[tok.encode(c) for c in cs] for _, cs in entries]  # every reference of every image, encoded once
-    if (longest := max(len(t) for ts in tokens for t in ts)) > cfg.max_len:  # pad_batch would cut it
-        raise UserError(f"--max_len {cfg.max_len}: a training caption is {longest} tokens long (BOS and EOS "
-                        "included); raise it")
+    longest = max(len(t) for ts in tokens for t in ts)  # pad_batch would cut it, and so would evaluation
+    if longest > cfg.max_len or longest - 1 > cfg.max_new_tokens:
+        raise UserError(f"a training caption is {longest} tokens long (BOS and EOS included): --max_len {cfg.max_len} "
+                        f"must be at least {longest} and --max_new_tokens {cfg.max_new_tokens} at least {longest - 1}")
     val_batch = pad_batch([tok.encode(cs[0]) for _, cs in data["val"][0]], cfg.max_len)  # (inputs, targets)
     gsize, t_log, log_step, step0 = cfg.batch_size * cfg.grad_accum * world, time.time(), step, step
     while step < cfg.max_steps:
@@ -978,7 +976,7 @@ def check_decoding(cfg):  # a decoding flag (typed, or saved with a checkpoint) 
                         f"{cfg.beam}, --temperature {cfg.temperature}, --top_k {cfg.top_k}, --top_p {cfg.top_p}")
 
 def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the flags typed; touches nothing
-    p = argparse.ArgumentParser(description="vit_caption: train, evaluate and caption images on a CPU.")
+    p = argparse.ArgumentParser(description="vit_caption: train, evaluate, caption images.", allow_abbrev=False)
     p.add_argument("--train", action="store_true", help="build data (if needed), train, evaluate")
     p.add_argument("--resume", action="store_true", help="with --train: continue from out_dir/train_state.pt")
     p.add_argument("--eval", action="store_true", help="evaluate the checkpoint in out_dir on test and novel")
@@ -1003,6 +1001,7 @@ def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the fl
     bad = bad or [why for wrong, why in (  # these divide by sizes: only once the sizes are positive
         (not (0 <= cfg.dropout < 1 and 0 <= cfg.vit_dropout < 1), "--dropout and --vit_dropout: in [0, 1)"),
         (cfg.max_len < 2, f"--max_len {cfg.max_len}: at least 2 (BOS and one token)"),
+        ("" in (cfg.out_dir, cfg.data_dir), "--out_dir and --data_dir must name a folder, not an empty string"),
         (args.train and not args.resume and not writable(cfg.out_dir, "config.json", lambda m: m.get("script") ==
          SCRIPT), f"--out_dir {cfg.out_dir}: a file, or a folder this script did not write; give a new or empty one"),
         (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1] (1 = off)"),
