@@ -296,8 +296,7 @@ def gpt2():  # tiktoken's GPT-2 byte-level BPE; its two files are downloaded onc
 EOT = 0  # model id of <|endoftext|> (the table's first entry): BOS, EOS and padding
 
 class Tokenizer:
-    """GPT-2 BPE (tiktoken) with a compact table: model id i is GPT-2 id `ids[i]`, the ids seen in training text
-    (the 50257-way layer would dominate these tiny models). Model id 0 is <|endoftext|>: BOS, EOS and padding."""
+    """GPT-2 BPE over a compact table, model id i = GPT-2 id `ids[i]`: a 50257-way layer would dominate these models."""
     def __init__(self, ids):
         self.enc, self.ids = gpt2(), list(ids)  # ids: model id -> GPT-2 id
         self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
@@ -1198,6 +1197,7 @@ RATES = ("lr", "vision_lr", "gate_lr")  # above 0; every other number is at leas
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="A runnable tour of attention, ViT, CLIP, Perceiver and Flamingo, then "
                                             "two vision-LLM variants trained side by side.", allow_abbrev=False)
+    p.error = lambda message: p.exit(2, f"error: {message}\n")  # argparse's refusals in one line too, no usage
     p.add_argument("--train", action="store_true", help="build data, train CLIP and both captioners, evaluate")
     p.add_argument("--eval", action="store_true", help="re-evaluate the checkpoints in out_dir")
     p.add_argument("--generate", action="store_true", help="caption --video with the --variant checkpoint")

@@ -958,8 +958,7 @@ def segment_from_scores(scores, times, duration, threshold):  # frame saliency -
             start = None
     i = max(range(len(scores)), key=lambda k: scores[k])  # nothing above the threshold: the most salient frame
     best = max(runs, key=lambda r: r[1] - r[0]) if runs else (i, i)  # the first of the longest runs
-    dt = duration / len(times)  # the span one sampled frame stands for: [its time, its time + dt)
-    return float(times[best[0]]), float(min(duration, times[best[1]] + dt))
+    return float(times[best[0]]), float(min(duration, times[best[1]] + duration / len(times)))  # [t, t + duration/F)
 
 def temporal_iou(a, b):  # two (start, end) spans in seconds -> intersection over union
     inter, union = max(0.0, min(a[1], b[1]) - max(a[0], b[0])), max(a[1], b[1]) - min(a[0], b[0])
@@ -1326,6 +1325,7 @@ def bench(cfg):  # frozen encoder: epoch 1 fills the feature cache, epoch 2 read
 ZERO_OK = ("n_train", "n_val", "n_test", "n_novel", "temporal_blocks", "data_init", "seed", "stop_after", "top_k")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Mark 1: video MCQ and the frames that show it.", allow_abbrev=False)
+    p.error = lambda message: p.exit(2, f"error: {message}\n")  # argparse's refusals in one line too, no usage
     for mode, what in (("train", "build data (if needed), train, evaluate"), ("resume", "with --train: continue from "
                        "out_dir"), ("eval", "evaluate out_dir on test and novel"), ("predict", "answer --question "
                        "about --video"), ("bench", "feature-cache speedup with a frozen encoder")):

@@ -4766,3 +4766,18 @@ def test_ab_transparent_frames_long_captions_and_a_failed_run(tmp_path, capsys):
     assert {p: p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()} == before
     _ab_user_error(capsys, "elsewhere: the run was trained on", "--eval", "--out_dir", tmp_path / "o", "--data_dir",
                    tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])
+def test_all_scripts_argparse_refusals_are_one_line_and_prefixes_are_not_flags(mod, tmp_path, capsys):
+    """A value of the wrong type, an unknown flag, and a prefix of a flag (argparse would have read `--data` as
+    `--data_dir` where only that exists) are refused like every other bad input: one line, exit 2, no usage block."""
+    for argv, needle in ((["--batch_size", "1.5"], "argument --batch_size: invalid int value: '1.5'"),
+                         (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+                         (["--out", tmp_path / "o"], "unrecognized arguments: --out")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            mod.main(list(map(str, ["--train", *argv])))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+    assert not (tmp_path / "o").exists()

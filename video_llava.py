@@ -1445,6 +1445,7 @@ def bench(cfg, sizes=None, rounds=3):
 
 def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a flag per Config field over --preset
     p = argparse.ArgumentParser(description="Video-LLaVA: HF checkpoints, a tiny one trained.", allow_abbrev=False)
+    p.error = lambda message: p.exit(2, f"error: {message}\n")  # argparse's refusals in one line too, no usage
     for mode, what in (("train", "build the synthetic world (if needed), train, evaluate"),
                        ("resume", "with --train: continue out_dir's run exactly (architecture flags must match)"),
                        ("eval", "evaluate out_dir on test and novel"), ("bench", "decode tokens/s vs transformers"),

@@ -309,9 +309,7 @@ def to_unit(video):  # uint8 frames (B, F, S, S, 3) -> float (B, F, 3, S, S) in 
 def sinusoid(n, d):  # the classic sinusoidal position table (n, d) of Vaswani et al.
     pos = torch.arange(n, dtype=torch.float32)[:, None]  # (n, 1)
     freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
-    table = torch.zeros(n, d)  # (n, d): sin on even, cos on odd columns
-    table[:, 0::2], table[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
-    return table
+    return torch.stack((torch.sin(pos * freq), torch.cos(pos * freq)), -1).flatten(1)  # (n, d): sin, cos, sin, ...
 
 class Attention(nn.Module):
     """Multi-head attention; self-attention when ctx is None, else cross-attention to ctx.
@@ -978,6 +976,7 @@ def check_decoding(cfg):  # a decoding flag (typed, or saved with a checkpoint) 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="VideoLLaMA-Mini: train, evaluate, caption videos.", allow_abbrev=False)
+    p.error = lambda message: p.exit(2, f"error: {message}\n")  # argparse's refusals in one line too, no usage
     for mode, what in (("train", "build data (if needed), train, evaluate"), ("resume", "with --train: continue from "
                        "out_dir/train_state.pt"), ("eval", "evaluate the checkpoint in out_dir on test and novel"),
                        ("generate", "caption --video with out_dir's model"), ("bench", "training and caption speed")):

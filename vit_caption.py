@@ -977,6 +977,7 @@ def check_decoding(cfg):  # a decoding flag (typed, or saved with a checkpoint) 
 
 def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the flags typed; touches nothing
     p = argparse.ArgumentParser(description="vit_caption: train, evaluate, caption images.", allow_abbrev=False)
+    p.error = lambda message: p.exit(2, f"error: {message}\n")  # argparse's refusals in one line too, no usage
     p.add_argument("--train", action="store_true", help="build data (if needed), train, evaluate")
     p.add_argument("--resume", action="store_true", help="with --train: continue from out_dir/train_state.pt")
     p.add_argument("--eval", action="store_true", help="evaluate the checkpoint in out_dir on test and novel")
