@@ -274,7 +274,11 @@ def read_frame(path):  # a frame image -> BGR uint8 (H, W, 3); libjpeg fills a c
         i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
     if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]:  # no end of image after the first scan FF DA
         raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
-    return cv2.imread(path)
+    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # alpha kept, if any (None: OpenCV cannot read it)
+    if img is None or img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16):
+        return cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR
+    img = (img >> 8 * (img.dtype == np.uint16)).astype(np.int32)  # BGRA onto white, as transformers' convert_to_rgb
+    return ((img[:, :, :3] * img[:, :, 3:] + 255 * (255 - img[:, :, 3:]) + 127) // 255).astype(np.uint8)
 
 def load_video(path, n_frames, crop):
     """Video file (any container OpenCV reads) or a folder of frame images -> (uint8 (F, crop, crop, 3) RGB,
@@ -818,9 +822,7 @@ def fingerprint(tower):  # 8 values spread over each tensor, hashed: tells tower
     vals = [v.flatten()[::max(1, v.numel() // 8)][:8].float().cpu() for _, v in sorted(tower.state_dict().items())]
     return hashlib.sha256(torch.cat(vals).numpy().tobytes()).hexdigest()[:16]
 
-def load_vjepa2(path, dtype=None, device="cpu"):
-    """HF V-JEPA 2 folder (VJEPA2Model `encoder.*`, or a classifier's `vjepa2.encoder.*`) -> frozen VJEPA2Encoder.
-    Predictor, pooler and classifier weights are ignored on purpose: Mark 1 only needs the encoder's features."""
+def load_vjepa2(path, dtype=None, device="cpu"):  # HF V-JEPA 2 folder (`encoder.*` or `vjepa2.encoder.*`) -> encoder
     conf, keys = read_hf_dir(path, "vjepa2")
     if conf.get("hidden_act", "gelu") != "gelu" or not conf.get("qkv_bias", True):  # V-JEPA 2's own settings
         raise UserError(f"{path}: config.json sets hidden_act {conf.get('hidden_act')!r}, qkv_bias "
@@ -835,9 +837,7 @@ def load_vjepa2(path, dtype=None, device="cpu"):
         print(f"{path}: ignoring {len(keys) - len(mapping)} predictor/pooler/classifier tensors, on purpose")
     return assign_strict(enc, path, keys, mapping.get, dtype, device)
 
-def load_qwen3(path, dtype=None, device="cpu"):
-    """HF Qwen3 folder -> Qwen3LM in `dtype` (None: the file's) on `device`. A missing config key takes
-    transformers' Qwen3Config default; a setting this file does not implement is refused by name, never run wrong."""
+def load_qwen3(path, dtype=None, device="cpu"):  # HF Qwen3 folder -> Qwen3LM; absent keys: transformers' defaults
     conf, keys = read_hf_dir(path, "qwen3")
     rope = conf.get("rope_parameters") or {}
     unsupported = [name for name, bad in [("rope_scaling", conf.get("rope_scaling") is not None),  # YaRN, linear, ...
@@ -900,9 +900,7 @@ PATH_KEYS = {"data", "test_data", "vision_ckpt", "llm_ckpt"}  # inputs: parse_ar
 RUN_KEYS = {"max_steps", "stop_after", "out_dir", "data_dir", "device", "device_map", "dtype", "log_interval",
             "eval_interval", "feature_cache", "vision_ckpt", "llm_ckpt"}
 READ_KEYS = RUN_KEYS | {"data", "test_data", "temperature", "top_k", "top_p", "max_new_tokens", "seed", "threshold"}
-def load_checkpoint(out_dir, overrides=None, mode="--eval"):
-    """-> (model, tokenizer, config) from out_dir, the saved config updated by `overrides`; an override that `mode` may
-    not change (RUN_KEYS for --resume, READ_KEYS else) and that differs from the saved value is a UserError."""
+def load_checkpoint(out_dir, overrides=None, mode="--eval"):  # -> (model, tok, cfg): saved config, allowed overrides
     cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
         raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
@@ -990,9 +988,7 @@ def parse_device_map(cfg):  # -> {part: device}: --device for all, unless --devi
                             "use cpu or an existing cuda:N")
     return out
 
-def autocast_dtype(name, device):
-    """--dtype auto: bfloat16 where the hardware multiplies in it (a CUDA GPU of compute capability 8+, a CPU with
-    AVX512-BF16 or AMX), float32 elsewhere, where bfloat16 would be emulated and several times slower."""
+def autocast_dtype(name, device):  # auto: bfloat16 where the hardware multiplies in it; else float32 (emulated: slow)
     if name != "auto":
         return name
     gpu = device.startswith("cuda") and torch.cuda.get_device_capability(device)[0] >= 8
@@ -1047,9 +1043,7 @@ class FeatureCache:  # frozen encoder: features once per clip (by split, index),
             self.store.update({(split, i): f.cpu() for i, f in zip(todo, feats)})  # (P, Dv) each: encoder dtype, CPU
         return torch.stack([self.store[(split, i)] for i in idx.tolist()])
 
-def prepare_data(cfg, rank=0, splits=("train", "val", "test", "novel")):
-    """-> {split: (entries, decoded clips and labels)} for `splits`: the user's --data (every 10th entry held out unless
-    --test_data is given) or the built-in world (rank 0 writes it if missing); --test_data is the test split of both."""
+def prepare_data(cfg, rank=0, splits=("train", "val", "test", "novel")):  # -> {split: (entries, clips, labels)}
     if cfg.data:
         train = read_annotations(cfg.data)
         anns = {"train": train if cfg.test_data else [e for i, e in enumerate(train) if i % 10], "test": train[::10]}
@@ -1106,6 +1100,8 @@ def val_loss(model, tok, cfg, split, cache):  # CE + lam * BCE on `val`: no grap
                                ds["labels"][idx])
         total += loss.item() * len(idx)
     model.train()
+    if not math.isfinite(total):  # the weights diverged within the last steps: they are not saved
+        raise UserError(f"validation loss {total}: stopped, {cfg.out_dir} left as it was (try a lower --lr)")
     return total / max(1, len(entries))
 
 def setup_distributed(cfg):  # -> (ddp, rank, world) under torchrun: gloo on CPU, nccl on CUDA
@@ -1258,20 +1254,24 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):  # test, no
             sal += torch.sigmoid(fl.float()).cpu().tolist()
         gold, pred_lab = ds["labels"].int().tolist(), [[int(s > cfg.threshold) for s in row] for row in sal]
         segs = [segment_from_scores(r, ds["times"][i], ds["durations"][i], cfg.threshold) for i, r in enumerate(sal)]
-        gsegs = [segment_from_scores(g, ds["times"][i], ds["durations"][i], 0.5) for i, g in enumerate(gold)]
+        known = [i for i, e in enumerate(entries) if e["support_times"]]  # frame F1, mIoU, R@1: clips that give them
+        gsegs = {i: segment_from_scores(gold[i], ds["times"][i], ds["durations"][i], 0.5) for i in known}
         m = dict(n=len(entries), mcq_accuracy=mcq_accuracy(preds, [e["answer"] for e in entries]),
                  exact_match=sum(p == e["answer"] for p, e in zip(preds, entries)) / len(entries),
-                 frame_f1=frame_f1(pred_lab, gold), **grounding_metrics(segs, gsegs))
+                 n_localised=len(known), frame_f1=frame_f1([pred_lab[i] for i in known], [gold[i] for i in known]),
+                 **grounding_metrics([segs[i] for i in known], list(gsegs.values())))
         m["samples"] = [dict(question=e["question"], choices=e["choices"], answer=e["answer"], prediction=p,
-                             support=[round(a, 3) for a in g], predicted_span=[round(a, 3) for a in s])
-                        for e, p, g, s in list(zip(entries, preds, gsegs, segs))[:5]]
+                             support=[round(a, 3) for a in gsegs.get(i, ())], predicted_span=[round(a, 3) for a in s])
+                        for i, (e, p, s) in enumerate(list(zip(entries, preds, segs))[:5])]
         result[split] = m
         print(f"{split:6s} n={m['n']} | " + " | ".join(f"{k} {m[k]:.3f}" for k in ("mcq_accuracy", "exact_match",
               "frame_f1", "miou", "r1_iou0.3", "r1_iou0.5", "r1_iou0.7")))
         for smp in m["samples"][:3]:
             print(f"   {smp['question']} {' '.join(smp['choices'])} -> {smp['prediction']!r} (ref {smp['answer']!r}), "
                   f"span {smp['predicted_span']} (ref {smp['support']})")
-    result["train_seconds"] = None if train_seconds is None else round(train_seconds, 1)  # None: --eval
+    if train_seconds is None and os.path.isfile(path := os.path.join(cfg.out_dir, "eval.json")):  # --eval keeps it
+        train_seconds = read_json(path, "delete it, or run --train again").get("train_seconds")
+    result["train_seconds"] = None if train_seconds is None else round(train_seconds, 1)
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     return result
 

@@ -2575,9 +2575,10 @@ def test_vl_unknown_words_and_cut_off_media(vl_tiny_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(vl_tiny_run[0].out_dir, out)
     png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")
-    with pytest.raises(vl.UserError, match=r"'x.*' \(in 'USER: <image>\nWhat colour are the xylophones\? ASSISTANT:'\) is "
-                                           "not in the token table"):
+    with pytest.raises(vl.UserError, match=r"'x.*' \(in 'USER: <image>\\nWhat colour are the xylophones\? ASSISTANT:'\) is "
+                                           "not in the token table") as e:  # the template's newline shown as \n
         vl.main(["--generate", "--out_dir", str(out), "--image", png, "--prompt", "What colour are the xylophones?"])
+    assert "\n" not in str(e.value)  # one line on stderr
     with pytest.raises(vl.UserError, match="'What' .* is not in the token table"):  # " What": never without an image
         vl.main(["--generate", "--out_dir", str(out), "--prompt", "What colour are the shapes?"])
     with pytest.raises(vl.UserError, match="--video, --image and --prompt are for --generate"):  # not ignored
@@ -2591,7 +2592,10 @@ def test_vl_unknown_words_and_cut_off_media(vl_tiny_run, tmp_path, capsys):
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     with pytest.raises(vl.UserError, match="in the token table of the model in"):
         vl.main(["--train", "--resume", "--out_dir", str(out), "--data", str(tmp_path / "q.jsonl")])
-    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    with pytest.raises(vl.UserError, match="in the token table of the model in"):  # fine-tuning it on new words too
+        vl.main(["--train", "--from_pretrained", str(out), "--data", str(tmp_path / "q.jsonl"), "--out_dir",
+                 str(tmp_path / "ft")])
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before and not (tmp_path / "ft").exists()
     cv2.imwrite(str(tmp_path / "a.jpg"), np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8))
     whole = (tmp_path / "a.jpg").read_bytes()
     (tmp_path / "a.jpg").write_bytes(whole[:len(whole) * 6 // 10])
@@ -2600,7 +2604,7 @@ def test_vl_unknown_words_and_cut_off_media(vl_tiny_run, tmp_path, capsys):
     check_cut_off_video(vl, tmp_path)
 
 
-def test_vl_out_dir_flags_test_data_and_shards(vl_tiny_run, vl_ckpt, tmp_path):
+def test_vl_out_dir_flags_test_data_and_shards(vl_tiny_run, vl_ckpt, tmp_path, capsys):
     """--train never writes into a folder of the user's or over a file; counts, rates and the device are checked
     before any work; --test_data alone replaces the world's test split, and one file may be an image entry and a
     video entry; --eval keeps the run's train_seconds; a shard index that names the wrong file is one line."""
@@ -2633,6 +2637,18 @@ def test_vl_out_dir_flags_test_data_and_shards(vl_tiny_run, vl_ckpt, tmp_path):
     vl.main(["--eval", "--out_dir", str(run), "--test_data", str(tmp_path / "t.jsonl")])
     ev = json.load(open(run / "eval.json"))
     assert ev["test"]["image"]["n"] == ev["test"]["video"]["n"] == 1 and ev["train_seconds"] == seconds is not None
+    capsys.readouterr()
+    vl.main(["--eval", "--out_dir", str(run), "--test_data", str(tmp_path / "t.jsonl"), "--max_new_tokens", "9"])
+    assert '"max_new_tokens": 9' in capsys.readouterr().out  # --eval may give answers more room, and does
+    for flags in (["--hidden_size", "64"], ["--n_frames", "8"], ["--lr", "0.5"]):  # these it would not use: refused
+        with pytest.raises(vl.UserError, match=f"--eval runs the trained settings; drop {flags[0]} {flags[1]}"):
+            vl.main(["--eval", "--out_dir", str(run), *flags])
+    for answer, match in (("  ", "more than spaces and dots"), (".", "more than spaces and dots"),
+                          ("a b c d e f g h", "the answer takes 9 tokens .EOS included., more than --max_new_tokens 6")):
+        (tmp_path / "a.jsonl").write_text((json.dumps({"image": png, "question": "What?", "answer": answer}) + "\n") * 2)
+        with pytest.raises(vl.UserError, match=match):  # an empty answer scored as right; one cut by generation
+            vl.main(["--train", "--preset", "tiny", "--data", str(tmp_path / "a.jsonl"), "--test_data",
+                     str(tmp_path / "t.jsonl"), "--out_dir", str(tmp_path / "o2")])
     ck = tmp_path / "sh"
     shutil.copytree(vl_ckpt[1]["hub_sharded"], ck)
     index = json.load(open(ck / "model.safetensors.index.json"))
@@ -2892,7 +2908,7 @@ def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, vl_tiny_run, tmp_pat
     src = vl_ckpt[1]["t5save"]
     out = str(tmp_path / "out")
     vl.main(["--train", "--preset", "tiny", "--from_pretrained", src, "--freeze", "vision,llm", "--max_steps", "2",
-             "--data_dir", vl_tiny_run[0].data_dir, "--out_dir", out])
+             "--max_new_tokens", "24", "--data_dir", vl_tiny_run[0].data_dir, "--out_dir", out])  # the toy BPE: bytes
     printed = json.loads(capsys.readouterr().out.split("config: ", 1)[1].splitlines()[0])
     hf = json.load(open(os.path.join(src, "config.json")))
     assert printed["vocab_size"] == hf["text_config"]["vocab_size"] != vl.Config(**vl.PRESETS["tiny"]).vocab_size
@@ -2914,7 +2930,7 @@ def test_vl_stage1_on_a_bfloat16_checkpoint_keeps_the_frozen_towers_bfloat16(vl_
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(vl_ckpt[1]["t5save"], name), src)
     common = ["--preset", "tiny", "--freeze", "vision,llm", "--dtype", "bfloat16", "--max_steps", "2",
-              "--data_dir", vl_tiny_run[0].data_dir, "--out_dir", out]
+              "--max_new_tokens", "24", "--data_dir", vl_tiny_run[0].data_dir, "--out_dir", out]
     vl.main(["--train", "--from_pretrained", src, "--stop_after", "1", *common])
     vl.main(["--train", "--resume", *common[2:]])  # the preset comes from the checkpoint
     ref, after = vl.load_pretrained(src).state_dict(), load_file(os.path.join(out, "model.safetensors"))
@@ -3617,7 +3633,18 @@ def test_mk_eval_and_predict_cli(mk_trained, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(mk, "load_split", lambda e, cfg: decoded.append(len(e)) or load_split(e, cfg))
     mk.main(["--eval", "--out_dir", str(tmp_path / "o"), "--data_dir", str(d / "data"), "--test_data", str(tmp_path / "t.json")])
     ev = json.load(open(tmp_path / "o" / "eval.json"))
-    assert ev["test"]["n"] == 3 and ev["novel"]["n"] == 12 and sorted(decoded) == [3, 12]
+    assert ev["test"]["n"] == ev["test"]["n_localised"] == 3 and ev["novel"]["n"] == 12 and sorted(decoded) == [3, 12]
+    assert ev["train_seconds"] == json.load(open(out / "eval.json"))["train_seconds"] > 0  # --eval keeps training's
+    # support_times is optional: a clip without it has nothing to localise against, so it counts in no frame metric
+    json.dump([{k: v for k, v in a.items() if k != "support_times"} for a in json.load(open(tmp_path / "t.json"))],
+              open(tmp_path / "t.json", "w"))
+    mk.main(["--eval", "--out_dir", str(tmp_path / "o"), "--test_data", str(tmp_path / "t.json")])
+    ev = json.load(open(tmp_path / "o" / "eval.json"))["test"]
+    assert ev["n"] == 3 and ev["n_localised"] == 0 and ev["frame_f1"] == ev["miou"] == ev["r1_iou0.3"] == 0.0
+    bgra = np.zeros((8, 8, 4), np.uint8)
+    bgra[..., 2], bgra[..., 3] = 200, 0  # red, fully transparent: composited onto white, as the other scripts do
+    cv2.imwrite(str(tmp_path / "t.png"), bgra)
+    assert (mk.read_frame(str(tmp_path / "t.png")) == 255).all()
     video = d / "data" / json.load(open(d / "data" / "test.json"))[0]["video"]
     question = "What happens to the red circle?"
     choices = "A. it appears|B. it stops|C. it turns blue|D. it meets the green square"
@@ -4781,3 +4808,16 @@ def test_all_scripts_argparse_refusals_are_one_line_and_prefixes_are_not_flags(m
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("mod", [vm, vc, vl, mk], ids=["vm", "vc", "vl", "mk"])
+def test_all_trainers_never_save_weights_that_diverged(mod, tmp_path, capsys):
+    """At a huge learning rate the weights leave float range within a step while that step's loss (computed before
+    the update) is still finite: the checkpoint saved at that step used to replace the last good one. Now the run stops
+    in one line and out_dir keeps the good run's files byte for byte."""
+    where = ["--data_dir", tmp_path / "d", "--out_dir", tmp_path / "o"]
+    mod.main(list(map(str, ["--train", "--preset", "tiny", "--max_steps", "2", *where])))
+    before = {p: p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()}
+    _main_refuses(mod, capsys, ["--train", "--preset", "tiny", "--lr", "1e30", "--grad_clip", "1e30",
+                                "--eval_interval", "1", *where], "(try a lower --lr)")
+    assert {p: p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()} == before

@@ -324,9 +324,10 @@ def read_annotations(path):  # JSON lines {"image"|"video"|"frames", "question",
         except json.JSONDecodeError:
             raise UserError(f"{path}:{no}: not a JSON object")
         keys = [k for k in ("image", "video", "frames") if isinstance(e, dict) and k in e]
-        if len(keys) != 1 or not all(isinstance(e.get(k), str) and e[k] for k in (*keys, "question", "answer")):
+        if len(keys) != 1 or not all(isinstance(e.get(k), str) and e[k].strip(" .") for k in (*keys, "question",
+                                                                                                 "answer")):
             raise UserError(f"{path}:{no}: need exactly one of 'image'/'video'/'frames' (a path) plus 'question' "
-                            f"and 'answer', non-empty strings")
+                            f"and 'answer', strings with more than spaces and dots")
         kind, rel = "image" if keys == ["image"] else "video", e[keys[0]]  # a folder of frames: a video like any other
         if re.search("<image>|<video>", e["question"] + e["answer"]):  # the template adds the one tag itself
             raise UserError(f"{path}:{no}: the text contains an <image>/<video> tag; the prompt template adds it")
@@ -491,7 +492,7 @@ class GPT2Table(Tokenizer):  # GPT-2 BPE (tiktoken) over a table of the ids seen
         for text in texts:
             if lost := [t for p in re.split("<image>|<video>", text) for t in self.enc.encode_ordinary(p)
                         if t not in self.to_model]:
-                raise UserError(f"'{self.enc.decode(lost[:1]).strip()}' (in '{text}') is not in the token table of "
+                raise UserError(f"'{self.enc.decode(lost[:1]).strip()}' (in {text!r}) is not in the token table of "
                                 f"the model in {folder}: it never saw that word in training")
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])  # model ids -> GPT-2 ids -> text
@@ -1016,8 +1017,10 @@ def saved_config(out_dir, overrides, resume=True):
                         f"drop --resume to start afresh (or --from_pretrained {out_dir} to fine-tune its weights)")
     fields = {f.name for f in dataclasses.fields(Config)}
     base = Config(**{k: v for k, v in meta["train_config"].items() if k in fields})
-    if not resume:
-        run_keys = ("device", "dtype", "out_dir", "data_dir", "data", "test_data")
+    if not resume:  # --eval: where and on what it runs, and how long an answer may grow; the rest is the run's
+        run_keys = ("device", "dtype", "out_dir", "data_dir", "data", "test_data", "max_new_tokens")
+        if clash := [f"--{k} {v}" for k, v in overrides.items() if k not in run_keys and v != getattr(base, k)]:
+            raise UserError(f"{out_dir}: --eval runs the trained settings; drop {', '.join(clash)}")
         return dataclasses.replace(base, **{k: v for k, v in overrides.items() if k in run_keys})
     # what the weights and the saved AdamW state were built for: the architecture, one tower or two, what trains
     arch = {f: getattr(base, f) for f in (*HF_FIELDS, "share_towers", "freeze", "from_pretrained")}
@@ -1077,6 +1080,9 @@ class Examples:
             if n > cfg.max_position_embeddings:
                 raise UserError(f"{e['line']}: question, {e['kind']} and {what} take {n} tokens, more than the "
                                 f"context ({cfg.max_position_embeddings}); shorten it or use fewer --n_frames")
+            if answered and len(a) > cfg.max_new_tokens:  # evaluation would cut the generated answers short
+                raise UserError(f"{e['line']}: the answer takes {len(a)} tokens (EOS included), more than "
+                                f"--max_new_tokens {cfg.max_new_tokens}; raise it")
     def batch(self, idx, device, with_answer=True, left_pad=False):
         """-> dict of model inputs. Training rows are prompt + answer, right-padded, targets only on the answer
         (and its EOS); generation rows are prompts only, left-padded with an attention mask."""
@@ -1126,7 +1132,7 @@ def build_model(cfg, entries, resume, say):
         keep = autocast_dtype(cfg.dtype, pick_device(cfg.device)) == "bfloat16"
         model, tok = load_pretrained(path, None if keep else torch.float32, "cpu", base=cfg), load_tokenizer(path)
         cfg = dataclasses.replace(cfg, **{f: getattr(model.cfg, f) for f in HF_FIELDS})
-        if resume and isinstance(tok, GPT2Table):  # the saved table covers the text the run trained on, no more
+        if isinstance(tok, GPT2Table):  # a run of this script: its table covers the text it trained on, no more
             tok.check_known([prompt_text(e["question"], e["kind"]) + " " + e["answer"] for e in entries["train"]], path)
     else:
         tok = GPT2Table.from_texts([prompt_text(e["question"], e["kind"]) + " " + e["answer"] for s in ("train", "val")
@@ -1270,6 +1276,8 @@ def eval_loss(model, ex, cfg, device):  # the mean of per-batch losses on val (b
     with autocast(cfg.dtype, device):
         losses = [model(**ex.batch(list(range(len(ex.entries)))[s:s + 64], device))[1].item()
                   for s in range(0, len(ex.entries), 64)]
+    if not math.isfinite(sum(losses)):  # the weights diverged within the last steps: they are not saved
+        raise UserError(f"validation loss {sum(losses)}: stopped, {cfg.out_dir} left as it was (try a lower --lr)")
     return sum(losses) / len(losses)
 
 # Generation, evaluation, inspection and bench -------------------------------------------------------------------------

@@ -615,10 +615,8 @@ def lr_at(step, cfg):  # Linear warmup, then cosine decay to min_lr.
     t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))  # progress through the decay, 0..1
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
 
-def global_batch(step, n, size, seed):
-    """Indices of the global batch of a step: a fresh permutation per epoch, shared by every rank; a training set
-    smaller than the batch is repeated, so that every batch, and every micro-batch of it, is full."""
-    reps = -(-size // n)  # copies of the set an epoch draws from: 1 unless it is smaller than a batch
+def global_batch(step, n, size, seed):  # a step's clip indices: a fresh permutation per epoch, the same on all ranks
+    reps = -(-size // n)  # copies of the set an epoch draws from: 1 unless it is smaller than a batch (kept full)
     epoch, k = divmod(step, max(1, n * reps // size))  # the step's epoch and batch within it (full batches per epoch)
     perm = torch.randperm(n * reps, generator=torch.Generator().manual_seed(seed + epoch)) % n
     return perm[k * size:(k + 1) * size]
@@ -799,6 +797,8 @@ def evaluate_loss(model, tok, entries, clips, cfg, device):
     inp, tgt = pad_batch([tok.encode(cs[0]) for _, cs in entries], cfg.max_len)  # first reference of each clip
     with autocast(cfg, device):
         _, loss = model(clips.to(device), inp.to(device), tgt.to(device))
+    if not math.isfinite(loss.item()):  # the weights diverged within the last steps: they are not saved
+        raise UserError(f"validation loss {loss.item()}: stopped, {cfg.out_dir} left as it was (try a lower --lr)")
     return loss.item()  # the mean token loss
 
 # Generation and evaluation --------------------------------------------------------------------------------------------

@@ -510,8 +510,7 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler):  # train_state.pt: what
 ARCH = ("img_size", "patch", "vit_dim", "vit_layers", "vit_heads", "vit_mlp", "pool", "d_model", "n_layer", "n_head",
         "mlp_dim", "max_len", "rope_theta", "compact_vocab")  # the weights' shape: always the checkpoint's
 
-def load_checkpoint(out_dir, overrides=None):
-    """-> (model, tokenizer, cfg): the architecture from the checkpoint, overrides only for the rest (device...)."""
+def load_checkpoint(out_dir, overrides=None):  # -> (model, tok, cfg): the checkpoint's sizes, overrides for the rest
     cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
         raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
@@ -760,6 +759,8 @@ def train(cfg, resume=False, typed=None):
         if rank == 0 and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             with torch.no_grad(), autocast(cfg, device):  # mean token loss on the first reference of each image
                 val = raw.eval()(data["val"][1].to(device), *(t.to(device) for t in val_batch))[1].item()
+            if not math.isfinite(val):  # the weights diverged within the last steps: they are not saved
+                raise UserError(f"validation loss {val}: stopped, {cfg.out_dir} left as it was (try a lower --lr)")
             save_checkpoint(raw, tok, cfg, opt, step, scaler)
         if rank == 0 and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
             dt = (time.time() - t_log) / (step - log_step)
@@ -798,8 +799,7 @@ def prefill_input(model, images):  # [visual prefix, BOS] embedded: (B, N+1, D);
     bos = torch.zeros(images.shape[0], 1, dtype=torch.long, device=images.device)
     return torch.cat([model.encode(images), model.embed_tokens(bos)], 1)
 
-def next_logits(model, x, cache=None, pos=0):
-    """Embedded x (B, T, D) at positions pos.. -> float logits (B, V) of the token after the last position."""
+def next_logits(model, x, cache=None, pos=0):  # x (B, T, D) at positions pos.. -> float logits (B, V) of the next token
     return model.lm_head(model.decode(x, cache, pos)[:, -1]).float()
 
 @torch.no_grad()
