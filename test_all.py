@@ -1942,6 +1942,11 @@ def test_vl_generate_checks_architecture_flags_against_the_checkpoint(vl_ckpt, t
                         (["--hidden_size", "32", "--v_num_hidden_layers", "3"], "drop --hidden_size 32 (checkpoint: 64)")):
         with pytest.raises(vl.UserError, match=re.escape(want)):
             vl.main(argv + flags)
+    with pytest.raises(vl.UserError, match=re.escape("--from_pretrained runs the checkpoint's architecture; drop "
+                                                     "--hidden_size 32 (checkpoint: 64)")):  # it trained the 64 one
+        vl.main(["--train", "--from_pretrained", vl_ckpt[1]["t5save"], "--hidden_size", "32", "--out_dir",
+                 str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
     capsys.readouterr()
 
 
@@ -4821,3 +4826,14 @@ def test_all_trainers_never_save_weights_that_diverged(mod, tmp_path, capsys):
     _main_refuses(mod, capsys, ["--train", "--preset", "tiny", "--lr", "1e30", "--grad_clip", "1e30",
                                 "--eval_interval", "1", *where], "(try a lower --lr)")
     assert {p: p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()} == before
+
+
+def test_vc_captions_naming_a_folder_and_vl_inspect_negative_tokens(tmp_path, capsys):
+    """A captions line whose path is a folder is named as no image file (it read 'not found'); --inspect's memory
+    estimate refuses a negative --n_tokens (it printed negative positions and mebibytes)."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "caps.txt").write_text("images | a red circle\n")
+    with pytest.raises(vc.UserError, match=r"caps\.txt:1: no image file 'images'"):
+        vc.read_captions(str(tmp_path / "caps.txt"))
+    with pytest.raises(vl.UserError, match="--n_tokens -500: --inspect's text tokens, 0 or more"):
+        vl.main(["--inspect", str(tmp_path), "--n_tokens", "-500"])

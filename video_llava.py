@@ -1502,6 +1502,7 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
         (args.train and not args.resume and not writable(cfg.out_dir, "config.json", own_run),
          f"--out_dir {cfg.out_dir}: a file, or a folder of files this script did not write; give a new or empty one"),
         (args.resume and not args.train, "--resume continues a training run: use it with --train"),
+        (args.n_tokens < 0, f"--n_tokens {args.n_tokens}: --inspect's text tokens, 0 or more"),
         ("" in (cfg.out_dir, cfg.data_dir), "--out_dir and --data_dir must name a folder, not an empty string"),
         (modes > 1, "one mode per call: --train (which also evaluates), --eval, --generate, --inspect DIR or --bench"),
         (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it with --generate"),
@@ -1514,15 +1515,17 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
         raise UserError(problems[0])
     return args, cfg, overrides
 
+def check_arch(path, overrides, mode):  # -> path's config.json; a typed architecture flag must agree with it
+    arch = config_from_hf(hf := read_config(path), path)  # the checkpoint's architecture, which is what runs
+    if clash := [f"--{f} {v} (checkpoint: {arch[f]!r})" for f, v in overrides.items() if f in arch and v != arch[f]]:
+        raise UserError(f"{path}: {mode} runs the checkpoint's architecture; drop {', '.join(clash)}")
+    return hf
+
 def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_dir), read the media, stream the answer
     if not args.prompt or (args.video and args.image):
         raise UserError("--generate needs --prompt TEXT, and --video PATH or --image PATH (not both) or neither")
     path, device = cfg.from_pretrained or cfg.out_dir, pick_device(cfg.device)
-    hf = read_config(path)  # a run of this script keeps its float32 weights; an HF folder's follow --dtype
-    arch = config_from_hf(hf, path)  # the checkpoint's architecture: a typed flag must agree with it, not be dropped
-    clash = [f"--{f} {overrides[f]} (checkpoint: {arch[f]!r})" for f in arch if overrides.get(f, arch[f]) != arch[f]]
-    if clash:
-        raise UserError(f"{path}: --generate runs the checkpoint's architecture; drop {', '.join(clash)}")
+    hf = check_arch(path, overrides, "--generate")  # a run of this script keeps float32 weights; HF's follow --dtype
     auto = "bfloat16" if native_bf16(device) else "float32"  # an HF checkpoint's weights: bfloat16 where native
     dtype = None if "gpt2_table" in hf else getattr(torch, auto if cfg.dtype == "auto" else cfg.dtype)
     model, tok = load_pretrained(path, dtype, device).eval(), load_tokenizer(path)
@@ -1555,6 +1558,8 @@ def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_d
 def main(argv=None):  # the command line: one mode per call (--train [--resume], --eval, --generate, --inspect, --bench)
     args, cfg, overrides = parse_args(argv)
     if args.train:  # train prints the config that runs (with --from_pretrained, the checkpoint's architecture)
+        if cfg.from_pretrained and not args.resume:  # a typed size that differs would be dropped: refused
+            check_arch(cfg.from_pretrained, overrides, "--from_pretrained")
         train(saved_config(cfg.out_dir, overrides) if args.resume else cfg, resume=args.resume)
     elif args.eval:
         device, base = pick_device(cfg.device), saved_config(cfg.out_dir, overrides, resume=False)

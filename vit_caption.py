@@ -251,7 +251,7 @@ def read_captions(path):
             raise UserError(f"{path}:{no}: empty {'image path' if not name else 'caption'} in {line[:60]!r}")
         image = os.path.join(base, name)
         if image not in caps and not os.path.isfile(image):
-            raise UserError(f"{path}:{no}: image '{name}' not found (paths are relative to the captions file)")
+            raise UserError(f"{path}:{no}: no image file '{name}' (paths are relative to the captions file)")
         caps.setdefault(image, []).append(caption)  # several lines per image = several references
     if not caps:
         raise UserError(f"{path}: no entries (expected lines 'image.png | a caption')")
