@@ -324,8 +324,9 @@ def read_annotations(path):  # JSON lines {"image"|"video"|"frames", "question",
         except json.JSONDecodeError:
             raise UserError(f"{path}:{no}: not a JSON object")
         keys = [k for k in ("image", "video", "frames") if isinstance(e, dict) and k in e]
-        if len(keys) != 1 or not all(isinstance(e.get(k), str) and e[k].strip(" .") for k in (*keys, "question",
-                                                                                                 "answer")):
+        qa = [e.get(k) if isinstance(e, dict) else None for k in ("question", "answer")]
+        texts = all(isinstance(t, str) and t.strip(" .") for t in qa)  # an answer "." would match an empty prediction
+        if len(keys) != 1 or not (isinstance(e[keys[0]], str) and e[keys[0]] and texts):
             raise UserError(f"{path}:{no}: need exactly one of 'image'/'video'/'frames' (a path) plus 'question' "
                             f"and 'answer', strings with more than spaces and dots")
         kind, rel = "image" if keys == ["image"] else "video", e[keys[0]]  # a folder of frames: a video like any other
