@@ -2645,6 +2645,9 @@ def test_vl_out_dir_flags_test_data_and_shards(vl_tiny_run, vl_ckpt, tmp_path, c
     capsys.readouterr()
     vl.main(["--eval", "--out_dir", str(run), "--test_data", str(tmp_path / "t.jsonl"), "--max_new_tokens", "9"])
     assert '"max_new_tokens": 9' in capsys.readouterr().out  # --eval may give answers more room, and does
+    (tmp_path / "x.jsonl").write_text(json.dumps({"image": png, "question": "What is the xylophone?", "answer": "red"}))
+    with pytest.raises(vl.UserError, match="'is' .* is not in the token table of the model in"):  # unreadable
+        vl.main(["--eval", "--out_dir", str(run), "--test_data", str(tmp_path / "x.jsonl")])
     for flags in (["--hidden_size", "64"], ["--n_frames", "8"], ["--lr", "0.5"]):  # these it would not use: refused
         with pytest.raises(vl.UserError, match=f"--eval runs the trained settings; drop {flags[0]} {flags[1]}"):
             vl.main(["--eval", "--out_dir", str(run), *flags])

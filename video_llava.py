@@ -1076,6 +1076,8 @@ class Examples:
         self.prompts = [expand_placeholders(tok.encode(prompt_text(e["question"], e["kind"])), cfg, cfg.n_frames)
                         for e in entries]
         self.answers = [tok.encode(" " + e["answer"], add_special_tokens=False) + [tok.eos_id] for e in entries]
+        if not answered and isinstance(tok, GPT2Table):  # a test question's word the table lacks would go unread
+            tok.check_known([prompt_text(e["question"], e["kind"]) for e in entries], cfg.out_dir)
         for e, p, a in zip(entries, self.prompts, self.answers):  # refused now, not when a batch first meets it
             n, what = (len(p) + len(a), "answer") if answered else (len(p) + cfg.max_new_tokens, "--max_new_tokens")
             if n > cfg.max_position_embeddings:
