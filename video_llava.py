@@ -1475,6 +1475,10 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset or "default"], **overrides})
+    # flags the mode would not use: --generate reads these (and the architecture, checked against the checkpoint's)
+    reads = ("out_dir", "from_pretrained", "device", "dtype", "seed", "temperature", "top_k", "top_p", "max_new_tokens",
+             "n_frames", *HF_FIELDS) if args.generate else ("n_frames",) if args.inspect else None
+    unread = [f"--{k}" for k in overrides if reads is not None and k not in reads]
     v = dataclasses.asdict(cfg)  # every problem with the flags, in order; the first is reported
     problems = [f"--{f} must be at least 1" for f in ("batch_size grad_accum n_frames max_new_tokens hidden_size "
                 "patch_size num_attention_heads num_key_value_heads v_hidden_size v_num_attention_heads image_size "
@@ -1506,6 +1510,9 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
          f"--out_dir {cfg.out_dir}: a file, or a folder of files this script did not write; give a new or empty one"),
         (args.resume and not args.train, "--resume continues a training run: use it with --train"),
         (args.n_tokens < 0, f"--n_tokens {args.n_tokens}: --inspect's text tokens, 0 or more"),
+        (unread, f"{', '.join(unread)}: not read by {'--generate' if args.generate else '--inspect'}; drop it"),
+        (cfg.data and args.train and {"n_train", "n_test", "data_dir"} & set(overrides), "--n_train, --n_test and "
+         "--data_dir size and place the synthetic world: --data trains on your file"),
         ("" in (cfg.out_dir, cfg.data_dir), "--out_dir and --data_dir must name a folder, not an empty string"),
         (modes > 1, "one mode per call: --train (which also evaluates), --eval, --generate, --inspect DIR or --bench"),
         (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it with --generate"),
