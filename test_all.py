@@ -4700,6 +4700,16 @@ def test_captioners_one_mode_per_call(mod, tmp_path, capsys):
     assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
 
 
+def _main_refuses(mod, capsys, argv, needle):
+    """main(argv) refuses in one line: vm, vc and ab exit 2 themselves; vl's and mk's main() raise the UserError that
+    their `__main__` block prints before exiting 2."""
+    if mod in (vl, mk):
+        with pytest.raises(mod.UserError, match=re.escape(needle)):
+            mod.main(list(map(str, argv)))
+    else:
+        main_user_error(mod.main, capsys, argv, needle)
+
+
 @pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])
 def test_all_scripts_offline_without_gpt2_files_say_how_to_fix(mod, tmp_path, capsys, monkeypatch):
     """Offline with no cached GPT-2 files, tiktoken raises a network error deep inside requests: every script's
@@ -4710,23 +4720,10 @@ def test_all_scripts_offline_without_gpt2_files_say_how_to_fix(mod, tmp_path, ca
         raise ConnectionError(f"cannot download {name}'s files")
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     where = ["--out_dir", tmp_path / "out", "--data_dir", tmp_path / "d"]
-    argv = list(map(str, ["--train", "--preset", "tiny", *where]))
-    if mod in (vl, mk):  # their main() raises the UserError; the `__main__` block prints it and exits 2
-        with pytest.raises(mod.UserError, match=r"\(ConnectionError\); offline, point TIKTOKEN_CACHE_DIR at"):
-            mod.main(argv)
-    else:
-        main_user_error(mod.main, capsys, argv, "(ConnectionError); offline, point TIKTOKEN_CACHE_DIR at")
+    _main_refuses(mod, capsys, ["--train", "--preset", "tiny", *where],
+                  "(ConnectionError); offline, point TIKTOKEN_CACHE_DIR at")
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
-
-def _main_refuses(mod, capsys, argv, needle):
-    """main(argv) refuses in one line: vm, vc and ab exit 2 themselves; vl's and mk's main() raise the UserError that
-    their `__main__` block prints before exiting 2."""
-    if mod in (vl, mk):
-        with pytest.raises(mod.UserError, match=re.escape(needle)):
-            mod.main(list(map(str, argv)))
-    else:
-        main_user_error(mod.main, capsys, argv, needle)
 
 
 @pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])

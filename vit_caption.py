@@ -721,8 +721,8 @@ def train_step(model, opt, scaler, batch, cfg, device, rank, world):
 
 def train(cfg, resume=False, typed=None):
     """Train (every rank), evaluate and save (rank 0); resume: go on with out_dir's run (resume_run). -> model, tok"""
-    fresh = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))  # saved so: found from any folder
-    cfg, resumed = resume_run(cfg, typed) if resume else (fresh, None)  # before any data: a refusal costs nothing
+    cfg, resumed = resume_run(cfg, typed) if resume else (cfg, None)  # before any data: a refusal costs nothing
+    cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))  # saved so: found from any folder
     check_decoding(cfg)
     rank, world, device = setup_distributed(cfg)
     say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
