@@ -2216,7 +2216,6 @@ def test_vl_causal_and_loss_mask():
     cfg = vl.Config(**{**vl.PRESETS["tiny"], "vocab_size": 20, "image_token_index": 18, "video_token_index": 19})
     torch.manual_seed(0)
     m = vl.VideoLlava(cfg)
-    m._init_weights()
     ids = torch.randint(0, 18, (2, 10))
     a, _ = m(ids)
     ids2 = ids.clone()
@@ -2238,7 +2237,6 @@ def test_vl_whiten_patches_init():
     cfg = dataclasses.replace(vl.Config(), **vl.PRESETS["tiny"], vocab_size=40, image_token_index=38,
                               video_token_index=39, whiten_patches=True)
     m = vl.VideoLlava(cfg)
-    m._init_weights()
     cls_pos = m.video_tower.vision_model.embeddings.position_embedding.weight[0].clone()
     imgs, vids = torch.randn(16, 3, 48, 48), torch.randn(5, cfg.n_frames, 3, 48, 48)
     with torch.no_grad():
@@ -2264,7 +2262,6 @@ def test_vl_init_from_data_centres_the_visual_tokens():
     cfg = dataclasses.replace(vl.Config(), **vl.PRESETS["tiny"], vocab_size=40, image_token_index=38,
                               video_token_index=39)
     m = vl.VideoLlava(cfg)
-    m._init_weights()
     imgs, vids = torch.randn(6, 3, 48, 48), torch.randn(5, cfg.n_frames, 3, 48, 48)
     imgs[:, :, :24] = vids[:, :, :, :24] = 0.3  # a shared background: the tokens of that half coincide
     with torch.no_grad():
@@ -2279,7 +2276,6 @@ def test_vl_init_from_data_centres_the_visual_tokens():
             assert h.mean(0).abs().max() < 1e-4 and (h.std(0) - 1).abs().max() < 1e-3
     # data with clips only: the image tower keeps its initial weights, the video tokens are still centred
     m2 = vl.VideoLlava(cfg)
-    m2._init_weights()
     before = m2.image_tower.vision_model.pre_layrnorm.weight.clone()
     with torch.no_grad():
         m2.init_from_data(None, vids)
@@ -2395,7 +2391,6 @@ def test_vl_shared_towers(vl_tiny_run):
     torch.manual_seed(0)
     mcfg = dataclasses.replace(cfg, vocab_size=40, image_token_index=38, video_token_index=39)
     shared = vl.VideoLlava(mcfg)
-    shared._init_weights()
     shared.video_tower = shared.image_tower  # one tower under two names, as build_model shares it
     assert shared.video_tower is shared.image_tower
     assert sum(p.numel() for p in shared.parameters()) < sum(p.numel() for p in m.parameters())

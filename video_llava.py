@@ -1,5 +1,4 @@
-"""
-Video-LLaVA in one file: a LLaMA decoder that reads CLIP features of images and videos, faithful to the Hugging Face
+"""Video-LLaVA in one file: a LLaMA decoder that reads CLIP features of images and videos, faithful to the Hugging Face
 checkpoint `LanguageBind/Video-LLaVA-7B-hf`, plus a tiny Video-LLaVA trained from scratch on a laptop CPU.
 
     image (N, 3, S, S) -> image_tower (CLIP ViT, the second-to-last layer's output, CLS dropped) -> (N, P, Dv)
@@ -63,7 +62,6 @@ def writable(path, marker, ours):  # write into path? only if missing, empty, or
         not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))
 
 # Config ---------------------------------------------------------------------------------------------------------------
-
 @dataclasses.dataclass
 class Config:
     # data (your JSON lines, or the synthetic world) and output
@@ -150,18 +148,17 @@ def config_from_hf(hf, path):  # HF config.json -> Config fields (HF_FIELDS); wh
     t, v = hf.get("text_config") or {}, hf.get("vision_config") or {}
     if not isinstance(t, dict) or not isinstance(v, dict):
         raise UserError(f"{path}: text_config and vision_config must be JSON objects")
-    where = {"text_config": t, "vision_config": v, "": hf}
-    # what the modules below implement one way only: LLaMA (silu, no biases), CLIP (quick_gelu), Linear-GELU(erf)-Linear
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}  # transformers 5: rope_parameters
+    rope_type = {"type": rope.get("rope_type", rope.get("type", "default"))}  # "default": no scaling
+    where = {"text_config": t, "vision_config": v, "": hf, "rope_scaling": rope_type}
+    # implemented one way only: LLaMA (silu, no biases, plain RoPE), CLIP (quick_gelu), Linear-GELU(erf)-Linear
     for name, ok in {"text_config.model_type": "llama", "text_config.hidden_act": "silu",
-                     "text_config.attention_bias": False, "text_config.mlp_bias": False,
+                     "text_config.attention_bias": False, "text_config.mlp_bias": False, "rope_scaling.type": "default",
                      "vision_config.model_type": "clip_vision_model", "vision_config.hidden_act": "quick_gelu",
                      "projector_hidden_act": "gelu", "multimodal_projector_bias": True}.items():
         sec, _, k = name.rpartition(".")
         if where[sec].get(k, ok) != ok:
             raise UserError(f"{path}: {name}: {json.dumps(where[sec][k])} is not supported (only {json.dumps(ok)})")
-    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UserError(f"{path}: rope scaling '{rope.get('rope_type')}' is not supported")
     out = {f: where[sec].get(k, d) if sec else hf.get(k, t.get(k, d)) for f, (sec, k, d) in HF_FIELDS.items()}
     out.update(num_key_value_heads=out["num_key_value_heads"] or out["num_attention_heads"],  # none: plain MHA
                rope_theta=rope.get("rope_theta", out["rope_theta"]),  # transformers 5 keeps it in rope_parameters
@@ -188,7 +185,6 @@ def hf_config_dict(cfg):  # Config -> an HF-style config.json: checkpoints train
     return hf
 
 # Data: synthetic world, media loaders + CLIP preprocessing, tokenizers, prompt template -------------------------------
-
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
            "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
 SHAPES = ["circle", "square", "triangle"]  # what the image questions ask about, with colour and count
@@ -225,11 +221,9 @@ def make_image(rng, split):  # 1-3 copies of one shape in cells of a 4x4 grid ->
     return img, [("What colour are the shapes?", colour), ("What shape are they?", shape),
                  ("How many shapes are there?", NUMBERS[n - 1])]
 
-def make_clip(rng, split, n_frames):
-    """A 16-frame clip -> (list of BGR frames, (question, answer)). Two kinds, both need more than one frame:
-    motion (one shape crosses the picture: its direction) and order (two shapes appear one after the other)."""
+def make_clip(rng, split, n_frames):  # a 16-frame clip -> (BGR frames, (question, answer)); one frame never tells
     frames = [np.full((SIDE, SIDE, 3), 60, np.uint8) for _ in range(CLIP_LEN)]  # (CLIP_LEN, SIDE, SIDE, 3)
-    if rng.random() < 0.5:
+    if rng.random() < 0.5:  # motion: one shape crosses the picture (its direction), else order (which came first)
         (colour, shape), motion = sample_pair(rng, split), rng.choice(list(MOTIONS))
         dx, dy = MOTIONS[motion]
         lo, hi = HALF + 2, SIDE - HALF - 3  # centre range that keeps the whole shape in the picture
@@ -290,15 +284,13 @@ def build_world(cfg):  # write data_dir/<split>/*.png|mp4 and data_dir/<split>.j
     atomic(stamp, lambda p: json.dump(want, open(p, "w")))  # complete
     return files
 
-def load_entries(cfg, master=True):
-    """Each split's questions: --data (every 10th held out for validation) or the synthetic world; --test_data is
-    the test split of both, and only that: the token table and the validation loss never see it."""
+def load_entries(cfg, master=True):  # each split's questions: --data or the synthetic world; --test_data for test
     if cfg.data:
         train = read_annotations(cfg.data)
         if len(train) < 2:  # entry 0 would be held out, leaving nothing to train on
             raise UserError(f"{cfg.data}: one entry; give at least two (every 10th is held out for validation)")
         val, train = train[::10], [e for i, e in enumerate(train) if i % 10]  # entries 0, 10, 20, ... held out
-        test = read_annotations(cfg.test_data) if cfg.test_data else val  # without --test_data, val = test
+        test = read_annotations(cfg.test_data) if cfg.test_data else val  # the token table never sees --test_data
         return {"train": train, "val": val, "test": test}
     if master:
         build_world(cfg)
@@ -340,10 +332,8 @@ def read_annotations(path):  # JSON lines {"image"|"video"|"frames", "question",
         raise UserError(f"{path}: no entries")
     return out
 
-def clip_transform(rgb, size):
-    """uint8 (H, W, 3) RGB -> float32 (3, size, size), the steps of transformers' Video-LLaVA processors
-    (video_processing_utils.BaseVideoProcessor._preprocess; VideoLlavaImageProcessor does the same in PIL)."""
-    h, w = rgb.shape[:2]  # (H, W, 3) uint8 RGB
+def clip_transform(rgb, size):  # (H, W, 3) uint8 RGB -> (3, size, size) float32, as BaseVideoProcessor._preprocess
+    h, w = rgb.shape[:2]  # (VideoLlavaImageProcessor does the same steps in PIL)
     # shortest edge -> size, long side int(size*long/short) (image_utils.get_resize_output_image_size)
     nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
@@ -353,10 +343,8 @@ def clip_transform(rgb, size):
     x = x[:, top:top + size, left:left + size].float().numpy() / 255.0  # rescale to [0, 1]
     return (x - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]  # (3, size, size), CLIP mean/std
 
-def jpeg_cut_off(path):
-    """A JPEG (FF D8 ...) with no end-of-image marker FF D9 after its first scan FF DA: libjpeg fills the missing part
-    with grey, silently. The segments before the scan (FF xx, a 2-byte length) are skipped, an EXIF thumbnail too."""
-    data, i = open(path, "rb").read(), 2  # i: the next marker, after FF D8
+def jpeg_cut_off(path):  # a JPEG (FF D8) with no end marker FF D9 after its first scan FF DA: libjpeg pads it grey
+    data, i = open(path, "rb").read(), 2  # i: the next marker, after FF D8; segments (FF xx, 2-byte length) skipped
     while data[:2] == b"\xff\xd8" and i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] != 0xDA:
         i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
     return data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]  # data after FF D9 (a motion photo's video): fine
@@ -375,10 +363,8 @@ def load_image(path, size):  # image file -> float32 (3, size, size), CLIP-norma
         img = ((img[:, :, :3] * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
     return clip_transform(img[:, :, ::-1], size)  # OpenCV reads BGR: flip to RGB, as CLIP was trained
 
-def frame_indices(n_total, n_frames):
-    """Uniform sampling as transformers samples (video_utils.default_sample_indices_fn): frame i*total//n;
-    a clip shorter than n frames repeats frames (where transformers refuses)."""
-    if n_total <= 0:
+def frame_indices(n_total, n_frames):  # uniform, as video_utils.default_sample_indices_fn: frame i*total//n
+    if n_total <= 0:  # (a clip shorter than n frames repeats frames, where transformers refuses)
         raise UserError("video has no frames")
     return [i * n_total // n_frames for i in range(n_frames)]
 
@@ -417,9 +403,7 @@ class Tokenizer:  # both tokenizers: added tokens (<image>, <video>) split out f
                for t in ([self.added[part]] if i % 2 else self.encode_text(part, first=i == 0))]
         return self.prefix_ids + ids + self.suffix_ids if add_special_tokens else ids  # prefix: BOS, suffix: EOS
 
-class SentencePieceBPE(Tokenizer):
-    """LLaMA's tokenizer from tokenizer.json, as transformers 5 rebuilds it (Metaspace with prepend_scheme='first', BPE
-    with byte fallback): each section of text between added tokens is one BPE word (split=False)."""
+class SentencePieceBPE(Tokenizer):  # LLaMA's tokenizer.json as transformers 5 rebuilds it: Metaspace, byte-fallback BPE
     def __init__(self, folder):
         path = os.path.join(folder, "tokenizer.json")
         tj = read_json(path) or {}
@@ -445,7 +429,7 @@ class SentencePieceBPE(Tokenizer):
         else:
             self.prefix_ids, self.suffix_ids = [self.bos_id] if tc.get("add_bos_token", True) else [], []
         self.prefix = tc.get("add_prefix_space", True) is not False  # the Metaspace prepend of a leading '▁'
-    def encode_text(self, part, first):
+    def encode_text(self, part, first):  # one section between added tokens is one BPE word (split=False)
         part = part.replace(" ", "▁")  # SentencePiece's visible space, then Metaspace's prepend of a leading '▁'
         word = "▁" + part if first and self.prefix and not part.startswith("▁") else part
         # initial symbols: characters in the vocabulary, else their UTF-8 bytes (LLaMA's has every byte as <0xNN>)
@@ -514,7 +498,6 @@ def expand_placeholders(ids, cfg, n_frames):
     return [i for tag in ids for i in [tag] * copies.get(tag, 1)]
 
 # Model: LLaMA primitives -> CLIP tower -> projector -> VideoLlava -----------------------------------------------------
-
 class RMSNorm(nn.Module):
     """LLaMA's norm (Zhang & Sennrich 2019): each vector divided by its root mean square, then a learned gain; no
     mean subtraction, no bias. Computed in float32 whatever the activation dtype."""
@@ -758,6 +741,7 @@ class VideoLlava(nn.Module):
                                               for _ in range(2))  # same shape, separate weights
         self.multi_modal_projector = VideoLlavaMultiModalProjector(cfg)
         self._rope = {}  # device -> (cos, sin) tables of every position, built on first use (_rope_table)
+        self._init_weights()  # a checkpoint's weights then replace these (load_pretrained builds on the meta device)
     def _init_weights(self):
         """GPT-2's init for training from scratch: normal(0.02) weights, zero biases, and the projections that write
         into a residual stream scaled by 1/sqrt(2 * layers), so the stream's variance does not grow with depth (one
@@ -889,7 +873,6 @@ class VideoLlava(nn.Module):
         return self.llm_forward(x, cos, sin, mask, cache)
 
 # Checkpoint I/O: HF folders (three key layouts, sharded or not) and this script's own out_dir (same format) -----------
-
 def canonical_key(k):  # a key in any of the three layouts (rules below) -> the hub layout, used here
     for pattern, hub in ((r"^model\.language_model\.", "language_model.model."),  # in memory, transformers 5
                          (r"^lm_head\.", "language_model.lm_head."),  # the hub keeps the head inside language_model
@@ -932,9 +915,7 @@ def read_config(path):  # path/config.json as a dict, or a UserError naming what
         raise UserError(f"{cpath}: not a config (not JSON, or not a JSON object)")
     return hf
 
-def align_keys(path, base=None):
-    """config.json -> the model on the meta device, every checkpoint key (through canonical_key) and shape matched
-    from the files' headers -> (model, found {key: (checkpoint key, file)}, handles {file: safe_open}, problems)."""
+def align_keys(path, base=None):  # -> meta model, found {key: (file's key, file)}, handles, problems (headers only)
     hf = config_from_hf(read_config(path), path)
     files = weight_files(path)
     # a head stored in the files is used (transformers unties then too); tied means the embedding serves as the head
@@ -958,14 +939,12 @@ def align_keys(path, base=None):
                                for ck, shape in shapes.items() if shape != expected[ck]]}
     return model, found, handles, problems
 
-def load_pretrained(path, dtype=None, device="cpu", base=None):
-    """HF folder or this script's out_dir -> VideoLlava: every key checked first (align_keys), then each tensor read
-    with safe_open and assigned to the meta model, so peak memory stays near the size of the weights."""
+def load_pretrained(path, dtype=None, device="cpu", base=None):  # HF folder or out_dir -> VideoLlava, keys first
     model, found, handles, problems = align_keys(path, base)
     if any(problems.values()):
         raise UserError(f"{path}: checkpoint does not match the config: " + ", ".join(
             f"{what} {len(keys)} {keys[:20]}{' ...' if len(keys) > 20 else ''}" for what, keys in problems.items()))
-    for ck, (key, f) in found.items():  # each meta parameter replaced by the real tensor (not a copy into it)
+    for ck, (key, f) in found.items():  # each meta parameter replaced by the tensor read: peak memory ~ the weights
         mod_name, _, name = ck.rpartition(".")
         model.get_submodule(mod_name)._parameters[name] = nn.Parameter(handles[f].get_tensor(key).to(device, dtype))
     if model.cfg.tie_word_embeddings:
@@ -976,9 +955,8 @@ def atomic(path, write):  # write(tmp), then rename over path: a reader sees the
     write(path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
-def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None):
-    """out_dir/model.safetensors (hub keys) + config.json (HF style, plus train_config and the token table) +
-    train_state.pt (optimizer, step, RNG, seconds: for --resume). `model` is the raw module, never the DDP wrapper."""
+def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None):  # model: the raw module, not DDP's
+    # out_dir/model.safetensors (hub keys), config.json (HF style + train_config + token table), train_state.pt
     os.makedirs(cfg.out_dir, exist_ok=True)
     skip = "language_model.lm_head.weight" if cfg.tie_word_embeddings else None  # tied: loading ties it again
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != skip}
@@ -1002,9 +980,7 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None)
               "rng": torch.get_rng_state(), "seconds": seconds}
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
-def saved_config(out_dir, overrides, resume=True):
-    """The Config this script's --train saved in out_dir (fields this code lacks dropped), typed flags on top: all for
-    --resume (architecture flags must agree; --stop_after only if typed again), for --eval only where and how to run."""
+def saved_config(out_dir, overrides, resume=True):  # the Config --train saved in out_dir, typed flags on top
     cpath, tpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "train_state.pt")
     if not os.path.isfile(cpath) and not os.path.isfile(tpath):
         raise UserError(f"{out_dir}: nothing to resume or evaluate (no config.json or train_state.pt); run --train")
@@ -1031,13 +1007,11 @@ def saved_config(out_dir, overrides, resume=True):
     return dataclasses.replace(base, **{"stop_after": 0, **overrides})
 
 # Metrics --------------------------------------------------------------------------------------------------------------
-
 def exact_match(preds, refs):  # share of predictions equal to their reference (lower-cased, trimmed, no final '.')
     norm = lambda text: " ".join(text.lower().strip().rstrip(".").split())  # single spaces
     return sum(norm(p) == norm(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
 # Training -------------------------------------------------------------------------------------------------------------
-
 def pick_device(name):  # --device auto -> cuda > mps > cpu; cpu, cuda[:i], mps as given, if this machine has it
     here = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not re.fullmatch(r"auto|(cpu|cuda|mps)(:\d+)?", name) or not here.get(name.split(":")[0], True):
@@ -1049,9 +1023,8 @@ def native_bf16(device):  # does the hardware multiply in bfloat16? (elsewhere e
         return torch.cuda.get_device_capability(device)[0] >= 8
     return device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
-def autocast_dtype(name, device):
-    """--dtype auto for training and evaluation: bfloat16 where a CUDA GPU multiplies in it, else float32 (on a CPU
-    even native bfloat16 trains this small model more slowly: README). An HF checkpoint's weights: run_generate."""
+def autocast_dtype(name, device):  # --dtype auto: bfloat16 on a CUDA GPU that multiplies in it, else float32
+    # (on a CPU even native bfloat16 trains this small model more slowly: README; HF weights: see run_generate)
     auto = "bfloat16" if device.startswith("cuda") and native_bf16(device) else "float32"
     return auto if name == "auto" else name
 
@@ -1115,17 +1088,13 @@ def apply_freeze(model, freeze):  # requires_grad off once (no gradients, no gra
             p.data = p.data.float()
     return frozen
 
-def batch_indices(step, n, size, seed):
-    """Rows of a step's global batch, a function of (step, seed) alone: a resumed run and any split into micro-batches
-    and ranks see the same rows. A fresh permutation per epoch (repeated when n < size, so every batch is full)."""
-    reps = -(-size // n)
+def batch_indices(step, n, size, seed):  # a step's global batch from (step, seed) alone: resume and DDP agree on it
+    reps = -(-size // n)  # a fresh permutation per epoch, repeated when n < size so that every batch is full
     epoch, k = divmod(step, max(1, n * reps // size))
     perm = torch.randperm(n * reps, generator=torch.Generator().manual_seed(seed + epoch))
     return (perm[k * size:(k + 1) * size] % n).tolist()
 
-def build_model(cfg, entries, resume, say):
-    """-> (model, cfg with the model's architecture, tokenizer, data): from out_dir (--resume) or --from_pretrained,
-    else a new model over a compact GPT-2 table of the training text, with its data-dependent init."""
+def build_model(cfg, entries, resume, say):  # -> (model, cfg with its architecture, tokenizer, Examples per split)
     path = cfg.out_dir if resume else cfg.from_pretrained
     if path:
         if cfg.from_pretrained and cfg.share_towers:  # a checkpoint's towers differ (an HF one's always)
@@ -1143,7 +1112,6 @@ def build_model(cfg, entries, resume, say):
         cfg = dataclasses.replace(cfg, vocab_size=len(tok), image_token_index=tok.added["<image>"],
                                   video_token_index=tok.added["<video>"])
         model = VideoLlava(cfg)
-        model._init_weights()
     if cfg.share_towers and not cfg.from_pretrained:  # on --resume too: the two saved copies are equal, one is kept
         model.video_tower = model.image_tower  # one CLIP tower under two names; saved as both key sets
     data = {s: Examples(e, cfg, tok, answered=s in ("train", "val")) for s, e in entries.items()}
@@ -1182,9 +1150,8 @@ def ddp_setup(cfg):  # -> (ddp, rank, world, device): one process, or one of tor
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return True, dist.get_rank(), dist.get_world_size(), device
 
-def batch_loss(model, tr, idx, cfg, rank, world, ddp, device, scaler):
-    """Forward and backward of this rank's rows of the global batch idx -> the global batch's mean loss over its answer
-    tokens, however it is split: each pass scales its own mean by its share of those tokens (x world: DDP averages)."""
+def batch_loss(model, tr, idx, cfg, rank, world, ddp, device, scaler):  # backward of this rank's rows of batch idx
+    # -> the global batch's mean loss over its answer tokens: each pass's mean is scaled by its share of those tokens
     n_tok, total, passes = sum(len(tr.answers[i]) for i in idx), torch.zeros((), device=device), []
     # each micro-batch as two passes, image rows and video rows, each padded to its own longest: same loss, less work
     for micro in range(cfg.grad_accum):
@@ -1203,9 +1170,7 @@ def batch_loss(model, tr, idx, cfg, rank, world, ddp, device, scaler):
         dist.all_reduce(total)
     return total.item()
 
-def train(cfg, resume=False):
-    """Train (from scratch, from --from_pretrained, or from out_dir with resume=True), evaluate, save. Under torchrun
-    every process runs this: each computes its shard of every global batch; rank 0 alone prints, evaluates, saves."""
+def train(cfg, resume=False):  # under torchrun each process computes its shard; rank 0 alone prints, evaluates, saves
     ddp, rank, world, device = ddp_setup(cfg)
     master, t0 = rank == 0, time.time()
     say = print if master else (lambda *a, **k: None)
@@ -1284,7 +1249,6 @@ def eval_loss(model, ex, cfg, device):  # the mean of per-batch losses on val (b
     return sum(losses) / len(losses)
 
 # Generation, evaluation, inspection and bench -------------------------------------------------------------------------
-
 def sample_next(logits, temperature, top_k, top_p, generator):  # (B, V) -> (B,): argmax at temperature 0, else sampled
     if temperature <= 0:
         return logits.argmax(-1)
@@ -1414,9 +1378,7 @@ def inspect_checkpoint(path, n_frames, n_tokens):  # parameters per tower, bytes
         free, total = torch.cuda.mem_get_info()
         print(f"CUDA: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
 
-def bench(cfg, sizes=None, rounds=3):
-    """Decode tokens/s (batch 1, greedy, float32, 16-token prompt) of the eager step, the compiled step and transformers
-    (if installed) on the same weights, as a share of a floor: reading every LLaMA weight once at copy bandwidth."""
+def bench(cfg, sizes=None, rounds=3):  # decode tok/s, batch 1, greedy, float32: eager, compiled and transformers
     import tempfile
     import timeit
     src, dst = torch.randn(2**26), torch.zeros(2**26)  # 256 MiB each, far bigger than any cache, pages touched
@@ -1427,7 +1389,6 @@ def bench(cfg, sizes=None, rounds=3):
         mcfg = Config(vocab_size=32064, max_position_embeddings=1024, image_token_index=32000, video_token_index=32001,
                       **size)  # LLaMA's vocabulary; the towers keep Config's small defaults (decoding never runs them)
         ours, ids, new = VideoLlava(mcfg).eval(), torch.randint(3, 32000, (1, 16)), cfg.max_new_tokens
-        ours._init_weights()
         run = {"eager": lambda: generate(ours, ids, max_new_tokens=new)[0],
                "compiled": lambda: generate(ours, ids, max_new_tokens=new, compile=True)[0]}
         with contextlib.suppress(ImportError), tempfile.TemporaryDirectory() as d:  # transformers on the same weights
@@ -1453,7 +1414,6 @@ def bench(cfg, sizes=None, rounds=3):
             print(f"  {k:12s} {v:7.1f} tok/s = {v / floor:4.0%} of the floor{ratio}")
 
 # Command line ---------------------------------------------------------------------------------------------------------
-
 def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a flag per Config field over --preset
     p = argparse.ArgumentParser(description="Video-LLaVA: HF checkpoints, a tiny one trained.", allow_abbrev=False)
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # argparse's refusals in one line too, no usage
