@@ -308,9 +308,7 @@ def read_annotations(path):  # JSON lines {"image"|"video"|"frames", "question",
         raise UserError(f"{path}: " + ("not UTF-8 text; save it as UTF-8" if isinstance(e, UnicodeDecodeError) else
                                        "annotation file not found"))
     out, base = [], os.path.dirname(os.path.abspath(path))  # media paths are relative to the annotation file
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for no, line in ((no, line) for no, line in enumerate(lines, 1) if line.strip()):  # blank lines skipped
         try:
             e = json.loads(line)
         except json.JSONDecodeError:
@@ -324,8 +322,7 @@ def read_annotations(path):  # JSON lines {"image"|"video"|"frames", "question",
         kind, rel = "image" if keys == ["image"] else "video", e[keys[0]]  # a folder of frames: a video like any other
         if re.search("<image>|<video>", e["question"] + e["answer"]):  # the template adds the one tag itself
             raise UserError(f"{path}:{no}: the text contains an <image>/<video> tag; the prompt template adds it")
-        media = os.path.join(base, rel)
-        if not os.path.exists(media):
+        if not os.path.exists(media := os.path.join(base, rel)):
             raise UserError(f"{path}:{no}: {kind} '{rel}' not found")
         out.append(dict(kind=kind, path=media, question=e["question"], answer=e["answer"], line=f"{path}:{no}"))
     if not out:
@@ -405,8 +402,7 @@ class Tokenizer:  # both tokenizers: added tokens (<image>, <video>) split out f
 
 class SentencePieceBPE(Tokenizer):  # LLaMA's tokenizer.json as transformers 5 rebuilds it: Metaspace, byte-fallback BPE
     def __init__(self, folder):
-        path = os.path.join(folder, "tokenizer.json")
-        tj = read_json(path) or {}
+        tj = read_json(path := os.path.join(folder, "tokenizer.json")) or {}
         model = tj.get("model") or {}
         if model.get("type") != "BPE":  # LLaMA's is a BPE model
             raise UserError(f"{path}: missing, not JSON, or not a BPE tokenizer (the checkpoint's tokenizer is needed)")
