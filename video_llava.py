@@ -906,8 +906,7 @@ def read_config(path):  # path/config.json as a dict, or a UserError naming what
     if not os.path.isfile(cpath):
         raise UserError(f"{path}: " + ("no config.json (not a checkpoint folder)" if os.path.isdir(path) else
                                        "no such checkpoint folder"))
-    hf = read_json(cpath)
-    if hf is None:
+    if (hf := read_json(cpath)) is None:
         raise UserError(f"{cpath}: not a config (not JSON, or not a JSON object)")
     return hf
 
@@ -959,8 +958,9 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None)
     if model.video_tower is model.image_tower:  # one tower under two names: safetensors stores no tensor twice
         state.update({k: v.clone() for k, v in state.items() if k.startswith("video_tower.")})
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
-    with contextlib.suppress(FileNotFoundError):  # an index left there would win over the new file (weight_files)
-        os.remove(os.path.join(cfg.out_dir, "model.safetensors.index.json"))
+    for stale in ("model.safetensors.index.json", "eval.json"):  # an index would win over the new file (weight_files);
+        with contextlib.suppress(FileNotFoundError):  # eval.json scored the weights just replaced
+            os.remove(os.path.join(cfg.out_dir, stale))
     config = dataclasses.asdict(cfg)  # your data files' paths absolute: --eval and --resume find them from anywhere
     config.update({k: os.path.abspath(config[k]) for k in ("data", "test_data", "data_dir") if config[k]})
     meta = {**hf_config_dict(cfg), "script": SCRIPT, "train_config": config}
@@ -988,8 +988,7 @@ def saved_config(out_dir, overrides, resume=True):  # the Config --train saved i
     if resume and not os.path.isfile(tpath):
         raise UserError(f"{out_dir}: no train_state.pt, so there is no optimizer state to resume from; "
                         f"drop --resume to start afresh (or --from_pretrained {out_dir} to fine-tune its weights)")
-    fields = {f.name for f in dataclasses.fields(Config)}
-    base = Config(**{k: v for k, v in meta["train_config"].items() if k in fields})
+    base = Config(**{k: v for k, v in meta["train_config"].items() if k in Config.__dataclass_fields__})
     if not resume:  # --eval: where and on what it runs, and how long an answer may grow; the rest is the run's
         run_keys = ("device", "dtype", "out_dir", "data_dir", "data", "test_data", "max_new_tokens")
         if clash := [f"--{k} {v}" for k, v in overrides.items() if k not in run_keys and v != getattr(base, k)]:
@@ -997,15 +996,9 @@ def saved_config(out_dir, overrides, resume=True):  # the Config --train saved i
         return dataclasses.replace(base, **{k: v for k, v in overrides.items() if k in run_keys})
     # what the weights and the saved AdamW state were built for: the architecture, one tower or two, what trains
     arch = {f: getattr(base, f) for f in (*HF_FIELDS, "share_towers", "freeze", "from_pretrained")}
-    clash = [f"--{k} {overrides[k]} (checkpoint: {v!r})" for k, v in arch.items() if overrides.get(k, v) != v]
-    if clash:
+    if clash := [f"--{k} {overrides[k]} (checkpoint: {v!r})" for k, v in arch.items() if overrides.get(k, v) != v]:
         raise UserError(f"{out_dir}: cannot resume with another architecture or trained part: {', '.join(clash)}")
     return dataclasses.replace(base, **{"stop_after": 0, **overrides})
-
-# Metrics --------------------------------------------------------------------------------------------------------------
-def exact_match(preds, refs):  # share of predictions equal to their reference (lower-cased, trimmed, no final '.')
-    norm = lambda text: " ".join(text.lower().strip().rstrip(".").split())  # single spaces
-    return sum(norm(p) == norm(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
 # Training -------------------------------------------------------------------------------------------------------------
 def pick_device(name):  # --device auto -> cuda > mps > cpu; cpu, cuda[:i], mps as given, if this machine has it
@@ -1071,18 +1064,16 @@ class Examples:
                  **{f"pixel_values_{k}s": torch.stack(v) if v else None for k, v in px.items()})
         return {k: v.to(device) for k, v in b.items() if v is not None}  # inputs it lacks are left out
 
-def apply_freeze(model, freeze):  # requires_grad off once (no gradients, no graph), kept in eval mode by train()
+def apply_freeze(model, freeze):  # requires_grad off once: a frozen part gets no gradient and builds no graph
     towers = {"vision": [model.image_tower, model.video_tower], "llm": [model.language_model]}
     parts = set(freeze.split(",")) - {""}  # --freeze "": nothing frozen
     if parts - set(towers):
         raise UserError(f"--freeze {freeze}: unknown part(s) {sorted(parts - set(towers))}; use vision, llm or both")
-    frozen = [m for p in parts for m in towers[p]]
-    for m in frozen:
+    for m in [m for p in parts for m in towers[p]]:
         m.requires_grad_(False)
     for p in model.parameters():  # what trains becomes float32 (bfloat16 rounds small AdamW updates away)
         if p.requires_grad:  # frozen parts keep their dtype; in place, before the optimizer and DDP see them
             p.data = p.data.float()
-    return frozen
 
 def batch_indices(step, n, size, seed):  # a step's global batch from (step, seed) alone: resume and DDP agree on it
     reps = -(-size // n)  # a fresh permutation per epoch, repeated when n < size so that every batch is full
@@ -1125,7 +1116,7 @@ def make_optimizer(params, cfg, device):  # AdamW, decay on matrices only; float
                             lr=cfg.lr, betas=(0.9, 0.95))
     return opt, torch.amp.GradScaler(device.split(":")[0], enabled=autocast_dtype(cfg.dtype, device) == "float16")
 
-def load_train_state(out_dir, opt, scaler):  # --resume: AdamW moments, loss scale, RNG -> (step, seconds trained)
+def load_train_state(out_dir, opt, scaler, say):  # --resume: AdamW moments, loss scale, RNG -> (step, seconds)
     try:  # truncated or not a torch file: PyTorch's own errors differ by cause
         ts = torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=True)
     except Exception as e:
@@ -1134,6 +1125,7 @@ def load_train_state(out_dir, opt, scaler):  # --resume: AdamW moments, loss sca
     if ts.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
         scaler.load_state_dict(ts["scaler"])
     torch.set_rng_state(ts["rng"])
+    say(f"resumed from step {ts['step']} of {out_dir}")
     return ts["step"], ts.get("seconds", 0.0)  # the data order and the learning rate are functions of the step
 
 def ddp_setup(cfg):  # -> (ddp, rank, world, device): one process, or one of torchrun's (nccl on CUDA, gloo on CPU)
@@ -1175,7 +1167,7 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
     model, cfg, tok, data = build_model(cfg, entries, resume, say)
     say("config:", json.dumps(dataclasses.asdict(cfg)))
     say("data: " + ", ".join(f"{s} {len(e)} questions" for s, e in entries.items()) + f" ({time.time() - t0:.1f}s)")
-    frozen = apply_freeze(model, cfg.freeze)
+    apply_freeze(model, cfg.freeze)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     n_all, n_train = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in params)
@@ -1184,9 +1176,7 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
         f"{device}, autocast {autocast_dtype(cfg.dtype, device)}"
         + ("; one CLIP tower for images and frames" if model.video_tower is model.image_tower else ""))
     opt, scaler = make_optimizer(params, cfg, device)
-    step, seconds0 = load_train_state(cfg.out_dir, opt, scaler) if resume else (0, 0.0)
-    if resume:
-        say(f"resumed from step {step} of {cfg.out_dir}")
+    step, seconds0 = load_train_state(cfg.out_dir, opt, scaler, say) if resume else (0, 0.0)
     raw = model  # the bare module, which is saved and evaluated; under torchrun `model` becomes its DDP wrapper
     if ddp:  # unused parameters are normal: a shard without images leaves that tower out; later CLIP layers never run
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
@@ -1196,9 +1186,7 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
     while step < cfg.max_steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        model.train()
-        for m in frozen:  # frozen towers stay in eval mode
-            m.eval()
+        model.train()  # (no dropout or batch norm here: train and eval mode compute the same)
         idx = batch_indices(step, len(tr.entries), gsize, cfg.seed)  # the global batch's rows, all ranks
         total = batch_loss(model, tr, idx, cfg, rank, world, ddp, device, scaler)
         if not math.isfinite(total):  # the last checkpoint in out_dir is left as it was
@@ -1294,8 +1282,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
             if on_token is not None:
                 with torch.inference_mode(False):
                     on_token(nxt.clone())  # an ordinary tensor, which the caller may keep
-            if eos_token_id is not None:
-                done = done | (nxt == eos_token_id)
+            done = done | (nxt == (-1 if eos_token_id is None else eos_token_id))  # no EOS: every row runs on
             if bool(done.all()) or len(out) == max_new_tokens:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
@@ -1312,6 +1299,10 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
                 seq = torch.cat([seq, nxt[:, None]], 1)  # (B, L + steps)
                 logits, _ = model(seq, mask, pixel_values_images, pixel_values_videos, last_only=True)
     return torch.stack(out, 1)  # out of inference_mode: an ordinary tensor, which may be changed or saved for backward
+
+def exact_match(preds, refs):  # share of predictions equal to their reference (lower-cased, trimmed, no final '.')
+    norm = lambda text: " ".join(text.lower().strip().rstrip(".").split())  # single spaces
+    return sum(norm(p) == norm(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):  # greedy answers' exact match per medium; eval.json
     result = {}
