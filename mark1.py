@@ -888,6 +888,8 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler):  # the weights of every
     own, path = own_keys(model, cfg), lambda name: os.path.join(cfg.out_dir, name)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in own}
     atomic(path("model.safetensors"), lambda p: save_file(state, p))
+    with contextlib.suppress(FileNotFoundError):  # eval.json scored the weights just replaced
+        os.remove(path("eval.json"))
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids, "towers": {  # the HF towers' weights
         p: fingerprint(getattr(model, p)) for p in ("vision", "llm") if getattr(cfg, p + "_ckpt")}}
     atomic(path("config.json"), lambda p: json.dump(meta, open(p, "w")))
@@ -1115,11 +1117,9 @@ def setup_distributed(cfg):  # -> (ddp, rank, world) under torchrun: gloo on CPU
 
 def train(cfg, resume=False, overrides=None):
     ddp, rank, world = setup_distributed(cfg)
-    say = print if rank == 0 else (lambda *a, **k: None)
-    t0, step = time.time(), 0
+    say, t0, step = print if rank == 0 else (lambda *a, **k: None), time.time(), 0
     if resume:  # the saved config and token table rebuild the model; towers load once, the optimiser is built once
-        path = os.path.join(cfg.out_dir, "train_state.pt")
-        if not os.path.isfile(path):
+        if not os.path.isfile(path := os.path.join(cfg.out_dir, "train_state.pt")):
             raise UserError(f"{path}: nothing to resume (train without --resume first)")
         model, tok, cfg = load_checkpoint(cfg.out_dir, {"stop_after": cfg.stop_after, **(overrides or {})}, "--resume")
     devices, data = parse_device_map(cfg), prepare_data(cfg, rank)

@@ -4649,6 +4649,20 @@ def test_vl_and_mk_frame_folders_read_every_image_format(tmp_path):
 
 
 @pytest.mark.parametrize("mod", [vm, vc, vl, mk], ids=lambda m: m.__name__)
+def test_trainers_a_new_run_drops_the_eval_json_of_the_weights_it_replaces(mod, tmp_path):
+    """eval.json scores the weights beside it: a new --train into a finished run's folder removes it with its first
+    checkpoint, so a run stopped early leaves no score of other weights (it used to keep the old run's)."""
+    out = tmp_path / "run"
+    run = ["--train", "--preset", "tiny", "--max_steps", "4", "--data_dir", str(tmp_path / "d"), "--out_dir", str(out)]
+    mod.main(run)
+    assert json.load(open(out / "eval.json"))["test"]
+    mod.main(run + ["--stop_after", "2"])
+    assert not (out / "eval.json").exists() and (out / "model.safetensors").exists()
+    mod.main(["--train", "--resume", "--out_dir", str(out)])  # finished: scored again
+    assert json.load(open(out / "eval.json"))["test"]
+
+
+@pytest.mark.parametrize("mod", [vm, vc, vl, mk], ids=lambda m: m.__name__)
 def test_float16_resume_keeps_the_loss_scale(mod, tmp_path, capsys):
     """float16: stop after 2 steps and --resume == 4 uninterrupted steps, bit for bit, loss scaler included: its scale
     (lowered where a gradient overflowed, that step skipped) and its count of good steps (it doubles the scale after

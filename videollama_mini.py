@@ -64,7 +64,6 @@ def read_json(path):  # path's JSON object as a dict, or None: missing, unreadab
         return obj if isinstance(obj := json.load(open(path, encoding="utf-8")), dict) else None
 
 # Config ---------------------------------------------------------------------------------------------------------------
-
 @dataclasses.dataclass
 class Config:
     data: str = ""  # data: annotation file of user data (format in the README); "" = the built-in synthetic world
@@ -124,7 +123,6 @@ PRESETS = {"default": {},  # default: the CPU run; tiny: seconds, for the tests
 }
 
 # Data: synthetic world, video loader, annotation files, tokenizer -----------------------------------------------------
-
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
            "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
 SHAPES = ["circle", "square", "triangle"]
@@ -302,7 +300,6 @@ def normalise(text):
     return " ".join(text.lower().strip().rstrip(".").split())
 
 # Model ----------------------------------------------------------------------------------------------------------------
-
 def to_unit(video):  # uint8 frames (B, F, S, S, 3) -> float (B, F, 3, S, S) in [-1, 1], channels first for Conv2d
     return video.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
 
@@ -480,7 +477,6 @@ class VideoLLaMAMini(nn.Module):
                 m.record, m.weights = on, None
 
 # Checkpoint I/O: out_dir/model.safetensors + config.json (+ the token table) + train_state.pt -------------------------
-
 def atomic(path, write):
     write(path + ".tmp")  # the same folder, so os.replace is atomic
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
@@ -489,6 +485,8 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler):  # train_state.pt: what
     os.makedirs(cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
+    with contextlib.suppress(FileNotFoundError):  # eval.json scored the weights just replaced
+        os.remove(os.path.join(cfg.out_dir, "eval.json"))
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
     ts = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "rng": torch.get_rng_state()}
@@ -522,7 +520,6 @@ def load_checkpoint(out_dir, overrides=None):  # -> (model, tokenizer, cfg); ref
     return model, tok, cfg
 
 # Metrics: exact match, corpus BLEU-4, CIDEr-D (plain Python, tested on hand-computed cases) ---------------------------
-
 def ngrams(words, n):  # {n-gram tuple: count} of a word list.
     return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
 
@@ -576,7 +573,6 @@ def cider_d(preds, refs, sigma=6.0):
     return sum(scores) / max(1, len(scores))
 
 # Training -------------------------------------------------------------------------------------------------------------
-
 def pick_device(name):  # --device auto: cuda > mps > cpu; a named one (cpu, mps, cuda, cuda:N) must exist here
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # none on a machine without CUDA
@@ -802,7 +798,6 @@ def evaluate_loss(model, tok, entries, clips, cfg, device):
     return loss.item()  # the mean token loss
 
 # Generation and evaluation --------------------------------------------------------------------------------------------
-
 def filter_logits(logits, top_k, top_p):  # keep the top_k largest and the smallest set of mass top_p; the rest -> -inf
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[..., -1:]  # (B, 1): the k-th largest
@@ -968,7 +963,6 @@ def bench(cfg):  # training samples/s and captions/s with and without the KV cac
               f"(batch {B}, 20 tokens each, {autocast_dtype(cfg.dtype, device)})")
 
 # Command line ---------------------------------------------------------------------------------------------------------
-
 def check_decoding(cfg):  # a decoding flag (typed, or saved with a checkpoint) the search would ignore: refused
     if (cfg.temperature > 0 or cfg.top_k > 0 or cfg.top_p < 1) and (cfg.beam > 1 or cfg.temperature == 0):
         raise UserError(f"sampling is --temperature above 0 with --beam 1, --top_k / --top_p filter it; got --beam "

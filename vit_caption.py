@@ -62,7 +62,6 @@ def writable(path, marker, ours):  # may this script write into path? missing, e
         not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))
 
 # Config ---------------------------------------------------------------------------------------------------------------
-
 @dataclasses.dataclass
 class Config:
     data: str = ""  # captions file of user data (format in the README); "" = the built-in synthetic world
@@ -125,7 +124,6 @@ PRESETS = {  # tiny: seconds, for the tests. original: the write-up's exact size
 }
 
 # Data: synthetic world, image loader, captions files, tokenizer -------------------------------------------------------
-
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
            "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
 SHAPES = ["circle", "square", "triangle"]
@@ -283,7 +281,6 @@ def normalise(text):
     return " ".join(text.lower().strip().rstrip(".").split())
 
 # Model: primitives -> one Block for both towers -> ViT -> captioner ---------------------------------------------------
-
 class RMSNorm(nn.Module):
     """LLaMA's norm (Zhang & Sennrich 2019): x / rms(x) * weight. No mean subtraction and no bias: cheaper than
     LayerNorm and, in LLaMA, as good."""
@@ -493,7 +490,6 @@ class ViTCaptioner(nn.Module):  # ViT -> linear projection -> LLaMA-style decode
                 m.weights = [] if on else None
 
 # Checkpoint I/O: out_dir/model.safetensors + config.json (+ the token table) + train_state.pt -------------------------
-
 def atomic(path, write):
     write(path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
@@ -502,6 +498,8 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler):  # train_state.pt: what
     os.makedirs(cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
+    with contextlib.suppress(FileNotFoundError):  # eval.json scored the weights just replaced
+        os.remove(os.path.join(cfg.out_dir, "eval.json"))
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
     ts = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "rng": torch.get_rng_state()}
@@ -550,7 +548,6 @@ def resume_run(cfg, typed=None):  # before any data: out_dir's run + typed flags
         raise UserError(f"{path}: cannot read it ({type(e).__name__}; damaged?); train again without --resume")
 
 # Metrics: exact match, corpus BLEU-4, CIDEr-D (plain Python, tested on hand-computed cases) ---------------------------
-
 def ngrams(words, n):  # -> {n-gram tuple: count} of a word list
     return collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
 
@@ -599,7 +596,6 @@ def cider_d(preds, refs, sigma=6.0):
     return sum(scores) / max(1, len(scores))
 
 # Training -------------------------------------------------------------------------------------------------------------
-
 def pick_device(name):  # --device auto: cuda > mps > cpu; any other name must be one of the devices this machine has
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     cudas = [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # counting them creates no CUDA context
@@ -783,7 +779,6 @@ def train(cfg, resume=False, typed=None):
     return raw, tok
 
 # Generation and evaluation --------------------------------------------------------------------------------------------
-
 def filter_logits(logits, top_k, top_p):  # keep the top_k largest and the smallest set of mass top_p; the rest -> -inf
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[..., -1:]  # (B, 1)
@@ -965,7 +960,6 @@ def bench(cfg):  # training samples/s, captions/s (KV cache on, off) in cfg.dtyp
               f"(batch {B}, 16 tokens each, {cfg.dtype})")
 
 # Command line ---------------------------------------------------------------------------------------------------------
-
 CHOICES = dict(pool=("cls", "mean", "patches"), dtype=("float32", "bfloat16", "float16"), patch_init=("pca", "random"))
 ZERO_OK = ("max_train", "eval_max", "vit_layers", "warmup", "stop_after", "top_k")  # counts where 0 means none / off
 RATES = ("lr", "grad_clip", "rope_theta", "patch_scale")  # above 0; every other number is at least 0
