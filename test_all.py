@@ -560,7 +560,7 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     (other / "model.safetensors").write_bytes(b"")
     main_user_error(vm.main, capsys, ["--generate", "--video", clip, "--out_dir", other], "vit_caption")
     for mode in (["--eval"], ["--generate", "--video", clip]):  # the checkpoint's sizes run: another size is refused
-        main_user_error(vm.main, capsys, mode + ["--out_dir", out, "--d_model", "64"], "sizes run; drop --d_model 64")
+        main_user_error(vm.main, capsys, mode + ["--out_dir", out, "--d_model", "64"], "sizes run", "drop --d_model 64")
     tiny = ["--train", "--preset", "tiny", "--data_dir", tmp / "data"]
     unbuilt = ["--train", "--resume", "--data_dir", tmp_path / "unbuilt"]  # refused before any data
     main_user_error(vm.main, capsys, unbuilt + ["--out_dir", tmp_path / "fresh"], "nothing to resume")
@@ -4696,6 +4696,20 @@ def test_captioners_refuse_decoding_flags_the_search_ignores(mod, tmp_path, caps
     meta["config"].update(beam=1, temperature=0.7)  # a run trained to sample: --top_k alone now applies to it
     json.dump(meta, open(tmp_path / "out" / "config.json", "w"))
     mod.main(list(map(str, generate + ["--top_k", 3])))
+
+
+@pytest.mark.parametrize("mod", [vm, vc], ids=["vm", "vc"])
+def test_captioners_eval_scores_the_run_s_own_world(mod, tmp_path, capsys):
+    """--eval with another --seed or split size used to rebuild the synthetic world over the run's and score other
+    clips: refused in one line, the world left as it was; the run's own values are accepted."""
+    world, out = tmp_path / "d", tmp_path / "o"
+    mod.main(["--train", "--preset", "tiny", "--max_steps", "2", "--data_dir", str(world), "--out_dir", str(out)])
+    stamp = (world / "world.json").read_text()
+    for flag, value in (("--seed", 5), ("--n_test", 3), ("--n_train", 10)):
+        main_user_error(mod.main, capsys, ["--eval", "--out_dir", out, flag, value], "world", f"drop {flag} {value}")
+    assert (world / "world.json").read_text() == stamp
+    mod.main(["--eval", "--out_dir", str(out), "--seed", "1337"])  # the run's seed: nothing changes
+    assert (world / "world.json").read_text() == stamp
 
 
 @pytest.mark.parametrize("mod", [vm, vc], ids=["vm", "vc"])

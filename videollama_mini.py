@@ -1023,9 +1023,10 @@ def run(args, cfg, overrides):  # dispatch --train / --bench / --eval / --genera
     if args.train:  # train prints the config it runs
         return train(cfg, overrides, resume=args.resume)
     if (args.eval or args.generate) and not args.bench:  # the saved config, typed flags on top (ARCH flags excepted)
-        model, tok, cfg = load_checkpoint(cfg.out_dir, {k: v for k, v in overrides.items() if k not in ARCH})
-        if clash := [f"--{k} {v}" for k, v in overrides.items() if k in ARCH and v != getattr(cfg, k)]:
-            raise UserError(f"{cfg.out_dir}: the checkpoint's sizes run; drop {', '.join(clash)}")
+        fixed = ARCH + (("seed", "n_train", "n_val", "n_test", "n_novel") if args.eval else ())  # and the run's world
+        model, tok, cfg = load_checkpoint(cfg.out_dir, {k: v for k, v in overrides.items() if k not in fixed})
+        if clash := [f"--{k} {v}" for k, v in overrides.items() if k in fixed and v != getattr(cfg, k)]:
+            raise UserError(f"{cfg.out_dir}: the checkpoint's sizes run (and --eval's world); drop {', '.join(clash)}")
     print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
     if args.bench:
         return bench(cfg)

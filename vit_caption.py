@@ -1019,8 +1019,11 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
         args, cfg, overrides = parse_args(argv)
         if args.train:  # train prints the config it runs: on --resume the checkpoint's, with the typed flags on top
             return train(cfg, args.resume, overrides)
-        if (args.eval or args.generate) and not args.bench:
-            model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)  # the architecture comes from the checkpoint
+        if (args.eval or args.generate) and not args.bench:  # the architecture comes from the checkpoint, and the
+            world = ("seed", "n_train", "n_val", "n_test", "n_novel") if args.eval else ()  # world --eval scores on
+            model, tok, cfg = load_checkpoint(cfg.out_dir, {k: v for k, v in overrides.items() if k not in world})
+            if clash := [f"--{k} {v}" for k, v in overrides.items() if k in world and v != getattr(cfg, k)]:
+                raise UserError(f"{cfg.out_dir}: --eval scores the run's own world; drop {', '.join(clash)}")
         print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
         if args.bench:
             return bench(cfg)
