@@ -157,7 +157,7 @@ PRESETS = {"default": {},
                  n_temporal_query=2, bridge_heads=2, bert_heads=2, bert_inter=64, batch_size=8, max_steps=6,
                  log_interval=2, eval_interval=4, dtype="float32"),
     # --bench: a V-JEPA-2-ViT-S-sized frozen encoder on 64-pixel frames (random weights: the cost is what matters)
-    "bench": dict(v_width=384, v_layers=12, v_heads=6, v_patch=16, crop=64, n_train=256, data_dir="data/mark1/bench"),
+    "bench": dict(v_width=384, v_layers=12, v_heads=6, v_patch=16, crop=64, n_train=256, data_dir="data/mark1_bench"),
     # the Mark-1 project's bridge sizes (video width 1408 and LLM width 1024 come from the checkpoints)
     "original": dict(n_visual_query=32, n_temporal_query=5, bridge_heads=8, bert_heads=16, bert_inter=4096,
                  lam=2.0, pos_weight=10.0, lr=5e-5, n_frames=16, crop=256, frame_head="linear")}
@@ -244,8 +244,7 @@ def build_world(cfg):  # write train/val/test/novel clips + annotation JSON unde
         rng, anns = random.Random(1000 * si + 7), []  # rng fixed per split: the same world on every machine
         os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
         for i in range(n):
-            frames, ann = sample_event(rng, split)
-            rel = os.path.join(split, f"{i:05d}.mp4")
+            (frames, ann), rel = sample_event(rng, split), os.path.join(split, f"{i:05d}.mp4")
             write_clip(os.path.join(cfg.data_dir, rel), frames)
             anns.append({"video": rel, **ann})
         json.dump(anns, open(os.path.join(cfg.data_dir, f"{split}.json"), "w"), indent=0)
@@ -489,7 +488,7 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)  # HF order: normalise in fp32, cast back, then scale
 
-def rope_cos_sin(pos, dim, theta, dtype):  # rotate_half RoPE: pos (B, L) -> cos, sin (B, 1, L, E), fp32
+def rope_cos_sin(pos, dim, theta, dtype):  # rotate_half RoPE: pos (B, L) -> cos, sin (B, 1, L, E) in dtype
     inv = 1.0 / theta ** (torch.arange(0, dim, 2, device=pos.device, dtype=torch.float) / dim)  # (E/2,)
     f = pos.float()[..., None] * inv  # (B, L, E/2)
     emb = torch.cat((f, f), dim=-1)[:, None]  # (B, 1, L, E)
@@ -554,8 +553,7 @@ class Qwen3LM(nn.Module):  # Qwen3ForCausalLM, with the checkpoint's names (mode
         a list of per-layer dicts. -> logits (B, L or 1, V), or (head=False) the normed hidden states (B, L, D)."""
         B, L, _ = x.shape
         past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
-        if pos is None:
-            pos = torch.arange(past, past + L, device=x.device).expand(B, L)
+        pos = torch.arange(past, past + L, device=x.device).expand(B, L) if pos is None else pos
         cos, sin = rope_cos_sin(pos, self.hd, self.theta, x.dtype)
         qi, ki = torch.arange(past, past + L, device=x.device)[:, None], torch.arange(past + L, device=x.device)
         mask = None  # no padding, no cache: SDPA's own causal mask
@@ -596,8 +594,9 @@ class Bridge(nn.Module):
     """The trainable part. The V-JEPA 2 encoder carries no absolute position (RoPE only), and cross-attention is blind
     to token order, so the bridge adds learned per-tubelet and per-patch-position embeddings to the video tokens:
     without it the temporal queries could not tell *when* anything happened."""
-    def __init__(self, cfg, v_width, d, n_tubelet, grid):
-        super().__init__()
+    def __init__(self, cfg, v_width, d, tubelet, grid):
+        super().__init__()  # a clip shorter than a tubelet is repeated `tubelet` times (as transformers does)
+        n_tubelet, per = (cfg.n_frames, 1) if cfg.n_frames < tubelet else (cfg.n_frames // tubelet, tubelet)
         N, M = cfg.n_visual_query, cfg.n_temporal_query
         self.N, self.M, self.grid = N, M, grid  # visual queries, temporal queries, patch grid side
         self.proj = nn.Linear(v_width, d)  # video width Dv -> LLM width D
@@ -618,7 +617,6 @@ class Bridge(nn.Module):
         if cfg.frame_head == "linear":  # the Mark-1 project's: a fixed map from each query to F logits
             self.frame_out = nn.Linear(d, cfg.n_frames)
         else:
-            per = max(1, cfg.n_frames // n_tubelet)  # frames per tubelet (the Conv3d drops leftover frames)
             self.frame_key = nn.Linear(d, per * d)  # a tubelet's feature -> `per` frame keys
             self.frame_bias = nn.Parameter(torch.zeros(cfg.n_frames))  # the per-frame prior
             # frame f -> key f (tubelet f // per, its frame f % per); leftover frames take the last tubelet's last key
@@ -668,8 +666,7 @@ class Mark1(nn.Module):
         self.llm = llm or Qwen3LM(vocab, cfg.l_width, cfg.l_layers, cfg.l_heads, cfg.l_kv_heads, cfg.l_head_dim,
                                   cfg.l_inter, cfg.rope_theta, tie=cfg.tie_embeddings)
         d, grid = self.llm.model.embed_tokens.weight.shape[1], self.vision.crop // self.vision.patch
-        t = self.vision.tubelet  # a clip shorter than a tubelet is repeated t times (as transformers does): F tubelets
-        self.bridge = Bridge(cfg, self.vision.width, d, cfg.n_frames if cfg.n_frames < t else cfg.n_frames // t, grid)
+        self.bridge = Bridge(cfg, self.vision.width, d, self.vision.tubelet, grid)
         self.frozen, self.cfg, self.devices = set(), cfg, dict(vision="cpu", bridge="cpu", llm="cpu")
         self.scratch_vision = vision is None  # a checkpoint encoder keeps its HF input and its weights
         self.centre = cfg.centre_frames and self.scratch_vision
@@ -742,8 +739,9 @@ class Mark1(nn.Module):
         logits = self.llm.lm_head(h[keep])  # (A, V)
         ce = F.cross_entropy(logits.float(), tgt.to(h.device)[keep], reduction="sum") / (n_tok or int(keep.sum()))
         pw = torch.tensor(self.cfg.pos_weight, device=frame_logits.device)
-        bce = F.binary_cross_entropy_with_logits(frame_logits.float(), labels.to(frame_logits.device), pos_weight=pw,
-                                                 reduction="sum") / ((n_clip or len(labels)) * labels.shape[1])
+        lab = labels.to(frame_logits.device)  # (B, F); a clip without support_times (all 0) gets no frame loss
+        bce = F.binary_cross_entropy_with_logits(frame_logits.float(), lab, weight=lab.amax(1, keepdim=True),
+                                                 pos_weight=pw, reduction="sum") / ((n_clip or len(lab)) * lab.shape[1])
         self.parts = (ce.item(), bce.item())  # for the log line
         return logits, ce + self.cfg.lam * bce.to(ce.device), frame_logits
 
@@ -858,7 +856,7 @@ def load_qwen3(path, dtype=None, device="cpu"):  # HF Qwen3 folder -> Qwen3LM; a
 def build_model(cfg, tok):
     """Mark1 from cfg; towers from HF folders keep their file's dtype under bfloat16 autocast, else load in float32
     (float16 cannot mix with bfloat16 weights); the bridge casts at its two boundaries (Bridge.video_tokens, fuse)."""
-    dtype = None if autocast_dtype(cfg.dtype, pick_device(cfg.device)) == "bfloat16" else torch.float32
+    dtype = None if autocast_dtype(cfg.dtype, parse_device_map(cfg)["vision"]) == "bfloat16" else torch.float32
     vision = load_vjepa2(cfg.vision_ckpt, dtype) if cfg.vision_ckpt else None
     llm = load_qwen3(cfg.llm_ckpt, dtype) if cfg.llm_ckpt else None
     width = llm.model.embed_tokens.weight.shape[1] if llm else cfg.l_width  # the bridge runs at the LLM's width
@@ -1070,10 +1068,9 @@ def make_optimizer(model, cfg):  # AdamW over the trainable parameters (decay on
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95)), params, scaler
 
 def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, device, scaler):
-    """Forward + backward over this rank's micro-batches of the global batch `idx` -> its mean (loss, ce, bce); losses
-    use the global batch's counts (Mark1.forward), so any split gives the same gradient. Under torchrun `fwd` is DDP:
-    earlier micro-batches run under no_sync(), the last backward all-reduces (an average: each rank's loss counts
-    `world` times); a rank without clips runs one clip with weight 0 (the zero gradient DDP expects from every rank)."""
+    """Forward + backward of this rank's micro-batches of the global batch `idx` -> its mean (loss, ce, bce); losses use
+    the global batch's counts (Mark1.forward): any split gives the same gradient. Under torchrun `fwd` is DDP: the last
+    backward all-reduces (each rank's loss counts `world` times); a rank without clips runs one with weight 0."""
     n_tok = sum(len(tok.target(entries[i]["answer"])) for i in idx.tolist())  # answer tokens in the global batch
     ddp, share = isinstance(fwd, nn.parallel.DistributedDataParallel), torch.zeros(3)
     for a in range(cfg.grad_accum):
@@ -1127,6 +1124,9 @@ def train(cfg, resume=False, overrides=None):
     if not resume:
         tok = make_tokenizer(cfg, entries)
         model = build_model(cfg, tok)
+    if (n := max(len(tok.target(e["answer"])) for e in entries)) > cfg.max_new_tokens:  # evaluation would cut it
+        raise UserError(f"a training answer is {n} tokens long (EOS included): --max_new_tokens {cfg.max_new_tokens} "
+                        f"must be at least {n}")
     model.place(devices)
     ps = list(model.parameters())  # a tied (shared) Parameter counts once
     total, trainable = sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
@@ -1322,7 +1322,7 @@ def bench(cfg):  # frozen encoder: epoch 1 fills the feature cache, epoch 2 read
     return times
 
 # Command line ---------------------------------------------------------------------------------------------------------
-ZERO_OK = ("n_train", "n_val", "n_test", "n_novel", "temporal_blocks", "data_init", "seed", "stop_after", "top_k")
+ZERO_OK = ("temporal_blocks", "data_init", "seed", "stop_after", "top_k")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Mark 1: video MCQ and the frames that show it.", allow_abbrev=False)
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # argparse's refusals in one line too, no usage

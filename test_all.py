@@ -3241,6 +3241,25 @@ def test_mk_shapes_for_several_frame_counts(tmp_path, n_frames):
     assert torch.allclose(ce, torch.tensor(model.parts[0]), atol=1e-5)
 
 
+def test_mk_frame_loss_reads_only_clips_with_support_times(tmp_path):
+    """A clip without support_times (labels all 0) adds nothing to the frame loss; it used to be trained as 'no frame
+    supports the answer', pushing every frame's score down. A labelled clip's loss is as it was."""
+    cfg = _mk_tiny_cfg(tmp_path)
+    model, tok = _mk_model(cfg)
+    feats = model.encode(torch.randint(0, 255, (2, cfg.n_frames, 32, 32, 3), dtype=torch.uint8))
+    item = dict(question="What happens to the red circle?", choices=["A. it appears", "B. it stops"], answer="A. it appears")
+    batch = mk.text_batch([item, item], tok)
+    one = torch.zeros(2, cfg.n_frames)
+    one[0, 3] = 1  # clip 0 is localised, clip 1 gives no support_times
+    _, _, fl = model(feats, *batch, one)
+    both = model.parts[1]
+    pw = torch.tensor(cfg.pos_weight)
+    want = F.binary_cross_entropy_with_logits(fl[:1].float(), one[:1], pos_weight=pw, reduction="sum") / (2 * cfg.n_frames)
+    assert abs(both - want.item()) < 1e-6
+    model(feats, *batch, torch.zeros(2, cfg.n_frames))
+    assert model.parts[1] == 0.0
+
+
 def test_mk_label_masking_only_answer_tokens(tmp_path):
     tok = mk.GPT2Tokenizer.build(["What happens?\nA. x\nB. y\nAnswer: B. y"], True)
     item = dict(question="What happens?", choices=["A. x", "B. y"], answer="B. y")
@@ -3371,11 +3390,15 @@ def test_mk_checkpoint_encoder_is_not_centred(mk_hf, tmp_path):
     assert (model.encode(clips) - ref).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("n_frames,want", [(8, [0, 1, 2, 3, 4, 5, 6, 7]), (5, [0, 1, 2, 3, 3]), (9, list(range(8)) + [7])])
-def test_mk_frame_to_key_map(tmp_path, n_frames, want):
-    """Frame f reads key f (tubelet f // 2, its frame f % 2); a leftover frame the Conv3d dropped reads the last."""
-    model, _ = _mk_model(_mk_tiny_cfg(tmp_path, n_frames=n_frames))
+@pytest.mark.parametrize("n_frames,t,want", [(8, 2, list(range(8))), (5, 2, [0, 1, 2, 3, 3]),
+                                             (9, 2, list(range(8)) + [7]), (3, 2, [0, 1, 1]),
+                                             (8, 3, [0, 1, 2, 3, 4, 5, 5, 5]), (1, 2, [0])])
+def test_mk_frame_to_key_map(tmp_path, n_frames, t, want):
+    """Frame f reads key f (tubelet f // t, its frame f % t); a leftover frame the Conv3d dropped reads the last (the
+    keys per tubelet are the tubelet's length: 8 frames of tubelets of 3 gave 4 keys each, frame 3 in tubelet 0)."""
+    model, _ = _mk_model(_mk_tiny_cfg(tmp_path, n_frames=n_frames, v_tubelet=t))
     assert model.bridge.frame_to_key.tolist() == want
+    assert model.bridge.frame_key.out_features == min(t, n_frames) * model.bridge.proj.out_features
 
 
 def test_mk_grad_accumulation_equals_big_batch(tmp_path):
@@ -3720,6 +3743,11 @@ def test_mk_bad_inputs(mk_trained, tmp_path):
     for mode, media in (("--eval", []), ("--predict", ask)):  # an architecture flag is refused; a decoding flag is not
         _mk_user_error([mode, "--out_dir", out, "--n_frames", "4", "--top_k", "3", *media], "n_frames=8", f"{mode} cannot")
     _mk_user_error(["--eval", "--out_dir", out, *ask], "--video: only --predict reads it")  # not ignored
+    if not torch.cuda.is_available():  # a device this machine lacks: one line in every mode (it was a traceback)
+        for mode, media in (("--eval", []), ("--predict", ask)):
+            _mk_user_error([mode, "--out_dir", out, "--device", "cuda", *media], "device 'cuda' does not exist here")
+    assert not mk.PRESETS["bench"]["data_dir"].startswith(mk.Config.data_dir + "/")  # a bench world inside the
+    # default one made that folder one the default --train refuses to write into (no world.json of its own)
     _mk_user_error(["--train", "--preset", "nope"], "--preset nope")
     o = tmp_path / "o"
     _mk_user_error(["--train", "--preset", "tiny", "--device_map", "vision=cuda:7", "--out_dir", o], "cuda:7",
@@ -3797,14 +3825,18 @@ def test_mk_user_files_never_overwritten_and_more_bad_inputs(mk_trained, mk_hf, 
 
 
 def test_mk_bad_numbers_and_head_counts_are_one_line(tmp_path):
-    """A negative or NaN rate, a negative --stop_after (which would train and save nothing), no temporal query, or a
-    head count that does not split its width: refused by name before anything runs."""
+    """A negative or NaN rate, a negative --stop_after (which would train and save nothing), no temporal query, a head
+    count that does not split its width, an empty split (it wrote the world, then blamed the annotation file) or
+    answers longer than --max_new_tokens (evaluation cut them): refused by name, nothing saved."""
     o = tmp_path / "o"
     for flag, value, needle in (("--lr", "nan", "above 0"), ("--lr", "0", "above 0"), ("--warmup_frac", "nan",
                                 "0 or more"), ("--stop_after", "-1", "0 or more"), ("--grad_clip", "0", "above 0"),
                                 ("--n_temporal_query", "0", "at least 1"), ("--bridge_heads", "3", "must divide"),
-                                ("--v_heads", "5", "must divide"), ("--l_kv_heads", "3", "must divide")):
-        _mk_user_error(["--train", "--preset", "tiny", "--out_dir", o, flag, value], flag, needle)
+                                ("--v_heads", "5", "must divide"), ("--l_kv_heads", "3", "must divide"),
+                                ("--n_val", "0", "at least 1"), ("--n_novel", "0", "at least 1"),
+                                ("--max_new_tokens", "3", "must be at least")):  # an answer is ~8 tokens
+        _mk_user_error(["--train", "--preset", "tiny", "--out_dir", o, flag, value, "--data_dir", tmp_path / "d"], flag,
+                       needle)
     assert not o.exists()
 
 
@@ -3896,7 +3928,8 @@ def test_mk_train_with_frozen_hf_checkpoints_cli(mk_hf, mk_trained, tmp_path, ca
     d, _ = mk_trained
     monkeypatch.chdir(mk_hf["root"])  # tower folders given relative to the working directory
     mk.main([str(a) for a in ("--train", "--preset", "tiny", "--max_steps", "2", "--data_dir", d / "data",
-                              "--out_dir", tmp_path / "o", "--vision_ckpt", "vjepa2", "--llm_ckpt", "qwen3")])
+                              "--out_dir", tmp_path / "o", "--vision_ckpt", "vjepa2", "--llm_ckpt", "qwen3",
+                              "--max_new_tokens", 24)])  # the test tokenizer spells an answer in 21 tokens
     out = capsys.readouterr().out
     assert "frozen" in out and (tmp_path / "o" / "eval.json").is_file()
     printed = json.loads(out.split("config: ", 1)[1].split("\n", 1)[0])  # the towers' own sizes, not the preset's
@@ -3950,7 +3983,7 @@ def test_mk_bfloat16_checkpoints_train_and_predict(mk_hf_bf16, mk_trained, tmp_p
     out, root = tmp_path / "o", mk_hf_bf16
     towers = ["--vision_ckpt", str(root / "vjepa2_bf16"), "--llm_ckpt", str(root / "qwen3_bf16")]
     mk.main(["--train", "--preset", "tiny", "--max_steps", "2", "--data_dir", str(d / "data"), "--out_dir", str(out),
-             "--dtype", dtype, "--max_new_tokens", "3", *towers])  # 3 tokens: bfloat16 is emulated on most CPUs
+             "--dtype", dtype, "--max_new_tokens", "24", *towers])  # the test tokenizer's answers: 21 tokens
     model, tok, cfg = mk.load_checkpoint(str(out), {"dtype": dtype})
     assert cfg.crop == 48 and model.bridge.grid == 3  # from crop_size 48 / patch 16, not the preset's crop 32
     tower = torch.bfloat16 if dtype == "bfloat16" else torch.float32
