@@ -82,7 +82,6 @@ def writable(path, marker, ours):  # may this script write into path? missing, e
         not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))
 
 # Config ---------------------------------------------------------------------------------------------------------------
-
 @dataclass
 class Config:
     data_dir: str = "data/attention_basics"  # synthetic PNG images and mp4 clips are written here
@@ -135,7 +134,6 @@ PRESETS = {
 }
 
 # Data: synthetic world (PNG images, mp4 clips), loaders, annotation files, tokenizer ----------------------------------
-
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
            "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
 SHAPES = ["circle", "square", "triangle"]
@@ -650,7 +648,6 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 # The tour: each section prints real shapes and checks its claims (an AssertionError here is a bug, not user error) ----
-
 def check(ok, claim):
     if not ok:
         raise AssertionError(f"tour check failed: {claim}")
@@ -858,7 +855,6 @@ def tour(cfg):
     print(f"tour: {len(names)} section(s), every check passed, {time.time() - t0:.1f} s")
 
 # Checkpoint I/O: out_dir/<name>/model.safetensors + config.json (the dataclass, the token table, the train time) ------
-
 def atomic(path, write):
     write(path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
@@ -893,7 +889,7 @@ def load_model(cfg, name):
         state = load_file(wpath)
     except Exception as e:  # safetensors raises its own error type for a truncated or corrupt file
         raise UserError(f"{wpath}: not a readable safetensors file ({type(e).__name__}); re-run --train") from None
-    if name != "clip":
+    if name != "clip" and "decoder.tok.weight" in state:  # the tied head, stored once
         state["decoder.head.weight"] = state["decoder.tok.weight"]
     want = model.state_dict()
     missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
@@ -904,7 +900,6 @@ def load_model(cfg, name):
     return model.to(pick_device(cfg.device)), tok, cfg, meta.get("train_seconds")
 
 # Metrics --------------------------------------------------------------------------------------------------------------
-
 def normalise(text):
     return " ".join(text.lower().strip().rstrip(".").split())
 
@@ -912,7 +907,6 @@ def exact_match(preds, refs):  # share of predictions equal to their reference (
     return sum(normalise(p) == normalise(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
 # Train: CLIP first, then the two captioners from its image encoder, same budget ---------------------------------------
-
 def pick_device(name):
     """--device auto -> cuda if there is one, else mps (Apple GPUs), else cpu; any other name must be a device here."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
@@ -1047,7 +1041,6 @@ def train(cfg):
     return res
 
 # Generate and evaluate ------------------------------------------------------------------------------------------------
-
 @torch.no_grad()
 def generate(model, frames, cfg, device):
     """Greedy captions for uint8 clips (B, F, S, S, 3). The video is encoded once; each step re-runs the decoder on
@@ -1178,10 +1171,14 @@ def evaluate(models, clip_model, tok, cfg, device, data, seconds):
     print(f"wrote {os.path.join(cfg.out_dir, 'eval.json')}")
     return res
 
+def refuse_changes(cfg, typed, mode):  # --eval and --generate run the saved settings: a flag that differs is refused
+    same = lambda k, v: os.path.abspath(v) == cfg.data_dir if k == "data_dir" else v == getattr(cfg, k)  # saved abs.
+    if clash := [f"--{k} {v}" for k, v in typed.items() if k not in RUN_FIELDS and not same(k, v)]:
+        raise UserError(f"{cfg.out_dir}: {mode} runs the trained settings and world; drop {', '.join(clash)}")
+
 def evaluate_saved(cfg, typed):  # --eval: the three checkpoints in out_dir, scored and pictured as --train does
     clip_model, tok, cfg, t_clip = load_model(cfg, "clip")
-    if os.path.abspath(typed.get("data_dir", cfg.data_dir)) != os.path.abspath(cfg.data_dir):  # the run's world only
-        raise UserError(f"--data_dir {typed['data_dir']}: the run was trained on {cfg.data_dir}; drop the flag")
+    refuse_changes(cfg, typed, "--eval")
     print("config:", json.dumps(dataclasses.asdict(cfg)))  # the saved one, with this command line's run fields
     loaded = {v: load_model(cfg, v) for v in ("unified", "cross")}  # variant -> (model, tok, cfg, train seconds)
     times = {"clip": t_clip, **{v: got[3] for v, got in loaded.items()}}
@@ -1189,7 +1186,6 @@ def evaluate_saved(cfg, typed):  # --eval: the three checkpoints in out_dir, sco
                     prepare_data(cfg)[0], times)
 
 # Command line ---------------------------------------------------------------------------------------------------------
-
 CHOICES = dict(section=("all", *SECTIONS), variant=("unified", "cross"), dtype=("float32", "bfloat16"))
 ZERO_OK = ("n_vit_layer", "n_text_layer", "warmup", "threads")  # counts where 0 means none / the default
 RATES = ("lr", "vision_lr", "gate_lr")  # above 0; every other number is at least 0
@@ -1219,11 +1215,13 @@ def parse_args(argv=None):
     bad = bad or [why for wrong, why in (
         (cfg.max_len < 2, f"--max_len {cfg.max_len}: at least 2 (BOS and one token)"),
         ("" in (cfg.out_dir, cfg.data_dir), "--out_dir and --data_dir must name a folder, not an empty string"),
-        (cfg.n_frames > cfg.max_frames, f"--n_frames {cfg.n_frames}: at most --max_frames {cfg.max_frames}"),
+        (not (args.eval or args.generate) and cfg.n_frames > cfg.max_frames,  # (those two: the run's sizes)
+         f"--n_frames {cfg.n_frames}: at most --max_frames {cfg.max_frames}"),
         (args.train and not writable(cfg.out_dir, os.path.join("clip", "config.json"), lambda m: m.get("script") ==
          SCRIPT), f"--out_dir {cfg.out_dir}: a file, or a folder this script did not write; give a new or empty one"),
         (cfg.img_size % cfg.patch, f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}"),
         (cfg.d_model % cfg.n_head, f"--d_model {cfg.d_model} is not a multiple of --n_head {cfg.n_head}"),
+        (args.video and not args.generate, "--video is for --generate (another mode would ignore it)"),
         (args.generate and not args.video, "--generate needs --video PATH (a video or a folder of frames)")) if wrong]
     if bad:
         raise UserError(bad[0])
@@ -1239,6 +1237,7 @@ def main(argv=None):
         if args.train or args.eval:  # each prints the config it runs
             return train(cfg) if args.train else evaluate_saved(cfg, typed)
         model, tok, cfg, _ = load_model(cfg, cfg.variant)
+        refuse_changes(cfg, typed, "--generate")
         print("config:", json.dumps(dataclasses.asdict(cfg)))  # the saved one, with this command line's run fields
         clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None]  # (1, F, S, S, 3)
         print(tok.decode(generate(model, clip, cfg, pick_device(cfg.device))[0]))

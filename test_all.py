@@ -4462,6 +4462,10 @@ def test_ab_corrupt_checkpoints_are_one_line(tmp_path):
             ab.load_model(cfg, "cross")
     open(cpath, "w").write(good_c)
     ab.load_model(cfg, "cross")  # restored: loads again
+    clip = {k: v.contiguous() for k, v in ab.CLIP(cfg, len(tok.ids)).state_dict().items()}
+    save_file(clip, wpath)  # another model's weights, without the decoder's embedding: it was a KeyError
+    with pytest.raises(ab.UserError, match="does not fit"):
+        ab.load_model(cfg, "cross")
 
 
 def test_ab_bad_inputs(tmp_path, capsys):
@@ -4840,7 +4844,7 @@ def test_ab_transparent_frames_long_captions_and_a_failed_run(tmp_path, capsys):
     """Transparent frame pixels are composited onto white (as the other loaders and transformers do); a training
     caption longer than --max_len is refused (pad_batch would cut it); a run that fails (a NaN loss) saves none of its
     three models, so the previous run's checkpoints stay whole; --eval refuses a --data_dir other than the run's
-    (it used to rebuild a world there, over whatever world was in it)."""
+    (it used to rebuild a world there, over whatever world was in it), and any other setting of the run."""
     bgra = np.zeros((8, 8, 4), np.uint8)
     bgra[..., 2], bgra[..., 3] = 200, 0  # red, fully transparent
     cv2.imwrite(str(tmp_path / "t.png"), bgra)
@@ -4852,8 +4856,16 @@ def test_ab_transparent_frames_long_captions_and_a_failed_run(tmp_path, capsys):
     before = {p: p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()}
     _ab_user_error(capsys, "loss became nan", *tiny, "--vision_lr", "1e30", "--seed", "7")
     assert {p: p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()} == before
-    _ab_user_error(capsys, "elsewhere: the run was trained on", "--eval", "--out_dir", tmp_path / "o", "--data_dir",
+    _ab_user_error(capsys, "and world; drop --data_dir", "--eval", "--out_dir", tmp_path / "o", "--data_dir",
                    tmp_path / "elsewhere")
+    # --eval and --generate run the saved settings: a size or seed typed beside them was silently replaced (and
+    # --max_frames was checked against the preset's --n_frames, not the run's); --video needs --generate
+    clip = tmp_path / "clip.mp4"
+    shutil.copy(next((tmp_path / "d").rglob("*.mp4")), clip)
+    for mode, flags in ((["--eval"], ["--n_test", "3", "--seed", "5"]), (["--eval"], ["--img_size", "32"]),
+                        (["--generate", "--video", clip], ["--max_frames", "2"])):
+        _ab_user_error(capsys, f"drop {' '.join(flags[:2])}", *mode, "--out_dir", tmp_path / "o", *flags)
+    _ab_user_error(capsys, "--video is for --generate", "--video", clip, "--section", "attention")
 
 
 @pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])
