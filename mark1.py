@@ -283,8 +283,8 @@ def load_video(path, n_frames, crop):
     """Video file (any container OpenCV reads) or a folder of frame images -> (uint8 (F, crop, crop, 3) RGB,
     sampled frame times in seconds (F,), clip duration in seconds). Only the F sampled frames are read and kept."""
     fps, exts = float(FPS), (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")  # a folder plays at FPS
-    if os.path.isdir(path):  # natural order: f2 before f10
-        names = sorted((n for n in os.listdir(path) if n.lower().endswith(exts)),
+    if os.path.isdir(path):  # natural order: f2 before f10; a subfolder named x.png is not a frame
+        names = sorted((n for n in os.listdir(path) if n.lower().endswith(exts) and os.path.isfile(f"{path}/{n}")),
                        key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
         n, read = len(names), lambda want: ((i, read_frame(os.path.join(path, names[i]))) for i in sorted(want))
     elif os.path.isfile(path):

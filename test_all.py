@@ -853,6 +853,8 @@ def test_vm_bench_times_the_plain_decode_loop(monkeypatch, capsys):
         model, video, cfg, *a, **k))
     vm.main(["--bench", "--preset", "tiny", "--beam", "3"])
     assert seen == [1] * 6 and "cache off" in capsys.readouterr().out
+    vm.main(["--bench", "--preset", "tiny", "--max_len", "16"])  # a context under 20 tokens: 15 (it was a traceback)
+    assert "(batch 8, 15 tokens each" in capsys.readouterr().out
 
 
 def test_vm_eval_writes_into_the_folder_it_loaded(_vm_trained, tmp_path, monkeypatch, capsys):
@@ -926,6 +928,18 @@ def _vc_trained_checkpoint(tmp):
     cfg = _vc_cfg(tmp)
     vc.train(cfg)
     return cfg
+
+
+def test_vc_whitening_from_few_images_keeps_new_images_in_range(tmp_path):
+    """16 images give fewer patches than pixels per patch, so some principal components have ~0 variance: their 1/std
+    gain made other images' patch features ~300x larger than the training ones. Only components with real variance
+    are kept; a default-sized init batch keeps all 128 (its smallest is ~5e-4 of the largest), as before."""
+    cfg = vc.Config(data_dir=str(tmp_path / "d"), n_train=40, n_val=4, n_test=4, n_novel=4)
+    images = vc.prepare_data(cfg, 0)["train"][1]
+    model = vc.ViTCaptioner(cfg, 50)
+    model.init_from_data(images[:16])
+    std = lambda x: model.vit.patch_embed(vc.pixels(x)).std().item()
+    assert 0.3 < std(images[:16]) < 2 and std(images[16:]) < 3, (std(images[:16]), std(images[16:]))
 
 
 @_vc_1t
@@ -1868,6 +1882,18 @@ def test_vl_strict_loading_lists_every_bad_key(vl_ckpt, tmp_path, capsys):
         vl.main(["--generate", "--from_pretrained", str(tmp_path / "bad"), "--prompt", "hi"])
 
 
+def test_vl_whitening_from_few_pictures_keeps_others_in_range():
+    """A few pictures give fewer patches than pixels per patch: components of ~0 variance got a 1/std gain that blew
+    other pictures' patch features up; only components with real variance are kept."""
+    rng = random.Random(0)
+    px = torch.stack([torch.from_numpy(vl.clip_transform(vl.make_image(rng, "train")[0][:, :, ::-1], 48))
+                      for _ in range(24)])  # (24, 3, 48, 48) synthetic pictures, CLIP-normalised
+    emb = vl.VideoLlava(vl.Config(vocab_size=10)).image_tower.vision_model.embeddings
+    vl.whiten(emb, px[:2], 12)  # 32 patches of 432 values
+    std = lambda x: emb.patch_embedding(x).std().item()
+    assert 0.1 < std(px[:2]) < 2 and std(px[2:]) < 3, (std(px[:2]), std(px[2:]))  # it was ~7000
+
+
 def test_vl_inspect(vl_ckpt, capsys):
     vl.main(["--inspect", vl_ckpt[1]["hub_sharded"], "--n_frames", "8"])
     out = capsys.readouterr().out
@@ -2562,7 +2588,7 @@ def test_vl_resume_refuses_foreign_folders(vl_tiny_run, tmp_path):
         vl.main(["--train", "--resume", "--out_dir", vl_tiny_run[0].out_dir, "--hidden_size", "64"])
     # what trains is part of what AdamW's saved state fits: another --freeze or --from_pretrained is refused too
     for flags in (["--freeze", "vision"], ["--from_pretrained", str(done)]):
-        with pytest.raises(vl.UserError, match=f"trained part: {flags[0]}"):
+        with pytest.raises(vl.UserError, match=f"trained part or world: {flags[0]}"):
             vl.main(["--train", "--resume", "--out_dir", vl_tiny_run[0].out_dir, *flags])
     with pytest.raises(vl.UserError, match="with --train"):
         vl.main(["--eval", "--resume", "--out_dir", vl_tiny_run[0].out_dir])
@@ -4683,6 +4709,34 @@ def test_vl_and_mk_frame_folders_read_every_image_format(tmp_path):
     assert [int(f.mean()) for f in mk.load_video(str(tmp_path), 4, 16)[0]] == [50, 100, 150, 200]
     means = [float(f.mean()) for f in vl.load_video(str(tmp_path), 4, 16)]  # CLIP-normalised: brighter, higher
     assert means == sorted(means) and len(set(means)) == 4
+
+
+@pytest.mark.parametrize("mod", [vm, vc, vl], ids=lambda m: m.__name__)
+def test_resume_keeps_the_run_s_world(mod, tmp_path, capsys):
+    """--resume with another --seed or split size rebuilt the synthetic world over the run's and trained on, so the
+    run no longer ended as an uninterrupted one would: refused in one line, world and checkpoint left as they were."""
+    world, out = tmp_path / "d", tmp_path / "o"
+    mod.main(["--train", "--preset", "tiny", "--max_steps", "4", "--stop_after", "2", "--data_dir", str(world),
+              "--out_dir", str(out)])
+    before = {p: p.read_bytes() for p in [*world.rglob("*"), *out.rglob("*")] if p.is_file()}
+    for flag, value in (("--seed", "5"), ("--n_train", "30")):
+        argv = ["--train", "--resume", "--out_dir", out, flag, value]
+        if mod is vl:  # its main() raises; the command line prints the line and exits 2
+            with pytest.raises(vl.UserError, match=f"{flag} {value}"):
+                vl.main(list(map(str, argv)))
+        else:
+            main_user_error(mod.main, capsys, argv, f"{flag} {value}", "world")
+    assert {p: p.read_bytes() for p in [*world.rglob("*"), *out.rglob("*")] if p.is_file()} == before
+
+
+@pytest.mark.parametrize("mod", [vm, vl, mk, ab], ids=lambda m: m.__name__)
+def test_frame_folders_skip_a_subfolder_named_like_an_image(mod, tmp_path):
+    """A subfolder called x.png inside a folder of frames is not a frame: it was opened as a file (a traceback)."""
+    (tmp_path / "x.png").mkdir()
+    with pytest.raises(mod.UserError, match="no frame"):  # nothing else there: the folder has no frames
+        mod.load_video(str(tmp_path), 4, 16)
+    cv2.imwrite(str(tmp_path / "f0.png"), np.full((20, 20, 3), 90, np.uint8))
+    assert len(mod.load_video(str(tmp_path), 4, 16)[0 if mod is mk else slice(None)]) == 4  # the one frame, 4 times
 
 
 @pytest.mark.parametrize("mod", [vm, vc, vl, mk], ids=lambda m: m.__name__)

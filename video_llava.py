@@ -367,7 +367,8 @@ def frame_indices(n_total, n_frames):  # uniform, as video_utils.default_sample_
 
 def load_video(path, n_frames, size):  # a video file OpenCV reads, or a folder of frames -> float32 (F, 3, size, size)
     if os.path.isdir(path):  # frames in natural order: f2 before f10 (digit runs compare as numbers)
-        names = sorted((n for n in os.listdir(path) if re.search(r"\.(png|jpe?g|bmp|webp|tiff?)$", n, re.I)),
+        names = sorted((n for n in os.listdir(path) if re.search(r"\.(png|jpe?g|bmp|webp|tiff?)$", n, re.I)
+                        and os.path.isfile(os.path.join(path, n))),  # a subfolder named x.png is not a frame
                        key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
         if not names:
             raise UserError(f"{path}: folder has no frame images")
@@ -694,7 +695,7 @@ class VideoLlavaMultiModalProjector(nn.Module):
 
 def sincos_2d(n, dim):
     """Positions of an n x n patch grid (row-major) -> (n*n, dim): dim/4 sin-cos pairs of the column, then dim/4 of
-    the row, at frequencies from pi/n per cell down to 1/100 of that, each feature at zero mean, unit variance."""
+    the row, at frequencies from pi/n per cell down to ~1/100 of that, each feature at zero mean, unit variance."""
     rows, cols = torch.meshgrid(torch.arange(n).double(), torch.arange(n).double(), indexing="ij")
     freqs = (math.pi / n) / 100.0 ** (torch.arange(dim // 4).double() / (dim // 4))  # (dim/4,) geometric
     angles = [c.flatten()[:, None] * freqs for c in (cols, rows)]  # 2 x (n*n, dim/4)
@@ -709,9 +710,9 @@ def whiten(emb, pixels, p):
     patches = F.unfold(pixels.float(), p, stride=p).transpose(1, 2).flatten(0, 1).double()  # (N*P, 3*p*p)
     evals, evecs = torch.linalg.eigh(torch.cov(patches.T))  # principal components, ascending eigenvalues
     w = emb.patch_embedding.weight.view(emb.patch_embedding.out_channels, -1)  # (Dv, 3*p*p), a view: written below
-    k = min(w.shape[0], evecs.shape[1])
-    w.zero_()
-    w[:k] = (evecs[:, -k:].flip(1) / evals[-k:].flip(0).clamp_min(1e-8).sqrt()).T.float()  # largest first
+    k = min(w.shape[0], int((evals > 1e-5 * evals[-1]).sum()))  # components with real variance (a few pictures leave
+    w.zero_()  # some near 0, whose 1/std gain would blow other pictures up)
+    w[:k] = (evecs[:, len(evals) - k:].flip(1) / evals[len(evals) - k:].flip(0).sqrt()).T.float()  # largest first
     emb.position_embedding.weight[1:] = sincos_2d(pixels.shape[-1] // p, w.shape[0]) * 0.3
 
 class VideoLlava(nn.Module):
@@ -994,10 +995,13 @@ def saved_config(out_dir, overrides, resume=True):  # the Config --train saved i
         if clash := [f"--{k} {v}" for k, v in overrides.items() if k not in run_keys and v != getattr(base, k)]:
             raise UserError(f"{out_dir}: --eval runs the trained settings; drop {', '.join(clash)}")
         return dataclasses.replace(base, **{k: v for k, v in overrides.items() if k in run_keys})
-    # what the weights and the saved AdamW state were built for: the architecture, one tower or two, what trains
-    arch = {f: getattr(base, f) for f in (*HF_FIELDS, "share_towers", "freeze", "from_pretrained")}
+    # what the weights and the saved AdamW state were built for (the architecture, one tower or two, what trains) and
+    # the synthetic world they were trained on
+    arch = {f: getattr(base, f) for f in (*HF_FIELDS, "share_towers", "freeze", "from_pretrained", "seed", "n_train",
+                                          "n_test", "n_frames")}
     if clash := [f"--{k} {overrides[k]} (checkpoint: {v!r})" for k, v in arch.items() if overrides.get(k, v) != v]:
-        raise UserError(f"{out_dir}: cannot resume with another architecture or trained part: {', '.join(clash)}")
+        raise UserError(f"{out_dir}: cannot resume with another architecture, trained part or world: "
+                        f"{', '.join(clash)}")
     return dataclasses.replace(base, **{"stop_after": 0, **overrides})
 
 # Training -------------------------------------------------------------------------------------------------------------

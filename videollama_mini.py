@@ -224,7 +224,8 @@ def read_frame(path):
 
 def load_video(path, n_frames, size):  # a video file OpenCV reads, or a folder of frames -> uint8 (F, S, S, 3) RGB
     if os.path.isdir(path):
-        names = sorted((n for n in os.listdir(path) if re.search(r"\.(png|jpe?g|bmp|webp|tiff?)$", n, re.I)),
+        names = sorted((n for n in os.listdir(path) if re.search(r"\.(png|jpe?g|bmp|webp|tiff?)$", n, re.I)
+                        and os.path.isfile(os.path.join(path, n))),  # a subfolder named x.png is not a frame
                        key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])  # f2 before f10
         frames = [_square(read_frame(os.path.join(path, n)), size) for n in names]
     else:
@@ -639,6 +640,7 @@ def prepare_data(cfg, rank):  # -> {split: (entries, uint8 clips (N, F, S, S, 3)
 # The fields that shape the weights: --resume takes them from the checkpoint and refuses a flag that disagrees.
 ARCH = ("n_frames", "img_size", "d_model", "n_head", "cnn_width", "grid", "frame_diff", "n_temporal_layer",
         "qformer_mode", "n_query", "n_qformer_layer", "n_dec_layer", "max_len", "compact_vocab")
+WORLD = ("seed", "n_train", "n_val", "n_test", "n_novel")  # the synthetic world's: --resume and --eval keep the run's
 
 def start_config(cfg, typed=None, resume=False):
     """Checked before any data. A fresh run: out_dir must be missing, empty or this script's. --resume: out_dir's saved
@@ -651,10 +653,10 @@ def start_config(cfg, typed=None, resume=False):
     if not os.path.isfile(path):
         raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
     typed = dataclasses.asdict(cfg) if typed is None else {"stop_after": 0, **typed, "out_dir": out}
-    model, tok, saved = load_checkpoint(out, {k: v for k, v in typed.items() if k not in ARCH})
+    model, tok, saved = load_checkpoint(out, {k: v for k, v in typed.items() if k not in ARCH + WORLD})
     if clash := [f"--{k} {v} (checkpoint: {getattr(saved, k)})" for k, v in typed.items()
-                 if k in ARCH and v != getattr(saved, k)]:
-        raise UserError(f"{cfg.out_dir}: --resume keeps the checkpoint's architecture; drop {', '.join(clash)}")
+                 if k in ARCH + WORLD and v != getattr(saved, k)]:
+        raise UserError(f"{cfg.out_dir}: --resume keeps the run's architecture and world; drop {', '.join(clash)}")
     try:
         return saved, (model, tok, torch.load(path, weights_only=True))
     except Exception:  # torch raises several error types for a truncated or foreign file
@@ -942,7 +944,7 @@ def bench(cfg):  # training samples/s and captions/s with and without the KV cac
     model = VideoLLaMAMini(cfg, len(tok.ids)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # real optimizer steps, as in training
     video = torch.randint(0, 255, (B, cfg.n_frames, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8, device=device)
-    inp = torch.randint(0, len(tok.ids), (B, 20), device=device)  # (B, 20) random tokens
+    inp = torch.randint(0, len(tok.ids), (B, min(20, cfg.max_len)), device=device)  # (B, L) random tokens
     print(f"autocast for training and captions: {autocast_dtype(cfg.dtype, device)} (--dtype {cfg.dtype})")
     for label in dict.fromkeys(["float32", "bfloat16" if cfg.dtype == "auto" else cfg.dtype]):  # both, for auto
         times = []
@@ -960,7 +962,7 @@ def bench(cfg):  # training samples/s and captions/s with and without the KV cac
             with autocast(cfg, device):
                 generate(model, video, fixed, use_cache, stop_at_eos=False)
         print(f"caption (cache {'on ' if use_cache else 'off'}): {3 * B / (time.time() - t):8.1f} captions/s "
-              f"(batch {B}, 20 tokens each, {autocast_dtype(cfg.dtype, device)})")
+              f"(batch {B}, {min(20, cfg.max_len - 1)} tokens each, {autocast_dtype(cfg.dtype, device)})")
 
 # Command line ---------------------------------------------------------------------------------------------------------
 def check_decoding(cfg):  # a decoding flag (typed, or saved with a checkpoint) the search would ignore: refused
@@ -1023,7 +1025,7 @@ def run(args, cfg, overrides):  # dispatch --train / --bench / --eval / --genera
     if args.train:  # train prints the config it runs
         return train(cfg, overrides, resume=args.resume)
     if (args.eval or args.generate) and not args.bench:  # the saved config, typed flags on top (ARCH flags excepted)
-        fixed = ARCH + (("seed", "n_train", "n_val", "n_test", "n_novel") if args.eval else ())  # and the run's world
+        fixed = ARCH + (WORLD if args.eval else ())  # --generate: the typed --seed samples
         model, tok, cfg = load_checkpoint(cfg.out_dir, {k: v for k, v in overrides.items() if k not in fixed})
         if clash := [f"--{k} {v}" for k, v in overrides.items() if k in fixed and v != getattr(cfg, k)]:
             raise UserError(f"{cfg.out_dir}: the checkpoint's sizes run (and --eval's world); drop {', '.join(clash)}")

@@ -72,7 +72,7 @@ class Config:
     n_val: int = 200  # validation loss during training
     n_test: int = 500  # the headline split: new images of (colour, shape) pairs seen in training
     n_novel: int = 500  # images with a held-out (colour, shape) pair
-    max_train: int = 0  # >0: train on only the first max_train pairs (the write-up had 16) and report train EM
+    max_train: int = 0  # >0: train on only the first max_train images (the write-up had 16) and report train EM
     eval_max: int = 0  # >0: evaluate only the first eval_max images of each split (the big preset is slow)
     img_size: int = 48  # images are letterboxed to a square and resized to this side
     patch: int = 12  # patch side in pixels: 48 / 12 -> a 4 x 4 grid, P = 16; a shape spans 1-3 patches a side
@@ -89,7 +89,7 @@ class Config:
     n_head: int = 4  # decoder attention heads
     mlp_dim: int = 384  # SwiGLU hidden width
     max_len: int = 24  # longest caption in tokens, BOS and EOS included
-    rope_theta: float = 100.0  # RoPE base; with LLaMA's 10000 the short prefix offsets barely turn (README)
+    rope_theta: float = 100.0  # RoPE base; with LLaMA's 10000 the short prefix offsets barely turn (NOTES.md)
     dropout: float = 0.0  # decoder dropout on the residual branches
     compact_vocab: bool = True  # output table over the GPT-2 ids seen in training (False: all 50257)
     batch_size: int = 64  # micro-batch per process
@@ -375,7 +375,7 @@ class Block(nn.Module):
 
 def sincos_2d(n, dim):
     """Positions of an n x n patch grid (row-major) -> (n*n, dim): dim/4 sin-cos pairs of the column, then dim/4 of
-    the row, at frequencies from pi/n per cell down to 1/100 of that (each feature varies smoothly across the grid),
+    the row, at frequencies from pi/n per cell down to ~1/100 of that (each feature varies smoothly across the grid),
     every feature scaled to zero mean and unit variance over the grid."""
     rows, cols = torch.meshgrid(torch.arange(n).double(), torch.arange(n).double(), indexing="ij")  # (n, n) each
     freqs = (math.pi / n) / 100.0 ** (torch.arange(dim // 4).double() / (dim // 4))  # (dim/4,)
@@ -451,9 +451,10 @@ class ViTCaptioner(nn.Module):  # ViT -> linear projection -> LLaMA-style decode
         patches = F.unfold(pixels(images), p, stride=p).transpose(1, 2).flatten(0, 1).double()  # (B*P, 3*p*p)
         mean = patches.mean(0)  # (3*p*p,)
         evals, evecs = torch.linalg.eigh(torch.cov((patches - mean).T))  # ascending; evecs (3*p*p, 3*p*p)
-        k = min(conv.out_channels, evecs.shape[1])
+        # only components with real variance (few images leave some near 0: a 1/std gain would blow new images up)
+        k = min(conv.out_channels, int((evals > 1e-5 * evals[-1]).sum()))
         # (3*p*p, k) -> (k, 3*p*p): one row per component, largest first, divided by its std so its output has std 1
-        w = (evecs[:, -k:].flip(1) / (evals[-k:].flip(0).clamp_min(1e-8).sqrt())).T * self.cfg.patch_scale
+        w = (evecs[:, len(evals) - k:].flip(1) / (evals[len(evals) - k:].flip(0).sqrt())).T * self.cfg.patch_scale
         conv.weight.zero_(), conv.bias.zero_()  # channels beyond 3*p*p components (a narrow patch) stay zero
         conv.weight.view(conv.out_channels, -1)[:k] = w.float()  # (E, 3, p, p) seen as (E, 3*p*p): unfold's order
         conv.bias[:k] = -(w @ mean).float()  # centred: the mean patch maps to zero
@@ -507,6 +508,7 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler):  # train_state.pt: what
 
 ARCH = ("img_size", "patch", "vit_dim", "vit_layers", "vit_heads", "vit_mlp", "pool", "d_model", "n_layer", "n_head",
         "mlp_dim", "max_len", "rope_theta", "compact_vocab")  # the weights' shape: always the checkpoint's
+WORLD = ("seed", "n_train", "n_val", "n_test", "n_novel")  # the synthetic world's: --resume and --eval keep the run's
 
 def load_checkpoint(out_dir, overrides=None):  # -> (model, tok, cfg): the checkpoint's sizes, overrides for the rest
     cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
@@ -537,11 +539,12 @@ def load_checkpoint(out_dir, overrides=None):  # -> (model, tok, cfg): the check
     return model, tok, cfg
 
 def resume_run(cfg, typed=None):  # before any data: out_dir's run + typed flags -> cfg, (model, tok, state)
-    path = os.path.join(cfg.out_dir, "train_state.pt")
-    if not os.path.isfile(path):
+    if not os.path.isfile(path := os.path.join(cfg.out_dir, "train_state.pt")):
         raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
     typed = dataclasses.asdict(cfg) if typed is None else {"stop_after": 0, **typed}  # the saved stop is behind us
-    model, tok, saved = load_checkpoint(cfg.out_dir, typed)
+    model, tok, saved = load_checkpoint(cfg.out_dir, {k: v for k, v in typed.items() if k not in WORLD})
+    if clash := [f"--{k} {v}" for k, v in typed.items() if k in WORLD and v != getattr(saved, k)]:
+        raise UserError(f"{cfg.out_dir}: --resume keeps the run's world; drop {', '.join(clash)}")
     try:
         return saved, (model, tok, torch.load(path, weights_only=True))
     except Exception as e:  # a truncated or foreign file: zip, pickle or torch errors
@@ -1020,7 +1023,7 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
         if args.train:  # train prints the config it runs: on --resume the checkpoint's, with the typed flags on top
             return train(cfg, args.resume, overrides)
         if (args.eval or args.generate) and not args.bench:  # the architecture comes from the checkpoint, and the
-            world = ("seed", "n_train", "n_val", "n_test", "n_novel") if args.eval else ()  # world --eval scores on
+            world = WORLD if args.eval else ()  # world --eval scores on (--generate: a typed --seed samples)
             model, tok, cfg = load_checkpoint(cfg.out_dir, {k: v for k, v in overrides.items() if k not in world})
             if clash := [f"--{k} {v}" for k, v in overrides.items() if k in world and v != getattr(cfg, k)]:
                 raise UserError(f"{cfg.out_dir}: --eval scores the run's own world; drop {', '.join(clash)}")
