@@ -2765,12 +2765,34 @@ def test_vl_user_data_relative_paths_and_overlong_entries(tmp_path, monkeypatch)
     with pytest.raises(vl.UserError, match="long.jsonl:2: .* more than the context"):
         vl.main(tiny + ["--data", "long.jsonl", "--out_dir", "long"])
     assert not os.path.exists("long")
-    # a test entry is only generated after: its long reference answer is no problem, a long --max_new_tokens is
+    # a test answer longer than --max_new_tokens can never be generated (it was scored a miss without a word): refused;
+    # a --max_new_tokens long enough for it but past the context is refused too
     (tmp_path / "a" / "long_answer.jsonl").write_text(line.replace('"red"', '"%s"') % ("What colour?", "red " * 600))
     cfg, tok, entries = vl.Config(**vl.PRESETS["tiny"]), vl.load_tokenizer("out"), vl.read_annotations("long_answer.jsonl")
-    assert len(vl.Examples(entries, cfg, tok, answered=False).answers[0]) > cfg.max_position_embeddings
+    with pytest.raises(vl.UserError, match="long_answer.jsonl:1: the answer takes 602 tokens"):
+        vl.Examples(entries, cfg, tok, answered=False)
     with pytest.raises(vl.UserError, match="long_answer.jsonl:1: .* --max_new_tokens take"):
         vl.Examples(entries, dataclasses.replace(cfg, max_new_tokens=600), tok, answered=False)
+
+
+def test_vl_flags_a_mode_ignores_and_a_partial_vision_config(tmp_path):
+    """--train/--eval decode greedily and --bench builds fixed CPU models: sampling flags there, or sizes and devices on
+    --bench, were accepted and ignored. A vision_config without a key takes CLIPVisionConfig's default, as in
+    transformers (Video-LLaVA's 1024-wide tower is the default only when vision_config is absent)."""
+    for argv, needle in ((["--train", "--temperature", "0.5"], "--temperature: not read by --train"),
+                         (["--eval", "--top_p", "0.5", "--temperature", "1"], "not read by --eval"),
+                         (["--bench", "--device", "cpu", "--hidden_size", "8"], "--hidden_size, --device: not read by "
+                          "--bench")):
+        with pytest.raises(vl.UserError, match=needle):
+            vl.parse_args(argv)
+    vl.parse_args(["--bench", "--max_new_tokens", "8"])
+    from transformers import VideoLlavaConfig
+    for vision in ({"model_type": "clip_vision_model"}, None):
+        hf = {"model_type": "video_llava", "text_config": {"model_type": "llama"}, **({"vision_config": vision} if
+              vision else {})}
+        ref, ours = VideoLlavaConfig(**hf).vision_config, vl.config_from_hf(hf, "x")
+        assert (ours["v_hidden_size"], ours["v_num_hidden_layers"], ours["patch_size"], ours["v_intermediate_size"]) \
+            == (ref.hidden_size, ref.num_hidden_layers, ref.patch_size, ref.intermediate_size)
 
 
 def test_vl_user_mistakes_are_one_line(vl_ckpt, vl_tiny_run, tmp_path, monkeypatch):

@@ -130,6 +130,9 @@ PRESETS = {"default": {}, "tiny": dict(  # tiny: the whole pipeline in seconds (
 
 # Config field -> (section of an HF Video-LLaVA config.json, its key there, transformers' default when the file leaves
 # it out): the one map that config_from_hf reads and hf_config_dict writes. A top-level key may also sit in text_config.
+# The vision defaults are Video-LLaVA's for a missing vision_config; a vision_config without a key takes CLIP_VISION's.
+CLIP_VISION = dict(v_hidden_size=768, v_intermediate_size=3072, v_num_hidden_layers=12, v_num_attention_heads=12,
+                   patch_size=32)  # transformers' CLIPVisionConfig
 HF_FIELDS = {f: (sec, f.removeprefix("v_") if sec == "vision_config" else f, d) for sec, table in (
     ("text_config", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=None, rms_norm_eps=1e-6, rope_theta=10000.0,
@@ -159,7 +162,8 @@ def config_from_hf(hf, path):  # HF config.json -> Config fields (HF_FIELDS); wh
         sec, _, k = name.rpartition(".")
         if where[sec].get(k, ok) != ok:
             raise UserError(f"{path}: {name}: {json.dumps(where[sec][k])} is not supported (only {json.dumps(ok)})")
-    out = {f: where[sec].get(k, d) if sec else hf.get(k, t.get(k, d)) for f, (sec, k, d) in HF_FIELDS.items()}
+    out = {f: where[sec].get(k, CLIP_VISION.get(f, d) if v and sec == "vision_config" else d) if sec else
+           hf.get(k, t.get(k, d)) for f, (sec, k, d) in HF_FIELDS.items()}
     out.update(num_key_value_heads=out["num_key_value_heads"] or out["num_attention_heads"],  # none: plain MHA
                rope_theta=rope.get("rope_theta", out["rope_theta"]),  # transformers 5 keeps it in rope_parameters
                tie_word_embeddings=bool(out["tie_word_embeddings"]), pad_token_id=out["pad_token_id"] or 0)
@@ -221,7 +225,7 @@ def make_image(rng, split):  # 1-3 copies of one shape in cells of a 4x4 grid ->
     return img, [("What colour are the shapes?", colour), ("What shape are they?", shape),
                  ("How many shapes are there?", NUMBERS[n - 1])]
 
-def make_clip(rng, split, n_frames):  # a 16-frame clip -> (BGR frames, (question, answer)); one frame never tells
+def make_clip(rng, split, n_frames):  # a 16-frame clip -> (BGR frames, (question, answer))
     frames = [np.full((SIDE, SIDE, 3), 60, np.uint8) for _ in range(CLIP_LEN)]  # (CLIP_LEN, SIDE, SIDE, 3)
     if rng.random() < 0.5:  # motion: one shape crosses the picture (its direction), else order (which came first)
         (colour, shape), motion = sample_pair(rng, split), rng.choice(list(MOTIONS))
@@ -1049,7 +1053,7 @@ class Examples:
             if n > cfg.max_position_embeddings:
                 raise UserError(f"{e['line']}: question, {e['kind']} and {what} take {n} tokens, more than the "
                                 f"context ({cfg.max_position_embeddings}); shorten it or use fewer --n_frames")
-            if answered and len(a) > cfg.max_new_tokens:  # evaluation would cut the generated answers short
+            if len(a) > cfg.max_new_tokens:  # evaluation would cut the generated answers short (test ones too)
                 raise UserError(f"{e['line']}: the answer takes {len(a)} tokens (EOS included), more than "
                                 f"--max_new_tokens {cfg.max_new_tokens}; raise it")
     def batch(self, idx, device, with_answer=True, left_pad=False):
@@ -1426,10 +1430,15 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
         raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset or "default"], **overrides})
-    # flags the mode would not use: --generate reads these (and the architecture, checked against the checkpoint's)
-    reads = ("out_dir", "from_pretrained", "device", "dtype", "seed", "temperature", "top_k", "top_p", "max_new_tokens",
-             "n_frames", *HF_FIELDS) if args.generate else ("n_frames",) if args.inspect else None
-    unread = [f"--{k}" for k in overrides if reads is not None and k not in reads]
+    # flags the mode would not use: --generate reads these (and the architecture, checked against the checkpoint's);
+    # --train and --eval decode greedily (no sampling flags), --bench builds fixed-size models on the CPU
+    sampling = ("temperature", "top_k", "top_p")
+    greedy = [f.name for f in dataclasses.fields(Config) if f.name not in sampling]
+    reads = {"generate": ("out_dir", "from_pretrained", "device", "dtype", "seed", *sampling, "max_new_tokens",
+                          "n_frames", *HF_FIELDS), "inspect": ("n_frames",), "bench": ("max_new_tokens",),
+             "train": greedy, "eval": greedy}
+    mode = next((m for m in reads if getattr(args, m)), None)  # --train --eval is one run: --train's
+    unread = [f"--{k}" for k in overrides if mode and k not in reads[mode]]
     v = dataclasses.asdict(cfg)  # every problem with the flags, in order; the first is reported
     problems = [f"--{f} must be at least 1" for f in ("batch_size grad_accum n_frames max_new_tokens hidden_size "
                 "patch_size num_attention_heads num_key_value_heads v_hidden_size v_num_attention_heads image_size "
@@ -1461,11 +1470,11 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
          f"--out_dir {cfg.out_dir}: a file, or a folder of files this script did not write; give a new or empty one"),
         (args.resume and not args.train, "--resume continues a training run: use it with --train"),
         (args.n_tokens < 0, f"--n_tokens {args.n_tokens}: --inspect's text tokens, 0 or more"),
-        (unread, f"{', '.join(unread)}: not read by {'--generate' if args.generate else '--inspect'}; drop it"),
+        (modes > 1, "one mode per call: --train (which also evaluates), --eval, --generate, --inspect DIR or --bench"),
+        (unread, f"{', '.join(unread)}: not read by --{mode}; drop it"),
         (cfg.data and args.train and {"n_train", "n_test", "data_dir"} & set(overrides), "--n_train, --n_test and "
          "--data_dir size and place the synthetic world: --data trains on your file"),
         ("" in (cfg.out_dir, cfg.data_dir), "--out_dir and --data_dir must name a folder, not an empty string"),
-        (modes > 1, "one mode per call: --train (which also evaluates), --eval, --generate, --inspect DIR or --bench"),
         (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it with --generate"),
         (not args.generate and (args.video or args.image or args.prompt), "--video, --image and --prompt are for "
          "--generate (another mode would ignore them)"),
