@@ -1173,7 +1173,7 @@ def evaluate(models, clip_model, tok, cfg, device, data, seconds):
     return res
 
 def refuse_changes(cfg, typed, mode):  # --eval and --generate run the saved settings: a flag that differs is refused
-    same = lambda k, v: os.path.abspath(v) == cfg.data_dir if k == "data_dir" else v == getattr(cfg, k)  # saved abs.
+    same = lambda k, v: os.path.abspath(v) == cfg.data_dir if k == "data_dir" else v == getattr(cfg, k)  # (absolute)
     if clash := [f"--{k} {v}" for k, v in typed.items() if k not in RUN_FIELDS and not same(k, v)]:
         raise UserError(f"{cfg.out_dir}: {mode} runs the trained settings and world; drop {', '.join(clash)}")
 

@@ -312,7 +312,9 @@ def read_annotations(path):  # JSON lines {"image"|"video"|"frames", "question",
         raise UserError(f"{path}: " + ("not UTF-8 text; save it as UTF-8" if isinstance(e, UnicodeDecodeError) else
                                        "annotation file not found"))
     out, base = [], os.path.dirname(os.path.abspath(path))  # media paths are relative to the annotation file
-    for no, line in ((no, line) for no, line in enumerate(lines, 1) if line.strip()):  # blank lines skipped
+    for no, line in enumerate(lines, 1):
+        if not line.strip():  # blank lines are skipped
+            continue
         try:
             e = json.loads(line)
         except json.JSONDecodeError:
@@ -1290,7 +1292,8 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
             if on_token is not None:
                 with torch.inference_mode(False):
                     on_token(nxt.clone())  # an ordinary tensor, which the caller may keep
-            done = done | (nxt == (-1 if eos_token_id is None else eos_token_id))  # no EOS: every row runs on
+            if eos_token_id is not None:  # without one, every row runs to max_new_tokens
+                done = done | (nxt == eos_token_id)
             if bool(done.all()) or len(out) == max_new_tokens:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)

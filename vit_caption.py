@@ -510,7 +510,8 @@ ARCH = ("img_size", "patch", "vit_dim", "vit_layers", "vit_heads", "vit_mlp", "p
         "mlp_dim", "max_len", "rope_theta", "compact_vocab")  # the weights' shape: always the checkpoint's
 WORLD = ("seed", "n_train", "n_val", "n_test", "n_novel")  # the synthetic world's: --resume and --eval keep the run's
 
-def load_checkpoint(out_dir, overrides=None):  # -> (model, tok, cfg): the checkpoint's sizes, overrides for the rest
+def load_checkpoint(out_dir, overrides=None, fixed=ARCH):  # -> (model, tok, cfg): the saved `fixed` fields, overrides
+    # for the rest (fixed: the architecture; on --resume and --eval also the world the run was trained and tested on)
     cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
         raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
@@ -519,10 +520,11 @@ def load_checkpoint(out_dir, overrides=None):  # -> (model, tok, cfg): the check
     if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("vocab"), list):
         raise UserError(f"{cpath}: no 'config' object or 'vocab' list (checkpoint damaged; retrain or pass --out_dir)")
     saved = {k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
-    typed = overrides or {}  # the architecture is the checkpoint's: a typed size that differs is refused
-    if clash := [f"--{k} {v} (saved {saved.get(k)})" for k, v in typed.items() if k in ARCH and v != saved.get(k)]:
-        raise UserError(f"{out_dir}: the checkpoint's architecture runs; drop {', '.join(clash)}")
-    cfg = Config(**{**saved, **{k: v for k, v in typed.items() if k not in ARCH}, "out_dir": out_dir})
+    typed = overrides or {}  # a typed flag that differs from a saved `fixed` field is refused
+    if clash := [f"--{k} {v} (saved {saved.get(k)})" for k, v in typed.items() if k in fixed and v != saved.get(k)]:
+        what = "architecture and world" if fixed != ARCH else "architecture"
+        raise UserError(f"{out_dir}: the run's {what} is kept; drop {', '.join(clash)}")
+    cfg = Config(**{**saved, **{k: v for k, v in typed.items() if k not in fixed}, "out_dir": out_dir})
     tok = Tokenizer(meta["vocab"])  # the token table the model was trained with
     model = ViTCaptioner(cfg, len(tok.ids))
     try:
@@ -542,9 +544,7 @@ def resume_run(cfg, typed=None):  # before any data: out_dir's run + typed flags
     if not os.path.isfile(path := os.path.join(cfg.out_dir, "train_state.pt")):
         raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
     typed = dataclasses.asdict(cfg) if typed is None else {"stop_after": 0, **typed}  # the saved stop is behind us
-    model, tok, saved = load_checkpoint(cfg.out_dir, {k: v for k, v in typed.items() if k not in WORLD})
-    if clash := [f"--{k} {v}" for k, v in typed.items() if k in WORLD and v != getattr(saved, k)]:
-        raise UserError(f"{cfg.out_dir}: --resume keeps the run's world; drop {', '.join(clash)}")
+    model, tok, saved = load_checkpoint(cfg.out_dir, typed, ARCH + WORLD)
     try:
         return saved, (model, tok, torch.load(path, weights_only=True))
     except Exception as e:  # a truncated or foreign file: zip, pickle or torch errors
@@ -1022,11 +1022,8 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
         args, cfg, overrides = parse_args(argv)
         if args.train:  # train prints the config it runs: on --resume the checkpoint's, with the typed flags on top
             return train(cfg, args.resume, overrides)
-        if (args.eval or args.generate) and not args.bench:  # the architecture comes from the checkpoint, and the
-            world = WORLD if args.eval else ()  # world --eval scores on (--generate: a typed --seed samples)
-            model, tok, cfg = load_checkpoint(cfg.out_dir, {k: v for k, v in overrides.items() if k not in world})
-            if clash := [f"--{k} {v}" for k, v in overrides.items() if k in world and v != getattr(cfg, k)]:
-                raise UserError(f"{cfg.out_dir}: --eval scores the run's own world; drop {', '.join(clash)}")
+        if (args.eval or args.generate) and not args.bench:  # --generate: a typed --seed samples
+            model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, ARCH + WORLD if args.eval else ARCH)
         print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
         if args.bench:
             return bench(cfg)
