@@ -143,17 +143,16 @@ HF_FIELDS = {f: (sec, f.removeprefix("v_") if sec == "vision_config" else f, d) 
               image_token_index=32000, video_token_index=32001, pad_token_id=0))) for f, d in table.items()}
 
 def config_from_hf(hf, path):  # HF config.json -> Config fields (HF_FIELDS); what this model lacks is refused
-    if hf.get("model_type") != "video_llava":  # a run of another script (its out_dir) has a config.json without one
+    if (mt := hf.get("model_type")) != "video_llava":  # a run of another script (its out_dir) has no model_type
         what = f"a run of {hf['script']}.py" if hf.get("script") else "not a model's config"
-        raise UserError(f"{path}: " + (f"model_type is '{hf['model_type']}', not 'video_llava' (another architecture)"
-                        if hf.get("model_type") else f"config.json has no model_type ({what}); give a Video-LLaVA "
-                        f"checkpoint: an HF folder or an --out_dir of {SCRIPT}.py --train"))
+        raise UserError(f"{path}: model_type is '{mt}', not 'video_llava' (another architecture)" if mt else f"{path}: "
+                        f"config.json has no model_type ({what}); give an HF folder or an --out_dir of {SCRIPT}.py")
     t, v = hf.get("text_config") or {}, hf.get("vision_config") or {}
     if not isinstance(t, dict) or not isinstance(v, dict):
         raise UserError(f"{path}: text_config and vision_config must be JSON objects")
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}  # transformers 5: rope_parameters
-    rope_type = {"type": rope.get("rope_type", rope.get("type", "default"))}  # "default": no scaling
-    where = {"text_config": t, "vision_config": v, "": hf, "rope_scaling": rope_type}
+    where = {"text_config": t, "vision_config": v, "": hf,  # rope type "default": no scaling
+             "rope_scaling": {"type": rope.get("rope_type", rope.get("type", "default"))}}
     # implemented one way only: LLaMA (silu, no biases, plain RoPE), CLIP (quick_gelu), Linear-GELU(erf)-Linear
     for name, ok in {"text_config.model_type": "llama", "text_config.hidden_act": "silu",
                      "text_config.attention_bias": False, "text_config.mlp_bias": False, "rope_scaling.type": "default",
@@ -258,9 +257,9 @@ def build_world(cfg):  # write data_dir/<split>/*.png|mp4 and data_dir/<split>.j
     if not 3 <= cfg.n_frames <= CLIP_LEN:  # an order question needs an empty first slot, then one slot per object
         raise UserError(f"--n_frames {cfg.n_frames}: the synthetic world samples 3 to {CLIP_LEN} frames of its clips")
     sizes = {"train": cfg.n_train, "val": cfg.n_test, "test": cfg.n_test, "novel": cfg.n_test}
+    files = {s: os.path.join(cfg.data_dir, f"{s}.jsonl") for s in sizes}
     stamp = os.path.join(cfg.data_dir, "world.json")  # the manifest: what was written, from which settings
     want = dict(sizes, seed=cfg.seed, n_frames=cfg.n_frames, version=1)
-    files = {s: os.path.join(cfg.data_dir, f"{s}.jsonl") for s in sizes}
     if read_json(stamp) == want:  # written before with these settings: reuse it
         return files
     # only this script's own world.json (other settings, a build cut short) marks a folder it may write over
@@ -272,7 +271,7 @@ def build_world(cfg):  # write data_dir/<split>/*.png|mp4 and data_dir/<split>.j
     for offset, (split, n) in enumerate(sizes.items()):
         rng = random.Random(cfg.seed * 10 + offset)  # one stream per split: a split never depends on another's size
         os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
-        lines = []
+        lines = []  # the split's annotation file
         for i in range(n):
             img, qa = make_image(rng, split)
             png, mp4 = f"{split}/img_{i:05d}.png", f"{split}/clip_{i:05d}.mp4"
@@ -296,11 +295,10 @@ def load_entries(cfg, master=True):  # each split's questions: --data or the syn
         val, train = train[::10], [e for i, e in enumerate(train) if i % 10]  # entries 0, 10, 20, ... held out
         test = read_annotations(cfg.test_data) if cfg.test_data else val  # the token table never sees --test_data
         return {"train": train, "val": val, "test": test}
-    if master:
-        build_world(cfg)
+    files = build_world(cfg) if master else None  # rank 0 writes the world; the others wait, then read it
     if dist.is_initialized():
         dist.barrier()
-    entries = {s: read_annotations(f) for s, f in build_world(cfg).items()}  # now it only returns the files
+    entries = {s: read_annotations(f) for s, f in (files or build_world(cfg)).items()}
     if cfg.test_data:  # your questions in place of the world's test split
         entries["test"] = read_annotations(cfg.test_data)
     return entries
@@ -312,9 +310,7 @@ def read_annotations(path):  # JSON lines {"image"|"video"|"frames", "question",
         raise UserError(f"{path}: " + ("not UTF-8 text; save it as UTF-8" if isinstance(e, UnicodeDecodeError) else
                                        "annotation file not found"))
     out, base = [], os.path.dirname(os.path.abspath(path))  # media paths are relative to the annotation file
-    for no, line in enumerate(lines, 1):
-        if not line.strip():  # blank lines are skipped
-            continue
+    for no, line in [(no, line) for no, line in enumerate(lines, 1) if line.strip()]:  # blank lines skipped
         try:
             e = json.loads(line)
         except json.JSONDecodeError:
