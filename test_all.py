@@ -560,7 +560,8 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     (other / "model.safetensors").write_bytes(b"")
     main_user_error(vm.main, capsys, ["--generate", "--video", clip, "--out_dir", other], "vit_caption")
     for mode in (["--eval"], ["--generate", "--video", clip]):  # the checkpoint's sizes run: another size is refused
-        main_user_error(vm.main, capsys, mode + ["--out_dir", out, "--d_model", "64"], "sizes run", "drop --d_model 64")
+        main_user_error(vm.main, capsys, mode + ["--out_dir", out, "--d_model", "64"], "sizes and", "drop --d_model 64")
+        main_user_error(vm.main, capsys, mode + ["--out_dir", out, "--lr", "0.5"], "drop --lr 0.5")  # --train's only
     tiny = ["--train", "--preset", "tiny", "--data_dir", tmp / "data"]
     unbuilt = ["--train", "--resume", "--data_dir", tmp_path / "unbuilt"]  # refused before any data
     main_user_error(vm.main, capsys, unbuilt + ["--out_dir", tmp_path / "fresh"], "nothing to resume")
@@ -1240,6 +1241,8 @@ def test_vc_train_eval_generate_cli(tmp_path, capsys):
     for argv in (["--eval"], ["--train", "--resume"], ["--generate", "--image", "a.png"]):  # sizes: the checkpoint's
         main_user_error(vc.main, capsys, argv + ["--preset", "tiny", "--out_dir", out], "--preset tiny", "drop --preset")
     main_user_error(vc.main, capsys, ["--eval", "--image", "a.png"], "--image a.png: only with --generate")
+    for argv in (["--eval"], ["--generate", "--image", "a.png"]):  # training flags would be ignored: refused
+        main_user_error(vc.main, capsys, argv + ["--out_dir", out, "--lr", "0.5"], "drop --lr 0.5 (saved 0.002)")
     img = np.random.default_rng(0).integers(0, 255, (300, 131, 3), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "odd.jpg"), img)
     vc.main(["--generate", "--image", str(tmp_path / "odd.jpg"), "--out_dir", out, "--temperature", "0.8",

@@ -641,6 +641,8 @@ def prepare_data(cfg, rank):  # -> {split: (entries, uint8 clips (N, F, S, S, 3)
 ARCH = ("n_frames", "img_size", "d_model", "n_head", "cnn_width", "grid", "frame_diff", "n_temporal_layer",
         "qformer_mode", "n_query", "n_qformer_layer", "n_dec_layer", "max_len", "compact_vocab")
 WORLD = ("seed", "n_train", "n_val", "n_test", "n_novel")  # the synthetic world's: --resume and --eval keep the run's
+TRAINING = ("batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "compile",
+            "log_interval", "eval_interval", "stop_after", "dropout")  # read by --train only
 
 def start_config(cfg, typed=None, resume=False):
     """Checked before any data. A fresh run: out_dir must be missing, empty or this script's. --resume: out_dir's saved
@@ -1025,10 +1027,11 @@ def run(args, cfg, overrides):  # dispatch --train / --bench / --eval / --genera
     if args.train:  # train prints the config it runs
         return train(cfg, overrides, resume=args.resume)
     if (args.eval or args.generate) and not args.bench:  # the saved config, typed flags on top (ARCH flags excepted)
-        fixed = ARCH + (WORLD if args.eval else ())  # --generate: the typed --seed samples
+        fixed = ARCH + TRAINING + (WORLD if args.eval else ())  # --generate: the typed --seed samples
         model, tok, cfg = load_checkpoint(cfg.out_dir, {k: v for k, v in overrides.items() if k not in fixed})
         if clash := [f"--{k} {v}" for k, v in overrides.items() if k in fixed and v != getattr(cfg, k)]:
-            raise UserError(f"{cfg.out_dir}: the checkpoint's sizes run (and --eval's world); drop {', '.join(clash)}")
+            raise UserError(f"{cfg.out_dir}: the checkpoint's sizes and training run (and --eval's world); drop "
+                            f"{', '.join(clash)}")
     print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
     if args.bench:
         return bench(cfg)

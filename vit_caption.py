@@ -509,6 +509,8 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler):  # train_state.pt: what
 ARCH = ("img_size", "patch", "vit_dim", "vit_layers", "vit_heads", "vit_mlp", "pool", "d_model", "n_layer", "n_head",
         "mlp_dim", "max_len", "rope_theta", "compact_vocab")  # the weights' shape: always the checkpoint's
 WORLD = ("seed", "n_train", "n_val", "n_test", "n_novel")  # the synthetic world's: --resume and --eval keep the run's
+TRAINING = ("batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "compile",
+            "log_interval", "eval_interval", "stop_after", "patch_init", "patch_scale", "dropout", "vit_dropout")
 
 def load_checkpoint(out_dir, overrides=None, fixed=ARCH):  # -> (model, tok, cfg): the saved `fixed` fields, overrides
     # for the rest (fixed: the architecture; on --resume and --eval also the world the run was trained and tested on)
@@ -522,8 +524,7 @@ def load_checkpoint(out_dir, overrides=None, fixed=ARCH):  # -> (model, tok, cfg
     saved = {k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
     typed = overrides or {}  # a typed flag that differs from a saved `fixed` field is refused
     if clash := [f"--{k} {v} (saved {saved.get(k)})" for k, v in typed.items() if k in fixed and v != saved.get(k)]:
-        what = "architecture and world" if fixed != ARCH else "architecture"
-        raise UserError(f"{out_dir}: the run's {what} is kept; drop {', '.join(clash)}")
+        raise UserError(f"{out_dir}: the run's settings are kept here; drop {', '.join(clash)}")
     cfg = Config(**{**saved, **{k: v for k, v in typed.items() if k not in fixed}, "out_dir": out_dir})
     tok = Tokenizer(meta["vocab"])  # the token table the model was trained with
     model = ViTCaptioner(cfg, len(tok.ids))
@@ -1023,7 +1024,7 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
         if args.train:  # train prints the config it runs: on --resume the checkpoint's, with the typed flags on top
             return train(cfg, args.resume, overrides)
         if (args.eval or args.generate) and not args.bench:  # --generate: a typed --seed samples
-            model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, ARCH + WORLD if args.eval else ARCH)
+            model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, ARCH + TRAINING + WORLD * args.eval)
         print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
         if args.bench:
             return bench(cfg)
