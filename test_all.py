@@ -2522,7 +2522,7 @@ def test_vl_grad_accumulation_equals_big_batch(vl_tiny_run, tmp_path):
 
 
 @_vc_1t
-def test_vl_exact_resume(vl_tiny_run, tmp_path, capsys):
+def test_vl_exact_resume(vl_tiny_run, tmp_path, capsys, monkeypatch):
     """--stop_after 3, then --resume (config, token table, optimizer, step and RNG from out_dir) ends bit for bit
     where an uninterrupted 6-step run ends."""
     data = vl_tiny_run[0].data_dir
@@ -2533,9 +2533,15 @@ def test_vl_exact_resume(vl_tiny_run, tmp_path, capsys):
     assert torch.load(os.path.join(cut, "train_state.pt"), weights_only=True)["step"] == 3
     assert not os.path.exists(os.path.join(cut, "eval.json"))  # interrupted: no final evaluation yet
     capsys.readouterr()
-    vl.main(["--train", "--resume", "--out_dir", cut])  # everything else comes from cut/config.json
+    moved = str(tmp_path / "out" / "video_llava")  # a run moved to the default --out_dir resumes and evaluates there
+    os.renames(cut, moved)
+    monkeypatch.chdir(tmp_path)
+    vl.main(["--train", "--resume"])  # everything else comes from out/video_llava/config.json
     out = capsys.readouterr().out
     assert "resumed from step 3" in out and "step 4/6" in out and "step 2/6" not in out
+    vl.main(["--eval"])
+    assert not os.path.exists(cut)  # nothing written where the run used to be
+    cut = moved
     a, b = load_file(os.path.join(full, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ca, cb = json.load(open(os.path.join(full, "config.json"))), json.load(open(os.path.join(cut, "config.json")))

@@ -991,7 +991,8 @@ def saved_config(out_dir, overrides, resume=True):  # the Config --train saved i
     if resume and not os.path.isfile(tpath):
         raise UserError(f"{out_dir}: no train_state.pt, so there is no optimizer state to resume from; "
                         f"drop --resume to start afresh (or --from_pretrained {out_dir} to fine-tune its weights)")
-    base = Config(**{k: v for k, v in meta["train_config"].items() if k in Config.__dataclass_fields__})
+    saved = {k: v for k, v in meta["train_config"].items() if k in Config.__dataclass_fields__}
+    base = Config(**{**saved, "out_dir": out_dir})  # moved or copied: the run lives where it was found
     if not resume:  # --eval: where and on what it runs, and how long an answer may grow; the rest is the run's
         run_keys = ("device", "dtype", "out_dir", "data_dir", "data", "test_data", "max_new_tokens")
         if clash := [f"--{k} {v}" for k, v in overrides.items() if k not in run_keys and v != getattr(base, k)]:
