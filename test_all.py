@@ -2717,6 +2717,11 @@ def test_vl_bad_inputs(vl_ckpt, tmp_path, monkeypatch):
     gen("--from_pretrained", str(tmp_path / "qwen"), "--prompt", "hi", match="'qwen3'.*another architecture")
     img = str(tmp_path / "x.png")
     cv2.imwrite(img, np.zeros((30, 30, 3), np.uint8))
+    for flag in ("--out_dir", "--data_dir"):  # a folder under a file: refused before any world or step
+        with pytest.raises(vl.UserError, match=f"{flag} .*x.png/run: cannot create this folder"):
+            vl.main(["--train", "--preset", "tiny", "--data_dir", str(tmp_path / "w"), "--out_dir",
+                     str(tmp_path / "o"), flag, img + "/run"])
+    assert not os.path.exists(tmp_path / "w" / "train.jsonl")
     # two <image> tags for one image
     gen("--from_pretrained", dirs["t5save"], "--image", img, "--prompt", "USER: <image><image> hi",
         match="8 image placeholder tokens but the images give 4")

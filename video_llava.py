@@ -30,6 +30,7 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 
@@ -56,6 +57,14 @@ def read_json(path):  # path's JSON object as a dict, or None: missing, not UTF-
     with contextlib.suppress(OSError, ValueError):  # ValueError: not JSON, or not UTF-8
         obj = json.load(open(path, encoding="utf-8"))
         return obj if isinstance(obj, dict) else None
+
+def creatable(path):  # can a folder be made at path? Tried in its nearest existing folder, which is left as it was
+    up = os.path.abspath(path)
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    with contextlib.suppress(OSError):  # a file in the way, no write access, a read-only or virtual file system
+        return os.rmdir(tempfile.mkdtemp(dir=up)) or True
+    return False
 
 def writable(path, marker, ours):  # write into path? only if missing, empty, or its `marker` JSON passes ours()
     return not os.path.exists(path) or os.path.isdir(path) and (
@@ -263,6 +272,8 @@ def build_world(cfg):  # write data_dir/<split>/*.png|mp4 and data_dir/<split>.j
     if read_json(stamp) == want:  # written before with these settings: reuse it
         return files
     # only this script's own world.json (other settings, a build cut short) marks a folder it may write over
+    if not creatable(cfg.data_dir):
+        raise UserError(f"--data_dir {cfg.data_dir}: cannot create this folder (a file in the way, or no write access)")
     if not writable(cfg.data_dir, "world.json", lambda m: set(m) == set(want)):
         raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json of "
                         f"its own); give a new folder for the synthetic world, or your files as --data FILE.jsonl")
@@ -1374,7 +1385,6 @@ def inspect_checkpoint(path, n_frames, n_tokens):  # parameters per tower, bytes
         print(f"CUDA: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
 
 def bench(cfg, sizes=None, rounds=3):  # decode tok/s, batch 1, greedy, float32: eager, compiled and transformers
-    import tempfile
     import timeit
     src, dst = torch.randn(2**26), torch.zeros(2**26)  # 256 MiB each, far bigger than any cache, pages touched
     llama = lambda d, i, n, h: dict(hidden_size=d, intermediate_size=i, num_hidden_layers=n, num_attention_heads=h,
@@ -1466,6 +1476,8 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
          "--share_towers is for training from scratch: --from_pretrained keeps the checkpoint's two towers"),
         (args.train and cfg.from_pretrained and os.path.realpath(cfg.out_dir) == os.path.realpath(cfg.from_pretrained),
          f"--out_dir {cfg.out_dir} is the --from_pretrained folder: training would overwrite it"),
+        (args.train and not creatable(cfg.out_dir),
+         f"--out_dir {cfg.out_dir}: cannot create this folder (a file in the way, or no write access)"),
         (args.train and not args.resume and not writable(cfg.out_dir, "config.json", own_run),
          f"--out_dir {cfg.out_dir}: a file, or a folder of files this script did not write; give a new or empty one"),
         (args.resume and not args.train, "--resume continues a training run: use it with --train"),
