@@ -54,9 +54,9 @@ import os
 import random
 import re
 import sys
+import tempfile
 import textwrap
 import time
-from dataclasses import dataclass
 
 os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")  # OpenCV and its FFmpeg stay quiet (set before cv2 loads): an
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # image or video they cannot read is our one line
@@ -78,11 +78,16 @@ def read_json(path):  # path's JSON object as a dict, or None: missing, unreadab
         return obj if isinstance(obj := json.load(open(path, encoding="utf-8")), dict) else None
 
 def writable(path, marker, ours):  # may this script write into path? missing, empty, or its `marker` JSON passes ours()
-    return not os.path.exists(path) or os.path.isdir(path) and (
-        not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))
+    up = os.path.abspath(path)  # (and a folder can be made there: tried in the nearest existing one, left as it was)
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    with contextlib.suppress(OSError):  # a file in the way, no write access, a read-only or virtual file system
+        os.rmdir(tempfile.mkdtemp(dir=up))
+        return not os.path.exists(path) or not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {})
+    return False
 
 # Config ---------------------------------------------------------------------------------------------------------------
-@dataclass
+@dataclasses.dataclass
 class Config:
     data_dir: str = "data/attention_basics"  # synthetic PNG images and mp4 clips are written here
     out_dir: str = "out/attention_basics"  # checkpoints (clip/, unified/, cross/), eval.json, heat maps
@@ -126,12 +131,9 @@ class Config:
 # How to run, not what was trained: left out of saved checkpoints, always taken from the command line.
 RUN_FIELDS = ("out_dir", "dtype", "device", "threads", "log_interval", "section", "variant")
 
-PRESETS = {
-    "default": {},
-    "tiny": dict(n_img_train=48, n_img_test=12, n_train=32, n_test=8, n_novel=8, img_size=16,
-                 patch=8, n_frames=3, d_model=32, n_head=2, n_vit_layer=1, n_text_layer=1, n_dec_layer=1, d_embed=16,
-                 n_latents=8, clip_steps=4, steps=4, batch_size=8, warmup=2, log_interval=2),
-}
+PRESETS = {"default": {}, "tiny": dict(n_img_train=48, n_img_test=12, n_train=32, n_test=8, n_novel=8, img_size=16,
+    patch=8, n_frames=3, d_model=32, n_head=2, n_vit_layer=1, n_text_layer=1, n_dec_layer=1, d_embed=16, n_latents=8,
+    clip_steps=4, steps=4, batch_size=8, warmup=2, log_interval=2)}  # tiny: seconds, what the tests run
 
 # Data: synthetic world (PNG images, mp4 clips), loaders, annotation files, tokenizer ----------------------------------
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
@@ -193,8 +195,8 @@ def build_world(cfg):
     if read_json(stamp := os.path.join(cfg.data_dir, "world.json")) == want:
         return  # already written for these sizes and this seed: reuse the files
     if not writable(cfg.data_dir, "world.json", lambda m: set(m) == set(want) and isinstance(m["version"], int)):
-        raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json of "
-                        f"its own); give a new folder for the synthetic world")
+        raise UserError(f"--data_dir {cfg.data_dir}: a file, a folder this script did not write (no world.json of its "
+                        f"own), or no folder can be made there; give a new folder for the synthetic world")
     os.makedirs(cfg.data_dir, exist_ok=True)
     json.dump(dict(want, version=0), open(stamp, "w"))  # 0: ours, but a build under way (or cut short)
     for kind, sizes in (("images", want["img"]), ("videos", want["vid"])):
@@ -901,15 +903,12 @@ def load_model(cfg, name):
     return model.to(pick_device(cfg.device)), tok, cfg, meta.get("train_seconds")
 
 # Metrics --------------------------------------------------------------------------------------------------------------
-def normalise(text):
-    return " ".join(text.lower().strip().rstrip(".").split())
-
 def exact_match(preds, refs):  # share of predictions equal to their reference (lower-cased, whitespace normalised)
-    return sum(normalise(p) == normalise(r) for p, r in zip(preds, refs)) / max(1, len(refs))
+    norm = lambda text: " ".join(text.lower().strip().rstrip(".").split())  # no final '.'
+    return sum(norm(p) == norm(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
 # Train: CLIP first, then the two captioners from its image encoder, same budget ---------------------------------------
-def pick_device(name):
-    """--device auto -> cuda if there is one, else mps (Apple GPUs), else cpu; any other name must be a device here."""
+def pick_device(name):  # --device auto -> cuda if there is one, else mps (Apple GPUs), else cpu; else one of them
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     cudas = [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # counting them creates no CUDA context
     have = ["cpu"] + ["mps"] * mps + cudas + ["cuda"] * bool(cudas)  # auto takes the last: cuda > mps > cpu
@@ -1219,7 +1218,8 @@ def parse_args(argv=None):
         (not (args.eval or args.generate) and cfg.n_frames > cfg.max_frames,  # (those two: the run's sizes)
          f"--n_frames {cfg.n_frames}: at most --max_frames {cfg.max_frames}"),
         (args.train and not writable(cfg.out_dir, os.path.join("clip", "config.json"), lambda m: m.get("script") ==
-         SCRIPT), f"--out_dir {cfg.out_dir}: a file, or a folder this script did not write; give a new or empty one"),
+         SCRIPT), f"--out_dir {cfg.out_dir}: a file, a folder this script did not write, or no folder can be made "
+                  "there; give a new or empty one"),
         (cfg.img_size % cfg.patch, f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}"),
         (cfg.d_model % cfg.n_head, f"--d_model {cfg.d_model} is not a multiple of --n_head {cfg.n_head}"),
         (args.video and not args.generate, "--video is for --generate (another mode would ignore it)"),

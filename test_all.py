@@ -4590,6 +4590,8 @@ def test_ab_user_folders_and_flag_ranges(tmp_path, capsys):
     _ab_user_error(capsys, "a file", *tiny, "--out_dir", afile)
     _ab_user_error(capsys, "world.json", "--train", "--preset", "tiny", "--data_dir", mine, "--out_dir", tmp_path / "o")
     _ab_user_error(capsys, "a file", "--train", "--preset", "tiny", "--data_dir", afile, "--out_dir", tmp_path / "o")
+    for where in ("--out_dir", "--data_dir"):  # under a file: no folder can be made there, refused before any work
+        _ab_user_error(capsys, "no folder can be made", *tiny, "--out_dir", tmp_path / "o", where, afile / "sub")
     for flag, value in (("--n_dec_layer", 0), ("--max_frames", 0), ("--n_latents", 0), ("--lr", -1), ("--lr", "nan"),
                         ("--max_len", 1), ("--weight_decay", -1)):
         _ab_user_error(capsys, flag, *tiny, "--out_dir", tmp_path / "o", flag, value)
