@@ -524,7 +524,8 @@ def load_checkpoint(out_dir, overrides=None, fixed=ARCH):  # -> (model, tok, cfg
     saved = {k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
     typed = overrides or {}  # a typed flag that differs from a saved `fixed` field is refused
     if clash := [f"--{k} {v} (saved {saved.get(k)})" for k, v in typed.items() if k in fixed and v != saved.get(k)]:
-        raise UserError(f"{out_dir}: the run's settings are kept here; drop {', '.join(clash)}")
+        raise UserError(f"{out_dir}: the run's architecture and world (on --eval, --generate its training flags too) "
+                        f"are kept; drop {', '.join(clash)}")
     cfg = Config(**{**saved, **{k: v for k, v in typed.items() if k not in fixed}, "out_dir": out_dir})
     tok = Tokenizer(meta["vocab"])  # the token table the model was trained with
     model = ViTCaptioner(cfg, len(tok.ids))
