@@ -2619,16 +2619,23 @@ def test_vl_unknown_words_and_cut_off_media(vl_tiny_run, tmp_path, capsys):
     with pytest.raises(vl.UserError, match="--video, --image and --prompt are for --generate"):  # not ignored
         vl.main(["--eval", "--out_dir", str(out), "--image", png])
     for mode in (["--eval"], ["--train", "--resume"], ["--generate", "--prompt", "What colour?"]):  # not ignored
-        with pytest.raises(vl.UserError, match="--preset tiny: --resume, --eval and --generate take the sizes"):
+        with pytest.raises(vl.UserError, match="--preset tiny: --resume, --eval, --generate and --inspect take"):
             vl.main(mode + ["--out_dir", str(out), "--preset", "tiny"])
+    with pytest.raises(vl.UserError, match="--preset tiny: --resume, --eval, --generate and --inspect take"):
+        vl.main(["--inspect", str(out), "--preset", "tiny"])
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((16, 16, 3), np.uint8))
     (tmp_path / "q.jsonl").write_text('{"image": "a.png", "question": "What colour is the xylophone?", "answer": '
                                       '"red"}\n' * 3)
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     with pytest.raises(vl.UserError, match="in the token table of the model in"):
         vl.main(["--train", "--resume", "--out_dir", str(out), "--data", str(tmp_path / "q.jsonl")])
-    with pytest.raises(vl.UserError, match="in the token table of the model in"):  # fine-tuning it on new words too
+    with pytest.raises(vl.UserError, match=f"in the token table of the model in {out}:"):  # fine-tuning on new words
         vl.main(["--train", "--from_pretrained", str(out), "--data", str(tmp_path / "q.jsonl"), "--out_dir",
+                 str(tmp_path / "ft")])
+    known = '{"image": "a.png", "question": "What colour are the shapes?", "answer": "red"}\n'
+    (tmp_path / "v.jsonl").write_text((tmp_path / "q.jsonl").read_text()[:-1].split("\n")[0] + "\n" + known * 3)
+    with pytest.raises(vl.UserError, match="xylophone.* in the token table"):  # entry 0 is held out for validation
+        vl.main(["--train", "--from_pretrained", str(out), "--data", str(tmp_path / "v.jsonl"), "--out_dir",
                  str(tmp_path / "ft")])
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before and not (tmp_path / "ft").exists()
     cv2.imwrite(str(tmp_path / "a.jpg"), np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8))
@@ -2850,7 +2857,52 @@ def test_vl_user_mistakes_are_one_line(vl_ckpt, vl_tiny_run, tmp_path, monkeypat
     png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")
     vl.main(["--generate", "--out_dir", vl_tiny_run[0].out_dir, "--image", png, "--prompt", "What shape?", "--dtype",
              "bfloat16", "--max_new_tokens", "1"])
-    assert seen == ["bfloat16"]
+    assert set(seen) == {"bfloat16"}
+
+
+def test_vl_damaged_files_odd_text_and_dropped_flags(vl_tiny_run, vl_ckpt, tmp_path):
+    """A damaged run (config types, token table, training state) or tokenizer is one line; a JSON string may hold
+    U+2028; a 1x1 patch grid gets finite positions; legacy=True tokenizers prepend after added tokens as transformers
+    does; flags a from-scratch or fine-tuning run would drop are refused."""
+    from transformers import AutoTokenizer
+    run = tmp_path / "run"
+    shutil.copytree(vl_tiny_run[0].out_dir, run)
+    meta = json.load(open(run / "config.json"))
+    for key, value, match in (("n_frames", "4", "n_frames is '4'; the file is damaged"),
+                              ("gpt2_table", None, "damaged")):
+        where = meta["train_config"] if key == "n_frames" else meta
+        where[key], old = value, where[key]
+        json.dump(meta, open(run / "config.json", "w"))
+        with pytest.raises(vl.UserError, match=match):
+            vl.main(["--eval", "--out_dir", str(run)])
+        where[key] = old
+    json.dump(meta, open(run / "config.json", "w"))
+    torch.save({"step": 3}, run / "train_state.pt")
+    with pytest.raises(vl.UserError, match="train_state.pt: does not fit"):
+        vl.main(["--train", "--resume", "--out_dir", str(run), "--data_dir", vl_tiny_run[0].data_dir])
+    (tmp_path / "a.png").write_bytes(cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+    line = json.dumps({"image": "a.png", "question": "Which?\u2028Say it.", "answer": "a"}, ensure_ascii=False)
+    (tmp_path / "u.jsonl").write_text(line + "\n", "utf-8")
+    assert vl.read_annotations(str(tmp_path / "u.jsonl"))[0]["question"] == "Which?\u2028Say it."
+    assert torch.isfinite(vl.sincos_2d(1, 16)).all() and torch.equal(vl.sincos_2d(3, 16), vl.sincos_2d(3, 16))
+    _vl_tokenizer(tmp_path / "tk")
+    tc = json.load(open(tmp_path / "tk" / "tokenizer_config.json"))
+    json.dump({**tc, "legacy": True}, open(tmp_path / "tk" / "tokenizer_config.json", "w"))
+    hf, ours = AutoTokenizer.from_pretrained(str(tmp_path / "tk")), vl.SentencePieceBPE(str(tmp_path / "tk"))
+    for text in ("USER: <video>\nWhat moves? ASSISTANT:", "a<image>b <video> c"):
+        assert ours.encode(text) == hf(text).input_ids, text
+    tj = json.load(open(tmp_path / "tk" / "tokenizer.json"))
+    tj["model"].update(byte_fallback=False, unk_token=None)
+    json.dump(tj, open(tmp_path / "tk" / "tokenizer.json", "w"))
+    with pytest.raises(vl.UserError, match="cannot encode"):
+        vl.SentencePieceBPE(str(tmp_path / "tk")).encode("naïve")
+    tiny = ["--train", "--preset", "tiny", "--data_dir", vl_tiny_run[0].data_dir, "--out_dir", str(tmp_path / "o")]
+    for flags, match in ((["--vocab_size", "1000"], "--vocab_size: not read by --train"),
+                         (["--eos_token_id", "5"], "--eos_token_id: not read by --train"),
+                         (["--from_pretrained", vl_ckpt[1]["hub"], "--data_init", "9"], "--data_init: not read by")):
+        with pytest.raises(vl.UserError, match=match):
+            vl.main(tiny + flags)
+    assert not (tmp_path / "o").exists()
 
 
 def test_vl_two_modes_in_one_call_are_refused(tmp_path):
@@ -2987,7 +3039,8 @@ def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, vl_tiny_run, tmp_pat
     assert json.load(open(os.path.join(out, "eval.json")))["test"]["video"]["n"] > 0
 
 
-def test_vl_stage1_on_a_bfloat16_checkpoint_keeps_the_frozen_towers_bfloat16(vl_ckpt, vl_tiny_run, tmp_path):
+def test_vl_stage1_on_a_bfloat16_checkpoint_keeps_the_frozen_towers_bfloat16(vl_ckpt, vl_tiny_run, tmp_path,
+                                                                            monkeypatch):
     """--dtype bfloat16 stage 1 on a bfloat16 checkpoint: the frozen towers stay bfloat16 in memory and in the saved
     file (half of float32's bytes), the projector trains in float32; --resume and --eval read the mixed file back."""
     src, out = str(tmp_path / "ckpt"), str(tmp_path / "out")
@@ -3006,6 +3059,13 @@ def test_vl_stage1_on_a_bfloat16_checkpoint_keeps_the_frozen_towers_bfloat16(vl_
             assert v.dtype == torch.bfloat16 and torch.equal(v, ref[k]), k  # frozen, as loaded
     vl.main(["--eval", "--out_dir", out])
     assert json.load(open(os.path.join(out, "eval.json")))["test"]["image"]["n"] > 0
+    # --generate runs the run as --eval does: its trained projector stays float32 (an HF folder's would follow --dtype)
+    loaded, load = [], vl.load_pretrained
+    monkeypatch.setattr(vl, "load_pretrained", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")
+    vl.main(["--generate", "--out_dir", out, "--image", png, "--prompt", "What shape?", "--max_new_tokens", "1"])
+    proj = loaded[0].multi_modal_projector.linear_1.weight
+    assert proj.dtype == torch.float32 and loaded[0].image_tower.vision_model.pre_layrnorm.weight.dtype == torch.bfloat16
 
 
 def test_vl_bench_prints_what_it_measured(capsys):

@@ -316,7 +316,7 @@ def load_entries(cfg, master=True):  # each split's questions: --data or the syn
 
 def read_annotations(path):  # JSON lines {"image"|"video"|"frames", "question", "answer"} -> [dict], paths absolute
     try:  # utf-8-sig: a byte-order mark some editors write is skipped
-        lines = open(path, encoding="utf-8-sig").read().splitlines()
+        lines = open(path, encoding="utf-8-sig").read().split("\n")  # not splitlines: JSON strings may hold U+2028
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: " + ("not UTF-8 text; save it as UTF-8" if isinstance(e, UnicodeDecodeError) else
                                        "annotation file not found"))
@@ -439,9 +439,10 @@ class SentencePieceBPE(Tokenizer):  # LLaMA's tokenizer.json as transformers 5 r
         else:
             self.prefix_ids, self.suffix_ids = [self.bos_id] if tc.get("add_bos_token", True) else [], []
         self.prefix = tc.get("add_prefix_space", True) is not False  # the Metaspace prepend of a leading '▁'
+        self.always = tc.get("legacy") is True  # transformers' prepend_scheme "always": after added tokens too
     def encode_text(self, part, first):  # one section between added tokens is one BPE word (split=False)
         part = part.replace(" ", "▁")  # SentencePiece's visible space, then Metaspace's prepend of a leading '▁'
-        word = "▁" + part if first and self.prefix and not part.startswith("▁") else part
+        word = "▁" + part if (first or self.always) and self.prefix and not part.startswith("▁") else part
         # initial symbols: characters in the vocabulary, else their UTF-8 bytes (LLaMA's has every byte as <0xNN>)
         syms = [s for ch in word for s in ([ch] if ch in self.vocab or not self.byte_fallback
                                            else [f"<0x{b:02X}>" for b in ch.encode("utf-8")])]
@@ -452,6 +453,8 @@ class SentencePieceBPE(Tokenizer):  # LLaMA's tokenizer.json as transformers 5 r
             syms[i:i + 2] = [syms[i] + syms[i + 1]]
         unk = self.vocab.get(self.unk)
         ids = [self.vocab.get(s, unk) for s in syms]  # fuse_unk: an unknown symbol right after an <unk> adds nothing
+        if None in ids:  # no byte fallback and no <unk>: another model's tokenizer
+            raise UserError(f"{self.folder}: tokenizer.json cannot encode {part!r} (no byte fallback, no unk_token)")
         return [t for k, t in enumerate(ids) if not (k and syms[k] not in self.vocab and ids[k - 1] == unk)]
     def decode(self, ids):  # special tokens skipped
         pieces = [self.inv.get(int(i), "").replace("▁", " ") for i in ids if i not in self.added.values()]
@@ -483,18 +486,23 @@ class GPT2Table(Tokenizer):  # GPT-2 BPE (tiktoken) over a table of the ids seen
         return len(self.ids) + 2  # the vocabulary size V: the table plus <image> and <video>
     def encode_text(self, part, first):  # GPT-2 ids outside the table (words never trained on) are dropped
         return [self.to_model[t] for t in self.enc.encode_ordinary(part) if t in self.to_model]
-    def check_known(self, texts, folder):  # where a dropped word would change what is trained or asked: refused
+    def check_known(self, texts):  # where a dropped word would change what is trained or asked: refused
         for text in texts:
             if lost := [t for p in re.split("<image>|<video>", text) for t in self.enc.encode_ordinary(p)
                         if t not in self.to_model]:
                 raise UserError(f"'{self.enc.decode(lost[:1]).strip()}' (in {text!r}) is not in the token table of "
-                                f"the model in {folder}: it never saw that word in training")
+                                f"the model in {self.folder}: it never saw that word in training")
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])  # model ids -> GPT-2 ids -> text
 
-def load_tokenizer(folder):
-    meta = json.load(open(os.path.join(folder, "config.json")))  # a run of this script keeps its GPT-2 table here
-    return GPT2Table(meta["gpt2_table"]) if "gpt2_table" in meta else SentencePieceBPE(folder)  # HF: tokenizer.json
+def load_tokenizer(folder):  # a run of this script keeps its GPT-2 table in config.json; an HF folder, tokenizer.json
+    meta = read_config(folder)
+    try:
+        tok = GPT2Table(meta["gpt2_table"]) if "gpt2_table" in meta else SentencePieceBPE(folder)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # a damaged or another model's file
+        raise UserError(f"{folder}: its token table or tokenizer.json is damaged ({type(e).__name__}: {e})") from None
+    tok.folder = folder  # where check_known says the table comes from
+    return tok
 
 def prompt_text(question, kind):  # the template 'USER: <video>\n{question} ASSISTANT:' (<image>, or no tag for text)
     return f"USER: {'<' + kind + '>' + chr(10) if kind else ''}{question} ASSISTANT:"
@@ -713,7 +721,7 @@ def sincos_2d(n, dim):
     freqs = (math.pi / n) / 100.0 ** (torch.arange(dim // 4).double() / (dim // 4))  # (dim/4,) geometric
     angles = [c.flatten()[:, None] * freqs for c in (cols, rows)]  # 2 x (n*n, dim/4)
     pe = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)
-    pe = (pe - pe.mean(0)) / pe.std(0).clamp_min(1e-6)  # per feature over the grid
+    pe = (pe - pe.mean(0)) / (pe.std(0).clamp_min(1e-6) if n > 1 else 1.0)  # per feature over the grid (1x1: zero)
     return torch.cat([pe, pe.new_zeros(n * n, dim - pe.shape[1])], 1).float()
 
 @torch.no_grad()
@@ -1003,6 +1011,9 @@ def saved_config(out_dir, overrides, resume=True):  # the Config --train saved i
         raise UserError(f"{out_dir}: no train_state.pt, so there is no optimizer state to resume from; "
                         f"drop --resume to start afresh (or --from_pretrained {out_dir} to fine-tune its weights)")
     saved = {k: v for k, v in meta["train_config"].items() if k in Config.__dataclass_fields__}
+    kinds = {k: (int, float) if type(d) is float else type(d) for k, d in dataclasses.asdict(Config()).items()}
+    if bad := [k for k, v in saved.items() if not isinstance(v, kinds[k])]:  # a damaged file: not a TypeError later
+        raise UserError(f"{out_dir}/config.json: train_config's {bad[0]} is {saved[bad[0]]!r}; the file is damaged")
     base = Config(**{**saved, "out_dir": out_dir})  # moved or copied: the run lives where it was found
     if not resume:  # --eval: where and on what it runs, and how long an answer may grow; the rest is the run's
         run_keys = ("device", "dtype", "out_dir", "data_dir", "data", "test_data", "max_new_tokens")
@@ -1057,7 +1068,7 @@ class Examples:
                         for e in entries]
         self.answers = [tok.encode(" " + e["answer"], add_special_tokens=False) + [tok.eos_id] for e in entries]
         if not answered and isinstance(tok, GPT2Table):  # a test question's word the table lacks would go unread
-            tok.check_known([prompt_text(e["question"], e["kind"]) for e in entries], cfg.out_dir)
+            tok.check_known([prompt_text(e["question"], e["kind"]) for e in entries])
         for e, p, a in zip(entries, self.prompts, self.answers):  # refused now, not when a batch first meets it
             n, what = (len(p) + len(a), "answer") if answered else (len(p) + cfg.max_new_tokens, "--max_new_tokens")
             if n > cfg.max_position_embeddings:
@@ -1110,10 +1121,12 @@ def build_model(cfg, entries, resume, say):  # -> (model, cfg with its architect
         model, tok = load_pretrained(path, None if keep else torch.float32, "cpu", base=cfg), load_tokenizer(path)
         cfg = dataclasses.replace(cfg, **{f: getattr(model.cfg, f) for f in HF_FIELDS})
         if isinstance(tok, GPT2Table):  # a run of this script: its table covers the text it trained on, no more
-            tok.check_known([prompt_text(e["question"], e["kind"]) + " " + e["answer"] for e in entries["train"]], path)
+            tok.check_known([prompt_text(e["question"], e["kind"]) + " " + e["answer"]  # validation text too
+                             for s in ("train", "val") for e in entries[s]])
     else:
         tok = GPT2Table.from_texts([prompt_text(e["question"], e["kind"]) + " " + e["answer"] for s in ("train", "val")
                                     for e in entries[s]])  # every token of the training and validation text
+        tok.folder = cfg.out_dir  # the model the table is for
         cfg = dataclasses.replace(cfg, vocab_size=len(tok), image_token_index=tok.added["<image>"],
                                   video_token_index=tok.added["<video>"])
         model = VideoLlava(cfg)
@@ -1139,10 +1152,13 @@ def load_train_state(out_dir, opt, scaler, say):  # --resume: AdamW moments, los
         ts = torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=True)
     except Exception as e:
         raise UserError(f"{out_dir}/train_state.pt: not a readable training state ({type(e).__name__})")
-    opt.load_state_dict(ts["optimizer"])
-    if ts.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
-        scaler.load_state_dict(ts["scaler"])
-    torch.set_rng_state(ts["rng"])
+    try:  # another run's state (other parameters) or a file without these keys
+        opt.load_state_dict(ts["optimizer"])
+        if ts.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
+            scaler.load_state_dict(ts["scaler"])
+        torch.set_rng_state(ts["rng"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise UserError(f"{out_dir}/train_state.pt: does not fit this run's model ({type(e).__name__})") from None
     say(f"resumed from step {ts['step']} of {out_dir}")
     return ts["step"], ts.get("seconds", 0.0)  # the data order and the learning rate are functions of the step
 
@@ -1443,7 +1459,10 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     # flags the mode would not use: --generate reads these (and the architecture, checked against the checkpoint's);
     # --train and --eval decode greedily (no sampling flags), --bench builds fixed-size models on the CPU
     sampling = ("temperature", "top_k", "top_p")
-    greedy = [f.name for f in dataclasses.fields(Config) if f.name not in sampling]
+    tokens = ("vocab_size", *(f for f in HF_FIELDS if f.endswith(("_token_id", "_token_index"))))  # a new model's
+    dropped = ("data_init", "whiten_patches") if cfg.from_pretrained else () if args.resume else tokens  # come from
+    # its token table; a pretrained model is not initialised
+    greedy = [f.name for f in dataclasses.fields(Config) if f.name not in (*sampling, *dropped)]
     reads = {"generate": ("out_dir", "from_pretrained", "device", "dtype", "seed", *sampling, "max_new_tokens",
                           "n_frames", *HF_FIELDS), "inspect": ("n_frames",), "bench": ("max_new_tokens",),
              "train": greedy, "eval": greedy}
@@ -1490,8 +1509,8 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
         (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it with --generate"),
         (not args.generate and (args.video or args.image or args.prompt), "--video, --image and --prompt are for "
          "--generate (another mode would ignore them)"),
-        (args.preset and (args.resume or args.eval or args.generate), f"--preset {args.preset}: --resume, --eval and "
-         "--generate take the sizes from the checkpoint; drop --preset"),
+        (args.preset and (args.resume or not args.train), f"--preset {args.preset}: --resume, --eval, --generate and "
+         "--inspect take the sizes from the checkpoint (--bench has its own); drop --preset"),
     ) if bad]
     if problems:
         raise UserError(problems[0])
@@ -1507,9 +1526,13 @@ def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_d
     if not args.prompt or (args.video and args.image):
         raise UserError("--generate needs --prompt TEXT, and --video PATH or --image PATH (not both) or neither")
     path, device = cfg.from_pretrained or cfg.out_dir, pick_device(cfg.device)
-    hf = check_arch(path, overrides, "--generate")  # a run of this script keeps float32 weights; HF's follow --dtype
-    auto = "bfloat16" if native_bf16(device) else "float32"  # an HF checkpoint's weights: bfloat16 where native
-    dtype = None if "gpt2_table" in hf else getattr(torch, auto if cfg.dtype == "auto" else cfg.dtype)
+    hf = check_arch(path, overrides, "--generate")
+    run = hf.get("train_config") if hf.get("script") == SCRIPT else None  # a run of this script (or an HF folder)
+    if isinstance(run, dict):  # its trained weights float32 under the run's autocast, as --eval runs them
+        cfg = dataclasses.replace(cfg, dtype=overrides.get("dtype", run.get("dtype", "auto")))
+        dtype = None if autocast_dtype(cfg.dtype, device) == "bfloat16" else torch.float32  # frozen bf16 towers kept
+    else:  # an HF checkpoint's weights in --dtype: auto = bfloat16 where the hardware multiplies in it
+        dtype = getattr(torch, ("bfloat16" if native_bf16(device) else "float32") if cfg.dtype == "auto" else cfg.dtype)
     model, tok = load_pretrained(path, dtype, device).eval(), load_tokenizer(path)
     mcfg, kind = model.cfg, ("video" if args.video else "image" if args.image else "")  # "" = no media tag
     n_frames = overrides.get("n_frames", hf.get("train_config", {}).get("n_frames", 8))
@@ -1518,7 +1541,7 @@ def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_d
     vids = torch.from_numpy(load_video(args.video, n_frames, mcfg.image_size))[None].to(device) if args.video else None
     text = args.prompt if "<image>" in args.prompt or "<video>" in args.prompt else prompt_text(args.prompt, kind)
     if isinstance(tok, GPT2Table):  # a model trained here knows only its training words ("What" != " What")
-        tok.check_known([text], path)
+        tok.check_known([text])
     ids = torch.tensor([expand_placeholders(tok.encode(text), mcfg, n_frames)], device=device)
     g, got = torch.Generator(device=device).manual_seed(cfg.seed), []
     answer = lambda: tok.decode([t for t in got if t != tok.eos_id]).rstrip("\ufffd")  # an unfinished char waits
@@ -1526,8 +1549,8 @@ def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_d
         before = answer()
         got.append(int(tok_id[0]))
         print(answer()[len(before):], end="", flush=True)
-    try:  # an HF folder's weights are already in --dtype; a run of this script's keep float32, under autocast
-        with autocast(cfg.dtype if dtype is None else "float32", device):
+    try:  # an HF folder's weights are already in --dtype; a run of this script's run under its autocast
+        with autocast(cfg.dtype if isinstance(run, dict) else "float32", device):
             generate(model, ids, None, imgs, vids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                      top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                      generator=g, on_token=stream, compile=args.compile)
