@@ -271,9 +271,9 @@ def build_world(cfg):  # write data_dir/<split>/*.png|mp4 and data_dir/<split>.j
     want = dict(sizes, seed=cfg.seed, n_frames=cfg.n_frames, version=1)
     if read_json(stamp) == want:  # written before with these settings: reuse it
         return files
-    # only this script's own world.json (other settings, a build cut short) marks a folder it may write over
     if not creatable(cfg.data_dir):
         raise UserError(f"--data_dir {cfg.data_dir}: cannot create this folder (a file in the way, or no write access)")
+    # only this script's own world.json (other settings, a build cut short) marks a folder it may write over
     if not writable(cfg.data_dir, "world.json", lambda m: set(m) == set(want)):
         raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json of "
                         f"its own); give a new folder for the synthetic world, or your files as --data FILE.jsonl")
@@ -1459,9 +1459,9 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     # flags the mode would not use: --generate reads these (and the architecture, checked against the checkpoint's);
     # --train and --eval decode greedily (no sampling flags), --bench builds fixed-size models on the CPU
     sampling = ("temperature", "top_k", "top_p")
-    tokens = ("vocab_size", *(f for f in HF_FIELDS if f.endswith(("_token_id", "_token_index"))))  # a new model's
-    dropped = ("data_init", "whiten_patches") if cfg.from_pretrained else () if args.resume else tokens  # come from
-    # its token table; a pretrained model is not initialised
+    # a new model's vocabulary and token ids come from its token table; a pretrained model is not initialised
+    tokens = ("vocab_size", *(f for f in HF_FIELDS if f.endswith(("_token_id", "_token_index"))))
+    dropped = ("data_init", "whiten_patches") if cfg.from_pretrained else () if args.resume else tokens
     greedy = [f.name for f in dataclasses.fields(Config) if f.name not in (*sampling, *dropped)]
     reads = {"generate": ("out_dir", "from_pretrained", "device", "dtype", "seed", *sampling, "max_new_tokens",
                           "n_frames", *HF_FIELDS), "inspect": ("n_frames",), "bench": ("max_new_tokens",),
