@@ -46,6 +46,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import time
 import unicodedata
 from collections import OrderedDict
@@ -76,6 +77,14 @@ def read_json(path, fix, kind=dict):  # the non-empty dict (or list) in path; el
     if isinstance(obj, kind) and obj:
         return obj
     raise UserError(f"{path}: not a non-empty JSON {'object' if kind is dict else 'list'}; {fix}")
+
+def creatable(path):  # can a folder be made at path (or written into, when it is one)? probed with a temporary one
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    with contextlib.suppress(OSError):  # a file on the way, /proc, a read-only disk
+        return os.rmdir(tempfile.mkdtemp(dir=parent)) or True
+    return False
 
 def writable(path, marker, ours):  # may this script write into path? missing, empty, or `marker` passes ours()
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # not a folder; marker missing or damaged
@@ -159,8 +168,8 @@ PRESETS = {"default": {},
     # --bench: a V-JEPA-2-ViT-S-sized frozen encoder on 64-pixel frames (random weights: the cost is what matters)
     "bench": dict(v_width=384, v_layers=12, v_heads=6, v_patch=16, crop=64, n_train=256, data_dir="data/mark1_bench"),
     # the Mark-1 project's bridge sizes (video width 1408 and LLM width 1024 come from the checkpoints)
-    "original": dict(n_visual_query=32, n_temporal_query=5, bridge_heads=8, bert_heads=16, bert_inter=4096,
-                 lam=2.0, pos_weight=10.0, lr=5e-5, n_frames=16, crop=256, frame_head="linear")}
+    "original": dict(n_visual_query=32, n_temporal_query=5, bridge_heads=8, bridge_layers=1, bert_heads=16,
+                 bert_inter=4096, lam=2.0, pos_weight=10.0, lr=5e-5, n_frames=16, crop=256, frame_head="linear")}
 
 # Data: the synthetic world (real mp4 files), the video loader, the annotation file, tokenizers ------------------------
 COLOURS = {"red": (40, 40, 230), "green": (60, 200, 60), "blue": (230, 90, 40), "yellow": (40, 220, 230),
@@ -760,8 +769,14 @@ def read_hf_dir(path, want):  # -> (config dict, {tensor key: file}) of an HF fo
     sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "intermediate_size", "vocab_size",
              "patch_size", "tubelet_size", "crop_size", "mlp_ratio", "layer_norm_eps", "rms_norm_eps")  # null: refused
     sizes += tuple(k for k in ("num_key_value_heads", "rope_theta") if conf.get(k) is not None)  # null: a default
-    if bad := [k for k in sizes if k in conf and not (type(conf[k]) in (int, float) and conf[k] > 0)]:
-        raise UserError(f"{path}: config.json sets {bad[0]} to {conf[bad[0]]!r}, not a positive number; {fix}")
+    whole = lambda k: not k.endswith(("ratio", "eps", "theta"))  # a count or size: 96.0 is refused too
+    if bad := [k for k in sizes if k in conf and not (type(conf[k]) in (int, float)[:2 - whole(k)] and conf[k] > 0)]:
+        raise UserError(f"{path}: config.json sets {bad[0]} to {conf[bad[0]]!r}, not a positive "
+                        f"{'whole ' * whole(bad[0])}number; {fix}")
+    (h, hf), (w, wf) = ((("num_attention_heads", "v_heads"), ("hidden_size", "v_width")) if want == "vjepa2" else
+                        (("num_key_value_heads", "l_kv_heads"), ("num_attention_heads", "l_heads")))
+    if (f := (vjepa2_fields if want == "vjepa2" else qwen3_fields)(conf, {}))[wf] % f[hf]:  # defaults filled in
+        raise UserError(f"{path}: config.json's {h} {f[hf]} does not divide its {w} {f[wf]} (heads split a width)")
     idx = os.path.join(path, "model.safetensors.index.json")  # shards: {"weight_map": {tensor key: file name}}
     wm = read_json(idx, fix).get("weight_map") if os.path.isfile(idx) else {"": "model.safetensors"}
     if not isinstance(wm, dict):
@@ -912,14 +927,20 @@ def load_checkpoint(out_dir, overrides=None, mode="--eval"):  # -> (model, tok, 
         if k not in (RUN_KEYS if mode == "--resume" else READ_KEYS) and saved.get(k) != v:
             raise UserError(f"--{k} {v}: the run in {out_dir} has {k}={saved.get(k)!r}; {mode} cannot change it "
                             f"(drop the flag, or train into a new --out_dir)")
-    cfg = Config(**{**saved, **(overrides or {})})
+    cfg = Config(**{**saved, **(overrides or {}), "out_dir": out_dir})  # it writes where it read, not where it was
+    vocab, towers = meta.get("vocab", "missing"), meta.get("towers", {})  # trained (that folder may be gone or reused)
+    problems = config_problems(cfg) + [f"towers {towers!r}: not a {{vision, llm: fingerprint}} object"] * (not (
+        isinstance(towers, dict) and set(towers) <= {"vision", "llm"})) + ["vocab: missing, or not a list of token ids"
+        ] * (not (isinstance(vocab, list) and all(type(i) is int for i in vocab) or vocab is None and cfg.llm_ckpt))
+    if problems:
+        raise UserError(f"{cpath}: {problems[0]}; the checkpoint is damaged, retrain or restore it")
     for path, got in tower_fields(cfg):  # a moved tower folder must hold the tower this run was trained with
         if k := next((k for k, v in got.items() if saved.get(k, v) != v), None):
             raise UserError(f"{path}: {k} {got[k]}, but the run in {out_dir} was trained with {saved[k]}; pass the "
                             "tower it was trained with")
-    tok = make_tokenizer(cfg, ids=meta["vocab"])
+    tok = make_tokenizer(cfg, ids=vocab)
     model = build_model(cfg, tok)
-    if bad := [p for p, fp in meta.get("towers", {}).items() if fingerprint(getattr(model, p)) != fp]:  # same sizes
+    if bad := [p for p, fp in towers.items() if fingerprint(getattr(model, p)) != fp]:  # same sizes
         raise UserError(f"{getattr(cfg, bad[0] + '_ckpt')}: not the weights the run in {out_dir} trained with")
     try:
         state, own = load_file(wpath), own_keys(model, cfg)
@@ -1060,6 +1081,12 @@ def prepare_data(cfg, rank=0, splits=("train", "val", "test", "novel")):  # -> {
     anns.setdefault("val", anns["test"][:max(1, len(anns["test"]) // 2)])  # user data: half of the test split
     return {s: (e, load_split(e, cfg)) for s, e in anns.items() if s in splits}
 
+def check_answers(data, tok, cfg):  # evaluation decodes --max_new_tokens: a longer answer would score 0, silently
+    for split, (entries, _) in data.items():
+        if split != "val" and (n := max(len(tok.target(e["answer"])) for e in entries)) > cfg.max_new_tokens:
+            raise UserError(f"a {split} answer is {n} tokens long (EOS included): --max_new_tokens "
+                            f"{cfg.max_new_tokens} must be at least {n}")
+
 def make_optimizer(model, cfg):  # AdamW over the trainable parameters (decay on matrices only), float16's scaler
     params, dev = [p for p in model.parameters() if p.requires_grad], model.devices["llm"]  # where the loss is
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -1124,9 +1151,7 @@ def train(cfg, resume=False, overrides=None):
     if not resume:
         tok = make_tokenizer(cfg, entries)
         model = build_model(cfg, tok)
-    if (n := max(len(tok.target(e["answer"])) for e in entries)) > cfg.max_new_tokens:  # evaluation would cut it
-        raise UserError(f"a training answer is {n} tokens long (EOS included): --max_new_tokens {cfg.max_new_tokens} "
-                        f"must be at least {n}")
+    check_answers(data, tok, cfg)
     model.place(devices)
     ps = list(model.parameters())  # a tied (shared) Parameter counts once
     total, trainable = sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
@@ -1135,15 +1160,16 @@ def train(cfg, resume=False, overrides=None):
         f"{autocast_dtype(cfg.dtype, devices['llm'])}")
     opt, params, scaler = make_optimizer(model, cfg)
     if resume:
-        try:  # truncated or not a torch file: PyTorch's own errors differ by cause
+        try:  # truncated, not a torch file, another run's or keys missing: PyTorch's own errors differ by cause
             ts = torch.load(path, weights_only=True)
+            opt.load_state_dict(ts["optimizer"])
+            torch.set_rng_state(ts["rng"])
+            if ts.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
+                scaler.load_state_dict(ts["scaler"])
+            step = int(ts["step"])
         except Exception as e:
-            raise UserError(f"{path}: not a readable training state ({type(e).__name__}); retrain or restore it")
-        opt.load_state_dict(ts["optimizer"])
-        torch.set_rng_state(ts["rng"])
-        if ts.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
-            scaler.load_state_dict(ts["scaler"])
-        step = ts["step"]
+            raise UserError(f"{path}: not a readable training state of this run ({type(e).__name__}); retrain or "
+                            "restore it") from None
         say(f"resumed at step {step}")
     elif cfg.data_init > 0:  # the same fixed batch on every rank (drawn from --seed)
         idx = torch.randperm(len(entries), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.data_init]
@@ -1260,12 +1286,14 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):  # test, no
                  exact_match=sum(p == e["answer"] for p, e in zip(preds, entries)) / len(entries),
                  n_localised=len(known), frame_f1=frame_f1([pred_lab[i] for i in known], [gold[i] for i in known]),
                  **grounding_metrics([segs[i] for i in known], list(gsegs.values())))
+        if not known:  # no support_times: the frame metrics are not measured (0 would read as a failed model)
+            m.update(dict.fromkeys(("frame_f1", "miou", "r1_iou0.3", "r1_iou0.5", "r1_iou0.7")))
         m["samples"] = [dict(question=e["question"], choices=e["choices"], answer=e["answer"], prediction=p,
                              support=[round(a, 3) for a in gsegs.get(i, ())], predicted_span=[round(a, 3) for a in s])
                         for i, (e, p, s) in enumerate(list(zip(entries, preds, segs))[:5])]
         result[split] = m
-        print(f"{split:6s} n={m['n']} | " + " | ".join(f"{k} {m[k]:.3f}" for k in ("mcq_accuracy", "exact_match",
-              "frame_f1", "miou", "r1_iou0.3", "r1_iou0.5", "r1_iou0.7")))
+        print(f"{split:6s} n={m['n']} | " + " | ".join(f"{k} {'n/a' if m[k] is None else f'{m[k]:.3f}'}" for k in (
+              "mcq_accuracy", "exact_match", "frame_f1", "miou", "r1_iou0.3", "r1_iou0.5", "r1_iou0.7")))
         for smp in m["samples"][:3]:
             print(f"   {smp['question']} {' '.join(smp['choices'])} -> {smp['prediction']!r} (ref {smp['answer']!r}), "
                   f"span {smp['predicted_span']} (ref {smp['support']})")
@@ -1283,7 +1311,8 @@ def frame_strip(clip, sal, path, title):  # PNG: the frames side by side, a sali
         cv2.rectangle(img, (x + 4, S + 34 - int(round(30 * sal[i]))), (x + S - 4, S + 34),
                       (60, 180, 60) if sal[i] > 0.5 else (150, 150, 150), -1)
     cv2.putText(img, title[:F_ * 10], (2, S + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
-    cv2.imwrite(path, img)
+    if not cv2.imwrite(path, img):  # False, not an exception, when it cannot write
+        raise UserError(f"{path}: the frame strip could not be written there (a folder of that name, no permission)")
 
 def predict(cfg, overrides, video, question, choices):
     if not video or not question or not choices:
@@ -1303,8 +1332,9 @@ def predict(cfg, overrides, video, question, choices):
           f"{' '.join(f'{s:.2f}' for s in sal)}\nframe strip: {path}")
     return answer, span, sal
 
+BENCH_RUNS = dict(freeze_vision=True, grad_accum=1, feature_cache=True)  # what --bench sets, whatever the flags
 def bench(cfg):  # frozen encoder: epoch 1 fills the feature cache, epoch 2 reads it; the same bridge/LLM work
-    cfg = dataclasses.replace(cfg, freeze_vision=True, grad_accum=1)
+    cfg = dataclasses.replace(cfg, **BENCH_RUNS)
     entries, tr = prepare_data(cfg)["train"]
     tok = make_tokenizer(cfg, entries)
     model = build_model(cfg, tok).place(parse_device_map(cfg)).train()
@@ -1323,6 +1353,32 @@ def bench(cfg):  # frozen encoder: epoch 1 fills the feature cache, epoch 2 read
 
 # Command line ---------------------------------------------------------------------------------------------------------
 ZERO_OK = ("temporal_blocks", "data_init", "seed", "stop_after", "top_k")
+def config_problems(cfg):  # the checks every config gets: the flags' and a saved config.json's alike
+    kinds = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+    for f in dataclasses.fields(Config):  # a JSON string, null or list where a number belongs (a bool is no int)
+        v, ok = getattr(cfg, f.name), (int, float) if type(f.default) is float else type(f.default)
+        if not isinstance(v, ok) or isinstance(v, bool) != isinstance(f.default, bool):
+            return [f"--{f.name} {v!r}: must be {kinds[type(f.default)]}"]
+    problems = [f"--{k} {getattr(cfg, k)}: choose one of {', '.join(ok)}" for k, ok in (("frame_head", (
+        "keys", "linear")), ("dtype", ("auto", "float32", "bfloat16", "float16"))) if getattr(cfg, k) not in ok]
+    counts = [f.name for f in dataclasses.fields(Config) if type(f.default) is int and f.name not in ZERO_OK]
+    problems += [f"--{k} {getattr(cfg, k)}: must be at least 1" for k in counts if getattr(cfg, k) < 1]
+    problems += [f"--l_head_dim {cfg.l_head_dim}: must be even (RoPE turns pairs of features)"] * (cfg.l_head_dim % 2)
+    problems += [f"--v_patch {cfg.v_patch}: must be at most --crop {cfg.crop}"] * (cfg.v_patch > cfg.crop)
+    problems += [f"--{k} {getattr(cfg, k)}: must be above 0" for k in ("lr", "grad_clip", "top_p") if not 0 <
+                 getattr(cfg, k) < math.inf] + [f"--{k} {getattr(cfg, k)}: must be 0 or more" for k in ("min_lr",
+                 "weight_decay", "warmup_frac", "lam", "pos_weight", "stop_after", "data_init", "temperature", "top_k",
+                 "threshold") if not getattr(cfg, k) >= 0]  # NaN too
+    problems += [f"--{h} {getattr(cfg, h)}: must divide --{w} {getattr(cfg, w)} (heads split a width)" for h, w in
+                 (("v_heads", "v_width"), ("l_kv_heads", "l_heads"), ("bridge_heads", "l_width"), ("bert_heads",
+                 "l_width")) if getattr(cfg, w) % max(1, getattr(cfg, h)) and not (cfg.llm_ckpt and w == "l_width")]
+    problems += ["--out_dir, --data_dir: must name a folder, not an empty string"] * ("" in (cfg.out_dir, cfg.data_dir))
+    return problems
+
+STEPS = ("max_steps", "stop_after", "log_interval", "eval_interval")  # flags only training reads; what else is unread
+UNREAD = {"train": (), "eval": STEPS, "predict": STEPS + ("data", "test_data", "data_dir", "feature_cache"),
+          "bench": STEPS + ("out_dir", "test_data", "data_init", "warmup_frac", "min_lr", "grad_clip", "temperature",
+                            "top_k", "top_p", "max_new_tokens", "threshold")}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Mark 1: video MCQ and the frames that show it.", allow_abbrev=False)
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # argparse's refusals in one line too, no usage
@@ -1342,30 +1398,27 @@ def parse_args(argv=None):
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     overrides.update({k: os.path.abspath(v) for k, v in overrides.items() if v and k in PATH_KEYS})
     cfg = Config(**{**PRESETS[args.preset or ("bench" if args.bench else "default")], **overrides})
-    problems = [f"--{k} {getattr(cfg, k)}: choose one of {', '.join(ok)}" for k, ok in (("frame_head", (
-        "keys", "linear")), ("dtype", ("auto", "float32", "bfloat16", "float16"))) if getattr(cfg, k) not in ok]
-    counts = [f.name for f in dataclasses.fields(Config) if type(f.default) is int and f.name not in ZERO_OK]
-    problems += [f"--{k} {getattr(cfg, k)}: must be at least 1" for k in counts if getattr(cfg, k) < 1]
-    problems += [f"--l_head_dim {cfg.l_head_dim}: must be even (RoPE turns pairs of features)"] * (cfg.l_head_dim % 2)
-    problems += [f"--v_patch {cfg.v_patch}: must be at most --crop {cfg.crop}"] * (cfg.v_patch > cfg.crop)
-    problems += [f"--{k} {getattr(cfg, k)}: must be above 0" for k in ("lr", "grad_clip", "top_p") if not 0 <
-                 getattr(cfg, k) < math.inf] + [f"--{k} {getattr(cfg, k)}: must be 0 or more" for k in ("min_lr",
-                 "weight_decay", "warmup_frac", "lam", "pos_weight", "stop_after", "data_init", "temperature", "top_k",
-                 "threshold") if not getattr(cfg, k) >= 0]  # NaN too
-    problems += [f"--{h} {getattr(cfg, h)}: must divide --{w} {getattr(cfg, w)} (heads split a width)" for h, w in
-                 (("v_heads", "v_width"), ("l_kv_heads", "l_heads"), ("bridge_heads", "l_width"), ("bert_heads",
-                 "l_width")) if getattr(cfg, w) % max(1, getattr(cfg, h)) and not (cfg.llm_ckpt and w == "l_width")]
+    problems = config_problems(cfg)
     if args.train and not args.resume and not writable(cfg.out_dir, "config.json", lambda m: m["script"] == SCRIPT):
         problems.append(f"--out_dir {cfg.out_dir}: a file, or a folder holding files this script did not write (a "
                         f"checkpoint folder, your own files); give a new or empty folder")
+    elif args.train and not args.resume and not creatable(cfg.out_dir):  # checked now, not at the first save
+        problems.append(f"--out_dir {cfg.out_dir}: no folder can be made there (a file on its path, or no permission)")
     modes = sum(map(bool, (args.train or args.eval, args.predict, args.bench)))  # --train ends with an evaluation
     problems += ["one mode per call: --train, --eval, --predict or --bench"] * (modes > 1)
-    problems += ["--out_dir, --data_dir: must name a folder, not an empty string"] * ("" in (cfg.out_dir, cfg.data_dir))
     problems += ["--resume continues a training run: use it with --train"] * (args.resume and not args.train)
     problems += [f"--preset {args.preset}: --resume, --eval and --predict take the sizes from the checkpoint; drop "
                  "--preset"] * bool(args.preset and (args.resume or args.predict or args.eval and not args.train))
     problems += [f"--{k}: only --predict reads it" for k in ("video", "question", "choices")
                  if vars(args)[k] and not args.predict]
+    mode = next((m for m in ("bench", "predict", "eval") if vars(args)[m] and not args.train), "train")
+    problems += [f"--{k}: --{mode} does not use it; drop the flag" for k in UNREAD[mode] if k in overrides]
+    problems += [f"--{k} {overrides[k]}: --bench always runs with {k}={v}; drop the flag" for k, v in BENCH_RUNS.items()
+                 if args.bench and overrides.get(k, v) != v]
+    problems += [f"--{k}: the world's size, unused with --data (the file holds the split); drop it" for k in
+                 ("n_train", "n_val", "n_test", "n_novel") if cfg.data and k in overrides]
+    problems += ["--no-compact_vocab: with --llm_ckpt the vocabulary is the checkpoint's; drop it"] * (
+        cfg.llm_ckpt != "" and overrides.get("compact_vocab") is False)
     if problems:
         raise UserError(problems[0])
     return args, cfg, overrides
@@ -1384,7 +1437,8 @@ def main(argv=None):
         train(cfg, resume=args.resume, overrides=overrides)
     elif args.eval:
         model, tok, cfg = load_checkpoint(cfg.out_dir, overrides)
-        evaluate(model.place(parse_device_map(cfg)), tok, cfg, prepare_data(cfg, splits=("test", "novel")))
+        check_answers(data := prepare_data(cfg, splits=("test", "novel")), tok, cfg)
+        evaluate(model.place(parse_device_map(cfg)), tok, cfg, data)
     elif args.predict:
         predict(cfg, overrides, args.video, args.question, args.choices)
     elif args.bench:

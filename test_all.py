@@ -3788,7 +3788,8 @@ def test_mk_eval_and_predict_cli(mk_trained, tmp_path, capsys, monkeypatch):
               open(tmp_path / "t.json", "w"))
     mk.main(["--eval", "--out_dir", str(tmp_path / "o"), "--test_data", str(tmp_path / "t.json")])
     ev = json.load(open(tmp_path / "o" / "eval.json"))["test"]
-    assert ev["n"] == 3 and ev["n_localised"] == 0 and ev["frame_f1"] == ev["miou"] == ev["r1_iou0.3"] == 0.0
+    assert ev["n"] == 3 and ev["n_localised"] == 0 and ev["frame_f1"] is ev["miou"] is ev["r1_iou0.3"] is None
+    assert "frame_f1 n/a | miou n/a | r1_iou0.3 n/a" in capsys.readouterr().out  # not measured: not a 0.000 score
     bgra = np.zeros((8, 8, 4), np.uint8)
     bgra[..., 2], bgra[..., 3] = 200, 0  # red, fully transparent: composited onto white, as the other scripts do
     cv2.imwrite(str(tmp_path / "t.png"), bgra)
@@ -4226,6 +4227,128 @@ def test_mk_autocast_auto(mk_trained, tmp_path, monkeypatch):
 def test_mk_float16_trains_with_a_gradient_scaler(mk_trained, tmp_path, monkeypatch):
     cfg = _mk_tiny_cfg(tmp_path, data_dir=str(mk_trained[0] / "data"), dtype="float16", max_steps=2)
     check_float16_scales_the_loss(mk.train, cfg, monkeypatch)
+
+
+def test_mk_resume_eval_predict_write_into_the_folder_they_loaded(mk_trained, tmp_path, capsys, monkeypatch):
+    """A checkpoint folder moved elsewhere: --eval, --predict and --resume write into it, not into the folder its
+    config.json names (gone here: it was a traceback); a frame strip that cannot be written is one line."""
+    d, _ = mk_trained
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    mk.main([str(a) for a in ("--train", "--preset", "tiny", "--max_steps", 2, "--data_dir", d / "data", "--out_dir",
+                              first)])
+    shutil.move(first, moved)
+    (moved / "eval.json").unlink()
+    mk.main(["--eval", "--out_dir", str(moved)])
+    assert (moved / "eval.json").is_file() and not first.exists()
+    ask = ["--video", str(d / "data" / "test" / "00000.mp4"), "--question", "q?", "--choices", "A. x|B. y"]
+    mk.main(["--predict", "--out_dir", str(moved), *ask])
+    assert f"frame strip: {moved}/predict.png" in capsys.readouterr().out and (moved / "predict.png").is_file()
+    mk.main(["--train", "--resume", "--out_dir", str(moved), "--max_steps", "3"])
+    assert torch.load(moved / "train_state.pt")["step"] == 3 and not first.exists()
+    assert json.load(open(moved / "config.json"))["config"]["out_dir"] == str(moved)
+    (moved / "predict.png").unlink()
+    (moved / "predict.png").mkdir()  # cv2.imwrite returns False there, it raises nothing
+    _mk_user_error(["--predict", "--out_dir", moved, *ask], "predict.png", "could not be written")
+
+
+def test_mk_out_dir_that_cannot_be_made_is_refused_before_any_work(tmp_path):
+    """--out_dir under a file, or in /proc: one line before the world is built or a step runs (it was a traceback at
+    the first save)."""
+    (tmp_path / "afile").write_text("mine")
+    for out in (tmp_path / "afile" / "sub", "/proc/mk_out"):
+        _mk_user_error(["--train", "--preset", "tiny", "--out_dir", out, "--data_dir", tmp_path / "d"], f"--out_dir {out}",
+                       "no folder can be made")
+    assert not (tmp_path / "d").exists() and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_mk_damaged_checkpoint_is_one_line(mk_trained, tmp_path):
+    """A config.json without its vocab, with values of the wrong type, sizes that do not divide or choices that do not
+    exist, gets the checks the flags get; a train_state.pt of another run or without its keys: one line each."""
+    d, _ = mk_trained
+    run = tmp_path / "run"
+    shutil.copytree(d / "out", run)
+    meta = json.load(open(d / "out" / "config.json"))
+    for change, needle in [({"vocab": None}, "vocab: missing"), ({"towers": []}, "towers []"),
+                           ({"n_frames": "16"}, "--n_frames '16': must be a whole number"),
+                           ({"l_width": None}, "--l_width None"), ({"lr": True}, "--lr True"),
+                           ({"v_heads": 5}, "--v_heads 5: must divide --v_width 32"),
+                           ({"frame_head": "bogus"}, "--frame_head bogus: choose one of"),
+                           ({"dtype": "float64"}, "--dtype float64: choose one of")]:
+        top = {k: v for k, v in change.items() if k in ("vocab", "towers")}
+        conf = {**meta["config"], **{k: v for k, v in change.items() if k not in top}}
+        json.dump({k: v for k, v in {**meta, "config": conf, **top}.items() if v is not None or k != "vocab"},
+                  open(run / "config.json", "w"))
+        _mk_user_error(["--eval", "--out_dir", run], "config.json", needle)
+    shutil.copy(d / "out" / "config.json", run / "config.json")
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])  # another run's optimizer: other parameters
+    for state in (dict(optimizer=opt.state_dict(), scaler={}, step=3, rng=torch.get_rng_state()), {"step": 3}):
+        torch.save(state, run / "train_state.pt")
+        _mk_user_error(["--train", "--resume", "--out_dir", run], "train_state.pt", "not a readable training state")
+    assert (run / "model.safetensors").read_bytes() == (d / "out" / "model.safetensors").read_bytes()
+
+
+def test_mk_hf_config_heads_that_do_not_divide_and_float_sizes(mk_hf, tmp_path):
+    """An HF config.json whose heads do not split the width, or with a float where a count belongs: one line naming
+    the key (it was a traceback, or a mis-shaped list that did not say why)."""
+    for src, change, want in [("vjepa2", {"num_attention_heads": 3}, "num_attention_heads 3 does not divide its "
+                               "hidden_size 128"), ("qwen3", {"num_key_value_heads": 3}, "num_key_value_heads 3 does "
+                               "not divide its num_attention_heads 4"), ("vjepa2", {"hidden_size": 96.0},
+                               "sets hidden_size to 96.0, not a positive whole number"),
+                              ("qwen3", {"num_hidden_layers": 2.0}, "sets num_hidden_layers to 2.0")]:
+        bad = tmp_path / f"{src}_{next(iter(change))}"
+        shutil.copytree(mk_hf["root"] / src, bad)
+        json.dump({**json.load(open(bad / "config.json")), **change}, open(bad / "config.json", "w"))
+        with pytest.raises(mk.UserError, match=re.escape(want)):
+            (mk.load_qwen3 if src == "qwen3" else mk.load_vjepa2)(str(bad))
+
+
+def test_mk_test_answers_longer_than_max_new_tokens_are_refused(mk_trained, tmp_path):
+    """Exact match would score a test answer cut at --max_new_tokens 0: train's test split, --test_data and --eval
+    (which may lower --max_new_tokens) refuse it before any step, as training answers are."""
+    d, _ = mk_trained
+    long = "A. it " + "turns and turns " * 6
+    json.dump([dict(video=str(d / "data" / "test" / "00000.mp4"), question="q?", choices=[long, "B. y"], answer=long)],
+              open(tmp_path / "long.json", "w"))
+    _mk_user_error(["--train", "--preset", "tiny", "--data_dir", d / "data", "--test_data", tmp_path / "long.json",
+                    "--out_dir", tmp_path / "o"], "a test answer is", "--max_new_tokens 16 must be at least")
+    assert not (tmp_path / "o").exists()
+    _mk_user_error(["--eval", "--out_dir", d / "out", "--test_data", tmp_path / "long.json"], "a test answer is")
+    _mk_user_error(["--eval", "--out_dir", d / "out", "--max_new_tokens", 4], "answer is", "--max_new_tokens 4 must")
+
+
+def test_mk_flags_a_mode_would_ignore_are_refused(mk_trained, mk_hf, tmp_path):
+    """A flag the mode overrides or never reads is refused in one line, not silently dropped; a value equal to what
+    runs passes."""
+    d, _ = mk_trained
+    ask = ["--video", d / "data" / "test" / "00000.mp4", "--question", "q?", "--choices", "A. x|B. y"]
+    anns = json.load(open(d / "data" / "train.json"))[:20]
+    json.dump([{**a, "video": str(d / "data" / a["video"])} for a in anns], open(tmp_path / "u.json", "w"))
+    bench = ["--bench", "--preset", "tiny", "--data_dir", tmp_path / "bd"]
+    for argv, want in [(bench + ["--out_dir", tmp_path / "b"], "--out_dir: --bench does not use it"),
+                       (bench + ["--grad_accum", 2], "--grad_accum 2: --bench always runs with grad_accum=1"),
+                       (bench + ["--no-freeze_vision"], "--freeze_vision False: --bench always runs"),
+                       (bench + ["--no-feature_cache"], "--feature_cache False"),
+                       (["--predict", "--out_dir", d / "out", *ask, "--data_dir", tmp_path], "--data_dir: --predict"),
+                       (["--predict", "--out_dir", d / "out", *ask, "--max_steps", 9], "--max_steps: --predict"),
+                       (["--eval", "--out_dir", d / "out", "--max_steps", 9], "--max_steps: --eval does not use it"),
+                       (["--eval", "--out_dir", d / "out", "--log_interval", 1], "--log_interval: --eval"),
+                       (["--train", "--preset", "tiny", "--data", tmp_path / "u.json", "--n_train", 5,
+                         "--out_dir", tmp_path / "o"], "--n_train: the world's size, unused with --data"),
+                       (["--train", "--preset", "tiny", "--llm_ckpt", mk_hf["root"] / "qwen3", "--no-compact_vocab",
+                         "--out_dir", tmp_path / "o", "--data_dir", d / "data"], "--no-compact_vocab: with --llm_ckpt")]:
+        _mk_user_error(argv, want)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "bd").exists()
+    mk.parse_args(["--bench", "--grad_accum", "1", "--freeze_vision", "--feature_cache"])  # what runs anyway
+
+
+def test_mk_original_preset_has_the_mark1_bridge():
+    """The Mark-1 project's bridge: one cross-attention of its 32 + 5 queries over the video, 8 heads, one BERT layer
+    (width 1024, 16 heads, 4096 inner): 31.24M parameters with its towers' widths (video 1408, LLM 1024)."""
+    cfg = mk.Config(**mk.PRESETS["original"])
+    assert cfg.bridge_layers == 1 and (cfg.n_visual_query, cfg.n_temporal_query, cfg.bridge_heads) == (32, 5, 8)
+    with torch.device("meta"):
+        bridge = mk.Bridge(cfg, 1408, 1024, cfg.v_tubelet, cfg.crop // 16)
+    assert len(bridge.xattn) == 1 and sum(p.numel() for p in bridge.parameters()) == 31_240_208
 
 
 # ====================================================================================================================
