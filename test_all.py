@@ -4269,7 +4269,7 @@ def test_mk_damaged_checkpoint_is_one_line(mk_trained, tmp_path):
     shutil.copytree(d / "out", run)
     meta = json.load(open(d / "out" / "config.json"))
     for change, needle in [({"vocab": None}, "vocab: missing"), ({"towers": []}, "towers []"),
-                           ({"n_frames": "16"}, "--n_frames '16': must be a whole number"),
+                           ({"n_frames": "16"}, "--n_frames '16': must be of type int"),
                            ({"l_width": None}, "--l_width None"), ({"lr": True}, "--lr True"),
                            ({"v_heads": 5}, "--v_heads 5: must divide --v_width 32"),
                            ({"frame_head": "bogus"}, "--frame_head bogus: choose one of"),
