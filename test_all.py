@@ -562,7 +562,7 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     for mode in (["--eval"], ["--generate", "--video", clip]):  # the checkpoint's sizes run: another size is refused
         main_user_error(vm.main, capsys, mode + ["--out_dir", out, "--d_model", "64"], "sizes and", "drop --d_model 64")
         main_user_error(vm.main, capsys, mode + ["--out_dir", out, "--lr", "0.5"], "drop --lr 0.5")  # --train's only
-    tiny = ["--train", "--preset", "tiny", "--data_dir", tmp / "data"]
+    tiny = ["--train", "--preset", "tiny"]  # with --data: no --data_dir (the splits come from the file)
     unbuilt = ["--train", "--resume", "--data_dir", tmp_path / "unbuilt"]  # refused before any data
     main_user_error(vm.main, capsys, unbuilt + ["--out_dir", tmp_path / "fresh"], "nothing to resume")
     bad = tmp_path / "bad.txt"
@@ -1344,7 +1344,8 @@ def test_vc_bad_inputs(tmp_path, capsys):
     (other / "config.json").write_text(json.dumps({"script": "vit_caption"}))
     main_user_error(vc.main, capsys, ["--eval", "--out_dir", other], "config.json", "'config'")
     cuda = () if torch.cuda.is_available() else (("--bench", "--device", "cuda"),)  # a device this machine lacks
-    for argv in (("--top_p", 0), ("--top_p", 1.5), ("--temperature", -1), ("--batch_size", 0), ("--n_head", 3),
+    for argv in (("--top_p", 0), ("--top_p", 1.5), ("--temperature", -1), ("--batch_size", 0),
+                 ("--bench", "--n_head", 3),  # sizes are checked where they build a model (--generate: the saved ones)
                  ("--bench", "--device", "xyz")) + cuda:
         mode = [] if "--bench" in argv else ["--generate", "--image", "x.png"]  # one mode per call
         main_user_error(vc.main, capsys, [*mode, *argv], " ".join(map(str, argv[-2:])))
@@ -5194,3 +5195,123 @@ def test_vl_flags_the_mode_would_not_use_are_refused(tmp_path):
         with pytest.raises(vl.UserError, match=re.escape(needle)):
             vl.main(argv + ["--out_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def _copy_run(src, dst):
+    """A copy of a run's checkpoint (config.json, model.safetensors) in dst, so a test's --eval writes only there."""
+    dst.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (dst / f).write_bytes((src / f).read_bytes())
+    return dst
+
+
+@pytest.fixture(scope="module")
+def _vc_tiny_run(tmp_path_factory):
+    """One tiny vit_caption --train in-process (one thread, a few seconds), shared by the tests below."""
+    tmp, before = tmp_path_factory.mktemp("vc_run"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    vc.main(["--train", "--preset", "tiny", "--data_dir", str(tmp / "data"), "--out_dir", str(tmp / "out")])
+    torch.set_num_threads(before)
+    return tmp
+
+
+@pytest.mark.parametrize("mod", [vm, vc], ids=["vm", "vc"])
+def test_vm_vc_a_folder_that_cannot_be_made_is_refused_before_any_work(mod, _vm_trained, _vc_tiny_run, tmp_path,
+                                                                       capsys):
+    """--out_dir or --data_dir under a file (or in /proc) passed the folder check and crashed later with a traceback
+    (--out_dir only at the first checkpoint, after training steps); --eval of a run whose saved data_dir cannot be
+    made rebuilt the world there and crashed: one line each, exit 2, nothing written."""
+    afile = tmp_path / "afile"
+    afile.write_text("notes\n")
+    tiny = ["--train", "--preset", "tiny", "--data_dir", tmp_path / "w", "--out_dir", tmp_path / "o"]
+    for flag, path in (("--out_dir", afile / "run"), ("--data_dir", afile / "run"), ("--out_dir", "/proc/x/run")):
+        main_user_error(mod.main, capsys, tiny + [flag, path], f"{flag} {path}: cannot create this folder")
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+    run = _copy_run((_vm_trained[0] if mod is vm else _vc_tiny_run) / "out", tmp_path / "run")
+    meta = json.load(open(run / "config.json"))
+    meta["config"]["data_dir"] = str(afile / "world")  # saved absolute: this folder cannot be made
+    (run / "config.json").write_text(json.dumps(meta))
+    main_user_error(mod.main, capsys, ["--eval", "--out_dir", run], f"--data_dir {afile / 'world'}: cannot create")
+    assert sorted(os.listdir(run)) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("mod", [vm, vc], ids=["vm", "vc"])
+def test_vm_vc_eval_with_sampling_repeats_from_the_run_s_seed(mod, _vm_trained, _vc_tiny_run, tmp_path, capsys):
+    """--eval --temperature 1.0 sampled from the global random state, never seeded: each run scored differently.
+    It now samples from a generator seeded with the run's --seed, as --generate does."""
+    run = _copy_run((_vm_trained[0] if mod is vm else _vc_tiny_run) / "out", tmp_path / "run")
+    scores = []
+    for _ in range(2):
+        mod.main(["--eval", "--out_dir", str(run), "--temperature", "1.0"])
+        scores.append({k: v for k, v in json.load(open(run / "eval.json")).items() if k != "train_seconds"})
+    assert scores[0] == scores[1]
+    capsys.readouterr()
+
+
+def test_vm_flags_that_would_be_ignored_are_refused(_vm_trained, tmp_path, capsys):
+    """--n_query / --n_qformer_layer size the learned-query Q-Former, built only with --qformer_mode queries; under
+    --data the splits come from the file, so the world's sizes and --data_dir would be ignored: one line each."""
+    tiny = ["--train", "--preset", "tiny", "--data_dir", tmp_path / "d", "--out_dir", tmp_path / "o"]
+    for flag in ("--n_query", "--n_qformer_layer"):
+        main_user_error(vm.main, capsys, tiny + [flag, 3], flag, "--qformer_mode queries")
+    assert vm.parse_args(["--qformer_mode", "queries", "--n_query", "3"])[1].n_query == 3
+    ann = tmp_path / "mine.txt"
+    ann.write_text(f"{_vm_trained[0] / 'data' / 'train' / '00000.mp4'}\na red circle moves left\n")
+    data = ["--train", "--preset", "tiny", "--data", ann, "--test_data", ann, "--out_dir", tmp_path / "o"]
+    for flag, value in (("--n_train", 5), ("--n_novel", 5), ("--data_dir", tmp_path / "d")):
+        main_user_error(vm.main, capsys, data + [flag, value], flag, "--data", "mine.txt")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "o").exists()
+
+
+def test_vc_flags_that_would_be_ignored_are_refused(tmp_path, capsys):
+    """--patch_scale scales the whitened patch features, never made with --patch_init random; under --data the splits
+    come from the file, so the world's sizes and --data_dir would be ignored: one line each, nothing written."""
+    tiny = ["--train", "--preset", "tiny", "--data_dir", tmp_path / "d", "--out_dir", tmp_path / "o"]
+    main_user_error(vc.main, capsys, tiny + ["--patch_init", "random", "--patch_scale", 2], "--patch_scale",
+                    "--patch_init pca")
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((16, 16, 3), np.uint8))
+    (tmp_path / "mine.txt").write_text("a.png | a black square\n")
+    data = ["--train", "--preset", "tiny", "--data", tmp_path / "mine.txt", "--test_data", tmp_path / "mine.txt",
+            "--out_dir", tmp_path / "o"]
+    for flag, value in (("--n_train", 5), ("--n_test", 5), ("--data_dir", tmp_path / "d")):
+        main_user_error(vc.main, capsys, data + [flag, value], flag, "--data", "mine.txt")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("mod", [vm, vc], ids=["vm", "vc"])
+def test_vm_vc_eval_and_test_data_refuse_captions_that_would_be_cut(mod, _vm_trained, _vc_tiny_run, tmp_path,
+                                                                    capsys):
+    """--eval with a --max_new_tokens below the test captions cut every caption and scored ~0; a --test_data caption
+    longer than --max_len was accepted. Both refused by the check training captions get, before any work."""
+    run = _copy_run((_vm_trained[0] if mod is vm else _vc_tiny_run) / "out", tmp_path / "run")
+    main_user_error(mod.main, capsys, ["--eval", "--out_dir", run, "--max_new_tokens", 5], "caption is",
+                    "tokens long", "--max_new_tokens 5 at least")
+    assert sorted(os.listdir(run)) == ["config.json", "model.safetensors"]
+    if mod is vm:
+        (tmp_path / "a.mp4").write_bytes((_vm_trained[0] / "data" / "train" / "00000.mp4").read_bytes())
+        short, long = "a.mp4\na red circle moves left\n", "a.mp4\na red circle moves left and a blue square moves up\n"
+    else:
+        cv2.imwrite(str(tmp_path / "a.png"), np.zeros((16, 16, 3), np.uint8))
+        short, long = "a.png | a red patch\n", "a.png | a blue patch on a grey field by the left side\n"
+    (tmp_path / "short.txt").write_text(short)
+    (tmp_path / "long.txt").write_text(long)
+    argv = ["--train", "--preset", "tiny", "--data", tmp_path / "short.txt", "--test_data", tmp_path / "long.txt",
+            "--out_dir", tmp_path / "o", "--max_len", 10]
+    main_user_error(mod.main, capsys, argv, "caption is 13 tokens long", "--max_len 10 must be at least 13")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("mod", [vm, vc], ids=["vm", "vc"])
+def test_vm_vc_eval_and_generate_refuse_a_typed_size_against_the_checkpoint(mod, _vm_trained, _vc_tiny_run,
+                                                                            tmp_path, capsys):
+    """On --eval / --generate the checkpoint's sizes run: a typed size was cross-checked against the preset's
+    defaults (--img_size 32 'must be a multiple of --patch 12' for a run with patch 8; --d_model 30 against the
+    default --n_head 4), a misleading line; now load_checkpoint's refusal names the flag and the saved value."""
+    out = (_vm_trained[0] if mod is vm else _vc_tiny_run) / "out"
+    if mod is vm:
+        media, flag = ["--video", _vm_trained[0] / "data" / "test" / "00000.mp4"], ["--d_model", "30"]
+    else:
+        cv2.imwrite(str(tmp_path / "x.png"), np.zeros((16, 16, 3), np.uint8))
+        media, flag = ["--image", tmp_path / "x.png"], ["--img_size", "32"]
+    for mode in (["--eval"], ["--generate", *media]):
+        main_user_error(mod.main, capsys, mode + ["--out_dir", out, *flag], f"drop {' '.join(flag)} (")

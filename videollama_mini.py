@@ -58,6 +58,13 @@ class UserError(Exception):
 def check_folder(path, flag, ours, why):  # refuse a path to write into unless missing, an empty folder or `ours`
     if os.path.exists(path) and not (os.path.isdir(path) and (ours or not os.listdir(path))):
         raise UserError(f"{flag} {path}: " + (why if os.path.isdir(path) else "a file, not a folder"))
+    top = os.path.abspath(path)  # -> the nearest folder that exists: a scratch folder made (and removed) there shows
+    while not os.path.exists(top):  # that path can be made (not under a file, nor in /proc) before any work is done
+        top = os.path.dirname(top)
+    try:
+        os.rmdir(os.mkdir(probe := os.path.join(top, f".probe{os.getpid()}")) or probe)  # mkdir returns None
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create this folder ({e.strerror})")
 
 def read_json(path):  # path's JSON object as a dict, or None: missing, unreadable, not JSON, not an object
     with contextlib.suppress(OSError, ValueError):  # ValueError: not JSON, or not UTF-8
@@ -119,8 +126,7 @@ PRESETS = {"default": {},  # default: the CPU run; tiny: seconds, for the tests
     "original": dict(qformer_mode="text", compact_vocab=False, dropout=0.0, weight_decay=0.0),
     "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, n_frames=4, img_size=16, d_model=32, n_head=2,
                  cnn_width=8, grid=2, n_temporal_layer=1, n_query=4, n_qformer_layer=1, n_dec_layer=1,
-                 batch_size=8, max_steps=6, warmup=2, log_interval=2, eval_interval=4, dtype="float32"),
-}
+                 batch_size=8, max_steps=6, warmup=2, log_interval=2, eval_interval=4, dtype="float32")}
 
 # Data: synthetic world, video loader, annotation files, tokenizer -----------------------------------------------------
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
@@ -493,18 +499,22 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler):  # train_state.pt: what
     ts = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "rng": torch.get_rng_state()}
     atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
-def load_checkpoint(out_dir, overrides=None):  # -> (model, tokenizer, cfg); refuses a missing or foreign checkpoint
+def load_checkpoint(out_dir, overrides=None, fixed=()):  # -> (model, tokenizer, cfg): the saved config, overrides on
+    # top, but an override of a `fixed` field that differs is refused, as is a missing, damaged or foreign checkpoint
     cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
         raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
-    if (meta := read_json(cpath)) is None:
-        raise UserError(f"{cpath}: not a JSON object as --train writes it")
-    if meta.get("script") != SCRIPT:
-        raise UserError(f"{out_dir}: checkpoint was written by '{meta.get('script')}', not {SCRIPT}.py")
+    if (meta := read_json(cpath) or {}).get("script") != SCRIPT:  # {}: not a JSON object
+        raise UserError(f"{cpath}: not a JSON object as {SCRIPT}.py --train writes it (script: {meta.get('script')})")
     if not (isinstance(meta.get("config"), dict) and isinstance(meta.get("vocab"), list)):
         raise UserError(f"{cpath}: damaged, no 'config' object or 'vocab' list (retrain with --train)")
-    known = {f.name for f in dataclasses.fields(Config)}  # a key this version of the script does not have is ignored
-    cfg = Config(**{**{k: v for k, v in meta["config"].items() if k in known}, **(overrides or {}), "out_dir": out_dir})
+    known, typed = {f.name for f in dataclasses.fields(Config)}, overrides or {}  # a key this version lacks: ignored
+    saved = Config(**{k: v for k, v in meta["config"].items() if k in known})
+    if clash := [f"--{k} {v} (checkpoint: {getattr(saved, k)})" for k, v in typed.items()
+                 if k in fixed and v != getattr(saved, k)]:
+        raise UserError(f"{out_dir}: the checkpoint's sizes and world (and on --eval or --generate, training flags) "
+                        f"are kept; drop {', '.join(clash)}")
+    cfg = dataclasses.replace(saved, **{**{k: v for k, v in typed.items() if k not in fixed}, "out_dir": out_dir})
     tok = Tokenizer(meta["vocab"])  # the token table saved with the weights
     model = VideoLLaMAMini(cfg, len(tok.ids))
     try:
@@ -599,12 +609,19 @@ def pad_batch(seqs, max_len):
     """Token lists -> (inputs, targets), right-padded; pad targets are -100 (ignored by the loss).
     Right padding needs no attention mask: under the causal mask a pad never influences an earlier position."""
     L = min(max_len, max(len(s) for s in seqs)) - 1  # inputs drop the last token, targets the first
-    inp = torch.zeros(len(seqs), L, dtype=torch.long)  # (B, L), padded with BOS/EOS id 0
-    tgt = torch.full((len(seqs), L), -100, dtype=torch.long)  # (B, L), pads never count in the loss
+    inp, tgt = torch.zeros(len(seqs), L, dtype=torch.long), torch.full((len(seqs), L), -100, dtype=torch.long)  # (B, L)
     for i, s in enumerate(seqs):
         s = s[: L + 1]  # captions longer than max_len are cut
         inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
     return inp, tgt
+
+def check_lengths(tok, data, cfg):  # -> data; refused: a caption pad_batch (--max_len) or generate would cut
+    for s, (entries, _) in data.items():  # n: split s's longest caption in GPT-2 tokens (words the table lacks too)
+        n = 2 + max(len(tok.enc.encode_ordinary(c)) for _, cs in entries for c in cs)  # + BOS and EOS
+        if n > min(cfg.max_len, cfg.max_new_tokens + 1):
+            raise UserError(f"a {s.replace('train', 'training')} caption is {n} tokens long: --max_len {cfg.max_len} "
+                            f"must be at least {n} and --max_new_tokens {cfg.max_new_tokens} at least {n - 1}")
+    return data
 
 def lr_at(step, cfg):  # Linear warmup, then cosine decay to min_lr.
     if step < cfg.warmup:
@@ -618,9 +635,11 @@ def global_batch(step, n, size, seed):  # a step's clip indices: a fresh permuta
     perm = torch.randperm(n * reps, generator=torch.Generator().manual_seed(seed + epoch)) % n
     return perm[k * size:(k + 1) * size]
 
-def prepare_data(cfg, rank):  # -> {split: (entries, uint8 clips (N, F, S, S, 3))}; rank 0 alone builds the world
+def prepare_data(cfg, rank, typed=()):  # -> {split: (entries, uint8 clips (N, F, S, S, 3))}; rank 0 builds the world
     if cfg.test_data and not cfg.data:  # the synthetic world has its own test split: never silently ignored
         raise UserError(f"--test_data {cfg.test_data}: only with --data FILE (your training data) as well")
+    if cfg.data and (world := [f"--{k}" for k in ("data_dir", *WORLD[1:]) if k in typed]):  # typed flags unused
+        raise UserError(f"{', '.join(world)}: the synthetic world's; --data {cfg.data} gives the splits, drop them")
     if cfg.data:
         entries = read_annotations(cfg.data)  # user data
         test = read_annotations(cfg.test_data) if cfg.test_data else entries[::10]  # else every 10th entry held out
@@ -637,9 +656,8 @@ def prepare_data(cfg, rank):  # -> {split: (entries, uint8 clips (N, F, S, S, 3)
     return {s: (e, torch.from_numpy(np.stack([load_video(v, cfg.n_frames, cfg.img_size) for v, _ in e])))
             for s, e in splits.items()}
 
-# The fields that shape the weights: --resume takes them from the checkpoint and refuses a flag that disagrees.
 ARCH = ("n_frames", "img_size", "d_model", "n_head", "cnn_width", "grid", "frame_diff", "n_temporal_layer",
-        "qformer_mode", "n_query", "n_qformer_layer", "n_dec_layer", "max_len", "compact_vocab")
+        "qformer_mode", "n_query", "n_qformer_layer", "n_dec_layer", "max_len", "compact_vocab")  # the weights' shape
 WORLD = ("seed", "n_train", "n_val", "n_test", "n_novel")  # the synthetic world's: --resume and --eval keep the run's
 TRAINING = ("batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "compile",
             "log_interval", "eval_interval", "stop_after", "dropout")  # read by --train only
@@ -655,10 +673,7 @@ def start_config(cfg, typed=None, resume=False):
     if not os.path.isfile(path):
         raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
     typed = dataclasses.asdict(cfg) if typed is None else {"stop_after": 0, **typed, "out_dir": out}
-    model, tok, saved = load_checkpoint(out, {k: v for k, v in typed.items() if k not in ARCH + WORLD})
-    if clash := [f"--{k} {v} (checkpoint: {getattr(saved, k)})" for k, v in typed.items()
-                 if k in ARCH + WORLD and v != getattr(saved, k)]:
-        raise UserError(f"{cfg.out_dir}: --resume keeps the run's architecture and world; drop {', '.join(clash)}")
+    model, tok, saved = load_checkpoint(out, typed, ARCH + WORLD)  # --resume keeps the run's architecture and world
     try:
         return saved, (model, tok, torch.load(path, weights_only=True))
     except Exception:  # torch raises several error types for a truncated or foreign file
@@ -670,11 +685,6 @@ def decay_groups(model, weight_decay):
     decay = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     return [{"params": [p for p in model.parameters() if id(p) in decay], "weight_decay": weight_decay},
             {"params": [p for p in model.parameters() if id(p) not in decay], "weight_decay": 0.0}]
-
-def count_parameters(model):  # -> 'total, trainable, frozen' (nothing in this model is frozen by design)
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return f"{total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, {(total - trainable) / 1e6:.2f}M frozen"
 
 def setup_distributed(cfg):  # -> (ddp, rank, world, device): torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA
     if ddp := int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -718,28 +728,24 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
     say("config:", json.dumps(dataclasses.asdict(cfg)))  # on --resume: the saved config, the typed flags on top
     t0 = time.time()  # train_seconds counts data preparation too
     torch.manual_seed(cfg.seed)  # the initial weights and dropout follow --seed
-    data = prepare_data(cfg, rank)  # {split: (entries, uint8 clips)}
+    data = prepare_data(cfg, rank, typed or ())  # {split: (entries, uint8 clips)}
     train_entries, train_clips = data["train"]
     say(f"data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" clips ({time.time() - t0:.1f}s)")
     model, tok, opt, scaler, step = build_or_resume(cfg, resumed, train_entries, train_clips, device)
-    say(f"parameters: {count_parameters(model)}; vocab {len(tok.ids)}; {device}, "
+    n = [sum(p.numel() for p in model.parameters() if p.requires_grad in grad) for grad in ({1, 0}, {1}, {0})]
+    say("parameters: {:.2f}M total, {:.2f}M trainable, {:.2f}M frozen".format(*(x / 1e6 for x in n)) + "; vocab "
+        f"{len(tok.ids)}; {device}, "
         f"autocast {autocast_dtype(cfg.dtype, device)}" + (f"; resumed from step {step}" if resume else ""))
     raw = model  # the plain module: what is saved and evaluated
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     fwd = torch.compile(model) if cfg.compile else model  # --compile: same module, compiled forward
-    train_tokens = [[tok.encode(c) for c in cs] for _, cs in train_entries]
-    longest = max(len(t) for ts in train_tokens for t in ts)  # pad_batch would cut it, and so would evaluation
-    if longest > cfg.max_len or longest - 1 > cfg.max_new_tokens:
-        raise UserError(f"a training caption is {longest} tokens long (BOS and EOS included): --max_len {cfg.max_len} "
-                        f"must be at least {longest} and --max_new_tokens {cfg.max_new_tokens} at least {longest - 1}")
-    gsize = cfg.batch_size * cfg.grad_accum * world  # clips per optimizer step
-    t_log, log_step = time.time(), step  # for the ms/step and eta columns
+    train_tokens = [[tok.encode(c) for c in cs] for _, cs in check_lengths(tok, data, cfg)["train"][0]]
+    gsize, t_log, log_step = cfg.batch_size * cfg.grad_accum * world, time.time(), step  # G clips a step; ms, eta
     while step < cfg.max_steps:
         idx = global_batch(step, len(train_entries), gsize, cfg.seed)  # (gsize,) clip indices, the same on every rank
         caption_rng = random.Random(cfg.seed * 100003 + step)  # which reference each clip shows: set by the step
-        seqs = [caption_rng.choice(train_tokens[i]) for i in idx.tolist()]  # one reference per clip
-        inp_all, tgt_all = pad_batch(seqs, cfg.max_len)  # (gsize, L) each
+        inp_all, tgt_all = pad_batch([caption_rng.choice(train_tokens[i]) for i in idx.tolist()], cfg.max_len)  # (G, L)
         n_tok = (tgt_all != -100).sum().item()  # loss is a mean over the global batch's tokens, whatever the split
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)  # warmup then cosine
@@ -772,9 +778,9 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
         if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
             dt = (time.time() - t_log) / (step - log_step)  # seconds per step since the last log line
             eta = dt * (cfg.max_steps - step)  # seconds left at this pace
-            shown = "-" if val is None else f"{val:.3f}"
-            say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {shown} | lr {lr_at(step - 1, cfg):.1e}"
-                f" | {dt * 1000:.0f} ms | {gsize / dt:.0f} samples/s | eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+            say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {'-' if val is None else f'{val:.3f}'} | "
+                f"lr {lr_at(step - 1, cfg):.1e} | {dt * 1000:.0f} ms | {gsize / dt:.0f} samples/s | "
+                f"eta {eta // 60:.0f}m{eta % 60:02.0f}s")
             t_log, log_step = time.time(), step
         if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
             if master:
@@ -792,14 +798,13 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
     return raw, tok
 
 @torch.no_grad()
-def evaluate_loss(model, tok, entries, clips, cfg, device):
-    model.eval()  # dropout off
+def evaluate_loss(model, tok, entries, clips, cfg, device):  # the mean token loss, dropout off (eval())
     inp, tgt = pad_batch([tok.encode(cs[0]) for _, cs in entries], cfg.max_len)  # first reference of each clip
     with autocast(cfg, device):
-        _, loss = model(clips.to(device), inp.to(device), tgt.to(device))
-    if not math.isfinite(loss.item()):  # the weights diverged within the last steps: they are not saved
-        raise UserError(f"validation loss {loss.item()}: stopped, {cfg.out_dir} left as it was (try a lower --lr)")
-    return loss.item()  # the mean token loss
+        loss = model.eval()(clips.to(device), inp.to(device), tgt.to(device))[1].item()
+    if not math.isfinite(loss):  # the weights diverged within the last steps: they are not saved
+        raise UserError(f"validation loss {loss}: stopped, {cfg.out_dir} left as it was (try a lower --lr)")
+    return loss
 
 # Generation and evaluation --------------------------------------------------------------------------------------------
 def filter_logits(logits, top_k, top_p):  # keep the top_k largest and the smallest set of mass top_p; the rest -> -inf
@@ -807,8 +812,7 @@ def filter_logits(logits, top_k, top_p):  # keep the top_k largest and the small
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[..., -1:]  # (B, 1): the k-th largest
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)  # (B, V) in descending order
+        probs, order = logits.softmax(-1).sort(-1, descending=True)  # (B, V) in descending order
         drop = probs.cumsum(-1) - probs >= top_p  # tokens after the nucleus is already full
         drop[..., 0] = False  # the most likely token always stays, however small top_p is
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))  # back to vocabulary order
@@ -821,8 +825,7 @@ def generate(model, video, cfg, use_cache=True, generator=None, stop_at_eos=True
     if cfg.beam > 1:
         return beam_search(model, video, cfg)
     model.eval()
-    B = video.shape[0]
-    memory = model.encode(video)  # the video is encoded once: (B, Q or F, D)
+    B, memory = video.shape[0], model.encode(video)  # the video is encoded once: (B, Q or F, D)
     cache = [{} for _ in model.decoder] if use_cache else None  # one dict of keys/values per decoder layer
     seq = torch.full((B, 1), BOS, dtype=torch.long, device=video.device)  # (B, 1), grows to (B, 1 + steps)
     done = torch.zeros(B, dtype=torch.bool, device=video.device)  # rows that have emitted EOS
@@ -857,9 +860,8 @@ def beam_search(model, video, cfg, length_penalty=1.0):
     steps = min(cfg.max_new_tokens, cfg.max_len - 1)
     for t in range(steps):
         logp = model.decode(seq[:, -1:], memory, cache, pos=t)[:, -1].float().log_softmax(-1)  # (B*K, V)
-        V = logp.shape[-1]  # vocabulary size
-        cand = (score.view(-1, 1) + logp).view(B, K * V)  # every beam x every next token
-        top, pos = cand.topk(2 * K, -1)  # 2K so that K live beams remain after removing finished ones
+        V = logp.shape[-1]  # vocabulary size; the candidates: every beam x every next token, 2K of them kept so that
+        top, pos = (score.view(-1, 1) + logp).view(B, K * V).topk(2 * K, -1)  # K live beams remain after finished ones
         kept = []  # (score, row, token) of the K live beams of each clip, in clip order
         for b in range(B):
             keep = []
@@ -921,11 +923,12 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):  # caption test
     saved = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # the training run's
     result = {"train_seconds": saved if train_seconds is None else train_seconds}  # --eval keeps the saved value
     print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # sampling (--temperature > 0) repeats
     for split in [s for s in ("test", "novel") if s in data]:  # novel is absent on user data
         entries, clips = data[split]
         with autocast(cfg, device):  # greedy (or --beam / sampling), 128 clips at a time to bound the memory
             preds = [tok.decode(ids) for i in range(0, len(clips), 128)
-                     for ids in generate(model, clips[i:i + 128].to(device), cfg)]
+                     for ids in generate(model, clips[i:i + 128].to(device), cfg, generator=generator)]
         refs = [cs for _, cs in entries]  # every reference of each clip
         r = result[split] = {"n": len(preds), "exact_match": exact_match(preds, refs), "bleu4": bleu4(preds, refs),
                              "cider": cider_d(preds, refs),
@@ -989,6 +992,8 @@ def parse_args(argv=None):
     # the run's input files are saved in its config: absolute, so --eval and --resume find them from any folder
     overrides.update({k: os.path.abspath(v) for k, v in overrides.items() if v and k in ("data", "test_data")})
     cfg = Config(**{**PRESETS[args.preset or "default"], **overrides})
+    fresh = not (args.resume or args.eval or args.generate)  # else the checkpoint's sizes run (a typed one: refused)
+    query = [f"--{k}" for k in ("n_query", "n_qformer_layer") if k in overrides and cfg.qformer_mode == "text"] * fresh
     below = lambda least, names: [f"--{k} {getattr(cfg, k)}" for k in names.split() if getattr(cfg, k) < least]
     low = below(1, "n_train n_val n_test n_novel n_frames img_size d_model n_head cnn_width grid n_qformer_layer beam")
     low += below(1, "n_query n_dec_layer batch_size grad_accum max_steps log_interval eval_interval max_new_tokens")
@@ -1002,7 +1007,9 @@ def parse_args(argv=None):
         (not 0 <= cfg.dropout < 1, f"--dropout {cfg.dropout}: must be in [0, 1)"),
         (not cfg.grad_clip > 0, f"--grad_clip {cfg.grad_clip}: must be above 0 (the largest gradient norm)"),
         (not 0 <= cfg.weight_decay < math.inf, f"--weight_decay {cfg.weight_decay}: must be finite, 0 or more"),
-        (cfg.d_model % math.lcm(2, cfg.n_head or 1), f"--d_model {cfg.d_model}: must be even, a multiple of --n_head"),
+        (fresh and cfg.d_model % math.lcm(2, cfg.n_head or 1),
+         f"--d_model {cfg.d_model}: must be even, a multiple of --n_head {cfg.n_head}"),
+        (query, f"{', '.join(query)}: the learned-query Q-Former's sizes; only with --qformer_mode queries"),
         (cfg.cnn_width % 8, f"--cnn_width {cfg.cnn_width}: must be a multiple of 8 (GroupNorm's 8 groups)"),
         (not cfg.temperature >= 0, f"--temperature {cfg.temperature}: must be 0 (greedy) or more"),
         (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1]; 1 keeps every token"),
@@ -1016,34 +1023,28 @@ def parse_args(argv=None):
         raise UserError(errors[0])
     return args, cfg, overrides
 
-def main(argv=None):  # the command line; a UserError ends it with one line on stderr and exit status 2, no traceback
+def main(argv=None):  # --train / --bench / --eval / --generate; a UserError ends it: one line on stderr, status 2
     try:
-        run(*parse_args(argv))
+        args, cfg, overrides = parse_args(argv)
+        if args.train:  # train prints the config it runs
+            return train(cfg, overrides, resume=args.resume)
+        if args.eval or args.generate:  # the saved config, typed flags on top (fixed ones refused); --generate: --seed
+            model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, ARCH + TRAINING + WORLD * args.eval)
+        print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
+        if args.bench:
+            return bench(cfg)
+        if not (args.eval or args.generate):
+            return print("nothing to do: pass --train, --eval, --generate --video PATH, or --bench (see --help)")
+        model.to(device := pick_device(cfg.device))
+        if args.eval:  # test and novel, as in training
+            return evaluate(model, tok, cfg, device, check_lengths(tok, prepare_data(cfg, 0, overrides), cfg))
+        clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None].to(device)  # (1, F, S, S, 3)
+        with autocast(cfg, device):  # --seed makes sampling repeatable
+            ids = generate(model, clip, cfg, generator=torch.Generator(device=device).manual_seed(cfg.seed))[0]
+        print(tok.decode(ids))  # the caption, alone on the last line
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-
-def run(args, cfg, overrides):  # dispatch --train / --bench / --eval / --generate
-    if args.train:  # train prints the config it runs
-        return train(cfg, overrides, resume=args.resume)
-    if (args.eval or args.generate) and not args.bench:  # the saved config, typed flags on top (ARCH flags excepted)
-        fixed = ARCH + TRAINING + (WORLD if args.eval else ())  # --generate: the typed --seed samples
-        model, tok, cfg = load_checkpoint(cfg.out_dir, {k: v for k, v in overrides.items() if k not in fixed})
-        if clash := [f"--{k} {v}" for k, v in overrides.items() if k in fixed and v != getattr(cfg, k)]:
-            raise UserError(f"{cfg.out_dir}: the checkpoint's sizes and training run (and --eval's world); drop "
-                            f"{', '.join(clash)}")
-    print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
-    if args.bench:
-        return bench(cfg)
-    if not (args.eval or args.generate):
-        return print("nothing to do: pass --train, --eval, --generate --video PATH, or --bench (see --help)")
-    model.to(device := pick_device(cfg.device))
-    if args.eval:
-        return evaluate(model, tok, cfg, device, prepare_data(cfg, 0))  # test and novel, as in training
-    clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None].to(device)  # (1, F, S, S, 3)
-    with autocast(cfg, device):  # --seed makes sampling repeatable
-        ids = generate(model, clip, cfg, generator=torch.Generator(device=device).manual_seed(cfg.seed))[0]
-    print(tok.decode(ids))  # the caption, alone on the last line
 
 if __name__ == "__main__":
     main()

@@ -57,9 +57,16 @@ def read_json(path):  # path's JSON object as a dict, or None: missing, unreadab
     with contextlib.suppress(OSError, ValueError):  # ValueError: not JSON, or not UTF-8
         return obj if isinstance(obj := json.load(open(path, encoding="utf-8")), dict) else None
 
-def writable(path, marker, ours):  # may this script write into path? missing, empty, or its `marker` JSON passes ours()
-    return not os.path.exists(path) or os.path.isdir(path) and (
-        not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))
+def check_folder(path, flag, ours, why):  # refuse a path to write into unless missing, an empty folder or `ours`
+    if os.path.exists(path) and not (os.path.isdir(path) and (ours or not os.listdir(path))):
+        raise UserError(f"{flag} {path}: {why}")
+    top = os.path.abspath(path)  # -> the nearest folder that exists: a scratch folder made (and removed) there shows
+    while not os.path.exists(top):  # that path can be made (not under a file, nor in /proc) before any work is done
+        top = os.path.dirname(top)
+    try:
+        os.rmdir(os.mkdir(probe := os.path.join(top, f".probe{os.getpid()}")) or probe)  # mkdir returns None
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create this folder ({e.strerror})")
 
 # Config ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -113,15 +120,13 @@ class Config:
     beam: int = 1  # beam width; >1 = beam search (deterministic)
     max_new_tokens: int = 23  # caption length limit in tokens, EOS included
 
-PRESETS = {  # tiny: seconds, for the tests. original: the write-up's exact sizes (4 decoder heads, GPT-2 ids: ours)
-    "default": {},
+PRESETS = {"default": {},  # tiny: seconds, for the tests. original: the write-up's sizes (4 decoder heads, GPT-2 ids)
     "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, img_size=16, patch=8, vit_dim=32, vit_layers=1,
                  vit_heads=2, vit_mlp=64, d_model=32, n_layer=1, n_head=2, mlp_dim=64, batch_size=8,
                  max_steps=6, warmup=2, log_interval=2, eval_interval=4),
     "original": dict(img_size=96, patch=16, vit_dim=512, vit_layers=16, vit_heads=8, vit_mlp=2048, vit_dropout=0.4,
                      pool="cls", d_model=128, n_layer=8, n_head=4, mlp_dim=11008, compact_vocab=False, rope_theta=1e4,
-                     batch_size=16, max_steps=6, eval_max=64, warmup=2, lr=3e-4, log_interval=1, eval_interval=1000),
-}
+                     batch_size=16, max_steps=6, eval_max=64, warmup=2, lr=3e-4, log_interval=1, eval_interval=1000)}
 
 # Data: synthetic world, image loader, captions files, tokenizer -------------------------------------------------------
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
@@ -185,9 +190,8 @@ def build_world(cfg):  # write data_dir/<split>/*.png and data_dir/<split>.txt o
     files, old = {s: os.path.join(cfg.data_dir, f"{s}.txt") for s in sizes}, read_json(stamp) or {}
     if old == want:  # written before for these sizes and this seed
         return files
-    if not writable(cfg.data_dir, "world.json", lambda m: set(m) == set(want) and isinstance(m["version"], int)):
-        raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json of "
-                        f"its own); give a new folder for the synthetic world, or your files as --data FILE")
+    check_folder(cfg.data_dir, "--data_dir", set(old) == set(want) and isinstance(old["version"], int), "a file, or "
+                 "a folder this script did not write (no world.json of its own); give a new folder, or use --data FILE")
     os.makedirs(cfg.data_dir, exist_ok=True)
     json.dump(dict(want, version=0), open(stamp, "w"))  # 0: ours, but a build under way (or cut short)
     for offset, (split, n) in enumerate(sizes.items()):
@@ -232,12 +236,11 @@ def load_image(path, size):
 def read_captions(path):
     """Captions file: one `image path | caption` per line, paths relative to the file; an image may appear on several
     lines (several references). Blank lines and lines starting with # are skipped. -> [(image_path, [captions])]."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: captions file not found")
     try:
         text = open(path, encoding="utf-8-sig").read()  # -sig: drop a BOM
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a UTF-8 text file (expected lines 'image.png | a caption')")
+    except (OSError, UnicodeDecodeError) as e:  # OSError: missing, a folder, unreadable
+        raise UserError(f"{path}: " + ("not a UTF-8 text file (expected lines 'image.png | a caption')" if isinstance(
+            e, UnicodeDecodeError) else "captions file not found"))
     base, caps = os.path.dirname(os.path.abspath(path)), {}  # image -> its captions, in the file's order
     for no, line in enumerate((raw.strip() for raw in text.split("\n")), 1):
         if not line or line.startswith("#"):
@@ -272,8 +275,7 @@ class Tokenizer:  # GPT-2 BPE (tiktoken) over a compact table `ids` of the GPT-2
         ids = {t for c in captions for t in enc.encode_ordinary(c)} if compact else set(range(enc.n_vocab))
         return cls([enc.eot_token] + sorted(ids - {enc.eot_token}))
     def encode(self, text):  # caption -> [BOS, ..., EOS] in model ids; GPT-2 ids not in the table are dropped
-        ids = [self.to_model[t] for t in self.enc.encode_ordinary(text) if t in self.to_model]  # specials read as text
-        return [self.eos] + ids + [self.eos]
+        return [self.eos, *(self.to_model[t] for t in self.enc.encode_ordinary(text) if t in self.to_model), self.eos]
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if i != self.eos]).strip()
 
@@ -512,8 +514,7 @@ WORLD = ("seed", "n_train", "n_val", "n_test", "n_novel")  # the synthetic world
 TRAINING = ("batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "compile",
             "log_interval", "eval_interval", "stop_after", "patch_init", "patch_scale", "dropout", "vit_dropout")
 
-def load_checkpoint(out_dir, overrides=None, fixed=ARCH):  # -> (model, tok, cfg): the saved `fixed` fields, overrides
-    # for the rest (fixed: the architecture; on --resume and --eval also the world the run was trained and tested on)
+def load_checkpoint(out_dir, overrides=None, fixed=ARCH):  # -> (model, tok, cfg): saved `fixed` fields, overrides rest
     cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
         raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
@@ -541,16 +542,6 @@ def load_checkpoint(out_dir, overrides=None, fixed=ARCH):  # -> (model, tok, cfg
     model.load_state_dict(state)
     check_decoding(cfg)  # the decoding flags that will run: the saved ones, typed ones on top
     return model, tok, cfg
-
-def resume_run(cfg, typed=None):  # before any data: out_dir's run + typed flags -> cfg, (model, tok, state)
-    if not os.path.isfile(path := os.path.join(cfg.out_dir, "train_state.pt")):
-        raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
-    typed = dataclasses.asdict(cfg) if typed is None else {"stop_after": 0, **typed}  # the saved stop is behind us
-    model, tok, saved = load_checkpoint(cfg.out_dir, typed, ARCH + WORLD)
-    try:
-        return saved, (model, tok, torch.load(path, weights_only=True))
-    except Exception as e:  # a truncated or foreign file: zip, pickle or torch errors
-        raise UserError(f"{path}: cannot read it ({type(e).__name__}; damaged?); train again without --resume")
 
 # Metrics: exact match, corpus BLEU-4, CIDEr-D (plain Python, tested on hand-computed cases) ---------------------------
 def ngrams(words, n):  # -> {n-gram tuple: count} of a word list
@@ -623,23 +614,31 @@ def pad_batch(seqs, max_len):
         inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
     return inp, tgt
 
+def check_lengths(tok, data, cfg):  # -> data; refused: a caption pad_batch (--max_len) or generate would cut
+    for s, (entries, _) in data.items():  # n: split s's longest caption in GPT-2 tokens (words the table lacks too)
+        n = 2 + max(len(tok.enc.encode_ordinary(c)) for _, cs in entries for c in cs)  # + BOS and EOS
+        if n > min(cfg.max_len, cfg.max_new_tokens + 1):
+            raise UserError(f"a {s.replace('train', 'training')} caption is {n} tokens long: --max_len {cfg.max_len} "
+                            f"must be at least {n} and --max_new_tokens {cfg.max_new_tokens} at least {n - 1}")
+    return data
+
 def lr_at(step, cfg):  # linear warmup, then cosine decay to min_lr
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
 
-def global_batch(step, n, size, seed):
-    """Indices of the global batch of a step: a fresh permutation per epoch, shared by every rank. A set smaller
-    than the batch (--max_train 16) is repeated to fill it, so every step sees a full batch."""
-    n_all = n * -(-size // n)  # n, or n repeated ceil(size / n) times when the set is smaller than a batch
+def global_batch(step, n, size, seed):  # a step's indices: a fresh permutation per epoch, the same on every rank
+    n_all = n * -(-size // n)  # n, or n repeated ceil(size / n) times: a set smaller than a batch (--max_train 16)
     epoch, k = divmod(step, max(1, n_all // size))  # which epoch, which batch inside it
     perm = torch.randperm(n_all, generator=torch.Generator().manual_seed(seed + epoch)) % n
     return perm[k * size:(k + 1) * size]
 
-def prepare_data(cfg, rank):  # -> {split: (entries, uint8 images)}; rank 0 builds the synthetic world, others wait
+def prepare_data(cfg, rank, typed=()):  # -> {split: (entries, uint8 images)}; rank 0 builds the world, others wait
     if cfg.test_data and not cfg.data:  # the synthetic world has its own test split: never silently ignored
         raise UserError(f"--test_data {cfg.test_data}: only with --data FILE (your training data) as well")
+    if cfg.data and (world := [f"--{k}" for k in ("data_dir", *WORLD[1:]) if k in typed]):  # typed flags unused
+        raise UserError(f"{', '.join(world)}: the synthetic world's; --data {cfg.data} gives the splits, drop them")
     if cfg.data:
         entries = read_captions(cfg.data)
         test = read_captions(cfg.test_data) if cfg.test_data else entries[::10]  # else every 10th image is held out
@@ -667,8 +666,7 @@ def setup_distributed(cfg):  # -> (rank, world, device): torchrun's WORLD_SIZE >
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
 
-def init_training(cfg, entries, images, resumed, device):
-    """-> (model, tokenizer, optimizer, loss scaler, step): fresh (patch embedding fitted to images) or resume_run's."""
+def init_training(cfg, entries, images, resumed, device):  # -> (model, tok, opt, scaler, step): fresh, or resumed
     if resumed:
         model, tok, state = resumed
         if lost := next(((t, c) for _, cs in entries for c in cs for t in tok.enc.encode_ordinary(c)
@@ -720,9 +718,17 @@ def train_step(model, opt, scaler, batch, cfg, device, rank, world):
     opt.zero_grad(set_to_none=True)
     return total.item()
 
-def train(cfg, resume=False, typed=None):
-    """Train (every rank), evaluate and save (rank 0); resume: go on with out_dir's run (resume_run). -> model, tok"""
-    cfg, resumed = resume_run(cfg, typed) if resume else (cfg, None)  # before any data: a refusal costs nothing
+def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and save (rank 0) -> model, tok
+    resumed = None  # before any data: a refusal costs nothing
+    if resume:  # out_dir's run, the typed flags on top (typed None: all of cfg); the saved stop is behind us
+        if not os.path.isfile(path := os.path.join(cfg.out_dir, "train_state.pt")):
+            raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
+        model, tok, cfg = load_checkpoint(cfg.out_dir, dataclasses.asdict(cfg) if typed is None else {
+            "stop_after": 0, **typed}, ARCH + WORLD)
+        try:
+            resumed = model, tok, torch.load(path, weights_only=True)
+        except Exception as e:  # a truncated or foreign file: zip, pickle or torch errors
+            raise UserError(f"{path}: cannot read it ({type(e).__name__}; damaged?); train again without --resume")
     cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))  # saved so: found from any folder
     check_decoding(cfg)
     rank, world, device = setup_distributed(cfg)
@@ -730,7 +736,7 @@ def train(cfg, resume=False, typed=None):
     say("config:", json.dumps(dataclasses.asdict(cfg)))
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    data = prepare_data(cfg, rank)
+    data = prepare_data(cfg, rank, typed or ())
     say("data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" images ({time.time() - t0:.1f}s)")
     model, tok, opt, scaler, step = init_training(cfg, *data["train"], resumed, device)
     say(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, all trained; vocab {len(tok.ids)}; "
@@ -741,11 +747,7 @@ def train(cfg, resume=False, typed=None):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     fwd = torch.compile(model) if cfg.compile else model
     (entries, images), caption_rng = data["train"], random.Random()
-    tokens = [[tok.encode(c) for c in cs] for _, cs in entries]  # every reference of every image, encoded once
-    longest = max(len(t) for ts in tokens for t in ts)  # pad_batch would cut it, and so would evaluation
-    if longest > cfg.max_len or longest - 1 > cfg.max_new_tokens:
-        raise UserError(f"a training caption is {longest} tokens long (BOS and EOS included): --max_len {cfg.max_len} "
-                        f"must be at least {longest} and --max_new_tokens {cfg.max_new_tokens} at least {longest - 1}")
+    tokens = [[tok.encode(c) for c in cs] for _, cs in check_lengths(tok, data, cfg)["train"][0]]  # encoded once
     val_batch = pad_batch([tok.encode(cs[0]) for _, cs in data["val"][0]], cfg.max_len)  # (inputs, targets)
     gsize, t_log, log_step, step0 = cfg.batch_size * cfg.grad_accum * world, time.time(), step, step
     while step < cfg.max_steps:
@@ -804,14 +806,12 @@ def next_logits(model, x, cache=None, pos=0):  # x (B, T, D) at positions pos.. 
 
 @torch.no_grad()
 def generate(model, images, cfg, use_cache=True, generator=None, stop_at_eos=True):
-    """Batched captioning from BOS until every row has written EOS (or max_new_tokens). Greedy when temperature == 0,
-    else temperature / top-k / top-p sampling from `generator`; beam search when cfg.beam > 1. Without the cache
-    every step re-runs the whole sequence (the reference path the tests compare against). -> list of id lists."""
+    """Batched captioning from BOS until every row wrote EOS (or max_new_tokens) -> id lists: greedy at temperature 0,
+    else sampled (top-k / top-p) from `generator`; beam > 1: beam search. No cache: each step re-runs it all (tests)."""
     if cfg.beam > 1:
         return beam_search(model, images, cfg)
     model.eval()
-    B, eos, N = images.shape[0], 0, model.n_prefix
-    steps = min(cfg.max_new_tokens, cfg.max_len - 1)  # BOS takes one of the max_len text positions
+    B, eos, N, steps = images.shape[0], 0, model.n_prefix, min(cfg.max_new_tokens, cfg.max_len - 1)  # BOS: 1 of max_len
     x = prefill_input(model, images)  # the image is encoded once, (B, N+1, D)
     cache = [{} for _ in model.layers] if use_cache else None
     logits = next_logits(model, x, cache)  # prefill: (B, V)
@@ -873,10 +873,9 @@ def beam_search(model, images, cfg, length_penalty=1.0):
     return [max(f)[1] for f in finished]
 
 def attention_png(model, image, tok, cfg, device, path, show=None):
-    """Picture of where the model looked while it captioned `image` (greedy) -> the caption. Left: the image, its
-    patches numbered. Right: one row per caption token, one column per patch: the decoder's last-layer attention from
-    the position that wrote the token, recorded by generate() itself (cached call j wrote token j). With pool
-    "cls"/"mean" the decoder sees one vector, so every row shows the ViT's last-layer CLS (or mean) attention."""
+    """Where the model looked while it captioned `image` (greedy) -> the caption. Left: the image, patches numbered.
+    Right: a row per caption token, a column per patch: the decoder's last-layer attention from the position that wrote
+    the token (cached call j wrote token j). Pool "cls"/"mean": the decoder sees one vector, so rows show the ViT's."""
     def put(img, text, x, y, scale=0.4):  # white text
         cv2.putText(img, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
     model.record_attention(True)
@@ -915,16 +914,16 @@ def attention_png(model, image, tok, cfg, device, path, show=None):
     cv2.imwrite(path, np.concatenate([title, body], 0))
     return caption
 
-def evaluate(model, tok, cfg, device, data, train_seconds=None):
-    """Caption and score test, novel (and train with --max_train); print a table, samples; write eval.json, a PNG."""
+def evaluate(model, tok, cfg, device, data, train_seconds=None):  # score test, novel (train: --max_train); eval.json
     saved = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # the training run's
     result = {"train_seconds": saved if train_seconds is None else train_seconds}  # --eval keeps the saved value
     print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")
+    generator = torch.Generator(device).manual_seed(cfg.seed)  # sampling (--temperature > 0) repeats from --seed
     for split in [s for s in ("test", "novel") + (("train",) if cfg.max_train > 0 else ()) if s in data]:
         entries, images = (x[:cfg.eval_max] if cfg.eval_max > 0 else x for x in data[split])
         with autocast(cfg, device):  # batches of 256 images: memory stays flat whatever the split's size
             preds = [tok.decode(ids) for i in range(0, len(images), 256)
-                     for ids in generate(model, images[i:i + 256].to(device), cfg)]
+                     for ids in generate(model, images[i:i + 256].to(device), cfg, generator=generator)]
         refs = [cs for _, cs in entries]
         r = result[split] = {"n": len(preds), "exact_match": exact_match(preds, refs), "bleu4": bleu4(preds, refs),
                              "cider": cider_d(preds, refs),
@@ -977,11 +976,10 @@ def check_decoding(cfg):  # a decoding flag (typed, or saved with a checkpoint) 
 def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the flags typed; touches nothing
     p = argparse.ArgumentParser(description="vit_caption: train, evaluate, caption images.", allow_abbrev=False)
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # argparse's refusals in one line too, no usage
-    p.add_argument("--train", action="store_true", help="build data (if needed), train, evaluate")
-    p.add_argument("--resume", action="store_true", help="with --train: continue from out_dir/train_state.pt")
-    p.add_argument("--eval", action="store_true", help="evaluate the checkpoint in out_dir on test and novel")
-    p.add_argument("--generate", action="store_true", help="caption --image with the checkpoint in out_dir")
-    p.add_argument("--bench", action="store_true", help="print training samples/s and captions/s")
+    for mode, what in (("train", "build data (if needed), train, evaluate"), ("resume", "with --train: continue from "
+                       "out_dir/train_state.pt"), ("eval", "evaluate the checkpoint in out_dir on test and novel"),
+                       ("generate", "caption --image with out_dir's model"), ("bench", "training and caption speed")):
+        p.add_argument(f"--{mode}", action="store_true", help=what)
     p.add_argument("--image", default="", help="image file, for --generate")
     p.add_argument("--preset", help=f"one of {sorted(PRESETS)} (default: default)")
     for f in dataclasses.fields(Config):  # every Config field is a flag; bools as --flag / --no-flag
@@ -998,25 +996,28 @@ def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the fl
     bad += [f"--{n} {v}: must be at least 1" for n, v in nums.items() if type(v) is int and n not in ZERO_OK and v < 1]
     bad += [f"--{n} {v}: must be a number > 0" for n, v in nums.items() if n in RATES and not 0 < v < math.inf]
     bad += [f"--{n} {v}: must be a number >= 0" for n, v in nums.items() if not 0 <= v < math.inf]
+    fresh = not (args.resume or args.eval or args.generate)  # else the checkpoint's sizes run (a typed one: refused)
     bad = bad or [why for wrong, why in (  # these divide by sizes: only once the sizes are positive
         (not (0 <= cfg.dropout < 1 and 0 <= cfg.vit_dropout < 1), "--dropout and --vit_dropout: in [0, 1)"),
         (cfg.max_len < 2, f"--max_len {cfg.max_len}: at least 2 (BOS and one token)"),
         ("" in (cfg.out_dir, cfg.data_dir), "--out_dir and --data_dir must name a folder, not an empty string"),
-        (args.train and not args.resume and not writable(cfg.out_dir, "config.json", lambda m: m.get("script") ==
-         SCRIPT), f"--out_dir {cfg.out_dir}: a file, or a folder this script did not write; give a new or empty one"),
         (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1] (1 = off)"),
-        (cfg.img_size % cfg.patch or cfg.img_size == cfg.patch, f"--img_size {cfg.img_size}: must be a multiple of "
-         f"--patch {cfg.patch}, at least twice it (the sin-cos positions need a grid of patches)"),
-        (cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.vit_heads, f"--d_model "
-         f"{cfg.d_model} / --n_head {cfg.n_head}: need even-sized heads, and --vit_dim a multiple of --vit_heads"),
-        ([args.train or args.eval, args.generate, args.bench].count(True) > 1, "one mode per call; --train evaluates"),
-        (args.resume and not args.train, "--resume continues a training run: use it with --train"),
+        (fresh and (cfg.img_size % cfg.patch or cfg.img_size == cfg.patch), f"--img_size {cfg.img_size}: must be a "
+         f"multiple of --patch {cfg.patch}, at least twice it (the sin-cos positions need a grid of patches)"),
+        (fresh and (cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.vit_heads),
+         f"--d_model {cfg.d_model} / --n_head {cfg.n_head}: need even head sizes, --vit_dim a multiple of --vit_heads"),
+        ("patch_scale" in overrides and cfg.patch_init == "random", "--patch_scale: only with --patch_init pca"),
+        ([args.train or args.eval, args.generate, args.bench].count(True) > 1 or args.resume and not args.train,
+         "one mode per call (--train evaluates); --resume continues a training run: use it with --train"),
         (args.preset and (args.resume or args.eval or args.generate), f"--preset {args.preset}: --resume, --eval "
          "and --generate take the sizes from the checkpoint in --out_dir; drop --preset"),
         (args.image and not args.generate, f"--image {args.image}: only with --generate (the mode that captions it)"),
         (args.generate and not args.image, "--generate needs --image PATH")) if wrong]
     if bad:
         raise UserError(bad[0])
+    if args.train and not args.resume:  # a checkpoint's config.json names the script that saved it
+        check_folder(cfg.out_dir, "--out_dir", (read_json(os.path.join(cfg.out_dir, "config.json")) or {}).get(
+            "script") == SCRIPT, "a file, or a folder this script did not write; give a new or empty one")
     return args, cfg, overrides
 
 def main(argv=None):  # --train / --bench / --eval / --generate; a UserError ends it: one line on stderr, status 2
@@ -1033,7 +1034,7 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
             return print("nothing to do: pass --train, --eval, --generate --image PATH, or --bench (see --help)")
         model.to(device := pick_device(cfg.device))
         if args.eval:
-            return evaluate(model, tok, cfg, device, prepare_data(cfg, 0))
+            return evaluate(model, tok, cfg, device, check_lengths(tok, prepare_data(cfg, 0, overrides), cfg))
         image = torch.from_numpy(load_image(args.image, cfg.img_size))  # (S, S, 3) uint8, letterboxed
         with autocast(cfg, device):  # sampling (--temperature > 0) is reproducible from --seed
             ids = generate(model, image[None].to(device), cfg, generator=torch.Generator(device).manual_seed(cfg.seed))
