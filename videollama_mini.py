@@ -732,10 +732,11 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
     train_entries, train_clips = data["train"]
     say(f"data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" clips ({time.time() - t0:.1f}s)")
     model, tok, opt, scaler, step = build_or_resume(cfg, resumed, train_entries, train_clips, device)
-    n = [sum(p.numel() for p in model.parameters() if p.requires_grad in grad) for grad in ({1, 0}, {1}, {0})]
-    say("parameters: {:.2f}M total, {:.2f}M trainable, {:.2f}M frozen".format(*(x / 1e6 for x in n)) + "; vocab "
-        f"{len(tok.ids)}; {device}, "
-        f"autocast {autocast_dtype(cfg.dtype, device)}" + (f"; resumed from step {step}" if resume else ""))
+    total = sum(p.numel() for p in model.parameters())  # counted, not assumed: what is frozen shows as frozen
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"parameters: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, {(total - trainable) / 1e6:.2f}M "
+        f"frozen; vocab {len(tok.ids)}; {device}, autocast {autocast_dtype(cfg.dtype, device)}"
+        + (f"; resumed from step {step}" if resume else ""))
     raw = model  # the plain module: what is saved and evaluated
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
@@ -857,11 +858,10 @@ def beam_search(model, video, cfg, length_penalty=1.0):
     seq = torch.full((B * K, 1), BOS, dtype=torch.long, device=video.device)
     score = torch.tensor([0.0] + [float("-inf")] * (K - 1), device=video.device).repeat(B, 1)  # (B, K): one alive
     finished = [[] for _ in range(B)]
-    steps = min(cfg.max_new_tokens, cfg.max_len - 1)
-    for t in range(steps):
+    for t in range(min(cfg.max_new_tokens, cfg.max_len - 1)):  # BOS takes one of the max_len positions
         logp = model.decode(seq[:, -1:], memory, cache, pos=t)[:, -1].float().log_softmax(-1)  # (B*K, V)
-        V = logp.shape[-1]  # vocabulary size; the candidates: every beam x every next token, 2K of them kept so that
-        top, pos = (score.view(-1, 1) + logp).view(B, K * V).topk(2 * K, -1)  # K live beams remain after finished ones
+        V = logp.shape[-1]  # vocabulary size
+        top, pos = (score.view(-1, 1) + logp).view(B, K * V).topk(2 * K, -1)  # best 2K (beam, token): K live remain
         kept = []  # (score, row, token) of the K live beams of each clip, in clip order
         for b in range(B):
             keep = []
