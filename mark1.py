@@ -85,6 +85,7 @@ def creatable(path):  # can a folder be made at path (or written into, when it i
     with contextlib.suppress(OSError):  # a file on the way, /proc, a read-only disk
         return os.rmdir(tempfile.mkdtemp(dir=parent)) or True
     return False
+
 def writable(path, marker, ours):  # may this script write into path? missing, empty, or `marker` passes ours()
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # not a folder; marker missing or damaged
         return not os.listdir(path) or ours(json.load(open(os.path.join(path, marker))))
@@ -222,6 +223,7 @@ def sample_event(rng, split):  # one clip's story -> (per-frame draw list, annot
                answer=choices[options.index(answer_text)], support_times=[round(f / FPS, 4) for f in support],
                event=event, colour=colour)
     return frames, ann
+
 def write_clip(path, frames):
     w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), FPS, (SIDE, SIDE))  # MPEG-4 part 2: lossy, real
     for objs in frames:
@@ -256,8 +258,10 @@ def build_world(cfg):  # write train/val/test/novel clips + annotation JSON unde
             anns.append({"video": rel, **ann})
         json.dump(anns, open(os.path.join(cfg.data_dir, f"{split}.json"), "w"), indent=0)
     atomic(stamp, lambda p: json.dump(sizes, open(p, "w")))  # complete
+
 def sample_indices(n_total, n_frames):  # uniform: the centre of each of n_frames equal bins; short clips repeat ones
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
+
 def preprocess(img, crop):
     """transformers' VJEPA2VideoProcessor on a uint8 (H, W, 3) frame up to its float steps (those are normalize()):
     shortest edge -> int(crop*256/224) (long edge int(short*long/shortest)), antialiased bilinear, centre crop."""
@@ -271,6 +275,7 @@ def preprocess(img, crop):
         img = x[0].permute(1, 2, 0).numpy()  # (nh, nw, 3) uint8
     top, left = int((nh - crop) / 2), int((nw - crop) / 2)  # transformers' centre crop truncates (torchvision rounds)
     return img[top:top + crop, left:left + crop]  # (crop, crop, 3)
+
 def read_frame(path):  # a frame image -> BGR uint8 (H, W, 3); libjpeg fills a cut-off JPEG with grey, silently
     data, i = open(path, "rb").read(), 2  # i: the next marker after FF D8 (each segment: FF xx, a 2-byte length)
     while data[:2] == b"\xff\xd8" and i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] != 0xDA:
@@ -282,6 +287,7 @@ def read_frame(path):  # a frame image -> BGR uint8 (H, W, 3); libjpeg fills a c
         return cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR
     img = (img >> 8 * (img.dtype == np.uint16)).astype(np.int32)  # BGRA onto white, as transformers' convert_to_rgb
     return ((img[:, :, :3] * img[:, :, 3:] + 255 * (255 - img[:, :, 3:]) + 127) // 255).astype(np.uint8)
+
 def load_video(path, n_frames, crop):
     """Video file (any container OpenCV reads) or a folder of frame images -> (uint8 (F, crop, crop, 3) RGB,
     sampled frame times in seconds (F,), clip duration in seconds). Only the F sampled frames are read and kept."""
@@ -317,6 +323,7 @@ MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.2
 def normalize(clips):  # uint8 (B, F, S, S, 3) -> float (B, F, 3, S, S) as HF's pixel_values_videos, one op
     x = clips.permute(0, 1, 4, 2, 3).float()  # (B, F, 3, S, S), still 0..255
     return (x - MEAN.view(1, 1, 3, 1, 1) * 255) / (STD.view(1, 1, 3, 1, 1) * 255)
+
 def read_annotations(path, base=None):  # user JSON list, validated; errors name the entry
     items = read_json(path, "pass an annotation file in the README's format (a JSON list of entries)", list)
     out, base = [], base or os.path.dirname(os.path.abspath(path))  # video paths are relative to the file
@@ -332,12 +339,14 @@ def read_annotations(path, base=None):  # user JSON list, validated; errors name
             raise UserError(f"{where}: support_times must be a list of seconds")
         out.append({**it, "video": os.path.join(base, it["video"]), "support_times": st, "where": where})
     return out  # (os.path.join keeps an absolute video path as it is)
+
 def check_choices(choices, where):
     if not isinstance(choices, list) or not 2 <= len(choices) <= 26 or any(not isinstance(c, str) for c in choices):
         raise UserError(f"{where}: choices must be a list of 2 to 26 strings like 'A. ...'")
     for k, c in enumerate(choices):  # the k-th choice starts with the k-th letter
         if not re.match(rf"{chr(65 + k)}\. \S", c):
             raise UserError(f"{where}: choice {c!r} is not in the form '{chr(65 + k)}. text' (A, B, C, ... in order)")
+
 def frame_labels(support_times, times, duration, where):  # 1 at the frame nearest each support time, else 0
     lab = np.zeros(len(times), np.float32)
     for t in support_times:
@@ -345,6 +354,7 @@ def frame_labels(support_times, times, duration, where):  # 1 at the frame neare
             raise UserError(f"{where}: support time {t}s is outside the clip (0..{duration:.2f}s)")
         lab[times == times[np.argmin(np.abs(times - t))]] = 1  # the Mark-1 project's rule; every slot of that frame
     return lab
+
 def load_split(entries, cfg):  # -> uint8 clips (N, F, S, S, 3), frame labels, times (N, F), durations (N,)
     clips, labs, times, durs = [], [], [], []
     for e in entries:
@@ -378,12 +388,14 @@ class GPT2Tokenizer:
         return self.encode(q + "\n" + "\n".join(choices) + "\nAnswer:")
     def target(self, answer):
         return self.encode(" " + answer) + [self.eos]
+
 def bytes_to_unicode():
     """GPT-2's byte <-> printable-character table, which byte-level BPE vocabularies (Qwen's too) are written in:
     printable Latin-1 bytes stand for themselves, the other 68 (controls, space, ...) take chr(256), chr(257), ..."""
     bs = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
     rest = [b for b in range(256) if b not in bs]
     return dict(zip(bs + rest, map(chr, bs + [256 + n for n in range(len(rest))])))
+
 QWEN_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
             r"|\s+(?!\S)|\s+")
 class QwenTokenizer:
@@ -484,11 +496,13 @@ class RMSNorm(nn.Module):
         h = x.float()  # the statistic in float32 even for bfloat16 activations
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)  # HF order: normalise in fp32, cast back, then scale
+
 def rope_cos_sin(pos, dim, theta, dtype):  # rotate_half RoPE: pos (B, L) -> cos, sin (B, 1, L, E) in dtype
     inv = 1.0 / theta ** (torch.arange(0, dim, 2, device=pos.device, dtype=torch.float) / dim)  # (E/2,)
     f = pos.float()[..., None] * inv  # (B, L, E/2)
     emb = torch.cat((f, f), dim=-1)[:, None]  # (B, 1, L, E)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
 def apply_rope(x, cos, sin):  # x (B, H, L, E): dim i pairs with dim i + E/2 (rotate_half), unlike V-JEPA 2's pairs
     x1, x2 = x.chunk(2, dim=-1)  # 2 x (B, H, L, E/2)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # (B, H, L, E)
@@ -775,12 +789,14 @@ def read_hf_dir(path, want):  # -> (config dict, {tensor key: file}, Config fiel
     if (f := (vjepa2_fields if want == "vjepa2" else qwen3_fields)(conf, keys))[wf] % f[hf]:  # headers only so far
         raise UserError(f"{path}: config.json's {h} {f[hf]} does not divide its {w} {f[wf]} (heads split a width)")
     return conf, keys, f
+
 def check_fit(where, want, have):  # {key: shape} of model, file -> one line: every missing, extra, mis-shaped key
     missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     shaped = sorted(f"{k} {list(s)} (model {list(want[k])})" for k, s in have.items()
                     if k in want and list(s) != list(want[k]))
     if missing or unexpected or shaped:
         raise UserError(f"{where}: does not fit: missing {missing}, unexpected {unexpected}, mis-shaped {shaped}")
+
 def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
     """mapping: file key -> module key (None: ignored). Every missing, unexpected and mis-shaped key is listed from the
     headers alone; only then are the tensors read, in `dtype` (None: the file's) on `device`, into the meta module."""
@@ -795,11 +811,13 @@ def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
     if getattr(module, "tie", False):
         module.lm_head.weight = module.model.embed_tokens.weight  # assign=True replaced the Parameter: tie again
     return module
+
 def vjepa2_fields(conf, keys):  # V-JEPA 2's config.json -> the Config fields it sets (transformers' defaults)
     return dict(v_width=conf.get("hidden_size", 1024), v_layers=conf.get("num_hidden_layers", 24),
                 v_heads=conf.get("num_attention_heads", 16), v_patch=conf.get("patch_size", 16),
                 v_tubelet=conf.get("tubelet_size", 2), crop=conf.get("crop_size", 256),
                 v_mlp_ratio=conf.get("mlp_ratio", 4.0))
+
 def qwen3_fields(conf, keys):  # Qwen3's config.json (and tensor keys) -> the Config fields it sets, as transformers
     rope, nh = conf.get("rope_parameters") or {}, conf.get("num_attention_heads", 32)  # reads them when absent or null
     return dict(l_width=conf.get("hidden_size", 4096), l_layers=conf.get("num_hidden_layers", 32), l_heads=nh,
@@ -807,9 +825,11 @@ def qwen3_fields(conf, keys):  # Qwen3's config.json (and tensor keys) -> the Co
                 l_inter=conf.get("intermediate_size", 22016),
                 rope_theta=conf.get("rope_theta") or rope.get("rope_theta", 10000.0),
                 tie_embeddings=bool(conf.get("tie_word_embeddings")) and "lm_head.weight" not in keys)  # as HF
+
 def tower_fields(cfg):  # -> [(folder, {Config field: value})]: each HF tower's sizes, frozen
     return [(p, {**read_hf_dir(p, kind)[2], freeze: True}) for p, kind, freeze in (
         (cfg.vision_ckpt, "vjepa2", "freeze_vision"), (cfg.llm_ckpt, "qwen3", "freeze_llm")) if p]
+
 def fingerprint(tower):  # 8 values spread over each tensor, hashed: tells towers of one size apart, in any dtype
     vals = [v.flatten()[::max(1, v.numel() // 8)][:8].float().cpu() for _, v in sorted(tower.state_dict().items())]
     return hashlib.sha256(torch.cat(vals).numpy().tobytes()).hexdigest()[:16]
@@ -827,6 +847,7 @@ def load_vjepa2(path, dtype=None, device="cpu"):  # HF V-JEPA 2 folder (`encoder
     if len(mapping) < len(keys):
         print(f"{path}: ignoring {len(keys) - len(mapping)} predictor/pooler/classifier tensors, on purpose")
     return assign_strict(enc, path, keys, mapping.get, dtype, device)
+
 def load_qwen3(path, dtype=None, device="cpu"):  # HF Qwen3 folder -> Qwen3LM; absent keys: transformers' defaults
     conf, keys, f = read_hf_dir(path, "qwen3")  # f: tied head unless the file has its own lm_head (as transformers)
     rope = conf.get("rope_parameters") or {}
@@ -843,6 +864,7 @@ def load_qwen3(path, dtype=None, device="cpu"):  # HF Qwen3 folder -> Qwen3LM; a
                      f["l_head_dim"], f["l_inter"], f["rope_theta"], conf.get("rms_norm_eps", 1e-6),
                      f["tie_embeddings"])
     return assign_strict(lm, path, keys, lambda k: k, dtype, device)
+
 def build_model(cfg, tok):
     """Mark1 from cfg; towers from HF folders keep their file's dtype under bfloat16 autocast, else load in float32
     (float16 cannot mix with bfloat16 weights); the bridge casts at its two boundaries (Bridge.video_tokens, fuse)."""
@@ -858,6 +880,7 @@ def build_model(cfg, tok):
                                            ("llm", cfg.llm_ckpt, cfg.freeze_llm)) if ckpt or frozen]:
         model.freeze(part)
     return model
+
 def make_tokenizer(cfg, entries=None, ids=None):  # Qwen3's with --llm_ckpt, else GPT-2 over `ids` or `entries`
     if cfg.llm_ckpt:  # its folder and model_type were checked already (tower_fields): another model's is named
         return QwenTokenizer(os.path.join(cfg.llm_ckpt, "tokenizer.json"))
@@ -865,9 +888,11 @@ def make_tokenizer(cfg, entries=None, ids=None):  # Qwen3's with --llm_ckpt, els
         return GPT2Tokenizer(ids)
     texts = [e["question"] + "\n" + "\n".join(e["choices"]) + "\nAnswer: " + e["answer"] for e in entries]
     return GPT2Tokenizer.build(texts, cfg.compact_vocab)
+
 def own_keys(model, cfg):  # the keys a checkpoint stores: not the towers loaded from HF folders, not a tied lm_head
     hf = tuple(p + "." for p, c in (("vision", cfg.vision_ckpt), ("llm", cfg.llm_ckpt)) if c)
     return {k for k in model.state_dict() if not k.startswith(hf) and not (k == "llm.lm_head.weight" and model.llm.tie)}
+
 def save_checkpoint(model, tok, cfg, opt, step, scaler):  # the weights of every part not from an HF folder
     os.makedirs(cfg.out_dir, exist_ok=True)
     own, path = own_keys(model, cfg), lambda name: os.path.join(cfg.out_dir, name)
@@ -928,13 +953,16 @@ def load_checkpoint(out_dir, overrides=None, mode="--eval"):  # -> (model, tok, 
 ANSWER_RE = re.compile(r"^\s*([A-Z])\.(\s|$)")
 def extract_option(text):  # strict: the answer must begin with an option letter and a full stop ("C. it stops")
     return m.group(1) if (m := ANSWER_RE.match(text)) else None
+
 def mcq_accuracy(preds, answers):  # share of predictions whose option letter is the answer's
     ok = [extract_option(p) is not None and extract_option(p) == extract_option(a) for p, a in zip(preds, answers)]
     return sum(ok) / max(1, len(ok))
+
 def frame_f1(pred, gold):  # micro F1 over every (clip, frame) pair: pred and gold are lists of 0/1 lists
     pairs = [(bool(p), bool(g)) for ps, gs in zip(pred, gold) for p, g in zip(ps, gs)]  # (predicted, gold) per frame
     tp, fp, fn = sum(p and g for p, g in pairs), sum(p and not g for p, g in pairs), sum(g and not p for p, g in pairs)
     return 2 * tp / max(1, 2 * tp + fp + fn)  # F1 = 2TP / (2TP + FP + FN); 0 when nothing is positive
+
 def segment_from_scores(scores, times, duration, threshold):  # frame saliency -> one (start, end) in seconds
     runs, start = [], None  # (first, last) frame of each run above the threshold
     for i, s in enumerate(list(scores) + [-math.inf]):  # the sentinel closes a run that reaches the last frame
@@ -946,9 +974,11 @@ def segment_from_scores(scores, times, duration, threshold):  # frame saliency -
     i = max(range(len(scores)), key=lambda k: scores[k])  # nothing above the threshold: the most salient frame
     best = max(runs, key=lambda r: r[1] - r[0]) if runs else (i, i)  # the first of the longest runs
     return float(times[best[0]]), float(min(duration, times[best[1]] + duration / len(times)))  # [t, t + duration/F)
+
 def temporal_iou(a, b):  # two (start, end) spans in seconds -> intersection over union
     inter, union = max(0.0, min(a[1], b[1]) - max(a[0], b[0])), max(a[1], b[1]) - min(a[0], b[0])
     return inter / union if union > 0 else 0.0
+
 def grounding_metrics(pred_segs, gold_segs):  # -> R@1 at IoU 0.3/0.5/0.7 and mean IoU
     ious = [temporal_iou(p, g) for p, g in zip(pred_segs, gold_segs)]
     n = max(1, len(ious))
@@ -958,6 +988,7 @@ def grounding_metrics(pred_segs, gold_segs):  # -> R@1 at IoU 0.3/0.5/0.7 and me
 def pick_device(name):  # "auto" -> cuda, else mps, else cpu; any other name as given
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     return name if name != "auto" else "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+
 def parse_device_map(cfg):  # -> {part: device}: --device for all, unless --device_map moves a part; each checked
     out = dict.fromkeys(("vision", "bridge", "llm"), pick_device(cfg.device))
     for part in filter(None, cfg.device_map.split(",")):
@@ -973,25 +1004,30 @@ def parse_device_map(cfg):  # -> {part: device}: --device for all, unless --devi
             raise UserError(f"--device / --device_map {k}: device {v!r} does not exist here ({n} CUDA devices); "
                             "use cpu or an existing cuda:N")
     return out
+
 def autocast_dtype(name, device):  # auto: bfloat16 where the hardware multiplies in it; else float32 (emulated: slow)
     if name != "auto":
         return name
     gpu = device.startswith("cuda") and torch.cuda.get_device_capability(device)[0] >= 8
     cpu = device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return "bfloat16" if gpu or cpu else "float32"
+
 def autocast(cfg, device):  # the mixed-precision context of one part's device; plain float32 when off
     dtype = autocast_dtype(cfg.dtype, device)
     return torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
 def lr_at(step, cfg):
     warm = max(1, int(cfg.warmup_frac * cfg.max_steps))  # warmup steps
     if step < warm:
         return cfg.lr * (step + 1) / warm  # linear from lr/warm up to lr
     t = min(1.0, (step - warm) / max(1, cfg.max_steps - warm))  # 0 -> 1 over the rest of the run
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
+
 def global_batch(step, n, size, seed):  # a step's global batch: a fresh permutation per epoch, shared by every rank
     epoch, k = divmod(step, max(1, n // size))  # full batches per epoch (the remainder is skipped)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))  # a pure function of the step
     return perm[k * size:(k + 1) * size]  # so a resumed run draws the same batches
+
 def pad_left(rows, pad=0):  # ids (L_i,) / embeddings (L_i, D) -> (B, L[, D]) left-padded with `pad`, valid (B, L)
     L = max(len(r) for r in rows)
     x = rows[0].new_full((len(rows), L, *rows[0].shape[1:]), pad)  # the rows' dtype and device
@@ -999,6 +1035,7 @@ def pad_left(rows, pad=0):  # ids (L_i,) / embeddings (L_i, D) -> (B, L[, D]) le
     for i, r in enumerate(rows):
         x[i, L - len(r):], valid[i, L - len(r):] = r, True
     return x, valid
+
 def text_batch(items, tok, with_answer=True):  # -> question ids, mask (B, Lq); prompt+answer inputs, targets (B, L)
     q_ids, q_valid = pad_left([torch.tensor(tok.encode(it["question"]) or [tok.eos]) for it in items], tok.eos)
     seqs = [(tok.prompt(it["question"], it["choices"]), tok.target(it["answer"]) if with_answer else [])
@@ -1022,6 +1059,7 @@ class FeatureCache:  # frozen encoder: features once per clip (by split, index),
             feats = self.model.encode(clips[torch.tensor(todo)]).detach()
             self.store.update({(split, i): f.cpu() for i, f in zip(todo, feats)})  # (P, Dv) each: encoder dtype, CPU
         return torch.stack([self.store[(split, i)] for i in idx.tolist()])
+
 def prepare_data(cfg, rank=0, splits=("train", "val", "test", "novel")):  # -> {split: (entries, clips, labels)}
     if cfg.data:
         train = read_annotations(cfg.data)
@@ -1038,17 +1076,20 @@ def prepare_data(cfg, rank=0, splits=("train", "val", "test", "novel")):  # -> {
         anns["test"] = read_annotations(cfg.test_data)
     anns.setdefault("val", anns["test"][:max(1, len(anns["test"]) // 2)])  # user data: half of the test split
     return {s: (e, load_split(e, cfg)) for s, e in anns.items() if s in splits}
+
 def check_answers(data, tok, cfg):  # evaluation decodes --max_new_tokens: a longer answer would score 0, silently
     for split, (entries, _) in data.items():
         if split != "val" and (n := max(len(tok.target(e["answer"])) for e in entries)) > cfg.max_new_tokens:
             raise UserError(f"a {split} answer is {n} tokens long (EOS included): --max_new_tokens "
                             f"{cfg.max_new_tokens} must be at least {n}")
+
 def make_optimizer(model, cfg):  # AdamW over the trainable parameters (decay on matrices only), float16's scaler
     params, dev = [p for p in model.parameters() if p.requires_grad], model.devices["llm"]  # where the loss is
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     scaler = torch.amp.GradScaler(dev.split(":")[0], enabled=autocast_dtype(cfg.dtype, dev) == "float16")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95)), params, scaler
+
 def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, device, scaler):
     """Forward + backward of this rank's micro-batches of the global batch `idx` -> its mean (loss, ce, bce); losses use
     the global batch's counts (Mark1.forward): any split gives the same gradient. Under torchrun `fwd` is DDP: the last
@@ -1084,6 +1125,7 @@ def val_loss(model, tok, cfg, split, cache):  # CE + lam * BCE on `val`: no grap
     if not math.isfinite(total):  # the weights diverged within the last steps: they are not saved
         raise UserError(f"validation loss {total}: stopped, {cfg.out_dir} left as it was (try a lower --lr)")
     return total / max(1, len(entries))
+
 def setup_distributed(cfg):  # -> (ddp, rank, world) under torchrun: gloo on CPU, nccl on CUDA
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return False, 0, 1  # one process unless torchrun started several
@@ -1252,6 +1294,7 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):  # test, no
     result["train_seconds"] = None if train_seconds is None else round(train_seconds, 1)
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     return result
+
 def frame_strip(clip, sal, path, title):  # PNG: the frames side by side, a saliency bar under each (green: > 0.5)
     F_, S = clip.shape[0], 64
     img = np.full((S + 40, F_ * (S + 2), 3), 255, np.uint8)
@@ -1262,6 +1305,7 @@ def frame_strip(clip, sal, path, title):  # PNG: the frames side by side, a sali
     cv2.putText(img, title[:F_ * 10], (2, S + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
     if not cv2.imwrite(path, img):  # False, not an exception, when it cannot write
         raise UserError(f"{path}: the frame strip could not be written there (a folder of that name, no permission)")
+
 def predict(cfg, overrides, video, question, choices):
     if not video or not question or not choices:
         raise UserError("--predict needs --video PATH --question TEXT --choices 'A. ...|B. ...|C. ...|D. ...'")
