@@ -214,14 +214,13 @@ def sample_event(rng, split):  # one clip's story -> (per-frame draw list, annot
             a.update(x=24 - side * off, y=24)
             b.update(x=24 + side * off, y=24)
         frames.append([o for o in (a, b) if o is not None])  # draw list of frame t
-    support = list(range(e, e + 4))  # the frames that show the event
     options = ["it appears", f"it turns {new_colour}", "it stops", f"it meets the {other_colour} {other_shape}"]
     answer_text = options[EVENTS.index(event)]
     rng.shuffle(options)  # the answer's letter is uniform over A-D
     choices = [f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)]
     ann = dict(question=f"What happens to the {colour} {shape}?", choices=choices,
-               answer=choices[options.index(answer_text)], support_times=[round(f / FPS, 4) for f in support],
-               event=event, colour=colour)
+               answer=choices[options.index(answer_text)],  # support: the 4 frames that show the event
+               support_times=[round(f / FPS, 4) for f in range(e, e + 4)], event=event, colour=colour)
     return frames, ann
 
 def write_clip(path, frames):
@@ -324,9 +323,9 @@ def normalize(clips):  # uint8 (B, F, S, S, 3) -> float (B, F, 3, S, S) as HF's 
     x = clips.permute(0, 1, 4, 2, 3).float()  # (B, F, 3, S, S), still 0..255
     return (x - MEAN.view(1, 1, 3, 1, 1) * 255) / (STD.view(1, 1, 3, 1, 1) * 255)
 
-def read_annotations(path, base=None):  # user JSON list, validated; errors name the entry
+def read_annotations(path):  # user JSON list, validated; errors name the entry
     items = read_json(path, "pass an annotation file in the README's format (a JSON list of entries)", list)
-    out, base = [], base or os.path.dirname(os.path.abspath(path))  # video paths are relative to the file
+    out, base = [], os.path.dirname(os.path.abspath(path))  # video paths are relative to the file
     for i, it in enumerate(items):
         where, keys = f"{path} entry {i}", ("video", "question", "answer")
         if not isinstance(it, dict) or not all(isinstance(it.get(k), str) and it[k] for k in keys):
@@ -356,13 +355,12 @@ def frame_labels(support_times, times, duration, where):  # 1 at the frame neare
     return lab
 
 def load_split(entries, cfg):  # -> uint8 clips (N, F, S, S, 3), frame labels, times (N, F), durations (N,)
-    clips, labs, times, durs = [], [], [], []
+    rows = []  # (clip, frame labels, frame times, duration) per entry
     for e in entries:
         clip, t, dur = load_video(e["video"], cfg.n_frames, cfg.crop)
-        clips.append(clip), times.append(t), durs.append(dur)
-        labs.append(frame_labels(e["support_times"], t, dur, e["where"]))
-    return dict(clips=torch.from_numpy(np.stack(clips)), labels=torch.from_numpy(np.stack(labs)),
-                times=np.stack(times), durations=np.array(durs))
+        rows.append((clip, frame_labels(e["support_times"], t, dur, e["where"]), t, dur))
+    clips, labs, times, durs = map(np.stack, zip(*rows))
+    return dict(clips=torch.from_numpy(clips), labels=torch.from_numpy(labs), times=times, durations=durs)
 
 class GPT2Tokenizer:
     """GPT-2 tokens (tiktoken) over the table `ids`: <|endoftext|>, <unk>, the GPT-2 ids seen in training (or all)."""
@@ -426,10 +424,10 @@ class QwenTokenizer:
 
 # Model: V-JEPA 2 encoder, Qwen3 LLM, bridge ---------------------------------------------------------------------------
 class VJEPA2Attention(nn.Module):  # non-causal, separate q/k/v/proj, V-JEPA 2's 3D RoPE (as transformers')
-    def __init__(self, d, n_head, grid, qkv_bias=True):
+    def __init__(self, d, n_head, grid):
         super().__init__()
         self.n_head, self.hd, self.grid = n_head, d // n_head, grid  # grid = crop // patch, from the config
-        self.query, self.key, self.value = (nn.Linear(d, d, bias=qkv_bias) for _ in range(3))
+        self.query, self.key, self.value = (nn.Linear(d, d) for _ in range(3))  # q/k/v biases
         self.proj = nn.Linear(d, d)  # output projection, with bias as upstream
         self.sub = 2 * ((self.hd // 3) // 2)  # rotated dims per axis (20 for head dim 64); the rest pass through
     @staticmethod
@@ -468,15 +466,16 @@ class VJEPA2Layer(nn.Module):
         return x + self.mlp(self.norm2(x))  # residual around the MLP
 
 class VJEPA2Encoder(nn.Module):  # module names as in the HF checkpoint, its `encoder.` prefix stripped
-    def __init__(self, width, layers, heads, patch, tubelet, crop, mlp_ratio=4.0, eps=1e-6):
+    def __init__(self, c, eps=1e-6):  # sizes from a Config: v_* and crop
         super().__init__()
-        self.width, self.patch, self.tubelet, self.crop = width, patch, tubelet, crop  # the geometry Mark1 reads
+        self.width, self.patch, self.tubelet, self.crop = c.v_width, c.v_patch, c.v_tubelet, c.crop  # read by Mark1
         self.embeddings = nn.Module()  # bare modules: the checkpoint's key path embeddings.patch_embeddings.proj
         self.embeddings.patch_embeddings = nn.Module()
-        cube = (tubelet, patch, patch)  # one token per cube: a strided Conv3d, a linear map of each (no overlap)
-        self.embeddings.patch_embeddings.proj = nn.Conv3d(3, width, kernel_size=cube, stride=cube)
-        self.layer = nn.ModuleList(VJEPA2Layer(width, heads, mlp_ratio, crop // patch, eps) for _ in range(layers))
-        self.layernorm = nn.LayerNorm(width, eps=eps)  # final norm: its output is the feature Mark 1 uses
+        cube = (c.v_tubelet, c.v_patch, c.v_patch)  # one token per cube: a strided Conv3d, a linear map of each
+        self.embeddings.patch_embeddings.proj = nn.Conv3d(3, c.v_width, kernel_size=cube, stride=cube)  # (no overlap)
+        self.layer = nn.ModuleList(VJEPA2Layer(c.v_width, c.v_heads, c.v_mlp_ratio, c.crop // c.v_patch, eps)
+                                   for _ in range(c.v_layers))
+        self.layernorm = nn.LayerNorm(c.v_width, eps=eps)  # final norm: its output is the feature Mark 1 uses
     def forward(self, video):  # (B, F, 3, S, S) normalised -> (B, P, Dv), == HF get_vision_features
         x = video.permute(0, 2, 1, 3, 4)  # (B, 3, F, S, S)
         if x.shape[2] < self.tubelet:  # fewer frames than a tubelet (one image): the clip repeated, as transformers
@@ -508,11 +507,11 @@ def apply_rope(x, cos, sin):  # x (B, H, L, E): dim i pairs with dim i + E/2 (ro
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # (B, H, L, E)
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, d, n_head, n_kv, hd, eps, bias=False):
+    def __init__(self, d, n_head, n_kv, hd, eps):
         super().__init__()
         self.n_head, self.n_kv, self.hd = n_head, n_kv, hd  # GQA: n_kv < n_head key/value heads, shared
-        self.q_proj, self.o_proj = nn.Linear(d, n_head * hd, bias=bias), nn.Linear(n_head * hd, d, bias=bias)
-        self.k_proj, self.v_proj = nn.Linear(d, n_kv * hd, bias=bias), nn.Linear(d, n_kv * hd, bias=bias)  # K heads
+        self.q_proj, self.o_proj = nn.Linear(d, n_head * hd, bias=False), nn.Linear(n_head * hd, d, bias=False)
+        self.k_proj, self.v_proj = nn.Linear(d, n_kv * hd, bias=False), nn.Linear(d, n_kv * hd, bias=False)  # K heads
         self.q_norm, self.k_norm = RMSNorm(hd, eps), RMSNorm(hd, eps)  # per head, before RoPE
     def forward(self, x, cos, sin, mask, cache=None):
         B, L, _ = x.shape
@@ -547,15 +546,16 @@ class Qwen3Layer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 class Qwen3LM(nn.Module):  # Qwen3ForCausalLM, with the checkpoint's names (model.*, lm_head)
-    def __init__(self, vocab, d, layers, n_head, n_kv, hd, inter, theta=1e6, eps=1e-6, tie=True):
+    def __init__(self, vocab, c, eps=1e-6):  # sizes from a Config: l_*, rope_theta, tie_embeddings
         super().__init__()
-        self.hd, self.theta, self.tie = hd, theta, tie
+        d, self.hd, self.theta, self.tie = c.l_width, c.l_head_dim, c.rope_theta, c.tie_embeddings
         self.model = nn.Module()  # the body (the checkpoint's `model.` key prefix)
         self.model.embed_tokens = nn.Embedding(vocab, d)  # (V, D); also the lm_head when tied
-        self.model.layers = nn.ModuleList(Qwen3Layer(d, n_head, n_kv, hd, inter, eps) for _ in range(layers))
+        self.model.layers = nn.ModuleList(Qwen3Layer(d, c.l_heads, c.l_kv_heads, self.hd, c.l_inter, eps)
+                                          for _ in range(c.l_layers))
         self.model.norm = RMSNorm(d, eps)  # the final norm before lm_head
         self.lm_head = nn.Linear(d, vocab, bias=False)  # (V, D)
-        if tie:  # tied head (small Qwen3s): the output matrix IS the input embedding, one Parameter
+        if self.tie:  # tied head (small Qwen3s): the output matrix IS the input embedding, one Parameter
             self.lm_head.weight = self.model.embed_tokens.weight
     def forward(self, x, pos=None, valid=None, cache=None, last_only=False, head=True):
         """x (B, L, D) embeddings; pos (B, L) (default arange); valid (B, Lk = cached + L) False at padded keys; cache
@@ -621,8 +621,7 @@ class Bridge(nn.Module):
         self.bert = BertLayer(d, cfg.bert_heads, cfg.bert_inter)  # queries and question tokens attend to each other
         self.head = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
                                   for _ in range(cfg.temporal_blocks))
-        # frame head: each temporal query scores each frame by its tubelet's change-over-the-clip feature; max wins
-        self.frame_head = cfg.frame_head  # one key per frame of a tubelet, so its two frames can differ
+        self.frame_head = cfg.frame_head  # see frame_logits ("keys": one key per frame, so a tubelet's two can differ)
         if cfg.frame_head == "linear":  # the Mark-1 project's: a fixed map from each query to F logits
             self.frame_out = nn.Linear(d, cfg.n_frames)
         else:
@@ -670,10 +669,8 @@ class Bridge(nn.Module):
 class Mark1(nn.Module):
     def __init__(self, cfg, vocab, vision=None, llm=None):
         super().__init__()
-        self.vision = vision or VJEPA2Encoder(cfg.v_width, cfg.v_layers, cfg.v_heads, cfg.v_patch, cfg.v_tubelet,
-                                              cfg.crop, cfg.v_mlp_ratio)
-        self.llm = llm or Qwen3LM(vocab, cfg.l_width, cfg.l_layers, cfg.l_heads, cfg.l_kv_heads, cfg.l_head_dim,
-                                  cfg.l_inter, cfg.rope_theta, tie=cfg.tie_embeddings)
+        self.vision = vision or VJEPA2Encoder(cfg)  # from scratch: the sizes in cfg
+        self.llm = llm or Qwen3LM(vocab, cfg)
         d, grid = self.llm.model.embed_tokens.weight.shape[1], self.vision.crop // self.vision.patch
         self.bridge = Bridge(cfg, self.vision.width, d, self.vision.tubelet, grid)
         self.frozen, self.cfg, self.devices = set(), cfg, dict(vision="cpu", bridge="cpu", llm="cpu")
@@ -719,8 +716,7 @@ class Mark1(nn.Module):
             ln_w.div_(s)
             ln_b.sub_(m).div_(s)
         if "vision" not in self.frozen and self.scratch_vision:
-            feats = self.encode(clips)
-            fold(self.vision.layernorm.weight, self.vision.layernorm.bias, feats, (0, 1))
+            fold(self.vision.layernorm.weight, self.vision.layernorm.bias, self.encode(clips), (0, 1))
         dev, b = self.devices["bridge"], self.bridge
         feats = self.encode(clips).to(dev)  # again: the fold above changed the encoder's output (and ln_v's below)
         fold(b.ln_v.weight, b.ln_v.bias, b.video_tokens(feats), (0, 1))
@@ -730,9 +726,8 @@ class Mark1(nn.Module):
     def embed(self, ids):
         return self.llm.model.embed_tokens(ids.to(self.devices["llm"]))
     def fuse(self, feats, q_ids, q_valid):  # -> prefix (B, N, D) (the LLM's device), frame logits (B, F) (bridge's)
-        dev = self.devices["bridge"]
-        q_emb = self.embed(q_ids).to(dev)  # the LLM's own embeddings of the question tokens
-        prefix, frame_logits = self.bridge(feats.to(dev), q_emb, q_valid.to(dev))
+        dev = self.devices["bridge"]  # the question enters as the LLM's own embeddings of its tokens
+        prefix, frame_logits = self.bridge(feats.to(dev), self.embed(q_ids).to(dev), q_valid.to(dev))
         return prefix.to(self.devices["llm"], self.llm.lm_head.weight.dtype), frame_logits  # boundary 2: the LLM's
     def forward(self, feats, q_ids, q_valid, inp, tgt=None, labels=None, n_tok=None, n_clip=None):
         """inp/tgt (B, L): right-padded prompt+answer tokens and next-token targets (-100 on prompt and pad).
@@ -840,8 +835,7 @@ def load_vjepa2(path, dtype=None, device="cpu"):  # HF V-JEPA 2 folder (`encoder
         raise UserError(f"{path}: config.json sets hidden_act {conf.get('hidden_act')!r}, qkv_bias "
                         f"{conf.get('qkv_bias')!r}; only gelu with q/k/v biases (V-JEPA 2's) is implemented")
     with torch.device("meta"):
-        enc = VJEPA2Encoder(f["v_width"], f["v_layers"], f["v_heads"], f["v_patch"], f["v_tubelet"], f["crop"],
-                            f["v_mlp_ratio"], conf.get("layer_norm_eps", 1e-6))
+        enc = VJEPA2Encoder(Config(**f), conf.get("layer_norm_eps", 1e-6))
     mapping = {k: k.removeprefix("vjepa2.").removeprefix("encoder.") for k in keys
                if k.removeprefix("vjepa2.").startswith("encoder.")}  # the rest: predictor, pooler, classifier
     if len(mapping) < len(keys):
@@ -860,9 +854,7 @@ def load_qwen3(path, dtype=None, device="cpu"):  # HF Qwen3 folder -> Qwen3LM; a
         raise UserError(f"{path}: config.json sets {unsupported[0]} (plain Qwen3 only: default RoPE, full attention, "
                         f"SiLU, no attention bias); this script does not implement it")
     with torch.device("meta"):
-        lm = Qwen3LM(conf.get("vocab_size", 151936), f["l_width"], f["l_layers"], f["l_heads"], f["l_kv_heads"],
-                     f["l_head_dim"], f["l_inter"], f["rope_theta"], conf.get("rms_norm_eps", 1e-6),
-                     f["tie_embeddings"])
+        lm = Qwen3LM(conf.get("vocab_size", 151936), Config(**f), conf.get("rms_norm_eps", 1e-6))
     return assign_strict(lm, path, keys, lambda k: k, dtype, device)
 
 def build_model(cfg, tok):
@@ -964,16 +956,13 @@ def frame_f1(pred, gold):  # micro F1 over every (clip, frame) pair: pred and go
     return 2 * tp / max(1, 2 * tp + fp + fn)  # F1 = 2TP / (2TP + FP + FN); 0 when nothing is positive
 
 def segment_from_scores(scores, times, duration, threshold):  # frame saliency -> one (start, end) in seconds
-    runs, start = [], None  # (first, last) frame of each run above the threshold
-    for i, s in enumerate(list(scores) + [-math.inf]):  # the sentinel closes a run that reaches the last frame
-        if s > threshold and start is None:
-            start = i
-        elif s <= threshold and start is not None:
-            runs.append((start, i - 1))
-            start = None
-    i = max(range(len(scores)), key=lambda k: scores[k])  # nothing above the threshold: the most salient frame
-    best = max(runs, key=lambda r: r[1] - r[0]) if runs else (i, i)  # the first of the longest runs
-    return float(times[best[0]]), float(min(duration, times[best[1]] + duration / len(times)))  # [t, t + duration/F)
+    run, n = [], 0  # run[i]: how many frames in a row up to frame i are above the threshold
+    for s in scores:
+        n = n + 1 if s > threshold else 0
+        run.append(n)
+    last = run.index(max(run)) if max(run) else max(range(len(scores)), key=lambda k: scores[k])  # none: top frame
+    first = last - max(1, run[last]) + 1  # the first of the longest runs, or the most salient frame alone
+    return float(times[first]), float(min(duration, times[last] + duration / len(times)))  # [t, t + duration/F)
 
 def temporal_iou(a, b):  # two (start, end) spans in seconds -> intersection over union
     inter, union = max(0.0, min(a[1], b[1]) - max(a[0], b[0])), max(a[1], b[1]) - min(a[0], b[0])
@@ -1264,8 +1253,7 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):  # test, no
     for split in [s for s in ("test", "novel") if s in data]:
         entries, ds = data[split]
         preds, sal = [], []  # answers, frame saliency (sigmoid) per clip
-        for s in range(0, len(entries), 64):
-            idx = torch.arange(s, min(len(entries), s + 64))
+        for idx in torch.arange(len(entries)).split(64):
             with autocast(cfg, model.devices["llm"]):
                 ids, fl = generate(model, cache(split, idx, ds["clips"]), [entries[i] for i in idx], tok, cfg)
             preds += [tok.decode(i).strip() for i in ids]
