@@ -243,9 +243,9 @@ def build_world(cfg):  # write train/val/test/novel clips + annotation JSON unde
     stamp = os.path.join(cfg.data_dir, "world.json")  # the sizes the folder was built with
     if os.path.isfile(stamp) and read_json(stamp, "delete it to write the world again") == sizes:
         return
-    if not writable(cfg.data_dir, "world.json", lambda m: set(m) == set(sizes)):  # other sizes, or a build cut short
-        raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json of "
-                        f"its own); give a new folder for the synthetic world, or your files as --data FILE.json")
+    if not (writable(cfg.data_dir, "world.json", lambda m: set(m) == set(sizes)) and creatable(cfg.data_dir)):
+        raise UserError(f"--data_dir {cfg.data_dir}: a file, a folder this script did not write (no world.json of its "
+                        f"own), or no folder can be made there; give a new folder, or your files as --data FILE.json")
     os.makedirs(cfg.data_dir, exist_ok=True)
     json.dump(dict(sizes, version=0), open(stamp, "w"))  # version 0: a build under way (cut short, it is redone)
     for si, (split, n) in enumerate(list(sizes.items())[:4]):

@@ -4260,6 +4260,8 @@ def test_mk_out_dir_that_cannot_be_made_is_refused_before_any_work(tmp_path):
         _mk_user_error(["--train", "--preset", "tiny", "--out_dir", out, "--data_dir", tmp_path / "d"], f"--out_dir {out}",
                        "no folder can be made")
     assert not (tmp_path / "d").exists() and (tmp_path / "afile").read_text() == "mine"
+    _mk_user_error(["--train", "--preset", "tiny", "--out_dir", tmp_path / "o", "--data_dir", tmp_path / "afile" / "w"],
+                   "--data_dir", "no folder can be made")  # the world's folder likewise
 
 
 def test_mk_damaged_checkpoint_is_one_line(mk_trained, tmp_path):
