@@ -560,7 +560,7 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     (other / "model.safetensors").write_bytes(b"")
     main_user_error(vm.main, capsys, ["--generate", "--video", clip, "--out_dir", other], "vit_caption")
     for mode in (["--eval"], ["--generate", "--video", clip]):  # the checkpoint's sizes run: another size is refused
-        main_user_error(vm.main, capsys, mode + ["--out_dir", out, "--d_model", "64"], "sizes and", "drop --d_model 64")
+        main_user_error(vm.main, capsys, mode + ["--out_dir", out, "--d_model", "64"], "architecture, world", "drop --d_model 64")
         main_user_error(vm.main, capsys, mode + ["--out_dir", out, "--lr", "0.5"], "drop --lr 0.5")  # --train's only
     tiny = ["--train", "--preset", "tiny"]  # with --data: no --data_dir (the splits come from the file)
     unbuilt = ["--train", "--resume", "--data_dir", tmp_path / "unbuilt"]  # refused before any data
@@ -783,7 +783,7 @@ def test_vm_caption_longer_than_max_len_is_refused(_vm_trained, tmp_path, capsys
     main_user_error(vm.main, capsys, argv + ["--max_len", "8"], "a training caption is 13 tokens long",
                     "--max_len 8 must be at least 13")
     main_user_error(vm.main, capsys, argv + ["--max_new_tokens", "11"], "a training caption is 13 tokens long",
-                    "--max_new_tokens 11 at least 12")
+                    "--max_new_tokens 11 must be at least 12")
     assert not (tmp_path / "o").exists()
 
 def test_vm_grad_accumulation_and_exact_resume(tmp_path):
@@ -1306,7 +1306,7 @@ def test_vc_long_captions_and_unknown_words_on_resume(tmp_path, capsys):
     main_user_error(vc.main, capsys, run("long.txt", "--preset", "tiny", "--max_len", "8"),
                     "a training caption is 13 tokens long", "--max_len 8 must be at least 13")
     main_user_error(vc.main, capsys, run("long.txt", "--preset", "tiny", "--max_new_tokens", "11"),
-                    "a training caption is 13 tokens long", "--max_new_tokens 11 at least 12")
+                    "a training caption is 13 tokens long", "--max_new_tokens 11 must be at least 12")
     vc.main(list(map(str, run("caps.txt", "--preset", "tiny", "--max_steps", "2", "--stop_after", "1"))))
     before = {f.name: f.read_bytes() for f in (tmp_path / "o").iterdir()}
     main_user_error(vc.main, capsys, run("new.txt", "--resume"), "new.txt: 'x", "(in 'a blue xylophone')",
@@ -5287,7 +5287,7 @@ def test_vm_vc_eval_and_test_data_refuse_captions_that_would_be_cut(mod, _vm_tra
     longer than --max_len was accepted. Both refused by the check training captions get, before any work."""
     run = _copy_run((_vm_trained[0] if mod is vm else _vc_tiny_run) / "out", tmp_path / "run")
     main_user_error(mod.main, capsys, ["--eval", "--out_dir", run, "--max_new_tokens", 5], "caption is",
-                    "tokens long", "--max_new_tokens 5 at least")
+                    "tokens long", "--max_new_tokens 5 must be at least")
     assert sorted(os.listdir(run)) == ["config.json", "model.safetensors"]
     if mod is vm:
         (tmp_path / "a.mp4").write_bytes((_vm_trained[0] / "data" / "train" / "00000.mp4").read_bytes())
@@ -5301,6 +5301,39 @@ def test_vm_vc_eval_and_test_data_refuse_captions_that_would_be_cut(mod, _vm_tra
             "--out_dir", tmp_path / "o", "--max_len", 10]
     main_user_error(mod.main, capsys, argv, "caption is 13 tokens long", "--max_len 10 must be at least 13")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("mod", [vm, vc], ids=["vm", "vc"])
+def test_vm_vc_eval_checks_only_what_it_scores_and_generate_keeps_the_data(mod, _vm_trained, _vc_tiny_run, tmp_path,
+                                                                           capsys):
+    """--eval checks the splits it scores, each image or clip by its shortest reference (a longer alternative only
+    lowers BLEU), and names a split it scores; --generate refuses the run's data flags it would ignore; another
+    script's checkpoint is named as such."""
+    tmp = _vm_trained[0] if mod is vm else _vc_tiny_run
+    run = _copy_run(tmp / "out", tmp_path / "run")
+    main_user_error(mod.main, capsys, ["--eval", "--out_dir", run, "--max_new_tokens", 5], "a test caption is")
+    if mod is vm:
+        media, name, short = tmp / "data" / "test" / "00000.mp4", "a.mp4", "a red circle moves left"
+        (tmp_path / name).write_bytes(media.read_bytes())
+        ann = f"{name}\n{short}\n" + "a red circle moves left " * 8 + "\n"
+    else:
+        media, name, short = tmp / "data" / "test" / "00000.png", "a.png", "a small red circle"
+        (tmp_path / name).write_bytes(media.read_bytes())
+        ann = f"{name} | {short}\n{name} | " + "a small red circle " * 8 + "\n"
+    (tmp_path / "two.txt").write_text(ann)  # one picture, a short and a too-long reference
+    meta = json.load(open(run / "config.json"))
+    (tmp_path / "d.txt").write_text("\n".join(ann.splitlines()[:2 if mod is vm else 1]) + "\n")
+    meta["config"]["data"] = str(tmp_path / "d.txt")  # as if trained on a file: --test_data is allowed
+    json.dump(meta, open(run / "config.json", "w"))
+    mod.main(["--eval", "--out_dir", str(run), "--test_data", str(tmp_path / "two.txt")])
+    assert json.load(open(run / "eval.json"))["test"]["n"] == 1
+    gen = ["--generate", "--out_dir", run, "--video" if mod is vm else "--image", media]
+    main_user_error(mod.main, capsys, gen + ["--data_dir", tmp_path / "elsewhere"], "drop --data_dir")
+    other = _copy_run((_vc_tiny_run if mod is vm else _vm_trained[0]) / "out", tmp_path / "other")
+    main_user_error(mod.main, capsys, ["--eval", "--out_dir", other], "vit_caption" if mod is vm else "videollama")
+    if mod is vc:  # the patch init ran when the run began: --resume keeps it (refused before anything is written)
+        main_user_error(vc.main, capsys, ["--train", "--resume", "--out_dir", tmp / "out", "--patch_scale", "3"],
+                        "drop --patch_scale 3.0 (saved 1.0)")
 
 
 @pytest.mark.parametrize("mod", [vm, vc], ids=["vm", "vc"])

@@ -62,7 +62,8 @@ def check_folder(path, flag, ours, why):  # refuse a path to write into unless m
     while not os.path.exists(top):  # that path can be made (not under a file, nor in /proc) before any work is done
         top = os.path.dirname(top)
     try:
-        os.rmdir(os.mkdir(probe := os.path.join(top, f".probe{os.getpid()}")) or probe)  # mkdir returns None
+        os.mkdir(probe := os.path.join(top, f".probe{os.getpid()}"))
+        os.rmdir(probe)
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot create this folder ({e.strerror})")
 
@@ -505,15 +506,15 @@ def load_checkpoint(out_dir, overrides=None, fixed=()):  # -> (model, tokenizer,
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
         raise UserError(f"{out_dir}: no checkpoint here (run --train first, or pass --out_dir)")
     if (meta := read_json(cpath) or {}).get("script") != SCRIPT:  # {}: not a JSON object
-        raise UserError(f"{cpath}: not a JSON object as {SCRIPT}.py --train writes it (script: {meta.get('script')})")
+        raise UserError(f"{cpath}: " + (f"written by {meta['script']}.py, not {SCRIPT}.py" if meta.get("script") else
+                                        f"not a JSON object as {SCRIPT}.py --train writes it"))
     if not (isinstance(meta.get("config"), dict) and isinstance(meta.get("vocab"), list)):
         raise UserError(f"{cpath}: damaged, no 'config' object or 'vocab' list (retrain with --train)")
     known, typed = {f.name for f in dataclasses.fields(Config)}, overrides or {}  # a key this version lacks: ignored
     saved = Config(**{k: v for k, v in meta["config"].items() if k in known})
     if clash := [f"--{k} {v} (checkpoint: {getattr(saved, k)})" for k, v in typed.items()
                  if k in fixed and v != getattr(saved, k)]:
-        raise UserError(f"{out_dir}: the checkpoint's sizes and world (and on --eval or --generate, training flags) "
-                        f"are kept; drop {', '.join(clash)}")
+        raise UserError(f"{out_dir}: the run's architecture, world, data and training stay as saved; drop {clash[0]}")
     cfg = dataclasses.replace(saved, **{**{k: v for k, v in typed.items() if k not in fixed}, "out_dir": out_dir})
     tok = Tokenizer(meta["vocab"])  # the token table saved with the weights
     model = VideoLLaMAMini(cfg, len(tok.ids))
@@ -615,13 +616,15 @@ def pad_batch(seqs, max_len):
         inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
     return inp, tgt
 
-def check_lengths(tok, data, cfg):  # -> data; refused: a caption pad_batch (--max_len) or generate would cut
-    for s, (entries, _) in data.items():  # n: split s's longest caption in GPT-2 tokens (words the table lacks too)
-        n = 2 + max(len(tok.enc.encode_ordinary(c)) for _, cs in entries for c in cs)  # + BOS and EOS
-        if n > min(cfg.max_len, cfg.max_new_tokens + 1):
-            raise UserError(f"a {s.replace('train', 'training')} caption is {n} tokens long: --max_len {cfg.max_len} "
-                            f"must be at least {n} and --max_new_tokens {cfg.max_new_tokens} at least {n - 1}")
-    return data
+def check_lengths(tok, data, cfg, splits):  # refused: a caption that pad_batch (--max_len) or decoding would cut
+    for s in [s for s in splits if s in data]:  # train: every reference is a target; a scored clip: its shortest
+        n = max((max if s == "train" else min)(2 + len(tok.enc.encode_ordinary(c)) for c in cs) for _, cs in data[s][0])
+        what = f"a {s.replace('train', 'training')} caption is {n} tokens long (GPT-2 tokens, BOS and EOS included)"
+        if n > cfg.max_len:  # the model has no position for its end: a new run may grow, a trained one cannot
+            raise UserError(f"{what}: --max_len {cfg.max_len} must be at least {n}" if "train" in splits else
+                            f"{what}, more than the model writes ({cfg.max_len}): edit {cfg.test_data or cfg.data}")
+        if n - 1 > cfg.max_new_tokens:  # decoding would stop before its end
+            raise UserError(f"{what}: --max_new_tokens {cfg.max_new_tokens} must be at least {n - 1}")
 
 def lr_at(step, cfg):  # Linear warmup, then cosine decay to min_lr.
     if step < cfg.warmup:
@@ -661,6 +664,7 @@ ARCH = ("n_frames", "img_size", "d_model", "n_head", "cnn_width", "grid", "frame
 WORLD = ("seed", "n_train", "n_val", "n_test", "n_novel")  # the synthetic world's: --resume and --eval keep the run's
 TRAINING = ("batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "compile",
             "log_interval", "eval_interval", "stop_after", "dropout")  # read by --train only
+DATA = ("data", "test_data", "data_dir")  # what --eval reads and --generate does not
 
 def start_config(cfg, typed=None, resume=False):
     """Checked before any data. A fresh run: out_dir must be missing, empty or this script's. --resume: out_dir's saved
@@ -741,7 +745,8 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     fwd = torch.compile(model) if cfg.compile else model  # --compile: same module, compiled forward
-    train_tokens = [[tok.encode(c) for c in cs] for _, cs in check_lengths(tok, data, cfg)["train"][0]]
+    check_lengths(tok, data, cfg, ("train", "test", "novel"))
+    train_tokens = [[tok.encode(c) for c in cs] for _, cs in train_entries]
     gsize, t_log, log_step = cfg.batch_size * cfg.grad_accum * world, time.time(), step  # G clips a step; ms, eta
     while step < cfg.max_steps:
         idx = global_batch(step, len(train_entries), gsize, cfg.seed)  # (gsize,) clip indices, the same on every rank
@@ -923,7 +928,7 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):  # caption test
     saved = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # the training run's
     result = {"train_seconds": saved if train_seconds is None else train_seconds}  # --eval keeps the saved value
     print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # sampling (--temperature > 0) repeats
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # sampling (--temperature > 0) repeats: run's seed
     for split in [s for s in ("test", "novel") if s in data]:  # novel is absent on user data
         entries, clips = data[split]
         with autocast(cfg, device):  # greedy (or --beam / sampling), 128 clips at a time to bound the memory
@@ -993,7 +998,8 @@ def parse_args(argv=None):
     overrides.update({k: os.path.abspath(v) for k, v in overrides.items() if v and k in ("data", "test_data")})
     cfg = Config(**{**PRESETS[args.preset or "default"], **overrides})
     fresh = not (args.resume or args.eval or args.generate)  # else the checkpoint's sizes run (a typed one: refused)
-    query = [f"--{k}" for k in ("n_query", "n_qformer_layer") if k in overrides and cfg.qformer_mode == "text"] * fresh
+    query = [f"--{k}" for k in ("n_query", "n_qformer_layer")  # the learned-query Q-Former's, unused by "text"
+             if fresh and k in overrides and cfg.qformer_mode == "text"]
     below = lambda least, names: [f"--{k} {getattr(cfg, k)}" for k in names.split() if getattr(cfg, k) < least]
     low = below(1, "n_train n_val n_test n_novel n_frames img_size d_model n_head cnn_width grid n_qformer_layer beam")
     low += below(1, "n_query n_dec_layer batch_size grad_accum max_steps log_interval eval_interval max_new_tokens")
@@ -1029,7 +1035,8 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
         if args.train:  # train prints the config it runs
             return train(cfg, overrides, resume=args.resume)
         if args.eval or args.generate:  # the saved config, typed flags on top (fixed ones refused); --generate: --seed
-            model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, ARCH + TRAINING + WORLD * args.eval)
+            fixed = ARCH + TRAINING + (WORLD if args.eval else WORLD[1:] + DATA)
+            model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, fixed)
         print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
         if args.bench:
             return bench(cfg)
@@ -1037,7 +1044,8 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
             return print("nothing to do: pass --train, --eval, --generate --video PATH, or --bench (see --help)")
         model.to(device := pick_device(cfg.device))
         if args.eval:  # test and novel, as in training
-            return evaluate(model, tok, cfg, device, check_lengths(tok, prepare_data(cfg, 0, overrides), cfg))
+            check_lengths(tok, data := prepare_data(cfg, 0, overrides), cfg, ("test", "novel"))
+            return evaluate(model, tok, cfg, device, data)
         clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None].to(device)  # (1, F, S, S, 3)
         with autocast(cfg, device):  # --seed makes sampling repeatable
             ids = generate(model, clip, cfg, generator=torch.Generator(device=device).manual_seed(cfg.seed))[0]

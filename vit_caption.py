@@ -64,7 +64,8 @@ def check_folder(path, flag, ours, why):  # refuse a path to write into unless m
     while not os.path.exists(top):  # that path can be made (not under a file, nor in /proc) before any work is done
         top = os.path.dirname(top)
     try:
-        os.rmdir(os.mkdir(probe := os.path.join(top, f".probe{os.getpid()}")) or probe)  # mkdir returns None
+        os.mkdir(probe := os.path.join(top, f".probe{os.getpid()}"))
+        os.rmdir(probe)
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot create this folder ({e.strerror})")
 
@@ -513,6 +514,7 @@ ARCH = ("img_size", "patch", "vit_dim", "vit_layers", "vit_heads", "vit_mlp", "p
 WORLD = ("seed", "n_train", "n_val", "n_test", "n_novel")  # the synthetic world's: --resume and --eval keep the run's
 TRAINING = ("batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "compile",
             "log_interval", "eval_interval", "stop_after", "patch_init", "patch_scale", "dropout", "vit_dropout")
+DATA = ("data", "test_data", "data_dir", "max_train", "eval_max")  # what --eval reads and --generate does not
 
 def load_checkpoint(out_dir, overrides=None, fixed=ARCH):  # -> (model, tok, cfg): saved `fixed` fields, overrides rest
     cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
@@ -525,8 +527,7 @@ def load_checkpoint(out_dir, overrides=None, fixed=ARCH):  # -> (model, tok, cfg
     saved = {k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
     typed = overrides or {}  # a typed flag that differs from a saved `fixed` field is refused
     if clash := [f"--{k} {v} (saved {saved.get(k)})" for k, v in typed.items() if k in fixed and v != saved.get(k)]:
-        raise UserError(f"{out_dir}: the run's architecture and world (on --eval, --generate its training flags too) "
-                        f"are kept; drop {', '.join(clash)}")
+        raise UserError(f"{out_dir}: the run's architecture, world, data and training stay as saved; drop {clash[0]}")
     cfg = Config(**{**saved, **{k: v for k, v in typed.items() if k not in fixed}, "out_dir": out_dir})
     tok = Tokenizer(meta["vocab"])  # the token table the model was trained with
     model = ViTCaptioner(cfg, len(tok.ids))
@@ -614,13 +615,15 @@ def pad_batch(seqs, max_len):
         inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
     return inp, tgt
 
-def check_lengths(tok, data, cfg):  # -> data; refused: a caption pad_batch (--max_len) or generate would cut
-    for s, (entries, _) in data.items():  # n: split s's longest caption in GPT-2 tokens (words the table lacks too)
-        n = 2 + max(len(tok.enc.encode_ordinary(c)) for _, cs in entries for c in cs)  # + BOS and EOS
-        if n > min(cfg.max_len, cfg.max_new_tokens + 1):
-            raise UserError(f"a {s.replace('train', 'training')} caption is {n} tokens long: --max_len {cfg.max_len} "
-                            f"must be at least {n} and --max_new_tokens {cfg.max_new_tokens} at least {n - 1}")
-    return data
+def check_lengths(tok, data, cfg, splits):  # refused: a caption that pad_batch (--max_len) or decoding would cut
+    for s in [s for s in splits if s in data]:  # train: every reference is a target; a scored image: its shortest
+        n = max((max if s == "train" else min)(2 + len(tok.enc.encode_ordinary(c)) for c in cs) for _, cs in data[s][0])
+        what = f"a {s.replace('train', 'training')} caption is {n} tokens long (GPT-2 tokens, BOS and EOS included)"
+        if n > cfg.max_len:  # the model has no position for its end: a new run may grow, a trained one cannot
+            raise UserError(f"{what}: --max_len {cfg.max_len} must be at least {n}" if "train" in splits else
+                            f"{what}, more than the model writes ({cfg.max_len}): edit {cfg.test_data or cfg.data}")
+        if n - 1 > cfg.max_new_tokens:  # decoding would stop before its end
+            raise UserError(f"{what}: --max_new_tokens {cfg.max_new_tokens} must be at least {n - 1}")
 
 def lr_at(step, cfg):  # linear warmup, then cosine decay to min_lr
     if step < cfg.warmup:
@@ -724,7 +727,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
         if not os.path.isfile(path := os.path.join(cfg.out_dir, "train_state.pt")):
             raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
         model, tok, cfg = load_checkpoint(cfg.out_dir, dataclasses.asdict(cfg) if typed is None else {
-            "stop_after": 0, **typed}, ARCH + WORLD)
+            "stop_after": 0, **typed}, ARCH + WORLD + ("patch_init", "patch_scale"))  # (the init ran at the start)
         try:
             resumed = model, tok, torch.load(path, weights_only=True)
         except Exception as e:  # a truncated or foreign file: zip, pickle or torch errors
@@ -747,7 +750,8 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     fwd = torch.compile(model) if cfg.compile else model
     (entries, images), caption_rng = data["train"], random.Random()
-    tokens = [[tok.encode(c) for c in cs] for _, cs in check_lengths(tok, data, cfg)["train"][0]]  # encoded once
+    check_lengths(tok, data, cfg, ("train", "test", "novel"))
+    tokens = [[tok.encode(c) for c in cs] for _, cs in entries]  # every reference of every image, encoded once
     val_batch = pad_batch([tok.encode(cs[0]) for _, cs in data["val"][0]], cfg.max_len)  # (inputs, targets)
     gsize, t_log, log_step, step0 = cfg.batch_size * cfg.grad_accum * world, time.time(), step, step
     while step < cfg.max_steps:
@@ -918,7 +922,7 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):  # score test, 
     saved = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # the training run's
     result = {"train_seconds": saved if train_seconds is None else train_seconds}  # --eval keeps the saved value
     print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")
-    generator = torch.Generator(device).manual_seed(cfg.seed)  # sampling (--temperature > 0) repeats from --seed
+    generator = torch.Generator(device).manual_seed(cfg.seed)  # sampling (--temperature > 0) repeats: the run's seed
     for split in [s for s in ("test", "novel") + (("train",) if cfg.max_train > 0 else ()) if s in data]:
         entries, images = (x[:cfg.eval_max] if cfg.eval_max > 0 else x for x in data[split])
         with autocast(cfg, device):  # batches of 256 images: memory stays flat whatever the split's size
@@ -973,7 +977,7 @@ def check_decoding(cfg):  # a decoding flag (typed, or saved with a checkpoint) 
         raise UserError(f"sampling is --temperature above 0 with --beam 1, --top_k / --top_p filter it; got --beam "
                         f"{cfg.beam}, --temperature {cfg.temperature}, --top_k {cfg.top_k}, --top_p {cfg.top_p}")
 
-def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the flags typed; touches nothing
+def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the flags typed; leaves nothing behind
     p = argparse.ArgumentParser(description="vit_caption: train, evaluate, caption images.", allow_abbrev=False)
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # argparse's refusals in one line too, no usage
     for mode, what in (("train", "build data (if needed), train, evaluate"), ("resume", "with --train: continue from "
@@ -1006,7 +1010,7 @@ def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the fl
          f"multiple of --patch {cfg.patch}, at least twice it (the sin-cos positions need a grid of patches)"),
         (fresh and (cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.vit_heads),
          f"--d_model {cfg.d_model} / --n_head {cfg.n_head}: need even head sizes, --vit_dim a multiple of --vit_heads"),
-        ("patch_scale" in overrides and cfg.patch_init == "random", "--patch_scale: only with --patch_init pca"),
+        (fresh and "patch_scale" in overrides and cfg.patch_init == "random", "--patch_scale: with --patch_init pca"),
         ([args.train or args.eval, args.generate, args.bench].count(True) > 1 or args.resume and not args.train,
          "one mode per call (--train evaluates); --resume continues a training run: use it with --train"),
         (args.preset and (args.resume or args.eval or args.generate), f"--preset {args.preset}: --resume, --eval "
@@ -1025,8 +1029,9 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
         args, cfg, overrides = parse_args(argv)
         if args.train:  # train prints the config it runs: on --resume the checkpoint's, with the typed flags on top
             return train(cfg, args.resume, overrides)
-        if (args.eval or args.generate) and not args.bench:  # --generate: a typed --seed samples
-            model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, ARCH + TRAINING + WORLD * args.eval)
+        if (args.eval or args.generate) and not args.bench:  # --generate: a typed --seed samples (the rest is fixed)
+            fixed = ARCH + TRAINING + (WORLD if args.eval else WORLD[1:] + DATA)
+            model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, fixed)
         print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
         if args.bench:
             return bench(cfg)
@@ -1034,7 +1039,8 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
             return print("nothing to do: pass --train, --eval, --generate --image PATH, or --bench (see --help)")
         model.to(device := pick_device(cfg.device))
         if args.eval:
-            return evaluate(model, tok, cfg, device, check_lengths(tok, prepare_data(cfg, 0, overrides), cfg))
+            check_lengths(tok, data := prepare_data(cfg, 0, overrides), cfg, ("test", "novel"))
+            return evaluate(model, tok, cfg, device, data)
         image = torch.from_numpy(load_image(args.image, cfg.img_size))  # (S, S, 3) uint8, letterboxed
         with autocast(cfg, device):  # sampling (--temperature > 0) is reproducible from --seed
             ids = generate(model, image[None].to(device), cfg, generator=torch.Generator(device).manual_seed(cfg.seed))
