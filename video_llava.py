@@ -396,8 +396,7 @@ def load_video(path, n_frames, size):  # a video file OpenCV reads, or a folder 
     if n == 0:  # OpenCV could not open the file, or decoded no frame of it
         raise UserError(f"{path}: OpenCV decodes no frame of this video (corrupt, empty, or an unknown format)")
     if n < 0.9 * (listed := int(counter.get(cv2.CAP_PROP_FRAME_COUNT))):  # a cut-off file decodes its first part
-        raise UserError(f"{path}: only {n} of the {listed} frames in its header decode (the file is cut off or "
-                        "damaged)")
+        raise UserError(f"{path}: only {n} of the {listed} frames in its header decode (cut off or damaged)")
     want, cap, picked = frame_indices(n, n_frames), cv2.VideoCapture(path), {}
     for i in range(want[-1] + 1):  # pass 2 decodes again and transforms only the sampled frames
         if cap.grab() and i in want:
@@ -870,10 +869,9 @@ class VideoLlava(nn.Module):
         logits = self.llm_forward(x, cos, sin, mask, cache, last_only)
         if cache is not None:
             cache.offset = T  # the next call writes after these L tokens
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)  # (B*L, V)
-        return logits, loss
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)  # (B*L, V)
     def llm_forward(self, x, cos, sin, mask, cache=None, last_only=False):  # decoder: (B, L, D) -> logits (B, L|1, V)
         lm = self.language_model.model  # embed_tokens, layers, norm
         for i, layer in enumerate(lm.layers):
@@ -932,7 +930,7 @@ def read_config(path):  # path/config.json as a dict, or a UserError naming what
         raise UserError(f"{cpath}: not a config (not JSON, or not a JSON object)")
     return hf
 
-def align_keys(path, base=None):  # -> meta model, found {key: (file's key, file)}, handles, problems (headers only)
+def align_keys(path, base=None):  # -> meta model, files, handles, found {key: (file's key, file)}, problems (headers)
     hf = config_from_hf(read_config(path), path)
     files = weight_files(path)
     # a head stored in the files is used (transformers unties then too); tied means the embedding serves as the head
@@ -954,10 +952,10 @@ def align_keys(path, base=None):  # -> meta model, found {key: (file's key, file
                 "unexpected": [k for k in files if canonical_key(k) not in expected],
                 "mis-shaped": [f"{found[ck][0]} {shape} (model wants {expected[ck]})"
                                for ck, shape in shapes.items() if shape != expected[ck]]}
-    return model, found, handles, problems
+    return model, files, handles, found, problems
 
 def load_pretrained(path, dtype=None, device="cpu", base=None):  # HF folder or out_dir -> VideoLlava, keys first
-    model, found, handles, problems = align_keys(path, base)
+    model, _, handles, found, problems = align_keys(path, base)
     if any(problems.values()):
         raise UserError(f"{path}: checkpoint does not match the config: " + ", ".join(
             f"{what} {len(keys)} {keys[:20]}{' ...' if len(keys) > 20 else ''}" for what, keys in problems.items()))
@@ -1020,13 +1018,11 @@ def saved_config(out_dir, overrides, resume=True):  # the Config --train saved i
         if clash := [f"--{k} {v}" for k, v in overrides.items() if k not in run_keys and v != getattr(base, k)]:
             raise UserError(f"{out_dir}: --eval runs the trained settings; drop {', '.join(clash)}")
         return dataclasses.replace(base, **{k: v for k, v in overrides.items() if k in run_keys})
-    # what the weights and the saved AdamW state were built for (the architecture, one tower or two, what trains) and
-    # the synthetic world they were trained on
+    # what the weights and the saved AdamW state were built for (architecture, towers, what trains), and their world
     arch = {f: getattr(base, f) for f in (*HF_FIELDS, "share_towers", "freeze", "from_pretrained", "seed", "n_train",
                                           "n_test", "n_frames")}
     if clash := [f"--{k} {overrides[k]} (checkpoint: {v!r})" for k, v in arch.items() if overrides.get(k, v) != v]:
-        raise UserError(f"{out_dir}: cannot resume with another architecture, trained part or world: "
-                        f"{', '.join(clash)}")
+        raise UserError(f"{out_dir}: no resuming with another architecture, trained part or world: {', '.join(clash)}")
     return dataclasses.replace(base, **{"stop_after": 0, **overrides})
 
 # Training -------------------------------------------------------------------------------------------------------------
@@ -1112,6 +1108,7 @@ def batch_indices(step, n, size, seed):  # a step's global batch from (step, see
 
 def build_model(cfg, entries, resume, say):  # -> (model, cfg with its architecture, tokenizer, Examples per split)
     path = cfg.out_dir if resume else cfg.from_pretrained
+    texts = [prompt_text(e["question"], e["kind"]) + " " + e["answer"] for s in ("train", "val") for e in entries[s]]
     if path:
         if cfg.from_pretrained and cfg.share_towers:  # a checkpoint's towers differ (an HF one's always)
             say("--from_pretrained: the checkpoint's two CLIP towers are kept (--share_towers is for a new model)")
@@ -1121,11 +1118,9 @@ def build_model(cfg, entries, resume, say):  # -> (model, cfg with its architect
         model, tok = load_pretrained(path, None if keep else torch.float32, "cpu", base=cfg), load_tokenizer(path)
         cfg = dataclasses.replace(cfg, **{f: getattr(model.cfg, f) for f in HF_FIELDS})
         if isinstance(tok, GPT2Table):  # a run of this script: its table covers the text it trained on, no more
-            tok.check_known([prompt_text(e["question"], e["kind"]) + " " + e["answer"]  # validation text too
-                             for s in ("train", "val") for e in entries[s]])
+            tok.check_known(texts)  # validation text too
     else:
-        tok = GPT2Table.from_texts([prompt_text(e["question"], e["kind"]) + " " + e["answer"] for s in ("train", "val")
-                                    for e in entries[s]])  # every token of the training and validation text
+        tok = GPT2Table.from_texts(texts)  # every token of the training and validation text
         tok.folder = cfg.out_dir  # the model the table is for
         cfg = dataclasses.replace(cfg, vocab_size=len(tok), image_token_index=tok.added["<image>"],
                                   video_token_index=tok.added["<video>"])
@@ -1367,8 +1362,8 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):  # greedy answe
     return result
 
 def inspect_checkpoint(path, n_frames, n_tokens):  # parameters per tower, bytes by dtype, key check, memory for a video
-    model, found, handles, problems = align_keys(path)
-    cfg, files, towers, by_dtype, layouts = model.cfg, weight_files(path), {}, {}, set()
+    model, files, handles, found, problems = align_keys(path)
+    cfg, towers, by_dtype, layouts = model.cfg, {}, {}, set()
     for key, f in files.items():
         sl = handles[f].get_slice(key)  # shape and dtype from the file's header: no tensor is read
         numel, dt, tower = math.prod(sl.get_shape()), sl.get_dtype(), canonical_key(key).split(".")[0]
