@@ -1073,19 +1073,19 @@ class Examples:
             if len(a) > cfg.max_new_tokens:  # evaluation would cut the generated answers short (test ones too)
                 raise UserError(f"{e['line']}: the answer takes {len(a)} tokens (EOS included), more than "
                                 f"--max_new_tokens {cfg.max_new_tokens}; raise it")
-    def batch(self, idx, device, with_answer=True, left_pad=False):
+    def batch(self, idx, device, generating=False):
         """-> dict of model inputs. Training rows are prompt + answer, right-padded, targets only on the answer
-        (and its EOS); generation rows are prompts only, left-padded with an attention mask."""
-        rows = [self.prompts[i] + (self.answers[i] if with_answer else []) for i in idx]
+        (and its EOS); generation rows (generating) are prompts only, left-padded with an attention mask."""
+        rows = [self.prompts[i] + ([] if generating else self.answers[i]) for i in idx]
         L = max(map(len, rows))
         ids, mask, tgt = (torch.full((len(rows), L), fill, dtype=torch.long) for fill in (0, 0, -100))
         for r, (i, row) in enumerate(zip(idx, rows)):
-            s = L - len(row) if left_pad else 0
+            s = L - len(row) if generating else 0
             ids[r, s:s + len(row)], mask[r, s:s + len(row)] = torch.tensor(row), 1
-            if with_answer:  # position t predicts token t+1: targets are the answer tokens, shifted left by one
-                tgt[r, s + len(self.prompts[i]) - 1:s + len(row) - 1] = torch.tensor(self.answers[i])
+            if not generating:  # position t predicts token t+1: targets are the answer tokens, shifted left by one
+                tgt[r, len(self.prompts[i]) - 1:len(row) - 1] = torch.tensor(self.answers[i])
         px = {k: [self.media[i] for i in idx if self.entries[i]["kind"] == k] for k in ("image", "video")}
-        b = dict(input_ids=ids, attention_mask=mask if left_pad else None, targets=tgt if with_answer else None,
+        b = dict(input_ids=ids, attention_mask=mask if generating else None, targets=None if generating else tgt,
                  **{f"pixel_values_{k}s": torch.stack(v) if v else None for k, v in px.items()})
         return {k: v.to(device) for k, v in b.items() if v is not None}  # inputs it lacks are left out
 
@@ -1343,7 +1343,7 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):  # greedy answe
             rows, preds = [i for i, e in enumerate(ex.entries) if e["kind"] == kind], {}
             for part in (rows[s:s + 64] for s in range(0, len(rows), 64)):  # no image padded to a video's length
                 with autocast(cfg.dtype, device):
-                    out = generate(model, **ex.batch(part, device, with_answer=False, left_pad=True),
+                    out = generate(model, **ex.batch(part, device, generating=True),
                                    max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
                 preds.update(zip(part, [tok.decode([t for t in r if t != tok.eos_id]).strip() for r in out.tolist()]))
             em = lambda rows: exact_match([preds[i] for i in rows], [ex.entries[i]["answer"] for i in rows])
@@ -1372,8 +1372,7 @@ def inspect_checkpoint(path, n_frames, n_tokens):  # parameters per tower, bytes
         towers[tower] = towers.get(tower, 0) + numel
         layouts.add("transformers-5 in memory" if key.startswith(("model.", "lm_head.")) else
                     "hub" if ".vision_model." in key else "transformers-5 save" if "_tower." in key else None)
-    shared = (read_config(path).get("train_config") or {}).get("share_towers")  # one tower saved under both names
-    if shared:
+    if shared := (read_config(path).get("train_config") or {}).get("share_towers"):  # one tower saved as both names
         towers.pop("video_tower", None)  # counted once, as the run trained it
     n_bytes, per_tower = sum(by_dtype.values()), [f"{t} {n / 1e6:.2f}M" for t, n in towers.items()]
     print(f"checkpoint {path}: {len(files)} tensors in {len(handles)} file(s), layout {sorted(layouts - {None})}; "
