@@ -303,14 +303,13 @@ def load_entries(cfg, master=True):  # each split's questions: --data or the syn
         train = read_annotations(cfg.data)
         if len(train) < 2:  # entry 0 would be held out, leaving nothing to train on
             raise UserError(f"{cfg.data}: one entry; give at least two (every 10th is held out for validation)")
-        val, train = train[::10], [e for i, e in enumerate(train) if i % 10]  # entries 0, 10, 20, ... held out
-        test = read_annotations(cfg.test_data) if cfg.test_data else val  # the token table never sees --test_data
-        return {"train": train, "val": val, "test": test}
-    files = build_world(cfg) if master else None  # rank 0 writes the world; the others wait, then read it
-    if dist.is_initialized():
-        dist.barrier()
-    entries = {s: read_annotations(f) for s, f in (files or build_world(cfg)).items()}
-    if cfg.test_data:  # your questions in place of the world's test split
+        entries = {"train": [e for i, e in enumerate(train) if i % 10], "val": train[::10], "test": train[::10]}
+    else:
+        files = build_world(cfg) if master else None  # rank 0 writes the world; the others wait, then read it
+        if dist.is_initialized():
+            dist.barrier()
+        entries = {s: read_annotations(f) for s, f in (files or build_world(cfg)).items()}
+    if cfg.test_data:  # your questions in place of the held-out ones (the token table never sees them)
         entries["test"] = read_annotations(cfg.test_data)
     return entries
 
@@ -464,23 +463,23 @@ class SentencePieceBPE(Tokenizer):  # LLaMA's tokenizer.json as transformers 5 r
         return out.decode("utf-8", errors="replace")
 
 class GPT2Table(Tokenizer):  # GPT-2 BPE (tiktoken) over a table of the ids seen in training, then <image>, <video>
-    def __init__(self, ids):
+    def __init__(self, ids, folder=None):
         import tiktoken  # only the trained-from-scratch model needs it
         try:  # GPT-2's two files: downloaded once, or read from TIKTOKEN_CACHE_DIR
             self.enc = tiktoken.get_encoding("gpt2")
         except Exception as e:  # offline with no cached files: say how to fix it, no traceback
             raise UserError(f"tiktoken could not load the GPT-2 encoding ({type(e).__name__}); offline, point "
                             f"TIKTOKEN_CACHE_DIR at a folder holding its two files") from None
-        self.ids = list(ids)  # model id -> GPT-2 id
+        self.ids, self.folder = list(ids), folder  # model id -> GPT-2 id; the model's folder, which check_known names
         self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
         self.added = {"<image>": len(self.ids), "<video>": len(self.ids) + 1}
         self.bos_id = self.eos_id = self.pad_id = 0  # model id 0 is GPT-2's <|endoftext|>
         self.prefix_ids, self.suffix_ids = [0], []  # BOS before the text, nothing after
     @classmethod
-    def from_texts(cls, texts):  # the table: <|endoftext|>, then every GPT-2 id of the texts in increasing order
+    def from_texts(cls, texts, folder=None):  # the table: <|endoftext|>, then every GPT-2 id of the texts, in order
         enc = cls([]).enc
         return cls([enc.eot_token] + sorted({t for s in texts for p in re.split("<image>|<video>", s)
-                                             for t in enc.encode_ordinary(p)}))
+                                             for t in enc.encode_ordinary(p)}), folder)
     def __len__(self):
         return len(self.ids) + 2  # the vocabulary size V: the table plus <image> and <video>
     def encode_text(self, part, first):  # GPT-2 ids outside the table (words never trained on) are dropped
@@ -497,11 +496,9 @@ class GPT2Table(Tokenizer):  # GPT-2 BPE (tiktoken) over a table of the ids seen
 def load_tokenizer(folder):  # a run of this script keeps its GPT-2 table in config.json; an HF folder, tokenizer.json
     meta = read_config(folder)
     try:
-        tok = GPT2Table(meta["gpt2_table"]) if "gpt2_table" in meta else SentencePieceBPE(folder)
+        return GPT2Table(meta["gpt2_table"], folder) if "gpt2_table" in meta else SentencePieceBPE(folder)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # a damaged or another model's file
         raise UserError(f"{folder}: its token table or tokenizer.json is damaged ({type(e).__name__}: {e})") from None
-    tok.folder = folder  # where check_known says the table comes from
-    return tok
 
 def prompt_text(question, kind):  # the template 'USER: <video>\n{question} ASSISTANT:' (<image>, or no tag for text)
     return f"USER: {'<' + kind + '>' + chr(10) if kind else ''}{question} ASSISTANT:"
@@ -1120,8 +1117,7 @@ def build_model(cfg, entries, resume, say):  # -> (model, cfg with its architect
         if isinstance(tok, GPT2Table):  # a run of this script: its table covers the text it trained on, no more
             tok.check_known(texts)  # validation text too
     else:
-        tok = GPT2Table.from_texts(texts)  # every token of the training and validation text
-        tok.folder = cfg.out_dir  # the model the table is for
+        tok = GPT2Table.from_texts(texts, cfg.out_dir)  # every token of the training and validation text
         cfg = dataclasses.replace(cfg, vocab_size=len(tok), image_token_index=tok.added["<image>"],
                                   video_token_index=tok.added["<video>"])
         model = VideoLlava(cfg)
