@@ -1103,7 +1103,7 @@ def batch_indices(step, n, size, seed):  # a step's global batch from (step, see
     perm = torch.randperm(n * reps, generator=torch.Generator().manual_seed(seed + epoch))
     return (perm[k * size:(k + 1) * size] % n).tolist()
 
-def build_model(cfg, entries, resume, say):  # -> (model, cfg with its architecture, tokenizer, Examples per split)
+def build_model(cfg, entries, resume, say, device):  # -> model, cfg with its architecture, tokenizer, Examples by split
     path = cfg.out_dir if resume else cfg.from_pretrained
     texts = [prompt_text(e["question"], e["kind"]) + " " + e["answer"] for s in ("train", "val") for e in entries[s]]
     if path:
@@ -1111,7 +1111,7 @@ def build_model(cfg, entries, resume, say):  # -> (model, cfg with its architect
             say("--from_pretrained: the checkpoint's two CLIP towers are kept (--share_towers is for a new model)")
             cfg = dataclasses.replace(cfg, share_towers=False)  # what config.json records, and --resume keeps
         # bfloat16 autocast keeps the file's dtype (a frozen 7B: 14 GB, not 28); apply_freeze makes what trains float32
-        keep = autocast_dtype(cfg.dtype, pick_device(cfg.device)) == "bfloat16"
+        keep = autocast_dtype(cfg.dtype, device) == "bfloat16"
         model, tok = load_pretrained(path, None if keep else torch.float32, "cpu", base=cfg), load_tokenizer(path)
         cfg = dataclasses.replace(cfg, **{f: getattr(model.cfg, f) for f in HF_FIELDS})
         if isinstance(tok, GPT2Table):  # a run of this script: its table covers the text it trained on, no more
@@ -1121,7 +1121,7 @@ def build_model(cfg, entries, resume, say):  # -> (model, cfg with its architect
         cfg = dataclasses.replace(cfg, vocab_size=len(tok), image_token_index=tok.added["<image>"],
                                   video_token_index=tok.added["<video>"])
         model = VideoLlava(cfg)
-    if cfg.share_towers and not cfg.from_pretrained:  # on --resume too: the two saved copies are equal, one is kept
+    if cfg.share_towers:  # a new model, or its --resume (the two saved copies are equal: one is kept)
         model.video_tower = model.image_tower  # one CLIP tower under two names; saved as both key sets
     data = {s: Examples(e, cfg, tok, answered=s in ("train", "val")) for s, e in entries.items()}
     if not path and cfg.data_init > 0:  # Salimans & Kingma's data-dependent init (VideoLlava.init_from_data)
@@ -1189,7 +1189,7 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
     say = print if master else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
     entries = load_entries(cfg, master)
-    model, cfg, tok, data = build_model(cfg, entries, resume, say)
+    model, cfg, tok, data = build_model(cfg, entries, resume, say, device)
     say("config:", json.dumps(dataclasses.asdict(cfg)))
     say("data: " + ", ".join(f"{s} {len(e)} questions" for s, e in entries.items()) + f" ({time.time() - t0:.1f}s)")
     apply_freeze(model, cfg.freeze)
