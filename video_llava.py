@@ -1039,6 +1039,9 @@ def autocast_dtype(name, device):  # --dtype auto: bfloat16 on a CUDA GPU that m
     auto = "bfloat16" if device.startswith("cuda") and native_bf16(device) else "float32"
     return auto if name == "auto" else name
 
+def weights_dtype(name, device):  # a run's weights in float32; under bfloat16 autocast in the file's dtype (frozen
+    return None if autocast_dtype(name, device) == "bfloat16" else torch.float32  # bf16 towers: a 7B in 14 GB, not 28)
+
 def autocast(dtype, device):  # the autocast context for --dtype (disabled for float32, so the float32 path is plain)
     dtype = autocast_dtype(dtype, device)
     return torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype), enabled=dtype != "float32")
@@ -1110,9 +1113,7 @@ def build_model(cfg, entries, resume, say, device):  # -> model, cfg with its ar
         if cfg.from_pretrained and cfg.share_towers:  # a checkpoint's towers differ (an HF one's always)
             say("--from_pretrained: the checkpoint's two CLIP towers are kept (--share_towers is for a new model)")
             cfg = dataclasses.replace(cfg, share_towers=False)  # what config.json records, and --resume keeps
-        # bfloat16 autocast keeps the file's dtype (a frozen 7B: 14 GB, not 28); apply_freeze makes what trains float32
-        keep = autocast_dtype(cfg.dtype, device) == "bfloat16"
-        model, tok = load_pretrained(path, None if keep else torch.float32, "cpu", base=cfg), load_tokenizer(path)
+        model, tok = load_pretrained(path, weights_dtype(cfg.dtype, device), "cpu", base=cfg), load_tokenizer(path)
         cfg = dataclasses.replace(cfg, **{f: getattr(model.cfg, f) for f in HF_FIELDS})
         if isinstance(tok, GPT2Table):  # a run of this script: its table covers the text it trained on, no more
             tok.check_known(texts)  # validation text too
@@ -1520,7 +1521,7 @@ def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_d
     run = hf.get("train_config") if hf.get("script") == SCRIPT else None  # a run of this script (or an HF folder)
     if isinstance(run, dict):  # its trained weights float32 under the run's autocast, as --eval runs them
         cfg = dataclasses.replace(cfg, dtype=overrides.get("dtype", run.get("dtype", "auto")))
-        dtype = None if autocast_dtype(cfg.dtype, device) == "bfloat16" else torch.float32  # frozen bf16 towers kept
+        dtype = weights_dtype(cfg.dtype, device)
     else:  # an HF checkpoint's weights in --dtype: auto = bfloat16 where the hardware multiplies in it
         dtype = getattr(torch, ("bfloat16" if native_bf16(device) else "float32") if cfg.dtype == "auto" else cfg.dtype)
     model, tok = load_pretrained(path, dtype, device).eval(), load_tokenizer(path)
@@ -1558,8 +1559,7 @@ def main(argv=None):  # the command line: one mode per call (--train [--resume],
         train(saved_config(cfg.out_dir, overrides) if args.resume else cfg, resume=args.resume)
     elif args.eval:
         device, base = pick_device(cfg.device), saved_config(cfg.out_dir, overrides, resume=False)
-        keep = autocast_dtype(base.dtype, device) == "bfloat16"  # frozen bfloat16 towers stay bfloat16, as trained
-        model = load_pretrained(cfg.out_dir, None if keep else torch.float32, device, base=base)
+        model = load_pretrained(cfg.out_dir, weights_dtype(base.dtype, device), device, base=base)  # as trained
         tok = load_tokenizer(cfg.out_dir)
         print("config:", json.dumps(dataclasses.asdict(model.cfg)))  # the run's, with the typed devices and data
         data = {s: Examples(e, model.cfg, tok, answered=False) for s, e in load_entries(model.cfg).items()
