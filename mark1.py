@@ -768,6 +768,9 @@ def read_hf_dir(path, want):  # -> (config dict, {tensor key: file}, Config fiel
     if bad := [k for k in sizes if k in conf and not (type(conf[k]) in (int, float)[:2 - whole(k)] and conf[k] > 0)]:
         raise UserError(f"{path}: config.json sets {bad[0]} to {conf[bad[0]]!r}, not a positive "
                         f"{'whole ' * whole(bad[0])}number; {fix}")
+    rope = conf.get("rope_parameters") or {}  # transformers 5 keeps rope_theta there
+    if not (isinstance(rope, dict) and type(theta := rope.get("rope_theta", 1.0)) in (int, float) and theta > 0):
+        raise UserError(f"{path}: config.json's rope_parameters {rope!r}: not an object with a positive rope_theta")
     idx = os.path.join(path, "model.safetensors.index.json")  # shards: {"weight_map": {tensor key: file name}}
     wm = read_json(idx, fix).get("weight_map") if os.path.isfile(idx) else {"": "model.safetensors"}
     if not isinstance(wm, dict):
@@ -818,7 +821,7 @@ def qwen3_fields(conf, keys):  # Qwen3's config.json (and tensor keys) -> the Co
     return dict(l_width=conf.get("hidden_size", 4096), l_layers=conf.get("num_hidden_layers", 32), l_heads=nh,
                 l_kv_heads=conf.get("num_key_value_heads") or nh, l_head_dim=conf.get("head_dim", 128),
                 l_inter=conf.get("intermediate_size", 22016),
-                rope_theta=conf.get("rope_theta") or rope.get("rope_theta", 10000.0),
+                rope_theta=conf.get("rope_theta") or rope.get("rope_theta", 10000.0),  # a number: read_hf_dir checks
                 tie_embeddings=bool(conf.get("tie_word_embeddings")) and "lm_head.weight" not in keys)  # as HF
 
 def tower_fields(cfg):  # -> [(folder, {Config field: value})]: each HF tower's sizes, frozen
@@ -904,6 +907,9 @@ PATH_KEYS = {"data", "test_data", "vision_ckpt", "llm_ckpt"}  # inputs: parse_ar
 RUN_KEYS = {"max_steps", "stop_after", "out_dir", "data_dir", "device", "device_map", "dtype", "log_interval",
             "eval_interval", "feature_cache", "vision_ckpt", "llm_ckpt"}
 READ_KEYS = RUN_KEYS | {"data", "test_data", "temperature", "top_k", "top_p", "max_new_tokens", "seed", "threshold"}
+STEPS = ("max_steps", "stop_after", "log_interval", "eval_interval")  # read by training alone
+KEYS = {"--resume": RUN_KEYS, "--eval": READ_KEYS - set(STEPS),  # what each mode may set; the rest is the run's
+        "--predict": READ_KEYS - {*STEPS, "data", "test_data", "data_dir", "feature_cache"}}
 def load_checkpoint(out_dir, overrides=None, mode="--eval"):  # -> (model, tok, cfg): saved config, allowed overrides
     cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
@@ -913,14 +919,16 @@ def load_checkpoint(out_dir, overrides=None, mode="--eval"):  # -> (model, tok, 
         raise UserError(f"{out_dir}: not a checkpoint of {SCRIPT}.py (config.json: script {meta.get('script')!r})")
     saved = {f.name: meta["config"][f.name] for f in dataclasses.fields(Config) if f.name in meta["config"]}
     for k, v in (overrides or {}).items():
-        if k not in (RUN_KEYS if mode == "--resume" else READ_KEYS) and saved.get(k) != v:
+        if k not in KEYS[mode] and saved.get(k) != v:
             raise UserError(f"--{k} {v}: the run in {out_dir} has {k}={saved.get(k)!r}; {mode} cannot change it "
                             f"(drop the flag, or train into a new --out_dir)")
     cfg = Config(**{**saved, **(overrides or {}), "out_dir": out_dir})  # it writes where it read, not where it was
     vocab, towers = meta.get("vocab", "missing"), meta.get("towers", {})  # trained (that folder may be gone or reused)
-    problems = config_problems(cfg) + [f"towers {towers!r}: not a {{vision, llm: fingerprint}} object"] * (not (
-        isinstance(towers, dict) and set(towers) <= {"vision", "llm"})) + ["vocab: missing, or not a list of token ids"
-        ] * (not (isinstance(vocab, list) and all(type(i) is int for i in vocab) or vocab is None and cfg.llm_ckpt))
+    hf = {p for p in ("vision", "llm") if getattr(cfg, p + "_ckpt")}  # the towers loaded from HF folders
+    problems = config_problems(cfg) + [f"towers {towers!r}: not a {{vision, llm: fingerprint}} object of its HF "
+        "towers"] * (not (isinstance(towers, dict) and set(towers) <= hf)) + ["vocab: missing, or not a list of "
+        "token ids with <|endoftext|> (50256)"] * (not (isinstance(vocab, list) and all(type(i) is int for i in vocab)
+                                                        and 50256 in vocab or vocab is None and cfg.llm_ckpt))
     if problems:
         raise UserError(f"{cpath}: {problems[0]}; the checkpoint is damaged, retrain or restore it")
     for path, got in tower_fields(cfg):  # a moved tower folder must hold the tower this run was trained with
@@ -1312,7 +1320,7 @@ def predict(cfg, overrides, video, question, choices):
           f"{' '.join(f'{s:.2f}' for s in sal)}\nframe strip: {path}")
     return answer, span, sal
 
-BENCH_RUNS = dict(freeze_vision=True, grad_accum=1, feature_cache=True)  # what --bench sets, whatever the flags
+BENCH_RUNS = dict(freeze_vision=True, grad_accum=1, feature_cache=True)  # what --bench runs with (a flag: refused)
 def bench(cfg):  # frozen encoder: epoch 1 fills the feature cache, epoch 2 reads it; the same bridge/LLM work
     cfg = dataclasses.replace(cfg, **BENCH_RUNS)
     entries, tr = prepare_data(cfg)["train"]
@@ -1353,10 +1361,8 @@ def config_problems(cfg):  # the checks every config gets: the flags' and a save
     problems += ["--out_dir, --data_dir: must name a folder, not an empty string"] * ("" in (cfg.out_dir, cfg.data_dir))
     return problems
 
-STEPS = ("max_steps", "stop_after", "log_interval", "eval_interval")  # flags only training reads; what else is unread
-UNREAD = {"train": (), "eval": STEPS, "predict": STEPS + ("data", "test_data", "data_dir", "feature_cache"),
-          "bench": STEPS + ("out_dir", "test_data", "data_init", "warmup_frac", "min_lr", "grad_clip", "temperature",
-                            "top_k", "top_p", "max_new_tokens", "threshold")}
+UNREAD = STEPS + ("out_dir", "test_data", "data_init", "warmup_frac", "min_lr", "grad_clip", "temperature", "top_k",
+                  "top_p", "max_new_tokens", "threshold")  # flags --bench never reads
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Mark 1: video MCQ and the frames that show it.", allow_abbrev=False)
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # argparse's refusals in one line too, no usage
@@ -1389,12 +1395,11 @@ def parse_args(argv=None):
                  "--preset"] * bool(args.preset and (args.resume or args.predict or args.eval and not args.train))
     problems += [f"--{k}: only --predict reads it" for k in ("video", "question", "choices")
                  if vars(args)[k] and not args.predict]
-    mode = next((m for m in ("bench", "predict", "eval") if vars(args)[m] and not args.train), "train")
-    problems += [f"--{k}: --{mode} does not use it; drop the flag" for k in UNREAD[mode] if k in overrides]
+    problems += [f"--{k}: --bench does not use it; drop the flag" for k in UNREAD if args.bench and k in overrides]
     problems += [f"--{k} {overrides[k]}: --bench always runs with {k}={v}; drop the flag" for k, v in BENCH_RUNS.items()
                  if args.bench and overrides.get(k, v) != v]
-    problems += [f"--{k}: the world's size, unused with --data (the file holds the split); drop it" for k in
-                 ("n_train", "n_val", "n_test", "n_novel") if cfg.data and k in overrides]
+    problems += [f"--{k}: the synthetic world's, unused with --data (the file holds the split); drop it" for k in
+                 ("n_train", "n_val", "n_test", "n_novel", "data_dir") if cfg.data and args.train and k in overrides]
     problems += ["--no-compact_vocab: with --llm_ckpt the vocabulary is the checkpoint's; drop it"] * (
         cfg.llm_ckpt != "" and overrides.get("compact_vocab") is False)
     if problems:
@@ -1407,6 +1412,8 @@ def main(argv=None):
         if k := next((k for k, v in got.items() if overrides.get(k, v) != v), None):  # a flag that says otherwise
             raise UserError(f"--{k} {overrides[k]}: {path} was trained with {got[k]}; drop the flag")
         cfg = dataclasses.replace(cfg, **got)  # what is printed and saved is what runs
+        if problems := config_problems(cfg):  # the tower's sizes with the flags' (a crop smaller than its patch)
+            raise UserError(f"{path}: with its config.json's sizes, {problems[0]}")
     cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))  # saved so: --eval finds it from anywhere
     if int(os.environ.get("RANK", "0")) == 0 and (args.bench or args.train and not args.resume):  # else: as loaded
         print("config:", json.dumps(dataclasses.asdict(cfg)))

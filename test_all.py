@@ -4271,7 +4271,8 @@ def test_mk_damaged_checkpoint_is_one_line(mk_trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(d / "out", run)
     meta = json.load(open(d / "out" / "config.json"))
-    for change, needle in [({"vocab": None}, "vocab: missing"), ({"towers": []}, "towers []"),
+    for change, needle in [({"vocab": None}, "vocab: missing"), ({"towers": []}, "towers []"), ({"vocab": []}, "vocab"),
+                           ({"towers": {"vision": "abc"}}, "of its HF towers"),  # a run without HF towers
                            ({"n_frames": "16"}, "--n_frames '16': must be of type int"),
                            ({"l_width": None}, "--l_width None"), ({"lr": True}, "--lr True"),
                            ({"v_heads": 5}, "--v_heads 5: must divide --v_width 32"),
@@ -4297,12 +4298,19 @@ def test_mk_hf_config_heads_that_do_not_divide_and_float_sizes(mk_hf, tmp_path):
                                "hidden_size 128"), ("qwen3", {"num_key_value_heads": 3}, "num_key_value_heads 3 does "
                                "not divide its num_attention_heads 4"), ("vjepa2", {"hidden_size": 96.0},
                                "sets hidden_size to 96.0, not a positive whole number"),
-                              ("qwen3", {"num_hidden_layers": 2.0}, "sets num_hidden_layers to 2.0")]:
+                              ("qwen3", {"num_hidden_layers": 2.0}, "sets num_hidden_layers to 2.0"),
+                              ("qwen3", {"rope_theta": None, "rope_parameters": {"rope_type": "default",
+                               "rope_theta": "1e6"}}, "not an object with a positive rope_theta")]:
         bad = tmp_path / f"{src}_{next(iter(change))}"
         shutil.copytree(mk_hf["root"] / src, bad)
         json.dump({**json.load(open(bad / "config.json")), **change}, open(bad / "config.json", "w"))
         with pytest.raises(mk.UserError, match=re.escape(want)):
             (mk.load_qwen3 if src == "qwen3" else mk.load_vjepa2)(str(bad))
+    small = tmp_path / "small_crop"  # a crop smaller than the tower's patch: one line before any work
+    shutil.copytree(mk_hf["root"] / "vjepa2", small)
+    json.dump({**json.load(open(small / "config.json")), "crop_size": 8, "patch_size": 16}, open(small / "config.json", "w"))
+    _mk_user_error(["--train", "--preset", "tiny", "--vision_ckpt", small, "--out_dir", tmp_path / "o", "--data_dir",
+                    tmp_path / "d"], "small_crop: with its config.json's sizes, --v_patch 16: must be at most --crop 8")
 
 
 def test_mk_test_answers_longer_than_max_new_tokens_are_refused(mk_trained, tmp_path):
@@ -4331,17 +4339,21 @@ def test_mk_flags_a_mode_would_ignore_are_refused(mk_trained, mk_hf, tmp_path):
                        (bench + ["--grad_accum", 2], "--grad_accum 2: --bench always runs with grad_accum=1"),
                        (bench + ["--no-freeze_vision"], "--freeze_vision False: --bench always runs"),
                        (bench + ["--no-feature_cache"], "--feature_cache False"),
-                       (["--predict", "--out_dir", d / "out", *ask, "--data_dir", tmp_path], "--data_dir: --predict"),
-                       (["--predict", "--out_dir", d / "out", *ask, "--max_steps", 9], "--max_steps: --predict"),
-                       (["--eval", "--out_dir", d / "out", "--max_steps", 9], "--max_steps: --eval does not use it"),
-                       (["--eval", "--out_dir", d / "out", "--log_interval", 1], "--log_interval: --eval"),
+                       (["--predict", "--out_dir", d / "out", *ask, "--data_dir", tmp_path], "--predict cannot change"),
+                       (["--predict", "--out_dir", d / "out", *ask, "--max_steps", 9], "--predict cannot change it"),
+                       (["--eval", "--out_dir", d / "out", "--max_steps", 9], "--max_steps 9: the run in"),
+                       (["--eval", "--out_dir", d / "out", "--log_interval", 1], "--eval cannot change it"),
                        (["--train", "--preset", "tiny", "--data", tmp_path / "u.json", "--n_train", 5,
-                         "--out_dir", tmp_path / "o"], "--n_train: the world's size, unused with --data"),
+                         "--out_dir", tmp_path / "o"], "--n_train: the synthetic world's, unused with --data"),
+                       (["--train", "--preset", "tiny", "--data", tmp_path / "u.json", "--data_dir", tmp_path / "w",
+                         "--out_dir", tmp_path / "o"], "--data_dir: the synthetic world's"),
                        (["--train", "--preset", "tiny", "--llm_ckpt", mk_hf["root"] / "qwen3", "--no-compact_vocab",
                          "--out_dir", tmp_path / "o", "--data_dir", d / "data"], "--no-compact_vocab: with --llm_ckpt")]:
         _mk_user_error(argv, want)
     assert not (tmp_path / "o").exists() and not (tmp_path / "bd").exists()
     mk.parse_args(["--bench", "--grad_accum", "1", "--freeze_vision", "--feature_cache"])  # what runs anyway
+    saved = json.load(open(d / "out" / "config.json"))["config"]  # the run's own value passes, in every mode
+    mk.load_checkpoint(str(d / "out"), {"max_steps": saved["max_steps"], "data_dir": saved["data_dir"]}, "--predict")
 
 
 def test_mk_original_preset_has_the_mark1_bridge():
