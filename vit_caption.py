@@ -158,12 +158,11 @@ def sample_scene(rng, split):
         if any((c, s) in NOVEL_PAIRS for c, s, _ in attrs) != (split == "novel") or (n == 2 and attrs[0] == attrs[1]):
             continue  # novel: some held-out pair, other splits none; two equal objects ("a X above a X"): redraw
         q = RENDER // 4  # centre of a half along the split axis
+        m = max(SIZES[z] for _, _, z in attrs) + 2  # margin from the edges: the largest half-size + 2
         if n == 1:
-            m = SIZES[attrs[0][2]] + 2
             return [(*attrs[0], rng.randint(m, RENDER - m), rng.randint(m, RENDER - m))], None
         relation = rng.choice(list(RELATIONS))
         along = [q, 3 * q] if relation in ("above", "to the left of") else [3 * q, q]  # first object's side first
-        m = max(SIZES[z] for _, _, z in attrs) + 2
         other, objs = rng.randint(m + 6, RENDER - m - 6), []  # shared position along the other axis...
         for (c, s, z), a in zip(attrs, along):
             # ...jittered: centres >= 2q - 12 apart along the relation's axis, <= 12 across it: one relation only
