@@ -811,9 +811,9 @@ def next_logits(model, x, cache=None, pos=0):  # x (B, T, D) at positions pos.. 
 def generate(model, images, cfg, use_cache=True, generator=None, stop_at_eos=True):
     """Batched captioning from BOS until every row wrote EOS (or max_new_tokens) -> id lists: greedy at temperature 0,
     else sampled (top-k / top-p) from `generator`; beam > 1: beam search. No cache: each step re-runs it all (tests)."""
+    model.eval()
     if cfg.beam > 1:
         return beam_search(model, images, cfg)
-    model.eval()
     B, eos, N, steps = images.shape[0], 0, model.n_prefix, min(cfg.max_new_tokens, cfg.max_len - 1)  # BOS: 1 of max_len
     x = prefill_input(model, images)  # the image is encoded once, (B, N+1, D)
     cache = [{} for _ in model.layers] if use_cache else None
@@ -836,11 +836,8 @@ def generate(model, images, cfg, use_cache=True, generator=None, stop_at_eos=Tru
         logits = next_logits(model, new, cache, pos=N + 1 + t if use_cache else 0)
     return [[i for i in row if i != eos] for row in seq.tolist()]
 
-@torch.no_grad()
-def beam_search(model, images, cfg, length_penalty=1.0):
-    """Beam search with the KV cache: B*K rows; the cache is re-ordered by each step's surviving beams.
-    A finished hypothesis scores its log-probability / length**length_penalty."""
-    model.eval()
+def beam_search(model, images, cfg, length_penalty=1.0):  # generate's beam > 1: under its no_grad and eval()
+    """Beam search with the KV cache over B*K rows; a finished hypothesis scores log-prob / length**length_penalty."""
     B, K, eos, N = images.shape[0], cfg.beam, 0, model.n_prefix
     x, cache = prefill_input(model, images).repeat_interleave(K, 0), [{} for _ in model.layers]  # x: (B*K, N+1, D)
     logp = next_logits(model, x, cache).log_softmax(-1)  # (B*K, V)
