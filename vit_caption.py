@@ -150,8 +150,7 @@ def captions_for(objs, relation):  # one object: its description; two: 'A <relat
     return [f"{describe(a)} {relation} {describe(b)}", f"{describe(b)} {RELATIONS[relation]} {describe(a)}"]
 
 def sample_scene(rng, split):
-    """-> (objects, relation). Two objects sit in opposite halves (top/bottom or left/right) with jitter, so the
-    relation is unambiguous; the split decides whether a held-out (colour, shape) pair must / must not appear."""
+    """-> (objects, relation): one object, or two in opposite halves; a held-out pair in the novel split only."""
     while True:
         n = 1 if rng.random() < 0.3 else 2
         attrs = [(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(SIZES))) for _ in range(n)]
