@@ -608,8 +608,7 @@ def pad_batch(seqs, max_len):
     Right padding needs no attention mask: under the causal mask a pad never influences an earlier position."""
     L = min(max_len, max(len(s) for s in seqs)) - 1
     inp, tgt = torch.zeros(len(seqs), L, dtype=torch.long), torch.full((len(seqs), L), -100, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        s = s[: L + 1]
+    for i, s in enumerate(seq[: L + 1] for seq in seqs):  # cut to at most L + 1 tokens (max_len)
         inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
     return inp, tgt
 
