@@ -630,7 +630,7 @@ def lr_at(step, cfg):  # linear warmup, then cosine decay to min_lr
 
 def global_batch(step, n, size, seed):  # a step's indices: a fresh permutation per epoch, the same on every rank
     n_all = n * -(-size // n)  # n, or n repeated ceil(size / n) times: a set smaller than a batch (--max_train 16)
-    epoch, k = divmod(step, max(1, n_all // size))  # which epoch, which batch inside it
+    epoch, k = divmod(step, n_all // size)  # which epoch, which batch inside it
     perm = torch.randperm(n_all, generator=torch.Generator().manual_seed(seed + epoch)) % n
     return perm[k * size:(k + 1) * size]
 
@@ -766,7 +766,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
             if not math.isfinite(val):  # the weights diverged within the last steps: they are not saved
                 raise UserError(f"validation loss {val}: stopped, {cfg.out_dir} left as it was (try a lower --lr)")
             save_checkpoint(raw, tok, cfg, opt, step, scaler)
-        if rank == 0 and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
+        if rank == 0 and (step % cfg.log_interval == 0 or val is not None):  # val: every eval step, the last too
             dt = (time.time() - t_log) / (step - log_step)
             eta = dt * (cfg.max_steps - step)
             say(f"step {step}/{cfg.max_steps} | loss {loss:.3f} | val {'-' if val is None else f'{val:.3f}'} | "
@@ -877,7 +877,7 @@ def attention_png(model, image, tok, cfg, device, path, show=None):
     def put(img, text, x, y, scale=0.4):  # white text
         cv2.putText(img, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
     model.record_attention(True)
-    with torch.no_grad(), autocast(cfg, device):
+    with autocast(cfg, device):
         ids = generate(model, image[None].to(device), dataclasses.replace(cfg, beam=1, temperature=0.0))[0]
     calls, vit = model.layers[-1].self_attn.weights, model.vit.layers[-1].self_attn.weights if model.vit.layers else []
     model.record_attention(False)
@@ -889,7 +889,7 @@ def attention_png(model, image, tok, cfg, device, path, show=None):
         rows = [w[0, -g * g:] if cfg.pool == "cls" else w.mean(0)[-g * g:]] * len(ids)
         what = f"ViT last layer, {'CLS token' if cfg.pool == 'cls' else 'mean query'} (decoder sees one vector)"
     big, cell, label = 192, max(12, min(24, 480 // (g * g))), 96  # image side, matrix cell, token label width
-    labels = [tok.decode([t]).strip()[:12] for t in ids] or ["(empty)"]
+    labels = [tok.decode([t])[:12] for t in ids] or ["(empty)"]
     heat = torch.stack(rows) if rows else torch.zeros(1, g * g)  # (tokens, P)
     heat = (255 * heat / heat.amax(1, keepdim=True).clamp_min(1e-9)).to(torch.uint8).numpy()
     heat = cv2.resize(cv2.applyColorMap(heat, cv2.COLORMAP_VIRIDIS), (cell * g * g, cell * len(labels)),
@@ -955,7 +955,7 @@ def bench(cfg):  # training samples/s, captions/s (KV cache on, off) in cfg.dtyp
     fixed = dataclasses.replace(cfg, beam=1, temperature=0.0, max_new_tokens=16)
     for use_cache in (True, False):
         t = time.time()
-        with torch.no_grad(), autocast(cfg, device):
+        with autocast(cfg, device):
             for _ in range(3):
                 generate(model, img, fixed, use_cache, stop_at_eos=False)  # 16 tokens (fewer if max_len is shorter)
         print(f"caption (cache {'on ' if use_cache else 'off'}): {3 * B / (time.time() - t):8.1f} captions/s "
@@ -1023,7 +1023,7 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
         args, cfg, overrides = parse_args(argv)
         if args.train:  # train prints the config it runs: on --resume the checkpoint's, with the typed flags on top
             return train(cfg, args.resume, overrides)
-        if (args.eval or args.generate) and not args.bench:  # --generate: a typed --seed samples (the rest is fixed)
+        if args.eval or args.generate:  # --generate: a typed --seed samples (the rest is fixed)
             fixed = ARCH + TRAINING + (WORLD if args.eval else WORLD[1:] + DATA)
             model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, fixed)
         print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
