@@ -433,7 +433,11 @@ class VideoLLaMAMini(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)  # before the output table
         # Untied output table: GPT-2's small init (near-uniform first predictions), the input table std D^-0.5 (below)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)  # compact vocabulary: a few thousand weights
-        self.apply(self._init_weights)  # GPT-2's init, then the two exceptions below
+        for m in self.modules():  # GPT-2's init, then the two exceptions below
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, 0.02)  # GPT-2's std
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)  # biases start neutral
         # Vaswani et al.: token vectors of std D^-0.5 scaled up by sqrt(D) in decode(), so a token enters at the same
         # unit scale as the sinusoidal position code; at GPT-2's std 0.02 the position code would drown the word.
         nn.init.normal_(self.tok.weight, 0.0, cfg.d_model ** -0.5)
@@ -441,12 +445,6 @@ class VideoLLaMAMini(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: residual output projections scaled by 1/sqrt(2 * depth)
             if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * depth))
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, 0.02)  # GPT-2's std
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)  # biases start neutral
     @torch.no_grad()
     def init_from_data(self, video):
         """Data-dependent initialisation (Salimans & Kingma, 2016) of the affine parameters that end each stage. Every
