@@ -826,9 +826,9 @@ def filter_logits(logits, top_k, top_p):  # keep the top_k largest and the small
 def generate(model, video, cfg, use_cache=True, generator=None, stop_at_eos=True):
     """Batched captioning from BOS until EOS (per row) or max_new_tokens: greedy at temperature 0, else sampling from
     `generator` (top-k / top-p); beam search for beam > 1. -> id lists. stop_at_eos=False: every step (--bench)."""
+    model.eval()
     if cfg.beam > 1:
         return beam_search(model, video, cfg)
-    model.eval()
     B, memory = video.shape[0], model.encode(video)  # the video is encoded once: (B, Q or F, D)
     cache = [{} for _ in model.decoder] if use_cache else None  # one dict of keys/values per decoder layer
     seq = torch.full((B, 1), BOS, dtype=torch.long, device=video.device)  # (B, 1), grows to (B, 1 + steps)
@@ -850,11 +850,9 @@ def generate(model, video, cfg, use_cache=True, generator=None, stop_at_eos=True
             break
     return [[i for i in row[1:] if i != EOS] for row in seq.tolist()]
 
-@torch.no_grad()
 def beam_search(model, video, cfg, length_penalty=1.0):
-    """Beam search with the KV cache: B*beam rows; the cache is re-ordered by each step's surviving beams.
-    A finished hypothesis scores its log-probability / length**length_penalty."""
-    model.eval()
+    """Beam search with the KV cache, called by generate (eval mode, no grad): B*beam rows; the cache is re-ordered
+    by each step's surviving beams. A finished hypothesis scores its log-probability / length**length_penalty."""
     B, K = video.shape[0], cfg.beam
     memory = model.encode(video).repeat_interleave(K, 0)  # (B*K, Q or F, D)
     cache = [{} for _ in model.decoder]  # self- and cross-attention keys/values per layer
