@@ -833,8 +833,7 @@ def generate(model, video, cfg, use_cache=True, generator=None, stop_at_eos=True
     cache = [{} for _ in model.decoder] if use_cache else None  # one dict of keys/values per decoder layer
     seq = torch.full((B, 1), BOS, dtype=torch.long, device=video.device)  # (B, 1), grows to (B, 1 + steps)
     done = torch.zeros(B, dtype=torch.bool, device=video.device)  # rows that have emitted EOS
-    steps = min(cfg.max_new_tokens, cfg.max_len - 1)  # the position table holds max_len positions
-    for t in range(steps):
+    for t in range(min(cfg.max_new_tokens, cfg.max_len - 1)):  # the position table holds max_len positions
         logits = (model.decode(seq[:, -1:], memory, cache, pos=t) if use_cache  # one new token per step
                   else model.decode(seq, memory, last_only=True))[:, -1].float()  # reference: re-run the prefix
         if cfg.temperature == 0:
