@@ -163,10 +163,9 @@ def sample_objects(rng, split):  # one or two objects whose pairs fit the split;
             x0 = rng.randint(lo + (TRAVEL if dx < 0 else 0), hi - (TRAVEL if dx > 0 else 0))  # the path fits
             y0 = rng.randint(lo + (TRAVEL if dy < 0 else 0), hi - (TRAVEL if dy > 0 else 0))
             objs.append((colour, shape, motion, x0, y0))
-        novel = [(c, s) in NOVEL_PAIRS for c, s, *_ in objs]  # which objects use a held-out pair
-        if (any(novel) if split == "novel" else not any(novel)):
-            if n == 1 or abs(objs[0][3] - objs[1][3]) >= 2 * HALF:
-                return objs
+        novel = any((c, s) in NOVEL_PAIRS for c, s, *_ in objs)  # does an object use a held-out pair?
+        if novel == (split == "novel") and (n == 1 or abs(objs[0][3] - objs[1][3]) >= 2 * HALF):
+            return objs
 
 def write_clip(path, objects):  # render CLIP_LEN frames of RENDER x RENDER, written as an mp4v mp4
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 8, (RENDER, RENDER))
