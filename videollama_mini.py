@@ -557,8 +557,7 @@ def bleu4(preds, refs):
 
 def cider_d(preds, refs, sigma=6.0):
     """CIDEr-D (Vedantam et al.): TF-IDF n-gram vectors (n=1..4, IDF from the evaluated set's references), cosine
-    with clipped hypothesis counts, a Gaussian penalty on the length difference (sigma=6), averaged over references
-    and n, times 10."""
+    with clipped hypothesis counts, a Gaussian length-difference penalty, averaged over references and n, times 10."""
     ref_words = [[normalise(r).split() for r in rs] for rs in refs]
     # document frequency: in how many clips' reference sets each n-gram occurs
     df = Counter(g for rws in ref_words for g in {g for r in rws for n in range(1, 5) for g in ngrams(r, n)})
