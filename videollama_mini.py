@@ -178,27 +178,26 @@ def write_clip(path, objects):  # render CLIP_LEN frames of RENDER x RENDER, wri
         writer.write(img)
     writer.release()  # flushes the mp4
 
-def build_world(cfg):  # write data_dir/<split>/*.mp4 and <split>.txt once (deterministic from cfg.seed) -> the paths
+def build_world(cfg):  # write data_dir/<split>/*.mp4 and <split>.txt once (deterministic from cfg.seed)
     sizes, d = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "novel": cfg.n_novel}, cfg.data_dir
     stamp, want = os.path.join(d, "world.json"), dict(sizes, seed=cfg.seed, version=1, script=SCRIPT)  # the manifest
-    files, old = {s: os.path.join(d, f"{s}.txt") for s in sizes}, read_json(stamp) or {}  # {}: missing or damaged
+    old = read_json(stamp) or {}  # {}: missing or damaged
     if old == want:  # already written
-        return files
+        return
     check_folder(d, "--data_dir", old.get("script") == SCRIPT,  # ours: its world.json names this script
                  "a folder this script did not write (no world.json of its own); give a new or empty one or use --data")
     os.makedirs(d, exist_ok=True)
     json.dump(dict(want, version=0), open(stamp, "w"))  # this script's, never matching until the world is complete
     for offset, (split, n) in enumerate(sizes.items()):
         rng, lines = random.Random(cfg.seed * 10 + offset), []  # one stream per split
-        os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
+        os.makedirs(os.path.join(d, split), exist_ok=True)
         for i in range(n):
             objs = sample_objects(rng, split)
             name = f"{split}/{i:05d}.mp4"
-            write_clip(os.path.join(cfg.data_dir, name), objs)
+            write_clip(os.path.join(d, name), objs)
             lines += [name, *(caption_for(objs, verb) for verb in VERBS), ""]  # the clip and its references
-        open(files[split], "w").write("\n".join(lines))
+        open(os.path.join(d, f"{split}.txt"), "w").write("\n".join(lines))
     json.dump(want, open(stamp, "w"))
-    return files
 
 def sample_indices(n_total, n_frames, path="video"):  # centres of n_frames equal segments (a short clip repeats frames)
     if n_total <= 0:
