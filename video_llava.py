@@ -1039,8 +1039,8 @@ def autocast_dtype(name, device):  # --dtype auto: bfloat16 on a CUDA GPU that m
     auto = "bfloat16" if device.startswith("cuda") and native_bf16(device) else "float32"
     return auto if name == "auto" else name
 
-def weights_dtype(name, device):  # a run's weights in float32; under bfloat16 autocast in the file's dtype (frozen
-    return None if autocast_dtype(name, device) == "bfloat16" else torch.float32  # bf16 towers: a 7B in 14 GB, not 28)
+def weights_dtype(name, device):  # a run's weights: float32, or under bfloat16 autocast the dtype the file stores
+    return None if autocast_dtype(name, device) == "bfloat16" else torch.float32  # (a frozen bf16 7B: 14 GB, not 28)
 
 def autocast(dtype, device):  # the autocast context for --dtype (disabled for float32, so the float32 path is plain)
     dtype = autocast_dtype(dtype, device)
