@@ -2897,6 +2897,23 @@ def test_vl_damaged_files_odd_text_and_dropped_flags(vl_tiny_run, vl_ckpt, tmp_p
     json.dump(tj, open(tmp_path / "tk" / "tokenizer.json", "w"))
     with pytest.raises(vl.UserError, match="cannot encode"):
         vl.SentencePieceBPE(str(tmp_path / "tk")).encode("naïve")
+    for state in (torch.zeros(3), {"optimizer": {}, "rng": torch.get_rng_state()}):  # not a dict; no step
+        torch.save(state, run / "train_state.pt")
+        with pytest.raises(vl.UserError, match="train_state.pt: does not fit"):
+            vl.main(["--train", "--resume", "--out_dir", str(run), "--data_dir", vl_tiny_run[0].data_dir])
+    meta["train_config"]["dtype"] = "xyz"  # a damaged saved dtype: one line in every mode
+    json.dump(meta, open(run / "config.json", "w"))
+    png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")
+    for argv in (["--eval"], ["--generate", "--image", png, "--prompt", "What shape?"]):
+        with pytest.raises(vl.UserError, match="dtype is 'xyz'"):
+            vl.main(argv + ["--out_dir", str(run)])
+    own = json.load(open(os.path.join(vl_tiny_run[0].out_dir, "config.json")))["train_config"]
+    vl.main(["--preset", "tiny"])  # no mode: "nothing to do", not a --preset refusal
+    with pytest.raises(vl.UserError, match="--data_init 1 \\(checkpoint: "):  # the init is done: --resume keeps it
+        vl.main(["--train", "--resume", "--out_dir", vl_tiny_run[0].out_dir, "--data_init", "1"])
+    cut = ["--data_dir", vl_tiny_run[0].data_dir, "--max_new_tokens", "1"]  # --eval compares the run's own values
+    with pytest.raises(vl.UserError, match="drop --vocab_size 7"):
+        vl.main(["--eval", "--out_dir", vl_tiny_run[0].out_dir, "--vocab_size", "7", *cut])
     tiny = ["--train", "--preset", "tiny", "--data_dir", vl_tiny_run[0].data_dir, "--out_dir", str(tmp_path / "o")]
     for flags, match in ((["--vocab_size", "1000"], "--vocab_size: not read by --train"),
                          (["--eos_token_id", "5"], "--eos_token_id: not read by --train"),

@@ -132,6 +132,7 @@ class Config:
     top_p: float = 1.0
     max_new_tokens: int = 48
 
+CHOICES = dict(dtype=("auto", "float32", "bfloat16", "float16"), vision_feature_select_strategy=("default", "full"))
 PRESETS = {"default": {}, "tiny": dict(  # tiny: the whole pipeline in seconds (the tests' runs)
     n_train=48, n_test=6, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
     num_key_value_heads=1, v_hidden_size=16, v_intermediate_size=32, v_num_hidden_layers=2, v_num_attention_heads=2,
@@ -1007,7 +1008,7 @@ def saved_config(out_dir, overrides, resume=True):  # the Config --train saved i
                         f"drop --resume to start afresh (or --from_pretrained {out_dir} to fine-tune its weights)")
     saved = {k: v for k, v in meta["train_config"].items() if k in Config.__dataclass_fields__}
     kinds = {k: (int, float) if type(d) is float else type(d) for k, d in dataclasses.asdict(Config()).items()}
-    if bad := [k for k, v in saved.items() if not isinstance(v, kinds[k])]:  # a damaged file: not a TypeError later
+    if bad := [k for k, v in saved.items() if not isinstance(v, kinds[k]) or v not in CHOICES.get(k, [v])]:  # damaged
         raise UserError(f"{out_dir}/config.json: train_config's {bad[0]} is {saved[bad[0]]!r}; the file is damaged")
     base = Config(**{**saved, "out_dir": out_dir})  # moved or copied: the run lives where it was found
     if not resume:  # --eval: where and on what it runs, and how long an answer may grow; the rest is the run's
@@ -1017,7 +1018,7 @@ def saved_config(out_dir, overrides, resume=True):  # the Config --train saved i
         return dataclasses.replace(base, **{k: v for k, v in overrides.items() if k in run_keys})
     # what the weights and the saved AdamW state were built for (architecture, towers, what trains), and their world
     arch = {f: getattr(base, f) for f in (*HF_FIELDS, "share_towers", "freeze", "from_pretrained", "seed", "n_train",
-                                          "n_test", "n_frames")}
+                                          "n_test", "n_frames", "data_init", "whiten_patches")}  # (the init is done)
     if clash := [f"--{k} {overrides[k]} (checkpoint: {v!r})" for k, v in arch.items() if overrides.get(k, v) != v]:
         raise UserError(f"{out_dir}: no resuming with another architecture, trained part or world: {', '.join(clash)}")
     return dataclasses.replace(base, **{"stop_after": 0, **overrides})
@@ -1144,15 +1145,16 @@ def load_train_state(out_dir, opt, scaler, say):  # --resume: AdamW moments, los
         ts = torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=True)
     except Exception as e:
         raise UserError(f"{out_dir}/train_state.pt: not a readable training state ({type(e).__name__})")
-    try:  # another run's state (other parameters) or a file without these keys
+    try:  # another run's state (other parameters), not a dict, or a file without these keys
         opt.load_state_dict(ts["optimizer"])
         if ts.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
             scaler.load_state_dict(ts["scaler"])
         torch.set_rng_state(ts["rng"])
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        step, seconds = int(ts["step"]), float(ts.get("seconds", 0.0))
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
         raise UserError(f"{out_dir}/train_state.pt: does not fit this run's model ({type(e).__name__})") from None
-    say(f"resumed from step {ts['step']} of {out_dir}")
-    return ts["step"], ts.get("seconds", 0.0)  # the data order and the learning rate are functions of the step
+    say(f"resumed from step {step} of {out_dir}")
+    return step, seconds  # the data order and the learning rate are functions of the step
 
 def ddp_setup(cfg):  # -> (ddp, rank, world, device): one process, or one of torchrun's (nccl on CUDA, gloo on CPU)
     device = pick_device(cfg.device)
@@ -1452,7 +1454,8 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     sampling = ("temperature", "top_k", "top_p")
     # a new model's vocabulary and token ids come from its token table; a pretrained model is not initialised
     tokens = ("vocab_size", *(f for f in HF_FIELDS if f.endswith(("_token_id", "_token_index"))))
-    dropped = ("data_init", "whiten_patches") if cfg.from_pretrained else () if args.resume else tokens
+    new = args.train and not args.resume  # (--resume and --eval compare them with the run's)
+    dropped = (("data_init", "whiten_patches") if cfg.from_pretrained else tokens) if new else ()
     greedy = [f.name for f in dataclasses.fields(Config) if f.name not in (*sampling, *dropped)]
     reads = {"generate": ("out_dir", "from_pretrained", "device", "dtype", "seed", *sampling, "max_new_tokens",
                           "n_frames", *HF_FIELDS), "inspect": ("n_frames",), "bench": ("max_new_tokens",),
@@ -1469,8 +1472,7 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     problems += [f"--{a} {v[a]} must be a multiple of --{b} {v[b]}" for a, b in (("hidden_size", "num_attention_heads"),
                  ("num_attention_heads", "num_key_value_heads"), ("v_hidden_size", "v_num_attention_heads"),
                  ("image_size", "patch_size")) if v[a] % max(v[b], 1) and not args.generate]  # (--generate: below)
-    one_of = dict(dtype=("auto", "float32", "bfloat16", "float16"), vision_feature_select_strategy=("default", "full"))
-    problems += [f"--{k} {v[k]}: choose {' or '.join(ok)}" for k, ok in one_of.items() if v[k] not in ok]
+    problems += [f"--{k} {v[k]}: choose {' or '.join(ok)}" for k, ok in CHOICES.items() if v[k] not in ok]
     modes = sum(map(bool, (args.train or args.eval, args.generate, args.inspect, args.bench)))  # --train evaluates too
     own_run = lambda meta: meta.get("script") == SCRIPT  # the config.json of a run of this script
     problems += [msg for bad, msg in (
@@ -1500,8 +1502,8 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
         (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it with --generate"),
         (not args.generate and (args.video or args.image or args.prompt), "--video, --image and --prompt are for "
          "--generate (another mode would ignore them)"),
-        (args.preset and (args.resume or not args.train), f"--preset {args.preset}: --resume, --eval, --generate and "
-         "--inspect take the sizes from the checkpoint (--bench has its own); drop --preset"),
+        (args.preset and mode and (args.resume or mode != "train"), f"--preset {args.preset}: --resume, --eval, "
+         "--generate and --inspect take the sizes from the checkpoint (--bench has its own); drop --preset"),
     ) if bad]
     if problems:
         raise UserError(problems[0])
@@ -1519,8 +1521,10 @@ def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_d
     path, device = cfg.from_pretrained or cfg.out_dir, pick_device(cfg.device)
     hf = check_arch(path, overrides, "--generate")
     run = hf.get("train_config") if hf.get("script") == SCRIPT else None  # a run of this script (or an HF folder)
-    if isinstance(run, dict):  # its trained weights float32 under the run's autocast, as --eval runs them
+    if isinstance(run, dict):  # under the run's autocast, its weights loaded as --eval loads them (weights_dtype)
         cfg = dataclasses.replace(cfg, dtype=overrides.get("dtype", run.get("dtype", "auto")))
+        if cfg.dtype not in CHOICES["dtype"]:  # a damaged config.json
+            raise UserError(f"{path}/config.json: train_config's dtype is {cfg.dtype!r}; the file is damaged")
         dtype = weights_dtype(cfg.dtype, device)
     else:  # an HF checkpoint's weights in --dtype: auto = bfloat16 where the hardware multiplies in it
         dtype = getattr(torch, ("bfloat16" if native_bf16(device) else "float32") if cfg.dtype == "auto" else cfg.dtype)
