@@ -922,8 +922,8 @@ def load_checkpoint(out_dir, overrides=None, mode="--eval"):  # -> (model, tok, 
         if k not in KEYS[mode] and saved.get(k) != v:
             raise UserError(f"--{k} {v}: the run in {out_dir} has {k}={saved.get(k)!r}; {mode} cannot change it "
                             f"(drop the flag, or train into a new --out_dir)")
-    cfg = Config(**{**saved, **(overrides or {}), "out_dir": out_dir})  # it writes where it read, not where it was
-    vocab, towers = meta.get("vocab", "missing"), meta.get("towers", {})  # trained (that folder may be gone or reused)
+    cfg = Config(**{**saved, **(overrides or {}), "out_dir": out_dir})  # written where read (the run may have moved)
+    vocab, towers = meta.get("vocab", "missing"), meta.get("towers", {})
     hf = {p for p in ("vision", "llm") if getattr(cfg, p + "_ckpt")}  # the towers loaded from HF folders
     problems = config_problems(cfg) + [f"towers {towers!r}: not a {{vision, llm: fingerprint}} object of its HF "
         "towers"] * (not (isinstance(towers, dict) and set(towers) <= hf)) + ["vocab: missing, or not a list of "
