@@ -1440,13 +1440,11 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     for name, what in (("video", "video file or frame folder"), ("image", "image file"), ("prompt", "the question")):
         p.add_argument(f"--{name}", default="", help=f"{what}, for --generate")
     p.add_argument("--n_tokens", type=int, default=64, help="text tokens assumed by --inspect's memory estimate")
-    p.add_argument("--preset", help=f"one of {sorted(PRESETS)} (default: default)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the sizes to start from (default: default)")
     for f in dataclasses.fields(Config):  # bools as --flag / --no-flag; None = not typed
         kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else {"type": type(f.default)}
         p.add_argument(f"--{f.name}", default=None, **kind)
     args = p.parse_args(argv)
-    if args.preset not in (None, *PRESETS):
-        raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset or "default"], **overrides})
     # flags the mode would not use: --generate reads these (and the architecture, checked against the checkpoint's);
@@ -1474,7 +1472,6 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
                  ("image_size", "patch_size")) if v[a] % max(v[b], 1) and not args.generate]  # (--generate: below)
     problems += [f"--{k} {v[k]}: choose {' or '.join(ok)}" for k, ok in CHOICES.items() if v[k] not in ok]
     modes = sum(map(bool, (args.train or args.eval, args.generate, args.inspect, args.bench)))  # --train evaluates too
-    own_run = lambda meta: meta.get("script") == SCRIPT  # the config.json of a run of this script
     problems += [msg for bad, msg in (
         (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: in (0, 1]"),
         (cfg.temperature == 0 and (cfg.top_k > 0 or cfg.top_p < 1),
@@ -1490,7 +1487,7 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
          f"--out_dir {cfg.out_dir} is the --from_pretrained folder: training would overwrite it"),
         (args.train and not creatable(cfg.out_dir),
          f"--out_dir {cfg.out_dir}: cannot create this folder (a file in the way, or no write access)"),
-        (args.train and not args.resume and not writable(cfg.out_dir, "config.json", own_run),
+        (new and not writable(cfg.out_dir, "config.json", lambda meta: meta.get("script") == SCRIPT),
          f"--out_dir {cfg.out_dir}: a file, or a folder of files this script did not write; give a new or empty one"),
         (args.resume and not args.train, "--resume continues a training run: use it with --train"),
         (args.n_tokens < 0, f"--n_tokens {args.n_tokens}: --inspect's text tokens, 0 or more"),
@@ -1520,17 +1517,15 @@ def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_d
         raise UserError("--generate needs --prompt TEXT, and --video PATH or --image PATH (not both) or neither")
     path, device = cfg.from_pretrained or cfg.out_dir, pick_device(cfg.device)
     hf = check_arch(path, overrides, "--generate")
-    run = hf.get("train_config") if hf.get("script") == SCRIPT else None  # a run of this script (or an HF folder)
-    if isinstance(run, dict):  # under the run's autocast, its weights loaded as --eval loads them (weights_dtype)
-        cfg = dataclasses.replace(cfg, dtype=overrides.get("dtype", run.get("dtype", "auto")))
-        if cfg.dtype not in CHOICES["dtype"]:  # a damaged config.json
-            raise UserError(f"{path}/config.json: train_config's dtype is {cfg.dtype!r}; the file is damaged")
+    run = saved_config(path, {}, resume=False) if hf.get("script") == SCRIPT else None  # a run here (checked), or HF
+    if run is not None:  # under the run's autocast, its weights loaded as --eval loads them (weights_dtype)
+        cfg = dataclasses.replace(cfg, dtype=overrides.get("dtype", run.dtype))
         dtype = weights_dtype(cfg.dtype, device)
     else:  # an HF checkpoint's weights in --dtype: auto = bfloat16 where the hardware multiplies in it
         dtype = getattr(torch, ("bfloat16" if native_bf16(device) else "float32") if cfg.dtype == "auto" else cfg.dtype)
     model, tok = load_pretrained(path, dtype, device).eval(), load_tokenizer(path)
     mcfg, kind = model.cfg, ("video" if args.video else "image" if args.image else "")  # "" = no media tag
-    n_frames = overrides.get("n_frames", hf.get("train_config", {}).get("n_frames", 8))
+    n_frames = overrides.get("n_frames", run.n_frames if run else 8)
     # the medium as a batch of one: an image (1, 3, S, S) or a video (1, F, 3, S, S)
     imgs = torch.from_numpy(load_image(args.image, mcfg.image_size))[None].to(device) if args.image else None
     vids = torch.from_numpy(load_video(args.video, n_frames, mcfg.image_size))[None].to(device) if args.video else None
@@ -1545,7 +1540,7 @@ def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_d
         got.append(int(tok_id[0]))
         print(answer()[len(before):], end="", flush=True)
     try:  # an HF folder's weights are already in --dtype; a run of this script's run under its autocast
-        with autocast(cfg.dtype if isinstance(run, dict) else "float32", device):
+        with autocast(cfg.dtype if run else "float32", device):
             generate(model, ids, None, imgs, vids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                      top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                      generator=g, on_token=stream, compile=args.compile)
@@ -1561,15 +1556,13 @@ def main(argv=None):  # the command line: one mode per call (--train [--resume],
         if cfg.from_pretrained and not args.resume:  # a typed size that differs would be dropped: refused
             check_arch(cfg.from_pretrained, overrides, "--from_pretrained")
         train(saved_config(cfg.out_dir, overrides) if args.resume else cfg, resume=args.resume)
-    elif args.eval:
-        device, base = pick_device(cfg.device), saved_config(cfg.out_dir, overrides, resume=False)
-        model = load_pretrained(cfg.out_dir, weights_dtype(base.dtype, device), device, base=base)  # as trained
-        tok = load_tokenizer(cfg.out_dir)
-        print("config:", json.dumps(dataclasses.asdict(model.cfg)))  # the run's, with the typed devices and data
-        data = {s: Examples(e, model.cfg, tok, answered=False) for s, e in load_entries(model.cfg).items()
-                if s in ("test", "novel")}
+    elif args.eval:  # the run's model as trained (build_model, as --resume loads it) on its test and novel questions
+        device, cfg = pick_device(cfg.device), saved_config(cfg.out_dir, overrides, resume=False)
+        entries = {**load_entries(cfg), "train": [], "val": []}  # test and novel only: nothing trains or validates
+        model, cfg, tok, data = build_model(cfg, entries, True, print, device)
+        print("config:", json.dumps(dataclasses.asdict(cfg)))  # the run's, with the typed devices and data
         seconds = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # kept
-        evaluate(model, tok, model.cfg, device, data, seconds)
+        evaluate(model.to(device), tok, cfg, device, data, seconds)
     elif args.generate:
         run_generate(args, cfg, overrides)
     elif args.inspect:
