@@ -911,9 +911,8 @@ def weight_files(path):  # -> {checkpoint key: file} from model.safetensors[.ind
         wm = (read_json(index) or {}).get("weight_map")
         if not isinstance(wm, dict) or not all(isinstance(f, str) for f in wm.values()):
             raise UserError(f"{index}: not a safetensors index (no weight_map of tensor -> file name)")
-        for f in set(wm.values()):
-            if not os.path.isfile(os.path.join(path, f)):
-                raise UserError(f"{index}: shard '{f}' is missing from {path}")
+        if missing := sorted(f for f in set(wm.values()) if not os.path.isfile(os.path.join(path, f))):
+            raise UserError(f"{index}: shard '{missing[0]}' is missing from {path}")
         return {k: os.path.join(path, f) for k, f in wm.items() if not LEGACY_KEYS.search(k)}
     if os.path.isfile(single):
         return {k: single for k in open_weights(single).keys() if not LEGACY_KEYS.search(k)}  # one file
@@ -939,10 +938,9 @@ def align_keys(path, base=None):  # -> meta model, files, handles, found {key: (
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
     handles = {f: open_weights(f) for f in set(files.values())}
     held = {f: set(h.keys()) for f, h in handles.items()}  # each file's tensor names, read once from its header
-    for key, f in files.items():
-        if key not in held[f]:  # a sharded checkpoint's index pointing at the wrong file
-            raise UserError(f"{path}: model.safetensors.index.json puts '{key}' in {os.path.basename(f)}, which "
-                            f"does not hold it (a damaged or mismatched index)")
+    if wrong := [key for key, f in files.items() if key not in held[f]]:  # an index pointing at the wrong file
+        raise UserError(f"{path}: model.safetensors.index.json puts '{wrong[0]}' in "
+                        f"{os.path.basename(files[wrong[0]])}, which does not hold it (a damaged or mismatched index)")
     found = {canonical_key(k): (k, f) for k, f in files.items() if canonical_key(k) in expected}
     shapes = {ck: handles[f].get_slice(k).get_shape() for ck, (k, f) in found.items()}  # headers only: nothing read
     tied = {"language_model.lm_head.weight"} if cfg.tie_word_embeddings else set()
