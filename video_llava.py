@@ -1130,6 +1130,7 @@ def build_model(cfg, entries, resume, say, device):  # -> model, cfg with its ar
             v = [m for m, e in zip(tr.media, tr.entries) if e["kind"] == kind]
             return torch.stack([v[j] for j in torch.randperm(len(v), generator=g)[:cfg.data_init]]) if v else None
         model.init_from_data(pick("image"), pick("video"))
+    say("config:", json.dumps(dataclasses.asdict(cfg)))  # what runs (--eval: the run's, with the typed devices, data)
     return model, cfg, tok, data
 
 def make_optimizer(params, cfg, device):  # AdamW, decay on matrices only; float16's loss scaler (a no-op otherwise)
@@ -1191,7 +1192,6 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
     torch.manual_seed(cfg.seed)
     entries = load_entries(cfg, master)
     model, cfg, tok, data = build_model(cfg, entries, resume, say, device)
-    say("config:", json.dumps(dataclasses.asdict(cfg)))
     say("data: " + ", ".join(f"{s} {len(e)} questions" for s, e in entries.items()) + f" ({time.time() - t0:.1f}s)")
     apply_freeze(model, cfg.freeze)
     model.to(device)
@@ -1550,7 +1550,7 @@ def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_d
 
 def main(argv=None):  # the command line: one mode per call (--train [--resume], --eval, --generate, --inspect, --bench)
     args, cfg, overrides = parse_args(argv)
-    if args.train:  # train prints the config that runs (with --from_pretrained, the checkpoint's architecture)
+    if args.train:  # build_model prints the config that runs (with --from_pretrained, the checkpoint's architecture)
         if cfg.from_pretrained and not args.resume:  # a typed size that differs would be dropped: refused
             check_arch(cfg.from_pretrained, overrides, "--from_pretrained")
         train(saved_config(cfg.out_dir, overrides) if args.resume else cfg, resume=args.resume)
@@ -1558,7 +1558,6 @@ def main(argv=None):  # the command line: one mode per call (--train [--resume],
         device, cfg = pick_device(cfg.device), saved_config(cfg.out_dir, overrides, resume=False)
         entries = {**load_entries(cfg), "train": [], "val": []}  # test and novel only: nothing trains or validates
         model, cfg, tok, data = build_model(cfg, entries, True, print, device)
-        print("config:", json.dumps(dataclasses.asdict(cfg)))  # the run's, with the typed devices and data
         seconds = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # kept
         evaluate(model.to(device), tok, cfg, device, data, seconds)
     elif args.generate:
