@@ -1273,7 +1273,6 @@ def sample_next(logits, temperature, top_k, top_p, generator):  # (B, V) -> (B,)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), -math.inf)  # vocabulary order
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
-@torch.no_grad()
 def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pixel_values_videos=None,
              max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0,
              generator=None, use_cache=True, on_token=None, compile=False):
