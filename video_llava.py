@@ -58,17 +58,17 @@ def read_json(path):  # path's JSON object as a dict, or None: missing, not UTF-
         obj = json.load(open(path, encoding="utf-8"))
         return obj if isinstance(obj, dict) else None
 
-def creatable(path):  # can a folder be made at path? Tried in its nearest existing folder, which is left as it was
-    up = os.path.abspath(path)
+def check_folder(path, flag, marker, ours, why):  # refuse path unless it can be made, and is missing, empty or ours
+    up = os.path.abspath(path)  # -> its nearest existing folder, where a scratch folder is made and removed
     while not os.path.exists(up):
         up = os.path.dirname(up)
-    with contextlib.suppress(OSError):  # a file in the way, no write access, a read-only or virtual file system
-        return os.rmdir(tempfile.mkdtemp(dir=up)) or True
-    return False
-
-def writable(path, marker, ours):  # write into path? only if missing, empty, or its `marker` JSON passes ours()
-    return not os.path.exists(path) or os.path.isdir(path) and (
-        not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))
+    try:  # a file in the way, no write access, a read-only or virtual file system
+        os.rmdir(tempfile.mkdtemp(dir=up))
+    except OSError:
+        raise UserError(f"{flag} {path}: cannot create this folder (a file in the way, or no write access)") from None
+    if os.path.exists(path) and not (os.path.isdir(path) and (  # ours: its `marker` JSON passes ours()
+            not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))):
+        raise UserError(f"{flag} {path}: a file, or a folder {why}")
 
 # Config ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -272,12 +272,9 @@ def build_world(cfg):  # write data_dir/<split>/*.png|mp4 and data_dir/<split>.j
     want = dict(sizes, seed=cfg.seed, n_frames=cfg.n_frames, version=1)
     if read_json(stamp) == want:  # written before with these settings: reuse it
         return files
-    if not creatable(cfg.data_dir):
-        raise UserError(f"--data_dir {cfg.data_dir}: cannot create this folder (a file in the way, or no write access)")
     # only this script's own world.json (other settings, a build cut short) marks a folder it may write over
-    if not writable(cfg.data_dir, "world.json", lambda m: set(m) == set(want)):
-        raise UserError(f"--data_dir {cfg.data_dir}: a file, or a folder this script did not write (no world.json of "
-                        f"its own); give a new folder for the synthetic world, or your files as --data FILE.jsonl")
+    check_folder(cfg.data_dir, "--data_dir", "world.json", lambda m: set(m) == set(want), "this script did not "
+                 "write (no world.json of its own); give a new folder for the synthetic world, or your files as --data")
     os.makedirs(cfg.data_dir, exist_ok=True)
     json.dump(dict(want, version=0), open(stamp, "w"))  # version 0: a build under way (cut short, it is redone)
     for offset, (split, n) in enumerate(sizes.items()):
@@ -1482,10 +1479,6 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
          "--share_towers is for training from scratch: --from_pretrained keeps the checkpoint's two towers"),
         (args.train and cfg.from_pretrained and os.path.realpath(cfg.out_dir) == os.path.realpath(cfg.from_pretrained),
          f"--out_dir {cfg.out_dir} is the --from_pretrained folder: training would overwrite it"),
-        (args.train and not creatable(cfg.out_dir),
-         f"--out_dir {cfg.out_dir}: cannot create this folder (a file in the way, or no write access)"),
-        (new and not writable(cfg.out_dir, "config.json", lambda meta: meta.get("script") == SCRIPT),
-         f"--out_dir {cfg.out_dir}: a file, or a folder of files this script did not write; give a new or empty one"),
         (args.resume and not args.train, "--resume continues a training run: use it with --train"),
         (args.n_tokens < 0, f"--n_tokens {args.n_tokens}: --inspect's text tokens, 0 or more"),
         (modes > 1, "one mode per call: --train (which also evaluates), --eval, --generate, --inspect DIR or --bench"),
@@ -1501,6 +1494,9 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     ) if bad]
     if problems:
         raise UserError(problems[0])
+    if args.train:  # a new run writes into a new or empty folder, or over a run of this script; --resume into its own
+        check_folder(cfg.out_dir, "--out_dir", "config.json", lambda m: args.resume or m.get("script") == SCRIPT,
+                     "of files this script did not write; give a new or empty one")
     return args, cfg, overrides
 
 def check_arch(path, overrides, mode):  # -> path's config.json; a typed architecture flag must agree with it
