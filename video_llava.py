@@ -1434,11 +1434,13 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     for name, what in (("video", "video file or frame folder"), ("image", "image file"), ("prompt", "the question")):
         p.add_argument(f"--{name}", default="", help=f"{what}, for --generate")
     p.add_argument("--n_tokens", type=int, default=64, help="text tokens assumed by --inspect's memory estimate")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="the sizes to start from (default: default)")
+    p.add_argument("--preset", help=f"one of {sorted(PRESETS)} (default: default)")
     for f in dataclasses.fields(Config):  # bools as --flag / --no-flag; None = not typed
         kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else {"type": type(f.default)}
         p.add_argument(f"--{f.name}", default=None, **kind)
     args = p.parse_args(argv)
+    if args.preset not in (None, *PRESETS):
+        raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset or "default"], **overrides})
     # flags the mode would not use: --generate reads these (and the architecture, checked against the checkpoint's);
