@@ -754,6 +754,11 @@ def atomic(path, write):
     write(path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
+PLAIN = {  # the settings each tower implements, as transformers defaults them (a true/false one read as a bool)
+    "vjepa2": ("gelu with q/k/v biases (V-JEPA 2's)", dict(hidden_act="gelu", qkv_bias=True)),
+    "qwen3": ("plain Qwen3 (default RoPE, full attention, SiLU, no attention bias)", {"hidden_act": "silu",
+              "attention_bias": False, "use_sliding_window": False, "rope_scaling": None,  # YaRN, linear, ...
+              "rope_parameters.rope_type": "default"})}
 def read_hf_dir(path, want):  # -> (config dict, {tensor key: file}, Config fields) of an HF folder, shards too
     fix = "pass a complete Hugging Face checkpoint folder (download it again if damaged)"
     if not os.path.isdir(path):
@@ -771,6 +776,10 @@ def read_hf_dir(path, want):  # -> (config dict, {tensor key: file}, Config fiel
     rope = conf.get("rope_parameters") or {}  # transformers 5 keeps rope_theta there
     if not (isinstance(rope, dict) and type(theta := rope.get("rope_theta", 1.0)) in (int, float) and theta > 0):
         raise UserError(f"{path}: config.json's rope_parameters {rope!r}: not an object with a positive rope_theta")
+    what, plain = PLAIN[want]
+    sets = {**conf, "rope_parameters.rope_type": rope.get("rope_type", "default")}  # the settings PLAIN names
+    if bad := [k for k, v in plain.items() if (bool(sets.get(k, v)) if type(v) is bool else sets.get(k, v)) != v]:
+        raise UserError(f"{path}: config.json sets {bad[0]} {sets[bad[0]]!r}; only {what} is implemented")
     idx = os.path.join(path, "model.safetensors.index.json")  # shards: {"weight_map": {tensor key: file name}}
     wm = read_json(idx, fix).get("weight_map") if os.path.isfile(idx) else {"": "model.safetensors"}
     if not isinstance(wm, dict):
@@ -834,9 +843,6 @@ def fingerprint(tower):  # 8 values spread over each tensor, hashed: tells tower
 
 def load_vjepa2(path, dtype=None, device="cpu"):  # HF V-JEPA 2 folder (`encoder.*` or `vjepa2.encoder.*`) -> encoder
     conf, keys, f = read_hf_dir(path, "vjepa2")
-    if conf.get("hidden_act", "gelu") != "gelu" or not conf.get("qkv_bias", True):  # V-JEPA 2's own settings
-        raise UserError(f"{path}: config.json sets hidden_act {conf.get('hidden_act')!r}, qkv_bias "
-                        f"{conf.get('qkv_bias')!r}; only gelu with q/k/v biases (V-JEPA 2's) is implemented")
     with torch.device("meta"):
         enc = VJEPA2Encoder(Config(**f), conf.get("layer_norm_eps", 1e-6))
     mapping = {k: k.removeprefix("vjepa2.").removeprefix("encoder.") for k in keys
@@ -847,15 +853,6 @@ def load_vjepa2(path, dtype=None, device="cpu"):  # HF V-JEPA 2 folder (`encoder
 
 def load_qwen3(path, dtype=None, device="cpu"):  # HF Qwen3 folder -> Qwen3LM; absent keys: transformers' defaults
     conf, keys, f = read_hf_dir(path, "qwen3")  # f: tied head unless the file has its own lm_head (as transformers)
-    rope = conf.get("rope_parameters") or {}
-    unsupported = [name for name, bad in [("rope_scaling", conf.get("rope_scaling") is not None),  # YaRN, linear, ...
-                   ("rope_parameters.rope_type", rope.get("rope_type", "default") != "default"),
-                   ("use_sliding_window", bool(conf.get("use_sliding_window", False))),
-                   ("hidden_act", conf.get("hidden_act", "silu") != "silu"),
-                   ("attention_bias", bool(conf.get("attention_bias", False)))] if bad]
-    if unsupported:
-        raise UserError(f"{path}: config.json sets {unsupported[0]} (plain Qwen3 only: default RoPE, full attention, "
-                        f"SiLU, no attention bias); this script does not implement it")
     with torch.device("meta"):
         lm = Qwen3LM(conf.get("vocab_size", 151936), Config(**f), conf.get("rms_norm_eps", 1e-6))
     return assign_strict(lm, path, keys, lambda k: k, dtype, device)
