@@ -364,6 +364,7 @@ def load_split(entries, cfg):  # -> uint8 clips (N, F, S, S, 3), frame labels, t
 
 class GPT2Tokenizer:
     """GPT-2 tokens (tiktoken) over the table `ids`: <|endoftext|>, <unk>, the GPT-2 ids seen in training (or all)."""
+    chat, ask, reply = "{}", "\nAnswer:", " {}"  # the prompt's template, its last line after the options; the answer
     def __init__(self, ids=None):
         try:  # GPT-2's two files: downloaded once, or read from TIKTOKEN_CACHE_DIR
             self.enc = tiktoken.get_encoding("gpt2")
@@ -383,9 +384,9 @@ class GPT2Tokenizer:
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if i != self.eos and self.ids[i] >= 0])
     def prompt(self, q, choices):
-        return self.encode(q + "\n" + "\n".join(choices) + "\nAnswer:")
+        return self.encode(self.chat.format(q + "\n" + "\n".join(choices) + self.ask))
     def target(self, answer):
-        return self.encode(" " + answer) + [self.eos]
+        return self.encode(self.reply.format(answer)) + [self.eos]
 
 def bytes_to_unicode():
     """GPT-2's byte <-> printable-character table, which byte-level BPE vocabularies (Qwen's too) are written in:
@@ -396,9 +397,11 @@ def bytes_to_unicode():
 
 QWEN_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
             r"|\s+(?!\S)|\s+")
-class QwenTokenizer:
+class QwenTokenizer(GPT2Tokenizer):  # prompt() and target() as GPT-2's, in Qwen3's chat template
     """Qwen3's byte-level BPE (tokenizer.json) as a tiktoken.Encoding: ranks = vocabulary ids (in merge order, so
     rank-greedy merging is the merge list), the pre-tokenizer's regex, added tokens as specials, NFC first; no BOS."""
+    chat = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"  # one turn, no thinking
+    ask, reply = "\nAnswer with the option's letter and text.", "{}"
     def __init__(self, path):
         j = read_json(path, "the Qwen3 checkpoint folder needs its tokenizer.json")
         if j.get("model", {}).get("type") != "BPE":
@@ -415,12 +418,6 @@ class QwenTokenizer:
         return self.enc.encode(unicodedata.normalize("NFC", s), allowed_special="all")
     def decode(self, ids):  # ids past the tokenizer (the embedding has spare rows) decode to nothing, as in HF
         return self.enc.decode([i for i in ids if i != self.eos and i < self.enc.n_vocab])
-    chat = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"  # one turn, no thinking
-    def prompt(self, q, choices):  # Qwen3's chat template around the question and its options
-        return self.encode(self.chat.format(q + "\n" + "\n".join(choices) + "\nAnswer with the option's letter and "
-                                            "text."))
-    def target(self, answer):
-        return self.encode(answer) + [self.eos]
 
 # Model: V-JEPA 2 encoder, Qwen3 LLM, bridge ---------------------------------------------------------------------------
 class VJEPA2Attention(nn.Module):  # non-causal, separate q/k/v/proj, V-JEPA 2's 3D RoPE (as transformers')
@@ -807,9 +804,7 @@ def check_fit(where, want, have):  # {key: shape} of model, file -> one line: ev
 def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
     """mapping: file key -> module key (None: ignored). Every missing, unexpected and mis-shaped key is listed from the
     headers alone; only then are the tensors read, in `dtype` (None: the file's) on `device`, into the meta module."""
-    want = {k: v.shape for k, v in module.state_dict().items()}
-    if getattr(module, "tie", False):
-        want.pop("lm_head.weight", None)  # a tied head is the embedding: no tensor of its own in the file
+    want = {k: v.shape for k, v in module.named_parameters()}  # a tied lm_head is the embedding: listed once
     plan = {fk: mapping(fk) for fk in keys if mapping(fk) is not None}  # file key -> module key
     handles = {f: safe_open(os.path.join(path, f), "pt") for f in set(keys.values())}  # headers only, lazily
     check_fit(path, want, {mk: handles[keys[fk]].get_slice(fk).get_shape() for fk, mk in plan.items()})
@@ -980,7 +975,7 @@ def grounding_metrics(pred_segs, gold_segs):  # -> R@1 at IoU 0.3/0.5/0.7 and me
 
 # Training -------------------------------------------------------------------------------------------------------------
 def pick_device(name):  # "auto" -> cuda, else mps, else cpu; any other name as given
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    mps = torch.backends.mps.is_available()
     return name if name != "auto" else "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
 
 def parse_device_map(cfg):  # -> {part: device}: --device for all, unless --device_map moves a part; each checked
@@ -1140,13 +1135,11 @@ def train(cfg, resume=False, overrides=None):
     if not resume:
         model = build_model(cfg, tok := make_tokenizer(cfg, entries))
     check_answers(data, tok, cfg)
-    model.place(devices)
-    ps = list(model.parameters())  # a tied (shared) Parameter counts once
-    total, trainable = sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
+    opt, params, scaler = make_optimizer(model.place(devices), cfg)  # params: the trainable ones
+    total, trainable = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in params)  # tied: once
     say(f"data ready in {time.time() - t0:.1f}s | params: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, "
         f"{(total - trainable) / 1e6:.2f}M frozen | vocab {len(tok.ids) if tok.ids else 'full'} | autocast "
         f"{autocast_dtype(cfg.dtype, devices['llm'])}")
-    opt, params, scaler = make_optimizer(model, cfg)
     if resume:
         try:  # truncated, not a torch file, another run's or keys missing: PyTorch's own errors differ by cause
             ts = torch.load(path, weights_only=True)
@@ -1414,7 +1407,6 @@ def main(argv=None):
     cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))  # saved so: --eval finds it from anywhere
     if int(os.environ.get("RANK", "0")) == 0 and (args.bench or args.train and not args.resume):  # else: as loaded
         print("config:", json.dumps(dataclasses.asdict(cfg)))
-    torch.manual_seed(cfg.seed)
     if args.train:
         train(cfg, resume=args.resume, overrides=overrides)
     elif args.eval:
