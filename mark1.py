@@ -78,18 +78,14 @@ def read_json(path, fix, kind=dict):  # the non-empty dict (or list) in path; el
         return obj
     raise UserError(f"{path}: not a non-empty JSON {'object' if kind is dict else 'list'}; {fix}")
 
-def creatable(path):  # can a folder be made at path (or written into, when it is one)? probed with a temporary one
-    parent = os.path.abspath(path)
+def writable(path, marker, ours):  # may this script write into path? missing, empty, or `marker` passes ours()
+    parent = os.path.abspath(path)  # and a folder can be made there: probed with a temporary one
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    with contextlib.suppress(OSError):  # a file on the way, /proc, a read-only disk
-        return os.rmdir(tempfile.mkdtemp(dir=parent)) or True
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # a file on the way, /proc; a damaged marker
+        os.rmdir(tempfile.mkdtemp(dir=parent))  # fails on a read-only disk or without permission
+        return not os.path.exists(path) or not os.listdir(path) or ours(json.load(open(os.path.join(path, marker))))
     return False
-
-def writable(path, marker, ours):  # may this script write into path? missing, empty, or `marker` passes ours()
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # not a folder; marker missing or damaged
-        return not os.listdir(path) or ours(json.load(open(os.path.join(path, marker))))
-    return not os.path.exists(path)
 
 # Config ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -243,7 +239,7 @@ def build_world(cfg):  # write train/val/test/novel clips + annotation JSON unde
     stamp = os.path.join(cfg.data_dir, "world.json")  # the sizes the folder was built with
     if os.path.isfile(stamp) and read_json(stamp, "delete it to write the world again") == sizes:
         return
-    if not (writable(cfg.data_dir, "world.json", lambda m: set(m) == set(sizes)) and creatable(cfg.data_dir)):
+    if not writable(cfg.data_dir, "world.json", lambda m: set(m) == set(sizes)):
         raise UserError(f"--data_dir {cfg.data_dir}: a file, a folder this script did not write (no world.json of its "
                         f"own), or no folder can be made there; give a new folder, or your files as --data FILE.json")
     os.makedirs(cfg.data_dir, exist_ok=True)
@@ -1374,10 +1370,8 @@ def parse_args(argv=None):
     cfg = Config(**{**PRESETS[args.preset or ("bench" if args.bench else "default")], **overrides})
     problems = config_problems(cfg)
     if args.train and not args.resume and not writable(cfg.out_dir, "config.json", lambda m: m["script"] == SCRIPT):
-        problems.append(f"--out_dir {cfg.out_dir}: a file, or a folder holding files this script did not write (a "
-                        f"checkpoint folder, your own files); give a new or empty folder")
-    elif args.train and not args.resume and not creatable(cfg.out_dir):  # checked now, not at the first save
-        problems.append(f"--out_dir {cfg.out_dir}: no folder can be made there (a file on its path, or no permission)")
+        problems.append(f"--out_dir {cfg.out_dir}: a file, a folder holding files this script did not write (your "
+                        f"own, a checkpoint's), or no folder can be made there; give a new or empty folder")
     modes = sum(map(bool, (args.train or args.eval, args.predict, args.bench)))  # --train ends with an evaluation
     problems += ["one mode per call: --train, --eval, --predict or --bench"] * (modes > 1)
     problems += ["--resume continues a training run: use it with --train"] * (args.resume and not args.train)
