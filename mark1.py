@@ -358,8 +358,7 @@ def load_split(entries, cfg):  # -> uint8 clips (N, F, S, S, 3), frame labels, t
     clips, labs, times, durs = map(np.stack, zip(*rows))
     return dict(clips=torch.from_numpy(clips), labels=torch.from_numpy(labs), times=times, durations=durs)
 
-class GPT2Tokenizer:
-    """GPT-2 tokens (tiktoken) over the table `ids`: <|endoftext|>, <unk>, the GPT-2 ids seen in training (or all)."""
+class GPT2Tokenizer:  # GPT-2 (tiktoken) over the table `ids`: <|endoftext|>, <unk>, the ids seen in training (or all)
     chat, ask, reply = "{}", "\nAnswer:", " {}"  # the prompt's template, its last line after the options; the answer
     def __init__(self, ids=None):
         try:  # GPT-2's two files: downloaded once, or read from TIKTOKEN_CACHE_DIR
@@ -798,8 +797,7 @@ def check_fit(where, want, have):  # {key: shape} of model, file -> one line: ev
         raise UserError(f"{where}: does not fit: missing {missing}, unexpected {unexpected}, mis-shaped {shaped}")
 
 def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
-    """mapping: file key -> module key (None: ignored). Every missing, unexpected and mis-shaped key is listed from the
-    headers alone; only then are the tensors read, in `dtype` (None: the file's) on `device`, into the meta module."""
+    """mapping: file key -> module key (None: ignored). Every key is checked from the headers before any read."""
     want = {k: v.shape for k, v in module.named_parameters()}  # a tied lm_head is the embedding: listed once
     plan = {fk: mapping(fk) for fk in keys if mapping(fk) is not None}  # file key -> module key
     handles = {f: safe_open(os.path.join(path, f), "pt") for f in set(keys.values())}  # headers only, lazily
@@ -849,8 +847,7 @@ def load_qwen3(path, dtype=None, device="cpu"):  # HF Qwen3 folder -> Qwen3LM; a
     return assign_strict(lm, path, keys, lambda k: k, dtype, device)
 
 def build_model(cfg, tok):
-    """Mark1 from cfg; towers from HF folders keep their file's dtype under bfloat16 autocast, else load in float32
-    (float16 cannot mix with bfloat16 weights); the bridge casts at its two boundaries (Bridge.video_tokens, fuse)."""
+    """Mark1 from cfg; HF towers keep their file's dtype under bfloat16 autocast, else float32 (no float16 mix)."""
     dtype = None if autocast_dtype(cfg.dtype, parse_device_map(cfg)["vision"]) == "bfloat16" else torch.float32
     vision = load_vjepa2(cfg.vision_ckpt, dtype) if cfg.vision_ckpt else None
     llm = load_qwen3(cfg.llm_ckpt, dtype) if cfg.llm_ckpt else None
@@ -890,10 +887,8 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler):  # the weights of every
     atomic(path("train_state.pt"), lambda p: torch.save(ts, p))  # what --resume needs
 
 PATH_KEYS = {"data", "test_data", "vision_ckpt", "llm_ckpt"}  # inputs: parse_args makes them absolute (found anywhere)
-# flags a run from a checkpoint may change: how long and where it runs, how it logs, where the towers' folders are;
-# --eval and --predict also read other data and decode as asked; every other flag is fixed by the checkpoint
 RUN_KEYS = {"max_steps", "stop_after", "out_dir", "data_dir", "device", "device_map", "dtype", "log_interval",
-            "eval_interval", "feature_cache", "vision_ckpt", "llm_ckpt"}
+            "eval_interval", "feature_cache", "vision_ckpt", "llm_ckpt"}  # how long, where and how a run goes on
 READ_KEYS = RUN_KEYS | {"data", "test_data", "temperature", "top_k", "top_p", "max_new_tokens", "seed", "threshold"}
 STEPS = ("max_steps", "stop_after", "log_interval", "eval_interval")  # read by training alone
 KEYS = {"--resume": RUN_KEYS, "--eval": READ_KEYS - set(STEPS),  # what each mode may set; the rest is the run's
@@ -1076,9 +1071,8 @@ def make_optimizer(model, cfg):  # AdamW over the trainable parameters (decay on
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95)), params, scaler
 
 def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, device, scaler):
-    """Forward + backward of this rank's micro-batches of the global batch `idx` -> its mean (loss, ce, bce); losses use
-    the global batch's counts (Mark1.forward): any split gives the same gradient. Under torchrun `fwd` is DDP: the last
-    backward all-reduces (each rank's loss counts `world` times); a rank without clips runs one with weight 0."""
+    """Forward + backward of this rank's micro-batches of the global batch `idx` -> its mean (loss, ce, bce). Losses use
+    the global batch's counts, so any split gives one gradient (DDP: each rank's loss counts `world` times)."""
     n_tok = sum(len(tok.target(entries[i]["answer"])) for i in idx.tolist())  # answer tokens in the global batch
     ddp, share = isinstance(fwd, nn.parallel.DistributedDataParallel), torch.zeros(3)
     for a in range(cfg.grad_accum):
@@ -1154,9 +1148,8 @@ def train(cfg, resume=False, overrides=None):
     cache, gbatch = FeatureCache(model, cfg.feature_cache), cfg.batch_size * cfg.grad_accum * world  # clips per step
     model.train()
     fwd = model  # what the training forward calls; `model` itself is what is saved and evaluated (no "module.")
-    if ddp:  # DDP all-reduces only parameters with requires_grad (frozen towers add no traffic); no buffer changes
-        # in training; device_ids=None: the model places its own parts (one device, or several via --device_map)
-        fwd = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    if ddp:  # DDP all-reduces only parameters with requires_grad (frozen towers add no traffic)
+        fwd = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)  # no device_ids: place() did it
         say(f"{type(fwd).__name__}: {world} processes ({dist.get_backend()}), {gbatch} clips per step")
     t_log, losses, end = time.time(), [], min(cfg.max_steps, cfg.stop_after) if cfg.stop_after else cfg.max_steps
     while step < end:
@@ -1204,8 +1197,7 @@ def filter_logits(logits, top_k, top_p):
 @torch.no_grad()
 def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, use_cache=True,
                  generator=None):
-    """Decode from left-padded input embeddings x (B, L, D) with valid (B, L): positions from the mask, KV cache (or a
-    full recompute each step), per-row stop on EOS. embed(ids) gives the embeddings of new tokens. -> token lists."""
+    """Token lists decoded from left-padded embeddings x (B, L, D) with valid (B, L); embed(ids) embeds new tokens."""
     B, dev = x.shape[0], x.device
     pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, L): positions count real tokens only
     cache = [dict() for _ in llm.model.layers] if use_cache else None  # one {k, v} per layer
@@ -1230,8 +1222,7 @@ def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top
     return [[t for t in row if t != eos] for row in torch.stack(toks, 1).tolist()]  # (B, steps) -> lists
 
 @torch.no_grad()
-def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):
-    """[prefix; prompt] rows left-padded, the video fused once, llm_generate -> (id lists, frame logits (B, F))."""
+def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):  # -> id lists, frame logits (B, F)
     q_ids, q_valid = text_batch(items, tok, with_answer=False)[:2]
     prefix, frame_logits = model.fuse(feats, q_ids, q_valid)
     prompts = [model.embed(torch.tensor(tok.prompt(it["question"], it["choices"]))) for it in items]  # (Lp_i, D)
