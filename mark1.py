@@ -203,8 +203,7 @@ def sample_event(rng, split):  # one clip's story -> (per-frame draw list, annot
             a["colour"] = new_colour  # another colour from frame e
         elif event == "stops" and t >= e:
             a["x"] = bounce(xa, va, e)  # frozen where it was at frame e
-        elif event == "meets":
-            # both on one row, closing in at 1.5 px/frame each, touching at frame e+1, then moving apart again
+        elif event == "meets":  # both on one row, closing in at 1.5 px/frame each, touching at frame e+1, then apart
             side = 1 if xa < xb else -1  # the named object comes from the left (+1) or the right (-1)
             off = min(14.0, RADIUS + 1.5 * abs(t - (e + 1)))  # far apart they wait at the edges
             a.update(x=24 - side * off, y=24)
@@ -258,13 +257,11 @@ def sample_indices(n_total, n_frames):  # uniform: the centre of each of n_frame
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
 
 def preprocess(img, crop):
-    """transformers' VJEPA2VideoProcessor on a uint8 (H, W, 3) frame up to its float steps (those are normalize()):
-    shortest edge -> int(crop*256/224) (long edge int(short*long/shortest)), antialiased bilinear, centre crop."""
+    """transformers' VJEPA2VideoProcessor on a uint8 (H, W, 3) frame up to its float steps (those are normalize())."""
     short = int(crop * 256 / 224)  # resize to 8/7 of the crop, then cut the centre (ImageNet-style eval)
     h, w = img.shape[:2]
     nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)  # keep the aspect ratio
-    if (nh, nw) != (h, w):  # torchvision's resize, which on a uint8 CPU tensor is this F.interpolate call: antialias
-        # widens the bilinear kernel on a shrink so every source pixel counts (as PIL's); uint8 in, rounded uint8 out
+    if (nh, nw) != (h, w):  # torchvision's uint8 resize is this call; antialias widens the kernel on a shrink (as PIL)
         x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)  # (1, 3, nh, nw)
         img = x[0].permute(1, 2, 0).numpy()  # (nh, nw, 3) uint8
@@ -284,8 +281,7 @@ def read_frame(path):  # a frame image -> BGR uint8 (H, W, 3); libjpeg fills a c
     return ((img[:, :, :3] * img[:, :, 3:] + 255 * (255 - img[:, :, 3:]) + 127) // 255).astype(np.uint8)
 
 def load_video(path, n_frames, crop):
-    """Video file (any container OpenCV reads) or a folder of frame images -> (uint8 (F, crop, crop, 3) RGB,
-    sampled frame times in seconds (F,), clip duration in seconds). Only the F sampled frames are read and kept."""
+    """A video (any container OpenCV reads) or a frame folder -> uint8 (F, crop, crop, 3) RGB, times (F,), duration."""
     fps, exts = float(FPS), (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")  # a folder plays at FPS
     if os.path.isdir(path):  # natural order: f2 before f10; a subfolder named x.png is not a frame
         names = sorted((n for n in os.listdir(path) if n.lower().endswith(exts) and os.path.isfile(f"{path}/{n}")),
@@ -383,18 +379,15 @@ class GPT2Tokenizer:  # GPT-2 (tiktoken) over the table `ids`: <|endoftext|>, <u
     def target(self, answer):
         return self.encode(self.reply.format(answer)) + [self.eos]
 
-def bytes_to_unicode():
-    """GPT-2's byte <-> printable-character table, which byte-level BPE vocabularies (Qwen's too) are written in:
-    printable Latin-1 bytes stand for themselves, the other 68 (controls, space, ...) take chr(256), chr(257), ..."""
-    bs = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
-    rest = [b for b in range(256) if b not in bs]
+def bytes_to_unicode():  # GPT-2's byte -> printable-character table, which byte-level BPE vocabularies are written in
+    bs = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]  # printable: themselves
+    rest = [b for b in range(256) if b not in bs]  # the other 68 (controls, space, ...) take chr(256), chr(257), ...
     return dict(zip(bs + rest, map(chr, bs + [256 + n for n in range(len(rest))])))
 
 QWEN_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
             r"|\s+(?!\S)|\s+")
-class QwenTokenizer(GPT2Tokenizer):  # prompt() and target() as GPT-2's, in Qwen3's chat template
-    """Qwen3's byte-level BPE (tokenizer.json) as a tiktoken.Encoding: ranks = vocabulary ids (in merge order, so
-    rank-greedy merging is the merge list), the pre-tokenizer's regex, added tokens as specials, NFC first; no BOS."""
+class QwenTokenizer(GPT2Tokenizer):  # Qwen3's tokenizer.json as a tiktoken.Encoding; GPT-2's prompt() and target()
+    """Byte-level BPE: ranks = vocabulary ids, in merge order (rank-greedy merging is the merge list); no BOS."""
     chat = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"  # one turn, no thinking
     ask, reply = "\nAnswer with the option's letter and text.", "{}"
     def __init__(self, path):
@@ -785,7 +778,7 @@ def read_hf_dir(path, want):  # -> (config dict, {tensor key: file}, Config fiel
             raise UserError(f"{os.path.join(path, f)}: unreadable safetensors file ({e})")
     (h, hf), (w, wf) = ((("num_attention_heads", "v_heads"), ("hidden_size", "v_width")) if want == "vjepa2" else
                         (("num_key_value_heads", "l_kv_heads"), ("num_attention_heads", "l_heads")))
-    if (f := (vjepa2_fields if want == "vjepa2" else qwen3_fields)(conf, keys))[wf] % f[hf]:  # headers only so far
+    if (f := hf_fields(want, conf, keys))[wf] % f[hf]:  # headers only so far
         raise UserError(f"{path}: config.json's {h} {f[hf]} does not divide its {w} {f[wf]} (heads split a width)")
     return conf, keys, f
 
@@ -808,14 +801,13 @@ def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
         module.lm_head.weight = module.model.embed_tokens.weight  # assign=True replaced the Parameter: tie again
     return module
 
-def vjepa2_fields(conf, keys):  # V-JEPA 2's config.json -> the Config fields it sets (transformers' defaults)
-    return dict(v_width=conf.get("hidden_size", 1024), v_layers=conf.get("num_hidden_layers", 24),
-                v_heads=conf.get("num_attention_heads", 16), v_patch=conf.get("patch_size", 16),
-                v_tubelet=conf.get("tubelet_size", 2), crop=conf.get("crop_size", 256),
-                v_mlp_ratio=conf.get("mlp_ratio", 4.0))
-
-def qwen3_fields(conf, keys):  # Qwen3's config.json (and tensor keys) -> the Config fields it sets, as transformers
-    rope, nh = conf.get("rope_parameters") or {}, conf.get("num_attention_heads", 32)  # reads them when absent or null
+def hf_fields(want, conf, keys):  # an HF config.json (and tensor keys) -> the Config fields it sets, as transformers
+    if want == "vjepa2":  # reads them (its defaults where a key is absent)
+        return dict(v_width=conf.get("hidden_size", 1024), v_layers=conf.get("num_hidden_layers", 24),
+                    v_heads=conf.get("num_attention_heads", 16), v_patch=conf.get("patch_size", 16),
+                    v_tubelet=conf.get("tubelet_size", 2), crop=conf.get("crop_size", 256),
+                    v_mlp_ratio=conf.get("mlp_ratio", 4.0))
+    rope, nh = conf.get("rope_parameters") or {}, conf.get("num_attention_heads", 32)  # Qwen3's: absent or null
     return dict(l_width=conf.get("hidden_size", 4096), l_layers=conf.get("num_hidden_layers", 32), l_heads=nh,
                 l_kv_heads=conf.get("num_key_value_heads") or nh, l_head_dim=conf.get("head_dim", 128),
                 l_inter=conf.get("intermediate_size", 22016),
@@ -869,14 +861,14 @@ def make_tokenizer(cfg, entries=None, ids=None):  # Qwen3's with --llm_ckpt, els
     texts = [e["question"] + "\n" + "\n".join(e["choices"]) + "\nAnswer: " + e["answer"] for e in entries]
     return GPT2Tokenizer.build(texts, cfg.compact_vocab)
 
-def own_keys(model, cfg):  # the keys a checkpoint stores: not the towers loaded from HF folders, not a tied lm_head
+def own_state(model, cfg):  # the tensors a checkpoint stores: not the towers loaded from HF folders
     hf = tuple(p + "." for p, c in (("vision", cfg.vision_ckpt), ("llm", cfg.llm_ckpt)) if c)
-    return {k for k in model.state_dict() if not k.startswith(hf) and not (k == "llm.lm_head.weight" and model.llm.tie)}
+    return {k: v for k, v in model.named_parameters() if not k.startswith(hf)}  # a tied lm_head: once, as the embedding
 
 def save_checkpoint(model, tok, cfg, opt, step, scaler):  # the weights of every part not from an HF folder
     os.makedirs(cfg.out_dir, exist_ok=True)
-    own, path = own_keys(model, cfg), lambda name: os.path.join(cfg.out_dir, name)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in own}
+    path = lambda name: os.path.join(cfg.out_dir, name)
+    state = {k: v.detach().cpu().contiguous() for k, v in own_state(model, cfg).items()}
     atomic(path("model.safetensors"), lambda p: save_file(state, p))
     with contextlib.suppress(FileNotFoundError):  # eval.json scored the weights just replaced
         os.remove(path("eval.json"))
@@ -922,11 +914,10 @@ def load_checkpoint(out_dir, overrides=None, mode="--eval"):  # -> (model, tok, 
     if bad := [p for p, fp in towers.items() if fingerprint(getattr(model, p)) != fp]:  # same sizes
         raise UserError(f"{getattr(cfg, bad[0] + '_ckpt')}: not the weights the run in {out_dir} trained with")
     try:
-        state, own = load_file(wpath), own_keys(model, cfg)
+        state = load_file(wpath)
     except Exception as e:  # truncated or not safetensors at all
         raise UserError(f"{wpath}: unreadable safetensors file ({e}); retrain or restore it")
-    want = {k: v.shape for k, v in model.state_dict().items() if k in own}  # the tensors this run's files must hold
-    check_fit(wpath, want, {k: v.shape for k, v in state.items()})
+    check_fit(wpath, {k: v.shape for k, v in own_state(model, cfg).items()}, {k: v.shape for k, v in state.items()})
     model.load_state_dict(state, strict=False)  # towers from HF folders are already loaded; the rest is checked above
     if not dist.is_initialized() or dist.get_rank() == 0:  # the config that runs: the saved one, as updated
         print("config:", json.dumps(dataclasses.asdict(cfg)))
@@ -1146,8 +1137,7 @@ def train(cfg, resume=False, overrides=None):
         q_ids, q_valid, _, _ = text_batch([entries[i] for i in idx.tolist()], tok)
         model.init_from_data(tr["clips"][idx], q_ids, q_valid)
     cache, gbatch = FeatureCache(model, cfg.feature_cache), cfg.batch_size * cfg.grad_accum * world  # clips per step
-    model.train()
-    fwd = model  # what the training forward calls; `model` itself is what is saved and evaluated (no "module.")
+    fwd = model.train()  # what the training forward calls; `model` itself is what is saved and evaluated (no "module.")
     if ddp:  # DDP all-reduces only parameters with requires_grad (frozen towers add no traffic)
         fwd = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)  # no device_ids: place() did it
         say(f"{type(fwd).__name__}: {world} processes ({dist.get_backend()}), {gbatch} clips per step")
@@ -1175,10 +1165,10 @@ def train(cfg, resume=False, overrides=None):
             t_log, losses = time.time(), []
         if rank == 0 and (step % cfg.eval_interval == 0 or step == end):
             save_checkpoint(model, tok, cfg, opt, step, scaler)
-    if rank == 0 and step >= cfg.max_steps:
-        evaluate(model, tok, cfg, data, time.time() - t0, cache)
-    elif rank == 0:
+    if step < cfg.max_steps:
         say(f"stopped after step {step} as asked (--stop_after); continue with --train --resume")
+    elif rank == 0:
+        evaluate(model, tok, cfg, data, time.time() - t0, cache)
     if ddp:
         dist.destroy_process_group()
     return model, tok
@@ -1196,8 +1186,7 @@ def filter_logits(logits, top_k, top_p):
 
 @torch.no_grad()
 def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, use_cache=True,
-                 generator=None):
-    """Token lists decoded from left-padded embeddings x (B, L, D) with valid (B, L); embed(ids) embeds new tokens."""
+                 generator=None):  # -> token lists, from left-padded x (B, L, D), valid (B, L); embed() embeds new ids
     B, dev = x.shape[0], x.device
     pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, L): positions count real tokens only
     cache = [dict() for _ in llm.model.layers] if use_cache else None  # one {k, v} per layer
@@ -1228,9 +1217,8 @@ def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):  # 
     prompts = [model.embed(torch.tensor(tok.prompt(it["question"], it["choices"]))) for it in items]  # (Lp_i, D)
     rows = [torch.cat((prefix[i], p.to(prefix.dtype)), 0) for i, p in enumerate(prompts)]  # (N + Lp_i, D) each
     x, valid = pad_left(rows)  # (B, L, D), (B, L)
-    ids = llm_generate(model.llm, model.embed, x, valid, tok.eos, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                       cfg.top_p, use_cache, generator)
-    return ids, frame_logits
+    return llm_generate(model.llm, model.embed, x, valid, tok.eos, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                        cfg.top_p, use_cache, generator), frame_logits
 
 def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):  # test, novel -> table, samples, eval.json
     cache, result = cache or FeatureCache(model, cfg.feature_cache), {}
@@ -1354,12 +1342,11 @@ def parse_args(argv=None):
         kw = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
         p.add_argument(f"--{f.name}", default=None, **kw)  # None = not given: the preset's value stays
     args = p.parse_args(argv)
-    if args.preset not in ("", *PRESETS):
-        raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     overrides.update({k: os.path.abspath(v) for k, v in overrides.items() if v and k in PATH_KEYS})
-    cfg = Config(**{**PRESETS[args.preset or ("bench" if args.bench else "default")], **overrides})
-    problems = config_problems(cfg)
+    cfg = Config(**{**PRESETS.get(args.preset or ("bench" if args.bench else "default"), {}), **overrides})
+    problems = [f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}"] * (
+        args.preset not in ("", *PRESETS)) + config_problems(cfg)
     if args.train and not args.resume and not writable(cfg.out_dir, "config.json", lambda m: m["script"] == SCRIPT):
         problems.append(f"--out_dir {cfg.out_dir}: a file, a folder holding files this script did not write (your "
                         f"own, a checkpoint's), or no folder can be made there; give a new or empty folder")
