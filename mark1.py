@@ -1139,7 +1139,7 @@ def train(cfg, resume=False, overrides=None):
     cache, gbatch = FeatureCache(model, cfg.feature_cache), cfg.batch_size * cfg.grad_accum * world  # clips per step
     fwd = model.train()  # what the training forward calls; `model` itself is what is saved and evaluated (no "module.")
     if ddp:  # DDP all-reduces only parameters with requires_grad (frozen towers add no traffic)
-        fwd = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)  # no device_ids: place() did it
+        fwd = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)  # no buffer changes; parts placed
         say(f"{type(fwd).__name__}: {world} processes ({dist.get_backend()}), {gbatch} clips per step")
     t_log, losses, end = time.time(), [], min(cfg.max_steps, cfg.stop_after) if cfg.stop_after else cfg.max_steps
     while step < end:
