@@ -79,7 +79,7 @@ def read_json(path, fix, kind=dict):  # the non-empty dict (or list) in path; el
     raise UserError(f"{path}: not a non-empty JSON {'object' if kind is dict else 'list'}; {fix}")
 
 def writable(path, marker, ours):  # may this script write into path? missing, empty, or `marker` passes ours()
-    parent = os.path.abspath(path)  # and a folder can be made there: probed with a temporary one
+    parent = os.path.abspath(path)  # can a folder be made there? a temporary one in the nearest existing folder
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # a file on the way, /proc; a damaged marker
@@ -355,7 +355,7 @@ def load_split(entries, cfg):  # -> uint8 clips (N, F, S, S, 3), frame labels, t
     return dict(clips=torch.from_numpy(clips), labels=torch.from_numpy(labs), times=times, durations=durs)
 
 class GPT2Tokenizer:  # GPT-2 (tiktoken) over the table `ids`: <|endoftext|>, <unk>, the ids seen in training (or all)
-    chat, ask, reply = "{}", "\nAnswer:", " {}"  # the prompt's template, its last line after the options; the answer
+    chat, ask, reply = "{}", "\nAnswer:", " {}"  # the prompt's template, its line after the options, the answer's
     def __init__(self, ids=None):
         try:  # GPT-2's two files: downloaded once, or read from TIKTOKEN_CACHE_DIR
             self.enc = tiktoken.get_encoding("gpt2")
@@ -801,13 +801,13 @@ def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
         module.lm_head.weight = module.model.embed_tokens.weight  # assign=True replaced the Parameter: tie again
     return module
 
-def hf_fields(want, conf, keys):  # an HF config.json (and tensor keys) -> the Config fields it sets, as transformers
-    if want == "vjepa2":  # reads them (its defaults where a key is absent)
+def hf_fields(want, conf, keys):  # config.json, tensor keys -> the Config fields they set, as transformers reads them
+    if want == "vjepa2":  # V-JEPA 2's defaults where a key is absent
         return dict(v_width=conf.get("hidden_size", 1024), v_layers=conf.get("num_hidden_layers", 24),
                     v_heads=conf.get("num_attention_heads", 16), v_patch=conf.get("patch_size", 16),
                     v_tubelet=conf.get("tubelet_size", 2), crop=conf.get("crop_size", 256),
                     v_mlp_ratio=conf.get("mlp_ratio", 4.0))
-    rope, nh = conf.get("rope_parameters") or {}, conf.get("num_attention_heads", 32)  # Qwen3's: absent or null
+    rope, nh = conf.get("rope_parameters") or {}, conf.get("num_attention_heads", 32)  # Qwen3's where absent or null
     return dict(l_width=conf.get("hidden_size", 4096), l_layers=conf.get("num_hidden_layers", 32), l_heads=nh,
                 l_kv_heads=conf.get("num_key_value_heads") or nh, l_head_dim=conf.get("head_dim", 128),
                 l_inter=conf.get("intermediate_size", 22016),
