@@ -861,7 +861,7 @@ def make_tokenizer(cfg, entries=None, ids=None):  # Qwen3's with --llm_ckpt, els
     texts = [e["question"] + "\n" + "\n".join(e["choices"]) + "\nAnswer: " + e["answer"] for e in entries]
     return GPT2Tokenizer.build(texts, cfg.compact_vocab)
 
-def own_state(model, cfg):  # the tensors a checkpoint stores: not the towers loaded from HF folders
+def own_state(model, cfg):  # what a checkpoint stores: the parameters (no saved buffers here) not from HF folders
     hf = tuple(p + "." for p, c in (("vision", cfg.vision_ckpt), ("llm", cfg.llm_ckpt)) if c)
     return {k: v for k, v in model.named_parameters() if not k.startswith(hf)}  # a tied lm_head: once, as the embedding
 
