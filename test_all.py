@@ -2589,6 +2589,9 @@ def test_vl_resume_refuses_foreign_folders(vl_tiny_run, tmp_path):
     json.dump({"model_type": "video_llava"}, open(hf / "config.json", "w"))  # an HF folder: no run to continue
     with pytest.raises(vl.UserError, match="not written by video_llava.py --train"):
         vl.main(["--train", "--resume", "--out_dir", str(hf)])
+    json.dump({"model_type": "video_llava", "script": "video_llava"}, open(hf / "config.json", "w"))  # no settings
+    with pytest.raises(vl.UserError, match=r"has no train_config\); --resume, --eval and --generate need"):
+        vl.main(["--generate", "--out_dir", str(hf), "--prompt", "Hi"])
     done = tmp_path / "no_state"
     shutil.copytree(vl_tiny_run[0].out_dir, done)
     os.remove(done / "train_state.pt")

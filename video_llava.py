@@ -273,8 +273,9 @@ def build_world(cfg):  # write data_dir/<split>/*.png|mp4 and data_dir/<split>.j
     if read_json(stamp) == want:  # written before with these settings: reuse it
         return files
     # only this script's own world.json (other settings, a build cut short) marks a folder it may write over
-    check_folder(cfg.data_dir, "--data_dir", "world.json", lambda m: set(m) == set(want), "this script did not "
-                 "write (no world.json of its own); give a new folder for the synthetic world, or your files as --data")
+    check_folder(cfg.data_dir, "--data_dir", "world.json", lambda m: set(m) == set(want),
+                 "this script did not write (no world.json of its own); give a new folder for the synthetic world, "
+                 "or your files as --data FILE.jsonl")
     os.makedirs(cfg.data_dir, exist_ok=True)
     json.dump(dict(want, version=0), open(stamp, "w"))  # version 0: a build under way (cut short, it is redone)
     for offset, (split, n) in enumerate(sizes.items()):
@@ -995,9 +996,10 @@ def saved_config(out_dir, overrides, resume=True):  # the Config --train saved i
         raise UserError(f"{out_dir}: nothing to resume or evaluate (no config.json or train_state.pt); run --train")
     meta = read_json(cpath) or {}  # missing or unreadable: refused below like a foreign folder
     if meta.get("script") != SCRIPT or not isinstance(meta.get("train_config"), dict):
-        raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (its config.json names " + (
-            f"the script {meta['script']!r}" if meta.get("script") else f"model_type {meta.get('model_type')!r}") +
-            "); --resume and --eval need the --out_dir of a run")
+        what = "no train_config" if meta.get("script") == SCRIPT else f"the script {meta['script']!r}" if meta.get(
+            "script") else f"model_type {meta.get('model_type')!r}"  # a damaged run, another script's, an HF folder
+        raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (its config.json has {what}); --resume, --eval "
+                        "and --generate need the --out_dir of a run")
     if resume and not os.path.isfile(tpath):
         raise UserError(f"{out_dir}: no train_state.pt, so there is no optimizer state to resume from; "
                         f"drop --resume to start afresh (or --from_pretrained {out_dir} to fine-tune its weights)")
@@ -1109,7 +1111,7 @@ def build_model(cfg, entries, resume, say, device):  # -> model, cfg with its ar
         if cfg.from_pretrained and cfg.share_towers:  # a checkpoint's towers differ (an HF one's always)
             say("--from_pretrained: the checkpoint's two CLIP towers are kept (--share_towers is for a new model)")
             cfg = dataclasses.replace(cfg, share_towers=False)  # what config.json records, and --resume keeps
-        model, tok = load_pretrained(path, weights_dtype(cfg.dtype, device), "cpu", base=cfg), load_tokenizer(path)
+        model, tok = load_pretrained(path, weights_dtype(cfg.dtype, device), device, base=cfg), load_tokenizer(path)
         cfg = dataclasses.replace(cfg, **{f: getattr(model.cfg, f) for f in HF_FIELDS})
         if isinstance(tok, GPT2Table):  # a run of this script: its table covers the text it trained on, no more
             tok.check_known(texts)  # validation text too
@@ -1513,7 +1515,7 @@ def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_d
     path, device = cfg.from_pretrained or cfg.out_dir, pick_device(cfg.device)
     hf = check_arch(path, overrides, "--generate")
     run = saved_config(path, {}, resume=False) if hf.get("script") == SCRIPT else None  # a run here (checked), or HF
-    if run is not None:  # under the run's autocast, its weights loaded as --eval loads them (weights_dtype)
+    if run:  # under the run's autocast, its weights loaded as --eval loads them (weights_dtype)
         cfg = dataclasses.replace(cfg, dtype=overrides.get("dtype", run.dtype))
         dtype = weights_dtype(cfg.dtype, device)
     else:  # an HF checkpoint's weights in --dtype: auto = bfloat16 where the hardware multiplies in it
@@ -1534,7 +1536,7 @@ def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_d
         before = answer()
         got.append(int(tok_id[0]))
         print(answer()[len(before):], end="", flush=True)
-    try:  # an HF folder's weights are already in --dtype; a run of this script's run under its autocast
+    try:  # an HF folder's weights are already in --dtype; a run of this script runs under its autocast
         with autocast(cfg.dtype if run else "float32", device):
             generate(model, ids, None, imgs, vids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                      top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
@@ -1554,7 +1556,7 @@ def main(argv=None):  # the command line: one mode per call (--train [--resume],
     elif args.eval:  # the run's model as trained (build_model, as --resume loads it) on its test and novel questions
         device, cfg = pick_device(cfg.device), saved_config(cfg.out_dir, overrides, resume=False)
         entries = {**load_entries(cfg), "train": [], "val": []}  # test and novel only: nothing trains or validates
-        model, cfg, tok, data = build_model(cfg, entries, True, print, device)
+        model, cfg, tok, data = build_model(cfg, entries, resume=True, say=print, device=device)
         seconds = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # kept
         evaluate(model.to(device), tok, cfg, device, data, seconds)
     elif args.generate:
