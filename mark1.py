@@ -355,7 +355,7 @@ def load_split(entries, cfg):  # -> uint8 clips (N, F, S, S, 3), frame labels, t
     return dict(clips=torch.from_numpy(clips), labels=torch.from_numpy(labs), times=times, durations=durs)
 
 class GPT2Tokenizer:  # GPT-2 (tiktoken) over the table `ids`: <|endoftext|>, <unk>, the ids seen in training (or all)
-    chat, ask, reply = "{}", "\nAnswer:", " {}"  # the prompt's template, its line after the options, the answer's
+    chat, ask, reply = "{}", "\nAnswer:", " {}"  # the prompt, its line after the options, the answer (GPT-2: " word")
     def __init__(self, ids=None):
         try:  # GPT-2's two files: downloaded once, or read from TIKTOKEN_CACHE_DIR
             self.enc = tiktoken.get_encoding("gpt2")
@@ -839,7 +839,7 @@ def load_qwen3(path, dtype=None, device="cpu"):  # HF Qwen3 folder -> Qwen3LM; a
     return assign_strict(lm, path, keys, lambda k: k, dtype, device)
 
 def build_model(cfg, tok):
-    """Mark1 from cfg; HF towers keep their file's dtype under bfloat16 autocast, else float32 (no float16 mix)."""
+    """Mark1; HF towers keep their file's dtype under bfloat16 autocast, else float32 (float16 cannot mix with bf16)."""
     dtype = None if autocast_dtype(cfg.dtype, parse_device_map(cfg)["vision"]) == "bfloat16" else torch.float32
     vision = load_vjepa2(cfg.vision_ckpt, dtype) if cfg.vision_ckpt else None
     llm = load_qwen3(cfg.llm_ckpt, dtype) if cfg.llm_ckpt else None
@@ -861,7 +861,7 @@ def make_tokenizer(cfg, entries=None, ids=None):  # Qwen3's with --llm_ckpt, els
     texts = [e["question"] + "\n" + "\n".join(e["choices"]) + "\nAnswer: " + e["answer"] for e in entries]
     return GPT2Tokenizer.build(texts, cfg.compact_vocab)
 
-def own_state(model, cfg):  # what a checkpoint stores: the parameters (no saved buffers here) not from HF folders
+def own_state(model, cfg):  # what a checkpoint stores: parameters not from HF folders (frame_to_key isn't persistent)
     hf = tuple(p + "." for p, c in (("vision", cfg.vision_ckpt), ("llm", cfg.llm_ckpt)) if c)
     return {k: v for k, v in model.named_parameters() if not k.startswith(hf)}  # a tied lm_head: once, as the embedding
 
@@ -1070,7 +1070,7 @@ def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devic
         mb = idx[(a * world + rank) * cfg.batch_size:(a * world + rank + 1) * cfg.batch_size]
         mb, w = (mb, world) if len(mb) else (idx[:1], 0)  # an empty micro-batch: one clip that counts 0
         q_ids, q_valid, inp, tgt = text_batch([entries[i] for i in mb], tok)
-        with fwd.no_sync() if ddp and a < cfg.grad_accum - 1 else contextlib.nullcontext():
+        with fwd.no_sync() if ddp and a < cfg.grad_accum - 1 else contextlib.nullcontext():  # DDP: the last all-reduces
             with autocast(cfg, device):  # a trainable encoder runs here, outside fwd: DDP hooks its gradients too
                 feats = cache("train", mb, tr["clips"])
                 _, loss, _ = fwd(feats, q_ids, q_valid, inp, tgt, tr["labels"][mb], n_tok, len(idx))
@@ -1139,7 +1139,7 @@ def train(cfg, resume=False, overrides=None):
     cache, gbatch = FeatureCache(model, cfg.feature_cache), cfg.batch_size * cfg.grad_accum * world  # clips per step
     fwd = model.train()  # what the training forward calls; `model` itself is what is saved and evaluated (no "module.")
     if ddp:  # DDP all-reduces only parameters with requires_grad (frozen towers add no traffic)
-        fwd = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)  # no buffer changes; parts placed
+        fwd = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)  # no device_ids: place() did
         say(f"{type(fwd).__name__}: {world} processes ({dist.get_backend()}), {gbatch} clips per step")
     t_log, losses, end = time.time(), [], min(cfg.max_steps, cfg.stop_after) if cfg.stop_after else cfg.max_steps
     while step < end:
