@@ -789,13 +789,12 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
                 say(f"stopped after step {step} as asked; continue with --resume")
             break
     train_seconds = time.time() - t0  # data + training, without the final evaluation
-    if ddp:
+    if ddp:  # every rank has finished training: all leave the group together, then rank 0 evaluates alone
         dist.barrier()
+        dist.destroy_process_group()
     if master and step >= cfg.max_steps:
         say(f"trained in {train_seconds:.0f}s (data included)")
         evaluate(raw, tok, cfg, device, data, train_seconds)
-    if ddp:
-        dist.destroy_process_group()  # a clean exit for torchrun
     return raw, tok
 
 @torch.no_grad()
