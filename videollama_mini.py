@@ -798,10 +798,11 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
     return raw, tok
 
 @torch.no_grad()
-def evaluate_loss(model, tok, entries, clips, cfg, device):  # the mean token loss, dropout off (eval())
+def evaluate_loss(model, tok, entries, clips, cfg, device):  # the mean token loss
+    model.eval()  # dropout off
     inp, tgt = pad_batch([tok.encode(cs[0]) for _, cs in entries], cfg.max_len)  # first reference of each clip
     with autocast(cfg, device):
-        loss = model.eval()(clips.to(device), inp.to(device), tgt.to(device))[1].item()
+        loss = model(clips.to(device), inp.to(device), tgt.to(device))[1].item()
     if not math.isfinite(loss):  # the weights diverged within the last steps: they are not saved
         raise UserError(f"validation loss {loss}: stopped, {cfg.out_dir} left as it was (try a lower --lr)")
     return loss
