@@ -319,7 +319,9 @@ def read_annotations(path):  # JSON lines {"image"|"video"|"frames", "question",
         raise UserError(f"{path}: " + ("not UTF-8 text; save it as UTF-8" if isinstance(e, UnicodeDecodeError) else
                                        "annotation file not found"))
     out, base = [], os.path.dirname(os.path.abspath(path))  # media paths are relative to the annotation file
-    for no, line in [(no, line) for no, line in enumerate(lines, 1) if line.strip()]:  # blank lines skipped
+    for no, line in enumerate(lines, 1):
+        if not line.strip():  # blank lines are skipped
+            continue
         try:
             e = json.loads(line)
         except json.JSONDecodeError:
@@ -996,8 +998,8 @@ def saved_config(out_dir, overrides, resume=True):  # the Config --train saved i
         raise UserError(f"{out_dir}: nothing to resume or evaluate (no config.json or train_state.pt); run --train")
     meta = read_json(cpath) or {}  # missing or unreadable: refused below like a foreign folder
     if meta.get("script") != SCRIPT or not isinstance(meta.get("train_config"), dict):
-        what = "no train_config" if meta.get("script") == SCRIPT else f"the script {meta['script']!r}" if meta.get(
-            "script") else f"model_type {meta.get('model_type')!r}"  # a damaged run, another script's, an HF folder
+        s, mt = meta.get("script"), meta.get("model_type")  # ours without settings (damaged), another's, none (HF)
+        what = "no train_config" if s == SCRIPT else f"the script {s!r}" if s else f"model_type {mt!r}"
         raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (its config.json has {what}); --resume, --eval "
                         "and --generate need the --out_dir of a run")
     if resume and not os.path.isfile(tpath):
