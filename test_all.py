@@ -33,10 +33,10 @@ def run_script(script, *args, cwd=None, timeout=600):
 
 def run_torchrun(script, *args):
     """`torchrun --nproc_per_node=2 <script> args...` on CPU (gloo), one thread per process, on a free port. Rarely
-    (about 1 run in 100 here) a rank aborts with "terminate called without an active exception" as its process exits,
-    after the work is done: a teardown crash inside PyTorch's C++ distributed code. Only that run is tried once more;
-    the caller then checks the return code and every result of the run it gets."""
-    for attempt in range(2):
+    (NOTES.md) a rank aborts with "terminate called without an active exception" as its process exits, after the
+    work is done: a teardown crash inside PyTorch's C++ distributed code. Only that run is tried once more; the
+    caller then checks the return code and every result of the run it gets."""
+    for _ in range(2):
         with socket.socket() as sock:  # a free port: other runs may share this machine
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
