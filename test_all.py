@@ -1729,7 +1729,7 @@ def test_vl_greedy_matches_transformers_generate(vl_ckpt):
 
 
 def test_vl_compiled_step_matches_eager(vl_ckpt):
-    """A one-token step writes its key/value at cache.slot and attends over the whole cache under a mask, so its
+    """A one-token step writes its key/value at cache.slots and attends over the whole cache under a mask, so its
     shapes never change and torch.compile makes it one graph (fullgraph): the compiled step gives the logits of the
     eager step and of the whole sequence without a cache, and generate(compile=True) the same tokens, on a batched,
     left-padded prompt with an image and a video (GQA 4/2)."""
@@ -1751,8 +1751,8 @@ def test_vl_compiled_step_matches_eager(vl_ckpt):
         cache = vl.KVCache(ours.cfg, B, T_max, torch.float32, "cpu")
         logits, _ = ours(ids, mask, imgs, vids, cache=cache, last_only=True)
         nxt, mask2 = logits.argmax(-1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        pos, smask = cache.next_step(mask2)
-        assert cache.offset == L + 1 and int(cache.slot) == L and smask.shape == (B, 1, 1, T_max)
+        pos, smask = cache.claim(mask2)
+        assert cache.offset == L + 1 and cache.slots.tolist() == [L] and smask.shape == (B, 1, 1, T_max)
         step = ours.step(nxt, pos, smask, cache)
         compiled = torch.compile(ours.step, fullgraph=True, dynamic=False)(nxt, pos, smask, cache)  # the same slot
         whole, _ = ours(torch.cat([ids, nxt], 1), mask2, imgs, vids)
@@ -1761,15 +1761,15 @@ def test_vl_compiled_step_matches_eager(vl_ckpt):
         cache.offset -= 1
         again, _ = ours(nxt, mask2, cache=cache)
         assert cache.offset == L + 1 and (again - step).abs().max() < 1e-6
-        with pytest.raises(ValueError, match="attention mask of shape"):  # the mask must cover the cache too
-            cache.next_step(mask2[:, -1:])
+        with pytest.raises(ValueError, match=f"more than {L + 1} columns"):  # the mask must cover the cache too
+            cache.claim(mask2[:, -1:])
         # a one-token prompt, one row all padding: that row attends to itself (no NaN), the other is unchanged
         cache = vl.KVCache(ours.cfg, 2, 4, torch.float32, "cpu")
         one, _ = ours(ids[:2, -1:], torch.tensor([[1], [0]]), cache=cache)
         assert torch.isfinite(one).all() and (one[:1] - ours(ids[:1, -1:])[0]).abs().max() < 1e-5
         cache.offset = 4  # every position written: a further step is refused with its own reason
         with pytest.raises(ValueError, match="KV cache is full"):
-            cache.next_step(torch.ones(2, 5, dtype=torch.long))
+            cache.claim(torch.ones(2, 5, dtype=torch.long))
 
 
 def test_vl_compiled_step_batch1_static_shapes(vl_ckpt):
@@ -1816,7 +1816,7 @@ def test_vl_compiled_step_bfloat16(vl_ckpt):
         cache = vl.KVCache(ours.cfg, 1, 64, torch.bfloat16, "cpu")  # generate's cache length: its graph is reused
         logits, _ = ours(ids, mask, imgs, vids, cache=cache, last_only=True)
         nxt, mask2 = logits.argmax(-1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        pos, smask = cache.next_step(mask2)
+        pos, smask = cache.claim(mask2)
         step = ours.step(nxt, pos, smask, cache).float()
         compiled = torch.compile(ours.step, fullgraph=True, dynamic=False)(nxt, pos, smask, cache)
         assert compiled.dtype == torch.bfloat16 and (step - compiled.float()).abs().max() < 0.02 * step.abs().max()

@@ -545,39 +545,33 @@ def padded_positions(attention_mask, offset, width=None):
 
 class KVCache:
     """The static KV cache (as in gpt-fast): keys and values preallocated per layer as (B, K, T_max, E), so no tensor
-    grows while decoding; `offset` counts the positions written. A prompt is written at `offset`. A one-token step
-    claims the next position (`next_step`), writes there through `slot` (a tensor, not a Python int) and attends over
-    all T_max positions under a mask that hides the unfilled ones: every step has the same shapes and no branch on
-    values, so torch.compile makes it one graph."""
+    grows while decoding; `offset` counts the positions written. Each call claims the positions of its L new tokens
+    (`claim`), writes their keys and values there and attends over all T_max positions under a mask that hides the
+    unfilled ones. A one-token step then has the same shapes every time and no branch on values, so torch.compile
+    makes it one graph; it writes through `slots`, a tensor the graph reads anew each step, not a Python int."""
     def __init__(self, cfg, batch, max_len, dtype, device):
         e = cfg.hidden_size // cfg.num_attention_heads
         shape = (batch, cfg.num_key_value_heads, max_len, e)  # (B, K, T_max, E): only the K key/value heads
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]  # keys
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]  # values
-        self.offset, self.slot = 0, torch.zeros(1, dtype=torch.long, device=device)
-    def next_step(self, attention_mask):
-        """Claim the next position for a one-token step. attention_mask (B, offset + 1) over the cache and the new
-        token (1 = real, 0 = left pad), or None -> RoPE positions (B, 1), mask (B, 1, 1, T_max) (True = attend)."""
-        B, T_max = self.k[0].shape[0], self.k[0].shape[2]  # the cache is (B, K, T_max, E)
-        if attention_mask is None:
-            attention_mask = torch.ones(B, self.offset + 1, dtype=torch.long, device=self.slot.device)
-        if self.offset >= T_max:
-            raise ValueError(f"the KV cache is full: all {T_max} positions are written")
-        if attention_mask.shape != (B, self.offset + 1):  # the cached tokens and the new one
-            raise ValueError(f"a one-token step at position {self.offset} needs an attention mask of shape "
-                             f"({B}, {self.offset + 1}), got {tuple(attention_mask.shape)}")
-        pos, mask = padded_positions(attention_mask, self.offset, T_max)  # (B, 1), (B, 1, 1, T_max) as at prefill
-        self.slot.fill_(self.offset)  # in place: a compiled graph reads the new value, no recompile
-        self.offset += 1
+        self.offset, self.slots = 0, torch.zeros(1, dtype=torch.long, device=device)
+    def claim(self, attention_mask):
+        """Claim the positions offset .. T-1 of the new tokens. attention_mask (B, T) over the cached and the new
+        tokens (1 = real, 0 = left pad) -> RoPE positions (B, L), mask (B, 1, L, T_max) (True = attend)."""
+        (B, T), T_max = attention_mask.shape, self.k[0].shape[2]  # the cache is (B, K, T_max, E)
+        if T > T_max:
+            raise ValueError(f"the KV cache is full: {T} positions asked of its {T_max}")
+        if B != self.k[0].shape[0] or T <= self.offset:  # the cached tokens, then at least one new one
+            raise ValueError(f"after {self.offset} cached positions the attention mask needs batch "
+                             f"{self.k[0].shape[0]} and more than {self.offset} columns, got {(B, T)}")
+        pos, mask = padded_positions(attention_mask, self.offset, T_max)  # (B, L), (B, 1, L, T_max)
+        self.slots = torch.arange(self.offset, T, device=self.slots.device)  # (L,), an input of a compiled step
+        self.offset = T
         return pos, mask
-    def update(self, layer, k, v):  # write this layer's new keys/values (B, K, L, E) -> all keys/values to attend to
-        if k.shape[2] == 1:  # a one-token step: written at next_step's slot; all T_max returned, the mask hides some
-            self.k[layer].index_copy_(2, self.slot, k.to(self.k[layer].dtype))  # k (B, K, 1, E) into position slot
-            self.v[layer].index_copy_(2, self.slot, v.to(self.v[layer].dtype))
-            return self.k[layer], self.v[layer]  # (B, K, T_max, E)
-        n = self.offset + k.shape[2]  # a prompt of L tokens fills offset .. n-1
-        self.k[layer][:, :, self.offset:n], self.v[layer][:, :, self.offset:n] = k, v
-        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]  # (B, K, offset + L, E)
+    def update(self, layer, k, v):  # write this layer's new keys/values (B, K, L, E) at the claimed positions
+        self.k[layer].index_copy_(2, self.slots, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, self.slots, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]  # (B, K, T_max, E): the mask hides the positions not yet written
 
 class LlamaAttention(nn.Module):
     """Causal self-attention with rotary positions (RoPE, Su et al. 2021) and grouped-query attention (GQA, Ainslie
@@ -592,8 +586,8 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv * self.e, bias=False)
         self.o_proj = nn.Linear(self.h * self.e, cfg.hidden_size, bias=False)  # H*E -> D
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        """x (B, L, D); cos, sin (B, 1, L, E) at each token's RoPE position; mask None (plain causal: no padding,
-        nothing cached) or boolean (B, 1, L, T) or (L, T), True = attend; T = keys (cache + new) -> (B, L, D)."""
+        """x (B, L, D); cos, sin (B, 1, L, E) at each token's RoPE position; mask boolean (B, 1, L, T), True = attend,
+        T = keys (cache + new) -> (B, L, D)."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.h, self.e).transpose(1, 2)  # (B, H, L, E)
         k = self.k_proj(x).view(B, L, self.kv, self.e).transpose(1, 2)  # (B, K, L, E)
@@ -605,7 +599,7 @@ class LlamaAttention(nn.Module):
             k, v = cache.update(layer, k, v)  # (B, K, T, E): the cached keys first, then these L
         if self.kv != self.h:  # GQA: each kv head repeated for the H/K query heads that share it -> (B, H, T, E)
             k, v = k.repeat_interleave(self.h // self.kv, 1), v.repeat_interleave(self.h // self.kv, 1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, L, E)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, E)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, self.h * self.e))  # heads side by side: (B, L, D)
 
 class LlamaMLP(nn.Module):
@@ -855,18 +849,13 @@ class VideoLlava(nn.Module):
                 x = self._place(x, input_ids, token, encode(pixels), what)
             elif (input_ids == token).any():
                 raise UserError(f"the prompt has <{what}> placeholders but no {what} was given")
-        # RoPE positions (B, L) and the mask (True = attend) in the shape of the case, broadcast over heads
-        if cache is not None and L == 1:  # a one-token step: mask (B, 1, 1, T_max), fixed shapes as in `step`
-            pos, mask = cache.next_step(attention_mask)
-        elif attention_mask is None or bool(attention_mask.all()):  # no padding: positions offset .. T-1
-            pos = torch.arange(offset, T, device=x.device)[None].expand(B, L)  # (B, L)
-            mask = None if offset == 0 else torch.ones(L, T, dtype=torch.bool, device=x.device).tril(offset)  # (L, T)
-        else:  # left padding: positions count real tokens only, mask (B, 1, L, T)
-            pos, mask = padded_positions(attention_mask, offset)
+        if attention_mask is None:  # no padding: every token is real
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=x.device)
+        # RoPE positions (B, L), counting real tokens only, and the boolean mask (True = attend), broadcast over heads:
+        # (B, 1, L, T_max) over a whole cache (its unwritten positions hidden), else (B, 1, L, L)
+        pos, mask = cache.claim(attention_mask) if cache is not None else padded_positions(attention_mask, 0)
         cos, sin = self._rope_table(pos, x.dtype)
         logits = self.llm_forward(x, cos, sin, mask, cache, last_only)
-        if cache is not None:
-            cache.offset = T  # the next call writes after these L tokens
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)  # (B*L, V)
@@ -880,7 +869,7 @@ class VideoLlava(nn.Module):
         return self.language_model.lm_head(x)  # (B, L or 1, V); tied, lm_head.weight is the embedding table
     def step(self, ids, pos, mask, cache):
         """One new token per row through the KV cache: ids (B, 1) at RoPE positions pos (B, 1), attending where
-        mask (B, 1, 1, T_max) is True (cache.next_step gives both) -> logits (B, 1, V). The same shapes every call
+        mask (B, 1, 1, T_max) is True (cache.claim gives both) -> logits (B, 1, V). The same shapes every call
         and no branch on values: torch.compile makes it one graph (generate(compile=True))."""
         x = self.language_model.model.embed_tokens(ids)  # (B, 1, D)
         cos, sin = self._rope_table(pos, x.dtype)
@@ -1314,7 +1303,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             if use_cache:
-                pos, step_mask = cache.next_step(mask)
+                pos, step_mask = cache.claim(mask)
                 try:
                     logits = step(nxt[:, None], pos, step_mask, cache)
                 except torch._dynamo.exc.FailOnRecompileLimitHit:  # a graph per model, batch size and cache length
