@@ -1545,6 +1545,14 @@ def test_vc_user_data_training(tmp_path):
     assert json.load(open(tmp_path / "out" / "eval.json"))["test"]["n"] == 2
 
 
+def test_vc_captions_file_merges_one_image_spelled_two_ways(tmp_path):
+    """'imgs/a.png' and './imgs/../imgs/a.png' are one image, one entry: never both trained on and held out."""
+    (tmp_path / "imgs").mkdir()
+    cv2.imwrite(str(tmp_path / "imgs" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "two.txt").write_text("imgs/a.png | one\n./imgs/../imgs/a.png | two\n", encoding="utf-8")
+    assert vc.read_captions(str(tmp_path / "two.txt")) == [(str(tmp_path / "imgs" / "a.png"), ["one", "two"])]
+
+
 @_vc_1t
 def test_vc_ddp_two_processes_match_one(tmp_path, capsys):
     """2-process gloo DDP (batch 4 per rank) ends at the same weights, and logs the same losses, as one process with
