@@ -1222,7 +1222,7 @@ def parse_args(argv=None):
                   "there; give a new or empty one"),
         (cfg.img_size % cfg.patch, f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}"),
         (cfg.d_model % cfg.n_head, f"--d_model {cfg.d_model} is not a multiple of --n_head {cfg.n_head}"),
-        (args.video and not args.generate, "--video is for --generate (another mode would ignore it)"),
+        (args.video and (args.train or args.eval or not args.generate), "--video is for --generate, on its own"),
         (args.generate and not args.video, "--generate needs --video PATH (a video or a folder of frames)")) if wrong]
     if bad:
         raise UserError(bad[0])

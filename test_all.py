@@ -5185,6 +5185,14 @@ def test_ab_transparent_frames_long_captions_and_a_failed_run(tmp_path, capsys):
     _ab_user_error(capsys, "--video is for --generate", "--video", clip, "--section", "attention")
 
 
+def test_ab_generate_beside_another_mode_is_refused(capsys, tmp_path):
+    """--eval or --train ran and the --generate beside it was dropped in silence (no caption printed): refused."""
+    for mode in ("--eval", "--train"):
+        _ab_user_error(capsys, "--video is for --generate, on its own", mode, "--generate", "--video", "clip.mp4",
+                       "--out_dir", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])
 def test_all_scripts_argparse_refusals_are_one_line_and_prefixes_are_not_flags(mod, tmp_path, capsys):
     """A value of the wrong type, an unknown flag, and a prefix of a flag (argparse would have read `--data` as
