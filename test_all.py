@@ -485,8 +485,8 @@ def test_vm_annotations_and_bad_files(tmp_path):
     vm.write_clip(str(tmp_path / "a.mp4"), [("red", "square", "right", 20, 32)])
     good = tmp_path / "ann.txt"
     good.write_text("a.mp4\na red square moves right\na red square goes right\n\na.mp4\nsecond entry\n")
-    entries = vm.read_annotations(str(good))
-    assert [len(c) for _, c in entries] == [2, 1] and entries[0][0].endswith("a.mp4")
+    entries = vm.read_annotations(str(good))  # the clip's two entries are one, with three references
+    assert [len(c) for _, c in entries] == [3] and entries[0][0].endswith("a.mp4")
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + good.read_bytes())  # a UTF-8 byte-order mark
     assert vm.read_annotations(str(tmp_path / "bom.txt")) == entries
     cases = {"missing.txt": ("a.mp4\ncaption\n\nnope.mp4\ncaption\n", "missing.txt:4", "nope.mp4"),
@@ -596,11 +596,11 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
                     "--test_data", "--data FILE")
     main_user_error(vm.main, capsys, ["--eval", "--out_dir", out, *lone], "--test_data", "--data FILE")
     assert not (tmp_path / "d").exists() and not (tmp_path / "o3").exists()
-    # fewer training clips than a global batch: they are repeated to fill it, so no micro-batch is empty
+    # fewer training clips than a global batch (one clip): they are repeated to fill it, so no micro-batch is empty
     (tmp_path / "three.txt").write_text(f"{clip}\na caption\n\n" * 3)
     few = ["--data", tmp_path / "three.txt", "--test_data", tmp_path / "three.txt", "--grad_accum", 2]
     vm.main([str(a) for a in tiny + few + ["--out_dir", tmp_path / "o4", "--max_steps", 2]])
-    assert json.load(open(tmp_path / "o4" / "eval.json"))["test"]["n"] == 3
+    assert json.load(open(tmp_path / "o4" / "eval.json"))["test"]["n"] == 1  # one clip, listed three times
     batch = vm.global_batch(0, 3, 8, 1).tolist()
     assert len(batch) == 8 and all(batch.count(i) in (2, 3) for i in range(3))  # every clip two or three times
     # --resume with another architecture or a truncated train_state.pt is refused; the checkpoint is left as it was
@@ -772,13 +772,14 @@ VM_USER_DATA_EXAMPLE = "clips/cat.mp4\na cat jumps onto the sofa\na grey cat lea
 
 
 def test_vm_user_data_trains(tmp_path, _vm_trained, monkeypatch):
-    """The README's example lines, repeated as 11 entries next to a real clip, train the tiny preset (in-process);
+    """The README's example lines, as 11 entries of 11 copies of a real clip, train the tiny preset (in-process);
     --data typed relative to the working folder is saved absolute, so --eval works from any other folder."""
     tmp, _ = _vm_trained
     (tmp_path / "clips").mkdir()
-    (tmp_path / "clips" / "cat.mp4").write_bytes((tmp / "data" / "train" / "00000.mp4").read_bytes())
+    for i in range(11):  # eleven clips (one listed twice would be one entry, all its captions its references)
+        (tmp_path / "clips" / f"cat{i}.mp4").write_bytes((tmp / "data" / "train" / "00000.mp4").read_bytes())
     ann = tmp_path / "mine.txt"
-    ann.write_text("\n".join([VM_USER_DATA_EXAMPLE] * 11))
+    ann.write_text("\n".join(VM_USER_DATA_EXAMPLE.replace("cat.mp4", f"cat{i}.mp4") for i in range(11)))
     monkeypatch.chdir(tmp_path)
     vm.main(["--train", "--preset", "tiny", "--data", "mine.txt", "--out_dir", str(tmp_path / "o")])
     ev = json.load(open(tmp_path / "o" / "eval.json"))
@@ -790,6 +791,16 @@ def test_vm_user_data_trains(tmp_path, _vm_trained, monkeypatch):
     again = json.load(open(tmp_path / "o" / "eval.json"))
     assert again["test"]["n"] == 2 and again["train_seconds"] == ev["train_seconds"] > 0  # kept from training
 
+
+
+def test_vm_a_clip_listed_twice_is_one_entry(tmp_path):
+    """The same clip in two entries (spelled two ways) is one entry with every caption as a reference, so it is never
+    both trained on and held out for testing."""
+    (tmp_path / "clips").mkdir()
+    cv2.imwrite(str(tmp_path / "clips" / "f0.png"), np.zeros((8, 8, 3), np.uint8))  # a folder of frames: a video
+    (tmp_path / "a.txt").write_text("clips\na cat\n\n./clips/../clips\na grey cat\nthe cat\n", encoding="utf-8")
+    want = [(str(tmp_path / "clips"), ["a cat", "a grey cat", "the cat"])]
+    assert vm.read_annotations(str(tmp_path / "a.txt")) == want
 
 
 def test_vm_caption_longer_than_max_len_is_refused(_vm_trained, tmp_path, capsys):

@@ -250,8 +250,8 @@ def load_video(path, n_frames, size):  # a video file OpenCV reads, or a folder 
 
 def read_annotations(path):
     """The VideoLLaMA-Mini write-up's format: a video path line, one or more caption lines, a blank line between
-    entries. Paths are relative to the annotation file. Returns [(video_path, [captions])]."""
-    entries, cur, start = [], [], 0  # cur: the lines of the entry being read
+    entries. Paths are relative to the annotation file. Returns [(video_path, [captions])], one entry per clip."""
+    caps, cur, start = {}, [], 0  # video -> its captions; cur: the lines of the entry being read
     try:  # utf-8-sig: a byte-order mark some editors write is not part of the first path
         lines = open(path, encoding="utf-8-sig").read().split("\n") + [""]  # a final blank closes the last entry
     except (OSError, UnicodeDecodeError) as e:  # OSError: missing, a folder, unreadable
@@ -265,7 +265,7 @@ def read_annotations(path):
         if cur:
             if len(cur) < 2:
                 raise UserError(f"{path}:{start}: entry '{cur[0]}' has a video path but no caption line")
-            video = os.path.join(here := os.path.dirname(os.path.abspath(path)), cur[0])  # relative to the file
+            video = os.path.abspath(os.path.join(here := os.path.dirname(path), cur[0]))  # relative to the file
             if not os.path.exists(video):
                 raise UserError(f"{path}:{start}: video '{cur[0]}' not found")
             for i, cap in enumerate(cur[1:], start + 1):  # a missing blank line would merge two entries
@@ -273,11 +273,11 @@ def read_annotations(path):
                 if re.search(r"\.(mp4|avi|mov|mkv|webm|m4v)$", cap, re.I) or os.path.isfile(near) or os.path.isdir(
                         near) and any(re.search(r"\.(png|jpe?g|bmp|webp|tiff?)$", n, re.I) for n in os.listdir(near)):
                     raise UserError(f"{path}:{i}: '{cap}' looks like a video path; put a blank line between entries")
-            entries.append((video, cur[1:]))
+            caps.setdefault(video, []).extend(cur[1:])  # a clip listed twice is one entry: never trained and tested
             cur = []
-    if not entries:
+    if not caps:
         raise UserError(f"{path}: no entries (expected a video path line followed by caption lines)")
-    return entries
+    return list(caps.items())
 
 EOS = BOS = 0  # model id of <|endoftext|>: the first entry of every token table, it starts and ends each caption
 
