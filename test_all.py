@@ -2011,6 +2011,18 @@ def test_vl_generate_checks_architecture_flags_against_the_checkpoint(vl_ckpt, t
     capsys.readouterr()
 
 
+def test_vl_generate_refuses_two_models(vl_ckpt, vl_tiny_run, tmp_path, capsys):
+    """--generate answers with one model: --out_dir's run, or --from_pretrained's checkpoint. Given both (a --train
+    command turned into --generate), --out_dir would go unread and the base checkpoint answer: refused in one line."""
+    argv = ["--generate", "--from_pretrained", vl_ckpt[1]["t5save"], "--prompt", "What?", "--max_new_tokens", "1"]
+    with pytest.raises(vl.UserError, match="^--out_dir: not read by --generate; drop it$"):
+        vl.main(argv + ["--out_dir", vl_tiny_run[0].out_dir])
+    vl.main(argv)  # either one alone answers
+    png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")
+    vl.main(["--generate", "--out_dir", vl_tiny_run[0].out_dir, "--image", png, "--prompt", "What shape are they?"])
+    capsys.readouterr()
+
+
 def test_vl_preprocessing():
     assert vl.frame_indices(10, 8) == [0, 1, 2, 3, 5, 6, 7, 8]  # i*10//8
     assert vl.frame_indices(3, 8) == [0, 0, 0, 1, 1, 1, 2, 2]  # short clips repeat frames

@@ -1444,9 +1444,9 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     new = args.train and not args.resume  # (--resume and --eval compare them with the run's)
     dropped = (("data_init", "whiten_patches") if cfg.from_pretrained else tokens) if new else ()
     greedy = [f.name for f in dataclasses.fields(Config) if f.name not in (*sampling, *dropped)]
-    reads = {"generate": ("out_dir", "from_pretrained", "device", "dtype", "seed", *sampling, "max_new_tokens",
-                          "n_frames", *HF_FIELDS), "inspect": ("n_frames",), "bench": ("max_new_tokens",),
-             "train": greedy, "eval": greedy}
+    reads = {"generate": ("from_pretrained" if cfg.from_pretrained else "out_dir", "device", "dtype", "seed", *sampling,
+                          "max_new_tokens", "n_frames", *HF_FIELDS),  # one model: --from_pretrained's, else a run's
+             "inspect": ("n_frames",), "bench": ("max_new_tokens",), "train": greedy, "eval": greedy}
     mode = next((m for m in reads if getattr(args, m)), None)  # --train --eval is one run: --train's
     unread = [f"--{k}" for k in overrides if mode and k not in reads[mode]]
     v = dataclasses.asdict(cfg)  # every problem with the flags, in order; the first is reported
