@@ -2023,6 +2023,14 @@ def test_vl_generate_refuses_two_models(vl_ckpt, vl_tiny_run, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_vl_prompt_past_the_context_names_max_new_tokens(vl_ckpt):
+    """A text-only prompt whose --max_new_tokens runs past the context (256 here) is told to lower --max_new_tokens:
+    fewer --n_frames alone cannot help when there is no video."""
+    with pytest.raises(vl.UserError, match=r"^\d+ tokens .* exceed the context \(256\); lower --max_new_tokens"):
+        vl.main(["--generate", "--from_pretrained", vl_ckpt[1]["t5save"], "--prompt", "What?",
+                 "--max_new_tokens", "300"])
+
+
 def test_vl_preprocessing():
     assert vl.frame_indices(10, 8) == [0, 1, 2, 3, 5, 6, 7, 8]  # i*10//8
     assert vl.frame_indices(3, 8) == [0, 0, 0, 1, 1, 1, 2, 2]  # short clips repeat frames

@@ -838,8 +838,8 @@ class VideoLlava(nn.Module):
         T = offset + L  # keys after this call: the cached ones and these L
         need = cache.k[0].shape[2] if cache is not None else T  # a cache is as long as prompt + answer
         if need > cfg.max_position_embeddings:  # the RoPE table ends there
-            raise UserError(f"{need} tokens (the prompt with its visual tokens, plus the answer or --max_new_tokens) "
-                            f"exceed the model's context ({cfg.max_position_embeddings}); use fewer --n_frames")
+            raise UserError(f"{need} tokens (the prompt and its visual tokens, plus the answer or --max_new_tokens) "
+                            f"exceed the context ({cfg.max_position_embeddings}); lower --max_new_tokens or --n_frames")
         x = lm.embed_tokens(input_ids)  # (B, L, D)
         # placeholder expansion: the prompt holds one <image> token per image feature and one <video> token per
         # frame feature (expand_placeholders); their embeddings are overwritten by the projected CLIP features
