@@ -2031,6 +2031,15 @@ def test_vl_prompt_past_the_context_names_max_new_tokens(vl_ckpt):
                  "--max_new_tokens", "300"])
 
 
+def test_vl_unknown_whitespace_in_a_prompt_is_shown(vl_tiny_run):
+    """A prompt pasted with a Windows line end: the carriage return the token table lacks is named as '\\r', not as
+    an empty '' (or a raw \\r that moves the terminal's cursor)."""
+    png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")
+    with pytest.raises(vl.UserError, match=r"^'\\r' \(in 'USER: <image>\\nWhat shape are they\?\\r ASSISTANT:'\) "):
+        vl.main(["--generate", "--out_dir", vl_tiny_run[0].out_dir, "--image", png,
+                 "--prompt", "What shape are they?\r"])
+
+
 def test_vl_preprocessing():
     assert vl.frame_indices(10, 8) == [0, 1, 2, 3, 5, 6, 7, 8]  # i*10//8
     assert vl.frame_indices(3, 8) == [0, 0, 0, 1, 1, 1, 2, 2]  # short clips repeat frames

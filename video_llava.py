@@ -489,7 +489,7 @@ class GPT2Table(Tokenizer):  # GPT-2 BPE (tiktoken) over a table of the ids seen
         for text in texts:
             if lost := [t for p in re.split("<image>|<video>", text) for t in self.enc.encode_ordinary(p)
                         if t not in self.to_model]:
-                raise UserError(f"'{self.enc.decode(lost[:1]).strip()}' (in {text!r}) is not in the token table of "
+                raise UserError(f"{self.enc.decode(lost[:1]).strip(' ')!r} (in {text!r}) is not in the token table of "
                                 f"the model in {self.folder}: it never saw that word in training")
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])  # model ids -> GPT-2 ids -> text
