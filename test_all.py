@@ -2493,13 +2493,17 @@ def test_vl_shared_towers(vl_tiny_run):
 
 
 def test_vl_inspect_counts_a_shared_tower_once(vl_tiny_run, capsys):
-    """A run with one shared tower saves it under both names; --inspect counts its parameters once."""
+    """A run with one shared tower saves it under both names; --inspect counts its parameters once, and estimates
+    memory for the run's frame count (an HF folder's: 8) unless --n_frames is typed."""
     cfg, w = vl_tiny_run
     capsys.readouterr()
     vl.main(["--inspect", cfg.out_dir])
     n = sum(v.numel() for k, v in w.items() if not k.startswith("video_tower."))
     out = capsys.readouterr().out
     assert f"{n / 1e6:.2f}M parameters" in out and "video_tower = image_tower" in out, out
+    assert f"one video of {cfg.n_frames} frames" in out and cfg.n_frames != 8
+    vl.main(["--inspect", cfg.out_dir, "--n_frames", "2"])
+    assert "one video of 2 frames" in capsys.readouterr().out
 
 
 @_vc_1t

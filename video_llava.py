@@ -1348,6 +1348,7 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):  # greedy answe
     return result
 
 def inspect_checkpoint(path, n_frames, n_tokens):  # parameters per tower, bytes by dtype, key check, memory for a video
+    run = read_config(path).get("train_config") or {}  # a run of this script: its frame count, unless typed (HF: 8)
     model, files, handles, found, problems = align_keys(path)
     cfg, towers, by_dtype, layouts = model.cfg, {}, {}, set()
     for key, f in files.items():
@@ -1358,7 +1359,7 @@ def inspect_checkpoint(path, n_frames, n_tokens):  # parameters per tower, bytes
         towers[tower] = towers.get(tower, 0) + numel
         layouts.add("transformers-5 in memory" if key.startswith(("model.", "lm_head.")) else
                     "hub" if ".vision_model." in key else "transformers-5 save" if "_tower." in key else None)
-    if shared := (read_config(path).get("train_config") or {}).get("share_towers"):  # one tower saved as both names
+    if shared := run.get("share_towers"):  # one tower saved as both names
         towers.pop("video_tower", None)  # counted once, as the run trained it
     n_bytes, per_tower = sum(by_dtype.values()), [f"{t} {n / 1e6:.2f}M" for t, n in towers.items()]
     print(f"checkpoint {path}: {len(files)} tensors in {len(handles)} file(s), layout {sorted(layouts - {None})}; "
@@ -1368,6 +1369,7 @@ def inspect_checkpoint(path, n_frames, n_tokens):  # parameters per tower, bytes
     print(f"key alignment: {len(found)} model tensors found, " +
           ", ".join(f"{what} {keys or 'none'}" for what, keys in problems.items()))
     p, e, bf16, f32 = (cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size // cfg.num_attention_heads, 2, 4
+    n_frames = n_frames or run.get("n_frames", 8)
     seq = (p + 1) * n_frames + n_tokens  # positions of the prompt: P+1 per frame (CLS kept for video) + text
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * e * seq * bf16  # keys and values of every layer
     vis = n_frames * (p + 1) ** 2 * cfg.v_num_attention_heads * f32  # one CLIP layer over the frames: scores (float32),
@@ -1553,7 +1555,7 @@ def main(argv=None):  # the command line: one mode per call (--train [--resume],
     elif args.generate:
         run_generate(args, cfg, overrides)
     elif args.inspect:
-        inspect_checkpoint(args.inspect, overrides.get("n_frames", 8), args.n_tokens)
+        inspect_checkpoint(args.inspect, overrides.get("n_frames"), args.n_tokens)
     elif args.bench:
         bench(cfg)
     else:
