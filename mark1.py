@@ -285,7 +285,7 @@ def load_video(path, n_frames, crop):
     fps, exts = float(FPS), (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")  # a folder plays at FPS
     if os.path.isdir(path):  # natural order: f2 before f10; a subfolder named x.png is not a frame
         names = sorted((n for n in os.listdir(path) if n.lower().endswith(exts) and os.path.isfile(f"{path}/{n}")),
-                       key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+                       key=lambda n: [int(t) if t.isdecimal() else t for t in re.split(r"(\d+)", n)])
         n, read = len(names), lambda want: ((i, read_frame(os.path.join(path, names[i]))) for i in sorted(want))
     elif os.path.isfile(path):
         cap, n = cv2.VideoCapture(path), 0
@@ -944,7 +944,7 @@ def segment_from_scores(scores, times, duration, threshold):  # frame saliency -
         run.append(n)
     last = run.index(max(run)) if max(run) else max(range(len(scores)), key=lambda k: scores[k])  # none: top frame
     first = last - max(1, run[last]) + 1  # the first of the longest runs, or the most salient frame alone
-    return float(times[first]), float(min(duration, times[last] + duration / len(times)))  # [t, t + duration/F)
+    return float(times[first]), float(min(duration, times[last] + duration / len(set(times))))  # + a frame's share
 
 def temporal_iou(a, b):  # two (start, end) spans in seconds -> intersection over union
     inter, union = max(0.0, min(a[1], b[1]) - max(a[0], b[0])), max(a[1], b[1]) - min(a[0], b[0])

@@ -3656,6 +3656,14 @@ def test_mk_mp4_round_trip_and_frame_folder(tmp_path):
     assert lab.sum() >= 2 and len(ann["choices"]) == 4 and ann["answer"] in ann["choices"]
 
 
+def test_mk_span_of_a_clip_with_fewer_frames_than_n_frames():
+    """A short clip repeats its frames to fill --n_frames: a supported frame spans its own time, not 1/F of the clip."""
+    times = np.array([0, 0, 0, 0, 1, 1, 1, 1]) / 8  # 2 frames at 8 fps, sampled as 8
+    assert mk.segment_from_scores([0.9] * 4 + [0.1] * 4, times, 0.25, 0.5) == (0.0, 0.125)
+    assert mk.segment_from_scores([0.1] * 4 + [0.9] * 4, times, 0.25, 0.5) == (0.125, 0.25)
+    assert mk.segment_from_scores([0.9] * 8, np.zeros(8), 0.125, 0.5) == (0.0, 0.125)  # a 1-frame clip: all of it
+
+
 def test_mk_cut_off_jpeg_in_a_frame_folder_is_refused(tmp_path):
     """A frame folder of JPEGs loads; with one JPEG cut short (libjpeg would fill it with grey, silently) the folder is
     refused naming that file; data after a JPEG's end marker (a motion photo) is fine."""
@@ -5045,6 +5053,17 @@ def test_frame_folders_skip_a_subfolder_named_like_an_image(mod, tmp_path):
     cv2.imwrite(str(tmp_path / "f0.png"), np.full((20, 20, 3), 90, np.uint8))
     assert len(mod.load_video(str(tmp_path), 4, 16)[0 if mod is mk else slice(None)]) == 4  # the one frame, 4 times
 
+
+@pytest.mark.parametrize("mod", [vm, vl, mk, ab], ids=lambda m: m.__name__)
+def test_frame_folders_with_digit_like_symbols_in_names(mod, tmp_path):
+    """Natural order splits names at decimal digits; a superscript or circled digit ("²", "①") is text, not a number
+    (int("²") raised a ValueError: a traceback)."""
+    for i, name in enumerate(["f10.png", "f2.png", "①.png", "²1.png"]):
+        cv2.imwrite(str(tmp_path / name), np.full((16, 16, 3), 20 + 60 * i, np.uint8))  # brighter for each later name
+    clip = mod.load_video(str(tmp_path), 4, 16)
+    means = [float(np.asarray(f, dtype=np.float64).mean()) for f in (clip[0] if mod is mk else clip)]
+    names = np.argsort(np.argsort(means)).tolist()  # each loaded frame's place in the list of names above
+    assert names == [1, 0, 3, 2]  # f2, f10, then "²1" and "①" (text, in code point order)
 
 @pytest.mark.parametrize("mod", [vm, vc, vl, mk], ids=lambda m: m.__name__)
 def test_trainers_a_new_run_drops_the_eval_json_of_the_weights_it_replaces(mod, tmp_path):

@@ -382,7 +382,7 @@ def load_video(path, n_frames, size):  # a video file OpenCV reads, or a folder 
     if os.path.isdir(path):  # frames in natural order: f2 before f10 (digit runs compare as numbers)
         names = sorted((n for n in os.listdir(path) if re.search(r"\.(png|jpe?g|bmp|webp|tiff?)$", n, re.I)
                         and os.path.isfile(os.path.join(path, n))),  # a subfolder named x.png is not a frame
-                       key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+                       key=lambda n: [int(t) if t.isdecimal() else t for t in re.split(r"(\d+)", n)])
         if not names:
             raise UserError(f"{path}: folder has no frame images")
         return np.stack([load_image(os.path.join(path, names[i]), size) for i in frame_indices(len(names), n_frames)])
