@@ -531,11 +531,11 @@ def rotate_half(x):
     return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), -1)
 
 def padded_positions(attention_mask, offset, width=None):
-    """Left padding: attention_mask (B, T) over the cached and new tokens (1 = real, 0 = pad), the new ones at
-    offset .. T-1 (L = T - offset) -> RoPE positions (B, L) and the mask (B, 1, L, width or T), True = attend.
-    A token's position is the number of real tokens before it, so a padded row gets the positions (and the logits)
-    it would get alone; a query sees the real tokens up to itself, and itself (a pad too: no all-masked row, no
-    NaN); slots T .. width-1 (a static cache's unfilled ones) are hidden."""
+    """attention_mask (B, T) over the cached and new tokens (1 = real, 0 = left pad), the new ones at offset .. T-1
+    (L = T - offset) -> RoPE positions (B, L) and the mask (B, 1, L, width or T), True = attend. A token's position
+    is the number of real tokens before it, so a left-padded row gets the positions (and the logits) it would get
+    alone; a query sees the real tokens up to itself, and itself (a pad too: no all-masked row, no NaN); slots
+    T .. width-1 (a static cache's unfilled ones) are hidden."""
     T = attention_mask.shape[1]
     pos = (attention_mask.long().cumsum(-1)[:, offset:] - 1).clamp(min=0)  # (B, L), contiguous: no recompile as T grows
     keys = torch.arange(width or T, device=attention_mask.device)  # (width,)
@@ -554,7 +554,7 @@ class KVCache:
         shape = (batch, cfg.num_key_value_heads, max_len, e)  # (B, K, T_max, E): only the K key/value heads
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]  # keys
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]  # values
-        self.offset, self.slots = 0, torch.zeros(1, dtype=torch.long, device=device)
+        self.offset, self.slots = 0, None  # slots: the positions claimed last (claim), where update writes
     def claim(self, attention_mask):
         """Claim the positions offset .. T-1 of the new tokens. attention_mask (B, T) over the cached and the new
         tokens (1 = real, 0 = left pad) -> RoPE positions (B, L), mask (B, 1, L, T_max) (True = attend)."""
@@ -565,7 +565,7 @@ class KVCache:
             raise ValueError(f"after {self.offset} cached positions the attention mask needs batch "
                              f"{self.k[0].shape[0]} and more than {self.offset} columns, got {(B, T)}")
         pos, mask = padded_positions(attention_mask, self.offset, T_max)  # (B, L), (B, 1, L, T_max)
-        self.slots = torch.arange(self.offset, T, device=self.slots.device)  # (L,), an input of a compiled step
+        self.slots = torch.arange(self.offset, T, device=self.k[0].device)  # (L,), an input of a compiled step
         self.offset = T
         return pos, mask
     def update(self, layer, k, v):  # write this layer's new keys/values (B, K, L, E) at the claimed positions
