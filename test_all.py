@@ -2193,6 +2193,104 @@ def test_vl_video_pixels_and_frames_match_transformers(tmp_path):
     assert ours.shape == want.shape and diff <= 2
 
 
+@pytest.fixture(scope="module")
+def vl_released(tmp_path_factory):
+    """Video-LLaVA at the released checkpoint's shapes with tiny widths: CLIP towers at 224 px, patch 14 (256 patches
+    + CLS), feature layer -2; a LLaMA decoder with the 7B's 4096-token context, room for 8 frames (2056 tokens);
+    saved as the hub ships it: bfloat16, sharded, the hub key layout (`language_model.model.*`,
+    `language_model.lm_head`, towers with `vision_model.`), a LLaMA tokenizer.json."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(10)  # greedy top-2 margins of 7+ bfloat16 steps on both test media
+    cfg = transformers.VideoLlavaConfig(
+        text_config=dict(_VL_TEXT, max_position_embeddings=4096, num_key_value_heads=4),
+        vision_config=dict(_VL_VISION, num_hidden_layers=2, image_size=224))
+    folder = tmp_path_factory.mktemp("vl_released")
+    model = transformers.VideoLlavaForConditionalGeneration(cfg)
+    model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="200KB")
+    index = json.load(open(folder / "model.safetensors.index.json"))
+    for name in set(index["weight_map"].values()):  # transformers 5 saves towers without `vision_model.`: hub names
+        save_file({vl.canonical_key(k): v for k, v in load_file(str(folder / name)).items()}, str(folder / name),
+                  metadata={"format": "pt"})
+    index["weight_map"] = {vl.canonical_key(k): f for k, f in index["weight_map"].items()}
+    json.dump(index, open(folder / "model.safetensors.index.json", "w"))
+    _vl_tokenizer(folder)
+    assert len(index["weight_map"]) > 1 and len(set(index["weight_map"].values())) > 3
+    assert "image_tower.vision_model.embeddings.position_embedding.weight" in index["weight_map"]
+    ref = transformers.VideoLlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
+    assert ref.model.image_tower.embeddings.position_embedding.weight.shape[0] == 257
+    return ref, str(folder)
+
+
+@pytest.mark.parametrize("medium", ["image", "video"])
+def test_vl_released_shapes_pixels_to_tokens_match_transformers(vl_released, medium, tmp_path, monkeypatch, capsys):
+    """From a file to greedy tokens at the released shapes, in bfloat16: a 640x427 textured image (256 <image> tokens)
+    or a 320x240 OpenCV clip of a moving circle (8 frames, 2056 <video> tokens). Ours: --generate on the folder (our
+    loader, tokenizer.json, expansion, cached decode), and the model's forward. Reference: transformers'
+    VideoLlavaProcessor (its PIL image processor and its string expansion, then LlamaTokenizer) and model. Its
+    video processor needs torchvision, which cannot be installed here: the clip's pixels are ours (their parity
+    with transformers' resampling is test_vl_video_pixels_and_frames_match_transformers), its expansion and tokens
+    are still the processor's. Logits: both sides round every activation to bfloat16 (8 significant bits); the same
+    pixels give the same logits, but the two loaders' pixels differ by up to 2/255 (1/255 here), about one bfloat16
+    step of a normalised pixel, so a logit may move by a rounding step or two: the bound is 2 bfloat16 steps at the
+    largest logit (2 * 2^-7 * 2^floor(log2 max|logit|)). Greedy tokens are compared where transformers' top-2 margin
+    exceeds twice that bound (checked: a bfloat16 near-tie would test the rounding, not the model; the weights drawn
+    by manual_seed(10) give margins of 7+ steps)."""
+    from transformers import AutoTokenizer, VideoLlavaProcessor
+    ref, folder = vl_released
+    question = "Which way does the circle move?"
+    tok = AutoTokenizer.from_pretrained(folder)
+    monkeypatch.setattr(VideoLlavaProcessor, "check_argument_for_proper_class", lambda *a: None)  # no video class
+    proc = VideoLlavaProcessor(image_processor=_vl_hf_image_processor(tmp_path), video_processor=None, tokenizer=tok)
+    text = f"USER: <{medium}>\n{question} ASSISTANT:"
+    if medium == "image":
+        path = str(tmp_path / "photo.png")
+        rgb = _vl_textured(427, 640, 3)
+        cv2.circle(rgb, (400, 200), 80, (230, 30, 30), -1)
+        cv2.imwrite(path, rgb[:, :, ::-1])
+        inputs = proc(text=[text], images=[rgb], return_legacy_image_output=False)
+        ours_pix = {"pixel_values_images": torch.from_numpy(vl.load_image(path, 224))[None]}
+    else:
+        path = str(tmp_path / "clip.mp4")
+        for fourcc in ("avc1", "mp4v"):
+            w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), 24, (320, 240))
+            if w.isOpened():
+                break
+        base = _vl_textured(240, 320, 4)
+        for t in range(20):  # a red circle crosses a textured background, left to right
+            img = base.copy()
+            cv2.circle(img, (30 + 13 * t, 120), 40, (230, 30, 30), -1)
+            w.write(np.ascontiguousarray(img[:, :, ::-1]))
+        w.release()
+        vids = torch.from_numpy(vl.load_video(path, 8, 224))[None]  # (1, 8, 3, 224, 224)
+        expanded = text.replace("<video>", proc.replace_video_token({"pixel_values_videos": vids}, 0))
+        inputs = dict(tok([expanded], return_tensors="pt"), pixel_values_videos=vids)
+        ours_pix = {"pixel_values_videos": vids}
+    want_ids = inputs["input_ids"]
+    ours = vl.VideoLlava.from_pretrained(folder, torch.bfloat16).eval()
+    ids = torch.tensor([vl.expand_placeholders(vl.load_tokenizer(folder).encode(vl.prompt_text(question, medium)),
+                                               ours.cfg, 8)])
+    assert ids.tolist() == want_ids.tolist()
+    assert (ids >= 32000).sum() == (256 if medium == "image" else 2056)
+    with torch.no_grad():
+        want = ref(**inputs).logits[0].float()  # (L, V)
+        got = ours(ids, **ours_pix)[0][0].float()
+    top = want.abs().max().item()
+    tol = 2 * torch.finfo(torch.bfloat16).eps * 2 ** math.floor(math.log2(top))  # eps: the step between 1 and 2
+    diff = (got - want).abs().max().item()
+    assert diff <= tol
+    out = ref.generate(**inputs, max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    top2 = torch.stack(out.scores)[:, 0].float().topk(2).values  # (steps, 2)
+    margin = (top2[:, 0] - top2[:, 1]).min().item()
+    assert margin > 2 * tol  # no logit moving by the bound can swap the top two
+    capsys.readouterr()
+    vl.main(["--generate", "--from_pretrained", folder, f"--{medium}", path, "--prompt", question,
+             "--dtype", "bfloat16", "--max_new_tokens", "3", "--device", "cpu"])
+    answer = capsys.readouterr().out.strip()
+    assert answer == tok.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    print(f"{medium}: {ids.shape[1]} tokens, max |logit| {top:.3f}, max |diff| {diff:.5f} (bound {tol:.5f}), greedy "
+          f"{out.sequences[0, ids.shape[1]:].tolist()} = {answer!r}, smallest top-2 margin {margin:.5f}")
+
+
 def test_vl_sampler_and_metrics():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
     g = torch.Generator().manual_seed(0)
