@@ -4298,6 +4298,138 @@ def test_mk_bfloat16_checkpoints_train_and_predict(mk_hf_bf16, mk_trained, tmp_p
         mk.main(["--train", "--preset", "tiny", "--crop", "32", "--out_dir", str(tmp_path / "x"), *towers])
 
 
+@pytest.fixture(scope="module")
+def mk_hf_released(mk_hf):
+    """Tiny-width towers at the released files' shapes and format: V-JEPA 2 ViT-g/16's crop 256, patch 16, tubelet 2,
+    64 frames per clip, head dim 64 (RoPE 20/20/20 + 4), MLP ratio 48/11; Qwen3-0.6B's explicit head dim 128 (not
+    width / heads), 2:1 GQA, theta 1e6, eps 1e-6, tied 151936-row embedding. bfloat16, sharded, the hub key layout."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, VJEPA2Config, VJEPA2Model
+    root = mk_hf["root"] / "released"
+    torch.manual_seed(0)
+    vc = VJEPA2Config(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=48 / 11, crop_size=256,
+                      patch_size=16, tubelet_size=2, frames_per_clip=64, pred_hidden_size=32, pred_num_hidden_layers=1,
+                      pred_num_attention_heads=1)
+    def trained_look(m):  # norm gains off 1 and biases off 0, as trained weights have: their order and dtype count
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.3 * torch.randn_like(p)) if p.dim() == 1 else None
+        return m.to(torch.bfloat16)
+    hv = VJEPA2Model(vc)
+    with torch.no_grad():  # sharp attention, as trained weights have: at init scale (std 0.02) it is near uniform and
+        for blk in hv.encoder.layer:  # a token's RoPE position would barely change the features
+            blk.attention.query.weight.mul_(8)
+            blk.attention.key.weight.mul_(8)
+    trained_look(hv).save_pretrained(root / "vjepa2", max_shard_size="200KB")
+    torch.manual_seed(2)  # weights whose greedy steps all have a comfortable top-2 margin (asserted)
+    qc = Qwen3Config(vocab_size=151936, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=128, tie_word_embeddings=True,
+                     rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=40960, bos_token_id=151643,
+                     eos_token_id=151645)
+    trained_look(Qwen3ForCausalLM(qc)).save_pretrained(root / "qwen3", max_shard_size="200KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # the toy Qwen3 tokenizer
+        shutil.copy(mk_hf["root"] / "qwen3" / name, root / "qwen3" / name)
+    assert all(len(list((root / name).glob("model-*-of-*.safetensors"))) > 1 for name in ("vjepa2", "qwen3"))
+    keys = {n: json.load(open(root / n / "model.safetensors.index.json"))["weight_map"] for n in ("vjepa2", "qwen3")}
+    assert "encoder.layer.1.attention.query.weight" in keys["vjepa2"] and "lm_head.weight" not in keys["qwen3"]
+    return root
+
+
+def test_mk_released_shapes_pixels_to_tokens_match_transformers(mk_hf_released, tmp_path, capsys):
+    """From an mp4 to answer tokens at the released shapes, in bfloat16, against transformers on the same folders.
+    Ours: load_video (decode, sample 16 frames, V-JEPA 2 resize/crop), Mark1.encode (normalise, encoder), the bridge,
+    QwenTokenizer's chat prompt, generate(); and the --predict CLI on a checkpoint of that model. Reference: VJEPA2Model
+    .get_vision_features fed OUR normalised pixels (VJEPA2VideoProcessor needs torchvision; our uint8 frames are checked
+    against transformers' PIL-step emulation of it instead, as in test_mk_pixels_match_transformers_video_processor),
+    the same bridge on its features, Qwen3's tokenizer + chat template, Qwen3ForCausalLM's forward and generate().
+    Tolerance: both sides run in bfloat16 (8 significant bits), so they may differ only by the order of sums inside
+    kernels: at most a quarter of the gap between transformers' own bfloat16 and float32 outputs (the whole rounding
+    budget: ~0.04 on features, ~0.008 on logits). Precision semantics the released numbers depend on break it: RoPE
+    angles built in float32, not the activation dtype (0.05 on features); Qwen3's angles rounded before cos() (0.017 on
+    logits); RMSNorm's gain applied before the cast back (0.012); the h and w RoPE axes swapped (0.23). Tokens must be
+    identical; random tied weights repeat their first token, so each step's top-2 margin must exceed 4x that logit
+    budget: no near-tie decides the check."""
+    import dataclasses
+    from transformers import AutoTokenizer, Qwen3ForCausalLM, VJEPA2Model
+    from transformers.image_transforms import center_crop, get_resize_output_image_size, resize
+    from transformers.image_utils import ChannelDimension, PILImageResampling
+    root, path = mk_hf_released, str(tmp_path / "clip.mp4")
+    base, n_written = _mk_textured(240, 480, 7), 24  # a 320x240 mp4v clip: texture panning 6 px/frame + a moving disc
+    w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 8, (320, 240))
+    for t in range(n_written):
+        f = np.ascontiguousarray(base[:, 6 * t:6 * t + 320])
+        cv2.circle(f, (20 + 12 * t, 60 + 5 * t), 25, (0, 0, 255), -1)
+        w.write(f)
+    w.release()
+    cfg = _mk_tiny_cfg(tmp_path, n_frames=16, dtype="bfloat16", max_new_tokens=6, vision_ckpt=str(root / "vjepa2"),
+                       llm_ckpt=str(root / "qwen3"))
+    for _, got in mk.tower_fields(cfg):
+        cfg = dataclasses.replace(cfg, **got)
+    assert (cfg.crop, cfg.v_patch, cfg.v_tubelet, cfg.l_head_dim, cfg.tie_embeddings) == (256, 16, 2, 128, True)
+    tok = mk.make_tokenizer(cfg)
+    model = mk.build_model(cfg, tok).eval()
+    opt, _, scaler = mk.make_optimizer(model, cfg)
+    mk.save_checkpoint(model, tok, cfg, opt, 0, scaler)  # an untrained bridge: --predict reads it
+    # pixels: our decoded, resized, cropped frames against transformers' own resize and centre crop (PIL steps)
+    clip = mk.load_video(path, 16, 256)[0]  # (16, 256, 256, 3) uint8 RGB
+    cap, frames = cv2.VideoCapture(path), []
+    while (got := cap.read())[0]:
+        frames.append(np.ascontiguousarray(got[1][:, :, ::-1]))
+    size = get_resize_output_image_size(frames[0], int(256 * 256 / 224), default_to_square=False,
+                                        input_data_format=ChannelDimension.LAST)  # shortest edge 292
+    want = np.stack([center_crop(resize(frames[i], size, resample=PILImageResampling.BILINEAR,
+                                        input_data_format=ChannelDimension.LAST), (256, 256),
+                                 input_data_format=ChannelDimension.LAST) for i in mk.sample_indices(n_written, 16)])
+    assert clip.shape == want.shape and np.abs(clip.astype(int) - want).max() <= 2
+    # encoder features: the script's normalise + encoder (bfloat16 autocast, as --predict) vs VJEPA2Model in bfloat16
+    hv = VJEPA2Model.from_pretrained(str(root / "vjepa2"), dtype=torch.bfloat16).eval()
+    hq = Qwen3ForCausalLM.from_pretrained(str(root / "qwen3"), dtype=torch.bfloat16).eval()
+    assert hv.config.frames_per_clip == 64 and hv.encoder.layer[0].mlp.fc1.out_features == int(128 * 48 / 11)
+    x = torch.from_numpy(clip)[None]
+    with torch.no_grad(), mk.autocast(cfg, "cpu"):
+        feats = model.encode(x)  # (1, 8 * 16 * 16, 128)
+    with torch.no_grad():
+        ref_feats = hv.get_vision_features(mk.normalize(x).to(torch.bfloat16))
+        hv32 = VJEPA2Model.from_pretrained(str(root / "vjepa2"), dtype=torch.float32).eval()
+        ref32 = hv32.get_vision_features(mk.normalize(x))  # the bfloat16 weights, computed in float32
+    assert feats.shape == ref_feats.shape == (1, 2048, 128) and feats.dtype == torch.bfloat16
+    fdiff, fnoise = (feats.float() - ref_feats.float()).abs().max(), (ref32 - ref_feats.float()).abs().max()
+    # prompt: our tokenizer and chat template against transformers' tokenizer on the same folder
+    q, choices = "What happens to the red disc?", ["A. it appears", "B. it stops", "C. it turns blue", "D. it moves"]
+    ht = AutoTokenizer.from_pretrained(str(root / "qwen3"))
+    text = ht.apply_chat_template([{"role": "user", "content": q + "\n" + "\n".join(choices) + tok.ask}],
+                                  add_generation_prompt=True, enable_thinking=False, tokenize=False)
+    ids = tok.prompt(q, choices)
+    assert ids == ht(text)["input_ids"] and tok.eos == ht.convert_tokens_to_ids("<|im_end|>") == 151645
+    # the LLM: our generate() from our features vs Qwen3ForCausalLM.generate from the reference features
+    items = [dict(question=q, choices=choices)]
+    with torch.no_grad(), mk.autocast(cfg, "cpu"):
+        ours, _ = mk.generate(model, feats, items, tok, cfg)
+        q_ids, q_valid = mk.text_batch(items, tok, with_answer=False)[:2]
+        prefix = model.fuse(ref_feats, q_ids, q_valid)[0]  # (1, N, 64) bfloat16: the bridge has no reference
+        mine = model.llm(torch.cat((model.fuse(feats, q_ids, q_valid)[0], model.embed(torch.tensor(ids))[None]), 1))
+        text_only = model.llm(model.embed(torch.tensor([ids])))  # the prompt alone: ids in, not embeddings
+    emb = torch.cat((prefix, hq.get_input_embeddings()(torch.tensor([ids]))), 1)
+    with torch.no_grad():
+        ref_logits, ref_text = hq(inputs_embeds=emb).logits.float(), hq(torch.tensor([ids])).logits.float()
+        ref = hq.generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
+                          max_new_tokens=6, do_sample=False, eos_token_id=151645, pad_token_id=151643)[0].tolist()
+        steps = hq(inputs_embeds=torch.cat((emb, hq.get_input_embeddings()(torch.tensor([ref[:-1]]))), 1)).logits
+        ref32 = Qwen3ForCausalLM.from_pretrained(str(root / "qwen3"), dtype=torch.float32)(inputs_embeds=emb.float())
+    ldiff = max((mine.float() - ref_logits).abs().max(), (text_only.float() - ref_text).abs().max())
+    lnoise = (ref32.logits - ref_logits).abs().max()
+    top2 = steps[0, -len(ref):].float().topk(2).values
+    margin = (top2[:, 0] - top2[:, 1]).min()
+    with capsys.disabled():  # shown with -s
+        print(f"max differences: features {fdiff:.4f} (bfloat16 vs float32 in transformers: {fnoise:.4f}), logits "
+              f"{ldiff:.4f} ({lnoise:.4f}); smallest top-2 margin {margin:.4f}")
+    assert fdiff <= fnoise / 4 and ldiff <= lnoise / 4 and margin > 4 * lnoise
+    assert ours == [[t for t in ref if t != 151645]] and len(ref) == 6  # (random tied weights: the token repeats)
+    mk.main(["--predict", "--out_dir", cfg.out_dir, "--video", path, "--question", q, "--choices", "|".join(choices),
+             "--max_new_tokens", "6"])
+    answer = ht.decode(ref, skip_special_tokens=True).strip()
+    assert answer == tok.decode(ref).strip() and f"answer: {answer}\n" in capsys.readouterr().out
+
+
 def test_mk_unsupported_and_corrupt_checkpoints(mk_hf, tmp_path):
     """Every Qwen3 setting the script does not implement is refused by name; damaged files are one-line errors."""
     src = mk_hf["root"] / "qwen3"
