@@ -7,8 +7,8 @@ checkpoint `LanguageBind/Video-LLaVA-7B-hf`, plus a tiny Video-LLaVA trained fro
       -> multi_modal_projector: Linear -> GELU -> Linear                              -> (.., .., D)
       -> written over the <image> / <video> placeholder embeddings, in order, of the prompt
       -> LLaMA decoder (RMSNorm, rotate_half RoPE, grouped-query attention, SwiGLU) -> lm_head -> (B, L, V)
-Shape legend: B batch, N images, F frames, P patches per frame, L text tokens, T keys (cache + new), D width,
-Dv vision width, H heads, K kv heads, E head dim, V vocabulary, T_max the KV cache's length.
+Shape legend: B batch, N images, F frames, P patches per frame, L new tokens, T tokens so far (cached + new), D width,
+Dv vision width, H heads, K kv heads, E head dim, V vocabulary, T_max the KV cache's length (the keys it attends).
 
 Paper: Video-LLaVA, Lin et al. 2023 (https://arxiv.org/abs/2311.10122); LLaVA (https://arxiv.org/abs/2304.08485).
 Reference: transformers `VideoLlavaForConditionalGeneration` (the tests compare logits and tokens with it; only they
@@ -534,8 +534,8 @@ def padded_positions(attention_mask, offset, width=None):
     """attention_mask (B, T) over the cached and new tokens (1 = real, 0 = left pad), the new ones at offset .. T-1
     (L = T - offset) -> RoPE positions (B, L) and the mask (B, 1, L, width or T), True = attend. A token's position
     is the number of real tokens before it, so a left-padded row gets the positions (and the logits) it would get
-    alone; a query sees the real tokens up to itself, and itself (a pad too: no all-masked row, no NaN); slots
-    T .. width-1 (a static cache's unfilled ones) are hidden."""
+    alone; a query sees the real tokens up to itself, and itself (a pad too: no all-masked row, no NaN); key
+    columns T .. width-1 (a static cache's unfilled positions) are hidden."""
     T = attention_mask.shape[1]
     pos = (attention_mask.long().cumsum(-1)[:, offset:] - 1).clamp(min=0)  # (B, L), contiguous: no recompile as T grows
     keys = torch.arange(width or T, device=attention_mask.device)  # (width,)
@@ -545,7 +545,7 @@ def padded_positions(attention_mask, offset, width=None):
 
 class KVCache:
     """The static KV cache (as in gpt-fast): keys and values preallocated per layer as (B, K, T_max, E), so no tensor
-    grows while decoding; `offset` counts the positions written. Each call claims the positions of its L new tokens
+    grows while decoding; `offset` counts the positions claimed. Each call claims the positions of its L new tokens
     (`claim`), writes their keys and values there and attends over all T_max positions under a mask that hides the
     unfilled ones. A one-token step then has the same shapes every time and no branch on values, so torch.compile
     makes it one graph; it writes through `slots`, a tensor the graph reads anew each step, not a Python int."""
@@ -586,8 +586,8 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv * self.e, bias=False)
         self.o_proj = nn.Linear(self.h * self.e, cfg.hidden_size, bias=False)  # H*E -> D
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        """x (B, L, D); cos, sin (B, 1, L, E) at each token's RoPE position; mask boolean (B, 1, L, T), True = attend,
-        T = keys (cache + new) -> (B, L, D)."""
+        """x (B, L, D); cos, sin (B, 1, L, E) at each token's RoPE position; mask boolean (B, 1, L, T_max) over the
+        whole cache, or (B, 1, L, L) without one, True = attend -> (B, L, D)."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.h, self.e).transpose(1, 2)  # (B, H, L, E)
         k = self.k_proj(x).view(B, L, self.kv, self.e).transpose(1, 2)  # (B, K, L, E)
@@ -596,8 +596,8 @@ class LlamaAttention(nn.Module):
         # query-key dot product depends only on their distance; values are not rotated
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, K, T, E): the cached keys first, then these L
-        if self.kv != self.h:  # GQA: each kv head repeated for the H/K query heads that share it -> (B, H, T, E)
+            k, v = cache.update(layer, k, v)  # (B, K, T_max, E): the whole cache, these L at their positions
+        if self.kv != self.h:  # GQA: each kv head repeated for the H/K query heads that share it -> (B, H, .., E)
             k, v = k.repeat_interleave(self.h // self.kv, 1), v.repeat_interleave(self.h // self.kv, 1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, E)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, self.h * self.e))  # heads side by side: (B, L, D)
@@ -747,7 +747,7 @@ class VideoLlava(nn.Module):
         if cfg.tie_word_embeddings:  # one matrix for the input embedding and the output head
             self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
         self.image_tower, self.video_tower = (nn.ModuleDict(dict(vision_model=CLIPVisionTransformer(cfg)))
-                                              for _ in range(2))  # same shape, separate weights
+                                              for _ in range(2))  # same shape; build_model may share one
         self.multi_modal_projector = VideoLlavaMultiModalProjector(cfg)
         self._rope = {}  # device -> (cos, sin) tables of every position, built on first use (_rope_table)
         self._init_weights()  # a checkpoint's weights then replace these (load_pretrained builds on the meta device)
@@ -834,9 +834,8 @@ class VideoLlava(nn.Module):
         targets (B, L) already shifted (-100 = ignored). Returns (logits (B, L or 1, V), loss or None)."""
         cfg, lm = self.cfg, self.language_model.model
         B, L = input_ids.shape
-        offset = cache.offset if cache is not None else 0  # tokens already in the cache
-        T = offset + L  # keys after this call: the cached ones and these L
-        need = cache.k[0].shape[2] if cache is not None else T  # a cache is as long as prompt + answer
+        T = (cache.offset if cache is not None else 0) + L  # tokens after this call: the cached ones and these L
+        need = cache.k[0].shape[2] if cache is not None else T  # T_max: prompt + answer, rounded up under compile
         if need > cfg.max_position_embeddings:  # the RoPE table ends there
             raise UserError(f"{need} tokens (the prompt and its visual tokens, plus the answer or --max_new_tokens) "
                             f"exceed the context ({cfg.max_position_embeddings}); lower --max_new_tokens or --n_frames")
@@ -870,7 +869,8 @@ class VideoLlava(nn.Module):
     def step(self, ids, pos, mask, cache):
         """One new token per row through the KV cache: ids (B, 1) at RoPE positions pos (B, 1), attending where
         mask (B, 1, 1, T_max) is True (cache.claim gives both) -> logits (B, 1, V). The same shapes every call
-        and no branch on values: torch.compile makes it one graph (generate(compile=True))."""
+        and no branch on values: torch.compile makes it one graph (generate(compile=True)); forward would not, as
+        it claims from the Python int cache.offset and checks the ids for placeholders."""
         x = self.language_model.model.embed_tokens(ids)  # (B, 1, D)
         cos, sin = self._rope_table(pos, x.dtype)
         return self.llm_forward(x, cos, sin, mask, cache)
@@ -1266,8 +1266,8 @@ def sample_next(logits, temperature, top_k, top_p, generator):  # (B, V) -> (B,)
 def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pixel_values_videos=None,
              max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0,
              generator=None, use_cache=True, on_token=None, compile=False):
-    """Batched, left-padded generation -> (B, n) new ids (stopped rows filled with pad_token_id): the media encoded once
-    at prefill, then one token a step through the static KV cache (`model.step`; compile=True: the gpt-fast recipe)."""
+    """Batched, left-padded generation -> (B, <= max_new_tokens) new ids, a row past its EOS padded with pad_token_id
+    until all stop: media encoded once at prefill, then a token a step through the static KV cache (`model.step`)."""
     model.eval()
     if compile and not use_cache:
         raise ValueError("compile=True compiles the one-token step through the KV cache: it needs use_cache=True")
@@ -1299,7 +1299,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
                     on_token(nxt.clone())  # an ordinary tensor, which the caller may keep
             if eos_token_id is not None:  # without one, every row runs to max_new_tokens
                 done = done | (nxt == eos_token_id)
-            if bool(done.all()) or len(out) == max_new_tokens:
+            if bool(done.all()) or len(out) == max_new_tokens:  # no step for a token that is never sampled
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             if use_cache:
