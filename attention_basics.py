@@ -1175,15 +1175,14 @@ def refuse_changes(cfg, typed, mode):  # --eval and --generate run the saved set
     same = lambda k, v: os.path.abspath(v) == cfg.data_dir if k == "data_dir" else v == getattr(cfg, k)  # (absolute)
     if clash := [f"--{k} {v}" for k, v in typed.items() if k not in RUN_FIELDS and not same(k, v)]:
         raise UserError(f"{cfg.out_dir}: {mode} runs the trained settings and world; drop {', '.join(clash)}")
+    print("config:", json.dumps(dataclasses.asdict(cfg)))  # what runs: the saved one, this command line's run fields
 
 def evaluate_saved(cfg, typed):  # --eval: the three checkpoints in out_dir, scored and pictured as --train does
     clip_model, tok, cfg, t_clip = load_model(cfg, "clip")
     refuse_changes(cfg, typed, "--eval")
-    print("config:", json.dumps(dataclasses.asdict(cfg)))  # the saved one, with this command line's run fields
     loaded = {v: load_model(cfg, v) for v in ("unified", "cross")}  # variant -> (model, tok, cfg, train seconds)
-    times = {"clip": t_clip, **{v: got[3] for v, got in loaded.items()}}
     return evaluate({v: got[0] for v, got in loaded.items()}, clip_model, tok, cfg, pick_device(cfg.device),
-                    prepare_data(cfg)[0], times)
+                    prepare_data(cfg)[0], {"clip": t_clip, **{v: got[3] for v, got in loaded.items()}})  # seconds
 
 # Command line ---------------------------------------------------------------------------------------------------------
 CHOICES = dict(section=("all", *SECTIONS), variant=("unified", "cross"), dtype=("float32", "bfloat16"))
@@ -1223,6 +1222,8 @@ def parse_args(argv=None):
         (cfg.img_size % cfg.patch, f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}"),
         (cfg.d_model % cfg.n_head, f"--d_model {cfg.d_model} is not a multiple of --n_head {cfg.n_head}"),
         (args.video and (args.train or args.eval or not args.generate), "--video is for --generate, on its own"),
+        ("variant" in overrides and not args.generate, "--variant picks --generate's model (--train, --eval run both)"),
+        ("section" in overrides and (args.train or args.eval or args.generate), "--section is for the tour (no mode)"),
         (args.generate and not args.video, "--generate needs --video PATH (a video or a folder of frames)")) if wrong]
     if bad:
         raise UserError(bad[0])
@@ -1239,7 +1240,6 @@ def main(argv=None):
             return train(cfg) if args.train else evaluate_saved(cfg, typed)
         model, tok, cfg, _ = load_model(cfg, cfg.variant)
         refuse_changes(cfg, typed, "--generate")
-        print("config:", json.dumps(dataclasses.asdict(cfg)))  # the saved one, with this command line's run fields
         clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None]  # (1, F, S, S, 3)
         print(tok.decode(generate(model, clip, cfg, pick_device(cfg.device))[0]))
     except UserError as e:  # the user's input: one line naming it and the fix, exit status 2, no traceback

@@ -5486,6 +5486,17 @@ def test_ab_generate_beside_another_mode_is_refused(capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_ab_section_and_variant_outside_their_mode_are_refused(capsys, tmp_path):
+    """--section picks a tour section and --variant the --generate model; beside --train / --eval (or the tour, for
+    --variant) they were ignored without a word. Refused before any work, nothing written."""
+    o, clip = tmp_path / "o", tmp_path / "clip.mp4"
+    for argv in (["--eval"], ["--generate", "--video", clip], ["--train"]):
+        _ab_user_error(capsys, "--section is for the tour", *argv, "--section", "clip", "--out_dir", o, "--steps", 1)
+    for argv in (["--eval"], ["--train"], []):
+        _ab_user_error(capsys, "--variant picks --generate's model", *argv, "--variant", "unified", "--out_dir", o)
+    assert not o.exists()
+
+
 @pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])
 def test_all_scripts_argparse_refusals_are_one_line_and_prefixes_are_not_flags(mod, tmp_path, capsys):
     """A value of the wrong type, an unknown flag, and a prefix of a flag (argparse would have read `--data` as
