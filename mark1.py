@@ -970,7 +970,7 @@ def parse_device_map(cfg):  # -> {part: device}: --device for all, unless --devi
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for k, v in out.items():
         kind, _, i = v.partition(":")
-        cuda_ok = n > 0 and (not i or (i.isdigit() and int(i) < n))  # "cuda" or an existing "cuda:N"
+        cuda_ok = n > 0 and (not i or (i.isdecimal() and int(i) < n))  # "cuda" or an existing "cuda:N"
         if not {"cpu": True, "mps": pick_device("auto") == "mps", "cuda": cuda_ok}.get(kind, False):
             raise UserError(f"--device / --device_map {k}: device {v!r} does not exist here ({n} CUDA devices); "
                             "use cpu or an existing cuda:N")

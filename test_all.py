@@ -799,7 +799,7 @@ def test_vm_a_clip_listed_twice_is_one_entry(tmp_path):
     (tmp_path / "clips").mkdir()
     cv2.imwrite(str(tmp_path / "clips" / "f0.png"), np.zeros((8, 8, 3), np.uint8))  # a folder of frames: a video
     (tmp_path / "a.txt").write_text("clips\na cat\n\n./clips/../clips\na grey cat\nthe cat\n", encoding="utf-8")
-    want = [(str(tmp_path / "clips"), ["a cat", "a grey cat", "the cat"])]
+    want = [(os.path.realpath(tmp_path / "clips"), ["a cat", "a grey cat", "the cat"])]
     assert vm.read_annotations(str(tmp_path / "a.txt")) == want
 
 
@@ -1561,7 +1561,12 @@ def test_vc_captions_file_merges_one_image_spelled_two_ways(tmp_path):
     (tmp_path / "imgs").mkdir()
     cv2.imwrite(str(tmp_path / "imgs" / "a.png"), np.zeros((8, 8, 3), np.uint8))
     (tmp_path / "two.txt").write_text("imgs/a.png | one\n./imgs/../imgs/a.png | two\n", encoding="utf-8")
-    assert vc.read_captions(str(tmp_path / "two.txt")) == [(str(tmp_path / "imgs" / "a.png"), ["one", "two"])]
+    want = [(os.path.realpath(tmp_path / "imgs" / "a.png"), ["one", "two"])]
+    assert vc.read_captions(str(tmp_path / "two.txt")) == want
+    (tmp_path / "imgs" / "sub").mkdir()  # a link into imgs/sub: link/.. is imgs, as the file system resolves it
+    (tmp_path / "link").symlink_to(tmp_path / "imgs" / "sub")
+    (tmp_path / "three.txt").write_text("link/../a.png | one\n", encoding="utf-8")
+    assert vc.read_captions(str(tmp_path / "three.txt")) == [(want[0][0], ["one"])]
 
 
 @_vc_1t

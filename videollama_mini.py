@@ -265,7 +265,7 @@ def read_annotations(path):
         if cur:
             if len(cur) < 2:
                 raise UserError(f"{path}:{start}: entry '{cur[0]}' has a video path but no caption line")
-            video = os.path.abspath(os.path.join(here := os.path.dirname(path), cur[0]))  # relative to the file
+            video = os.path.realpath(os.path.join(here := os.path.dirname(path), cur[0]))  # relative to the file
             if not os.path.exists(video):
                 raise UserError(f"{path}:{start}: video '{cur[0]}' not found")
             for i, cap in enumerate(cur[1:], start + 1):  # a missing blank line would merge two entries
@@ -273,7 +273,7 @@ def read_annotations(path):
                 if re.search(r"\.(mp4|avi|mov|mkv|webm|m4v)$", cap, re.I) or os.path.isfile(near) or os.path.isdir(
                         near) and any(re.search(r"\.(png|jpe?g|bmp|webp|tiff?)$", n, re.I) for n in os.listdir(near)):
                     raise UserError(f"{path}:{i}: '{cap}' looks like a video path; put a blank line between entries")
-            caps.setdefault(video, []).extend(cur[1:])  # a clip listed twice is one entry: never trained and tested
+            caps.setdefault(video, []).extend(cur[1:])  # a clip listed twice is one entry (held out or not)
             cur = []
     if not caps:
         raise UserError(f"{path}: no entries (expected a video path line followed by caption lines)")

@@ -249,7 +249,7 @@ def read_captions(path):
         name, caption = (x.strip() for x in line.split("|", 1))
         if not name or not caption:
             raise UserError(f"{path}:{no}: empty {'image path' if not name else 'caption'} in {line[:60]!r}")
-        image = os.path.normpath(os.path.join(base, name))  # one key per image file, however its path is spelled
+        image = os.path.realpath(os.path.join(base, name))  # one key per image file, however its path is spelled
         if image not in caps and not os.path.isfile(image):
             raise UserError(f"{path}:{no}: no image file '{name}' (paths are relative to the captions file)")
         caps.setdefault(image, []).append(caption)  # several lines per image = several references
