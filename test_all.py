@@ -1899,6 +1899,8 @@ def test_vl_placeholder_count_mismatch(vl_ckpt):
         ours(ids, pixel_values_images=torch.randn(1, 3, 28, 28))
     with pytest.raises(vl.UserError, match="no video was given"):
         ours(torch.tensor([[1, 32001, 5]]))
+    with pytest.raises(ValueError, match=r"attention_mask must be \(B, T\) = \(1, 3\)"):  # would broadcast
+        ours(torch.tensor([[1, 2, 5]]), torch.ones(1, 1))
 
 
 def test_vl_strict_loading_lists_every_bad_key(vl_ckpt, tmp_path, capsys):
@@ -2020,7 +2022,7 @@ def test_vl_generate_refuses_two_models(vl_ckpt, vl_tiny_run, tmp_path, capsys):
     """--generate answers with one model: --out_dir's run, or --from_pretrained's checkpoint. Given both (a --train
     command turned into --generate), --out_dir would go unread and the base checkpoint answer: refused in one line."""
     argv = ["--generate", "--from_pretrained", vl_ckpt[1]["t5save"], "--prompt", "What?", "--max_new_tokens", "1"]
-    with pytest.raises(vl.UserError, match="^--out_dir: not read by --generate; drop it$"):
+    with pytest.raises(vl.UserError, match="^--generate answers with one model: --from_pretrained's checkpoint"):
         vl.main(argv + ["--out_dir", vl_tiny_run[0].out_dir])
     vl.main(argv)  # either one alone answers
     png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")

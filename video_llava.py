@@ -850,6 +850,8 @@ class VideoLlava(nn.Module):
                 raise UserError(f"the prompt has <{what}> placeholders but no {what} was given")
         if attention_mask is None:  # no padding: every token is real
             attention_mask = torch.ones(B, T, dtype=torch.long, device=x.device)
+        if attention_mask.shape != (B, T):  # a mask of another width would broadcast into wrong positions
+            raise ValueError(f"attention_mask must be (B, T) = {(B, T)}: the cached tokens, then these L = {L}")
         # RoPE positions (B, L), counting real tokens only, and the boolean mask (True = attend), broadcast over heads:
         # (B, 1, L, T_max) over a whole cache (its unwritten positions hidden), else (B, 1, L, L)
         pos, mask = cache.claim(attention_mask) if cache is not None else padded_positions(attention_mask, 0)
@@ -1446,9 +1448,9 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     new = args.train and not args.resume  # (--resume and --eval compare them with the run's)
     dropped = (("data_init", "whiten_patches") if cfg.from_pretrained else tokens) if new else ()
     greedy = [f.name for f in dataclasses.fields(Config) if f.name not in (*sampling, *dropped)]
-    reads = {"generate": ("from_pretrained" if cfg.from_pretrained else "out_dir", "device", "dtype", "seed", *sampling,
-                          "max_new_tokens", "n_frames", *HF_FIELDS),  # one model: --from_pretrained's, else a run's
-             "inspect": ("n_frames",), "bench": ("max_new_tokens",), "train": greedy, "eval": greedy}
+    reads = {"generate": ("out_dir", "from_pretrained", "device", "dtype", "seed", *sampling, "max_new_tokens",
+                          "n_frames", *HF_FIELDS), "inspect": ("n_frames",), "bench": ("max_new_tokens",),
+             "train": greedy, "eval": greedy}
     mode = next((m for m in reads if getattr(args, m)), None)  # --train --eval is one run: --train's
     unread = [f"--{k}" for k in overrides if mode and k not in reads[mode]]
     v = dataclasses.asdict(cfg)  # every problem with the flags, in order; the first is reported
@@ -1484,6 +1486,8 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
          "--data_dir size and place the synthetic world: --data trains on your file"),
         ("" in (cfg.out_dir, cfg.data_dir), "--out_dir and --data_dir must name a folder, not an empty string"),
         (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it with --generate"),
+        (args.generate and cfg.from_pretrained and "out_dir" in overrides, "--generate answers with one model: "
+         "--from_pretrained's checkpoint or the --out_dir of a run, not both"),
         (not args.generate and (args.video or args.image or args.prompt), "--video, --image and --prompt are for "
          "--generate (another mode would ignore them)"),
         (args.preset and mode and (args.resume or mode != "train"), f"--preset {args.preset}: --resume, --eval, "
