@@ -2121,6 +2121,14 @@ def _vl_pixels(x):
     return (x * vl.CLIP_STD[:, None, None] + vl.CLIP_MEAN[:, None, None]) * 255
 
 
+def _vl_clip_writer(path):
+    """-> an OpenCV writer of a 320x240 clip at 24 fps and its codec: H.264 where OpenCV's FFmpeg has it, else mp4v."""
+    for fourcc in ("avc1", "mp4v"):
+        w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), 24, (320, 240))
+        if w.isOpened():
+            return w, fourcc
+
+
 def _vl_textured(h, w, seed):
     """A natural-looking uint8 RGB picture: sinusoid texture, sharp-edged rectangles, noise."""
     rng = np.random.default_rng(seed)
@@ -2171,10 +2179,7 @@ def test_vl_video_pixels_and_frames_match_transformers(tmp_path):
     # integer arithmetic: the docs' float np.arange(0, 122, 122/14) gives frame 60 where transformers takes 61
     assert vl.frame_indices(122, 14)[7] == 61
     path = str(tmp_path / "clip.mp4")
-    for fourcc in ("avc1", "mp4v"):
-        w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), 24, (320, 240))
-        if w.isOpened():
-            break
+    w, fourcc = _vl_clip_writer(path)
     base = _vl_textured(240, 400, 1)
     for t in range(20):  # the texture pans right 4 pixels a frame
         w.write(np.ascontiguousarray(base[:, 4 * t:4 * t + 320, ::-1]))
@@ -2258,10 +2263,7 @@ def test_vl_released_shapes_pixels_to_tokens_match_transformers(vl_released, med
         ours_pix = {"pixel_values_images": torch.from_numpy(vl.load_image(path, 224))[None]}
     else:
         path = str(tmp_path / "clip.mp4")
-        for fourcc in ("avc1", "mp4v"):
-            w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), 24, (320, 240))
-            if w.isOpened():
-                break
+        w, _ = _vl_clip_writer(path)
         base = _vl_textured(240, 320, 4)
         for t in range(20):  # a red circle crosses a textured background, left to right
             img = base.copy()
