@@ -1171,11 +1171,11 @@ def evaluate(models, clip_model, tok, cfg, device, data, seconds):
     print(f"wrote {os.path.join(cfg.out_dir, 'eval.json')}")
     return res
 
-def refuse_changes(cfg, typed, mode):  # --eval, --generate: a flag unlike the saved run's is refused, else it prints
+def refuse_changes(cfg, typed, mode):  # --eval, --generate: refuse a flag unlike the saved run's; print what runs
     same = lambda k, v: os.path.abspath(v) == cfg.data_dir if k == "data_dir" else v == getattr(cfg, k)  # (absolute)
     if clash := [f"--{k} {v}" for k, v in typed.items() if k not in RUN_FIELDS and not same(k, v)]:
         raise UserError(f"{cfg.out_dir}: {mode} runs the trained settings and world; drop {', '.join(clash)}")
-    print("config:", json.dumps(dataclasses.asdict(cfg)))  # what runs: the saved run, with typed run fields
+    print("config:", json.dumps(dataclasses.asdict(cfg)))  # the saved run, with the typed run fields
 
 def evaluate_saved(cfg, typed):  # --eval: the three checkpoints in out_dir, scored and pictured as --train does
     clip_model, tok, cfg, t_clip = load_model(cfg, "clip")

@@ -839,6 +839,10 @@ class VideoLlava(nn.Module):
         if need > cfg.max_position_embeddings:  # the RoPE table ends there
             raise UserError(f"{need} tokens (the prompt and its visual tokens, plus the answer or --max_new_tokens) "
                             f"exceed the context ({cfg.max_position_embeddings}); lower --max_new_tokens or --n_frames")
+        if attention_mask is None:  # no padding: every token is real
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape != (B, T):  # a mask of another width would broadcast into wrong positions
+            raise ValueError(f"attention_mask must be (B, T) = {(B, T)}: the cached tokens, then these L = {L}")
         x = lm.embed_tokens(input_ids)  # (B, L, D)
         # placeholder expansion: the prompt holds one <image> token per image feature and one <video> token per
         # frame feature (expand_placeholders); their embeddings are overwritten by the projected CLIP features
@@ -848,10 +852,6 @@ class VideoLlava(nn.Module):
                 x = self._place(x, input_ids, token, encode(pixels), what)
             elif (input_ids == token).any():
                 raise UserError(f"the prompt has <{what}> placeholders but no {what} was given")
-        if attention_mask is None:  # no padding: every token is real
-            attention_mask = torch.ones(B, T, dtype=torch.long, device=x.device)
-        if attention_mask.shape != (B, T):  # a mask of another width would broadcast into wrong positions
-            raise ValueError(f"attention_mask must be (B, T) = {(B, T)}: the cached tokens, then these L = {L}")
         # RoPE positions (B, L), counting real tokens only, and the boolean mask (True = attend), broadcast over heads:
         # (B, 1, L, T_max) over a whole cache (its unwritten positions hidden), else (B, 1, L, L)
         pos, mask = cache.claim(attention_mask) if cache is not None else padded_positions(attention_mask, 0)
@@ -1350,7 +1350,8 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):  # greedy answe
     return result
 
 def inspect_checkpoint(path, n_frames, n_tokens):  # parameters per tower, bytes by dtype, key check, memory for a video
-    run = read_config(path).get("train_config") or {}  # a run of this script: its frame count, unless typed (HF: 8)
+    run = read_config(path).get("train_config") or {}  # a run of this script: its settings (an HF folder: none)
+    n_frames = n_frames or run.get("n_frames", 8)  # typed, else the run's, else the 7B's 8
     model, files, handles, found, problems = align_keys(path)
     cfg, towers, by_dtype, layouts = model.cfg, {}, {}, set()
     for key, f in files.items():
@@ -1371,7 +1372,6 @@ def inspect_checkpoint(path, n_frames, n_tokens):  # parameters per tower, bytes
     print(f"key alignment: {len(found)} model tensors found, " +
           ", ".join(f"{what} {keys or 'none'}" for what, keys in problems.items()))
     p, e, bf16, f32 = (cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size // cfg.num_attention_heads, 2, 4
-    n_frames = n_frames or run.get("n_frames", 8)
     seq = (p + 1) * n_frames + n_tokens  # positions of the prompt: P+1 per frame (CLS kept for video) + text
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * e * seq * bf16  # keys and values of every layer
     vis = n_frames * (p + 1) ** 2 * cfg.v_num_attention_heads * f32  # one CLIP layer over the frames: scores (float32),
