@@ -1,6 +1,6 @@
 """VideoLLaMA-Mini: a video captioner in one file, after Video-LLaMA and BLIP-2, small enough to train on a laptop CPU.
 What `--train` builds (qformer_mode "text", the design of the VideoLLaMA-Mini write-up):
-    frames (B, F, S, S, 3) uint8 -> [-1, 1], plus the difference to the previous frame as 3 more channels
+    frames (B, F, S, S, 3) uint8 -> [-1, 1] less each frame's mean colour, + change from the previous frame: 6 channels
       -> FrameEncoder: a 3-conv CNN per frame, pooled to a grid x grid map (+ a max) -> one vector per frame  (B, F, D)
       -> + sinusoidal time code -> temporal Transformer encoder (frames attend to frames) -> visual tokens  (B, F, D)
       -> caption decoder over GPT-2 tokens: causal self-attention, then cross-attention in which the caption
@@ -324,7 +324,7 @@ class Attention(nn.Module):
         self.q, self.k, self.v = (nn.Linear(cfg.d_model, cfg.d_model) for _ in range(3))
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)  # mixes the heads back into the residual stream
         self.record, self.weights = False, None  # attention_png switches recording on
-    def split(self, x):  # (B, T, D) -> (B, H, T, D/H)
+    def split(self, x):  # (B, T, D) -> (B, H, T, D/H), T: the length of this sequence (F, Q or L)
         return x.view(x.shape[0], x.shape[1], self.h, -1).transpose(1, 2)
     def forward(self, x, ctx=None, causal=False, cache=None):
         q = self.split(self.q(x))  # (B, H, T, D/H)
@@ -334,7 +334,7 @@ class Attention(nn.Module):
                 if "k" in cache:
                     assert x.shape[1] == 1, "cached decoding feeds one token at a time"
                     k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-                    causal = False  # one new query may see every cached key
+                    causal = False  # the new query sees every cached key (is_causal would keep only the first)
                 cache["k"], cache["v"] = k, v  # (B, H, T_past + T, D/H)
         elif cache is not None and "ck" in cache:  # cross-attention: the video's keys/values, from the first step
             k, v = cache["ck"], cache["cv"]  # (B, H, F or Q, D/H)
@@ -346,7 +346,7 @@ class Attention(nn.Module):
             att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
             if causal:
                 att = att.masked_fill(torch.ones_like(att, dtype=torch.bool).triu(1), float("-inf"))
-            self.weights = att.softmax(-1).float().mean(1).detach()  # (B, Lq, Lk), averaged over heads
+            self.weights = att.softmax(-1).float().mean(1).detach()  # (B, T, keys), averaged over heads
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(x.shape))  # (B, T, D)
 
@@ -369,7 +369,7 @@ class Block(nn.Module):
 
 class FrameEncoder(nn.Module):
     """(B, F, 3, S, S) -> (B, F, D): a small CNN per frame, adaptive average pooling to a grid x grid map (a 1x1
-    pool would erase where the object is, and with it the motion), flattened and projected to one vector per frame."""
+    pool would erase where the object is, and with it the motion) plus a global max, projected to one vector a frame."""
     def __init__(self, cfg):
         super().__init__()
         w, c_in = cfg.cnn_width, 6 if cfg.frame_diff else 3  # RGB, plus the RGB difference
@@ -391,7 +391,7 @@ class FrameEncoder(nn.Module):
         if self.frame_diff:
             diff = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], 1)  # (B, F, 3, S, S)
             x = torch.cat([x, diff], 2)  # (B, F, 6, S, S)
-        feat = self.cnn(x.flatten(0, 1))  # (B*F, 2w, S/4, S/4)
+        feat = self.cnn(x.flatten(0, 1))  # (B*F, 2w, S/4, S/4), w: cnn_width; two stride-2 convs
         feat = feat - feat.mean((-2, -1), keepdim=True)  # what stands out from the frame's average, nothing else
         where = F.adaptive_avg_pool2d(feat, self.grid).flatten(1)  # (B*F, 2w*grid*grid): what is where
         what = feat.amax((-2, -1))  # (B*F, 2w): the strongest response anywhere, the same wherever the object is
@@ -430,8 +430,8 @@ class VideoLLaMAMini(nn.Module):
         self.decoder = nn.ModuleList(Block(cfg, causal=True, cross=True) for _ in range(cfg.n_dec_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)  # before the output table
         # Untied output table: GPT-2's small init (near-uniform first predictions), the input table std D^-0.5 (below)
-        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)  # compact vocabulary: a few thousand weights
-        for m in self.modules():  # GPT-2's init, then the two exceptions below
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)  # (V, D): small over the compact table, not 50257
+        for m in self.modules():  # GPT-2's init (Conv2d keeps PyTorch's), then the two exceptions below
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, 0.0, 0.02)  # GPT-2's std
             if isinstance(m, nn.Linear) and m.bias is not None:
@@ -440,17 +440,17 @@ class VideoLLaMAMini(nn.Module):
         # unit scale as the sinusoidal position code; at GPT-2's std 0.02 the position code would drown the word.
         nn.init.normal_(self.tok.weight, 0.0, cfg.d_model ** -0.5)
         depth = sum(isinstance(m, Block) for m in self.modules())  # blocks built: temporal, decoder [+ Q-Former]
-        for name, p in self.named_parameters():  # GPT-2: residual output projections scaled by 1/sqrt(2 * depth)
+        for name, p in self.named_parameters():  # GPT-2's 1/sqrt(2 * depth) on residual outputs (attn, xattn, mlp)
             if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * depth))
     @torch.no_grad()
     def init_from_data(self, video):
         """Data-dependent initialisation (Salimans & Kingma, 2016) of the affine parameters that end each stage. Every
         clip is mostly background, so at random init every clip embeds to nearly one vector and the decoder learns
-        the caption prior alone. One batch's per-feature mean and std, folded into the LayerNorms after the frame and
-        temporal encoders and (per query) into the QFormer's output scale and shift, make their outputs zero-mean and
-        unit-variance *across clips* at step 0: a one-off change of initial weights, no batch statistics later."""
-        def fold(weight, bias, x, dims):  # x: this batch's output of the affine (weight, bias)
+        the caption prior alone. The per-feature mean and std over `video` (up to 256 training clips), folded into the
+        LayerNorms after the frame and temporal encoders and (per query) the QFormer's output scale and shift, make
+        their outputs zero-mean, unit-variance *across clips*: a one-off change of initial weights, no running stats."""
+        def fold(weight, bias, x, dims):  # x: the clips' output of the affine (weight, bias)
             m, s = x.mean(dims), x.std(dims) + 1e-3  # over clips (dim 0) and positions (1): (D,) or (Q, D) each
             weight.div_(s)  # y = (x - m) / s, folded into the affine
             bias.sub_(m).div_(s)
