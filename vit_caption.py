@@ -2,24 +2,24 @@
 
     image (B, S, S, 3) uint8
       -> ViT: patch embedding (conv, stride = patch), learned position embeddings, pre-LayerNorm blocks with
-         GELU MLPs (dropout in --preset original), final LayerNorm                   -> (B, P, E) patch tokens
+         GELU MLPs (dropout in --preset original), final LayerNorm            -> (B, P, E) patch tokens (+ CLS)
       -> pooled to the visual prefix: "cls" (a learned CLS token's output, (B, 1, E), the write-up's image vector),
          "mean" (mean of the patch tokens, (B, 1, E)) or "patches" (all P patch tokens, (B, P, E))
       -> linear projection E -> D                                                       -> (B, N, D)
       -> LLaMA-style decoder over [visual prefix, <|endoftext|> (BOS), caption tokens]: RMSNorm, rotary positions
          (rotate_half), causal SDPA self-attention with a KV cache, SwiGLU MLP (SiLU)   -> (B, L, V)
 
-The "Vision Language Model (From Scratch)" write-up trained exactly this model, with LLaMA's 32,000-piece tokenizer,
-on 16 image-caption pairs and could only memorise them. Here the text is GPT-2 BPE (tiktoken); the embedding and output
-table cover only the GPT-2 ids of the training captions plus <|endoftext|> (BOS and EOS), because a 50257-way layer
-would dominate a small model on a CPU (`--no-compact_vocab` keeps all 50257 rows, as `--preset original` does).
+The "Vision Language Model (From Scratch)" write-up gives this model's parts and sizes (`--preset original`) and trained
+it on 16 image-caption pairs with LLaMA's 32,000-piece tokenizer. Here the text is GPT-2 BPE (tiktoken); the embedding
+and output table cover only the GPT-2 ids of the training captions plus <|endoftext|> (BOS and EOS), because a 50257-way
+layer would dominate a small model on a CPU (`--no-compact_vocab` keeps all 50257 rows, as `--preset original` does).
 
 The built-in world: PNG images of one or two shapes (6 colours x 3 shapes x 2 sizes) on grey, captioned with size,
 colour, shape and, for two objects, their relation: "a small red circle above a large blue square" (two references,
 one from each object's side). `test`: new images of (colour, shape) pairs seen in training; `novel`: held-out pairs.
 
 Shape legend: B batch, S image side, P patches, E ViT width, N visual prefix tokens (1 or P), L text tokens,
-D decoder width, H heads, V vocabulary, K beams.
+D decoder width, H heads, hd head width D/H, T positions in one call, V vocabulary, K beams, G global batch.
 
 Commands (the README lists more: --max_train 16, --preset original, --eval, --bench):
     python vit_caption.py --train                            # data + training + evaluation on CPU
@@ -98,7 +98,7 @@ class Config:
     mlp_dim: int = 384  # SwiGLU hidden width
     max_len: int = 24  # longest caption in tokens, BOS and EOS included
     rope_theta: float = 100.0  # RoPE base; with LLaMA's 10000 the short prefix offsets barely turn (NOTES.md)
-    dropout: float = 0.0  # decoder dropout on the residual branches
+    dropout: float = 0.0  # decoder dropout on the attention weights and the residual branches
     compact_vocab: bool = True  # output table over the GPT-2 ids seen in training (False: all 50257)
     batch_size: int = 64  # micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * processes)
@@ -121,7 +121,7 @@ class Config:
     beam: int = 1  # beam width; >1 = beam search (deterministic)
     max_new_tokens: int = 23  # caption length limit in tokens, EOS included
 
-PRESETS = {"default": {},  # tiny: seconds, for the tests. original: the write-up's sizes (4 decoder heads, GPT-2 ids)
+PRESETS = {"default": {},  # tiny: seconds, for the tests. original: the write-up's sizes (no heads given; GPT-2 ids)
     "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, img_size=16, patch=8, vit_dim=32, vit_layers=1,
                  vit_heads=2, vit_mlp=64, d_model=32, n_layer=1, n_head=2, mlp_dim=64, batch_size=8,
                  max_steps=6, warmup=2, log_interval=2, eval_interval=4),
@@ -456,7 +456,7 @@ class ViTCaptioner(nn.Module):  # ViT -> linear projection -> LLaMA-style decode
         k = min(conv.out_channels, int((evals > 1e-5 * evals[-1]).sum()))
         # (3*p*p, k) -> (k, 3*p*p): one row per component, largest first, divided by its std so its output has std 1
         w = (evecs[:, len(evals) - k:].flip(1) / (evals[len(evals) - k:].flip(0).sqrt())).T * self.cfg.patch_scale
-        conv.weight.zero_(), conv.bias.zero_()  # channels beyond 3*p*p components (a narrow patch) stay zero
+        conv.weight.zero_(), conv.bias.zero_()  # channels beyond the k components stay zero
         conv.weight.view(conv.out_channels, -1)[:k] = w.float()  # (E, 3, p, p) seen as (E, 3*p*p): unfold's order
         conv.bias[:k] = -(w @ mean).float()  # centred: the mean patch maps to zero
         # where a patch is must stay visible beside what it shows: positions at the features' std (NOTES.md)
@@ -679,7 +679,7 @@ def init_training(cfg, entries, images, resumed, device):  # -> (model, tok, opt
         if cfg.patch_init == "pca":  # every rank draws the same images, so every rank starts from the same weights
             model.init_from_data(images[torch.randperm(len(images))[:2000]])
     model.to(device)
-    tables = {id(model.vit.pos_embed), id(model.vit.cls_token)}  # tables of vectors, like an embedding
+    tables = {id(model.vit.pos_embed), id(model.vit.cls_token)}  # added vectors: no decay (embed_tokens does)
     decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in tables]  # weight decay on matrices only
     rest = [p for p in model.parameters() if not (p.dim() >= 2 and id(p) not in tables)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -944,7 +944,7 @@ def bench(cfg):  # training samples/s, captions/s (KV cache on, off) in cfg.dtyp
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")  # float16: loss scaling
     img = torch.randint(0, 255, (B, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8, device=device)
-    inp = torch.randint(0, vocab, (B, 16), device=device)  # 16 text tokens: a little over the longest caption (13)
+    inp = torch.randint(0, vocab, (B, 16), device=device)  # 16 inputs: the longest caption has 13 (BOS + 12)
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, vocab {vocab}")
     times, one = [], dataclasses.replace(cfg, grad_accum=1)  # the whole batch in one micro-batch
     for i in range(8):  # the training step itself: 2 warm-up steps, then the median of 6
