@@ -33,7 +33,7 @@ Papers: Attention (https://arxiv.org/abs/1706.03762), ViT (https://arxiv.org/abs
 The attention math is spelled out on purpose: `attention()` below is the one place it happens; every module can
 switch to F.scaled_dot_product_attention (`--sdpa`, the default for training), and the tour checks both agree.
 
-Shape legend: B batch, F frames, P tokens per frame (patches + CLS), Q latents, M media items, L text tokens,
+Shape legend: B batch, F frames, P tokens per frame (P' patches + CLS), Q latents, M media items, L text tokens,
 N keys, D width, H heads, E joint CLIP embedding, V vocabulary.
 
 Commands:
@@ -588,7 +588,7 @@ class Decoder(Module):
         logits = self.head(self.ln(x[:, n_prefix:]))  # (B, L, V): text positions only
         loss = None
         if targets is not None:  # next-token cross-entropy; -100 marks positions after EOS
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)  # (B*L, V)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)  # mean: ()
         return logits, loss
 
 class Captioner(Module):
@@ -622,7 +622,7 @@ class Captioner(Module):
                                                 cfg.sdpa)
             self.decoder = Decoder(cfg, vocab, cfg.max_len, xattn=True)
         self.init_weights()
-    def encode(self, frames):  # uint8 (B, F, S, S, 3) -> visual input: prefix (B, F*P, D) or latents (B, Q, D)
+    def encode(self, frames):  # uint8 (B, F, S, S, 3) -> prefix (B, F*(1+P), D) or latents (B, Q, D); no --motion: F*P
         B, Fr = frames.shape[:2]
         tokens = self.vision(to_pixels(frames.flatten(0, 1)))  # (B*F, P, D): each frame alone
         tokens = tokens.view(B, Fr, *tokens.shape[1:])  # (B, F, P, D)
@@ -631,7 +631,7 @@ class Captioner(Module):
             prev = torch.cat([tokens[:, :1], tokens[:, :-1]], 1)  # (B, F, 1+P, D): frame f-1 (frame 0 for itself)
             tokens = tokens + self.motion(tokens - prev)  # (B, F, 1+P, D); frame 0's difference is 0
         if self.variant == "unified":
-            return self.proj(tokens + self.time[:Fr]).flatten(1, 2)  # (B, F*P, D)
+            return self.proj(tokens + self.time[:Fr]).flatten(1, 2)  # (B, F*(1+P), D)
         return self.resampler(tokens)  # (B, Q, D)
     def forward(self, visual, ids, targets=None):
         if self.variant == "unified":
@@ -743,7 +743,7 @@ def tour_patchify(cfg):
     vit = ViT(cfg)
     tokens = vit(img)
     print(f"  linear projection {tuple(vit.embed.weight.shape[::-1])} -> + CLS + positions -> ViT tokens "
-          f"{tuple(tokens.shape)} (B, 1+P, D)")
+          f"{tuple(tokens.shape)} (B, 1+P', D)")
     check(tokens.shape == (2, 1 + (S // p) ** 2, cfg.d_model), "one token per patch plus the CLS token")
 
 def tour_clip(cfg):
