@@ -7,8 +7,8 @@ checkpoint `LanguageBind/Video-LLaVA-7B-hf`, plus a tiny Video-LLaVA trained fro
       -> multi_modal_projector: Linear -> GELU -> Linear                              -> (.., .., D)
       -> written over the <image> / <video> placeholder embeddings, in order, of the prompt
       -> LLaMA decoder (RMSNorm, rotate_half RoPE, grouped-query attention, SwiGLU) -> lm_head -> (B, L, V)
-Shape legend: B batch, N images, F frames, P patches per frame, L new tokens, T tokens so far (cached + new), D width,
-Dv vision width, H heads, K kv heads, E head dim, V vocabulary, T_max the KV cache's length (the keys it attends).
+Shape legend: B batch, N images, F frames, S image side, P patches per frame, L new tokens, T tokens so far (cached +
+new), D width, Dv vision width, H heads, K kv heads, E head dim, V vocabulary, T_max the KV cache's length (keys).
 
 Paper: Video-LLaVA, Lin et al. 2023 (https://arxiv.org/abs/2311.10122); LLaVA (https://arxiv.org/abs/2304.08485).
 Reference: transformers `VideoLlavaForConditionalGeneration` (the tests compare logits and tokens with it; only they
@@ -201,7 +201,7 @@ def hf_config_dict(cfg):  # Config -> an HF-style config.json: checkpoints train
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
            "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
 SHAPES = ["circle", "square", "triangle"]  # what the image questions ask about, with colour and count
-MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # direction -> (dx, dy) in pixels
+MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # direction -> unit step (dx, dy), y down
 NUMBERS = ["one", "two", "three"]  # answers are words, so every answer is ordinary text
 # (colour, shape) pairs never shown in training: each colour loses one shape, each shape is held out twice
 NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),
@@ -1335,8 +1335,8 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):  # greedy answe
                                    max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
                 preds.update(zip(part, [tok.decode([t for t in r if t != tok.eos_id]).strip() for r in out.tolist()]))
             em = lambda rows: exact_match([preds[i] for i in rows], [ex.entries[i]["answer"] for i in rows])
-            kinds = {i: " ".join(ex.entries[i]["question"].split()[:4]) for i in rows}  # e.g. "Which way does the"
-            by_q = {q: em([i for i in rows if kinds[i] == q]) for q in sorted(set(kinds.values()))}
+            qtype = {i: " ".join(ex.entries[i]["question"].split()[:4]) for i in rows}  # e.g. "Which way does the"
+            by_q = {q: em([i for i in rows if qtype[i] == q]) for q in sorted(set(qtype.values()))}
             samples = [{"question": ex.entries[i]["question"], "prediction": preds[i],
                         "reference": ex.entries[i]["answer"]} for i in rows[:4]]
             result[split][kind] = {"n": len(rows), "exact_match": em(rows), "by_question": by_q, "samples": samples}
