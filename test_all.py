@@ -2761,6 +2761,15 @@ def test_vl_resume_refuses_foreign_folders(vl_tiny_run, tmp_path):
     os.remove(done / "train_state.pt")
     with pytest.raises(vl.UserError, match="no train_state.pt"):
         vl.main(["--train", "--resume", "--out_dir", str(done)])
+    # a run's folder whose config.json is gone or damaged is named as such, not as another model's
+    no_config = tmp_path / "no_config"
+    shutil.copytree(vl_tiny_run[0].out_dir, no_config)
+    os.remove(no_config / "config.json")
+    with pytest.raises(vl.UserError, match=r"nothing to resume or evaluate \(no readable config.json\)"):
+        vl.main(["--train", "--resume", "--out_dir", str(no_config)])
+    open(no_config / "config.json", "w").write("{not json")
+    with pytest.raises(vl.UserError, match=r"no readable config.json"):
+        vl.main(["--eval", "--out_dir", str(no_config)])
     with pytest.raises(vl.UserError, match="another architecture"):
         vl.main(["--train", "--resume", "--out_dir", vl_tiny_run[0].out_dir, "--hidden_size", "64"])
     # what trains is part of what AdamW's saved state fits: another --freeze or --from_pretrained is refused too

@@ -985,9 +985,8 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None)
 
 def saved_config(out_dir, overrides, resume=True):  # the Config --train saved in out_dir, typed flags on top
     cpath, tpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "train_state.pt")
-    if not os.path.isfile(cpath) and not os.path.isfile(tpath):
-        raise UserError(f"{out_dir}: nothing to resume or evaluate (no config.json or train_state.pt); run --train")
-    meta = read_json(cpath) or {}  # missing or unreadable: refused below like a foreign folder
+    if (meta := read_json(cpath)) is None:  # missing, not JSON, or not a JSON object
+        raise UserError(f"{out_dir}: nothing to resume or evaluate (no readable config.json); run --train")
     if meta.get("script") != SCRIPT or not isinstance(meta.get("train_config"), dict):
         s, mt = meta.get("script"), meta.get("model_type")  # ours without settings (damaged), another's, none (HF)
         what = "no train_config" if s == SCRIPT else f"the script {s!r}" if s else f"model_type {mt!r}"
