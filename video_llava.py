@@ -882,9 +882,9 @@ def canonical_key(k):  # a key in any of the three layouts (rules below) -> the 
     for pattern, hub in ((r"^model\.language_model\.", "language_model.model."),  # in memory, transformers 5
                          (r"^lm_head\.", "language_model.lm_head."),  # the hub keeps the head inside language_model
                          (r"^model\.", ""),  # in memory: the towers and the projector
-                         # saved by transformers 5: the towers without their vision_model wrapper
+                         # transformers 5, saved and in memory: the towers without their vision_model wrapper
                          (r"^(image|video)_tower\.(?!vision_model\.)", r"\1_tower.vision_model.")):
-        k = re.sub(pattern, hub, k)  # applied in order: a key the first rule renamed matches none of the others
+        k = re.sub(pattern, hub, k)  # in order, each on the last's result: in-memory tower keys take rules 3 and 4
     return k
 
 # Buffers old checkpoints hold and models rebuild (RoPE inv_freq, CLIP position_ids): skipped, as transformers does
