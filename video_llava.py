@@ -51,7 +51,7 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 class UserError(Exception):
-    """A problem with the user's input: main() prints it as one line and exits with status 2."""
+    """A problem with the user's input: the command line (__main__, below main) prints it as one line, exit status 2."""
 
 def read_json(path):  # path's JSON object as a dict, or None: missing, not UTF-8, not JSON, not an object
     with contextlib.suppress(OSError, ValueError):  # ValueError: not JSON, or not UTF-8
@@ -1461,7 +1461,7 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
                                                               "data_init", "temperature") if not 0 <= v[f] < math.inf]
     problems += [f"--{a} {v[a]} must be a multiple of --{b} {v[b]}" for a, b in (("hidden_size", "num_attention_heads"),
                  ("num_attention_heads", "num_key_value_heads"), ("v_hidden_size", "v_num_attention_heads"),
-                 ("image_size", "patch_size")) if v[a] % max(v[b], 1) and not args.generate]  # (--generate: below)
+                 ("image_size", "patch_size")) if v[a] % max(v[b], 1) and not args.generate]  # (--generate: check_arch)
     problems += [f"--{k} {v[k]}: choose {' or '.join(ok)}" for k, ok in CHOICES.items() if v[k] not in ok]
     modes = sum(map(bool, (args.train or args.eval, args.generate, args.inspect, args.bench)))  # --train evaluates too
     problems += [msg for bad, msg in (
