@@ -81,7 +81,7 @@ class Config:
     n_train: int = 3000  # synthetic images and as many clips in train (3 questions per image, 1 per clip)
     n_test: int = 200  # images and clips in each of val / test / novel
     n_frames: int = 4  # frames sampled uniformly per video (the 7B checkpoint was trained on 8)
-    # architecture: field names follow the HF config.json (text_config / vision_config) so from_pretrained maps 1:1
+    # architecture: the HF config.json's names (text_config, and vision_config's with a v_ prefix; map: HF_FIELDS)
     vocab_size: int = 0  # 0 = set from the tokenizer table at --train
     hidden_size: int = 128
     intermediate_size: int = 352
