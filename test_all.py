@@ -2613,6 +2613,16 @@ def test_vl_inspect_counts_a_shared_tower_once(vl_tiny_run, capsys):
     assert "one video of 2 frames" in capsys.readouterr().out
 
 
+def test_vl_inspect_refuses_a_damaged_train_config(vl_tiny_run, tmp_path):
+    """A run's config.json whose train_config is damaged: --inspect names the file, as --eval does, no traceback."""
+    damaged = shutil.copytree(vl_tiny_run[0].out_dir, tmp_path / "damaged")
+    meta = json.load(open(damaged / "config.json"))
+    for bad in ([1], {**meta["train_config"], "n_frames": "4"}):
+        json.dump({**meta, "train_config": bad}, open(damaged / "config.json", "w"))
+        with pytest.raises(vl.UserError, match="config.json"):
+            vl.main(["--inspect", str(damaged)])
+
+
 @_vc_1t
 def test_vl_two_towers_train_apart_and_resume(vl_tiny_run, tmp_path, capsys):
     """--no-share_towers: two towers, each changed by its own gradients (a shared tower would change both names by

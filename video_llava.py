@@ -1349,8 +1349,8 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):  # greedy answe
     return result
 
 def inspect_checkpoint(path, n_frames, n_tokens):  # parameters per tower, bytes by dtype, key check, memory for a video
-    run = read_config(path).get("train_config") or {}  # a run of this script: its settings (an HF folder: none)
-    n_frames = n_frames or run.get("n_frames", 8)  # typed, else the run's, else the 7B's 8
+    run = saved_config(path, {}, resume=False) if read_config(path).get("script") == SCRIPT else None  # else HF
+    n_frames = n_frames or (run.n_frames if run else 8)  # typed, else the run's, else the 7B's 8
     model, files, handles, found, problems = align_keys(path)
     cfg, towers, by_dtype, layouts = model.cfg, {}, {}, set()
     for key, f in files.items():
@@ -1361,7 +1361,7 @@ def inspect_checkpoint(path, n_frames, n_tokens):  # parameters per tower, bytes
         towers[tower] = towers.get(tower, 0) + numel
         layouts.add("transformers-5 in memory" if key.startswith(("model.", "lm_head.")) else
                     "hub" if ".vision_model." in key else "transformers-5 save" if "_tower." in key else None)
-    if shared := run.get("share_towers"):  # one tower saved as both names
+    if shared := run and run.share_towers:  # one tower saved as both names
         towers.pop("video_tower", None)  # counted once, as the run trained it
     n_bytes, per_tower = sum(by_dtype.values()), [f"{t} {n / 1e6:.2f}M" for t, n in towers.items()]
     print(f"checkpoint {path}: {len(files)} tensors in {len(handles)} file(s), layout {sorted(layouts - {None})}; "
