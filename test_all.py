@@ -3520,6 +3520,16 @@ def test_mk_tower_folders_named_by_what_is_wrong(mk_hf, tmp_path):
     check_cut_off_video(mk, tmp_path)
 
 
+def test_mk_moved_tower_folder_names_the_flag_that_finds_it(mk_hf, tmp_path):
+    """A run's V-JEPA 2 folder moved before --eval: the one line names --vision_ckpt, and passing it there works."""
+    shutil.copytree(mk_hf["root"] / "vjepa2", tmp_path / "v")
+    mk.main(["--train", "--preset", "tiny", "--vision_ckpt", str(tmp_path / "v"), "--max_steps", "2", "--data_dir",
+             str(tmp_path / "data"), "--out_dir", str(tmp_path / "o")])
+    os.rename(tmp_path / "v", tmp_path / "v2")
+    with pytest.raises(mk.UserError, match="v: no such folder; pass --vision_ckpt where the tower is"):
+        mk.main(["--eval", "--out_dir", str(tmp_path / "o")])
+    mk.main(["--eval", "--out_dir", str(tmp_path / "o"), "--vision_ckpt", str(tmp_path / "v2")])
+
 def test_mk_frozen_towers_with_checkpoints(mk_hf, tmp_path):
     cfg = _mk_tiny_cfg(tmp_path, vision_ckpt=str(mk_hf["root"] / "vjepa2"), llm_ckpt=str(mk_hf["root"] / "qwen3"),
                        n_frames=4)
