@@ -2731,6 +2731,22 @@ def test_vl_exact_resume(vl_tiny_run, tmp_path, capsys, monkeypatch):
     assert os.path.isfile(os.path.join(cut, "eval.json"))
 
 
+def test_vl_save_cut_off_before_train_state_refuses_resume(vl_tiny_run, tmp_path, monkeypatch):
+    """A save stopped after the new weights but before the new train_state.pt: --resume refuses (the older state would
+    go on from its step with the newer weights), in one line that says how to go on."""
+    cut, data = str(tmp_path / "cut"), vl_tiny_run[0].data_dir
+    vl.main(["--train", "--preset", "tiny", "--max_steps", "6", "--data_dir", data, "--out_dir", cut,
+             "--stop_after", "2"])
+    def killed(obj, path, *a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        vl.main(["--train", "--resume", "--out_dir", cut, "--stop_after", "3"])
+    monkeypatch.undo()
+    with pytest.raises(vl.UserError, match="no train_state.pt, so there is no optimizer state to resume from"):
+        vl.main(["--train", "--resume", "--out_dir", cut])
+
+
 def test_vl_ddp_two_processes_gloo(vl_tiny_run, tmp_path):
     """torchrun, 2 gloo processes of batch 4: finishes, rank 0 alone prints and writes eval.json, and the weights are
     those of one process with batch 8 (each rank computed a distinct half of every global batch)."""
