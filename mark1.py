@@ -870,8 +870,8 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler):  # the weights of every
     path = lambda name: os.path.join(cfg.out_dir, name)
     state = {k: v.detach().cpu().contiguous() for k, v in own_state(model, cfg).items()}
     atomic(path("model.safetensors"), lambda p: save_file(state, p))
-    with contextlib.suppress(FileNotFoundError):  # eval.json scored the weights just replaced
-        os.remove(path("eval.json"))
+    for stale in filter(os.path.isfile, map(path, ("eval.json", "train_state.pt"))):  # eval.json scored the old
+        os.remove(stale)  # weights; the old state would --resume the new ones at its step (written again below)
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids, "towers": {  # the HF towers' weights
         p: fingerprint(getattr(model, p)) for p in ("vision", "llm") if getattr(cfg, p + "_ckpt")}}
     atomic(path("config.json"), lambda p: json.dump(meta, open(p, "w")))

@@ -4006,6 +4006,21 @@ def test_mk_exact_resume(mk_trained, tmp_path, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_mk_save_cut_off_before_train_state_refuses_resume(mk_trained, tmp_path, monkeypatch):
+    """A save stopped after the new weights but before the new train_state.pt: --resume refuses (the older state would
+    go on from its step with the newer weights), in one line."""
+    d, r = mk_trained[0], str(tmp_path / "r")
+    mk.main(["--train", "--preset", "tiny", "--data_dir", str(d / "data"), "--out_dir", r, "--stop_after", "2"])
+    def killed(obj, path, *a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        mk.main(["--train", "--resume", "--out_dir", r, "--stop_after", "3"])
+    monkeypatch.undo()
+    with pytest.raises(mk.UserError, match="train_state.pt: nothing to resume"):
+        mk.main(["--train", "--resume", "--out_dir", r])
+
+
 def test_mk_eval_and_predict_cli(mk_trained, tmp_path, capsys, monkeypatch):
     d, _ = mk_trained
     out = d / "out"
