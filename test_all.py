@@ -713,6 +713,21 @@ def test_vm_resume_continues_the_saved_run(_vm_trained, tmp_path, monkeypatch):
     assert torch.equal(_vm_weights(resumed), _vm_weights(full))
 
 
+def test_vm_save_cut_off_before_train_state_refuses_resume(capsys, _vm_trained, tmp_path, monkeypatch):
+    """A save stopped after the new weights but before the new train_state.pt: --resume refuses (the older state would
+    go on from its step with the newer weights)."""
+    tmp, _ = _vm_trained
+    out = str(tmp_path / "r")
+    vm.main(["--train", "--preset", "tiny", "--data_dir", str(tmp / "data"), "--out_dir", out, "--stop_after", "2"])
+    def killed(obj, path, *a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        vm.main(["--train", "--resume", "--out_dir", out, "--stop_after", "3"])
+    monkeypatch.undo()
+    main_user_error(vm.main, capsys, ["--train", "--resume", "--out_dir", out], "nothing to resume (no train_state.pt)")
+
+
 def test_vm_original_preset_sizes():
     """--preset original: the write-up's text-query design over the full GPT-2 vocabulary, without dropout or weight
     decay; it gives no layer, width, head or frame counts, so those are the defaults."""
@@ -1162,6 +1177,20 @@ def test_vc_grad_accumulation_equals_big_batch(tmp_path):
 
 
 @_vc_1t
+def test_vc_save_cut_off_before_train_state_refuses_resume(capsys, tmp_path, monkeypatch):
+    """A save stopped after the new weights but before the new train_state.pt: --resume refuses (the older state would
+    go on from its step with the newer weights)."""
+    cut = str(tmp_path / "cut")
+    vc.train(_vc_cfg(tmp_path, out_dir=cut, stop_after=2))
+    def killed(obj, path, *a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        vc.main(["--train", "--resume", "--out_dir", cut, "--stop_after", "3"])
+    monkeypatch.undo()
+    main_user_error(vc.main, capsys, ["--train", "--resume", "--out_dir", cut], "nothing to resume (no train_state.pt)")
+
+
 def test_vc_checkpoint_round_trip_and_exact_resume(tmp_path, capsys):
     """--resume takes the architecture and the rest of the run from the checkpoint (no --preset needed), refuses a
     typed flag that asks for another architecture by name, and refuses before it reads or builds any data."""

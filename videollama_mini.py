@@ -489,8 +489,8 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler):  # train_state.pt: what
     os.makedirs(cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
-    with contextlib.suppress(FileNotFoundError):  # eval.json scored the weights just replaced
-        os.remove(os.path.join(cfg.out_dir, "eval.json"))
+    for stale in filter(os.path.isfile, (os.path.join(cfg.out_dir, n) for n in ("eval.json", "train_state.pt"))):
+        os.remove(stale)  # both belong to the old weights: eval.json scored them, their state would --resume the new
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
     ts = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "rng": torch.get_rng_state()}
