@@ -965,9 +965,9 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None)
     if model.video_tower is model.image_tower:  # one tower under two names: safetensors stores no tensor twice
         state.update({k: v.clone() for k, v in state.items() if k.startswith("video_tower.")})
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
-    for stale in ("model.safetensors.index.json", "eval.json", "train_state.pt"):  # an index would win over the new
-        with contextlib.suppress(FileNotFoundError):  # file (weight_files); eval.json scored the old weights; the
-            os.remove(os.path.join(cfg.out_dir, stale))  # old state would --resume the new ones at its step (see below)
+    for stale in ("model.safetensors.index.json", "eval.json", "train_state.pt"):  # each belongs to the old weights:
+        with contextlib.suppress(FileNotFoundError):  # an index would win over the new file, eval.json scored the old
+            os.remove(os.path.join(cfg.out_dir, stale))  # ones, their state would --resume the new (rewritten below)
     config = dataclasses.asdict(cfg)  # your data files' paths absolute: --eval and --resume find them from anywhere
     config.update({k: os.path.abspath(config[k]) for k in ("data", "test_data", "data_dir") if config[k]})
     meta = {**hf_config_dict(cfg), "script": SCRIPT, "train_config": config}
