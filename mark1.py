@@ -319,7 +319,7 @@ def read_annotations(path):  # user JSON list, validated; errors name the entry
     items = read_json(path, "pass an annotation file in the README's format (a JSON list of entries)", list)
     out, base = [], os.path.dirname(os.path.abspath(path))  # video paths are relative to the file
     for i, it in enumerate(items):
-        where, keys = f"{path} entry {i}", ("video", "question", "answer")
+        where, keys = f"{path} entry {i + 1}", ("video", "question", "answer")
         if not isinstance(it, dict) or not all(isinstance(it.get(k), str) and it[k] for k in keys):
             raise UserError(f"{where}: needs keys video, question, answer (strings), choices (support_times optional)")
         check_choices(it.get("choices"), where)

@@ -4164,14 +4164,14 @@ def test_mk_bad_inputs(mk_trained, tmp_path):
     ann = [dict(video=str(video), question="q?", choices=["A. x", "B. y"], answer="A. x", support_times=[0.5])] * 2
     ann[1] = {**ann[1], "support_times": [9.5]}
     json.dump(ann, open(tmp_path / "a.json", "w"))
-    _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "a.json", "--out_dir", o], "entry 1",
+    _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "a.json", "--out_dir", o], "entry 2",
                    "outside the clip")
     ann[0] = {**ann[0], "choices": ["A. x", "C. y"]}
     json.dump(ann, open(tmp_path / "b.json", "w"))
-    _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "b.json", "--out_dir", o], "entry 0", "B. text")
+    _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "b.json", "--out_dir", o], "entry 1", "B. text")
     for bad in ({"video": 5}, {"question": 12}):  # a value that is not a string
         json.dump([{**ann[1], **bad}], open(tmp_path / "d.json", "w"))
-        _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "d.json", "--out_dir", o], "entry 0", "strings")
+        _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "d.json", "--out_dir", o], "entry 1", "strings")
     (tmp_path / "c.json").write_text("[{")
     _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "c.json", "--out_dir", o], "not valid JSON")
     assert not (o / "model.safetensors").exists()
@@ -4209,7 +4209,7 @@ def test_mk_user_files_never_overwritten_and_more_bad_inputs(mk_trained, mk_hf, 
                         ({"choices": [f"{chr(65 + k)}. o{k}" for k in range(27)]}, "2 to 26")):
         json.dump([{**entry, **bad}] * 2, open(tmp_path / "e.json", "w"))
         _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "e.json", "--out_dir", tmp_path / "o"],
-                       "entry 0", needle)
+                       "entry 1", needle)
     assert mk.mcq_accuracy(["K. o10", "Z. o25"], ["K. o10", "Y. o24"]) == 0.5  # letters past J are read too
     cut = tmp_path / "cut"  # a build cut short: its placeholder world.json marks the folder as this script's
     (cut / "train").mkdir(parents=True)
