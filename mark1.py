@@ -1372,7 +1372,7 @@ def main(argv=None):
     args, cfg, overrides = parse_args(argv)
     for path, got in tower_fields(cfg) if args.train or args.bench else []:  # sizes and frames as the tower's own
         if k := next((k for k, v in got.items() if overrides.get(k, v) != v), None):  # a flag that says otherwise
-            raise UserError(f"--{k} {overrides[k]}: {path} was trained with {got[k]}; drop the flag")
+            raise UserError(f"--{k} {overrides[k]}: {path} sets it to {got[k]} (a loaded tower: its own sizes, frozen)")
         cfg = dataclasses.replace(cfg, **got)  # what is printed and saved is what runs
         if problems := config_problems(cfg):  # the tower's sizes with the flags' (a crop smaller than its patch)
             raise UserError(f"{path}: with its config.json's sizes, {problems[0]}")

@@ -4334,9 +4334,12 @@ def test_mk_train_with_frozen_hf_checkpoints_cli(mk_hf, mk_trained, tmp_path, ca
     printed = json.loads(out.split("config: ", 1)[1].split("\n", 1)[0])  # the towers' own sizes, not the preset's
     assert {k: printed[k] for k in ("v_width", "v_layers", "l_width", "l_inter", "rope_theta", "freeze_llm")} == dict(
         v_width=128, v_layers=2, l_width=64, l_inter=128, rope_theta=1e6, freeze_llm=True)
-    with pytest.raises(mk.UserError, match="--v_width 64: .*vjepa2 was trained with 128; drop the flag"):
+    with pytest.raises(mk.UserError, match=r"--v_width 64: .*vjepa2 sets it to 128 \(a loaded tower: its own sizes, frozen\)"):
         mk.main([str(a) for a in ("--train", "--preset", "tiny", "--data_dir", d / "data", "--out_dir", tmp_path / "o2",
                                   "--vision_ckpt", "vjepa2", "--llm_ckpt", "qwen3", "--v_width", "64")])
+    with pytest.raises(mk.UserError, match=r"--freeze_vision False: .*vjepa2 sets it to True \(a loaded tower"):
+        mk.main([str(a) for a in ("--train", "--preset", "tiny", "--data_dir", d / "data", "--out_dir", tmp_path / "o2",
+                                  "--vision_ckpt", "vjepa2", "--no-freeze_vision")])
     saved = load_file(str(tmp_path / "o" / "model.safetensors"))
     assert saved and all(k.startswith("bridge.") for k in saved)  # the towers are reloaded from their folders
     monkeypatch.chdir(tmp_path)  # saved as absolute paths: found from another directory
@@ -4392,7 +4395,7 @@ def test_mk_bfloat16_checkpoints_train_and_predict(mk_hf_bf16, mk_trained, tmp_p
         mk.main(["--predict", "--out_dir", str(out), "--video", str(d / "data" / "test" / "00000.mp4"), "--question",
                  "What happens to the red circle?", "--choices", "A. it appears|B. it stops", "--dtype", run_dtype])
         assert "answer:" in capsys.readouterr().out
-    with pytest.raises(mk.UserError, match="--crop 32: .* was trained with 48"):  # a conflicting flag, one line
+    with pytest.raises(mk.UserError, match="--crop 32: .* sets it to 48"):  # a conflicting flag, one line
         mk.main(["--train", "--preset", "tiny", "--crop", "32", "--out_dir", str(tmp_path / "x"), *towers])
 
 
