@@ -2,7 +2,7 @@
 
     video (B, F, 3, S, S)
       -> V-JEPA 2 encoder (Conv3d tubelets 2x8x8, 2x16x16 released; pre-LN, 3D RoPE, final LayerNorm) (B, T*G*G, Dv)
-      -> bridge: Linear Dv->D, N visual + M temporal learned queries cross-attend to the video tokens   (B, N+M, D)
+      -> bridge: Linear Dv->D + learned time/space embeddings, N visual + M temporal queries cross-attend (B, N+M, D)
                  one BERT-style layer (post-LN, GELU) over [queries; question token embeddings]          (B, N+M+Lq, D)
                  visual queries -> LLM prefix                                                           (B, N, D)
                  temporal queries -> residual MLP head -> dot product with one key per frame, made from
@@ -23,7 +23,7 @@ the named shape: it appears, turns another colour, stops, or meets the other sha
 circle?", four options "A. it appears" ... "D. it meets the blue square", answer "C. it stops", support = the event's
 frames. Split `novel` holds (colour, event) pairs that never occur in training.
 
-Shapes: B batch, F sampled frames, T tubelets (F/2), G patch grid side, P = T*G*G video tokens, N visual queries,
+Shapes: B batch, F frames, S crop side, T = F/2 tubelets, G patch grid side, P = T*G*G video tokens, N visual queries,
 M temporal queries, Lq question / L text tokens, D LLM / Dv video width, H heads, K kv heads, E head dim, V vocabulary.
 
 Commands (the README lists more: --eval, --resume, --preset original):
@@ -154,7 +154,7 @@ class Config:
     top_k: int = 0
     top_p: float = 1.0
     max_new_tokens: int = 16
-    threshold: float = 0.5  # a frame is "support" when sigmoid(saliency) exceeds this
+    threshold: float = 0.5  # a frame is "support" when its saliency, sigmoid(frame logit), exceeds this
 
 PRESETS = {"default": {},
     "tiny": dict(n_train=48, n_val=8, n_test=12, n_novel=12, n_frames=8, v_width=32, v_layers=1, v_heads=2,
@@ -544,7 +544,7 @@ class Qwen3LM(nn.Module):  # Qwen3ForCausalLM, with the checkpoint's names (mode
             self.lm_head.weight = self.model.embed_tokens.weight
     def forward(self, x, pos=None, valid=None, cache=None, last_only=False, head=True):
         """x (B, L, D) embeddings; pos (B, L) (default arange); valid (B, Lk = cached + L) False at padded keys; cache
-        a list of per-layer dicts. -> logits (B, L or 1, V), or (head=False) the normed hidden states (B, L, D)."""
+        a list of per-layer dicts. -> logits (B, L or 1, V), or (head=False) the normed hidden states (B, L or 1, D)."""
         B, L, _ = x.shape
         past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
         pos = torch.arange(past, past + L, device=x.device).expand(B, L) if pos is None else pos
@@ -587,7 +587,7 @@ class BertLayer(nn.Module):  # BERT's encoder layer: post-LayerNorm, GELU, paddi
 class Bridge(nn.Module):
     """The trainable part. The V-JEPA 2 encoder carries no absolute position (RoPE only), and cross-attention is blind
     to token order, so the bridge adds learned per-tubelet and per-patch-position embeddings to the video tokens:
-    without it the temporal queries could not tell *when* anything happened."""
+    without them the visual prefix and the "linear" frame head could not tell *when* anything happened."""
     def __init__(self, cfg, v_width, d, tubelet, grid):
         super().__init__()  # a clip shorter than a tubelet is repeated `tubelet` times (as transformers does)
         n_tubelet, per = (cfg.n_frames, 1) if cfg.n_frames < tubelet else (cfg.n_frames // tubelet, tubelet)
@@ -627,8 +627,8 @@ class Bridge(nn.Module):
         return prefix, self.frame_logits(v, t)
     def frame_logits(self, v, t):
         """v (B, P, D) video tokens, t (B, M, D) temporal queries -> (B, F) support logits. Each tubelet pooled over
-        space minus its clip mean (what changes) gives one key per frame; each query scores each key (dot product), the
-        best query wins. The Mark-1 project's head (frame_head="linear") is a fixed Linear(D, F) on each query."""
+        space minus its clip mean (what changes) -> frame_key -> one key per frame; each query scores each key (scaled
+        dot product), the best query wins, plus a per-frame bias. Mark-1's head (frame_head="linear"): Linear(D, F)."""
         if self.frame_head == "linear":
             return self.frame_out(t).amax(1)  # (B, M, F) -> max over the M temporal queries -> (B, F)
         B, P, D = v.shape
@@ -647,7 +647,7 @@ class Bridge(nn.Module):
         for ln, att, mlp in zip(self.ln_q, self.xattn, self.xmlp):
             q = q + att(ln(q), v)
             q = q + mlp(q)
-        x = torch.cat((q, q_emb.to(q.dtype)), 1)  # (B, N+M+Lq, D)
+        x = torch.cat((q, q_emb.to(q.dtype)), 1)  # (B, N+M+Lq, D); no positions: the question is a bag of tokens
         valid = torch.cat((torch.ones(B, self.N + self.M, dtype=torch.bool, device=q.device), q_valid), 1)
         return self.bert(x, valid)[:, :self.N + self.M]
 
@@ -1031,7 +1031,7 @@ class FeatureCache:  # frozen encoder: features once per clip (by split, index),
             self.store.update({(split, i): f.cpu() for i, f in zip(todo, feats)})  # (P, Dv) each: encoder dtype, CPU
         return torch.stack([self.store[(split, i)] for i in idx.tolist()])
 
-def prepare_data(cfg, rank=0, splits=("train", "val", "test", "novel")):  # -> {split: (entries, clips, labels)}
+def prepare_data(cfg, rank=0, splits=("train", "val", "test", "novel")):  # -> {split: (entries, load_split dict)}
     if cfg.data:
         train = read_annotations(cfg.data)
         anns = {"train": train if cfg.test_data else [e for i, e in enumerate(train) if i % 10], "test": train[::10]}
