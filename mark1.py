@@ -637,10 +637,10 @@ class Bridge(nn.Module):
         s = (t @ k.transpose(1, 2)).amax(1) / math.sqrt(D)  # (B, M, T*per) -> max over the M queries -> (B, T*per)
         return s[:, self.frame_to_key] + self.frame_bias  # (B, F)
     def video_tokens(self, feats):
-        P, T = feats.shape[1], feats.shape[1] // (self.grid * self.grid)  # tokens, tubelets
-        pos = self.time_emb[:T, None, :] + self.space_emb[None, :, :]  # (T, G*G, D)
+        T = feats.shape[1] // (self.grid * self.grid)  # tubelets; P = T*G*G tokens in (t, h, w) order
+        pos = (self.time_emb[:T, None, :] + self.space_emb[None, :, :]).flatten(0, 1)  # (T, G*G, D) -> (P, D)
         feats = feats.to(self.proj.weight.dtype)  # boundary 1: the encoder's dtype (bfloat16 files) -> the bridge's
-        return self.ln_v(self.proj(feats) + pos.reshape(T * self.grid * self.grid, -1)[:P])  # (B, P, D)
+        return self.ln_v(self.proj(feats) + pos)  # (B, P, D)
     def read(self, v, q_emb, q_valid):  # v (B, P, D) -> the N+M query rows after cross-attention and BERT
         B = v.shape[0]
         q = self.queries.expand(B, -1, -1)  # (B, N+M, D)
