@@ -1256,13 +1256,13 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):  # test, no
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     return result
 
-def frame_strip(clip, sal, path, title):  # PNG: the frames side by side, a saliency bar under each (green: > 0.5)
+def frame_strip(clip, sal, path, title, threshold):  # PNG: the frames, a saliency bar under each (green: > threshold)
     F_, S = clip.shape[0], 64
     img = np.full((S + 40, F_ * (S + 2), 3), 255, np.uint8)
     for i, x in enumerate(range(0, F_ * (S + 2), S + 2)):  # x: frame i's left edge
         img[:S, x:x + S] = cv2.resize(cv2.cvtColor(clip[i], cv2.COLOR_RGB2BGR), (S, S), interpolation=cv2.INTER_NEAREST)
         cv2.rectangle(img, (x + 4, S + 34 - int(round(30 * sal[i]))), (x + S - 4, S + 34),
-                      (60, 180, 60) if sal[i] > 0.5 else (150, 150, 150), -1)
+                      (60, 180, 60) if sal[i] > threshold else (150, 150, 150), -1)
     cv2.putText(img, title[:F_ * 10], (2, S + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
     if not cv2.imwrite(path, img):  # False, not an exception, when it cannot write
         raise UserError(f"{path}: the frame strip could not be written there (a folder of that name, no permission)")
@@ -1280,7 +1280,7 @@ def predict(cfg, overrides, video, question, choices):
                            [dict(question=question, choices=choice_list)], tok, cfg)
     sal, answer, path = torch.sigmoid(fl.float())[0].tolist(), tok.decode(ids[0]).strip(), cfg.out_dir + "/predict.png"
     span = segment_from_scores(sal, times, dur, cfg.threshold)
-    frame_strip(clip, sal, path, answer)
+    frame_strip(clip, sal, path, answer, cfg.threshold)
     print(f"answer: {answer}\nsupport: {span[0]:.2f}s - {span[1]:.2f}s | saliency per frame: "
           f"{' '.join(f'{s:.2f}' for s in sal)}\nframe strip: {path}")
     return answer, span, sal

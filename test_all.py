@@ -3937,6 +3937,14 @@ def test_mk_pixels_match_transformers_video_processor(tmp_path):
         assert ours.shape == want.shape and diff <= 2
 
 
+def test_mk_frame_strip_colours_the_frames_above_the_threshold(tmp_path):
+    # --predict's strip marks the frames its printed support span counts: those above --threshold, not above 0.5
+    clip, path = np.full((3, 8, 8, 3), 128, np.uint8), str(tmp_path / "strip.png")
+    mk.frame_strip(clip, [0.6, 0.95, 0.3], path, "A. x", 0.9)
+    img = cv2.imread(path)
+    bars = [tuple(img[64 + 33, i * 66 + 32]) for i in range(3)]  # the bottom row of each frame's saliency bar
+    assert bars == [(150, 150, 150), (60, 180, 60), (150, 150, 150)]  # grey, green (0.95 > 0.9), grey
+
 def test_mk_world_splits_hold_out_combinations():
     rng = __import__("random").Random(1)
     train = [mk.sample_event(rng, "train")[1] for _ in range(200)]
