@@ -4912,9 +4912,9 @@ def test_ab_resampler_size_independent_of_frames():
     assert shapes == {torch.Size([2, 64, 32])}
     with pytest.raises(ab.UserError):
         res(torch.randn(1, 17, 5, 32))  # more frames than time embeddings: a clear error, not an index crash
-    # time embeddings make the order of frames matter
+    # time embeddings make the order of frames matter (more than float noise: without them it is a set)
     x = torch.randn(1, 3, 5, 32)
-    assert not torch.allclose(res(x), res(x.flip(1)))
+    assert (res(x) - res(x.flip(1))).abs().max() > 1e-2
 
 
 def test_ab_zero_gate_leaves_lm_unchanged_bit_for_bit():
@@ -5279,6 +5279,116 @@ def test_ab_caption_speed_counts_an_eos_only_where_one_was_made(monkeypatch):
     tok = types.SimpleNamespace(decode=lambda ids: " ".join(map(str, ids)))
     _, tps = ab.caption_all(None, tok, torch.zeros(2, 1), cfg, "cpu")
     assert tps == 3 + cfg.max_len - 1
+
+
+def test_ab_infonce_both_directions_and_the_temperature_cap():
+    """An asymmetric case: image->text and text->image cross-entropies differ, the loss is their mean; a temperature
+    above CLIP's cap of 100 scores as 100."""
+    img = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    txt = torch.tensor([[0.28, 0.96], [1.0, 0.0], [0.8, 0.6]])
+    s = (10 * img @ txt.t()).tolist()  # logits at scale 10: cosines [[.28, 1, .8], [.936, .6, .96], [.96, 0, .6]]
+    i2t = [math.log(sum(math.exp(x) for x in s[r])) - s[r][r] for r in range(3)]
+    t2i = [math.log(sum(math.exp(s[r][c]) for r in range(3))) - s[c][c] for c in range(3)]
+    assert abs(sum(i2t) - sum(t2i)) > 0.05  # the two directions really differ here
+    got = ab.clip_loss(img, txt, torch.tensor(math.log(10.0)))
+    assert abs(got.item() - (sum(i2t) + sum(t2i)) / 6) < 1e-6
+    capped = ab.clip_loss(img, txt, torch.tensor(math.log(100.0)))
+    assert torch.allclose(ab.clip_loss(img, txt, torch.tensor(math.log(1000.0))), capped)
+
+
+def test_ab_text_embedding_is_read_at_the_eos_token():
+    """The sentence embedding is the feature at the last real position (EOS): under the causal mask it is the only
+    position that has read every token, so changing the EOS position's token changes it."""
+    enc = ab.TextEncoder(ab.Config(**ab.PRESETS["tiny"]), 20).eval()
+    ids, lengths = torch.tensor([[0, 5, 6, 0, 0, 0]]), torch.tensor([4])
+    ids2 = ids.clone()
+    ids2[0, 3] = 9
+    with torch.no_grad():
+        assert not torch.allclose(enc(ids2, lengths), enc(ids, lengths))
+
+
+def test_ab_caption_targets_stop_at_eos():
+    """Targets are the inputs shifted by one; positions after each row's EOS are -100 (the pad is no target)."""
+    cfg = ab.Config(**ab.PRESETS["tiny"])
+    tok = ab.Tokenizer.from_texts(["a red circle", "a dot"])
+    inp, tgt = ab.caption_batch(tok, ["a red circle", "a dot"], cfg)
+    a, b = tok.encode("a red circle"), tok.encode("a dot")  # [EOT, a, red, circle, EOT], [EOT, a, dot, EOT]
+    assert inp.tolist() == [a[:-1], b + [ab.EOT] * (len(a) - len(b) - 1)]
+    assert tgt.tolist() == [a[1:], b[1:] + [-100] * (len(a) - len(b))]
+
+
+def test_ab_learning_rate_schedule_by_hand():
+    """Linear warmup over `warmup` steps (the first step already moves), then a cosine to a tenth of the base rate."""
+    cfg = ab.Config(**{**ab.PRESETS["tiny"], "warmup": 4})
+    lrs = [ab.lr_at(step, 24, 1.0, cfg) for step in range(24)]
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0) and lrs[14] == pytest.approx(0.55) and lrs[23] > 0.1
+    assert ab.lr_at(24, 24, 1.0, cfg) == pytest.approx(0.1) == ab.lr_at(99, 24, 1.0, cfg)
+
+
+def test_ab_fit_clips_the_gradient_norm_to_one():
+    """fit clips the global gradient norm at 1.0: the last step's gradients (left in .grad) show it."""
+    cfg = ab.Config(**ab.PRESETS["tiny"])
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    opt = ab.make_optimizer([(model.parameters(), 1e-3)], cfg)
+    ab.fit(model, opt, 2, lambda step: (1e3 * model(torch.ones(2, 4))).pow(2).sum(), cfg, "huge")
+    assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_ab_zero_shot_accuracy_and_exact_match_by_hand():
+    """Zero-shot accuracy is the share of images whose most similar prompt is their caption (a stub CLIP picks prompts
+    0, 1, 2, 5 for four images captioned with prompts 0, 1, 2, 3: 3 of 4); exact match ignores case, spacing and a
+    final full stop."""
+    prompts = [f"a {c} {s}" for c, s in ab.CLASSES]
+    picks = torch.eye(len(prompts))[[0, 1, 2, 5]]  # (4, 18): image i is most similar to prompt picks[i]
+    stub = types.SimpleNamespace(encode_text=lambda ids, lengths: torch.eye(len(prompts)),
+                                 encode_image=lambda x: picks[:len(x)])
+    cfg = ab.Config(**ab.PRESETS["tiny"])
+    imgs = torch.zeros(4, cfg.img_size, cfg.img_size, 3, dtype=torch.uint8)
+    res = ab.zero_shot(stub, ab.Tokenizer.from_texts(prompts), cfg, imgs, prompts[:4], "cpu")
+    assert res["n"] == 4 and res["zero_shot_accuracy"] == 0.75 and res["samples"][0] == {"pred": prompts[0],
+                                                                                          "ref": prompts[0]}
+    assert ab.exact_match(["A red  circle moves left.", "a dot"], ["a red circle moves left", "a dot."]) == 1.0
+
+
+def test_ab_learning_rates_must_be_above_zero(capsys):
+    for flag in ab.RATES:  # a rate of 0 would train nothing, silently
+        _ab_user_error(capsys, f"--{flag} must be a number > 0", f"--{flag}", 0)
+
+
+def test_ab_a_failed_save_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):
+    """A save that dies half-way (disk full, Ctrl-C) leaves the earlier checkpoint's files as they were."""
+    cfg = _ab_tiny(tmp_path)
+    tok = ab.Tokenizer.from_texts(["a red circle"])
+    model = ab.CLIP(cfg, len(tok.ids))
+    ab.save_model(model, tok, cfg, "clip", 1.0)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "out" / "clip").iterdir()}
+
+    def dies(state, path):
+        open(path, "wb").write(b"half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ab, "save_file", dies)
+    with pytest.raises(KeyboardInterrupt):
+        ab.save_model(model, tok, cfg, "clip", 2.0)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "out" / "clip").iterdir() if f.suffix != ".tmp"} == before
+
+
+def test_ab_frame_tokens_see_their_own_and_the_previous_frame():
+    """The unified prefix: frame f's tokens depend on frames f-1 and f only (the motion difference looks back; frame 0
+    has none), and each frame's time embedding reaches them."""
+    cfg = ab.Config(**{**ab.PRESETS["tiny"], "n_frames": 3})
+    torch.manual_seed(0)
+    m = ab.Captioner(cfg, 10, "unified").eval()
+    frames = torch.randint(0, 255, (1, 3, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8)
+    later = frames.clone()
+    later[:, 2] = 255 - later[:, 2]  # only the last frame changes
+    with torch.no_grad():
+        a, b = m.encode(frames).view(1, 3, -1, cfg.d_model), m.encode(later).view(1, 3, -1, cfg.d_model)
+        assert torch.equal(a[:, :2], b[:, :2]) and not torch.allclose(a[:, 2], b[:, 2])
+        m.time.data[1] += 1.0
+        c = m.encode(frames).view(1, 3, -1, cfg.d_model)
+    assert torch.equal(c[:, 0], a[:, 0]) and not torch.allclose(c[:, 1], a[:, 1])
 
 
 # ====================================================================================================================
