@@ -301,6 +301,41 @@ class _VmStub(torch.nn.Module):
         return table[idx[:, -1]][:, None]  # (B, 1, V)
 
 
+class _VmHistoryStub(torch.nn.Module):
+    """A decoder whose next token depends on the whole caption so far, kept (as its "keys") in the cache that beam
+    search re-orders. From BOS: A 0.5, B 0.4; after A: C 0.4; after B: C 0.9 (the beams swap rows); after A C: EOS 0.01,
+    after B C: EOS 0.9. The likeliest caption is "B C" (0.4 x 0.9 x 0.9)."""
+    decoder = [None]
+
+    def encode(self, video):
+        return torch.zeros(video.shape[0], 1, 1)
+
+    def decode(self, idx, memory, cache=None, pos=0, last_only=False):
+        past = cache[0].get("k", idx[:, :0])
+        cache[0]["k"] = cache[0]["v"] = seen = torch.cat([past, idx], 1)  # (rows, 1 + t): BOS and the tokens so far
+        table = {1: [0.1, 0.5, 0.4, 1e-6], 2: [0.1, 0.3, 0.2, 0.4], 3: [0.05, 0.025, 0.025, 0.9]}
+        rows = [table[1] if len(h) == 1 else table[1 + h[1]] if len(h) == 2 else
+                [0.9, 0.05, 0.03, 0.02] if h[1] == 2 else [0.01, 0.33, 0.33, 0.33] for h in seen.tolist()]
+        return torch.tensor(rows).log()[:, None]  # (rows, 1, V)
+
+
+def test_vm_sampling_follows_the_temperature():
+    """The first token is drawn from softmax(log p / temperature): at 2, the stub's 0.1 / 0.5 / 0.4 become their
+    square roots, normalised (0.19 / 0.43 / 0.38)."""
+    cfg = vm.Config(**{**vm.PRESETS["tiny"], "temperature": 2.0, "max_new_tokens": 1})
+    rows = vm.generate(_VmStub(), torch.zeros(4000, 4, 8, 8, 3, dtype=torch.uint8), cfg,
+                       generator=torch.Generator().manual_seed(0))
+    share = torch.bincount(torch.tensor([r[0] if r else vm.EOS for r in rows]), minlength=4)[:3] / 4000.0
+    want = torch.tensor([0.1, 0.5, 0.4]).sqrt()
+    assert torch.allclose(share, want / want.sum(), atol=0.025), share
+
+
+def test_vm_beam_search_reorders_the_cache_with_its_beams():
+    stub, video = _VmHistoryStub(), torch.zeros(1, 4, 8, 8, 3, dtype=torch.uint8)
+    cfg = vm.Config(**{**vm.PRESETS["tiny"], "max_new_tokens": 4, "beam": 2})
+    assert vm.generate(stub, video, cfg) == [[2, 3]]
+
+
 def test_vm_beam_search_is_not_greedy_and_sampling_is_not_greedy():
     stub, video = _VmStub(), torch.zeros(1, 4, 8, 8, 3, dtype=torch.uint8)
     cfg = vm.Config(**{**vm.PRESETS["tiny"], "max_new_tokens": 6})
@@ -377,6 +412,39 @@ def test_vm_sample_indices():
     assert vm.sample_indices(2, 4) == [0, 0, 1, 1]  # short clips repeat frames
     with pytest.raises(vm.UserError):
         vm.sample_indices(0, 4)
+
+
+def test_vm_learning_rate_schedule_and_epochs_by_hand():
+    """Linear warmup (the first step already moves), then a cosine from lr to min_lr; each epoch is a fresh
+    permutation of the clips, each clip once per epoch."""
+    cfg = vm.Config(**{**vm.PRESETS["tiny"], "lr": 1.0, "min_lr": 0.1, "warmup": 4, "max_steps": 24})
+    lrs = [vm.lr_at(step, cfg) for step in range(25)]
+    assert lrs[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0]) and lrs[14] == pytest.approx(0.55)
+    assert lrs[24] == pytest.approx(0.1) == vm.lr_at(99, cfg)
+    epochs = [torch.cat([vm.global_batch(e * 3 + k, 12, 4, 0) for k in range(3)]).tolist() for e in range(3)]
+    assert all(sorted(e) == list(range(12)) for e in epochs) and len({tuple(e) for e in epochs}) == 3
+
+
+def test_vm_frame_encoder_ignores_each_frame_s_mean_colour():
+    """Each frame's mean colour is subtracted first: a uniform tint of one frame (another background grey, a
+    brighter shot) changes nothing, so the small objects carry the signal."""
+    model, cfg = _vm_model()
+    x = vm.to_unit(_vm_video(2, cfg))  # (B, F, 3, S, S)
+    tint = torch.zeros(2, cfg.n_frames, 3, 1, 1)
+    tint[:, 1] = torch.tensor([0.3, -0.2, 0.1]).view(3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.frames(x + tint), model.frames(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["queries", "text"])
+def test_vm_frame_order_reaches_the_memory_without_frame_differences(mode):
+    """The temporal encoder and the Q-Former are blind to order; the sinusoidal time code per frame is what tells the
+    frames apart when there is no frame-difference channel (more than float noise: without it the frames are a set)."""
+    model, cfg = _vm_model(mode, frame_diff=False)
+    video = _vm_video(1, cfg)
+    with torch.no_grad():
+        a, b = model.encode(video), model.encode(video.flip(1))
+    assert (a - (b if mode == "queries" else b.flip(1))).abs().max() > 1e-2
 
 
 def test_vm_bad_flags_are_refused_by_parse_args(capsys):
@@ -756,6 +824,20 @@ def test_vm_weight_decay_only_on_linear_and_conv_matrices():
               "head.weight"):
         assert (n in got) == (n == "head.weight"), n  # 2-D and 3-D tensors that are not layer matrices stay out
     assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+
+
+def test_vm_training_clips_the_gradient_norm(_vm_trained, tmp_path, monkeypatch):
+    """Every step clips the global gradient norm at --grad_clip, before the optimizer steps: the gradients the
+    optimizer sees have at most that norm."""
+    tmp, _ = _vm_trained
+    norms, step = [], torch.optim.AdamW.step
+
+    def spy(self, *a, **k):  # the norm of the gradients each optimizer step applies
+        norms.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]]).norm().item())
+        return step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    vm.train(_vm_cfg(tmp, out_dir=str(tmp_path / "out"), max_steps=2, grad_clip=1e-3))
+    assert len(norms) == 2 and all(n <= 1e-3 * (1 + 1e-4) for n in norms), norms
 
 
 def test_vm_nan_loss_stops_and_keeps_checkpoint(_vm_trained, tmp_path, capsys, monkeypatch):
