@@ -1180,6 +1180,42 @@ def test_vc_cache_equals_no_cache(pool):
 
 
 @_vc_1t
+def test_vc_generate_cached_logits_equal_the_full_rerun(monkeypatch):
+    """Every step of generate: the logits through the KV cache (the new token at its own position) equal those of the
+    whole sequence run again, to float64 precision, not only the argmax."""
+    model, cfg = _vc_model(dtype=torch.float64)
+    cfg, images, seen = dataclasses.replace(cfg, max_new_tokens=6), _vc_images(2, cfg), []
+    plain = vc.next_logits
+    monkeypatch.setattr(vc, "next_logits", lambda *a, **k: seen.append(plain(*a, **k)) or seen[-1])
+    out = [vc.generate(model, images, cfg, use_cache=c, stop_at_eos=False) for c in (True, False)]
+    assert out[0] == out[1] and len(seen) == 12
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(seen[:6], seen[6:]))
+
+
+@_vc_1t
+def test_vc_sampling_follows_the_temperature(monkeypatch):
+    """generate samples its first token from softmax(logits / temperature) (4000 rows, one fixed set of logits)."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    monkeypatch.setattr(vc, "prefill_input", lambda model, images: torch.zeros(len(images), 1, 1))
+    monkeypatch.setattr(vc, "next_logits", lambda model, x, cache=None, pos=0: logits.expand(len(x), -1))
+    stub = types.SimpleNamespace(eval=lambda: None, n_prefix=1, layers=[None])
+    cfg = vc.Config(**{**vc.PRESETS["tiny"], "temperature": 2.0, "max_new_tokens": 1})
+    rows = vc.generate(stub, torch.zeros(4000, 1), cfg, generator=torch.Generator().manual_seed(0))
+    share = torch.bincount(torch.tensor([r[0] if r else 0 for r in rows]), minlength=4) / 4000.0
+    assert torch.allclose(share, (logits[0] / 2.0).softmax(-1), atol=0.025), share
+
+
+def test_vc_letterbox_pads_both_ends_equally(tmp_path):
+    """A wide image is padded equally above and below (its edge rows repeated): a 32 x 8 strip whose top row is white
+    fills a 32 x 32 square with 12 rows of padding, then the strip, then 12 more."""
+    strip = np.zeros((8, 32, 3), np.uint8)
+    strip[0] = 255
+    cv2.imwrite(str(tmp_path / "wide.png"), strip)
+    img = vc.load_image(str(tmp_path / "wide.png"), 32)
+    assert img.shape == (32, 32, 3) and (img.min((1, 2)) == 255).sum() == 13 and (img[13:] == 0).all()
+
+
+@_vc_1t
 def test_vc_batch_equals_rows():
     model, cfg = _vc_model(dtype=torch.float64)
     images = _vc_images(4, cfg)
@@ -1347,6 +1383,30 @@ def test_vc_max_train_and_small_sets(tmp_path):
     assert len(data["train"][0]) == 16 and data["train"][1].shape[0] == 16
     idx = vc.global_batch(0, 5, 12, 0)  # a batch larger than the set: every image, repeated
     assert len(idx) == 12 and set(idx.tolist()) == set(range(5))
+
+
+def test_vc_learning_rate_schedule_and_epochs_by_hand():
+    """Linear warmup (the first step already moves), then a cosine from lr to min_lr; each epoch is a fresh
+    permutation of the images, each image once per epoch."""
+    cfg = vc.Config(**{**vc.PRESETS["tiny"], "lr": 1.0, "min_lr": 0.1, "warmup": 4, "max_steps": 24})
+    lrs = [vc.lr_at(step, cfg) for step in range(25)]
+    assert lrs[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0]) and lrs[14] == pytest.approx(0.55)
+    assert lrs[24] == pytest.approx(0.1) == vc.lr_at(99, cfg)
+    epochs = [torch.cat([vc.global_batch(e * 3 + k, 12, 4, 0) for k in range(3)]).tolist() for e in range(3)]
+    assert all(sorted(e) == list(range(12)) for e in epochs) and len({tuple(e) for e in epochs}) == 3
+
+
+@_vc_1t
+def test_vc_pixels_and_mean_pool_by_hand():
+    """Pixels 0..255 map to [-1, 1]; pool "mean" is the mean of the patch tokens that pool "patches" returns."""
+    x = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 1, 1, 3)
+    assert vc.pixels(x).flatten().tolist() == pytest.approx([-1.0, -0.6, 1.0])
+    mean, cfg = _vc_model("mean")
+    patches = vc.ViT(dataclasses.replace(cfg, pool="patches")).eval()
+    patches.load_state_dict(mean.vit.state_dict())
+    x = vc.pixels(_vc_images(2, cfg))
+    with torch.no_grad():
+        torch.testing.assert_close(mean.vit(x), patches(x).mean(1, keepdim=True))
 
 
 @_vc_1t
