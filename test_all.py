@@ -70,16 +70,17 @@ def main_user_error(main, capsys, argv, *needles):
         assert n in line, (n, line)
 
 
-def check_cut_off_video(mod, tmp_path):
-    """A 40-frame MJPG .avi loads; cut in half, it still opens and decodes its first part without an error, and
-    mod.load_video refuses it naming the frame count."""
+def check_cut_off_video(mod, tmp_path, keep=0.5):
+    """A 40-frame MJPG .avi loads; cut to `keep` of its bytes (a half, or 0.8: about 30 frames, more than half but
+    short of 90%), it still opens and decodes its first part without an error, and mod.load_video refuses it naming
+    the frame count."""
     avi = tmp_path / "clip.avi"
     w = cv2.VideoWriter(str(avi), cv2.VideoWriter_fourcc(*"MJPG"), 8, (32, 32))
     for t in range(40):
         w.write(np.random.default_rng(t).integers(0, 255, (32, 32, 3), dtype=np.uint8))
     w.release()
     mod.load_video(str(avi), 4, 16)
-    avi.write_bytes(avi.read_bytes()[:avi.stat().st_size // 2])
+    avi.write_bytes(avi.read_bytes()[:int(avi.stat().st_size * keep)])
     with pytest.raises(mod.UserError, match=r"clip\.avi: only \d+ of the 40 frames in its header decode"):
         mod.load_video(str(avi), 4, 16)
 
@@ -2490,6 +2491,40 @@ def test_vl_sampler_and_metrics():
     assert vl.exact_match(["Red.", "left ", "two"], ["red", "left", "three"]) == pytest.approx(2 / 3)
 
 
+
+def test_vl_training_arithmetic_by_hand_and_a_video_cut_short(tmp_path):
+    """The learning rate (linear warmup to lr, cosine down to min_lr), every epoch a new order of all the rows, weight
+    decay on matrices only, the val column as the mean of its batches' losses (64 rows each), all by hand; and a video
+    whose last fifth does not decode refused (not trained on its first frames without a word)."""
+    cfg = dataclasses.replace(vl.Config(), lr=1.0, min_lr=0.1, warmup=4, max_steps=14, dtype="float32")
+    assert [vl.lr_at(s, cfg) for s in (0, 3, 4, 9, 14, 20)] == pytest.approx([0.25, 1.0, 1.0, 0.55, 0.1, 0.1])
+    epochs = [sum((vl.batch_indices(s, 10, 5, 0) for s in (2 * e, 2 * e + 1)), []) for e in range(2)]  # 2 batches each
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(10)) and epochs[0] != epochs[1]
+    params = [torch.zeros(2, 2, requires_grad=True), torch.zeros(2, requires_grad=True)]  # a matrix, a gain
+    groups = vl.make_optimizer(params, cfg, "cpu")[0].param_groups
+    assert [(g["params"], g["weight_decay"]) for g in groups] == [([params[0]], cfg.weight_decay), ([params[1]], 0.0)]
+
+    class RowMean(torch.nn.Module):  # row i's loss is i: the batches 0..63 and 64..69 give 31.5 and 66.5
+        def forward(self, x):
+            return None, x.mean()
+    rows = types.SimpleNamespace(entries=[None] * 70, batch=lambda idx, device: dict(x=torch.tensor(idx).float()))
+    assert vl.eval_loss(RowMean(), rows, cfg, "cpu") == pytest.approx((31.5 + 66.5) / 2)
+    check_cut_off_video(vl, tmp_path, keep=0.8)
+
+
+def test_vl_a_row_that_ended_stays_ended(vl_ckpt):
+    """Batched greedy decoding with an EOS: the row that produces it gets pad ids after it until the batch stops (a
+    row that started again would add words after its answer), the other rows go on as without an EOS."""
+    ours = vl.VideoLlava.from_pretrained(vl_ckpt[1]["hub"], dtype=torch.float32).eval()
+    ids, mask, imgs, vids = _vl_inputs(1)
+    free = vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=6)
+    eos = int(free[0, 0])  # row 0 ends at once; rows 1 and 2 never produce this id
+    assert eos not in free[1:].flatten().tolist()
+    for use_cache in (True, False):
+        out = vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0,
+                          use_cache=use_cache)
+        assert out[0].tolist() == [eos, 0, 0, 0, 0, 0] and torch.equal(out[1:], free[1:])
+
 def test_vl_world_video_questions_need_several_frames():
     """Every clip question needs more than one sampled frame: an order clip shows two (colour, shape) pairs, neither
     in the first sampled frame, both in the last, the first one alone in some frame between, and the answer names the
@@ -2596,6 +2631,21 @@ def test_vl_causal_and_loss_mask():
     want = torch.nn.functional.cross_entropy(a[:, 7:].reshape(-1, 20), ids[:, 7:].reshape(-1))
     assert torch.allclose(loss, want, atol=1e-6)
 
+
+
+def test_vl_batches_by_hand():
+    """Examples.batch on two rows of known ids: training rows are prompt + answer, right-padded, each position's
+    target the next token on the answer (its EOS included) and -100 elsewhere; generation rows are the prompts alone,
+    left-padded, with the attention mask marking the real tokens."""
+    ex = object.__new__(vl.Examples)
+    ex.prompts, ex.answers = [[1, 2, 3], [4, 5]], [[7, 8, 9], [6, 9]]  # 9 plays the EOS
+    ex.entries, ex.media = [{"kind": "image"}] * 2, [torch.zeros(3, 4, 4)] * 2
+    b = ex.batch([0, 1], "cpu")
+    assert b["input_ids"].tolist() == [[1, 2, 3, 7, 8, 9], [4, 5, 6, 9, 0, 0]]
+    assert b["targets"].tolist() == [[-100, -100, 7, 8, 9, -100], [-100, 6, 9, -100, -100, -100]]
+    assert "attention_mask" not in b and b["pixel_values_images"].shape == (2, 3, 4, 4)
+    g = ex.batch([0, 1], "cpu", generating=True)
+    assert g["input_ids"].tolist() == [[1, 2, 3], [0, 4, 5]] and g["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
 
 def test_vl_whiten_patches_init():
     """--whiten_patches: each tower's patch_embedding outputs on the init batch are decorrelated at unit variance
