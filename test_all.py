@@ -2153,6 +2153,17 @@ def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_
         vl.parse_args(["--bench", "--compile"])
 
 
+
+def test_vl_generate_samples_by_its_seed(vl_ckpt, capsys):
+    """--generate --temperature 1: the same --seed gives the same answer, another --seed another one."""
+    argv = ["--generate", "--from_pretrained", vl_ckpt[1]["t5save"], "--prompt", "What happens?", "--dtype",
+            "float32", "--temperature", "1", "--max_new_tokens", "6"]
+    answers = []
+    for seed in (1, 1, 2):
+        vl.main(argv + ["--seed", str(seed)])
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] != answers[2] and answers[0].strip()
+
 def test_vl_generate_hf_dtype_follows_dtype_auto(vl_ckpt, tmp_path, monkeypatch, capsys):
     """--generate on an HF folder loads its weights in the dtype --dtype auto picks (faked CPU instruction sets),
     or in the one asked for."""
@@ -2597,6 +2608,9 @@ def test_vl_world_manifest(tmp_path):
     cfg = vl.Config(**{**vl.PRESETS["tiny"], "n_train": 2, "n_test": 1, "data_dir": str(tmp_path)})
     files = vl.build_world(cfg)
     assert json.load(open(tmp_path / "world.json"))["train"] == 2 and len(vl.read_annotations(files["train"])) == 8
+    first = lambda s: ((tmp_path / s / "img_00000.png").read_bytes(),  # noqa: E731  # the picture, its questions
+                       [(e["question"], e["answer"]) for e in vl.read_annotations(files[s])[:4]])
+    assert first("train") != first("val") != first("test") != first("train")  # each split its own random stream
     json.dump({**json.load(open(tmp_path / "world.json")), "version": 0}, open(tmp_path / "world.json", "w"))
     vl.build_world(cfg)  # a build cut short (the placeholder manifest): done again
     assert json.load(open(tmp_path / "world.json"))["version"] == 1
@@ -2951,6 +2965,31 @@ def test_vl_exact_resume(vl_tiny_run, tmp_path, capsys, monkeypatch):
     assert ca["gpt2_table"] == cb["gpt2_table"] and cb["train_config"]["stop_after"] == 0
     assert os.path.isfile(os.path.join(cut, "eval.json"))
 
+
+
+def test_vl_a_save_writes_whole_files_and_drops_the_old_score(vl_tiny_run, tmp_path, monkeypatch):
+    """Into a finished run: --resume with another --seed (another data order) is refused; a save that dies while
+    writing the weights leaves the old file whole (a temporary file, then a rename); a save that completes removes
+    eval.json, which scored the old weights (and train_state.pt, as no optimizer is given here)."""
+    out = tmp_path / "run"
+    shutil.copytree(vl_tiny_run[0].out_dir, out)
+    assert (out / "eval.json").is_file() and (out / "train_state.pt").is_file()
+    by_q = json.load(open(out / "eval.json"))["test"]["image"]["by_question"]  # a question's first four words
+    assert set(by_q) == {"What colour are the", "What shape are they?", "How many shapes are"}
+    with pytest.raises(vl.UserError, match="no resuming with another .*--seed"):
+        vl.main(["--train", "--resume", "--out_dir", str(out), "--seed", str(vl_tiny_run[0].seed + 1)])
+    cfg, model, tok = vl.saved_config(str(out), {}, False), vl.load_pretrained(str(out)), vl.load_tokenizer(str(out))
+    before = (out / "model.safetensors").read_bytes()
+    def dies(state, path):  # a full disk or a kill halfway through the weights
+        open(path, "wb").write(before[:100])
+        raise OSError("no space left on device")
+    monkeypatch.setattr(vl, "save_file", dies)
+    with pytest.raises(OSError):
+        vl.save_checkpoint(model, cfg, tok)
+    assert (out / "model.safetensors").read_bytes() == before
+    monkeypatch.undo()
+    vl.save_checkpoint(model, cfg, tok)
+    assert not (out / "eval.json").exists() and not (out / "train_state.pt").exists()
 
 def test_vl_save_cut_off_before_train_state_refuses_resume(vl_tiny_run, tmp_path, monkeypatch):
     """A save stopped after the new weights but before the new train_state.pt: --resume refuses (the older state would
