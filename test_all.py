@@ -3863,8 +3863,9 @@ def test_mk_frame_loss_reads_only_clips_with_support_times(tmp_path):
     batch = mk.text_batch([item, item], tok)
     one = torch.zeros(2, cfg.n_frames)
     one[0, 3] = 1  # clip 0 is localised, clip 1 gives no support_times
-    _, _, fl = model(feats, *batch, one)
+    _, loss, fl = model(feats, *batch, one)
     both = model.parts[1]
+    assert loss.item() == pytest.approx(model.parts[0] + cfg.lam * both)  # the total: CE + lam * BCE (lam 2)
     pw = torch.tensor(cfg.pos_weight)
     want = F.binary_cross_entropy_with_logits(fl[:1].float(), one[:1], pos_weight=pw, reduction="sum") / (2 * cfg.n_frames)
     assert abs(both - want.item()) < 1e-6
@@ -4199,6 +4200,73 @@ def test_mk_metrics_hand_computed():
     assert mk.segment_from_scores([0, 0.9, 0.2, 0.8, 0.9, 0.7, 0, 0], times, 2.0, 0.5) == (0.75, 1.5)
     assert mk.segment_from_scores([0.1, 0.3, 0.2, 0, 0, 0, 0, 0], times, 2.0, 0.5) == (0.25, 0.5)
 
+
+
+def test_mk_metrics_at_their_edges_schedule_and_batch_order(tmp_path):
+    """Frame F1 with more misses than false alarms (tp 1, fp 0, fn 2 -> 2/4); an IoU exactly at a threshold counts
+    (R@1 is IoU >= t); a support time at the clip's very end labels its last frame; the learning rate by hand;
+    every epoch a new order of all the clips; weight decay on matrices only; a score at the threshold is not in the
+    span; a video whose last fifth does not decode refused."""
+    assert mk.frame_f1([[1, 0, 0, 0]], [[1, 1, 1, 0]]) == 0.5
+    g = mk.grounding_metrics([(0, 1), (0, 1)], [(0, 2), (0, 1)])  # IoUs 0.5 and 1
+    assert g["r1_iou0.5"] == 1.0 and g["r1_iou0.7"] == 0.5
+    assert mk.frame_labels([2.0], np.arange(8) / 4, 2.0, "x").tolist() == [0] * 7 + [1]
+    cfg = dataclasses.replace(mk.Config(), lr=1.0, min_lr=0.1, warmup_frac=0.2, max_steps=20)  # 4 warmup steps
+    assert [mk.lr_at(s, cfg) for s in (0, 3, 4, 12, 20)] == pytest.approx([0.25, 1.0, 1.0, 0.55, 0.1])
+    epochs = [torch.cat([mk.global_batch(s, 10, 5, 0) for s in (2 * e, 2 * e + 1)]).tolist() for e in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(10)) and epochs[0] != epochs[1]
+    params = [torch.zeros(2, 2, requires_grad=True), torch.zeros(2, requires_grad=True)]  # a matrix, a gain: decay
+    groups = mk.make_optimizer(types.SimpleNamespace(parameters=lambda: params, devices={"llm": "cpu"}), cfg)[0]
+    assert [(g["params"], g["weight_decay"]) for g in groups.param_groups] == [([params[0]], cfg.weight_decay),
+                                                                              ([params[1]], 0.0)]  # on matrices only
+    times = np.arange(4) / 4  # a score at the threshold is not above it: the span is frames 1-2 alone
+    assert mk.segment_from_scores([0.5, 0.9, 0.9, 0.5], times, 1.0, 0.5) == (0.25, 0.75)
+    check_cut_off_video(mk, tmp_path, keep=0.8)
+
+
+def test_mk_sampling_temperature_and_the_val_loss_weighting():
+    """Sampling at temperature 2 draws from softmax(logits / 2) (a stub LLM with fixed logits, 20000 rows at once);
+    the val column weights each batch's mean loss by its clips (a stub model whose loss is the mean clip index)."""
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.0])
+    llm = lambda x, pos, valid, last_only: logits.expand(x.shape[0], 1, 4)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    embed = lambda ids: torch.zeros(*ids.shape, 2)  # noqa: E731  # (B, 1) -> (B, 1, D)
+    x, valid = torch.zeros(20000, 1, 2), torch.ones(20000, 1, dtype=torch.bool)  # 20000 one-token prompts
+    ids = mk.llm_generate(llm, embed, x, valid, 99, 1, temperature=2.0, use_cache=False, generator=g)  # EOS 99: none
+    freq = torch.bincount(torch.tensor(ids)[:, 0], minlength=4) / 20000.0
+    assert torch.allclose(freq, (logits / 2).softmax(-1), atol=0.015)
+
+    class ClipIndex(torch.nn.Module):  # the loss of a batch: the mean of its clip indices
+        devices = {"llm": "cpu"}
+        def forward(self, feats, *text_and_labels):
+            return None, feats.mean(), None
+    item = dict(question="What happens?", choices=["A. x", "B. y"], answer="A. x")
+    cfg = dataclasses.replace(mk.Config(), batch_size=2, dtype="float32")
+    split = ([item] * 5, dict(clips=torch.zeros(5), labels=torch.zeros(5, 2)))
+    cache = lambda s, idx, clips: idx.float()  # noqa: E731
+    assert mk.val_loss(ClipIndex(), mk.GPT2Tokenizer(), cfg, split, cache) == pytest.approx(2.0)  # (0.5*2+2.5*2+4)/5
+
+
+def test_mk_a_save_writes_whole_files_and_drops_the_old_score(mk_trained, tmp_path, monkeypatch):
+    """Into a finished run: a save that dies while writing the weights leaves the old file whole (a temporary file,
+    then a rename); a save that completes removes eval.json, which scored the old weights (an extended run stopped
+    by --stop_after has no new score yet)."""
+    out = tmp_path / "run"
+    shutil.copytree(mk_trained[0] / "out", out)
+    assert (out / "eval.json").is_file()
+    model, tok, cfg = mk.load_checkpoint(str(out))
+    opt, _, scaler = mk.make_optimizer(model, cfg)
+    before = (out / "model.safetensors").read_bytes()
+    def dies(state, path):  # a full disk or a kill halfway through the weights
+        open(path, "wb").write(before[:100])
+        raise OSError("no space left on device")
+    monkeypatch.setattr(mk, "save_file", dies)
+    with pytest.raises(OSError):
+        mk.save_checkpoint(model, tok, cfg, opt, 9, scaler)
+    assert (out / "model.safetensors").read_bytes() == before and (out / "eval.json").is_file()
+    monkeypatch.undo()
+    mk.save_checkpoint(model, tok, cfg, opt, 9, scaler)
+    assert not (out / "eval.json").exists() and torch.load(out / "train_state.pt")["step"] == 9
 
 # ---- command line: train, resume, eval, predict, bench, DDP, bad input
 
