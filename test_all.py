@@ -4247,6 +4247,20 @@ def test_mk_sampling_temperature_and_the_val_loss_weighting():
     assert mk.val_loss(ClipIndex(), mk.GPT2Tokenizer(), cfg, split, cache) == pytest.approx(2.0)  # (0.5*2+2.5*2+4)/5
 
 
+
+def test_mk_feature_cache_only_for_a_frozen_encoder():
+    """--feature_cache keeps a frozen encoder's features (computed once); a trainable encoder's are computed anew each
+    time, with their graph (cached ones would be stale after a step and give the encoder no gradient)."""
+    w, clips, idx = torch.ones(1, requires_grad=True), torch.ones(2, 3), torch.tensor([0, 1])
+    encode = lambda c: c * w  # noqa: E731  # a one-weight "encoder"
+    trainable = mk.FeatureCache(types.SimpleNamespace(frozen=set(), encode=encode), True)
+    frozen = mk.FeatureCache(types.SimpleNamespace(frozen={"vision"}, encode=encode), True)
+    assert trainable("train", idx, clips).requires_grad and frozen("train", idx, clips).tolist() == [[1.0] * 3] * 2
+    with torch.no_grad():
+        w += 1  # an optimizer step
+    assert trainable("train", idx, clips).tolist() == [[2.0] * 3] * 2  # the new weights
+    assert frozen("train", idx, clips).tolist() == [[1.0] * 3] * 2  # the cached features
+
 def test_mk_a_save_writes_whole_files_and_drops_the_old_score(mk_trained, tmp_path, monkeypatch):
     """Into a finished run: a save that dies while writing the weights leaves the old file whole (a temporary file,
     then a rename); a save that completes removes eval.json, which scored the old weights (an extended run stopped
