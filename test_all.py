@@ -2625,8 +2625,8 @@ def test_vl_world_manifest(tmp_path):
         vl.build_world(dataclasses.replace(cfg, data_dir=str(other)))
     assert (other / "train.jsonl").read_text() == "mine" and (other / "world.json").read_text() == "{not json"
     assert vl.parse_args(["--min_lr", "0"])[1].min_lr == 0  # a decay to zero is allowed
-    with pytest.raises(vl.UserError, match="--top_p"):
-        vl.parse_args(["--top_p", "0"])
+    with pytest.raises(vl.UserError, match=r"--top_p 0.0: in \(0, 1\]"):  # (at temperature 0 another line fires)
+        vl.parse_args(["--top_p", "0", "--temperature", "1"])
 
 
 def test_vl_causal_and_loss_mask():
@@ -2990,6 +2990,17 @@ def test_vl_a_save_writes_whole_files_and_drops_the_old_score(vl_tiny_run, tmp_p
     monkeypatch.undo()
     vl.save_checkpoint(model, cfg, tok)
     assert not (out / "eval.json").exists() and not (out / "train_state.pt").exists()
+
+
+def test_vl_generate_reads_the_frames_the_run_trained_on(vl_tiny_run, monkeypatch, capsys):
+    """--generate with a run of this script samples the run's --n_frames of a video (4 here), not the 8 that the
+    released checkpoints were trained on."""
+    cfg = vl_tiny_run[0]
+    clip = next(e for e in vl.read_annotations(os.path.join(cfg.data_dir, "val.jsonl")) if e["kind"] == "video")
+    got, load = [], vl.load_video
+    monkeypatch.setattr(vl, "load_video", lambda path, n, size: got.append(n) or load(path, n, size))
+    vl.main(["--generate", "--out_dir", cfg.out_dir, "--video", clip["path"], "--prompt", clip["question"]])
+    assert got == [cfg.n_frames] == [4]
 
 def test_vl_save_cut_off_before_train_state_refuses_resume(vl_tiny_run, tmp_path, monkeypatch):
     """A save stopped after the new weights but before the new train_state.pt: --resume refuses (the older state would
