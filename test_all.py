@@ -4272,6 +4272,21 @@ def test_mk_feature_cache_only_for_a_frozen_encoder():
     assert trainable("train", idx, clips).tolist() == [[2.0] * 3] * 2  # the new weights
     assert frozen("train", idx, clips).tolist() == [[1.0] * 3] * 2  # the cached features
 
+
+def test_mk_user_data_holds_its_test_rows_out_of_training(mk_trained, tmp_path):
+    """--data without --test_data: every 10th entry is the test split, and none of those trains; the synthetic
+    world's splits are not copies of one another."""
+    d, _ = mk_trained
+    items = [{**it, "question": f"q{i}?", "video": str(d / "data" / it["video"])}
+             for i, it in enumerate(json.load(open(d / "data" / "train.json"))[:11])]
+    (tmp_path / "mine.json").write_text(json.dumps(items))
+    data = mk.prepare_data(_mk_tiny_cfg(tmp_path, data=str(tmp_path / "mine.json")), splits=("train", "test"))
+    train, test = ({e["question"] for e in data[s][0]} for s in ("train", "test"))
+    assert test == {"q0?", "q10?"} and len(train) == 9 and not train & test
+    first = [json.load(open(d / "data" / f"{s}.json"))[0] for s in ("train", "val", "test")]  # the synthetic world:
+    first = [{k: v for k, v in e.items() if k != "video"} for e in first]  # each split its own random stream
+    assert first[0] != first[1] != first[2] != first[0]
+
 def test_mk_a_save_writes_whole_files_and_drops_the_old_score(mk_trained, tmp_path, monkeypatch):
     """Into a finished run: a save that dies while writing the weights leaves the old file whole (a temporary file,
     then a rename); a save that completes removes eval.json, which scored the old weights (an extended run stopped
