@@ -70,6 +70,17 @@ def main_user_error(main, capsys, argv, *needles):
         assert n in line, (n, line)
 
 
+def resume_with_a_save_cut_off(main, monkeypatch, out):
+    """--resume out_dir for one step and save, dying in torch.save: the new weights are written and the new
+    train_state.pt is not, as when a run is killed mid-save."""
+    def killed(obj, path, *a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--train", "--resume", "--out_dir", out, "--stop_after", "3"])
+    monkeypatch.undo()
+
+
 def check_cut_off_video(mod, tmp_path, keep=0.5):
     """A 40-frame MJPG .avi loads; cut to `keep` of its bytes (a half, or 0.8: about 30 frames, more than half but
     short of 90%), it still opens and decodes its first part without an error, and mod.load_video refuses it naming
@@ -413,17 +424,6 @@ def test_vm_sample_indices():
     assert vm.sample_indices(2, 4) == [0, 0, 1, 1]  # short clips repeat frames
     with pytest.raises(vm.UserError):
         vm.sample_indices(0, 4)
-
-
-def test_vm_learning_rate_schedule_and_epochs_by_hand():
-    """Linear warmup (the first step already moves), then a cosine from lr to min_lr; each epoch is a fresh
-    permutation of the clips, each clip once per epoch."""
-    cfg = vm.Config(**{**vm.PRESETS["tiny"], "lr": 1.0, "min_lr": 0.1, "warmup": 4, "max_steps": 24})
-    lrs = [vm.lr_at(step, cfg) for step in range(25)]
-    assert lrs[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0]) and lrs[14] == pytest.approx(0.55)
-    assert lrs[24] == pytest.approx(0.1) == vm.lr_at(99, cfg)
-    epochs = [torch.cat([vm.global_batch(e * 3 + k, 12, 4, 0) for k in range(3)]).tolist() for e in range(3)]
-    assert all(sorted(e) == list(range(12)) for e in epochs) and len({tuple(e) for e in epochs}) == 3
 
 
 def test_vm_frame_encoder_ignores_each_frame_s_mean_colour():
@@ -788,12 +788,7 @@ def test_vm_save_cut_off_before_train_state_refuses_resume(capsys, _vm_trained, 
     tmp, _ = _vm_trained
     out = str(tmp_path / "r")
     vm.main(["--train", "--preset", "tiny", "--data_dir", str(tmp / "data"), "--out_dir", out, "--stop_after", "2"])
-    def killed(obj, path, *a, **k):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(torch, "save", killed)
-    with pytest.raises(KeyboardInterrupt):
-        vm.main(["--train", "--resume", "--out_dir", out, "--stop_after", "3"])
-    monkeypatch.undo()
+    resume_with_a_save_cut_off(vm.main, monkeypatch, out)
     main_user_error(vm.main, capsys, ["--train", "--resume", "--out_dir", out], "nothing to resume (no train_state.pt)")
 
 
@@ -1301,12 +1296,7 @@ def test_vc_save_cut_off_before_train_state_refuses_resume(capsys, tmp_path, mon
     go on from its step with the newer weights)."""
     cut = str(tmp_path / "cut")
     vc.train(_vc_cfg(tmp_path, out_dir=cut, stop_after=2))
-    def killed(obj, path, *a, **k):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(torch, "save", killed)
-    with pytest.raises(KeyboardInterrupt):
-        vc.main(["--train", "--resume", "--out_dir", cut, "--stop_after", "3"])
-    monkeypatch.undo()
+    resume_with_a_save_cut_off(vc.main, monkeypatch, cut)
     main_user_error(vc.main, capsys, ["--train", "--resume", "--out_dir", cut], "nothing to resume (no train_state.pt)")
 
 
@@ -1386,14 +1376,15 @@ def test_vc_max_train_and_small_sets(tmp_path):
     assert len(idx) == 12 and set(idx.tolist()) == set(range(5))
 
 
-def test_vc_learning_rate_schedule_and_epochs_by_hand():
+@pytest.mark.parametrize("m", [vm, vc], ids=["vm", "vc"])
+def test_vm_vc_learning_rate_schedule_and_epochs_by_hand(m):
     """Linear warmup (the first step already moves), then a cosine from lr to min_lr; each epoch is a fresh
-    permutation of the images, each image once per epoch."""
-    cfg = vc.Config(**{**vc.PRESETS["tiny"], "lr": 1.0, "min_lr": 0.1, "warmup": 4, "max_steps": 24})
-    lrs = [vc.lr_at(step, cfg) for step in range(25)]
+    permutation of the clips (images), each once per epoch."""
+    cfg = m.Config(**{**m.PRESETS["tiny"], "lr": 1.0, "min_lr": 0.1, "warmup": 4, "max_steps": 24})
+    lrs = [m.lr_at(step, cfg) for step in range(25)]
     assert lrs[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0]) and lrs[14] == pytest.approx(0.55)
-    assert lrs[24] == pytest.approx(0.1) == vc.lr_at(99, cfg)
-    epochs = [torch.cat([vc.global_batch(e * 3 + k, 12, 4, 0) for k in range(3)]).tolist() for e in range(3)]
+    assert lrs[24] == pytest.approx(0.1) == m.lr_at(99, cfg)
+    epochs = [torch.cat([m.global_batch(e * 3 + k, 12, 4, 0) for k in range(3)]).tolist() for e in range(3)]
     assert all(sorted(e) == list(range(12)) for e in epochs) and len({tuple(e) for e in epochs}) == 3
 
 
@@ -3008,12 +2999,7 @@ def test_vl_save_cut_off_before_train_state_refuses_resume(vl_tiny_run, tmp_path
     cut, data = str(tmp_path / "cut"), vl_tiny_run[0].data_dir
     vl.main(["--train", "--preset", "tiny", "--max_steps", "6", "--data_dir", data, "--out_dir", cut,
              "--stop_after", "2"])
-    def killed(obj, path, *a, **k):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(torch, "save", killed)
-    with pytest.raises(KeyboardInterrupt):
-        vl.main(["--train", "--resume", "--out_dir", cut, "--stop_after", "3"])
-    monkeypatch.undo()
+    resume_with_a_save_cut_off(vl.main, monkeypatch, cut)
     with pytest.raises(vl.UserError, match="no train_state.pt, so there is no optimizer state to resume from"):
         vl.main(["--train", "--resume", "--out_dir", cut])
 
@@ -4387,12 +4373,7 @@ def test_mk_save_cut_off_before_train_state_refuses_resume(mk_trained, tmp_path,
     go on from its step with the newer weights), in one line."""
     d, r = mk_trained[0], str(tmp_path / "r")
     mk.main(["--train", "--preset", "tiny", "--data_dir", str(d / "data"), "--out_dir", r, "--stop_after", "2"])
-    def killed(obj, path, *a, **k):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(torch, "save", killed)
-    with pytest.raises(KeyboardInterrupt):
-        mk.main(["--train", "--resume", "--out_dir", r, "--stop_after", "3"])
-    monkeypatch.undo()
+    resume_with_a_save_cut_off(mk.main, monkeypatch, r)
     with pytest.raises(mk.UserError, match="train_state.pt: nothing to resume"):
         mk.main(["--train", "--resume", "--out_dir", r])
 
