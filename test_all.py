@@ -2514,6 +2514,30 @@ def test_vl_training_arithmetic_by_hand_and_a_video_cut_short(tmp_path):
     check_cut_off_video(vl, tmp_path, keep=0.8)
 
 
+def test_vl_batch_loss_ranks_average_to_the_global_batch():
+    """Each DDP rank's loss counts `world` times, since DDP averages the ranks' gradients: two ranks' halves of a
+    batch (computed here one after the other, no processes), averaged, give the one-process gradient and loss. A
+    stub model: row i has a_i = i+1 answer tokens, each of loss w * (i+1), so the token mean is (1+4+9+16)/10 = 3."""
+    w = torch.ones((), requires_grad=True)
+
+    def model(targets, c):  # the pass's mean over its answer tokens
+        return None, (w * c[:, None] * (targets != -100)).sum() / (targets != -100).sum()
+    rows = types.SimpleNamespace(answers=[[0] * (i + 1) for i in range(4)],
+                                 entries=[{"kind": k} for k in ("image", "video", "video", "image")])
+    rows.batch = lambda part, device: dict(c=torch.tensor([i + 1.0 for i in part]), targets=torch.tensor(
+        [[0] * (i + 1) + [-100] * (3 - i) for i in part]))  # (n, 4): row i's a_i answer tokens, then ignored
+    scaler = types.SimpleNamespace(scale=lambda loss: loss)
+    cfg = dataclasses.replace(vl.Config(), grad_accum=1, dtype="float32")
+    grads, totals = [], []
+    for world, size in ((1, 4), (2, 2)):
+        for rank in range(world):
+            totals.append(vl.batch_loss(model, rows, [0, 1, 2, 3], dataclasses.replace(cfg, batch_size=size),
+                                        rank, world, False, "cpu", scaler))
+        grads.append(w.grad.item() / world)  # DDP: the mean of the ranks' summed gradients
+        w.grad = None
+    assert grads == pytest.approx([3.0, 3.0]) and totals == pytest.approx([3.0, 0.5, 2.5])  # rank totals sum to 3
+
+
 def test_vl_a_row_that_ended_stays_ended(vl_ckpt):
     """Batched greedy decoding with an EOS: the row that produces it gets pad ids after it until the batch stops (a
     row that started again would add words after its answer), the other rows go on as without an EOS."""
@@ -2635,6 +2659,16 @@ def test_vl_causal_and_loss_mask():
     _, loss = m(ids, targets=tgt)
     want = torch.nn.functional.cross_entropy(a[:, 7:].reshape(-1, 20), ids[:, 7:].reshape(-1))
     assert torch.allclose(loss, want, atol=1e-6)
+
+
+def test_vl_padded_positions_by_hand():
+    """RoPE positions count the real tokens before each token, from 0 as in transformers (a left pad sits at 0); a
+    query sees the real tokens up to itself, and itself (the pad too); a static cache's unfilled column is hidden."""
+    pos, mask = vl.padded_positions(torch.tensor([[0, 1, 1], [1, 1, 1]]), 0, width=4)
+    assert pos.tolist() == [[0, 0, 1], [0, 1, 2]]
+    assert mask[:, 0].int().tolist() == [[[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0]],
+                                         [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]]]
+    assert vl.padded_positions(torch.tensor([[0, 1, 1], [1, 1, 1]]), 2)[0].tolist() == [[1], [2]]  # after a cache
 
 
 
@@ -2927,6 +2961,22 @@ def test_vl_grad_accumulation_equals_big_batch(vl_tiny_run, tmp_path):
     assert acc.keys() == big.keys()
     for k in big:
         torch.testing.assert_close(acc[k], big[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@_vc_1t
+def test_vl_train_clips_the_gradient(vl_tiny_run, tmp_path, monkeypatch):
+    """AdamW steps with gradients of global norm --grad_clip when they are longer (1e-3: far below the tiny run's)."""
+    cfg, _ = vl_tiny_run
+    norms, make = [], vl.make_optimizer
+
+    def spy(params, cfg, device):  # the real optimizer, which notes the gradients' norm before each step
+        opt, scaler = make(params, cfg, device)
+        opt.register_step_pre_hook(lambda o, args, kwargs: norms.append(torch.stack(
+            [p.grad.norm() for g in o.param_groups for p in g["params"] if p.grad is not None]).norm().item()))
+        return opt, scaler
+    monkeypatch.setattr(vl, "make_optimizer", spy)
+    vl.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "clip"), grad_clip=1e-3, max_steps=2, stop_after=1))
+    assert norms == pytest.approx([1e-3], rel=1e-3)
 
 
 @_vc_1t
