@@ -4307,6 +4307,36 @@ def test_mk_feature_cache_only_for_a_frozen_encoder():
         w += 1  # an optimizer step
     assert trainable("train", idx, clips).tolist() == [[2.0] * 3] * 2  # the new weights
     assert frozen("train", idx, clips).tolist() == [[1.0] * 3] * 2  # the cached features
+    assert frozen("val", idx, clips * 3).tolist() == [[6.0] * 3] * 2  # val clip i is not train clip i (w is 2)
+
+
+def test_mk_a_row_that_ended_stays_ended_and_positions_go_on_by_one():
+    """Batched decoding: a row that produced EOS keeps it (its answer ends there) while the others go on, and each
+    new token sits one position after the row's last, with and without the cache (a stub LLM that notes the last
+    positions: row 0 says EOS first, then 5; row 1 says 5)."""
+    def llm(x, pos, valid, cache=None, last_only=True):  # (B, L, D) -> (B, 1, V)
+        seen.append(pos[:, -1].tolist())
+        first = (pos[:, -1:, None] == 0) & torch.tensor([True, False])[:, None, None]  # row 0's first step
+        return torch.where(first, torch.eye(8)[7], torch.eye(8)[5])
+    llm.model = types.SimpleNamespace(layers=[])  # no layers: an empty cache
+    embed = lambda ids: torch.zeros(*ids.shape, 2)  # noqa: E731  # (B, 1) -> (B, 1, D)
+    x, valid = torch.zeros(2, 2, 2), torch.tensor([[False, True], [True, True]])  # prompts of 1 and 2 tokens
+    for use_cache in (True, False):
+        seen = []
+        assert mk.llm_generate(llm, embed, x, valid, 7, 3, use_cache=use_cache) == [[], [5, 5, 5]]
+        assert seen == [[0, 1], [1, 2], [2, 3]]  # the prompt's last positions, then each new token's
+
+
+def test_mk_a_frame_scored_at_the_threshold_is_not_predicted(tmp_path, monkeypatch):
+    """A frame scored exactly at the threshold (logit 0, sigmoid 0.5) is not predicted, as in the span: frame F1 0,
+    not 2/3 (a stub generate: frame logits 0 for a clip whose first frame is the support)."""
+    tok, item = mk.GPT2Tokenizer(), dict(question="When?", choices=["A. x", "B. y"], answer="A. x", support_times=[0])
+    monkeypatch.setattr(mk, "generate", lambda model, feats, items, tok, cfg: ([[]] * len(items), torch.zeros(1, 2)))
+    ds = dict(clips=torch.zeros(1), labels=torch.tensor([[1.0, 0.0]]), times=[np.array([0.0, 0.5])], durations=[1.0])
+    cfg = dataclasses.replace(mk.Config(), out_dir=str(tmp_path), dtype="float32", threshold=0.5)
+    model = types.SimpleNamespace(eval=lambda: None, devices={"llm": "cpu"})
+    res = mk.evaluate(model, tok, cfg, {"test": ([item], ds)}, 1.0, cache=lambda s, idx, clips: None)
+    assert res["test"]["frame_f1"] == 0.0
 
 
 def test_mk_user_data_holds_its_test_rows_out_of_training(mk_trained, tmp_path):
@@ -4399,6 +4429,20 @@ def test_mk_printed_config_is_the_one_that_runs(mk_trained, tmp_path, capsys):
         mk.main([str(a) for a in argv + ["--data_dir", d / "data"]])
         printed = [json.loads(l[8:]) for l in capsys.readouterr().out.splitlines() if l.startswith("config: ")]
         assert len(printed) == 1 and printed[0]["n_frames"] == 8 and printed[0]["max_steps"] in (6, 2)
+
+
+def test_mk_train_clips_the_gradient(mk_trained, tmp_path, monkeypatch):
+    """AdamW steps with gradients of global norm --grad_clip when they are longer (1e-3: far below the tiny run's)."""
+    norms, make = [], mk.make_optimizer
+
+    def spy(model, cfg):  # the real optimizer, which notes the gradients' norm before each step
+        opt, params, scaler = make(model, cfg)
+        opt.register_step_pre_hook(lambda o, args, kwargs: norms.append(torch.stack(
+            [p.grad.norm() for g in o.param_groups for p in g["params"] if p.grad is not None]).norm().item()))
+        return opt, params, scaler
+    monkeypatch.setattr(mk, "make_optimizer", spy)
+    mk.train(_mk_tiny_cfg(tmp_path, data_dir=str(mk_trained[0] / "data"), grad_clip=1e-3, stop_after=1))
+    assert norms == pytest.approx([1e-3], rel=1e-3)
 
 
 def test_mk_exact_resume(mk_trained, tmp_path, capsys):
