@@ -81,6 +81,14 @@ def resume_with_a_save_cut_off(main, monkeypatch, out):
     monkeypatch.undo()
 
 
+def save_file_dies_halfway(mod, monkeypatch):
+    """mod.save_file writes part of the file, then fails: a full disk, or a kill halfway through the weights."""
+    def dies(state, path):
+        open(path, "wb").write(b"half a file")
+        raise OSError("no space left on device")
+    monkeypatch.setattr(mod, "save_file", dies)
+
+
 def check_cut_off_video(mod, tmp_path, keep=0.5):
     """A 40-frame MJPG .avi loads; cut to `keep` of its bytes (a half, or 0.8: about 30 frames, more than half but
     short of 90%), it still opens and decodes its first part without an error, and mod.load_video refuses it naming
@@ -3021,10 +3029,7 @@ def test_vl_a_save_writes_whole_files_and_drops_the_old_score(vl_tiny_run, tmp_p
         vl.main(["--train", "--resume", "--out_dir", str(out), "--seed", str(vl_tiny_run[0].seed + 1)])
     cfg, model, tok = vl.saved_config(str(out), {}, False), vl.load_pretrained(str(out)), vl.load_tokenizer(str(out))
     before = (out / "model.safetensors").read_bytes()
-    def dies(state, path):  # a full disk or a kill halfway through the weights
-        open(path, "wb").write(before[:100])
-        raise OSError("no space left on device")
-    monkeypatch.setattr(vl, "save_file", dies)
+    save_file_dies_halfway(vl, monkeypatch)
     with pytest.raises(OSError):
         vl.save_checkpoint(model, cfg, tok)
     assert (out / "model.safetensors").read_bytes() == before
@@ -4363,10 +4368,7 @@ def test_mk_a_save_writes_whole_files_and_drops_the_old_score(mk_trained, tmp_pa
     model, tok, cfg = mk.load_checkpoint(str(out))
     opt, _, scaler = mk.make_optimizer(model, cfg)
     before = (out / "model.safetensors").read_bytes()
-    def dies(state, path):  # a full disk or a kill halfway through the weights
-        open(path, "wb").write(before[:100])
-        raise OSError("no space left on device")
-    monkeypatch.setattr(mk, "save_file", dies)
+    save_file_dies_halfway(mk, monkeypatch)
     with pytest.raises(OSError):
         mk.save_checkpoint(model, tok, cfg, opt, 9, scaler)
     assert (out / "model.safetensors").read_bytes() == before and (out / "eval.json").is_file()
@@ -5778,12 +5780,8 @@ def test_ab_a_failed_save_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):
     model = ab.CLIP(cfg, len(tok.ids))
     ab.save_model(model, tok, cfg, "clip", 1.0)
     before = {f.name: f.read_bytes() for f in (tmp_path / "out" / "clip").iterdir()}
-
-    def dies(state, path):
-        open(path, "wb").write(b"half")
-        raise KeyboardInterrupt
-    monkeypatch.setattr(ab, "save_file", dies)
-    with pytest.raises(KeyboardInterrupt):
+    save_file_dies_halfway(ab, monkeypatch)
+    with pytest.raises(OSError):
         ab.save_model(model, tok, cfg, "clip", 2.0)
     assert {f.name: f.read_bytes() for f in (tmp_path / "out" / "clip").iterdir() if f.suffix != ".tmp"} == before
 
