@@ -747,7 +747,7 @@ PLAIN = {  # the settings each tower implements, as transformers defaults them (
 def read_hf_dir(path, want):  # -> (config dict, {tensor key: file}, Config fields) of an HF folder, shards too
     fix = "pass a complete Hugging Face checkpoint folder (download it again if damaged)"
     if not os.path.isdir(path):
-        raise UserError(f"{path}: no such folder; pass --{('llm', 'vision')[want == 'vjepa2']}_ckpt where the tower is")
+        raise UserError(f"{path}: no such folder; pass {'--vision_ckpt' if want == 'vjepa2' else '--llm_ckpt'} DIR")
     conf = read_json(os.path.join(path, "config.json"), fix)
     if conf.get("model_type") != want:
         raise UserError(f"{path}: checkpoint is model_type {conf.get('model_type')!r}, expected {want!r}")

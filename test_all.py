@@ -3854,7 +3854,7 @@ def test_mk_moved_tower_folder_names_the_flag_that_finds_it(mk_hf, tmp_path):
     mk.main(["--train", "--preset", "tiny", "--vision_ckpt", str(tmp_path / "v"), "--max_steps", "2", "--data_dir",
              str(tmp_path / "data"), "--out_dir", str(tmp_path / "o")])
     os.rename(tmp_path / "v", tmp_path / "v2")
-    with pytest.raises(mk.UserError, match="v: no such folder; pass --vision_ckpt where the tower is"):
+    with pytest.raises(mk.UserError, match="v: no such folder; pass --vision_ckpt DIR"):
         mk.main(["--eval", "--out_dir", str(tmp_path / "o")])
     mk.main(["--eval", "--out_dir", str(tmp_path / "o"), "--vision_ckpt", str(tmp_path / "v2")])
 
