@@ -1923,6 +1923,77 @@ def test_vl_greedy_matches_transformers_generate(vl_ckpt):
     assert torch.equal(row1[0], got[1])
 
 
+
+def test_vl_a_batch_equals_its_rows(vl_ckpt):
+    """Every row of a left-padded mixed batch (text only; one image; two images and a video), run alone and unpadded,
+    gives the logits it gets in the batch at its real positions, and the same greedy tokens."""
+    ours = vl.VideoLlava.from_pretrained(vl_ckpt[1]["hub"], dtype=torch.float32).eval()
+    ids, mask, imgs, vids = _vl_inputs(2)
+    media = [(None, None), (imgs[:1], None), (imgs[1:], vids)]  # the placeholders take the images in reading order
+    with torch.no_grad():
+        logits, _ = ours(ids, mask, imgs, vids)
+        tokens = vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=8)
+        for r, (img, vid) in enumerate(media):
+            start = int(mask[r].argmax())  # the row's first real token
+            alone, _ = ours(ids[r:r + 1, start:], None, img, vid)
+            assert (alone[0] - logits[r, start:]).abs().max() < 1e-4, r
+            assert torch.equal(vl.generate(ours, ids[r:r + 1, start:], None, img, vid, max_new_tokens=8)[0], tokens[r])
+
+
+def test_vl_video_matches_transformers_at_several_frame_counts(vl_ckpt):
+    """One <video> tag expanded for 1, 2, 5 and 8 frames (5 tokens a frame here: 4 patches + CLS): the logits and
+    greedy tokens are transformers'."""
+    ref, dirs = vl_ckpt
+    ours = vl.VideoLlava.from_pretrained(dirs["hub"], dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(3)
+    for n_frames in (1, 2, 5, 8):
+        ids = torch.tensor([vl.expand_placeholders([1, 4, 32001, 8, 9, 10], ours.cfg, n_frames)])
+        assert int((ids == 32001).sum()) == 5 * n_frames
+        vids = torch.randn(1, n_frames, 3, 28, 28, generator=g)
+        with torch.no_grad():
+            want = ref(input_ids=ids, pixel_values_videos=vids).logits
+            got, _ = ours(ids, pixel_values_videos=vids)
+        assert (want - got).abs().max() < 1e-4, n_frames
+        want = ref.generate(input_ids=ids, pixel_values_videos=vids, max_new_tokens=6, do_sample=False)
+        assert torch.equal(want[:, ids.shape[1]:], vl.generate(ours, ids, None, None, vids, max_new_tokens=6))
+
+
+def test_vl_overfits_one_batch(tmp_path):
+    """The tiny model learns one batch by heart: two pictures asked the same question and two clips asked the same
+    question, with different answers, so only the pixels (through the tower, the projector and the placeholders)
+    tell them apart; afterwards greedy generation gives all four answers."""
+    def canvas():
+        return np.full((vl.SIDE, vl.SIDE, 3), 60, np.uint8)
+    lines = []
+    for name, colour in (("a", "red"), ("b", "blue")):
+        img = canvas()
+        vl.draw_shape(img, "square", colour, 24, 24)
+        cv2.imwrite(str(tmp_path / f"{name}.png"), img)
+        lines.append({"image": f"{name}.png", "question": "What colour is the square?", "answer": colour})
+    for name, dx in (("left", -1), ("right", 1)):  # a green circle crossing the picture, 16 px in 16 frames
+        writer = cv2.VideoWriter(str(tmp_path / f"{name}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 8, (vl.SIDE, vl.SIDE))
+        for t in range(vl.CLIP_LEN):
+            frame = canvas()
+            vl.draw_shape(frame, "circle", "green", 24 + round(dx * 16 * (t / (vl.CLIP_LEN - 1) - 0.5)), 24)
+            writer.write(frame)
+        writer.release()
+        lines.append({"video": f"{name}.mp4", "question": "Which way does it move?", "answer": name})
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    entries = vl.read_annotations(str(tmp_path / "qa.jsonl"))
+    torch.manual_seed(0)
+    cfg = vl.Config(**{**vl.PRESETS["tiny"], "out_dir": str(tmp_path / "o")})
+    model, cfg, tok, data = vl.build_model(cfg, {"train": entries, "val": entries}, False, lambda *a: None, "cpu")
+    opt, scaler = vl.make_optimizer(list(model.parameters()), cfg, "cpu")  # the default lr, 1e-3
+    for _ in range(300):
+        loss = vl.batch_loss(model, data["train"], [0, 1, 2, 3], cfg, 0, 1, False, "cpu", scaler)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert loss < 0.02, loss  # a coin toss between each pair's answers: 0.35
+    out = vl.generate(model, **data["val"].batch([0, 1, 2, 3], "cpu", generating=True), max_new_tokens=4,
+                      eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    assert [tok.decode([t for t in r if t != tok.eos_id]).strip() for r in out.tolist()] == [
+        "red", "blue", "left", "right"]
+
 def test_vl_compiled_step_matches_eager(vl_ckpt):
     """A one-token step writes its key/value at cache.slots and attends over the whole cache under a mask, so its
     shapes never change and torch.compile makes it one graph (fullgraph): the compiled step gives the logits of the
