@@ -1180,7 +1180,7 @@ def filter_logits(logits, top_k, top_p):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         srt, order = logits.sort(-1, descending=True)
-        drop = srt.softmax(-1).cumsum(-1) - srt.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        drop = srt.softmax(-1).cumsum(-1) - srt.softmax(-1) >= top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))  # vocab order
     return logits
 

@@ -2569,6 +2569,9 @@ def test_vl_sampler_and_metrics():
     # top-p keeps the smallest prefix whose mass reaches p: 0.64 (id 1) + 0.24 (id 3) >= 0.8, in their ratio
     kept = freq(vl.sample_next(many, 1.0, 0, 0.8, g))
     assert kept[0] == kept[2] == 0 and abs(kept[1] - 0.644 / 0.881) < 0.015
+    # a prefix whose mass equals p exactly is enough (as transformers' TopPLogitsWarper): one of two equal tokens
+    halves = torch.tensor([[0.0, 0.0, -math.inf]])  # probabilities 0.5, 0.5, 0 exactly
+    assert len({vl.sample_next(halves, 1.0, 0, 0.5, g).item() for _ in range(50)}) == 1
     assert vl.exact_match(["Red.", "left ", "two"], ["red", "left", "three"]) == pytest.approx(2 / 3)
 
 
@@ -3126,8 +3129,13 @@ def test_vl_save_cut_off_before_train_state_refuses_resume(vl_tiny_run, tmp_path
     vl.main(["--train", "--preset", "tiny", "--max_steps", "6", "--data_dir", data, "--out_dir", cut,
              "--stop_after", "2"])
     resume_with_a_save_cut_off(vl.main, monkeypatch, cut)
-    with pytest.raises(vl.UserError, match="no train_state.pt, so there is no optimizer state to resume from"):
+    with pytest.raises(vl.UserError, match="no train_state.pt, so there is no optimizer state to resume from") as e:
         vl.main(["--train", "--resume", "--out_dir", cut])
+    assert str(e.value).endswith(f"(or fine-tune it: --from_pretrained {cut} --out_dir NEW)")
+    new = str(tmp_path / "new")  # the way it names works: fine-tuning the saved weights into another folder
+    vl.main(["--train", "--preset", "tiny", "--max_steps", "2", "--data_dir", data, "--from_pretrained", cut,
+             "--out_dir", new])
+    assert os.path.isfile(os.path.join(new, "eval.json"))
 
 
 def test_vl_ddp_two_processes_gloo(vl_tiny_run, tmp_path):
@@ -3163,7 +3171,7 @@ def test_vl_resume_refuses_foreign_folders(vl_tiny_run, tmp_path):
     with pytest.raises(vl.UserError, match="not written by video_llava.py --train"):
         vl.main(["--train", "--resume", "--out_dir", str(hf)])
     json.dump({"model_type": "video_llava", "script": "video_llava"}, open(hf / "config.json", "w"))  # no settings
-    with pytest.raises(vl.UserError, match=r"has no train_config\); --resume, --eval and --generate need"):
+    with pytest.raises(vl.UserError, match=r"has no train_config\); --resume and --eval need"):
         vl.main(["--generate", "--out_dir", str(hf), "--prompt", "Hi"])
     done = tmp_path / "no_state"
     shutil.copytree(vl_tiny_run[0].out_dir, done)
@@ -3369,8 +3377,8 @@ def test_vl_user_data_relative_paths_and_overlong_entries(tmp_path, monkeypatch)
     # an entry longer than the context is refused before training, naming its line; nothing is written
     (tmp_path / "a" / "long.jsonl").write_text(line % "What colour?" + line % ("why " * 600))
     monkeypatch.chdir(tmp_path / "a")
-    with pytest.raises(vl.UserError, match="long.jsonl:2: .* more than the context"):
-        vl.main(tiny + ["--data", "long.jsonl", "--out_dir", "long"])
+    with pytest.raises(vl.UserError, match=r"long.jsonl:2: .* more than the context \(512\); shorten it$"):
+        vl.main(tiny + ["--data", "long.jsonl", "--out_dir", "long"])  # an image's question: only shortening helps
     assert not os.path.exists("long")
     # a test answer longer than --max_new_tokens can never be generated (it was scored a miss without a word): refused;
     # a --max_new_tokens long enough for it but past the context is refused too
@@ -3378,7 +3386,7 @@ def test_vl_user_data_relative_paths_and_overlong_entries(tmp_path, monkeypatch)
     cfg, tok, entries = vl.Config(**vl.PRESETS["tiny"]), vl.load_tokenizer("out"), vl.read_annotations("long_answer.jsonl")
     with pytest.raises(vl.UserError, match="long_answer.jsonl:1: the answer takes 602 tokens"):
         vl.Examples(entries, cfg, tok, answered=False)
-    with pytest.raises(vl.UserError, match="long_answer.jsonl:1: .* --max_new_tokens take"):
+    with pytest.raises(vl.UserError, match="long_answer.jsonl:1: .* --max_new_tokens take .* or lower --max_new_tok"):
         vl.Examples(entries, dataclasses.replace(cfg, max_new_tokens=600), tok, answered=False)
 
 
@@ -4042,6 +4050,8 @@ def test_mk_filter_logits():
     assert torch.isinf(mk.filter_logits(logits, 2, 1.0)).tolist() == [[True, False, False, True]]
     p = torch.tensor([[0.6, 0.3, 0.1]]).log()
     assert torch.isinf(mk.filter_logits(p, 0, 0.7)).tolist() == [[False, False, True]]
+    # a prefix whose mass equals top_p exactly is enough (as transformers' TopPLogitsWarper)
+    assert torch.isinf(mk.filter_logits(torch.tensor([[0.0, 0.0]]), 0, 0.5)).sum() == 1
 
 
 def test_mk_overfit_one_batch(tmp_path):

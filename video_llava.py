@@ -990,11 +990,11 @@ def saved_config(out_dir, overrides, resume=True):  # the Config --train saved i
     if meta.get("script") != SCRIPT or not isinstance(meta.get("train_config"), dict):
         s, mt = meta.get("script"), meta.get("model_type")  # ours without settings (damaged), another's, none (HF)
         what = "no train_config" if s == SCRIPT else f"the script {s!r}" if s else f"model_type {mt!r}"
-        raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (its config.json has {what}); --resume, --eval "
-                        "and --generate need the --out_dir of a run")
+        raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (its config.json has {what}); --resume and "
+                        "--eval need the --out_dir of a run")
     if resume and not os.path.isfile(tpath):
         raise UserError(f"{out_dir}: no train_state.pt, so there is no optimizer state to resume from; "
-                        f"drop --resume to start afresh (or --from_pretrained {out_dir} to fine-tune its weights)")
+                        f"drop --resume to start afresh (or fine-tune it: --from_pretrained {out_dir} --out_dir NEW)")
     saved = {k: v for k, v in meta["train_config"].items() if k in Config.__dataclass_fields__}
     kinds = {k: (int, float) if type(d) is float else type(d) for k, d in dataclasses.asdict(Config()).items()}
     if bad := [k for k, v in saved.items() if not isinstance(v, kinds[k]) or v not in CHOICES.get(k, [v])]:  # damaged
@@ -1057,9 +1057,10 @@ class Examples:
             tok.check_known([prompt_text(e["question"], e["kind"]) for e in entries])
         for e, p, a in zip(entries, self.prompts, self.answers):  # refused now, not when a batch first meets it
             n, what = (len(p) + len(a), "answer") if answered else (len(p) + cfg.max_new_tokens, "--max_new_tokens")
-            if n > cfg.max_position_embeddings:
+            if n > cfg.max_position_embeddings:  # a test row needs room to answer; a video's frames take room too
+                fix = {"video": " or use fewer --n_frames"}.get(e["kind"], "") if answered else f" or lower {what}"
                 raise UserError(f"{e['line']}: question, {e['kind']} and {what} take {n} tokens, more than the "
-                                f"context ({cfg.max_position_embeddings}); shorten it or use fewer --n_frames")
+                                f"context ({cfg.max_position_embeddings}); shorten it{fix}")
             if len(a) > cfg.max_new_tokens:  # evaluation would cut the generated answers short (test ones too)
                 raise UserError(f"{e['line']}: the answer takes {len(a)} tokens (EOS included), more than "
                                 f"--max_new_tokens {cfg.max_new_tokens}; raise it")
@@ -1260,7 +1261,7 @@ def sample_next(logits, temperature, top_k, top_p, generator):  # (B, V) -> (B,)
     if top_p < 1.0:
         sorted_l, order = logits.sort(-1, descending=True)  # the most likely first
         probs = sorted_l.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), -math.inf)  # vocabulary order
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
