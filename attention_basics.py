@@ -306,7 +306,7 @@ class Tokenizer:
         enc = gpt2()  # <|endoftext|> first (model id 0), then every GPT-2 id the texts use, sorted
         return cls([enc.eot_token] + sorted({t for c in texts for t in enc.encode_ordinary(c)}))
     def encode(self, text):
-        """Text -> [BOS, ..., EOS] in model ids; GPT-2 ids absent from the table are dropped (said in the README)."""
+        """Text -> [BOS, ..., EOS] in model ids; GPT-2 ids absent from the table are dropped without a word."""
         return [EOT] + [self.to_model[t] for t in self.enc.encode_ordinary(text) if t in self.to_model] + [EOT]
     def decode(self, ids):  # model ids -> text, BOS/EOS/padding (model id 0) left out
         return self.enc.decode([self.ids[i] for i in ids if i != EOT]).strip()
@@ -520,7 +520,7 @@ class PerceiverResampler(Module):
         B, Fr, P, D = x.shape  # (B, F, P, D) frame tokens
         if Fr > self.time.size(0):
             raise UserError(f"video has {Fr} frames, the resampler has time embeddings for {self.time.size(0)} "
-                            f"(raise --max_frames or sample fewer frames)")
+                            f"(train again with a larger --max_frames)")
         x = (x + self.time[:Fr]).reshape(B, Fr * P, D)  # (B, F*P, D): time added, frames flattened into one set
         lat = self.latents.expand(B, -1, -1)  # (B, Q, D)
         for layer in self.layers:
@@ -563,7 +563,7 @@ class GatedCrossAttention(Module):
 
 class Decoder(Module):
     """A small causal LM. `prefix` (B, Np, D) is prepended to the token embeddings (unified embedding);
-    `media` (B, M*Q, Dm) + `media_mask` go through a gated cross-attention layer before every block (Flamingo);
+    `media` (B, M*Q, D) + `media_mask` go through a gated cross-attention layer before every block (Flamingo);
     `xattn=False` builds the plain LM. forward -> (logits (B, L, V) over the text positions, loss or None)."""
     def __init__(self, cfg, vocab, n_pos, xattn=False):
         super().__init__()
@@ -880,7 +880,7 @@ def load_model(cfg, name):
         raise UserError(f"{d}: no checkpoint here (run --train first, or pass --out_dir)")
     if not isinstance((meta := read_json(cpath) or {}).get("config"), dict):
         raise UserError(f"{cpath}: not valid JSON, or not a checkpoint config (a JSON object with a 'config' object); "
-                        f"re-run --train")
+                        f"re-run --train into a new --out_dir")
     if meta.get("script") != SCRIPT or meta.get("model") != name:
         raise UserError(f"{d}: checkpoint written by {meta.get('script')}/{meta.get('model')}, not {SCRIPT}/{name}")
     if unknown := sorted(set(meta["config"]) - {f.name for f in dataclasses.fields(Config)} - set(RUN_FIELDS)):
