@@ -26,7 +26,7 @@ frames. Split `novel` holds (colour, event) pairs that never occur in training.
 Shapes: B batch, F frames, S crop side, T = F/2 tubelets, G patch grid side, P = T*G*G video tokens, N visual queries,
 M temporal queries, Lq question / L text tokens, D LLM / Dv video width, H heads, K kv heads, E head dim, V vocabulary.
 
-Commands (the README lists more: --eval, --resume, --preset original):
+Commands (also: --eval, --resume, --preset original):
     python mark1.py --train                                  # data + training + evaluation on a laptop CPU
     python mark1.py --predict --video clip.mp4 --question "What happens to the red circle?" \\
         --choices "A. it appears|B. it stops|C. it turns blue|D. it meets the green square"
@@ -140,8 +140,8 @@ class Config:
     grad_accum: int = 1
     max_steps: int = 1200
     lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_frac: float = 0.1  # linear warmup over this fraction of the steps, then cosine (as the Mark-1 project)
+    min_lr: float = 1e-4  # where the cosine ends
+    warmup_frac: float = 0.1  # linear warmup over this fraction of the steps, then cosine (the Mark-1 project's, to 0)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     dtype: str = "auto"  # autocast: auto (see autocast_dtype), float32, bfloat16 or float16
@@ -157,15 +157,15 @@ class Config:
     threshold: float = 0.5  # a frame is "support" when its saliency, sigmoid(frame logit), exceeds this
 
 PRESETS = {"default": {},
-    "tiny": dict(n_train=48, n_val=8, n_test=12, n_novel=12, n_frames=8, v_width=32, v_layers=1, v_heads=2,
-                 l_width=32, l_layers=1, l_heads=2, l_kv_heads=1, l_head_dim=16, l_inter=64, n_visual_query=4,
-                 n_temporal_query=2, bridge_heads=2, bert_heads=2, bert_inter=64, batch_size=8, max_steps=6,
-                 log_interval=2, eval_interval=4, dtype="float32"),
+    "tiny": dict(n_train=48, n_val=8, n_test=12, n_novel=12, n_frames=8, v_width=32, v_layers=1, v_heads=2, l_width=32,
+                 l_layers=1, l_heads=2, l_kv_heads=1, l_head_dim=16, l_inter=64, n_visual_query=4, n_temporal_query=2,
+                 bridge_heads=2, bert_heads=2, bert_inter=64, batch_size=8, max_steps=6, log_interval=2,
+                 eval_interval=4, dtype="float32", data_dir="data/mark1_tiny"),
     # --bench: a V-JEPA-2-ViT-S-sized frozen encoder on 64-pixel frames (random weights: the cost is what matters)
     "bench": dict(v_width=384, v_layers=12, v_heads=6, v_patch=16, crop=64, n_train=256, data_dir="data/mark1_bench"),
     # the Mark-1 project's bridge sizes (video width 1408 and LLM width 1024 come from the checkpoints)
-    "original": dict(n_visual_query=32, n_temporal_query=5, bridge_heads=8, bridge_layers=1, bert_heads=16,
-                 bert_inter=4096, lam=2.0, pos_weight=10.0, lr=5e-5, n_frames=16, crop=256, frame_head="linear")}
+    "original": dict(n_visual_query=32, n_temporal_query=5, bridge_heads=8, bridge_layers=1, bert_heads=16, lam=2.0,
+                 bert_inter=4096, pos_weight=10.0, lr=5e-5, min_lr=0.0, n_frames=16, crop=256, frame_head="linear")}
 
 # Data: the synthetic world (real mp4 files), the video loader, the annotation file, tokenizers ------------------------
 COLOURS = {"red": (40, 40, 230), "green": (60, 200, 60), "blue": (230, 90, 40), "yellow": (40, 220, 230),

@@ -656,7 +656,7 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     (other / "model.safetensors").write_bytes(b"")
     main_user_error(vm.main, capsys, ["--generate", "--video", clip, "--out_dir", other], "vit_caption")
     for mode in (["--eval"], ["--generate", "--video", clip]):  # the checkpoint's sizes run: another size is refused
-        main_user_error(vm.main, capsys, mode + ["--out_dir", out, "--d_model", "64"], "architecture, world", "drop --d_model 64")
+        main_user_error(vm.main, capsys, mode + ["--out_dir", out, "--d_model", "64"], "keeps the value the run was saved with", "drop --d_model 64")
         main_user_error(vm.main, capsys, mode + ["--out_dir", out, "--lr", "0.5"], "drop --lr 0.5")  # --train's only
     tiny = ["--train", "--preset", "tiny"]  # with --data: no --data_dir (the splits come from the file)
     unbuilt = ["--train", "--resume", "--data_dir", tmp_path / "unbuilt"]  # refused before any data
@@ -682,7 +682,7 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     assert len(batch) == 8 and all(batch.count(i) in (2, 3) for i in range(3))  # every clip two or three times
     # --resume with another architecture or a truncated train_state.pt is refused; the checkpoint is left as it was
     before = {f.name: f.read_bytes() for f in out.iterdir()}
-    main_user_error(vm.main, capsys, unbuilt + ["--out_dir", out, "--n_dec_layer", "3"], "--n_dec_layer 3", "checkpoint: 1")
+    main_user_error(vm.main, capsys, unbuilt + ["--out_dir", out, "--n_dec_layer", "3"], "--n_dec_layer 3", "saved as 1")
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     cut = tmp_path / "cut"
     cut.mkdir()
@@ -1315,7 +1315,7 @@ def test_vc_checkpoint_round_trip_and_exact_resume(tmp_path, capsys):
     cut, nodata = tmp_path / "cut", tmp_path / "nodata"
     vc.train(_vc_cfg(tmp_path, out_dir=str(cut), vit_dropout=0.2, dropout=0.1, stop_after=3))
     main_user_error(vc.main, capsys, ["--train", "--resume", "--out_dir", cut, "--data_dir", nodata, "--d_model", 64,
-                                      "--pool", "patches"], "--d_model 64 (saved 32)")
+                                      "--pool", "patches"], "--d_model 64 (saved as 32)")
     os.makedirs(tmp_path / "bad")
     for name in ("config.json", "model.safetensors"):
         (tmp_path / "bad" / name).write_bytes((cut / name).read_bytes())
@@ -1440,7 +1440,7 @@ def test_vc_train_eval_generate_cli(tmp_path, capsys):
         main_user_error(vc.main, capsys, argv + ["--preset", "tiny", "--out_dir", out], "--preset tiny", "drop --preset")
     main_user_error(vc.main, capsys, ["--eval", "--image", "a.png"], "--image a.png: only with --generate")
     for argv in (["--eval"], ["--generate", "--image", "a.png"]):  # training flags would be ignored: refused
-        main_user_error(vc.main, capsys, argv + ["--out_dir", out, "--lr", "0.5"], "drop --lr 0.5 (saved 0.002)")
+        main_user_error(vc.main, capsys, argv + ["--out_dir", out, "--lr", "0.5"], "drop --lr 0.5 (saved as 0.002)")
     img = np.random.default_rng(0).integers(0, 255, (300, 131, 3), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "odd.jpg"), img)
     vc.main(["--generate", "--image", str(tmp_path / "odd.jpg"), "--out_dir", out, "--temperature", "0.8",
@@ -1509,6 +1509,10 @@ def test_vc_long_captions_and_unknown_words_on_resume(tmp_path, capsys):
     before = {f.name: f.read_bytes() for f in (tmp_path / "o").iterdir()}
     main_user_error(vc.main, capsys, run("new.txt", "--resume"), "new.txt: 'x", "(in 'a blue xylophone')",
                     "has no token for it")
+    # a caption past the saved --max_len on --resume: the run cannot grow, so the fix is the caption, not the flag
+    (tmp_path / "longer.txt").write_text("0.png | a red patch\n1.png | a" + " blue patch" * 13 + "\n")
+    main_user_error(vc.main, capsys, run("longer.txt", "--resume"), "a training caption is 29 tokens long",
+                    "more than the model writes (24)", f"edit {tmp_path / 'longer.txt'}")
     assert {f.name: f.read_bytes() for f in (tmp_path / "o").iterdir()} == before
 
 
@@ -5279,6 +5283,10 @@ def test_mk_original_preset_has_the_mark1_bridge():
     with torch.device("meta"):
         bridge = mk.Bridge(cfg, 1408, 1024, cfg.v_tubelet, cfg.crop // 16)
     assert len(bridge.xattn) == 1 and sum(p.numel() for p in bridge.parameters()) == 31_240_208
+    # its learning rate 5e-5 warms up, then decays along the cosine to 0, as the project's scheduler does
+    lrs = [mk.lr_at(s, cfg) for s in range(cfg.max_steps + 1)]
+    peak = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(5e-5) and lrs[-1] == 0.0 and all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
 
 
 # ====================================================================================================================
@@ -6396,7 +6404,7 @@ def test_vm_vc_eval_checks_only_what_it_scores_and_generate_keeps_the_data(mod, 
     main_user_error(mod.main, capsys, ["--eval", "--out_dir", other], "vit_caption" if mod is vm else "videollama")
     if mod is vc:  # the patch init ran when the run began: --resume keeps it (refused before anything is written)
         main_user_error(vc.main, capsys, ["--train", "--resume", "--out_dir", tmp / "out", "--patch_scale", "3"],
-                        "drop --patch_scale 3.0 (saved 1.0)")
+                        "drop --patch_scale 3.0 (saved as 1.0)")
 
 
 @pytest.mark.parametrize("mod", [vm, vc], ids=["vm", "vc"])

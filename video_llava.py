@@ -133,10 +133,10 @@ class Config:
     max_new_tokens: int = 48
 
 CHOICES = dict(dtype=("auto", "float32", "bfloat16", "float16"), vision_feature_select_strategy=("default", "full"))
-PRESETS = {"default": {}, "tiny": dict(  # tiny: the whole pipeline in seconds (the tests' runs)
-    n_train=48, n_test=6, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-    num_key_value_heads=1, v_hidden_size=16, v_intermediate_size=32, v_num_hidden_layers=2, v_num_attention_heads=2,
-    batch_size=8, max_steps=6, warmup=2, log_interval=2, eval_interval=4, dtype="float32", max_new_tokens=6)}
+PRESETS = {"default": {}, "tiny": dict(n_train=48, n_test=6, data_dir="data/video_llava_tiny", hidden_size=32,
+    intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, v_hidden_size=16,
+    v_intermediate_size=32, v_num_hidden_layers=2, v_num_attention_heads=2, batch_size=8, max_steps=6, warmup=2,
+    log_interval=2, eval_interval=4, dtype="float32", max_new_tokens=6)}  # tiny: the pipeline in seconds (the tests)
 
 # Config field -> (section of an HF Video-LLaVA config.json, its key there, transformers' default when the file leaves
 # it out): the one map that config_from_hf reads and hf_config_dict writes. A top-level key may also sit in text_config.

@@ -22,7 +22,7 @@ training captions (plus <|endoftext|>, which is both BOS and EOS): the 50257-way
 
 Shape legend: B batch, F frames, S frame side, Q learned queries, L text tokens, D width, H heads, V vocabulary.
 
-Commands (the README lists more: --qformer_mode queries, --eval, --resume, --bench):
+Commands (also: --qformer_mode queries, --eval, --resume, --bench):
     python videollama_mini.py --train                         # data + training + evaluation on CPU
     python videollama_mini.py --generate --video clip.mp4     # caption any video (or a folder of frames)
     torchrun --nproc_per_node=2 videollama_mini.py --train    # DDP (gloo on CPU, nccl on CUDA)
@@ -106,7 +106,7 @@ class Config:
     warmup: int = 100
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    dtype: str = "auto"  # auto (bfloat16 where the hardware has it: autocast_dtype), float32, bfloat16, float16 (CUDA)
+    dtype: str = "auto"  # auto (bfloat16 where the hardware has it: autocast_dtype), float32, bfloat16, float16
     device: str = "auto"  # auto = cuda > mps > cpu
     compile: bool = False
     seed: int = 1337
@@ -125,9 +125,9 @@ PRESETS = {"default": {},  # default: the CPU run; tiny: seconds, for the tests
     # The VideoLLaMA-Mini write-up gives no layer, width, head, frame or sampling sizes (those stay the defaults), but
     # text tokens as the Q-Former's queries, the full GPT-2 vocabulary, Adam, no dropout or weight decay (future work).
     "original": dict(qformer_mode="text", compact_vocab=False, dropout=0.0, weight_decay=0.0),
-    "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, n_frames=4, img_size=16, d_model=32, n_head=2,
-                 cnn_width=8, grid=2, n_temporal_layer=1, n_query=4, n_qformer_layer=1, n_dec_layer=1,
-                 batch_size=8, max_steps=6, warmup=2, log_interval=2, eval_interval=4, dtype="float32")}
+    "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, n_frames=4, img_size=16, d_model=32, n_head=2, cnn_width=8,
+                 grid=2, n_temporal_layer=1, n_query=4, n_qformer_layer=1, n_dec_layer=1, batch_size=8, max_steps=6,
+                 warmup=2, log_interval=2, eval_interval=4, dtype="float32", data_dir="data/videollama_mini_tiny")}
 
 # Data: synthetic world, video loader, annotation files, tokenizer -----------------------------------------------------
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws
@@ -508,9 +508,9 @@ def load_checkpoint(out_dir, overrides=None, fixed=()):  # -> (model, tokenizer,
         raise UserError(f"{cpath}: damaged, no 'config' object or 'vocab' list (retrain with --train)")
     known, typed = {f.name for f in dataclasses.fields(Config)}, overrides or {}  # a key this version lacks: ignored
     saved = Config(**{k: v for k, v in meta["config"].items() if k in known})
-    if clash := [f"--{k} {v} (checkpoint: {getattr(saved, k)})" for k, v in typed.items()
+    if clash := [f"--{k} {v} ({'world ' * (k in WORLD)}saved as {getattr(saved, k)})" for k, v in typed.items()
                  if k in fixed and v != getattr(saved, k)]:
-        raise UserError(f"{out_dir}: the run's architecture, world, data and training stay as saved; drop {clash[0]}")
+        raise UserError(f"{out_dir}: this mode keeps the value the run was saved with; drop {clash[0]}")
     cfg = dataclasses.replace(saved, **{**{k: v for k, v in typed.items() if k not in fixed}, "out_dir": out_dir})
     tok = Tokenizer(meta["vocab"])  # the token table saved with the weights
     model = VideoLLaMAMini(cfg, len(tok.ids))
@@ -611,13 +611,13 @@ def pad_batch(seqs, max_len):
         inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
     return inp, tgt
 
-def check_lengths(tok, data, cfg, splits):  # refused: a caption that pad_batch (--max_len) or decoding would cut
+def check_lengths(tok, data, cfg, splits, grow=False):  # refused: a caption --max_len or decoding would cut
     for s in [s for s in splits if s in data]:  # train: every reference is a target; a scored clip: its shortest
         n = max((max if s == "train" else min)(2 + len(tok.enc.encode_ordinary(c)) for c in cs) for _, cs in data[s][0])
         what = f"a {s.replace('train', 'training')} caption is {n} tokens long (GPT-2 tokens, BOS and EOS included)"
-        if n > cfg.max_len:  # the model has no position for its end: a new run may grow, a trained one cannot
-            raise UserError(f"{what}: --max_len {cfg.max_len} must be at least {n}" if "train" in splits else
-                            f"{what}, more than the model writes ({cfg.max_len}): edit {cfg.test_data or cfg.data}")
+        if n > cfg.max_len:  # the model has no position for its end: a new run may grow (grow), a trained one cannot
+            raise UserError(f"{what}: --max_len {cfg.max_len} must be at least {n}" if grow else f"{what}, more than "
+                            f"the model writes ({cfg.max_len}): edit {s != 'train' and cfg.test_data or cfg.data}")
         if n - 1 > cfg.max_new_tokens:  # decoding would stop before its end
             raise UserError(f"{what}: --max_new_tokens {cfg.max_new_tokens} must be at least {n - 1}")
 
@@ -663,7 +663,7 @@ DATA = ("data", "test_data", "data_dir")  # what --eval reads and --generate doe
 
 def start_config(cfg, typed=None, resume=False):
     """Checked before any data. A fresh run: out_dir must be missing, empty or this script's. --resume: out_dir's saved
-    config, the typed flags on top (None: all of cfg; --stop_after only if typed), a different ARCH refused."""
+    config, the typed flags on top (None: all of cfg; --stop_after only if typed), a different ARCH or WORLD refused."""
     out, path = cfg.out_dir, os.path.join(cfg.out_dir, "train_state.pt")
     if not resume:  # a checkpoint's config.json names the script that saved it
         ours = (read_json(os.path.join(out, "config.json")) or {}).get("script") == SCRIPT
@@ -740,7 +740,7 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     fwd = torch.compile(model) if cfg.compile else model  # --compile: same module, compiled forward
-    check_lengths(tok, data, cfg, ("train", "test", "novel"))
+    check_lengths(tok, data, cfg, ("train", "test", "novel"), grow=not resume)
     train_tokens = [[tok.encode(c) for c in cs] for _, cs in train_entries]
     gsize, t_log, log_step = cfg.batch_size * cfg.grad_accum * world, time.time(), step  # G clips a step; ms, eta
     while step < cfg.max_steps:

@@ -21,7 +21,7 @@ one from each object's side). `test`: new images of (colour, shape) pairs seen i
 Shape legend: B batch, S image side, P patches, E ViT width, N visual prefix tokens (1 or P), L text tokens,
 D decoder width, H heads, hd head width D/H, T positions in one call, V vocabulary, K beams, G global batch.
 
-Commands (the README lists more: --max_train 16, --preset original, --eval, --bench):
+Commands (also: --max_train 16, --preset original, --eval, --bench):
     python vit_caption.py --train                            # data + training + evaluation on CPU
     python vit_caption.py --generate --image photo.jpg       # caption any image (+ attention PNG)
     torchrun --nproc_per_node=2 vit_caption.py --train       # DDP (gloo on CPU, nccl on CUDA)
@@ -104,7 +104,7 @@ class Config:
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * processes)
     max_steps: int = 3000  # optimizer steps
     lr: float = 2e-3  # peak learning rate, after linear warmup; cosine decay to min_lr
-    min_lr: float = 1e-4  # learning rate at the last step
+    min_lr: float = 1e-4  # where the cosine ends (at max_steps)
     warmup: int = 60  # steps of linear warmup
     weight_decay: float = 0.05  # AdamW, on matrices only
     grad_clip: float = 1.0  # max global gradient norm
@@ -123,8 +123,8 @@ class Config:
 
 PRESETS = {"default": {},  # tiny: seconds, for the tests. original: the write-up's sizes (no heads given; GPT-2 ids)
     "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, img_size=16, patch=8, vit_dim=32, vit_layers=1,
-                 vit_heads=2, vit_mlp=64, d_model=32, n_layer=1, n_head=2, mlp_dim=64, batch_size=8,
-                 max_steps=6, warmup=2, log_interval=2, eval_interval=4),
+                 vit_heads=2, vit_mlp=64, d_model=32, n_layer=1, n_head=2, mlp_dim=64, batch_size=8, max_steps=6,
+                 warmup=2, log_interval=2, eval_interval=4, data_dir="data/vit_caption_tiny"),
     "original": dict(img_size=96, patch=16, vit_dim=512, vit_layers=16, vit_heads=8, vit_mlp=2048, vit_dropout=0.4,
                      pool="cls", d_model=128, n_layer=8, n_head=4, mlp_dim=11008, compact_vocab=False, rope_theta=1e4,
                      batch_size=16, max_steps=6, eval_max=64, warmup=2, lr=3e-4, log_interval=1, eval_interval=1000)}
@@ -283,8 +283,7 @@ def normalise(text):
 
 # Model: primitives -> one Block for both towers -> ViT -> captioner ---------------------------------------------------
 class RMSNorm(nn.Module):
-    """LLaMA's norm (Zhang & Sennrich 2019): x / rms(x) * weight. No mean subtraction and no bias: cheaper than
-    LayerNorm and, in LLaMA, as good."""
+    """LLaMA's norm (Zhang & Sennrich 2019): x / rms(x) * weight, no mean or bias: cheaper than LayerNorm, as good."""
     def __init__(self, d, eps=1e-6):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
@@ -524,8 +523,9 @@ def load_checkpoint(out_dir, overrides=None, fixed=ARCH):  # -> (model, tok, cfg
         raise UserError(f"{cpath}: no 'config' object or 'vocab' list (checkpoint damaged; retrain or pass --out_dir)")
     saved = {k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
     typed = overrides or {}  # a typed flag that differs from a saved `fixed` field is refused
-    if clash := [f"--{k} {v} (saved {saved.get(k)})" for k, v in typed.items() if k in fixed and v != saved.get(k)]:
-        raise UserError(f"{out_dir}: the run's architecture, world, data and training stay as saved; drop {clash[0]}")
+    if clash := [f"--{k} {v} ({'world ' * (k in WORLD)}saved as {saved.get(k)})" for k, v in typed.items()
+                 if k in fixed and v != saved.get(k)]:
+        raise UserError(f"{out_dir}: this mode keeps the value the run was saved with; drop {clash[0]}")
     cfg = Config(**{**saved, **{k: v for k, v in typed.items() if k not in fixed}, "out_dir": out_dir})
     tok = Tokenizer(meta["vocab"])  # the token table the model was trained with
     model = ViTCaptioner(cfg, len(tok.ids))
@@ -612,13 +612,13 @@ def pad_batch(seqs, max_len):
         inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
     return inp, tgt
 
-def check_lengths(tok, data, cfg, splits):  # refused: a caption that pad_batch (--max_len) or decoding would cut
+def check_lengths(tok, data, cfg, splits, grow=False):  # refused: a caption --max_len or decoding would cut
     for s in [s for s in splits if s in data]:  # train: every reference is a target; a scored image: its shortest
         n = max((max if s == "train" else min)(2 + len(tok.enc.encode_ordinary(c)) for c in cs) for _, cs in data[s][0])
         what = f"a {s.replace('train', 'training')} caption is {n} tokens long (GPT-2 tokens, BOS and EOS included)"
-        if n > cfg.max_len:  # the model has no position for its end: a new run may grow, a trained one cannot
-            raise UserError(f"{what}: --max_len {cfg.max_len} must be at least {n}" if "train" in splits else
-                            f"{what}, more than the model writes ({cfg.max_len}): edit {cfg.test_data or cfg.data}")
+        if n > cfg.max_len:  # the model has no position for its end: a new run may grow (grow), a trained one cannot
+            raise UserError(f"{what}: --max_len {cfg.max_len} must be at least {n}" if grow else f"{what}, more than "
+                            f"the model writes ({cfg.max_len}): edit {s != 'train' and cfg.test_data or cfg.data}")
         if n - 1 > cfg.max_new_tokens:  # decoding would stop before its end
             raise UserError(f"{what}: --max_new_tokens {cfg.max_new_tokens} must be at least {n - 1}")
 
@@ -747,7 +747,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     fwd = torch.compile(model) if cfg.compile else model
     (entries, images), caption_rng = data["train"], random.Random()
-    check_lengths(tok, data, cfg, ("train", "test", "novel"))
+    check_lengths(tok, data, cfg, ("train", "test", "novel"), grow=not resume)
     tokens = [[tok.encode(c) for c in cs] for _, cs in entries]  # every reference of every image, encoded once
     val_batch = pad_batch([tok.encode(cs[0]) for _, cs in data["val"][0]], cfg.max_len)  # (inputs, targets)
     gsize, t_log, log_step, step0 = cfg.batch_size * cfg.grad_accum * world, time.time(), step, step
