@@ -915,6 +915,13 @@ def test_vm_caption_longer_than_max_len_is_refused(_vm_trained, tmp_path, capsys
                     "--max_len 8 must be at least 13")
     main_user_error(vm.main, capsys, argv + ["--max_new_tokens", "11"], "a training caption is 13 tokens long",
                     "--max_new_tokens 11 must be at least 12")
+    # the validation loss reads a held-out clip's first caption: a long one is refused too, though a shorter
+    # reference would let the clip be scored
+    (tmp_path / "short.txt").write_text("a.mp4\na red circle moves left\n")
+    (tmp_path / "val.txt").write_text("a.mp4\na red circle moves left and a blue square moves up\na red circle\n")
+    main_user_error(vm.main, capsys, ["--train", "--preset", "tiny", "--data", tmp_path / "short.txt", "--test_data",
+                                      tmp_path / "val.txt", "--out_dir", tmp_path / "o", "--max_len", "8"],
+                    "a val caption is 13 tokens long", "--max_len 8 must be at least 13")
     assert not (tmp_path / "o").exists()
 
 def test_vm_grad_accumulation_and_exact_resume(tmp_path):

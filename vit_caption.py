@@ -613,8 +613,8 @@ def pad_batch(seqs, max_len):
     return inp, tgt
 
 def check_lengths(tok, data, cfg, splits, grow=False):  # refused: a caption --max_len or decoding would cut
-    for s in [s for s in splits if s in data]:  # train: every reference is a target; a scored image: its shortest
-        n = max((max if s == "train" else min)(2 + len(tok.enc.encode_ordinary(c)) for c in cs) for _, cs in data[s][0])
+    for s, pick in [(s, max if s in ("train", "val") else min) for s in splits if s in data]:  # train, val: all
+        n = max(pick(2 + len(tok.enc.encode_ordinary(c)) for c in cs) for _, cs in data[s][0])  # scored image: shortest
         what = f"a {s.replace('train', 'training')} caption is {n} tokens long (GPT-2 tokens, BOS and EOS included)"
         if n > cfg.max_len:  # the model has no position for its end: a new run may grow (grow), a trained one cannot
             raise UserError(f"{what}: --max_len {cfg.max_len} must be at least {n}" if grow else f"{what}, more than "
@@ -747,7 +747,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     fwd = torch.compile(model) if cfg.compile else model
     (entries, images), caption_rng = data["train"], random.Random()
-    check_lengths(tok, data, cfg, ("train", "test", "novel"), grow=not resume)
+    check_lengths(tok, data, cfg, ("train", "val", "test", "novel"), grow=not resume)
     tokens = [[tok.encode(c) for c in cs] for _, cs in entries]  # every reference of every image, encoded once
     val_batch = pad_batch([tok.encode(cs[0]) for _, cs in data["val"][0]], cfg.max_len)  # (inputs, targets)
     gsize, t_log, log_step, step0 = cfg.batch_size * cfg.grad_accum * world, time.time(), step, step
