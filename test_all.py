@@ -5983,6 +5983,14 @@ def test_vl_and_mk_frame_folders_read_every_image_format(tmp_path):
     assert means == sorted(means) and len(set(means)) == 4
 
 
+@pytest.mark.parametrize("mod", [ab, vc, vm, vl, mk], ids=lambda m: m.__name__)
+def test_tiny_preset_keeps_a_world_of_its_own(mod):
+    """`--preset tiny` (the README's toy runs) writes its synthetic world to a folder of its own, so it never rebuilds
+    the default run's world in data/<script> at toy size."""
+    tiny, default = mod.Config(**mod.PRESETS["tiny"]), mod.Config()
+    assert tiny.data_dir.endswith("_tiny") and tiny.data_dir != default.data_dir
+
+
 @pytest.mark.parametrize("mod", [vm, vc, vl], ids=lambda m: m.__name__)
 def test_resume_keeps_the_run_s_world(mod, tmp_path, capsys):
     """--resume with another --seed or split size rebuilt the synthetic world over the run's and trained on, so the
