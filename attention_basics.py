@@ -292,7 +292,7 @@ def gpt2():  # tiktoken's GPT-2 byte-level BPE; its two files are downloaded onc
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # offline with no cached files: say how to fix it, no traceback
         raise UserError(f"tiktoken could not load the GPT-2 encoding ({type(e).__name__}); offline, point "
-                        f"TIKTOKEN_CACHE_DIR at a folder holding its two files") from None
+                        f"TIKTOKEN_CACHE_DIR at a copy of its cache folder (two hash-named files)") from None
 
 EOT = 0  # model id of <|endoftext|> (the table's first entry): BOS, EOS and padding
 

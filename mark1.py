@@ -361,7 +361,7 @@ class GPT2Tokenizer:  # GPT-2 (tiktoken) over the table `ids`: <|endoftext|>, <u
             self.enc = tiktoken.get_encoding("gpt2")
         except Exception as e:  # offline with no cached files: say how to fix it, no traceback
             raise UserError(f"tiktoken could not load the GPT-2 encoding ({type(e).__name__}); offline, point "
-                            f"TIKTOKEN_CACHE_DIR at a folder holding its two files") from None
+                            f"TIKTOKEN_CACHE_DIR at a copy of its cache folder (two hash-named files)") from None
         self.ids = ids if ids is not None else list(range(self.enc.n_vocab))
         self.index = {g: i for i, g in enumerate(self.ids)}
         self.eos, self.unk = self.index[self.enc.eot_token], self.index.get(-1, 0)  # -1 (no GPT-2 id): <unk>

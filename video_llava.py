@@ -470,7 +470,7 @@ class GPT2Table(Tokenizer):  # GPT-2 BPE (tiktoken) over a table of the ids seen
             self.enc = tiktoken.get_encoding("gpt2")
         except Exception as e:  # offline with no cached files: say how to fix it, no traceback
             raise UserError(f"tiktoken could not load the GPT-2 encoding ({type(e).__name__}); offline, point "
-                            f"TIKTOKEN_CACHE_DIR at a folder holding its two files") from None
+                            f"TIKTOKEN_CACHE_DIR at a copy of its cache folder (two hash-named files)") from None
         self.ids, self.folder = list(ids), folder  # model id -> GPT-2 id; the model's folder, which check_known names
         self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
         self.added = {"<image>": len(self.ids), "<video>": len(self.ids) + 1}

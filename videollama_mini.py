@@ -286,7 +286,7 @@ def gpt2():  # tiktoken's GPT-2 BPE: its two files are downloaded once, or read 
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # offline with no cached files: say how to fix it, no traceback
         raise UserError(f"tiktoken could not load the GPT-2 encoding ({type(e).__name__}); offline, point "
-                        f"TIKTOKEN_CACHE_DIR at a folder holding its two files") from None
+                        f"TIKTOKEN_CACHE_DIR at a copy of its cache folder (two hash-named files)") from None
 
 class Tokenizer:  # GPT-2 BPE (tiktoken), compact: model ids index `ids`, the GPT-2 ids seen in training
     def __init__(self, ids):
