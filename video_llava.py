@@ -1058,7 +1058,7 @@ class Examples:
         for e, p, a in zip(entries, self.prompts, self.answers):  # refused now, not when a batch first meets it
             n, what = (len(p) + len(a), "answer") if answered else (len(p) + cfg.max_new_tokens, "--max_new_tokens")
             if n > cfg.max_position_embeddings:  # a test row needs room to answer; a video's frames take room too
-                fix = {"video": " or use fewer --n_frames"}.get(e["kind"], "") if answered else f" or lower {what}"
+                fix = f" or lower {what}" if not answered else " or fewer --n_frames" if e["kind"] == "video" else ""
                 raise UserError(f"{e['line']}: question, {e['kind']} and {what} take {n} tokens, more than the "
                                 f"context ({cfg.max_position_embeddings}); shorten it{fix}")
             if len(a) > cfg.max_new_tokens:  # evaluation would cut the generated answers short (test ones too)

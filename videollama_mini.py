@@ -508,7 +508,7 @@ def load_checkpoint(out_dir, overrides=None, fixed=()):  # -> (model, tokenizer,
         raise UserError(f"{cpath}: damaged, no 'config' object or 'vocab' list (retrain with --train)")
     known, typed = {f.name for f in dataclasses.fields(Config)}, overrides or {}  # a key this version lacks: ignored
     saved = Config(**{k: v for k, v in meta["config"].items() if k in known})
-    if clash := [f"--{k} {v} ({'world ' * (k in WORLD)}saved as {getattr(saved, k)})" for k, v in typed.items()
+    if clash := [f"--{k} {v} ({'world ' if k in WORLD else ''}saved as {getattr(saved, k)})" for k, v in typed.items()
                  if k in fixed and v != getattr(saved, k)]:
         raise UserError(f"{out_dir}: this mode keeps the value the run was saved with; drop {clash[0]}")
     cfg = dataclasses.replace(saved, **{**{k: v for k, v in typed.items() if k not in fixed}, "out_dir": out_dir})
@@ -612,13 +612,13 @@ def pad_batch(seqs, max_len):
     return inp, tgt
 
 def check_lengths(tok, data, cfg, splits, grow=False):  # refused: a caption --max_len or decoding would cut
-    for s, pick in [(s, max if s in ("train", "val") else min) for s in splits if s in data]:  # train, val: all
-        n = max(pick(2 + len(tok.enc.encode_ordinary(c)) for c in cs) for _, cs in data[s][0])  # scored clip: shortest
+    for s, pick in [(s, {"train": max, "val": next}.get(s, min)) for s in splits if s in data]:  # val: the first
+        n = max(pick(2 + len(tok.enc.encode_ordinary(c)) for c in cs) for _, cs in data[s][0])  # scored: the shortest
         what = f"a {s.replace('train', 'training')} caption is {n} tokens long (GPT-2 tokens, BOS and EOS included)"
-        if n > cfg.max_len:  # the model has no position for its end: a new run may grow (grow), a trained one cannot
+        if n > cfg.max_len:  # the model has no position for its end: a new run may grow, a trained one cannot
             raise UserError(f"{what}: --max_len {cfg.max_len} must be at least {n}" if grow else f"{what}, more than "
                             f"the model writes ({cfg.max_len}): edit {s != 'train' and cfg.test_data or cfg.data}")
-        if n - 1 > cfg.max_new_tokens:  # decoding would stop before its end
+        if n - 1 > cfg.max_new_tokens and s != "val":  # decoding would stop before its end (val is not decoded)
             raise UserError(f"{what}: --max_new_tokens {cfg.max_new_tokens} must be at least {n - 1}")
 
 def lr_at(step, cfg):  # Linear warmup, then cosine decay to min_lr.
