@@ -664,7 +664,6 @@ class Mark1(nn.Module):
         for part, loaded in (("vision", vision), ("llm", llm), ("bridge", None)):
             if loaded is None:  # towers loaded from a checkpoint keep their weights
                 getattr(self, part).apply(self._init_weights)
-        nn.init.normal_(self.bridge.queries, std=0.02)
     @staticmethod
     def _init_weights(m):  # GPT-style init (std 0.02, zero biases); norms keep their identity init
         if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv3d)):
@@ -1054,10 +1053,11 @@ def check_answers(data, tok, cfg):  # evaluation decodes --max_new_tokens: a lon
             raise UserError(f"a {split} answer is {n} tokens long (EOS included): --max_new_tokens "
                             f"{cfg.max_new_tokens} must be at least {n}")
 
-def make_optimizer(model, cfg):  # AdamW over the trainable parameters (decay on matrices only), float16's scaler
+def make_optimizer(model, cfg):  # AdamW (decay on matrices only, not biases, norms or gains); float16's loss scaler
     params, dev = [p for p in model.parameters() if p.requires_grad], model.devices["llm"]  # where the loss is
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    gains = {id(model.bridge.q_scale), id(model.bridge.q_shift)}  # the per-query scale and shift: 2-D, yet affine
+    groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in gains], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2 or id(p) in gains], "weight_decay": 0.0}]
     scaler = torch.amp.GradScaler(dev.split(":")[0], enabled=autocast_dtype(cfg.dtype, dev) == "float16")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95)), params, scaler
 

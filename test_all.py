@@ -4359,10 +4359,14 @@ def test_mk_metrics_at_their_edges_schedule_and_batch_order(tmp_path):
     assert [mk.lr_at(s, cfg) for s in (0, 3, 4, 12, 20)] == pytest.approx([0.25, 1.0, 1.0, 0.55, 0.1])
     epochs = [torch.cat([mk.global_batch(s, 10, 5, 0) for s in (2 * e, 2 * e + 1)]).tolist() for e in range(2)]
     assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(10)) and epochs[0] != epochs[1]
-    params = [torch.zeros(2, 2, requires_grad=True), torch.zeros(2, requires_grad=True)]  # a matrix, a gain: decay
-    groups = mk.make_optimizer(types.SimpleNamespace(parameters=lambda: params, devices={"llm": "cpu"}), cfg)[0]
+    # a matrix, a gain, and the per-query scale and shift (2-D, yet a gain and a bias): decay on the matrix alone
+    params = [torch.zeros(2, 2, requires_grad=True), torch.zeros(2, requires_grad=True)] + \
+             [torch.zeros(3, 2, requires_grad=True) for _ in range(2)]
+    model = types.SimpleNamespace(parameters=lambda: params, devices={"llm": "cpu"},
+                                  bridge=types.SimpleNamespace(q_scale=params[2], q_shift=params[3]))
+    groups = mk.make_optimizer(model, cfg)[0]
     assert [(g["params"], g["weight_decay"]) for g in groups.param_groups] == [([params[0]], cfg.weight_decay),
-                                                                              ([params[1]], 0.0)]  # on matrices only
+                                                                              (params[1:], 0.0)]
     times = np.arange(4) / 4  # a score at the threshold is not above it: the span is frames 1-2 alone
     assert mk.segment_from_scores([0.5, 0.9, 0.9, 0.5], times, 1.0, 0.5) == (0.25, 0.75)
     check_cut_off_video(mk, tmp_path, keep=0.8)
