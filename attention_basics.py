@@ -1104,7 +1104,8 @@ def heat_png(path, w, frames, labels, title, rows):
     for i, line in enumerate(lines):
         put(head, line, 2, 14 * i + 14)
     top = np.concatenate([np.zeros((cell + 14, lab_w, 3), np.uint8), np.concatenate([strip, names], 0)], 1)
-    cv2.imwrite(path, np.concatenate([head, top, np.concatenate([left, heat], 1)], 0))
+    if not cv2.imwrite(path, np.concatenate([head, top, np.concatenate([left, heat], 1)], 0)):  # False: not written
+        raise UserError(f"{path}: could not be written (a folder of that name, or no permission)")
 
 @torch.no_grad()
 def attention_maps(model, tok, clip, cfg, device):
@@ -1216,9 +1217,9 @@ def parse_args(argv=None):
         ("" in (cfg.out_dir, cfg.data_dir), "--out_dir and --data_dir must name a folder, not an empty string"),
         (not (args.eval or args.generate) and cfg.n_frames > cfg.max_frames,  # (those two: the run's sizes)
          f"--n_frames {cfg.n_frames}: at most --max_frames {cfg.max_frames}"),
-        (args.train and not writable(cfg.out_dir, os.path.join("clip", "config.json"), lambda m: m.get("script") ==
-         SCRIPT), f"--out_dir {cfg.out_dir}: a file, a folder this script did not write, or no folder can be made "
-                  "there; give a new or empty one"),
+        ((args.train or args.eval) and not writable(cfg.out_dir, os.path.join("clip", "config.json"), lambda m:
+         args.eval or m.get("script") == SCRIPT), f"--out_dir {cfg.out_dir}: a file, a folder this script did not "
+         "write, or no folder can be made or written there" + "; give a new or empty one" * bool(args.train)),
         (cfg.img_size % cfg.patch, f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}"),
         (cfg.d_model % cfg.n_head, f"--d_model {cfg.d_model} is not a multiple of --n_head {cfg.n_head}"),
         (args.video and (args.train or args.eval or not args.generate), "--video is for --generate, on its own"),

@@ -3330,7 +3330,7 @@ def test_vl_bad_inputs(vl_ckpt, tmp_path, monkeypatch):
     img = str(tmp_path / "x.png")
     cv2.imwrite(img, np.zeros((30, 30, 3), np.uint8))
     for flag in ("--out_dir", "--data_dir"):  # a folder under a file: refused before any world or step
-        with pytest.raises(vl.UserError, match=f"{flag} .*x.png/run: cannot create this folder"):
+        with pytest.raises(vl.UserError, match=f"{flag} .*x.png/run: cannot create or write into this folder"):
             vl.main(["--train", "--preset", "tiny", "--data_dir", str(tmp_path / "w"), "--out_dir",
                      str(tmp_path / "o"), flag, img + "/run"])
     assert not os.path.exists(tmp_path / "w" / "train.jsonl")
@@ -6317,7 +6317,7 @@ def test_vm_vc_a_folder_that_cannot_be_made_is_refused_before_any_work(mod, _vm_
     afile.write_text("notes\n")
     tiny = ["--train", "--preset", "tiny", "--data_dir", tmp_path / "w", "--out_dir", tmp_path / "o"]
     for flag, path in (("--out_dir", afile / "run"), ("--data_dir", afile / "run"), ("--out_dir", "/proc/x/run")):
-        main_user_error(mod.main, capsys, tiny + [flag, path], f"{flag} {path}: cannot create this folder")
+        main_user_error(mod.main, capsys, tiny + [flag, path], f"{flag} {path}: cannot create or write into this folder")
     assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
     run = _copy_run((_vm_trained[0] if mod is vm else _vc_tiny_run) / "out", tmp_path / "run")
     meta = json.load(open(run / "config.json"))
@@ -6440,3 +6440,80 @@ def test_vm_vc_eval_and_generate_refuse_a_typed_size_against_the_checkpoint(mod,
         media, flag = ["--image", tmp_path / "x.png"], ["--img_size", "32"]
     for mode in (["--eval"], ["--generate", *media]):
         main_user_error(mod.main, capsys, mode + ["--out_dir", out, *flag], f"drop {' '.join(flag)} (")
+
+
+@pytest.mark.parametrize("name", ["vm", "vc", "vl", "mk", "ab"])
+def test_a_run_folder_nothing_can_be_written_into_is_refused_before_any_work(name, _vm_trained, _vc_tiny_run,
+                                                                             vl_tiny_run, mk_trained, tmp_path,
+                                                                             capsys, monkeypatch):
+    """--eval (and --resume, --predict) write into the run's folder. One that cannot be written into (read-only, no
+    permission: made here by refusing every folder made in it, as the scripts' probe makes one) gave a traceback
+    at the first write, after the evaluation or the training steps; now one line before any work, nothing touched."""
+    src = {"vm": _vm_trained[0] / "out", "vc": _vc_tiny_run / "out", "vl": vl_tiny_run[0].out_dir,
+           "mk": mk_trained[0] / "out"}.get(name)
+    run = tmp_path / "run"
+    if src:
+        shutil.copytree(src, run)
+    else:  # attention_basics refuses it while reading the flags: a run's marker is enough
+        (run / "clip").mkdir(parents=True)
+        (run / "clip" / "config.json").write_text(json.dumps({"script": "attention_basics"}))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    mkdir = os.mkdir
+
+    def read_only(path, *a, **k):  # tempfile.mkdtemp makes its folder with os.mkdir too
+        if os.path.dirname(os.path.abspath(path)) == str(run):
+            raise PermissionError(13, "Permission denied", str(path))
+        return mkdir(path, *a, **k)
+    monkeypatch.setattr(os, "mkdir", read_only)
+    mod = {"vm": vm, "vc": vc, "vl": vl, "mk": mk, "ab": ab}[name]
+    modes = [["--eval"]] + [["--train", "--resume"]] * (name != "ab")
+    modes += [["--predict", "--video", "x.mp4", "--question", "Why?", "--choices", "A. a|B. b"]] * (name == "mk")
+    for mode in modes:
+        capsys.readouterr()
+        try:  # vm, vc and ab print the line and exit 2 inside main; vl and mk raise it (their __main__ prints it)
+            mod.main([*mode, "--out_dir", str(run)])
+            err = "no error"
+        except SystemExit as e:
+            err = capsys.readouterr().err if e.code == 2 else f"exit status {e.code}"
+        except mod.UserError as e:
+            err = f"error: {e}\n"
+        assert err.count("\n") == 1 and str(run) in err and ("written" in err or "write into" in err), err
+        assert "step " not in capsys.readouterr().out  # no training step ran
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("name", ["vm", "vc", "ab"])
+def test_a_picture_that_cannot_be_written_is_one_line_not_reported_written(name, _vm_trained, _vc_tiny_run, tmp_path,
+                                                                           capsys):
+    """cv2.imwrite returns False where it cannot write (here a folder holds the picture's name) and raises nothing:
+    the attention pictures were reported written. Now one line naming the picture, exit 2."""
+    if name == "ab":
+        (tmp_path / "heat.png").mkdir()
+        with pytest.raises(ab.UserError, match="heat.png: could not be written"):
+            ab.heat_png(str(tmp_path / "heat.png"), np.ones((2, 3)), np.zeros((3, 16, 16, 3), np.uint8), ["a", "b"],
+                        "title", "rows")
+        return
+    run = shutil.copytree((_vm_trained[0] if name == "vm" else _vc_tiny_run) / "out", tmp_path / "run")
+    if name == "vm":  # --eval draws attention.png
+        argv, picture = ["--eval"], run / "attention.png"
+    else:  # --generate draws caption_<image>.png
+        image = shutil.copy(_vc_tiny_run / "data" / "test" / "00000.png", tmp_path / "x.png")
+        argv, picture = ["--generate", "--image", image], run / "caption_x.png"
+    picture.unlink(missing_ok=True)  # (the run's own)
+    picture.mkdir()
+    main_user_error(vm.main if name == "vm" else vc.main, capsys, argv + ["--out_dir", run], f"{picture}: could not be "
+                    "written")
+
+
+def test_vm_a_frame_opencv_cannot_read_gives_one_line_on_stderr(_vm_trained, tmp_path):
+    """A frame OpenCV cannot decode (a BMP cut short) printed OpenCV's own error blocks before the script's line.
+    The other subprocess tests miss it: importing a script that quiets OpenCV puts the setting in os.environ."""
+    (tmp_path / "frames").mkdir()
+    cv2.imwrite(str(tmp_path / "frames" / "f1.bmp"), np.zeros((16, 16, 3), np.uint8))
+    bmp = (tmp_path / "frames" / "f1.bmp").read_bytes()
+    (tmp_path / "frames" / "f1.bmp").write_bytes(bmp[:len(bmp) // 2])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "videollama_mini.py"), "--generate", "--video",
+                           str(tmp_path / "frames"), "--out_dir", str(_vm_trained[0] / "out")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "f1.bmp" in proc.stderr, proc.stderr

@@ -65,7 +65,7 @@ def check_folder(path, flag, marker, ours, why):  # refuse path unless it can be
     try:  # a file in the way, no write access, a read-only or virtual file system
         os.rmdir(tempfile.mkdtemp(dir=up))
     except OSError:
-        raise UserError(f"{flag} {path}: cannot create this folder (a file in the way, or no write access)") from None
+        raise UserError(f"{flag} {path}: cannot create or write into this folder (a file in the way?)") from None
     if os.path.exists(path) and not (os.path.isdir(path) and (  # ours: its `marker` JSON passes ours()
             not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))):
         raise UserError(f"{flag} {path}: a file, or a folder {why}")
@@ -1495,8 +1495,8 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     ) if bad]
     if problems:
         raise UserError(problems[0])
-    if args.train:  # a new run writes into a new or empty folder, or over a run of this script; --resume into its own
-        check_folder(cfg.out_dir, "--out_dir", "config.json", lambda m: args.resume or m.get("script") == SCRIPT,
+    if args.train or args.eval:  # a new run writes into a new, empty or own folder; --resume and --eval into the run's
+        check_folder(cfg.out_dir, "--out_dir", "config.json", lambda m: not new or m.get("script") == SCRIPT,
                      "of files this script did not write; give a new or empty one")
     return args, cfg, overrides
 

@@ -41,6 +41,7 @@ import sys
 import time
 
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # quiet FFmpeg: a bad video ends in this script's one line alone
+os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")  # and quiet OpenCV (a frame image it cannot read), before cv2 loads
 import cv2
 import numpy as np
 import tiktoken
@@ -65,7 +66,7 @@ def check_folder(path, flag, ours, why):  # refuse a path to write into unless m
         os.mkdir(probe := os.path.join(top, f".probe{os.getpid()}"))
         os.rmdir(probe)
     except OSError as e:
-        raise UserError(f"{flag} {path}: cannot create this folder ({e.strerror})")
+        raise UserError(f"{flag} {path}: cannot create or write into this folder ({e.strerror})")
 
 def read_json(path):  # path's JSON object as a dict, or None: missing, unreadable, not JSON, not an object
     with contextlib.suppress(OSError, ValueError):  # ValueError: not JSON, or not UTF-8
@@ -665,9 +666,9 @@ def start_config(cfg, typed=None, resume=False):
     """Checked before any data. A fresh run: out_dir must be missing, empty or this script's. --resume: out_dir's saved
     config, the typed flags on top (None: all of cfg; --stop_after only if typed), a different ARCH or WORLD refused."""
     out, path = cfg.out_dir, os.path.join(cfg.out_dir, "train_state.pt")
-    if not resume:  # a checkpoint's config.json names the script that saved it
-        ours = (read_json(os.path.join(out, "config.json")) or {}).get("script") == SCRIPT
-        check_folder(out, "--out_dir", ours, f"holds files but no {SCRIPT} checkpoint; give a new or empty folder")
+    ours = resume or (read_json(os.path.join(out, "config.json")) or {}).get("script") == SCRIPT  # its config names it
+    check_folder(out, "--out_dir", ours, f"holds files but no {SCRIPT} checkpoint; give a new or empty folder")
+    if not resume:
         return dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir)), None  # saved so: found from anywhere
     if not os.path.isfile(path):
         raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
@@ -914,7 +915,8 @@ def attention_png(model, clip, tok, cfg, device, path, cell=40, label_w=110):
     marks += [(word[:14], 4, 24 + cell + 18 + r * cell // 2 + cell // 4 + 5) for r, word in enumerate(labels)]  # rows
     for s, x, y in marks:  # the caption on top, each frame's number under it, each row's label centred beside it
         cv2.putText(img, s, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
-    cv2.imwrite(path, img)
+    if not cv2.imwrite(path, img):  # False, not an exception, when it cannot write
+        raise UserError(f"{path}: could not be written (a folder of that name, or no permission)")
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):  # caption test and novel, score; eval.json, a PNG
     saved = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # the training run's
@@ -1035,7 +1037,8 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
         if not (args.eval or args.generate):
             return print("nothing to do: pass --train, --eval, --generate --video PATH, or --bench (see --help)")
         model.to(device := pick_device(cfg.device))
-        if args.eval:  # test and novel, as in training
+        if args.eval:  # test and novel, as in training; eval.json and attention.png are written into out_dir
+            check_folder(cfg.out_dir, "--out_dir", True, "")  # refused now if it cannot be written
             check_lengths(tok, data := prepare_data(cfg, 0, overrides), cfg, ("test", "novel"))
             return evaluate(model, tok, cfg, device, data)
         clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None].to(device)  # (1, F, S, S, 3)

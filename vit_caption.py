@@ -67,7 +67,7 @@ def check_folder(path, flag, ours, why):  # refuse a path to write into unless m
         os.mkdir(probe := os.path.join(top, f".probe{os.getpid()}"))
         os.rmdir(probe)
     except OSError as e:
-        raise UserError(f"{flag} {path}: cannot create this folder ({e.strerror})")
+        raise UserError(f"{flag} {path}: cannot create or write into this folder ({e.strerror})")
 
 # Config ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -909,7 +909,8 @@ def attention_png(model, image, tok, cfg, device, path, show=None):
     put(title, caption[:90], 4, 16, 0.45)
     put(title, f"rows: caption tokens; columns: patches 0-{g * g - 1}, numbered on the image", 4, 34, 0.35)
     put(title, f"{what}, mean over heads; each row scaled to its maximum", 4, 50, 0.35)
-    cv2.imwrite(path, np.concatenate([title, body], 0))
+    if not cv2.imwrite(path, np.concatenate([title, body], 0)):  # False, not an exception, when it cannot write
+        raise UserError(f"{path}: could not be written (a folder of that name, or no permission)")
     return caption
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):  # score test, novel (train: --max_train); eval.json
@@ -1013,9 +1014,10 @@ def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the fl
         (args.generate and not args.image, "--generate needs --image PATH")) if wrong]
     if bad:
         raise UserError(bad[0])
-    if args.train and not args.resume:  # a checkpoint's config.json names the script that saved it
-        check_folder(cfg.out_dir, "--out_dir", (read_json(os.path.join(cfg.out_dir, "config.json")) or {}).get(
-            "script") == SCRIPT, "a file, or a folder this script did not write; give a new or empty one")
+    if args.train or args.eval or args.generate:  # each writes into out_dir: a new run only a new, empty or own folder
+        saved = read_json(os.path.join(cfg.out_dir, "config.json")) or {}  # a checkpoint names the script that saved it
+        check_folder(cfg.out_dir, "--out_dir", args.resume or not args.train or saved.get("script") == SCRIPT,
+                     "a file, or a folder this script did not write; give a new or empty one")
     return args, cfg, overrides
 
 def main(argv=None):  # --train / --bench / --eval / --generate; a UserError ends it: one line on stderr, status 2
