@@ -878,9 +878,9 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler):  # the weights of every
     atomic(path("train_state.pt"), lambda p: torch.save(ts, p))  # what --resume needs
 
 PATH_KEYS = {"data", "test_data", "vision_ckpt", "llm_ckpt"}  # inputs: parse_args makes them absolute (found anywhere)
-RUN_KEYS = {"max_steps", "stop_after", "out_dir", "data_dir", "device", "device_map", "dtype", "log_interval",
-            "eval_interval", "feature_cache", "vision_ckpt", "llm_ckpt"}  # how long, where and how a run goes on
-READ_KEYS = RUN_KEYS | {"data", "test_data", "temperature", "top_k", "top_p", "max_new_tokens", "seed", "threshold"}
+RUN_KEYS = {"max_steps", "stop_after", "out_dir", "data_dir", "data", "test_data", "device", "device_map", "dtype",
+            "log_interval", "eval_interval", "feature_cache", "vision_ckpt", "llm_ckpt"}  # how long, where, on what
+READ_KEYS = RUN_KEYS | {"temperature", "top_k", "top_p", "max_new_tokens", "seed", "threshold"}
 STEPS = ("max_steps", "stop_after", "log_interval", "eval_interval")  # read by training alone
 KEYS = {"--resume": RUN_KEYS, "--eval": READ_KEYS - set(STEPS),  # what each mode may set; the rest is the run's
         "--predict": READ_KEYS - {*STEPS, "data", "test_data", "data_dir", "feature_cache"}}
@@ -1282,9 +1282,9 @@ def predict(cfg, overrides, video, question, choices):
                            [dict(question=question, choices=choice_list)], tok, cfg)
     sal, answer, path = torch.sigmoid(fl.float())[0].tolist(), tok.decode(ids[0]).strip(), cfg.out_dir + "/predict.png"
     span = segment_from_scores(sal, times, dur, cfg.threshold)
-    frame_strip(clip, sal, path, answer, cfg.threshold)
     print(f"answer: {answer}\nsupport: {span[0]:.2f}s - {span[1]:.2f}s | saliency per frame: "
-          f"{' '.join(f'{s:.2f}' for s in sal)}\nframe strip: {path}")
+          f"{' '.join(f'{s:.2f}' for s in sal)}\nframe strip: {path}")  # printed before the strip, which may fail
+    frame_strip(clip, sal, path, answer, cfg.threshold)
     return answer, span, sal
 
 BENCH_RUNS = dict(freeze_vision=True, grad_accum=1, feature_cache=True)  # what --bench runs with (a flag: refused)

@@ -5162,7 +5162,8 @@ def test_mk_float16_trains_with_a_gradient_scaler(mk_trained, tmp_path, monkeypa
 
 def test_mk_resume_eval_predict_write_into_the_folder_they_loaded(mk_trained, tmp_path, capsys, monkeypatch):
     """A checkpoint folder moved elsewhere: --eval, --predict and --resume write into it, not into the folder its
-    config.json names (gone here: it was a traceback); a frame strip that cannot be written is one line."""
+    config.json names (gone here: it was a traceback); a frame strip that cannot be written is one line, after the
+    answer. A run's --data file moved: --resume takes its new path (it was refused, and the old path unreadable)."""
     d, _ = mk_trained
     first, moved = tmp_path / "first", tmp_path / "moved"
     mk.main([str(a) for a in ("--train", "--preset", "tiny", "--max_steps", 2, "--data_dir", d / "data", "--out_dir",
@@ -5180,6 +5181,14 @@ def test_mk_resume_eval_predict_write_into_the_folder_they_loaded(mk_trained, tm
     (moved / "predict.png").unlink()
     (moved / "predict.png").mkdir()  # cv2.imwrite returns False there, it raises nothing
     _mk_user_error(["--predict", "--out_dir", moved, *ask], "predict.png", "could not be written")
+    assert "answer: " in capsys.readouterr().out  # printed before the strip failed
+    shutil.copytree(d / "data", tmp_path / "ud")  # a run on the user's file, which then moves: --resume is told where
+    mk.main([str(a) for a in ("--train", "--preset", "tiny", "--max_steps", 3, "--stop_after", 2, "--data",
+                              tmp_path / "ud" / "train.json", "--out_dir", tmp_path / "ud_run")])
+    shutil.move(tmp_path / "ud", tmp_path / "ud2")
+    mk.main([str(a) for a in ("--train", "--resume", "--out_dir", tmp_path / "ud_run", "--data",
+                              tmp_path / "ud2" / "train.json")])
+    assert torch.load(tmp_path / "ud_run" / "train_state.pt")["step"] == 3
 
 
 def test_mk_out_dir_that_cannot_be_made_is_refused_before_any_work(tmp_path):
