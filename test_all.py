@@ -3215,12 +3215,12 @@ def test_vl_unknown_words_and_cut_off_media(vl_tiny_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(vl_tiny_run[0].out_dir, out)
     png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")
-    with pytest.raises(vl.UserError, match=r"'x.*' \(in 'USER: <image>\\nWhat colour are the xylophones\? ASSISTANT:'\) is "
+    with pytest.raises(vl.UserError, match=r"' x.*' \(in 'USER: <image>\\nWhat colour are the xylophones\? ASSISTANT:'\) is "
                                            "not in the token table") as e:  # the template's newline shown as \n
         vl.main(["--generate", "--out_dir", str(out), "--image", png, "--prompt", "What colour are the xylophones?"])
     assert "\n" not in str(e.value)  # one line on stderr
-    with pytest.raises(vl.UserError, match="'What' .* is not in the token table"):  # " What": never without an image
-        vl.main(["--generate", "--out_dir", str(out), "--prompt", "What colour are the shapes?"])
+    with pytest.raises(vl.UserError, match="' What' .* is not in the token table .* in training "):  # without an image:
+        vl.main(["--generate", "--out_dir", str(out), "--prompt", "What colour are the shapes?"])  # " What", never seen
     with pytest.raises(vl.UserError, match="--video, --image and --prompt are for --generate"):  # not ignored
         vl.main(["--eval", "--out_dir", str(out), "--image", png])
     for mode in (["--eval"], ["--train", "--resume"], ["--generate", "--prompt", "What colour?"]):  # not ignored
@@ -3288,7 +3288,7 @@ def test_vl_out_dir_flags_test_data_and_shards(vl_tiny_run, vl_ckpt, tmp_path, c
     vl.main(["--eval", "--out_dir", str(run), "--test_data", str(tmp_path / "t.jsonl"), "--max_new_tokens", "9"])
     assert '"max_new_tokens": 9' in capsys.readouterr().out  # --eval may give answers more room, and does
     (tmp_path / "x.jsonl").write_text(json.dumps({"image": png, "question": "What is the xylophone?", "answer": "red"}))
-    with pytest.raises(vl.UserError, match="'is' .* is not in the token table of the model in"):  # unreadable
+    with pytest.raises(vl.UserError, match="' is' .* is not in the token table of the model in"):
         vl.main(["--eval", "--out_dir", str(run), "--test_data", str(tmp_path / "x.jsonl")])
     for flags in (["--hidden_size", "64"], ["--n_frames", "8"], ["--lr", "0.5"]):  # these it would not use: refused
         with pytest.raises(vl.UserError, match=f"--eval runs the trained settings; drop {flags[0]} {flags[1]}"):
@@ -6286,12 +6286,13 @@ def test_vc_captions_naming_a_folder_and_vl_inspect_negative_tokens(tmp_path, ca
 
 def test_vl_flags_the_mode_would_not_use_are_refused(tmp_path):
     """--generate reads the decoding, device and checkpoint flags (and the architecture, checked against the
-    checkpoint), --inspect only --n_frames; --data makes the synthetic world's sizes and folder moot: any other flag
+    checkpoint), --inspect only --n_frames and --n_tokens; --data makes the synthetic world's sizes and folder moot: any other flag
     used to be accepted and ignored. Each is one line, before anything is read or written."""
     (tmp_path / "q.jsonl").write_text("")
     for argv, needle in ((["--generate", "--prompt", "hi", "--lr", "5", "--batch_size", "3"], "--batch_size, --lr: "
                           "not read by --generate"), (["--inspect", str(tmp_path), "--max_steps", "4"],
-                          "--max_steps: not read by --inspect"),
+                          "--max_steps: not read by --inspect"), (["--bench", "--n_tokens", "5"],
+                          "--n_tokens: not read by --bench"),
                          (["--train", "--data", str(tmp_path / "q.jsonl"), "--n_train", "5"], "--data trains on your")):
         with pytest.raises(vl.UserError, match=re.escape(needle)):
             vl.main(argv + ["--out_dir", str(tmp_path / "o")])

@@ -489,8 +489,8 @@ class GPT2Table(Tokenizer):  # GPT-2 BPE (tiktoken) over a table of the ids seen
         for text in texts:
             if lost := [t for p in re.split("<image>|<video>", text) for t in self.enc.encode_ordinary(p)
                         if t not in self.to_model]:
-                raise UserError(f"{self.enc.decode(lost[:1]).strip(' ')!r} (in {text!r}) is not in the token table of "
-                                f"the model in {self.folder}: it never saw that word in training")
+                raise UserError(f"{self.enc.decode(lost[:1])!r} (in {text!r}) is not in the token table of the model "
+                                f"in {self.folder}: it never saw that token in training (' What' and 'What' differ)")
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])  # model ids -> GPT-2 ids -> text
 
@@ -1430,7 +1430,7 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     p.add_argument("--inspect", default="", metavar="DIR", help="report on the checkpoint in DIR")
     for name, what in (("video", "video file or frame folder"), ("image", "image file"), ("prompt", "the question")):
         p.add_argument(f"--{name}", default="", help=f"{what}, for --generate")
-    p.add_argument("--n_tokens", type=int, default=64, help="text tokens assumed by --inspect's memory estimate")
+    p.add_argument("--n_tokens", type=int, help="text tokens of --inspect's memory estimate (default 64)")
     p.add_argument("--preset", help=f"one of {sorted(PRESETS)} (default: default)")
     for f in dataclasses.fields(Config):  # bools as --flag / --no-flag; None = not typed
         kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else {"type": type(f.default)}
@@ -1443,16 +1443,16 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     # flags the mode would not use: --generate reads these (and the architecture, checked against the checkpoint's);
     # --train and --eval decode greedily (no sampling flags), --bench builds fixed-size models on the CPU
     sampling = ("temperature", "top_k", "top_p")
-    # a new model's vocabulary and token ids come from its token table; a pretrained model is not initialised
-    tokens = ("vocab_size", *(f for f in HF_FIELDS if f.endswith(("_token_id", "_token_index"))))
+    tokens = ("vocab_size", *(f for f in HF_FIELDS if f.endswith(("_token_id", "_token_index"))))  # from a new table
     new = args.train and not args.resume  # (--resume and --eval compare them with the run's)
-    dropped = (("data_init", "whiten_patches") if cfg.from_pretrained else tokens) if new else ()
+    dropped = (("data_init", "whiten_patches") if cfg.from_pretrained else tokens) if new else ()  # pretrained: no init
     greedy = [f.name for f in dataclasses.fields(Config) if f.name not in (*sampling, *dropped)]
     reads = {"generate": ("out_dir", "from_pretrained", "device", "dtype", "seed", *sampling, "max_new_tokens",
-                          "n_frames", *HF_FIELDS), "inspect": ("n_frames",), "bench": ("max_new_tokens",),
+                          "n_frames", *HF_FIELDS), "inspect": ("n_frames", "n_tokens"), "bench": ("max_new_tokens",),
              "train": greedy, "eval": greedy}
     mode = next((m for m in reads if getattr(args, m)), None)  # --train --eval is one run: --train's
-    unread = [f"--{k}" for k in overrides if mode and k not in reads[mode]]
+    typed = [*overrides, *["n_tokens"] * (args.n_tokens is not None)]  # --n_tokens is not a Config field
+    unread = [f"--{k}" for k in typed if mode and k not in reads[mode]]
     v = dataclasses.asdict(cfg)  # every problem with the flags, in order; the first is reported
     problems = [f"--{f} must be at least 1" for f in ("batch_size grad_accum n_frames max_new_tokens hidden_size "
                 "patch_size num_attention_heads num_key_value_heads v_hidden_size v_num_attention_heads image_size "
@@ -1479,7 +1479,7 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
         (args.train and cfg.from_pretrained and os.path.realpath(cfg.out_dir) == os.path.realpath(cfg.from_pretrained),
          f"--out_dir {cfg.out_dir} is the --from_pretrained folder: training would overwrite it"),
         (args.resume and not args.train, "--resume continues a training run: use it with --train"),
-        (args.n_tokens < 0, f"--n_tokens {args.n_tokens}: --inspect's text tokens, 0 or more"),
+        ((args.n_tokens or 0) < 0, f"--n_tokens {args.n_tokens}: --inspect's text tokens, 0 or more"),
         (modes > 1, "one mode per call: --train (which also evaluates), --eval, --generate, --inspect DIR or --bench"),
         (unread, f"{', '.join(unread)}: not read by --{mode}; drop it"),
         (cfg.data and args.train and {"n_train", "n_test", "data_dir"} & set(overrides), "--n_train, --n_test and "
@@ -1559,7 +1559,7 @@ def main(argv=None):  # the command line: one mode per call (--train [--resume],
     elif args.generate:
         run_generate(args, cfg, overrides)
     elif args.inspect:
-        inspect_checkpoint(args.inspect, overrides.get("n_frames"), args.n_tokens)
+        inspect_checkpoint(args.inspect, overrides.get("n_frames"), 64 if args.n_tokens is None else args.n_tokens)
     elif args.bench:
         bench(cfg)
     else:
