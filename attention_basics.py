@@ -336,8 +336,7 @@ def attention(q, k, v, mask=None, causal=False):
         scores = scores.masked_fill(~keep, neg)
     if mask is not None:
         scores = scores.masked_fill(~mask, neg)
-    # Subtracting the row maximum changes nothing mathematically (softmax is shift-invariant) but keeps exp() <= 1:
-    # no overflow however large the scores grow.
+    # Subtracting the row maximum changes nothing (softmax is shift-invariant) but keeps exp() <= 1: no overflow.
     scores = scores - scores.amax(-1, keepdim=True)
     w = scores.exp()
     w = w / w.sum(-1, keepdim=True)  # (B, H, L, N), rows sum to 1

@@ -591,12 +591,11 @@ class Bridge(nn.Module):
     def __init__(self, cfg, v_width, d, tubelet, grid):
         super().__init__()  # a clip shorter than a tubelet is repeated `tubelet` times (as transformers does)
         n_tubelet, per = (cfg.n_frames, 1) if cfg.n_frames < tubelet else (cfg.n_frames // tubelet, tubelet)
-        N, M = cfg.n_visual_query, cfg.n_temporal_query
-        self.N, self.M, self.grid = N, M, grid  # visual queries, temporal queries, patch grid side
+        self.N, self.M, self.grid = cfg.n_visual_query, cfg.n_temporal_query, grid  # query counts, patch grid side
         self.proj = nn.Linear(v_width, d)  # video width Dv -> LLM width D
         self.time_emb = nn.Parameter(torch.zeros(n_tubelet, d))  # one per tubelet
         self.space_emb = nn.Parameter(torch.zeros(grid * grid, d))  # one per patch position
-        self.queries = nn.Parameter(torch.randn(N + M, d) * 0.02)  # learned queries (BLIP-2): visual first
+        self.queries = nn.Parameter(torch.randn(self.N + self.M, d) * 0.02)  # learned queries (BLIP-2): visual first
         self.ln_v = nn.LayerNorm(d)  # the video tokens enter the cross-attention normalised
         # queries read the video in pre-LN cross-attention + MLP blocks (a Q-Former without query self-attention)
         self.xattn = nn.ModuleList(CrossAttention(d, cfg.bridge_heads) for _ in range(cfg.bridge_layers))
@@ -615,8 +614,8 @@ class Bridge(nn.Module):
             # frame f -> key f (tubelet f // per, its frame f % per); leftover frames take the last tubelet's last key
             self.register_buffer("frame_to_key", torch.arange(cfg.n_frames).clamp(max=n_tubelet * per - 1),
                                  persistent=False)
-        # per-query output scale and shift (identity at first; set from data by Mark1.init_from_data)
-        self.q_scale, self.q_shift = nn.Parameter(torch.ones(N + M, d)), nn.Parameter(torch.zeros(N + M, d))
+        self.q_scale = nn.Parameter(torch.ones_like(self.queries))  # per-query output scale and shift, the identity
+        self.q_shift = nn.Parameter(torch.zeros_like(self.queries))  # at first (set from data by Mark1.init_from_data)
     def forward(self, feats, q_emb, q_valid):
         """feats (B, P, Dv), question q_emb (B, Lq, D), q_valid (B, Lq) -> prefix (B, N, D), frame logits (B, F)."""
         v = self.video_tokens(feats)  # (B, P, D)
@@ -847,8 +846,7 @@ def build_model(cfg, tok):
         raise UserError(f"{', '.join(bad)}: must divide the LLM's width {width} (heads split a width)")
     torch.manual_seed(cfg.seed)
     model = Mark1(cfg, len(tok.ids) if tok.ids is not None else None, vision, llm)
-    for part in [p for p, ckpt, frozen in (("vision", cfg.vision_ckpt, cfg.freeze_vision),
-                                           ("llm", cfg.llm_ckpt, cfg.freeze_llm)) if ckpt or frozen]:
+    for part in [p for p in ("vision", "llm") if getattr(cfg, p + "_ckpt") or getattr(cfg, "freeze_" + p)]:
         model.freeze(part)
     return model
 

@@ -551,9 +551,8 @@ def bleu4(preds, refs):
             total[n - 1] += max(0, len(h) - n + 1)
     if min(match) == 0:
         return 0.0
-    log_p = sum(math.log(m / t) for m, t in zip(match, total)) / 4  # geometric mean of the 4 precisions
     bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / max(hyp_len, 1))  # brevity penalty
-    return bp * math.exp(log_p)
+    return bp * math.exp(sum(math.log(m / t) for m, t in zip(match, total)) / 4)  # x the 4 precisions' geometric mean
 
 def cider_d(preds, refs, sigma=6.0):
     """CIDEr-D (Vedantam et al.): TF-IDF n-gram vectors (n=1..4, IDF from the evaluated set's references), cosine
@@ -865,14 +864,12 @@ def beam_search(model, video, cfg, length_penalty=1.0):
             keep = []
             for s, p in zip(top[b].tolist(), pos[b].tolist()):
                 beam, token = divmod(p, V)  # which beam it extends, with which token
-                if s == float("-inf"):
+                if s == float("-inf") or len(keep) == K:
                     break
                 if token == EOS:
                     finished[b].append((s / (t + 1) ** length_penalty, seq[b * K + beam, 1:].tolist()))
                 else:
                     keep.append((s, b * K + beam, token))
-                if len(keep) == K:
-                    break
             kept += keep + [(float("-inf"), b * K, EOS)] * (K - len(keep))  # dead fillers if too few survive
         new_score, new_rows, new_tok = zip(*kept)
         rows = torch.tensor(new_rows, device=video.device)  # (B*K,) the surviving beams' rows

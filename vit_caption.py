@@ -410,8 +410,7 @@ class ViT(nn.Module):
         for layer in self.layers:
             x = layer(x)
         x = self.norm(x)  # (B, 1+P, E) with a CLS token, else (B, P, E)
-        # (B, 1, E): the CLS token's output (the write-up's image vector) or the mean patch; else all (B, P, E)
-        return x[:, :1] if self.pool == "cls" else x.mean(1, keepdim=True) if self.pool == "mean" else x
+        return x[:, :1] if self.pool == "cls" else x.mean(1, keepdim=True) if self.pool == "mean" else x  # (B, N, E)
 
 class ViTCaptioner(nn.Module):  # ViT -> linear projection -> LLaMA-style decoder over [prefix, BOS, caption]
     def __init__(self, cfg, vocab_size):
@@ -600,8 +599,7 @@ def pick_device(name):  # --device auto: cuda > mps > cpu; any other name must b
     return have[-1] if name == "auto" else name
 
 def autocast(cfg, device):  # matmuls in cfg.dtype under torch.autocast (weights stay float32); float32 = off
-    on = cfg.dtype != "float32"
-    return torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype) if on else None, enabled=on)
+    return torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
 
 def pad_batch(seqs, max_len):
     """Token lists -> (inputs, targets), right-padded; pad targets are -100 (ignored by the loss).
