@@ -4075,8 +4075,9 @@ def test_mk_overfit_one_batch(tmp_path):
     clips = torch.randint(0, 255, (2, cfg.n_frames, 32, 32, 3), dtype=torch.uint8)
     labels = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1, 1, 0]], dtype=torch.float)
     q_ids, q_valid, inp, tgt = mk.text_batch(items, tok)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(120):
+    model.init_from_data(clips, q_ids, q_valid)  # as training starts: without it (or at lr 3e-3) about one seed in
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)  # five sat at one 50/50 answer token (loss 0.14)
+    for _ in range(200):  # the default lr 1e-3: every seed tried reached 0.02-0.03, at one thread or two
         _, loss, fl = model(model.encode(clips), q_ids, q_valid, inp, tgt, labels)
         opt.zero_grad()
         loss.backward()
