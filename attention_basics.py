@@ -1216,9 +1216,9 @@ def parse_args(argv=None):
         ("" in (cfg.out_dir, cfg.data_dir), "--out_dir and --data_dir must name a folder, not an empty string"),
         (not (args.eval or args.generate) and cfg.n_frames > cfg.max_frames,  # (those two: the run's sizes)
          f"--n_frames {cfg.n_frames}: at most --max_frames {cfg.max_frames}"),
-        ((args.train or args.eval) and not writable(cfg.out_dir, os.path.join("clip", "config.json"), lambda m:
-         args.eval or m.get("script") == SCRIPT), f"--out_dir {cfg.out_dir}: a file, a folder this script did not "
-         "write, or no folder can be made or written there" + "; give a new or empty one" * bool(args.train)),
+        ((args.train or args.eval and os.path.isdir(cfg.out_dir)) and not writable(cfg.out_dir, os.path.join("clip",
+         "config.json"), lambda m: not args.train or m.get("script") == SCRIPT), f"--out_dir {cfg.out_dir}: a file, "
+         "a folder this script did not write, or no folder can be made or written in" + "; use another" * args.train),
         (cfg.img_size % cfg.patch, f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}"),
         (cfg.d_model % cfg.n_head, f"--d_model {cfg.d_model} is not a multiple of --n_head {cfg.n_head}"),
         (args.video and (args.train or args.eval or not args.generate), "--video is for --generate, on its own"),

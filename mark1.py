@@ -890,7 +890,7 @@ def load_checkpoint(out_dir, overrides=None, mode="--eval"):  # -> (model, tok, 
     if meta.get("script") != SCRIPT or not isinstance(meta.get("config"), dict):
         raise UserError(f"{out_dir}: not a checkpoint of {SCRIPT}.py (config.json: script {meta.get('script')!r})")
     if not writable(out_dir, "config.json", lambda m: True):  # each mode that loads a run writes into its folder
-        raise UserError(f"{out_dir}: {mode} writes into the run's folder, and no file can be written there")
+        raise UserError(f"{out_dir}: {mode} writes into the run's folder, and no file can be written there (copy it)")
     saved = {f.name: meta["config"][f.name] for f in dataclasses.fields(Config) if f.name in meta["config"]}
     for k, v in (overrides or {}).items():
         if k not in KEYS[mode] and saved.get(k) != v:

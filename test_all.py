@@ -2306,7 +2306,7 @@ def test_vl_unknown_whitespace_in_a_prompt_is_shown(vl_tiny_run):
     """A prompt pasted with a Windows line end: the carriage return the token table lacks is named as '\\r', not as
     an empty '' (or a raw \\r that moves the terminal's cursor)."""
     png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")
-    with pytest.raises(vl.UserError, match=r"^'\\r' \(in 'USER: <image>\\nWhat shape are they\?\\r ASSISTANT:'\) "):
+    with pytest.raises(vl.UserError, match=r"^'\\r' \(a GPT-2 token: .*\) in 'USER: <image>\\nWhat shape are they\?\\r ASSISTANT:' is "):
         vl.main(["--generate", "--out_dir", vl_tiny_run[0].out_dir, "--image", png,
                  "--prompt", "What shape are they?\r"])
 
@@ -3215,11 +3215,11 @@ def test_vl_unknown_words_and_cut_off_media(vl_tiny_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(vl_tiny_run[0].out_dir, out)
     png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")
-    with pytest.raises(vl.UserError, match=r"' x.*' \(in 'USER: <image>\\nWhat colour are the xylophones\? ASSISTANT:'\) is "
-                                           "not in the token table") as e:  # the template's newline shown as \n
+    with pytest.raises(vl.UserError, match=r"' x.*' \(a GPT-2 token: .*\) in 'USER: <image>\\nWhat colour are the xylophones\? "
+                                           r"ASSISTANT:' is not in the token table") as e:  # the newline shown as \n
         vl.main(["--generate", "--out_dir", str(out), "--image", png, "--prompt", "What colour are the xylophones?"])
     assert "\n" not in str(e.value)  # one line on stderr
-    with pytest.raises(vl.UserError, match="' What' .* is not in the token table .* in training "):  # without an image:
+    with pytest.raises(vl.UserError, match="' What' .* is not in the token table .* never trained on"):  # without an image:
         vl.main(["--generate", "--out_dir", str(out), "--prompt", "What colour are the shapes?"])  # " What", never seen
     with pytest.raises(vl.UserError, match="--video, --image and --prompt are for --generate"):  # not ignored
         vl.main(["--eval", "--out_dir", str(out), "--image", png])
@@ -5729,6 +5729,7 @@ def test_ab_user_folders_and_flag_ranges(tmp_path, capsys):
     afile.write_text("x")
     tiny = ["--train", "--preset", "tiny", "--data_dir", tmp_path / "d"]
     _ab_user_error(capsys, "did not write", *tiny, "--out_dir", mine)
+    _ab_user_error(capsys, "did not write", *tiny, "--eval", "--out_dir", mine)  # --train --eval trains: refused too
     _ab_user_error(capsys, "a file", *tiny, "--out_dir", afile)
     _ab_user_error(capsys, "world.json", "--train", "--preset", "tiny", "--data_dir", mine, "--out_dir", tmp_path / "o")
     _ab_user_error(capsys, "a file", "--train", "--preset", "tiny", "--data_dir", afile, "--out_dir", tmp_path / "o")

@@ -59,16 +59,16 @@ def read_json(path):  # path's JSON object as a dict, or None: missing, not UTF-
         return obj if isinstance(obj, dict) else None
 
 def check_folder(path, flag, marker, ours, why):  # refuse path unless it can be made, and is missing, empty or ours
+    if os.path.exists(path) and not (os.path.isdir(path) and (  # ours: its `marker` JSON passes ours()
+            not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))):
+        raise UserError(f"{flag} {path}: a file, or a folder {why}")
     up = os.path.abspath(path)  # -> its nearest existing folder, where a scratch folder is made and removed
     while not os.path.exists(up):
         up = os.path.dirname(up)
     try:  # a file in the way, no write access, a read-only or virtual file system
         os.rmdir(tempfile.mkdtemp(dir=up))
-    except OSError:
-        raise UserError(f"{flag} {path}: cannot create or write into this folder (a file in the way?)") from None
-    if os.path.exists(path) and not (os.path.isdir(path) and (  # ours: its `marker` JSON passes ours()
-            not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))):
-        raise UserError(f"{flag} {path}: a file, or a folder {why}")
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create or write into this folder ({e.strerror})") from None
 
 # Config ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -489,8 +489,8 @@ class GPT2Table(Tokenizer):  # GPT-2 BPE (tiktoken) over a table of the ids seen
         for text in texts:
             if lost := [t for p in re.split("<image>|<video>", text) for t in self.enc.encode_ordinary(p)
                         if t not in self.to_model]:
-                raise UserError(f"{self.enc.decode(lost[:1])!r} (in {text!r}) is not in the token table of the model "
-                                f"in {self.folder}: it never saw that token in training (' What' and 'What' differ)")
+                raise UserError(f"{self.enc.decode(lost[:1])!r} (a GPT-2 token: a word and its leading space) in "
+                                f"{text!r} is not in the token table of the model in {self.folder}: never trained on")
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])  # model ids -> GPT-2 ids -> text
 
@@ -1495,9 +1495,9 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     ) if bad]
     if problems:
         raise UserError(problems[0])
-    if args.train or args.eval:  # a new run writes into a new, empty or own folder; --resume and --eval into the run's
+    if args.train or args.eval and os.path.isdir(cfg.out_dir):  # --resume and --eval write into the run's folder
         check_folder(cfg.out_dir, "--out_dir", "config.json", lambda m: not new or m.get("script") == SCRIPT,
-                     "of files this script did not write; give a new or empty one")
+                     "of files this script did not write; give a new or empty one")  # a new run: new, empty or own
     return args, cfg, overrides
 
 def check_arch(path, overrides, mode):  # -> path's config.json; a typed architecture flag must agree with it

@@ -1012,8 +1012,8 @@ def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the fl
         (args.generate and not args.image, "--generate needs --image PATH")) if wrong]
     if bad:
         raise UserError(bad[0])
-    if args.train or args.eval or args.generate:  # each writes into out_dir: a new run only a new, empty or own folder
-        saved = read_json(os.path.join(cfg.out_dir, "config.json")) or {}  # a checkpoint names the script that saved it
+    if args.train or (args.eval or args.generate) and os.path.isdir(cfg.out_dir):  # each writes into out_dir; a new
+        saved = read_json(os.path.join(cfg.out_dir, "config.json")) or {}  # run only into a new, empty or own folder
         check_folder(cfg.out_dir, "--out_dir", args.resume or not args.train or saved.get("script") == SCRIPT,
                      "a file, or a folder this script did not write; give a new or empty one")
     return args, cfg, overrides
