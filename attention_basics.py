@@ -261,8 +261,6 @@ def load_image(path, size):
 
 def sample_indices(n_total, n_frames):
     """Uniform frame indices: the centre of each of n_frames equal segments (short clips repeat indices)."""
-    if n_total <= 0:
-        raise UserError("video has no frames")
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
 
 def load_video(path, n_frames, size):
@@ -282,7 +280,6 @@ def load_video(path, n_frames, size):
             frames.append(_square(cap.retrieve()[1], size)[:, :, ::-1])  # BGR uint8: shrink at once, -> RGB
         if len(frames) < 0.9 * (listed := int(cap.get(cv2.CAP_PROP_FRAME_COUNT))):  # a cut-off file decodes part
             raise UserError(f"{path}: only {len(frames)} of the {listed} frames in its header decode (cut off?)")
-        cap.release()
     if not frames:
         raise UserError(f"{path}: video has no frames")
     return np.stack([frames[i] for i in sample_indices(len(frames), n_frames)])
@@ -885,7 +882,9 @@ def load_model(cfg, name):
     if unknown := sorted(set(meta["config"]) - {f.name for f in dataclasses.fields(Config)} - set(RUN_FIELDS)):
         raise UserError(f"{cpath}: unknown config keys {unknown} (written by another version of this script?)")
     cfg = Config(**{**meta["config"], **{k: getattr(cfg, k) for k in RUN_FIELDS}})  # run modes: the command line's
-    tok = Tokenizer(meta["vocab"])
+    if bad := config_problems(cfg):  # a hand-edited value (the token table's length is checked with the weights)
+        raise UserError(f"{cpath}: {bad[0]}; the checkpoint is damaged, re-run --train into a new --out_dir")
+    tok = Tokenizer(meta.get("vocab", []))
     model = CLIP(cfg, len(tok.ids)) if name == "clip" else Captioner(cfg, len(tok.ids), name)
     try:
         state = load_file(wpath)
@@ -973,8 +972,7 @@ def prepare_data(cfg):
             np.stack([load_video(p, cfg.n_frames, cfg.img_size) for p, _ in ents])))  # (N, F, S, S, 3)
     tok = Tokenizer.from_texts(texts := data["images"]["train"][0] + data["videos"]["train"][0])
     if (longest := max(len(tok.encode(t)) for t in texts)) > cfg.max_len:  # pad_batch would cut it
-        raise UserError(f"--max_len {cfg.max_len}: a training caption is {longest} tokens long (BOS and EOS "
-                        "included); raise it")
+        raise UserError(f"--max_len {cfg.max_len}: a training caption is {longest} tokens (with BOS, EOS); raise it")
     return data, tok
 
 def train_clip(cfg, data, tok, device):
@@ -1134,8 +1132,7 @@ def attention_maps(model, tok, clip, cfg, device):
 
 def evaluate(models, clip_model, tok, cfg, device, data, seconds):
     """Score CLIP zero-shot and both captioners on test and novel; print table, samples; write eval.json, heat maps."""
-    # eval.json: {"test": {model: metrics}, "novel": {variant: metrics}, "train_seconds": total}; each test entry
-    # also holds the model's size, its training time and (captioners) its generation speed
+    # eval.json: {"test": {model: metrics, size, training s, tokens/s}, "novel": {variant: metrics}, "train_seconds"}
     res = {"test": {}, "novel": {}, "train_seconds": sum(seconds.values())}
     res["test"]["clip"] = zero_shot(clip_model, tok, cfg, data["images"]["test"][1], data["images"]["test"][0], device)
     res["test"]["clip"].update(params=n_params(clip_model), train_seconds=seconds["clip"])
@@ -1151,8 +1148,7 @@ def evaluate(models, clip_model, tok, cfg, device, data, seconds):
                                  train_seconds=seconds[name], gen_tokens_per_s=tps)
     print(f"\nCLIP zero-shot over {len(CLASSES)} class prompts on new images: "
           f"{res['test']['clip']['zero_shot_accuracy']:.1%} (n={res['test']['clip']['n']})")
-    print(f"\n{'variant':<10} {'params':>9} {'wiring':>9} {'train s':>8} {'EM test':>8} {'EM novel':>9} "
-          f"{'gen tok/s':>10}")
+    print(f"\n{'variant':<10} {'params':>9} {'wiring':>9} {'train s':>8} {'EM test':>8} {'EM novel':>9} {'tok/s':>10}")
     for n in models:
         v = res["test"][n]
         print(f"{n:<10} {v['params']:>9,} {v['params_wiring']:>9,} {v['train_seconds']:>8.1f} {v['exact_match']:>8.1%} "
@@ -1189,6 +1185,20 @@ CHOICES = dict(section=("all", *SECTIONS), variant=("unified", "cross"), dtype=(
 ZERO_OK = ("n_vit_layer", "n_text_layer", "warmup", "threads")  # counts where 0 means none / the default
 RATES = ("lr", "vision_lr", "gate_lr")  # above 0; every other number is at least 0
 
+def config_problems(cfg):  # what a config must satisfy, typed or saved in a checkpoint (the first problem is reported)
+    kinds = [f"--{f.name} {v!r}: must be of type {type(f.default).__name__}" for f in dataclasses.fields(cfg)
+             if type(v := getattr(cfg, f.name)) is not type(f.default) and (type(f.default), type(v)) != (float, int)]
+    nums = {n: v for n, v in dataclasses.asdict(cfg).items() if type(v) in (int, float) and n != "seed"}
+    bad = [f"--{n} {v}: choose one of {', '.join(c)}" for n, c in CHOICES.items() if (v := getattr(cfg, n)) not in c]
+    bad += [f"--{n} must be at least 1 ({v})" for n, v in nums.items() if type(v) is int and n not in ZERO_OK and v < 1]
+    bad += [f"--{n} must be a number > 0 ({v})" for n, v in nums.items() if n in RATES and not 0 < v < math.inf]
+    bad += [f"--{n} must be a number >= 0 ({v})" for n, v in nums.items() if not 0 <= v < math.inf]
+    return kinds or bad or [why for wrong, why in (  # a NaN fails every range; these divide by sizes checked above
+        (cfg.max_len < 2, f"--max_len {cfg.max_len}: at least 2 (BOS and one token)"),
+        ("" in (cfg.out_dir, cfg.data_dir), "--out_dir and --data_dir must name a folder, not an empty string"),
+        (cfg.img_size % cfg.patch, f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}"),
+        (cfg.d_model % cfg.n_head, f"--d_model {cfg.d_model} is not a multiple of --n_head {cfg.n_head}")) if wrong]
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="A runnable tour of attention, ViT, CLIP, Perceiver and Flamingo, then "
                                             "two vision-LLM variants trained side by side.", allow_abbrev=False)
@@ -1204,23 +1214,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS.get(args.preset, {}), **overrides})
-    # the first bad flag in one line naming it; a NaN fails every range; sizes first: later checks divide by them
-    nums = {n: v for n, v in dataclasses.asdict(cfg).items() if type(v) in (int, float) and n != "seed"}
     bad = [f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}"] * (args.preset not in PRESETS)
-    bad += [f"--{n} {v}: choose one of {', '.join(c)}" for n, c in CHOICES.items() if (v := getattr(cfg, n)) not in c]
-    bad += [f"--{n} must be at least 1 ({v})" for n, v in nums.items() if type(v) is int and n not in ZERO_OK and v < 1]
-    bad += [f"--{n} must be a number > 0 ({v})" for n, v in nums.items() if n in RATES and not 0 < v < math.inf]
-    bad += [f"--{n} must be a number >= 0 ({v})" for n, v in nums.items() if not 0 <= v < math.inf]
-    bad = bad or [why for wrong, why in (
-        (cfg.max_len < 2, f"--max_len {cfg.max_len}: at least 2 (BOS and one token)"),
-        ("" in (cfg.out_dir, cfg.data_dir), "--out_dir and --data_dir must name a folder, not an empty string"),
+    bad = bad + config_problems(cfg) or [why for wrong, why in (  # the first bad flag, in one line naming it
         (not (args.eval or args.generate) and cfg.n_frames > cfg.max_frames,  # (those two: the run's sizes)
          f"--n_frames {cfg.n_frames}: at most --max_frames {cfg.max_frames}"),
         ((args.train or args.eval and os.path.isdir(cfg.out_dir)) and not writable(cfg.out_dir, os.path.join("clip",
          "config.json"), lambda m: not args.train or m.get("script") == SCRIPT), f"--out_dir {cfg.out_dir}: a file, "
          "a folder this script did not write, or no folder can be made or written in" + "; use another" * args.train),
-        (cfg.img_size % cfg.patch, f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}"),
-        (cfg.d_model % cfg.n_head, f"--d_model {cfg.d_model} is not a multiple of --n_head {cfg.n_head}"),
         (args.video and (args.train or args.eval or not args.generate), "--video is for --generate, on its own"),
         ("variant" in overrides and not args.generate, "--variant picks --generate's model (--train, --eval run both)"),
         ("section" in overrides and (args.train or args.eval or args.generate), "--section is for the tour (no mode)"),

@@ -5492,13 +5492,13 @@ def test_ab_media_mask_latest_media_only():
         assert torch.equal(changed[0], torch.tensor(latest[0]) == m + 1), m
 
 
-def test_ab_sampling_helpers_and_metric():
+def test_ab_sampling_helpers_and_metric(tmp_path):
     assert ab.subsample(72, 24, 3) == list(range(0, 72, 8))
     assert ab.fixed_clips([0, 8, 16, 24, 32], 2) == [[0, 8], [16, 24], [32, 32]]
     assert ab.sample_indices(16, 4) == [2, 6, 10, 14]
     assert ab.sample_indices(2, 4) == [0, 0, 1, 1]
-    with pytest.raises(ab.UserError):
-        ab.sample_indices(0, 4)
+    with pytest.raises(ab.UserError, match="video has no frames"):  # a clip of none is refused before sampling
+        ab.load_video(str(tmp_path), 4, 32)
     assert ab.exact_match(["a red circle moves left", "A blue  square moves up."],
                           ["a red circle moves left", "a blue square moves down"]) == 0.5
 
@@ -5645,8 +5645,8 @@ def test_ab_overfit_one_batch_and_batch_equals_rows(variant):
 
 
 def test_ab_corrupt_checkpoints_are_one_line(tmp_path):
-    """A truncated model.safetensors, a config.json that is not an object, or one with unknown keys: a UserError
-    naming the file, never a traceback from deep inside the loader."""
+    """A truncated model.safetensors, a config.json that is not an object, with unknown keys or with values no flag
+    could give: a UserError naming the file, never a traceback from deep inside the loader."""
     cfg = _ab_tiny(tmp_path)
     tok = ab.Tokenizer.from_texts(["a red circle moves left"])
     ab.save_model(ab.Captioner(cfg, len(tok.ids), "cross"), tok, cfg, "cross", 1.0)
@@ -5663,6 +5663,13 @@ def test_ab_corrupt_checkpoints_are_one_line(tmp_path):
                          ("{nope", "not valid JSON")]:
         open(cpath, "w").write(text)
         with pytest.raises(ab.UserError, match=needle):
+            ab.load_model(cfg, "cross")
+    meta = json.loads(good_c)  # hand-edited values: each was a traceback (a TypeError, a reshape at the first step)
+    for key, value, needle in (("d_model", "32", "--d_model '32': must be of type int"),
+                               ("data_dir", 5, "--data_dir 5: must be of type str"), ("steps", -1, "--steps must be"),
+                               ("n_head", 5, "--d_model 32 is not a multiple of --n_head 5")):
+        open(cpath, "w").write(json.dumps({**meta, "config": {**meta["config"], key: value}}))
+        with pytest.raises(ab.UserError, match=f"config.json: {needle}.*the checkpoint is damaged"):
             ab.load_model(cfg, "cross")
     open(cpath, "w").write(good_c)
     ab.load_model(cfg, "cross")  # restored: loads again
