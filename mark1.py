@@ -1053,11 +1053,11 @@ def check_answers(data, tok, cfg):  # evaluation decodes --max_new_tokens: a lon
             raise UserError(f"a {split} answer is {n} tokens long (EOS included): --max_new_tokens "
                             f"{cfg.max_new_tokens} must be at least {n}")
 
-def make_optimizer(model, cfg):  # AdamW (decay on matrices only, not biases, norms or gains); float16's loss scaler
+def make_optimizer(model, cfg):  # AdamW: decay on Linear and Conv3d weights only (not norms, embeddings, queries)
     params, dev = [p for p in model.parameters() if p.requires_grad], model.devices["llm"]  # where the loss is
-    gains = {id(model.bridge.q_scale), id(model.bridge.q_shift)}  # the per-query scale and shift: 2-D, yet affine
-    groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in gains], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2 or id(p) in gains], "weight_decay": 0.0}]
+    weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv3d))}
+    groups = [{"params": [p for p in params if id(p) in weights], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if id(p) not in weights], "weight_decay": 0.0}]
     scaler = torch.amp.GradScaler(dev.split(":")[0], enabled=autocast_dtype(cfg.dtype, dev) == "float16")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95)), params, scaler
 
