@@ -957,7 +957,7 @@ def atomic(path, write):  # write(tmp), then rename over path: a reader sees the
     write(path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
-def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None):  # model: the raw module, not DDP's
+def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None, world=1):  # model: the raw module
     # out_dir/model.safetensors (hub keys), config.json (HF style + train_config + token table), train_state.pt
     os.makedirs(cfg.out_dir, exist_ok=True)
     skip = "language_model.lm_head.weight" if cfg.tie_word_embeddings else None  # tied: loading ties it again
@@ -980,19 +980,18 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None)
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
     if opt is not None:
         ts = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else {}, "step": step,
-              "rng": torch.get_rng_state(), "seconds": seconds}
+              "rng": torch.get_rng_state(), "seconds": seconds, "world": world}  # world: the processes that trained
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
 def saved_config(out_dir, overrides, resume=True):  # the Config --train saved in out_dir, typed flags on top
-    cpath, tpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "train_state.pt")
-    if (meta := read_json(cpath)) is None:  # missing, not JSON, or not a JSON object
+    if (meta := read_json(os.path.join(out_dir, "config.json"))) is None:  # missing, not JSON, or not a JSON object
         raise UserError(f"{out_dir}: nothing to resume or evaluate (no readable config.json); run --train")
     if meta.get("script") != SCRIPT or not isinstance(meta.get("train_config"), dict):
         s, mt = meta.get("script"), meta.get("model_type")  # ours without settings (damaged), another's, none (HF)
         what = "no train_config" if s == SCRIPT else f"the script {s!r}" if s else f"model_type {mt!r}"
         raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (its config.json has {what}); --resume and "
                         "--eval need the --out_dir of a run")
-    if resume and not os.path.isfile(tpath):
+    if resume and not os.path.isfile(os.path.join(out_dir, "train_state.pt")):
         raise UserError(f"{out_dir}: no train_state.pt, so there is no optimizer state to resume from; "
                         f"drop --resume to start afresh (or fine-tune it: --from_pretrained {out_dir} --out_dir NEW)")
     saved = {k: v for k, v in meta["train_config"].items() if k in Config.__dataclass_fields__}
@@ -1131,7 +1130,7 @@ def make_optimizer(params, cfg, device):  # AdamW, decay on matrices only; float
                             lr=cfg.lr, betas=(0.9, 0.95))
     return opt, torch.amp.GradScaler(device.split(":")[0], enabled=autocast_dtype(cfg.dtype, device) == "float16")
 
-def load_train_state(out_dir, opt, scaler, say):  # --resume: AdamW moments, loss scale, RNG -> (step, seconds)
+def load_train_state(out_dir, opt, scaler, say, world):  # --resume: AdamW moments, loss scale, RNG -> (step, seconds)
     try:  # truncated or not a torch file: PyTorch's own errors differ by cause
         ts = torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=True)
     except Exception as e:
@@ -1142,6 +1141,8 @@ def load_train_state(out_dir, opt, scaler, say):  # --resume: AdamW moments, los
             scaler.load_state_dict(ts["scaler"])
         torch.set_rng_state(ts["rng"])
         step, seconds = int(ts["step"]), float(ts.get("seconds", 0.0))
+        if (w := ts.get("world", 1)) != world:  # the global batch, batch_size * grad_accum * processes, orders the data
+            raise UserError(f"{out_dir}: trained in {w} process(es), not {world}: resume it in {w} (torchrun)")
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
         raise UserError(f"{out_dir}/train_state.pt: does not fit this run's model ({type(e).__name__})") from None
     say(f"resumed from step {step} of {out_dir}")
@@ -1194,7 +1195,7 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
         f"{device}, autocast {autocast_dtype(cfg.dtype, device)}"
         + ("; one CLIP tower for images and frames" if model.video_tower is model.image_tower else ""))
     opt, scaler = make_optimizer(params, cfg, device)
-    step, seconds0 = load_train_state(cfg.out_dir, opt, scaler, say) if resume else (0, 0.0)
+    step, seconds0 = load_train_state(cfg.out_dir, opt, scaler, say, world) if resume else (0, 0.0)
     raw = model  # the bare module, which is saved and evaluated; under torchrun `model` becomes its DDP wrapper
     if ddp:  # unused parameters are normal: a shard without images leaves that tower out; later CLIP layers never run
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
@@ -1220,7 +1221,7 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
         measure = master and (step % cfg.eval_interval == 0 or step == cfg.max_steps)  # val loss, and a checkpoint
         val = eval_loss(raw, data["val"], cfg, device) if measure else None
         if master and (measure or stop):
-            save_checkpoint(raw, cfg, tok, opt, step, seconds, scaler)
+            save_checkpoint(raw, cfg, tok, opt, step, seconds, scaler, world)
         if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or measure):
             dt = (time.time() - t_log) / (step - log_step)
             eta = dt * (cfg.max_steps - step)

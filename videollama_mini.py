@@ -486,7 +486,7 @@ def atomic(path, write):
     write(path + ".tmp")  # the same folder, so os.replace is atomic
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
-def save_checkpoint(model, tok, cfg, opt, step, scaler):  # train_state.pt: what --resume needs
+def save_checkpoint(model, tok, cfg, opt, step, scaler, world=1):  # train_state.pt: what --resume needs
     os.makedirs(cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
@@ -494,7 +494,7 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler):  # train_state.pt: what
         os.remove(stale)  # both belong to the old weights: eval.json scored them, their state would --resume the new
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
-    ts = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "rng": torch.get_rng_state()}
+    ts = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, rng=torch.get_rng_state(), world=world)
     atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
 def load_checkpoint(out_dir, overrides=None, fixed=()):  # -> (model, tokenizer, cfg): the saved config, overrides on
@@ -695,7 +695,7 @@ def setup_distributed(cfg):  # -> (ddp, rank, world, device): torchrun sets WORL
         torch.cuda.set_device(device)
     return ddp, rank, world, device
 
-def build_or_resume(cfg, resumed, train_entries, train_clips, device):
+def build_or_resume(cfg, resumed, train_entries, train_clips, device, world):
     """-> (model, tokenizer, optimizer, loss scaler, step): a fresh model initialised from data, or start_config's."""
     if resumed:
         model, tok, ts = resumed
@@ -713,6 +713,8 @@ def build_or_resume(cfg, resumed, train_entries, train_clips, device):
     opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")  # loss scaling for float16
     if resumed:  # the optimizer's moments; dropout continues the uninterrupted run's random stream
+        if (w := ts.get("world", 1)) != world:  # the global batch, batch_size * grad_accum * processes, orders the data
+            raise UserError(f"{cfg.out_dir}: trained in {w} process(es), not {world}: resume it in {w} (torchrun)")
         opt.load_state_dict(ts["optimizer"])
         torch.set_rng_state(ts["rng"])
         if ts.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
@@ -730,7 +732,7 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
     data = prepare_data(cfg, rank, typed or ())  # {split: (entries, uint8 clips)}
     train_entries, train_clips = data["train"]
     say(f"data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" clips ({time.time() - t0:.1f}s)")
-    model, tok, opt, scaler, step = build_or_resume(cfg, resumed, train_entries, train_clips, device)
+    model, tok, opt, scaler, step = build_or_resume(cfg, resumed, train_entries, train_clips, device, world)
     total = sum(p.numel() for p in model.parameters())  # counted, not assumed: what is frozen shows as frozen
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"parameters: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, {(total - trainable) / 1e6:.2f}M "
@@ -775,7 +777,7 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
         val = None  # logged only on the steps where it is measured
         if master and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             val = evaluate_loss(raw, tok, *data["val"], cfg, device)
-            save_checkpoint(raw, tok, cfg, opt, step, scaler)
+            save_checkpoint(raw, tok, cfg, opt, step, scaler, world)
         if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
             dt = (time.time() - t_log) / (step - log_step)  # seconds per step since the last log line
             eta = dt * (cfg.max_steps - step)  # seconds left at this pace
@@ -785,7 +787,7 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
             t_log, log_step = time.time(), step
         if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
             if master:
-                save_checkpoint(raw, tok, cfg, opt, step, scaler)
+                save_checkpoint(raw, tok, cfg, opt, step, scaler, world)
                 say(f"stopped after step {step} as asked; continue with --resume")
             break
     train_seconds = time.time() - t0  # data + training, without the final evaluation
