@@ -1197,7 +1197,8 @@ def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top
         logits = (llm(step_x, step_pos, valid, cache, last_only=True) if use_cache
                   else llm(x, pos, valid, last_only=True))[:, -1].float()  # (B, V)
         if temperature > 0:
-            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # max 0: a tiny one cannot overflow
+            probs = filter_logits(logits, top_k, top_p).softmax(-1)
             nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(dev)
         else:
             nxt = logits.argmax(-1)  # greedy

@@ -6544,3 +6544,33 @@ def test_vm_a_frame_opencv_cannot_read_gives_one_line_on_stderr(_vm_trained, tmp
                            str(tmp_path / "frames"), "--out_dir", str(_vm_trained[0] / "out")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "f1.bmp" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("name", ["vm", "vc", "vl", "mk"])
+def test_a_tiny_temperature_samples_what_greedy_decoding_picks(name, _vm_trained, _vc_tiny_run, mk_trained,
+                                                                tmp_path, capsys):
+    """logits / 1e-40 overflowed to inf, and torch.multinomial failed on the NaN probabilities (a traceback). The
+    logits less their maximum cannot overflow: a tiny temperature now samples the tokens greedy decoding picks."""
+    if name == "vm":
+        run, media = _vm_trained[0] / "out", next((_vm_trained[0] / "data" / "test").glob("*.mp4"))
+        argv, main = ["--generate", "--video", media], vm.main
+    elif name == "vc":
+        run, main = _vc_tiny_run / "out", vc.main
+        argv = ["--generate", "--image", shutil.copy(_vc_tiny_run / "data" / "test" / "00000.png", tmp_path / "x.png")]
+    elif name == "vl":  # (the tiny run answers at once with EOS: its sampler is called directly)
+        logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(0)) * 10
+        for top_k, top_p in ((0, 1.0), (5, 0.9)):
+            assert torch.equal(vl.sample_next(logits, 1e-40, top_k, top_p, None), logits.argmax(-1))
+        return
+    else:
+        run, main = mk_trained[0] / "out", mk.main
+        argv = ["--predict", "--video", mk_trained[0] / "data" / "test" / "00000.mp4", "--question",
+                "What happens to the red circle?", "--choices", "A. it appears|B. it stops"]
+    run = shutil.copytree(run, tmp_path / "run")  # --generate and --predict may draw into the run's folder
+    said = []
+    for t in ("0", "1e-40"):
+        capsys.readouterr()
+        main([str(a) for a in argv] + ["--out_dir", str(run), "--temperature", t])
+        lines = capsys.readouterr().out.strip().splitlines()  # the caption last; mark1 prints its answer's line
+        said.append(next(line for line in lines if "answer:" in line) if name == "mk" else lines[-1])
+    assert said[0] == said[1] and said[0], said

@@ -1248,14 +1248,15 @@ def eval_loss(model, ex, cfg, device):  # the mean of per-batch losses on val (b
         losses = [model(**ex.batch(list(range(len(ex.entries)))[s:s + 64], device))[1].item()
                   for s in range(0, len(ex.entries), 64)]
     if not math.isfinite(sum(losses)):  # the weights diverged within the last steps: they are not saved
-        raise UserError(f"validation loss {sum(losses)}: stopped, {cfg.out_dir} left as it was (try a lower --lr)")
+        raise UserError(f"validation loss {sum(losses)}: stopped; {cfg.out_dir} keeps its last save (try a lower --lr)")
     return sum(losses) / len(losses)
 
 # Generation, evaluation, inspection and bench -------------------------------------------------------------------------
 def sample_next(logits, temperature, top_k, top_p, generator):  # (B, V) -> (B,): argmax at temperature 0, else sampled
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # max 0: a tiny temperature cannot overflow
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)

@@ -838,7 +838,8 @@ def generate(model, video, cfg, use_cache=True, generator=None, stop_at_eos=True
         if cfg.temperature == 0:
             nxt = logits.argmax(-1)  # greedy: (B,)
         else:
-            probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)  # (B, V)
+            logits = (logits - logits.amax(-1, keepdim=True)) / cfg.temperature  # max 0: a tiny one cannot overflow
+            probs = filter_logits(logits, cfg.top_k, cfg.top_p).softmax(-1)  # (B, V)
             nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,) sampled
         if stop_at_eos:
             nxt = nxt.masked_fill(done, EOS)  # a finished row only pads with EOS

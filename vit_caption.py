@@ -822,11 +822,11 @@ def generate(model, images, cfg, use_cache=True, generator=None, stop_at_eos=Tru
         if cfg.temperature == 0:
             nxt = logits.argmax(-1)  # (B,)
         else:
-            probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+            logits = (logits - logits.amax(-1, keepdim=True)) / cfg.temperature  # max 0: a tiny one cannot overflow
+            probs = filter_logits(logits, cfg.top_k, cfg.top_p).softmax(-1)
             nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
         nxt = nxt.masked_fill(done, eos)  # a finished row only pads with EOS
-        seq = torch.cat([seq, nxt[:, None]], 1)  # (B, t+1)
-        done |= nxt == eos
+        seq, done = torch.cat([seq, nxt[:, None]], 1), done | (nxt == eos)  # (B, t+1), (B,)
         if (stop_at_eos and done.all()) or t == steps - 1:
             break
         # with the cache: one new position, N+1+t, against the cached keys and values; without: the whole sequence again
