@@ -793,7 +793,8 @@ def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
     plan = {fk: mapping(fk) for fk in keys if mapping(fk) is not None}  # file key -> module key
     handles = {f: safe_open(os.path.join(path, f), "pt") for f in set(keys.values())}  # headers only, lazily
     check_fit(path, want, {mk: handles[keys[fk]].get_slice(fk).get_shape() for fk, mk in plan.items()})
-    state = {mk: handles[keys[fk]].get_tensor(fk).to(device, dtype) for fk, mk in plan.items()}  # all checks passed
+    read = ((mk, handles[keys[fk]].get_tensor(fk)) for fk, mk in plan.items())  # all checks passed: one at a time
+    state = {k: t.to(device, dtype or (torch.float32 if t.dtype == torch.float16 else None)) for k, t in read}
     module.load_state_dict(state, strict=False, assign=True)  # strict=False: a tied lm_head has no tensor of its own
     if getattr(module, "tie", False):
         module.lm_head.weight = module.model.embed_tokens.weight  # assign=True replaced the Parameter: tie again
@@ -837,7 +838,7 @@ def load_qwen3(path, dtype=None, device="cpu"):  # HF Qwen3 folder -> Qwen3LM; a
     return assign_strict(lm, path, keys, lambda k: k, dtype, device)
 
 def build_model(cfg, tok):
-    """Mark1; HF towers keep their file's dtype under bfloat16 autocast, else float32 (float16 cannot mix with bf16)."""
+    """Mark1; HF towers in float32, or under bfloat16 autocast in their file's dtype (float16 cannot mix: float32)."""
     dtype = None if autocast_dtype(cfg.dtype, parse_device_map(cfg)["vision"]) == "bfloat16" else torch.float32
     vision = load_vjepa2(cfg.vision_ckpt, dtype) if cfg.vision_ckpt else None
     llm = load_qwen3(cfg.llm_ckpt, dtype) if cfg.llm_ckpt else None

@@ -4928,6 +4928,21 @@ def test_mk_bfloat16_checkpoints_train_and_predict(mk_hf_bf16, mk_trained, tmp_p
         mk.main(["--train", "--preset", "tiny", "--crop", "32", "--out_dir", str(tmp_path / "x"), *towers])
 
 
+def test_mk_float16_checkpoints_load_in_float32_under_bfloat16(mk_hf, mk_trained, tmp_path):
+    """float16 weights cannot mix with bfloat16 autocast: float16 tower files load in float32 (exactly) and train."""
+    import copy
+    d, _ = mk_trained
+    for name in ("vjepa2", "qwen3"):
+        shutil.copytree(mk_hf["root"] / name, tmp_path / name)  # the tokenizer files too
+        copy.deepcopy(mk_hf[name]).to(torch.float16).save_pretrained(tmp_path / name)
+    mk.main(["--train", "--preset", "tiny", "--max_steps", "2", "--data_dir", str(d / "data"), "--out_dir",
+             str(tmp_path / "o"), "--dtype", "bfloat16", "--max_new_tokens", "24", "--vision_ckpt",
+             str(tmp_path / "vjepa2"), "--llm_ckpt", str(tmp_path / "qwen3")])
+    model = mk.load_checkpoint(str(tmp_path / "o"), {"dtype": "bfloat16"})[0]
+    assert model.vision.layernorm.weight.dtype == model.llm.lm_head.weight.dtype == torch.float32
+    assert torch.equal(model.llm.model.norm.weight, mk_hf["qwen3"].model.norm.weight.half().float())
+
+
 @pytest.fixture(scope="module")
 def mk_hf_released(mk_hf):
     """Tiny-width towers at the released files' shapes and format: V-JEPA 2 ViT-g/16's crop 256, patch 16, tubelet 2,
