@@ -1094,7 +1094,7 @@ def val_loss(model, tok, cfg, split, cache):  # CE + lam * BCE on `val`: no grap
         total += loss.item() * len(idx)
     model.train()
     if not math.isfinite(total):  # the weights diverged within the last steps: they are not saved
-        raise UserError(f"validation loss {total}: stopped, {cfg.out_dir} left as it was (try a lower --lr)")
+        raise UserError(f"validation loss {total}: stopped; {cfg.out_dir} keeps its last save (try a lower --lr)")
     return total / max(1, len(entries))
 
 def setup_distributed(cfg):  # -> (ddp, rank, world) under torchrun: gloo on CPU, nccl on CUDA

@@ -3110,7 +3110,8 @@ def test_vl_exact_resume(vl_tiny_run, tmp_path, capsys, monkeypatch):
 def test_vl_a_save_writes_whole_files_and_drops_the_old_score(vl_tiny_run, tmp_path, monkeypatch):
     """Into a finished run: --resume with another --seed (another data order) is refused; a save that dies while
     writing the weights leaves the old file whole (a temporary file, then a rename); a save that completes removes
-    eval.json, which scored the old weights (and train_state.pt, as no optimizer is given here)."""
+    eval.json, which scored the old weights (and train_state.pt, as no optimizer is given here), and an HF tokenizer,
+    which a GPT-2 table replaces."""
     out = tmp_path / "run"
     shutil.copytree(vl_tiny_run[0].out_dir, out)
     assert (out / "eval.json").is_file() and (out / "train_state.pt").is_file()
@@ -3125,8 +3126,9 @@ def test_vl_a_save_writes_whole_files_and_drops_the_old_score(vl_tiny_run, tmp_p
         vl.save_checkpoint(model, cfg, tok)
     assert (out / "model.safetensors").read_bytes() == before
     monkeypatch.undo()
+    (out / "tokenizer.json").write_text("{}")  # left by a fine-tuned run that was in this folder before
     vl.save_checkpoint(model, cfg, tok)
-    assert not (out / "eval.json").exists() and not (out / "train_state.pt").exists()
+    assert not any((out / n).exists() for n in ("eval.json", "train_state.pt", "tokenizer.json"))
 
 
 def test_vl_generate_reads_the_frames_the_run_trained_on(vl_tiny_run, monkeypatch, capsys):

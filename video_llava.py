@@ -965,7 +965,8 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None,
     if model.video_tower is model.image_tower:  # one tower under two names: safetensors stores no tensor twice
         state.update({k: v.clone() for k, v in state.items() if k.startswith("video_tower.")})
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
-    for stale in ("model.safetensors.index.json", "eval.json", "train_state.pt"):  # each belongs to the old weights:
+    hf_tok = ("tokenizer.json", "tokenizer_config.json") * isinstance(tok, GPT2Table)  # a GPT-2 table replaces them
+    for stale in ("model.safetensors.index.json", "eval.json", "train_state.pt", *hf_tok):  # of the old weights:
         with contextlib.suppress(FileNotFoundError):  # an index would win over the new file, eval.json scored the old
             os.remove(os.path.join(cfg.out_dir, stale))  # ones, their state would --resume the new (rewritten below)
     config = dataclasses.asdict(cfg)  # your data files' paths absolute: --eval and --resume find them from anywhere
@@ -1208,7 +1209,7 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
         model.train()  # (no dropout or batch norm here: train and eval mode compute the same)
         idx = batch_indices(step, len(tr.entries), gsize, cfg.seed)  # the global batch's rows, all ranks
         total = batch_loss(model, tr, idx, cfg, rank, world, ddp, device, scaler)
-        if not math.isfinite(total):  # the last checkpoint in out_dir is left as it was
+        if not math.isfinite(total):  # these weights are not saved: out_dir keeps its last save
             raise UserError(f"loss became {total} at step {step}; stopped (try a lower --lr)")
         scaler.unscale_(opt)  # the true gradients are clipped (a no-op unless float16)
         nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -766,7 +766,7 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
         if ddp:  # sum the shares: the log and the NaN check see the global batch's loss on every rank
             dist.all_reduce(total)
         if not math.isfinite(total):
-            raise UserError(f"loss became {total.item()} at step {step}; stopped, {cfg.out_dir} left as it was "
+            raise UserError(f"loss became {total.item()} at step {step}: stopped; {cfg.out_dir} keeps its last save "
                             "(try a lower --lr)")
         scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
         nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)  # global-norm clipping
@@ -806,7 +806,7 @@ def evaluate_loss(model, tok, entries, clips, cfg, device):  # the mean token lo
     with autocast(cfg, device):
         loss = model(clips.to(device), inp.to(device), tgt.to(device))[1].item()
     if not math.isfinite(loss):  # the weights diverged within the last steps: they are not saved
-        raise UserError(f"validation loss {loss}: stopped, {cfg.out_dir} left as it was (try a lower --lr)")
+        raise UserError(f"validation loss {loss}: stopped; {cfg.out_dir} keeps its last save (try a lower --lr)")
     return loss
 
 # Generation and evaluation --------------------------------------------------------------------------------------------

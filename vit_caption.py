@@ -710,7 +710,7 @@ def train_step(model, opt, scaler, batch, cfg, device, rank, world):
     if world > 1:  # each rank summed its own rows only: the global batch's loss is the sum over ranks
         dist.all_reduce(total)
     if not torch.isfinite(total):
-        raise UserError(f"loss became {total.item()}; stopped, {cfg.out_dir} left as it was (try a lower --lr)")
+        raise UserError(f"loss became {total.item()}: stopped; {cfg.out_dir} keeps its last save (try a lower --lr)")
     scaler.unscale_(opt)
     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     scaler.step(opt)
