@@ -653,8 +653,7 @@ class Bridge(nn.Module):
 class Mark1(nn.Module):
     def __init__(self, cfg, vocab, vision=None, llm=None):
         super().__init__()
-        self.vision = vision or VJEPA2Encoder(cfg)  # from scratch: the sizes in cfg
-        self.llm = llm or Qwen3LM(vocab, cfg)
+        self.vision, self.llm = vision or VJEPA2Encoder(cfg), llm or Qwen3LM(vocab, cfg)  # from scratch: cfg's sizes
         d, grid = self.llm.model.embed_tokens.weight.shape[1], self.vision.crop // self.vision.patch
         self.bridge = Bridge(cfg, self.vision.width, d, self.vision.tubelet, grid)
         self.frozen, self.cfg, self.devices = set(), cfg, dict(vision="cpu", bridge="cpu", llm="cpu")
@@ -1070,11 +1069,10 @@ def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devic
     for a in range(cfg.grad_accum):
         mb = idx[(a * world + rank) * cfg.batch_size:(a * world + rank + 1) * cfg.batch_size]
         mb, w = (mb, world) if len(mb) else (idx[:1], 0)  # an empty micro-batch: one clip that counts 0
-        q_ids, q_valid, inp, tgt = text_batch([entries[i] for i in mb], tok)
         with fwd.no_sync() if ddp and a < cfg.grad_accum - 1 else contextlib.nullcontext():  # DDP: the last all-reduces
             with autocast(cfg, device):  # a trainable encoder runs here, outside fwd: DDP hooks its gradients too
                 feats = cache("train", mb, tr["clips"])
-                _, loss, _ = fwd(feats, q_ids, q_valid, inp, tgt, tr["labels"][mb], n_tok, len(idx))
+                _, loss, _ = fwd(feats, *text_batch([entries[i] for i in mb], tok), tr["labels"][mb], n_tok, len(idx))
             if not torch.isfinite(loss):
                 raise UserError(f"loss became {loss.item()}; lower --lr (or train with --dtype float32)")
             scaler.scale(loss * w).backward()  # float16: scaled up, so small gradients do not underflow to 0
@@ -1215,8 +1213,7 @@ def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top
 
 @torch.no_grad()
 def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):  # -> id lists, frame logits (B, F)
-    q_ids, q_valid = text_batch(items, tok, with_answer=False)[:2]
-    prefix, frame_logits = model.fuse(feats, q_ids, q_valid)
+    prefix, frame_logits = model.fuse(feats, *text_batch(items, tok, with_answer=False)[:2])  # question ids, mask
     prompts = [model.embed(torch.tensor(tok.prompt(it["question"], it["choices"]))) for it in items]  # (Lp_i, D)
     rows = [torch.cat((prefix[i], p.to(prefix.dtype)), 0) for i, p in enumerate(prompts)]  # (N + Lp_i, D) each
     x, valid = pad_left(rows)  # (B, L, D), (B, L)

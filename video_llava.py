@@ -225,8 +225,7 @@ def sample_pair(rng, split):  # a (colour, shape) pair that fits the split: nove
             return pair
 
 def make_image(rng, split):  # 1-3 copies of one shape in cells of a 4x4 grid -> (BGR image, [(question, answer)])
-    colour, shape = sample_pair(rng, split)
-    n = rng.randint(1, 3)  # how many copies: the counting question
+    (colour, shape), n = sample_pair(rng, split), rng.randint(1, 3)  # n copies: the counting question
     img = np.full((SIDE, SIDE, 3), 60, np.uint8)  # a dark grey background
     for cell in rng.sample(range(16), n):
         cx, cy = (cell % 4) * CELL + CELL // 2 + rng.randint(-1, 1), (cell // 4) * CELL + CELL // 2 + rng.randint(-1, 1)
@@ -565,8 +564,7 @@ class KVCache:
             raise ValueError(f"after {self.offset} cached positions the attention mask needs batch "
                              f"{self.k[0].shape[0]} and more than {self.offset} columns, got {(B, T)}")
         pos, mask = padded_positions(attention_mask, self.offset, T_max)  # (B, L), (B, 1, L, T_max)
-        self.slots = torch.arange(self.offset, T, device=self.k[0].device)  # (L,), an input of a compiled step
-        self.offset = T
+        self.slots, self.offset = torch.arange(self.offset, T, device=self.k[0].device), T  # slots (L,): a graph input
         return pos, mask
     def update(self, layer, k, v):  # write this layer's new keys/values (B, K, L, E) at the claimed positions
         self.k[layer].index_copy_(2, self.slots, k.to(self.k[layer].dtype))
@@ -686,8 +684,7 @@ class CLIPVisionTransformer(nn.Module):
         self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(CLIPEncoderLayer(cfg)
                                                                for _ in range(cfg.v_num_hidden_layers))))
         self.post_layernorm = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)  # loaded, never used here
-        fl, n = cfg.vision_feature_layer, cfg.v_num_hidden_layers
-        self.n_run = fl if fl >= 0 else n + 1 + fl  # hidden_states[fl]: [0] = embeddings, [k] = after layer k
+        self.n_run = range(cfg.v_num_hidden_layers + 1)[cfg.vision_feature_layer]  # index into the n + 1 hidden states
     def forward(self, pixels):  # (N, 3, S, S) -> (N, P+1, Dv), the hidden state of the feature layer
         x = self.pre_layrnorm(self.embeddings(pixels))  # (N, P+1, Dv): hidden_states[0]
         for layer in self.encoder.layers[: self.n_run]:  # layers past the feature layer are never computed
@@ -771,28 +768,24 @@ class VideoLlava(nn.Module):
         mostly the grey background's vector, so objects hardly stand out after the LLM's RMSNorm. On one fixed batch,
         each tower's pre_layrnorm is set for zero mean, unit variance per feature (after `whiten`), then the projector's
         last layer for zero mean at the text embeddings' std. The forward stays the checkpoint-faithful one."""
-        def fold(ln_w, ln_b, x, std=1.0):  # rescale an affine so its outputs x get zero mean and this std
+        def fold(affine, x, std=1.0):  # rescale a LayerNorm or Linear so its outputs x get zero mean and this std
             x = x.flatten(0, -2).float()  # (tokens, features)
             m, s = x.mean(0), x.std(0) + 1e-6  # (features,) each
-            ln_w.mul_((std / s).view(-1, *[1] * (ln_w.dim() - 1)))  # (out,) or (out, 1) for a Linear's weight
-            ln_b.sub_(m).mul_(std / s)  # b' = (b - m) * std / s: w'x + b' = (wx + b - m) * std / s
+            affine.weight.mul_((std / s).view(-1, *[1] * (affine.weight.dim() - 1)))  # (out,), (out, 1) for a Linear
+            affine.bias.sub_(m).mul_(std / s)  # b' = (b - m) * std / s: w'x + b' = (wx + b - m) * std / s
         # the pictures each tower sees, as (N, 3, S, S) (a shared tower sees both; a medium the data lacks, none)
         seen = {}
         for tower, px in ((self.image_tower, images), (self.video_tower, videos)):
             if px is not None:
                 seen.setdefault(tower, []).append(px.flatten(0, -4))  # frames as pictures: (N or B*F, 3, S, S)
         for tower, px in seen.items():
-            px, emb = torch.cat(px), tower.vision_model.embeddings
+            px, emb, ln = torch.cat(px), tower.vision_model.embeddings, tower.vision_model.pre_layrnorm
             if self.cfg.whiten_patches:
                 whiten(emb, px, self.cfg.patch_size)
-            ln = tower.vision_model.pre_layrnorm
-            fold(ln.weight, ln.bias, ln(emb(px)))
+            fold(ln, ln(emb(px)))
         feats = torch.cat([encode(px).flatten(0, 1) for encode, px in ((self.image_features, images),
                            (self.video_features, videos)) if px is not None])  # (visual tokens, D), what the LLM reads
-        p2 = self.multi_modal_projector.linear_2
-        fold(p2.weight, p2.bias, feats, self.language_model.model.embed_tokens.weight.std().item())
-
-    # -- vision
+        fold(self.multi_modal_projector.linear_2, feats, self.language_model.model.embed_tokens.weight.std().item())
     def image_features(self, pixels):  # (N, 3, S, S) -> (N, P, D) (P+1 with the "full" strategy)
         h = self.image_tower.vision_model(pixels)  # (N, P+1, Dv), CLS first
         if self.cfg.vision_feature_select_strategy == "default":
@@ -910,8 +903,7 @@ def weight_files(path):  # -> {checkpoint key: file} from model.safetensors[.ind
     raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json (not a checkpoint folder)")
 
 def read_config(path):  # path/config.json as a dict, or a UserError naming what is wrong with the folder
-    cpath = os.path.join(path, "config.json")
-    if not os.path.isfile(cpath):
+    if not os.path.isfile(cpath := os.path.join(path, "config.json")):
         raise UserError(f"{path}: " + ("no config.json (not a checkpoint folder)" if os.path.isdir(path) else
                                        "no such checkpoint folder"))
     if (hf := read_json(cpath)) is None:
@@ -919,8 +911,7 @@ def read_config(path):  # path/config.json as a dict, or a UserError naming what
     return hf
 
 def align_keys(path, base=None):  # -> meta model, files, handles, found {key: (file's key, file)}, problems (headers)
-    hf = config_from_hf(read_config(path), path)
-    files = weight_files(path)
+    hf, files = config_from_hf(read_config(path), path), weight_files(path)
     # a head stored in the files is used (transformers unties then too); tied means the embedding serves as the head
     hf["tie_word_embeddings"] &= "language_model.lm_head.weight" not in map(canonical_key, files)
     cfg = Config(**{**dataclasses.asdict(base or Config()), **hf})
@@ -1026,8 +1017,7 @@ def native_bf16(device):  # does the hardware multiply in bfloat16? (elsewhere e
 
 def autocast_dtype(name, device):  # --dtype auto: bfloat16 on a CUDA GPU that multiplies in it, else float32
     # (on a CPU even native bfloat16 trains this small model more slowly: README; HF weights: see run_generate)
-    auto = "bfloat16" if device.startswith("cuda") and native_bf16(device) else "float32"
-    return auto if name == "auto" else name
+    return name if name != "auto" else "bfloat16" if device.startswith("cuda") and native_bf16(device) else "float32"
 
 def weights_dtype(name, device):  # a run's weights: float32, or under bfloat16 autocast the dtype the file stores
     return None if autocast_dtype(name, device) == "bfloat16" else torch.float32  # (a frozen bf16 7B: 14 GB, not 28)
@@ -1346,8 +1336,7 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):  # greedy answe
             print(f"{split:8s} {kind:7s} {len(rows):5d} {em(rows):7.3f}   " +
                   ", ".join(f"{q}: {v:.2f}" for q, v in by_q.items()))
     result["train_seconds"] = train_seconds
-    test = result["test"]
-    for s in test.get("video", {}).get("samples", [])[:3] + test.get("image", {}).get("samples", [])[:3]:
+    for s in [x for k in ("video", "image") for x in result["test"].get(k, {}).get("samples", [])[:3]]:
         print(f"  Q: {s['question']}  ->  {s['prediction']!r}  (ref {s['reference']!r})")
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     return result

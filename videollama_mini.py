@@ -258,8 +258,7 @@ def read_annotations(path):
     except (OSError, UnicodeDecodeError) as e:  # OSError: missing, a folder, unreadable
         raise UserError(f"{path}: " + ("not a UTF-8 text file (save it as UTF-8)" if isinstance(e, UnicodeDecodeError)
                                        else "annotation file not found or unreadable"))
-    for no, line in enumerate(lines, 1):
-        line = line.strip()
+    for no, line in enumerate((s.strip() for s in lines), 1):
         if line:  # another line of the current entry (start: the line number of its first line)
             start, cur = (start if cur else no), cur + [line]
             continue
@@ -385,7 +384,6 @@ class FrameEncoder(nn.Module):
         # without it the small initial CNN features drown under the time code and the decoder learns to ignore them.
         self.ln = nn.LayerNorm(cfg.d_model)
     def forward(self, x):
-        B, Fr = x.shape[:2]  # Fr: frames (F is torch.nn.functional)
         # Subtract each frame's mean colour: the background then reads as ~0 and the small objects carry the signal;
         # otherwise every clip's embedding is "mostly background", nearly one vector for all clips, hiding the video.
         x = x - x.mean((-2, -1), keepdim=True)  # (B, F, 3, S, S)
@@ -396,7 +394,7 @@ class FrameEncoder(nn.Module):
         feat = feat - feat.mean((-2, -1), keepdim=True)  # what stands out from the frame's average, nothing else
         where = F.adaptive_avg_pool2d(feat, self.grid).flatten(1)  # (B*F, 2w*grid*grid): what is where
         what = feat.amax((-2, -1))  # (B*F, 2w): the strongest response anywhere, the same wherever the object is
-        return self.ln(self.proj(torch.cat([where, what], 1))).view(B, Fr, -1)  # (B, F, D)
+        return self.ln(self.proj(torch.cat([where, what], 1))).unflatten(0, x.shape[:2])  # (B*F, D) -> (B, F, D)
 
 class QFormer(nn.Module):
     """BLIP-2's Querying Transformer: Q learned query vectors (B, Q, D) attend to each other and read the visual tokens
@@ -469,8 +467,7 @@ class VideoLLaMAMini(nn.Module):
         x = self.drop(self.tok(idx) * math.sqrt(self.cfg.d_model) + self.text_pos[pos: pos + idx.shape[1]])  # (B, L, D)
         for i, blk in enumerate(self.decoder):
             x = blk(x, ctx=memory, cache=None if cache is None else cache[i])
-        x = self.ln_f(x[:, -1:] if last_only else x)  # (B, L or 1, D)
-        return self.head(x)  # (B, L or 1, V)
+        return self.head(self.ln_f(x[:, -1:] if last_only else x))  # (B, L or 1, D) -> (B, L or 1, V)
     def forward(self, video, idx, targets=None):
         logits = self.decode(idx, self.encode(video))  # (B, L, V)
         if targets is None:

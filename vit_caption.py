@@ -554,8 +554,7 @@ def bleu4(preds, refs):
     match, total, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0
     for p, rs in zip(preds, refs):
         h, rws = normalise(p).split(), [normalise(r).split() for r in rs]
-        hyp_len += len(h)
-        ref_len += min((abs(len(r) - len(h)), len(r)) for r in rws)[1]
+        hyp_len, ref_len = hyp_len + len(h), ref_len + min((abs(len(r) - len(h)), len(r)) for r in rws)[1]
         for n in range(1, 5):
             best = collections.Counter()
             for r in rws:
@@ -836,14 +835,13 @@ def generate(model, images, cfg, use_cache=True, generator=None, stop_at_eos=Tru
 
 def beam_search(model, images, cfg, length_penalty=1.0):  # generate's beam > 1: under its no_grad and eval()
     """Beam search with the KV cache over B*K rows; a finished hypothesis scores log-prob / length**length_penalty."""
-    B, K, eos, N = images.shape[0], cfg.beam, 0, model.n_prefix
+    B, K, V, N, eos = images.shape[0], cfg.beam, model.lm_head.out_features, model.n_prefix, 0
     x, cache = prefill_input(model, images).repeat_interleave(K, 0), [{} for _ in model.layers]  # x: (B*K, N+1, D)
     logp = next_logits(model, x, cache).log_softmax(-1)  # (B*K, V)
     seq = torch.zeros(B * K, 0, dtype=torch.long, device=images.device)
     score = torch.tensor([0.0] + [float("-inf")] * (K - 1), device=images.device).repeat(B, 1)  # (B, K): one alive
     finished, steps = [[] for _ in range(B)], min(cfg.max_new_tokens, cfg.max_len - 1)  # per image: (score, ids)
     for t in range(steps):
-        V = logp.shape[-1]
         top, pos = (score.view(-1, 1) + logp).view(B, K * V).topk(2 * K, -1)  # 2K: K live beams survive EOS ends
         live = []  # (score, row it continues, token): K per image
         for b in range(B):
