@@ -412,8 +412,7 @@ class VJEPA2Attention(nn.Module):  # non-causal, separate q/k/v/proj, V-JEPA 2's
     def __init__(self, d, n_head, grid):
         super().__init__()
         self.n_head, self.hd, self.grid = n_head, d // n_head, grid  # grid = crop // patch, from the config
-        self.query, self.key, self.value = (nn.Linear(d, d) for _ in range(3))  # q/k/v biases
-        self.proj = nn.Linear(d, d)  # output projection, with bias as upstream
+        self.query, self.key, self.value, self.proj = (nn.Linear(d, d) for _ in range(4))  # q/k/v, output: with biases
         self.sub = 2 * ((self.hd // 3) // 2)  # rotated dims per axis (20 for head dim 64); the rest pass through
     @staticmethod
     def rotate(x, pos):
@@ -1069,10 +1068,11 @@ def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devic
     for a in range(cfg.grad_accum):
         mb = idx[(a * world + rank) * cfg.batch_size:(a * world + rank + 1) * cfg.batch_size]
         mb, w = (mb, world) if len(mb) else (idx[:1], 0)  # an empty micro-batch: one clip that counts 0
+        q_ids, q_valid, inp, tgt = text_batch([entries[i] for i in mb], tok)
         with fwd.no_sync() if ddp and a < cfg.grad_accum - 1 else contextlib.nullcontext():  # DDP: the last all-reduces
             with autocast(cfg, device):  # a trainable encoder runs here, outside fwd: DDP hooks its gradients too
                 feats = cache("train", mb, tr["clips"])
-                _, loss, _ = fwd(feats, *text_batch([entries[i] for i in mb], tok), tr["labels"][mb], n_tok, len(idx))
+                _, loss, _ = fwd(feats, q_ids, q_valid, inp, tgt, tr["labels"][mb], n_tok, len(idx))
             if not torch.isfinite(loss):
                 raise UserError(f"loss became {loss.item()}; lower --lr (or train with --dtype float32)")
             scaler.scale(loss * w).backward()  # float16: scaled up, so small gradients do not underflow to 0
