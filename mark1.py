@@ -1268,7 +1268,7 @@ def frame_strip(clip, sal, path, title, threshold):  # PNG: the frames, a salien
         raise UserError(f"{path}: the frame strip could not be written there (a folder of that name, no permission)")
 
 def predict(cfg, overrides, video, question, choices):
-    if not video or not question or not choices:
+    if not video or not question.strip() or not choices:  # a blank question too
         raise UserError("--predict needs --video PATH --question TEXT --choices 'A. ...|B. ...|C. ...|D. ...'")
     choice_list = [c.strip() for c in choices.split("|")]
     check_choices(choice_list, "--choices")

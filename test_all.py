@@ -4669,6 +4669,8 @@ def test_mk_bad_inputs(mk_trained, tmp_path):
     video = d / "data" / "test" / "00000.mp4"
     _mk_user_error(["--predict", "--out_dir", out, "--video", video, "--question", "q", "--choices",
                     "it appears|it stops"], "--choices", "A. text")
+    _mk_user_error(["--predict", "--out_dir", out, "--video", video, "--question", "  ", "--choices", ch],
+                   "--predict needs", "--question TEXT")  # a blank question too
     ask = ["--video", video, "--question", "q", "--choices", ch]
     for mode, media in (("--eval", []), ("--predict", ask)):  # an architecture flag is refused; a decoding flag is not
         _mk_user_error([mode, "--out_dir", out, "--n_frames", "4", "--top_k", "3", *media], "n_frames=8", f"{mode} cannot")
