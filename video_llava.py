@@ -138,9 +138,8 @@ PRESETS = {"default": {}, "tiny": dict(n_train=48, n_test=6, data_dir="data/vide
     v_intermediate_size=32, v_num_hidden_layers=2, v_num_attention_heads=2, batch_size=8, max_steps=6, warmup=2,
     log_interval=2, eval_interval=4, dtype="float32", max_new_tokens=6)}  # tiny: the pipeline in seconds (the tests)
 
-# Config field -> (section of an HF Video-LLaVA config.json, its key there, transformers' default when the file leaves
-# it out): the one map that config_from_hf reads and hf_config_dict writes. A top-level key may also sit in text_config.
-# The vision defaults are Video-LLaVA's for a missing vision_config; a vision_config without a key takes CLIP_VISION's.
+# Config field -> (section of an HF config.json, its key there, transformers' default): the map config_from_hf reads and
+# hf_config_dict writes. A top-level key may sit in text_config; a vision_config without a key takes CLIP_VISION's.
 CLIP_VISION = dict(v_hidden_size=768, v_intermediate_size=3072, v_num_hidden_layers=12, v_num_attention_heads=12,
                    patch_size=32)  # transformers' CLIPVisionConfig
 HF_FIELDS = {f: (sec, f.removeprefix("v_") if sec == "vision_config" else f, d) for sec, table in (
@@ -554,9 +553,7 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]  # keys
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]  # values
         self.offset, self.slots = 0, None  # slots: the positions claimed last (claim), where update writes
-    def claim(self, attention_mask):
-        """Claim the positions offset .. T-1 of the new tokens. attention_mask (B, T) over the cached and the new
-        tokens (1 = real, 0 = left pad) -> RoPE positions (B, L), mask (B, 1, L, T_max) (True = attend)."""
+    def claim(self, attention_mask):  # the new tokens' positions offset .. T-1 -> padded_positions over all T_max
         (B, T), T_max = attention_mask.shape, self.k[0].shape[2]  # the cache is (B, K, T_max, E)
         if T > T_max:
             raise ValueError(f"the KV cache is full: {T} positions asked of its {T_max}")
@@ -734,12 +731,11 @@ class VideoLlava(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        # ModuleDicts (as nanoGPT's `transformer`) only give the checkpoint's key prefixes; language_model.model holds
-        # the token embedding (V, D), the decoder layers and a final RMSNorm (the stream's scale grows with depth)
+        # ModuleDicts (as nanoGPT's `transformer`) only give the checkpoint's key prefixes
         self.language_model = nn.ModuleDict(dict(model=nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),  # (V, D)
             layers=nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)),
-            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))),  # final norm: the stream's scale grows with depth
             lm_head=nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)))
         if cfg.tie_word_embeddings:  # one matrix for the input embedding and the output head
             self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
@@ -837,16 +833,14 @@ class VideoLlava(nn.Module):
         if attention_mask.shape != (B, T):  # a mask of another width would broadcast into wrong positions
             raise ValueError(f"attention_mask must be (B, T) = {(B, T)}: the cached tokens, then these L = {L}")
         x = lm.embed_tokens(input_ids)  # (B, L, D)
-        # placeholder expansion: the prompt holds one <image> token per image feature and one <video> token per
-        # frame feature (expand_placeholders); their embeddings are overwritten by the projected CLIP features
+        # placeholder expansion: each visual token's embedding (expand_placeholders) is overwritten by its feature
         for what, pixels, token, encode in (("image", pixel_values_images, cfg.image_token_index, self.image_features),
                                             ("video", pixel_values_videos, cfg.video_token_index, self.video_features)):
             if pixels is not None:
                 x = self._place(x, input_ids, token, encode(pixels), what)
             elif (input_ids == token).any():
                 raise UserError(f"the prompt has <{what}> placeholders but no {what} was given")
-        # RoPE positions (B, L), counting real tokens only, and the boolean mask (True = attend), broadcast over heads:
-        # (B, 1, L, T_max) over a whole cache (its unwritten positions hidden), else (B, 1, L, L)
+        # RoPE positions (B, L) counting real tokens only, mask (B, 1, L, T_max) over a whole cache, else (B, 1, L, L)
         pos, mask = cache.claim(attention_mask) if cache is not None else padded_positions(attention_mask, 0)
         cos, sin = self._rope_table(pos, x.dtype)
         logits = self.llm_forward(x, cos, sin, mask, cache, last_only)
@@ -862,10 +856,9 @@ class VideoLlava(nn.Module):
             x = x[:, -1:]  # (B, 1, D): at inference only the last position is projected
         return self.language_model.lm_head(x)  # (B, L or 1, V); tied, lm_head.weight is the embedding table
     def step(self, ids, pos, mask, cache):
-        """One new token per row through the KV cache: ids (B, 1) at RoPE positions pos (B, 1), attending where
-        mask (B, 1, 1, T_max) is True (cache.claim gives both) -> logits (B, 1, V). The same shapes every call
-        and no branch on values: torch.compile makes it one graph (generate(compile=True)); forward would not, as
-        it claims from the Python int cache.offset and checks the ids for placeholders."""
+        """One new token per row through the KV cache: ids (B, 1) at RoPE positions pos (B, 1), attending where mask
+        (B, 1, 1, T_max) is True (cache.claim gives both) -> logits (B, 1, V); the graph generate(compile=True) makes
+        (forward branches on the Python int cache.offset and on the ids' placeholders)."""
         x = self.language_model.model.embed_tokens(ids)  # (B, 1, D)
         cos, sin = self._rope_table(pos, x.dtype)
         return self.llm_forward(x, cos, sin, mask, cache)
@@ -1036,15 +1029,15 @@ class Examples:
     """Annotation entries with their media decoded once (float32 CLIP-normalised) and their token ids. answered: the
     answers are fed to the model (train, val); else they are only compared with what it generates (test, novel)."""
     def __init__(self, entries, cfg, tok, answered=True):
+        texts = [prompt_text(e["question"], e["kind"]) for e in entries]
+        if isinstance(tok, GPT2Table):  # a word the table lacks would go unread (test answers are only compared)
+            tok.check_known([t + " " + e["answer"] if answered else t for t, e in zip(texts, entries)])
         self.entries, files = entries, {(e["path"], e["kind"]) for e in entries}  # each file decoded once per kind
         cache = {(p, k): load_image(p, cfg.image_size) if k == "image" else load_video(p, cfg.n_frames, cfg.image_size)
                  for p, k in files}
         self.media = [torch.from_numpy(cache[e["path"], e["kind"]]) for e in entries]
-        self.prompts = [expand_placeholders(tok.encode(prompt_text(e["question"], e["kind"])), cfg, cfg.n_frames)
-                        for e in entries]
+        self.prompts = [expand_placeholders(tok.encode(t), cfg, cfg.n_frames) for t in texts]
         self.answers = [tok.encode(" " + e["answer"], add_special_tokens=False) + [tok.eos_id] for e in entries]
-        if not answered and isinstance(tok, GPT2Table):  # a test question's word the table lacks would go unread
-            tok.check_known([prompt_text(e["question"], e["kind"]) for e in entries])
         for e, p, a in zip(entries, self.prompts, self.answers):  # refused now, not when a batch first meets it
             n, what = (len(p) + len(a), "answer") if answered else (len(p) + cfg.max_new_tokens, "--max_new_tokens")
             if n > cfg.max_position_embeddings:  # a test row needs room to answer; a video's frames take room too
@@ -1096,8 +1089,7 @@ def build_model(cfg, entries, resume, say, device):  # -> model, cfg with its ar
             cfg = dataclasses.replace(cfg, share_towers=False)  # what config.json records, and --resume keeps
         model, tok = load_pretrained(path, weights_dtype(cfg.dtype, device), device, base=cfg), load_tokenizer(path)
         cfg = dataclasses.replace(cfg, **{f: getattr(model.cfg, f) for f in HF_FIELDS})
-        if isinstance(tok, GPT2Table):  # a run of this script: its table covers the text it trained on, no more
-            tok.check_known(texts)  # validation text too
+
     else:
         tok = GPT2Table.from_texts(texts, cfg.out_dir)  # every token of the training and validation text
         cfg = dataclasses.replace(cfg, vocab_size=len(tok), image_token_index=tok.added["<image>"],
