@@ -3231,6 +3231,9 @@ def test_vl_unknown_words_and_cut_off_media(vl_tiny_run, tmp_path, capsys):
     assert "\n" not in str(e.value)  # one line on stderr
     with pytest.raises(vl.UserError, match="' What' .* is not in the token table .* never trained on"):  # without an image:
         vl.main(["--generate", "--out_dir", str(out), "--prompt", "What colour are the shapes?"])  # " What", never seen
+    for prompt in ("", "   "):  # none, or a blank one
+        with pytest.raises(vl.UserError, match="--generate needs --prompt TEXT"):
+            vl.main(["--generate", "--out_dir", str(out), "--image", png, "--prompt", prompt])
     with pytest.raises(vl.UserError, match="--video, --image and --prompt are for --generate"):  # not ignored
         vl.main(["--eval", "--out_dir", str(out), "--image", png])
     for mode in (["--eval"], ["--train", "--resume"], ["--generate", "--prompt", "What colour?"]):  # not ignored

@@ -1491,7 +1491,7 @@ def check_arch(path, overrides, mode):  # -> path's config.json; a typed archite
     return hf
 
 def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_dir), read the media, stream the answer
-    if not args.prompt or (args.video and args.image):
+    if not args.prompt.strip() or (args.video and args.image):  # a blank prompt is none
         raise UserError("--generate needs --prompt TEXT, and --video PATH or --image PATH (not both) or neither")
     path, device = cfg.from_pretrained or cfg.out_dir, pick_device(cfg.device)
     hf = check_arch(path, overrides, "--generate")
