@@ -861,7 +861,7 @@ def own_state(model, cfg):  # what a checkpoint stores: parameters not from HF f
     hf = tuple(p + "." for p, c in (("vision", cfg.vision_ckpt), ("llm", cfg.llm_ckpt)) if c)
     return {k: v for k, v in model.named_parameters() if not k.startswith(hf)}  # a tied lm_head: once, as the embedding
 
-def save_checkpoint(model, tok, cfg, opt, step, scaler, world=1):  # the weights of every part not from an HF folder
+def save_checkpoint(model, tok, cfg, opt, step, scaler, batch=None):  # the weights of every part not from an HF folder
     os.makedirs(cfg.out_dir, exist_ok=True)
     path = lambda name: os.path.join(cfg.out_dir, name)
     state = {k: v.detach().cpu().contiguous() for k, v in own_state(model, cfg).items()}
@@ -871,7 +871,7 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler, world=1):  # the weights
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids, "towers": {  # the HF towers' weights
         p: fingerprint(getattr(model, p)) for p in ("vision", "llm") if getattr(cfg, p + "_ckpt")}}
     atomic(path("config.json"), lambda p: json.dump(meta, open(p, "w")))
-    ts = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, rng=torch.get_rng_state(), world=world)
+    ts = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, rng=torch.get_rng_state(), batch=batch)
     atomic(path("train_state.pt"), lambda p: torch.save(ts, p))  # what --resume needs
 
 PATH_KEYS = {"data", "test_data", "vision_ckpt", "llm_ckpt"}  # inputs: parse_args makes them absolute (found anywhere)
@@ -1120,6 +1120,7 @@ def train(cfg, resume=False, overrides=None):
     say(f"data ready in {time.time() - t0:.1f}s | params: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, "
         f"{(total - trainable) / 1e6:.2f}M frozen | vocab {len(tok.ids) if tok.ids else 'full'} | autocast "
         f"{autocast_dtype(cfg.dtype, devices['llm'])}")
+    gbatch = cfg.batch_size * cfg.grad_accum * world  # clips per step: global_batch orders the data by it
     if resume:
         try:  # truncated, not a torch file, another run's or keys missing: PyTorch's own errors differ by cause
             ts = torch.load(path, weights_only=True)
@@ -1130,13 +1131,13 @@ def train(cfg, resume=False, overrides=None):
             step = int(ts["step"])
         except Exception as e:
             raise UserError(f"{path}: not a readable training state ({type(e).__name__}); retrain or restore it")
-        if (w := ts.get("world", 1)) != world:  # the global batch, batch_size * grad_accum * processes, orders data
-            raise UserError(f"{cfg.out_dir}: trained in {w} process(es), not {world}: resume it in {w} (torchrun)")
+        if (g := ts.get("batch") or gbatch) != gbatch:  # (an older file saved none)
+            raise UserError(f"{path}: trained at global batch {g} (batch_size*grad_accum*processes), not {gbatch}")
         say(f"resumed at step {step}")
     elif cfg.data_init > 0:  # the same fixed batch on every rank (drawn from --seed)
         idx = torch.randperm(len(entries), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.data_init]
         model.init_from_data(tr["clips"][idx], *text_batch([entries[i] for i in idx.tolist()], tok)[:2])
-    cache, gbatch = FeatureCache(model, cfg.feature_cache), cfg.batch_size * cfg.grad_accum * world  # clips per step
+    cache = FeatureCache(model, cfg.feature_cache)
     fwd = model.train()  # what the training forward calls; `model` itself is what is saved and evaluated (no "module.")
     if ddp:  # DDP all-reduces only parameters with requires_grad (frozen towers add no traffic)
         fwd = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)  # no device_ids: place() did
@@ -1164,7 +1165,7 @@ def train(cfg, resume=False, overrides=None):
                 f"eta {dt * (end - step) / 60:.1f}m")
             t_log, losses = time.time(), []
         if rank == 0 and (step % cfg.eval_interval == 0 or step == end):
-            save_checkpoint(model, tok, cfg, opt, step, scaler, world)
+            save_checkpoint(model, tok, cfg, opt, step, scaler, gbatch)
     if step < cfg.max_steps:
         say(f"stopped after step {step} as asked (--stop_after); continue with --train --resume")
     elif rank == 0:

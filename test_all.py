@@ -955,9 +955,11 @@ def test_vm_ddp_two_processes_match_one(tmp_path, capsys):
     assert len(want) == 2 and logged(proc.stdout) == pytest.approx(want, abs=2e-3)
     ddp, _, _ = vm.load_checkpoint(str(tmp_path / "ddp"))
     torch.testing.assert_close(_vm_weights(ddp), _vm_weights(single), atol=2e-5, rtol=1e-4)
-    with pytest.raises(SystemExit):  # one process would halve the global batch
+    with pytest.raises(SystemExit):  # one process would halve the global batch, which orders the data
         vm.main(["--train", "--resume", "--out_dir", str(tmp_path / "ddp"), "--max_steps", "4"])
-    assert "trained in 2 process(es), not 1: resume it in 2" in capsys.readouterr().err
+    assert "trained at global batch 8 (batch_size*grad_accum*processes), not 4" in capsys.readouterr().err
+    vm.main(["--train", "--resume", "--out_dir", str(tmp_path / "ddp"), "--max_steps", "4", "--grad_accum", "2"])
+    assert "step 4/4" in capsys.readouterr().out  # the same global batch in one process: resumed
 
 
 def test_vm_autocast_auto(_vm_trained, tmp_path, monkeypatch, capsys):
@@ -1769,9 +1771,9 @@ def test_vc_ddp_two_processes_match_one(tmp_path, capsys):
     losses = [[float(x) for x in re.findall(r"^step \d+/3 \| loss (\S+)", out, re.M)] for out in
               (p.stdout, capsys.readouterr().out)]
     assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], abs=2e-3)
-    with pytest.raises(SystemExit):  # one process would halve the global batch
+    with pytest.raises(SystemExit):  # one process would halve the global batch, which orders the data
         vc.main(["--train", "--resume", "--out_dir", str(tmp_path / "ddp"), "--max_steps", "4"])
-    assert "trained in 2 process(es), not 1: resume it in 2" in capsys.readouterr().err
+    assert "trained at global batch 8 (batch_size*grad_accum*processes), not 4" in capsys.readouterr().err
 
 
 # ====================================================================================================================
@@ -3171,8 +3173,13 @@ def test_vl_ddp_two_processes_gloo(vl_tiny_run, tmp_path):
     assert ddp.keys() == single.keys()
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], atol=1e-5, rtol=1e-4, msg=k)
-    with pytest.raises(vl.UserError, match=r"trained in 2 process\(es\), not 1: resume it in 2"):  # one process would
-        vl.main(["--train", "--resume", "--out_dir", str(out), "--max_steps", "4"])  # halve the global batch
+    with pytest.raises(vl.UserError, match=r"trained at global batch 8 \(batch_size\*grad_accum\*processes\), not 4"):
+        vl.main(["--train", "--resume", "--out_dir", str(out), "--max_steps", "4"])  # one process: half the batch
+    ts = torch.load(out / "train_state.pt", weights_only=True)
+    del ts["batch"]  # a train_state.pt from before the global batch was saved: resumed as it is
+    torch.save(ts, out / "train_state.pt")
+    vl.main(["--train", "--resume", "--out_dir", str(out), "--max_steps", "4"])
+    assert json.load(open(out / "config.json"))["train_config"]["max_steps"] == 4
 
 
 def test_vl_resume_refuses_foreign_folders(vl_tiny_run, tmp_path):
@@ -4645,8 +4652,8 @@ def test_mk_ddp_two_processes_match_one(mk_trained, tmp_path, capsys):
     for k in one:  # float noise only (Adam magnifies it where a gradient is near zero)
         torch.testing.assert_close(ddp[k], one[k], atol=2e-5, rtol=1e-4, msg=k)
     assert len(single) == 3 and norms(p.stdout) == pytest.approx(single, rel=1e-3)
-    with pytest.raises(mk.UserError, match=r"trained in 2 process\(es\), not 1: resume it in 2"):  # one process would
-        mk.main(["--train", "--resume", "--out_dir", str(tmp_path / "ddp"), "--max_steps", "4"])  # halve the batch
+    with pytest.raises(mk.UserError, match=r"trained at global batch 64 \(batch_size\*grad_accum\*processes\), not 32"):
+        mk.main(["--train", "--resume", "--out_dir", str(tmp_path / "ddp"), "--max_steps", "4"])  # one process: half
 
 
 def _mk_user_error(argv, *needles):

@@ -941,7 +941,7 @@ def atomic(path, write):  # write(tmp), then rename over path: a reader sees the
     write(path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
-def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None, world=1):  # model: the raw module
+def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None, batch=None):  # model: the raw module
     # out_dir/model.safetensors (hub keys), config.json (HF style + train_config + token table), train_state.pt
     os.makedirs(cfg.out_dir, exist_ok=True)
     skip = "language_model.lm_head.weight" if cfg.tie_word_embeddings else None  # tied: loading ties it again
@@ -965,7 +965,7 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None,
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
     if opt is not None:
         ts = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else {}, "step": step,
-              "rng": torch.get_rng_state(), "seconds": seconds, "world": world}  # world: the processes that trained
+              "rng": torch.get_rng_state(), "seconds": seconds, "batch": batch}  # batch: the global batch
         atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
 def saved_config(out_dir, overrides, resume=True):  # the Config --train saved in out_dir, typed flags on top
@@ -1113,7 +1113,7 @@ def make_optimizer(params, cfg, device):  # AdamW, decay on matrices only; float
                             lr=cfg.lr, betas=(0.9, 0.95))
     return opt, torch.amp.GradScaler(device.split(":")[0], enabled=autocast_dtype(cfg.dtype, device) == "float16")
 
-def load_train_state(out_dir, opt, scaler, say, world):  # --resume: AdamW moments, loss scale, RNG -> (step, seconds)
+def load_train_state(out_dir, opt, scaler, say, batch):  # --resume: AdamW moments, loss scale, RNG -> (step, seconds)
     try:  # truncated or not a torch file: PyTorch's own errors differ by cause
         ts = torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=True)
     except Exception as e:
@@ -1124,8 +1124,8 @@ def load_train_state(out_dir, opt, scaler, say, world):  # --resume: AdamW momen
             scaler.load_state_dict(ts["scaler"])
         torch.set_rng_state(ts["rng"])
         step, seconds = int(ts["step"]), float(ts.get("seconds", 0.0))
-        if (w := ts.get("world", 1)) != world:  # the global batch, batch_size * grad_accum * processes, orders the data
-            raise UserError(f"{out_dir}: trained in {w} process(es), not {world}: resume it in {w} (torchrun)")
+        if (b := ts.get("batch") or batch) != batch:  # batch_indices orders the data by it (an older file: none)
+            raise UserError(f"{out_dir}: trained at global batch {b} (batch_size*grad_accum*processes), not {batch}")
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
         raise UserError(f"{out_dir}/train_state.pt: does not fit this run's model ({type(e).__name__})") from None
     say(f"resumed from step {step} of {out_dir}")
@@ -1178,12 +1178,12 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
         f"{device}, autocast {autocast_dtype(cfg.dtype, device)}"
         + ("; one CLIP tower for images and frames" if model.video_tower is model.image_tower else ""))
     opt, scaler = make_optimizer(params, cfg, device)
-    step, seconds0 = load_train_state(cfg.out_dir, opt, scaler, say, world) if resume else (0, 0.0)
+    tr, gsize = data["train"], cfg.batch_size * cfg.grad_accum * world  # gsize: the global batch
+    step, seconds0 = load_train_state(cfg.out_dir, opt, scaler, say, gsize) if resume else (0, 0.0)
     raw = model  # the bare module, which is saved and evaluated; under torchrun `model` becomes its DDP wrapper
     if ddp:  # unused parameters are normal: a shard without images leaves that tower out; later CLIP layers never run
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
                                                     find_unused_parameters=True)
-    tr, gsize = data["train"], cfg.batch_size * cfg.grad_accum * world
     t_log, log_step = time.time(), step
     while step < cfg.max_steps:
         for g in opt.param_groups:
@@ -1204,7 +1204,7 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
         measure = master and (step % cfg.eval_interval == 0 or step == cfg.max_steps)  # val loss, and a checkpoint
         val = eval_loss(raw, data["val"], cfg, device) if measure else None
         if master and (measure or stop):
-            save_checkpoint(raw, cfg, tok, opt, step, seconds, scaler, world)
+            save_checkpoint(raw, cfg, tok, opt, step, seconds, scaler, gsize)
         if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or measure):
             dt = (time.time() - t_log) / (step - log_step)
             eta = dt * (cfg.max_steps - step)

@@ -483,7 +483,7 @@ def atomic(path, write):
     write(path + ".tmp")  # the same folder, so os.replace is atomic
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
-def save_checkpoint(model, tok, cfg, opt, step, scaler, world=1):  # train_state.pt: what --resume needs
+def save_checkpoint(model, tok, cfg, opt, step, scaler, batch=None):  # train_state.pt: what --resume needs
     os.makedirs(cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
@@ -491,7 +491,7 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler, world=1):  # train_state
         os.remove(stale)  # both belong to the old weights: eval.json scored them, their state would --resume the new
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
-    ts = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, rng=torch.get_rng_state(), world=world)
+    ts = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, rng=torch.get_rng_state(), batch=batch)
     atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
 def load_checkpoint(out_dir, overrides=None, fixed=()):  # -> (model, tokenizer, cfg): the saved config, overrides on
@@ -692,7 +692,7 @@ def setup_distributed(cfg):  # -> (ddp, rank, world, device): torchrun sets WORL
         torch.cuda.set_device(device)
     return ddp, rank, world, device
 
-def build_or_resume(cfg, resumed, train_entries, train_clips, device, world):
+def build_or_resume(cfg, resumed, train_entries, train_clips, device):
     """-> (model, tokenizer, optimizer, loss scaler, step): a fresh model initialised from data, or start_config's."""
     if resumed:
         model, tok, ts = resumed
@@ -703,15 +703,12 @@ def build_or_resume(cfg, resumed, train_entries, train_clips, device, world):
     else:
         tok = Tokenizer.from_captions([c for _, cs in train_entries for c in cs], cfg.compact_vocab)
         model = VideoLLaMAMini(cfg, len(tok.ids))
-        # every rank draws the same clips from cfg.seed, so every rank folds in the same statistics
         init_idx = torch.randperm(len(train_entries), generator=torch.Generator().manual_seed(cfg.seed))[:256]
-        model.init_from_data(train_clips[init_idx])
+        model.init_from_data(train_clips[init_idx])  # the same clips on every rank: the same statistics folded in
     model.to(device)
     opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")  # loss scaling for float16
     if resumed:  # the optimizer's moments; dropout continues the uninterrupted run's random stream
-        if (w := ts.get("world", 1)) != world:  # the global batch, batch_size * grad_accum * processes, orders the data
-            raise UserError(f"{cfg.out_dir}: trained in {w} process(es), not {world}: resume it in {w} (torchrun)")
         opt.load_state_dict(ts["optimizer"])
         torch.set_rng_state(ts["rng"])
         if ts.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
@@ -722,6 +719,9 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
     cfg, resumed = start_config(cfg, typed, resume)  # refused before data is touched
     check_decoding(cfg)
     ddp, rank, world, device = setup_distributed(cfg)
+    gsize = cfg.batch_size * cfg.grad_accum * world  # G clips a step: global_batch orders the data by it
+    if resumed and (g := resumed[2].get("batch") or gsize) != gsize:  # (an older file saved none)
+        raise UserError(f"{cfg.out_dir}: trained at global batch {g} (batch_size*grad_accum*processes), not {gsize}")
     say = print if (master := rank == 0) else (lambda *a, **k: None)  # rank 0 alone prints, evaluates and saves
     say("config:", json.dumps(dataclasses.asdict(cfg)))  # on --resume: the saved config, the typed flags on top
     t0 = time.time()  # train_seconds counts data preparation too
@@ -729,7 +729,7 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
     data = prepare_data(cfg, rank, typed or ())  # {split: (entries, uint8 clips)}
     train_entries, train_clips = data["train"]
     say(f"data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" clips ({time.time() - t0:.1f}s)")
-    model, tok, opt, scaler, step = build_or_resume(cfg, resumed, train_entries, train_clips, device, world)
+    model, tok, opt, scaler, step = build_or_resume(cfg, resumed, train_entries, train_clips, device)
     total = sum(p.numel() for p in model.parameters())  # counted, not assumed: what is frozen shows as frozen
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"parameters: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, {(total - trainable) / 1e6:.2f}M "
@@ -741,7 +741,7 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
     fwd = torch.compile(model) if cfg.compile else model  # --compile: same module, compiled forward
     check_lengths(tok, data, cfg, ("train", "val", "test", "novel"), grow=not resume)
     train_tokens = [[tok.encode(c) for c in cs] for _, cs in train_entries]
-    gsize, t_log, log_step = cfg.batch_size * cfg.grad_accum * world, time.time(), step  # G clips a step; ms, eta
+    t_log, log_step = time.time(), step  # for the log's ms a step and eta
     while step < cfg.max_steps:
         idx = global_batch(step, len(train_entries), gsize, cfg.seed)  # (gsize,) clip indices, the same on every rank
         caption_rng = random.Random(cfg.seed * 100003 + step)  # which reference each clip shows: set by the step
@@ -774,7 +774,7 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
         val = None  # logged only on the steps where it is measured
         if master and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             val = evaluate_loss(raw, tok, *data["val"], cfg, device)
-            save_checkpoint(raw, tok, cfg, opt, step, scaler, world)
+            save_checkpoint(raw, tok, cfg, opt, step, scaler, gsize)
         if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
             dt = (time.time() - t_log) / (step - log_step)  # seconds per step since the last log line
             eta = dt * (cfg.max_steps - step)  # seconds left at this pace
@@ -784,7 +784,7 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
             t_log, log_step = time.time(), step
         if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
             if master:
-                save_checkpoint(raw, tok, cfg, opt, step, scaler, world)
+                save_checkpoint(raw, tok, cfg, opt, step, scaler, gsize)
                 say(f"stopped after step {step} as asked; continue with --resume")
             break
     train_seconds = time.time() - t0  # data + training, without the final evaluation

@@ -494,7 +494,7 @@ def atomic(path, write):
     write(path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
-def save_checkpoint(model, tok, cfg, opt, step, scaler, world=1):  # train_state.pt: what --resume needs
+def save_checkpoint(model, tok, cfg, opt, step, scaler, batch=None):  # train_state.pt: what --resume needs
     os.makedirs(cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
@@ -502,7 +502,7 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler, world=1):  # train_state
         os.remove(stale)  # both belong to the old weights: eval.json scored them, their state would --resume the new
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
-    ts = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, rng=torch.get_rng_state(), world=world)
+    ts = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, rng=torch.get_rng_state(), batch=batch)
     atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
 ARCH = ("img_size", "patch", "vit_dim", "vit_layers", "vit_heads", "vit_mlp", "pool", "d_model", "n_layer", "n_head",
@@ -663,7 +663,7 @@ def setup_distributed(cfg):  # -> (rank, world, device): torchrun's WORLD_SIZE >
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
 
-def init_training(cfg, entries, images, resumed, device, world):  # -> (model, tok, opt, scaler, step), fresh or resumed
+def init_training(cfg, entries, images, resumed, device):  # -> (model, tok, opt, scaler, step): fresh, or resumed
     if resumed:
         model, tok, state = resumed
         if lost := next(((t, c) for _, cs in entries for c in cs for t in tok.enc.encode_ordinary(c)
@@ -683,8 +683,6 @@ def init_training(cfg, entries, images, resumed, device, world):  # -> (model, t
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")  # float16: loss scaling
     if resumed:
-        if (w := state.get("world", 1)) != world:  # the global batch, batch_size * grad_accum * processes, orders data
-            raise UserError(f"{cfg.out_dir}: trained in {w} process(es), not {world}: resume it in {w} (torchrun)")
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])  # dropout continues as if never stopped
         if state.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
@@ -731,13 +729,16 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
     cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))  # saved so: found from any folder
     check_decoding(cfg)
     rank, world, device = setup_distributed(cfg)
+    gsize = cfg.batch_size * cfg.grad_accum * world  # images a step: global_batch orders the data by it
+    if resumed and (g := resumed[2].get("batch") or gsize) != gsize:  # (an older file saved none)
+        raise UserError(f"{cfg.out_dir}: trained at global batch {g} (batch_size*grad_accum*processes), not {gsize}")
     say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
     say("config:", json.dumps(dataclasses.asdict(cfg)))
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     data = prepare_data(cfg, rank, typed or ())
     say("data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" images ({time.time() - t0:.1f}s)")
-    model, tok, opt, scaler, step = init_training(cfg, *data["train"], resumed, device, world)
+    model, tok, opt, scaler, step = init_training(cfg, *data["train"], resumed, device)
     say(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, all trained; vocab {len(tok.ids)}; "
         + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in model.part_counts().items())
         + (f"; resumed from step {step}" if resume else ""))
@@ -749,7 +750,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
     check_lengths(tok, data, cfg, ("train", "val", "test", "novel"), grow=not resume)
     tokens = [[tok.encode(c) for c in cs] for _, cs in entries]  # every reference of every image, encoded once
     val_batch = pad_batch([tok.encode(cs[0]) for _, cs in data["val"][0]], cfg.max_len)  # (inputs, targets)
-    gsize, t_log, log_step, step0 = cfg.batch_size * cfg.grad_accum * world, time.time(), step, step
+    t_log, log_step, step0 = time.time(), step, step
     while step < cfg.max_steps:
         idx = global_batch(step, len(entries), gsize, cfg.seed)
         caption_rng.seed(cfg.seed * 100003 + step)  # which reference each image shows: a function of the step
@@ -764,7 +765,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
                 val = raw.eval()(data["val"][1].to(device), *(t.to(device) for t in val_batch))[1].item()
             if not math.isfinite(val):  # the weights diverged within the last steps: they are not saved
                 raise UserError(f"validation loss {val}: stopped; {cfg.out_dir} keeps its last save (try a lower --lr)")
-            save_checkpoint(raw, tok, cfg, opt, step, scaler, world)
+            save_checkpoint(raw, tok, cfg, opt, step, scaler, gsize)
         if rank == 0 and (step % cfg.log_interval == 0 or val is not None):  # val: every eval step, the last too
             dt = (time.time() - t_log) / (step - log_step)
             eta = dt * (cfg.max_steps - step)
@@ -774,7 +775,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
             t_log, log_step = time.time(), step
         if cfg.stop_after and cfg.stop_after <= step < cfg.max_steps:
             if rank == 0:
-                save_checkpoint(raw, tok, cfg, opt, step, scaler, world)
+                save_checkpoint(raw, tok, cfg, opt, step, scaler, gsize)
                 say(f"stopped after step {step} as asked; continue with --resume")
             break
     if world > 1:
