@@ -597,22 +597,20 @@ class Bridge(nn.Module):
         self.queries = nn.Parameter(torch.randn(self.N + self.M, d) * 0.02)  # learned queries (BLIP-2): visual first
         self.ln_v = nn.LayerNorm(d)  # the video tokens enter the cross-attention normalised
         # queries read the video in pre-LN cross-attention + MLP blocks (a Q-Former without query self-attention)
+        mlp = lambda h: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))  # pre-LN, h wide
         self.xattn = nn.ModuleList(CrossAttention(d, cfg.bridge_heads) for _ in range(cfg.bridge_layers))
-        self.xmlp = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-                                  for _ in range(cfg.bridge_layers))
+        self.xmlp = nn.ModuleList(mlp(4 * d) for _ in range(cfg.bridge_layers))
         self.ln_q = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg.bridge_layers))  # pre-LN of the queries
         self.bert = BertLayer(d, cfg.bert_heads, cfg.bert_inter)  # queries and question tokens attend to each other
-        self.head = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
-                                  for _ in range(cfg.temporal_blocks))
+        self.head = nn.ModuleList(mlp(d) for _ in range(cfg.temporal_blocks))  # the temporal head's residual blocks
         self.frame_head = cfg.frame_head  # see frame_logits ("keys": one key per frame, so a tubelet's two can differ)
         if cfg.frame_head == "linear":  # the Mark-1 project's: a fixed map from each query to F logits
             self.frame_out = nn.Linear(d, cfg.n_frames)
         else:
             self.frame_key = nn.Linear(d, per * d)  # a tubelet's feature -> `per` frame keys
             self.frame_bias = nn.Parameter(torch.zeros(cfg.n_frames))  # the per-frame prior
-            # frame f -> key f (tubelet f // per, its frame f % per); leftover frames take the last tubelet's last key
-            self.register_buffer("frame_to_key", torch.arange(cfg.n_frames).clamp(max=n_tubelet * per - 1),
-                                 persistent=False)
+            last = n_tubelet * per - 1  # frame f -> key min(f, last) (tubelet f // per, its frame f % per)
+            self.register_buffer("frame_to_key", torch.arange(cfg.n_frames).clamp(max=last), persistent=False)
         self.q_scale = nn.Parameter(torch.ones_like(self.queries))  # per-query output scale and shift, the identity
         self.q_shift = nn.Parameter(torch.zeros_like(self.queries))  # at first (set from data by Mark1.init_from_data)
     def forward(self, feats, q_emb, q_valid):
@@ -792,7 +790,8 @@ def assign_strict(module, path, keys, mapping, dtype=None, device="cpu"):
     handles = {f: safe_open(os.path.join(path, f), "pt") for f in set(keys.values())}  # headers only, lazily
     check_fit(path, want, {mk: handles[keys[fk]].get_slice(fk).get_shape() for fk, mk in plan.items()})
     read = ((mk, handles[keys[fk]].get_tensor(fk)) for fk, mk in plan.items())  # all checks passed: one at a time
-    state = {k: t.to(device, dtype or (torch.float32 if t.dtype == torch.float16 else None)) for k, t in read}
+    # dtype None keeps each file's dtype, but float16, which cannot mix with bfloat16 autocast, is read as float32
+    state = {k: t.to(device, dtype or (torch.float32 if t.dtype == torch.float16 else t.dtype)) for k, t in read}
     module.load_state_dict(state, strict=False, assign=True)  # strict=False: a tied lm_head has no tensor of its own
     if getattr(module, "tie", False):
         module.lm_head.weight = module.model.embed_tokens.weight  # assign=True replaced the Parameter: tie again
@@ -836,7 +835,7 @@ def load_qwen3(path, dtype=None, device="cpu"):  # HF Qwen3 folder -> Qwen3LM; a
     return assign_strict(lm, path, keys, lambda k: k, dtype, device)
 
 def build_model(cfg, tok):
-    """Mark1; HF towers in float32, or under bfloat16 autocast in their file's dtype (float16 cannot mix: float32)."""
+    """Mark1; HF towers in float32, or under bfloat16 autocast as their files store them (float16 files: float32)."""
     dtype = None if autocast_dtype(cfg.dtype, parse_device_map(cfg)["vision"]) == "bfloat16" else torch.float32
     vision = load_vjepa2(cfg.vision_ckpt, dtype) if cfg.vision_ckpt else None
     llm = load_qwen3(cfg.llm_ckpt, dtype) if cfg.llm_ckpt else None
@@ -1006,9 +1005,8 @@ def pad_left(rows, pad=0):  # ids (L_i,) / embeddings (L_i, D) -> (B, L[, D]) le
     return x, valid
 
 def text_batch(items, tok, with_answer=True):  # -> question ids, mask (B, Lq); prompt+answer inputs, targets (B, L)
-    q_ids, q_valid = pad_left([torch.tensor(tok.encode(it["question"]) or [tok.eos]) for it in items], tok.eos)
-    seqs = [(tok.prompt(it["question"], it["choices"]), tok.target(it["answer"]) if with_answer else [])
-            for it in items]
+    q_ids, q_valid = pad_left([torch.tensor(tok.encode(e["question"]) or [tok.eos]) for e in items], tok.eos)
+    seqs = [(tok.prompt(e["question"], e["choices"]), tok.target(e["answer"]) if with_answer else []) for e in items]
     L = max(len(p) + len(a) for p, a in seqs) - 1  # inputs drop the last token, targets the first
     inp = torch.full((len(items), L), tok.eos, dtype=torch.long)  # (B, L): EOS padding
     tgt = torch.full((len(items), L), -100, dtype=torch.long)  # -100: no loss there
@@ -1214,7 +1212,8 @@ def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top
 
 @torch.no_grad()
 def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):  # -> id lists, frame logits (B, F)
-    prefix, frame_logits = model.fuse(feats, *text_batch(items, tok, with_answer=False)[:2])  # question ids, mask
+    q_ids, q_valid = text_batch(items, tok, with_answer=False)[:2]
+    prefix, frame_logits = model.fuse(feats, q_ids, q_valid)
     prompts = [model.embed(torch.tensor(tok.prompt(it["question"], it["choices"]))) for it in items]  # (Lp_i, D)
     rows = [torch.cat((prefix[i], p.to(prefix.dtype)), 0) for i, p in enumerate(prompts)]  # (N + Lp_i, D) each
     x, valid = pad_left(rows)  # (B, L, D), (B, L)

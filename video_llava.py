@@ -139,7 +139,8 @@ PRESETS = {"default": {}, "tiny": dict(n_train=48, n_test=6, data_dir="data/vide
     log_interval=2, eval_interval=4, dtype="float32", max_new_tokens=6)}  # tiny: the pipeline in seconds (the tests)
 
 # Config field -> (section of an HF config.json, its key there, transformers' default): the map config_from_hf reads and
-# hf_config_dict writes. A top-level key may sit in text_config; a vision_config without a key takes CLIP_VISION's.
+# hf_config_dict writes. A top-level key may sit in text_config. The vision defaults below are Video-LLaVA's, for a
+# missing vision_config; a vision_config without a key takes CLIP_VISION's.
 CLIP_VISION = dict(v_hidden_size=768, v_intermediate_size=3072, v_num_hidden_layers=12, v_num_attention_heads=12,
                    patch_size=32)  # transformers' CLIPVisionConfig
 HF_FIELDS = {f: (sec, f.removeprefix("v_") if sec == "vision_config" else f, d) for sec, table in (
@@ -553,7 +554,9 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]  # keys
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]  # values
         self.offset, self.slots = 0, None  # slots: the positions claimed last (claim), where update writes
-    def claim(self, attention_mask):  # the new tokens' positions offset .. T-1 -> padded_positions over all T_max
+    def claim(self, attention_mask):
+        """Claim the positions offset .. T-1 of the new tokens. attention_mask (B, T) over the cached and the new
+        tokens (1 = real, 0 = left pad) -> RoPE positions (B, L), mask (B, 1, L, T_max) (True = attend)."""
         (B, T), T_max = attention_mask.shape, self.k[0].shape[2]  # the cache is (B, K, T_max, E)
         if T > T_max:
             raise ValueError(f"the KV cache is full: {T} positions asked of its {T_max}")
@@ -681,7 +684,8 @@ class CLIPVisionTransformer(nn.Module):
         self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(CLIPEncoderLayer(cfg)
                                                                for _ in range(cfg.v_num_hidden_layers))))
         self.post_layernorm = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)  # loaded, never used here
-        self.n_run = range(cfg.v_num_hidden_layers + 1)[cfg.vision_feature_layer]  # index into the n + 1 hidden states
+        # hidden_states[layer] of the n + 1: [0] = the embeddings, [k] = after layer k (a negative layer counts back)
+        self.n_run = range(cfg.v_num_hidden_layers + 1)[cfg.vision_feature_layer]  # layers to run
     def forward(self, pixels):  # (N, 3, S, S) -> (N, P+1, Dv), the hidden state of the feature layer
         x = self.pre_layrnorm(self.embeddings(pixels))  # (N, P+1, Dv): hidden_states[0]
         for layer in self.encoder.layers[: self.n_run]:  # layers past the feature layer are never computed
@@ -856,9 +860,10 @@ class VideoLlava(nn.Module):
             x = x[:, -1:]  # (B, 1, D): at inference only the last position is projected
         return self.language_model.lm_head(x)  # (B, L or 1, V); tied, lm_head.weight is the embedding table
     def step(self, ids, pos, mask, cache):
-        """One new token per row through the KV cache: ids (B, 1) at RoPE positions pos (B, 1), attending where mask
-        (B, 1, 1, T_max) is True (cache.claim gives both) -> logits (B, 1, V); the graph generate(compile=True) makes
-        (forward branches on the Python int cache.offset and on the ids' placeholders)."""
+        """One new token per row through the KV cache: ids (B, 1) at RoPE positions pos (B, 1), attending where
+        mask (B, 1, 1, T_max) is True (cache.claim gives both) -> logits (B, 1, V). The same shapes every call
+        and no branch on values: torch.compile makes it one graph (generate(compile=True)); forward would not, as
+        it claims from the Python int cache.offset and checks the ids for placeholders."""
         x = self.language_model.model.embed_tokens(ids)  # (B, 1, D)
         cos, sin = self._rope_table(pos, x.dtype)
         return self.llm_forward(x, cos, sin, mask, cache)
@@ -949,7 +954,7 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None,
     if model.video_tower is model.image_tower:  # one tower under two names: safetensors stores no tensor twice
         state.update({k: v.clone() for k, v in state.items() if k.startswith("video_tower.")})
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
-    hf_tok = ("tokenizer.json", "tokenizer_config.json") * isinstance(tok, GPT2Table)  # a GPT-2 table replaces them
+    hf_tok = ("tokenizer.json", "tokenizer_config.json") if isinstance(tok, GPT2Table) else ()  # a table replaces them
     for stale in ("model.safetensors.index.json", "eval.json", "train_state.pt", *hf_tok):  # of the old weights:
         with contextlib.suppress(FileNotFoundError):  # an index would win over the new file, eval.json scored the old
             os.remove(os.path.join(cfg.out_dir, stale))  # ones, their state would --resume the new (rewritten below)
@@ -1010,7 +1015,8 @@ def native_bf16(device):  # does the hardware multiply in bfloat16? (elsewhere e
 
 def autocast_dtype(name, device):  # --dtype auto: bfloat16 on a CUDA GPU that multiplies in it, else float32
     # (on a CPU even native bfloat16 trains this small model more slowly: README; HF weights: see run_generate)
-    return name if name != "auto" else "bfloat16" if device.startswith("cuda") and native_bf16(device) else "float32"
+    auto = "bfloat16" if device.startswith("cuda") and native_bf16(device) else "float32"
+    return auto if name == "auto" else name
 
 def weights_dtype(name, device):  # a run's weights: float32, or under bfloat16 autocast the dtype the file stores
     return None if autocast_dtype(name, device) == "bfloat16" else torch.float32  # (a frozen bf16 7B: 14 GB, not 28)
@@ -1089,7 +1095,6 @@ def build_model(cfg, entries, resume, say, device):  # -> model, cfg with its ar
             cfg = dataclasses.replace(cfg, share_towers=False)  # what config.json records, and --resume keeps
         model, tok = load_pretrained(path, weights_dtype(cfg.dtype, device), device, base=cfg), load_tokenizer(path)
         cfg = dataclasses.replace(cfg, **{f: getattr(model.cfg, f) for f in HF_FIELDS})
-
     else:
         tok = GPT2Table.from_texts(texts, cfg.out_dir)  # every token of the training and validation text
         cfg = dataclasses.replace(cfg, vocab_size=len(tok), image_token_index=tok.added["<image>"],
@@ -1328,7 +1333,8 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):  # greedy answe
             print(f"{split:8s} {kind:7s} {len(rows):5d} {em(rows):7.3f}   " +
                   ", ".join(f"{q}: {v:.2f}" for q, v in by_q.items()))
     result["train_seconds"] = train_seconds
-    for s in [x for k in ("video", "image") for x in result["test"].get(k, {}).get("samples", [])[:3]]:
+    test = result["test"]
+    for s in test.get("video", {}).get("samples", [])[:3] + test.get("image", {}).get("samples", [])[:3]:
         print(f"  Q: {s['question']}  ->  {s['prediction']!r}  (ref {s['reference']!r})")
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     return result

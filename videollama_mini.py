@@ -428,11 +428,10 @@ class VideoLLaMAMini(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)  # on the decoder's input
         self.decoder = nn.ModuleList(Block(cfg, causal=True, cross=True) for _ in range(cfg.n_dec_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)  # before the output table
-        # Untied output table: GPT-2's small init (near-uniform first predictions), the input table std D^-0.5 (below)
-        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)  # (V, D): small over the compact table, not 50257
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)  # (V, D), untied from tok; compact, not 50257 rows
         for m in self.modules():  # GPT-2's init (Conv2d keeps PyTorch's), then the two exceptions below
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, 0.0, 0.02)  # GPT-2's std
+                nn.init.normal_(m.weight, 0.0, 0.02)  # GPT-2's std: the head's first predictions near-uniform
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)  # biases start neutral
         # Vaswani et al.: token vectors of std D^-0.5 scaled up by sqrt(D) in decode(), so a token enters at the same

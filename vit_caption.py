@@ -423,9 +423,8 @@ class ViTCaptioner(nn.Module):  # ViT -> linear projection -> LLaMA-style decode
                                     for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)  # untied from embed_tokens, as in LLaMA
-        # RoPE angles for every position the decoder can see: N prefix tokens + max_len text tokens, (N + L, D/H)
-        cos, sin = rope_tables(self.n_prefix + cfg.max_len, cfg.d_model // cfg.n_head, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
+        cos, sin = rope_tables(self.n_prefix + cfg.max_len, cfg.d_model // cfg.n_head, cfg.rope_theta)  # (N+L, D/H)
+        self.register_buffer("rope_cos", cos, persistent=False)  # RoPE angles for every position the decoder can see
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(lambda m: self._init_weights(m, 0.02))  # by module type (nanoGPT): weights N(0, 0.02), biases 0
         nn.init.normal_(self.vit.pos_embed, 0.0, 0.02)  # the ViT's positions and CLS token likewise
@@ -554,7 +553,8 @@ def bleu4(preds, refs):
     match, total, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0
     for p, rs in zip(preds, refs):
         h, rws = normalise(p).split(), [normalise(r).split() for r in rs]
-        hyp_len, ref_len = hyp_len + len(h), ref_len + min((abs(len(r) - len(h)), len(r)) for r in rws)[1]
+        hyp_len += len(h)
+        ref_len += min((abs(len(r) - len(h)), len(r)) for r in rws)[1]
         for n in range(1, 5):
             best = collections.Counter()
             for r in rws:
@@ -631,7 +631,7 @@ def global_batch(step, n, size, seed):  # a step's indices: a fresh permutation 
     perm = torch.randperm(n_all, generator=torch.Generator().manual_seed(seed + epoch)) % n
     return perm[k * size:(k + 1) * size]
 
-def prepare_data(cfg, rank, typed=()):  # -> {split: (entries, uint8 images)}; rank 0 builds the world, others wait
+def prepare_data(cfg, rank, typed=()):  # -> {split: (entries, uint8 (n, S, S, 3) images)}, decoded once for all epochs
     if cfg.test_data and not cfg.data:  # the synthetic world has its own test split: never silently ignored
         raise UserError(f"--test_data {cfg.test_data}: only with --data FILE (your training data) as well")
     if cfg.data and (world := [f"--{k}" for k in ("data_dir", *WORLD[1:]) if k in typed]):  # typed flags unused
@@ -647,10 +647,9 @@ def prepare_data(cfg, rank, typed=()):  # -> {split: (entries, uint8 images)}; r
         if rank == 0:
             build_world(cfg)
         if dist.is_initialized():
-            dist.barrier()
+            dist.barrier()  # the other ranks wait until rank 0 has written the world
         splits = {s: read_captions(os.path.join(cfg.data_dir, f"{s}.txt")) for s in ("train", "val", "test", "novel")}
     splits["train"] = splits["train"][: cfg.max_train or None]  # max_train 0: all of them
-    # every image decoded once into a uint8 tensor (n, S, S, 3): epochs never re-decode
     return {s: (e, torch.from_numpy(np.stack([load_image(p, cfg.img_size) for p, _ in e]))) for s, e in splits.items()}
 
 def setup_distributed(cfg):  # -> (rank, world, device): torchrun's WORLD_SIZE > 1: nccl on CUDA, gloo on CPU
@@ -829,9 +828,8 @@ def generate(model, images, cfg, use_cache=True, generator=None, stop_at_eos=Tru
         seq, done = torch.cat([seq, nxt[:, None]], 1), done | (nxt == eos)  # (B, t+1), (B,)
         if (stop_at_eos and done.all()) or t == steps - 1:
             break
-        # with the cache: one new position, N+1+t, against the cached keys and values; without: the whole sequence again
         new = model.embed_tokens(nxt[:, None]) if use_cache else torch.cat([x, model.embed_tokens(seq)], 1)
-        logits = next_logits(model, new, cache, pos=N + 1 + t if use_cache else 0)
+        logits = next_logits(model, new, cache, pos=N + 1 + t if use_cache else 0)  # cached: one new position, N+1+t
     return [[i for i in row if i != eos] for row in seq.tolist()]
 
 def beam_search(model, images, cfg, length_penalty=1.0):  # generate's beam > 1: under its no_grad and eval()
