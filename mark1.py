@@ -1132,7 +1132,7 @@ def train(cfg, resume=False, overrides=None):
         if (g := ts.get("batch") or gbatch) != gbatch:  # (an older file saved none)
             raise UserError(f"{path}: trained at global batch {g} (batch_size*grad_accum*processes), not {gbatch}")
         say(f"resumed at step {step}")
-    elif cfg.data_init > 0:  # the same fixed batch on every rank (drawn from --seed)
+    elif cfg.data_init > 0:  # one fixed batch, the same on every rank (--seed): clips, question ids and mask
         idx = torch.randperm(len(entries), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.data_init]
         model.init_from_data(tr["clips"][idx], *text_batch([entries[i] for i in idx.tolist()], tok)[:2])
     cache = FeatureCache(model, cfg.feature_cache)

@@ -564,7 +564,8 @@ class KVCache:
             raise ValueError(f"after {self.offset} cached positions the attention mask needs batch "
                              f"{self.k[0].shape[0]} and more than {self.offset} columns, got {(B, T)}")
         pos, mask = padded_positions(attention_mask, self.offset, T_max)  # (B, L), (B, 1, L, T_max)
-        self.slots, self.offset = torch.arange(self.offset, T, device=self.k[0].device), T  # slots (L,): a graph input
+        self.slots = torch.arange(self.offset, T, device=self.k[0].device)  # (L,), an input of a compiled step
+        self.offset = T
         return pos, mask
     def update(self, layer, k, v):  # write this layer's new keys/values (B, K, L, E) at the claimed positions
         self.k[layer].index_copy_(2, self.slots, k.to(self.k[layer].dtype))
@@ -1047,7 +1048,7 @@ class Examples:
         for e, p, a in zip(entries, self.prompts, self.answers):  # refused now, not when a batch first meets it
             n, what = (len(p) + len(a), "answer") if answered else (len(p) + cfg.max_new_tokens, "--max_new_tokens")
             if n > cfg.max_position_embeddings:  # a test row needs room to answer; a video's frames take room too
-                fix = f" or lower {what}" if not answered else " or fewer --n_frames" if e["kind"] == "video" else ""
+                fix = {"video": " or fewer --n_frames"}.get(e["kind"], "") if answered else f" or lower {what}"
                 raise UserError(f"{e['line']}: question, {e['kind']} and {what} take {n} tokens, more than the "
                                 f"context ({cfg.max_position_embeddings}); shorten it{fix}")
             if len(a) > cfg.max_new_tokens:  # evaluation would cut the generated answers short (test ones too)

@@ -825,7 +825,8 @@ def generate(model, images, cfg, use_cache=True, generator=None, stop_at_eos=Tru
             probs = filter_logits(logits, cfg.top_k, cfg.top_p).softmax(-1)
             nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
         nxt = nxt.masked_fill(done, eos)  # a finished row only pads with EOS
-        seq, done = torch.cat([seq, nxt[:, None]], 1), done | (nxt == eos)  # (B, t+1), (B,)
+        seq = torch.cat([seq, nxt[:, None]], 1)  # (B, t+1)
+        done |= nxt == eos
         if (stop_at_eos and done.all()) or t == steps - 1:
             break
         new = model.embed_tokens(nxt[:, None]) if use_cache else torch.cat([x, model.embed_tokens(seq)], 1)
