@@ -1977,6 +1977,42 @@ def test_vl_video_matches_transformers_at_several_frame_counts(vl_ckpt):
         assert torch.equal(want[:, ids.shape[1]:], vl.generate(ours, ids, None, None, vids, max_new_tokens=6))
 
 
+def test_vl_matches_transformers_off_the_defaults(tmp_path):
+    """transformers initialises every norm to gain 1 and bias 0, so a norm read in the wrong place agrees with it; and
+    its default eps, rope_theta and feature strategy are the ones a config usually leaves out. Here the norms are
+    random, the eps and rope_theta (which transformers 5 writes only into rope_parameters) are other values, images
+    keep their CLS ("full"), and two rows each carry a video: the logits are transformers'. The projector and a CLIP
+    MLP, fed inputs large enough for the GELU variants to differ, give transformers' outputs."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.VideoLlavaConfig(
+        text_config=dict(_VL_TEXT, vocab_size=320, rms_norm_eps=1e-3, rope_theta=500.0),
+        vision_config=dict(_VL_VISION, layer_norm_eps=1e-2), image_token_index=300, video_token_index=301,
+        vision_feature_select_strategy="full")
+    ref = transformers.VideoLlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name or "layrnorm" in name:  # gains around 1, biases around 0, all different
+                p.copy_(torch.rand_like(p) + 0.5 if name.endswith("weight") else torch.randn_like(p) * 0.3)
+    ref.save_pretrained(tmp_path)
+    ours = vl.VideoLlava.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    assert ours.cfg.rope_theta == 500.0 and ours.cfg.rms_norm_eps == 1e-3
+    ids = torch.tensor([vl.expand_placeholders([1, 5, 300, 7, 301, 9, 10], ours.cfg, 2),
+                        [0] + vl.expand_placeholders([1, 6, 7, 8, 9, 11, 12, 301, 13, 14], ours.cfg, 2)])
+    assert (ids == 300).sum() == 4 + 1 and (ids == 301).sum() == 2 * 2 * 5  # an image keeps CLS: P + 1 tokens
+    mask = (torch.arange(ids.shape[1]) >= torch.tensor([[0], [1]])).long()  # row 1 left-padded by one
+    g = torch.Generator().manual_seed(1)
+    imgs, vids = torch.randn(1, 3, 28, 28, generator=g), torch.randn(2, 2, 3, 28, 28, generator=g)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, pixel_values_images=imgs, pixel_values_videos=vids).logits
+        got, _ = ours(ids, mask, imgs, vids)
+        assert ((want - got).abs() * mask[..., None]).max() < 1e-4
+        theirs = {vl.canonical_key(n + ".w")[:-2]: m for n, m in ref.named_modules()}  # our module names
+        x = torch.randn(64, 32, generator=g) * 3
+        for name in ("multi_modal_projector", "image_tower.vision_model.encoder.layers.0.mlp"):
+            torch.testing.assert_close(ours.get_submodule(name)(x), theirs[name](x), rtol=1e-5, atol=1e-6)
+
+
 def test_vl_overfits_one_batch(tmp_path):
     """The tiny model learns one batch by heart: two pictures asked the same question and two clips asked the same
     question, with different answers, so only the pixels (through the tower, the projector and the placeholders)
@@ -2333,6 +2369,9 @@ def test_vl_preprocessing():
     cfg = vl.Config(image_size=28, patch_size=14, image_token_index=7, video_token_index=8)
     assert vl.expand_placeholders([1, 7, 2, 8, 3], cfg, 3) == [1] + [7] * 4 + [2] + [8] * 15 + [3]
     assert vl.prompt_text("Why?", "video") == "USER: <video>\nWhy? ASSISTANT:"
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # the statistics CLIP was trained with
+    assert np.allclose(vl.CLIP_MEAN, OPENAI_CLIP_MEAN, rtol=0, atol=1e-7)
+    assert np.allclose(vl.CLIP_STD, OPENAI_CLIP_STD, rtol=0, atol=1e-7)
 
 
 def test_vl_video_roundtrip_and_frame_folder(tmp_path, monkeypatch):
@@ -2787,6 +2826,20 @@ def test_vl_batches_by_hand():
     g = ex.batch([0, 1], "cpu", generating=True)
     assert g["input_ids"].tolist() == [[1, 2, 3], [0, 4, 5]] and g["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
 
+
+def test_vl_init_scales_the_residual_outputs():
+    """GPT-2's init: weights at std 0.02, except the projections that write into a residual stream (attention and MLP
+    outputs, in the LLM and the CLIP towers), at 0.02 / sqrt(2 * layers) so the stream's variance does not grow with
+    depth: 0.02 / sqrt(6) for the default 3 layers."""
+    torch.manual_seed(0)
+    m = vl.VideoLlava(vl.Config(vocab_size=10))
+    layer, clip = m.language_model.model.layers[0], m.image_tower.vision_model.encoder.layers[0]
+    for w in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight, clip.self_attn.out_proj.weight,
+              clip.mlp.fc2.weight):
+        assert w.std().item() == pytest.approx(0.02 / math.sqrt(6), rel=0.05)
+    assert layer.self_attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
 def test_vl_whiten_patches_init():
     """--whiten_patches: each tower's patch_embedding outputs on the init batch are decorrelated at unit variance
     (the conv reads a patch in unfold's order), the patch positions are 2-D sin-cos at std 0.3 (column features
@@ -3066,18 +3119,21 @@ def test_vl_grad_accumulation_equals_big_batch(vl_tiny_run, tmp_path):
 
 @_vc_1t
 def test_vl_train_clips_the_gradient(vl_tiny_run, tmp_path, monkeypatch):
-    """AdamW steps with gradients of global norm --grad_clip when they are longer (1e-3: far below the tiny run's)."""
+    """AdamW steps with gradients of global norm --grad_clip when they are longer (1e-3: far below the tiny run's), and
+    at the learning rate of the step it takes: step 0 of a 2-step warmup at half the peak --lr."""
     cfg, _ = vl_tiny_run
-    norms, make = [], vl.make_optimizer
+    norms, lrs, make = [], [], vl.make_optimizer
 
-    def spy(params, cfg, device):  # the real optimizer, which notes the gradients' norm before each step
+    def spy(params, cfg, device):  # the real optimizer, which notes the gradients' norm and its lr before each step
         opt, scaler = make(params, cfg, device)
         opt.register_step_pre_hook(lambda o, args, kwargs: norms.append(torch.stack(
             [p.grad.norm() for g in o.param_groups for p in g["params"] if p.grad is not None]).norm().item()))
+        opt.register_step_pre_hook(lambda o, args, kwargs: lrs.append({g["lr"] for g in o.param_groups}))
         return opt, scaler
     monkeypatch.setattr(vl, "make_optimizer", spy)
+    assert cfg.warmup == 2
     vl.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "clip"), grad_clip=1e-3, max_steps=2, stop_after=1))
-    assert norms == pytest.approx([1e-3], rel=1e-3)
+    assert norms == pytest.approx([1e-3], rel=1e-3) and lrs == [{cfg.lr / 2}]
 
 
 @_vc_1t
@@ -3314,7 +3370,7 @@ def test_vl_out_dir_flags_test_data_and_shards(vl_tiny_run, vl_ckpt, tmp_path, c
         with pytest.raises(vl.UserError, match=f"--eval runs the trained settings; drop {flags[0]} {flags[1]}"):
             vl.main(["--eval", "--out_dir", str(run), *flags])
     for answer, match in (("  ", "more than spaces and dots"), (".", "more than spaces and dots"),
-                          ("a b c d e f g h", "the answer takes 9 tokens .EOS included., more than --max_new_tokens 6")):
+                          ("a b c d e f", "the answer takes 7 tokens .EOS included., more than --max_new_tokens 6")):
         (tmp_path / "a.jsonl").write_text((json.dumps({"image": png, "question": "What?", "answer": answer}) + "\n") * 2)
         with pytest.raises(vl.UserError, match=match):  # an empty answer scored as right; one cut by generation
             vl.main(["--train", "--preset", "tiny", "--data", str(tmp_path / "a.jsonl"), "--test_data",
@@ -3369,6 +3425,9 @@ def test_vl_bad_inputs(vl_ckpt, tmp_path, monkeypatch):
     model = vl.VideoLlava.from_pretrained(dirs["t5save"])
     with pytest.raises(vl.UserError, match="context .*--n_frames"):  # > 256 positions of the tiny config
         vl.generate(model, torch.ones(1, 250, dtype=torch.long), max_new_tokens=10)
+    model(torch.ones(1, 256, dtype=torch.long))  # the whole context fits; one token more has no RoPE position
+    with pytest.raises(vl.UserError, match=r"^257 tokens .* exceed the context \(256\)"):
+        model(torch.ones(1, 257, dtype=torch.long))
     with pytest.raises(vl.UserError, match="eyes"):
         vl.apply_freeze(model, "eyes")
     # and one of them through the CLI, as a user meets it
@@ -3618,8 +3677,8 @@ def test_vl_hf_config_settings_this_model_lacks_are_named(vl_ckpt, tmp_path):
             ({"text_config": {**text, "mlp_bias": True}}, "text_config.mlp_bias: true is not supported"),
             ({"multimodal_projector_bias": False}, "multimodal_projector_bias: false is not supported"),
             ({"text_config": {**text, "num_attention_heads": 0}}, "text_config.num_attention_heads is 0; it must be"),
-            ({"vision_feature_layer": 10}, "vision_feature_layer 10 is not one of the tower's hidden states -4 .. 3"),
-            ({"vision_feature_layer": -9}, "vision_feature_layer -9 is not one"),
+            ({"vision_feature_layer": 4}, "vision_feature_layer 4 is not one of the tower's hidden states -4 .. 3"),
+            ({"vision_feature_layer": -5}, "vision_feature_layer -5 is not one"),
             ({"model_type": None, "script": "videollama_mini"}, "no model_type (a run of videollama_mini.py)")]):
         os.makedirs(tmp_path / str(i))
         json.dump({**config, **change}, open(tmp_path / str(i) / "config.json", "w"))
