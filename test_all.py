@@ -3941,6 +3941,22 @@ def test_mk_qwen3_logits_match_transformers(mk_hf, name):
     assert (ours - ref).abs().max() < 1e-4
 
 
+def test_mk_qwen3_tied_config_with_its_own_lm_head(mk_hf, tmp_path):
+    """A config that says tie_word_embeddings but a file that also holds its own lm_head.weight: transformers keeps
+    the file's head (untied), so the loaded LLM must use that head too, not the embedding table."""
+    from transformers import Qwen3ForCausalLM
+    shutil.copytree(mk_hf["root"] / "qwen3", tmp_path / "q")
+    state = load_file(str(tmp_path / "q" / "model.safetensors"))
+    assert json.load(open(tmp_path / "q" / "config.json"))["tie_word_embeddings"] and "lm_head.weight" not in state
+    state["lm_head.weight"] = torch.randn_like(state["model.embed_tokens.weight"])
+    save_file(state, str(tmp_path / "q" / "model.safetensors"), metadata={"format": "pt"})
+    lm, hq = mk.load_qwen3(str(tmp_path / "q")), Qwen3ForCausalLM.from_pretrained(str(tmp_path / "q")).eval()
+    assert not lm.tie and torch.equal(lm.lm_head.weight, state["lm_head.weight"])
+    ids = torch.randint(0, 151936, (1, 7))
+    with torch.no_grad():
+        assert (lm(lm.model.embed_tokens(ids)) - hq(ids).logits).abs().max() < 1e-4
+
+
 def test_mk_qwen3_greedy_generation_matches_transformers(mk_hf):
     lm, hq = mk.load_qwen3(str(mk_hf["root"] / "qwen3")), mk_hf["qwen3"]
     torch.manual_seed(1)
@@ -4113,6 +4129,33 @@ def test_mk_causal_mask(tmp_path):
     assert torch.allclose(a[0, :7], b[0, :7], atol=1e-6) and not torch.allclose(a[0, 7:], b[0, 7:])
 
 
+def test_mk_padded_queries_attend_to_themselves(tmp_path, monkeypatch):
+    """Under left padding a pad query has no real key at or before it; it attends to itself, so no row of the LLM's
+    attention mask is all False (some attention kernels return NaN for such a row, and later layers spread it)."""
+    model, _ = _mk_model(_mk_tiny_cfg(tmp_path))
+    masks, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, attn_mask=None, **kw: masks.append(attn_mask) or sdpa(q, k, v, attn_mask, **kw))
+    valid = torch.tensor([[False, False, True, True, True], [True] * 5])  # row 0 left-padded by two
+    with torch.no_grad():
+        model.llm(torch.randn(2, 5, 32), valid=valid)
+    assert len(masks) == len(model.llm.model.layers) and all(m.any(-1).all() for m in masks)
+    assert not masks[0][0, 0, 0, 1:].any()  # the first pad query sees only itself
+
+
+def test_mk_llm_cache_without_padding_matches_the_full_forward(tmp_path):
+    """The LLM's cache used without a padding mask (6 positions, then 2, then one at a time): each new query sees
+    every cached key and the new keys up to and including itself, so the logits equal one forward over the whole."""
+    model, _ = _mk_model(_mk_tiny_cfg(tmp_path))
+    x = torch.randn(1, 10, 32)
+    cache = [dict() for _ in model.llm.model.layers]
+    with torch.no_grad():
+        full = model.llm(x)
+        parts = [model.llm(x[:, :6], cache=cache), model.llm(x[:, 6:8], cache=cache)]
+        parts += [model.llm(x[:, i:i + 1], cache=cache) for i in (8, 9)]
+    assert cache[0]["k"].shape[2] == 10 and torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+
+
 def test_mk_generate_cache_and_batch_equivalence(tmp_path):
     cfg = _mk_tiny_cfg(tmp_path, max_new_tokens=6)
     model, tok = _mk_model(cfg)
@@ -4123,8 +4166,10 @@ def test_mk_generate_cache_and_batch_equivalence(tmp_path):
     feats = model.encode(clips)
     batch, fl = mk.generate(model, feats, items, tok, cfg)
     nocache, _ = mk.generate(model, feats, items, tok, cfg, use_cache=False)
-    rows = [mk.generate(model, feats[i:i + 1], items[i:i + 1], tok, cfg)[0][0] for i in range(2)]
-    assert batch == nocache == rows and len(batch[0]) > 0
+    rows, row_fl = zip(*[mk.generate(model, feats[i:i + 1], items[i:i + 1], tok, cfg) for i in range(2)])
+    assert batch == nocache == [r[0] for r in rows] and len(batch[0]) > 0
+    # the questions differ in length: the padded one's frame logits are its own, as if alone
+    assert torch.allclose(torch.cat(row_fl), fl, atol=1e-5)
     # sampling is reproducible from a seeded generator
     scfg = mk.Config(**{**cfg.__dict__, "temperature": 1.0, "top_k": 5, "top_p": 0.9})
     s1 = mk.generate(model, feats, items, tok, scfg, generator=torch.Generator().manual_seed(3))[0]
@@ -4189,6 +4234,27 @@ def test_mk_frame_heads(tmp_path, head):
         assert not hasattr(model.bridge, "frame_out") and model.bridge.frame_key.out_features == 2 * cfg.l_width
     else:
         assert not hasattr(model.bridge, "frame_key")
+
+
+def test_mk_keys_frame_head_by_hand(tmp_path):
+    """The "keys" frame head against a plain loop: each tubelet's tokens averaged over space, minus the clip's mean of
+    those, make `per` frame keys; a frame's logit is the best temporal query's dot product with its key over sqrt(D),
+    plus the frame's bias. So a vector added to every video token (a clip's background or lighting) moves no score."""
+    cfg = _mk_tiny_cfg(tmp_path)  # 8 frames, tubelets of 2: 4 tubelets of 4x4 tokens, 2 keys each
+    b = _mk_model(cfg)[0].bridge
+    torch.manual_seed(0)
+    with torch.no_grad():
+        b.frame_bias.normal_()
+        v, t = torch.randn(2, 4 * 16, cfg.l_width), torch.randn(2, cfg.n_temporal_query, cfg.l_width)
+        got = b.frame_logits(v, t)
+        want = torch.zeros(2, cfg.n_frames)
+        for i in range(2):
+            c = torch.stack([v[i, 16 * k:16 * (k + 1)].mean(0) for k in range(4)])  # (T, D) per tubelet
+            keys = b.frame_key(c - c.mean(0)).reshape(8, cfg.l_width)  # frame f: tubelet f // 2, its frame f % 2
+            for f in range(cfg.n_frames):
+                want[i, f] = max(float(q @ keys[f]) for q in t[i]) / cfg.l_width ** 0.5 + b.frame_bias[f]
+        assert torch.allclose(got, want, atol=1e-5)
+        assert torch.allclose(b.frame_logits(v + torch.randn(cfg.l_width), t), got, atol=1e-5)
 
 
 def test_mk_init_from_data_and_centring(tmp_path):
@@ -4393,6 +4459,18 @@ def test_mk_pixels_match_transformers_video_processor(tmp_path):
         assert ours.shape == want.shape and diff <= 2
 
 
+def test_mk_centre_crop_of_an_odd_margin_truncates():
+    """A margin of odd width (39 - 32 = 7 columns) leaves 3 on the left and 4 on the right, as transformers' center_crop
+    does (torchvision rounds the other way); the frame needs no resize (its short side is already 32 * 256 / 224)."""
+    from transformers.image_transforms import center_crop
+    from transformers.image_utils import ChannelDimension
+    img = np.zeros((36, 39, 3), np.uint8)
+    img[:, :, 0], img[:, :, 1] = np.arange(39)[None, :], np.arange(36)[:, None]  # column and row index in each pixel
+    ours = mk.preprocess(img, 32)
+    assert ours[0, 0, :2].tolist() == [3, 2]  # left 3 (of 7), top 2 (of 4)
+    assert np.array_equal(ours, center_crop(img, (32, 32), input_data_format=ChannelDimension.LAST))
+
+
 def test_mk_frame_strip_colours_the_frames_above_the_threshold(tmp_path):
     # --predict's strip marks the frames its printed support span counts: those above --threshold, not above 0.5
     clip, path = np.full((3, 8, 8, 3), 128, np.uint8), str(tmp_path / "strip.png")
@@ -4422,6 +4500,7 @@ def test_mk_metrics_hand_computed():
     assert g["r1_iou0.7"] == pytest.approx(1 / 3) and g["miou"] == pytest.approx(4 / 9)
     times = np.arange(8) / 4  # 8 frames over 2 s
     assert mk.segment_from_scores([0, 0.9, 0.2, 0.8, 0.9, 0.7, 0, 0], times, 2.0, 0.5) == (0.75, 1.5)
+    assert mk.segment_from_scores([0.9, 0.9, 0, 0.6, 0.7, 0, 0, 0], times, 2.0, 0.5) == (0.0, 0.5)  # a tie: the first
     assert mk.segment_from_scores([0.1, 0.3, 0.2, 0, 0, 0, 0, 0], times, 2.0, 0.5) == (0.25, 0.5)
 
 
@@ -4808,7 +4887,8 @@ def test_mk_user_files_never_overwritten_and_more_bad_inputs(mk_trained, mk_hf, 
     video = str(d / "data" / "test" / "00000.mp4")
     entry = dict(video=video, question="q?", choices=["A. x", "B. y"], answer="A. x")
     for bad, needle in (({"support_times": [True]}, "support_times"), ({"video": ""}, "strings"),
-                        ({"choices": [f"{chr(65 + k)}. o{k}" for k in range(27)]}, "2 to 26")):
+                        ({"choices": [f"{chr(65 + k)}. o{k}" for k in range(27)]}, "2 to 26"),
+                        ({"choices": ["A. x"]}, "2 to 26")):  # one choice: nothing to choose between
         json.dump([{**entry, **bad}] * 2, open(tmp_path / "e.json", "w"))
         _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "e.json", "--out_dir", tmp_path / "o"],
                        "entry 1", needle)
@@ -4826,12 +4906,13 @@ def test_mk_user_files_never_overwritten_and_more_bad_inputs(mk_trained, mk_hf, 
 
 
 def test_mk_bad_numbers_and_head_counts_are_one_line(tmp_path):
-    """A negative or NaN rate, a negative --stop_after (which would train and save nothing), no temporal query, a head
-    count that does not split its width, an empty split (it wrote the world, then blamed the annotation file) or
-    answers longer than --max_new_tokens (evaluation cut them): refused by name, nothing saved."""
+    """A negative, NaN or infinite rate, a negative --stop_after (which would train and save nothing), no temporal
+    query, a head count that does not split its width, an empty split (it wrote the world, then blamed the annotation
+    file) or answers longer than --max_new_tokens (evaluation cut them): refused by name, nothing saved."""
     o = tmp_path / "o"
-    for flag, value, needle in (("--lr", "nan", "above 0"), ("--lr", "0", "above 0"), ("--warmup_frac", "nan",
-                                "0 or more"), ("--stop_after", "-1", "0 or more"), ("--grad_clip", "0", "above 0"),
+    for flag, value, needle in (("--lr", "nan", "above 0"), ("--lr", "0", "above 0"), ("--lr", "inf", "above 0"),
+                                ("--warmup_frac", "nan", "0 or more"), ("--stop_after", "-1", "0 or more"),
+                                ("--grad_clip", "0", "above 0"),
                                 ("--n_temporal_query", "0", "at least 1"), ("--bridge_heads", "3", "must divide"),
                                 ("--v_heads", "5", "must divide"), ("--l_kv_heads", "3", "must divide"),
                                 ("--n_val", "0", "at least 1"), ("--n_novel", "0", "at least 1"),
