@@ -1130,6 +1130,12 @@ def test_vc_patch_init_whitens_the_patches():
     assert torch.equal(grid[:, :, 2 * q:4 * q], grid[:, :1, 2 * q:4 * q].expand(-1, n, -1))
     assert not torch.equal(grid[0, 0], grid[0, 1]) and not torch.equal(grid[0, 0], grid[1, 0])
     torch.testing.assert_close(model.vit.pos_embed[0].std(0), torch.full((cfg.vit_dim,), 0.5))
+    # with a CLS token (slot 0) the sin-cos vectors fill the patches' slots 1..P and the CLS slot keeps its own
+    model, _ = _vc_model("cls")
+    cls_slot = model.vit.pos_embed[0, 0].clone()
+    model.init_from_data(images)
+    assert torch.equal(model.vit.pos_embed[0, 0], cls_slot)
+    torch.testing.assert_close(model.vit.pos_embed[0, 1:], vc.sincos_2d(n, cfg.vit_dim))
 
 
 @_vc_1t
@@ -1155,6 +1161,23 @@ def test_vc_rmsnorm_and_swiglu_by_hand():
     x = torch.randn(3, cfg.d_model)
     ref = mlp.down_proj.weight @ (torch.nn.functional.silu(mlp.gate_proj.weight @ x.T) * (mlp.up_proj.weight @ x.T))
     assert torch.allclose(mlp(x), ref.T, atol=1e-6)
+
+
+@_vc_1t
+def test_vc_blocks_add_to_the_residual_stream():
+    """A block adds its attention and MLP outputs to the stream it reads (pre-norm): with the MLP's down_proj at zero
+    a block is x + attn(norm(x)); with o_proj at zero too it passes x through unchanged, in both towers."""
+    model, cfg = _vc_model(dtype=torch.float64)
+    rope = model.rope_cos[:5].double(), model.rope_sin[:5].double()
+    for block, r in ((model.layers[0], rope), (model.vit.layers[0], None)):  # decoder (RoPE), ViT (no RoPE)
+        x = torch.randn(2, 5, block.input_layernorm.weight.shape[0], dtype=torch.float64)
+        for proj in (block.mlp.down_proj, block.self_attn.o_proj):
+            with torch.no_grad():
+                for t in (proj.weight, proj.bias):
+                    if t is not None:
+                        t.zero_()
+            want = x + block.self_attn(block.input_layernorm(x), r) if proj is block.mlp.down_proj else x
+            torch.testing.assert_close(block(x, r), want, atol=1e-12, rtol=0)
 
 
 @_vc_1t
@@ -1209,6 +1232,18 @@ def test_vc_generate_cached_logits_equal_the_full_rerun(monkeypatch):
 
 
 @_vc_1t
+def test_vc_generation_stops_at_the_context():
+    """A --max_new_tokens beyond the context writes at most max_len - 1 tokens (BOS takes a position) instead of running
+    past it; the decoder takes the whole context and refuses one position more in one line."""
+    model, cfg = _vc_model(max_len=6, max_new_tokens=23)
+    assert all(len(r) <= 5 for r in vc.generate(model, _vc_images(2, cfg), cfg, stop_at_eos=False))
+    n = model.n_prefix + cfg.max_len  # the context: the visual prefix and max_len
+    model.decode(torch.zeros(1, n, cfg.d_model))
+    with pytest.raises(vc.UserError, match=f"sequence of {n + 1} positions exceeds the context {n}"):
+        model.decode(torch.zeros(1, n + 1, cfg.d_model))
+
+
+@_vc_1t
 def test_vc_sampling_follows_the_temperature(monkeypatch):
     """generate samples its first token from softmax(logits / temperature) (4000 rows, one fixed set of logits)."""
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
@@ -1219,6 +1254,19 @@ def test_vc_sampling_follows_the_temperature(monkeypatch):
     rows = vc.generate(stub, torch.zeros(4000, 1), cfg, generator=torch.Generator().manual_seed(0))
     share = torch.bincount(torch.tensor([r[0] if r else 0 for r in rows]), minlength=4) / 4000.0
     assert torch.allclose(share, (logits[0] / 2.0).softmax(-1), atol=0.025), share
+
+
+def test_vc_a_finished_row_writes_nothing_more(monkeypatch):
+    """In a batch, a row that wrote EOS only pads with EOS while the other rows go on: its caption ends there. The
+    greedy picks are scripted: row 0 ends at once, row 1 writes 2 and 3, then ends."""
+    picks = iter([[0, 2], [3, 3], [3, 0]])  # the argmax of rows 0 and 1 at each step
+    monkeypatch.setattr(vc, "prefill_input", lambda model, images: torch.zeros(len(images), 1, 1))
+    monkeypatch.setattr(vc, "next_logits", lambda model, x, cache=None, pos=0:
+                        torch.nn.functional.one_hot(torch.tensor(next(picks)), 5).float())
+    stub = types.SimpleNamespace(eval=lambda: None, n_prefix=1, layers=[None],
+                                 embed_tokens=lambda ids: torch.zeros(*ids.shape, 1))
+    cfg = vc.Config(**{**vc.PRESETS["tiny"], "max_new_tokens": 5})
+    assert vc.generate(stub, torch.zeros(2, 1), cfg) == [[], [2, 3]]
 
 
 def test_vc_letterbox_pads_both_ends_equally(tmp_path):
@@ -1287,6 +1335,28 @@ def test_vc_sampler_properties():
     assert torch.allclose(torch.bincount(draws, minlength=5) / 20000.0, probs[0], atol=0.015)
 
 
+def test_vc_tokenizer_wraps_captions_in_eos():
+    """A caption encodes to [BOS, its GPT-2 tokens, EOS], <|endoftext|> (GPT-2 id 50256) being model id 0 at both ends:
+    the EOS target is what teaches the model to stop. Decoding drops it again."""
+    tok = vc.Tokenizer.from_captions(["a red patch", "a blue patch"])
+    ids = tok.encode("a red patch")
+    assert tok.ids[0] == 50256 and ids[0] == ids[-1] == 0 and len(ids) == 5
+    assert [tok.ids[i] for i in ids[1:-1]] == [64, 2266, 8529]  # GPT-2's "a", " red", " patch"
+    assert tok.decode(ids) == "a red patch"
+
+
+def test_vc_caption_lengths_at_the_limits_are_accepted():
+    """"a red patch" is 5 tokens with BOS and EOS: it fits --max_len 5 exactly and needs 4 new tokens (EOS included);
+    one less of either is refused, naming the flag and the length needed."""
+    tok = vc.Tokenizer.from_captions(["a red patch"])
+    data, cfg = {"train": ([("a.png", ["a red patch"])], None)}, vc.Config(max_len=5, max_new_tokens=4)
+    vc.check_lengths(tok, data, cfg, ("train",), grow=True)  # exactly at both limits: accepted
+    with pytest.raises(vc.UserError, match="--max_len 4 must be at least 5"):
+        vc.check_lengths(tok, data, dataclasses.replace(cfg, max_len=4), ("train",), grow=True)
+    with pytest.raises(vc.UserError, match="--max_new_tokens 3 must be at least 4"):
+        vc.check_lengths(tok, data, dataclasses.replace(cfg, max_new_tokens=3), ("train",), grow=True)
+
+
 @_vc_1t
 def test_vc_metrics_hand_computed():
     assert vc.exact_match(["A red circle.", "a blue square"], [["a red circle"], ["a red square"]]) == 0.5
@@ -1296,11 +1366,19 @@ def test_vc_metrics_hand_computed():
     # hypothesis 4 words, closest reference 6: brevity penalty exp(1 - 6/4)
     assert vc.bleu4(["a b c d"], [["a b c d e f", "q"]]) == pytest.approx(math.exp(1 - 6 / 4))
     assert vc.bleu4(["x y z"], [["a b c d"]]) == 0.0
-    # CIDEr-D: two images, x y vs reference x y z; every n-gram of image 1 has idf log 2
-    got = vc.cider_d(["x y", "p q"], [["x y z"], ["p q"]])
+    # clipped: an n-gram counts at most as often as the one reference holding it most, not the references' sum
+    twice = pytest.approx((4 / 8 * 3 / 7 * 2 / 6 * 1 / 5) ** 0.25)
+    assert vc.bleu4(["a b c d a b c d"], [["a b c d", "a b c d"]]) == twice
+    # references of 5 and 3 words are equally close to 4: the shorter one counts, so no brevity penalty
+    assert vc.bleu4(["a b c d"], [["a b c d e", "a b c"]]) == pytest.approx(1.0)
+    # CIDEr-D: two images, x y vs reference x y z; every n-gram of image 1 has idf log 2; image 2's two references
+    # (equal once normalised) are averaged
+    got = vc.cider_d(["x y", "p q"], [["x y z"], ["p q", "P q."]])
     first = (2 / math.sqrt(6) + 1 / math.sqrt(2)) / 4 * 10 * math.exp(-1 / 72)
     second = (1 + 1) / 4 * 10  # unigrams and the bigram match exactly; no 3/4-grams
     assert got == pytest.approx((first + second) / 2)
+    # hypothesis counts are clipped to the reference's: "x x" against "x y" matches one x, cosine 1 / (2 sqrt 2)
+    assert vc.cider_d(["x x", "p q"], [["x y"], ["p q"]]) == pytest.approx((10 / 4 / (2 * math.sqrt(2)) + second) / 2)
 
 
 @_vc_1t
@@ -1311,6 +1389,42 @@ def test_vc_grad_accumulation_equals_big_batch(tmp_path):
 
 
 @_vc_1t
+def test_vc_train_step_clips_the_global_gradient_norm():
+    """train_step clips the gradient to --grad_clip (one global norm) before the optimizer steps: with plain SGD at
+    lr 1 the weights move by exactly the clipped gradient, whose norm is grad_clip."""
+    model, cfg = _vc_model(dtype=torch.float64, grad_clip=1e-3, batch_size=2)
+    inp, tgt = vc.pad_batch([[0, 1, 2, 0], [0, 3, 0]], cfg.max_len)
+    opt, before = torch.optim.SGD(model.parameters(), lr=1.0), _vc_weights(model)
+    vc.train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), (_vc_images(2, cfg), inp, tgt), cfg, "cpu",
+                  0, 1)
+    assert (_vc_weights(model) - before).norm().item() == pytest.approx(1e-3, rel=1e-4)
+
+
+@_vc_1t
+def test_vc_weight_decay_on_matrices_only(tmp_path):
+    """AdamW decays the weight matrices (projections, patch and token embeddings, lm_head) and nothing else: the norm
+    gains, the biases, the ViT's position table and its CLS token are added or multiplied in as they are, undecayed."""
+    cfg = _vc_cfg(tmp_path, pool="cls", patch_init="random")
+    model, _, opt, _, _ = vc.init_training(cfg, [("a.png", ["a red patch"])], _vc_images(2, cfg), None, "cpu")
+    name = {id(p): n for n, p in model.named_parameters()}
+    (decay, decayed), (zero, kept) = ((g["weight_decay"], {name[id(p)] for p in g["params"]}) for g in opt.param_groups)
+    assert (decay, zero) == (cfg.weight_decay, 0.0) and decayed | kept == set(name.values())
+    assert kept == {n for n in name.values() if "norm" in n or n.endswith("bias")} | {"vit.pos_embed", "vit.cls_token"}
+    assert "embed_tokens.weight" in decayed and "vit.patch_embed.weight" in decayed
+
+
+@_vc_1t
+def test_vc_training_steps_follow_the_schedule(tmp_path, monkeypatch):
+    """Step s of a run trains at lr_at(s): warmup 2 and 4 steps give 1e-3 (the first step already moves), the peak
+    2e-3, the peak again where the cosine starts, then halfway from it to min_lr."""
+    real, seen = vc.train_step, []
+    monkeypatch.setattr(vc, "train_step", lambda model, opt, *a: seen.append(opt.param_groups[0]["lr"]) or
+                        real(model, opt, *a))
+    vc.train(_vc_cfg(tmp_path, max_steps=4, warmup=2, lr=2e-3, min_lr=1e-4, n_test=2, n_novel=2))
+    assert seen == pytest.approx([1e-3, 2e-3, 2e-3, 1e-4 + 0.5 * 1.9e-3])
+
+
+@_vc_1t
 def test_vc_save_cut_off_before_train_state_refuses_resume(capsys, tmp_path, monkeypatch):
     """A save stopped after the new weights but before the new train_state.pt: --resume refuses (the older state would
     go on from its step with the newer weights)."""
@@ -1318,6 +1432,23 @@ def test_vc_save_cut_off_before_train_state_refuses_resume(capsys, tmp_path, mon
     vc.train(_vc_cfg(tmp_path, out_dir=cut, stop_after=2))
     resume_with_a_save_cut_off(vc.main, monkeypatch, cut)
     main_user_error(vc.main, capsys, ["--train", "--resume", "--out_dir", cut], "nothing to resume (no train_state.pt)")
+
+
+@_vc_1t
+def test_vc_checkpoint_keys_must_match_exactly(tmp_path):
+    """Weights with a key missing, an extra key or a tensor of another shape are refused in one line naming the key,
+    never loaded in part."""
+    model, cfg = _vc_model()
+    vc.save_checkpoint(model, vc.Tokenizer(range(23)), dataclasses.replace(cfg, out_dir=str(tmp_path)),
+                       torch.optim.AdamW(model.parameters()), 0, torch.amp.GradScaler("cpu", enabled=False))
+    path = str(tmp_path / "model.safetensors")
+    good = vc.load_file(path)
+    for state, needle in (({**good, "extra.weight": torch.zeros(1)}, "unexpected ['extra.weight']"),
+                          ({k: v for k, v in good.items() if k != "norm.weight"}, "missing ['norm.weight']"),
+                          ({**good, "norm.weight": torch.zeros(5)}, "mis-shaped ['norm.weight']")):
+        vc.save_file(state, path)
+        with pytest.raises(vc.UserError, match=re.escape(needle)):
+            vc.load_checkpoint(str(tmp_path))
 
 
 def test_vc_checkpoint_round_trip_and_exact_resume(tmp_path, capsys):
@@ -1350,24 +1481,26 @@ def test_vc_checkpoint_round_trip_and_exact_resume(tmp_path, capsys):
 
 @_vc_1t
 def test_vc_world_splits_and_captions(tmp_path):
-    cfg = _vc_cfg(tmp_path, n_train=60, n_novel=30)
+    cfg = _vc_cfg(tmp_path, n_train=60, n_test=30, n_novel=30)
     files = vc.build_world(cfg)
     pairs = lambda cap: {(w[i + 1], w[i + 2]) for w in [cap.split()] for i in range(len(w) - 2)  # noqa: E731
                          if w[i] in vc.SIZES}
-    train = vc.read_captions(files["train"])
+    train, test = vc.read_captions(files["train"]), vc.read_captions(files["test"])
     novel = vc.read_captions(files["novel"])
-    assert all(not (pairs(c) & vc.NOVEL_PAIRS) for _, cs in train for c in cs)
+    assert all(not (pairs(c) & vc.NOVEL_PAIRS) for _, cs in train + test for c in cs)  # test: only pairs seen
     assert all(pairs(cs[0]) & vc.NOVEL_PAIRS for _, cs in novel)
     assert {len(cs) for _, cs in train} == {1, 2}  # one object: one caption; two: both points of view
-    # the pixels agree with the caption: in "A above B" A's colour sits higher in the image
+    seen = {cv2.imread(path).tobytes() for path, _ in train}  # test images are new draws, not training ones again
+    assert not any(cv2.imread(path).tobytes() in seen for path, _ in test)
+    # the pixels agree with both captions: in "A above B" A's colour sits higher, in "A to the left of B" further left
     for path, cs in train:
-        w = cs[0].split()
-        if "above" in w:
-            img = cv2.imread(path)
-            rows = [np.nonzero((np.abs(img.astype(int) - vc.COLOURS[c]).sum(-1) < 30).any(1))[0].mean()
-                    for c in (w[2], w[-2])]
-            if w[2] != w[-2]:
-                assert rows[0] < rows[1], (path, cs[0])
+        for w in (c.split() for c in cs):
+            rel = next((r for r in ("above", "below", "left", "right") if r in w), None)
+            if rel and w[2] != w[-2]:
+                img = cv2.imread(path)
+                at = [np.nonzero((np.abs(img.astype(int) - vc.COLOURS[c]).sum(-1) < 30).any(
+                    1 if rel in ("above", "below") else 0))[0].mean() for c in (w[2], w[-2])]  # mean row or column
+                assert (at[0] < at[1]) == (rel in ("above", "left")), (path, cs)
 
 
 @_vc_1t
@@ -1419,6 +1552,26 @@ def test_vc_pixels_and_mean_pool_by_hand():
     x = vc.pixels(_vc_images(2, cfg))
     with torch.no_grad():
         torch.testing.assert_close(mean.vit(x), patches(x).mean(1, keepdim=True))
+
+
+@_vc_1t
+@pytest.mark.parametrize("pool", ["cls", "mean", "patches"])
+def test_vc_vit_tokens_and_pools_by_hand(pool):
+    """With no ViT blocks the tower is patch embedding + positions + the final LayerNorm, written out here: each patch
+    (row by row, in unfold's order) times the conv's weight, plus its position vector, normalised. Pool "cls" reads
+    the CLS token's own slot (the same vector for every image), "mean" the mean of the patch tokens."""
+    model, cfg = _vc_model(pool, vit_layers=0)
+    vit, x = model.vit, vc.pixels(_vc_images(2, cfg))
+    cols = torch.nn.functional.unfold(x, cfg.patch, stride=cfg.patch).transpose(1, 2)  # (B, P, 3*p*p)
+    pos = vit.pos_embed[0]  # (1+P, E) with a CLS token, else (P, E)
+    norm = lambda t: torch.nn.functional.layer_norm(t, (cfg.vit_dim,))  # noqa: E731
+    tokens = norm(cols @ vit.patch_embed.weight.flatten(1).T + vit.patch_embed.bias + pos[-cols.shape[1]:])
+    if pool == "cls":
+        want = norm(vit.cls_token[0] + pos[:1]).expand(2, 1, -1)
+    else:
+        want = tokens.mean(1, keepdim=True) if pool == "mean" else tokens
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), want, atol=1e-5, rtol=1e-5)
 
 
 @_vc_1t
@@ -1560,12 +1713,19 @@ def test_vc_bad_inputs(tmp_path, capsys):
     cuda = () if torch.cuda.is_available() else (("--bench", "--device", "cuda"),)  # a device this machine lacks
     for argv in (("--top_p", 0), ("--top_p", 1.5), ("--temperature", -1), ("--batch_size", 0),
                  ("--bench", "--n_head", 3),  # sizes are checked where they build a model (--generate: the saved ones)
+                 ("--bench", "--d_model", 30, "--n_head", 2),  # heads of 15: RoPE turns pairs
                  ("--bench", "--device", "xyz")) + cuda:
         mode = [] if "--bench" in argv else ["--generate", "--image", "x.png"]  # one mode per call
         main_user_error(vc.main, capsys, [*mode, *argv], " ".join(map(str, argv[-2:])))
+    main_user_error(vc.main, capsys, ["--bench", "--vit_dim", 30, "--vit_heads", 4], "--vit_dim a multiple of")
     main_user_error(vc.main, capsys, ["--train", "--preset", "huge"], "--preset huge")
     main_user_error(vc.main, capsys, ["--train", "--patch_init", "zeros"], "--patch_init zeros")
     main_user_error(vc.main, capsys, ["--train", "--preset", "tiny", "--patch", "5"], "--patch 5")
+    # a top-k / top-p filter with greedy decoding, a temperature with beam search: ignored by the search, so refused
+    for argv in (("--top_k", 5), ("--top_p", 0.9), ("--beam", 3, "--temperature", 0.5)):
+        main_user_error(vc.main, capsys, ["--train", "--preset", "tiny", "--data_dir", tmp_path / "d", "--out_dir",
+                                          tmp_path / "o", *argv], " ".join(map(str, argv[-2:])))
+    assert not (tmp_path / "d").exists()
 
 
 def test_vc_user_folders_and_flag_ranges(tmp_path, capsys):
@@ -1705,6 +1865,19 @@ def test_vc_label_masking():
     assert torch.allclose(model(images, inp2, tgt)[1], loss)
 
 
+@_vc_1t
+def test_vc_dropout_only_in_training():
+    """Dropout (attention weights, residual branches, the ViT) acts in training only: in eval mode a model at dropout
+    0.5 gives exactly the logits of the same weights at dropout 0, so evaluation and captions are deterministic."""
+    model, cfg = _vc_model(dropout=0.5, vit_dropout=0.5)
+    plain = vc.ViTCaptioner(dataclasses.replace(cfg, dropout=0.0, vit_dropout=0.0), 23).eval()
+    plain.load_state_dict(model.state_dict())
+    images, idx = _vc_images(2, cfg), torch.randint(0, 23, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(model(images, idx)[0], plain(images, idx)[0])
+        assert not torch.equal(model.train()(images, idx)[0], plain(images, idx)[0])  # ...and it does act there
+
+
 VC_USER_DATA_EXAMPLE = """\
 images/red.png | a red patch
 images/red.png | the red patch
@@ -1739,6 +1912,8 @@ def test_vc_user_data_training(tmp_path):
     cfg = _vc_cfg(tmp_path, data=str(tmp_path / "caps.txt"), max_steps=4)
     data = vc.prepare_data(cfg, 0)
     assert len(data["train"][0]) == 10 and len(data["test"][0]) == 2 and len(data["train"][0][0][1]) == 2
+    names = {s: [os.path.basename(p) for p, _ in data[s][0]] for s in ("train", "test")}
+    assert names["test"] == ["red0.png", "green2.png"] and not set(names["train"]) & set(names["test"])  # every 10th
     vc.train(cfg)
     assert json.load(open(tmp_path / "out" / "eval.json"))["test"]["n"] == 2
 
