@@ -339,6 +339,36 @@ class _VmHistoryStub(torch.nn.Module):
         return torch.tensor(rows).log()[:, None]  # (rows, 1, V)
 
 
+class _VmEndsFirstStub(torch.nn.Module):
+    """A decoder that reads one flag per clip: a clip whose pixels are 0 ends at once (EOS at the first step, then A if
+    asked again); any other clip says A at every step and never ends."""
+    decoder = [None]
+
+    def encode(self, video):
+        return video[:, :1, :1, 0, 0].float()  # (B, 1, 1): the clip's flag
+
+    def decode(self, idx, memory, cache=None, pos=0, last_only=False):
+        cache[0]["k"] = cache[0]["v"] = torch.zeros(idx.shape[0], 1)  # re-ordered by beam search
+        ends = (memory[:, 0, 0] == 0) & (pos == 0)  # (B,)
+        logits = torch.tensor([[0.0, 1.0, -1.0, -1.0]]).repeat(idx.shape[0], 1)  # A
+        logits[ends] = torch.tensor([1.0, 0.0, -1.0, -1.0])  # EOS
+        return logits[:, None]  # (B, 1, V)
+
+
+def test_vm_a_row_that_ended_stays_ended_in_a_batch():
+    """Once a row has emitted EOS it only pads with EOS while the other rows go on, so its caption is what it would be
+    alone: the row that ends first returns an empty caption, not the tokens decoded after its end. Beam search gives
+    each clip's beams that clip's own video, so a batch of clips that decode differently equals its rows too."""
+    video = torch.zeros(2, 4, 8, 8, 3, dtype=torch.uint8)
+    video[1] = 1
+    cfg = vm.Config(**{**vm.PRESETS["tiny"], "max_new_tokens": 3})
+    assert vm.generate(_VmEndsFirstStub(), video, cfg) == [[], [1, 1, 1]]
+    assert [vm.generate(_VmEndsFirstStub(), video[i:i + 1], cfg)[0] for i in range(2)] == [[], [1, 1, 1]]
+    beam = dataclasses.replace(cfg, beam=2)
+    rows = [vm.generate(_VmEndsFirstStub(), video[i:i + 1], beam)[0] for i in range(2)]
+    assert rows[0] == [] and rows[1] != [] and vm.generate(_VmEndsFirstStub(), video, beam) == rows
+
+
 def test_vm_sampling_follows_the_temperature():
     """The first token is drawn from softmax(log p / temperature): at 2, the stub's 0.1 / 0.5 / 0.4 become their
     square roots, normalised (0.19 / 0.43 / 0.38)."""
@@ -425,6 +455,39 @@ def test_vm_metrics_hand_computed():
     two = [["a red circle moves left"], ["a blue square moves up"]]
     assert vm.cider_d(["a red circle moves left", "a blue square moves up"], two) == pytest.approx(10.0)
     assert vm.cider_d(["a red circle moves left", "a red circle moves left"], two) == pytest.approx(5.0)
+    # brevity penalty: a 4-word hypothesis between references of 3 and 5 words takes the shorter one (no penalty)
+    assert vm.bleu4(["a red circle moves"], [["a red circle", "a red circle moves left"]]) == pytest.approx(1.0)
+    # clipping uses the largest count in any one reference, never the sum over references: a caption said twice,
+    # against two copies of it, matches each n-gram only as often as one copy holds it
+    p = [5 / 10, 4 / 9, 3 / 8, 2 / 7]
+    assert vm.bleu4(["a red circle moves left a red circle moves left"], [["a red circle moves left"] * 2]) == \
+        pytest.approx(math.exp(sum(map(math.log, p)) / 4))
+    # CIDEr-D clips the hypothesis' counts at the reference's: "red red" vs "red circle" (IDF log 2 for every n-gram)
+    # has unigram cosine min(2, 1) * 1 / (2 * sqrt(2)), no bigram in common; the second clip is exact (unigram and
+    # bigram cosine 1); each clip's sum is averaged over the 4 orders, x10
+    got = vm.cider_d(["red red", "blue square"], [["red circle"], ["blue square"]])
+    assert got == pytest.approx((10 * (1 / (2 * math.sqrt(2))) / 4 + 10 * 2 / 4) / 2)
+
+
+def test_vm_tokenizer_round_trip():
+    """encode wraps a caption in BOS/EOS (model id 0, <|endoftext|>) over the compact table; decode drops them and
+    gives the caption back, so no "<|endoftext|>" text ever reaches a prediction."""
+    caps = ["a red circle moves left", "a blue square goes up"]
+    tok = vm.Tokenizer.from_captions(caps)
+    for c in caps:
+        ids = tok.encode(c)
+        assert ids[0] == ids[-1] == vm.EOS == vm.BOS and vm.EOS not in ids[1:-1]
+        assert tok.decode(ids) == c
+
+
+def test_vm_training_clips_keep_novel_pairs_out():
+    """No training, val or test clip shows a held-out (colour, shape) pair, not even beside a seen one, and every
+    novel clip shows at least one: the novel split measures combinations the model never saw."""
+    rng = random.Random(0)
+    for split in ("train", "val", "test", "novel"):
+        for _ in range(200):
+            pairs = [(c, s) in vm.NOVEL_PAIRS for c, s, *_ in vm.sample_objects(rng, split)]
+            assert any(pairs) == (split == "novel"), (split, pairs)
 
 
 def test_vm_sample_indices():
@@ -445,6 +508,34 @@ def test_vm_frame_encoder_ignores_each_frame_s_mean_colour():
         torch.testing.assert_close(model.frames(x + tint), model.frames(x), atol=1e-5, rtol=1e-5)
 
 
+def test_vm_to_unit_keeps_rows_and_columns():
+    """uint8 (B, F, S, S, 3) becomes channels-first (B, F, 3, S, S) in [-1, 1] with the pixel at row y, column x still
+    at [..., y, x]: a transposed frame would read left/right motion as up/down, and a saved model would see its
+    training frames turned on their side."""
+    video = torch.zeros(1, 2, 4, 4, 3, dtype=torch.uint8)
+    video[0, 1, 1, 3] = torch.tensor([255, 0, 51], dtype=torch.uint8)  # row 1, column 3 of the second frame
+    x = vm.to_unit(video)
+    assert x.shape == (1, 2, 3, 4, 4)
+    torch.testing.assert_close(x[0, 1, :, 1, 3], torch.tensor([1.0, -1.0, 51 / 127.5 - 1]))
+    assert (x[0, 1, :, 3, 1] == -1).all() and (x[0, 0] == -1).all()
+
+
+def test_vm_frame_difference_channels_are_the_change_from_the_previous_frame():
+    """The CNN's last three input channels are frame t less frame t-1 (each less its mean colour), zero for the first
+    frame: the motion between neighbouring frames, not the drift since the clip began."""
+    model, cfg = _vm_model()
+    video, seen = _vm_video(2, cfg), []
+    model.frames.cnn.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model.frames(vm.to_unit(video))
+    x = vm.to_unit(video)
+    x = x - x.mean((-2, -1), keepdim=True)  # (B, F, 3, S, S)
+    diff = seen[0].unflatten(0, (2, cfg.n_frames))[:, :, 3:]  # (B, F, 3, S, S)
+    assert (diff[:, 0] == 0).all()
+    for t in range(1, cfg.n_frames):
+        torch.testing.assert_close(diff[:, t], x[:, t] - x[:, t - 1])
+
+
 @pytest.mark.parametrize("mode", ["queries", "text"])
 def test_vm_frame_order_reaches_the_memory_without_frame_differences(mode):
     """The temporal encoder and the Q-Former are blind to order; the sinusoidal time code per frame is what tells the
@@ -461,7 +552,7 @@ def test_vm_bad_flags_are_refused_by_parse_args(capsys):
     for argv, needle in ((["--cnn_width", "4"], "--cnn_width"), (["--n_head", "3", "--d_model", "32"], "--d_model 32"),
                          (["--n_head", "0"], "--n_head"), (["--n_frames", "0"], "--n_frames"),
                          (["--batch_size", "0"], "--batch_size"), (["--temperature", "-1"], "--temperature"),
-                         (["--top_p", "0"], "--top_p"), (["--top_p", "1.5"], "--top_p"), (["--dtype", "half"], "--dtype"),
+                         (["--temperature", "1", "--top_p", "0"], "--top_p 0.0: must be in (0, 1]"), (["--top_p", "1.5"], "--top_p"), (["--dtype", "half"], "--dtype"),
                          (["--device", "xyz"], "--device xyz"), (["--device", "cuda:99"], "--device cuda:99")):
         main_user_error(vm.main, capsys, ["--train", "--data_dir", "/nonexistent/vm"] + argv, needle)
     main_user_error(vm.main, capsys, ["--generate"], "--generate needs --video")
@@ -525,6 +616,17 @@ def test_vm_mp4_round_trip_and_frame_folder(tmp_path):
     w.release()
     assert vm.load_video(wide, 8, 32).shape == (8, 32, 32, 3)
 
+
+def test_vm_frames_are_centre_cropped_to_a_square(tmp_path):
+    """A wide or a tall frame keeps its middle square (what a person frames), not its left or top edge: here only the
+    middle square is bright, so a frame cropped anywhere else would hold dark pixels."""
+    for name, shape, middle in (("wide", (4, 10, 3), np.s_[:, 3:7]), ("tall", (10, 4, 3), np.s_[3:7, :])):
+        folder = tmp_path / name
+        folder.mkdir()
+        img = np.zeros(shape, np.uint8)
+        img[middle] = 200
+        cv2.imwrite(str(folder / "0.png"), img)
+        assert (vm.load_video(str(folder), 1, 4) == 200).all(), name
 
 
 def test_vm_cut_off_jpeg_frame_and_video_are_refused(tmp_path):
@@ -971,18 +1073,22 @@ def test_vm_autocast_auto(_vm_trained, tmp_path, monkeypatch, capsys):
 
 
 def test_vm_damaged_config_json(_vm_trained, tmp_path, capsys):
-    """config.json that holds no object or no "config" is refused in one line; a key this version lacks is ignored and
-    an explicit --dtype bfloat16 saved in it is kept."""
+    """config.json that holds no object or no "config", or a token table the weights were not trained with (their
+    shapes differ), is refused in one line; a key this version lacks is ignored and an explicit --dtype bfloat16 saved
+    in it is kept."""
     out = _vm_trained[0] / "out"
     meta = json.load(open(out / "config.json"))
     later = {**meta, "config": {**meta["config"], "dtype": "bfloat16", "a_later_field": 1}}
+    other_vocab = {**meta, "vocab": meta["vocab"] + [999]}  # another run's token table: the weights' shapes differ
     for name, meta, needle in (("list", [], "not a JSON object"), ("noconf", {"script": vm.SCRIPT}, "damaged"),
+                               ("vocab", other_vocab, "model.safetensors: keys do not match the model"),
                                ("later", later, None)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
         (tmp_path / name / "config.json").write_text(json.dumps(meta))
         if needle:
-            main_user_error(vm.main, capsys, ["--eval", "--out_dir", tmp_path / name], needle, "config.json")
+            main_user_error(vm.main, capsys, ["--eval", "--out_dir", tmp_path / name], needle,
+                            "'mis-shaped': ['head.weight', 'tok.weight']" if name == "vocab" else "config.json")
     assert vm.load_checkpoint(str(tmp_path / "later"))[2].dtype == "bfloat16"
 
 
