@@ -5830,6 +5830,33 @@ def test_ab_manual_attention_equals_sdpa_float64(causal):
         assert torch.allclose(y, m(x, ctx, causal=causal and d_ctx is None), atol=1e-12, rtol=0)
 
 
+def test_ab_blocks_follow_their_formulas():
+    """A pre-norm block is x + attn(ln1(x)), then + mlp(ln2(x)), each branch behind its own norm; a gated block is
+    x + tanh(a) * xattn(ln(x), media) (zero for tokens with no media yet), then + tanh(b) * ff(ln_ff(x)), each gate on
+    its own branch. Written out here with F.layer_norm and torch.tanh on the blocks' own weights."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(5)
+    ln = lambda m, t: F.layer_norm(t, t.shape[-1:], m.weight, m.bias)  # noqa: E731
+    blk = ab.Block(16, 2, causal=True, sdpa=False).double()
+    gated = ab.GatedCrossAttention(16, 16, 2, sdpa=False).double()
+    for m in (blk.ln1, blk.ln2, gated.ln, gated.ln_ff):  # norms that differ from each other and from the identity
+        m.weight.data = 1 + torch.randn(16, generator=g, dtype=torch.float64)
+        m.bias.data = torch.randn(16, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 5, 16, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        h = x + blk.attn(ln(blk.ln1, x), causal=True)
+        assert torch.allclose(blk(x), h + blk.mlp.proj(F.gelu(blk.mlp.fc(ln(blk.ln2, h)))), atol=1e-12)
+        gated.attn_gate.data.fill_(0.8), gated.ff_gate.data.fill_(-0.5)
+        media = torch.randn(2, 6, 16, generator=g, dtype=torch.float64)
+        loc = torch.zeros(2, 5, dtype=torch.bool)
+        loc[0, 2], loc[1, 0] = True, True  # row 0: tokens 0, 1 come before any media
+        mask = ab.media_attention_mask(loc, 6)
+        read = gated.attn(ln(gated.ln, x), media, mask=mask) * mask.any(-1, keepdim=True)
+        h = x + math.tanh(0.8) * read
+        want = h + math.tanh(-0.5) * gated.ff(ln(gated.ln_ff, h))
+        assert torch.allclose(gated(x, media, mask), want, atol=1e-12)
+
+
 def test_ab_padding_mask_never_leaks():
     """Padded keys get weight exactly 0 and changing their keys/values (even to huge numbers) changes nothing,
     neither in the written attention nor in a text encoder that pools at the EOS position."""
@@ -5870,6 +5897,25 @@ def test_ab_patchify_round_trip():
         assert torch.equal(patches[:, S // p], img[:, :, p:2 * p, :p].reshape(2, -1))
 
 
+def test_ab_vit_token_zero_is_cls_and_clip_reads_it():
+    """Token 0 of the ViT is the learned CLS token (it carries no patch), tokens 1.. are the patches in order; CLIP's
+    image embedding, the one zero-shot classification uses, is the normalised projection of that CLS token. With no
+    blocks the tokens can be written out by hand."""
+    cfg = ab.Config(**{**ab.PRESETS["tiny"], "n_vit_layer": 0})
+    torch.manual_seed(0)
+    clip = ab.CLIP(cfg, 20).eval()
+    vit = clip.vision
+    img = torch.randn(2, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
+    ln = lambda t: F.layer_norm(t, t.shape[-1:], vit.ln.weight, vit.ln.bias)  # noqa: E731
+    with torch.no_grad():
+        tokens = vit(img)
+        cls = ln(vit.cls[0, 0] + vit.pos[0, 0])  # (D,): the same for every image
+        assert torch.allclose(tokens[:, 0], cls.expand(2, -1), atol=1e-6)
+        patches = ln(ab.patchify(img, cfg.patch) @ vit.embed.weight.t() + vit.embed.bias + vit.pos[0, 1:])
+        assert torch.allclose(tokens[:, 1:], patches, atol=1e-5)
+        assert torch.allclose(clip.encode_image(img), F.normalize(clip.img_proj(cls), dim=-1).expand(2, -1), atol=1e-6)
+
+
 def test_ab_infonce_hand_computed():
     # 2 pairs, embeddings already unit length: cosines [[1, 0.6], [0.8, 0.6]]... built from explicit vectors
     img = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
@@ -5899,6 +5945,28 @@ def test_ab_resampler_size_independent_of_frames():
     # time embeddings make the order of frames matter (more than float noise: without them it is a set)
     x = torch.randn(1, 3, 5, 32)
     assert (res(x) - res(x.flip(1))).abs().max() > 1e-2
+
+
+def test_ab_resampler_layer_by_hand():
+    """One resampler layer written out: time embeddings added per frame, latents attend to [frame tokens; latents]
+    (keys F*P+Q wide: the latents also read each other), with a residual around the attention and the MLP, then the
+    final norm."""
+    torch.manual_seed(0)
+    res = ab.PerceiverResampler(16, 2, 4, 1, 8, sdpa=False).double()
+    g = torch.Generator().manual_seed(1)
+    res.time.data = torch.randn(8, 1, 16, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 3, 5, 16, generator=g, dtype=torch.float64)  # (B, F, P, D)
+    layer = res.layers[0]
+    with torch.no_grad():
+        frames = (x + res.time[:3]).reshape(2, 15, 16)  # (B, F*P, D)
+        lat = res.latents.expand(2, -1, -1)  # (B, Q, D)
+        q = layer.ln_q(lat)
+        lat = lat + layer.attn(q, torch.cat([layer.ln_x(frames), q], 1))
+        lat = lat + layer.ff(layer.ln_ff(lat))
+        ab.set_record(res, True)
+        assert torch.allclose(res(x), res.ln(lat), atol=1e-12)
+    w = layer.attn.weights  # (B, Q, F*P+Q), averaged over heads
+    assert w.shape == (2, 4, 15 + 4) and (w[..., 15:] > 0).all()
 
 
 def test_ab_zero_gate_leaves_lm_unchanged_bit_for_bit():
@@ -5959,6 +6027,40 @@ def test_ab_sampling_helpers_and_metric(tmp_path):
         ab.load_video(str(tmp_path), 4, 32)
     assert ab.exact_match(["a red circle moves left", "A blue  square moves up."],
                           ["a red circle moves left", "a blue square moves down"]) == 0.5
+
+
+def test_ab_pixels_colours_and_centre_crop(tmp_path):
+    """Pixels are normalised as (x / 255 - MEAN) / STD and moved channels first; images and video frames come out
+    RGB (OpenCV decodes BGR) and a wide picture is cropped to its centre square, not its left one."""
+    x = torch.tensor([[[[0, 255, 51]]]], dtype=torch.uint8)  # (1, 1, 1, 3): one pixel
+    assert torch.allclose(ab.to_pixels(x).flatten(), torch.tensor([-1.8, 2.2, -1.0]), atol=1e-6)
+    assert ab.to_pixels(torch.zeros(2, 4, 6, 6, 3, dtype=torch.uint8)).shape == (2, 4, 3, 6, 6)
+    wide = np.zeros((32, 96, 3), np.uint8)  # BGR: blue | red | green thirds
+    wide[:, :32], wide[:, 32:64], wide[:, 64:] = (255, 0, 0), (0, 0, 255), (0, 255, 0)
+    cv2.imwrite(str(tmp_path / "wide.png"), wide)
+    assert (ab.load_image(str(tmp_path / "wide.png"), 16) == np.array([255, 0, 0], np.uint8)).all()  # red, in RGB
+    w = cv2.VideoWriter(str(tmp_path / "wide.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 8, (96, 32))
+    for _ in range(4):
+        w.write(wide)
+    w.release()
+    frames = ab.load_video(str(tmp_path / "wide.mp4"), 2, 16).astype(int)  # (F, S, S, 3), lossy MPEG-4
+    centre = frames[:, 4:12, 4:12].reshape(-1, 3).mean(0)
+    assert centre[0] > 200 and centre[1] < 60 and centre[2] < 60, centre
+
+
+def test_ab_world_splits_and_motion_direction(tmp_path):
+    """The novel split draws only the held-out (colour, shape) pairs and every other split none of them; a clip
+    captioned 'moves right' (or 'down') shows its object going right (or down) from the first frame to the last."""
+    rng = random.Random(0)
+    for split in ("train", "test", "novel"):
+        pairs = {ab.pick_pair(rng, split) for _ in range(300)}
+        assert pairs == ab.NOVEL_PAIRS if split == "novel" else pairs == set(ab.CLASSES) - ab.NOVEL_PAIRS
+    for motion, axis, sign in (("right", 1, 1), ("left", 1, -1), ("down", 0, 1)):
+        path = str(tmp_path / f"{motion}.mp4")
+        ab.write_clip(path, random.Random(1), "white", "square", motion)
+        first, last = ab.load_video(path, 2, ab.RENDER).astype(int).sum(-1)  # (S, S) brightness of 2 frames
+        centre = [np.argwhere(f > 600)[:, axis].mean() for f in (first, last)]  # the white square's centre
+        assert sign * (centre[1] - centre[0]) > ab.TRAVEL * 0.4, (motion, centre)
 
 
 def test_ab_tour_runs(capsys):
@@ -6071,6 +6173,28 @@ def test_ab_every_module_initialises_itself():
 
 
 @pytest.mark.parametrize("variant", ["unified", "cross"])
+def test_ab_caption_logits_are_causal_over_the_text(variant):
+    """The logits at text position i read tokens 0..i: changing token 3 leaves positions 0..2 exactly as they were
+    and changes position 3 (the prediction of token 4 must see token 3; with the unified prefix, the logits are read
+    after the visual positions, never at them)."""
+    cfg = ab.Config(**ab.PRESETS["tiny"])
+    torch.manual_seed(0)
+    m = ab.Captioner(cfg, 12, variant).eval()
+    for blk in getattr(m.decoder, "xattn", None) or []:
+        blk.attn_gate.data.fill_(0.5)
+    frames = torch.randint(0, 255, (1, cfg.n_frames, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[0, 4, 5, 6, 7, 8]])
+    ids2 = ids.clone()
+    ids2[0, 3] = 9
+    with torch.no_grad():
+        visual = m.encode(frames)
+        a, b = m(visual, ids)[0], m(visual, ids2)[0]  # (1, L, V)
+    assert a.shape == (1, 6, 12)
+    assert torch.allclose(a[:, :3], b[:, :3], atol=1e-6, rtol=0) and not torch.allclose(a[:, 3], b[:, 3])
+
+
+@pytest.mark.parametrize("variant", ["unified", "cross"])
 def test_ab_overfit_one_batch_and_batch_equals_rows(variant):
     """Each wiring memorises 4 captions of 4 clips (two share all but the last word, so the decoder must read the
     video), then captions and logits of the batch equal those of its rows run one by one."""
@@ -6131,6 +6255,11 @@ def test_ab_corrupt_checkpoints_are_one_line(tmp_path):
             ab.load_model(cfg, "cross")
     open(cpath, "w").write(good_c)
     ab.load_model(cfg, "cross")  # restored: loads again
+    # a token table one entry short of the saved embedding (a hand-edited config.json): mis-shaped, one line
+    open(cpath, "w").write(json.dumps({**meta, "vocab": meta["vocab"][:-1]}))
+    with pytest.raises(ab.UserError, match=r"does not fit \(missing \[\], unexpected \[\], mis-shaped \['decoder.tok"):
+        ab.load_model(cfg, "cross")
+    open(cpath, "w").write(good_c)
     clip = {k: v.contiguous() for k, v in ab.CLIP(cfg, len(tok.ids)).state_dict().items()}
     save_file(clip, wpath)  # another model's weights, without the decoder's embedding: it was a KeyError
     with pytest.raises(ab.UserError, match="does not fit"):
@@ -6185,6 +6314,64 @@ def test_ab_bad_inputs(tmp_path, capsys):
         ab.fit(model, opt, 3, lambda step: model(torch.full((1, 2), float("nan"))).sum(), cfg, "probe")
 
 
+def test_ab_annotation_lines_need_exactly_a_path_and_a_caption(tmp_path):
+    """A line with a third TAB field or an empty caption is refused naming its line, not read half-way."""
+    (tmp_path / "a.png").write_bytes(b"")
+    for line in ("a.png\ta red circle\textra", "a.png\t  "):
+        (tmp_path / "ann.txt").write_text(f"a.png\ta red circle\n{line}\n")
+        with pytest.raises(ab.UserError, match=r"ann.txt:2: expected 'path<TAB>caption'"):
+            ab.read_annotations(str(tmp_path / "ann.txt"))
+
+
+def test_ab_tokenizer_round_trip_leaves_out_bos_and_eos():
+    """encode wraps a caption in <|endoftext|> (BOS, EOS); decode gives back the plain text, without them."""
+    tok = ab.Tokenizer.from_texts(["a red circle moves left"])
+    ids = tok.encode("a red circle")
+    assert ids[0] == ids[-1] == ab.EOT and len(ids) == 5
+    assert tok.decode(ids) == "a red circle" and tok.decode(ids + [ab.EOT, ab.EOT]) == "a red circle"
+
+
+def test_ab_generate_runs_to_max_len_and_stops_each_row_at_eos():
+    """Greedy decoding makes at most max_len - 1 tokens after BOS (a caption of max_len tokens, BOS/EOS included,
+    fills the decoder's positions); a row that emits EOS stops there while the others go on."""
+    cfg = ab.Config(**ab.PRESETS["tiny"])
+
+    class Stub(torch.nn.Module):  # row 0 never says EOS; row 1 says token 3, then EOS from its third step on
+        def encode(self, frames):
+            return frames.float()
+
+        def forward(self, visual, ids):
+            logits = torch.zeros(ids.size(0), ids.size(1), 5)
+            logits[0, :, 2] = 1.0
+            logits[1, :, 3 if ids.size(1) < 3 else ab.EOT] = 1.0
+            return logits, None
+
+    out = ab.generate(Stub(), torch.zeros(2, 1), cfg, "cpu")
+    assert out == [[2] * (cfg.max_len - 1), [3, 3]]
+
+
+def test_ab_optimizer_groups_and_the_gate_rate(tmp_path, monkeypatch):
+    """Weight decay goes on matrices only (not on biases, norms or gates); the captioner trains the CLIP encoder at
+    vision_lr, the Flamingo gates at gate_lr and everything else at lr."""
+    cfg = _ab_tiny(tmp_path, weight_decay=0.3)
+    m = ab.GatedCrossAttention(8, 8, 2)
+    opt = ab.make_optimizer([(m.parameters(), 0.1)], cfg)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for name, p in m.named_parameters():
+        assert decay[id(p)] == (0.3 if name.endswith(".weight") and p.dim() == 2 else 0.0), name
+    seen = {}
+    monkeypatch.setattr(ab, "fit", lambda model, opt, *a: seen.update(model=model, opt=opt) or 0.0)
+    clips = torch.zeros(2, cfg.n_frames, cfg.img_size, cfg.img_size, 3, dtype=torch.uint8)
+    tok = ab.Tokenizer.from_texts(["a red circle moves left"])
+    data = {"videos": {"train": (["a red circle moves left"] * 2, clips)}}
+    vision = ab.ViT(cfg).state_dict()
+    ab.train_captioner(cfg, "cross", vision, data, tok, "cpu")
+    rate = {id(p): g["lr"] for g in seen["opt"].param_groups for p in g["params"]}
+    for name, p in seen["model"].named_parameters():
+        want = cfg.vision_lr if name.startswith("vision.") else cfg.gate_lr if name.endswith("_gate") else cfg.lr
+        assert rate[id(p)] == want, name
+
+
 def test_ab_user_folders_and_flag_ranges(tmp_path, capsys):
     """--train writes neither into a folder of the user's (as out_dir or data_dir) nor over a file, and refuses counts
     and rates out of range before any work."""
@@ -6203,6 +6390,9 @@ def test_ab_user_folders_and_flag_ranges(tmp_path, capsys):
     for flag, value in (("--n_dec_layer", 0), ("--max_frames", 0), ("--n_latents", 0), ("--lr", -1), ("--lr", "nan"),
                         ("--max_len", 1), ("--weight_decay", -1)):
         _ab_user_error(capsys, flag, *tiny, "--out_dir", tmp_path / "o", flag, value)
+    _ab_user_error(capsys, "--img_size 16 is not a multiple of --patch 5", "--section", "patchify", "--img_size", 16,
+                   "--patch", 5)
+    assert _ab_main(capsys, "--section", "video", "--n_frames", 4, "--max_frames", 4)[0] == 0  # as many as it has
     assert (mine / "eval.json").read_text() == '{"my": 1}' and afile.read_text() == "x"
     assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
 
@@ -6274,8 +6464,8 @@ def test_ab_caption_speed_counts_an_eos_only_where_one_was_made(monkeypatch):
 
 
 def test_ab_infonce_both_directions_and_the_temperature_cap():
-    """An asymmetric case: image->text and text->image cross-entropies differ, the loss is their mean; a temperature
-    above CLIP's cap of 100 scores as 100."""
+    """An asymmetric case: image->text and text->image cross-entropies differ, the loss is their mean; captions shared
+    by several images spread the target evenly over them; a temperature above CLIP's cap of 100 scores as 100."""
     img = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
     txt = torch.tensor([[0.28, 0.96], [1.0, 0.0], [0.8, 0.6]])
     s = (10 * img @ txt.t()).tolist()  # logits at scale 10: cosines [[.28, 1, .8], [.936, .6, .96], [.96, 0, .6]]
@@ -6284,6 +6474,13 @@ def test_ab_infonce_both_directions_and_the_temperature_cap():
     assert abs(sum(i2t) - sum(t2i)) > 0.05  # the two directions really differ here
     got = ab.clip_loss(img, txt, torch.tensor(math.log(10.0)))
     assert abs(got.item() - (sum(i2t) + sum(t2i)) / 6) < 1e-6
+    # a batch where images 0 and 1 share a caption: each of them has two positives, a target of 1/2 on each
+    same = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    t = [[1 / 2, 1 / 2, 0], [1 / 2, 1 / 2, 0], [0, 0, 1]]  # rows sum to 1 (and so do the columns)
+    soft = lambda rows: sum(-t[r][c] * (rows[r][c] - math.log(sum(math.exp(x) for x in rows[r])))  # noqa: E731
+                            for r in range(3) for c in range(3)) / 3
+    hand = (soft(s) + soft([list(col) for col in zip(*s)])) / 2
+    assert abs(ab.clip_loss(img, txt, torch.tensor(math.log(10.0)), same).item() - hand) < 1e-6
     capped = ab.clip_loss(img, txt, torch.tensor(math.log(100.0)))
     assert torch.allclose(ab.clip_loss(img, txt, torch.tensor(math.log(1000.0))), capped)
 
@@ -6319,13 +6516,15 @@ def test_ab_learning_rate_schedule_by_hand():
 
 
 def test_ab_fit_clips_the_gradient_norm_to_one():
-    """fit clips the global gradient norm at 1.0: the last step's gradients (left in .grad) show it."""
+    """fit clips the global gradient norm at 1.0: the last step's gradients (left in .grad) show it; each step's rate
+    is the schedule's at that step, from each group's base rate."""
     cfg = ab.Config(**ab.PRESETS["tiny"])
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 4)
     opt = ab.make_optimizer([(model.parameters(), 1e-3)], cfg)
     ab.fit(model, opt, 2, lambda step: (1e3 * model(torch.ones(2, 4))).pow(2).sum(), cfg, "huge")
     assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm() == pytest.approx(1.0, rel=1e-4)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([ab.lr_at(1, 2, 1e-3, cfg)] * 2)  # from base_lr
 
 
 def test_ab_zero_shot_accuracy_and_exact_match_by_hand():
