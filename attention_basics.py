@@ -664,8 +664,7 @@ def fixed_clips(indices, clip_len):
     return clips
 
 def unpatchify(x, p, channels=3):  # the inverse of patchify: (B, P, 3*p*p) -> (B, 3, S, S)
-    B, P, _ = x.shape
-    n = math.isqrt(P)
+    B, n = x.size(0), math.isqrt(x.size(1))  # n: patches per row and per column
     x = x.reshape(B, n, n, channels, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, row, py, col, px)
     return x.reshape(B, channels, n * p, n * p)
 
@@ -755,8 +754,7 @@ def tour_clip(cfg):
     check(torch.allclose(ie.norm(dim=-1), torch.ones(3)) and torch.allclose(te.norm(dim=-1), torch.ones(3)),
           "embeddings are unit vectors, so img @ txt^T holds cosine similarities")
     # hand-computed InfoNCE on a 2x2 case: cosines [[1, 0], [0, 1]] at temperature 1 (logit_scale 0)
-    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    hand = -math.log(math.e / (math.e + 1))
+    a, hand = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), -math.log(math.e / (math.e + 1))  # embeddings, loss by hand
     check(abs(clip_loss(a, a, torch.tensor(0.0)).item() - hand) < 1e-6,
           f"InfoNCE on orthogonal pairs at T=1 equals -log(e/(e+1)) = {hand:.4f}")
     check(clip_loss(a, a, torch.tensor(math.log(10.0))).item() < hand, "a lower temperature (scale 10) sharpens it")
@@ -835,8 +833,7 @@ def tour_flamingo(cfg):
     check(not torch.allclose(opened, plain), "opened gates (tanh(1) = 0.76) let the media change the logits")
     # The mask acts inside each gated block; one block alone shows it without the LM's self-attention mixing
     # positions afterwards (in the full LM a later token may still read an earlier token that saw image 1).
-    blk = lm.xattn[0]
-    x = torch.randn(2, 10, d)
+    blk, x = lm.xattn[0], torch.randn(2, 10, d)  # the first gated block and a text input (B, L, D) for it
     y, y2, y3 = blk(x, media, mask), blk(x, media2, mask), blk(x, torch.randn_like(media), mask)  # (B, L, D) each
     check(torch.equal(y[:, :2], y3[:, :2]), "tokens before the first image ignore the media entirely")
     check(torch.equal(y[0, 6:], y2[0, 6:]) and not torch.allclose(y[0, 2:6], y2[0, 2:6]),

@@ -638,13 +638,12 @@ class Bridge(nn.Module):
         feats = feats.to(self.proj.weight.dtype)  # boundary 1: the encoder's dtype (bfloat16 files) -> the bridge's
         return self.ln_v(self.proj(feats) + pos)  # (B, P, D)
     def read(self, v, q_emb, q_valid):  # v (B, P, D) -> the N+M query rows after cross-attention and BERT
-        B = v.shape[0]
-        q = self.queries.expand(B, -1, -1)  # (B, N+M, D)
+        q = self.queries.expand(v.shape[0], -1, -1)  # (B, N+M, D)
         for ln, att, mlp in zip(self.ln_q, self.xattn, self.xmlp):
             q = q + att(ln(q), v)
             q = q + mlp(q)
         x = torch.cat((q, q_emb.to(q.dtype)), 1)  # (B, N+M+Lq, D); no positions: the question is a bag of tokens
-        valid = torch.cat((torch.ones(B, self.N + self.M, dtype=torch.bool, device=q.device), q_valid), 1)
+        valid = torch.cat((torch.ones(q.shape[:2], dtype=torch.bool, device=q.device), q_valid), 1)  # (B, N+M+Lq)
         return self.bert(x, valid)[:, :self.N + self.M]
 
 class Mark1(nn.Module):
@@ -656,9 +655,8 @@ class Mark1(nn.Module):
         self.frozen, self.cfg, self.devices = set(), cfg, dict(vision="cpu", bridge="cpu", llm="cpu")
         self.scratch_vision = vision is None  # a checkpoint encoder keeps its HF input and its weights
         self.centre = cfg.centre_frames and self.scratch_vision
-        for part, loaded in (("vision", vision), ("llm", llm), ("bridge", None)):
-            if loaded is None:  # towers loaded from a checkpoint keep their weights
-                getattr(self, part).apply(self._init_weights)
+        for part in [p for p, loaded in (("vision", vision), ("llm", llm), ("bridge", None)) if loaded is None]:
+            getattr(self, part).apply(self._init_weights)  # towers loaded from a checkpoint keep their weights
     @staticmethod
     def _init_weights(m):  # GPT-style init (std 0.02, zero biases); norms keep their identity init
         if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv3d)):
@@ -921,9 +919,8 @@ def load_checkpoint(out_dir, overrides=None, mode="--eval"):  # -> (model, tok, 
     return model, tok, cfg
 
 # Metrics (plain Python, tested on hand-computed cases) ----------------------------------------------------------------
-ANSWER_RE = re.compile(r"^\s*([A-Z])\.(\s|$)")
 def extract_option(text):  # strict: the answer must begin with an option letter and a full stop ("C. it stops")
-    return m.group(1) if (m := ANSWER_RE.match(text)) else None
+    return m.group(1) if (m := re.match(r"^\s*([A-Z])\.(\s|$)", text)) else None
 
 def mcq_accuracy(preds, answers):  # share of predictions whose option letter is the answer's
     ok = [extract_option(p) is not None and extract_option(p) == extract_option(a) for p, a in zip(preds, answers)]

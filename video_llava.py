@@ -239,8 +239,7 @@ def make_clip(rng, split, n_frames):  # a 16-frame clip -> (BGR frames, (questio
         (colour, shape), motion = sample_pair(rng, split), rng.choice(list(MOTIONS))
         dx, dy = MOTIONS[motion]
         lo, hi = HALF + 2, SIDE - HALF - 3  # centre range that keeps the whole shape in the picture
-        x0 = rng.randint(lo + (TRAVEL if dx < 0 else 0), hi - (TRAVEL if dx > 0 else 0))  # room to travel
-        y0 = rng.randint(lo + (TRAVEL if dy < 0 else 0), hi - (TRAVEL if dy > 0 else 0))
+        x0, y0 = (rng.randint(lo + TRAVEL * (d < 0), hi - TRAVEL * (d > 0)) for d in (dx, dy))  # room to travel
         for t, img in enumerate(frames):
             f = t / (CLIP_LEN - 1)  # fraction of the way travelled at frame t
             draw_shape(img, shape, colour, round(x0 + dx * TRAVEL * f), round(y0 + dy * TRAVEL * f))
@@ -666,8 +665,7 @@ class CLIPEncoderLayer(nn.Module):  # pre-norm residual block with LayerNorm (me
     def __init__(self, cfg):
         super().__init__()
         self.self_attn, self.mlp = CLIPAttention(cfg), CLIPMLP(cfg)
-        self.layer_norm1 = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)
-        self.layer_norm2 = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)
+        self.layer_norm1, self.layer_norm2 = (nn.LayerNorm(cfg.v_hidden_size, cfg.v_layer_norm_eps) for _ in range(2))
     def forward(self, x):  # (N, P+1, Dv) -> (N, P+1, Dv)
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
@@ -774,8 +772,7 @@ class VideoLlava(nn.Module):
             m, s = x.mean(0), x.std(0) + 1e-6  # (features,) each
             affine.weight.mul_((std / s).view(-1, *[1] * (affine.weight.dim() - 1)))  # (out,), (out, 1) for a Linear
             affine.bias.sub_(m).mul_(std / s)  # b' = (b - m) * std / s: w'x + b' = (wx + b - m) * std / s
-        # the pictures each tower sees, as (N, 3, S, S) (a shared tower sees both; a medium the data lacks, none)
-        seen = {}
+        seen = {}  # tower -> its pictures, as (N, 3, S, S) (a shared tower sees both; a medium the data lacks, none)
         for tower, px in ((self.image_tower, images), (self.video_tower, videos)):
             if px is not None:
                 seen.setdefault(tower, []).append(px.flatten(0, -4))  # frames as pictures: (N or B*F, 3, S, S)
@@ -826,8 +823,7 @@ class VideoLlava(nn.Module):
                 targets=None, cache=None, last_only=False):
         """input_ids (B, L); attention_mask (B, T) over cache + new tokens (1 = real, 0 = left pad) or None;
         targets (B, L) already shifted (-100 = ignored). Returns (logits (B, L or 1, V), loss or None)."""
-        cfg, lm = self.cfg, self.language_model.model
-        B, L = input_ids.shape
+        (B, L), cfg, lm = input_ids.shape, self.cfg, self.language_model.model
         T = (cache.offset if cache is not None else 0) + L  # tokens after this call: the cached ones and these L
         need = cache.k[0].shape[2] if cache is not None else T  # T_max: prompt + answer, rounded up under compile
         if need > cfg.max_position_embeddings:  # the RoPE table ends there
@@ -1334,8 +1330,7 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):  # greedy answe
             print(f"{split:8s} {kind:7s} {len(rows):5d} {em(rows):7.3f}   " +
                   ", ".join(f"{q}: {v:.2f}" for q, v in by_q.items()))
     result["train_seconds"] = train_seconds
-    test = result["test"]
-    for s in test.get("video", {}).get("samples", [])[:3] + test.get("image", {}).get("samples", [])[:3]:
+    for s in [x for k in ("video", "image") for x in result["test"].get(k, {}).get("samples", [])[:3]]:
         print(f"  Q: {s['question']}  ->  {s['prediction']!r}  (ref {s['reference']!r})")
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     return result
@@ -1349,8 +1344,7 @@ def inspect_checkpoint(path, n_frames, n_tokens):  # parameters per tower, bytes
         sl = handles[f].get_slice(key)  # shape and dtype from the file's header: no tensor is read
         numel, dt, tower = math.prod(sl.get_shape()), sl.get_dtype(), canonical_key(key).split(".")[0]
         size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2}.get(dt, 1)  # bytes per element
-        by_dtype[dt] = by_dtype.get(dt, 0) + numel * size
-        towers[tower] = towers.get(tower, 0) + numel
+        by_dtype[dt], towers[tower] = by_dtype.get(dt, 0) + numel * size, towers.get(tower, 0) + numel
         layouts.add("transformers-5 in memory" if key.startswith(("model.", "lm_head.")) else
                     "hub" if ".vision_model." in key else "transformers-5 save" if "_tower." in key else None)
     if shared := run and run.share_towers:  # one tower saved as both names

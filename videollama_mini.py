@@ -140,8 +140,7 @@ NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),  # 
                ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}  # one per colour, two per shape
 RENDER, CLIP_LEN, HALF, TRAVEL = 64, 16, 9, 26  # written frame side, frames per clip, shape half-size, pixels moved
 
-def draw_shape(img, shape, colour, cx, cy):
-    c = COLOURS[colour]  # BGR
+def draw_shape(img, shape, c, cx, cy):  # c: the colour, BGR as OpenCV draws
     if shape == "circle":
         cv2.circle(img, (cx, cy), HALF, c, -1, cv2.LINE_AA)
     elif shape == "square":
@@ -175,7 +174,7 @@ def write_clip(path, objects):  # render CLIP_LEN frames of RENDER x RENDER, wri
         frac = t / (CLIP_LEN - 1)  # 0 -> 1 along the path
         for colour, shape, motion, x0, y0 in objects:
             dx, dy = MOTIONS[motion]
-            draw_shape(img, shape, colour, round(x0 + dx * TRAVEL * frac), round(y0 + dy * TRAVEL * frac))
+            draw_shape(img, shape, COLOURS[colour], round(x0 + dx * TRAVEL * frac), round(y0 + dy * TRAVEL * frac))
         writer.write(img)
     writer.release()  # flushes the mp4
 
@@ -193,8 +192,7 @@ def build_world(cfg):  # write data_dir/<split>/*.mp4 and <split>.txt once (dete
         rng, lines = random.Random(cfg.seed * 10 + offset), []  # one stream per split
         os.makedirs(os.path.join(d, split), exist_ok=True)
         for i in range(n):
-            objs = sample_objects(rng, split)
-            name = f"{split}/{i:05d}.mp4"
+            objs, name = sample_objects(rng, split), f"{split}/{i:05d}.mp4"
             write_clip(os.path.join(d, name), objs)
             lines += [name, *(caption_for(objs, verb) for verb in VERBS), ""]  # the clip and its references
         open(os.path.join(d, f"{split}.txt"), "w").write("\n".join(lines))
@@ -261,8 +259,7 @@ def read_annotations(path):
     for no, line in enumerate((s.strip() for s in lines), 1):
         if line:  # another line of the current entry (start: the line number of its first line)
             start, cur = (start if cur else no), cur + [line]
-            continue
-        if cur:
+        elif cur:  # a blank line ends the entry
             if len(cur) < 2:
                 raise UserError(f"{path}:{start}: entry '{cur[0]}' has a video path but no caption line")
             video = os.path.realpath(os.path.join(here := os.path.dirname(path), cur[0]))  # relative to the file
@@ -557,9 +554,8 @@ def cider_d(preds, refs, sigma=6.0):
     # document frequency: in how many clips' reference sets each n-gram occurs
     df = Counter(g for rws in ref_words for g in {g for r in rws for n in range(1, 5) for g in ngrams(r, n)})
     log_n = math.log(float(len(refs)))  # IDF numerator
-    def vec(words):
-        v = [{g: c * (log_n - math.log(max(1.0, df.get(g, 0.0)))) for g, c in ngrams(words, n).items()}
-             for n in range(1, 5)]  # one TF-IDF vector per n-gram order
+    def vec(words):  # -> one TF-IDF vector per n-gram order, their norms, the length (df[g]: 0 if g is unseen)
+        v = [{g: c * (log_n - math.log(max(1.0, df[g]))) for g, c in ngrams(words, n).items()} for n in range(1, 5)]
         return v, [math.sqrt(sum(x * x for x in d.values())) for d in v], len(words)
     scores = []
     for p, rws in zip(preds, ref_words):

@@ -300,14 +300,12 @@ def rope_tables(n, head_dim, theta):
     emb = torch.cat([freqs, freqs], -1)  # (n, head_dim)
     return emb.cos(), emb.sin()
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, -1)  # the two halves of each head, (..., hd/2) each
-    return torch.cat([-x2, x1], -1)  # (..., hd): pair (x1_i, x2_i) -> (-x2_i, x1_i), a quarter turn
-
 def apply_rope(x, cos, sin):
     """x (B, H, T, hd) turned by the angles of its positions; cos/sin (T, hd). Turning both q and k makes their dot
     product depend on the distance between the two positions only."""
-    return (x * cos + rotate_half(x) * sin).type_as(x)
+    x1, x2 = x.chunk(2, -1)  # the two halves of each head, (..., hd/2) each
+    rotated = torch.cat([-x2, x1], -1)  # rotate_half, (..., hd): pair (x1_i, x2_i) -> (-x2_i, x1_i), a quarter turn
+    return (x * cos + rotated * sin).type_as(x)
 
 class Attention(nn.Module):
     """Multi-head self-attention with the HF LLaMA names (q_proj, k_proj, v_proj, o_proj), through SDPA. ViT
@@ -757,8 +755,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         loss = train_step(fwd, opt, scaler, (images[idx], inp, tgt), cfg, device, rank, world)
-        step += 1
-        val = None  # shown only on the steps where it is measured
+        step, val = step + 1, None  # val: shown only on the steps where it is measured
         if rank == 0 and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             with torch.no_grad(), autocast(cfg, device):  # mean token loss on the first reference of each image
                 val = raw.eval()(data["val"][1].to(device), *(t.to(device) for t in val_batch))[1].item()
@@ -812,9 +809,8 @@ def generate(model, images, cfg, use_cache=True, generator=None, stop_at_eos=Tru
     if cfg.beam > 1:
         return beam_search(model, images, cfg)
     B, eos, N, steps = images.shape[0], 0, model.n_prefix, min(cfg.max_new_tokens, cfg.max_len - 1)  # BOS: 1 of max_len
-    x = prefill_input(model, images)  # the image is encoded once, (B, N+1, D)
-    cache = [{} for _ in model.layers] if use_cache else None
-    logits = next_logits(model, x, cache)  # prefill: (B, V)
+    x, cache = prefill_input(model, images), [{} for _ in model.layers] if use_cache else None  # x: (B, N+1, D)
+    logits = next_logits(model, x, cache)  # prefill, the image encoded once: (B, V)
     seq = torch.zeros(B, 0, dtype=torch.long, device=images.device)  # the caption so far, (B, t)
     done = torch.zeros(B, dtype=torch.bool, device=images.device)  # rows that have written EOS
     for t in range(steps):
