@@ -249,7 +249,10 @@ def jpeg_cut_off(path):  # a JPEG whose end marker FF D9 is missing after its sc
 def load_image(path, size):
     if os.path.isfile(path) and jpeg_cut_off(path):  # checked before libjpeg decodes it (and warns on stderr)
         raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
-    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # alpha kept, if any; None when OpenCV cannot read the file
+    try:  # OpenCV returns None for a file it cannot read, but raises for one over its size limit
+        img = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # alpha kept, if any
+    except cv2.error as e:
+        raise UserError(f"{path}: OpenCV cannot decode this image ({e.err}; it reads at most 2^30 pixels)") from None
     if img is not None and (img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16)):
         img = cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR (H, W, 3)
     if img is None:

@@ -274,7 +274,10 @@ def read_frame(path):  # a frame image -> BGR uint8 (H, W, 3); libjpeg fills a c
         i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
     if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]:  # no end of image after the first scan FF DA
         raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
-    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # alpha kept, if any (None: OpenCV cannot read it)
+    try:  # OpenCV returns None for a file it cannot read, but raises for one over its size limit
+        img = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # alpha kept, if any
+    except cv2.error as e:
+        raise UserError(f"{path}: OpenCV cannot decode this image ({e.err}; it reads at most 2^30 pixels)") from None
     if img is None or img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16):
         return cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR
     img = (img >> 8 * (img.dtype == np.uint16)).astype(np.int32)  # BGRA onto white, as transformers' convert_to_rgb

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import types
+import zlib
 
 import pytest
 import torch
@@ -6862,6 +6863,27 @@ def test_all_scripts_refuse_a_cut_off_jpeg_before_libjpeg_warns(mod, tmp_path, c
     with pytest.raises(mod.UserError, match=r"1\.jpg: this JPEG is cut off"):
         mod.load_image(str(folder / "1.jpg"), 16) if mod is vc else mod.load_video(str(folder), 4, 16)
     assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])
+def test_all_scripts_refuse_an_image_over_opencvs_pixel_limit(mod, tmp_path):
+    """OpenCV returns None for an image it cannot read but raises for one over 2^30 pixels: a 40000 x 40000 PNG
+    (only its header: 100 bytes) is refused in one line naming the file, as a frame of a folder or an image."""
+    def chunk(kind, data):  # a PNG chunk: length, type, data, CRC of type + data
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    header = (40000).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])  # width, height, 8-bit RGB
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "0.png"), np.zeros((8, 8, 3), np.uint8))
+    (folder / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0"))
+                                   + chunk(b"IEND", b""))
+    with pytest.raises(cv2.error):
+        cv2.imread(str(folder / "1.png"))
+    with pytest.raises(mod.UserError, match=r"1\.png: OpenCV cannot decode this image \(.*at most 2\^30 pixels"):
+        mod.load_image(str(folder / "1.png"), 16) if mod is vc else mod.load_video(str(folder), 2, 16)
+    if mod in (vl, ab):  # these read single images too
+        with pytest.raises(mod.UserError, match=r"1\.png: OpenCV cannot decode"):
+            mod.load_image(str(folder / "1.png"), 16)
 
 
 def test_ab_transparent_frames_long_captions_and_a_failed_run(tmp_path, capsys):

@@ -360,7 +360,10 @@ def jpeg_cut_off(path):  # a JPEG (FF D8) with no end marker FF D9 after its fir
 def load_image(path, size):  # image file -> float32 (3, size, size), CLIP-normalised as the HF processor does
     if os.path.isfile(path) and jpeg_cut_off(path):  # checked before libjpeg decodes it (and warns on stderr)
         raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
-    img = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None  # alpha kept, if any
+    try:  # OpenCV returns None for a file it cannot read, but raises for one over its size limit
+        img = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None  # alpha kept, if any
+    except cv2.error as e:
+        raise UserError(f"{path}: OpenCV cannot decode this image ({e.err}; it reads at most 2^30 pixels)") from None
     if img is not None and (img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16)):
         img = cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR (EXIF-rotated), None for a depth it cannot convert
     if img is None:

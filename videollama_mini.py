@@ -216,9 +216,12 @@ def read_frame(path):
         i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
     if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]:
         raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
-    img = None if re.search(r"\.jpe?g$", path, re.I) else cv2.imread(path, cv2.IMREAD_UNCHANGED)  # alpha kept, if any
-    if img is None or img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16):
-        img = cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR; None if it cannot read the file
+    try:  # OpenCV returns None for a file it cannot read, but raises for one over its size limit
+        img = None if re.search(r"\.jpe?g$", path, re.I) else cv2.imread(path, cv2.IMREAD_UNCHANGED)  # alpha kept
+        if img is None or img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16):
+            img = cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR; None if it cannot read the file
+    except cv2.error as e:
+        raise UserError(f"{path}: OpenCV cannot decode this image ({e.err}; it reads at most 2^30 pixels)") from None
     if img is None:
         raise UserError(f"{path}: cannot read this image")
     if img.shape[2] == 4:  # transparency composited onto white, as transformers' convert_to_rgb; + 127 rounds as PIL

@@ -217,7 +217,10 @@ def load_image(path, size):
     then letterboxed (edges repeated): a crop could cut an object away, a stretch turns circles into ellipses."""
     if os.path.isfile(path) and jpeg_cut_off(path):  # checked before libjpeg decodes it (and warns on stderr)
         raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
-    img = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None  # alpha kept, if any
+    try:  # OpenCV returns None for a file it cannot read, but raises for one over its size limit
+        img = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None  # alpha kept, if any
+    except cv2.error as e:
+        raise UserError(f"{path}: OpenCV cannot decode this image ({e.err}; it reads at most 2^30 pixels)") from None
     if img is not None and (img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16)):
         img = cv2.imread(path, cv2.IMREAD_COLOR)  # no alpha: OpenCV's 8-bit BGR (EXIF-rotated), or None
     if img is None or img.size == 0:
