@@ -792,6 +792,9 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     for f in ("model.safetensors", "config.json", "train_state.pt"):
         (cut / f).write_bytes(before[f][:len(before[f]) // 2] if f == "train_state.pt" else before[f])
     main_user_error(vm.main, capsys, unbuilt + ["--out_dir", cut], "train_state.pt", "damaged")
+    for foreign in ({"step": 2}, {"optimizer": {"state": {}, "param_groups": [{"params": [0]}]}, "step": 2}):
+        torch.save(foreign, cut / "train_state.pt")  # another run's state, copied in: one line, not a traceback
+        main_user_error(vm.main, capsys, unbuilt + ["--out_dir", cut], "train_state.pt: damaged or another run's")
     assert not (tmp_path / "unbuilt").exists()  # no synthetic world was written for a refused --resume
 
 

@@ -668,10 +668,12 @@ def start_config(cfg, typed=None, resume=False):
         raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
     typed = dataclasses.asdict(cfg) if typed is None else {"stop_after": 0, **typed, "out_dir": out}
     model, tok, saved = load_checkpoint(out, typed, ARCH + WORLD)  # --resume keeps the run's architecture and world
-    try:
-        return saved, (model, tok, torch.load(path, weights_only=True))
-    except Exception:  # torch raises several error types for a truncated or foreign file
-        raise UserError(f"{path}: damaged; drop --resume to start afresh over it, or copy the folder first")
+    try:  # torch raises several error types for a truncated file; another run's does not fit this model's AdamW
+        ts = torch.load(path, weights_only=True)
+        torch.optim.AdamW(decay_groups(model, 0.0)).load_state_dict(ts["optimizer"])
+        return saved, (model, tok, dict(ts, step=int(ts["step"]), rng=ts["rng"]))  # KeyError: not a training state
+    except Exception:
+        raise UserError(f"{path}: damaged or another run's; drop --resume to start afresh (copy the folder to keep it)")
 
 def decay_groups(model, weight_decay):
     """AdamW groups: weight decay on the weight matrices of Linear and Conv2d layers only. Biases, norms, the
