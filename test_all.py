@@ -3763,6 +3763,12 @@ def test_vl_user_data_relative_paths_and_overlong_entries(tmp_path, monkeypatch)
         vl.Examples(entries, cfg, tok, answered=False)
     with pytest.raises(vl.UserError, match="long_answer.jsonl:1: .* --max_new_tokens take .* or lower --max_new_tok"):
         vl.Examples(entries, dataclasses.replace(cfg, max_new_tokens=600), tok, answered=False)
+    # a listed file that exists but does not decode is named with the line that lists it (the first, if several do)
+    (tmp_path / "a" / "bad.mp4").write_bytes(bytes(64))
+    video = line.replace("image", "video").replace("x.png", "bad.mp4") % "What colour?"
+    (tmp_path / "a" / "bad.jsonl").write_text(line % "What colour?" + video * 2)
+    with pytest.raises(vl.UserError, match=r"bad.jsonl:2: .*bad.mp4: OpenCV decodes no frame of this video"):
+        vl.Examples(vl.read_annotations("bad.jsonl"), cfg, tok, answered=False)
 
 
 def test_vl_flags_a_mode_ignores_and_a_partial_vision_config(tmp_path):

@@ -1038,9 +1038,13 @@ class Examples:
         texts = [prompt_text(e["question"], e["kind"]) for e in entries]
         if isinstance(tok, GPT2Table):  # a word the table lacks would go unread (test answers are only compared)
             tok.check_known([t + " " + e["answer"] if answered else t for t, e in zip(texts, entries)])
-        self.entries, files = entries, {(e["path"], e["kind"]) for e in entries}  # each file decoded once per kind
-        cache = {(p, k): load_image(p, cfg.image_size) if k == "image" else load_video(p, cfg.n_frames, cfg.image_size)
-                 for p, k in files}
+        self.entries, cache = entries, {}  # (path, kind) -> pixels: each file decoded once (the first entry naming it)
+        for e in (e for e in entries if (e["path"], e["kind"]) not in cache):
+            try:  # a file that fails to decode is named with the annotation line that lists it
+                cache[e["path"], e["kind"]] = (load_image(e["path"], cfg.image_size) if e["kind"] == "image" else
+                                               load_video(e["path"], cfg.n_frames, cfg.image_size))
+            except UserError as err:
+                raise UserError(f"{e['line']}: {err}") from None
         self.media = [torch.from_numpy(cache[e["path"], e["kind"]]) for e in entries]
         self.prompts = [expand_placeholders(tok.encode(t), cfg, cfg.n_frames) for t in texts]
         self.answers = [tok.encode(" " + e["answer"], add_special_tokens=False) + [tok.eos_id] for e in entries]
