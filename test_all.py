@@ -6079,6 +6079,9 @@ def test_ab_tour_runs(capsys):
     for name in ab.SECTIONS:
         assert f"== {name}" in out
     assert "every check passed" in out and "tour check failed" not in out
+    # every section starts from --seed: a section alone prints what it prints in the whole tour (timings aside)
+    clip = re.search(r"== clip.*?\n\n", out, re.S).group()
+    assert "loss at init" in clip and _ab_main(capsys, "--section", "clip")[1].startswith(clip)
     code, out, _ = _ab_main(capsys, "--section", "perceiver")
     assert code == 0 and "== perceiver" in out and "== clip" not in out
     code, out, _ = _ab_main(capsys, "--section", "patchify", "--img_size", 16, "--patch", 16)  # a single patch
