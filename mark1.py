@@ -1159,7 +1159,7 @@ def train(cfg, resume=False, overrides=None):
             lo, ce, bce, gn = (sum(x[k] for x in losses) / len(losses) for k in range(4))
             val = f"{val_loss(model, tok, cfg, data['val'], cache):.4f}" if measure else "-"
             say(f"step {step}/{cfg.max_steps} | loss {lo:.4f} | val {val} | ce {ce:.3f}, bce {bce:.3f} | grad norm "
-                f"{gn:.4f} | lr {lr_at(step - 1, cfg):.2e} | {dt * 1000:.0f} ms | {gbatch / dt:.0f} samples/s | "
+                f"{gn:.4f} | lr {lr_at(step - 1, cfg):.2e} | {dt * 1000:.0f} ms | {gbatch / dt:.3g} samples/s | "
                 f"eta {dt * (end - step) / 60:.1f}m")
             t_log, losses = time.time(), []
         if rank == 0 and (step % cfg.eval_interval == 0 or step == end):
@@ -1316,10 +1316,10 @@ def config_problems(cfg):  # the checks every config gets: the flags' and a save
     problems += [f"--{k} {getattr(cfg, k)}: must be at least 1" for k in counts if getattr(cfg, k) < 1]
     problems += [f"--l_head_dim {cfg.l_head_dim}: must be even (RoPE turns pairs of features)"] * (cfg.l_head_dim % 2)
     problems += [f"--v_patch {cfg.v_patch}: must be at most --crop {cfg.crop}"] * (cfg.v_patch > cfg.crop)
-    problems += [f"--{k} {getattr(cfg, k)}: must be above 0" for k in ("lr", "grad_clip", "top_p") if not 0 <
-                 getattr(cfg, k) < math.inf] + [f"--{k} {getattr(cfg, k)}: must be 0 or more" for k in ("min_lr",
-                 "weight_decay", "warmup_frac", "lam", "pos_weight", "stop_after", "data_init", "temperature", "top_k",
-                 "threshold") if not getattr(cfg, k) >= 0]  # NaN too
+    problems += [f"--{k} {getattr(cfg, k)}: must be above 0 and finite" for k in ("lr", "grad_clip", "top_p",  # NaN too
+                 "rope_theta", "v_mlp_ratio") if not 0 < getattr(cfg, k) < math.inf] + [f"--{k} {getattr(cfg, k)}: must"
+                 f" be 0 or more and finite" for k in ("min_lr", "weight_decay", "warmup_frac", "lam", "pos_weight",
+                 "stop_after", "data_init", "temperature", "top_k", "threshold") if not 0 <= getattr(cfg, k) < math.inf]
     problems += [f"--{h} {getattr(cfg, h)}: must divide --{w} {getattr(cfg, w)} (heads split a width)" for h, w in
                  (("v_heads", "v_width"), ("l_kv_heads", "l_heads"), ("bridge_heads", "l_width"), ("bert_heads",
                  "l_width")) if getattr(cfg, w) % max(1, getattr(cfg, h)) and not (cfg.llm_ckpt and w == "l_width")]

@@ -5197,13 +5197,16 @@ def test_mk_user_files_never_overwritten_and_more_bad_inputs(mk_trained, mk_hf, 
 
 
 def test_mk_bad_numbers_and_head_counts_are_one_line(tmp_path):
-    """A negative, NaN or infinite rate, a negative --stop_after (which would train and save nothing), no temporal
-    query, a head count that does not split its width, an empty split (it wrote the world, then blamed the annotation
-    file) or answers longer than --max_new_tokens (evaluation cut them): refused by name, nothing saved."""
+    """A negative, NaN or infinite rate, ratio or RoPE base (a traceback, or a NaN loss blamed on --lr), a negative
+    --stop_after (which would train and save nothing), no temporal query, a head count that does not split its width,
+    an empty split (it wrote the world, then blamed the annotation file) or answers longer than --max_new_tokens
+    (evaluation cut them): refused by name, nothing saved."""
     o = tmp_path / "o"
     for flag, value, needle in (("--lr", "nan", "above 0"), ("--lr", "0", "above 0"), ("--lr", "inf", "above 0"),
                                 ("--warmup_frac", "nan", "0 or more"), ("--stop_after", "-1", "0 or more"),
-                                ("--grad_clip", "0", "above 0"),
+                                ("--grad_clip", "0", "above 0"), ("--warmup_frac", "inf", "0 or more and finite"),
+                                ("--v_mlp_ratio", "-1", "above 0"), ("--v_mlp_ratio", "nan", "above 0"),
+                                ("--rope_theta", "0", "above 0"), ("--lam", "inf", "finite"),
                                 ("--n_temporal_query", "0", "at least 1"), ("--bridge_heads", "3", "must divide"),
                                 ("--v_heads", "5", "must divide"), ("--l_kv_heads", "3", "must divide"),
                                 ("--n_val", "0", "at least 1"), ("--n_novel", "0", "at least 1"),
