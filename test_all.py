@@ -1699,6 +1699,13 @@ def test_vc_original_preset_sizes():
 
 
 @_vc_1t
+def test_vc_bench_runs_with_a_context_shorter_than_its_16_tokens(capsys):
+    """--bench fed 16 text tokens whatever --max_len allowed (it was a refusal for a context --train accepts)."""
+    vc.main(["--bench", "--preset", "tiny", "--max_len", "14"])
+    out = capsys.readouterr().out
+    assert "train  (float32)" in out and "(batch 8, 13 tokens each" in out
+
+
 def test_vc_train_eval_generate_cli(tmp_path, capsys):
     """--train through a subprocess (the real command line); --eval, --generate and their bad inputs in-process."""
     out, data = str(tmp_path / "out"), str(tmp_path / "data")

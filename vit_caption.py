@@ -942,7 +942,7 @@ def bench(cfg):  # training samples/s, captions/s (KV cache on, off) in cfg.dtyp
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")  # float16: loss scaling
     img = torch.randint(0, 255, (B, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8, device=device)
-    inp = torch.randint(0, vocab, (B, 16), device=device)  # 16 inputs: the longest caption has 13 (BOS + 12)
+    inp = torch.randint(0, vocab, (B, min(16, cfg.max_len)), device=device)  # the longest caption has 13 (BOS + 12)
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, vocab {vocab}")
     times, one = [], dataclasses.replace(cfg, grad_accum=1)  # the whole batch in one micro-batch
     for i in range(8):  # the training step itself: 2 warm-up steps, then the median of 6
@@ -957,7 +957,7 @@ def bench(cfg):  # training samples/s, captions/s (KV cache on, off) in cfg.dtyp
             for _ in range(3):
                 generate(model, img, fixed, use_cache, stop_at_eos=False)  # 16 tokens (fewer if max_len is shorter)
         print(f"caption (cache {'on ' if use_cache else 'off'}): {3 * B / (time.time() - t):8.1f} captions/s "
-              f"(batch {B}, 16 tokens each, {cfg.dtype})")
+              f"(batch {B}, {min(16, cfg.max_len - 1)} tokens each, {cfg.dtype})")
 
 # Command line ---------------------------------------------------------------------------------------------------------
 CHOICES = dict(pool=("cls", "mean", "patches"), dtype=("float32", "bfloat16", "float16"), patch_init=("pca", "random"))
