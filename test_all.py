@@ -548,13 +548,23 @@ def test_vm_frame_order_reaches_the_memory_without_frame_differences(mode):
     assert (a - (b if mode == "queries" else b.flip(1))).abs().max() > 1e-2
 
 
+def test_vm_model_cast_to_another_dtype_generates():
+    """A model cast as a whole (.to(torch.bfloat16), .half(), .double()) reads its frames in its own dtype: the uint8
+    frames became float32 whatever the weights were, a dtype error in the first convolution."""
+    cfg = vm.Config(**vm.PRESETS["tiny"])
+    model, video = vm.VideoLLaMAMini(cfg, 12), _vm_video(2, cfg)
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        assert all(len(ids) <= cfg.max_new_tokens for ids in vm.generate(model.to(dtype), video, cfg))
+
+
 def test_vm_bad_flags_are_refused_by_parse_args(capsys):
     """Each bad value is refused in one line naming the flag, before any data or model is made."""
     for argv, needle in ((["--cnn_width", "4"], "--cnn_width"), (["--n_head", "3", "--d_model", "32"], "--d_model 32"),
                          (["--n_head", "0"], "--n_head"), (["--n_frames", "0"], "--n_frames"),
                          (["--batch_size", "0"], "--batch_size"), (["--temperature", "-1"], "--temperature"),
                          (["--temperature", "1", "--top_p", "0"], "--top_p 0.0: must be in (0, 1]"), (["--top_p", "1.5"], "--top_p"), (["--dtype", "half"], "--dtype"),
-                         (["--device", "xyz"], "--device xyz"), (["--device", "cuda:99"], "--device cuda:99")):
+                         (["--device", "xyz"], "--device xyz"), (["--device", "cuda:99"], "--device cuda:99"),
+                         (["--img_size", "2"], "--img_size 2: must be at least 3")):  # GroupNorm of 1 value: a traceback
         main_user_error(vm.main, capsys, ["--train", "--data_dir", "/nonexistent/vm"] + argv, needle)
     main_user_error(vm.main, capsys, ["--generate"], "--generate needs --video")
     # flags that would be ignored: a preset where the checkpoint gives the sizes, a video without the mode that reads it

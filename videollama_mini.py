@@ -390,7 +390,7 @@ class FrameEncoder(nn.Module):
         if self.frame_diff:
             diff = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], 1)  # (B, F, 3, S, S)
             x = torch.cat([x, diff], 2)  # (B, F, 6, S, S)
-        feat = self.cnn(x.flatten(0, 1))  # (B*F, 2w, S/4, S/4), w: cnn_width; two stride-2 convs
+        feat = self.cnn(x.flatten(0, 1).to(self.ln.weight.dtype))  # (B*F, 2w, S/4, S/4), w = cnn_width
         feat = feat - feat.mean((-2, -1), keepdim=True)  # what stands out from the frame's average, nothing else
         where = F.adaptive_avg_pool2d(feat, self.grid).flatten(1)  # (B*F, 2w*grid*grid): what is where
         what = feat.amax((-2, -1))  # (B*F, 2w): the strongest response anywhere, the same wherever the object is
@@ -562,8 +562,7 @@ def cider_d(preds, refs, sigma=6.0):
         return v, [math.sqrt(sum(x * x for x in d.values())) for d in v], len(words)
     scores = []
     for p, rws in zip(preds, ref_words):
-        hv, hn, hl = vec(normalise(p).split())  # vectors, norms, length
-        total = 0.0  # summed over references and n
+        (hv, hn, hl), total = vec(normalise(p).split()), 0.0  # vectors, norms, length; total over references and n
         for r in rws:
             rv, rn, rl = vec(r)
             for n in range(4):
@@ -998,6 +997,7 @@ def parse_args(argv=None):
     errors = [why for bad, why in [  # (bad value, the line that names the flag and the fix): refused before any work
         (low, f"{', '.join(low)}: must be at least 1"), (neg, f"{', '.join(neg)}: must be 0 or more"),
         (cfg.max_len < 2, f"--max_len {cfg.max_len}: must be at least 2 (BOS and one caption token)"),
+        (cfg.img_size < 3, f"--img_size {cfg.img_size}: must be at least 3 (GroupNorm needs 2x2 after the first conv)"),
         ("" in (cfg.out_dir, cfg.data_dir), "--out_dir and --data_dir must name a folder, not an empty string"),
         (not 0 < cfg.lr < math.inf, f"--lr {cfg.lr}: must be above 0 and finite"),
         (not 0 <= cfg.min_lr < math.inf, f"--min_lr {cfg.min_lr}: must be 0 or more and finite (the cosine's floor)"),
