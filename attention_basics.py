@@ -441,7 +441,7 @@ class ViT(Module):
         self.ln = nn.LayerNorm(cfg.d_model)
         self.init_weights()
     def forward(self, img):
-        x = self.embed(patchify(img, self.p))  # (B, P', D)
+        x = self.embed(patchify(img, self.p).to(self.pos.dtype))  # (B, P', D), in the weights' dtype
         x = torch.cat([self.cls.expand(x.size(0), -1, -1), x], 1) + self.pos  # (B, 1+P', D)
         for b in self.blocks:
             x = b(x)  # bidirectional: every patch sees every other

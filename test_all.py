@@ -6367,6 +6367,17 @@ def test_ab_tokenizer_round_trip_leaves_out_bos_and_eos():
     assert tok.decode(ids) == "a red circle" and tok.decode(ids + [ab.EOT, ab.EOT]) == "a red circle"
 
 
+def test_ab_models_cast_to_another_dtype_read_pixels_in_it():
+    """A CLIP or captioner cast as a whole (.to(torch.bfloat16), .double()) reads its pixels in its own dtype: the
+    normalised pixels were float32 whatever the weights were, a dtype error in the patch embedding."""
+    cfg = ab.Config(**ab.PRESETS["tiny"])
+    frames = torch.randint(0, 255, (2, cfg.n_frames, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8)
+    for dtype in (torch.bfloat16, torch.float64):
+        assert ab.CLIP(cfg, 20).to(dtype).encode_image(ab.to_pixels(frames[:, 0])).dtype == dtype
+        for variant in ("unified", "cross"):
+            assert len(ab.generate(ab.Captioner(cfg, 20, variant).to(dtype), frames, cfg, "cpu")) == 2
+
+
 def test_ab_generate_runs_to_max_len_and_stops_each_row_at_eos():
     """Greedy decoding makes at most max_len - 1 tokens after BOS (a caption of max_len tokens, BOS/EOS included,
     fills the decoder's positions); a row that emits EOS stops there while the others go on."""
