@@ -2568,8 +2568,17 @@ def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_
     out = ref.generate(input_ids=ids, pixel_values_videos=vids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
     want = AutoTokenizer.from_pretrained(dirs["t5save"]).decode(out, skip_special_tokens=True)
     assert eager.strip() == want.strip()
+    seen, compile_ = [], torch.compile  # inductor's settings while the compiled step runs (and compiles)
+    conf = torch._inductor.config
+    def spy(fn, **kw):
+        step = compile_(fn, **kw)
+        return lambda *a: seen.append((conf.max_autotune, conf.autotune_num_choices_displayed,
+                                       conf.max_autotune_report_choices_stats)) or step(*a)
+    monkeypatch.setattr(torch, "compile", spy)
     vl.main(argv + ["--compile"])
     assert capsys.readouterr().out.strip() == want.strip()
+    # max_autotune times the kernels it may use; its tables of timings (some 60 lines on stderr) are not printed
+    assert seen and set(seen) == {(True, 0, False)}
     # on a CPU torch.compile needs a C++ compiler: without one, --compile is one clear line (a fresh compile cache,
     # so nothing compiled above is reused)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
