@@ -2523,6 +2523,19 @@ def test_vl_strict_loading_lists_every_bad_key(vl_ckpt, tmp_path, capsys):
         vl.main(["--generate", "--from_pretrained", str(tmp_path / "bad"), "--prompt", "hi"])
 
 
+def test_vl_a_stage_one_model_runs_as_saved_its_projector_in_float32():
+    """A run with frozen bfloat16 towers and LLM trains its projector in float32 and is saved so (from_pretrained with
+    dtype None keeps each tensor's dtype): the bfloat16 features met the float32 projector, a dtype error outside the
+    command line's autocast. The projector reads them in its own dtype."""
+    cfg = vl.Config(**{**vl.PRESETS["tiny"], "vocab_size": 12, "image_token_index": 10, "video_token_index": 11})
+    model = vl.VideoLlava(cfg).to(torch.bfloat16)
+    model.multi_modal_projector.float()
+    ids = torch.tensor([vl.expand_placeholders([1, 10, 5], cfg, 1)])
+    out = vl.generate(model, ids, pixel_values_images=torch.randn(1, 3, cfg.image_size, cfg.image_size),
+                      max_new_tokens=3)
+    assert out.shape == (1, 3)
+
+
 def test_vl_whitening_from_few_pictures_keeps_others_in_range():
     """A few pictures give fewer patches than pixels per patch: components of ~0 variance got a 1/std gain that blew
     other pictures' patch features up; only components with real variance are kept."""

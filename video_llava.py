@@ -702,8 +702,8 @@ class VideoLlavaMultiModalProjector(nn.Module):
         super().__init__()
         self.linear_1 = nn.Linear(cfg.v_hidden_size, cfg.hidden_size)  # Dv -> D
         self.linear_2 = nn.Linear(cfg.hidden_size, cfg.hidden_size)  # D -> D
-    def forward(self, x):  # (.., Dv) -> (.., D)
-        return self.linear_2(F.gelu(self.linear_1(x)))  # exact (erf) GELU, as projector_hidden_act "gelu"
+    def forward(self, x):  # (.., Dv) -> (.., D), in the projector's dtype (it trains in float32 beside frozen bfloat16)
+        return self.linear_2(F.gelu(self.linear_1(x.to(self.linear_1.weight.dtype))))  # exact (erf) GELU, as "gelu"
 
 def sincos_2d(n, dim):
     """Positions of an n x n patch grid (row-major) -> (n*n, dim): dim/4 sin-cos pairs of the column, then dim/4 of
