@@ -1247,8 +1247,7 @@ def eval_loss(model, ex, cfg, device):  # the mean of per-batch losses on val (b
 def sample_next(logits, temperature, top_k, top_p, generator):  # (B, V) -> (B,): argmax at temperature 0, else sampled
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float()
-    logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # max 0: a tiny temperature cannot overflow
+    logits = (logits.float() - logits.amax(-1, keepdim=True).float()) / temperature  # max 0: a tiny T cannot overflow
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
