@@ -1423,13 +1423,11 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     for name, what in (("video", "video file or frame folder"), ("image", "image file"), ("prompt", "the question")):
         p.add_argument(f"--{name}", default="", help=f"{what}, for --generate")
     p.add_argument("--n_tokens", type=int, help="text tokens of --inspect's memory estimate (default 64)")
-    p.add_argument("--preset", help=f"one of {sorted(PRESETS)} (default: default)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the sizes to start from (default: default)")
     for f in dataclasses.fields(Config):  # bools as --flag / --no-flag; None = not typed
         kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else {"type": type(f.default)}
         p.add_argument(f"--{f.name}", default=None, **kind)
-    args = p.parse_args(argv)
-    if args.preset not in (None, *PRESETS):
-        raise UserError(f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}")
+    args = p.parse_args(argv)  # argparse exits 2 itself on an unknown flag or preset
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset or "default"], **overrides})
     # flags the mode would not use: --generate reads these (and the architecture, checked against the checkpoint's);
@@ -1449,7 +1447,8 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     problems = [f"--{f} must be at least 1" for f in ("batch_size grad_accum n_frames max_new_tokens hidden_size "
                 "patch_size num_attention_heads num_key_value_heads v_hidden_size v_num_attention_heads image_size "
                 "max_steps log_interval eval_interval num_hidden_layers v_num_hidden_layers").split() if v[f] < 1]
-    problems += [f"--{f} {v[f]} must be a positive number" for f in ("lr", "grad_clip") if not 0 < v[f] < math.inf]
+    problems += [f"--{f} {v[f]} must be a positive number" for f in ("lr", "grad_clip", "rope_theta", "rms_norm_eps",
+                                                                     "v_layer_norm_eps") if not 0 < v[f] < math.inf]
     problems += [f"--{f} {v[f]} must be 0 or more" for f in ("min_lr", "weight_decay", "stop_after", "top_k",
                                                               "data_init", "temperature") if not 0 <= v[f] < math.inf]
     problems += [f"--{a} {v[a]} must be a multiple of --{b} {v[b]}" for a, b in (("hidden_size", "num_attention_heads"),
