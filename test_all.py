@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import types
+import warnings
 import zlib
 
 import pytest
@@ -1256,6 +1257,9 @@ def test_vc_patch_init_whitens_the_patches():
     model.init_from_data(images)
     assert torch.equal(model.vit.pos_embed[0, 0], cls_slot)
     torch.testing.assert_close(model.vit.pos_embed[0, 1:], vc.sincos_2d(n, cfg.vit_dim))
+    with warnings.catch_warnings():  # a width under 4 has no sin-cos pair: zeros, without torch's std() warning
+        warnings.simplefilter("error")
+        assert vc.sincos_2d(4, 3).shape == (16, 3) and not vc.sincos_2d(4, 3).any()
 
 
 @_vc_1t

@@ -382,7 +382,7 @@ def sincos_2d(n, dim):
     freqs = (math.pi / n) / 100.0 ** (torch.arange(dim // 4).double() / (dim // 4))  # (dim/4,)
     angles = [c.flatten()[:, None] * freqs for c in (cols, rows)]  # (n*n, dim/4) each
     pe = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)  # (n*n, 4 * (dim/4))
-    pe = (pe - pe.mean(0)) / pe.std(0).clamp_min(1e-6)
+    pe = (pe - pe.mean(0)) / pe.std(0).clamp_min(1e-6) if pe.numel() else pe  # (dim < 4: no features, all zeros)
     return torch.cat([pe, pe.new_zeros(n * n, dim - pe.shape[1])], 1).float()  # dim not a multiple of 4: zeros
 
 def pixels(images):  # uint8 (B, S, S, 3) -> float (B, 3, S, S) in [-1, 1], fixed: the model learns from scratch
