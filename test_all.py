@@ -917,6 +917,20 @@ def test_vm_save_cut_off_before_train_state_refuses_resume(capsys, _vm_trained, 
     main_user_error(vm.main, capsys, ["--train", "--resume", "--out_dir", out], "nothing to resume (no train_state.pt)")
 
 
+def test_vm_a_new_run_removes_the_old_runs_scores_and_picture(_vm_trained, tmp_path):
+    """A new --train into a folder that holds an older run: its first save removes the old weights' eval.json,
+    attention.png and train_state.pt, so a run stopped before its evaluation leaves no scores or picture of weights
+    it replaced."""
+    tmp, _ = _vm_trained
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ("model.safetensors", "config.json", "train_state.pt", "eval.json", "attention.png"):
+        (out / f).write_bytes((tmp / "out" / f).read_bytes())
+    vm.main(["--train", "--preset", "tiny", "--data_dir", str(tmp / "data"), "--out_dir", str(out), "--stop_after", "2"])
+    assert sorted(f.name for f in out.iterdir()) == ["config.json", "model.safetensors", "train_state.pt"]
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2  # the new run's state
+
+
 def test_vm_original_preset_sizes():
     """--preset original: the write-up's text-query design over the full GPT-2 vocabulary, without dropout or weight
     decay; it gives no layer, width, head or frame counts, so those are the defaults."""

@@ -483,15 +483,15 @@ def atomic(path, write):
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
 def save_checkpoint(model, tok, cfg, opt, step, scaler, batch=None):  # train_state.pt: what --resume needs
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    os.makedirs(out := cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
-    for stale in filter(os.path.isfile, (os.path.join(cfg.out_dir, n) for n in ("eval.json", "train_state.pt"))):
-        os.remove(stale)  # both belong to the old weights: eval.json scored them, their state would --resume the new
+    atomic(os.path.join(out, "model.safetensors"), lambda p: save_file(state, p))
+    for old in filter(os.path.isfile, (os.path.join(out, n) for n in ("eval.json", "attention.png", "train_state.pt"))):
+        os.remove(old)  # the old weights' scores and attention map, and their state (it would --resume the new)
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
-    atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
+    atomic(os.path.join(out, "config.json"), lambda p: json.dump(meta, open(p, "w")))
     ts = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, rng=torch.get_rng_state(), batch=batch)
-    atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
+    atomic(os.path.join(out, "train_state.pt"), lambda p: torch.save(ts, p))
 
 def load_checkpoint(out_dir, overrides=None, fixed=()):  # -> (model, tokenizer, cfg): the saved config, overrides on
     # top, but an override of a `fixed` field that differs is refused, as is a missing, damaged or foreign checkpoint
