@@ -869,6 +869,21 @@ def test_vm_resume_keeps_the_checkpoint_architecture(_vm_trained, tmp_path):
 
 
 
+def test_vm_resume_with_no_steps_left_is_refused(_vm_trained, tmp_path, capsys):
+    """--resume of a run already at --max_steps (the saved one, or a typed one at or below the saved step) would train
+    nothing and evaluate: refused before any data is built, naming the step and the fix; nothing in the folder changes."""
+    tmp, _ = _vm_trained
+    out, unbuilt = tmp_path / "out", tmp_path / "unbuilt"
+    out.mkdir()
+    for f in ("model.safetensors", "config.json", "train_state.pt", "eval.json", "attention.png"):
+        (out / f).write_bytes((tmp / "out" / f).read_bytes())
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    for steps in ([], ["--max_steps", "6"], ["--max_steps", "4"]):  # the shared run ended at step 6 of 6
+        main_user_error(vm.main, capsys, ["--train", "--resume", "--out_dir", out, "--data_dir", unbuilt, *steps],
+                        f"{out}: at step 6 already; pass a larger --max_steps, or --eval to score it as it is")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before and not unbuilt.exists()
+
+
 def test_vm_resume_refuses_words_outside_the_saved_token_table(_vm_trained, tmp_path, capsys):
     """--resume with --data whose captions hold a word the checkpoint's token table lacks (encode would drop it, the
     caption would train as something else) is refused naming the whole word and the folder; nothing is written."""

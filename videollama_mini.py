@@ -509,8 +509,7 @@ def load_checkpoint(out_dir, overrides=None, fixed=()):  # -> (model, tokenizer,
                  if k in fixed and v != getattr(saved, k)]:
         raise UserError(f"{out_dir}: this mode keeps the value the run was saved with; drop {clash[0]}")
     cfg = dataclasses.replace(saved, **{**{k: v for k, v in typed.items() if k not in fixed}, "out_dir": out_dir})
-    tok = Tokenizer(meta["vocab"])  # the token table saved with the weights
-    model = VideoLLaMAMini(cfg, len(tok.ids))
+    tok, model = Tokenizer(meta["vocab"]), VideoLLaMAMini(cfg, len(meta["vocab"]))  # the weights' own token table
     try:
         state = load_file(wpath)
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
@@ -575,8 +574,7 @@ def cider_d(preds, refs, sigma=6.0):
 
 # Training -------------------------------------------------------------------------------------------------------------
 def pick_device(name):  # --device auto: cuda > mps > cpu; a named one (cpu, mps, cuda, cuda:N) must exist here
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # none on a machine without CUDA
+    mps, gpus = torch.backends.mps.is_available(), [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     have = ["auto", "cpu"] + ["mps"] * mps + ["cuda"] * bool(gpus) + gpus  # the names --device accepts here
     if name not in have:
         raise UserError(f"--device {name}: not available on this machine; choose one of {', '.join(have)}")
@@ -670,9 +668,12 @@ def start_config(cfg, typed=None, resume=False):
     try:  # torch raises several error types for a truncated file; another run's does not fit this model's AdamW
         ts = torch.load(path, weights_only=True)
         torch.optim.AdamW(decay_groups(model, 0.0)).load_state_dict(ts["optimizer"])
-        return saved, (model, tok, dict(ts, step=int(ts["step"]), rng=ts["rng"]))  # KeyError: not a training state
+        ts = dict(ts, step=int(ts["step"]), rng=ts["rng"])  # KeyError: not a training state
     except Exception:
         raise UserError(f"{path}: damaged or another run's; drop --resume to start afresh (copy the folder to keep it)")
+    if (step := ts["step"]) >= saved.max_steps:  # the loop would train nothing and go straight to the evaluation
+        raise UserError(f"{out}: at step {step} already; pass a larger --max_steps, or --eval to score it as it is")
+    return saved, (model, tok, ts)
 
 def decay_groups(model, weight_decay):
     """AdamW groups: weight decay on the weight matrices of Linear and Conv2d layers only. Biases, norms, the
@@ -994,7 +995,7 @@ def parse_args(argv=None):
     low = below(1, "n_train n_val n_test n_novel n_frames img_size d_model n_head cnn_width grid n_qformer_layer beam")
     low += below(1, "n_query n_dec_layer batch_size grad_accum max_steps log_interval eval_interval max_new_tokens")
     neg = below(0, "n_temporal_layer warmup stop_after top_k")
-    errors = [why for bad, why in [  # (bad value, the line that names the flag and the fix): refused before any work
+    if errors := [why for bad, why in [  # (bad value, the line naming the flag and the fix): refused before any work
         (low, f"{', '.join(low)}: must be at least 1"), (neg, f"{', '.join(neg)}: must be 0 or more"),
         (cfg.max_len < 2, f"--max_len {cfg.max_len}: must be at least 2 (BOS and one caption token)"),
         (cfg.img_size < 3, f"--img_size {cfg.img_size}: must be at least 3 (GroupNorm needs 2x2 after the first conv)"),
@@ -1015,8 +1016,7 @@ def parse_args(argv=None):
         (args.preset and (args.resume or args.eval or args.generate), f"--preset {args.preset}: --resume, --eval and "
          "--generate take the sizes from the checkpoint in --out_dir; drop --preset"),
         (args.video and not args.generate, f"--video {args.video}: only with --generate (the mode that captions it)"),
-        (args.generate and not args.video, "--generate needs --video PATH (a video file or a frames folder)")] if bad]
-    if errors:
+        (args.generate and not args.video, "--generate needs --video PATH (a video file or a frames folder)")] if bad]:
         raise UserError(errors[0])
     return args, cfg, overrides
 
