@@ -796,7 +796,12 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     assert len(batch) == 8 and all(batch.count(i) in (2, 3) for i in range(3))  # every clip two or three times
     # --resume with another architecture or a truncated train_state.pt is refused; the checkpoint is left as it was
     before = {f.name: f.read_bytes() for f in out.iterdir()}
-    main_user_error(vm.main, capsys, unbuilt + ["--out_dir", out, "--n_dec_layer", "3"], "--n_dec_layer 3", "saved as 1")
+    main_user_error(vm.main, capsys, unbuilt + ["--out_dir", out, "--n_dec_layer", "3"],
+                    "drop --n_dec_layer 3 (saved as --n_dec_layer 1)")
+    # a boolean flag is named as it is typed, and so is the saved value
+    main_user_error(vm.main, capsys, unbuilt + ["--out_dir", out, "--no-frame_diff"], "drop --no-frame_diff (saved as "
+                    "--frame_diff)")
+    main_user_error(vm.main, capsys, ["--eval", "--out_dir", out, "--compile"], "drop --compile (saved as --no-compile)")
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     cut = tmp_path / "cut"
     cut.mkdir()

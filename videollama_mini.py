@@ -72,6 +72,9 @@ def read_json(path):  # path's JSON object as a dict, or None: missing, unreadab
     with contextlib.suppress(OSError, ValueError):  # ValueError: not JSON, or not UTF-8
         return obj if isinstance(obj := json.load(open(path, encoding="utf-8")), dict) else None
 
+def as_typed(k, v):  # flag --k with value v as a user types it: --k v, a boolean as --k or --no-k
+    return (f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k} {v}"
+
 # Config ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Config:
@@ -140,15 +143,6 @@ NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),  # 
                ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}  # one per colour, two per shape
 RENDER, CLIP_LEN, HALF, TRAVEL = 64, 16, 9, 26  # written frame side, frames per clip, shape half-size, pixels moved
 
-def draw_shape(img, shape, c, cx, cy):  # c: the colour, BGR as OpenCV draws
-    if shape == "circle":
-        cv2.circle(img, (cx, cy), HALF, c, -1, cv2.LINE_AA)
-    elif shape == "square":
-        cv2.rectangle(img, (cx - HALF + 1, cy - HALF + 1), (cx + HALF - 1, cy + HALF - 1), c, -1)
-    else:
-        pts = np.array([[cx, cy - HALF], [cx - HALF, cy + HALF - 1], [cx + HALF, cy + HALF - 1]], np.int32)
-        cv2.fillPoly(img, [pts], c, cv2.LINE_AA)
-
 def caption_for(objects, verb):  # [(colour, shape, motion, x0, y0)] -> 'a red circle moves left and ...', leftmost 1st
     objects = sorted(objects, key=lambda o: o[3])  # left to right by starting x
     return " and ".join(f"a {c} {s} {verb} {m}" for c, s, m, _, _ in objects)
@@ -173,16 +167,22 @@ def write_clip(path, objects):  # render CLIP_LEN frames of RENDER x RENDER, wri
         img = np.full((RENDER, RENDER, 3), 60, np.uint8)  # grey background
         frac = t / (CLIP_LEN - 1)  # 0 -> 1 along the path
         for colour, shape, motion, x0, y0 in objects:
-            dx, dy = MOTIONS[motion]
-            draw_shape(img, shape, COLOURS[colour], round(x0 + dx * TRAVEL * frac), round(y0 + dy * TRAVEL * frac))
+            (dx, dy), c = MOTIONS[motion], COLOURS[colour]  # c: the colour, BGR as OpenCV draws
+            cx, cy = round(x0 + dx * TRAVEL * frac), round(y0 + dy * TRAVEL * frac)  # the shape's centre now
+            if shape == "circle":
+                cv2.circle(img, (cx, cy), HALF, c, -1, cv2.LINE_AA)
+            elif shape == "square":
+                cv2.rectangle(img, (cx - HALF + 1, cy - HALF + 1), (cx + HALF - 1, cy + HALF - 1), c, -1)
+            else:  # a triangle, apex up
+                pts = np.array([[cx, cy - HALF], [cx - HALF, cy + HALF - 1], [cx + HALF, cy + HALF - 1]], np.int32)
+                cv2.fillPoly(img, [pts], c, cv2.LINE_AA)
         writer.write(img)
     writer.release()  # flushes the mp4
 
 def build_world(cfg):  # write data_dir/<split>/*.mp4 and <split>.txt once (deterministic from cfg.seed)
     sizes, d = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "novel": cfg.n_novel}, cfg.data_dir
     stamp, want = os.path.join(d, "world.json"), dict(sizes, seed=cfg.seed, version=1, script=SCRIPT)  # the manifest
-    old = read_json(stamp) or {}  # {}: missing or damaged
-    if old == want:  # already written
+    if (old := read_json(stamp) or {}) == want:  # already written ({}: missing or damaged)
         return
     check_folder(d, "--data_dir", old.get("script") == SCRIPT,  # ours: its world.json names this script
                  "a folder this script did not write (no world.json of its own); give a new or empty one or use --data")
@@ -505,8 +505,8 @@ def load_checkpoint(out_dir, overrides=None, fixed=()):  # -> (model, tokenizer,
         raise UserError(f"{cpath}: damaged, no 'config' object or 'vocab' list (retrain with --train)")
     known, typed = {f.name for f in dataclasses.fields(Config)}, overrides or {}  # a key this version lacks: ignored
     saved = Config(**{k: v for k, v in meta["config"].items() if k in known})
-    if clash := [f"--{k} {v} ({'world ' if k in WORLD else ''}saved as {getattr(saved, k)})" for k, v in typed.items()
-                 if k in fixed and v != getattr(saved, k)]:
+    if clash := [f"{as_typed(k, v)} ({'world ' if k in WORLD else ''}saved as {as_typed(k, getattr(saved, k))})"
+                 for k, v in typed.items() if k in fixed and v != getattr(saved, k)]:
         raise UserError(f"{out_dir}: this mode keeps the value the run was saved with; drop {clash[0]}")
     cfg = dataclasses.replace(saved, **{**{k: v for k, v in typed.items() if k not in fixed}, "out_dir": out_dir})
     tok, model = Tokenizer(meta["vocab"]), VideoLLaMAMini(cfg, len(meta["vocab"]))  # the weights' own token table
