@@ -1142,12 +1142,12 @@ def test_vm_damaged_config_json(_vm_trained, tmp_path, capsys):
 
 
 def test_vm_bench_times_the_plain_decode_loop(monkeypatch, capsys):
-    """--bench times 20 decode steps per caption with and without the cache, whatever --beam says: a beam search would
-    use the cache either way and stop at its own time."""
+    """--bench times 20 decode steps per caption with and without the cache, whatever beam its config holds (a typed
+    --beam is refused): a beam search would use the cache either way and stop at its own time."""
     seen, plain = [], vm.generate
     monkeypatch.setattr(vm, "generate", lambda model, video, cfg, *a, **k: seen.append(cfg.beam) or plain(
         model, video, cfg, *a, **k))
-    vm.main(["--bench", "--preset", "tiny", "--beam", "3"])
+    vm.bench(vm.Config(**{**vm.PRESETS["tiny"], "beam": 3}))
     assert seen == [1] * 6 and "cache off" in capsys.readouterr().out
     vm.main(["--bench", "--preset", "tiny", "--max_len", "16"])  # a context under 20 tokens: 15 (it was a traceback)
     assert "(batch 8, 15 tokens each" in capsys.readouterr().out
@@ -7153,6 +7153,15 @@ def test_vm_flags_that_would_be_ignored_are_refused(_vm_trained, tmp_path, capsy
     for flag in ("--n_query", "--n_qformer_layer"):
         main_user_error(vm.main, capsys, tiny + [flag, 3], flag, "--qformer_mode queries")
     assert vm.parse_args(["--qformer_mode", "queries", "--n_query", "3"])[1].n_query == 3
+    # --bench times a new model of the typed sizes on random clips: a flag it does not read is named as typed
+    bench = ["--bench", "--preset", "tiny"]
+    main_user_error(vm.main, capsys, bench + ["--lr", "0.5", "--no-compile", "--out_dir", tmp_path / "o", "--beam", 3],
+                    f"--out_dir {tmp_path / 'o'}, --lr 0.5, --no-compile, --beam 3: not read by --bench", "drop it")
+    for flag, value in (("--seed", 3), ("--data_dir", tmp_path / "d"), ("--max_new_tokens", 5), ("--n_query", 3)):
+        main_user_error(vm.main, capsys, bench + [flag, value], f"{flag} {value}: not read by --bench")
+    reads = ["--qformer_mode", "queries", "--n_query", "3", "--no-frame_diff", "--dropout", "0", "--batch_size", "2",
+             "--temperature", "0.5", "--top_k", "3", "--top_p", "0.9", "--dtype", "float32", "--device", "cpu"]
+    assert vm.parse_args(bench + reads)[1].n_query == 3  # what --bench builds and times
     ann = tmp_path / "mine.txt"
     ann.write_text(f"{_vm_trained[0] / 'data' / 'train' / '00000.mp4'}\na red circle moves left\n")
     data = ["--train", "--preset", "tiny", "--data", ann, "--test_data", ann, "--out_dir", tmp_path / "o"]

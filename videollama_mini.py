@@ -144,8 +144,7 @@ NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),  # 
 RENDER, CLIP_LEN, HALF, TRAVEL = 64, 16, 9, 26  # written frame side, frames per clip, shape half-size, pixels moved
 
 def caption_for(objects, verb):  # [(colour, shape, motion, x0, y0)] -> 'a red circle moves left and ...', leftmost 1st
-    objects = sorted(objects, key=lambda o: o[3])  # left to right by starting x
-    return " and ".join(f"a {c} {s} {verb} {m}" for c, s, m, _, _ in objects)
+    return " and ".join(f"a {c} {s} {verb} {m}" for c, s, m, _, _ in sorted(objects, key=lambda o: o[3]))  # by x0
 
 def sample_objects(rng, split):  # one or two objects whose pairs fit the split; two start >= 2*HALF apart in x
     n = 1 if rng.random() < 0.4 else 2  # 40% single-object clips
@@ -163,9 +162,8 @@ def sample_objects(rng, split):  # one or two objects whose pairs fit the split;
 
 def write_clip(path, objects):  # render CLIP_LEN frames of RENDER x RENDER, written as an mp4v mp4
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 8, (RENDER, RENDER))
-    for t in range(CLIP_LEN):
+    for frac in (t / (CLIP_LEN - 1) for t in range(CLIP_LEN)):  # each frame's place along the path, 0 -> 1
         img = np.full((RENDER, RENDER, 3), 60, np.uint8)  # grey background
-        frac = t / (CLIP_LEN - 1)  # 0 -> 1 along the path
         for colour, shape, motion, x0, y0 in objects:
             (dx, dy), c = MOTIONS[motion], COLOURS[colour]  # c: the colour, BGR as OpenCV draws
             cx, cy = round(x0 + dx * TRAVEL * frac), round(y0 + dy * TRAVEL * frac)  # the shape's centre now
@@ -652,6 +650,7 @@ WORLD = ("seed", "n_train", "n_val", "n_test", "n_novel")  # the synthetic world
 TRAINING = ("batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "compile",
             "log_interval", "eval_interval", "stop_after", "dropout")  # read by --train only
 DATA = ("data", "test_data", "data_dir")  # what --eval reads and --generate does not
+BENCH = ARCH + ("batch_size", "dropout", "dtype", "device", "temperature", "top_k", "top_p")  # all that --bench reads
 
 def start_config(cfg, typed=None, resume=False):
     """Checked before any data. A fresh run: out_dir must be missing, empty or this script's. --resume: out_dir's saved
@@ -989,8 +988,8 @@ def parse_args(argv=None):
     overrides.update({k: os.path.abspath(v) for k, v in overrides.items() if v and k in ("data", "test_data")})
     cfg = Config(**{**PRESETS[args.preset or "default"], **overrides})
     fresh = not (args.resume or args.eval or args.generate)  # else the checkpoint's sizes run (a typed one: refused)
-    query = [f"--{k}" for k in ("n_query", "n_qformer_layer")  # the learned-query Q-Former's, unused by "text"
-             if fresh and k in overrides and cfg.qformer_mode == "text"]
+    unread = [as_typed(k, v) for k, v in overrides.items() if args.bench and k not in BENCH  # typed, unread by --bench
+              or fresh and k in ("n_query", "n_qformer_layer") and cfg.qformer_mode == "text"]  # or by "text"
     below = lambda least, names: [f"--{k} {getattr(cfg, k)}" for k in names.split() if getattr(cfg, k) < least]
     low = below(1, "n_train n_val n_test n_novel n_frames img_size d_model n_head cnn_width grid n_qformer_layer beam")
     low += below(1, "n_query n_dec_layer batch_size grad_accum max_steps log_interval eval_interval max_new_tokens")
@@ -1007,12 +1006,13 @@ def parse_args(argv=None):
         (not 0 <= cfg.weight_decay < math.inf, f"--weight_decay {cfg.weight_decay}: must be finite, 0 or more"),
         (fresh and cfg.d_model % math.lcm(2, cfg.n_head or 1),
          f"--d_model {cfg.d_model}: must be even, a multiple of --n_head {cfg.n_head}"),
-        (query, f"{', '.join(query)}: the learned-query Q-Former's sizes; only with --qformer_mode queries"),
         (cfg.cnn_width % 8, f"--cnn_width {cfg.cnn_width}: must be a multiple of 8 (GroupNorm's 8 groups)"),
         (not cfg.temperature >= 0, f"--temperature {cfg.temperature}: must be 0 (greedy) or more"),
         (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1]; 1 keeps every token"),
         (sum(map(bool, (args.train or args.eval, args.generate, args.bench))) > 1 or args.resume and not args.train,
          "one mode per call: --train (it also evaluates), --eval, --generate or --bench; --resume goes with --train"),
+        (unread, f"{', '.join(unread)}: " + ("not read by --bench (it times a new model of these sizes on random "
+         "clips); drop it" if args.bench else "the learned-query Q-Former's sizes; only with --qformer_mode queries")),
         (args.preset and (args.resume or args.eval or args.generate), f"--preset {args.preset}: --resume, --eval and "
          "--generate take the sizes from the checkpoint in --out_dir; drop --preset"),
         (args.video and not args.generate, f"--video {args.video}: only with --generate (the mode that captions it)"),
