@@ -1297,6 +1297,27 @@ def test_vc_patch_init_whitens_the_patches():
 
 
 @_vc_1t
+def test_vc_patch_init_of_big_patches_solves_the_small_gram_matrix(monkeypatch):
+    """Fewer patches than numbers in one (big patches): init_from_data solves the n x n Gram matrix of the n patches,
+    never the (3 p^2)^2 covariance (minutes at --patch 48, out of memory at 500), and gets the covariance's components
+    (up to sign) and biases: 6 images of 4 patches of 3*8*8 = 192 numbers -> a 24 x 24 matrix."""
+    model, cfg = _vc_model(vit_dim=16)
+    images = _vc_images(6, cfg)
+    eigh, shapes = torch.linalg.eigh, []
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: shapes.append(tuple(a.shape)) or eigh(a))
+    model.init_from_data(images)
+    assert shapes == [(24, 24)]
+    x = torch.nn.functional.unfold(vc.pixels(images), 8, stride=8).transpose(1, 2).flatten(0, 1).double()  # (24, 192)
+    evals, evecs = eigh(torch.cov(x.T))  # the covariance's components, ascending
+    want = (evecs[:, -16:].flip(1) / evals[-16:].flip(0).sqrt()).T  # (16, 192): the 16 largest, each over its std
+    got = model.vit.patch_embed.weight.flatten(1).double()
+    sign = (got * want).sum(1).sign()[:, None]  # an eigenvector's sign is arbitrary
+    torch.testing.assert_close(got * sign, want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.vit.patch_embed.bias.double() * sign[:, 0], -(want @ x.mean(0)), rtol=1e-4,
+                               atol=1e-6)
+
+
+@_vc_1t
 def test_vc_rope_rotate_half_matches_complex_rotation():
     """rotate_half RoPE == rotating each (i, i + hd/2) pair by angle pos * theta^(-2i/hd), in float64."""
     hd, T = 8, 5

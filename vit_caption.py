@@ -448,12 +448,14 @@ class ViTCaptioner(nn.Module):  # ViT -> linear projection -> LLaMA-style decode
         the directions the patches vary most in (edges and colours). Only the starting point changes, not the model."""
         conv, p = self.vit.patch_embed, self.cfg.patch
         patches = F.unfold(pixels(images), p, stride=p).transpose(1, 2).flatten(0, 1).double()  # (B*P, 3*p*p)
-        mean = patches.mean(0)  # (3*p*p,)
-        evals, evecs = torch.linalg.eigh(torch.cov((patches - mean).T))  # ascending; evecs (3*p*p, 3*p*p)
+        x = patches - (mean := patches.mean(0))  # centred, (n, 3*p*p) for n = B*P patches
+        # big patches (n < 3*p*p): the n x n Gram matrix x x^T has the covariance's nonzero eigenvalues, and is smaller
+        evals, evecs = torch.linalg.eigh(x @ x.T / (len(x) - 1) if (gram := len(x) < x.shape[1]) else torch.cov(x.T))
         # only components with real variance (few images leave some near 0: a 1/std gain would blow new images up)
         k = min(conv.out_channels, int((evals > 1e-5 * evals[-1]).sum()))
-        # (3*p*p, k) -> (k, 3*p*p): one row per component, largest first, divided by its std so its output has std 1
-        w = (evecs[:, len(evals) - k:].flip(1) / (evals[len(evals) - k:].flip(0).sqrt())).T * self.cfg.patch_scale
+        evals, evecs = evals[len(evals) - k:].flip(0), evecs[:, len(evals) - k:].flip(1)  # the k largest, largest first
+        evecs = x.T @ evecs / (evals * (len(x) - 1)).sqrt() if gram else evecs  # Gram's u -> cov's x^T u, unit length
+        w = (evecs / evals.sqrt()).T * self.cfg.patch_scale  # (k, 3*p*p): a row per component / its std: output std 1
         conv.weight.zero_(), conv.bias.zero_()  # channels beyond the k components stay zero
         conv.weight.view(conv.out_channels, -1)[:k] = w.float()  # (E, 3, p, p) seen as (E, 3*p*p): unfold's order
         conv.bias[:k] = -(w @ mean).float()  # centred: the mean patch maps to zero
@@ -629,8 +631,7 @@ def lr_at(step, cfg):  # linear warmup, then cosine decay to min_lr
 def global_batch(step, n, size, seed):  # a step's indices: a fresh permutation per epoch, the same on every rank
     n_all = n * -(-size // n)  # n, or n repeated ceil(size / n) times: a set smaller than a batch (--max_train 16)
     epoch, k = divmod(step, n_all // size)  # which epoch, which batch inside it
-    perm = torch.randperm(n_all, generator=torch.Generator().manual_seed(seed + epoch)) % n
-    return perm[k * size:(k + 1) * size]
+    return (torch.randperm(n_all, generator=torch.Generator().manual_seed(seed + epoch)) % n)[k * size:(k + 1) * size]
 
 def prepare_data(cfg, rank, typed=()):  # -> {split: (entries, uint8 (n, S, S, 3) images)}, decoded once for all epochs
     if cfg.test_data and not cfg.data:  # the synthetic world has its own test split: never silently ignored
@@ -659,8 +660,7 @@ def setup_distributed(cfg):  # -> (rank, world, device): torchrun's WORLD_SIZE >
         return 0, 1, device
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device := f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return dist.get_rank(), dist.get_world_size(), device
 
 def init_training(cfg, entries, images, resumed, device):  # -> (model, tok, opt, scaler, step): fresh, or resumed
