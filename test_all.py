@@ -1656,6 +1656,12 @@ def test_vc_checkpoint_round_trip_and_exact_resume(tmp_path, capsys):
     assert set(ev) == {"test", "novel", "train_seconds"} and ev["test"]["n"] == 12
     assert 0 <= ev["test"]["exact_match"] <= 1 and ev["test"]["samples"]
     assert cv2.imread(str(tmp_path / "full" / "attention.png")) is not None
+    # a run at or past its --max_steps has nothing to train (it would only evaluate again): refused, nothing written
+    before = {f.name: f.read_bytes() for f in (tmp_path / "full").iterdir()}
+    for more in ([], ["--max_steps", 4]):
+        main_user_error(vc.main, capsys, ["--train", "--resume", "--out_dir", tmp_path / "full", "--data_dir", nodata,
+                                          *more], "full: saved at step 6: pass a --max_steps above it, or --eval")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "full").iterdir()} == before and not nodata.exists()
 
 
 @_vc_1t

@@ -726,6 +726,8 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
             resumed = model, tok, torch.load(path, weights_only=True)
         except Exception as e:  # a truncated or foreign file: zip, pickle or torch errors
             raise UserError(f"{path}: cannot read it ({type(e).__name__}; damaged?); train again without --resume")
+        if (s := resumed[2]["step"]) >= cfg.max_steps:  # no step left to train: it would only evaluate again
+            raise UserError(f"{cfg.out_dir}: saved at step {s}: pass a --max_steps above it, or --eval to score it")
     cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))  # saved so: found from any folder
     check_decoding(cfg)
     rank, world, device = setup_distributed(cfg)
@@ -797,9 +799,8 @@ def filter_logits(logits, top_k, top_p):  # keep the top_k largest and the small
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
-def prefill_input(model, images):  # [visual prefix, BOS] embedded: (B, N+1, D); rows share one length: no padding
-    bos = torch.zeros(images.shape[0], 1, dtype=torch.long, device=images.device)
-    return torch.cat([model.encode(images), model.embed_tokens(bos)], 1)
+def prefill_input(model, images):  # [visual prefix, BOS (id 0)] embedded: (B, N+1, D); rows share one length
+    return torch.cat([model.encode(images), model.embed_tokens(images.new_zeros(len(images), 1, dtype=torch.long))], 1)
 
 def next_logits(model, x, cache=None, pos=0):  # x (B, T, D) at positions pos.. -> float logits (B, V) of the next token
     return model.lm_head(model.decode(x, cache, pos)[:, -1]).float()
