@@ -1638,6 +1638,9 @@ def test_vc_checkpoint_round_trip_and_exact_resume(tmp_path, capsys):
     vc.train(_vc_cfg(tmp_path, out_dir=str(cut), vit_dropout=0.2, dropout=0.1, stop_after=3))
     main_user_error(vc.main, capsys, ["--train", "--resume", "--out_dir", cut, "--data_dir", nodata, "--d_model", 64,
                                       "--pool", "patches"], "--d_model 64 (saved as 32)")
+    for argv, named in ((["--train", "--resume", "--no-compact_vocab"], "drop --no-compact_vocab (saved as True)"),
+                        (["--eval", "--compile"], "drop --compile (saved as False)")):  # booleans named as typed
+        main_user_error(vc.main, capsys, [*argv, "--out_dir", cut, "--data_dir", nodata], named)
     os.makedirs(tmp_path / "bad")
     for name in ("config.json", "model.safetensors"):
         (tmp_path / "bad" / name).write_bytes((cut / name).read_bytes())

@@ -523,9 +523,9 @@ def load_checkpoint(out_dir, overrides=None, fixed=ARCH):  # -> (model, tok, cfg
     if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("vocab"), list):
         raise UserError(f"{cpath}: no 'config' object or 'vocab' list (checkpoint damaged; retrain or pass --out_dir)")
     saved = {k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
-    typed = overrides or {}  # a typed flag that differs from a saved `fixed` field is refused
-    if clash := [f"--{k} {v} ({'world ' if k in WORLD else ''}saved as {saved.get(k)})" for k, v in typed.items()
-                 if k in fixed and v != saved.get(k)]:
+    typed = overrides or {}  # a typed flag that differs from a saved `fixed` field is refused, named as it was typed
+    if clash := [f"--{'no-' * (v is False)}{k}{f' {v}' * (type(v) is not bool)} ({'world ' if k in WORLD else ''}"
+                 f"saved as {saved.get(k)})" for k, v in typed.items() if k in fixed and v != saved.get(k)]:
         raise UserError(f"{out_dir}: this mode keeps the value the run was saved with; drop {clash[0]}")
     cfg = Config(**{**saved, **{k: v for k, v in typed.items() if k not in fixed}, "out_dir": out_dir})
     tok = Tokenizer(meta["vocab"])  # the token table the model was trained with
