@@ -1824,6 +1824,10 @@ def test_vc_train_eval_generate_cli(tmp_path, capsys):
                          ([], "--image")):
         main_user_error(vc.main, capsys, ["--generate", "--out_dir", out, *args], needle)
     assert open(os.path.join(out, "model.safetensors"), "rb").read() == before
+    # a new run into this folder: its first save removes the old run's scores and attention picture with its state
+    vc.main(["--train", "--preset", "tiny", "--data_dir", data, "--out_dir", out, "--stop_after", "1"])
+    assert not any(os.path.exists(os.path.join(out, n)) for n in ("eval.json", "attention.png"))
+    assert torch.load(os.path.join(out, "train_state.pt"))["step"] == 1
 
 
 def test_vc_cut_off_transparent_and_folder_images(tmp_path):

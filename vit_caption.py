@@ -500,8 +500,8 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler, batch=None):  # train_st
     os.makedirs(cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
-    for stale in filter(os.path.isfile, (os.path.join(cfg.out_dir, n) for n in ("eval.json", "train_state.pt"))):
-        os.remove(stale)  # both belong to the old weights: eval.json scored them, their state would --resume the new
+    for old in filter(os.path.isfile, (f"{cfg.out_dir}/{n}" for n in ("eval.json", "attention.png", "train_state.pt"))):
+        os.remove(old)  # the old weights': their scores, their picture, and a state that would --resume the new ones
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
     ts = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, rng=torch.get_rng_state(), batch=batch)
