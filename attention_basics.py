@@ -130,6 +130,9 @@ class Config:
 
 # How to run, not what was trained: left out of saved checkpoints, always taken from the command line.
 RUN_FIELDS = ("out_dir", "dtype", "device", "threads", "log_interval", "section", "variant")
+# All that the tour (no mode) reads: parse_args refuses any other flag typed for it, which it would ignore.
+TOUR_FIELDS = ("img_size", "patch", "d_model", "n_head", "n_vit_layer", "n_text_layer", "n_dec_layer", "d_embed",
+               "n_latents", "n_perceiver_layer", "max_frames", "max_len", "sdpa", "seed", "threads", "section")
 
 PRESETS = {"default": {}, "tiny": dict(n_img_train=48, n_img_test=12, n_train=32, n_test=8, n_novel=8, img_size=16,
     patch=8, n_frames=3, d_model=32, n_head=2, n_vit_layer=1, n_text_layer=1, n_dec_layer=1, d_embed=16, n_latents=8,
@@ -585,10 +588,9 @@ class Decoder(Module):
                 x = self.xattn[i](x, media, media_mask)  # Flamingo: read the media, then the LM block
             x = block(x)  # causal: a prefix token sees earlier prefix tokens, a text token the prefix and its past
         logits = self.head(self.ln(x[:, n_prefix:]))  # (B, L, V): text positions only
-        loss = None
-        if targets is not None:  # next-token cross-entropy; -100 marks positions after EOS
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)  # mean: ()
-        return logits, loss
+        if targets is None:  # generation; training: next-token cross-entropy, -100 marks positions after EOS
+            return logits, None
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)  # mean: ()
 
 class Captioner(Module):
     """Video -> caption, two ways. Frames go one by one through the (CLIP) ViT: (B, F, P, D) frame tokens. Then
@@ -787,8 +789,7 @@ def tour_perceiver(cfg):
     print("== perceiver: any number of frames -> a fixed set of latents ==")
     d, Q = cfg.d_model, cfg.n_latents
     res = PerceiverResampler(d, cfg.n_head, Q, cfg.n_perceiver_layer, max(cfg.max_frames, 24), sdpa=False)  # F up to 24
-    P = (cfg.img_size // cfg.patch) ** 2 + 1
-    outs = []
+    P, outs = (cfg.img_size // cfg.patch) ** 2 + 1, []  # tokens per frame (patches + CLS), the output shapes
     for Fr in (1, 3, 8, 24):
         x = torch.randn(2, Fr, P, d, generator=torch.Generator().manual_seed(Fr))
         set_record(res, True)
@@ -1214,9 +1215,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS.get(args.preset, {}), **overrides})
+    unread = next((n for n in overrides if n not in TOUR_FIELDS), "") * (not (args.train or args.eval or args.generate))
     bad = [f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}"] * (args.preset not in PRESETS)
     bad = bad + config_problems(cfg) or [why for wrong, why in (  # the first bad flag, in one line naming it
-        (not (args.eval or args.generate) and cfg.n_frames > cfg.max_frames,  # (those two: the run's sizes)
+        (args.train and cfg.n_frames > cfg.max_frames,  # (those two: the run's sizes)
          f"--n_frames {cfg.n_frames}: at most --max_frames {cfg.max_frames}"),
         ((args.train or args.eval and os.path.isdir(cfg.out_dir)) and not writable(cfg.out_dir, os.path.join("clip",
          "config.json"), lambda m: not args.train or m.get("script") == SCRIPT), f"--out_dir {cfg.out_dir}: a file, "
@@ -1224,6 +1226,7 @@ def parse_args(argv=None):
         (args.video and (args.train or args.eval or not args.generate), "--video is for --generate, on its own"),
         ("variant" in overrides and not args.generate, "--variant picks --generate's model (--train, --eval run both)"),
         ("section" in overrides and (args.train or args.eval or args.generate), "--section is for the tour (no mode)"),
+        (unread, f"--{unread} is for --train (the tour does not read it)"),
         (args.generate and not args.video, "--generate needs --video PATH (a video or a folder of frames)")) if wrong]
     if bad:
         raise UserError(bad[0])
@@ -1232,12 +1235,9 @@ def parse_args(argv=None):
 def main(argv=None):
     try:
         args, cfg, typed = parse_args(argv)
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        if not (args.train or args.eval or args.generate):
-            return tour(cfg)
-        if args.train or args.eval:  # each prints the config it runs
-            return train(cfg) if args.train else evaluate_saved(cfg, typed)
+        torch.set_num_threads(cfg.threads or torch.get_num_threads())  # 0: PyTorch's default, left as it is
+        if not args.generate:  # --train or --eval (each prints the config it runs), or no mode: the tour
+            return train(cfg) if args.train else evaluate_saved(cfg, typed) if args.eval else tour(cfg)
         model, tok, cfg, _ = load_model(cfg, cfg.variant)
         refuse_changes(cfg, typed, "--generate")
         clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None]  # (1, F, S, S, 3)

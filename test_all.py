@@ -6202,7 +6202,7 @@ def test_ab_tour_runs(capsys):
     assert code == 0 and "== perceiver" in out and "== clip" not in out
     code, out, _ = _ab_main(capsys, "--section", "patchify", "--img_size", 16, "--patch", 16)  # a single patch
     assert code == 0 and "patch 0 is the top row's last" in out
-    code, out, _ = _ab_main(capsys, "--section", "perceiver", "--max_frames", 4, "--n_frames", 1)  # shows 24 frames
+    code, out, _ = _ab_main(capsys, "--section", "perceiver", "--max_frames", 2)  # shows 24 frames; --n_frames unread
     assert code == 0 and "every check passed" in out
     # the order check runs in float64: with 3 or 6 layers float32 rounding alone exceeded its tolerance (seed 1337)
     for layers in (3, 6):
@@ -6535,7 +6535,10 @@ def test_ab_user_folders_and_flag_ranges(tmp_path, capsys):
         _ab_user_error(capsys, flag, *tiny, "--out_dir", tmp_path / "o", flag, value)
     _ab_user_error(capsys, "--img_size 16 is not a multiple of --patch 5", "--section", "patchify", "--img_size", 16,
                    "--patch", 5)
-    assert _ab_main(capsys, "--section", "video", "--n_frames", 4, "--max_frames", 4)[0] == 0  # as many as it has
+    _ab_user_error(capsys, "--n_frames 5: at most --max_frames 4", *tiny, "--out_dir", tmp_path / "o", "--n_frames", 5,
+                   "--max_frames", 4)
+    sizes = ["--n_frames", "4", "--max_frames", "4", "--out_dir", str(tmp_path / "o")]
+    assert ab.parse_args(["--train", *sizes])[1].n_frames == 4  # as many time embeddings as it has: accepted
     assert (mine / "eval.json").read_text() == '{"my": 1}' and afile.read_text() == "x"
     assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
 
@@ -7073,6 +7076,19 @@ def test_ab_section_and_variant_outside_their_mode_are_refused(capsys, tmp_path)
     for argv in (["--eval"], ["--train"], []):
         _ab_user_error(capsys, "--variant picks --generate's model", *argv, "--variant", "unified", "--out_dir", o)
     assert not o.exists()
+
+
+def test_ab_tour_refuses_the_flags_it_does_not_read(capsys, tmp_path):
+    """The tour (no mode) reads the model's sizes, --seed, --threads and --section; a training or data flag typed
+    beside it was ignored without a word. Refused by name, before any section runs; what it reads still runs."""
+    for argv in (["--lr", 0.1], ["--section", "clip", "--steps", 1], ["--n_frames", 2], ["--out_dir", tmp_path / "o"],
+                 ["--device", "cpu"], ["--no-motion"]):
+        code, out, last = _ab_main(capsys, *argv)
+        flag = next(a for a in argv if str(a).startswith("--") and a != "--section").replace("no-", "")
+        assert code == 2 and last == f"error: {flag} is for --train (the tour does not read it)" and out == "", last
+    code, out, _ = _ab_main(capsys, "--section", "patchify", "--seed", 3, "--d_model", 16, "--threads", 1, "--no-sdpa")
+    assert code == 0 and "every check passed" in out
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])
