@@ -258,8 +258,7 @@ def sample_indices(n_total, n_frames):  # uniform: the centre of each of n_frame
 
 def preprocess(img, crop):
     """transformers' VJEPA2VideoProcessor on a uint8 (H, W, 3) frame up to its float steps (those are normalize())."""
-    short = int(crop * 256 / 224)  # resize to 8/7 of the crop, then cut the centre (ImageNet-style eval)
-    h, w = img.shape[:2]
+    (h, w), short = img.shape[:2], int(crop * 256 / 224)  # resize to 8/7 of the crop, then cut the centre (ImageNet)
     nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)  # keep the aspect ratio
     if (nh, nw) != (h, w):  # torchvision's uint8 resize is this call; antialias widens the kernel on a shrink (as PIL)
         x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
@@ -547,8 +546,7 @@ class Qwen3LM(nn.Module):  # Qwen3ForCausalLM, with the checkpoint's names (mode
     def forward(self, x, pos=None, valid=None, cache=None, last_only=False, head=True):
         """x (B, L, D) embeddings; pos (B, L) (default arange); valid (B, Lk = cached + L) False at padded keys; cache
         a list of per-layer dicts. -> logits (B, L or 1, V), or (head=False) the normed hidden states (B, L or 1, D)."""
-        B, L, _ = x.shape
-        past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
+        (B, L, _), past = x.shape, cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0  # past: cached keys
         pos = torch.arange(past, past + L, device=x.device).expand(B, L) if pos is None else pos
         cos, sin = rope_cos_sin(pos, self.hd, self.theta, x.dtype)
         qi, ki = torch.arange(past, past + L, device=x.device)[:, None], torch.arange(past + L, device=x.device)
@@ -1108,6 +1106,12 @@ def train(cfg, resume=False, overrides=None):
         if not os.path.isfile(path := os.path.join(cfg.out_dir, "train_state.pt")):
             raise UserError(f"{path}: nothing to resume (train without --resume first)")
         model, tok, cfg = load_checkpoint(cfg.out_dir, {"stop_after": cfg.stop_after, **(overrides or {})}, "--resume")
+        try:  # truncated, not a torch file, or keys missing: PyTorch's own errors differ by cause
+            step = int((ts := torch.load(path, weights_only=True))["step"])
+        except Exception as e:
+            raise UserError(f"{path}: not a readable training state ({type(e).__name__}); retrain or restore it")
+        if step >= cfg.max_steps:  # nothing left to train: refused before any data is built
+            raise UserError(f"{cfg.out_dir}: at step {step} already; pass a larger --max_steps, or --eval to score it")
     devices, data = parse_device_map(cfg), prepare_data(cfg, rank)
     entries, tr = data["train"]
     if not resume:
@@ -1120,13 +1124,11 @@ def train(cfg, resume=False, overrides=None):
         f"{autocast_dtype(cfg.dtype, devices['llm'])}")
     gbatch = cfg.batch_size * cfg.grad_accum * world  # clips per step: global_batch orders the data by it
     if resume:
-        try:  # truncated, not a torch file, another run's or keys missing: PyTorch's own errors differ by cause
-            ts = torch.load(path, weights_only=True)
+        try:  # another run's optimiser state, or a key missing
             opt.load_state_dict(ts["optimizer"])
             torch.set_rng_state(ts["rng"])
             if ts.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
                 scaler.load_state_dict(ts["scaler"])
-            step = int(ts["step"])
         except Exception as e:
             raise UserError(f"{path}: not a readable training state ({type(e).__name__}); retrain or restore it")
         if (g := ts.get("batch") or gbatch) != gbatch:  # (an older file saved none)
@@ -1186,11 +1188,10 @@ def filter_logits(logits, top_k, top_p):
 @torch.no_grad()
 def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, use_cache=True,
                  generator=None):  # -> token lists, from left-padded x (B, L, D), valid (B, L); embed() embeds new ids
-    B, dev = x.shape[0], x.device
     pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, L): positions count real tokens only
+    B, dev, step_x, step_pos = x.shape[0], x.device, x, pos  # step_x, step_pos: what the next step feeds
     cache = [dict() for _ in llm.model.layers] if use_cache else None  # one {k, v} per layer
     done, toks = torch.zeros(B, dtype=torch.bool, device=dev), []  # rows that produced EOS, (B,) ids per step
-    step_x, step_pos = x, pos
     for _ in range(max_new_tokens):  # with the cache: prefill once, then one position per step
         logits = (llm(step_x, step_pos, valid, cache, last_only=True) if use_cache
                   else llm(x, pos, valid, last_only=True))[:, -1].float()  # (B, V)
@@ -1224,8 +1225,7 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):  # test, no
     cache, result = cache or FeatureCache(model, cfg.feature_cache), {}
     model.eval()
     for split in [s for s in ("test", "novel") if s in data]:
-        entries, ds = data[split]
-        preds, sal = [], []  # answers, frame saliency (sigmoid) per clip
+        (entries, ds), preds, sal = data[split], [], []  # preds, sal: answers, frame saliency (sigmoid) per clip
         for idx in torch.arange(len(entries)).split(64):
             with autocast(cfg, model.devices["llm"]):
                 ids, fl = generate(model, cache(split, idx, ds["clips"]), [entries[i] for i in idx], tok, cfg)

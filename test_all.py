@@ -5121,6 +5121,18 @@ def test_mk_exact_resume(mk_trained, tmp_path, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_mk_resume_with_no_steps_left_is_refused(mk_trained, tmp_path):
+    """--resume of a run already at --max_steps (the saved one, or a typed one at or below the saved step) would train
+    nothing and evaluate: refused before any data is built, naming the step and the fix; nothing in the folder changes."""
+    out, unbuilt = tmp_path / "out", tmp_path / "unbuilt"
+    shutil.copytree(mk_trained[0] / "out", out)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    for steps in ([], ["--max_steps", "6"], ["--max_steps", "4"]):  # the shared run ended at step 6 of 6
+        with pytest.raises(mk.UserError, match=re.escape(f"{out}: at step 6 already; pass a larger --max_steps")):
+            mk.main(["--train", "--resume", "--out_dir", str(out), "--data_dir", str(unbuilt), *steps])
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before and not unbuilt.exists()
+
+
 def test_mk_save_cut_off_before_train_state_refuses_resume(mk_trained, tmp_path, monkeypatch):
     """A save stopped after the new weights but before the new train_state.pt: --resume refuses (the older state would
     go on from its step with the newer weights), in one line."""
