@@ -3290,6 +3290,18 @@ def test_vl_init_from_data_centres_the_visual_tokens():
         assert m2.video_features(vids).flatten(0, 1).mean(0).abs().max() < 1e-3 * std.item()
 
 
+def test_vl_init_from_data_refuses_a_single_patch():
+    """One init picture of one patch (--image_size = --patch_size) has no spread to scale by: refused by flag, where
+    it would leave NaN weights; two such pictures are enough and give finite weights."""
+    cfg = dataclasses.replace(vl.Config(), **vl.PRESETS["tiny"], vocab_size=40, image_token_index=38,
+                              video_token_index=39, image_size=12, patch_size=12)
+    with pytest.raises(vl.UserError, match="--data_init: one picture of one patch .* --image_size"), torch.no_grad():
+        vl.VideoLlava(cfg).init_from_data(torch.randn(1, 3, 12, 12), None)
+    m = vl.VideoLlava(cfg)
+    with torch.no_grad():
+        m.init_from_data(torch.randn(2, 3, 12, 12), None)
+    assert all(p.isfinite().all() for p in m.parameters())
+
 def test_vl_train_tiny_eval_generate_freeze(tmp_path, capsys):
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
     proc = run_script("video_llava.py", "--train", "--preset", "tiny", "--data_dir", data, "--out_dir", out)

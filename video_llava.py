@@ -781,6 +781,8 @@ class VideoLlava(nn.Module):
                 seen.setdefault(tower, []).append(px.flatten(0, -4))  # frames as pictures: (N or B*F, 3, S, S)
         for tower, px in seen.items():
             px, emb, ln = torch.cat(px), tower.vision_model.embeddings, tower.vision_model.pre_layrnorm
+            if len(px) * (px.shape[-1] // self.cfg.patch_size) ** 2 < 2:  # one vector: its own mean, no std (NaN)
+                raise UserError("--data_init: one picture of one patch has no spread to scale by; raise --image_size")
             if self.cfg.whiten_patches:
                 whiten(emb, px, self.cfg.patch_size)
             fold(ln, ln(emb(px)))
@@ -1208,12 +1210,11 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
         scaler.update()
         opt.zero_grad(set_to_none=True)
         step += 1
-        seconds = seconds0 + time.time() - t0
         stop = cfg.stop_after and cfg.stop_after <= step < cfg.max_steps  # as if interrupted: save, --resume goes on
         measure = master and (step % cfg.eval_interval == 0 or step == cfg.max_steps)  # val loss, and a checkpoint
         val = eval_loss(raw, data["val"], cfg, device) if measure else None
         if master and (measure or stop):
-            save_checkpoint(raw, cfg, tok, opt, step, seconds, scaler, gsize)
+            save_checkpoint(raw, cfg, tok, opt, step, seconds0 + time.time() - t0, scaler, gsize)
         if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or measure):
             dt = (time.time() - t_log) / (step - log_step)
             eta = dt * (cfg.max_steps - step)
@@ -1266,8 +1267,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     model.eval()
     if compile and not use_cache:
         raise ValueError("compile=True compiles the one-token step through the KV cache: it needs use_cache=True")
-    B, L = input_ids.shape
-    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    (B, L), mask = input_ids.shape, attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     dev = input_ids.device.type  # under autocast, keys/values come out of its matmuls in its dtype
     dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
              else model.language_model.model.embed_tokens.weight.dtype)
