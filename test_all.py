@@ -3087,6 +3087,13 @@ def test_vl_a_row_that_ended_stays_ended(vl_ckpt):
                           use_cache=use_cache)
         assert out[0].tolist() == [eos, 0, 0, 0, 0, 0] and torch.equal(out[1:], free[1:])
 
+def test_vl_generate_zero_new_tokens_and_a_dtype_by_name(vl_ckpt):
+    """The Python API as transformers': a dtype may be given by name, and max_new_tokens=0 returns no new ids."""
+    ours = vl.VideoLlava.from_pretrained(vl_ckpt[1]["hub"], dtype="bfloat16").eval()
+    assert ours.language_model.lm_head.weight.dtype == torch.bfloat16
+    ids, mask, imgs, vids = _vl_inputs(1)
+    assert vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=0).shape == (3, 0)
+
 def test_vl_world_video_questions_need_several_frames():
     """Every clip question needs more than one sampled frame: an order clip shows two (colour, shape) pairs, neither
     in the first sampled frame, both in the last, the first one alone in some frame between, and the answer names the

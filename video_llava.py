@@ -733,7 +733,7 @@ class VideoLlava(nn.Module):
     of the prompt, and the LLaMA decoder reads them as it reads words."""
     @staticmethod
     def from_pretrained(path, dtype=None, device="cpu"):  # as transformers: VideoLlava.from_pretrained(folder)
-        return load_pretrained(path, dtype, device)  # checkpoint I/O, below
+        return load_pretrained(path, getattr(torch, dtype) if isinstance(dtype, str) else dtype, device)  # "float32" ok
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -1310,7 +1310,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
             else:  # the naive path: the whole sequence again, media re-encoded (tests compare it with the cache path)
                 seq = torch.cat([seq, nxt[:, None]], 1)  # (B, L + steps)
                 logits, _ = model(seq, mask, pixel_values_images, pixel_values_videos, last_only=True)
-    return torch.stack(out, 1)  # out of inference_mode: an ordinary tensor, which may be changed or saved for backward
+    return torch.stack(out, 1) if out else input_ids[:, :0].clone()  # outside inference_mode: an ordinary tensor
 
 def exact_match(preds, refs):  # share of predictions equal to their reference (lower-cased, trimmed, no final '.')
     norm = lambda text: " ".join(text.lower().strip().rstrip(".").split())  # single spaces
