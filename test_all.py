@@ -3696,6 +3696,16 @@ def test_vl_resume_refuses_foreign_folders(vl_tiny_run, tmp_path):
         vl.main(["--eval", "--resume", "--out_dir", vl_tiny_run[0].out_dir])
 
 
+def test_vl_resume_with_nothing_left_to_train_is_refused(vl_tiny_run, tmp_path):
+    """--resume of a run already at --max_steps (3 here), or past a lower one, would train nothing: refused in one
+    line naming the saved step and the fixes, before any data is built."""
+    run, world = tmp_path / "run", tmp_path / "world"
+    shutil.copytree(vl_tiny_run[0].out_dir, run)
+    for flags in ([], ["--max_steps", "2"]):
+        with pytest.raises(vl.UserError, match="trained to step 3 already; give --max_steps above it, or --eval"):
+            vl.main(["--train", "--resume", "--out_dir", str(run), "--data_dir", str(world), *flags])
+    assert not world.exists()  # refused before the synthetic world is built
+
 def test_vl_unknown_words_and_cut_off_media(vl_tiny_run, tmp_path, capsys):
     """A word the trained model's token table lacks (encode would drop it): refused in --generate's prompt and in the
     training text of --resume. A JPEG cut short and an MJPG .avi cut in half (both decode part of themselves without
@@ -3724,7 +3734,7 @@ def test_vl_unknown_words_and_cut_off_media(vl_tiny_run, tmp_path, capsys):
                                       '"red"}\n' * 3)
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     with pytest.raises(vl.UserError, match="in the token table of the model in"):
-        vl.main(["--train", "--resume", "--out_dir", str(out), "--data", str(tmp_path / "q.jsonl")])
+        vl.main(["--train", "--resume", "--out_dir", str(out), "--data", str(tmp_path / "q.jsonl"), "--max_steps", "6"])
     with pytest.raises(vl.UserError, match=f"in the token table of the model in {out}:"):  # fine-tuning on new words
         vl.main(["--train", "--from_pretrained", str(out), "--data", str(tmp_path / "q.jsonl"), "--out_dir",
                  str(tmp_path / "ft")])
@@ -3957,7 +3967,8 @@ def test_vl_user_mistakes_are_one_line(vl_ckpt, vl_tiny_run, tmp_path, monkeypat
     shutil.copytree(vl_tiny_run[0].out_dir, cut)
     (cut / "train_state.pt").write_bytes((cut / "train_state.pt").read_bytes()[:500])
     with pytest.raises(vl.UserError, match="train_state.pt: not a readable training state"):
-        vl.main(["--train", "--resume", "--out_dir", str(cut), "--data_dir", vl_tiny_run[0].data_dir])
+        vl.main(["--train", "--resume", "--out_dir", str(cut), "--data_dir", vl_tiny_run[0].data_dir,
+                 "--max_steps", "6"])  # the run is at step 3 of 3: a later --max_steps goes on
     # --generate from a run of this script runs under --dtype's autocast (its weights stay float32)
     seen = []
     monkeypatch.setattr(vl, "autocast_dtype", lambda name, device: seen.append(name) or "float32")
@@ -3985,8 +3996,9 @@ def test_vl_damaged_files_odd_text_and_dropped_flags(vl_tiny_run, vl_ckpt, tmp_p
         where[key] = old
     json.dump(meta, open(run / "config.json", "w"))
     torch.save({"step": 3}, run / "train_state.pt")
+    resume = ["--train", "--resume", "--out_dir", str(run), "--data_dir", vl_tiny_run[0].data_dir, "--max_steps", "6"]
     with pytest.raises(vl.UserError, match="train_state.pt: does not fit"):
-        vl.main(["--train", "--resume", "--out_dir", str(run), "--data_dir", vl_tiny_run[0].data_dir])
+        vl.main(resume)
     (tmp_path / "a.png").write_bytes(cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
     line = json.dumps({"image": "a.png", "question": "Which?\u2028Say it.", "answer": "a"}, ensure_ascii=False)
     (tmp_path / "u.jsonl").write_text(line + "\n", "utf-8")
@@ -4006,7 +4018,7 @@ def test_vl_damaged_files_odd_text_and_dropped_flags(vl_tiny_run, vl_ckpt, tmp_p
     for state in (torch.zeros(3), {"optimizer": {}, "rng": torch.get_rng_state()}):  # not a dict; no step
         torch.save(state, run / "train_state.pt")
         with pytest.raises(vl.UserError, match="train_state.pt: does not fit"):
-            vl.main(["--train", "--resume", "--out_dir", str(run), "--data_dir", vl_tiny_run[0].data_dir])
+            vl.main(resume)
     meta["train_config"]["dtype"] = "xyz"  # a damaged saved dtype: one line in every mode
     json.dump(meta, open(run / "config.json", "w"))
     png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")

@@ -566,8 +566,7 @@ class KVCache:
             raise ValueError(f"after {self.offset} cached positions the attention mask needs batch "
                              f"{self.k[0].shape[0]} and more than {self.offset} columns, got {(B, T)}")
         pos, mask = padded_positions(attention_mask, self.offset, T_max)  # (B, L), (B, 1, L, T_max)
-        self.slots = torch.arange(self.offset, T, device=self.k[0].device)  # (L,), an input of a compiled step
-        self.offset = T
+        self.slots, self.offset = torch.arange(self.offset, T, device=self.k[0].device), T  # slots (L,): offset..T-1
         return pos, mask
     def update(self, layer, k, v):  # write this layer's new keys/values (B, K, L, E) at the claimed positions
         self.k[layer].index_copy_(2, self.slots, k.to(self.k[layer].dtype))
@@ -962,7 +961,7 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None,
             os.remove(os.path.join(cfg.out_dir, stale))  # ones, their state would --resume the new (rewritten below)
     config = dataclasses.asdict(cfg)  # your data files' paths absolute: --eval and --resume find them from anywhere
     config.update({k: os.path.abspath(config[k]) for k in ("data", "test_data", "data_dir") if config[k]})
-    meta = {**hf_config_dict(cfg), "script": SCRIPT, "train_config": config}
+    meta = {**hf_config_dict(cfg), "script": SCRIPT, "train_config": config, "step": step}
     if isinstance(tok, GPT2Table):
         meta["gpt2_table"] = tok.ids
     elif os.path.abspath(tok.folder) != os.path.abspath(cfg.out_dir):  # an HF checkpoint's tokenizer travels along
@@ -1001,6 +1000,8 @@ def saved_config(out_dir, overrides, resume=True):  # the Config --train saved i
                                           "n_test", "n_frames", "data_init", "whiten_patches")}  # (the init is done)
     if clash := [f"--{k} {overrides[k]} (checkpoint: {v!r})" for k, v in arch.items() if overrides.get(k, v) != v]:
         raise UserError(f"{out_dir}: no resuming with another architecture, trained part or world: {', '.join(clash)}")
+    if (done := meta.get("step", 0)) >= overrides.get("max_steps", base.max_steps):  # nothing would train
+        raise UserError(f"{out_dir}: trained to step {done} already; give --max_steps above it, or --eval to score it")
     return dataclasses.replace(base, **{"stop_after": 0, **overrides})
 
 # Training -------------------------------------------------------------------------------------------------------------
@@ -1017,8 +1018,7 @@ def native_bf16(device):  # does the hardware multiply in bfloat16? (elsewhere e
 
 def autocast_dtype(name, device):  # --dtype auto: bfloat16 on a CUDA GPU that multiplies in it, else float32
     # (on a CPU even native bfloat16 trains this small model more slowly: README; HF weights: see run_generate)
-    auto = "bfloat16" if device.startswith("cuda") and native_bf16(device) else "float32"
-    return auto if name == "auto" else name
+    return name if name != "auto" else "bfloat16" if device.startswith("cuda") and native_bf16(device) else "float32"
 
 def weights_dtype(name, device):  # a run's weights: float32, or under bfloat16 autocast the dtype the file stores
     return None if autocast_dtype(name, device) == "bfloat16" else torch.float32  # (a frozen bf16 7B: 14 GB, not 28)
