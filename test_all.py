@@ -2734,6 +2734,16 @@ def test_vl_generate_refuses_two_models(vl_ckpt, vl_tiny_run, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_vl_prompt_tag_without_its_medium_names_the_flags(vl_tiny_run):
+    """A --prompt whose own <image>/<video> tag has no medium of that kind (the other one given, or none) is refused
+    in the command line's terms, naming the tag and the flag, not in the model's (placeholders without pixels)."""
+    run, data = vl_tiny_run[0].out_dir, vl_tiny_run[0].data_dir
+    png, mp4 = (os.path.join(data, "train", f) for f in ("img_00000.png", "clip_00000.mp4"))
+    for tag, given in (("video", ["--image", png]), ("image", ["--video", mp4]), ("video", [])):
+        with pytest.raises(vl.UserError, match=f"^--prompt has <{tag}> but no --{tag} was given: give --{tag} PATH"):
+            vl.main(["--generate", "--out_dir", run, "--prompt", f"<{tag}>\nWhat shape are they?", *given])
+
+
 def test_vl_prompt_past_the_context_names_max_new_tokens(vl_ckpt):
     """A text-only prompt whose --max_new_tokens runs past the context (256 here) is told to lower --max_new_tokens:
     fewer --n_frames alone cannot help when there is no video."""

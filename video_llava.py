@@ -607,9 +607,8 @@ class LlamaMLP(nn.Module):
     passes; three matrices of width intermediate_size instead of two at 4 D, for about the same parameter count."""
     def __init__(self, cfg):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # LLaMA has no biases
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj, self.up_proj = (nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False) for _ in range(2))
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)  # LLaMA has no biases
     def forward(self, x):  # (B, L, D) -> (B, L, D)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -1491,18 +1490,19 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
                      "of files this script did not write; give a new or empty one")  # a new run: new, empty or own
     return args, cfg, overrides
 
-def check_arch(path, overrides, mode):  # -> path's config.json; a typed architecture flag must agree with it
+def check_arch(path, overrides, mode):  # a typed architecture flag must agree with path's; -> is path a run here?
     arch = config_from_hf(hf := read_config(path), path)  # the checkpoint's architecture, which is what runs
     if clash := [f"--{f} {v} (checkpoint: {arch[f]!r})" for f, v in overrides.items() if f in arch and v != arch[f]]:
         raise UserError(f"{path}: {mode} runs the checkpoint's architecture; drop {', '.join(clash)}")
-    return hf
+    return hf.get("script") == SCRIPT  # a run of this script (else an HF folder)
 
 def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_dir), read the media, stream the answer
     if not args.prompt.strip() or (args.video and args.image):  # a blank prompt is none
         raise UserError("--generate needs --prompt TEXT, and --video PATH or --image PATH (not both) or neither")
+    if tag := next((t for t in ("image", "video") if f"<{t}>" in args.prompt and not getattr(args, t)), None):
+        raise UserError(f"--prompt has <{tag}> but no --{tag} was given: give --{tag} PATH, or drop the tag")
     path, device = cfg.from_pretrained or cfg.out_dir, pick_device(cfg.device)
-    hf = check_arch(path, overrides, "--generate")
-    run = saved_config(path, {}, resume=False) if hf.get("script") == SCRIPT else None  # a run here (checked), or HF
+    run = saved_config(path, {}, resume=False) if check_arch(path, overrides, "--generate") else None  # ours, or HF
     if run:  # under the run's autocast, its weights loaded as --eval loads them (weights_dtype)
         cfg = dataclasses.replace(cfg, dtype=overrides.get("dtype", run.dtype))
         dtype = weights_dtype(cfg.dtype, device)
