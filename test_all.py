@@ -1637,9 +1637,10 @@ def test_vc_checkpoint_round_trip_and_exact_resume(tmp_path, capsys):
     cut, nodata = tmp_path / "cut", tmp_path / "nodata"
     vc.train(_vc_cfg(tmp_path, out_dir=str(cut), vit_dropout=0.2, dropout=0.1, stop_after=3))
     main_user_error(vc.main, capsys, ["--train", "--resume", "--out_dir", cut, "--data_dir", nodata, "--d_model", 64,
-                                      "--pool", "patches"], "--d_model 64 (saved as 32)")
-    for argv, named in ((["--train", "--resume", "--no-compact_vocab"], "drop --no-compact_vocab (saved as True)"),
-                        (["--eval", "--compile"], "drop --compile (saved as False)")):  # booleans named as typed
+                                      "--pool", "patches"], "--d_model 64 (saved as --d_model 32)")
+    for argv, named in ((["--train", "--resume", "--no-compact_vocab"], "drop --no-compact_vocab (saved as "
+                         "--compact_vocab)"), (["--eval", "--compile"], "drop --compile (saved as --no-compile)")):
+        # booleans named as typed, the saved value too
         main_user_error(vc.main, capsys, [*argv, "--out_dir", cut, "--data_dir", nodata], named)
     os.makedirs(tmp_path / "bad")
     for name in ("config.json", "model.safetensors"):
@@ -1800,7 +1801,8 @@ def test_vc_train_eval_generate_cli(tmp_path, capsys):
         main_user_error(vc.main, capsys, argv + ["--preset", "tiny", "--out_dir", out], "--preset tiny", "drop --preset")
     main_user_error(vc.main, capsys, ["--eval", "--image", "a.png"], "--image a.png: only with --generate")
     for argv in (["--eval"], ["--generate", "--image", "a.png"]):  # training flags would be ignored: refused
-        main_user_error(vc.main, capsys, argv + ["--out_dir", out, "--lr", "0.5"], "drop --lr 0.5 (saved as 0.002)")
+        main_user_error(vc.main, capsys, argv + ["--out_dir", out, "--lr", "0.5"],
+                        "drop --lr 0.5 (saved as --lr 0.002)")
     img = np.random.default_rng(0).integers(0, 255, (300, 131, 3), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "odd.jpg"), img)
     vc.main(["--generate", "--image", str(tmp_path / "odd.jpg"), "--out_dir", out, "--temperature", "0.8",
@@ -7341,7 +7343,7 @@ def test_vm_vc_eval_checks_only_what_it_scores_and_generate_keeps_the_data(mod, 
     main_user_error(mod.main, capsys, ["--eval", "--out_dir", other], "vit_caption" if mod is vm else "videollama")
     if mod is vc:  # the patch init ran when the run began: --resume keeps it (refused before anything is written)
         main_user_error(vc.main, capsys, ["--train", "--resume", "--out_dir", tmp / "out", "--patch_scale", "3"],
-                        "drop --patch_scale 3.0 (saved as 1.0)")
+                        "drop --patch_scale 3.0 (saved as --patch_scale 1.0)")
 
 
 @pytest.mark.parametrize("mod", [vm, vc], ids=["vm", "vc"])

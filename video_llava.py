@@ -731,7 +731,7 @@ class VideoLlava(nn.Module):
     of the prompt, and the LLaMA decoder reads them as it reads words."""
     @staticmethod
     def from_pretrained(path, dtype=None, device="cpu"):  # as transformers: VideoLlava.from_pretrained(folder)
-        return load_pretrained(path, getattr(torch, dtype) if isinstance(dtype, str) else dtype, device)  # "float32" ok
+        return load_pretrained(path, getattr(torch, dtype) if isinstance(dtype, str) else dtype, device)  # or a name
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg

@@ -156,8 +156,7 @@ def sample_scene(rng, split):
         attrs = [(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(SIZES))) for _ in range(n)]
         if any((c, s) in NOVEL_PAIRS for c, s, _ in attrs) != (split == "novel") or (n == 2 and attrs[0] == attrs[1]):
             continue  # novel: some held-out pair, other splits none; two equal objects ("a X above a X"): redraw
-        q = RENDER // 4  # centre of a half along the split axis
-        m = max(SIZES[z] for _, _, z in attrs) + 2  # margin from the edges: the largest half-size + 2
+        q, m = RENDER // 4, max(SIZES[z] for _, _, z in attrs) + 2  # a half's centre; margin: largest half-size + 2
         if n == 1:
             return [(*attrs[0], rng.randint(m, RENDER - m), rng.randint(m, RENDER - m))], None
         relation = rng.choice(list(RELATIONS))
@@ -524,8 +523,9 @@ def load_checkpoint(out_dir, overrides=None, fixed=ARCH):  # -> (model, tok, cfg
         raise UserError(f"{cpath}: no 'config' object or 'vocab' list (checkpoint damaged; retrain or pass --out_dir)")
     saved = {k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
     typed = overrides or {}  # a typed flag that differs from a saved `fixed` field is refused, named as it was typed
-    if clash := [f"--{'no-' * (v is False)}{k}{f' {v}' * (type(v) is not bool)} ({'world ' if k in WORLD else ''}"
-                 f"saved as {saved.get(k)})" for k, v in typed.items() if k in fixed and v != saved.get(k)]:
+    as_typed = lambda k, v: (f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k} {v}"
+    if clash := [f"{as_typed(k, v)} ({'world ' if k in WORLD else ''}saved as {as_typed(k, saved.get(k))})"
+                 for k, v in typed.items() if k in fixed and v != saved.get(k)]:
         raise UserError(f"{out_dir}: this mode keeps the value the run was saved with; drop {clash[0]}")
     cfg = Config(**{**saved, **{k: v for k, v in typed.items() if k not in fixed}, "out_dir": out_dir})
     tok = Tokenizer(meta["vocab"])  # the token table the model was trained with
