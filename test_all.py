@@ -7267,6 +7267,7 @@ def test_vm_flags_that_would_be_ignored_are_refused(_vm_trained, tmp_path, capsy
     reads = ["--qformer_mode", "queries", "--n_query", "3", "--no-frame_diff", "--dropout", "0", "--batch_size", "2",
              "--temperature", "0.5", "--top_k", "3", "--top_p", "0.9", "--dtype", "float32", "--device", "cpu"]
     assert vm.parse_args(bench + reads)[1].n_query == 3  # what --bench builds and times
+    main_user_error(vm.main, capsys, bench + ["--top_p", "0.9"], "sampling is --temperature above 0", "--top_p 0.9")
     ann = tmp_path / "mine.txt"
     ann.write_text(f"{_vm_trained[0] / 'data' / 'train' / '00000.mp4'}\na red circle moves left\n")
     data = ["--train", "--preset", "tiny", "--data", ann, "--test_data", ann, "--out_dir", tmp_path / "o"]

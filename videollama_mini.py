@@ -684,8 +684,7 @@ def decay_groups(model, weight_decay):
 def setup_distributed(cfg):  # -> (ddp, rank, world, device): torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA
     if ddp := int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)  # one process unless torchrun
-    device = pick_device(cfg.device)
+    (rank, world), device = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1), pick_device(cfg.device)
     if device.startswith("cuda") and ddp:  # one GPU per rank
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
@@ -937,6 +936,7 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):  # caption test
     return result
 
 def bench(cfg):  # training samples/s and captions/s with and without the KV cache, on random clips of the set size
+    check_decoding(cfg)  # --top_k or --top_p at temperature 0 would time greedy decoding: refused, as elsewhere
     device, B = pick_device(cfg.device), cfg.batch_size  # B: the training micro-batch
     torch.manual_seed(0)
     caps = [caption_for([(c, s, m, 0, 0)] * 2, v) for c in COLOURS for s in SHAPES for m in MOTIONS for v in VERBS]
