@@ -7288,6 +7288,16 @@ def test_vc_flags_that_would_be_ignored_are_refused(tmp_path, capsys):
             "--out_dir", tmp_path / "o"]
     for flag, value in (("--n_train", 5), ("--n_test", 5), ("--data_dir", tmp_path / "d")):
         main_user_error(vc.main, capsys, data + [flag, value], flag, "--data", "mine.txt")
+    # --bench times a new model of the typed sizes on random images, decoding greedily: a flag it does not read is
+    # named as typed (sampling flags too: it would time greedy decoding whatever they say)
+    bench = ["--bench", "--preset", "tiny"]
+    main_user_error(vc.main, capsys, bench + ["--lr", 0.5, "--no-compile", "--out_dir", tmp_path / "o", "--top_k", 3],
+                    f"--out_dir {tmp_path / 'o'}, --lr 0.5, --no-compile, --top_k 3: not read by --bench", "drop it")
+    for flag, value in (("--temperature", 0.7), ("--beam", 3), ("--seed", 3), ("--patch_init", "random")):
+        main_user_error(vc.main, capsys, bench + [flag, value], f"{flag} {value}: not read by --bench")
+    reads = ["--img_size", 32, "--patch", 8, "--pool", "mean", "--max_len", 20, "--no-compact_vocab", "--dropout", 0.1,
+             "--vit_dropout", 0.1, "--batch_size", 2, "--grad_clip", 0.5, "--dtype", "float32", "--device", "cpu"]
+    assert vc.parse_args(bench + list(map(str, reads)))[1].img_size == 32  # what --bench builds and times
     assert not (tmp_path / "d").exists() and not (tmp_path / "o").exists()
 
 

@@ -203,10 +203,8 @@ def build_world(cfg):  # write data_dir/<split>/*.png and data_dir/<split>.txt o
     atomic(stamp, lambda p: json.dump(want, open(p, "w")))
     return files
 
-def jpeg_cut_off(path):
-    """A JPEG (FF D8 ...) with no end-of-image marker FF D9 after its first scan FF DA: libjpeg fills the missing part
-    with grey, silently. The segments before the scan (FF xx, a 2-byte length) are skipped, an EXIF thumbnail too."""
-    data, i = open(path, "rb").read(), 2  # i: the next marker, after FF D8
+def jpeg_cut_off(path):  # a JPEG (FF D8) with no end marker FF D9 after its first scan FF DA: libjpeg pads it grey
+    data, i = open(path, "rb").read(), 2  # i: the next marker, after FF D8; segments (FF xx, 2-byte length) skipped
     while data[:2] == b"\xff\xd8" and i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] != 0xDA:
         i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
     return data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]  # data after FF D9 (a motion photo's video): fine
@@ -512,6 +510,10 @@ WORLD = ("seed", "n_train", "n_val", "n_test", "n_novel")  # the synthetic world
 TRAINING = ("batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "compile",
             "log_interval", "eval_interval", "stop_after", "patch_init", "patch_scale", "dropout", "vit_dropout")
 DATA = ("data", "test_data", "data_dir", "max_train", "eval_max")  # what --eval reads and --generate does not
+BENCH = ARCH + ("batch_size", "grad_clip", "dropout", "vit_dropout", "dtype", "device")  # all that --bench reads
+
+def as_typed(k, v):  # a flag and its value as typed: --lr 0.5, --compile, --no-compile
+    return (f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k} {v}"
 
 def load_checkpoint(out_dir, overrides=None, fixed=ARCH):  # -> (model, tok, cfg): saved `fixed` fields, overrides rest
     cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
@@ -523,13 +525,11 @@ def load_checkpoint(out_dir, overrides=None, fixed=ARCH):  # -> (model, tok, cfg
         raise UserError(f"{cpath}: no 'config' object or 'vocab' list (checkpoint damaged; retrain or pass --out_dir)")
     saved = {k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
     typed = overrides or {}  # a typed flag that differs from a saved `fixed` field is refused, named as it was typed
-    as_typed = lambda k, v: (f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k} {v}"
     if clash := [f"{as_typed(k, v)} ({'world ' if k in WORLD else ''}saved as {as_typed(k, saved.get(k))})"
                  for k, v in typed.items() if k in fixed and v != saved.get(k)]:
         raise UserError(f"{out_dir}: this mode keeps the value the run was saved with; drop {clash[0]}")
     cfg = Config(**{**saved, **{k: v for k, v in typed.items() if k not in fixed}, "out_dir": out_dir})
-    tok = Tokenizer(meta["vocab"])  # the token table the model was trained with
-    model = ViTCaptioner(cfg, len(tok.ids))
+    tok, model = Tokenizer(meta["vocab"]), ViTCaptioner(cfg, len(meta["vocab"]))  # the run's own token table
     try:
         state = load_file(wpath)
     except Exception as e:  # safetensors raises its own error types for truncated files
@@ -593,9 +593,8 @@ def cider_d(preds, refs, sigma=6.0):
 
 # Training -------------------------------------------------------------------------------------------------------------
 def pick_device(name):  # --device auto: cuda > mps > cpu; any other name must be one of the devices this machine has
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     cudas = [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # counting them creates no CUDA context
-    have = ["cpu"] + ["mps"] * mps + cudas + ["cuda"] * bool(cudas)  # auto takes the last: cuda > mps > cpu
+    have = ["cpu"] + ["mps"] * torch.backends.mps.is_available() + cudas + ["cuda"] * bool(cudas)  # auto: the last
     if name != "auto" and name not in have:
         raise UserError(f"--device {name}: no such device on this machine; pass auto or one of {', '.join(have)}")
     return have[-1] if name == "auto" else name
@@ -922,10 +921,9 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):  # score test, 
             preds = [tok.decode(ids) for i in range(0, len(images), 256)
                      for ids in generate(model, images[i:i + 256].to(device), cfg, generator=generator)]
         refs = [cs for _, cs in entries]
-        r = result[split] = {"n": len(preds), "exact_match": exact_match(preds, refs), "bleu4": bleu4(preds, refs),
-                             "cider": cider_d(preds, refs),
-                             "samples": [{"image": os.path.relpath(p), "prediction": pr, "references": rs}
-                                         for (p, rs), pr in list(zip(entries, preds))[:8]]}
+        samples = [dict(image=os.path.relpath(p), prediction=x, references=rs) for (p, rs), x in zip(entries, preds)]
+        r = result[split] = dict(n=len(preds), exact_match=exact_match(preds, refs), bleu4=bleu4(preds, refs),
+                                 cider=cider_d(preds, refs), samples=samples[:8])
         print(f"{split:8s} {r['n']:5d} {r['exact_match']:7.3f} {r['bleu4']:7.3f} {r['cider']:8.3f}")
     print("\n".join(f"  pred: {s['prediction']!r}\n  refs: {s['references']}" for s in result["test"]["samples"][:4]))
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
@@ -994,6 +992,7 @@ def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the fl
     bad += [f"--{n} {v}: must be a number > 0" for n, v in nums.items() if n in RATES and not 0 < v < math.inf]
     bad += [f"--{n} {v}: must be a number >= 0" for n, v in nums.items() if not 0 <= v < math.inf]
     fresh = not (args.resume or args.eval or args.generate)  # else the checkpoint's sizes run (a typed one: refused)
+    unread = [as_typed(k, v) for k, v in overrides.items() if args.bench and k not in BENCH]  # typed, yet unread
     bad = bad or [why for wrong, why in (  # these divide by sizes: only once the sizes are positive
         (not (0 <= cfg.dropout < 1 and 0 <= cfg.vit_dropout < 1), "--dropout and --vit_dropout: in [0, 1)"),
         (cfg.max_len < 2, f"--max_len {cfg.max_len}: at least 2 (BOS and one token)"),
@@ -1008,6 +1007,7 @@ def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the fl
          "one mode per call (--train evaluates); --resume continues a training run: use it with --train"),
         (args.preset and (args.resume or args.eval or args.generate), f"--preset {args.preset}: --resume, --eval "
          "and --generate take the sizes from the checkpoint in --out_dir; drop --preset"),
+        (unread, f"{', '.join(unread)}: not read by --bench (it times a new model of these sizes, greedy); drop it"),
         (args.image and not args.generate, f"--image {args.image}: only with --generate (the mode that captions it)"),
         (args.generate and not args.image, "--generate needs --image PATH")) if wrong]
     if bad:
