@@ -10,8 +10,8 @@ What `--train` builds (qformer_mode "text", the design of the VideoLLaMA-Mini wr
       visual tokens (B, F, D) -> QFormer: Q learned queries, self-attention + cross-attention to them  (B, Q, D)
       -> caption decoder as above, its cross-attention reading the Q vectors instead of the F visual tokens (B, L, V)
 Papers: BLIP-2 (https://arxiv.org/abs/2301.12597), Video-LLaMA (https://arxiv.org/abs/2306.02858).
-The decoder reads the video by cross-attention, not as a prefix: the decoded sequence is the caption alone (the KV
-cache holds only text; the video's keys/values are computed once, at the first decoding step).
+The decoder reads the video by cross-attention, not as a prefix: the decoded sequence is the caption alone (its
+self-attention cache holds only text; the video's keys/values are computed at the first step, then cached).
 
 The built-in world: one or two coloured shapes (6 colours x 3 shapes) moving left/right/up/down over a grey background,
 written as real mp4 clips. A caption names colour, shape and motion of each object, left-most at the start first:
@@ -645,10 +645,10 @@ def prepare_data(cfg, rank, typed=()):  # -> {split: (entries, uint8 clips (N, F
             for s, e in splits.items()}
 
 ARCH = ("n_frames", "img_size", "d_model", "n_head", "cnn_width", "grid", "frame_diff", "n_temporal_layer",
-        "qformer_mode", "n_query", "n_qformer_layer", "n_dec_layer", "max_len", "compact_vocab")  # the weights' shape
+        "qformer_mode", "n_query", "n_qformer_layer", "n_dec_layer", "max_len", "compact_vocab")  # fixed by the weights
 WORLD = ("seed", "n_train", "n_val", "n_test", "n_novel")  # the synthetic world's: --resume and --eval keep the run's
 TRAINING = ("batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "compile",
-            "log_interval", "eval_interval", "stop_after", "dropout")  # read by --train only
+            "log_interval", "eval_interval", "stop_after", "dropout")  # --train's (--bench: batch_size, dropout)
 DATA = ("data", "test_data", "data_dir")  # what --eval reads and --generate does not
 BENCH = ARCH + ("batch_size", "dropout", "dtype", "device", "temperature", "top_k", "top_p")  # all that --bench reads
 
@@ -706,7 +706,7 @@ def build_or_resume(cfg, resumed, train_entries, train_clips, device):
     model.to(device)
     opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")  # loss scaling for float16
-    if resumed:  # the optimizer's moments; dropout continues the uninterrupted run's random stream
+    if resumed:  # the optimizer's moments; dropout on a CPU continues the unbroken run's stream (its RNG is saved)
         opt.load_state_dict(ts["optimizer"])
         torch.set_rng_state(ts["rng"])
         if ts.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
@@ -718,7 +718,7 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
     check_decoding(cfg)
     ddp, rank, world, device = setup_distributed(cfg)
     gsize = cfg.batch_size * cfg.grad_accum * world  # G clips a step: global_batch orders the data by it
-    if resumed and (g := resumed[2].get("batch") or gsize) != gsize:  # (an older file saved none)
+    if resumed and (g := resumed[2].get("batch") or gsize) != gsize:  # (a state saved with batch=None has none)
         raise UserError(f"{cfg.out_dir}: trained at global batch {g} (batch_size*grad_accum*processes), not {gsize}")
     say = print if (master := rank == 0) else (lambda *a, **k: None)  # rank 0 alone prints, evaluates and saves
     say("config:", json.dumps(dataclasses.asdict(cfg)))  # on --resume: the saved config, the typed flags on top
