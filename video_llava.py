@@ -81,7 +81,7 @@ class Config:
     n_train: int = 3000  # synthetic images and as many clips in train (3 questions per image, 1 per clip)
     n_test: int = 200  # images and clips in each of val / test / novel
     n_frames: int = 4  # frames sampled uniformly per video (the 7B checkpoint was trained on 8)
-    # architecture: the HF config.json's names (text_config, and vision_config's with a v_ prefix; map: HF_FIELDS)
+    # architecture: HF config.json names (vision_config's with a v_ prefix, bar image_size, patch_size; map: HF_FIELDS)
     vocab_size: int = 0  # 0 = set from the tokenizer table at --train
     hidden_size: int = 128
     intermediate_size: int = 352
@@ -720,8 +720,8 @@ def whiten(emb, pixels, p):
     patches = F.unfold(pixels.float(), p, stride=p).transpose(1, 2).flatten(0, 1).double()  # (N*P, 3*p*p)
     evals, evecs = torch.linalg.eigh(torch.cov(patches.T))  # principal components, ascending eigenvalues
     w = emb.patch_embedding.weight.view(emb.patch_embedding.out_channels, -1)  # (Dv, 3*p*p), a view: written below
-    k = min(w.shape[0], int((evals > 1e-5 * evals[-1]).sum()))  # components with real variance (a few pictures leave
-    w.zero_()  # some near 0, whose 1/std gain would blow other pictures up)
+    k = min(w.shape[0], int((evals > 1e-5 * evals[-1]).sum()))  # components with real variance: the rest (a few
+    w.zero_()  # pictures leave some near 0) stay 0 rows, as a 1/std gain would blow other pictures up
     w[:k] = (evecs[:, len(evals) - k:].flip(1) / evals[len(evals) - k:].flip(0).sqrt()).T.float()  # largest first
     emb.position_embedding.weight[1:] = sincos_2d(pixels.shape[-1] // p, w.shape[0]) * 0.3
 
@@ -1049,7 +1049,7 @@ class Examples:
         self.media = [torch.from_numpy(cache[e["path"], e["kind"]]) for e in entries]
         self.prompts = [expand_placeholders(tok.encode(t), cfg, cfg.n_frames) for t in texts]
         self.answers = [tok.encode(" " + e["answer"], add_special_tokens=False) + [tok.eos_id] for e in entries]
-        for e, p, a in zip(entries, self.prompts, self.answers):  # refused now, not when a batch first meets it
+        for e, p, a in zip(entries, self.prompts, self.answers):  # refused here, at load, not when a batch meets it
             n, what = (len(p) + len(a), "answer") if answered else (len(p) + cfg.max_new_tokens, "--max_new_tokens")
             if n > cfg.max_position_embeddings:  # a test row needs room to answer; a video's frames take room too
                 fix = {"video": " or fewer --n_frames"}.get(e["kind"], "") if answered else f" or lower {what}"
@@ -1134,7 +1134,7 @@ def load_train_state(out_dir, opt, scaler, say, batch):  # --resume: AdamW momen
             scaler.load_state_dict(ts["scaler"])
         torch.set_rng_state(ts["rng"])
         step, seconds = int(ts["step"]), float(ts.get("seconds", 0.0))
-        if (b := ts.get("batch") or batch) != batch:  # batch_indices orders the data by it (an older file: none)
+        if (b := ts.get("batch") or batch) != batch:  # batch_indices orders the data by it (a file without one: none)
             raise UserError(f"{out_dir}: trained at global batch {b} (batch_size*grad_accum*processes), not {batch}")
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
         raise UserError(f"{out_dir}/train_state.pt: does not fit this run's model ({type(e).__name__})") from None
