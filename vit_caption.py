@@ -82,7 +82,7 @@ class Config:
     n_novel: int = 500  # images with a held-out (colour, shape) pair
     max_train: int = 0  # >0: train on only the first max_train images (the write-up had 16) and report train EM
     eval_max: int = 0  # >0: evaluate only the first eval_max images of each split (the big preset is slow)
-    img_size: int = 48  # images are letterboxed to a square and resized to this side
+    img_size: int = 48  # images are shrunk (long side) to this side, then letterboxed to a square
     patch: int = 12  # patch side in pixels: 48 / 12 -> a 4 x 4 grid, P = 16; a shape spans 1-3 patches a side
     vit_dim: int = 128  # E
     vit_layers: int = 3  # ViT blocks
@@ -239,7 +239,7 @@ def read_captions(path):
         text = open(path, encoding="utf-8-sig").read()  # -sig: drop a BOM
     except (OSError, UnicodeDecodeError) as e:  # OSError: missing, a folder, unreadable
         raise UserError(f"{path}: " + ("not a UTF-8 text file (expected lines 'image.png | a caption')" if isinstance(
-            e, UnicodeDecodeError) else "captions file not found"))
+            e, UnicodeDecodeError) else f"cannot read this captions file ({e.strerror})"))
     base, caps = os.path.dirname(os.path.abspath(path)), {}  # image -> its captions, in the file's order
     for no, line in enumerate((raw.strip() for raw in text.split("\n")), 1):
         if not line or line.startswith("#"):
@@ -731,7 +731,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
     check_decoding(cfg)
     rank, world, device = setup_distributed(cfg)
     gsize = cfg.batch_size * cfg.grad_accum * world  # images a step: global_batch orders the data by it
-    if resumed and (g := resumed[2].get("batch") or gsize) != gsize:  # (an older file saved none)
+    if resumed and (g := resumed[2].get("batch") or gsize) != gsize:  # (a state saved with batch=None has none)
         raise UserError(f"{cfg.out_dir}: trained at global batch {g} (batch_size*grad_accum*processes), not {gsize}")
     say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
     say("config:", json.dumps(dataclasses.asdict(cfg)))
@@ -1023,10 +1023,10 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
         args, cfg, overrides = parse_args(argv)
         if args.train:  # train prints the config it runs: on --resume the checkpoint's, with the typed flags on top
             return train(cfg, args.resume, overrides)
-        if args.eval or args.generate:  # --generate: a typed --seed samples (the rest is fixed)
+        if args.eval or args.generate:  # `fixed` flags are the run's (--generate: a typed --seed seeds sampling)
             fixed = ARCH + TRAINING + (WORLD if args.eval else WORLD[1:] + DATA)
             model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, fixed)
-        print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
+        print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: the saved one, typed flags on top
         if args.bench:
             return bench(cfg)
         if not (args.eval or args.generate):
