@@ -111,7 +111,7 @@ class Config:
     max_len: int = 12  # longest caption in tokens, BOS/EOS included
     motion: bool = True  # frame-to-frame token differences + a per-frame summary token (Captioner)
     sdpa: bool = True  # attention through F.scaled_dot_product_attention (False: the written-out math)
-    clip_steps: int = 3000  # CLIP training (stage 1): with fewer, shape was only half learned on some seeds (NOTES)
+    clip_steps: int = 3000  # CLIP training (stage 1): fewer steps leave shape half learned on some seeds (NOTES)
     steps: int = 1000  # optimiser steps for each captioner (stage 2): both get exactly the same budget
     batch_size: int = 32
     lr: float = 2e-3  # peak AdamW rate for everything trained from scratch
@@ -148,7 +148,7 @@ NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),
                ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}
 CLASSES = [(c, s) for c in COLOURS for s in SHAPES]  # the 18 zero-shot classes
 RENDER, CLIP_LEN, TRAVEL = 64, 16, 26  # written side, frames per clip, pixels an object moves in a clip
-MEAN, STD = 0.45, 0.25  # pixel normalisation, roughly the statistics of this world
+MEAN, STD = 0.45, 0.25  # fixed pixel normalisation (this world measures about mean 0.29, std 0.15)
 
 def draw_shape(img, shape, colour, cx, cy, half):
     """Draw one filled shape of half-side `half` centred at (cx, cy), in place (img is BGR uint8)."""
@@ -668,7 +668,7 @@ def fixed_clips(indices, clip_len):
     clips[-1] = clips[-1] + [clips[-1][-1]] * (clip_len - len(clips[-1]))
     return clips
 
-def unpatchify(x, p, channels=3):  # the inverse of patchify: (B, P, 3*p*p) -> (B, 3, S, S)
+def unpatchify(x, p, channels=3):  # the inverse of patchify: (B, P', 3*p*p) -> (B, 3, S, S)
     B, n = x.size(0), math.isqrt(x.size(1))  # n: patches per row and per column
     x = x.reshape(B, n, n, channels, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, row, py, col, px)
     return x.reshape(B, channels, n * p, n * p)
@@ -1119,7 +1119,7 @@ def attention_maps(model, tok, clip, cfg, device):
         maps["text_over_frames"] = (w[Np:, :Np].reshape(len(labels), Fr, -1).sum(-1), labels,  # (L, F)
                                     "caption tokens (queries) in the last decoder layer, weight summed per frame")
     else:
-        wl = model.resampler.layers[-1].attn.weights[0]  # (Q, F*P+Q)
+        wl = model.resampler.layers[-1].attn.weights[0]  # (Q, F*(1+P)+Q) with --motion, else (Q, F*P+Q)
         lat = wl[:, :-cfg.n_latents].reshape(cfg.n_latents, Fr, -1).sum(-1)  # (Q, F)
         maps["latents_over_frames"] = (lat, [f"latent {i}" for i in range(cfg.n_latents)],
                                        "the resampler's latents (queries) in its last layer, weight summed per frame")
@@ -1183,7 +1183,7 @@ def evaluate_saved(cfg, typed):  # --eval: the three checkpoints in out_dir, sco
 # Command line ---------------------------------------------------------------------------------------------------------
 CHOICES = dict(section=("all", *SECTIONS), variant=("unified", "cross"), dtype=("float32", "bfloat16"))
 ZERO_OK = ("n_vit_layer", "n_text_layer", "warmup", "threads")  # counts where 0 means none / the default
-RATES = ("lr", "vision_lr", "gate_lr")  # above 0; every other number is at least 0
+RATES = ("lr", "vision_lr", "gate_lr")  # above 0; every other number but --seed is at least 0
 
 def config_problems(cfg):  # what a config must satisfy, typed or saved in a checkpoint (the first problem is reported)
     kinds = [f"--{f.name} {v!r}: must be of type {type(f.default).__name__}" for f in dataclasses.fields(cfg)
@@ -1226,7 +1226,7 @@ def parse_args(argv=None):
         (args.video and (args.train or args.eval or not args.generate), "--video is for --generate, on its own"),
         ("variant" in overrides and not args.generate, "--variant picks --generate's model (--train, --eval run both)"),
         ("section" in overrides and (args.train or args.eval or args.generate), "--section is for the tour (no mode)"),
-        (unread, f"--{unread} is for --train (the tour does not read it)"),
+        (unread, f"--{unread} is for a mode (--train, --eval, --generate); the tour does not read it"),
         (args.generate and not args.video, "--generate needs --video PATH (a video or a folder of frames)")) if wrong]
     if bad:
         raise UserError(bad[0])

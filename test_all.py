@@ -7140,7 +7140,8 @@ def test_ab_tour_refuses_the_flags_it_does_not_read(capsys, tmp_path):
                  ["--device", "cpu"], ["--no-motion"]):
         code, out, last = _ab_main(capsys, *argv)
         flag = next(a for a in argv if str(a).startswith("--") and a != "--section").replace("no-", "")
-        assert code == 2 and last == f"error: {flag} is for --train (the tour does not read it)" and out == "", last
+        want = f"error: {flag} is for a mode (--train, --eval, --generate); the tour does not read it"
+        assert code == 2 and last == want and out == "", last
     code, out, _ = _ab_main(capsys, "--section", "patchify", "--seed", 3, "--d_model", 16, "--threads", 1, "--no-sdpa")
     assert code == 0 and "every check passed" in out
     assert not (tmp_path / "o").exists()
@@ -7181,6 +7182,9 @@ def test_vc_captions_naming_a_folder_and_vl_inspect_negative_tokens(tmp_path, ca
     (tmp_path / "caps.txt").write_text("images | a red circle\n")
     with pytest.raises(vc.UserError, match=r"caps\.txt:1: no image file 'images'"):
         vc.read_captions(str(tmp_path / "caps.txt"))
+    for path, why in ((tmp_path / "images", "Is a directory"), (tmp_path / "nope.txt", "No such file")):
+        with pytest.raises(vc.UserError, match=f"cannot read this captions file \\({why}"):  # a folder is no file
+            vc.read_captions(str(path))
     with pytest.raises(vl.UserError, match="--n_tokens -500: --inspect's text tokens, 0 or more"):
         vl.main(["--inspect", str(tmp_path), "--n_tokens", "-500"])
 
