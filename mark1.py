@@ -65,7 +65,7 @@ from safetensors.torch import load_file, save_file
 SCRIPT = "mark1"
 
 class UserError(Exception):
-    """A problem with the user's input: main() prints it as one line and exits with status 2."""
+    """A problem with the user's input: the __main__ block prints it as one line and exits with status 2."""
 
 def read_json(path, fix, kind=dict):  # the non-empty dict (or list) in path; else one UserError line ending in `fix`
     try:  # utf-8-sig: a byte-order mark some editors write is skipped
@@ -141,7 +141,7 @@ class Config:
     max_steps: int = 1200
     lr: float = 1e-3
     min_lr: float = 1e-4  # where the cosine ends
-    warmup_frac: float = 0.1  # linear warmup over this fraction of the steps, then cosine (the Mark-1 project's, to 0)
+    warmup_frac: float = 0.1  # linear warmup over this fraction of the steps, then cosine to min_lr (Mark-1: to 0)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     dtype: str = "auto"  # autocast: auto (see autocast_dtype), float32, bfloat16 or float16
@@ -445,7 +445,7 @@ class VJEPA2Layer(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)  # pre-LN block (ViT)
         self.attention = VJEPA2Attention(d, n_head, grid)
-        h = int(d * mlp_ratio)  # the MLP's hidden width (4x); exact (erf) GELU; keys mlp.fc1, mlp.fc2 as the checkpoint
+        h = int(d * mlp_ratio)  # hidden width (4x here, 48/11 in ViT-g); exact (erf) GELU; keys mlp.fc1, mlp.fc2
         self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(d, h), act=nn.GELU(), fc2=nn.Linear(h, d)))
     def forward(self, x):
         x = x + self.attention(self.norm1(x))  # residual around attention
@@ -1048,7 +1048,7 @@ def check_answers(data, tok, cfg):  # evaluation decodes --max_new_tokens: a lon
             raise UserError(f"a {split} answer is {n} tokens long (EOS included): --max_new_tokens "
                             f"{cfg.max_new_tokens} must be at least {n}")
 
-def make_optimizer(model, cfg):  # AdamW: decay on Linear and Conv3d weights only (not norms, embeddings, queries)
+def make_optimizer(model, cfg):  # AdamW: decay on Linear/Conv3d weights (a tied embedding too), not norms or queries
     params, dev = [p for p in model.parameters() if p.requires_grad], model.devices["llm"]  # where the loss is
     weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv3d))}
     groups = [{"params": [p for p in params if id(p) in weights], "weight_decay": cfg.weight_decay},
@@ -1131,7 +1131,7 @@ def train(cfg, resume=False, overrides=None):
                 scaler.load_state_dict(ts["scaler"])
         except Exception as e:
             raise UserError(f"{path}: not a readable training state ({type(e).__name__}); retrain or restore it")
-        if (g := ts.get("batch") or gbatch) != gbatch:  # (an older file saved none)
+        if (g := ts.get("batch") or gbatch) != gbatch:  # (a state without "batch" is not checked)
             raise UserError(f"{path}: trained at global batch {g} (batch_size*grad_accum*processes), not {gbatch}")
         say(f"resumed at step {step}")
     elif cfg.data_init > 0:  # one fixed batch, the same on every rank (--seed): clips, question ids and mask
