@@ -148,7 +148,7 @@ NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),
                ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}
 CLASSES = [(c, s) for c in COLOURS for s in SHAPES]  # the 18 zero-shot classes
 RENDER, CLIP_LEN, TRAVEL = 64, 16, 26  # written side, frames per clip, pixels an object moves in a clip
-MEAN, STD = 0.45, 0.25  # fixed pixel normalisation (this world measures about mean 0.29, std 0.15)
+MEAN, STD = 0.45, 0.25  # a fixed pixel normalisation, not measured on this world (its statistics: NOTES.md)
 
 def draw_shape(img, shape, colour, cx, cy, half):
     """Draw one filled shape of half-side `half` centred at (cx, cy), in place (img is BGR uint8)."""

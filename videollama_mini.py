@@ -684,7 +684,8 @@ def decay_groups(model, weight_decay):
 def setup_distributed(cfg):  # -> (ddp, rank, world, device): torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA
     if ddp := int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-    (rank, world), device = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1), pick_device(cfg.device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)  # one process unless torchrun
+    device = pick_device(cfg.device)
     if device.startswith("cuda") and ddp:  # one GPU per rank
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
@@ -924,10 +925,9 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):  # caption test
             preds = [tok.decode(ids) for i in range(0, len(clips), 128)
                      for ids in generate(model, clips[i:i + 128].to(device), cfg, generator=generator)]
         refs = [cs for _, cs in entries]  # every reference of each clip
-        r = result[split] = {"n": len(preds), "exact_match": exact_match(preds, refs), "bleu4": bleu4(preds, refs),
-                             "cider": cider_d(preds, refs),
-                             "samples": [{"video": os.path.relpath(v), "prediction": p, "references": rs}
-                                         for (v, rs), p in list(zip(entries, preds))[:8]]}
+        shown = [dict(video=os.path.relpath(v), prediction=x, references=rs) for (v, rs), x in zip(entries[:8], preds)]
+        r = result[split] = dict(n=len(preds), exact_match=exact_match(preds, refs), bleu4=bleu4(preds, refs),
+                                 cider=cider_d(preds, refs), samples=shown)
         print(f"{split:8s} {r['n']:5d} {r['exact_match']:7.3f} {r['bleu4']:7.3f} {r['cider']:8.3f}")
     print("\n".join(f"  pred: {s['prediction']!r}\n  refs: {s['references']}" for s in result["test"]["samples"][:4]))
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))

@@ -921,9 +921,9 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):  # score test, 
             preds = [tok.decode(ids) for i in range(0, len(images), 256)
                      for ids in generate(model, images[i:i + 256].to(device), cfg, generator=generator)]
         refs = [cs for _, cs in entries]
-        samples = [dict(image=os.path.relpath(p), prediction=x, references=rs) for (p, rs), x in zip(entries, preds)]
+        shown = [dict(image=os.path.relpath(p), prediction=x, references=rs) for (p, rs), x in zip(entries[:8], preds)]
         r = result[split] = dict(n=len(preds), exact_match=exact_match(preds, refs), bleu4=bleu4(preds, refs),
-                                 cider=cider_d(preds, refs), samples=samples[:8])
+                                 cider=cider_d(preds, refs), samples=shown)
         print(f"{split:8s} {r['n']:5d} {r['exact_match']:7.3f} {r['bleu4']:7.3f} {r['cider']:8.3f}")
     print("\n".join(f"  pred: {s['prediction']!r}\n  refs: {s['references']}" for s in result["test"]["samples"][:4]))
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
