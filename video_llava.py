@@ -1416,7 +1416,7 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     for mode, what in (("train", "build the synthetic world (if needed), train, evaluate"),
                        ("resume", "with --train: continue out_dir's run exactly (architecture flags must match)"),
                        ("eval", "evaluate out_dir on test and novel"), ("bench", "decode tokens/s vs transformers"),
-                       ("generate", "answer --prompt about --video / --image"), ("compile", "--generate, compiled")):
+                       ("generate", "answer --prompt on --video/--image"), ("compile", "for --generate (slow start)")):
         p.add_argument(f"--{mode}", action="store_true", help=what)
     p.add_argument("--inspect", default="", metavar="DIR", help="report on the checkpoint in DIR")
     for name, what in (("video", "video file or frame folder"), ("image", "image file"), ("prompt", "the question")):
