@@ -459,10 +459,9 @@ class SentencePieceBPE(Tokenizer):  # LLaMA's tokenizer.json as transformers 5 r
     def decode(self, ids):  # special tokens skipped
         pieces = [self.inv.get(int(i), "").replace("▁", " ") for i in ids if i not in self.added.values()]
         # a piece <0xNN> is one raw UTF-8 byte; the Strip decoder drops the space prepended to the first piece
-        out = b"".join(bytes([int(s[3:5], 16)]) if re.fullmatch(r"<0x[0-9A-F]{2}>", s) else
-                       (s[1:] if k == 0 and self.prefix and s.startswith(" ") else s).encode("utf-8")
-                       for k, s in enumerate(pieces))
-        return out.decode("utf-8", errors="replace")
+        return b"".join(bytes([int(s[3:5], 16)]) if re.fullmatch(r"<0x[0-9A-F]{2}>", s) else
+                        (s[1:] if k == 0 and self.prefix and s.startswith(" ") else s).encode("utf-8")
+                        for k, s in enumerate(pieces)).decode("utf-8", errors="replace")
 
 class GPT2Table(Tokenizer):  # GPT-2 BPE (tiktoken) over a table of the ids seen in training, then <image>, <video>
     def __init__(self, ids, folder=None):
