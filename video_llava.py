@@ -914,7 +914,7 @@ def align_keys(path, base=None):  # -> meta model, files, handles, found {key: (
     cfg = Config(**{**dataclasses.asdict(base or Config()), **hf})
     with torch.device("meta"):
         model = VideoLlava(cfg)
-    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    expected = {k: list(v.shape) for k, v in model.named_parameters()}  # a tied head is the embedding's: not listed
     handles = {f: open_weights(f) for f in set(files.values())}
     held = {f: set(h.keys()) for f, h in handles.items()}  # each file's tensor names, read once from its header
     if wrong := [key for key, f in files.items() if key not in held[f]]:  # an index pointing at the wrong file
@@ -922,8 +922,7 @@ def align_keys(path, base=None):  # -> meta model, files, handles, found {key: (
                         f"{os.path.basename(files[wrong[0]])}, which does not hold it (a damaged or mismatched index)")
     found = {canonical_key(k): (k, f) for k, f in files.items() if canonical_key(k) in expected}
     shapes = {ck: handles[f].get_slice(k).get_shape() for ck, (k, f) in found.items()}  # headers only: nothing read
-    tied = {"language_model.lm_head.weight"} if cfg.tie_word_embeddings else set()
-    problems = {"missing": [k for k in expected if k not in found and k not in tied],
+    problems = {"missing": [k for k in expected if k not in found],
                 "unexpected": [k for k in files if canonical_key(k) not in expected],
                 "mis-shaped": [f"{found[ck][0]} {shape} (model wants {expected[ck]})"
                                for ck, shape in shapes.items() if shape != expected[ck]]}
