@@ -947,10 +947,9 @@ def atomic(path, write):  # write(tmp), then rename over path: a reader sees the
 def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None, batch=None):  # model: the raw module
     # out_dir/model.safetensors (hub keys), config.json (HF style + train_config + token table), train_state.pt
     os.makedirs(cfg.out_dir, exist_ok=True)
-    skip = "language_model.lm_head.weight" if cfg.tie_word_embeddings else None  # tied: loading ties it again
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != skip}
-    if model.video_tower is model.image_tower:  # one tower under two names: safetensors stores no tensor twice
-        state.update({k: v.clone() for k, v in state.items() if k.startswith("video_tower.")})
+    state = {k: v.detach().cpu() for k, v in model.named_parameters()}  # a tied head is not listed: loading ties it
+    if model.video_tower is model.image_tower:  # one tower, listed once: saved under both names, as two tensors
+        state.update({k.replace("image_", "video_", 1): v.clone() for k, v in state.items() if k.startswith("image_")})
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
     hf_tok = ("tokenizer.json", "tokenizer_config.json") if isinstance(tok, GPT2Table) else ()  # a table replaces them
     for stale in ("model.safetensors.index.json", "eval.json", "train_state.pt", *hf_tok):  # of the old weights:
