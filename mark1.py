@@ -772,7 +772,7 @@ def read_hf_dir(path, want):  # -> (config dict, {tensor key: file}, Config fiel
     (h, hf), (w, wf) = ((("num_attention_heads", "v_heads"), ("hidden_size", "v_width")) if want == "vjepa2" else
                         (("num_key_value_heads", "l_kv_heads"), ("num_attention_heads", "l_heads")))
     if (f := hf_fields(want, conf, keys))[wf] % f[hf]:  # headers only so far
-        raise UserError(f"{path}: config.json's {h} {f[hf]} does not divide its {w} {f[wf]} (heads split a width)")
+        raise UserError(f"{path}: config.json's {h} {f[hf]} does not divide its {w} {f[wf]} (split evenly)")
     return conf, keys, f
 
 def check_fit(where, want, have):  # {key: shape} of model, file -> one line: every missing, extra, mis-shaped key
@@ -840,7 +840,7 @@ def build_model(cfg, tok):
     llm = load_qwen3(cfg.llm_ckpt, dtype) if cfg.llm_ckpt else None
     width = llm.model.embed_tokens.weight.shape[1] if llm else cfg.l_width  # the bridge runs at the LLM's width
     if bad := [f"--{h} {getattr(cfg, h)}" for h in ("bridge_heads", "bert_heads") if width % getattr(cfg, h)]:
-        raise UserError(f"{', '.join(bad)}: must divide the LLM's width {width} (heads split a width)")
+        raise UserError(f"{', '.join(bad)}: must divide the LLM's width {width} (split evenly)")
     torch.manual_seed(cfg.seed)
     model = Mark1(cfg, len(tok.ids) if tok.ids is not None else None, vision, llm)
     for part in [p for p in ("vision", "llm") if getattr(cfg, p + "_ckpt") or getattr(cfg, "freeze_" + p)]:
@@ -1320,7 +1320,7 @@ def config_problems(cfg):  # the checks every config gets: the flags' and a save
                  "rope_theta", "v_mlp_ratio") if not 0 < getattr(cfg, k) < math.inf] + [f"--{k} {getattr(cfg, k)}: must"
                  f" be 0 or more and finite" for k in ("min_lr", "weight_decay", "warmup_frac", "lam", "pos_weight",
                  "stop_after", "data_init", "temperature", "top_k", "threshold") if not 0 <= getattr(cfg, k) < math.inf]
-    problems += [f"--{h} {getattr(cfg, h)}: must divide --{w} {getattr(cfg, w)} (heads split a width)" for h, w in
+    problems += [f"--{h} {getattr(cfg, h)}: must divide --{w} {getattr(cfg, w)} (split evenly)" for h, w in
                  (("v_heads", "v_width"), ("l_kv_heads", "l_heads"), ("bridge_heads", "l_width"), ("bert_heads",
                  "l_width")) if getattr(cfg, w) % max(1, getattr(cfg, h)) and not (cfg.llm_ckpt and w == "l_width")]
     problems += ["--out_dir, --data_dir: must name a folder, not an empty string"] * ("" in (cfg.out_dir, cfg.data_dir))
