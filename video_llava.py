@@ -1267,9 +1267,9 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     dev = input_ids.device.type  # under autocast, keys/values come out of its matmuls in its dtype
     dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
              else model.language_model.model.embed_tokens.weight.dtype)
-    # on a CPU the weights are frozen into the graph as constants, each product by the fastest kernel (max_autotune)
-    tuned = torch._inductor.config.patch(freezing=True, max_autotune=True, autotune_num_choices_displayed=0,
-                                         max_autotune_report_choices_stats=False) if compile and dev == "cpu" else None
+    # on a CPU the weights are frozen into the graph as constants, each product inductor's C++ GEMM where it applies
+    tuned = (torch._inductor.config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP")
+             if compile and dev == "cpu" else None)
     if tuned is not None:
         version = sum(p._version for p in model.parameters())  # a change in place (an optimizer step) bumps it
         if getattr(model, "_frozen_version", version) != version:  # weights changed since the last compiled call
@@ -1521,7 +1521,6 @@ def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_d
         before = answer()
         got.append(int(tok_id[0]))
         print(answer()[len(before):], end="", flush=True)
-    warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # torch.compile's autotuning says it (torch 2.13)
     try:  # an HF folder's weights are already in --dtype; a run of this script runs under its autocast
         with autocast(cfg.dtype if run else "float32", device):
             generate(model, ids, None, imgs, vids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
