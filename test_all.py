@@ -2432,7 +2432,7 @@ def test_vl_compiled_step_matches_eager(vl_ckpt):
     left-padded prompt with an image and a video (GQA 4/2)."""
     ours = vl.VideoLlava.from_pretrained(vl_ckpt[1]["hub"], dtype=torch.float32).eval()
     ids, mask, imgs, vids = _vl_inputs(1)
-    with torch.no_grad():
+    with torch.inference_mode():  # as generate decodes: its compiled step's guards hold below
         eager = vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=10)
         assert torch.equal(eager, vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=10, compile=True))
         # a row that stops early (its 4th token as EOS) is padded the same way by both
@@ -2451,7 +2451,9 @@ def test_vl_compiled_step_matches_eager(vl_ckpt):
         pos, smask = cache.claim(mask2)
         assert cache.offset == L + 1 and cache.slots.tolist() == [L] and smask.shape == (B, 1, 1, T_max)
         step = ours.step(nxt, pos, smask, cache)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         compiled = torch.compile(ours.step, fullgraph=True, dynamic=False)(nxt, pos, smask, cache)  # the same slot
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # generate's graph, frozen weights
         whole, _ = ours(torch.cat([ids, nxt], 1), mask2, imgs, vids)
         assert (step - compiled).abs().max() < 1e-5 and (step - whole[:, -1:]).abs().max() < 1e-4
         # forward() on one token with a cache takes the same fixed-shape path
@@ -2508,14 +2510,16 @@ def test_vl_compiled_step_bfloat16(vl_ckpt):
     ours = vl.VideoLlava.from_pretrained(vl_ckpt[1]["hub"], dtype=torch.bfloat16).eval()
     ids, mask, imgs, vids = _vl_inputs(2)
     ids, mask, imgs, vids = ids[2:], mask[2:], imgs[1:].bfloat16(), vids.bfloat16()
-    with torch.no_grad():
+    with torch.inference_mode():  # as generate decodes
         assert vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=4, compile=True).shape == (1, 4)
         cache = vl.KVCache(ours.cfg, 1, 64, torch.bfloat16, "cpu")  # generate's cache length: its graph is reused
         logits, _ = ours(ids, mask, imgs, vids, cache=cache, last_only=True)
         nxt, mask2 = logits.argmax(-1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos, smask = cache.claim(mask2)
         step = ours.step(nxt, pos, smask, cache).float()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         compiled = torch.compile(ours.step, fullgraph=True, dynamic=False)(nxt, pos, smask, cache)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # generate's graph, frozen weights
         assert compiled.dtype == torch.bfloat16 and (step - compiled.float()).abs().max() < 0.02 * step.abs().max()
 
 
