@@ -1268,7 +1268,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
              else model.language_model.model.embed_tokens.weight.dtype)
     # on a CPU the weights are frozen into the graph as constants and each product compiles to inductor's C++ GEMM
-    # template (max_autotune enables it; offered alone, it is not compiled and timed against MKL's kernel as well)
+    # template (max_autotune enables it; offered alone, it is used without compiling and timing MKL's against it)
     tuned = (torch._inductor.config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP")
              if compile and dev == "cpu" else None)
     if tuned is not None:
