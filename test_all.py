@@ -2755,7 +2755,7 @@ def test_vl_unknown_whitespace_in_a_prompt_is_shown(vl_tiny_run):
     """A prompt pasted with a Windows line end: the carriage return the token table lacks is named as '\\r', not as
     an empty '' (or a raw \\r that moves the terminal's cursor)."""
     png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")
-    with pytest.raises(vl.UserError, match=r"^'\\r' \(a GPT-2 token: .*\) in 'USER: <image>\\nWhat shape are they\?\\r ASSISTANT:' is "):
+    with pytest.raises(vl.UserError, match=r"^--prompt: '\\r' \(a GPT-2 token: .*\) in 'USER: <image>\\nWhat shape are they\?\\r ASSISTANT:' is "):
         vl.main(["--generate", "--out_dir", vl_tiny_run[0].out_dir, "--image", png,
                  "--prompt", "What shape are they?\r"])
 
@@ -3395,6 +3395,12 @@ def test_vl_test_data_stays_out_of_the_token_table_and_validation(vl_tiny_run, t
     assert "data: train 9 questions, val 1 questions, test 3 questions" in capsys.readouterr().out
     tok = vl.load_tokenizer(str(tmp_path / "o"))
     assert not set(tok.enc.encode_ordinary(" magenta")) <= set(tok.ids)
+    # a test question with a word the training text lacks cannot be read: refused, naming its line, before any run
+    (tmp_path / "test.jsonl").write_text(line("red") + "\n" + line("red").replace("shapes", "zebras") + "\n")
+    with pytest.raises(vl.UserError, match=r"test.jsonl:2: ' ze.*' \(a GPT-2 token: .*\(its training text\)"):
+        vl.main(["--train", "--preset", "tiny", "--data", str(tmp_path / "mine.jsonl"), "--test_data",
+                 str(tmp_path / "test.jsonl"), "--out_dir", str(tmp_path / "o2")])
+    assert not (tmp_path / "o2").exists()
 
 
 @pytest.fixture(scope="module")
@@ -3722,12 +3728,12 @@ def test_vl_unknown_words_and_cut_off_media(vl_tiny_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(vl_tiny_run[0].out_dir, out)
     png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")
-    with pytest.raises(vl.UserError, match=r"' x.*' \(a GPT-2 token: .*\) in 'USER: <image>\\nWhat colour are the xylophones\? "
-                                           r"ASSISTANT:' is not in the token table") as e:  # the newline shown as \n
+    with pytest.raises(vl.UserError, match=r"^--prompt: ' x.*' \(a GPT-2 token: .*\) in 'USER: <image>\\nWhat colour are the xylophones\? "
+                                           r"ASSISTANT:' is not in the model's token table") as e:  # the newline shown as \n
         vl.main(["--generate", "--out_dir", str(out), "--image", png, "--prompt", "What colour are the xylophones?"])
     assert "\n" not in str(e.value)  # one line on stderr
-    with pytest.raises(vl.UserError, match="' What' .* is not in the token table .* never trained on"):  # without an image:
-        vl.main(["--generate", "--out_dir", str(out), "--prompt", "What colour are the shapes?"])  # " What", never seen
+    with pytest.raises(vl.UserError, match="^--prompt: ' What' .* is not in the model's token table .* never trained on"):
+        vl.main(["--generate", "--out_dir", str(out), "--prompt", "What colour are the shapes?"])  # no image: " What"
     for prompt in ("", "   "):  # none, or a blank one
         with pytest.raises(vl.UserError, match="--generate needs --prompt TEXT"):
             vl.main(["--generate", "--out_dir", str(out), "--image", png, "--prompt", prompt])
@@ -3742,14 +3748,14 @@ def test_vl_unknown_words_and_cut_off_media(vl_tiny_run, tmp_path, capsys):
     (tmp_path / "q.jsonl").write_text('{"image": "a.png", "question": "What colour is the xylophone?", "answer": '
                                       '"red"}\n' * 3)
     before = {f.name: f.read_bytes() for f in out.iterdir()}
-    with pytest.raises(vl.UserError, match="in the token table of the model in"):
+    with pytest.raises(vl.UserError, match=r"q.jsonl:2: ' is' .* is not in the model's token table"):
         vl.main(["--train", "--resume", "--out_dir", str(out), "--data", str(tmp_path / "q.jsonl"), "--max_steps", "6"])
-    with pytest.raises(vl.UserError, match=f"in the token table of the model in {out}:"):  # fine-tuning on new words
+    with pytest.raises(vl.UserError, match="q.jsonl:2: .* not in the model's token table"):  # fine-tuning on new words
         vl.main(["--train", "--from_pretrained", str(out), "--data", str(tmp_path / "q.jsonl"), "--out_dir",
                  str(tmp_path / "ft")])
     known = '{"image": "a.png", "question": "What colour are the shapes?", "answer": "red"}\n'
     (tmp_path / "v.jsonl").write_text((tmp_path / "q.jsonl").read_text()[:-1].split("\n")[0] + "\n" + known * 3)
-    with pytest.raises(vl.UserError, match="xylophone.* in the token table"):  # entry 0 is held out for validation
+    with pytest.raises(vl.UserError, match="v.jsonl:1: .*xylophone.* token table"):  # entry 0: held out for validation
         vl.main(["--train", "--from_pretrained", str(out), "--data", str(tmp_path / "v.jsonl"), "--out_dir",
                  str(tmp_path / "ft")])
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before and not (tmp_path / "ft").exists()
@@ -3799,7 +3805,7 @@ def test_vl_out_dir_flags_test_data_and_shards(vl_tiny_run, vl_ckpt, tmp_path, c
     vl.main(["--eval", "--out_dir", str(run), "--test_data", str(tmp_path / "t.jsonl"), "--max_new_tokens", "9"])
     assert '"max_new_tokens": 9' in capsys.readouterr().out  # --eval may give answers more room, and does
     (tmp_path / "x.jsonl").write_text(json.dumps({"image": png, "question": "What is the xylophone?", "answer": "red"}))
-    with pytest.raises(vl.UserError, match="' is' .* is not in the token table of the model in"):
+    with pytest.raises(vl.UserError, match="x.jsonl:1: ' is' .* is not in the model's token table"):
         vl.main(["--eval", "--out_dir", str(run), "--test_data", str(tmp_path / "x.jsonl")])
     for flags in (["--hidden_size", "64"], ["--n_frames", "8"], ["--lr", "0.5"]):  # these it would not use: refused
         with pytest.raises(vl.UserError, match=f"--eval runs the trained settings; drop {flags[0]} {flags[1]}"):

@@ -464,40 +464,40 @@ class SentencePieceBPE(Tokenizer):  # LLaMA's tokenizer.json as transformers 5 r
                         for k, s in enumerate(pieces)).decode("utf-8", errors="replace")
 
 class GPT2Table(Tokenizer):  # GPT-2 BPE (tiktoken) over a table of the ids seen in training, then <image>, <video>
-    def __init__(self, ids, folder=None):
+    def __init__(self, ids):
         import tiktoken  # only the trained-from-scratch model needs it
         try:  # GPT-2's two files: downloaded once, or read from TIKTOKEN_CACHE_DIR
             self.enc = tiktoken.get_encoding("gpt2")
         except Exception as e:  # offline with no cached files: say how to fix it, no traceback
             raise UserError(f"tiktoken could not load the GPT-2 encoding ({type(e).__name__}); offline, point "
                             f"TIKTOKEN_CACHE_DIR at a copy of its cache folder (two hash-named files)") from None
-        self.ids, self.folder = list(ids), folder  # model id -> GPT-2 id; the model's folder, which check_known names
+        self.ids = list(ids)  # model id -> GPT-2 id
         self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
         self.added = {"<image>": len(self.ids), "<video>": len(self.ids) + 1}
         self.bos_id = self.eos_id = self.pad_id = 0  # model id 0 is GPT-2's <|endoftext|>
         self.prefix_ids, self.suffix_ids = [0], []  # BOS before the text, nothing after
     @classmethod
-    def from_texts(cls, texts, folder=None):  # the table: <|endoftext|>, then every GPT-2 id of the texts, in order
+    def from_texts(cls, texts):  # the table: <|endoftext|>, then every GPT-2 id of the texts, in order
         enc = cls([]).enc
         return cls([enc.eot_token] + sorted({t for s in texts for p in re.split("<image>|<video>", s)
-                                             for t in enc.encode_ordinary(p)}), folder)
+                                             for t in enc.encode_ordinary(p)}))
     def __len__(self):
         return len(self.ids) + 2  # the vocabulary size V: the table plus <image> and <video>
     def encode_text(self, part, first):  # GPT-2 ids outside the table (words never trained on) are dropped
         return [self.to_model[t] for t in self.enc.encode_ordinary(part) if t in self.to_model]
-    def check_known(self, texts):  # where a dropped word would change what is trained or asked: refused
-        for text in texts:
+    def check_known(self, texts):  # (where, text) pairs: where a dropped word would change what is trained or asked
+        for where, text in texts:
             if lost := [t for p in re.split("<image>|<video>", text) for t in self.enc.encode_ordinary(p)
                         if t not in self.to_model]:
-                raise UserError(f"{self.enc.decode(lost[:1])!r} (a GPT-2 token: a word and its leading space) in "
-                                f"{text!r} is not in the token table of the model in {self.folder}: never trained on")
+                raise UserError(f"{where}: {self.enc.decode(lost[:1])!r} (a GPT-2 token: a word and its leading space) "
+                                f"in {text!r} is not in the model's token table (its training text): never trained on")
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])  # model ids -> GPT-2 ids -> text
 
 def load_tokenizer(folder):  # a run of this script keeps its GPT-2 table in config.json; an HF folder, tokenizer.json
     meta = read_config(folder)
     try:
-        return GPT2Table(meta["gpt2_table"], folder) if "gpt2_table" in meta else SentencePieceBPE(folder)
+        return GPT2Table(meta["gpt2_table"]) if "gpt2_table" in meta else SentencePieceBPE(folder)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # a damaged or another model's file
         raise UserError(f"{folder}: its token table or tokenizer.json is damaged ({type(e).__name__}: {e})") from None
 
@@ -1035,7 +1035,7 @@ class Examples:
     def __init__(self, entries, cfg, tok, answered=True):
         texts = [prompt_text(e["question"], e["kind"]) for e in entries]
         if isinstance(tok, GPT2Table):  # a word the table lacks would go unread (test answers are only compared)
-            tok.check_known([t + " " + e["answer"] if answered else t for t, e in zip(texts, entries)])
+            tok.check_known([(e["line"], t + " " + e["answer"] if answered else t) for t, e in zip(texts, entries)])
         self.entries, cache = entries, {}  # (path, kind) -> pixels: each file decoded once (the first entry naming it)
         for e in (e for e in entries if (e["path"], e["kind"]) not in cache):
             try:  # a file that fails to decode is named with the annotation line that lists it
@@ -1098,7 +1098,7 @@ def build_model(cfg, entries, resume, say, device):  # -> model, cfg with its ar
         model, tok = load_pretrained(path, weights_dtype(cfg.dtype, device), device, base=cfg), load_tokenizer(path)
         cfg = dataclasses.replace(cfg, **{f: getattr(model.cfg, f) for f in HF_FIELDS})
     else:
-        tok = GPT2Table.from_texts(texts, cfg.out_dir)  # every token of the training and validation text
+        tok = GPT2Table.from_texts(texts)  # every token of the training and validation text
         cfg = dataclasses.replace(cfg, vocab_size=len(tok), image_token_index=tok.added["<image>"],
                                   video_token_index=tok.added["<video>"])
         model = VideoLlava(cfg)
@@ -1515,7 +1515,7 @@ def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_d
     vids = torch.from_numpy(load_video(args.video, n_frames, mcfg.image_size))[None].to(device) if args.video else None
     text = args.prompt if "<image>" in args.prompt or "<video>" in args.prompt else prompt_text(args.prompt, kind)
     if isinstance(tok, GPT2Table):  # a model trained here knows only its training words ("What" != " What")
-        tok.check_known([text])
+        tok.check_known([("--prompt", text)])
     ids = torch.tensor([expand_placeholders(tok.encode(text), mcfg, n_frames)], device=device)
     g, got = torch.Generator(device=device).manual_seed(cfg.seed), []
     answer = lambda: tok.decode([t for t in got if t != tok.eos_id]).rstrip("\ufffd")  # an unfinished char waits
