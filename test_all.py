@@ -906,14 +906,18 @@ def test_vm_resume_refuses_words_outside_the_saved_token_table(_vm_trained, tmp_
                     f"in {out} has no token for it")
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
-def test_vm_resume_continues_the_saved_run(_vm_trained, tmp_path, monkeypatch):
+def test_vm_resume_continues_the_saved_run(_vm_trained, tmp_path, monkeypatch, capsys):
     """`--train --resume --out_dir DIR` and nothing else continues the interrupted run as it was configured (its data,
     sizes, steps, dtype; --stop_after only for the command that typed it) and ends at the uninterrupted run's
-    weights: those of the shared tiny run, which typed the same flags without --stop_after."""
+    weights: those of the shared tiny run, which typed the same flags without --stop_after. Its train_seconds is the
+    whole run's: the seconds train_state.pt saved (here set to 1000) and the resumed part's."""
     tmp, _ = _vm_trained
     out = tmp_path / "r"
     vm.main(["--train", "--preset", "tiny", "--data_dir", str(tmp / "data"), "--out_dir", str(out),
              "--stop_after", "3"])
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert 0 < state["seconds"] < 1000  # the stopped part's time, data included
+    torch.save(dict(state, seconds=1000.0), out / "train_state.pt")  # as if the first part had taken 1000 s
     monkeypatch.chdir(tmp_path)  # from another folder, where the default data_dir does not exist
 
     def saved_world_only(cfg, build=vm.build_world):  # fails at once instead of writing the default world
@@ -925,6 +929,8 @@ def test_vm_resume_continues_the_saved_run(_vm_trained, tmp_path, monkeypatch):
     full, _, want = vm.load_checkpoint(str(tmp / "out"))
     assert dataclasses.asdict(cfg) == {**dataclasses.asdict(want), "out_dir": str(out)}  # stop_after 0, dtype float32
     assert torch.equal(_vm_weights(resumed), _vm_weights(full))
+    assert "; 1000s of it before --resume)" in capsys.readouterr().out
+    assert 1000 < json.load(open(out / "eval.json"))["train_seconds"] < 1100
 
 
 def test_vm_save_cut_off_before_train_state_refuses_resume(capsys, _vm_trained, tmp_path, monkeypatch):
@@ -1076,7 +1082,8 @@ def test_vm_caption_longer_than_max_len_is_refused(_vm_trained, tmp_path, capsys
     assert not (tmp_path / "o").exists()
 
 def test_vm_grad_accumulation_and_exact_resume(tmp_path):
-    """batch 8 == 2 x 4 accumulated (same weights up to float noise); stop + resume == uninterrupted, bit for bit."""
+    """batch 8 == 2 x 4 accumulated (same weights up to float noise); stop + resume == uninterrupted, bit for bit,
+    also from a train_state.pt saved without its seconds (an older save: they count as 0)."""
     cfg = _vm_cfg(tmp_path, max_steps=4, eval_interval=100)
     one, _ = vm.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "a")))
     two, _ = vm.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "b"), batch_size=4, grad_accum=2))
@@ -1084,6 +1091,8 @@ def test_vm_grad_accumulation_and_exact_resume(tmp_path):
     drop = dataclasses.replace(cfg, dropout=0.2)  # dropout makes the RNG state part of what must be restored
     full, _ = vm.train(dataclasses.replace(drop, out_dir=str(tmp_path / "c")))
     vm.train(dataclasses.replace(drop, out_dir=str(tmp_path / "d"), stop_after=2))
+    state = torch.load(tmp_path / "d" / "train_state.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "seconds"}, tmp_path / "d" / "train_state.pt")  # an older save
     resumed, _ = vm.train(dataclasses.replace(drop, out_dir=str(tmp_path / "d")), resume=True)
     assert torch.equal(_vm_weights(full), _vm_weights(resumed))
     # and the checkpoint on disk reloads to the same model

@@ -245,8 +245,7 @@ def load_video(path, n_frames, size):  # a video file OpenCV reads, or a folder 
             raise UserError(f"{path}: only {len(frames)} of the {listed} frames in its header decode (the file is cut "
                             "off or damaged)")  # a cut-off file opens and decodes its first part without an error
         cap.release()
-    idx = sample_indices(len(frames), n_frames, path)  # F indices
-    return np.stack([frames[i][:, :, ::-1] for i in idx])  # BGR -> RGB, (F, S, S, 3)
+    return np.stack([frames[i][:, :, ::-1] for i in sample_indices(len(frames), n_frames, path)])  # (F, S, S, 3) RGB
 
 def read_annotations(path):
     """The VideoLLaMA-Mini write-up's format: a video path line, one or more caption lines, a blank line between
@@ -480,7 +479,7 @@ def atomic(path, write):
     write(path + ".tmp")  # the same folder, so os.replace is atomic
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
-def save_checkpoint(model, tok, cfg, opt, step, scaler, batch=None):  # train_state.pt: what --resume needs
+def save_checkpoint(model, tok, cfg, opt, step, scaler, batch=None, seconds=0.0):  # train_state.pt: what --resume needs
     os.makedirs(out := cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic(os.path.join(out, "model.safetensors"), lambda p: save_file(state, p))
@@ -488,7 +487,8 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler, batch=None):  # train_st
         os.remove(old)  # the old weights' scores and attention map, and their state (it would --resume the new)
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
     atomic(os.path.join(out, "config.json"), lambda p: json.dump(meta, open(p, "w")))
-    ts = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, rng=torch.get_rng_state(), batch=batch)
+    ts = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, rng=torch.get_rng_state(), batch=batch,
+              seconds=seconds)  # seconds: the run's time so far, data included; --resume adds on to it
     atomic(os.path.join(out, "train_state.pt"), lambda p: torch.save(ts, p))
 
 def load_checkpoint(out_dir, overrides=None, fixed=()):  # -> (model, tokenizer, cfg): the saved config, overrides on
@@ -667,7 +667,7 @@ def start_config(cfg, typed=None, resume=False):
     try:  # torch raises several error types for a truncated file; another run's does not fit this model's AdamW
         ts = torch.load(path, weights_only=True)
         torch.optim.AdamW(decay_groups(model, 0.0)).load_state_dict(ts["optimizer"])
-        ts = dict(ts, step=int(ts["step"]), rng=ts["rng"])  # KeyError: not a training state
+        ts = dict(ts, step=int(ts["step"]), rng=ts["rng"], seconds=float(ts.get("seconds", 0.0)))  # KeyError: not one
     except Exception:
         raise UserError(f"{path}: damaged or another run's; drop --resume to start afresh (copy the folder to keep it)")
     if (step := ts["step"]) >= saved.max_steps:  # the loop would train nothing and go straight to the evaluation
@@ -723,7 +723,7 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
         raise UserError(f"{cfg.out_dir}: trained at global batch {g} (batch_size*grad_accum*processes), not {gsize}")
     say = print if (master := rank == 0) else (lambda *a, **k: None)  # rank 0 alone prints, evaluates and saves
     say("config:", json.dumps(dataclasses.asdict(cfg)))  # on --resume: the saved config, the typed flags on top
-    t0 = time.time()  # train_seconds counts data preparation too
+    t0, seconds0 = time.time(), resumed[2]["seconds"] if resumed else 0.0  # train_seconds counts data too
     torch.manual_seed(cfg.seed)  # the initial weights and dropout follow --seed
     data = prepare_data(cfg, rank, typed or ())  # {split: (entries, uint8 clips)}
     train_entries, train_clips = data["train"]
@@ -770,28 +770,28 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
         scaler.update()
         opt.zero_grad(set_to_none=True)  # frees the gradient memory between steps
         step += 1
-        val = None  # logged only on the steps where it is measured
-        if master and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
-            val = evaluate_loss(raw, tok, *data["val"], cfg, device)
-            save_checkpoint(raw, tok, cfg, opt, step, scaler, gsize)
-        if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or val is not None):
+        stop = cfg.stop_after and cfg.stop_after <= step < cfg.max_steps  # as if interrupted: save, --resume goes on
+        measure = master and (step % cfg.eval_interval == 0 or step == cfg.max_steps)  # the val loss, and a save
+        val = evaluate_loss(raw, tok, *data["val"], cfg, device) if measure else None  # logged where it is measured
+        if master and (measure or stop):
+            save_checkpoint(raw, tok, cfg, opt, step, scaler, gsize, seconds0 + time.time() - t0)
+        if master and (step % cfg.log_interval == 0 or measure):  # measure: also at max_steps
             dt = (time.time() - t_log) / (step - log_step)  # seconds per step since the last log line
             eta = dt * (cfg.max_steps - step)  # seconds left at this pace
             say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {'-' if val is None else f'{val:.3f}'} | "
                 f"lr {lr_at(step - 1, cfg):.1e} | {dt * 1000:.0f} ms | {gsize / dt:.0f} samples/s | "
                 f"eta {eta // 60:.0f}m{eta % 60:02.0f}s")
             t_log, log_step = time.time(), step
-        if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
-            if master:
-                save_checkpoint(raw, tok, cfg, opt, step, scaler, gsize)
-                say(f"stopped after step {step} as asked; continue with --resume")
+        if stop:
+            say(f"stopped after step {step} as asked; continue with --resume")
             break
-    train_seconds = time.time() - t0  # data + training, without the final evaluation
+    train_seconds = seconds0 + time.time() - t0  # data + training, without the final evaluation
     if ddp:  # every rank has finished training: all leave the group together, then rank 0 evaluates alone
         dist.barrier()
         dist.destroy_process_group()
     if master and step >= cfg.max_steps:
-        say(f"trained in {train_seconds:.0f}s (data included)")
+        before = f"; {seconds0:.0f}s of it before --resume" if seconds0 else ""  # as saved when it stopped
+        say(f"trained in {train_seconds:.0f}s (data included{before})")
         evaluate(raw, tok, cfg, device, data, train_seconds)
     return raw, tok
 
