@@ -1659,10 +1659,19 @@ def test_vc_checkpoint_round_trip_and_exact_resume(tmp_path, capsys):
                     "train_state.pt", "without --resume")
     assert not nodata.exists()  # both refused before the synthetic world was built
     capsys.readouterr()
+    ts = torch.load(cut / "train_state.pt")  # the time trained so far is saved; --resume adds this part's to it
+    assert 0 < ts["seconds"] < 600
+    torch.save({**ts, "seconds": ts["seconds"] + 1000}, cut / "train_state.pt")  # as if it had taken 1000s longer
     vc.main(["--train", "--resume", "--out_dir", str(cut), "--max_steps", "6"])  # the README's command, no --preset
-    assert '"n_train": 64' in capsys.readouterr().out  # the config printed is the run's, not the default preset's
-    resumed, _, _ = vc.load_checkpoint(str(cut))
+    out = capsys.readouterr().out
+    assert '"n_train": 64' in out  # the config printed is the run's, not the default preset's
+    assert re.search(r"^trained 6 steps in 1\d\d\ds \(data and the steps before --resume included\)$", out, re.M)
+    assert json.load(open(cut / "eval.json"))["train_seconds"] >= ts["seconds"] + 1000  # the whole run's
+    resumed, rtok, rcfg = vc.load_checkpoint(str(cut))
     assert torch.equal(_vc_weights(full), _vc_weights(resumed))  # dropout RNG and optimizer state restored
+    state = {k: v for k, v in torch.load(cut / "train_state.pt").items() if k != "seconds"}  # a state without it
+    with torch.random.fork_rng(devices=[]):  # (init_training sets the saved RNG state)
+        assert vc.init_training(rcfg, [], None, (resumed, rtok, state), "cpu")[4] == (6, 0.0)  # resumes; counts 0
     loaded, tok, lcfg = vc.load_checkpoint(str(tmp_path / "full"))
     assert torch.equal(_vc_weights(loaded), _vc_weights(full)) and lcfg.vit_dim == vc.PRESETS["tiny"]["vit_dim"]
     ev = json.load(open(tmp_path / "full" / "eval.json"))

@@ -493,7 +493,7 @@ def atomic(path, write):
     write(path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
-def save_checkpoint(model, tok, cfg, opt, step, scaler, batch=None):  # train_state.pt: what --resume needs
+def save_checkpoint(model, tok, cfg, opt, step, scaler, **run):  # train_state.pt: for --resume (run: batch, seconds)
     os.makedirs(cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
@@ -501,7 +501,7 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler, batch=None):  # train_st
         os.remove(old)  # the old weights': their scores, their picture, and a state that would --resume the new ones
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids}
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
-    ts = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, rng=torch.get_rng_state(), batch=batch)
+    ts = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, rng=torch.get_rng_state(), **run)
     atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
 ARCH = ("img_size", "patch", "vit_dim", "vit_layers", "vit_heads", "vit_mlp", "pool", "d_model", "n_layer", "n_head",
@@ -662,7 +662,7 @@ def setup_distributed(cfg):  # -> (rank, world, device): torchrun's WORLD_SIZE >
         torch.cuda.set_device(device := f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return dist.get_rank(), dist.get_world_size(), device
 
-def init_training(cfg, entries, images, resumed, device):  # -> (model, tok, opt, scaler, step): fresh, or resumed
+def init_training(cfg, entries, images, resumed, device):  # -> model, tok, opt, scaler, (step, seconds): fresh/resumed
     if resumed:
         model, tok, state = resumed
         if lost := next(((t, c) for _, cs in entries for c in cs for t in tok.enc.encode_ordinary(c)
@@ -686,7 +686,7 @@ def init_training(cfg, entries, images, resumed, device):  # -> (model, tok, opt
         torch.set_rng_state(state["rng"])  # dropout continues as if never stopped
         if state.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
             scaler.load_state_dict(state["scaler"])
-    return model, tok, opt, scaler, state["step"] if resumed else 0
+    return model, tok, opt, scaler, (state["step"], state.get("seconds", 0.0)) if resumed else (0, 0.0)
 
 def train_step(model, opt, scaler, batch, cfg, device, rank, world):
     """One optimizer step over grad_accum micro-batches of this rank's rows -> the global batch's mean loss. Summed
@@ -731,7 +731,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
     check_decoding(cfg)
     rank, world, device = setup_distributed(cfg)
     gsize = cfg.batch_size * cfg.grad_accum * world  # images a step: global_batch orders the data by it
-    if resumed and (g := resumed[2].get("batch") or gsize) != gsize:  # (a state saved with batch=None has none)
+    if resumed and (g := resumed[2].get("batch") or gsize) != gsize:  # (a state saved without a batch has none)
         raise UserError(f"{cfg.out_dir}: trained at global batch {g} (batch_size*grad_accum*processes), not {gsize}")
     say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
     say("config:", json.dumps(dataclasses.asdict(cfg)))
@@ -739,7 +739,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
     torch.manual_seed(cfg.seed)
     data = prepare_data(cfg, rank, typed or ())
     say("data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" images ({time.time() - t0:.1f}s)")
-    model, tok, opt, scaler, step = init_training(cfg, *data["train"], resumed, device)
+    model, tok, opt, scaler, (step, seconds0) = init_training(cfg, *data["train"], resumed, device)
     say(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, all trained; vocab {len(tok.ids)}; "
         + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in model.part_counts().items())
         + (f"; resumed from step {step}" if resume else ""))
@@ -751,8 +751,8 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
     check_lengths(tok, data, cfg, ("train", "val", "test", "novel"), grow=not resume)
     tokens = [[tok.encode(c) for c in cs] for _, cs in entries]  # every reference of every image, encoded once
     val_batch = pad_batch([tok.encode(cs[0]) for _, cs in data["val"][0]], cfg.max_len)  # (inputs, targets)
-    t_log, log_step, step0 = time.time(), step, step
-    while step < cfg.max_steps:
+    t_log, log_step, stop = time.time(), step, False
+    while step < cfg.max_steps and not stop:
         idx = global_batch(step, len(entries), gsize, cfg.seed)
         caption_rng.seed(cfg.seed * 100003 + step)  # which reference each image shows: a function of the step
         inp, tgt = pad_batch([caption_rng.choice(tokens[i]) for i in idx.tolist()], cfg.max_len)
@@ -760,12 +760,14 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
             group["lr"] = lr_at(step, cfg)
         loss = train_step(fwd, opt, scaler, (images[idx], inp, tgt), cfg, device, rank, world)
         step, val = step + 1, None  # val: shown only on the steps where it is measured
+        stop = cfg.stop_after and cfg.stop_after <= step < cfg.max_steps  # as if interrupted: saved, --resume goes on
         if rank == 0 and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             with torch.no_grad(), autocast(cfg, device):  # mean token loss on the first reference of each image
                 val = raw.eval()(data["val"][1].to(device), *(t.to(device) for t in val_batch))[1].item()
             if not math.isfinite(val):  # the weights diverged within the last steps: they are not saved
                 raise UserError(f"validation loss {val}: stopped; {cfg.out_dir} keeps its last save (try a lower --lr)")
-            save_checkpoint(raw, tok, cfg, opt, step, scaler, gsize)
+        if rank == 0 and (val is not None or stop):  # the weights, and train_state.pt with the time trained so far
+            save_checkpoint(raw, tok, cfg, opt, step, scaler, batch=gsize, seconds=seconds0 + time.time() - t0)
         if rank == 0 and (step % cfg.log_interval == 0 or val is not None):  # val: every eval step, the last too
             dt = (time.time() - t_log) / (step - log_step)
             eta = dt * (cfg.max_steps - step)
@@ -773,17 +775,15 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
                 f"lr {lr_at(step - 1, cfg):.1e} | {dt * 1000:.0f} ms | {gsize / dt:.3g} samples/s | "
                 f"eta {eta // 60:.0f}m{eta % 60:02.0f}s")
             t_log, log_step = time.time(), step
-        if cfg.stop_after and cfg.stop_after <= step < cfg.max_steps:
-            if rank == 0:
-                save_checkpoint(raw, tok, cfg, opt, step, scaler, gsize)
-                say(f"stopped after step {step} as asked; continue with --resume")
-            break
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    if rank == 0 and step >= cfg.max_steps:
-        say(f"trained {step - step0} steps in {time.time() - t0:.0f}s (data included)")
-        evaluate(raw, tok, cfg, device, data, time.time() - t0)
+    if rank == 0 and step >= cfg.max_steps:  # the whole run's time, with the part saved before --resume (eval.json's)
+        seconds = seconds0 + time.time() - t0
+        say(f"trained {step} steps in {seconds:.0f}s (data{' and the steps before --resume' * resume} included)")
+        evaluate(raw, tok, cfg, device, data, seconds)
+    elif stop:
+        say(f"stopped after step {step} as asked; continue with --resume")
     return raw, tok
 
 # Generation and evaluation --------------------------------------------------------------------------------------------
