@@ -213,10 +213,9 @@ def sample_event(rng, split):  # one clip's story -> (per-frame draw list, annot
     answer_text = options[EVENTS.index(event)]
     rng.shuffle(options)  # the answer's letter is uniform over A-D
     choices = [f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)]
-    ann = dict(question=f"What happens to the {colour} {shape}?", choices=choices,
-               answer=choices[options.index(answer_text)],  # support: the 4 frames that show the event
-               support_times=[round(f / FPS, 4) for f in range(e, e + 4)], event=event, colour=colour)
-    return frames, ann
+    return frames, dict(question=f"What happens to the {colour} {shape}?", choices=choices,
+                        answer=choices[options.index(answer_text)],  # support: the 4 frames that show the event
+                        support_times=[round(f / FPS, 4) for f in range(e, e + 4)], event=event, colour=colour)
 
 def write_clip(path, frames):
     w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), FPS, (SIDE, SIDE))  # MPEG-4 part 2: lossy, real
@@ -349,11 +348,13 @@ def frame_labels(support_times, times, duration, where):  # 1 at the frame neare
     return lab
 
 def load_split(entries, cfg):  # -> uint8 clips (N, F, S, S, 3), frame labels, times (N, F), durations (N,)
-    rows = []  # (clip, frame labels, frame times, duration) per entry
-    for e in entries:
-        clip, t, dur = load_video(e["video"], cfg.n_frames, cfg.crop)
-        rows.append((clip, frame_labels(e["support_times"], t, dur, e["where"]), t, dur))
-    clips, labs, times, durs = map(np.stack, zip(*rows))
+    def row(e):  # one entry -> (clip, frame labels, frame times, duration)
+        try:  # a video that cannot be read names its entry too, as the annotation checks do
+            clip, t, dur = load_video(e["video"], cfg.n_frames, cfg.crop)
+        except UserError as err:
+            raise UserError(f"{e['where']}: {err}") from None
+        return clip, frame_labels(e["support_times"], t, dur, e["where"]), t, dur
+    clips, labs, times, durs = map(np.stack, zip(*map(row, entries)))
     return dict(clips=torch.from_numpy(clips), labels=torch.from_numpy(labs), times=times, durations=durs)
 
 class GPT2Tokenizer:  # GPT-2 (tiktoken) over the table `ids`: <|endoftext|>, <unk>, the ids seen in training (or all)
@@ -1213,8 +1214,7 @@ def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top
 
 @torch.no_grad()
 def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):  # -> id lists, frame logits (B, F)
-    q_ids, q_valid = text_batch(items, tok, with_answer=False)[:2]
-    prefix, frame_logits = model.fuse(feats, q_ids, q_valid)
+    prefix, frame_logits = model.fuse(feats, *text_batch(items, tok, with_answer=False)[:2])  # question ids, mask
     prompts = [model.embed(torch.tensor(tok.prompt(it["question"], it["choices"]))) for it in items]  # (Lp_i, D)
     rows = [torch.cat((prefix[i], p.to(prefix.dtype)), 0) for i, p in enumerate(prompts)]  # (N + Lp_i, D) each
     x, valid = pad_left(rows)  # (B, L, D), (B, L)

@@ -5335,6 +5335,17 @@ def test_mk_bad_inputs(mk_trained, tmp_path):
         _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "d.json", "--out_dir", o], "entry 1", "strings")
     (tmp_path / "c.json").write_text("[{")
     _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "c.json", "--out_dir", o], "not valid JSON")
+    # a video in an annotation file that is missing, not a video or a folder without frames: named by its entry too
+    good, v = dict(video=str(video), question="q?", choices=["A. x", "B. y"], answer="A. x"), tmp_path / "v.json"
+    for bad, why in (("nope.mp4", "video not found; check the path"), ("junk.mp4", "no frames (an empty"),
+                     ("empty", "no frames (an empty")):  # paths relative to the annotation file
+        json.dump([good, {**good, "video": bad}], open(v, "w"))  # entry 2 is a training clip, entry 1 a test one
+        for argv in (["--train", "--preset", "tiny", "--data", v, "--out_dir", o], ["--eval", "--out_dir", out,
+                                                                                   "--test_data", v]):
+            _mk_user_error(argv, f"{v} entry 2: {tmp_path / bad}: {why}")
+    with pytest.raises(mk.UserError, match=rf"^{re.escape(str(tmp_path / 'nope.mp4'))}: video not found"):
+        mk.main([str(a) for a in ("--predict", "--out_dir", out, "--video", tmp_path / "nope.mp4", "--question",
+                                  "q", "--choices", ch)])  # no annotation file: no entry to name
     assert not (o / "model.safetensors").exists()
     assert (out / "model.safetensors").is_file()  # nothing already saved was lost
 
