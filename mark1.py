@@ -860,7 +860,7 @@ def own_state(model, cfg):  # what a checkpoint stores: parameters not from HF f
     hf = tuple(p + "." for p, c in (("vision", cfg.vision_ckpt), ("llm", cfg.llm_ckpt)) if c)
     return {k: v for k, v in model.named_parameters() if not k.startswith(hf)}  # a tied lm_head: once, as the embedding
 
-def save_checkpoint(model, tok, cfg, opt, step, scaler, batch=None):  # the weights of every part not from an HF folder
+def save_checkpoint(model, tok, cfg, opt, step, scaler, **run):  # the weights of every part not from an HF folder
     os.makedirs(cfg.out_dir, exist_ok=True)
     path = lambda name: os.path.join(cfg.out_dir, name)
     state = {k: v.detach().cpu().contiguous() for k, v in own_state(model, cfg).items()}
@@ -870,8 +870,8 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler, batch=None):  # the weig
     meta = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "vocab": tok.ids, "towers": {  # the HF towers' weights
         p: fingerprint(getattr(model, p)) for p in ("vision", "llm") if getattr(cfg, p + "_ckpt")}}
     atomic(path("config.json"), lambda p: json.dump(meta, open(p, "w")))
-    ts = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, rng=torch.get_rng_state(), batch=batch)
-    atomic(path("train_state.pt"), lambda p: torch.save(ts, p))  # what --resume needs
+    ts = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, rng=torch.get_rng_state(), **run)
+    atomic(path("train_state.pt"), lambda p: torch.save(ts, p))  # what --resume needs (run: global batch, seconds)
 
 PATH_KEYS = {"data", "test_data", "vision_ckpt", "llm_ckpt"}  # inputs: parse_args makes them absolute (found anywhere)
 RUN_KEYS = {"max_steps", "stop_after", "out_dir", "data_dir", "data", "test_data", "device", "device_map", "dtype",
@@ -1102,13 +1102,13 @@ def setup_distributed(cfg):  # -> (ddp, rank, world) under torchrun: gloo on CPU
 
 def train(cfg, resume=False, overrides=None):
     ddp, rank, world = setup_distributed(cfg)
-    say, t0, step = print if rank == 0 else (lambda *a, **k: None), time.time(), 0
+    say, t0, step, seconds0 = print if rank == 0 else (lambda *a, **k: None), time.time(), 0, 0.0  # seconds0: resumed
     if resume:  # the saved config and token table rebuild the model; towers load once, the optimiser is built once
         if not os.path.isfile(path := os.path.join(cfg.out_dir, "train_state.pt")):
             raise UserError(f"{path}: nothing to resume (train without --resume first)")
         model, tok, cfg = load_checkpoint(cfg.out_dir, {"stop_after": cfg.stop_after, **(overrides or {})}, "--resume")
         try:  # truncated, not a torch file, or keys missing: PyTorch's own errors differ by cause
-            step = int((ts := torch.load(path, weights_only=True))["step"])
+            step, seconds0 = int((ts := torch.load(path, weights_only=True))["step"]), float(ts.get("seconds", 0))
         except Exception as e:
             raise UserError(f"{path}: not a readable training state ({type(e).__name__}); retrain or restore it")
         if step >= cfg.max_steps:  # nothing left to train: refused before any data is built
@@ -1166,11 +1166,11 @@ def train(cfg, resume=False, overrides=None):
                 f"eta {dt * (end - step) / 60:.1f}m")
             t_log, losses = time.time(), []
         if rank == 0 and (step % cfg.eval_interval == 0 or step == end):
-            save_checkpoint(model, tok, cfg, opt, step, scaler, gbatch)
+            save_checkpoint(model, tok, cfg, opt, step, scaler, batch=gbatch, seconds=seconds0 + time.time() - t0)
     if step < cfg.max_steps:
         say(f"stopped after step {step} as asked (--stop_after); continue with --train --resume")
     elif rank == 0:
-        evaluate(model, tok, cfg, data, time.time() - t0, cache)
+        evaluate(model, tok, cfg, data, seconds0 + time.time() - t0, cache)  # the whole run's, before --resume too
     if ddp:
         dist.destroy_process_group()
     return model, tok

@@ -5169,14 +5169,19 @@ def test_mk_train_clips_the_gradient(mk_trained, tmp_path, monkeypatch):
 
 
 def test_mk_exact_resume(mk_trained, tmp_path, capsys):
-    """3 steps, stop, resume for 3 more (in-process, from the files alone) == the fixture's 6 steps in one process."""
+    """3 steps, stop, resume for 3 more (in-process, from the files alone) == the fixture's 6 steps in one process;
+    eval.json's train_seconds counts the time saved before the resume too."""
     d, _ = mk_trained
     args = ["--train", "--preset", "tiny", "--data_dir", d / "data", "--out_dir", tmp_path / "r"]
     mk.main([str(a) for a in args] + ["--stop_after", "3"])
     assert "stopped after step 3 as asked (--stop_after); continue with --train --resume" in capsys.readouterr().out
     resume = [str(a) for a in args if a not in ("--preset", "tiny")] + ["--resume"]  # the sizes: the checkpoint's
+    ts = torch.load(tmp_path / "r" / "train_state.pt", weights_only=True)  # the time so far: --resume adds to it
+    assert 0 < ts["seconds"] < 600
+    torch.save({**ts, "seconds": ts["seconds"] + 1000}, tmp_path / "r" / "train_state.pt")  # as if 1000 s longer
     mk.main(resume)
     assert "resumed at step 3" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "r" / "eval.json"))["train_seconds"] >= ts["seconds"] + 1000  # the whole run's
     with pytest.raises(mk.UserError, match="l_width=32; --resume cannot change it"):  # the saved architecture wins
         mk.main(resume + ["--l_width", "64"])
     with pytest.raises(mk.UserError, match="--preset tiny: --resume, --eval and --predict take the sizes"):
