@@ -485,12 +485,12 @@ class GPT2Table(Tokenizer):  # GPT-2 BPE (tiktoken) over a table of the ids seen
         return len(self.ids) + 2  # the vocabulary size V: the table plus <image> and <video>
     def encode_text(self, part, first):  # GPT-2 ids outside the table (words never trained on) are dropped
         return [self.to_model[t] for t in self.enc.encode_ordinary(part) if t in self.to_model]
-    def check_known(self, texts):  # (where, text) pairs: where a dropped word would change what is trained or asked
+    def check_known(self, texts):  # (where, text) pairs: refused if a dropped word would change what trains or is asked
         for where, text in texts:
             if lost := [t for p in re.split("<image>|<video>", text) for t in self.enc.encode_ordinary(p)
                         if t not in self.to_model]:
                 raise UserError(f"{where}: {self.enc.decode(lost[:1])!r} (a GPT-2 token: a word and its leading space) "
-                                f"in {text!r} is not in the model's token table (its training text): never trained on")
+                                f"in {text!r} is not in the model's token table: never trained on")
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if 0 < i < len(self.ids)])  # model ids -> GPT-2 ids -> text
 

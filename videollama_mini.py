@@ -667,8 +667,8 @@ def start_config(cfg, typed=None, resume=False):
     try:  # torch raises several error types for a truncated file; another run's does not fit this model's AdamW
         ts = torch.load(path, weights_only=True)
         torch.optim.AdamW(decay_groups(model, 0.0)).load_state_dict(ts["optimizer"])
-        ts = dict(ts, step=int(ts["step"]), rng=ts["rng"], seconds=float(ts.get("seconds", 0.0)))  # KeyError: not one
-    except Exception:
+        ts = dict(ts, step=int(ts["step"]), rng=ts["rng"], seconds=float(ts.get("seconds", 0.0)))
+    except Exception:  # and a KeyError: a file that is no training state
         raise UserError(f"{path}: damaged or another run's; drop --resume to start afresh (copy the folder to keep it)")
     if (step := ts["step"]) >= saved.max_steps:  # the loop would train nothing and go straight to the evaluation
         raise UserError(f"{out}: at step {step} already; pass a larger --max_steps, or --eval to score it as it is")

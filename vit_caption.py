@@ -731,7 +731,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
     check_decoding(cfg)
     rank, world, device = setup_distributed(cfg)
     gsize = cfg.batch_size * cfg.grad_accum * world  # images a step: global_batch orders the data by it
-    if resumed and (g := resumed[2].get("batch") or gsize) != gsize:  # (a state saved without a batch has none)
+    if resumed and (g := resumed[2].get("batch") or gsize) != gsize:  # (a state saved without one is not checked)
         raise UserError(f"{cfg.out_dir}: trained at global batch {g} (batch_size*grad_accum*processes), not {gsize}")
     say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
     say("config:", json.dumps(dataclasses.asdict(cfg)))
@@ -779,9 +779,9 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0 and step >= cfg.max_steps:  # the whole run's time, with the part saved before --resume (eval.json's)
-        seconds = seconds0 + time.time() - t0
-        say(f"trained {step} steps in {seconds:.0f}s (data{' and the steps before --resume' * resume} included)")
-        evaluate(raw, tok, cfg, device, data, seconds)
+        before = f"; {seconds0:.0f}s of it before --resume" if seconds0 else ""  # an older state saved none
+        say(f"trained {step} steps in {seconds0 + time.time() - t0:.0f}s (data included{before})")
+        evaluate(raw, tok, cfg, device, data, seconds0 + time.time() - t0)
     elif stop:
         say(f"stopped after step {step} as asked; continue with --resume")
     return raw, tok
