@@ -1102,7 +1102,7 @@ def setup_distributed(cfg):  # -> (ddp, rank, world) under torchrun: gloo on CPU
 
 def train(cfg, resume=False, overrides=None):
     ddp, rank, world = setup_distributed(cfg)
-    say, t0, step, seconds0 = print if rank == 0 else (lambda *a, **k: None), time.time(), 0, 0.0  # seconds0: resumed
+    say, t0, step, seconds0 = print if rank == 0 else (lambda *a, **k: None), time.time(), 0, 0.0
     if resume:  # the saved config and token table rebuild the model; towers load once, the optimiser is built once
         if not os.path.isfile(path := os.path.join(cfg.out_dir, "train_state.pt")):
             raise UserError(f"{path}: nothing to resume (train without --resume first)")
