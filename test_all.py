@@ -2444,12 +2444,23 @@ def test_vl_overfits_one_batch(tmp_path):
     assert [tok.decode([t for t in r if t != tok.eos_id]).strip() for r in out.tolist()] == [
         "red", "blue", "left", "right"]
 
+def _vl_one_layer(vl_ckpt, dtype=torch.float32):
+    """The test checkpoint's model with its first decoder layer only, for the compiled-step tests: torch.compile
+    unrolls the layer loop (one layer runs all of its code), and a graph with one layer builds in about half the time.
+    The two-layer checkpoint itself is compiled by the --generate --compile test below."""
+    full = vl.VideoLlava.from_pretrained(vl_ckpt[1]["hub"], dtype=dtype)
+    model = vl.VideoLlava(dataclasses.replace(full.cfg, num_hidden_layers=1)).to(dtype)
+    unused = model.load_state_dict(full.state_dict(), strict=False)
+    assert not unused.missing_keys and {k.split(".")[3] for k in unused.unexpected_keys} == {"1"}  # layer 1 only
+    return model.eval()
+
+
 def test_vl_compiled_step_matches_eager(vl_ckpt):
     """A one-token step writes its key/value at cache.slots and attends over the whole cache under a mask, so its
     shapes never change and torch.compile makes it one graph (fullgraph): the compiled step gives the logits of the
     eager step and of the whole sequence without a cache, and generate(compile=True) the same tokens, on a batched,
     left-padded prompt with an image and a video (GQA 4/2)."""
-    ours = vl.VideoLlava.from_pretrained(vl_ckpt[1]["hub"], dtype=torch.float32).eval()
+    ours = _vl_one_layer(vl_ckpt)
     ids, mask, imgs, vids = _vl_inputs(1)
     with torch.inference_mode():  # as generate decodes: its compiled step's guards hold below
         eager = vl.generate(ours, ids, mask, imgs, vids, max_new_tokens=10)
@@ -2495,7 +2506,7 @@ def test_vl_compiled_step_batch1_static_shapes(vl_ckpt):
     no new graph; past torch's limit of graphs per function a call goes on with the eager step (same tokens) and
     warns. On a CPU the graph holds the weights as constants (inductor's freezing): a weight changed in place after a
     compiled call (more training) is noticed by its version counter, and the next compiled call builds anew."""
-    ours = vl.VideoLlava.from_pretrained(vl_ckpt[1]["hub"], dtype=torch.float32).eval()
+    ours = _vl_one_layer(vl_ckpt)
     ids, mask, imgs, vids = _vl_inputs(2)
     ids, mask, imgs = ids[2:], mask[2:], imgs[1:]  # the row with two images and a video
     with torch.no_grad():
@@ -2521,7 +2532,7 @@ def test_vl_compiled_step_batch1_static_shapes(vl_ckpt):
 def test_vl_compiled_step_bfloat16(vl_ckpt):
     """A bfloat16 model (an HF folder's default dtype) compiled at batch 1: the step's logits stay within bfloat16's
     rounding of the eager step's (a near tie may still pick another token)."""
-    ours = vl.VideoLlava.from_pretrained(vl_ckpt[1]["hub"], dtype=torch.bfloat16).eval()
+    ours = _vl_one_layer(vl_ckpt, torch.bfloat16)
     ids, mask, imgs, vids = _vl_inputs(2)
     ids, mask, imgs, vids = ids[2:], mask[2:], imgs[1:].bfloat16(), vids.bfloat16()
     with torch.inference_mode():  # as generate decodes
@@ -2683,12 +2694,11 @@ def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_
     out, err = capsys.readouterr()
     assert out.strip() == want.strip() and seen and set(seen) == {(True, True, "CPP")}
     assert "AUTOTUNE" not in err  # one kernel per product: nothing is timed, no tables of timings on stderr
-    # on a CPU torch.compile needs a C++ compiler: without one, --compile is one clear line (a fresh compile cache,
-    # so nothing compiled above is reused)
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    assert_user_error(run_script("video_llava.py", "--generate", "--from_pretrained", dirs["t5save"], "--video", clip,
-                                 "--prompt", "What happens?", "--dtype", "float32", "--compile"), "--compile")
+    # on a CPU torch.compile needs a C++ compiler: without one, --compile is one clear line (the model loaded anew is
+    # lowered anew, so the missing compiler is met even with the kernels above in the cache)
+    with torch._inductor.config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
+        with pytest.raises(vl.UserError, match=r"^--compile: torch.compile failed \(.*C\+\+ compiler"):
+            vl.main(argv + ["--compile"])
     with pytest.raises(vl.UserError, match="use it with --generate"):  # --compile means nothing elsewhere
         vl.parse_args(["--bench", "--compile"])
 
