@@ -3410,11 +3410,16 @@ def test_vl_user_data_trains_and_no_user_file_is_overwritten(vl_tiny_run, tmp_pa
     with pytest.raises(vl.UserError, match="did not write"):
         vl.main(["--train", "--preset", "tiny", "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "o2")])
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "o" not in p.parts} == before
+    os.remove(tmp_path / "mine.jsonl")  # its held-out entries are the run's test split: --eval says where else to look
+    with pytest.raises(vl.UserError, match=r"mine.jsonl: the run's --data is not found; --eval tests on every 10th "
+                                           r"entry of it, or give --test_data FILE$"):
+        vl.main(["--eval", "--out_dir", str(tmp_path / "o")])
 
 
 def test_vl_test_data_stays_out_of_the_token_table_and_validation(vl_tiny_run, tmp_path, capsys):
     """--test_data is the test split and nothing else: the token table is built from --data's text and the validation
-    loss from --data's held-out entries (every 10th), so no test question or answer reaches training."""
+    loss from --data's held-out entries (every 10th), so no test question or answer reaches training; --eval of the
+    test file does not read --data at all."""
     png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")
     line = lambda answer: json.dumps({"image": png, "question": "What colour are the shapes?", "answer": answer})
     (tmp_path / "mine.jsonl").write_text((line("red") + "\n") * 10)
@@ -3425,6 +3430,12 @@ def test_vl_test_data_stays_out_of_the_token_table_and_validation(vl_tiny_run, t
     assert "data: train 9 questions, val 1 questions, test 3 questions" in capsys.readouterr().out
     tok = vl.load_tokenizer(str(tmp_path / "o"))
     assert not set(tok.enc.encode_ordinary(" magenta")) <= set(tok.ids)
+    # --eval of the test file does not read the training file, which may have moved (or stayed on another machine)
+    os.rename(tmp_path / "mine.jsonl", tmp_path / "moved.jsonl")
+    os.remove(tmp_path / "o" / "eval.json")
+    vl.main(["--eval", "--out_dir", str(tmp_path / "o"), "--test_data", str(tmp_path / "test.jsonl")])
+    assert json.load(open(tmp_path / "o" / "eval.json"))["test"]["image"]["n"] == 3
+    os.rename(tmp_path / "moved.jsonl", tmp_path / "mine.jsonl")
     # a test question with a word the training text lacks cannot be read: refused, naming its line, before any run
     (tmp_path / "test.jsonl").write_text(line("red") + "\n" + line("red").replace("shapes", "zebras") + "\n")
     with pytest.raises(vl.UserError, match=r"test.jsonl:2: ' ze.*' \(a GPT-2 token: .*model's token table: never"):

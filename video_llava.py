@@ -295,10 +295,13 @@ def build_world(cfg):  # write data_dir/<split>/*.png|mp4 and data_dir/<split>.j
     atomic(stamp, lambda p: json.dump(want, open(p, "w")))  # complete
     return files
 
-def load_entries(cfg, master=True):  # each split's questions: --data or the synthetic world; --test_data for test
-    if cfg.data:
-        train = read_annotations(cfg.data)
-        if len(train) < 2:  # entry 0 would be held out, leaving nothing to train on
+def load_entries(cfg, master=True, scoring=False):  # each split's questions: --data or the world; --test_data: test
+    if cfg.data:  # scoring (--eval: test and novel only) reads --data only when its held-out entries are the test
+        if scoring and not cfg.test_data and not os.path.isfile(cfg.data):  # moved, or left on another machine
+            raise UserError(f"{cfg.data}: the run's --data is not found; --eval tests on every 10th entry of it, "
+                            "or give --test_data FILE")
+        train = [] if scoring and cfg.test_data else read_annotations(cfg.data)  # --test_data: --data is not read
+        if len(train) < 2 and not scoring:  # entry 0 would be held out, leaving nothing to train on
             raise UserError(f"{cfg.data}: one entry; give at least two (every 10th is held out for validation)")
         entries = {"train": [e for i, e in enumerate(train) if i % 10], "val": train[::10], "test": train[::10]}
     else:
@@ -308,7 +311,7 @@ def load_entries(cfg, master=True):  # each split's questions: --data or the syn
         entries = {s: read_annotations(f) for s, f in (files or build_world(cfg)).items()}
     if cfg.test_data:  # your questions in place of the held-out ones (the token table never sees them)
         entries["test"] = read_annotations(cfg.test_data)
-    return entries
+    return {**entries, "train": [], "val": []} if scoring else entries
 
 def read_annotations(path):  # JSON lines {"image"|"video"|"frames", "question", "answer"} -> [dict], paths absolute
     try:  # utf-8-sig: a byte-order mark some editors write is skipped
@@ -1542,7 +1545,7 @@ def main(argv=None):  # the command line: one mode per call (--train [--resume],
         train(saved_config(cfg.out_dir, overrides) if args.resume else cfg, resume=args.resume)
     elif args.eval:  # the run's model as trained (build_model, as --resume loads it) on its test and novel questions
         device, cfg = pick_device(cfg.device), saved_config(cfg.out_dir, overrides, resume=False)
-        entries = {**load_entries(cfg), "train": [], "val": []}  # test and novel only: nothing trains or validates
+        entries = load_entries(cfg, scoring=True)  # test and novel only: nothing trains or validates
         model, cfg, tok, data = build_model(cfg, entries, resume=True, say=print, device=device)
         seconds = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # kept
         evaluate(model.to(device), tok, cfg, device, data, seconds)
