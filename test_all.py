@@ -1050,6 +1050,37 @@ def test_vm_user_data_trains(tmp_path, _vm_trained, monkeypatch):
     assert again["test"]["n"] == 2 and again["train_seconds"] == ev["train_seconds"] > 0  # kept from training
 
 
+def test_vm_eval_decodes_only_the_clips_it_scores(tmp_path, _vm_trained, monkeypatch, capsys):
+    """--eval decodes the world's test and novel clips, or the entries held out of --data, never the training ones;
+    with --test_data it does not open --data, so a run whose training file was moved away still evaluates a new
+    file, and without --test_data the missing file is named with the reason --eval needs it."""
+    tmp, _ = _vm_trained
+    seen, load = [], vm.load_video
+    monkeypatch.setattr(vm, "load_video", lambda path, *a: seen.append(os.path.basename(path)) or load(path, *a))
+    (world := tmp_path / "world").mkdir()
+    for f in ("model.safetensors", "config.json"):  # a copy: the shared run's eval.json stays as it is
+        (world / f).write_bytes((tmp / "out" / f).read_bytes())
+    vm.main(["--eval", "--out_dir", str(world)])
+    assert sorted(seen) == sorted(p.name for s in ("test", "novel") for p in (tmp / "data" / s).glob("*.mp4"))
+    (tmp_path / "clips").mkdir()
+    for i in range(11):
+        (tmp_path / "clips" / f"cat{i}.mp4").write_bytes((tmp / "data" / "train" / "00000.mp4").read_bytes())
+    ann, out = tmp_path / "mine.txt", tmp_path / "o"
+    ann.write_text("\n".join(VM_USER_DATA_EXAMPLE.replace("cat.mp4", f"cat{i}.mp4") for i in range(11)))
+    vm.main(["--train", "--preset", "tiny", "--data", str(ann), "--out_dir", str(out)])
+    seen.clear()
+    vm.main(["--eval", "--out_dir", str(out)])
+    assert seen == ["cat0.mp4", "cat10.mp4"]  # every 10th entry: the two held out
+    ann.rename(tmp_path / "moved.txt")
+    main_user_error(vm.main, capsys, ["--eval", "--out_dir", out], "mine.txt: annotation file not found",
+                    "--eval scores the entries held out of it, or pass --test_data FILE")
+    (tmp_path / "new.txt").write_text(VM_USER_DATA_EXAMPLE.replace("cat.mp4", "cat5.mp4"))
+    seen.clear()
+    vm.main(["--eval", "--out_dir", str(out), "--test_data", str(tmp_path / "new.txt")])
+    ev = json.load(open(out / "eval.json"))
+    assert seen == ["cat5.mp4"] and ev["test"]["n"] == 1 and ev["test"]["samples"][0]["video"].endswith("cat5.mp4")
+
+
 
 def test_vm_a_clip_listed_twice_is_one_entry(tmp_path):
     """The same clip in two entries (spelled two ways) is one entry with every caption as a reference, so it is never

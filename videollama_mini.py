@@ -236,7 +236,7 @@ def load_video(path, n_frames, size):  # a video file OpenCV reads, or a folder 
     else:
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such video file or folder of frames")
-        cap = cv2.VideoCapture(path)  # FFmpeg backend: any container/codec
+        cap = cv2.VideoCapture(path)  # FFmpeg backend: any container/codec; closed when it is freed, at return
         if not cap.isOpened() or cap.get(cv2.CAP_PROP_FOURCC) == cv2.VideoWriter_fourcc(*"ansi"):  # FFmpeg's "ansi"
             raise UserError(f"{path}: OpenCV cannot open this as a video (corrupt, unknown format, or text)")  # = text
         # grab() decodes the next frame (False after the last), retrieve() gives it as BGR uint8, shrunk at once
@@ -244,18 +244,17 @@ def load_video(path, n_frames, size):  # a video file OpenCV reads, or a folder 
         if len(frames) < 0.9 * (listed := int(cap.get(cv2.CAP_PROP_FRAME_COUNT))):  # header's count, -1: none
             raise UserError(f"{path}: only {len(frames)} of the {listed} frames in its header decode (the file is cut "
                             "off or damaged)")  # a cut-off file opens and decodes its first part without an error
-        cap.release()
     return np.stack([frames[i][:, :, ::-1] for i in sample_indices(len(frames), n_frames, path)])  # (F, S, S, 3) RGB
 
-def read_annotations(path):
+def read_annotations(path, why=""):
     """The VideoLLaMA-Mini write-up's format: a video path line, one or more caption lines, a blank line between
     entries. Paths are relative to the annotation file. Returns [(video_path, [captions])], one entry per clip."""
     caps, cur, start = {}, [], 0  # video -> its captions; cur: the lines of the entry being read
     try:  # utf-8-sig: a byte-order mark some editors write is not part of the first path
         lines = open(path, encoding="utf-8-sig").read().split("\n") + [""]  # a final blank closes the last entry
-    except (OSError, UnicodeDecodeError) as e:  # OSError: missing, a folder, unreadable
+    except (OSError, UnicodeDecodeError) as e:  # OSError: missing, a folder, unreadable (why: what needs it)
         raise UserError(f"{path}: " + ("not a UTF-8 text file (save it as UTF-8)" if isinstance(e, UnicodeDecodeError)
-                                       else "annotation file not found or unreadable"))
+                                       else "annotation file not found or unreadable" + why))
     for no, line in enumerate((s.strip() for s in lines), 1):
         if line:  # another line of the current entry (start: the line number of its first line)
             start, cur = (start if cur else no), cur + [line]
@@ -601,8 +600,8 @@ def pad_batch(seqs, max_len):
         inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
     return inp, tgt
 
-def check_lengths(tok, data, cfg, splits, grow=False):  # refused: a caption --max_len or decoding would cut
-    for s, pick in [(s, {"train": max, "val": next}.get(s, min)) for s in splits if s in data]:  # val: the first
+def check_lengths(tok, data, cfg, grow=False):  # refused: a caption in data that --max_len or decoding would cut
+    for s, pick in [(s, {"train": max, "val": next}.get(s, min)) for s in data]:  # val: the first
         n = max(pick(2 + len(tok.enc.encode_ordinary(c)) for c in cs) for _, cs in data[s][0])  # scored: the shortest
         what = f"a {s.replace('train', 'training')} caption is {n} tokens long (GPT-2 tokens, BOS and EOS included)"
         if n > cfg.max_len:  # the model has no position for its end: a new run may grow, a trained one cannot
@@ -623,26 +622,27 @@ def global_batch(step, n, size, seed):  # a step's clip indices: a fresh permuta
     perm = torch.randperm(n * reps, generator=torch.Generator().manual_seed(seed + epoch)) % n
     return perm[k * size:(k + 1) * size]
 
-def prepare_data(cfg, rank, typed=()):  # -> {split: (entries, uint8 clips (N, F, S, S, 3))}; rank 0 builds the world
+def prepare_data(cfg, rank, typed=(), keep=("train", "val", "test", "novel")):  # -> {split in keep: (entries, clips)}
     if cfg.test_data and not cfg.data:  # the synthetic world has its own test split: never silently ignored
         raise UserError(f"--test_data {cfg.test_data}: only with --data FILE (your training data) as well")
     if cfg.data and (world := [f"--{k}" for k in ("data_dir", *WORLD[1:]) if k in typed]):  # typed flags unused
         raise UserError(f"{', '.join(world)}: the synthetic world's; --data {cfg.data} gives the splits, drop them")
-    if cfg.data:
-        entries = read_annotations(cfg.data)  # user data
+    if cfg.data:  # user data; --eval (no "train" in keep) opens --data only for the entries held out of it
+        why = "" if "train" in keep else "; --eval scores the entries held out of it, or pass --test_data FILE"
+        entries = [] if why and cfg.test_data else read_annotations(cfg.data, why)  # --test_data: --data only trains
         test = read_annotations(cfg.test_data) if cfg.test_data else entries[::10]  # else every 10th entry held out
         entries = entries if cfg.test_data else [e for i, e in enumerate(entries) if i % 10]
-        if not entries:  # a single entry: it is the held-out one
+        if not (entries or why):  # a single entry: it is the held-out one (--eval scores it all the same)
             raise UserError(f"{cfg.data}: too few entries to hold out a test set; add entries or pass --test_data")
         splits = {"train": entries, "val": test[: max(1, len(test) // 2)], "test": test}  # val: for the loss log
     else:
-        if rank == 0:
+        if rank == 0:  # rank 0 alone writes the world (all its splits, once)
             build_world(cfg)
         if dist.is_initialized():
             dist.barrier()  # wait for rank 0's files
-        splits = {s: read_annotations(os.path.join(cfg.data_dir, f"{s}.txt")) for s in "train val test novel".split()}
+        splits = {s: read_annotations(os.path.join(cfg.data_dir, f"{s}.txt")) for s in keep}
     return {s: (e, torch.from_numpy(np.stack([load_video(v, cfg.n_frames, cfg.img_size) for v, _ in e])))
-            for s, e in splits.items()}
+            for s, e in splits.items() if s in keep}  # clips: uint8 (N, F, S, S, 3), decoded once for all epochs
 
 ARCH = ("n_frames", "img_size", "d_model", "n_head", "cnn_width", "grid", "frame_diff", "n_temporal_layer",
         "qformer_mode", "n_query", "n_qformer_layer", "n_dec_layer", "max_len", "compact_vocab")  # fixed by the weights
@@ -738,7 +738,7 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     fwd = torch.compile(model) if cfg.compile else model  # --compile: same module, compiled forward
-    check_lengths(tok, data, cfg, ("train", "val", "test", "novel"), grow=not resume)
+    check_lengths(tok, data, cfg, grow=not resume)
     train_tokens = [[tok.encode(c) for c in cs] for _, cs in train_entries]
     t_log, log_step = time.time(), step  # for the log's ms a step and eta
     while step < cfg.max_steps:
@@ -1036,7 +1036,7 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
         model.to(device := pick_device(cfg.device))
         if args.eval:  # test and novel, as in training; eval.json and attention.png are written into out_dir
             check_folder(cfg.out_dir, "--out_dir", True, "")  # refused now if it cannot be written
-            check_lengths(tok, data := prepare_data(cfg, 0, overrides), cfg, ("test", "novel"))
+            check_lengths(tok, data := prepare_data(cfg, 0, overrides, ("test", "novel")), cfg)
             return evaluate(model, tok, cfg, device, data)
         clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None].to(device)  # (1, F, S, S, 3)
         with autocast(cfg, device):  # --seed makes sampling repeatable
