@@ -316,8 +316,8 @@ def normalize(clips):  # uint8 (B, F, S, S, 3) -> float (B, F, 3, S, S) as HF's 
     x = clips.permute(0, 1, 4, 2, 3).float()  # (B, F, 3, S, S), still 0..255
     return (x - MEAN.view(1, 1, 3, 1, 1) * 255) / (STD.view(1, 1, 3, 1, 1) * 255)
 
-def read_annotations(path):  # user JSON list, validated; errors name the entry
-    items = read_json(path, "pass an annotation file in the README's format (a JSON list of entries)", list)
+def read_annotations(path, fix=""):  # user JSON list, validated; errors name the entry (`fix`: what to do instead)
+    items = read_json(path, fix or "pass an annotation file in the README's format (a JSON list of entries)", list)
     out, base = [], os.path.dirname(os.path.abspath(path))  # video paths are relative to the file
     for i, it in enumerate(items):
         where, keys = f"{path} entry {i + 1}", ("video", "question", "answer")
@@ -1027,19 +1027,19 @@ class FeatureCache:  # frozen encoder: features once per clip (by split, index),
         return torch.stack([self.store[(split, i)] for i in idx.tolist()])
 
 def prepare_data(cfg, rank=0, splits=("train", "val", "test", "novel")):  # -> {split: (entries, load_split dict)}
-    if cfg.data:
-        train = read_annotations(cfg.data)
-        anns = {"train": train if cfg.test_data else [e for i, e in enumerate(train) if i % 10], "test": train[::10]}
-        if not anns["train"]:
-            raise UserError(f"{cfg.data}: too few entries to hold out a test set; add entries or pass --test_data")
-    else:
+    anns = {"test": read_annotations(cfg.test_data)} if cfg.test_data else {}  # replaces any other test split
+    if not cfg.data:  # the synthetic world: only the splits asked for are read (--eval: test and novel)
         if rank == 0:
             build_world(cfg)
         if dist.is_initialized():
             dist.barrier()
-        anns = {s: read_annotations(os.path.join(cfg.data_dir, f"{s}.json")) for s in ("train", "val", "test", "novel")}
-    if cfg.test_data:  # the user's test clips: beside --data, or in place of the built-in world's test split
-        anns["test"] = read_annotations(cfg.test_data)
+        anns = {s: anns[s] if s in anns else read_annotations(os.path.join(cfg.data_dir, f"{s}.json")) for s in splits}
+    elif "train" in splits or not cfg.test_data:  # --eval --test_data never opens the training file
+        train = read_annotations(cfg.data, "" if "train" in splits else "--eval takes its held-out test entries from "
+                                 "this --data file; restore it, or pass --test_data FILE to evaluate another file")
+        anns = {"train": [e for i, e in enumerate(train) if cfg.test_data or i % 10], "test": train[::10], **anns}
+        if not anns["train"]:
+            raise UserError(f"{cfg.data}: too few entries to hold out a test set; add entries or pass --test_data")
     anns.setdefault("val", anns["test"][:max(1, len(anns["test"]) // 2)])  # user data: half of the test split
     return {s: (e, load_split(e, cfg)) for s, e in anns.items() if s in splits}
 

@@ -5552,6 +5552,23 @@ def test_mk_user_data_training_and_bench(mk_trained, tmp_path, capsys):
     assert "epoch 2" in out and "speedup" in out
 
 
+def test_mk_eval_with_test_data_needs_no_training_file(mk_trained, tmp_path):
+    """A run trained on --data, its file moved away: --eval --test_data reads the test file alone and scores it;
+    without --test_data the test entries are the held-out ones of --data, and the refusal says so."""
+    d, _ = mk_trained
+    anns = [{**a, "video": str(d / "data" / a["video"])} for a in json.load(open(d / "data" / "train.json"))[:11]]
+    json.dump(anns, open(tmp_path / "u.json", "w"))
+    json.dump(anns[:3], open(tmp_path / "t.json", "w"))
+    mk.main([str(a) for a in ("--train", "--preset", "tiny", "--data", tmp_path / "u.json", "--out_dir",
+                              tmp_path / "o", "--max_steps", "1")])
+    (tmp_path / "u.json").rename(tmp_path / "moved.json")
+    (tmp_path / "o" / "eval.json").unlink()
+    mk.main([str(a) for a in ("--eval", "--out_dir", tmp_path / "o", "--test_data", tmp_path / "t.json")])
+    assert json.load(open(tmp_path / "o" / "eval.json"))["test"]["n"] == 3
+    _mk_user_error(["--eval", "--out_dir", tmp_path / "o"], f"{tmp_path / 'u.json'}: cannot read it",
+                   "--eval takes its held-out test entries from this --data file", "--test_data FILE")
+
+
 def test_mk_device_map_cpu(tmp_path):
     cfg = _mk_tiny_cfg(tmp_path, device="cpu", device_map="vision=cpu,bridge=cpu,llm=cpu")
     assert mk.parse_device_map(cfg) == dict(vision="cpu", bridge="cpu", llm="cpu")
