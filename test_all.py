@@ -1835,7 +1835,7 @@ def test_vc_bench_runs_with_a_context_shorter_than_its_16_tokens(capsys):
     assert "train  (float32)" in out and "(batch 8, 13 tokens each" in out
 
 
-def test_vc_train_eval_generate_cli(tmp_path, capsys):
+def test_vc_train_eval_generate_cli(tmp_path, capsys, monkeypatch):
     """--train through a subprocess (the real command line); --eval, --generate and their bad inputs in-process."""
     out, data = str(tmp_path / "out"), str(tmp_path / "data")
     p = run_script("vit_caption.py", "--train", "--preset", "tiny", "--data_dir", data, "--out_dir", out)
@@ -1844,8 +1844,12 @@ def test_vc_train_eval_generate_cli(tmp_path, capsys):
     check_val_column(p.stdout, eval_interval=4, max_steps=6)  # the tiny preset logs every 2 steps
     capsys.readouterr()
     trained = json.load(open(os.path.join(out, "eval.json")))["train_seconds"]
+    decoded, load_image = [], vc.load_image  # --eval decodes what it scores, test and novel: no training image
+    monkeypatch.setattr(vc, "load_image", lambda p, size: decoded.append(os.path.dirname(p)) or load_image(p, size))
     vc.main(["--eval", "--data_dir", data, "--out_dir", out])
     assert "novel" in capsys.readouterr().out
+    assert sorted(decoded) == [os.path.join(data, s) for s in ["novel"] * 12 + ["test"] * 12]
+    monkeypatch.undo()
     assert json.load(open(os.path.join(out, "eval.json")))["train_seconds"] == trained > 0  # --eval keeps it
     for argv in (["--eval"], ["--train", "--resume"], ["--generate", "--image", "a.png"]):  # sizes: the checkpoint's
         main_user_error(vc.main, capsys, argv + ["--preset", "tiny", "--out_dir", out], "--preset tiny", "drop --preset")
@@ -2167,6 +2171,37 @@ def test_vc_user_data_training(tmp_path):
     assert names["test"] == ["red0.png", "green2.png"] and not set(names["train"]) & set(names["test"])  # every 10th
     vc.train(cfg)
     assert json.load(open(tmp_path / "out" / "eval.json"))["test"]["n"] == 2
+
+
+@_vc_1t
+def test_vc_eval_of_a_run_whose_training_file_moved(tmp_path, capsys, monkeypatch):
+    """--eval --test_data scores the new file without opening the run's --data (moved or deleted since); without
+    --test_data (or with --max_train) it scores images of --data, and says so when that file is gone. Only the images
+    it scores are decoded."""
+    for i, (colour, bgr) in enumerate((("red", (0, 0, 255)), ("blue", (255, 0, 0)), ("green", (0, 255, 0)))):
+        for j in range(4):
+            img = np.full((20, 30, 3), 40, np.uint8)
+            img[5:15, 5:15] = bgr
+            cv2.imwrite(str(tmp_path / f"{colour}{j}.png"), img)
+    (tmp_path / "caps.txt").write_text("".join(f"{c}{j}.png | a {c} patch\n" for c in ("red", "blue", "green")
+                                               for j in range(4)))
+    (tmp_path / "new.txt").write_text("blue3.png | a blue patch\nred1.png | a red patch\n")
+    out, new = tmp_path / "out", ["--test_data", str(tmp_path / "new.txt")]
+    vc.main(["--train", "--preset", "tiny", "--data", str(tmp_path / "caps.txt"), "--out_dir", str(out), "--max_steps",
+             "2"])
+    (tmp_path / "caps.txt").rename(tmp_path / "moved.txt")
+    decoded, load_image = [], vc.load_image
+    monkeypatch.setattr(vc, "load_image", lambda p, size: decoded.append(os.path.basename(p)) or load_image(p, size))
+    vc.main(["--eval", "--out_dir", str(out), *new])
+    assert json.load(open(out / "eval.json"))["test"]["n"] == 2 and decoded == ["blue3.png", "red1.png"]
+    main_user_error(vc.main, capsys, ["--eval", "--out_dir", out], "caps.txt: cannot read this captions file",
+                    "; --eval scores its images (or pass --test_data FILE)")
+    main_user_error(vc.main, capsys, ["--eval", "--out_dir", out, *new, "--max_train", 3], "caps.txt: cannot read",
+                    "; --eval scores its images (or pass --max_train 0)")
+    (tmp_path / "moved.txt").rename(tmp_path / "caps.txt")
+    decoded.clear()  # --max_train 3: its first 3 training images are scored (and decoded) too, nothing else
+    vc.main(["--eval", "--out_dir", str(out), *new, "--max_train", "3"])
+    assert json.load(open(out / "eval.json"))["train"]["n"] == 3 and len(decoded) == 5
 
 
 def test_vc_captions_file_merges_one_image_spelled_two_ways(tmp_path):

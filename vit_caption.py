@@ -232,14 +232,14 @@ def load_image(path, size):
     img = cv2.copyMakeBorder(img, top, size - h - top, left, size - w - left, cv2.BORDER_REPLICATE)  # (size, size, 3)
     return np.ascontiguousarray(img[:, :, ::-1])  # BGR -> RGB
 
-def read_captions(path):
+def read_captions(path, why=""):
     """Captions file: one `image path | caption` per line, paths relative to the file; an image may appear on several
     lines (several references). Blank lines and lines starting with # are skipped. -> [(image_path, [captions])]."""
     try:
         text = open(path, encoding="utf-8-sig").read()  # -sig: drop a BOM
-    except (OSError, UnicodeDecodeError) as e:  # OSError: missing, a folder, unreadable
+    except (OSError, UnicodeDecodeError) as e:  # OSError: missing, a folder, unreadable (why: what needs the file)
         raise UserError(f"{path}: " + ("not a UTF-8 text file (expected lines 'image.png | a caption')" if isinstance(
-            e, UnicodeDecodeError) else f"cannot read this captions file ({e.strerror})"))
+            e, UnicodeDecodeError) else f"cannot read this captions file ({e.strerror}){why}"))
     base, caps = os.path.dirname(os.path.abspath(path)), {}  # image -> its captions, in the file's order
     for no, line in enumerate((raw.strip() for raw in text.split("\n")), 1):
         if not line or line.startswith("#"):
@@ -632,16 +632,18 @@ def global_batch(step, n, size, seed):  # a step's indices: a fresh permutation 
     epoch, k = divmod(step, n_all // size)  # which epoch, which batch inside it
     return (torch.randperm(n_all, generator=torch.Generator().manual_seed(seed + epoch)) % n)[k * size:(k + 1) * size]
 
-def prepare_data(cfg, rank, typed=()):  # -> {split: (entries, uint8 (n, S, S, 3) images)}, decoded once for all epochs
+def prepare_data(cfg, rank, typed=(), scored=False):  # -> {split: (entries, uint8 (n, S, S, 3) images)}, decoded once
     if cfg.test_data and not cfg.data:  # the synthetic world has its own test split: never silently ignored
         raise UserError(f"--test_data {cfg.test_data}: only with --data FILE (your training data) as well")
     if cfg.data and (world := [f"--{k}" for k in ("data_dir", *WORLD[1:]) if k in typed]):  # typed flags unused
         raise UserError(f"{', '.join(world)}: the synthetic world's; --data {cfg.data} gives the splits, drop them")
-    if cfg.data:
-        entries = read_captions(cfg.data)
+    keep = ("test", "novel", "train")[:2 + (cfg.max_train > 0)] if scored else ("train", "val", "test", "novel")
+    if cfg.data:  # scored (--eval): only what evaluate() scores is read, --data only for held-out or --max_train images
+        why = scored * f"; --eval scores its images (or pass {cfg.test_data and '--max_train 0' or '--test_data FILE'})"
+        entries = read_captions(cfg.data, why) if "train" in keep or not cfg.test_data else []
         test = read_captions(cfg.test_data) if cfg.test_data else entries[::10]  # else every 10th image is held out
         entries = entries if cfg.test_data else [e for i, e in enumerate(entries) if i % 10]
-        if not entries:
+        if not entries and "train" in keep:  # (--eval without --max_train scores a lone held-out image all the same)
             raise UserError(f"{cfg.data}: too few images to hold out a test set; add images or pass --test_data")
         splits = {"train": entries, "val": test[: max(1, len(test) // 2)], "test": test}  # val: for the loss log
     else:
@@ -649,8 +651,8 @@ def prepare_data(cfg, rank, typed=()):  # -> {split: (entries, uint8 (n, S, S, 3
             build_world(cfg)
         if dist.is_initialized():
             dist.barrier()  # the other ranks wait until rank 0 has written the world
-        splits = {s: read_captions(os.path.join(cfg.data_dir, f"{s}.txt")) for s in ("train", "val", "test", "novel")}
-    splits["train"] = splits["train"][: cfg.max_train or None]  # max_train 0: all of them
+        splits = {s: read_captions(os.path.join(cfg.data_dir, f"{s}.txt")) for s in keep}
+    splits = {s: e[: cfg.max_train or None] if s == "train" else e for s, e in splits.items() if s in keep}  # 0: all
     return {s: (e, torch.from_numpy(np.stack([load_image(p, cfg.img_size) for p, _ in e]))) for s, e in splits.items()}
 
 def setup_distributed(cfg):  # -> (rank, world, device): torchrun's WORLD_SIZE > 1: nccl on CUDA, gloo on CPU
@@ -1033,7 +1035,7 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
             return print("nothing to do: pass --train, --eval, --generate --image PATH, or --bench (see --help)")
         model.to(device := pick_device(cfg.device))
         if args.eval:
-            check_lengths(tok, data := prepare_data(cfg, 0, overrides), cfg, ("test", "novel"))
+            check_lengths(tok, data := prepare_data(cfg, 0, overrides, scored=True), cfg, ("test", "novel"))
             return evaluate(model, tok, cfg, device, data)
         image = torch.from_numpy(load_image(args.image, cfg.img_size))  # (S, S, 3) uint8, letterboxed
         with autocast(cfg, device):  # sampling (--temperature > 0) is reproducible from --seed
