@@ -637,10 +637,10 @@ def prepare_data(cfg, rank, typed=(), scored=False):  # -> {split: (entries, uin
         raise UserError(f"--test_data {cfg.test_data}: only with --data FILE (your training data) as well")
     if cfg.data and (world := [f"--{k}" for k in ("data_dir", *WORLD[1:]) if k in typed]):  # typed flags unused
         raise UserError(f"{', '.join(world)}: the synthetic world's; --data {cfg.data} gives the splits, drop them")
-    keep = ("test", "novel", "train")[:2 + (cfg.max_train > 0)] if scored else ("train", "val", "test", "novel")
+    keep = ("test", "novel") + ("train",) * (cfg.max_train > 0) if scored else ("train", "val", "test", "novel")
     if cfg.data:  # scored (--eval): only what evaluate() scores is read, --data only for held-out or --max_train images
-        why = scored * f"; --eval scores its images (or pass {cfg.test_data and '--max_train 0' or '--test_data FILE'})"
-        entries = read_captions(cfg.data, why) if "train" in keep or not cfg.test_data else []
+        why = f"; --eval scores its images (or pass {'--max_train 0' if cfg.test_data else '--test_data FILE'})"
+        entries = read_captions(cfg.data, why if scored else "") if "train" in keep or not cfg.test_data else []
         test = read_captions(cfg.test_data) if cfg.test_data else entries[::10]  # else every 10th image is held out
         entries = entries if cfg.test_data else [e for i, e in enumerate(entries) if i % 10]
         if not entries and "train" in keep:  # (--eval without --max_train scores a lone held-out image all the same)
