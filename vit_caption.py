@@ -244,11 +244,9 @@ def read_captions(path, why=""):
     for no, line in enumerate((raw.strip() for raw in text.split("\n")), 1):
         if not line or line.startswith("#"):
             continue
-        if "|" not in line:
-            raise UserError(f"{path}:{no}: expected 'image path | caption', found no '|' in {line[:60]!r}")
-        name, caption = (x.strip() for x in line.split("|", 1))
-        if not name or not caption:
-            raise UserError(f"{path}:{no}: empty {'image path' if not name else 'caption'} in {line[:60]!r}")
+        name, bar, caption = (x.strip() for x in line.partition("|"))  # no "|": bar and caption are ""
+        if not (name and bar and caption):  # the line shows which part is missing
+            raise UserError(f"{path}:{no}: expected 'image path | caption', both non-empty; found {line[:60]!r}")
         image = os.path.realpath(os.path.join(base, name))  # one key per image file, however its path is spelled
         if image not in caps and not os.path.isfile(image):
             raise UserError(f"{path}:{no}: no image file '{name}' (paths are relative to the captions file)")
