@@ -3477,8 +3477,8 @@ def test_vl_user_data_trains_and_no_user_file_is_overwritten(vl_tiny_run, tmp_pa
         vl.main(["--train", "--preset", "tiny", "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "o2")])
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "o" not in p.parts} == before
     os.remove(tmp_path / "mine.jsonl")  # its held-out entries are the run's test split: --eval says where else to look
-    with pytest.raises(vl.UserError, match=r"mine.jsonl: the run's --data is not found; --eval tests on every 10th "
-                                           r"entry of it, or give --test_data FILE$"):
+    with pytest.raises(vl.UserError, match=r"mine.jsonl: annotation file not found; --eval tests on every 10th entry "
+                                           r"of the run's --data, or give --test_data FILE$"):
         vl.main(["--eval", "--out_dir", str(tmp_path / "o")])
 
 

@@ -297,10 +297,8 @@ def build_world(cfg):  # write data_dir/<split>/*.png|mp4 and data_dir/<split>.j
 
 def load_entries(cfg, master=True, scoring=False):  # each split's questions: --data or the world; --test_data: test
     if cfg.data:  # scoring (--eval: test and novel only) reads --data only when its held-out entries are the test
-        if scoring and not cfg.test_data and not os.path.isfile(cfg.data):  # moved, or left on another machine
-            raise UserError(f"{cfg.data}: the run's --data is not found; --eval tests on every 10th entry of it, "
-                            "or give --test_data FILE")
-        train = [] if scoring and cfg.test_data else read_annotations(cfg.data)  # --test_data: --data is not read
+        why = "; --eval tests on every 10th entry of the run's --data, or give --test_data FILE" if scoring else ""
+        train = [] if scoring and cfg.test_data else read_annotations(cfg.data, why)  # it may have moved
         if len(train) < 2 and not scoring:  # entry 0 would be held out, leaving nothing to train on
             raise UserError(f"{cfg.data}: one entry; give at least two (every 10th is held out for validation)")
         entries = {"train": [e for i, e in enumerate(train) if i % 10], "val": train[::10], "test": train[::10]}
@@ -313,13 +311,13 @@ def load_entries(cfg, master=True, scoring=False):  # each split's questions: --
         entries["test"] = read_annotations(cfg.test_data)
     return {**entries, "train": [], "val": []} if scoring else entries
 
-def read_annotations(path):  # JSON lines {"image"|"video"|"frames", "question", "answer"} -> [dict], paths absolute
+def read_annotations(path, why=""):  # JSON lines {"image"|"video"|"frames", "question", "answer"} -> [dict]
     try:  # utf-8-sig: a byte-order mark some editors write is skipped
         lines = open(path, encoding="utf-8-sig").read().split("\n")  # not splitlines: JSON strings may hold U+2028
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError) as e:  # why: what needs the file, for the message
         raise UserError(f"{path}: " + ("not UTF-8 text; save it as UTF-8" if isinstance(e, UnicodeDecodeError) else
-                                       "annotation file not found"))
-    out, base = [], os.path.dirname(os.path.abspath(path))  # media paths are relative to the annotation file
+                                       "annotation file not found" + why))
+    out, base = [], os.path.dirname(os.path.abspath(path))  # media paths: relative to the file, made absolute
     for no, line in enumerate(lines, 1):
         if not line.strip():  # blank lines are skipped
             continue
