@@ -1034,11 +1034,11 @@ def prepare_data(cfg, rank=0, splits=("train", "val", "test", "novel")):  # -> {
         if dist.is_initialized():
             dist.barrier()
         anns = {s: anns[s] if s in anns else read_annotations(os.path.join(cfg.data_dir, f"{s}.json")) for s in splits}
-    elif "train" in splits or not cfg.test_data:  # --eval --test_data never opens the training file
+    elif "train" in splits or not cfg.test_data:  # (--eval --test_data never opens it); --test_data's test wins below
         train = read_annotations(cfg.data, "" if "train" in splits else "--eval takes its held-out test entries from "
                                  "this --data file; restore it, or pass --test_data FILE to evaluate another file")
         anns = {"train": [e for i, e in enumerate(train) if cfg.test_data or i % 10], "test": train[::10], **anns}
-        if not anns["train"]:
+        if not anns["train"] and "train" in splits:  # (--eval scores a lone held-out entry all the same)
             raise UserError(f"{cfg.data}: too few entries to hold out a test set; add entries or pass --test_data")
     anns.setdefault("val", anns["test"][:max(1, len(anns["test"]) // 2)])  # user data: half of the test split
     return {s: (e, load_split(e, cfg)) for s, e in anns.items() if s in splits}

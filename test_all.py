@@ -2195,9 +2195,9 @@ def test_vc_eval_of_a_run_whose_training_file_moved(tmp_path, capsys, monkeypatc
     vc.main(["--eval", "--out_dir", str(out), *new])
     assert json.load(open(out / "eval.json"))["test"]["n"] == 2 and decoded == ["blue3.png", "red1.png"]
     main_user_error(vc.main, capsys, ["--eval", "--out_dir", out], "caps.txt: cannot read this captions file",
-                    "; --eval scores its images (or pass --test_data FILE)")
+                    "; --eval scores images from it, or pass --test_data FILE")
     main_user_error(vc.main, capsys, ["--eval", "--out_dir", out, *new, "--max_train", 3], "caps.txt: cannot read",
-                    "; --eval scores its images (or pass --max_train 0)")
+                    "; --eval scores images from it, or pass --test_data FILE --max_train 0")
     (tmp_path / "moved.txt").rename(tmp_path / "caps.txt")
     decoded.clear()  # --max_train 3: its first 3 training images are scored (and decoded) too, nothing else
     vc.main(["--eval", "--out_dir", str(out), *new, "--max_train", "3"])
@@ -2512,8 +2512,9 @@ def test_vl_overfits_one_batch(tmp_path):
 
 def _vl_one_layer(vl_ckpt, dtype=torch.float32):
     """The test checkpoint's model with its first decoder layer only, for the compiled-step tests: torch.compile
-    unrolls the layer loop (one layer runs all of its code), and a graph with one layer builds in about half the time.
-    The two-layer checkpoint itself is compiled by the --generate --compile test below."""
+    unrolls the layer loop (one layer runs every line of the step), and a graph with one layer builds in about half the
+    time. That each layer writes its own cache slots is checked with two layers by the eager cache tests and, compiled,
+    by the --generate --compile test below (batch 1, against transformers' answer)."""
     full = vl.VideoLlava.from_pretrained(vl_ckpt[1]["hub"], dtype=dtype)
     model = vl.VideoLlava(dataclasses.replace(full.cfg, num_hidden_layers=1)).to(dtype)
     unused = model.load_state_dict(full.state_dict(), strict=False)
@@ -2756,12 +2757,14 @@ def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_
         step = compile_(fn, **kw)
         return lambda *a: seen.append((conf.freezing, conf.max_autotune, conf.max_autotune_gemm_backends)) or step(*a)
     monkeypatch.setattr(torch, "compile", spy)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     vl.main(argv + ["--compile"])
     out, err = capsys.readouterr()
     assert out.strip() == want.strip() and seen and set(seen) == {(True, True, "CPP")}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # compiled, not decoded eagerly
     assert "AUTOTUNE" not in err  # one kernel per product: nothing is timed, no tables of timings on stderr
-    # on a CPU torch.compile needs a C++ compiler: without one, --compile is one clear line (the model loaded anew is
-    # lowered anew, so the missing compiler is met even with the kernels above in the cache)
+    # on a CPU torch.compile needs a C++ compiler: without one, --compile ends in a UserError (one line from the command
+    # line); the model loaded anew is lowered anew, so the missing compiler is met even with the kernels above cached
     with torch._inductor.config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
         with pytest.raises(vl.UserError, match=r"^--compile: torch.compile failed \(.*C\+\+ compiler"):
             vl.main(argv + ["--compile"])

@@ -628,11 +628,11 @@ def prepare_data(cfg, rank, typed=(), keep=("train", "val", "test", "novel")):  
     if cfg.data and (world := [f"--{k}" for k in ("data_dir", *WORLD[1:]) if k in typed]):  # typed flags unused
         raise UserError(f"{', '.join(world)}: the synthetic world's; --data {cfg.data} gives the splits, drop them")
     if cfg.data:  # user data; --eval (no "train" in keep) opens --data only for the entries held out of it
-        why = "" if "train" in keep else "; --eval scores the entries held out of it, or pass --test_data FILE"
-        entries = [] if why and cfg.test_data else read_annotations(cfg.data, why)  # --test_data: --data only trains
+        scoring, why = "train" not in keep, "; --eval scores the entries held out of it, or pass --test_data FILE"
+        entries = [] if scoring and cfg.test_data else read_annotations(cfg.data, why if scoring else "")
         test = read_annotations(cfg.test_data) if cfg.test_data else entries[::10]  # else every 10th entry held out
         entries = entries if cfg.test_data else [e for i, e in enumerate(entries) if i % 10]
-        if not (entries or why):  # a single entry: it is the held-out one (--eval scores it all the same)
+        if not (entries or scoring):  # a single entry: it is the held-out one (--eval scores it all the same)
             raise UserError(f"{cfg.data}: too few entries to hold out a test set; add entries or pass --test_data")
         splits = {"train": entries, "val": test[: max(1, len(test) // 2)], "test": test}  # val: for the loss log
     else:

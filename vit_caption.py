@@ -630,15 +630,15 @@ def global_batch(step, n, size, seed):  # a step's indices: a fresh permutation 
     epoch, k = divmod(step, n_all // size)  # which epoch, which batch inside it
     return (torch.randperm(n_all, generator=torch.Generator().manual_seed(seed + epoch)) % n)[k * size:(k + 1) * size]
 
-def prepare_data(cfg, rank, typed=(), scored=False):  # -> {split: (entries, uint8 (n, S, S, 3) images)}, decoded once
+def prepare_data(cfg, rank, typed=(), scoring=False):  # -> {split: (entries, uint8 (n, S, S, 3) images)}, decoded once
     if cfg.test_data and not cfg.data:  # the synthetic world has its own test split: never silently ignored
         raise UserError(f"--test_data {cfg.test_data}: only with --data FILE (your training data) as well")
     if cfg.data and (world := [f"--{k}" for k in ("data_dir", *WORLD[1:]) if k in typed]):  # typed flags unused
         raise UserError(f"{', '.join(world)}: the synthetic world's; --data {cfg.data} gives the splits, drop them")
-    keep = ("test", "novel") + ("train",) * (cfg.max_train > 0) if scored else ("train", "val", "test", "novel")
-    if cfg.data:  # scored (--eval): only what evaluate() scores is read, --data only for held-out or --max_train images
-        why = f"; --eval scores its images (or pass {'--max_train 0' if cfg.test_data else '--test_data FILE'})"
-        entries = read_captions(cfg.data, why if scored else "") if "train" in keep or not cfg.test_data else []
+    keep = ("train", "val", "test", "novel") if not scoring else ("test", "novel", "train")[:3 if cfg.max_train else 2]
+    if cfg.data:  # --eval (scoring) reads and decodes what it scores: held-out images (or --test_data), --max_train's
+        why = f"; --eval scores images from it, or pass --test_data FILE{' --max_train 0' if cfg.max_train else ''}"
+        entries = [] if "train" not in keep and cfg.test_data else read_captions(cfg.data, why if scoring else "")
         test = read_captions(cfg.test_data) if cfg.test_data else entries[::10]  # else every 10th image is held out
         entries = entries if cfg.test_data else [e for i, e in enumerate(entries) if i % 10]
         if not entries and "train" in keep:  # (--eval without --max_train scores a lone held-out image all the same)
@@ -1033,7 +1033,7 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
             return print("nothing to do: pass --train, --eval, --generate --image PATH, or --bench (see --help)")
         model.to(device := pick_device(cfg.device))
         if args.eval:
-            check_lengths(tok, data := prepare_data(cfg, 0, overrides, scored=True), cfg, ("test", "novel"))
+            check_lengths(tok, data := prepare_data(cfg, 0, overrides, scoring=True), cfg, ("test", "novel"))
             return evaluate(model, tok, cfg, device, data)
         image = torch.from_numpy(load_image(args.image, cfg.img_size))  # (S, S, 3) uint8, letterboxed
         with autocast(cfg, device):  # sampling (--temperature > 0) is reproducible from --seed
