@@ -1108,7 +1108,7 @@ def train(cfg, resume=False, overrides=None):
             raise UserError(f"{path}: nothing to resume (train without --resume first)")
         model, tok, cfg = load_checkpoint(cfg.out_dir, {"stop_after": cfg.stop_after, **(overrides or {})}, "--resume")
         try:  # truncated, not a torch file, or keys missing: PyTorch's own errors differ by cause
-            step, seconds0 = int((ts := torch.load(path, weights_only=True))["step"]), float(ts.get("seconds", 0))
+            step, seconds0 = int((ts := dict(torch.load(path, weights_only=True)))["step"]), float(ts.get("seconds", 0))
         except Exception as e:
             raise UserError(f"{path}: not a readable training state ({type(e).__name__}); retrain or restore it")
         if step >= cfg.max_steps:  # nothing left to train: refused before any data is built

@@ -808,9 +808,13 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     for f in ("model.safetensors", "config.json", "train_state.pt"):
         (cut / f).write_bytes(before[f][:len(before[f]) // 2] if f == "train_state.pt" else before[f])
     main_user_error(vm.main, capsys, unbuilt + ["--out_dir", cut], "train_state.pt", "damaged")
-    for foreign in ({"step": 2}, {"optimizer": {"state": {}, "param_groups": [{"params": [0]}]}, "step": 2}):
-        torch.save(foreign, cut / "train_state.pt")  # another run's state, copied in: one line, not a traceback
-        main_user_error(vm.main, capsys, unbuilt + ["--out_dir", cut], "train_state.pt: damaged or another run's")
+    for foreign in ({"step": 2}, {"optimizer": {"state": {}, "param_groups": [{"params": [0]}]}, "step": 2},
+                    torch.zeros(3)):  # another run's state copied in, or a bare tensor: one line, not a traceback
+        torch.save(foreign, cut / "train_state.pt")
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            main_user_error(vm.main, capsys, unbuilt + ["--out_dir", cut], "train_state.pt: damaged or another run's")
+        assert not [w for w in seen if "indexing" in str(w.message)]  # torch's warning on a string index
     assert not (tmp_path / "unbuilt").exists()  # no synthetic world was written for a refused --resume
 
 
@@ -4140,10 +4144,13 @@ def test_vl_damaged_files_odd_text_and_dropped_flags(vl_tiny_run, vl_ckpt, tmp_p
     json.dump(tj, open(tmp_path / "tk" / "tokenizer.json", "w"))
     with pytest.raises(vl.UserError, match="cannot encode"):
         vl.SentencePieceBPE(str(tmp_path / "tk")).encode("naïve")
-    for state in (torch.zeros(3), {"optimizer": {}, "rng": torch.get_rng_state()}):  # not a dict; no step
+    for state, why in ((torch.zeros(3), "not a readable training state"),  # not a dict: refused before torch warns
+                       ({"optimizer": {}, "rng": torch.get_rng_state()}, "does not fit")):  # no step
         torch.save(state, run / "train_state.pt")
-        with pytest.raises(vl.UserError, match="train_state.pt: does not fit"):
+        with pytest.raises(vl.UserError, match=f"train_state.pt: {why}"), warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
             vl.main(resume)
+        assert not [w for w in seen if "indexing" in str(w.message)]  # torch's warning on a string index
     meta["train_config"]["dtype"] = "xyz"  # a damaged saved dtype: one line in every mode
     json.dump(meta, open(run / "config.json", "w"))
     png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")
@@ -6010,9 +6017,13 @@ def test_mk_damaged_checkpoint_is_one_line(mk_trained, tmp_path):
         _mk_user_error(["--eval", "--out_dir", run], "config.json", needle)
     shutil.copy(d / "out" / "config.json", run / "config.json")
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])  # another run's optimizer: other parameters
-    for state in (dict(optimizer=opt.state_dict(), scaler={}, step=3, rng=torch.get_rng_state()), {"step": 3}):
+    for state in (dict(optimizer=opt.state_dict(), scaler={}, step=3, rng=torch.get_rng_state()), {"step": 3},
+                  torch.zeros(3)):  # a bare tensor: refused before torch warns of indexing it with a string
         torch.save(state, run / "train_state.pt")
-        _mk_user_error(["--train", "--resume", "--out_dir", run], "train_state.pt", "not a readable training state")
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            _mk_user_error(["--train", "--resume", "--out_dir", run], "train_state.pt", "not a readable training state")
+        assert not [w for w in seen if "indexing" in str(w.message)]
     assert (run / "model.safetensors").read_bytes() == (d / "out" / "model.safetensors").read_bytes()
 
 

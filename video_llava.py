@@ -1123,7 +1123,7 @@ def make_optimizer(params, cfg, device):  # AdamW, decay on matrices only; float
 
 def load_train_state(out_dir, opt, scaler, say, batch):  # --resume: AdamW moments, loss scale, RNG -> (step, seconds)
     try:  # truncated or not a torch file: PyTorch's own errors differ by cause
-        ts = torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=True)
+        ts = dict(torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=True))  # dict(): not a bare tensor
     except Exception as e:
         raise UserError(f"{out_dir}/train_state.pt: not a readable training state ({type(e).__name__})")
     try:  # another run's state (other parameters), not a dict, or a file without these keys

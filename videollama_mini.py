@@ -665,7 +665,7 @@ def start_config(cfg, typed=None, resume=False):
     typed = dataclasses.asdict(cfg) if typed is None else {"stop_after": 0, **typed, "out_dir": out}
     model, tok, saved = load_checkpoint(out, typed, ARCH + WORLD)  # --resume keeps the run's architecture and world
     try:  # torch raises several error types for a truncated file; another run's does not fit this model's AdamW
-        ts = torch.load(path, weights_only=True)
+        ts = dict(torch.load(path, weights_only=True))  # dict(): anything else (a bare tensor) is refused here
         torch.optim.AdamW(decay_groups(model, 0.0)).load_state_dict(ts["optimizer"])
         ts = dict(ts, step=int(ts["step"]), rng=ts["rng"], seconds=float(ts.get("seconds", 0.0)))
     except Exception:  # and a KeyError: a file that is no training state
