@@ -1659,6 +1659,28 @@ def test_vc_save_cut_off_before_train_state_refuses_resume(capsys, tmp_path, mon
 
 
 @_vc_1t
+def test_vc_resume_refuses_a_damaged_or_foreign_train_state(capsys, tmp_path):
+    """A train_state.pt that is a bare tensor, a dict without "step" or "optimizer", or another run's (other widths or
+    vocabulary: AdamW's own load checks only the group sizes) was a traceback (with a torch warning first, or after the
+    data was built); now one line naming the file, before any data, and nothing in out_dir changes."""
+    cut, other, data = tmp_path / "cut", tmp_path / "other", tmp_path / "data"
+    vc.train(_vc_cfg(tmp_path, out_dir=str(cut), stop_after=2))
+    vc.train(_vc_cfg(tmp_path, out_dir=str(other), stop_after=1, compact_vocab=False, d_model=16, n_head=2))
+    good, path = torch.load(cut / "train_state.pt"), cut / "train_state.pt"
+    os.rename(data, tmp_path / "moved")  # a refusal before any data does not build the world again
+    for bad in (torch.zeros(3), {"x": 1}, {k: v for k, v in good.items() if k != "step"},
+                {k: v for k, v in good.items() if k != "optimizer"}, torch.load(other / "train_state.pt")):
+        torch.save(bad, path)
+        before = {f.name: f.read_bytes() for f in cut.iterdir()}
+        with warnings.catch_warnings(record=True) as caught:  # no torch warning before the line either
+            warnings.simplefilter("always")
+            main_user_error(vc.main, capsys, ["--train", "--resume", "--out_dir", cut], f"{path}: damaged or "
+                            "another run's", "train again without --resume")
+        assert not [w for w in caught if issubclass(w.category, UserWarning)], [str(w.message) for w in caught]
+        assert {f.name: f.read_bytes() for f in cut.iterdir()} == before and not data.exists()
+
+
+@_vc_1t
 def test_vc_checkpoint_keys_must_match_exactly(tmp_path):
     """Weights with a key missing, an extra key or a tensor of another shape are refused in one line naming the key,
     never loaded in part."""

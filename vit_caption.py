@@ -144,10 +144,8 @@ def describe(obj):
     return f"a {obj[2]} {obj[0]} {obj[1]}"  # obj = (colour, shape, size, cx, cy)
 
 def captions_for(objs, relation):  # one object: its description; two: 'A <relation> B' and 'B <inverse> A'
-    if len(objs) == 1:
-        return [describe(objs[0])]
-    a, b = objs
-    return [f"{describe(a)} {relation} {describe(b)}", f"{describe(b)} {RELATIONS[relation]} {describe(a)}"]
+    a, *b = map(describe, objs)  # a: the first object's description; b: the second's, if any
+    return [f"{a} {relation} {b[0]}", f"{b[0]} {RELATIONS[relation]} {a}"] if b else [a]
 
 def sample_scene(rng, split):
     """-> (objects, relation): one object, or two in opposite halves; a held-out pair in the novel split only."""
@@ -682,7 +680,9 @@ def init_training(cfg, entries, images, resumed, device):  # -> model, tok, opt,
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")  # float16: loss scaling
     if resumed:
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(state["optimizer"])  # checks the group sizes, not the shapes: another run's moments are
+        if any(s["exp_avg"].shape != p.shape for p, s in opt.state.items()):  # refused here (in train's dry run)
+            raise ValueError(f"{cfg.out_dir}/train_state.pt: AdamW moments of other shapes (another run's)")
         torch.set_rng_state(state["rng"])  # dropout continues as if never stopped
         if state.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
             scaler.load_state_dict(state["scaler"])
@@ -721,10 +721,10 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
             raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
         model, tok, cfg = load_checkpoint(cfg.out_dir, dataclasses.asdict(cfg) if typed is None else {
             "stop_after": 0, **typed}, ARCH + WORLD + ("patch_init", "patch_scale"))  # (the init ran at the start)
-        try:
-            resumed = model, tok, torch.load(path, weights_only=True)
-        except Exception as e:  # a truncated or foreign file: zip, pickle or torch errors
-            raise UserError(f"{path}: cannot read it ({type(e).__name__}; damaged?); train again without --resume")
+        try:  # a dry run of the resume (CPU, before any data; it sets the RNG, seeded again below): it must all load
+            init_training(cfg, [], None, resumed := (model, tok, {**torch.load(path, weights_only=True)}), "cpu")
+        except Exception as e:  # zip, pickle or torch errors; TypeError: no dict ({**}); KeyError, ValueError: no fit
+            raise UserError(f"{path}: damaged or another run's ({type(e).__name__}); train again without --resume")
         if (s := resumed[2]["step"]) >= cfg.max_steps:  # no step left to train: it would only evaluate again
             raise UserError(f"{cfg.out_dir}: saved at step {s}: pass a --max_steps above it, or --eval to score it")
     cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))  # saved so: found from any folder
