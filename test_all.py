@@ -4166,8 +4166,12 @@ def test_vl_damaged_files_odd_text_and_dropped_flags(vl_tiny_run, vl_ckpt, tmp_p
     json.dump(tj, open(tmp_path / "tk" / "tokenizer.json", "w"))
     with pytest.raises(vl.UserError, match="cannot encode"):
         vl.SentencePieceBPE(str(tmp_path / "tk")).encode("naïve")
+    moments = torch.load(os.path.join(vl_tiny_run[0].out_dir, "train_state.pt"))  # another run's moments: other shapes
+    moments["optimizer"]["state"] = {i: {k: v[..., :1] if v.dim() else v for k, v in st.items()}
+                                     for i, st in moments["optimizer"]["state"].items()}
     for state, why in ((torch.zeros(3), "not a readable training state"),  # not a dict: refused before torch warns
-                       ({"optimizer": {}, "rng": torch.get_rng_state()}, "does not fit")):  # no step
+                       ({"optimizer": {}, "rng": torch.get_rng_state()}, "does not fit"),  # no step
+                       (moments, r"does not fit this run's model \(ValueError\)")):
         torch.save(state, run / "train_state.pt")
         with pytest.raises(vl.UserError, match=f"train_state.pt: {why}"), warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")

@@ -1127,7 +1127,9 @@ def load_train_state(out_dir, opt, scaler, say, batch):  # --resume: AdamW momen
     except Exception as e:
         raise UserError(f"{out_dir}/train_state.pt: not a readable training state ({type(e).__name__})")
     try:  # another run's state (other parameters), not a dict, or a file without these keys
-        opt.load_state_dict(ts["optimizer"])
+        opt.load_state_dict(ts["optimizer"])  # checks how many tensors each group has, not their shapes:
+        if any(s["exp_avg"].shape != p.shape for p, s in opt.state.items()):  # another run's moments are refused here
+            raise ValueError("AdamW moments of other shapes")
         if ts.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
             scaler.load_state_dict(ts["scaler"])
         torch.set_rng_state(ts["rng"])
