@@ -808,8 +808,11 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     for f in ("model.safetensors", "config.json", "train_state.pt"):
         (cut / f).write_bytes(before[f][:len(before[f]) // 2] if f == "train_state.pt" else before[f])
     main_user_error(vm.main, capsys, unbuilt + ["--out_dir", cut], "train_state.pt", "damaged")
+    moments = dict(torch.load(out / "train_state.pt"), step=2)  # another run's AdamW moments: other shapes, mid-run
+    moments["optimizer"]["state"] = {i: {k: v[..., :1] if v.dim() else v for k, v in st.items()}
+                                     for i, st in moments["optimizer"]["state"].items()}
     for foreign in ({"step": 2}, {"optimizer": {"state": {}, "param_groups": [{"params": [0]}]}, "step": 2},
-                    torch.zeros(3)):  # another run's state copied in, or a bare tensor: one line, not a traceback
+                    torch.zeros(3), moments):  # another run's state copied in, or a bare tensor: one line, no traceback
         torch.save(foreign, cut / "train_state.pt")
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")

@@ -469,9 +469,8 @@ class VideoLLaMAMini(nn.Module):
             return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)  # pads: -100
     def record_attention(self, on):
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.record, m.weights = on, None
+        for m in (m for m in self.modules() if isinstance(m, Attention)):
+            m.record, m.weights = on, None
 
 # Checkpoint I/O: out_dir/model.safetensors + config.json (+ the token table) + train_state.pt -------------------------
 def atomic(path, write):
@@ -559,8 +558,7 @@ def cider_d(preds, refs, sigma=6.0):
     scores = []
     for p, rws in zip(preds, ref_words):
         (hv, hn, hl), total = vec(normalise(p).split()), 0.0  # vectors, norms, length; total over references and n
-        for r in rws:
-            rv, rn, rl = vec(r)
+        for rv, rn, rl in map(vec, rws):  # each reference's vectors, norms and length
             for n in range(4):
                 val = sum(min(x, rv[n].get(g, 0.0)) * rv[n].get(g, 0.0) for g, x in hv[n].items())
                 if hn[n] and rn[n]:
@@ -666,7 +664,9 @@ def start_config(cfg, typed=None, resume=False):
     model, tok, saved = load_checkpoint(out, typed, ARCH + WORLD)  # --resume keeps the run's architecture and world
     try:  # torch raises several error types for a truncated file; another run's does not fit this model's AdamW
         ts = dict(torch.load(path, weights_only=True))  # dict(): anything else (a bare tensor) is refused here
-        torch.optim.AdamW(decay_groups(model, 0.0)).load_state_dict(ts["optimizer"])
+        (opt := torch.optim.AdamW(decay_groups(model, 0.0))).load_state_dict(ts["optimizer"])  # counts, not shapes:
+        if any(s["exp_avg"].shape != p.shape for p, s in opt.state.items()):  # another run's widths: other shapes
+            raise ValueError("AdamW moments of other shapes")
         ts = dict(ts, step=int(ts["step"]), rng=ts["rng"], seconds=float(ts.get("seconds", 0.0)))
     except Exception:  # and a KeyError: a file that is no training state
         raise UserError(f"{path}: damaged or another run's; drop --resume to start afresh (copy the folder to keep it)")
