@@ -1126,7 +1126,9 @@ def train(cfg, resume=False, overrides=None):
     gbatch = cfg.batch_size * cfg.grad_accum * world  # clips per step: global_batch orders the data by it
     if resume:
         try:  # another run's optimiser state, or a key missing
-            opt.load_state_dict(ts["optimizer"])
+            opt.load_state_dict(ts["optimizer"])  # AdamW checks how many tensors per group, not their shapes,
+            if any(s["exp_avg"].shape != p.shape for p, s in opt.state.items()):  # so another run's moments are refused
+                raise ValueError("AdamW moments of other shapes")
             torch.set_rng_state(ts["rng"])
             if ts.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
                 scaler.load_state_dict(ts["scaler"])
@@ -1217,9 +1219,8 @@ def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):  # 
     prefix, frame_logits = model.fuse(feats, *text_batch(items, tok, with_answer=False)[:2])  # question ids, mask
     prompts = [model.embed(torch.tensor(tok.prompt(it["question"], it["choices"]))) for it in items]  # (Lp_i, D)
     rows = [torch.cat((prefix[i], p.to(prefix.dtype)), 0) for i, p in enumerate(prompts)]  # (N + Lp_i, D) each
-    x, valid = pad_left(rows)  # (B, L, D), (B, L)
-    return llm_generate(model.llm, model.embed, x, valid, tok.eos, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                        cfg.top_p, use_cache, generator), frame_logits
+    return llm_generate(model.llm, model.embed, *pad_left(rows), tok.eos, cfg.max_new_tokens, cfg.temperature,
+                        cfg.top_k, cfg.top_p, use_cache, generator), frame_logits  # pad_left: x (B, L, D), valid (B, L)
 
 def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):  # test, novel -> table, samples, eval.json
     cache, result = cache or FeatureCache(model, cfg.feature_cache), {}
@@ -1270,8 +1271,7 @@ def frame_strip(clip, sal, path, title, threshold):  # PNG: the frames, a salien
 def predict(cfg, overrides, video, question, choices):
     if not video or not question.strip() or not choices:  # a blank question too
         raise UserError("--predict needs --video PATH --question TEXT --choices 'A. ...|B. ...|C. ...|D. ...'")
-    choice_list = [c.strip() for c in choices.split("|")]
-    check_choices(choice_list, "--choices")
+    check_choices(choice_list := [c.strip() for c in choices.split("|")], "--choices")
     model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, "--predict")
     model.place(parse_device_map(cfg)).eval()
     clip, times, dur = load_video(video, cfg.n_frames, cfg.crop)

@@ -6046,8 +6046,11 @@ def test_mk_damaged_checkpoint_is_one_line(mk_trained, tmp_path):
         _mk_user_error(["--eval", "--out_dir", run], "config.json", needle)
     shutil.copy(d / "out" / "config.json", run / "config.json")
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])  # another run's optimizer: other parameters
+    moments = torch.load(d / "out" / "train_state.pt")  # another run's moments: as many tensors, other shapes
+    moments["optimizer"]["state"] = {i: {k: v[..., :1] if v.dim() else v for k, v in st.items()}
+                                     for i, st in moments["optimizer"]["state"].items()}
     for state in (dict(optimizer=opt.state_dict(), scaler={}, step=3, rng=torch.get_rng_state()), {"step": 3},
-                  torch.zeros(3)):  # a bare tensor: refused before torch warns of indexing it with a string
+                  torch.zeros(3), {**moments, "step": 3}):  # a bare tensor: refused before torch warns of indexing it
         torch.save(state, run / "train_state.pt")
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
