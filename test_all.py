@@ -2541,9 +2541,9 @@ def test_vl_overfits_one_batch(tmp_path):
 
 def _vl_one_layer(vl_ckpt, dtype=torch.float32):
     """The test checkpoint's model with its first decoder layer only, for the compiled-step tests: torch.compile
-    unrolls the layer loop (one layer runs every line of the step), and a graph with one layer builds in about half the
-    time. That each layer writes its own cache slots is checked with two layers by the eager cache tests and, compiled,
-    by the --generate --compile test below (batch 1, against transformers' answer)."""
+    unrolls the layer loop (one layer runs every line of the step), and a graph with one layer builds in less time.
+    That each layer writes its own cache slots is checked with two layers by the eager cache tests and, compiled, by
+    the --generate --compile test below (batch 1, against transformers' answer)."""
     full = vl.VideoLlava.from_pretrained(vl_ckpt[1]["hub"], dtype=dtype)
     model = vl.VideoLlava(dataclasses.replace(full.cfg, num_hidden_layers=1)).to(dtype)
     unused = model.load_state_dict(full.state_dict(), strict=False)

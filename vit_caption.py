@@ -682,7 +682,7 @@ def init_training(cfg, entries, images, resumed, device):  # -> model, tok, opt,
     if resumed:
         opt.load_state_dict(state["optimizer"])  # checks the group sizes, not the shapes: another run's moments are
         if any(s["exp_avg"].shape != p.shape for p, s in opt.state.items()):  # refused here (in train's dry run)
-            raise ValueError(f"{cfg.out_dir}/train_state.pt: AdamW moments of other shapes (another run's)")
+            raise ValueError("AdamW moments of other shapes")  # train() names the file
         torch.set_rng_state(state["rng"])  # dropout continues as if never stopped
         if state.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
             scaler.load_state_dict(state["scaler"])
