@@ -2244,6 +2244,9 @@ def test_vc_captions_file_merges_one_image_spelled_two_ways(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "imgs" / "sub")
     (tmp_path / "three.txt").write_text("link/../a.png | one\n", encoding="utf-8")
     assert vc.read_captions(str(tmp_path / "three.txt")) == [(want[0][0], ["one"])]
+    bom = lambda text: b"\xef\xbb\xbf" + text.encode()  # two files saved with a byte-order mark, joined by `cat`
+    (tmp_path / "joined.txt").write_bytes(bom("imgs/a.png | one\n") + bom("imgs/a.png | two\n"))
+    assert vc.read_captions(str(tmp_path / "joined.txt")) == want  # the second mark is not part of the path
 
 
 @_vc_1t

@@ -234,7 +234,7 @@ def read_captions(path, why=""):
     """Captions file: one `image path | caption` per line, paths relative to the file; an image may appear on several
     lines (several references). Blank lines and lines starting with # are skipped. -> [(image_path, [captions])]."""
     try:
-        text = open(path, encoding="utf-8-sig").read()  # -sig: drop a BOM
+        text = open(path, encoding="utf-8").read().replace("\ufeff", "")  # every BOM: a file's first, or files joined
     except (OSError, UnicodeDecodeError) as e:  # OSError: missing, a folder, unreadable (why: what needs the file)
         raise UserError(f"{path}: " + ("not a UTF-8 text file (expected lines 'image.png | a caption')" if isinstance(
             e, UnicodeDecodeError) else f"cannot read this captions file ({e.strerror}){why}"))
