@@ -680,6 +680,8 @@ def test_vm_annotations_and_bad_files(tmp_path):
     assert [len(c) for _, c in entries] == [3] and entries[0][0].endswith("a.mp4")
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + good.read_bytes())  # a UTF-8 byte-order mark
     assert vm.read_annotations(str(tmp_path / "bom.txt")) == entries
+    (tmp_path / "joined.txt").write_bytes(2 * b"\xef\xbb\xbfa.mp4\none\n\n")  # two files with marks, joined by `cat`
+    assert vm.read_annotations(str(tmp_path / "joined.txt")) == [(entries[0][0], ["one", "one"])]  # no mark in a path
     cases = {"missing.txt": ("a.mp4\ncaption\n\nnope.mp4\ncaption\n", "missing.txt:4", "nope.mp4"),
              "nocap.txt": ("a.mp4\ncaption\n\n\na.mp4\n", "nocap.txt:5", "no caption"),
              "empty.txt": ("\n\n", "no entries", ""), "latin1.txt": ("a.mp4\ncaf\xe9\n", "latin1.txt", "UTF-8"),

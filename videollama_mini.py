@@ -250,8 +250,8 @@ def read_annotations(path, why=""):
     """The VideoLLaMA-Mini write-up's format: a video path line, one or more caption lines, a blank line between
     entries. Paths are relative to the annotation file. Returns [(video_path, [captions])], one entry per clip."""
     caps, cur, start = {}, [], 0  # video -> its captions; cur: the lines of the entry being read
-    try:  # utf-8-sig: a byte-order mark some editors write is not part of the first path
-        lines = open(path, encoding="utf-8-sig").read().split("\n") + [""]  # a final blank closes the last entry
+    try:  # a byte-order mark (some editors write one first, `cat` of two such files one inside) is no part of a path
+        lines = open(path, encoding="utf-8").read().replace("\ufeff", "").split("\n") + [""]  # "" ends the last entry
     except (OSError, UnicodeDecodeError) as e:  # OSError: missing, a folder, unreadable (why: what needs it)
         raise UserError(f"{path}: " + ("not a UTF-8 text file (save it as UTF-8)" if isinstance(e, UnicodeDecodeError)
                                        else "annotation file not found or unreadable" + why))
