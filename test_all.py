@@ -763,8 +763,9 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     main_user_error(vm.main, capsys, gen + [tmp_path / "corrupt.mp4"], "corrupt.mp4")
     (tmp_path / "zero.mp4").write_bytes(b"")
     main_user_error(vm.main, capsys, gen + [tmp_path / "zero.mp4"], "zero.mp4")
-    (tmp_path / "empty").mkdir()
-    main_user_error(vm.main, capsys, gen + [tmp_path / "empty"], "no frames")
+    (tmp_path / "empty").mkdir()  # a folder of frames in a format the folder reader skips (GIF) names those it reads
+    (tmp_path / "empty" / "0.gif").write_bytes(b"GIF89a")
+    main_user_error(vm.main, capsys, gen + [tmp_path / "empty"], "no frames", ".png/.jpg/.bmp/.webp/.tif")
     main_user_error(vm.main, capsys, ["--generate", "--video", clip, "--out_dir", tmp_path / "none"], "no checkpoint")
     other = tmp_path / "other"
     other.mkdir()

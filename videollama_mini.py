@@ -198,7 +198,7 @@ def build_world(cfg):  # write data_dir/<split>/*.mp4 and <split>.txt once (dete
 
 def sample_indices(n_total, n_frames, path="video"):  # centres of n_frames equal segments (a short clip repeats frames)
     if n_total <= 0:
-        raise UserError(f"{path}: video has no frames")
+        raise UserError(f"{path}: no frames (an empty video, or a folder with no .png/.jpg/.bmp/.webp/.tif images)")
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
 
 def _square(img, size):
