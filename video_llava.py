@@ -1501,8 +1501,9 @@ def check_arch(path, overrides, mode):  # a typed architecture flag must agree w
 def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_dir), read the media, stream the answer
     if not args.prompt.strip() or (args.video and args.image):  # a blank prompt is none
         raise UserError("--generate needs --prompt TEXT, and --video PATH or --image PATH (not both) or neither")
-    if tag := next((t for t in ("image", "video") if f"<{t}>" in args.prompt and not getattr(args, t)), None):
-        raise UserError(f"--prompt has <{tag}> but no --{tag} was given: give --{tag} PATH, or drop the tag")
+    if tag := next((t for t in ("image", "video") if args.prompt.count(f"<{t}>") > bool(getattr(args, t))), None):
+        raise UserError(f"--prompt has <{tag}> but no --{tag} was given: give --{tag} PATH, or drop the tag" if not
+                        getattr(args, tag) else f"--prompt has <{tag}> more than once for one --{tag}: keep one tag")
     path, device = cfg.from_pretrained or cfg.out_dir, pick_device(cfg.device)
     run = saved_config(path, {}, resume=False) if check_arch(path, overrides, "--generate") else None  # ours, or HF
     if run:  # under the run's autocast, its weights loaded as --eval loads them (weights_dtype)
@@ -1545,8 +1546,7 @@ def main(argv=None):  # the command line: one mode per call (--train [--resume],
         train(saved_config(cfg.out_dir, overrides) if args.resume else cfg, resume=args.resume)
     elif args.eval:  # the run's model as trained (build_model, as --resume loads it) on its test and novel questions
         device, cfg = pick_device(cfg.device), saved_config(cfg.out_dir, overrides, resume=False)
-        entries = load_entries(cfg, scoring=True)  # test and novel only: nothing trains or validates
-        model, cfg, tok, data = build_model(cfg, entries, resume=True, say=print, device=device)
+        model, cfg, tok, data = build_model(cfg, load_entries(cfg, scoring=True), resume=True, say=print, device=device)
         seconds = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # kept
         evaluate(model.to(device), tok, cfg, device, data, seconds)
     elif args.generate:
