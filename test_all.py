@@ -7393,13 +7393,15 @@ def test_vc_captions_naming_a_folder_and_vl_inspect_negative_tokens(tmp_path, ca
 
 def test_vl_flags_the_mode_would_not_use_are_refused(tmp_path):
     """--generate reads the decoding, device and checkpoint flags (and the architecture, checked against the
-    checkpoint), --inspect only --n_frames and --n_tokens; --data makes the synthetic world's sizes and folder moot: any other flag
-    used to be accepted and ignored. Each is one line, before anything is read or written."""
+    checkpoint), --inspect only --n_frames and --n_tokens, --eval a run's --out_dir (not --from_pretrained, which it
+    would pass over for the default out_dir); --data makes the synthetic world's sizes and folder moot: any other
+    flag used to be accepted and ignored. Each is one line, before anything is read or written."""
     (tmp_path / "q.jsonl").write_text("")
     for argv, needle in ((["--generate", "--prompt", "hi", "--lr", "5", "--batch_size", "3"], "--batch_size, --lr: "
                           "not read by --generate"), (["--inspect", str(tmp_path), "--max_steps", "4"],
                           "--max_steps: not read by --inspect"), (["--bench", "--n_tokens", "5"],
                           "--n_tokens: not read by --bench"),
+                         (["--eval", "--from_pretrained", str(tmp_path)], "--from_pretrained: not read by --eval"),
                          (["--train", "--data", str(tmp_path / "q.jsonl"), "--n_train", "5"], "--data trains on your")):
         with pytest.raises(vl.UserError, match=re.escape(needle)):
             vl.main(argv + ["--out_dir", str(tmp_path / "o")])

@@ -1440,7 +1440,7 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     greedy = [f.name for f in dataclasses.fields(Config) if f.name not in (*sampling, *dropped)]
     reads = {"generate": ("out_dir", "from_pretrained", "device", "dtype", "seed", *sampling, "max_new_tokens",
                           "n_frames", *HF_FIELDS), "inspect": ("n_frames", "n_tokens"), "bench": ("max_new_tokens",),
-             "train": greedy, "eval": greedy}
+             "train": greedy, "eval": [f for f in greedy if f != "from_pretrained"]}  # --eval scores a run's out_dir
     mode = next((m for m in reads if getattr(args, m)), None)  # --train --eval is one run: --train's
     typed = [*overrides, *["n_tokens"] * (args.n_tokens is not None)]  # --n_tokens is not a Config field
     unread = [f"--{k}" for k in typed if mode and k not in reads[mode]]
