@@ -2278,6 +2278,7 @@ def test_vc_ddp_two_processes_match_one(tmp_path, capsys):
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -3784,19 +3785,21 @@ def test_vl_generate_reads_the_frames_the_run_trained_on(vl_tiny_run, monkeypatc
     vl.main(["--generate", "--out_dir", cfg.out_dir, "--video", clip["path"], "--prompt", clip["question"]])
     assert got == [cfg.n_frames] == [4]
 
-def test_vl_save_cut_off_before_train_state_refuses_resume(vl_tiny_run, tmp_path, monkeypatch):
+def test_vl_save_cut_off_before_train_state_refuses_resume(vl_tiny_run, tmp_path, monkeypatch, capsys):
     """A save stopped after the new weights but before the new train_state.pt: --resume refuses (the older state would
-    go on from its step with the newer weights), in one line that says how to go on."""
-    cut, data = str(tmp_path / "cut"), vl_tiny_run[0].data_dir
+    go on from its step with the newer weights), in one line that says how to go on. The flags both messages print
+    paste into a shell as they are: a folder with a space in its name comes quoted."""
+    cut, data = str(tmp_path / "my run"), vl_tiny_run[0].data_dir
     vl.main(["--train", "--preset", "tiny", "--max_steps", "6", "--data_dir", data, "--out_dir", cut,
              "--stop_after", "2"])
+    assert shlex.split(capsys.readouterr().out.split("go on with ")[-1]) == ["--train", "--resume", "--out_dir", cut]
     resume_with_a_save_cut_off(vl.main, monkeypatch, cut)
     with pytest.raises(vl.UserError, match="no train_state.pt, so there is no optimizer state to resume from") as e:
         vl.main(["--train", "--resume", "--out_dir", cut])
-    assert str(e.value).endswith(f"(or fine-tune it: --from_pretrained {cut} --out_dir NEW)")
+    hint = shlex.split(str(e.value).split("(or fine-tune it: ")[-1].rstrip(")"))
+    assert hint == ["--from_pretrained", cut, "--out_dir", "NEW"]
     new = str(tmp_path / "new")  # the way it names works: fine-tuning the saved weights into another folder
-    vl.main(["--train", "--preset", "tiny", "--max_steps", "2", "--data_dir", data, "--from_pretrained", cut,
-             "--out_dir", new])
+    vl.main(["--train", "--preset", "tiny", "--max_steps", "2", "--data_dir", data, *hint[:-1], new])
     assert os.path.isfile(os.path.join(new, "eval.json"))
 
 

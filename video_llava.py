@@ -28,6 +28,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -980,8 +981,8 @@ def saved_config(out_dir, overrides, resume=True):  # the Config --train saved i
         raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (its config.json has {what}); --resume and "
                         "--eval need the --out_dir of a run")
     if resume and not os.path.isfile(os.path.join(out_dir, "train_state.pt")):
-        raise UserError(f"{out_dir}: no train_state.pt, so there is no optimizer state to resume from; "
-                        f"drop --resume to start afresh (or fine-tune it: --from_pretrained {out_dir} --out_dir NEW)")
+        raise UserError(f"{out_dir}: no train_state.pt, so there is no optimizer state to resume from; drop --resume "
+                        f"to start afresh (or fine-tune it: --from_pretrained {shlex.quote(out_dir)} --out_dir NEW)")
     saved = {k: v for k, v in meta["train_config"].items() if k in Config.__dataclass_fields__}
     kinds = {k: (int, float) if type(d) is float else type(d) for k, d in dataclasses.asdict(Config()).items()}
     if bad := [k for k, v in saved.items() if not isinstance(v, kinds[k]) or v not in CHOICES.get(k, [v])]:  # damaged
@@ -1176,9 +1177,8 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
     master, t0 = rank == 0, time.time()
     say = print if master else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
-    entries = load_entries(cfg, master)
-    model, cfg, tok, data = build_model(cfg, entries, resume, say, device)
-    say("data: " + ", ".join(f"{s} {len(e)} questions" for s, e in entries.items()) + f" ({time.time() - t0:.1f}s)")
+    model, cfg, tok, data = build_model(cfg, load_entries(cfg, master), resume, say, device)
+    say("data: " + ", ".join(f"{s} {len(data[s].entries)} questions" for s in data) + f" ({time.time() - t0:.1f}s)")
     apply_freeze(model, cfg.freeze)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1222,7 +1222,7 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
                 f"eta {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
             t_log, log_step = time.time(), step
         if stop:
-            say(f"stopped after step {step} as asked; continue with --train --resume --out_dir {cfg.out_dir}")
+            say(f"stopped after step {step} as asked; go on with --train --resume --out_dir {shlex.quote(cfg.out_dir)}")
             break
     train_seconds = seconds0 + time.time() - t0
     if ddp:  # every rank has finished its last step; rank 0 then evaluates alone
