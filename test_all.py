@@ -3463,7 +3463,7 @@ def test_vl_init_from_data_refuses_a_single_patch():
         m.init_from_data(torch.randn(2, 3, 12, 12), None)
     assert all(p.isfinite().all() for p in m.parameters())
 
-def test_vl_train_tiny_eval_generate_freeze(tmp_path, capsys):
+def test_vl_train_tiny_eval_generate_freeze(tmp_path, capsys, monkeypatch):
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
     proc = run_script("video_llava.py", "--train", "--preset", "tiny", "--data_dir", data, "--out_dir", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -3483,7 +3483,18 @@ def test_vl_train_tiny_eval_generate_freeze(tmp_path, capsys):
     vl.main(["--eval", "--out_dir", out, "--data_dir", data])  # in-process from here (a torch import per CLI call)
     assert json.load(open(os.path.join(out, "eval.json")))["test"]["video"]["n"] > 0
     clip = os.path.join(data, "test", "clip_00000.mp4")
-    vl.main(["--generate", "--out_dir", out, "--video", clip, "--prompt", "Which way does the red circle move?"])
+    argv = ["--generate", "--out_dir", out, "--video", clip, "--prompt", "Which way does the red circle move?"]
+    vl.main(argv)
+    tok, streamed = vl.load_tokenizer(out), []  # answers train as " left"; --generate prints "left"
+    def answers_left(*a, on_token, **k):  # a model that has learnt: " left", then EOS
+        streamed.extend(tok.encode(" left", add_special_tokens=False))
+        for t in [*streamed, tok.eos_id]:
+            on_token(torch.tensor([t]))
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(vl, "generate", answers_left)
+        vl.main(argv)
+    assert streamed and capsys.readouterr().out == "left\n"
     # LLaVA stage 1: only the projector moves
     before = load_file(os.path.join(out, "model.safetensors"))
     out2 = str(tmp_path / "out2")

@@ -1522,8 +1522,8 @@ def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_d
         tok.check_known([("--prompt", text)])
     ids = torch.tensor([expand_placeholders(tok.encode(text), mcfg, n_frames)], device=device)
     g, got = torch.Generator(device=device).manual_seed(cfg.seed), []
-    answer = lambda: tok.decode([t for t in got if t != tok.eos_id]).rstrip("\ufffd")  # an unfinished char waits
-    def stream(tok_id):  # print what each new token adds (decoding the whole answer keeps multi-byte chars whole)
+    answer = lambda: tok.decode([t for t in got if t != tok.eos_id]).lstrip().rstrip("\ufffd")  # trained: " left"
+    def stream(tok_id):  # print what each new token adds (decoded whole: a multi-byte char prints once complete)
         before = answer()
         got.append(int(tok_id[0]))
         print(answer()[len(before):], end="", flush=True)
