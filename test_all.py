@@ -3537,8 +3537,8 @@ def test_vl_user_data_trains_and_no_user_file_is_overwritten(vl_tiny_run, tmp_pa
         vl.main(["--train", "--preset", "tiny", "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "o2")])
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "o" not in p.parts} == before
     os.remove(tmp_path / "mine.jsonl")  # its held-out entries are the run's test split: --eval says where else to look
-    with pytest.raises(vl.UserError, match=r"mine.jsonl: annotation file not found; --eval tests on every 10th entry "
-                                           r"of the run's --data, or give --test_data FILE$"):
+    with pytest.raises(vl.UserError, match=r"mine.jsonl: cannot read this annotation file \(No such file or directory\); "
+                                           r"--eval tests on every 10th entry of the run's --data, or give --test_data FILE$"):
         vl.main(["--eval", "--out_dir", str(tmp_path / "o")])
 
 
@@ -3985,6 +3985,8 @@ def test_vl_out_dir_flags_test_data_and_shards(vl_tiny_run, vl_ckpt, tmp_path, c
         with pytest.raises(vl.UserError, match=match):  # an empty answer scored as right; one cut by generation
             vl.main(["--train", "--preset", "tiny", "--data", str(tmp_path / "a.jsonl"), "--test_data",
                      str(tmp_path / "t.jsonl"), "--out_dir", str(tmp_path / "o2")])
+    with pytest.raises(vl.UserError, match=r"mine: cannot read this annotation file \(Is a directory\)$"):
+        vl.main(["--train", "--preset", "tiny", "--data", str(mine), "--out_dir", str(tmp_path / "o2")])  # a folder
     ck = tmp_path / "sh"
     shutil.copytree(vl_ckpt[1]["hub_sharded"], ck)
     index = json.load(open(ck / "model.safetensors.index.json"))

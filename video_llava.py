@@ -317,7 +317,7 @@ def read_annotations(path, why=""):  # JSON lines {"image"|"video"|"frames", "qu
         lines = open(path, encoding="utf-8-sig").read().split("\n")  # not splitlines: JSON strings may hold U+2028
     except (OSError, UnicodeDecodeError) as e:  # why: what needs the file, for the message
         raise UserError(f"{path}: " + ("not UTF-8 text; save it as UTF-8" if isinstance(e, UnicodeDecodeError) else
-                                       "annotation file not found" + why))
+                                       f"cannot read this annotation file ({e.strerror})" + why))
     out, base = [], os.path.dirname(os.path.abspath(path))  # media paths: relative to the file, made absolute
     for no, line in enumerate(lines, 1):
         if not line.strip():  # blank lines are skipped
