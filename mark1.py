@@ -878,8 +878,8 @@ RUN_KEYS = {"max_steps", "stop_after", "out_dir", "data_dir", "data", "test_data
             "log_interval", "eval_interval", "feature_cache", "vision_ckpt", "llm_ckpt"}  # how long, where, on what
 READ_KEYS = RUN_KEYS | {"temperature", "top_k", "top_p", "max_new_tokens", "seed", "threshold"}
 STEPS = ("max_steps", "stop_after", "log_interval", "eval_interval")  # read by training alone
-KEYS = {"--resume": RUN_KEYS, "--eval": READ_KEYS - set(STEPS),  # what each mode may set; the rest is the run's
-        "--predict": READ_KEYS - {*STEPS, "data", "test_data", "data_dir", "feature_cache"}}
+KEYS = {"--resume": RUN_KEYS | {"max_new_tokens"}, "--eval": READ_KEYS - set(STEPS),  # what each mode may set
+        "--predict": READ_KEYS - {*STEPS, "data", "test_data", "data_dir", "feature_cache"}}  # (the rest: the run's)
 def load_checkpoint(out_dir, overrides=None, mode="--eval"):  # -> (model, tok, cfg): saved config, allowed overrides
     cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
