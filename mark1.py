@@ -326,6 +326,8 @@ def read_annotations(path, fix=""):  # user JSON list, validated; errors name th
         check_choices(it.get("choices"), where)
         if it["answer"] not in it["choices"]:
             raise UserError(f"{where}: answer {it['answer']!r} is not one of the choices")
+        if "support_times" not in it and (k := next((k for k in it if re.match(r"(?i)sup+ort", k)), None)):
+            raise UserError(f"{where}: key {k!r} is not read; give the supporting seconds as support_times")
         st = it.get("support_times", [])
         if not isinstance(st, list) or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in st):
             raise UserError(f"{where}: support_times must be a list of seconds")
@@ -382,11 +384,6 @@ class GPT2Tokenizer:  # GPT-2 (tiktoken) over the table `ids`: <|endoftext|>, <u
     def target(self, answer):
         return self.encode(self.reply.format(answer)) + [self.eos]
 
-def bytes_to_unicode():  # GPT-2's byte -> printable-character table, which byte-level BPE vocabularies are written in
-    bs = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]  # printable: themselves
-    rest = [b for b in range(256) if b not in bs]  # the other 68 (controls, space, ...) take chr(256), chr(257), ...
-    return dict(zip(bs + rest, map(chr, bs + [256 + n for n in range(len(rest))])))
-
 QWEN_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
             r"|\s+(?!\S)|\s+")
 class QwenTokenizer(GPT2Tokenizer):  # Qwen3's tokenizer.json as a tiktoken.Encoding; GPT-2's prompt() and target()
@@ -397,8 +394,10 @@ class QwenTokenizer(GPT2Tokenizer):  # Qwen3's tokenizer.json as a tiktoken.Enco
         j = read_json(path, "the Qwen3 checkpoint folder needs its tokenizer.json")
         if j.get("model", {}).get("type") != "BPE":
             raise UserError(f"{path}: not a byte-level BPE tokenizer (Qwen3's tokenizer.json expected)")
-        dec = {c: b for b, c in bytes_to_unicode().items()}
-        ranks = {bytes(dec[c] for c in tok): i for tok, i in j["model"]["vocab"].items()}
+        bs = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]  # GPT-2: printable bytes
+        rest = [b for b in range(256) if b not in bs]  # are themselves, the other 68 chr(256), chr(257), ... in order
+        dec = dict(zip(map(chr, bs + [256 + n for n in range(len(rest))]), bs + rest))  # (bytes_to_unicode, inverted)
+        ranks = {bytes(dec[c] for c in tok): i for tok, i in j["model"]["vocab"].items()}  # vocabulary text -> bytes
         specials = {t["content"]: t["id"] for t in j.get("added_tokens", [])}
         pre = j.get("pre_tokenizer") or {}  # the file's own split regex where it has one, else Qwen3's
         pat = next((p["pattern"]["Regex"] for p in pre.get("pretokenizers", [pre])

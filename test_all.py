@@ -5514,7 +5514,8 @@ def test_mk_bad_inputs(mk_trained, tmp_path):
 
 def test_mk_user_files_never_overwritten_and_more_bad_inputs(mk_trained, mk_hf, tmp_path):
     """--out_dir on a checkpoint folder it reads and --data_dir on a folder of the user's are refused with nothing
-    touched; counts below 1, a damaged training state or config.json, odd annotation values: one line each."""
+    touched; counts below 1, a damaged training state or config.json, odd annotation values, a misspelt support_times
+    (ignored, it left every clip without frame labels): one line each."""
     d, _ = mk_trained
     vj = mk_hf["root"] / "vjepa2"
     before = {f.name: f.read_bytes() for f in vj.iterdir()}
@@ -5541,7 +5542,9 @@ def test_mk_user_files_never_overwritten_and_more_bad_inputs(mk_trained, mk_hf, 
     entry = dict(video=video, question="q?", choices=["A. x", "B. y"], answer="A. x")
     for bad, needle in (({"support_times": [True]}, "support_times"), ({"video": ""}, "strings"),
                         ({"choices": [f"{chr(65 + k)}. o{k}" for k in range(27)]}, "2 to 26"),
-                        ({"choices": ["A. x"]}, "2 to 26")):  # one choice: nothing to choose between
+                        ({"choices": ["A. x"]}, "2 to 26"),  # one choice: nothing to choose between
+                        ({"support_time": [0.5]}, "key 'support_time' is not read; give the supporting seconds as "
+                         "support_times"), ({"Suport-Times": [0.5]}, "'Suport-Times' is not read")):  # not silent
         json.dump([{**entry, **bad}] * 2, open(tmp_path / "e.json", "w"))
         _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "e.json", "--out_dir", tmp_path / "o"],
                        "entry 1", needle)
