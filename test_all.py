@@ -5349,7 +5349,8 @@ def test_mk_exact_resume(mk_trained, tmp_path, capsys):
 
 def test_mk_resume_with_no_steps_left_is_refused(mk_trained, tmp_path):
     """--resume of a run already at --max_steps (the saved one, or a typed one at or below the saved step) would train
-    nothing and evaluate: refused before any data is built, naming the step and the fix; nothing in the folder changes."""
+    nothing and evaluate, and a --stop_after at or below it nothing at all: refused before any data is built, naming
+    the step and the fix; nothing in the folder changes."""
     out, unbuilt = tmp_path / "out", tmp_path / "unbuilt"
     shutil.copytree(mk_trained[0] / "out", out)
     before = {f.name: f.read_bytes() for f in out.iterdir()}
@@ -5357,6 +5358,15 @@ def test_mk_resume_with_no_steps_left_is_refused(mk_trained, tmp_path):
         with pytest.raises(mk.UserError, match=re.escape(f"{out}: at step 6 already; pass a larger --max_steps")):
             mk.main(["--train", "--resume", "--out_dir", str(out), "--data_dir", str(unbuilt), *steps])
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before and not unbuilt.exists()
+    cut = tmp_path / "cut"  # stopped at step 3: the same command again with --resume would stop where it stands
+    mk.main([str(a) for a in ("--train", "--preset", "tiny", "--data_dir", mk_trained[0] / "data", "--out_dir", cut,
+                              "--stop_after", 3)])
+    before = {f.name: f.read_bytes() for f in cut.iterdir()}
+    for stop in ("3", "2"):
+        with pytest.raises(mk.UserError, match=re.escape(f"{cut}: at step 3 already; pass a larger --stop_after than "
+                                                         f"{stop} or drop it")):
+            mk.main(["--train", "--resume", "--out_dir", str(cut), "--stop_after", stop])
+    assert {f.name: f.read_bytes() for f in cut.iterdir()} == before
 
 
 def test_mk_save_cut_off_before_train_state_refuses_resume(mk_trained, tmp_path, monkeypatch):
