@@ -5525,7 +5525,7 @@ def test_mk_bad_inputs(mk_trained, tmp_path):
 def test_mk_user_files_never_overwritten_and_more_bad_inputs(mk_trained, mk_hf, tmp_path):
     """--out_dir on a checkpoint folder it reads and --data_dir on a folder of the user's are refused with nothing
     touched; counts below 1, a damaged training state or config.json, odd annotation values, a misspelt support_times
-    (ignored, it left every clip without frame labels): one line each."""
+    (read as none, every clip would go without frame labels): one line each."""
     d, _ = mk_trained
     vj = mk_hf["root"] / "vjepa2"
     before = {f.name: f.read_bytes() for f in vj.iterdir()}
