@@ -3796,6 +3796,24 @@ def test_vl_generate_reads_the_frames_the_run_trained_on(vl_tiny_run, monkeypatc
     vl.main(["--generate", "--out_dir", cfg.out_dir, "--video", clip["path"], "--prompt", clip["question"]])
     assert got == [cfg.n_frames] == [4]
 
+
+def test_vl_finetune_reads_the_frames_the_checkpoint_was_trained_on(vl_ckpt, vl_tiny_run, tmp_path, monkeypatch):
+    """--train --from_pretrained samples a video's frames as --generate does: a typed --n_frames, else the
+    checkpoint's (an HF folder: the 8 the released checkpoints were trained on; a run of this script: its own), not
+    the from-scratch default 4 that the model never saw."""
+    run = str(tmp_path / "run")  # the tiny run, as if it had trained on 6 frames
+    shutil.copytree(vl_tiny_run[0].out_dir, run)
+    meta = json.load(open(os.path.join(run, "config.json")))
+    meta["train_config"]["n_frames"] = 6
+    json.dump(meta, open(os.path.join(run, "config.json"), "w"))
+    got = []  # the n_frames each fine-tune would train with (and print, and save for --resume)
+    monkeypatch.setattr(vl, "train", lambda cfg, resume: got.append(cfg.n_frames))
+    hf = vl_ckpt[1]["t5save"]
+    for src, typed in ((hf, []), (hf, ["--n_frames", "5"]), (run, [])):
+        vl.main(["--train", "--from_pretrained", src, "--freeze", "vision,llm", "--out_dir", str(tmp_path / "o"),
+                 *typed])
+    assert got == [8, 5, 6]
+
 def test_vl_save_cut_off_before_train_state_refuses_resume(vl_tiny_run, tmp_path, monkeypatch, capsys):
     """A save stopped after the new weights but before the new train_state.pt: --resume refuses (the older state would
     go on from its step with the newer weights), in one line that says how to go on. The flags both messages print
@@ -4356,6 +4374,7 @@ def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, vl_tiny_run, tmp_pat
     hf = json.load(open(os.path.join(src, "config.json")))
     assert printed["vocab_size"] == hf["text_config"]["vocab_size"] != vl.Config(**vl.PRESETS["tiny"]).vocab_size
     assert printed["hidden_size"] == hf["text_config"]["hidden_size"] and printed["share_towers"] is False
+    assert printed["n_frames"] == 8  # an HF folder's videos: the 8 frames the released checkpoints were trained on
     before = {vl.canonical_key(k): v for k, v in load_file(os.path.join(src, "model.safetensors")).items()}
     after = load_file(os.path.join(out, "model.safetensors"))
     assert before.keys() == after.keys()
@@ -4377,6 +4396,7 @@ def test_vl_stage1_on_a_bfloat16_checkpoint_keeps_the_frozen_towers_bfloat16(vl_
               "--max_new_tokens", "24", "--data_dir", vl_tiny_run[0].data_dir, "--out_dir", out]
     vl.main(["--train", "--from_pretrained", src, "--stop_after", "1", *common])
     vl.main(["--train", "--resume", *common[2:]])  # the preset comes from the checkpoint
+    assert json.load(open(os.path.join(out, "config.json")))["train_config"]["n_frames"] == 8  # the HF folder's, kept
     ref, after = vl.load_pretrained(src).state_dict(), load_file(os.path.join(out, "model.safetensors"))
     for k, v in after.items():
         if k.startswith("multi_modal_projector."):

@@ -81,7 +81,7 @@ class Config:
     out_dir: str = "out/video_llava"
     n_train: int = 3000  # synthetic images and as many clips in train (3 questions per image, 1 per clip)
     n_test: int = 200  # images and clips in each of val / test / novel
-    n_frames: int = 4  # frames sampled uniformly per video (the 7B checkpoint was trained on 8)
+    n_frames: int = 4  # frames sampled uniformly per video; untyped with a checkpoint: its run's, or the 7B's 8
     # architecture: HF config.json names (vision_config's with a v_ prefix, bar image_size, patch_size; map: HF_FIELDS)
     vocab_size: int = 0  # 0 = set from the tokenizer table at --train
     hidden_size: int = 128
@@ -1342,9 +1342,8 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):  # greedy answe
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
     return result
 
-def inspect_checkpoint(path, n_frames, n_tokens):  # parameters per tower, bytes by dtype, key check, memory for a video
-    run = saved_config(path, {}, resume=False) if read_config(path).get("script") == SCRIPT else None  # else HF
-    n_frames = n_frames or (run.n_frames if run else 8)  # typed, else the run's, else the 7B's 8
+def inspect_checkpoint(path, overrides, n_tokens):  # parameters per tower, bytes by dtype, key check, a video's memory
+    run, n_frames = check_arch(path, overrides, "--inspect")  # overrides: --n_frames at most (parse_args)
     model, files, handles, found, problems = align_keys(path)
     cfg, towers, by_dtype, layouts = model.cfg, {}, {}, set()
     for key, f in files.items():
@@ -1492,11 +1491,12 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
                      "of files this script did not write; give a new or empty one")  # a new run: new, empty or own
     return args, cfg, overrides
 
-def check_arch(path, overrides, mode):  # a typed architecture flag must agree with path's; -> is path a run here?
+def check_arch(path, overrides, mode):  # a typed architecture flag must agree with path's; -> (run, frames per video)
     arch = config_from_hf(hf := read_config(path), path)  # the checkpoint's architecture, which is what runs
     if clash := [f"--{f} {v} (checkpoint: {arch[f]!r})" for f, v in overrides.items() if f in arch and v != arch[f]]:
         raise UserError(f"{path}: {mode} runs the checkpoint's architecture; drop {', '.join(clash)}")
-    return hf.get("script") == SCRIPT  # a run of this script (else an HF folder)
+    run = saved_config(path, {}, resume=False) if hf.get("script") == SCRIPT else None  # a run of this script, or HF
+    return run, overrides.get("n_frames", run.n_frames if run else 8)  # typed, else the run's, else the 7B's 8
 
 def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_dir), read the media, stream the answer
     if not args.prompt.strip() or (args.video and args.image):  # a blank prompt is none
@@ -1505,7 +1505,7 @@ def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_d
         raise UserError(f"--prompt has <{tag}> but no --{tag} was given: give --{tag} PATH, or drop the tag" if not
                         getattr(args, tag) else f"--prompt has <{tag}> more than once for one --{tag}: keep one tag")
     path, device = cfg.from_pretrained or cfg.out_dir, pick_device(cfg.device)
-    run = saved_config(path, {}, resume=False) if check_arch(path, overrides, "--generate") else None  # ours, or HF
+    run, n_frames = check_arch(path, overrides, "--generate")  # run: the Config of a run of this script, or None (HF)
     if run:  # under the run's autocast, its weights loaded as --eval loads them (weights_dtype)
         cfg = dataclasses.replace(cfg, dtype=overrides.get("dtype", run.dtype))
         dtype = weights_dtype(cfg.dtype, device)
@@ -1513,7 +1513,6 @@ def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_d
         dtype = getattr(torch, ("bfloat16" if native_bf16(device) else "float32") if cfg.dtype == "auto" else cfg.dtype)
     model, tok = load_pretrained(path, dtype, device).eval(), load_tokenizer(path)
     mcfg, kind = model.cfg, ("video" if args.video else "image" if args.image else "")  # "" = no media tag
-    n_frames = overrides.get("n_frames", run.n_frames if run else 8)
     # the medium as a batch of one: an image (1, 3, S, S) or a video (1, F, 3, S, S)
     imgs = torch.from_numpy(load_image(args.image, mcfg.image_size))[None].to(device) if args.image else None
     vids = torch.from_numpy(load_video(args.video, n_frames, mcfg.image_size))[None].to(device) if args.video else None
@@ -1541,8 +1540,8 @@ def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_d
 def main(argv=None):  # the command line: one mode per call (--train [--resume], --eval, --generate, --inspect, --bench)
     args, cfg, overrides = parse_args(argv)
     if args.train:  # build_model prints the config that runs (with --from_pretrained, the checkpoint's architecture)
-        if cfg.from_pretrained and not args.resume:  # a typed size that differs would be dropped: refused
-            check_arch(cfg.from_pretrained, overrides, "--from_pretrained")
+        if cfg.from_pretrained and not args.resume:  # a typed size that differs is refused; frames as --generate's
+            cfg = dataclasses.replace(cfg, n_frames=check_arch(cfg.from_pretrained, overrides, "--from_pretrained")[1])
         train(saved_config(cfg.out_dir, overrides) if args.resume else cfg, resume=args.resume)
     elif args.eval:  # the run's model as trained (build_model, as --resume loads it) on its test and novel questions
         device, cfg = pick_device(cfg.device), saved_config(cfg.out_dir, overrides, resume=False)
@@ -1552,7 +1551,7 @@ def main(argv=None):  # the command line: one mode per call (--train [--resume],
     elif args.generate:
         run_generate(args, cfg, overrides)
     elif args.inspect:
-        inspect_checkpoint(args.inspect, overrides.get("n_frames"), 64 if args.n_tokens is None else args.n_tokens)
+        inspect_checkpoint(args.inspect, overrides, 64 if args.n_tokens is None else args.n_tokens)
     elif args.bench:
         bench(cfg)
     else:
