@@ -3899,14 +3899,21 @@ def test_vl_resume_refuses_foreign_folders(vl_tiny_run, tmp_path):
 
 
 def test_vl_resume_with_nothing_left_to_train_is_refused(vl_tiny_run, tmp_path):
-    """--resume of a run already at --max_steps (3 here), or past a lower one, would train nothing: refused in one
-    line naming the saved step and the fixes, before any data is built."""
+    """--resume of a run already at --max_steps (3 here), or past a lower one, would train nothing, and with a
+    --stop_after at or below the saved step would train one step past it and stop again: refused in one line naming
+    the saved step and the fixes, before any data is built; nothing in the folder changes."""
     run, world = tmp_path / "run", tmp_path / "world"
     shutil.copytree(vl_tiny_run[0].out_dir, run)
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
     for flags in ([], ["--max_steps", "2"]):
         with pytest.raises(vl.UserError, match="trained to step 3 already; give --max_steps above it, or --eval"):
             vl.main(["--train", "--resume", "--out_dir", str(run), "--data_dir", str(world), *flags])
-    assert not world.exists()  # refused before the synthetic world is built
+    for stop in ("3", "2"):  # as if the run had been cut at step 3 of 6: the same command again, with --resume
+        with pytest.raises(vl.UserError, match=re.escape(f"{run}: trained to step 3 already; give --stop_after above "
+                                                         "it, or drop it")):
+            vl.main(["--train", "--resume", "--out_dir", str(run), "--data_dir", str(world), "--max_steps", "6",
+                     "--stop_after", stop])
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == before and not world.exists()  # nor a world built
 
 def test_vl_unknown_words_and_cut_off_media(vl_tiny_run, tmp_path, capsys):
     """A word the trained model's token table lacks (encode would drop it): refused in --generate's prompt and in the

@@ -1000,6 +1000,8 @@ def saved_config(out_dir, overrides, resume=True):  # the Config --train saved i
         raise UserError(f"{out_dir}: no resuming with another architecture, trained part or world: {', '.join(clash)}")
     if (done := meta.get("step", 0)) >= overrides.get("max_steps", base.max_steps):  # nothing would train
         raise UserError(f"{out_dir}: trained to step {done} already; give --max_steps above it, or --eval to score it")
+    if done >= overrides.get("stop_after", 0) > 0:  # it would train a step, then stop again past the step asked
+        raise UserError(f"{out_dir}: trained to step {done} already; give --stop_after above it, or drop it")
     return dataclasses.replace(base, **{"stop_after": 0, **overrides})
 
 # Training -------------------------------------------------------------------------------------------------------------
@@ -1174,8 +1176,7 @@ def batch_loss(model, tr, idx, cfg, rank, world, ddp, device, scaler):  # backwa
 
 def train(cfg, resume=False):  # under torchrun each process computes its shard; rank 0 alone prints, evaluates, saves
     ddp, rank, world, device = ddp_setup(cfg)
-    master, t0 = rank == 0, time.time()
-    say = print if master else (lambda *a, **k: None)
+    master, t0, say = rank == 0, time.time(), print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
     model, cfg, tok, data = build_model(cfg, load_entries(cfg, master), resume, say, device)
     say("data: " + ", ".join(f"{s} {len(data[s].entries)} questions" for s in data) + f" ({time.time() - t0:.1f}s)")
@@ -1317,7 +1318,7 @@ def exact_match(preds, refs):  # share of predictions equal to their reference (
     return sum(norm(p) == norm(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):  # greedy answers' exact match per medium; eval.json
-    result = {}
+    result = {"train_seconds": train_seconds}  # then test and novel: {medium: scores}
     print(f"{'split':8s} {'medium':7s} {'n':>5s} {'exact':>7s}")
     for split in [s for s in ("test", "novel") if s in data]:  # your data has no novel split
         ex, result[split] = data[split], {}
@@ -1336,7 +1337,6 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):  # greedy answe
             result[split][kind] = {"n": len(rows), "exact_match": em(rows), "by_question": by_q, "samples": samples}
             print(f"{split:8s} {kind:7s} {len(rows):5d} {em(rows):7.3f}   " +
                   ", ".join(f"{q}: {v:.2f}" for q, v in by_q.items()))
-    result["train_seconds"] = train_seconds
     for s in [x for k in ("video", "image") for x in result["test"].get(k, {}).get("samples", [])[:3]]:
         print(f"  Q: {s['question']}  ->  {s['prediction']!r}  (ref {s['reference']!r})")
     atomic(os.path.join(cfg.out_dir, "eval.json"), lambda p: json.dump(result, open(p, "w"), indent=1))
