@@ -886,7 +886,8 @@ def test_vm_resume_keeps_the_checkpoint_architecture(_vm_trained, tmp_path):
 
 def test_vm_resume_with_no_steps_left_is_refused(_vm_trained, tmp_path, capsys):
     """--resume of a run already at --max_steps (the saved one, or a typed one at or below the saved step) would train
-    nothing and evaluate: refused before any data is built, naming the step and the fix; nothing in the folder changes."""
+    nothing and evaluate, and with a --stop_after at or below it one step past it before stopping again: refused
+    before any data is built, naming the step and the fix; nothing in the folder changes."""
     tmp, _ = _vm_trained
     out, unbuilt = tmp_path / "out", tmp_path / "unbuilt"
     out.mkdir()
@@ -896,6 +897,10 @@ def test_vm_resume_with_no_steps_left_is_refused(_vm_trained, tmp_path, capsys):
     for steps in ([], ["--max_steps", "6"], ["--max_steps", "4"]):  # the shared run ended at step 6 of 6
         main_user_error(vm.main, capsys, ["--train", "--resume", "--out_dir", out, "--data_dir", unbuilt, *steps],
                         f"{out}: at step 6 already; pass a larger --max_steps, or --eval to score it as it is")
+    for stop in ("6", "5"):  # as if cut at step 6 of 8: the same command again, with --resume
+        main_user_error(vm.main, capsys, ["--train", "--resume", "--out_dir", out, "--data_dir", unbuilt, "--max_steps",
+                                          "8", "--stop_after", stop],
+                        f"{out}: at step 6 already; pass a larger --stop_after than {stop} or drop it")
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before and not unbuilt.exists()
 
 

@@ -153,8 +153,7 @@ def sample_objects(rng, split):  # one or two objects whose pairs fit the split;
         for colour in colours:
             shape, motion = rng.choice(SHAPES), rng.choice(list(MOTIONS))
             (dx, dy), lo, hi = MOTIONS[motion], HALF + 1, RENDER - HALF - 2  # direction, the start's x/y range
-            x0 = rng.randint(lo + (TRAVEL if dx < 0 else 0), hi - (TRAVEL if dx > 0 else 0))  # the path fits
-            y0 = rng.randint(lo + (TRAVEL if dy < 0 else 0), hi - (TRAVEL if dy > 0 else 0))
+            x0, y0 = (rng.randint(lo + TRAVEL * (d < 0), hi - TRAVEL * (d > 0)) for d in (dx, dy))  # the path fits
             objs.append((colour, shape, motion, x0, y0))
         novel = any((c, s) in NOVEL_PAIRS for c, s, *_ in objs)  # does an object use a held-out pair?
         if novel == (split == "novel") and (n == 1 or abs(objs[0][3] - objs[1][3]) >= 2 * HALF):
@@ -670,8 +669,9 @@ def start_config(cfg, typed=None, resume=False):
         ts = dict(ts, step=int(ts["step"]), rng=ts["rng"], seconds=float(ts.get("seconds", 0.0)))
     except Exception:  # and a KeyError: a file that is no training state
         raise UserError(f"{path}: damaged or another run's; drop --resume to start afresh (copy the folder to keep it)")
-    if (step := ts["step"]) >= saved.max_steps:  # the loop would train nothing and go straight to the evaluation
-        raise UserError(f"{out}: at step {step} already; pass a larger --max_steps, or --eval to score it as it is")
+    if (step := ts["step"]) >= min(saved.max_steps, saved.stop_after or saved.max_steps):  # nothing left to train
+        raise UserError(f"{out}: at step {step} already; pass a larger " + ("--max_steps, or --eval to score it as it"
+                        " is" if step >= saved.max_steps else f"--stop_after than {saved.stop_after} or drop it"))
     return saved, (model, tok, ts)
 
 def decay_groups(model, weight_decay):
