@@ -1726,7 +1726,12 @@ def test_vc_checkpoint_round_trip_and_exact_resume(tmp_path, capsys):
     (tmp_path / "bad" / "train_state.pt").write_bytes((cut / "train_state.pt").read_bytes()[:300])  # truncated
     main_user_error(vc.main, capsys, ["--train", "--resume", "--out_dir", tmp_path / "bad", "--data_dir", nodata],
                     "train_state.pt", "without --resume")
-    assert not nodata.exists()  # both refused before the synthetic world was built
+    before = {f.name: f.read_bytes() for f in cut.iterdir()}
+    for stop in (3, 2):  # cut at step 3: the same --stop_after again would train one step past it and stop there
+        main_user_error(vc.main, capsys, ["--train", "--resume", "--out_dir", cut, "--data_dir", nodata, "--stop_after",
+                                          stop], "cut: saved at step 3: pass a --stop_after above it, or drop it")
+    assert {f.name: f.read_bytes() for f in cut.iterdir()} == before
+    assert not nodata.exists()  # all refused before the synthetic world was built
     capsys.readouterr()
     ts = torch.load(cut / "train_state.pt")  # the time trained so far is saved; --resume adds this part's to it
     assert 0 < ts["seconds"] < 600

@@ -725,17 +725,17 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
             init_training(cfg, [], None, resumed := (model, tok, {**torch.load(path, weights_only=True)}), "cpu")
         except Exception as e:  # zip, pickle or torch errors; TypeError: no dict ({**}); KeyError, ValueError: no fit
             raise UserError(f"{path}: damaged or another run's ({type(e).__name__}); train again without --resume")
-        if (s := resumed[2]["step"]) >= cfg.max_steps:  # no step left to train: it would only evaluate again
-            raise UserError(f"{cfg.out_dir}: saved at step {s}: pass a --max_steps above it, or --eval to score it")
+        if (s := resumed[2]["step"]) >= min(cfg.max_steps, cfg.stop_after or cfg.max_steps):  # no step left to train
+            raise UserError(f"{cfg.out_dir}: saved at step {s}: pass a " + ("--max_steps above it, or --eval to score "
+                            "it" if s >= cfg.max_steps else "--stop_after above it, or drop it"))
     cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))  # saved so: found from any folder
     check_decoding(cfg)
     rank, world, device = setup_distributed(cfg)
     gsize = cfg.batch_size * cfg.grad_accum * world  # images a step: global_batch orders the data by it
     if resumed and (g := resumed[2].get("batch") or gsize) != gsize:  # (a state saved without one is not checked)
         raise UserError(f"{cfg.out_dir}: trained at global batch {g} (batch_size*grad_accum*processes), not {gsize}")
-    say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
+    say, t0 = print if rank == 0 else (lambda *a, **k: None), time.time()  # rank 0 alone prints
     say("config:", json.dumps(dataclasses.asdict(cfg)))
-    t0 = time.time()
     torch.manual_seed(cfg.seed)
     data = prepare_data(cfg, rank, typed or ())
     say("data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" images ({time.time() - t0:.1f}s)")
