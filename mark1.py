@@ -1006,8 +1006,7 @@ def text_batch(items, tok, with_answer=True):  # -> question ids, mask (B, Lq); 
     q_ids, q_valid = pad_left([torch.tensor(tok.encode(e["question"]) or [tok.eos]) for e in items], tok.eos)
     seqs = [(tok.prompt(e["question"], e["choices"]), tok.target(e["answer"]) if with_answer else []) for e in items]
     L = max(len(p) + len(a) for p, a in seqs) - 1  # inputs drop the last token, targets the first
-    inp = torch.full((len(items), L), tok.eos, dtype=torch.long)  # (B, L): EOS padding
-    tgt = torch.full((len(items), L), -100, dtype=torch.long)  # -100: no loss there
+    inp, tgt = (torch.full((len(items), L), v, dtype=torch.long) for v in (tok.eos, -100))  # (B, L): EOS; -100 no loss
     for i, (p, a) in enumerate(seqs):
         s = p + a
         inp[i, :len(s) - 1] = torch.tensor(s[:-1])  # right padding with EOS (never a target)
@@ -1042,7 +1041,7 @@ def prepare_data(cfg, rank=0, splits=("train", "val", "test", "novel")):  # -> {
     anns.setdefault("val", anns["test"][:max(1, len(anns["test"]) // 2)])  # user data: half of the test split
     return {s: (e, load_split(e, cfg)) for s, e in anns.items() if s in splits}
 
-def check_answers(data, tok, cfg):  # evaluation decodes --max_new_tokens: a longer answer would score 0, silently
+def check_answers(data, tok, cfg):  # decoding stops at --max_new_tokens: a longer answer would be cut off, silently
     for split, (entries, _) in data.items():
         if split != "val" and (n := max(len(tok.target(e["answer"])) for e in entries)) > cfg.max_new_tokens:
             raise UserError(f"a {split} answer is {n} tokens long (EOS included): --max_new_tokens "
@@ -1273,6 +1272,7 @@ def predict(cfg, overrides, video, question, choices):
         raise UserError("--predict needs --video PATH --question TEXT --choices 'A. ...|B. ...|C. ...|D. ...'")
     check_choices(choice_list := [c.strip() for c in choices.split("|")], "--choices")
     model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, "--predict")
+    check_answers({"--choices": ([dict(answer=c) for c in choice_list], None)}, tok, cfg)  # each may be the answer
     model.place(parse_device_map(cfg)).eval()
     clip, times, dur = load_video(video, cfg.n_frames, cfg.crop)
     with autocast(cfg, model.devices["llm"]):

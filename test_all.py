@@ -5882,7 +5882,7 @@ def test_mk_released_shapes_pixels_to_tokens_match_transformers(mk_hf_released, 
         cv2.circle(f, (20 + 12 * t, 60 + 5 * t), 25, (0, 0, 255), -1)
         w.write(f)
     w.release()
-    cfg = _mk_tiny_cfg(tmp_path, n_frames=16, dtype="bfloat16", max_new_tokens=6, vision_ckpt=str(root / "vjepa2"),
+    cfg = _mk_tiny_cfg(tmp_path, n_frames=16, dtype="bfloat16", max_new_tokens=9, vision_ckpt=str(root / "vjepa2"),
                        llm_ckpt=str(root / "qwen3"))
     for _, got in mk.tower_fields(cfg):
         cfg = dataclasses.replace(cfg, **got)
@@ -5934,7 +5934,7 @@ def test_mk_released_shapes_pixels_to_tokens_match_transformers(mk_hf_released, 
     with torch.no_grad():
         ref_logits, ref_text = hq(inputs_embeds=emb).logits.float(), hq(torch.tensor([ids])).logits.float()
         ref = hq.generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
-                          max_new_tokens=6, do_sample=False, eos_token_id=151645, pad_token_id=151643)[0].tolist()
+                          max_new_tokens=9, do_sample=False, eos_token_id=151645, pad_token_id=151643)[0].tolist()
         steps = hq(inputs_embeds=torch.cat((emb, hq.get_input_embeddings()(torch.tensor([ref[:-1]]))), 1)).logits
         ref32 = Qwen3ForCausalLM.from_pretrained(str(root / "qwen3"), dtype=torch.float32)(inputs_embeds=emb.float())
     ldiff = max((mine.float() - ref_logits).abs().max(), (text_only.float() - ref_text).abs().max())
@@ -5945,9 +5945,9 @@ def test_mk_released_shapes_pixels_to_tokens_match_transformers(mk_hf_released, 
         print(f"max differences: features {fdiff:.4f} (bfloat16 vs float32 in transformers: {fnoise:.4f}), logits "
               f"{ldiff:.4f} ({lnoise:.4f}); smallest top-2 margin {margin:.4f}")
     assert fdiff <= fnoise / 4 and ldiff <= lnoise / 4 and margin > 4 * lnoise
-    assert ours == [[t for t in ref if t != 151645]] and len(ref) == 6  # (random tied weights: the token repeats)
+    assert ours == [[t for t in ref if t != 151645]] and len(ref) == 9  # (random tied weights: the token repeats)
     mk.main(["--predict", "--out_dir", cfg.out_dir, "--video", path, "--question", q, "--choices", "|".join(choices),
-             "--max_new_tokens", "6"])
+             "--max_new_tokens", "9"])
     answer = ht.decode(ref, skip_special_tokens=True).strip()
     assert answer == tok.decode(ref).strip() and f"answer: {answer}\n" in capsys.readouterr().out
 
@@ -6180,6 +6180,20 @@ def test_mk_test_answers_longer_than_max_new_tokens_are_refused(mk_trained, tmp_
     mk.main([str(a) for a in resume + ["--max_new_tokens", 40]])
     assert json.load(open(r / "config.json"))["config"]["max_new_tokens"] == 40
     assert json.load(open(r / "eval.json"))["test"]["n"] == 1
+
+
+def test_mk_predict_refuses_a_choice_longer_than_max_new_tokens(mk_trained):
+    """--predict decodes --max_new_tokens, as --eval does: a choice longer than that (EOS included) could only be
+    answered cut off, so it is refused as --eval refuses such an answer, naming --choices, before any video is read."""
+    d, _ = mk_trained
+    long = "B. it meets the green square and then the blue one"
+    model, tok, cfg = mk.load_checkpoint(str(d / "out"))
+    n = len(tok.target(long))
+    argv = ["--predict", "--out_dir", d / "out", "--video", d / "none.mp4", "--question", "q", "--choices",
+            f"A. x|{long}"]
+    _mk_user_error(argv + ["--max_new_tokens", n - 1], f"a --choices answer is {n} tokens long",
+                   f"--max_new_tokens {n - 1} must be at least {n}")
+    _mk_user_error(argv + ["--max_new_tokens", n], "none.mp4: video not found")  # long enough: on to the video
 
 
 def test_mk_flags_a_mode_would_ignore_are_refused(mk_trained, mk_hf, tmp_path):
