@@ -1361,7 +1361,7 @@ def parse_args(argv=None):
     problems += [f"--{k} {overrides[k]}: --bench always runs with {k}={v}; drop the flag" for k, v in BENCH_RUNS.items()
                  if args.bench and overrides.get(k, v) != v]
     problems += [f"--{k}: the synthetic world's, unused with --data (the file holds the split); drop it" for k in
-                 ("n_train", "n_val", "n_test", "n_novel", "data_dir") if cfg.data and args.train and k in overrides]
+                 ("n_train", "n_val", "n_test", "n_novel", "data_dir") if cfg.data and k in overrides]
     problems += ["--no-compact_vocab: with --llm_ckpt the vocabulary is the checkpoint's; drop it"] * (
         cfg.llm_ckpt != "" and overrides.get("compact_vocab") is False)
     if problems:

@@ -6216,6 +6216,7 @@ def test_mk_flags_a_mode_would_ignore_are_refused(mk_trained, mk_hf, tmp_path):
                          "--out_dir", tmp_path / "o"], "--n_train: the synthetic world's, unused with --data"),
                        (["--train", "--preset", "tiny", "--data", tmp_path / "u.json", "--data_dir", tmp_path / "w",
                          "--out_dir", tmp_path / "o"], "--data_dir: the synthetic world's"),
+                       (bench[:3] + ["--data", tmp_path / "u.json", "--n_train", 5], "--n_train: the synthetic world's"),
                        (["--train", "--preset", "tiny", "--llm_ckpt", mk_hf["root"] / "qwen3", "--no-compact_vocab",
                          "--out_dir", tmp_path / "o", "--data_dir", d / "data"], "--no-compact_vocab: with --llm_ckpt")]:
         _mk_user_error(argv, want)
