@@ -937,7 +937,8 @@ def make_optimizer(groups, cfg):
     return torch.optim.AdamW(out, betas=(0.9, 0.95))
 
 def fit(model, opt, total, batch_fn, cfg, name):
-    """The shared loop: batch_fn(step) -> loss. Prints one line per log_interval; a NaN loss is a user error."""
+    """The shared loop: batch_fn(step) -> loss. One line per log_interval (lr: --lr's rate, as scheduled at that step;
+    --vision_lr and --gate_lr follow the same schedule); a NaN loss is a user error."""
     model.train()
     t0 = time.time()
     for step in range(total):
@@ -952,8 +953,8 @@ def fit(model, opt, total, batch_fn, cfg, name):
         opt.step()
         if step % cfg.log_interval == 0 or step == total - 1:
             el = time.time() - t0  # seconds so far
-            print(f"{name} step {step + 1}/{total} | loss {loss.item():.4f} | lr {opt.param_groups[0]['lr']:.2e} | "
-                  f"{1000 * el / (step + 1):.0f} ms/step | {cfg.batch_size * (step + 1) / el:.0f} samples/s | "
+            print(f"{name} step {step + 1}/{total} | loss {loss.item():.4f} | lr {lr_at(step, total, cfg.lr, cfg):.2e}"
+                  f" | {1000 * el / (step + 1):.0f} ms/step | {cfg.batch_size * (step + 1) / el:.0f} samples/s | "
                   f"eta {el / (step + 1) * (total - step - 1):.0f}s", flush=True)
     model.eval()
     return time.time() - t0
@@ -1002,9 +1003,8 @@ def caption_batch(tok, caps, cfg):
 
 def train_captioner(cfg, variant, vision_state, data, tok, device):
     torch.manual_seed(cfg.seed)
-    model = Captioner(cfg, len(tok.ids), variant)
-    model.vision.load_state_dict(vision_state)  # start from the CLIP image encoder
-    model.to(device)
+    model = Captioner(cfg, len(tok.ids), variant).to(device)
+    model.vision.load_state_dict(vision_state)  # start from the CLIP image encoder (copied onto the device)
     caps, clips = data["videos"]["train"]
     inp, tgt = caption_batch(tok, caps, cfg)
     gates = [p for n, p in model.named_parameters() if n.endswith("_gate")]

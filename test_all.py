@@ -7019,6 +7019,18 @@ def test_ab_fit_clips_the_gradient_norm_to_one():
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([ab.lr_at(1, 2, 1e-3, cfg)] * 2)  # from base_lr
 
 
+def test_ab_log_lines_show_the_lr_flags_rate(tmp_path, capsys):
+    """A captioner's log line shows --lr's scheduled rate under "lr", not the first optimizer group's (the CLIP
+    encoder's, at --vision_lr)."""
+    cfg = _ab_tiny(tmp_path, steps=3, log_interval=1)
+    clips = torch.zeros(2, cfg.n_frames, cfg.img_size, cfg.img_size, 3, dtype=torch.uint8)
+    tok = ab.Tokenizer.from_texts(["a red circle moves left"])
+    data = {"videos": {"train": (["a red circle moves left"] * 2, clips)}}
+    ab.train_captioner(cfg, "unified", ab.ViT(cfg).state_dict(), data, tok, "cpu")
+    shown = [float(x) for x in re.findall(r"\| lr (\S+) \|", capsys.readouterr().out)]
+    assert shown == pytest.approx([ab.lr_at(step, 3, cfg.lr, cfg) for step in range(3)], rel=1e-2), shown
+
+
 def test_ab_zero_shot_accuracy_and_exact_match_by_hand():
     """Zero-shot accuracy is the share of images whose most similar prompt is their caption (a stub CLIP picks prompts
     0, 1, 2, 5 for four images captioned with prompts 0, 1, 2, 3: 3 of 4); exact match ignores case, spacing and a
