@@ -790,15 +790,14 @@ def tour_perceiver(cfg):
     d, Q = cfg.d_model, cfg.n_latents
     res = PerceiverResampler(d, cfg.n_head, Q, cfg.n_perceiver_layer, max(cfg.max_frames, 24), sdpa=False)  # F up to 24
     P, outs = (cfg.img_size // cfg.patch) ** 2 + 1, []  # tokens per frame (patches + CLS), the output shapes
+    set_record(res, True)  # keep the attention weights, to show their shape (the outputs stay the same)
     for Fr in (1, 3, 8, 24):
         x = torch.randn(2, Fr, P, d, generator=torch.Generator().manual_seed(Fr))
-        set_record(res, True)
         y = res(x)
         w = res.layers[-1].attn.weights
         print(f"  frames {tuple(x.shape)} (B, F, P, D) = {Fr * P:4d} tokens -> latents {tuple(y.shape)} (B, Q, D); "
               f"attention {tuple(w.shape)} (B, Q, F*P+Q)")
         outs.append(y.shape)
-    set_record(res, False)
     check(len(set(outs)) == 1 and outs[0][1] == Q, f"always {Q} visual tokens, whatever the frame count")
     swapped = (x := torch.randn(1, 2, P, d)).flip(1)  # (1, F, P, D): x with its two frames in the other order
     check(not torch.allclose(res(x), res(swapped)), "time embeddings make frame order matter (swapping 2 frames "
@@ -859,8 +858,7 @@ def atomic(path, write):
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
 def save_model(model, tok, cfg, name, train_seconds):
-    d = os.path.join(cfg.out_dir, name)
-    os.makedirs(d, exist_ok=True)
+    os.makedirs(d := os.path.join(cfg.out_dir, name), exist_ok=True)
     # the decoder's output layer is tied to its embedding: store the tensor once
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.endswith("head.weight")}
     atomic(os.path.join(d, "model.safetensors"), lambda p: save_file(state, p))
@@ -945,8 +943,10 @@ def fit(model, opt, total, batch_fn, cfg, name):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, g["base_lr"], cfg)
         loss = batch_fn(step)
-        if not torch.isfinite(loss):
-            raise UserError(f"{name}: loss became {loss.item()} at step {step} (lower --lr or use --dtype float32)")
+        if not torch.isfinite(loss):  # named: the step as the log lines number it, the rates this model trains at
+            rates = ["--lr"] + ["--vision_lr"] * (name != "clip") + ["--gate_lr"] * (name == "cross")
+            raise UserError(f"{name}: loss became {loss.item()} at step {step + 1}; lower {', '.join(rates)}"
+                            + ", or train with --dtype float32" * (cfg.dtype != "float32"))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

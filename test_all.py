@@ -7019,6 +7019,18 @@ def test_ab_fit_clips_the_gradient_norm_to_one():
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([ab.lr_at(1, 2, 1e-3, cfg)] * 2)  # from base_lr
 
 
+def test_ab_a_nan_loss_names_its_step_and_the_rates_to_lower(tmp_path):
+    """A NaN loss names the step as the log lines number it (from 1) and the rates of the model that diverged: the
+    captioners also train at --vision_lr (cross: and --gate_lr); --dtype float32 is offered only where not in use."""
+    model = torch.nn.Linear(2, 2)
+    batch = lambda step: model(torch.full((1, 2), float("nan") if step == 1 else 1.0)).sum()  # the second step fails
+    for name, dtype, fix in (("clip", "float32", "--lr"), ("unified", "float32", "--lr, --vision_lr"),
+                             ("cross", "bfloat16", "--lr, --vision_lr, --gate_lr, or train with --dtype float32")):
+        cfg = _ab_tiny(tmp_path, dtype=dtype)
+        with pytest.raises(ab.UserError, match=f"^{name}: loss became nan at step 2; lower {re.escape(fix)}$"):
+            ab.fit(model, ab.make_optimizer([(model.parameters(), 1e-3)], cfg), 3, batch, cfg, name)
+
+
 def test_ab_log_lines_show_the_lr_flags_rate(tmp_path, capsys):
     """A captioner's log line shows --lr's scheduled rate under "lr", not the first optimizer group's (the CLIP
     encoder's, at --vision_lr)."""
