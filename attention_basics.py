@@ -33,8 +33,8 @@ Papers: Attention (https://arxiv.org/abs/1706.03762), ViT (https://arxiv.org/abs
 The attention math is spelled out on purpose: `attention()` below is the one place it happens; every module can
 switch to F.scaled_dot_product_attention (`--sdpa`, the default for training), and the tour checks both agree.
 
-Shape legend: B batch, F frames, P tokens per frame (P' patches + CLS), Q latents, M media items, L text tokens,
-N keys, D width, H heads, E joint CLIP embedding, V vocabulary.
+Shape legend: B batch, F frames, S image side, P tokens per frame (P' patches of p x p pixels + CLS), Q latents,
+M media items, L text tokens, N keys, D width (Dm: media's), H heads of d = D/H, E joint CLIP embedding, V vocabulary.
 
 Commands:
     python attention_basics.py                              # the whole tour (seconds)

@@ -6555,6 +6555,17 @@ def test_ab_tour_runs(capsys):
         assert _ab_main(capsys, "--section", "perceiver", "--n_perceiver_layer", layers)[0] == 0
 
 
+def test_ab_tour_shapes_use_only_the_legends_letters(capsys):
+    """Every letter in a shape the tour prints, such as (B, H, L, d) or (B, (S/p)^2, 3*p*p), is in the module
+    docstring's shape legend, which a reader keeps open beside the printed tour."""
+    legend = ab.__doc__.split("Shape legend:")[1].split("\n\n")[0]
+    code, out, _ = _ab_main(capsys)
+    shapes = re.findall(r"\((B[^()]*(?:\([^()]*\)[^()]*)*)\)", out)  # every shape starts with the batch, B
+    letters = {sym for shape in shapes for sym in re.findall(r"[A-Za-z]+'?", shape)}
+    assert code == 0 and {"B", "H", "d", "S", "p", "Dm", "P'"} <= letters, letters
+    assert not [sym for sym in letters if not re.search(rf"(?<![\w']){re.escape(sym)}(?![\w'])", legend)], legend
+
+
 def test_ab_train_tiny_runs(tmp_path, capsys):
     """--train --preset tiny end to end as a user runs it (a subprocess): real PNG/mp4 files, three checkpoints,
     eval.json in the house shape, heat maps; then --eval and --generate from the checkpoints (in-process)."""
