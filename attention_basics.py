@@ -944,9 +944,9 @@ def fit(model, opt, total, batch_fn, cfg, name):
             g["lr"] = lr_at(step, total, g["base_lr"], cfg)
         loss = batch_fn(step)
         if not torch.isfinite(loss):  # named: the step as the log lines number it, the rates this model trains at
-            rates = ["--lr"] + ["--vision_lr"] * (name != "clip") + ["--gate_lr"] * (name == "cross")
-            raise UserError(f"{name}: loss became {loss.item()} at step {step + 1}; lower {', '.join(rates)}"
-                            + ", or train with --dtype float32" * (cfg.dtype != "float32"))
+            rates = "--lr" + (", --vision_lr" if name != "clip" else "") + (", --gate_lr" if name == "cross" else "")
+            fix = "" if cfg.dtype == "float32" else ", or train with --dtype float32"
+            raise UserError(f"{name}: loss became {loss.item()} at step {step + 1}; lower {rates}{fix}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
