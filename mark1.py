@@ -1109,7 +1109,7 @@ def train(cfg, resume=False, overrides=None):
             step, seconds0 = int((ts := dict(torch.load(path, weights_only=True)))["step"]), float(ts.get("seconds", 0))
         except Exception as e:
             raise UserError(f"{path}: not a readable training state ({type(e).__name__}); retrain or restore it")
-        if step >= min(cfg.max_steps, cfg.stop_after or cfg.max_steps):  # nothing to train: refused before any data
+        if step >= cfg.max_steps or 0 < cfg.stop_after <= step:  # nothing to train: refused before any data
             raise UserError(f"{cfg.out_dir}: at step {step} already; pass a larger " + ("--max_steps, or --eval to"
                             " score it" if step >= cfg.max_steps else f"--stop_after than {cfg.stop_after} or drop it"))
     devices, data = parse_device_map(cfg), prepare_data(cfg, rank)

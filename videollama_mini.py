@@ -669,7 +669,7 @@ def start_config(cfg, typed=None, resume=False):
         ts = dict(ts, step=int(ts["step"]), rng=ts["rng"], seconds=float(ts.get("seconds", 0.0)))
     except Exception:  # and a KeyError: a file that is no training state
         raise UserError(f"{path}: damaged or another run's; drop --resume to start afresh (copy the folder to keep it)")
-    if (step := ts["step"]) >= min(saved.max_steps, saved.stop_after or saved.max_steps):  # nothing left to train
+    if (step := ts["step"]) >= saved.max_steps or 0 < saved.stop_after <= step:  # nothing left to train
         raise UserError(f"{out}: at step {step} already; pass a larger " + ("--max_steps, or --eval to score it as it"
                         " is" if step >= saved.max_steps else f"--stop_after than {saved.stop_after} or drop it"))
     return saved, (model, tok, ts)

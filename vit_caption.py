@@ -725,7 +725,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
             init_training(cfg, [], None, resumed := (model, tok, {**torch.load(path, weights_only=True)}), "cpu")
         except Exception as e:  # zip, pickle or torch errors; TypeError: no dict ({**}); KeyError, ValueError: no fit
             raise UserError(f"{path}: damaged or another run's ({type(e).__name__}); train again without --resume")
-        if (s := resumed[2]["step"]) >= min(cfg.max_steps, cfg.stop_after or cfg.max_steps):  # no step left to train
+        if (s := resumed[2]["step"]) >= cfg.max_steps or 0 < cfg.stop_after <= s:  # no step left to train
             raise UserError(f"{cfg.out_dir}: saved at step {s}: pass a " + ("--max_steps above it, or --eval to score "
                             "it" if s >= cfg.max_steps else "--stop_after above it, or drop it"))
     cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))  # saved so: found from any folder
