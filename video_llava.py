@@ -1116,7 +1116,7 @@ def build_model(cfg, entries, resume, say, device):  # -> model, cfg with its ar
             return torch.stack([v[j] for j in torch.randperm(len(v), generator=g)[:cfg.data_init]]) if v else None
         model.init_from_data(pick("image"), pick("video"))
     say("config:", json.dumps(dataclasses.asdict(cfg)))  # what runs (--eval: the run's, with the typed devices, data)
-    return model, cfg, tok, data
+    return model.to(device), cfg, tok, data
 
 def make_optimizer(params, cfg, device):  # AdamW, decay on matrices only; float16's loss scaler (a no-op otherwise)
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -1181,7 +1181,6 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
     model, cfg, tok, data = build_model(cfg, load_entries(cfg, master), resume, say, device)
     say("data: " + ", ".join(f"{s} {len(data[s].entries)} questions" for s in data) + f" ({time.time() - t0:.1f}s)")
     apply_freeze(model, cfg.freeze)
-    model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     n_all, n_train = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in params)
     say(f"parameters: {n_all / 1e6:.2f}M total, {n_train / 1e6:.2f}M trainable, {(n_all - n_train) / 1e6:.2f}M "
@@ -1276,6 +1275,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     tuned = (torch._inductor.config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP")
              if compile and dev == "cpu" else None)
     if tuned is not None:
+        torch._inductor.cpp_builder.get_cpp_compiler()  # no C++ compiler: InvalidCxxCompiler now, not after lowering
         version = sum(p._version for p in model.parameters())  # a change in place (an optimizer step) bumps it
         if getattr(model, "_frozen_version", version) != version:  # weights changed since the last compiled call
             torch._dynamo.reset()  # every compiled graph of the process: the frozen constants are stale
@@ -1531,7 +1531,7 @@ def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_d
             generate(model, ids, None, imgs, vids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                      top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                      generator=g, on_token=stream, compile=args.compile)
-    except torch._dynamo.exc.BackendCompilerFailed as e:  # on a CPU, torch.compile needs a C++ compiler (g++)
+    except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InvalidCxxCompiler) as e:  # g++, on a CPU
         if answer():
             print()  # end the streamed line (the first token comes before the first compiled step)
         raise UserError(f"--compile: torch.compile failed ({str(e).splitlines()[0][:200]}); run without --compile")
@@ -1547,7 +1547,7 @@ def main(argv=None):  # the command line: one mode per call (--train [--resume],
         device, cfg = pick_device(cfg.device), saved_config(cfg.out_dir, overrides, resume=False)
         model, cfg, tok, data = build_model(cfg, load_entries(cfg, scoring=True), resume=True, say=print, device=device)
         seconds = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # kept
-        evaluate(model.to(device), tok, cfg, device, data, seconds)
+        evaluate(model, tok, cfg, device, data, seconds)
     elif args.generate:
         run_generate(args, cfg, overrides)
     elif args.inspect:
