@@ -2810,7 +2810,7 @@ def test_vl_cli_generate_hf_checkpoint_streams_transformers_answer(vl_ckpt, tmp_
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # compiled, not decoded eagerly
     assert "AUTOTUNE" not in err  # one kernel per product: nothing is timed, no tables of timings on stderr
     # on a CPU torch.compile needs a C++ compiler: without one, --compile ends in a UserError (one line from the command
-    # line) before the prompt is read, not after the graph is lowered (minutes at the 7B's 32 layers)
+    # line) before the prompt is read, not after the whole graph is lowered
     with torch._inductor.config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
         with pytest.raises(vl.UserError, match=r"^--compile: torch.compile failed \(No working C\+\+ compiler"):
             vl.main(argv + ["--compile"])
