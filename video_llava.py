@@ -1000,7 +1000,7 @@ def saved_config(out_dir, overrides, resume=True):  # the Config --train saved i
         raise UserError(f"{out_dir}: no resuming with another architecture, trained part or world: {', '.join(clash)}")
     if (done := meta.get("step", 0)) >= overrides.get("max_steps", base.max_steps):  # nothing would train
         raise UserError(f"{out_dir}: trained to step {done} already; give --max_steps above it, or --eval to score it")
-    if done >= overrides.get("stop_after", 0) > 0:  # it would train a step, then stop again past the step asked
+    if 0 < overrides.get("stop_after", 0) <= done:  # it would train a step, then stop again past the step asked
         raise UserError(f"{out_dir}: trained to step {done} already; give --stop_after above it, or drop it")
     return dataclasses.replace(base, **{"stop_after": 0, **overrides})
 
