@@ -160,6 +160,23 @@ def check_float16_scales_the_loss(train, cfg, monkeypatch):
     assert made and made[0].is_enabled() and made[0].calls == {"scale", "step"}
 
 
+def check_log_eta_in_whole_seconds(mod, cfg, draw_name, monkeypatch, capsys):
+    """The log's eta is rounded to whole seconds before it is split into minutes and seconds: 59.7 s left reads
+    1m00s, not 0m60s. A fake clock: each step draws its batch once (draw_name) and takes 14.925 s; four of the six
+    steps are left after step 2."""
+    clock, draw = [0.0], getattr(mod, draw_name)
+
+    def draw_and_tick(*a):
+        clock[0] += 14.925
+        return draw(*a)
+
+    monkeypatch.setattr(mod, "time", types.SimpleNamespace(time=lambda: clock[0]))  # the script's clock only
+    monkeypatch.setattr(mod, draw_name, draw_and_tick)
+    mod.train(dataclasses.replace(cfg, max_steps=6, stop_after=2, log_interval=2, eval_interval=100))
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("step 2/6"))
+    assert "| 14925 ms |" in line and line.endswith("| eta 1m00s"), line
+
+
 def check_auto_run_and_saved_dtype(mod, data_dir, out_dir):
     """mark1: a 1-step tiny --train under --dtype auto (the log names the dtype this machine gets), then a checkpoint
     whose config says "bfloat16" loads with bfloat16: a saved choice is kept as it was made."""
@@ -4449,6 +4466,17 @@ def test_vm_vc_float16_trains_with_a_gradient_scaler(script, tmp_path, monkeypat
     """The captioners' float16 loss scaling runs on the training device (a CUDA-only scaler turns itself off on a CPU)."""
     cfg = (_vm_cfg if script == "vm" else _vc_cfg)(tmp_path, dtype="float16", max_steps=2)
     check_float16_scales_the_loss((vm if script == "vm" else vc).train, cfg, monkeypatch)
+
+
+@pytest.mark.parametrize("script", ["vm", "vc"])
+def test_vm_vc_log_eta_in_whole_seconds(script, tmp_path, monkeypatch, capsys):
+    cfg = (_vm_cfg if script == "vm" else _vc_cfg)(tmp_path)
+    check_log_eta_in_whole_seconds(vm if script == "vm" else vc, cfg, "global_batch", monkeypatch, capsys)
+
+
+def test_vl_log_eta_in_whole_seconds(vl_tiny_run, tmp_path, monkeypatch, capsys):
+    cfg = dataclasses.replace(vl_tiny_run[0], out_dir=str(tmp_path / "o"))
+    check_log_eta_in_whole_seconds(vl, cfg, "batch_indices", monkeypatch, capsys)
 
 
 def test_vl_float16_trains_with_a_gradient_scaler(vl_tiny_run, tmp_path, monkeypatch):

@@ -1216,10 +1216,10 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
             save_checkpoint(raw, cfg, tok, opt, step, seconds0 + time.time() - t0, scaler, gsize)
         if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or measure):
             dt = (time.time() - t_log) / (step - log_step)
-            eta = dt * (cfg.max_steps - step)
+            eta = round(dt * (cfg.max_steps - step))
             say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {'-' if val is None else f'{val:.3f}'} | "
                 f"lr {lr_at(step - 1, cfg):.1e} | {dt * 1000:.0f} ms | {gsize / dt:.0f} samples/s | "
-                f"eta {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
+                f"eta {eta // 60}m{eta % 60:02d}s", flush=True)
             t_log, log_step = time.time(), step
         if stop:
             say(f"stopped after step {step} as asked; go on with --train --resume --out_dir {shlex.quote(cfg.out_dir)}")

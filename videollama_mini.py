@@ -777,10 +777,10 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
             save_checkpoint(raw, tok, cfg, opt, step, scaler, gsize, seconds0 + time.time() - t0)
         if master and (step % cfg.log_interval == 0 or measure):  # measure: also at max_steps
             dt = (time.time() - t_log) / (step - log_step)  # seconds per step since the last log line
-            eta = dt * (cfg.max_steps - step)  # seconds left at this pace
+            eta = round(dt * (cfg.max_steps - step))  # seconds left at this pace
             say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {'-' if val is None else f'{val:.3f}'} | "
                 f"lr {lr_at(step - 1, cfg):.1e} | {dt * 1000:.0f} ms | {gsize / dt:.0f} samples/s | "
-                f"eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+                f"eta {eta // 60}m{eta % 60:02d}s")
             t_log, log_step = time.time(), step
         if stop:
             say(f"stopped after step {step} as asked; continue with --resume")

@@ -770,10 +770,10 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
             save_checkpoint(raw, tok, cfg, opt, step, scaler, batch=gsize, seconds=seconds0 + time.time() - t0)
         if rank == 0 and (step % cfg.log_interval == 0 or val is not None):  # val: every eval step, the last too
             dt = (time.time() - t_log) / (step - log_step)
-            eta = dt * (cfg.max_steps - step)
+            eta = round(dt * (cfg.max_steps - step))
             say(f"step {step}/{cfg.max_steps} | loss {loss:.3f} | val {'-' if val is None else f'{val:.3f}'} | "
                 f"lr {lr_at(step - 1, cfg):.1e} | {dt * 1000:.0f} ms | {gsize / dt:.3g} samples/s | "
-                f"eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+                f"eta {eta // 60}m{eta % 60:02d}s")
             t_log, log_step = time.time(), step
     if world > 1:
         dist.barrier()
