@@ -1323,7 +1323,6 @@ def config_problems(cfg):  # the checks every config gets: the flags' and a save
     problems += [f"--{h} {getattr(cfg, h)}: must divide --{w} {getattr(cfg, w)} (split evenly)" for h, w in
                  (("v_heads", "v_width"), ("l_kv_heads", "l_heads"), ("bridge_heads", "l_width"), ("bert_heads",
                  "l_width")) if getattr(cfg, w) % max(1, getattr(cfg, h)) and not (cfg.llm_ckpt and w == "l_width")]
-    problems += ["--out_dir, --data_dir: must name a folder, not an empty string"] * ("" in (cfg.out_dir, cfg.data_dir))
     return problems
 
 UNREAD = STEPS + ("out_dir", "test_data", "data_init", "warmup_frac", "min_lr", "grad_clip", "temperature", "top_k",
@@ -1347,6 +1346,7 @@ def parse_args(argv=None):
     cfg = Config(**{**PRESETS.get(args.preset or ("bench" if args.bench else "default"), {}), **overrides})
     problems = [f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}"] * (
         args.preset not in ("", *PRESETS)) + config_problems(cfg)
+    problems += ["a flag given '' must name a file or folder, not an empty string"] * ("" in overrides.values())
     if args.train and not args.resume and not writable(cfg.out_dir, "config.json", lambda m: m["script"] == SCRIPT):
         problems.append(f"--out_dir {cfg.out_dir}: a file, a folder holding files this script did not write (your "
                         f"own, a checkpoint's), or no folder can be made there; give a new or empty folder")

@@ -7365,13 +7365,18 @@ def test_all_scripts_offline_without_gpt2_files_say_how_to_fix(mod, tmp_path, ca
 
 
 @pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])
-def test_all_scripts_refuse_an_empty_out_dir_or_data_dir(mod, tmp_path, capsys, monkeypatch):
+def test_all_scripts_refuse_an_empty_path(mod, tmp_path, capsys, monkeypatch):
     """`--out_dir "$OUT"` with OUT unset is the current folder: attention_basics wrote its checkpoints over the files
-    there, the others trained and then crashed on saving. Refused in one line; the folder's own file is untouched."""
+    there, the others trained and then crashed on saving. `--data "$DATA"` trained on the synthetic world instead of
+    your file. Refused in one line; the folder's own file is untouched."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "eval.json").write_text('{"mine": 1}')
-    for flags in (["--out_dir", ""], ["--data_dir", "", "--out_dir", tmp_path / "o"]):
-        _main_refuses(mod, capsys, ["--train", "--preset", "tiny", *flags], "must name a folder, not an empty string")
+    flags = [["--out_dir", ""]] + [[k, "", "--out_dir", tmp_path / "o"] for k in ("--data_dir", "--data", "--test_data")
+                                   if mod is not ab or k == "--data_dir"]  # attention_basics reads no user data
+    for f in flags:
+        _main_refuses(mod, capsys, ["--train", "--preset", "tiny", *f], "not an empty string")
+    if mod is not ab:  # --eval would score the synthetic world's test split
+        _main_refuses(mod, capsys, ["--eval", "--out_dir", tmp_path / "o", "--test_data", ""], "not an empty string")
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
     assert (tmp_path / "eval.json").read_text() == '{"mine": 1}'
 

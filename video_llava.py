@@ -1475,7 +1475,7 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
         (unread, f"{', '.join(unread)}: not read by --{mode}; drop it"),
         (cfg.data and args.train and {"n_train", "n_test", "data_dir"} & set(overrides), "--n_train, --n_test and "
          "--data_dir size and place the synthetic world: --data trains on your file"),
-        ("" in (cfg.out_dir, cfg.data_dir), "--out_dir and --data_dir must name a folder, not an empty string"),
+        ("" in overrides.values(), "a flag given '' must name a file or folder, not an empty string"),
         (args.compile and not args.generate, "--compile compiles --generate's decoding step: use it with --generate"),
         (args.generate and cfg.from_pretrained and "out_dir" in overrides, "--generate answers with one model: "
          "--from_pretrained's checkpoint or the --out_dir of a run, not both"),

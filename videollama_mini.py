@@ -998,7 +998,7 @@ def parse_args(argv=None):
         (low, f"{', '.join(low)}: must be at least 1"), (neg, f"{', '.join(neg)}: must be 0 or more"),
         (cfg.max_len < 2, f"--max_len {cfg.max_len}: must be at least 2 (BOS and one caption token)"),
         (cfg.img_size < 3, f"--img_size {cfg.img_size}: must be at least 3 (GroupNorm needs 2x2 after the first conv)"),
-        ("" in (cfg.out_dir, cfg.data_dir), "--out_dir and --data_dir must name a folder, not an empty string"),
+        ("" in overrides.values(), "a flag given '' must name a file or folder, not an empty string"),
         (not 0 < cfg.lr < math.inf, f"--lr {cfg.lr}: must be above 0 and finite"),
         (not 0 <= cfg.min_lr < math.inf, f"--min_lr {cfg.min_lr}: must be 0 or more and finite (the cosine's floor)"),
         (not 0 <= cfg.dropout < 1, f"--dropout {cfg.dropout}: must be in [0, 1)"),

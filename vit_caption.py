@@ -996,7 +996,7 @@ def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the fl
     bad = bad or [why for wrong, why in (  # these divide by sizes: only once the sizes are positive
         (not (0 <= cfg.dropout < 1 and 0 <= cfg.vit_dropout < 1), "--dropout and --vit_dropout: in [0, 1)"),
         (cfg.max_len < 2, f"--max_len {cfg.max_len}: at least 2 (BOS and one token)"),
-        ("" in (cfg.out_dir, cfg.data_dir), "--out_dir and --data_dir must name a folder, not an empty string"),
+        ("" in overrides.values(), "a flag given '' must name a file or folder, not an empty string"),
         (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1] (1 = off)"),
         (fresh and (cfg.img_size % cfg.patch or cfg.img_size == cfg.patch), f"--img_size {cfg.img_size}: must be a "
          f"multiple of --patch {cfg.patch}, at least twice it (the sin-cos positions need a grid of patches)"),
