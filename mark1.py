@@ -422,11 +422,10 @@ class VJEPA2Attention(nn.Module):  # non-causal, separate q/k/v/proj, V-JEPA 2's
         angles built in the activation dtype. x (B, H, P, n), pos (P,)."""
         n = x.shape[-1]  # the rotated width of one axis (self.sub)
         omega = 1.0 / 10000 ** (torch.arange(n // 2, dtype=x.dtype, device=x.device) / (n / 2.0))  # (n/2,)
-        freq = pos.unsqueeze(-1) * omega  # (P, n/2)
-        cos, sin = freq.cos().repeat(1, 2), freq.sin().repeat(1, 2)  # (P, n)
+        angle = (pos.unsqueeze(-1) * omega).repeat(1, 2)  # (P, n): tiled, dim i turns at omega[i mod n/2]
         y = x.unflatten(-1, (-1, 2))  # (B, H, P, n/2, 2)
         y = torch.stack((-y[..., 1], y[..., 0]), dim=-1).flatten(-2)  # (B, H, P, n)
-        return x * cos + y * sin  # dim i turns at omega[i mod n/2] with partner i +- 1: not a true 2-D rotation
+        return x * angle.cos() + y * angle.sin()  # with partner i +- 1, not i + n/2: not a true 2-D rotation
     def rope(self, x):  # (B, H, P, E) -> same; the head dim is split in three: time, height, width
         P, g, s = x.shape[2], self.grid, self.sub  # P tokens, G grid side, s dims per axis
         i = torch.arange(P, device=x.device)  # token index in (t, h, w) raster order
@@ -996,10 +995,8 @@ def global_batch(step, n, size, seed):  # a step's global batch: a fresh permuta
 
 def pad_left(rows, pad=0):  # ids (L_i,) / embeddings (L_i, D) -> (B, L[, D]) left-padded with `pad`, valid (B, L)
     L = max(len(r) for r in rows)
-    x = rows[0].new_full((len(rows), L, *rows[0].shape[1:]), pad)  # the rows' dtype and device
-    valid = torch.zeros(len(rows), L, dtype=torch.bool, device=rows[0].device)
-    for i, r in enumerate(rows):
-        x[i, L - len(r):], valid[i, L - len(r):] = r, True
+    x = torch.stack([torch.cat((r.new_full((L - len(r), *r.shape[1:]), pad), r)) for r in rows])  # pad, then row
+    valid = torch.stack([torch.arange(L, device=r.device) >= L - len(r) for r in rows])  # (B, L): False on the pad
     return x, valid
 
 def text_batch(items, tok, with_answer=True):  # -> question ids, mask (B, Lq); prompt+answer inputs, targets (B, L)
@@ -1179,8 +1176,7 @@ def train(cfg, resume=False, overrides=None):
 # Generation, evaluation, prediction, bench ----------------------------------------------------------------------------
 def filter_logits(logits, top_k, top_p):
     if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = logits.masked_fill(logits < logits.topk(min(top_k, logits.shape[-1])).values[..., -1:], float("-inf"))
     if top_p < 1.0:
         srt, order = logits.sort(-1, descending=True)
         drop = srt.softmax(-1).cumsum(-1) - srt.softmax(-1) >= top_p  # keep the smallest set reaching top_p
@@ -1197,9 +1193,8 @@ def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top
     for _ in range(max_new_tokens):  # with the cache: prefill once, then one position per step
         logits = (llm(step_x, step_pos, valid, cache, last_only=True) if use_cache
                   else llm(x, pos, valid, last_only=True))[:, -1].float()  # (B, V)
-        if temperature > 0:
-            logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # max 0: a tiny one cannot overflow
-            probs = filter_logits(logits, top_k, top_p).softmax(-1)
+        if temperature > 0:  # logits shifted to max 0 first: a tiny temperature cannot overflow
+            probs = filter_logits((logits - logits.amax(-1, keepdim=True)) / temperature, top_k, top_p).softmax(-1)
             nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(dev)
         else:
             nxt = logits.argmax(-1)  # greedy
