@@ -52,6 +52,7 @@ import unicodedata
 from collections import OrderedDict
 
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg stays quiet: a bad video is reported by us, in one line
+os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")  # and OpenCV (an image it cannot read), before cv2 loads
 import cv2
 import numpy as np
 import tiktoken
@@ -276,7 +277,9 @@ def read_frame(path):  # a frame image -> BGR uint8 (H, W, 3); libjpeg fills a c
         img = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # alpha kept, if any
     except cv2.error as e:
         raise UserError(f"{path}: OpenCV cannot decode this image ({e.err}; it reads at most 2^30 pixels)") from None
-    if img is None or img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16):
+    if img is None:  # damaged, or not an image at all
+        raise UserError(f"{path}: OpenCV cannot decode this image; check the file")
+    if img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16):
         return cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR
     img = (img >> 8 * (img.dtype == np.uint16)).astype(np.int32)  # BGRA onto white, as transformers' convert_to_rgb
     return ((img[:, :, :3] * img[:, :, 3:] + 255 * (255 - img[:, :, 3:]) + 127) // 255).astype(np.uint8)
@@ -321,8 +324,8 @@ def read_annotations(path, fix=""):  # user JSON list, validated; errors name th
     out, base = [], os.path.dirname(os.path.abspath(path))  # video paths are relative to the file
     for i, it in enumerate(items):
         where, keys = f"{path} entry {i + 1}", ("video", "question", "answer")
-        if not isinstance(it, dict) or not all(isinstance(it.get(k), str) and it[k] for k in keys):
-            raise UserError(f"{where}: needs keys video, question, answer (strings), choices (support_times optional)")
+        if not isinstance(it, dict) or not all(isinstance(it.get(k), str) and it[k].strip() for k in keys):
+            raise UserError(f"{where}: needs keys video, question, answer (text), choices (support_times optional)")
         check_choices(it.get("choices"), where)
         if it["answer"] not in it["choices"]:
             raise UserError(f"{where}: answer {it['answer']!r} is not one of the choices")

@@ -5094,7 +5094,7 @@ def test_mk_long_video_keeps_only_sampled_frames(tmp_path, monkeypatch):
     for i in range(4):
         cv2.imwrite(str(folder / f"f{i}.png"), every[i])
     (folder / "f9.png").write_bytes(b"not a png")  # f9 sorts after f3 in natural order: the last frame
-    with pytest.raises(mk.UserError, match="frame 4 could not be read"):
+    with pytest.raises(mk.UserError, match=r"f9\.png: OpenCV cannot decode this image"):  # named, as it was not
         mk.load_video(str(folder), 5, 32)
     assert mk.load_video(str(folder), 2, 32)[0].shape == (2, 32, 32, 3)  # frames 1 and 3 sampled: f9 never read
 
@@ -5517,13 +5517,18 @@ def _mk_user_error(argv, *needles):
     assert "\n" not in str(e.value) and all(n in str(e.value) for n in needles), str(e.value)
 
 
-def test_mk_bad_inputs(mk_trained, tmp_path):
+def test_mk_bad_inputs(mk_trained, tmp_path, monkeypatch):
     d, _ = mk_trained
     out = d / "out"
     ch = "A. it appears|B. it stops"
-    # once through the command line: exit status 2, one line on stderr, no traceback
-    assert_user_error(run_script("mark1.py", "--predict", "--out_dir", out, "--video", tmp_path / "none.mp4",
-                                 "--question", "q", "--choices", ch), "none.mp4")
+    # once through the command line: exit status 2, one line on stderr (OpenCV's own log silenced), no traceback
+    monkeypatch.delenv("OPENCV_LOG_LEVEL", raising=False)  # as a user's shell has it (the other scripts set it here)
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "f0.png").write_bytes(b"\x89PNG\r\n\x1a\nxxxx")  # a PNG signature, then junk
+    proc = run_script("mark1.py", "--predict", "--out_dir", out, "--video", tmp_path / "frames", "--question", "q",
+                      "--choices", ch)
+    assert_user_error(proc, "f0.png: OpenCV cannot decode this image")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     w = cv2.VideoWriter(str(tmp_path / "zero.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 8, (48, 48))
     w.release()  # a real mp4 container that holds zero frames
     (tmp_path / "junk.mp4").write_bytes(b"not a video at all")
@@ -5566,9 +5571,9 @@ def test_mk_bad_inputs(mk_trained, tmp_path):
     ann[0] = {**ann[0], "choices": ["A. x", "C. y"]}
     json.dump(ann, open(tmp_path / "b.json", "w"))
     _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "b.json", "--out_dir", o], "entry 1", "B. text")
-    for bad in ({"video": 5}, {"question": 12}):  # a value that is not a string
+    for bad in ({"video": 5}, {"question": 12}, {"question": "  "}):  # not a string, or blank (--predict's rule too)
         json.dump([{**ann[1], **bad}], open(tmp_path / "d.json", "w"))
-        _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "d.json", "--out_dir", o], "entry 1", "strings")
+        _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "d.json", "--out_dir", o], "entry 1", "(text)")
     (tmp_path / "c.json").write_text("[{")
     _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "c.json", "--out_dir", o], "not valid JSON")
     # a video in an annotation file that is missing, not a video or a folder without frames: named by its entry too
@@ -5614,7 +5619,7 @@ def test_mk_user_files_never_overwritten_and_more_bad_inputs(mk_trained, mk_hf, 
     _mk_user_error(["--eval", "--out_dir", run], "config.json: not a non-empty JSON object")
     video = str(d / "data" / "test" / "00000.mp4")
     entry = dict(video=video, question="q?", choices=["A. x", "B. y"], answer="A. x")
-    for bad, needle in (({"support_times": [True]}, "support_times"), ({"video": ""}, "strings"),
+    for bad, needle in (({"support_times": [True]}, "support_times"), ({"video": ""}, "(text)"),
                         ({"choices": [f"{chr(65 + k)}. o{k}" for k in range(27)]}, "2 to 26"),
                         ({"choices": ["A. x"]}, "2 to 26"),  # one choice: nothing to choose between
                         ({"support_time": [0.5]}, "key 'support_time' is not read; give the supporting seconds as "
