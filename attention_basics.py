@@ -272,8 +272,8 @@ def sample_indices(n_total, n_frames):
 def load_video(path, n_frames, size):
     """Video file (any container/codec OpenCV reads) or folder of frame images -> uint8 (F, S, S, 3) RGB."""
     if os.path.isdir(path):
-        names = sorted((n for n in os.listdir(path) if re.search(r"\.(png|jpe?g|bmp|webp|tiff?)$", n, re.I)
-                        and os.path.isfile(os.path.join(path, n))),  # a subfolder named x.png is not a frame
+        names = sorted((n for n in os.listdir(path) if re.match(r"[^.].*\.(png|jpe?g|bmp|webp|tiff?)$", n, re.I)
+                        and os.path.isfile(os.path.join(path, n))),  # not frames: a folder x.png, a hidden ._x.png
                        key=lambda n: [int(t) if t.isdecimal() else t for t in re.split(r"(\d+)", n)])  # f2 before f10
         frames = [load_image(os.path.join(path, n), size) for n in names]
     else:

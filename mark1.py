@@ -287,8 +287,9 @@ def read_frame(path):  # a frame image -> BGR uint8 (H, W, 3); libjpeg fills a c
 def load_video(path, n_frames, crop):
     """A video (any container OpenCV reads) or a frame folder -> uint8 (F, crop, crop, 3) RGB, times (F,), duration."""
     fps, exts = float(FPS), (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")  # a folder plays at FPS
-    if os.path.isdir(path):  # natural order: f2 before f10; a subfolder named x.png is not a frame
-        names = sorted((n for n in os.listdir(path) if n.lower().endswith(exts) and os.path.isfile(f"{path}/{n}")),
+    if os.path.isdir(path):  # frames in natural order: f2 before f10
+        names = sorted((n for n in os.listdir(path) if n.lower().endswith(exts) and not n.startswith(".")
+                        and os.path.isfile(f"{path}/{n}")),  # not frames: a folder x.png, a hidden ._x.png
                        key=lambda n: [int(t) if t.isdecimal() else t for t in re.split(r"(\d+)", n)])
         n, read = len(names), lambda want: ((i, read_frame(os.path.join(path, names[i]))) for i in sorted(want))
     elif os.path.isfile(path):

@@ -7248,9 +7248,11 @@ def test_resume_keeps_the_run_s_world(mod, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("mod", [vm, vl, mk, ab], ids=lambda m: m.__name__)
-def test_frame_folders_skip_a_subfolder_named_like_an_image(mod, tmp_path):
-    """A subfolder called x.png inside a folder of frames is not a frame: it was opened as a file (a traceback)."""
+def test_frame_folders_skip_subfolders_and_hidden_files(mod, tmp_path):
+    """A subfolder called x.png inside a folder of frames is not a frame: it was opened as a file (a traceback). Nor is
+    a hidden file: macOS writes ._x.png beside x.png on a FAT or exFAT drive (its metadata, not an image)."""
     (tmp_path / "x.png").mkdir()
+    (tmp_path / "._f0.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")  # AppleDouble header
     with pytest.raises(mod.UserError, match="no frame"):  # nothing else there: the folder has no frames
         mod.load_video(str(tmp_path), 4, 16)
     cv2.imwrite(str(tmp_path / "f0.png"), np.full((20, 20, 3), 90, np.uint8))

@@ -383,8 +383,8 @@ def frame_indices(n_total, n_frames):  # uniform, as video_utils.default_sample_
 
 def load_video(path, n_frames, size):  # a video file OpenCV reads, or a folder of frames -> float32 (F, 3, size, size)
     if os.path.isdir(path):  # frames in natural order: f2 before f10 (digit runs compare as numbers)
-        names = sorted((n for n in os.listdir(path) if re.search(r"\.(png|jpe?g|bmp|webp|tiff?)$", n, re.I)
-                        and os.path.isfile(os.path.join(path, n))),  # a subfolder named x.png is not a frame
+        names = sorted((n for n in os.listdir(path) if re.match(r"[^.].*\.(png|jpe?g|bmp|webp|tiff?)$", n, re.I)
+                        and os.path.isfile(os.path.join(path, n))),  # not frames: a folder x.png, a hidden ._x.png
                        key=lambda n: [int(t) if t.isdecimal() else t for t in re.split(r"(\d+)", n)])
         if not names:
             raise UserError(f"{path}: folder has no frame images")
