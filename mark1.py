@@ -286,20 +286,20 @@ def read_frame(path):  # a frame image -> BGR uint8 (H, W, 3); libjpeg fills a c
 
 def load_video(path, n_frames, crop):
     """A video (any container OpenCV reads) or a frame folder -> uint8 (F, crop, crop, 3) RGB, times (F,), duration."""
-    fps, exts = float(FPS), (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")  # a folder plays at FPS
+    fps, exts, ts = float(FPS), (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"), []  # a folder plays at FPS
     if os.path.isdir(path):  # frames in natural order: f2 before f10
         names = sorted((n for n in os.listdir(path) if n.lower().endswith(exts) and not n.startswith(".")
                         and os.path.isfile(f"{path}/{n}")),  # not frames: a folder x.png, a hidden ._x.png
                        key=lambda n: [int(t) if t.isdecimal() else t for t in re.split(r"(\d+)", n)])
         n, read = len(names), lambda want: ((i, read_frame(os.path.join(path, names[i]))) for i in sorted(want))
     elif os.path.isfile(path):
-        cap, n = cv2.VideoCapture(path), 0
+        cap = cv2.VideoCapture(path)
         if cap.get(cv2.CAP_PROP_FOURCC) == cv2.VideoWriter_fourcc(*"ansi"):  # FFmpeg plays a text file as a video
             raise UserError(f"{path}: a text file, not a video")
         fps = cap.get(cv2.CAP_PROP_FPS) if 0 < cap.get(cv2.CAP_PROP_FPS) < 1000 else FPS  # none or nonsense: FPS
-        while cap.grab():  # pass 1 counts the frames (a header's count can be wrong); grab() skips the conversion
-            n += 1
-        if n < 0.9 * (listed := int(cap.get(cv2.CAP_PROP_FRAME_COUNT))):  # a cut-off file decodes its first part
+        while cap.grab():  # pass 1, no decoding: the frame count (a header's can be wrong) and each frame's time
+            ts.append(cap.get(cv2.CAP_PROP_POS_MSEC) / 1000)  # its time stamp, in s: a phone's frame rate varies
+        if (n := len(ts)) < 0.9 * (listed := int(cap.get(cv2.CAP_PROP_FRAME_COUNT))):  # cut off: its first part decodes
             raise UserError(f"{path}: only {n} of the {listed} frames in its header decode (cut off or damaged)")
         def read(want):  # pass 2 decodes again and converts only the sampled frames (a long clip never sits whole)
             cap = cv2.VideoCapture(path)
@@ -313,7 +313,8 @@ def load_video(path, n_frames, crop):
     if len(frames) < len(set(idx)):
         raise UserError(f"{path}: frame {min(set(idx) - set(frames))} could not be read; check the file")
     clip = np.stack([preprocess(frames[i], crop)[:, :, ::-1] for i in idx])  # (F, S, S, 3) RGB, resized and cropped
-    return np.ascontiguousarray(clip), np.array(idx, np.float64) / fps, n / fps
+    times = np.array(ts)[idx] if ts and np.all(np.diff(ts) > 0) else np.array(idx, np.float64) / fps  # or i / fps
+    return np.ascontiguousarray(clip), times, n / fps
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # V-JEPA 2 (ImageNet)
 def normalize(clips):  # uint8 (B, F, S, S, 3) -> float (B, F, 3, S, S) as HF's pixel_values_videos, one op

@@ -4507,6 +4507,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 
@@ -5097,6 +5098,36 @@ def test_mk_long_video_keeps_only_sampled_frames(tmp_path, monkeypatch):
     with pytest.raises(mk.UserError, match=r"f9\.png: OpenCV cannot decode this image"):  # named, as it was not
         mk.load_video(str(folder), 5, 32)
     assert mk.load_video(str(folder), 2, 32)[0].shape == (2, 32, 32, 3)  # frames 1 and 3 sampled: f9 never read
+
+
+def test_mk_variable_frame_rate_video_times(tmp_path):
+    """A phone records at a variable frame rate: a frame's time is its time stamp, not its index / fps. An mp4 whose
+    first 20 frames last 1/60 s and next 20 last 1/20 s (OpenCV writes it at 30 fps; its time-to-sample table, stts,
+    then gets two entries of the same total). A support time labels the frame shown at that moment."""
+    path = str(tmp_path / "vfr.mp4")
+    w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 30, (64, 48))
+    for i in range(40):
+        w.write(np.full((48, 64, 3), 6 * i, np.uint8))
+    w.release()
+    data, parents, i = bytearray(open(path, "rb").read()), [], 0
+    while data[i + 4:i + 8] != b"stts":  # down moov/trak/mdia/minf/stbl (after the frames) to the stts box
+        size, kind = struct.unpack(">I4s", data[i:i + 8])
+        if kind in (b"moov", b"trak", b"mdia", b"minf", b"stbl"):
+            parents, i = parents + [i], i + 8  # into the box
+        else:
+            i += size  # past it
+    count, delta = struct.unpack(">II", data[i + 16:i + 24])  # one entry: 40 frames of 1/30 s
+    assert (count, data[i + 12:i + 16]) == (40, struct.pack(">I", 1))
+    body = struct.pack(">6I", 0, 2, 20, delta // 2, 20, delta * 3 // 2)  # 8 bytes longer: so are its parents
+    data[i:i + 24] = struct.pack(">I4s", 8 + len(body), b"stts") + body
+    for p in parents:
+        data[p:p + 4] = struct.pack(">I", struct.unpack(">I", data[p:p + 4])[0] + 8)
+    open(path, "wb").write(data)
+    clip, times, dur = mk.load_video(path, 8, 32)  # frames 2, 7, 12, ..., 37
+    real = [f / 60 if f < 20 else 1 / 3 + (f - 20) / 20 for f in range(2, 40, 5)]
+    assert times == pytest.approx(real) and dur == pytest.approx(40 / 30)  # index / fps: 2/30, 7/30, ...
+    assert clip[:, 0, 0, 0].tolist() == pytest.approx([6 * f for f in range(2, 40, 5)], abs=5)  # those frames
+    assert mk.frame_labels([0.9], times, dur, "e").tolist() == [0, 0, 0, 0, 0, 0, 1, 0]  # 0.93 s, not frame 5 at 0.9
 
 
 def _mk_textured(h, w, seed):
