@@ -243,15 +243,15 @@ def _square(img, size):  # centre-crop to a square, then shrink to size x size (
     img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]  # centre crop
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
-def jpeg_cut_off(path):  # a JPEG whose end marker FF D9 is missing after its scan FF DA: libjpeg fills it with grey
+def cut_off(path):  # a JPEG with no end marker FF D9 after its scan FF DA (libjpeg fills it grey), a PNG with no IEND
     data, i = open(path, "rb").read(), 2  # i: the next marker; segments before the scan are skipped by their length
     while data[:2] == b"\xff\xd8" and i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] != 0xDA:
         i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
-    return data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]
+    return data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:] or data[:4] == b"\x89PNG" and b"IEND" not in data
 
 def load_image(path, size):
-    if os.path.isfile(path) and jpeg_cut_off(path):  # checked before libjpeg decodes it (and warns on stderr)
-        raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
+    if os.path.isfile(path) and cut_off(path):  # checked before libjpeg or libpng decodes it (and warns on stderr)
+        raise UserError(f"{path}: this image is cut off (no end-of-image marker); re-export or re-copy it")
     try:  # OpenCV returns None for a file it cannot read, but raises for one over its size limit
         img = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # alpha kept, if any
     except cv2.error as e:

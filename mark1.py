@@ -271,8 +271,8 @@ def read_frame(path):  # a frame image -> BGR uint8 (H, W, 3); libjpeg fills a c
     data, i = open(path, "rb").read(), 2  # i: the next marker after FF D8 (each segment: FF xx, a 2-byte length)
     while data[:2] == b"\xff\xd8" and i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] != 0xDA:
         i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
-    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]:  # no end of image after the first scan FF DA
-        raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
+    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:] or data[:4] == b"\x89PNG" and b"IEND" not in data:
+        raise UserError(f"{path}: this image is cut off (no end-of-image marker); re-export or re-copy it")
     try:  # OpenCV returns None for a file it cannot read, but raises for one over its size limit
         img = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # alpha kept, if any
     except cv2.error as e:

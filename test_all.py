@@ -669,7 +669,7 @@ def test_vm_cut_off_jpeg_frame_and_video_are_refused(tmp_path):
     (folder / "1.jpg").write_bytes(whole + b"\x00\x00\x00\x18ftypmp42" + bytes(100))  # a motion photo: video after it
     assert vm.load_video(str(folder), 3, 16).shape == (3, 16, 16, 3)
     (folder / "1.jpg").write_bytes(whole[:len(whole) * 6 // 10])
-    with pytest.raises(vm.UserError, match=r"1\.jpg: this JPEG is cut off \(no end-of-image marker\)"):
+    with pytest.raises(vm.UserError, match=r"1\.jpg: this image is cut off \(no end-of-image marker\)"):
         vm.load_video(str(folder), 3, 16)
     check_cut_off_video(vm, tmp_path)
 
@@ -1954,7 +1954,7 @@ def test_vc_cut_off_transparent_and_folder_images(tmp_path):
     (tmp_path / "a.jpg").write_bytes(whole + b"\x00\x00\x00\x18ftypmp42" + bytes(100))
     assert vc.load_image(str(tmp_path / "a.jpg"), 24).shape == (24, 24, 3)
     (tmp_path / "a.jpg").write_bytes(whole[:len(whole) * 6 // 10])
-    with pytest.raises(vc.UserError, match=r"a\.jpg: this JPEG is cut off"):
+    with pytest.raises(vc.UserError, match=r"a\.jpg: this image is cut off"):
         vc.load_image(str(tmp_path / "a.jpg"), 24)
     blend = lambda c, a: (c * a + 255 * (255 - a) + 127) // 255  # onto white, rounded as PIL
     for alpha in (0, 128, 255):
@@ -2136,7 +2136,7 @@ def test_vc_flag_ranges_nan_and_zero(tmp_path, capsys):
 def test_vc_undecodable_image_is_one_line(tmp_path):
     """OpenCV's own log stays quiet: an image it cannot decode gives our one line on stderr and nothing else (a new
     process, without the OPENCV_* settings this test process inherited from the imported scripts)."""
-    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 32)  # a PNG signature, then no IHDR chunk
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 32 + b"\0\0\0\0IEND\xaeB`\x82")  # no IHDR chunk
     (tmp_path / "caps.txt").write_text("bad.png | a small red circle\n")
     cmd = [sys.executable, "vit_caption.py", "--train", "--preset", "tiny", "--data", tmp_path / "caps.txt",
            "--test_data", tmp_path / "caps.txt", "--out_dir", tmp_path / "o"]
@@ -3984,7 +3984,7 @@ def test_vl_unknown_words_and_cut_off_media(vl_tiny_run, tmp_path, capsys):
     cv2.imwrite(str(tmp_path / "a.jpg"), np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8))
     whole = (tmp_path / "a.jpg").read_bytes()
     (tmp_path / "a.jpg").write_bytes(whole[:len(whole) * 6 // 10])
-    with pytest.raises(vl.UserError, match="this JPEG is cut off"):
+    with pytest.raises(vl.UserError, match="this image is cut off"):
         vl.load_image(str(tmp_path / "a.jpg"), 16)
     check_cut_off_video(vl, tmp_path)
 
@@ -5068,7 +5068,7 @@ def test_mk_cut_off_jpeg_in_a_frame_folder_is_refused(tmp_path):
     assert mk.load_video(str(tmp_path), 4, 32)[0].shape == (4, 32, 32, 3)
     (tmp_path / "2.jpg").write_bytes(whole[:len(whole) * 6 // 10])
     assert cv2.imread(str(tmp_path / "2.jpg")) is not None  # OpenCV reads it without a word
-    with pytest.raises(mk.UserError, match=r"2\.jpg: this JPEG is cut off"):
+    with pytest.raises(mk.UserError, match=r"2\.jpg: this image is cut off"):
         mk.load_video(str(tmp_path), 4, 32)
 
 
@@ -5555,7 +5555,7 @@ def test_mk_bad_inputs(mk_trained, tmp_path, monkeypatch):
     # once through the command line: exit status 2, one line on stderr (OpenCV's own log silenced), no traceback
     monkeypatch.delenv("OPENCV_LOG_LEVEL", raising=False)  # as a user's shell has it (the other scripts set it here)
     (tmp_path / "frames").mkdir()
-    (tmp_path / "frames" / "f0.png").write_bytes(b"\x89PNG\r\n\x1a\nxxxx")  # a PNG signature, then junk
+    (tmp_path / "frames" / "f0.png").write_bytes(b"\x89PNG\r\n\x1a\nxxxx\0\0\0\0IEND\xaeB`\x82")  # no IHDR chunk
     proc = run_script("mark1.py", "--predict", "--out_dir", out, "--video", tmp_path / "frames", "--question", "q",
                       "--choices", ch)
     assert_user_error(proc, "f0.png: OpenCV cannot decode this image")
@@ -6848,7 +6848,7 @@ def test_ab_bad_inputs(tmp_path, capsys):
     assert ab.load_image(str(tmp_path / "a.jpg"), 16).shape == (16, 16, 3)
     whole = (tmp_path / "a.jpg").read_bytes()
     (tmp_path / "a.jpg").write_bytes(whole[:len(whole) * 6 // 10])
-    with pytest.raises(ab.UserError, match="this JPEG is cut off"):
+    with pytest.raises(ab.UserError, match="this image is cut off"):
         ab.load_image(str(tmp_path / "a.jpg"), 16)
     # malformed annotation lines name the line
     ann = tmp_path / "ann.txt"
@@ -6992,7 +6992,7 @@ def test_ab_unreadable_files_are_one_line(tmp_path):
     nothing else (a new process, without the OPENCV_* settings this process took over from the imported scripts)."""
     (tmp_path / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"x" * 48)  # an mp4 header, no moov atom
     (tmp_path / "frames").mkdir()
-    (tmp_path / "frames" / "f0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 32)  # no IHDR chunk
+    (tmp_path / "frames" / "f0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 32 + b"\0\0\0\0IEND\xaeB`\x82")  # no IHDR
     code = ("import sys, attention_basics as ab\nfor p in sys.argv[1:]:\n    try:\n        ab.load_video(p, 3, 16)\n"
             "    except ab.UserError as e:\n        print(f'error: {e}', file=sys.stderr)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bad.mp4"), str(tmp_path / "frames")], cwd=ROOT,
@@ -7445,19 +7445,21 @@ def test_all_scripts_eval_from_another_folder_reads_the_run_s_world(mod, tmp_pat
     assert sorted(p.name for p in (tmp_path / "a" / "world").rglob("*")) == world
 
 
+@pytest.mark.parametrize("ext", ["jpg", "png"])
 @pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])
-def test_all_scripts_refuse_a_cut_off_jpeg_before_libjpeg_warns(mod, tmp_path, capfd):
-    """A cut-off JPEG is refused before OpenCV decodes it, so libjpeg's own 'Premature end of JPEG file' never
-    reaches stderr: the script's one line is the only one (capfd reads the C library's writes too)."""
+def test_all_scripts_refuse_a_cut_off_image_before_its_decoder_warns(mod, ext, tmp_path, capfd):
+    """A cut-off JPEG or PNG (a half-copied file) is refused before OpenCV decodes it, so libjpeg's 'Premature end of
+    JPEG file' or libpng's 'Read Error' never reaches stderr: the script's one line is the only one (capfd reads the C
+    library's writes too)."""
     folder = tmp_path / "frames"
     folder.mkdir()
     for i in range(4):
-        cv2.imwrite(str(folder / f"{i}.jpg"), np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8))
-    whole = (folder / "1.jpg").read_bytes()
-    (folder / "1.jpg").write_bytes(whole[:len(whole) * 6 // 10])
+        cv2.imwrite(str(folder / f"{i}.{ext}"), np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    whole = (folder / f"1.{ext}").read_bytes()
+    (folder / f"1.{ext}").write_bytes(whole[:len(whole) * 6 // 10])
     capfd.readouterr()
-    with pytest.raises(mod.UserError, match=r"1\.jpg: this JPEG is cut off"):
-        mod.load_image(str(folder / "1.jpg"), 16) if mod is vc else mod.load_video(str(folder), 4, 16)
+    with pytest.raises(mod.UserError, match=rf"1\.{ext}: this image is cut off"):
+        mod.load_image(str(folder / f"1.{ext}"), 16) if mod is vc else mod.load_video(str(folder), 4, 16)
     assert capfd.readouterr().err == ""
 
 

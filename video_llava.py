@@ -353,15 +353,15 @@ def clip_transform(rgb, size):  # (H, W, 3) uint8 RGB -> (3, size, size) float32
     x = x[:, top:top + size, left:left + size].float().numpy() / 255.0  # rescale to [0, 1]
     return (x - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]  # (3, size, size), CLIP mean/std
 
-def jpeg_cut_off(path):  # a JPEG (FF D8) with no end marker FF D9 after its first scan FF DA: libjpeg pads it grey
-    data, i = open(path, "rb").read(), 2  # i: the next marker, after FF D8; segments (FF xx, 2-byte length) skipped
+def cut_off(path):  # a PNG with no IEND chunk; a JPEG with no end marker FF D9 after its scan (libjpeg pads it grey)
+    data, i = open(path, "rb").read(), 2  # i: the next marker after FF D8; data may follow FF D9 (a motion photo)
     while data[:2] == b"\xff\xd8" and i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] != 0xDA:
         i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
-    return data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]  # data after FF D9 (a motion photo's video): fine
+    return data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:] or data[:4] == b"\x89PNG" and b"IEND" not in data
 
 def load_image(path, size):  # image file -> float32 (3, size, size), CLIP-normalised as the HF processor does
-    if os.path.isfile(path) and jpeg_cut_off(path):  # checked before libjpeg decodes it (and warns on stderr)
-        raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
+    if os.path.isfile(path) and cut_off(path):  # checked before libjpeg or libpng decodes it (and warns on stderr)
+        raise UserError(f"{path}: this image is cut off (no end-of-image marker); re-export or re-copy it")
     try:  # OpenCV returns None for a file it cannot read, but raises for one over its size limit
         img = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None  # alpha kept, if any
     except cv2.error as e:

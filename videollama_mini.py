@@ -211,8 +211,8 @@ def read_frame(path):
     data, i = open(path, "rb").read(), 2  # i: the next marker, after FF D8 (checked before libjpeg warns of it)
     while data[:2] == b"\xff\xd8" and i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] != 0xDA:
         i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
-    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:]:
-        raise UserError(f"{path}: this JPEG is cut off (no end-of-image marker); re-export or re-copy it")
+    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:] or data[:4] == b"\x89PNG" and b"IEND" not in data:
+        raise UserError(f"{path}: this image is cut off (no end-of-image marker); re-export or re-copy it")
     try:  # OpenCV returns None for a file it cannot read, but raises for one over its size limit
         img = None if re.search(r"\.jpe?g$", path, re.I) else cv2.imread(path, cv2.IMREAD_UNCHANGED)  # alpha kept
         if img is None or img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16):
