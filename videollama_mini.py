@@ -94,8 +94,7 @@ class Config:
     grid: int = 4  # adaptive pooling keeps a grid x grid map so that position (and so motion) survives pooling
     frame_diff: bool = True  # also feed frame[t] - frame[t-1] to the CNN: motion made explicit
     n_temporal_layer: int = 2
-    # "text": the caption tokens query the visual tokens (the VideoLLaMA-Mini write-up); "text" learns faster here
-    qformer_mode: str = "text"  # "queries": BLIP-2's QFormer of Q learned queries reads them, the decoder reads it
+    qformer_mode: str = "text"  # "text": caption tokens query the visual tokens (write-up); "queries": BLIP-2 QFormer
     n_query: int = 8
     n_qformer_layer: int = 2
     n_dec_layer: int = 2
@@ -592,8 +591,7 @@ def pad_batch(seqs, max_len):
     Right padding needs no attention mask: under the causal mask a pad never influences an earlier position."""
     L = min(max_len, max(len(s) for s in seqs)) - 1  # inputs drop the last token, targets the first
     inp, tgt = torch.zeros(len(seqs), L, dtype=torch.long), torch.full((len(seqs), L), -100, dtype=torch.long)  # (B, L)
-    for i, s in enumerate(seqs):
-        s = s[: L + 1]  # captions longer than max_len are cut
+    for i, s in enumerate(seq[: L + 1] for seq in seqs):  # captions longer than max_len are cut
         inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
     return inp, tgt
 
@@ -870,19 +868,16 @@ def beam_search(model, video, cfg, length_penalty=1.0):
                 else:
                     keep.append((s, b * K + beam, token))
             kept += keep + [(float("-inf"), b * K, EOS)] * (K - len(keep))  # dead fillers if too few survive
-        new_score, new_rows, new_tok = zip(*kept)
-        rows = torch.tensor(new_rows, device=video.device)  # (B*K,) the surviving beams' rows
+        score, rows, new_tok = (torch.tensor(x, device=video.device) for x in zip(*kept))  # (B*K,) each: the survivors
         for layer in cache:  # re-order the self-attention cache (the cross-attention K/V are equal across beams)
             layer["k"], layer["v"] = layer["k"][rows], layer["v"][rows]
-        seq = torch.cat([seq[rows], torch.tensor(new_tok, device=video.device)[:, None]], 1)
-        score = torch.tensor(new_score, device=video.device).view(B, K)  # (B, K)
+        seq = torch.cat([seq[rows], new_tok[:, None]], 1)  # (B*K, t + 2)
+        score = score.view(B, K)  # (B, K)
         best_live = score.max(-1).values / (t + 2) ** length_penalty  # a stopping heuristic, not a bound
         if all(finished[b] and max(f[0] for f in finished[b]) >= best_live[b] for b in range(B)):
             break
-    for b in range(B):
-        if not finished[b]:  # nothing ended before max length: take the best live beam
-            finished[b].append((score[b].max().item(), seq[b * K + score[b].argmax().item(), 1:].tolist()))
-    return [max(f)[1] for f in finished]  # each clip's best-scoring finished hypothesis
+    return [max(f)[1] if f else seq[b * K + score[b].argmax().item(), 1:].tolist()  # none ended: the best live beam
+            for b, f in enumerate(finished)]  # each clip's best-scoring finished hypothesis
 
 def attention_png(model, clip, tok, cfg, device, path, cell=40, label_w=110):
     """A row per caption word ("text": the decoder's last cross-attention; row i predicts word i) or learned query
