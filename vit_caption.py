@@ -163,8 +163,7 @@ def sample_scene(rng, split):
         for (c, s, z), a in zip(attrs, along):
             # ...jittered: centres >= 2q - 12 apart along the relation's axis, <= 12 across it: one relation only
             a, o = a + rng.randint(-6, 6), other + rng.randint(-6, 6)  # along, across
-            cx, cy = (o, a) if relation in ("above", "below") else (a, o)
-            objs.append((c, s, z, cx, cy))
+            objs.append((c, s, z, o, a) if relation in ("above", "below") else (c, s, z, a, o))  # (..., cx, cy)
         return objs, relation
 
 def write_image(path, objs, rng):
@@ -350,10 +349,9 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 class Block(nn.Module):
-    """Pre-norm Transformer block, the same wiring in both towers: x + attn(norm(x)), then x + mlp(norm(x)).
-    causal=False is the ViT's block (LayerNorm, bidirectional attention with biases, GELU MLP); causal=True is
-    LLaMA's decoder layer (RMSNorm, causal attention with RoPE, SwiGLU). The projections that write into the residual
-    stream (o_proj, down_proj) get init_std 0.02 / sqrt(2 * depth) (GPT-2): the stream keeps its scale at init."""
+    """Pre-norm Transformer block, the same wiring in both towers: x + attn(norm(x)), then x + mlp(norm(x)); the ViT's
+    (causal=False) with LayerNorm and a GELU MLP, LLaMA's decoder layer (causal=True) with RMSNorm and SwiGLU. o_proj
+    and down_proj write into the residual stream: init_std 0.02 / sqrt(2 * depth) (GPT-2) keeps its scale at init."""
     def __init__(self, dim, heads, hidden, dropout, causal, depth):
         super().__init__()
         norm = RMSNorm if causal else nn.LayerNorm
@@ -368,9 +366,8 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.post_attention_layernorm(x)))  # (B, T, D)
 
 def sincos_2d(n, dim):
-    """Positions of an n x n patch grid (row-major) -> (n*n, dim): dim/4 sin-cos pairs of the column, then dim/4 of
-    the row, at frequencies from pi/n per cell down to ~1/100 of that (each feature varies smoothly across the grid),
-    every feature scaled to zero mean and unit variance over the grid."""
+    """Positions of an n x n patch grid (row-major) -> (n*n, dim): dim/4 sin-cos pairs of the column, then dim/4 of the
+    row, frequencies from pi/n per cell (smooth across the grid) down to ~1/100 of that; each at mean 0, variance 1."""
     rows, cols = torch.meshgrid(torch.arange(n).double(), torch.arange(n).double(), indexing="ij")  # (n, n) each
     freqs = (math.pi / n) / 100.0 ** (torch.arange(dim // 4).double() / (dim // 4))  # (dim/4,)
     angles = [c.flatten()[:, None] * freqs for c in (cols, rows)]  # (n*n, dim/4) each
@@ -421,9 +418,8 @@ class ViTCaptioner(nn.Module):  # ViT -> linear projection -> LLaMA-style decode
         self.register_buffer("rope_cos", cos, persistent=False)  # RoPE angles for every position the decoder can see
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(lambda m: self._init_weights(m, 0.02))  # by module type (nanoGPT): weights N(0, 0.02), biases 0
-        nn.init.normal_(self.vit.pos_embed, 0.0, 0.02)  # the ViT's positions and CLS token likewise
-        if self.vit.cls_token is not None:
-            nn.init.normal_(self.vit.cls_token, 0.0, 0.02)
+        for table in [t for t in (self.vit.pos_embed, self.vit.cls_token) if t is not None]:  # cls_token: None or one
+            nn.init.normal_(table, 0.0, 0.02)  # the ViT's positions and CLS token likewise
         for m in self.modules():  # second pass (GPT-2): the residual output projections at their smaller init_std
             if hasattr(m, "init_std"):
                 self._init_weights(m, m.init_std)
@@ -473,12 +469,11 @@ class ViTCaptioner(nn.Module):  # ViT -> linear projection -> LLaMA-style decode
             x = layer(x, rope, None if cache is None else cache[i])
         return self.norm(x)
     def forward(self, images, idx, targets=None):
-        """images uint8 (B, S, S, 3), idx (B, L) starting with BOS -> logits (B, L, V) at the text positions, loss.
-        The image positions predict nothing, so they get no logits; targets are -100 at padding (pad_batch)."""
+        """images uint8 (B, S, S, 3), idx (B, L) starting with BOS -> logits (B, L, V) at the text positions, loss: the
+        mean over the real tokens (image positions predict nothing; cross_entropy skips pad_batch's -100 targets)."""
         x = torch.cat([self.encode(images), self.embed_tokens(idx)], 1)  # (B, N+L, D)
         logits = self.lm_head(self.decode(x)[:, self.n_prefix:])  # (B, L, V)
-        return logits, None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                                                    ignore_index=-100)  # mean over the real tokens
+        return logits, None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     def record_attention(self, on):  # on: each Attention keeps its maps (the explicit softmax, slower); off: drops them
         for m in self.modules():
             if isinstance(m, Attention):
