@@ -7402,6 +7402,16 @@ def test_all_scripts_offline_without_gpt2_files_say_how_to_fix(mod, tmp_path, ca
 
 
 
+@pytest.mark.parametrize("mod", [vm, vc], ids=["vm", "vc"])
+def test_trainers_compile_without_a_cxx_compiler_is_one_line_before_any_work(mod, tmp_path, capsys):
+    """--compile on a CPU: inductor writes the kernels in C++. Without a working compiler the first training step
+    ended in inductor's traceback; now one line names the fix, before the world is written or anything is trained."""
+    argv = ["--train", "--preset", "tiny", "--compile", "--out_dir", tmp_path / "o", "--data_dir", tmp_path / "d"]
+    with torch._inductor.config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
+        main_user_error(mod.main, capsys, argv, "--compile: No working C++ compiler", "--no-compile")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])
 def test_all_scripts_refuse_an_empty_path(mod, tmp_path, capsys, monkeypatch):
     """`--out_dir "$OUT"` with OUT unset is the current folder: attention_basics wrote its checkpoints over the files

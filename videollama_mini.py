@@ -684,6 +684,11 @@ def setup_distributed(cfg):  # -> (ddp, rank, world, device): torchrun sets WORL
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)  # one process unless torchrun
     device = pick_device(cfg.device)
+    if cfg.compile and device == "cpu":  # inductor's CPU kernels are C++: a missing compiler is refused before step 1
+        try:
+            torch._inductor.cpp_builder.get_cpp_compiler()
+        except torch._inductor.exc.InvalidCxxCompiler as e:
+            raise UserError(f"--compile: {e}; install g++ or clang++ (or set CXX), or pass --no-compile") from None
     if device.startswith("cuda") and ddp:  # one GPU per rank
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)

@@ -648,6 +648,11 @@ def prepare_data(cfg, rank, typed=(), scoring=False):  # -> {split: (entries, ui
 
 def setup_distributed(cfg):  # -> (rank, world, device): torchrun's WORLD_SIZE > 1: nccl on CUDA, gloo on CPU
     device = pick_device(cfg.device)
+    if cfg.compile and device == "cpu":  # inductor's CPU kernels are C++: a missing compiler is refused before step 1
+        try:
+            torch._inductor.cpp_builder.get_cpp_compiler()
+        except torch._inductor.exc.InvalidCxxCompiler as e:
+            raise UserError(f"--compile: {e}; install g++ or clang++ (or set CXX), or pass --no-compile") from None
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1, device
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
