@@ -685,7 +685,6 @@ class CLIPVisionTransformer(nn.Module):
         self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(CLIPEncoderLayer(cfg)
                                                                for _ in range(cfg.v_num_hidden_layers))))
         self.post_layernorm = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)  # loaded, never used here
-        # hidden_states[layer] of the n + 1: [0] = the embeddings, [k] = after layer k (a negative layer counts back)
         self.n_run = range(cfg.v_num_hidden_layers + 1)[cfg.vision_feature_layer]  # layers to run
     def forward(self, pixels):  # (N, 3, S, S) -> (N, P+1, Dv), the hidden state of the feature layer
         x = self.pre_layrnorm(self.embeddings(pixels))  # (N, P+1, Dv): hidden_states[0]
@@ -796,8 +795,7 @@ class VideoLlava(nn.Module):
     def video_features(self, videos):  # (B, F, 3, S, S) -> (B*F, P+1, D): each frame alone, CLS kept
         # frames are encoded one by one (no temporal attention in the tower): the order of events is left to the
         # LLM, which reads the frames' tokens in sequence; Video-LLaVA keeps each frame's CLS as one more token
-        h = self.video_tower.vision_model(videos.flatten(0, 1))  # (B*F, P+1, Dv)
-        return self.multi_modal_projector(h)
+        return self.multi_modal_projector(self.video_tower.vision_model(videos.flatten(0, 1)))  # via (B*F, P+1, Dv)
     def _place(self, x, input_ids, token, feats, what):
         """Write the features (n, P or P+1, D) over the placeholder embeddings of x (B, L, D): the k-th placeholder
         in reading order (row by row, left to right) gets the k-th feature vector (masked_scatter), so several
@@ -857,9 +855,7 @@ class VideoLlava(nn.Module):
         for i, layer in enumerate(lm.layers):
             x = layer(x, cos, sin, mask, cache, i)
         x = lm.norm(x)  # (B, L, D)
-        if last_only:
-            x = x[:, -1:]  # (B, 1, D): at inference only the last position is projected
-        return self.language_model.lm_head(x)  # (B, L or 1, V); tied, lm_head.weight is the embedding table
+        return self.language_model.lm_head(x[:, -1:] if last_only else x)  # (B, L or 1, V): inference projects one
     def step(self, ids, pos, mask, cache):
         """One new token per row through the KV cache: ids (B, 1) at RoPE positions pos (B, 1), attending where
         mask (B, 1, 1, T_max) is True (cache.claim gives both) -> logits (B, 1, V). The same shapes every call
@@ -913,9 +909,8 @@ def align_keys(path, base=None):  # -> meta model, files, handles, found {key: (
     hf, files = config_from_hf(read_config(path), path), weight_files(path)
     # a head stored in the files is used (transformers unties then too); tied means the embedding serves as the head
     hf["tie_word_embeddings"] &= "language_model.lm_head.weight" not in map(canonical_key, files)
-    cfg = Config(**{**dataclasses.asdict(base or Config()), **hf})
     with torch.device("meta"):
-        model = VideoLlava(cfg)
+        model = VideoLlava(Config(**{**dataclasses.asdict(base or Config()), **hf}))
     expected = {k: list(v.shape) for k, v in model.named_parameters()}  # a tied head is the embedding's: not listed
     handles = {f: open_weights(f) for f in set(files.values())}
     held = {f: set(h.keys()) for f, h in handles.items()}  # each file's tensor names, read once from its header
@@ -947,7 +942,6 @@ def atomic(path, write):  # write(tmp), then rename over path: a reader sees the
     os.replace(path + ".tmp", path)  # a crash never leaves a half-written file
 
 def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None, batch=None):  # model: the raw module
-    # out_dir/model.safetensors (hub keys), config.json (HF style + train_config + token table), train_state.pt
     os.makedirs(cfg.out_dir, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.named_parameters()}  # a tied head is not listed: loading ties it
     if model.video_tower is model.image_tower:  # one tower, listed once: saved under both names, as two tensors
