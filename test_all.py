@@ -5095,7 +5095,7 @@ def test_mk_long_video_keeps_only_sampled_frames(tmp_path, monkeypatch):
     for i in range(4):
         cv2.imwrite(str(folder / f"f{i}.png"), every[i])
     (folder / "f9.png").write_bytes(b"not a png")  # f9 sorts after f3 in natural order: the last frame
-    with pytest.raises(mk.UserError, match=r"f9\.png: OpenCV cannot decode this image"):  # named, as it was not
+    with pytest.raises(mk.UserError, match=r"f9\.png: OpenCV cannot decode this image"):  # named by its file
         mk.load_video(str(folder), 5, 32)
     assert mk.load_video(str(folder), 2, 32)[0].shape == (2, 32, 32, 3)  # frames 1 and 3 sampled: f9 never read
 
