@@ -1242,7 +1242,7 @@ def main(argv=None):
         refuse_changes(cfg, typed, "--generate")
         clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None]  # (1, F, S, S, 3)
         print(tok.decode(generate(model, clip, cfg, pick_device(cfg.device))[0]))
-    except UserError as e:  # the user's input: one line naming it and the fix, exit status 2, no traceback
+    except (UserError, OSError) as e:  # bad input, or a file it cannot read or write: one line, exit 2, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

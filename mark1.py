@@ -1395,6 +1395,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except UserError as e:
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -7164,6 +7164,7 @@ def test_ab_frame_tokens_see_their_own_and_the_previous_frame():
 # 6. README.md: it cannot drift from the code
 # ====================================================================================================================
 import importlib
+import runpy
 import shlex
 
 SCRIPTS = ("videollama_mini", "vit_caption", "video_llava", "mark1", "attention_basics")
@@ -7817,6 +7818,40 @@ def test_a_run_folder_nothing_can_be_written_into_is_refused_before_any_work(nam
         assert err.count("\n") == 1 and str(run) in err and ("written" in err or "write into" in err), err
         assert "step " not in capsys.readouterr().out  # no training step ran
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("name", ["vm", "vc", "vl", "mk", "ab"])
+def test_an_image_the_user_may_not_read_is_one_line(name, _vm_trained, _vc_tiny_run, vl_tiny_run, mk_trained,
+                                                    tmp_path, capsys, monkeypatch):
+    """A frame or picture the user has no permission to read (made here by refusing Python's open on it: the tests
+    run as root) is one line from the command line that names it, exit 2, not a PermissionError traceback."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(folder / f"{i}.png"), np.full((40, 40, 3), 60 * i, np.uint8))
+    locked, opener = str(folder / "1.png"), open
+    run = {"vm": _vm_trained[0] / "out", "vc": _vc_tiny_run / "out", "vl": vl_tiny_run[0].out_dir,
+           "mk": mk_trained[0] / "out", "ab": tmp_path / "out"}[name]
+    if name == "ab":  # an untrained captioner is enough to reach the frames
+        cfg = _ab_tiny(tmp_path)
+        tok = ab.Tokenizer.from_texts(["a red circle"])
+        ab.save_model(ab.Captioner(cfg, len(tok.ids), "unified"), tok, cfg, "unified", 1.0)
+    argv = {"vm": ["--generate", "--video", folder], "vc": ["--generate", "--image", locked],
+            "vl": ["--generate", "--image", locked, "--prompt", "What shape?"],
+            "mk": ["--predict", "--video", folder, "--question", "Why?", "--choices", "A. a|B. b"],
+            "ab": ["--generate", "--video", folder, "--variant", "unified"]}[name]
+
+    def no_read(path, *a, **k):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return opener(path, *a, **k)
+    mod = {"vm": vm, "vc": vc, "vl": vl, "mk": mk, "ab": ab}[name]
+    monkeypatch.setattr(sys, "argv", [mod.__file__, *map(str, argv), "--out_dir", str(run)])
+    monkeypatch.setattr("builtins.open", no_read)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(mod.__file__, run_name="__main__")  # the script as the command line runs it
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: [Errno 13] Permission denied: '{locked}'\n"
 
 
 @pytest.mark.parametrize("name", ["vm", "vc", "ab"])

@@ -1554,6 +1554,6 @@ def main(argv=None):  # the command line: one mode per call (--train [--resume],
 if __name__ == "__main__":
     try:
         main()
-    except UserError as e:
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

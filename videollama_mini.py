@@ -1042,7 +1042,7 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
         with autocast(cfg, device):  # --seed makes sampling repeatable
             ids = generate(model, clip, cfg, generator=torch.Generator(device=device).manual_seed(cfg.seed))[0]
         print(tok.decode(ids))  # the caption, alone on the last line
-    except UserError as e:
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

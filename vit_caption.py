@@ -1042,7 +1042,7 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
         path = os.path.join(cfg.out_dir, f"caption_{os.path.splitext(os.path.basename(args.image))[0]}.png")
         attention_png(model, image, tok, cfg, device, path, show=load_image(args.image, 192))
         print(f"wrote {path} (greedy caption + attention of each caption token over the patches)")
-    except UserError as e:
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
