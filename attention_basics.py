@@ -340,8 +340,7 @@ def attention(q, k, v, mask=None, causal=False):
     if mask is not None:
         scores = scores.masked_fill(~mask, neg)
     # Subtracting the row maximum changes nothing (softmax is shift-invariant) but keeps exp() <= 1: no overflow.
-    scores = scores - scores.amax(-1, keepdim=True)
-    w = scores.exp()
+    w = (scores - scores.amax(-1, keepdim=True)).exp()
     w = w / w.sum(-1, keepdim=True)  # (B, H, L, N), rows sum to 1
     return w @ v, w
 
@@ -1247,4 +1246,5 @@ def main(argv=None):
         sys.exit(2)
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows): \U0001f600, no crash
     main()

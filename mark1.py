@@ -1001,8 +1001,7 @@ def global_batch(step, n, size, seed):  # a step's global batch: a fresh permuta
 def pad_left(rows, pad=0):  # ids (L_i,) / embeddings (L_i, D) -> (B, L[, D]) left-padded with `pad`, valid (B, L)
     L = max(len(r) for r in rows)
     x = torch.stack([torch.cat((r.new_full((L - len(r), *r.shape[1:]), pad), r)) for r in rows])  # pad, then row
-    valid = torch.stack([torch.arange(L, device=r.device) >= L - len(r) for r in rows])  # (B, L): False on the pad
-    return x, valid
+    return x, torch.stack([torch.arange(L, device=r.device) >= L - len(r) for r in rows])  # valid: False on the pad
 
 def text_batch(items, tok, with_answer=True):  # -> question ids, mask (B, Lq); prompt+answer inputs, targets (B, L)
     q_ids, q_valid = pad_left([torch.tensor(tok.encode(e["question"]) or [tok.eos]) for e in items], tok.eos)
@@ -1393,6 +1392,7 @@ def main(argv=None):
         print("nothing to do: pass --train, --eval, --predict, or --bench (see --help)")
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows): \U0001f600, no crash
     try:
         main()
     except (UserError, OSError) as e:

@@ -7164,6 +7164,7 @@ def test_ab_frame_tokens_see_their_own_and_the_previous_frame():
 # 6. README.md: it cannot drift from the code
 # ====================================================================================================================
 import importlib
+import io
 import runpy
 import shlex
 
@@ -7852,6 +7853,30 @@ def test_an_image_the_user_may_not_read_is_one_line(name, _vm_trained, _vc_tiny_
     with pytest.raises(SystemExit) as e:
         runpy.run_path(mod.__file__, run_name="__main__")  # the script as the command line runs it
     assert e.value.code == 2 and capsys.readouterr().err == f"error: [Errno 13] Permission denied: '{locked}'\n"
+
+
+@pytest.mark.parametrize("name", ["vm", "vc", "vl", "mk", "ab"])
+def test_a_console_without_a_character_prints_an_escape_not_a_traceback(name, _vm_trained, _vc_tiny_run, vl_ckpt,
+                                                                         mk_trained, tmp_path, monkeypatch):
+    """Windows before Python 3.15 writes a redirected stdout in the code page (cp1252 here), which lacks most of
+    Unicode: a folder named with an emoji, printed by the command line, ended the run in a UnicodeEncodeError. Now
+    the character is written as its escape and the run goes on."""
+    folder = tmp_path / "run\U0001f642"
+    if name != "ab":  # a trained run's folder or a checkpoint, renamed
+        shutil.copytree({"vm": _vm_trained[0] / "out", "vc": _vc_tiny_run / "out", "vl": vl_ckpt[1]["t5save"],
+                         "mk": mk_trained[0] / "out"}[name], folder)
+    argv = {"vm": ["--eval", "--out_dir", folder], "vc": ["--eval", "--out_dir", folder],
+            "vl": ["--inspect", folder],  # it names the checkpoint
+            "mk": ["--predict", "--video", mk_trained[0] / "data" / "test" / "00000.mp4", "--question", "What happens?",
+                   "--choices", "A. it appears|B. it stops", "--out_dir", folder],  # it names the frame strip
+            "ab": ["--train", "--preset", "tiny", "--out_dir", folder, "--data_dir", tmp_path / "data"]}[name]
+    mod = {"vm": vm, "vc": vc, "vl": vl, "mk": mk, "ab": ab}[name]
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")  # errors="strict", as Python opens it
+    monkeypatch.setattr(sys, "argv", [mod.__file__, *map(str, argv)])
+    monkeypatch.setattr(sys, "stdout", stdout)
+    runpy.run_path(mod.__file__, run_name="__main__")
+    stdout.flush()
+    assert str(folder).replace("\U0001f642", "\\U0001f642").encode() in stdout.buffer.getvalue()
 
 
 @pytest.mark.parametrize("name", ["vm", "vc", "ab"])

@@ -1450,8 +1450,7 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
                  ("image_size", "patch_size")) if v[a] % max(v[b], 1) and not args.generate]  # (--generate: check_arch)
     problems += [f"--{k} {v[k]}: choose {' or '.join(ok)}" for k, ok in CHOICES.items() if v[k] not in ok]
     modes = sum(map(bool, (args.train or args.eval, args.generate, args.inspect, args.bench)))  # --train evaluates too
-    problems += [msg for bad, msg in (
-        (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: in (0, 1]"),
+    problems += [msg for bad, msg in ((not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: in (0, 1]"),
         (cfg.temperature == 0 and (cfg.top_k > 0 or cfg.top_p < 1),
          "--top_k and --top_p filter what is sampled: give a --temperature above 0 as well"),
         (not args.generate and cfg.hidden_size // max(cfg.num_attention_heads, 1) % 2,
@@ -1552,6 +1551,7 @@ def main(argv=None):  # the command line: one mode per call (--train [--resume],
         print("nothing to do: pass --train, --eval, --generate, --inspect DIR or --bench (see --help)")
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows): \U0001f600, no crash
     try:
         main()
     except (UserError, OSError) as e:

@@ -463,9 +463,8 @@ class VideoLLaMAMini(nn.Module):
         return self.head(self.ln_f(x[:, -1:] if last_only else x))  # (B, L or 1, D) -> (B, L or 1, V)
     def forward(self, video, idx, targets=None):
         logits = self.decode(idx, self.encode(video))  # (B, L, V)
-        if targets is None:
-            return logits, None
-        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)  # pads: -100
+        return logits, None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                                                    ignore_index=-100)  # pads: -100
     def record_attention(self, on):
         for m in (m for m in self.modules() if isinstance(m, Attention)):
             m.record, m.weights = on, None
@@ -1047,4 +1046,5 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
         sys.exit(2)
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows): \U0001f600, no crash
     main()

@@ -573,8 +573,7 @@ def cider_d(preds, refs, sigma=6.0):
     scores = []
     for p, rws in zip(preds, ref_words):
         (hv, hn, hl), total = vec(normalise(p).split()), 0.0
-        for r in rws:
-            rv, rn, rl = vec(r)
+        for rv, rn, rl in map(vec, rws):  # each reference's vectors, norms and length
             for n in range(4):
                 val = sum(min(x, rv[n].get(g, 0.0)) * rv[n].get(g, 0.0) for g, x in hv[n].items())
                 val /= hn[n] * rn[n] or 1.0  # cosine; an empty vector (no n-grams of this n) scores 0
@@ -1047,4 +1046,5 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
         sys.exit(2)
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows): \U0001f600, no crash
     main()
