@@ -1111,6 +1111,12 @@ def test_vm_eval_decodes_only_the_clips_it_scores(tmp_path, _vm_trained, monkeyp
     vm.main(["--eval", "--out_dir", str(out), "--test_data", str(tmp_path / "new.txt")])
     ev = json.load(open(out / "eval.json"))
     assert seen == ["cat5.mp4"] and ev["test"]["n"] == 1 and ev["test"]["samples"][0]["video"].endswith("cat5.mp4")
+    # a run trained with --test_data, scored with a typed --data: that file's held-out entries, not the saved test file
+    vm.main(["--train", "--preset", "tiny", "--data", str(tmp_path / "moved.txt"), "--test_data",
+             str(tmp_path / "new.txt"), "--out_dir", str(tmp_path / "o2"), "--max_steps", "2"])
+    seen.clear()
+    vm.main(["--eval", "--out_dir", str(tmp_path / "o2"), "--data", str(tmp_path / "moved.txt")])
+    assert seen == ["cat0.mp4", "cat10.mp4"] and json.load(open(tmp_path / "o2" / "eval.json"))["test"]["n"] == 2
 
 
 
@@ -2261,6 +2267,12 @@ def test_vc_eval_of_a_run_whose_training_file_moved(tmp_path, capsys, monkeypatc
     decoded.clear()  # --max_train 3: its first 3 training images are scored (and decoded) too, nothing else
     vc.main(["--eval", "--out_dir", str(out), *new, "--max_train", "3"])
     assert json.load(open(out / "eval.json"))["train"]["n"] == 3 and len(decoded) == 5
+    # a run trained with --test_data, scored with a typed --data: that file's held-out images, not the saved test file
+    vc.main(["--train", "--preset", "tiny", "--data", str(tmp_path / "caps.txt"), *new, "--out_dir",
+             str(tmp_path / "o2"), "--max_steps", "2"])
+    decoded.clear()
+    vc.main(["--eval", "--out_dir", str(tmp_path / "o2"), "--data", str(tmp_path / "caps.txt")])
+    assert decoded == ["red0.png", "green2.png"] and json.load(open(tmp_path / "o2" / "eval.json"))["test"]["n"] == 2
 
 
 def test_vc_captions_file_merges_one_image_spelled_two_ways(tmp_path):

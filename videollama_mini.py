@@ -558,8 +558,7 @@ def cider_d(preds, refs, sigma=6.0):
         for rv, rn, rl in map(vec, rws):  # each reference's vectors, norms and length
             for n in range(4):
                 val = sum(min(x, rv[n].get(g, 0.0)) * rv[n].get(g, 0.0) for g, x in hv[n].items())
-                if hn[n] and rn[n]:
-                    val /= hn[n] * rn[n]
+                val /= hn[n] * rn[n] or 1.0  # cosine; an empty vector (no n-grams of this n) scores 0
                 total += val * math.exp(-((hl - rl) ** 2) / (2 * sigma ** 2))
         scores.append(total / 4 / len(rws) * 10.0)  # mean over n and refs, x10
     return sum(scores) / max(1, len(scores))
@@ -875,8 +874,7 @@ def beam_search(model, video, cfg, length_penalty=1.0):
         score, rows, new_tok = (torch.tensor(x, device=video.device) for x in zip(*kept))  # (B*K,) each: the survivors
         for layer in cache:  # re-order the self-attention cache (the cross-attention K/V are equal across beams)
             layer["k"], layer["v"] = layer["k"][rows], layer["v"][rows]
-        seq = torch.cat([seq[rows], new_tok[:, None]], 1)  # (B*K, t + 2)
-        score = score.view(B, K)  # (B, K)
+        seq, score = torch.cat([seq[rows], new_tok[:, None]], 1), score.view(B, K)  # (B*K, t + 2), (B, K)
         best_live = score.max(-1).values / (t + 2) ** length_penalty  # a stopping heuristic, not a bound
         if all(finished[b] and max(f[0] for f in finished[b]) >= best_live[b] for b in range(B)):
             break
@@ -1026,6 +1024,8 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
             return train(cfg, overrides, resume=args.resume)
         if args.eval or args.generate:  # the saved config, typed flags on top (fixed ones refused); --generate: --seed
             fixed = ARCH + TRAINING + (WORLD if args.eval else WORLD[1:] + DATA)
+            if args.eval and "data" in overrides:  # a typed --data: scored on its held-out entries, not the run's file
+                overrides.setdefault("test_data", "")
             model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, fixed)
         print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
         if args.bench:

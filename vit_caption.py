@@ -861,10 +861,8 @@ def beam_search(model, images, cfg, length_penalty=1.0):  # generate's beam > 1:
         if t == steps - 1 or all(finished[b] and max(f[0] for f in finished[b]) >= best_live[b] for b in range(B)):
             break
         logp = next_logits(model, model.embed_tokens(token[:, None]), cache, pos=N + 1 + t).log_softmax(-1)
-    for b in range(B):
-        if not finished[b]:  # nothing ended before max length: take the best live beam
-            finished[b].append((score[b].max().item(), seq[b * K + score[b].argmax().item()].tolist()))
-    return [max(f)[1] for f in finished]
+    return [max(f)[1] if f else seq[b * K + score[b].argmax().item()].tolist()  # none ended: the best live beam
+            for b, f in enumerate(finished)]  # each image's best-scoring finished hypothesis
 
 def attention_png(model, image, tok, cfg, device, path, show=None):
     """Where the model looked while it captioned `image` (greedy) -> the caption. Left: the image, patches numbered.
@@ -1024,6 +1022,8 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
             return train(cfg, args.resume, overrides)
         if args.eval or args.generate:  # `fixed` flags are the run's (--generate: a typed --seed seeds sampling)
             fixed = ARCH + TRAINING + (WORLD if args.eval else WORLD[1:] + DATA)
+            if args.eval and "data" in overrides:  # a typed --data: scored on its held-out entries, not the run's file
+                overrides.setdefault("test_data", "")
             model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, fixed)
         print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: the saved one, typed flags on top
         if args.bench:
