@@ -252,12 +252,12 @@ def cut_off(path):  # a JPEG with no end marker FF D9 after its scan FF DA (libj
 def load_image(path, size):
     if os.path.isfile(path) and cut_off(path):  # checked before libjpeg or libpng decodes it (and warns on stderr)
         raise UserError(f"{path}: this image is cut off (no end-of-image marker); re-export or re-copy it")
-    try:  # OpenCV returns None for a file it cannot read, but raises for one over its size limit
-        img = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # alpha kept, if any
-    except cv2.error as e:
+    try:  # os.fsencode: OpenCV gets the name's bytes (a name that is not UTF-8, from an old zip, crashes it as a str)
+        img = cv2.imread(os.fsencode(path), cv2.IMREAD_UNCHANGED)  # alpha kept, if any
+    except cv2.error as e:  # OpenCV raises for an image over its size limit (and returns None for one it cannot read)
         raise UserError(f"{path}: OpenCV cannot decode this image ({e.err}; it reads at most 2^30 pixels)") from None
     if img is not None and (img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16)):
-        img = cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR (H, W, 3)
+        img = cv2.imread(os.fsencode(path))  # no alpha: OpenCV's 8-bit BGR (H, W, 3)
     if img is None:
         raise UserError(f"{path}: cannot read this image")
     if img.shape[2] == 4:  # transparency composited onto white, as transformers' convert_to_rgb; + 127 rounds as PIL
@@ -279,7 +279,7 @@ def load_video(path, n_frames, size):
     else:
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such video file or folder of frames")
-        cap, frames = cv2.VideoCapture(path), []  # FFmpeg underneath: any container and codec it decodes
+        cap, frames = cv2.VideoCapture(os.fsencode(path)), []  # FFmpeg underneath: any container and codec it decodes
         if not cap.isOpened() or cap.get(cv2.CAP_PROP_FOURCC) == cv2.VideoWriter_fourcc(*"ansi"):  # FFmpeg's "ansi"
             raise UserError(f"{path}: OpenCV cannot open this as a video (corrupt, unknown format, or text)")  # = text
         while cap.grab():  # decode every frame (clips here are short), then pick n_frames of them

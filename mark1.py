@@ -273,14 +273,14 @@ def read_frame(path):  # a frame image -> BGR uint8 (H, W, 3); libjpeg fills a c
         i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
     if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:] or data[:4] == b"\x89PNG" and b"IEND" not in data:
         raise UserError(f"{path}: this image is cut off (no end-of-image marker); re-export or re-copy it")
-    try:  # OpenCV returns None for a file it cannot read, but raises for one over its size limit
-        img = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # alpha kept, if any
-    except cv2.error as e:
+    try:  # os.fsencode: OpenCV gets the name's bytes (a name that is not UTF-8, from an old zip, crashes it as a str)
+        img = cv2.imread(os.fsencode(path), cv2.IMREAD_UNCHANGED)  # alpha kept, if any
+    except cv2.error as e:  # OpenCV raises for an image over its size limit (and returns None for one it cannot read)
         raise UserError(f"{path}: OpenCV cannot decode this image ({e.err}; it reads at most 2^30 pixels)") from None
     if img is None:  # damaged, or not an image at all
         raise UserError(f"{path}: OpenCV cannot decode this image; check the file")
     if img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16):
-        return cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR
+        return cv2.imread(os.fsencode(path))  # no alpha: OpenCV's 8-bit BGR
     img = (img >> 8 * (img.dtype == np.uint16)).astype(np.int32)  # BGRA onto white, as transformers' convert_to_rgb
     return ((img[:, :, :3] * img[:, :, 3:] + 255 * (255 - img[:, :, 3:]) + 127) // 255).astype(np.uint8)
 
@@ -293,7 +293,7 @@ def load_video(path, n_frames, crop):
                        key=lambda n: [int(t) if t.isdecimal() else t for t in re.split(r"(\d+)", n)])
         n, read = len(names), lambda want: ((i, read_frame(os.path.join(path, names[i]))) for i in sorted(want))
     elif os.path.isfile(path):
-        cap = cv2.VideoCapture(path)
+        cap = cv2.VideoCapture(os.fsencode(path))
         if cap.get(cv2.CAP_PROP_FOURCC) == cv2.VideoWriter_fourcc(*"ansi"):  # FFmpeg plays a text file as a video
             raise UserError(f"{path}: a text file, not a video")
         fps = cap.get(cv2.CAP_PROP_FPS) if 0 < cap.get(cv2.CAP_PROP_FPS) < 1000 else FPS  # none or nonsense: FPS
@@ -302,7 +302,7 @@ def load_video(path, n_frames, crop):
         if (n := len(ts)) < 0.9 * (listed := int(cap.get(cv2.CAP_PROP_FRAME_COUNT))):  # cut off: its first part decodes
             raise UserError(f"{path}: only {n} of the {listed} frames in its header decode (cut off or damaged)")
         def read(want):  # pass 2 decodes again and converts only the sampled frames (a long clip never sits whole)
-            cap = cv2.VideoCapture(path)
+            cap = cv2.VideoCapture(os.fsencode(path))
             return ((i, cap.retrieve()[1]) for i in range(max(want) + 1) if cap.grab() and i in want)
     else:
         raise UserError(f"{path}: video not found; check the path")

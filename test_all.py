@@ -7479,6 +7479,39 @@ def test_all_scripts_refuse_a_cut_off_image_before_its_decoder_warns(mod, ext, t
     assert capfd.readouterr().err == ""
 
 
+def test_all_scripts_read_media_whose_names_are_not_utf8(tmp_path):
+    """A file name that is not UTF-8 (an old zip's Latin-1 'caf\\xe9.png') reaches Python as a str holding a surrogate,
+    and OpenCV given that str crashed the process (a segmentation fault, no message). The loaders hand OpenCV the
+    name's bytes: each such image, frame folder and video reads as its copy under an ASCII name. In a child process, so
+    that a crash fails this test alone."""
+    rng, d = np.random.default_rng(0), os.fsencode(tmp_path)
+    os.mkdir(os.path.join(d, b"ref"))
+    os.mkdir(os.path.join(d, b"odd"))
+    w = cv2.VideoWriter(str(tmp_path / "ref.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 8, (40, 40))
+    for i in range(6):
+        img = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+        cv2.imwrite(str(tmp_path / "ref" / f"{i}.png"), img)
+        shutil.copy(os.path.join(d, b"ref", b"%d.png" % i), os.path.join(d, b"odd", b"caf\xe9%d.png" % i))
+        w.write(img)
+    w.release()
+    shutil.copy(os.path.join(d, b"ref.mp4"), os.path.join(d, b"caf\xe9.mp4"))
+    child = f"""if True:
+        import os, numpy as np, videollama_mini as vm, vit_caption as vc, video_llava as vl, mark1 as mk
+        import attention_basics as ab
+        d = {str(tmp_path)!r}
+        odd = lambda *name: os.fsdecode(os.path.join(os.fsencode(d), *name))  # the str Python makes of such a name
+        first = lambda x: x[0] if isinstance(x, tuple) else x  # mark1's load_video also gives times and duration
+        for mod in (vm, vl, mk, ab):
+            for a, b in ((odd(b"caf\\xe9.mp4"), d + "/ref.mp4"), (odd(b"odd"), d + "/ref")):
+                assert np.array_equal(first(mod.load_video(a, 3, 16)), first(mod.load_video(b, 3, 16))), (mod, a)
+        for read in (vm.read_frame, mk.read_frame, lambda p: vc.load_image(p, 16), lambda p: vl.load_image(p, 16),
+                     lambda p: ab.load_image(p, 16)):
+            assert np.array_equal(read(odd(b"odd", b"caf\\xe92.png")), read(d + "/ref/2.png"))
+        print("read")"""
+    proc = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "read", (proc.returncode, proc.stderr[-2000:])
+
+
 @pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])
 def test_all_scripts_refuse_an_image_over_opencvs_pixel_limit(mod, tmp_path):
     """OpenCV returns None for an image it cannot read but raises for one over 2^30 pixels: a 40000 x 40000 PNG

@@ -362,12 +362,12 @@ def cut_off(path):  # a PNG with no IEND chunk; a JPEG with no end marker FF D9 
 def load_image(path, size):  # image file -> float32 (3, size, size), CLIP-normalised as the HF processor does
     if os.path.isfile(path) and cut_off(path):  # checked before libjpeg or libpng decodes it (and warns on stderr)
         raise UserError(f"{path}: this image is cut off (no end-of-image marker); re-export or re-copy it")
-    try:  # OpenCV returns None for a file it cannot read, but raises for one over its size limit
-        img = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None  # alpha kept, if any
-    except cv2.error as e:
+    try:  # os.fsencode: OpenCV gets the name's bytes (a name that is not UTF-8, from an old zip, crashes it as a str)
+        img = cv2.imread(os.fsencode(path), cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None  # alpha kept
+    except cv2.error as e:  # OpenCV raises for an image over its size limit (and returns None for one it cannot read)
         raise UserError(f"{path}: OpenCV cannot decode this image ({e.err}; it reads at most 2^30 pixels)") from None
     if img is not None and (img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16)):
-        img = cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR (EXIF-rotated), None for a depth it cannot convert
+        img = cv2.imread(os.fsencode(path))  # no alpha: 8-bit BGR (EXIF-rotated), None for a depth it cannot convert
     if img is None:
         raise UserError(f"{path}: cannot read this image (missing, corrupt, or a format OpenCV cannot make 8-bit)")
     if img.shape[2] == 4:  # transparency (palette too) composited onto white, as transformers' convert_to_rgb does
@@ -391,7 +391,7 @@ def load_video(path, n_frames, size):  # a video file OpenCV reads, or a folder 
         return np.stack([load_image(os.path.join(path, names[i]), size) for i in frame_indices(len(names), n_frames)])
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such video file or folder of frames")
-    counter, n = cv2.VideoCapture(path), 0  # FFmpeg through OpenCV: any container and codec it reads
+    counter, n = cv2.VideoCapture(os.fsencode(path)), 0  # FFmpeg through OpenCV: any container and codec it reads
     if counter.get(cv2.CAP_PROP_FOURCC) == cv2.VideoWriter_fourcc(*"ansi"):  # FFmpeg plays a text file as a video
         raise UserError(f"{path}: a text file, not a video")
     while counter.grab():  # pass 1 counts the frames (counts in headers lie); grab() skips the BGR conversion
@@ -400,7 +400,7 @@ def load_video(path, n_frames, size):  # a video file OpenCV reads, or a folder 
         raise UserError(f"{path}: OpenCV decodes no frame of this video (corrupt, empty, or an unknown format)")
     if n < 0.9 * (listed := int(counter.get(cv2.CAP_PROP_FRAME_COUNT))):  # a cut-off file decodes its first part
         raise UserError(f"{path}: only {n} of the {listed} frames in its header decode (cut off or damaged)")
-    want, cap, picked = frame_indices(n, n_frames), cv2.VideoCapture(path), {}
+    want, cap, picked = frame_indices(n, n_frames), cv2.VideoCapture(os.fsencode(path)), {}
     for i in range(want[-1] + 1):  # pass 2 decodes again and transforms only the sampled frames
         if cap.grab() and i in want:
             picked[i] = clip_transform(cap.retrieve()[1][:, :, ::-1], size)  # BGR -> RGB, then (3, S, S)

@@ -212,11 +212,11 @@ def read_frame(path):
         i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
     if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:] or data[:4] == b"\x89PNG" and b"IEND" not in data:
         raise UserError(f"{path}: this image is cut off (no end-of-image marker); re-export or re-copy it")
-    try:  # OpenCV returns None for a file it cannot read, but raises for one over its size limit
-        img = None if re.search(r"\.jpe?g$", path, re.I) else cv2.imread(path, cv2.IMREAD_UNCHANGED)  # alpha kept
+    try:  # os.fsencode: OpenCV gets the name's bytes (a name that is not UTF-8, from an old zip, crashes it as a str)
+        img = None if re.search(r"\.jpe?g$", path, re.I) else cv2.imread(os.fsencode(path), cv2.IMREAD_UNCHANGED)
         if img is None or img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16):
-            img = cv2.imread(path)  # no alpha: OpenCV's 8-bit BGR; None if it cannot read the file
-    except cv2.error as e:
+            img = cv2.imread(os.fsencode(path))  # no alpha: OpenCV's 8-bit BGR; None if it cannot read the file
+    except cv2.error as e:  # OpenCV raises for an image over its size limit
         raise UserError(f"{path}: OpenCV cannot decode this image ({e.err}; it reads at most 2^30 pixels)") from None
     if img is None:
         raise UserError(f"{path}: cannot read this image")
@@ -234,7 +234,7 @@ def load_video(path, n_frames, size):  # a video file OpenCV reads, or a folder 
     else:
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such video file or folder of frames")
-        cap = cv2.VideoCapture(path)  # FFmpeg backend: any container/codec; closed when it is freed, at return
+        cap = cv2.VideoCapture(os.fsencode(path))  # FFmpeg: any container/codec; closed when it is freed, at return
         if not cap.isOpened() or cap.get(cv2.CAP_PROP_FOURCC) == cv2.VideoWriter_fourcc(*"ansi"):  # FFmpeg's "ansi"
             raise UserError(f"{path}: OpenCV cannot open this as a video (corrupt, unknown format, or text)")  # = text
         # grab() decodes the next frame (False after the last), retrieve() gives it as BGR uint8, shrunk at once

@@ -211,12 +211,12 @@ def load_image(path, size):
     then letterboxed (edges repeated): a crop could cut an object away, a stretch turns circles into ellipses."""
     if os.path.isfile(path) and cut_off(path):  # checked before libjpeg or libpng decodes it (and warns on stderr)
         raise UserError(f"{path}: this image is cut off (no end-of-image marker); re-export or re-copy it")
-    try:  # OpenCV returns None for a file it cannot read, but raises for one over its size limit
-        img = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None  # alpha kept, if any
-    except cv2.error as e:
+    try:  # os.fsencode: OpenCV gets the name's bytes (a name that is not UTF-8, from an old zip, crashes it as a str)
+        img = cv2.imread(os.fsencode(path), cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None  # alpha kept
+    except cv2.error as e:  # OpenCV raises for an image over its size limit (and returns None for one it cannot read)
         raise UserError(f"{path}: OpenCV cannot decode this image ({e.err}; it reads at most 2^30 pixels)") from None
     if img is not None and (img.ndim != 3 or img.shape[2] != 4 or img.dtype not in (np.uint8, np.uint16)):
-        img = cv2.imread(path, cv2.IMREAD_COLOR)  # no alpha: OpenCV's 8-bit BGR (EXIF-rotated), or None
+        img = cv2.imread(os.fsencode(path), cv2.IMREAD_COLOR)  # no alpha: OpenCV's 8-bit BGR (EXIF-rotated), or None
     if img is None or img.size == 0:
         raise UserError(f"{path}: " + ("OpenCV cannot decode this image (empty, corrupt or unknown format)" if
                 os.path.isfile(path) else "a folder, not an image" if os.path.isdir(path) else "image not found"))
