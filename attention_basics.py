@@ -624,8 +624,7 @@ class Captioner(Module):
         self.init_weights()
     def encode(self, frames):  # uint8 (B, F, S, S, 3) -> prefix (B, F*(1+P), D) or latents (B, Q, D); no --motion: F*P
         B, Fr = frames.shape[:2]
-        tokens = self.vision(to_pixels(frames.flatten(0, 1)))  # (B*F, P, D): each frame alone
-        tokens = tokens.view(B, Fr, *tokens.shape[1:])  # (B, F, P, D)
+        tokens = self.vision(to_pixels(frames.flatten(0, 1))).unflatten(0, (B, Fr))  # (B, F, P, D): each frame alone
         if self.motion is not None:
             tokens = torch.cat([self.summary(tokens.flatten(2))[:, :, None], tokens], 2)  # (B, F, 1+P, D)
             prev = torch.cat([tokens[:, :1], tokens[:, :-1]], 1)  # (B, F, 1+P, D): frame f-1 (frame 0 for itself)
@@ -1168,7 +1167,8 @@ def evaluate(models, clip_model, tok, cfg, device, data, seconds):
 
 def refuse_changes(cfg, typed, mode):  # --eval, --generate: refuse a flag unlike the saved run's; print what runs
     same = lambda k, v: os.path.abspath(v) == cfg.data_dir if k == "data_dir" else v == getattr(cfg, k)  # (absolute)
-    if clash := [f"--{k} {v}" for k, v in typed.items() if k not in RUN_FIELDS and not same(k, v)]:
+    if clash := [f"--{'no-' * (v is False)}{k}" + f" {v}" * (not isinstance(v, bool)) for k, v in typed.items()
+                 if k not in RUN_FIELDS and not same(k, v)]:  # a bool as typed: --no-sdpa
         raise UserError(f"{cfg.out_dir}: {mode} runs the trained settings and world; drop {', '.join(clash)}")
     print("config:", json.dumps(dataclasses.asdict(cfg)))  # the saved run, with the typed run fields
 

@@ -7556,7 +7556,7 @@ def test_ab_transparent_frames_long_captions_and_a_failed_run(tmp_path, capsys):
     clip = tmp_path / "clip.mp4"
     shutil.copy(next((tmp_path / "d").rglob("*.mp4")), clip)
     for mode, flags in ((["--eval"], ["--n_test", "3", "--seed", "5"]), (["--eval"], ["--img_size", "32"]),
-                        (["--generate", "--video", clip], ["--max_frames", "2"])):
+                        (["--generate", "--video", clip], ["--max_frames", "2"]), (["--eval"], ["--no-sdpa"])):
         _ab_user_error(capsys, f"drop {' '.join(flags[:2])}", *mode, "--out_dir", tmp_path / "o", *flags)
     _ab_user_error(capsys, "--video is for --generate", "--video", clip, "--section", "attention")
 
