@@ -1246,5 +1246,5 @@ def main(argv=None):
         sys.exit(2)
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows): \U0001f600, no crash
+    sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows) prints as \U0001f600
     main()

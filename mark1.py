@@ -1392,7 +1392,7 @@ def main(argv=None):
         print("nothing to do: pass --train, --eval, --predict, or --bench (see --help)")
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows): \U0001f600, no crash
+    sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows) prints as \U0001f600
     try:
         main()
     except (UserError, OSError) as e:

@@ -1551,7 +1551,7 @@ def main(argv=None):  # the command line: one mode per call (--train [--resume],
         print("nothing to do: pass --train, --eval, --generate, --inspect DIR or --bench (see --help)")
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows): \U0001f600, no crash
+    sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows) prints as \U0001f600
     try:
         main()
     except (UserError, OSError) as e:

@@ -1046,5 +1046,5 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError end
         sys.exit(2)
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows): \U0001f600, no crash
+    sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows) prints as \U0001f600
     main()
