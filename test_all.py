@@ -4103,6 +4103,13 @@ def test_vl_bad_inputs(vl_ckpt, tmp_path, monkeypatch):
     bad.write_text('{"image": "x.png", "question": "q", "answer": "a"}\n{"video": "v.mp4"}\n')
     with pytest.raises(vl.UserError, match="bad.jsonl:2"):
         vl.read_annotations(str(bad))
+    # a Windows path: one backslash is no JSON escape (the reason is named), two name a file that is not here
+    for text, why in ((r'{"video": "clips\cat.mp4"}', r"bad.jsonl:1: not valid JSON (Invalid \escape, column 17)"),
+                      (r'{"video": "clips\\cat.mp4", "question": "q", "answer": "a"}',
+                       r"bad.jsonl:1: video 'clips\\cat.mp4' not found (write paths with /)")):
+        bad.write_text(text + "\n")
+        with pytest.raises(vl.UserError, match=re.escape(why)):
+            vl.read_annotations(str(bad))
     # a float TIFF OpenCV reads only unchanged (through the command line too, as a user meets it), and a device name
     # PyTorch does not know: one line each
     tiff, t5 = str(tmp_path / "float.tiff"), dirs["t5save"]

@@ -324,8 +324,8 @@ def read_annotations(path, why=""):  # JSON lines {"image"|"video"|"frames", "qu
             continue
         try:
             e = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{no}: not a JSON object")
+        except json.JSONDecodeError as err:  # e.g. a Windows path's lone backslash: "Invalid \escape"
+            raise UserError(f"{path}:{no}: not valid JSON ({err.msg}, column {err.colno})")
         keys = [k for k in ("image", "video", "frames") if isinstance(e, dict) and k in e]
         qa = [e.get(k) if isinstance(e, dict) else None for k in ("question", "answer")]
         texts = all(isinstance(t, str) and t.strip(" .") for t in qa)  # an answer "." would match an empty prediction
@@ -336,7 +336,7 @@ def read_annotations(path, why=""):  # JSON lines {"image"|"video"|"frames", "qu
         if re.search("<image>|<video>", e["question"] + e["answer"]):  # the template adds the one tag itself
             raise UserError(f"{path}:{no}: the text contains an <image>/<video> tag; the prompt template adds it")
         if not os.path.exists(media := os.path.join(base, rel)):
-            raise UserError(f"{path}:{no}: {kind} '{rel}' not found")
+            raise UserError(f"{path}:{no}: {kind} {rel!r} not found" + " (write paths with /)" * ("\\" in rel))
         out.append(dict(kind=kind, path=media, question=e["question"], answer=e["answer"], line=f"{path}:{no}"))
     if not out:
         raise UserError(f"{path}: no entries")
