@@ -1120,6 +1120,14 @@ def test_vm_eval_decodes_only_the_clips_it_scores(tmp_path, _vm_trained, monkeyp
 
 
 
+def test_vm_a_windows_path_in_the_annotation_file_is_named_with_the_fix(tmp_path):
+    """An annotation file written on Windows (clips\\cat.mp4) and read elsewhere: the path is shown as written, with
+    the fix."""
+    (tmp_path / "a.txt").write_text("clips\\cat.mp4\na cat\n", encoding="utf-8")
+    with pytest.raises(vm.UserError, match=re.escape("a.txt:1: video 'clips\\\\cat.mp4' not found (use / in paths)")):
+        vm.read_annotations(str(tmp_path / "a.txt"))
+
+
 def test_vm_a_clip_listed_twice_is_one_entry(tmp_path):
     """The same clip in two entries (spelled two ways) is one entry with every caption as a reference, so it is never
     both trained on and held out for testing."""
@@ -2273,6 +2281,13 @@ def test_vc_eval_of_a_run_whose_training_file_moved(tmp_path, capsys, monkeypatc
     decoded.clear()
     vc.main(["--eval", "--out_dir", str(tmp_path / "o2"), "--data", str(tmp_path / "caps.txt")])
     assert decoded == ["red0.png", "green2.png"] and json.load(open(tmp_path / "o2" / "eval.json"))["test"]["n"] == 2
+
+
+def test_vc_a_windows_path_in_the_captions_file_is_named_with_the_fix(tmp_path):
+    (tmp_path / "caps.txt").write_text("images\\red.png | a red patch\n", encoding="utf-8")
+    with pytest.raises(vc.UserError, match=re.escape("caps.txt:1: no image file 'images\\\\red.png' (paths are "
+                                                     "relative to the captions file, with /)")):
+        vc.read_captions(str(tmp_path / "caps.txt"))
 
 
 def test_vc_captions_file_merges_one_image_spelled_two_ways(tmp_path):
@@ -4106,7 +4121,7 @@ def test_vl_bad_inputs(vl_ckpt, tmp_path, monkeypatch):
     # a Windows path: one backslash is no JSON escape (the reason is named), two name a file that is not here
     for text, why in ((r'{"video": "clips\cat.mp4"}', r"bad.jsonl:1: not valid JSON (Invalid \escape, column 17)"),
                       (r'{"video": "clips\\cat.mp4", "question": "q", "answer": "a"}',
-                       r"bad.jsonl:1: video 'clips\\cat.mp4' not found (write paths with /)")):
+                       r"bad.jsonl:1: video 'clips\\cat.mp4' not found (use / in paths)")):
         bad.write_text(text + "\n")
         with pytest.raises(vl.UserError, match=re.escape(why)):
             vl.read_annotations(str(bad))

@@ -261,7 +261,7 @@ def read_annotations(path, why=""):
                 raise UserError(f"{path}:{start}: entry '{cur[0]}' has a video path but no caption line")
             video = os.path.realpath(os.path.join(here := os.path.dirname(path), cur[0]))  # relative to the file
             if not os.path.exists(video):
-                raise UserError(f"{path}:{start}: video '{cur[0]}' not found")
+                raise UserError(f"{path}:{start}: video {cur[0]!r} not found" + " (use / in paths)" * ("\\" in cur[0]))
             for i, cap in enumerate(cur[1:], start + 1):  # a missing blank line would merge two entries
                 near = os.path.join(here, cap)  # a file, or a folder of frames, beside the annotation file?
                 if re.search(r"\.(mp4|avi|mov|mkv|webm|m4v)$", cap, re.I) or os.path.isfile(near) or os.path.isdir(

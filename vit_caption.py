@@ -246,7 +246,7 @@ def read_captions(path, why=""):
             raise UserError(f"{path}:{no}: expected 'image path | caption', both non-empty; found {line[:60]!r}")
         image = os.path.realpath(os.path.join(base, name))  # one key per image file, however its path is spelled
         if image not in caps and not os.path.isfile(image):
-            raise UserError(f"{path}:{no}: no image file '{name}' (paths are relative to the captions file)")
+            raise UserError(f"{path}:{no}: no image file {name!r} (paths are relative to the captions file, with /)")
         caps.setdefault(image, []).append(caption)  # several lines per image = several references
     if not caps:
         raise UserError(f"{path}: no entries (expected lines 'image.png | a caption')")
