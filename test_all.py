@@ -1119,7 +1119,6 @@ def test_vm_eval_decodes_only_the_clips_it_scores(tmp_path, _vm_trained, monkeyp
     assert seen == ["cat0.mp4", "cat10.mp4"] and json.load(open(tmp_path / "o2" / "eval.json"))["test"]["n"] == 2
 
 
-
 def test_vm_a_windows_path_in_the_annotation_file_is_named_with_the_fix(tmp_path):
     """An annotation file written on Windows (clips\\cat.mp4) and read elsewhere: the path is shown as written, with
     the fix."""
