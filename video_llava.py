@@ -507,12 +507,12 @@ def prompt_text(question, kind):  # the template 'USER: <video>\n{question} ASSI
     return f"USER: {'<' + kind + '>' + chr(10) if kind else ''}{question} ASSISTANT:"
 
 def expand_placeholders(ids, cfg, n_frames):
-    """Each <image> / <video> tag -> one token per visual feature, as the HF processor expands the string: the model
-    writes one feature over each, and the visual tokens sit at ordinary positions, with ordinary RoPE."""
-    p = (cfg.image_size // cfg.patch_size) ** 2
-    copies = {cfg.image_token_index: p + (cfg.vision_feature_select_strategy == "full"),  # P, P+1 if CLS is kept
-              cfg.video_token_index: (p + 1) * n_frames}  # (P+1)*F: CLS kept for every frame; other tokens stay one
-    return [i for tag in ids for i in [tag] * copies.get(tag, 1)]
+    """ids, one prompt's list of ints -> the same list with each <image> / <video> tag repeated once per visual feature
+    (as the HF processor expands the string): the model writes one feature over each, at ordinary RoPE positions."""
+    n_patches = (cfg.image_size // cfg.patch_size) ** 2  # P per frame
+    copies = {cfg.image_token_index: n_patches + (cfg.vision_feature_select_strategy == "full"),  # P, P+1 with CLS
+              cfg.video_token_index: (n_patches + 1) * n_frames}  # (P+1)*F: every frame's CLS kept; text stays one
+    return [t for i in ids for t in [i] * copies.get(i, 1)]
 
 # Model: LLaMA primitives -> CLIP tower -> projector -> VideoLlava -----------------------------------------------------
 class RMSNorm(nn.Module):
@@ -577,7 +577,7 @@ class KVCache:
 class LlamaAttention(nn.Module):
     """Causal self-attention with rotary positions (RoPE, Su et al. 2021) and grouped-query attention (GQA, Ainslie
     et al. 2023), after transformers' LlamaAttention. GQA: H query heads share K <= H key/value heads, query head h
-    reading kv head h // (H/K); the cache then holds K heads, not H (K = H is plain multi-head, as in the 7B)."""
+    reading kv head h // (H/K): a cache H/K times smaller to read at each decoding step (K = H in the 7B: plain MHA)."""
     def __init__(self, cfg):
         super().__init__()
         self.h, self.kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -635,7 +635,7 @@ class CLIPEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(3, d, cfg.patch_size, cfg.patch_size, bias=False)  # stride = kernel: one patch
         self.position_embedding = nn.Embedding(n + 1, d)  # learned, one per slot: CLS + P patches
     def forward(self, pixels):  # (N, 3, S, S) -> (N, P+1, Dv)
-        # the conv gives (N, Dv, S/p, S/p); flatten the grid row-major and put the patches first
+        # the conv gives (N, Dv, S/p, S/p): flatten the grid row-major, then transpose to (N, P, Dv); CLS goes in front
         x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)  # (N, P, Dv)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (N, 1, Dv)
         return torch.cat([cls, x], 1) + self.position_embedding.weight  # (N, P+1, Dv)
@@ -685,7 +685,7 @@ class CLIPVisionTransformer(nn.Module):
         self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(CLIPEncoderLayer(cfg)
                                                                for _ in range(cfg.v_num_hidden_layers))))
         self.post_layernorm = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)  # loaded, never used here
-        self.n_run = range(cfg.v_num_hidden_layers + 1)[cfg.vision_feature_layer]  # layers to run
+        self.n_run = range(cfg.v_num_hidden_layers + 1)[cfg.vision_feature_layer]  # hidden state k: after k layers
     def forward(self, pixels):  # (N, 3, S, S) -> (N, P+1, Dv), the hidden state of the feature layer
         x = self.pre_layrnorm(self.embeddings(pixels))  # (N, P+1, Dv): hidden_states[0]
         for layer in self.encoder.layers[: self.n_run]:  # layers past the feature layer are never computed
@@ -694,8 +694,8 @@ class CLIPVisionTransformer(nn.Module):
 
 class VideoLlavaMultiModalProjector(nn.Module):
     """CLIP features (Dv) -> the LLM's embedding space (D). LLaVA-1.5 (Liu et al. 2023) found this two-layer MLP
-    clearly better than LLaVA's one Linear layer: the GELU lets the map bend CLIP's space, not only rotate and scale
-    it. One projector serves images and frames, so both land in one space the LLM learns to read."""
+    clearly better than LLaVA's one Linear layer: the GELU lets the map bend CLIP's space, where a Linear is only an
+    affine map. One projector serves images and frames, so both land in one space the LLM learns to read."""
     def __init__(self, cfg):
         super().__init__()
         self.linear_1 = nn.Linear(cfg.v_hidden_size, cfg.hidden_size)  # Dv -> D
@@ -793,8 +793,8 @@ class VideoLlava(nn.Module):
             h = h[:, 1:]  # drop CLS: LLaVA's images give only their P patch features (N, P, Dv)
         return self.multi_modal_projector(h)
     def video_features(self, videos):  # (B, F, 3, S, S) -> (B*F, P+1, D): each frame alone, CLS kept
-        # frames are encoded one by one (no temporal attention in the tower): the order of events is left to the
-        # LLM, which reads the frames' tokens in sequence; Video-LLaVA keeps each frame's CLS as one more token
+        # frames are encoded one by one (no temporal attention in the tower): the LLM reads their tokens in order.
+        # Unlike images they keep CLS whatever the strategy, as the checkpoint was trained and HF does (7B: 8 x 257)
         return self.multi_modal_projector(self.video_tower.vision_model(videos.flatten(0, 1)))  # via (B*F, P+1, Dv)
     def _place(self, x, input_ids, token, feats, what):
         """Write the features (n, P or P+1, D) over the placeholder embeddings of x (B, L, D): the k-th placeholder
@@ -836,7 +836,7 @@ class VideoLlava(nn.Module):
         if attention_mask.shape != (B, T):  # a mask of another width would broadcast into wrong positions
             raise ValueError(f"attention_mask must be (B, T) = {(B, T)}: the cached tokens, then these L = {L}")
         x = lm.embed_tokens(input_ids)  # (B, L, D)
-        # placeholder expansion: each visual token's embedding (expand_placeholders) is overwritten by its feature
+        # the visual tokens (one per feature since expand_placeholders) get the features in place of their embeddings
         for what, pixels, token, encode in (("image", pixel_values_images, cfg.image_token_index, self.image_features),
                                             ("video", pixel_values_videos, cfg.video_token_index, self.video_features)):
             if pixels is not None:
