@@ -7,7 +7,7 @@ What `--train` builds (qformer_mode "text", the design of the VideoLLaMA-Mini wr
          tokens are the queries and the F visual tokens the keys/values (a text-query Q-Former)          (B, L, V)
 
 `--qformer_mode queries` (BLIP-2) inserts a QFormer between the visual tokens and the same decoder:
-      visual tokens (B, F, D) -> QFormer: Q learned queries, self-attention + cross-attention to them  (B, Q, D)
+      visual tokens (B, F, D) -> QFormer: Q learned queries; self-attention, cross-attention to the F tokens  (B, Q, D)
       -> caption decoder as above, its cross-attention reading the Q vectors instead of the F visual tokens (B, L, V)
 Papers: BLIP-2 (https://arxiv.org/abs/2301.12597), Video-LLaMA (https://arxiv.org/abs/2306.02858).
 The decoder reads the video by cross-attention, not as a prefix: the decoded sequence is the caption alone (its
@@ -381,7 +381,7 @@ class FrameEncoder(nn.Module):
         # Subtract each frame's mean colour: the background then reads as ~0 and the small objects carry the signal;
         # otherwise every clip's embedding is "mostly background", nearly one vector for all clips, hiding the video.
         x = x - x.mean((-2, -1), keepdim=True)  # (B, F, 3, S, S)
-        if self.frame_diff:
+        if self.frame_diff:  # x[t] - x[t-1] (0 at t=0): a moving shape's front and back show up with opposite signs
             diff = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], 1)  # (B, F, 3, S, S)
             x = torch.cat([x, diff], 2)  # (B, F, 6, S, S)
         feat = self.cnn(x.flatten(0, 1).to(self.ln.weight.dtype))  # (B*F, 2w, S/4, S/4), w = cnn_width
@@ -393,7 +393,7 @@ class FrameEncoder(nn.Module):
 class QFormer(nn.Module):
     """BLIP-2's Querying Transformer: Q learned query vectors (B, Q, D) attend to each other and read the visual tokens
     (B, F, D) by cross-attention, layer after layer; the decoder reads these Q vectors, a fixed-size summary however
-    many frames. `--qformer_mode text` builds none: there the caption tokens are the queries, in the decoder."""
+    many frames. `--qformer_mode text` builds none: each caption token queries the frames itself, no bottleneck."""
     def __init__(self, cfg):
         super().__init__()
         self.query = nn.Parameter(torch.randn(1, cfg.n_query, cfg.d_model) * 0.02)  # (1, Q, D), std 0.02
@@ -417,12 +417,12 @@ class VideoLLaMAMini(nn.Module):
         self.ln_vis = nn.LayerNorm(cfg.d_model)  # the visual tokens' final norm
         if cfg.qformer_mode == "queries":
             self.qformer = QFormer(cfg)  # (B, F, D) -> (B, Q, D)
-        self.tok = nn.Embedding(vocab_size, cfg.d_model)  # compact token table
+        self.tok = nn.Embedding(vocab_size, cfg.d_model)  # V: the training text's GPT-2 ids, or all 50257
         self.register_buffer("text_pos", sinusoid(cfg.max_len, cfg.d_model), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)  # on the decoder's input
         self.decoder = nn.ModuleList(Block(cfg, causal=True, cross=True) for _ in range(cfg.n_dec_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)  # before the output table
-        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)  # (V, D), untied from tok; compact, not 50257 rows
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)  # (V, D), untied from tok; V rows as in tok
         for m in self.modules():  # GPT-2's init (Conv2d keeps PyTorch's), then the two exceptions below
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, 0.0, 0.02)  # GPT-2's std: the head's first predictions near-uniform
@@ -452,7 +452,7 @@ class VideoLLaMAMini(nn.Module):
             fold(self.qformer.scale, self.qformer.shift, self.encode(video), 0)
     def encode(self, video, use_qformer=True):  # uint8 (B, F, S, S, 3) -> (B, Q, D) by the QFormer, else (B, F, D)
         vis = self.frames(to_unit(video)) + self.time_pos[: video.shape[1]]  # (B, F, D)
-        for blk in self.temporal:  # (B, F, D) through each layer
+        for blk in self.temporal:  # attention is order-blind: the time code above tells frame 1 from frame F
             vis = blk(vis)
         vis = self.ln_vis(vis)  # (B, F, D)
         return self.qformer(vis) if self.cfg.qformer_mode == "queries" and use_qformer else vis
@@ -848,21 +848,21 @@ def generate(model, video, cfg, use_cache=True, generator=None, stop_at_eos=True
 
 def beam_search(model, video, cfg, length_penalty=1.0):
     """Beam search with the KV cache, called by generate (eval mode, no grad): B*beam rows; the cache is re-ordered
-    by each step's surviving beams. A finished hypothesis scores its log-probability / length**length_penalty."""
+    by each step's surviving beams. Finished: log-prob / (tokens + EOS)**length_penalty (raw sums favour short ones)."""
     B, K = video.shape[0], cfg.beam
     memory = model.encode(video).repeat_interleave(K, 0)  # (B*K, Q or F, D)
     cache = [{} for _ in model.decoder]  # self- and cross-attention keys/values per layer
-    seq = torch.full((B * K, 1), BOS, dtype=torch.long, device=video.device)
+    seq = torch.full((B * K, 1), BOS, dtype=torch.long, device=video.device)  # K equal beams: one live, not K copies
     score = torch.tensor([0.0] + [float("-inf")] * (K - 1), device=video.device).repeat(B, 1)  # (B, K): one alive
     finished = [[] for _ in range(B)]
     for t in range(min(cfg.max_new_tokens, cfg.max_len - 1)):  # BOS takes one of the max_len positions
         logp = model.decode(seq[:, -1:], memory, cache, pos=t)[:, -1].float().log_softmax(-1)  # (B*K, V)
         V = logp.shape[-1]  # vocabulary size
-        top, pos = (score.view(-1, 1) + logp).view(B, K * V).topk(2 * K, -1)  # best 2K (beam, token): K live remain
+        top, flat = (score.view(-1, 1) + logp).view(B, K * V).topk(2 * K, -1)  # flat = beam*V + token; <= K are EOS
         kept = []  # (score, row, token) of the K live beams of each clip, in clip order
         for b in range(B):
             keep = []
-            for s, p in zip(top[b].tolist(), pos[b].tolist()):
+            for s, p in zip(top[b].tolist(), flat[b].tolist()):
                 beam, token = divmod(p, V)  # which beam it extends, with which token
                 if s == float("-inf") or len(keep) == K:
                     break
