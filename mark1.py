@@ -431,7 +431,7 @@ class VJEPA2Attention(nn.Module):  # non-causal, separate q/k/v/proj, V-JEPA 2's
         y = x.unflatten(-1, (-1, 2))  # (B, H, P, n/2, 2)
         y = torch.stack((-y[..., 1], y[..., 0]), dim=-1).flatten(-2)  # (B, H, P, n)
         return x * angle.cos() + y * angle.sin()  # with partner i +- 1, not i + n/2: not a true 2-D rotation
-    def rope(self, x):  # (B, H, P, E) -> same; the head dim is split in three: time, height, width
+    def rope(self, x):  # (B, H, P, E): a third of E per axis (t, h, w), so attention sees the 3-D layout, not 1-D order
         P, g, s = x.shape[2], self.grid, self.sub  # P tokens, G grid side, s dims per axis
         i = torch.arange(P, device=x.device)  # token index in (t, h, w) raster order
         t, h, w = i // (g * g), (i % (g * g)) // g, i % g  # positions from the config grid, not the input size
@@ -461,7 +461,7 @@ class VJEPA2Encoder(nn.Module):  # module names as in the HF checkpoint, its `en
         self.width, self.patch, self.tubelet, self.crop = c.v_width, c.v_patch, c.v_tubelet, c.crop  # read by Mark1
         self.embeddings = nn.Module()  # bare modules: the checkpoint's key path embeddings.patch_embeddings.proj
         self.embeddings.patch_embeddings = nn.Module()
-        cube = (c.v_tubelet, c.v_patch, c.v_patch)  # one token per cube: a strided Conv3d, a linear map of each
+        cube = (c.v_tubelet, c.v_patch, c.v_patch)  # a tubelet of frames x p x p -> 1 token: fewer tokens, motion in
         self.embeddings.patch_embeddings.proj = nn.Conv3d(3, c.v_width, kernel_size=cube, stride=cube)  # (no overlap)
         self.layer = nn.ModuleList(VJEPA2Layer(c.v_width, c.v_heads, c.v_mlp_ratio, c.crop // c.v_patch, eps)
                                    for _ in range(c.v_layers))
@@ -499,16 +499,16 @@ def apply_rope(x, cos, sin):  # x (B, H, L, E): dim i pairs with dim i + E/2 (ro
 class Qwen3Attention(nn.Module):
     def __init__(self, d, n_head, n_kv, hd, eps):
         super().__init__()
-        self.n_head, self.n_kv, self.hd = n_head, n_kv, hd  # GQA: n_kv < n_head key/value heads, shared
+        self.n_head, self.n_kv, self.hd = n_head, n_kv, hd  # GQA: n_kv k/v heads shared by the q heads: a smaller cache
         self.q_proj, self.o_proj = nn.Linear(d, n_head * hd, bias=False), nn.Linear(n_head * hd, d, bias=False)
         self.k_proj, self.v_proj = nn.Linear(d, n_kv * hd, bias=False), nn.Linear(d, n_kv * hd, bias=False)  # K heads
-        self.q_norm, self.k_norm = RMSNorm(hd, eps), RMSNorm(hd, eps)  # per head, before RoPE
+        self.q_norm, self.k_norm = RMSNorm(hd, eps), RMSNorm(hd, eps)  # QK-norm per head: bounded q.k, stabler training
     def forward(self, x, cos, sin, mask, cache=None):
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, L, self.n_head, self.hd)).transpose(1, 2)  # (B, H, L, E)
         k = self.k_norm(self.k_proj(x).view(B, L, self.n_kv, self.hd)).transpose(1, 2)  # (B, K, L, E)
         v = self.v_proj(x).view(B, L, self.n_kv, self.hd).transpose(1, 2)  # (B, K, L, E)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # Qwen3: q/k RMS-normed per head first, then RoPE
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # normed first: a gain after RoPE breaks relative q.k
         if cache is not None:  # cache: a dict per layer holding the keys/values of earlier positions
             if "k" in cache:
                 k, v = torch.cat((cache["k"], k), 2), torch.cat((cache["v"], v), 2)
@@ -589,7 +589,7 @@ class BertLayer(nn.Module):  # BERT's encoder layer: post-LayerNorm, GELU, paddi
         return self.ln2(x + self.fc2(F.gelu(self.fc1(x))))
 
 class Bridge(nn.Module):
-    """The trainable part. The V-JEPA 2 encoder carries no absolute position (RoPE only), and cross-attention is blind
+    """Trained in every mode. The V-JEPA 2 encoder adds no position embedding (RoPE only), and cross-attention is blind
     to token order, so the bridge adds learned per-tubelet and per-patch-position embeddings to the video tokens:
     without them the visual prefix and the "linear" frame head could not tell *when* anything happened."""
     def __init__(self, cfg, v_width, d, tubelet, grid):
@@ -599,7 +599,7 @@ class Bridge(nn.Module):
         self.proj = nn.Linear(v_width, d)  # video width Dv -> LLM width D
         self.time_emb = nn.Parameter(torch.zeros(n_tubelet, d))  # one per tubelet
         self.space_emb = nn.Parameter(torch.zeros(grid * grid, d))  # one per patch position
-        self.queries = nn.Parameter(torch.randn(self.N + self.M, d) * 0.02)  # learned queries (BLIP-2): visual first
+        self.queries = nn.Parameter(torch.randn(self.N + self.M, d) * 0.02)  # BLIP-2: P tokens -> N+M; visual first
         self.ln_v = nn.LayerNorm(d)  # the video tokens enter the cross-attention normalised
         # queries read the video in pre-LN cross-attention + MLP blocks (a Q-Former without query self-attention)
         mlp = lambda h: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))  # pre-LN, h wide
@@ -608,7 +608,7 @@ class Bridge(nn.Module):
         self.ln_q = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg.bridge_layers))  # pre-LN of the queries
         self.bert = BertLayer(d, cfg.bert_heads, cfg.bert_inter)  # queries and question tokens attend to each other
         self.head = nn.ModuleList(mlp(d) for _ in range(cfg.temporal_blocks))  # the temporal head's residual blocks
-        self.frame_head = cfg.frame_head  # see frame_logits ("keys": one key per frame, so a tubelet's two can differ)
+        self.frame_head = cfg.frame_head  # "keys": each frame scored on its own video: follows the event, not a slot
         if cfg.frame_head == "linear":  # the Mark-1 project's: a fixed map from each query to F logits
             self.frame_out = nn.Linear(d, cfg.n_frames)
         else:
@@ -651,7 +651,7 @@ class Bridge(nn.Module):
         valid = torch.cat((torch.ones(q.shape[:2], dtype=torch.bool, device=q.device), q_valid), 1)  # (B, N+M+Lq)
         return self.bert(x, valid)[:, :self.N + self.M]
 
-class Mark1(nn.Module):
+class Mark1(nn.Module):  # vision -> bridge -> llm, each on its own device; loss = answer CE + lam * frame BCE
     def __init__(self, cfg, vocab, vision=None, llm=None):
         super().__init__()
         self.vision, self.llm = vision or VJEPA2Encoder(cfg), llm or Qwen3LM(vocab, cfg)  # from scratch: cfg's sizes
