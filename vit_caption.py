@@ -1,7 +1,7 @@
 """vit_caption: a ViT image encoder + LLaMA-style decoder image captioner in one file, small enough to train on a CPU.
 
     image (B, S, S, 3) uint8
-      -> ViT: patch embedding (conv, stride = patch), learned position embeddings, pre-LayerNorm blocks with
+      -> ViT: patch embedding (conv, stride = patch), learned positions (pca init: 2-D sin-cos), pre-LN blocks with
          GELU MLPs (dropout in --preset original), final LayerNorm            -> (B, P, E) patch tokens (+ CLS)
       -> pooled to the visual prefix: "cls" (a learned CLS token's output, (B, 1, E), the write-up's image vector),
          "mean" (mean of the patch tokens, (B, 1, E)) or "patches" (all P patch tokens, (B, P, E))
@@ -438,13 +438,13 @@ class ViTCaptioner(nn.Module):  # ViT -> linear projection -> LLaMA-style decode
         conv, p = self.vit.patch_embed, self.cfg.patch
         patches = F.unfold(pixels(images), p, stride=p).transpose(1, 2).flatten(0, 1).double()  # (B*P, 3*p*p)
         x = patches - (mean := patches.mean(0))  # centred, (n, 3*p*p) for n = B*P patches
-        # big patches (n < 3*p*p): the n x n Gram matrix x x^T has the covariance's nonzero eigenvalues, and is smaller
+        # n < 3*p*p (few images, big patches): the n x n Gram matrix x x^T has cov's nonzero eigenvalues, and is smaller
         evals, evecs = torch.linalg.eigh(x @ x.T / (len(x) - 1) if (gram := len(x) < x.shape[1]) else torch.cov(x.T))
         # only components with real variance (few images leave some near 0: a 1/std gain would blow new images up)
         k = min(conv.out_channels, int((evals > 1e-5 * evals[-1]).sum()))
         evals, evecs = evals[len(evals) - k:].flip(0), evecs[:, len(evals) - k:].flip(1)  # the k largest, largest first
         evecs = x.T @ evecs / (evals * (len(x) - 1)).sqrt() if gram else evecs  # Gram's u -> cov's x^T u, unit length
-        w = (evecs / evals.sqrt()).T * self.cfg.patch_scale  # (k, 3*p*p): a row per component / its std: output std 1
+        w = (evecs / evals.sqrt()).T * self.cfg.patch_scale  # (k, 3*p*p): component / its std: output std patch_scale
         conv.weight.zero_(), conv.bias.zero_()  # channels beyond the k components stay zero
         conv.weight.view(conv.out_channels, -1)[:k] = w.float()  # (E, 3, p, p) seen as (E, 3*p*p): unfold's order
         conv.bias[:k] = -(w @ mean).float()  # centred: the mean patch maps to zero
@@ -471,7 +471,7 @@ class ViTCaptioner(nn.Module):  # ViT -> linear projection -> LLaMA-style decode
     def forward(self, images, idx, targets=None):
         """images uint8 (B, S, S, 3), idx (B, L) starting with BOS -> logits (B, L, V) at the text positions, loss: the
         mean over the real tokens (image positions predict nothing; cross_entropy skips pad_batch's -100 targets)."""
-        x = torch.cat([self.encode(images), self.embed_tokens(idx)], 1)  # (B, N+L, D)
+        x = torch.cat([self.encode(images), self.embed_tokens(idx)], 1)  # (B, N+L, D): first, so all text can see it
         logits = self.lm_head(self.decode(x)[:, self.n_prefix:])  # (B, L, V)
         return logits, None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     def record_attention(self, on):  # on: each Attention keeps its maps (the explicit softmax, slower); off: drops them
@@ -593,7 +593,7 @@ def autocast(cfg, device):  # matmuls in cfg.dtype under torch.autocast (weights
     return torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
 
 def pad_batch(seqs, max_len):
-    """Token lists -> (inputs, targets), right-padded; pad targets are -100 (ignored by the loss).
+    """Token lists [BOS, .., EOS] -> inputs s[:-1], targets s[1:] (next token), (B, L) each; pad targets -100 (no loss).
     Right padding needs no attention mask: under the causal mask a pad never influences an earlier position."""
     L = min(max_len, max(len(s) for s in seqs)) - 1
     inp, tgt = torch.zeros(len(seqs), L, dtype=torch.long), torch.full((len(seqs), L), -100, dtype=torch.long)
@@ -832,15 +832,15 @@ def generate(model, images, cfg, use_cache=True, generator=None, stop_at_eos=Tru
     return [[i for i in row if i != eos] for row in seq.tolist()]
 
 def beam_search(model, images, cfg, length_penalty=1.0):  # generate's beam > 1: under its no_grad and eval()
-    """Beam search with the KV cache over B*K rows; a finished hypothesis scores log-prob / length**length_penalty."""
+    """Beam search, KV cache, B*K rows; finished: log-prob / len**length_penalty: raw sums favour short captions."""
     B, K, V, N, eos = images.shape[0], cfg.beam, model.lm_head.out_features, model.n_prefix, 0
     x, cache = prefill_input(model, images).repeat_interleave(K, 0), [{} for _ in model.layers]  # x: (B*K, N+1, D)
     logp = next_logits(model, x, cache).log_softmax(-1)  # (B*K, V)
     seq = torch.zeros(B * K, 0, dtype=torch.long, device=images.device)
-    score = torch.tensor([0.0] + [float("-inf")] * (K - 1), device=images.device).repeat(B, 1)  # (B, K): one alive
+    score = torch.tensor([0.0] + [float("-inf")] * (K - 1), device=images.device).repeat(B, 1)  # K equal rows: 1 live
     finished, steps = [[] for _ in range(B)], min(cfg.max_new_tokens, cfg.max_len - 1)  # per image: (score, ids)
     for t in range(steps):
-        top, pos = (score.view(-1, 1) + logp).view(B, K * V).topk(2 * K, -1)  # 2K: K live beams survive EOS ends
+        top, pos = (score.view(-1, 1) + logp).view(B, K * V).topk(2 * K, -1)  # 2K: <= K end in EOS, so K live remain
         live = []  # (score, row it continues, token): K per image
         for b in range(B):
             keep = []
