@@ -330,7 +330,7 @@ def to_pixels(x):  # uint8 (..., S, S, 3) -> normalised float (..., 3, S, S)
 def attention(q, k, v, mask=None, causal=False):
     """softmax(Q K^T / sqrt(d)) V, spelled out. q (B, H, L, d), k/v (B, H, N, d), mask bool broadcastable to
     (B, H, L, N) with True = may attend. Returns (out (B, H, L, d), weights (B, H, L, N))."""
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, L, N): every query against every key
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, L, N); q.k has std ~sqrt(d): scaled to ~1
     # Masked scores get the dtype's most negative *finite* value, not -inf: a row with every key masked then still
     # gives finite (uniform) weights instead of 0/0 = NaN; callers zero such rows (see GatedCrossAttention).
     neg = torch.finfo(scores.dtype).min
@@ -375,8 +375,8 @@ class MultiHeadAttention(Module):
         at once and still never see the token it must predict;
       cross-attention (ctx given): queries from x, keys/values from another sequence, possibly of another width:
         how text reads an image in Flamingo and how latents read frames in the Perceiver.
-    H heads each attend in a d = D/H subspace (each can look for something else); their outputs are concatenated
-    and projected back to D."""
+    H heads each attend in a D/H-wide subspace (each can look for something else); their outputs are concatenated
+    and projected back to D. The argument `d` below is the full width D, not the legend's head width d = D/H."""
     def __init__(self, d, n_head, d_ctx=None, sdpa=True):
         super().__init__()
         self.h, self.sdpa = n_head, sdpa
@@ -468,8 +468,8 @@ class TextEncoder(Module):
 
 def clip_loss(img_emb, txt_emb, logit_scale, same=None):
     """Symmetric InfoNCE. Embeddings are L2-normalised, so img @ txt^T is a cosine-similarity matrix (B, B); times
-    exp(logit_scale) = 1/temperature (learned, clamped at 100 as in CLIP). Row i should pick column i (image->text)
-    and column i row i (text->image); the loss is the mean of both cross-entropies.
+    exp(logit_scale) = 1/temperature: cosines lie in [-1, 1], too flat for a confident softmax, so 1/T is learned
+    (<= 100, as CLIP). Row i must pick column i among the batch's captions, column i row i; the loss averages both.
     same (B, B) bool, optional: pairs that share a caption. Synthetic batches repeat captions, and calling an identical
     caption a negative is a false negative; with `same` the target spreads evenly over all matching entries."""
     img, txt = F.normalize(img_emb, dim=-1), F.normalize(txt_emb, dim=-1)
@@ -612,7 +612,7 @@ class Captioner(Module):
         # *where* the object is lives in the channels (as in a CNN feature map) rather than in which token holds it.
         # Its difference between frames (above) then says where the object went, as one vector.
         self.summary = nn.Linear(P * d, d) if cfg.motion else None
-        P += 1 if cfg.motion else 0  # + the summary token
+        P += 1 if cfg.motion else 0  # + the summary token; from here P is the prefix's tokens per frame (legend: 1+P)
         if variant == "unified":
             self.time = nn.Parameter(torch.randn(cfg.max_frames, 1, d) * 0.02)  # (F_max, 1, D): which frame
             self.proj = nn.Linear(d, d)  # the projector: image-encoder space -> the decoder's input space
@@ -684,7 +684,7 @@ def tour_attention(cfg):
           "bidirectional attention == F.scaled_dot_product_attention (float64, 1e-12)")
     check(bool(torch.isfinite(attention(q * 1e3, k * 1e3, v)[0]).all()), "scores of 1e6 stay finite thanks to the "
           "max subtraction")
-    # padding: row 1 has only 4 real keys; the mask hides keys 4, 5 from every query
+    # padding: batch item 1 has only 4 real keys; the mask hides its keys 4, 5 from every query
     keep = (torch.arange(L)[None] < torch.tensor([[6], [4]]))[:, None, None, :]  # (B, 1, 1, N): lengths 6 and 4
     out_m, w_m = attention(q, k, v, keep)
     print(f"  padding mask {tuple(keep.shape)} (B, 1, 1, N), True = real key; masked scores get "
@@ -730,7 +730,7 @@ def tour_cross(cfg):
     check(torch.allclose(xa(text, image), fused, atol=1e-5), "cross-attention written out == SDPA (float32)")
 
 def tour_patchify(cfg):
-    print("== patchify: a ViT sees an image as a sequence of patches ==")
+    print("== patchify: a ViT sees an image as (S/p)^2 patches, not S^2 pixels: attention's cost grows as tokens^2 ==")
     S, p = cfg.img_size, cfg.patch
     img = torch.rand(2, 3, S, S, generator=torch.Generator().manual_seed(2))
     patches = patchify(img, p)
@@ -784,7 +784,7 @@ def tour_video(cfg):
     check(sample_indices(5, 8) == [0, 0, 1, 2, 2, 3, 4, 4], "a short clip repeats indices to fill a fixed count")
 
 def tour_perceiver(cfg):
-    print("== perceiver: any number of frames -> a fixed set of latents ==")
+    print("== perceiver: any number of frames -> a fixed set of latents (the LM's cost per layer stays Q, not F*P) ==")
     d, Q = cfg.d_model, cfg.n_latents
     res = PerceiverResampler(d, cfg.n_head, Q, cfg.n_perceiver_layer, max(cfg.max_frames, 24), sdpa=False)  # F up to 24
     P, outs = (cfg.img_size // cfg.patch) ** 2 + 1, []  # tokens per frame (patches + CLS), the output shapes
@@ -807,7 +807,7 @@ def tour_perceiver(cfg):
 @torch.no_grad()  # the checks compare outputs only
 def tour_flamingo(cfg):
     print("== flamingo: gated cross-attention dense blocks and media masking ==")
-    tok_n, d, Q = 20, cfg.d_model, 4
+    tok_n, d, Q = 20, cfg.d_model, 4  # vocabulary size (not a length: L = 10 below), width, latents per media item
     lm = Decoder(dataclasses.replace(cfg, sdpa=False), tok_n, 16, xattn=True).eval()
     ids = torch.randint(0, tok_n, (2, 10))
     media = torch.randn(2, 2 * Q, d)  # (B, M*Q, D): two media items, Q latents each
