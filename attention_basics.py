@@ -612,7 +612,7 @@ class Captioner(Module):
         # *where* the object is lives in the channels (as in a CNN feature map) rather than in which token holds it.
         # Its difference between frames (above) then says where the object went, as one vector.
         self.summary = nn.Linear(P * d, d) if cfg.motion else None
-        P += 1 if cfg.motion else 0  # + the summary token; from here P is the prefix's tokens per frame (legend: 1+P)
+        P += 1 if cfg.motion else 0  # + the summary token; from here P is the prefix's tokens per frame
         if variant == "unified":
             self.time = nn.Parameter(torch.randn(cfg.max_frames, 1, d) * 0.02)  # (F_max, 1, D): which frame
             self.proj = nn.Linear(d, d)  # the projector: image-encoder space -> the decoder's input space

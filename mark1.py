@@ -431,7 +431,7 @@ class VJEPA2Attention(nn.Module):  # non-causal, separate q/k/v/proj, V-JEPA 2's
         y = x.unflatten(-1, (-1, 2))  # (B, H, P, n/2, 2)
         y = torch.stack((-y[..., 1], y[..., 0]), dim=-1).flatten(-2)  # (B, H, P, n)
         return x * angle.cos() + y * angle.sin()  # with partner i +- 1, not i + n/2: not a true 2-D rotation
-    def rope(self, x):  # (B, H, P, E): a third of E per axis (t, h, w), so attention sees the 3-D layout, not 1-D order
+    def rope(self, x):  # (B, H, P, E): E split over the axes (t, h, w), so attention sees the 3-D layout, not 1-D order
         P, g, s = x.shape[2], self.grid, self.sub  # P tokens, G grid side, s dims per axis
         i = torch.arange(P, device=x.device)  # token index in (t, h, w) raster order
         t, h, w = i // (g * g), (i % (g * g)) // g, i % g  # positions from the config grid, not the input size
@@ -651,7 +651,7 @@ class Bridge(nn.Module):
         valid = torch.cat((torch.ones(q.shape[:2], dtype=torch.bool, device=q.device), q_valid), 1)  # (B, N+M+Lq)
         return self.bert(x, valid)[:, :self.N + self.M]
 
-class Mark1(nn.Module):  # vision -> bridge -> llm, each on its own device; loss = answer CE + lam * frame BCE
+class Mark1(nn.Module):  # vision -> bridge -> llm (--device_map may split them); loss = answer CE + lam * frame BCE
     def __init__(self, cfg, vocab, vision=None, llm=None):
         super().__init__()
         self.vision, self.llm = vision or VJEPA2Encoder(cfg), llm or Qwen3LM(vocab, cfg)  # from scratch: cfg's sizes

@@ -1111,19 +1111,21 @@ def test_vm_eval_decodes_only_the_clips_it_scores(tmp_path, _vm_trained, monkeyp
     vm.main(["--eval", "--out_dir", str(out), "--test_data", str(tmp_path / "new.txt")])
     ev = json.load(open(out / "eval.json"))
     assert seen == ["cat5.mp4"] and ev["test"]["n"] == 1 and ev["test"]["samples"][0]["video"].endswith("cat5.mp4")
-    # a run trained with --test_data, scored with a typed --data: that file's held-out entries, not the saved test file
+    # a run trained on all of --data and tested on --test_data: --eval --data alone (its held-out tenth would be
+    # training entries) is refused, not left unread while the saved test file is scored
     vm.main(["--train", "--preset", "tiny", "--data", str(tmp_path / "moved.txt"), "--test_data",
              str(tmp_path / "new.txt"), "--out_dir", str(tmp_path / "o2"), "--max_steps", "2"])
-    seen.clear()
-    vm.main(["--eval", "--out_dir", str(tmp_path / "o2"), "--data", str(tmp_path / "moved.txt")])
-    assert seen == ["cat0.mp4", "cat10.mp4"] and json.load(open(tmp_path / "o2" / "eval.json"))["test"]["n"] == 2
+    before, seen[:] = (tmp_path / "o2" / "eval.json").read_bytes(), []
+    main_user_error(vm.main, capsys, ["--eval", "--out_dir", tmp_path / "o2", "--data", tmp_path / "moved.txt"],
+                    f"--data: --eval scores the run's --test_data {tmp_path / 'new.txt'}; give --test_data FILE")
+    assert seen == [] and (tmp_path / "o2" / "eval.json").read_bytes() == before
 
 
 def test_vm_a_windows_path_in_the_annotation_file_is_named_with_the_fix(tmp_path):
     """An annotation file written on Windows (clips\\cat.mp4) and read elsewhere: the path is shown as written, with
     the fix."""
     (tmp_path / "a.txt").write_text("clips\\cat.mp4\na cat\n", encoding="utf-8")
-    with pytest.raises(vm.UserError, match=re.escape("a.txt:1: video 'clips\\\\cat.mp4' not found (use / in paths)")):
+    with pytest.raises(vm.UserError, match=re.escape("a.txt:1: video 'clips\\cat.mp4' not found (use / in paths)")):
         vm.read_annotations(str(tmp_path / "a.txt"))
 
 
@@ -2274,17 +2276,19 @@ def test_vc_eval_of_a_run_whose_training_file_moved(tmp_path, capsys, monkeypatc
     decoded.clear()  # --max_train 3: its first 3 training images are scored (and decoded) too, nothing else
     vc.main(["--eval", "--out_dir", str(out), *new, "--max_train", "3"])
     assert json.load(open(out / "eval.json"))["train"]["n"] == 3 and len(decoded) == 5
-    # a run trained with --test_data, scored with a typed --data: that file's held-out images, not the saved test file
+    # a run trained on all of --data and tested on --test_data: --eval --data alone (its held-out tenth would be
+    # training images) is refused, not left unread while the saved test file is scored
     vc.main(["--train", "--preset", "tiny", "--data", str(tmp_path / "caps.txt"), *new, "--out_dir",
              str(tmp_path / "o2"), "--max_steps", "2"])
     decoded.clear()
-    vc.main(["--eval", "--out_dir", str(tmp_path / "o2"), "--data", str(tmp_path / "caps.txt")])
-    assert decoded == ["red0.png", "green2.png"] and json.load(open(tmp_path / "o2" / "eval.json"))["test"]["n"] == 2
+    main_user_error(vc.main, capsys, ["--eval", "--out_dir", tmp_path / "o2", "--data", tmp_path / "caps.txt"],
+                    f"--data: --eval scores the run's --test_data {tmp_path / 'new.txt'}; give --test_data FILE")
+    assert decoded == []
 
 
 def test_vc_a_windows_path_in_the_captions_file_is_named_with_the_fix(tmp_path):
     (tmp_path / "caps.txt").write_text("images\\red.png | a red patch\n", encoding="utf-8")
-    with pytest.raises(vc.UserError, match=re.escape("caps.txt:1: no image file 'images\\\\red.png' (paths are "
+    with pytest.raises(vc.UserError, match=re.escape("caps.txt:1: no image file 'images\\red.png' (paths are "
                                                      "relative to the captions file, with /)")):
         vc.read_captions(str(tmp_path / "caps.txt"))
 

@@ -261,7 +261,7 @@ def read_annotations(path, why=""):
                 raise UserError(f"{path}:{start}: entry '{cur[0]}' has a video path but no caption line")
             video = os.path.realpath(os.path.join(here := os.path.dirname(path), cur[0]))  # relative to the file
             if not os.path.exists(video):
-                raise UserError(f"{path}:{start}: video {cur[0]!r} not found" + " (use / in paths)" * ("\\" in cur[0]))
+                raise UserError(f"{path}:{start}: video '{cur[0]}' not found" + " (use / in paths)" * ("\\" in cur[0]))
             for i, cap in enumerate(cur[1:], start + 1):  # a missing blank line would merge two entries
                 near = os.path.join(here, cap)  # a file, or a folder of frames, beside the annotation file?
                 if re.search(r"\.(mp4|avi|mov|mkv|webm|m4v)$", cap, re.I) or os.path.isfile(near) or os.path.isdir(
@@ -1017,16 +1017,16 @@ def parse_args(argv=None):
         raise UserError(errors[0])
     return args, cfg, overrides
 
-def main(argv=None):  # --train / --bench / --eval / --generate; a UserError ends it: one line on stderr, status 2
+def main(argv=None):  # --train / --bench / --eval / --generate; a UserError or OSError: one line, exit status 2
     try:
         args, cfg, overrides = parse_args(argv)
         if args.train:  # train prints the config it runs
             return train(cfg, overrides, resume=args.resume)
         if args.eval or args.generate:  # the saved config, typed flags on top (fixed ones refused); --generate: --seed
             fixed = ARCH + TRAINING + (WORLD if args.eval else WORLD[1:] + DATA)
-            if args.eval and "data" in overrides:  # a typed --data: scored on its held-out entries, not the run's file
-                overrides.setdefault("test_data", "")
             model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, fixed)
+            if args.eval and "data" in overrides and "test_data" not in overrides and cfg.test_data:  # else unread
+                raise UserError(f"--data: --eval scores the run's --test_data {cfg.test_data}; give --test_data FILE")
         print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: a checkpoint's is the saved one
         if args.bench:
             return bench(cfg)

@@ -246,7 +246,7 @@ def read_captions(path, why=""):
             raise UserError(f"{path}:{no}: expected 'image path | caption', both non-empty; found {line[:60]!r}")
         image = os.path.realpath(os.path.join(base, name))  # one key per image file, however its path is spelled
         if image not in caps and not os.path.isfile(image):
-            raise UserError(f"{path}:{no}: no image file {name!r} (paths are relative to the captions file, with /)")
+            raise UserError(f"{path}:{no}: no image file '{name}' (paths are relative to the captions file, with /)")
         caps.setdefault(image, []).append(caption)  # several lines per image = several references
     if not caps:
         raise UserError(f"{path}: no entries (expected lines 'image.png | a caption')")
@@ -1015,16 +1015,16 @@ def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the fl
                      "a file, or a folder this script did not write; give a new or empty one")
     return args, cfg, overrides
 
-def main(argv=None):  # --train / --bench / --eval / --generate; a UserError ends it: one line on stderr, status 2
+def main(argv=None):  # --train / --bench / --eval / --generate; a UserError or OSError: one line, exit status 2
     try:
         args, cfg, overrides = parse_args(argv)
         if args.train:  # train prints the config it runs: on --resume the checkpoint's, with the typed flags on top
             return train(cfg, args.resume, overrides)
         if args.eval or args.generate:  # `fixed` flags are the run's (--generate: a typed --seed seeds sampling)
             fixed = ARCH + TRAINING + (WORLD if args.eval else WORLD[1:] + DATA)
-            if args.eval and "data" in overrides:  # a typed --data: scored on its held-out entries, not the run's file
-                overrides.setdefault("test_data", "")
             model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, fixed)
+            if args.eval and "data" in overrides and "test_data" not in overrides and cfg.test_data:  # else unread
+                raise UserError(f"--data: --eval scores the run's --test_data {cfg.test_data}; give --test_data FILE")
         print("config:", json.dumps(dataclasses.asdict(cfg)))  # the config that runs: the saved one, typed flags on top
         if args.bench:
             return bench(cfg)
