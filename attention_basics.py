@@ -1007,8 +1007,7 @@ def train_captioner(cfg, variant, vision_state, data, tok, device):
     inp, tgt = caption_batch(tok, caps, cfg)
     gates = [p for n, p in model.named_parameters() if n.endswith("_gate")]
     rest = [p for n, p in model.named_parameters() if not n.startswith("vision.") and not n.endswith("_gate")]
-    groups = [(model.vision.parameters(), cfg.vision_lr), (rest, cfg.lr)] + ([(gates, cfg.gate_lr)] if gates else [])
-    opt = make_optimizer(groups, cfg)
+    opt = make_optimizer([(model.vision.parameters(), cfg.vision_lr), (rest, cfg.lr), (gates, cfg.gate_lr)], cfg)
     g = torch.Generator().manual_seed(cfg.seed)  # both variants see the very same batches
     print(f"{variant}: {n_params(model):,} parameters ({n_params(model.vision):,} in the CLIP image encoder)")
     def batch(step):
@@ -1246,5 +1245,6 @@ def main(argv=None):
         sys.exit(2)
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows) prints as \U0001f600
+    if hasattr(sys.stdout, "reconfigure"):  # IDLE's stream has none; pythonw's stdout is None
+        sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows): \U0001f600
     main()

@@ -488,8 +488,7 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(pos, dim, theta, dtype):  # rotate_half RoPE: pos (B, L) -> cos, sin (B, 1, L, E) in dtype
     inv = 1.0 / theta ** (torch.arange(0, dim, 2, device=pos.device, dtype=torch.float) / dim)  # (E/2,)
-    f = pos.float()[..., None] * inv  # (B, L, E/2)
-    emb = torch.cat((f, f), dim=-1)[:, None]  # (B, 1, L, E)
+    emb = (pos.float()[..., None] * inv).repeat(1, 1, 2)[:, None]  # (B, 1, L, E): the E/2 angles twice (rotate_half)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 def apply_rope(x, cos, sin):  # x (B, H, L, E): dim i pairs with dim i + E/2 (rotate_half), unlike V-JEPA 2's pairs
@@ -1392,7 +1391,8 @@ def main(argv=None):
         print("nothing to do: pass --train, --eval, --predict, or --bench (see --help)")
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows) prints as \U0001f600
+    if hasattr(sys.stdout, "reconfigure"):  # IDLE's stream has none; pythonw's stdout is None
+        sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows): \U0001f600
     try:
         main()
     except (UserError, OSError) as e:

@@ -7949,6 +7949,18 @@ def test_a_console_without_a_character_prints_an_escape_not_a_traceback(name, _v
     assert str(folder).replace("\U0001f642", "\\U0001f642").encode() in stdout.buffer.getvalue()
 
 
+@pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])
+def test_the_command_line_runs_where_stdout_cannot_be_reconfigured(mod, monkeypatch):
+    """IDLE's stdout (run with F5, as __main__) has no reconfigure and pythonw's is None: the command line still runs
+    (here --help, which argparse prints and ends with status 0)."""
+    for stdout in (io.StringIO(), None):
+        monkeypatch.setattr(sys, "argv", [mod.__file__, "--help"])
+        monkeypatch.setattr(sys, "stdout", stdout)
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(mod.__file__, run_name="__main__")
+        assert e.value.code == 0
+
+
 @pytest.mark.parametrize("name", ["vm", "vc", "ab"])
 def test_a_picture_that_cannot_be_written_is_one_line_not_reported_written(name, _vm_trained, _vc_tiny_run, tmp_path,
                                                                            capsys):

@@ -1243,8 +1243,7 @@ def sample_next(logits, temperature, top_k, top_p, generator):  # (B, V) -> (B,)
         return logits.argmax(-1)
     logits = (logits.float() - logits.amax(-1, keepdim=True).float()) / temperature  # max 0: a tiny T cannot overflow
     if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
+        logits = logits.masked_fill(logits < logits.topk(min(top_k, logits.shape[-1])).values[:, -1:], -math.inf)
     if top_p < 1.0:
         sorted_l, order = logits.sort(-1, descending=True)  # the most likely first
         probs = sorted_l.softmax(-1)
@@ -1551,7 +1550,8 @@ def main(argv=None):  # the command line: one mode per call (--train [--resume],
         print("nothing to do: pass --train, --eval, --generate, --inspect DIR or --bench (see --help)")
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows) prints as \U0001f600
+    if hasattr(sys.stdout, "reconfigure"):  # IDLE's stream has none; pythonw's stdout is None
+        sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows): \U0001f600
     try:
         main()
     except (UserError, OSError) as e:

@@ -315,8 +315,7 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.h, self.dropout = cfg.n_head, cfg.dropout  # H heads of width D/H
-        self.q, self.k, self.v = (nn.Linear(cfg.d_model, cfg.d_model) for _ in range(3))
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)  # mixes the heads back into the residual stream
+        self.q, self.k, self.v, self.proj = (nn.Linear(cfg.d_model, cfg.d_model) for _ in range(4))  # proj mixes heads
         self.record, self.weights = False, None  # attention_png switches recording on
     def split(self, x):  # (B, T, D) -> (B, H, T, D/H), T: the length of this sequence (F, Q or L)
         return x.view(x.shape[0], x.shape[1], self.h, -1).transpose(1, 2)
@@ -1046,5 +1045,6 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError or 
         sys.exit(2)
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows) prints as \U0001f600
+    if hasattr(sys.stdout, "reconfigure"):  # IDLE's stream has none; pythonw's stdout is None
+        sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows): \U0001f600
     main()

@@ -475,9 +475,8 @@ class ViTCaptioner(nn.Module):  # ViT -> linear projection -> LLaMA-style decode
         logits = self.lm_head(self.decode(x)[:, self.n_prefix:])  # (B, L, V)
         return logits, None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     def record_attention(self, on):  # on: each Attention keeps its maps (the explicit softmax, slower); off: drops them
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.weights = [] if on else None
+        for m in (m for m in self.modules() if isinstance(m, Attention)):
+            m.weights = [] if on else None
 
 # Checkpoint I/O: out_dir/model.safetensors + config.json (+ the token table) + train_state.pt -------------------------
 def atomic(path, write):
@@ -1046,5 +1045,6 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError or 
         sys.exit(2)
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows) prints as \U0001f600
+    if hasattr(sys.stdout, "reconfigure"):  # IDLE's stream has none; pythonw's stdout is None
+        sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows): \U0001f600
     main()
