@@ -1,6 +1,6 @@
 """The repository's one test file: a section per script, tiny configs, CPU only, no network.
 
-Run it as the README says:  python -m pytest test_all.py
+Run it as the README says:  python -m pytest test_all.py -n 2 --dist worksteal   (pytest-xdist: two processes)
 Sections (each imports its script as a module; nothing runs on import):
   1. videollama_mini.py   2. vit_caption.py   3. video_llava.py   4. mark1.py   5. attention_basics.py
 Tests never assert on wall time; benchmarks print figures instead.
@@ -24,6 +24,10 @@ sys.path.insert(0, ROOT)
 _shared_cache = os.path.join(ROOT, "..", "shared", "tiktoken_cache")
 if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(_shared_cache):
     os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(_shared_cache)
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):  # `-n N`: N processes share the cores, each
+    threads = max(1, (os.cpu_count() or 1) // workers)  # its share (with more they spin-wait for each other's cores),
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the scripts they run as well
+    torch.set_num_threads(threads)
 
 
 def run_script(script, *args, cwd=None, timeout=600):
