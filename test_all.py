@@ -25,8 +25,8 @@ _shared_cache = os.path.join(ROOT, "..", "shared", "tiktoken_cache")
 if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(_shared_cache):
     os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(_shared_cache)
 if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):  # `-n N`: N processes share the cores, each
-    threads = max(1, (os.cpu_count() or 1) // workers)  # its share (with more they spin-wait for each other's cores),
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # the scripts they run as well
+    threads = max(1, torch.get_num_threads() // workers)  # its share of torch's threads (with more they spin-wait
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for each other's cores), the scripts they run as well
     torch.set_num_threads(threads)
 
 
