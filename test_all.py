@@ -2891,6 +2891,32 @@ def test_vl_generate_hf_dtype_follows_dtype_auto(vl_ckpt, tmp_path, monkeypatch,
     capsys.readouterr()
 
 
+def test_vl_float32_weights_past_the_memory_are_refused_before_loading(vl_ckpt, monkeypatch, capsys):
+    """Weights whose float32 copy exceeds the machine's memory (the 7B's 27 GiB on a 24 GiB machine, where --dtype auto
+    is float32 without native bfloat16) are refused in one line that names the fix, before a tensor is read, instead
+    of the system killing the run part-way; in bfloat16 they load."""
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 2560}[name])  # 10 MiB
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    path, reads, opened = vl_ckpt[1]["memory_sharded_bf16"], [], vl.safe_open
+
+    class Counting:  # a safetensors file that counts the tensors read from it
+        def __init__(self, *a, **k):
+            self.f = opened(*a, **k)
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+        def get_tensor(self, key):
+            reads.append(key)
+            return self.f.get_tensor(key)
+    monkeypatch.setattr(vl, "safe_open", Counting)
+    with pytest.raises(vl.UserError, match=r"weights take 0\.0 GiB in float32, more than this machine's 0\.0 GiB of "
+                                           r"memory; give --dtype bfloat16 \(half the bytes\)$"):  # (the 7B's: 27.4 GiB)
+        vl.main(["--generate", "--from_pretrained", path, "--prompt", "What?", "--max_new_tokens", "1"])
+    assert capsys.readouterr().out == "" and reads == []  # refused before a tensor was read
+    model = vl.load_pretrained(path, torch.bfloat16)  # half the bytes: they load
+    assert model.language_model.lm_head.weight.dtype == torch.bfloat16 and len(reads) == len(model.state_dict())
+
+
 def test_vl_generate_checks_architecture_flags_against_the_checkpoint(vl_ckpt, tmp_path, capsys):
     """--generate runs the checkpoint's architecture: a typed flag that agrees with its config.json runs (--image_size
     28 with its patch 14, not the preset's 12), one that differs is refused in one line, not ignored."""

@@ -930,6 +930,11 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):  # HF folder or 
     if any(problems.values()):
         raise UserError(f"{path}: checkpoint does not match the config: " + ", ".join(
             f"{what} {len(keys)} {keys[:20]}{' ...' if len(keys) > 20 else ''}" for what, keys in problems.items()))
+    # float32 weights past the machine's memory (the 7B's: 27 GiB) get the run killed: refused (unchecked on Windows)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf
+    if device == "cpu" and dtype == torch.float32 and (need := 4 * sum(p.numel() for p in model.parameters())) > ram:
+        raise UserError(f"{path}: its weights take {need / 2**30:.1f} GiB in float32, more than this machine's "
+                        f"{ram / 2**30:.1f} GiB of memory; give --dtype bfloat16 (half the bytes)")
     for ck, (key, f) in found.items():  # each meta parameter replaced by the tensor read: peak memory ~ the weights
         mod_name, _, name = ck.rpartition(".")
         model.get_submodule(mod_name)._parameters[name] = nn.Parameter(handles[f].get_tensor(key).to(device, dtype))
