@@ -845,13 +845,13 @@ class VideoLlava(nn.Module):
                 raise UserError(f"the prompt has <{what}> placeholders but no {what} was given")
         # RoPE positions (B, L) counting real tokens only, mask (B, 1, L, T_max) over a whole cache, else (B, 1, L, L)
         pos, mask = cache.claim(attention_mask) if cache is not None else padded_positions(attention_mask, 0)
-        cos, sin = self._rope_table(pos, x.dtype)
-        logits = self.llm_forward(x, cos, sin, mask, cache, last_only)
+        logits = self.llm_forward(x, pos, mask, cache, last_only)
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)  # (B*L, V)
-    def llm_forward(self, x, cos, sin, mask, cache=None, last_only=False):  # decoder: (B, L, D) -> logits (B, L|1, V)
+    def llm_forward(self, x, pos, mask, cache=None, last_only=False):  # decoder: (B, L, D) -> logits (B, L|1, V)
         lm = self.language_model.model  # embed_tokens, layers, norm
+        cos, sin = self._rope_table(pos, x.dtype)  # (B, 1, L, E) each, at the RoPE positions pos (B, L)
         for i, layer in enumerate(lm.layers):
             x = layer(x, cos, sin, mask, cache, i)
         x = lm.norm(x)  # (B, L, D)
@@ -861,9 +861,7 @@ class VideoLlava(nn.Module):
         mask (B, 1, 1, T_max) is True (cache.claim gives both) -> logits (B, 1, V). The same shapes every call
         and no branch on values: torch.compile makes it one graph (generate(compile=True)); forward would not, as
         it claims from the Python int cache.offset and checks the ids for placeholders."""
-        x = self.language_model.model.embed_tokens(ids)  # (B, 1, D)
-        cos, sin = self._rope_table(pos, x.dtype)
-        return self.llm_forward(x, cos, sin, mask, cache)
+        return self.llm_forward(self.language_model.model.embed_tokens(ids), pos, mask, cache)  # embedded: (B, 1, D)
 
 # Checkpoint I/O: HF folders (three key layouts, sharded or not) and this script's own out_dir (same format) -----------
 def canonical_key(k):  # a key in any of the three layouts (rules below) -> the hub layout, used here
@@ -935,11 +933,8 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):  # HF folder or 
     if device == "cpu" and dtype == torch.float32 and (need := 4 * sum(p.numel() for p in model.parameters())) > ram:
         raise UserError(f"{path}: its weights take {need / 2**30:.1f} GiB in float32, more than this machine's "
                         f"{ram / 2**30:.1f} GiB of memory; give --dtype bfloat16 (half the bytes)")
-    for ck, (key, f) in found.items():  # each meta parameter replaced by the tensor read: peak memory ~ the weights
-        mod_name, _, name = ck.rpartition(".")
-        model.get_submodule(mod_name)._parameters[name] = nn.Parameter(handles[f].get_tensor(key).to(device, dtype))
-    if model.cfg.tie_word_embeddings:
-        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    for ck, (key, f) in found.items():  # in place: a tied head is this same Parameter; peak memory ~ the weights
+        torch.utils.swap_tensors(model.get_parameter(ck), nn.Parameter(handles[f].get_tensor(key).to(device, dtype)))
     return model
 
 def atomic(path, write):  # write(tmp), then rename over path: a reader sees the old file or the new, never half
