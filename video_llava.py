@@ -861,7 +861,7 @@ class VideoLlava(nn.Module):
         mask (B, 1, 1, T_max) is True (cache.claim gives both) -> logits (B, 1, V). The same shapes every call
         and no branch on values: torch.compile makes it one graph (generate(compile=True)); forward would not, as
         it claims from the Python int cache.offset and checks the ids for placeholders."""
-        return self.llm_forward(self.language_model.model.embed_tokens(ids), pos, mask, cache)  # embedded: (B, 1, D)
+        return self.llm_forward(self.language_model.model.embed_tokens(ids), pos, mask, cache)  # embeddings (B, 1, D)
 
 # Checkpoint I/O: HF folders (three key layouts, sharded or not) and this script's own out_dir (same format) -----------
 def canonical_key(k):  # a key in any of the three layouts (rules below) -> the hub layout, used here
@@ -928,12 +928,13 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):  # HF folder or 
     if any(problems.values()):
         raise UserError(f"{path}: checkpoint does not match the config: " + ", ".join(
             f"{what} {len(keys)} {keys[:20]}{' ...' if len(keys) > 20 else ''}" for what, keys in problems.items()))
-    # float32 weights past the machine's memory (the 7B's: 27 GiB) get the run killed: refused (unchecked on Windows)
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf
-    if device == "cpu" and dtype == torch.float32 and (need := 4 * sum(p.numel() for p in model.parameters())) > ram:
-        raise UserError(f"{path}: its weights take {need / 2**30:.1f} GiB in float32, more than this machine's "
-                        f"{ram / 2**30:.1f} GiB of memory; give --dtype bfloat16 (half the bytes)")
-    for ck, (key, f) in found.items():  # in place: a tied head is this same Parameter; peak memory ~ the weights
+    # float32 weights beyond the memory (a 7B on a laptop) get the run killed part-way: refused first (Windows: unknown)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0  # 0: unknown
+    need = 4 * sum(p.numel() for p in model.parameters())  # bytes in float32 (a tied head is one parameter)
+    if dtype == torch.float32 and torch.device(device).type in ("cpu", "mps") and 0 < ram < need:  # mps: shared RAM
+        raise UserError(f"{path}: its weights take {need / 2**30:.3g} GiB in float32, more than this machine's "
+                        f"{ram / 2**30:.3g} GiB of memory; give --dtype bfloat16 (half the bytes)")
+    for ck, (key, f) in found.items():  # swapped in place: a tied head is the same Parameter; peak memory ~ the weights
         torch.utils.swap_tensors(model.get_parameter(ck), nn.Parameter(handles[f].get_tensor(key).to(device, dtype)))
     return model
 
