@@ -422,12 +422,11 @@ class SentencePieceBPE(Tokenizer):  # LLaMA's tokenizer.json as transformers 5 r
         model = tj.get("model") or {}
         if model.get("type") != "BPE":  # LLaMA's is a BPE model
             raise UserError(f"{path}: missing, not JSON, or not a BPE tokenizer (the checkpoint's tokenizer is needed)")
-        self.folder, self.vocab = folder, dict(model["vocab"])
+        self.added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+        self.folder, self.vocab = folder, {**model["vocab"], **self.added}  # the pieces, then the added tokens
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
         self.ranks = {m: i for i, m in enumerate(merges)}  # a lower rank merges first
         self.byte_fallback, self.unk = model.get("byte_fallback", False), model.get("unk_token")
-        self.added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-        self.vocab.update(self.added)
         self.inv = {i: s for s, i in self.vocab.items()}  # id -> piece, for decode
         tc = read_json(os.path.join(folder, "tokenizer_config.json")) or {}
         name = lambda t, d: (t.get("content") if isinstance(t, dict) else t) or d
