@@ -7675,6 +7675,22 @@ def test_all_scripts_argparse_refusals_are_one_line_and_prefixes_are_not_flags(m
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])
+def test_all_scripts_build_their_parser_as_python_3_14_does(mod, tmp_path, monkeypatch):
+    """Python 3.14's BooleanOptionalAction takes no type, choices or metavar: passing one is a TypeError before any
+    flag is read, so the script cannot start. Each parser is built here with an action of 3.14's signature, and its
+    first boolean flag still reads --no-<flag> as False."""
+    import argparse
+
+    class BooleanOptionalAction314(argparse.BooleanOptionalAction):
+        def __init__(self, option_strings, dest, default=None, required=False, help=None):
+            super().__init__(option_strings, dest, default=default, required=required, help=help)
+    monkeypatch.setattr(argparse, "BooleanOptionalAction", BooleanOptionalAction314)
+    flag = next(f.name for f in dataclasses.fields(mod.Config) if isinstance(f.default, bool))
+    args = mod.parse_args(["--train", f"--no-{flag}", "--out_dir", str(tmp_path / "o")])[0]
+    assert getattr(args, flag) is False and not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("mod", [vm, vc, vl, mk], ids=["vm", "vc", "vl", "mk"])
 def test_all_trainers_never_save_weights_that_diverged(mod, tmp_path, capsys):
     """At a huge learning rate the weights leave float range within a step while that step's loss (computed before

@@ -123,7 +123,6 @@ class Config:
     max_new_tokens: int = 30
 
 CHOICES = {"qformer_mode": ("text", "queries"), "dtype": ("auto", "float32", "bfloat16", "float16")}  # argparse checks
-
 PRESETS = {"default": {},  # default: the CPU run; tiny: seconds, for the tests
     # The VideoLLaMA-Mini write-up gives no layer, width, head, frame or sampling sizes (those stay the defaults), but
     # text tokens as the Q-Former's queries, the full GPT-2 vocabulary, Adam, no dropout or weight decay (future work).
@@ -976,8 +975,9 @@ def parse_args(argv=None):
     p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
     p.add_argument("--preset", choices=sorted(PRESETS), help="the sizes to start from (default: default)")
     for f in dataclasses.fields(Config):  # every field is a flag; bools as --flag / --no-flag, never type=bool
-        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {"type": type(f.default)}
-        p.add_argument(f"--{f.name}", default=None, choices=CHOICES.get(f.name), **kind)  # None: the preset's value
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {"type": type(f.default),
+                "choices": CHOICES.get(f.name)}  # (Python 3.14's BooleanOptionalAction refuses a choices argument)
+        p.add_argument(f"--{f.name}", default=None, **kind)  # None: the preset's value
     args = p.parse_args(argv)  # argparse exits 2 itself on an unknown flag or choice
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     # the run's input files are saved in its config: absolute, so --eval and --resume find them from any folder
