@@ -472,7 +472,7 @@ class VJEPA2Encoder(nn.Module):  # module names as in the HF checkpoint, its `en
             x = x.repeat(1, 1, self.tubelet, 1, 1)
         proj = self.embeddings.patch_embeddings.proj
         x = proj(x.to(proj.weight.dtype))  # (B, Dv, T, G, G) in the tower's dtype; an odd F drops the last frame
-        x = x.flatten(2).transpose(1, 2)  # (B, P, Dv), (t, h, w) raster order; no absolute position: RoPE has them
+        x = x.flatten(2).transpose(1, 2).contiguous()  # (B, P, Dv), t-h-w order; contiguous once, not a copy per layer
         for blk in self.layer:
             x = blk(x)  # (B, P, Dv)
         return self.layernorm(x)

@@ -4674,6 +4674,19 @@ def test_mk_vjepa2_rope_split_and_partner():
     assert torch.allclose(y[0, 0, i, 1], x1 * torch.cos(om[1]) + x0 * torch.sin(om[1]), atol=1e-6)
 
 
+def test_mk_vjepa2_residual_stream_is_contiguous(mk_hf):
+    """The patch embedding's (B, P, Dv) is a transposed view of the conv output; `x + attention(...)` keeps its first
+    operand's layout, so left as a view the whole stream stays transposed and every LayerNorm and Linear copies it.
+    Every block and norm must see a contiguous input."""
+    enc, seen = mk.load_vjepa2(str(mk_hf["root"] / "vjepa2")), []
+    for m in enc.modules():
+        if isinstance(m, (mk.VJEPA2Layer, torch.nn.LayerNorm)):
+            m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        enc(torch.randn(1, 4, 3, 32, 32))
+    assert len(seen) == 2 * 2 + 2 + 1 and all(seen)  # 2 layers, each with 2 norms, and the final norm
+
+
 def test_mk_vjepa2_classifier_prefix_and_predictor_ignored(mk_hf, tmp_path, capsys):
     src = mk_hf["root"] / "vjepa2"
     dst = tmp_path / "cls"
