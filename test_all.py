@@ -4531,6 +4531,16 @@ def test_vl_bench_prints_what_it_measured(capsys):
         assert float(line.split()[1]) > 0 and "of the floor" in line and "x transformers" in line and "not eager's" not in line
 
 
+def test_vl_bench_without_a_cxx_compiler_is_one_line(tmp_path):
+    """--bench times the compiled step too, which on a CPU needs a C++ compiler (inductor reads CXX). Without one the
+    command ended in inductor's traceback after the eager warm-up; now it is one line naming it, exit status 2."""
+    cmd = [sys.executable, os.path.join(ROOT, "video_llava.py"), "--bench", "--max_new_tokens", "2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CXX": str(tmp_path / "no-such-g++")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1].startswith("error: No working C++ compiler found")
+
+
 @pytest.mark.parametrize("script", ["vm", "vc"])
 def test_vm_vc_float16_trains_with_a_gradient_scaler(script, tmp_path, monkeypatch):
     """The captioners' float16 loss scaling runs on the training device (a CUDA-only scaler turns itself off on a CPU)."""

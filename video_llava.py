@@ -1554,6 +1554,6 @@ if __name__ == "__main__":
         sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows): \U0001f600
     try:
         main()
-    except (UserError, OSError) as e:
+    except (UserError, OSError, torch._inductor.exc.InvalidCxxCompiler) as e:  # the last: --bench with no C++ compiler
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
