@@ -461,8 +461,7 @@ class VideoLLaMAMini(nn.Module):
         return self.head(self.ln_f(x[:, -1:] if last_only else x))  # (B, L or 1, D) -> (B, L or 1, V)
     def forward(self, video, idx, targets=None):
         logits = self.decode(idx, self.encode(video))  # (B, L, V)
-        return logits, None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                                                    ignore_index=-100)  # pads: -100
+        return logits, None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     def record_attention(self, on):
         for m in (m for m in self.modules() if isinstance(m, Attention)):
             m.record, m.weights = on, None
@@ -608,10 +607,9 @@ def lr_at(step, cfg):  # Linear warmup, then cosine decay to min_lr.
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
 
 def global_batch(step, n, size, seed):  # a step's clip indices: a fresh permutation per epoch, the same on all ranks
-    reps = -(-size // n)  # copies of the set an epoch draws from: 1 unless it is smaller than a batch (kept full)
-    epoch, k = divmod(step, max(1, n * reps // size))  # the step's epoch and batch within it (full batches per epoch)
-    perm = torch.randperm(n * reps, generator=torch.Generator().manual_seed(seed + epoch)) % n
-    return perm[k * size:(k + 1) * size]
+    n_all = n * -(-size // n)  # what an epoch draws from: the set, copied ceil(size / n) times if smaller than a batch
+    epoch, k = divmod(step, max(1, n_all // size))  # the step's epoch and batch within it (full batches per epoch)
+    return (torch.randperm(n_all, generator=torch.Generator().manual_seed(seed + epoch)) % n)[k * size:(k + 1) * size]
 
 def prepare_data(cfg, rank, typed=(), keep=("train", "val", "test", "novel")):  # -> {split in keep: (entries, clips)}
     if cfg.test_data and not cfg.data:  # the synthetic world has its own test split: never silently ignored
