@@ -390,17 +390,15 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.vit_dim)) if cfg.pool == "cls" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, n_patch + (cfg.pool == "cls"), cfg.vit_dim))  # learned
         self.drop = nn.Dropout(cfg.vit_dropout)
-        self.layers = nn.ModuleList(Block(cfg.vit_dim, cfg.vit_heads, cfg.vit_mlp, cfg.vit_dropout, False,
-                                          cfg.vit_layers) for _ in range(cfg.vit_layers))
+        self.layers = nn.Sequential(*(Block(cfg.vit_dim, cfg.vit_heads, cfg.vit_mlp, cfg.vit_dropout, False,
+                                            cfg.vit_layers) for _ in range(cfg.vit_layers)))  # x alone: no RoPE, cache
         self.norm = nn.LayerNorm(cfg.vit_dim)
     def forward(self, x):
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, E, S/p, S/p) -> (B, P, E), patches row by row
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)  # (B, 1+P, E)
         x = self.drop(x + self.pos_embed)
-        for layer in self.layers:
-            x = layer(x)
-        x = self.norm(x)  # (B, 1+P, E) with a CLS token, else (B, P, E)
+        x = self.norm(self.layers(x))  # (B, 1+P, E) with a CLS token, else (B, P, E)
         return x[:, :1] if self.pool == "cls" else x.mean(1, keepdim=True) if self.pool == "mean" else x  # (B, N, E)
 
 class ViTCaptioner(nn.Module):  # ViT -> linear projection -> LLaMA-style decoder over [prefix, BOS, caption]
@@ -594,11 +592,9 @@ def autocast(cfg, device):  # matmuls in cfg.dtype under torch.autocast (weights
 def pad_batch(seqs, max_len):
     """Token lists [BOS, .., EOS] -> inputs s[:-1], targets s[1:] (next token), (B, L) each; pad targets -100 (no loss).
     Right padding needs no attention mask: under the causal mask a pad never influences an earlier position."""
-    L = min(max_len, max(len(s) for s in seqs)) - 1
-    inp, tgt = torch.zeros(len(seqs), L, dtype=torch.long), torch.full((len(seqs), L), -100, dtype=torch.long)
-    for i, s in enumerate(seq[: L + 1] for seq in seqs):  # cut to at most L + 1 tokens (max_len)
-        inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
-    return inp, tgt
+    cut = [torch.tensor(s[:max_len], dtype=torch.long) for s in seqs]  # at most max_len tokens each
+    return (nn.utils.rnn.pad_sequence([s[:-1] for s in cut], batch_first=True),  # pads 0: right, after the EOS
+            nn.utils.rnn.pad_sequence([s[1:] for s in cut], batch_first=True, padding_value=-100))
 
 def check_lengths(tok, data, cfg, splits, grow=False):  # refused: a caption --max_len or decoding would cut
     for s, pick in [(s, {"train": max, "val": next}.get(s, min)) for s in splits if s in data]:  # val: the first
