@@ -684,8 +684,7 @@ class Mark1(nn.Module):  # vision -> bridge -> llm (--device_map may split them)
         x = normalize(clips).to(self.devices["vision"], self.vision.layernorm.weight.dtype)  # the tower's dtype
         if self.centre:  # the faithful tower forward is untouched: this is the from-scratch input only
             x = x - x.mean((-2, -1), keepdim=True)
-        with torch.no_grad() if "vision" in self.frozen else torch.enable_grad():
-            return self.vision(x)
+        return self.vision(x)
     @torch.no_grad()
     def init_from_data(self, clips, q_ids, q_valid):
         """Data-dependent init (Salimans & Kingma 2016). Every clip is mostly background, so at random init every clip
@@ -1186,7 +1185,6 @@ def filter_logits(logits, top_k, top_p):
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))  # vocab order
     return logits
 
-@torch.no_grad()
 def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, use_cache=True,
                  generator=None):  # -> token lists, from left-padded x (B, L, D), valid (B, L); embed() embeds new ids
     pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, L): positions count real tokens only
