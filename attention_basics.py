@@ -1076,27 +1076,25 @@ def zero_shot(model, tok, cfg, imgs, caps, device):
 def heat_png(path, w, frames, labels, title, rows):
     """Attention as a picture: one row per query (`labels`, described by `rows`), one column per frame (each frame
     drawn above its column), colour = weight scaled to its row's maximum; a header says all of this. Writes a PNG."""
-    def put(img, text, x, y):  # small white text
-        cv2.putText(img, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1, cv2.LINE_AA)
+    def put(img, texts, xys):  # small white text, texts[i] at pixel xys[i]
+        for text, xy in zip(texts, xys):
+            cv2.putText(img, text, xy, cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1, cv2.LINE_AA)
     cell, row_h, lab_w = 48, (14 if len(labels) > 16 else 20), 90
     w = w / np.maximum(w.max(1, keepdims=True), 1e-9)  # (rows, F), each row scaled to its own maximum
     heat = cv2.applyColorMap((255 * w).astype(np.uint8), cv2.COLORMAP_VIRIDIS)  # (rows, F, 3) BGR
     heat = cv2.resize(heat, (w.shape[1] * cell, w.shape[0] * row_h), interpolation=cv2.INTER_NEAREST)
     left = np.zeros((heat.shape[0], lab_w, 3), np.uint8)  # the row labels
-    for i, lab in enumerate(labels):
-        put(left, lab[:12], 2, i * row_h + row_h - 4)
+    put(left, [lab[:12] for lab in labels], [(2, i * row_h + row_h - 4) for i in range(len(labels))])
     strip = np.concatenate([cv2.resize(f[:, :, ::-1], (cell, cell), interpolation=cv2.INTER_NEAREST)
                             for f in frames], 1)  # (cell, F*cell, 3): the frames, RGB -> BGR for OpenCV
     names = np.zeros((14, strip.shape[1], 3), np.uint8)  # the column labels, under the frames
-    for j in range(len(frames)):
-        put(names, f"frame {j + 1}", j * cell + 2, 11)
+    put(names, [f"frame {j + 1}" for j in range(len(frames))], [(j * cell + 2, 11) for j in range(len(frames))])
     width = lab_w + strip.shape[1]
     lines = [ln for t in (title, f"rows: {rows}", "columns: the frames, in time order; colour: weight / row max, "
                           "from dark purple (0) to yellow (1)")
              for ln in textwrap.wrap(t, width // 7)]  # about 7 pixels per character
     head = np.zeros((14 * len(lines) + 6, width, 3), np.uint8)
-    for i, line in enumerate(lines):
-        put(head, line, 2, 14 * i + 14)
+    put(head, lines, [(2, 14 * i + 14) for i in range(len(lines))])
     top = np.concatenate([np.zeros((cell + 14, lab_w, 3), np.uint8), np.concatenate([strip, names], 0)], 1)
     if not cv2.imwrite(path, np.concatenate([head, top, np.concatenate([left, heat], 1)], 0)):  # False: not written
         raise UserError(f"{path}: could not be written (a folder of that name, or no permission)")
