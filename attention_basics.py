@@ -48,6 +48,7 @@ Commands:
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -1205,9 +1206,10 @@ def parse_args(argv=None):
     p.add_argument("--generate", action="store_true", help="caption --video with the --variant checkpoint")
     p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
+    notes = dict(re.findall(r"^    (\w+): (.*)$", inspect.getsource(Config), re.M)) if argv is None else {}  # --help
     for f in dataclasses.fields(Config):  # every Config field is a flag; bools as --flag / --no-flag
         kw = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
-        p.add_argument(f"--{f.name}", default=None, **kw)  # None = not given: the preset's value stays
+        p.add_argument(f"--{f.name}", default=None, help=notes.get(f.name), **kw)  # None: the preset's value
     args = p.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS.get(args.preset, {}), **overrides})

@@ -39,6 +39,7 @@ Commands (also: --eval, --resume, --preset original):
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import hashlib
 import json
 import math
@@ -1333,9 +1334,10 @@ def parse_args(argv=None):
     for name, what in (("video", "video file or folder of frames, for --predict"), ("question", "for --predict"),
                        ("choices", "'A. ...|B. ...|C. ...|D. ...'"), ("preset", f"one of {sorted(PRESETS)}")):
         p.add_argument(f"--{name}", default="", help=what)  # --preset "": default (bench with --bench)
+    notes = dict(re.findall(r"^    (\w+): (.*)$", inspect.getsource(Config), re.M)) if argv is None else {}  # --help
     for f in dataclasses.fields(Config):  # --flag/--no-flag for bools, typed values for the rest
         kw = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
-        p.add_argument(f"--{f.name}", default=None, **kw)  # None = not given: the preset's value stays
+        p.add_argument(f"--{f.name}", default=None, help=notes.get(f.name), **kw)  # None: the preset's value
     args = p.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     overrides.update({k: os.path.abspath(v) for k, v in overrides.items() if v and k in PATH_KEYS})

@@ -5,6 +5,7 @@ Sections (each imports its script as a module; nothing runs on import):
   1. videollama_mini.py   2. vit_caption.py   3. video_llava.py   4. mark1.py   5. attention_basics.py
 Tests never assert on wall time; benchmarks print figures instead.
 """
+import inspect
 import json
 import os
 import random
@@ -8027,6 +8028,21 @@ def test_a_console_without_a_character_prints_an_escape_not_a_traceback(name, _v
     runpy.run_path(mod.__file__, run_name="__main__")
     stdout.flush()
     assert str(folder).replace("\U0001f642", "\\U0001f642").encode() in stdout.buffer.getvalue()
+
+
+@pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])
+def test_help_shows_each_flags_line_of_config(mod, capsys, monkeypatch):
+    """--help listed every Config flag with neither its meaning nor its default; on the command line each now shows
+    its field's line of Config (type, default and comment)."""
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping: one line per flag
+    monkeypatch.setattr(sys, "argv", [mod.__file__, "--help"])
+    with pytest.raises(SystemExit) as e:
+        mod.parse_args()
+    text, n = " ".join(capsys.readouterr().out.split()), 0
+    for name, line in re.findall(r"^    (\w+): (.*)$", inspect.getsource(mod.Config), re.M):
+        n += 1
+        assert f"--{name} " in text and " ".join(line.split()) in text, (name, line)
+    assert e.value.code == 0 and n == len(dataclasses.fields(mod.Config))
 
 
 @pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])

@@ -23,6 +23,7 @@ Commands (the README lists them all: --resume, --eval, --freeze, torchrun, --ins
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -1417,9 +1418,10 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
         p.add_argument(f"--{name}", default="", help=f"{what}, for --generate")
     p.add_argument("--n_tokens", type=int, help="text tokens of --inspect's memory estimate (default 64)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="the sizes to start from (default: default)")
+    notes = dict(re.findall(r"^    (\w+): (.*)$", inspect.getsource(Config), re.M)) if argv is None else {}  # --help
     for f in dataclasses.fields(Config):  # bools as --flag / --no-flag; None = not typed
         kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else {"type": type(f.default)}
-        p.add_argument(f"--{f.name}", default=None, **kind)
+        p.add_argument(f"--{f.name}", default=None, help=notes.get(f.name), **kind)  # help: its line in Config
     args = p.parse_args(argv)  # argparse exits 2 itself on an unknown flag or preset
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset or "default"], **overrides})

@@ -32,6 +32,7 @@ import argparse
 from collections import Counter
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -79,7 +80,7 @@ def as_typed(k, v):  # flag --k with value v as a user types it: --k v, a boolea
 @dataclasses.dataclass
 class Config:
     data: str = ""  # data: annotation file of user data (format in the README); "" = the built-in synthetic world
-    test_data: str = ""  # optional annotation file for evaluation on user data; else 10% of --data is held out
+    test_data: str = ""  # optional annotation file for evaluation on user data; else a tenth of --data is held out
     data_dir: str = "data/videollama_mini"  # where the synthetic world is written
     out_dir: str = "out/videollama_mini"  # checkpoint, eval.json, pictures
     n_train: int = 4000  # synthetic training clips (the other splits: below)
@@ -972,10 +973,11 @@ def parse_args(argv=None):
         p.add_argument(f"--{mode}", action="store_true", help=what)
     p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
     p.add_argument("--preset", choices=sorted(PRESETS), help="the sizes to start from (default: default)")
+    notes = dict(re.findall(r"^    (\w+): (.*)$", inspect.getsource(Config), re.M)) if argv is None else {}  # --help
     for f in dataclasses.fields(Config):  # every field is a flag; bools as --flag / --no-flag, never type=bool
         kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {"type": type(f.default),
                 "choices": CHOICES.get(f.name)}  # (Python 3.14's BooleanOptionalAction refuses a choices argument)
-        p.add_argument(f"--{f.name}", default=None, **kind)  # None: the preset's value
+        p.add_argument(f"--{f.name}", default=None, help=notes.get(f.name), **kind)  # None: the preset's value
     args = p.parse_args(argv)  # argparse exits 2 itself on an unknown flag or choice
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     # the run's input files are saved in its config: absolute, so --eval and --resume find them from any folder

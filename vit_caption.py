@@ -31,10 +31,12 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 
@@ -969,9 +971,10 @@ def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the fl
         p.add_argument(f"--{mode}", action="store_true", help=what)
     p.add_argument("--image", default="", help="image file, for --generate")
     p.add_argument("--preset", help=f"one of {sorted(PRESETS)} (default: default)")
+    notes = dict(re.findall(r"^    (\w+): (.*)$", inspect.getsource(Config), re.M)) if argv is None else {}  # --help
     for f in dataclasses.fields(Config):  # every Config field is a flag; bools as --flag / --no-flag
         kw = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
-        p.add_argument(f"--{f.name}", default=None, **kw)  # None = not given: the preset's value stays
+        p.add_argument(f"--{f.name}", default=None, help=notes.get(f.name), **kw)  # None: the preset's value
     args = p.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     overrides.update({k: os.path.abspath(overrides[k]) for k in ("data", "test_data") if overrides.get(k)})  # as saved
