@@ -393,7 +393,7 @@ class ViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, n_patch + (cfg.pool == "cls"), cfg.vit_dim))  # learned
         self.drop = nn.Dropout(cfg.vit_dropout)
         self.layers = nn.Sequential(*(Block(cfg.vit_dim, cfg.vit_heads, cfg.vit_mlp, cfg.vit_dropout, False,
-                                            cfg.vit_layers) for _ in range(cfg.vit_layers)))  # x alone: no RoPE, cache
+                                            cfg.vit_layers) for _ in range(cfg.vit_layers)))  # each block takes x only
         self.norm = nn.LayerNorm(cfg.vit_dim)
     def forward(self, x):
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, E, S/p, S/p) -> (B, P, E), patches row by row
