@@ -39,8 +39,8 @@ Commands (also: --eval, --resume, --preset original):
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -1005,12 +1005,10 @@ def pad_left(rows, pad=0):  # ids (L_i,) / embeddings (L_i, D) -> (B, L[, D]) le
 def text_batch(items, tok, with_answer=True):  # -> question ids, mask (B, Lq); prompt+answer inputs, targets (B, L)
     q_ids, q_valid = pad_left([torch.tensor(tok.encode(e["question"]) or [tok.eos]) for e in items], tok.eos)
     seqs = [(tok.prompt(e["question"], e["choices"]), tok.target(e["answer"]) if with_answer else []) for e in items]
-    L = max(len(p) + len(a) for p, a in seqs) - 1  # inputs drop the last token, targets the first
-    inp, tgt = (torch.full((len(items), L), v, dtype=torch.long) for v in (tok.eos, -100))  # (B, L): EOS; -100 no loss
-    for i, (p, a) in enumerate(seqs):
-        s = p + a
-        inp[i, :len(s) - 1] = torch.tensor(s[:-1])  # right padding with EOS (never a target)
-        tgt[i, len(p) - 1:len(s) - 1] = torch.tensor(a)  # only the answer tokens are learned
+    pad = lambda rows, fill: nn.utils.rnn.pad_sequence([torch.tensor(r, dtype=torch.long) for r in rows],
+                                                       batch_first=True, padding_value=fill)  # (B, L), on the right
+    inp = pad([(p + a)[:-1] for p, a in seqs], tok.eos)  # inputs drop the last token; EOS pads (never a target)
+    tgt = pad([[-100] * (len(p) - 1) + a for p, a in seqs], -100)  # targets drop the first: -100 (no loss) but answers
     return q_ids, q_valid, inp, tgt
 
 class FeatureCache:  # frozen encoder: features once per clip (by split, index), kept in memory
@@ -1186,6 +1184,7 @@ def filter_logits(logits, top_k, top_p):
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))  # vocab order
     return logits
 
+@torch.no_grad()
 def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, use_cache=True,
                  generator=None):  # -> token lists, from left-padded x (B, L, D), valid (B, L); embed() embeds new ids
     pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, L): positions count real tokens only
