@@ -117,8 +117,8 @@ class Config:
     batch_size: int = 32
     lr: float = 2e-3  # peak AdamW rate for everything trained from scratch
     vision_lr: float = 5e-4  # the CLIP image encoder is fine-tuned gently
-    gate_lr: float = 2e-2  # Flamingo's tanh gates (scalars at 0) open over 100k+ steps there; a short budget needs
-    #                        a larger rate for them, or the decoder never starts reading the video
+    gate_lr: float = 2e-2  # the tanh gates' own rate (from 0): at lr a short run never opens them to the video
+    #                        (Flamingo's open over 100k+ steps)
     warmup: int = 50  # linear warmup steps, then cosine decay to lr / 10
     weight_decay: float = 0.05  # on matrices only (see make_optimizer)
     dtype: str = "float32"  # autocast dtype: float32 or bfloat16 (pays off on a GPU, not for tiny CPU matrices)

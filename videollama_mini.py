@@ -460,7 +460,7 @@ class VideoLLaMAMini(nn.Module):
         for i, blk in enumerate(self.decoder):
             x = blk(x, ctx=memory, cache=None if cache is None else cache[i])
         return self.head(self.ln_f(x[:, -1:] if last_only else x))  # (B, L or 1, D) -> (B, L or 1, V)
-    def forward(self, video, idx, targets=None):
+    def forward(self, video, idx, targets=None):  # targets -100 at pads: cross_entropy's default ignore_index
         logits = self.decode(idx, self.encode(video))  # (B, L, V)
         return logits, None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     def record_attention(self, on):
