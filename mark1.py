@@ -1008,7 +1008,7 @@ def text_batch(items, tok, with_answer=True):  # -> question ids, mask (B, Lq); 
     pad = lambda rows, fill: nn.utils.rnn.pad_sequence([torch.tensor(r, dtype=torch.long) for r in rows],
                                                        batch_first=True, padding_value=fill)  # (B, L), on the right
     inp = pad([(p + a)[:-1] for p, a in seqs], tok.eos)  # inputs drop the last token; EOS pads (never a target)
-    tgt = pad([[-100] * (len(p) - 1) + a for p, a in seqs], -100)  # targets drop the first: -100 (no loss) but answers
+    tgt = pad([[-100] * (len(p) - 1) + a for p, a in seqs], -100)  # targets drop the first; -100 except on answers
     return q_ids, q_valid, inp, tgt
 
 class FeatureCache:  # frozen encoder: features once per clip (by split, index), kept in memory
