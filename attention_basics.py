@@ -1193,6 +1193,7 @@ def config_problems(cfg):  # what a config must satisfy, typed or saved in a che
     return kinds or bad or [why for wrong, why in (  # a NaN fails every range; these divide by sizes checked above
         (cfg.max_len < 2, f"--max_len {cfg.max_len}: at least 2 (BOS and one token)"),
         (cfg.d_model < 3, f"--d_model {cfg.d_model}: at least 3 (LayerNorm of 1 or 2 features: a constant or a sign)"),
+        (not -2**63 <= cfg.seed < 2**63, f"--seed {cfg.seed}: must fit in 64 bits (-2**63 to 2**63 - 1)"),
         ("" in (cfg.out_dir, cfg.data_dir), "--out_dir and --data_dir must name a folder, not an empty string"),
         (cfg.img_size % cfg.patch, f"--img_size {cfg.img_size} is not a multiple of --patch {cfg.patch}"),
         (cfg.d_model % cfg.n_head, f"--d_model {cfg.d_model} is not a multiple of --n_head {cfg.n_head}")) if wrong]
@@ -1205,7 +1206,7 @@ def parse_args(argv=None):
     p.add_argument("--eval", action="store_true", help="re-evaluate the checkpoints in out_dir")
     p.add_argument("--generate", action="store_true", help="caption --video with the --variant checkpoint")
     p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
-    p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="the sizes to start from")
     notes = dict(re.findall(r"^    (\w+): (.*)$", inspect.getsource(Config), re.M)) if argv is None else {}  # --help
     for f in dataclasses.fields(Config):  # every Config field is a flag; bools as --flag / --no-flag
         kw = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
@@ -1214,8 +1215,7 @@ def parse_args(argv=None):
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS.get(args.preset, {}), **overrides})
     unread = next((n for n in overrides if n not in TOUR_FIELDS), "") * (not (args.train or args.eval or args.generate))
-    bad = [f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}"] * (args.preset not in PRESETS)
-    bad = bad + config_problems(cfg) or [why for wrong, why in (  # the first bad flag, in one line naming it
+    bad = config_problems(cfg) or [why for wrong, why in (  # the first bad flag, in one line naming it
         (args.train and cfg.n_frames > cfg.max_frames,  # (those two: the run's sizes)
          f"--n_frames {cfg.n_frames}: at most --max_frames {cfg.max_frames}"),
         ((args.train or args.eval and os.path.isdir(cfg.out_dir)) and not writable(cfg.out_dir, os.path.join("clip",

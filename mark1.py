@@ -306,7 +306,7 @@ def load_video(path, n_frames, crop):
             cap = cv2.VideoCapture(os.fsencode(path))
             return ((i, cap.retrieve()[1]) for i in range(max(want) + 1) if cap.grab() and i in want)
     else:
-        raise UserError(f"{path}: video not found; check the path")
+        raise UserError(f"{path}: video not found" + " (use / in paths)" * ("\\" in path.replace(os.sep, "/")))
     if n == 0:
         raise UserError(f"{path}: no frames (an empty, corrupt or unsupported video, or no {'/'.join(exts)} images)")
     idx = sample_indices(n, n_frames)  # F indices into the clip's n frames (n > 0)
@@ -1315,7 +1315,9 @@ def config_problems(cfg):  # the checks every config gets: the flags' and a save
     problems += [f"--{k} {getattr(cfg, k)}: must be above 0 and finite" for k in ("lr", "grad_clip", "top_p",  # NaN too
                  "rope_theta", "v_mlp_ratio") if not 0 < getattr(cfg, k) < math.inf] + [f"--{k} {getattr(cfg, k)}: must"
                  f" be 0 or more and finite" for k in ("min_lr", "weight_decay", "warmup_frac", "lam", "pos_weight",
-                 "stop_after", "data_init", "temperature", "top_k", "threshold") if not 0 <= getattr(cfg, k) < math.inf]
+                 "stop_after", "data_init", "temperature", "top_k") if not 0 <= getattr(cfg, k) < math.inf]
+    problems += [f"--threshold {cfg.threshold}: must be in [0, 1) (a sigmoid's range)"] * (not 0 <= cfg.threshold < 1)
+    problems += [f"--seed {cfg.seed}: must fit in 64 bits (-2**63 to 2**63 - 1)"] * (not -2**63 <= cfg.seed < 2**63)
     problems += [f"--{h} {getattr(cfg, h)}: must divide --{w} {getattr(cfg, w)} (split evenly)" for h, w in
                  (("v_heads", "v_width"), ("l_kv_heads", "l_heads"), ("bridge_heads", "l_width"), ("bert_heads",
                  "l_width")) if getattr(cfg, w) % max(1, getattr(cfg, h)) and not (cfg.llm_ckpt and w == "l_width")]
@@ -1331,8 +1333,8 @@ def parse_args(argv=None):
                        "about --video"), ("bench", "feature-cache speedup with a frozen encoder")):
         p.add_argument(f"--{mode}", action="store_true", help=what)
     for name, what in (("video", "video file or folder of frames, for --predict"), ("question", "for --predict"),
-                       ("choices", "'A. ...|B. ...|C. ...|D. ...'"), ("preset", f"one of {sorted(PRESETS)}")):
-        p.add_argument(f"--{name}", default="", help=what)  # --preset "": default (bench with --bench)
+                       ("choices", "'A. ...|B. ...|C. ...|D. ...'"), ("preset", "default: default (--bench: bench)")):
+        p.add_argument(f"--{name}", default="", help=what, choices=sorted(PRESETS) if name == "preset" else None)
     notes = dict(re.findall(r"^    (\w+): (.*)$", inspect.getsource(Config), re.M)) if argv is None else {}  # --help
     for f in dataclasses.fields(Config):  # --flag/--no-flag for bools, typed values for the rest
         kw = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
@@ -1340,9 +1342,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     overrides.update({k: os.path.abspath(v) for k, v in overrides.items() if v and k in PATH_KEYS})
-    cfg = Config(**{**PRESETS.get(args.preset or ("bench" if args.bench else "default"), {}), **overrides})
-    problems = [f"--preset {args.preset}: unknown preset, choose one of {sorted(PRESETS)}"] * (
-        args.preset not in ("", *PRESETS)) + config_problems(cfg)
+    cfg = Config(**{**PRESETS[args.preset or ("bench" if args.bench else "default")], **overrides})
+    problems = config_problems(cfg)
     problems += ["a flag given '' must name a file or folder, not an empty string"] * ("" in overrides.values())
     if args.train and not args.resume and not writable(cfg.out_dir, "config.json", lambda m: m["script"] == SCRIPT):
         problems.append(f"--out_dir {cfg.out_dir}: a file, a folder holding files this script did not write (your "

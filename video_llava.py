@@ -1452,6 +1452,7 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     problems += [f"--{k} {v[k]}: choose {' or '.join(ok)}" for k, ok in CHOICES.items() if v[k] not in ok]
     modes = sum(map(bool, (args.train or args.eval, args.generate, args.inspect, args.bench)))  # --train evaluates too
     problems += [msg for bad, msg in ((not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: in (0, 1]"),
+        (not -2**63 <= cfg.seed < 2**63, f"--seed {cfg.seed}: must fit in 64 bits (-2**63 to 2**63 - 1)"),
         (cfg.temperature == 0 and (cfg.top_k > 0 or cfg.top_p < 1),
          "--top_k and --top_p filter what is sampled: give a --temperature above 0 as well"),
         (not args.generate and cfg.hidden_size // max(cfg.num_attention_heads, 1) % 2,

@@ -1000,6 +1000,7 @@ def parse_args(argv=None):
         (not 0 <= cfg.dropout < 1, f"--dropout {cfg.dropout}: must be in [0, 1)"),
         (not cfg.grad_clip > 0, f"--grad_clip {cfg.grad_clip}: must be above 0 (the largest gradient norm)"),
         (not 0 <= cfg.weight_decay < math.inf, f"--weight_decay {cfg.weight_decay}: must be finite, 0 or more"),
+        (not -2**63 <= cfg.seed < 2**63, f"--seed {cfg.seed}: must fit in 64 bits (-2**63 to 2**63 - 1)"),
         (fresh and cfg.d_model % math.lcm(2, cfg.n_head or 1),
          f"--d_model {cfg.d_model}: must be even, a multiple of --n_head {cfg.n_head}"),
         (cfg.cnn_width % 8, f"--cnn_width {cfg.cnn_width}: must be a multiple of 8 (GroupNorm's 8 groups)"),
@@ -1011,8 +1012,7 @@ def parse_args(argv=None):
          "clips); drop it" if args.bench else "the learned-query Q-Former's sizes; only with --qformer_mode queries")),
         (args.preset and (args.resume or args.eval or args.generate), f"--preset {args.preset}: --resume, --eval and "
          "--generate take the sizes from the checkpoint in --out_dir; drop --preset"),
-        (args.video and not args.generate, f"--video {args.video}: only with --generate (the mode that captions it)"),
-        (args.generate and not args.video, "--generate needs --video PATH (a video file or a frames folder)")] if bad]:
+        (bool(args.video) != args.generate, "--generate and --video PATH (file or frame folder) go together")] if bad]:
         raise UserError(errors[0])
     return args, cfg, overrides
 

@@ -970,7 +970,7 @@ def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the fl
                        ("generate", "caption --image with out_dir's model"), ("bench", "training and caption speed")):
         p.add_argument(f"--{mode}", action="store_true", help=what)
     p.add_argument("--image", default="", help="image file, for --generate")
-    p.add_argument("--preset", help=f"one of {sorted(PRESETS)} (default: default)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the sizes to start from (default: default)")
     notes = dict(re.findall(r"^    (\w+): (.*)$", inspect.getsource(Config), re.M)) if argv is None else {}  # --help
     for f in dataclasses.fields(Config):  # every Config field is a flag; bools as --flag / --no-flag
         kw = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
@@ -978,10 +978,9 @@ def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the fl
     args = p.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     overrides.update({k: os.path.abspath(overrides[k]) for k in ("data", "test_data") if overrides.get(k)})  # as saved
-    cfg = Config(**{**PRESETS.get(args.preset or "default", {}), **overrides})
+    cfg = Config(**{**PRESETS[args.preset or "default"], **overrides})
     # the first bad flag, in one line; each range is the condition a good value meets (a NaN fails every comparison)
-    bad = [f"--preset {args.preset}: unknown, choose one of {sorted(PRESETS)}"] * (args.preset not in (None, *PRESETS))
-    bad += [f"--{n} {v}: choose one of {', '.join(c)}" for n, c in CHOICES.items() if (v := getattr(cfg, n)) not in c]
+    bad = [f"--{n} {v}: choose one of {', '.join(c)}" for n, c in CHOICES.items() if (v := getattr(cfg, n)) not in c]
     nums = {n: v for n, v in dataclasses.asdict(cfg).items() if type(v) in (int, float) and n != "seed"}
     bad += [f"--{n} {v}: must be at least 1" for n, v in nums.items() if type(v) is int and n not in ZERO_OK and v < 1]
     bad += [f"--{n} {v}: must be a number > 0" for n, v in nums.items() if n in RATES and not 0 < v < math.inf]
@@ -993,6 +992,7 @@ def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the fl
         (cfg.max_len < 2, f"--max_len {cfg.max_len}: at least 2 (BOS and one token)"),
         ("" in overrides.values(), "a flag given '' must name a file or folder, not an empty string"),
         (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1] (1 = off)"),
+        (not -2**63 <= cfg.seed < 2**63, f"--seed {cfg.seed}: must fit in 64 bits (-2**63 to 2**63 - 1)"),
         (fresh and (cfg.img_size % cfg.patch or cfg.img_size == cfg.patch), f"--img_size {cfg.img_size}: must be a "
          f"multiple of --patch {cfg.patch}, at least twice it (the sin-cos positions need a grid of patches)"),
         (fresh and (cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.vit_heads),
@@ -1003,8 +1003,7 @@ def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the fl
         (args.preset and (args.resume or args.eval or args.generate), f"--preset {args.preset}: --resume, --eval "
          "and --generate take the sizes from the checkpoint in --out_dir; drop --preset"),
         (unread, f"{', '.join(unread)}: not read by --bench (it times a new model of these sizes, greedy); drop it"),
-        (args.image and not args.generate, f"--image {args.image}: only with --generate (the mode that captions it)"),
-        (args.generate and not args.image, "--generate needs --image PATH")) if wrong]
+        (bool(args.image) != args.generate, "--generate and --image PATH (the image to caption) go together")) if wrong]
     if bad:
         raise UserError(bad[0])
     if args.train or (args.eval or args.generate) and os.path.isdir(cfg.out_dir):  # each writes into out_dir; a new
