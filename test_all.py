@@ -7937,6 +7937,30 @@ def test_vm_vc_eval_and_generate_refuse_a_typed_size_against_the_checkpoint(mod,
         main_user_error(mod.main, capsys, mode + ["--out_dir", out, *flag], f"drop {' '.join(flag)} (")
 
 
+@pytest.mark.parametrize("mod", [vm, vc], ids=["vm", "vc"])
+def test_vm_vc_a_saved_config_value_of_the_wrong_type_is_refused(mod, _vm_trained, _vc_tiny_run, tmp_path, capsys):
+    """A hand-edited or damaged config.json whose 'config' holds a value of another JSON type ("d_model": "32", null,
+    true where an int belongs, "x" for a float) ended --eval and --train --resume in a TypeError deep in torch or in a
+    comparison. Now one line naming the file, the field and the value, exit 2, nothing in the run changed; an int
+    where a float belongs is still a number of the right kind."""
+    src = (_vm_trained[0] if mod is vm else _vc_tiny_run) / "out"
+    run = _copy_run(src, tmp_path / "run")
+    (run / "train_state.pt").write_bytes((src / "train_state.pt").read_bytes())
+    good = json.load(open(run / "config.json"))
+    size = "n_frames" if mod is vm else "patch"
+    for key, value, shown in (("d_model", "32", "'32'"), (size, None, "None"), ("max_new_tokens", "5", "'5'"),
+                              ("max_len", True, "True"), ("lr", "x", "'x'"), ("dropout", [0.1], "[0.1]"),
+                              ("compact_vocab", 1, "1"), ("qformer_mode" if mod is vm else "pool", 3, "3")):
+        (run / "config.json").write_text(json.dumps({**good, "config": {**good["config"], key: value}}))
+        before = {p.name: p.read_bytes() for p in run.iterdir()}
+        for argv in (["--eval"], ["--train", "--resume"]) if key in ("d_model", size, "lr") else (["--eval"],):
+            main_user_error(mod.main, capsys, argv + ["--out_dir", run], f"{run / 'config.json'}: {key} {shown}: must "
+                            "be of type", "restore it, or retrain")
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    (run / "config.json").write_text(json.dumps({**good, "config": {**good["config"], "lr": 1}}))  # JSON's 1 for 1.0
+    assert mod.load_checkpoint(str(run))[2].lr == 1
+
+
 @pytest.mark.parametrize("name", ["vm", "vc", "vl", "mk", "ab"])
 def test_a_run_folder_nothing_can_be_written_into_is_refused_before_any_work(name, _vm_trained, _vc_tiny_run,
                                                                              vl_tiny_run, mk_trained, tmp_path,

@@ -496,6 +496,9 @@ def load_checkpoint(out_dir, overrides=None, fixed=()):  # -> (model, tokenizer,
         raise UserError(f"{cpath}: damaged, no 'config' object or 'vocab' list (retrain with --train)")
     known, typed = {f.name for f in dataclasses.fields(Config)}, overrides or {}  # a key this version lacks: ignored
     saved = Config(**{k: v for k, v in meta["config"].items() if k in known})
+    if bad := [f"{f.name} {v!r}: must be of type {f.type.__name__}" for f in dataclasses.fields(saved)  # bool: no int
+               if type(v := getattr(saved, f.name)) is not f.type and (f.type, type(v)) != (float, int)]:
+        raise UserError(f"{cpath}: {bad[0]}; the file is damaged or hand-edited: restore it, or retrain with --train")
     if clash := [f"{as_typed(k, v)} ({'world ' if k in WORLD else ''}saved as {as_typed(k, getattr(saved, k))})"
                  for k, v in typed.items() if k in fixed and v != getattr(saved, k)]:
         raise UserError(f"{out_dir}: this mode keeps the value the run was saved with; drop {clash[0]}")
@@ -530,10 +533,8 @@ def bleu4(preds, refs):
         hyp_len += len(h)
         ref_len += min((abs(len(r) - len(h)), len(r)) for r in rws)[1]
         for n in range(1, 5):
-            best = Counter()  # the largest count of each n-gram in any one reference
-            for r in rws:
-                best |= ngrams(r, n)
-            match[n - 1] += sum((ngrams(h, n) & best).values())  # clipped matches
+            counts = [ngrams(r, n) for r in rws]  # a match counts at most as often as one reference has it
+            match[n - 1] += sum(min(c, max(r[g] for r in counts)) for g, c in ngrams(h, n).items())  # clipped matches
             total[n - 1] += max(0, len(h) - n + 1)
     if min(match) == 0:
         return 0.0
@@ -685,8 +686,7 @@ def setup_distributed(cfg):  # -> (ddp, rank, world, device): torchrun sets WORL
         except torch._inductor.exc.InvalidCxxCompiler as e:
             raise UserError(f"--compile: {e}; install g++ or clang++ (or set CXX), or pass --no-compile") from None
     if device.startswith("cuda") and ddp:  # one GPU per rank
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device := f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return ddp, rank, world, device
 
 def build_or_resume(cfg, resumed, train_entries, train_clips, device):

@@ -514,6 +514,9 @@ def load_checkpoint(out_dir, overrides=None, fixed=ARCH):  # -> (model, tok, cfg
     if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("vocab"), list):
         raise UserError(f"{cpath}: no 'config' object or 'vocab' list (checkpoint damaged; retrain or pass --out_dir)")
     saved = {k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
+    if bad := [f"{f.name} {v!r}: must be of type {f.type.__name__}" for f in dataclasses.fields(Config)  # bool: no int
+               if type(v := saved.get(f.name, f.default)) is not f.type and (f.type, type(v)) != (float, int)]:
+        raise UserError(f"{cpath}: {bad[0]}; the file is damaged or hand-edited: restore it, or retrain with --train")
     typed = overrides or {}  # a typed flag that differs from a saved `fixed` field is refused, named as it was typed
     if clash := [f"{as_typed(k, v)} ({'world ' if k in WORLD else ''}saved as {as_typed(k, saved.get(k))})"
                  for k, v in typed.items() if k in fixed and v != saved.get(k)]:
@@ -549,10 +552,8 @@ def bleu4(preds, refs):
         hyp_len += len(h)
         ref_len += min((abs(len(r) - len(h)), len(r)) for r in rws)[1]
         for n in range(1, 5):
-            best = collections.Counter()
-            for r in rws:
-                best |= ngrams(r, n)  # | keeps the larger count: the most any one reference allows
-            match[n - 1] += sum((ngrams(h, n) & best).values())  # & keeps the smaller count: clipped matches
+            counts = [ngrams(r, n) for r in rws]  # a match counts at most as often as one reference has it
+            match[n - 1] += sum(min(c, max(r[g] for r in counts)) for g, c in ngrams(h, n).items())  # clipped matches
             total[n - 1] += max(0, len(h) - n + 1)
     if min(match) == 0:
         return 0.0
