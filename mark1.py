@@ -1266,7 +1266,7 @@ def frame_strip(clip, sal, path, title, threshold):  # PNG: the frames, a salien
 def predict(cfg, overrides, video, question, choices):
     if not video or not question.strip() or not choices:  # a blank question too
         raise UserError("--predict needs --video PATH --question TEXT --choices 'A. ...|B. ...|C. ...|D. ...'")
-    check_choices(choice_list := [c.strip() for c in choices.split("|")], "--choices")
+    check_choices(choice_list := [c.strip() for c in choices.split("|")], "--choices (one string, split at |)")
     model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, "--predict")
     check_answers({"--choices": ([dict(answer=c) for c in choice_list], None)}, tok, cfg)  # each may be the answer
     model.place(parse_device_map(cfg)).eval()
@@ -1276,9 +1276,9 @@ def predict(cfg, overrides, video, question, choices):
                            [dict(question=question, choices=choice_list)], tok, cfg)
     sal, answer, path = torch.sigmoid(fl.float())[0].tolist(), tok.decode(ids[0]).strip(), cfg.out_dir + "/predict.png"
     span = segment_from_scores(sal, times, dur, cfg.threshold)
-    print(f"answer: {answer}\nsupport: {span[0]:.2f}s - {span[1]:.2f}s | saliency per frame: "
-          f"{' '.join(f'{s:.2f}' for s in sal)}\nframe strip: {path}")  # printed before the strip, which may fail
-    frame_strip(clip, sal, path, answer, cfg.threshold)
+    print(f"answer: {answer}" + " (not a choice)" * (answer not in choice_list) + f"\nsupport: {span[0]:.2f}s - "
+          f"{span[1]:.2f}s | saliency per frame: {' '.join(f'{s:.2f}' for s in sal)}\nframe strip: {path}")
+    frame_strip(clip, sal, path, answer, cfg.threshold)  # after the print: writing the strip may fail
     return answer, span, sal
 
 BENCH_RUNS = dict(freeze_vision=True, grad_accum=1, feature_cache=True)  # what --bench runs with (a flag: refused)

@@ -1131,10 +1131,10 @@ def test_vm_eval_decodes_only_the_clips_it_scores(tmp_path, _vm_trained, monkeyp
 
 
 def test_vm_a_windows_path_in_the_annotation_file_is_named_with_the_fix(tmp_path):
-    """An annotation file written on Windows (clips\\cat.mp4) and read elsewhere: the path is shown as written, with
+    """An annotation file written on Windows (clips\\cat.mp4) and read elsewhere: the path it looked for is shown, with
     the fix."""
     (tmp_path / "a.txt").write_text("clips\\cat.mp4\na cat\n", encoding="utf-8")
-    with pytest.raises(vm.UserError, match=re.escape("a.txt:1: video 'clips\\cat.mp4' not found (use / in paths)")):
+    with pytest.raises(vm.UserError, match=re.escape(f"a.txt:1: video not found: {os.path.realpath(tmp_path)}/clips\\cat.mp4 (use / in paths)")):
         vm.read_annotations(str(tmp_path / "a.txt"))
 
 
@@ -4167,7 +4167,7 @@ def test_vl_bad_inputs(vl_ckpt, tmp_path, monkeypatch):
     # a Windows path: one backslash is no JSON escape (the reason is named), two name a file that is not here
     for text, why in ((r'{"video": "clips\cat.mp4"}', r"bad.jsonl:1: not valid JSON (Invalid \escape, column 17)"),
                       (r'{"video": "clips\\cat.mp4", "question": "q", "answer": "a"}',
-                       r"bad.jsonl:1: video 'clips\\cat.mp4' not found (use / in paths)")):
+                       rf"bad.jsonl:1: video not found: {tmp_path}/clips\cat.mp4 (use / in paths)")):
         bad.write_text(text + "\n")
         with pytest.raises(vl.UserError, match=re.escape(why)):
             vl.read_annotations(str(bad))
@@ -5605,7 +5605,12 @@ def test_mk_eval_and_predict_cli(mk_trained, tmp_path, capsys, monkeypatch):
     clip = torch.from_numpy(mk.load_video(str(video), cfg.n_frames, cfg.crop)[0])[None]
     ids, fl = mk.generate(model.eval(), model.encode(clip), [dict(question=question, choices=choices.split("|"))],
                           tok, cfg)
-    assert f"answer: {tok.decode(ids[0]).strip()}\n" in stdout
+    answer = tok.decode(ids[0]).strip()  # the tiny model's is no choice: it is marked so
+    assert f"answer: {answer}" + " (not a choice)" * (answer not in choices.split("|")) + "\n" in stdout
+    monkeypatch.setattr(mk.GPT2Tokenizer, "decode", lambda self, ids: " A. it appears")  # an answer that is a choice
+    mk.main(["--predict", "--out_dir", str(out), "--video", str(video), "--question", question, "--choices", choices])
+    assert "answer: A. it appears\n" in capsys.readouterr().out
+    monkeypatch.undo()
     assert f"saliency per frame: {' '.join(f'{s:.2f}' for s in torch.sigmoid(fl.float())[0].tolist())}\n" in stdout
     img = cv2.imread(str(out / "predict.png"))
     assert img is not None and img.shape[1] == 8 * 66
@@ -5798,6 +5803,8 @@ def test_mk_bad_sampling_flags_are_one_line(tmp_path):
                                 ("--threshold", "-0.1", "[0, 1)")):
         _mk_user_error(["--predict", "--out_dir", tmp_path / "none", "--video", "v.mp4", "--question", "q?",
                         "--choices", "A. x|B. y", "--temperature", "0.7", flag, value], flag, needle)
+    _mk_user_error(["--predict", "--out_dir", tmp_path / "none", "--video", "v.mp4", "--question", "q?", "--choices",
+                    "A. x, B. y"], "--choices (one string, split at |)", "2 to 26")  # commas: one choice, and why
 
 def test_mk_clip_shorter_than_a_tubelet(tmp_path):
     """F < tubelet: the encoder repeats the clip tubelet times (as transformers does), so F tubelets reach the bridge."""
@@ -6111,7 +6118,8 @@ def test_mk_released_shapes_pixels_to_tokens_match_transformers(mk_hf_released, 
     mk.main(["--predict", "--out_dir", cfg.out_dir, "--video", path, "--question", q, "--choices", "|".join(choices),
              "--max_new_tokens", "9"])
     answer = ht.decode(ref, skip_special_tokens=True).strip()
-    assert answer == tok.decode(ref).strip() and f"answer: {answer}\n" in capsys.readouterr().out
+    mark = " (not a choice)" * (answer not in choices)  # random weights answer no choice
+    assert answer == tok.decode(ref).strip() and f"answer: {answer}{mark}\n" in capsys.readouterr().out
 
 
 def test_mk_unsupported_and_corrupt_checkpoints(mk_hf, tmp_path):
@@ -7935,6 +7943,16 @@ def test_vm_vc_eval_and_generate_refuse_a_typed_size_against_the_checkpoint(mod,
         media, flag = ["--image", tmp_path / "x.png"], ["--img_size", "32"]
     for mode in (["--eval"], ["--generate", *media]):
         main_user_error(mod.main, capsys, mode + ["--out_dir", out, *flag], f"drop {' '.join(flag)} (")
+
+
+@pytest.mark.parametrize("mod", [vm, vc], ids=["vm", "vc"])
+def test_vm_vc_a_world_flag_beside_data_is_named_alone(mod, tmp_path, capsys):
+    """--data gives the splits, so a typed flag of the synthetic world is refused, the first one named (the message
+    listed them all and said "drop them", one flag or several); nothing is written."""
+    for extra, named in ((["--n_test", "3", "--data_dir", tmp_path / "d"], "--data_dir"), (["--n_train", "5"], "--n_train")):
+        main_user_error(mod.main, capsys, ["--train", "--data", tmp_path / "mine.txt", "--out_dir", tmp_path / "o",
+                                           *extra], f"error: {named}: the synthetic world's, unused with --data", "drop it")
+    assert not os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize("mod", [vm, vc], ids=["vm", "vc"])

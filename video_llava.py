@@ -337,7 +337,7 @@ def read_annotations(path, why=""):  # JSON lines {"image"|"video"|"frames", "qu
         if re.search("<image>|<video>", e["question"] + e["answer"]):  # the template adds the one tag itself
             raise UserError(f"{path}:{no}: the text contains an <image>/<video> tag; the prompt template adds it")
         if not os.path.exists(media := os.path.join(base, rel)):
-            raise UserError(f"{path}:{no}: {kind} {rel!r} not found" + " (use / in paths)" * ("\\" in rel))
+            raise UserError(f"{path}:{no}: {kind} not found: {media}" + " (use / in paths)" * ("\\" in rel))
         out.append(dict(kind=kind, path=media, question=e["question"], answer=e["answer"], line=f"{path}:{no}"))
     if not out:
         raise UserError(f"{path}: no entries")

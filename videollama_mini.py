@@ -261,7 +261,7 @@ def read_annotations(path, why=""):
                 raise UserError(f"{path}:{start}: entry '{cur[0]}' has a video path but no caption line")
             video = os.path.realpath(os.path.join(here := os.path.dirname(path), cur[0]))  # relative to the file
             if not os.path.exists(video):
-                raise UserError(f"{path}:{start}: video '{cur[0]}' not found" + " (use / in paths)" * ("\\" in cur[0]))
+                raise UserError(f"{path}:{start}: video not found: {video}" + " (use / in paths)" * ("\\" in cur[0]))
             for i, cap in enumerate(cur[1:], start + 1):  # a missing blank line would merge two entries
                 near = os.path.join(here, cap)  # a file, or a folder of frames, beside the annotation file?
                 if re.search(r"\.(mp4|avi|mov|mkv|webm|m4v)$", cap, re.I) or os.path.isfile(near) or os.path.isdir(
@@ -617,7 +617,7 @@ def prepare_data(cfg, rank, typed=(), keep=("train", "val", "test", "novel")):  
     if cfg.test_data and not cfg.data:  # the synthetic world has its own test split: never silently ignored
         raise UserError(f"--test_data {cfg.test_data}: only with --data FILE (your training data) as well")
     if cfg.data and (world := [f"--{k}" for k in ("data_dir", *WORLD[1:]) if k in typed]):  # typed flags unused
-        raise UserError(f"{', '.join(world)}: the synthetic world's; --data {cfg.data} gives the splits, drop them")
+        raise UserError(f"{world[0]}: the synthetic world's, unused with --data (your file gives the splits); drop it")
     if cfg.data:  # user data; --eval (no "train" in keep) opens --data only for the entries held out of it
         scoring, why = "train" not in keep, "; --eval scores the entries held out of it, or pass --test_data FILE"
         entries = [] if scoring and cfg.test_data else read_annotations(cfg.data, why if scoring else "")
