@@ -617,7 +617,7 @@ def prepare_data(cfg, rank, typed=(), keep=("train", "val", "test", "novel")):  
     if cfg.test_data and not cfg.data:  # the synthetic world has its own test split: never silently ignored
         raise UserError(f"--test_data {cfg.test_data}: only with --data FILE (your training data) as well")
     if cfg.data and (world := [f"--{k}" for k in ("data_dir", *WORLD[1:]) if k in typed]):  # typed flags unused
-        raise UserError(f"{world[0]}: the synthetic world's, unused with --data (your file gives the splits); drop it")
+        raise UserError(f"{world[0]}: the synthetic world's, unused with --data {cfg.data}; drop it")
     if cfg.data:  # user data; --eval (no "train" in keep) opens --data only for the entries held out of it
         scoring, why = "train" not in keep, "; --eval scores the entries held out of it, or pass --test_data FILE"
         entries = [] if scoring and cfg.test_data else read_annotations(cfg.data, why if scoring else "")

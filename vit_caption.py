@@ -624,7 +624,7 @@ def prepare_data(cfg, rank, typed=(), scoring=False):  # -> {split: (entries, ui
     if cfg.test_data and not cfg.data:  # the synthetic world has its own test split: never silently ignored
         raise UserError(f"--test_data {cfg.test_data}: only with --data FILE (your training data) as well")
     if cfg.data and (world := [f"--{k}" for k in ("data_dir", *WORLD[1:]) if k in typed]):  # typed flags unused
-        raise UserError(f"{world[0]}: the synthetic world's, unused with --data (your file gives the splits); drop it")
+        raise UserError(f"{world[0]}: the synthetic world's, unused with --data {cfg.data}; drop it")
     keep = ("train", "val", "test", "novel") if not scoring else ("test", "novel", "train")[:3 if cfg.max_train else 2]
     if cfg.data:  # --eval (scoring) reads and decodes what it scores: held-out images (or --test_data), --max_train's
         why = f"; --eval scores images from it, or pass --test_data FILE{' --max_train 0' if cfg.max_train else ''}"
