@@ -591,8 +591,7 @@ class LlamaAttention(nn.Module):
         whole cache, or (B, 1, L, L) without one, True = attend -> (B, L, D)."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.h, self.e).transpose(1, 2)  # (B, H, L, E)
-        k = self.k_proj(x).view(B, L, self.kv, self.e).transpose(1, 2)  # (B, K, L, E)
-        v = self.v_proj(x).view(B, L, self.kv, self.e).transpose(1, 2)  # (B, K, L, E)
+        k, v = (p(x).view(B, L, self.kv, self.e).transpose(1, 2) for p in (self.k_proj, self.v_proj))  # (B, K, L, E)
         # RoPE rotates each (i, i + E/2) feature pair of q and k by an angle proportional to the position, so a
         # query-key dot product depends only on their distance; values are not rotated
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
@@ -813,8 +812,7 @@ class VideoLlava(nn.Module):
         once per device, in transformers' arithmetic (int64 arange -> float, float32 angles)."""
         if pos.device not in self._rope:
             e = self.cfg.hidden_size // self.cfg.num_attention_heads
-            inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, e, 2, dtype=torch.int64,
-                                                                   device=pos.device).float() / e))  # (E/2,)
+            inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, e, 2, device=pos.device).float() / e))  # (E/2,)
             positions = torch.arange(self.cfg.max_position_embeddings, device=pos.device).float()
             freqs = positions[:, None] * inv_freq  # (context, E/2)
             emb = torch.cat((freqs, freqs), -1)  # (context, E): the same angle for features i and i + E/2
