@@ -552,7 +552,7 @@ def bleu4(preds, refs):
         hyp_len += len(h)
         ref_len += min((abs(len(r) - len(h)), len(r)) for r in rws)[1]
         for n in range(1, 5):
-            counts = [ngrams(r, n) for r in rws]  # a match counts at most as often as one reference has it
+            counts = [ngrams(r, n) for r in rws]  # an n-gram counts at most as often as the reference holding it most
             match[n - 1] += sum(min(c, max(r[g] for r in counts)) for g, c in ngrams(h, n).items())  # clipped matches
             total[n - 1] += max(0, len(h) - n + 1)
     if min(match) == 0:
