@@ -233,7 +233,7 @@ def read_annotations(path):
             raise UserError(f"{path}:{no}: expected 'path<TAB>caption', got {line.strip()[:60]!r}")
         full = os.path.join(os.path.dirname(os.path.abspath(path)), parts[0])
         if not os.path.exists(full):
-            raise UserError(f"{path}:{no}: file '{parts[0]}' not found")
+            raise UserError(f"{path}:{no}: file not found: {full}")
         out.append((full, parts[1].strip()))
     if not out:
         raise UserError(f"{path}: no entries (expected 'path<TAB>caption' lines)")
@@ -1213,7 +1213,7 @@ def parse_args(argv=None):
         p.add_argument(f"--{f.name}", default=None, help=notes.get(f.name), **kw)  # None: the preset's value
     args = p.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
-    cfg = Config(**{**PRESETS.get(args.preset, {}), **overrides})
+    cfg = Config(**{**PRESETS[args.preset], **overrides})
     unread = next((n for n in overrides if n not in TOUR_FIELDS), "") * (not (args.train or args.eval or args.generate))
     bad = config_problems(cfg) or [why for wrong, why in (  # the first bad flag, in one line naming it
         (args.train and cfg.n_frames > cfg.max_frames,  # (those two: the run's sizes)

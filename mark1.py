@@ -342,7 +342,7 @@ def read_annotations(path, fix=""):  # user JSON list, validated; errors name th
 
 def check_choices(choices, where):
     if not isinstance(choices, list) or not 2 <= len(choices) <= 26 or any(not isinstance(c, str) for c in choices):
-        raise UserError(f"{where}: choices must be a list of 2 to 26 strings like 'A. ...'")
+        raise UserError(f"{where}: needs 2 to 26 choices, each a string like 'A. ...'")
     for k, c in enumerate(choices):  # the k-th choice starts with the k-th letter
         if not re.match(rf"{chr(65 + k)}\. \S", c):
             raise UserError(f"{where}: choice {c!r} is not in the form '{chr(65 + k)}. text' (A, B, C, ... in order)")
@@ -1266,7 +1266,7 @@ def frame_strip(clip, sal, path, title, threshold):  # PNG: the frames, a salien
 def predict(cfg, overrides, video, question, choices):
     if not video or not question.strip() or not choices:  # a blank question too
         raise UserError("--predict needs --video PATH --question TEXT --choices 'A. ...|B. ...|C. ...|D. ...'")
-    check_choices(choice_list := [c.strip() for c in choices.split("|")], "--choices (one string, split at |)")
+    check_choices(choice_list := [c.strip() for c in choices.split("|")], f"--choices {choices!r} (split at |)")
     model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, "--predict")
     check_answers({"--choices": ([dict(answer=c) for c in choice_list], None)}, tok, cfg)  # each may be the answer
     model.place(parse_device_map(cfg)).eval()
@@ -1316,7 +1316,7 @@ def config_problems(cfg):  # the checks every config gets: the flags' and a save
                  "rope_theta", "v_mlp_ratio") if not 0 < getattr(cfg, k) < math.inf] + [f"--{k} {getattr(cfg, k)}: must"
                  f" be 0 or more and finite" for k in ("min_lr", "weight_decay", "warmup_frac", "lam", "pos_weight",
                  "stop_after", "data_init", "temperature", "top_k") if not 0 <= getattr(cfg, k) < math.inf]
-    problems += [f"--threshold {cfg.threshold}: must be in [0, 1) (a sigmoid's range)"] * (not 0 <= cfg.threshold < 1)
+    problems += [f"--threshold {cfg.threshold}: must be in [0, 1) (saliency: a sigmoid)"] * (not 0 <= cfg.threshold < 1)
     problems += [f"--seed {cfg.seed}: must fit in 64 bits (-2**63 to 2**63 - 1)"] * (not -2**63 <= cfg.seed < 2**63)
     problems += [f"--{h} {getattr(cfg, h)}: must divide --{w} {getattr(cfg, w)} (split evenly)" for h, w in
                  (("v_heads", "v_width"), ("l_kv_heads", "l_heads"), ("bridge_heads", "l_width"), ("bert_heads",
@@ -1333,7 +1333,7 @@ def parse_args(argv=None):
                        "about --video"), ("bench", "feature-cache speedup with a frozen encoder")):
         p.add_argument(f"--{mode}", action="store_true", help=what)
     for name, what in (("video", "video file or folder of frames, for --predict"), ("question", "for --predict"),
-                       ("choices", "'A. ...|B. ...|C. ...|D. ...'"), ("preset", "default: default (--bench: bench)")):
+                       ("choices", "'A. ...|B. ...|C. ...|D. ...'"), ("preset", "sizes: default (--bench: bench)")):
         p.add_argument(f"--{name}", default="", help=what, choices=sorted(PRESETS) if name == "preset" else None)
     notes = dict(re.findall(r"^    (\w+): (.*)$", inspect.getsource(Config), re.M)) if argv is None else {}  # --help
     for f in dataclasses.fields(Config):  # --flag/--no-flag for bools, typed values for the rest

@@ -5607,10 +5607,12 @@ def test_mk_eval_and_predict_cli(mk_trained, tmp_path, capsys, monkeypatch):
                           tok, cfg)
     answer = tok.decode(ids[0]).strip()  # the tiny model's is no choice: it is marked so
     assert f"answer: {answer}" + " (not a choice)" * (answer not in choices.split("|")) + "\n" in stdout
-    monkeypatch.setattr(mk.GPT2Tokenizer, "decode", lambda self, ids: " A. it appears")  # an answer that is a choice
-    mk.main(["--predict", "--out_dir", str(out), "--video", str(video), "--question", question, "--choices", choices])
-    assert "answer: A. it appears\n" in capsys.readouterr().out
-    monkeypatch.undo()
+    for said, shown in ((" A. it appears", "A. it appears\n"), (" E. none", "E. none (not a choice)\n")):
+        with monkeypatch.context() as m:  # a model that answers one of the choices, then one that answers none
+            m.setattr(mk.GPT2Tokenizer, "decode", lambda self, ids: said)
+            mk.main(["--predict", "--out_dir", str(out), "--video", str(video), "--question", question, "--choices",
+                     choices])
+        assert f"answer: {shown}" in capsys.readouterr().out
     assert f"saliency per frame: {' '.join(f'{s:.2f}' for s in torch.sigmoid(fl.float())[0].tolist())}\n" in stdout
     img = cv2.imread(str(out / "predict.png"))
     assert img is not None and img.shape[1] == 8 * 66
@@ -5648,7 +5650,7 @@ def _mk_user_error(argv, *needles):
     assert "\n" not in str(e.value) and all(n in str(e.value) for n in needles), str(e.value)
 
 
-def test_mk_bad_inputs(mk_trained, tmp_path, monkeypatch):
+def test_mk_bad_inputs(mk_trained, tmp_path, monkeypatch, capsys):
     d, _ = mk_trained
     out = d / "out"
     ch = "A. it appears|B. it stops"
@@ -5682,7 +5684,7 @@ def test_mk_bad_inputs(mk_trained, tmp_path, monkeypatch):
     # default one made that folder one the default --train refuses to write into (no world.json of its own)
     with pytest.raises(SystemExit) as e:  # argparse refuses an unknown preset itself (its one line on stderr), exit 2
         mk.main(["--train", "--preset", "nope"])
-    assert e.value.code == 2
+    assert e.value.code == 2 and "--preset: invalid choice: 'nope'" in capsys.readouterr().err.strip().splitlines()[-1]
     o = tmp_path / "o"
     _mk_user_error(["--train", "--preset", "tiny", "--device_map", "vision=cuda:7", "--out_dir", o], "cuda:7",
                    "does not exist")
@@ -5717,7 +5719,7 @@ def test_mk_bad_inputs(mk_trained, tmp_path, monkeypatch):
         for argv in (["--train", "--preset", "tiny", "--data", v, "--out_dir", o], ["--eval", "--out_dir", out,
                                                                                    "--test_data", v]):
             _mk_user_error(argv, f"{v} entry 2: {tmp_path / bad}: {why}")
-    with pytest.raises(mk.UserError, match=rf"^{re.escape(str(tmp_path / 'nope.mp4'))}: video not found"):
+    with pytest.raises(mk.UserError, match=rf"^{re.escape(str(tmp_path / 'nope.mp4'))}: video not found$"):  # no hint
         mk.main([str(a) for a in ("--predict", "--out_dir", out, "--video", tmp_path / "nope.mp4", "--question",
                                   "q", "--choices", ch)])  # no annotation file: no entry to name
     assert not (o / "model.safetensors").exists()
@@ -5804,7 +5806,7 @@ def test_mk_bad_sampling_flags_are_one_line(tmp_path):
         _mk_user_error(["--predict", "--out_dir", tmp_path / "none", "--video", "v.mp4", "--question", "q?",
                         "--choices", "A. x|B. y", "--temperature", "0.7", flag, value], flag, needle)
     _mk_user_error(["--predict", "--out_dir", tmp_path / "none", "--video", "v.mp4", "--question", "q?", "--choices",
-                    "A. x, B. y"], "--choices (one string, split at |)", "2 to 26")  # commas: one choice, and why
+                    "A. x, B. y"], "--choices 'A. x, B. y' (split at |): needs 2 to 26 choices")  # commas: one choice
 
 def test_mk_clip_shorter_than_a_tubelet(tmp_path):
     """F < tubelet: the encoder repeats the clip tubelet times (as transformers does), so F tubelets reach the bridge."""
@@ -6962,6 +6964,9 @@ def test_ab_bad_inputs(tmp_path, capsys):
     ann.write_text("a.png\ta red circle\njust-a-path\n")
     (tmp_path / "a.png").write_bytes(b"")
     with pytest.raises(ab.UserError, match=r"ann.txt:2"):
+        ab.read_annotations(str(ann))
+    ann.write_text("clips/b.png\ta blue square\n")  # a missing file: the path looked for, in the file's folder
+    with pytest.raises(ab.UserError, match=re.escape(f"ann.txt:1: file not found: {tmp_path / 'clips' / 'b.png'}")):
         ab.read_annotations(str(ann))
     # a NaN loss stops training with a clear line
     cfg = _ab_tiny(tmp_path)
