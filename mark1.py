@@ -342,7 +342,7 @@ def read_annotations(path, fix=""):  # user JSON list, validated; errors name th
 
 def check_choices(choices, where):
     if not isinstance(choices, list) or not 2 <= len(choices) <= 26 or any(not isinstance(c, str) for c in choices):
-        raise UserError(f"{where}: needs 2 to 26 choices, each a string like 'A. ...'")
+        raise UserError(f"{where}: needs 2 to 26 choices, strings like 'A. ...' (in a file: a JSON list)")
     for k, c in enumerate(choices):  # the k-th choice starts with the k-th letter
         if not re.match(rf"{chr(65 + k)}\. \S", c):
             raise UserError(f"{where}: choice {c!r} is not in the form '{chr(65 + k)}. text' (A, B, C, ... in order)")
