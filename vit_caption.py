@@ -142,11 +142,8 @@ RELATIONS = {"above": "below", "below": "above",
              "to the left of": "to the right of", "to the right of": "to the left of"}
 RENDER = 96  # side of the written PNG (the write-up's input size); the model resizes to img_size
 
-def describe(obj):
-    return f"a {obj[2]} {obj[0]} {obj[1]}"  # obj = (colour, shape, size, cx, cy)
-
-def captions_for(objs, relation):  # one object: its description; two: 'A <relation> B' and 'B <inverse> A'
-    a, *b = map(describe, objs)  # a: the first object's description; b: the second's, if any
+def captions_for(objs, relation):  # one object: 'a <size> <colour> <shape>'; two: 'A <relation> B', 'B <inverse> A'
+    a, *b = (f"a {size} {colour} {shape}" for colour, shape, size, *_ in objs)  # objs: (colour, shape, size, cx, cy)
     return [f"{a} {relation} {b[0]}", f"{b[0]} {RELATIONS[relation]} {a}"] if b else [a]
 
 def sample_scene(rng, split):
@@ -930,7 +927,7 @@ def bench(cfg):  # training samples/s, captions/s (KV cache on, off) in cfg.dtyp
     device, B = pick_device(cfg.device), cfg.batch_size
     torch.manual_seed(0)
     objs = [(c, s, z) for c in COLOURS for s in SHAPES for z in SIZES]  # every word the world's captions use
-    caps = [describe(o) for o in objs] + [f"{describe(objs[0])} {r} {describe(objs[1])}" for r in RELATIONS]
+    caps = [captions_for([o], None)[0] for o in objs] + [captions_for(objs[:2], r)[0] for r in RELATIONS]
     vocab = len(Tokenizer.from_captions(caps, cfg.compact_vocab).ids)
     model = ViTCaptioner(cfg, vocab).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
