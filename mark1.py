@@ -94,7 +94,7 @@ def writable(path, marker, ours):  # may this script write into path? missing, e
 class Config:
     # data
     data: str = ""  # user annotation JSON for training (format in the README); "" = the built-in synthetic world
-    test_data: str = ""  # user annotation JSON for evaluation; else every 10th entry of --data is held out
+    test_data: str = ""  # user annotation JSON for evaluation; else about a tenth of --data is held out
     data_dir: str = "data/mark1"
     out_dir: str = "out/mark1"
     n_train: int = 4000
@@ -1033,8 +1033,11 @@ def prepare_data(cfg, rank=0, splits=("train", "val", "test", "novel")):  # -> {
     elif "train" in splits or not cfg.test_data:  # (--eval --test_data never opens it); --test_data's test wins below
         train = read_annotations(cfg.data, "" if "train" in splits else "--eval takes its held-out test entries from "
                                  "this --data file; restore it, or pass --test_data FILE to evaluate another file")
-        anns = {"train": [e for i, e in enumerate(train) if cfg.test_data or i % 10], "test": train[::10], **anns}
-        if not anns["train"] and "train" in splits:  # (--eval scores a lone held-out entry all the same)
+        draw = [random.Random(os.path.basename(os.path.normpath(e["video"])) + e["question"]).random() for e in train]
+        cut = max(0.1, min(draw, default=0))  # held out: up to 0.1, at least the lowest; edits hold out no trained one
+        test = [e for e, d in zip(train, draw) if d <= cut]  # set by an entry's video name and question, not its place
+        anns = {"train": [e for e, d in zip(train, draw) if cfg.test_data or d > cut], "test": test, **anns}
+        if not anns["train"] and "train" in splits:  # all held out (one entry, say); --eval would score them
             raise UserError(f"{cfg.data}: too few entries to hold out a test set; add entries or pass --test_data")
     anns.setdefault("val", anns["test"][:max(1, len(anns["test"]) // 2)])  # user data: half of the test split
     return {s: (e, load_split(e, cfg)) for s, e in anns.items() if s in splits}

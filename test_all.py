@@ -1082,7 +1082,7 @@ def test_vm_user_data_trains(tmp_path, _vm_trained, monkeypatch):
     monkeypatch.chdir(tmp_path)
     vm.main(["--train", "--preset", "tiny", "--data", "mine.txt", "--out_dir", str(tmp_path / "o")])
     ev = json.load(open(tmp_path / "o" / "eval.json"))
-    assert ev["test"]["n"] == 2 and "novel" not in ev  # every 10th entry held out; no novel split for user data
+    assert ev["test"]["n"] == 2 and "novel" not in ev  # cat6 and cat8 held out; no novel split for user data
     assert ev["test"]["samples"][0]["references"] == VM_USER_DATA_EXAMPLE.splitlines()[1:]
     assert vm.load_checkpoint(str(tmp_path / "o"))[2].data == str(ann)
     monkeypatch.chdir(tmp_path / "clips")
@@ -1111,7 +1111,7 @@ def test_vm_eval_decodes_only_the_clips_it_scores(tmp_path, _vm_trained, monkeyp
     vm.main(["--train", "--preset", "tiny", "--data", str(ann), "--out_dir", str(out)])
     seen.clear()
     vm.main(["--eval", "--out_dir", str(out)])
-    assert seen == ["cat0.mp4", "cat10.mp4"]  # every 10th entry: the two held out
+    assert seen == ["cat6.mp4", "cat8.mp4"]  # the two held out: their names draw under 0.1
     ann.rename(tmp_path / "moved.txt")
     main_user_error(vm.main, capsys, ["--eval", "--out_dir", out], "mine.txt: annotation file not found",
                     "--eval scores the entries held out of it, or pass --test_data FILE")
@@ -1146,6 +1146,38 @@ def test_vm_a_clip_listed_twice_is_one_entry(tmp_path):
     (tmp_path / "a.txt").write_text("clips\na cat\n\n./clips/../clips\na grey cat\nthe cat\n", encoding="utf-8")
     want = [(os.path.realpath(tmp_path / "clips"), ["a cat", "a grey cat", "the cat"])]
     assert vm.read_annotations(str(tmp_path / "a.txt")) == want
+
+
+def _held_out_by_name(tmp_path, write, split):
+    """Shared check for the four scripts that hold out part of --data: write(path, names, captions) writes an annotation
+    file, split(path) -> (trained names, held-out names). The held-out entries are fixed by each file's name, so
+    reordering the file, editing answers or adding entries never moves a trained entry into the held-out set."""
+    names = [f"clip{i:02}" for i in range(40)]
+    write(tmp_path / "a", names, "a cat")
+    train, test = split(tmp_path / "a")
+    assert sorted(train + test) == names and 2 <= len(test) <= 8 and not set(train) & set(test)
+    write(tmp_path / "b", names[::-1] + ["new0", "new1", "new2"], "a grey cat")  # reordered, answers edited, 3 added
+    train2, test2 = split(tmp_path / "b")
+    assert set(test) <= set(test2) and not set(train) & set(test2) and set(train) <= set(train2)
+    write(tmp_path / "c", ["x", "y"], "a cat")  # two entries: one is held out all the same
+    assert sorted(map(len, split(tmp_path / "c"))) == [1, 1]
+
+
+def test_vm_the_held_out_clips_are_chosen_by_name(tmp_path, monkeypatch):
+    """Without --test_data, --data's held-out clips are those whose file names draw under 0.1 (at least one): not
+    every 10th line, which an edit to the file would shift onto clips the run trained on."""
+    monkeypatch.setattr(vm, "load_video", lambda *a: np.zeros((1, 1, 1, 3), np.uint8))  # no decoding: names only
+
+    def write(folder, names, caption):
+        folder.mkdir()
+        for n in names:
+            (folder / f"{n}.mp4").touch()
+        (folder / "a.txt").write_text("".join(f"{n}.mp4\n{caption}\n\n" for n in names))
+
+    def split(folder):
+        data = vm.prepare_data(_vm_cfg(folder, data=str(folder / "a.txt")), 0, keep=("train", "test"))
+        return [[os.path.basename(v)[:-4] for v, _ in data[s][0]] for s in ("train", "test")]
+    _held_out_by_name(tmp_path, write, split)
 
 
 def test_vm_caption_longer_than_max_len_is_refused(_vm_trained, tmp_path, capsys):
@@ -2226,7 +2258,7 @@ images/blue.png | a blue patch
 
 @_vc_1t
 def test_vc_readme_user_data_example_trains(tmp_path):
-    """The README's three lines, verbatim beside two images, train the tiny preset (the first image held out)."""
+    """The README's three lines, verbatim beside two images, train the tiny preset (blue.png, the lower draw, held out)."""
     (tmp_path / "images").mkdir()
     for name, bgr in (("red", (0, 0, 255)), ("blue", (255, 0, 0))):
         img = np.full((30, 40, 3), 40, np.uint8)
@@ -2250,11 +2282,11 @@ def test_vc_user_data_training(tmp_path):
     (tmp_path / "caps.txt").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")  # a BOM, as Notepad writes
     cfg = _vc_cfg(tmp_path, data=str(tmp_path / "caps.txt"), max_steps=4)
     data = vc.prepare_data(cfg, 0)
-    assert len(data["train"][0]) == 10 and len(data["test"][0]) == 2 and len(data["train"][0][0][1]) == 2
+    assert len(data["train"][0]) == 11 and len(data["test"][0]) == 1 and len(data["train"][0][0][1]) == 2
     names = {s: [os.path.basename(p) for p, _ in data[s][0]] for s in ("train", "test")}
-    assert names["test"] == ["red0.png", "green2.png"] and not set(names["train"]) & set(names["test"])  # every 10th
+    assert names["test"] == ["blue1.png"] and not set(names["train"]) & set(names["test"])  # no name draws under 0.1
     vc.train(cfg)
-    assert json.load(open(tmp_path / "out" / "eval.json"))["test"]["n"] == 2
+    assert json.load(open(tmp_path / "out" / "eval.json"))["test"]["n"] == 1
 
 
 @_vc_1t
@@ -2317,6 +2349,23 @@ def test_vc_captions_file_merges_one_image_spelled_two_ways(tmp_path):
     bom = lambda text: b"\xef\xbb\xbf" + text.encode()  # two files saved with a byte-order mark, joined by `cat`
     (tmp_path / "joined.txt").write_bytes(bom("imgs/a.png | one\n") + bom("imgs/a.png | two\n"))
     assert vc.read_captions(str(tmp_path / "joined.txt")) == want  # the second mark is not part of the path
+
+
+def test_vc_the_held_out_images_are_chosen_by_name(tmp_path, monkeypatch):
+    """Without --test_data, --data's held-out images are those whose file names draw under 0.1 (at least one), so an
+    edit to the captions file never moves an image the run trained on into the test split."""
+    monkeypatch.setattr(vc, "load_image", lambda *a: np.zeros((1, 1, 3), np.uint8))  # no decoding: names only
+
+    def write(folder, names, caption):
+        folder.mkdir()
+        for n in names:
+            (folder / f"{n}.png").touch()
+        (folder / "a.txt").write_text("".join(f"{n}.png | {caption}\n" for n in names))
+
+    def split(folder):
+        data = vc.prepare_data(_vc_cfg(folder, data=str(folder / "a.txt")), 0)
+        return [[os.path.basename(p)[:-4] for p, _ in data[s][0]] for s in ("train", "test")]
+    _held_out_by_name(tmp_path, write, split)
 
 
 @_vc_1t
@@ -3623,7 +3672,7 @@ def test_vl_user_data_trains_and_no_user_file_is_overwritten(vl_tiny_run, tmp_pa
     vl.main(["--train", "--preset", "tiny", "--max_steps", "2", "--data", str(tmp_path / "mine.jsonl"),
              "--out_dir", str(tmp_path / "o")])
     ev = json.load(open(tmp_path / "o" / "eval.json"))
-    assert "novel" not in ev and ev["test"]["image"]["n"] == 1  # entry 0 (every 10th) held out, no novel split
+    assert "novel" not in ev and ev["test"]["video"]["n"] == 1  # the frames draw under 0.1: held out; no novel split
     vl.main(["--eval", "--out_dir", str(tmp_path / "o")])  # --eval finds the same files through the saved config
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "o" not in p.parts}
     with pytest.raises(vl.UserError, match="did not write"):
@@ -3631,17 +3680,35 @@ def test_vl_user_data_trains_and_no_user_file_is_overwritten(vl_tiny_run, tmp_pa
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "o" not in p.parts} == before
     os.remove(tmp_path / "mine.jsonl")  # its held-out entries are the run's test split: --eval says where else to look
     with pytest.raises(vl.UserError, match=r"mine.jsonl: cannot read this annotation file \(No such file or directory\); "
-                                           r"--eval tests on every 10th entry of the run's --data, or give --test_data FILE$"):
+                                           r"--eval tests on the entries the run held out of --data, or give --test_data FILE$"):
         vl.main(["--eval", "--out_dir", str(tmp_path / "o")])
+
+
+def test_vl_the_held_out_questions_are_chosen_by_file_name_and_question(tmp_path):
+    """Without --test_data, --data's validation and test entries are those whose file name and question draw under 0.1
+    (at least one), so an edit to the file never moves an entry the run trained on into them."""
+    def write(folder, names, answer):
+        folder.mkdir()
+        for n in names:
+            (folder / f"{n}.png").touch()
+        (folder / "a.jsonl").write_text("".join(json.dumps({"image": f"{n}.png", "question": "What colour?",
+                                                            "answer": answer}) + "\n" for n in names))
+
+    def split(folder):
+        entries = vl.load_entries(vl.Config(**{**vl.PRESETS["tiny"], "data": str(folder / "a.jsonl")}))
+        assert entries["val"] == entries["test"]
+        return [[os.path.basename(e["path"])[:-4] for e in entries[s]] for s in ("train", "test")]
+    _held_out_by_name(tmp_path, write, split)
 
 
 def test_vl_test_data_stays_out_of_the_token_table_and_validation(vl_tiny_run, tmp_path, capsys):
     """--test_data is the test split and nothing else: the token table is built from --data's text and the validation
-    loss from --data's held-out entries (every 10th), so no test question or answer reaches training; --eval of the
+    loss from --data's held-out entries (a tenth), so no test question or answer reaches training; --eval of the
     test file does not read --data at all."""
     png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")
-    line = lambda answer: json.dumps({"image": png, "question": "What colour are the shapes?", "answer": answer})
-    (tmp_path / "mine.jsonl").write_text((line("red") + "\n") * 10)
+    line = lambda answer, i=0: json.dumps({"image": png, "question": f"What colour are the shapes {i}?",
+                                           "answer": answer})
+    (tmp_path / "mine.jsonl").write_text("".join(line("red", i) + "\n" for i in range(10)))  # one draws under 0.1
     (tmp_path / "test.jsonl").write_text((line("magenta") + "\n") * 3)
     capsys.readouterr()
     vl.main(["--train", "--preset", "tiny", "--max_steps", "2", "--data", str(tmp_path / "mine.jsonl"),
@@ -4031,18 +4098,19 @@ def test_vl_unknown_words_and_cut_off_media(vl_tiny_run, tmp_path, capsys):
             vl.main(mode + ["--out_dir", str(out), "--preset", "tiny"])
     with pytest.raises(vl.UserError, match="--preset tiny: --resume, --eval, --generate and --inspect take"):
         vl.main(["--inspect", str(out), "--preset", "tiny"])
-    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((16, 16, 3), np.uint8))
-    (tmp_path / "q.jsonl").write_text('{"image": "a.png", "question": "What colour is the xylophone?", "answer": '
-                                      '"red"}\n' * 3)
+    for name in "abc":  # three images: c.png's entry is held out for validation, a.png's and b.png's train
+        cv2.imwrite(str(tmp_path / f"{name}.png"), np.zeros((16, 16, 3), np.uint8))
+    (tmp_path / "q.jsonl").write_text("".join(f'{{"image": "{name}.png", "question": "What colour is the xylophone?", '
+                                              f'"answer": "red"}}\n' for name in "abc"))
     before = {f.name: f.read_bytes() for f in out.iterdir()}
-    with pytest.raises(vl.UserError, match=r"q.jsonl:2: ' is' .* is not in the model's token table"):
+    with pytest.raises(vl.UserError, match=r"q.jsonl:1: ' is' .* is not in the model's token table"):
         vl.main(["--train", "--resume", "--out_dir", str(out), "--data", str(tmp_path / "q.jsonl"), "--max_steps", "6"])
-    with pytest.raises(vl.UserError, match="q.jsonl:2: .* not in the model's token table"):  # fine-tuning on new words
+    with pytest.raises(vl.UserError, match="q.jsonl:1: .* not in the model's token table"):  # fine-tuning on new words
         vl.main(["--train", "--from_pretrained", str(out), "--data", str(tmp_path / "q.jsonl"), "--out_dir",
                  str(tmp_path / "ft")])
     known = '{"image": "a.png", "question": "What colour are the shapes?", "answer": "red"}\n'
     (tmp_path / "v.jsonl").write_text((tmp_path / "q.jsonl").read_text()[:-1].split("\n")[0] + "\n" + known * 3)
-    with pytest.raises(vl.UserError, match="v.jsonl:1: .*xylophone.* token table"):  # entry 0: held out for validation
+    with pytest.raises(vl.UserError, match="v.jsonl:1: .*xylophone.* token table"):  # val is checked too
         vl.main(["--train", "--from_pretrained", str(out), "--data", str(tmp_path / "v.jsonl"), "--out_dir",
                  str(tmp_path / "ft")])
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before and not (tmp_path / "ft").exists()
@@ -4099,7 +4167,8 @@ def test_vl_out_dir_flags_test_data_and_shards(vl_tiny_run, vl_ckpt, tmp_path, c
             vl.main(["--eval", "--out_dir", str(run), *flags])
     for answer, match in (("  ", "more than spaces and dots"), (".", "more than spaces and dots"),
                           ("a b c d e f", "the answer takes 7 tokens .EOS included., more than --max_new_tokens 6")):
-        (tmp_path / "a.jsonl").write_text((json.dumps({"image": png, "question": "What?", "answer": answer}) + "\n") * 2)
+        (tmp_path / "a.jsonl").write_text("".join(json.dumps({"image": png, "question": q, "answer": answer}) + "\n"
+                                                  for q in ("What?", "Which?")))
         with pytest.raises(vl.UserError, match=match):  # an empty answer scored as right; one cut by generation
             vl.main(["--train", "--preset", "tiny", "--data", str(tmp_path / "a.jsonl"), "--test_data",
                      str(tmp_path / "t.jsonl"), "--out_dir", str(tmp_path / "o2")])
@@ -4190,7 +4259,7 @@ def test_vl_user_data_relative_paths_and_overlong_entries(tmp_path, monkeypatch)
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     cv2.imwrite(str(tmp_path / "a" / "x.png"), _vl_textured(40, 60, 0))
     line = '{"image": "x.png", "question": "%s", "answer": "red"}\n'
-    (tmp_path / "a" / "qa.jsonl").write_text(line % "What colour?" * 2)
+    (tmp_path / "a" / "qa.jsonl").write_text(line % "What colour?" + line % "Which colour?")
     monkeypatch.chdir(tmp_path / "a")
     tiny = ["--train", "--preset", "tiny", "--max_steps", "2"]
     vl.main(tiny + ["--data", "qa.jsonl", "--test_data", "qa.jsonl", "--out_dir", "out"])
@@ -4261,7 +4330,7 @@ def test_vl_user_mistakes_are_one_line(vl_ckpt, vl_tiny_run, tmp_path, monkeypat
     assert not os.path.exists(os.path.join(ck, "model.safetensors.index.json"))
     img = tmp_path / "x.png"
     cv2.imwrite(str(img), np.zeros((8, 8, 3), np.uint8))
-    for name, text, match in (("one", '{"image": "x.png", "question": "q", "answer": "a"}\n', "one entry"),
+    for name, text, match in (("one", '{"image": "x.png", "question": "q", "answer": "a"}\n', "every entry is held out"),
                               ("num", '{"image": 5, "question": "q", "answer": "a"}\n', "num.jsonl:1: need"),
                               ("tag", '{"image": "x.png", "question": "<video> q", "answer": "a"}\n', "tag.jsonl:1:"),
                               ("latin", b'{"image": "x.png", "question": "caf\xe9", "answer": "a"}\n', "not UTF-8")):
@@ -5412,16 +5481,27 @@ def test_mk_a_frame_scored_at_the_threshold_is_not_predicted(tmp_path, monkeypat
     assert res["test"]["frame_f1"] == 0.0
 
 
-def test_mk_user_data_holds_its_test_rows_out_of_training(mk_trained, tmp_path):
-    """--data without --test_data: every 10th entry is the test split, and none of those trains; the synthetic
-    world's splits are not copies of one another."""
+def test_mk_user_data_holds_its_test_rows_out_of_training(mk_trained, tmp_path, monkeypatch):
+    """--data without --test_data: the entries whose video name and question draw under 0.1 (at least one) are the
+    test split, and none of those trains, however the file is later edited; the synthetic world's splits are not
+    copies of one another."""
     d, _ = mk_trained
     items = [{**it, "question": f"q{i}?", "video": str(d / "data" / it["video"])}
              for i, it in enumerate(json.load(open(d / "data" / "train.json"))[:11])]
     (tmp_path / "mine.json").write_text(json.dumps(items))
     data = mk.prepare_data(_mk_tiny_cfg(tmp_path, data=str(tmp_path / "mine.json")), splits=("train", "test"))
     train, test = ({e["question"] for e in data[s][0]} for s in ("train", "test"))
-    assert test == {"q0?", "q10?"} and len(train) == 9 and not train & test
+    assert test == {"q2?", "q5?", "q9?"} and len(train) == 8 and not train & test
+    monkeypatch.setattr(mk, "load_split", lambda *a: None)  # no decoding: names only
+
+    def write(folder, names, _):  # one video, a question per name (an entry is its video's name and its question)
+        folder.mkdir()
+        (folder / "a.json").write_text(json.dumps([{**items[0], "question": n} for n in names]))
+
+    def split(folder):
+        data = mk.prepare_data(_mk_tiny_cfg(folder, data=str(folder / "a.json")), splits=("train", "test"))
+        return [[e["question"] for e in data[s][0]] for s in ("train", "test")]
+    _held_out_by_name(tmp_path, write, split)
     first = [json.load(open(d / "data" / f"{s}.json"))[0] for s in ("train", "val", "test")]  # the synthetic world:
     first = [{k: v for k, v in e.items() if k != "video"} for e in first]  # each split its own random stream
     assert first[0] != first[1] != first[2] != first[0]
@@ -5699,7 +5779,7 @@ def test_mk_bad_inputs(mk_trained, tmp_path, monkeypatch, capsys):
     _mk_user_error(["--train", "--preset", "tiny", "--vision_ckpt", out, "--out_dir", o], "model_type", "vjepa2")
     # user annotation files: support time outside the clip, malformed choices, bad JSON
     ann = [dict(video=str(video), question="q?", choices=["A. x", "B. y"], answer="A. x", support_times=[0.5])] * 2
-    ann[1] = {**ann[1], "support_times": [9.5]}
+    ann[1] = {**ann[1], "question": "r?", "support_times": [9.5]}  # another question: not held out with entry 1
     json.dump(ann, open(tmp_path / "a.json", "w"))
     _mk_user_error(["--train", "--preset", "tiny", "--data", tmp_path / "a.json", "--out_dir", o], "entry 2",
                    "outside the clip")
@@ -5868,7 +5948,7 @@ def test_mk_user_data_training_and_bench(mk_trained, tmp_path, capsys):
     mk.main([str(a) for a in ("--train", "--preset", "tiny", "--data", tmp_path / "u.json", "--out_dir",
                               tmp_path / "o", "--max_steps", "2")])
     ev = json.load(open(tmp_path / "o" / "eval.json"))
-    assert ev["test"]["n"] == 2 and "novel" not in ev
+    assert ev["test"]["n"] == 1 and "novel" not in ev  # no entry draws under 0.1: the lowest draw is held out
     mk.main([str(a) for a in ("--bench", "--preset", "tiny", "--n_train", "16", "--data_dir", tmp_path / "bd",
                               "--v_width", "32", "--v_layers", "1", "--v_heads", "2", "--crop", "32",
                               "--v_patch", "8")])

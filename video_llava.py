@@ -77,7 +77,7 @@ def check_folder(path, flag, marker, ours, why):  # refuse path unless it can be
 class Config:
     # data (your JSON lines, or the synthetic world) and output
     data: str = ""  # your training questions, JSON lines (format in the README); "" = the synthetic world
-    test_data: str = ""  # your test questions; else every 10th entry of --data (held out for validation) tests too
+    test_data: str = ""  # your test questions; else the tenth held out of --data (for validation) tests too
     data_dir: str = "data/video_llava"  # where the synthetic world is written (a folder this script made, or new)
     out_dir: str = "out/video_llava"
     n_train: int = 3000  # synthetic images and as many clips in train (3 questions per image, 1 per clip)
@@ -299,11 +299,14 @@ def build_world(cfg):  # write data_dir/<split>/*.png|mp4 and data_dir/<split>.j
 
 def load_entries(cfg, master=True, scoring=False):  # each split's questions: --data or the world; --test_data: test
     if cfg.data:  # scoring (--eval: test and novel only) reads --data only when its held-out entries are the test
-        why = "; --eval tests on every 10th entry of the run's --data, or give --test_data FILE" if scoring else ""
+        why = "; --eval tests on the entries the run held out of --data, or give --test_data FILE" if scoring else ""
         train = [] if scoring and cfg.test_data else read_annotations(cfg.data, why)  # it may have moved
-        if len(train) < 2 and not scoring:  # entry 0 would be held out, leaving nothing to train on
-            raise UserError(f"{cfg.data}: one entry; give at least two (every 10th is held out for validation)")
-        entries = {"train": [e for i, e in enumerate(train) if i % 10], "val": train[::10], "test": train[::10]}
+        draw = [random.Random(os.path.basename(os.path.normpath(e["path"])) + e["question"]).random() for e in train]
+        cut = max(0.1, min(draw, default=0))  # held out: up to 0.1, at least the lowest; edits hold out no trained one
+        held = [e for e, d in zip(train, draw) if d <= cut]  # set by an entry's file name and question, not its place
+        entries = {"train": [e for e, d in zip(train, draw) if d > cut], "val": held, "test": held}
+        if not (entries["train"] or scoring):  # all held out: one entry, say, or one image and question repeated
+            raise UserError(f"{cfg.data}: every entry is held out for validation; add other files or questions")
     else:
         files = build_world(cfg) if master else None  # rank 0 writes the world; the others wait, then read it
         if dist.is_initialized():

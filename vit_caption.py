@@ -75,7 +75,7 @@ def check_folder(path, flag, ours, why):  # refuse a path to write into unless m
 @dataclasses.dataclass
 class Config:
     data: str = ""  # captions file of user data (format in the README); "" = the built-in synthetic world
-    test_data: str = ""  # optional captions file to evaluate user data on; else every 10th image is held out
+    test_data: str = ""  # optional captions file to evaluate user data on; else about a tenth of the images is held out
     data_dir: str = "data/vit_caption"  # where the synthetic world is written
     out_dir: str = "out/vit_caption"  # checkpoint, eval.json, pictures
     n_train: int = 20000  # synthetic training images: enough that the model cannot memorise them
@@ -626,9 +626,11 @@ def prepare_data(cfg, rank, typed=(), scoring=False):  # -> {split: (entries, ui
     if cfg.data:  # --eval (scoring) reads and decodes what it scores: held-out images (or --test_data), --max_train's
         why = f"; --eval scores images from it, or pass --test_data FILE{' --max_train 0' if cfg.max_train else ''}"
         entries = [] if "train" not in keep and cfg.test_data else read_captions(cfg.data, why if scoring else "")
-        test = read_captions(cfg.test_data) if cfg.test_data else entries[::10]  # else every 10th image is held out
-        entries = entries if cfg.test_data else [e for i, e in enumerate(entries) if i % 10]
-        if not entries and "train" in keep:  # (--eval without --max_train scores a lone held-out image all the same)
+        draw = [random.Random(os.path.basename(im)).random() for im, _ in entries]  # set by the file name
+        cut = max(0.1, min(draw, default=0))  # held out: up to 0.1, at least the lowest; edits hold out no trained one
+        test = read_captions(cfg.test_data) if cfg.test_data else [e for e, d in zip(entries, draw) if d <= cut]
+        entries = entries if cfg.test_data else [e for e, d in zip(entries, draw) if d > cut]
+        if not entries and "train" in keep:  # all held out (a lone image, say); --eval would score them all the same
             raise UserError(f"{cfg.data}: too few images to hold out a test set; add images or pass --test_data")
         splits = {"train": entries, "val": test[: max(1, len(test) // 2)], "test": test}  # val: for the loss log
     else:
