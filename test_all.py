@@ -1082,7 +1082,7 @@ def test_vm_user_data_trains(tmp_path, _vm_trained, monkeypatch):
     monkeypatch.chdir(tmp_path)
     vm.main(["--train", "--preset", "tiny", "--data", "mine.txt", "--out_dir", str(tmp_path / "o")])
     ev = json.load(open(tmp_path / "o" / "eval.json"))
-    assert ev["test"]["n"] == 2 and "novel" not in ev  # cat6 and cat8 held out; no novel split for user data
+    assert ev["test"]["n"] == 2 and "novel" not in ev  # cat0 and cat3 held out; no novel split for user data
     assert ev["test"]["samples"][0]["references"] == VM_USER_DATA_EXAMPLE.splitlines()[1:]
     assert vm.load_checkpoint(str(tmp_path / "o"))[2].data == str(ann)
     monkeypatch.chdir(tmp_path / "clips")
@@ -1111,7 +1111,7 @@ def test_vm_eval_decodes_only_the_clips_it_scores(tmp_path, _vm_trained, monkeyp
     vm.main(["--train", "--preset", "tiny", "--data", str(ann), "--out_dir", str(out)])
     seen.clear()
     vm.main(["--eval", "--out_dir", str(out)])
-    assert seen == ["cat6.mp4", "cat8.mp4"]  # the two held out: their names draw under 0.1
+    assert seen == ["cat0.mp4", "cat3.mp4"]  # the two held out: their paths draw under 0.1
     ann.rename(tmp_path / "moved.txt")
     main_user_error(vm.main, capsys, ["--eval", "--out_dir", out], "mine.txt: annotation file not found",
                     "--eval scores the entries held out of it, or pass --test_data FILE")
@@ -1148,10 +1148,11 @@ def test_vm_a_clip_listed_twice_is_one_entry(tmp_path):
     assert vm.read_annotations(str(tmp_path / "a.txt")) == want
 
 
-def _held_out_by_name(tmp_path, write, split):
+def _held_out_by_path(tmp_path, write, split):
     """Shared check for the four scripts that hold out part of --data: write(path, names, captions) writes an annotation
-    file, split(path) -> (trained names, held-out names). The held-out entries are fixed by each file's name, so
-    reordering the file, editing answers or adding entries never moves a trained entry into the held-out set."""
+    file, split(path) -> (trained names, held-out names). The held-out entries are fixed by each file's path, so
+    reordering the file, editing answers or adding entries never moves a trained entry into the held-out set, and one
+    file name in many folders is many entries."""
     names = [f"clip{i:02}" for i in range(40)]
     write(tmp_path / "a", names, "a cat")
     train, test = split(tmp_path / "a")
@@ -1161,23 +1162,26 @@ def _held_out_by_name(tmp_path, write, split):
     assert set(test) <= set(test2) and not set(train) & set(test2) and set(train) <= set(train2)
     write(tmp_path / "c", ["x", "y"], "a cat")  # two entries: one is held out all the same
     assert sorted(map(len, split(tmp_path / "c"))) == [1, 1]
+    write(tmp_path / "d", [f"{i:02}/clip" for i in range(40)], "a cat")  # one file name in 40 folders: 40 entries
+    assert 2 <= len(split(tmp_path / "d")[1]) <= 8
 
 
-def test_vm_the_held_out_clips_are_chosen_by_name(tmp_path, monkeypatch):
-    """Without --test_data, --data's held-out clips are those whose file names draw under 0.1 (at least one): not
+def test_vm_the_held_out_clips_are_chosen_by_path(tmp_path, monkeypatch):
+    """Without --test_data, --data's held-out clips are those whose paths draw under 0.1 (at least one): not
     every 10th line, which an edit to the file would shift onto clips the run trained on."""
     monkeypatch.setattr(vm, "load_video", lambda *a: np.zeros((1, 1, 1, 3), np.uint8))  # no decoding: names only
 
     def write(folder, names, caption):
         folder.mkdir()
         for n in names:
+            (folder / f"{n}.mp4").parent.mkdir(exist_ok=True)
             (folder / f"{n}.mp4").touch()
         (folder / "a.txt").write_text("".join(f"{n}.mp4\n{caption}\n\n" for n in names))
 
     def split(folder):
         data = vm.prepare_data(_vm_cfg(folder, data=str(folder / "a.txt")), 0, keep=("train", "test"))
         return [[os.path.basename(v)[:-4] for v, _ in data[s][0]] for s in ("train", "test")]
-    _held_out_by_name(tmp_path, write, split)
+    _held_out_by_path(tmp_path, write, split)
 
 
 def test_vm_caption_longer_than_max_len_is_refused(_vm_trained, tmp_path, capsys):
@@ -2282,11 +2286,11 @@ def test_vc_user_data_training(tmp_path):
     (tmp_path / "caps.txt").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")  # a BOM, as Notepad writes
     cfg = _vc_cfg(tmp_path, data=str(tmp_path / "caps.txt"), max_steps=4)
     data = vc.prepare_data(cfg, 0)
-    assert len(data["train"][0]) == 11 and len(data["test"][0]) == 1 and len(data["train"][0][0][1]) == 2
+    assert len(data["train"][0]) == 10 and len(data["test"][0]) == 2 and len(data["train"][0][0][1]) == 2
     names = {s: [os.path.basename(p) for p, _ in data[s][0]] for s in ("train", "test")}
-    assert names["test"] == ["blue1.png"] and not set(names["train"]) & set(names["test"])  # no name draws under 0.1
+    assert names["test"] == ["green2.png", "green3.png"] and not set(names["train"]) & set(names["test"])  # under 0.1
     vc.train(cfg)
-    assert json.load(open(tmp_path / "out" / "eval.json"))["test"]["n"] == 1
+    assert json.load(open(tmp_path / "out" / "eval.json"))["test"]["n"] == 2
 
 
 @_vc_1t
@@ -2362,21 +2366,22 @@ def test_vc_captions_file_merges_one_image_spelled_two_ways(tmp_path):
     assert vc.read_captions(str(tmp_path / "joined.txt")) == want  # the second mark is not part of the path
 
 
-def test_vc_the_held_out_images_are_chosen_by_name(tmp_path, monkeypatch):
-    """Without --test_data, --data's held-out images are those whose file names draw under 0.1 (at least one), so an
+def test_vc_the_held_out_images_are_chosen_by_path(tmp_path, monkeypatch):
+    """Without --test_data, --data's held-out images are those whose paths draw under 0.1 (at least one), so an
     edit to the captions file never moves an image the run trained on into the test split."""
     monkeypatch.setattr(vc, "load_image", lambda *a: np.zeros((1, 1, 3), np.uint8))  # no decoding: names only
 
     def write(folder, names, caption):
         folder.mkdir()
         for n in names:
+            (folder / f"{n}.png").parent.mkdir(exist_ok=True)
             (folder / f"{n}.png").touch()
         (folder / "a.txt").write_text("".join(f"{n}.png | {caption}\n" for n in names))
 
     def split(folder):
         data = vc.prepare_data(_vc_cfg(folder, data=str(folder / "a.txt")), 0)
         return [[os.path.basename(p)[:-4] for p, _ in data[s][0]] for s in ("train", "test")]
-    _held_out_by_name(tmp_path, write, split)
+    _held_out_by_path(tmp_path, write, split)
 
 
 @_vc_1t
@@ -3695,12 +3700,13 @@ def test_vl_user_data_trains_and_no_user_file_is_overwritten(vl_tiny_run, tmp_pa
         vl.main(["--eval", "--out_dir", str(tmp_path / "o")])
 
 
-def test_vl_the_held_out_questions_are_chosen_by_file_name_and_question(tmp_path):
-    """Without --test_data, --data's validation and test entries are those whose file name and question draw under 0.1
+def test_vl_the_held_out_questions_are_chosen_by_path_and_question(tmp_path):
+    """Without --test_data, --data's validation and test entries are those whose path and question draw under 0.1
     (at least one), so an edit to the file never moves an entry the run trained on into them."""
     def write(folder, names, answer):
         folder.mkdir()
         for n in names:
+            (folder / f"{n}.png").parent.mkdir(exist_ok=True)
             (folder / f"{n}.png").touch()
         (folder / "a.jsonl").write_text("".join(json.dumps({"image": f"{n}.png", "question": "What colour?",
                                                             "answer": answer}) + "\n" for n in names))
@@ -3709,7 +3715,7 @@ def test_vl_the_held_out_questions_are_chosen_by_file_name_and_question(tmp_path
         entries = vl.load_entries(vl.Config(**{**vl.PRESETS["tiny"], "data": str(folder / "a.jsonl")}))
         assert entries["val"] == entries["test"]
         return [[os.path.basename(e["path"])[:-4] for e in entries[s]] for s in ("train", "test")]
-    _held_out_by_name(tmp_path, write, split)
+    _held_out_by_path(tmp_path, write, split)
 
 
 def test_vl_test_data_stays_out_of_the_token_table_and_validation(vl_tiny_run, tmp_path, capsys):
@@ -5493,7 +5499,7 @@ def test_mk_a_frame_scored_at_the_threshold_is_not_predicted(tmp_path, monkeypat
 
 
 def test_mk_user_data_holds_its_test_rows_out_of_training(mk_trained, tmp_path, monkeypatch):
-    """--data without --test_data: the entries whose video name and question draw under 0.1 (at least one) are the
+    """--data without --test_data: the entries whose video path and question draw under 0.1 (at least one) are the
     test split, and none of those trains, however the file is later edited; the synthetic world's splits are not
     copies of one another."""
     d, _ = mk_trained
@@ -5502,7 +5508,7 @@ def test_mk_user_data_holds_its_test_rows_out_of_training(mk_trained, tmp_path, 
     (tmp_path / "mine.json").write_text(json.dumps(items))
     data = mk.prepare_data(_mk_tiny_cfg(tmp_path, data=str(tmp_path / "mine.json")), splits=("train", "test"))
     train, test = ({e["question"] for e in data[s][0]} for s in ("train", "test"))
-    assert test == {"q2?", "q5?", "q9?"} and len(train) == 8 and not train & test
+    assert test == {"q2?"} and len(train) == 10 and not train & test
     monkeypatch.setattr(mk, "load_split", lambda *a: None)  # no decoding: names only
 
     def write(folder, names, _):  # one video, a question per name (an entry is its video's name and its question)
@@ -5512,7 +5518,7 @@ def test_mk_user_data_holds_its_test_rows_out_of_training(mk_trained, tmp_path, 
     def split(folder):
         data = mk.prepare_data(_mk_tiny_cfg(folder, data=str(folder / "a.json")), splits=("train", "test"))
         return [[e["question"] for e in data[s][0]] for s in ("train", "test")]
-    _held_out_by_name(tmp_path, write, split)
+    _held_out_by_path(tmp_path, write, split)
     first = [json.load(open(d / "data" / f"{s}.json"))[0] for s in ("train", "val", "test")]  # the synthetic world:
     first = [{k: v for k, v in e.items() if k != "video"} for e in first]  # each split its own random stream
     assert first[0] != first[1] != first[2] != first[0]

@@ -77,7 +77,7 @@ def check_folder(path, flag, marker, ours, why):  # refuse path unless it can be
 class Config:
     # data (your JSON lines, or the synthetic world) and output
     data: str = ""  # your training questions, JSON lines (format in the README); "" = the synthetic world
-    test_data: str = ""  # your test questions; else the tenth held out of --data (for validation) tests too
+    test_data: str = ""  # your test questions; else --data's held-out entries (also its validation set)
     data_dir: str = "data/video_llava"  # where the synthetic world is written (a folder this script made, or new)
     out_dir: str = "out/video_llava"
     n_train: int = 3000  # synthetic images and as many clips in train (3 questions per image, 1 per clip)
@@ -301,9 +301,9 @@ def load_entries(cfg, master=True, scoring=False):  # each split's questions: --
     if cfg.data:  # scoring (--eval: test and novel only) reads --data only when its held-out entries are the test
         why = "; --eval tests on the entries the run held out of --data, or give --test_data FILE" if scoring else ""
         train = [] if scoring and cfg.test_data else read_annotations(cfg.data, why)  # it may have moved
-        draw = [random.Random(os.path.basename(os.path.normpath(e["path"])) + e["question"]).random() for e in train]
-        cut = max(0.1, min(draw, default=0))  # held out: up to 0.1, at least the lowest; edits hold out no trained one
-        held = [e for e, d in zip(train, draw) if d <= cut]  # set by an entry's file name and question, not its place
+        draw = [random.Random(os.path.relpath(e["path"], cfg.data) + e["question"]).random() for e in train]  # by path
+        cut = max(0.1, min(draw, default=0))  # held out: up to 0.1, at least the lowest; added entries move none in
+        held = [e for e, d in zip(train, draw) if d <= cut]  # set by its file path and question, not its place
         entries = {"train": [e for e, d in zip(train, draw) if d > cut], "val": held, "test": held}
         if not (entries["train"] or scoring):  # all held out: one entry, say, or one image and question repeated
             raise UserError(f"{cfg.data}: every entry is held out for validation; add other files or questions")

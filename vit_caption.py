@@ -627,8 +627,8 @@ def prepare_data(cfg, rank, typed=(), scoring=False):  # -> {split: (entries, ui
     if cfg.data:  # --eval (scoring) reads and decodes what it scores: held-out images (or --test_data), --max_train's
         why = f"; --eval scores images from it, or pass --test_data FILE{' --max_train 0' if cfg.max_train else ''}"
         entries = [] if "train" not in keep and cfg.test_data else read_captions(cfg.data, why if scoring else "")
-        draw = [random.Random(os.path.basename(im)).random() for im, _ in entries]  # set by the file name
-        cut = max(0.1, min(draw, default=0))  # held out: up to 0.1, at least the lowest; edits hold out no trained one
+        draw = [random.Random(os.path.relpath(im, os.path.realpath(cfg.data))).random() for im, _ in entries]  # by path
+        cut = max(0.1, min(draw, default=0))  # held out: up to 0.1, at least the lowest; added entries move none in
         test = read_captions(cfg.test_data) if cfg.test_data else [e for e, d in zip(entries, draw) if d <= cut]
         entries = entries if cfg.test_data else [e for e, d in zip(entries, draw) if d > cut]
         if not entries and "train" in keep:  # all held out (a lone image, say); --eval would score them all the same
