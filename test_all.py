@@ -2343,8 +2343,9 @@ def test_vc_a_doubled_bar_in_the_captions_file_is_refused(tmp_path):
     """'red.png || a red patch' would train on the caption '| a red patch': refused, naming the line."""
     cv2.imwrite(str(tmp_path / "red.png"), np.zeros((8, 8, 3), np.uint8))
     (tmp_path / "caps.txt").write_text("red.png | a red patch\nred.png || the red patch\n", encoding="utf-8")
-    with pytest.raises(vc.UserError, match=re.escape("caps.txt:2: expected 'image path | caption', one bar, both "
-                                                     "non-empty; found 'red.png || the red patch'")):
+    want = ("caps.txt:2: expected 'image path | caption', one bar between, both non-empty; found 'red.png || the red "
+            "patch'")
+    with pytest.raises(vc.UserError, match=re.escape(want)):
         vc.read_captions(str(tmp_path / "caps.txt"))
     (tmp_path / "caps.txt").write_text("red.png | a patch | red\n", encoding="utf-8")  # a bar inside: the caption's
     assert vc.read_captions(str(tmp_path / "caps.txt"))[0][1] == ["a patch | red"]

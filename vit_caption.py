@@ -242,7 +242,7 @@ def read_captions(path, why=""):
             continue
         name, bar, caption = (x.strip() for x in line.partition("|"))  # no "|": bar and caption are ""
         if not (name and bar and caption) or caption.startswith("|"):  # the line shows what is wrong (or "||")
-            raise UserError(f"{path}:{no}: expected 'image path | caption', one bar, both non-empty; found "
+            raise UserError(f"{path}:{no}: expected 'image path | caption', one bar between, both non-empty; found "
                             f"{line[:60]!r}")
         image = os.path.realpath(os.path.join(base, name))  # one key per image file, however its path is spelled
         if image not in caps and not os.path.isfile(image):
