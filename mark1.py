@@ -1034,7 +1034,7 @@ def prepare_data(cfg, rank=0, splits=("train", "val", "test", "novel")):  # -> {
         train = read_annotations(cfg.data, "" if "train" in splits else "--eval takes its held-out test entries from "
                                  "this --data file; restore it, or pass --test_data FILE to evaluate another file")
         draw = [random.Random(os.path.relpath(e["video"], cfg.data) + e["question"]).random() for e in train]  # by path
-        cut = max(0.1, min(draw, default=0))  # held out: up to 0.1, at least the lowest; added entries move none in
+        cut = max(0.1, min(draw, default=0))  # held out: up to 0.1, or the lowest; new entries can only lower the cut
         test = [e for e, d in zip(train, draw) if d <= cut]  # set by its video path and question, not its place
         anns = {"train": [e for e, d in zip(train, draw) if cfg.test_data or d > cut], "test": test, **anns}
         if not anns["train"] and "train" in splits:  # all held out (one entry, say); --eval would score them

@@ -1167,7 +1167,7 @@ def _held_out_by_path(tmp_path, write, split):
 
 
 def test_vm_the_held_out_clips_are_chosen_by_path(tmp_path, monkeypatch):
-    """Without --test_data, --data's held-out clips are those whose paths draw under 0.1 (at least one): not
+    """Without --test_data, --data's held-out clips are those whose paths draw at most 0.1 (at least one): not
     every 10th line, which an edit to the file would shift onto clips the run trained on."""
     monkeypatch.setattr(vm, "load_video", lambda *a: np.zeros((1, 1, 1, 3), np.uint8))  # no decoding: names only
 
@@ -2368,8 +2368,8 @@ def test_vc_captions_file_merges_one_image_spelled_two_ways(tmp_path):
 
 
 def test_vc_the_held_out_images_are_chosen_by_path(tmp_path, monkeypatch):
-    """Without --test_data, --data's held-out images are those whose paths draw under 0.1 (at least one), so an
-    edit to the captions file never moves an image the run trained on into the test split."""
+    """Without --test_data, --data's held-out images are those whose paths draw at most 0.1 (at least one), so
+    adding or reordering lines or editing captions never moves an image the run trained on into the test split."""
     monkeypatch.setattr(vc, "load_image", lambda *a: np.zeros((1, 1, 3), np.uint8))  # no decoding: names only
 
     def write(folder, names, caption):
@@ -3702,8 +3702,8 @@ def test_vl_user_data_trains_and_no_user_file_is_overwritten(vl_tiny_run, tmp_pa
 
 
 def test_vl_the_held_out_questions_are_chosen_by_path_and_question(tmp_path):
-    """Without --test_data, --data's validation and test entries are those whose path and question draw under 0.1
-    (at least one), so an edit to the file never moves an entry the run trained on into them."""
+    """Without --test_data, --data's validation and test entries are those whose path and question draw at most 0.1
+    (at least one), so adding or reordering entries or editing answers never moves a trained entry into them."""
     def write(folder, names, answer):
         folder.mkdir()
         for n in names:
@@ -3723,8 +3723,8 @@ def test_vl_test_data_stays_out_of_the_token_table_and_validation(vl_tiny_run, t
     """--test_data is the test split and nothing else: the token table is built from --data's text and the validation
     loss from --data's held-out entries (a tenth), so no test question or answer reaches training; --eval of the
     test file does not read --data at all."""
-    png = os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png")
-    line = lambda answer, i=0: json.dumps({"image": png, "question": f"What colour are the shapes {i}?",
+    shutil.copy(os.path.join(vl_tiny_run[0].data_dir, "train", "img_00000.png"), tmp_path / "a.png")
+    line = lambda answer, i=0: json.dumps({"image": "a.png", "question": f"What colour are the shapes {i}?",
                                            "answer": answer})
     (tmp_path / "mine.jsonl").write_text("".join(line("red", i) + "\n" for i in range(10)))  # one draws under 0.1
     (tmp_path / "test.jsonl").write_text((line("magenta") + "\n") * 3)
@@ -4127,8 +4127,12 @@ def test_vl_unknown_words_and_cut_off_media(vl_tiny_run, tmp_path, capsys):
         vl.main(["--train", "--from_pretrained", str(out), "--data", str(tmp_path / "q.jsonl"), "--out_dir",
                  str(tmp_path / "ft")])
     known = '{"image": "a.png", "question": "What colour are the shapes?", "answer": "red"}\n'
-    (tmp_path / "v.jsonl").write_text((tmp_path / "q.jsonl").read_text()[:-1].split("\n")[0] + "\n" + known * 3)
-    with pytest.raises(vl.UserError, match="v.jsonl:1: .*xylophone.* token table"):  # val is checked too
+    cv2.imwrite(str(tmp_path / "z.png"), np.zeros((16, 16, 3), np.uint8))
+    (tmp_path / "v.jsonl").write_text('{"image": "z.png", "question": "What colour is the xylophone?", "answer": "red"}'
+                                      "\n" + known * 3)  # the z.png line draws lowest: it is the validation entry
+    v_cfg = vl.Config(**{**vl.PRESETS["tiny"], "data": str(tmp_path / "v.jsonl")})
+    assert [e["question"] for e in vl.load_entries(v_cfg)["val"]] == ["What colour is the xylophone?"]
+    with pytest.raises(vl.UserError, match="v.jsonl:1: .*xylophone.* token table"):  # a held-out question is checked too
         vl.main(["--train", "--from_pretrained", str(out), "--data", str(tmp_path / "v.jsonl"), "--out_dir",
                  str(tmp_path / "ft")])
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before and not (tmp_path / "ft").exists()
@@ -5500,16 +5504,17 @@ def test_mk_a_frame_scored_at_the_threshold_is_not_predicted(tmp_path, monkeypat
 
 
 def test_mk_user_data_holds_its_test_rows_out_of_training(mk_trained, tmp_path, monkeypatch):
-    """--data without --test_data: the entries whose video path and question draw under 0.1 (at least one) are the
+    """--data without --test_data: the entries whose video path and question draw at most 0.1 (at least one) are the
     test split, and none of those trains, however the file is later edited; the synthetic world's splits are not
     copies of one another."""
     d, _ = mk_trained
-    items = [{**it, "question": f"q{i}?", "video": str(d / "data" / it["video"])}
+    (tmp_path / "world").symlink_to(d / "data")  # relative paths: the draws do not depend on where d is
+    items = [{**it, "question": f"q{i}?", "video": "world/" + it["video"]}
              for i, it in enumerate(json.load(open(d / "data" / "train.json"))[:11])]
     (tmp_path / "mine.json").write_text(json.dumps(items))
     data = mk.prepare_data(_mk_tiny_cfg(tmp_path, data=str(tmp_path / "mine.json")), splits=("train", "test"))
     train, test = ({e["question"] for e in data[s][0]} for s in ("train", "test"))
-    assert test == {"q2?"} and len(train) == 10 and not train & test
+    assert test == {"q4?", "q8?"} and len(train) == 9 and not train & test
     monkeypatch.setattr(mk, "load_split", lambda *a: None)  # no decoding: names only
 
     def write(folder, names, _):  # one video, a question per name (an entry is its video's name and its question)
@@ -5960,13 +5965,14 @@ def test_mk_special_token_text_in_user_text(mk_trained, capsys):
 def test_mk_user_data_training_and_bench(mk_trained, tmp_path, capsys):
     d, _ = mk_trained
     anns = json.load(open(d / "data" / "train.json"))[:20]
+    (tmp_path / "world").symlink_to(d / "data")  # relative paths: the draws do not depend on where d is
     for a in anns:
-        a["video"] = str(d / "data" / a["video"])
+        a["video"] = "world/" + a["video"]
     json.dump(anns, open(tmp_path / "u.json", "w"))
     mk.main([str(a) for a in ("--train", "--preset", "tiny", "--data", tmp_path / "u.json", "--out_dir",
                               tmp_path / "o", "--max_steps", "2")])
     ev = json.load(open(tmp_path / "o" / "eval.json"))
-    assert ev["test"]["n"] == 1 and "novel" not in ev  # no entry draws under 0.1: the lowest draw is held out
+    assert ev["test"]["n"] == 3 and "novel" not in ev  # three of the 20 draw at most 0.1
     mk.main([str(a) for a in ("--bench", "--preset", "tiny", "--n_train", "16", "--data_dir", tmp_path / "bd",
                               "--v_width", "32", "--v_layers", "1", "--v_heads", "2", "--crop", "32",
                               "--v_patch", "8")])

@@ -302,7 +302,7 @@ def load_entries(cfg, master=True, scoring=False):  # each split's questions: --
         why = "; --eval tests on the entries the run held out of --data, or give --test_data FILE" if scoring else ""
         train = [] if scoring and cfg.test_data else read_annotations(cfg.data, why)  # it may have moved
         draw = [random.Random(os.path.relpath(e["path"], cfg.data) + e["question"]).random() for e in train]  # by path
-        cut = max(0.1, min(draw, default=0))  # held out: up to 0.1, at least the lowest; added entries move none in
+        cut = max(0.1, min(draw, default=0))  # held out: up to 0.1, or the lowest; new entries can only lower the cut
         held = [e for e, d in zip(train, draw) if d <= cut]  # set by its file path and question, not its place
         entries = {"train": [e for e, d in zip(train, draw) if d > cut], "val": held, "test": held}
         if not (entries["train"] or scoring):  # all held out: one entry, say, or one image and question repeated

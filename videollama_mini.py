@@ -622,7 +622,7 @@ def prepare_data(cfg, rank, typed=(), keep=("train", "val", "test", "novel")):  
         scoring, why = "train" not in keep, "; --eval scores the entries held out of it, or pass --test_data FILE"
         entries = [] if scoring and cfg.test_data else read_annotations(cfg.data, why if scoring else "")
         draw = [random.Random(os.path.relpath(v, os.path.realpath(cfg.data))).random() for v, _ in entries]  # by path
-        cut = max(0.1, min(draw, default=0))  # held out: up to 0.1, at least the lowest; added entries move none in
+        cut = max(0.1, min(draw, default=0))  # held out: up to 0.1, or the lowest; new entries can only lower the cut
         test = read_annotations(cfg.test_data) if cfg.test_data else [e for e, d in zip(entries, draw) if d <= cut]
         entries = entries if cfg.test_data else [e for e, d in zip(entries, draw) if d > cut]
         if not (entries or scoring):  # all held out (a single entry, say): --eval would score it all the same

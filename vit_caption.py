@@ -143,7 +143,7 @@ RELATIONS = {"above": "below", "below": "above",
 RENDER = 96  # side of the written PNG (the write-up's input size); the model resizes to img_size
 
 def captions_for(objs, relation):  # one object: 'a <size> <colour> <shape>'; two: 'A <relation> B', 'B <inverse> A'
-    a, *b = (f"a {size} {colour} {shape}" for colour, shape, size, *_ in objs)  # objs: (colour, shape, size, cx, cy)
+    a, *b = (f"a {size} {colour} {shape}" for colour, shape, size, *_ in objs)  # objs: (colour, shape, size, ...)
     return [f"{a} {relation} {b[0]}", f"{b[0]} {RELATIONS[relation]} {a}"] if b else [a]
 
 def sample_scene(rng, split):
@@ -241,7 +241,7 @@ def read_captions(path, why=""):
         if not line or line.startswith("#"):
             continue
         name, bar, caption = (x.strip() for x in line.partition("|"))  # no "|": bar and caption are ""
-        if not (name and bar and caption) or caption.startswith("|"):  # the line shows what is wrong (or "||")
+        if not (name and bar and caption) or caption.startswith("|"):  # no bar, an empty side or "||"
             raise UserError(f"{path}:{no}: expected 'image path | caption', one bar between, both non-empty; found "
                             f"{line[:60]!r}")
         image = os.path.realpath(os.path.join(base, name))  # one key per image file, however its path is spelled
@@ -628,7 +628,7 @@ def prepare_data(cfg, rank, typed=(), scoring=False):  # -> {split: (entries, ui
         why = f"; --eval scores images from it, or pass --test_data FILE{' --max_train 0' if cfg.max_train else ''}"
         entries = [] if "train" not in keep and cfg.test_data else read_captions(cfg.data, why if scoring else "")
         draw = [random.Random(os.path.relpath(im, os.path.realpath(cfg.data))).random() for im, _ in entries]  # by path
-        cut = max(0.1, min(draw, default=0))  # held out: up to 0.1, at least the lowest; added entries move none in
+        cut = max(0.1, min(draw, default=0))  # held out: up to 0.1, or the lowest; new entries can only lower the cut
         test = read_captions(cfg.test_data) if cfg.test_data else [e for e, d in zip(entries, draw) if d <= cut]
         entries = entries if cfg.test_data else [e for e, d in zip(entries, draw) if d > cut]
         if not entries and "train" in keep:  # all held out (a lone image, say); --eval would score them all the same
