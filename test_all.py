@@ -4187,10 +4187,11 @@ def test_vl_out_dir_flags_test_data_and_shards(vl_tiny_run, vl_ckpt, tmp_path, c
     for flags in (["--hidden_size", "64"], ["--n_frames", "8"], ["--lr", "0.5"]):  # these it would not use: refused
         with pytest.raises(vl.UserError, match=f"--eval runs the trained settings; drop {flags[0]} {flags[1]}"):
             vl.main(["--eval", "--out_dir", str(run), *flags])
+    shutil.copy(png, tmp_path / "p.png")  # relative paths: the held-out draws do not depend on the fixture's folder
     for answer, match in (("  ", "more than spaces and dots"), (".", "more than spaces and dots"),
                           ("a b c d e f", "the answer takes 7 tokens .EOS included., more than --max_new_tokens 6")):
-        (tmp_path / "a.jsonl").write_text("".join(json.dumps({"image": png, "question": q, "answer": answer}) + "\n"
-                                                  for q in ("What?", "Which?")))
+        (tmp_path / "a.jsonl").write_text("".join(json.dumps({"image": "p.png", "question": q, "answer": answer})
+                                                  + "\n" for q in ("What?", "Which?")))  # one trains, one is held out
         with pytest.raises(vl.UserError, match=match):  # an empty answer scored as right; one cut by generation
             vl.main(["--train", "--preset", "tiny", "--data", str(tmp_path / "a.jsonl"), "--test_data",
                      str(tmp_path / "t.jsonl"), "--out_dir", str(tmp_path / "o2")])
