@@ -1148,11 +1148,18 @@ def test_vm_a_clip_listed_twice_is_one_entry(tmp_path):
     assert vm.read_annotations(str(tmp_path / "a.txt")) == want
 
 
-def _held_out_by_path(tmp_path, write, split):
-    """Shared check for the four scripts that hold out part of --data: write(path, names, captions) writes an annotation
-    file, split(path) -> (trained names, held-out names). The held-out entries are fixed by each file's path, so
-    reordering the file, editing answers or adding entries never moves a trained entry into the held-out set, and one
-    file name in many folders is many entries."""
+def _held_out_by_path(tmp_path, ann, ext, text, split):
+    """Shared check for the four scripts that hold out part of --data: text(names, caption) is the annotation file
+    `ann` of one entry per name, about the media file name + ext (made here, empty; ext "": none), and split(folder)
+    -> (trained names, held-out names). The held-out entries are fixed by each file's path, so reordering the file,
+    editing answers or adding entries never moves a trained entry into the held-out set, and one file name in many
+    folders is many entries."""
+    def write(folder, names, caption):
+        for n in names if ext else []:
+            (folder / f"{n}{ext}").parent.mkdir(parents=True, exist_ok=True)
+            (folder / f"{n}{ext}").touch()
+        folder.mkdir(exist_ok=True)
+        (folder / ann).write_text(text(names, caption))
     names = [f"clip{i:02}" for i in range(40)]
     write(tmp_path / "a", names, "a cat")
     train, test = split(tmp_path / "a")
@@ -1171,17 +1178,11 @@ def test_vm_the_held_out_clips_are_chosen_by_path(tmp_path, monkeypatch):
     every 10th line, which an edit to the file would shift onto clips the run trained on."""
     monkeypatch.setattr(vm, "load_video", lambda *a: np.zeros((1, 1, 1, 3), np.uint8))  # no decoding: names only
 
-    def write(folder, names, caption):
-        folder.mkdir()
-        for n in names:
-            (folder / f"{n}.mp4").parent.mkdir(exist_ok=True)
-            (folder / f"{n}.mp4").touch()
-        (folder / "a.txt").write_text("".join(f"{n}.mp4\n{caption}\n\n" for n in names))
-
     def split(folder):
         data = vm.prepare_data(_vm_cfg(folder, data=str(folder / "a.txt")), 0, keep=("train", "test"))
         return [[os.path.basename(v)[:-4] for v, _ in data[s][0]] for s in ("train", "test")]
-    _held_out_by_path(tmp_path, write, split)
+    text = lambda names, caption: "".join(f"{n}.mp4\n{caption}\n\n" for n in names)  # entries, a blank line apart
+    _held_out_by_path(tmp_path, "a.txt", ".mp4", text, split)
 
 
 def test_vm_caption_longer_than_max_len_is_refused(_vm_trained, tmp_path, capsys):
@@ -2372,17 +2373,11 @@ def test_vc_the_held_out_images_are_chosen_by_path(tmp_path, monkeypatch):
     adding or reordering lines or editing captions never moves an image the run trained on into the test split."""
     monkeypatch.setattr(vc, "load_image", lambda *a: np.zeros((1, 1, 3), np.uint8))  # no decoding: names only
 
-    def write(folder, names, caption):
-        folder.mkdir()
-        for n in names:
-            (folder / f"{n}.png").parent.mkdir(exist_ok=True)
-            (folder / f"{n}.png").touch()
-        (folder / "a.txt").write_text("".join(f"{n}.png | {caption}\n" for n in names))
-
     def split(folder):
         data = vc.prepare_data(_vc_cfg(folder, data=str(folder / "a.txt")), 0)
         return [[os.path.basename(p)[:-4] for p, _ in data[s][0]] for s in ("train", "test")]
-    _held_out_by_path(tmp_path, write, split)
+    text = lambda names, caption: "".join(f"{n}.png | {caption}\n" for n in names)
+    _held_out_by_path(tmp_path, "a.txt", ".png", text, split)
 
 
 @_vc_1t
@@ -3704,19 +3699,15 @@ def test_vl_user_data_trains_and_no_user_file_is_overwritten(vl_tiny_run, tmp_pa
 def test_vl_the_held_out_questions_are_chosen_by_path_and_question(tmp_path):
     """Without --test_data, --data's validation and test entries are those whose path and question draw at most 0.1
     (at least one), so adding or reordering entries or editing answers never moves a trained entry into them."""
-    def write(folder, names, answer):
-        folder.mkdir()
-        for n in names:
-            (folder / f"{n}.png").parent.mkdir(exist_ok=True)
-            (folder / f"{n}.png").touch()
-        (folder / "a.jsonl").write_text("".join(json.dumps({"image": f"{n}.png", "question": "What colour?",
-                                                            "answer": answer}) + "\n" for n in names))
+    def text(names, answer):
+        return "".join(json.dumps({"image": f"{n}.png", "question": "What colour?", "answer": answer}) + "\n"
+                       for n in names)
 
     def split(folder):
         entries = vl.load_entries(vl.Config(**{**vl.PRESETS["tiny"], "data": str(folder / "a.jsonl")}))
         assert entries["val"] == entries["test"]
         return [[os.path.basename(e["path"])[:-4] for e in entries[s]] for s in ("train", "test")]
-    _held_out_by_path(tmp_path, write, split)
+    _held_out_by_path(tmp_path, "a.jsonl", ".png", text, split)
 
 
 def test_vl_test_data_stays_out_of_the_token_table_and_validation(vl_tiny_run, tmp_path, capsys):
@@ -5517,15 +5508,13 @@ def test_mk_user_data_holds_its_test_rows_out_of_training(mk_trained, tmp_path, 
     train, test = ({e["question"] for e in data[s][0]} for s in ("train", "test"))
     assert test == {"q4?", "q8?"} and len(train) == 9 and not train & test
     monkeypatch.setattr(mk, "load_split", lambda *a: None)  # no decoding: names only
-
-    def write(folder, names, _):  # one video, a question per name (an entry is its video's name and its question)
-        folder.mkdir()
-        (folder / "a.json").write_text(json.dumps([{**items[0], "question": n} for n in names]))
+    video = str(tmp_path / items[0]["video"])  # one video, a question per name: an entry is its path and question
+    text = lambda names, _: json.dumps([{**items[0], "video": video, "question": n} for n in names])
 
     def split(folder):
         data = mk.prepare_data(_mk_tiny_cfg(folder, data=str(folder / "a.json")), splits=("train", "test"))
         return [[e["question"] for e in data[s][0]] for s in ("train", "test")]
-    _held_out_by_path(tmp_path, write, split)
+    _held_out_by_path(tmp_path, "a.json", "", text, split)
     first = [json.load(open(d / "data" / f"{s}.json"))[0] for s in ("train", "val", "test")]  # the synthetic world:
     first = [{k: v for k, v in e.items() if k != "video"} for e in first]  # each split its own random stream
     assert first[0] != first[1] != first[2] != first[0]
