@@ -428,7 +428,7 @@ def test_vm_beam_search_is_not_greedy_and_sampling_is_not_greedy():
 
 def test_vm_label_masking_pad_and_bos_never_count():
     """Targets are the inputs shifted by one: BOS is never a target, pads are -100, and the loss ignores them."""
-    inp, tgt = vm.pad_batch([[vm.BOS, 5, 6, vm.EOS], [vm.BOS, 7, vm.EOS]], 32)
+    inp, tgt = vm.pad_batch([[vm.BOS, 5, 6, vm.EOS], [vm.BOS, 7, vm.EOS]])
     assert inp.tolist() == [[vm.BOS, 5, 6], [vm.BOS, 7, vm.EOS]]
     assert tgt.tolist() == [[5, 6, vm.EOS], [7, vm.EOS, -100]]
     model, cfg = _vm_model("text", vocab=9)
@@ -1186,8 +1186,8 @@ def test_vm_the_held_out_clips_are_chosen_by_path(tmp_path, monkeypatch):
 
 
 def test_vm_caption_longer_than_max_len_is_refused(_vm_trained, tmp_path, capsys):
-    """A training caption longer than --max_len would be cut by pad_batch, and one longer than --max_new_tokens by
-    evaluation's generation (a wrong exact match): both refused with the caption's token count."""
+    """A training caption longer than --max_len would have no position for its end, and one longer than
+    --max_new_tokens would be cut by evaluation's generation (a wrong exact match): both refused with its token count."""
     (tmp_path / "a.mp4").write_bytes((_vm_trained[0] / "data" / "train" / "00000.mp4").read_bytes())
     ann = tmp_path / "long.txt"
     ann.write_text("a.mp4\na red circle moves left\n\na.mp4\na red circle moves left and a blue square moves up\n")

@@ -23,7 +23,7 @@ training captions (plus <|endoftext|>, which is both BOS and EOS): the 50257-way
 Shape legend: B batch, F frames, S frame side, Q learned queries, L text tokens, D width, H heads, V vocabulary.
 
 Commands (also: --qformer_mode queries, --eval, --resume, --bench):
-    python videollama_mini.py --train                         # data + training + evaluation on CPU
+    python videollama_mini.py --train                         # data + training + evaluation, minutes on a CPU
     python videollama_mini.py --generate --video clip.mp4     # caption any video (or a folder of frames)
     torchrun --nproc_per_node=2 videollama_mini.py --train    # DDP (gloo on CPU, nccl on CUDA)
 """
@@ -335,12 +335,12 @@ class Attention(nn.Module):
             k, v = self.split(self.k(ctx)), self.split(self.v(ctx))  # (B, H, F or Q, D/H)
             if cache is not None:
                 cache["ck"], cache["cv"] = k, v  # reused by every later decode step
-        if self.record:  # explicit softmax only to draw the attention maps
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
+        if self.record:  # the same weights, explicit, only to draw the attention maps
             att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
             if causal:
                 att = att.masked_fill(torch.ones_like(att, dtype=torch.bool).triu(1), float("-inf"))
             self.weights = att.softmax(-1).float().mean(1).detach()  # (B, T, keys), averaged over heads
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(x.shape))  # (B, T, D)
 
 class Block(nn.Module):
@@ -430,17 +430,17 @@ class VideoLLaMAMini(nn.Module):
         # Vaswani et al.: token vectors of std D^-0.5 scaled up by sqrt(D) in decode(), so a token enters at the same
         # unit scale as the sinusoidal position code; at GPT-2's std 0.02 the position code would drown the word.
         nn.init.normal_(self.tok.weight, 0.0, cfg.d_model ** -0.5)
-        depth = sum(isinstance(m, Block) for m in self.modules())  # blocks built: temporal, decoder [+ Q-Former]
-        for name, p in self.named_parameters():  # GPT-2's 1/sqrt(2 * depth) on residual outputs (attn, xattn, mlp)
+        depth = sum(isinstance(m, Block) for m in self.modules())  # all stacks' blocks: temporal, decoder [+ Q-Former]
+        for name, p in self.named_parameters():  # GPT-2's rule, one depth: residual outputs at 0.02/sqrt(2*depth)
             if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * depth))
     @torch.no_grad()
     def init_from_data(self, video):
         """Data-dependent initialisation (Salimans & Kingma, 2016) of the affine parameters that end each stage. Every
-        clip is mostly background, so at random init every clip embeds to nearly one vector and the decoder learns
-        the caption prior alone. The per-feature mean and std over `video` (up to 256 training clips), folded into the
-        LayerNorms after the frame and temporal encoders and (per query) the QFormer's output scale and shift, make
-        their outputs zero-mean, unit-variance *across clips*: a one-off change of initial weights, no running stats."""
+        clip is mostly background, so at random init every clip embeds to nearly one vector and the decoder learns the
+        caption prior alone. The per-feature mean and std over `video` (up to 256 training clips, dropout on), folded
+        into the LayerNorms after the frame and temporal encoders and (per query) the QFormer's output scale and shift,
+        make their outputs zero-mean, unit-variance *across clips*: a one-off weight change, no running stats."""
         def fold(weight, bias, x, dims):  # x: the clips' output of the affine (weight, bias)
             m, s = x.mean(dims), x.std(dims) + 1e-3  # over clips (dim 0) and positions (1): (D,) or (Q, D) each
             weight.div_(s)  # y = (x - m) / s, folded into the affine
@@ -583,23 +583,23 @@ def autocast(cfg, device):
     dtype = autocast_dtype(cfg.dtype, device)  # float32: autocast off
     return torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype), enabled=dtype != "float32")
 
-def pad_batch(seqs, max_len):
-    """Token lists -> (inputs, targets), right-padded; pad targets are -100 (ignored by the loss).
-    Right padding needs no attention mask: under the causal mask a pad never influences an earlier position."""
-    L = min(max_len, max(len(s) for s in seqs)) - 1  # inputs drop the last token, targets the first
+def pad_batch(seqs):
+    """Token lists (none over max_len: check_lengths) -> (inputs, targets), right-padded with 0 (BOS/EOS), the pad
+    targets -100 (ignored by the loss). No attention mask: under the causal mask a pad never reaches earlier tokens."""
+    L = max(len(s) for s in seqs) - 1  # inputs drop the last token, targets the first
     inp, tgt = torch.zeros(len(seqs), L, dtype=torch.long), torch.full((len(seqs), L), -100, dtype=torch.long)  # (B, L)
-    for i, s in enumerate(seq[: L + 1] for seq in seqs):  # captions longer than max_len are cut
+    for i, s in enumerate(seqs):
         inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
     return inp, tgt
 
-def check_lengths(tok, data, cfg, grow=False):  # refused: a caption in data that --max_len or decoding would cut
-    for s, pick in [(s, {"train": max, "val": next}.get(s, min)) for s in data]:  # val: the first
-        n = max(pick(2 + len(tok.enc.encode_ordinary(c)) for c in cs) for _, cs in data[s][0])  # scored: the shortest
+def check_lengths(tok, data, cfg, grow=False):  # refused: a caption with no room in --max_len, or that decoding cuts
+    for s, pick in [(s, {"train": max, "val": next}.get(s, min)) for s in data]:  # val: the first (its loss)
+        n = max(pick(2 + len(tok.enc.encode_ordinary(c)) for c in cs) for _, cs in data[s][0])  # test/novel: shortest
         what = f"a {s.replace('train', 'training')} caption is {n} tokens long (GPT-2 tokens, BOS and EOS included)"
         if n > cfg.max_len:  # the model has no position for its end: a new run may grow, a trained one cannot
             raise UserError(f"{what}: --max_len {cfg.max_len} must be at least {n}" if grow else f"{what}, more than "
                             f"the model writes ({cfg.max_len}): edit {s != 'train' and cfg.test_data or cfg.data}")
-        if n - 1 > cfg.max_new_tokens and s != "val":  # decoding would stop before its end (val is not decoded)
+        if n - 1 > cfg.max_new_tokens and s != "val":  # generation would stop before its end (val is never decoded)
             raise UserError(f"{what}: --max_new_tokens {cfg.max_new_tokens} must be at least {n - 1}")
 
 def lr_at(step, cfg):  # Linear warmup, then cosine decay to min_lr.
@@ -610,7 +610,7 @@ def lr_at(step, cfg):  # Linear warmup, then cosine decay to min_lr.
 
 def global_batch(step, n, size, seed):  # a step's clip indices: a fresh permutation per epoch, the same on all ranks
     n_all = n * -(-size // n)  # what an epoch draws from: the set, copied ceil(size / n) times if smaller than a batch
-    epoch, k = divmod(step, max(1, n_all // size))  # the step's epoch and batch within it (full batches per epoch)
+    epoch, k = divmod(step, n_all // size)  # the step's epoch and batch within it (n_all // size >= 1 full batches)
     return (torch.randperm(n_all, generator=torch.Generator().manual_seed(seed + epoch)) % n)[k * size:(k + 1) * size]
 
 def prepare_data(cfg, rank, typed=(), keep=("train", "val", "test", "novel")):  # -> {split in keep: (entries, clips)}
@@ -729,11 +729,8 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
     train_entries, train_clips = data["train"]
     say(f"data: " + ", ".join(f"{s} {len(e)}" for s, (e, _) in data.items()) + f" clips ({time.time() - t0:.1f}s)")
     model, tok, opt, scaler, step = build_or_resume(cfg, resumed, train_entries, train_clips, device)
-    total = sum(p.numel() for p in model.parameters())  # counted, not assumed: what is frozen shows as frozen
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"parameters: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable, {(total - trainable) / 1e6:.2f}M "
-        f"frozen; vocab {len(tok.ids)}; {device}, autocast {autocast_dtype(cfg.dtype, device)}"
-        + (f"; resumed from step {step}" if resume else ""))
+    say(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, all trained; vocab {len(tok.ids)}; "
+        f"{device}, autocast {autocast_dtype(cfg.dtype, device)}" + (f"; resumed from step {step}" if resume else ""))
     raw = model  # the plain module: what is saved and evaluated
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
@@ -744,7 +741,7 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
     while step < cfg.max_steps:
         idx = global_batch(step, len(train_entries), gsize, cfg.seed)  # (gsize,) clip indices, the same on every rank
         caption_rng = random.Random(cfg.seed * 100003 + step)  # which reference each clip shows: set by the step
-        inp_all, tgt_all = pad_batch([caption_rng.choice(train_tokens[i]) for i in idx.tolist()], cfg.max_len)  # (G, L)
+        inp_all, tgt_all = pad_batch([caption_rng.choice(train_tokens[i]) for i in idx.tolist()])  # (G, L)
         n_tok = (tgt_all != -100).sum().item()  # loss is a mean over the global batch's tokens, whatever the split
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)  # warmup then cosine
@@ -798,7 +795,7 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
 @torch.no_grad()
 def evaluate_loss(model, tok, entries, clips, cfg, device):  # the mean token loss
     model.eval()  # dropout off
-    inp, tgt = pad_batch([tok.encode(cs[0]) for _, cs in entries], cfg.max_len)  # first reference of each clip
+    inp, tgt = pad_batch([tok.encode(cs[0]) for _, cs in entries])  # first reference of each clip
     with autocast(cfg, device):
         loss = model(clips.to(device), inp.to(device), tgt.to(device))[1].item()
     if not math.isfinite(loss):  # the weights diverged within the last steps: they are not saved
@@ -819,8 +816,8 @@ def filter_logits(logits, top_k, top_p):  # keep the top_k largest and the small
 
 @torch.no_grad()
 def generate(model, video, cfg, use_cache=True, generator=None, stop_at_eos=True):
-    """Batched captioning from BOS until EOS (per row) or max_new_tokens: greedy at temperature 0, else sampling from
-    `generator` (top-k / top-p); beam search for beam > 1. -> id lists. stop_at_eos=False: every step (--bench)."""
+    """Batched captioning from BOS until EOS (per row) or max_new_tokens (< max_len): greedy at temperature 0, else
+    sampling from `generator` (top-k, top-p); beam search for beam > 1. -> id lists. stop_at_eos=False: every step."""
     model.eval()
     if cfg.beam > 1:
         return beam_search(model, video, cfg)
@@ -881,7 +878,7 @@ def beam_search(model, video, cfg, length_penalty=1.0):
             for b, f in enumerate(finished)]  # each clip's best-scoring finished hypothesis
 
 def attention_png(model, clip, tok, cfg, device, path, cell=40, label_w=110):
-    """A row per caption word ("text": the decoder's last cross-attention; row i predicts word i) or learned query
+    """A row per caption token ("text": the decoder's last cross-attention; row i predicts token i) or learned query
     ("queries": the last Q-Former layer), a column per frame (drawn above), mean over heads; the caption on top."""
     model.record_attention(True)
     video, text = clip[None].to(device), cfg.qformer_mode == "text"  # (1, F, S, S, 3)
