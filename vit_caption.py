@@ -84,7 +84,7 @@ class Config:
     n_novel: int = 500  # images with a held-out (colour, shape) pair
     max_train: int = 0  # >0: train on only the first max_train images (the write-up had 16) and report train EM
     eval_max: int = 0  # >0: evaluate only the first eval_max images of each split (the big preset is slow)
-    img_size: int = 48  # images are shrunk (long side) to this side, then letterboxed to a square
+    img_size: int = 48  # images are resized (long side) to this side, then letterboxed to a square
     patch: int = 12  # patch side in pixels: 48 / 12 -> a 4 x 4 grid, P = 16; a shape spans 1-3 patches a side
     vit_dim: int = 128  # E
     vit_layers: int = 3  # ViT blocks
@@ -101,14 +101,14 @@ class Config:
     max_len: int = 24  # longest caption in tokens, BOS and EOS included
     rope_theta: float = 100.0  # RoPE base; with LLaMA's 10000 the short prefix offsets barely turn (NOTES.md)
     dropout: float = 0.0  # decoder dropout on the attention weights and the residual branches
-    compact_vocab: bool = True  # output table over the GPT-2 ids seen in training (False: all 50257)
+    compact_vocab: bool = True  # embedding and output tables over the GPT-2 ids seen in training (False: all 50257)
     batch_size: int = 64  # micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * processes)
     max_steps: int = 3000  # optimizer steps
     lr: float = 2e-3  # peak learning rate, after linear warmup; cosine decay to min_lr
     min_lr: float = 1e-4  # where the cosine ends (at max_steps)
     warmup: int = 60  # steps of linear warmup
-    weight_decay: float = 0.05  # AdamW, on matrices only
+    weight_decay: float = 0.05  # AdamW, on matrices and the conv (not the position table or CLS)
     grad_clip: float = 1.0  # max global gradient norm
     dtype: str = "float32"  # autocast dtype: float32, bfloat16, or float16 (CUDA, with a gradient scaler)
     device: str = "auto"  # auto = cuda > mps > cpu
@@ -206,8 +206,8 @@ def cut_off(path):  # a PNG with no IEND chunk; a JPEG with no end marker FF D9 
     return data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:] or data[:4] == b"\x89PNG" and b"IEND" not in data
 
 def load_image(path, size):
-    """Any image OpenCV reads, any size -> uint8 (size, size, 3) RGB: shrunk first (a 1 x 100000 strip stays small),
-    then letterboxed (edges repeated): a crop could cut an object away, a stretch turns circles into ellipses."""
+    """Any image OpenCV reads, any size -> uint8 (size, size, 3) RGB: long side resized to size (a 1 x 100000 strip
+    stays thin), then letterboxed (edges repeated): a crop could cut an object away, a stretch turns circles oval."""
     if os.path.isfile(path) and cut_off(path):  # checked before libjpeg or libpng decodes it (and warns on stderr)
         raise UserError(f"{path}: this image is cut off (no end-of-image marker); re-export or re-copy it")
     try:  # os.fsencode: OpenCV gets the name's bytes (a name that is not UTF-8, from an old zip, crashes it as a str)
@@ -324,11 +324,11 @@ class Attention(nn.Module):
             cache["k"], cache["v"] = k, v
         # causal over the whole [prefix, text] sequence, as LLaVA: new query i (position past+i) sees keys <= past+i
         mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past) if self.causal else None
-        if self.weights is not None:  # the explicit softmax, only to draw the attention maps
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)
+        if self.weights is not None:  # the same weights, explicit, only to draw the attention maps
             att = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, T, past+T)
             att = att if mask is None else att.masked_fill(~mask, float("-inf"))
             self.weights.append(att.softmax(-1).mean(1))  # (B, T, past+T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, D))  # heads side by side again: (B, T, D)
 
 class GeluMLP(nn.Module):  # the ViT's MLP (Dosovitskiy et al. 2020): down(dropout(gelu(up(x)))), with biases
@@ -432,7 +432,7 @@ class ViTCaptioner(nn.Module):  # ViT -> linear projection -> LLaMA-style decode
         """Patch embedding from the data (whitening, as in fast CIFAR-10 training, Keller Jordan's airbench): each
         output channel is one principal component of the training patches, scaled to std patch_scale, and centred.
         At random init every patch token is mostly the one grey-background vector; after this the tokens spread along
-        the directions the patches vary most in (edges and colours). Only the starting point changes, not the model."""
+        the directions the patches vary most in (edges and colours). The patch positions become 2-D sin-cos."""
         conv, p = self.vit.patch_embed, self.cfg.patch
         patches = F.unfold(pixels(images), p, stride=p).transpose(1, 2).flatten(0, 1).double()  # (B*P, 3*p*p)
         x = patches - (mean := patches.mean(0))  # centred, (n, 3*p*p) for n = B*P patches
@@ -597,14 +597,14 @@ def pad_batch(seqs, max_len):
     return (nn.utils.rnn.pad_sequence([s[:-1] for s in cut], batch_first=True),  # pads 0: right, after the EOS
             nn.utils.rnn.pad_sequence([s[1:] for s in cut], batch_first=True, padding_value=-100))
 
-def check_lengths(tok, data, cfg, splits, grow=False):  # refused: a caption --max_len or decoding would cut
-    for s, pick in [(s, {"train": max, "val": next}.get(s, min)) for s in splits if s in data]:  # val: the first
-        n = max(pick(2 + len(tok.enc.encode_ordinary(c)) for c in cs) for _, cs in data[s][0])  # scored: the shortest
+def check_lengths(tok, data, cfg, splits, grow=False):  # refused: a caption --max_len has no room for, or decoding cuts
+    for s, pick in [(s, {"train": max, "val": next}.get(s, min)) for s in splits if s in data]:  # val: its first
+        n = max(pick(2 + len(tok.enc.encode_ordinary(c)) for c in cs) for _, cs in data[s][0])  # test/novel: shortest
         what = f"a {s.replace('train', 'training')} caption is {n} tokens long (GPT-2 tokens, BOS and EOS included)"
         if n > cfg.max_len:  # the model has no position for its end: a new run may grow, a trained one cannot
             raise UserError(f"{what}: --max_len {cfg.max_len} must be at least {n}" if grow else f"{what}, more than "
                             f"the model writes ({cfg.max_len}): edit {s != 'train' and cfg.test_data or cfg.data}")
-        if n - 1 > cfg.max_new_tokens and s != "val":  # decoding would stop before its end (val is not decoded)
+        if n - 1 > cfg.max_new_tokens and s != "val":  # generation would stop before its end (val is never decoded)
             raise UserError(f"{what}: --max_new_tokens {cfg.max_new_tokens} must be at least {n - 1}")
 
 def lr_at(step, cfg):  # linear warmup, then cosine decay to min_lr
@@ -712,12 +712,12 @@ def train_step(model, opt, scaler, batch, cfg, device, rank, world):
     return total.item()
 
 def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and save (rank 0) -> model, tok
-    resumed = None  # before any data: a refusal costs nothing
-    if resume:  # out_dir's run, the typed flags on top (typed None: all of cfg); the saved stop is behind us
+    resumed = None  # most refusals come before any data is read
+    if resume:  # out_dir's run, the typed flags on top; the saved stop is behind us
         if not os.path.isfile(path := os.path.join(cfg.out_dir, "train_state.pt")):
             raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
-        model, tok, cfg = load_checkpoint(cfg.out_dir, dataclasses.asdict(cfg) if typed is None else {
-            "stop_after": 0, **typed}, ARCH + WORLD + ("patch_init", "patch_scale"))  # (the init ran at the start)
+        model, tok, cfg = load_checkpoint(cfg.out_dir, {"stop_after": 0, **typed},
+                                          ARCH + WORLD + ("patch_init", "patch_scale"))  # (the init ran at the start)
         try:  # a dry run of the resume (CPU, before any data; it sets the RNG, seeded again below): it must all load
             init_training(cfg, [], None, resumed := (model, tok, {**torch.load(path, weights_only=True)}), "cpu")
         except Exception as e:  # zip, pickle or torch errors; TypeError: no dict ({**}); KeyError, ValueError: no fit
@@ -804,7 +804,7 @@ def next_logits(model, x, cache=None, pos=0):  # x (B, T, D) at positions pos.. 
 @torch.no_grad()
 def generate(model, images, cfg, use_cache=True, generator=None, stop_at_eos=True):
     """Batched captioning from BOS until every row wrote EOS (or max_new_tokens) -> id lists: greedy at temperature 0,
-    else sampled (top-k / top-p) from `generator`; beam > 1: beam search. No cache: each step re-runs it all (tests)."""
+    else sampled (top-k, top-p) from `generator`; beam > 1: beam search. No cache: every step re-runs all (--bench)."""
     model.eval()
     if cfg.beam > 1:
         return beam_search(model, images, cfg)
@@ -883,7 +883,7 @@ def attention_png(model, image, tok, cfg, device, path, show=None):
     big, cell, label = 192, max(12, min(24, 480 // (g * g))), 96  # image side, matrix cell, token label width
     labels = [tok.decode([t])[:12] for t in ids] or ["(empty)"]
     heat = torch.stack(rows) if rows else torch.zeros(1, g * g)  # (tokens, P)
-    heat = (255 * heat / heat.amax(1, keepdim=True).clamp_min(1e-9)).to(torch.uint8).numpy()
+    heat = (255 * heat / heat.amax(1, keepdim=True).clamp_min(1e-9)).to(torch.uint8).cpu().numpy()
     heat = cv2.resize(cv2.applyColorMap(heat, cv2.COLORMAP_VIRIDIS), (cell * g * g, cell * len(labels)),
                       interpolation=cv2.INTER_NEAREST)  # (tokens * cell, P * cell, 3)
     mat = np.pad(heat, ((16, 0), (label, 0), (0, 0)))  # black margins: a header row (patch numbers), token labels
