@@ -1073,8 +1073,8 @@ def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devic
                 raise UserError(f"loss became {loss.item()}; lower --lr (or train with --dtype float32)")
             scaler.scale(loss * w).backward()  # float16: scaled up, so small gradients do not underflow to 0
         share += torch.tensor([loss.item(), *model.parts]) * (w > 0)  # this micro-batch's part of the means
-    if ddp:
-        dist.all_reduce(share)  # three numbers, so that the log line shows the whole global batch
+    if ddp:  # three numbers, so that the log line shows the whole global batch (nccl reduces only GPU tensors)
+        dist.all_reduce(share := share.to(device))
     return share.tolist()
 
 @torch.no_grad()
@@ -1094,7 +1094,10 @@ def val_loss(model, tok, cfg, split, cache):  # CE + lam * BCE on `val`: no grap
 def setup_distributed(cfg):  # -> (ddp, rank, world) under torchrun: gloo on CPU, nccl on CUDA
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return False, 0, 1  # one process unless torchrun started several
-    if cuda := torch.cuda.is_available() and cfg.device != "cpu":
+    if cuda := pick_device(cfg.device) != "cpu":  # CUDA, or mps (no CUDA GPU: refused, gloo cannot reduce its tensors)
+        if (gpus := torch.cuda.device_count()) < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
+            raise UserError(f"torchrun: each process needs a CUDA GPU of its own ({gpus} here); start fewer "
+                            "(--nproc_per_node) or pass --device cpu")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" is now this rank's GPU
     dist.init_process_group("nccl" if cuda else "gloo")
     return True, dist.get_rank(), dist.get_world_size()
@@ -1107,7 +1110,8 @@ def train(cfg, resume=False, overrides=None):
             raise UserError(f"{path}: nothing to resume (train without --resume first)")
         model, tok, cfg = load_checkpoint(cfg.out_dir, {"stop_after": cfg.stop_after, **(overrides or {})}, "--resume")
         try:  # truncated, not a torch file, or keys missing: PyTorch's own errors differ by cause
-            step, seconds0 = int((ts := dict(torch.load(path, weights_only=True)))["step"]), float(ts.get("seconds", 0))
+            ts = dict(torch.load(path, map_location="cpu", weights_only=True))  # a GPU's too: the optimizer moves it
+            step, seconds0 = int(ts["step"]), float(ts.get("seconds", 0))
         except Exception as e:
             raise UserError(f"{path}: not a readable training state ({type(e).__name__}); retrain or restore it")
         if step >= cfg.max_steps or 0 < cfg.stop_after <= step:  # nothing to train: refused before any data

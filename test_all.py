@@ -2961,8 +2961,8 @@ def test_vl_generate_hf_dtype_follows_dtype_auto(vl_ckpt, tmp_path, monkeypatch,
 def test_vl_float32_weights_past_the_memory_are_refused_before_loading(vl_ckpt, monkeypatch, capsys):
     """Weights whose float32 copy exceeds the machine's memory (a 7B on a laptop without native bfloat16, where --dtype
     auto is float32) are refused in one line that gives both sizes and the fix, before a tensor is read, instead of
-    the system killing the run part-way; the same on "cpu:0" and on Apple's GPU (mps), which shares that memory. In
-    bfloat16 they load."""
+    the system killing the run part-way; the same on "cpu:0" and on Apple's GPU (mps), which shares that memory, and
+    against a CUDA GPU's own memory. In bfloat16 they load."""
     monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 2560}[name])  # 10 MiB
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
@@ -2983,12 +2983,15 @@ def test_vl_float32_weights_past_the_memory_are_refused_before_loading(vl_ckpt, 
     for device in ("cpu:0", torch.device("cpu"), "mps"):
         with pytest.raises(vl.UserError, match="GiB in float32"):
             vl.load_pretrained(path, torch.float32, device)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**20, 2**21))  # free, total: a 2 MiB GPU
+    with pytest.raises(vl.UserError, match="more than this GPU's 0.00195 GiB; give --dtype bfloat16 or float16"):
+        vl.load_pretrained(path, torch.float32, "cuda:0")
     assert capsys.readouterr().out == "" and reads == []  # refused before a tensor was read
     model = vl.load_pretrained(path, torch.bfloat16)  # half the bytes: they load
     assert model.language_model.lm_head.weight.dtype == torch.bfloat16 and len(reads) == len(model.state_dict())
     n = sum(p.numel() for p in model.parameters())
     assert str(refused.value) == (f"{path}: its weights take {4 * n / 2**30:.3g} GiB in float32, more than this "
-                                  f"machine's 0.00977 GiB of memory; give --dtype bfloat16 (half the bytes)")
+                                  f"machine's 0.00977 GiB; give --dtype bfloat16 or float16 (half)")
 
 
 def test_vl_generate_checks_architecture_flags_against_the_checkpoint(vl_ckpt, tmp_path, capsys):
@@ -7538,6 +7541,41 @@ def test_float16_resume_keeps_the_loss_scale(mod, tmp_path, capsys):
     assert state(full)["scaler"] == state(cut)["scaler"] and state(full)["scaler"]["_growth_tracker"] > 0
     a, b = load_file(os.path.join(full, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("mod", [vm, vc, vl, mk], ids=lambda m: m.__name__)
+def test_a_training_state_saved_on_a_gpu_resumes_on_a_cpu(mod, tmp_path, monkeypatch):
+    """train_state.pt written on a CUDA machine tags its tensors (AdamW moments, the RNG state) with that device; a
+    plain torch.load of it fails where there is none (it was refused as damaged). --resume maps them to the CPU."""
+    out = str(tmp_path / "out")
+    mod.main(["--train", "--preset", "tiny", "--max_steps", "4", "--stop_after", "2", "--data_dir", str(tmp_path / "d"),
+              "--out_dir", out])
+    path = os.path.join(out, "train_state.pt")
+    state = torch.load(path, weights_only=True)
+    with monkeypatch.context() as m:  # torch.save names each tensor's device with location_tag: cuda:0 on a GPU
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, path)
+    with pytest.raises(RuntimeError, match="CUDA device"):  # this machine has no GPU: the file as a GPU run left it
+        torch.load(path, weights_only=True)
+    mod.main(["--train", "--resume", "--out_dir", out])
+    assert torch.load(path, weights_only=True)["step"] == 4
+
+
+@pytest.mark.parametrize("mod", [vm, vc, vl, mk], ids=lambda m: m.__name__)
+def test_torchrun_with_more_processes_than_gpus_is_refused(mod, monkeypatch):
+    """torchrun --nproc_per_node 2 on a machine with one CUDA GPU (the second process would ask for a GPU that is not
+    there), or on a Mac, whose GPU (mps) gloo cannot reduce over: one line, before a process group is made. (The
+    torchrun tests run it on the CPU.)"""
+    setup = getattr(mod, "setup_distributed", None) or mod.ddp_setup
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("not refused"))
+    for k, v in dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", RANK="1", LOCAL_RANK="1").items():
+        monkeypatch.setenv(k, v)
+    for gpus, mps in ((1, False), (0, True)):  # one GPU; a Mac
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+        with pytest.raises(mod.UserError, match=rf"torchrun: each process needs a CUDA GPU of its own \({gpus} here\)"):
+            setup(mod.Config())
 
 
 @pytest.mark.parametrize("mod", [vm, vc], ids=["vm", "vc"])

@@ -929,12 +929,14 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):  # HF folder or 
     if any(problems.values()):
         raise UserError(f"{path}: checkpoint does not match the config: " + ", ".join(
             f"{what} {len(keys)} {keys[:20]}{' ...' if len(keys) > 20 else ''}" for what, keys in problems.items()))
-    # float32 weights beyond the memory (a 7B on a laptop) get the run killed part-way: refused first (Windows: unknown)
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0  # 0: unknown
+    # float32 weights beyond the memory (a 7B on a laptop or a 16 GB GPU) stop the run part-way: refused first
+    gpu = torch.device(device).type == "cuda"  # its own memory; mps shares the RAM (Windows: no sysconf, unknown)
+    ram = (torch.cuda.mem_get_info(device)[1] if gpu else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+           if hasattr(os, "sysconf") else 0)  # 0: unknown
     need = 4 * sum(p.numel() for p in model.parameters())  # bytes in float32 (a tied head is one parameter)
-    if dtype == torch.float32 and torch.device(device).type in ("cpu", "mps") and 0 < ram < need:  # mps: shared RAM
-        raise UserError(f"{path}: its weights take {need / 2**30:.3g} GiB in float32, more than this machine's "
-                        f"{ram / 2**30:.3g} GiB of memory; give --dtype bfloat16 (half the bytes)")
+    if dtype == torch.float32 and 0 < ram < need:
+        raise UserError(f"{path}: its weights take {need / 2**30:.3g} GiB in float32, more than this " + ("GPU" if gpu
+                        else "machine") + f"'s {ram / 2**30:.3g} GiB; give --dtype bfloat16 or float16 (half)")
     for ck, (key, f) in found.items():  # swapped in place: a tied head is the same Parameter; peak memory ~ the weights
         torch.utils.swap_tensors(model.get_parameter(ck), nn.Parameter(handles[f].get_tensor(key).to(device, dtype)))
     return model
@@ -1121,8 +1123,8 @@ def make_optimizer(params, cfg, device):  # AdamW, decay on matrices only; float
     return opt, torch.amp.GradScaler(device.split(":")[0], enabled=autocast_dtype(cfg.dtype, device) == "float16")
 
 def load_train_state(out_dir, opt, scaler, say, batch):  # --resume: AdamW moments, loss scale, RNG -> (step, seconds)
-    try:  # truncated or not a torch file: PyTorch's own errors differ by cause
-        ts = dict(torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=True))  # dict(): not a bare tensor
+    try:  # truncated, not a torch file, a bare tensor (dict()): PyTorch's errors differ; a GPU's moments map to the CPU
+        ts = dict(torch.load(os.path.join(out_dir, "train_state.pt"), map_location="cpu", weights_only=True))
     except Exception as e:
         raise UserError(f"{out_dir}/train_state.pt: not a readable training state ({type(e).__name__})")
     try:  # another run's state (other parameters), not a dict, or a file without these keys
@@ -1144,6 +1146,9 @@ def ddp_setup(cfg):  # -> (ddp, rank, world, device): one process, or one of tor
     device = pick_device(cfg.device)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False, 0, 1, device
+    if device != "cpu" and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):  # mps: 0
+        raise UserError(f"torchrun: each process needs a CUDA GPU of its own ({torch.cuda.device_count()} here); "
+                        "start fewer (--nproc_per_node) or pass --device cpu")
     if device == "cuda":  # each process its own GPU
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)

@@ -658,7 +658,7 @@ def start_config(cfg, typed=None, resume=False):
     typed = dataclasses.asdict(cfg) if typed is None else {"stop_after": 0, **typed, "out_dir": out}
     model, tok, saved = load_checkpoint(out, typed, ARCH + WORLD)  # --resume keeps the run's architecture and world
     try:  # torch raises several error types for a truncated file; another run's does not fit this model's AdamW
-        ts = dict(torch.load(path, weights_only=True))  # dict(): anything else (a bare tensor) is refused here
+        ts = dict(torch.load(path, map_location="cpu", weights_only=True))  # saved on a GPU too; dict(): not a tensor
         (opt := torch.optim.AdamW(decay_groups(model, 0.0))).load_state_dict(ts["optimizer"])  # counts, not shapes:
         if any(s["exp_avg"].shape != p.shape for p, s in opt.state.items()):  # another run's widths: other shapes
             raise ValueError("AdamW moments of other shapes")
@@ -678,10 +678,13 @@ def decay_groups(model, weight_decay):
             {"params": [p for p in model.parameters() if id(p) not in decay], "weight_decay": 0.0}]
 
 def setup_distributed(cfg):  # -> (ddp, rank, world, device): torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA
-    if ddp := int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)  # one process unless torchrun
     device = pick_device(cfg.device)
+    if ddp := int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if device != "cpu" and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):  # mps: 0
+            raise UserError(f"torchrun: each process needs a CUDA GPU of its own ({torch.cuda.device_count()} here); "
+                            "start fewer (--nproc_per_node) or pass --device cpu")
+        dist.init_process_group("nccl" if device != "cpu" else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)  # one process unless torchrun
     if cfg.compile and device == "cpu":  # inductor's CPU kernels are C++: a missing compiler is refused before step 1
         try:
             torch._inductor.cpp_builder.get_cpp_compiler()
@@ -944,8 +947,8 @@ def bench(cfg):  # training samples/s and captions/s with and without the KV cac
         for i in range(8):  # the first 2 steps warm up the allocator, the median of 6 is printed
             t = time.time()
             with autocast(dataclasses.replace(cfg, dtype=label), device):
-                model(video, inp, inp)[1].backward()  # loss against random targets: the cost, not the result
-            opt.step(), opt.zero_grad()
+                (loss := model(video, inp, inp)[1]).backward()  # against random targets: the cost, not the result
+            opt.step(), opt.zero_grad(), loss.item()  # item() waits for a GPU's queued work: the step is timed whole
             times.append(time.time() - t)
         print(f"train  ({label:8s}): {B / np.median(times[2:]):8.1f} samples/s  (batch {B}, median of 6 steps)")
     fixed = dataclasses.replace(cfg, max_new_tokens=20, beam=1)  # what is timed: 20 steps of one beam each

@@ -652,6 +652,9 @@ def setup_distributed(cfg):  # -> (rank, world, device): torchrun's WORLD_SIZE >
             raise UserError(f"--compile: {e}; install g++ or clang++ (or set CXX), or pass --no-compile") from None
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1, device
+    if device != "cpu" and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):  # mps: 0
+        raise UserError(f"torchrun: each process needs a CUDA GPU of its own ({torch.cuda.device_count()} here); "
+                        "start fewer (--nproc_per_node) or pass --device cpu")
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device.startswith("cuda"):
         torch.cuda.set_device(device := f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
@@ -719,7 +722,8 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
         model, tok, cfg = load_checkpoint(cfg.out_dir, {"stop_after": 0, **typed},
                                           ARCH + WORLD + ("patch_init", "patch_scale"))  # (the init ran at the start)
         try:  # a dry run of the resume (CPU, before any data; it sets the RNG, seeded again below): it must all load
-            init_training(cfg, [], None, resumed := (model, tok, {**torch.load(path, weights_only=True)}), "cpu")
+            state = torch.load(path, map_location="cpu", weights_only=True)  # a GPU's too: the optimizer moves it
+            init_training(cfg, [], None, resumed := (model, tok, {**state}), "cpu")
         except Exception as e:  # zip, pickle or torch errors; TypeError: no dict ({**}); KeyError, ValueError: no fit
             raise UserError(f"{path}: damaged or another run's ({type(e).__name__}); train again without --resume")
         if (s := resumed[2]["step"]) >= cfg.max_steps or 0 < cfg.stop_after <= s:  # no step left to train
