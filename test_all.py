@@ -7562,10 +7562,10 @@ def test_a_training_state_saved_on_a_gpu_resumes_on_a_cpu(mod, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("mod", [vm, vc, vl, mk], ids=lambda m: m.__name__)
-def test_torchrun_with_more_processes_than_gpus_is_refused(mod, monkeypatch):
+def test_torchrun_gives_each_process_its_own_gpu_or_refuses(mod, monkeypatch):
     """torchrun --nproc_per_node 2 on a machine with one CUDA GPU (the second process would ask for a GPU that is not
-    there), or on a Mac, whose GPU (mps) gloo cannot reduce over: one line, before a process group is made. (The
-    torchrun tests run it on the CPU.)"""
+    there), or on a Mac, whose GPU (mps) gloo cannot reduce over: one line, before a process group is made. With two
+    GPUs each process takes its own. (The torchrun tests run on the CPU.)"""
     setup = getattr(mod, "setup_distributed", None) or mod.ddp_setup
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("not refused"))
     for k, v in dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", RANK="1", LOCAL_RANK="1").items():
@@ -7576,6 +7576,14 @@ def test_torchrun_with_more_processes_than_gpus_is_refused(mod, monkeypatch):
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
         with pytest.raises(mod.UserError, match=rf"torchrun: each process needs a CUDA GPU of its own \({gpus} here\)"):
             setup(mod.Config())
+    if mod is not mk:  # two GPUs: the process of local rank 1 takes cuda:1, even where --device names cuda:0
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+        monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: None)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+        assert setup(mod.Config(device="cuda:0"))[-1] == "cuda:1"
 
 
 @pytest.mark.parametrize("mod", [vm, vc], ids=["vm", "vc"])

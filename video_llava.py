@@ -1149,7 +1149,7 @@ def ddp_setup(cfg):  # -> (ddp, rank, world, device): one process, or one of tor
     if device != "cpu" and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):  # mps: 0
         raise UserError(f"torchrun: each process needs a CUDA GPU of its own ({torch.cuda.device_count()} here); "
                         "start fewer (--nproc_per_node) or pass --device cpu")
-    if device == "cuda":  # each process its own GPU
+    if device.startswith("cuda"):  # each process its own GPU, cuda:LOCAL_RANK, whichever --device named
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
