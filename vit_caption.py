@@ -716,11 +716,11 @@ def train_step(model, opt, scaler, batch, cfg, device, rank, world):
 
 def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and save (rank 0) -> model, tok
     resumed = None  # most refusals come before any data is read
-    if resume:  # out_dir's run, the typed flags on top; the saved stop is behind us
+    if resume:  # out_dir's run, the typed flags on top (typed None: all of cfg); the saved stop is behind us
         if not os.path.isfile(path := os.path.join(cfg.out_dir, "train_state.pt")):
             raise UserError(f"{cfg.out_dir}: nothing to resume (no train_state.pt); drop --resume to start afresh")
-        model, tok, cfg = load_checkpoint(cfg.out_dir, {"stop_after": 0, **typed},
-                                          ARCH + WORLD + ("patch_init", "patch_scale"))  # (the init ran at the start)
+        model, tok, cfg = load_checkpoint(cfg.out_dir, dataclasses.asdict(cfg) if typed is None else {
+            "stop_after": 0, **typed}, ARCH + WORLD + ("patch_init", "patch_scale"))  # (the init ran at the start)
         try:  # a dry run of the resume (CPU, before any data; it sets the RNG, seeded again below): it must all load
             state = torch.load(path, map_location="cpu", weights_only=True)  # a GPU's too: the optimizer moves it
             init_training(cfg, [], None, resumed := (model, tok, {**state}), "cpu")
