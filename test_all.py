@@ -1257,8 +1257,8 @@ def test_vm_autocast_auto(_vm_trained, tmp_path, monkeypatch, capsys):
 
 def test_vm_damaged_config_json(_vm_trained, tmp_path, capsys):
     """config.json that holds no object or no "config", or a token table the weights were not trained with (their
-    shapes differ), is refused in one line; a key this version lacks is ignored and an explicit --dtype bfloat16 saved
-    in it is kept."""
+    shapes differ), is refused in one line, and so is a model.safetensors cut short (a copy that stopped halfway); a
+    key this version lacks is ignored and an explicit --dtype bfloat16 saved in it is kept."""
     out = _vm_trained[0] / "out"
     meta = json.load(open(out / "config.json"))
     later = {**meta, "config": {**meta["config"], "dtype": "bfloat16", "a_later_field": 1}}
@@ -1273,6 +1273,10 @@ def test_vm_damaged_config_json(_vm_trained, tmp_path, capsys):
             main_user_error(vm.main, capsys, ["--eval", "--out_dir", tmp_path / name], needle,
                             "'mis-shaped': ['head.weight', 'tok.weight']" if name == "vocab" else "config.json")
     assert vm.load_checkpoint(str(tmp_path / "later"))[2].dtype == "bfloat16"
+    cut = _copy_run(out, tmp_path / "cut")
+    (cut / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:1000])
+    main_user_error(vm.main, capsys, ["--eval", "--out_dir", cut], f"{cut / 'model.safetensors'}: not a readable "
+                    "safetensors file (")
 
 
 def test_vm_bench_times_the_plain_decode_loop(monkeypatch, capsys):
@@ -2102,6 +2106,35 @@ def test_vc_bad_inputs(tmp_path, capsys):
         main_user_error(vc.main, capsys, ["--train", "--preset", "tiny", "--data_dir", tmp_path / "d", "--out_dir",
                                           tmp_path / "o", *argv], " ".join(map(str, argv[-2:])))
     assert not (tmp_path / "d").exists()
+
+
+@_vc_1t
+def test_vc_an_image_it_cannot_write_empty_captions_a_lone_image_cut_weights_and_a_diverging_loss_are_one_line(
+        _vc_tiny_run, tmp_path, capsys):
+    """Each is one line, exit status 2, naming what is wrong: a world build that cannot write an image (a folder holds
+    its name), a captions file with no entries (comments and blank lines only), a captions file of one image (none
+    left to train on once the test image is held out), a model.safetensors cut short, and a learning rate so large
+    that the loss is no longer finite."""
+    o = tmp_path / "o"
+    tiny = ["--train", "--preset", "tiny", "--out_dir", o]
+    w = tmp_path / "w"  # a build of the world cut short (world.json version 0), a folder where its first image goes
+    (w / "train" / "00000.png").mkdir(parents=True)
+    (w / "world.json").write_text(json.dumps({"train": 1, "val": 1, "test": 1, "novel": 1, "seed": 0, "version": 0}))
+    main_user_error(vc.main, capsys, tiny + ["--data_dir", w], f"{w / 'train' / '00000.png'}: cannot write (is "
+                    f"{w / 'train'} writable?)")
+    (tmp_path / "empty.txt").write_text("# image path | caption\n\n")
+    main_user_error(vc.main, capsys, tiny + ["--data", tmp_path / "empty.txt"], f"{tmp_path / 'empty.txt'}: no entries")
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "one.txt").write_text("a.png | a small red circle\na.png | a red circle\n")  # one image, two captions
+    main_user_error(vc.main, capsys, tiny + ["--data", tmp_path / "one.txt"],
+                    f"{tmp_path / 'one.txt'}: too few images to hold out a test set")
+    assert not o.exists()
+    run = _copy_run(_vc_tiny_run / "out", tmp_path / "run")
+    (run / "model.safetensors").write_bytes((_vc_tiny_run / "out" / "model.safetensors").read_bytes()[:1000])
+    main_user_error(vc.main, capsys, ["--eval", "--out_dir", run], f"{run / 'model.safetensors'}: cannot read weights")
+    main_user_error(vc.main, capsys, tiny + ["--data_dir", _vc_tiny_run / "data", "--lr", "1e30", "--warmup", "1"],
+                    "loss became", "try a lower --lr")
+    assert not (o / "model.safetensors").exists()
 
 
 def test_vc_user_folders_and_flag_ranges(tmp_path, capsys):
@@ -4520,6 +4553,34 @@ def test_vl_hf_config_settings_this_model_lacks_are_named(vl_ckpt, tmp_path):
             vl.main(["--generate", "--from_pretrained", str(tmp_path / str(i)), "--prompt", "hi"])
 
 
+def test_vl_an_odd_head_dim_a_foreign_tokenizer_an_empty_annotation_file_and_a_diverging_loss_are_one_line(
+        vl_ckpt, vl_tiny_run, tmp_path):
+    """Each is one UserError line naming what is wrong: a config.json whose text_config.head_dim is not hidden_size /
+    num_attention_heads, an HF folder whose tokenizer.json is not a BPE model (a WordPiece one, as BERT's), a --data
+    file with blank lines only, and a learning rate so large that the loss is no longer finite."""
+    hub = vl_ckpt[1]["hub"]
+    config = json.load(open(os.path.join(hub, "config.json")))
+    text = config["text_config"]
+    (tmp_path / "head").mkdir()
+    json.dump({**config, "text_config": {**text, "head_dim": text["hidden_size"] // text["num_attention_heads"] + 2}},
+              open(tmp_path / "head" / "config.json", "w"))
+    wp = tmp_path / "wordpiece"
+    wp.mkdir()
+    shutil.copy(os.path.join(hub, "config.json"), wp / "config.json")
+    os.symlink(os.path.join(hub, "model.safetensors"), wp / "model.safetensors")
+    json.dump({"model": {"type": "WordPiece", "vocab": {"[UNK]": 0}}}, open(wp / "tokenizer.json", "w"))
+    for folder, want in ((tmp_path / "head", f"{tmp_path / 'head'}: head_dim != hidden_size / num_attention_heads is "
+                          "not supported"), (wp, f"{wp / 'tokenizer.json'}: missing, not JSON, or not a BPE tokenizer")):
+        with pytest.raises(vl.UserError, match=re.escape(want)) as e:
+            vl.main(["--generate", "--from_pretrained", str(folder), "--prompt", "hi"])
+        assert "\n" not in str(e.value)
+    (tmp_path / "blank.jsonl").write_text("\n  \n\n")
+    tiny = ["--train", "--preset", "tiny", "--out_dir", str(tmp_path / "o")]
+    with pytest.raises(vl.UserError, match=f"^{re.escape(str(tmp_path / 'blank.jsonl'))}: no entries$"):
+        vl.main(tiny + ["--data", str(tmp_path / "blank.jsonl")])
+    with pytest.raises(vl.UserError, match=r"^loss became (nan|inf) at step \d+; stopped \(try a lower --lr\)$"):
+        vl.main(tiny + ["--data_dir", vl_tiny_run[0].data_dir, "--lr", "1e30", "--warmup", "1"])
+    assert not (tmp_path / "o" / "model.safetensors").exists()
 
 
 def test_vl_loader_bad_checkpoints_and_legacy_buffers(vl_ckpt, tmp_path):
@@ -5871,6 +5932,37 @@ def test_mk_user_files_never_overwritten_and_more_bad_inputs(mk_trained, mk_hf, 
     assert json.load(open(mine / "world.json"))["seed"] == 1 and (mine / "train.json").read_text() == "[]"
 
 
+def test_mk_unreadable_frames_wrong_answers_lone_entries_a_foreign_tokenizer_and_a_diverging_loss_are_one_line(
+        mk_trained, mk_hf, tmp_path):
+    """Each of these stops --train with one UserError line naming what is wrong: a frame folder whose sampled frame
+    OpenCV reads only unchanged (a float TIFF), named by its entry; an answer that is none of its entry's choices; a
+    --data file of one entry (none left to train on once the test entry is held out); a --llm_ckpt folder whose
+    tokenizer.json is not a byte-level BPE; and a learning rate so large that the loss is no longer finite."""
+    d, _ = mk_trained
+    video, o = str(d / "data" / "test" / "00000.mp4"), tmp_path / "o"
+    train = ["--train", "--preset", "tiny", "--out_dir", o, "--data"]
+    entries = [dict(video=video, question=f"q{i}?", choices=["A. x", "B. y"], answer="A. x") for i in range(3)]
+    ann = tmp_path / "ann.json"
+    (tmp_path / "frames").mkdir()  # frame 0 a 32-bit float TIFF: OpenCV reads it unchanged only, not as 8-bit BGR
+    cv2.imwrite(str(tmp_path / "frames" / "f0.tiff"), np.zeros((40, 40, 3), np.float32))
+    cv2.imwrite(str(tmp_path / "frames" / "f1.png"), np.zeros((40, 40, 3), np.uint8))
+    for bad, needle in (({"video": "frames"}, f"entry 2: {tmp_path / 'frames'}: frame 0 could not be read"),
+                        ({"answer": "C. z"}, "entry 2: answer 'C. z' is not one of the choices")):
+        json.dump([entries[0], {**entries[1], **bad}], open(ann, "w"))
+        _mk_user_error(train + [ann], needle)
+    json.dump(entries[:1], open(ann, "w"))
+    _mk_user_error(train + [ann], f"{ann}: too few entries to hold out a test set")
+    json.dump(entries, open(ann, "w"))
+    qwen = tmp_path / "qwen"  # the tiny Qwen3 folder, its tokenizer.json another kind (WordPiece, as BERT's)
+    qwen.mkdir()
+    shutil.copy(mk_hf["root"] / "qwen3" / "config.json", qwen / "config.json")
+    os.symlink(mk_hf["root"] / "qwen3" / "model.safetensors", qwen / "model.safetensors")
+    json.dump({"model": {"type": "WordPiece", "vocab": {}}}, open(qwen / "tokenizer.json", "w"))
+    _mk_user_error(train + [ann, "--llm_ckpt", qwen], f"{qwen / 'tokenizer.json'}: not a byte-level BPE tokenizer")
+    _mk_user_error(train + [ann, "--lr", "1e30", "--warmup_frac", "0"], "loss became", "lower --lr")
+    assert not (o / "model.safetensors").exists()
+
+
 def test_mk_bad_numbers_and_head_counts_are_one_line(tmp_path):
     """A negative, NaN or infinite rate, ratio or RoPE base (a traceback, or a NaN loss blamed on --lr), a negative
     --stop_after (which would train and save nothing), no temporal query, a head count that does not split its width,
@@ -7073,6 +7165,27 @@ def test_ab_bad_inputs(tmp_path, capsys):
         g["base_lr"] = 0.1
     with pytest.raises(ab.UserError, match="loss became nan"):
         ab.fit(model, opt, 3, lambda step: model(torch.full((1, 2), float("nan"))).sum(), cfg, "probe")
+
+
+def test_ab_a_world_missing_or_emptied_annotation_file_and_a_missing_video_are_one_line(tmp_path, capsys):
+    """A world whose images_train.txt was deleted, or emptied to blank lines (skipped, leaving no entries), after it
+    was built, and --generate on a video path that is neither a file nor a folder: each is one line naming the file,
+    exit status 2."""
+    sizes = dict(n_img_train=1, n_img_test=1, n_train=1, n_test=1, n_novel=1)  # a world of a few files: built fast
+    cfg = _ab_tiny(tmp_path, **sizes)
+    ab.build_world(cfg)
+    ann = tmp_path / "data" / "images_train.txt"
+    tiny = ["--train", "--preset", "tiny", "--data_dir", cfg.data_dir, "--out_dir", cfg.out_dir,
+            *(a for k, v in sizes.items() for a in (f"--{k}", v))]
+    ann.unlink()
+    _ab_user_error(capsys, f"error: {ann}: annotation file not found", *tiny)
+    ann.write_text("\n  \n\n")
+    _ab_user_error(capsys, f"error: {ann}: no entries (expected 'path<TAB>caption' lines)", *tiny)
+    assert not os.path.exists(cfg.out_dir)
+    tok = ab.Tokenizer.from_texts(["a red circle moves left"])
+    ab.save_model(ab.Captioner(cfg, len(tok.ids), "cross"), tok, cfg, "cross", 1.0)
+    _ab_user_error(capsys, f"error: {tmp_path / 'nope.mp4'}: no such video file or folder of frames", "--generate",
+                   "--video", tmp_path / "nope.mp4", "--out_dir", cfg.out_dir)
 
 
 def test_ab_annotation_lines_need_exactly_a_path_and_a_caption(tmp_path):
