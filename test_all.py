@@ -5937,7 +5937,8 @@ def test_mk_unreadable_frames_wrong_answers_lone_entries_a_foreign_tokenizer_and
     """Each of these stops --train with one UserError line naming what is wrong: a frame folder whose sampled frame
     OpenCV reads only unchanged (a float TIFF), named by its entry; an answer that is none of its entry's choices; a
     --data file of one entry (none left to train on once the test entry is held out); a --llm_ckpt folder whose
-    tokenizer.json is not a byte-level BPE; and a learning rate so large that the loss is no longer finite."""
+    tokenizer.json is not a byte-level BPE; a learning rate so large that the loss is no longer finite; and --predict
+    with a blank question."""
     d, _ = mk_trained
     video, o = str(d / "data" / "test" / "00000.mp4"), tmp_path / "o"
     train = ["--train", "--preset", "tiny", "--out_dir", o, "--data"]
@@ -5961,6 +5962,8 @@ def test_mk_unreadable_frames_wrong_answers_lone_entries_a_foreign_tokenizer_and
     _mk_user_error(train + [ann, "--llm_ckpt", qwen], f"{qwen / 'tokenizer.json'}: not a byte-level BPE tokenizer")
     _mk_user_error(train + [ann, "--lr", "1e30", "--warmup_frac", "0"], "loss became", "lower --lr")
     assert not (o / "model.safetensors").exists()
+    _mk_user_error(["--predict", "--video", video, "--question", " ", "--choices", "A. x|B. y", "--out_dir", d / "out"],
+                   "--predict needs --video PATH --question TEXT --choices")  # a blank question is none
 
 
 def test_mk_bad_numbers_and_head_counts_are_one_line(tmp_path):
@@ -7186,6 +7189,20 @@ def test_ab_a_world_missing_or_emptied_annotation_file_and_a_missing_video_are_o
     ab.save_model(ab.Captioner(cfg, len(tok.ids), "cross"), tok, cfg, "cross", 1.0)
     _ab_user_error(capsys, f"error: {tmp_path / 'nope.mp4'}: no such video file or folder of frames", "--generate",
                    "--video", tmp_path / "nope.mp4", "--out_dir", cfg.out_dir)
+
+
+def test_ab_bfloat16_autocast_trains(tmp_path, capsys):
+    """--dtype bfloat16 runs the products under CPU autocast in bfloat16 (the weights stay float32) and trains all
+    three models to an eval.json, as float32 does."""
+    sizes = dict(n_img_train=4, n_img_test=2, n_train=4, n_test=2, n_novel=2)  # a world of a few files: built fast
+    cfg = _ab_tiny(tmp_path, dtype="bfloat16", **sizes)
+    with ab.autocast(cfg, "cpu"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    ab.main([str(a) for a in ["--train", "--preset", "tiny", "--dtype", "bfloat16", "--data_dir", cfg.data_dir,
+                              "--out_dir", cfg.out_dir, *(a for k, v in sizes.items() for a in (f"--{k}", v))]])
+    assert set(json.load(open(os.path.join(cfg.out_dir, "eval.json")))["test"]) == {"clip", "unified", "cross"}
+    weights = load_file(os.path.join(cfg.out_dir, "cross", "model.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())
 
 
 def test_ab_annotation_lines_need_exactly_a_path_and_a_caption(tmp_path):
