@@ -2837,17 +2837,31 @@ def test_vl_generate_in_inference_mode_leaves_ordinary_tensors(vl_ckpt):
     assert not any(p.is_inference() for p in fresh.parameters())
 
 
-def test_vl_tokenizer_matches_hf(tmp_path):
+@pytest.mark.parametrize("template", ["kept", "absent", "null"])
+def test_vl_tokenizer_matches_hf(tmp_path, template):
+    """Token ids and decoded text equal transformers' for text, added tokens, bytes and blanks. BOS (and EOS) come
+    from tokenizer.json's TemplateProcessing alone, as transformers 5 reads them: without one there is none, whatever
+    tokenizer_config.json's add_bos_token says; another kind of post_processor is refused in one line."""
     from transformers import AutoTokenizer
     _vl_tokenizer(tmp_path)
+    tj, tc = (json.load(open(tmp_path / f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+    if template != "kept":  # no template, and add_bos_token true: transformers 5 adds no BOS all the same
+        del tj["post_processor"]
+        json.dump({**tj, "post_processor": None} if template == "null" else tj, open(tmp_path / "tokenizer.json", "w"))
+        json.dump({**tc, "add_bos_token": True}, open(tmp_path / "tokenizer_config.json", "w"))
     hf, ours = AutoTokenizer.from_pretrained(str(tmp_path)), vl.SentencePieceBPE(str(tmp_path))
     assert ours.added["<image>"] == 32000 and ours.added["<video>"] == 32001
+    assert ours.prefix_ids == ([1] if template == "kept" else [])
     for s in ["USER: <video>\nWhich way does the circle move? ASSISTANT:", "hello world", " leading space",
               "<image>hi", "naïve 日本 🙂 done", "two  spaces and\ttabs\n\nlines", "", "ASSISTANT: red</s>",
               "a<video><video>b <image> c", "zzzqqq unseen words"]:
         want = hf(s).input_ids
         assert ours.encode(s) == want, s
         assert ours.decode(want) == hf.decode(want, skip_special_tokens=True), s
+    json.dump({**tj, "post_processor": {"type": "BertProcessing", "sep": ["</s>", 2], "cls": ["<s>", 1]}},
+              open(tmp_path / "tokenizer.json", "w"))
+    with pytest.raises(vl.UserError, match="post_processor 'BertProcessing' is not supported"):
+        vl.SentencePieceBPE(str(tmp_path))
 
 
 def test_vl_placeholder_count_mismatch(vl_ckpt):

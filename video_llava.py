@@ -436,13 +436,13 @@ class SentencePieceBPE(Tokenizer):  # LLaMA's tokenizer.json as transformers 5 r
         name = lambda t, d: (t.get("content") if isinstance(t, dict) else t) or d
         self.bos_id, self.eos_id, self.pad_id = (self.vocab.get(name(tc.get(f"{k}_token"), d), z) for k, d, z in (
             ("bos", "<s>", None), ("eos", "</s>", None), ("pad", "<pad>", 0)))
-        pp = tj.get("post_processor") or {}  # BOS/EOS around the text: transformers 5 takes this template
-        if pp.get("type") == "TemplateProcessing" and pp.get("single"):  # LLaMA's: [<s>, $A]
-            ids = [pp["special_tokens"][p["SpecialToken"]["id"]]["ids"][0] if "SpecialToken" in p else None
-                   for p in pp["single"]]  # None: the text ($A)
-            self.prefix_ids, self.suffix_ids = ids[:ids.index(None)], ids[ids.index(None) + 1:]
-        else:
-            self.prefix_ids, self.suffix_ids = [self.bos_id] if tc.get("add_bos_token", True) else [], []
+        # BOS/EOS around the text: transformers 5 reads them from this template alone (add_bos_token is not read)
+        pp = tj.get("post_processor") or {"type": "TemplateProcessing", "single": [{"Sequence": {}}]}  # none: none
+        if pp.get("type") != "TemplateProcessing":
+            raise UserError(f"{path}: post_processor {pp.get('type')!r} is not supported (only TemplateProcessing)")
+        ids = [pp["special_tokens"][p["SpecialToken"]["id"]]["ids"][0] if "SpecialToken" in p else None
+               for p in pp["single"]]  # LLaMA's: [<s>, $A]; None: the text ($A)
+        self.prefix_ids, self.suffix_ids = ids[:ids.index(None)], ids[ids.index(None) + 1:]
         self.prefix = tc.get("add_prefix_space", True) is not False  # the Metaspace prepend of a leading '▁'
         self.always = tc.get("legacy") is True  # transformers' prepend_scheme "always": after added tokens too
     def encode_text(self, part, first):  # one section between added tokens is one BPE word (split=False)
