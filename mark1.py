@@ -1074,7 +1074,8 @@ def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devic
             scaler.scale(loss * w).backward()  # float16: scaled up, so small gradients do not underflow to 0
         share += torch.tensor([loss.item(), *model.parts]) * (w > 0)  # this micro-batch's part of the means
     if ddp:  # three numbers, so that the log line shows the whole global batch (nccl reduces only GPU tensors)
-        dist.all_reduce(share := share.to(device))
+        share = share.to(device)
+        dist.all_reduce(share)
     return share.tolist()
 
 @torch.no_grad()
@@ -1094,7 +1095,7 @@ def val_loss(model, tok, cfg, split, cache):  # CE + lam * BCE on `val`: no grap
 def setup_distributed(cfg):  # -> (ddp, rank, world) under torchrun: gloo on CPU, nccl on CUDA
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return False, 0, 1  # one process unless torchrun started several
-    if cuda := pick_device(cfg.device) != "cpu":  # CUDA, or mps (no CUDA GPU: refused, gloo cannot reduce its tensors)
+    if cuda := not pick_device(cfg.device).startswith("cpu"):  # CUDA, or mps (no CUDA GPU: refused below)
         if (gpus := torch.cuda.device_count()) < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
             raise UserError(f"torchrun: each process needs a CUDA GPU of its own ({gpus} here); start fewer "
                             "(--nproc_per_node) or pass --device cpu")

@@ -936,7 +936,7 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):  # HF folder or 
     need = 4 * sum(p.numel() for p in model.parameters())  # bytes in float32 (a tied head is one parameter)
     if dtype == torch.float32 and 0 < ram < need:
         raise UserError(f"{path}: its weights take {need / 2**30:.3g} GiB in float32, more than this " + ("GPU" if gpu
-                        else "machine") + f"'s {ram / 2**30:.3g} GiB; give --dtype bfloat16 or float16 (half)")
+                        else "machine") + f"'s {ram / 2**30:.3g} GiB; give --dtype bfloat16 (half the bytes)")
     for ck, (key, f) in found.items():  # swapped in place: a tied head is the same Parameter; peak memory ~ the weights
         torch.utils.swap_tensors(model.get_parameter(ck), nn.Parameter(handles[f].get_tensor(key).to(device, dtype)))
     return model
@@ -1146,7 +1146,7 @@ def ddp_setup(cfg):  # -> (ddp, rank, world, device): one process, or one of tor
     device = pick_device(cfg.device)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False, 0, 1, device
-    if device != "cpu" and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):  # mps: 0
+    if not device.startswith("cpu") and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
         raise UserError(f"torchrun: each process needs a CUDA GPU of its own ({torch.cuda.device_count()} here); "
                         "start fewer (--nproc_per_node) or pass --device cpu")
     if device.startswith("cuda"):  # each process its own GPU, cuda:LOCAL_RANK, whichever --device named

@@ -585,7 +585,7 @@ def autocast(cfg, device):
 
 def pad_batch(seqs):
     """Token lists (none over max_len: check_lengths) -> (inputs, targets), right-padded with 0 (BOS/EOS), the pad
-    targets -100 (ignored by the loss). No attention mask: under the causal mask a pad never reaches earlier tokens."""
+    targets -100 (ignored by the loss). No attention mask: under the causal mask a pad reaches no real token."""
     L = max(len(s) for s in seqs) - 1  # inputs drop the last token, targets the first
     inp, tgt = torch.zeros(len(seqs), L, dtype=torch.long), torch.full((len(seqs), L), -100, dtype=torch.long)  # (B, L)
     for i, s in enumerate(seqs):

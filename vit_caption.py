@@ -590,12 +590,12 @@ def pick_device(name):  # --device auto: cuda > mps > cpu; any other name must b
 def autocast(cfg, device):  # matmuls in cfg.dtype under torch.autocast (weights stay float32); float32 = off
     return torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
 
-def pad_batch(seqs, max_len):
-    """Token lists [BOS, .., EOS] -> inputs s[:-1], targets s[1:] (next token), (B, L) each; pad targets -100 (no loss).
-    Right padding needs no attention mask: under the causal mask a pad never influences an earlier position."""
-    cut = [torch.tensor(s[:max_len], dtype=torch.long) for s in seqs]  # at most max_len tokens each
-    return (nn.utils.rnn.pad_sequence([s[:-1] for s in cut], batch_first=True),  # pads 0: right, after the EOS
-            nn.utils.rnn.pad_sequence([s[1:] for s in cut], batch_first=True, padding_value=-100))
+def pad_batch(seqs):
+    """Token lists [BOS, .., EOS] (none over max_len: check_lengths) -> inputs s[:-1], targets s[1:] (next token),
+    (B, L) each; pad targets -100 (no loss). No attention mask: under the causal mask a pad reaches no real token."""
+    seqs = [torch.tensor(s, dtype=torch.long) for s in seqs]
+    return (nn.utils.rnn.pad_sequence([s[:-1] for s in seqs], batch_first=True),  # pads 0: right, after the EOS
+            nn.utils.rnn.pad_sequence([s[1:] for s in seqs], batch_first=True, padding_value=-100))
 
 def check_lengths(tok, data, cfg, splits, grow=False):  # refused: a caption --max_len has no room for, or decoding cuts
     for s, pick in [(s, {"train": max, "val": next}.get(s, min)) for s in splits if s in data]:  # val: its first
@@ -674,7 +674,7 @@ def init_training(cfg, entries, images, resumed, device):  # -> model, tok, opt,
             model.init_from_data(images[torch.randperm(len(images))[:2000]])
     model.to(device)
     tables = {id(model.vit.pos_embed), id(model.vit.cls_token)}  # added vectors: no decay (embed_tokens does)
-    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in tables]  # weight decay on matrices only
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in tables]  # matrices and the conv kernel
     rest = [p for p in model.parameters() if not (p.dim() >= 2 and id(p) not in tables)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
@@ -751,12 +751,12 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
     (entries, images), caption_rng = data["train"], random.Random()
     check_lengths(tok, data, cfg, ("train", "val", "test", "novel"), grow=not resume)
     tokens = [[tok.encode(c) for c in cs] for _, cs in entries]  # every reference of every image, encoded once
-    val_batch = pad_batch([tok.encode(cs[0]) for _, cs in data["val"][0]], cfg.max_len)  # (inputs, targets)
+    val_batch = pad_batch([tok.encode(cs[0]) for _, cs in data["val"][0]])  # (inputs, targets)
     t_log, log_step, stop = time.time(), step, False
     while step < cfg.max_steps and not stop:
         idx = global_batch(step, len(entries), gsize, cfg.seed)
         caption_rng.seed(cfg.seed * 100003 + step)  # which reference each image shows: a function of the step
-        inp, tgt = pad_batch([caption_rng.choice(tokens[i]) for i in idx.tolist()], cfg.max_len)
+        inp, tgt = pad_batch([caption_rng.choice(tokens[i]) for i in idx.tolist()])
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         loss = train_step(fwd, opt, scaler, (images[idx], inp, tgt), cfg, device, rank, world)
