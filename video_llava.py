@@ -437,7 +437,7 @@ class SentencePieceBPE(Tokenizer):  # LLaMA's tokenizer.json as transformers 5 r
         self.bos_id, self.eos_id, self.pad_id = (self.vocab.get(name(tc.get(f"{k}_token"), d), z) for k, d, z in (
             ("bos", "<s>", None), ("eos", "</s>", None), ("pad", "<pad>", 0)))
         # BOS/EOS around the text: transformers 5 reads them from this template alone (add_bos_token is not read)
-        pp = tj.get("post_processor") or {"type": "TemplateProcessing", "single": [{"Sequence": {}}]}  # none: none
+        pp = tj.get("post_processor") or {"type": "TemplateProcessing", "single": [{"Sequence": {}}]}  # none: no BOS
         if pp.get("type") != "TemplateProcessing":
             raise UserError(f"{path}: post_processor {pp.get('type')!r} is not supported (only TemplateProcessing)")
         ids = [pp["special_tokens"][p["SpecialToken"]["id"]]["ids"][0] if "SpecialToken" in p else None
