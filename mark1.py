@@ -1097,8 +1097,7 @@ def setup_distributed(cfg):  # -> (ddp, rank, world) under torchrun: gloo on CPU
         return False, 0, 1  # one process unless torchrun started several
     if cuda := not pick_device(cfg.device).startswith("cpu"):  # CUDA, or mps (no CUDA GPU: refused below)
         if (gpus := torch.cuda.device_count()) < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
-            raise UserError(f"torchrun: each process needs a CUDA GPU of its own ({gpus} here); start fewer "
-                            "(--nproc_per_node) or pass --device cpu")
+            raise UserError(f"torchrun: one CUDA GPU per process, {gpus} here: start fewer or pass --device cpu")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" is now this rank's GPU
     dist.init_process_group("nccl" if cuda else "gloo")
     return True, dist.get_rank(), dist.get_world_size()

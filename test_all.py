@@ -7727,7 +7727,7 @@ def test_torchrun_gives_each_process_its_own_gpu_or_refuses(mod, monkeypatch):
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
     for gpus, mps in ((1, False), (0, True)):  # one GPU; a Mac
         machine(gpus, mps)
-        with pytest.raises(mod.UserError, match=rf"torchrun: each process needs a CUDA GPU of its own \({gpus} here\)"):
+        with pytest.raises(mod.UserError, match=f"torchrun: one CUDA GPU per process, {gpus} here: start fewer or pass --device cpu"):
             setup(mod.Config())
     assert made == []
     machine(0, False)

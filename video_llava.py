@@ -1146,9 +1146,8 @@ def ddp_setup(cfg):  # -> (ddp, rank, world, device): one process, or one of tor
     device = pick_device(cfg.device)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False, 0, 1, device
-    if not device.startswith("cpu") and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
-        raise UserError(f"torchrun: each process needs a CUDA GPU of its own ({torch.cuda.device_count()} here); "
-                        "start fewer (--nproc_per_node) or pass --device cpu")
+    if "cpu" not in device and (gpus := torch.cuda.device_count()) < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
+        raise UserError(f"torchrun: one CUDA GPU per process, {gpus} here: start fewer or pass --device cpu")
     if device.startswith("cuda"):  # each process its own GPU, cuda:LOCAL_RANK, whichever --device named
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)

@@ -680,9 +680,8 @@ def decay_groups(model, weight_decay):
 def setup_distributed(cfg):  # -> (ddp, rank, world, device): torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA
     device = pick_device(cfg.device)
     if ddp := int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if device != "cpu" and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):  # mps: 0
-            raise UserError(f"torchrun: each process needs a CUDA GPU of its own ({torch.cuda.device_count()} here); "
-                            "start fewer (--nproc_per_node) or pass --device cpu")
+        if device != "cpu" and (gpus := torch.cuda.device_count()) < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
+            raise UserError(f"torchrun: one CUDA GPU per process, {gpus} here: start fewer or pass --device cpu")
         dist.init_process_group("nccl" if device != "cpu" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)  # one process unless torchrun
     if cfg.compile and device == "cpu":  # inductor's CPU kernels are C++: a missing compiler is refused before step 1

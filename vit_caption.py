@@ -652,9 +652,8 @@ def setup_distributed(cfg):  # -> (rank, world, device): torchrun's WORLD_SIZE >
             raise UserError(f"--compile: {e}; install g++ or clang++ (or set CXX), or pass --no-compile") from None
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1, device
-    if device != "cpu" and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):  # mps: 0
-        raise UserError(f"torchrun: each process needs a CUDA GPU of its own ({torch.cuda.device_count()} here); "
-                        "start fewer (--nproc_per_node) or pass --device cpu")
+    if device != "cpu" and (gpus := torch.cuda.device_count()) < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):  # mps: 0
+        raise UserError(f"torchrun: one CUDA GPU per process, {gpus} here: start fewer or pass --device cpu")
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device.startswith("cuda"):
         torch.cuda.set_device(device := f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
