@@ -931,12 +931,12 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):  # HF folder or 
             f"{what} {len(keys)} {keys[:20]}{' ...' if len(keys) > 20 else ''}" for what, keys in problems.items()))
     # float32 weights beyond the memory (a 7B on a laptop or a 16 GB GPU) stop the run part-way: refused first
     gpu = torch.device(device).type == "cuda"  # its own memory; mps shares the RAM (Windows: no sysconf, unknown)
-    ram = (torch.cuda.mem_get_info(device)[1] if gpu else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = (torch.cuda.mem_get_info(device)[1] if gpu else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
            if hasattr(os, "sysconf") else 0)  # 0: unknown
     need = 4 * sum(p.numel() for p in model.parameters())  # bytes in float32 (a tied head is one parameter)
-    if dtype == torch.float32 and 0 < ram < need:
+    if dtype == torch.float32 and 0 < memory < need:
         raise UserError(f"{path}: its weights take {need / 2**30:.3g} GiB in float32, more than this " + ("GPU" if gpu
-                        else "machine") + f"'s {ram / 2**30:.3g} GiB; give --dtype bfloat16 (half the bytes)")
+                        else "machine") + f"'s {memory / 2**30:.3g} GiB; give --dtype bfloat16 (half the bytes)")
     for ck, (key, f) in found.items():  # swapped in place: a tied head is the same Parameter; peak memory ~ the weights
         torch.utils.swap_tensors(model.get_parameter(ck), nn.Parameter(handles[f].get_tensor(key).to(device, dtype)))
     return model
