@@ -1984,6 +1984,8 @@ def test_vc_train_eval_generate_cli(tmp_path, capsys, monkeypatch):
                         "drop --lr 0.5 (saved as --lr 0.002)")
     img = np.random.default_rng(0).integers(0, 255, (300, 131, 3), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "odd.jpg"), img)
+    drawn, draw = [], vc.attention_png
+    monkeypatch.setattr(vc, "attention_png", lambda *a, **k: drawn.append(draw(*a, **k)))  # the picture's caption
     vc.main(["--generate", "--image", str(tmp_path / "odd.jpg"), "--out_dir", out, "--temperature", "0.8",
              "--top_p", "0.9"])
     assert cv2.imread(os.path.join(out, "caption_odd.png")) is not None
@@ -1994,7 +1996,7 @@ def test_vc_train_eval_generate_cli(tmp_path, capsys, monkeypatch):
     model, tok, cfg = vc.load_checkpoint(out, {"temperature": 0.8, "top_p": 0.9})
     image = torch.from_numpy(vc.load_image(str(tmp_path / "odd.jpg"), cfg.img_size))[None]
     ids = vc.generate(model, image, cfg, generator=torch.Generator().manual_seed(cfg.seed))
-    assert lines[1] == tok.decode(ids[0])
+    assert lines[1] == tok.decode(ids[0]) == drawn[0]  # the picture shows the printed caption
     # bad inputs: one line, exit status 2, nothing saved lost
     before = open(os.path.join(out, "model.safetensors"), "rb").read()
     (tmp_path / "empty.png").write_bytes(b"")
@@ -2244,15 +2246,26 @@ def test_vc_undecodable_image_is_one_line(tmp_path):
 @_vc_1t
 @pytest.mark.parametrize("pool", ["cls", "mean", "patches"])
 def test_vc_attention_png_every_pool(pool, tmp_path):
-    """The picture's caption is generate()'s greedy caption (the maps are recorded on that one pass), one row per
-    token, for every pool."""
+    """The picture shows the caption it is given (--beam's, a sampled one), else generate()'s greedy caption, one row
+    per token, for every pool. Its rows come from one teacher-forced call: the maps the cached greedy steps record."""
     model, cfg = _vc_model(pool, max_new_tokens=6)
     tok = vc.Tokenizer.from_captions(["a small red circle above a large blue square"])
     model, image = vc.ViTCaptioner(cfg, len(tok.ids)), _vc_images(1, cfg)[0]
     caption = vc.attention_png(model, image, tok, cfg, "cpu", str(tmp_path / "a.png"))
-    assert caption == tok.decode(vc.generate(model, image[None], cfg)[0])
+    assert caption == tok.decode(greedy := vc.generate(model, image[None], cfg)[0]) and greedy
     assert cv2.imread(str(tmp_path / "a.png")) is not None
     assert all(m.weights is None for m in model.modules() if isinstance(m, vc.Attention))  # recording switched off
+    other = [i for i in range(1, len(tok.ids)) if i not in greedy][:3]  # a caption that is not the greedy one
+    assert vc.attention_png(model, image, tok, cfg, "cpu", str(tmp_path / "b.png"), ids=other) == tok.decode(other)
+    if pool == "patches":
+        N, maps = model.n_prefix, lambda: model.layers[-1].self_attn.weights
+        model.record_attention(True)
+        vc.generate(model, image[None], cfg)  # cached call j (the prefill is call 0) wrote token j from its last query
+        cached = torch.stack([c[0, -1, :N] for c in maps()[:len(greedy)]])
+        model.record_attention(True)  # empty lists again
+        model(image[None], torch.tensor([[0] + greedy]))  # position N + j wrote token j
+        assert torch.allclose(maps()[0][0, N:N + len(greedy), :N], cached, atol=1e-6)
+        model.record_attention(False)
 
 
 @_vc_1t

@@ -865,20 +865,22 @@ def beam_search(model, images, cfg, length_penalty=1.0):  # generate's beam > 1:
     return [max(f)[1] if f else seq[b * K + score[b].argmax().item()].tolist()  # none ended: the best live beam
             for b, f in enumerate(finished)]  # each image's best-scoring finished hypothesis
 
-def attention_png(model, image, tok, cfg, device, path, show=None):
-    """Where the model looked while it captioned `image` (greedy) -> the caption. Left: the image, patches numbered.
-    Right: a row per caption token, a column per patch: the decoder's last-layer attention from the position that wrote
-    the token (cached call j wrote token j). Pool "cls"/"mean": the decoder sees one vector, so rows show the ViT's."""
+def attention_png(model, image, tok, cfg, device, path, show=None, ids=None):
+    """Where the model looked while it wrote `ids`, its caption of `image` (None: the greedy one) -> the caption. Left:
+    the image, patches numbered. Right: a row per caption token, a column per patch: the decoder's last-layer attention
+    from the position that wrote the token. Pool "cls"/"mean": the decoder sees one vector, so rows show the ViT's."""
     def put(img, text, x, y, scale=0.4):  # white text
         cv2.putText(img, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
-    model.record_attention(True)
-    with autocast(cfg, device):
-        ids = generate(model, image[None].to(device), dataclasses.replace(cfg, beam=1, temperature=0.0))[0]
+    with torch.no_grad(), autocast(cfg, device):  # the caption fed back in one call (teacher forcing), maps recorded
+        if ids is None:
+            ids = generate(model, image[None].to(device), dataclasses.replace(cfg, beam=1, temperature=0.0))[0]
+        model.record_attention(True)
+        model(image[None].to(device), torch.tensor([[0] + ids], device=device))  # BOS, then the caption: (1, 1+T)
     calls, vit = model.layers[-1].self_attn.weights, model.vit.layers[-1].self_attn.weights if model.vit.layers else []
     model.record_attention(False)
     g, N = cfg.img_size // cfg.patch, model.n_prefix
-    if N > 1:  # call j: (1, T, N+1+j); its last query is the position that wrote token j
-        rows, what = [c[0, -1, :N].float() for c in calls[:len(ids)]], "decoder, last layer"
+    if N > 1:  # the call's maps: (1, N+1+T, N+1+T); position N+j (BOS at N) wrote token j
+        rows, what = [calls[0][0, N + j, :N].float() for j in range(len(ids))], "decoder, last layer"
     else:
         w = vit[0][0].float() if vit else torch.ones(1 + g * g, 1 + g * g)  # (1+P, 1+P) with a CLS token, else (P, P)
         rows = [w[0, -g * g:] if cfg.pool == "cls" else w.mean(0)[-g * g:]] * len(ids)
@@ -1040,8 +1042,8 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError or 
             ids = generate(model, image[None].to(device), cfg, generator=torch.Generator(device).manual_seed(cfg.seed))
         print(tok.decode(ids[0]))
         path = os.path.join(cfg.out_dir, f"caption_{os.path.splitext(os.path.basename(args.image))[0]}.png")
-        attention_png(model, image, tok, cfg, device, path, show=load_image(args.image, 192))
-        print(f"wrote {path} (greedy caption + attention of each caption token over the patches)")
+        attention_png(model, image, tok, cfg, device, path, show=load_image(args.image, 192), ids=ids[0])
+        print(f"wrote {path} (the caption's attention over the patches, a row per token)")
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
