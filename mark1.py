@@ -971,7 +971,7 @@ def parse_device_map(cfg):  # -> {part: device}: --device for all, unless --devi
         cuda_ok = n > 0 and (not i or (i.isdecimal() and int(i) < n))  # "cuda" or an existing "cuda:N"
         if not {"cpu": True, "mps": pick_device("auto") == "mps", "cuda": cuda_ok}.get(kind, False):
             raise UserError(f"--device / --device_map {k}: device {v!r} does not exist here ({n} CUDA devices); "
-                            "use cpu or an existing cuda:N")
+                            "use cpu or an existing cuda:N (--device_map '' puts every part on --device)")
     return out
 
 def autocast_dtype(name, device):  # auto: bfloat16 where the hardware multiplies in it; else float32 (emulated: slow)
@@ -1351,7 +1351,8 @@ def parse_args(argv=None):
     overrides.update({k: os.path.abspath(v) for k, v in overrides.items() if v and k in PATH_KEYS})
     cfg = Config(**{**PRESETS[args.preset or ("bench" if args.bench else "default")], **overrides})
     problems = config_problems(cfg)
-    problems += ["a flag given '' must name a file or folder, not an empty string"] * ("" in overrides.values())
+    problems += ["a flag given '' must name a file or folder, not an empty string"] * (  # --device_map '': no map
+        "" in {**overrides, "device_map": None}.values())
     if args.train and not args.resume and not writable(cfg.out_dir, "config.json", lambda m: m["script"] == SCRIPT):
         problems.append(f"--out_dir {cfg.out_dir}: a file, a folder holding files this script did not write (your "
                         f"own, a checkpoint's), or no folder can be made there; give a new or empty folder")

@@ -5864,6 +5864,13 @@ def test_mk_bad_inputs(mk_trained, tmp_path, monkeypatch, capsys):
     if not torch.cuda.is_available():  # a device this machine lacks: one line in every mode (it was a traceback)
         for mode, media in (("--eval", []), ("--predict", ask)):
             _mk_user_error([mode, "--out_dir", out, "--device", "cuda", *media], "device 'cuda' does not exist here")
+        shutil.copytree(out, moved := tmp_path / "moved")  # a run trained with a --device_map of two GPUs
+        meta = json.load(open(moved / "config.json"))
+        json.dump({**meta, "config": {**meta["config"], "device_map": "vision=cuda:0,llm=cuda:1"}},
+                  open(moved / "config.json", "w"))
+        _mk_user_error(["--predict", "--out_dir", moved, *ask], "vision: device 'cuda:0'", "--device_map '' puts every")
+        mk.main(["--predict", "--out_dir", str(moved), "--device_map", "", *map(str, ask)])  # '': all on --device
+        assert "answer: " in capsys.readouterr().out
     assert not mk.PRESETS["bench"]["data_dir"].startswith(mk.Config.data_dir + "/")  # a bench world inside the
     # default one made that folder one the default --train refuses to write into (no world.json of its own)
     with pytest.raises(SystemExit) as e:  # argparse refuses an unknown preset itself (its one line on stderr), exit 2
