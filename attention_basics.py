@@ -31,7 +31,7 @@ Papers: Attention (https://arxiv.org/abs/1706.03762), ViT (https://arxiv.org/abs
 (https://arxiv.org/abs/2204.14198); overview: https://cameronrwolfe.substack.com/p/vision-llms
 
 The attention math is spelled out on purpose: `attention()` below is the one place it happens; every module can
-switch to F.scaled_dot_product_attention (`--sdpa`, the default for training), and the tour checks both agree.
+switch to F.scaled_dot_product_attention (`--sdpa`, on by default), and the tour checks that both agree.
 
 Shape legend: B batch, F frames, S image side, P tokens per frame (P' patches of p x p pixels + CLS), Q latents,
 M media items, L text tokens, N keys, D width (Dm: media's), H heads of d = D/H, E joint CLIP embedding, V vocabulary.
@@ -117,10 +117,9 @@ class Config:
     batch_size: int = 32
     lr: float = 2e-3  # peak AdamW rate for everything trained from scratch
     vision_lr: float = 5e-4  # the CLIP image encoder is fine-tuned gently
-    gate_lr: float = 2e-2  # the tanh gates' own rate (from 0): at lr a short run never opens them to the video
-    #                        (Flamingo's open over 100k+ steps)
+    gate_lr: float = 2e-2  # the tanh gates' own rate: they start at 0, and at --lr a short run barely opens them
     warmup: int = 50  # linear warmup steps, then cosine decay to lr / 10
-    weight_decay: float = 0.05  # on matrices only (see make_optimizer)
+    weight_decay: float = 0.05  # on every tensor of 2+ dims: weights, embeddings, latents (see make_optimizer)
     dtype: str = "float32"  # autocast dtype: float32 or bfloat16 (pays off on a GPU, not for tiny CPU matrices)
     device: str = "auto"  # auto = cuda > mps > cpu
     seed: int = 1337  # one seed for the world, the init and the batch order
@@ -325,8 +324,7 @@ def pad_batch(seqs, max_len):  # token lists -> (ids, lengths), right-padded wit
 def to_pixels(x):  # uint8 (..., S, S, 3) -> normalised float (..., 3, S, S)
     return (x.float().div(255).sub(MEAN).div(STD)).movedim(-1, -3)
 
-# Model: attention written out -> blocks -> ViT / text encoder / CLIP -> Perceiver resampler -> Flamingo gated ---------
-# cross-attention -> decoder -> the two captioners
+# Model: attention -> blocks -> ViT / text encoder / CLIP -> Perceiver -> Flamingo gated block -> decoder, captioners --
 
 def attention(q, k, v, mask=None, causal=False):
     """softmax(Q K^T / sqrt(d)) V, spelled out. q (B, H, L, d), k/v (B, H, N, d), mask bool broadcastable to
@@ -613,11 +611,10 @@ class Captioner(Module):
         # *where* the object is lives in the channels (as in a CNN feature map) rather than in which token holds it.
         # Its difference between frames (above) then says where the object went, as one vector.
         self.summary = nn.Linear(P * d, d) if cfg.motion else None
-        P += 1 if cfg.motion else 0  # + the summary token; from here P is the prefix's tokens per frame
         if variant == "unified":
             self.time = nn.Parameter(torch.randn(cfg.max_frames, 1, d) * 0.02)  # (F_max, 1, D): which frame
             self.proj = nn.Linear(d, d)  # the projector: image-encoder space -> the decoder's input space
-            self.decoder = Decoder(cfg, vocab, cfg.n_frames * P + cfg.max_len)  # positions for prefix + text
+            self.decoder = Decoder(cfg, vocab, cfg.n_frames * (P + cfg.motion) + cfg.max_len)  # prefix (+summary), text
         else:
             self.resampler = PerceiverResampler(d, cfg.n_head, cfg.n_latents, cfg.n_perceiver_layer, cfg.max_frames,
                                                 cfg.sdpa)
@@ -904,7 +901,7 @@ def exact_match(preds, refs):  # share of predictions equal to their reference (
 
 # Train: CLIP first, then the two captioners from its image encoder, same budget ---------------------------------------
 def pick_device(name):  # --device auto -> cuda if there is one, else mps (Apple GPUs), else cpu; else one of them
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    mps = torch.backends.mps.is_available()
     cudas = [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # counting them creates no CUDA context
     have = ["cpu"] + ["mps"] * mps + cudas + ["cuda"] * bool(cudas)  # auto takes the last: cuda > mps > cpu
     if name != "auto" and name not in have:
