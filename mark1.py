@@ -10,8 +10,8 @@
       -> Qwen3 LLM over [prefix; prompt tokens] -> the answer "C. ..."                                  (B, L, V)
 
 Upstream: V-JEPA 2 (https://arxiv.org/abs/2506.09985), Qwen3 (https://arxiv.org/abs/2505.09388), BLIP-2's learned
-queries (https://arxiv.org/abs/2301.12597). The encoder and the LLM load the HF checkpoints (facebook/vjepa2-*,
-Qwen/Qwen3-*) and match transformers to float precision (see the tests); the design follows the Mark-1 project.
+queries (https://arxiv.org/abs/2301.12597); the design follows the Mark-1 project (github.com/CogHyn/mark-1). Both
+towers load the HF checkpoints (facebook/vjepa2-*, Qwen/Qwen3-*) and match transformers to float precision (tests).
 
 With checkpoints (--vision_ckpt DIR --llm_ckpt DIR) both towers are frozen and only the bridge trains (encoder features
 cached once per clip; Qwen3's own tokenizer.json, as a tiktoken.Encoding, and chat template). Without them (the default:
@@ -92,7 +92,7 @@ def writable(path, marker, ours):  # may this script write into path? missing, e
 # Config ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Config:
-    # data
+    # data, then the two towers (v_*: the V-JEPA 2 encoder, l_*: the Qwen3 LLM)
     data: str = ""  # user annotation JSON for training (format in the README); "" = the built-in synthetic world
     test_data: str = ""  # user annotation JSON for evaluation; else about a tenth of --data is held out
     data_dir: str = "data/mark1"
@@ -163,7 +163,7 @@ PRESETS = {"default": {},
                  l_layers=1, l_heads=2, l_kv_heads=1, l_head_dim=16, l_inter=64, n_visual_query=4, n_temporal_query=2,
                  bridge_heads=2, bert_heads=2, bert_inter=64, batch_size=8, max_steps=6, log_interval=2,
                  eval_interval=4, dtype="float32", data_dir="data/mark1_tiny"),
-    # --bench: a V-JEPA-2-ViT-S-sized frozen encoder on 64-pixel frames (random weights: the cost is what matters)
+    # --bench: a frozen ViT-S-sized encoder (384 wide, 12 layers) on 64-pixel frames (random weights: the cost matters)
     "bench": dict(v_width=384, v_layers=12, v_heads=6, v_patch=16, crop=64, n_train=256, data_dir="data/mark1_bench"),
     # the Mark-1 project's bridge sizes (video width 1408 and LLM width 1024 come from the checkpoints)
     "original": dict(n_visual_query=32, n_temporal_query=5, bridge_heads=8, bridge_layers=1, bert_heads=16, lam=2.0,
@@ -460,10 +460,9 @@ class VJEPA2Encoder(nn.Module):  # module names as in the HF checkpoint, its `en
     def __init__(self, c, eps=1e-6):  # sizes from a Config: v_* and crop
         super().__init__()
         self.width, self.patch, self.tubelet, self.crop = c.v_width, c.v_patch, c.v_tubelet, c.crop  # read by Mark1
-        self.embeddings = nn.Module()  # bare modules: the checkpoint's key path embeddings.patch_embeddings.proj
-        self.embeddings.patch_embeddings = nn.Module()
         cube = (c.v_tubelet, c.v_patch, c.v_patch)  # a tubelet of frames x p x p -> 1 token: fewer tokens, motion in
-        self.embeddings.patch_embeddings.proj = nn.Conv3d(3, c.v_width, kernel_size=cube, stride=cube)  # (no overlap)
+        proj = nn.Conv3d(3, c.v_width, kernel_size=cube, stride=cube)  # cubes side by side, no overlap
+        self.embeddings = nn.ModuleDict(dict(patch_embeddings=nn.ModuleDict(dict(proj=proj))))  # the checkpoint's keys
         self.layer = nn.ModuleList(VJEPA2Layer(c.v_width, c.v_heads, c.v_mlp_ratio, c.crop // c.v_patch, eps)
                                    for _ in range(c.v_layers))
         self.layernorm = nn.LayerNorm(c.v_width, eps=eps)  # final norm: its output is the feature Mark 1 uses
@@ -492,7 +491,7 @@ def rope_cos_sin(pos, dim, theta, dtype):  # rotate_half RoPE: pos (B, L) -> cos
     emb = (pos.float()[..., None] * inv).repeat(1, 1, 2)[:, None]  # (B, 1, L, E): the E/2 angles twice (rotate_half)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
-def apply_rope(x, cos, sin):  # x (B, H, L, E): dim i pairs with dim i + E/2 (rotate_half), unlike V-JEPA 2's pairs
+def apply_rope(x, cos, sin):  # x (B, H, L, E): pair (i, i + E/2) turned by pos * freq_i, so q.k sees only offsets
     x1, x2 = x.chunk(2, dim=-1)  # 2 x (B, H, L, E/2)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # (B, H, L, E)
 
@@ -509,10 +508,9 @@ class Qwen3Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(B, L, self.n_kv, self.hd)).transpose(1, 2)  # (B, K, L, E)
         v = self.v_proj(x).view(B, L, self.n_kv, self.hd).transpose(1, 2)  # (B, K, L, E)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # normed first: a gain after RoPE breaks relative q.k
-        if cache is not None:  # cache: a dict per layer holding the keys/values of earlier positions
-            if "k" in cache:
-                k, v = torch.cat((cache["k"], k), 2), torch.cat((cache["v"], v), 2)
-            cache["k"], cache["v"] = k, v
+        if cache is not None:  # a dict per layer: the keys/values of every earlier position, then these
+            cache["k"] = k = torch.cat((cache["k"], k), 2) if "k" in cache else k  # (B, K, past + L, E)
+            cache["v"] = v = torch.cat((cache["v"], v), 2) if "v" in cache else v
         rep = self.n_head // self.n_kv  # kv head j serves q heads rep*j .. rep*j+rep-1
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # (B, H, Lk, E)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1)  # (B, H, L, E)
@@ -1074,8 +1072,7 @@ def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devic
             scaler.scale(loss * w).backward()  # float16: scaled up, so small gradients do not underflow to 0
         share += torch.tensor([loss.item(), *model.parts]) * (w > 0)  # this micro-batch's part of the means
     if ddp:  # three numbers, so that the log line shows the whole global batch (nccl reduces only GPU tensors)
-        share = share.to(device)
-        dist.all_reduce(share)
+        dist.all_reduce(share := share.to(device))
     return share.tolist()
 
 @torch.no_grad()
@@ -1201,11 +1198,10 @@ def llm_generate(llm, embed, x, valid, eos, max_new_tokens, temperature=0.0, top
     for _ in range(max_new_tokens):  # with the cache: prefill once, then one position per step
         logits = (llm(step_x, step_pos, valid, cache, last_only=True) if use_cache
                   else llm(x, pos, valid, last_only=True))[:, -1].float()  # (B, V)
+        nxt = logits.argmax(-1)  # greedy, unless sampled:
         if temperature > 0:  # logits shifted to max 0 first: a tiny temperature cannot overflow
             probs = filter_logits((logits - logits.amax(-1, keepdim=True)) / temperature, top_k, top_p).softmax(-1)
             nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(dev)
-        else:
-            nxt = logits.argmax(-1)  # greedy
         nxt = torch.where(done, torch.full_like(nxt, eos), nxt)  # finished rows keep emitting EOS
         toks.append(nxt)
         done |= nxt == eos
