@@ -3413,11 +3413,18 @@ def test_vl_training_arithmetic_by_hand_and_a_video_cut_short(tmp_path):
     groups = vl.make_optimizer(params, cfg, "cpu")[0].param_groups
     assert [(g["params"], g["weight_decay"]) for g in groups] == [([params[0]], cfg.weight_decay), ([params[1]], 0.0)]
 
-    class RowMean(torch.nn.Module):  # row i's loss is i: the batches 0..63 and 64..69 give 31.5 and 66.5
-        def forward(self, x):
-            return None, x.mean()
-    rows = types.SimpleNamespace(entries=[None] * 70, batch=lambda idx, device: dict(x=torch.tensor(idx).float()))
-    assert vl.eval_loss(RowMean(), rows, cfg, "cpu") == pytest.approx((31.5 + 66.5) / 2)
+    class TokenMean(torch.nn.Module):  # row i has 1 + i % 4 answer tokens, each of loss i: a pass's token mean
+        def forward(self, c, targets):
+            return None, (c[:, None] * (targets != -100)).sum() / (targets != -100).sum()
+    seen = []  # the rows of each batch
+    rows = types.SimpleNamespace(entries=[{"kind": "video" if i % 3 else "image"} for i in range(70)],
+                                 batch=lambda idx, device: seen.append(idx) or dict(c=torch.tensor(idx).float(), targets=
+                                 torch.tensor([[0] * (1 + i % 4) + [-100] * (3 - i % 4) for i in idx])))
+    want = sum(i * (1 + i % 4) for i in range(70)) / sum(1 + i % 4 for i in range(70))  # val: the mean over tokens
+    for size in (1, 7, 64):  # whatever --batch_size, with images first
+        seen.clear()
+        assert vl.eval_loss(TokenMean(), rows, dataclasses.replace(cfg, batch_size=size), "cpu") == pytest.approx(want)
+        assert max(map(len, seen)) == size and sum(seen, []) == sorted(range(70), key=lambda i: i % 3 > 0)
     check_cut_off_video(vl, tmp_path, keep=0.8)
 
 
@@ -3570,9 +3577,9 @@ def test_vl_causal_and_loss_mask():
     assert torch.allclose(a[:, :6], b[:, :6], atol=1e-6) and not torch.allclose(a[:, 6:], b[:, 6:])
     tgt = torch.full((2, 10), -100)
     tgt[:, 7:] = ids[:, 7:]
-    _, loss = m(ids, targets=tgt)
+    scored, loss = m(ids, targets=tgt)  # the head projects the scored positions only: (n, V), row by row
     want = torch.nn.functional.cross_entropy(a[:, 7:].reshape(-1, 20), ids[:, 7:].reshape(-1))
-    assert torch.allclose(loss, want, atol=1e-6)
+    assert torch.allclose(loss, want, atol=1e-6) and torch.allclose(scored, a[:, 7:].reshape(-1, 20), atol=1e-6)
 
 
 def test_vl_padded_positions_by_hand():
@@ -3732,9 +3739,10 @@ VL_USER_DATA_EXAMPLE = (
     '{"frames": "frames/", "question": "Which shape appears first?", "answer": "blue square"}\n')
 
 
-def test_vl_user_data_trains_and_no_user_file_is_overwritten(vl_tiny_run, tmp_path):
-    """The README's three JSON lines (an image, an mp4, a folder of frames) train the tiny preset; --data_dir pointed
-    at a folder of the user's files is refused and the files are left as they were."""
+def test_vl_user_data_trains_and_no_user_file_is_overwritten(vl_tiny_run, tmp_path, capsys):
+    """The README's three JSON lines (an image, an mp4, a folder of frames) train the tiny preset, in batches of the
+    two training questions, not of --batch_size 8 (each twice or more); --data_dir pointed at a folder of the user's
+    files is refused and the files are left as they were."""
     src = vl_tiny_run[0].data_dir
     for folder in ("photos", "clips", "frames"):
         (tmp_path / folder).mkdir()
@@ -3748,6 +3756,8 @@ def test_vl_user_data_trains_and_no_user_file_is_overwritten(vl_tiny_run, tmp_pa
              "--out_dir", str(tmp_path / "o")])
     ev = json.load(open(tmp_path / "o" / "eval.json"))
     assert "novel" not in ev and ev["test"]["video"]["n"] == 1  # the frames draw under 0.1: held out; no novel split
+    assert "--batch_size 8 > 2 training questions (per micro-batch and process): using --batch_size 2" in \
+        capsys.readouterr().out and json.load(open(tmp_path / "o" / "config.json"))["train_config"]["batch_size"] == 2
     vl.main(["--eval", "--out_dir", str(tmp_path / "o")])  # --eval finds the same files through the saved config
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "o" not in p.parts}
     with pytest.raises(vl.UserError, match="did not write"):
@@ -4303,6 +4313,8 @@ def test_vl_bad_inputs(vl_ckpt, tmp_path, monkeypatch):
         model(torch.ones(1, 257, dtype=torch.long))
     with pytest.raises(vl.UserError, match="eyes"):
         vl.apply_freeze(model, "eyes")
+    vl.apply_freeze(model, "vision, llm")  # spaces after the comma are fine
+    assert not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("multi_modal_projector"))
     with pytest.raises(SystemExit) as e:  # argparse's own one-line refusal (choices), exit status 2
         vl.main(["--train", "--preset", "huge"])
     assert e.value.code == 2
@@ -4644,9 +4656,12 @@ def test_vl_loader_bad_checkpoints_and_legacy_buffers(vl_ckpt, tmp_path):
 
 def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, vl_tiny_run, tmp_path, capsys):
     """--freeze vision,llm on top of an HF checkpoint: its own tokenizer, only multi_modal_projector.* changes; the
-    config printed is the one that runs, with the checkpoint's sizes, not the preset's."""
-    src = vl_ckpt[1]["t5save"]
-    out = str(tmp_path / "out")
+    config printed is the one that runs, with the checkpoint's sizes, not the preset's. The processor's files travel
+    with the tokenizer's, so the run's folder opens in transformers as the checkpoint's did."""
+    src, out = str(tmp_path / "ckpt"), str(tmp_path / "out")
+    shutil.copytree(vl_ckpt[1]["t5save"], src)
+    for name in ("preprocessor_config.json", "chat_template.json"):
+        open(os.path.join(src, name), "w").write(json.dumps({"from": "the checkpoint", "name": name}))
     vl.main(["--train", "--preset", "tiny", "--from_pretrained", src, "--freeze", "vision,llm", "--max_steps", "2",
              "--max_new_tokens", "24", "--data_dir", vl_tiny_run[0].data_dir, "--out_dir", out])  # the toy BPE: bytes
     printed = json.loads(capsys.readouterr().out.split("config: ", 1)[1].splitlines()[0])
@@ -4659,7 +4674,8 @@ def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, vl_tiny_run, tmp_pat
     assert before.keys() == after.keys()
     for k in before:
         assert torch.equal(before[k], after[k]) != k.startswith("multi_modal_projector."), k
-    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json"):
+        assert open(os.path.join(out, name), "rb").read() == open(os.path.join(src, name), "rb").read(), name
     assert json.load(open(os.path.join(out, "eval.json")))["test"]["video"]["n"] > 0
 
 

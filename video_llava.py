@@ -122,7 +122,7 @@ class Config:
     warmup: int = 100
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    dtype: str = "auto"  # autocast: auto = bfloat16 on a recent CUDA GPU, else float32 (HF weights: run_generate)
+    dtype: str = "auto"  # auto: bf16 on CUDA 8.0+, else float32 (--generate from an HF folder: bf16 where native)
     device: str = "auto"  # auto = cuda > mps > cpu
     seed: int = 1337
     log_interval: int = 50
@@ -825,7 +825,8 @@ class VideoLlava(nn.Module):
     def forward(self, input_ids, attention_mask=None, pixel_values_images=None, pixel_values_videos=None,
                 targets=None, cache=None, last_only=False):
         """input_ids (B, L); attention_mask (B, T) over cache + new tokens (1 = real, 0 = left pad) or None;
-        targets (B, L) already shifted (-100 = ignored). Returns (logits (B, L or 1, V), loss or None)."""
+        targets (B, L) already shifted (-100 = ignored). Returns (logits (B, L or 1, V), None), or with targets
+        (logits (n, V) at the n positions that have one, their mean loss)."""
         (B, L), cfg, lm = input_ids.shape, self.cfg, self.language_model.model
         T = (cache.offset if cache is not None else 0) + L  # tokens after this call: the cached ones and these L
         need = cache.k[0].shape[2] if cache is not None else T  # T_max: prompt + answer, rounded up under compile
@@ -846,17 +847,17 @@ class VideoLlava(nn.Module):
                 raise UserError(f"the prompt has <{what}> placeholders but no {what} was given")
         # RoPE positions (B, L) counting real tokens only, mask (B, 1, L, T_max) over a whole cache, else (B, 1, L, L)
         pos, mask = cache.claim(attention_mask) if cache is not None else padded_positions(attention_mask, 0)
-        logits = self.llm_forward(x, pos, mask, cache, last_only)
-        if targets is None:
-            return logits, None
-        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)  # (B*L, V)
-    def llm_forward(self, x, pos, mask, cache=None, last_only=False):  # decoder: (B, L, D) -> logits (B, L|1, V)
+        scored = None if targets is None else targets != -100  # (B, L): where a loss is taken
+        logits = self.llm_forward(x, pos, mask, cache, last_only, scored)
+        return logits, None if targets is None else F.cross_entropy(logits.float(), targets[scored])  # logits (n, V)
+    def llm_forward(self, x, pos, mask, cache=None, last_only=False, scored=None):  # (B, L, D) -> logits (B, L|1, V)
         lm = self.language_model.model  # embed_tokens, layers, norm
         cos, sin = self._rope_table(pos, x.dtype)  # (B, 1, L, E) each, at the RoPE positions pos (B, L)
         for i, layer in enumerate(lm.layers):
             x = layer(x, cos, sin, mask, cache, i)
-        x = lm.norm(x)  # (B, L, D)
-        return self.language_model.lm_head(x[:, -1:] if last_only else x)  # (B, L or 1, V): inference projects one
+        x = lm.norm(x)  # (B, L, D). The head projects only the positions read: the last one when generating, the n
+        # scored ones in training (n, V), not a video's 2056 placeholders (264 MB of float32 logits a row at 7B)
+        return self.language_model.lm_head(x[:, -1:] if last_only else x if scored is None else x[scored])
     def step(self, ids, pos, mask, cache):
         """One new token per row through the KV cache: ids (B, 1) at RoPE positions pos (B, 1), attending where
         mask (B, 1, 1, T_max) is True (cache.claim gives both) -> logits (B, 1, V). The same shapes every call
@@ -961,7 +962,8 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None,
     if isinstance(tok, GPT2Table):
         meta["gpt2_table"] = tok.ids
     elif os.path.abspath(tok.folder) != os.path.abspath(cfg.out_dir):  # an HF checkpoint's tokenizer travels along
-        for src in (os.path.join(tok.folder, name) for name in ("tokenizer.json", "tokenizer_config.json")):
+        for src in (os.path.join(tok.folder, name) for name in ("tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "added_tokens.json", "chat_template.json", "preprocessor_config.json")):
             if os.path.isfile(src):
                 atomic(os.path.join(cfg.out_dir, os.path.basename(src)), lambda p: shutil.copyfile(src, p))
     atomic(os.path.join(cfg.out_dir, "config.json"), lambda p: json.dump(meta, open(p, "w")))
@@ -1075,7 +1077,7 @@ class Examples:
 
 def apply_freeze(model, freeze):  # requires_grad off once: a frozen part gets no gradient and builds no graph
     towers = {"vision": [model.image_tower, model.video_tower], "llm": [model.language_model]}
-    parts = set(freeze.split(",")) - {""}  # --freeze "": nothing frozen
+    parts = {p.strip() for p in freeze.split(",")} - {""}  # --freeze "": nothing frozen
     if parts - set(towers):
         raise UserError(f"--freeze {freeze}: unknown part(s) {sorted(parts - set(towers))}; use vision, llm or both")
     for m in [m for p in parts for m in towers[p]]:
@@ -1188,7 +1190,12 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
         f"{device}, autocast {autocast_dtype(cfg.dtype, device)}"
         + ("; one CLIP tower for images and frames" if model.video_tower is model.image_tower else ""))
     opt, scaler = make_optimizer(params, cfg, device)
-    tr, gsize = data["train"], cfg.batch_size * cfg.grad_accum * world  # gsize: the global batch
+    tr, shares = data["train"], cfg.grad_accum * world  # a global batch is grad_accum x world micro-batches
+    if (fit := max(1, len(tr.entries) // shares)) < cfg.batch_size:  # else a batch would repeat its questions
+        say(f"--batch_size {cfg.batch_size} > {len(tr.entries)} training questions (per micro-batch and process): "
+            f"using --batch_size {fit}")  # a mean over the same questions, for less work
+        cfg = dataclasses.replace(cfg, batch_size=fit)  # saved so: --resume finds the same global batch
+    gsize = cfg.batch_size * shares  # gsize: the global batch
     step, seconds0 = load_train_state(cfg.out_dir, opt, scaler, say, gsize) if resume else (0, 0.0)
     raw = model  # the bare module, which is saved and evaluated; under torchrun `model` becomes its DDP wrapper
     if ddp:  # unused parameters are normal: a shard without images leaves that tower out; later CLIP layers never run
@@ -1234,14 +1241,16 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
         return evaluate(raw, tok, cfg, device, data, train_seconds)
 
 @torch.no_grad()
-def eval_loss(model, ex, cfg, device):  # the mean of per-batch losses on val (batches of 64): the log's `val` column
+def eval_loss(model, ex, cfg, device):  # the mean loss over val's answer tokens: the log's `val` column
     model.eval()
-    with autocast(cfg.dtype, device):
-        losses = [model(**ex.batch(list(range(len(ex.entries)))[s:s + 64], device))[1].item()
-                  for s in range(0, len(ex.entries), 64)]
-    if not math.isfinite(sum(losses)):  # the weights diverged within the last steps: they are not saved
-        raise UserError(f"validation loss {sum(losses)}: stopped; {cfg.out_dir} keeps its last save (try a lower --lr)")
-    return sum(losses) / len(losses)
+    rows, losses = sorted(range(len(ex.entries)), key=lambda i: ex.entries[i]["kind"]), []  # images, then videos
+    with autocast(cfg.dtype, device):  # in batches of --batch_size rows: (mean loss, answer tokens) each
+        for b in (ex.batch(rows[s:s + cfg.batch_size], device) for s in range(0, len(rows), cfg.batch_size)):
+            losses.append((model(**b)[1].item(), (b["targets"] != -100).sum().item()))
+    loss = sum(x * n for x, n in losses) / sum(n for _, n in losses)
+    if not math.isfinite(loss):  # the weights diverged within the last steps: they are not saved
+        raise UserError(f"validation loss {loss}: stopped; {cfg.out_dir} keeps its last save (try a lower --lr)")
+    return loss
 
 # Generation, evaluation, inspection and bench -------------------------------------------------------------------------
 def sample_next(logits, temperature, top_k, top_p, generator):  # (B, V) -> (B,): argmax at temperature 0, else sampled
@@ -1323,7 +1332,7 @@ def evaluate(model, tok, cfg, device, data, train_seconds=None):  # greedy answe
         ex, result[split] = data[split], {}
         for kind in sorted({e["kind"] for e in ex.entries}):  # image, then video (those present): one medium per batch
             rows, preds = [i for i, e in enumerate(ex.entries) if e["kind"] == kind], {}
-            for part in (rows[s:s + 64] for s in range(0, len(rows), 64)):  # no image padded to a video's length
+            for part in (rows[s:s + cfg.batch_size] for s in range(0, len(rows), cfg.batch_size)):  # as in training
                 with autocast(cfg.dtype, device):
                     out = generate(model, **ex.batch(part, device, generating=True),
                                    max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
