@@ -146,7 +146,7 @@ class Config:
     warmup_frac: float = 0.1  # linear warmup over this fraction of the steps, then cosine to min_lr (Mark-1: to 0)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    dtype: str = "auto"  # autocast: auto (see autocast_dtype), float32, bfloat16 or float16
+    dtype: str = "auto"  # autocast: auto (bfloat16 where the hardware multiplies in it), float32, bfloat16, float16
     device: str = "auto"
     seed: int = 1337
     log_interval: int = 50
