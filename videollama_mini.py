@@ -96,11 +96,11 @@ class Config:
     frame_diff: bool = True  # also feed frame[t] - frame[t-1] to the CNN: motion made explicit
     n_temporal_layer: int = 2
     qformer_mode: str = "text"  # "text": caption tokens query the visual tokens (write-up); "queries": BLIP-2 QFormer
-    n_query: int = 8
-    n_qformer_layer: int = 2
+    n_query: int = 8  # Q learned queries of the QFormer (--qformer_mode queries)
+    n_qformer_layer: int = 2  # QFormer blocks (--qformer_mode queries)
     n_dec_layer: int = 2
     max_len: int = 32  # longest caption in tokens, BOS/EOS included
-    dropout: float = 0.1
+    dropout: float = 0.1  # on the attention weights, each MLP's output and the decoder's input embeddings
     compact_vocab: bool = True  # output table over the GPT-2 ids seen in training (False: all 50257)
     batch_size: int = 32  # training: micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * world size)
@@ -126,7 +126,7 @@ class Config:
 CHOICES = {"qformer_mode": ("text", "queries"), "dtype": ("auto", "float32", "bfloat16", "float16")}  # argparse checks
 PRESETS = {"default": {},  # default: the CPU run; tiny: seconds, for the tests
     # The VideoLLaMA-Mini write-up gives no layer, width, head, frame or sampling sizes (those stay the defaults), but
-    # text tokens as the Q-Former's queries, the full GPT-2 vocabulary, Adam, no dropout or weight decay (future work).
+    # text tokens as the Q-Former's queries, the full GPT-2 vocabulary, Adam; dropout and weight decay: its future work.
     "original": dict(qformer_mode="text", compact_vocab=False, dropout=0.0, weight_decay=0.0),
     "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, n_frames=4, img_size=16, d_model=32, n_head=2, cnn_width=8,
                  grid=2, n_temporal_layer=1, n_query=4, n_qformer_layer=1, n_dec_layer=1, batch_size=8, max_steps=6,
@@ -398,7 +398,7 @@ class QFormer(nn.Module):
         self.query = nn.Parameter(torch.randn(1, cfg.n_query, cfg.d_model) * 0.02)  # (1, Q, D), std 0.02
         self.blocks = nn.ModuleList(Block(cfg, cross=True) for _ in range(cfg.n_qformer_layer))
         self.ln = nn.LayerNorm(cfg.d_model)
-        self.scale = nn.Parameter(torch.ones(1, cfg.n_query, cfg.d_model))  # per query, with shift: init_from_data
+        self.scale = nn.Parameter(torch.ones(1, cfg.n_query, cfg.d_model))  # per-query affine, set by init_from_data
         self.shift = nn.Parameter(torch.zeros(1, cfg.n_query, cfg.d_model))
     def forward(self, vis):  # vis: (B, F, D) visual tokens
         q = self.query.expand(vis.shape[0], -1, -1)  # (B, Q, D), the same queries for every clip
@@ -586,11 +586,9 @@ def autocast(cfg, device):
 def pad_batch(seqs):
     """Token lists (none over max_len: check_lengths) -> (inputs, targets), right-padded with 0 (BOS/EOS), the pad
     targets -100 (ignored by the loss). No attention mask: under the causal mask a pad reaches no real token."""
-    L = max(len(s) for s in seqs) - 1  # inputs drop the last token, targets the first
-    inp, tgt = torch.zeros(len(seqs), L, dtype=torch.long), torch.full((len(seqs), L), -100, dtype=torch.long)  # (B, L)
-    for i, s in enumerate(seqs):
-        inp[i, : len(s) - 1], tgt[i, : len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
-    return inp, tgt
+    seqs = [torch.tensor(s, dtype=torch.long) for s in seqs]  # inputs drop the last token, targets the first: (B, L)
+    return (nn.utils.rnn.pad_sequence([s[:-1] for s in seqs], batch_first=True),
+            nn.utils.rnn.pad_sequence([s[1:] for s in seqs], batch_first=True, padding_value=-100))
 
 def check_lengths(tok, data, cfg, grow=False):  # refused: a caption with no room in --max_len, or that decoding cuts
     for s, pick in [(s, {"train": max, "val": next}.get(s, min)) for s in data]:  # val: the first (its loss)
@@ -836,11 +834,10 @@ def generate(model, video, cfg, use_cache=True, generator=None, stop_at_eos=True
             logits = (logits - logits.amax(-1, keepdim=True)) / cfg.temperature  # max 0: a tiny one cannot overflow
             probs = filter_logits(logits, cfg.top_k, cfg.top_p).softmax(-1)  # (B, V)
             nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,) sampled
-        if stop_at_eos:
-            nxt = nxt.masked_fill(done, EOS)  # a finished row only pads with EOS
-            done |= nxt == EOS
+        nxt = nxt.masked_fill(done, EOS)  # a finished row only pads with EOS
+        done |= nxt == EOS
         seq = torch.cat([seq, nxt[:, None]], 1)  # (B, t + 2)
-        if done.all():
+        if stop_at_eos and done.all():
             break
     return [[i for i in row[1:] if i != EOS] for row in seq.tolist()]
 
@@ -889,7 +886,7 @@ def attention_png(model, clip, tok, cfg, device, path, cell=40, label_w=110):
         if text:  # re-run the caption to collect the decoder's cross-attention
             model.decode(torch.tensor([[BOS] + ids], device=device), model.encode(video))
     w = (model.decoder[-1] if text else model.qformer.blocks[-1]).xattn.weights[0].cpu().numpy()  # (L or Q, F)
-    model.record_attention(False)  # back to the fast path
+    model.record_attention(False)  # SDPA alone again: no explicit attention weights kept
     labels = ([tok.decode([i]).strip() for i in ids] or ["(empty)"]) if text else [f"query {q}" for q in range(len(w))]
     w = w[:len(labels)]  # (rows, F); text: the row that predicts EOS is dropped
     heat = cv2.applyColorMap((255 * w / max(w.max(), 1e-9)).astype(np.uint8), cv2.COLORMAP_VIRIDIS)  # (rows, F, 3)
@@ -1022,7 +1019,7 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError or 
         args, cfg, overrides = parse_args(argv)
         if args.train:  # train prints the config it runs
             return train(cfg, overrides, resume=args.resume)
-        if args.eval or args.generate:  # the saved config, typed flags on top (fixed ones refused); --generate: --seed
+        if args.eval or args.generate:  # saved config, typed flags on top (fixed refused); --generate accepts --seed
             fixed = ARCH + TRAINING + (WORLD if args.eval else WORLD[1:] + DATA)
             model, tok, cfg = load_checkpoint(cfg.out_dir, overrides, fixed)
             if args.eval and "data" in overrides and "test_data" not in overrides and cfg.test_data:  # else unread
