@@ -1,7 +1,7 @@
 """vit_caption: a ViT image encoder + LLaMA-style decoder image captioner in one file, small enough to train on a CPU.
 
     image (B, S, S, 3) uint8
-      -> ViT: patch embedding (conv, stride = patch), learned positions (pca init: 2-D sin-cos), pre-LN blocks with
+      -> ViT: patch embedding (conv, stride = patch), learned positions (default init: 2-D sin-cos), pre-LN blocks with
          GELU MLPs (dropout in --preset original), final LayerNorm            -> (B, P, E) patch tokens (+ CLS)
       -> pooled to the visual prefix: "cls" (a learned CLS token's output, (B, 1, E), the write-up's image vector),
          "mean" (mean of the patch tokens, (B, 1, E)) or "patches" (all P patch tokens, (B, P, E))
@@ -123,7 +123,7 @@ class Config:
     beam: int = 1  # beam width; >1 = beam search (deterministic)
     max_new_tokens: int = 23  # caption length limit in tokens, EOS included
 
-PRESETS = {"default": {},  # tiny: seconds, for the tests. original: the write-up's sizes (no heads given; GPT-2 ids)
+PRESETS = {"default": {},  # tiny: seconds, for the tests. original: the write-up's sizes (heads, run settings: ours)
     "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, img_size=16, patch=8, vit_dim=32, vit_layers=1,
                  vit_heads=2, vit_mlp=64, d_model=32, n_layer=1, n_head=2, mlp_dim=64, batch_size=8, max_steps=6,
                  warmup=2, log_interval=2, eval_interval=4, data_dir="data/vit_caption_tiny"),
@@ -493,7 +493,7 @@ def save_checkpoint(model, tok, cfg, opt, step, scaler, **run):  # train_state.p
     atomic(os.path.join(cfg.out_dir, "train_state.pt"), lambda p: torch.save(ts, p))
 
 ARCH = ("img_size", "patch", "vit_dim", "vit_layers", "vit_heads", "vit_mlp", "pool", "d_model", "n_layer", "n_head",
-        "mlp_dim", "max_len", "rope_theta", "compact_vocab")  # the weights' shape: always the checkpoint's
+        "mlp_dim", "max_len", "rope_theta", "compact_vocab")  # what the weights were trained with: the checkpoint's
 WORLD = ("seed", "n_train", "n_val", "n_test", "n_novel")  # the synthetic world's: --resume and --eval keep the run's
 TRAINING = ("batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "compile",
             "log_interval", "eval_interval", "stop_after", "patch_init", "patch_scale", "dropout", "vit_dropout")
@@ -594,7 +594,7 @@ def pad_batch(seqs):
     """Token lists [BOS, .., EOS] (none over max_len: check_lengths) -> inputs s[:-1], targets s[1:] (next token),
     (B, L) each; pad targets -100 (no loss). No attention mask: under the causal mask a pad reaches no real token."""
     seqs = [torch.tensor(s, dtype=torch.long) for s in seqs]
-    return (nn.utils.rnn.pad_sequence([s[:-1] for s in seqs], batch_first=True),  # pads 0: right, after the EOS
+    return (nn.utils.rnn.pad_sequence([s[:-1] for s in seqs], batch_first=True),  # pads 0 after the last token
             nn.utils.rnn.pad_sequence([s[1:] for s in seqs], batch_first=True, padding_value=-100))
 
 def check_lengths(tok, data, cfg, splits, grow=False):  # refused: a caption --max_len has no room for, or decoding cuts
@@ -721,8 +721,8 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
         model, tok, cfg = load_checkpoint(cfg.out_dir, dataclasses.asdict(cfg) if typed is None else {
             "stop_after": 0, **typed}, ARCH + WORLD + ("patch_init", "patch_scale"))  # (the init ran at the start)
         try:  # a dry run of the resume (CPU, before any data; it sets the RNG, seeded again below): it must all load
-            state = torch.load(path, map_location="cpu", weights_only=True)  # a GPU's too: the optimizer moves it
-            init_training(cfg, [], None, resumed := (model, tok, {**state}), "cpu")
+            resumed = model, tok, {**torch.load(path, map_location="cpu", weights_only=True)}  # a GPU's state too
+            init_training(cfg, [], None, resumed, "cpu")  # (the optimizer moves the moments to the parameters)
         except Exception as e:  # zip, pickle or torch errors; TypeError: no dict ({**}); KeyError, ValueError: no fit
             raise UserError(f"{path}: damaged or another run's ({type(e).__name__}); train again without --resume")
         if (s := resumed[2]["step"]) >= cfg.max_steps or 0 < cfg.stop_after <= s:  # no step left to train
@@ -779,7 +779,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0 and step >= cfg.max_steps:  # the whole run's time, with the part saved before --resume (eval.json's)
-        before = f"; {seconds0:.0f}s of it before --resume" if seconds0 else ""  # an older state saved none
+        before = f"; {seconds0:.0f}s of it before --resume" if seconds0 else ""  # seconds0 is 0 on a fresh run
         say(f"trained {step} steps in {seconds0 + time.time() - t0:.0f}s (data included{before})")
         evaluate(raw, tok, cfg, device, data, seconds0 + time.time() - t0)
     elif stop:
@@ -875,7 +875,7 @@ def attention_png(model, image, tok, cfg, device, path, show=None, ids=None):
         if ids is None:
             ids = generate(model, image[None].to(device), dataclasses.replace(cfg, beam=1, temperature=0.0))[0]
         model.record_attention(True)
-        model(image[None].to(device), torch.tensor([[0] + ids], device=device))  # BOS, then the caption: (1, 1+T)
+        model(image[None].to(device), torch.tensor([[tok.eos] + ids], device=device))  # BOS, the caption: (1, 1+T)
     calls, vit = model.layers[-1].self_attn.weights, model.vit.layers[-1].self_attn.weights if model.vit.layers else []
     model.record_attention(False)
     g, N = cfg.img_size // cfg.patch, model.n_prefix
