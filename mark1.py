@@ -46,6 +46,7 @@ import math
 import os
 import random
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -1171,7 +1172,7 @@ def train(cfg, resume=False, overrides=None):
         if rank == 0 and (step % cfg.eval_interval == 0 or step == end):
             save_checkpoint(model, tok, cfg, opt, step, scaler, batch=gbatch, seconds=seconds0 + time.time() - t0)
     if step < cfg.max_steps:
-        say(f"stopped after step {step} as asked (--stop_after); continue with --train --resume")
+        say(f"stopped after step {step} as asked; go on with --train --resume --out_dir {shlex.quote(cfg.out_dir)}")
     elif rank == 0:
         evaluate(model, tok, cfg, data, seconds0 + time.time() - t0, cache)  # the whole run's, before --resume too
     if ddp:

@@ -980,6 +980,7 @@ def test_vm_save_cut_off_before_train_state_refuses_resume(capsys, _vm_trained, 
     tmp, _ = _vm_trained
     out = str(tmp_path / "r")
     vm.main(["--train", "--preset", "tiny", "--data_dir", str(tmp / "data"), "--out_dir", out, "--stop_after", "2"])
+    assert f"stopped after step 2 as asked; go on with --train --resume --out_dir {out}\n" in capsys.readouterr().out
     resume_with_a_save_cut_off(vm.main, monkeypatch, out)
     main_user_error(vm.main, capsys, ["--train", "--resume", "--out_dir", out], "nothing to resume (no train_state.pt)")
 
@@ -2008,7 +2009,9 @@ def test_vc_train_eval_generate_cli(tmp_path, capsys, monkeypatch):
         main_user_error(vc.main, capsys, ["--generate", "--out_dir", out, *args], needle)
     assert open(os.path.join(out, "model.safetensors"), "rb").read() == before
     # a new run into this folder: its first save removes the old run's scores and attention picture with its state
+    capsys.readouterr()
     vc.main(["--train", "--preset", "tiny", "--data_dir", data, "--out_dir", out, "--stop_after", "1"])
+    assert f"stopped after step 1 as asked; go on with --train --resume --out_dir {out}\n" in capsys.readouterr().out
     assert not any(os.path.exists(os.path.join(out, n)) for n in ("eval.json", "attention.png"))
     assert torch.load(os.path.join(out, "train_state.pt"))["step"] == 1
 
@@ -5721,8 +5724,9 @@ def test_mk_exact_resume(mk_trained, tmp_path, capsys):
     d, _ = mk_trained
     args = ["--train", "--preset", "tiny", "--data_dir", d / "data", "--out_dir", tmp_path / "r"]
     mk.main([str(a) for a in args] + ["--stop_after", "3"])
-    assert "stopped after step 3 as asked (--stop_after); continue with --train --resume" in capsys.readouterr().out
-    resume = [str(a) for a in args if a not in ("--preset", "tiny")] + ["--resume"]  # the sizes: the checkpoint's
+    hint = capsys.readouterr().out.split("stopped after step 3 as asked; go on with ", 1)[1].splitlines()[0]
+    resume = shlex.split(hint)  # the command it prints, as typed: the sizes and the data are the checkpoint's
+    assert resume == ["--train", "--resume", "--out_dir", str(tmp_path / "r")]
     ts = torch.load(tmp_path / "r" / "train_state.pt", weights_only=True)  # the time so far: --resume adds to it
     assert 0 < ts["seconds"] < 600
     torch.save({**ts, "seconds": ts["seconds"] + 1000}, tmp_path / "r" / "train_state.pt")  # as if 1000 s longer

@@ -38,6 +38,7 @@ import math
 import os
 import random
 import re
+import shlex
 import sys
 import time
 
@@ -780,7 +781,7 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
                 f"eta {eta // 60}m{eta % 60:02d}s")
             t_log, log_step = time.time(), step
         if stop:
-            say(f"stopped after step {step} as asked; continue with --resume")
+            say(f"stopped after step {step} as asked; go on with --train --resume --out_dir {shlex.quote(cfg.out_dir)}")
             break
     train_seconds = seconds0 + time.time() - t0  # data + training, without the final evaluation
     if ddp:  # every rank has finished training: all leave the group together, then rank 0 evaluates alone

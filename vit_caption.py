@@ -37,6 +37,7 @@ import math
 import os
 import random
 import re
+import shlex
 import sys
 import time
 
@@ -783,7 +784,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
         say(f"trained {step} steps in {seconds0 + time.time() - t0:.0f}s (data included{before})")
         evaluate(raw, tok, cfg, device, data, seconds0 + time.time() - t0)
     elif stop:
-        say(f"stopped after step {step} as asked; continue with --resume")
+        say(f"stopped after step {step} as asked; go on with --train --resume --out_dir {shlex.quote(cfg.out_dir)}")
     return raw, tok
 
 # Generation and evaluation --------------------------------------------------------------------------------------------
