@@ -4114,8 +4114,10 @@ def test_vl_resume_refuses_foreign_folders(vl_tiny_run, tmp_path):
     hf = tmp_path / "hf"
     os.makedirs(hf)
     json.dump({"model_type": "video_llava"}, open(hf / "config.json", "w"))  # an HF folder: no run to continue
-    with pytest.raises(vl.UserError, match="not written by video_llava.py --train"):
-        vl.main(["--train", "--resume", "--out_dir", str(hf)])
+    for mode in (["--train", "--resume"], ["--eval"]):
+        with pytest.raises(vl.UserError, match=r"not written by video_llava.py --train \(its config.json has model_type "
+                           r"'video_llava': an HF folder\); .*; fine-tune it with --from_pretrained$"):
+            vl.main([*mode, "--out_dir", str(hf)])
     json.dump({"model_type": "video_llava", "script": "video_llava"}, open(hf / "config.json", "w"))  # no settings
     with pytest.raises(vl.UserError, match=r"has no train_config\); --resume and --eval need"):
         vl.main(["--generate", "--out_dir", str(hf), "--prompt", "Hi"])

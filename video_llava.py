@@ -977,9 +977,9 @@ def saved_config(out_dir, overrides, resume=True):  # the Config --train saved i
         raise UserError(f"{out_dir}: nothing to resume or evaluate (no readable config.json); run --train")
     if meta.get("script") != SCRIPT or not isinstance(meta.get("train_config"), dict):
         s, mt = meta.get("script"), meta.get("model_type")  # ours without settings (damaged), another's, none (HF)
-        what = "no train_config" if s == SCRIPT else f"the script {s!r}" if s else f"model_type {mt!r}"
+        what = "no train_config" if s == SCRIPT else f"the script {s!r}" if s else f"model_type {mt!r}: an HF folder"
         raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (its config.json has {what}); --resume and "
-                        "--eval need the --out_dir of a run")
+                        "--eval need the --out_dir of a run" + ("; fine-tune it with --from_pretrained" if mt else ""))
     if resume and not os.path.isfile(os.path.join(out_dir, "train_state.pt")):
         raise UserError(f"{out_dir}: no train_state.pt, so there is no optimizer state to resume from; drop --resume "
                         f"to start afresh (or fine-tune it: --from_pretrained {shlex.quote(out_dir)} --out_dir NEW)")
