@@ -3759,7 +3759,7 @@ def test_vl_user_data_trains_and_no_user_file_is_overwritten(vl_tiny_run, tmp_pa
              "--out_dir", str(tmp_path / "o")])
     ev = json.load(open(tmp_path / "o" / "eval.json"))
     assert "novel" not in ev and ev["test"]["video"]["n"] == 1  # the frames draw under 0.1: held out; no novel split
-    assert "--batch_size 8 > 2 training questions (per micro-batch and process): using --batch_size 2" in \
+    assert "--batch_size 8 x 1 (grad_accum x processes) > 2 training questions: using --batch_size 2" in \
         capsys.readouterr().out and json.load(open(tmp_path / "o" / "config.json"))["train_config"]["batch_size"] == 2
     vl.main(["--eval", "--out_dir", str(tmp_path / "o")])  # --eval finds the same files through the saved config
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "o" not in p.parts}

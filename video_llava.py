@@ -89,7 +89,7 @@ class Config:
     intermediate_size: int = 352
     num_hidden_layers: int = 3
     num_attention_heads: int = 4
-    num_key_value_heads: int = 2  # < heads = grouped-query attention (the 7B has 32 = 32, plain multi-head)
+    num_key_value_heads: int = 2  # fewer than heads = grouped-query attention (the 7B: 32 of 32, plain multi-head)
     rms_norm_eps: float = 1e-5
     rope_theta: float = 100.0  # from scratch: a short context turns faster (checkpoints bring their own; LLaMA 10000)
     max_position_embeddings: int = 512  # the context: longer prompts are refused
@@ -122,7 +122,7 @@ class Config:
     warmup: int = 100
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    dtype: str = "auto"  # auto: bf16 on CUDA 8.0+, else float32 (--generate from an HF folder: bf16 where native)
+    dtype: str = "auto"  # auto: bf16 on GPUs of compute capability 8.0+, else float32 (HF --generate: bf16 if native)
     device: str = "auto"  # auto = cuda > mps > cpu
     seed: int = 1337
     log_interval: int = 50
@@ -482,7 +482,7 @@ class GPT2Table(Tokenizer):  # GPT-2 BPE (tiktoken) over a table of the ids seen
         self.bos_id = self.eos_id = self.pad_id = 0  # model id 0 is GPT-2's <|endoftext|>
         self.prefix_ids, self.suffix_ids = [0], []  # BOS before the text, nothing after
     @classmethod
-    def from_texts(cls, texts):  # the table: <|endoftext|>, then every GPT-2 id of the texts, in order
+    def from_texts(cls, texts):  # the table: <|endoftext|>, then every GPT-2 id of the texts, in ascending order
         enc = cls([]).enc
         return cls([enc.eot_token] + sorted({t for s in texts for p in re.split("<image>|<video>", s)
                                              for t in enc.encode_ordinary(p)}))
@@ -850,13 +850,13 @@ class VideoLlava(nn.Module):
         scored = None if targets is None else targets != -100  # (B, L): where a loss is taken
         logits = self.llm_forward(x, pos, mask, cache, last_only, scored)
         return logits, None if targets is None else F.cross_entropy(logits.float(), targets[scored])  # logits (n, V)
-    def llm_forward(self, x, pos, mask, cache=None, last_only=False, scored=None):  # (B, L, D) -> logits (B, L|1, V)
+    def llm_forward(self, x, pos, mask, cache=None, last_only=False, scored=None):  # (B, L, D) -> (B, L|1, V) or (n, V)
         lm = self.language_model.model  # embed_tokens, layers, norm
         cos, sin = self._rope_table(pos, x.dtype)  # (B, 1, L, E) each, at the RoPE positions pos (B, L)
         for i, layer in enumerate(lm.layers):
             x = layer(x, cos, sin, mask, cache, i)
         x = lm.norm(x)  # (B, L, D). The head projects only the positions read: the last one when generating, the n
-        # scored ones in training (n, V), not a video's 2056 placeholders (264 MB of float32 logits a row at 7B)
+        # scored ones given targets (n, V), not a video's 2056 placeholders (264 MB of float32 logits a row at 7B)
         return self.language_model.lm_head(x[:, -1:] if last_only else x if scored is None else x[scored])
     def step(self, ids, pos, mask, cache):
         """One new token per row through the KV cache: ids (B, 1) at RoPE positions pos (B, 1), attending where
@@ -1060,8 +1060,8 @@ class Examples:
                 raise UserError(f"{e['line']}: the answer takes {len(a)} tokens (EOS included), more than "
                                 f"--max_new_tokens {cfg.max_new_tokens}; raise it")
     def batch(self, idx, device, generating=False):
-        """-> dict of model inputs. Training rows are prompt + answer, right-padded, targets only on the answer
-        (and its EOS); generation rows (generating) are prompts only, left-padded with an attention mask."""
+        """-> dict of model inputs. Training rows: prompt + answer, right-padded, no mask (causal: no token sees
+        the pads after it), targets on the answer and its EOS; generation rows: prompts, left-padded, with a mask."""
         rows = [self.prompts[i] + ([] if generating else self.answers[i]) for i in idx]
         L = max(map(len, rows))
         ids, mask, tgt = (torch.full((len(rows), L), fill, dtype=torch.long) for fill in (0, 0, -100))
@@ -1157,7 +1157,7 @@ def ddp_setup(cfg):  # -> (ddp, rank, world, device): one process, or one of tor
     return True, dist.get_rank(), dist.get_world_size(), device
 
 def batch_loss(model, tr, idx, cfg, rank, world, ddp, device, scaler):  # backward of this rank's rows of batch idx
-    # -> the global batch's mean loss over its answer tokens: each pass's mean is scaled by its share of those tokens
+    # -> the global batch's mean over its answer tokens: each pass's mean times world x its share of those tokens
     n_tok, total, passes = sum(len(tr.answers[i]) for i in idx), torch.zeros((), device=device), []
     # each micro-batch as two passes, image rows and video rows, each padded to its own longest: same loss, less work
     for micro in range(cfg.grad_accum):
@@ -1191,9 +1191,9 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
         + ("; one CLIP tower for images and frames" if model.video_tower is model.image_tower else ""))
     opt, scaler = make_optimizer(params, cfg, device)
     tr, shares = data["train"], cfg.grad_accum * world  # a global batch is grad_accum x world micro-batches
-    if (fit := max(1, len(tr.entries) // shares)) < cfg.batch_size:  # else a batch would repeat its questions
-        say(f"--batch_size {cfg.batch_size} > {len(tr.entries)} training questions (per micro-batch and process): "
-            f"using --batch_size {fit}")  # a mean over the same questions, for less work
+    if (fit := max(1, len(tr.entries) // shares)) < cfg.batch_size:  # else a global batch would repeat questions
+        say(f"--batch_size {cfg.batch_size} x {shares} (grad_accum x processes) > {len(tr.entries)} training "
+            f"questions: using --batch_size {fit}")  # repeated questions cost work and add nothing to the mean
         cfg = dataclasses.replace(cfg, batch_size=fit)  # saved so: --resume finds the same global batch
     gsize = cfg.batch_size * shares  # gsize: the global batch
     step, seconds0 = load_train_state(cfg.out_dir, opt, scaler, say, gsize) if resume else (0, 0.0)
@@ -1391,7 +1391,7 @@ def bench(cfg, sizes=None, rounds=3):  # decode tok/s, batch 1, greedy, float32:
     for name, size in (sizes or {"~20M": llama(256, 688, 4, 4), "~130M": llama(768, 2048, 12, 12)}).items():
         torch.manual_seed(0)
         mcfg = Config(vocab_size=32064, max_position_embeddings=1024, image_token_index=32000, video_token_index=32001,
-                      **size)  # LLaMA's vocabulary; the towers keep Config's small defaults (decoding never runs them)
+                      **size)  # the 7B's vocabulary; the towers keep Config's small defaults (decoding never runs them)
         ours, ids, new = VideoLlava(mcfg).eval(), torch.randint(3, 32000, (1, 16)), cfg.max_new_tokens
         run = {"eager": lambda: generate(ours, ids, max_new_tokens=new)[0],
                "compiled": lambda: generate(ours, ids, max_new_tokens=new, compile=True)[0]}
