@@ -856,7 +856,7 @@ class VideoLlava(nn.Module):
         for i, layer in enumerate(lm.layers):
             x = layer(x, cos, sin, mask, cache, i)
         x = lm.norm(x)  # (B, L, D). The head projects only the positions read: the last one when generating, the n
-        # scored ones given targets (n, V), not a video's 2056 placeholders (264 MB of float32 logits a row at 7B)
+        # scored ones given targets (n, V), not every placeholder of a video (2056 a row at the 7B's shapes)
         return self.language_model.lm_head(x[:, -1:] if last_only else x if scored is None else x[scored])
     def step(self, ids, pos, mask, cache):
         """One new token per row through the KV cache: ids (B, 1) at RoPE positions pos (B, 1), attending where
