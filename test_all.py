@@ -4662,14 +4662,18 @@ def test_vl_loader_bad_checkpoints_and_legacy_buffers(vl_ckpt, tmp_path):
 def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, vl_tiny_run, tmp_path, capsys):
     """--freeze vision,llm on top of an HF checkpoint: its own tokenizer, only multi_modal_projector.* changes; the
     config printed is the one that runs, with the checkpoint's sizes, not the preset's. The processor's files travel
-    with the tokenizer's, so the run's folder opens in transformers as the checkpoint's did."""
+    with the tokenizer's, so the run's folder opens in transformers as the checkpoint's did. --eval --from_pretrained
+    scores the checkpoint as it comes, as --generate answers, into a folder of its own; a warmup longer than the run
+    is named."""
     src, out = str(tmp_path / "ckpt"), str(tmp_path / "out")
     shutil.copytree(vl_ckpt[1]["t5save"], src)
     for name in ("preprocessor_config.json", "chat_template.json"):
         open(os.path.join(src, name), "w").write(json.dumps({"from": "the checkpoint", "name": name}))
     vl.main(["--train", "--preset", "tiny", "--from_pretrained", src, "--freeze", "vision,llm", "--max_steps", "2",
-             "--max_new_tokens", "24", "--data_dir", vl_tiny_run[0].data_dir, "--out_dir", out])  # the toy BPE: bytes
-    printed = json.loads(capsys.readouterr().out.split("config: ", 1)[1].splitlines()[0])
+             "--warmup", "3", "--max_new_tokens", "24", "--data_dir", vl_tiny_run[0].data_dir, "--out_dir", out])
+    said = capsys.readouterr().out  # (max_new_tokens 24: the toy BPE spells words in bytes)
+    assert "--warmup 3 > --max_steps 2: the learning rate peaks at 6.7e-04, not --lr 1.0e-03" in said
+    printed = json.loads(said.split("config: ", 1)[1].splitlines()[0])
     hf = json.load(open(os.path.join(src, "config.json")))
     assert printed["vocab_size"] == hf["text_config"]["vocab_size"] != vl.Config(**vl.PRESETS["tiny"]).vocab_size
     assert printed["hidden_size"] == hf["text_config"]["hidden_size"] and printed["share_towers"] is False
@@ -4681,7 +4685,33 @@ def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, vl_tiny_run, tmp_pat
         assert torch.equal(before[k], after[k]) != k.startswith("multi_modal_projector."), k
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json"):
         assert open(os.path.join(out, name), "rb").read() == open(os.path.join(src, name), "rb").read(), name
-    assert json.load(open(os.path.join(out, "eval.json")))["test"]["video"]["n"] > 0
+    tuned = json.load(open(os.path.join(out, "eval.json")))
+    assert tuned["test"]["video"]["n"] > 0
+    # the checkpoint as it comes, scored on your test questions: its eval.json alone, in a folder of its own
+    world = vl_tiny_run[0].data_dir
+    test = [json.loads(l) for l in open(os.path.join(world, "test.jsonl"))]
+    test = [next(e for e in test if "image" in e), next(e for e in test if "video" in e)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({**e, "image" if "image" in e else "video":
+                                                          os.path.join(world, e.get("image") or e["video"])}) + "\n"
+                                              for e in test))
+    base = ["--eval", "--from_pretrained", src, "--max_new_tokens", "24", "--test_data", str(tmp_path / "t.jsonl"),
+            "--data", str(tmp_path / "t.jsonl")]  # --data: the file fine-tuning would read (not read here)
+    scores = []
+    for batch in ("32", "1"):  # the second call finds only the first's eval.json there; batched = row by row
+        vl.main([*base, "--out_dir", str(tmp_path / "base"), "--batch_size", batch])
+        scores.append(json.load(open(tmp_path / "base" / "eval.json")))
+    assert scores[0] == scores[1] and scores[0].keys() == {"train_seconds", "test"}
+    assert [scores[0]["test"][k]["n"] for k in ("image", "video")] == [1, 1]
+    capsys.readouterr()
+    vl.main(["--generate", "--from_pretrained", src, "--dtype", "float32", "--max_new_tokens", "24", "--prompt",
+             test[0]["question"], "--image", os.path.join(world, test[0]["image"])])
+    assert capsys.readouterr().out.strip() == scores[0]["test"]["image"]["samples"][0]["prediction"]
+    with pytest.raises(vl.UserError, match="holding more than an eval.json"):  # the fine-tuned run keeps its score
+        vl.main([*base, "--out_dir", out])
+    with pytest.raises(vl.UserError, match="--lr: not read by --eval"):
+        vl.main([*base, "--out_dir", str(tmp_path / "b"), "--lr", "0.1"])
+    assert json.load(open(os.path.join(out, "eval.json"))) == tuned and not os.path.exists(tmp_path / "b")
+    vl.parse_args(["--train", "--from_pretrained", src, "--out_dir", str(tmp_path / "base")])  # a run may follow there
 
 
 def test_vl_stage1_on_a_bfloat16_checkpoint_keeps_the_frozen_towers_bfloat16(vl_ckpt, vl_tiny_run, tmp_path,
@@ -8098,15 +8128,15 @@ def test_vc_captions_naming_a_folder_and_vl_inspect_negative_tokens(tmp_path, ca
 
 def test_vl_flags_the_mode_would_not_use_are_refused(tmp_path):
     """--generate reads the decoding, device and checkpoint flags (and the architecture, checked against the
-    checkpoint), --inspect only --n_frames and --n_tokens, --eval a run's --out_dir (not --from_pretrained, which it
-    would pass over for the default out_dir); --data makes the synthetic world's sizes and folder moot: any other
+    checkpoint), --inspect only --n_frames and --n_tokens, --eval of --from_pretrained's checkpoint the data, device
+    and decoding flags (no training flags); --data makes the synthetic world's sizes and folder moot: any other
     flag used to be accepted and ignored. Each is one line, before anything is read or written."""
     (tmp_path / "q.jsonl").write_text("")
     for argv, needle in ((["--generate", "--prompt", "hi", "--lr", "5", "--batch_size", "3"], "--batch_size, --lr: "
                           "not read by --generate"), (["--inspect", str(tmp_path), "--max_steps", "4"],
                           "--max_steps: not read by --inspect"), (["--bench", "--n_tokens", "5"],
                           "--n_tokens: not read by --bench"),
-                         (["--eval", "--from_pretrained", str(tmp_path)], "--from_pretrained: not read by --eval"),
+                         (["--eval", "--from_pretrained", str(tmp_path), "--max_steps", "4"], "--max_steps: not read by --eval"),
                          (["--train", "--data", str(tmp_path / "q.jsonl"), "--n_train", "5"], "--data trains on your")):
         with pytest.raises(vl.UserError, match=re.escape(needle)):
             vl.main(argv + ["--out_dir", str(tmp_path / "o")])

@@ -1196,6 +1196,9 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
             f"questions: using --batch_size {fit}")  # repeated questions cost work and add nothing to the mean
         cfg = dataclasses.replace(cfg, batch_size=fit)  # saved so: --resume finds the same global batch
     gsize = cfg.batch_size * shares  # gsize: the global batch
+    if cfg.warmup > cfg.max_steps:  # a short fine-tune under the default --warmup 100
+        say(f"--warmup {cfg.warmup} > --max_steps {cfg.max_steps}: the learning rate peaks at "
+            f"{lr_at(cfg.max_steps - 1, cfg):.1e}, not --lr {cfg.lr:.1e}; lower --warmup to reach it")
     step, seconds0 = load_train_state(cfg.out_dir, opt, scaler, say, gsize) if resume else (0, 0.0)
     raw = model  # the bare module, which is saved and evaluated; under torchrun `model` becomes its DDP wrapper
     if ddp:  # unused parameters are normal: a shard without images leaves that tower out; later CLIP layers never run
@@ -1424,7 +1427,7 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # argparse's refusals in one line too, no usage
     for mode, what in (("train", "build the synthetic world (if needed), train, evaluate"),
                        ("resume", "with --train: continue out_dir's run exactly (architecture flags must match)"),
-                       ("eval", "evaluate out_dir on test and novel"), ("bench", "decode tokens/s vs transformers"),
+                       ("eval", "score out_dir or --from_pretrained"), ("bench", "decode tokens/s vs transformers"),
                        ("generate", "answer --prompt on --video/--image"), ("compile", "for --generate (slow start)")):
         p.add_argument(f"--{mode}", action="store_true", help=what)
     p.add_argument("--inspect", default="", metavar="DIR", help="report on the checkpoint in DIR")
@@ -1448,7 +1451,9 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     greedy = [f.name for f in dataclasses.fields(Config) if f.name not in (*sampling, *dropped)]
     reads = {"generate": ("out_dir", "from_pretrained", "device", "dtype", "seed", *sampling, "max_new_tokens",
                           "n_frames", *HF_FIELDS), "inspect": ("n_frames", "n_tokens"), "bench": ("max_new_tokens",),
-             "train": greedy, "eval": [f for f in greedy if f != "from_pretrained"]}  # --eval scores a run's out_dir
+             "train": greedy, "eval": greedy if not cfg.from_pretrained else ("from_pretrained", "out_dir", "device",
+                 "dtype", "data", "test_data", "data_dir", "n_train", "n_test", "seed", "n_frames", "batch_size",
+                 "max_new_tokens", *HF_FIELDS)}  # --eval: a run (checked against it), or a checkpoint as it comes
     mode = next((m for m in reads if getattr(args, m)), None)  # --train --eval is one run: --train's
     typed = [*overrides, *["n_tokens"] * (args.n_tokens is not None)]  # --n_tokens is not a Config field
     unread = [f"--{k}" for k in typed if mode and k not in reads[mode]]
@@ -1495,10 +1500,16 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     ) if bad]
     if problems:
         raise UserError(problems[0])
-    if args.train or args.eval and os.path.isdir(cfg.out_dir):  # --resume and --eval write into the run's folder
-        check_folder(cfg.out_dir, "--out_dir", "config.json", lambda m: not new or m.get("script") == SCRIPT,
-                     "of files this script did not write; give a new or empty one")  # a new run: new, empty or own
+    check_out_dir(args, cfg)
     return args, cfg, overrides
+
+def check_out_dir(args, cfg):  # --out_dir, refused before anything is read or written
+    base, new = args.eval and cfg.from_pretrained, args.train and not args.resume  # base: a checkpoint as it comes
+    if args.train or base or args.eval and os.path.isdir(cfg.out_dir):  # --resume, --eval: into the run's folder
+        # base writes eval.json alone: into a new or empty folder, or base's; a new run also into its own, replacing it
+        check_folder(cfg.out_dir, "--out_dir", "config.json", lambda m: set(os.listdir(cfg.out_dir)) <= {"eval.json"}
+                     or not base and (not new or m.get("script") == SCRIPT), ("holding more than an eval.json" if base
+                     else "of files this script did not write") + "; give a new or empty one")
 
 def check_arch(path, overrides, mode):  # a typed architecture flag must agree with path's; -> (run, frames per video)
     arch = config_from_hf(hf := read_config(path), path)  # the checkpoint's architecture, which is what runs
@@ -1552,9 +1563,13 @@ def main(argv=None):  # the command line: one mode per call (--train [--resume],
         if cfg.from_pretrained and not args.resume:  # a typed size that differs is refused; frames as --generate's
             cfg = dataclasses.replace(cfg, n_frames=check_arch(cfg.from_pretrained, overrides, "--from_pretrained")[1])
         train(saved_config(cfg.out_dir, overrides) if args.resume else cfg, resume=args.resume)
-    elif args.eval:  # the run's model as trained (build_model, as --resume loads it) on its test and novel questions
-        device, cfg = pick_device(cfg.device), saved_config(cfg.out_dir, overrides, resume=False)
-        model, cfg, tok, data = build_model(cfg, load_entries(cfg, scoring=True), resume=True, say=print, device=device)
+    elif args.eval:  # on the test (and novel) questions: a run as trained (as --resume loads it), or a checkpoint
+        device, base = pick_device(cfg.device), cfg.from_pretrained  # as it comes, to compare fine-tuning with
+        if base:  # its frames as --train reads them; eval.json goes into a folder of its own (parse_args)
+            cfg = dataclasses.replace(cfg, share_towers=False, n_frames=check_arch(base, overrides, "--eval")[1])
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        cfg = cfg if base else saved_config(cfg.out_dir, overrides, resume=False)
+        model, cfg, tok, data = build_model(cfg, load_entries(cfg, scoring=True), not base, say=print, device=device)
         seconds = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # kept
         evaluate(model, tok, cfg, device, data, seconds)
     elif args.generate:
