@@ -477,6 +477,9 @@ def test_vm_metrics_hand_computed():
     p = [4 / 5, 3 / 4, 2 / 3, 1 / 2]
     assert vm.bleu4([h], refs[:1]) == pytest.approx(math.exp(sum(map(math.log, p)) / 4))
     assert vm.bleu4(["purple"], refs[:1]) == 0.0
+    # captions under four words have no 4-grams: the orders they have are scored (it was 0 for an exact corpus)
+    assert vm.bleu4(["a red patch", "a blue"], [["a red patch"], ["a blue"]]) == pytest.approx(1.0)
+    assert vm.bleu4(["a red"], [["a red patch"]]) == pytest.approx(math.exp(1 - 3 / 2))
     # CIDEr-D: with a single evaluated clip every n-gram has IDF log(1/1) = 0, so the score is 0 whatever the text;
     # with two clips, a caption equal to its only reference scores exactly 10 (cosine 1, no length penalty).
     assert vm.cider_d(["a red circle moves left"], refs[:1]) == 0.0
@@ -1683,7 +1686,8 @@ def test_vc_metrics_hand_computed():
     assert vc.bleu4(["a b c d e"], [["a b c d f"]]) == pytest.approx((4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25)
     # hypothesis 4 words, closest reference 6: brevity penalty exp(1 - 6/4)
     assert vc.bleu4(["a b c d"], [["a b c d e f", "q"]]) == pytest.approx(math.exp(1 - 6 / 4))
-    assert vc.bleu4(["x y z"], [["a b c d"]]) == 0.0
+    assert vc.bleu4(["x y z"], [["a b c d"]]) == 0.0 and vc.bleu4(["a b z"], [["a b c"]]) == 0.0  # no 3-gram matches
+    assert vc.bleu4(["a b c"], [["a b c"]]) == pytest.approx(1.0)  # no 4-grams to score: orders 1-3
     # clipped: an n-gram counts at most as often as the one reference holding it most, not the references' sum
     twice = pytest.approx((4 / 8 * 3 / 7 * 2 / 6 * 1 / 5) ** 0.25)
     assert vc.bleu4(["a b c d a b c d"], [["a b c d", "a b c d"]]) == twice

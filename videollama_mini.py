@@ -527,7 +527,7 @@ def exact_match(preds, refs):
 
 def bleu4(preds, refs):
     """Corpus BLEU-4 (Papineni et al.): clipped n-gram precision over the corpus, brevity penalty against the
-    reference closest in length (the shorter one on ties). No smoothing: one empty n-gram order gives 0."""
+    reference closest in length (the shorter one on ties). No smoothing: an order with no match gives 0."""
     match, total, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0
     for p, rs in zip(preds, refs):
         h, rws = normalise(p).split(), [normalise(r).split() for r in rs]
@@ -537,10 +537,11 @@ def bleu4(preds, refs):
             counts = [ngrams(r, n) for r in rws]  # an n-gram counts at most as often as the reference holding it most
             match[n - 1] += sum(min(c, max(r[g] for r in counts)) for g, c in ngrams(h, n).items())  # clipped matches
             total[n - 1] += max(0, len(h) - n + 1)
-    if min(match) == 0:
+    orders = [(m, t) for m, t in zip(match, total) if t]  # the orders a prediction is long enough for
+    if not orders or min(m for m, _ in orders) == 0:
         return 0.0
     bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / max(hyp_len, 1))  # brevity penalty
-    return bp * math.exp(sum(math.log(m / t) for m, t in zip(match, total)) / 4)  # x the 4 precisions' geometric mean
+    return bp * math.exp(sum(math.log(m / t) for m, t in orders) / len(orders))  # x the precisions' geometric mean
 
 def cider_d(preds, refs, sigma=6.0):
     """CIDEr-D (Vedantam et al.): TF-IDF n-gram vectors (n=1..4, IDF from the evaluated set's references), cosine
