@@ -172,16 +172,19 @@ def check_float16_scales_the_loss(train, cfg, monkeypatch):
 def check_log_eta_in_whole_seconds(mod, cfg, draw_name, monkeypatch, capsys):
     """The log's eta is rounded to whole seconds before it is split into minutes and seconds: 59.7 s left reads
     1m00s, not 0m60s. A fake clock: each step draws its batch once (draw_name) and takes 14.925 s; four of the six
-    steps are left after step 2."""
-    clock, draw = [0.0], getattr(mod, draw_name)
+    steps are left after step 2. The save after step 2's validation takes 1000 s, which a step's ms leaves out."""
+    clock, draw, save = [0.0], getattr(mod, draw_name), mod.save_checkpoint
 
-    def draw_and_tick(*a):
-        clock[0] += 14.925
-        return draw(*a)
+    def tick(f, seconds):  # f, called after the fake clock moves on by seconds
+        def ticked(*a, **k):
+            clock[0] += seconds
+            return f(*a, **k)
+        return ticked
 
     monkeypatch.setattr(mod, "time", types.SimpleNamespace(time=lambda: clock[0]))  # the script's clock only
-    monkeypatch.setattr(mod, draw_name, draw_and_tick)
-    mod.train(dataclasses.replace(cfg, max_steps=6, stop_after=2, log_interval=2, eval_interval=100))
+    monkeypatch.setattr(mod, draw_name, tick(draw, 14.925))
+    monkeypatch.setattr(mod, "save_checkpoint", tick(save, 1000.0))
+    mod.train(dataclasses.replace(cfg, max_steps=6, stop_after=2, log_interval=2, eval_interval=2))
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("step 2/6"))
     assert "| 14925 ms |" in line and line.endswith("| eta 1m00s"), line
 

@@ -1219,13 +1219,13 @@ def train(cfg, resume=False):  # under torchrun each process computes its shard;
         scaler.update()
         opt.zero_grad(set_to_none=True)
         step += 1
+        dt = (time.time() - t_log) / (step - log_step)  # seconds a step since the last log line, before val and save
         stop = cfg.stop_after and cfg.stop_after <= step < cfg.max_steps  # as if interrupted: save, --resume goes on
         measure = master and (step % cfg.eval_interval == 0 or step == cfg.max_steps)  # val loss, and a checkpoint
         val = eval_loss(raw, data["val"], cfg, device) if measure else None
         if master and (measure or stop):
             save_checkpoint(raw, cfg, tok, opt, step, seconds0 + time.time() - t0, scaler, gsize)
         if master and (step % cfg.log_interval == 0 or step == cfg.max_steps or measure):
-            dt = (time.time() - t_log) / (step - log_step)
             eta = round(dt * (cfg.max_steps - step))
             say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {'-' if val is None else f'{val:.3f}'} | "
                 f"lr {lr_at(step - 1, cfg):.1e} | {dt * 1000:.0f} ms | {gsize / dt:.0f} samples/s | "

@@ -769,13 +769,13 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
         scaler.update()
         opt.zero_grad(set_to_none=True)  # frees the gradient memory between steps
         step += 1
+        dt = (time.time() - t_log) / (step - log_step)  # seconds a step since the last log line, before val and save
         stop = cfg.stop_after and cfg.stop_after <= step < cfg.max_steps  # as if interrupted: save, --resume goes on
         measure = master and (step % cfg.eval_interval == 0 or step == cfg.max_steps)  # the val loss, and a save
         val = evaluate_loss(raw, tok, *data["val"], cfg, device) if measure else None  # logged where it is measured
         if master and (measure or stop):
             save_checkpoint(raw, tok, cfg, opt, step, scaler, gsize, seconds0 + time.time() - t0)
         if master and (step % cfg.log_interval == 0 or measure):  # measure: also at max_steps
-            dt = (time.time() - t_log) / (step - log_step)  # seconds per step since the last log line
             eta = round(dt * (cfg.max_steps - step))  # seconds left at this pace
             say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {'-' if val is None else f'{val:.3f}'} | "
                 f"lr {lr_at(step - 1, cfg):.1e} | {dt * 1000:.0f} ms | {gsize / dt:.0f} samples/s | "

@@ -762,6 +762,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
             group["lr"] = lr_at(step, cfg)
         loss = train_step(fwd, opt, scaler, (images[idx], inp, tgt), cfg, device, rank, world)
         step, val = step + 1, None  # val: shown only on the steps where it is measured
+        dt = (time.time() - t_log) / (step - log_step)  # seconds a step since the last log line, before val and save
         stop = cfg.stop_after and cfg.stop_after <= step < cfg.max_steps  # as if interrupted: saved, --resume goes on
         if rank == 0 and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             with torch.no_grad(), autocast(cfg, device):  # mean token loss on the first reference of each image
@@ -771,7 +772,6 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
         if rank == 0 and (val is not None or stop):  # the weights, and train_state.pt with the time trained so far
             save_checkpoint(raw, tok, cfg, opt, step, scaler, batch=gsize, seconds=seconds0 + time.time() - t0)
         if rank == 0 and (step % cfg.log_interval == 0 or val is not None):  # val: every eval step, the last too
-            dt = (time.time() - t_log) / (step - log_step)
             eta = round(dt * (cfg.max_steps - step))
             say(f"step {step}/{cfg.max_steps} | loss {loss:.3f} | val {'-' if val is None else f'{val:.3f}'} | "
                 f"lr {lr_at(step - 1, cfg):.1e} | {dt * 1000:.0f} ms | {gsize / dt:.3g} samples/s | "
