@@ -606,6 +606,7 @@ def test_vm_bad_flags_are_refused_by_parse_args(capsys):
     for mode in ([], ["--train"], ["--eval"]):
         main_user_error(vm.main, capsys, mode + ["--video", "a.mp4"], "--generate and --video PATH")
     assert vm.parse_args(["--temperature", "0.8", "--top_p", "0.9", "--d_model", "48", "--n_head", "3"])[1].top_p == 0.9
+    assert vm.parse_args(["--train", "--eval", "--preset", "tiny"])[1].d_model < vm.Config().d_model  # one run: --train's
 
 
 def test_vm_bad_numbers_are_refused_by_parse_args(_vm_trained, tmp_path, capsys):
@@ -1985,6 +1986,7 @@ def test_vc_train_eval_generate_cli(tmp_path, capsys, monkeypatch):
     assert json.load(open(os.path.join(out, "eval.json")))["train_seconds"] == trained > 0  # --eval keeps it
     for argv in (["--eval"], ["--train", "--resume"], ["--generate", "--image", "a.png"]):  # sizes: the checkpoint's
         main_user_error(vc.main, capsys, argv + ["--preset", "tiny", "--out_dir", out], "--preset tiny", "drop --preset")
+    assert vc.parse_args(["--train", "--eval", "--preset", "tiny"])[1].d_model < vc.Config().d_model  # --train's sizes
     for argv in (["--eval", "--image", "a.png"], ["--generate"]):  # --image without --generate, or the other way round
         main_user_error(vc.main, capsys, argv, "--generate and --image PATH")
     for argv in (["--eval"], ["--generate", "--image", "a.png"]):  # training flags would be ignored: refused

@@ -1010,8 +1010,8 @@ def parse_args(argv=None):
          "one mode per call: --train (it also evaluates), --eval, --generate or --bench; --resume goes with --train"),
         (unread, f"{', '.join(unread)}: " + ("not read by --bench (it times a new model of these sizes on random "
          "clips); drop it" if args.bench else "the learned-query Q-Former's sizes; only with --qformer_mode queries")),
-        (args.preset and (args.resume or args.eval or args.generate), f"--preset {args.preset}: --resume, --eval and "
-         "--generate take the sizes from the checkpoint in --out_dir; drop --preset"),
+        (args.preset and (args.resume or args.eval and not args.train or args.generate),  # --train --eval: --train's
+         f"--preset {args.preset}: --resume, --eval and --generate take the sizes from the checkpoint; drop --preset"),
         (bool(args.video) != args.generate, "--generate and --video PATH (file or frame folder) go together")] if bad]:
         raise UserError(errors[0])
     return args, cfg, overrides

@@ -1008,8 +1008,8 @@ def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the fl
         (fresh and "patch_scale" in overrides and cfg.patch_init == "random", "--patch_scale: with --patch_init pca"),
         ([args.train or args.eval, args.generate, args.bench].count(True) > 1 or args.resume and not args.train,
          "one mode per call (--train evaluates); --resume continues a training run: use it with --train"),
-        (args.preset and (args.resume or args.eval or args.generate), f"--preset {args.preset}: --resume, --eval "
-         "and --generate take the sizes from the checkpoint in --out_dir; drop --preset"),
+        (args.preset and (args.resume or args.eval and not args.train or args.generate),  # --train --eval: --train's
+         f"--preset {args.preset}: --resume, --eval and --generate take the sizes from the checkpoint; drop --preset"),
         (unread, f"{', '.join(unread)}: not read by --bench (it times a new model of these sizes, greedy); drop it"),
         (bool(args.image) != args.generate, "--generate and --image PATH (the image to caption) go together")) if wrong]
     if bad:
