@@ -472,6 +472,9 @@ def test_vm_sampler_filters():
 def test_vm_metrics_hand_computed():
     refs = [["a red circle moves left", "a red circle goes left"], ["a blue square moves up"]]
     assert vm.exact_match(["A red circle goes left.", "a blue square moves down"], refs) == 0.5
+    # punctuation is dropped before scoring, as COCO's caption evaluation does: "circle," is the word "circle"
+    assert vm.exact_match(["A red circle, moves left!"], refs[:1]) == 1.0
+    assert vm.bleu4(["a red circle, moves left"], refs[:1]) == pytest.approx(1.0)
     assert vm.bleu4(["a red circle moves left", "a blue square moves up"], refs) == pytest.approx(1.0)
     # hyp "a red circle moves" vs refs above (1 pair): 1-4 gram precisions 4/4, 3/3, 2/2, 1/1; closest ref length 5
     assert vm.bleu4(["a red circle moves"], refs[:1]) == pytest.approx(math.exp(1 - 5 / 4))
@@ -1685,6 +1688,8 @@ def test_vc_caption_lengths_at_the_limits_are_accepted():
 @_vc_1t
 def test_vc_metrics_hand_computed():
     assert vc.exact_match(["A red circle.", "a blue square"], [["a red circle"], ["a red square"]]) == 0.5
+    assert vc.exact_match(["a red, round circle!"], [["A red round circle"]]) == 1.0  # punctuation dropped
+    assert vc.cider_d(["a b c d", "w, x y z"], [["a b c d"], ["w x y z"]]) == pytest.approx(10.0)
     assert vc.bleu4(["a b c d e"], [["a b c d e"]]) == pytest.approx(1.0)
     # precisions 4/5, 3/4, 2/3, 1/2 and no brevity penalty
     assert vc.bleu4(["a b c d e"], [["a b c d f"]]) == pytest.approx((4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25)

@@ -297,8 +297,8 @@ class Tokenizer:  # GPT-2 BPE (tiktoken), compact: model ids index `ids`, the GP
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if i != EOS]).strip()
 
-def normalise(text):
-    return " ".join(text.lower().strip().rstrip(".").split())
+def normalise(text):  # for the metrics: lower case, punctuation dropped (as COCO's caption evaluation), single spaces
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())  # "Ball, left." -> "ball left"
 
 # Model ----------------------------------------------------------------------------------------------------------------
 def to_unit(video):  # uint8 frames (B, F, S, S, 3) -> float (B, F, 3, S, S) in [-1, 1], channels first for Conv2d

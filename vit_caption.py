@@ -274,8 +274,8 @@ class Tokenizer:  # GPT-2 BPE (tiktoken) over a compact table `ids` of the GPT-2
     def decode(self, ids):
         return self.enc.decode([self.ids[i] for i in ids if i != self.eos]).strip()
 
-def normalise(text):
-    return " ".join(text.lower().strip().rstrip(".").split())
+def normalise(text):  # for the metrics: lower case, punctuation dropped (as COCO's caption evaluation), single spaces
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())  # "Ball, left." -> "ball left"
 
 # Model: primitives -> one Block for both towers -> ViT -> captioner ---------------------------------------------------
 class RMSNorm(nn.Module):
