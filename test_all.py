@@ -1997,6 +1997,8 @@ def test_vc_train_eval_generate_cli(tmp_path, capsys, monkeypatch):
     for argv in (["--eval"], ["--generate", "--image", "a.png"]):  # training flags would be ignored: refused
         main_user_error(vc.main, capsys, argv + ["--out_dir", out, "--lr", "0.5"],
                         "drop --lr 0.5 (saved as --lr 0.002)")
+    main_user_error(vc.main, capsys, ["--generate", "--image", "a.png", "--out_dir", out, "--data", "my data.txt"],
+                    "my data.txt' (saved as --data '')")  # quoted as a shell needs: a space, nothing
     img = np.random.default_rng(0).integers(0, 255, (300, 131, 3), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "odd.jpg"), img)
     drawn, draw = [], vc.attention_png

@@ -74,8 +74,8 @@ def read_json(path):  # path's JSON object as a dict, or None: missing, unreadab
     with contextlib.suppress(OSError, ValueError):  # ValueError: not JSON, or not UTF-8
         return obj if isinstance(obj := json.load(open(path, encoding="utf-8")), dict) else None
 
-def as_typed(k, v):  # flag --k with value v as a user types it: --k v, a boolean as --k or --no-k
-    return (f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k} {v}"
+def as_typed(k, v):  # flag --k with value v as a user types it: --k v ('' and spaces quoted), a boolean --k or --no-k
+    return (f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k} {shlex.quote(str(v))}"
 
 # Config ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass

@@ -501,8 +501,8 @@ TRAINING = ("batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup", "
 DATA = ("data", "test_data", "data_dir", "max_train", "eval_max")  # what --eval reads and --generate does not
 BENCH = ARCH + ("batch_size", "grad_clip", "dropout", "vit_dropout", "dtype", "device")  # all that --bench reads
 
-def as_typed(k, v):  # a flag and its value as typed: --lr 0.5, --compile, --no-compile
-    return (f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k} {v}"
+def as_typed(k, v):  # a flag and its value as typed: --lr 0.5, --data '' (quoted as a shell needs), --compile
+    return (f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k} {shlex.quote(str(v))}"
 
 def load_checkpoint(out_dir, overrides=None, fixed=ARCH):  # -> (model, tok, cfg): saved `fixed` fields, overrides rest
     cpath, wpath = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")
