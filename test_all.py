@@ -4132,7 +4132,7 @@ def test_vl_resume_refuses_foreign_folders(vl_tiny_run, tmp_path):
     json.dump({"model_type": "video_llava"}, open(hf / "config.json", "w"))  # an HF folder: no run to continue
     for mode in (["--train", "--resume"], ["--eval"]):
         with pytest.raises(vl.UserError, match=r"not written by video_llava.py --train \(its config.json has model_type "
-                           r"'video_llava': an HF folder\); .*; fine-tune it with --from_pretrained$"):
+                           r"'video_llava': an HF folder\); .*; --from_pretrained reads it$"):
             vl.main([*mode, "--out_dir", str(hf)])
     json.dump({"model_type": "video_llava", "script": "video_llava"}, open(hf / "config.json", "w"))  # no settings
     with pytest.raises(vl.UserError, match=r"has no train_config\); --resume and --eval need"):
@@ -4244,7 +4244,7 @@ def test_vl_out_dir_flags_test_data_and_shards(vl_tiny_run, vl_ckpt, tmp_path, c
         with pytest.raises(vl.UserError, match=match):
             vl.main(["--train", "--preset", "tiny", "--data_dir", cfg.data_dir, "--out_dir", str(tmp_path / "o"), *argv])
 
-    refused("did not write", "--out_dir", str(mine))
+    refused("a folder that is not a run of this script", "--out_dir", str(mine))
     refused("a file", "--out_dir", str(afile))
     refused("a file", "--data_dir", str(afile))
     for flag, value in (("--max_steps", "0"), ("--eval_interval", "0"), ("--lr", "-1"), ("--lr", "nan"),
@@ -4264,7 +4264,8 @@ def test_vl_out_dir_flags_test_data_and_shards(vl_tiny_run, vl_ckpt, tmp_path, c
     ev = json.load(open(run / "eval.json"))
     assert ev["test"]["image"]["n"] == ev["test"]["video"]["n"] == 1 and ev["train_seconds"] == seconds is not None
     capsys.readouterr()
-    vl.main(["--eval", "--out_dir", str(run), "--test_data", str(tmp_path / "t.jsonl"), "--max_new_tokens", "9"])
+    vl.main(["--eval", "--out_dir", str(run), "--test_data", str(tmp_path / "t.jsonl"), "--max_new_tokens", "9",
+             "--batch_size", "1"])  # how many rows at once: a machine's choice, as --device
     assert '"max_new_tokens": 9' in capsys.readouterr().out  # --eval may give answers more room, and does
     (tmp_path / "x.jsonl").write_text(json.dumps({"image": png, "question": "What is the xylophone?", "answer": "red"}))
     with pytest.raises(vl.UserError, match="x.jsonl:1: ' is' .* is not in the model's token table"):
@@ -4710,8 +4711,10 @@ def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, vl_tiny_run, tmp_pat
     (tmp_path / "t.jsonl").write_text("".join(json.dumps({**e, "image" if "image" in e else "video":
                                                           os.path.join(world, e.get("image") or e["video"])}) + "\n"
                                               for e in test))
-    base = ["--eval", "--from_pretrained", src, "--max_new_tokens", "24", "--test_data", str(tmp_path / "t.jsonl"),
-            "--data", str(tmp_path / "t.jsonl")]  # --data: the file fine-tuning would read (not read here)
+    base = ["--eval", "--from_pretrained", src, "--max_new_tokens", "24", "--data_dir", str(tmp_path / "world")]
+    with pytest.raises(vl.UserError, match="scores your questions: give --data FILE or --test_data FILE"):
+        vl.main([*base, "--out_dir", str(tmp_path / "base")])  # not thousands of the synthetic world's
+    base += ["--test_data", str(tmp_path / "t.jsonl")]
     scores = []
     for batch in ("32", "1"):  # the second call finds only the first's eval.json there; batched = row by row
         vl.main([*base, "--out_dir", str(tmp_path / "base"), "--batch_size", batch])
@@ -4727,7 +4730,12 @@ def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, vl_tiny_run, tmp_pat
     with pytest.raises(vl.UserError, match="--lr: not read by --eval"):
         vl.main([*base, "--out_dir", str(tmp_path / "b"), "--lr", "0.1"])
     assert json.load(open(os.path.join(out, "eval.json"))) == tuned and not os.path.exists(tmp_path / "b")
-    vl.parse_args(["--train", "--from_pretrained", src, "--out_dir", str(tmp_path / "base")])  # a run may follow there
+    assert not os.path.exists(tmp_path / "world")  # your test file alone: no synthetic world written, or scored
+    with pytest.raises(vl.UserError, match=r"not a run of this script \(a checkpoint's score is kept\)"):
+        vl.parse_args(["--train", "--from_pretrained", src, "--out_dir", str(tmp_path / "base")])
+    with pytest.raises(vl.UserError, match="--test_data: give your training questions too, as --data FILE"):
+        vl.main(["--train", "--from_pretrained", src, "--test_data", str(tmp_path / "t.jsonl"), "--out_dir",
+                 str(tmp_path / "ft")])  # a forgotten --data would fine-tune on the synthetic world
 
 
 def test_vl_stage1_on_a_bfloat16_checkpoint_keeps_the_frozen_towers_bfloat16(vl_ckpt, vl_tiny_run, tmp_path,

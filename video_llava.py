@@ -297,7 +297,8 @@ def build_world(cfg):  # write data_dir/<split>/*.png|mp4 and data_dir/<split>.j
     atomic(stamp, lambda p: json.dump(want, open(p, "w")))  # complete
     return files
 
-def load_entries(cfg, master=True, scoring=False):  # each split's questions: --data or the world; --test_data: test
+def load_entries(cfg, master=True, scoring=False, world=True):  # each split's questions: --data, or the world if world
+    entries = {}  # (a checkpoint's score before fine-tuning reads none); --test_data replaces the test split
     if cfg.data:  # scoring (--eval: test and novel only) reads --data only when its held-out entries are the test
         why = "; --eval tests on the entries the run held out of --data, or give --test_data FILE" if scoring else ""
         train = [] if scoring and cfg.test_data else read_annotations(cfg.data, why)  # it may have moved
@@ -307,7 +308,7 @@ def load_entries(cfg, master=True, scoring=False):  # each split's questions: --
         entries = {"train": [e for e, d in zip(train, draw) if d > cut], "val": held, "test": held}
         if not (entries["train"] or scoring):  # all held out: one entry, say, or one image and question repeated
             raise UserError(f"{cfg.data}: every entry is held out for validation; add other files or questions")
-    else:
+    elif world:
         files = build_world(cfg) if master else None  # rank 0 writes the world; the others wait, then read it
         if dist.is_initialized():
             dist.barrier()
@@ -979,7 +980,7 @@ def saved_config(out_dir, overrides, resume=True):  # the Config --train saved i
         s, mt = meta.get("script"), meta.get("model_type")  # ours without settings (damaged), another's, none (HF)
         what = "no train_config" if s == SCRIPT else f"the script {s!r}" if s else f"model_type {mt!r}: an HF folder"
         raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (its config.json has {what}); --resume and "
-                        "--eval need the --out_dir of a run" + ("; fine-tune it with --from_pretrained" if mt else ""))
+                        "--eval need the --out_dir of a run" + ("; --from_pretrained reads it" if mt else ""))
     if resume and not os.path.isfile(os.path.join(out_dir, "train_state.pt")):
         raise UserError(f"{out_dir}: no train_state.pt, so there is no optimizer state to resume from; drop --resume "
                         f"to start afresh (or fine-tune it: --from_pretrained {shlex.quote(out_dir)} --out_dir NEW)")
@@ -988,8 +989,8 @@ def saved_config(out_dir, overrides, resume=True):  # the Config --train saved i
     if bad := [k for k, v in saved.items() if not isinstance(v, kinds[k]) or v not in CHOICES.get(k, [v])]:  # damaged
         raise UserError(f"{out_dir}/config.json: train_config's {bad[0]} is {saved[bad[0]]!r}; the file is damaged")
     base = Config(**{**saved, "out_dir": out_dir})  # moved or copied: the run lives where it was found
-    if not resume:  # --eval: where and on what it runs, and how long an answer may grow; the rest is the run's
-        run_keys = ("device", "dtype", "out_dir", "data_dir", "data", "test_data", "max_new_tokens")
+    if not resume:  # --eval: where, on what, how many rows at once, how long an answer may grow; the rest is the run's
+        run_keys = ("device", "dtype", "out_dir", "data_dir", "data", "test_data", "max_new_tokens", "batch_size")
         if clash := [f"--{k} {v}" for k, v in overrides.items() if k not in run_keys and v != getattr(base, k)]:
             raise UserError(f"{out_dir}: --eval runs the trained settings; drop {', '.join(clash)}")
         return dataclasses.replace(base, **{k: v for k, v in overrides.items() if k in run_keys})
@@ -1252,7 +1253,7 @@ def eval_loss(model, ex, cfg, device):  # the mean loss over val's answer tokens
             losses.append((model(**b)[1].item(), (b["targets"] != -100).sum().item()))
     loss = sum(x * n for x, n in losses) / sum(n for _, n in losses)
     if not math.isfinite(loss):  # the weights diverged within the last steps: they are not saved
-        raise UserError(f"validation loss {loss}: stopped; {cfg.out_dir} keeps its last save (try a lower --lr)")
+        raise UserError(f"validation loss {loss}: stopped; {cfg.out_dir} keeps its last save, if any (lower --lr)")
     return loss
 
 # Generation, evaluation, inspection and bench -------------------------------------------------------------------------
@@ -1506,10 +1507,10 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
 def check_out_dir(args, cfg):  # --out_dir, refused before anything is read or written
     base, new = args.eval and cfg.from_pretrained, args.train and not args.resume  # base: a checkpoint as it comes
     if args.train or base or args.eval and os.path.isdir(cfg.out_dir):  # --resume, --eval: into the run's folder
-        # base writes eval.json alone: into a new or empty folder, or base's; a new run also into its own, replacing it
+        # base writes eval.json alone: into a new or empty folder, or base's; a new run: a new, empty, or a run's folder
         check_folder(cfg.out_dir, "--out_dir", "config.json", lambda m: set(os.listdir(cfg.out_dir)) <= {"eval.json"}
-                     or not base and (not new or m.get("script") == SCRIPT), ("holding more than an eval.json" if base
-                     else "of files this script did not write") + "; give a new or empty one")
+                     if base else not new or m.get("script") == SCRIPT, ("holding more than an eval.json" if base else
+                     "that is not a run of this script (a checkpoint's score is kept)") + "; give a new or empty one")
 
 def check_arch(path, overrides, mode):  # a typed architecture flag must agree with path's; -> (run, frames per video)
     arch = config_from_hf(hf := read_config(path), path)  # the checkpoint's architecture, which is what runs
@@ -1561,15 +1562,20 @@ def main(argv=None):  # the command line: one mode per call (--train [--resume],
     args, cfg, overrides = parse_args(argv)
     if args.train:  # build_model prints the config that runs (with --from_pretrained, the checkpoint's architecture)
         if cfg.from_pretrained and not args.resume:  # a typed size that differs is refused; frames as --generate's
+            if cfg.test_data and not cfg.data:  # a forgotten --data: the world's 3000 clips at the checkpoint's sizes
+                raise UserError("--from_pretrained with --test_data: give your training questions too, as --data FILE")
             cfg = dataclasses.replace(cfg, n_frames=check_arch(cfg.from_pretrained, overrides, "--from_pretrained")[1])
         train(saved_config(cfg.out_dir, overrides) if args.resume else cfg, resume=args.resume)
     elif args.eval:  # on the test (and novel) questions: a run as trained (as --resume loads it), or a checkpoint
         device, base = pick_device(cfg.device), cfg.from_pretrained  # as it comes, to compare fine-tuning with
-        if base:  # its frames as --train reads them; eval.json goes into a folder of its own (parse_args)
+        if base:  # your questions, its frames as --train reads them; eval.json into a folder of its own (parse_args)
+            if not (cfg.data or cfg.test_data):  # (not the synthetic world: thousands of questions of coloured shapes)
+                raise UserError("--eval --from_pretrained scores your questions: give --data FILE or --test_data FILE")
             cfg = dataclasses.replace(cfg, share_towers=False, n_frames=check_arch(base, overrides, "--eval")[1])
             os.makedirs(cfg.out_dir, exist_ok=True)
         cfg = cfg if base else saved_config(cfg.out_dir, overrides, resume=False)
-        model, cfg, tok, data = build_model(cfg, load_entries(cfg, scoring=True), not base, say=print, device=device)
+        entries = load_entries(cfg, scoring=True, world=not base)  # base: --data's held-out entries or --test_data
+        model, cfg, tok, data = build_model(cfg, entries, not base, say=print, device=device)
         seconds = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # kept
         evaluate(model, tok, cfg, device, data, seconds)
     elif args.generate:
