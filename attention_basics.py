@@ -136,7 +136,7 @@ TOUR_FIELDS = ("img_size", "patch", "d_model", "n_head", "n_vit_layer", "n_text_
 
 PRESETS = {"default": {}, "tiny": dict(n_img_train=48, n_img_test=12, n_train=32, n_test=8, n_novel=8, img_size=16,
     patch=8, n_frames=3, d_model=32, n_head=2, n_vit_layer=1, n_text_layer=1, n_dec_layer=1, d_embed=16, n_latents=8,
-    clip_steps=4, steps=4, batch_size=8, warmup=2, log_interval=2, data_dir="data/ab_tiny")}  # tiny: the tests' runs
+    clip_steps=4, steps=4, batch_size=8, warmup=2, log_interval=2, data_dir="data/ab_tiny", out_dir="out/ab_tiny")}
 
 # Data: synthetic world (PNG images, mp4 clips), loaders, annotation files, tokenizer ----------------------------------
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws

@@ -163,7 +163,7 @@ PRESETS = {"default": {},
     "tiny": dict(n_train=48, n_val=8, n_test=12, n_novel=12, n_frames=8, v_width=32, v_layers=1, v_heads=2, l_width=32,
                  l_layers=1, l_heads=2, l_kv_heads=1, l_head_dim=16, l_inter=64, n_visual_query=4, n_temporal_query=2,
                  bridge_heads=2, bert_heads=2, bert_inter=64, batch_size=8, max_steps=6, log_interval=2,
-                 eval_interval=4, dtype="float32", data_dir="data/mark1_tiny"),
+                 eval_interval=4, dtype="float32", data_dir="data/mark1_tiny", out_dir="out/mark1_tiny"),
     # --bench: a frozen ViT-S-sized encoder (384 wide, 12 layers) on 64-pixel frames (random weights: the cost matters)
     "bench": dict(v_width=384, v_layers=12, v_heads=6, v_patch=16, crop=64, n_train=256, data_dir="data/mark1_bench"),
     # the Mark-1 project's bridge sizes (video width 1408 and LLM width 1024 come from the checkpoints)

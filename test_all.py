@@ -7933,6 +7933,17 @@ def test_all_scripts_refuse_an_empty_path(mod, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "eval.json").read_text() == '{"mine": 1}'
 
 
+@pytest.mark.parametrize("mod", [vm, vc, vl, mk, ab], ids=["vm", "vc", "vl", "mk", "ab"])
+def test_all_scripts_tiny_preset_writes_beside_the_default_run(mod, tmp_path, monkeypatch):
+    """`--train --preset tiny` without --out_dir wrote its world into a folder of its own but its run over the default
+    run's folder: a run of minutes was replaced by one of seconds. Both now go to folders ending in _tiny."""
+    monkeypatch.chdir(tmp_path)
+    cfg, default = mod.parse_args(["--train", "--preset", "tiny"])[1], mod.Config()
+    assert cfg.out_dir.endswith("_tiny") and cfg.data_dir.endswith("_tiny")
+    assert {cfg.out_dir, cfg.data_dir}.isdisjoint({default.out_dir, default.data_dir})
+    assert list(tmp_path.iterdir()) == []  # nothing is written before the run starts
+
+
 @pytest.mark.parametrize("mod", [vm, vl, mk, ab], ids=["vm", "vl", "mk", "ab"])
 def test_video_scripts_refuse_a_text_file_as_a_video(mod, tmp_path):
     """FFmpeg's tty demuxer plays a .txt file as a video of its characters (OpenCV opens it, frames decode): an

@@ -138,7 +138,7 @@ CHOICES = dict(dtype=("auto", "float32", "bfloat16", "float16"), vision_feature_
 PRESETS = {"default": {}, "tiny": dict(n_train=48, n_test=6, data_dir="data/video_llava_tiny", hidden_size=32,
     intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, v_hidden_size=16,
     v_intermediate_size=32, v_num_hidden_layers=2, v_num_attention_heads=2, batch_size=8, max_steps=6, warmup=2,
-    log_interval=2, eval_interval=4, dtype="float32", max_new_tokens=6)}  # tiny: the pipeline in seconds (the tests)
+    log_interval=2, eval_interval=4, dtype="float32", max_new_tokens=6, out_dir="out/video_llava_tiny")}  # seconds
 
 # Config field -> (section of an HF config.json, its key there, transformers' default): the map config_from_hf reads and
 # hf_config_dict writes. A top-level key may sit in text_config. The vision defaults below are Video-LLaVA's, for a
@@ -1253,7 +1253,7 @@ def eval_loss(model, ex, cfg, device):  # the mean loss over val's answer tokens
             losses.append((model(**b)[1].item(), (b["targets"] != -100).sum().item()))
     loss = sum(x * n for x, n in losses) / sum(n for _, n in losses)
     if not math.isfinite(loss):  # the weights diverged within the last steps: they are not saved
-        raise UserError(f"validation loss {loss}: stopped; {cfg.out_dir} keeps its last save, if any (lower --lr)")
+        raise UserError(f"validation loss {loss}: stopped; {cfg.out_dir} keeps its last save (try a lower --lr)")
     return loss
 
 # Generation, evaluation, inspection and bench -------------------------------------------------------------------------

@@ -125,13 +125,13 @@ class Config:
     max_new_tokens: int = 30
 
 CHOICES = {"qformer_mode": ("text", "queries"), "dtype": ("auto", "float32", "bfloat16", "float16")}  # argparse checks
-PRESETS = {"default": {},  # default: the CPU run; tiny: seconds, for the tests
-    # The VideoLLaMA-Mini write-up gives no layer, width, head, frame or sampling sizes (those stay the defaults), but
-    # text tokens as the Q-Former's queries, the full GPT-2 vocabulary, Adam; dropout and weight decay: its future work.
-    "original": dict(qformer_mode="text", compact_vocab=False, dropout=0.0, weight_decay=0.0),
+# default: the CPU run; tiny: seconds, for the tests, in folders of its own; original: what the VideoLLaMA-Mini write-up
+# specifies (text tokens as Q-Former queries, the whole GPT-2 vocabulary, Adam; dropout, decay: future work); no sizes
+PRESETS = {"default": {}, "original": dict(qformer_mode="text", compact_vocab=False, dropout=0.0, weight_decay=0.0),
     "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, n_frames=4, img_size=16, d_model=32, n_head=2, cnn_width=8,
                  grid=2, n_temporal_layer=1, n_query=4, n_qformer_layer=1, n_dec_layer=1, batch_size=8, max_steps=6,
-                 warmup=2, log_interval=2, eval_interval=4, dtype="float32", data_dir="data/videollama_mini_tiny")}
+                 warmup=2, log_interval=2, eval_interval=4, dtype="float32", data_dir="data/videollama_mini_tiny",
+                 out_dir="out/videollama_mini_tiny")}
 
 # Data: synthetic world, video loader, annotation files, tokenizer -----------------------------------------------------
 COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30),  # BGR, as OpenCV draws

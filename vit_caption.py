@@ -124,10 +124,10 @@ class Config:
     beam: int = 1  # beam width; >1 = beam search (deterministic)
     max_new_tokens: int = 23  # caption length limit in tokens, EOS included
 
-PRESETS = {"default": {},  # tiny: seconds, for the tests. original: the write-up's sizes (heads, run settings: ours)
-    "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, img_size=16, patch=8, vit_dim=32, vit_layers=1,
-                 vit_heads=2, vit_mlp=64, d_model=32, n_layer=1, n_head=2, mlp_dim=64, batch_size=8, max_steps=6,
-                 warmup=2, log_interval=2, eval_interval=4, data_dir="data/vit_caption_tiny"),
+# tiny: seconds, for the tests, in folders of its own. original: the write-up's sizes (heads, run settings: ours)
+PRESETS = {"default": {}, "tiny": dict(n_train=64, n_val=8, n_test=12, n_novel=12, img_size=16, patch=8, vit_dim=32,
+    vit_layers=1, vit_heads=2, vit_mlp=64, d_model=32, n_layer=1, n_head=2, mlp_dim=64, batch_size=8, max_steps=6,
+    warmup=2, log_interval=2, eval_interval=4, data_dir="data/vit_caption_tiny", out_dir="out/vit_caption_tiny"),
     "original": dict(img_size=96, patch=16, vit_dim=512, vit_layers=16, vit_heads=8, vit_mlp=2048, vit_dropout=0.4,
                      pool="cls", d_model=128, n_layer=8, n_head=4, mlp_dim=11008, compact_vocab=False, rope_theta=1e4,
                      batch_size=16, max_steps=6, eval_max=64, warmup=2, lr=3e-4, log_interval=1, eval_interval=1000)}
