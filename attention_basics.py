@@ -97,7 +97,7 @@ class Config:
     n_train: int = 2000  # training clips for the captioners
     n_test: int = 200  # new clips of (colour, shape) pairs seen in training: the headline exact match
     n_novel: int = 200  # clips of the 6 held-out pairs: compositional generalisation
-    img_size: int = 24  # images and frames are resized to this side
+    img_size: int = 24  # images and frames: centre-cropped to a square, then resized to this side
     patch: int = 4  # ViT patch side: (24/4)^2 = 36 patches + 1 CLS token (coarse patches blur the small shapes)
     n_frames: int = 4  # frames sampled uniformly from each clip
     d_model: int = 64  # the model: width of every tower (ViT, text encoder, decoder)
