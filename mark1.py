@@ -1042,10 +1042,11 @@ def prepare_data(cfg, rank=0, splits=("train", "val", "test", "novel")):  # -> {
     return {s: (e, load_split(e, cfg)) for s, e in anns.items() if s in splits}
 
 def check_answers(data, tok, cfg):  # decoding stops at --max_new_tokens: a longer answer would be cut off, silently
-    for split, (entries, _) in data.items():
-        if split != "val" and (n := max(len(tok.target(e["answer"])) for e in entries)) > cfg.max_new_tokens:
-            raise UserError(f"a {split} answer is {n} tokens long (EOS included): --max_new_tokens "
-                            f"{cfg.max_new_tokens} must be at least {n}")
+    for split, (entries, _) in data.items():  # the longest answer, named by its entry (or its split)
+        n, at = max((len(tok.target(e["answer"])), e.get("where", "")) for e in entries)
+        if split != "val" and n > cfg.max_new_tokens:
+            raise UserError(f"{at + ': the' if at else 'a ' + split} answer is {n} tokens long (EOS included): "
+                            f"--max_new_tokens {cfg.max_new_tokens} must be at least {n}")
 
 def make_optimizer(model, cfg):  # AdamW: decay on Linear/Conv3d weights (a tied embedding too), not norms or queries
     params, dev = [p for p in model.parameters() if p.requires_grad], model.devices["llm"]  # where the loss is

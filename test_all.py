@@ -6636,21 +6636,21 @@ def test_mk_hf_config_heads_that_do_not_divide_and_float_sizes(mk_hf, tmp_path):
 
 def test_mk_test_answers_longer_than_max_new_tokens_are_refused(mk_trained, tmp_path):
     """Exact match would score a test answer cut at --max_new_tokens 0: train's test split, --test_data and --eval
-    (which may lower --max_new_tokens) refuse it before any step, as training answers are; --resume with new data
-    takes the --max_new_tokens that its refusal asks for."""
+    (which may lower --max_new_tokens) refuse it before any step, naming the file and entry, as training answers are;
+    --resume with new data takes the --max_new_tokens that its refusal asks for."""
     d, _ = mk_trained
     long = "A. it " + "turns and turns " * 6
     json.dump([dict(video=str(d / "data" / "test" / "00000.mp4"), question="q?", choices=[long, "B. y"], answer=long)],
               open(tmp_path / "long.json", "w"))
     _mk_user_error(["--train", "--preset", "tiny", "--data_dir", d / "data", "--test_data", tmp_path / "long.json",
-                    "--out_dir", tmp_path / "o"], "a test answer is", "--max_new_tokens 16 must be at least")
+                    "--out_dir", tmp_path / "o"], "long.json entry 1: the answer is", "--max_new_tokens 16 must be")
     assert not (tmp_path / "o").exists()
-    _mk_user_error(["--eval", "--out_dir", d / "out", "--test_data", tmp_path / "long.json"], "a test answer is")
+    _mk_user_error(["--eval", "--out_dir", d / "out", "--test_data", tmp_path / "long.json"], "entry 1: the answer is")
     _mk_user_error(["--eval", "--out_dir", d / "out", "--max_new_tokens", 4], "answer is", "--max_new_tokens 4 must")
     r = tmp_path / "r"  # --resume may take new --data or --test_data: the --max_new_tokens it asks for is taken too
     mk.main([str(a) for a in ("--train", "--preset", "tiny", "--data_dir", d / "data", "--out_dir", r, "--stop_after", 5)])
     resume = ["--train", "--resume", "--out_dir", r, "--test_data", tmp_path / "long.json"]
-    _mk_user_error(resume, "a test answer is", "--max_new_tokens 16 must be at least")
+    _mk_user_error(resume, "long.json entry 1: the answer is", "--max_new_tokens 16 must be at least")
     mk.main([str(a) for a in resume + ["--max_new_tokens", 40]])
     assert json.load(open(r / "config.json"))["config"]["max_new_tokens"] == 40
     assert json.load(open(r / "eval.json"))["test"]["n"] == 1
