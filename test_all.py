@@ -4132,7 +4132,7 @@ def test_vl_resume_refuses_foreign_folders(vl_tiny_run, tmp_path):
     json.dump({"model_type": "video_llava"}, open(hf / "config.json", "w"))  # an HF folder: no run to continue
     for mode in (["--train", "--resume"], ["--eval"]):
         with pytest.raises(vl.UserError, match=r"not written by video_llava.py --train \(its config.json has model_type "
-                           r"'video_llava': an HF folder\); .*; --from_pretrained reads it$"):
+                           r"'video_llava': an HF folder\); .*; give it as --from_pretrained$"):
             vl.main([*mode, "--out_dir", str(hf)])
     json.dump({"model_type": "video_llava", "script": "video_llava"}, open(hf / "config.json", "w"))  # no settings
     with pytest.raises(vl.UserError, match=r"has no train_config\); --resume and --eval need"):
@@ -4676,7 +4676,7 @@ def test_vl_loader_bad_checkpoints_and_legacy_buffers(vl_ckpt, tmp_path):
         assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
-def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, vl_tiny_run, tmp_path, capsys):
+def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, vl_tiny_run, tmp_path, capsys, monkeypatch):
     """--freeze vision,llm on top of an HF checkpoint: its own tokenizer, only multi_modal_projector.* changes; the
     config printed is the one that runs, with the checkpoint's sizes, not the preset's. The processor's files travel
     with the tokenizer's, so the run's folder opens in transformers as the checkpoint's did. --eval --from_pretrained
@@ -4707,11 +4707,13 @@ def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, vl_tiny_run, tmp_pat
     # the checkpoint as it comes, scored on your test questions: its eval.json alone, in a folder of its own
     world = vl_tiny_run[0].data_dir
     test = [json.loads(l) for l in open(os.path.join(world, "test.jsonl"))]
-    test = [next(e for e in test if "image" in e), next(e for e in test if "video" in e)]
+    test = [e for e in test if "image" in e][:4] + [e for e in test if "video" in e][:3]  # a batch of each, or rows
     (tmp_path / "t.jsonl").write_text("".join(json.dumps({**e, "image" if "image" in e else "video":
                                                           os.path.join(world, e.get("image") or e["video"])}) + "\n"
                                               for e in test))
-    base = ["--eval", "--from_pretrained", src, "--max_new_tokens", "24", "--data_dir", str(tmp_path / "world")]
+    base = ["--eval", "--from_pretrained", src, "--max_new_tokens", "24"]
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # where a synthetic world would be written (data/video_llava)
     with pytest.raises(vl.UserError, match="scores your questions: give --data FILE or --test_data FILE"):
         vl.main([*base, "--out_dir", str(tmp_path / "base")])  # not thousands of the synthetic world's
     base += ["--test_data", str(tmp_path / "t.jsonl")]
@@ -4720,19 +4722,21 @@ def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, vl_tiny_run, tmp_pat
         vl.main([*base, "--out_dir", str(tmp_path / "base"), "--batch_size", batch])
         scores.append(json.load(open(tmp_path / "base" / "eval.json")))
     assert scores[0] == scores[1] and scores[0].keys() == {"train_seconds", "test"}
-    assert [scores[0]["test"][k]["n"] for k in ("image", "video")] == [1, 1]
+    assert [scores[0]["test"][k]["n"] for k in ("image", "video")] == [4, 3]
     capsys.readouterr()
     vl.main(["--generate", "--from_pretrained", src, "--dtype", "float32", "--max_new_tokens", "24", "--prompt",
              test[0]["question"], "--image", os.path.join(world, test[0]["image"])])
     assert capsys.readouterr().out.strip() == scores[0]["test"]["image"]["samples"][0]["prediction"]
     with pytest.raises(vl.UserError, match="holding more than an eval.json"):  # the fine-tuned run keeps its score
         vl.main([*base, "--out_dir", out])
-    with pytest.raises(vl.UserError, match="--lr: not read by --eval"):
-        vl.main([*base, "--out_dir", str(tmp_path / "b"), "--lr", "0.1"])
+    for flag, value in (("--lr", "0.1"), ("--data_dir", "w")):  # training, or the synthetic world it never reads
+        with pytest.raises(vl.UserError, match=f"{flag}: not read by --eval"):
+            vl.main([*base, "--out_dir", str(tmp_path / "b"), flag, value])
     assert json.load(open(os.path.join(out, "eval.json"))) == tuned and not os.path.exists(tmp_path / "b")
-    assert not os.path.exists(tmp_path / "world")  # your test file alone: no synthetic world written, or scored
-    with pytest.raises(vl.UserError, match=r"not a run of this script \(a checkpoint's score is kept\)"):
-        vl.parse_args(["--train", "--from_pretrained", src, "--out_dir", str(tmp_path / "base")])
+    assert os.listdir(tmp_path / "cwd") == []  # your test file alone: no synthetic world written, or scored
+    for mode in (["--train"], ["--train", "--eval"]):  # a new run keeps the checkpoint's score too
+        with pytest.raises(vl.UserError, match=r"not a run of this script \(nor a checkpoint's score\)"):
+            vl.parse_args([*mode, "--from_pretrained", src, "--out_dir", str(tmp_path / "base")])
     with pytest.raises(vl.UserError, match="--test_data: give your training questions too, as --data FILE"):
         vl.main(["--train", "--from_pretrained", src, "--test_data", str(tmp_path / "t.jsonl"), "--out_dir",
                  str(tmp_path / "ft")])  # a forgotten --data would fine-tune on the synthetic world

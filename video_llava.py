@@ -138,7 +138,7 @@ CHOICES = dict(dtype=("auto", "float32", "bfloat16", "float16"), vision_feature_
 PRESETS = {"default": {}, "tiny": dict(n_train=48, n_test=6, data_dir="data/video_llava_tiny", hidden_size=32,
     intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, v_hidden_size=16,
     v_intermediate_size=32, v_num_hidden_layers=2, v_num_attention_heads=2, batch_size=8, max_steps=6, warmup=2,
-    log_interval=2, eval_interval=4, dtype="float32", max_new_tokens=6, out_dir="out/video_llava_tiny")}  # seconds
+    log_interval=2, eval_interval=4, dtype="float32", max_new_tokens=6, out_dir="out/video_llava_tiny")}  # tiny: tests
 
 # Config field -> (section of an HF config.json, its key there, transformers' default): the map config_from_hf reads and
 # hf_config_dict writes. A top-level key may sit in text_config. The vision defaults below are Video-LLaVA's, for a
@@ -298,7 +298,7 @@ def build_world(cfg):  # write data_dir/<split>/*.png|mp4 and data_dir/<split>.j
     return files
 
 def load_entries(cfg, master=True, scoring=False, world=True):  # each split's questions: --data, or the world if world
-    entries = {}  # (a checkpoint's score before fine-tuning reads none); --test_data replaces the test split
+    entries = {}  # (world=False: a checkpoint's score writes none); --test_data replaces the test split
     if cfg.data:  # scoring (--eval: test and novel only) reads --data only when its held-out entries are the test
         why = "; --eval tests on the entries the run held out of --data, or give --test_data FILE" if scoring else ""
         train = [] if scoring and cfg.test_data else read_annotations(cfg.data, why)  # it may have moved
@@ -980,7 +980,7 @@ def saved_config(out_dir, overrides, resume=True):  # the Config --train saved i
         s, mt = meta.get("script"), meta.get("model_type")  # ours without settings (damaged), another's, none (HF)
         what = "no train_config" if s == SCRIPT else f"the script {s!r}" if s else f"model_type {mt!r}: an HF folder"
         raise UserError(f"{out_dir}: not written by {SCRIPT}.py --train (its config.json has {what}); --resume and "
-                        "--eval need the --out_dir of a run" + ("; --from_pretrained reads it" if mt else ""))
+                        "--eval need the --out_dir of a run" + ("; give it as --from_pretrained" if mt else ""))
     if resume and not os.path.isfile(os.path.join(out_dir, "train_state.pt")):
         raise UserError(f"{out_dir}: no train_state.pt, so there is no optimizer state to resume from; drop --resume "
                         f"to start afresh (or fine-tune it: --from_pretrained {shlex.quote(out_dir)} --out_dir NEW)")
@@ -1453,8 +1453,8 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     reads = {"generate": ("out_dir", "from_pretrained", "device", "dtype", "seed", *sampling, "max_new_tokens",
                           "n_frames", *HF_FIELDS), "inspect": ("n_frames", "n_tokens"), "bench": ("max_new_tokens",),
              "train": greedy, "eval": greedy if not cfg.from_pretrained else ("from_pretrained", "out_dir", "device",
-                 "dtype", "data", "test_data", "data_dir", "n_train", "n_test", "seed", "n_frames", "batch_size",
-                 "max_new_tokens", *HF_FIELDS)}  # --eval: a run (checked against it), or a checkpoint as it comes
+                 "dtype", "data", "test_data", "n_frames", "batch_size", "max_new_tokens", *HF_FIELDS)}  # --eval: a
+    # run (its flags checked against the run's), or a checkpoint as it comes (your questions: no synthetic world)
     mode = next((m for m in reads if getattr(args, m)), None)  # --train --eval is one run: --train's
     typed = [*overrides, *["n_tokens"] * (args.n_tokens is not None)]  # --n_tokens is not a Config field
     unread = [f"--{k}" for k in typed if mode and k not in reads[mode]]
@@ -1505,12 +1505,12 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     return args, cfg, overrides
 
 def check_out_dir(args, cfg):  # --out_dir, refused before anything is read or written
-    base, new = args.eval and cfg.from_pretrained, args.train and not args.resume  # base: a checkpoint as it comes
+    base, new = args.eval and not args.train and cfg.from_pretrained, args.train and not args.resume  # base: a score
     if args.train or base or args.eval and os.path.isdir(cfg.out_dir):  # --resume, --eval: into the run's folder
         # base writes eval.json alone: into a new or empty folder, or base's; a new run: a new, empty, or a run's folder
         check_folder(cfg.out_dir, "--out_dir", "config.json", lambda m: set(os.listdir(cfg.out_dir)) <= {"eval.json"}
                      if base else not new or m.get("script") == SCRIPT, ("holding more than an eval.json" if base else
-                     "that is not a run of this script (a checkpoint's score is kept)") + "; give a new or empty one")
+                     "that is not a run of this script (nor a checkpoint's score)") + "; give a new or empty one")
 
 def check_arch(path, overrides, mode):  # a typed architecture flag must agree with path's; -> (run, frames per video)
     arch = config_from_hf(hf := read_config(path), path)  # the checkpoint's architecture, which is what runs

@@ -527,7 +527,7 @@ def exact_match(preds, refs):
 
 def bleu4(preds, refs):
     """Corpus BLEU-4 (Papineni et al.): clipped n-gram precision over the corpus, brevity penalty against the
-    reference closest in length (the shorter one on ties). No smoothing: an order with no match gives 0."""
+    reference closest in length (shorter on ties). Unsmoothed: a matchless order gives 0; an empty one is left out."""
     match, total, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0
     for p, rs in zip(preds, refs):
         h, rws = normalise(p).split(), [normalise(r).split() for r in rs]
