@@ -1453,8 +1453,8 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     reads = {"generate": ("out_dir", "from_pretrained", "device", "dtype", "seed", *sampling, "max_new_tokens",
                           "n_frames", *HF_FIELDS), "inspect": ("n_frames", "n_tokens"), "bench": ("max_new_tokens",),
              "train": greedy, "eval": greedy if not cfg.from_pretrained else ("from_pretrained", "out_dir", "device",
-                 "dtype", "data", "test_data", "n_frames", "batch_size", "max_new_tokens", *HF_FIELDS)}  # --eval: a
-    # run (its flags checked against the run's), or a checkpoint as it comes (your questions: no synthetic world)
+                 "dtype", "data", "test_data", "n_frames", "batch_size", "max_new_tokens", *HF_FIELDS)}
+    # (--eval: a run, its flags checked against the run's; or a checkpoint as it comes, on your questions: no world)
     mode = next((m for m in reads if getattr(args, m)), None)  # --train --eval is one run: --train's
     typed = [*overrides, *["n_tokens"] * (args.n_tokens is not None)]  # --n_tokens is not a Config field
     unread = [f"--{k}" for k in typed if mode and k not in reads[mode]]
