@@ -92,8 +92,7 @@ def writable(path, marker, ours):  # may this script write into path? missing, e
 
 # Config ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class Config:
-    # data, then the two towers (v_*: the V-JEPA 2 encoder, l_*: the Qwen3 LLM)
+class Config:  # data, then the two towers (v_*: the V-JEPA 2 encoder, l_*: the Qwen3 LLM)
     data: str = ""  # user annotation JSON for training (format in the README); "" = the built-in synthetic world
     test_data: str = ""  # user annotation JSON for evaluation; else about a tenth of --data is held out
     data_dir: str = "data/mark1"
@@ -258,8 +257,7 @@ def build_world(cfg):  # write train/val/test/novel clips + annotation JSON unde
 def sample_indices(n_total, n_frames):  # uniform: the centre of each of n_frames equal bins; short clips repeat ones
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
 
-def preprocess(img, crop):
-    """transformers' VJEPA2VideoProcessor on a uint8 (H, W, 3) frame up to its float steps (those are normalize())."""
+def preprocess(img, crop):  # transformers' VJEPA2VideoProcessor on a uint8 (H, W, 3) frame, all but normalize()
     (h, w), short = img.shape[:2], int(crop * 256 / 224)  # resize to 8/7 of the crop, then cut the centre (ImageNet)
     nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)  # keep the aspect ratio
     if (nh, nw) != (h, w):  # torchvision's uint8 resize is this call; antialias widens the kernel on a shrink (as PIL)
@@ -314,9 +312,8 @@ def load_video(path, n_frames, crop):
     frames = {i: img for i, img in read(set(idx)) if img is not None}  # BGR (H, W, 3) uint8, by frame index
     if len(frames) < len(set(idx)):
         raise UserError(f"{path}: frame {min(set(idx) - set(frames))} could not be read; check the file")
-    clip = np.stack([preprocess(frames[i], crop)[:, :, ::-1] for i in idx])  # (F, S, S, 3) RGB, resized and cropped
     times = np.array(ts)[idx] if ts and np.all(np.diff(ts) > 0) else np.array(idx, np.float64) / fps  # or i / fps
-    return np.ascontiguousarray(clip), times, n / fps
+    return np.stack([preprocess(frames[i], crop)[:, :, ::-1] for i in idx]), times, n / fps  # (F, S, S, 3) RGB
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # V-JEPA 2 (ImageNet)
 def normalize(clips):  # uint8 (B, F, S, S, 3) -> float (B, F, 3, S, S) as HF's pixel_values_videos, one op
@@ -550,9 +547,8 @@ class Qwen3LM(nn.Module):  # Qwen3ForCausalLM, with the checkpoint's names (mode
         """x (B, L, D) embeddings; pos (B, L) (default arange); valid (B, Lk = cached + L) False at padded keys; cache
         a list of per-layer dicts. -> logits (B, L or 1, V), or (head=False) the normed hidden states (B, L or 1, D)."""
         (B, L, _), past = x.shape, cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0  # past: cached keys
-        pos = torch.arange(past, past + L, device=x.device).expand(B, L) if pos is None else pos
-        cos, sin = rope_cos_sin(pos, self.hd, self.theta, x.dtype)
         qi, ki = torch.arange(past, past + L, device=x.device)[:, None], torch.arange(past + L, device=x.device)
+        cos, sin = rope_cos_sin(ki[past:].expand(B, L) if pos is None else pos, self.hd, self.theta, x.dtype)
         mask = None  # no padding, no cache: SDPA's own causal mask
         if valid is not None:  # causal AND key not padding; a query always sees itself, so pad rows stay finite
             mask = (((ki <= qi)[None] & valid[:, None, :]) | (ki == qi)[None])[:, None]  # (B, 1, L, Lk)
@@ -991,10 +987,9 @@ def lr_at(step, cfg):
     t = min(1.0, (step - warm) / max(1, cfg.max_steps - warm))  # 0 -> 1 over the rest of the run
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
 
-def global_batch(step, n, size, seed):  # a step's global batch: a fresh permutation per epoch, shared by every rank
-    epoch, k = divmod(step, max(1, n // size))  # full batches per epoch (the remainder is skipped)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))  # a pure function of the step
-    return perm[k * size:(k + 1) * size]  # so a resumed run draws the same batches
+def global_batch(step, n, size, seed):  # a pure function of the step: the same batch on every rank and after --resume
+    epoch, k = divmod(step, max(1, n // size))  # a fresh permutation per epoch, full batches (the remainder is skipped)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))[k * size:(k + 1) * size]
 
 def pad_left(rows, pad=0):  # ids (L_i,) / embeddings (L_i, D) -> (B, L[, D]) left-padded with `pad`, valid (B, L)
     L = max(len(r) for r in rows)
@@ -1064,11 +1059,10 @@ def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devic
     for a in range(cfg.grad_accum):
         mb = idx[(a * world + rank) * cfg.batch_size:(a * world + rank + 1) * cfg.batch_size]
         mb, w = (mb, world) if len(mb) else (idx[:1], 0)  # an empty micro-batch: one clip that counts 0
-        q_ids, q_valid, inp, tgt = text_batch([entries[i] for i in mb], tok)
         with fwd.no_sync() if ddp and a < cfg.grad_accum - 1 else contextlib.nullcontext():  # DDP: the last all-reduces
             with autocast(cfg, device):  # a trainable encoder runs here, outside fwd: DDP hooks its gradients too
                 feats = cache("train", mb, tr["clips"])
-                _, loss, _ = fwd(feats, q_ids, q_valid, inp, tgt, tr["labels"][mb], n_tok, len(idx))
+                _, loss, _ = fwd(feats, *text_batch([entries[i] for i in mb], tok), tr["labels"][mb], n_tok, len(idx))
             if not torch.isfinite(loss):
                 raise UserError(f"loss became {loss.item()}; lower --lr (or train with --dtype float32)")
             scaler.scale(loss * w).backward()  # float16: scaled up, so small gradients do not underflow to 0
@@ -1323,10 +1317,9 @@ def config_problems(cfg):  # the checks every config gets: the flags' and a save
                  "stop_after", "data_init", "temperature", "top_k") if not 0 <= getattr(cfg, k) < math.inf]
     problems += [f"--threshold {cfg.threshold}: must be in [0, 1) (saliency: a sigmoid)"] * (not 0 <= cfg.threshold < 1)
     problems += [f"--seed {cfg.seed}: must fit in 64 bits (-2**63 to 2**63 - 1)"] * (not -2**63 <= cfg.seed < 2**63)
-    problems += [f"--{h} {getattr(cfg, h)}: must divide --{w} {getattr(cfg, w)} (split evenly)" for h, w in
+    return problems + [f"--{h} {getattr(cfg, h)}: must divide --{w} {getattr(cfg, w)} (split evenly)" for h, w in
                  (("v_heads", "v_width"), ("l_kv_heads", "l_heads"), ("bridge_heads", "l_width"), ("bert_heads",
                  "l_width")) if getattr(cfg, w) % max(1, getattr(cfg, h)) and not (cfg.llm_ckpt and w == "l_width")]
-    return problems
 
 UNREAD = STEPS + ("out_dir", "test_data", "data_init", "warmup_frac", "min_lr", "grad_clip", "temperature", "top_k",
                   "top_p", "max_new_tokens", "threshold")  # flags --bench never reads
@@ -1348,9 +1341,8 @@ def parse_args(argv=None):
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     overrides.update({k: os.path.abspath(v) for k, v in overrides.items() if v and k in PATH_KEYS})
     cfg = Config(**{**PRESETS[args.preset or ("bench" if args.bench else "default")], **overrides})
-    problems = config_problems(cfg)
-    problems += ["a flag given '' must name a file or folder, not an empty string"] * (  # --device_map '': no map
-        "" in {**overrides, "device_map": None}.values())
+    problems = config_problems(cfg) + ["a flag given '' must name a file or folder, not an empty string"] * (
+        "" in {**overrides, "device_map": None}.values())  # --device_map '': no map
     if args.train and not args.resume and not writable(cfg.out_dir, "config.json", lambda m: m["script"] == SCRIPT):
         problems.append(f"--out_dir {cfg.out_dir}: a file, a folder holding files this script did not write (your "
                         f"own, a checkpoint's), or no folder can be made there; give a new or empty folder")
