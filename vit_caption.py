@@ -318,11 +318,10 @@ class Attention(nn.Module):
         q, k, v = (m(x).view(B, T, self.h, -1).transpose(1, 2) for m in (self.q_proj, self.k_proj, self.v_proj))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # each at its own absolute position
-        past = cache["k"].shape[2] if cache else 0  # positions already in the cache
-        if past:  # append the new positions to the cached ones
-            k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)  # (B, H, past+T, D/H)
-        if cache is not None:
-            cache["k"], cache["v"] = k, v
+        past = cache["k"].shape[2] if cache else 0  # positions already in the cache ({} before the first call)
+        if cache is not None:  # append the new positions to the cached ones: (B, H, past+T, D/H)
+            k = cache["k"] = torch.cat([cache["k"], k], 2) if past else k
+            v = cache["v"] = torch.cat([cache["v"], v], 2) if past else v
         # causal over the whole [prefix, text] sequence, as LLaVA: new query i (position past+i) sees keys <= past+i
         mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past) if self.causal else None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)
@@ -398,8 +397,7 @@ class ViT(nn.Module):
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, E, S/p, S/p) -> (B, P, E), patches row by row
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)  # (B, 1+P, E)
-        x = self.drop(x + self.pos_embed)
-        x = self.norm(self.layers(x))  # (B, 1+P, E) with a CLS token, else (B, P, E)
+        x = self.norm(self.layers(self.drop(x + self.pos_embed)))  # (B, 1+P, E) with a CLS token, else (B, P, E)
         return x[:, :1] if self.pool == "cls" else x.mean(1, keepdim=True) if self.pool == "mean" else x  # (B, N, E)
 
 class ViTCaptioner(nn.Module):  # ViT -> linear projection -> LLaMA-style decoder over [prefix, BOS, caption]
@@ -545,19 +543,18 @@ def exact_match(preds, refs):
 def bleu4(preds, refs):
     """Corpus BLEU-4 (Papineni et al.): clipped n-gram precision over the corpus, brevity penalty against the
     reference closest in length (shorter on ties). Unsmoothed: a matchless order gives 0; an empty one is left out."""
-    match, total, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0
+    match, total, ref_len = [0] * 4, [0] * 4, 0
     for p, rs in zip(preds, refs):
         h, rws = normalise(p).split(), [normalise(r).split() for r in rs]
-        hyp_len += len(h)
         ref_len += min((abs(len(r) - len(h)), len(r)) for r in rws)[1]
         for n in range(1, 5):
             counts = [ngrams(r, n) for r in rws]  # an n-gram counts at most as often as the reference holding it most
             match[n - 1] += sum(min(c, max(r[g] for r in counts)) for g, c in ngrams(h, n).items())  # clipped matches
-            total[n - 1] += max(0, len(h) - n + 1)
+            total[n - 1] += max(0, len(h) - n + 1)  # n-grams predicted; total[0]: the words, the length bp compares
     orders = [(m, t) for m, t in zip(match, total) if t]  # the orders a prediction is long enough for
     if not orders or min(m for m, _ in orders) == 0:
         return 0.0
-    bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / max(hyp_len, 1))  # the brevity penalty
+    bp = 1.0 if total[0] > ref_len else math.exp(1 - ref_len / max(total[0], 1))  # the brevity penalty
     return bp * math.exp(sum(math.log(m / t) for m, t in orders) / len(orders))  # x the precisions' geometric mean
 
 def cider_d(preds, refs, sigma=6.0):
@@ -574,10 +571,9 @@ def cider_d(preds, refs, sigma=6.0):
     for p, rws in zip(preds, ref_words):
         (hv, hn, hl), total = vec(normalise(p).split()), 0.0
         for rv, rn, rl in map(vec, rws):  # each reference's vectors, norms and length
-            for n in range(4):
+            for n in range(4):  # cosine times the length penalty; an empty vector (no n-grams of this n) scores 0
                 val = sum(min(x, rv[n].get(g, 0.0)) * rv[n].get(g, 0.0) for g, x in hv[n].items())
-                val /= hn[n] * rn[n] or 1.0  # cosine; an empty vector (no n-grams of this n) scores 0
-                total += val * math.exp(-((hl - rl) ** 2) / (2 * sigma ** 2))
+                total += val / (hn[n] * rn[n] or 1.0) * math.exp(-((hl - rl) ** 2) / (2 * sigma ** 2))
         scores.append(total / 4 / len(rws) * 10.0)
     return sum(scores) / max(1, len(scores))
 
@@ -772,10 +768,9 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
         if rank == 0 and (val is not None or stop):  # the weights, and train_state.pt with the time trained so far
             save_checkpoint(raw, tok, cfg, opt, step, scaler, batch=gsize, seconds=seconds0 + time.time() - t0)
         if rank == 0 and (step % cfg.log_interval == 0 or val is not None):  # val: every eval step, the last too
-            eta = round(dt * (cfg.max_steps - step))
+            m, s = divmod(round(dt * (cfg.max_steps - step)), 60)  # time left: minutes, seconds
             say(f"step {step}/{cfg.max_steps} | loss {loss:.3f} | val {'-' if val is None else f'{val:.3f}'} | "
-                f"lr {lr_at(step - 1, cfg):.1e} | {dt * 1000:.0f} ms | {gsize / dt:.3g} samples/s | "
-                f"eta {eta // 60}m{eta % 60:02d}s")
+                f"lr {lr_at(step - 1, cfg):.1e} | {dt * 1000:.0f} ms | {gsize / dt:.3g} samples/s | eta {m}m{s:02d}s")
             t_log, log_step = time.time(), step
     if world > 1:
         dist.barrier()
@@ -821,10 +816,9 @@ def generate(model, images, cfg, use_cache=True, generator=None, stop_at_eos=Tru
     for t in range(steps):
         if cfg.temperature == 0:
             nxt = logits.argmax(-1)  # (B,)
-        else:
-            logits = (logits - logits.amax(-1, keepdim=True)) / cfg.temperature  # max 0: a tiny one cannot overflow
-            probs = filter_logits(logits, cfg.top_k, cfg.top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        else:  # shifted to max 0 (a tiny temperature cannot overflow), scaled, then top-k / top-p filtered
+            logits = filter_logits((logits - logits.amax(-1, keepdim=True)) / cfg.temperature, cfg.top_k, cfg.top_p)
+            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
         nxt = nxt.masked_fill(done, eos)  # a finished row only pads with EOS
         seq = torch.cat([seq, nxt[:, None]], 1)  # (B, t+1)
         done |= nxt == eos
