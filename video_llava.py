@@ -4,8 +4,8 @@ checkpoint `LanguageBind/Video-LLaVA-7B-hf`, plus a tiny Video-LLaVA trained fro
     image (N, 3, S, S) -> image_tower (CLIP ViT, the second-to-last layer's output, CLS dropped) -> (N, P, Dv)
     video (B, F, 3, S, S) -> video_tower, run per frame (the same layer, CLS kept)            -> (B*F, P+1, Dv)
       (the 7B has two CLIP towers; a model trained here has one under both names: --share_towers, the default)
-      -> multi_modal_projector: Linear -> GELU -> Linear                              -> (.., .., D)
-      -> written over the <image> / <video> placeholder embeddings, in order, of the prompt
+      -> multi_modal_projector: Linear -> GELU -> Linear                     -> (N, P, D), (B*F, P+1, D)
+      -> written over the <image> / <video> placeholder embeddings, in order, of the prompt        -> (B, L, D)
       -> LLaMA decoder (RMSNorm, rotate_half RoPE, grouped-query attention, SwiGLU) -> lm_head -> (B, L, V)
 Shape legend: B batch, N images, F frames, S image side, P patches per frame, L new tokens, T tokens so far (cached +
 new), D width, Dv vision width, H heads, K kv heads, E head dim, V vocabulary, T_max the KV cache's length (keys).
@@ -508,7 +508,7 @@ def load_tokenizer(folder):  # a run of this script keeps its GPT-2 table in con
         raise UserError(f"{folder}: its token table or tokenizer.json is damaged ({type(e).__name__}: {e})") from None
 
 def prompt_text(question, kind):  # the template 'USER: <video>\n{question} ASSISTANT:' (<image>, or no tag for text)
-    return f"USER: {'<' + kind + '>' + chr(10) if kind else ''}{question} ASSISTANT:"
+    return "USER: " + (f"<{kind}>\n" if kind else "") + f"{question} ASSISTANT:"
 
 def expand_placeholders(ids, cfg, n_frames):
     """ids, one prompt's list of ints -> the same list with each <image> / <video> tag repeated once per visual feature
@@ -546,8 +546,8 @@ def padded_positions(attention_mask, offset, width=None):
     pos = (attention_mask.long().cumsum(-1)[:, offset:] - 1).clamp(min=0)  # (B, L), contiguous: no recompile as T grows
     keys = torch.arange(width or T, device=attention_mask.device)  # (width,)
     queries = torch.arange(offset, T, device=attention_mask.device)[:, None]  # (L, 1)
-    real = F.pad(attention_mask.bool(), (0, (width or T) - T))[:, None]  # (B, 1, width): False past T
-    return pos, ((real & (keys <= queries)) | (keys == queries))[:, None]  # (B, 1, L, width)
+    real = F.pad(attention_mask.bool(), (0, (width or T) - T))[:, None]  # (B, 1 for all L queries, width): False past T
+    return pos, ((real & (keys <= queries)) | (keys == queries))[:, None]  # (B, L, width) -> (B, 1 head, L, width)
 
 class KVCache:
     """The static KV cache (as in gpt-fast): keys and values preallocated per layer as (B, K, T_max, E), so no tensor
@@ -581,7 +581,7 @@ class KVCache:
 class LlamaAttention(nn.Module):
     """Causal self-attention with rotary positions (RoPE, Su et al. 2021) and grouped-query attention (GQA, Ainslie
     et al. 2023), after transformers' LlamaAttention. GQA: H query heads share K <= H key/value heads, query head h
-    reading kv head h // (H/K): a cache H/K times smaller to read at each decoding step (K = H in the 7B: plain MHA)."""
+    reading kv head h // (H/K): a cache H/K times smaller to store (K = H in the 7B: plain multi-head attention)."""
     def __init__(self, cfg):
         super().__init__()
         self.h, self.kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -637,7 +637,7 @@ class CLIPEmbeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.zeros(d))  # CLS: a learned token that attends to every patch
         self.patch_embedding = nn.Conv2d(3, d, cfg.patch_size, cfg.patch_size, bias=False)  # stride = kernel: one patch
         self.position_embedding = nn.Embedding(n + 1, d)  # learned, one per slot: CLS + P patches
-    def forward(self, pixels):  # (N, 3, S, S) -> (N, P+1, Dv)
+    def forward(self, pixels):  # (N, 3, S, S) -> (N, P+1, Dv); N pictures: the images, or a video's B*F frames
         # the conv gives (N, Dv, S/p, S/p): flatten the grid row-major, then transpose to (N, P, Dv); CLS goes in front
         x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)  # (N, P, Dv)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (N, 1, Dv)
@@ -688,7 +688,7 @@ class CLIPVisionTransformer(nn.Module):
         self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(CLIPEncoderLayer(cfg)
                                                                for _ in range(cfg.v_num_hidden_layers))))
         self.post_layernorm = nn.LayerNorm(cfg.v_hidden_size, eps=cfg.v_layer_norm_eps)  # loaded, never used here
-        self.n_run = range(cfg.v_num_hidden_layers + 1)[cfg.vision_feature_layer]  # hidden state k: after k layers
+        self.n_run = range(cfg.v_num_hidden_layers + 1)[cfg.vision_feature_layer]  # layers to run: -2 of 0..n -> n-1
     def forward(self, pixels):  # (N, 3, S, S) -> (N, P+1, Dv), the hidden state of the feature layer
         x = self.pre_layrnorm(self.embeddings(pixels))  # (N, P+1, Dv): hidden_states[0]
         for layer in self.encoder.layers[: self.n_run]:  # layers past the feature layer are never computed
@@ -796,11 +796,11 @@ class VideoLlava(nn.Module):
             h = h[:, 1:]  # drop CLS: LLaVA's images give only their P patch features (N, P, Dv)
         return self.multi_modal_projector(h)
     def video_features(self, videos):  # (B, F, 3, S, S) -> (B*F, P+1, D): each frame alone, CLS kept
-        # frames are encoded one by one (no temporal attention in the tower): the LLM reads their tokens in order.
+        # frames are one batch of B*F separate pictures (no attention across frames): the LLM reads them in order.
         # Unlike images they keep CLS whatever the strategy, as the checkpoint was trained and HF does (7B: 8 x 257)
         return self.multi_modal_projector(self.video_tower.vision_model(videos.flatten(0, 1)))  # via (B*F, P+1, Dv)
     def _place(self, x, input_ids, token, feats, what):
-        """Write the features (n, P or P+1, D) over the placeholder embeddings of x (B, L, D): the k-th placeholder
+        """Write the features (media, P or P+1, D) over the placeholder embeddings of x (B, L, D): the k-th placeholder
         in reading order (row by row, left to right) gets the k-th feature vector (masked_scatter), so several
         images in one prompt, or rows of a batch, take their media in order."""
         mask = input_ids == token  # (B, L) True at the placeholders
@@ -858,7 +858,7 @@ class VideoLlava(nn.Module):
             x = layer(x, cos, sin, mask, cache, i)
         x = lm.norm(x)  # (B, L, D). The head projects only the positions read: the last one when generating, the n
         # scored ones given targets (n, V), not every placeholder of a video (2056 a row at the 7B's shapes)
-        return self.language_model.lm_head(x[:, -1:] if last_only else x if scored is None else x[scored])
+        return self.language_model.lm_head(x[:, -1:] if last_only else (x if scored is None else x[scored]))
     def step(self, ids, pos, mask, cache):
         """One new token per row through the KV cache: ids (B, 1) at RoPE positions pos (B, 1), attending where
         mask (B, 1, 1, T_max) is True (cache.claim gives both) -> logits (B, 1, V). The same shapes every call
@@ -1279,7 +1279,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     if compile and not use_cache:
         raise ValueError("compile=True compiles the one-token step through the KV cache: it needs use_cache=True")
     (B, L), mask = input_ids.shape, attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    dev = input_ids.device.type  # under autocast, keys/values come out of its matmuls in its dtype
+    dev = input_ids.device.type  # the cache's dtype: autocast's (its matmuls make k, v), else the weights'
     dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
              else model.language_model.model.embed_tokens.weight.dtype)
     # on a CPU the weights are frozen into the graph as constants and each product compiles to inductor's C++ GEMM
