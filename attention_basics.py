@@ -30,8 +30,8 @@ Papers: Attention (https://arxiv.org/abs/1706.03762), ViT (https://arxiv.org/abs
 (https://arxiv.org/abs/2103.00020), Perceiver (https://arxiv.org/abs/2103.03206), Flamingo
 (https://arxiv.org/abs/2204.14198); overview: https://cameronrwolfe.substack.com/p/vision-llms
 
-The attention math is spelled out on purpose: `attention()` below is the one place it happens; every module can
-switch to F.scaled_dot_product_attention (`--sdpa`, on by default), and the tour checks that both agree.
+The attention math is spelled out on purpose, once, in `attention()`; the modules run F.scaled_dot_product_attention
+by default (`--no-sdpa` and the heat maps use the written math), and the tour checks that both agree.
 
 Shape legend: B batch, F frames, S image side, P tokens per frame (P' patches of p x p pixels + CLS), Q latents,
 M media items, L text tokens, N keys, D width (Dm: media's), H heads of d = D/H, E joint CLIP embedding, V vocabulary.
@@ -108,7 +108,7 @@ class Config:
     d_embed: int = 64  # CLIP joint embedding width E
     n_latents: int = 64  # Perceiver resampler output size (Flamingo uses 64)
     n_perceiver_layer: int = 1  # resampler layers, each: latents attend, then an MLP
-    max_frames: int = 64  # time embeddings the resampler has: the longest clip it takes
+    max_frames: int = 64  # rows of the time embedding (resampler and unified prefix alike): the most frames a clip has
     max_len: int = 12  # longest caption in tokens, BOS/EOS included
     motion: bool = True  # frame-to-frame token differences + a per-frame summary token (Captioner)
     sdpa: bool = True  # attention through F.scaled_dot_product_attention (False: the written-out math)
@@ -386,9 +386,9 @@ class MultiHeadAttention(Module):
         self.init_weights()
     def forward(self, x, ctx=None, mask=None, causal=False):
         ctx = x if ctx is None else ctx  # self-attention is cross-attention of x with itself
-        (B, L, D), N = x.shape, ctx.size(1)  # L queries, N keys
-        q = self.q(x).view(B, L, self.h, D // self.h).transpose(1, 2)  # (B, H, L, d)
-        k, v = self.kv(ctx).view(B, N, 2, self.h, D // self.h).permute(2, 0, 3, 1, 4)  # 2 x (B, H, N, d)
+        (B, L, D), N, d = x.shape, ctx.size(1), x.size(-1) // self.h  # L queries, N keys, d = D/H per head
+        q = self.q(x).view(B, L, self.h, d).transpose(1, 2)  # (B, L, H, d) -> (B, H, L, d)
+        k, v = self.kv(ctx).view(B, N, 2, self.h, d).permute(2, 0, 3, 1, 4)  # (B, N, 2, H, d) -> 2 x (B, H, N, d)
         if mask is not None and mask.dim() == 3:
             mask = mask[:, None]  # (B, 1, L, N): one mask for every head
         if self.sdpa and not self.record:  # PyTorch's fused kernel: same math, less memory
@@ -517,7 +517,7 @@ class PerceiverResampler(Module):
             nn.init.normal_(layer.attn.q.weight, 0.0, 0.3)  # (D, D)
             nn.init.normal_(layer.attn.kv.weight, 0.0, 0.3)  # (2D, D): keys and values alike
     def forward(self, x):
-        B, Fr, P, D = x.shape  # (B, F, P, D) frame tokens
+        B, Fr, P, D = x.shape  # (B, F, P, D) frame tokens; Fr, since F already names torch.nn.functional
         if Fr > self.time.size(0):
             raise UserError(f"video has {Fr} frames, the resampler has time embeddings for {self.time.size(0)} "
                             f"(train again with a larger --max_frames)")
@@ -535,7 +535,7 @@ def media_attention_mask(media_locations, n_latents):
     text_time[i] (its latest preceding media), never to an earlier or later one. -> (B, L, M*Q) bool, True = attend;
     rows of tokens before any media are all False (GatedCrossAttention zeroes their output)."""
     text_time = media_locations.long().cumsum(-1)  # (B, L), 0 = no media yet
-    M = max(1, int(media_locations.sum(-1).max()))  # media items in the longest row: the media tensor holds M*Q
+    M = max(1, int(media_locations.sum(-1).max()))  # the most media items in any row: the media tensor holds M*Q
     media_id = torch.arange(1, M + 1, device=media_locations.device).repeat_interleave(n_latents)  # (M*Q,)
     return text_time[:, :, None] == media_id[None, None, :]  # (B, L, M*Q)
 
@@ -676,7 +676,7 @@ def tour_attention(cfg):
     q, k, v = (torch.randn(B, H, L, d, generator=g, dtype=torch.float64) for _ in range(3))
     out, w = attention(q, k, v)
     print(f"  q, k, v {tuple(q.shape)} (B, H, L, d) -> scores/weights {tuple(w.shape)} (B, H, L, L) -> out "
-          f"{tuple(out.shape)}")
+          f"{tuple(out.shape)} (B, H, L, d)")
     check(torch.allclose(w.sum(-1), torch.ones(B, H, L, dtype=torch.float64)), "every row of weights sums to 1")
     check(torch.allclose(out, F.scaled_dot_product_attention(q, k, v), atol=1e-12),
           "bidirectional attention == F.scaled_dot_product_attention (float64, 1e-12)")
@@ -738,7 +738,7 @@ def tour_patchify(cfg):
           "row's last p x p square (patches go row by row), channels first")
     vit = ViT(cfg)
     tokens = vit(img)
-    print(f"  linear projection {tuple(vit.embed.weight.shape[::-1])} -> + CLS + positions -> ViT tokens "
+    print(f"  linear projection {tuple(vit.embed.weight.shape[::-1])} (3*p*p, D), + CLS, + positions -> ViT tokens "
           f"{tuple(tokens.shape)} (B, 1+P', D)")
     check(tokens.shape == (2, 1 + (S // p) ** 2, cfg.d_model), "one token per patch plus the CLS token")
 
@@ -750,7 +750,7 @@ def tour_clip(cfg):
     ids, lengths = pad_batch([tok.encode(c) for c in caps], cfg.max_len)
     img = torch.rand(3, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(3))
     ie, te = clip.encode_image(img), clip.encode_text(ids, lengths)
-    print(f"  images {tuple(img.shape)} -> {tuple(ie.shape)} (B, E);  texts {tuple(ids.shape)} (B, L) -> "
+    print(f"  images {tuple(img.shape)} (B, 3, S, S) -> {tuple(ie.shape)} (B, E); texts {tuple(ids.shape)} (B, L) -> "
           f"{tuple(te.shape)} (B, E)")
     check(torch.allclose(ie.norm(dim=-1), torch.ones(3)) and torch.allclose(te.norm(dim=-1), torch.ones(3)),
           "embeddings are unit vectors, so img @ txt^T holds cosine similarities")
@@ -758,7 +758,7 @@ def tour_clip(cfg):
     a, hand = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), -math.log(math.e / (math.e + 1))  # embeddings, loss by hand
     check(abs(clip_loss(a, a, torch.tensor(0.0)).item() - hand) < 1e-6,
           f"InfoNCE on orthogonal pairs at T=1 equals -log(e/(e+1)) = {hand:.4f}")
-    check(clip_loss(a, a, torch.tensor(math.log(10.0))).item() < hand, "a lower temperature (scale 10) sharpens it")
+    check(clip_loss(a, a, torch.tensor(math.log(10.0))).item() < hand, "a lower temperature (0.1) gives a lower loss")
     loss = clip(img, ids, lengths)
     loss.backward()
     print(f"  loss at init {loss.item():.4f} (chance: ln 3 = {math.log(3):.4f}); temperature = 1/exp(logit_scale) = "
@@ -779,7 +779,7 @@ def tour_video(cfg):
     batch = torch.zeros(len(clips), 4, 3, cfg.img_size, cfg.img_size)
     print(f"  a mini-batch of clips: {tuple(batch.shape)} (B, F, 3, S, S); each frame goes through the image encoder "
           f"as its own image: {tuple(batch.flatten(0, 1).shape)} (B*F, 3, S, S)")
-    check(sample_indices(5, 8) == [0, 0, 1, 2, 2, 3, 4, 4], "a short clip repeats indices to fill a fixed count")
+    check(sample_indices(5, 8) == [0, 0, 1, 2, 2, 3, 4, 4], "8 from a 5-frame clip: a short clip repeats some frames")
 
 def tour_perceiver(cfg):
     print("== perceiver: any number of frames -> a fixed set of latents (the LM's cost per layer stays Q, not F*P) ==")
@@ -798,21 +798,21 @@ def tour_perceiver(cfg):
     swapped = (x := torch.randn(1, 2, P, d)).flip(1)  # (1, F, P, D): x with its two frames in the other order
     check(not torch.allclose(res(x), res(swapped)), "time embeddings make frame order matter (swapping 2 frames "
           "changes the latents)")
-    res.double().time.data.zero_()  # float64 from here: what order still changes is rounding, far below the atol
+    res.double().time.data.zero_()  # time embeddings set to 0; float64: reordering now changes only rounding
     check(torch.allclose(res(x.double()), res(swapped.double()), atol=1e-5), "without them the resampler sees a set: "
           "order would not matter")
 
 @torch.no_grad()  # the checks compare outputs only
 def tour_flamingo(cfg):
     print("== flamingo: gated cross-attention dense blocks and media masking ==")
-    tok_n, d, Q = 20, cfg.d_model, 4  # vocabulary size (not a length: L = 10 below), width, latents per media item
-    lm = Decoder(dataclasses.replace(cfg, sdpa=False), tok_n, 16, xattn=True).eval()
-    ids = torch.randint(0, tok_n, (2, 10))
+    vocab, d, Q = 20, cfg.d_model, 4  # vocabulary size V, width D, latents per media item Q
+    lm = Decoder(dataclasses.replace(cfg, sdpa=False), vocab, n_pos=16, xattn=True).eval()  # 16 positions >= L
+    ids = torch.randint(0, vocab, (2, 10))  # (B, L): L = 10 text tokens
     media = torch.randn(2, 2 * Q, d)  # (B, M*Q, D): two media items, Q latents each
     loc = torch.zeros(2, 10, dtype=torch.bool)
     loc[0, [2, 6]], loc[1, 2] = True, True  # <image> tokens: row 0 at positions 2 and 6, row 1 at 2 only
     mask = media_attention_mask(loc, Q)
-    print(f"  text {tuple(ids.shape)}, media {tuple(media.shape)} (B, M*Q, D), media mask {tuple(mask.shape)} "
+    print(f"  text {tuple(ids.shape)} (B, L), media {tuple(media.shape)} (B, M*Q, D), media mask {tuple(mask.shape)} "
           f"(B, L, M*Q)")
     print("  row 0: token -> media it may see: " + " ".join(
         f"{i}:{(mask[0, i].nonzero()[0].item() // Q + 1) if mask[0, i].any() else '-'}" for i in range(10)))
@@ -821,7 +821,7 @@ def tour_flamingo(cfg):
           "tokens before any media see nothing; 2..5 see image 1 only; 6.. see image 2 only")
     plain, _ = lm(ids)  # the LM alone: the gated layers are skipped
     gated, _ = lm(ids, media=media, media_mask=mask)
-    print(f"  gates tanh(0) = 0: logits {tuple(plain.shape)} with and without the media")
+    print(f"  gates tanh(0) = 0: logits {tuple(plain.shape)} (B, L, V) with and without the media")
     check(torch.equal(plain, gated), "at init the gated model's logits equal the plain LM's bit for bit")
     for blk in lm.xattn:  # open both gates of every block
         blk.attn_gate.data.fill_(1.0), blk.ff_gate.data.fill_(1.0)
