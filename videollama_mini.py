@@ -20,7 +20,7 @@ differences and a pooled grid that keeps position. Split `novel` holds (colour, 
 Text: GPT-2 tokens from tiktoken, but the embedding / output table covers only the GPT-2 ids that occur in the
 training captions (plus <|endoftext|>, which is both BOS and EOS): the 50257-way layer would dominate a tiny model.
 
-Shape legend: B batch, F frames, S frame side, Q learned queries, L text tokens, D width, H heads, V vocabulary.
+Shape legend: B batch, F frames, S frame side, Q queries, L text tokens, T any of F/Q/L, D width, H heads, V vocab.
 
 Commands (also: --qformer_mode queries, --eval, --resume, --bench):
     python videollama_mini.py --train                         # data + training + evaluation, minutes on a CPU
@@ -338,7 +338,7 @@ class Attention(nn.Module):
                 cache["ck"], cache["cv"] = k, v  # reused by every later decode step
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
         if self.record:  # the same weights, explicit, only to draw the attention maps
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, keys)
             if causal:
                 att = att.masked_fill(torch.ones_like(att, dtype=torch.bool).triu(1), float("-inf"))
             self.weights = att.softmax(-1).float().mean(1).detach()  # (B, T, keys), averaged over heads
@@ -417,7 +417,7 @@ class VideoLLaMAMini(nn.Module):
         self.ln_vis = nn.LayerNorm(cfg.d_model)  # the visual tokens' final norm
         if cfg.qformer_mode == "queries":
             self.qformer = QFormer(cfg)  # (B, F, D) -> (B, Q, D)
-        self.tok = nn.Embedding(vocab_size, cfg.d_model)  # V: the training text's GPT-2 ids, or all 50257
+        self.tok = nn.Embedding(vocab_size, cfg.d_model)  # (V, D), not the Tokenizer; V: GPT-2 ids seen, or all
         self.register_buffer("text_pos", sinusoid(cfg.max_len, cfg.d_model), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)  # on the decoder's input
         self.decoder = nn.ModuleList(Block(cfg, causal=True, cross=True) for _ in range(cfg.n_dec_layer))
@@ -432,7 +432,7 @@ class VideoLLaMAMini(nn.Module):
         # unit scale as the sinusoidal position code; at GPT-2's std 0.02 the position code would drown the word.
         nn.init.normal_(self.tok.weight, 0.0, cfg.d_model ** -0.5)
         depth = sum(isinstance(m, Block) for m in self.modules())  # all stacks' blocks: temporal, decoder [+ Q-Former]
-        for name, p in self.named_parameters():  # GPT-2's rule, one depth: residual outputs at 0.02/sqrt(2*depth)
+        for name, p in self.named_parameters():  # GPT-2's rule over that depth: residual outputs at 0.02/sqrt(2*depth)
             if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * depth))
     @torch.no_grad()
@@ -455,7 +455,7 @@ class VideoLLaMAMini(nn.Module):
         for blk in self.temporal:  # attention is order-blind: the time code above tells frame 1 from frame F
             vis = blk(vis)
         vis = self.ln_vis(vis)  # (B, F, D)
-        return self.qformer(vis) if self.cfg.qformer_mode == "queries" and use_qformer else vis
+        return self.qformer(vis) if self.cfg.qformer_mode == "queries" and use_qformer else vis  # False: init_from_data
     def decode(self, idx, memory, cache=None, pos=0, last_only=False):  # (B, L) ids at pos.. -> logits (B, L or 1, V)
         x = self.drop(self.tok(idx) * math.sqrt(self.cfg.d_model) + self.text_pos[pos: pos + idx.shape[1]])  # (B, L, D)
         for i, blk in enumerate(self.decoder):
@@ -463,7 +463,7 @@ class VideoLLaMAMini(nn.Module):
         return self.head(self.ln_f(x[:, -1:] if last_only else x))  # (B, L or 1, D) -> (B, L or 1, V)
     def forward(self, video, idx, targets=None):  # targets -100 at pads: cross_entropy's default ignore_index
         logits = self.decode(idx, self.encode(video))  # (B, L, V)
-        return logits, None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, (None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()))
     def record_attention(self, on):
         for m in (m for m in self.modules() if isinstance(m, Attention)):
             m.record, m.weights = on, None
@@ -819,7 +819,7 @@ def filter_logits(logits, top_k, top_p):  # keep the top_k largest and the small
 @torch.no_grad()
 def generate(model, video, cfg, use_cache=True, generator=None, stop_at_eos=True):
     """Batched captioning from BOS until EOS (per row) or max_new_tokens (< max_len): greedy at temperature 0, else
-    sampling from `generator` (top-k, top-p); beam search for beam > 1. -> id lists. stop_at_eos=False: every step."""
+    sampling from `generator` (top-k, top-p); beam search for beam > 1. -> id lists. stop_at_eos=False: all (bench)."""
     model.eval()
     if cfg.beam > 1:
         return beam_search(model, video, cfg)
@@ -828,12 +828,12 @@ def generate(model, video, cfg, use_cache=True, generator=None, stop_at_eos=True
     seq = torch.full((B, 1), BOS, dtype=torch.long, device=video.device)  # (B, 1), grows to (B, 1 + steps)
     done = torch.zeros(B, dtype=torch.bool, device=video.device)  # rows that have emitted EOS
     for t in range(min(cfg.max_new_tokens, cfg.max_len - 1)):  # the position table holds max_len positions
-        logits = (model.decode(seq[:, -1:], memory, cache, pos=t) if use_cache  # one new token per step
-                  else model.decode(seq, memory, last_only=True))[:, -1].float()  # reference: re-run the prefix
+        inp, pos = (seq[:, -1:], t) if use_cache else (seq, 0)  # cached: the newest token alone; else the whole prefix
+        logits = model.decode(inp, memory, cache, pos=pos, last_only=True)[:, -1].float()  # (B, V): the next token's
         if cfg.temperature == 0:
             nxt = logits.argmax(-1)  # greedy: (B,)
         else:
-            logits = (logits - logits.amax(-1, keepdim=True)) / cfg.temperature  # max 0: a tiny one cannot overflow
+            logits = (logits - logits.amax(-1, keepdim=True)) / cfg.temperature  # max 0: safe at a tiny temperature
             probs = filter_logits(logits, cfg.top_k, cfg.top_p).softmax(-1)  # (B, V)
             nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,) sampled
         nxt = nxt.masked_fill(done, EOS)  # a finished row only pads with EOS
@@ -846,16 +846,16 @@ def generate(model, video, cfg, use_cache=True, generator=None, stop_at_eos=True
 def beam_search(model, video, cfg, length_penalty=1.0):
     """Beam search with the KV cache, called by generate (eval mode, no grad): B*beam rows; the cache is re-ordered
     by each step's surviving beams. Finished: log-prob / (tokens + EOS)**length_penalty (raw sums favour short ones)."""
-    B, K = video.shape[0], cfg.beam
+    B, K = video.shape[0], cfg.beam  # K beams a clip; only one starts live, else step 0 picks one token K times
     memory = model.encode(video).repeat_interleave(K, 0)  # (B*K, Q or F, D)
     cache = [{} for _ in model.decoder]  # self- and cross-attention keys/values per layer
-    seq = torch.full((B * K, 1), BOS, dtype=torch.long, device=video.device)  # K equal beams: one live, not K copies
+    seq = torch.full((B * K, 1), BOS, dtype=torch.long, device=video.device)  # (B*K, 1): K equal rows a clip
     score = torch.tensor([0.0] + [float("-inf")] * (K - 1), device=video.device).repeat(B, 1)  # (B, K): one alive
     finished = [[] for _ in range(B)]
     for t in range(min(cfg.max_new_tokens, cfg.max_len - 1)):  # BOS takes one of the max_len positions
         logp = model.decode(seq[:, -1:], memory, cache, pos=t)[:, -1].float().log_softmax(-1)  # (B*K, V)
-        V = logp.shape[-1]  # vocabulary size
-        top, flat = (score.view(-1, 1) + logp).view(B, K * V).topk(2 * K, -1)  # flat = beam*V + token; <= K are EOS
+        V = logp.shape[-1]  # vocabulary size; topk(2K) below: at most K end in EOS, so K can stay live
+        top, flat = (score.view(-1, 1) + logp).view(B, K * V).topk(2 * K, -1)  # (B, 2K); flat = beam*V + token
         kept = []  # (score, row, token) of the K live beams of each clip, in clip order
         for b in range(B):
             keep = []
