@@ -289,7 +289,7 @@ class RMSNorm(nn.Module):
 
 def rope_tables(n, head_dim, theta):
     """cos/sin (n, head_dim) for rotary positions (Su et al. 2021) in the rotate_half layout of HF LLaMA: the two
-    halves of a head share frequencies, cos = cat(freqs, freqs). Position t turns pair i by t * theta^(-2i/head_dim):
+    halves share frequencies: pair i is (x_i, x_{i+head_dim/2}). Position t turns pair i by t * theta^(-2i/head_dim):
     the first pairs turn fast (they tell near positions apart), the last ones slowly (far ones)."""
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (head_dim/2,)
     freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv)  # (n, head_dim/2)
@@ -298,7 +298,7 @@ def rope_tables(n, head_dim, theta):
 
 def apply_rope(x, cos, sin):
     """x (B, H, T, hd) turned by the angles of its positions; cos/sin (T, hd). Turning both q and k makes their dot
-    product depend on the distance between the two positions only."""
+    product see the two positions only through their distance (relative position), besides the content."""
     x1, x2 = x.chunk(2, -1)  # the two halves of each head, (..., hd/2) each
     rotated = torch.cat([-x2, x1], -1)  # rotate_half, (..., hd): pair (x1_i, x2_i) -> (-x2_i, x1_i), a quarter turn
     return (x * cos + rotated * sin).type_as(x)
@@ -386,19 +386,19 @@ class ViT(nn.Module):
         super().__init__()
         self.pool, n_patch = cfg.pool, (cfg.img_size // cfg.patch) ** 2
         self.patch_embed = nn.Conv2d(3, cfg.vit_dim, cfg.patch, cfg.patch)  # stride = kernel: a linear map per patch
-        # a CLS token only where it is read: an unused parameter would stall DDP
+        # a CLS token only where it is read: DDP raises an error at the next step for a parameter with no gradient
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.vit_dim)) if cfg.pool == "cls" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, n_patch + (cfg.pool == "cls"), cfg.vit_dim))  # learned
         self.drop = nn.Dropout(cfg.vit_dropout)
-        self.layers = nn.Sequential(*(Block(cfg.vit_dim, cfg.vit_heads, cfg.vit_mlp, cfg.vit_dropout, False,
-                                            cfg.vit_layers) for _ in range(cfg.vit_layers)))  # each block takes x only
+        self.layers = nn.Sequential(*(Block(cfg.vit_dim, cfg.vit_heads, cfg.vit_mlp, cfg.vit_dropout, causal=False,
+                                            depth=cfg.vit_layers) for _ in range(cfg.vit_layers)))  # x in, x out
         self.norm = nn.LayerNorm(cfg.vit_dim)
     def forward(self, x):
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, E, S/p, S/p) -> (B, P, E), patches row by row
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)  # (B, 1+P, E)
         x = self.norm(self.layers(self.drop(x + self.pos_embed)))  # (B, 1+P, E) with a CLS token, else (B, P, E)
-        return x[:, :1] if self.pool == "cls" else x.mean(1, keepdim=True) if self.pool == "mean" else x  # (B, N, E)
+        return x[:, :1] if self.pool == "cls" else (x.mean(1, keepdim=True) if self.pool == "mean" else x)  # (B, N, E)
 
 class ViTCaptioner(nn.Module):  # ViT -> linear projection -> LLaMA-style decoder over [prefix, BOS, caption]
     def __init__(self, cfg, vocab_size):
@@ -407,8 +407,8 @@ class ViTCaptioner(nn.Module):  # ViT -> linear projection -> LLaMA-style decode
         self.proj = nn.Linear(cfg.vit_dim, cfg.d_model)  # E -> D: the image in the decoder's embedding space
         self.n_prefix = 1 if cfg.pool in ("cls", "mean") else (cfg.img_size // cfg.patch) ** 2  # N
         self.embed_tokens = nn.Embedding(vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.mlp_dim, cfg.dropout, True, cfg.n_layer)
-                                    for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.mlp_dim, cfg.dropout, causal=True,
+                                          depth=cfg.n_layer) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)  # untied from embed_tokens, as in LLaMA
         cos, sin = rope_tables(self.n_prefix + cfg.max_len, cfg.d_model // cfg.n_head, cfg.rope_theta)  # (N+L, D/H)
@@ -446,8 +446,8 @@ class ViTCaptioner(nn.Module):  # ViT -> linear projection -> LLaMA-style decode
         conv.weight.view(conv.out_channels, -1)[:k] = w.float()  # (E, 3, p, p) seen as (E, 3*p*p): unfold's order
         conv.bias[:k] = -(w @ mean).float()  # centred: the mean patch maps to zero
         # where a patch is must stay visible beside what it shows: positions at the features' std (NOTES.md)
-        n = self.cfg.img_size // p  # smooth 2-D sin-cos positions make "left of" a linear read-out
-        self.vit.pos_embed[0, -n * n:] = sincos_2d(n, self.vit.pos_embed.shape[-1]) * self.cfg.patch_scale
+        side = self.cfg.img_size // p  # patches a side; smooth 2-D sin-cos positions make "left of" a linear read-out
+        self.vit.pos_embed[0, -side * side:] = sincos_2d(side, self.vit.pos_embed.shape[-1]) * self.cfg.patch_scale
     def part_counts(self):  # parameter count of each part, for the start-up print
         n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         return {"vit": n(self.vit), "projection": n(self.proj), "embedding": n(self.embed_tokens),
@@ -792,7 +792,7 @@ def filter_logits(logits, top_k, top_p):  # keep the top_k largest and the small
         probs, order = logits.softmax(-1).sort(-1, descending=True)
         drop = probs.cumsum(-1) - probs >= top_p  # tokens after the nucleus is already full
         drop[..., 0] = False  # the likeliest token always stays, even at top_p 0
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))  # drop: sorted -> vocabulary order
     return logits
 
 def prefill_input(model, images):  # [visual prefix, BOS (id 0)] embedded: (B, N+1, D); rows share one length
@@ -809,7 +809,7 @@ def generate(model, images, cfg, use_cache=True, generator=None, stop_at_eos=Tru
     if cfg.beam > 1:
         return beam_search(model, images, cfg)
     B, eos, N, steps = images.shape[0], 0, model.n_prefix, min(cfg.max_new_tokens, cfg.max_len - 1)  # BOS: 1 of max_len
-    x, cache = prefill_input(model, images), [{} for _ in model.layers] if use_cache else None  # x: (B, N+1, D)
+    x, cache = prefill_input(model, images), ([{} for _ in model.layers] if use_cache else None)  # x: (B, N+1, D)
     logits = next_logits(model, x, cache)  # prefill, the image encoded once: (B, V)
     seq = torch.zeros(B, 0, dtype=torch.long, device=images.device)  # the caption so far, (B, t)
     done = torch.zeros(B, dtype=torch.bool, device=images.device)  # rows that have written EOS
@@ -837,12 +837,12 @@ def beam_search(model, images, cfg, length_penalty=1.0):  # generate's beam > 1:
     score = torch.tensor([0.0] + [float("-inf")] * (K - 1), device=images.device).repeat(B, 1)  # K equal rows: 1 live
     finished, steps = [[] for _ in range(B)], min(cfg.max_new_tokens, cfg.max_len - 1)  # per image: (score, ids)
     for t in range(steps):
-        top, pos = (score.view(-1, 1) + logp).view(B, K * V).topk(2 * K, -1)  # 2K: <= K end in EOS, so K live remain
+        top, flat = (score.view(B * K, 1) + logp).view(B, K * V).topk(2 * K, -1)  # (B, 2K): <= K end in EOS, K live
         live = []  # (score, row it continues, token): K per image
         for b in range(B):
             keep = []
-            for s, p in zip(top[b].tolist(), pos[b].tolist()):
-                beam, token = divmod(p, V)  # the flat index over (K, V) -> which beam, which next token
+            for s, f in zip(top[b].tolist(), flat[b].tolist()):
+                beam, token = divmod(f, V)  # the flat index over (K, V) -> which beam, which next token
                 if s == float("-inf") or len(keep) == K:
                     break
                 if token == eos:  # a finished hypothesis, scored by its length-normalised log-probability
