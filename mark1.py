@@ -429,7 +429,7 @@ class VJEPA2Attention(nn.Module):  # non-causal, separate q/k/v/proj, V-JEPA 2's
         angle = (pos.unsqueeze(-1) * omega).repeat(1, 2)  # (P, n): tiled, dim i turns at omega[i mod n/2]
         y = x.unflatten(-1, (-1, 2))  # (B, H, P, n/2, 2)
         y = torch.stack((-y[..., 1], y[..., 0]), dim=-1).flatten(-2)  # (B, H, P, n)
-        return x * angle.cos() + y * angle.sin()  # with partner i +- 1, not i + n/2: not a true 2-D rotation
+        return x * angle.cos() + y * angle.sin()  # pair (2j, 2j+1) gets two different angles: not a rotation
     def rope(self, x):  # (B, H, P, E): E split over the axes (t, h, w), so attention sees the 3-D layout, not 1-D order
         P, g, s = x.shape[2], self.grid, self.sub  # P tokens, G grid side, s dims per axis
         i = torch.arange(P, device=x.device)  # token index in (t, h, w) raster order
@@ -547,7 +547,8 @@ class Qwen3LM(nn.Module):  # Qwen3ForCausalLM, with the checkpoint's names (mode
         """x (B, L, D) embeddings; pos (B, L) (default arange); valid (B, Lk = cached + L) False at padded keys; cache
         a list of per-layer dicts. -> logits (B, L or 1, V), or (head=False) the normed hidden states (B, L or 1, D)."""
         (B, L, _), past = x.shape, cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0  # past: cached keys
-        qi, ki = torch.arange(past, past + L, device=x.device)[:, None], torch.arange(past + L, device=x.device)
+        ki = torch.arange(past + L, device=x.device)  # (Lk,) key slots: the `past` cached ones, then the L new ones
+        qi = ki[past:, None]  # (L, 1) the new queries' slots: (ki <= qi) is the causal (L, Lk) mask
         cos, sin = rope_cos_sin(ki[past:].expand(B, L) if pos is None else pos, self.hd, self.theta, x.dtype)
         mask = None  # no padding, no cache: SDPA's own causal mask
         if valid is not None:  # causal AND key not padding; a query always sees itself, so pad rows stay finite
@@ -568,7 +569,7 @@ class CrossAttention(nn.Module):
         B, Lq, D = x.shape
         H, E = self.n_head, D // self.n_head  # heads, head width
         q = self.q(x).view(B, Lq, H, E).transpose(1, 2)  # (B, H, Lq, E)
-        k, v = self.kv(ctx).view(B, -1, 2, H, E).permute(2, 0, 3, 1, 4)  # 2 x (B, H, Lk, E)
+        k, v = self.kv(ctx).view(B, -1, 2, H, E).permute(2, 0, 3, 1, 4)  # (B, Lk, 2, H, E) -> 2 x (B, H, Lk, E)
         mask = key_valid[:, None, None, :] if key_valid is not None else None  # (B, 1, 1, Lk)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, E)
         return self.out(y.transpose(1, 2).reshape(B, Lq, D))  # (B, Lq, H*E)
@@ -588,7 +589,7 @@ class Bridge(nn.Module):
     to token order, so the bridge adds learned per-tubelet and per-patch-position embeddings to the video tokens:
     without them the visual prefix and the "linear" frame head could not tell *when* anything happened."""
     def __init__(self, cfg, v_width, d, tubelet, grid):
-        super().__init__()  # a clip shorter than a tubelet is repeated `tubelet` times (as transformers does)
+        super().__init__()  # T = n_tubelet tubelets of `per` frames; a clip shorter than a tubelet is repeated: T = F
         n_tubelet, per = (cfg.n_frames, 1) if cfg.n_frames < tubelet else (cfg.n_frames // tubelet, tubelet)
         self.N, self.M, self.grid = cfg.n_visual_query, cfg.n_temporal_query, grid  # query counts, patch grid side
         self.proj = nn.Linear(v_width, d)  # video width Dv -> LLM width D
@@ -603,7 +604,7 @@ class Bridge(nn.Module):
         self.ln_q = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg.bridge_layers))  # pre-LN of the queries
         self.bert = BertLayer(d, cfg.bert_heads, cfg.bert_inter)  # queries and question tokens attend to each other
         self.head = nn.ModuleList(mlp(d) for _ in range(cfg.temporal_blocks))  # the temporal head's residual blocks
-        self.frame_head = cfg.frame_head  # "keys": each frame scored on its own video: follows the event, not a slot
+        self.frame_mode = cfg.frame_head  # "keys": each frame scored on its own video: follows the event, not a slot
         if cfg.frame_head == "linear":  # the Mark-1 project's: a fixed map from each query to F logits
             self.frame_out = nn.Linear(d, cfg.n_frames)
         else:
@@ -625,11 +626,11 @@ class Bridge(nn.Module):
         """v (B, P, D) video tokens, t (B, M, D) temporal queries -> (B, F) support logits. Each tubelet pooled over
         space minus its clip mean (what changes) -> frame_key -> one key per frame; each query scores each key (scaled
         dot product), the best query wins, plus a per-frame bias. Mark-1's head (frame_head="linear"): Linear(D, F)."""
-        if self.frame_head == "linear":
+        if self.frame_mode == "linear":
             return self.frame_out(t).amax(1)  # (B, M, F) -> max over the M temporal queries -> (B, F)
         B, P, D = v.shape
-        c = v.reshape(B, P // (self.grid * self.grid), -1, D).mean(2)  # (B, T, D)
-        k = self.frame_key(c - c.mean(1, keepdim=True)).reshape(B, -1, D)  # (B, T*per, D): frame f = (f//per, f%per)
+        tube = v.reshape(B, P // (self.grid * self.grid), -1, D).mean(2)  # (B, T, G*G, D) -> space mean (B, T, D)
+        k = self.frame_key(tube - tube.mean(1, keepdim=True)).reshape(B, -1, D)  # (B, T, per*D) -> (B, T*per, D)
         s = (t @ k.transpose(1, 2)).amax(1) / math.sqrt(D)  # (B, M, T*per) -> max over the M queries -> (B, T*per)
         return s[:, self.frame_to_key] + self.frame_bias  # (B, F)
     def video_tokens(self, feats):
@@ -676,7 +677,7 @@ class Mark1(nn.Module):  # vision -> bridge -> llm (--device_map may split them)
         for part, dev in devices.items():
             getattr(self, part).to(dev)
         return self
-    def encode(self, clips):  # uint8 (B, F, S, S, 3) -> (B, P, Dv); no graph when the encoder is frozen
+    def encode(self, clips):  # uint8 (B, F, S, S, 3) -> (B, P, Dv); frozen: nothing needs grad, so no graph is kept
         x = normalize(clips).to(self.devices["vision"], self.vision.layernorm.weight.dtype)  # the tower's dtype
         if self.centre:  # the faithful tower forward is untouched: this is the from-scratch input only
             x = x - x.mean((-2, -1), keepdim=True)
