@@ -610,7 +610,7 @@ def lr_at(step, cfg):  # Linear warmup, then cosine decay to min_lr.
 
 def global_batch(step, n, size, seed):  # a step's clip indices: a fresh permutation per epoch, the same on all ranks
     n_all = n * -(-size // n)  # what an epoch draws from: the set, copied ceil(size / n) times if smaller than a batch
-    epoch, k = divmod(step, n_all // size)  # the step's epoch and batch within it (n_all // size >= 1 full batches)
+    epoch, k = divmod(step, n_all // size)  # the epoch, the batch in it; the last n_all % size of an epoch go unused
     return (torch.randperm(n_all, generator=torch.Generator().manual_seed(seed + epoch)) % n)[k * size:(k + 1) * size]
 
 def prepare_data(cfg, rank, typed=(), keep=("train", "val", "test", "novel")):  # -> {split in keep: (entries, clips)}
@@ -671,8 +671,8 @@ def start_config(cfg, typed=None, resume=False):
     return saved, (model, tok, ts)
 
 def decay_groups(model, weight_decay):
-    """AdamW groups: weight decay on the weight matrices of Linear and Conv2d layers only. Biases, norms, the
-    token table, the learned queries and the per-query scale/shift are not pulled towards zero."""
+    """AdamW groups, minGPT's rule: weight decay on the weight matrices of Linear and Conv2d layers only. Biases,
+    norms, the token table, the learned queries and the per-query scale/shift are not pulled towards zero."""
     decay = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     return [{"params": [p for p in model.parameters() if id(p) in decay], "weight_decay": weight_decay},
             {"params": [p for p in model.parameters() if id(p) not in decay], "weight_decay": 0.0}]
@@ -720,7 +720,7 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
     cfg, resumed = start_config(cfg, typed, resume)  # refused before data is touched
     check_decoding(cfg)
     ddp, rank, world, device = setup_distributed(cfg)
-    gsize = cfg.batch_size * cfg.grad_accum * world  # G clips a step: global_batch orders the data by it
+    gsize = cfg.batch_size * cfg.grad_accum * world  # G clips a step; a new G reorders the data: --resume refuses it
     if resumed and (g := resumed[2].get("batch") or gsize) != gsize:  # (a state saved with batch=None has none)
         raise UserError(f"{cfg.out_dir}: trained at global batch {g} (batch_size*grad_accum*processes), not {gsize}")
     say = print if (master := rank == 0) else (lambda *a, **k: None)  # rank 0 alone prints, evaluates and saves
@@ -742,20 +742,20 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
     t_log, log_step = time.time(), step  # for the log's ms a step and eta
     while step < cfg.max_steps:
         idx = global_batch(step, len(train_entries), gsize, cfg.seed)  # (gsize,) clip indices, the same on every rank
-        caption_rng = random.Random(cfg.seed * 100003 + step)  # which reference each clip shows: set by the step
+        caption_rng = random.Random(cfg.seed * 100003 + step)  # reference per clip: one seed per (seed, step < 100003)
         inp_all, tgt_all = pad_batch([caption_rng.choice(train_tokens[i]) for i in idx.tolist()])  # (G, L)
         n_tok = (tgt_all != -100).sum().item()  # loss is a mean over the global batch's tokens, whatever the split
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)  # warmup then cosine
         model.train()  # dropout on
         total = torch.zeros((), device=device)  # the step's mean loss, for the log
-        for micro in range(cfg.grad_accum):  # under DDP the gradients are all-reduced once, on the last micro-batch
+        for micro in range(cfg.grad_accum):  # DDP all-reduces once, on the last (else: enable_grad, a no-op context)
             rows = slice((micro * world + rank) * cfg.batch_size, (micro * world + rank + 1) * cfg.batch_size)
             video, inp, tgt = train_clips[idx[rows]].to(device), inp_all[rows].to(device), tgt_all[rows].to(device)
             with model.no_sync() if ddp and micro < cfg.grad_accum - 1 else torch.enable_grad(), autocast(cfg, device):
                 logits, _ = fwd(video, inp)  # (B, L, V)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100,
-                                       reduction="sum") / n_tok * world  # DDP averages over ranks
+                                       reduction="sum") / n_tok * world  # DDP averages grads over ranks: * world undoes
             scaler.scale(loss).backward()  # gradients add up across micro-batches
             total += loss.detach() / world  # this rank's share of the global mean
         if ddp:  # sum the shares: the log and the NaN check see the global batch's loss on every rank
@@ -774,9 +774,9 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
         measure = master and (step % cfg.eval_interval == 0 or step == cfg.max_steps)  # the val loss, and a save
         val = evaluate_loss(raw, tok, *data["val"], cfg, device) if measure else None  # logged where it is measured
         if master and (measure or stop):
-            save_checkpoint(raw, tok, cfg, opt, step, scaler, gsize, seconds0 + time.time() - t0)
+            save_checkpoint(raw, tok, cfg, opt, step, scaler, batch=gsize, seconds=seconds0 + time.time() - t0)
         if master and (step % cfg.log_interval == 0 or measure):  # measure: also at max_steps
-            eta = round(dt * (cfg.max_steps - step))  # seconds left at this pace
+            eta = round(dt * (cfg.max_steps - step))  # seconds left at this pace; lr below: the step just taken
             say(f"step {step}/{cfg.max_steps} | loss {total:.3f} | val {'-' if val is None else f'{val:.3f}'} | "
                 f"lr {lr_at(step - 1, cfg):.1e} | {dt * 1000:.0f} ms | {gsize / dt:.0f} samples/s | "
                 f"eta {eta // 60}m{eta % 60:02d}s")

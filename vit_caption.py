@@ -613,7 +613,7 @@ def lr_at(step, cfg):  # linear warmup, then cosine decay to min_lr
 
 def global_batch(step, n, size, seed):  # a step's indices: a fresh permutation per epoch, the same on every rank
     n_all = n * -(-size // n)  # n, or n repeated ceil(size / n) times: a set smaller than a batch (--max_train 16)
-    epoch, k = divmod(step, n_all // size)  # which epoch, which batch inside it
+    epoch, k = divmod(step, n_all // size)  # which epoch, which batch inside it; the last n_all % size go unused
     return (torch.randperm(n_all, generator=torch.Generator().manual_seed(seed + epoch)) % n)[k * size:(k + 1) * size]
 
 def prepare_data(cfg, rank, typed=(), scoring=False):  # -> {split: (entries, uint8 (n, S, S, 3) images)}, decoded once
@@ -670,7 +670,7 @@ def init_training(cfg, entries, images, resumed, device):  # -> model, tok, opt,
         if cfg.patch_init == "pca":  # every rank draws the same images, so every rank starts from the same weights
             model.init_from_data(images[torch.randperm(len(images))[:2000]])
     model.to(device)
-    tables = {id(model.vit.pos_embed), id(model.vit.cls_token)}  # added vectors: no decay (embed_tokens does)
+    tables = {id(model.vit.pos_embed), id(model.vit.cls_token)}  # added vectors: no decay (embed_tokens is decayed)
     decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in tables]  # matrices and the conv kernel
     rest = [p for p in model.parameters() if not (p.dim() >= 2 and id(p) not in tables)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -680,7 +680,7 @@ def init_training(cfg, entries, images, resumed, device):  # -> model, tok, opt,
         opt.load_state_dict(state["optimizer"])  # checks the group sizes, not the shapes: another run's moments are
         if any(s["exp_avg"].shape != p.shape for p, s in opt.state.items()):  # refused here (in train's dry run)
             raise ValueError("AdamW moments of other shapes")  # train() names the file
-        torch.set_rng_state(state["rng"])  # dropout continues as if never stopped
+        torch.set_rng_state(state["rng"])  # CPU dropout continues as if never stopped (the CUDA RNG is not saved)
         if state.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
             scaler.load_state_dict(state["scaler"])
     return model, tok, opt, scaler, (state["step"], state.get("seconds", 0.0)) if resumed else (0, 0.0)
@@ -691,9 +691,9 @@ def train_step(model, opt, scaler, batch, cfg, device, rank, world):
     images, inp, tgt = batch  # the global batch: (G, S, S, 3), (G, L), (G, L)
     n_tok, total = (tgt != -100).sum().item(), torch.zeros((), device=device)  # total: this rank's share of the loss
     model.train()
-    for micro in range(cfg.grad_accum):
+    for micro in range(cfg.grad_accum):  # DDP: no_sync() defers the all-reduce to the last micro-batch's backward
         rows = slice((micro * world + rank) * cfg.batch_size, (micro * world + rank + 1) * cfg.batch_size)
-        sync = model.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else torch.enable_grad()  # one all-reduce
+        sync = model.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
         with sync, autocast(cfg, device):
             logits, _ = model(images[rows].to(device), inp[rows].to(device))
             loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt[rows].flatten().to(device), ignore_index=-100,
@@ -729,7 +729,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
     cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))  # saved so: found from any folder
     check_decoding(cfg)
     rank, world, device = setup_distributed(cfg)
-    gsize = cfg.batch_size * cfg.grad_accum * world  # images a step: global_batch orders the data by it
+    gsize = cfg.batch_size * cfg.grad_accum * world  # G images a step; a new G reorders the data: --resume refuses it
     if resumed and (g := resumed[2].get("batch") or gsize) != gsize:  # (a state saved without one is not checked)
         raise UserError(f"{cfg.out_dir}: trained at global batch {g} (batch_size*grad_accum*processes), not {gsize}")
     say, t0 = print if rank == 0 else (lambda *a, **k: None), time.time()  # rank 0 alone prints
@@ -752,7 +752,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
     t_log, log_step, stop = time.time(), step, False
     while step < cfg.max_steps and not stop:
         idx = global_batch(step, len(entries), gsize, cfg.seed)
-        caption_rng.seed(cfg.seed * 100003 + step)  # which reference each image shows: a function of the step
+        caption_rng.seed(cfg.seed * 100003 + step)  # reference per image: one seed per (seed, step < 100003)
         inp, tgt = pad_batch([caption_rng.choice(tokens[i]) for i in idx.tolist()])
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -768,7 +768,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
         if rank == 0 and (val is not None or stop):  # the weights, and train_state.pt with the time trained so far
             save_checkpoint(raw, tok, cfg, opt, step, scaler, batch=gsize, seconds=seconds0 + time.time() - t0)
         if rank == 0 and (step % cfg.log_interval == 0 or val is not None):  # val: every eval step, the last too
-            m, s = divmod(round(dt * (cfg.max_steps - step)), 60)  # time left: minutes, seconds
+            m, s = divmod(round(dt * (cfg.max_steps - step)), 60)  # time left; lr below: the step just taken
             say(f"step {step}/{cfg.max_steps} | loss {loss:.3f} | val {'-' if val is None else f'{val:.3f}'} | "
                 f"lr {lr_at(step - 1, cfg):.1e} | {dt * 1000:.0f} ms | {gsize / dt:.3g} samples/s | eta {m}m{s:02d}s")
             t_log, log_step = time.time(), step
