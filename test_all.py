@@ -2889,7 +2889,8 @@ def test_vl_tokenizer_matches_hf(tmp_path, template):
               "a<video><video>b <image> c", "zzzqqq unseen words"]:
         want = hf(s).input_ids
         assert ours.encode(s) == want, s
-        assert ours.decode(want) == hf.decode(want, skip_special_tokens=True), s
+        for cut in range(len(want) + 1):  # every prefix: an answer cut mid-character gives HF's '\ufffd' per byte
+            assert ours.decode(want[:cut]) == hf.decode(want[:cut], skip_special_tokens=True), (s, cut)
     json.dump({**tj, "post_processor": {"type": "BertProcessing", "sep": ["</s>", 2], "cls": ["<s>", 1]}},
               open(tmp_path / "tokenizer.json", "w"))
     with pytest.raises(vl.UserError, match="post_processor 'BertProcessing' is not supported"):

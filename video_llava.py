@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import json
 import math
 import os
@@ -348,18 +349,18 @@ def read_annotations(path, why=""):  # JSON lines {"image"|"video"|"frames", "qu
     return out
 
 def clip_transform(rgb, size):  # (H, W, 3) uint8 RGB -> (3, size, size) float32, as BaseVideoProcessor._preprocess
-    h, w = rgb.shape[:2]  # (VideoLlavaImageProcessor does the same steps in PIL)
+    h, w = rgb.shape[:2]  # (VideoLlavaImageProcessor: the same steps in PIL, whose bicubic rounds ±1 on a few pixels)
     # shortest edge -> size, long side int(size*long/short) (image_utils.get_resize_output_image_size)
     nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
-    # bicubic (resample=3), antialiased as PIL's (a shrink widens the kernel over every source pixel), rounded to uint8
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8, copied if a ::-1 view
+    # bicubic (resample=3) in uint8 as HF does (a float resize differs by several levels), antialiased (PIL's kernel)
     x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True)[0]  # (3, nh, nw) uint8
     top, left = (nh - size) // 2, (nw - size) // 2  # centre crop
     x = x[:, top:top + size, left:left + size].float().numpy() / 255.0  # rescale to [0, 1]
     return (x - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]  # (3, size, size), CLIP mean/std
 
-def cut_off(path):  # a PNG with no IEND chunk; a JPEG with no end marker FF D9 after its scan (libjpeg pads it grey)
-    data, i = open(path, "rb").read(), 2  # i: the next marker after FF D8; data may follow FF D9 (a motion photo)
+def cut_off(path):  # PNG with no IEND; JPEG with no FF D9 after its scan (libjpeg pads it grey; data may follow FF D9)
+    data, i = open(path, "rb").read(), 2  # i: walk header segments to the scan, FF DA (a thumbnail has its own FF D9)
     while data[:2] == b"\xff\xd8" and i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] != 0xDA:
         i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
     return data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:] or data[:4] == b"\x89PNG" and b"IEND" not in data
@@ -382,7 +383,7 @@ def load_image(path, size):  # image file -> float32 (3, size, size), CLIP-norma
     return clip_transform(img[:, :, ::-1], size)  # OpenCV reads BGR: flip to RGB, as CLIP was trained
 
 def frame_indices(n_total, n_frames):  # uniform, as video_utils.default_sample_indices_fn: frame i*total//n
-    if n_total <= 0:  # (a clip shorter than n frames repeats frames, where transformers refuses)
+    if n_total <= 0:  # (short clips repeat frames, where transformers refuses; its docs' float arange may pick others)
         raise UserError("video has no frames")
     return [i * n_total // n_frames for i in range(n_frames)]
 
@@ -434,9 +435,9 @@ class SentencePieceBPE(Tokenizer):  # LLaMA's tokenizer.json as transformers 5 r
         self.byte_fallback, self.unk = model.get("byte_fallback", False), model.get("unk_token")
         self.inv = {i: s for s, i in self.vocab.items()}  # id -> piece, for decode
         tc = read_json(os.path.join(folder, "tokenizer_config.json")) or {}
-        name = lambda t, d: (t.get("content") if isinstance(t, dict) else t) or d
+        name = lambda t, d: (t.get("content") if isinstance(t, dict) else t) or d  # "<s>" or {"content": "<s>"}, or d
         self.bos_id, self.eos_id, self.pad_id = (self.vocab.get(name(tc.get(f"{k}_token"), d), z) for k, d, z in (
-            ("bos", "<s>", None), ("eos", "</s>", None), ("pad", "<pad>", 0)))
+            ("bos", "<s>", None), ("eos", "</s>", None), ("pad", "<pad>", 0)))  # (key, default, id if not in vocab)
         # BOS/EOS around the text: transformers 5 reads them from this template alone (add_bos_token is not read)
         pp = tj.get("post_processor") or {"type": "TemplateProcessing", "single": [{"Sequence": {}}]}  # none: no BOS
         if pp.get("type") != "TemplateProcessing":
@@ -462,12 +463,14 @@ class SentencePieceBPE(Tokenizer):  # LLaMA's tokenizer.json as transformers 5 r
         if None in ids:  # no byte fallback and no <unk>: another model's tokenizer
             raise UserError(f"{self.folder}: tokenizer.json cannot encode {part!r} (no byte fallback, no unk_token)")
         return [t for k, t in enumerate(ids) if not (k and syms[k] not in self.vocab and ids[k - 1] == unk)]
-    def decode(self, ids):  # special tokens skipped
+    def decode(self, ids):  # special tokens skipped, then transformers' decoders: '▁' -> ' ', byte fallback, strip
         pieces = [self.inv.get(int(i), "").replace("▁", " ") for i in ids if i not in self.added.values()]
-        # a piece <0xNN> is one raw UTF-8 byte; the Strip decoder drops the space prepended to the first piece
-        return b"".join(bytes([int(s[3:5], 16)]) if re.fullmatch(r"<0x[0-9A-F]{2}>", s) else
-                        (s[1:] if k == 0 and self.prefix and s.startswith(" ") else s).encode("utf-8")
-                        for k, s in enumerate(pieces)).decode("utf-8", errors="replace")
+        def from_bytes(run):  # a run of <0xNN> pieces, one raw byte each: UTF-8 text, or if invalid one '�' a byte
+            raw = bytes(int(s[3:5], 16) for s in run)
+            return text if (text := raw.decode("utf-8", "replace")).encode() == raw else "\ufffd" * len(raw)
+        text = "".join(from_bytes(run) if byte else "".join(run)  # (an answer cut mid-character ends in '�'s)
+                       for byte, run in itertools.groupby(pieces, lambda s: bool(re.fullmatch(r"<0x[0-9A-F]{2}>", s))))
+        return text[1:] if self.prefix and text.startswith(" ") else text  # Strip: the space Metaspace prepended
 
 class GPT2Table(Tokenizer):  # GPT-2 BPE (tiktoken) over a table of the ids seen in training, then <image>, <video>
     def __init__(self, ids):
@@ -906,9 +909,9 @@ def read_config(path):  # path/config.json as a dict, or a UserError naming what
         raise UserError(f"{cpath}: not a config (not JSON, or not a JSON object)")
     return hf
 
-def align_keys(path, base=None):  # -> meta model, files, handles, found {key: (file's key, file)}, problems (headers)
+def align_keys(path, base=None):  # -> meta model, files, handles, found {hub key: (its key, file)}, problems (headers)
     hf, files = config_from_hf(read_config(path), path), weight_files(path)
-    # a head stored in the files is used (transformers unties then too); tied means the embedding serves as the head
+    # a head in the files is used (transformers 5 unties one that differs); tied: the embedding serves as the head
     hf["tie_word_embeddings"] &= "language_model.lm_head.weight" not in map(canonical_key, files)
     with torch.device("meta"):
         model = VideoLlava(Config(**{**dataclasses.asdict(base or Config()), **hf}))
@@ -933,8 +936,8 @@ def load_pretrained(path, dtype=None, device="cpu", base=None):  # HF folder or 
             f"{what} {len(keys)} {keys[:20]}{' ...' if len(keys) > 20 else ''}" for what, keys in problems.items()))
     # float32 weights beyond the memory (a 7B on a laptop or a 16 GB GPU) stop the run part-way: refused first
     gpu = torch.device(device).type == "cuda"  # its own memory; mps shares the RAM (Windows: no sysconf, unknown)
-    memory = (torch.cuda.mem_get_info(device)[1] if gpu else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-           if hasattr(os, "sysconf") else 0)  # 0: unknown
+    memory = (torch.cuda.mem_get_info(device)[1] if gpu else  # total bytes (mem_get_info: free, total); 0: unknown
+              os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0)
     need = 4 * sum(p.numel() for p in model.parameters())  # bytes in float32 (a tied head is one parameter)
     if dtype == torch.float32 and 0 < memory < need:
         raise UserError(f"{path}: its weights take {need / 2**30:.3g} GiB in float32, more than this " + ("GPU" if gpu
