@@ -5025,6 +5025,9 @@ def test_mk_qwen3_tokenizer_and_chat_template_match_hf(mk_hf):
         assert qt.encode(s) == ht(s)["input_ids"], s
         assert qt.decode(qt.encode(s)) == ht.decode(ht(s)["input_ids"]).replace("<|im_end|>", "")
         assert qt.decode(qt.encode(s) + [151762]) == qt.decode(qt.encode(s))  # an embedding row past the tokenizer
+        ids = qt.encode(s)
+        for cut in range(len(ids) + 1):  # every prefix: an answer cut mid-character decodes as HF's does
+            assert qt.decode(ids[:cut]) == ht.decode(ids[:cut]).replace("<|im_end|>", ""), (s, cut)
     content = "What happens to the red circle?\nA. it appears\nB. it stops"
     ref = ht.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                  enable_thinking=False, tokenize=False)
