@@ -957,9 +957,9 @@ def save_checkpoint(model, cfg, tok, opt=None, step=0, seconds=0.0, scaler=None,
         state.update({k.replace("image_", "video_", 1): v.clone() for k, v in state.items() if k.startswith("image_")})
     atomic(os.path.join(cfg.out_dir, "model.safetensors"), lambda p: save_file(state, p))
     hf_tok = ("tokenizer.json", "tokenizer_config.json") if isinstance(tok, GPT2Table) else ()  # a table replaces them
-    for stale in ("model.safetensors.index.json", "eval.json", "train_state.pt", *hf_tok):  # of the old weights:
-        with contextlib.suppress(FileNotFoundError):  # an index would win over the new file, eval.json scored the old
-            os.remove(os.path.join(cfg.out_dir, stale))  # ones, their state would --resume the new (rewritten below)
+    for stale in ("model.safetensors.index.json", "eval.json", "train_state.pt", *hf_tok):  # the old weights':
+        with contextlib.suppress(FileNotFoundError):  # index: would shadow the new file; eval.json: scored the old
+            os.remove(os.path.join(cfg.out_dir, stale))  # train_state.pt: would --resume the new (rewritten below)
     config = dataclasses.asdict(cfg)  # your data files' paths absolute: --eval and --resume find them from anywhere
     config.update({k: os.path.abspath(config[k]) for k in ("data", "test_data", "data_dir") if config[k]})
     meta = {**hf_config_dict(cfg), "script": SCRIPT, "train_config": config, "step": step}
@@ -1044,14 +1044,14 @@ class Examples:
         texts = [prompt_text(e["question"], e["kind"]) for e in entries]
         if isinstance(tok, GPT2Table):  # a word the table lacks would go unread (test answers are only compared)
             tok.check_known([(e["line"], t + " " + e["answer"] if answered else t) for t, e in zip(texts, entries)])
-        self.entries, cache = entries, {}  # (path, kind) -> pixels: each file decoded once (the first entry naming it)
-        for e in (e for e in entries if (e["path"], e["kind"]) not in cache):
+        self.entries, decoded = entries, {}  # (path, kind) -> pixels: each file decoded once (first entry naming it)
+        for e in (e for e in entries if (e["path"], e["kind"]) not in decoded):
             try:  # a file that fails to decode is named with the annotation line that lists it
-                cache[e["path"], e["kind"]] = (load_image(e["path"], cfg.image_size) if e["kind"] == "image" else
-                                               load_video(e["path"], cfg.n_frames, cfg.image_size))
+                decoded[e["path"], e["kind"]] = (load_image(e["path"], cfg.image_size) if e["kind"] == "image" else
+                                                 load_video(e["path"], cfg.n_frames, cfg.image_size))
             except UserError as err:
                 raise UserError(f"{e['line']}: {err}") from None
-        self.media = [torch.from_numpy(cache[e["path"], e["kind"]]) for e in entries]
+        self.media = [torch.from_numpy(decoded[e["path"], e["kind"]]) for e in entries]  # (3, S, S) or (F, 3, S, S)
         self.prompts = [expand_placeholders(tok.encode(t), cfg, cfg.n_frames) for t in texts]
         self.answers = [tok.encode(" " + e["answer"], add_special_tokens=False) + [tok.eos_id] for e in entries]
         for e, p, a in zip(entries, self.prompts, self.answers):  # refused here, at load, not when a batch meets it
@@ -1068,18 +1068,18 @@ class Examples:
         the pads after it), targets on the answer and its EOS; generation rows: prompts, left-padded, with a mask."""
         rows = [self.prompts[i] + ([] if generating else self.answers[i]) for i in idx]
         L = max(map(len, rows))
-        ids, mask, tgt = (torch.full((len(rows), L), fill, dtype=torch.long) for fill in (0, 0, -100))
+        ids, mask, tgt = (torch.full((len(rows), L), fill, dtype=torch.long) for fill in (0, 0, -100))  # (B, L)
         for r, (i, row) in enumerate(zip(idx, rows)):
             s = L - len(row) if generating else 0
             ids[r, s:s + len(row)], mask[r, s:s + len(row)] = torch.tensor(row), 1
-            if not generating:  # position t predicts token t+1: targets are the answer tokens, shifted left by one
+            if not generating:  # t predicts t+1; only the answer is learned: the prompt, mostly visual tokens, is input
                 tgt[r, len(self.prompts[i]) - 1:len(row) - 1] = torch.tensor(self.answers[i])
         px = {k: [self.media[i] for i in idx if self.entries[i]["kind"] == k] for k in ("image", "video")}
         b = dict(input_ids=ids, attention_mask=mask if generating else None, targets=None if generating else tgt,
                  **{f"pixel_values_{k}s": torch.stack(v) if v else None for k, v in px.items()})
         return {k: v.to(device) for k, v in b.items() if v is not None}  # inputs it lacks are left out
 
-def apply_freeze(model, freeze):  # requires_grad off once: a frozen part gets no gradient and builds no graph
+def apply_freeze(model, freeze):  # requires_grad off once; a frozen LLM still backprops to the projector
     towers = {"vision": [model.image_tower, model.video_tower], "llm": [model.language_model]}
     parts = {p.strip() for p in freeze.split(",")} - {""}  # --freeze "": nothing frozen
     if parts - set(towers):
@@ -1141,7 +1141,7 @@ def load_train_state(out_dir, opt, scaler, say, batch):  # --resume: AdamW momen
             scaler.load_state_dict(ts["scaler"])
         torch.set_rng_state(ts["rng"])
         step, seconds = int(ts["step"]), float(ts.get("seconds", 0.0))
-        if (b := ts.get("batch") or batch) != batch:  # batch_indices orders the data by it (a file without one: none)
+        if (b := ts.get("batch") or batch) != batch:  # batch_indices orders the data by it (an old file: not checked)
             raise UserError(f"{out_dir}: trained at global batch {b} (batch_size*grad_accum*processes), not {batch}")
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
         raise UserError(f"{out_dir}/train_state.pt: does not fit this run's model ({type(e).__name__})") from None
@@ -1161,7 +1161,7 @@ def ddp_setup(cfg):  # -> (ddp, rank, world, device): one process, or one of tor
     return True, dist.get_rank(), dist.get_world_size(), device
 
 def batch_loss(model, tr, idx, cfg, rank, world, ddp, device, scaler):  # backward of this rank's rows of batch idx
-    # -> the global batch's mean over its answer tokens: each pass's mean times world x its share of those tokens
+    # -> the global batch's mean over its answer tokens: each pass's mean, weighted by its share of those tokens
     n_tok, total, passes = sum(len(tr.answers[i]) for i in idx), torch.zeros((), device=device), []
     # each micro-batch as two passes, image rows and video rows, each padded to its own longest: same loss, less work
     for micro in range(cfg.grad_accum):
@@ -1170,7 +1170,7 @@ def batch_loss(model, tr, idx, cfg, rank, world, ddp, device, scaler):  # backwa
         passes += [p for p in by_kind if p]  # a micro-batch without video rows has no video pass
     for j, part in enumerate(passes):
         b = tr.batch(part, device)
-        share = (b["targets"] != -100).sum().item() * world / n_tok
+        share = (b["targets"] != -100).sum().item() * world / n_tok  # x world: DDP averages the ranks' gradients
         sync = not ddp or j == len(passes) - 1  # DDP all-reduces the gradients only after the last pass
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast(cfg.dtype, device):
             loss = model(**b)[1] * share
@@ -1269,15 +1269,16 @@ def sample_next(logits, temperature, top_k, top_p, generator):  # (B, V) -> (B,)
     if top_p < 1.0:
         sorted_l, order = logits.sort(-1, descending=True)  # the most likely first
         probs = sorted_l.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = probs.cumsum(-1) - probs >= top_p  # drop a token when the tokens ranked above it already hold top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), -math.inf)  # vocabulary order
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pixel_values_videos=None,
              max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0,
              generator=None, use_cache=True, on_token=None, compile=False):
-    """Batched, left-padded generation -> (B, <= max_new_tokens) new ids, a row past its EOS padded with pad_token_id
-    until all stop: media encoded once at prefill, then a token a step through the static KV cache (`model.step`)."""
+    """Batched generation -> (B, <= max_new_tokens) new ids, pad_token_id after a row's EOS until all stop. Prompts
+    come left-padded, so every row's last token is in column L-1: logits[:, -1] is each row's next token, and a step
+    appends one column to all rows. Media are encoded once (prefill), then a token a step through `model.step`."""
     model.eval()
     if compile and not use_cache:
         raise ValueError("compile=True compiles the one-token step through the KV cache: it needs use_cache=True")
@@ -1285,8 +1286,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
     dev = input_ids.device.type  # the cache's dtype: autocast's (its matmuls make k, v), else the weights'
     dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
              else model.language_model.model.embed_tokens.weight.dtype)
-    # on a CPU the weights are frozen into the graph as constants and each product compiles to inductor's C++ GEMM
-    # template (max_autotune enables it; offered alone, it is used without compiling and timing MKL's against it)
+    # CPU: weights frozen into the graph as constants; products as inductor's C++ GEMM (the one backend: not timed)
     tuned = (torch._inductor.config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP")
              if compile and dev == "cpu" else None)
     if tuned is not None:
@@ -1295,14 +1295,14 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
         if getattr(model, "_frozen_version", version) != version:  # weights changed since the last compiled call
             torch._dynamo.reset()  # every compiled graph of the process: the frozen constants are stale
         model._frozen_version = version  # a change through `.data` bumps none: then call torch._dynamo.reset()
-    # static shapes (dynamic=False): a graph per batch size and cache length, the cache rounded up to 64 to keep few
-    step = torch.compile(model.step, fullgraph=True, dynamic=False) if compile else model.step
+    # compile only the one-token step: many tiny ops, overhead-bound, run max_new_tokens times; prefill runs once
+    step = torch.compile(model.step, fullgraph=True, dynamic=False) if compile else model.step  # a graph per B, T_max
     n, context = L + max_new_tokens, model.cfg.max_position_embeddings
-    T_max = max(n, min(64 * math.ceil(n / 64), context)) if compile else n  # past the context: forward refuses
+    T_max = max(n, min(64 * math.ceil(n / 64), context)) if compile else n  # 64s: fewer graphs; > context: refused
     with torch.inference_mode(), tuned or contextlib.nullcontext():
         cache = KVCache(model.cfg, B, T_max, dtype, input_ids.device) if use_cache else None
         logits, _ = model(input_ids, mask, pixel_values_images, pixel_values_videos, cache=cache, last_only=True)
-        seq, out, done = input_ids, [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        seq, out, done = input_ids, [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)  # done (B,)
         for _ in range(max_new_tokens):
             nxt = torch.where(done, pad_token_id, sample_next(logits[:, -1], temperature, top_k, top_p, generator))
             out.append(nxt)
@@ -1313,11 +1313,11 @@ def generate(model, input_ids, attention_mask=None, pixel_values_images=None, pi
                 done = done | (nxt == eos_token_id)
             if bool(done.all()) or len(out) == max_new_tokens:  # no step for a token that is never sampled
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # (B, T+1): the new token is real in every row
             if use_cache:
-                pos, step_mask = cache.claim(mask)
+                pos, step_mask = cache.claim(mask)  # (B, 1) RoPE positions, (B, 1, 1, T_max) mask
                 try:
-                    logits = step(nxt[:, None], pos, step_mask, cache)
+                    logits = step(nxt[:, None], pos, step_mask, cache)  # (B, 1, V)
                 except torch._dynamo.exc.FailOnRecompileLimitHit:  # a graph per model, batch size and cache length
                     limit = torch._dynamo.config.recompile_limit  # 8 by default
                     warnings.warn(f"generate: torch.compile's limit of {limit} graphs is reached; decoding eagerly")
