@@ -108,7 +108,7 @@ class Config:
     d_embed: int = 64  # CLIP joint embedding width E
     n_latents: int = 64  # Perceiver resampler output size (Flamingo uses 64)
     n_perceiver_layer: int = 1  # resampler layers, each: latents attend, then an MLP
-    max_frames: int = 64  # rows of the time embedding (resampler and unified prefix alike): the most frames a clip has
+    max_frames: int = 64  # rows of the time embeddings (resampler, unified prefix): the most --n_frames may be
     max_len: int = 12  # longest caption in tokens, BOS/EOS included
     motion: bool = True  # frame-to-frame token differences + a per-frame summary token (Captioner)
     sdpa: bool = True  # attention through F.scaled_dot_product_attention (False: the written-out math)
@@ -143,7 +143,7 @@ COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 90, 30), 
            "yellow": (30, 220, 230), "purple": (200, 50, 160), "white": (235, 235, 235)}
 SHAPES = ["circle", "square", "triangle"]
 MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-# (colour, shape) pairs held out of all training: each colour loses one shape, each shape is held out twice.
+# (colour, shape) pairs no training clip shows (CLIP's stills include them): one shape per colour, each shape twice.
 NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),
                ("yellow", "triangle"), ("purple", "circle"), ("white", "square")}
 CLASSES = [(c, s) for c in COLOURS for s in SHAPES]  # the 18 zero-shot classes
@@ -594,7 +594,7 @@ class Captioner(Module):
     """Video -> caption, two ways. Frames go one by one through the (CLIP) ViT: (B, F, P, D) frame tokens. Then
       unified: + a time embedding per frame, a linear projection, placed before the text in the decoder input
         (LLaVA's wiring). The simplest: visual tokens are more tokens, the decoder's own self-attention does the
-        reading, nothing in the LM changes; but every layer pays for all F*P visual tokens on every step.
+        reading, nothing in the LM changes; but every layer pays for all F*(1+P) visual tokens on every step.
       cross:   Perceiver resampler -> Q latents, read by gated cross-attention layers inside the decoder
         (Flamingo's wiring). The text sequence stays text-only and the visual cost is Q per layer whatever F is;
         the zero gates let it be added to a pretrained LM without changing what that LM computes at first."""
@@ -614,7 +614,8 @@ class Captioner(Module):
         if variant == "unified":
             self.time = nn.Parameter(torch.randn(cfg.max_frames, 1, d) * 0.02)  # (F_max, 1, D): which frame
             self.proj = nn.Linear(d, d)  # the projector: image-encoder space -> the decoder's input space
-            self.decoder = Decoder(cfg, vocab, cfg.n_frames * (P + cfg.motion) + cfg.max_len)  # prefix (+summary), text
+            # positions: F frames x (P tokens + 1 summary token if --motion, as the bool counts 1), then the text
+            self.decoder = Decoder(cfg, vocab, cfg.n_frames * (P + cfg.motion) + cfg.max_len)
         else:
             self.resampler = PerceiverResampler(d, cfg.n_head, cfg.n_latents, cfg.n_perceiver_layer, cfg.max_frames,
                                                 cfg.sdpa)
@@ -917,7 +918,7 @@ def lr_at(step, total, base, cfg):  # linear warmup, then cosine decay to a tent
     if step < cfg.warmup:
         return base * (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
-    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
+    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))  # 0.45 = (1 - 0.1) / 2: 1 at t = 0, 0.1 at t = 1
 
 def make_optimizer(groups, cfg):
     """AdamW; weight decay on every tensor of 2+ dims (weights, embeddings; not biases, norms, gates, temperature)."""
@@ -956,7 +957,7 @@ def fit(model, opt, total, batch_fn, cfg, name):
     return time.time() - t0
 
 def prepare_data(cfg):
-    """Build the world if needed and decode everything once: {kind: {split: (captions, uint8 array)}} + tokenizer."""
+    """Build the world if needed and decode everything once: {kind: {split: (captions, uint8 tensor)}} + tokenizer."""
     build_world(cfg)
     data = {"images": {}, "videos": {}}
     for split in ("train", "test", "novel"):
@@ -993,8 +994,8 @@ def train_clip(cfg, data, tok, device):
 def caption_batch(tok, caps, cfg):
     """Captions -> (inputs, targets): targets are inputs shifted by one, -100 after each row's EOS."""
     ids, lengths = pad_batch([tok.encode(c) for c in caps], cfg.max_len)
-    inp, tgt = ids[:, :-1], ids[:, 1:].clone()
-    tgt[torch.arange(tgt.size(1))[None] >= (lengths[:, None] - 1)] = -100
+    inp, tgt = ids[:, :-1], ids[:, 1:].clone()  # (N, L-1) each: the token at j, the token at j+1 to predict
+    tgt[torch.arange(tgt.size(1))[None] >= (lengths[:, None] - 1)] = -100  # (N, L-1): from slot length-1 on, padding
     return inp, tgt
 
 def train_captioner(cfg, variant, vision_state, data, tok, device):
@@ -1003,7 +1004,7 @@ def train_captioner(cfg, variant, vision_state, data, tok, device):
     model.vision.load_state_dict(vision_state)  # start from the CLIP image encoder (copied onto the device)
     caps, clips = data["videos"]["train"]
     inp, tgt = caption_batch(tok, caps, cfg)
-    gates = [p for n, p in model.named_parameters() if n.endswith("_gate")]
+    gates = [p for n, p in model.named_parameters() if n.endswith("_gate")]  # cross's tanh gates (unified: none)
     rest = [p for n, p in model.named_parameters() if not n.startswith("vision.") and not n.endswith("_gate")]
     opt = make_optimizer([(model.vision.parameters(), cfg.vision_lr), (rest, cfg.lr), (gates, cfg.gate_lr)], cfg)
     g = torch.Generator().manual_seed(cfg.seed)  # both variants see the very same batches
@@ -1011,7 +1012,7 @@ def train_captioner(cfg, variant, vision_state, data, tok, device):
     def batch(step):
         idx = torch.randint(0, len(caps), (cfg.batch_size,), generator=g)
         with autocast(cfg, device):
-            return model(model.encode(clips[idx].to(device)), inp[idx].to(device), tgt[idx].to(device))[1]
+            return model(model.encode(clips[idx].to(device)), inp[idx].to(device), tgt[idx].to(device))[1]  # loss
     return model, fit(model, opt, cfg.steps, batch, cfg, variant)  # (model, training seconds)
 
 def train(cfg):
@@ -1026,7 +1027,7 @@ def train(cfg):
     vision = {k: v.detach().clone() for k, v in clip_model.vision.state_dict().items()}
     for variant in ("unified", "cross"):
         models[variant], times[variant] = train_captioner(cfg, variant, vision, data, tok, device)
-    for name, model in (("clip", clip_model), *models.items()):  # all three or none: a failed run keeps the old ones
+    for name, model in (("clip", clip_model), *models.items()):  # after training: a failed run keeps the old ones
         save_model(model, tok, cfg, name, times[name])
     res = evaluate(models, clip_model, tok, cfg, device, data, times)
     print(f"train mode: {time.time() - t0:.0f} s wall in all")
@@ -1125,7 +1126,7 @@ def attention_maps(model, tok, clip, cfg, device):
 
 def evaluate(models, clip_model, tok, cfg, device, data, seconds):
     """Score CLIP zero-shot and both captioners on test and novel; print table, samples; write eval.json, heat maps."""
-    # eval.json: {"test": {model: metrics, size, training s, tokens/s}, "novel": {variant: metrics}, "train_seconds"}
+    # eval.json: {"test": {model: metrics, params, train_seconds, gen_tokens_per_s}, "novel": {variant: metrics}, ...}
     res = {"test": {}, "novel": {}, "train_seconds": sum(seconds.values())}
     res["test"]["clip"] = zero_shot(clip_model, tok, cfg, data["images"]["test"][1], data["images"]["test"][0], device)
     res["test"]["clip"].update(params=n_params(clip_model), train_seconds=seconds["clip"])
