@@ -268,7 +268,7 @@ def preprocess(img, crop):  # transformers' VJEPA2VideoProcessor on a uint8 (H, 
     return img[top:top + crop, left:left + crop]  # (crop, crop, 3)
 
 def read_frame(path):  # a frame image -> BGR uint8 (H, W, 3); libjpeg fills a cut-off JPEG with grey, silently
-    data, i = open(path, "rb").read(), 2  # i: the next marker after FF D8 (each segment: FF xx, a 2-byte length)
+    data, i = open(path, "rb").read(), 2  # i -> the scan (FF DA), past any EXIF thumbnail's own FF D9
     while data[:2] == b"\xff\xd8" and i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] != 0xDA:
         i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2:i + 4], "big")  # FF FF: a fill byte
     if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[i:] or data[:4] == b"\x89PNG" and b"IEND" not in data:
@@ -297,11 +297,11 @@ def load_video(path, n_frames, crop):
         if cap.get(cv2.CAP_PROP_FOURCC) == cv2.VideoWriter_fourcc(*"ansi"):  # FFmpeg plays a text file as a video
             raise UserError(f"{path}: a text file, not a video")
         fps = cap.get(cv2.CAP_PROP_FPS) if 0 < cap.get(cv2.CAP_PROP_FPS) < 1000 else FPS  # none or nonsense: FPS
-        while cap.grab():  # pass 1, no decoding: the frame count (a header's can be wrong) and each frame's time
+        while cap.grab():  # pass 1, no conversion: the frame count (a header's can be wrong) and each frame's time
             ts.append(cap.get(cv2.CAP_PROP_POS_MSEC) / 1000)  # its time stamp, in s: a phone's frame rate varies
         if (n := len(ts)) < 0.9 * (listed := int(cap.get(cv2.CAP_PROP_FRAME_COUNT))):  # cut off: its first part decodes
             raise UserError(f"{path}: only {n} of the {listed} frames in its header decode (cut off or damaged)")
-        def read(want):  # pass 2 decodes again and converts only the sampled frames (a long clip never sits whole)
+        def read(want):  # pass 2: grab() decodes every frame, retrieve() converts the sampled ones (never a whole clip)
             cap = cv2.VideoCapture(os.fsencode(path))
             return ((i, cap.retrieve()[1]) for i in range(max(want) + 1) if cap.grab() and i in want)
     else:
@@ -1034,7 +1034,7 @@ def prepare_data(cfg, rank=0, splits=("train", "val", "test", "novel")):  # -> {
         anns = {"train": [e for e, d in zip(train, draw) if cfg.test_data or d > cut], "test": test, **anns}
         if not anns["train"] and "train" in splits:  # all held out (one entry, say); --eval would score them
             raise UserError(f"{cfg.data}: too few entries to hold out a test set; add entries or pass --test_data")
-    anns.setdefault("val", anns["test"][:max(1, len(anns["test"]) // 2)])  # user data: half of the test split
+    anns.setdefault("val", anns["test"][:max(1, len(anns["test"]) // 2)])  # user data: half of test (only logged)
     return {s: (e, load_split(e, cfg)) for s, e in anns.items() if s in splits}
 
 def check_answers(data, tok, cfg):  # decoding stops at --max_new_tokens: a longer answer would be cut off, silently
@@ -1054,12 +1054,12 @@ def make_optimizer(model, cfg):  # AdamW: decay on Linear/Conv3d weights (a tied
 
 def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, device, scaler):
     """Forward + backward of this rank's micro-batches of the global batch `idx` -> its mean (loss, ce, bce). Losses use
-    the global batch's counts, so any split gives one gradient (DDP: each rank's loss counts `world` times)."""
+    the global batch's counts, so any split gives one gradient (DDP averages over ranks, so each is scaled by world)."""
     n_tok = sum(len(tok.target(entries[i]["answer"])) for i in idx.tolist())  # answer tokens in the global batch
     ddp, share = isinstance(fwd, nn.parallel.DistributedDataParallel), torch.zeros(3)
     for a in range(cfg.grad_accum):
         mb = idx[(a * world + rank) * cfg.batch_size:(a * world + rank + 1) * cfg.batch_size]
-        mb, w = (mb, world) if len(mb) else (idx[:1], 0)  # an empty micro-batch: one clip that counts 0
+        mb, w = (mb, world) if len(mb) else (idx[:1], 0)  # empty: one clip weighted 0 (DDP needs every rank's backward)
         with fwd.no_sync() if ddp and a < cfg.grad_accum - 1 else contextlib.nullcontext():  # DDP: the last all-reduces
             with autocast(cfg, device):  # a trainable encoder runs here, outside fwd: DDP hooks its gradients too
                 feats = cache("train", mb, tr["clips"])
@@ -1223,7 +1223,7 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):  # test, no
     for split in [s for s in ("test", "novel") if s in data]:
         (entries, ds), preds, sal = data[split], [], []  # preds, sal: answers, frame saliency (sigmoid) per clip
         for idx in torch.arange(len(entries)).split(64):
-            with autocast(cfg, model.devices["llm"]):
+            with torch.no_grad(), autocast(cfg, model.devices["llm"]):  # cache() may run a trainable encoder
                 ids, fl = generate(model, cache(split, idx, ds["clips"]), [entries[i] for i in idx], tok, cfg)
             preds += [tok.decode(i).strip() for i in ids]
             sal += torch.sigmoid(fl.float()).cpu().tolist()
@@ -1271,7 +1271,7 @@ def predict(cfg, overrides, video, question, choices):
     check_answers({"--choices": ([dict(answer=c) for c in choice_list], None)}, tok, cfg)  # each may be the answer
     model.place(parse_device_map(cfg)).eval()
     clip, times, dur = load_video(video, cfg.n_frames, cfg.crop)
-    with autocast(cfg, model.devices["llm"]):
+    with torch.no_grad(), autocast(cfg, model.devices["llm"]):  # encode() runs here, outside generate()
         ids, fl = generate(model, model.encode(torch.from_numpy(clip)[None]),
                            [dict(question=question, choices=choice_list)], tok, cfg)
     sal, answer, path = torch.sigmoid(fl.float())[0].tolist(), tok.decode(ids[0]).strip(), cfg.out_dir + "/predict.png"

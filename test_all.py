@@ -5840,6 +5840,9 @@ def test_mk_save_cut_off_before_train_state_refuses_resume(mk_trained, tmp_path,
 def test_mk_eval_and_predict_cli(mk_trained, tmp_path, capsys, monkeypatch):
     d, _ = mk_trained
     out = d / "out"
+    graphs, generate = [], mk.generate  # the features generate reads: computed without a graph (no_grad) each time
+    monkeypatch.setattr(mk, "generate", lambda model, feats, *a: graphs.append(feats.requires_grad) or generate(
+        model, feats, *a))
     mk.main(["--eval", "--out_dir", str(out), "--data_dir", str(d / "data")])
     assert "mcq" in capsys.readouterr().out
     # --test_data without --data replaces the world's test split; --eval decodes only test and novel
@@ -5867,6 +5870,7 @@ def test_mk_eval_and_predict_cli(mk_trained, tmp_path, capsys, monkeypatch):
     question = "What happens to the red circle?"
     choices = "A. it appears|B. it stops|C. it turns blue|D. it meets the green square"
     mk.main(["--predict", "--out_dir", str(out), "--video", str(video), "--question", question, "--choices", choices])
+    assert len(graphs) > 2 and not any(graphs), graphs  # --eval's batches of test and novel, then --predict's clip
     stdout = capsys.readouterr().out
     # the printed answer and frame saliencies are those of the saved model on this clip and question
     model, tok, cfg = mk.load_checkpoint(str(out))
