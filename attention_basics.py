@@ -594,7 +594,7 @@ class Captioner(Module):
     """Video -> caption, two ways. Frames go one by one through the (CLIP) ViT: (B, F, P, D) frame tokens. Then
       unified: + a time embedding per frame, a linear projection, placed before the text in the decoder input
         (LLaVA's wiring). The simplest: visual tokens are more tokens, the decoder's own self-attention does the
-        reading, nothing in the LM changes; but every layer pays for all F*(1+P) visual tokens on every step.
+        reading, nothing in the LM changes; but every layer pays for all F*(1+P) visual tokens (F*P: --no-motion).
       cross:   Perceiver resampler -> Q latents, read by gated cross-attention layers inside the decoder
         (Flamingo's wiring). The text sequence stays text-only and the visual cost is Q per layer whatever F is;
         the zero gates let it be added to a pretrained LM without changing what that LM computes at first."""
@@ -994,8 +994,8 @@ def train_clip(cfg, data, tok, device):
 def caption_batch(tok, caps, cfg):
     """Captions -> (inputs, targets): targets are inputs shifted by one, -100 after each row's EOS."""
     ids, lengths = pad_batch([tok.encode(c) for c in caps], cfg.max_len)
-    inp, tgt = ids[:, :-1], ids[:, 1:].clone()  # (N, L-1) each: the token at j, the token at j+1 to predict
-    tgt[torch.arange(tgt.size(1))[None] >= (lengths[:, None] - 1)] = -100  # (N, L-1): from slot length-1 on, padding
+    inp, tgt = ids[:, :-1], ids[:, 1:].clone()  # (B, L-1) each: the token at j, the token at j+1 to predict
+    tgt[torch.arange(tgt.size(1))[None] >= (lengths[:, None] - 1)] = -100  # (B, L-1): from slot length-1 on, padding
     return inp, tgt
 
 def train_captioner(cfg, variant, vision_state, data, tok, device):
@@ -1126,7 +1126,7 @@ def attention_maps(model, tok, clip, cfg, device):
 
 def evaluate(models, clip_model, tok, cfg, device, data, seconds):
     """Score CLIP zero-shot and both captioners on test and novel; print table, samples; write eval.json, heat maps."""
-    # eval.json: {"test": {model: metrics, params, train_seconds, gen_tokens_per_s}, "novel": {variant: metrics}, ...}
+    # eval.json: {"test": {model: metrics, params, train_seconds (captioners: + params_wiring, gen_tokens_per_s)}, ...}
     res = {"test": {}, "novel": {}, "train_seconds": sum(seconds.values())}
     res["test"]["clip"] = zero_shot(clip_model, tok, cfg, data["images"]["test"][1], data["images"]["test"][0], device)
     res["test"]["clip"].update(params=n_params(clip_model), train_seconds=seconds["clip"])

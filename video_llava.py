@@ -463,8 +463,8 @@ class SentencePieceBPE(Tokenizer):  # LLaMA's tokenizer.json as transformers 5 r
         if None in ids:  # no byte fallback and no <unk>: another model's tokenizer
             raise UserError(f"{self.folder}: tokenizer.json cannot encode {part!r} (no byte fallback, no unk_token)")
         return [t for k, t in enumerate(ids) if not (k and syms[k] not in self.vocab and ids[k - 1] == unk)]
-    def decode(self, ids):  # special tokens skipped, then transformers' decoders: '▁' -> ' ', byte fallback, strip
-        pieces = [self.inv.get(int(i), "").replace("▁", " ") for i in ids if i not in self.added.values()]
+    def decode(self, ids):  # unknown and special ids skipped, then transformers' decoders: ▁ -> ' ', bytes, strip
+        pieces = [p.replace("▁", " ") for i in ids if i not in self.added.values() and (p := self.inv.get(int(i)))]
         def from_bytes(run):  # a run of <0xNN> pieces, one raw byte each: UTF-8 text, or if invalid one '�' a byte
             raw = bytes(int(s[3:5], 16) for s in run)
             return text if (text := raw.decode("utf-8", "replace")).encode() == raw else "\ufffd" * len(raw)

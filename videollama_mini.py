@@ -20,7 +20,7 @@ differences and a pooled grid that keeps position. Split `novel` holds (colour, 
 Text: GPT-2 tokens from tiktoken, but the embedding / output table covers only the GPT-2 ids that occur in the
 training captions (plus <|endoftext|>, which is both BOS and EOS): the 50257-way layer would dominate a tiny model.
 
-Shape legend: B batch, F frames, S frame side, Q queries, L text tokens, T any of F/Q/L, D width, H heads, V vocab.
+Shape legend: B batch (G global), K beams, F frames, S side, Q queries, L text, T: F/Q/L, D width, H heads, V vocab.
 
 Commands (also: --qformer_mode queries, --eval, --resume, --bench):
     python videollama_mini.py --train                         # data + training + evaluation, minutes on a CPU
@@ -742,7 +742,7 @@ def train(cfg, typed=None, resume=False):  # build (or resume), train with gradi
     t_log, log_step = time.time(), step  # for the log's ms a step and eta
     while step < cfg.max_steps:
         idx = global_batch(step, len(train_entries), gsize, cfg.seed)  # (gsize,) clip indices, the same on every rank
-        caption_rng = random.Random(cfg.seed * 100003 + step)  # reference per clip: one seed per (seed, step < 100003)
+        caption_rng = random.Random(cfg.seed * 100003 + step)  # which reference each clip shows: set by (seed, step)
         inp_all, tgt_all = pad_batch([caption_rng.choice(train_tokens[i]) for i in idx.tolist()])  # (G, L)
         n_tok = (tgt_all != -100).sum().item()  # loss is a mean over the global batch's tokens, whatever the split
         for group in opt.param_groups:

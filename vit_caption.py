@@ -752,7 +752,7 @@ def train(cfg, resume=False, typed=None):  # train (every rank), evaluate and sa
     t_log, log_step, stop = time.time(), step, False
     while step < cfg.max_steps and not stop:
         idx = global_batch(step, len(entries), gsize, cfg.seed)
-        caption_rng.seed(cfg.seed * 100003 + step)  # reference per image: one seed per (seed, step < 100003)
+        caption_rng.seed(cfg.seed * 100003 + step)  # which reference each image shows: a function of (seed, step)
         inp, tgt = pad_batch([caption_rng.choice(tokens[i]) for i in idx.tolist()])
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
