@@ -4414,9 +4414,9 @@ def test_vl_flags_a_mode_ignores_and_a_partial_vision_config(tmp_path):
             vl.parse_args(argv)
     vl.parse_args(["--bench", "--max_new_tokens", "8"])
     from transformers import VideoLlavaConfig
-    for vision in ({"model_type": "clip_vision_model"}, None):
+    for vision in ({"model_type": "clip_vision_model"}, {}, None, "absent"):  # {}: CLIP's sizes; null, absent: 7B's
         hf = {"model_type": "video_llava", "text_config": {"model_type": "llama"}, **({"vision_config": vision} if
-              vision else {})}
+              vision != "absent" else {})}
         ref, ours = VideoLlavaConfig(**hf).vision_config, vl.config_from_hf(hf, "x")
         assert (ours["v_hidden_size"], ours["v_num_hidden_layers"], ours["patch_size"], ours["v_intermediate_size"]) \
             == (ref.hidden_size, ref.num_hidden_layers, ref.patch_size, ref.intermediate_size)

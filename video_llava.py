@@ -84,7 +84,7 @@ class Config:
     n_train: int = 3000  # synthetic images and as many clips in train (3 questions per image, 1 per clip)
     n_test: int = 200  # images and clips in each of val / test / novel
     n_frames: int = 4  # frames sampled uniformly per video; untyped with a checkpoint: its run's, or the 7B's 8
-    # architecture: HF config.json names (vision_config's with a v_ prefix, bar image_size, patch_size; map: HF_FIELDS)
+    # architecture: HF config.json names, vision_config's with a v_ prefix except image_size, patch_size (HF_FIELDS)
     vocab_size: int = 0  # 0 = set from the tokenizer table at --train
     hidden_size: int = 128
     intermediate_size: int = 352
@@ -92,7 +92,7 @@ class Config:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2  # fewer than heads = grouped-query attention (the 7B: 32 of 32, plain multi-head)
     rms_norm_eps: float = 1e-5
-    rope_theta: float = 100.0  # from scratch: a short context turns faster (checkpoints bring their own; LLaMA 10000)
+    rope_theta: float = 100.0  # LLaMA 10000; at 100 even the slowest RoPE pair turns ~once in 512 positions
     max_position_embeddings: int = 512  # the context: longer prompts are refused
     tie_word_embeddings: bool = False
     v_hidden_size: int = 64  # vision tower width
@@ -117,7 +117,7 @@ class Config:
     whiten_patches: bool = True  # with data_init: patch embeddings whitened, patch positions 2-D sin-cos (`whiten`)
     data_init: int = 64  # images and clips of the data-dependent init before step 0 (from scratch only); 0 = off
     share_towers: bool = True  # from scratch: the video tower is the image tower, one set of weights
-    max_steps: int = 3500  # the order questions are learned last (NOTES.md)
+    max_steps: int = 3500  # enough for the order questions, which are learned last (NOTES.md)
     lr: float = 1e-3  # peak, after warmup; cosine decay to min_lr
     min_lr: float = 1e-4
     warmup: int = 100
@@ -143,7 +143,7 @@ PRESETS = {"default": {}, "tiny": dict(n_train=48, n_test=6, data_dir="data/vide
 
 # Config field -> (section of an HF config.json, its key there, transformers' default): the map config_from_hf reads and
 # hf_config_dict writes. A top-level key may sit in text_config. The vision defaults below are Video-LLaVA's, for a
-# missing vision_config; a vision_config without a key takes CLIP_VISION's.
+# missing or null vision_config; a vision_config without a key (even {}) takes CLIP_VISION's.
 CLIP_VISION = dict(v_hidden_size=768, v_intermediate_size=3072, v_num_hidden_layers=12, v_num_attention_heads=12,
                    patch_size=32)  # transformers' CLIPVisionConfig
 HF_FIELDS = {f: (sec, f.removeprefix("v_") if sec == "vision_config" else f, d) for sec, table in (
@@ -174,8 +174,8 @@ def config_from_hf(hf, path):  # HF config.json -> Config fields (HF_FIELDS); wh
         sec, _, k = name.rpartition(".")
         if where[sec].get(k, ok) != ok:
             raise UserError(f"{path}: {name}: {json.dumps(where[sec][k])} is not supported (only {json.dumps(ok)})")
-    out = {f: where[sec].get(k, CLIP_VISION.get(f, d) if v and sec == "vision_config" else d) if sec else
-           hf.get(k, t.get(k, d)) for f, (sec, k, d) in HF_FIELDS.items()}
+    out = {f: hf.get(k, t.get(k, d)) if not sec else where[sec].get(k, CLIP_VISION.get(f, d)  # top level or text_config
+           if sec == "vision_config" and hf.get(sec) is not None else d) for f, (sec, k, d) in HF_FIELDS.items()}
     out.update(num_key_value_heads=out["num_key_value_heads"] or out["num_attention_heads"],  # none: plain MHA
                rope_theta=rope.get("rope_theta", out["rope_theta"]),  # transformers 5 keeps it in rope_parameters
                tie_word_embeddings=bool(out["tie_word_embeddings"]), pad_token_id=out["pad_token_id"] or 0)
@@ -212,7 +212,7 @@ NOVEL_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"),
 SIDE, CELL, HALF, CLIP_LEN, TRAVEL = 48, 12, 5, 16, 24  # picture side, grid cell, shape half-size, frames, px moved
 
 def draw_shape(img, shape, colour, cx, cy):  # draw a filled shape of half-size HALF centred at (cx, cy), in place
-    c = COLOURS[colour]  # anti-aliased edges: a shape's colour bleeds into neighbouring pixels, as in real pictures
+    c = COLOURS[colour]  # circle, triangle anti-aliased (colour bleeds into neighbours); the square: hard 9x9 px edges
     if shape == "circle":
         cv2.circle(img, (cx, cy), HALF, c, -1, cv2.LINE_AA)
     elif shape == "square":
@@ -231,12 +231,12 @@ def make_image(rng, split):  # 1-3 copies of one shape in cells of a 4x4 grid ->
     (colour, shape), n = sample_pair(rng, split), rng.randint(1, 3)  # n copies: the counting question
     img = np.full((SIDE, SIDE, 3), 60, np.uint8)  # a dark grey background
     for cell in rng.sample(range(16), n):
-        cx, cy = (cell % 4) * CELL + CELL // 2 + rng.randint(-1, 1), (cell // 4) * CELL + CELL // 2 + rng.randint(-1, 1)
+        cx, cy = (c * CELL + CELL // 2 + rng.randint(-1, 1) for c in (cell % 4, cell // 4))  # cell centre, ±1 px
         draw_shape(img, shape, colour, cx, cy)
     return img, [("What colour are the shapes?", colour), ("What shape are they?", shape),
                  ("How many shapes are there?", NUMBERS[n - 1])]
 
-def make_clip(rng, split, n_frames):  # a 16-frame clip -> (BGR frames, (question, answer))
+def make_clip(rng, split, n_frames):  # -> (CLIP_LEN BGR frames, (question, answer)); n_frames: load_video's count
     frames = [np.full((SIDE, SIDE, 3), 60, np.uint8) for _ in range(CLIP_LEN)]  # (CLIP_LEN, SIDE, SIDE, 3)
     if rng.random() < 0.5:  # motion: one shape crosses the picture (its direction), else order (which came first)
         (colour, shape), motion = sample_pair(rng, split), rng.choice(list(MOTIONS))
@@ -247,12 +247,12 @@ def make_clip(rng, split, n_frames):  # a 16-frame clip -> (BGR frames, (questio
             f = t / (CLIP_LEN - 1)  # fraction of the way travelled at frame t
             draw_shape(img, shape, colour, round(x0 + dx * TRAVEL * f), round(y0 + dy * TRAVEL * f))
         return frames, (f"Which way does the {colour} {shape} move?", motion)
-    while True:  # two objects with different colours; the novel split needs at least one novel pair
+    while True:  # two objects of different colours; in `novel`, a is always a held-out pair, b at random
         a, b = sample_pair(rng, split), sample_pair(rng, "train" if rng.random() < 0.5 else split)
-        if a[0] != b[0] and ((a in NOVEL_PAIRS or b in NOVEL_PAIRS) == (split == "novel")):
+        if a[0] != b[0]:  # (sample_pair already keeps held-out pairs to `novel`)
             break
-    # each object first shows in a sampled slot (s1 < s2, slot 0 stays empty), at a random frame since the slot
-    # before it, so that no single fixed frame always tells the order
+    # slot s = load_video's s-th frame, seen[s]: a first shows in slot s1, b in s2 > s1, slot 0 in neither; each appears
+    # at a random clip frame in (seen[s-1], seen[s]], so that no single fixed frame always tells the order
     seen = frame_indices(CLIP_LEN, n_frames)  # the frames load_video samples from a CLIP_LEN-frame clip
     s1 = rng.randint(1, n_frames - 2)
     s2 = rng.randint(s1 + 1, n_frames - 1)
@@ -298,14 +298,14 @@ def build_world(cfg):  # write data_dir/<split>/*.png|mp4 and data_dir/<split>.j
     atomic(stamp, lambda p: json.dump(want, open(p, "w")))  # complete
     return files
 
-def load_entries(cfg, master=True, scoring=False, world=True):  # each split's questions: --data, or the world if world
-    entries = {}  # (world=False: a checkpoint's score writes none); --test_data replaces the test split
-    if cfg.data:  # scoring (--eval: test and novel only) reads --data only when its held-out entries are the test
+def load_entries(cfg, master=True, scoring=False, world=True):  # -> {split: [entry]} from --data, or the world
+    entries = {}  # world=False (--eval --from_pretrained): no synthetic world; --test_data replaces the test split
+    if cfg.data:  # scoring (--eval: test and novel only) skips reading --data when --test_data is the test split
         why = "; --eval tests on the entries the run held out of --data, or give --test_data FILE" if scoring else ""
         train = [] if scoring and cfg.test_data else read_annotations(cfg.data, why)  # it may have moved
         draw = [random.Random(os.path.relpath(e["path"], cfg.data) + e["question"]).random() for e in train]  # by path
-        cut = max(0.1, min(draw, default=0))  # held out: up to 0.1, or the lowest; new entries can only lower the cut
-        held = [e for e, d in zip(train, draw) if d <= cut]  # set by its file path and question, not its place
+        cut = max(0.1, min(draw, default=0))  # ~1 in 10 held out, at least one; adding entries can only lower the cut,
+        held = [e for e, d in zip(train, draw) if d <= cut]  # so a trained entry never moves into the held-out set
         entries = {"train": [e for e, d in zip(train, draw) if d > cut], "val": held, "test": held}
         if not (entries["train"] or scoring):  # all held out: one entry, say, or one image and question repeated
             raise UserError(f"{cfg.data}: every entry is held out for validation; add other files or questions")
