@@ -81,13 +81,13 @@ def as_typed(k, v):  # flag --k with value v as a user types it: --k v ('' and s
 @dataclasses.dataclass
 class Config:
     data: str = ""  # data: annotation file of user data (format in the README); "" = the built-in synthetic world
-    test_data: str = ""  # optional annotation file for evaluation on user data; else a tenth of --data is held out
+    test_data: str = ""  # optional annotation file to evaluate user data on; else about a tenth of --data is held out
     data_dir: str = "data/videollama_mini"  # where the synthetic world is written
     out_dir: str = "out/videollama_mini"  # checkpoint, eval.json, pictures
     n_train: int = 4000  # synthetic training clips (the other splits: below)
-    n_val: int = 200
-    n_test: int = 300
-    n_novel: int = 300
+    n_val: int = 200  # validation loss during training
+    n_test: int = 300  # the headline split: new clips of (colour, shape) pairs seen in training
+    n_novel: int = 300  # clips with a held-out (colour, shape) pair, NOVEL_PAIRS
     n_frames: int = 8  # frames sampled uniformly from each clip
     img_size: int = 32  # frames are centre-cropped to a square and resized to this side
     d_model: int = 128  # model: the width of every layer
@@ -152,15 +152,15 @@ def sample_objects(rng, split):  # one or two objects whose pairs fit the split;
         objs, colours = [], rng.sample(list(COLOURS), n)
         for colour in colours:
             shape, motion = rng.choice(SHAPES), rng.choice(list(MOTIONS))
-            (dx, dy), lo, hi = MOTIONS[motion], HALF + 1, RENDER - HALF - 2  # direction, the start's x/y range
-            x0, y0 = (rng.randint(lo + TRAVEL * (d < 0), hi - TRAVEL * (d > 0)) for d in (dx, dy))  # the path fits
+            (dx, dy), lo, hi = MOTIONS[motion], HALF + 1, RENDER - HALF - 2  # lo..hi: centres 1 px clear of the edges
+            x0, y0 = (rng.randint(lo + TRAVEL * (d < 0), hi - TRAVEL * (d > 0)) for d in (dx, dy))  # ends in lo..hi too
             objs.append((colour, shape, motion, x0, y0))
         novel = any((c, s) in NOVEL_PAIRS for c, s, *_ in objs)  # does an object use a held-out pair?
         if novel == (split == "novel") and (n == 1 or abs(objs[0][3] - objs[1][3]) >= 2 * HALF):
             return objs
 
 def write_clip(path, objects):  # render CLIP_LEN frames of RENDER x RENDER, written as an mp4v mp4
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 8, (RENDER, RENDER))
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 8, (RENDER, RENDER))  # 8 fps: CLIP_LEN = 2 s
     for frac in (t / (CLIP_LEN - 1) for t in range(CLIP_LEN)):  # each frame's place along the path, 0 -> 1
         img = np.full((RENDER, RENDER, 3), 60, np.uint8)  # grey background
         for colour, shape, motion, x0, y0 in objects:
@@ -186,7 +186,7 @@ def build_world(cfg):  # write data_dir/<split>/*.mp4 and <split>.txt once (dete
     os.makedirs(d, exist_ok=True)
     json.dump(dict(want, version=0), open(stamp, "w"))  # this script's, never matching until the world is complete
     for offset, (split, n) in enumerate(sizes.items()):
-        rng, lines = random.Random(cfg.seed * 10 + offset), []  # one stream per split
+        rng, lines = random.Random(cfg.seed * 10 + offset), []  # one stream per split: --n_train moves no test clip
         os.makedirs(os.path.join(d, split), exist_ok=True)
         for i in range(n):
             objs, name = sample_objects(rng, split), f"{split}/{i:05d}.mp4"
@@ -200,7 +200,7 @@ def sample_indices(n_total, n_frames, path="video"):  # centres of n_frames equa
         raise UserError(f"{path}: no frames (an empty video, or a folder with no .png/.jpg/.bmp/.webp/.tif images)")
     return [min(n_total - 1, int((i + 0.5) * n_total / n_frames)) for i in range(n_frames)]
 
-def _square(img, size):
+def _square(img, size):  # BGR (H, W, 3) -> centre square -> (S, S, 3), S = size; INTER_AREA averages
     (h, w), s = img.shape[:2], min(img.shape[:2])  # s: the square's side
     img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]  # centre crop
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
@@ -236,11 +236,11 @@ def load_video(path, n_frames, size):  # a video file OpenCV reads, or a folder 
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such video file or folder of frames")
         cap = cv2.VideoCapture(os.fsencode(path))  # FFmpeg: any container/codec; closed when it is freed, at return
-        if not cap.isOpened() or cap.get(cv2.CAP_PROP_FOURCC) == cv2.VideoWriter_fourcc(*"ansi"):  # FFmpeg's "ansi"
-            raise UserError(f"{path}: OpenCV cannot open this as a video (corrupt, unknown format, or text)")  # = text
+        if not cap.isOpened() or cap.get(cv2.CAP_PROP_FOURCC) == cv2.VideoWriter_fourcc(*"ansi"):  # "ansi": a text file
+            raise UserError(f"{path}: OpenCV cannot open this as a video (corrupt, unknown format, or text)")
         # grab() decodes the next frame (False after the last), retrieve() gives it as BGR uint8, shrunk at once
         frames = [_square(cap.retrieve()[1], size) for _ in iter(cap.grab, False)]  # a long 720p clip stays small
-        if len(frames) < 0.9 * (listed := int(cap.get(cv2.CAP_PROP_FRAME_COUNT))):  # header's count, -1: none
+        if len(frames) < 0.9 * (listed := int(cap.get(cv2.CAP_PROP_FRAME_COUNT))):  # header guess, 10% slack; -1: none
             raise UserError(f"{path}: only {len(frames)} of the {listed} frames in its header decode (the file is cut "
                             "off or damaged)")  # a cut-off file opens and decodes its first part without an error
     return np.stack([frames[i][:, :, ::-1] for i in sample_indices(len(frames), n_frames, path)])  # (F, S, S, 3) RGB
@@ -249,7 +249,7 @@ def read_annotations(path, why=""):
     """The VideoLLaMA-Mini write-up's format: a video path line, one or more caption lines, a blank line between
     entries. Paths are relative to the annotation file. Returns [(video_path, [captions])], one entry per clip."""
     caps, cur, start = {}, [], 0  # video -> its captions; cur: the lines of the entry being read
-    try:  # a byte-order mark (some editors write one first, `cat` of two such files one inside) is no part of a path
+    try:  # a byte-order mark (first, from some editors; mid-file after `cat a.txt b.txt`) is no part of a path
         lines = open(path, encoding="utf-8").read().replace("\ufeff", "").split("\n") + [""]  # "" ends the last entry
     except (OSError, UnicodeDecodeError) as e:  # OSError: missing, a folder, unreadable (why: what needs it)
         raise UserError(f"{path}: " + ("not a UTF-8 text file (save it as UTF-8)" if isinstance(e, UnicodeDecodeError)
@@ -268,7 +268,7 @@ def read_annotations(path, why=""):
                 if re.search(r"\.(mp4|avi|mov|mkv|webm|m4v)$", cap, re.I) or os.path.isfile(near) or os.path.isdir(
                         near) and any(re.search(r"\.(png|jpe?g|bmp|webp|tiff?)$", n, re.I) for n in os.listdir(near)):
                     raise UserError(f"{path}:{i}: '{cap}' looks like a video path; put a blank line between entries")
-            caps.setdefault(video, []).extend(cur[1:])  # a clip listed twice is one entry (held out or not)
+            caps.setdefault(video, []).extend(cur[1:])  # a clip listed twice: one entry, held out whole or not at all
             cur = []
     if not caps:
         raise UserError(f"{path}: no entries (expected a video path line followed by caption lines)")

@@ -150,11 +150,11 @@ def captions_for(objs, relation):  # one object: 'a <size> <colour> <shape>'; tw
 def sample_scene(rng, split):
     """-> (objects, relation): one object, or two in opposite halves; a held-out pair in the novel split only."""
     while True:
-        n = 1 if rng.random() < 0.3 else 2
+        n = 1 if rng.random() < 0.3 else 2  # redrawn on a retry: novel (needs a held-out pair) keeps two more often
         attrs = [(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(SIZES))) for _ in range(n)]
         if any((c, s) in NOVEL_PAIRS for c, s, _ in attrs) != (split == "novel") or (n == 2 and attrs[0] == attrs[1]):
             continue  # novel: some held-out pair, other splits none; two equal objects ("a X above a X"): redraw
-        q, m = RENDER // 4, max(SIZES[z] for _, _, z in attrs) + 2  # a half's centre; margin: largest half-size + 2
+        q, m = RENDER // 4, max(SIZES[z] for _, _, z in attrs) + 2  # q: a half's centre; m: margin, not along relations
         if n == 1:
             return [(*attrs[0], rng.randint(m, RENDER - m), rng.randint(m, RENDER - m))], None
         relation = rng.choice(list(RELATIONS))
@@ -162,7 +162,7 @@ def sample_scene(rng, split):
         other, objs = rng.randint(m + 6, RENDER - m - 6), []  # shared position along the other axis...
         for (c, s, z), a in zip(attrs, along):
             # ...jittered: centres >= 2q - 12 apart along the relation's axis, <= 12 across it: one relation only
-            a, o = a + rng.randint(-6, 6), other + rng.randint(-6, 6)  # along, across
+            a, o = a + rng.randint(-6, 6), other + rng.randint(-6, 6)  # along (no margin: may touch the edge), across
             objs.append((c, s, z, o, a) if relation in ("above", "below") else (c, s, z, a, o))  # (..., cx, cy)
         return objs, relation
 
@@ -190,7 +190,7 @@ def build_world(cfg):  # write data_dir/<split>/*.png and data_dir/<split>.txt o
     os.makedirs(cfg.data_dir, exist_ok=True)
     json.dump(dict(want, version=0), open(stamp, "w"))  # 0: ours, but a build under way (or cut short)
     for offset, (split, n) in enumerate(sizes.items()):
-        rng, lines = random.Random(cfg.seed * 10 + offset), []
+        rng, lines = random.Random(cfg.seed * 10 + offset), []  # one stream per split: --n_train moves no test image
         os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
         for i in range(n):
             (objs, relation), name = sample_scene(rng, split), f"{split}/{i:05d}.png"
@@ -262,7 +262,7 @@ def gpt2():  # tiktoken's GPT-2 BPE: its two files are downloaded once, or read 
 
 class Tokenizer:  # GPT-2 BPE (tiktoken) over a compact table `ids` of the GPT-2 ids seen in training
     def __init__(self, ids):
-        self.enc, self.ids, self.eos = gpt2(), list(ids), 0  # ids: model id -> GPT-2 id; 0 is <|endoftext|>
+        self.enc, self.ids, self.eos = gpt2(), list(ids), 0  # ids: model id -> GPT-2 id; 0: <|endoftext|>, BOS too
         self.to_model = {g: i for i, g in enumerate(self.ids)}  # GPT-2 id -> model id
     @classmethod
     def from_captions(cls, captions, compact=True):  # <|endoftext|>, then every GPT-2 id of the captions (or all 50257)
