@@ -1000,8 +1000,8 @@ def pad_left(rows, pad=0):  # ids (L_i,) / embeddings (L_i, D) -> (B, L[, D]) le
 def text_batch(items, tok, with_answer=True):  # -> question ids, mask (B, Lq); prompt+answer inputs, targets (B, L)
     q_ids, q_valid = pad_left([torch.tensor(tok.encode(e["question"]) or [tok.eos]) for e in items], tok.eos)
     seqs = [(tok.prompt(e["question"], e["choices"]), tok.target(e["answer"]) if with_answer else []) for e in items]
-    pad = lambda rows, fill: nn.utils.rnn.pad_sequence([torch.tensor(r, dtype=torch.long) for r in rows],
-                                                       batch_first=True, padding_value=fill)  # (B, L), on the right
+    pad = lambda rows, fill: nn.utils.rnn.pad_sequence(  # (B, L), padded on the right: causal rows never attend to it
+        [torch.tensor(r, dtype=torch.long) for r in rows], batch_first=True, padding_value=fill)
     inp = pad([(p + a)[:-1] for p, a in seqs], tok.eos)  # inputs drop the last token; EOS pads (never a target)
     tgt = pad([[-100] * (len(p) - 1) + a for p, a in seqs], -100)  # targets drop the first; -100 except on answers
     return q_ids, q_valid, inp, tgt
@@ -1073,8 +1073,8 @@ def accumulate(fwd, model, cache, tok, entries, tr, idx, cfg, rank, world, devic
     return share.tolist()
 
 @torch.no_grad()
-def val_loss(model, tok, cfg, split, cache):  # CE + lam * BCE on `val`: no graph, no random draws
-    (entries, ds), total = split, 0.0
+def val_loss(model, tok, cfg, val, cache):  # CE + lam * BCE on val = (entries, arrays): no graph, no random draws
+    (entries, ds), total = val, 0.0
     model.eval()
     for idx in torch.arange(len(entries)).split(cfg.batch_size):
         with autocast(cfg, model.devices["llm"]):
@@ -1222,7 +1222,7 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):  # test, no
     model.eval()
     for split in [s for s in ("test", "novel") if s in data]:
         (entries, ds), preds, sal = data[split], [], []  # preds, sal: answers, frame saliency (sigmoid) per clip
-        for idx in torch.arange(len(entries)).split(64):
+        for idx in torch.arange(len(entries)).split(64):  # 64 clips a batch
             with torch.no_grad(), autocast(cfg, model.devices["llm"]):  # cache() may run a trainable encoder
                 ids, fl = generate(model, cache(split, idx, ds["clips"]), [entries[i] for i in idx], tok, cfg)
             preds += [tok.decode(i).strip() for i in ids]
@@ -1230,6 +1230,7 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):  # test, no
         gold, pred_lab = ds["labels"].int().tolist(), [[int(s > cfg.threshold) for s in row] for row in sal]
         segs = [segment_from_scores(r, ds["times"][i], ds["durations"][i], cfg.threshold) for i, r in enumerate(sal)]
         known = [i for i, e in enumerate(entries) if e["support_times"]]  # frame F1, mIoU, R@1: clips that give them
+        # gold span: the longest run of labelled frames (0/1, so any threshold in (0, 1)), on the predictions' grid
         gsegs = {i: segment_from_scores(gold[i], ds["times"][i], ds["durations"][i], 0.5) for i in known}
         m = dict(n=len(entries), mcq_accuracy=mcq_accuracy(preds, [e["answer"] for e in entries]),
                  exact_match=sum(p == e["answer"] for p, e in zip(preds, entries)) / len(entries),
