@@ -610,6 +610,7 @@ def test_vm_bad_flags_are_refused_by_parse_args(capsys):
         main_user_error(vm.main, capsys, mode + ["--video", "a.mp4"], "--generate and --video PATH")
     assert vm.parse_args(["--temperature", "0.8", "--top_p", "0.9", "--d_model", "48", "--n_head", "3"])[1].top_p == 0.9
     assert vm.parse_args(["--train", "--eval", "--preset", "tiny"])[1].d_model < vm.Config().d_model  # one run: --train's
+    main_user_error(vm.main, capsys, ["--train", "--eval", "--d_model", "30", "--data_dir", "/nonexistent/vm"], "--d_model 30")  # --train's checks too
 
 
 def test_vm_bad_numbers_are_refused_by_parse_args(_vm_trained, tmp_path, capsys):
@@ -2121,6 +2122,7 @@ def test_vc_bad_inputs(tmp_path, capsys):
     main_user_error(vc.main, capsys, ["--bench", "--vit_dim", 30, "--vit_heads", 4], "--vit_dim a multiple of")
     main_user_error(vc.main, capsys, ["--train", "--preset", "huge"], "--preset: invalid choice: 'huge'")
     main_user_error(vc.main, capsys, ["--train", "--patch_init", "zeros"], "--patch_init zeros")
+    main_user_error(vc.main, capsys, ["--train", "--eval", "--img_size", "50", "--data_dir", tmp_path / "d"], "--img_size 50")
     main_user_error(vc.main, capsys, ["--train", "--preset", "tiny", "--patch", "5"], "--patch 5")
     # a top-k / top-p filter with greedy decoding, a temperature with beam search: ignored by the search, so refused
     for argv in (("--top_k", 5), ("--top_p", 0.9), ("--beam", 3, "--temperature", 0.5)):

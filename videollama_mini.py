@@ -537,7 +537,7 @@ def bleu4(preds, refs):
             counts = [ngrams(r, n) for r in rws]  # an n-gram counts at most as often as the reference holding it most
             match[n - 1] += sum(min(c, max(r[g] for r in counts)) for g, c in ngrams(h, n).items())  # clipped matches
             total[n - 1] += max(0, len(h) - n + 1)
-    orders = [(m, t) for m, t in zip(match, total) if t]  # the orders a prediction is long enough for
+    orders = [(m, t) for m, t in zip(match, total) if t]  # orders with an n-gram anywhere in the predictions
     if not orders or min(m for m, _ in orders) == 0:
         return 0.0
     bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / max(hyp_len, 1))  # brevity penalty
@@ -819,7 +819,7 @@ def filter_logits(logits, top_k, top_p):  # keep the top_k largest and the small
 @torch.no_grad()
 def generate(model, video, cfg, use_cache=True, generator=None, stop_at_eos=True):
     """Batched captioning from BOS until EOS (per row) or max_new_tokens (< max_len): greedy at temperature 0, else
-    sampling from `generator` (top-k, top-p); beam search for beam > 1. -> id lists. stop_at_eos=False: all (bench)."""
+    sampling from `generator` (top-k, top-p); beam search for beam > 1 -> id lists; stop_at_eos=False: all steps."""
     model.eval()
     if cfg.beam > 1:
         return beam_search(model, video, cfg)
@@ -939,8 +939,8 @@ def bench(cfg):  # training samples/s and captions/s with and without the KV cac
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # real optimizer steps, as in training
     video = torch.randint(0, 255, (B, cfg.n_frames, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8, device=device)
     inp = torch.randint(0, len(tok.ids), (B, min(20, cfg.max_len)), device=device)  # (B, L) random tokens
-    print(f"autocast for training and captions: {autocast_dtype(cfg.dtype, device)} (--dtype {cfg.dtype})")
-    for label in dict.fromkeys(["float32", "bfloat16" if cfg.dtype == "auto" else cfg.dtype]):  # both, for auto
+    print(f"captions: autocast {autocast_dtype(cfg.dtype, device)} (--dtype {cfg.dtype}); training: each dtype below")
+    for label in dict.fromkeys(["float32", "bfloat16" if cfg.dtype == "auto" else cfg.dtype]):  # float32, then --dtype
         times = []
         for i in range(8):  # the first 2 steps warm up the allocator, the median of 6 is printed
             t = time.time()
@@ -972,7 +972,7 @@ def parse_args(argv=None):
                        ("generate", "caption --video with out_dir's model"), ("bench", "training and caption speed")):
         p.add_argument(f"--{mode}", action="store_true", help=what)
     p.add_argument("--video", default="", help="video file or folder of frames, for --generate")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="the sizes to start from (default: default)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the settings to start from (default: default)")
     notes = dict(re.findall(r"^    (\w+): (.*)$", inspect.getsource(Config), re.M)) if argv is None else {}  # --help
     for f in dataclasses.fields(Config):  # every field is a flag; bools as --flag / --no-flag, never type=bool
         kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {"type": type(f.default),
@@ -983,9 +983,9 @@ def parse_args(argv=None):
     # the run's input files are saved in its config: absolute, so --eval and --resume find them from any folder
     overrides.update({k: os.path.abspath(v) for k, v in overrides.items() if v and k in ("data", "test_data")})
     cfg = Config(**{**PRESETS[args.preset or "default"], **overrides})
-    fresh = not (args.resume or args.eval or args.generate)  # else the checkpoint's sizes run (a typed one: refused)
+    fresh = not (args.resume or args.eval and not args.train or args.generate)  # else the checkpoint's sizes run
     unread = [as_typed(k, v) for k, v in overrides.items() if args.bench and k not in BENCH  # typed, unread by --bench
-              or fresh and k in ("n_query", "n_qformer_layer") and cfg.qformer_mode == "text"]  # or by "text"
+              or (fresh and k in ("n_query", "n_qformer_layer") and cfg.qformer_mode == "text")]  # or by "text"
     below = lambda least, names: [f"--{k} {getattr(cfg, k)}" for k in names.split() if getattr(cfg, k) < least]
     low = below(1, "n_train n_val n_test n_novel n_frames img_size d_model n_head cnn_width grid n_qformer_layer beam")
     low += below(1, "n_query n_dec_layer batch_size grad_accum max_steps log_interval eval_interval max_new_tokens")

@@ -551,7 +551,7 @@ def bleu4(preds, refs):
             counts = [ngrams(r, n) for r in rws]  # an n-gram counts at most as often as the reference holding it most
             match[n - 1] += sum(min(c, max(r[g] for r in counts)) for g, c in ngrams(h, n).items())  # clipped matches
             total[n - 1] += max(0, len(h) - n + 1)  # n-grams predicted; total[0]: the words, the length bp compares
-    orders = [(m, t) for m, t in zip(match, total) if t]  # the orders a prediction is long enough for
+    orders = [(m, t) for m, t in zip(match, total) if t]  # orders with an n-gram anywhere in the predictions
     if not orders or min(m for m, _ in orders) == 0:
         return 0.0
     bp = 1.0 if total[0] > ref_len else math.exp(1 - ref_len / max(total[0], 1))  # the brevity penalty
@@ -804,7 +804,7 @@ def next_logits(model, x, cache=None, pos=0):  # x (B, T, D) at positions pos.. 
 @torch.no_grad()
 def generate(model, images, cfg, use_cache=True, generator=None, stop_at_eos=True):
     """Batched captioning from BOS until every row wrote EOS (or max_new_tokens) -> id lists: greedy at temperature 0,
-    else sampled (top-k, top-p) from `generator`; beam > 1: beam search. No cache: every step re-runs all (--bench)."""
+    else sampled (top-k, top-p) from `generator`; beam > 1: beam search. No cache: each step decodes all (--bench)."""
     model.eval()
     if cfg.beam > 1:
         return beam_search(model, images, cfg)
@@ -968,7 +968,7 @@ def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the fl
     p = argparse.ArgumentParser(description="vit_caption: train, evaluate, caption images.", allow_abbrev=False)
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # argparse's refusals in one line too, no usage
     for mode, what in (("train", "build data (if needed), train, evaluate"), ("resume", "with --train: continue from "
-                       "out_dir/train_state.pt"), ("eval", "evaluate the checkpoint in out_dir on test and novel"),
+                       "out_dir/train_state.pt"), ("eval", "score out_dir's model: test, novel (train: --max_train)"),
                        ("generate", "caption --image with out_dir's model"), ("bench", "training and caption speed")):
         p.add_argument(f"--{mode}", action="store_true", help=what)
     p.add_argument("--image", default="", help="image file, for --generate")
@@ -987,7 +987,7 @@ def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the fl
     bad += [f"--{n} {v}: must be at least 1" for n, v in nums.items() if type(v) is int and n not in ZERO_OK and v < 1]
     bad += [f"--{n} {v}: must be a number > 0" for n, v in nums.items() if n in RATES and not 0 < v < math.inf]
     bad += [f"--{n} {v}: must be a number >= 0" for n, v in nums.items() if not 0 <= v < math.inf]
-    fresh = not (args.resume or args.eval or args.generate)  # else the checkpoint's sizes run (a typed one: refused)
+    fresh = not (args.resume or args.eval and not args.train or args.generate)  # else the checkpoint's sizes run
     unread = [as_typed(k, v) for k, v in overrides.items() if args.bench and k not in BENCH]  # typed, yet unread
     bad = bad or [why for wrong, why in (  # these divide by sizes: only once the sizes are positive
         (not (0 <= cfg.dropout < 1 and 0 <= cfg.vit_dropout < 1), "--dropout and --vit_dropout: in [0, 1)"),
@@ -1039,7 +1039,7 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError or 
         print(tok.decode(ids[0]))
         path = os.path.join(cfg.out_dir, f"caption_{os.path.splitext(os.path.basename(args.image))[0]}.png")
         attention_png(model, image, tok, cfg, device, path, show=load_image(args.image, 192), ids=ids[0])
-        print(f"wrote {path} (the caption's attention over the patches, a row per token)")
+        print(f"wrote {path} (attention over the patches, a row per caption token)")
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
