@@ -1282,7 +1282,7 @@ def predict(cfg, overrides, video, question, choices):
     frame_strip(clip, sal, path, answer, cfg.threshold)  # after the print: writing the strip may fail
     return answer, span, sal
 
-BENCH_RUNS = dict(freeze_vision=True, grad_accum=1, feature_cache=True)  # what --bench runs with (a flag: refused)
+BENCH_RUNS = dict(freeze_vision=True, grad_accum=1, feature_cache=True)  # --bench's values (a differing flag: refused)
 def bench(cfg):  # frozen encoder: epoch 1 fills the feature cache, epoch 2 reads it; the same bridge/LLM work
     cfg = dataclasses.replace(cfg, **BENCH_RUNS)
     entries, tr = prepare_data(cfg)["train"]
@@ -1316,7 +1316,7 @@ def config_problems(cfg):  # the checks every config gets: the flags' and a save
     problems += [f"--{k} {getattr(cfg, k)}: must be above 0 and finite" for k in ("lr", "grad_clip", "top_p",  # NaN too
                  "rope_theta", "v_mlp_ratio") if not 0 < getattr(cfg, k) < math.inf] + [f"--{k} {getattr(cfg, k)}: must"
                  f" be 0 or more and finite" for k in ("min_lr", "weight_decay", "warmup_frac", "lam", "pos_weight",
-                 "stop_after", "data_init", "temperature", "top_k") if not 0 <= getattr(cfg, k) < math.inf]
+                 "temperature", *(k for k in ZERO_OK if k != "seed")) if not 0 <= getattr(cfg, k) < math.inf]
     problems += [f"--threshold {cfg.threshold}: must be in [0, 1) (saliency: a sigmoid)"] * (not 0 <= cfg.threshold < 1)
     problems += [f"--seed {cfg.seed}: must fit in 64 bits (-2**63 to 2**63 - 1)"] * (not -2**63 <= cfg.seed < 2**63)
     return problems + [f"--{h} {getattr(cfg, h)}: must divide --{w} {getattr(cfg, w)} (split evenly)" for h, w in
@@ -1368,7 +1368,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args, cfg, overrides = parse_args(argv)
-    for path, got in tower_fields(cfg) if args.train or args.bench else []:  # sizes and frames as the tower's own
+    for path, got in tower_fields(cfg) if args.train or args.bench else []:  # sizes and crop as the tower's own
         if k := next((k for k, v in got.items() if overrides.get(k, v) != v), None):  # a flag that says otherwise
             raise UserError(f"--{k} {overrides[k]}: {path} sets it to {got[k]} (a loaded tower: its own sizes, frozen)")
         cfg = dataclasses.replace(cfg, **got)  # what is printed and saved is what runs
@@ -1376,7 +1376,7 @@ def main(argv=None):
             raise UserError(f"{path}: with its config.json's sizes, {problems[0]}")
     cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))  # saved so: --eval finds it from anywhere
     if int(os.environ.get("RANK", "0")) == 0 and (args.bench or args.train and not args.resume):  # else: as loaded
-        print("config:", json.dumps(dataclasses.asdict(cfg)))
+        print("config:", json.dumps({**dataclasses.asdict(cfg), **(BENCH_RUNS if args.bench else {})}))
     if args.train:
         train(cfg, resume=args.resume, overrides=overrides)
     elif args.eval:

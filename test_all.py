@@ -4424,6 +4424,17 @@ def test_vl_flags_a_mode_ignores_and_a_partial_vision_config(tmp_path):
             == (ref.hidden_size, ref.num_hidden_layers, ref.patch_size, ref.intermediate_size)
 
 
+def test_vl_a_checkpoints_own_size_typed_is_not_checked_against_the_preset(vl_ckpt, tmp_path):
+    """With --from_pretrained the checkpoint's sizes run: a typed size equal to its own was checked against the
+    preset's defaults and refused (--image_size 28 'must be a multiple of --patch_size 12'; the checkpoint's is 14)."""
+    (tmp_path / "d.jsonl").write_text('{"image": "a.png", "question": "q?", "answer": "a"}\n')
+    for mode in (["--train", "--data"], ["--eval", "--test_data"]):
+        vl.parse_args([*mode, str(tmp_path / "d.jsonl"), "--from_pretrained", vl_ckpt[1]["hub"], "--image_size", "28",
+                       "--out_dir", str(tmp_path / mode[0][2:])])
+    with pytest.raises(vl.UserError, match="--image_size 28 must be a multiple of --patch_size 12"):
+        vl.parse_args(["--train", "--image_size", "28", "--out_dir", str(tmp_path / "new")])  # from scratch: refused
+
+
 def test_vl_user_mistakes_are_one_line(vl_ckpt, vl_tiny_run, tmp_path, monkeypatch):
     """Flags that cannot build a model, annotation files the loader cannot use, a truncated train_state.pt, and
     training into the checkpoint folder itself: each a UserError naming it, before anything is written."""
@@ -6535,7 +6546,8 @@ def test_mk_architecture_sizes_are_checked(tmp_path):
     larger than the crop are one line each, before any data."""
     for argv, want in [(["--v_patch", 0], "--v_patch 0: must be at least 1"), (["--l_layers", 0], "--l_layers 0"),
                        (["--v_width", 0], "--v_width 0"), (["--l_head_dim", 15], "--l_head_dim 15: must be even"),
-                       (["--v_patch", 64], "--v_patch 64: must be at most --crop 32")]:
+                       (["--v_patch", 64], "--v_patch 64: must be at most --crop 32"),
+                       (["--temporal_blocks", -1], "--temporal_blocks -1: must be 0 or more")]:  # 0: none, -1: refused
         _mk_user_error(["--train", "--preset", "tiny", *argv, "--out_dir", tmp_path / "o", "--data_dir", tmp_path / "d"],
                        want)
     assert not (tmp_path / "d").exists()

@@ -1392,7 +1392,7 @@ def inspect_checkpoint(path, overrides, n_tokens):  # parameters per tower, byte
 
 def bench(cfg, sizes=None, rounds=3):  # decode tok/s, batch 1, greedy, float32: eager, compiled and transformers
     import timeit
-    src, dst = torch.randn(2**26), torch.zeros(2**26)  # 256 MiB each, far bigger than any cache, pages touched
+    src, dst = torch.randn(2**26), torch.zeros(2**26)  # 256 MiB each, larger than most caches, pages touched
     llama = lambda d, i, n, h: dict(hidden_size=d, intermediate_size=i, num_hidden_layers=n, num_attention_heads=h,
                                     num_key_value_heads=h)
     for name, size in (sizes or {"~20M": llama(256, 688, 4, 4), "~130M": llama(768, 2048, 12, 12)}).items():
@@ -1450,7 +1450,7 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
     # --train and --eval decode greedily (no sampling flags), --bench builds fixed-size models on the CPU
     sampling = ("temperature", "top_k", "top_p")
     tokens = ("vocab_size", *(f for f in HF_FIELDS if f.endswith(("_token_id", "_token_index"))))  # from a new table
-    new = args.train and not args.resume  # (--resume and --eval compare them with the run's)
+    new, scratch = args.train and not args.resume, args.train and not (args.resume or cfg.from_pretrained)
     dropped = (("data_init", "whiten_patches") if cfg.from_pretrained else tokens) if new else ()  # pretrained: no init
     greedy = [f.name for f in dataclasses.fields(Config) if f.name not in (*sampling, *dropped)]
     reads = {"generate": ("out_dir", "from_pretrained", "device", "dtype", "seed", *sampling, "max_new_tokens",
@@ -1471,16 +1471,16 @@ def parse_args(argv=None):  # argv -> (args, cfg, overrides): the modes, then a 
                                                               "data_init", "temperature") if not 0 <= v[f] < math.inf]
     problems += [f"--{a} {v[a]} must be a multiple of --{b} {v[b]}" for a, b in (("hidden_size", "num_attention_heads"),
                  ("num_attention_heads", "num_key_value_heads"), ("v_hidden_size", "v_num_attention_heads"),
-                 ("image_size", "patch_size")) if v[a] % max(v[b], 1) and not args.generate]  # (--generate: check_arch)
+                 ("image_size", "patch_size")) if v[a] % max(v[b], 1) and scratch]  # (else the saved sizes run)
     problems += [f"--{k} {v[k]}: choose {' or '.join(ok)}" for k, ok in CHOICES.items() if v[k] not in ok]
     modes = sum(map(bool, (args.train or args.eval, args.generate, args.inspect, args.bench)))  # --train evaluates too
     problems += [msg for bad, msg in ((not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: in (0, 1]"),
         (not -2**63 <= cfg.seed < 2**63, f"--seed {cfg.seed}: must fit in 64 bits (-2**63 to 2**63 - 1)"),
         (cfg.temperature == 0 and (cfg.top_k > 0 or cfg.top_p < 1),
          "--top_k and --top_p filter what is sampled: give a --temperature above 0 as well"),
-        (not args.generate and cfg.hidden_size // max(cfg.num_attention_heads, 1) % 2,
+        (scratch and cfg.hidden_size // max(cfg.num_attention_heads, 1) % 2,
          "--hidden_size / --num_attention_heads (the head width) must be even: RoPE rotates feature pairs"),
-        (not args.generate and not -cfg.v_num_hidden_layers - 1 <= cfg.vision_feature_layer <= cfg.v_num_hidden_layers,
+        (scratch and not -cfg.v_num_hidden_layers - 1 <= cfg.vision_feature_layer <= cfg.v_num_hidden_layers,
          f"--vision_feature_layer {cfg.vision_feature_layer}: the tower has hidden states "
          f"-{cfg.v_num_hidden_layers + 1} .. {cfg.v_num_hidden_layers}"),
         (overrides.get("share_towers") and cfg.from_pretrained,
@@ -1524,7 +1524,7 @@ def check_arch(path, overrides, mode):  # a typed architecture flag must agree w
 
 def run_generate(args, cfg, overrides):  # load a checkpoint (HF folder or out_dir), read the media, stream the answer
     if not args.prompt.strip() or (args.video and args.image):  # a blank prompt is none
-        raise UserError("--generate needs --prompt TEXT, and --video PATH or --image PATH (not both) or neither")
+        raise UserError("--generate needs --prompt TEXT, and at most one of --video PATH and --image PATH")
     if tag := next((t for t in ("image", "video") if args.prompt.count(f"<{t}>") > bool(getattr(args, t))), None):
         raise UserError(f"--prompt has <{tag}> but no --{tag} was given: give --{tag} PATH, or drop the tag" if not
                         getattr(args, tag) else f"--prompt has <{tag}> more than once for one --{tag}: keep one tag")
@@ -1576,7 +1576,7 @@ def main(argv=None):  # the command line: one mode per call (--train [--resume],
                 raise UserError("--eval --from_pretrained scores your questions: give --data FILE or --test_data FILE")
             cfg = dataclasses.replace(cfg, share_towers=False, n_frames=check_arch(base, overrides, "--eval")[1])
             os.makedirs(cfg.out_dir, exist_ok=True)
-        cfg = cfg if base else saved_config(cfg.out_dir, overrides, resume=False)
+        cfg = cfg if base else saved_config(cfg.out_dir, {"device": cfg.device, **overrides}, resume=False)
         entries = load_entries(cfg, scoring=True, world=not base)  # base: --data's held-out entries or --test_data
         model, cfg, tok, data = build_model(cfg, entries, not base, say=print, device=device)
         seconds = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # kept
