@@ -179,8 +179,7 @@ def write_clip(path, rng, colour, shape, motion):
     """CLIP_LEN frames, one object moving TRAVEL pixels in one direction, as an mp4v mp4."""
     half, (dx, dy) = 11, MOTIONS[motion]
     lo, hi = half + 1, RENDER - half - 2
-    x0 = rng.randint(lo + (TRAVEL if dx < 0 else 0), hi - (TRAVEL if dx > 0 else 0))  # the path stays in frame
-    y0 = rng.randint(lo + (TRAVEL if dy < 0 else 0), hi - (TRAVEL if dy > 0 else 0))
+    x0, y0 = (rng.randint(lo + TRAVEL * (d < 0), hi - TRAVEL * (d > 0)) for d in (dx, dy))  # the path stays in frame
     grey = rng.randint(40, 90)  # one background per clip: only the object changes between frames
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 8, (RENDER, RENDER))  # 8 fps, lossy MPEG-4
     for t in range(CLIP_LEN):
@@ -879,7 +878,9 @@ def load_model(cfg, name):
     cfg = Config(**{**meta["config"], **{k: getattr(cfg, k) for k in RUN_FIELDS}})  # run modes: the command line's
     if bad := config_problems(cfg):  # a hand-edited value (the token table's length is checked with the weights)
         raise UserError(f"{cpath}: {bad[0]}; the checkpoint is damaged, re-run --train into a new --out_dir")
-    tok = Tokenizer(meta.get("vocab", []))
+    if not isinstance(ids := meta.get("vocab"), list) or any(type(i) is not int or not 0 <= i < 50257 for i in ids):
+        raise UserError(f"{cpath}: 'vocab' is not a list of GPT-2 ids; the checkpoint is damaged, re-run --train")
+    tok = Tokenizer(ids)  # model id -> GPT-2 id
     model = CLIP(cfg, len(tok.ids)) if name == "clip" else Captioner(cfg, len(tok.ids), name)
     try:
         state = load_file(wpath)
@@ -1172,6 +1173,8 @@ def evaluate_saved(cfg, typed):  # --eval: the three checkpoints in out_dir, sco
     clip_model, tok, cfg, t_clip = load_model(cfg, "clip")
     refuse_changes(cfg, typed, "--eval")
     loaded = {v: load_model(cfg, v) for v in ("unified", "cross")}  # variant -> (model, tok, cfg, train seconds)
+    if odd := [v for v, (_, t, c, _) in loaded.items() if (t.ids, c) != (tok.ids, cfg)]:  # settings, world, table
+        raise UserError(f"{cfg.out_dir}: clip and {' and '.join(odd)} were saved by different --train runs; re-run it")
     return evaluate({v: got[0] for v, got in loaded.items()}, clip_model, tok, cfg, pick_device(cfg.device),
                     prepare_data(cfg)[0], {"clip": t_clip, **{v: got[3] for v, got in loaded.items()}})  # seconds
 
@@ -1213,7 +1216,7 @@ def parse_args(argv=None):
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = Config(**{**PRESETS[args.preset], **overrides})
     unread = next((n for n in overrides if n not in TOUR_FIELDS), "") * (not (args.train or args.eval or args.generate))
-    bad = config_problems(cfg) or [why for wrong, why in (  # the first bad flag, in one line naming it
+    if bad := config_problems(cfg) or [why for wrong, why in (  # the first bad flag, in one line naming it
         (args.train and cfg.n_frames > cfg.max_frames,  # (those two: the run's sizes)
          f"--n_frames {cfg.n_frames}: at most --max_frames {cfg.max_frames}"),
         ((args.train or args.eval and os.path.isdir(cfg.out_dir)) and not writable(cfg.out_dir, os.path.join("clip",
@@ -1223,8 +1226,7 @@ def parse_args(argv=None):
         ("variant" in overrides and not args.generate, "--variant picks --generate's model (--train, --eval run both)"),
         ("section" in overrides and (args.train or args.eval or args.generate), "--section is for the tour (no mode)"),
         (unread, f"--{unread} is for a mode (--train, --eval, --generate); the tour does not read it"),
-        (args.generate and not args.video, "--generate needs --video PATH (a video or a folder of frames)")) if wrong]
-    if bad:
+        (args.generate and not args.video, "--generate needs --video PATH (a video or a folder of frames)")) if wrong]:
         raise UserError(bad[0])
     return args, cfg, overrides
 

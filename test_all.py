@@ -7250,11 +7250,29 @@ def test_ab_corrupt_checkpoints_are_one_line(tmp_path):
     open(cpath, "w").write(json.dumps({**meta, "vocab": meta["vocab"][:-1]}))
     with pytest.raises(ab.UserError, match=r"does not fit \(missing \[\], unexpected \[\], mis-shaped \['decoder.tok"):
         ab.load_model(cfg, "cross")
+    for vocab in ("x" * len(meta["vocab"]), ["a"] * len(meta["vocab"]), [99999] * len(meta["vocab"]), None):
+        open(cpath, "w").write(json.dumps({**meta, "vocab": vocab}))  # each was a traceback at the first decode
+        with pytest.raises(ab.UserError, match="'vocab' is not a list of GPT-2 ids"):
+            ab.load_model(cfg, "cross")
     open(cpath, "w").write(good_c)
     clip = {k: v.contiguous() for k, v in ab.CLIP(cfg, len(tok.ids)).state_dict().items()}
     save_file(clip, wpath)  # another model's weights, without the decoder's embedding: it was a KeyError
     with pytest.raises(ab.UserError, match="does not fit"):
         ab.load_model(cfg, "cross")
+
+
+def test_ab_eval_refuses_checkpoints_of_different_runs(tmp_path):
+    """--eval scores the three checkpoints together on the clip run's world: a captioner copied in from a run with
+    other settings or another token table is refused in one line (other clip lengths were a traceback)."""
+    cfg, other = _ab_tiny(tmp_path), _ab_tiny(tmp_path, n_frames=2)
+    tok, tok2 = ab.Tokenizer.from_texts(["a red circle moves left"]), ab.Tokenizer.from_texts(["a blue square"])
+    ab.save_model(ab.CLIP(cfg, len(tok.ids)), tok, cfg, "clip", 1.0)
+    for variant in ("unified", "cross"):
+        ab.save_model(ab.Captioner(cfg, len(tok.ids), variant), tok, cfg, variant, 1.0)
+    for cfg_b, tok_b, needle in ((other, tok, "clip and unified were"), (cfg, tok2, "clip and unified were")):
+        ab.save_model(ab.Captioner(cfg_b, len(tok_b.ids), "unified"), tok_b, cfg_b, "unified", 1.0)
+        with pytest.raises(ab.UserError, match=f"{needle} saved by different --train runs"):
+            ab.evaluate_saved(cfg, {})
 
 
 def test_ab_bad_inputs(tmp_path, capsys):
