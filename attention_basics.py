@@ -1128,7 +1128,7 @@ def attention_maps(model, tok, clip, cfg, device):
 def evaluate(models, clip_model, tok, cfg, device, data, seconds):
     """Score CLIP zero-shot and both captioners on test and novel; print table, samples; write eval.json, heat maps."""
     # eval.json: {"test": {model: metrics, params, train_seconds (captioners: + params_wiring, gen_tokens_per_s)}, ...}
-    res = {"test": {}, "novel": {}, "train_seconds": sum(seconds.values())}
+    res = {"test": {}, "novel": {}, "train_seconds": sum(seconds.values()), "config": dataclasses.asdict(cfg)}
     res["test"]["clip"] = zero_shot(clip_model, tok, cfg, data["images"]["test"][1], data["images"]["test"][0], device)
     res["test"]["clip"].update(params=n_params(clip_model), train_seconds=seconds["clip"])
     for name, model in models.items():

@@ -1218,7 +1218,7 @@ def generate(model, feats, items, tok, cfg, use_cache=True, generator=None):  # 
                         cfg.top_k, cfg.top_p, use_cache, generator), frame_logits  # pad_left: x (B, L, D), valid (B, L)
 
 def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):  # test, novel -> table, samples, eval.json
-    cache, result = cache or FeatureCache(model, cfg.feature_cache), {}
+    cache, result = cache or FeatureCache(model, cfg.feature_cache), {"config": dataclasses.asdict(cfg)}  # what ran
     model.eval()
     for split in [s for s in ("test", "novel") if s in data]:
         (entries, ds), preds, sal = data[split], [], []  # preds, sal: answers, frame saliency (sigmoid) per clip

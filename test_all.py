@@ -831,7 +831,8 @@ def test_vm_bad_input_cli(_vm_trained, tmp_path, capsys):
     (tmp_path / "three.txt").write_text(f"{clip}\na caption\n\n" * 3)
     few = ["--data", tmp_path / "three.txt", "--test_data", tmp_path / "three.txt", "--grad_accum", 2]
     vm.main([str(a) for a in tiny + few + ["--out_dir", tmp_path / "o4", "--max_steps", 2]])
-    assert json.load(open(tmp_path / "o4" / "eval.json"))["test"]["n"] == 1  # one clip, listed three times
+    ev = json.load(open(tmp_path / "o4" / "eval.json"))  # its config: what was scored (test file, decoding flags)
+    assert ev["test"]["n"] == 1 and ev["config"]["test_data"] == str(tmp_path / "three.txt")  # one clip, listed 3x
     batch = vm.global_batch(0, 3, 8, 1).tolist()
     assert len(batch) == 8 and all(batch.count(i) in (2, 3) for i in range(3))  # every clip two or three times
     # --resume with another architecture or a truncated train_state.pt is refused; the checkpoint is left as it was
@@ -2358,7 +2359,8 @@ def test_vc_user_data_training(tmp_path):
     names = {s: [os.path.basename(p) for p, _ in data[s][0]] for s in ("train", "test")}
     assert names["test"] == ["green2.png", "green3.png"] and not set(names["train"]) & set(names["test"])  # under 0.1
     vc.train(cfg)
-    assert json.load(open(tmp_path / "out" / "eval.json"))["test"]["n"] == 2
+    ev = json.load(open(tmp_path / "out" / "eval.json"))  # its config: what was scored (data file, decoding flags)
+    assert ev["test"]["n"] == 2 and ev["config"]["data"] == str(tmp_path / "caps.txt") and ev["config"]["beam"] == 1
 
 
 @_vc_1t
@@ -3826,7 +3828,8 @@ def test_vl_test_data_stays_out_of_the_token_table_and_validation(vl_tiny_run, t
     os.rename(tmp_path / "mine.jsonl", tmp_path / "moved.jsonl")
     os.remove(tmp_path / "o" / "eval.json")
     vl.main(["--eval", "--out_dir", str(tmp_path / "o"), "--test_data", str(tmp_path / "test.jsonl")])
-    assert json.load(open(tmp_path / "o" / "eval.json"))["test"]["image"]["n"] == 3
+    ev = json.load(open(tmp_path / "o" / "eval.json"))  # its config: what was scored
+    assert ev["test"]["image"]["n"] == 3 and ev["config"]["test_data"] == str(tmp_path / "test.jsonl")
     os.rename(tmp_path / "moved.jsonl", tmp_path / "mine.jsonl")
     # a test question with a word the training text lacks cannot be read: refused, naming its line, before any run
     (tmp_path / "test.jsonl").write_text(line("red") + "\n" + line("red").replace("shapes", "zebras") + "\n")
@@ -5869,6 +5872,7 @@ def test_mk_eval_and_predict_cli(mk_trained, tmp_path, capsys, monkeypatch):
     mk.main(["--eval", "--out_dir", str(tmp_path / "o"), "--data_dir", str(d / "data"), "--test_data", str(tmp_path / "t.json")])
     ev = json.load(open(tmp_path / "o" / "eval.json"))
     assert ev["test"]["n"] == ev["test"]["n_localised"] == 3 and ev["novel"]["n"] == 12 and sorted(decoded) == [3, 12]
+    assert ev["config"]["test_data"] == str(tmp_path / "t.json")  # eval.json records what it scored
     assert ev["train_seconds"] == json.load(open(out / "eval.json"))["train_seconds"] > 0  # --eval keeps training's
     # support_times is optional: a clip without it has nothing to localise against, so it counts in no frame metric
     json.dump([{k: v for k, v in a.items() if k != "support_times"} for a in json.load(open(tmp_path / "t.json"))],
@@ -7110,6 +7114,7 @@ def test_ab_eval_and_generate_print_the_config_that_runs(tmp_path, capsys):
         code, out, _ = _ab_main(capsys, *argv, "--data_dir", tmp_path / "data", "--out_dir", out_dir)
         printed = json.loads(out.split("config: ", 1)[1].splitlines()[0])
         assert code == 0 and printed["d_model"] == ab.PRESETS["tiny"]["d_model"] != ab.Config.d_model
+    assert json.load(open(out_dir / "eval.json"))["config"] == printed  # eval.json records the config it scored
 
 
 def test_ab_checkpoint_round_trip(tmp_path):

@@ -1333,7 +1333,7 @@ def exact_match(preds, refs):  # share of predictions equal to their reference (
     return sum(norm(p) == norm(r) for p, r in zip(preds, refs)) / max(1, len(refs))
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):  # greedy answers' exact match per medium; eval.json
-    result = {"train_seconds": train_seconds}  # then test and novel: {medium: scores}
+    result = {"train_seconds": train_seconds, "config": dataclasses.asdict(cfg)}  # then test, novel: {medium: scores}
     print(f"{'split':8s} {'medium':7s} {'n':>5s} {'exact':>7s}")
     for split in [s for s in ("test", "novel") if s in data]:  # your data has no novel split
         ex, result[split] = data[split], {}

@@ -909,8 +909,8 @@ def attention_png(model, clip, tok, cfg, device, path, cell=40, label_w=110):
         raise UserError(f"{path}: could not be written (a folder of that name, or no permission)")
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):  # caption test and novel, score; eval.json, a PNG
-    saved = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # the training run's
-    result = {"train_seconds": saved if train_seconds is None else train_seconds}  # --eval keeps the saved value
+    saved = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # --eval keeps the run's
+    result = {"train_seconds": saved if train_seconds is None else train_seconds, "config": dataclasses.asdict(cfg)}
     print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")
     generator = torch.Generator(device=device).manual_seed(cfg.seed)  # sampling (--temperature > 0) repeats: run's seed
     for split in [s for s in ("test", "novel") if s in data]:  # novel is absent on user data

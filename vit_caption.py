@@ -907,8 +907,8 @@ def attention_png(model, image, tok, cfg, device, path, show=None, ids=None):
     return caption
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):  # score test, novel (train: --max_train); eval.json
-    saved = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # the training run's
-    result = {"train_seconds": saved if train_seconds is None else train_seconds}  # --eval keeps the saved value
+    saved = (read_json(os.path.join(cfg.out_dir, "eval.json")) or {}).get("train_seconds")  # --eval keeps the run's
+    result = {"train_seconds": saved if train_seconds is None else train_seconds, "config": dataclasses.asdict(cfg)}
     print(f"{'split':8s} {'n':>5s} {'exact':>7s} {'BLEU-4':>7s} {'CIDEr-D':>8s}")
     generator = torch.Generator(device).manual_seed(cfg.seed)  # sampling (--temperature > 0) repeats: the run's seed
     for split in [s for s in ("test", "novel") + (("train",) if cfg.max_train > 0 else ()) if s in data]:
