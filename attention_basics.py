@@ -80,7 +80,7 @@ def read_json(path):  # path's JSON object as a dict, or None: missing, unreadab
 
 def writable(path, marker, ours):  # may this script write into path? missing, empty, or its `marker` JSON passes ours()
     up = os.path.abspath(path)  # (and a folder can be made there: tried in the nearest existing one, left as it was)
-    while not os.path.exists(up):
+    while not os.path.lexists(up):
         up = os.path.dirname(up)
     with contextlib.suppress(OSError):  # a file in the way, no write access, a read-only or virtual file system
         os.rmdir(tempfile.mkdtemp(dir=up))

@@ -83,11 +83,12 @@ def read_json(path, fix, kind=dict):  # the non-empty dict (or list) in path; el
 
 def writable(path, marker, ours):  # may this script write into path? missing, empty, or `marker` passes ours()
     parent = os.path.abspath(path)  # can a folder be made there? a temporary one in the nearest existing folder
-    while not os.path.exists(parent):
+    while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # a file on the way, /proc; a damaged marker
         os.rmdir(tempfile.mkdtemp(dir=parent))  # fails on a read-only disk or without permission
-        return not os.path.exists(path) or not os.listdir(path) or ours(json.load(open(os.path.join(path, marker))))
+        return not os.path.exists(path) or set(os.listdir(path)) <= {"model.safetensors.tmp"} or ours(json.load(open(
+            os.path.join(path, marker))))  # empty: nothing, or only the .tmp of a first save cut short (replaced)
     return False
 
 # Config ---------------------------------------------------------------------------------------------------------------
@@ -120,8 +121,7 @@ class Config:  # data, then the two towers (v_*: the V-JEPA 2 encoder, l_*: the 
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     compact_vocab: bool = True  # GPT-2 mode: output table over the ids seen in training (False: all 50257)
-    # bridge
-    n_visual_query: int = 8  # N (32 in the Mark-1 project)
+    n_visual_query: int = 8  # the bridge from here on: N visual queries (32 in the Mark-1 project)
     n_temporal_query: int = 5  # M (5 in the Mark-1 project)
     bridge_heads: int = 4
     bridge_layers: int = 2  # cross-attention blocks of the queries over the video tokens (the Mark-1 project used one)
@@ -1233,7 +1233,7 @@ def evaluate(model, tok, cfg, data, train_seconds=None, cache=None):  # test, no
         # gold span: the longest run of labelled frames (0/1, so any threshold in (0, 1)), on the predictions' grid
         gsegs = {i: segment_from_scores(gold[i], ds["times"][i], ds["durations"][i], 0.5) for i in known}
         m = dict(n=len(entries), mcq_accuracy=mcq_accuracy(preds, [e["answer"] for e in entries]),
-                 exact_match=sum(p == e["answer"] for p, e in zip(preds, entries)) / len(entries),
+                 exact_match=sum(p == e["answer"].strip() for p, e in zip(preds, entries)) / len(entries),
                  n_localised=len(known), frame_f1=frame_f1([pred_lab[i] for i in known], [gold[i] for i in known]),
                  **grounding_metrics([segs[i] for i in known], list(gsegs.values())))
         if not known:  # no support_times: the frame metrics are not measured (0 would read as a failed model)

@@ -4254,6 +4254,13 @@ def test_vl_out_dir_flags_test_data_and_shards(vl_tiny_run, vl_ckpt, tmp_path, c
 
     refused("a folder that is not a run of this script", "--out_dir", str(mine))
     refused("a file", "--out_dir", str(afile))
+    cut = tmp_path / "cut"  # all a first save killed mid-write leaves: the run may start again there
+    cut.mkdir()
+    (cut / "model.safetensors.tmp").write_bytes(b"half")
+    vl.check_folder(str(cut), "--out_dir", "config.json", lambda m: m.get("script") == vl.SCRIPT, "")
+    (cut / "notes.txt").write_text("mine")  # anything more is the user's: refused, as before
+    with pytest.raises(vl.UserError, match="--out_dir"):
+        vl.check_folder(str(cut), "--out_dir", "config.json", lambda m: m.get("script") == vl.SCRIPT, "")
     refused("a file", "--data_dir", str(afile))
     for flag, value in (("--max_steps", "0"), ("--eval_interval", "0"), ("--lr", "-1"), ("--lr", "nan"),
                         ("--grad_clip", "-1"), ("--weight_decay", "-5"), ("--rope_theta", "0"), ("--rms_norm_eps", "-1"),
@@ -4283,6 +4290,7 @@ def test_vl_out_dir_flags_test_data_and_shards(vl_tiny_run, vl_ckpt, tmp_path, c
             vl.main(["--eval", "--out_dir", str(run), *flags])
     shutil.copy(png, tmp_path / "p.png")  # relative paths: the held-out draws do not depend on the fixture's folder
     for answer, match in (("  ", "more than spaces and dots"), (".", "more than spaces and dots"),
+                          ("\t", "more than spaces"), ("\u00a0. \n", "more than spaces"),  # a spreadsheet's
                           ("a b c d e f", "the answer takes 7 tokens .EOS included., more than --max_new_tokens 6")):
         (tmp_path / "a.jsonl").write_text("".join(json.dumps({"image": "p.png", "question": q, "answer": answer})
                                                   + "\n" for q in ("What?", "Which?")))  # one trains, one is held out
@@ -5687,6 +5695,19 @@ def test_mk_a_frame_scored_at_the_threshold_is_not_predicted(tmp_path, monkeypat
     assert res["test"]["frame_f1"] == 0.0
 
 
+def test_mk_an_answer_ending_in_a_space_is_matched_by_itself(tmp_path, monkeypatch):
+    """Generated answers are decoded and trimmed, so a reference answer ending in a space ("A. yes ", which the choices
+    allow) is trimmed too: generated exactly, it scored exact match 0 beside an MCQ accuracy of 1."""
+    tok, item = mk.GPT2Tokenizer(), dict(question="Dark?", choices=["A. yes ", "B. no"], answer="A. yes ", support_times=[])
+    monkeypatch.setattr(mk, "generate", lambda model, feats, items, t, cfg: (
+        [tok.target(i["answer"])[:-1] for i in items], torch.zeros(len(items), 2)))  # the answer's tokens, no EOS
+    ds = dict(clips=torch.zeros(1), labels=torch.zeros(1, 2), times=[np.array([0.0, 0.5])], durations=[1.0])
+    cfg = dataclasses.replace(mk.Config(), out_dir=str(tmp_path), dtype="float32")
+    model = types.SimpleNamespace(eval=lambda: None, devices={"llm": "cpu"})
+    res = mk.evaluate(model, tok, cfg, {"test": ([item], ds)}, 1.0, cache=lambda s, idx, clips: None)
+    assert res["test"]["exact_match"] == res["test"]["mcq_accuracy"] == 1.0
+
+
 def test_mk_user_data_holds_its_test_rows_out_of_training(mk_trained, tmp_path, monkeypatch):
     """--data without --test_data: the entries whose video path and question draw at most 0.1 (at least one) are the
     test split, and none of those trains, however the file is later edited; the synthetic world's splits are not
@@ -6041,6 +6062,11 @@ def test_mk_user_files_never_overwritten_and_more_bad_inputs(mk_trained, mk_hf, 
     _mk_user_error(["--train", "--preset", "tiny", "--data_dir", mine / "train.json", "--out_dir", tmp_path / "o"],
                    "a file")
     assert {f.name: f.read_bytes() for f in vj.iterdir()} == before and os.listdir(mine) == ["train.json"]
+    (cut := tmp_path / "cut").mkdir()  # all a first save killed mid-write leaves: the run may start again there
+    (cut / "model.safetensors.tmp").write_bytes(b"half")
+    assert mk.writable(str(cut), "config.json", lambda m: m["script"] == mk.SCRIPT)
+    (cut / "notes.txt").write_text("mine")  # anything more is the user's: refused, as before
+    assert not mk.writable(str(cut), "config.json", lambda m: m["script"] == mk.SCRIPT)
     for flag in ("--max_steps", "--batch_size", "--max_new_tokens", "--n_frames"):
         _mk_user_error(["--train", "--preset", "tiny", flag, "0"], flag, "at least 1")
     run = tmp_path / "run"
@@ -7760,6 +7786,22 @@ def test_tiny_preset_keeps_a_world_of_its_own(mod):
     the default run's world in data/<script> at toy size."""
     tiny, default = mod.Config(**mod.PRESETS["tiny"]), mod.Config()
     assert tiny.data_dir.endswith("_tiny") and tiny.data_dir != default.data_dir
+
+
+@pytest.mark.parametrize("mod", [ab, vc, vm, vl, mk], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("where", ["link", "link/sub"])
+def test_an_out_dir_behind_a_broken_link_is_refused_before_any_work(mod, where, tmp_path):
+    """An --out_dir that is, or lies under, a symbolic link to nothing (a drive not mounted) looked like a folder that
+    could be made: the run built its world and trained, then failed at its first save. Now refused at once."""
+    os.symlink(tmp_path / "unmounted", tmp_path / "link")
+    try:
+        mod.main(["--train", "--preset", "tiny", "--data_dir", str(tmp_path / "d"), "--out_dir", str(tmp_path / where)])
+        code = 0
+    except SystemExit as e:  # the scripts whose main() prints the line and exits
+        code = e.code
+    except mod.UserError:  # the scripts whose command line does that around main()
+        code = 2
+    assert code == 2 and os.listdir(tmp_path) == ["link"]  # no world built, nothing written
 
 
 @pytest.mark.parametrize("mod", [vm, vc, vl], ids=lambda m: m.__name__)

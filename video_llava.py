@@ -63,10 +63,10 @@ def read_json(path):  # path's JSON object as a dict, or None: missing, not UTF-
 
 def check_folder(path, flag, marker, ours, why):  # refuse path unless it can be made, and is missing, empty or ours
     if os.path.exists(path) and not (os.path.isdir(path) and (  # ours: its `marker` JSON passes ours()
-            not os.listdir(path) or ours(read_json(os.path.join(path, marker)) or {}))):
-        raise UserError(f"{flag} {path}: a file, or a folder {why}")
+            set(os.listdir(path)) <= {"model.safetensors.tmp"} or ours(read_json(os.path.join(path, marker)) or {}))):
+        raise UserError(f"{flag} {path}: a file, or a folder {why}")  # empty: or the .tmp of a cut-off first save
     up = os.path.abspath(path)  # -> its nearest existing folder, where a scratch folder is made and removed
-    while not os.path.exists(up):
+    while not os.path.lexists(up):
         up = os.path.dirname(up)
     try:  # a file in the way, no write access, a read-only or virtual file system
         os.rmdir(tempfile.mkdtemp(dir=up))
@@ -334,7 +334,7 @@ def read_annotations(path, why=""):  # JSON lines {"image"|"video"|"frames", "qu
             raise UserError(f"{path}:{no}: not valid JSON ({err.msg}, column {err.colno})")
         keys = [k for k in ("image", "video", "frames") if isinstance(e, dict) and k in e]
         qa = [e.get(k) if isinstance(e, dict) else None for k in ("question", "answer")]
-        texts = all(isinstance(t, str) and t.strip(" .") for t in qa)  # an answer "." would match an empty prediction
+        texts = all(isinstance(t, str) and "".join(t.split()).strip(".") for t in qa)  # "." or "\t" would match ""
         if len(keys) != 1 or not (isinstance(e[keys[0]], str) and e[keys[0]] and texts):
             raise UserError(f"{path}:{no}: need exactly one of 'image'/'video'/'frames' (a path) plus 'question' "
                             f"and 'answer', strings with more than spaces and dots")

@@ -62,7 +62,7 @@ def check_folder(path, flag, ours, why):  # refuse a path to write into unless m
     if os.path.exists(path) and not (os.path.isdir(path) and (ours or not os.listdir(path))):
         raise UserError(f"{flag} {path}: " + (why if os.path.isdir(path) else "a file, not a folder"))
     top = os.path.abspath(path)  # -> the nearest folder that exists
-    while not os.path.exists(top):
+    while not os.path.lexists(top):
         top = os.path.dirname(top)
     try:  # a scratch folder made and removed there: path can be made (not under a file, nor in /proc), before any work
         os.mkdir(probe := os.path.join(top, f".probe{os.getpid()}"))
