@@ -173,7 +173,7 @@ def write_image(path, rng, colour, shape):
     half = rng.randint(10, 14)  # half-side in pixels
     lo, hi = half + 1, RENDER - half - 2  # the whole shape stays inside the image
     draw_shape(img, shape, colour, rng.randint(lo, hi), rng.randint(lo, hi), half)
-    cv2.imwrite(path, img)  # PNG: lossless, read back by the same loader as user images
+    cv2.imwrite(os.fsencode(path), img)  # PNG: lossless, read back by the same loader as user images
 
 def write_clip(path, rng, colour, shape, motion):
     """CLIP_LEN frames, one object moving TRAVEL pixels in one direction, as an mp4v mp4."""
@@ -181,7 +181,7 @@ def write_clip(path, rng, colour, shape, motion):
     lo, hi = half + 1, RENDER - half - 2
     x0, y0 = (rng.randint(lo + TRAVEL * (d < 0), hi - TRAVEL * (d > 0)) for d in (dx, dy))  # the path stays in frame
     grey = rng.randint(40, 90)  # one background per clip: only the object changes between frames
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 8, (RENDER, RENDER))  # 8 fps, lossy MPEG-4
+    writer = cv2.VideoWriter(os.fsencode(path), cv2.VideoWriter_fourcc(*"mp4v"), 8, (RENDER, RENDER))  # 8 fps, lossy
     for t in range(CLIP_LEN):
         img = np.full((RENDER, RENDER, 3), grey, np.uint8)
         frac = t / (CLIP_LEN - 1)  # 0 at the first frame, 1 at the last: constant speed
@@ -1096,7 +1096,7 @@ def heat_png(path, w, frames, labels, title, rows):
     head = np.zeros((14 * len(lines) + 6, width, 3), np.uint8)
     put(head, lines, [(2, 14 * i + 14) for i in range(len(lines))])
     top = np.concatenate([np.zeros((cell + 14, lab_w, 3), np.uint8), np.concatenate([strip, names], 0)], 1)
-    if not cv2.imwrite(path, np.concatenate([head, top, np.concatenate([left, heat], 1)], 0)):  # False: not written
+    if not cv2.imwrite(os.fsencode(path), np.concatenate([head, top, np.concatenate([left, heat], 1)], 0)):
         raise UserError(f"{path}: could not be written (a folder of that name, or no permission)")
 
 @torch.no_grad()

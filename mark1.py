@@ -220,7 +220,7 @@ def sample_event(rng, split):  # one clip's story -> (per-frame draw list, annot
                         support_times=[round(f / FPS, 4) for f in range(e, e + 4)], event=event, colour=colour)
 
 def write_clip(path, frames):
-    w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), FPS, (SIDE, SIDE))  # MPEG-4 part 2: lossy, real
+    w = cv2.VideoWriter(os.fsencode(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (SIDE, SIDE))  # MPEG-4 part 2, lossy
     for objs in frames:
         img = np.full((SIDE, SIDE, 3), 128, np.uint8)  # grey background
         for o in objs:  # filled shapes, at integer pixels as OpenCV draws
@@ -1261,7 +1261,7 @@ def frame_strip(clip, sal, path, title, threshold):  # PNG: the frames, a salien
         cv2.rectangle(img, (x + 4, S + 34 - int(round(30 * sal[i]))), (x + S - 4, S + 34),
                       (60, 180, 60) if sal[i] > threshold else (150, 150, 150), -1)
     cv2.putText(img, title[:F_ * 10], (2, S + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
-    if not cv2.imwrite(path, img):  # False, not an exception, when it cannot write
+    if not cv2.imwrite(os.fsencode(path), img):  # False, not an exception, when it cannot write
         raise UserError(f"{path}: the frame strip could not be written there (a folder of that name, no permission)")
 
 def predict(cfg, overrides, video, question, choices):

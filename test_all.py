@@ -7804,6 +7804,16 @@ def test_an_out_dir_behind_a_broken_link_is_refused_before_any_work(mod, where, 
     assert code == 2 and os.listdir(tmp_path) == ["link"]  # no world built, nothing written
 
 
+@pytest.mark.parametrize("mod", [ab, vc, vm, vl, mk], ids=lambda m: m.__name__)
+def test_a_world_written_into_a_folder_whose_name_is_not_utf8(mod, tmp_path):
+    """OpenCV's writers were given the name as a str: a folder whose name is not UTF-8 (from an old zip) crashed the
+    process with a segmentation fault, no message. They get the name's bytes now, as its readers do."""
+    d = os.fsdecode(os.fsencode(str(tmp_path)) + b"/w\xe9")  # the byte 0xE9 alone: Latin-1's e-acute
+    mod.build_world(mod.Config(**{**mod.PRESETS["tiny"], "data_dir": d}))
+    media = [os.path.join(r, n) for r, _, ns in os.walk(d) for n in ns if n.endswith((".png", ".mp4"))]
+    assert media and all(os.path.getsize(m) > 0 for m in media)
+
+
 @pytest.mark.parametrize("mod", [vm, vc, vl], ids=lambda m: m.__name__)
 def test_resume_keeps_the_run_s_world(mod, tmp_path, capsys):
     """--resume with another --seed or split size rebuilt the synthetic world over the run's and trained on, so the

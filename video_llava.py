@@ -280,16 +280,16 @@ def build_world(cfg):  # write data_dir/<split>/*.png|mp4 and data_dir/<split>.j
     os.makedirs(cfg.data_dir, exist_ok=True)
     json.dump(dict(want, version=0), open(stamp, "w"))  # version 0: a build under way (cut short, it is redone)
     for offset, (split, n) in enumerate(sizes.items()):
-        rng = random.Random(cfg.seed * 10 + offset)  # one stream per split: a split never depends on another's size
-        os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)
-        lines = []  # the split's annotation file
+        rng, lines = random.Random(cfg.seed * 10 + offset), []  # one stream per split (none depends on another's size)
+        os.makedirs(os.path.join(cfg.data_dir, split), exist_ok=True)  # lines: the split's annotation file
         for i in range(n):
             img, qa = make_image(rng, split)
             png, mp4 = f"{split}/img_{i:05d}.png", f"{split}/clip_{i:05d}.mp4"
-            cv2.imwrite(os.path.join(cfg.data_dir, png), img)
+            cv2.imwrite(os.fsencode(f"{cfg.data_dir}/{png}"), img)  # bytes: any name
             lines += [{"image": png, "question": q, "answer": a} for q, a in qa]
             frames, (q, a) = make_clip(rng, split, cfg.n_frames)
-            writer = cv2.VideoWriter(os.path.join(cfg.data_dir, mp4), cv2.VideoWriter_fourcc(*"mp4v"), 8, (SIDE, SIDE))
+            writer = cv2.VideoWriter(os.fsencode(f"{cfg.data_dir}/{mp4}"), cv2.VideoWriter_fourcc(*"mp4v"), 8,
+                                     (SIDE, SIDE))  # 8 fps
             for fr in frames:
                 writer.write(fr)
             writer.release()

@@ -160,7 +160,7 @@ def sample_objects(rng, split):  # one or two objects whose pairs fit the split;
             return objs
 
 def write_clip(path, objects):  # render CLIP_LEN frames of RENDER x RENDER, written as an mp4v mp4
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 8, (RENDER, RENDER))  # 8 fps: CLIP_LEN = 2 s
+    writer = cv2.VideoWriter(os.fsencode(path), cv2.VideoWriter_fourcc(*"mp4v"), 8, (RENDER, RENDER))  # 8 fps (2 s)
     for frac in (t / (CLIP_LEN - 1) for t in range(CLIP_LEN)):  # each frame's place along the path, 0 -> 1
         img = np.full((RENDER, RENDER, 3), 60, np.uint8)  # grey background
         for colour, shape, motion, x0, y0 in objects:
@@ -905,7 +905,7 @@ def attention_png(model, clip, tok, cfg, device, path, cell=40, label_w=110):
     marks += [(word[:14], 4, 24 + cell + 18 + r * cell // 2 + cell // 4 + 5) for r, word in enumerate(labels)]  # rows
     for s, x, y in marks:  # the caption on top, each frame's number under it, each row's label centred beside it
         cv2.putText(img, s, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
-    if not cv2.imwrite(path, img):  # False, not an exception, when it cannot write
+    if not cv2.imwrite(os.fsencode(path), img):  # False, not an exception, when it cannot write
         raise UserError(f"{path}: could not be written (a folder of that name, or no permission)")
 
 def evaluate(model, tok, cfg, device, data, train_seconds=None):  # caption test and novel, score; eval.json, a PNG

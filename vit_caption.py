@@ -176,7 +176,7 @@ def write_image(path, objs, rng):
             cv2.rectangle(img, (cx - h + 2, cy - h + 2), (cx + h - 2, cy + h - 2), c, -1)
         else:  # an upright triangle in the same box
             cv2.fillPoly(img, [np.int32([[cx, cy - h], [cx - h, cy + h - 1], [cx + h, cy + h - 1]])], c, cv2.LINE_AA)
-    if not cv2.imwrite(path, img):
+    if not cv2.imwrite(os.fsencode(path), img):
         raise UserError(f"{path}: cannot write (is {os.path.dirname(path)} writable?)")
 
 def build_world(cfg):  # write data_dir/<split>/*.png and data_dir/<split>.txt once (deterministic from --seed) -> paths
@@ -902,7 +902,7 @@ def attention_png(model, image, tok, cfg, device, path, show=None, ids=None):
     put(title, caption[:90], 4, 16, 0.45)
     put(title, f"rows: caption tokens; columns: patches 0-{g * g - 1}, numbered on the image", 4, 34, 0.35)
     put(title, f"{what}, mean over heads; each row scaled to its maximum", 4, 50, 0.35)
-    if not cv2.imwrite(path, np.concatenate([title, body], 0)):  # False, not an exception, when it cannot write
+    if not cv2.imwrite(os.fsencode(path), np.concatenate([title, body], 0)):  # False (no exception) if not written
         raise UserError(f"{path}: could not be written (a folder of that name, or no permission)")
     return caption
 
