@@ -1847,7 +1847,7 @@ def test_vc_checkpoint_round_trip_and_exact_resume(tmp_path, capsys):
     loaded, tok, lcfg = vc.load_checkpoint(str(tmp_path / "full"))
     assert torch.equal(_vc_weights(loaded), _vc_weights(full)) and lcfg.vit_dim == vc.PRESETS["tiny"]["vit_dim"]
     ev = json.load(open(tmp_path / "full" / "eval.json"))
-    assert set(ev) == {"test", "novel", "train_seconds"} and ev["test"]["n"] == 12
+    assert set(ev) == {"test", "novel", "train_seconds", "config"} and ev["test"]["n"] == 12
     assert 0 <= ev["test"]["exact_match"] <= 1 and ev["test"]["samples"]
     assert cv2.imread(str(tmp_path / "full" / "attention.png")) is not None
     # a run at or past its --max_steps has nothing to train (it would only evaluate again): refused, nothing written
@@ -4748,6 +4748,7 @@ def test_vl_stage1_projector_only_on_hf_checkpoint(vl_ckpt, vl_tiny_run, tmp_pat
     for batch in ("32", "1"):  # the second call finds only the first's eval.json there; batched = row by row
         vl.main([*base, "--out_dir", str(tmp_path / "base"), "--batch_size", batch])
         scores.append(json.load(open(tmp_path / "base" / "eval.json")))
+        assert scores[-1].pop("config")["batch_size"] == int(batch)  # eval.json records the config it scored
     assert scores[0] == scores[1] and scores[0].keys() == {"train_seconds", "test"}
     assert [scores[0]["test"][k]["n"] for k in ("image", "video")] == [4, 3]
     capsys.readouterr()
@@ -7113,7 +7114,7 @@ def test_ab_train_tiny_runs(tmp_path, capsys):
     for split in ("test", "novel"):
         for v in ("unified", "cross"):
             assert 0 <= res[split][v]["exact_match"] <= 1 and res[split][v]["n"] == 8
-    assert set(res) == {"test", "novel", "train_seconds"} and res["train_seconds"] > 0
+    assert set(res) == {"test", "novel", "train_seconds", "config"} and res["train_seconds"] > 0
     assert all(res["test"][v]["params"] > 0 and res["test"][v]["train_seconds"] > 0
                for v in ("clip", "unified", "cross"))
     assert all(0 < res["test"][v]["params_wiring"] < res["test"][v]["params"] for v in ("unified", "cross"))
