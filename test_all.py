@@ -8489,6 +8489,21 @@ def test_vm_vc_a_saved_config_value_of_the_wrong_type_is_refused(mod, _vm_traine
     assert mod.load_checkpoint(str(run))[2].lr == 1
 
 
+@pytest.mark.parametrize("mod", [vm, vc], ids=["vm", "vc"])
+def test_vm_vc_a_saved_config_value_no_flag_could_give_is_refused(mod, _vm_trained, _vc_tiny_run, tmp_path, capsys):
+    """A hand-edited config.json value of the right type that no flag could give (--n_head 0, --dtype float8, a
+    dropout of 2, ...) ended --eval and --generate in a traceback (or, --temperature -1, sampled the least likely
+    tokens). The saved config now meets the checks the flags meet: one line naming the file and the flag, exit 2."""
+    run = _copy_run((_vm_trained[0] if mod is vm else _vc_tiny_run) / "out", tmp_path / "run")
+    good = json.load(open(run / "config.json"))
+    for key, value in (("n_head", 0), ("dtype", "float8"), ("dropout", 2.0), ("seed", 10**30), ("max_len", -5),
+                       ("temperature", -1.0)):
+        (run / "config.json").write_text(json.dumps({**good, "config": {**good["config"], key: value}}))
+        before = {p.name: p.read_bytes() for p in run.iterdir()}
+        main_user_error(mod.main, capsys, ["--eval", "--out_dir", run], f"{run / 'config.json'}: --{key}", "retrain")
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
 @pytest.mark.parametrize("name", ["vm", "vc", "vl", "mk", "ab"])
 def test_a_run_folder_nothing_can_be_written_into_is_refused_before_any_work(name, _vm_trained, _vc_tiny_run,
                                                                              vl_tiny_run, mk_trained, tmp_path,

@@ -124,7 +124,7 @@ class Config:
     beam: int = 1  # beam width; >1 = beam search (deterministic)
     max_new_tokens: int = 30
 
-CHOICES = {"qformer_mode": ("text", "queries"), "dtype": ("auto", "float32", "bfloat16", "float16")}  # argparse checks
+CHOICES = {"qformer_mode": ("text", "queries"), "dtype": ("auto", "float32", "bfloat16", "float16")}  # config_problems
 # default: the CPU run; tiny: seconds, for the tests, in folders of its own; original: what the VideoLLaMA-Mini write-up
 # specifies (text tokens as Q-Former queries, the whole GPT-2 vocabulary, Adam; dropout, decay: future work); no sizes
 PRESETS = {"default": {}, "original": dict(qformer_mode="text", compact_vocab=False, dropout=0.0, weight_decay=0.0),
@@ -497,8 +497,9 @@ def load_checkpoint(out_dir, overrides=None, fixed=()):  # -> (model, tokenizer,
         raise UserError(f"{cpath}: damaged, no 'config' object or 'vocab' list (retrain with --train)")
     known, typed = {f.name for f in dataclasses.fields(Config)}, overrides or {}  # a key this version lacks: ignored
     saved = Config(**{k: v for k, v in meta["config"].items() if k in known})
-    if bad := [f"{f.name} {v!r}: must be of type {f.type.__name__}" for f in dataclasses.fields(saved)  # bool: no int
-               if type(v := getattr(saved, f.name)) is not f.type and (f.type, type(v)) != (float, int)]:
+    types = [f"{f.name} {v!r}: must be of type {f.type.__name__}" for f in dataclasses.fields(saved)  # bool: no int
+             if type(v := getattr(saved, f.name)) is not f.type and (f.type, type(v)) != (float, int)]
+    if bad := types or config_problems(saved):  # then a value no flag could give (each message names the flag)
         raise UserError(f"{cpath}: {bad[0]}; the file is damaged or hand-edited: restore it, or retrain with --train")
     if clash := [f"{as_typed(k, v)} ({'world ' if k in WORLD else ''}saved as {as_typed(k, getattr(saved, k))})"
                  for k, v in typed.items() if k in fixed and v != getattr(saved, k)]:
@@ -546,8 +547,7 @@ def bleu4(preds, refs):
 def cider_d(preds, refs, sigma=6.0):
     """CIDEr-D (Vedantam et al.): TF-IDF n-gram vectors (n=1..4, IDF from the evaluated set's references), cosine
     with clipped hypothesis counts, a Gaussian length-difference penalty, averaged over references and n, times 10."""
-    ref_words = [[normalise(r).split() for r in rs] for rs in refs]
-    # document frequency: in how many clips' reference sets each n-gram occurs
+    ref_words = [[normalise(r).split() for r in rs] for rs in refs]  # df: how many clips' references hold each n-gram
     df = Counter(g for rws in ref_words for g in {g for r in rws for n in range(1, 5) for g in ngrams(r, n)})
     log_n = math.log(float(len(refs)))  # IDF numerator
     def vec(words):  # -> one TF-IDF vector per n-gram order, their norms, the length (df[g]: 0 if g is unseen)
@@ -710,8 +710,7 @@ def build_or_resume(cfg, resumed, train_entries, train_clips, device):
     opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")  # loss scaling for float16
     if resumed:  # the optimizer's moments; dropout on a CPU continues the unbroken run's stream (its RNG is saved)
-        opt.load_state_dict(ts["optimizer"])
-        torch.set_rng_state(ts["rng"])
+        opt.load_state_dict(ts["optimizer"]), torch.set_rng_state(ts["rng"])
         if ts.get("scaler"):  # float16: the loss scale goes on where it stopped (other dtypes save none)
             scaler.load_state_dict(ts["scaler"])
     return model, tok, opt, scaler, ts["step"] if resumed else 0
@@ -964,6 +963,26 @@ def check_decoding(cfg):  # a decoding flag (typed, or saved with a checkpoint) 
         raise UserError(f"sampling is --temperature above 0 with --beam 1, --top_k / --top_p filter it; got --beam "
                         f"{cfg.beam}, --temperature {cfg.temperature}, --top_k {cfg.top_k}, --top_p {cfg.top_p}")
 
+def config_problems(cfg, fresh=True):  # what every value must satisfy, typed or in a saved config.json (fresh: sizes)
+    zero_ok = ("n_temporal_layer", "warmup", "stop_after", "top_k")  # counts where 0 means none (--seed: any, below)
+    counts = [f"--{k} {v}: must be {'0 or more' if k in zero_ok else 'at least 1'}" for k, v in vars(cfg).items()
+              if type(v) is int and k not in ("seed", "max_len") and v < (k not in zero_ok)]  # every other: 1 or more
+    return counts + [why for bad, why in [  # (bad value, the line naming the flag and the fix)
+        *[(vars(cfg)[k] not in ok, f"--{k} {vars(cfg)[k]!r}: choose from {'/'.join(ok)}") for k, ok in CHOICES.items()],
+        (cfg.max_len < 2, f"--max_len {cfg.max_len}: must be at least 2 (BOS and one caption token)"),
+        (cfg.img_size < 3, f"--img_size {cfg.img_size}: must be at least 3 (GroupNorm needs 2x2 after the first conv)"),
+        (not 0 < cfg.lr < math.inf, f"--lr {cfg.lr}: must be above 0 and finite"),
+        (not 0 <= cfg.min_lr < math.inf, f"--min_lr {cfg.min_lr}: must be 0 or more and finite (the cosine's floor)"),
+        (not 0 <= cfg.dropout < 1, f"--dropout {cfg.dropout}: must be in [0, 1)"),
+        (not cfg.grad_clip > 0, f"--grad_clip {cfg.grad_clip}: must be above 0 (the largest gradient norm)"),
+        (not 0 <= cfg.weight_decay < math.inf, f"--weight_decay {cfg.weight_decay}: must be finite, 0 or more"),
+        (not -2**63 <= cfg.seed < 2**63, f"--seed {cfg.seed}: must fit in 64 bits (-2**63 to 2**63 - 1)"),
+        (fresh and cfg.d_model % math.lcm(2, cfg.n_head or 1),
+         f"--d_model {cfg.d_model}: must be even, a multiple of --n_head {cfg.n_head}"),
+        (cfg.cnn_width % 8, f"--cnn_width {cfg.cnn_width}: must be a multiple of 8 (GroupNorm's 8 groups)"),
+        (not cfg.temperature >= 0, f"--temperature {cfg.temperature}: must be 0 (greedy) or more"),
+        (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1]; 1 keeps every token")] if bad]
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="VideoLLaMA-Mini: train, evaluate, caption videos.", allow_abbrev=False)
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # argparse's refusals in one line too, no usage
@@ -975,8 +994,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), help="the settings to start from (default: default)")
     notes = dict(re.findall(r"^    (\w+): (.*)$", inspect.getsource(Config), re.M)) if argv is None else {}  # --help
     for f in dataclasses.fields(Config):  # every field is a flag; bools as --flag / --no-flag, never type=bool
-        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {"type": type(f.default),
-                "choices": CHOICES.get(f.name)}  # (Python 3.14's BooleanOptionalAction refuses a choices argument)
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {"type": type(f.default)}
         p.add_argument(f"--{f.name}", default=None, help=notes.get(f.name), **kind)  # None: the preset's value
     args = p.parse_args(argv)  # argparse exits 2 itself on an unknown flag or choice
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
@@ -986,26 +1004,8 @@ def parse_args(argv=None):
     fresh = not (args.resume or args.eval and not args.train or args.generate)  # else the checkpoint's sizes run
     unread = [as_typed(k, v) for k, v in overrides.items() if args.bench and k not in BENCH  # typed, unread by --bench
               or (fresh and k in ("n_query", "n_qformer_layer") and cfg.qformer_mode == "text")]  # or by "text"
-    below = lambda least, names: [f"--{k} {getattr(cfg, k)}" for k in names.split() if getattr(cfg, k) < least]
-    low = below(1, "n_train n_val n_test n_novel n_frames img_size d_model n_head cnn_width grid n_qformer_layer beam")
-    low += below(1, "n_query n_dec_layer batch_size grad_accum max_steps log_interval eval_interval max_new_tokens")
-    neg = below(0, "n_temporal_layer warmup stop_after top_k")
-    if errors := [why for bad, why in [  # (bad value, the line naming the flag and the fix): refused before any work
-        (low, f"{', '.join(low)}: must be at least 1"), (neg, f"{', '.join(neg)}: must be 0 or more"),
-        (cfg.max_len < 2, f"--max_len {cfg.max_len}: must be at least 2 (BOS and one caption token)"),
-        (cfg.img_size < 3, f"--img_size {cfg.img_size}: must be at least 3 (GroupNorm needs 2x2 after the first conv)"),
+    if errors := config_problems(cfg, fresh) + [why for bad, why in [  # refused before any work, in one line
         ("" in overrides.values(), "a flag given '' must name a file or folder, not an empty string"),
-        (not 0 < cfg.lr < math.inf, f"--lr {cfg.lr}: must be above 0 and finite"),
-        (not 0 <= cfg.min_lr < math.inf, f"--min_lr {cfg.min_lr}: must be 0 or more and finite (the cosine's floor)"),
-        (not 0 <= cfg.dropout < 1, f"--dropout {cfg.dropout}: must be in [0, 1)"),
-        (not cfg.grad_clip > 0, f"--grad_clip {cfg.grad_clip}: must be above 0 (the largest gradient norm)"),
-        (not 0 <= cfg.weight_decay < math.inf, f"--weight_decay {cfg.weight_decay}: must be finite, 0 or more"),
-        (not -2**63 <= cfg.seed < 2**63, f"--seed {cfg.seed}: must fit in 64 bits (-2**63 to 2**63 - 1)"),
-        (fresh and cfg.d_model % math.lcm(2, cfg.n_head or 1),
-         f"--d_model {cfg.d_model}: must be even, a multiple of --n_head {cfg.n_head}"),
-        (cfg.cnn_width % 8, f"--cnn_width {cfg.cnn_width}: must be a multiple of 8 (GroupNorm's 8 groups)"),
-        (not cfg.temperature >= 0, f"--temperature {cfg.temperature}: must be 0 (greedy) or more"),
-        (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1]; 1 keeps every token"),
         (sum(map(bool, (args.train or args.eval, args.generate, args.bench))) > 1 or args.resume and not args.train,
          "one mode per call: --train (it also evaluates), --eval, --generate or --bench; --resume goes with --train"),
         (unread, f"{', '.join(unread)}: " + ("not read by --bench (it times a new model of these sizes on random "

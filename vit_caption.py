@@ -511,8 +511,9 @@ def load_checkpoint(out_dir, overrides=None, fixed=ARCH):  # -> (model, tok, cfg
     if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("vocab"), list):
         raise UserError(f"{cpath}: no 'config' object or 'vocab' list (checkpoint damaged; retrain or pass --out_dir)")
     saved = {k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
-    if bad := [f"{f.name} {v!r}: must be of type {f.type.__name__}" for f in dataclasses.fields(Config)  # bool: no int
-               if type(v := saved.get(f.name, f.default)) is not f.type and (f.type, type(v)) != (float, int)]:
+    types = [f"{f.name} {v!r}: must be of type {f.type.__name__}" for f in dataclasses.fields(Config)  # bool: no int
+             if type(v := saved.get(f.name, f.default)) is not f.type and (f.type, type(v)) != (float, int)]
+    if bad := types or config_problems(Config(**saved)):  # then a value no flag could give (each names its flag)
         raise UserError(f"{cpath}: {bad[0]}; the file is damaged or hand-edited: restore it, or retrain with --train")
     typed = overrides or {}  # a typed flag that differs from a saved `fixed` field is refused, named as it was typed
     if clash := [f"{as_typed(k, v)} ({'world ' if k in WORLD else ''}saved as {as_typed(k, saved.get(k))})"
@@ -524,10 +525,9 @@ def load_checkpoint(out_dir, overrides=None, fixed=ARCH):  # -> (model, tok, cfg
         state = load_file(wpath)
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise UserError(f"{wpath}: cannot read weights ({str(e)[:80]}); retrain or pass another --out_dir")
-    own = model.state_dict()  # strict: every key present, none extra, every shape equal, or one clear line
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    missing, extra = sorted(set(own := model.state_dict()) - set(state)), sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or extra or shapes:
+    if missing or extra or shapes:  # strict: every key present, none extra, every shape equal, or one clear line
         raise UserError(f"{wpath}: bad keys (missing {missing[:5]}, unexpected {extra[:5]}, mis-shaped {shapes[:5]})")
     model.load_state_dict(state)
     check_decoding(cfg)  # the decoding flags that will run: the saved ones, typed ones on top
@@ -932,8 +932,7 @@ def bench(cfg):  # training samples/s, captions/s (KV cache on, off) in cfg.dtyp
     torch.manual_seed(0)
     objs = [(c, s, z) for c in COLOURS for s in SHAPES for z in SIZES]  # every word the world's captions use
     caps = [captions_for([o], None)[0] for o in objs] + [captions_for(objs[:2], r)[0] for r in RELATIONS]
-    vocab = len(Tokenizer.from_captions(caps, cfg.compact_vocab).ids)
-    model = ViTCaptioner(cfg, vocab).to(device)
+    model = ViTCaptioner(cfg, vocab := len(Tokenizer.from_captions(caps, cfg.compact_vocab).ids)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")  # float16: loss scaling
     img = torch.randint(0, 255, (B, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8, device=device)
@@ -964,6 +963,22 @@ def check_decoding(cfg):  # a decoding flag (typed, or saved with a checkpoint) 
         raise UserError(f"sampling is --temperature above 0 with --beam 1, --top_k / --top_p filter it; got --beam "
                         f"{cfg.beam}, --temperature {cfg.temperature}, --top_k {cfg.top_k}, --top_p {cfg.top_p}")
 
+def config_problems(cfg, fresh=True):  # what every value must satisfy, typed or in a saved config.json (fresh: sizes)
+    bad = [f"--{n} {v}: choose one of {', '.join(c)}" for n, c in CHOICES.items() if (v := getattr(cfg, n)) not in c]
+    nums = {n: v for n, v in dataclasses.asdict(cfg).items() if type(v) in (int, float) and n != "seed"}
+    bad += [f"--{n} {v}: must be at least 1" for n, v in nums.items() if type(v) is int and n not in ZERO_OK and v < 1]
+    bad += [f"--{n} {v}: must be a number > 0" for n, v in nums.items() if n in RATES and not 0 < v < math.inf]
+    bad += [f"--{n} {v}: must be a number >= 0" for n, v in nums.items() if not 0 <= v < math.inf]
+    return bad or [why for wrong, why in (  # each range: what a good value meets (a NaN fails every comparison)
+        (not (0 <= cfg.dropout < 1 and 0 <= cfg.vit_dropout < 1), "--dropout and --vit_dropout: in [0, 1)"),
+        (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1] (1 = off)"),
+        (not -2**63 <= cfg.seed < 2**63, f"--seed {cfg.seed}: must fit in 64 bits (-2**63 to 2**63 - 1)"),
+        (fresh and (cfg.img_size % cfg.patch or cfg.img_size == cfg.patch), f"--img_size {cfg.img_size}: must be a "
+         f"multiple of --patch {cfg.patch}, at least twice it (the sin-cos positions need a grid of patches)"),
+        (fresh and (cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.vit_heads),
+         f"--d_model {cfg.d_model} / --n_head {cfg.n_head}: need even head sizes, --vit_dim a multiple of --vit_heads"),
+        (cfg.max_len < 2, f"--max_len {cfg.max_len}: at least 2 (BOS and one token)")) if wrong]  # sizes are > 0 here
+
 def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the flags typed; leaves nothing behind
     p = argparse.ArgumentParser(description="vit_caption: train, evaluate, caption images.", allow_abbrev=False)
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # argparse's refusals in one line too, no usage
@@ -981,32 +996,17 @@ def parse_args(argv=None):  # -> (args, cfg, overrides): the preset, then the fl
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     overrides.update({k: os.path.abspath(overrides[k]) for k in ("data", "test_data") if overrides.get(k)})  # as saved
     cfg = Config(**{**PRESETS[args.preset or "default"], **overrides})
-    # the first bad flag, in one line; each range is the condition a good value meets (a NaN fails every comparison)
-    bad = [f"--{n} {v}: choose one of {', '.join(c)}" for n, c in CHOICES.items() if (v := getattr(cfg, n)) not in c]
-    nums = {n: v for n, v in dataclasses.asdict(cfg).items() if type(v) in (int, float) and n != "seed"}
-    bad += [f"--{n} {v}: must be at least 1" for n, v in nums.items() if type(v) is int and n not in ZERO_OK and v < 1]
-    bad += [f"--{n} {v}: must be a number > 0" for n, v in nums.items() if n in RATES and not 0 < v < math.inf]
-    bad += [f"--{n} {v}: must be a number >= 0" for n, v in nums.items() if not 0 <= v < math.inf]
     fresh = not (args.resume or args.eval and not args.train or args.generate)  # else the checkpoint's sizes run
     unread = [as_typed(k, v) for k, v in overrides.items() if args.bench and k not in BENCH]  # typed, yet unread
-    bad = bad or [why for wrong, why in (  # these divide by sizes: only once the sizes are positive
-        (not (0 <= cfg.dropout < 1 and 0 <= cfg.vit_dropout < 1), "--dropout and --vit_dropout: in [0, 1)"),
-        (cfg.max_len < 2, f"--max_len {cfg.max_len}: at least 2 (BOS and one token)"),
+    if bad := config_problems(cfg, fresh) or [why for wrong, why in (  # the first bad flag, in one line
         ("" in overrides.values(), "a flag given '' must name a file or folder, not an empty string"),
-        (not 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1] (1 = off)"),
-        (not -2**63 <= cfg.seed < 2**63, f"--seed {cfg.seed}: must fit in 64 bits (-2**63 to 2**63 - 1)"),
-        (fresh and (cfg.img_size % cfg.patch or cfg.img_size == cfg.patch), f"--img_size {cfg.img_size}: must be a "
-         f"multiple of --patch {cfg.patch}, at least twice it (the sin-cos positions need a grid of patches)"),
-        (fresh and (cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.vit_heads),
-         f"--d_model {cfg.d_model} / --n_head {cfg.n_head}: need even head sizes, --vit_dim a multiple of --vit_heads"),
         (fresh and "patch_scale" in overrides and cfg.patch_init == "random", "--patch_scale: with --patch_init pca"),
         ([args.train or args.eval, args.generate, args.bench].count(True) > 1 or args.resume and not args.train,
          "one mode per call (--train evaluates); --resume continues a training run: use it with --train"),
         (args.preset and (args.resume or args.eval and not args.train or args.generate),  # --train --eval: --train's
          f"--preset {args.preset}: --resume, --eval and --generate take the sizes from the checkpoint; drop --preset"),
         (unread, f"{', '.join(unread)}: not read by --bench (it times a new model of these sizes, greedy); drop it"),
-        (bool(args.image) != args.generate, "--generate and --image PATH (the image to caption) go together")) if wrong]
-    if bad:
+        (bool(args.image) != args.generate, "--generate and --image PATH (what to caption) go together")) if wrong]:
         raise UserError(bad[0])
     if args.train or (args.eval or args.generate) and os.path.isdir(cfg.out_dir):  # each writes into out_dir; a new
         saved = read_json(os.path.join(cfg.out_dir, "config.json")) or {}  # run only into a new, empty or own folder
