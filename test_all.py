@@ -2016,6 +2016,10 @@ def test_vc_train_eval_generate_cli(tmp_path, capsys, monkeypatch):
     image = torch.from_numpy(vc.load_image(str(tmp_path / "odd.jpg"), cfg.img_size))[None]
     ids = vc.generate(model, image, cfg, generator=torch.Generator().manual_seed(cfg.seed))
     assert lines[1] == tok.decode(ids[0]) == drawn[0]  # the picture shows the printed caption
+    long = "\u00e9" * 125  # 250 bytes + .png: a name the file system takes; caption_<it>.png, 262 bytes, it refuses
+    cv2.imwrite(os.fsencode(str(tmp_path / f"{long}.png")), img)  # its picture's name keeps the first 60 characters
+    vc.main(["--generate", "--image", str(tmp_path / f"{long}.png"), "--out_dir", out])
+    assert os.path.isfile(os.path.join(out, f"caption_{long[:60]}.png"))
     # bad inputs: one line, exit status 2, nothing saved lost
     before = open(os.path.join(out, "model.safetensors"), "rb").read()
     (tmp_path / "empty.png").write_bytes(b"")

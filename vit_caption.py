@@ -1037,7 +1037,7 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError or 
         with autocast(cfg, device):  # sampling (--temperature > 0) is reproducible from --seed
             ids = generate(model, image[None].to(device), cfg, generator=torch.Generator(device).manual_seed(cfg.seed))
         print(tok.decode(ids[0]))
-        path = os.path.join(cfg.out_dir, f"caption_{os.path.splitext(os.path.basename(args.image))[0]}.png")
+        path = os.path.join(cfg.out_dir, f"caption_{os.path.splitext(os.path.basename(args.image))[0][:60]}.png")
         attention_png(model, image, tok, cfg, device, path, show=load_image(args.image, 192), ids=ids[0])
         print(f"wrote {path} (attention over the patches, a row per caption token)")
     except (UserError, OSError) as e:
