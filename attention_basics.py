@@ -1180,7 +1180,7 @@ def evaluate_saved(cfg, typed):  # --eval: the three checkpoints in out_dir, sco
 
 # Command line ---------------------------------------------------------------------------------------------------------
 CHOICES = dict(section=("all", *SECTIONS), variant=("unified", "cross"), dtype=("float32", "bfloat16"))
-ZERO_OK = ("n_vit_layer", "n_text_layer", "warmup", "threads")  # counts where 0 means none / the default
+ZERO_OK = ("n_vit_layer", "n_text_layer", "warmup", "threads", "weight_decay")  # where 0 means none / the default
 RATES = ("lr", "vision_lr", "gate_lr")  # above 0; every other number but --seed is at least 0
 
 def config_problems(cfg):  # what a config must satisfy, typed or saved in a checkpoint (the first problem is reported)

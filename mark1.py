@@ -82,7 +82,7 @@ def read_json(path, fix, kind=dict):  # the non-empty dict (or list) in path; el
     raise UserError(f"{path}: not a non-empty JSON {'object' if kind is dict else 'list'}; {fix}")
 
 def writable(path, marker, ours):  # may this script write into path? missing, empty, or `marker` passes ours()
-    parent = os.path.abspath(path)  # can a folder be made there? a temporary one in the nearest existing folder
+    parent = os.path.abspath(path)  # can a folder be made there? a temporary one in the nearest existing entry
     while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # a file on the way, /proc; a damaged marker

@@ -7280,6 +7280,8 @@ def test_ab_corrupt_checkpoints_are_one_line(tmp_path):
         open(cpath, "w").write(json.dumps({**meta, "config": {**meta["config"], key: value}}))
         with pytest.raises(ab.UserError, match=f"config.json: {needle}.*the checkpoint is damaged"):
             ab.load_model(cfg, "cross")
+    open(cpath, "w").write(json.dumps({**meta, "config": {**meta["config"], "weight_decay": 0}}))  # JSON's 0: valid
+    ab.load_model(cfg, "cross")
     open(cpath, "w").write(good_c)
     ab.load_model(cfg, "cross")  # restored: loads again
     # a token table one entry short of the saved embedding (a hand-edited config.json): mis-shaped, one line
@@ -8506,6 +8508,9 @@ def test_vm_vc_a_saved_config_value_no_flag_could_give_is_refused(mod, _vm_train
         before = {p.name: p.read_bytes() for p in run.iterdir()}
         main_user_error(mod.main, capsys, ["--eval", "--out_dir", run], f"{run / 'config.json'}: --{key}", "retrain")
         assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    zeros = {"temperature": 0, "dropout": 0, "weight_decay": 0, "min_lr": 0}  # JSON's 0 where a float belongs: valid
+    (run / "config.json").write_text(json.dumps({**good, "config": {**good["config"], **zeros}}))
+    assert mod.load_checkpoint(str(run))[2].temperature == 0
 
 
 @pytest.mark.parametrize("name", ["vm", "vc", "vl", "mk", "ab"])

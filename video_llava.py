@@ -65,7 +65,7 @@ def check_folder(path, flag, marker, ours, why):  # refuse path unless it can be
     if os.path.exists(path) and not (os.path.isdir(path) and (  # ours: its `marker` JSON passes ours()
             set(os.listdir(path)) <= {"model.safetensors.tmp"} or ours(read_json(os.path.join(path, marker)) or {}))):
         raise UserError(f"{flag} {path}: a file, or a folder {why}")  # empty: or the .tmp of a cut-off first save
-    up = os.path.abspath(path)  # -> its nearest existing folder, where a scratch folder is made and removed
+    up = os.path.abspath(path)  # -> nearest existing entry (a dead link too), where a scratch folder is made/removed
     while not os.path.lexists(up):
         up = os.path.dirname(up)
     try:  # a file in the way, no write access, a read-only or virtual file system

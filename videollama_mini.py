@@ -61,7 +61,7 @@ class UserError(Exception):
 def check_folder(path, flag, ours, why):  # refuse a path to write into unless missing, an empty folder or `ours`
     if os.path.exists(path) and not (os.path.isdir(path) and (ours or not os.listdir(path))):
         raise UserError(f"{flag} {path}: " + (why if os.path.isdir(path) else "a file, not a folder"))
-    top = os.path.abspath(path)  # -> the nearest folder that exists
+    top = os.path.abspath(path)  # -> the nearest path that exists (a link to nothing: the probe below fails)
     while not os.path.lexists(top):
         top = os.path.dirname(top)
     try:  # a scratch folder made and removed there: path can be made (not under a file, nor in /proc), before any work
@@ -964,9 +964,9 @@ def check_decoding(cfg):  # a decoding flag (typed, or saved with a checkpoint) 
                         f"{cfg.beam}, --temperature {cfg.temperature}, --top_k {cfg.top_k}, --top_p {cfg.top_p}")
 
 def config_problems(cfg, fresh=True):  # what every value must satisfy, typed or in a saved config.json (fresh: sizes)
-    zero_ok = ("n_temporal_layer", "warmup", "stop_after", "top_k")  # counts where 0 means none (--seed: any, below)
+    zero_ok = ("n_temporal_layer", "warmup", "stop_after", "top_k")  # counts where 0 means none (seed, max_len: below)
     counts = [f"--{k} {v}: must be {'0 or more' if k in zero_ok else 'at least 1'}" for k, v in vars(cfg).items()
-              if type(v) is int and k not in ("seed", "max_len") and v < (k not in zero_ok)]  # every other: 1 or more
+              if type(getattr(Config, k)) is int and k not in ("seed", "max_len") and v < (k not in zero_ok)]  # ints
     return counts + [why for bad, why in [  # (bad value, the line naming the flag and the fix)
         *[(vars(cfg)[k] not in ok, f"--{k} {vars(cfg)[k]!r}: choose from {'/'.join(ok)}") for k, ok in CHOICES.items()],
         (cfg.max_len < 2, f"--max_len {cfg.max_len}: must be at least 2 (BOS and one caption token)"),

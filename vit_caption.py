@@ -63,7 +63,7 @@ def read_json(path):  # path's JSON object as a dict, or None: missing, unreadab
 def check_folder(path, flag, ours, why):  # refuse a path to write into unless missing, an empty folder or `ours`
     if os.path.exists(path) and not (os.path.isdir(path) and (ours or not os.listdir(path))):
         raise UserError(f"{flag} {path}: {why}")
-    top = os.path.abspath(path)  # -> the nearest folder that exists
+    top = os.path.abspath(path)  # -> the nearest path that exists (a link to nothing: the probe below fails)
     while not os.path.lexists(top):
         top = os.path.dirname(top)
     try:  # a scratch folder made and removed there: path can be made (not under a file, nor in /proc), before any work
@@ -965,7 +965,7 @@ def check_decoding(cfg):  # a decoding flag (typed, or saved with a checkpoint) 
 
 def config_problems(cfg, fresh=True):  # what every value must satisfy, typed or in a saved config.json (fresh: sizes)
     bad = [f"--{n} {v}: choose one of {', '.join(c)}" for n, c in CHOICES.items() if (v := getattr(cfg, n)) not in c]
-    nums = {n: v for n, v in dataclasses.asdict(cfg).items() if type(v) in (int, float) and n != "seed"}
+    nums = {n: type(getattr(Config, n))(v) for n, v in vars(cfg).items() if type(v) in (int, float) and n != "seed"}
     bad += [f"--{n} {v}: must be at least 1" for n, v in nums.items() if type(v) is int and n not in ZERO_OK and v < 1]
     bad += [f"--{n} {v}: must be a number > 0" for n, v in nums.items() if n in RATES and not 0 < v < math.inf]
     bad += [f"--{n} {v}: must be a number >= 0" for n, v in nums.items() if not 0 <= v < math.inf]
