@@ -1240,9 +1240,9 @@ def main(argv=None):
         refuse_changes(cfg, typed, "--generate")
         clip = torch.from_numpy(load_video(args.video, cfg.n_frames, cfg.img_size))[None]  # (1, F, S, S, 3)
         print(tok.decode(generate(model, clip, cfg, pick_device(cfg.device))[0]))
-    except (UserError, OSError) as e:  # bad input, or a file it cannot read or write: one line, exit 2, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (UserError, OSError, KeyboardInterrupt) as e:  # bad input, a file it cannot read or write, or Ctrl-C
+        print(f"error: {str(e) or 'interrupted; no file is left half-written'}", file=sys.stderr)
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
 
 if __name__ == "__main__":
     if hasattr(sys.stdout, "reconfigure"):  # IDLE's stream has none; pythonw's stdout is None

@@ -1395,6 +1395,6 @@ if __name__ == "__main__":
         sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows): \U0001f600
     try:
         main()
-    except (UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (UserError, OSError, KeyboardInterrupt) as e:  # Ctrl-C too: one line, exit status 130
+        print(f"error: {str(e) or 'interrupted; --train --resume goes on from the last (whole) save'}", file=sys.stderr)
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)

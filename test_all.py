@@ -7708,6 +7708,7 @@ import importlib
 import io
 import runpy
 import shlex
+import signal
 
 SCRIPTS = ("videollama_mini", "vit_caption", "video_llava", "mark1", "attention_basics")
 
@@ -7819,6 +7820,22 @@ def test_a_world_written_into_a_folder_whose_name_is_not_utf8(mod, tmp_path):
     mod.build_world(mod.Config(**{**mod.PRESETS["tiny"], "data_dir": d}))
     media = [os.path.join(r, n) for r, _, ns in os.walk(d) for n in ns if n.endswith((".png", ".mp4"))]
     assert media and all(os.path.getsize(m) > 0 for m in media)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_ctrl_c_during_training_is_one_line(script, tmp_path):
+    """Ctrl-C (SIGINT) in the middle of a training run: one line on stderr and exit status 130, not a traceback."""
+    steps = ["--clip_steps" if script == "attention_basics" else "--max_steps", "100000"]  # still training when hit
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, f"{script}.py"), "--train", "--preset", "tiny", *steps,
+                             "--data_dir", str(tmp_path / "d"), "--out_dir", str(tmp_path / "o")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:  # the first log line of a training step: the run is inside its loop
+        if "step " in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1].strip().splitlines()
+    assert proc.returncode == 130 and len(err) == 1 and err[0].startswith("error: interrupted; "), err[-3:]
 
 
 @pytest.mark.parametrize("mod", [vm, vc, vl], ids=lambda m: m.__name__)

@@ -1595,6 +1595,6 @@ if __name__ == "__main__":
         sys.stdout.reconfigure(errors="backslashreplace")  # a character the code page lacks (Windows): \U0001f600
     try:
         main()
-    except (UserError, OSError, torch._inductor.exc.InvalidCxxCompiler) as e:  # the last: --bench with no C++ compiler
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (UserError, OSError, torch._inductor.exc.InvalidCxxCompiler, KeyboardInterrupt) as e:  # bench: no g++
+        print(f"error: {str(e) or 'interrupted; --train --resume goes on from the last (whole) save'}", file=sys.stderr)
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)

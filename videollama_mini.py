@@ -1040,9 +1040,9 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError or 
         with autocast(cfg, device):  # --seed makes sampling repeatable
             ids = generate(model, clip, cfg, generator=torch.Generator(device=device).manual_seed(cfg.seed))[0]
         print(tok.decode(ids))  # the caption, alone on the last line
-    except (UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (UserError, OSError, KeyboardInterrupt) as e:  # Ctrl-C too: one line, exit status 130
+        print(f"error: {str(e) or 'interrupted; --train --resume goes on from the last (whole) save'}", file=sys.stderr)
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
 
 if __name__ == "__main__":
     if hasattr(sys.stdout, "reconfigure"):  # IDLE's stream has none; pythonw's stdout is None

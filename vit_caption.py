@@ -1040,9 +1040,9 @@ def main(argv=None):  # --train / --bench / --eval / --generate; a UserError or 
         path = os.path.join(cfg.out_dir, f"caption_{os.path.splitext(os.path.basename(args.image))[0][:60]}.png")
         attention_png(model, image, tok, cfg, device, path, show=load_image(args.image, 192), ids=ids[0])
         print(f"wrote {path} (attention over the patches, a row per caption token)")
-    except (UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (UserError, OSError, KeyboardInterrupt) as e:  # Ctrl-C too: one line, exit status 130
+        print(f"error: {str(e) or 'interrupted; --train --resume goes on from the last (whole) save'}", file=sys.stderr)
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
 
 if __name__ == "__main__":
     if hasattr(sys.stdout, "reconfigure"):  # IDLE's stream has none; pythonw's stdout is None
