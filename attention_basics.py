@@ -880,8 +880,7 @@ def load_model(cfg, name):
         raise UserError(f"{cpath}: {bad[0]}; the checkpoint is damaged, re-run --train into a new --out_dir")
     if not isinstance(ids := meta.get("vocab"), list) or any(type(i) is not int or not 0 <= i < 50257 for i in ids):
         raise UserError(f"{cpath}: 'vocab' is not a list of GPT-2 ids; the checkpoint is damaged, re-run --train")
-    tok = Tokenizer(ids)  # model id -> GPT-2 id
-    model = CLIP(cfg, len(tok.ids)) if name == "clip" else Captioner(cfg, len(tok.ids), name)
+    model = CLIP(cfg, len(ids)) if name == "clip" else Captioner(cfg, len(ids), name)  # ids: model id -> GPT-2 id
     try:
         state = load_file(wpath)
     except Exception as e:  # safetensors raises its own error type for a truncated or corrupt file
@@ -894,7 +893,7 @@ def load_model(cfg, name):
     if missing or unexpected or shapes:
         raise UserError(f"{wpath}: does not fit (missing {missing}, unexpected {unexpected}, mis-shaped {shapes})")
     model.load_state_dict(state)
-    return model.to(pick_device(cfg.device)), tok, cfg, meta.get("train_seconds")
+    return model.to(pick_device(cfg.device)), Tokenizer(ids), cfg, meta.get("train_seconds")
 
 # Metrics --------------------------------------------------------------------------------------------------------------
 def exact_match(preds, refs):  # share of predictions equal to their reference (lower-cased, whitespace normalised)
@@ -1180,13 +1179,14 @@ def evaluate_saved(cfg, typed):  # --eval: the three checkpoints in out_dir, sco
 
 # Command line ---------------------------------------------------------------------------------------------------------
 CHOICES = dict(section=("all", *SECTIONS), variant=("unified", "cross"), dtype=("float32", "bfloat16"))
-ZERO_OK = ("n_vit_layer", "n_text_layer", "warmup", "threads", "weight_decay")  # where 0 means none / the default
+ZERO_OK = ("n_vit_layer", "n_text_layer", "warmup", "threads")  # counts where 0 means none / the default
 RATES = ("lr", "vision_lr", "gate_lr")  # above 0; every other number but --seed is at least 0
 
 def config_problems(cfg):  # what a config must satisfy, typed or saved in a checkpoint (the first problem is reported)
     kinds = [f"--{f.name} {v!r}: must be of type {type(f.default).__name__}" for f in dataclasses.fields(cfg)
              if type(v := getattr(cfg, f.name)) is not type(f.default) and (type(f.default), type(v)) != (float, int)]
-    nums = {n: v for n, v in dataclasses.asdict(cfg).items() if type(v) in (int, float) and n != "seed"}
+    nums = {n: float(v) if type(getattr(Config, n)) is float else v for n, v in vars(cfg).items()  # JSON's 0: a float
+            if type(v) in (int, float) and n != "seed"}
     bad = [f"--{n} {v}: choose one of {', '.join(c)}" for n, c in CHOICES.items() if (v := getattr(cfg, n)) not in c]
     bad += [f"--{n} must be at least 1 ({v})" for n, v in nums.items() if type(v) is int and n not in ZERO_OK and v < 1]
     bad += [f"--{n} must be a number > 0 ({v})" for n, v in nums.items() if n in RATES and not 0 < v < math.inf]

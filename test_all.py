@@ -7276,7 +7276,8 @@ def test_ab_corrupt_checkpoints_are_one_line(tmp_path):
     meta = json.loads(good_c)  # hand-edited values: each was a traceback (a TypeError, a reshape at the first step)
     for key, value, needle in (("d_model", "32", "--d_model '32': must be of type int"),
                                ("data_dir", 5, "--data_dir 5: must be of type str"), ("steps", -1, "--steps must be"),
-                               ("n_head", 5, "--d_model 32 is not a multiple of --n_head 5")):
+                               ("n_head", 5, "--d_model 32 is not a multiple of --n_head 5"),
+                               ("lr", 0, "--lr must be a number > 0 \\(0.0\\)")):  # JSON's 0 in a float field
         open(cpath, "w").write(json.dumps({**meta, "config": {**meta["config"], key: value}}))
         with pytest.raises(ab.UserError, match=f"config.json: {needle}.*the checkpoint is damaged"):
             ab.load_model(cfg, "cross")
